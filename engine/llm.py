@@ -1,0 +1,146 @@
+"""Offline API in the manner of vLLM's `LLM`, and the async streaming front the server uses."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from typing import Any, AsyncIterator
+
+from engine.engine import Delta, Engine, Request
+from engine.params import SamplingParams
+from engine.runner import RunnerConfig
+from models import Model, load_model
+
+log = logging.getLogger("sparkler.engine")
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One choice: text, token ids, per-token logprobs `(id, logprob, [(id, logprob)...])`, finish reason."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple]
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A finished request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_logprobs: Any
+    outputs: list[CompletionOutput]
+
+
+def to_output(req: Request) -> RequestOutput:
+    """Snapshot a request's result."""
+    return RequestOutput(req.id, req.prompt_ids, req.prompt_logprobs,
+                         [CompletionOutput(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
+                          for c in req.choices])
+
+
+def encode_prompt(model: Model, prompt: str | list[int]) -> list[int]:
+    """Token ids of a completion prompt (ids pass through; text gets the tokenizer's special tokens)."""
+    if isinstance(prompt, str):
+        return model.tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def chat_prompt(model: Model, messages: list[dict]) -> str:
+    """The chat template applied with the generation prompt."""
+    return model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_chat(model: Model, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt (the template writes any special tokens itself)."""
+    return model.tokenizer.encode(chat_prompt(model, messages), add_special_tokens=False)
+
+
+class LLM:
+    """`LLM(model).generate(prompts, params)` / `.chat(conversations, params)` for offline batches."""
+
+    def __init__(self, model: str | Model = "smollm2-135m-instruct", **runner: Any):
+        self.model = model if isinstance(model, Model) else load_model(model)
+        self.engine = Engine(self.model, RunnerConfig(**runner))
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (text or token ids) to completion; outputs in prompt order."""
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        return self._run([encode_prompt(self.model, p) for p in prompts], params)
+
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run one conversation (a list of messages) or several through the chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self._run([encode_chat(self.model, c) for c in conversations], params)
+
+    def _run(self, ids: list[list[int]], params) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(ids)
+        reqs = [self.engine.make_request(p, sp) for p, sp in zip(ids, plist)]
+        for r in reqs:
+            self.engine.add(r)
+        while self.engine.has_work():
+            self.engine.step()
+        return [to_output(r) for r in reqs]
+
+
+class AsyncEngine:
+    """One engine thread serving many asyncio requests: `async for deltas in stream(req)`; cancel aborts."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except BaseException as e:  # keep serving: fail the requests in flight, not the process
+                log.exception("engine step failed")
+                self.error = e
+                self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        eng = self.engine
+        for slot, (req, choice) in list(eng.running.items()):
+            eng._finish(choice, "error")
+            if req.on_delta:
+                req.on_delta(req, [Delta(choice.index, "", [], [], "error")])
+
+    def close(self) -> None:
+        """Stop the engine thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    async def stream(self, req: Request) -> AsyncIterator[list[Delta]]:
+        """Submit `req` and yield its deltas as they come; leaving early aborts it."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req.on_delta = lambda r, ds: loop.call_soon_threadsafe(q.put_nowait, ds)
+        self.engine.add(req)
+        self._wake.set()
+        left = len(req.choices)
+        try:
+            while left:
+                deltas = await q.get()
+                left -= sum(1 for d in deltas if d.finish_reason)
+                yield deltas
+        finally:
+            if left:
+                self.engine.abort(req.id)
+                self._wake.set()

@@ -1,0 +1,85 @@
+"""Request-level sampling settings (host side) and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+class InvalidRequest(ValueError):
+    """A request setting out of range; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Everything a request may set. `None` means: the model's generation_config default, else the OpenAI one."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    ignore_eos: bool = False
+    mirostat_target: float | None = None
+    mirostat_lr: float = 0.1
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = dataclasses.field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False  # also return the prompt's logprobs
+    skip_special_tokens: bool = True
+
+    def resolved(self, defaults: dict) -> "SamplingParams":
+        """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""
+        base = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
+        out = dataclasses.replace(self)
+        for k, v in base.items():
+            if getattr(out, k) is None:
+                setattr(out, k, defaults.get(k, v))
+        if out.seed is None:
+            out.seed = int.from_bytes(os.urandom(4), "little")
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise `InvalidRequest` for a value out of range."""
+        def check(ok, msg, param):
+            if not ok:
+                raise InvalidRequest(msg, param)
+
+        check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]", "temperature")
+        check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", "top_p")
+        check(self.top_k is None or self.top_k >= 0, "top_k must be >= 0", "top_k")
+        check(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", "min_p")
+        check(self.typical_p is None or 0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]", "typical_p")
+        check(self.repetition_penalty is None or 0.0 < self.repetition_penalty <= 2.0,
+              "repetition_penalty must be in (0, 2]", "repetition_penalty")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]", "presence_penalty")
+        check(1 <= self.n <= 128, "n must be in [1, 128]", "n")
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens")
+        check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]", "top_logprobs")
+        check(self.mirostat_target is None or self.mirostat_target > 0, "mirostat_target must be > 0", "mirostat_target")
+        check(self.mirostat_lr > 0, "mirostat_lr must be > 0", "mirostat_lr")
+        for t, b in self.logit_bias.items():
+            check(-100.0 <= b <= 100.0, "logit_bias values must be in [-100, 100]", "logit_bias")
+
+    def sampler_row(self) -> dict:
+        """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation)."""
+        miro = self.mirostat_target is not None
+        return dict(
+            temperature=self.temperature, top_k=0 if miro else self.top_k, top_p=1.0 if miro else self.top_p,
+            min_p=0.0 if miro else self.min_p, typical_p=1.0 if miro else self.typical_p,
+            repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty, mirostat_tau=self.mirostat_target or 5.0,
+            mirostat_eta=self.mirostat_lr, mirostat=miro)

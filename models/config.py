@@ -1,0 +1,157 @@
+"""Model configuration: one frozen dataclass, built from a Hugging Face `config.json` dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of a decoder-only transformer; hashable so it can be a jit static argument."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = False
+    norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1: scale is (offset + w)
+    sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
+    embed_scale: float = 1.0
+    activation: str = "silu"  # or "gelu_tanh"
+    query_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    sliding_window: int = 0
+    layer_sliding: tuple[bool, ...] = ()  # per layer: attends over a sliding window
+    rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
+    rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
+    dtype: str = "float32"
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale of the attention scores."""
+        return self.query_scale or self.head_dim**-0.5
+
+    def with_dtype(self, dtype: str) -> "ModelConfig":
+        """The same config computing in another dtype."""
+        return dataclasses.replace(self, dtype=dtype)
+
+    @staticmethod
+    def from_hf(d: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
+        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text)."""
+        arch = (d.get("architectures") or [""])[0]
+        if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
+            d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
+            arch = "Gemma3ForCausalLM"
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        layers = d["num_hidden_layers"]
+        gemma = arch.startswith("Gemma3")
+        window = d.get("sliding_window") or 0
+        if gemma:
+            types = d.get("layer_types") or [
+                "full_attention" if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+                for i in range(layers)
+            ]
+            sliding = tuple(t == "sliding_attention" for t in types)
+        elif d.get("use_sliding_window") or (arch == "MistralForCausalLM" and window):
+            types = d.get("layer_types")
+            sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
+        else:
+            sliding = (False,) * layers
+        if not any(sliding):
+            window = 0
+        rope_global, rope_local = _rope_tables(d, head_dim, gemma)
+        act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
+            raise NotImplementedError(f"activation {act!r} is not supported")
+        return ModelConfig(
+            arch=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position=d.get("max_position_embeddings", 2048),
+            rms_eps=d.get("rms_norm_eps", 1e-6),
+            tie_embeddings=d.get("tie_word_embeddings", gemma),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM" or gemma,
+            norm_offset=1.0 if gemma else 0.0,
+            sandwich_norms=gemma,
+            embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
+            activation="gelu_tanh" if act.startswith("gelu") else "silu",
+            query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else 0.0,
+            attn_softcap=d.get("attn_logit_softcapping") or 0.0,
+            final_softcap=d.get("final_logit_softcapping") or 0.0,
+            sliding_window=window,
+            layer_sliding=sliding,
+            rope_global=rope_global,
+            rope_local=rope_local,
+            dtype=dtype,
+        )
+
+
+def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
+    """(full-attention, sliding) RoPE parameter dicts from either config format."""
+    params = d.get("rope_parameters")
+    if gemma:
+        params = dict(params or {})
+        full = dict(params.get("full_attention") or {"rope_type": "default"})
+        local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+        if d.get("rope_scaling"):
+            full.update(d["rope_scaling"])
+        full.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+        local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+        return full, local
+    if params is None:
+        params = dict(d.get("rope_scaling") or {"rope_type": "default"})
+        params.setdefault("rope_theta", d.get("rope_theta", 10_000.0))
+    params = dict(params)
+    params.setdefault("rope_theta", d.get("rope_theta", 10_000.0))
+    return params, params
+
+
+def _rope_tables(d: dict[str, Any], head_dim: int, gemma: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Inverse RoPE frequencies (float32, as transformers computes them) for global and local layers."""
+    full, local = _rope_params(d, gemma)
+    return _inv_freq(full, head_dim, d), _inv_freq(local, head_dim, d)
+
+
+def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any]) -> tuple[float, ...]:
+    """Inverse frequencies for one RoPE parameter dict (default, linear and llama3 types)."""
+    kind = p.get("rope_type", p.get("type", "default"))
+    base = float(p["rope_theta"])
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(base) ** exps)).astype(np.float32)
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv = (inv / np.float32(p["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    else:
+        raise NotImplementedError(f"RoPE type {kind!r} is not supported yet")
+    return tuple(float(x) for x in inv)

@@ -1,0 +1,55 @@
+"""Gemma 3 text family: sandwich norms with `1 + w` scales, scaled embeddings, GELU-tanh MLP, q/k norms, and
+alternating sliding-window (local RoPE) and global (global RoPE) attention layers."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from models.config import ModelConfig
+from models.layers import MLP, Attention, RMSNorm
+
+ARCHITECTURES = ("Gemma3ForCausalLM",)
+GGUF_ARCHS = ("gemma3",)
+
+
+class DecoderLayer(nn.Module):
+    """`x + post_norm(attn(pre_norm(x)))`, then `x + post_norm(mlp(pre_norm(x)))`."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, slots, k_cache, v_cache, step):
+        cfg = self.cfg
+
+        def norm(name):
+            return RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name=name)
+
+        h = norm("input_layernorm")(x)
+        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, slots, k_cache, v_cache, step)
+        x = x + norm("post_attention_layernorm")(h)
+        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        return x + norm("post_feedforward_layernorm")(h), k_cache, v_cache
+
+
+LAYER_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn/q_proj": "attn_q",
+    "self_attn/k_proj": "attn_k",
+    "self_attn/v_proj": "attn_v",
+    "self_attn/o_proj": "attn_output",
+    "self_attn/q_norm": "attn_q_norm",
+    "self_attn/k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp/gate_proj": "ffn_gate",
+    "mlp/up_proj": "ffn_up",
+    "mlp/down_proj": "ffn_down",
+}
+
+
+def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """llama.cpp stores Gemma norm weights as `1 + w`; store them back as `w`."""
+    return w - 1.0 if gguf_name.endswith("norm.weight") else w

@@ -1,0 +1,195 @@
+"""Shared Flax building blocks: linear layers in the `[out, in]` layout, RMSNorm, RoPE, attention over a KV cache.
+
+Every module is pure: the KV cache comes in as an argument and goes out updated. Parameters carry logical axis
+names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`) that `models.sharding` maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values for every layer and slot: `[layers, slots, max_len, kv_heads, head_dim]`.
+
+    Invariant: for a slot whose sequence has length n, positions `0..n-1` hold valid entries; anything past n is
+    stale and masked out because a query at position p only attends to keys at positions <= p.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> "KVCache":
+        """An empty cache."""
+        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = dtype or cfg.dtype
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+def _dtype(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+class Linear(nn.Module):
+    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+        w = self.param("weight", init, (self.features, x.shape[-1]), jnp.dtype(self.dtype))
+        y = jnp.dot(x, w.T)
+        if self.use_bias:
+            b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
+                           (self.features,), jnp.dtype(self.dtype))
+            y = y + b
+        return y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; the scale is `offset + w` (offset 1 for Gemma)."""
+
+    eps: float
+    offset: float = 0.0
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        w = self.param("weight", nn.with_logical_partitioning(init, (None,)), (x.shape[-1],), jnp.dtype(self.dtype))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma scales in float32 then casts
+            return (xf * (self.offset + w.astype(jnp.float32))).astype(x.dtype)
+        return w * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+    """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Static shape facts of one forward call: how many cache positions attention reads."""
+
+    attend_len: int
+    all_slots: bool  # tokens row b belongs to cache slot b (decode); else `slots` says which
+
+
+class Attention(nn.Module):
+    """Grouped-query attention that writes this call's K/V into the cache and attends over its first `attend_len`."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, slots, k_cache, v_cache, step: Step):
+        cfg, dt = self.cfg, self.cfg.dtype
+        b, s, _ = x.shape
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = Linear(h * d, ("heads", "embed"), cfg.attention_bias, dt, name="q_proj")(x).reshape(b, s, h, d)
+        k = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, name="k_proj")(x).reshape(b, s, kvh, d)
+        v = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, name="v_proj")(x).reshape(b, s, kvh, d)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
+        sliding = bool(cfg.layer_sliding and cfg.layer_sliding[self.layer])
+        inv_freq = cfg.rope_local if sliding else cfg.rope_global
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+
+        # Write this call's keys and values; positions past the cache are dropped (padding).
+        rows = slots[:, None]
+        k_cache = k_cache.at[self.layer, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[self.layer, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        t = step.attend_len
+        if step.all_slots:
+            keys, values = k_cache[self.layer, :, :t], v_cache[self.layer, :, :t]
+        else:
+            keys, values = k_cache[self.layer, slots, :t], v_cache[self.layer, slots, :t]
+
+        qg = q.reshape(b, s, kvh, h // kvh, d)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        if cfg.attn_softcap:
+            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        key_pos = jnp.arange(t)[None, None, :]
+        q_pos = positions[:, :, None]
+        mask = key_pos <= q_pos
+        if sliding:
+            mask &= key_pos > q_pos - cfg.sliding_window
+        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(q.dtype)).reshape(b, s, h * d)
+        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
+        return out, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    """Gated MLP: `down(act(gate(x)) * up(x))`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.dtype
+        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, name="up_proj")(x)
+        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, name="down_proj")(act * up)
+
+
+class CausalLM(nn.Module):
+    """Embedding, a stack of family-specific decoder layers, final norm and LM head.
+
+    `__call__(tokens [B,S], positions [B,S], slots [B], cache, step, all_logits)` returns
+    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position.
+    """
+
+    cfg: ModelConfig
+    layer_cls: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, tokens, positions, slots, cache: KVCache, step: Step, last_index=None, all_logits=False):
+        cfg = self.cfg
+        embed = self.param(
+            "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), _dtype(cfg))
+        x = embed[tokens]
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        k_cache, v_cache = cache.k, cache.v
+        for i in range(cfg.num_layers):
+            x, k_cache, v_cache = self.layer_cls(cfg, i, name=f"layers_{i}")(x, positions, slots, k_cache, v_cache, step)
+        x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
+        if not all_logits:
+            idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
+            x = x[jnp.arange(x.shape[0]), idx]
+        if cfg.tie_embeddings:
+            logits = jnp.dot(x, embed.T)
+        else:
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_softcap:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits, KVCache(k_cache, v_cache)

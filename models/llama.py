@@ -1,0 +1,59 @@
+"""Llama family (Llama 2/3, SmolLM2, Mistral-style configs): pre-norm decoder layers with a gated SiLU MLP."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from models.config import ModelConfig
+from models.layers import MLP, Attention, RMSNorm
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+GGUF_ARCHS = ("llama", "mistral")
+
+
+class DecoderLayer(nn.Module):
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, slots, k_cache, v_cache, step):
+        cfg = self.cfg
+        h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
+        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, slots, k_cache, v_cache, step)
+        x = x + h
+        h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
+        return x + MLP(cfg, name="mlp")(h), k_cache, v_cache
+
+
+# Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).
+LAYER_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn/q_proj": "attn_q",
+    "self_attn/k_proj": "attn_k",
+    "self_attn/v_proj": "attn_v",
+    "self_attn/o_proj": "attn_output",
+    "self_attn/q_norm": "attn_q_norm",
+    "self_attn/k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp/gate_proj": "ffn_gate",
+    "mlp/up_proj": "ffn_up",
+    "mlp/down_proj": "ffn_down",
+}
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs back to `rotate_half` halves)."""
+    d = w.shape[0] // heads // 2
+    return w.reshape(heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """Llama GGUF files store q and k permuted for GGML's RoPE; undo it."""
+    if ".attn_q." in gguf_name:
+        return _unpermute(w, cfg.num_heads)
+    if ".attn_k." in gguf_name:
+        return _unpermute(w, cfg.num_kv_heads)
+    return w

@@ -1,0 +1,48 @@
+"""Sharding declared once: logical axis names on parameters, mapped onto a `("data", "tp")` mesh by `RULES`.
+
+One device is the 1x1 mesh; the same code places parameters and caches on any mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Logical axis -> mesh axis. Tensor parallelism splits attention heads and MLP width.
+RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"))
+
+
+def make_mesh(tp: int = 1, devices=None) -> Mesh:
+    """A `(data, tp)` mesh over `devices` (default: all), with `tp` devices per tensor-parallel group."""
+    devices = devices if devices is not None else jax.devices()
+    if len(devices) % tp:
+        raise ValueError(f"tp={tp} does not divide {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(len(devices) // tp, tp), ("data", "tp"))
+
+
+def spec_for(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for logical `names`; an axis that does not divide evenly stays replicated."""
+    rules = dict(RULES)
+    out = []
+    for name, dim in zip(names, shape):
+        axis = rules.get(name) if name else None
+        out.append(axis if axis and dim % mesh.shape[axis] == 0 else None)
+    return PartitionSpec(*out)
+
+
+def param_shardings(boxed_abstract, mesh: Mesh):
+    """NamedShardings for a tree of `nn.Partitioned` abstract params (from `jax.eval_shape(module.init, ...)`)."""
+
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def cache_sharding(num_kv_heads: int, mesh: Mesh) -> NamedSharding:
+    """KV cache `[layers, slots, len, kv_heads, head_dim]`: split over kv heads when they divide the tp axis."""
+    return NamedSharding(mesh, spec_for((None, None, None, "kv_heads", None), (0, 0, 0, num_kv_heads, 0), mesh))

@@ -1,0 +1,237 @@
+"""Weight sources (HF folder with safetensors, or GGUF), the explicit name table, and the orbax conversion cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from models.config import ModelConfig
+
+log = logging.getLogger("sparkler.models")
+
+# Counts of how parameters were obtained in this process (tests read these).
+STATS = {"converted": 0, "cached": 0}
+CONVERTER_VERSION = "1"
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint on disk: its config dict, tensor names, and a reader that returns float32/bf16 numpy arrays."""
+
+    kind: str  # "hf" or "gguf"
+    path: str
+    files: tuple[str, ...]
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    names: tuple[str, ...]
+    read: Callable[[str], np.ndarray]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # GGUF metadata
+
+    def content_hash(self) -> str:
+        """sha256 over the source files' bytes (the cache key)."""
+        h = hashlib.sha256(CONVERTER_VERSION.encode())
+        for f in self.files:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()[:32]
+
+
+def open_source(path: str) -> Source:
+    """Open an HF folder or a `.gguf` file."""
+    if os.path.isdir(path):
+        return _open_hf(path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return _open_gguf(path)
+    raise FileNotFoundError(f"{path!r} is neither an HF model folder nor a .gguf file")
+
+
+def _open_hf(folder: str) -> Source:
+    from safetensors import safe_open
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    gen_path = os.path.join(folder, "generation_config.json")
+    gen = json.load(open(gen_path)) if os.path.exists(gen_path) else {}
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted({os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no safetensors in {folder}")
+    where: dict[str, str] = {}
+    for f in files:
+        with safe_open(f, framework="flax") as st:
+            for k in st.keys():
+                where[k] = f
+
+    def read(name: str) -> np.ndarray:
+        with safe_open(where[name], framework="flax") as st:
+            return np.asarray(st.get_tensor(name))
+
+    files_all = tuple(files) + (os.path.join(folder, "config.json"),)
+    return Source("hf", folder, files_all, config, gen, tuple(where), read)
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """Every GGUF key/value field as plain Python values."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _open_gguf(path: str) -> Source:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    meta = gguf_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    config = gguf_config(meta, tensors)
+    gen = {"eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
+    return Source("gguf", path, (path,), config, gen, tuple(tensors), read, meta)
+
+
+_GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """An HF-style `config.json` dict from GGUF metadata."""
+    arch = meta["general.architecture"]
+    if arch not in _GGUF_ARCH:
+        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported")
+
+    def g(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = g("attention.head_count")
+    hidden = g("embedding_length")
+    head_dim = g("attention.key_length") or hidden // heads
+    vocab = g("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    d = {
+        "architectures": [_GGUF_ARCH[arch]],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv") or heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": g("context_length"),
+        "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
+        "rope_theta": g("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    scaling = g("rope.scaling.type")
+    if scaling == "linear":
+        d["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    elif scaling not in (None, "none"):
+        raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported")
+    if arch == "gemma3":
+        window = g("attention.sliding_window")
+        d.update(query_pre_attn_scalar=head_dim, sliding_window=window, rope_local_base_freq=10000.0,
+                 hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=g("final_logit_softcapping"),
+                 attn_logit_softcapping=g("attn_logit_softcapping"))
+        d["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                            for i in range(d["num_hidden_layers"])]
+    if arch == "mistral" and g("attention.sliding_window"):
+        d["sliding_window"] = g("attention.sliding_window")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: its path in our tree, its HF name and its GGUF name."""
+
+    path: tuple[str, ...]
+    hf: str
+    gguf: str
+
+
+def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]]) -> list[Entry]:
+    """The explicit map for every parameter path of our model (paths come from the model's own init)."""
+    out = []
+    for path in paths:
+        if path == ("embed",):
+            out.append(Entry(path, "model.embed_tokens.weight", "token_embd.weight"))
+        elif path == ("norm", "weight"):
+            out.append(Entry(path, "model.norm.weight", "output_norm.weight"))
+        elif path == ("lm_head", "weight"):
+            out.append(Entry(path, "lm_head.weight", "output.weight"))
+        elif path[0].startswith("layers_"):
+            i = int(path[0].split("_")[1])
+            module, leaf = "/".join(path[1:-1]), path[-1]
+            if module not in layer_gguf:
+                raise KeyError(f"no GGUF name for {module}")
+            hf = f"model.layers.{i}.{module.replace('/', '.')}.{leaf}"
+            out.append(Entry(path, hf, f"blk.{i}.{layer_gguf[module]}.{leaf}"))
+        else:
+            raise KeyError(f"parameter {'/'.join(path)} has no entry in the weight table")
+    return out
+
+
+# Source tensors that carry no parameters and may be skipped.
+_IGNORABLE = ("rotary_emb.inv_freq", "rope_freqs.weight")
+
+
+def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[tuple, tuple],
+            gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray]) -> dict:
+    """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over."""
+    from tqdm import tqdm
+
+    dtype = np.dtype("float32") if cfg.dtype == "float32" else _np_dtype(cfg.dtype)
+    names = set(source.names)
+    used: set[str] = set()
+    tree: dict = {}
+    for e in tqdm(table, desc=f"converting {os.path.basename(source.path)}", unit="tensor", leave=False):
+        name = e.gguf if source.kind == "gguf" else e.hf
+        if name not in names:
+            raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
+        w = source.read(name)
+        if source.kind == "gguf":
+            w = gguf_fix(cfg, name, w)
+        if w.shape != shapes[e.path]:
+            raise ValueError(f"{name}: shape {w.shape} != expected {shapes[e.path]} for {'/'.join(e.path)}")
+        node = tree
+        for p in e.path[:-1]:
+            node = node.setdefault(p, {})
+        node[e.path[-1]] = w.astype(dtype)
+        used.add(name)
+    left = sorted(n for n in names - used if not n.endswith(_IGNORABLE))
+    if cfg.tie_embeddings and "lm_head.weight" in left:  # some tied checkpoints store the copy
+        if np.array_equal(source.read("lm_head.weight"), source.read("model.embed_tokens.weight")):
+            left.remove("lm_head.weight")
+    if left:
+        raise ValueError(f"{source.path}: {len(left)} tensors not used by the model, e.g. {left[:5]}")
+    return tree
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def cache_root() -> str:
+    """Where converted parameters are kept (`SPARKLER_CACHE`, default `~/.cache/sparkler`)."""
+    return os.environ.get("SPARKLER_CACHE", os.path.expanduser("~/.cache/sparkler"))
+
+
+def iter_paths(tree: dict, prefix=()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, leaf) pairs of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from iter_paths(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
