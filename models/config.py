@@ -96,7 +96,8 @@ class ModelConfig:
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
             activation="gelu_tanh" if act.startswith("gelu") else "silu",
             query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else 0.0,
-            attn_softcap=d.get("attn_logit_softcapping") or 0.0,
+            # transformers' Gemma 3 stores but never applies attn_logit_softcapping (its checkpoints set it null).
+            attn_softcap=0.0 if gemma else (d.get("attn_logit_softcapping") or 0.0),
             final_softcap=d.get("final_logit_softcapping") or 0.0,
             sliding_window=window,
             layer_sliding=sliding,

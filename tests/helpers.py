@@ -1,0 +1,20 @@
+"""Test helpers: run our model's full-sequence logits, and HF reference pieces."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from models import KVCache, Step
+
+
+def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
+    """Logits `[len, V]` for each row, computed as one right-padded batch."""
+    b, s = len(rows), max(len(r) for r in rows)
+    toks = np.zeros((b, s), np.int32)
+    for i, r in enumerate(rows):
+        toks[i, :len(r)] = r
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    cache = KVCache.zeros(model_module.cfg, b, s)
+    logits, _ = model_module.apply(params, jnp.asarray(toks), jnp.asarray(pos), jnp.arange(b, dtype=jnp.int32),
+                                   cache, Step(attend_len=s, all_slots=True), None, True)
+    logits = np.asarray(logits)
+    return [logits[i, :len(r)] for i, r in enumerate(rows)]

@@ -1,0 +1,196 @@
+"""Every family against transformers on the same random weights; the packaged SmolLM2 token for token."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import our_logits
+from models import STATS, load_model
+
+ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
+
+
+def _small(kind: str):
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+    if kind == "llama3-rope":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16), rope_theta=500000.0)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=4, head_dim=16)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    if kind == "gemma3":
+        c = dict(common, num_hidden_layers=3)
+        return transformers.Gemma3TextConfig(**c, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                             final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    raise KeyError(kind)
+
+
+def _hf_model(kind: str, folder: str):
+    cfg = _small(kind)
+    cfg._attn_implementation = "eager"  # SDPA skips Gemma's attention-logit soft-capping
+    cls = transformers.Gemma3ForCausalLM if kind == "gemma3" else transformers.AutoModelForCausalLM
+    model = cls(cfg) if kind == "gemma3" else cls.from_config(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # biases and norms random too, so a mapping slip shows
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.08))
+    model = model.float().eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_family_matches_transformers(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model(kind, str(tmp_path / "hf"))
+    ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    got = our_logits(ours.module, ours.params, ROWS)
+    for row, g in zip(ROWS, got):
+        with torch.no_grad():
+            want = ref(torch.tensor([row])).logits[0].numpy()
+        scale = np.abs(want).max()
+        assert np.abs(g - want).max() <= 1e-4 * scale, (kind, np.abs(g - want).max(), scale)
+
+
+def test_unused_tensor_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "hf"
+    _hf_model("llama", str(folder))
+    from safetensors.numpy import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not used"):
+        load_model(str(folder), with_tokenizer=False)
+
+
+def test_tensor_parallel_matches_single_device():
+    code = r"""
+import numpy as np, jax
+from models import ModelConfig, build, init_params
+from models.sharding import make_mesh
+from helpers import our_logits
+cfg = ModelConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+    intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+    max_position_embeddings=64, tie_word_embeddings=False))
+m = build(cfg)
+one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
+tp = init_params(m, 0, make_mesh(4))
+assert len(tp["params"]["layers_0"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
+rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
+print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+def test_gguf_tokenizer_matches_transformers(smollm, smollm_path):
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm_path),
+                                                     gguf_file=os.path.basename(smollm_path))
+    msgs = [{"role": "user", "content": "Héllo wörld! 123 — ünïcode, emoji 🎉 and    spaces."}]
+    a = smollm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    b = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert a == b
+    assert smollm.tokenizer.encode(a) == ref.encode(b)
+
+
+def test_runtime_never_imports_torch(smollm_path):
+    code = ("import sys; from models import load_model; m = load_model('smollm2-135m-instruct'); "
+            "m.tokenizer.encode('hi'); import engine; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_second_load_takes_cached_path(tmp_path, monkeypatch, smollm_path):
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path))
+    before = dict(STATS)
+    a = load_model(smollm_path, with_tokenizer=False)
+    assert STATS["converted"] == before["converted"] + 1
+    b = load_model(smollm_path, with_tokenizer=False)
+    assert STATS["cached"] == before["cached"] + 1 and STATS["converted"] == before["converted"] + 1
+    wa = np.asarray(a.params["params"]["layers_3"]["mlp"]["up_proj"]["weight"])
+    wb = np.asarray(b.params["params"]["layers_3"]["mlp"]["up_proj"]["weight"])
+    assert np.array_equal(wa, wb)
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+           "Explain why the sky is blue in one paragraph."]
+
+
+def greedy_reference(path: str, prompts, max_new: int):
+    """transformers' greedy continuation of chat prompts, with each step's top-two logit gap."""
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            g = model.generate(ids, max_new_tokens=max_new, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        new = g.sequences[0, ids.shape[1]:].tolist()
+        gaps = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
+        out.append((ids[0].tolist(), new, gaps))
+    return out
+
+
+def assert_greedy_match(ours: list[int], ref: list[int], gaps: list[float]):
+    """Equal token for token, or up to the first near tie (top-two gap < 0.05) of the reference."""
+    tie = next((i for i, g in enumerate(gaps) if g < 0.05), len(ref))
+    n = min(tie + 1, len(ref))
+    assert ours[:n] == ref[:n], (ours, ref, tie)
+
+
+def test_smollm2_greedy_matches_transformers(llm, smollm_path):
+    from engine import SamplingParams
+
+    refs = greedy_reference(smollm_path, PROMPTS, 64)
+    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], SamplingParams(temperature=0, max_tokens=64))
+    for (prompt_ids, ref, gaps), out in zip(refs, outs):
+        assert out.prompt_token_ids == prompt_ids
+        assert_greedy_match(out.outputs[0].token_ids, ref, gaps)
+
+
+@pytest.mark.optional
+@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_optional_models_greedy(name):
+    from engine import LLM, SamplingParams
+    from models.packaged import resolve
+
+    path = resolve(name)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    llm = LLM(load_model(name), max_num_seqs=2, max_model_len=512)
+    folder, fname = os.path.dirname(path), os.path.basename(path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            g = model.generate(ids, max_new_tokens=32, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        ref = g.sequences[0, ids.shape[1]:].tolist()
+        gaps = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
+        out = llm.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=32, ignore_eos=False))[0]
+        assert_greedy_match(out.outputs[0].token_ids, ref, gaps)
