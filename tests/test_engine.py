@@ -1,0 +1,93 @@
+"""The engine on the packaged SmolLM2: batch invariance, seeds, compilations, stopping, n, logprobs, mirostat."""
+
+import math
+
+import numpy as np
+import pytest
+
+from engine import SamplingParams
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+OTHERS = [
+    ([{"role": "user", "content": "Count to ten."}], SamplingParams(temperature=0.9, top_p=0.8, max_tokens=20, seed=3)),
+    ([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=1.2, top_k=5, max_tokens=12, seed=4)),
+    ([{"role": "user", "content": "What is 2+2?"}], SamplingParams(temperature=0.7, min_p=0.1,
+                                                                   repetition_penalty=1.3, max_tokens=16, seed=5)),
+    ([{"role": "user", "content": "Tell a joke."}], SamplingParams(temperature=1.0, typical_p=0.8,
+                                                                  frequency_penalty=1.0, max_tokens=16, seed=6)),
+    ([{"role": "user", "content": "Hi"}], SamplingParams(temperature=1.0, mirostat_target=4.0, max_tokens=16, seed=7)),
+    ([{"role": "user", "content": "Bye"}], SamplingParams(temperature=0.8, presence_penalty=1.5,
+                                                         logit_bias={"11": 5.0}, max_tokens=16, seed=8)),
+]
+
+
+def test_greedy_is_the_same_alone_and_in_a_mixed_batch(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    alone = llm.chat(CHAT, greedy)[0].outputs[0].token_ids
+    outs = llm.chat([CHAT] + [m for m, _ in OTHERS], [greedy] + [p for _, p in OTHERS])
+    assert outs[0].outputs[0].token_ids == alone
+
+
+def test_seeded_sampling_is_the_same_across_batch_compositions(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=24, seed=1234)
+    alone = llm.chat(CHAT, p)[0].outputs[0].token_ids
+    outs = llm.chat([m for m, _ in OTHERS[:3]] + [CHAT], [q for _, q in OTHERS[:3]] + [p])
+    assert outs[-1].outputs[0].token_ids == alone
+    other_seed = llm.chat(CHAT, SamplingParams(temperature=1.0, top_p=0.95, max_tokens=24, seed=99))
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_settings_do_not_recompile(llm):
+    warm = [p for _, p in OTHERS] + [SamplingParams(n=2, max_tokens=4)]
+    llm.chat([m for m, _ in OTHERS] + [CHAT], warm)  # warm every function in this bucket (n > 1 copies a slot)
+    before = llm.engine.runner.compiles
+    rng = np.random.default_rng(0)
+    prompts, params = [], []
+    for i in range(20):
+        prompts.append([{"role": "user", "content": "word " * int(rng.integers(1, 8))}])
+        params.append(SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 100)),
+                                     top_p=float(rng.uniform(0.5, 1)), min_p=float(rng.uniform(0, 0.2)),
+                                     repetition_penalty=float(rng.uniform(0.8, 1.5)), max_tokens=8, seed=i,
+                                     frequency_penalty=float(rng.uniform(-1, 1)), n=1 + i % 2))
+    llm.chat(prompts, params)
+    assert llm.engine.runner.compiles == before
+
+
+def test_stop_strings_max_tokens_and_n(llm):
+    out = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    assert len(out.text) > 10
+    stop = out.text[5:9]
+    cut = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=64, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == out.text[:out.text.index(stop)]
+    short = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+    many = llm.chat(CHAT, SamplingParams(temperature=1.0, max_tokens=16, n=3, seed=5))[0].outputs
+    assert [c.index for c in many] == [0, 1, 2] and len({tuple(c.token_ids) for c in many}) > 1
+
+
+def test_ignore_eos_runs_to_max_tokens(llm):
+    out = llm.chat([{"role": "user", "content": "Say OK."}],
+                   SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 40
+    assert not set(out.token_ids) & set(llm.model.eos_ids)
+
+
+def test_logprobs_and_echo(llm):
+    res = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=5, logprobs=True, top_logprobs=3, echo=True))[0]
+    lps = res.outputs[0].logprobs
+    assert len(lps) == 5
+    for tok, lp, tops in lps:
+        assert len(tops) == 3 and tops[0][0] == tok and math.isclose(tops[0][1], lp, abs_tol=1e-5)
+    chosen, top_ids, top_lps = res.prompt_logprobs
+    assert len(chosen) == len(res.prompt_token_ids)
+    assert np.all(chosen[:-1] <= top_lps[:-1, 0] + 1e-5)
+
+
+@pytest.mark.parametrize("tau", [3.0, 5.0])
+def test_mirostat_holds_mean_surprise_near_target(llm, tau):
+    p = SamplingParams(temperature=1.0, mirostat_target=tau, mirostat_lr=0.1, max_tokens=256, ignore_eos=True,
+                       logprobs=True, seed=11)
+    out = llm.chat([{"role": "user", "content": "Write a long story about a dragon."}], p)[0].outputs[0]
+    surprise = [-lp / math.log(2) for _, lp, _ in out.logprobs]
+    assert len(surprise) == 256
+    assert abs(np.mean(surprise) - tau) < 1.0, np.mean(surprise)

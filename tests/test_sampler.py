@@ -1,0 +1,196 @@
+"""The functional sampler against transformers' logits processors and written-out references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+
+from engine import sampler as smp
+
+V = 1000
+
+
+def params(b, **rows):
+    """Sampler params for `b` rows, neutral except the given per-row lists."""
+    hp = smp.neutral_params(b, V)
+    for k, v in rows.items():
+        hp[k] = np.asarray(v, hp[k].dtype)
+    return smp.SamplerParams(**{k: jnp.asarray(v) for k, v in hp.items()})
+
+
+def hf_probs(proc, logits):
+    out = proc(torch.zeros((1, 1), dtype=torch.long), torch.tensor(logits[None], dtype=torch.float32))[0].numpy()
+    keep = np.isfinite(out)
+    p = np.where(keep, np.exp(out - out[keep].max()), 0.0)
+    return keep, p / p.sum()
+
+
+def our_probs(z, keep):
+    p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+    return p / p.sum()
+
+
+CASES = [
+    ("top_k", 5, lambda: TopKLogitsWarper(5)),
+    ("top_k", 200, lambda: TopKLogitsWarper(200)),  # beyond the candidate set: exact path
+    ("top_p", 0.5, lambda: TopPLogitsWarper(0.5)),
+    ("top_p", 0.95, lambda: TopPLogitsWarper(0.95)),  # flat logits: survivors past the candidates
+    ("min_p", 0.1, lambda: MinPLogitsWarper(0.1)),
+    ("min_p", 0.001, lambda: MinPLogitsWarper(0.001)),
+    ("typical_p", 0.7, lambda: TypicalLogitsWarper(0.7)),
+    ("typical_p", 0.2, lambda: TypicalLogitsWarper(0.2)),
+]
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_warpers_match_transformers_in_one_mixed_batch(scale):
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((len(CASES), V)) * scale).astype(np.float32)
+    rows = {}
+    for i, (name, val, _) in enumerate(CASES):
+        rows.setdefault(name, list(smp.neutral_params(len(CASES), V)[name]))[i] = val
+    keep = np.asarray(smp.truncation_mask(jnp.asarray(logits), params(len(CASES), **rows)))
+    for i, (name, val, proc) in enumerate(CASES):
+        want_keep, want_p = hf_probs(proc(), logits[i])
+        assert np.array_equal(keep[i], want_keep), (name, val, keep[i].sum(), want_keep.sum())
+        np.testing.assert_allclose(our_probs(logits[i], keep[i]), want_p, atol=1e-5)
+
+
+def test_chained_warpers_and_temperature_match_transformers():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((3, V)) * 2).astype(np.float32)
+    settings = [dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02, typical_p=1.0),
+                dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, typical_p=0.9),
+                dict(temperature=0.5, top_k=100, top_p=1.0, min_p=0.05, typical_p=0.95)]
+    p = params(3, **{k: [s[k] for s in settings] for k in settings[0]})
+    z = logits / np.asarray([s["temperature"] for s in settings], np.float32)[:, None]
+    keep = np.asarray(smp.truncation_mask(jnp.asarray(z), p))
+    for i, s in enumerate(settings):
+        procs = [TemperatureLogitsWarper(s["temperature"])]
+        procs += [TopKLogitsWarper(s["top_k"])] if s["top_k"] else []
+        procs += [TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1 else []
+        procs += [MinPLogitsWarper(s["min_p"])] if s["min_p"] > 0 else []
+        procs += [TypicalLogitsWarper(s["typical_p"])] if s["typical_p"] < 1 else []
+        x = torch.tensor(logits[i][None])
+        for proc in procs:
+            x = proc(torch.zeros((1, 1), dtype=torch.long), x)
+        want_keep = np.isfinite(x[0].numpy())
+        assert np.array_equal(keep[i], want_keep), i
+        np.testing.assert_allclose(our_probs(z[i], keep[i]), our_probs(x[0].numpy(), want_keep), atol=1e-5)
+
+
+def test_repetition_penalty_matches_transformers():
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
+    prompt = [[3, 7, 7, 500, 999], [0, 1, 2]]
+    output = [[11, 3], [42]]
+    state = smp.init_state(2, V)
+    pm = np.zeros((2, V), bool)
+    counts = np.zeros((2, V), np.int32)
+    for i in range(2):
+        pm[i, prompt[i]] = True
+        for t in output[i]:
+            counts[i, t] += 1
+    state = smp.SamplerState(jnp.asarray(counts), jnp.asarray(pm), state.mu, state.key, state.step)
+    got = np.asarray(smp.penalize(jnp.asarray(logits), params(2, repetition_penalty=[1.3, 0.7]), state))
+    for i, r in enumerate([1.3, 0.7]):
+        ids = torch.tensor([prompt[i] + output[i]])
+        want = RepetitionPenaltyLogitsProcessor(r)(ids, torch.tensor(logits[i][None]))[0].numpy()
+        np.testing.assert_allclose(got[i], want, atol=1e-6)
+
+
+def test_frequency_presence_and_bias_match_formula():
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
+    counts = rng.integers(0, 3, (2, V)).astype(np.int32) * (rng.random((2, V)) < 0.05)
+    bias = np.zeros((2, V), np.float32)
+    bias[0, 5], bias[1, 17], bias[1, 18] = 100.0, -100.0, 3.5
+    state = smp.init_state(2, V)
+    state = smp.SamplerState(jnp.asarray(counts), state.prompt_mask, state.mu, state.key, state.step)
+    p = params(2, frequency_penalty=[0.5, -1.0], presence_penalty=[1.5, 0.25], bias=bias)
+    got = np.asarray(smp.penalize(jnp.asarray(logits), p, state))
+    f, pr = np.array([0.5, -1.0])[:, None], np.array([1.5, 0.25])[:, None]
+    want = logits + bias - f * counts - pr * (counts > 0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def mirostat_reference(logits_seq, noise_seq, tau, eta, temperature=1.0):
+    """llama.cpp's mirostat v2, written out in numpy; the draw is Gumbel-max over the given noise."""
+    mu, tokens, mus = 2 * tau, [], []
+    for logits, g in zip(logits_seq, noise_seq):
+        z = logits / temperature
+        order = np.argsort(-z, kind="stable")
+        p = np.exp(z[order] - z[order].max())
+        p /= p.sum()
+        surprise = -np.log2(p)
+        size = int(np.argmax(surprise > mu)) if (surprise > mu).any() else len(p)
+        size = max(size, 1)
+        kept = order[:size]
+        q = np.exp(z[kept] - z[kept].max())
+        q /= q.sum()
+        j = int(np.argmax(np.log(q) + g[kept]))
+        tok = int(kept[j])
+        mu = mu - eta * (-np.log2(q[j]) - tau)
+        tokens.append(tok)
+        mus.append(mu)
+    return tokens, mus
+
+
+def test_mirostat_matches_reference_over_50_steps():
+    rng = np.random.default_rng(4)
+    tau, eta, steps = 3.0, 0.2, 50
+    logits_seq = (rng.standard_normal((steps, V)) * 3).astype(np.float32)
+    key = np.asarray(jax.random.key_data(jax.random.PRNGKey(123)))[None]
+    noise = [np.asarray(smp.gumbel(jnp.asarray(key), jnp.asarray([t]), V))[0] for t in range(steps)]
+    want_tokens, want_mus = mirostat_reference(logits_seq, noise, tau, eta)
+    p = params(1, mirostat=[True], mirostat_tau=[tau], mirostat_eta=[eta])
+    s = smp.init_state(1, V)
+    s = smp.SamplerState(s.counts, s.prompt_mask, jnp.asarray([2 * tau]), jnp.asarray(key), s.step)
+    f = jax.jit(smp.sample)
+    for t in range(steps):
+        out, s = f(jnp.asarray(logits_seq[t][None]), p, s, jnp.asarray([True]))
+        assert int(out.token[0]) == want_tokens[t], t
+        assert abs(float(s.mu[0]) - want_mus[t]) < 1e-4, t
+
+
+def test_draws_follow_the_processed_distribution():
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal(V) * 2).astype(np.float32)
+    b, rounds = 256, 16
+    p = params(b, temperature=[0.8] * b, top_k=[40] * b, top_p=[0.9] * b, min_p=[0.01] * b)
+    x = torch.tensor(logits[None])
+    for proc in [TemperatureLogitsWarper(0.8), TopKLogitsWarper(40), TopPLogitsWarper(0.9), MinPLogitsWarper(0.01)]:
+        x = proc(torch.zeros((1, 1), dtype=torch.long), x)
+    want = torch.softmax(x[0], -1).numpy()
+    s = smp.init_state(b, V)
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
+    s = smp.SamplerState(s.counts, s.prompt_mask, s.mu, jnp.asarray(keys), s.step)
+    f = jax.jit(smp.sample)
+    draws = []
+    for _ in range(rounds):
+        out, s = f(jnp.broadcast_to(jnp.asarray(logits), (b, V)), p, s, jnp.ones(b, bool))
+        draws.append(np.asarray(out.token))
+    freq = np.bincount(np.concatenate(draws), minlength=V) / (b * rounds)
+    tv = 0.5 * np.abs(freq - want).sum()
+    assert tv < 0.05, tv
+    assert freq[want == 0].sum() == 0
+    # A sampler that skipped the temperature would be far off on these logits.
+    assert 0.5 * np.abs(want - torch.softmax(torch.tensor(logits), -1).numpy()).sum() > 0.1
+
+
+def test_greedy_and_logprobs_are_raw():
+    rng = np.random.default_rng(6)
+    logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
+    bias = np.zeros((2, V), np.float32)
+    bias[1, 7] = 100.0
+    out, _ = smp.sample(jnp.asarray(logits), params(2, temperature=[0.0, 0.0], bias=bias), smp.init_state(2, V),
+                        jnp.ones(2, bool))
+    assert int(out.token[0]) == int(np.argmax(logits[0])) and int(out.token[1]) == 7
+    raw = logits[1] - np.log(np.exp(logits[1] - logits[1].max()).sum()) - logits[1].max()
+    assert math.isclose(float(out.logprob[1]), float(raw[7]), abs_tol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out.top_ids[1]), np.argsort(-raw)[:smp.TOP_LOGPROBS])
