@@ -80,6 +80,7 @@ class Runner:
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
+        self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.slots) + (self.slots,)
         vocab = model.cfg.vocab_size
         self.cache = jax.device_put(KVCache.zeros(model.cfg, self.slots, self.max_len),
                                     cache_sharding(model.cfg.num_kv_heads, model.mesh))
@@ -123,7 +124,11 @@ class Runner:
                 out, state = smp.sample(logits, sparams, state, active)
                 return (cache, state, out.token, positions + 1), out
 
-            (cache, state, _, _), outs = jax.lax.scan(one, (cache, state, tokens, positions), None, length=steps)
+            nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
+            part = jax.tree.map(lambda x: x[:nb], state)
+            sparams = jax.tree.map(lambda x: x[:nb], sparams)
+            (cache, part, _, _), outs = jax.lax.scan(one, (cache, part, tokens, positions), None, length=steps)
+            state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs
 
         @functools.partial(jax.jit, donate_argnums=(0,))
@@ -198,7 +203,10 @@ class Runner:
         return jax.tree.map(np.asarray, out)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, steps: int) -> smp.SampleOut:
-        """Run `steps` decode steps over all slots; returns outputs stacked `[steps, B, ...]` as numpy."""
+        """Run `steps` decode steps over the smallest batch bucket holding every active slot; returns outputs
+        stacked `[steps, nb, ...]` as numpy."""
+        nb = bucket(int(np.flatnonzero(active).max()) + 1, self.batch_buckets)
+        tokens, positions, active = tokens[:nb], positions[:nb], active[:nb]
         live = positions[active]
         need = int(live.max()) + steps if live.size else 1
         attend = bucket(min(need, self.max_len), self.attend)

@@ -124,8 +124,8 @@ class Attention(nn.Module):
         k_cache = k_cache.at[self.layer, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[self.layer, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
         t = step.attend_len
-        if step.all_slots:
-            keys, values = k_cache[self.layer, :, :t], v_cache[self.layer, :, :t]
+        if step.all_slots:  # rows are slots 0..b-1 (decode over a batch bucket)
+            keys, values = k_cache[self.layer, :b, :t], v_cache[self.layer, :b, :t]
         else:
             keys, values = k_cache[self.layer, slots, :t], v_cache[self.layer, slots, :t]
 

@@ -38,18 +38,21 @@ def test_seeded_sampling_is_the_same_across_batch_compositions(llm):
 
 
 def test_settings_do_not_recompile(llm):
-    warm = [p for _, p in OTHERS] + [SamplingParams(n=2, max_tokens=4)]
-    llm.chat([m for m, _ in OTHERS] + [CHAT], warm)  # warm every function in this bucket (n > 1 copies a slot)
-    before = llm.engine.runner.compiles
+    """20 requests with different settings and prompt lengths (one bucket), after a warm-up round with the same
+    schedule (ignore_eos fixes every length) but other settings: no new compilation."""
     rng = np.random.default_rng(0)
-    prompts, params = [], []
-    for i in range(20):
-        prompts.append([{"role": "user", "content": "word " * int(rng.integers(1, 8))}])
-        params.append(SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 100)),
-                                     top_p=float(rng.uniform(0.5, 1)), min_p=float(rng.uniform(0, 0.2)),
-                                     repetition_penalty=float(rng.uniform(0.8, 1.5)), max_tokens=8, seed=i,
-                                     frequency_penalty=float(rng.uniform(-1, 1)), n=1 + i % 2))
-    llm.chat(prompts, params)
+    prompts = [[{"role": "user", "content": "word " * int(rng.integers(1, 8))}] for _ in range(20)]
+    ns = [1 + i % 2 for i in range(20)]
+    llm.chat(prompts, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=n) for n in ns])
+    before = llm.engine.runner.compiles
+    params = [SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 100)),
+                             top_p=float(rng.uniform(0.5, 1)), min_p=float(rng.uniform(0, 0.2)),
+                             typical_p=float(rng.uniform(0.5, 1)), repetition_penalty=float(rng.uniform(0.8, 1.5)),
+                             frequency_penalty=float(rng.uniform(-1, 1)), presence_penalty=float(rng.uniform(-1, 1)),
+                             mirostat_target=3.0 if i % 5 == 0 else None, logit_bias={str(i): 2.0},
+                             max_tokens=8, seed=i, ignore_eos=True, n=n) for i, n in enumerate(ns)]
+    outs = llm.chat(prompts, params)
+    assert all(len(c.token_ids) == 8 for o in outs for c in o.outputs)
     assert llm.engine.runner.compiles == before
 
 

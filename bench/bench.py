@@ -1,0 +1,127 @@
+"""Benchmark: Sparkler's engine beside transformers' `generate` on the same model and precision, in one run.
+
+Prints a markdown table (ratios included) and writes it to docs/PERFORMANCE.md. Not a test: numbers are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def engine_numbers(model, slots: int, new_tokens: int) -> dict:
+    """Single stream, TTFT at 32 and 512 prompt tokens, aggregate at 1/8/32 concurrent, sampler share."""
+    from engine import Engine, RunnerConfig, SamplingParams
+    from engine import sampler as smp
+
+    eng = Engine(model, RunnerConfig(max_num_seqs=slots, max_model_len=1024))
+    rng = np.random.default_rng(0)
+    vocab = model.cfg.vocab_size
+
+    def run(n_req: int, prompt_len: int, max_tokens: int, settings: dict | None = None) -> float:
+        reqs = [eng.make_request(rng.integers(100, vocab - 100, prompt_len).tolist(),
+                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i, **(settings or {
+                                     "temperature": 0}))) for i in range(n_req)]
+        for r in reqs:
+            eng.add(r)
+        t = time.perf_counter()
+        while eng.has_work():
+            eng.step()
+        return time.perf_counter() - t
+
+    out = {}
+    for n in (1, 8, 32):  # warm every bucket first
+        run(n, 32, 16)
+    run(1, 512, 2)
+    dt1 = run(1, 32, new_tokens)
+    out["single"] = new_tokens / dt1
+    for plen in (32, 512):
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            logits, _ = eng.runner.prefill(0, rng.integers(100, 1000, plen).tolist())
+            jax.block_until_ready(logits)
+            ts.append(time.perf_counter() - t)
+        out[f"ttft{plen}"] = min(ts)
+    for n in (1, 8, 32):
+        out[f"agg{n}"] = n * new_tokens / run(n, 32, new_tokens)
+    b = 32
+    hp = smp.neutral_params(b, vocab)
+    hp.update(temperature=np.full(b, 0.8, np.float32), top_k=np.full(b, 40, np.int32), top_p=np.full(b, 0.9, np.float32),
+              min_p=np.full(b, 0.02, np.float32), typical_p=np.full(b, 0.95, np.float32),
+              repetition_penalty=np.full(b, 1.1, np.float32), frequency_penalty=np.full(b, 0.2, np.float32),
+              presence_penalty=np.full(b, 0.2, np.float32))
+    p = smp.SamplerParams(**{k: jnp.asarray(v) for k, v in hp.items()})
+    s = smp.init_state(b, vocab)
+    logits = jax.random.normal(jax.random.key(0), (b, vocab)) * 3
+    f = jax.jit(smp.sample)
+    jax.block_until_ready(f(logits, p, s, jnp.ones(b, bool)))
+    t = time.perf_counter()
+    for _ in range(10):
+        jax.block_until_ready(f(logits, p, s, jnp.ones(b, bool)))
+    out["sampler_ms"] = (time.perf_counter() - t) / 10 * 1000
+    step_s = 1 / out["agg32"] * 32
+    out["sampler_share"] = out["sampler_ms"] / 1000 / step_s
+    return out
+
+
+def hf_numbers(path: str, new_tokens: int) -> dict:
+    """transformers' greedy generate, float32, at batch 1 and 8."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    out = {}
+    for b in (1, 8):
+        ids = torch.randint(100, 1000, (b, 32))
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            model.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))
+            t = time.perf_counter()
+            model.generate(ids, **kw)
+        out[f"b{b}"] = b * new_tokens / (time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    """Run both sides and print the table."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    import torch  # noqa: F401  (the reference side; imported before transformers)
+
+    from models import load_model
+    from models.packaged import resolve
+
+    hf = hf_numbers(resolve(args.model), args.tokens)
+    e = engine_numbers(load_model(args.model), 32, args.tokens)
+    rows = [
+        ("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}", f"{e['single'] / hf['b1']:.2f}x", ">= 0.95x"),
+        ("aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)", f"{e['agg8'] / hf['b8']:.2f}x", ""),
+        ("aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", f"{hf['b1']:.1f} (single)", f"{e['agg32'] / hf['b1']:.2f}x", ">= 10x"),
+        ("aggregate, 1 concurrent (tok/s)", f"{e['agg1']:.1f}", "", "", ""),
+        ("TTFT, 32-token prompt (ms)", f"{e['ttft32'] * 1000:.0f}", "", "", ""),
+        ("TTFT, 512-token prompt (ms)", f"{e['ttft512'] * 1000:.0f}", "", "", ""),
+        ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "", f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),
+    ]
+    lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md"), "w") as f:
+        f.write(f"# Performance\n\nLatest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
+                f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
