@@ -138,21 +138,31 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.
            "Explain why the sky is blue in one paragraph."]
 
 
-def greedy_reference(path: str, prompts, max_new: int):
-    """transformers' greedy continuation of chat prompts, with each step's top-two logit gap."""
+def hf_greedy(model, tok, ids: list[int], max_new: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation of `ids`, with each step's top-two logit gap."""
+    with torch.no_grad():
+        g = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+    gaps = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
+    return g.sequences[0, len(ids):].tolist(), gaps
+
+
+def hf_reference(path: str):
+    """transformers' tokenizer and float32 model for a GGUF file."""
     folder, name = os.path.dirname(path), os.path.basename(path)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model
+
+
+def greedy_reference(path: str, prompts, max_new: int):
+    """transformers' greedy continuation of chat prompts: (prompt ids, new ids, top-two gaps) each."""
+    tok, model = hf_reference(path)
     out = []
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-        with torch.no_grad():
-            g = model.generate(ids, max_new_tokens=max_new, do_sample=False, output_scores=True,
-                               return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
-        new = g.sequences[0, ids.shape[1]:].tolist()
-        gaps = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-        out.append((ids[0].tolist(), new, gaps))
+        ids = tok(text, add_special_tokens=False).input_ids
+        out.append((ids, *hf_greedy(model, tok, ids, max_new)))
     return out
 
 
@@ -182,15 +192,9 @@ def test_optional_models_greedy(name):
     path = resolve(name)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     llm = LLM(load_model(name), max_num_seqs=2, max_model_len=512)
-    folder, fname = os.path.dirname(path), os.path.basename(path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
+    tok, model = hf_reference(path)
     for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            g = model.generate(ids, max_new_tokens=32, do_sample=False, output_scores=True,
-                               return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
-        ref = g.sequences[0, ids.shape[1]:].tolist()
-        gaps = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-        out = llm.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=32, ignore_eos=False))[0]
+        ids = tok(p).input_ids
+        ref, gaps = hf_greedy(model, tok, ids, 32)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32))[0]
         assert_greedy_match(out.outputs[0].token_ids, ref, gaps)
