@@ -17,7 +17,7 @@ setup: $(STAMP)
 	$(BIN)/python -m models.fetch $(MODEL)
 
 serve: setup
-	$(BIN)/python -m engine.demo --model $(MODEL)
+	$(BIN)/python -m server --model $(MODEL) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

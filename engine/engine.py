@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from engine.params import InvalidRequest, SamplingParams
+from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.runner import Runner, RunnerConfig
 from models import Model
 
@@ -89,12 +89,17 @@ class Engine:
         self._ids = itertools.count()
         self.eos = np.asarray(model.eos_ids, np.int64)
         self.steps_run = 0
+        self.aborted = 0  # requests cancelled so far (a client went away)
+        self.admitting: list[Request] = []  # popped from `waiting`, not yet running (for failure handling)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     on_delta=None) -> Request:
-        """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`."""
+                     on_delta=None, truncate: bool = True) -> Request:
+        """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
+
+        max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
+        that does not fit is an error instead (Fireworks' `context_length_exceeded_behavior="error"`)."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -108,9 +113,12 @@ class Engine:
         room = self.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
-                                 "messages")
+                                 "prompt")
         p = params.resolved(self.model.generation_config)
-        max_tokens = min(p.max_tokens if p.max_tokens is not None else 2048, room)
+        if not truncate and p.max_tokens is not None and p.max_tokens > room:
+            raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds "
+                                 f"this model's context of {self.max_len} tokens", "max_tokens")
+        max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         return Request(rid, list(prompt_ids), p, max_tokens, [Choice(i) for i in range(p.n)], on_delta=on_delta)
 
@@ -122,9 +130,27 @@ class Engine:
         """Cancel a request; its slots are free at the next step (thread-safe)."""
         self.aborts.put(request_id)
 
+    def stats(self) -> dict:
+        """Slot occupancy and counters (read from other threads; values are a snapshot)."""
+        return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
+                    waiting=len(self.waiting) + self.incoming.qsize(), aborted=self.aborted, steps=self.steps_run,
+                    compiles=self.runner.compiles, max_model_len=self.max_len)
+
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
         return bool(self.waiting or self.running or not self.incoming.empty() or not self.aborts.empty())
+
+    def warmup(self) -> None:
+        """Compile the shapes a server needs first (prefill, first draw, decode at every batch bucket) by running them."""
+        req = self.make_request([0] * 8, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        self.add(req)
+        while self.has_work():
+            self.step()
+        steps = self.runner.rc.decode_steps
+        for nb in self.runner.batch_buckets[1:]:
+            active = np.zeros(nb, bool)
+            active[-1] = True  # a free slot: its cache row and sampler row are reset on admission
+            self.runner.decode(np.zeros(nb, np.int32), np.zeros(nb, np.int32), active, steps)
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
@@ -155,8 +181,10 @@ class Engine:
         for req in [r for r in self.waiting if r.id in ids]:
             self.waiting.remove(req)
             req.cancelled = True
+            self.aborted += 1
         for slot, (req, choice) in list(self.running.items()):
             if req.id in ids:
+                self.aborted += not req.cancelled
                 req.cancelled = True
                 self._finish(choice, "abort")
 
@@ -165,9 +193,16 @@ class Engine:
         admitted = []
         while self.waiting and len(self.free) >= self.waiting[0].params.n:
             req = self.waiting.popleft()
+            self.admitting = [req]
             slots = [self.free.pop(0) for _ in req.choices]
             p = req.params
             logits, req.prompt_logprobs = self.runner.prefill(slots[0], req.prompt_ids, echo=p.echo)
+            if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
+                self.free = sorted(self.free + slots)
+                for choice in req.choices:
+                    choice.finish_reason = "length"
+                changed[req.id] = (req, [])
+                continue
             base = jax.random.key_data(jax.random.PRNGKey(p.seed % (1 << 32)))
             row = p.sampler_row()
             bias = np.zeros(self.model.cfg.vocab_size, np.float32)
@@ -187,6 +222,7 @@ class Engine:
                 self.running[slot] = (req, choice)
                 new_rows[slot] = logits
             admitted.append(req)
+        self.admitting = []
         if not new_rows:
             return
         self.runner.push_params()

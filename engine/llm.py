@@ -116,10 +116,18 @@ class AsyncEngine:
 
     def _fail_all(self, e: BaseException) -> None:
         eng = self.engine
-        for slot, (req, choice) in list(eng.running.items()):
-            eng._finish(choice, "error")
-            if req.on_delta:
-                req.on_delta(req, [Delta(choice.index, "", [], [], "error")])
+        reqs = {id(r): r for r in [*eng.admitting, *eng.waiting, *(r for r, _ in eng.running.values())]}
+        while not eng.incoming.empty():
+            r = eng.incoming.get()
+            reqs[id(r)] = r
+        eng.waiting.clear()
+        for req in reqs.values():
+            ended = [Delta(c.index, "", [], [], "error") for c in req.choices if c.finish_reason is None]
+            for c in req.choices:
+                if c.finish_reason is None:
+                    eng._finish(c, "error")
+            if req.on_delta and ended:
+                req.on_delta(req, ended)
 
     def close(self) -> None:
         """Stop the engine thread."""
@@ -127,20 +135,24 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    async def stream(self, req: Request) -> AsyncIterator[list[Delta]]:
-        """Submit `req` and yield its deltas as they come; leaving early aborts it."""
+    async def stream(self, *reqs: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
+        """Submit requests and yield `(request index, deltas)` as they come; leaving early aborts what is unfinished."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req.on_delta = lambda r, ds: loop.call_soon_threadsafe(q.put_nowait, ds)
-        self.engine.add(req)
+        left = {}
+        for i, req in enumerate(reqs):
+            req.on_delta = lambda r, ds, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ds))
+            left[i] = len(req.choices)
+        for req in reqs:
+            self.engine.add(req)
         self._wake.set()
-        left = len(req.choices)
         try:
-            while left:
-                deltas = await q.get()
-                left -= sum(1 for d in deltas if d.finish_reason)
-                yield deltas
+            while any(left.values()):
+                i, deltas = await q.get()
+                left[i] -= sum(1 for d in deltas if d.finish_reason)
+                yield i, deltas
         finally:
-            if left:
-                self.engine.abort(req.id)
-                self._wake.set()
+            for i, n in left.items():
+                if n:
+                    self.engine.abort(reqs[i].id)
+            self._wake.set()

@@ -6,6 +6,19 @@ import dataclasses
 import os
 
 
+DEFAULT_MAX_TOKENS = 2048
+OPENAI_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
+
+
+def default_settings(generation_config: dict) -> dict:
+    """The defaults in force for a model: its generation_config's sampling values where present, else OpenAI's."""
+    out = {}
+    for k, v in OPENAI_DEFAULTS.items():
+        g = generation_config.get(k)
+        out[k] = type(v)(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else v
+    return out
+
+
 class InvalidRequest(ValueError):
     """A request setting out of range; `param` names the field."""
 
@@ -41,11 +54,10 @@ class SamplingParams:
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""
-        base = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
         out = dataclasses.replace(self)
-        for k, v in base.items():
+        for k, v in default_settings(defaults).items():
             if getattr(out, k) is None:
-                setattr(out, k, defaults.get(k, v))
+                setattr(out, k, v)
         if out.seed is None:
             out.seed = int.from_bytes(os.urandom(4), "little")
         out.validate()
@@ -58,7 +70,7 @@ class SamplingParams:
                 raise InvalidRequest(msg, param)
 
         check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]", "temperature")
-        check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", "top_p")
+        check(self.top_p is None or 0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]", "top_p")
         check(self.top_k is None or self.top_k >= 0, "top_k must be >= 0", "top_k")
         check(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", "min_p")
         check(self.typical_p is None or 0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]", "typical_p")
@@ -67,7 +79,7 @@ class SamplingParams:
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]", "presence_penalty")
         check(1 <= self.n <= 128, "n must be in [1, 128]", "n")
-        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens")
+        check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0", "max_tokens")
         check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]", "top_logprobs")
         check(self.mirostat_target is None or self.mirostat_target > 0, "mirostat_target must be > 0", "mirostat_target")
         check(self.mirostat_lr > 0, "mirostat_lr must be > 0", "mirostat_lr")

@@ -8,6 +8,15 @@ import pytest
 torch.set_num_threads(2)
 
 
+def pytest_configure(config):
+    """Reuse compiled programs across test runs (the server does the same)."""
+    import jax
+
+    from models.weights import cache_root
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The packaged default model, loaded once per test session."""
@@ -30,3 +39,51 @@ def llm(smollm):
     from engine import LLM
 
     return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4)
+
+
+# Defaults the served model advertises in the tests (as a generation_config.json would): requests that leave these
+# out must get them, and the `fireworks-sampling-options` header must report them.
+SERVED_DEFAULTS = {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
+
+
+@pytest.fixture(scope="session")
+def api(smollm):
+    """A live server on loopback over the default model (32 slots, 1024 tokens, 1 MiB bodies), in a thread."""
+    import asyncio
+    import dataclasses
+    import threading
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from engine.engine import Engine
+    from engine.llm import AsyncEngine
+    from engine.runner import RunnerConfig
+    from server.app import Server
+
+    model = dataclasses.replace(smollm, generation_config={**smollm.generation_config, **SERVED_DEFAULTS})
+    engine = Engine(model, RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4))
+    aengine = AsyncEngine(engine)
+    srv = Server(model, aengine, max_body_mb=1.0)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = web.AppRunner(srv.app(), handler_cancellation=True)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner.addresses[0][1]
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", server=srv, engine=engine, model=model)
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    aengine.close()
+
+
+@pytest.fixture()
+def client(api):
+    """The official openai client pointed at the live server."""
+    import openai
+
+    return openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,0 +1,237 @@
+"""The aiohttp application: OpenAI/Fireworks chat and completions, streaming, /v1/models and /health.
+
+Handlers parse and validate on the event loop, hand engine requests to the `AsyncEngine` thread, and write either one
+JSON object or Server-Sent Events. A client that goes away aborts its requests; their slots are free at the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from engine.engine import Delta, Request
+from engine.llm import AsyncEngine
+from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
+from models import Model
+from server import protocol
+from server.protocol import ApiError, Job, bad
+from server.responses import Vocab, chat_logprobs, completion_logprobs, prompt_entries, raw_output, usage
+
+log = logging.getLogger("sparkler.server")
+MODEL_PREFIX = "accounts/"
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Server:
+    """One served model behind the OpenAI-compatible routes."""
+
+    def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0):
+        self.model, self.aengine, self.engine = model, aengine, aengine.engine
+        self.name, self.api_key = model.name, api_key
+        self.max_body = int(max_body_mb * (1 << 20))
+        self.vocab = Vocab(model)
+        self.created = int(time.time())
+        defaults = {**default_settings(model.generation_config), "max_tokens": DEFAULT_MAX_TOKENS,
+                    "frequency_penalty": 0.0, "presence_penalty": 0.0, "mirostat_lr": 0.1}
+        self.options_header = {"fireworks-sampling-options": json.dumps(defaults, sort_keys=True)}
+
+    def app(self) -> web.Application:
+        """The aiohttp application with its routes and the error/auth middleware."""
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._middleware])
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        return app
+
+    # ---- plumbing ---------------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        try:
+            if self.api_key and request.path.startswith("/v1"):
+                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                    raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                   code="invalid_api_key")
+            return await handler(request)
+        except ApiError as e:
+            return web.json_response(e.body(), status=e.status)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            err = ApiError(e.status, e.reason or "error", code=e.reason.lower().replace(" ", "_"))
+            return web.json_response(err.body(), status=e.status)
+        except Exception:
+            log.exception("unexpected error in %s", request.path)
+            err = ApiError(500, "internal server error", type_="server_error", code="internal_error")
+            return web.json_response(err.body(), status=500)
+
+    async def _body(self, request: web.Request):
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"the request body is not valid JSON: {e}") from None
+
+    def _check_model(self, body) -> None:
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is None:
+            return
+        if not isinstance(name, str):
+            raise bad("'model' must be a string", "model")
+        short = name.rsplit("/models/", 1)[-1] if name.startswith(MODEL_PREFIX) else name
+        if short != self.name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.name!r}", "model",
+                           code="model_not_found")
+
+    def _requests(self, job: Job, rid: str) -> list[Request]:
+        out = []
+        for i, ids in enumerate(job.prompts):
+            try:
+                out.append(self.engine.make_request(ids, job.params, f"{rid}-{i}", truncate=job.truncate))
+            except InvalidRequest as e:
+                param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
+                raise bad(str(e), param) from None
+        return out
+
+    # ---- routes -----------------------------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the one served model."""
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
+                "max_model_len": self.engine.max_len}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health: liveness plus slot occupancy and counters."""
+        return web.json_response({"status": "ok", "model": self.name, **self.engine.stats()})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self._complete(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        return await self._complete(request, "completion")
+
+    async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
+        body = await self._body(request)
+        self._check_model(body)
+        job = protocol.parse(body, kind, self.model)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        reqs = self._requests(job, rid)
+        if job.stream:
+            return await self._stream(request, job, reqs, rid)
+        async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
+            async for _ in events:
+                pass
+        if any(c.finish_reason == "error" for r in reqs for c in r.choices):
+            raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
+        choices = [self._choice(job, i, r, c) for i, r in enumerate(reqs) for c in r.choices]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
+                                  "choices": choices, "usage": usage(reqs)}, headers=self.options_header)
+
+    # ---- response pieces --------------------------------------------------------------------------------------
+
+    def _echo(self, job: Job, pi: int, req: Request) -> tuple[str, list[tuple]]:
+        """The echoed prompt text and, with logprobs, its token entries."""
+        if job.echo_last is not None:
+            first = max(0, len(req.prompt_ids) - job.echo_last)
+            text = self.vocab.tok.decode(req.prompt_ids[first:], skip_special_tokens=False)
+        elif job.echo:
+            first, text = 0, job.prompt_texts[pi]
+        else:
+            return "", []
+        return text, (prompt_entries(req, first) if job.logprobs is not None else [])
+
+    def _logprobs(self, job: Job, entries: list[tuple], offset: int = 0):
+        if job.logprobs is None:
+            return None
+        if job.kind == "chat":
+            return chat_logprobs(self.vocab, entries, job.logprobs)
+        return completion_logprobs(self.vocab, entries, job.logprobs, offset)
+
+    def _extras(self, job: Job, req: Request, choice, out: dict) -> dict:
+        if job.raw_output:
+            out["raw_output"] = raw_output(self.vocab, req, choice, job.logprobs)
+        if job.return_token_ids:
+            out["prompt_token_ids"], out["token_ids"] = list(req.prompt_ids), list(choice.token_ids)
+        return out
+
+    def _choice(self, job: Job, pi: int, req: Request, c) -> dict:
+        echo_text, entries = self._echo(job, pi, req)
+        index = pi * job.params.n + c.index
+        lps = self._logprobs(job, entries + c.logprobs)
+        if job.kind == "chat":
+            out = {"index": index, "message": {"role": "assistant", "content": echo_text + c.text},
+                   "logprobs": lps, "finish_reason": c.finish_reason}
+        else:
+            out = {"index": index, "text": echo_text + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
+        return self._extras(job, req, c, out)
+
+    # ---- streaming --------------------------------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, job: Job, reqs: list[Request], rid: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **self.options_header})
+        await resp.prepare(request)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        offsets: dict[int, int] = {}
+
+        async def send(choices: list[dict], **extra) -> None:
+            chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
+            if job.include_usage and "usage" not in extra:
+                chunk["usage"] = None
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        try:
+            for pi, req in enumerate(reqs):  # opening chunks: the role (chat) and the echoed prompt
+                for c in req.choices:
+                    text, entries = self._echo(job, pi, req)
+                    index = pi * job.params.n + c.index
+                    if job.kind == "chat" or text:
+                        await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
+            async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
+                async for pi, deltas in events:
+                    req = reqs[pi]
+                    if any(d.finish_reason == "error" for d in deltas):
+                        err = ApiError(500, "the engine failed while generating", type_="server_error")
+                        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                        break
+                    await send([self._delta_choice(job, pi, req, d, offsets) for d in deltas])
+            if job.include_usage:
+                await send([], usage=usage(reqs))
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, ConnectionError):
+            log.info("client went away during %s; its requests were aborted", rid)
+        return resp
+
+    def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict) -> dict:
+        index = pi * job.params.n + d.index
+        out = self._chunk_choice(job, index, d.text, d.logprobs, d.finish_reason, offsets)
+        if d.finish_reason:
+            self._extras(job, req, req.choices[d.index], out)
+        return out
+
+    def _chunk_choice(self, job: Job, index: int, text: str, entries: list[tuple], finish: str | None,
+                      offsets: dict, first: bool = False) -> dict:
+        offset = offsets.get(index, 0)
+        offsets[index] = offset + sum(len(self.vocab.text(e[0])) for e in entries)
+        lps = self._logprobs(job, entries, offset) if entries else None
+        if job.kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}

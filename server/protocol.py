@@ -1,0 +1,263 @@
+"""The OpenAI/Fireworks request surface: field types and ranges, prompts and chat messages, into engine requests.
+
+Everything here is plain Python over the decoded JSON body; a bad value raises `ApiError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from engine.params import SamplingParams
+from models import Model
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-shaped JSON: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+    def body(self) -> dict:
+        """The JSON error object."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None) -> ApiError:
+    """A 400 invalid_request_error."""
+    return ApiError(400, message, param)
+
+
+# name: (type, low, high) for numeric fields shared by both endpoints; None bounds are open.
+NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "top_k": (int, 0, None),
+    "min_p": (float, 0.0, 1.0),
+    "typical_p": (float, 0.0, 1.0),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "repetition_penalty": (float, 0.0, 2.0),
+    "n": (int, 1, 128),
+    "max_tokens": (int, 0, None),
+    "max_completion_tokens": (int, 0, None),
+    "mirostat_target": (float, 0.0, None),
+    "mirostat_lr": (float, 0.0, None),
+    "seed": (int, None, None),
+    "echo_last": (int, 0, None),
+}
+FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
+STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
+ROLES = {"system", "developer", "user", "assistant"}
+MAX_STOPS = 4
+
+
+@dataclasses.dataclass
+class Job:
+    """A parsed request: prompts as token ids (one engine request each), the sampling settings and output options."""
+
+    kind: str  # "chat" or "completion"
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    echo_last: int | None = None
+    raw_output: bool = False
+    return_token_ids: bool = False
+    logprobs: int | None = None  # number of alternatives; None: no logprobs
+    truncate: bool = True
+
+
+def _number(body: dict, name: str) -> Any:
+    kind, lo, hi = NUMBERS[name]
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok:
+        raise bad(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {type(v).__name__}", name)
+    if isinstance(v, float) and v != v:
+        raise bad(f"'{name}' must not be NaN", name)
+    if (lo is not None and (v < lo or (v == lo and name in STRICTLY_POSITIVE))) or (hi is not None and v > hi):
+        side = "(" if name in STRICTLY_POSITIVE else "["
+        raise bad(f"'{name}' must be in {side}{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
+    return kind(v)
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean, got {type(v).__name__}", name)
+    return v
+
+
+def _stops(v: Any) -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad(f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    if any(s == "" for s in stops):
+        raise bad("'stop' strings must not be empty", "stop")
+    return stops
+
+
+def _logit_bias(v: Any) -> dict[int, float]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise bad(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {b!r} for {k!r}", "logit_bias")
+        out[t] = float(b)
+    return out
+
+
+def sampling(body: dict) -> SamplingParams:
+    """The sampling settings of a request body (validated types and ranges)."""
+    num = {name: _number(body, name) for name in NUMBERS}
+    max_tokens = num["max_completion_tokens"] if num["max_completion_tokens"] is not None else num["max_tokens"]
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=num["temperature"], top_p=num["top_p"], top_k=num["top_k"],
+        min_p=num["min_p"], typical_p=num["typical_p"], repetition_penalty=num["repetition_penalty"],
+        frequency_penalty=num["frequency_penalty"] or 0.0, presence_penalty=num["presence_penalty"] or 0.0,
+        logit_bias=_logit_bias(body.get("logit_bias")), ignore_eos=_flag(body, "ignore_eos"),
+        mirostat_target=num["mirostat_target"], mirostat_lr=num["mirostat_lr"] or 0.1, seed=num["seed"],
+        n=num["n"] or 1, stop=_stops(body.get("stop")))
+
+
+def _unsupported(body: dict) -> None:
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools and functions are not supported by this server", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("only response_format {'type': 'text'} is supported", "response_format")
+
+
+def parse(body: Any, kind: str, model: Model) -> Job:
+    """Validate a chat or completions body against `model` and turn it into a `Job`."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _unsupported(body)
+    params = sampling(body)
+    job = Job(kind, [], [], params, stream=_flag(body, "stream"), echo=_flag(body, "echo"),
+              raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"))
+    job.echo_last = _number(body, "echo_last")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise bad("'stream_options' must be an object like {'include_usage': true}", "stream_options")
+        if not job.stream:
+            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        job.include_usage = bool(opts.get("include_usage"))
+    behaviour = body.get("context_length_exceeded_behavior", "truncate")
+    if behaviour not in ("truncate", "error", None):
+        raise bad("'context_length_exceeded_behavior' must be 'truncate' or 'error'", "context_length_exceeded_behavior")
+    job.truncate = behaviour != "error"
+    if kind == "chat":
+        job.logprobs = _chat_logprobs(body)
+        text = chat_text(model, body.get("messages"))
+        job.prompts, job.prompt_texts = [model.tokenizer.encode(text, add_special_tokens=False)], [text]
+    else:
+        job.logprobs = _completion_logprobs(body)
+        pairs = completion_prompts(model, body.get("prompt"))
+        job.prompts, job.prompt_texts = [ids for ids, _ in pairs], [text for _, text in pairs]
+    params.echo = (job.echo or job.echo_last is not None) and job.logprobs is not None
+    params.logprobs = job.logprobs is not None
+    params.top_logprobs = job.logprobs or 0
+    return job
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    lp = body.get("logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise bad("'logprobs' must be a boolean in chat completions (use 'top_logprobs' for alternatives)", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise bad(f"'top_logprobs' must be an integer in [0, 20], got {top!r}", "top_logprobs")
+        if not lp:
+            raise bad("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    return (top or 0) if lp else None
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    lp = body.get("logprobs")
+    if lp is None:
+        return None
+    if isinstance(lp, bool):  # Fireworks accepts true/false too
+        return 1 if lp else None
+    if not isinstance(lp, int) or not 0 <= lp <= 5:
+        raise bad(f"'logprobs' must be an integer in [0, 5] in completions, got {lp!r}", "logprobs")
+    return lp
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    if c is None and m["role"] == "assistant":
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for part in c:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def chat_text(model: Model, messages: Any) -> str:
+    """The chat template applied to validated messages, with the generation prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
+        clean.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+    try:
+        return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # a template may reject an order of roles
+        raise bad(f"the chat template rejected these messages: {e}", "messages") from None
+
+
+def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:
+    """`(token ids, text)` of each prompt: a string, a list of strings, a list of token ids, or a list of those."""
+    def ids(p, where):
+        if isinstance(p, str):
+            return model.tokenizer.encode(p), p
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = model.cfg.vocab_size
+            if any(not 0 <= t < vocab for t in p):
+                raise bad(f"{where}: token ids must be in [0, {vocab})", "prompt")
+            return list(p), model.tokenizer.decode(p, skip_special_tokens=False)
+        raise bad(f"{where} must be a string or a list of token ids", "prompt")
+
+    if prompt is None:
+        raise bad("'prompt' is required", "prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        if len(prompt) > 128:
+            raise bad("at most 128 prompts per request", "prompt")
+        return [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    if isinstance(prompt, list) and not prompt:
+        raise bad("'prompt' must not be empty", "prompt")
+    return [ids(prompt, "'prompt'")]

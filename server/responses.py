@@ -1,0 +1,128 @@
+"""Response shapes: OpenAI chat and completions objects, their logprobs, Fireworks' raw_output, streaming chunks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from engine.engine import Choice, Delta, Request
+from models import Model
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character -> byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append((chr(b), b))
+        else:
+            chars.append((chr(256 + extra), b))
+            extra += 1
+    return dict(chars)
+
+
+class Vocab:
+    """Per-token text and exact bytes, cached; knows which ids are special (for raw_output fragments)."""
+
+    def __init__(self, model: Model):
+        self.tok = model.tokenizer
+        self.special = set(self.tok.all_special_ids) | set(model.eos_ids)
+        sample = self.tok.encode(" héllo wörld ✓", add_special_tokens=False)
+        self.byte_level = self._pieces_bytes(sample) == " héllo wörld ✓".encode()
+
+    def _pieces_bytes(self, ids: list[int]) -> bytes | None:
+        dec = _byte_decoder()
+        out = bytearray()
+        for piece in self.tok.convert_ids_to_tokens(ids):
+            if not all(ch in dec for ch in piece):
+                return None
+            out += bytes(dec[ch] for ch in piece)
+        return bytes(out)
+
+    @functools.lru_cache(maxsize=65536)
+    def bytes(self, tid: int) -> bytes:
+        """The exact bytes a token stands for."""
+        if self.byte_level and tid not in self.special:
+            b = self._pieces_bytes([tid])
+            if b is not None:
+                return b
+        return self.tok.decode([tid], skip_special_tokens=False).encode()
+
+    def text(self, tid: int) -> str:
+        """The token as text (a partial UTF-8 character shows as U+FFFD)."""
+        return self.bytes(tid).decode("utf-8", errors="replace")
+
+    def fragments(self, ids: list[int]) -> list[Any]:
+        """The prompt as Fireworks' `prompt_fragments`: text runs, with special tokens as their ids."""
+        out: list[Any] = []
+        run: list[int] = []
+        for t in ids:
+            if t in self.special:
+                if run:
+                    out.append(self.tok.decode(run, skip_special_tokens=False))
+                    run = []
+                out.append(t)
+            else:
+                run.append(t)
+        if run:
+            out.append(self.tok.decode(run, skip_special_tokens=False))
+        return out
+
+
+def prompt_entries(req: Request, first: int) -> list[tuple]:
+    """`(id, logprob or None, top pairs or None)` for prompt tokens from index `first` (the first has no logprob)."""
+    out = []
+    lp = req.prompt_logprobs
+    for j in range(first, len(req.prompt_ids)):
+        if j == 0 or lp is None:
+            out.append((req.prompt_ids[j], None, None))
+        else:
+            out.append((req.prompt_ids[j], float(lp[0][j - 1]), list(zip(lp[1][j - 1].tolist(), lp[2][j - 1].tolist()))))
+    return out
+
+
+def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int = 0) -> dict:
+    """The completions-API logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for tid, lp, top in entries:
+        text = vocab.text(tid)
+        tokens.append(text)
+        lps.append(lp)
+        tops.append(None if top is None else {vocab.text(t): v for t, v in top[:k]})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(vocab: Vocab, entries: list[tuple], k: int) -> dict:
+    """The chat-API logprobs object: `content[]` with token, token_id, logprob, bytes and top_logprobs."""
+    def item(tid, lp):
+        return {"token": vocab.text(tid), "token_id": tid, "logprob": lp, "bytes": list(vocab.bytes(tid))}
+
+    return {"content": [{**item(tid, lp), "top_logprobs": [item(t, v) for t, v in (top or [])[:k]]}
+                        for tid, lp, top in entries], "refusal": None}
+
+
+def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dict:
+    """Fireworks' raw_output: the exact prompt ids and fragments, and the raw completion with special tokens."""
+    return {
+        "prompt_token_ids": list(req.prompt_ids),
+        "prompt_fragments": vocab.fragments(req.prompt_ids),
+        "completion": vocab.tok.decode(choice.token_ids, skip_special_tokens=False),
+        "completion_token_ids": list(choice.token_ids),
+        "completion_logprobs": None if k is None else completion_logprobs(vocab, choice.logprobs, k),
+    }
+
+
+def usage(reqs: list[Request]) -> dict:
+    """Token counts over every prompt and choice."""
+    prompt = sum(len(r.prompt_ids) for r in reqs)
+    completion = sum(len(c.token_ids) for r in reqs for c in r.choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def delta_entries(d: Delta) -> list[tuple]:
+    """A streamed delta's tokens as logprob entries."""
+    return list(d.logprobs)

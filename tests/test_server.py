@@ -1,0 +1,369 @@
+"""The HTTP server through the official `openai` client over a real loopback socket, on the packaged SmolLM2."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+
+from conftest import SERVED_DEFAULTS
+from engine import SamplingParams
+from helpers import our_logits
+
+MODEL = "smollm2-135m-instruct"
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def http(api, method, path, body=None, headers=None, raw: bytes | None = None):
+    """A plain HTTP call: `(status, parsed JSON or text, headers)`."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(api.url + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, text, hdrs = r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        status, text, hdrs = e.code, e.read().decode(), e.headers
+    try:
+        return status, json.loads(text), hdrs
+    except ValueError:
+        return status, text, hdrs
+
+
+def test_models_and_health(api, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    status, body, _ = http(api, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and body["slots"] == 32
+
+
+def test_greedy_chat_equals_the_engine_and_streaming(api, client, llm):
+    want = llm.chat(HELLO, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    got = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=40)
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    # the same through the accounts/<x>/models/<id> name, streamed
+    chunks = list(client.chat.completions.create(model=f"accounts/fireworks/models/{MODEL}", messages=HELLO,
+                                                 temperature=0, max_tokens=40, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_defaults_come_from_generation_config_and_the_header(api, client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=4)
+    opts = json.loads(raw.headers["fireworks-sampling-options"])
+    for k, v in SERVED_DEFAULTS.items():
+        assert opts[k] == pytest.approx(v)
+    assert opts["max_tokens"] == 2048 and opts["repetition_penalty"] == 1.0
+    with client.chat.completions.with_streaming_response.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                                                 stream=True) as resp:
+        assert json.loads(resp.headers["fireworks-sampling-options"]) == opts
+    # Leaving settings out equals sending the advertised defaults (same seed), and differs from OpenAI's defaults.
+    texts = [client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=48, seed=11,
+                                            extra_body={"ignore_eos": True, **extra}).choices[0].message.content
+             for extra in ({}, dict(SERVED_DEFAULTS), {"temperature": 1.0, "top_k": 0, "top_p": 1.0})]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_completions_prompt_forms_n_and_usage(api, client):
+    tok = api.model.tokenizer
+    ids = tok.encode("The sky is")
+    r = client.completions.create(model=MODEL, prompt=["The sky is", "Once upon a time"], max_tokens=6,
+                                  temperature=0, n=2, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy: both choices of a prompt agree
+    assert r.usage.completion_tokens == 24
+    assert r.usage.prompt_tokens == len(ids) + len(tok.encode("Once upon a time"))
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == r.choices[0].text
+    nested = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert [c.text for c in nested.choices] == [r.choices[0].text] * 2
+
+
+def test_completion_echo_logprobs_match_the_model(api, client):
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = api.model.tokenizer.encode(text)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=3)
+    c = r.choices[0]
+    assert c.text == text and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None
+    logits = our_logits(api.model.module, api.model.params, [ids])[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    ref = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    want = [ref[j - 1, ids[j]] for j in range(1, len(ids))]
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=2e-3)
+    assert all(len(t) == 3 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
+    # echo with generation: prompt entries first, then the completion's, offsets running through both
+    g = client.completions.create(model=MODEL, prompt=text, max_tokens=5, echo=True, logprobs=1, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0]
+    assert g.text.startswith(text) and len(g.logprobs.tokens) == len(ids) + 5
+    assert "".join(g.logprobs.tokens) == g.text
+    assert g.logprobs.token_logprobs[len(ids):] == [max(d.values()) for d in g.logprobs.top_logprobs[len(ids):]]
+
+
+def test_chat_logprobs_shape(api, client):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 5 and item.logprob <= 0
+        assert item.top_logprobs[0].token == item.token  # greedy picks the most likely token
+        assert bytes(item.bytes).decode(errors="replace") == item.token
+        assert api.model.tokenizer.decode([item.model_extra["token_id"]]) == item.token
+    text = r.choices[0].message.content
+    assert "".join(i.token for i in content).startswith(text)
+
+
+def test_echo_raw_output_and_token_ids_in_chat(api, client):
+    tok = api.model.tokenizer
+    prompt = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=64, temperature=0,
+                                       extra_body={"echo": True, "raw_output": True, "return_token_ids": True})
+    c = r.choices[0]
+    assert c.message.content.startswith(prompt)
+    raw = c.model_extra["raw_output"]
+    assert raw["prompt_token_ids"] == tok.encode(prompt, add_special_tokens=False) == c.model_extra["prompt_token_ids"]
+    frags = raw["prompt_fragments"]
+    assert 1 in frags and 2 in frags  # <|im_start|> and <|im_end|> stay ids
+    assert "".join(f if isinstance(f, str) else tok.convert_ids_to_tokens(f) for f in frags) == prompt
+    assert raw["completion_token_ids"] == c.model_extra["token_ids"]
+    assert c.finish_reason == "stop" and raw["completion"].endswith("<|im_end|>")
+    assert raw["completion"][:-len("<|im_end|>")] == c.message.content[len(prompt):]
+    last = client.completions.create(model=MODEL, prompt="one two three four", max_tokens=1, temperature=0,
+                                     extra_body={"echo_last": 2})
+    assert last.choices[0].text.startswith(" three four")
+
+
+def test_stop_length_ignore_eos_and_seeds(api, client):
+    base = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    stop = text.strip()[2:4] if len(text.strip()) > 4 else text[:2]
+    s = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0, stop=[stop])
+    assert s.choices[0].finish_reason == "stop" and stop not in s.choices[0].text
+    assert text.startswith(s.choices[0].text)
+    short = client.chat.completions.create(model=MODEL, messages=HELLO, max_completion_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    long = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 40 and long.choices[0].finish_reason == "length"
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=1.0, extra_body={"top_k": 0, "top_p": 1.0})
+    a, b = (client.chat.completions.create(seed=5, **kw).choices[0].message.content for _ in range(2))
+    c = client.chat.completions.create(seed=6, **kw).choices[0].message.content
+    assert a == b != c
+
+
+def test_logit_bias_mirostat_and_every_setting_together(api, client):
+    tid = api.model.tokenizer.encode(" banana")[0]
+    r = client.completions.create(model=MODEL, prompt="I like", max_tokens=4, temperature=0.8, seed=1,
+                                  logit_bias={str(tid): 100})
+    assert r.choices[0].text == api.model.tokenizer.decode([tid]) * 4
+    every = dict(temperature=0.9, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.5, seed=3,
+                 extra_body=dict(top_k=30, min_p=0.02, typical_p=0.95, repetition_penalty=1.1))
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, **every)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    m = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=1.0, seed=2,
+                                       extra_body={"mirostat_target": 3.0, "mirostat_lr": 0.2})
+    assert m.usage.completion_tokens >= 1
+
+
+def test_streaming_n_echo_logprobs_and_usage(api, client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, n=3,
+                                                 seed=9, stream=True, stream_options={"include_usage": True},
+                                                 logprobs=True, top_logprobs=2))
+    texts, finish, lps = {}, {}, {}
+    for ch in chunks[:-1]:
+        assert ch.usage is None
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            lps[c.index] = lps.get(c.index, 0) + len(c.logprobs.content if c.logprobs else [])
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert sorted(texts) == [0, 1, 2] and all(finish[i] for i in range(3))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(lps.values())
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, n=3, seed=9)
+    assert [c.message.content for c in whole.choices] == [texts[i] for i in range(3)]
+    stream = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0, echo=True,
+                                       logprobs=1, stream=True, extra_body={"ignore_eos": True})
+    parts = list(stream)
+    text = "".join(p.choices[0].text for p in parts)
+    toks = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    assert text.startswith("Hello there") and "".join(toks) == text
+    offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+    assert offsets == list(np.cumsum([0] + [len(t) for t in toks[:-1]]))
+
+
+def test_context_length_behaviour(api, client):
+    long = "word " * 990
+    n = len(api.model.tokenizer.encode(long))
+    r = client.completions.create(model=MODEL, prompt=long, max_tokens=100, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1024 - n
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=long, max_tokens=100,
+                                  extra_body={"context_length_exceeded_behavior": "error"})
+    assert e.value.body["param"] == "max_tokens"
+
+
+BAD = [  # (path, body (dict) or raw bytes, status, param)
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO}, 404, "model"),
+    ("/v1/chat/completions", {"model": 7, "messages": HELLO}, 400, "model"),
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_k": -1}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_k": 2.5}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": HELLO, "min_p": 1.1}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": HELLO, "typical_p": 0}, 400, "typical_p"),
+    ("/v1/chat/completions", {"messages": HELLO, "frequency_penalty": 3}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": -2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 2.5}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"messages": HELLO, "n": 129}, 400, "n"),
+    ("/v1/chat/completions", {"messages": HELLO, "n": 64}, 400, "n"),  # more than the 32 decode slots
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HELLO, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HELLO, "logit_bias": {"5": 150}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HELLO, "logit_bias": [1, 2]}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HELLO, "logprobs": 3}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": 5}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/chat/completions", {"messages": HELLO, "mirostat_target": -1}, 400, "mirostat_target"),
+    ("/v1/chat/completions", {"messages": HELLO, "mirostat_lr": 0}, 400, "mirostat_lr"),
+    ("/v1/chat/completions", {"messages": HELLO, "seed": "x"}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": HELLO, "ignore_eos": 1}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {"messages": HELLO, "context_length_exceeded_behavior": "drop"}, 400,
+     "context_length_exceeded_behavior"),
+    ("/v1/chat/completions", {"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1100}]}, 400, "messages"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], "x", 3.5]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo_last": -2}, 400, "echo_last"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2000, "context_length_exceeded_behavior": "error"}, 400,
+     "max_tokens"),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(api, client, path, body, status, param):
+    raw = body if isinstance(body, bytes) else None
+    got, err, _ = http(api, "POST", path, None if raw else body, {"Content-Type": "application/json"}, raw=raw)
+    assert got == status, err
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
+    assert err["error"]["param"] == param
+    ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_oversized_body_and_wrong_method(api):
+    status, err, _ = http(api, "POST", "/v1/completions", raw=b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert status == 413 and err["error"]["code"] == "request_too_large"
+    status, err, _ = http(api, "GET", "/v1/chat/completions")
+    assert status == 405 and "error" in err
+
+
+def test_32_concurrent_mixed_requests(api):
+    aclient = openai.AsyncOpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    async def one(i):
+        max_tokens = 4 + i % 7
+        kw = dict(model=MODEL, max_tokens=max_tokens, seed=i, temperature=[0.0, 0.7, 1.0, 1.3][i % 4],
+                  extra_body={"ignore_eos": True, "top_k": [0, 5, 40][i % 3], "min_p": 0.05 * (i % 2),
+                              "repetition_penalty": 1.0 + 0.1 * (i % 3)})
+        n = 2 if i % 5 == 0 else 1
+        if i % 2:
+            r = await aclient.chat.completions.create(messages=[{"role": "user", "content": f"Count to {i}"}], n=n,
+                                                      stream=bool(i % 3), **kw)
+        else:
+            r = await aclient.completions.create(prompt=f"Item {i}:", n=n, stream=bool(i % 3), **kw)
+        if not i % 3:
+            return max_tokens, n, [c.finish_reason for c in r.choices], r.usage.completion_tokens
+        finish = {}
+        async for ch in r:
+            for c in ch.choices:
+                finish[c.index] = c.finish_reason or finish.get(c.index)
+        return max_tokens, n, [finish[k] for k in sorted(finish)], None
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    for max_tokens, n, finish, used in asyncio.run(all_of_them()):
+        assert finish == ["length"] * n
+        assert used in (None, max_tokens * n)
+    assert api.engine.stats()["free_slots"] == 32
+
+
+def test_a_client_that_disconnects_frees_its_slot(api, client):
+    before = api.engine.stats()["aborted"]
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=900, stream=True,
+                                            extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and not (api.engine.stats()["free_slots"] == 32 and
+                                          api.engine.stats()["aborted"] > before):
+        time.sleep(0.1)
+    status, health, _ = http(api, "GET", "/health")
+    assert health["free_slots"] == 32 and health["aborted"] == before + 1
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_python_m_server_with_an_api_key():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--api-key", "sekret", "--max-num-seqs",
+                             "2", "--max-model-len", "256"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        url, lines = None, []
+        deadline = time.time() + 240
+        while time.time() < deadline and url is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "ready on http://" in line:
+                url = line.split("ready on ")[1].split()[0]
+        assert url, "".join(lines)
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        r = good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        with urllib.request.urlopen(url + "/health", timeout=10) as h:
+            assert json.loads(h.read())["slots"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
