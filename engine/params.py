@@ -94,4 +94,4 @@ class SamplingParams:
             min_p=0.0 if miro else self.min_p, typical_p=1.0 if miro else self.typical_p,
             repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty, mirostat_tau=self.mirostat_target or 5.0,
-            mirostat_eta=self.mirostat_lr, mirostat=miro)
+            mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs)

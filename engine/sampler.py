@@ -4,14 +4,17 @@ Every request setting is a row of an array, so one compiled program serves any m
 are neutral values (top_k = 0 meaning the whole vocabulary, top_p = 1, penalties 1/0, ...), never Python branches.
 
 Order of transforms (docs/ARCHITECTURE.md repeats it):
-  0. logprobs for the response: log-softmax of the raw logits (before anything below), chosen token and top 20;
+  0. logprobs for the response: log-softmax of the raw logits (before anything below), chosen token and, when some
+     slot asks for alternatives, the top 20;
   1. logit_bias (ignore_eos is a -inf bias on the EOS ids);
   2. repetition_penalty over prompt and output tokens (positive logits / r, negative * r);
   3. frequency and presence penalties over output tokens: `z -= f * count + p * (count > 0)`;
   4. temperature 0 -> greedy argmax of the penalised logits; else z / temperature;
   5. truncation, as transformers chains its warpers: top_k, top_p, min_p, typical_p; each sees the distribution
      left by the previous one (or mirostat v2 instead, when a slot enables it);
-  6. a draw by Gumbel-max over the survivors with the slot's own key, folded with its step counter.
+  6. a draw by inverse CDF over the survivors, in vocabulary order, with one uniform number per slot from the
+     slot's own key folded with its step counter (blocked cumulative sums: two short scans, no sort, no noise over
+     the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw ~1 ms).
 
 Truncation never sorts the vocabulary in the common case: thresholds are found among the top `CANDIDATES` logits, and
 only when some slot's survivors may reach past them (top_k > CANDIDATES, or a flat distribution under top_p / min_p)
@@ -47,6 +50,7 @@ class SamplerParams:
     mirostat_tau: jax.Array
     mirostat_eta: jax.Array
     mirostat: jax.Array  # bool
+    top_logprobs: jax.Array  # int32: alternatives wanted (0: skip the top-20 search when no slot wants them)
     bias: jax.Array  # [B, V] additive logit bias (-inf for suppressed EOS)
 
 
@@ -83,7 +87,7 @@ def neutral_params(batch: int, vocab: int) -> dict:
         repetition_penalty=np.ones(batch, np.float32), frequency_penalty=np.zeros(batch, np.float32),
         presence_penalty=np.zeros(batch, np.float32), mirostat_tau=np.full(batch, 5.0, np.float32),
         mirostat_eta=np.full(batch, 0.1, np.float32), mirostat=np.zeros(batch, bool),
-        bias=np.zeros((batch, vocab), np.float32))
+        top_logprobs=np.zeros(batch, np.int32), bias=np.zeros((batch, vocab), np.float32))
 
 
 def init_state(batch: int, vocab: int) -> SamplerState:
@@ -142,6 +146,13 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerPa
 
 def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
     """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]`."""
+    vocab = z.shape[-1]
+    trivial = (p.top_k <= 0) | (p.top_k >= vocab)
+    trivial &= (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)
+    return jax.lax.cond(jnp.all(trivial), lambda: jnp.ones(z.shape, bool), lambda: _truncation_mask(z, p))
+
+
+def _truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
     b, vocab = z.shape
     lse_all = jax.nn.logsumexp(z, axis=-1)
     # Use the indices: XLA rewrites a values-only top_k into a full sort.
@@ -166,37 +177,66 @@ def mirostat_mask(z: jax.Array, mu: jax.Array) -> jax.Array:
     return (surprise <= mu[:, None]) | (z >= jnp.max(z, axis=-1, keepdims=True))
 
 
-def gumbel(key_rows: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
-    """Per-slot Gumbel noise `[B, V]` from each slot's key folded with its step counter."""
+def uniforms(key_rows: jax.Array, steps: jax.Array) -> jax.Array:
+    """One uniform number in [0, 1) per slot from its key folded with its step counter."""
     def one(k, t):
-        key = jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), t)
-        return jax.random.gumbel(key, (vocab,), jnp.float32)
+        return jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), t))
 
     return jax.vmap(one)(key_rows, steps)
+
+
+def draw(zk: jax.Array, u: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """Inverse-CDF draw per row from logits `zk [B, V]` (-inf excluded) with uniforms `u [B]`.
+
+    Returns `(token, log-probability of the token under the renormalised distribution)`. The cumulative sum is blocked:
+    block masses, a scan over blocks, then a scan inside the chosen block. A draw never lands on an excluded token.
+    """
+    b, v = zk.shape
+    pad = -v % block
+    z = jnp.pad(zk, ((0, 0), (0, pad)), constant_values=NEG_INF)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    pr = jnp.exp(z - m).reshape(b, -1, block)
+    mass = pr.sum(-1)
+    cum = jnp.cumsum(mass, axis=-1)
+    total = cum[:, -1]
+    target = u * total
+    nblk = mass.shape[1]
+    last_blk = nblk - 1 - jnp.argmax((mass > 0)[:, ::-1], axis=-1)
+    bi = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_blk)
+    before = jnp.where(bi > 0, jnp.take_along_axis(cum, jnp.maximum(bi - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(pr, bi[:, None, None], axis=1)[:, 0]
+    last_in = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    j = jnp.minimum(jnp.sum(before[:, None] + jnp.cumsum(inner, axis=-1) <= target[:, None], axis=-1), last_in)
+    token = (bi * block + j).astype(jnp.int32)
+    chosen = jnp.take_along_axis(z, token[:, None], axis=1)[:, 0]
+    return token, chosen - m[:, 0] - jnp.log(total)
 
 
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array):
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state."""
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+
+    def alternatives():
+        top_z, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
+        return top_ids.astype(jnp.int32), top_z - lse[:, None]
+
+    b = logits.shape[0]
+    none = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+    top_ids, top_lp = jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
     z = penalize(logits, p, s)
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     keep = truncation_mask(z, p)
     keep = jax.lax.cond(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
                         lambda: keep)
-    zk = jnp.where(keep, z, NEG_INF)
-    drawn = jnp.argmax(zk + gumbel(s.key, s.step, vocab), axis=-1)
+    drawn, logq = draw(jnp.where(keep, z, NEG_INF), uniforms(s.key, s.step))
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.
-    chosen = jnp.take_along_axis(zk, token[:, None], axis=1)[:, 0]
-    surprise = -(chosen - jax.nn.logsumexp(zk, axis=-1)) / math.log(2.0)
+    surprise = -logq / math.log(2.0)
     mu = jnp.where(p.mirostat & active, s.mu - p.mirostat_eta * (surprise - p.mirostat_tau), s.mu)
-    rows = jnp.arange(logits.shape[0])
+    rows = jnp.arange(b)
     counts = s.counts.at[rows, token].add(active.astype(jnp.int32))
     new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32))
-    out = SampleOut(token, jnp.take_along_axis(logprobs, token[:, None], axis=1)[:, 0], top_ids.astype(jnp.int32),
-                    top_lp)
-    return out, new
+    chosen_lp = jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0] - lse
+    return SampleOut(token, chosen_lp, top_ids, top_lp), new

@@ -119,10 +119,11 @@ def test_frequency_presence_and_bias_match_formula():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def mirostat_reference(logits_seq, noise_seq, tau, eta, temperature=1.0):
-    """llama.cpp's mirostat v2, written out in numpy; the draw is Gumbel-max over the given noise."""
+def mirostat_reference(logits_seq, uniforms, tau, eta, temperature=1.0):
+    """llama.cpp's mirostat v2, written out in numpy; the draw is the inverse CDF (vocabulary order) at the given
+    uniform numbers."""
     mu, tokens, mus = 2 * tau, [], []
-    for logits, g in zip(logits_seq, noise_seq):
+    for logits, u in zip(logits_seq, uniforms):
         z = logits / temperature
         order = np.argsort(-z, kind="stable")
         p = np.exp(z[order] - z[order].max())
@@ -130,10 +131,10 @@ def mirostat_reference(logits_seq, noise_seq, tau, eta, temperature=1.0):
         surprise = -np.log2(p)
         size = int(np.argmax(surprise > mu)) if (surprise > mu).any() else len(p)
         size = max(size, 1)
-        kept = order[:size]
-        q = np.exp(z[kept] - z[kept].max())
+        kept = np.sort(order[:size])
+        q = np.exp(z[kept].astype(np.float64) - z[kept].max())
         q /= q.sum()
-        j = int(np.argmax(np.log(q) + g[kept]))
+        j = min(int(np.sum(np.cumsum(q) <= u)), size - 1)
         tok = int(kept[j])
         mu = mu - eta * (-np.log2(q[j]) - tau)
         tokens.append(tok)
@@ -146,8 +147,8 @@ def test_mirostat_matches_reference_over_50_steps():
     tau, eta, steps = 3.0, 0.2, 50
     logits_seq = (rng.standard_normal((steps, V)) * 3).astype(np.float32)
     key = np.asarray(jax.random.key_data(jax.random.PRNGKey(123)))[None]
-    noise = [np.asarray(smp.gumbel(jnp.asarray(key), jnp.asarray([t]), V))[0] for t in range(steps)]
-    want_tokens, want_mus = mirostat_reference(logits_seq, noise, tau, eta)
+    u = [float(smp.uniforms(jnp.asarray(key), jnp.asarray([t]))[0]) for t in range(steps)]
+    want_tokens, want_mus = mirostat_reference(logits_seq, u, tau, eta)
     p = params(1, mirostat=[True], mirostat_tau=[tau], mirostat_eta=[eta])
     s = smp.init_state(1, V)
     s = smp.SamplerState(s.counts, s.prompt_mask, jnp.asarray([2 * tau]), jnp.asarray(key), s.step)
@@ -188,8 +189,8 @@ def test_greedy_and_logprobs_are_raw():
     logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
     bias = np.zeros((2, V), np.float32)
     bias[1, 7] = 100.0
-    out, _ = smp.sample(jnp.asarray(logits), params(2, temperature=[0.0, 0.0], bias=bias), smp.init_state(2, V),
-                        jnp.ones(2, bool))
+    out, _ = smp.sample(jnp.asarray(logits), params(2, temperature=[0.0, 0.0], bias=bias, top_logprobs=[20, 20]),
+                        smp.init_state(2, V), jnp.ones(2, bool))
     assert int(out.token[0]) == int(np.argmax(logits[0])) and int(out.token[1]) == 7
     raw = logits[1] - np.log(np.exp(logits[1] - logits[1].max()).sum()) - logits[1].max()
     assert math.isclose(float(out.logprob[1]), float(raw[7]), abs_tol=1e-4)
