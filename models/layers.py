@@ -21,7 +21,10 @@ NEG_INF = -1e30
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values for every layer and slot: `[layers, slots, max_len, kv_heads, head_dim]`.
+    """Keys and values for every layer and slot: `[layers, slots, kv_heads, max_len, head_dim]`.
+
+    Heads come before positions so that a slot's keys for one head are contiguous: decode attention then reads them
+    as a batched matrix without a transpose (on XLA's CPU backend that layout ran attention ~2x faster).
 
     Invariant: for a slot whose sequence has length n, positions `0..n-1` hold valid entries; anything past n is
     stale and masked out because a query at position p only attends to keys at positions <= p.
@@ -33,7 +36,7 @@ class KVCache:
     @staticmethod
     def zeros(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> "KVCache":
         """An empty cache."""
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         dt = dtype or cfg.dtype
         return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
@@ -120,17 +123,19 @@ class Attention(nn.Module):
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
         # Write this call's keys and values; positions past the cache are dropped (padding).
-        rows = slots[:, None]
-        k_cache = k_cache.at[self.layer, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[self.layer, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        rows, heads = slots[:, None, None], jnp.arange(kvh)[None, :, None]
+        pos = positions[:, None, :]
+        k_cache = k_cache.at[self.layer, rows, heads, pos].set(k.transpose(0, 2, 1, 3).astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[self.layer, rows, heads, pos].set(v.transpose(0, 2, 1, 3).astype(v_cache.dtype), mode="drop")
         t = step.attend_len
         if step.all_slots:  # rows are slots 0..b-1 (decode over a batch bucket)
-            keys, values = k_cache[self.layer, :b, :t], v_cache[self.layer, :b, :t]
+            keys, values = k_cache[self.layer, :b, :, :t], v_cache[self.layer, :b, :, :t]
         else:
-            keys, values = k_cache[self.layer, slots, :t], v_cache[self.layer, slots, :t]
+            keys, values = k_cache[self.layer, slots, :, :t], v_cache[self.layer, slots, :, :t]
 
-        qg = q.reshape(b, s, kvh, h // kvh, d)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        qg = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, h // kvh * s, d)
+        scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        scores = scores.reshape(b, kvh, h // kvh, s, t)
         if cfg.attn_softcap:
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         key_pos = jnp.arange(t)[None, None, :]
@@ -139,8 +144,9 @@ class Attention(nn.Module):
         if sliding:
             mask &= key_pos > q_pos - cfg.sliding_window
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(q.dtype)).reshape(b, s, h * d)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, h // kvh * s, t)
+        out = jnp.einsum("bkqt,bktd->bkqd", probs, values.astype(q.dtype))
+        out = out.reshape(b, kvh, h // kvh, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h * d)
         out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
         return out, k_cache, v_cache
 
