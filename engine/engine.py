@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
-from engine.runner import Runner, RunnerConfig
+from engine.runner import BATCHED_PREFILL, PREFILL_ROWS, Runner, RunnerConfig
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -146,6 +146,10 @@ class Engine:
         self.add(req)
         while self.has_work():
             self.step()
+        nowhere = self.runner.slots  # an out-of-range slot: these warm-up prefills write nothing
+        for size in (b for b in self.runner.prefill_buckets if b <= BATCHED_PREFILL):
+            for rows in (1, 2, 4, PREFILL_ROWS):
+                self.runner.prefill_many([(nowhere, [0] * size)] * rows)
         steps = self.runner.rc.decode_steps
         for nb in self.runner.batch_buckets[1:]:
             active = np.zeros(nb, bool)
@@ -189,14 +193,22 @@ class Engine:
                 self._finish(choice, "abort")
 
     def _admit(self, changed) -> None:
-        new_rows: dict[int, Any] = {}
-        admitted = []
+        batch = []
         while self.waiting and len(self.free) >= self.waiting[0].params.n:
             req = self.waiting.popleft()
-            self.admitting = [req]
-            slots = [self.free.pop(0) for _ in req.choices]
+            batch.append((req, [self.free.pop(0) for _ in req.choices]))
+        if not batch:
+            return
+        self.admitting = [req for req, _ in batch]
+        # Prompts without echo are prefilled several per call; echo (prompt logprobs) goes one by one.
+        plain = iter(self.runner.prefill_many([(slots[0], r.prompt_ids) for r, slots in batch if not r.params.echo]))
+        new_rows: dict[int, Any] = {}
+        for req, slots in batch:
             p = req.params
-            logits, req.prompt_logprobs = self.runner.prefill(slots[0], req.prompt_ids, echo=p.echo)
+            if p.echo:
+                logits, req.prompt_logprobs = self.runner.prefill(slots[0], req.prompt_ids, echo=True)
+            else:
+                logits = next(plain)
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
                 self.free = sorted(self.free + slots)
                 for choice in req.choices:
@@ -221,7 +233,6 @@ class Engine:
                 choice._prefix = choice._read = len(choice._ids)
                 self.running[slot] = (req, choice)
                 new_rows[slot] = logits
-            admitted.append(req)
         self.admitting = []
         if not new_rows:
             return

@@ -22,6 +22,8 @@ from models.sharding import cache_sharding
 log = logging.getLogger("sparkler.engine")
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
+PREFILL_ROWS = 8  # at most this many prompts per prefill call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,22 +97,21 @@ class Runner:
             return module.apply(params, tokens, positions, slots, cache, step, last_index, all_logits)
 
         @functools.partial(jax.jit, static_argnames=("attend", "echo"), donate_argnums=(1,))
-        def prefill(params, cache, tokens, start, length, slot, next_token, attend, echo):
+        def prefill(params, cache, tokens, start, length, slots, next_token, attend, echo):
             self.compiles += 1  # counts traces (one per compiled shape)
             s = tokens.shape[1]
-            positions = (start + jnp.arange(s))[None, :]
-            slots = jnp.asarray([slot], jnp.int32)
+            positions = start[:, None] + jnp.arange(s)[None, :]
             step = Step(attend_len=attend, all_slots=False)
-            if not echo:
-                logits, cache = forward(params, cache, tokens, positions, slots, step, jnp.asarray([length - 1]))
-                return cache, logits[0], None
+            if not echo:  # rows are prompts (padding rows carry an out-of-range slot: their writes are dropped)
+                logits, cache = forward(params, cache, tokens, positions, slots, step, length - 1)
+                return cache, logits, None
             logits, cache = forward(params, cache, tokens, positions, slots, step, None, True)
             logits = logits[0]
             lp = jax.nn.log_softmax(logits, axis=-1)
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
             chosen = jnp.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
-            return cache, logits[length - 1], (chosen, top_ids, top_lp)
+            return cache, logits[length[0] - 1][None], (chosen, top_ids, top_lp)
 
         @functools.partial(jax.jit, static_argnames=("attend", "steps"), donate_argnums=(1, 2))
         def decode(params, cache, state, sparams, tokens, positions, active, attend, steps):
@@ -166,14 +167,45 @@ class Runner:
             toks[0, :len(piece)] = piece
             nxt = prompt[start + len(piece)] if start + len(piece) < n else 0
             attend = bucket(start + size, self.attend) if start + size <= self.max_len else self.max_len
-            self.cache, logits, extra = self._prefill(self.model.params, self.cache, jnp.asarray(toks), start,
-                                                      len(piece), slot, jnp.int32(nxt), attend=attend, echo=echo)
+            self.cache, logits, extra = self._prefill(
+                self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
+                jnp.asarray([len(piece)], jnp.int32), jnp.asarray([slot], jnp.int32), jnp.int32(nxt),
+                attend=attend, echo=echo)
             if echo:
                 pieces.append([np.asarray(x)[:len(piece)] for x in extra])
         prompt_lp = None
         if echo:
             prompt_lp = tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
-        return logits, prompt_lp
+        return logits[0], prompt_lp
+
+    def prefill_many(self, items: list[tuple[int, list[int]]]) -> list[jax.Array]:
+        """Prefill `(slot, prompt)` pairs and return each one's last logits `[V]`, in order. Prompts of up to
+        `BATCHED_PREFILL` tokens share calls (grouped by length bucket, up to `PREFILL_ROWS` rows, padded to a
+        power of two); longer ones go through the chunked `prefill`."""
+        out: list[jax.Array | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (slot, prompt) in enumerate(items):
+            if len(prompt) <= BATCHED_PREFILL:
+                groups.setdefault(bucket(len(prompt), self.prefill_buckets), []).append(i)
+            else:
+                out[i] = self.prefill(slot, prompt)[0]
+        for size, idx in groups.items():
+            for lo in range(0, len(idx), PREFILL_ROWS):
+                part = idx[lo:lo + PREFILL_ROWS]
+                nb = bucket(len(part), (1, 2, 4, PREFILL_ROWS))
+                toks = np.zeros((nb, size), np.int32)
+                lengths = np.ones(nb, np.int32)
+                slots = np.full(nb, self.slots, np.int32)  # out of range: padding rows write nothing
+                for r, i in enumerate(part):
+                    slot, prompt = items[i]
+                    toks[r, :len(prompt)], lengths[r], slots[r] = prompt, len(prompt), slot
+                attend = bucket(min(size, self.max_len), self.attend)
+                self.cache, logits, _ = self._prefill(
+                    self.model.params, self.cache, jnp.asarray(toks), jnp.zeros(nb, jnp.int32), jnp.asarray(lengths),
+                    jnp.asarray(slots), jnp.int32(0), attend=attend, echo=False)
+                for r, i in enumerate(part):
+                    out[i] = logits[r]
+        return out
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Copy one slot's K/V rows into another (n > 1 shares one prefill)."""

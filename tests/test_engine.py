@@ -94,3 +94,13 @@ def test_mirostat_holds_mean_surprise_near_target(llm, tau):
     surprise = [-lp / math.log(2) for _, lp, _ in out.logprobs]
     assert len(surprise) == 256
     assert abs(np.mean(surprise) - tau) < 1.0, np.mean(surprise)
+
+
+def test_batched_prefill_equals_one_prompt_at_a_time(llm):
+    runner = llm.engine.runner  # idle between tests: every slot is free
+    prompts = [list(range(100, 100 + n)) for n in (5, 20, 31, 90, 200)]  # two length buckets, one chunked-size
+    alone = [np.asarray(runner.prefill(slot, p)[0]) for slot, p in enumerate(prompts)]
+    together = [np.asarray(x) for x in runner.prefill_many(list(enumerate(prompts)))]
+    for a, t in zip(alone, together):
+        np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())
+        assert int(np.argmax(t)) == int(np.argmax(a))
