@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+NOTES = "## Notes"
+
+
 def engine_numbers(model, slots: int, new_tokens: int) -> dict:
     """Single stream, TTFT at 32 and 512 prompt tokens, aggregate at 1/8/32 concurrent, sampler share."""
     from engine import Engine, RunnerConfig, SamplingParams
@@ -118,9 +121,13 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
-    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md"), "w") as f:
-        f.write(f"# Performance\n\nLatest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
-                f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n")
+    head = (f"Latest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
+            f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n")
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md")
+    old = open(path).read() if os.path.exists(path) else ""
+    notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
+    with open(path, "w") as f:  # the table is rewritten; the notes below it are kept
+        f.write(f"# Performance\n\n{head}\n{notes}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,29 @@ def test_completion_echo_logprobs_match_the_model(api, client):
     assert g.logprobs.token_logprobs[len(ids):] == [max(d.values()) for d in g.logprobs.top_logprobs[len(ids):]]
 
 
+def test_echo_logprobs_of_a_prompt_longer_than_a_prefill_chunk(api, client):
+    ids = [int(t) for t in np.random.default_rng(3).integers(100, 5000, 700)]  # chunks of 512 + 188
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    got = r.choices[0].logprobs.token_logprobs
+    logits = our_logits(api.model.module, api.model.params, [ids])[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    ref = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    assert got[0] is None and len(got) == 700
+    np.testing.assert_allclose(got[1:], [ref[j - 1, ids[j]] for j in range(1, 700)], atol=5e-3)
+
+
+def test_streamed_text_with_stop_strings_equals_the_whole_response(api, client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "List five fruits, one per line."}],
+              max_tokens=60, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = client.chat.completions.create(stop=[stop, "zzzz"], **kw).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
+    chunks = list(client.chat.completions.create(stop=[stop, "zzzz"], stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_chat_logprobs_shape(api, client):
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
                                        top_logprobs=5)
