@@ -143,6 +143,11 @@ def sampling(body: dict) -> SamplingParams:
 def _unsupported(body: dict) -> None:
     if body.get("tools") or body.get("functions"):
         raise bad("tools and functions are not supported by this server", "tools")
+    if body.get("suffix"):
+        raise bad("'suffix' (fill-in-the-middle) is not supported by this server", "suffix")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad("'best_of' is not supported by this server (use n)", "best_of")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise bad("only response_format {'type': 'text'} is supported", "response_format")
