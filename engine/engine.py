@@ -140,21 +140,25 @@ class Engine:
         """Anything waiting, running or queued."""
         return bool(self.waiting or self.running or not self.incoming.empty() or not self.aborts.empty())
 
-    def warmup(self) -> None:
-        """Compile the shapes a server needs first (prefill, first draw, decode at every batch bucket) by running them."""
+    def warmup(self, full: bool = False) -> None:
+        """Compile by running them: prefill shapes for short prompts, the first draw, and decode at every batch bucket
+        for the shortest attended length (`full`: every attended length and long-prompt prefill too)."""
         req = self.make_request([0] * 8, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
         self.add(req)
         while self.has_work():
             self.step()
-        nowhere = self.runner.slots  # an out-of-range slot: these warm-up prefills write nothing
-        for size in (b for b in self.runner.prefill_buckets if b <= BATCHED_PREFILL):
-            for rows in (1, 2, 4, PREFILL_ROWS):
-                self.runner.prefill_many([(nowhere, [0] * size)] * rows)
-        steps = self.runner.rc.decode_steps
-        for nb in self.runner.batch_buckets[1:]:
-            active = np.zeros(nb, bool)
-            active[-1] = True  # a free slot: its cache row and sampler row are reset on admission
-            self.runner.decode(np.zeros(nb, np.int32), np.zeros(nb, np.int32), active, steps)
+        runner, nowhere = self.runner, self.runner.slots  # an out-of-range slot: warm-up prefills write nothing
+        for size in runner.prefill_buckets:
+            for rows in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL else ((1,) if full else ()):
+                runner.prefill_many([(nowhere, [0] * size)] * rows)
+        runner.copy_slot(nowhere, nowhere)  # n > 1
+        steps = runner.rc.decode_steps
+        for attend in runner.attend if full else runner.attend[:1]:
+            for nb in runner.batch_buckets:
+                active = np.zeros(nb, bool)
+                active[-1] = True  # a free slot: its cache row and sampler row are reset on admission
+                positions = np.full(nb, max(attend - steps, 0), np.int32)
+                runner.decode(np.zeros(nb, np.int32), positions, active, steps)
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 

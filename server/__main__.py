@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
-    ap.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start")
+    ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
+                    help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
+                         "the first time, seconds once the compilation cache holds them), or nothing")
     return ap.parse_args(argv)
 
 
@@ -50,8 +52,8 @@ def main(argv=None) -> None:
         model.name = args.served_name
     engine = Engine(model, RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         kv_cache_gb=args.kv_cache_gb, decode_steps=args.decode_steps))
-    if not args.no_warmup:
-        engine.warmup()
+    if args.warmup != "none":
+        engine.warmup(full=args.warmup == "full")
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb)
     try:
         asyncio.run(serve(server.app(), args.host, args.port, f"{engine.runner.slots} slots, context {engine.max_len}"))
