@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
-from engine.runner import BATCHED_PREFILL, PREFILL_ROWS, Runner, RunnerConfig
+from engine.runner import BATCHED_PREFILL, PREFILL_ROWS, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -74,6 +74,16 @@ class Request:
         return bool(self.choices) and all(c.finish_reason for c in self.choices)
 
 
+@dataclasses.dataclass
+class Prefill:
+    """A long (or echo) prompt being prefilled one chunk per step, in slots already taken."""
+
+    req: Request
+    slots: list[int]
+    start: int = 0
+    pieces: list = dataclasses.field(default_factory=list)
+
+
 class Engine:
     """Continuous batching over `max_num_seqs` slots of one model."""
 
@@ -91,6 +101,7 @@ class Engine:
         self.steps_run = 0
         self.aborted = 0  # requests cancelled so far (a client went away)
         self.admitting: list[Request] = []  # popped from `waiting`, not yet running (for failure handling)
+        self.prefilling: collections.deque[Prefill] = collections.deque()
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -133,12 +144,14 @@ class Engine:
     def stats(self) -> dict:
         """Slot occupancy and counters (read from other threads; values are a snapshot)."""
         return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
+                    prefilling=len(self.prefilling),
                     waiting=len(self.waiting) + self.incoming.qsize(), aborted=self.aborted, steps=self.steps_run,
                     compiles=self.runner.compiles, max_model_len=self.max_len)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
-        return bool(self.waiting or self.running or not self.incoming.empty() or not self.aborts.empty())
+        return bool(self.waiting or self.running or self.prefilling or not self.incoming.empty()
+                    or not self.aborts.empty())
 
     def warmup(self, full: bool = False) -> None:
         """Compile by running them: prefill shapes for short prompts, the first draw, and decode at every batch bucket
@@ -190,6 +203,13 @@ class Engine:
             self.waiting.remove(req)
             req.cancelled = True
             self.aborted += 1
+        for pf in [pf for pf in self.prefilling if pf.req.id in ids]:
+            self.prefilling.remove(pf)
+            self.free = sorted(self.free + pf.slots)
+            pf.req.cancelled = True
+            self.aborted += 1
+            for choice in pf.req.choices:
+                choice.finish_reason = "abort"
         for slot, (req, choice) in list(self.running.items()):
             if req.id in ids:
                 self.aborted += not req.cancelled
@@ -197,22 +217,35 @@ class Engine:
                 self._finish(choice, "abort")
 
     def _admit(self, changed) -> None:
+        """Take waiting requests into free slots. Short prompts are prefilled now, several per call; a long (or echo)
+        prompt is prefilled one chunk per step, so the streams already running keep flowing meanwhile."""
         batch = []
         while self.waiting and len(self.free) >= self.waiting[0].params.n:
             req = self.waiting.popleft()
             batch.append((req, [self.free.pop(0) for _ in req.choices]))
-        if not batch:
-            return
         self.admitting = [req for req, _ in batch]
-        # Prompts without echo are prefilled several per call; echo (prompt logprobs) goes one by one.
-        plain = iter(self.runner.prefill_many([(slots[0], r.prompt_ids) for r, slots in batch if not r.params.echo]))
+        is_short = lambda r: not r.params.echo and len(r.prompt_ids) <= self.runner.chunk  # noqa: E731
+        short = [(r, s) for r, s in batch if is_short(r)]
+        self.prefilling.extend(Prefill(r, s) for r, s in batch if not is_short(r))
+        logits = self.runner.prefill_many([(s[0], r.prompt_ids) for r, s in short])
+        ready = [(r, s, x) for (r, s), x in zip(short, logits)]
+        if self.prefilling:
+            pf = self.prefilling[0]
+            x, piece = self.runner.prefill_chunk(pf.slots[0], pf.req.prompt_ids, pf.start, pf.req.params.echo)
+            pf.start += self.runner.chunk
+            pf.pieces.append(piece)
+            if pf.start >= len(pf.req.prompt_ids):
+                self.prefilling.popleft()
+                if pf.req.params.echo:
+                    pf.req.prompt_logprobs = join_pieces(pf.pieces)
+                ready.append((pf.req, pf.slots, x))
+        self._install(ready, changed)
+
+    def _install(self, ready: list, changed) -> None:
+        """Prefilled requests start decoding: copy the cache for n > 1, install sampler rows, draw first tokens."""
         new_rows: dict[int, Any] = {}
-        for req, slots in batch:
+        for req, slots, logits in ready:
             p = req.params
-            if p.echo:
-                logits, req.prompt_logprobs = self.runner.prefill(slots[0], req.prompt_ids, echo=True)
-            else:
-                logits = next(plain)
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
                 self.free = sorted(self.free + slots)
                 for choice in req.choices:
@@ -249,7 +282,9 @@ class Engine:
 
     def _decode(self, changed) -> None:
         b = self.runner.slots
-        tokens, positions, active = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
+        # Rows without a running sequence (free, or a prompt still prefilling) sit past the end of the cache, so
+        # the K/V they write are dropped and never touch a slot in use.
+        tokens, positions, active = np.zeros(b, np.int32), np.full(b, self.max_len, np.int32), np.zeros(b, bool)
         for slot, (req, choice) in self.running.items():
             tokens[slot] = choice.token_ids[-1]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1

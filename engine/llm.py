@@ -116,7 +116,9 @@ class AsyncEngine:
 
     def _fail_all(self, e: BaseException) -> None:
         eng = self.engine
-        reqs = {id(r): r for r in [*eng.admitting, *eng.waiting, *(r for r, _ in eng.running.values())]}
+        reqs = {id(r): r for r in [*eng.admitting, *eng.waiting, *(pf.req for pf in eng.prefilling),
+                                   *(r for r, _ in eng.running.values())]}
+        eng.prefilling.clear()
         while not eng.incoming.empty():
             r = eng.incoming.get()
             reqs[id(r)] = r

@@ -71,6 +71,11 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def join_pieces(pieces: list) -> tuple:
+    """Concatenate per-chunk echo logprobs `(chosen, top ids, top logprobs)` along the prompt."""
+    return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
+
+
 class Runner:
     """Owns the KV cache and sampler state on device, and the compiled step functions."""
 
@@ -155,28 +160,29 @@ class Runner:
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
+    def prefill_chunk(self, slot: int, prompt: list[int], start: int, echo: bool = False):
+        """Write one chunk of a prompt (positions `start .. start + chunk`) into `slot`. Returns the chunk's last
+        logits `[V]` and, for echo, its per-position `(logprob of the next prompt token, top ids, top logprobs)`."""
+        piece = prompt[start:start + self.chunk]
+        size = bucket(len(piece), self.prefill_buckets)
+        toks = np.zeros((1, size), np.int32)
+        toks[0, :len(piece)] = piece
+        nxt = prompt[start + len(piece)] if start + len(piece) < len(prompt) else 0
+        attend = bucket(start + size, self.attend) if start + size <= self.max_len else self.max_len
+        self.cache, logits, extra = self._prefill(
+            self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
+            jnp.asarray([len(piece)], jnp.int32), jnp.asarray([slot], jnp.int32), jnp.int32(nxt),
+            attend=attend, echo=echo)
+        return logits[0], ([np.asarray(x)[:len(piece)] for x in extra] if echo else None)
+
     def prefill(self, slot: int, prompt: list[int], echo: bool = False):
-        """Write a prompt's K/V into `slot` (chunked) and return its last logits `[V]` and, for echo,
-        per-position `(logprob of the next prompt token, top ids, top logprobs)` as numpy."""
-        n = len(prompt)
+        """Write a whole prompt's K/V into `slot`, chunk by chunk; returns its last logits `[V]` and, for echo, the
+        concatenated per-position logprobs (see `prefill_chunk`)."""
         logits, pieces = None, []
-        for start in range(0, n, self.chunk):
-            piece = prompt[start:start + self.chunk]
-            size = bucket(len(piece), self.prefill_buckets)
-            toks = np.zeros((1, size), np.int32)
-            toks[0, :len(piece)] = piece
-            nxt = prompt[start + len(piece)] if start + len(piece) < n else 0
-            attend = bucket(start + size, self.attend) if start + size <= self.max_len else self.max_len
-            self.cache, logits, extra = self._prefill(
-                self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
-                jnp.asarray([len(piece)], jnp.int32), jnp.asarray([slot], jnp.int32), jnp.int32(nxt),
-                attend=attend, echo=echo)
-            if echo:
-                pieces.append([np.asarray(x)[:len(piece)] for x in extra])
-        prompt_lp = None
-        if echo:
-            prompt_lp = tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
-        return logits[0], prompt_lp
+        for start in range(0, len(prompt), self.chunk):
+            logits, piece = self.prefill_chunk(slot, prompt, start, echo)
+            pieces.append(piece)
+        return logits, (join_pieces(pieces) if echo else None)
 
     def prefill_many(self, items: list[tuple[int, list[int]]]) -> list[jax.Array]:
         """Prefill `(slot, prompt)` pairs and return each one's last logits `[V]`, in order. Prompts of up to

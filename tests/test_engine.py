@@ -104,3 +104,26 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())
         assert int(np.argmax(t)) == int(np.argmax(a))
+
+
+def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm):
+    from engine.llm import encode_chat
+
+    eng = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want_short = llm.chat(CHAT, greedy)[0].outputs[0].token_ids
+    long_prompt = list(range(200, 200 + 900))  # two chunks of at most 512
+    want_long = llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    short = eng.make_request(encode_chat(smollm, CHAT), greedy)
+    eng.add(short)
+    eng.step()
+    long = eng.make_request(long_prompt, SamplingParams(temperature=0, max_tokens=8))
+    eng.add(long)
+    seen = []
+    while not long.choices[0].token_ids:
+        eng.step()
+        seen.append(len(short.choices[0].token_ids))
+    assert len(seen) == 2 and seen[0] < seen[1]  # the short stream advanced during both chunks
+    while eng.has_work():
+        eng.step()
+    assert short.choices[0].token_ids == want_short and long.choices[0].token_ids == want_long
