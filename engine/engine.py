@@ -106,11 +106,12 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------------------------
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     on_delta=None, truncate: bool = True) -> Request:
+                     on_delta=None, truncate: bool = True, first_choice: int = 0) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
-        that does not fit is an error instead (Fireworks' `context_length_exceeded_behavior="error"`)."""
+        that does not fit is an error instead (Fireworks' `context_length_exceeded_behavior="error"`). Choices are
+        numbered from `first_choice` (a caller splitting n over several requests keeps each choice's seed stream)."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -131,7 +132,8 @@ class Engine:
                                  f"this model's context of {self.max_len} tokens", "max_tokens")
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
-        return Request(rid, list(prompt_ids), p, max_tokens, [Choice(i) for i in range(p.n)], on_delta=on_delta)
+        choices = [Choice(first_choice + i) for i in range(p.n)]
+        return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta)
 
     def add(self, req: Request) -> None:
         """Queue a request (thread-safe)."""

@@ -7,6 +7,7 @@ JSON object or Server-Sent Events. A client that goes away aborts its requests; 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -95,14 +96,18 @@ class Server:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.name!r}", "model",
                            code="model_not_found")
 
-    def _requests(self, job: Job, rid: str) -> list[Request]:
-        out = []
+    def _requests(self, job: Job, rid: str) -> list[tuple[int, Request]]:
+        """`(prompt index, engine request)` pairs; n beyond the decode slots is split over several requests."""
+        out, n, slots = [], job.params.n, self.engine.runner.slots
         for i, ids in enumerate(job.prompts):
-            try:
-                out.append(self.engine.make_request(ids, job.params, f"{rid}-{i}", truncate=job.truncate))
-            except InvalidRequest as e:
-                param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
-                raise bad(str(e), param) from None
+            for first in range(0, n, slots):
+                params = dataclasses.replace(job.params, n=min(slots, n - first))
+                try:
+                    out.append((i, self.engine.make_request(ids, params, f"{rid}-{i}-{first}", truncate=job.truncate,
+                                                            first_choice=first)))
+                except InvalidRequest as e:
+                    param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
+                    raise bad(str(e), param) from None
         return out
 
     # ---- routes -----------------------------------------------------------------------------------------------
@@ -130,15 +135,16 @@ class Server:
         self._check_model(body)
         job = protocol.parse(body, kind, self.model)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        reqs = self._requests(job, rid)
+        parts = self._requests(job, rid)
+        reqs = [r for _, r in parts]
         if job.stream:
-            return await self._stream(request, job, reqs, rid)
+            return await self._stream(request, job, parts, rid)
         async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
             async for _ in events:
                 pass
         if any(c.finish_reason == "error" for r in reqs for c in r.choices):
             raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
-        choices = [self._choice(job, i, r, c) for i, r in enumerate(reqs) for c in r.choices]
+        choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
                                   "choices": choices, "usage": usage(reqs)}, headers=self.options_header)
@@ -183,7 +189,8 @@ class Server:
 
     # ---- streaming --------------------------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, job: Job, reqs: list[Request], rid: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: Job, parts: list[tuple[int, Request]],
+                      rid: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **self.options_header})
         await resp.prepare(request)
@@ -198,15 +205,16 @@ class Server:
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         try:
-            for pi, req in enumerate(reqs):  # opening chunks: the role (chat) and the echoed prompt
+            reqs = [r for _, r in parts]
+            for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
                 for c in req.choices:
                     text, entries = self._echo(job, pi, req)
                     index = pi * job.params.n + c.index
                     if job.kind == "chat" or text:
                         await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
             async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
-                async for pi, deltas in events:
-                    req = reqs[pi]
+                async for i, deltas in events:
+                    pi, req = parts[i]
                     if any(d.finish_reason == "error" for d in deltas):
                         err = ApiError(500, "the engine failed while generating", type_="server_error")
                         await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
@@ -223,7 +231,7 @@ class Server:
         index = pi * job.params.n + d.index
         out = self._chunk_choice(job, index, d.text, d.logprobs, d.finish_reason, offsets)
         if d.finish_reason:
-            self._extras(job, req, req.choices[d.index], out)
+            self._extras(job, req, req.choices[d.index - req.choices[0].index], out)
         return out
 
     def _chunk_choice(self, job: Job, index: int, text: str, entries: list[tuple], finish: str | None,

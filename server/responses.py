@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from engine.engine import Choice, Delta, Request
+from engine.engine import Choice, Request
 from models import Model
 
 
@@ -117,12 +117,8 @@ def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dic
 
 
 def usage(reqs: list[Request]) -> dict:
-    """Token counts over every prompt and choice."""
-    prompt = sum(len(r.prompt_ids) for r in reqs)
+    """Token counts over every prompt (once, though its n may be split over requests) and every choice."""
+    prompt = sum(len(r.prompt_ids) for r in reqs if r.choices[0].index == 0)
     completion = sum(len(c.token_ids) for r in reqs for c in r.choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-
-def delta_entries(d: Delta) -> list[tuple]:
-    """A streamed delta's tokens as logprob entries."""
-    return list(d.logprobs)
