@@ -411,3 +411,24 @@ def test_python_m_server_with_an_api_key():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_engine_failure_answers_500_and_the_server_keeps_serving(api, client, monkeypatch):
+    runner = api.engine.runner
+    real = runner.decode
+
+    def fail_once(*args, **kwargs):  # a fault before the device step: cache and state stay intact
+        monkeypatch.setattr(runner, "decode", real)
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(runner, "decode", fail_once)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    assert e.value.body["type"] == "server_error"
+    monkeypatch.setattr(runner, "decode", fail_once)
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True):
+            pass
+    assert api.engine.stats()["free_slots"] == 32
+    ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
+    assert ok.usage.completion_tokens >= 1
