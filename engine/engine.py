@@ -100,6 +100,8 @@ class Engine:
         self.eos = np.asarray(model.eos_ids, np.int64)
         self.steps_run = 0
         self.aborted = 0  # requests cancelled so far (a client went away)
+        self.generated = 0  # tokens drawn so far
+        self.finished = 0  # requests ended so far
         self.admitting: list[Request] = []  # popped from `waiting`, not yet running (for failure handling)
         self.prefilling: collections.deque[Prefill] = collections.deque()
 
@@ -147,7 +149,8 @@ class Engine:
         """Slot occupancy and counters (read from other threads; values are a snapshot)."""
         return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
                     prefilling=len(self.prefilling),
-                    waiting=len(self.waiting) + self.incoming.qsize(), aborted=self.aborted, steps=self.steps_run,
+                    waiting=len(self.waiting) + self.incoming.qsize(), aborted=self.aborted, finished=self.finished,
+                    generated_tokens=self.generated, steps=self.steps_run,
                     compiles=self.runner.compiles, max_model_len=self.max_len)
 
     def has_work(self) -> bool:
@@ -178,22 +181,30 @@ class Engine:
     # ---- the loop body ----------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Admit, decode once (several steps per dispatch), postprocess. Returns requests that finished."""
+        """Admit, decode once (several steps per dispatch), postprocess. Returns requests that finished.
+
+        Streams get one delta per decode step (at most one token per choice), as OpenAI clients expect chunks."""
         while not self.incoming.empty():
             self.waiting.append(self.incoming.get())
         done: list[Request] = []
         self._take_aborts(done)
-        changed: dict[str, tuple[Request, list[Delta]]] = {}
+        changed: dict[str, Request] = {}
         self._admit(changed)
+        self._emit(changed, done)
         if self.running:
-            self._decode(changed)
-        for req, _ in changed.values():
+            self._decode(changed, done)
+        return done
+
+    def _emit(self, changed: dict[str, Request], done: list[Request]) -> None:
+        """Hand each changed request its deltas since the last call."""
+        for req in changed.values():
             deltas = [d for c in req.choices if (d := self._delta(c)) is not None]
             if req.on_delta and deltas:
                 req.on_delta(req, deltas)
             if req.finished:
                 done.append(req)
-        return done
+                self.finished += 1
+        changed.clear()
 
     def _take_aborts(self, done: list[Request]) -> None:
         ids = set()
@@ -252,7 +263,7 @@ class Engine:
                 self.free = sorted(self.free + slots)
                 for choice in req.choices:
                     choice.finish_reason = "length"
-                changed[req.id] = (req, [])
+                changed[req.id] = req
                 continue
             base = jax.random.key_data(jax.random.PRNGKey(p.seed % (1 << 32)))
             row = p.sampler_row()
@@ -280,9 +291,9 @@ class Engine:
         for slot in new_rows:
             req, choice = self.running[slot]
             self._append(req, choice, out, slot)
-            changed[req.id] = (req, [])
+            changed[req.id] = req
 
-    def _decode(self, changed) -> None:
+    def _decode(self, changed, done) -> None:
         b = self.runner.slots
         # Rows without a running sequence (free, or a prompt still prefilling) sit past the end of the cache, so
         # the K/V they write are dropped and never touch a slot in use.
@@ -298,7 +309,8 @@ class Engine:
             for slot, (req, choice) in list(self.running.items()):
                 if choice.finish_reason is None:
                     self._append(req, choice, one, slot)
-                    changed[req.id] = (req, [])
+                    changed[req.id] = req
+            self._emit(changed, done)
 
     # ---- per-token postprocessing -----------------------------------------------------------------------------
 
@@ -306,6 +318,7 @@ class Engine:
         tok = int(out.token[slot])
         p = req.params
         choice.token_ids.append(tok)
+        self.generated += 1
         if p.logprobs or p.top_logprobs:
             k = p.top_logprobs
             tops = list(zip(out.top_ids[slot][:k].tolist(), out.top_logprobs[slot][:k].tolist()))

@@ -50,7 +50,11 @@ class Server:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{name:.+}", self.model_card)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         return app
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
@@ -114,9 +118,53 @@ class Server:
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the one served model."""
-        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    def _card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
                 "max_model_len": self.engine.max_len}
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def model_card(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: the served model, or 404."""
+        self._check_model({"model": request.match_info["name"]})
+        return web.json_response(self._card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize: token ids of `prompt` (or llama.cpp's `content`), or of chat `messages` as templated."""
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        self._check_model(body)
+        if "messages" in body:
+            ids = self.vocab.tok.encode(protocol.chat_text(self.model, body["messages"]), add_special_tokens=False)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise bad("'prompt' must be a string", "prompt")
+            ids = self.vocab.tok.encode(text)
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize: the text of `tokens` (special tokens kept)."""
+        body = await self._body(request)
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        vocab = self.model.cfg.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise bad(f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
+        return web.json_response({"prompt": self.vocab.tok.decode(ids, skip_special_tokens=False)})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: engine gauges and counters in the Prometheus text format."""
+        stats = self.engine.stats()
+        counters = {"aborted", "finished", "generated_tokens", "steps"}
+        lines = []
+        for k, v in stats.items():
+            if k == "compiles":
+                continue
+            name = f"sparkler_{k}_total" if k in counters else f"sparkler_{k}"
+            lines += [f"# TYPE {name} {'counter' if k in counters else 'gauge'}", f"{name} {v}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: liveness plus slot occupancy and counters."""

@@ -35,10 +35,25 @@ def http(api, method, path, body=None, headers=None, raw: bytes | None = None):
         return status, text, hdrs
 
 
-def test_models_and_health(api, client):
+def test_models_health_metrics_and_tokenize(api, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     status, body, _ = http(api, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["slots"] == 32
+    status, text, _ = http(api, "GET", "/metrics")
+    assert status == 200 and "sparkler_free_slots 32" in text and "sparkler_generated_tokens_total" in text
+    tok = api.model.tokenizer
+    status, body, _ = http(api, "POST", "/tokenize", {"prompt": "Hello world"})
+    assert body["tokens"] == tok.encode("Hello world") and body["count"] == len(body["tokens"])
+    status, body, _ = http(api, "POST", "/tokenize", {"messages": HELLO})
+    assert body["tokens"] == tok.encode(tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True),
+                                        add_special_tokens=False)
+    status, back, _ = http(api, "POST", "/detokenize", {"tokens": body["tokens"]})
+    assert back["prompt"] == tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    status, err, _ = http(api, "POST", "/detokenize", {"tokens": [-1]})
+    assert status == 400 and err["error"]["param"] == "tokens"
 
 
 def test_greedy_chat_equals_the_engine_and_streaming(api, client, llm):
@@ -227,6 +242,7 @@ def test_streaming_n_echo_logprobs_and_usage(api, client):
     for ch in chunks[:-1]:
         assert ch.usage is None
         for c in ch.choices:
+            assert c.logprobs is None or len(c.logprobs.content) <= 1  # a chunk per token
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
             lps[c.index] = lps.get(c.index, 0) + len(c.logprobs.content if c.logprobs else [])
             finish[c.index] = c.finish_reason or finish.get(c.index)
