@@ -195,3 +195,22 @@ def test_greedy_and_logprobs_are_raw():
     raw = logits[1] - np.log(np.exp(logits[1] - logits[1].max()).sum()) - logits[1].max()
     assert math.isclose(float(out.logprob[1]), float(raw[7]), abs_tol=1e-4)
     np.testing.assert_array_equal(np.asarray(out.top_ids[1]), np.argsort(-raw)[:smp.TOP_LOGPROBS])
+
+
+def test_inverse_cdf_draw_never_lands_on_an_excluded_token():
+    rng = np.random.default_rng(7)
+    v = 1000  # not a multiple of the 128-token block: the last block is padded
+    cases = [[v - 1], [0], [5, 130, 999], list(range(256, 384)), [127, 128]]
+    for kept in cases:
+        z = np.full((1, v), -np.inf, np.float32)
+        z[0, kept] = rng.standard_normal(len(kept)).astype(np.float32) * 3
+        p = np.exp(z[0, kept] - z[0, kept].max())
+        p /= p.sum()
+        for u in (0.0, 1e-9, 0.5, 1 - 1e-7, float(np.nextafter(np.float32(1), np.float32(0)))):
+            tok, logq = smp.draw(jnp.asarray(z), jnp.asarray([u], jnp.float32))
+            t = int(tok[0])
+            assert t in kept, (kept, u, t)
+            want = kept[min(int(np.sum(np.cumsum(p) <= u)), len(kept) - 1)]
+            if 1e-6 < u < 1 - 1e-6:
+                assert t == want, (kept, u, t, want)
+            assert math.isclose(float(logq[0]), math.log(p[kept.index(t)]), abs_tol=1e-4)
