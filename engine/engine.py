@@ -102,7 +102,7 @@ class Engine:
         self.aborted = 0  # requests cancelled so far (a client went away)
         self.generated = 0  # tokens drawn so far
         self.finished = 0  # requests ended so far
-        self.admitting: list[Request] = []  # popped from `waiting`, not yet running (for failure handling)
+        self.admitting: list[tuple[Request, list[int]]] = []  # given slots this step, not yet running
         self.prefilling: collections.deque[Prefill] = collections.deque()
 
     # ---- requests ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class Engine:
             self.aborted += 1
         for pf in [pf for pf in self.prefilling if pf.req.id in ids]:
             self.prefilling.remove(pf)
-            self.free = sorted(self.free + pf.slots)
+            self._release(pf.slots)
             pf.req.cancelled = True
             self.aborted += 1
             for choice in pf.req.choices:
@@ -236,7 +236,7 @@ class Engine:
         while self.waiting and len(self.free) >= self.waiting[0].params.n:
             req = self.waiting.popleft()
             batch.append((req, [self.free.pop(0) for _ in req.choices]))
-        self.admitting = [req for req, _ in batch]
+        self.admitting = batch
         is_short = lambda r: not r.params.echo and len(r.prompt_ids) <= self.runner.chunk  # noqa: E731
         short = [(r, s) for r, s in batch if is_short(r)]
         self.prefilling.extend(Prefill(r, s) for r, s in batch if not is_short(r))
@@ -260,7 +260,7 @@ class Engine:
         for req, slots, logits in ready:
             p = req.params
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
-                self.free = sorted(self.free + slots)
+                self._release(slots)
                 for choice in req.choices:
                     choice.finish_reason = "length"
                 changed[req.id] = req
@@ -354,8 +354,31 @@ class Engine:
         choice.finish_reason = reason
         if choice.slot in self.running and self.running[choice.slot][1] is choice:
             del self.running[choice.slot]
-            self.free.append(choice.slot)
-            self.free.sort()
+            self._release([choice.slot])
+
+    def _release(self, slots) -> None:
+        """Return slots to the free list, kept sorted: new requests take the lowest, so decode batches stay compact."""
+        self.free = sorted([*self.free, *slots])
+
+    def fail_all(self) -> list[tuple[Request, list[Delta]]]:
+        """After a step raised: end every request in flight (queued, admitted, prefilling, running) with
+        finish_reason "error", free every slot they held, and return each with the final deltas to hand it."""
+        while not self.incoming.empty():
+            self.waiting.append(self.incoming.get())
+        held = [*self.admitting, *((pf.req, pf.slots) for pf in self.prefilling)]
+        orphans = {s for _, slots in held for s in slots} - set(self.running) - set(self.free)
+        reqs = {id(r): r for r in [*self.waiting, *(r for r, _ in held), *(r for r, _ in self.running.values())]}
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.admitting = []
+        out = []
+        for req in reqs.values():
+            ended = [c for c in req.choices if c.finish_reason is None]
+            for c in ended:
+                self._finish(c, "error")
+            out.append((req, [Delta(c.index, "", [], [], "error") for c in ended]))
+        self._release(orphans)
+        return out
 
     def _delta(self, choice: Choice) -> Delta | None:
         """New text (held back while it may still become a stop string), tokens and logprobs since last time."""

@@ -115,21 +115,9 @@ class AsyncEngine:
                 self._fail_all(e)
 
     def _fail_all(self, e: BaseException) -> None:
-        eng = self.engine
-        reqs = {id(r): r for r in [*eng.admitting, *eng.waiting, *(pf.req for pf in eng.prefilling),
-                                   *(r for r, _ in eng.running.values())]}
-        eng.prefilling.clear()
-        while not eng.incoming.empty():
-            r = eng.incoming.get()
-            reqs[id(r)] = r
-        eng.waiting.clear()
-        for req in reqs.values():
-            ended = [Delta(c.index, "", [], [], "error") for c in req.choices if c.finish_reason is None]
-            for c in req.choices:
-                if c.finish_reason is None:
-                    eng._finish(c, "error")
-            if req.on_delta and ended:
-                req.on_delta(req, ended)
+        for req, deltas in self.engine.fail_all():
+            if req.on_delta and deltas:
+                req.on_delta(req, deltas)
 
     def close(self) -> None:
         """Stop the engine thread."""

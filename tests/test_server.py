@@ -446,5 +446,15 @@ def test_an_engine_failure_answers_500_and_the_server_keeps_serving(api, client,
         for _ in client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True):
             pass
     assert api.engine.stats()["free_slots"] == 32
+    real_prefill = runner.prefill_many
+
+    def fail_prefill_once(*args, **kwargs):  # a fault while the request holds slots but is not running yet
+        monkeypatch.setattr(runner, "prefill_many", real_prefill)
+        raise RuntimeError("injected prefill failure")
+
+    monkeypatch.setattr(runner, "prefill_many", fail_prefill_once)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, n=3)
+    assert api.engine.stats()["free_slots"] == 32
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
     assert ok.usage.completion_tokens >= 1
