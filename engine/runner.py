@@ -168,7 +168,7 @@ class Runner:
         toks = np.zeros((1, size), np.int32)
         toks[0, :len(piece)] = piece
         nxt = prompt[start + len(piece)] if start + len(piece) < len(prompt) else 0
-        attend = bucket(start + size, self.attend) if start + size <= self.max_len else self.max_len
+        attend = bucket(min(start + size, self.max_len), self.attend)
         self.cache, logits, extra = self._prefill(
             self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
             jnp.asarray([len(piece)], jnp.int32), jnp.asarray([slot], jnp.int32), jnp.int32(nxt),

@@ -147,20 +147,18 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerPa
 def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
     """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]`."""
     vocab = z.shape[-1]
-    trivial = (p.top_k <= 0) | (p.top_k >= vocab)
-    trivial &= (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)
-    return jax.lax.cond(jnp.all(trivial), lambda: jnp.ones(z.shape, bool), lambda: _truncation_mask(z, p))
+    k = jnp.where(p.top_k > 0, p.top_k, vocab)
+    trivial = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)  # rows that keep all
+    return jax.lax.cond(jnp.all(trivial), lambda: jnp.ones(z.shape, bool), lambda: _truncation_mask(z, p, k, trivial))
 
 
-def _truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
-    b, vocab = z.shape
+def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array) -> jax.Array:
+    vocab = z.shape[-1]
     lse_all = jax.nn.logsumexp(z, axis=-1)
     # Use the indices: XLA rewrites a values-only top_k into a full sort.
     _, cand_idx = jax.lax.top_k(z, min(CANDIDATES, vocab))
     cand = jnp.take_along_axis(z, cand_idx, axis=1)
     fast = _truncate_sorted(cand, lse_all, vocab, p)
-    k = jnp.where(p.top_k > 0, p.top_k, vocab)
-    trivial = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)
     # Rows whose survivors may lie past the candidates need the exact path.
     inexact = ~trivial & (((k > CANDIDATES) & (k < vocab)) | ((k >= vocab) & fast[4]))
     exact = lambda: _truncate_sorted(-jnp.sort(-z, axis=-1), lse_all, vocab, p)  # noqa: E731
