@@ -136,7 +136,7 @@ class Server:
             raise bad("the request body must be a JSON object")
         self._check_model(body)
         if "messages" in body:
-            ids = self.vocab.tok.encode(protocol.chat_text(self.model, body["messages"]), add_special_tokens=False)
+            ids, _ = protocol.chat_ids(self.model, body["messages"])
         else:
             text = body.get("prompt", body.get("content"))
             if not isinstance(text, str):

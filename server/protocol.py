@@ -171,12 +171,13 @@ def parse(body: Any, kind: str, model: Model) -> Job:
         job.include_usage = bool(opts.get("include_usage"))
     behaviour = body.get("context_length_exceeded_behavior", "truncate")
     if behaviour not in ("truncate", "error", None):
-        raise bad("'context_length_exceeded_behavior' must be 'truncate' or 'error'", "context_length_exceeded_behavior")
+        raise bad("'context_length_exceeded_behavior' must be 'truncate' or 'error'",
+                  "context_length_exceeded_behavior")
     job.truncate = behaviour != "error"
     if kind == "chat":
         job.logprobs = _chat_logprobs(body)
-        text = chat_text(model, body.get("messages"))
-        job.prompts, job.prompt_texts = [model.tokenizer.encode(text, add_special_tokens=False)], [text]
+        ids, text = chat_ids(model, body.get("messages"))
+        job.prompts, job.prompt_texts = [ids], [text]
     else:
         job.logprobs = _completion_logprobs(body)
         pairs = completion_prompts(model, body.get("prompt"))
@@ -243,6 +244,12 @@ def chat_text(model: Model, messages: Any) -> str:
         return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # a template may reject an order of roles
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
+
+
+def chat_ids(model: Model, messages: Any) -> tuple[list[int], str]:
+    """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself)."""
+    text = chat_text(model, messages)
+    return model.tokenizer.encode(text, add_special_tokens=False), text
 
 
 def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:

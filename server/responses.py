@@ -79,7 +79,8 @@ def prompt_entries(req: Request, first: int) -> list[tuple]:
         if j == 0 or lp is None:
             out.append((req.prompt_ids[j], None, None))
         else:
-            out.append((req.prompt_ids[j], float(lp[0][j - 1]), list(zip(lp[1][j - 1].tolist(), lp[2][j - 1].tolist()))))
+            top = list(zip(lp[1][j - 1].tolist(), lp[2][j - 1].tolist()))
+            out.append((req.prompt_ids[j], float(lp[0][j - 1]), top))
     return out
 
 
