@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup serve test test-optional bench
+.PHONY: setup serve test test-optional bench bench-paging
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -27,3 +27,6 @@ test-optional: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py
+
+bench-paging: setup
+	$(BIN)/python bench/paging.py

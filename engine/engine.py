@@ -1,8 +1,11 @@
-"""Host side of the engine: requests, continuous batching over fixed slots, detokenization and stopping.
+"""Host side of the engine: requests, continuous batching over a KV page pool, preemption, detokenization, stopping.
 
-`Engine.step()` is the whole loop body: take aborts, admit waiting requests into free slots (prefill once, copy the
-cache for n > 1, install sampler rows, draw first tokens), run one multi-step decode over all slots, then append
-tokens, detokenize and stop. Plain Python; the device work lives in `engine.runner`.
+`Engine.step()` is the whole loop body: take aborts; admit queued work while slots and pages allow (preempted choices
+first, then requests in arrival order), mapping cached prompt pages in and prefilling only the rest; install sampler
+rows and draw first tokens (n > 1 maps the prompt's pages into every choice); give every running sequence the pages
+its next steps need, preempting the most recently admitted when the pool is dry; run one multi-step decode; then
+append tokens, detokenize, stop, and offer newly full pages to the prefix cache. Plain Python; the device work lives
+in `engine.runner`, the page bookkeeping in `engine.pages`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
+from engine.pages import PagePool, page_hashes
 from engine.runner import BATCHED_PREFILL, PREFILL_ROWS, Runner, RunnerConfig, join_pieces
 from models import Model
 
@@ -38,7 +42,7 @@ class Delta:
 
 @dataclasses.dataclass
 class Choice:
-    """One generated sequence of a request (n > 1 gives several)."""
+    """One generated sequence of a request (n > 1 gives several); while admitted it holds a slot and KV pages."""
 
     index: int
     slot: int = -1
@@ -46,6 +50,10 @@ class Choice:
     logprobs: list[tuple] = dataclasses.field(default_factory=list)  # (id, logprob, [(id, logprob), ...])
     text: str = ""
     finish_reason: str | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)  # in order: position p is in pages[p // page_size]
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages registered so far
+    order: int = 0  # admission stamp: the most recently admitted is preempted first
+    saved: Any = None  # sampler row taken along by a preempted choice
     _ids: list[int] = dataclasses.field(default_factory=list)
     _prefix: int = 0
     _read: int = 0
@@ -67,6 +75,9 @@ class Request:
     prompt_logprobs: Any = None
     on_delta: Callable[["Request", list[Delta]], None] | None = None
     cancelled: bool = False
+    cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
+    cache_key: str | None = None  # isolation key: only requests with the same key share pages
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -76,44 +87,71 @@ class Request:
 
 @dataclasses.dataclass
 class Prefill:
-    """A long (or echo) prompt being prefilled one chunk per step, in slots already taken."""
+    """Choices admitted and holding slots and pages whose tokens are being written: a new request (its first choice
+    carries the prompt's pages; the others hold their own copy of a partial last page, if any) or a preempted choice
+    coming back (`resume`: its prompt and all but its last generated token)."""
 
     req: Request
-    slots: list[int]
+    choices: list[Choice]
+    tokens: list[int]
     start: int = 0
+    resume: bool = False
     pieces: list = dataclasses.field(default_factory=list)
+
+    @property
+    def echo(self) -> bool:
+        """Prompt logprobs wanted (never recomputed for a resumed choice)."""
+        return self.req.params.echo and not self.resume
+
+    @property
+    def short(self) -> bool:
+        """Prefilled in one go at admission (else one chunk per step)."""
+        return not self.echo and len(self.tokens) - self.start <= BATCHED_PREFILL
+
+
+def seq_tokens(req: Request, choice: Choice) -> list[int]:
+    """The tokens whose K/V a choice's pages hold: its prompt and every generated token but the last."""
+    return req.prompt_ids + choice.token_ids[:-1]
 
 
 class Engine:
-    """Continuous batching over `max_num_seqs` slots of one model."""
+    """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pool."""
 
     def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig()):
         self.model, self.tok = model, model.tokenizer
         self.runner = Runner(model, rc)
-        self.max_len = self.runner.max_len
+        self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
+        self.pool = PagePool(self.runner.num_pages, self.page_size)
+        self.tables = np.zeros((self.runner.slots, self.runner.max_pages), np.int32)  # a row per slot; 0 = scratch
         self.free = list(range(self.runner.slots))
         self.waiting: collections.deque[Request] = collections.deque()
+        self.resumes: collections.deque[tuple[Request, Choice]] = collections.deque()  # preempted, served first
         self.running: dict[int, tuple[Request, Choice]] = {}
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._ids = itertools.count()
+        self._order = itertools.count(1)
         self.eos = np.asarray(model.eos_ids, np.int64)
         self.steps_run = 0
         self.aborted = 0  # requests cancelled so far (a client went away)
         self.generated = 0  # tokens drawn so far
         self.finished = 0  # requests ended so far
-        self.admitting: list[tuple[Request, list[int]]] = []  # given slots this step, not yet running
+        self.preemptions = 0  # choices preempted so far (pool exhausted)
+        self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
         self.prefilling: collections.deque[Prefill] = collections.deque()
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     on_delta=None, truncate: bool = True, first_choice: int = 0) -> Request:
+                     on_delta=None, truncate: bool = True, first_choice: int = 0,
+                     prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
         that does not fit is an error instead (Fireworks' `context_length_exceeded_behavior="error"`). Choices are
-        numbered from `first_choice` (a caller splitting n over several requests keeps each choice's seed stream)."""
+        numbered from `first_choice` (a caller splitting n over several requests keeps each choice's seed stream).
+        `prompt_cache_max_len` caps the prompt tokens reused from the prefix cache (0: none); requests share cached
+        pages only under the same `prompt_cache_isolation_key`."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -128,6 +166,11 @@ class Engine:
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
                                  "prompt")
+        if self._pages_to_admit(len(prompt_ids), params.n) > self.pool.capacity:
+            raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
+                                 f"the pool holds ({self.pool.capacity} of {self.page_size} tokens)", "n")
+        if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
+            raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         p = params.resolved(self.model.generation_config)
         if not truncate and p.max_tokens is not None and p.max_tokens > room:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds "
@@ -135,48 +178,62 @@ class Engine:
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
-        return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta)
+        return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
+                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key)
+
+    def _pages_to_admit(self, length: int, n: int) -> int:
+        """Pages a prompt of `length` tokens takes with n choices: its pages, plus a partial last page per extra
+        choice."""
+        full, part = divmod(length, self.page_size)
+        return full + (part > 0) * n
 
     def add(self, req: Request) -> None:
         """Queue a request (thread-safe)."""
         self.incoming.put(req)
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its slots are free at the next step (thread-safe)."""
+        """Cancel a request; its slots and pages are free at the next step (thread-safe)."""
         self.aborts.put(request_id)
 
     def stats(self) -> dict:
-        """Slot occupancy and counters (read from other threads; values are a snapshot)."""
+        """Slot and page occupancy and counters (read from other threads; values are a snapshot)."""
+        pool = self.pool
         return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
-                    prefilling=len(self.prefilling),
-                    waiting=len(self.waiting) + self.incoming.qsize(), aborted=self.aborted, finished=self.finished,
-                    generated_tokens=self.generated, steps=self.steps_run,
-                    compiles=self.runner.compiles, max_model_len=self.max_len)
+                    prefilling=len(self.prefilling), waiting=len(self.waiting) + len(self.resumes) + self.incoming.qsize(),
+                    aborted=self.aborted, finished=self.finished, generated_tokens=self.generated,
+                    steps=self.steps_run, compiles=self.runner.compiles, max_model_len=self.max_len,
+                    kv_pages_total=pool.capacity, kv_pages_free=pool.num_free, kv_pages_cached=pool.num_cached,
+                    kv_page_size=self.page_size, prefix_cache_queried_tokens=pool.queried,
+                    prefix_cache_hit_tokens=pool.hit,
+                    prefix_cache_hit_rate=round(pool.hit / pool.queried, 4) if pool.queried else 0.0,
+                    preemptions=self.preemptions)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
-        return bool(self.waiting or self.running or self.prefilling or not self.incoming.empty()
+        return bool(self.waiting or self.resumes or self.running or self.prefilling or not self.incoming.empty()
                     or not self.aborts.empty())
 
     def warmup(self, full: bool = False) -> None:
         """Compile by running them: prefill shapes for short prompts, the first draw, and decode at every batch bucket
         for the shortest attended length (`full`: every attended length and long-prompt prefill too)."""
-        req = self.make_request([0] * 8, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        req = self.make_request([0] * 8, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                                prompt_cache_max_len=0)
         self.add(req)
         while self.has_work():
             self.step()
-        runner, nowhere = self.runner, self.runner.slots  # an out-of-range slot: warm-up prefills write nothing
+        runner = self.runner
+        nowhere = np.zeros(runner.max_pages, np.int32)  # an all-scratch table: warm-up writes go to page 0
         for size in runner.prefill_buckets:
             for rows in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL else ((1,) if full else ()):
-                runner.prefill_many([(nowhere, [0] * size)] * rows)
-        runner.copy_slot(nowhere, nowhere)  # n > 1
+                runner.prefill_many([(nowhere, [0] * size, 0)] * rows)
+        runner.copy_pages([(0, 0)])  # n > 1
         steps = runner.rc.decode_steps
         for attend in runner.attend if full else runner.attend[:1]:
             for nb in runner.batch_buckets:
                 active = np.zeros(nb, bool)
-                active[-1] = True  # a free slot: its cache row and sampler row are reset on admission
+                active[-1] = True  # a free slot: its sampler row is reset on admission
                 positions = np.full(nb, max(attend - steps, 0), np.int32)
-                runner.decode(np.zeros(nb, np.int32), positions, active, steps)
+                runner.decode(np.zeros(nb, np.int32), positions, active, np.zeros_like(self.tables), steps)
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
@@ -218,92 +275,232 @@ class Engine:
             self.aborted += 1
         for pf in [pf for pf in self.prefilling if pf.req.id in ids]:
             self.prefilling.remove(pf)
-            self._release(pf.slots)
-            pf.req.cancelled = True
-            self.aborted += 1
-            for choice in pf.req.choices:
+            for choice in pf.choices:
+                self._unseat(choice)
                 choice.finish_reason = "abort"
+            self.aborted += not pf.req.cancelled
+            pf.req.cancelled = True
+        for req, choice in [x for x in self.resumes if x[0].id in ids]:
+            self.resumes.remove((req, choice))
+            choice.finish_reason = "abort"
+            self.aborted += not req.cancelled
+            req.cancelled = True
         for slot, (req, choice) in list(self.running.items()):
             if req.id in ids:
                 self.aborted += not req.cancelled
                 req.cancelled = True
                 self._finish(choice, "abort")
 
+    # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
+
     def _admit(self, changed) -> None:
-        """Take waiting requests into free slots. Short prompts are prefilled now, several per call; a long (or echo)
-        prompt is prefilled one chunk per step, so the streams already running keep flowing meanwhile."""
+        """Take preempted choices, then waiting requests, while slots and pages allow (first come, first served).
+        Short prompts are prefilled now, several per call; a long (or echo) prompt is prefilled one chunk per step,
+        so the streams already running keep flowing meanwhile."""
         batch = []
-        while self.waiting and len(self.free) >= self.waiting[0].params.n:
-            req = self.waiting.popleft()
-            batch.append((req, [self.free.pop(0) for _ in req.choices]))
+        while (pf := self._seat_next()) is not None:
+            batch.append(pf)
         self.admitting = batch
-        is_short = lambda r: not r.params.echo and len(r.prompt_ids) <= self.runner.chunk  # noqa: E731
-        short = [(r, s) for r, s in batch if is_short(r)]
-        self.prefilling.extend(Prefill(r, s) for r, s in batch if not is_short(r))
-        logits = self.runner.prefill_many([(s[0], r.prompt_ids) for r, s in short])
-        ready = [(r, s, x) for (r, s), x in zip(short, logits)]
+        short = [pf for pf in batch if pf.short]
+        self.prefilling.extend(pf for pf in batch if not pf.short)
+        logits = self.runner.prefill_many([(self.tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short])
+        ready = list(zip(short, logits))
         if self.prefilling:
             pf = self.prefilling[0]
-            x, piece = self.runner.prefill_chunk(pf.slots[0], pf.req.prompt_ids, pf.start, pf.req.params.echo)
+            x, piece = self.runner.prefill_chunk(self.tables[pf.choices[0].slot], pf.tokens, pf.start, pf.echo)
             pf.start += self.runner.chunk
             pf.pieces.append(piece)
-            if pf.start >= len(pf.req.prompt_ids):
+            if pf.start >= len(pf.tokens):
                 self.prefilling.popleft()
-                if pf.req.params.echo:
+                if pf.echo:
                     pf.req.prompt_logprobs = join_pieces(pf.pieces)
-                ready.append((pf.req, pf.slots, x))
+                ready.append((pf, x))
         self._install(ready, changed)
 
-    def _install(self, ready: list, changed) -> None:
-        """Prefilled requests start decoding: copy the cache for n > 1, install sampler rows, draw first tokens."""
+    def _seat_next(self) -> Prefill | None:
+        """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
+        the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
+        if self.resumes:
+            req, choices = self.resumes[0][0], [self.resumes[0][1]]
+            tokens = seq_tokens(req, choices[0])
+        elif self.waiting:
+            req = self.waiting[0]
+            choices, tokens = req.choices, req.prompt_ids
+        else:
+            return None
+        if len(self.free) < len(choices):
+            return None
+        pool, ps = self.pool, self.page_size
+        hashes = page_hashes(tokens, ps, req.cache_key)
+        limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
+        if req.cache_max_len is not None:
+            limit = min(limit, req.cache_max_len // ps)
+        hit = [] if req.params.echo and not self.resumes else pool.lookup(hashes[:limit])
+        pool.share(hit)
+        extra = len(choices) - 1 if len(tokens) % ps else 0
+        fresh = pool.allocate(-(-len(tokens) // ps) - len(hit) + extra)
+        # Keep a page of room per running sequence, so admission does not at once force a preemption.
+        if fresh is None or pool.num_free < len(self.running):
+            pool.release(hit + (fresh or []))
+            return None
+        resume = bool(self.resumes)
+        (self.resumes if resume else self.waiting).popleft()
+        first = choices[0]
+        first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
+        for choice, page in zip(choices[1:], fresh[len(fresh) - extra:]):
+            choice.pages = [page]
+        for choice in choices:
+            choice.slot, choice.order = self.free.pop(0), next(self._order)
+        self.tables[first.slot, :len(first.pages)] = first.pages
+        if not resume:
+            req.cached_tokens = len(hit) * ps
+            pool.queried += len(tokens)
+            pool.hit += req.cached_tokens
+        return Prefill(req, choices, tokens, len(hit) * ps, resume)
+
+    def _register(self, req: Request, choice: Choice, tokens: list[int]) -> None:
+        """Offer a choice's newly full pages (of `tokens`, whose K/V are written) to the prefix cache."""
+        full = min(len(tokens) // self.page_size, len(choice.pages))
+        if full <= len(choice.hashes):
+            return
+        choice.hashes = page_hashes(tokens[:full * self.page_size], self.page_size, req.cache_key)
+        for page, h in zip(choice.pages, choice.hashes):
+            self.pool.register(page, h)
+
+    def _install(self, ready: list[tuple[Prefill, Any]], changed) -> None:
+        """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
+        partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
         new_rows: dict[int, Any] = {}
-        for req, slots, logits in ready:
-            p = req.params
+        copies = []
+        for pf, logits in ready:
+            req, first = pf.req, pf.choices[0]
+            self._register(req, first, pf.tokens)
+            if pf.resume:
+                self.runner.set_settings(first.slot, self._settings(req))
+                self.runner.restore_row(first.slot, first.saved)
+                first.saved = None
+                self.running[first.slot] = (req, first)
+                continue
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
-                self._release(slots)
                 for choice in req.choices:
+                    self._unseat(choice)
                     choice.finish_reason = "length"
                 changed[req.id] = req
                 continue
-            base = jax.random.key_data(jax.random.PRNGKey(p.seed % (1 << 32)))
-            row = p.sampler_row()
-            bias = np.zeros(self.model.cfg.vocab_size, np.float32)
-            for t, b in p.logit_bias.items():
-                bias[int(t)] += b
-            if p.ignore_eos:
-                bias[self.eos] = -np.inf
-            for choice, slot in zip(req.choices, slots):
-                if slot != slots[0]:
-                    self.runner.copy_slot(slots[0], slot)
-                key = base if choice.index == 0 else jax.random.key_data(
-                    jax.random.fold_in(jax.random.PRNGKey(p.seed % (1 << 32)), choice.index))
-                self.runner.set_row(slot, {**row, "bias": bias}, req.prompt_ids, np.asarray(key))
-                choice.slot, choice.stops = slot, p.stop
+            p = req.params
+            full = len(req.prompt_ids) // self.page_size
+            for choice in req.choices[1:]:
+                shared = first.pages[:full]
+                self.pool.share(shared)
+                if choice.pages:  # its own copy of the partial last page
+                    copies.append((first.pages[full], choice.pages[0]))
+                choice.pages, choice.hashes = shared + choice.pages, list(first.hashes)
+                self.tables[choice.slot, :len(choice.pages)] = choice.pages
+            for choice in req.choices:
+                key = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(p.seed % (1 << 32)), choice.index)) \
+                    if choice.index else jax.random.key_data(jax.random.PRNGKey(p.seed % (1 << 32)))
+                self.runner.set_row(choice.slot, self._settings(req), req.prompt_ids, np.asarray(key))
+                choice.stops = p.stop
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
                 choice._prefix = choice._read = len(choice._ids)
-                self.running[slot] = (req, choice)
-                new_rows[slot] = logits
+                self.running[choice.slot] = (req, choice)
+                new_rows[choice.slot] = logits
         self.admitting = []
-        if not new_rows:
+        if copies:
+            self.runner.copy_pages(copies)
+        if not new_rows and not ready:
             return
         self.runner.push_params()
+        if not new_rows:
+            return
         out = self.runner.first_tokens(new_rows)
         for slot in new_rows:
             req, choice = self.running[slot]
             self._append(req, choice, out, slot)
             changed[req.id] = req
 
+    def _settings(self, req: Request) -> dict:
+        """A request's sampler row: its settings and logit bias (EOS suppressed for ignore_eos)."""
+        p = req.params
+        bias = np.zeros(self.model.cfg.vocab_size, np.float32)
+        for t, b in p.logit_bias.items():
+            bias[int(t)] += b
+        if p.ignore_eos:
+            bias[self.eos] = -np.inf
+        return {**p.sampler_row(), "bias": bias}
+
+    # ---- decode and preemption --------------------------------------------------------------------------------
+
+    def _reserve(self, steps: int) -> None:
+        """Give every running choice the pages its next `steps` positions need, oldest first; when the pool is dry
+        (cached pages evicted too), preempt the most recently admitted work until they fit."""
+        for slot in sorted(self.running, key=lambda s: self.running[s][1].order):
+            if slot not in self.running:
+                continue  # preempted meanwhile
+            req, choice = self.running[slot]
+            last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + steps, self.max_len - 1)
+            need = last // self.page_size + 1 - len(choice.pages)
+            while need > 0:
+                pages = self.pool.allocate(need)
+                if pages is not None:
+                    self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
+                    choice.pages += pages
+                    break
+                victim = self._preempt_newest()
+                if victim is choice:
+                    break
+
+    def _preempt_newest(self) -> Choice:
+        """Preempt the most recently admitted running choice or prefilling request: free its slots and pages and
+        queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
+        running = [(c.order, c, r) for r, c in self.running.values()]
+        filling = [(pf.choices[0].order, pf) for pf in self.prefilling]
+        newest_run = max(running, key=lambda x: x[0], default=None)
+        newest_pf = max(filling, key=lambda x: x[0], default=None)
+        self.preemptions += 1
+        if newest_pf is not None and (newest_run is None or newest_pf[0] > newest_run[0]):
+            pf = newest_pf[1]
+            self.prefilling.remove(pf)
+            for choice in pf.choices:
+                self._unseat(choice)
+            if pf.resume:
+                self.resumes.appendleft((pf.req, pf.choices[0]))
+            else:
+                pf.req.prompt_logprobs = None
+                self.waiting.appendleft(pf.req)
+            return pf.choices[0]
+        _, choice, req = newest_run
+        choice.saved = self.runner.save_row(choice.slot)
+        self._register(req, choice, seq_tokens(req, choice))
+        del self.running[choice.slot]
+        self._unseat(choice)
+        self.resumes.appendleft((req, choice))
+        return choice
+
+    def _unseat(self, choice: Choice) -> None:
+        """Give back a choice's pages and slot."""
+        self.pool.release(choice.pages)
+        choice.pages, choice.hashes = [], []
+        if choice.slot >= 0:
+            self.tables[choice.slot] = 0
+            self._release([choice.slot])
+            choice.slot = -1
+
     def _decode(self, changed, done) -> None:
+        steps = self.runner.rc.decode_steps
+        self._reserve(steps)
+        if not self.running:
+            return
         b = self.runner.slots
-        # Rows without a running sequence (free, or a prompt still prefilling) sit past the end of the cache, so
-        # the K/V they write are dropped and never touch a slot in use.
+        # Rows without a running sequence (free, or still prefilling) sit past the end of every table, so the K/V
+        # they write go to the scratch page and never touch a page in use.
         tokens, positions, active = np.zeros(b, np.int32), np.full(b, self.max_len, np.int32), np.zeros(b, bool)
         for slot, (req, choice) in self.running.items():
             tokens[slot] = choice.token_ids[-1]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
             active[slot] = True
-        outs = self.runner.decode(tokens, positions, active, self.runner.rc.decode_steps)
-        self.steps_run += self.runner.rc.decode_steps
+        outs = self.runner.decode(tokens, positions, active, self.tables, steps)
+        self.steps_run += steps
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
             for slot, (req, choice) in list(self.running.items()):
@@ -311,6 +508,8 @@ class Engine:
                     self._append(req, choice, one, slot)
                     changed[req.id] = req
             self._emit(changed, done)
+        for req, choice in self.running.values():
+            self._register(req, choice, seq_tokens(req, choice))
 
     # ---- per-token postprocessing -----------------------------------------------------------------------------
 
@@ -353,31 +552,36 @@ class Engine:
     def _finish(self, choice: Choice, reason: str) -> None:
         choice.finish_reason = reason
         if choice.slot in self.running and self.running[choice.slot][1] is choice:
-            del self.running[choice.slot]
-            self._release([choice.slot])
+            req, _ = self.running.pop(choice.slot)
+            self._register(req, choice, seq_tokens(req, choice))
+            self._unseat(choice)
 
     def _release(self, slots) -> None:
         """Return slots to the free list, kept sorted: new requests take the lowest, so decode batches stay compact."""
         self.free = sorted([*self.free, *slots])
 
     def fail_all(self) -> list[tuple[Request, list[Delta]]]:
-        """After a step raised: end every request in flight (queued, admitted, prefilling, running) with
-        finish_reason "error", free every slot they held, and return each with the final deltas to hand it."""
+        """After a step raised: end every request in flight (queued, admitted, prefilling, preempted, running) with
+        finish_reason "error", free every slot and page they held, and return each with the final deltas to hand it."""
         while not self.incoming.empty():
             self.waiting.append(self.incoming.get())
-        held = [*self.admitting, *((pf.req, pf.slots) for pf in self.prefilling)]
-        orphans = {s for _, slots in held for s in slots} - set(self.running) - set(self.free)
-        reqs = {id(r): r for r in [*self.waiting, *(r for r, _ in held), *(r for r, _ in self.running.values())]}
+        held = [c for pf in [*self.admitting, *self.prefilling] for c in pf.choices]
+        held += [c for _, c in self.running.values()]
+        reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
+                                    *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
         self.waiting.clear()
         self.prefilling.clear()
+        self.resumes.clear()
+        self.running.clear()
         self.admitting = []
+        for choice in {id(c): c for c in held}.values():
+            self._unseat(choice)
         out = []
         for req in reqs.values():
             ended = [c for c in req.choices if c.finish_reason is None]
             for c in ended:
-                self._finish(c, "error")
+                c.finish_reason = "error"
             out.append((req, [Delta(c.index, "", [], [], "error") for c in ended]))
-        self._release(orphans)
         return out
 
     def _delta(self, choice: Choice) -> Delta | None:

@@ -35,13 +35,14 @@ class RequestOutput:
     prompt_token_ids: list[int]
     prompt_logprobs: Any
     outputs: list[CompletionOutput]
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def to_output(req: Request) -> RequestOutput:
     """Snapshot a request's result."""
     return RequestOutput(req.id, req.prompt_ids, req.prompt_logprobs,
                          [CompletionOutput(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
-                          for c in req.choices])
+                          for c in req.choices], req.cached_tokens)
 
 
 def encode_prompt(model: Model, prompt: str | list[int]) -> list[int]:
@@ -68,21 +69,24 @@ class LLM:
         self.model = model if isinstance(model, Model) else load_model(model)
         self.engine = Engine(self.model, RunnerConfig(**runner))
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (text or token ids) to completion; outputs in prompt order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 **cache: Any) -> list[RequestOutput]:
+        """Run prompts (text or token ids) to completion; outputs in prompt order. `cache` takes
+        `prompt_cache_max_len` and `prompt_cache_isolation_key` (see `Engine.make_request`)."""
         prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-        return self._run([encode_prompt(self.model, p) for p in prompts], params)
+        return self._run([encode_prompt(self.model, p) for p in prompts], params, cache)
 
-    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
+             **cache: Any) -> list[RequestOutput]:
         """Run one conversation (a list of messages) or several through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([encode_chat(self.model, c) for c in conversations], params)
+        return self._run([encode_chat(self.model, c) for c in conversations], params, cache)
 
-    def _run(self, ids: list[list[int]], params) -> list[RequestOutput]:
+    def _run(self, ids: list[list[int]], params, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(ids)
-        reqs = [self.engine.make_request(p, sp) for p, sp in zip(ids, plist)]
+        reqs = [self.engine.make_request(p, sp, **cache) for p, sp in zip(ids, plist)]
         for r in reqs:
             self.engine.add(r)
         while self.engine.has_work():

@@ -1,4 +1,4 @@
-"""Device side of the engine: the KV cache, bucketed prefill, and the multi-step decode over all slots.
+"""Device side of the engine: the KV page pool, bucketed prefill, and the multi-step decode over all slots.
 
 All functions here are pure and jitted once per shape bucket with the cache and sampler state donated; the host
 only hands arrays in and reads results out.
@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from engine import sampler as smp
-from models import KVCache, Model, Step
+from models import KVCache, Model
 from models.sharding import cache_sharding
 
 log = logging.getLogger("sparkler.engine")
@@ -28,11 +28,12 @@ PREFILL_ROWS = 8  # at most this many prompts per prefill call
 
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
-    """Engine sizing: slots, context length, decode steps per dispatch, KV memory budget."""
+    """Engine sizing: batch slots, per-sequence context cap, KV page pool (budget and page size), decode steps."""
 
-    max_num_seqs: int = 32
-    max_model_len: int = 0  # 0: as much as the KV budget and the model allow
-    kv_cache_gb: float = 4.0
+    max_num_seqs: int = 32  # sequences decoded together (batch rows)
+    max_model_len: int = 0  # per-sequence cap; 0: the model's limit, or what the pool holds if that is less
+    kv_cache_gb: float = 4.0  # sizes the page pool
+    page_size: int = 16  # tokens per page (TPU kernels want 128+)
     decode_steps: int = 4
     min_attend: int = 128
 
@@ -43,19 +44,27 @@ def kv_bytes_per_token(model: Model) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-def plan_max_len(model: Model, rc: RunnerConfig) -> int:
-    """Context length per slot: the requested one, capped by the model and by the KV budget."""
-    budget = int(rc.kv_cache_gb * (1 << 30)) // (rc.max_num_seqs * kv_bytes_per_token(model))
-    cap = min(model.cfg.max_position, budget)
-    want = rc.max_model_len or cap
-    if want > cap:
-        raise ValueError(f"max_model_len {want} exceeds what fits: {cap} (model limit {model.cfg.max_position}, "
-                         f"KV budget {rc.kv_cache_gb} GiB over {rc.max_num_seqs} slots)")
-    return max(want // 32 * 32, 32)
+def plan_pages(model: Model, rc: RunnerConfig) -> int:
+    """Pages in the pool (page 0, the scratch page, included): the KV budget over the bytes of one page."""
+    return int(rc.kv_cache_gb * (1 << 30)) // (rc.page_size * kv_bytes_per_token(model))
+
+
+def plan_max_len(model: Model, rc: RunnerConfig, num_pages: int) -> int:
+    """Context length per sequence: the requested one (else the model's), at most what the pool holds, in pages."""
+    pool = (num_pages - 1) * rc.page_size
+    want = rc.max_model_len or min(model.cfg.max_position, pool)
+    if want > model.cfg.max_position:
+        raise ValueError(f"max_model_len {want} exceeds the model's limit of {model.cfg.max_position}")
+    if want > pool:
+        raise ValueError(f"max_model_len {want} exceeds the {pool} tokens the KV pool holds "
+                         f"({rc.kv_cache_gb} GiB); raise --kv-cache-gb")
+    if want < rc.page_size:
+        raise ValueError(f"the KV pool ({rc.kv_cache_gb} GiB) holds less than one page per sequence")
+    return want // rc.page_size * rc.page_size
 
 
 def attend_buckets(max_len: int, lo: int) -> tuple[int, ...]:
-    """Attended-length buckets: powers of two from `lo`, then `max_len`."""
+    """Attended-length buckets: powers of two from `lo`, then `max_len` (all multiples of the page size)."""
     out, b = [], lo
     while b < max_len:
         out.append(b)
@@ -77,19 +86,26 @@ def join_pieces(pieces: list) -> tuple:
 
 
 class Runner:
-    """Owns the KV cache and sampler state on device, and the compiled step functions."""
+    """Owns the KV page pool and sampler state on device, and the compiled step functions.
+
+    The host hands in page tables (`[rows, pages]` int32, a row per sequence, unused entries 0 = scratch) and sees
+    only their widths as compiled shapes: a table sliced to `attend / page_size` columns.
+    """
 
     def __init__(self, model: Model, rc: RunnerConfig):
         self.model, self.rc = model, rc
-        self.slots = rc.max_num_seqs
-        self.max_len = plan_max_len(model, rc)
-        self.attend = attend_buckets(self.max_len, min(rc.min_attend, self.max_len))
+        self.slots, self.page_size = rc.max_num_seqs, rc.page_size
+        self.num_pages = plan_pages(model, rc)
+        self.max_len = plan_max_len(model, rc, self.num_pages)
+        self.max_pages = self.max_len // self.page_size
+        lo = min(max(rc.min_attend, self.page_size), self.max_len)
+        self.attend = attend_buckets(self.max_len, lo // self.page_size * self.page_size)
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
         self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.slots) + (self.slots,)
         vocab = model.cfg.vocab_size
-        self.cache = jax.device_put(KVCache.zeros(model.cfg, self.slots, self.max_len),
+        self.cache = jax.device_put(KVCache.zeros(model.cfg, self.num_pages, self.page_size),
                                     cache_sharding(model.cfg.num_kv_heads, model.mesh))
         self.replicated = NamedSharding(model.mesh, PartitionSpec())
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.replicated)
@@ -98,19 +114,18 @@ class Runner:
         self.compiles = 0
         module = model.module
 
-        def forward(params, cache, tokens, positions, slots, step, last_index=None, all_logits=False):
-            return module.apply(params, tokens, positions, slots, cache, step, last_index, all_logits)
+        def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False):
+            return module.apply(params, tokens, positions, table, cache, last_index, all_logits)
 
-        @functools.partial(jax.jit, static_argnames=("attend", "echo"), donate_argnums=(1,))
-        def prefill(params, cache, tokens, start, length, slots, next_token, attend, echo):
+        @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1,))
+        def prefill(params, cache, tokens, start, length, table, next_token, echo):
             self.compiles += 1  # counts traces (one per compiled shape)
             s = tokens.shape[1]
             positions = start[:, None] + jnp.arange(s)[None, :]
-            step = Step(attend_len=attend, all_slots=False)
-            if not echo:  # rows are prompts (padding rows carry an out-of-range slot: their writes are dropped)
-                logits, cache = forward(params, cache, tokens, positions, slots, step, length - 1)
+            if not echo:  # rows are prompts (padding rows have an all-scratch table)
+                logits, cache = forward(params, cache, tokens, positions, table, length - 1)
                 return cache, logits, None
-            logits, cache = forward(params, cache, tokens, positions, slots, step, None, True)
+            logits, cache = forward(params, cache, tokens, positions, table, None, True)
             logits = logits[0]
             lp = jax.nn.log_softmax(logits, axis=-1)
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
@@ -118,15 +133,13 @@ class Runner:
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
             return cache, logits[length[0] - 1][None], (chosen, top_ids, top_lp)
 
-        @functools.partial(jax.jit, static_argnames=("attend", "steps"), donate_argnums=(1, 2))
-        def decode(params, cache, state, sparams, tokens, positions, active, attend, steps):
+        @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
+        def decode(params, cache, state, sparams, tokens, positions, active, table, steps):
             self.compiles += 1
-            step = Step(attend_len=attend, all_slots=True)
-            slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
 
             def one(carry, _):
                 cache, state, tokens, positions = carry
-                logits, cache = forward(params, cache, tokens[:, None], positions[:, None], slots, step)
+                logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
                 out, state = smp.sample(logits, sparams, state, active)
                 return (cache, state, out.token, positions + 1), out
 
@@ -144,87 +157,110 @@ class Runner:
             return state, out
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def reset_row(state, row, prompt_row, key, mu):
+        def set_state_row(state, row, values):
             self.compiles += 1
-            return smp.SamplerState(
-                state.counts.at[row].set(0), state.prompt_mask.at[row].set(prompt_row),
-                state.mu.at[row].set(mu), state.key.at[row].set(key), state.step.at[row].set(0))
+            return jax.tree.map(lambda full, x: full.at[row].set(x), state, values)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def copy_slot(cache, src, dst):
+        def copy_pages(cache, src, dst):
             self.compiles += 1
-            return KVCache(cache.k.at[:, dst].set(cache.k[:, src]), cache.v.at[:, dst].set(cache.v[:, src]))
+            return KVCache(cache.k.at[:, :, dst].set(cache.k[:, :, src]), cache.v.at[:, :, dst].set(cache.v[:, :, src]))
 
         self._prefill, self._decode, self._first = prefill, decode, first_tokens
-        self._reset, self._copy = reset_row, copy_slot
+        self._set_row, self._copy = set_state_row, copy_pages
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
-    def prefill_chunk(self, slot: int, prompt: list[int], start: int, echo: bool = False):
-        """Write one chunk of a prompt (positions `start .. start + chunk`) into `slot`. Returns the chunk's last
-        logits `[V]` and, for echo, its per-position `(logprob of the next prompt token, top ids, top logprobs)`."""
-        piece = prompt[start:start + self.chunk]
+    def table(self, rows: np.ndarray, attend: int) -> jax.Array:
+        """Page-table rows cut to the pages an attended length covers."""
+        return jnp.asarray(rows[:, :attend // self.page_size])
+
+    def prefill_chunk(self, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
+        """Write one chunk of a sequence's K/V (positions `start .. start + chunk`) into the pages of its `table`
+        row. Returns the chunk's last logits `[V]` and, for echo, its per-position `(logprob of the next prompt
+        token, top ids, top logprobs)`."""
+        piece = tokens[start:start + self.chunk]
         size = bucket(len(piece), self.prefill_buckets)
         toks = np.zeros((1, size), np.int32)
         toks[0, :len(piece)] = piece
-        nxt = prompt[start + len(piece)] if start + len(piece) < len(prompt) else 0
+        nxt = tokens[start + len(piece)] if start + len(piece) < len(tokens) else 0
         attend = bucket(min(start + size, self.max_len), self.attend)
         self.cache, logits, extra = self._prefill(
             self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
-            jnp.asarray([len(piece)], jnp.int32), jnp.asarray([slot], jnp.int32), jnp.int32(nxt),
-            attend=attend, echo=echo)
+            jnp.asarray([len(piece)], jnp.int32), self.table(table[None], attend), jnp.int32(nxt), echo=echo)
         return logits[0], ([np.asarray(x)[:len(piece)] for x in extra] if echo else None)
 
-    def prefill(self, slot: int, prompt: list[int], echo: bool = False):
-        """Write a whole prompt's K/V into `slot`, chunk by chunk; returns its last logits `[V]` and, for echo, the
+    def prefill(self, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
+        """Write a sequence's K/V from `start` on, chunk by chunk; returns its last logits `[V]` and, for echo, the
         concatenated per-position logprobs (see `prefill_chunk`)."""
         logits, pieces = None, []
-        for start in range(0, len(prompt), self.chunk):
-            logits, piece = self.prefill_chunk(slot, prompt, start, echo)
+        for s in range(start, len(tokens), self.chunk):
+            logits, piece = self.prefill_chunk(table, tokens, s, echo)
             pieces.append(piece)
         return logits, (join_pieces(pieces) if echo else None)
 
-    def prefill_many(self, items: list[tuple[int, list[int]]]) -> list[jax.Array]:
-        """Prefill `(slot, prompt)` pairs and return each one's last logits `[V]`, in order. Prompts of up to
-        `BATCHED_PREFILL` tokens share calls (grouped by length bucket, up to `PREFILL_ROWS` rows, padded to a
-        power of two); longer ones go through the chunked `prefill`."""
+    def prefill_many(self, items: list[tuple[np.ndarray, list[int], int]]) -> list[jax.Array]:
+        """Prefill `(table row, tokens, start)` items and return each one's last logits `[V]`, in order. Items with
+        up to `BATCHED_PREFILL` tokens to compute share calls (grouped by length and attended-length bucket, up to
+        `PREFILL_ROWS` rows, padded to a power of two); longer ones go through the chunked `prefill`."""
         out: list[jax.Array | None] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for i, (slot, prompt) in enumerate(items):
-            if len(prompt) <= BATCHED_PREFILL:
-                groups.setdefault(bucket(len(prompt), self.prefill_buckets), []).append(i)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (table, tokens, start) in enumerate(items):
+            n = len(tokens) - start
+            if n <= BATCHED_PREFILL:
+                size = bucket(n, self.prefill_buckets)
+                groups.setdefault((size, bucket(min(start + size, self.max_len), self.attend)), []).append(i)
             else:
-                out[i] = self.prefill(slot, prompt)[0]
-        for size, idx in groups.items():
+                out[i] = self.prefill(table, tokens, start)[0]
+        for (size, attend), idx in groups.items():
             for lo in range(0, len(idx), PREFILL_ROWS):
                 part = idx[lo:lo + PREFILL_ROWS]
                 nb = bucket(len(part), (1, 2, 4, PREFILL_ROWS))
                 toks = np.zeros((nb, size), np.int32)
-                lengths = np.ones(nb, np.int32)
-                slots = np.full(nb, self.slots, np.int32)  # out of range: padding rows write nothing
+                lengths, starts = np.ones(nb, np.int32), np.zeros(nb, np.int32)
+                tables = np.zeros((nb, self.max_pages), np.int32)  # padding rows: all scratch
                 for r, i in enumerate(part):
-                    slot, prompt = items[i]
-                    toks[r, :len(prompt)], lengths[r], slots[r] = prompt, len(prompt), slot
-                attend = bucket(min(size, self.max_len), self.attend)
+                    table, tokens, start = items[i]
+                    n = len(tokens) - start
+                    toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
                 self.cache, logits, _ = self._prefill(
-                    self.model.params, self.cache, jnp.asarray(toks), jnp.zeros(nb, jnp.int32), jnp.asarray(lengths),
-                    jnp.asarray(slots), jnp.int32(0), attend=attend, echo=False)
+                    self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
+                    self.table(tables, attend), jnp.int32(0), echo=False)
                 for r, i in enumerate(part):
                     out[i] = logits[r]
         return out
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Copy one slot's K/V rows into another (n > 1 shares one prefill)."""
-        self.cache = self._copy(self.cache, src, dst)
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy pages `src -> dst` (each choice of n > 1 gets its own copy of the prompt's partial last page)."""
+        src, dst = np.zeros(self.slots, np.int32), np.zeros(self.slots, np.int32)  # padding: scratch onto scratch
+        for lo in range(0, len(pairs), self.slots):
+            part = pairs[lo:lo + self.slots]
+            src[:], dst[:] = 0, 0
+            src[:len(part)], dst[:len(part)] = zip(*part)
+            self.cache = self._copy(self.cache, jnp.asarray(src), jnp.asarray(dst))
 
     def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
         """Install a request's sampling settings and fresh sampler state in `row`."""
-        for k, v in settings.items():
-            self.host_params[k][row] = v
+        self.set_settings(row, settings)
         prompt_row = np.zeros(self.model.cfg.vocab_size, bool)
         prompt_row[np.asarray(prompt, np.int64)] = True
-        self.state = self._reset(self.state, row, jnp.asarray(prompt_row), jnp.asarray(seed_key, jnp.uint32),
-                                 jnp.float32(2.0 * settings.get("mirostat_tau", 5.0)))
+        fresh = smp.SamplerState(np.zeros(self.model.cfg.vocab_size, np.int32), prompt_row,
+                                 np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
+                                 np.asarray(seed_key, np.uint32), np.int32(0))
+        self.restore_row(row, fresh)
+
+    def set_settings(self, row: int, settings: dict) -> None:
+        """Write a request's sampling settings into the host copy of row `row` (sent by `push_params`)."""
+        for k, v in settings.items():
+            self.host_params[k][row] = v
+
+    def save_row(self, row: int) -> smp.SamplerState:
+        """The sampler state of one row, on the host (a preempted sequence takes it along)."""
+        return jax.tree.map(lambda x: np.asarray(x[row]), self.state)
+
+    def restore_row(self, row: int, values: smp.SamplerState) -> None:
+        """Put a row's sampler state (fresh, or saved at preemption) back on the device."""
+        self.state = self._set_row(self.state, jnp.int32(row), jax.tree.map(jnp.asarray, values))
 
     def push_params(self) -> None:
         """Send the host copy of the sampling parameters to the device."""
@@ -240,9 +276,10 @@ class Runner:
         self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active))
         return jax.tree.map(np.asarray, out)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, steps: int) -> smp.SampleOut:
-        """Run `steps` decode steps over the smallest batch bucket holding every active slot; returns outputs
-        stacked `[steps, nb, ...]` as numpy."""
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
+               steps: int) -> smp.SampleOut:
+        """Run `steps` decode steps over the smallest batch bucket holding every active row, each reading the pages
+        of its `tables` row; returns outputs stacked `[steps, nb, ...]` as numpy."""
         nb = bucket(int(np.flatnonzero(active).max()) + 1, self.batch_buckets)
         tokens, positions, active = tokens[:nb], positions[:nb], active[:nb]
         live = positions[active]
@@ -250,5 +287,5 @@ class Runner:
         attend = bucket(min(need, self.max_len), self.attend)
         self.cache, self.state, outs = self._decode(
             self.model.params, self.cache, self.state, self.params, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), jnp.asarray(active), attend=attend, steps=steps)
+            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[:nb], attend), steps=steps)
         return jax.tree.map(np.asarray, outs)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from models import gemma3, llama, qwen2, qwen3
 from models.config import ModelConfig
-from models.layers import CausalLM, KVCache, Step
+from models.attention import KVCache
+from models.layers import CausalLM
 from models.sharding import make_mesh, param_shardings
 from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
@@ -25,7 +26,7 @@ log = logging.getLogger("sparkler.models")
 
 FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3) for arch in fam.ARCHITECTURES}
 
-__all__ = ["ModelConfig", "KVCache", "Step", "Model", "build", "load_model", "FAMILIES", "STATS"]
+__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "FAMILIES", "STATS"]
 
 
 def family(cfg: ModelConfig) -> ModuleType:
@@ -45,8 +46,7 @@ def abstract_params(module: CausalLM):
     cfg = module.cfg
     tokens = jnp.zeros((1, 1), jnp.int32)
     cache = KVCache.zeros(cfg, 1, 1)
-    step = Step(attend_len=1, all_slots=True)
-    init = lambda rng: module.init(rng, tokens, tokens, jnp.zeros((1,), jnp.int32), cache, step)  # noqa: E731
+    init = lambda rng: module.init(rng, tokens, tokens, jnp.zeros((1, 1), jnp.int32), cache)  # noqa: E731
     return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -58,8 +58,8 @@ def init_params(module: CausalLM, seed: int = 0, mesh=None):
     cfg = module.cfg
 
     def init(rng):
-        p = module.init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32),
-                        KVCache.zeros(cfg, 1, 1), Step(1, True))
+        zeros = jnp.zeros((1, 1), jnp.int32)
+        p = module.init(rng, zeros, zeros, zeros, KVCache.zeros(cfg, 1, 1))
         return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, p,
                             is_leaf=lambda x: hasattr(x, "unbox"))
 

@@ -20,14 +20,14 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, slots, k_cache, v_cache, step):
+    def __call__(self, x, positions, table, k_cache, v_cache):
         cfg = self.cfg
 
         def norm(name):
             return RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name=name)
 
         h = norm("input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, slots, k_cache, v_cache, step)
+        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, table, k_cache, v_cache)
         x = x + norm("post_attention_layernorm")(h)
         h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
         return x + norm("post_feedforward_layernorm")(h), k_cache, v_cache

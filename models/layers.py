@@ -1,4 +1,4 @@
-"""Shared Flax building blocks: linear layers in the `[out, in]` layout, RMSNorm, RoPE, attention over a KV cache.
+"""Shared Flax building blocks: linear layers in the `[out, in]` layout, RMSNorm, RoPE, attention over paged K/V.
 
 Every module is pure: the KV cache comes in as an argument and goes out updated. Parameters carry logical axis
 names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`) that `models.sharding` maps onto a device mesh.
@@ -6,39 +6,15 @@ names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`) that `models.sharding` maps
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import attention
+from models.attention import KVCache
 from models.config import ModelConfig
-
-NEG_INF = -1e30
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values for every layer and slot: `[layers, slots, kv_heads, max_len, head_dim]`.
-
-    Heads come before positions so that a slot's keys for one head are contiguous: decode attention then reads them
-    as a batched matrix without a transpose (on XLA's CPU backend that layout ran attention ~2x faster).
-
-    Invariant: for a slot whose sequence has length n, positions `0..n-1` hold valid entries; anything past n is
-    stale and masked out because a query at position p only attends to keys at positions <= p.
-    """
-
-    k: jax.Array
-    v: jax.Array
-
-    @staticmethod
-    def zeros(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> "KVCache":
-        """An empty cache."""
-        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        dt = dtype or cfg.dtype
-        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
 
 def _dtype(cfg: ModelConfig):
@@ -93,22 +69,14 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax
     return x * cos + rotated * sin
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """Static shape facts of one forward call: how many cache positions attention reads."""
-
-    attend_len: int
-    all_slots: bool  # tokens row b belongs to cache slot b (decode); else `slots` says which
-
-
 class Attention(nn.Module):
-    """Grouped-query attention that writes this call's K/V into the cache and attends over its first `attend_len`."""
+    """Grouped-query attention that writes this call's K/V into its pages and attends over the pages in `table`."""
 
     cfg: ModelConfig
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, slots, k_cache, v_cache, step: Step):
+    def __call__(self, x, positions, table, k_cache, v_cache):
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -122,31 +90,10 @@ class Attention(nn.Module):
         inv_freq = cfg.rope_local if sliding else cfg.rope_global
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
-        # Write this call's keys and values; positions past the cache are dropped (padding).
-        rows, heads = slots[:, None, None], jnp.arange(kvh)[None, :, None]
-        pos = positions[:, None, :]
-        k_cache = k_cache.at[self.layer, rows, heads, pos].set(k.transpose(0, 2, 1, 3).astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[self.layer, rows, heads, pos].set(v.transpose(0, 2, 1, 3).astype(v_cache.dtype), mode="drop")
-        t = step.attend_len
-        if step.all_slots:  # rows are slots 0..b-1 (decode over a batch bucket)
-            keys, values = k_cache[self.layer, :b, :, :t], v_cache[self.layer, :b, :, :t]
-        else:
-            keys, values = k_cache[self.layer, slots, :, :t], v_cache[self.layer, slots, :, :t]
-
-        qg = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, h // kvh * s, d)
-        scores = jnp.einsum("bkqd,bktd->bkqt", qg, keys.astype(q.dtype)).astype(jnp.float32) * cfg.scale
-        scores = scores.reshape(b, kvh, h // kvh, s, t)
-        if cfg.attn_softcap:
-            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-        key_pos = jnp.arange(t)[None, None, :]
-        q_pos = positions[:, :, None]
-        mask = key_pos <= q_pos
-        if sliding:
-            mask &= key_pos > q_pos - cfg.sliding_window
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, h // kvh * s, t)
-        out = jnp.einsum("bkqt,bktd->bkqd", probs, values.astype(q.dtype))
-        out = out.reshape(b, kvh, h // kvh, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h * d)
+        k_cache = attention.write(k_cache, self.layer, k, positions, table)
+        v_cache = attention.write(v_cache, self.layer, v, positions, table)
+        out = attention.paged_attention(q, k_cache, v_cache, self.layer, table, positions, cfg.scale, cfg.attn_softcap,
+                                        cfg.sliding_window if sliding else 0)
         out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
         return out, k_cache, v_cache
 
@@ -168,7 +115,7 @@ class MLP(nn.Module):
 class CausalLM(nn.Module):
     """Embedding, a stack of family-specific decoder layers, final norm and LM head.
 
-    `__call__(tokens [B,S], positions [B,S], slots [B], cache, step, all_logits)` returns
+    `__call__(tokens [B,S], positions [B,S], table [B,n], cache, last_index, all_logits)` returns
     `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position.
     """
 
@@ -176,7 +123,7 @@ class CausalLM(nn.Module):
     layer_cls: Callable[..., nn.Module]
 
     @nn.compact
-    def __call__(self, tokens, positions, slots, cache: KVCache, step: Step, last_index=None, all_logits=False):
+    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
         cfg = self.cfg
         embed = self.param(
             "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -186,7 +133,7 @@ class CausalLM(nn.Module):
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         k_cache, v_cache = cache.k, cache.v
         for i in range(cfg.num_layers):
-            x, k_cache, v_cache = self.layer_cls(cfg, i, name=f"layers_{i}")(x, positions, slots, k_cache, v_cache, step)
+            x, k_cache, v_cache = self.layer_cls(cfg, i, name=f"layers_{i}")(x, positions, table, k_cache, v_cache)
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
         if not all_logits:
             idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)

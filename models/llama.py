@@ -19,10 +19,10 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, slots, k_cache, v_cache, step):
+    def __call__(self, x, positions, table, k_cache, v_cache):
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, slots, k_cache, v_cache, step)
+        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, table, k_cache, v_cache)
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg, name="mlp")(h), k_cache, v_cache

@@ -27,9 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, HF folder or GGUF file")
     ap.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
-    ap.add_argument("--max-num-seqs", type=int, default=32, help="decode slots")
-    ap.add_argument("--max-model-len", type=int, default=0, help="context per slot (0: what the KV budget allows)")
-    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (batch rows)")
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="size of the KV page pool")
+    ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
@@ -51,12 +53,14 @@ def main(argv=None) -> None:
     if args.served_name:
         model.name = args.served_name
     engine = Engine(model, RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                        kv_cache_gb=args.kv_cache_gb, decode_steps=args.decode_steps))
+                                        kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
+                                        decode_steps=args.decode_steps))
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb)
     try:
-        asyncio.run(serve(server.app(), args.host, args.port, f"{engine.runner.slots} slots, context {engine.max_len}"))
+        asyncio.run(serve(server.app(), args.host, args.port, f"{engine.runner.slots} slots, context {engine.max_len}, "
+                                                                   f"{engine.pool.capacity} KV pages of {engine.page_size}"))
     except KeyboardInterrupt:
         pass
 

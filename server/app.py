@@ -107,8 +107,9 @@ class Server:
             for first in range(0, n, slots):
                 params = dataclasses.replace(job.params, n=min(slots, n - first))
                 try:
-                    out.append((i, self.engine.make_request(ids, params, f"{rid}-{i}-{first}", truncate=job.truncate,
-                                                            first_choice=first)))
+                    out.append((i, self.engine.make_request(
+                        ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
+                        prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key)))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
@@ -157,7 +158,8 @@ class Server:
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: engine gauges and counters in the Prometheus text format."""
         stats = self.engine.stats()
-        counters = {"aborted", "finished", "generated_tokens", "steps"}
+        counters = {"aborted", "finished", "generated_tokens", "steps", "preemptions", "prefix_cache_queried_tokens",
+                    "prefix_cache_hit_tokens"}
         lines = []
         for k, v in stats.items():
             if k == "compiles":
@@ -194,8 +196,11 @@ class Server:
             raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if kind == "chat" else "text_completion"
+        used = usage(reqs)
+        headers = {**self.options_header, "fireworks-prompt-tokens": str(used["prompt_tokens"]),
+                   "fireworks-cached-prompt-tokens": str(used["prompt_tokens_details"]["cached_tokens"])}
         return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
-                                  "choices": choices, "usage": usage(reqs)}, headers=self.options_header)
+                                  "choices": choices, "usage": used}, headers=headers)
 
     # ---- response pieces --------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "mirostat_lr": (float, 0.0, None),
     "seed": (int, None, None),
     "echo_last": (int, 0, None),
+    "prompt_cache_max_len": (int, 0, None),
 }
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
@@ -70,6 +71,8 @@ class Job:
     return_token_ids: bool = False
     logprobs: int | None = None  # number of alternatives; None: no logprobs
     truncate: bool = True
+    cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
+    cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
 
 
 def _number(body: dict, name: str) -> Any:
@@ -162,6 +165,10 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     job = Job(kind, [], [], params, stream=_flag(body, "stream"), echo=_flag(body, "echo"),
               raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"))
     job.echo_last = _number(body, "echo_last")
+    job.cache_max_len = _number(body, "prompt_cache_max_len")
+    job.cache_key = body.get("prompt_cache_isolation_key")
+    if job.cache_key is not None and not isinstance(job.cache_key, str):
+        raise bad("'prompt_cache_isolation_key' must be a string", "prompt_cache_isolation_key")
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):

@@ -118,8 +118,11 @@ def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dic
 
 
 def usage(reqs: list[Request]) -> dict:
-    """Token counts over every prompt (once, though its n may be split over requests) and every choice."""
-    prompt = sum(len(r.prompt_ids) for r in reqs if r.choices[0].index == 0)
+    """Token counts over every prompt (once, though its n may be split over requests) and every choice, and the
+    prompt tokens served from the prefix cache."""
+    firsts = [r for r in reqs if r.choices[0].index == 0]
+    prompt = sum(len(r.prompt_ids) for r in firsts)
     completion = sum(len(c.token_ids) for r in reqs for c in r.choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
 

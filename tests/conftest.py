@@ -38,7 +38,7 @@ def llm(smollm):
     """An offline engine over the default model (8 slots, 1024 tokens)."""
     from engine import LLM
 
-    return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4)
+    return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
 
 
 # Defaults the served model advertises in the tests (as a generation_config.json would): requests that leave these
@@ -62,7 +62,7 @@ def api(smollm):
     from server.app import Server
 
     model = dataclasses.replace(smollm, generation_config={**smollm.generation_config, **SERVED_DEFAULTS})
-    engine = Engine(model, RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4))
+    engine = Engine(model, RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5))
     aengine = AsyncEngine(engine)
     srv = Server(model, aengine, max_body_mb=1.0)
     loop = asyncio.new_event_loop()

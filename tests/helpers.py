@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from models import KVCache, Step
+from models import KVCache
 
 
 def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
@@ -13,8 +13,10 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     for i, r in enumerate(rows):
         toks[i, :len(r)] = r
     pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
-    cache = KVCache.zeros(model_module.cfg, b, s)
-    logits, _ = model_module.apply(params, jnp.asarray(toks), jnp.asarray(pos), jnp.arange(b, dtype=jnp.int32),
-                                   cache, Step(attend_len=s, all_slots=True), None, True)
+    page = 16
+    n = -(-s // page)
+    cache = KVCache.zeros(model_module.cfg, 1 + b * n, page)  # page 0 is scratch; row i holds pages 1 + i*n ...
+    table = 1 + np.arange(b * n, dtype=np.int32).reshape(b, n)
+    logits, _ = model_module.apply(params, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(table), cache, None, True)
     logits = np.asarray(logits)
     return [logits[i, :len(r)] for i, r in enumerate(rows)]

@@ -96,11 +96,26 @@ def test_mirostat_holds_mean_surprise_near_target(llm, tau):
     assert abs(np.mean(surprise) - tau) < 1.0, np.mean(surprise)
 
 
+def table_rows(eng, prompts):
+    """Fresh pages for each prompt, as page-table rows (the caller releases `pages`)."""
+    rows, pages = [], []
+    for p in prompts:
+        got = eng.pool.allocate(-(-len(p) // eng.page_size))
+        row = np.zeros(eng.runner.max_pages, np.int32)
+        row[:len(got)] = got
+        rows.append(row)
+        pages += got
+    return rows, pages
+
+
 def test_batched_prefill_equals_one_prompt_at_a_time(llm):
-    runner = llm.engine.runner  # idle between tests: every slot is free
+    eng = llm.engine  # idle between tests: every page but the cached ones is free
     prompts = [list(range(100, 100 + n)) for n in (5, 20, 31, 90, 200)]  # two length buckets, one chunked-size
-    alone = [np.asarray(runner.prefill(slot, p)[0]) for slot, p in enumerate(prompts)]
-    together = [np.asarray(x) for x in runner.prefill_many(list(enumerate(prompts)))]
+    rows, pages = table_rows(eng, prompts)
+    alone = [np.asarray(eng.runner.prefill(row, p)[0]) for row, p in zip(rows, prompts)]
+    rows2, pages2 = table_rows(eng, prompts)
+    together = [np.asarray(x) for x in eng.runner.prefill_many([(row, p, 0) for row, p in zip(rows2, prompts)])]
+    eng.pool.release(pages + pages2)
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())
         assert int(np.argmax(t)) == int(np.argmax(a))
@@ -117,7 +132,7 @@ def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm
     short = eng.make_request(encode_chat(smollm, CHAT), greedy)
     eng.add(short)
     eng.step()
-    long = eng.make_request(long_prompt, SamplingParams(temperature=0, max_tokens=8))
+    long = eng.make_request(long_prompt, SamplingParams(temperature=0, max_tokens=8), prompt_cache_max_len=0)
     eng.add(long)
     seen = []
     while not long.choices[0].token_ids:

@@ -44,6 +44,8 @@ def test_models_health_metrics_and_tokenize(api, client):
     assert status == 200 and body["status"] == "ok" and body["slots"] == 32
     status, text, _ = http(api, "GET", "/metrics")
     assert status == 200 and "sparkler_free_slots 32" in text and "sparkler_generated_tokens_total" in text
+    for name in ("kv_pages_total", "kv_pages_free", "kv_pages_cached", "prefix_cache_hit_rate", "preemptions"):
+        assert name in body and f"sparkler_{name}" in text
     tok = api.model.tokenizer
     status, body, _ = http(api, "POST", "/tokenize", {"prompt": "Hello world"})
     assert body["tokens"] == tok.encode("Hello world") and body["count"] == len(body["tokens"])
@@ -331,6 +333,9 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/completions", {"prompt": {"text": "x"}}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2000, "context_length_exceeded_behavior": "error"}, 400,
      "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": -1}, 400, "prompt_cache_max_len"),
+    ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": "all"}, 400, "prompt_cache_max_len"),
+    ("/v1/chat/completions", {"messages": HELLO, "prompt_cache_isolation_key": 5}, 400, "prompt_cache_isolation_key"),
     ("/v1/nothing", {}, 404, None),
 ]
 
@@ -458,3 +463,36 @@ def test_an_engine_failure_answers_500_and_the_server_keeps_serving(api, client,
     assert api.engine.stats()["free_slots"] == 32
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_prompt_cache_through_the_api(api, client):
+    system = {"role": "system", "content": "You answer questions about geography, briefly and precisely. " * 8}
+    chat = [system, {"role": "user", "content": "What is the capital of Italy?"}]
+    kw = dict(model=MODEL, messages=chat, max_tokens=12, temperature=0)
+    cold = client.chat.completions.with_raw_response.create(**kw, extra_body={"prompt_cache_isolation_key": "t1"})
+    first = cold.parse()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.headers["fireworks-cached-prompt-tokens"] == "0"
+    assert cold.headers["fireworks-prompt-tokens"] == str(first.usage.prompt_tokens)
+    hot = client.chat.completions.with_raw_response.create(**kw, extra_body={"prompt_cache_isolation_key": "t1"})
+    second = hot.parse()
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % api.engine.page_size == 0 and cached < second.usage.prompt_tokens
+    assert hot.headers["fireworks-cached-prompt-tokens"] == str(cached)
+    assert second.choices[0].message.content == first.choices[0].message.content
+    other = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t2"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    off = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t1", "prompt_cache_max_len": 0})
+    assert off.usage.prompt_tokens_details.cached_tokens == 0
+    assert off.choices[0].message.content == first.choices[0].message.content
+    stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"prompt_cache_isolation_key": "t1"})
+    chunks = list(stream)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    done = client.completions.create(model=MODEL, prompt=[1, 2, 3] * 20, max_tokens=2)
+    again = client.completions.create(model=MODEL, prompt=[1, 2, 3] * 20, max_tokens=2)
+    assert done.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 48
+    status, health, _ = http(api, "GET", "/health")
+    assert health["prefix_cache_hit_tokens"] >= cached + 48 and 0 < health["prefix_cache_hit_rate"] < 1

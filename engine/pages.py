@@ -1,0 +1,121 @@
+"""The KV page pool's host side: a page allocator with reference counts and a prefix cache of full pages.
+
+Plain Python; the device holds the pages themselves (`models.attention`). Invariants, checked by `check()`:
+- page 0 is the scratch page: never handed out (page tables point padding there; what is written to it is never read
+  unmasked);
+- every other page is in exactly one of two states: owned (`refs[p] > 0`, by that many sequences) or free
+  (`refs[p] == 0`, in `empty` when it holds nothing reusable, else in `evictable`, least recently freed first);
+- a page with a hash holds the K/V of the full page of tokens that hash names (the hash chains over every page
+  before it and the isolation key), and `page_of[hash] == page`; only full pages are ever hashed, and hashed pages
+  are never written again (a sequence writes only at positions past its last full, shared page);
+- allocation takes `empty` pages first and evicts `evictable` ones (dropping their hash) least recently used first.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+
+SCRATCH = 0
+
+
+def page_hashes(tokens: list[int], page_size: int, salt: str | None = None) -> list[bytes]:
+    """The chained hash of every full page of `tokens`: page i's hash covers pages 0..i and the isolation key."""
+    h = hashlib.sha256(b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
+    out = []
+    arr = np.asarray(tokens, np.int64)
+    for i in range(len(tokens) // page_size):
+        h = hashlib.sha256(h + arr[i * page_size:(i + 1) * page_size].tobytes()).digest()
+        out.append(h)
+    return out
+
+
+class PagePool:
+    """Reference-counted pages `1..num_pages-1` with a least-recently-used prefix cache of full pages."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 2:
+            raise ValueError("the pool needs at least two pages (page 0 is scratch)")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.refs = [0] * num_pages
+        self.empty: collections.deque[int] = collections.deque(range(1, num_pages))
+        self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.hash_of: dict[int, bytes] = {}
+        self.page_of: dict[bytes, int] = {}
+        self.queried = self.hit = 0  # prompt tokens looked up / found, for the hit rate
+
+    @property
+    def capacity(self) -> int:
+        """Pages that sequences can hold (all but the scratch page)."""
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        """Pages an allocation can take now (empty, or cached and evictable)."""
+        return len(self.empty) + len(self.evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Pages that hold a reusable prefix (owned or not)."""
+        return len(self.page_of)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` fresh pages owned once each, or None (and nothing taken) if fewer than `n` are free."""
+        if n > self.num_free:
+            return None
+        out = []
+        for _ in range(n):
+            if self.empty:
+                page = self.empty.popleft()
+            else:
+                page, _ = self.evictable.popitem(last=False)
+                del self.page_of[self.hash_of.pop(page)]
+            self.refs[page] = 1
+            out.append(page)
+        return out
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of `hashes` (not yet shared: pass them to `share`)."""
+        out = []
+        for h in hashes:
+            page = self.page_of.get(h)
+            if page is None:
+                break
+            out.append(page)
+        return out
+
+    def share(self, pages: list[int]) -> None:
+        """Take one more reference on each page (a free cached page leaves the eviction order)."""
+        for page in pages:
+            if self.refs[page] == 0:
+                self.evictable.pop(page)
+            self.refs[page] += 1
+
+    def release(self, pages: list[int]) -> None:
+        """Drop one reference on each page. Freed pages are queued last-first, so a sequence's tail is evicted
+        before its head (which more prompts share)."""
+        for page in reversed(pages):
+            assert self.refs[page] > 0, f"page {page} released while free"
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if page in self.hash_of:
+                    self.evictable[page] = None
+                else:
+                    self.empty.append(page)
+
+    def register(self, page: int, h: bytes) -> None:
+        """Record that owned, full `page` holds the tokens hashed `h` (ignored if that prefix is cached already)."""
+        assert self.refs[page] > 0
+        if h not in self.page_of and page not in self.hash_of:
+            self.page_of[h], self.hash_of[page] = page, h
+
+    def check(self) -> None:
+        """Assert the invariants in the module docstring (tests call this)."""
+        free = list(self.empty) + list(self.evictable)
+        assert len(free) == len(set(free)) and SCRATCH not in free and self.refs[SCRATCH] == 0
+        assert all(self.refs[p] == 0 for p in free)
+        assert len(free) + sum(r > 0 for r in self.refs) == self.capacity
+        assert all(p in self.hash_of for p in self.evictable) and not any(p in self.hash_of for p in self.empty)
+        assert all(self.hash_of[p] == h for h, p in self.page_of.items()) and len(self.page_of) == len(self.hash_of)

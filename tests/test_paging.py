@@ -1,0 +1,191 @@
+"""The paged KV cache on the packaged SmolLM2: prefix reuse, isolation, eviction, n > 1 sharing, preemption, compiles."""
+
+import numpy as np
+import pytest
+
+from engine import SamplingParams
+from engine.engine import Engine
+from engine.llm import LLM, encode_chat
+from engine.runner import RunnerConfig
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=42)
+
+
+def ids(out):
+    """Token ids of every choice of every output."""
+    return [c.token_ids for o in out for c in o.outputs]
+
+
+def unique_prefix(llm, seed: int, n: int) -> list[int]:
+    """`n` random ordinary token ids nobody else uses (so the first request misses the cache)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(1000, 20000, n)]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_completions_hit_miss_and_disabled_give_the_same_tokens(llm, params):
+    ps = llm.engine.page_size
+    base = unique_prefix(llm, 1 if params is GREEDY else 2, 6 * ps + 5)
+    cold = llm.generate([base], params)
+    assert cold[0].cached_tokens == 0
+    hot = llm.generate([base], params)
+    assert hot[0].cached_tokens == 6 * ps and ids(hot) == ids(cold)
+    off = llm.generate([base], params, prompt_cache_max_len=0)
+    assert off[0].cached_tokens == 0 and ids(off) == ids(cold)
+    capped = llm.generate([base], params, prompt_cache_max_len=2 * ps + 3)
+    assert capped[0].cached_tokens == 2 * ps and ids(capped) == ids(cold)
+    # All but the last few tokens shared: the shared full pages are reused, the rest computed.
+    near = base[:-3] + [7, 8, 9]
+    want = llm.generate([near], params, prompt_cache_max_len=0)
+    got = llm.generate([near], params)
+    assert got[0].cached_tokens == 6 * ps and ids(got) == ids(want)
+    # A prompt ending exactly on a page boundary: its last page is recomputed (its logits are needed).
+    edge = base[:4 * ps]
+    want = llm.generate([edge], params, prompt_cache_max_len=0)
+    got = llm.generate([edge], params)
+    assert got[0].cached_tokens == 3 * ps and ids(got) == ids(want)
+
+
+def test_chat_with_a_shared_system_prompt_reuses_it(llm):
+    system = {"role": "system", "content": "You are a terse assistant who answers in one sentence. " * 6}
+    first = llm.chat([system, {"role": "user", "content": "Name a fruit."}], GREEDY)
+    assert first[0].cached_tokens == 0
+    second = [system, {"role": "user", "content": "Name a colour."}]
+    want = llm.chat(second, GREEDY, prompt_cache_max_len=0)
+    got = llm.chat(second, GREEDY)
+    shared = len(encode_chat(llm.model, [system])) - 4  # the template's system turn, less the tokens that differ
+    assert got[0].cached_tokens >= shared // llm.engine.page_size * llm.engine.page_size - llm.engine.page_size
+    assert got[0].cached_tokens > 0 and ids(got) == ids(want)
+
+
+def test_isolation_keys_never_share(llm):
+    base = unique_prefix(llm, 3, 5 * llm.engine.page_size)
+    a = llm.generate([base], GREEDY, prompt_cache_isolation_key="tenant-a")
+    b = llm.generate([base], GREEDY, prompt_cache_isolation_key="tenant-b")
+    none = llm.generate([base], GREEDY)
+    a2 = llm.generate([base], GREEDY, prompt_cache_isolation_key="tenant-a")
+    assert [a[0].cached_tokens, b[0].cached_tokens, none[0].cached_tokens] == [0, 0, 0]
+    assert a2[0].cached_tokens == 4 * llm.engine.page_size
+    assert ids(a) == ids(b) == ids(none) == ids(a2)
+
+
+def test_n_maps_the_prompt_pages_into_every_choice(llm):
+    eng = llm.engine
+    prompt = unique_prefix(llm, 4, 3 * eng.page_size + 7)  # three full pages and a partial one
+    req = eng.make_request(prompt, SamplingParams(temperature=1.0, max_tokens=6, n=6, seed=3, ignore_eos=True))
+    eng.add(req)
+    eng.step()
+    pages = [c.pages for c in req.choices]
+    full = pages[0][:3]
+    assert all(p[:3] == full for p in pages)  # the full prompt pages are mapped, not copied
+    assert all(eng.pool.refs[p] == 6 for p in full)
+    partial = [p[3] for p in pages]
+    assert len(set(partial)) == 6 and all(eng.pool.refs[p] == 1 for p in partial)  # each choice its own copy
+    while eng.has_work():
+        eng.step()
+    assert all(eng.pool.refs[p] == 0 for p in full + partial)
+    assert len({tuple(c.token_ids) for c in req.choices}) > 1
+    again = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=6, n=6, seed=3, ignore_eos=True))
+    assert ids(again) == [c.token_ids for c in req.choices] and again[0].cached_tokens == 3 * eng.page_size
+
+
+def test_nothing_leaks_after_a_mixed_run(llm):
+    eng = llm.engine
+    base = unique_prefix(llm, 5, 40)
+    llm.generate([base, base[:20], base + [5, 6]], [GREEDY, SEEDED, SamplingParams(max_tokens=5, n=3, seed=1)])
+    eng.pool.check()
+    assert all(r == 0 for r in eng.pool.refs) and eng.pool.num_free == eng.pool.capacity
+    assert not eng.tables.any() and len(eng.free) == eng.runner.slots
+
+
+def test_different_lengths_hits_and_misses_compile_nothing_new(llm):
+    eng = llm.engine
+    eng.warmup()
+    before = eng.runner.compiles
+    rng = np.random.default_rng(6)
+    prompts = [unique_prefix(llm, 100 + i, int(rng.integers(3, 100))) for i in range(20)]
+    params = [SamplingParams(temperature=float(rng.uniform(0, 1.2)), max_tokens=8, seed=i, ignore_eos=True,
+                             n=1 + i % 3) for i in range(20)]
+    llm.generate(prompts, params)  # misses
+    hits = llm.generate(prompts, params)  # hits
+    assert sum(o.cached_tokens for o in hits) > 0
+    llm.generate(prompts, params, prompt_cache_max_len=0)
+    assert eng.runner.compiles == before
+
+
+def small_engine(smollm, pages: int) -> Engine:
+    """An engine whose pool holds `pages` pages of 16 tokens (plus the scratch page)."""
+    per_page = 16 * 2 * smollm.cfg.num_layers * smollm.cfg.num_kv_heads * smollm.cfg.head_dim * 4
+    gb = (pages + 1) * per_page / (1 << 30) + 1e-9
+    return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4))
+
+
+def run_all(eng: Engine, prompts, params):
+    """Serve every prompt to completion in one engine; the requests, in order."""
+    reqs = [eng.make_request(p, q) for p, q in zip(prompts, params)]
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+        eng.pool.check()
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def tight(smollm):
+    """16 sequences over a pool of 80 pages: under a third of what 48 requests of 96 tokens take, and less than
+    16 of them need at once."""
+    return small_engine(smollm, 80)
+
+
+def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(llm, tight):
+    rng = np.random.default_rng(7)
+    prompts = [unique_prefix(llm, 200 + i, 32) for i in range(48)]
+    kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+             SamplingParams(temperature=1.0, top_k=40, max_tokens=64, ignore_eos=True, repetition_penalty=1.2),
+             SamplingParams(temperature=1.0, mirostat_target=4.0, max_tokens=64, ignore_eos=True,
+                            frequency_penalty=0.5)]
+    params = [SamplingParams(**{**kinds[i % 3].__dict__, "seed": int(rng.integers(1 << 30))}) for i in range(48)]
+    reqs = run_all(tight, prompts, params)
+    assert tight.preemptions > 0
+    assert all(r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 64 for r in reqs)
+    alone = llm.generate(prompts, params, prompt_cache_max_len=0)  # a big pool: nothing preempted
+    assert llm.engine.preemptions == 0
+    assert [r.choices[0].token_ids for r in reqs] == ids(alone)
+    assert all(r == 0 for r in tight.pool.refs)
+
+
+def test_eviction_under_a_small_pool_keeps_serving_correctly(llm, tight):
+    first = unique_prefix(llm, 300, 100)
+    want = llm.generate([first], GREEDY, prompt_cache_max_len=0)
+    assert [r.choices[0].token_ids for r in run_all(tight, [first], [GREEDY])] == ids(want)
+    others = [unique_prefix(llm, 301 + i, 100) for i in range(12)]  # 12 x 7 pages: evicts the first prompt's pages
+    run_all(tight, others, [GREEDY] * 12)
+    again = run_all(tight, [first], [GREEDY])[0]
+    assert again.cached_tokens == 0 and again.choices[0].token_ids == ids(want)[0]
+
+
+def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
+    from engine.params import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="context"):
+        tight.make_request(list(range(1000, 1600)), GREEDY)  # longer than the 512-token cap
+    tiny = small_engine(smollm, 40)
+    with pytest.raises(InvalidRequest, match="pages"):
+        tiny.make_request(list(range(1000, 1500)), SamplingParams(n=16, max_tokens=4))  # 31 + 16 pages > 40
+    assert tiny.make_request(list(range(1000, 1500)), SamplingParams(n=8, max_tokens=4))
+
+
+def test_many_short_requests_beside_one_long_prompt(smollm):
+    """`--max-num-seqs 96 --kv-cache-gb 1 --max-model-len 8192`: slots and context are independent of each other."""
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=1.0, decode_steps=4))
+    assert eng.max_len == 8192 and eng.runner.slots == 96
+    long = eng.make_request(unique_prefix(None, 400, 4100), SamplingParams(temperature=0, max_tokens=4))
+    short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
+             for i in range(96)]
+    for r in [long, *short]:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    assert all(len(r.choices[0].token_ids) == 4 or r.choices[0].finish_reason == "stop" for r in [long, *short])
+    assert eng.pool.num_free == eng.pool.capacity
