@@ -338,11 +338,12 @@ class Engine:
         hit = [] if req.params.echo and not self.resumes else pool.lookup(hashes[:limit])
         pool.share(hit)
         extra = len(choices) - 1 if len(tokens) % ps else 0
-        fresh = pool.allocate(-(-len(tokens) // ps) - len(hit) + extra)
+        need = -(-len(tokens) // ps) - len(hit) + extra
         # Keep a page of room per running sequence, so admission does not at once force a preemption.
-        if fresh is None or pool.num_free < len(self.running):
-            pool.release(hit + (fresh or []))
+        if pool.num_free - need < len(self.running):
+            pool.release(hit)
             return None
+        fresh = pool.allocate(need)
         resume = bool(self.resumes)
         (self.resumes if resume else self.waiting).popleft()
         first = choices[0]
