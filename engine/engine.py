@@ -320,7 +320,8 @@ class Engine:
     def _seat_next(self) -> Prefill | None:
         """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
         the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
-        if self.resumes:
+        resume = bool(self.resumes)
+        if resume:
             req, choices = self.resumes[0][0], [self.resumes[0][1]]
             tokens = seq_tokens(req, choices[0])
         elif self.waiting:
@@ -335,7 +336,7 @@ class Engine:
         limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
         if req.cache_max_len is not None:
             limit = min(limit, req.cache_max_len // ps)
-        hit = [] if req.params.echo and not self.resumes else pool.lookup(hashes[:limit])
+        hit = [] if req.params.echo and not resume else pool.lookup(hashes[:limit])  # echo needs every logit
         pool.share(hit)
         extra = len(choices) - 1 if len(tokens) % ps else 0
         need = -(-len(tokens) // ps) - len(hit) + extra
@@ -344,7 +345,6 @@ class Engine:
             pool.release(hit)
             return None
         fresh = pool.allocate(need)
-        resume = bool(self.resumes)
         (self.resumes if resume else self.waiting).popleft()
         first = choices[0]
         first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
@@ -397,10 +397,10 @@ class Engine:
                     copies.append((first.pages[full], choice.pages[0]))
                 choice.pages, choice.hashes = shared + choice.pages, list(first.hashes)
                 self.tables[choice.slot, :len(choice.pages)] = choice.pages
+            root, settings = jax.random.PRNGKey(p.seed % (1 << 32)), self._settings(req)
             for choice in req.choices:
-                key = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(p.seed % (1 << 32)), choice.index)) \
-                    if choice.index else jax.random.key_data(jax.random.PRNGKey(p.seed % (1 << 32)))
-                self.runner.set_row(choice.slot, self._settings(req), req.prompt_ids, np.asarray(key))
+                key = root if choice.index == 0 else jax.random.fold_in(root, choice.index)
+                self.runner.set_row(choice.slot, settings, req.prompt_ids, np.asarray(jax.random.key_data(key)))
                 choice.stops = p.stop
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
                 choice._prefix = choice._read = len(choice._ids)

@@ -1,0 +1,75 @@
+"""Prometheus metrics through `prometheus_client` (the reference client: exposition format, histogram buckets and
+label handling done right, and a text parser the tests read it back with).
+
+Handlers observe request counts and latencies; the engine's gauges and counters are read from `Engine.stats()` at
+scrape time by a custom collector, so the engine thread never touches the metrics. Every name is in the `sparkler_`
+namespace; the README lists them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+ENGINE_GAUGES = {
+    "running": "sequences decoding",
+    "waiting": "requests and preempted sequences waiting for a slot",
+    "prefilling": "requests whose long prompt is being prefilled",
+    "slots": "decode slots (--max-num-seqs)",
+    "free_slots": "decode slots free",
+    "kv_pages_total": "KV pages in the pool",
+    "kv_pages_free": "KV pages an allocation can take (empty or evictable)",
+    "kv_pages_cached": "KV pages holding a reusable prompt prefix",
+    "kv_page_size": "tokens per KV page",
+    "prefix_cache_hit_rate": "share of prompt tokens served from the prefix cache",
+    "max_model_len": "context cap per sequence",
+}
+ENGINE_COUNTERS = {
+    "finished": "engine requests finished",
+    "aborted": "engine requests aborted (client gone, timed out or drained)",
+    "generated_tokens": "tokens generated",
+    "steps": "decode steps run",
+    "preemptions": "sequences preempted because the KV pool ran dry",
+    "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
+    "prefix_cache_hit_tokens": "prompt tokens served from the prefix cache",
+}
+
+
+class EngineCollector:
+    """Reads the engine's gauges and counters at scrape time."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        """Yield one metric family per engine figure."""
+        stats = self.stats()
+        for name, doc in ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(f"sparkler_{name}", doc, value=stats[name])
+        for name, doc in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(f"sparkler_{name}", doc, value=stats[name])
+
+
+class Metrics:
+    """One registry per server: request counters and latency histograms, plus the engine collector."""
+
+    def __init__(self, stats):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sparkler_requests", "HTTP completion requests by route, status and finish reason",
+                                ["route", "status", "finish_reason"], registry=r)
+        self.ttft = Histogram("sparkler_time_to_first_token_seconds", "arrival to the first generated token",
+                              buckets=LATENCY, registry=r)
+        self.itl = Histogram("sparkler_inter_token_latency_seconds", "time between generated tokens of a choice",
+                             buckets=PER_TOKEN, registry=r)
+        self.e2e = Histogram("sparkler_e2e_request_latency_seconds", "arrival to the last byte of the response",
+                             buckets=LATENCY, registry=r)
+        self.queue = Histogram("sparkler_request_queue_time_seconds", "arrival to admission into a decode slot",
+                               buckets=LATENCY, registry=r)
+        r.register(EngineCollector(stats))
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return generate_latest(self.registry)
