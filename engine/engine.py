@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import queue
+import time
 from typing import Any, Callable
 
 import jax
@@ -78,6 +79,8 @@ class Request:
     cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
     cache_key: str | None = None  # isolation key: only requests with the same key share pages
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
 
     @property
     def finished(self) -> bool:
@@ -354,6 +357,7 @@ class Engine:
             choice.slot, choice.order = self.free.pop(0), next(self._order)
         self.tables[first.slot, :len(first.pages)] = first.pages
         if not resume:
+            req.admitted = req.admitted or time.monotonic()
             req.cached_tokens = len(hit) * ps
             pool.queried += len(tokens)
             pool.hit += req.cached_tokens

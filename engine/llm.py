@@ -94,19 +94,28 @@ class LLM:
         return [to_output(r) for r in reqs]
 
 
+class StreamOverflow(Exception):
+    """A consumer fell too far behind its stream (a client that stopped reading); its requests were aborted."""
+
+
 class AsyncEngine:
     """One engine thread serving many asyncio requests: `async for deltas in stream(req)`; cancel aborts."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_buffer: int = 1024):
         self.engine = engine
+        self.max_buffer = max_buffer  # undelivered events per stream before it is cut
         self._wake = threading.Event()
         self._stop = False
+        self._fail_requested = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop:
+            if self._fail_requested:
+                self._fail_requested = False
+                self._fail_all()
             if not self.engine.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -116,12 +125,17 @@ class AsyncEngine:
             except BaseException as e:  # keep serving: fail the requests in flight, not the process
                 log.exception("engine step failed")
                 self.error = e
-                self._fail_all(e)
+                self._fail_all()
 
-    def _fail_all(self, e: BaseException) -> None:
+    def _fail_all(self) -> None:
         for req, deltas in self.engine.fail_all():
             if req.on_delta and deltas:
                 req.on_delta(req, deltas)
+
+    def fail_everything(self) -> None:
+        """End every request in flight with finish_reason "error" (at the engine thread's next turn)."""
+        self._fail_requested = True
+        self._wake.set()
 
     def close(self) -> None:
         """Stop the engine thread."""
@@ -129,20 +143,40 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    async def stream(self, *reqs: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
-        """Submit requests and yield `(request index, deltas)` as they come; leaving early aborts what is unfinished."""
+    def stream(self, *reqs: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
+        """Submit requests now and return an async iterator of `(request index, deltas)` as they come; leaving it
+        early aborts what is unfinished. A consumer more than `max_buffer` events behind gets `StreamOverflow`."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         left = {}
+
+        def push(item) -> None:
+            if q.qsize() >= self.max_buffer:
+                q.put_nowait(None)  # the consumer raises StreamOverflow when it reaches this
+            else:
+                q.put_nowait(item)
+
+        def deliver(i: int, deltas: list[Delta]) -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(push, (i, deltas))
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                pass
+
         for i, req in enumerate(reqs):
-            req.on_delta = lambda r, ds, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ds))
+            req.on_delta = lambda r, ds, i=i: deliver(i, ds)
             left[i] = len(req.choices)
         for req in reqs:
             self.engine.add(req)
         self._wake.set()
+        return self._events(reqs, q, left)
+
+    async def _events(self, reqs, q: asyncio.Queue, left: dict) -> AsyncIterator[tuple[int, list[Delta]]]:
         try:
             while any(left.values()):
-                i, deltas = await q.get()
+                item = await q.get()
+                if item is None:
+                    raise StreamOverflow(f"more than {self.max_buffer} undelivered events")
+                i, deltas = item
                 left[i] -= sum(1 for d in deltas if d.finish_reason)
                 yield i, deltas
         finally:

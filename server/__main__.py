@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import signal
+import time
 
 import jax
 from aiohttp import web
@@ -37,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
+    ap.add_argument("--max-queued-requests", type=int, default=None,
+                    help="requests waiting for a slot before new ones get 429 (default: 4 x --max-num-seqs)")
+    ap.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted (504)")
+    ap.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
                          "the first time, seconds once the compilation cache holds them), or nothing")
@@ -47,6 +56,8 @@ def main(argv=None) -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_format == "json":
+        logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
     model = load_model(args.model, dtype=args.dtype, tp=args.tp)
@@ -57,25 +68,62 @@ def main(argv=None) -> None:
                                         decode_steps=args.decode_steps))
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
-    server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb)
-    try:
-        asyncio.run(serve(server.app(), args.host, args.port, f"{engine.runner.slots} slots, context {engine.max_len}, "
-                                                                   f"{engine.pool.capacity} KV pages of {engine.page_size}"))
-    except KeyboardInterrupt:
-        pass
+    server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
+                    max_queued=args.max_queued_requests, request_timeout=args.request_timeout)
+    what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.pool.capacity} KV pages of "
+            f"{engine.page_size}")
+    asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
+    log.info("sparkler: stopped")
 
 
-async def serve(app: web.Application, host: str, port: int, what: str = "") -> None:
-    """Listen on host:port (0 picks a free port) and log one ready line with the bound address."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+async def serve(server: Server, host: str, port: int, what: str = "", drain_timeout: float = 30.0) -> None:
+    """Listen on host:port (0 picks a free port), log one ready line with the bound address, and serve until SIGTERM
+    or SIGINT; then drain: refuse new requests (503), let those in flight finish for up to `drain_timeout` seconds,
+    end the rest with finish_reason "error", and return. A second signal exits at once."""
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     bound = runner.addresses[0]
     log.info("sparkler: ready on http://%s:%d (%s)", bound[0], bound[1], what)
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if server.draining:
+            log.warning("sparkler: %s again; exiting now", sig.name)
+            os._exit(1)
+        log.info("sparkler: %s; draining %d requests (up to %.0f s)", sig.name, server.active, drain_timeout)
+        server.draining = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        deadline = time.monotonic() + drain_timeout
+        while (server.active or server.engine.has_work()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if server.active or server.engine.has_work():
+            log.warning("sparkler: drain timeout; ending %d requests with an error", server.active)
+            server.aengine.fail_everything()
+            end = time.monotonic() + 10
+            while server.active and time.monotonic() < end:
+                await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
+        server.aengine.close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, and a request's fields when it has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as JSON."""
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ JSON object or Server-Sent Events. A client that goes away aborts its requests; 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -16,11 +17,12 @@ import uuid
 from aiohttp import web
 
 from engine.engine import Delta, Request
-from engine.llm import AsyncEngine
+from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from server import protocol
 from server.protocol import ApiError, Job, bad
+from server.metrics import Metrics
 from server.responses import Vocab, chat_logprobs, completion_logprobs, prompt_entries, raw_output, usage
 
 log = logging.getLogger("sparkler.server")
@@ -34,8 +36,14 @@ def _reject_constant(name: str):
 class Server:
     """One served model behind the OpenAI-compatible routes."""
 
-    def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0):
+    def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
+                 max_queued: int | None = None, request_timeout: float | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
+        self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
+        self.request_timeout = request_timeout
+        self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
+        self.active = 0  # completion requests being answered
+        self.prom = Metrics(self.engine.stats)
         self.name, self.api_key = model.name, api_key
         self.max_body = int(max_body_mb * (1 << 20))
         self.vocab = Vocab(model)
@@ -68,7 +76,7 @@ class Server:
                                    code="invalid_api_key")
             return await handler(request)
         except ApiError as e:
-            return web.json_response(e.body(), status=e.status)
+            return web.json_response(e.body(), status=e.status, headers=e.headers)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -156,21 +164,14 @@ class Server:
         return web.json_response({"prompt": self.vocab.tok.decode(ids, skip_special_tokens=False)})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """GET /metrics: engine gauges and counters in the Prometheus text format."""
-        stats = self.engine.stats()
-        counters = {"aborted", "finished", "generated_tokens", "steps", "preemptions", "prefix_cache_queried_tokens",
-                    "prefix_cache_hit_tokens"}
-        lines = []
-        for k, v in stats.items():
-            if k == "compiles":
-                continue
-            name = f"sparkler_{k}_total" if k in counters else f"sparkler_{k}"
-            lines += [f"# TYPE {name} {'counter' if k in counters else 'gauge'}", f"{name} {v}"]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        """GET /metrics: request counters, latency histograms and engine gauges in Prometheus' text format."""
+        return web.Response(body=self.prom.render(), content_type="text/plain", charset="utf-8")
 
     async def health(self, request: web.Request) -> web.Response:
-        """GET /health: liveness plus slot occupancy and counters."""
-        return web.json_response({"status": "ok", "model": self.name, **self.engine.stats()})
+        """GET /health: liveness plus slot and page occupancy and counters; 503 while draining."""
+        status = "draining" if self.draining else "ok"
+        return web.json_response({"status": status, "model": self.name, **self.engine.stats()},
+                                 status=503 if self.draining else 200)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -181,26 +182,78 @@ class Server:
         return await self._complete(request, "completion")
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
-        body = await self._body(request)
-        self._check_model(body)
-        job = protocol.parse(body, kind, self.model)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        parts = self._requests(job, rid)
+        """Parse, admit (or refuse: 503 while draining, 429 when the queue is full), answer, and account for it."""
+        took = Took()
+        reqs: list[Request] = []
+        status, rid = 500, "-"
+        self.active += 1
+        try:
+            if self.draining:
+                raise ApiError(503, "the server is shutting down; retry on another instance", type_="service_unavailable",
+                               code="shutting_down", headers={"Retry-After": "5"})
+            body = await self._body(request)
+            self._check_model(body)
+            job = protocol.parse(body, kind, self.model)
+            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            parts = self._requests(job, rid)
+            reqs = [r for _, r in parts]
+            queued = self.engine.stats()["waiting"]
+            if queued >= self.max_queued:  # a request counts once, whatever its n
+                reqs = []
+                raise ApiError(429, f"the server is busy ({queued} requests waiting for a slot); retry shortly",
+                               type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+            events = self.aengine.stream(*reqs)  # submitted now: the queue check above and this are one step
+            if job.stream:
+                resp = await self._stream(request, job, parts, rid, events, took)
+            else:
+                resp = await self._respond(job, parts, rid, events, took)
+            status = resp.status
+            return resp
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            self.active -= 1
+            self._account(request.path, status, rid, reqs, took)
+
+    async def _respond(self, job: Job, parts, rid: str, events, took: "Took") -> web.Response:
+        """A whole (non-streaming) response once every choice has finished."""
         reqs = [r for _, r in parts]
-        if job.stream:
-            return await self._stream(request, job, parts, rid)
-        async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
-            async for _ in events:
-                pass
+        try:
+            async with contextlib.aclosing(events) as events:
+                async with asyncio.timeout(self.request_timeout):
+                    async for i, deltas in events:
+                        took.saw(i, deltas, self.prom)
+        except TimeoutError:
+            raise ApiError(504, f"the request did not finish within {self.request_timeout} s; it was aborted",
+                           type_="timeout_error", code="timeout") from None
         if any(c.finish_reason == "error" for r in reqs for c in r.choices):
             raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+        obj = "chat.completion" if job.kind == "chat" else "text_completion"
         used = usage(reqs)
         headers = {**self.options_header, "fireworks-prompt-tokens": str(used["prompt_tokens"]),
                    "fireworks-cached-prompt-tokens": str(used["prompt_tokens_details"]["cached_tokens"])}
         return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
                                   "choices": choices, "usage": used}, headers=headers)
+
+    def _account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took") -> None:
+        """Count the request, observe its latencies, and log one line for it."""
+        reasons = {c.finish_reason for r in reqs for c in r.choices}
+        reason = "none" if not reasons or None in reasons else (reasons.pop() if len(reasons) == 1 else "mixed")
+        total = time.monotonic() - took.start
+        self.prom.requests.labels(route, str(status), reason).inc()
+        self.prom.e2e.observe(total)
+        for r in reqs:
+            if r.admitted is not None:
+                self.prom.queue.observe(r.admitted - r.arrival)
+        firsts = [r for r in reqs if r.choices[0].index == 0]
+        fields = dict(id=rid, route=route, status=status, prompt_tokens=sum(len(r.prompt_ids) for r in firsts),
+                      completion_tokens=sum(len(c.token_ids) for r in reqs for c in r.choices),
+                      cached_tokens=sum(r.cached_tokens for r in firsts),
+                      ttft_ms=None if took.first is None else round((took.first - took.start) * 1000, 1),
+                      total_ms=round(total * 1000, 1), finish_reason=reason)
+        log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
     # ---- response pieces --------------------------------------------------------------------------------------
 
@@ -242,11 +295,10 @@ class Server:
 
     # ---- streaming --------------------------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, job: Job, parts: list[tuple[int, Request]],
-                      rid: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: Job, parts: list[tuple[int, Request]], rid: str, events,
+                      took: "Took") -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **self.options_header})
-        await resp.prepare(request)
         created = int(time.time())
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         offsets: dict[int, int] = {}
@@ -257,27 +309,40 @@ class Server:
                 chunk["usage"] = None
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
-        try:
-            reqs = [r for _, r in parts]
-            for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
-                for c in req.choices:
-                    text, entries = self._echo(job, pi, req)
-                    index = pi * job.params.n + c.index
-                    if job.kind == "chat" or text:
-                        await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
-            async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
-                async for i, deltas in events:
-                    pi, req = parts[i]
-                    if any(d.finish_reason == "error" for d in deltas):
-                        err = ApiError(500, "the engine failed while generating", type_="server_error")
-                        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-                        break
-                    await send([self._delta_choice(job, pi, req, d, offsets) for d in deltas])
-            if job.include_usage:
-                await send([], usage=usage(reqs))
-            await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, ConnectionError):
-            log.info("client went away during %s; its requests were aborted", rid)
+        async def fail(err: ApiError) -> None:
+            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+
+        async with contextlib.aclosing(events) as events:
+            try:
+                await resp.prepare(request)
+                reqs = [r for _, r in parts]
+                for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
+                    for c in req.choices:
+                        text, entries = self._echo(job, pi, req)
+                        index = pi * job.params.n + c.index
+                        if job.kind == "chat" or text:
+                            await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
+                try:
+                    async with asyncio.timeout(self.request_timeout):
+                        async for i, deltas in events:
+                            took.saw(i, deltas, self.prom)
+                            pi, req = parts[i]
+                            if any(d.finish_reason == "error" for d in deltas):
+                                await fail(ApiError(500, "the engine failed while generating", type_="server_error"))
+                                break
+                            await send([self._delta_choice(job, pi, req, d, offsets) for d in deltas])
+                        else:
+                            if job.include_usage:
+                                await send([], usage=usage(reqs))
+                except TimeoutError:
+                    await fail(ApiError(504, f"the request did not finish within {self.request_timeout} s; it was "
+                                             "aborted", type_="timeout_error", code="timeout"))
+                await resp.write(b"data: [DONE]\n\n")
+            except StreamOverflow:
+                log.warning("%s: the client stopped reading; the stream was cut and its requests aborted", rid)
+                resp.force_close()
+            except (ConnectionResetError, ConnectionError):
+                log.info("client went away during %s; its requests were aborted", rid)
         return resp
 
     def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict) -> dict:
@@ -296,3 +361,27 @@ class Server:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+
+
+class Took:
+    """When a request arrived, when its first token came, and when each choice's last one did (for the metrics)."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: dict[tuple[int, int], float] = {}
+
+    def saw(self, i: int, deltas: list[Delta], metrics: Metrics) -> None:
+        """Observe time to first token and inter-token latency for deltas of engine request `i`."""
+        now = time.monotonic()
+        for d in deltas:
+            if not d.token_ids:
+                continue
+            if self.first is None:
+                self.first = now
+                metrics.ttft.observe(now - self.start)
+            before = self.last.get((i, d.index))
+            if before is not None:
+                for _ in d.token_ids:
+                    metrics.itl.observe((now - before) / len(d.token_ids))
+            self.last[(i, d.index)] = now

@@ -16,9 +16,10 @@ class ApiError(Exception):
     """An error answered as OpenAI-shaped JSON: `{"error": {"message", "type", "param", "code"}}`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         """The JSON error object."""

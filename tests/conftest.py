@@ -46,11 +46,9 @@ def llm(smollm):
 SERVED_DEFAULTS = {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
 
 
-@pytest.fixture(scope="session")
-def api(smollm):
-    """A live server on loopback over the default model (32 slots, 1024 tokens, 1 MiB bodies), in a thread."""
+def live_server(model, rc, **server_kw):
+    """Serve `model` on a free loopback port from a thread; yields a namespace (url, server, engine, model)."""
     import asyncio
-    import dataclasses
     import threading
     from types import SimpleNamespace
 
@@ -58,13 +56,11 @@ def api(smollm):
 
     from engine.engine import Engine
     from engine.llm import AsyncEngine
-    from engine.runner import RunnerConfig
     from server.app import Server
 
-    model = dataclasses.replace(smollm, generation_config={**smollm.generation_config, **SERVED_DEFAULTS})
-    engine = Engine(model, RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5))
-    aengine = AsyncEngine(engine)
-    srv = Server(model, aengine, max_body_mb=1.0)
+    engine = Engine(model, rc)
+    aengine = AsyncEngine(engine, **({"max_buffer": server_kw.pop("max_buffer")} if "max_buffer" in server_kw else {}))
+    srv = Server(model, aengine, **server_kw)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     runner = web.AppRunner(srv.app(), handler_cancellation=True)
@@ -79,6 +75,18 @@ def api(smollm):
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
     loop.call_soon_threadsafe(loop.stop)
     aengine.close()
+
+
+@pytest.fixture(scope="session")
+def api(smollm):
+    """A live server on loopback over the default model (32 slots, 1024 tokens, 1 MiB bodies), in a thread."""
+    import dataclasses
+
+    from engine.runner import RunnerConfig
+
+    model = dataclasses.replace(smollm, generation_config={**smollm.generation_config, **SERVED_DEFAULTS})
+    rc = RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
+    yield from live_server(model, rc, max_body_mb=1.0)
 
 
 @pytest.fixture()

@@ -43,7 +43,7 @@ def test_models_health_metrics_and_tokenize(api, client):
     status, body, _ = http(api, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["slots"] == 32
     status, text, _ = http(api, "GET", "/metrics")
-    assert status == 200 and "sparkler_free_slots 32" in text and "sparkler_generated_tokens_total" in text
+    assert status == 200 and "sparkler_free_slots 32.0" in text and "sparkler_generated_tokens_total" in text
     for name in ("kv_pages_total", "kv_pages_free", "kv_pages_cached", "prefix_cache_hit_rate", "preemptions"):
         assert name in body and f"sparkler_{name}" in text
     tok = api.model.tokenizer

@@ -1,0 +1,260 @@
+"""Operations: metrics through prometheus_client, back-pressure (429), timeouts (504), slow readers, graceful drain
+on SIGTERM, and property-based fuzzing of both completion routes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import live_server
+from test_server import HELLO, MODEL, http
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def metric(api, name: str, sample: str, **labels) -> float:
+    """The sum of a metric's samples named `sample` whose labels include `labels`, parsed from GET /metrics."""
+    status, text, _ = http(api, "GET", "/metrics")
+    assert status == 200
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in fams[name].samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_parse_and_count_the_requests_just_made(api, client):
+    route = "/v1/chat/completions"
+    hist = ["sparkler_time_to_first_token_seconds", "sparkler_e2e_request_latency_seconds",
+            "sparkler_request_queue_time_seconds", "sparkler_inter_token_latency_seconds"]
+    before = {h: metric(api, h, h + "_count") for h in hist}
+    ok = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="200")
+    length = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, finish_reason="length")
+    bad = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="400")
+    for _ in range(3):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, extra_body={"ignore_eos": True})
+    list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, stream=True,
+                                        extra_body={"ignore_eos": True}))
+    http(api, "POST", route, {"messages": HELLO, "temperature": 9})
+    assert metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="200") == ok + 4
+    assert metric(api, "sparkler_requests", "sparkler_requests_total", route=route, finish_reason="length") == length + 4
+    assert metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="400") == bad + 1
+    after = {h: metric(api, h, h + "_count") for h in hist}
+    assert after["sparkler_time_to_first_token_seconds"] == before["sparkler_time_to_first_token_seconds"] + 4
+    assert after["sparkler_e2e_request_latency_seconds"] == before["sparkler_e2e_request_latency_seconds"] + 5
+    assert after["sparkler_request_queue_time_seconds"] == before["sparkler_request_queue_time_seconds"] + 4
+    assert after["sparkler_inter_token_latency_seconds"] == before["sparkler_inter_token_latency_seconds"] + 4 * 5
+    assert metric(api, "sparkler_kv_pages_total", "sparkler_kv_pages_total") == api.engine.pool.capacity
+    assert metric(api, "sparkler_free_slots", "sparkler_free_slots") == 32
+
+
+@pytest.fixture(scope="module")
+def small_api(smollm):
+    """Two slots, at most four requests waiting, streams cut 8 events behind."""
+    from engine.runner import RunnerConfig
+
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1)
+    yield from live_server(smollm, rc, max_queued=4, max_buffer=8)
+
+
+def wait_idle(api, timeout: float = 60) -> dict:
+    """Poll /health until every slot is free and nothing waits; the last health body."""
+    deadline = time.time() + timeout
+    while True:
+        _, health, _ = http(api, "GET", "/health")
+        if (health["free_slots"] == health["slots"] and not health["waiting"]) or time.time() > deadline:
+            return health
+        time.sleep(0.1)
+
+
+def test_a_full_queue_answers_429_and_every_accepted_request_completes(small_api):
+    body = {"messages": HELLO, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    results = [None] * 14
+    gate = threading.Barrier(14)
+
+    def one(i):
+        gate.wait()
+        results[i] = http(small_api, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if r[0] == 429]
+    done = [r for r in results if r[0] == 200]
+    assert len(refused) + len(done) == 14 and refused and len(done) >= 4
+    for _, err, headers in refused:
+        assert err["error"]["type"] == "rate_limit_error" and err["error"]["message"] and headers["Retry-After"]
+    assert all(r[1]["usage"]["completion_tokens"] == 24 and r[1]["choices"][0]["finish_reason"] == "length"
+               for r in done)
+    assert http(small_api, "POST", "/v1/chat/completions", body)[0] == 200
+
+
+def test_a_request_timeout_frees_its_slot(small_api):
+    srv = small_api.server
+    srv.request_timeout = 1.0
+    try:
+        body = {"messages": HELLO, "max_tokens": 500, "ignore_eos": True}
+        status, err, _ = http(small_api, "POST", "/v1/chat/completions", body)
+        assert status == 504 and err["error"]["code"] == "timeout"
+        assert wait_idle(small_api)["free_slots"] == 2
+        req = urllib.request.Request(small_api.url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({**body, "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+        assert wait_idle(small_api)["free_slots"] == 2
+    finally:
+        srv.request_timeout = None
+
+
+def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True,
+                       "logprobs": True, "top_logprobs": 20}).encode()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    slow.connect(("127.0.0.1", int(small_api.url.rsplit(":", 1)[1])))
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # and never read
+    try:
+        time.sleep(0.5)
+        client = openai.OpenAI(base_url=small_api.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=32, stream=True,
+                                                     stream_options={"include_usage": True},
+                                                     extra_body={"ignore_eos": True}))
+        assert chunks[-1].usage.completion_tokens == 32
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 30
+    finally:
+        slow.close()
+    assert wait_idle(small_api, 120)["free_slots"] == 2
+
+
+def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(small_api, smollm):
+    """The loopback socket buffers megabytes, so the cut is shown on the stream itself: a consumer that stops
+    reading for a while finds `StreamOverflow` and the engine frees the request's slot."""
+    import asyncio
+
+    from engine import SamplingParams
+    from engine.llm import StreamOverflow
+
+    aengine, eng = small_api.server.aengine, small_api.engine
+    aborted = eng.aborted
+
+    async def lagging():
+        req = eng.make_request([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=480, ignore_eos=True))
+        events = aengine.stream(req)
+        await asyncio.sleep(1)  # the engine keeps producing meanwhile: more than 8 events pile up
+        with pytest.raises(StreamOverflow):
+            async for _ in events:
+                pass
+        return req
+
+    req = asyncio.run(lagging())
+    assert wait_idle(small_api)["free_slots"] == 2 and eng.aborted == aborted + 1
+    assert 8 <= len(req.choices[0].token_ids) < 480 and req.choices[0].finish_reason == "abort"
+
+
+def test_sigterm_drains_streams_in_flight_and_exits_0():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--max-num-seqs", "4", "--max-model-len",
+                             "256", "--kv-cache-gb", "0.1", "--warmup", "none", "--drain-timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready on http://" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(240), "".join(lines)
+        url = next(x for x in lines if "ready on" in x).split("ready on ")[1].split()[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        got, started = [None] * 3, [threading.Event() for _ in range(3)]
+
+        def stream(i):
+            n = 0
+            for c in client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=48, stream=True,
+                                                    stream_options={"include_usage": True},
+                                                    extra_body={"ignore_eos": True, "seed": i}):
+                started[i].set()
+                n = c.usage.completion_tokens if c.usage else n
+            got[i] = n
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(120) for e in started)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+            raise AssertionError("a request during the drain was served")
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and e.response.headers["Retry-After"] and e.body["code"] == "shutting_down"
+        for t in threads:
+            t.join(300)
+        assert got == [48, 48, 48]
+        assert proc.wait(120) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---- fuzzing ---------------------------------------------------------------------------------------------------
+
+FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty",
+          "presence_penalty", "repetition_penalty", "logit_bias", "mirostat_target", "mirostat_lr", "seed", "n",
+          "max_tokens", "max_completion_tokens", "stop", "ignore_eos", "logprobs", "top_logprobs", "echo", "echo_last",
+          "raw_output", "return_token_ids", "stream", "stream_options", "context_length_exceeded_behavior",
+          "response_format", "tools", "user", "prompt_cache_max_len", "prompt_cache_isolation_key", "suffix",
+          "best_of"]
+COUNTS = {"max_tokens", "max_completion_tokens", "n", "echo_last"}  # large valid values would only be slow
+
+
+def json_values(small_ints: bool = False):
+    """Any JSON value (nested lists and objects included); `small_ints` keeps integers below 9."""
+    ints = st.integers(-3, 8) if small_ints else st.one_of(st.integers(-5, 300), st.sampled_from([-2**63, 2**40]))
+    scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False, allow_infinity=False),
+                        st.text(max_size=12))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def mutated(route: str):
+    """A small valid body for `route` with one field set to a random JSON value (or removed)."""
+    base = {"messages": HELLO} if route == "/v1/chat/completions" else {"prompt": "Once upon a time"}
+    base |= {"max_tokens": 2}
+    return st.sampled_from(FIELDS).flatmap(lambda f: st.one_of(
+        json_values(f in COUNTS), st.just(...)).map(lambda v: (f, v))).map(
+        lambda fv: {k: v for k, v in {**base, fv[0]: fv[1]}.items() if v is not ...})
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_random_json_in_every_field_gets_a_200_or_a_clean_4xx(api, route):
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(mutated(route))
+    def one(body):
+        status, out, _ = http(api, "POST", route, body, {"Content-Type": "application/json"})
+        assert status == 200 or 400 <= status < 500, (body, status, out)
+        if status != 200:
+            assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["message"], out
+
+    one()
+    normal = {"messages": HELLO} if route == "/v1/chat/completions" else {"prompt": "Hi"}
+    status, out, _ = http(api, "POST", route, {**normal, "max_tokens": 2})
+    assert status == 200 and out["usage"]["completion_tokens"] >= 1
+    assert wait_idle(api)["free_slots"] == 32
