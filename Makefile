@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup serve test test-optional bench bench-paging
+.PHONY: setup serve test test-optional bench bench-paging soak
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,3 +30,6 @@ bench: setup
 
 bench-paging: setup
 	$(BIN)/python bench/paging.py
+
+soak: setup
+	$(BIN)/python bench/soak.py --clients 128 --seconds 600
