@@ -107,7 +107,7 @@ async def client(url: str, cid: int, until: float, stats: Stats) -> None:
                         text = await r.text()
                     if r.status == 429:
                         stats.add("refused (429)")
-                        await asyncio.sleep(rng.uniform(0.2, 1.0))
+                        await asyncio.sleep(float(r.headers.get("Retry-After", 1)) + rng.uniform(0, 1))  # as told
                         continue
                     out = json.loads(text)
                     ok = r.status == 200 and out["usage"]["completion_tokens"] == n * max_tokens and all(
@@ -123,7 +123,7 @@ async def client(url: str, cid: int, until: float, stats: Stats) -> None:
                     if r.status == 429:
                         stats.add("refused (429)")
                         await r.read()
-                        await asyncio.sleep(rng.uniform(0.2, 1.0))
+                        await asyncio.sleep(float(r.headers.get("Retry-After", 1)) + rng.uniform(0, 1))  # as told
                         continue
                     first, finished, used, events, done = None, {}, None, 0, False
                     async for raw in r.content:
