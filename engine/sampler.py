@@ -108,12 +108,12 @@ def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
     return z - p.frequency_penalty[:, None] * counts - p.presence_penalty[:, None] * (counts > 0)
 
 
-def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, ent_all: jax.Array, vocab: int, p: SamplerParams):
+def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerParams):
     """Top-k, top-p, min-p and typical-p on descending-sorted logits `sz [B, N]` (the N largest of the vocabulary's,
-    whose log-normaliser and entropy are `lse_all` and `ent_all`).
+    whose log-normaliser is `lse_all`).
 
-    Returns `(z_threshold, lse_kept, entropy, shift_threshold, inexact)`: a token survives iff `z >= z_threshold`
-    and `|-(z - lse_kept) - entropy| <= shift_threshold`; `inexact` marks rows whose survivors may lie past `sz`.
+    Returns `(z_threshold, lse_kept, entropy, shift_threshold, last_survives)`: a token survives iff
+    `z >= z_threshold` and `|-(z - lse_kept) - entropy| <= shift_threshold`.
     """
     n = sz.shape[-1]
     idx = jnp.arange(n)[None, :]
@@ -130,14 +130,12 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, ent_all: jax.Array, voca
     keep &= sz >= sz[:, :1] + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
     last_survives = keep[:, -1]
     thr = jnp.min(jnp.where(keep, sz, jnp.inf), axis=-1)
-    # typical_p over what is left. When nothing cut before it, its normaliser and entropy are the whole vocabulary's
-    # (known exactly); otherwise they are exact when the survivors so far lie within `sz`.
-    uncut = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0)
+    # typical_p over what is left (an exact computation when the survivors lie within `sz`).
     masked = jnp.where(keep, sz, NEG_INF)
-    lse_kept = jnp.where(uncut, lse_all, jax.nn.logsumexp(masked, axis=-1))
+    lse_kept = jax.nn.logsumexp(masked, axis=-1)
     logq = masked - lse_kept[:, None]
     q = jnp.exp(logq)
-    ent = jnp.where(uncut, ent_all, -jnp.sum(jnp.where(keep, q * logq, 0.0), axis=-1))
+    ent = -jnp.sum(jnp.where(keep, q * logq, 0.0), axis=-1)
     shift = jnp.where(keep, jnp.abs(-logq - ent[:, None]), jnp.inf)
     order = jnp.argsort(shift, axis=-1)
     sshift = jnp.take_along_axis(shift, order, axis=-1)
@@ -145,10 +143,32 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, ent_all: jax.Array, voca
     last = jnp.clip(jnp.sum(cq < p.typical_p[:, None], axis=-1), 0, n - 1)
     shift_thr = jnp.take_along_axis(sshift, last[:, None], axis=1)[:, 0]
     shift_thr = jnp.where(p.typical_p >= 1.0, jnp.inf, shift_thr)
-    # Every token past `sz` is at least as surprising as the last one in it: if that one is already less typical than
-    # the threshold, so are they all (they neither survive nor come before a survivor in typicality order).
-    typical_inside = uncut & (p.typical_p < 1.0) & (-(sz[:, -1] - lse_all) - ent_all > shift_thr)
-    return thr, lse_kept, ent, shift_thr, last_survives & ~typical_inside
+    return thr, lse_kept, ent, shift_thr, last_survives
+
+
+def typical_threshold(z: jax.Array, mass: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Typical sampling over the whole vocabulary without a sort: `(lse, entropy, shift_threshold)` such that the
+    tokens with `|-(z - lse) - entropy| <= shift_threshold` are the most typical ones whose probability reaches
+    `mass`, as transformers' `TypicalLogitsWarper` chooses them. The threshold is the smallest float whose kept mass
+    reaches `mass`, found by bisection over float32 bit patterns (non-negative floats order as their bits): 31
+    passes over the vocabulary."""
+    lse = jax.nn.logsumexp(z, axis=-1)
+    logp = z - lse[:, None]
+    q = jnp.exp(logp)
+    ent = -jnp.sum(jnp.where(q > 0, q * logp, 0.0), axis=-1)
+    shift = jnp.abs(-logp - ent[:, None])
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        t = jax.lax.bitcast_convert_type(mid, jnp.float32)
+        ok = jnp.sum(jnp.where(shift <= t[:, None], q, 0.0), axis=-1) >= mass
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    b = z.shape[0]
+    inf_bits = jnp.full((b,), 0x7F800000, jnp.int32)
+    _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros((b,), jnp.int32), inf_bits))
+    return lse, ent, jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
@@ -162,16 +182,18 @@ def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
 def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array) -> jax.Array:
     vocab = z.shape[-1]
     lse_all = jax.nn.logsumexp(z, axis=-1)
-    logp = z - lse_all[:, None]
-    ent_all = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    # Rows where typical_p alone truncates get an exact threshold over the whole vocabulary (no sort, no candidates).
+    only_typical = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p < 1.0)
+    others = ~trivial & ~only_typical
+
     def among(n):  # thresholds from the n largest logits, and whether some row's survivors may lie past them
         # Use the indices: XLA rewrites a values-only top_k into a full sort.
         _, idx = jax.lax.top_k(z, min(n, vocab))
-        out = _truncate_sorted(jnp.take_along_axis(z, idx, axis=1), lse_all, ent_all, vocab, p)
-        return out, jnp.any(~trivial & (((k > n) & (k < vocab)) | ((k >= vocab) & out[4])))
+        out = _truncate_sorted(jnp.take_along_axis(z, idx, axis=1), lse_all, vocab, p)
+        return out, jnp.any(others & (((k > n) & (k < vocab)) | ((k >= vocab) & out[4])))
 
     # Three tiers, each taken only when a row needs it: 64 candidates, 1,024, then the whole sorted vocabulary.
-    exact = lambda: _truncate_sorted(-jnp.sort(-z, axis=-1), lse_all, ent_all, vocab, p)  # noqa: E731
+    exact = lambda: _truncate_sorted(-jnp.sort(-z, axis=-1), lse_all, vocab, p)  # noqa: E731
 
     def wide():
         out, inexact = among(WIDE_CANDIDATES)
@@ -179,6 +201,11 @@ def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.
 
     fast, inexact = among(CANDIDATES)
     thr, lse_kept, ent, shift_thr, _ = jax.lax.cond(inexact, wide, lambda: fast)
+    lse_t, ent_t, thr_t = jax.lax.cond(jnp.any(only_typical), lambda: typical_threshold(z, p.typical_p),
+                                       lambda: (lse_kept, ent, shift_thr))
+    thr = jnp.where(only_typical, -jnp.inf, thr)
+    lse_kept, ent = jnp.where(only_typical, lse_t, lse_kept), jnp.where(only_typical, ent_t, ent)
+    shift_thr = jnp.where(only_typical, thr_t, shift_thr)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])
     return keep | trivial[:, None]

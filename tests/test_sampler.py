@@ -216,19 +216,15 @@ def test_inverse_cdf_draw_never_lands_on_an_excluded_token():
             assert math.isclose(float(logq[0]), math.log(p[kept.index(t)]), abs_tol=1e-4)
 
 
-def test_typical_p_on_peaked_logits_stays_on_the_candidates_and_matches_transformers():
-    """With nothing cut before it, typical_p's survivors are found among the top candidates whenever every token past
-    them is less typical than the threshold (peaked distributions): no full sort, the same set as transformers."""
+@pytest.mark.parametrize("scale", [0.5, 4.0, 8.0])
+def test_typical_p_alone_is_exact_without_a_sort_and_matches_transformers(scale):
+    """Rows where only typical_p truncates take the bisection over float bit patterns: the same set as transformers,
+    flat or peaked, with a suppressed (-inf) token in the row as ignore_eos makes one."""
     rng = np.random.default_rng(2)
     vals = [0.2, 0.5, 0.9, 0.99]
-    logits = (rng.standard_normal((len(vals), V)) * 8).astype(np.float32)
-    p = params(len(vals), typical_p=vals)
-    z = jnp.asarray(logits)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    ent = -jnp.sum(jnp.exp(z - lse[:, None]) * (z - lse[:, None]), axis=-1)
-    cand = -jnp.sort(-z, axis=-1)[:, :smp.CANDIDATES]
-    assert not np.asarray(smp._truncate_sorted(cand, lse, ent, V, p)[4]).any()  # the fast path is exact here
-    keep = np.asarray(smp.truncation_mask(z, p))
+    logits = (rng.standard_normal((len(vals), V)) * scale).astype(np.float32)
+    logits[:, 7] = -np.inf
+    keep = np.asarray(smp.truncation_mask(jnp.asarray(logits), params(len(vals), typical_p=vals)))
     for i, v in enumerate(vals):
         want_keep, want_p = hf_probs(TypicalLogitsWarper(v), logits[i])
         assert np.array_equal(keep[i], want_keep), (v, keep[i].sum(), want_keep.sum())
