@@ -242,7 +242,8 @@ def main() -> None:
             ("TTFT p50 / p99 (ms, streams)", f"{pct(stats.ttft, 50)} / {pct(stats.ttft, 99)}"),
             ("latency p50 / p99 (ms)", f"{pct(stats.latency, 50)} / {pct(stats.latency, 99)}"),
             ("server RSS start → end (MB)", f"{rss0:.0f} → {rss1:.0f}"),
-            ("preemptions, prefix-cache hit rate", f"{health.get('preemptions')}, {health.get('prefix_cache_hit_rate')}"),
+            ("preemptions, prefix-cache hit rate",
+             f"{health.get('preemptions')}, {health.get('prefix_cache_hit_rate')}"),
             ("errors", f"{len(stats.errors)}"),
             *((f"check: {k}", "pass" if v else "FAIL") for k, v in checks.items())]
     print("| soak | value |\n| --- | --- |")

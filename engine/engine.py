@@ -202,7 +202,8 @@ class Engine:
         """Slot and page occupancy and counters (read from other threads; values are a snapshot)."""
         pool = self.pool
         return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
-                    prefilling=len(self.prefilling), waiting=len(self.waiting) + len(self.resumes) + self.incoming.qsize(),
+                    prefilling=len(self.prefilling),
+                    waiting=len(self.waiting) + len(self.resumes) + self.incoming.qsize(),
                     aborted=self.aborted, finished=self.finished, generated_tokens=self.generated,
                     steps=self.steps_run, compiles=self.runner.compiles, max_model_len=self.max_len,
                     kv_pages_total=pool.capacity, kv_pages_free=pool.num_free, kv_pages_cached=pool.num_cached,

@@ -189,7 +189,8 @@ class Server:
         self.active += 1
         try:
             if self.draining:
-                raise ApiError(503, "the server is shutting down; retry on another instance", type_="service_unavailable",
+                raise ApiError(503, "the server is shutting down; retry on another instance",
+                               type_="service_unavailable",
                                code="shutting_down", headers={"Retry-After": "5"})
             body = await self._body(request)
             self._check_model(body)

@@ -1,11 +1,12 @@
-"""The paged KV cache on the packaged SmolLM2: prefix reuse, isolation, eviction, n > 1 sharing, preemption, compiles."""
+"""The paged KV cache on the packaged SmolLM2: prefix reuse, isolation, eviction, n > 1 sharing, preemption and
+compile counts."""
 
 import numpy as np
 import pytest
 
 from engine import SamplingParams
 from engine.engine import Engine
-from engine.llm import LLM, encode_chat
+from engine.llm import encode_chat
 from engine.runner import RunnerConfig
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -49,7 +50,8 @@ def test_completions_hit_miss_and_disabled_give_the_same_tokens(llm, params):
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_chat_with_a_shared_system_prompt_reuses_it(llm, params):
     ps = llm.engine.page_size
-    system = {"role": "system", "content": f"You are a terse assistant ({params.temperature}) who answers briefly. " * 6}
+    words = f"You are a terse assistant ({params.temperature}) who answers briefly. "
+    system = {"role": "system", "content": words * 6}
     first = llm.chat([system, {"role": "user", "content": "Name a fruit."}], params)
     assert first[0].cached_tokens == 0
     second = [system, {"role": "user", "content": "Name a colour."}]

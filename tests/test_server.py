@@ -482,7 +482,8 @@ def test_prompt_cache_through_the_api(api, client):
     assert second.choices[0].message.content == first.choices[0].message.content
     other = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t2"})
     assert other.usage.prompt_tokens_details.cached_tokens == 0
-    off = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t1", "prompt_cache_max_len": 0})
+    off = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t1",
+                                                           "prompt_cache_max_len": 0})
     assert off.usage.prompt_tokens_details.cached_tokens == 0
     assert off.choices[0].message.content == first.choices[0].message.content
     stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
