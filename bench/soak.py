@@ -15,9 +15,7 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import urllib.request
@@ -166,29 +164,6 @@ async def client(url: str, cid: int, until: float, stats: Stats) -> None:
                 stats.errors.append(f"{kind}: {type(e).__name__}: {e}")
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
-    """`python -m server` on a free loopback port; its process, URL and log lines (read on a thread)."""
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--max-num-seqs", str(args.max_num_seqs), "--max-model-len",
-           "1024", "--kv-cache-gb", str(args.kv_cache_gb), "--max-queued-requests", str(args.max_queued),
-           "--log-format", "json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, ready = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready on http://" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(600):
-        proc.kill()
-        raise SystemExit("".join(lines[-50:]))
-    line = next(x for x in lines if "ready on http://" in x)
-    return proc, "http://" + line.split("ready on http://")[1].split()[0].rstrip('",'), lines
-
-
 def pct(xs: list[float], q: float) -> str:
     """A percentile in milliseconds."""
     return f"{np.percentile(xs, q) * 1000:.0f}" if xs else "-"
@@ -204,7 +179,12 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--rss-growth-mb", type=float, default=500)
     args = ap.parse_args()
-    proc, url, lines = start_server(args)
+    sys.path.insert(0, ROOT)
+    from server.child import spawn
+
+    child = spawn("--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "1024", "--kv-cache-gb",
+                  str(args.kv_cache_gb), "--max-queued-requests", str(args.max_queued), "--log-format", "json")
+    proc, url = child.proc, child.url
     stats = Stats()
     try:
         asyncio.run(client(url, -1, time.monotonic() + 5, Stats()))  # warm the common shapes, then measure RSS

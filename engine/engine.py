@@ -342,8 +342,8 @@ class Engine:
             limit = min(limit, req.cache_max_len // ps)
         hit = [] if req.params.echo and not resume else pool.lookup(hashes[:limit])  # echo needs every logit
         pool.share(hit)
-        extra = len(choices) - 1 if len(tokens) % ps else 0
-        need = -(-len(tokens) // ps) - len(hit) + extra
+        extra = len(choices) - 1 if len(tokens) % ps else 0  # partial last pages of the other choices
+        need = self._pages_to_admit(len(tokens), len(choices)) - len(hit)
         # Keep a page of room per running sequence, so admission does not at once force a preemption.
         if pool.num_free - need < len(self.running):
             pool.release(hit)
@@ -364,13 +364,15 @@ class Engine:
             pool.hit += req.cached_tokens
         return Prefill(req, choices, tokens, len(hit) * ps, resume)
 
-    def _register(self, req: Request, choice: Choice, tokens: list[int]) -> None:
-        """Offer a choice's newly full pages (of `tokens`, whose K/V are written) to the prefix cache."""
-        full = min(len(tokens) // self.page_size, len(choice.pages))
-        if full <= len(choice.hashes):
+    def _register(self, req: Request, choice: Choice) -> None:
+        """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
+        written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
+        full, done = min(written // self.page_size, len(choice.pages)), len(choice.hashes)
+        if full <= done:
             return
-        choice.hashes = page_hashes(tokens[:full * self.page_size], self.page_size, req.cache_key)
-        for page, h in zip(choice.pages, choice.hashes):
+        tokens = seq_tokens(req, choice)[:full * self.page_size]
+        choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
+        for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
             self.pool.register(page, h)
 
     def _install(self, ready: list[tuple[Prefill, Any]], changed) -> None:
@@ -380,7 +382,7 @@ class Engine:
         copies = []
         for pf, logits in ready:
             req, first = pf.req, pf.choices[0]
-            self._register(req, first, pf.tokens)
+            self._register(req, first)
             if pf.resume:
                 self.runner.set_settings(first.slot, self._settings(req))
                 self.runner.restore_row(first.slot, first.saved)
@@ -477,7 +479,7 @@ class Engine:
             return pf.choices[0]
         _, choice, req = newest_run
         choice.saved = self.runner.save_row(choice.slot)
-        self._register(req, choice, seq_tokens(req, choice))
+        self._register(req, choice)
         del self.running[choice.slot]
         self._unseat(choice)
         self.resumes.appendleft((req, choice))
@@ -515,7 +517,7 @@ class Engine:
                     changed[req.id] = req
             self._emit(changed, done)
         for req, choice in self.running.values():
-            self._register(req, choice, seq_tokens(req, choice))
+            self._register(req, choice)
 
     # ---- per-token postprocessing -----------------------------------------------------------------------------
 
@@ -559,7 +561,7 @@ class Engine:
         choice.finish_reason = reason
         if choice.slot in self.running and self.running[choice.slot][1] is choice:
             req, _ = self.running.pop(choice.slot)
-            self._register(req, choice, seq_tokens(req, choice))
+            self._register(req, choice)
             self._unseat(choice)
 
     def _release(self, slots) -> None:

@@ -18,15 +18,17 @@ import hashlib
 
 import numpy as np
 
-SCRATCH = 0
+from models.attention import SCRATCH
 
 
-def page_hashes(tokens: list[int], page_size: int, salt: str | None = None) -> list[bytes]:
-    """The chained hash of every full page of `tokens`: page i's hash covers pages 0..i and the isolation key."""
-    h = hashlib.sha256(b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
-    out = []
+def page_hashes(tokens: list[int], page_size: int, salt: str | None = None, known: list[bytes] = ()) -> list[bytes]:
+    """The chained hash of every full page of `tokens`: page i's hash covers pages 0..i and the isolation key.
+    `known` holds the hashes of its first pages, already computed: only the pages after them are hashed."""
+    h = known[-1] if known else hashlib.sha256(
+        b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
+    out = list(known)
     arr = np.asarray(tokens, np.int64)
-    for i in range(len(tokens) // page_size):
+    for i in range(len(known), len(tokens) // page_size):
         h = hashlib.sha256(h + arr[i * page_size:(i + 1) * page_size].tobytes()).digest()
         out.append(h)
     return out

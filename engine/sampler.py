@@ -146,13 +146,12 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerPa
     return thr, lse_kept, ent, shift_thr, last_survives
 
 
-def typical_threshold(z: jax.Array, mass: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Typical sampling over the whole vocabulary without a sort: `(lse, entropy, shift_threshold)` such that the
+def typical_threshold(z: jax.Array, lse: jax.Array, mass: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Typical sampling over the whole vocabulary without a sort: `(entropy, shift_threshold)` such that the
     tokens with `|-(z - lse) - entropy| <= shift_threshold` are the most typical ones whose probability reaches
     `mass`, as transformers' `TypicalLogitsWarper` chooses them. The threshold is the smallest float whose kept mass
     reaches `mass`, found by bisection over float32 bit patterns (non-negative floats order as their bits): 31
-    passes over the vocabulary."""
-    lse = jax.nn.logsumexp(z, axis=-1)
+    passes over the vocabulary. `lse` is the log-normaliser of `z`."""
     logp = z - lse[:, None]
     q = jnp.exp(logp)
     ent = -jnp.sum(jnp.where(q > 0, q * logp, 0.0), axis=-1)
@@ -168,7 +167,7 @@ def typical_threshold(z: jax.Array, mass: jax.Array) -> tuple[jax.Array, jax.Arr
     b = z.shape[0]
     inf_bits = jnp.full((b,), 0x7F800000, jnp.int32)
     _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros((b,), jnp.int32), inf_bits))
-    return lse, ent, jax.lax.bitcast_convert_type(hi, jnp.float32)
+    return ent, jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
@@ -201,10 +200,10 @@ def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.
 
     fast, inexact = among(CANDIDATES)
     thr, lse_kept, ent, shift_thr, _ = jax.lax.cond(inexact, wide, lambda: fast)
-    lse_t, ent_t, thr_t = jax.lax.cond(jnp.any(only_typical), lambda: typical_threshold(z, p.typical_p),
-                                       lambda: (lse_kept, ent, shift_thr))
+    ent_t, thr_t = jax.lax.cond(jnp.any(only_typical), lambda: typical_threshold(z, lse_all, p.typical_p),
+                                lambda: (ent, shift_thr))
     thr = jnp.where(only_typical, -jnp.inf, thr)
-    lse_kept, ent = jnp.where(only_typical, lse_t, lse_kept), jnp.where(only_typical, ent_t, ent)
+    lse_kept, ent = jnp.where(only_typical, lse_all, lse_kept), jnp.where(only_typical, ent_t, ent)
     shift_thr = jnp.where(only_typical, thr_t, shift_thr)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])

@@ -2,11 +2,8 @@
 on SIGTERM, and property-based fuzzing of both completion routes."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -18,9 +15,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import live_server
+from server.child import spawn
 from test_server import HELLO, MODEL, http
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def metric(api, name: str, sample: str, **labels) -> float:
@@ -166,23 +162,11 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
 
 
 def test_sigterm_drains_streams_in_flight_and_exits_0():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--max-num-seqs", "4", "--max-model-len",
-                             "256", "--kv-cache-gb", "0.1", "--warmup", "none", "--drain-timeout", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    lines, ready = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready on http://" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    child = spawn("--max-num-seqs", "4", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--warmup", "none",
+                  "--drain-timeout", "120", timeout=240)
+    proc, lines = child.proc, child.lines
     try:
-        assert ready.wait(240), "".join(lines)
-        url = next(x for x in lines if "ready on" in x).split("ready on ")[1].split()[0]
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)
         got, started = [None] * 3, [threading.Event() for _ in range(3)]
 
         def stream(i):

@@ -348,6 +348,8 @@ def test_page_hashes_chain_and_salt():
     salted = [page_hashes([1, 2], 2, s)[0] for s in (None, "", "a", "b")]
     assert len(set(salted)) == 4
     assert page_hashes([1, 2], 2, "a") == page_hashes([1, 2], 2, "a")
+    tokens = [1, 2, 3, 4, 5, 6, 7]
+    assert page_hashes(tokens, 2, "a", page_hashes(tokens[:4], 2, "a")) == page_hashes(tokens, 2, "a")  # extended
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, database=None)

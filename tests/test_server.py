@@ -2,9 +2,6 @@
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,6 +12,7 @@ import pytest
 from conftest import SERVED_DEFAULTS
 from engine import SamplingParams
 from helpers import our_logits
+from server.child import spawn
 
 MODEL = "smollm2-135m-instruct"
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
@@ -405,21 +403,9 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
 
 
 def test_python_m_server_with_an_api_key():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--api-key", "sekret", "--max-num-seqs",
-                             "2", "--max-model-len", "256"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    child = spawn("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "256", timeout=240)
+    proc, url = child.proc, child.url
     try:
-        url, lines = None, []
-        deadline = time.time() + 240
-        while time.time() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "ready on http://" in line:
-                url = line.split("ready on ")[1].split()[0]
-        assert url, "".join(lines)
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
             bad.models.list()
