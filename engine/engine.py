@@ -23,7 +23,8 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
-from engine.runner import BATCHED_PREFILL, PREFILL_ROWS, Runner, RunnerConfig, join_pieces
+from engine.compile import compile_all
+from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -218,26 +219,8 @@ class Engine:
                     or not self.aborts.empty())
 
     def warmup(self, full: bool = False) -> None:
-        """Compile by running them: prefill shapes for short prompts, the first draw, and decode at every batch bucket
-        for the shortest attended length (`full`: every attended length and long-prompt prefill too)."""
-        req = self.make_request([0] * 8, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
-                                prompt_cache_max_len=0)
-        self.add(req)
-        while self.has_work():
-            self.step()
-        runner = self.runner
-        nowhere = np.zeros(runner.max_pages, np.int32)  # an all-scratch table: warm-up writes go to page 0
-        for size in runner.prefill_buckets:
-            for rows in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL else ((1,) if full else ()):
-                runner.prefill_many([(nowhere, [0] * size, 0)] * rows)
-        runner.copy_pages([(0, 0)])  # n > 1
-        steps = runner.rc.decode_steps
-        for attend in runner.attend if full else runner.attend[:1]:
-            for nb in runner.batch_buckets:
-                active = np.zeros(nb, bool)
-                active[-1] = True  # a free slot: its sampler row is reset on admission
-                positions = np.full(nb, max(attend - steps, 0), np.int32)
-                runner.decode(np.zeros(nb, np.int32), positions, active, np.zeros_like(self.tables), steps)
+        """Compile the common shapes ahead of time, several at once (see `Runner.warm_jobs`); nothing is run."""
+        compile_all(self.runner.warm_jobs(full), desc="compiling shapes")
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
@@ -309,17 +292,40 @@ class Engine:
         self.prefilling.extend(pf for pf in batch if not pf.short)
         logits = self.runner.prefill_many([(self.tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short])
         ready = list(zip(short, logits))
-        if self.prefilling:
+        if self.prefilling and self.prefilling[0].echo:  # prompt logprobs: one chunk of one prompt at a time
             pf = self.prefilling[0]
-            x, piece = self.runner.prefill_chunk(self.tables[pf.choices[0].slot], pf.tokens, pf.start, pf.echo)
+            x, piece = self.runner.prefill_chunk(self.tables[pf.choices[0].slot], pf.tokens, pf.start, True)
             pf.start += self.runner.chunk
             pf.pieces.append(piece)
             if pf.start >= len(pf.tokens):
                 self.prefilling.popleft()
-                if pf.echo:
-                    pf.req.prompt_logprobs = join_pieces(pf.pieces)
+                pf.req.prompt_logprobs = join_pieces(pf.pieces)
                 ready.append((pf, x))
+        else:
+            ready += self._prefill_chunks()
         self._install(ready, changed)
+
+    def _prefill_chunks(self) -> list[tuple[Prefill, Any]]:
+        """The next chunk of each long prompt in line, oldest first, up to `max_prefill_tokens` tokens in all (at
+        least one chunk), computed together; returns the prompts that are now complete, with their last logits."""
+        budget, work = self.runner.rc.max_prefill_tokens, []
+        for pf in self.prefilling:
+            if pf.echo:
+                break
+            n = min(self.runner.chunk, len(pf.tokens) - pf.start)
+            if work and n > budget:
+                break
+            work.append((pf, n))
+            budget -= n
+        logits = self.runner.prefill_many([(self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n], pf.start)
+                                           for pf, n in work])
+        ready = []
+        for (pf, n), x in zip(work, logits):
+            pf.start += n
+            if pf.start >= len(pf.tokens):
+                self.prefilling.remove(pf)
+                ready.append((pf, x))
+        return ready
 
     def _seat_next(self) -> Prefill | None:
         """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
@@ -534,7 +540,8 @@ class Engine:
         if is_eos:
             return self._finish(choice, "stop")
         before = len(choice.text)
-        self._detok(choice, tok)
+        if self.tok is not None:  # without a tokenizer the engine works in token ids alone
+            self._detok(choice, tok)
         if p.stop and self._check_stop(choice, p.stop, before):
             return self._finish(choice, "stop")
         if len(choice.token_ids) >= req.max_tokens or len(req.prompt_ids) + len(choice.token_ids) >= self.max_len:

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from engine import sampler as smp
+from engine.compile import AOT, Job
 from models import KVCache, Model
 from models.sharding import cache_sharding
 
@@ -36,6 +37,7 @@ class RunnerConfig:
     page_size: int = 16  # tokens per page (TPU kernels want 128+)
     decode_steps: int = 4
     min_attend: int = 128
+    max_prefill_tokens: int = 512  # long-prompt chunks computed per engine step (SGLang's --max-prefill-tokens)
 
 
 def kv_bytes_per_token(model: Model) -> int:
@@ -161,13 +163,44 @@ class Runner:
             self.compiles += 1
             return jax.tree.map(lambda full, x: full.at[row].set(x), state, values)
 
+        layer_base = np.arange(model.cfg.num_layers)[:, None] * self.num_pages  # each layer's first pool page
+
         @functools.partial(jax.jit, donate_argnums=(0,))
         def copy_pages(cache, src, dst):
             self.compiles += 1
-            return KVCache(cache.k.at[:, :, dst].set(cache.k[:, :, src]), cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+            src, dst = (layer_base + src[None]).reshape(-1), (layer_base + dst[None]).reshape(-1)  # in every layer
+            return KVCache(cache.k.at[:, dst].set(cache.k[:, src]), cache.v.at[:, dst].set(cache.v[:, src]))
 
-        self._prefill, self._decode, self._first = prefill, decode, first_tokens
-        self._set_row, self._copy = set_state_row, copy_pages
+        self._prefill, self._decode, self._first = AOT(prefill), AOT(decode), AOT(first_tokens)
+        self._set_row, self._copy = AOT(set_state_row), AOT(copy_pages)
+
+    def warm_jobs(self, full: bool = False) -> list[Job]:
+        """The shapes to compile before serving: prefill of short prompts (several per call) and of a first chunk,
+        the first draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended
+        length. `full`: every attended length for decode and prefill too (minutes the first time, seconds once the
+        persistent compilation cache holds them)."""
+        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        p, c, st, sp = self.model.params, self.cache, self.state, self.params
+        jobs: list[Job] = []
+        for size in self.prefill_buckets:
+            budget = max(self.rc.max_prefill_tokens, size)
+            rows = [r for r in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL or r * size <= budget]
+            attends = [a for a in self.attend if a >= size] if full else [bucket(size, self.attend)]
+            for nb in rows:
+                for attend in attends:
+                    table = i32(nb, attend // self.page_size)
+                    jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
+                                 dict(echo=False)))
+        vocab = self.model.cfg.vocab_size
+        jobs.append((self._first, (st, sp, np.zeros((self.slots, vocab), np.float32), np.zeros(self.slots, bool)), {}))
+        row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
+        jobs.append((self._set_row, (st, np.int32(0), row), {}))
+        jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
+        for attend in self.attend if full else self.attend[:1]:
+            for nb in self.batch_buckets:
+                jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
+                                            i32(nb, attend // self.page_size)), dict(steps=self.rc.decode_steps)))
+        return jobs
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -201,13 +234,13 @@ class Runner:
 
     def prefill_many(self, items: list[tuple[np.ndarray, list[int], int]]) -> list[jax.Array]:
         """Prefill `(table row, tokens, start)` items and return each one's last logits `[V]`, in order. Items with
-        up to `BATCHED_PREFILL` tokens to compute share calls (grouped by length and attended-length bucket, up to
+        up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
         `PREFILL_ROWS` rows, padded to a power of two); longer ones go through the chunked `prefill`."""
         out: list[jax.Array | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (table, tokens, start) in enumerate(items):
             n = len(tokens) - start
-            if n <= BATCHED_PREFILL:
+            if n <= self.chunk:
                 size = bucket(n, self.prefill_buckets)
                 groups.setdefault((size, bucket(min(start + size, self.max_len), self.attend)), []).append(i)
             else:

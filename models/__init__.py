@@ -17,16 +17,23 @@ import jax.numpy as jnp
 
 from models import gemma3, llama, qwen2, qwen3
 from models.config import ModelConfig
-from models.attention import KVCache
+from models.attention import KVCache, resolve_backend
 from models.layers import CausalLM
 from models.sharding import make_mesh, param_shardings
 from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
 log = logging.getLogger("sparkler.models")
 
+# XLA's Triton GEMM emitter reads the decode step's skinny products at ~1.2 TB/s on an H200; cuBLAS reads them at
+# ~3.1 TB/s (bench/gpu_probe.py). Set before any backend starts; an explicit setting in XLA_FLAGS wins.
+if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
+
+DTYPES = ("float32", "bfloat16")
+
 FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3) for arch in fam.ARCHITECTURES}
 
-__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "FAMILIES", "STATS"]
+__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "FAMILIES", "STATS"]
 
 
 def family(cfg: ModelConfig) -> ModuleType:
@@ -36,9 +43,35 @@ def family(cfg: ModelConfig) -> ModuleType:
     return FAMILIES[cfg.arch]
 
 
-def build(cfg: ModelConfig) -> CausalLM:
-    """The Flax module for a config."""
-    return CausalLM(cfg, family(cfg).DecoderLayer)
+def resolve_dtype(name: str, platform: str | None = None) -> str:
+    """`--dtype`: `auto` is bfloat16 on GPU and TPU, float32 on CPU (where XLA's bfloat16 matmuls are slower)."""
+    if name == "auto":
+        return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return name
+
+
+def default_scan(platform: str | None = None) -> bool:
+    """Whether layers run under `lax.scan` by default (see `CausalLM`): on accelerators always; on CPU too, since
+    it compiles ~Nx faster and decodes as fast (docs/PERFORMANCE.md)."""
+    return True
+
+
+def build(cfg: ModelConfig, attention: str = "xla", scan: bool | None = None) -> CausalLM:
+    """The Flax module for a config, with an attention backend (`auto`: by platform) and scanned or unrolled
+    layers (None: the platform's default)."""
+    backend = resolve_backend(attention, cfg)
+    return CausalLM(cfg, family(cfg).DecoderLayer, backend, default_scan() if scan is None else scan)
+
+
+def stack_layers(tree: dict, num_layers: int) -> dict:
+    """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked into `layers` (leading axis = layer)."""
+    import numpy as np
+
+    layers = [tree.pop(f"layers_{i}") for i in range(num_layers)]
+    tree["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    return tree
 
 
 def abstract_params(module: CausalLM):
@@ -89,26 +122,31 @@ class Model:
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
-               with_tokenizer: bool = True) -> Model:
-    """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc)."""
+               with_tokenizer: bool = True, attention: str = "auto", scan: bool | None = None) -> Model:
+    """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
+    `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform)."""
     from models import packaged
 
+    dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     source = open_source(path)
     cfg = ModelConfig.from_hf(source.config, dtype)
     fam = family(cfg)
-    module = build(cfg)
+    module = build(cfg, attention, scan)
     mesh = make_mesh(tp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh))
     key = source.content_hash()
-    ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}")
+    ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{'-scan' if module.scan else ''}")
     params = _restore(ckpt_dir, boxed, shardings)
     if params is None:
-        shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(boxed)["params"])}
+        flat = abstract_params(module.clone(scan=False))  # per-layer names and shapes
+        shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes))
-        tree = {"params": convert(source, cfg, table, shapes, fam.gguf_fix)}
-        params = jax.device_put(tree, shardings)
+        tree = convert(source, cfg, table, shapes, fam.gguf_fix)
+        if module.scan:
+            tree = stack_layers(tree, cfg.num_layers)
+        params = jax.device_put({"params": tree}, shardings)
         _save(ckpt_dir, params)
         STATS["converted"] += 1
         log.warning("sparkler: converted %s and cached it at %s", path, ckpt_dir)

@@ -1,10 +1,16 @@
-"""Attention over a paged KV cache: the plain-XLA backend (the reference that kernels are tested against).
+"""Attention over a paged KV cache: the cache layout, the K/V write, and the backend seam.
 
-The cache is a pool of pages for every layer, `[layers, kv_heads, pages, page_size, head_dim]` (per layer, the layout
-of the TPU and GPU paged-attention kernels). A row of the page table lists one sequence's pages in order: position p
-lives in page `table[b, p // page_size]` at offset `p % page_size`. Table entries past a sequence's pages point at
-page 0, the scratch page: padding rows and padding positions write there, and what they write is only ever read
-under the causal mask.
+The cache is one pool per K and V, `[kv_heads, layers * pages, page_size, head_dim]`: each layer owns a range of
+`pages` pages, so page `p` of layer `l` is pool page `l * pages + p`. Per head this is exactly the operand of the
+TPU and GPU paged-attention kernels, and a kernel gets the whole pool (no per-layer slice to copy, whether the
+layers are unrolled or scanned) with the page table offset by `l * pages`. A row of the page table lists one
+sequence's pages in order: position t lives in page `table[b, t // page_size]` at offset `t % page_size`. Table
+entries past a sequence's pages point at page 0, the scratch page: padding rows and positions write there, and
+what they write is only ever read under the causal mask.
+
+Backends (`BACKENDS`): `xla`, the plain-XLA reference below (gather the pages, masked softmax), used for every
+prefill and wherever a kernel does not apply; `pallas-gpu` and `pallas-tpu`, decode kernels from JAX's Pallas ops
+(`models/pallas_gpu.py`, `models/pallas_tpu.py`).
 """
 
 from __future__ import annotations
@@ -18,56 +24,92 @@ from models.config import ModelConfig
 
 NEG_INF = -1e30
 SCRATCH = 0
+BACKENDS = ("xla", "pallas-gpu", "pallas-tpu")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: `[layers, kv_heads, pages, page_size, head_dim]` each."""
+    """Keys and values of every layer: `[kv_heads, layers * pages, page_size, head_dim]` each."""
 
     k: jax.Array
     v: jax.Array
 
     @staticmethod
     def zeros(cfg: ModelConfig, pages: int, page_size: int, dtype=None) -> "KVCache":
-        """An empty pool of `pages` pages."""
-        shape = (cfg.num_layers, cfg.num_kv_heads, pages, page_size, cfg.head_dim)
+        """An empty pool of `pages` pages per layer."""
+        shape = (cfg.num_kv_heads, cfg.num_layers * pages, page_size, cfg.head_dim)
         dt = dtype or cfg.dtype
         return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
 
-def write(cache: jax.Array, layer: int, x: jax.Array, positions: jax.Array, table: jax.Array) -> jax.Array:
+def default_backend(platform: str | None = None) -> str:
+    """The backend a platform runs best: the kernels on GPU and TPU, the XLA reference elsewhere."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "xla")
+
+
+def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None) -> str:
+    """Check a `--attention-backend` value (`auto` picks by platform); a kernel that cannot serve the model's
+    attention (a sliding window, logit soft-capping) falls back to `xla` for that model."""
+    name = default_backend(platform) if name == "auto" else name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    if cfg is not None and name != "xla" and (cfg.sliding_window or cfg.attn_softcap):
+        return "xla"
+    return name
+
+
+def write(cache: jax.Array, offset, x: jax.Array, positions: jax.Array, table: jax.Array) -> jax.Array:
     """Scatter this call's keys (or values) `x [B, S, kvh, d]` at `positions [B, S]` through the page table
-    `[B, n]`; positions past the table go to the scratch page."""
-    ps = cache.shape[3]
-    page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH)
-    heads = jnp.arange(cache.shape[1])[:, None, None]
-    return cache.at[layer, heads, page[None], (positions % ps)[None]].set(x.transpose(2, 0, 1, 3).astype(cache.dtype))
+    `[B, n]` into the layer whose pages start at `offset`; positions past the table go to the scratch page."""
+    ps = cache.shape[2]
+    page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH) + offset
+    heads = jnp.arange(cache.shape[0])[:, None, None]
+    return cache.at[heads, page[None], (positions % ps)[None]].set(x.transpose(2, 0, 1, 3).astype(cache.dtype))
 
 
-def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int, table: jax.Array,
-                    positions: jax.Array, scale: float, softcap: float = 0.0, window: int = 0) -> jax.Array:
-    """Causal attention of queries `q [B, S, h, d]` at `positions [B, S]` over the pages in `table [B, n]` (keys at
-    positions `0 .. n * page_size - 1`); returns `[B, S, h * d]`. `window` > 0 limits each query to that many
-    most recent keys; `softcap` > 0 caps the scores with tanh."""
+def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array, positions: jax.Array,
+              scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+    """Causal attention of queries `q [B, S, h, d]` at `positions [B, S]` over the pages in `table [B, n]` (pool
+    pages, layer offset applied; keys at positions `0 .. n * page_size - 1`); returns `[B, S, h * d]`. `window` > 0
+    (may be traced) limits each query to that many most recent keys; `softcap` > 0 caps the scores with tanh."""
     b, s, h, d = q.shape
-    kvh = k_cache.shape[1]
-    keys = k_cache[layer][:, table]  # [kvh, B, n, page, d]: a sequence's pages for one head, in order
-    values = v_cache[layer][:, table]
+    kvh = k_cache.shape[0]
+    keys = k_cache[:, table]  # [kvh, B, n, page, d]: a sequence's pages for one head, in order
+    values = v_cache[:, table]
     t = keys.shape[2] * keys.shape[3]
     keys, values = keys.reshape(kvh, b, t, d), values.reshape(kvh, b, t, d)
     g = h // kvh
     qg = q.reshape(b, s, kvh, g, d).transpose(2, 0, 3, 1, 4).reshape(kvh, b, g * s, d)
-    scores = jnp.einsum("kbqd,kbtd->kbqt", qg, keys.astype(q.dtype)).astype(jnp.float32) * scale
+    scores = jnp.einsum("kbqd,kbtd->kbqt", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(kvh, b, g, s, t)
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     key_pos = jnp.arange(t)[None, None, :]
     q_pos = positions[:, :, None]
     mask = key_pos <= q_pos
-    if window:
-        mask &= key_pos > q_pos - window
+    if not (isinstance(window, int) and window == 0):
+        mask &= (key_pos > q_pos - window) | (window <= 0)
     scores = jnp.where(mask[None, :, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(kvh, b, g * s, t)
     out = jnp.einsum("kbqt,kbtd->kbqd", probs, values.astype(q.dtype))
     return out.reshape(kvh, b, g, s, d).transpose(1, 3, 0, 2, 4).reshape(b, s, h * d)
+
+
+def paged_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
+                    positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+    """Attention through `backend`: the kernels take decode (one query per row, no window); everything else, and
+    the `xla` backend, runs `reference`. Arguments as `reference`."""
+    if backend == "xla" or q.shape[1] != 1 or softcap or not (isinstance(window, int) and window == 0):
+        return reference(q, k_cache, v_cache, table, positions, scale, softcap, window)
+    b, _, h, d = q.shape
+    lengths = positions[:, 0].astype(jnp.int32) + 1
+    qs = (q[:, 0] * jnp.asarray(scale, q.dtype))
+    if backend == "pallas-gpu":
+        from models import pallas_gpu as kernel
+    else:
+        from models import pallas_tpu as kernel
+    interpret = jax.default_backend() == "cpu"  # a kernel asked for on a CPU runs in Pallas' interpreter
+    return kernel.decode(qs, k_cache, v_cache, table, lengths, interpret).reshape(b, 1, h * d)

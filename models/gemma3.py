@@ -17,20 +17,23 @@ class DecoderLayer(nn.Module):
     """`x + post_norm(attn(pre_norm(x)))`, then `x + post_norm(mlp(pre_norm(x)))`."""
 
     cfg: ModelConfig
-    layer: int
+    backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache):
+    def __call__(self, carry, layer, positions, table):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index."""
+        x, k_cache, v_cache = carry
         cfg = self.cfg
 
         def norm(name):
             return RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name=name)
 
         h = norm("input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, table, k_cache, v_cache)
+        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
+                                                                             layer)
         x = x + norm("post_attention_layernorm")(h)
         h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
-        return x + norm("post_feedforward_layernorm")(h), k_cache, v_cache
+        return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 
 LAYER_GGUF = {

@@ -28,12 +28,13 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: str = "float32"
+    float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
         w = self.param("weight", init, (self.features, x.shape[-1]), jnp.dtype(self.dtype))
-        y = jnp.dot(x, w.T)
+        y = jnp.dot(x, w.T, preferred_element_type=jnp.float32 if self.float32_out else None)
         if self.use_bias:
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
                            (self.features,), jnp.dtype(self.dtype))
@@ -61,7 +62,7 @@ class RMSNorm(nn.Module):
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
     """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # inv_freq may be traced
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     half = x.shape[-1] // 2
@@ -70,13 +71,14 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax
 
 
 class Attention(nn.Module):
-    """Grouped-query attention that writes this call's K/V into its pages and attends over the pages in `table`."""
+    """Grouped-query attention that writes this call's K/V into its layer's pages and attends over the pages in
+    `table`. `layer` is a Python int (unrolled layers) or a traced index (scanned layers)."""
 
     cfg: ModelConfig
-    layer: int
+    backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache):
+    def __call__(self, x, positions, table, k_cache, v_cache, layer):
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -86,14 +88,21 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
-        sliding = bool(cfg.layer_sliding and cfg.layer_sliding[self.layer])
-        inv_freq = cfg.rope_local if sliding else cfg.rope_global
+        window, inv_freq = 0, cfg.rope_global
+        if cfg.sliding_window and isinstance(layer, int):
+            sliding = cfg.layer_sliding[layer]
+            window, inv_freq = (cfg.sliding_window, cfg.rope_local) if sliding else (0, cfg.rope_global)
+        elif cfg.sliding_window:  # scanned: this layer's kind is data
+            sliding = jnp.asarray(cfg.layer_sliding)[layer]
+            window = jnp.where(sliding, cfg.sliding_window, 0)
+            inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
-        k_cache = attention.write(k_cache, self.layer, k, positions, table)
-        v_cache = attention.write(v_cache, self.layer, v, positions, table)
-        out = attention.paged_attention(q, k_cache, v_cache, self.layer, table, positions, cfg.scale, cfg.attn_softcap,
-                                        cfg.sliding_window if sliding else 0)
+        offset = layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's first page in the pool
+        k_cache = attention.write(k_cache, offset, k, positions, table)
+        v_cache = attention.write(v_cache, offset, v, positions, table)
+        out = attention.paged_attention(self.backend, q, k_cache, v_cache, table + offset, positions, cfg.scale,
+                                        cfg.attn_softcap, window)
         out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
         return out, k_cache, v_cache
 
@@ -116,11 +125,15 @@ class CausalLM(nn.Module):
     """Embedding, a stack of family-specific decoder layers, final norm and LM head.
 
     `__call__(tokens [B,S], positions [B,S], table [B,n], cache, last_index, all_logits)` returns
-    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position.
+    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position. With `scan`
+    the layers' weights are stacked (`params["layers"]`, leading axis = layer) and one layer body is traced and run
+    under `lax.scan`, so compile time does not grow with depth; without, layers are unrolled (`layers_0`, ...).
     """
 
     cfg: ModelConfig
     layer_cls: Callable[..., nn.Module]
+    backend: str = "xla"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
@@ -131,17 +144,24 @@ class CausalLM(nn.Module):
         x = embed[tokens]
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-        k_cache, v_cache = cache.k, cache.v
-        for i in range(cfg.num_layers):
-            x, k_cache, v_cache = self.layer_cls(cfg, i, name=f"layers_{i}")(x, positions, table, k_cache, v_cache)
+        carry = (x, cache.k, cache.v)
+        if self.scan:
+            stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            carry, _ = stack(cfg, self.backend, name="layers")(carry, jnp.arange(cfg.num_layers), positions, table)
+        else:
+            for i in range(cfg.num_layers):
+                carry, _ = self.layer_cls(cfg, self.backend, name=f"layers_{i}")(carry, i, positions, table)
+        x, k_cache, v_cache = carry
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
         if not all_logits:
             idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
             x = x[jnp.arange(x.shape[0]), idx]
         if cfg.tie_embeddings:
-            logits = jnp.dot(x, embed.T)
+            logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.final_softcap:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap

@@ -16,16 +16,19 @@ class DecoderLayer(nn.Module):
     """`x + attn(norm(x))`, then `x + mlp(norm(x))`."""
 
     cfg: ModelConfig
-    layer: int
+    backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache):
+    def __call__(self, carry, layer, positions, table):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index."""
+        x, k_cache, v_cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.layer, name="self_attn")(h, positions, table, k_cache, v_cache)
+        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
+                                                                             layer)
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, name="mlp")(h), k_cache, v_cache
+        return (x + MLP(cfg, name="mlp")(h), k_cache, v_cache), None
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).

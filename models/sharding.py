@@ -44,5 +44,5 @@ def param_shardings(boxed_abstract, mesh: Mesh):
 
 
 def cache_sharding(num_kv_heads: int, mesh: Mesh) -> NamedSharding:
-    """KV pages `[layers, kv_heads, pages, page_size, head_dim]`: split over kv heads when they divide the tp axis."""
-    return NamedSharding(mesh, spec_for((None, "kv_heads", None, None, None), (0, num_kv_heads, 0, 0, 0), mesh))
+    """KV pages `[kv_heads, layers * pages, page_size, head_dim]`: split over kv heads when they divide the tp axis."""
+    return NamedSharding(mesh, spec_for(("kv_heads", None, None, None), (num_kv_heads, 0, 0, 0), mesh))

@@ -13,6 +13,7 @@ import time
 import jax
 from aiohttp import web
 
+from engine.compile import PERSISTENT, use_persistent_cache
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig
@@ -36,7 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="size of the KV page pool")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
+                         "softmax, logits and the sampler stay float32")
+    ap.add_argument("--attention-backend", choices=("auto", "xla", "pallas-gpu", "pallas-tpu"), default="auto",
+                    help="paged attention (auto: the Pallas kernel of a GPU or TPU, the XLA reference on CPU)")
+    ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the layers under lax.scan: one layer is compiled, whatever the depth")
+    ap.add_argument("--max-prefill-tokens", type=int, default=512,
+                    help="long-prompt tokens prefilled per engine step (raise on accelerators)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
@@ -59,15 +68,24 @@ def main(argv=None) -> None:
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
-    model = load_model(args.model, dtype=args.dtype, tp=args.tp)
+    use_persistent_cache(os.path.join(cache_root(), "xla"))
+    t0 = time.monotonic()
+    model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
+                       scan=args.scan_layers)
     if args.served_name:
         model.name = args.served_name
+    t1 = time.monotonic()
     engine = Engine(model, RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
-                                        decode_steps=args.decode_steps))
+                                        decode_steps=args.decode_steps, max_prefill_tokens=args.max_prefill_tokens))
+    t2 = time.monotonic()
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
+    t3 = time.monotonic()
+    log.info("sparkler: %s on %s (%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
+             "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
+             model.cfg.dtype, model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
+             t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.pool.capacity} KV pages of "

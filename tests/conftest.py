@@ -12,9 +12,12 @@ def pytest_configure(config):
     """Reuse compiled programs across test runs (the server does the same)."""
     import jax
 
+    from engine.compile import use_persistent_cache
     from models.weights import cache_root
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
+    use_persistent_cache(os.path.join(cache_root(), "xla"))
+    # float32 means float32 on a GPU too (XLA would use TF32 there), so reference comparisons hold everywhere.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

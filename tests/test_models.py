@@ -92,7 +92,7 @@ cfg = ModelConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=25
 m = build(cfg)
 one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
 tp = init_params(m, 0, make_mesh(4))
-assert len(tp["params"]["layers_0"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
+assert len(tp["params"]["layers"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
 rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
 a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
 print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
@@ -129,8 +129,8 @@ def test_second_load_takes_cached_path(tmp_path, monkeypatch, smollm_path):
     assert STATS["converted"] == before["converted"] + 1
     b = load_model(smollm_path, with_tokenizer=False)
     assert STATS["cached"] == before["cached"] + 1 and STATS["converted"] == before["converted"] + 1
-    wa = np.asarray(a.params["params"]["layers_3"]["mlp"]["up_proj"]["weight"])
-    wb = np.asarray(b.params["params"]["layers_3"]["mlp"]["up_proj"]["weight"])
+    wa = np.asarray(a.params["params"]["layers"]["mlp"]["up_proj"]["weight"][3])
+    wb = np.asarray(b.params["params"]["layers"]["mlp"]["up_proj"]["weight"][3])
     assert np.array_equal(wa, wb)
 
 

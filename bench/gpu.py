@@ -1,0 +1,307 @@
+"""GPU benchmark: Sparkler's engine on a Llama-3.1-8B-shaped model (random bfloat16 weights) beside transformers'
+`generate` on the same config and weights, in one run; prints a markdown table.
+
+Runs with the host's preinstalled JAX, Flax and PyTorch and no network (`PYTHONPATH=. python3 bench/gpu.py`, or
+`make bench-gpu`). `--smoke` shrinks everything so the whole script runs in a minute on a CPU.
+
+Figures: single-stream decode tokens/s and its share of the HBM roofline (weight bytes read per step over the step
+time, against the device-to-device copy bandwidth measured here); aggregate tokens/s at several concurrencies
+(512-token prompts, 256 new tokens, every request submitted at once; generated tokens over wall time, prefill
+included); time to first token at 512 and 2,048 prompt tokens; transformers at batch 1 and 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # leave room for the PyTorch side
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import models  # noqa: E402,F401  (sets Sparkler's XLA flags before any backend starts)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+SMOKE = dict(LLAMA_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+def random_model(hf_config: dict, dtype: str, attention: str, scan: bool | None = None):
+    """A `Model` of the config's shape with random weights (no tokenizer: the engine works in token ids)."""
+    from models import ModelConfig, Model, build, init_params
+    from models.sharding import make_mesh
+
+    cfg = ModelConfig.from_hf(hf_config, dtype)
+    module = build(cfg, attention, scan)
+    params = init_params(module, 0, make_mesh(1, jax.devices()[:1]))
+    return Model("random-" + hf_config["architectures"][0], cfg, module, params, make_mesh(1, jax.devices()[:1]),
+                 None, {}, (), "random")
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second; the best of a float32 and a bfloat16
+    elementwise pass over `nbytes`)."""
+    best = 0.0
+    for dt in (jnp.float32, jnp.bfloat16):
+        x = jnp.ones((nbytes // jnp.dtype(dt).itemsize,), dt)
+        f = jax.jit(lambda a: a * jnp.asarray(2, a.dtype))
+        best = max(best, 2 * x.nbytes / timed(f, x))
+        del x
+    return best
+
+
+def timed(f, *args, reps: int = 5) -> float:
+    """Best wall time of `f(*args)` over `reps` runs after one warm-up (compile) run."""
+    jax.block_until_ready(f(*args))
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def diagnose(args) -> None:
+    """Where a decode step's time goes: the forward pass alone (scanned and unrolled layers), the sampler alone,
+    and the runner's multi-step decode, at batch 1 and the largest concurrency."""
+    from engine import RunnerConfig
+    from engine import sampler as smp
+    from engine.runner import Runner
+
+    top, steps = max(args.concurrency), args.decode_steps
+    for scan in (True,) if args.scan_only else (True, False):
+        model = random_model(args.hf_config, "bfloat16", args.attention_backend, scan)
+        runner = Runner(model, RunnerConfig(max_num_seqs=top, max_model_len=1024, kv_cache_gb=args.kv_gb / 2,
+                                            decode_steps=steps))
+        per = 40
+        tables = (1 + np.arange(top * per, dtype=np.int32) % (runner.num_pages - 1)).reshape(top, per)
+        tables = np.pad(tables, ((0, 0), (0, runner.max_pages - per)))
+        fwd = jax.jit(lambda p, c, t, pos, tab: model.module.apply(p, t, pos, tab, c), donate_argnums=(1,))
+        for nb in (1, top):
+            pos = np.full((nb, 1), 600, np.int32)
+            tab = jnp.asarray(tables[:nb, :64])
+            t = time.perf_counter()
+            logits, runner.cache = fwd(model.params, runner.cache, jnp.zeros((nb, 1), jnp.int32), pos, tab)
+            jax.block_until_ready(logits)
+            first = time.perf_counter() - t
+            best = 1e9
+            for _ in range(5):
+                t = time.perf_counter()
+                logits, runner.cache = fwd(model.params, runner.cache, jnp.zeros((nb, 1), jnp.int32), pos, tab)
+                jax.block_until_ready(logits)
+                best = min(best, time.perf_counter() - t)
+            print(f"  scan={scan} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)", flush=True)
+            if scan:
+                active = np.ones(nb, bool)
+                t = time.perf_counter()
+                runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active, tables[:nb], steps)
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                for _ in range(3):
+                    runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active, tables[:nb], steps)
+                per_step = (time.perf_counter() - t) / 3 / steps
+                print(f"  scan={scan} batch {nb}: runner.decode {per_step * 1000:.2f} ms per step "
+                      f"(first call {first:.1f} s)", flush=True)
+                vocab = model.cfg.vocab_size
+                sp = smp.SamplerParams(**{k: jnp.asarray(v) for k, v in smp.neutral_params(nb, vocab).items()})
+                st = smp.init_state(nb, vocab)
+                lg = jax.random.normal(jax.random.key(0), (nb, vocab))
+                f = jax.jit(smp.sample)
+                print(f"  batch {nb}: sampler {timed(f, lg, sp, st, jnp.ones(nb, bool)) * 1000:.2f} ms", flush=True)
+        del runner, model, fwd
+
+
+def param_bytes(params, skip: tuple[str, ...] = ("embed",)) -> int:
+    """Bytes of the parameters one decode step reads (the embedding table is only gathered from)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not any(getattr(k, "key", None) in skip for k in path):
+            total += leaf.size * leaf.dtype.itemsize
+    return total
+
+
+def engine_numbers(model, args) -> dict:
+    """Start-up, single stream, aggregate at each concurrency, TTFT."""
+    from engine import Engine, RunnerConfig, SamplingParams
+
+    t0 = time.perf_counter()
+    top = max(args.concurrency)
+    rc = RunnerConfig(max_num_seqs=top, max_model_len=args.max_len, kv_cache_gb=args.kv_gb, page_size=args.page_size,
+                      decode_steps=args.decode_steps, max_prefill_tokens=args.max_prefill_tokens)
+    eng = Engine(model, rc)
+    rng = np.random.default_rng(0)
+    vocab = model.cfg.vocab_size
+
+    def run(n: int, prompt: int, new: int) -> float:
+        reqs = [eng.make_request(rng.integers(10, vocab - 10, prompt).tolist(),
+                                 SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
+                                 prompt_cache_max_len=0) for _ in range(n)]
+        t = time.perf_counter()
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+        assert all(len(r.choices[0].token_ids) == new for r in reqs)
+        return time.perf_counter() - t
+
+    out = {}
+    for n in args.concurrency:  # compile every shape the timed runs use
+        t = time.perf_counter()
+        run(n, args.prompt, args.new)
+        print(f"  warm-up at {n} concurrent: {time.perf_counter() - t:.1f} s, {eng.runner.compiles} compiles",
+              flush=True)
+    out["ready_s"] = time.perf_counter() - t0
+    t1 = min(run(1, args.prompt, 1) for _ in range(3))
+    tn = run(1, args.prompt, args.new)
+    out["single"] = (args.new - 1) / (tn - t1)
+    out["step_s"] = 1 / out["single"]
+    for n in args.concurrency:
+        out[f"agg{n}"] = n * args.new / run(n, args.prompt, args.new)
+        print(f"  {n} concurrent: {out[f'agg{n}']:.0f} tok/s", flush=True)
+    for plen in args.ttft:
+        pages = eng.pool.allocate(-(-plen // eng.page_size))
+        row = np.zeros(eng.runner.max_pages, np.int32)
+        row[:len(pages)] = pages
+        ts = []
+        for _ in range(3):
+            toks = rng.integers(10, vocab - 10, plen).tolist()
+            t = time.perf_counter()
+            logits, _ = eng.runner.prefill(row, toks)
+            jax.block_until_ready(logits)
+            ts.append(time.perf_counter() - t)
+        eng.pool.release(pages)
+        out[f"ttft{plen}"] = min(ts)
+    out["compiles"] = eng.runner.compiles
+    del eng
+    return out
+
+
+def hf_numbers(model, args) -> dict:
+    """transformers' greedy `generate` (bfloat16, static cache) on the same config and weights."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in args.hf_config.items() if k != "architectures"})
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        ref = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ours = flat_params(model.params["params"])
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            key, layer = hf_name(name)
+            if key not in ours:  # scanned layers: one stacked array per parameter
+                key, w = key.replace(f"layers_{layer}/", "layers/"), ours[key.replace(f"layers_{layer}/", "layers/")]
+                p.copy_(to_torch(w[layer], p.device))
+            else:
+                p.copy_(to_torch(ours[key], p.device))
+    out = {}
+    for b in args.hf_batches:
+        ids = torch.randint(10, cfg.vocab_size - 10, (b, args.prompt), device=ref.device)
+        kw = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+        with torch.no_grad():  # warm-up with the timed shapes (a static cache compiles per shape)
+            ref.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
+            if ref.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            ref.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
+            if ref.device.type == "cuda":
+                torch.cuda.synchronize()
+        out[f"b{b}"] = b * args.new / (time.perf_counter() - t)
+        print(f"  transformers batch {b}: {out[f'b{b}']:.0f} tok/s", flush=True)
+    return out
+
+
+def flat_params(tree, prefix: str = "") -> dict:
+    """`{"layers_0/self_attn/q_proj/weight": array}` from a nested parameter dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def hf_name(name: str) -> tuple[str, int]:
+    """transformers' parameter name -> ours and the layer (`model.layers.3.mlp.up_proj.weight` ->
+    `("layers_3/mlp/up_proj/weight", 3)`; -1 outside the layers)."""
+    name = name.removeprefix("model.")
+    if name == "embed_tokens.weight":
+        return "embed", -1
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return "/".join([f"layers_{parts[1]}", *parts[2:]]), int(parts[1])
+    return "/".join(parts), -1
+
+
+def to_torch(x, device):
+    """A JAX array as a torch tensor on `device` (through DLPack where the device allows, else through the host)."""
+    import torch
+
+    try:
+        return torch.from_dlpack(x).to(device)
+    except Exception:  # noqa: BLE001  (a backend without DLPack for this dtype)
+        host = np.asarray(x)
+        return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(device)
+
+
+def main() -> None:
+    """Measure both sides and print the table."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny config and sizes: checks the script end to end")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--diagnose", action="store_true", help="time the forward pass, sampler and decode loop apart")
+    ap.add_argument("--scan-only", action="store_true", help="--diagnose: scanned layers only")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-prefill-tokens", type=int, default=16384)
+    args = ap.parse_args()
+    if args.smoke:
+        args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = SMOKE, (1, 4), 64, 16, (64, 256)
+        args.hf_batches, args.max_len, args.kv_gb, args.copy_bytes = (1, 4), 512, 0.05, 1 << 26
+    else:
+        args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = LLAMA_8B, (1, 16, 64, 256), 512, 256, (
+            512, 2048)
+        args.hf_batches, args.max_len, args.kv_gb, args.copy_bytes = (1, 64), 2560, 30.0, 4 << 30
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}, {dev.platform}: {getattr(dev, 'device_kind', dev)}", flush=True)
+    bw = copy_bandwidth(args.copy_bytes)
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+    if args.diagnose:
+        return diagnose(args)
+    t = time.perf_counter()
+    model = random_model(args.hf_config, "bfloat16", args.attention_backend)
+    print(f"random weights: {time.perf_counter() - t:.1f} s, backend {model.module.backend}, scan {model.module.scan}", flush=True)
+    weights = param_bytes(model.params)
+    e = engine_numbers(model, args)
+    hf = {} if args.no_transformers else hf_numbers(model, args)
+    roof = weights / e["step_s"] / bw
+    top = max(args.concurrency)
+    rows = [("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf.get('b1', 0):.1f}",
+             f"{e['single'] / hf['b1']:.2f}x" if hf else "", ""),
+            ("single stream: share of HBM roofline", f"{roof * 100:.0f}%", "", "", ">= 70%")]
+    for n in args.concurrency:
+        h = hf.get(f"b{n}")
+        rows.append((f"aggregate, {n} concurrent (tok/s)", f"{e[f'agg{n}']:.0f}", f"{h:.0f}" if h else "",
+                     f"{e[f'agg{n}'] / h:.2f}x" if h else "", ">= 5000" if n == top == 256 else ""))
+    for plen in args.ttft:
+        rows.append((f"TTFT, {plen}-token prompt (ms)", f"{e[f'ttft{plen}'] * 1000:.0f}", "", "", ""))
+    rows.append(("engine ready: every shape compiled (s)", f"{e['ready_s']:.0f}", "", "", ""))
+    lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    print(f"\n{'smoke config' if args.smoke else 'Llama-3.1-8B shape'}, bfloat16, random weights; "
+          f"weights read per step {weights / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; "
+          f"{e['compiles']} compiles; decode steps per dispatch {args.decode_steps}, page size {args.page_size}\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()

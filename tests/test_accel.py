@@ -1,0 +1,189 @@
+"""The accelerator path on CPU: Pallas decode kernels (interpret mode) against the XLA reference, backend choice,
+bfloat16 against float32, and scanned layers against unrolled ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch  # noqa: F401  (before transformers)
+
+from helpers import our_logits
+from models import ModelConfig, build, init_params, load_model, stack_layers
+from models import attention
+from models.attention import default_backend, resolve_backend
+
+# (heads, kv heads, head dim) of each family's GQA, small: Llama-3 8B (32/8), SmolLM2 (9/3), Qwen2.5-0.5B (14/2),
+# Gemma 3 270M (4/1), multi-head (4/4).
+GQA = [(8, 2, 64), (9, 3, 64), (14, 2, 64), (4, 1, 128), (4, 4, 32)]
+KERNELS = ["pallas-gpu", "pallas-tpu"]
+
+
+def _kernel(name):
+    from models import pallas_gpu, pallas_tpu
+
+    return pallas_gpu if name == "pallas-gpu" else pallas_tpu
+
+
+def _pool(rng, kvh, d, layers=2, pages=24, ps=16):
+    shape = (kvh, layers * pages, ps, d)
+    return jnp.asarray(rng.normal(size=shape), jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("h,kvh,d", GQA)
+def test_decode_kernel_matches_reference(kernel, h, kvh, d):
+    rng = np.random.default_rng(h * 100 + kvh)
+    ps, pages, layers, n = 16, 24, 2, 8
+    k, v = _pool(rng, kvh, d, layers, pages, ps)
+    lengths = np.array([1, 15, 16, 17, 33, 128], np.int32)  # one token, both sides of page boundaries, all pages
+    b = len(lengths)
+    layer = 1  # the second layer's pages: the table carries its offset
+    table = np.stack([layer * pages + 1 + rng.permutation(pages - 1)[:n] for _ in range(b)]).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    scale = d ** -0.5
+    want = attention.reference(q, k, v, jnp.asarray(table), jnp.asarray(lengths - 1)[:, None], scale)
+    got = _kernel(kernel).decode(q[:, 0] * scale, k, v, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+    # The TPU kernel's products run at the MXU's default precision (bfloat16 inputs), in its interpreter too.
+    tol = dict(atol=2e-5, rtol=1e-4) if kernel == "pallas-gpu" else dict(atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), np.asarray(want), **tol)
+
+
+def test_backend_choice_by_platform_and_flag():
+    assert default_backend("cpu") == "xla"
+    assert default_backend("gpu") == "pallas-gpu" and default_backend("cuda") == "pallas-gpu"
+    assert default_backend("tpu") == "pallas-tpu"
+    assert resolve_backend("auto", platform="tpu") == "pallas-tpu"
+    assert resolve_backend("pallas-gpu") == "pallas-gpu"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash")
+    windowed = ModelConfig.from_hf(dict(_LLAMA, architectures=["MistralForCausalLM"], sliding_window=4))
+    capped = ModelConfig.from_hf(dict(_LLAMA, attn_logit_softcapping=50.0))
+    assert resolve_backend("pallas-gpu", windowed) == "xla" and resolve_backend("pallas-tpu", capped) == "xla"
+    assert build(ModelConfig.from_hf(_LLAMA), "auto").backend == "xla"  # this CPU
+
+
+_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              tie_word_embeddings=False)
+_GEMMA = dict(_LLAMA, architectures=["Gemma3ForCausalLM"], head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
+ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3]]
+
+
+@pytest.mark.parametrize("cfg", [_LLAMA, _GEMMA], ids=["llama", "gemma3"])
+def test_scanned_layers_match_unrolled(cfg):
+    c = ModelConfig.from_hf(cfg)
+    unrolled, scanned = build(c, scan=False), build(c, scan=True)
+    params = init_params(unrolled, 0)
+    stacked = {"params": stack_layers(dict(jax.tree.map(np.asarray, params["params"])), c.num_layers)}
+    for a, b in zip(our_logits(unrolled, params, ROWS), our_logits(scanned, stacked, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _equations(jaxpr) -> int:
+    """Equations in a jaxpr and every jaxpr nested in it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _equations(inner)
+    return n
+
+
+def test_scanned_model_traces_one_layer_body():
+    sizes = {}
+    for scan in (True, False):
+        for layers in (2, 6):
+            c = ModelConfig.from_hf(dict(_LLAMA, num_hidden_layers=layers))
+            m = build(c, scan=scan)
+            params = jax.eval_shape(lambda: init_params(m, 0))
+            cache = attention.KVCache.zeros(c, 4, 16)
+            toks = jnp.zeros((1, 4), jnp.int32)
+            jaxpr = jax.make_jaxpr(lambda p, ca: m.apply(p, toks, toks, jnp.ones((1, 1), jnp.int32), ca))(params,
+                                                                                                           cache)
+            sizes[scan, layers] = _equations(jaxpr.jaxpr)
+    assert sizes[True, 2] == sizes[True, 6]  # one layer body, whatever the depth
+    assert sizes[False, 6] > 2 * sizes[False, 2] > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_model_decode_through_a_kernel_matches_xla(kernel):
+    c = ModelConfig.from_hf(_LLAMA)
+    ref, ker = build(c, "xla"), build(c, kernel)
+    params = init_params(ref, 0)
+    ps, b = 16, 2
+    table = jnp.asarray(1 + np.arange(b * 2, dtype=np.int32).reshape(b, 2))
+    prompt = jnp.asarray(np.array([ROWS[0][:12], ROWS[0][3:15]], np.int32))
+    pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (b, 12))
+    cache = attention.KVCache.zeros(c, 1 + b * 2, ps)
+    _, cache = ref.apply(params, prompt, pos, table, cache)
+    step = (jnp.asarray([[7], [9]], jnp.int32), jnp.asarray([[12], [12]], jnp.int32), table)
+    want, _ = ref.apply(params, *step, cache)
+    got, _ = ker.apply(params, *step, cache)
+    tol = 1e-4 if kernel == "pallas-gpu" else 2e-2  # see test_decode_kernel_matches_reference
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_bfloat16_logits_match_float32(kind, tmp_path, monkeypatch):
+    from test_models import _hf_model
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _hf_model(kind, str(tmp_path / "hf"))
+    f32 = load_model(str(tmp_path / "hf"), dtype="float32", with_tokenizer=False)
+    bf16 = load_model(str(tmp_path / "hf"), dtype="bfloat16", with_tokenizer=False)
+    assert bf16.params["params"]["embed"].dtype == jnp.bfloat16
+    for want, got in zip(our_logits(f32.module, f32.params, ROWS), our_logits(bf16.module, bf16.params, ROWS)):
+        assert got.dtype == np.float32  # logits stay float32
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 0.05 * scale, (kind, np.abs(got - want).max(), scale)
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+STARTUP = r"""
+import json, sys
+from engine.compile import PERSISTENT, use_persistent_cache
+use_persistent_cache(sys.argv[1])
+import jax
+from engine import Engine, RunnerConfig, SamplingParams
+from models import Model, ModelConfig, build, init_params
+from models.sharding import make_mesh
+cfg = ModelConfig.from_hf(json.loads(sys.argv[2]))
+module = build(cfg)
+model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
+eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, kv_cache_gb=0.01))
+before = dict(PERSISTENT)
+eng.warmup()
+compiled = eng.runner.compiles
+hits, misses = PERSISTENT["hits"] - before["hits"], PERSISTENT["misses"] - before["misses"]
+for i in range(6):
+    eng.add(eng.make_request(list(range(1, 3 + 7 * i)), SamplingParams(max_tokens=12, temperature=0.8, seed=i)))
+while eng.has_work():
+    eng.step()
+print(json.dumps(dict(shapes=len(eng.runner.warm_jobs()), compiled=compiled, after=eng.runner.compiles,
+                      hits=hits, misses=misses)))
+"""
+
+
+def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "xla"), json.dumps(_LLAMA)], cwd=root,
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["compiled"] == cold["shapes"] > 10  # each warm-up shape traced and compiled once
+    assert cold["after"] == cold["compiled"]  # short requests need nothing more
+    assert cold["misses"] == cold["shapes"] and cold["hits"] == 0  # the warm-up's own lookups
+    assert warm["hits"] == warm["shapes"] and warm["misses"] == 0  # the second start loads every one
+    assert warm["compiled"] == warm["after"] == warm["shapes"]
