@@ -2,15 +2,22 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
+# The host's accelerator: an NVIDIA GPU (nvidia-smi lists one), a TPU VM (its /dev/accel* or /dev/vfio devices),
+# else the CPU. ACCEL=cpu|cuda|tpu overrides; it picks the JAX build installed (pyproject's extras).
+ACCEL ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo cuda; \
+	elif ls /dev/accel0 /dev/vfio/0 >/dev/null 2>&1; then echo tpu; else echo cpu; fi)
+comma := ,
+EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
+STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging soak
+.PHONY: setup serve test test-optional bench bench-paging bench-gpu soak
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,6 +37,10 @@ bench: setup
 
 bench-paging: setup
 	$(BIN)/python bench/paging.py
+
+# On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
+bench-gpu:
+	PYTHONPATH=. $(PY) bench/gpu.py $(ARGS)
 
 soak: setup
 	$(BIN)/python bench/soak.py --clients 128 --seconds 600

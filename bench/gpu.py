@@ -279,7 +279,8 @@ def main() -> None:
         return diagnose(args)
     t = time.perf_counter()
     model = random_model(args.hf_config, "bfloat16", args.attention_backend)
-    print(f"random weights: {time.perf_counter() - t:.1f} s, backend {model.module.backend}, scan {model.module.scan}", flush=True)
+    print(f"random weights: {time.perf_counter() - t:.1f} s, backend {model.module.backend}, "
+          f"scan {model.module.scan}", flush=True)
     weights = param_bytes(model.params)
     e = engine_numbers(model, args)
     hf = {} if args.no_transformers else hf_numbers(model, args)

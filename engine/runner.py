@@ -40,6 +40,14 @@ class RunnerConfig:
     max_prefill_tokens: int = 512  # long-prompt chunks computed per engine step (SGLang's --max-prefill-tokens)
 
 
+def platform_defaults(platform: str) -> dict:
+    """Engine settings measured best per platform: on an H200, 16 decode steps per dispatch and 16,384 prefill
+    tokens per step took 256 concurrent streams from 3,843 to 5,100 tokens/s (docs/PERFORMANCE.md)."""
+    if platform == "cpu":
+        return dict(decode_steps=4, max_prefill_tokens=512)
+    return dict(decode_steps=16, max_prefill_tokens=16384)
+
+
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes of K and V one token occupies across all layers."""
     cfg = model.cfg

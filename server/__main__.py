@@ -16,7 +16,7 @@ from aiohttp import web
 from engine.compile import PERSISTENT, use_persistent_cache
 from engine.engine import Engine
 from engine.llm import AsyncEngine
-from engine.runner import RunnerConfig
+from engine.runner import RunnerConfig, platform_defaults
 from models import load_model
 from models.weights import cache_root
 from server.app import Server
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")
     ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="size of the KV page pool")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="decode steps per dispatch (0: 4 on CPU, 16 on GPU/TPU)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
@@ -44,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="paged attention (auto: the Pallas kernel of a GPU or TPU, the XLA reference on CPU)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
-    ap.add_argument("--max-prefill-tokens", type=int, default=512,
-                    help="long-prompt tokens prefilled per engine step (raise on accelerators)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=0,
+                    help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
@@ -75,9 +76,11 @@ def main(argv=None) -> None:
     if args.served_name:
         model.name = args.served_name
     t1 = time.monotonic()
+    tuned = platform_defaults(jax.devices()[0].platform)
     engine = Engine(model, RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                         kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
-                                        decode_steps=args.decode_steps, max_prefill_tokens=args.max_prefill_tokens))
+                                        decode_steps=args.decode_steps or tuned["decode_steps"],
+                                        max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"]))
     t2 = time.monotonic()
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")

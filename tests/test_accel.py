@@ -187,3 +187,21 @@ def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them(tmp_path)
     assert cold["misses"] == cold["shapes"] and cold["hits"] == 0  # the warm-up's own lookups
     assert warm["hits"] == warm["shapes"] and warm["misses"] == 0  # the second start loads every one
     assert warm["compiled"] == warm["after"] == warm["shapes"]
+
+
+def test_a_bfloat16_server_answers():
+    import openai
+
+    from server.child import spawn
+
+    child = spawn("--dtype", "bfloat16", "--max-num-seqs", "2", "--max-model-len", "256", "--kv-cache-gb", "0.05",
+                  timeout=600)
+    try:
+        assert any("(bfloat16, xla attention, scanned layers)" in line for line in child.lines)
+        client = openai.OpenAI(base_url=child.url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert r.usage.completion_tokens >= 1 and r.choices[0].message.content.strip()
+    finally:
+        child.proc.terminate()
+        child.proc.wait(timeout=60)
