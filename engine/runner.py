@@ -115,8 +115,9 @@ class Runner:
         self.chunk = self.prefill_buckets[-1]
         self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.slots) + (self.slots,)
         vocab = model.cfg.vocab_size
-        self.cache = jax.device_put(KVCache.zeros(model.cfg, self.num_pages, self.page_size),
-                                    cache_sharding(model.cfg.num_kv_heads, model.mesh))
+        pool = cache_sharding(model.cfg.num_kv_heads, model.mesh)  # zeros made in place, both at once
+        self.cache = jax.jit(lambda: KVCache.zeros(model.cfg, self.num_pages, self.page_size),
+                             out_shardings=KVCache(pool, pool))()
         self.replicated = NamedSharding(model.mesh, PartitionSpec())
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.replicated)
         self.host_params = smp.neutral_params(self.slots, vocab)
