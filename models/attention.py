@@ -111,5 +111,6 @@ def paged_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax
         from models import pallas_gpu as kernel
     else:
         from models import pallas_tpu as kernel
-    interpret = jax.default_backend() == "cpu"  # a kernel asked for on a CPU runs in Pallas' interpreter
+    native = "gpu" if backend == "pallas-gpu" else "tpu"
+    interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
     return kernel.decode(qs, k_cache, v_cache, table, lengths, interpret).reshape(b, 1, h * d)
