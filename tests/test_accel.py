@@ -59,7 +59,7 @@ def test_backend_choice_by_platform_and_flag():
     windowed = ModelConfig.from_hf(dict(_LLAMA, architectures=["MistralForCausalLM"], sliding_window=4))
     capped = ModelConfig.from_hf(dict(_LLAMA, attn_logit_softcapping=50.0))
     assert resolve_backend("pallas-gpu", windowed) == "xla" and resolve_backend("pallas-tpu", capped) == "xla"
-    assert build(ModelConfig.from_hf(_LLAMA), "auto").backend == "xla"  # this CPU
+    assert build(ModelConfig.from_hf(_LLAMA), "auto").backend == default_backend(jax.default_backend())
 
 
 _LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -111,6 +111,9 @@ def test_scanned_model_traces_one_layer_body():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_model_decode_through_a_kernel_matches_xla(kernel):
+    if kernel == "pallas-tpu" and jax.default_backend() == "gpu":
+        pytest.skip("the TPU kernel's interpreter inside nn.scan fails on a GPU host (flax 0.12.10, jax 0.11.2: "
+                    "'broadcasted variable has a data dependency on the scan body'); it runs interpreted on CPU")
     c = ModelConfig.from_hf(_LLAMA)
     ref, ker = build(c, "xla"), build(c, kernel)
     params = init_params(ref, 0)
