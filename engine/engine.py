@@ -24,6 +24,7 @@ import numpy as np
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
 from engine.compile import compile_all
+from engine.grammar import Grammars
 from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
 from models import Model
 
@@ -56,6 +57,7 @@ class Choice:
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages registered so far
     order: int = 0  # admission stamp: the most recently admitted is preempted first
     saved: Any = None  # sampler row taken along by a preempted choice
+    matcher: Any = None  # its position in the request's grammar (structured output), if any
     _ids: list[int] = dataclasses.field(default_factory=list)
     _prefix: int = 0
     _read: int = 0
@@ -82,6 +84,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
+    grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
 
     @property
     def finished(self) -> bool:
@@ -143,19 +146,22 @@ class Engine:
         self.preemptions = 0  # choices preempted so far (pool exhausted)
         self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
         self.prefilling: collections.deque[Prefill] = collections.deque()
+        self._grammars: Grammars | None = None
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
-                     prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None) -> Request:
+                     prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
+                     grammar: str | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
         that does not fit is an error instead (Fireworks' `context_length_exceeded_behavior="error"`). Choices are
         numbered from `first_choice` (a caller splitting n over several requests keeps each choice's seed stream).
         `prompt_cache_max_len` caps the prompt tokens reused from the prefix cache (0: none); requests share cached
-        pages only under the same `prompt_cache_isolation_key`."""
+        pages only under the same `prompt_cache_isolation_key`. `grammar` (from `engine.grammar`) constrains every
+        choice; the choice ends with "stop" when the grammar is complete."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -182,8 +188,18 @@ class Engine:
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
+        if grammar is not None:
+            self.grammars().check(grammar)
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
-                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key)
+                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar)
+
+    def grammars(self) -> Grammars:
+        """The grammar cache for this model's tokenizer (made on first use)."""
+        if self._grammars is None:
+            if self.tok is None:
+                raise InvalidRequest("structured output needs the model's tokenizer", "response_format")
+            self._grammars = Grammars(self.tok, self.model.cfg.vocab_size, self.model.eos_ids)
+        return self._grammars
 
     def _pages_to_admit(self, length: int, n: int) -> int:
         """Pages a prompt of `length` tokens takes with n choices: its pages, plus a partial last page per extra
@@ -412,6 +428,8 @@ class Engine:
                 self.tables[choice.slot, :len(choice.pages)] = choice.pages
             root, settings = jax.random.PRNGKey(p.seed % (1 << 32)), self._settings(req)
             for choice in req.choices:
+                if req.grammar is not None:
+                    choice.matcher = self.grammars().matcher(req.grammar)
                 key = root if choice.index == 0 else jax.random.fold_in(root, choice.index)
                 self.runner.set_row(choice.slot, settings, req.prompt_ids, np.asarray(jax.random.key_data(key)))
                 choice.stops = p.stop
@@ -427,7 +445,7 @@ class Engine:
         self.runner.push_params()
         if not new_rows:
             return
-        out = self.runner.first_tokens(new_rows)
+        out = self.runner.first_tokens(new_rows, self._allowed(new_rows))
         for slot in new_rows:
             req, choice = self.running[slot]
             self._append(req, choice, out, slot)
@@ -500,8 +518,19 @@ class Engine:
             self._release([choice.slot])
             choice.slot = -1
 
+    def _allowed(self, slots) -> np.ndarray | None:
+        """Bitmasks of the next allowed tokens for constrained choices in `slots` (None: no constraint)."""
+        rows = {s: self.running[s][1].matcher for s in slots if self.running[s][1].matcher is not None}
+        if not rows:
+            return None
+        allowed = self.runner.free_mask(self.runner.slots)
+        for slot, m in rows.items():
+            allowed[slot] = m.mask()
+        return allowed
+
     def _decode(self, changed, done) -> None:
-        steps = self.runner.rc.decode_steps
+        constrained = any(choice.matcher is not None for _, choice in self.running.values())
+        steps = 1 if constrained else self.runner.rc.decode_steps  # the host gives each constrained token its mask
         self._reserve(steps)
         if not self.running:
             return
@@ -513,7 +542,7 @@ class Engine:
             tokens[slot] = choice.token_ids[-1]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
             active[slot] = True
-        outs = self.runner.decode(tokens, positions, active, self.tables, steps)
+        outs = self.runner.decode(tokens, positions, active, self.tables, steps, self._allowed(list(self.running)))
         self.steps_run += steps
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
@@ -537,12 +566,16 @@ class Engine:
             tops = list(zip(out.top_ids[slot][:k].tolist(), out.top_logprobs[slot][:k].tolist()))
             choice.logprobs.append((tok, float(out.logprob[slot]), tops))
         is_eos = tok in self.model.eos_ids and not p.ignore_eos
+        if choice.matcher is not None:
+            choice.matcher.advance(tok)
         if is_eos:
             return self._finish(choice, "stop")
         before = len(choice.text)
         if self.tok is not None:  # without a tokenizer the engine works in token ids alone
             self._detok(choice, tok)
         if p.stop and self._check_stop(choice, p.stop, before):
+            return self._finish(choice, "stop")
+        if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
             return self._finish(choice, "stop")
         if len(choice.token_ids) >= req.max_tokens or len(req.prompt_ids) + len(choice.token_ids) >= self.max_len:
             self._finish(choice, "length")

@@ -145,13 +145,13 @@ class Runner:
             return cache, logits[length[0] - 1][None], (chosen, top_ids, top_lp)
 
         @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
-        def decode(params, cache, state, sparams, tokens, positions, active, table, steps):
+        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             self.compiles += 1
 
-            def one(carry, _):
+            def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
                 logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
-                out, state = smp.sample(logits, sparams, state, active)
+                out, state = smp.sample(logits, sparams, state, active, allowed)
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
@@ -162,9 +162,9 @@ class Runner:
             return cache, state, outs
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def first_tokens(state, sparams, logits, active):
+        def first_tokens(state, sparams, logits, active, allowed):
             self.compiles += 1
-            out, state = smp.sample(logits, sparams, state, active)
+            out, state = smp.sample(logits, sparams, state, active, allowed)
             return state, out
 
         @functools.partial(jax.jit, donate_argnums=(0,))
@@ -201,14 +201,16 @@ class Runner:
                     jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
-        jobs.append((self._first, (st, sp, np.zeros((self.slots, vocab), np.float32), np.zeros(self.slots, bool)), {}))
+        jobs.append((self._first, (st, sp, np.zeros((self.slots, vocab), np.float32), np.zeros(self.slots, bool),
+                                   self.free_mask(self.slots)), {}))
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
         jobs.append((self._set_row, (st, np.int32(0), row), {}))
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
         for attend in self.attend if full else self.attend[:1]:
             for nb in self.batch_buckets:
                 jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
-                                            i32(nb, attend // self.page_size)), dict(steps=self.rc.decode_steps)))
+                                            i32(nb, attend // self.page_size), self.free_mask(nb)),
+                             dict(steps=self.rc.decode_steps)))
         return jobs
 
     # ---- host-facing operations -------------------------------------------------------------------------------
@@ -308,20 +310,28 @@ class Runner:
         """Send the host copy of the sampling parameters to the device."""
         self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.replicated)
 
-    def first_tokens(self, rows_logits: dict[int, jax.Array]) -> smp.SampleOut:
-        """Sample the first token for newly admitted rows from their prefill logits."""
+    def free_mask(self, rows: int) -> np.ndarray:
+        """Allowed-token bitmasks that allow everything (`[rows, vocab / 32]`, all bits set)."""
+        return np.full((rows, (self.model.cfg.vocab_size + 31) // 32), -1, np.int32)
+
+    def first_tokens(self, rows_logits: dict[int, jax.Array], allowed: np.ndarray | None = None) -> smp.SampleOut:
+        """Sample the first token for newly admitted rows from their prefill logits (`allowed`: `[slots, W]`
+        bitmasks, see `sampler.sample`)."""
         logits = jnp.zeros((self.slots, self.model.cfg.vocab_size), jnp.float32)
         rows = np.asarray(sorted(rows_logits), np.int32)
         logits = logits.at[rows].set(jnp.stack([rows_logits[r] for r in sorted(rows_logits)]))
         active = np.zeros(self.slots, bool)
         active[rows] = True
-        self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active))
+        allowed = self.free_mask(self.slots) if allowed is None else allowed
+        self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active),
+                                      jnp.asarray(allowed))
         return jax.tree.map(np.asarray, out)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
-               steps: int) -> smp.SampleOut:
+               steps: int, allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Run `steps` decode steps over the smallest batch bucket holding every active row, each reading the pages
-        of its `tables` row; returns outputs stacked `[steps, nb, ...]` as numpy."""
+        of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step); returns outputs stacked
+        `[steps, nb, ...]` as numpy."""
         nb = bucket(int(np.flatnonzero(active).max()) + 1, self.batch_buckets)
         tokens, positions, active = tokens[:nb], positions[:nb], active[:nb]
         live = positions[active]
@@ -329,5 +339,6 @@ class Runner:
         attend = bucket(min(need, self.max_len), self.attend)
         self.cache, self.state, outs = self._decode(
             self.model.params, self.cache, self.state, self.params, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[:nb], attend), steps=steps)
+            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[:nb], attend),
+            jnp.asarray(self.free_mask(nb) if allowed is None else allowed[:nb]), steps=steps)
         return jax.tree.map(np.asarray, outs)

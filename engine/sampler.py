@@ -252,8 +252,16 @@ def draw(zk: jax.Array, u: jax.Array, block: int = 128) -> tuple[jax.Array, jax.
     return token, chosen - m[:, 0] - jnp.log(total)
 
 
-def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array):
-    """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state."""
+def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
+    """Packed allowed-token bitmasks `[B, W]` int32 (bit `t % 32` of word `t // 32`) as `[B, vocab]` bools."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None):
+    """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
+    (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before
+    any other transform; the reported logprobs stay the model's own."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
 
@@ -265,6 +273,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     none = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
     top_ids, top_lp = jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
     z = penalize(logits, p, s)
+    if allowed is not None:
+        vocab = logits.shape[1]
+        z = jax.lax.cond(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF),
+                         lambda: z)
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     keep = truncation_mask(z, p)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def _torch_hidden():
+def torch_hidden():
     """Make `torch` unfindable while transformers decides what is available (it imports torch if it can)."""
     hidden = "torch" not in sys.modules
     if hidden:
@@ -23,7 +23,7 @@ def _torch_hidden():
 
 def transformers_module():
     """Import transformers for its tokenizer and chat-template code only."""
-    with _torch_hidden():
+    with torch_hidden():
         import transformers
         from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  (resolve lazily-imported names)
 
@@ -33,14 +33,14 @@ def transformers_module():
 def load_hf_tokenizer(folder: str):
     """The tokenizer (with its chat template) saved in an HF folder."""
     tf = transformers_module()
-    with _torch_hidden():
+    with torch_hidden():
         return tf.AutoTokenizer.from_pretrained(folder)
 
 
 def build_gguf_tokenizer(meta: dict[str, Any], save_to: str):
     """Rebuild the tokenizer described by GGUF metadata, save it as an HF folder, and return it."""
     tf = transformers_module()
-    with _torch_hidden():
+    with torch_hidden():
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
 

@@ -117,7 +117,8 @@ class Server:
                 try:
                     out.append((i, self.engine.make_request(
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
-                        prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key)))
+                        prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
+                        grammar=job.grammar)))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None

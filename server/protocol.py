@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.params import SamplingParams
+from engine.grammar import grammar_text
+from engine.params import InvalidRequest, SamplingParams
 from models import Model
 
 
@@ -74,6 +75,7 @@ class Job:
     truncate: bool = True
     cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
+    grammar: str | None = None  # response_format as an llguidance grammar (None: free text)
 
 
 def _number(body: dict, name: str) -> Any:
@@ -152,9 +154,6 @@ def _unsupported(body: dict) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("only response_format {'type': 'text'} is supported", "response_format")
 
 
 def parse(body: Any, kind: str, model: Model) -> Job:
@@ -168,6 +167,10 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     job.echo_last = _number(body, "echo_last")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
     job.cache_key = body.get("prompt_cache_isolation_key")
+    try:
+        job.grammar = grammar_text(body.get("response_format"))
+    except InvalidRequest as e:
+        raise bad(str(e), e.param) from None
     if job.cache_key is not None and not isinstance(job.cache_key, str):
         raise bad("'prompt_cache_isolation_key' must be a string", "prompt_cache_isolation_key")
     opts = body.get("stream_options")

@@ -1,0 +1,106 @@
+"""Structured output through the official openai client on a live server: every response_format shape, judged by
+`jsonschema` (a real validator), GBNF, streams, completions, a mixed batch, and bad formats."""
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+
+from engine import SamplingParams
+from engine.grammar import grammar_text
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "Describe a person as JSON with a name, an age and a favourite colour."}]
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colour"],
+          "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 120},
+                         "colour": {"enum": ["red", "green", "blue"]}}}
+GBNF = 'root ::= answer " because " reason\nanswer ::= "yes" | "no"\nreason ::= [a-z]{1,12}'
+
+
+def _valid(text: str, schema: dict) -> None:
+    jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},  # OpenAI
+    {"type": "json_schema", "json_schema": PERSON},  # Fireworks: the schema itself
+    {"type": "json_object", "schema": PERSON},  # Fireworks' json_object with a schema
+], ids=["openai", "fireworks-json-schema", "fireworks-json-object"])
+def test_json_schema_outputs_always_validate(client, fmt):
+    for seed in (0, 1):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=seed, n=3, max_tokens=80,
+                                           response_format=fmt)
+        for c in r.choices:
+            assert c.finish_reason == "stop", c.message.content
+            _valid(c.message.content, PERSON)
+
+
+def test_json_object_parses(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=200,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_gbnf_grammar(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=3, n=3, max_tokens=40,
+                                       response_format={"type": "grammar", "grammar": GBNF})
+    for c in r.choices:
+        assert re.fullmatch(r"(yes|no) because [a-z]{1,12}", c.message.content), c.message.content
+        assert c.finish_reason == "stop"
+
+
+def test_completions_and_streams(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.completions.create(model=MODEL, prompt="A person as JSON:", temperature=1.0, seed=5, max_tokens=80,
+                                  extra_body={"response_format": fmt})
+    _valid(r.choices[0].text, PERSON)
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=7, max_tokens=80,
+                                           response_format=fmt)
+    parts = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=7, max_tokens=80,
+                                           response_format=fmt, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in parts if ch.choices)
+    assert text == whole.choices[0].message.content
+    _valid(text, PERSON)
+
+
+def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
+    eng = llm.engine
+    prompt = eng.tok("The capital of France is")["input_ids"]
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = eng.make_request(prompt, free)
+    eng.add(alone)
+    while eng.has_work():
+        eng.step()
+    grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
+    mixed = eng.make_request(prompt, free)
+    others = [eng.make_request(eng.tok("A person as JSON:")["input_ids"],
+                               SamplingParams(temperature=1.0, seed=i, max_tokens=60), grammar=grammar)
+              for i in range(3)]
+    for r in [others[0], mixed, *others[1:]]:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    assert mixed.choices[0].token_ids == alone.choices[0].token_ids
+    for r in others:
+        _valid(r.choices[0].text, PERSON)
+
+
+@pytest.mark.parametrize("fmt,needle", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}, "type must be a string"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": []}}},
+     "properties must be an object"),
+    ({"type": "grammar", "grammar": "root ::= ( \"a\""}, "grammar"),
+    ({"type": "grammar"}, "grammar"),
+    ({"type": "xml"}, "unknown response_format type"),
+    ("json", "response_format"),
+])
+def test_bad_formats_are_400_then_service_goes_on(client, fmt, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, response_format=fmt)
+    assert e.value.status_code == 400 and e.value.body["param"] == "response_format"
+    assert needle in e.value.body["message"]
+    assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
