@@ -234,10 +234,16 @@ class Server:
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         used = usage(reqs)
-        headers = {**self.options_header, "fireworks-prompt-tokens": str(used["prompt_tokens"]),
-                   "fireworks-cached-prompt-tokens": str(used["prompt_tokens_details"]["cached_tokens"])}
-        return web.json_response({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
-                                  "choices": choices, "usage": used}, headers=headers)
+        perf = perf_metrics(used, took)
+        headers = {**self.options_header, **{f"fireworks-{k}": str(v) for k, v in perf.items()}}
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices,
+                "usage": used}
+        if job.return_token_ids:  # Fireworks: the prompt's ids at the top level, each choice's on the choice
+            firsts = [r.prompt_ids for _, r in parts if r.choices[0].index == 0]
+            body["prompt_token_ids"] = list(firsts[0]) if len(firsts) == 1 else [list(p) for p in firsts]
+        if job.perf_metrics:
+            body["perf_metrics"] = perf
+        return web.json_response(body, headers=headers)
 
     def _account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took") -> None:
         """Count the request, observe its latencies, and log one line for it."""
@@ -281,7 +287,7 @@ class Server:
         if job.raw_output:
             out["raw_output"] = raw_output(self.vocab, req, choice, job.logprobs)
         if job.return_token_ids:
-            out["prompt_token_ids"], out["token_ids"] = list(req.prompt_ids), list(choice.token_ids)
+            out["token_ids"] = list(choice.token_ids)
         return out
 
     def _choice(self, job: Job, pi: int, req: Request, c) -> dict:
@@ -334,8 +340,17 @@ class Server:
                                 break
                             await send([self._delta_choice(job, pi, req, d, offsets) for d in deltas])
                         else:
+                            used, extra = usage(reqs), {}
                             if job.include_usage:
-                                await send([], usage=usage(reqs))
+                                extra["usage"] = used
+                            if job.perf_metrics:
+                                extra["perf_metrics"] = perf_metrics(used, took)
+                            if job.return_token_ids:
+                                firsts = [r.prompt_ids for _, r in parts if r.choices[0].index == 0]
+                                extra["prompt_token_ids"] = (list(firsts[0]) if len(firsts) == 1
+                                                             else [list(p) for p in firsts])
+                            if extra:
+                                await send([], **extra)
                 except TimeoutError:
                     await fail(ApiError(504, f"the request did not finish within {self.request_timeout} s; it was "
                                              "aborted", type_="timeout_error", code="timeout"))
@@ -363,6 +378,15 @@ class Server:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+
+
+def perf_metrics(used: dict, took: "Took") -> dict:
+    """Fireworks' perf_metrics (seconds; also sent as `fireworks-<name>` headers)."""
+    now = time.monotonic()
+    return {"prompt-tokens": used["prompt_tokens"],
+            "cached-prompt-tokens": used["prompt_tokens_details"]["cached_tokens"],
+            "server-time-to-first-token": round((took.first or now) - took.start, 6),
+            "server-processing-time": round(now - took.start, 6)}
 
 
 class Took:

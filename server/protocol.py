@@ -49,6 +49,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "mirostat_lr": (float, 0.0, None),
     "seed": (int, None, None),
     "echo_last": (int, 0, None),
+    "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
 }
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
@@ -76,6 +77,7 @@ class Job:
     cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
     grammar: str | None = None  # response_format as an llguidance grammar (None: free text)
+    perf_metrics: bool = False  # perf_metrics_in_response
 
 
 def _number(body: dict, name: str) -> Any:
@@ -163,7 +165,8 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     _unsupported(body)
     params = sampling(body)
     job = Job(kind, [], [], params, stream=_flag(body, "stream"), echo=_flag(body, "echo"),
-              raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"))
+              raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"),
+              perf_metrics=_flag(body, "perf_metrics_in_response"))
     job.echo_last = _number(body, "echo_last")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
     job.cache_key = body.get("prompt_cache_isolation_key")
@@ -187,7 +190,7 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     job.truncate = behaviour != "error"
     if kind == "chat":
         job.logprobs = _chat_logprobs(body)
-        ids, text = chat_ids(model, body.get("messages"))
+        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"))
         job.prompts, job.prompt_texts = [ids], [text]
     else:
         job.logprobs = _completion_logprobs(body)
@@ -257,10 +260,21 @@ def chat_text(model: Model, messages: Any) -> str:
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
 
 
-def chat_ids(model: Model, messages: Any) -> tuple[list[int], str]:
-    """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself)."""
+def chat_ids(model: Model, messages: Any, truncate_len: int | None = None) -> tuple[list[int], str]:
+    """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
+    `truncate_len` (Fireworks' `prompt_truncate_len`): drop the oldest non-system messages until the prompt has at
+    most that many tokens (the last message always stays)."""
     text = chat_text(model, messages)
-    return model.tokenizer.encode(text, add_special_tokens=False), text
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    kept = list(messages)
+    while truncate_len is not None and len(ids) > truncate_len:
+        drop = next((i for i, m in enumerate(kept[:-1]) if m.get("role") not in ("system", "developer")), None)
+        if drop is None:
+            break
+        del kept[drop]
+        text = chat_text(model, kept)
+        ids = model.tokenizer.encode(text, add_special_tokens=False)
+    return ids, text
 
 
 def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:

@@ -190,7 +190,8 @@ def test_echo_raw_output_and_token_ids_in_chat(api, client):
     c = r.choices[0]
     assert c.message.content.startswith(prompt)
     raw = c.model_extra["raw_output"]
-    assert raw["prompt_token_ids"] == tok.encode(prompt, add_special_tokens=False) == c.model_extra["prompt_token_ids"]
+    assert raw["prompt_token_ids"] == tok.encode(prompt, add_special_tokens=False) == r.model_extra["prompt_token_ids"]
+    assert "prompt_token_ids" not in c.model_extra  # Fireworks puts it at the top level
     frags = raw["prompt_fragments"]
     assert 1 in frags and 2 in frags  # <|im_start|> and <|im_end|> stay ids
     assert "".join(f if isinstance(f, str) else tok.convert_ids_to_tokens(f) for f in frags) == prompt
@@ -483,3 +484,34 @@ def test_prompt_cache_through_the_api(api, client):
     assert again.usage.prompt_tokens_details.cached_tokens == 48
     status, health, _ = http(api, "GET", "/health")
     assert health["prefix_cache_hit_tokens"] >= cached + 48 and 0 < health["prefix_cache_hit_rate"] < 1
+
+
+def test_perf_metrics_and_headers(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=8, extra_body={"perf_metrics_in_response": True})
+    r = raw.parse()
+    perf = r.model_extra["perf_metrics"]
+    assert perf["prompt-tokens"] == r.usage.prompt_tokens
+    assert perf["cached-prompt-tokens"] == r.usage.prompt_tokens_details.cached_tokens
+    assert 0 < perf["server-time-to-first-token"] <= perf["server-processing-time"]
+    assert float(raw.headers["fireworks-server-time-to-first-token"]) == perf["server-time-to-first-token"]
+    assert float(raw.headers["fireworks-server-processing-time"]) == perf["server-processing-time"]
+    assert int(raw.headers["fireworks-prompt-tokens"]) == r.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True,
+                                                 extra_body={"perf_metrics_in_response": True,
+                                                             "return_token_ids": True}))
+    last = chunks[-1].model_extra
+    assert last["perf_metrics"]["server-time-to-first-token"] <= last["perf_metrics"]["server-processing-time"]
+    assert last["prompt_token_ids"] and last["perf_metrics"]["prompt-tokens"] == len(last["prompt_token_ids"])
+
+
+def test_prompt_truncate_len_drops_the_oldest_turns_first(api, client):
+    system = {"role": "system", "content": "You are terse."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} " + "blah " * 40}
+             for i in range(9)]
+    full = client.chat.completions.create(model=MODEL, messages=[system, *turns], max_tokens=1)
+    cut = client.chat.completions.create(model=MODEL, messages=[system, *turns], max_tokens=1,
+                                         extra_body={"prompt_truncate_len": 200, "return_token_ids": True})
+    assert full.usage.prompt_tokens > 200 >= cut.usage.prompt_tokens
+    text = api.model.tokenizer.decode(cut.model_extra["prompt_token_ids"])
+    assert "You are terse." in text and "Message number 8" in text and "Message number 0" not in text
