@@ -20,7 +20,7 @@ from engine.engine import Delta, Request
 from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
-from server import protocol
+from server import protocol, tools
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
 from server.responses import Vocab, chat_logprobs, completion_logprobs, prompt_entries, raw_output, usage
@@ -297,6 +297,10 @@ class Server:
         if job.kind == "chat":
             out = {"index": index, "message": {"role": "assistant", "content": echo_text + c.text},
                    "logprobs": lps, "finish_reason": c.finish_reason}
+            content, calls = self._tool_calls(job, c)
+            if calls:
+                out["message"].update(content=content, tool_calls=calls)
+                out["finish_reason"] = "tool_calls"
         else:
             out = {"index": index, "text": echo_text + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
         return self._extras(job, req, c, out)
@@ -362,8 +366,24 @@ class Server:
                 log.info("client went away during %s; its requests were aborted", rid)
         return resp
 
+    @staticmethod
+    def _tool_calls(job: Job, c) -> tuple[str | None, list[dict]]:
+        """A finished chat choice's `(content, tool_calls)` when the request offers tools (else no calls)."""
+        if job.tools is None or job.tools.choice == "none" or c.finish_reason != "stop":
+            return c.text, []
+        return tools.extract(c.text, job.tools)
+
     def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict) -> dict:
         index = pi * job.params.n + d.index
+        if job.tools is not None and job.tools.choice != "none":  # text is held until we know if it is a call
+            choice = req.choices[d.index - req.choices[0].index]
+            content, calls = self._tool_calls(job, choice) if d.finish_reason else ("", [])
+            if calls:
+                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                out = {"index": index, "delta": {"content": content, "tool_calls": deltas}, "logprobs": None,
+                       "finish_reason": "tool_calls"}
+                return self._extras(job, req, choice, out)
+            d = dataclasses.replace(d, text=choice.text if d.finish_reason else "")
         out = self._chunk_choice(job, index, d.text, d.logprobs, d.finish_reason, offsets)
         if d.finish_reason:
             self._extras(job, req, req.choices[d.index - req.choices[0].index], out)

@@ -10,6 +10,8 @@ from typing import Any
 
 from engine.grammar import grammar_text
 from engine.params import InvalidRequest, SamplingParams
+from server import tools
+from server.tools import Tools
 from models import Model
 
 
@@ -54,7 +56,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
 }
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 4
 
 
@@ -78,6 +80,7 @@ class Job:
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
     grammar: str | None = None  # response_format as an llguidance grammar (None: free text)
     perf_metrics: bool = False  # perf_metrics_in_response
+    tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
 
 
 def _number(body: dict, name: str) -> Any:
@@ -149,8 +152,6 @@ def sampling(body: dict) -> SamplingParams:
 
 
 def _unsupported(body: dict) -> None:
-    if body.get("tools") or body.get("functions"):
-        raise bad("tools and functions are not supported by this server", "tools")
     if body.get("suffix"):
         raise bad("'suffix' (fill-in-the-middle) is not supported by this server", "suffix")
     best_of = body.get("best_of")
@@ -190,9 +191,16 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     job.truncate = behaviour != "error"
     if kind == "chat":
         job.logprobs = _chat_logprobs(body)
-        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"))
+        job.tools = tools.parse(body, bad)
+        if job.tools is not None and job.tools.choice not in ("none", "auto"):
+            if job.grammar is not None:
+                raise bad("a tool_choice that forces a call cannot be combined with a response_format", "tool_choice")
+            job.grammar = job.tools.grammar()
+        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools)
         job.prompts, job.prompt_texts = [ids], [text]
     else:
+        if body.get("tools") is not None or body.get("functions") is not None:
+            raise bad("tools are for chat completions", "tools")
         job.logprobs = _completion_logprobs(body)
         pairs = completion_prompts(model, body.get("prompt"))
         job.prompts, job.prompt_texts = [ids for ids, _ in pairs], [text for _, text in pairs]
@@ -242,8 +250,8 @@ def _content(m: dict, i: int) -> str:
     raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
-def chat_text(model: Model, messages: Any) -> str:
-    """The chat template applied to validated messages, with the generation prompt."""
+def chat_text(model: Model, messages: Any, with_tools: Tools | None = None) -> str:
+    """The chat template applied to validated messages (and tools), with the generation prompt."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     clean = []
@@ -253,18 +261,27 @@ def chat_text(model: Model, messages: Any) -> str:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        clean.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+        one = {"role": "system" if role == "developer" else role, "content": _content(m, i)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], list) or not all(isinstance(c, dict) for c in m["tool_calls"]):
+                raise bad(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
+            one["tool_calls"] = m["tool_calls"]
+        if role == "tool":
+            one["tool_call_id"] = str(m.get("tool_call_id", ""))
+        clean.append(one)
+    clean, extra = tools.render(clean, with_tools, model.tokenizer)
     try:
-        return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # a template may reject an order of roles
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
 
 
-def chat_ids(model: Model, messages: Any, truncate_len: int | None = None) -> tuple[list[int], str]:
+def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
+             with_tools: Tools | None = None) -> tuple[list[int], str]:
     """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the oldest non-system messages until the prompt has at
     most that many tokens (the last message always stays)."""
-    text = chat_text(model, messages)
+    text = chat_text(model, messages, with_tools)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     kept = list(messages)
     while truncate_len is not None and len(ids) > truncate_len:
@@ -272,7 +289,7 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None) -> tu
         if drop is None:
             break
         del kept[drop]
-        text = chat_text(model, kept)
+        text = chat_text(model, kept, with_tools)
         ids = model.tokenizer.encode(text, add_special_tokens=False)
     return ids, text
 

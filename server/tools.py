@@ -1,0 +1,188 @@
+"""OpenAI tools: validate `tools` / `tool_choice` (and the legacy `functions` / `function_call`), put the tools into
+the prompt, build the grammar `required` or a named function imposes, and parse tool calls out of generated text.
+
+Formats: a chat template that knows tools (Qwen2.5's, say) gets them as `tools=` and its model answers with
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks; otherwise a system-prompt fallback asks for a JSON
+array of `{"name", "arguments"}` objects (`FALLBACK`). Both are parsed; plain text is left alone. Under `required` or
+a named function the output is constrained to that JSON (an array of calls when parallel calls are allowed), so the
+arguments always validate against the function's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from typing import Any
+
+from engine.grammar import schema_grammar
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PARALLEL = 8
+FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
+            "To call functions, reply with only a JSON array of calls, each "
+            '{{"name": <function name>, "arguments": <object>}}; otherwise reply normally.')
+TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+@dataclasses.dataclass
+class Tools:
+    """A request's functions and what it asks of them."""
+
+    functions: list[dict]  # {"name", "description", "parameters"}
+    choice: str  # "none", "auto", "required", or a function's name
+    parallel: bool = True
+
+    def grammar(self) -> str | None:
+        """The grammar `required` or a named function imposes (None: free output)."""
+        if self.choice in ("none", "auto"):
+            return None
+        named = [f for f in self.functions if f["name"] == self.choice]
+        one = _call_schema(named[0]) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
+        if named or not self.parallel:
+            return schema_grammar(one)
+        return schema_grammar({"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL, "items": one})
+
+
+def _call_schema(f: dict) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
+
+
+def parse(body: dict, bad) -> Tools | None:
+    """The request's tools, validated (`bad(message, param)` makes the 400); None when it has none."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None and body.get("functions") is not None:  # the legacy shape
+        funcs = body["functions"]
+        if not isinstance(funcs, list):
+            raise bad("'functions' must be a list of function objects", "functions")
+        tools = [{"type": "function", "function": f} for f in funcs]
+        fc = body.get("function_call")
+        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+    if tools is None:
+        if choice is not None and choice != "none":
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise bad("'tools' must be a non-empty list of {'type': 'function', 'function': {...}}", "tools")
+    functions = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not NAME.match(f["name"]):
+            raise bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': <1-64 letters, digits, _ or "
+                      f"->, ...}}}}", "tools")
+        params = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        desc = f.get("description", "")
+        if not isinstance(desc, str):
+            raise bad(f"tools[{i}].function.description must be a string", "tools")
+        functions.append({"name": f["name"], "description": desc, "parameters": params})
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise bad("tool function names must be unique", "tools")
+    if choice is None:
+        choice = "auto"
+    elif choice == "any":
+        choice = "required"
+    elif isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in names:
+            raise bad(f"tool_choice names a function that is not among the tools: {name!r}", "tool_choice")
+        choice = name
+    elif choice not in ("none", "auto", "required"):
+        raise bad("'tool_choice' must be 'none', 'auto', 'required', or {'type': 'function', 'function': "
+                  "{'name': ...}}", "tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    return Tools(functions, choice, parallel)
+
+
+def template_knows_tools(tokenizer) -> bool:
+    """Whether the chat template renders a `tools` argument."""
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[dict], dict]:
+    """Messages and extra template arguments for a request with tools: the template's own tool support, or the
+    system-prompt fallback; assistant tool calls and tool results become text where the template has no place for
+    them."""
+    if tools is None or tools.choice == "none":
+        return [_plain(m) for m in messages], {}
+    if template_knows_tools(tokenizer):
+        specs = [{"type": "function", "function": f} for f in tools.functions]
+        return [_native(m) for m in messages], {"tools": specs}
+    note = FALLBACK.format(tools=json.dumps(tools.functions, indent=1))
+    out = [_plain(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out, {}
+
+
+def _calls_of(m: dict) -> list[dict]:
+    calls = []
+    for c in m.get("tool_calls") or []:
+        fn = c.get("function", {}) if isinstance(c, dict) else {}
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            pass
+        calls.append({"name": fn.get("name"), "arguments": args})
+    return calls
+
+
+def _plain(m: dict) -> dict:
+    """A message as plain role + content (tool calls as their JSON, tool results as a user turn)."""
+    if m["role"] == "tool":
+        return {"role": "user", "content": f"Result of tool call {m.get('tool_call_id', '')}: {m['content']}"}
+    calls = _calls_of(m)
+    if calls:
+        return {"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + json.dumps(calls)}
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _native(m: dict) -> dict:
+    """A message for a template that knows tools (arguments as objects, as such templates expect)."""
+    out = {"role": m["role"], "content": m["content"]}
+    calls = _calls_of(m)
+    if calls:
+        out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+    if m["role"] == "tool" and m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
+    """`(content, tool_calls)` from generated text: `<tool_call>` blocks, else the whole text as a JSON call or
+    array of calls; calls naming an unknown function are not calls. Plain text gives `(text, [])`."""
+    names = {f["name"] for f in tools.functions}
+    found: list[Any] = []
+    blocks = TAGGED.findall(text)
+    if blocks:
+        for b in blocks:
+            try:
+                found.append(json.loads(b))
+            except ValueError:
+                return text, []
+        content = text[:text.index("<tool_call>")].strip() or None
+    else:
+        try:
+            obj = json.loads(text.strip())
+        except ValueError:
+            return text, []
+        found = obj if isinstance(obj, list) else [obj]
+        content = None
+    calls = []
+    for c in found:
+        if not (isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments", {}), (dict, str))):
+            return text, []
+        args = c.get("arguments", {})
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": c["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return (content, calls) if calls else (text, [])

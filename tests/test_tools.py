@@ -1,0 +1,115 @@
+"""Tool calls through the official openai client on a live server (SmolLM2: the system-prompt fallback format)."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from server import tools as tool_mod
+
+MODEL = "smollm2-135m-instruct"
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TIME = {"type": "object", "additionalProperties": False, "required": ["timezone"],
+        "properties": {"timezone": {"type": "string", "maxLength": 30}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone",
+                                           "parameters": TIME}}]
+PARAMS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_calls(message, names=None):
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert names is None or call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+def test_required_always_calls_with_valid_arguments(client):
+    for seed in (0, 1):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=1.0, seed=seed, n=2, max_tokens=120)
+        for c in r.choices:
+            assert c.finish_reason == "tool_calls"
+            _check_calls(c.message)
+
+
+def test_named_function_and_its_legacy_form(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0, seed=4,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       max_tokens=80)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message, {"get_time"})
+    assert len(r.choices[0].message.tool_calls) == 1
+    legacy = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, extra_body={
+        "functions": [t["function"] for t in TOOLS], "function_call": {"name": "get_weather"}})
+    _check_calls(legacy.choices[0].message, {"get_weather"})
+
+
+def test_none_and_auto_leave_plain_text_alone(client):
+    for choice in ("none", "auto"):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                           tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=24)
+        assert not r.choices[0].message.tool_calls and r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_parser_reads_tagged_and_json_calls_and_leaves_text():
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    text = 'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>'
+    content, calls = tool_mod.extract(text, spec)
+    assert content == "Let me check." and calls[0]["function"]["name"] == "get_time"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"timezone": "UTC"}
+    content, calls = tool_mod.extract('[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]',
+                                      spec)
+    assert content is None and len(calls) == 1
+    assert tool_mod.extract("The answer is 42.", spec) == ("The answer is 42.", [])
+    assert tool_mod.extract('{"name": "launch_rockets", "arguments": {}}', spec)[1] == []  # unknown function
+
+
+def test_a_conversation_with_a_tool_result(api, client):
+    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=0, max_tokens=120)
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=24,
+                                       extra_body={"return_token_ids": True})
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    prompt = api.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
+    assert "18 degrees and sunny" in prompt and call.function.name in prompt
+
+
+def test_streamed_tool_call_deltas_assemble(client):
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=1.0, seed=2, max_tokens=120, stream=True)
+    calls, finish = {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and calls
+    for entry in calls.values():
+        jsonschema.validate(json.loads(entry["arguments"]), PARAMS[entry["name"]])
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+])
+def test_bad_tools_are_400_then_service_goes_on(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=body)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+    assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
