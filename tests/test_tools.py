@@ -113,3 +113,26 @@ def test_bad_tools_are_400_then_service_goes_on(client, body, param):
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=body)
     assert e.value.status_code == 400 and e.value.body["param"] == param
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.optional
+def test_qwen_template_tools_auto_call_and_plain_answer():
+    """Qwen2.5-Coder's own template: tools go in as `tools=`, `auto` yields `<tool_call>` blocks when it calls."""
+    from conftest import live_server
+    from engine.runner import RunnerConfig
+    from models import load_model
+
+    model = load_model("qwen2.5-coder-0.5b-instruct")
+    assert tool_mod.template_knows_tools(model.tokenizer)
+    for api in live_server(model, RunnerConfig(max_num_seqs=4, max_model_len=1024, kv_cache_gb=0.5)):
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        name = model.name
+        r = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, temperature=0, max_tokens=80)
+        assert r.choices[0].finish_reason == "tool_calls"
+        _check_calls(r.choices[0].message, {"get_weather"})
+        r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}],
+                                           tools=TOOLS, temperature=0, max_tokens=24)
+        assert not r.choices[0].message.tool_calls and r.choices[0].message.content
+        r = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=1.0, seed=1, max_tokens=80)
+        _check_calls(r.choices[0].message)
