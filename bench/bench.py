@@ -129,9 +129,9 @@ def main() -> None:
             f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n")
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md")
     old = open(path).read() if os.path.exists(path) else ""
-    notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
-    with open(path, "w") as f:  # the table is rewritten; the notes below it are kept
-        f.write(f"# Performance\n\n{head}\n{notes}")
+    rest = old[old.index("\n## ") + 1:] if "\n## " in old else NOTES + "\n"
+    with open(path, "w") as f:  # the top table is rewritten; every section below it is kept
+        f.write(f"# Performance\n\n{head}\n{rest}")
 
 
 if __name__ == "__main__":
