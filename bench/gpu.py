@@ -34,7 +34,7 @@ SMOKE = dict(LLAMA_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, 
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def random_model(hf_config: dict, dtype: str, attention: str, scan: bool | None = None):
+def random_model(hf_config: dict, dtype: str, attention: str, scan: bool = True):
     """A `Model` of the config's shape with random weights (no tokenizer: the engine works in token ids)."""
     from models import ModelConfig, Model, build, init_params
     from models.sharding import make_mesh

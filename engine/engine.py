@@ -198,7 +198,7 @@ class Engine:
         if self._grammars is None:
             if self.tok is None:
                 raise InvalidRequest("structured output needs the model's tokenizer", "response_format")
-            self._grammars = Grammars(self.tok, self.model.cfg.vocab_size, self.model.eos_ids)
+            self._grammars = Grammars(self.tok, self.model.eos_ids)
         return self._grammars
 
     def _pages_to_admit(self, length: int, n: int) -> int:
@@ -523,9 +523,9 @@ class Engine:
         rows = {s: self.running[s][1].matcher for s in slots if self.running[s][1].matcher is not None}
         if not rows:
             return None
-        allowed = self.runner.free_mask(self.runner.slots)
+        allowed = self.runner.all_allowed.copy()
         for slot, m in rows.items():
-            allowed[slot] = m.mask()
+            m.fill(allowed[slot])
         return allowed
 
     def _decode(self, changed, done) -> None:

@@ -26,6 +26,8 @@ CACHE_SIZE = 256
 STRING_MAX = 256  # characters of a string the schema leaves unbounded
 INTEGER_MAX = 10**15  # magnitude of an integer the schema leaves unbounded
 _FIXED = ("maxLength", "enum", "const", "pattern", "format")
+_VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def bounded(schema: Any) -> Any:
@@ -35,9 +37,14 @@ def bounded(schema: Any) -> Any:
         return [bounded(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (bounded(v) if k not in ("enum", "const", "default", "examples") else v) for k, v in schema.items()}
-    if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: bounded(v) for k, v in schema["properties"].items()}
+    out = {}
+    for k, v in schema.items():
+        if k in _VALUES:
+            out[k] = v
+        elif k in _MAPS and isinstance(v, dict):  # name -> schema: the names are not keywords
+            out[k] = {name: bounded(sub) for name, sub in v.items()}
+        else:
+            out[k] = bounded(v)
     kind = out.get("type")
     if kind == "string" and not any(k in out for k in _FIXED):
         out["maxLength"] = STRING_MAX
@@ -95,14 +102,13 @@ def schema_grammar(schema: dict) -> str:
 class Grammars:
     """Grammars checked against one tokenizer, kept in an LRU by their text; `matcher` starts a choice's matcher."""
 
-    def __init__(self, hf_tokenizer, vocab: int, eos_ids: tuple[int, ...]):
+    def __init__(self, hf_tokenizer, eos_ids: tuple[int, ...]):
         import llguidance.hf
 
         from models.tokenizer import torch_hidden
 
         with torch_hidden():
             self.tok = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=list(eos_ids) or None)
-        self.vocab, self.words = vocab, (vocab + 31) // 32
         self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.lock = threading.Lock()
 
@@ -134,19 +140,19 @@ class Matcher:
     """One choice's position in its grammar."""
 
     def __init__(self, m, grammars: Grammars):
-        self.m, self.g = m, grammars
-
-    def mask(self) -> np.ndarray:
-        """The allowed next tokens, packed: `[vocab / 32]` int32 (the tokenizer's extra ids beyond the model's
-        vocabulary are cut; model ids past the tokenizer's are never allowed)."""
         import llguidance.numpy as lln
 
-        bits = lln.allocate_token_bitmask(1, self.g.tok.vocab_size)
-        lln.fill_next_token_bitmask(self.m, bits, 0)
-        out = np.zeros(self.g.words, np.int32)
-        n = min(self.g.words, bits.shape[1])
-        out[:n] = bits[0, :n]
-        return out
+        self.m, self.g = m, grammars
+        self.bits = lln.allocate_token_bitmask(1, grammars.tok.vocab_size)  # llguidance's own buffer, reused
+
+    def fill(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into `row`, packed (`[vocab / 32]` int32): the tokenizer's extra ids
+        beyond the model's vocabulary are cut; model ids past the tokenizer's are never allowed."""
+        import llguidance.numpy as lln
+
+        lln.fill_next_token_bitmask(self.m, self.bits, 0)
+        n = min(len(row), self.bits.shape[1])
+        row[:n], row[n:] = self.bits[0, :n], 0
 
     def advance(self, token: int) -> None:
         """Consume the token drawn (a token the mask did not allow puts the matcher in its error state)."""

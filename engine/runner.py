@@ -121,6 +121,7 @@ class Runner:
         self.replicated = NamedSharding(model.mesh, PartitionSpec())
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.replicated)
         self.host_params = smp.neutral_params(self.slots, vocab)
+        self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
         self.push_params()
         self.compiles = 0
         module = model.module
@@ -202,14 +203,14 @@ class Runner:
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
         jobs.append((self._first, (st, sp, np.zeros((self.slots, vocab), np.float32), np.zeros(self.slots, bool),
-                                   self.free_mask(self.slots)), {}))
+                                   self.all_allowed), {}))
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
         jobs.append((self._set_row, (st, np.int32(0), row), {}))
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
         for attend in self.attend if full else self.attend[:1]:
             for nb in self.batch_buckets:
                 jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
-                                            i32(nb, attend // self.page_size), self.free_mask(nb)),
+                                            i32(nb, attend // self.page_size), self.all_allowed[:nb]),
                              dict(steps=self.rc.decode_steps)))
         return jobs
 
@@ -310,10 +311,6 @@ class Runner:
         """Send the host copy of the sampling parameters to the device."""
         self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.replicated)
 
-    def free_mask(self, rows: int) -> np.ndarray:
-        """Allowed-token bitmasks that allow everything (`[rows, vocab / 32]`, all bits set)."""
-        return np.full((rows, (self.model.cfg.vocab_size + 31) // 32), -1, np.int32)
-
     def first_tokens(self, rows_logits: dict[int, jax.Array], allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Sample the first token for newly admitted rows from their prefill logits (`allowed`: `[slots, W]`
         bitmasks, see `sampler.sample`)."""
@@ -322,9 +319,8 @@ class Runner:
         logits = logits.at[rows].set(jnp.stack([rows_logits[r] for r in sorted(rows_logits)]))
         active = np.zeros(self.slots, bool)
         active[rows] = True
-        allowed = self.free_mask(self.slots) if allowed is None else allowed
-        self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active),
-                                      jnp.asarray(allowed))
+        allowed = self.all_allowed if allowed is None else allowed
+        self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active), jnp.asarray(allowed))
         return jax.tree.map(np.asarray, out)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
@@ -340,5 +336,5 @@ class Runner:
         self.cache, self.state, outs = self._decode(
             self.model.params, self.cache, self.state, self.params, jnp.asarray(tokens, jnp.int32),
             jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[:nb], attend),
-            jnp.asarray(self.free_mask(nb) if allowed is None else allowed[:nb]), steps=steps)
+            jnp.asarray((self.all_allowed if allowed is None else allowed)[:nb]), steps=steps)
         return jax.tree.map(np.asarray, outs)

@@ -52,18 +52,12 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     return name
 
 
-def default_scan(platform: str | None = None) -> bool:
-    """Whether layers run under `lax.scan` by default (see `CausalLM`): everywhere. On this CPU the default model
-    starts in 15 s warm / 42 s cold scanned, 33 s / 92 s unrolled; unrolled decodes ~13% faster at 32 concurrent
-    (XLA's CPU backend copies each layer's weights out of the stack): `--no-scan-layers` (docs/PERFORMANCE.md)."""
-    return True
-
-
-def build(cfg: ModelConfig, attention: str = "xla", scan: bool | None = None) -> CausalLM:
+def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True) -> CausalLM:
     """The Flax module for a config, with an attention backend (`auto`: by platform) and scanned or unrolled
-    layers (None: the platform's default)."""
-    backend = resolve_backend(attention, cfg)
-    return CausalLM(cfg, family(cfg).DecoderLayer, backend, default_scan() if scan is None else scan)
+    layers. Scanned is the default everywhere: on this CPU the default model starts in 15 s warm / 42 s cold
+    scanned, 33 s / 92 s unrolled, while unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies
+    each layer's weights out of the stack): `--no-scan-layers` (docs/PERFORMANCE.md)."""
+    return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg), scan)
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
@@ -123,7 +117,7 @@ class Model:
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
-               with_tokenizer: bool = True, attention: str = "auto", scan: bool | None = None) -> Model:
+               with_tokenizer: bool = True, attention: str = "auto", scan: bool = True) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform)."""
     from models import packaged
@@ -141,7 +135,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{'-scan' if module.scan else ''}")
     params = _restore(ckpt_dir, boxed, shardings)
     if params is None:
-        flat = abstract_params(module.clone(scan=False))  # per-layer names and shapes
+        flat = abstract_params(module.clone(scan=False)) if module.scan else boxed  # per-layer names and shapes
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix)

@@ -5,8 +5,9 @@ The cache is one pool per K and V, `[kv_heads, layers * pages, page_size, head_d
 TPU and GPU paged-attention kernels, and a kernel gets the whole pool (no per-layer slice to copy, whether the
 layers are unrolled or scanned) with the page table offset by `l * pages`. A row of the page table lists one
 sequence's pages in order: position t lives in page `table[b, t // page_size]` at offset `t % page_size`. Table
-entries past a sequence's pages point at page 0, the scratch page: padding rows and positions write there, and
-what they write is only ever read under the causal mask.
+entries past a sequence's pages are 0: page 0 of every layer is a scratch page, never allocated, and positions
+past the table go to pool page 0. Padding rows and positions write there, and what they write is only ever read
+under the causal mask.
 
 Backends (`BACKENDS`): `xla`, the plain-XLA reference below (gather the pages, masked softmax), used for every
 prefill and wherever a kernel does not apply; `pallas-gpu` and `pallas-tpu`, decode kernels from JAX's Pallas ops
@@ -60,11 +61,16 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
     return name
 
 
-def write(cache: jax.Array, offset, x: jax.Array, positions: jax.Array, table: jax.Array) -> jax.Array:
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (kernels split a row's pages into equal blocks)."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def write(cache: jax.Array, x: jax.Array, positions: jax.Array, table: jax.Array) -> jax.Array:
     """Scatter this call's keys (or values) `x [B, S, kvh, d]` at `positions [B, S]` through the page table
-    `[B, n]` into the layer whose pages start at `offset`; positions past the table go to the scratch page."""
+    `[B, n]` (pool pages, layer offset applied); positions past the table go to the scratch page."""
     ps = cache.shape[2]
-    page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH) + offset
+    page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH)
     heads = jnp.arange(cache.shape[0])[:, None, None]
     return cache.at[heads, page[None], (positions % ps)[None]].set(x.transpose(2, 0, 1, 3).astype(cache.dtype))
 

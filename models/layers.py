@@ -89,19 +89,16 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
         window, inv_freq = 0, cfg.rope_global
-        if cfg.sliding_window and isinstance(layer, int):
-            sliding = cfg.layer_sliding[layer]
-            window, inv_freq = (cfg.sliding_window, cfg.rope_local) if sliding else (0, cfg.rope_global)
-        elif cfg.sliding_window:  # scanned: this layer's kind is data
+        if cfg.sliding_window:  # this layer's kind is looked up by its index (data, when layers are scanned)
             sliding = jnp.asarray(cfg.layer_sliding)[layer]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
-        offset = layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's first page in the pool
-        k_cache = attention.write(k_cache, offset, k, positions, table)
-        v_cache = attention.write(v_cache, offset, v, positions, table)
-        out = attention.paged_attention(self.backend, q, k_cache, v_cache, table + offset, positions, cfg.scale,
+        pages = table + layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's pages in the pool
+        k_cache = attention.write(k_cache, k, positions, pages)
+        v_cache = attention.write(v_cache, v, positions, pages)
+        out = attention.paged_attention(self.backend, q, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
         out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
         return out, k_cache, v_cache

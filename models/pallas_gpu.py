@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import jax
 
+from models.attention import largest_divisor
+
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
@@ -24,7 +22,7 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel
 
     n = table.shape[1]
-    splits = _largest_divisor(n, MAX_SPLITS)
-    block = _largest_divisor(n // splits, MAX_BLOCK)
+    splits = largest_divisor(n, MAX_SPLITS)
+    block = largest_divisor(n // splits, MAX_BLOCK)
     return kernel.paged_attention(q, k_pages, v_pages, table, lengths, k_splits=splits,
                                   pages_per_compute_block=block, interpret=interpret)

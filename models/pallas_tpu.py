@@ -7,6 +7,8 @@ import contextlib
 
 import jax
 
+from models.attention import largest_divisor
+
 MAX_BLOCK = 8  # pages per compute block (one double-buffered DMA)
 
 
@@ -18,7 +20,6 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    n = table.shape[1]
-    block = max(d for d in range(1, min(n, MAX_BLOCK) + 1) if n % d == 0)
+    block = largest_divisor(table.shape[1], MAX_BLOCK)
     with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
         return paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=block)

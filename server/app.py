@@ -23,7 +23,8 @@ from models import Model
 from server import protocol, tools
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
-from server.responses import Vocab, chat_logprobs, completion_logprobs, prompt_entries, raw_output, usage
+from server.responses import (Vocab, chat_logprobs, completion_logprobs, prompt_entries, prompt_requests,
+                              prompt_token_ids, raw_output, usage)
 
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
@@ -239,8 +240,7 @@ class Server:
         body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices,
                 "usage": used}
         if job.return_token_ids:  # Fireworks: the prompt's ids at the top level, each choice's on the choice
-            firsts = [r.prompt_ids for _, r in parts if r.choices[0].index == 0]
-            body["prompt_token_ids"] = list(firsts[0]) if len(firsts) == 1 else [list(p) for p in firsts]
+            body["prompt_token_ids"] = prompt_token_ids(reqs)
         if job.perf_metrics:
             body["perf_metrics"] = perf
         return web.json_response(body, headers=headers)
@@ -255,7 +255,7 @@ class Server:
         for r in reqs:
             if r.admitted is not None:
                 self.prom.queue.observe(r.admitted - r.arrival)
-        firsts = [r for r in reqs if r.choices[0].index == 0]
+        firsts = prompt_requests(reqs)
         fields = dict(id=rid, route=route, status=status, prompt_tokens=sum(len(r.prompt_ids) for r in firsts),
                       completion_tokens=sum(len(c.token_ids) for r in reqs for c in r.choices),
                       cached_tokens=sum(r.cached_tokens for r in firsts),
@@ -350,9 +350,7 @@ class Server:
                             if job.perf_metrics:
                                 extra["perf_metrics"] = perf_metrics(used, took)
                             if job.return_token_ids:
-                                firsts = [r.prompt_ids for _, r in parts if r.choices[0].index == 0]
-                                extra["prompt_token_ids"] = (list(firsts[0]) if len(firsts) == 1
-                                                             else [list(p) for p in firsts])
+                                extra["prompt_token_ids"] = prompt_token_ids(reqs)
                             if extra:
                                 await send([], **extra)
                 except TimeoutError:

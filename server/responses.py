@@ -117,10 +117,21 @@ def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dic
     }
 
 
+def prompt_requests(reqs: list[Request]) -> list[Request]:
+    """One request per prompt (a prompt whose n is split over several requests counts once)."""
+    return [r for r in reqs if r.choices[0].index == 0]
+
+
+def prompt_token_ids(reqs: list[Request]) -> list:
+    """Fireworks' top-level `prompt_token_ids`: the prompt's ids, or a list of them when there are several."""
+    ids = [list(r.prompt_ids) for r in prompt_requests(reqs)]
+    return ids[0] if len(ids) == 1 else ids
+
+
 def usage(reqs: list[Request]) -> dict:
     """Token counts over every prompt (once, though its n may be split over requests) and every choice, and the
     prompt tokens served from the prefix cache."""
-    firsts = [r for r in reqs if r.choices[0].index == 0]
+    firsts = prompt_requests(reqs)
     prompt = sum(len(r.prompt_ids) for r in firsts)
     completion = sum(len(c.token_ids) for r in reqs for c in r.choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,

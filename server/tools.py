@@ -180,9 +180,10 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         content = None
     calls = []
     for c in found:
-        if not (isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments", {}), (dict, str))):
+        args = c.get("arguments", {}) if isinstance(c, dict) else None
+        if not (isinstance(c, dict) and c.get("name") in names and isinstance(args, (dict, str))):
             return text, []
-        args = c.get("arguments", {})
+        args = args if isinstance(args, str) else json.dumps(args)
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": c["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+                      "function": {"name": c["name"], "arguments": args}})
     return (content, calls) if calls else (text, [])
