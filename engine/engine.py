@@ -29,6 +29,7 @@ from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
+CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
 DETOK_CONTEXT = 5  # prompt tokens kept as context so the first pieces decode with the right spacing
 
 
@@ -235,8 +236,9 @@ class Engine:
                     or not self.aborts.empty())
 
     def warmup(self, full: bool = False) -> None:
-        """Compile the common shapes ahead of time, several at once (see `Runner.warm_jobs`); nothing is run."""
-        compile_all(self.runner.warm_jobs(full), desc="compiling shapes")
+        """Compile the common shapes ahead of time, several at once (see `Runner.warm_jobs`; one-step decode too
+        when the model has a tokenizer, for structured output); nothing is run."""
+        compile_all(self.runner.warm_jobs(full, constrained=self.tok is not None), desc="compiling shapes")
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
@@ -525,7 +527,10 @@ class Engine:
             return None
         allowed = self.runner.all_allowed.copy()
         for slot, m in rows.items():
-            m.fill(allowed[slot])
+            req, choice = self.running[slot]
+            n = len(choice.token_ids)
+            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
+            m.fill(allowed[slot], closing=left <= CLOSE_MARGIN)
         return allowed
 
     def _decode(self, changed, done) -> None:
@@ -576,7 +581,7 @@ class Engine:
         if p.stop and self._check_stop(choice, p.stop, before):
             return self._finish(choice, "stop")
         if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
-            return self._finish(choice, "stop")
+            return self._finish(choice, "length" if choice.matcher.closed else "stop")
         if len(choice.token_ids) >= req.max_tokens or len(req.prompt_ids) + len(choice.token_ids) >= self.max_len:
             self._finish(choice, "length")
 

@@ -28,6 +28,19 @@ INTEGER_MAX = 10**15  # magnitude of an integer the schema leaves unbounded
 _FIXED = ("maxLength", "enum", "const", "pattern", "format")
 _VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
 _MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+FREE_DEPTH, FREE_WIDTH = 3, 16  # nesting and members of the JSON object json_object asks for without a schema
+
+
+def any_object() -> dict:
+    """The schema of json_object without a schema: any JSON object, nested at most `FREE_DEPTH` deep with at most
+    `FREE_WIDTH` members per object or array, so a sampled reply is finite (strings bounded as in `bounded`)."""
+    defs = {"v0": {"type": ["string", "number", "boolean", "null"]}}
+    for d in range(1, FREE_DEPTH + 1):
+        below = {"$ref": f"#/$defs/v{d - 1}"}
+        defs[f"v{d}"] = {"anyOf": [defs["v0"], {"type": "array", "maxItems": FREE_WIDTH, "items": below},
+                                   {"type": "object", "maxProperties": FREE_WIDTH, "additionalProperties": below}]}
+    return {"type": "object", "maxProperties": FREE_WIDTH, "additionalProperties": {"$ref": f"#/$defs/v{FREE_DEPTH}"},
+            "$defs": defs}
 
 
 def bounded(schema: Any) -> Any:
@@ -74,7 +87,7 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
                 raise InvalidRequest("response_format.json_schema must be an object", param)
             schema = js.get("schema", js if "name" not in js else None)
         if schema is None:
-            schema = {"type": "object"}
+            schema = any_object()
         if not isinstance(schema, dict):
             raise InvalidRequest("the JSON schema must be an object", param)
         try:
@@ -111,6 +124,8 @@ class Grammars:
             self.tok = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=list(eos_ids) or None)
         self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.lock = threading.Lock()
+        self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]
+        self.closers = _closers(self.texts)
 
     def check(self, grammar: str, param: str = "response_format") -> str:
         """Validate a grammar against the tokenizer (cached); 400 with llguidance's message if it is unusable."""
@@ -133,30 +148,63 @@ class Grammars:
         """A fresh matcher at the start of `grammar`."""
         import llguidance
 
-        return Matcher(llguidance.LLMatcher(self.tok, grammar), self)
+        is_json = grammar.startswith('{"grammars":[{"name":"json_schema"')
+        return Matcher(llguidance.LLMatcher(self.tok, grammar), self, is_json)
+
+
+def _closers(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Packed masks of the tokens that close JSON: outside a string only `}` / `]` (and whitespace); inside a string
+    a `"` followed by those."""
+    outside, inside = (np.zeros((len(texts) + 31) // 32, np.uint32) for _ in range(2))
+    for t, b in enumerate(texts):
+        body = b.strip()
+        if not body:
+            continue
+        if not body.strip(b"}]"):
+            outside[t // 32] |= np.uint32(1 << (t % 32))
+        if b.startswith(b'"') and not b[1:].strip().strip(b"}]"):
+            inside[t // 32] |= np.uint32(1 << (t % 32))
+    return outside.view(np.int32), inside.view(np.int32)
 
 
 class Matcher:
     """One choice's position in its grammar."""
 
-    def __init__(self, m, grammars: Grammars):
+    def __init__(self, m, grammars: Grammars, is_json: bool):
         import llguidance.numpy as lln
 
-        self.m, self.g = m, grammars
+        self.m, self.g, self.json = m, grammars, is_json  # a JSON-schema grammar: closing applies
         self.bits = lln.allocate_token_bitmask(1, grammars.tok.vocab_size)  # llguidance's own buffer, reused
+        self.in_string = self.escaped = False  # JSON string state of the text so far (for closing)
+        self.closed = False  # closing narrowed a mask: the budget, not the model, ended the reply
 
-    def fill(self, row: np.ndarray) -> None:
+    def fill(self, row: np.ndarray, closing: bool = False) -> None:
         """Write the allowed next tokens into `row`, packed (`[vocab / 32]` int32): the tokenizer's extra ids
-        beyond the model's vocabulary are cut; model ids past the tokenizer's are never allowed."""
+        beyond the model's vocabulary are cut; model ids past the tokenizer's are never allowed. `closing` (JSON,
+        the token budget nearly spent) narrows them to tokens that close strings, objects and arrays, where the
+        grammar allows one, so the reply ends as valid JSON."""
         import llguidance.numpy as lln
 
         lln.fill_next_token_bitmask(self.m, self.bits, 0)
-        n = min(len(row), self.bits.shape[1])
-        row[:n], row[n:] = self.bits[0, :n], 0
+        bits = self.bits[0]
+        if closing and self.json:
+            closers = self.g.closers[self.in_string]
+            narrowed = bits & closers[:len(bits)]
+            if narrowed.any() and (narrowed != bits).any():
+                bits, self.closed = narrowed, True
+        n = min(len(row), len(bits))
+        row[:n], row[n:] = bits[:n], 0
 
     def advance(self, token: int) -> None:
         """Consume the token drawn (a token the mask did not allow puts the matcher in its error state)."""
         self.m.consume_token(token)
+        for c in self.g.texts[token] if token < len(self.g.texts) else b"":
+            if self.escaped:
+                self.escaped = False
+            elif c == 0x5C and self.in_string:  # backslash
+                self.escaped = True
+            elif c == 0x22:  # quote
+                self.in_string = not self.in_string
 
     @property
     def done(self) -> bool:

@@ -184,11 +184,12 @@ class Runner:
         self._prefill, self._decode, self._first = AOT(prefill), AOT(decode), AOT(first_tokens)
         self._set_row, self._copy = AOT(set_state_row), AOT(copy_pages)
 
-    def warm_jobs(self, full: bool = False) -> list[Job]:
+    def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
         """The shapes to compile before serving: prefill of short prompts (several per call) and of a first chunk,
         the first draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended
         length. `full`: every attended length for decode and prefill too (minutes the first time, seconds once the
-        persistent compilation cache holds them)."""
+        persistent compilation cache holds them). `constrained`: decode of one step too (structured output runs
+        one step per dispatch)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         p, c, st, sp = self.model.params, self.cache, self.state, self.params
         jobs: list[Job] = []
@@ -207,11 +208,13 @@ class Runner:
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
         jobs.append((self._set_row, (st, np.int32(0), row), {}))
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
+        steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         for attend in self.attend if full else self.attend[:1]:
             for nb in self.batch_buckets:
-                jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
-                                            i32(nb, attend // self.page_size), self.all_allowed[:nb]),
-                             dict(steps=self.rc.decode_steps)))
+                for k in steps:
+                    jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
+                                                i32(nb, attend // self.page_size), self.all_allowed[:nb]),
+                                 dict(steps=k)))
         return jobs
 
     # ---- host-facing operations -------------------------------------------------------------------------------

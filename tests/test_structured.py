@@ -45,6 +45,19 @@ def test_json_object_parses(client):
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+def test_json_object_closes_within_a_tight_budget(client):
+    """With the budget nearly spent the mask steers to closing tokens: sampled JSON still parses; "length" says the
+    budget ended it."""
+    reasons = set()
+    for seed in (0, 1, 2):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=seed, n=3, max_tokens=30,
+                                           response_format={"type": "json_object"})
+        for c in r.choices:
+            assert isinstance(json.loads(c.message.content), dict), c.message.content
+            reasons.add(c.finish_reason)
+    assert "length" in reasons and reasons <= {"stop", "length"}
+
+
 def test_gbnf_grammar(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=3, n=3, max_tokens=40,
                                        response_format={"type": "grammar", "grammar": GBNF})
@@ -87,6 +100,23 @@ def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
     assert mixed.choices[0].token_ids == alone.choices[0].token_ids
     for r in others:
         _valid(r.choices[0].text, PERSON)
+
+
+def test_warmup_compiles_the_constrained_decode(smollm):
+    from engine.engine import Engine
+    from engine.runner import RunnerConfig
+
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=4, max_model_len=256, decode_steps=4, kv_cache_gb=0.05))
+    eng.warmup()
+    before = eng.runner.compiles
+    grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
+    for n in (1, 3):
+        r = eng.make_request(eng.tok("A person as JSON:")["input_ids"], SamplingParams(seed=n, n=n, max_tokens=20),
+                             grammar=grammar)
+        eng.add(r)
+        while eng.has_work():
+            eng.step()
+    assert eng.runner.compiles == before
 
 
 @pytest.mark.parametrize("fmt,needle", [
