@@ -300,7 +300,7 @@ class Server:
             content, calls = self._tool_calls(job, c)
             if calls:
                 out["message"].update(content=content, tool_calls=calls)
-                out["finish_reason"] = "tool_calls"
+                out["finish_reason"] = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
         else:
             out = {"index": index, "text": echo_text + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
         return self._extras(job, req, c, out)
@@ -314,6 +314,7 @@ class Server:
         created = int(time.time())
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         offsets: dict[int, int] = {}
+        calls: dict[int, tools.CallStream] = {}
 
         async def send(choices: list[dict], **extra) -> None:
             chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
@@ -342,7 +343,7 @@ class Server:
                             if any(d.finish_reason == "error" for d in deltas):
                                 await fail(ApiError(500, "the engine failed while generating", type_="server_error"))
                                 break
-                            await send([self._delta_choice(job, pi, req, d, offsets) for d in deltas])
+                            await send([self._delta_choice(job, pi, req, d, offsets, calls) for d in deltas])
                         else:
                             used, extra = usage(reqs), {}
                             if job.include_usage:
@@ -367,23 +368,24 @@ class Server:
     @staticmethod
     def _tool_calls(job: Job, c) -> tuple[str | None, list[dict]]:
         """A finished chat choice's `(content, tool_calls)` when the request offers tools (else no calls)."""
-        if job.tools is None or job.tools.choice == "none" or c.finish_reason != "stop":
+        if job.tools is None or job.tools.choice == "none" or c.finish_reason not in ("stop", "length"):
             return c.text, []
         return tools.extract(c.text, job.tools)
 
-    def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict) -> dict:
+    def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict, calls: dict) -> dict:
         index = pi * job.params.n + d.index
-        if job.tools is not None and job.tools.choice != "none":  # text is held until we know if it is a call
-            choice = req.choices[d.index - req.choices[0].index]
-            content, calls = self._tool_calls(job, choice) if d.finish_reason else ("", [])
-            if calls:
-                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-                out = {"index": index, "delta": {"content": content, "tool_calls": deltas}, "logprobs": None,
-                       "finish_reason": "tool_calls"}
-                return self._extras(job, req, choice, out)
-            d = dataclasses.replace(d, text=choice.text if d.finish_reason else "")
-        out = self._chunk_choice(job, index, d.text, d.logprobs, d.finish_reason, offsets)
-        if d.finish_reason:
+        finish = d.finish_reason
+        if job.tools is None or job.tools.choice == "none":
+            out = self._chunk_choice(job, index, d.text, d.logprobs, finish, offsets)
+        else:  # content while it cannot be a call; tool calls as their names and arguments arrive
+            stream = calls.setdefault(index, tools.CallStream(job.tools))
+            content, deltas, has_calls = stream.feed(d.text, finish)
+            out = self._chunk_choice(job, index, content, d.logprobs, finish, offsets)
+            if deltas:
+                out["delta"]["tool_calls"] = deltas
+            if has_calls and finish == "stop":
+                out["finish_reason"] = "tool_calls"
+        if finish:
             self._extras(job, req, req.choices[d.index - req.choices[0].index], out)
         return out
 

@@ -5,6 +5,8 @@ import json
 import jsonschema
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server import tools as tool_mod
 
@@ -71,6 +73,43 @@ def test_parser_reads_tagged_and_json_calls_and_leaves_text():
     assert tool_mod.extract('{"name": "launch_rockets", "arguments": {}}', spec)[1] == []  # unknown function
 
 
+STREAMED = [
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
+    '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
+    '{"timezone": "UTC+1"}}]',
+    '{"name": "get_time", "arguments": {"timezone": "CET"}}',
+    '{"arguments": {"timezone": "CET"}, "name": "get_time"}',
+    "Plain text that mentions <tool and {braces}.", '{"not": "a call"}', '[1, 2]', "",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.sampled_from(STREAMED), cuts=st.lists(st.integers(0, 200), max_size=12),
+       choice=st.sampled_from(["auto", "required"]))
+def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(text, cuts, choice):
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], choice)
+    stream, content, calls, early = tool_mod.CallStream(spec), "", {}, 0
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    pieces = [(text[a:b], None) for a, b in zip(bounds, bounds[1:])] + [("", "stop")]
+    for piece, finish in pieces:
+        c, deltas, _ = stream.feed(piece, finish)
+        content += c
+        early += len(deltas) if finish is None else 0
+        for d in deltas:
+            entry = calls.setdefault(d["index"], {"name": "", "arguments": "", "id": ""})
+            entry["id"] += d.get("id", "")
+            entry["name"] += d["function"].get("name", "")
+            entry["arguments"] += d["function"]["arguments"]
+    want_content, want = tool_mod.extract(text, spec)
+    assert content == (want_content or "")
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (w["function"]["name"], w["function"]["arguments"]) for w in want]
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    if want and len(pieces) > 3 and not text.startswith('{"arguments"'):
+        assert early > 0  # names and arguments went out before the end
+
+
 def test_a_conversation_with_a_tool_result(api, client):
     first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                            temperature=0, max_tokens=120)
@@ -87,15 +126,17 @@ def test_a_conversation_with_a_tool_result(api, client):
 def test_streamed_tool_call_deltas_assemble(client):
     stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                             temperature=1.0, seed=2, max_tokens=120, stream=True)
-    calls, finish = {}, None
+    calls, finish, chunks = {}, None, 0
     for chunk in stream:
         for c in chunk.choices:
             for d in c.delta.tool_calls or []:
                 entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
                 entry["name"] += d.function.name or ""
                 entry["arguments"] += d.function.arguments or ""
+                chunks += 1
             finish = c.finish_reason or finish
     assert finish == "tool_calls" and calls
+    assert chunks > 2 * len(calls)  # the arguments arrived in pieces
     for entry in calls.values():
         jsonschema.validate(json.loads(entry["arguments"]), PARAMS[entry["name"]])
 
