@@ -62,6 +62,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def load(args: argparse.Namespace):
+    """The model the flags name, in their dtype, attention backend and layer form."""
+    model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
+                       scan=args.scan_layers)
+    if args.served_name:
+        model.name = args.served_name
+    return model
+
+
+def runner_config(args: argparse.Namespace) -> RunnerConfig:
+    """The engine's settings from the flags (0: the platform's default)."""
+    tuned = platform_defaults(jax.devices()[0].platform)
+    return RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                        kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
+                        decode_steps=args.decode_steps or tuned["decode_steps"],
+                        max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"])
+
+
 def main(argv=None) -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv)
@@ -71,16 +89,9 @@ def main(argv=None) -> None:
     logging.getLogger("sparkler").setLevel(logging.INFO)
     use_persistent_cache(os.path.join(cache_root(), "xla"))
     t0 = time.monotonic()
-    model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers)
-    if args.served_name:
-        model.name = args.served_name
+    model = load(args)
     t1 = time.monotonic()
-    tuned = platform_defaults(jax.devices()[0].platform)
-    engine = Engine(model, RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                        kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
-                                        decode_steps=args.decode_steps or tuned["decode_steps"],
-                                        max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"]))
+    engine = Engine(model, runner_config(args))
     t2 = time.monotonic()
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
