@@ -19,6 +19,7 @@ from models import gemma3, llama, qwen2, qwen3
 from models.config import ModelConfig
 from models.attention import KVCache, resolve_backend
 from models.layers import CausalLM
+from models.quant import QUANTIZATIONS, quantize_tree
 from models.sharding import make_mesh, param_shardings
 from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
@@ -117,28 +118,35 @@ class Model:
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
-               with_tokenizer: bool = True, attention: str = "auto", scan: bool = True) -> Model:
+               with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
+               quantization: str = "none") -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
-    `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform)."""
+    `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
+    `quantization` is `none` or `int8` (`models.quant`)."""
     from models import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     source = open_source(path)
-    cfg = ModelConfig.from_hf(source.config, dtype)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)
     module = build(cfg, attention, scan)
     mesh = make_mesh(tp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh))
     key = source.content_hash()
-    ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{'-scan' if module.scan else ''}")
+    form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
+    ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{form}")
     params = _restore(ckpt_dir, boxed, shardings)
-    if params is None:
-        flat = abstract_params(module.clone(scan=False)) if module.scan else boxed  # per-layer names and shapes
+    if params is None:  # convert by the float, unrolled form's names and shapes; then quantize and stack
+        flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none")))
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix)
+        if quantization == "int8":
+            tree = quantize_tree(tree)
         if module.scan:
             tree = stack_layers(tree, cfg.num_layers)
         params = jax.device_put({"params": tree}, shardings)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention
+from models import attention, quant
 from models.attention import KVCache
 from models.config import ModelConfig
 
@@ -21,20 +21,37 @@ def _dtype(cfg: ModelConfig):
     return jnp.dtype(cfg.dtype)
 
 
+def _int8_init(key, shape, dtype=jnp.int8):
+    return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(dtype)
+
+
+def _scale_init(key, shape, dtype=jnp.float32):
+    return jnp.full(shape, 0.02 / 73, dtype)  # random int8 weights then have a std of ~0.02
+
+
 class Linear(nn.Module):
-    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest."""
+    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
+    int8 with a float32 `scale` per output channel (`models.quant`)."""
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: str = "float32"
     float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
+    int8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
-        w = self.param("weight", init, (self.features, x.shape[-1]), jnp.dtype(self.dtype))
-        y = jnp.dot(x, w.T, preferred_element_type=jnp.float32 if self.float32_out else None)
+        shape = (self.features, x.shape[-1])
+        if self.int8:
+            w = self.param("weight", nn.with_logical_partitioning(_int8_init, self.axes), shape, jnp.int8)
+            scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None)),
+                               (shape[0], quant.groups(shape[1])), jnp.float32)
+            y = quant.dot(x, w, scale, jnp.float32 if self.float32_out else None)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+            w = self.param("weight", init, shape, jnp.dtype(self.dtype))
+            y = jnp.dot(x, w.T, preferred_element_type=jnp.float32 if self.float32_out else None)
         if self.use_bias:
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
                            (self.features,), jnp.dtype(self.dtype))
@@ -79,12 +96,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer):
-        cfg, dt = self.cfg, self.cfg.dtype
+        cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = Linear(h * d, ("heads", "embed"), cfg.attention_bias, dt, name="q_proj")(x).reshape(b, s, h, d)
-        k = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, name="k_proj")(x).reshape(b, s, kvh, d)
-        v = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, name="v_proj")(x).reshape(b, s, kvh, d)
+        q = Linear(h * d, ("heads", "embed"), cfg.attention_bias, dt, int8=q8, name="q_proj")(x).reshape(b, s, h, d)
+        k = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, int8=q8, name="k_proj")(x).reshape(b, s, kvh, d)
+        v = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, int8=q8, name="v_proj")(x).reshape(b, s, kvh, d)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
@@ -100,7 +117,7 @@ class Attention(nn.Module):
         v_cache = attention.write(v_cache, v, positions, pages)
         out = attention.paged_attention(self.backend, q, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
-        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, name="o_proj")(out)
+        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, int8=q8, name="o_proj")(out)
         return out, k_cache, v_cache
 
 
@@ -111,11 +128,11 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg, dt = self.cfg, self.cfg.dtype
-        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, name="up_proj")(x)
+        cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
+        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, name="up_proj")(x)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, name="down_proj")(act * up)
+        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, int8=q8, name="down_proj")(act * up)
 
 
 class CausalLM(nn.Module):
@@ -135,10 +152,16 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
         cfg = self.cfg
-        embed = self.param(
-            "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size), _dtype(cfg))
-        x = embed[tokens]
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        if cfg.quantization == "int8":  # one scale per vocabulary row serves the lookup and a tied LM head
+            embed = self.param("embed", nn.with_logical_partitioning(_int8_init, ("vocab", "embed")), shape, jnp.int8)
+            rows = self.param("embed_rows", nn.with_logical_partitioning(_scale_init, ("vocab", None)),
+                              (shape[0], quant.groups(shape[1])), jnp.float32)
+            x = quant.dequantize(embed[tokens], rows[tokens], _dtype(cfg))
+        else:
+            embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                               shape, _dtype(cfg))
+            x = embed[tokens]
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         carry = (x, cache.k, cache.v)
@@ -155,10 +178,12 @@ class CausalLM(nn.Module):
         if not all_logits:
             idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
             x = x[jnp.arange(x.shape[0]), idx]
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cfg.quantization == "int8":
+            logits = quant.dot(x, embed, rows, jnp.float32)
+        elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, cfg.quantization == "int8", name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.final_softcap:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap

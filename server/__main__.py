@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
+    ap.add_argument("--quantization", choices=("none", "int8"), default="none",
+                    help="int8: int8 weights with a float32 scale per 32 inputs (a quarter of the memory; "
+                         "docs/PERFORMANCE.md has what it does to speed)")
     ap.add_argument("--attention-backend", choices=("auto", "xla", "pallas-gpu", "pallas-tpu"), default="auto",
                     help="paged attention (auto: the Pallas kernel of a GPU or TPU, the XLA reference on CPU)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
@@ -65,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers)
+                       scan=args.scan_layers, quantization=args.quantization)
     if args.served_name:
         model.name = args.served_name
     return model
@@ -96,9 +99,10 @@ def main(argv=None) -> None:
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     t3 = time.monotonic()
-    log.info("sparkler: %s on %s (%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
+    log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
-             model.cfg.dtype, model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
+             model.cfg.dtype, "" if args.quantization == "none" else f", {args.quantization} weights",
+             model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout)

@@ -1,0 +1,59 @@
+"""int8 weights (`--quantization int8`): the quality guard against float32 on the same weights, the rounding bound,
+and the bytes they take."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from helpers import our_logits
+from models import load_model, quant
+
+PROMPTS = ["The history of the Roman Empire spans more than a thousand years, from the founding of the city",
+           'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+           "Photosynthesis is the process by which green plants"]
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    return load_model("smollm2-135m-instruct", quantization="int8")
+
+
+def test_int8_agrees_with_float32_over_256_teacher_forced_tokens(llm, smollm, int8_model):
+    from engine import SamplingParams
+
+    rows = []
+    for text in PROMPTS:  # float32's own greedy continuation is the text both models are forced through
+        ids = smollm.tokenizer(text)["input_ids"]
+        out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))[0]
+        rows.append(ids + list(out.outputs[0].token_ids))
+    ref = our_logits(smollm.module, smollm.params, rows)
+    got = our_logits(int8_model.module, int8_model.params, rows)
+    for a, b, r in zip(ref, got, rows):
+        a, b, nxt = a[-257:-1], b[-257:-1], np.asarray(r[-256:])
+        agree = (a.argmax(-1) == b.argmax(-1)).mean()
+        ll_a = np.asarray(jax.nn.log_softmax(a, -1))[np.arange(256), nxt].mean()
+        ll_b = np.asarray(jax.nn.log_softmax(b, -1))[np.arange(256), nxt].mean()
+        assert agree >= 0.98, agree
+        assert abs(ll_b - ll_a) <= 0.02 * abs(ll_a), (ll_a, ll_b)
+
+
+def test_int8_weights_take_about_a_quarter_of_the_bytes(smollm, int8_model):
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    ratio = size(int8_model.params) / size(smollm.params)
+    assert 0.25 < ratio < 0.25 + 1 / 32 + 0.01, ratio  # int8 plus one float32 scale per 32 weights (norms stay f32)
+    layers = int8_model.params["params"]["layers"]
+    assert layers["mlp"]["up_proj"]["weight"].dtype == np.int8
+    assert layers["mlp"]["up_proj"]["scale"].shape[-1] == smollm.cfg.hidden_size // quant.GROUP
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.sampled_from([32, 64, 96, 5])),
+                  elements=st.floats(-4, 4, width=32)))
+def test_rounding_error_is_at_most_half_a_step_per_group(w):
+    q, s = quant.quantize(w)
+    back = np.asarray(quant.dequantize(q, s, np.float32))
+    step = np.repeat(s, w.shape[-1] // s.shape[-1], axis=-1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6 * np.abs(w) + 1e-12)
