@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_SCRIPT = os.path.join(ROOT, "..", "shared", "peers", "llama-server.sh")
+MODEL = "smollm2-135m-instruct"  # the name requests carry (llama-server accepts any)
 WORDS = ("river mountain lantern copper violet harbor meadow signal orchard marble canyon ember falcon glacier "
          "thistle quartz willow beacon").split()
 
@@ -35,7 +36,7 @@ def long_prompt(tag: int, words: int = 560) -> str:
 
 async def chat(session, url: str, content: str, max_tokens: int) -> tuple[float, float, int]:
     """One streamed chat request: (seconds to first token, seconds to last token, tokens received)."""
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, pieces, usage = None, 0, None
@@ -61,7 +62,7 @@ async def measure(url: str, tokens: int, levels: tuple[int, ...]) -> dict:
 
     out: dict = {}
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
         await chat(s, url, "Hello", 8)  # first request: anything lazy happens here
         await asyncio.gather(*(chat(s, url, f"Warm up {i}.", 8) for i in range(max(levels))))
         ttft, last, n = await chat(s, url, "Tell me a long story about a lighthouse keeper.", tokens)
@@ -173,6 +174,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="put the table into docs/PERFORMANCE.md")
     args = ap.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
+    global MODEL
+    MODEL = args.model
     from models.packaged import resolve
 
     gguf = resolve(args.model)

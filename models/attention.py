@@ -88,8 +88,14 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
     keys, values = keys.reshape(kvh, b, t, d), values.reshape(kvh, b, t, d)
     g = h // kvh
     qg = q.reshape(b, s, kvh, g, d).transpose(2, 0, 3, 1, 4).reshape(kvh, b, g * s, d)
-    scores = jnp.einsum("kbqd,kbtd->kbqt", qg, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
+    # Decode (one query per row) as broadcast multiply-and-sum: XLA's CPU backend fuses each into one loop over the
+    # gathered pages, where the einsum became many tiny matrix products (3 query rows each); single-stream decode
+    # went from 40 to 49 tok/s (docs/PERFORMANCE.md). Prefill keeps the matrix products.
+    if s == 1:
+        scores = jnp.sum(qg[:, :, :, None].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), -1) * scale
+    else:
+        scores = jnp.einsum("kbqd,kbtd->kbqt", qg, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(kvh, b, g, s, t)
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
@@ -100,7 +106,10 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
         mask &= (key_pos > q_pos - window) | (window <= 0)
     scores = jnp.where(mask[None, :, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(kvh, b, g * s, t)
-    out = jnp.einsum("kbqt,kbtd->kbqd", probs, values.astype(q.dtype))
+    if s == 1:
+        out = jnp.sum(probs[..., None] * values[:, :, None].astype(q.dtype), axis=3)
+    else:
+        out = jnp.einsum("kbqt,kbtd->kbqd", probs, values.astype(q.dtype))
     return out.reshape(kvh, b, g, s, d).transpose(1, 3, 0, 2, 4).reshape(b, s, h * d)
 
 
