@@ -111,11 +111,16 @@ def main() -> None:
 
     hf = hf_numbers(resolve(args.model), args.tokens)
     e = engine_numbers(load_model(args.model), 32, args.tokens)
+    q = engine_numbers(load_model(args.model, quantization="int8"), 32, args.tokens)
     rows = [
         ("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}", f"{e['single'] / hf['b1']:.2f}x", ">= 0.95x"),
         ("aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)", f"{e['agg8'] / hf['b8']:.2f}x", ""),
         ("aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", f"{hf['b1']:.1f} (single)", f"{e['agg32'] / hf['b1']:.2f}x", ">= 10x"),
         ("aggregate, 1 concurrent (tok/s)", f"{e['agg1']:.1f}", "", "", ""),
+        ("int8 weights: single-stream decode (tok/s)", f"{q['single']:.1f}", f"{hf['b1']:.1f}",
+         f"{q['single'] / hf['b1']:.2f}x", ""),
+        ("int8 weights: aggregate, 32 concurrent (tok/s)", f"{q['agg32']:.1f}", "", f"{q['agg32'] / e['agg32']:.2f}x "
+         "float32", ""),
         ("TTFT, 32-token prompt (ms)", f"{e['ttft32'] * 1000:.0f}", "", "", ""),
         ("TTFT, 512-token prompt (ms)", f"{e['ttft512'] * 1000:.0f}", "", "", ""),
         ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "", f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),

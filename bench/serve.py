@@ -63,8 +63,8 @@ async def measure(url: str, tokens: int, levels: tuple[int, ...]) -> dict:
     out: dict = {}
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
-        await chat(s, url, "Hello", 8)  # first request: anything lazy happens here
-        await asyncio.gather(*(chat(s, url, f"Warm up {i}.", 8) for i in range(max(levels))))
+        for n in levels:  # a full round at each level first: whatever compiles or allocates lazily does it here
+            await asyncio.gather(*(chat(s, url, f"Warm up {i}.", tokens) for i in range(n)))
         ttft, last, n = await chat(s, url, "Tell me a long story about a lighthouse keeper.", tokens)
         out["single"] = (n - 1) / (last - ttft)
         out["ttft_short"] = min([(await chat(s, url, f"Say hi, number {i}.", 1))[0] for i in range(3)])

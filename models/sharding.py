@@ -14,12 +14,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"))
 
 
-def make_mesh(tp: int = 1, devices=None) -> Mesh:
-    """A `(data, tp)` mesh over `devices` (default: all), with `tp` devices per tensor-parallel group."""
-    devices = devices if devices is not None else jax.devices()
-    if len(devices) % tp:
-        raise ValueError(f"tp={tp} does not divide {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(len(devices) // tp, tp), ("data", "tp"))
+def make_mesh(tp: int = 1, devices=None, dp: int = 1) -> Mesh:
+    """A `(data=dp, tp=tp)` mesh over the first `dp * tp` of `devices` (default: all visible); a mesh larger than
+    the devices is a ValueError that says so."""
+    devices = list(devices if devices is not None else jax.devices())
+    if tp < 1 or dp < 1:
+        raise ValueError(f"tensor- and data-parallel sizes must be >= 1 (got {tp} and {dp})")
+    if tp * dp > len(devices):
+        raise ValueError(f"a mesh of data-parallel size {dp} x tensor-parallel size {tp} = {dp * tp} devices does "
+                         f"not fit the {len(devices)} visible {devices[0].platform} device(s)")
+    return Mesh(np.asarray(devices[:dp * tp]).reshape(dp, tp), ("data", "tp"))
 
 
 def spec_for(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:

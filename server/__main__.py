@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
                     help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
+                    help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
     ap.add_argument("--max-queued-requests", type=int, default=None,
@@ -92,7 +93,10 @@ def main(argv=None) -> None:
     logging.getLogger("sparkler").setLevel(logging.INFO)
     use_persistent_cache(os.path.join(cache_root(), "xla"))
     t0 = time.monotonic()
-    model = load(args)
+    try:
+        model = load(args)
+    except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
+        raise SystemExit(f"sparkler: {e}") from None
     t1 = time.monotonic()
     engine = Engine(model, runner_config(args))
     t2 = time.monotonic()
