@@ -131,7 +131,9 @@ def main() -> None:
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
     head = (f"Latest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
-            f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n")
+            f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n\nThe int8 rows are the same engine with "
+            "`--quantization int8` (weights a quarter of float32's bytes plus one scale per\n32 weights); their last "
+            "ratio is against the float32 row of the same run.\n")
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md")
     old = open(path).read() if os.path.exists(path) else ""
     rest = old[old.index("\n## ") + 1:] if "\n## " in old else NOTES + "\n"
