@@ -164,9 +164,11 @@ class Runner:
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def first_tokens(state, sparams, logits, active, allowed):
-            self.compiles += 1
-            out, state = smp.sample(logits, sparams, state, active, allowed)
-            return state, out
+            self.compiles += 1  # one shape per batch bucket: rows past the bucket are left as they are
+            nb = logits.shape[0]
+            rows = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
+            out, part = smp.sample(logits, rows(sparams), rows(state), active, allowed)
+            return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part), out
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def set_state_row(state, row, values):
@@ -203,8 +205,9 @@ class Runner:
                     jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
-        jobs.append((self._first, (st, sp, np.zeros((self.slots, vocab), np.float32), np.zeros(self.slots, bool),
-                                   self.all_allowed), {}))
+        for nb in self.batch_buckets:
+            jobs.append((self._first, (st, sp, np.zeros((nb, vocab), np.float32), np.zeros(nb, bool),
+                                       self.all_allowed[:nb]), {}))
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
         jobs.append((self._set_row, (st, np.int32(0), row), {}))
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
@@ -317,12 +320,13 @@ class Runner:
     def first_tokens(self, rows_logits: dict[int, jax.Array], allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Sample the first token for newly admitted rows from their prefill logits (`allowed`: `[slots, W]`
         bitmasks, see `sampler.sample`)."""
-        logits = jnp.zeros((self.slots, self.model.cfg.vocab_size), jnp.float32)
         rows = np.asarray(sorted(rows_logits), np.int32)
+        nb = bucket(int(rows[-1]) + 1, self.batch_buckets)  # the smallest batch bucket holding every new row
+        logits = jnp.zeros((nb, self.model.cfg.vocab_size), jnp.float32)
         logits = logits.at[rows].set(jnp.stack([rows_logits[r] for r in sorted(rows_logits)]))
-        active = np.zeros(self.slots, bool)
+        active = np.zeros(nb, bool)
         active[rows] = True
-        allowed = self.all_allowed if allowed is None else allowed
+        allowed = (self.all_allowed if allowed is None else allowed)[:nb]
         self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active), jnp.asarray(allowed))
         return jax.tree.map(np.asarray, out)
 

@@ -1,5 +1,10 @@
 """Tensor parallelism through the HTTP server on 4 virtual CPU devices: T = 2 and T = 4 give the single-device
-tokens (greedy and seeded) with 16 requests in flight; a mesh larger than the devices is a clear start-up error."""
+tokens (greedy and seeded) with 16 requests in flight; a mesh larger than the devices is a clear start-up error.
+
+Under tensor parallelism the projections after attention and in the MLP sum partial products across devices (an
+all-reduce), so float32 logits differ from one device's in the last bits. A seeded draw whose uniform falls within
+that distance of a boundary between two tokens can then pick the neighbour (seen once in a few runs, at the 6th of
+12 tokens): seeded outputs must match in all but one of 8 requests, greedy ones in all."""
 
 import json
 import os
@@ -64,7 +69,11 @@ def test_tensor_parallel_serving_gives_the_single_device_tokens():
     out = _run(SERVE, "[1, 2, 4]")
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["1"] == res["2"] == res["4"]
+    greedy = [i for i in range(16) if i % 2]
+    seeded = [i for i in range(16) if not i % 2]
+    for tp in ("2", "4"):
+        assert [res[tp][i] for i in greedy] == [res["1"][i] for i in greedy]
+        assert sum(res[tp][i] == res["1"][i] for i in seeded) >= len(seeded) - 1, (res["1"], res[tp])
     assert res["1-devices"][0] == 1 and res["2-devices"][0] == 2 and res["4-devices"][0] == 4
     assert all(len(t) == 12 for t in res["1"])
 
