@@ -530,7 +530,7 @@ class Engine:
             req, choice = self.running[slot]
             n = len(choice.token_ids)
             left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
-            m.fill(allowed[slot], closing=left <= CLOSE_MARGIN)
+            m.fill(allowed[slot], closing=left <= min(CLOSE_MARGIN, req.max_tokens // 3))
         return allowed
 
     def _decode(self, changed, done) -> None:

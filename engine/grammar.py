@@ -34,7 +34,8 @@ FREE_DEPTH, FREE_WIDTH = 3, 16  # nesting and members of the JSON object json_ob
 def any_object() -> dict:
     """The schema of json_object without a schema: any JSON object, nested at most `FREE_DEPTH` deep with at most
     `FREE_WIDTH` members per object or array, so a sampled reply is finite (strings bounded as in `bounded`)."""
-    defs = {"v0": {"type": ["string", "number", "boolean", "null"]}}
+    defs = {"v0": {"anyOf": [{"type": "string", "maxLength": STRING_MAX}, {"type": "number"}, {"type": "boolean"},
+                             {"type": "null"}]}}
     for d in range(1, FREE_DEPTH + 1):
         below = {"$ref": f"#/$defs/v{d - 1}"}
         defs[f"v{d}"] = {"anyOf": [defs["v0"], {"type": "array", "maxItems": FREE_WIDTH, "items": below},
@@ -153,8 +154,8 @@ class Grammars:
 
 
 def _closers(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Packed masks of the tokens that close JSON: outside a string only `}` / `]` (and whitespace); inside a string
-    a `"` followed by those."""
+    """Packed masks of the tokens that close JSON: outside a string `}` / `]` (with whitespace around them, not
+    whitespace alone); inside a string a `"` followed by those."""
     outside, inside = (np.zeros((len(texts) + 31) // 32, np.uint32) for _ in range(2))
     for t, b in enumerate(texts):
         body = b.strip()
@@ -187,7 +188,7 @@ class Matcher:
 
         lln.fill_next_token_bitmask(self.m, self.bits, 0)
         bits = self.bits[0]
-        if closing and self.json:
+        if closing and self.json and not self.escaped:  # after a backslash a quote would not close the string
             closers = self.g.closers[self.in_string]
             narrowed = bits & closers[:len(bits)]
             if narrowed.any() and (narrowed != bits).any():

@@ -38,7 +38,7 @@ class ModelConfig:
     rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
     dtype: str = "float32"
-    quantization: str = "none"  # or "int8": int8 weights, a float32 scale per output channel (models.quant)
+    quantization: str = "none"  # or "int8": int8 weights, a float32 scale per 32 inputs (models.quant)
 
     @property
     def scale(self) -> float:

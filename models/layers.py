@@ -31,7 +31,7 @@ def _scale_init(key, shape, dtype=jnp.float32):
 
 class Linear(nn.Module):
     """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
-    int8 with a float32 `scale` per output channel (`models.quant`)."""
+    int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`)."""
 
     features: int
     axes: tuple[str, str]

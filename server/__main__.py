@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
     ap.add_argument("--quantization", choices=("none", "int8"), default="none",
-                    help="int8: int8 weights with a float32 scale per 32 inputs (a quarter of the memory; "
-                         "docs/PERFORMANCE.md has what it does to speed)")
+                    help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
+                         "bfloat16's; docs/PERFORMANCE.md has what it does to speed)")
     ap.add_argument("--attention-backend", choices=("auto", "xla", "pallas-gpu", "pallas-tpu"), default="auto",
                     help="paged attention (auto: the Pallas kernel of a GPU or TPU, the XLA reference on CPU)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,

@@ -281,7 +281,8 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
     calls = []
     for c, p in zip(found, parts):
         args = c.get("arguments", {}) if isinstance(c, dict) else None
-        if not (isinstance(c, dict) and c.get("name") in names and isinstance(args, (dict, str))):
+        name = c.get("name") if isinstance(c, dict) else None
+        if not (isinstance(name, str) and name in names and isinstance(args, (dict, str))):
             return text, []
         raw = args if isinstance(args, str) else (p.arguments.strip() if p.arguments else "{}")
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -307,6 +308,9 @@ class CallStream:
         text = self.text
         if finish is not None:
             content, calls = extract(text, self.tools) if finish in ("stop", "length") else (text, [])
+            if not calls and self.ids:  # headers went out but the whole does not parse: end the calls as sent
+                # (the non-streamed reply gives such text as content; a stream cannot take its deltas back)
+                return "", self._known(text, final=True), True
             if not calls:
                 return self._content(len(text)), [], False
             out = []
@@ -320,13 +324,19 @@ class CallStream:
                 hold = next((n for n in range(min(len(OPEN), end), 0, -1) if OPEN.startswith(text[end - n:end])), 0)
                 return self._content(len(text[:end - hold].rstrip())), [], False
             return "", [], False
-        out = []
-        for k, p in enumerate(parts):
-            if p.name not in self.names:
-                break
-            raw = p.arguments if p.arguments is not None and p.arguments[:1] in ("{", "[") else ""
-            out += self._call(k, p.name, raw)
+        out = self._known(text)
         return self._content(len(text[:start].rstrip())), out, bool(self.ids)
+
+    def _known(self, text: str, final: bool = False) -> list[dict]:
+        """Deltas for the calls `scan` reads in `text` so far, up to the first that names no known function
+        (`final`: only those whose headers already went out)."""
+        out = []
+        for k, p in enumerate(scan(text)[1]):
+            if not (isinstance(p.name, str) and p.name in self.names) or (final and k >= len(self.ids)):
+                break
+            raw = p.arguments if p.arguments is not None and p.arguments[:1] == "{" else ""
+            out += self._call(k, p.name, raw)
+        return out
 
     def _content(self, upto: int) -> str:
         piece = self.text[self.sent:upto] if upto > self.sent else ""

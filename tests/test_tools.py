@@ -110,6 +110,24 @@ def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(tex
         assert early > 0  # names and arguments went out before the end
 
 
+def test_a_stream_never_takes_back_a_call_it_sent():
+    """Headers went out, then the whole turned out not to parse (an extra brace; a list as a name): the stream ends
+    with the calls it sent and does not repeat their text as content; nothing raises."""
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    for text in ['Checking. <tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}}</tool_call>',
+                 '{"name": ["get_time"], "arguments": {}}']:
+        stream, content, calls = tool_mod.CallStream(spec), "", []
+        for i in range(0, len(text), 5):
+            c, deltas, _ = stream.feed(text[i:i + 5], None)
+            content, calls = content + c, calls + deltas
+        c, deltas, has_calls = stream.feed("", "stop")
+        content, calls = content + c, calls + deltas
+        assert tool_mod.extract(text, spec)[1] == []
+        assert bool(calls) == text.startswith("Checking.")  # the first sent a call's header, the second could not
+        assert content == ("Checking." if calls else text)
+        assert has_calls == bool(calls)
+
+
 def test_a_conversation_with_a_tool_result(api, client):
     first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                            temperature=0, max_tokens=120)
