@@ -118,27 +118,19 @@ def serve_and_measure(cmd: list[str], port: int, tokens: int, levels, log: str) 
 def engine_alone(model_name: str, n: int, tokens: int, server_args: list[str]) -> float:
     """Sparkler's engine in this process, built from the server's flags, at `n` concurrent requests (the chat
     prompts of the HTTP run), tok/s."""
-    from engine import Engine, SamplingParams
-    from engine.llm import encode_chat
+    import dataclasses
+
+    from engine import LLM, SamplingParams
     from server.__main__ import load, parse_args, runner_config
 
     flags = parse_args(["--model", model_name, *server_args])
-    model = load(flags)
-    eng = Engine(model, runner_config(flags))
-
-    def run() -> float:
-        reqs = [eng.make_request(encode_chat(model, [{"role": "user", "content":
-                                                      f"Write a story about {WORDS[i % len(WORDS)]} #{i}."}]),
-                                 SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)) for i in range(n)]
-        for r in reqs:
-            eng.add(r)
-        t = time.perf_counter()
-        while eng.has_work():
-            eng.step()
-        return n * tokens / (time.perf_counter() - t)
-
-    run()  # compiles what this load reaches
-    return run()
+    llm = LLM(load(flags), **dataclasses.asdict(runner_config(flags)))
+    chats = [[{"role": "user", "content": f"Write a story about {WORDS[i % len(WORDS)]} #{i}."}] for i in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.chat(chats, params)  # compiles what this load reaches
+    t = time.perf_counter()
+    llm.chat(chats, params)
+    return n * tokens / (time.perf_counter() - t)
 
 
 def transformers_single(path: str, tokens: int) -> float:

@@ -15,52 +15,38 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = r"""
-import asyncio, json, os, sys, threading
-import jax, openai
-from aiohttp import web
+import json, os, sys
+import openai
 from concurrent.futures import ThreadPoolExecutor
+from conftest import live_server
 from engine.compile import use_persistent_cache
-from engine.engine import Engine
-from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig
 from models import load_model
 from models.weights import cache_root
-from server.app import Server
 
 use_persistent_cache(os.path.join(cache_root(), "xla"))
 out = {}
 for tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp)
-    engine = Engine(model, RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4))
-    aengine = AsyncEngine(engine)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    runner = web.AppRunner(Server(model, aengine).app())
-    async def start():
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner.addresses[0][1]
-    port = asyncio.run_coroutine_threadsafe(start(), loop).result()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
-    def ask(i):
-        r = client.completions.create(model="smollm2-135m-instruct", prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}",
-                                      max_tokens=12, temperature=0 if i % 2 else 0.9, seed=i,
-                                      extra_body={"ignore_eos": True, "return_token_ids": True})
-        return r.choices[0].model_extra["token_ids"]
-    with ThreadPoolExecutor(16) as ex:
-        out[tp] = list(ex.map(ask, range(16)))
-    spec = engine.runner.cache.k.sharding.spec
-    out[f"{tp}-devices"] = [len(model.params["params"]["layers"]["mlp"]["up_proj"]["weight"].sharding.device_set),
-                            str(spec)]
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    aengine.close()
+    for api in live_server(model, RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=600)
+        def ask(i):
+            r = client.completions.create(model="smollm2-135m-instruct",
+                                          prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}",
+                                          max_tokens=12, temperature=0 if i % 2 else 0.9, seed=i,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+            return r.choices[0].model_extra["token_ids"]
+        with ThreadPoolExecutor(16) as ex:
+            out[tp] = list(ex.map(ask, range(16)))
+        weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
+        out[f"{tp}-devices"] = [len(weight.sharding.device_set), str(api.engine.runner.cache.k.sharding.spec)]
 print(json.dumps(out))
 """
 
 
 def _run(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
