@@ -34,12 +34,14 @@ SMOKE = dict(LLAMA_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, 
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def random_model(hf_config: dict, dtype: str, attention: str, scan: bool = True):
+def random_model(hf_config: dict, dtype: str, attention: str, scan: bool = True, quantization: str = "none"):
     """A `Model` of the config's shape with random weights (no tokenizer: the engine works in token ids)."""
+    import dataclasses
+
     from models import ModelConfig, Model, build, init_params
     from models.sharding import make_mesh
 
-    cfg = ModelConfig.from_hf(hf_config, dtype)
+    cfg = dataclasses.replace(ModelConfig.from_hf(hf_config, dtype), quantization=quantization)
     module = build(cfg, attention, scan)
     params = init_params(module, 0, make_mesh(1, jax.devices()[:1]))
     return Model("random-" + hf_config["architectures"][0], cfg, module, params, make_mesh(1, jax.devices()[:1]),
@@ -119,7 +121,7 @@ def diagnose(args) -> None:
         del runner, model, fwd
 
 
-def param_bytes(params, skip: tuple[str, ...] = ("embed",)) -> int:
+def param_bytes(params, skip: tuple[str, ...] = ("embed", "embed_rows")) -> int:
     """Bytes of the parameters one decode step reads (the embedding table is only gathered from)."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -263,7 +265,10 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-prefill-tokens", type=int, default=16384)
+    ap.add_argument("--quantization", default="none", choices=("none", "int8"),
+                    help="int8: int8 weights with 32-input group scales (no transformers side)")
     args = ap.parse_args()
+    args.no_transformers |= args.quantization != "none"
     if args.smoke:
         args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = SMOKE, (1, 4), 64, 16, (64, 256)
         args.hf_batches, args.max_len, args.kv_gb, args.copy_bytes = (1, 4), 512, 0.05, 1 << 26
@@ -278,7 +283,7 @@ def main() -> None:
     if args.diagnose:
         return diagnose(args)
     t = time.perf_counter()
-    model = random_model(args.hf_config, "bfloat16", args.attention_backend)
+    model = random_model(args.hf_config, "bfloat16", args.attention_backend, quantization=args.quantization)
     print(f"random weights: {time.perf_counter() - t:.1f} s, backend {model.module.backend}, "
           f"scan {model.module.scan}", flush=True)
     weights = param_bytes(model.params)
@@ -298,7 +303,8 @@ def main() -> None:
     rows.append(("engine ready: every shape compiled (s)", f"{e['ready_s']:.0f}", "", "", ""))
     lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    print(f"\n{'smoke config' if args.smoke else 'Llama-3.1-8B shape'}, bfloat16, random weights; "
+    print(f"\n{'smoke config' if args.smoke else 'Llama-3.1-8B shape'}, bfloat16"
+          f"{', int8 weights' if args.quantization == 'int8' else ''}, random weights; "
           f"weights read per step {weights / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"{e['compiles']} compiles; decode steps per dispatch {args.decode_steps}, page size {args.page_size}\n")
     print("\n".join(lines), flush=True)
