@@ -169,17 +169,17 @@ def engine_numbers(model, args) -> dict:
         out[f"agg{n}"] = n * args.new / run(n, args.prompt, args.new)
         print(f"  {n} concurrent: {out[f'agg{n}']:.0f} tok/s", flush=True)
     for plen in args.ttft:
-        pages = eng.pool.allocate(-(-plen // eng.page_size))
+        pages = eng.pools[0].allocate(-(-plen // eng.page_size))
         row = np.zeros(eng.runner.max_pages, np.int32)
         row[:len(pages)] = pages
         ts = []
         for _ in range(3):
             toks = rng.integers(10, vocab - 10, plen).tolist()
             t = time.perf_counter()
-            logits, _ = eng.runner.prefill(row, toks)
+            logits, _ = eng.runner.prefill(0, row, toks)
             jax.block_until_ready(logits)
             ts.append(time.perf_counter() - t)
-        eng.pool.release(pages)
+        eng.pools[0].release(pages)
         out[f"ttft{plen}"] = min(ts)
     out["compiles"] = eng.runner.compiles
     del eng

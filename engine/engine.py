@@ -129,7 +129,8 @@ class Engine:
         self.model, self.tok = model, model.tokenizer
         self.runner = Runner(model, rc)
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
-        self.pool = PagePool(self.runner.num_pages, self.page_size)
+        # One page pool per data shard (one without data parallelism); a slot's pages come from its shard's pool.
+        self.pools = [PagePool(self.runner.num_pages, self.page_size) for _ in range(self.runner.dp)]
         self.tables = np.zeros((self.runner.slots, self.runner.max_pages), np.int32)  # a row per slot; 0 = scratch
         self.free = list(range(self.runner.slots))
         self.waiting: collections.deque[Request] = collections.deque()
@@ -177,9 +178,11 @@ class Engine:
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
                                  "prompt")
-        if self._pages_to_admit(len(prompt_ids), params.n) > self.pool.capacity:
+        if params.n > self.runner.per_shard:
+            raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots of a data shard", "n")
+        if self._pages_to_admit(len(prompt_ids), params.n) > self.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
-                                 f"the pool holds ({self.pool.capacity} of {self.page_size} tokens)", "n")
+                                 f"the pool holds ({self.pools[0].capacity} of {self.page_size} tokens)", "n")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         p = params.resolved(self.model.generation_config)
@@ -218,17 +221,18 @@ class Engine:
 
     def stats(self) -> dict:
         """Slot and page occupancy and counters (read from other threads; values are a snapshot)."""
-        pool = self.pool
+        total = lambda attr: sum(getattr(pool, attr) for pool in self.pools)  # noqa: E731  (over data shards)
+        queried, hit = total("queried"), total("hit")
         return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
                     prefilling=len(self.prefilling),
                     waiting=len(self.waiting) + len(self.resumes) + self.incoming.qsize(),
                     aborted=self.aborted, finished=self.finished, generated_tokens=self.generated,
                     steps=self.steps_run, compiles=self.runner.compiles, max_model_len=self.max_len,
-                    kv_pages_total=pool.capacity, kv_pages_free=pool.num_free, kv_pages_cached=pool.num_cached,
-                    kv_page_size=self.page_size, prefix_cache_queried_tokens=pool.queried,
-                    prefix_cache_hit_tokens=pool.hit,
-                    prefix_cache_hit_rate=round(pool.hit / pool.queried, 4) if pool.queried else 0.0,
-                    preemptions=self.preemptions)
+                    kv_pages_total=total("capacity"), kv_pages_free=total("num_free"),
+                    kv_pages_cached=total("num_cached"), kv_page_size=self.page_size,
+                    prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hit,
+                    prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
+                    preemptions=self.preemptions, data_parallel_size=self.runner.dp)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
@@ -308,11 +312,13 @@ class Engine:
         self.admitting = batch
         short = [pf for pf in batch if pf.short]
         self.prefilling.extend(pf for pf in batch if not pf.short)
-        logits = self.runner.prefill_many([(self.tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short])
+        logits = self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
+                                           for pf in short])
         ready = list(zip(short, logits))
         if self.prefilling and self.prefilling[0].echo:  # prompt logprobs: one chunk of one prompt at a time
             pf = self.prefilling[0]
-            x, piece = self.runner.prefill_chunk(self.tables[pf.choices[0].slot], pf.tokens, pf.start, True)
+            slot = pf.choices[0].slot
+            x, piece = self.runner.prefill_chunk(slot, self.tables[slot], pf.tokens, pf.start, True)
             pf.start += self.runner.chunk
             pf.pieces.append(piece)
             if pf.start >= len(pf.tokens):
@@ -335,8 +341,8 @@ class Engine:
                 break
             work.append((pf, n))
             budget -= n
-        logits = self.runner.prefill_many([(self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n], pf.start)
-                                           for pf, n in work])
+        logits = self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot],
+                                            pf.tokens[:pf.start + n], pf.start) for pf, n in work])
         ready = []
         for (pf, n), x in zip(work, logits):
             pf.start += n
@@ -357,29 +363,30 @@ class Engine:
             choices, tokens = req.choices, req.prompt_ids
         else:
             return None
-        if len(self.free) < len(choices):
-            return None
-        pool, ps = self.pool, self.page_size
+        ps = self.page_size
         hashes = page_hashes(tokens, ps, req.cache_key)
         limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
         if req.cache_max_len is not None:
             limit = min(limit, req.cache_max_len // ps)
-        hit = [] if req.params.echo and not resume else pool.lookup(hashes[:limit])  # echo needs every logit
+        if req.params.echo and not resume:  # echo needs every logit
+            limit = 0
+        placed = self._place(len(tokens), len(choices), hashes[:limit])
+        if placed is None:
+            return None
+        shard, hit = placed
+        pool = self.pools[shard]
         pool.share(hit)
         extra = len(choices) - 1 if len(tokens) % ps else 0  # partial last pages of the other choices
-        need = self._pages_to_admit(len(tokens), len(choices)) - len(hit)
-        # Keep a page of room per running sequence, so admission does not at once force a preemption.
-        if pool.num_free - need < len(self.running):
-            pool.release(hit)
-            return None
-        fresh = pool.allocate(need)
+        fresh = pool.allocate(self._pages_to_admit(len(tokens), len(choices)) - len(hit))
         (self.resumes if resume else self.waiting).popleft()
         first = choices[0]
         first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
         for choice, page in zip(choices[1:], fresh[len(fresh) - extra:]):
             choice.pages = [page]
-        for choice in choices:
-            choice.slot, choice.order = self.free.pop(0), next(self._order)
+        seats = [s for s in self.free if self.runner.shard_of(s) == shard][:len(choices)]
+        for choice, slot in zip(choices, seats):
+            self.free.remove(slot)
+            choice.slot, choice.order = slot, next(self._order)
         self.tables[first.slot, :len(first.pages)] = first.pages
         if not resume:
             req.admitted = req.admitted or time.monotonic()
@@ -387,6 +394,25 @@ class Engine:
             pool.queried += len(tokens)
             pool.hit += req.cached_tokens
         return Prefill(req, choices, tokens, len(hit) * ps, resume)
+
+    def _place(self, length: int, n: int, hashes: list[bytes]) -> tuple[int, list[int]] | None:
+        """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there:
+        among the shards with `n` free slots and the pages it needs (keeping a page of room per sequence running
+        there, so admission does not at once force a preemption), the one holding the longest cached prefix, then
+        the one with the most free pages. None when no shard has room now."""
+        best = None
+        for shard, pool in enumerate(self.pools):
+            if sum(self.runner.shard_of(s) == shard for s in self.free) < n:
+                continue
+            hit = pool.lookup(hashes)
+            cached_free = sum(pool.refs[p] == 0 for p in hit)  # free cached pages the hit takes out of the free ones
+            running = sum(self.runner.shard_of(s) == shard for s in self.running)
+            if pool.num_free - cached_free - (self._pages_to_admit(length, n) - len(hit)) < running:
+                continue
+            rank = (len(hit), pool.num_free)
+            if best is None or rank > best[0]:
+                best = (rank, shard, hit)
+        return None if best is None else best[1:]
 
     def _register(self, req: Request, choice: Choice) -> None:
         """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
@@ -396,8 +422,9 @@ class Engine:
             return
         tokens = seq_tokens(req, choice)[:full * self.page_size]
         choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
+        pool = self.pools[self.runner.shard_of(choice.slot)]
         for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
-            self.pool.register(page, h)
+            pool.register(page, h)
 
     def _install(self, ready: list[tuple[Prefill, Any]], changed) -> None:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
@@ -420,12 +447,12 @@ class Engine:
                 changed[req.id] = req
                 continue
             p = req.params
-            full = len(req.prompt_ids) // self.page_size
-            for choice in req.choices[1:]:
+            full, shard = len(req.prompt_ids) // self.page_size, self.runner.shard_of(first.slot)
+            for choice in req.choices[1:]:  # every choice sits on the first's shard
                 shared = first.pages[:full]
-                self.pool.share(shared)
+                self.pools[shard].share(shared)
                 if choice.pages:  # its own copy of the partial last page
-                    copies.append((first.pages[full], choice.pages[0]))
+                    copies.append((shard, first.pages[full], choice.pages[0]))
                 choice.pages, choice.hashes = shared + choice.pages, list(first.hashes)
                 self.tables[choice.slot, :len(choice.pages)] = choice.pages
             root, settings = jax.random.PRNGKey(p.seed % (1 << 32)), self._settings(req)
@@ -474,21 +501,23 @@ class Engine:
             req, choice = self.running[slot]
             last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + steps, self.max_len - 1)
             need = last // self.page_size + 1 - len(choice.pages)
+            shard = self.runner.shard_of(slot)
             while need > 0:
-                pages = self.pool.allocate(need)
+                pages = self.pools[shard].allocate(need)
                 if pages is not None:
                     self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
                     choice.pages += pages
                     break
-                victim = self._preempt_newest()
+                victim = self._preempt_newest(shard)
                 if victim is choice:
                     break
 
-    def _preempt_newest(self) -> Choice:
-        """Preempt the most recently admitted running choice or prefilling request: free its slots and pages and
-        queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
-        running = [(c.order, c, r) for r, c in self.running.values()]
-        filling = [(pf.choices[0].order, pf) for pf in self.prefilling]
+    def _preempt_newest(self, shard: int) -> Choice:
+        """Preempt the most recently admitted running choice or prefilling request of a data shard: free its slots
+        and pages and queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
+        mine = lambda c: self.runner.shard_of(c.slot) == shard  # noqa: E731
+        running = [(c.order, c, r) for r, c in self.running.values() if mine(c)]
+        filling = [(pf.choices[0].order, pf) for pf in self.prefilling if mine(pf.choices[0])]
         newest_run = max(running, key=lambda x: x[0], default=None)
         newest_pf = max(filling, key=lambda x: x[0], default=None)
         self.preemptions += 1
@@ -513,7 +542,8 @@ class Engine:
 
     def _unseat(self, choice: Choice) -> None:
         """Give back a choice's pages and slot."""
-        self.pool.release(choice.pages)
+        if choice.pages:
+            self.pools[self.runner.shard_of(choice.slot)].release(choice.pages)
         choice.pages, choice.hashes = [], []
         if choice.slot >= 0:
             self.tables[choice.slot] = 0

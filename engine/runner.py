@@ -2,6 +2,13 @@
 
 All functions here are pure and jitted once per shape bucket with the cache and sampler state donated; the host
 only hands arrays in and reads results out.
+
+Data parallelism (a mesh with `data` = D > 1): slot `s` belongs to shard `s // per_shard`, and each shard owns its
+slots' sampler rows and its own pool of `num_pages` pages (the pool's page axis is split over `data`). The step
+functions are written for one shard and run under `shard_map` over `data` (the `tp` axis stays with GSPMD), so
+inside a step every shard sees exactly the single-device layout: its rows, its pool, page tables of its own page
+ids. A call's rows are laid out shard by shard, `nb` rows each (`call_rows`); the host-facing methods take and
+return arrays indexed by global slot.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine import sampler as smp
 from engine.compile import AOT, Job
@@ -104,8 +111,11 @@ class Runner:
 
     def __init__(self, model: Model, rc: RunnerConfig):
         self.model, self.rc = model, rc
-        self.slots, self.page_size = rc.max_num_seqs, rc.page_size
-        self.num_pages = plan_pages(model, rc)
+        mesh = model.mesh
+        self.dp = mesh.shape["data"]
+        self.per_shard = -(-rc.max_num_seqs // self.dp)  # slots per data shard
+        self.slots, self.page_size = self.dp * self.per_shard, rc.page_size
+        self.num_pages = plan_pages(model, rc)  # per data shard
         self.max_len = plan_max_len(model, rc, self.num_pages)
         self.max_pages = self.max_len // self.page_size
         lo = min(max(rc.min_attend, self.page_size), self.max_len)
@@ -113,42 +123,56 @@ class Runner:
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
-        self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.slots) + (self.slots,)
+        self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.per_shard) + (self.per_shard,)
         vocab = model.cfg.vocab_size
-        pool = cache_sharding(model.cfg.num_kv_heads, model.mesh)  # zeros made in place, both at once
-        self.cache = jax.jit(lambda: KVCache.zeros(model.cfg, self.num_pages, self.page_size),
+        pool = cache_sharding(model.cfg.num_kv_heads, mesh)  # zeros made in place, both at once
+        self.cache = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
                              out_shardings=KVCache(pool, pool))()
-        self.replicated = NamedSharding(model.mesh, PartitionSpec())
-        self.state = jax.device_put(smp.init_state(self.slots, vocab), self.replicated)
+        self.by_row = NamedSharding(mesh, P("data"))  # sampler rows: each shard holds its slots'
+        self.state = jax.device_put(smp.init_state(self.slots, vocab), self.by_row)
         self.host_params = smp.neutral_params(self.slots, vocab)
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
         self.push_params()
         self.compiles = 0
         module = model.module
+        rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
+
+        def per_shard(fn, in_specs, out_specs):
+            """`fn`, written for one data shard, over every shard (itself when there is one)."""
+            if self.dp == 1:
+                return fn
+            return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={"data"},
+                                 check_vma=False)
 
         def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False):
             return module.apply(params, tokens, positions, table, cache, last_index, all_logits)
 
-        @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1,))
-        def prefill(params, cache, tokens, start, length, table, next_token, echo):
-            self.compiles += 1  # counts traces (one per compiled shape)
-            s = tokens.shape[1]
-            positions = start[:, None] + jnp.arange(s)[None, :]
-            if not echo:  # rows are prompts (padding rows have an all-scratch table)
-                logits, cache = forward(params, cache, tokens, positions, table, length - 1)
-                return cache, logits, None
+        def prefill_rows(params, cache, tokens, start, length, table):  # rows are prompts (padding: all scratch)
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+            logits, cache = forward(params, cache, tokens, positions, table, length - 1)
+            return cache, logits
+
+        def prefill_echo(params, cache, tokens, start, length, table, next_token):  # one prompt in the shard's row 0
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
             logits, cache = forward(params, cache, tokens, positions, table, None, True)
             logits = logits[0]
             lp = jax.nn.log_softmax(logits, axis=-1)
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
             chosen = jnp.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
-            return cache, logits[length[0] - 1][None], (chosen, top_ids, top_lp)
+            return cache, logits[length[0] - 1][None], (chosen[None], top_ids[None], top_lp[None])
 
-        @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
-        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
-            self.compiles += 1
+        prefill_rows = per_shard(prefill_rows, (rep, kv, rows, rows, rows, rows), (kv, rows))
+        prefill_echo = per_shard(prefill_echo, (rep, kv, rows, rows, rows, rows, rep), (kv, rows, rows))
 
+        @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1,))
+        def prefill(params, cache, tokens, start, length, table, next_token, echo):
+            self.compiles += 1  # counts traces (one per compiled shape)
+            if not echo:
+                return (*prefill_rows(params, cache, tokens, start, length, table), None)
+            return prefill_echo(params, cache, tokens, start, length, table, next_token)
+
+        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
                 logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
@@ -162,13 +186,25 @@ class Runner:
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs
 
+        @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
+        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
+            self.compiles += 1
+            fn = per_shard(functools.partial(decode_shard, steps=steps), (rep, kv, rows, rows, rows, rows, rows, rows,
+                                                                         rows), (kv, rows, P(None, "data")))
+            return fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
+
+        def first_shard(state, sparams, logits, active, allowed):
+            nb = logits.shape[0]  # a batch bucket: rows past it are left as they are
+            part = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
+            out, new = smp.sample(logits, part(sparams), part(state), active, allowed)
+            return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, new), out
+
+        first_shard = per_shard(first_shard, (rows,) * 5, (rows, rows))
+
         @functools.partial(jax.jit, donate_argnums=(0,))
         def first_tokens(state, sparams, logits, active, allowed):
-            self.compiles += 1  # one shape per batch bucket: rows past the bucket are left as they are
-            nb = logits.shape[0]
-            rows = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
-            out, part = smp.sample(logits, rows(sparams), rows(state), active, allowed)
-            return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part), out
+            self.compiles += 1  # one shape per batch bucket
+            return first_shard(state, sparams, logits, active, allowed)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def set_state_row(state, row, values):
@@ -177,11 +213,16 @@ class Runner:
 
         layer_base = np.arange(model.cfg.num_layers)[:, None] * self.num_pages  # each layer's first pool page
 
+        def copy_shard(cache, src, dst):
+            src, dst = (layer_base + src[None]).reshape(-1), (layer_base + dst[None]).reshape(-1)  # in every layer
+            return KVCache(cache.k.at[:, dst].set(cache.k[:, src]), cache.v.at[:, dst].set(cache.v[:, src]))
+
+        copy_shard = per_shard(copy_shard, (kv, rows, rows), kv)
+
         @functools.partial(jax.jit, donate_argnums=(0,))
         def copy_pages(cache, src, dst):
             self.compiles += 1
-            src, dst = (layer_base + src[None]).reshape(-1), (layer_base + dst[None]).reshape(-1)  # in every layer
-            return KVCache(cache.k.at[:, dst].set(cache.k[:, src]), cache.v.at[:, dst].set(cache.v[:, src]))
+            return copy_shard(cache, src, dst)
 
         self._prefill, self._decode, self._first = AOT(prefill), AOT(decode), AOT(first_tokens)
         self._set_row, self._copy = AOT(set_state_row), AOT(copy_pages)
@@ -199,13 +240,13 @@ class Runner:
             budget = max(self.rc.max_prefill_tokens, size)
             rows = [r for r in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL or r * size <= budget]
             attends = [a for a in self.attend if a >= size] if full else [bucket(size, self.attend)]
-            for nb in rows:
+            for nb in (self.dp * r for r in rows):
                 for attend in attends:
                     table = i32(nb, attend // self.page_size)
                     jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
-        for nb in self.batch_buckets:
+        for nb in (self.dp * b for b in self.batch_buckets):
             jobs.append((self._first, (st, sp, np.zeros((nb, vocab), np.float32), np.zeros(nb, bool),
                                        self.all_allowed[:nb]), {}))
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
@@ -213,7 +254,7 @@ class Runner:
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         for attend in self.attend if full else self.attend[:1]:
-            for nb in self.batch_buckets:
+            for nb in (self.dp * b for b in self.batch_buckets):
                 for k in steps:
                     jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
                                                 i32(nb, attend // self.page_size), self.all_allowed[:nb]),
@@ -222,74 +263,103 @@ class Runner:
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
+    def shard_of(self, slot: int) -> int:
+        """The data shard that owns `slot` (its sampler row and the pages its table names)."""
+        return slot // self.per_shard
+
+    def call_rows(self, nb: int) -> np.ndarray:
+        """The global slots of a call's rows: the first `nb` slots of each shard, shard by shard."""
+        return (np.arange(self.dp)[:, None] * self.per_shard + np.arange(nb)[None, :]).reshape(-1)
+
+    def by_slot(self, x: np.ndarray, rows: np.ndarray, axis: int = 0) -> np.ndarray:
+        """A call's outputs (`rows` along `axis`) indexed by global slot (with one shard they already are)."""
+        if self.dp == 1:
+            return x
+        full = np.zeros(x.shape[:axis] + (self.slots,) + x.shape[axis + 1:], x.dtype)
+        full[(slice(None),) * axis + (rows,)] = x
+        return full
+
     def table(self, rows: np.ndarray, attend: int) -> jax.Array:
         """Page-table rows cut to the pages an attended length covers."""
         return jnp.asarray(rows[:, :attend // self.page_size])
 
-    def prefill_chunk(self, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
-        """Write one chunk of a sequence's K/V (positions `start .. start + chunk`) into the pages of its `table`
-        row. Returns the chunk's last logits `[V]` and, for echo, its per-position `(logprob of the next prompt
-        token, top ids, top logprobs)`."""
+    def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
+        """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
+        `table` row. Returns the chunk's last logits `[V]` and, for echo, its per-position `(logprob of the next
+        prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
+        d = self.shard_of(slot)
         piece = tokens[start:start + self.chunk]
         size = bucket(len(piece), self.prefill_buckets)
-        toks = np.zeros((1, size), np.int32)
-        toks[0, :len(piece)] = piece
+        toks = np.zeros((self.dp, size), np.int32)
+        toks[d, :len(piece)] = piece
+        starts, lengths = np.zeros(self.dp, np.int32), np.ones(self.dp, np.int32)
+        starts[d], lengths[d] = start, len(piece)
+        tables = np.zeros((self.dp, self.max_pages), np.int32)
+        tables[d] = table
         nxt = tokens[start + len(piece)] if start + len(piece) < len(tokens) else 0
         attend = bucket(min(start + size, self.max_len), self.attend)
         self.cache, logits, extra = self._prefill(
-            self.model.params, self.cache, jnp.asarray(toks), jnp.asarray([start], jnp.int32),
-            jnp.asarray([len(piece)], jnp.int32), self.table(table[None], attend), jnp.int32(nxt), echo=echo)
-        return logits[0], ([np.asarray(x)[:len(piece)] for x in extra] if echo else None)
+            self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
+            self.table(tables, attend), jnp.int32(nxt), echo=echo)
+        return logits[d], ([np.asarray(x[d])[:len(piece)] for x in extra] if echo else None)
 
-    def prefill(self, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
-        """Write a sequence's K/V from `start` on, chunk by chunk; returns its last logits `[V]` and, for echo, the
-        concatenated per-position logprobs (see `prefill_chunk`)."""
+    def prefill(self, slot: int, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
+        """Write the K/V of the sequence in `slot` from `start` on, chunk by chunk; returns its last logits `[V]`
+        and, for echo, the concatenated per-position logprobs (see `prefill_chunk`)."""
         logits, pieces = None, []
         for s in range(start, len(tokens), self.chunk):
-            logits, piece = self.prefill_chunk(table, tokens, s, echo)
+            logits, piece = self.prefill_chunk(slot, table, tokens, s, echo)
             pieces.append(piece)
         return logits, (join_pieces(pieces) if echo else None)
 
-    def prefill_many(self, items: list[tuple[np.ndarray, list[int], int]]) -> list[jax.Array]:
-        """Prefill `(table row, tokens, start)` items and return each one's last logits `[V]`, in order. Items with
-        up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
-        `PREFILL_ROWS` rows, padded to a power of two); longer ones go through the chunked `prefill`."""
+    def prefill_many(self, items: list[tuple[int, np.ndarray, list[int], int]]) -> list[jax.Array]:
+        """Prefill `(slot, table row, tokens, start)` items and return each one's last logits `[V]`, in order. Items
+        with up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
+        `PREFILL_ROWS` rows per shard, padded to a power of two); longer ones go through the chunked `prefill`."""
         out: list[jax.Array | None] = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (table, tokens, start) in enumerate(items):
+        groups: dict[tuple[int, int], list[list[int]]] = {}
+        for i, (slot, table, tokens, start) in enumerate(items):
             n = len(tokens) - start
             if n <= self.chunk:
                 size = bucket(n, self.prefill_buckets)
-                groups.setdefault((size, bucket(min(start + size, self.max_len), self.attend)), []).append(i)
+                key = (size, bucket(min(start + size, self.max_len), self.attend))
+                groups.setdefault(key, [[] for _ in range(self.dp)])[self.shard_of(slot)].append(i)
             else:
-                out[i] = self.prefill(table, tokens, start)[0]
-        for (size, attend), idx in groups.items():
-            for lo in range(0, len(idx), PREFILL_ROWS):
-                part = idx[lo:lo + PREFILL_ROWS]
-                nb = bucket(len(part), (1, 2, 4, PREFILL_ROWS))
-                toks = np.zeros((nb, size), np.int32)
-                lengths, starts = np.ones(nb, np.int32), np.zeros(nb, np.int32)
-                tables = np.zeros((nb, self.max_pages), np.int32)  # padding rows: all scratch
-                for r, i in enumerate(part):
-                    table, tokens, start = items[i]
-                    n = len(tokens) - start
-                    toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
+                out[i] = self.prefill(slot, table, tokens, start)[0]
+        for (size, attend), per in groups.items():
+            while any(per):
+                parts = [idx[:PREFILL_ROWS] for idx in per]
+                per = [idx[PREFILL_ROWS:] for idx in per]
+                nb = bucket(max(map(len, parts)), (1, 2, 4, PREFILL_ROWS))
+                toks = np.zeros((self.dp * nb, size), np.int32)
+                lengths, starts = np.ones(self.dp * nb, np.int32), np.zeros(self.dp * nb, np.int32)
+                tables = np.zeros((self.dp * nb, self.max_pages), np.int32)  # padding rows: all scratch
+                for d, part in enumerate(parts):
+                    for r, i in enumerate(part, d * nb):
+                        _, table, tokens, start = items[i]
+                        n = len(tokens) - start
+                        toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
                 self.cache, logits, _ = self._prefill(
                     self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
                     self.table(tables, attend), jnp.int32(0), echo=False)
-                for r, i in enumerate(part):
-                    out[i] = logits[r]
+                for d, part in enumerate(parts):
+                    for r, i in enumerate(part, d * nb):
+                        out[i] = logits[r]
         return out
 
-    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy pages `src -> dst` (each choice of n > 1 gets its own copy of the prompt's partial last page)."""
-        src, dst = np.zeros(self.slots, np.int32), np.zeros(self.slots, np.int32)  # padding: scratch onto scratch
-        for lo in range(0, len(pairs), self.slots):
-            part = pairs[lo:lo + self.slots]
-            src[:], dst[:] = 0, 0
-            src[:len(part)], dst[:len(part)] = zip(*part)
-            self.cache = self._copy(self.cache, jnp.asarray(src), jnp.asarray(dst))
-
+    def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
+        prompt's partial last page)."""
+        per = [[(a, b) for d, a, b in copies if d == shard] for shard in range(self.dp)]
+        while any(per):
+            src = np.zeros((self.dp, self.per_shard), np.int32)  # padding: scratch onto scratch
+            dst = np.zeros((self.dp, self.per_shard), np.int32)
+            for d, pairs in enumerate(per):
+                if pairs[:self.per_shard]:
+                    src[d, :len(pairs[:self.per_shard])], dst[d, :len(pairs[:self.per_shard])] = zip(
+                        *pairs[:self.per_shard])
+            per = [pairs[self.per_shard:] for pairs in per]
+            self.cache = self._copy(self.cache, jnp.asarray(src.reshape(-1)), jnp.asarray(dst.reshape(-1)))
     def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
         """Install a request's sampling settings and fresh sampler state in `row`."""
         self.set_settings(row, settings)
@@ -315,33 +385,36 @@ class Runner:
 
     def push_params(self) -> None:
         """Send the host copy of the sampling parameters to the device."""
-        self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.replicated)
+        self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.by_row)
 
     def first_tokens(self, rows_logits: dict[int, jax.Array], allowed: np.ndarray | None = None) -> smp.SampleOut:
-        """Sample the first token for newly admitted rows from their prefill logits (`allowed`: `[slots, W]`
-        bitmasks, see `sampler.sample`)."""
-        rows = np.asarray(sorted(rows_logits), np.int32)
-        nb = bucket(int(rows[-1]) + 1, self.batch_buckets)  # the smallest batch bucket holding every new row
-        logits = jnp.zeros((nb, self.model.cfg.vocab_size), jnp.float32)
-        logits = logits.at[rows].set(jnp.stack([rows_logits[r] for r in sorted(rows_logits)]))
-        active = np.zeros(nb, bool)
-        active[rows] = True
-        allowed = (self.all_allowed if allowed is None else allowed)[:nb]
+        """Sample the first token for newly admitted slots from their prefill logits (`allowed`: `[slots, W]`
+        bitmasks, see `sampler.sample`); outputs are indexed by slot."""
+        slots = sorted(rows_logits)
+        nb = bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)  # holds every new row
+        rows = self.call_rows(nb)
+        at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
+        logits = jnp.zeros((len(rows), self.model.cfg.vocab_size), jnp.float32)
+        logits = logits.at[at].set(jnp.stack([rows_logits[s] for s in slots]))
+        active = np.zeros(len(rows), bool)
+        active[at] = True
+        allowed = (self.all_allowed if allowed is None else allowed)[rows]
         self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active), jnp.asarray(allowed))
-        return jax.tree.map(np.asarray, out)
+        return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
                steps: int, allowed: np.ndarray | None = None) -> smp.SampleOut:
-        """Run `steps` decode steps over the smallest batch bucket holding every active row, each reading the pages
-        of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step); returns outputs stacked
-        `[steps, nb, ...]` as numpy."""
-        nb = bucket(int(np.flatnonzero(active).max()) + 1, self.batch_buckets)
-        tokens, positions, active = tokens[:nb], positions[:nb], active[:nb]
+        """Run `steps` decode steps over the smallest batch bucket holding every active slot of each shard, each
+        reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step); returns outputs
+        stacked `[steps, slots, ...]` as numpy, indexed by slot."""
+        nb = bucket(int((np.flatnonzero(active) % self.per_shard).max()) + 1, self.batch_buckets)
+        rows = self.call_rows(nb)
+        tokens, positions, active = tokens[rows], positions[rows], active[rows]
         live = positions[active]
         need = int(live.max()) + steps if live.size else 1
         attend = bucket(min(need, self.max_len), self.attend)
         self.cache, self.state, outs = self._decode(
             self.model.params, self.cache, self.state, self.params, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[:nb], attend),
-            jnp.asarray((self.all_allowed if allowed is None else allowed)[:nb]), steps=steps)
-        return jax.tree.map(np.asarray, outs)
+            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[rows], attend),
+            jnp.asarray((self.all_allowed if allowed is None else allowed)[rows]), steps=steps)
+        return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)

@@ -119,10 +119,11 @@ class Model:
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
-               quantization: str = "none") -> Model:
+               quantization: str = "none", dp: int = 1) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none` or `int8` (`models.quant`)."""
+    `quantization` is `none` or `int8` (`models.quant`); the parameters go on a `(data=dp, tp=tp)` mesh (replicated
+    over `data`)."""
     from models import packaged
 
     dtype = resolve_dtype(dtype)
@@ -133,7 +134,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)
     module = build(cfg, attention, scan)
-    mesh = make_mesh(tp)
+    mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh))
     key = source.content_hash()

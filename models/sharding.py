@@ -10,19 +10,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Logical axis -> mesh axis. Tensor parallelism splits attention heads and MLP width.
-RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"))
+# Logical axis -> mesh axis. Tensor parallelism splits attention heads and MLP width; data parallelism splits the
+# decode batch (slots) and the KV pool's pages (each data shard owns its sequences and their pages).
+RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"),
+         ("pages", "data"))
 
 
 def make_mesh(tp: int = 1, devices=None, dp: int = 1) -> Mesh:
     """A `(data=dp, tp=tp)` mesh over the first `dp * tp` of `devices` (default: all visible); a mesh larger than
-    the devices is a ValueError that says so."""
+    the devices, or one whose size does not divide their number, is a ValueError that says so."""
     devices = list(devices if devices is not None else jax.devices())
     if tp < 1 or dp < 1:
         raise ValueError(f"tensor- and data-parallel sizes must be >= 1 (got {tp} and {dp})")
-    if tp * dp > len(devices):
-        raise ValueError(f"a mesh of data-parallel size {dp} x tensor-parallel size {tp} = {dp * tp} devices does "
-                         f"not fit the {len(devices)} visible {devices[0].platform} device(s)")
+    if len(devices) % (tp * dp):
+        fit = "does not fit" if tp * dp > len(devices) else "does not divide"
+        raise ValueError(f"a mesh of data-parallel size {dp} x tensor-parallel size {tp} = {dp * tp} devices {fit} "
+                         f"the {len(devices)} visible {devices[0].platform} device(s)")
     return Mesh(np.asarray(devices[:dp * tp]).reshape(dp, tp), ("data", "tp"))
 
 
@@ -48,5 +51,6 @@ def param_shardings(boxed_abstract, mesh: Mesh):
 
 
 def cache_sharding(num_kv_heads: int, mesh: Mesh) -> NamedSharding:
-    """KV pages `[kv_heads, layers * pages, page_size, head_dim]`: split over kv heads when they divide the tp axis."""
-    return NamedSharding(mesh, spec_for(("kv_heads", None, None, None), (num_kv_heads, 0, 0, 0), mesh))
+    """The KV pool `[kv_heads, data * layers * pages, page_size, head_dim]`: kv heads split over `tp` when they divide
+    it, the pages split over `data` (shard d's block is its own `[layers * pages]` pool)."""
+    return NamedSharding(mesh, spec_for(("kv_heads", "pages", None, None), (num_kv_heads, 0, 0, 0), mesh))

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
     ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
+    ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
+                    help="shards the decode batch and the KV pages are split over, each with its own copy of the "
+                         "weights (--max-num-seqs in all, --kv-cache-gb each); the mesh is dp x tp devices")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
     ap.add_argument("--max-queued-requests", type=int, default=None,
@@ -69,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers, quantization=args.quantization)
+                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp)
     if args.served_name:
         model.name = args.served_name
     return model
@@ -110,8 +113,8 @@ def main(argv=None) -> None:
              t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout)
-    what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.pool.capacity} KV pages of "
-            f"{engine.page_size}")
+    what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
+            f"{engine.pools[0].capacity} KV pages of {engine.page_size}, mesh data {engine.runner.dp} x tp {args.tp}")
     asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
     log.info("sparkler: stopped")
 

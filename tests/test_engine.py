@@ -100,7 +100,7 @@ def table_rows(eng, prompts):
     """Fresh pages for each prompt, as page-table rows (the caller releases `pages`)."""
     rows, pages = [], []
     for p in prompts:
-        got = eng.pool.allocate(-(-len(p) // eng.page_size))
+        got = eng.pools[0].allocate(-(-len(p) // eng.page_size))
         row = np.zeros(eng.runner.max_pages, np.int32)
         row[:len(got)] = got
         rows.append(row)
@@ -112,10 +112,10 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
     eng = llm.engine  # idle between tests: every page but the cached ones is free
     prompts = [list(range(100, 100 + n)) for n in (5, 20, 31, 90, 200)]  # two length buckets, one chunked-size
     rows, pages = table_rows(eng, prompts)
-    alone = [np.asarray(eng.runner.prefill(row, p)[0]) for row, p in zip(rows, prompts)]
+    alone = [np.asarray(eng.runner.prefill(0, row, p)[0]) for row, p in zip(rows, prompts)]
     rows2, pages2 = table_rows(eng, prompts)
-    together = [np.asarray(x) for x in eng.runner.prefill_many([(row, p, 0) for row, p in zip(rows2, prompts)])]
-    eng.pool.release(pages + pages2)
+    together = [np.asarray(x) for x in eng.runner.prefill_many([(0, row, p, 0) for row, p in zip(rows2, prompts)])]
+    eng.pools[0].release(pages + pages2)
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())
         assert int(np.argmax(t)) == int(np.argmax(a))
