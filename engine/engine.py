@@ -239,6 +239,10 @@ class Engine:
         return bool(self.waiting or self.resumes or self.running or self.prefilling or not self.incoming.empty()
                     or not self.aborts.empty())
 
+    def idle(self) -> None:
+        """Called by a serving loop while there is no work (see `Runner.idle`)."""
+        self.runner.idle()
+
     def warmup(self, full: bool = False) -> None:
         """Compile the common shapes ahead of time, several at once (see `Runner.warm_jobs`; one-step decode too
         when the model has a tokenizer, for structured output); nothing is run."""
@@ -312,26 +316,26 @@ class Engine:
         self.admitting = batch
         short = [pf for pf in batch if pf.short]
         self.prefilling.extend(pf for pf in batch if not pf.short)
-        logits = self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
-                                           for pf in short])
-        ready = list(zip(short, logits))
+        self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
+                                  for pf in short])
+        ready = list(short)
         if self.prefilling and self.prefilling[0].echo:  # prompt logprobs: one chunk of one prompt at a time
             pf = self.prefilling[0]
             slot = pf.choices[0].slot
-            x, piece = self.runner.prefill_chunk(slot, self.tables[slot], pf.tokens, pf.start, True)
+            pf.pieces.append(self.runner.prefill_chunk(slot, self.tables[slot], pf.tokens, pf.start, True))
             pf.start += self.runner.chunk
-            pf.pieces.append(piece)
             if pf.start >= len(pf.tokens):
                 self.prefilling.popleft()
                 pf.req.prompt_logprobs = join_pieces(pf.pieces)
-                ready.append((pf, x))
+                ready.append(pf)
         else:
             ready += self._prefill_chunks()
         self._install(ready, changed)
 
-    def _prefill_chunks(self) -> list[tuple[Prefill, Any]]:
+    def _prefill_chunks(self) -> list[Prefill]:
         """The next chunk of each long prompt in line, oldest first, up to `max_prefill_tokens` tokens in all (at
-        least one chunk), computed together; returns the prompts that are now complete, with their last logits."""
+        least one chunk), computed together; returns the prompts that are now complete (their last logits wait in
+        the runner under their first choice's slot)."""
         budget, work = self.runner.rc.max_prefill_tokens, []
         for pf in self.prefilling:
             if pf.echo:
@@ -341,14 +345,14 @@ class Engine:
                 break
             work.append((pf, n))
             budget -= n
-        logits = self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot],
-                                            pf.tokens[:pf.start + n], pf.start) for pf, n in work])
+        self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
+                                   pf.start) for pf, n in work])
         ready = []
-        for (pf, n), x in zip(work, logits):
+        for pf, n in work:
             pf.start += n
             if pf.start >= len(pf.tokens):
                 self.prefilling.remove(pf)
-                ready.append((pf, x))
+                ready.append(pf)
         return ready
 
     def _seat_next(self) -> Prefill | None:
@@ -426,12 +430,12 @@ class Engine:
         for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
             pool.register(page, h)
 
-    def _install(self, ready: list[tuple[Prefill, Any]], changed) -> None:
+    def _install(self, ready: list[Prefill], changed) -> None:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
-        new_rows: dict[int, Any] = {}
+        new_rows: dict[int, int] = {}  # new slot -> the slot whose prefill logits it draws from
         copies = []
-        for pf, logits in ready:
+        for pf in ready:
             req, first = pf.req, pf.choices[0]
             self._register(req, first)
             if pf.resume:
@@ -465,7 +469,7 @@ class Engine:
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
                 choice._prefix = choice._read = len(choice._ids)
                 self.running[choice.slot] = (req, choice)
-                new_rows[choice.slot] = logits
+                new_rows[choice.slot] = first.slot
         self.admitting = []
         if copies:
             self.runner.copy_pages(copies)

@@ -117,6 +117,7 @@ class AsyncEngine:
                 self._fail_requested = False
                 self._fail_all()
             if not self.engine.has_work():
+                self.engine.idle()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue

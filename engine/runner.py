@@ -106,7 +106,10 @@ class Runner:
     """Owns the KV page pool and sampler state on device, and the compiled step functions.
 
     The host hands in page tables (`[rows, pages]` int32, a row per sequence, unused entries 0 = scratch) and sees
-    only their widths as compiled shapes: a table sliced to `attend / page_size` columns.
+    only their widths as compiled shapes: a table sliced to `attend / page_size` columns. Every argument of the
+    host-facing methods is host data (numbers, lists, numpy arrays): a prefill's last logits stay here, keyed by
+    slot, until `first_tokens` draws from them, so a multi-host leader can replay each call on the other processes
+    (`engine.multihost`).
     """
 
     def __init__(self, model: Model, rc: RunnerConfig):
@@ -133,8 +136,10 @@ class Runner:
         self.host_params = smp.neutral_params(self.slots, vocab)
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
         self.push_params()
+        self.logits: dict[int, jax.Array] = {}  # slot -> its last prefill's last logits [V]
         self.compiles = 0
         module = model.module
+        gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
 
         def per_shard(fn, in_specs, out_specs):
@@ -191,7 +196,8 @@ class Runner:
             self.compiles += 1
             fn = per_shard(functools.partial(decode_shard, steps=steps), (rep, kv, rows, rows, rows, rows, rows, rows,
                                                                          rows), (kv, rows, P(None, "data")))
-            return fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
+            cache, state, outs = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
+            return cache, state, jax.lax.with_sharding_constraint(outs, gathered)
 
         def first_shard(state, sparams, logits, active, allowed):
             nb = logits.shape[0]  # a batch bucket: rows past it are left as they are
@@ -204,7 +210,8 @@ class Runner:
         @functools.partial(jax.jit, donate_argnums=(0,))
         def first_tokens(state, sparams, logits, active, allowed):
             self.compiles += 1  # one shape per batch bucket
-            return first_shard(state, sparams, logits, active, allowed)
+            state, out = first_shard(state, sparams, logits, active, allowed)
+            return state, jax.lax.with_sharding_constraint(out, gathered)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def set_state_row(state, row, values):
@@ -263,6 +270,9 @@ class Runner:
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
+    def idle(self) -> None:
+        """Called between steps while there is no work (a multi-host `Leader` checks its group here)."""
+
     def shard_of(self, slot: int) -> int:
         """The data shard that owns `slot` (its sampler row and the pages its table names)."""
         return slot // self.per_shard
@@ -285,8 +295,8 @@ class Runner:
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
-        `table` row. Returns the chunk's last logits `[V]` and, for echo, its per-position `(logprob of the next
-        prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
+        `table` row; its last logits go to `logits[slot]`. Returns, for echo, the chunk's per-position `(logprob of
+        the next prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
         d = self.shard_of(slot)
         piece = tokens[start:start + self.chunk]
         size = bucket(len(piece), self.prefill_buckets)
@@ -301,22 +311,19 @@ class Runner:
         self.cache, logits, extra = self._prefill(
             self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
             self.table(tables, attend), jnp.int32(nxt), echo=echo)
-        return logits[d], ([np.asarray(x[d])[:len(piece)] for x in extra] if echo else None)
+        self.logits[slot] = logits[d]
+        return [np.asarray(x[d])[:len(piece)] for x in extra] if echo else None
 
     def prefill(self, slot: int, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
-        """Write the K/V of the sequence in `slot` from `start` on, chunk by chunk; returns its last logits `[V]`
-        and, for echo, the concatenated per-position logprobs (see `prefill_chunk`)."""
-        logits, pieces = None, []
-        for s in range(start, len(tokens), self.chunk):
-            logits, piece = self.prefill_chunk(slot, table, tokens, s, echo)
-            pieces.append(piece)
-        return logits, (join_pieces(pieces) if echo else None)
+        """Write the K/V of the sequence in `slot` from `start` on, chunk by chunk (its last logits go to
+        `logits[slot]`); returns, for echo, the concatenated per-position logprobs (see `prefill_chunk`)."""
+        pieces = [self.prefill_chunk(slot, table, tokens, s, echo) for s in range(start, len(tokens), self.chunk)]
+        return join_pieces(pieces) if echo else None
 
-    def prefill_many(self, items: list[tuple[int, np.ndarray, list[int], int]]) -> list[jax.Array]:
-        """Prefill `(slot, table row, tokens, start)` items and return each one's last logits `[V]`, in order. Items
-        with up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
+    def prefill_many(self, items: list[tuple[int, np.ndarray, list[int], int]]) -> None:
+        """Prefill `(slot, table row, tokens, start)` items; each one's last logits go to `logits[slot]`. Items with
+        up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
         `PREFILL_ROWS` rows per shard, padded to a power of two); longer ones go through the chunked `prefill`."""
-        out: list[jax.Array | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[list[int]]] = {}
         for i, (slot, table, tokens, start) in enumerate(items):
             n = len(tokens) - start
@@ -325,7 +332,7 @@ class Runner:
                 key = (size, bucket(min(start + size, self.max_len), self.attend))
                 groups.setdefault(key, [[] for _ in range(self.dp)])[self.shard_of(slot)].append(i)
             else:
-                out[i] = self.prefill(slot, table, tokens, start)[0]
+                self.prefill(slot, table, tokens, start)
         for (size, attend), per in groups.items():
             while any(per):
                 parts = [idx[:PREFILL_ROWS] for idx in per]
@@ -344,8 +351,7 @@ class Runner:
                     self.table(tables, attend), jnp.int32(0), echo=False)
                 for d, part in enumerate(parts):
                     for r, i in enumerate(part, d * nb):
-                        out[i] = logits[r]
-        return out
+                        self.logits[items[i][0]] = logits[r]
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
@@ -387,15 +393,18 @@ class Runner:
         """Send the host copy of the sampling parameters to the device."""
         self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.by_row)
 
-    def first_tokens(self, rows_logits: dict[int, jax.Array], allowed: np.ndarray | None = None) -> smp.SampleOut:
-        """Sample the first token for newly admitted slots from their prefill logits (`allowed`: `[slots, W]`
-        bitmasks, see `sampler.sample`); outputs are indexed by slot."""
-        slots = sorted(rows_logits)
+    def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> smp.SampleOut:
+        """Sample the first token of newly admitted slots, each from the prefill logits of the slot `sources` names
+        for it (the choices of one request share its prompt's); those logits are then dropped. `allowed`: `[slots,
+        W]` bitmasks (see `sampler.sample`). Outputs are indexed by slot."""
+        slots = sorted(sources)
         nb = bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)  # holds every new row
         rows = self.call_rows(nb)
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
         logits = jnp.zeros((len(rows), self.model.cfg.vocab_size), jnp.float32)
-        logits = logits.at[at].set(jnp.stack([rows_logits[s] for s in slots]))
+        logits = logits.at[at].set(jnp.stack([self.logits[sources[s]] for s in slots]))
+        for src in set(sources.values()):
+            del self.logits[src]
         active = np.zeros(len(rows), bool)
         active[at] = True
         allowed = (self.all_allowed if allowed is None else allowed)[rows]

@@ -13,6 +13,7 @@ import time
 import jax
 from aiohttp import web
 
+from engine import multihost
 from engine.compile import PERSISTENT, use_persistent_cache
 from engine.engine import Engine
 from engine.llm import AsyncEngine
@@ -55,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
                     help="shards the decode batch and the KV pages are split over, each with its own copy of the "
                          "weights (--max-num-seqs in all, --kv-cache-gb each); the mesh is dp x tp devices")
+    ap.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="multi-host: process 0's address for jax.distributed (every process passes the same)")
+    ap.add_argument("--num-processes", type=int, default=1, help="multi-host: processes in the group")
+    ap.add_argument("--process-id", type=int, default=0,
+                    help="multi-host: this process (0 serves HTTP and schedules; the others run its steps)")
+    ap.add_argument("--heartbeat-timeout", type=int, default=10,
+                    help="multi-host: seconds without a heartbeat before jax.distributed declares a process dead")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
     ap.add_argument("--max-queued-requests", type=int, default=None,
@@ -94,6 +102,12 @@ def main(argv=None) -> None:
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
+    group = args.num_processes > 1
+    if group:
+        if not args.coordinator or not 0 <= args.process_id < args.num_processes:
+            raise SystemExit("sparkler: --num-processes > 1 needs --coordinator HOST:PORT and a --process-id in "
+                             f"[0, {args.num_processes})")
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     use_persistent_cache(os.path.join(cache_root(), "xla"))
     t0 = time.monotonic()
     try:
@@ -106,6 +120,12 @@ def main(argv=None) -> None:
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     t3 = time.monotonic()
+    if group and args.process_id:  # run process 0's steps until it stops
+        log.info("sparkler: process %d of %d following process 0 (%d local devices)", args.process_id,
+                 args.num_processes, jax.local_device_count())
+        return multihost.follow(engine.runner, multihost.Channel())
+    if group:
+        engine.runner = multihost.Leader(engine.runner, multihost.Channel())
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
              model.cfg.dtype, "" if args.quantization == "none" else f", {args.quantization} weights",
@@ -116,6 +136,8 @@ def main(argv=None) -> None:
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.pools[0].capacity} KV pages of {engine.page_size}, mesh data {engine.runner.dp} x tp {args.tp}")
     asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
+    if group:
+        engine.runner.close()
     log.info("sparkler: stopped")
 
 

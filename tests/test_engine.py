@@ -112,9 +112,13 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
     eng = llm.engine  # idle between tests: every page but the cached ones is free
     prompts = [list(range(100, 100 + n)) for n in (5, 20, 31, 90, 200)]  # two length buckets, one chunked-size
     rows, pages = table_rows(eng, prompts)
-    alone = [np.asarray(eng.runner.prefill(0, row, p)[0]) for row, p in zip(rows, prompts)]
+    alone = []
+    for row, p in zip(rows, prompts):
+        eng.runner.prefill(0, row, p)
+        alone.append(np.asarray(eng.runner.logits.pop(0)))
     rows2, pages2 = table_rows(eng, prompts)
-    together = [np.asarray(x) for x in eng.runner.prefill_many([(0, row, p, 0) for row, p in zip(rows2, prompts)])]
+    eng.runner.prefill_many([(slot, row, p, 0) for slot, (row, p) in enumerate(zip(rows2, prompts))])
+    together = [np.asarray(eng.runner.logits.pop(slot)) for slot in range(len(prompts))]
     eng.pools[0].release(pages + pages2)
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())

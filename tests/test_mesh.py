@@ -1,6 +1,7 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4, D = 4 and T = 2 x D = 2 give
-the single-device tokens (greedy and seeded) with 16 requests in flight, n = 2 among them; a mesh larger than the
-devices, or not dividing them, is a clear start-up error.
+the single-device tokens (greedy and seeded) with 16 requests in flight, n = 2 among them; so does T = 2 x D = 2 over
+two processes of 2 virtual devices each (jax.distributed on loopback, gloo collectives), and killing process 1 makes
+process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up error.
 
 Under tensor parallelism the projections after attention and in the MLP sum partial products across devices (an
 all-reduce), so float32 logits differ from one device's in the last bits. A seeded draw whose uniform falls within
@@ -9,38 +10,36 @@ that distance of a boundary between two tokens can then pick the neighbour (seen
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "smollm2-135m-instruct"
+ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4"]
 SERVE = r"""
 import json, os, sys
 import numpy as np
-import openai
-from concurrent.futures import ThreadPoolExecutor
 from conftest import live_server
 from engine.compile import use_persistent_cache
 from engine.runner import RunnerConfig
 from models import load_model
 from models.weights import cache_root
+from test_mesh import ask_all
 
 use_persistent_cache(os.path.join(cache_root(), "xla"))
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)
     for api in live_server(model, RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
-        client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=600)
-        def ask(i):
-            r = client.completions.create(model="smollm2-135m-instruct",
-                                          prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
-                                          max_tokens=12, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})
-            return [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)]
-        with ThreadPoolExecutor(16) as ex:
-            key = f"{dp}x{tp}"
-            out[key] = list(ex.map(ask, range(16)))
+        key = f"{dp}x{tp}"
+        out[key] = ask_all(api.url)
         weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
         piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
         out[key + "-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece,
@@ -50,31 +49,98 @@ print(json.dumps(out))
 """
 
 
+def ask_all(url: str) -> list:
+    """16 concurrent completions (odd ones greedy, even ones seeded at temperature 0.9, every fifth with n = 2);
+    each request's choices' token ids."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+
+    def ask(i):
+        r = client.completions.create(model=MODEL, prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
+                                      max_tokens=12, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        return [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)]
+
+    with ThreadPoolExecutor(16) as ex:
+        return list(ex.map(ask, range(16)))
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+
+
 def _run(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *args], env=_env(4), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
-def test_mesh_serving_gives_the_single_device_tokens():
+@pytest.fixture(scope="module")
+def served() -> dict:
+    """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices."""
     out = _run(SERVE, "[[1, 1], [1, 4], [4, 1], [2, 2]]")  # (data, tp)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    one = res["1x1"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_same_tokens(got: list, one: list, what: str) -> None:
+    """Greedy requests equal to one device's; seeded ones too, but for at most one (see the module docstring)."""
     greedy = [i for i in range(16) if i % 2]
     seeded = [i for i in range(16) if not i % 2]
+    assert [got[i] for i in greedy] == [one[i] for i in greedy], what
+    assert sum(got[i] == one[i] for i in seeded) >= len(seeded) - 1, (what, one, got)
+
+
+def test_mesh_serving_gives_the_single_device_tokens(served):
+    one = served["1x1"]
     for mesh in ("1x4", "4x1", "2x2"):
-        assert [res[mesh][i] for i in greedy] == [one[i] for i in greedy], mesh
-        assert sum(res[mesh][i] == one[i] for i in seeded) >= len(seeded) - 1, (mesh, one, res[mesh])
+        assert_same_tokens(served[mesh], one, mesh)
     assert all(len(t) == 12 for choices in one for t in choices) and len(one[0]) == 2
-    layout = {m: (res[m + "-mesh"]["weight_devices"], res[m + "-mesh"]["weight_split"])
+    layout = {m: (served[m + "-mesh"]["weight_devices"], served[m + "-mesh"]["weight_split"])
               for m in ("1x1", "1x4", "4x1", "2x2")}
     assert layout == {"1x1": (1, 1), "1x4": (4, 4), "4x1": (4, 1), "2x2": (4, 2)}  # split over tp, copied over data
-    assert res["4x1-mesh"]["pool"] == "P(None, 'data')" and res["2x2-mesh"]["pool"] == "P(None, 'data')"
+    assert served["4x1-mesh"]["pool"] == "P(None, 'data')" and served["2x2-mesh"]["pool"] == "P(None, 'data')"
     for mesh, shards in (("4x1", 4), ("2x2", 2)):  # the scheduler spread the requests over every shard
-        per = res[mesh + "-mesh"]["prompts_per_shard"]
+        per = served[mesh + "-mesh"]["prompts_per_shard"]
         assert len(per) == shards and all(n > 0 for n in per), (mesh, per)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_the_group(served, tmp_path):
+    coordinator, port = _free_port(), _free_port()
+    group = ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "-tp", "2", "-dp", "2",
+             "--heartbeat-timeout", "5", "--warmup", "none", *ENGINE]
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "server", *group, "--process-id", str(i), "--port", str(port)],
+                              env=_env(2), cwd=ROOT, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # process 0 answers /health once the group is up
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "p0.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the group never came up"
+                time.sleep(1)
+        assert_same_tokens(ask_all(f"http://127.0.0.1:{port}"), served["1x1"], "2 processes, 2x2")
+        procs[1].send_signal(signal.SIGKILL)
+        t = time.monotonic()
+        rc = procs[0].wait(timeout=60)  # no hang: process 0 notices within seconds (an idle leader pings)
+        log = (tmp_path / "p0.log").read_text()
+        assert rc != 0 and "the process group must be restarted" in log, log[-3000:]
+        assert time.monotonic() - t < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @pytest.mark.parametrize("flags,needle", [(["--tensor-parallel-size", "8"], "does not fit the 4 visible"),
