@@ -1,10 +1,12 @@
-"""What tensor parallelism moves between devices: the collectives in the compiled decode step, per configuration.
+"""What a mesh moves between devices: the collectives in the engine's compiled decode step, per configuration.
 
 Runs itself on 4 virtual CPU devices (`--xla_force_host_platform_device_count=4`): speed means nothing there (one
-physical CPU), so this reads the optimized HLO of one decode forward pass (batch 16, one token per row, unrolled
-layers so each layer's collectives appear once) and prints, per model and tensor-parallel size, each collective's
-count and the bytes its results hold per step. The design expects one all-reduce after the attention block and one
-after the MLP per layer when heads, KV heads and MLP width divide T; what does not divide stays replicated.
+physical CPU), so this reads the optimized HLO of the runner's decode step (batch 16, one step: forward pass,
+sampler, outputs gathered for the host; unrolled layers so each layer's collectives appear once) and prints, per
+model and data x tensor-parallel size, each collective's count and the bytes its results hold per step. The design
+expects, under tensor parallelism, one all-reduce after the attention block and one after the MLP per layer when
+heads, KV heads and MLP width divide T (what does not divide stays replicated); under data parallelism nothing in
+the layers, since each shard owns its rows and pages, only the gather of the sampled outputs.
 """
 
 from __future__ import annotations
@@ -43,23 +45,18 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def decode_hlo(model, tp: int, batch: int = 16, pages: int = 4) -> str:
-    """Optimized HLO of one decode forward pass of `model` (a Model) on a 1 x tp mesh."""
+def step_hlo(model, batch: int = 16) -> str:
+    """Optimized HLO of the engine's compiled decode step (one step: forward pass, sampler, outputs gathered for the
+    host) at `batch` rows, on the model's mesh."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from models import KVCache
-    from models.sharding import cache_sharding
+    from engine import RunnerConfig
+    from engine.compile import _abstract
+    from engine.runner import Runner
 
-    cfg = model.cfg
-    cache = KVCache.zeros(cfg, 1 + batch * pages, 16)
-    sh = cache_sharding(cfg.num_kv_heads, model.mesh)
-    cache = KVCache(jax.device_put(cache.k, sh), jax.device_put(cache.v, sh))
-    tokens, positions = jnp.ones((batch, 1), jnp.int32), jnp.full((batch, 1), 20, jnp.int32)
-    table = jnp.asarray(1 + np.arange(batch * pages).reshape(batch, pages), jnp.int32)
-    fwd = jax.jit(lambda p, c: model.module.apply(p, tokens, positions, table, c))
-    return fwd.lower(model.params, cache).compile().as_text()
+    runner = Runner(model, RunnerConfig(max_num_seqs=batch, max_model_len=256, kv_cache_gb=0.02, decode_steps=1))
+    fn, args, statics = next(j for j in runner.warm_jobs() if j[0] is runner._decode and j[1][4].shape[0] == batch)
+    return fn.fn.lower(*jax.tree.map(_abstract, args), **statics).compile().as_text()
 
 
 def main() -> None:
@@ -69,22 +66,24 @@ def main() -> None:
     from models import Model, ModelConfig, build, init_params, load_model
     from models.sharding import make_mesh
 
-    rows = ["| model | T | collective: count, bytes per step | total bytes per step | per layer |",
+    rows = ["| model | D x T | collective: count, bytes per step | total bytes per step | per layer |",
             "| --- | --- | --- | --- | --- |"]
-    for tp in (1, 2, 4):
-        mesh = make_mesh(tp)
-        smol = load_model("smollm2-135m-instruct", tp=tp, scan=False, with_tokenizer=False)
+    for dp, tp in ((1, 1), (1, 2), (1, 4), (2, 1), (4, 1), (2, 2)):
+        mesh = make_mesh(tp, dp=dp)
+        smol = load_model("smollm2-135m-instruct", tp=tp, dp=dp, scan=False, with_tokenizer=False)
         cfg = ModelConfig.from_hf(LLAMA_8_4)
         module = build(cfg, scan=False)
         llama = Model("llama-8h-4kv", cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
         for name, model in (("smollm2-135m (9 heads, 3 KV heads)", smol), ("llama shape (8 heads, 4 KV heads)", llama)):
-            found = collectives(decode_hlo(model, tp))
+            found = collectives(step_hlo(model))
             total = sum(b for _, b in found.values())
             desc = "; ".join(f"{k} x{n}, {b / 1024:.0f} KiB" for k, (n, b) in sorted(found.items())) or "none"
             layers = model.cfg.num_layers
             per = "; ".join(f"{k} {n / layers:g}" for k, (n, _) in sorted(found.items())) or "-"
-            rows.append(f"| {name} | {tp} | {desc} | {total / 1024:.0f} KiB | {per} |")
-    print(f"jax {jax.__version__}, {len(jax.devices())} virtual CPU devices, decode batch 16, unrolled layers\n")
+            rows.append(f"| {name} | {dp} x {tp} | {desc} | {total / 1024:.0f} KiB | {per} |")
+            print(rows[-1], flush=True)
+    print(f"\njax {jax.__version__}, {len(jax.devices())} virtual CPU devices, engine decode step at batch 16, "
+          "unrolled layers\n")
     print("\n".join(rows))
 
 

@@ -254,8 +254,8 @@ class Runner:
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
         for nb in (self.dp * b for b in self.batch_buckets):
-            jobs.append((self._first, (st, sp, np.zeros((nb, vocab), np.float32), np.zeros(nb, bool),
-                                       self.all_allowed[:nb]), {}))
+            logits = jax.ShapeDtypeStruct((nb, vocab), jnp.float32, sharding=self.by_row)  # as `first_tokens` puts them
+            jobs.append((self._first, (st, sp, logits, np.zeros(nb, bool), self.all_allowed[:nb]), {}))
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
         jobs.append((self._set_row, (st, np.int32(0), row), {}))
         jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
@@ -289,9 +289,9 @@ class Runner:
         full[(slice(None),) * axis + (rows,)] = x
         return full
 
-    def table(self, rows: np.ndarray, attend: int) -> jax.Array:
+    def table(self, rows: np.ndarray, attend: int) -> np.ndarray:
         """Page-table rows cut to the pages an attended length covers."""
-        return jnp.asarray(rows[:, :attend // self.page_size])
+        return np.ascontiguousarray(rows[:, :attend // self.page_size])
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
@@ -309,8 +309,7 @@ class Runner:
         nxt = tokens[start + len(piece)] if start + len(piece) < len(tokens) else 0
         attend = bucket(min(start + size, self.max_len), self.attend)
         self.cache, logits, extra = self._prefill(
-            self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
-            self.table(tables, attend), jnp.int32(nxt), echo=echo)
+            self.model.params, self.cache, toks, starts, lengths, self.table(tables, attend), np.int32(nxt), echo=echo)
         self.logits[slot] = logits[d]
         return [np.asarray(x[d])[:len(piece)] for x in extra] if echo else None
 
@@ -347,8 +346,8 @@ class Runner:
                         n = len(tokens) - start
                         toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
                 self.cache, logits, _ = self._prefill(
-                    self.model.params, self.cache, jnp.asarray(toks), jnp.asarray(starts), jnp.asarray(lengths),
-                    self.table(tables, attend), jnp.int32(0), echo=False)
+                    self.model.params, self.cache, toks, starts, lengths, self.table(tables, attend), np.int32(0),
+                    echo=False)
                 for d, part in enumerate(parts):
                     for r, i in enumerate(part, d * nb):
                         self.logits[items[i][0]] = logits[r]
@@ -365,7 +364,7 @@ class Runner:
                     src[d, :len(pairs[:self.per_shard])], dst[d, :len(pairs[:self.per_shard])] = zip(
                         *pairs[:self.per_shard])
             per = [pairs[self.per_shard:] for pairs in per]
-            self.cache = self._copy(self.cache, jnp.asarray(src.reshape(-1)), jnp.asarray(dst.reshape(-1)))
+            self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
     def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
         """Install a request's sampling settings and fresh sampler state in `row`."""
         self.set_settings(row, settings)
@@ -387,7 +386,7 @@ class Runner:
 
     def restore_row(self, row: int, values: smp.SamplerState) -> None:
         """Put a row's sampler state (fresh, or saved at preemption) back on the device."""
-        self.state = self._set_row(self.state, jnp.int32(row), jax.tree.map(jnp.asarray, values))
+        self.state = self._set_row(self.state, np.int32(row), jax.tree.map(np.asarray, values))
 
     def push_params(self) -> None:
         """Send the host copy of the sampling parameters to the device."""
@@ -402,13 +401,13 @@ class Runner:
         rows = self.call_rows(nb)
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
         logits = jnp.zeros((len(rows), self.model.cfg.vocab_size), jnp.float32)
-        logits = logits.at[at].set(jnp.stack([self.logits[sources[s]] for s in slots]))
+        logits = jax.device_put(logits.at[at].set(jnp.stack([self.logits[sources[s]] for s in slots])), self.by_row)
         for src in set(sources.values()):
             del self.logits[src]
         active = np.zeros(len(rows), bool)
         active[at] = True
         allowed = (self.all_allowed if allowed is None else allowed)[rows]
-        self.state, out = self._first(self.state, self.params, logits, jnp.asarray(active), jnp.asarray(allowed))
+        self.state, out = self._first(self.state, self.params, logits, active, allowed)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
@@ -423,7 +422,7 @@ class Runner:
         need = int(live.max()) + steps if live.size else 1
         attend = bucket(min(need, self.max_len), self.attend)
         self.cache, self.state, outs = self._decode(
-            self.model.params, self.cache, self.state, self.params, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), jnp.asarray(active), self.table(tables[rows], attend),
-            jnp.asarray((self.all_allowed if allowed is None else allowed)[rows]), steps=steps)
+            self.model.params, self.cache, self.state, self.params, tokens.astype(np.int32), positions.astype(np.int32),
+            active, self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows],
+            steps=steps)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
