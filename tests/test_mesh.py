@@ -26,6 +26,7 @@ ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.
 SERVE = r"""
 import json, os, sys
 import numpy as np
+import openai
 from conftest import live_server
 from engine.compile import use_persistent_cache
 from engine.runner import RunnerConfig
@@ -40,6 +41,18 @@ for dp, tp in json.loads(sys.argv[1]):
     for api in live_server(model, RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url)
+        if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one
+            client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
+            ask = lambda p, **kw: client.completions.create(model="smollm2-135m-instruct", prompt=p, temperature=0,
+                                                            **{"max_tokens": 2, **kw})
+            prompt = "A long shared preamble about the weather in spring, " * 16
+            first = ask(prompt + "0")  # every shard is empty: it goes to shard 0
+            busy = ask("Something else entirely", max_tokens=120, stream=True, extra_body={"ignore_eos": True})
+            next(iter(busy))  # running on shard 0 too (a tie again), so shard 0 now has the fewest free pages
+            second = ask(prompt + "1")
+            out[key + "-cached"] = [r.usage.prompt_tokens_details.cached_tokens for r in (first, second)]
+            for _ in busy:
+                pass
         weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
         piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
         out[key + "-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece,
@@ -101,6 +114,9 @@ def test_mesh_serving_gives_the_single_device_tokens(served):
               for m in ("1x1", "1x4", "4x1", "2x2")}
     assert layout == {"1x1": (1, 1), "1x4": (4, 4), "4x1": (4, 1), "2x2": (4, 2)}  # split over tp, copied over data
     assert served["4x1-mesh"]["pool"] == "P(None, 'data')" and served["2x2-mesh"]["pool"] == "P(None, 'data')"
+    for mesh in ("4x1", "2x2"):
+        first, second = served[mesh + "-cached"]
+        assert first == 0 and second >= 128, (mesh, first, second)
     for mesh, shards in (("4x1", 4), ("2x2", 2)):  # the scheduler spread the requests over every shard
         per = served[mesh + "-mesh"]["prompts_per_shard"]
         assert len(per) == shards and all(n > 0 for n in per), (mesh, per)
