@@ -180,7 +180,10 @@ class Runner:
         def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
-                logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
+                # Tied to this step's tokens, the weights are not loop-invariant: XLA would otherwise hoist int8
+                # weights' widening out of the loop and read float32 copies of every weight each step.
+                p, tokens = jax.lax.optimization_barrier((params, tokens))
+                logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table)
                 out, state = smp.sample(logits, sparams, state, active, allowed)
                 return (cache, state, out.token, positions + 1), out
 
