@@ -29,6 +29,7 @@ from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
+BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
 DETOK_CONTEXT = 5  # prompt tokens kept as context so the first pieces decode with the right spacing
 
@@ -123,7 +124,7 @@ def seq_tokens(req: Request, choice: Choice) -> list[int]:
 
 
 class Engine:
-    """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pool."""
+    """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pools (one per data shard)."""
 
     def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig()):
         self.model, self.tok = model, model.tokenizer
@@ -316,8 +317,9 @@ class Engine:
         self.admitting = batch
         short = [pf for pf in batch if pf.short]
         self.prefilling.extend(pf for pf in batch if not pf.short)
-        self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
-                                  for pf in short])
+        if short:
+            self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
+                                      for pf in short])
         ready = list(short)
         if self.prefilling and self.prefilling[0].echo:  # prompt logprobs: one chunk of one prompt at a time
             pf = self.prefilling[0]
@@ -345,8 +347,9 @@ class Engine:
                 break
             work.append((pf, n))
             budget -= n
-        self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
-                                   pf.start) for pf, n in work])
+        if work:
+            self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
+                                       pf.start) for pf, n in work])
         ready = []
         for pf, n in work:
             pf.start += n
@@ -366,6 +369,8 @@ class Engine:
             req = self.waiting[0]
             choices, tokens = req.choices, req.prompt_ids
         else:
+            return None
+        if len(self.free) < len(choices):  # cheap test first: no shard can seat it
             return None
         ps = self.page_size
         hashes = page_hashes(tokens, ps, req.cache_key)
@@ -400,23 +405,25 @@ class Engine:
         return Prefill(req, choices, tokens, len(hit) * ps, resume)
 
     def _place(self, length: int, n: int, hashes: list[bytes]) -> tuple[int, list[int]] | None:
-        """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there:
-        among the shards with `n` free slots and the pages it needs (keeping a page of room per sequence running
-        there, so admission does not at once force a preemption), the one holding the longest cached prefix, then
-        the one with the most free pages. None when no shard has room now."""
-        best = None
+        """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there.
+        Candidates have `n` free slots and the pages it needs (keeping a page of room per sequence running there,
+        so admission does not at once force a preemption); of those within `BALANCE` running sequences of the least
+        loaded, the one holding the longest cached prefix, then the one with the most free pages (a shared system
+        prompt must not pull every request onto one shard). None when no shard has room now."""
+        fits = []
         for shard, pool in enumerate(self.pools):
             if sum(self.runner.shard_of(s) == shard for s in self.free) < n:
                 continue
             hit = pool.lookup(hashes)
             cached_free = sum(pool.refs[p] == 0 for p in hit)  # free cached pages the hit takes out of the free ones
             running = sum(self.runner.shard_of(s) == shard for s in self.running)
-            if pool.num_free - cached_free - (self._pages_to_admit(length, n) - len(hit)) < running:
-                continue
-            rank = (len(hit), pool.num_free)
-            if best is None or rank > best[0]:
-                best = (rank, shard, hit)
-        return None if best is None else best[1:]
+            if pool.num_free - cached_free - (self._pages_to_admit(length, n) - len(hit)) >= running:
+                fits.append((running, len(hit), pool.num_free, -shard, hit))
+        if not fits:
+            return None
+        least = min(f[0] for f in fits)
+        _, _, _, shard, hit = max((f for f in fits if f[0] <= least + BALANCE), key=lambda f: f[1:4])
+        return -shard, hit
 
     def _register(self, req: Request, choice: Choice) -> None:
         """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
@@ -435,6 +442,9 @@ class Engine:
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
         new_rows: dict[int, int] = {}  # new slot -> the slot whose prefill logits it draws from
         copies = []
+        unused = [pf.choices[0].slot for pf in ready if pf.resume or pf.req.max_tokens == 0]  # logits nobody draws
+        if unused:
+            self.runner.forget(unused)
         for pf in ready:
             req, first = pf.req, pf.choices[0]
             self._register(req, first)
@@ -663,6 +673,8 @@ class Engine:
         self.admitting = []
         for choice in {id(c): c for c in held}.values():
             self._unseat(choice)
+        if self.runner.logits:
+            self.runner.forget(list(self.runner.logits))
         out = []
         for req in reqs.values():
             ended = [c for c in req.choices if c.finish_reason is None]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 log = logging.getLogger("sparkler.multihost")
 PING_S = 1.0  # a leader with nothing to do checks the group this often
 MIRRORED = ("prefill_many", "prefill_chunk", "prefill", "copy_pages", "set_row", "set_settings", "restore_row",
-            "save_row", "push_params", "first_tokens", "decode")  # the Runner calls that touch devices or their inputs
+            "save_row", "push_params", "first_tokens", "decode", "forget")  # the Runner calls that touch devices or their inputs
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, heartbeat_s: int = 10) -> None:
@@ -77,6 +78,8 @@ class Leader:
     def __init__(self, runner, channel: Channel):
         self.runner, self.channel = runner, channel
         self.last = time.monotonic()
+        self.lock = threading.Lock()  # one message at a time: `close` may come from another thread
+        self.closed = False
 
     def __getattr__(self, name):
         attr = getattr(self.runner, name)
@@ -84,32 +87,48 @@ class Leader:
             return attr
 
         def call(*args, **kwargs):
-            try:
-                self.channel.send((name, args, kwargs))
-                out = attr(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001  (a lost process, or a step that failed on this one)
-                fatal(f"a step of the process group failed in {name}", e)
-            self.last = time.monotonic()
+            with self.lock:
+                if self.closed:
+                    raise RuntimeError("the process group has stopped")
+                try:
+                    self.channel.send((name, args, kwargs))
+                    out = attr(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001  (a lost process, or a step that failed on this one)
+                    fatal(f"a step of the process group failed in {name}", e)
+                self.last = time.monotonic()
             return out
 
         return call
 
     def idle(self) -> None:
         """Between steps with nothing to do: ping the group every `PING_S` seconds (a lost process shows at once)."""
-        if time.monotonic() - self.last >= PING_S:
+        if time.monotonic() - self.last < PING_S:
+            return
+        with self.lock:
+            if self.closed:
+                return
             try:
                 self.channel.send(("ping", (), {}))
             except Exception as e:  # noqa: BLE001
                 fatal("a process of the group is gone", e)
             self.last = time.monotonic()
 
+    def check(self, config) -> None:
+        """Start-up: send this process's serving settings; a process whose own differ stops the group."""
+        with self.lock:
+            self.channel.send(("config", (config,), {}))
+
     def close(self) -> None:
-        """Tell the other processes to stop."""
-        self.channel.send(None)
+        """Tell the other processes to stop (once; later calls are refused)."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.channel.send(None)
 
 
-def follow(runner, channel: Channel) -> None:
-    """The loop of every process but 0: make each runner call process 0 sends, until it says stop."""
+def follow(runner, channel: Channel, config) -> None:
+    """The loop of every process but 0: make each runner call process 0 sends, until it says stop. `config` (this
+    process's serving settings) must equal process 0's, else the programs would differ."""
     calls = 0
     while True:
         try:
@@ -117,7 +136,10 @@ def follow(runner, channel: Channel) -> None:
             if msg is None:
                 break
             name, args, kwargs = msg
-            if name != "ping":
+            if name == "config":
+                if args[0] != config:
+                    raise ValueError(f"this process's settings {config} differ from process 0's {args[0]}")
+            elif name != "ping":
                 getattr(runner, name)(*args, **kwargs)
                 calls += 1
         except Exception as e:  # noqa: BLE001  (process 0 is gone, or a step failed here)

@@ -142,7 +142,7 @@ class Runner:
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
 
-        def per_shard(fn, in_specs, out_specs):
+        def over_shards(fn, in_specs, out_specs):
             """`fn`, written for one data shard, over every shard (itself when there is one)."""
             if self.dp == 1:
                 return fn
@@ -167,8 +167,8 @@ class Runner:
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
             return cache, logits[length[0] - 1][None], (chosen[None], top_ids[None], top_lp[None])
 
-        prefill_rows = per_shard(prefill_rows, (rep, kv, rows, rows, rows, rows), (kv, rows))
-        prefill_echo = per_shard(prefill_echo, (rep, kv, rows, rows, rows, rows, rep), (kv, rows, rows))
+        prefill_rows = over_shards(prefill_rows, (rep, kv, rows, rows, rows, rows), (kv, rows))
+        prefill_echo = over_shards(prefill_echo, (rep, kv, rows, rows, rows, rows, rep), (kv, rows, rows))
 
         @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1,))
         def prefill(params, cache, tokens, start, length, table, next_token, echo):
@@ -197,7 +197,7 @@ class Runner:
         @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
         def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             self.compiles += 1
-            fn = per_shard(functools.partial(decode_shard, steps=steps), (rep, kv, rows, rows, rows, rows, rows, rows,
+            fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, rows, rows, rows, rows, rows, rows,
                                                                          rows), (kv, rows, P(None, "data")))
             cache, state, outs = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered)
@@ -208,7 +208,7 @@ class Runner:
             out, new = smp.sample(logits, part(sparams), part(state), active, allowed)
             return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, new), out
 
-        first_shard = per_shard(first_shard, (rows,) * 5, (rows, rows))
+        first_shard = over_shards(first_shard, (rows,) * 5, (rows, rows))
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def first_tokens(state, sparams, logits, active, allowed):
@@ -227,7 +227,7 @@ class Runner:
             src, dst = (layer_base + src[None]).reshape(-1), (layer_base + dst[None]).reshape(-1)  # in every layer
             return KVCache(cache.k.at[:, dst].set(cache.k[:, src]), cache.v.at[:, dst].set(cache.v[:, src]))
 
-        copy_shard = per_shard(copy_shard, (kv, rows, rows), kv)
+        copy_shard = over_shards(copy_shard, (kv, rows, rows), kv)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def copy_pages(cache, src, dst):
@@ -368,6 +368,11 @@ class Runner:
                         *pairs[:self.per_shard])
             per = [pairs[self.per_shard:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
+    def forget(self, slots: list[int]) -> None:
+        """Drop the prefill logits kept for `slots` (a resumed choice, a scoring-only request: nothing draws)."""
+        for slot in slots:
+            self.logits.pop(slot, None)
+
     def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
         """Install a request's sampling settings and fresh sampler state in `row`."""
         self.set_settings(row, settings)

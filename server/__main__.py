@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -115,17 +116,22 @@ def main(argv=None) -> None:
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
         raise SystemExit(f"sparkler: {e}") from None
     t1 = time.monotonic()
+    if group and args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
+        raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size {args.dp} x "
+                         f"tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
     engine = Engine(model, runner_config(args))
     t2 = time.monotonic()
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     t3 = time.monotonic()
+    config = (args.model, args.dtype, args.quantization, args.tp, args.dp, dataclasses.astuple(engine.runner.rc))
     if group and args.process_id:  # run process 0's steps until it stops
         log.info("sparkler: process %d of %d following process 0 (%d local devices)", args.process_id,
                  args.num_processes, jax.local_device_count())
-        return multihost.follow(engine.runner, multihost.Channel())
+        return multihost.follow(engine.runner, multihost.Channel(), config)
     if group:
         engine.runner = multihost.Leader(engine.runner, multihost.Channel())
+        engine.runner.check(config)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
              model.cfg.dtype, "" if args.quantization == "none" else f", {args.quantization} weights",
@@ -135,9 +141,11 @@ def main(argv=None) -> None:
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.pools[0].capacity} KV pages of {engine.page_size}, mesh data {engine.runner.dp} x tp {args.tp}")
-    asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
-    if group:
-        engine.runner.close()
+    try:
+        asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
+    finally:
+        if group:
+            engine.runner.close()
     log.info("sparkler: stopped")
 
 

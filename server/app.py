@@ -110,8 +110,9 @@ class Server:
                            code="model_not_found")
 
     def _requests(self, job: Job, rid: str) -> list[tuple[int, Request]]:
-        """`(prompt index, engine request)` pairs; n beyond the decode slots is split over several requests."""
-        out, n, slots = [], job.params.n, self.engine.runner.slots
+        """`(prompt index, engine request)` pairs; n beyond one data shard's decode slots is split over several
+        requests."""
+        out, n, slots = [], job.params.n, self.engine.runner.per_shard
         for i, ids in enumerate(job.prompts):
             for first in range(0, n, slots):
                 params = dataclasses.replace(job.params, n=min(slots, n - first))
