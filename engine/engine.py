@@ -173,14 +173,13 @@ class Engine:
         for t in params.logit_bias:
             if not 0 <= int(t) < vocab:
                 raise InvalidRequest(f"logit_bias key {t} is not a token id of this vocabulary", "logit_bias")
-        if params.n > self.runner.slots:
-            raise InvalidRequest(f"n={params.n} exceeds the {self.runner.slots} decode slots", "n")
+        if params.n > self.runner.per_shard:  # every choice of a request sits on one data shard
+            where = " of a data shard" if self.runner.dp > 1 else ""
+            raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots{where}", "n")
         room = self.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
                                  "prompt")
-        if params.n > self.runner.per_shard:
-            raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots of a data shard", "n")
         if self._pages_to_admit(len(prompt_ids), params.n) > self.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
                                  f"the pool holds ({self.pools[0].capacity} of {self.page_size} tokens)", "n")

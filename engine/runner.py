@@ -363,11 +363,12 @@ class Runner:
             src = np.zeros((self.dp, self.per_shard), np.int32)  # padding: scratch onto scratch
             dst = np.zeros((self.dp, self.per_shard), np.int32)
             for d, pairs in enumerate(per):
-                if pairs[:self.per_shard]:
-                    src[d, :len(pairs[:self.per_shard])], dst[d, :len(pairs[:self.per_shard])] = zip(
-                        *pairs[:self.per_shard])
+                part = pairs[:self.per_shard]
+                if part:
+                    src[d, :len(part)], dst[d, :len(part)] = zip(*part)
             per = [pairs[self.per_shard:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
+
     def forget(self, slots: list[int]) -> None:
         """Drop the prefill logits kept for `slots` (a resumed choice, a scoring-only request: nothing draws)."""
         for slot in slots:

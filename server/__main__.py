@@ -109,6 +109,9 @@ def main(argv=None) -> None:
             raise SystemExit("sparkler: --num-processes > 1 needs --coordinator HOST:PORT and a --process-id in "
                              f"[0, {args.num_processes})")
         multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+        if args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
+            raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size "
+                             f"{args.dp} x tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
     use_persistent_cache(os.path.join(cache_root(), "xla"))
     t0 = time.monotonic()
     try:
@@ -116,9 +119,6 @@ def main(argv=None) -> None:
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
         raise SystemExit(f"sparkler: {e}") from None
     t1 = time.monotonic()
-    if group and args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
-        raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size {args.dp} x "
-                         f"tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
     engine = Engine(model, runner_config(args))
     t2 = time.monotonic()
     if args.warmup != "none":
