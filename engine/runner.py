@@ -29,7 +29,7 @@ from models.sharding import cache_sharding
 
 log = logging.getLogger("sparkler.engine")
 
-PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+PREFILL_BUCKETS = (32, 64, 128, 192, 256, 384, 512)
 BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
 
@@ -180,9 +180,11 @@ class Runner:
         def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
-                # Tied to this step's tokens, the weights are not loop-invariant: XLA would otherwise hoist int8
-                # weights' widening out of the loop and read float32 copies of every weight each step.
-                p, tokens = jax.lax.optimization_barrier((params, tokens))
+                # One row: XLA fuses int8 weights' widening into each matrix-vector product, reading int8. Tied to
+                # the step's tokens the weights are not loop-invariant, so that widening is not hoisted out of the
+                # loop into float32 copies read every step (2x slower). Several rows: the products widen anyway,
+                # and widening once per dispatch is cheaper (docs/PERFORMANCE.md, "int8 weights").
+                p, tokens = jax.lax.optimization_barrier((params, tokens)) if tokens.shape[0] == 1 else (params, tokens)
                 logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table)
                 out, state = smp.sample(logits, sparams, state, active, allowed)
                 return (cache, state, out.token, positions + 1), out
@@ -239,7 +241,7 @@ class Runner:
 
     def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
         """The shapes to compile before serving: prefill of short prompts (several per call) and of a first chunk,
-        the first draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended
+        fresh or after a cached prefix within the shortest attended length, the first draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended
         length. `full`: every attended length for decode and prefill too (minutes the first time, seconds once the
         persistent compilation cache holds them). `constrained`: decode of one step too (structured output runs
         one step per dispatch)."""
@@ -249,10 +251,11 @@ class Runner:
         for size in self.prefill_buckets:
             budget = max(self.rc.max_prefill_tokens, size)
             rows = [r for r in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL or r * size <= budget]
-            attends = [a for a in self.attend if a >= size] if full else [bucket(size, self.attend)]
+            starts = (0, *(self.attend if full else self.attend[:1]))  # a fresh prompt, and a cached prefix's
+            attends = [self.covered(start, size) for start in starts]
             for nb in (self.dp * r for r in rows):
                 for attend in attends:
-                    table = i32(nb, attend // self.page_size)
+                    table = i32(nb, -(-attend // self.page_size))
                     jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
                                  dict(echo=False)))
         vocab = self.model.cfg.vocab_size
@@ -293,8 +296,18 @@ class Runner:
         return full
 
     def table(self, rows: np.ndarray, attend: int) -> np.ndarray:
-        """Page-table rows cut to the pages an attended length covers."""
-        return np.ascontiguousarray(rows[:, :attend // self.page_size])
+        """Page-table rows cut (or padded with scratch) to the pages `attend` positions need."""
+        n = -(-attend // self.page_size)
+        out = np.zeros((rows.shape[0], n), np.int32)
+        out[:, :min(n, rows.shape[1])] = rows[:, :n]
+        return out
+
+    def covered(self, start: int, size: int) -> int:
+        """Positions a prefill's table covers for a chunk of `size` (a bucket) at `start`: the chunk after the
+        earlier positions rounded up to an attended-length bucket (none at the start of a prompt), so attention
+        reads the earlier keys from at most that bucket and the chunk's own from no page (`models.attention.
+        prefill`)."""
+        return size + (bucket(start, self.attend) if start else 0)
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
@@ -310,7 +323,7 @@ class Runner:
         tables = np.zeros((self.dp, self.max_pages), np.int32)
         tables[d] = table
         nxt = tokens[start + len(piece)] if start + len(piece) < len(tokens) else 0
-        attend = bucket(min(start + size, self.max_len), self.attend)
+        attend = self.covered(start, size)
         self.cache, logits, extra = self._prefill(
             self.model.params, self.cache, toks, starts, lengths, self.table(tables, attend), np.int32(nxt), echo=echo)
         self.logits[slot] = logits[d]
@@ -331,7 +344,7 @@ class Runner:
             n = len(tokens) - start
             if n <= self.chunk:
                 size = bucket(n, self.prefill_buckets)
-                key = (size, bucket(min(start + size, self.max_len), self.attend))
+                key = (size, self.covered(start, size))
                 groups.setdefault(key, [[] for _ in range(self.dp)])[self.shard_of(slot)].append(i)
             else:
                 self.prefill(slot, table, tokens, start)

@@ -113,11 +113,70 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
     return out.reshape(kvh, b, g, s, d).transpose(1, 3, 0, 2, 4).reshape(b, s, h * d)
 
 
-def paged_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
-                    positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
-    """Attention through `backend`: the kernels take decode (one query per row, no window); everything else, and
-    the `xla` backend, runs `reference`. Arguments as `reference`."""
-    if backend == "xla" or q.shape[1] != 1 or softcap or not (isinstance(window, int) and window == 0):
+def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window):
+    """Softmax statistics of query rows `q [kvh, B, r, d]` (at `q_pos [B, r]`) over `keys`/`values [kvh, B, t, d]`
+    (at `k_pos [B, t]`, usable where `valid [B, t]`): the row maximum, the sum of exponentials and the unnormalised
+    output (float32), for merging with other parts of the keys."""
+    scores = jnp.einsum("kbrd,kbtd->kbrt", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]
+    if not (isinstance(window, int) and window == 0):
+        mask &= (k_pos[:, None, :] > q_pos[:, :, None] - window) | (window <= 0)
+    scores = jnp.where(mask[None], scores, NEG_INF)
+    top = jnp.max(scores, axis=-1)
+    e = jnp.where(mask[None], jnp.exp(scores - top[..., None]), 0.0)
+    out = jnp.einsum("kbrt,kbtd->kbrd", e.astype(q.dtype), values.astype(q.dtype), preferred_element_type=jnp.float32)
+    return top, jnp.sum(e, axis=-1), out
+
+
+def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
+            positions: jax.Array, scale: float, softcap: float = 0.0, window=0, block: int = 128) -> jax.Array:
+    """`reference` for a chunk of consecutive positions per row (a prefill), in two parts merged by their softmax
+    statistics: the chunk's queries over its own keys `k`/`v [B, S, kvh, d]`, taken as computed, in causal blocks
+    of `block` queries that skip the keys after the block; and over the row's earlier positions, read from the pages
+    of `table` (the first `table` width minus `S` positions; none when the table covers only the chunk, as in a
+    fresh prompt's first chunk). A 512-token first chunk does 10/16 of `reference`'s score work and no page gather.
+    Arguments and result as `reference`."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    rows = lambda x: x.transpose(2, 0, 1, 3)  # noqa: E731  [B, S, kvh, d] -> [kvh, B, S, d]
+    qg = q.reshape(b, s, kvh, g, d).transpose(2, 0, 1, 3, 4).reshape(kvh, b, s * g, d)  # row = position * g + head
+    q_pos = jnp.repeat(positions, g, axis=1)
+    ps = k_cache.shape[2]
+    before = -(-(table.shape[1] * ps - s) // ps) if table.shape[1] * ps > s else 0  # pages that may hold them
+    if before:
+        keys, values = k_cache[:, table[:, :before]], v_cache[:, table[:, :before]]  # [kvh, B, n, page, d]
+        t = before * ps
+        k_pos = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        prior = _part(qg, keys.reshape(kvh, b, t, d), values.reshape(kvh, b, t, d), q_pos, k_pos,
+                      k_pos < positions[:, :1], scale, softcap, window)
+    block = block if s % block == 0 else s
+    kc, vc, ones = rows(k), rows(v), jnp.ones((b, s), bool)
+    outs = []
+    for i in range(s // block):
+        lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
+        top, total, out = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
+                                ones[:, :end], scale, softcap, window)
+        if before:
+            p_top, p_total, p_out = (x[:, :, lo:hi] for x in prior)
+            new = jnp.maximum(top, p_top)
+            a, c = jnp.exp(p_top - new), jnp.exp(top - new)
+            top, total, out = new, a * p_total + c * total, a[..., None] * p_out + c[..., None] * out
+        outs.append(out / total[..., None])
+    out = jnp.concatenate(outs, axis=2).astype(q.dtype)
+    return out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h * d)
+
+
+def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                    table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+    """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
+    (S > 1) runs `prefill`; decode (one query per row) runs the kernels, or `reference` for the `xla` backend, a
+    window or soft-capping. Other arguments as `reference`."""
+    if q.shape[1] > 1:
+        return prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window)
+    if backend == "xla" or softcap or not (isinstance(window, int) and window == 0):
         return reference(q, k_cache, v_cache, table, positions, scale, softcap, window)
     b, _, h, d = q.shape
     lengths = positions[:, 0].astype(jnp.int32) + 1

@@ -115,7 +115,7 @@ class Attention(nn.Module):
         pages = table + layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's pages in the pool
         k_cache = attention.write(k_cache, k, positions, pages)
         v_cache = attention.write(v_cache, v, positions, pages)
-        out = attention.paged_attention(self.backend, q, k_cache, v_cache, pages, positions, cfg.scale,
+        out = attention.paged_attention(self.backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
         out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, int8=q8, name="o_proj")(out)
         return out, k_cache, v_cache

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch  # noqa: F401  (before transformers)
 
 from helpers import our_logits
@@ -46,6 +47,28 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
     # The TPU kernel's products run at the MXU's default precision (bfloat16 inputs), in its interpreter too.
     tol = dict(atol=2e-5, rtol=1e-4) if kernel == "pallas-gpu" else dict(atol=2e-2, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), np.asarray(want), **tol)
+
+
+@settings(max_examples=10, deadline=None)
+@given(gqa=st.sampled_from(GQA[:3]), s=st.sampled_from([2, 16, 24, 48]), block=st.sampled_from([8, 16]),
+       ps=st.sampled_from([4, 16]), starts=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+       extra=st.integers(0, 2), window=st.sampled_from([0, 5]), softcap=st.sampled_from([0.0, 2.0]))
+def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, window, softcap):
+    """The chunked prefill (the chunk's own keys in causal blocks, earlier ones from the pages, merged) against the
+    single-pass reference: any chunk start per row, tables wider than needed, windows and soft-capping."""
+    h, kvh, d = gqa
+    rng = np.random.default_rng(len(starts) * 1000 + s)
+    b, pages = len(starts), 128
+    k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
+    n = -(-(max(starts) + s) // ps) + extra  # the table covers every chunk, and `extra` pages more
+    table = jnp.asarray(1 + rng.permutation(pages - 1)[:b * n].reshape(b, n), jnp.int32)  # no page in two rows
+    positions = jnp.asarray(np.asarray(starts)[:, None] + np.arange(s)[None], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)), jnp.float32) for _ in range(2))
+    k_cache, v_cache = attention.write(k_cache, k, positions, table), attention.write(v_cache, v, positions, table)
+    want = attention.reference(q, k_cache, v_cache, table, positions, d ** -0.5, softcap, window)
+    got = attention.prefill(q, k, v, k_cache, v_cache, table, positions, d ** -0.5, softcap, window, block)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
 def test_backend_choice_by_platform_and_flag():
