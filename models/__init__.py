@@ -53,12 +53,12 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     return name
 
 
-def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True) -> CausalLM:
+def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1) -> CausalLM:
     """The Flax module for a config, with an attention backend (`auto`: by platform) and scanned or unrolled
     layers. Scanned is the default everywhere: on this CPU the default model starts in 15 s warm / 42 s cold
     scanned, 33 s / 92 s unrolled, while unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies
     each layer's weights out of the stack): `--no-scan-layers` (docs/PERFORMANCE.md)."""
-    return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg), scan)
+    return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg, tp=tp), scan)
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
@@ -133,7 +133,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)
-    module = build(cfg, attention, scan)
+    module = build(cfg, attention, scan, tp)
     mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh))

@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quantization", choices=("none", "int8"), default="none",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
                          "bfloat16's; docs/PERFORMANCE.md has what it does to speed)")
-    ap.add_argument("--attention-backend", choices=("auto", "xla", "pallas-gpu", "pallas-tpu"), default="auto",
-                    help="paged attention (auto: the Pallas kernel of a GPU or TPU, the XLA reference on CPU)")
+    ap.add_argument("--attention-backend", choices=("auto", "xla", "cpu", "pallas-gpu", "pallas-tpu"), default="auto",
+                    help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; xla: "
+                         "the plain-XLA reference)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
