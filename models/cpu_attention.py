@@ -4,8 +4,8 @@ decode_attention.cc`) that XLA calls through its FFI.
 XLA's CPU backend runs the reference's decode attention as many tiny batched products over gathered copies of the
 pages; at 32-96 rows that took ~30% of a decode step (docs/PERFORMANCE.md). The kernel reads each key and value once,
 straight from the pool, and shares its (row, KV head) tasks with XLA's own intra-op threads. It is compiled once per
-machine with the host's C++ compiler (`g++ -O3 -march=native`) into `~/.cache/sparkler/native`; where there is no
-compiler, `auto` keeps the `xla` reference. Float32 pools only.
+machine with the host's C++ compiler (`FLAGS`) into `$SPARKLER_CACHE/native`; where there is no compiler, `auto`
+keeps the `xla` reference. Float32 pools only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ log = logging.getLogger("sparkler.models")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode_attention.cc")
 TARGET = "sparkler_decode_attention"
+# Reassociation lets the compiler vectorise the sums. Not -ffast-math: linked into a shared object it sets the
+# process's flush-to-zero mode when loaded, which changes every other float computation in the process.
+FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-std=c++17",
+         "-shared", "-fPIC", "-w")
 
 
 def _cpu_flags() -> str:
@@ -43,14 +47,13 @@ def library() -> str | None:
     if cxx is None:
         return None
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jax.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join([jax.__version__, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     root = os.path.join(os.environ.get("SPARKLER_CACHE", os.path.expanduser("~/.cache/sparkler")), "native")
     path = os.path.join(root, f"decode_attention-{key}.so")
     if not os.path.exists(path):
         os.makedirs(root, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        cmd = [cxx, "-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             log.warning("sparkler: the CPU attention kernel did not compile (%s); using the XLA reference",

@@ -47,6 +47,8 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
     # The TPU kernel's products run at the MXU's default precision (bfloat16 inputs), in its interpreter too.
     tol = dict(atol=2e-2, rtol=1e-2) if kernel == "pallas-tpu" else dict(atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), np.asarray(want), **tol)
+    tiny = np.finfo(np.float32).tiny
+    assert np.float32(tiny) / np.float32(4) > 0  # loading a kernel left the process's subnormals alone
 
 
 @settings(max_examples=10, deadline=None)
