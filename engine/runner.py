@@ -241,10 +241,10 @@ class Runner:
 
     def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
         """The shapes to compile before serving: prefill of short prompts (several per call) and of a first chunk,
-        fresh or after a cached prefix within the shortest attended length, the first draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended
-        length. `full`: every attended length for decode and prefill too (minutes the first time, seconds once the
-        persistent compilation cache holds them). `constrained`: decode of one step too (structured output runs
-        one step per dispatch)."""
+        fresh or after a cached prefix within the shortest attended length, the first draw, sampler-row and page
+        copies, and decode at every batch bucket for the shortest attended length. `full`: every attended length
+        for decode and prefill too (minutes the first time, seconds once the persistent compilation cache holds
+        them). `constrained`: decode of one step too (structured output runs one step per dispatch)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         p, c, st, sp = self.model.params, self.cache, self.state, self.params
         jobs: list[Job] = []
