@@ -22,6 +22,8 @@ import subprocess
 import jax
 import jax.numpy as jnp
 
+from models.weights import cache_root
+
 log = logging.getLogger("sparkler.models")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "decode_attention.cc")
@@ -48,7 +50,7 @@ def library() -> str | None:
         return None
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join([jax.__version__, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    root = os.path.join(os.environ.get("SPARKLER_CACHE", os.path.expanduser("~/.cache/sparkler")), "native")
+    root = os.path.join(cache_root(), "native")
     path = os.path.join(root, f"decode_attention-{key}.so")
     if not os.path.exists(path):
         os.makedirs(root, exist_ok=True)
