@@ -199,8 +199,8 @@ class Runner:
         @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
         def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             self.compiles += 1
-            fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, rows, rows, rows, rows, rows, rows,
-                                                                         rows), (kv, rows, P(None, "data")))
+            fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, *(rows,) * 7),
+                             (kv, rows, P(None, "data")))
             cache, state, outs = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered)
 

@@ -20,6 +20,7 @@ from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
 from models import load_model
+from models.attention import BACKENDS
 from models.weights import cache_root
 from server.app import Server
 
@@ -46,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quantization", choices=("none", "int8"), default="none",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
                          "bfloat16's; docs/PERFORMANCE.md has what it does to speed)")
-    ap.add_argument("--attention-backend", choices=("auto", "xla", "cpu", "pallas-gpu", "pallas-tpu"), default="auto",
-                    help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; xla: "
-                         "the plain-XLA reference)")
+    ap.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto",
+                    help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
+                         "xla: the plain-XLA reference)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
