@@ -19,7 +19,7 @@ from models import gemma3, llama, qwen2, qwen3
 from models.config import ModelConfig
 from models.attention import KVCache, resolve_backend
 from models.layers import CausalLM
-from models.quant import QUANTIZATIONS, quantize_tree
+from models.quant import QUANTIZATIONS, pack_tree, quantize_tree, resolve_matmul
 from models.sharding import make_mesh, param_shardings
 from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
@@ -53,11 +53,14 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     return name
 
 
-def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1) -> CausalLM:
-    """The Flax module for a config, with an attention backend (`auto`: by platform) and scanned or unrolled
-    layers. Scanned is the default everywhere: on this CPU the default model starts in 15 s warm / 42 s cold
-    scanned, 33 s / 92 s unrolled, while unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies
-    each layer's weights out of the stack): `--no-scan-layers` (docs/PERFORMANCE.md)."""
+def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1,
+          matmul: str = "xla") -> CausalLM:
+    """The Flax module for a config, with an attention backend (`auto`: by platform), an int8 matmul backend
+    (`quant.resolve_matmul`) and scanned or unrolled layers. Scanned is the default everywhere: on this CPU the
+    default model starts in 15 s warm / 42 s cold scanned, 33 s / 92 s unrolled, while unrolled decodes ~13%
+    faster at 32 concurrent (XLA's CPU backend copies each layer's weights out of the stack): `--no-scan-layers`
+    (docs/PERFORMANCE.md)."""
+    cfg = dataclasses.replace(cfg, matmul=resolve_matmul(matmul, cfg, tp=tp))
     return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg, tp=tp), scan)
 
 
@@ -119,10 +122,11 @@ class Model:
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
-               quantization: str = "none", dp: int = 1) -> Model:
+               quantization: str = "none", dp: int = 1, matmul: str = "auto") -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none` or `int8` (`models.quant`); the parameters go on a `(data=dp, tp=tp)` mesh (replicated
+    `quantization` is `none` or `int8` (`models.quant`), `matmul` how int8 products run (`auto`: the int8 kernel
+    on a CPU that has it; its weights are kept packed); the parameters go on a `(data=dp, tp=tp)` mesh (replicated
     over `data`)."""
     from models import packaged
 
@@ -133,21 +137,26 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)
-    module = build(cfg, attention, scan, tp)
+    module = build(cfg, attention, scan, tp, matmul)
+    cfg, packed = module.cfg, module.cfg.matmul == "cpu"
     mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh))
     key = source.content_hash()
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
+    form += "-packed" if packed else ""
     ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{form}")
     params = _restore(ckpt_dir, boxed, shardings)
     if params is None:  # convert by the float, unrolled form's names and shapes; then quantize and stack
-        flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none")))
+        flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none",
+                                                                                 matmul="xla")))
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix)
         if quantization == "int8":
             tree = quantize_tree(tree)
+        if packed:
+            tree = pack_tree(tree, cfg.tie_embeddings)
         if module.scan:
             tree = stack_layers(tree, cfg.num_layers)
         params = jax.device_put({"params": tree}, shardings)

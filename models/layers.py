@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention, quant
+from models import attention, cpu_matmul, quant
 from models.attention import KVCache
 from models.config import ModelConfig
 
@@ -29,9 +29,14 @@ def _scale_init(key, shape, dtype=jnp.float32):
     return jnp.full(shape, 0.02 / 73, dtype)  # random int8 weights then have a std of ~0.02
 
 
+def _uint8_init(key, shape, dtype=jnp.uint8):
+    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128
+
+
 class Linear(nn.Module):
     """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
-    int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`)."""
+    int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`); `packed` (the `cpu` matmul
+    backend) keeps both in the int8 kernel's layout and multiplies with it (`models.cpu_matmul`)."""
 
     features: int
     axes: tuple[str, str]
@@ -39,11 +44,19 @@ class Linear(nn.Module):
     dtype: str = "float32"
     float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
     int8: bool = False
+    packed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (self.features, x.shape[-1])
-        if self.int8:
+        if self.int8 and self.packed and quant.packable(*shape):
+            lanes = quant.LANES
+            w = self.param("weight", nn.with_logical_partitioning(_uint8_init, (*self.axes, None)),
+                           (shape[0] // lanes, shape[1] // 4, 4 * lanes), jnp.uint8)
+            scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None, None)),
+                               (shape[0] // lanes, shape[1] // quant.GROUP, lanes), jnp.float32)
+            y = cpu_matmul.matmul(x, w, scale).astype(jnp.float32 if self.float32_out else x.dtype)
+        elif self.int8:
             w = self.param("weight", nn.with_logical_partitioning(_int8_init, self.axes), shape, jnp.int8)
             scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None)),
                                (shape[0], quant.groups(shape[1])), jnp.float32)
@@ -97,11 +110,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer):
         cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
+        pk = cfg.matmul == "cpu"
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = Linear(h * d, ("heads", "embed"), cfg.attention_bias, dt, int8=q8, name="q_proj")(x).reshape(b, s, h, d)
-        k = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, int8=q8, name="k_proj")(x).reshape(b, s, kvh, d)
-        v = Linear(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, dt, int8=q8, name="v_proj")(x).reshape(b, s, kvh, d)
+        bias = cfg.attention_bias
+        q = Linear(h * d, ("heads", "embed"), bias, dt, int8=q8, packed=pk, name="q_proj")(x).reshape(b, s, h, d)
+        k = Linear(kvh * d, ("kv_heads", "embed"), bias, dt, int8=q8, packed=pk, name="k_proj")(x).reshape(b, s, kvh, d)
+        v = Linear(kvh * d, ("kv_heads", "embed"), bias, dt, int8=q8, packed=pk, name="v_proj")(x).reshape(b, s, kvh, d)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
@@ -117,7 +132,7 @@ class Attention(nn.Module):
         v_cache = attention.write(v_cache, v, positions, pages)
         out = attention.paged_attention(self.backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
-        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, int8=q8, name="o_proj")(out)
+        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, int8=q8, packed=pk, name="o_proj")(out)
         return out, k_cache, v_cache
 
 
@@ -129,10 +144,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
-        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, name="up_proj")(x)
+        pk = cfg.matmul == "cpu"
+        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, packed=pk, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, packed=pk, name="up_proj")(x)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, int8=q8, name="down_proj")(act * up)
+        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, int8=q8, packed=pk, name="down_proj")(act * up)
 
 
 class CausalLM(nn.Module):
@@ -153,7 +169,16 @@ class CausalLM(nn.Module):
     def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
-        if cfg.quantization == "int8":  # one scale per vocabulary row serves the lookup and a tied LM head
+        q8, pk = cfg.quantization == "int8", cfg.matmul == "cpu"
+        packed_table = q8 and pk and cfg.tie_embeddings and quant.packable(*shape)
+        if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
+            lanes = quant.LANES
+            embed = self.param("embed", nn.with_logical_partitioning(_uint8_init, ("vocab", "embed", None)),
+                               (shape[0] // lanes, shape[1] // 4, 4 * lanes), jnp.uint8)
+            rows = self.param("embed_rows", nn.with_logical_partitioning(_scale_init, ("vocab", None, None)),
+                              (shape[0] // lanes, shape[1] // quant.GROUP, lanes), jnp.float32)
+            x = quant.unpack_rows(embed, rows, tokens, _dtype(cfg))
+        elif q8:  # one scale per vocabulary row and group serves the lookup and a tied LM head
             embed = self.param("embed", nn.with_logical_partitioning(_int8_init, ("vocab", "embed")), shape, jnp.int8)
             rows = self.param("embed_rows", nn.with_logical_partitioning(_scale_init, ("vocab", None)),
                               (shape[0], quant.groups(shape[1])), jnp.float32)
@@ -178,12 +203,14 @@ class CausalLM(nn.Module):
         if not all_logits:
             idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
             x = x[jnp.arange(x.shape[0]), idx]
-        if cfg.tie_embeddings and cfg.quantization == "int8":
+        if packed_table:
+            logits = cpu_matmul.matmul(x, embed, rows)
+        elif cfg.tie_embeddings and q8:
             logits = quant.dot(x, embed, rows, jnp.float32)
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, cfg.quantization == "int8", name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, q8, pk, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.final_softcap:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 QUANTIZATIONS = ("none", "int8")
+MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA, or the int8 kernel (models.cpu_matmul)
 GROUP = 32  # inputs sharing one scale
+LANES = 16  # outputs side by side in the packed layout
 
 
 def groups(n: int) -> int:
@@ -46,6 +48,76 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
     """`x @ dequantize(w, scale).T` for int8 `w [out, in]`; `out_dtype` defaults to x's."""
     y = jnp.dot(x, dequantize(w, scale, x.dtype).T, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+def activations(x: jax.Array) -> jax.Array:
+    """`x [..., in]` rounded as the `cpu` kernel rounds its activations (for testing it against XLA): per group of
+    32, int8 in steps of `max|x| / 127` (llama.cpp's Q8_0, nearest even), then what that left in int8 steps 256
+    times finer, clipped to +-127."""
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
+    top = jnp.abs(blocks).max(axis=-1, keepdims=True)
+    inv = jnp.where(top > 0, jnp.float32(127) / jnp.where(top > 0, top, 1), 0)
+    step = top / jnp.float32(127)
+    first = jnp.rint(blocks * inv) * step
+    second = jnp.clip(jnp.rint((blocks - first) * (inv * 256)), -127, 127) * (step / 256)
+    return (first + second).reshape(x.shape).astype(x.dtype)
+
+
+def packable(out: int, inputs: int) -> bool:
+    """Whether a `[out, in]` weight has the packed layout's shape (outputs by 16, inputs by 32)."""
+    return out % LANES == 0 and inputs % GROUP == 0
+
+
+def pack(w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 `w [..., out, in]` and its scales `[..., out, in/32]` in the `cpu` kernel's layout: `w + 128` as uint8
+    `[..., out/16, in/4, 64]` (16 outputs by 4 inputs per 64 bytes) and scales `[..., out/16, in/32, 16]`."""
+    *lead, n, k = w.shape
+    u = (np.asarray(w, np.int16) + 128).astype(np.uint8).reshape(*lead, n // LANES, LANES, k // 4, 4)
+    s = np.asarray(scale, np.float32).reshape(*lead, n // LANES, LANES, k // GROUP)
+    return (np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES),
+            np.ascontiguousarray(s.swapaxes(-1, -2)))
+
+
+def unpack_rows(w: jax.Array, scale: jax.Array, rows: jax.Array, dtype) -> jax.Array:
+    """Rows `rows [...]` (output indices) of a weight packed by `pack`, as float `[..., in]` (the embedding
+    lookup of a packed table: each row's 16-row block is read and its lane taken)."""
+    block, lane = rows // LANES, rows % LANES
+    b = w[block]
+    b = b.reshape(*b.shape[:-1], LANES, 4)
+    q = jnp.take_along_axis(b, lane[..., None, None, None], axis=-2)[..., 0, :]
+    s = jnp.take_along_axis(scale[block], lane[..., None, None], axis=-1)[..., 0]
+    return dequantize(q.reshape(*rows.shape, -1).astype(jnp.int32) - 128, s, dtype)
+
+
+def pack_tree(tree: dict, tied: bool) -> dict:
+    """A quantized tree (unstacked or stacked) with every packable linear weight in the `cpu` kernel's layout, and a tied
+    embedding table too (its lookup reads the packed rows, `unpack_rows`)."""
+    out = {k: pack_tree(v, False) if isinstance(v, dict) else v for k, v in tree.items()}
+    if "scale" in tree and packable(*np.shape(tree["weight"])[-2:]):
+        out["weight"], out["scale"] = pack(tree["weight"], tree["scale"])
+    if tied and packable(*np.shape(tree["embed"])[-2:]):
+        out["embed"], out["embed_rows"] = pack(tree["embed"], tree["embed_rows"])
+    return out
+
+
+def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> str:
+    """Check a `--matmul-backend` value: `auto` is `cpu` for int8 float32 models on a CPU with tp = 1 where the
+    kernel compiles, else `xla`; an explicit `cpu` that cannot serve raises ValueError."""
+    auto = name == "auto"
+    if not auto and name not in MATMULS:
+        raise ValueError(f"unknown matmul backend {name!r}; choose from auto, {', '.join(MATMULS)}")
+    if name == "xla":
+        return name
+    from models import cpu_matmul
+
+    why = ("it multiplies int8 weights only (--quantization int8)" if cfg.quantization != "int8" else
+           "it runs float32 models only" if cfg.dtype != "float32" else
+           "it does not split over tp" if tp > 1 else
+           "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else
+           "it needs a C++ compiler and AVX-512 VNNI" if not cpu_matmul.available() else "")
+    if why and not auto:
+        raise ValueError(f"the cpu matmul backend cannot serve here: {why}")
+    return "xla" if why else "cpu"
 
 
 def quantize_tree(tree: dict) -> dict:

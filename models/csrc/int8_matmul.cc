@@ -1,0 +1,165 @@
+// int8 x int8 matrix product for the CPU, called from XLA as an FFI custom call (models/cpu_matmul.py).
+//
+// `y [M, N] = x [M, K] @ W.T` where W is int8 with a float32 scale per output and group of 32 inputs (llama.cpp's
+// Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [N/16, K/4, 64]` holds W + 128 as unsigned bytes,
+// sixteen outputs by four inputs per 64 bytes, and `s [N/16, K/32, 16]` the scales in the same order. The rows of
+// x are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
+// what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens, tests/
+// test_quant.py). Each group's product `256 * w.q1 + w.q2` is exact in int32 (`vpdpbusd`: unsigned weights times
+// signed activations; the +128 is taken back by starting each level at -128 times its sum) and is scaled into
+// float32 once per group.
+// A tile is 6 rows by 32 outputs: 12 int32 and 12 float32 accumulators stay in registers. Tasks are blocks of 32
+// outputs over every row, shared between the calling thread and XLA's intra-op pool by an atomic counter.
+#include <immintrin.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
+#error "the int8 matmul kernel needs AVX-512 with VNNI (the XLA reference serves other CPUs)"
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kGroup = 32, kLanes = 16, kMR = 6, kNR = 2;
+constexpr int64_t kMinShared = int64_t{1} << 21;  // multiply-adds worth waking XLA's other threads for
+
+struct Shared {
+  const uint8_t* w;
+  const float* s;
+  const int8_t* a;     // quantized rows [2 levels, M, K]
+  const float* sa;     // the second level's scale per row and group [M, G]
+  const int32_t* ca;   // -128 x each group's sum [2 levels, M, G]
+  float* out;
+  int64_t m, n, k, groups, tasks;
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+// Rows m0..m0+MR of the output blocks nb..nb+NR (16 outputs each), over every group.
+template <int MR, int NR>
+void Tile(const Shared& s, int64_t m0, int64_t nb) {
+  const int64_t G = s.groups, K = s.k, M = s.m;
+  __m512 accf[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) accf[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MR][NR];
+    for (int level = 0; level < 2; ++level) {  // the group's sum: 256 x the first level's + the second's
+      for (int m = 0; m < MR; ++m) {
+        const __m512i c = _mm512_set1_epi32(s.ca[(level * M + m0 + m) * G + g]);
+        for (int j = 0; j < NR; ++j)
+          acc[m][j] = level == 0 ? c : _mm512_add_epi32(_mm512_slli_epi32(acc[m][j], 8), c);
+      }
+      const int8_t* a = s.a + level * M * K + m0 * K + g * kGroup;
+      for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
+        __m512i b[NR];
+        for (int j = 0; j < NR; ++j) b[j] = _mm512_loadu_si512(s.w + ((nb + j) * K + g * kGroup + kk * 4) * kLanes);
+        for (int m = 0; m < MR; ++m) {
+          int32_t four;
+          __builtin_memcpy(&four, a + m * K + kk * 4, 4);
+          const __m512i am = _mm512_set1_epi32(four);
+          for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], b[j], am);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m512 sw = _mm512_loadu_ps(s.s + ((nb + j) * G + g) * kLanes);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(s.sa[(m0 + m) * G + g]));
+        accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), scale, accf[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(s.out + (m0 + m) * s.n + (nb + j) * kLanes, accf[m][j]);
+}
+
+using TileFn = void (*)(const Shared&, int64_t, int64_t);
+template <int NR>
+constexpr TileFn kRows[kMR + 1] = {nullptr, Tile<1, NR>, Tile<2, NR>, Tile<3, NR>, Tile<4, NR>, Tile<5, NR>,
+                                   Tile<6, NR>};
+
+void Task(const Shared& s, int64_t task) {
+  const int64_t nb = task * kNR, nr = std::min(kNR, s.n / kLanes - nb);
+  const TileFn* rows = nr == kNR ? kRows<kNR> : kRows<1>;
+  for (int64_t m0 = 0; m0 < s.m; m0 += kMR) rows[std::min(kMR, s.m - m0)](s, m0, nb);
+}
+
+void Work(Shared& s) {
+  for (int64_t t; (t = s.next.fetch_add(1)) < s.tasks;) {
+    Task(s, t);
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kLanes), _mm512_cvtepi32_epi8(hi));
+  *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
+}
+
+// One row of x quantized per group of 32 (`models.quant.activations`): `q1 = rint(x * 127 / max|x|)`, then
+// `q2 = rint((x - q1 * step) * 256 / step)` clipped to +-127 (the remainder is at most half a step), the second
+// level's scale `step / 256` and -128 x each level's sum.
+void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scale, int32_t* corr, int32_t* corr2) {
+  const __m512i lim = _mm512_set1_epi32(127), neg = _mm512_set1_epi32(-127);
+  for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup, q2 += kGroup) {
+    const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + kLanes);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float step = top / 127.f;
+    const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    Store(q, corr + g, qlo, qhi);
+    scale[g] = step / 256.f;
+    const __m512 s = _mm512_set1_ps(step), inv2 = _mm512_mul_ps(inv, _mm512_set1_ps(256.f));
+    auto rest = [&](__m512 v, __m512i q) {
+      const __m512 r = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(q), s));
+      return _mm512_max_epi32(neg, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(r, inv2))));
+    };
+    Store(q2, corr2 + g, rest(lo, qlo), rest(hi, qhi));
+  }
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || xd[1] % kGroup != 0 || wd[1] * 4 != xd[1] ||
+      wd[2] != 4 * kLanes || sd[0] != wd[0] || sd[1] * kGroup != xd[1] || sd[2] != kLanes)
+    return ffi::Error::InvalidArgument("int8_matmul: shapes do not match x [M,K], w [N/16,K/4,64], s [N/16,K/32,16]");
+  const int64_t M = xd[0], K = xd[1], G = K / kGroup;
+  thread_local std::vector<int8_t> a;  // the caller's scratch: helpers read it while the caller waits for them
+  thread_local std::vector<float> sa;
+  thread_local std::vector<int32_t> ca;
+  a.resize(2 * M * K), sa.resize(M * G), ca.resize(2 * M * G);
+  for (int64_t m = 0; m < M; ++m)
+    Quantize(x.typed_data() + m * K, G, a.data() + m * K, a.data() + (M + m) * K, sa.data() + m * G,
+             ca.data() + m * G, ca.data() + (M + m) * G);
+  auto sh = std::make_shared<Shared>();
+  sh->w = w.typed_data(), sh->s = s.typed_data(), sh->a = a.data(), sh->sa = sa.data(), sh->ca = ca.data();
+  sh->out = out->typed_data();
+  sh->m = M, sh->n = wd[0] * kLanes, sh->k = K, sh->groups = G;
+  sh->tasks = (wd[0] + kNR - 1) / kNR;
+  const int64_t helpers = 2 * M * sh->n * K < kMinShared ? 0 : std::min<int64_t>(pool.num_threads(), sh->tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Work(*sh); });
+  Work(*sh);
+  while (sh->done.load(std::memory_order_acquire) < sh->tasks) {
+  }  // tasks still running on a helper finish; a helper that starts late finds none left
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,110 @@
+"""The `cpu` int8 matmul backend: the C++ kernel against its XLA reference, the packed layout, the model through
+the kernel against the XLA int8 model on the same weights, and the backend choice."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from helpers import our_logits
+from models import KVCache, ModelConfig, build, cpu_matmul, init_params, quant
+from models.quant import resolve_matmul
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="needs g++ and a CPU with AVX-512 VNNI")
+
+
+def _weights(rng, n, k):
+    return quant.quantize(rng.normal(size=(n, k)).astype(np.float32) * 0.05)
+
+
+def _reference(x, q, s):
+    return np.asarray(quant.dot(quant.activations(jnp.asarray(x)), jnp.asarray(q), jnp.asarray(s)))
+
+
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])  # under, at and over the kernel's 6-row tile
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over, or none
+def test_kernel_matches_its_xla_reference(m, n, k):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    q, s = _weights(rng, n, k)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[0, :32] = 0  # a group of zeros
+    got = np.asarray(jax.jit(cpu_matmul.matmul)(x, *quant.pack(q, s)))
+    want = _reference(x, q, s)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-5)
+    full = np.asarray(quant.dot(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s)))  # two levels: near float
+    np.testing.assert_allclose(got, full, atol=1e-4 * np.abs(full).max(), rtol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.sampled_from([32, 64])),
+                    elements=st.floats(-1e4, 1e4, width=32) | st.sampled_from([0.0, 1e-30, -3e-3])),
+       leading=st.sampled_from([(), (2,)]))
+def test_kernel_on_any_activations(x, leading):
+    """Any values (zeros, subnormal-sized, mixed magnitudes in a group) and leading axes."""
+    rng = np.random.default_rng(x.shape[0])
+    q, s = _weights(rng, 32, x.shape[1])
+    xs = np.broadcast_to(x, (*leading, *x.shape))
+    got = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), *quant.pack(q, s)))
+    want = _reference(xs, q, s)
+    assert got.shape == (*leading, x.shape[0], 32)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max() + 1e-30, rtol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])),
+                  elements=st.floats(-100, 100, width=32)))
+def test_two_level_rounding_is_within_one_fine_step(x):
+    """Half a fine step (a 256th of the first level's), or one where the remainder is clipped at 127 steps."""
+    step = np.abs(x.reshape(x.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+    back = np.asarray(quant.activations(jnp.asarray(x))).reshape(step.shape[:2] + (32,))
+    assert np.all(np.abs(back - x.reshape(back.shape)) <= step / 256 + 1e-6 * step + 1e-30)
+
+
+def test_packed_rows_unpack_to_the_rows():
+    rng = np.random.default_rng(0)
+    q, s = _weights(rng, 64, 96)
+    rows = np.array([[0, 15, 16], [63, 17, 1]], np.int32)
+    got = quant.unpack_rows(*map(jnp.asarray, quant.pack(q, s)), jnp.asarray(rows), jnp.float32)
+    want = quant.dequantize(jnp.asarray(q[rows]), jnp.asarray(s[rows]), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3]]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("scan", [True, False])
+def test_model_through_the_kernel_matches_the_xla_int8_model(tied, scan):
+    cfg = dataclasses.replace(ModelConfig.from_hf(dict(_LLAMA, tie_word_embeddings=tied)), quantization="int8")
+    ref, ker = build(cfg, scan=scan), build(cfg, scan=scan, matmul="cpu")
+    assert (ref.cfg.matmul, ker.cfg.matmul) == ("xla", "cpu")
+    params = init_params(ref, 0)
+    packed = {"params": quant.pack_tree(jax.tree.map(np.asarray, params["params"]), tied)}
+    assert jax.tree.structure(packed) == jax.tree.structure(init_params(ker, 0))
+    for a, b in zip(our_logits(ref, params, ROWS), our_logits(ker, packed, ROWS)):
+        np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), rtol=1e-3)
+    toks, cache = jnp.zeros((1, 4), jnp.int32), KVCache.zeros(cfg, 2, 16)
+    text = jax.jit(lambda p: ker.apply(p, toks, toks, jnp.ones((1, 1), jnp.int32), cache)).lower(packed).as_text()
+    calls = 7 * (1 if scan else cfg.num_layers) + 1  # every projection of a layer body, and the LM head
+    assert text.count(f"@{cpu_matmul.TARGET}") == calls
+
+
+def test_matmul_backend_choice():
+    f32 = ModelConfig.from_hf(_LLAMA)
+    q8 = dataclasses.replace(f32, quantization="int8")
+    assert resolve_matmul("auto", q8, "cpu") == "cpu"
+    assert resolve_matmul("auto", f32, "cpu") == "xla"  # float weights keep XLA's float product
+    assert resolve_matmul("auto", q8, "gpu") == "xla" and resolve_matmul("auto", q8, "cpu", tp=2) == "xla"
+    assert resolve_matmul("xla", q8, "cpu") == "xla"
+    for cfg, kw, why in [(f32, {}, "int8 weights only"), (q8.with_dtype("bfloat16"), {}, "float32 models only"),
+                         (q8, dict(tp=2), "does not split over tp")]:
+        with pytest.raises(ValueError, match=why):
+            resolve_matmul("cpu", cfg, "cpu", **kw)
+    with pytest.raises(ValueError, match="unknown matmul backend"):
+        resolve_matmul("amx", q8)
