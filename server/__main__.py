@@ -21,6 +21,7 @@ from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
 from models import load_model
 from models.attention import BACKENDS
+from models.quant import MATMULS
 from models.weights import cache_root
 from server.app import Server
 
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto",
                     help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
                          "xla: the plain-XLA reference)")
+    ap.add_argument("--matmul-backend", choices=("auto", *MATMULS), default="auto",
+                    help="int8 products (auto: the C++ int8 kernel on a CPU with AVX-512 VNNI, weights kept in its "
+                         "layout; xla: widen the int8 weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
@@ -83,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp)
+                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend)
     if args.served_name:
         model.name = args.served_name
     return model
@@ -126,7 +130,8 @@ def main(argv=None) -> None:
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     t3 = time.monotonic()
-    config = (args.model, args.dtype, args.quantization, args.tp, args.dp, dataclasses.astuple(engine.runner.rc))
+    config = (args.model, args.dtype, args.quantization, model.cfg.matmul, args.tp, args.dp,
+              dataclasses.astuple(engine.runner.rc))
     if group and args.process_id:  # run process 0's steps until it stops
         log.info("sparkler: process %d of %d following process 0 (%d local devices)", args.process_id,
                  args.num_processes, jax.local_device_count())
@@ -136,7 +141,8 @@ def main(argv=None) -> None:
         engine.runner.check(config)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
-             model.cfg.dtype, "" if args.quantization == "none" else f", {args.quantization} weights",
+             model.cfg.dtype, "" if args.quantization == "none" else
+             f", {args.quantization} weights ({model.cfg.matmul} products)",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
