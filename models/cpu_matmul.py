@@ -26,13 +26,17 @@ def available() -> bool:
     return native.available("int8_matmul", "SparklerInt8Matmul", TARGET)
 
 
-def matmul(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array, scale: jax.Array, layer: jax.Array | None = None) -> jax.Array:
     """`x [..., K] @ W.T` as float32 `[..., N]`, for W packed by `quant.pack` (`w [N/16, K/4, 64]` uint8,
     `scale [N/16, K/32, 16]`), with x's rows quantized per group of 32 in two int8 levels on the way in
-    (`quant.activations`)."""
+    (`quant.activations`). With `layer`, `w` and `scale` are a stack `[L, ...]` and the kernel reads that layer
+    in place (scanned layers: XLA would copy a slice of the stack for every call)."""
     if not available():
         raise RuntimeError("the cpu matmul backend needs a C++ compiler and a CPU with AVX-512 VNNI")
-    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[0] * 16
+    if layer is None:
+        w, scale, layer = w[None], scale[None], 0
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1] * 16
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32),
                             vmap_method="sequential")
-    return call(x.reshape(-1, k).astype(jnp.float32), w, scale).reshape(*lead, n)
+    out = call(x.reshape(-1, k).astype(jnp.float32), w, scale, jnp.asarray(layer, jnp.int32))
+    return out.reshape(*lead, n)

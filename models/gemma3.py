@@ -20,8 +20,9 @@ class DecoderLayer(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, carry, layer, positions, table):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index."""
+    def __call__(self, carry, layer, positions, table, stacks=None):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index;
+        `stacks` the scanned layers' parameter stacks where packed projections read them (`layers.Linear`)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
 
@@ -30,9 +31,9 @@ class DecoderLayer(nn.Module):
 
         h = norm("input_layernorm")(x)
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer)
+                                                                             layer, stacks and stacks["self_attn"])
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"])
         return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 

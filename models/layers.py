@@ -47,7 +47,8 @@ class Linear(nn.Module):
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer=None, stack: dict | None = None) -> jax.Array:
+        """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place."""
         shape = (self.features, x.shape[-1])
         if self.int8 and self.packed and quant.packable(*shape):
             lanes = quant.LANES
@@ -55,7 +56,10 @@ class Linear(nn.Module):
                            (shape[0] // lanes, shape[1] // 4, 4 * lanes), jnp.uint8)
             scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None, None)),
                                (shape[0] // lanes, shape[1] // quant.GROUP, lanes), jnp.float32)
-            y = cpu_matmul.matmul(x, w, scale).astype(jnp.float32 if self.float32_out else x.dtype)
+            if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
+                w, scale = stack["weight"], stack["scale"]
+            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer)
+            y = y.astype(jnp.float32 if self.float32_out else x.dtype)
         elif self.int8:
             w = self.param("weight", nn.with_logical_partitioning(_int8_init, self.axes), shape, jnp.int8)
             scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None)),
@@ -108,15 +112,20 @@ class Attention(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache, layer):
-        cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
-        pk = cfg.matmul == "cpu"
+    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None):
+        """`stacks`: this layer's parameter stacks for packed projections (see `Linear`), or None."""
+        cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        q = Linear(h * d, ("heads", "embed"), bias, dt, int8=q8, packed=pk, name="q_proj")(x).reshape(b, s, h, d)
-        k = Linear(kvh * d, ("kv_heads", "embed"), bias, dt, int8=q8, packed=pk, name="k_proj")(x).reshape(b, s, kvh, d)
-        v = Linear(kvh * d, ("kv_heads", "embed"), bias, dt, int8=q8, packed=pk, name="v_proj")(x).reshape(b, s, kvh, d)
+
+        def proj(features, axes, bias, name, inp):
+            mod = Linear(features, axes, bias, dt, int8=cfg.quantization == "int8", packed=cfg.matmul == "cpu",
+                         name=name)
+            return mod(inp, layer, stacks and stacks[name])
+
+        q = proj(h * d, ("heads", "embed"), cfg.attention_bias, "q_proj", x).reshape(b, s, h, d)
+        k = proj(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, "k_proj", x).reshape(b, s, kvh, d)
+        v = proj(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, "v_proj", x).reshape(b, s, kvh, d)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
@@ -132,7 +141,7 @@ class Attention(nn.Module):
         v_cache = attention.write(v_cache, v, positions, pages)
         out = attention.paged_attention(self.backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
-        out = Linear(cfg.hidden_size, ("embed", "heads"), False, dt, int8=q8, packed=pk, name="o_proj")(out)
+        out = proj(cfg.hidden_size, ("embed", "heads"), False, "o_proj", out)
         return out, k_cache, v_cache
 
 
@@ -142,13 +151,19 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
-        cfg, dt, q8 = self.cfg, self.cfg.dtype, self.cfg.quantization == "int8"
-        pk = cfg.matmul == "cpu"
-        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, packed=pk, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("mlp", "embed"), False, dt, int8=q8, packed=pk, name="up_proj")(x)
+    def __call__(self, x, layer=None, stacks=None):
+        """`layer` and `stacks`: see `Linear` (packed weights of scanned layers)."""
+        cfg = self.cfg
+
+        def proj(features, axes, name, inp):
+            mod = Linear(features, axes, False, cfg.dtype, int8=cfg.quantization == "int8",
+                         packed=cfg.matmul == "cpu", name=name)
+            return mod(inp, layer, stacks and stacks[name])
+
+        gate = proj(cfg.intermediate_size, ("mlp", "embed"), "gate_proj", x)
+        up = proj(cfg.intermediate_size, ("mlp", "embed"), "up_proj", x)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return Linear(cfg.hidden_size, ("embed", "mlp"), False, dt, int8=q8, packed=pk, name="down_proj")(act * up)
+        return proj(cfg.hidden_size, ("embed", "mlp"), "down_proj", act * up)
 
 
 class CausalLM(nn.Module):
@@ -191,10 +206,14 @@ class CausalLM(nn.Module):
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         carry = (x, cache.k, cache.v)
         if self.scan:
+            stacks = None  # packed weights: the kernel reads each layer from the whole stacks (`Linear`)
+            if pk and not self.is_initializing():
+                stacks = self.variables["params"]["layers"]
             stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            carry, _ = stack(cfg, self.backend, name="layers")(carry, jnp.arange(cfg.num_layers), positions, table)
+            carry, _ = stack(cfg, self.backend, name="layers")(carry, jnp.arange(cfg.num_layers), positions, table,
+                                                               stacks)
         else:
             for i in range(cfg.num_layers):
                 carry, _ = self.layer_cls(cfg, self.backend, name=f"layers_{i}")(carry, i, positions, table)

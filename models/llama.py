@@ -19,16 +19,17 @@ class DecoderLayer(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, carry, layer, positions, table):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index."""
+    def __call__(self, carry, layer, positions, table, stacks=None):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index;
+        `stacks` the scanned layers' parameter stacks where packed projections read them (`layers.Linear`)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer)
+                                                                             layer, stacks and stacks["self_attn"])
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
-        return (x + MLP(cfg, name="mlp")(h), k_cache, v_cache), None
+        return (x + MLP(cfg, name="mlp")(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).

@@ -90,8 +90,8 @@ def unpack_rows(w: jax.Array, scale: jax.Array, rows: jax.Array, dtype) -> jax.A
 
 
 def pack_tree(tree: dict, tied: bool) -> dict:
-    """A quantized tree (unstacked or stacked) with every packable linear weight in the `cpu` kernel's layout, and a tied
-    embedding table too (its lookup reads the packed rows, `unpack_rows`)."""
+    """A quantized tree (unstacked or stacked) with every packable linear weight in the `cpu` kernel's layout,
+    and a tied embedding table too (its lookup reads the packed rows, `unpack_rows`)."""
     out = {k: pack_tree(v, False) if isinstance(v, dict) else v for k, v in tree.items()}
     if "scale" in tree and packable(*np.shape(tree["weight"])[-2:]):
         out["weight"], out["scale"] = pack(tree["weight"], tree["scale"])

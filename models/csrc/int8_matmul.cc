@@ -1,8 +1,10 @@
 // int8 x int8 matrix product for the CPU, called from XLA as an FFI custom call (models/cpu_matmul.py).
 //
 // `y [M, N] = x [M, K] @ W.T` where W is int8 with a float32 scale per output and group of 32 inputs (llama.cpp's
-// Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [N/16, K/4, 64]` holds W + 128 as unsigned bytes,
-// sixteen outputs by four inputs per 64 bytes, and `s [N/16, K/32, 16]` the scales in the same order. The rows of
+// Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [L, N/16, K/4, 64]` holds W + 128 as unsigned bytes,
+// sixteen outputs by four inputs per 64 bytes, and `s [L, N/16, K/32, 16]` the scales in the same order, for a
+// stack of L layers of which the call reads layer `layer` (scanned layers pass the whole stack: XLA would copy a
+// slice). The rows of
 // x are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
 // what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens, tests/
 // test_quant.py). Each group's product `256 * w.q1 + w.q2` is exact in int32 (`vpdpbusd`: unsigned weights times
@@ -29,7 +31,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kGroup = 32, kLanes = 16, kMR = 6, kNR = 2;
-constexpr int64_t kMinShared = int64_t{1} << 21;  // multiply-adds worth waking XLA's other threads for
+constexpr int64_t kMinShared = int64_t{1} << 18;  // multiply-adds worth waking XLA's other threads for
 
 struct Shared {
   const uint8_t* w;
@@ -128,12 +130,14 @@ void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scal
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> out) {
+                      ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || xd[1] % kGroup != 0 || wd[1] * 4 != xd[1] ||
-      wd[2] != 4 * kLanes || sd[0] != wd[0] || sd[1] * kGroup != xd[1] || sd[2] != kLanes)
-    return ffi::Error::InvalidArgument("int8_matmul: shapes do not match x [M,K], w [N/16,K/4,64], s [N/16,K/32,16]");
-  const int64_t M = xd[0], K = xd[1], G = K / kGroup;
+  if (xd.size() != 2 || wd.size() != 4 || sd.size() != 4 || xd[1] % kGroup != 0 || wd[2] * 4 != xd[1] ||
+      wd[3] != 4 * kLanes || sd[0] != wd[0] || sd[1] != wd[1] || sd[2] * kGroup != xd[1] || sd[3] != kLanes)
+    return ffi::Error::InvalidArgument(
+        "int8_matmul: shapes do not match x [M,K], w [L,N/16,K/4,64], s [L,N/16,K/32,16]");
+  const int64_t M = xd[0], K = xd[1], G = K / kGroup, N = wd[1] * kLanes, l = *layer.typed_data();
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("int8_matmul: layer index out of the stack");
   thread_local std::vector<int8_t> a;  // the caller's scratch: helpers read it while the caller waits for them
   thread_local std::vector<float> sa;
   thread_local std::vector<int32_t> ca;
@@ -142,10 +146,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     Quantize(x.typed_data() + m * K, G, a.data() + m * K, a.data() + (M + m) * K, sa.data() + m * G,
              ca.data() + m * G, ca.data() + (M + m) * G);
   auto sh = std::make_shared<Shared>();
-  sh->w = w.typed_data(), sh->s = s.typed_data(), sh->a = a.data(), sh->sa = sa.data(), sh->ca = ca.data();
-  sh->out = out->typed_data();
-  sh->m = M, sh->n = wd[0] * kLanes, sh->k = K, sh->groups = G;
-  sh->tasks = (wd[0] + kNR - 1) / kNR;
+  sh->w = w.typed_data() + l * N * K, sh->s = s.typed_data() + l * N * G;
+  sh->a = a.data(), sh->sa = sa.data(), sh->ca = ca.data(), sh->out = out->typed_data();
+  sh->m = M, sh->n = N, sh->k = K, sh->groups = G;
+  sh->tasks = (wd[1] + kNR - 1) / kNR;
   const int64_t helpers = 2 * M * sh->n * K < kMinShared ? 0 : std::min<int64_t>(pool.num_threads(), sh->tasks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Work(*sh); });
   Work(*sh);
@@ -162,4 +166,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
