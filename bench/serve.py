@@ -163,7 +163,6 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--sparkler-args", default="", help="extra server flags, e.g. '--quantization int8'")
-    ap.add_argument("--write", action="store_true", help="put the table into docs/PERFORMANCE.md")
     args = ap.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
     global MODEL
