@@ -4,12 +4,11 @@
 // Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [L, N/16, K/4, 64]` holds W + 128 as unsigned bytes,
 // sixteen outputs by four inputs per 64 bytes, and `s [L, N/16, K/32, 16]` the scales in the same order, for a
 // stack of L layers of which the call reads layer `layer` (scanned layers pass the whole stack: XLA would copy a
-// slice). The rows of
-// x are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
-// what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens, tests/
-// test_quant.py). Each group's product `256 * w.q1 + w.q2` is exact in int32 (`vpdpbusd`: unsigned weights times
-// signed activations; the +128 is taken back by starting each level at -128 times its sum) and is scaled into
-// float32 once per group.
+// slice). The rows of x are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of
+// max|x| / 127, `q2` rounds what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1
+// tokens, tests/test_quant.py). Each group's product `256 * w.q1 + w.q2` is exact in int32 (`vpdpbusd`: unsigned
+// weights times signed activations; the +128 is taken back by starting each level at -128 times its sum) and is
+// scaled into float32 once per group.
 // A tile is 6 rows by 32 outputs: 12 int32 and 12 float32 accumulators stay in registers. Tasks are blocks of 32
 // outputs over every row, shared between the calling thread and XLA's intra-op pool by an atomic counter.
 #include <immintrin.h>
