@@ -19,7 +19,8 @@ from models import gemma3, llama, qwen2, qwen3
 from models.config import ModelConfig
 from models.attention import KVCache, resolve_backend
 from models.layers import CausalLM
-from models.quant import QUANTIZATIONS, pack_tree, quantize_tree, resolve_matmul
+from models.cpu_matmul import resolve_matmul
+from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
 from models.sharding import make_mesh, param_shardings
 from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
@@ -54,13 +55,13 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
 
 
 def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1,
-          matmul: str = "xla") -> CausalLM:
+          matmul: str | None = None) -> CausalLM:
     """The Flax module for a config, with an attention backend (`auto`: by platform), an int8 matmul backend
-    (`quant.resolve_matmul`) and scanned or unrolled layers. Scanned is the default everywhere: on this CPU the
-    default model starts in 15 s warm / 42 s cold scanned, 33 s / 92 s unrolled, while unrolled decodes ~13%
-    faster at 32 concurrent (XLA's CPU backend copies each layer's weights out of the stack): `--no-scan-layers`
-    (docs/PERFORMANCE.md)."""
-    cfg = dataclasses.replace(cfg, matmul=resolve_matmul(matmul, cfg, tp=tp))
+    (`cpu_matmul.resolve_matmul`; default: the config's) and scanned or unrolled layers. Scanned is the default
+    everywhere: on this CPU the default model starts in 15 s warm / 42 s cold scanned, 33 s / 92 s unrolled, while
+    unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies each layer's weights out of the stack):
+    `--no-scan-layers` (docs/PERFORMANCE.md)."""
+    cfg = dataclasses.replace(cfg, matmul=resolve_matmul(matmul or cfg.matmul, cfg, tp=tp))
     return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg, tp=tp), scan)
 
 
@@ -144,7 +145,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     shardings = _unboxed(param_shardings(boxed, mesh))
     key = source.content_hash()
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
-    form += "-packed" if packed else ""
+    form += f"-{PACKED}" if packed else ""
     ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{form}")
     params = _restore(ckpt_dir, boxed, shardings)
     if params is None:  # convert by the float, unrolled form's names and shapes; then quantize and stack

@@ -19,11 +19,30 @@ import jax.numpy as jnp
 from models import native
 
 TARGET = "sparkler_int8_matmul"
+MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA (`quant.dot`), or this kernel
 
 
 def available() -> bool:
     """Whether the kernel compiles on this machine (it needs AVX-512 VNNI) and is registered with XLA."""
-    return native.available("int8_matmul", "SparklerInt8Matmul", TARGET)
+    return "avx512_vnni" in native.cpu_flags() and native.available("int8_matmul", "SparklerInt8Matmul", TARGET)
+
+
+def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> str:
+    """Check a `--matmul-backend` value: `auto` is `cpu` for int8 float32 models on a CPU with tp = 1 where the
+    kernel compiles, else `xla`; an explicit `cpu` that cannot serve raises ValueError."""
+    auto = name == "auto"
+    if not auto and name not in MATMULS:
+        raise ValueError(f"unknown matmul backend {name!r}; choose from auto, {', '.join(MATMULS)}")
+    if name == "xla":
+        return name
+    why = ("it multiplies int8 weights only (--quantization int8)" if cfg.quantization != "int8" else
+           "it runs float32 models only" if cfg.dtype != "float32" else
+           "it does not split over tp" if tp > 1 else
+           "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else
+           "it needs a C++ compiler and AVX-512 VNNI" if not available() else "")
+    if why and not auto:
+        raise ValueError(f"the cpu matmul backend cannot serve here: {why}")
+    return "xla" if why else "cpu"
 
 
 def matmul(x: jax.Array, w: jax.Array, scale: jax.Array, layer: jax.Array | None = None) -> jax.Array:

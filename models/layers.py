@@ -113,7 +113,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None):
-        """`stacks`: this layer's parameter stacks for packed projections (see `Linear`), or None."""
+        """`stacks`: the scanned layers' parameter stacks (every layer's), where packed projections read theirs
+        at `layer` (see `Linear`), or None."""
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -155,7 +156,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer=None, stacks=None):
-        """`layer` and `stacks`: see `Linear` (packed weights of scanned layers)."""
+        """`layer` and `stacks`: the scanned layers' index and parameter stacks for packed projections (`Linear`)."""
         cfg = self.cfg
 
         def proj(features, axes, name, inp):

@@ -27,7 +27,8 @@ FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fn
          "-shared", "-fPIC", "-w")
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The host CPU's feature flags (`/proc/cpuinfo`), or its processor name where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -44,7 +45,7 @@ def library(name: str) -> str | None:
         return None
     source = os.path.join(CSRC, f"{name}.cc")
     with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([jax.__version__, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join([jax.__version__, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
     root = os.path.join(cache_root(), "native")
     path = os.path.join(root, f"{name}-{key}.so")
     if not os.path.exists(path):

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 QUANTIZATIONS = ("none", "int8")
-MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA, or the int8 kernel (models.cpu_matmul)
 GROUP = 32  # inputs sharing one scale
 LANES = 16  # outputs side by side in the packed layout
+PACKED = "packed16x4"  # the packed layout in checkpoint keys: change it with `pack`
 
 
 def groups(n: int) -> int:
@@ -98,26 +98,6 @@ def pack_tree(tree: dict, tied: bool) -> dict:
     if tied and packable(*np.shape(tree["embed"])[-2:]):
         out["embed"], out["embed_rows"] = pack(tree["embed"], tree["embed_rows"])
     return out
-
-
-def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> str:
-    """Check a `--matmul-backend` value: `auto` is `cpu` for int8 float32 models on a CPU with tp = 1 where the
-    kernel compiles, else `xla`; an explicit `cpu` that cannot serve raises ValueError."""
-    auto = name == "auto"
-    if not auto and name not in MATMULS:
-        raise ValueError(f"unknown matmul backend {name!r}; choose from auto, {', '.join(MATMULS)}")
-    if name == "xla":
-        return name
-    from models import cpu_matmul
-
-    why = ("it multiplies int8 weights only (--quantization int8)" if cfg.quantization != "int8" else
-           "it runs float32 models only" if cfg.dtype != "float32" else
-           "it does not split over tp" if tp > 1 else
-           "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else
-           "it needs a C++ compiler and AVX-512 VNNI" if not cpu_matmul.available() else "")
-    if why and not auto:
-        raise ValueError(f"the cpu matmul backend cannot serve here: {why}")
-    return "xla" if why else "cpu"
 
 
 def quantize_tree(tree: dict) -> dict:

@@ -21,7 +21,7 @@ from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
 from models import load_model
 from models.attention import BACKENDS
-from models.quant import MATMULS
+from models.cpu_matmul import MATMULS
 from models.weights import cache_root
 from server.app import Server
 

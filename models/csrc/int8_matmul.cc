@@ -30,7 +30,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kGroup = 32, kLanes = 16, kMR = 6, kNR = 2;
-constexpr int64_t kMinShared = int64_t{1} << 18;  // multiply-adds worth waking XLA's other threads for
+constexpr int64_t kMinShared = int64_t{1} << 18;  // operations (2 x M x N x K) worth waking XLA's other threads for
 
 struct Shared {
   const uint8_t* w;
@@ -108,7 +108,8 @@ void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
 
 // One row of x quantized per group of 32 (`models.quant.activations`): `q1 = rint(x * 127 / max|x|)`, then
 // `q2 = rint((x - q1 * step) * 256 / step)` clipped to +-127 (the remainder is at most half a step), the second
-// level's scale `step / 256` and -128 x each level's sum.
+// level's scale `step / 256` and -128 x each level's sum. A NaN is not carried (the max ignores it, its rounding is
+// 0): XLA's float product would propagate it.
 void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scale, int32_t* corr, int32_t* corr2) {
   const __m512i lim = _mm512_set1_epi32(127), neg = _mm512_set1_epi32(-127);
   for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup, q2 += kGroup) {
@@ -153,7 +154,8 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Work(*sh); });
   Work(*sh);
   while (sh->done.load(std::memory_order_acquire) < sh->tasks) {
-  }  // tasks still running on a helper finish; a helper that starts late finds none left
+  }  // tasks still running on a helper finish; a helper that starts late finds none left (no pause: one thread
+     // per core here, and the attention kernel's wait measured well without one)
   return ffi::Error::Success();
 }
 
