@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -44,8 +45,11 @@ def library(name: str) -> str | None:
     if cxx is None:
         return None
     source = os.path.join(CSRC, f"{name}.cc")
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([jax.__version__, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
+    text = b""  # the source and the headers it may include
+    for path in [source, *sorted(glob.glob(os.path.join(CSRC, "*.h")))]:
+        with open(path, "rb") as f:
+            text += f.read()
+    key = hashlib.sha256(text + " ".join([jax.__version__, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
     root = os.path.join(cache_root(), "native")
     path = os.path.join(root, f"{name}-{key}.so")
     if not os.path.exists(path):

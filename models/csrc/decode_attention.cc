@@ -3,15 +3,13 @@
 // One pre-scaled query per row and head, `q [B, h, d]`, attends over the first `lengths[b]` keys of its sequence,
 // stored in the pool pages `table[b, :]` of `k`/`v [kvh, pages, page_size, d]` (float32). Each (row, KV head) pair
 // is one task: the scores of its `h / kvh` query heads over every key (one pass over K), their softmax, then the
-// weighted sum of values (one pass over V). Tasks are shared between the calling thread and XLA's intra-op pool
-// by an atomic counter, so a task nobody else picks up runs on the caller: no thread is started per call.
+// weighted sum of values (one pass over V). Tasks are shared with XLA's intra-op pool (`parallel.h`).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,11 +23,10 @@ struct Shared {
   const int32_t *table, *lengths;
   float* out;
   int64_t rows, heads, kv_heads, pages, page_size, dim, width;
-  int64_t tasks;
-  std::atomic<int64_t> next{0}, done{0};
 };
 
-void Task(const Shared& s, int64_t task, std::vector<float>& scores) {
+void Task(const Shared& s, int64_t task) {
+  thread_local std::vector<float> scores;
   const int64_t b = task / s.kv_heads, kh = task % s.kv_heads, g = s.heads / s.kv_heads, d = s.dim;
   const int64_t len = std::min<int64_t>(std::max<int32_t>(s.lengths[b], 1), s.width * s.page_size);
   scores.resize(g * len);
@@ -63,34 +60,21 @@ void Task(const Shared& s, int64_t task, std::vector<float>& scores) {
   }
 }
 
-void Work(Shared& s) {
-  std::vector<float> scores;
-  for (int64_t t; (t = s.next.fetch_add(1)) < s.tasks;) {
-    Task(s, t, scores);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lengths,
                            ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd[2] != kd[3] || qd[1] % kd[0] != 0)
     return ffi::Error::InvalidArgument("decode_attention: shapes do not match q [B,h,d], kv [kvh,P,ps,d]");
-  auto s = std::make_shared<Shared>();
-  s->q = q.typed_data(), s->k = k.typed_data(), s->v = v.typed_data();
-  s->table = table.typed_data(), s->lengths = lengths.typed_data(), s->out = out->typed_data();
-  s->rows = qd[0], s->heads = qd[1], s->dim = qd[2];
-  s->kv_heads = kd[0], s->pages = kd[1], s->page_size = kd[2], s->width = td[1];
-  s->tasks = s->rows * s->kv_heads;
+  Shared s;
+  s.q = q.typed_data(), s.k = k.typed_data(), s.v = v.typed_data();
+  s.table = table.typed_data(), s.lengths = lengths.typed_data(), s.out = out->typed_data();
+  s.rows = qd[0], s.heads = qd[1], s.dim = qd[2];
+  s.kv_heads = kd[0], s.pages = kd[1], s.page_size = kd[2], s.width = td[1];
   int64_t keys = 0;  // work in keys read: below kMinShared the wake-up of a helper costs more than it saves
-  for (int64_t b = 0; b < s->rows; ++b) keys += std::min<int64_t>(s->lengths[b], s->width * s->page_size);
-  keys *= s->kv_heads;
-  const int64_t helpers = keys < kMinShared ? 0 : std::min<int64_t>(pool.num_threads(), s->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { Work(*s); });
-  Work(*s);
-  while (s->done.load(std::memory_order_acquire) < s->tasks) {
-  }  // tasks still running on a helper finish; a helper that starts late finds none left
+  for (int64_t b = 0; b < s.rows; ++b) keys += std::min<int64_t>(s.lengths[b], s.width * s.page_size);
+  keys *= s.kv_heads;
+  sparkler::RunTasks(pool, s.rows * s.kv_heads, keys >= kMinShared, [&s](int64_t t) { Task(s, t); });
   return ffi::Error::Success();
 }
 

@@ -10,7 +10,7 @@
 // weights times signed activations; the +128 is taken back by starting each level at -128 times its sum) and is
 // scaled into float32 once per group.
 // A tile is 6 rows by 32 outputs: 12 int32 and 12 float32 accumulators stay in registers. Tasks are blocks of 32
-// outputs over every row, shared between the calling thread and XLA's intra-op pool by an atomic counter.
+// outputs over every row, shared with XLA's intra-op pool (`parallel.h`).
 #include <immintrin.h>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
@@ -18,11 +18,10 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,8 +38,7 @@ struct Shared {
   const float* sa;     // the second level's scale per row and group [M, G]
   const int32_t* ca;   // -128 x each group's sum [2 levels, M, G]
   float* out;
-  int64_t m, n, k, groups, tasks;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t m, n, k, groups;
 };
 
 // Rows m0..m0+MR of the output blocks nb..nb+NR (16 outputs each), over every group.
@@ -93,13 +91,6 @@ void Task(const Shared& s, int64_t task) {
   for (int64_t m0 = 0; m0 < s.m; m0 += kMR) rows[std::min(kMR, s.m - m0)](s, m0, nb);
 }
 
-void Work(Shared& s) {
-  for (int64_t t; (t = s.next.fetch_add(1)) < s.tasks;) {
-    Task(s, t);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(lo));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kLanes), _mm512_cvtepi32_epi8(hi));
@@ -145,17 +136,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   for (int64_t m = 0; m < M; ++m)
     Quantize(x.typed_data() + m * K, G, a.data() + m * K, a.data() + (M + m) * K, sa.data() + m * G,
              ca.data() + m * G, ca.data() + (M + m) * G);
-  auto sh = std::make_shared<Shared>();
-  sh->w = w.typed_data() + l * N * K, sh->s = s.typed_data() + l * N * G;
-  sh->a = a.data(), sh->sa = sa.data(), sh->ca = ca.data(), sh->out = out->typed_data();
-  sh->m = M, sh->n = N, sh->k = K, sh->groups = G;
-  sh->tasks = (wd[1] + kNR - 1) / kNR;
-  const int64_t helpers = 2 * M * sh->n * K < kMinShared ? 0 : std::min<int64_t>(pool.num_threads(), sh->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Work(*sh); });
-  Work(*sh);
-  while (sh->done.load(std::memory_order_acquire) < sh->tasks) {
-  }  // tasks still running on a helper finish; a helper that starts late finds none left (no pause: one thread
-     // per core here, and the attention kernel's wait measured well without one)
+  Shared sh;
+  sh.w = w.typed_data() + l * N * K, sh.s = s.typed_data() + l * N * G;
+  sh.a = a.data(), sh.sa = sa.data(), sh.ca = ca.data(), sh.out = out->typed_data();
+  sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
+  sparkler::RunTasks(pool, (wd[1] + kNR - 1) / kNR, 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task(sh, t); });
   return ffi::Error::Success();
 }
 
