@@ -6,6 +6,7 @@ names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`) that `models.sharding` maps
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -33,6 +34,16 @@ def _uint8_init(key, shape, dtype=jnp.uint8):
     return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128
 
 
+def _packed_params(module: nn.Module, names: tuple[str, str], shape: tuple[int, int], axes: tuple[str, str]):
+    """A `[out, in]` int8 weight and its scales declared in the int8 kernel's packed layout (`quant.pack`)."""
+    (out, inputs), lanes = shape, quant.LANES
+    w = module.param(names[0], nn.with_logical_partitioning(_uint8_init, (*axes, None)),
+                     (out // lanes, inputs // 4, 4 * lanes), jnp.uint8)
+    scale = module.param(names[1], nn.with_logical_partitioning(_scale_init, (axes[0], None, None)),
+                         (out // lanes, inputs // quant.GROUP, lanes), jnp.float32)
+    return w, scale
+
+
 class Linear(nn.Module):
     """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
     int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`); `packed` (the `cpu` matmul
@@ -51,11 +62,7 @@ class Linear(nn.Module):
         """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place."""
         shape = (self.features, x.shape[-1])
         if self.int8 and self.packed and quant.packable(*shape):
-            lanes = quant.LANES
-            w = self.param("weight", nn.with_logical_partitioning(_uint8_init, (*self.axes, None)),
-                           (shape[0] // lanes, shape[1] // 4, 4 * lanes), jnp.uint8)
-            scale = self.param("scale", nn.with_logical_partitioning(_scale_init, (self.axes[0], None, None)),
-                               (shape[0] // lanes, shape[1] // quant.GROUP, lanes), jnp.float32)
+            w, scale = _packed_params(self, ("weight", "scale"), shape, self.axes)
             if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
                 w, scale = stack["weight"], stack["scale"]
             y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer)
@@ -74,6 +81,15 @@ class Linear(nn.Module):
                            (self.features,), jnp.dtype(self.dtype))
             y = y + b
         return y
+
+
+def _projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str], x: jax.Array, bias: bool = False,
+                layer=None, stacks: dict | None = None) -> jax.Array:
+    """The calling module's projection `name` of `x`, a `Linear` quantized and packed as `cfg` says; `stacks` (packed
+    weights of scanned layers) holds its whole stack, which the kernel reads at `layer`."""
+    mod = Linear(features, axes, bias, cfg.dtype, int8=cfg.quantization == "int8", packed=cfg.matmul == "cpu",
+                 name=name)
+    return mod(x, layer, stacks and stacks[name])
 
 
 class RMSNorm(nn.Module):
@@ -118,15 +134,10 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-        def proj(features, axes, bias, name, inp):
-            mod = Linear(features, axes, bias, dt, int8=cfg.quantization == "int8", packed=cfg.matmul == "cpu",
-                         name=name)
-            return mod(inp, layer, stacks and stacks[name])
-
-        q = proj(h * d, ("heads", "embed"), cfg.attention_bias, "q_proj", x).reshape(b, s, h, d)
-        k = proj(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, "k_proj", x).reshape(b, s, kvh, d)
-        v = proj(kvh * d, ("kv_heads", "embed"), cfg.attention_bias, "v_proj", x).reshape(b, s, kvh, d)
+        proj = functools.partial(_projection, cfg, layer=layer, stacks=stacks)
+        q = proj("q_proj", h * d, ("heads", "embed"), x, cfg.attention_bias).reshape(b, s, h, d)
+        k = proj("k_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
+        v = proj("v_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
@@ -145,7 +156,7 @@ class Attention(nn.Module):
             backend = "xla"  # fuses with them; around the kernel the next projection ran ~5x slower (99 -> 78 tok/s)
         out = attention.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
                                         cfg.attn_softcap, window)
-        out = proj(cfg.hidden_size, ("embed", "heads"), False, "o_proj", out)
+        out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out)
         return out, k_cache, v_cache
 
 
@@ -158,16 +169,11 @@ class MLP(nn.Module):
     def __call__(self, x, layer=None, stacks=None):
         """`layer` and `stacks`: the scanned layers' index and parameter stacks for packed projections (`Linear`)."""
         cfg = self.cfg
-
-        def proj(features, axes, name, inp):
-            mod = Linear(features, axes, False, cfg.dtype, int8=cfg.quantization == "int8",
-                         packed=cfg.matmul == "cpu", name=name)
-            return mod(inp, layer, stacks and stacks[name])
-
-        gate = proj(cfg.intermediate_size, ("mlp", "embed"), "gate_proj", x)
-        up = proj(cfg.intermediate_size, ("mlp", "embed"), "up_proj", x)
+        proj = functools.partial(_projection, cfg, layer=layer, stacks=stacks)
+        gate = proj("gate_proj", cfg.intermediate_size, ("mlp", "embed"), x)
+        up = proj("up_proj", cfg.intermediate_size, ("mlp", "embed"), x)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return proj(cfg.hidden_size, ("embed", "mlp"), "down_proj", act * up)
+        return proj("down_proj", cfg.hidden_size, ("embed", "mlp"), act * up)
 
 
 class CausalLM(nn.Module):
@@ -191,11 +197,7 @@ class CausalLM(nn.Module):
         q8, pk = cfg.quantization == "int8", cfg.matmul == "cpu"
         packed_table = q8 and pk and cfg.tie_embeddings and quant.packable(*shape)
         if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
-            lanes = quant.LANES
-            embed = self.param("embed", nn.with_logical_partitioning(_uint8_init, ("vocab", "embed", None)),
-                               (shape[0] // lanes, shape[1] // 4, 4 * lanes), jnp.uint8)
-            rows = self.param("embed_rows", nn.with_logical_partitioning(_scale_init, ("vocab", None, None)),
-                              (shape[0] // lanes, shape[1] // quant.GROUP, lanes), jnp.float32)
+            embed, rows = _packed_params(self, ("embed", "embed_rows"), shape, ("vocab", "embed"))
             x = quant.unpack_rows(embed, rows, tokens, _dtype(cfg))
         elif q8:  # one scale per vocabulary row and group serves the lookup and a tied LM head
             embed = self.param("embed", nn.with_logical_partitioning(_int8_init, ("vocab", "embed")), shape, jnp.int8)
