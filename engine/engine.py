@@ -25,6 +25,7 @@ from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
 from engine.compile import compile_all
 from engine.grammar import Grammars
+from engine.thinking import Budget, Gate
 from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
 from models import Model
 
@@ -67,6 +68,7 @@ class Choice:
     _sent_tokens: int = 0
     _final_sent: bool = False
     stops: list[str] = dataclasses.field(default_factory=list)
+    stop_hit: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclasses.dataclass
@@ -87,6 +89,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
     grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
+    thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
 
     @property
     def finished(self) -> bool:
@@ -156,7 +159,7 @@ class Engine:
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
-                     grammar: str | None = None) -> Request:
+                     grammar: str | None = None, thinking: Budget | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -164,7 +167,9 @@ class Engine:
         numbered from `first_choice` (a caller splitting n over several requests keeps each choice's seed stream).
         `prompt_cache_max_len` caps the prompt tokens reused from the prefix cache (0: none); requests share cached
         pages only under the same `prompt_cache_isolation_key`. `grammar` (from `engine.grammar`) constrains every
-        choice; the choice ends with "stop" when the grammar is complete."""
+        choice; the choice ends with "stop" when the grammar is complete. `thinking` (`engine.thinking.Budget`): after
+        that many tokens in a thinking block the engine draws the block's close itself; the grammar then applies to
+        the answer after the block."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -194,8 +199,11 @@ class Engine:
         choices = [Choice(first_choice + i) for i in range(p.n)]
         if grammar is not None:
             self.grammars().check(grammar)
+        if thinking is not None and (thinking.budget < 0 or not 0 <= thinking.close_id < vocab):
+            raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
-                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar)
+                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,
+                       thinking=thinking)
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
@@ -472,6 +480,8 @@ class Engine:
             for choice in req.choices:
                 if req.grammar is not None:
                     choice.matcher = self.grammars().matcher(req.grammar)
+                if req.thinking is not None:
+                    choice.matcher = Gate(req.thinking, choice.matcher)
                 key = root if choice.index == 0 else jax.random.fold_in(root, choice.index)
                 self.runner.set_row(choice.slot, settings, req.prompt_ids, np.asarray(jax.random.key_data(key)))
                 choice.stops = p.stop
@@ -577,8 +587,9 @@ class Engine:
         return allowed
 
     def _decode(self, changed, done) -> None:
-        constrained = any(choice.matcher is not None for _, choice in self.running.values())
-        steps = 1 if constrained else self.runner.rc.decode_steps  # the host gives each constrained token its mask
+        steps = self.runner.rc.decode_steps
+        if any(c.matcher is not None and c.matcher.active(steps) for _, c in self.running.values()):
+            steps = 1  # the host gives each constrained token its mask
         self._reserve(steps)
         if not self.running:
             return
@@ -639,9 +650,10 @@ class Engine:
 
     def _check_stop(self, choice: Choice, stops: list[str], before: int) -> bool:
         start = max(0, before - max(len(s) for s in stops) + 1)
-        hits = [i for s in stops if (i := choice.text.find(s, start)) >= 0]
+        hits = [(i, s) for s in stops if (i := choice.text.find(s, start)) >= 0]
         if hits:
-            choice.text = choice.text[:min(hits)]
+            at, choice.stop_hit = min(hits)
+            choice.text = choice.text[:at]
             return True
         return False
 

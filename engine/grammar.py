@@ -196,6 +196,10 @@ class Matcher:
         n = min(len(row), len(bits))
         row[:n], row[n:] = bits[:n], 0
 
+    def active(self, steps: int) -> bool:
+        """A grammar needs a mask for every token."""
+        return True
+
     def advance(self, token: int) -> None:
         """Consume the token drawn (a token the mask did not allow puts the matcher in its error state)."""
         self.m.consume_token(token)

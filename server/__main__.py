@@ -23,6 +23,7 @@ from models import load_model
 from models.attention import BACKENDS
 from models.cpu_matmul import MATMULS
 from models.weights import cache_root
+from server import reasoning
 from server.app import Server
 
 log = logging.getLogger("sparkler.server")
@@ -78,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
+    ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS), default="auto",
+                    help="split <think>...</think> into reasoning_content (auto: when the chat template writes "
+                         "thinking blocks)")
+    ap.add_argument("--responses-db", default=None, metavar="PATH",
+                    help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
                          "the first time, seconds once the compilation cache holds them), or nothing")
@@ -146,7 +152,8 @@ def main(argv=None) -> None:
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
-                    max_queued=args.max_queued_requests, request_timeout=args.request_timeout)
+                    max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
+                    reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.pools[0].capacity} KV pages of {engine.page_size}, mesh data {engine.runner.dp} x tp {args.tp}")
     try:

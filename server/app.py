@@ -11,19 +11,25 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 
 from engine.engine import Delta, Request
+from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
-from server import protocol, tools
+from models.weights import cache_root
+from server import anthropic_messages, openai_responses, protocol, reasoning
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
-from server.responses import (Vocab, chat_logprobs, completion_logprobs, prompt_entries, prompt_requests,
+from server.store import ResponseStore
+from server.turn import Turn
+from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_entries, prompt_requests,
                               prompt_token_ids, raw_output, usage)
 
 log = logging.getLogger("sparkler.server")
@@ -38,7 +44,8 @@ class Server:
     """One served model behind the OpenAI-compatible routes."""
 
     def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
-                 max_queued: int | None = None, request_timeout: float | None = None):
+                 max_queued: int | None = None, request_timeout: float | None = None,
+                 reasoning_parser: str = "auto", responses_db: str | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -52,12 +59,16 @@ class Server:
         defaults = {**default_settings(model.generation_config), "max_tokens": DEFAULT_MAX_TOKENS,
                     "frequency_penalty": 0.0, "presence_penalty": 0.0, "mirostat_lr": 0.1}
         self.options_header = {"fireworks-sampling-options": json.dumps(defaults, sort_keys=True)}
+        self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
+        self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
 
     def app(self) -> web.Application:
         """The aiohttp application with its routes and the error/auth middleware."""
         app = web.Application(client_max_size=self.max_body, middlewares=[self._middleware])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        openai_responses.routes(app, self)
+        anthropic_messages.routes(app, self)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)
@@ -70,23 +81,25 @@ class Server:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
+        shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else ApiError.body
         try:
             if self.api_key and request.path.startswith("/v1"):
-                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
-                    raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                   code="invalid_api_key")
+                keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
+                if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:
+                    raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or "
+                                        "'x-api-key: <key>')", type_="authentication_error", code="invalid_api_key")
             return await handler(request)
         except ApiError as e:
-            return web.json_response(e.body(), status=e.status, headers=e.headers)
+            return web.json_response(shape(e), status=e.status, headers=e.headers)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             err = ApiError(e.status, e.reason or "error", code=e.reason.lower().replace(" ", "_"))
-            return web.json_response(err.body(), status=e.status)
+            return web.json_response(shape(err), status=e.status)
         except Exception:
             log.exception("unexpected error in %s", request.path)
             err = ApiError(500, "internal server error", type_="server_error", code="internal_error")
-            return web.json_response(err.body(), status=500)
+            return web.json_response(shape(err), status=500)
 
     async def _body(self, request: web.Request):
         try:
@@ -120,11 +133,28 @@ class Server:
                     out.append((i, self.engine.make_request(
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
-                        grammar=job.grammar)))
+                        grammar=job.grammar, thinking=self._budget(job))))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
         return out
+
+    def _budget(self, job: Job) -> Budget | None:
+        """The engine's thinking budget for a job that sets one."""
+        if job.thinking is None or job.thinking.budget is None:
+            return None
+        if self.think_ids is None:
+            raise bad("this model's thinking tags are not single tokens, so a token budget cannot be enforced",
+                      "reasoning_effort")
+        return Budget(job.thinking.budget, *self.think_ids, opened=job.thinking.opened)
+
+    def reasoning_tokens(self, choice, turn: Turn) -> int:
+        """Tokens a finished choice spent thinking: up to its block's close (all of them if it never closed)."""
+        if turn.split is None or self.think_ids is None:
+            return 0
+        if self.think_ids[1] in choice.token_ids:
+            return choice.token_ids.index(self.think_ids[1]) + 1
+        return len(choice.token_ids) if turn.thinking else 0
 
     # ---- routes -----------------------------------------------------------------------------------------------
 
@@ -185,10 +215,21 @@ class Server:
         return await self._complete(request, "completion")
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
-        """Parse, admit (or refuse: 503 while draining, 429 when the queue is full), answer, and account for it."""
-        took = Took()
-        reqs: list[Request] = []
-        status, rid = 500, "-"
+        """Chat or completions: parse, admit, answer in one object or a stream."""
+        async def answer(body, call: Call) -> web.StreamResponse:
+            job = protocol.parse(body, kind, self.model, self.thinks)
+            parts, events = self.admit(job, call, "chatcmpl" if kind == "chat" else "cmpl")
+            if job.stream:
+                return await self._stream(request, job, parts, call.rid, events, call.took)
+            await self.collect(events, call)
+            return self._respond(job, parts, call.rid, call.took)
+        return await self.serve(request, answer)
+
+    async def serve(self, request: web.Request, answer) -> web.StreamResponse:
+        """One API call with its accounting: 503 while draining, the JSON body and its model checked, then
+        `answer(body, call)` parses, `admit`s and writes the reply (each API's own shapes)."""
+        call = Call()
+        status = 500
         self.active += 1
         try:
             if self.draining:
@@ -197,20 +238,7 @@ class Server:
                                code="shutting_down", headers={"Retry-After": "5"})
             body = await self._body(request)
             self._check_model(body)
-            job = protocol.parse(body, kind, self.model)
-            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            parts = self._requests(job, rid)
-            reqs = [r for _, r in parts]
-            queued = self.engine.stats()["waiting"]
-            if queued >= self.max_queued:  # a request counts once, whatever its n
-                reqs = []
-                raise ApiError(429, f"the server is busy ({queued} requests waiting for a slot); retry shortly",
-                               type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
-            events = self.aengine.stream(*reqs)  # submitted now: the queue check above and this are one step
-            if job.stream:
-                resp = await self._stream(request, job, parts, rid, events, took)
-            else:
-                resp = await self._respond(job, parts, rid, events, took)
+            resp = await answer(body, call)
             status = resp.status
             return resp
         except ApiError as e:
@@ -218,21 +246,40 @@ class Server:
             raise
         finally:
             self.active -= 1
-            self._account(request.path, status, rid, reqs, took)
+            self._account(request.path, status, call.rid, call.reqs, call.took)
 
-    async def _respond(self, job: Job, parts, rid: str, events, took: "Took") -> web.Response:
-        """A whole (non-streaming) response once every choice has finished."""
-        reqs = [r for _, r in parts]
+    def admit(self, job: Job, call: "Call", prefix: str) -> tuple[list[tuple[int, Request]], Any]:
+        """The job's engine requests, submitted (429 when the queue is full): `(parts, events)` where parts are
+        `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
+        call.rid = f"{prefix}{'_' if prefix in ('resp', 'msg') else '-'}{uuid.uuid4().hex[:24]}"
+        parts = self._requests(job, call.rid)
+        queued = self.engine.stats()["waiting"]
+        if queued >= self.max_queued:  # a request counts once, whatever its n
+            raise ApiError(429, f"the server is busy ({queued} requests waiting for a slot); retry shortly",
+                           type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+        call.reqs = [r for _, r in parts]
+        return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
+
+    async def collect(self, events, call: "Call") -> None:
+        """Wait for every choice to finish (504 past --request-timeout, 500 if the engine failed)."""
         try:
             async with contextlib.aclosing(events) as events:
                 async with asyncio.timeout(self.request_timeout):
                     async for i, deltas in events:
-                        took.saw(i, deltas, self.prom)
+                        call.took.saw(i, deltas, self.prom)
         except TimeoutError:
-            raise ApiError(504, f"the request did not finish within {self.request_timeout} s; it was aborted",
-                           type_="timeout_error", code="timeout") from None
-        if any(c.finish_reason == "error" for r in reqs for c in r.choices):
+            raise self.timed_out() from None
+        if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
             raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
+
+    def timed_out(self) -> ApiError:
+        """The 504 of a request cut by --request-timeout."""
+        return ApiError(504, f"the request did not finish within {self.request_timeout} s; it was aborted",
+                        type_="timeout_error", code="timeout")
+
+    def _respond(self, job: Job, parts, rid: str, took: "Took") -> web.Response:
+        """A whole (non-streaming) response once every choice has finished."""
+        reqs = [r for _, r in parts]
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         used = usage(reqs)
@@ -296,12 +343,14 @@ class Server:
         index = pi * job.params.n + c.index
         lps = self._logprobs(job, entries + c.logprobs)
         if job.kind == "chat":
-            out = {"index": index, "message": {"role": "assistant", "content": echo_text + c.text},
-                   "logprobs": lps, "finish_reason": c.finish_reason}
-            content, calls = self._tool_calls(job, c)
-            if calls:
-                out["message"].update(content=content, tool_calls=calls)
-                out["finish_reason"] = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+            turn = Turn(job)
+            turn.feed(c.text, c.finish_reason)
+            msg = {"role": "assistant", "content": echo_text + turn.text}
+            if job.thinking is not None:
+                msg["reasoning_content"] = turn.reasoning or None
+            if turn.calls:
+                msg.update(content=(echo_text + turn.text) or None, tool_calls=turn.openai_calls())
+            out = {"index": index, "message": msg, "logprobs": lps, "finish_reason": turn.finish}
         else:
             out = {"index": index, "text": echo_text + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
         return self._extras(job, req, c, out)
@@ -315,7 +364,7 @@ class Server:
         created = int(time.time())
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         offsets: dict[int, int] = {}
-        calls: dict[int, tools.CallStream] = {}
+        turns: dict[int, Turn] = {}
 
         async def send(choices: list[dict], **extra) -> None:
             chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
@@ -344,7 +393,7 @@ class Server:
                             if any(d.finish_reason == "error" for d in deltas):
                                 await fail(ApiError(500, "the engine failed while generating", type_="server_error"))
                                 break
-                            await send([self._delta_choice(job, pi, req, d, offsets, calls) for d in deltas])
+                            await send([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas])
                         else:
                             used, extra = usage(reqs), {}
                             if job.include_usage:
@@ -356,8 +405,7 @@ class Server:
                             if extra:
                                 await send([], **extra)
                 except TimeoutError:
-                    await fail(ApiError(504, f"the request did not finish within {self.request_timeout} s; it was "
-                                             "aborted", type_="timeout_error", code="timeout"))
+                    await fail(self.timed_out())
                 await resp.write(b"data: [DONE]\n\n")
             except StreamOverflow:
                 log.warning("%s: the client stopped reading; the stream was cut and its requests aborted", rid)
@@ -366,27 +414,19 @@ class Server:
                 log.info("client went away during %s; its requests were aborted", rid)
         return resp
 
-    @staticmethod
-    def _tool_calls(job: Job, c) -> tuple[str | None, list[dict]]:
-        """A finished chat choice's `(content, tool_calls)` when the request offers tools (else no calls)."""
-        if job.tools is None or job.tools.choice == "none" or c.finish_reason not in ("stop", "length"):
-            return c.text, []
-        return tools.extract(c.text, job.tools)
-
-    def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict, calls: dict) -> dict:
+    def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict, turns: dict) -> dict:
         index = pi * job.params.n + d.index
-        finish = d.finish_reason
-        if job.tools is None or job.tools.choice == "none":
-            out = self._chunk_choice(job, index, d.text, d.logprobs, finish, offsets)
-        else:  # content while it cannot be a call; tool calls as their names and arguments arrive
-            stream = calls.setdefault(index, tools.CallStream(job.tools))
-            content, deltas, has_calls = stream.feed(d.text, finish)
-            out = self._chunk_choice(job, index, content, d.logprobs, finish, offsets)
-            if deltas:
-                out["delta"]["tool_calls"] = deltas
-            if has_calls and finish == "stop":
-                out["finish_reason"] = "tool_calls"
-        if finish:
+        if job.kind != "chat":
+            out = self._chunk_choice(job, index, d.text, d.logprobs, d.finish_reason, offsets)
+        else:  # thinking apart; content while it cannot be a call; tool calls as their names and arguments arrive
+            turn = turns.setdefault(index, Turn(job))
+            piece = turn.feed(d.text, d.finish_reason)
+            out = self._chunk_choice(job, index, piece.text, d.logprobs, turn.finish, offsets)
+            if piece.reasoning:
+                out["delta"]["reasoning_content"] = piece.reasoning
+            if piece.calls:
+                out["delta"]["tool_calls"] = piece.calls
+        if d.finish_reason:
             self._extras(job, req, req.choices[d.index - req.choices[0].index], out)
         return out
 
@@ -408,6 +448,15 @@ def perf_metrics(used: dict, took: "Took") -> dict:
             "cached-prompt-tokens": used["prompt_tokens_details"]["cached_tokens"],
             "server-time-to-first-token": round((took.first or now) - took.start, 6),
             "server-processing-time": round(now - took.start, 6)}
+
+
+@dataclasses.dataclass
+class Call:
+    """One API call as accounted: its id, its engine requests and its timings."""
+
+    rid: str = "-"
+    reqs: list[Request] = dataclasses.field(default_factory=list)
+    took: "Took" = dataclasses.field(default_factory=lambda: Took())
 
 
 class Took:

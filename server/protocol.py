@@ -10,7 +10,8 @@ from typing import Any
 
 from engine.grammar import grammar_text
 from engine.params import InvalidRequest, SamplingParams
-from server import tools
+from server import reasoning, tools
+from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model
 
@@ -81,6 +82,7 @@ class Job:
     grammar: str | None = None  # response_format as an llguidance grammar (None: free text)
     perf_metrics: bool = False  # perf_metrics_in_response
     tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
+    thinking: Thinking | None = None  # chat with a reasoning parser: split the thinking out (and its budget)
 
 
 def _number(body: dict, name: str) -> Any:
@@ -159,8 +161,9 @@ def _unsupported(body: dict) -> None:
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
 
 
-def parse(body: Any, kind: str, model: Model) -> Job:
-    """Validate a chat or completions body against `model` and turn it into a `Job`."""
+def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
+    """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: the server splits
+    the model's thinking from its answer (`--reasoning-parser`)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _unsupported(body)
@@ -196,8 +199,11 @@ def parse(body: Any, kind: str, model: Model) -> Job:
             if job.grammar is not None:
                 raise bad("a tool_choice that forces a call cannot be combined with a response_format", "tool_choice")
             job.grammar = job.tools.grammar()
-        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools)
+        kwargs, budget = _template_kwargs(body)
+        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools, kwargs)
         job.prompts, job.prompt_texts = [ids], [text]
+        if thinks:
+            job.thinking = Thinking(reasoning.opens(text), budget)
     else:
         if body.get("tools") is not None or body.get("functions") is not None:
             raise bad("tools are for chat completions", "tools")
@@ -208,6 +214,19 @@ def parse(body: Any, kind: str, model: Model) -> Job:
     params.logprobs = job.logprobs is not None
     params.top_logprobs = job.logprobs or 0
     return job
+
+
+def _template_kwargs(body: dict) -> tuple[dict, int | None]:
+    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs` and `reasoning_effort` (the
+    request's own template arguments win)."""
+    extra = body.get("chat_template_kwargs")
+    if extra is not None and not isinstance(extra, dict):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    for key in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
+        if extra and key in extra:
+            raise bad(f"'chat_template_kwargs' must not set {key!r}", "chat_template_kwargs")
+    kwargs, budget = reasoning.effort(body.get("reasoning_effort"), bad)
+    return {**kwargs, **(extra or {})}, budget
 
 
 def _chat_logprobs(body: dict) -> int | None:
@@ -250,8 +269,9 @@ def _content(m: dict, i: int) -> str:
     raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
-def chat_text(model: Model, messages: Any, with_tools: Tools | None = None) -> str:
-    """The chat template applied to validated messages (and tools), with the generation prompt."""
+def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None) -> str:
+    """The chat template applied to validated messages (and tools, and extra template arguments), with the
+    generation prompt."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     clean = []
@@ -270,6 +290,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None) -> s
             one["tool_call_id"] = str(m.get("tool_call_id", ""))
         clean.append(one)
     clean, extra = tools.render(clean, with_tools, model.tokenizer)
+    extra = {**(kwargs or {}), **extra}
     try:
         return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # a template may reject an order of roles
@@ -277,11 +298,11 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None) -> s
 
 
 def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
-             with_tools: Tools | None = None) -> tuple[list[int], str]:
+             with_tools: Tools | None = None, kwargs: dict | None = None) -> tuple[list[int], str]:
     """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the oldest non-system messages until the prompt has at
     most that many tokens (the last message always stays)."""
-    text = chat_text(model, messages, with_tools)
+    text = chat_text(model, messages, with_tools, kwargs)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     kept = list(messages)
     while truncate_len is not None and len(ids) > truncate_len:
@@ -289,7 +310,7 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
         if drop is None:
             break
         del kept[drop]
-        text = chat_text(model, kept, with_tools)
+        text = chat_text(model, kept, with_tools, kwargs)
         ids = model.tokenizer.encode(text, add_special_tokens=False)
     return ids, text
 

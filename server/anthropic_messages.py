@@ -1,0 +1,342 @@
+"""Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`), translated onto the chat path.
+
+`system`, `messages` (text, `tool_use` and `tool_result` blocks), `tools` with `input_schema`, `tool_choice`,
+`thinking`, `stop_sequences` and the sampling fields become a chat-completions body that `protocol.parse` validates
+like any other; the reply is read through a `Turn` and written as content blocks (`thinking`, `text`, `tool_use`),
+whole or as Anthropic's event stream. Errors take Anthropic's shape (`error_body`); `x-api-key` is accepted beside
+`Authorization: Bearer` (the server's middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from engine.llm import StreamOverflow
+from server import protocol
+from server.protocol import ApiError, bad
+from server.turn import Piece, Turn
+
+log = logging.getLogger("sparkler.server")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+               529: "overloaded_error"}
+PARAMS = {"stop": "stop_sequences", "response_format": "output_config"}
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def routes(app: web.Application, server) -> None:
+    """Add the Messages routes to `app`."""
+    api = Messages(server)
+    app.router.add_post("/v1/messages", api.create)
+    app.router.add_post("/v1/messages/count_tokens", api.count_tokens)
+
+
+def error_body(e: ApiError) -> dict:
+    """An error in Anthropic's shape."""
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                         and isinstance(b.get("text"), str) for b in content):
+        return "".join(b["text"] for b in content)
+    raise bad(f"{where} must be a string or a list of text blocks", "messages")
+
+
+def _message(m: Any, i: int) -> list[dict]:
+    """One Anthropic message as chat messages: tool results become tool turns (before the user's text), tool_use
+    blocks the assistant's tool calls; thinking blocks are dropped (a model's earlier thinking is not sent back)."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+        raise bad(f"{where} must be an object with role 'user' or 'assistant'", "messages")
+    role, content = m["role"], m.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise bad(f"{where}.content must be a string or a list of content blocks", "messages")
+    text, calls, results = [], [], []
+    for k, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            text.append(b["text"])
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str):
+                raise bad(f"{where}.content[{k}]: a tool_use block needs a string id and name", "messages")
+            calls.append({"id": b["id"], "type": "function",
+                          "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
+        elif kind == "tool_result" and role == "user":
+            if not isinstance(b.get("tool_use_id"), str):
+                raise bad(f"{where}.content[{k}]: a tool_result block needs a string tool_use_id", "messages")
+            out = _text(b.get("content", ""), f"{where}.content[{k}].content")
+            results.append({"role": "tool", "tool_call_id": b["tool_use_id"],
+                            "content": ("Error: " + out) if b.get("is_error") else out})
+        elif kind not in ("thinking", "redacted_thinking"):
+            raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, tool_use in "
+                      "assistant turns, tool_result in user turns)", "messages")
+    out = results
+    if text or calls or not results:
+        one = {"role": role, "content": "".join(text)}
+        if calls:
+            one["tool_calls"] = calls
+        out = out + [one]
+    return out
+
+
+def _tools(body: dict) -> dict:
+    tools, choice, out = body.get("tools"), body.get("tool_choice"), {}
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("'tools' must be a list of {'name', 'description', 'input_schema'}", "tools")
+        funcs = []
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type", "custom") != "custom" or not isinstance(t.get("input_schema"),
+                                                                                                  dict):
+                raise bad(f"tools[{i}] must be a custom tool {{'name', 'description', 'input_schema'}}", "tools")
+            funcs.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description",
+                                                                                                      ""),
+                                                           "parameters": t["input_schema"]}})
+        out["tools"] = funcs or None
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if kind not in ("auto", "any", "tool", "none") or (kind == "tool" and not isinstance(choice.get("name"), str)):
+            raise bad("'tool_choice' must be {'type': 'auto' | 'any' | 'none'} or {'type': 'tool', 'name': ...}",
+                      "tool_choice")
+        if kind != "none" or out.get("tools"):
+            out["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}} if kind == "tool"
+                                  else {"any": "required"}.get(kind, kind))
+        if choice.get("disable_parallel_tool_use"):
+            out["parallel_tool_calls"] = False
+    if out.get("tools") is None:
+        out.pop("tools", None)
+        if out.get("tool_choice") not in (None, "none", "auto"):
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        out.pop("tool_choice", None)
+    return out
+
+
+def chat_body(body: Any, counting: bool = False) -> dict:
+    """A chat-completions body for a Messages body (`counting`: for count_tokens, where max_tokens is not needed)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list", "messages")
+    out: dict = {"messages": [], "stream": protocol._flag(body, "stream")}
+    system = body.get("system")
+    if system is not None:
+        out["messages"].append({"role": "system", "content": _text(system, "'system'")})
+    for i, m in enumerate(msgs):
+        out["messages"] += _message(m, i)
+    if not counting:
+        mt = body.get("max_tokens")
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            raise bad("'max_tokens' is required: an integer >= 1", "max_tokens")
+        out["max_tokens"] = mt
+    for k in ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
+              "repetition_penalty", "seed", "ignore_eos", "chat_template_kwargs", "reasoning_effort",
+              "prompt_cache_isolation_key"):
+        if k in body:
+            out[k] = body[k]
+    if body.get("stop_sequences") is not None:
+        out["stop"] = body["stop_sequences"]
+    meta = body.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise bad("'metadata' must be an object", "metadata")
+    thinking = body.get("thinking")
+    if thinking is not None:
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if kind == "enabled" and isinstance(thinking.get("budget_tokens"), int):
+            out.setdefault("reasoning_effort", max(0, thinking["budget_tokens"]))
+        elif kind in ("disabled", "adaptive"):
+            out.setdefault("reasoning_effort", "none" if kind == "disabled" else True)
+        else:
+            raise bad("'thinking' must be {'type': 'enabled', 'budget_tokens': N}, {'type': 'adaptive'} or "
+                      "{'type': 'disabled'}", "thinking")
+    config = body.get("output_config")
+    if config is not None:
+        fmt = config.get("format") if isinstance(config, dict) else None
+        if not isinstance(config, dict) or config.get("effort") not in (None, *EFFORTS) or (
+                fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "json_schema")):
+            raise bad("'output_config' must be like {'format': {'type': 'json_schema', 'schema': {...}}, 'effort': "
+                      "'low' | 'medium' | 'high'}", "output_config")
+        if fmt is not None:
+            out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
+                                                                             "schema": fmt.get("schema")}}
+        if config.get("effort") is not None:
+            out.setdefault("reasoning_effort", EFFORTS[config["effort"]])
+    out.update(_tools(body))
+    return out
+
+
+class Blocks:
+    """A message's content blocks as the reply's pieces arrive, and the stream events that announce them."""
+
+    def __init__(self):
+        self.blocks: list[dict] = []
+        self.open: str | None = None  # the kind of the last block while it is being written
+        self.args: dict[int, str] = {}  # tool-call index -> its input's JSON text
+        self.calls: dict[int, int] = {}  # tool-call index -> block index
+
+    def add(self, piece: Piece) -> list[dict]:
+        """Events for one piece of the reply."""
+        ev = []
+        if piece.reasoning:
+            ev += self._start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.blocks[-1]["thinking"] += piece.reasoning
+            ev.append(self._delta({"type": "thinking_delta", "thinking": piece.reasoning}))
+        if piece.text:
+            ev += self._start("text", {"type": "text", "text": ""})
+            self.blocks[-1]["text"] += piece.text
+            ev.append(self._delta({"type": "text_delta", "text": piece.text}))
+        for d in piece.calls:
+            k = d["index"]
+            if "id" in d:
+                ev += self.close()
+                tid = "toolu_" + d["id"].removeprefix("call_")
+                ev += self._start(f"tool{k}", {"type": "tool_use", "id": tid, "name": d["function"]["name"],
+                                               "input": {}})
+                self.calls[k], self.args[k] = len(self.blocks) - 1, ""
+            args = d["function"].get("arguments", "")
+            if args:
+                self.args[k] += args
+                if self.open == f"tool{k}":
+                    ev.append(self._delta({"type": "input_json_delta", "partial_json": args}))
+        return ev
+
+    def finish(self) -> list[dict]:
+        """Close the last block; tool inputs become objects."""
+        ev = self.close()
+        for k, b in self.calls.items():
+            try:
+                value = json.loads(self.args[k] or "{}")
+            except ValueError:
+                value = {}
+            self.blocks[b]["input"] = value if isinstance(value, dict) else {}
+        if not self.blocks:
+            self.blocks.append({"type": "text", "text": ""})
+        return ev
+
+    def _start(self, kind: str, block: dict) -> list[dict]:
+        if self.open == kind:
+            return []
+        ev = self.close()
+        self.blocks.append(block)
+        self.open = kind
+        return ev + [{"type": "content_block_start", "index": len(self.blocks) - 1,
+                      "content_block": json.loads(json.dumps(block))}]
+
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta}
+
+    def close(self) -> list[dict]:
+        """Events that end the open block."""
+        if self.open is None:
+            return []
+        self.open = None
+        ev = []
+        if self.blocks[-1]["type"] == "thinking":
+            ev.append(self._delta({"type": "signature_delta", "signature": ""}))
+        return ev + [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
+
+
+class Messages:
+    """The Messages routes of one `Server`."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def _job(self, body: Any, counting: bool = False) -> protocol.Job:
+        chat = chat_body(body, counting)
+        try:
+            return protocol.parse(chat, "chat", self.server.model, self.server.thinks)
+        except ApiError as e:
+            e.param = PARAMS.get(e.param, e.param)
+            raise
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""
+        body = await self.server._body(request)
+        self.server._check_model(body)
+        return web.json_response({"input_tokens": len(self._job(body, counting=True).prompts[0])})
+
+    @staticmethod
+    def _stop(turn: Turn, choice) -> tuple[str, str | None]:
+        """`(stop_reason, stop_sequence)`."""
+        if turn.finish == "tool_calls":
+            return "tool_use", None
+        if turn.finish == "length":
+            return "max_tokens", None
+        if choice.stop_hit is not None:
+            return "stop_sequence", choice.stop_hit
+        return "end_turn", None
+
+    def _usage(self, req, choice) -> dict:
+        return {"input_tokens": len(req.prompt_ids) - req.cached_tokens, "output_tokens": len(choice.token_ids),
+                "cache_read_input_tokens": req.cached_tokens, "cache_creation_input_tokens": 0}
+
+    def _message(self, rid: str, content: list, req, stop: tuple[str | None, str | None], choice) -> dict:
+        return {"id": rid, "type": "message", "role": "assistant", "model": self.server.name, "content": content,
+                "stop_reason": stop[0], "stop_sequence": stop[1], "usage": self._usage(req, choice)}
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/messages."""
+        async def answer(body, call) -> web.StreamResponse:
+            job = self._job(body)
+            parts, events = self.server.admit(job, call, "msg")
+            turn, blocks = Turn(job), Blocks()
+            if job.stream:
+                return await self._stream(request, call, events, turn, blocks)
+            await self.server.collect(events, call)
+            req = call.reqs[0]
+            choice = req.choices[0]
+            blocks.add(turn.feed(choice.text, choice.finish_reason))
+            blocks.finish()
+            return web.json_response(self._message(call.rid, blocks.blocks, req, self._stop(turn, choice), choice))
+        return await self.server.serve(request, answer)
+
+    async def _stream(self, request, call, events, turn: Turn, blocks: Blocks) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        req = call.reqs[0]
+        choice = req.choices[0]
+
+        async def send(ev: dict) -> None:
+            await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
+
+        async with contextlib.aclosing(events) as events:
+            try:
+                await resp.prepare(request)
+                await send({"type": "message_start", "message": self._message(call.rid, [], req, (None, None),
+                                                                              choice)})
+                try:
+                    async with asyncio.timeout(self.server.request_timeout):
+                        async for i, deltas in events:
+                            call.took.saw(i, deltas, self.server.prom)
+                            for d in deltas:
+                                if d.finish_reason == "error":
+                                    raise ApiError(500, "the engine failed while generating", type_="server_error")
+                                for ev in blocks.add(turn.feed(d.text, d.finish_reason)):
+                                    await send(ev)
+                except TimeoutError:
+                    raise self.server.timed_out() from None
+                for ev in blocks.finish():
+                    await send(ev)
+                stop = self._stop(turn, choice)
+                await send({"type": "message_delta", "delta": {"stop_reason": stop[0], "stop_sequence": stop[1]},
+                            "usage": self._usage(req, choice)})
+                await send({"type": "message_stop"})
+            except ApiError as e:
+                await send(error_body(e))
+            except StreamOverflow:
+                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
+                resp.force_close()
+            except (ConnectionResetError, ConnectionError):
+                log.info("client went away during %s; its request was aborted", call.rid)
+        return resp

@@ -1,0 +1,420 @@
+"""OpenAI's Responses API (`/v1/responses`), translated onto the chat path.
+
+A request's `input` (a string, or items: messages, `function_call`, `function_call_output`), its `instructions`,
+function `tools`, `text.format` and sampling fields become a chat-completions body that `protocol.parse` validates
+like any other, so tools, structured output, reasoning, metrics, back-pressure and timeouts are shared. The reply is
+read through a `Turn` and written as output items (reasoning, message, function calls), whole or as the official
+event stream. Stored responses (`store`, default true) keep their conversation in SQLite (`server.store`), which
+`previous_response_id` continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from engine.llm import StreamOverflow
+from server import protocol
+from server.protocol import ApiError, bad
+from server.turn import Piece, Turn
+
+log = logging.getLogger("sparkler.server")
+PASSED = ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
+          "repetition_penalty", "mirostat_target", "mirostat_lr", "seed", "logit_bias", "ignore_eos", "stop",
+          "prompt_cache_max_len", "prompt_cache_isolation_key", "context_length_exceeded_behavior",
+          "prompt_truncate_len", "chat_template_kwargs", "reasoning_effort", "parallel_tool_calls")
+PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+TEXT_PARTS = ("input_text", "output_text", "text")
+EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "none": "none"}
+
+
+def routes(app: web.Application, server) -> None:
+    """Add the Responses routes to `app`."""
+    api = Responses(server)
+    app.router.add_post("/v1/responses", api.create)
+    app.router.add_get("/v1/responses/{id}", api.retrieve)
+    app.router.add_delete("/v1/responses/{id}", api.delete)
+    app.router.add_get("/v1/responses/{id}/input_items", api.input_items)
+
+
+def _new(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"),
+                                                                                                   str):
+                raise bad(f"{where}: only text parts ({', '.join(TEXT_PARTS)}) are supported", "input")
+            out.append(part["text"])
+        return "".join(out)
+    raise bad(f"{where} must be a string or a list of text parts", "input")
+
+
+def items_of(value: Any) -> list[dict]:
+    """`input` as normalized items: messages with text content, function calls and their outputs (reasoning items
+    are dropped: a model's earlier thinking is not sent back to it)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise bad("'input' must be a string or a non-empty list of items", "input")
+    out = []
+    for i, it in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(it, dict):
+            raise bad(f"{where} must be an object", "input")
+        kind = it.get("type", "message")
+        if kind == "message":
+            if it.get("role") not in ("user", "system", "developer", "assistant"):
+                raise bad(f"{where}.role must be user, system, developer or assistant", "input")
+            out.append({"type": "message", "role": it["role"], "content": _text(it.get("content"), where)})
+        elif kind == "function_call":
+            if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise bad(f"{where}: a function_call needs string call_id, name and arguments", "input")
+            out.append({"type": "function_call", "call_id": it["call_id"], "name": it["name"],
+                        "arguments": it["arguments"]})
+        elif kind == "function_call_output":
+            if not isinstance(it.get("call_id"), str):
+                raise bad(f"{where}: a function_call_output needs a string call_id", "input")
+            out.append({"type": "function_call_output", "call_id": it["call_id"],
+                        "output": _text(it.get("output"), f"{where}.output")})
+        elif kind != "reasoning":
+            raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
+                      "function_call_output)", "input")
+    return out
+
+
+def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
+    """Chat messages for a conversation's items (consecutive calls join the assistant turn before them)."""
+    msgs = [{"role": "system", "content": instructions}] if instructions else []
+    for it in items:
+        if it["type"] == "message":
+            msgs.append({"role": it["role"], "content": it["content"]})
+        elif it["type"] == "function_call":
+            call = {"id": it["call_id"], "type": "function",
+                    "function": {"name": it["name"], "arguments": it["arguments"]}}
+            if msgs and msgs[-1]["role"] == "assistant":
+                msgs[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        else:
+            msgs.append({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]})
+    return msgs
+
+
+def _tools(body: dict) -> dict:
+    """Function tools and tool_choice in chat's shape."""
+    tools, choice, out = body.get("tools"), body.get("tool_choice"), {}
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        return out
+    if not isinstance(tools, list):
+        raise bad("'tools' must be a list of function tools", "tools")
+    funcs = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise bad(f"tools[{i}]: only function tools ({{'type': 'function', 'name', 'parameters'}}) are served "
+                      "here", "tools")
+        funcs.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                        if k in t}})
+    out["tools"] = funcs
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
+                      "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+def _format(body: dict) -> dict | None:
+    """`text.format` as chat's response_format."""
+    text = body.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad("'text' must be an object like {'format': {'type': 'json_schema', ...}}", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad("'text.format' must be an object", "text.format")
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema")}}
+    return fmt
+
+
+def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+    """`(chat-completions body, the conversation's items: history then this input)` for a Responses body."""
+    items = history + items_of(body.get("input"))
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("'instructions' must be a string", "instructions")
+    out = {k: body[k] for k in PASSED if k in body}
+    out["messages"] = messages_of(items, instructions)
+    out.update(_tools(body))
+    fmt = _format(body)
+    if fmt is not None:
+        out["response_format"] = fmt
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    effort = body.get("reasoning")
+    if effort is not None:
+        if not isinstance(effort, dict) or effort.get("effort", "medium") not in EFFORT:
+            raise bad("'reasoning' must be an object like {'effort': 'low' | 'medium' | 'high' | 'none'}", "reasoning")
+        if "effort" in effort and "reasoning_effort" not in out:
+            out["reasoning_effort"] = EFFORT[effort["effort"]]
+    out["stream"] = protocol._flag(body, "stream")
+    return out, items
+
+
+class Output:
+    """A response's output items as the reply's pieces arrive, and the stream events that announce them."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self.open: dict | None = None  # the item being written
+        self.calls: dict[int, dict] = {}  # tool-call index -> its item
+
+    def add(self, piece: Piece) -> list[dict]:
+        """Events for one piece: items opened and closed, text, reasoning and argument deltas."""
+        ev = []
+        if piece.reasoning:
+            ev += self._start("reasoning")
+            self.open["content"][0]["text"] += piece.reasoning
+            ev.append(self._at("response.reasoning_text.delta", content_index=0, delta=piece.reasoning))
+        if piece.text:
+            ev += self._start("message")
+            self.open["content"][0]["text"] += piece.text
+            ev.append(self._at("response.output_text.delta", content_index=0, delta=piece.text, logprobs=[]))
+        for d in piece.calls:
+            if "id" in d:
+                ev += self.close()
+                self.open = {"id": _new("fc"), "type": "function_call", "call_id": d["id"],
+                             "name": d["function"]["name"], "arguments": "", "status": "in_progress"}
+                self.calls[d["index"]] = self.open
+                ev += self._added()
+            args = d["function"].get("arguments", "")
+            item = self.calls[d["index"]]
+            if args:
+                item["arguments"] += args
+                if item is self.open:
+                    ev.append(self._at("response.function_call_arguments.delta", delta=args))
+        return ev
+
+    def finish(self) -> list[dict]:
+        """Close the last item (an empty message when the reply had nothing)."""
+        ev = self.close()
+        if not self.items:
+            ev += self._start("message") + self.close()
+        return ev
+
+    def _at(self, kind: str, **fields) -> dict:
+        return {"type": kind, "item_id": self.open["id"], "output_index": len(self.items) - 1, **fields}
+
+    def _added(self) -> list[dict]:
+        self.items.append(self.open)
+        return [{"type": "response.output_item.added", "output_index": len(self.items) - 1,
+                 "item": json.loads(json.dumps(self.open))}]
+
+    def _start(self, kind: str) -> list[dict]:
+        if self.open is not None and self.open["type"] == kind:
+            return []
+        ev = self.close()
+        if kind == "reasoning":
+            self.open = {"id": _new("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
+                         "content": [{"type": "reasoning_text", "text": ""}]}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            self.open = {"id": _new("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        ev += self._added()
+        ev[-1]["item"]["content"] = []
+        ev.append(self._at("response.content_part.added", content_index=0, part=part))
+        return ev
+
+    def close(self) -> list[dict]:
+        """Events that finish the open item."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        self.open = item
+        item["status"] = "completed"
+        ev = []
+        if item["type"] == "function_call":
+            ev.append(self._at("response.function_call_arguments.done", arguments=item["arguments"],
+                               name=item["name"]))
+        else:
+            part = item["content"][0]
+            done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+            extra = {} if item["type"] == "reasoning" else {"logprobs": []}
+            ev.append(self._at(done, content_index=0, text=part["text"], **extra))
+            ev.append(self._at("response.content_part.done", content_index=0, part=part))
+        ev.append({"type": "response.output_item.done", "output_index": len(self.items) - 1,
+                   "item": json.loads(json.dumps(item))})
+        self.open = None
+        return ev
+
+
+class Responses:
+    """The Responses routes of one `Server`."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def _history(self, body: dict) -> tuple[list[dict], str | None]:
+        prev = body.get("previous_response_id")
+        if prev is None:
+            return [], None
+        if not isinstance(prev, str):
+            raise bad("'previous_response_id' must be a string", "previous_response_id")
+        found = self.server.store.get(prev)
+        if found is None:
+            raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
+                           code="previous_response_not_found")
+        return (items_of(found[1]) if found[1] else []), prev
+
+    def _shell(self, body: dict, rid: str, created: float, prev: str | None) -> dict:
+        """The response object before its output: the settings it echoes back."""
+        effort = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+        return {"id": rid, "object": "response", "created_at": created, "status": "in_progress", "error": None,
+                "incomplete_details": None, "instructions": body.get("instructions"),
+                "max_output_tokens": body.get("max_output_tokens"), "model": self.server.name, "output": [],
+                "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": prev,
+                "reasoning": {"effort": effort.get("effort"), "summary": None},
+                "store": body.get("store", True) is not False, "temperature": body.get("temperature"),
+                "text": body.get("text") or {"format": {"type": "text"}},
+                "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+                "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+                "metadata": body.get("metadata") or {}}
+
+    def _finished(self, shell: dict, out: Output, turn: Turn, reqs) -> dict:
+        """The response once the reply has ended."""
+        req = reqs[0]
+        choice = req.choices[0]
+        incomplete = turn.finish == "length"
+        used = {"input_tokens": len(req.prompt_ids), "input_tokens_details": {"cached_tokens": req.cached_tokens},
+                "output_tokens": len(choice.token_ids),
+                "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(choice, turn)},
+                "total_tokens": len(req.prompt_ids) + len(choice.token_ids)}
+        return {**shell, "status": "incomplete" if incomplete else "completed",
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "output": out.items, "usage": used, "completed_at": time.time()}
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses."""
+        async def answer(body, call) -> web.StreamResponse:
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            history, prev = self._history(body)
+            store = body.get("store", True)
+            if not isinstance(store, bool):
+                raise bad("'store' must be a boolean", "store")
+            chat, items = chat_body(body, history)
+            try:
+                job = protocol.parse(chat, "chat", self.server.model, self.server.thinks)
+            except ApiError as e:
+                e.param = PARAMS.get(e.param, e.param)
+                raise
+            parts, events = self.server.admit(job, call, "resp")
+            shell = self._shell(body, call.rid, time.time(), prev)
+            turn, out = Turn(job), Output()
+            if job.stream:
+                return await self._stream(request, call, job, events, shell, turn, out, items if store else None)
+            await self.server.collect(events, call)
+            choice = call.reqs[0].choices[0]
+            out.add(turn.feed(choice.text, choice.finish_reason))
+            out.finish()
+            result = self._finished(shell, out, turn, call.reqs)
+            if store:
+                self.server.store.put(result, items + out.items)
+            return web.json_response(result)
+        return await self.server.serve(request, answer)
+
+    async def _stream(self, request, call, job, events, shell: dict, turn: Turn, out: Output,
+                      items: list[dict] | None) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        seq = 0
+
+        async def send(ev: dict) -> None:
+            nonlocal seq
+            ev = {**ev, "sequence_number": seq}
+            seq += 1
+            await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
+
+        async with contextlib.aclosing(events) as events:
+            try:
+                await resp.prepare(request)
+                await send({"type": "response.created", "response": shell})
+                await send({"type": "response.in_progress", "response": shell})
+                try:
+                    async with asyncio.timeout(self.server.request_timeout):
+                        async for i, deltas in events:
+                            call.took.saw(i, deltas, self.server.prom)
+                            for d in deltas:
+                                if d.finish_reason == "error":
+                                    raise ApiError(500, "the engine failed while generating", type_="server_error",
+                                                   code="engine_error")
+                                for ev in out.add(turn.feed(d.text, d.finish_reason)):
+                                    await send(ev)
+                except TimeoutError:
+                    raise self.server.timed_out() from None
+                for ev in out.finish():
+                    await send(ev)
+                result = self._finished(shell, out, turn, call.reqs)
+                if items is not None:
+                    self.server.store.put(result, items + out.items)
+                kind = "response.incomplete" if result["status"] == "incomplete" else "response.completed"
+                await send({"type": kind, "response": result})
+            except ApiError as e:
+                await send({"type": "error", "code": e.code, "message": e.message, "param": e.param})
+                await send({"type": "response.failed", "response": {
+                    **shell, "status": "failed", "output": out.items,
+                    "error": {"code": e.code or "server_error", "message": e.message}}})
+            except StreamOverflow:
+                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
+                resp.force_close()
+            except (ConnectionResetError, ConnectionError):
+                log.info("client went away during %s; its request was aborted", call.rid)
+        return resp
+
+    def _stored(self, request: web.Request) -> tuple[dict, list[dict]]:
+        found = self.server.store.get(request.match_info["id"])
+        if found is None:
+            raise ApiError(404, f"no stored response with id {request.match_info['id']!r}", code="not_found")
+        return found
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        """GET /v1/responses/{id}: a stored response."""
+        return web.json_response(self._stored(request)[0])
+
+    async def input_items(self, request: web.Request) -> web.Response:
+        """GET /v1/responses/{id}/input_items: the conversation items that led to a stored response."""
+        response, items = self._stored(request)
+        inputs = items[:len(items) - len(response["output"])]
+        data = [{"id": it.get("id") or f"item_{k}", **it} for k, it in enumerate(inputs)]
+        return web.json_response({"object": "list", "data": data, "has_more": False,
+                                  "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """DELETE /v1/responses/{id}."""
+        rid = request.match_info["id"]
+        if not self.server.store.delete(rid):
+            raise ApiError(404, f"no stored response with id {rid!r}", code="not_found")
+        return web.json_response({"id": rid, "object": "response", "deleted": True})

@@ -1,0 +1,130 @@
+"""Reasoning output: a model's thinking, written between `<think>` and `</think>` (Qwen3, DeepSeek-R1 and V3.1), is
+split from its answer as the text streams, and `reasoning_effort` becomes chat-template arguments and a token budget.
+
+`Splitter` works on text pieces as they arrive and never splits a tag across pieces: text that may still become a
+tag is held back until the next piece decides it. Feeding a text in any pieces gives the same reasoning and answer as
+feeding it whole (a property test checks it). Whitespace around the thinking and before the answer is dropped, as
+the peers' parsers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+OPEN, CLOSE = "<think>", "</think>"
+PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
+EFFORTS = ("none", "low", "medium", "high")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thinking:
+    """What one request asks of a reasoning model: whether its prompt opened a thinking block, and a budget of
+    thinking tokens after which the engine closes the block (None: bounded by max_tokens alone)."""
+
+    opened: bool = False
+    budget: int | None = None
+
+
+def opens(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside a thinking block (the template wrote `<think>` for the model)."""
+    return prompt_text.rfind(OPEN) > prompt_text.rfind(CLOSE)
+
+
+def template_thinks(chat_template: Any) -> bool:
+    """Whether a chat template writes thinking blocks (`--reasoning-parser auto` turns the parser on for it)."""
+    return isinstance(chat_template, str) and OPEN in chat_template and CLOSE in chat_template
+
+
+def effort(value: Any, bad) -> tuple[dict, int | None]:
+    """`(chat-template arguments, thinking budget)` for Fireworks' `reasoning_effort`: "none" or false turn thinking
+    off (a template that opens the block anyway gets it closed at once: budget 0); true, "low", "medium" and "high"
+    turn it on (the level goes to templates that take one); an integer is a budget of thinking tokens."""
+    if value is None:
+        return {}, None
+    if value is False or value == "none" or value == 0:
+        return {"enable_thinking": False, "thinking": False}, 0
+    if value is True:
+        return {"enable_thinking": True, "thinking": True}, None
+    if isinstance(value, str) and value in EFFORTS:
+        return {"enable_thinking": True, "thinking": True, "reasoning_effort": value}, None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return {"enable_thinking": True, "thinking": True}, value
+    raise bad("'reasoning_effort' must be 'none', 'low', 'medium', 'high', a boolean, or a token budget (an integer "
+              f">= 0), got {value!r}", "reasoning_effort")
+
+
+def _partial(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `tag`."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+
+
+class Splitter:
+    """One choice's generated text, split into `(reasoning, answer)` pieces as it arrives."""
+
+    def __init__(self, opened: bool = False):
+        self.state = "think" if opened else "start"  # start: a block may still open; think; gap: before the answer
+        self.buf = ""
+        self.lead = True  # no reasoning sent yet (leading whitespace is dropped)
+
+    @property
+    def thinking(self) -> bool:
+        """Inside an unclosed thinking block."""
+        return self.state == "think"
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        """The reasoning and the answer text that `piece` completes; `final`: the text ends here (what was held
+        back goes out as what it is)."""
+        self.buf += piece
+        reasoning = answer = ""
+        while True:
+            if self.state == "start":
+                head = self.buf.lstrip()
+                if head.startswith(OPEN):
+                    self.buf, self.state = head[len(OPEN):], "think"
+                    continue
+                if OPEN.startswith(head) and not final:
+                    return reasoning, answer  # may still open a block
+                self.state = "answer"
+                continue
+            if self.state == "think":
+                if self.lead:
+                    self.buf = self.buf.lstrip()
+                i = self.buf.find(CLOSE)
+                if i >= 0:
+                    reasoning += self.buf[:i].rstrip()
+                    self.buf, self.state = self.buf[i + len(CLOSE):], "gap"
+                    continue
+                keep = len(self.buf) if final else len(self.buf) - _partial(self.buf, CLOSE)
+                out = self.buf[:keep] if final else self.buf[:keep].rstrip()
+                self.buf = self.buf[len(out):]
+                if final:
+                    out = out.rstrip()
+                reasoning += out
+                self.lead = self.lead and not out
+                return reasoning, answer
+            if self.state == "gap":
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return reasoning, answer
+                self.state = "answer"
+            answer += self.buf
+            self.buf = ""
+            return reasoning, answer
+
+
+def split(text: str, opened: bool = False) -> tuple[str, str]:
+    """`(reasoning, answer)` of a whole text."""
+    return Splitter(opened).feed(text, final=True)
+
+
+def resolve(parser: str, tokenizer) -> tuple[bool, tuple[int, int] | None]:
+    """`(split thinking out, (open id, close id))` for `--reasoning-parser` (auto: when the chat template writes
+    thinking blocks); the ids are None where a tag is not one token of the vocabulary (no budget then)."""
+    if parser not in ("auto", "none", *PARSERS):
+        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}")
+    on = parser in PARSERS or (parser == "auto" and template_thinks(getattr(tokenizer, "chat_template", None)))
+    if not on:
+        return False, None
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (OPEN, CLOSE)]
+    return True, (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None

@@ -1,0 +1,64 @@
+"""Stored responses of `/v1/responses` (`store: true`), in SQLite, so a conversation continued by
+`previous_response_id` survives a server restart.
+
+Why SQLite (Python's `sqlite3`): one file, transactions, no server to run, and a write per response is
+microseconds; each row holds the response object and the conversation up to it (input items, then output items),
+as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
+
+
+class ResponseStore:
+    """Responses by id: `put`, `get`, `delete` (thread-safe; the file is made on first use)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute(SCHEMA)
+            self._db.commit()
+        return self._db
+
+    def put(self, response: dict, items: list[dict]) -> None:
+        """Keep a response and its conversation (every item up to and including its output)."""
+        with self.lock:
+            db = self._conn()
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                       (response["id"], time.time(), json.dumps(response), json.dumps(items)))
+            db.commit()
+
+    def get(self, rid: str) -> tuple[dict, list[dict]] | None:
+        """`(response, conversation items)`, or None when no such response is stored."""
+        with self.lock:
+            row = self._conn().execute("SELECT response, items FROM responses WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+
+    def delete(self, rid: str) -> bool:
+        """Forget a response; False when there was none."""
+        with self.lock:
+            db = self._conn()
+            gone = db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
+            db.commit()
+        return gone > 0
+
+    def close(self) -> None:
+        """Close the file."""
+        with self.lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,61 @@
+"""One generated choice as the three APIs see it: thinking, answer text and tool calls, piece by piece as the text
+streams, accumulated for the whole reply. Chat completions, Responses and Messages all read a choice through a
+`Turn`, so reasoning and tool calls are parsed once, the same way for every API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from server import reasoning, tools
+from server.protocol import Job
+
+
+@dataclasses.dataclass
+class Piece:
+    """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tools.CallStream`'s)."""
+
+    reasoning: str = ""
+    text: str = ""
+    calls: list[dict] = dataclasses.field(default_factory=list)
+
+
+class Turn:
+    """A choice's reasoning, answer and tool calls so far (`feed` the engine's text pieces in order)."""
+
+    def __init__(self, job: Job):
+        self.split = reasoning.Splitter(job.thinking.opened) if job.thinking is not None else None
+        offered = job.tools is not None and job.tools.choice != "none"
+        self.stream = tools.CallStream(job.tools) if offered else None
+        self.reasoning, self.text = "", ""
+        self.calls: list[dict] = []  # {"id", "name", "arguments"} in order
+        self.finish: str | None = None
+
+    def feed(self, text: str, finish: str | None = None) -> Piece:
+        """The next piece of generated text (`finish`: the choice ended with that reason, this is its last)."""
+        final = finish is not None
+        thought, answer = self.split.feed(text, final) if self.split is not None else ("", text)
+        piece = Piece(reasoning=thought)
+        if self.stream is not None:
+            piece.text, piece.calls, _ = self.stream.feed(answer, finish)
+        else:
+            piece.text = answer
+        self.reasoning += piece.reasoning
+        self.text += piece.text
+        for d in piece.calls:
+            if "id" in d:
+                self.calls.append({"id": d["id"], "name": d["function"]["name"], "arguments": ""})
+            self.calls[d["index"]]["arguments"] += d["function"].get("arguments", "")
+        if final:
+            self.finish = "tool_calls" if self.calls and finish == "stop" else finish
+        return piece
+
+    @property
+    def thinking(self) -> bool:
+        """Still inside an unclosed thinking block."""
+        return self.split is not None and self.split.thinking
+
+    def openai_calls(self) -> list[dict]:
+        """The tool calls in chat completions' shape."""
+        return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in self.calls]
