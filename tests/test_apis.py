@@ -1,0 +1,180 @@
+"""OpenAI's Responses and Anthropic's Messages through their official clients over a real loopback socket, on the
+packaged SmolLM2 (the same live server as the chat tests)."""
+
+import json
+
+import anthropic
+import jsonschema
+import openai
+import pytest
+
+from test_server import HELLO, MODEL, http
+from test_tools import PARAMS, WEATHER
+
+QUESTION = HELLO[0]["content"]
+R_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}]
+A_TOOLS = [{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER}]
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture()
+def claude(api):
+    """The official anthropic client pointed at the live server."""
+    return anthropic.Anthropic(base_url=api.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, **kw)
+
+
+# ---- /v1/responses ---------------------------------------------------------------------------------------------
+
+def test_responses_text_and_stream_equal_chat(client):
+    want = _chat(client, max_tokens=40)
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0)
+    assert r.output_text == want.choices[0].message.content and r.object == "response"
+    assert r.usage.input_tokens == want.usage.prompt_tokens
+    assert r.usage.output_tokens == want.usage.completion_tokens
+    assert r.status == ("incomplete" if want.choices[0].finish_reason == "length" else "completed")
+    # streamed, ended by a stop sequence (a Fireworks extra): the official event sequence, and the same text
+    stop = {"stop": ["Paris"]}
+    cut = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0, extra_body=stop)
+    with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0,
+                                 extra_body=stop) as s:
+        events = list(s)
+        final = s.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == cut.output_text == "".join(e.delta for e in events if hasattr(e, "delta"))
+    assert final.status == cut.status == "completed" and "Paris" not in cut.output_text
+
+
+def test_responses_forced_tool_call_then_its_result(api, client):
+    for choice in ("required", {"type": "function", "name": "get_weather"}):
+        r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=R_TOOLS,
+                                    tool_choice=choice, max_output_tokens=120, temperature=0)
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert calls and r.status == "completed"
+        for c in calls:
+            assert c.name == "get_weather" and c.call_id
+            jsonschema.validate(json.loads(c.arguments), WEATHER)
+    # the result in the next turn, by previous_response_id: the tool's output reaches the prompt
+    nxt = client.responses.create(model=MODEL, previous_response_id=r.id, tools=R_TOOLS, max_output_tokens=16,
+                                  temperature=0, input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                                         "output": "18 degrees and sunny"}])
+    assert nxt.status in ("completed", "incomplete") and nxt.previous_response_id == r.id
+    assert nxt.usage.input_tokens > r.usage.input_tokens
+    status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items")
+    kinds = [it["type"] for it in items["data"]]
+    assert status == 200 and kinds == ["message", "function_call", "function_call_output"]
+    # streamed: the call's arguments arrive as deltas and assemble to valid arguments
+    with client.responses.stream(model=MODEL, input="Weather in Oslo?", tools=R_TOOLS, tool_choice="required",
+                                 max_output_tokens=120, temperature=0) as s:
+        events = list(s)
+        final = s.get_final_response()
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    call = next(o for o in final.output if o.type == "function_call")
+    assert args == done[0].arguments == call.arguments
+    jsonschema.validate(json.loads(args), PARAMS[call.name])
+
+
+def test_responses_structured_output_instructions_and_storage(api, client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="Name a city.", max_output_tokens=60, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+    told = client.responses.create(model=MODEL, input=QUESTION, instructions="Answer in one word.",
+                                   max_output_tokens=4, temperature=0)
+    plain = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=4, temperature=0, store=False)
+    _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [{"role": "system", "content": "Answer in one word."},
+                                                                *HELLO]})
+    assert told.usage.input_tokens == tokens["count"] != plain.usage.input_tokens
+    assert client.responses.retrieve(told.id).output_text == told.output_text
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(plain.id)  # store: false keeps nothing
+    client.responses.delete(told.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(told.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id=told.id)
+    assert e.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", tools=[{"type": "web_search"}])
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
+    assert e.value.body["param"] == "input"
+
+
+# ---- /v1/messages ----------------------------------------------------------------------------------------------
+
+def test_messages_text_stream_and_stop_sequence(api, client, claude):
+    want = _chat(client, max_tokens=40)
+    m = claude.messages.create(model=MODEL, max_tokens=40, messages=HELLO, extra_body=GREEDY)
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    assert m.content[0].type == "text" and m.content[0].text == want.choices[0].message.content
+    assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[want.choices[0].finish_reason]
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == want.usage.prompt_tokens
+    assert m.usage.output_tokens == want.usage.completion_tokens
+    with claude.messages.stream(model=MODEL, max_tokens=40, messages=HELLO, extra_body=GREEDY) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_message()
+    assert final.content[0].text == m.content[0].text and final.stop_reason == m.stop_reason
+    assert kinds[:2] == ["message_start", "content_block_start"] and kinds[-2:] == ["message_delta", "message_stop"]
+    stopped = claude.messages.create(model=MODEL, max_tokens=40, messages=HELLO, stop_sequences=["Paris"],
+                                     extra_body=GREEDY)
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "Paris"
+    assert "Paris" not in stopped.content[0].text
+    system = [{"type": "text", "text": "You are a geography teacher."}]
+    count = claude.messages.count_tokens(model=MODEL, messages=HELLO, system=system)
+    _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [{"role": "system", "content": system[0]["text"]},
+                                                                *HELLO]})
+    assert count.input_tokens == tokens["count"]
+
+
+def test_messages_forced_tool_use_then_its_result(claude):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        m = claude.messages.create(model=MODEL, max_tokens=120, messages=ask, tools=A_TOOLS, tool_choice=choice,
+                                   extra_body=GREEDY)
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert m.stop_reason == "tool_use" and uses
+        for u in uses:
+            assert u.name == "get_weather" and u.id.startswith("toolu_")
+            jsonschema.validate(u.input, WEATHER)
+    turn = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                                "content": "18 degrees and sunny"}]}]
+    nxt = claude.messages.create(model=MODEL, max_tokens=16, messages=turn, tools=A_TOOLS, extra_body=GREEDY)
+    assert nxt.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    with_result = claude.messages.count_tokens(model=MODEL, messages=turn, tools=A_TOOLS).input_tokens
+    without = claude.messages.count_tokens(model=MODEL, messages=turn[:2], tools=A_TOOLS).input_tokens
+    assert with_result > without
+    with claude.messages.stream(model=MODEL, max_tokens=120, messages=ask, tools=A_TOOLS,
+                                tool_choice={"type": "any"}, extra_body=GREEDY) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_message()
+    assert "input_json" in kinds and final.stop_reason == "tool_use"
+    jsonschema.validate(next(b for b in final.content if b.type == "tool_use").input, WEATHER)
+
+
+def test_messages_errors_take_anthropics_shape(api, claude):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL, max_tokens=0, messages=HELLO)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.NotFoundError) as e:
+        claude.messages.create(model="claude-opus", max_tokens=4, messages=HELLO)
+    assert e.value.body["error"]["type"] == "not_found_error"
+    status, out, _ = http(api, "POST", "/v1/messages", raw=b"{nope")
+    assert status == 400 and out["error"]["type"] == "invalid_request_error"
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {}}]}]})
+    assert status == 400 and "image" in out["error"]["message"]
+    assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
