@@ -1,0 +1,175 @@
+"""Reasoning output: the `<think>` splitter on streams cut anywhere (hypothesis), and a small random Qwen3 whose chat
+template opens a thinking block, served live: reasoning_content in chat, a reasoning item in Responses, a thinking
+block in Messages, and the token budget the engine enforces."""
+
+import dataclasses
+
+import anthropic
+import openai
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server import reasoning
+from server.reasoning import CLOSE, OPEN, Splitter
+
+NAME = "tiny-thinker"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+            "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+
+
+# ---- the splitter ----------------------------------------------------------------------------------------------
+
+def reference(text: str, opened: bool) -> tuple[str, str]:
+    """The split written out plainly: the block (opened by the prompt, or by the text's first non-blank
+    characters) up to its close is the reasoning, the rest the answer; blanks around both are dropped."""
+    if not opened:
+        head = text.lstrip()
+        if not head.startswith(OPEN):
+            return "", text
+        text = head[len(OPEN):]
+    if CLOSE not in text:
+        return text.strip(), ""
+    thought, answer = text.split(CLOSE, 1)
+    return thought.strip(), answer.lstrip()
+
+
+PIECES = st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</thi", "think>", ">", " ", "\n", "a", "b c", "é", "x\n"])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(parts=st.lists(PIECES, max_size=14), cuts=st.lists(st.integers(0, 80), max_size=8), opened=st.booleans())
+def test_a_stream_cut_anywhere_splits_like_the_whole_text(parts, cuts, opened):
+    text = "".join(parts)
+    whole = reasoning.split(text, opened)
+    assert whole == reference(text, opened)
+    sp, got, last = Splitter(opened), ["", ""], 0
+    for cut in sorted({min(c, len(text)) for c in cuts}) + [len(text)]:
+        r, a = sp.feed(text[last:cut], final=cut == len(text))
+        got[0] += r
+        got[1] += a
+        last = cut
+    assert tuple(got) == whole
+
+
+def test_reasoning_effort_values():
+    def bad(message, param):
+        return ValueError(message)
+    assert reasoning.effort(None, bad) == ({}, None)
+    assert reasoning.effort("none", bad)[1] == 0 and reasoning.effort(False, bad)[0]["enable_thinking"] is False
+    assert reasoning.effort("high", bad) == ({"enable_thinking": True, "thinking": True, "reasoning_effort": "high"},
+                                             None)
+    assert reasoning.effort(True, bad)[1] is None and reasoning.effort(64, bad)[1] == 64
+    for wrong in ("huge", -1, 1.5, [1]):
+        with pytest.raises(ValueError):
+            reasoning.effort(wrong, bad)
+
+
+# ---- a small thinking model, served ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def thinker(smollm, tmp_path_factory):
+    """A live server over a 2-layer random Qwen3 with SmolLM2's tokenizer plus `<think>` / `</think>` (one token
+    each) and a template that opens the block in the prompt, as DeepSeek-R1's and newer Qwen3 ones do."""
+    from conftest import live_server
+    from engine.runner import RunnerConfig
+    from models import load_model
+
+    folder = tmp_path_factory.mktemp("thinker")
+    tok = smollm.tokenizer
+    tok.save_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok.add_tokens([OPEN, CLOSE])
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(str(folder))
+    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(str(folder), safe_serialization=True)
+    model = dataclasses.replace(load_model(str(folder)), name=NAME)
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05)
+    yield from live_server(model, rc, responses_db=str(folder / "responses.sqlite"))
+
+
+def _ask(thinker, **kw):
+    client = openai.OpenAI(base_url=thinker.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    body = {"ignore_eos": True, "return_token_ids": True, **kw.pop("extra", {})}
+    return client, client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Think."}],
+                                                  seed=3, temperature=1.0, extra_body=body, **kw)
+
+
+def test_the_parser_is_on_for_a_thinking_template_and_the_tags_are_single_tokens(thinker):
+    srv = thinker.server
+    assert srv.thinks and srv.think_ids == tuple(thinker.model.tokenizer.convert_tokens_to_ids([OPEN, CLOSE]))
+
+
+@pytest.mark.parametrize("budget", [0, 1, 6, 9])
+def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
+    close = thinker.server.think_ids[1]
+    # budget 0 turns thinking off in the template; a template that opens the block anyway gets it closed at once
+    extra = {"reasoning_effort": budget, "chat_template_kwargs": {"enable_thinking": True}}
+    _, r = _ask(thinker, max_tokens=16, extra=extra)
+    c = r.choices[0]
+    ids = c.model_extra["token_ids"]
+    assert ids[budget] == close and close not in ids[:budget], ids  # exactly `budget` thinking tokens, then the close
+    tok = thinker.model.tokenizer
+    assert c.message.reasoning_content == (tok.decode(ids[:budget], skip_special_tokens=True).strip() or None)
+    assert c.message.content == tok.decode(ids[budget + 1:], skip_special_tokens=True).lstrip()
+    assert r.usage.completion_tokens == 16 and c.finish_reason == "length"
+    # streamed, the same pieces arrive apart
+    client, _ = _ask(thinker)
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Think."}], seed=3, temperature=1.0, max_tokens=16,
+        stream=True, extra_body={"ignore_eos": True, **extra}))
+    assert "".join(getattr(k.choices[0].delta, "reasoning_content", None) or "" for k in chunks) == (
+        c.message.reasoning_content or "")
+    assert "".join(k.choices[0].delta.content or "" for k in chunks) == c.message.content
+
+
+def test_a_reply_cut_while_thinking_says_length_with_the_reasoning_filled(thinker):
+    _, r = _ask(thinker, max_tokens=8)
+    c = r.choices[0]
+    assert thinker.server.think_ids[1] not in c.model_extra["token_ids"]
+    assert c.finish_reason == "length" and c.message.reasoning_content and not c.message.content
+
+
+def test_responses_give_a_reasoning_item_and_messages_a_thinking_block(thinker):
+    client = openai.OpenAI(base_url=thinker.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.responses.create(model=NAME, input="Think.", max_output_tokens=16, temperature=1.0,
+                                extra_body={"seed": 3, "ignore_eos": True, "reasoning_effort": 5})
+    kinds = [o.type for o in r.output]
+    assert kinds == ["reasoning", "message"] and r.output[0].content[0].text
+    assert r.usage.output_tokens_details.reasoning_tokens == 6  # five thinking tokens and the close
+    with client.responses.stream(model=NAME, input="Think.", max_output_tokens=16, temperature=1.0,
+                                 extra_body={"seed": 3, "ignore_eos": True, "reasoning_effort": 5}) as s:
+        events = list(s)
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == r.output[0].content[0].text
+    claude = anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0, timeout=120)
+    m = claude.messages.create(model=NAME, max_tokens=16, messages=[{"role": "user", "content": "Think."}],
+                               thinking={"type": "enabled", "budget_tokens": 5},
+                               extra_body={"seed": 3, "ignore_eos": True, "temperature": 1.0})
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert m.content[0].thinking == r.output[0].content[0].text  # same seed, same budget: the same thinking
+    with claude.messages.stream(model=NAME, max_tokens=16, messages=[{"role": "user", "content": "Think."}],
+                                thinking={"type": "enabled", "budget_tokens": 5},
+                                extra_body={"seed": 3, "ignore_eos": True, "temperature": 1.0}) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"] and final.content[0].thinking == m.content[0].thinking
+
+
+def test_thinking_off_renders_a_closed_block_and_template_kwargs_pass_through(thinker):
+    _, off = _ask(thinker, max_tokens=4, extra={"reasoning_effort": "none"})
+    _, kw = _ask(thinker, max_tokens=4, extra={"chat_template_kwargs": {"enable_thinking": False}})
+    tok = thinker.model.tokenizer
+    for r in (off, kw):
+        prompt = tok.decode(r.model_extra["prompt_token_ids"])
+        assert prompt.endswith("<think>\n\n</think>\n\n") and r.choices[0].message.reasoning_content is None
+    client, _ = _ask(thinker, max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"reasoning_effort": "extreme"})
+    assert e.value.body["param"] == "reasoning_effort"
