@@ -250,10 +250,9 @@ class Output:
 
     def close(self) -> list[dict]:
         """Events that finish the open item."""
-        item, self.open = self.open, None
+        item = self.open
         if item is None:
             return []
-        self.open = item
         item["status"] = "completed"
         ev = []
         if item["type"] == "function_call":

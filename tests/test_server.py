@@ -403,19 +403,43 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_python_m_server_with_an_api_key():
-    child = spawn("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "256", timeout=240)
+def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(tmp_path):
+    import anthropic
+
+    flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "256",
+             "--responses-db", str(tmp_path / "responses.sqlite"), "--warmup", "none")
+    child = spawn(*flags, timeout=240)
     proc, url = child.proc, child.url
     try:
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
             bad.models.list()
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        with pytest.raises(anthropic.AuthenticationError) as e:
+            anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+                model=MODEL, max_tokens=2, messages=HELLO)
+        assert e.value.body["error"]["type"] == "authentication_error"
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         r = good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0)
         assert r.usage.completion_tokens >= 1
         with urllib.request.urlopen(url + "/health", timeout=10) as h:
             assert json.loads(h.read())["slots"] == 2
+        claude = anthropic.Anthropic(base_url=url, api_key="sekret", max_retries=0)  # sent as x-api-key
+        assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
+        first = good.responses.create(model=MODEL, input=HELLO[0]["content"], max_output_tokens=12, temperature=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    child = spawn(*flags, timeout=240)  # a new process over the same file: the conversation goes on
+    proc, url = child.proc, child.url
+    try:
+        again = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        assert again.responses.retrieve(first.id).output_text == first.output_text
+        nxt = again.responses.create(model=MODEL, input="And of Germany?", previous_response_id=first.id,
+                                     max_output_tokens=12, temperature=0)
+        assert nxt.previous_response_id == first.id and nxt.usage.input_tokens > first.usage.total_tokens
+        items = again.responses.input_items.list(nxt.id).data
+        assert [getattr(i, "role", None) for i in items] == ["user", "assistant", "user"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
