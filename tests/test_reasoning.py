@@ -158,7 +158,8 @@ def test_responses_give_a_reasoning_item_and_messages_a_thinking_block(thinker):
                                 thinking={"type": "enabled", "budget_tokens": 5},
                                 extra_body={"seed": 3, "ignore_eos": True, "temperature": 1.0}) as s:
         final = s.get_final_message()
-    assert [b.type for b in final.content] == ["thinking", "text"] and final.content[0].thinking == m.content[0].thinking
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == m.content[0].thinking
 
 
 def test_thinking_off_renders_a_closed_block_and_template_kwargs_pass_through(thinker):
