@@ -50,13 +50,17 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
     return y.astype(out_dtype or x.dtype)
 
 
+TINY = 1e-30  # activation groups smaller than this round to zero (models/csrc/int8_matmul.cc has the same bound)
+
+
 def activations(x: jax.Array) -> jax.Array:
     """`x [..., in]` rounded as the `cpu` kernel rounds its activations (for testing it against XLA): per group of
     32, int8 in steps of `max|x| / 127` (llama.cpp's Q8_0, nearest even), then what that left in int8 steps 256
-    times finer, clipped to +-127."""
+    times finer, clipped to +-127. A group whose largest magnitude is below `TINY` rounds to zeros (its inverse
+    step would overflow, and its step is subnormal)."""
     blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
     top = jnp.abs(blocks).max(axis=-1, keepdims=True)
-    inv = jnp.where(top > 0, jnp.float32(127) / jnp.where(top > 0, top, 1), 0)
+    inv = jnp.where(top > TINY, jnp.float32(127) / jnp.where(top > TINY, top, 1), 0)
     step = top / jnp.float32(127)
     first = jnp.rint(blocks * inv) * step
     second = jnp.clip(jnp.rint((blocks - first) * (inv * 256)), -127, 127) * (step / 256)

@@ -107,7 +107,7 @@ void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scal
     const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + kLanes);
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const float step = top / 127.f;
-    const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+    const __m512 inv = _mm512_set1_ps(top > 1e-30f ? 127.f / top : 0.f);  // quant.TINY: a tinier group is zeros
     const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
     Store(q, corr + g, qlo, qhi);
     scale[g] = step / 256.f;
