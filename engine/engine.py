@@ -168,7 +168,7 @@ class Engine:
         `prompt_cache_max_len` caps the prompt tokens reused from the prefix cache (0: none); requests share cached
         pages only under the same `prompt_cache_isolation_key`. `grammar` (from `engine.grammar`) constrains every
         choice; the choice ends with "stop" when the grammar is complete. `thinking` (`engine.thinking.Budget`): after
-        that many tokens in a thinking block the engine draws the block's close itself; the grammar then applies to
+        its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
         the answer after the block."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -199,7 +199,7 @@ class Engine:
         choices = [Choice(first_choice + i) for i in range(p.n)]
         if grammar is not None:
             self.grammars().check(grammar)
-        if thinking is not None and (thinking.budget < 0 or not 0 <= thinking.close_id < vocab):
+        if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                        cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,

@@ -1,6 +1,6 @@
-"""A budget of thinking tokens: after `budget` tokens inside a thinking block the engine draws the block's closing
-token itself, and the answer follows. A request's grammar (structured output, forced tool calls) applies to the
-answer only, from the token after the close.
+"""Thinking blocks in the engine: after `budget` tokens inside a thinking block the engine draws the block's closing
+token itself, and the answer follows; a request's grammar (structured output, forced tool calls) applies to the
+answer only, from the token after the close (with or without a budget).
 
 `Gate` stands where a grammar matcher stands in the engine (`fill`, `advance`, `done`, `closed`), so preemption,
 masks and finishing treat both alike. The engine runs one decode step per dispatch only while some gate is `active`:
@@ -17,10 +17,11 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A request's thinking budget: `budget` tokens between the tokens `open_id` and `close_id`; `opened`: the prompt
-    already opened the block (the model thinks from its first token)."""
+    """A request's thinking block: at most `budget` tokens (None: no limit but max_tokens) between the tokens
+    `open_id` and `close_id`; `opened`: the prompt already opened the block (the model thinks from its first
+    token)."""
 
-    budget: int
+    budget: int | None
     open_id: int
     close_id: int
     opened: bool = False
@@ -38,15 +39,16 @@ class Gate:
         """Whether the next `steps` tokens need a mask each (else one mask serves a multi-step dispatch)."""
         if self.state == "start":
             return True
-        if self.state == "think":
-            return self.count + steps > self.spec.budget
+        if self.state == "think":  # with a grammar, each token is looked at: the close may come at any step
+            budget = self.spec.budget
+            return self.inner is not None or (budget is not None and self.count + steps > budget)
         return self.inner is not None
 
     def fill(self, row: np.ndarray, closing: bool = False) -> None:
         """Write the allowed next tokens into `row` (all allowed on entry): only the close at the budget; the
         answer's grammar after the block (and at the start, beside the open token)."""
         if self.state == "think":
-            if self.count >= self.spec.budget:
+            if self.spec.budget is not None and self.count >= self.spec.budget:
                 row[:] = 0
                 _allow(row, self.spec.close_id)
             return

@@ -9,20 +9,15 @@ whole or as Anthropic's event stream. Errors take Anthropic's shape (`error_body
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
 from typing import Any
 
 from aiohttp import web
 
-from engine.llm import StreamOverflow
 from server import protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
-log = logging.getLogger("sparkler.server")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
                529: "overloaded_error"}
@@ -100,8 +95,8 @@ def _tools(body: dict) -> dict:
             if not isinstance(t, dict) or t.get("type", "custom") != "custom" or not isinstance(t.get("input_schema"),
                                                                                                   dict):
                 raise bad(f"tools[{i}] must be a custom tool {{'name', 'description', 'input_schema'}}", "tools")
-            funcs.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description",
-                                                                                                      ""),
+            funcs.append({"type": "function", "function": {"name": t.get("name"),
+                                                           "description": t.get("description") or "",
                                                            "parameters": t["input_schema"]}})
         out["tools"] = funcs or None
     if choice is not None:
@@ -153,8 +148,9 @@ def chat_body(body: Any, counting: bool = False) -> dict:
     thinking = body.get("thinking")
     if thinking is not None:
         kind = thinking.get("type") if isinstance(thinking, dict) else None
-        if kind == "enabled" and isinstance(thinking.get("budget_tokens"), int):
-            out.setdefault("reasoning_effort", max(0, thinking["budget_tokens"]))
+        budget = thinking.get("budget_tokens") if kind == "enabled" else None
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            out.setdefault("reasoning_effort", max(0, budget))
         elif kind in ("disabled", "adaptive"):
             out.setdefault("reasoning_effort", "none" if kind == "disabled" else True)
         else:
@@ -247,6 +243,61 @@ class Blocks:
         return ev + [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
 
 
+class Stream:
+    """One reply as a message and its event stream (`Server.sse`'s face)."""
+
+    def __init__(self, api: "Messages", call, turn: Turn):
+        self.api, self.call, self.turn, self.blocks = api, call, turn, Blocks()
+        self.req = call.reqs[0]
+        self.choice = self.req.choices[0]
+
+    @staticmethod
+    def encode(ev: dict) -> bytes:
+        """An event framed for SSE."""
+        return f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
+
+    def stop(self) -> tuple[str, str | None]:
+        """`(stop_reason, stop_sequence)` of the finished reply."""
+        if self.turn.finish == "tool_calls":
+            return "tool_use", None
+        if self.turn.finish == "length":
+            return "max_tokens", None
+        if self.choice.stop_hit is not None:
+            return "stop_sequence", self.choice.stop_hit
+        return "end_turn", None
+
+    def usage(self) -> dict:
+        """Anthropic's usage: prompt tokens outside and inside the prefix cache, output tokens."""
+        req = self.req
+        return {"input_tokens": len(req.prompt_ids) - req.cached_tokens, "output_tokens": len(self.choice.token_ids),
+                "cache_read_input_tokens": req.cached_tokens, "cache_creation_input_tokens": 0}
+
+    def message(self, content: list, stop: tuple[str | None, str | None]) -> dict:
+        """The message object."""
+        return {"id": self.call.rid, "type": "message", "role": "assistant", "model": self.api.server.name,
+                "content": content, "stop_reason": stop[0], "stop_sequence": stop[1], "usage": self.usage()}
+
+    def opening(self) -> list[dict]:
+        """message_start."""
+        return [{"type": "message_start", "message": self.message([], (None, None))}]
+
+    def add(self, piece: Piece) -> list[dict]:
+        """The events of one piece."""
+        return self.blocks.add(piece)
+
+    def closing(self) -> list[dict]:
+        """The last block's end, message_delta and message_stop."""
+        ev = self.blocks.finish()
+        stop = self.stop()
+        return ev + [{"type": "message_delta", "delta": {"stop_reason": stop[0], "stop_sequence": stop[1]},
+                      "usage": self.usage()}, {"type": "message_stop"}]
+
+    @staticmethod
+    def failed(e: ApiError) -> list[dict]:
+        """An error event."""
+        return [error_body(e)]
+
+
 class Messages:
     """The Messages routes of one `Server`."""
 
@@ -263,80 +314,22 @@ class Messages:
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""
-        body = await self.server._body(request)
-        self.server._check_model(body)
-        return web.json_response({"input_tokens": len(self._job(body, counting=True).prompts[0])})
+        async def answer(body, call) -> web.Response:
+            return web.json_response({"input_tokens": len(self._job(body, counting=True).prompts[0])})
+        return await self.server.serve(request, answer)
 
-    @staticmethod
-    def _stop(turn: Turn, choice) -> tuple[str, str | None]:
-        """`(stop_reason, stop_sequence)`."""
-        if turn.finish == "tool_calls":
-            return "tool_use", None
-        if turn.finish == "length":
-            return "max_tokens", None
-        if choice.stop_hit is not None:
-            return "stop_sequence", choice.stop_hit
-        return "end_turn", None
-
-    def _usage(self, req, choice) -> dict:
-        return {"input_tokens": len(req.prompt_ids) - req.cached_tokens, "output_tokens": len(choice.token_ids),
-                "cache_read_input_tokens": req.cached_tokens, "cache_creation_input_tokens": 0}
-
-    def _message(self, rid: str, content: list, req, stop: tuple[str | None, str | None], choice) -> dict:
-        return {"id": rid, "type": "message", "role": "assistant", "model": self.server.name, "content": content,
-                "stop_reason": stop[0], "stop_sequence": stop[1], "usage": self._usage(req, choice)}
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/messages."""
         async def answer(body, call) -> web.StreamResponse:
             job = self._job(body)
             parts, events = self.server.admit(job, call, "msg")
-            turn, blocks = Turn(job), Blocks()
+            turn = Turn(job)
+            face = Stream(self, call, turn)
             if job.stream:
-                return await self._stream(request, call, events, turn, blocks)
+                return await self.server.sse(request, call, events, turn, face)
             await self.server.collect(events, call)
-            req = call.reqs[0]
-            choice = req.choices[0]
-            blocks.add(turn.feed(choice.text, choice.finish_reason))
-            blocks.finish()
-            return web.json_response(self._message(call.rid, blocks.blocks, req, self._stop(turn, choice), choice))
+            face.add(turn.feed(face.choice.text, face.choice.finish_reason))
+            face.closing()
+            return web.json_response(face.message(face.blocks.blocks, face.stop()))
         return await self.server.serve(request, answer)
-
-    async def _stream(self, request, call, events, turn: Turn, blocks: Blocks) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        req = call.reqs[0]
-        choice = req.choices[0]
-
-        async def send(ev: dict) -> None:
-            await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
-
-        async with contextlib.aclosing(events) as events:
-            try:
-                await resp.prepare(request)
-                await send({"type": "message_start", "message": self._message(call.rid, [], req, (None, None),
-                                                                              choice)})
-                try:
-                    async with asyncio.timeout(self.server.request_timeout):
-                        async for i, deltas in events:
-                            call.took.saw(i, deltas, self.server.prom)
-                            for d in deltas:
-                                if d.finish_reason == "error":
-                                    raise ApiError(500, "the engine failed while generating", type_="server_error")
-                                for ev in blocks.add(turn.feed(d.text, d.finish_reason)):
-                                    await send(ev)
-                except TimeoutError:
-                    raise self.server.timed_out() from None
-                for ev in blocks.finish():
-                    await send(ev)
-                stop = self._stop(turn, choice)
-                await send({"type": "message_delta", "delta": {"stop_reason": stop[0], "stop_sequence": stop[1]},
-                            "usage": self._usage(req, choice)})
-                await send({"type": "message_stop"})
-            except ApiError as e:
-                await send(error_body(e))
-            except StreamOverflow:
-                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
-                resp.force_close()
-            except (ConnectionResetError, ConnectionError):
-                log.info("client went away during %s; its request was aborted", call.rid)
-        return resp

@@ -1,4 +1,5 @@
-"""The aiohttp application: OpenAI/Fireworks chat and completions, streaming, /v1/models and /health.
+"""The aiohttp application: OpenAI/Fireworks chat and completions, OpenAI Responses and Anthropic Messages (their
+modules translate onto the same core), streaming, /v1/models and /health.
 
 Handlers parse and validate on the event loop, hand engine requests to the `AsyncEngine` thread, and write either one
 JSON object or Server-Sent Events. A client that goes away aborts its requests; their slots are free at the next step.
@@ -140,21 +141,34 @@ class Server:
         return out
 
     def _budget(self, job: Job) -> Budget | None:
-        """The engine's thinking budget for a job that sets one."""
-        if job.thinking is None or job.thinking.budget is None:
+        """The engine's view of a job's thinking block: its budget, and where a grammar may start (None: the
+        engine need not know)."""
+        t = job.thinking
+        if t is None or (t.budget is None and job.grammar is None):
             return None
         if self.think_ids is None:
-            raise bad("this model's thinking tags are not single tokens, so a token budget cannot be enforced",
-                      "reasoning_effort")
-        return Budget(job.thinking.budget, *self.think_ids, opened=job.thinking.opened)
+            if t.budget:
+                raise bad("this model's thinking tags are not single tokens, so a token budget cannot be enforced",
+                          "reasoning_effort")
+            return None  # thinking off goes through the template alone; a grammar applies from the first token
+        return Budget(t.budget, *self.think_ids, opened=t.opened)
 
-    def reasoning_tokens(self, choice, turn: Turn) -> int:
-        """Tokens a finished choice spent thinking: up to its block's close (all of them if it never closed)."""
-        if turn.split is None or self.think_ids is None:
+    def reasoning_tokens(self, job: Job, choice) -> int:
+        """Tokens a choice spent thinking: up to and including its block's close (all of them if it never closed)."""
+        if job.thinking is None or self.think_ids is None:
             return 0
-        if self.think_ids[1] in choice.token_ids:
-            return choice.token_ids.index(self.think_ids[1]) + 1
-        return len(choice.token_ids) if turn.thinking else 0
+        ids = choice.token_ids
+        if self.think_ids[1] in ids:
+            return ids.index(self.think_ids[1]) + 1
+        return len(ids) if job.thinking.opened or ids[:1] == [self.think_ids[0]] else 0
+
+    def _usage(self, job: Job, reqs: list[Request]) -> dict:
+        """Chat and completions usage; with a reasoning parser, the thinking tokens among the completion's."""
+        used = usage(reqs)
+        if job.thinking is not None:
+            thought = sum(self.reasoning_tokens(job, c) for r in reqs for c in r.choices)
+            used["completion_tokens_details"] = {"reasoning_tokens": thought}
+        return used
 
     # ---- routes -----------------------------------------------------------------------------------------------
 
@@ -272,6 +286,46 @@ class Server:
         if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
             raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
 
+    async def sse(self, request: web.Request, call: "Call", events, turn: Turn, face) -> web.StreamResponse:
+        """Stream one choice as Server-Sent Events in an API's own events: `face.opening()`, `face.add(piece)` for
+        each piece of the reply (read through `turn`), `face.closing()`; on failure `face.failed(error)`, each a
+        list of events that `face.encode` frames. Timeouts, engine errors, slow readers and gone clients are
+        handled here, the same for every API."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+        async def send(evs: list[dict]) -> None:
+            for ev in evs:
+                await resp.write(face.encode(ev))
+
+        async with contextlib.aclosing(events) as events:
+            try:
+                await resp.prepare(request)
+                await send(face.opening())
+                try:
+                    async with asyncio.timeout(self.request_timeout):
+                        async for i, deltas in events:
+                            call.took.saw(i, deltas, self.prom)
+                            for d in deltas:
+                                if d.finish_reason == "error":
+                                    raise ApiError(500, "the engine failed while generating", type_="server_error",
+                                                   code="engine_error")
+                                await send(face.add(turn.feed(d.text, d.finish_reason)))
+                except TimeoutError:
+                    raise self.timed_out() from None
+                await send(face.closing())
+            except ApiError as e:
+                await send(face.failed(e))
+            except StreamOverflow:
+                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
+                resp.force_close()
+            except (ConnectionResetError, ConnectionError):
+                log.info("client went away during %s; its request was aborted", call.rid)
+            except Exception:  # the stream has started: end it with an error event, not a second response
+                log.exception("unexpected error while streaming %s", call.rid)
+                await send(face.failed(ApiError(500, "internal server error", type_="server_error",
+                                                code="internal_error")))
+        return resp
+
     def timed_out(self) -> ApiError:
         """The 504 of a request cut by --request-timeout."""
         return ApiError(504, f"the request did not finish within {self.request_timeout} s; it was aborted",
@@ -282,7 +336,7 @@ class Server:
         reqs = [r for _, r in parts]
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        used = usage(reqs)
+        used = self._usage(job, reqs)
         perf = perf_metrics(used, took)
         headers = {**self.options_header, **{f"fireworks-{k}": str(v) for k, v in perf.items()}}
         body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices,
@@ -395,7 +449,7 @@ class Server:
                                 break
                             await send([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas])
                         else:
-                            used, extra = usage(reqs), {}
+                            used, extra = self._usage(job, reqs), {}
                             if job.include_usage:
                                 extra["usage"] = used
                             if job.perf_metrics:

@@ -10,8 +10,6 @@ event stream. Stored responses (`store`, default true) keep their conversation i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -20,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.llm import StreamOverflow
 from server import protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
@@ -32,7 +29,7 @@ PASSED = ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_pena
           "prompt_truncate_len", "chat_template_kwargs", "reasoning_effort", "parallel_tool_calls")
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 TEXT_PARTS = ("input_text", "output_text", "text")
-EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "none": "none"}
+EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "none": "none"}
 
 
 def routes(app: web.Application, server) -> None:
@@ -97,10 +94,15 @@ def items_of(value: Any) -> list[dict]:
 
 
 def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
-    """Chat messages for a conversation's items (consecutive calls join the assistant turn before them)."""
-    msgs = [{"role": "system", "content": instructions}] if instructions else []
+    """Chat messages for a conversation's items: `instructions` and every system or developer message in one
+    system message first (most templates take no other), and consecutive calls in the assistant turn before
+    them."""
+    system = [instructions] if instructions else []
+    msgs = []
     for it in items:
-        if it["type"] == "message":
+        if it["type"] == "message" and it["role"] in ("system", "developer"):
+            system.append(it["content"])
+        elif it["type"] == "message":
             msgs.append({"role": it["role"], "content": it["content"]})
         elif it["type"] == "function_call":
             call = {"id": it["call_id"], "type": "function",
@@ -111,7 +113,7 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
                 msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:
             msgs.append({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]})
-    return msgs
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + msgs
 
 
 def _tools(body: dict) -> dict:
@@ -125,11 +127,17 @@ def _tools(body: dict) -> dict:
         raise bad("'tools' must be a list of function tools", "tools")
     funcs = []
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            raise bad(f"tools[{i}]: only function tools ({{'type': 'function', 'name', 'parameters'}}) are served "
-                      "here", "tools")
+        if not isinstance(t, dict) or not isinstance(t.get("type"), str):
+            raise bad(f"tools[{i}] must be a tool object with a 'type'", "tools")
+        if t["type"] != "function":  # hosted tools (web_search, ...) are the provider's: this server has none
+            log.info("tools[%d] of type %r ignored: only function tools are served here", i, t["type"])
+            continue
         funcs.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
-                                                        if k in t}})
+                                                        if t.get(k) is not None}})
+    if not funcs:
+        if choice not in (None, "none", "auto"):
+            raise bad("'tool_choice' needs function tools", "tool_choice")
+        return out
     out["tools"] = funcs
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
@@ -174,10 +182,11 @@ def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
         out["max_tokens"] = body["max_output_tokens"]
     effort = body.get("reasoning")
     if effort is not None:
-        if not isinstance(effort, dict) or effort.get("effort", "medium") not in EFFORT:
+        level = effort.get("effort") if isinstance(effort, dict) else "?"
+        if level is not None and (not isinstance(level, str) or level not in EFFORT):
             raise bad("'reasoning' must be an object like {'effort': 'low' | 'medium' | 'high' | 'none'}", "reasoning")
-        if "effort" in effort and "reasoning_effort" not in out:
-            out["reasoning_effort"] = EFFORT[effort["effort"]]
+        if level is not None and "reasoning_effort" not in out:
+            out["reasoning_effort"] = EFFORT[level]
     out["stream"] = protocol._flag(body, "stream")
     return out, items
 
@@ -270,6 +279,46 @@ class Output:
         return ev
 
 
+class Stream:
+    """One reply as a response object and its event stream (`Server.sse`'s face); the result is stored at the end
+    when `items` (the conversation before it) are given."""
+
+    def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None):
+        self.api, self.shell, self.job, self.call, self.items = api, shell, job, call, items
+        self.out, self.seq, self.result = Output(), 0, None
+
+    def encode(self, ev: dict) -> bytes:
+        """An event framed for SSE, numbered."""
+        ev = {**ev, "sequence_number": self.seq}
+        self.seq += 1
+        return f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
+
+    def opening(self) -> list[dict]:
+        """The events before the first piece."""
+        return [{"type": "response.created", "response": self.shell},
+                {"type": "response.in_progress", "response": self.shell}]
+
+    def add(self, piece: Piece) -> list[dict]:
+        """The events of one piece."""
+        return self.out.add(piece)
+
+    def closing(self) -> list[dict]:
+        """The last item's end and the finished response (stored now)."""
+        ev = self.out.finish()
+        self.result = self.api.finished(self.shell, self.out, self.job, self.call.reqs[0])
+        if self.items is not None:
+            self.api.server.store.put(self.result, self.items + self.out.items)
+        kind = "response.incomplete" if self.result["status"] == "incomplete" else "response.completed"
+        return ev + [{"type": kind, "response": self.result}]
+
+    def failed(self, e: ApiError) -> list[dict]:
+        """An error event and the failed response."""
+        return [{"type": "error", "code": e.code, "message": e.message, "param": e.param},
+                {"type": "response.failed", "response": {**self.shell, "status": "failed", "output": self.out.items,
+                                                         "error": {"code": e.code or "server_error",
+                                                                   "message": e.message}}}]
+
+
 class Responses:
     """The Responses routes of one `Server`."""
 
@@ -302,14 +351,13 @@ class Responses:
                 "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
                 "metadata": body.get("metadata") or {}}
 
-    def _finished(self, shell: dict, out: Output, turn: Turn, reqs) -> dict:
+    def finished(self, shell: dict, out: Output, job, req) -> dict:
         """The response once the reply has ended."""
-        req = reqs[0]
         choice = req.choices[0]
-        incomplete = turn.finish == "length"
+        incomplete = choice.finish_reason == "length"
         used = {"input_tokens": len(req.prompt_ids), "input_tokens_details": {"cached_tokens": req.cached_tokens},
                 "output_tokens": len(choice.token_ids),
-                "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(choice, turn)},
+                "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(job, choice)},
                 "total_tokens": len(req.prompt_ids) + len(choice.token_ids)}
         return {**shell, "status": "incomplete" if incomplete else "completed",
                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
@@ -331,66 +379,16 @@ class Responses:
                 e.param = PARAMS.get(e.param, e.param)
                 raise
             parts, events = self.server.admit(job, call, "resp")
-            shell = self._shell(body, call.rid, time.time(), prev)
-            turn, out = Turn(job), Output()
+            turn = Turn(job)
+            face = Stream(self, self._shell(body, call.rid, time.time(), prev), job, call, items if store else None)
             if job.stream:
-                return await self._stream(request, call, job, events, shell, turn, out, items if store else None)
+                return await self.server.sse(request, call, events, turn, face)
             await self.server.collect(events, call)
             choice = call.reqs[0].choices[0]
-            out.add(turn.feed(choice.text, choice.finish_reason))
-            out.finish()
-            result = self._finished(shell, out, turn, call.reqs)
-            if store:
-                self.server.store.put(result, items + out.items)
-            return web.json_response(result)
+            face.add(turn.feed(choice.text, choice.finish_reason))
+            face.closing()
+            return web.json_response(face.result)
         return await self.server.serve(request, answer)
-
-    async def _stream(self, request, call, job, events, shell: dict, turn: Turn, out: Output,
-                      items: list[dict] | None) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        seq = 0
-
-        async def send(ev: dict) -> None:
-            nonlocal seq
-            ev = {**ev, "sequence_number": seq}
-            seq += 1
-            await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
-
-        async with contextlib.aclosing(events) as events:
-            try:
-                await resp.prepare(request)
-                await send({"type": "response.created", "response": shell})
-                await send({"type": "response.in_progress", "response": shell})
-                try:
-                    async with asyncio.timeout(self.server.request_timeout):
-                        async for i, deltas in events:
-                            call.took.saw(i, deltas, self.server.prom)
-                            for d in deltas:
-                                if d.finish_reason == "error":
-                                    raise ApiError(500, "the engine failed while generating", type_="server_error",
-                                                   code="engine_error")
-                                for ev in out.add(turn.feed(d.text, d.finish_reason)):
-                                    await send(ev)
-                except TimeoutError:
-                    raise self.server.timed_out() from None
-                for ev in out.finish():
-                    await send(ev)
-                result = self._finished(shell, out, turn, call.reqs)
-                if items is not None:
-                    self.server.store.put(result, items + out.items)
-                kind = "response.incomplete" if result["status"] == "incomplete" else "response.completed"
-                await send({"type": kind, "response": result})
-            except ApiError as e:
-                await send({"type": "error", "code": e.code, "message": e.message, "param": e.param})
-                await send({"type": "response.failed", "response": {
-                    **shell, "status": "failed", "output": out.items,
-                    "error": {"code": e.code or "server_error", "message": e.message}}})
-            except StreamOverflow:
-                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
-                resp.force_close()
-            except (ConnectionResetError, ConnectionError):
-                log.info("client went away during %s; its request was aborted", call.rid)
-        return resp
 
     def _stored(self, request: web.Request) -> tuple[dict, list[dict]]:
         found = self.server.store.get(request.match_info["id"])

@@ -4,7 +4,7 @@ split from its answer as the text streams, and `reasoning_effort` becomes chat-t
 `Splitter` works on text pieces as they arrive and never splits a tag across pieces: text that may still become a
 tag is held back until the next piece decides it. Feeding a text in any pieces gives the same reasoning and answer as
 feeding it whole (a property test checks it). Whitespace around the thinking and before the answer is dropped, as
-the peers' parsers do.
+the peers' parsers do (text without a thinking block is left as it is).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class Thinking:
 
 
 def opens(prompt_text: str) -> bool:
-    """Whether a rendered prompt ends inside a thinking block (the template wrote `<think>` for the model)."""
-    return prompt_text.rfind(OPEN) > prompt_text.rfind(CLOSE)
+    """Whether a rendered prompt ends by opening a thinking block (the template wrote `<think>` for the model)."""
+    return prompt_text.rstrip().endswith(OPEN)
 
 
 def template_thinks(chat_template: Any) -> bool:
@@ -66,11 +66,6 @@ class Splitter:
         self.state = "think" if opened else "start"  # start: a block may still open; think; gap: before the answer
         self.buf = ""
         self.lead = True  # no reasoning sent yet (leading whitespace is dropped)
-
-    @property
-    def thinking(self) -> bool:
-        """Inside an unclosed thinking block."""
-        return self.state == "think"
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
         """The reasoning and the answer text that `piece` completes; `final`: the text ends here (what was held

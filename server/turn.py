@@ -50,11 +50,6 @@ class Turn:
             self.finish = "tool_calls" if self.calls and finish == "stop" else finish
         return piece
 
-    @property
-    def thinking(self) -> bool:
-        """Still inside an unclosed thinking block."""
-        return self.split is not None and self.split.thinking
-
     def openai_calls(self) -> list[dict]:
         """The tool calls in chat completions' shape."""
         return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}

@@ -105,12 +105,24 @@ def test_responses_structured_output_instructions_and_storage(api, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(model=MODEL, input="hi", previous_response_id=told.id)
     assert e.value.body["param"] == "previous_response_id"
+    hosted = client.responses.create(model=MODEL, input="hi", tools=[{"type": "web_search"}], max_output_tokens=2)
+    assert hosted.output_text  # a hosted tool is the provider's: ignored here, as Codex and the Agents SDK send them
     with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model=MODEL, input="hi", tools=[{"type": "web_search"}])
+        client.responses.create(model=MODEL, input="hi", tools=[{"type": "function", "parameters": {}}])
     assert e.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
     assert e.value.body["param"] == "input"
+
+
+def test_responses_merge_instructions_and_developer_messages_into_one_system_message(api, client):
+    r = client.responses.create(model=MODEL, instructions="Be brief.", max_output_tokens=2,
+                                reasoning={"effort": None, "summary": "auto"},  # as the Agents SDK may send it
+                                input=[{"role": "developer", "content": "Use French."},
+                                       {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}])
+    _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [
+        {"role": "system", "content": "Be brief.\n\nUse French."}, *HELLO]})
+    assert r.usage.input_tokens == tokens["count"]
 
 
 # ---- /v1/messages ----------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
     assert c.message.reasoning_content == (tok.decode(ids[:budget], skip_special_tokens=True).strip() or None)
     assert c.message.content == tok.decode(ids[budget + 1:], skip_special_tokens=True).lstrip()
     assert r.usage.completion_tokens == 16 and c.finish_reason == "length"
+    assert r.usage.completion_tokens_details.reasoning_tokens == budget + 1  # the thinking and the close
     # streamed, the same pieces arrive apart
     client, _ = _ask(thinker)
     chunks = list(client.chat.completions.create(
@@ -128,6 +129,30 @@ def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
     assert "".join(getattr(k.choices[0].delta, "reasoning_content", None) or "" for k in chunks) == (
         c.message.reasoning_content or "")
     assert "".join(k.choices[0].delta.content or "" for k in chunks) == c.message.content
+
+
+def test_structured_output_and_forced_tool_calls_apply_to_the_answer_after_the_block(thinker):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    for budget in (0, 7):
+        _, r = _ask(thinker, max_tokens=60, response_format=fmt,
+                    extra={"reasoning_effort": budget, "chat_template_kwargs": {"enable_thinking": True},
+                           "ignore_eos": False})  # the end of the JSON is the end of the reply
+        c = r.choices[0]
+        ids = c.model_extra["token_ids"]
+        assert ids[budget] == thinker.server.think_ids[1] and c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), schema)  # the thinking before it was free
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": schema}}]
+    _, r = _ask(thinker, max_tokens=60, tools=tools, tool_choice="required",
+                extra={"reasoning_effort": 3, "ignore_eos": False})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.reasoning_content
+    jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), schema)
 
 
 def test_a_reply_cut_while_thinking_says_length_with_the_reasoning_filled(thinker):
