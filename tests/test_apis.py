@@ -177,6 +177,17 @@ def test_messages_forced_tool_use_then_its_result(claude):
     jsonschema.validate(next(b for b in final.content if b.type == "tool_use").input, WEATHER)
 
 
+def test_messages_prefill_continues_the_last_assistant_turn(api, client, claude):
+    prefill = HELLO + [{"role": "assistant", "content": "The capital of France is"}]
+    m = claude.messages.create(model=MODEL, max_tokens=8, messages=prefill, extra_body=GREEDY)
+    tok = api.model.tokenizer
+    text = tok.apply_chat_template(prefill, tokenize=False, continue_final_message=True)
+    assert text.endswith("The capital of France is")  # no end of turn, no new assistant header
+    want = client.completions.create(model=MODEL, prompt=tok.encode(text, add_special_tokens=False), max_tokens=8,
+                                     temperature=0)
+    assert m.content[0].text == want.choices[0].text and m.usage.output_tokens == want.usage.completion_tokens
+
+
 def test_messages_errors_take_anthropics_shape(api, claude):
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=MODEL, max_tokens=0, messages=HELLO)
