@@ -130,6 +130,9 @@ def chat_body(body: Any, counting: bool = False) -> dict:
         out["messages"].append({"role": "system", "content": _text(system, "'system'")})
     for i, m in enumerate(msgs):
         out["messages"] += _message(m, i)
+    last = out["messages"][-1]
+    if last["role"] == "assistant" and not last.get("tool_calls"):  # a prefill: the reply continues it
+        out["continue_final_message"] = True
     if not counting:
         mt = body.get("max_tokens")
         if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:

@@ -217,8 +217,8 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
 
 
 def _template_kwargs(body: dict) -> tuple[dict, int | None]:
-    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs` and `reasoning_effort` (the
-    request's own template arguments win)."""
+    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs`, `reasoning_effort` and
+    `continue_final_message` (the request's own template arguments win)."""
     extra = body.get("chat_template_kwargs")
     if extra is not None and not isinstance(extra, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -226,6 +226,8 @@ def _template_kwargs(body: dict) -> tuple[dict, int | None]:
         if extra and key in extra:
             raise bad(f"'chat_template_kwargs' must not set {key!r}", "chat_template_kwargs")
     kwargs, budget = reasoning.effort(body.get("reasoning_effort"), bad)
+    if _flag(body, "continue_final_message"):  # vLLM's: the reply continues the last (assistant) message
+        kwargs.update(continue_final_message=True, add_generation_prompt=False)
     return {**kwargs, **(extra or {})}, budget
 
 
@@ -292,7 +294,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
     clean, extra = tools.render(clean, with_tools, model.tokenizer)
     extra = {**(kwargs or {}), **extra}
     try:
-        return model.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **extra)
+        return model.tokenizer.apply_chat_template(clean, tokenize=False, **{"add_generation_prompt": True, **extra})
     except Exception as e:  # a template may reject an order of roles
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
 
