@@ -68,6 +68,30 @@ def test_reasoning_effort_values():
             reasoning.effort(wrong, bad)
 
 
+def test_the_gate_counts_thinking_tokens_masks_the_close_and_asks_for_single_steps_only_near_it():
+    import numpy as np
+
+    from engine.thinking import Budget, Gate
+
+    def allowed(gate):
+        row = np.full(4, -1, np.int32)  # 128 tokens, all allowed
+        gate.fill(row)
+        return {t for t in range(128) if row[t // 32].view(np.uint32) >> (t % 32) & 1}
+
+    gate = Gate(Budget(5, open_id=100, close_id=101, opened=False))
+    assert gate.active(4) and len(allowed(gate)) == 128  # the first token decides whether a block opens
+    gate.advance(100)
+    assert not gate.active(4) and gate.active(6)  # five tokens to go: a 4-step dispatch cannot reach the budget
+    for t in (7, 8, 9, 10, 11):
+        gate.advance(t)
+    assert gate.count == 5 and allowed(gate) == {101} and not gate.done
+    gate.advance(101)
+    assert gate.state == "answer" and not gate.active(4) and len(allowed(gate)) == 128
+    plain = Gate(Budget(5, 100, 101))
+    plain.advance(7)  # no block: an answer from the first token, never masked
+    assert plain.state == "answer" and not plain.active(4) and len(allowed(plain)) == 128
+
+
 # ---- a small thinking model, served ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
