@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from server import protocol
-from server.protocol import ApiError, bad
+from server.protocol import ApiError, bad, text_of
+from server.shapes import sse_event
 from server.turn import Piece, Turn
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -35,15 +36,6 @@ def routes(app: web.Application, server) -> None:
 def error_body(e: ApiError) -> dict:
     """An error in Anthropic's shape."""
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
-
-
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
-                                         and isinstance(b.get("text"), str) for b in content):
-        return "".join(b["text"] for b in content)
-    raise bad(f"{where} must be a string or a list of text blocks", "messages")
 
 
 def _message(m: Any, i: int) -> list[dict]:
@@ -70,7 +62,7 @@ def _message(m: Any, i: int) -> list[dict]:
         elif kind == "tool_result" and role == "user":
             if not isinstance(b.get("tool_use_id"), str):
                 raise bad(f"{where}.content[{k}]: a tool_result block needs a string tool_use_id", "messages")
-            out = _text(b.get("content", ""), f"{where}.content[{k}].content")
+            out = text_of(b.get("content", ""), f"{where}.content[{k}].content", "messages")
             results.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": ("Error: " + out) if b.get("is_error") else out})
         elif kind not in ("thinking", "redacted_thinking"):
@@ -127,7 +119,7 @@ def chat_body(body: Any, counting: bool = False) -> dict:
     out: dict = {"messages": [], "stream": protocol._flag(body, "stream")}
     system = body.get("system")
     if system is not None:
-        out["messages"].append({"role": "system", "content": _text(system, "'system'")})
+        out["messages"].append({"role": "system", "content": text_of(system, "'system'", "system")})
     for i, m in enumerate(msgs):
         out["messages"] += _message(m, i)
     last = out["messages"][-1]
@@ -254,10 +246,7 @@ class Stream:
         self.req = call.reqs[0]
         self.choice = self.req.choices[0]
 
-    @staticmethod
-    def encode(ev: dict) -> bytes:
-        """An event framed for SSE."""
-        return f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
+    encode = staticmethod(sse_event)
 
     def stop(self) -> tuple[str, str | None]:
         """`(stop_reason, stop_sequence)` of the finished reply."""
@@ -326,7 +315,7 @@ class Messages:
         """POST /v1/messages."""
         async def answer(body, call) -> web.StreamResponse:
             job = self._job(body)
-            parts, events = self.server.admit(job, call, "msg")
+            parts, events = self.server.admit(job, call, "msg_")
             turn = Turn(job)
             face = Stream(self, call, turn)
             if job.stream:

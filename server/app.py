@@ -232,7 +232,7 @@ class Server:
         """Chat or completions: parse, admit, answer in one object or a stream."""
         async def answer(body, call: Call) -> web.StreamResponse:
             job = protocol.parse(body, kind, self.model, self.thinks)
-            parts, events = self.admit(job, call, "chatcmpl" if kind == "chat" else "cmpl")
+            parts, events = self.admit(job, call, "chatcmpl-" if kind == "chat" else "cmpl-")
             if job.stream:
                 return await self._stream(request, job, parts, call.rid, events, call.took)
             await self.collect(events, call)
@@ -263,9 +263,10 @@ class Server:
             self._account(request.path, status, call.rid, call.reqs, call.took)
 
     def admit(self, job: Job, call: "Call", prefix: str) -> tuple[list[tuple[int, Request]], Any]:
-        """The job's engine requests, submitted (429 when the queue is full): `(parts, events)` where parts are
+        """The job's engine requests under an id of `prefix` (its separator included), submitted (429 when the queue
+        is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
-        call.rid = f"{prefix}{'_' if prefix in ('resp', 'msg') else '-'}{uuid.uuid4().hex[:24]}"
+        call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid)
         queued = self.engine.stats()["waiting"]
         if queued >= self.max_queued:  # a request counts once, whatever its n
@@ -284,7 +285,7 @@ class Server:
         except TimeoutError:
             raise self.timed_out() from None
         if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
-            raise ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
+            raise self.engine_failed()
 
     async def sse(self, request: web.Request, call: "Call", events, turn: Turn, face) -> web.StreamResponse:
         """Stream one choice as Server-Sent Events in an API's own events: `face.opening()`, `face.add(piece)` for
@@ -307,8 +308,7 @@ class Server:
                             call.took.saw(i, deltas, self.prom)
                             for d in deltas:
                                 if d.finish_reason == "error":
-                                    raise ApiError(500, "the engine failed while generating", type_="server_error",
-                                                   code="engine_error")
+                                    raise self.engine_failed()
                                 await send(face.add(turn.feed(d.text, d.finish_reason)))
                 except TimeoutError:
                     raise self.timed_out() from None
@@ -325,6 +325,11 @@ class Server:
                 await send(face.failed(ApiError(500, "internal server error", type_="server_error",
                                                 code="internal_error")))
         return resp
+
+    @staticmethod
+    def engine_failed() -> ApiError:
+        """The 500 of a request whose engine step raised."""
+        return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
 
     def timed_out(self) -> ApiError:
         """The 504 of a request cut by --request-timeout."""

@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from server import protocol
-from server.protocol import ApiError, bad
+from server.protocol import ApiError, bad, text_of
+from server.shapes import sse_event
 from server.turn import Piece, Turn
 
 log = logging.getLogger("sparkler.server")
@@ -45,21 +46,6 @@ def _new(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content as text: a string, or text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        out = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"),
-                                                                                                   str):
-                raise bad(f"{where}: only text parts ({', '.join(TEXT_PARTS)}) are supported", "input")
-            out.append(part["text"])
-        return "".join(out)
-    raise bad(f"{where} must be a string or a list of text parts", "input")
-
-
 def items_of(value: Any) -> list[dict]:
     """`input` as normalized items: messages with text content, function calls and their outputs (reasoning items
     are dropped: a model's earlier thinking is not sent back to it)."""
@@ -76,7 +62,8 @@ def items_of(value: Any) -> list[dict]:
         if kind == "message":
             if it.get("role") not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{where}.role must be user, system, developer or assistant", "input")
-            out.append({"type": "message", "role": it["role"], "content": _text(it.get("content"), where)})
+            content = text_of(it.get("content"), where, "input", TEXT_PARTS)
+            out.append({"type": "message", "role": it["role"], "content": content})
         elif kind == "function_call":
             if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise bad(f"{where}: a function_call needs string call_id, name and arguments", "input")
@@ -86,7 +73,7 @@ def items_of(value: Any) -> list[dict]:
             if not isinstance(it.get("call_id"), str):
                 raise bad(f"{where}: a function_call_output needs a string call_id", "input")
             out.append({"type": "function_call_output", "call_id": it["call_id"],
-                        "output": _text(it.get("output"), f"{where}.output")})
+                        "output": text_of(it.get("output"), f"{where}.output", "input", TEXT_PARTS)})
         elif kind != "reasoning":
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output)", "input")
@@ -245,13 +232,11 @@ class Output:
             return []
         ev = self.close()
         if kind == "reasoning":
-            self.open = {"id": _new("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
-                         "content": [{"type": "reasoning_text", "text": ""}]}
-            part = {"type": "reasoning_text", "text": ""}
+            head, part = {"id": _new("rs"), "type": "reasoning", "summary": []}, {"type": "reasoning_text", "text": ""}
         else:
-            self.open = {"id": _new("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            head = {"id": _new("msg"), "type": "message", "role": "assistant"}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.open = {**head, "status": "in_progress", "content": [dict(part)]}
         ev += self._added()
         ev[-1]["item"]["content"] = []
         ev.append(self._at("response.content_part.added", content_index=0, part=part))
@@ -289,9 +274,8 @@ class Stream:
 
     def encode(self, ev: dict) -> bytes:
         """An event framed for SSE, numbered."""
-        ev = {**ev, "sequence_number": self.seq}
         self.seq += 1
-        return f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
+        return sse_event({**ev, "sequence_number": self.seq - 1})
 
     def opening(self) -> list[dict]:
         """The events before the first piece."""
@@ -378,7 +362,7 @@ class Responses:
             except ApiError as e:
                 e.param = PARAMS.get(e.param, e.param)
                 raise
-            parts, events = self.server.admit(job, call, "resp")
+            parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
             face = Stream(self, self._shell(body, call.rid, time.time(), prev), job, call, items if store else None)
             if job.stream:

@@ -255,20 +255,22 @@ def _completion_logprobs(body: dict) -> int | None:
     return lp
 
 
+def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """Message content as text: a string, or a list of text parts (of the types `kinds`) joined; else a 400 that
+    names `where` and `param`."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(f"{where} must be a string or a list of text parts", param)
+    if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content):
+        raise bad(f"{where}: only text parts ({', '.join(kinds)}) are supported", param)
+    return "".join(p["text"] for p in content)
+
+
 def _content(m: dict, i: int) -> str:
-    c = m.get("content")
-    if c is None and m["role"] == "assistant":
+    if m.get("content") is None and m["role"] == "assistant":
         return ""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):
-        parts = []
-        for part in c:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return text_of(m.get("content"), f"messages[{i}].content", "messages")
 
 
 def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from engine.engine import Choice, Request
@@ -137,3 +138,8 @@ def usage(reqs: list[Request]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
 
+
+def sse_event(ev: dict) -> bytes:
+    """A typed event framed for Server-Sent Events (`event: <type>`, then its JSON), as Responses and Messages send
+    them."""
+    return f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode()
