@@ -52,6 +52,7 @@ class Server:
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
         self.active = 0  # completion requests being answered
+        self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.prom = Metrics(self.engine.stats)
         self.name, self.api_key = model.name, api_key
         self.max_body = int(max_body_mb * (1 << 20))
@@ -268,12 +269,28 @@ class Server:
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid)
-        queued = self.engine.stats()["waiting"]
-        if queued >= self.max_queued:  # a request counts once, whatever its n
+        seats = sum(len(r.choices) for _, r in parts)
+        queued = self.backlog(seats)
+        if queued is not None and queued >= self.max_queued:  # a call counts once, whatever its n and prompts
             raise ApiError(429, f"the server is busy ({queued} requests waiting for a slot); retry shortly",
                            type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
         call.reqs = [r for _, r in parts]
+        self.admitted.append(call.reqs)
         return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
+
+    def backlog(self, seats: int) -> int | None:
+        """None if a call needing `seats` slots would find them free, else the calls already waiting for a slot.
+        Counted here, over the calls admitted and not finished, in order: the engine seats the oldest first, so a
+        burst fills the free slots and then the queue, however far the engine thread has got."""
+        self.admitted = [reqs for reqs in self.admitted if not all(r.finished or r.cancelled for r in reqs)]
+        taken = waiting = 0
+        for reqs in self.admitted:
+            need = sum(len(r.choices) for r in reqs)
+            if waiting or taken + need > self.engine.runner.slots:
+                waiting += 1
+            else:
+                taken += need
+        return None if not waiting and taken + seats <= self.engine.runner.slots else waiting
 
     async def collect(self, events, call: "Call") -> None:
         """Wait for every choice to finish (504 past --request-timeout, 500 if the engine failed)."""
