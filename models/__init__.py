@@ -35,7 +35,8 @@ DTYPES = ("float32", "bfloat16")
 
 FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3) for arch in fam.ARCHITECTURES}
 
-__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "FAMILIES", "STATS"]
+__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "resolve_quantization",
+           "FAMILIES", "STATS"]
 
 
 def family(cfg: ModelConfig) -> ModuleType:
@@ -52,6 +53,30 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
     return name
+
+
+def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None
+                         ) -> tuple[str, str]:
+    """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX-512 VNNI, float32,
+    tp = 1) and the catalog marks the model as passing the int8 quality guard (`tests/test_quant.py`), else the
+    weights at full precision; `none` and `int8` are taken as asked."""
+    from models import cpu_matmul, packaged
+
+    if name not in ("auto", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {name!r}; choose from auto, {', '.join(QUANTIZATIONS)}")
+    if name != "auto":
+        return name, "asked for"
+    platform = platform or jax.default_backend()
+    guarded = packaged.catalog()["models"].get(model, {}).get("int8_guard", False)
+    why = (f"on {platform} int8 weights are widened in XLA, slower than {dtype}" if platform != "cpu" else
+           f"the int8 kernel runs float32 models only, not {dtype}" if dtype != "float32" else
+           "the int8 kernel does not split over tp" if tp > 1 else
+           "the int8 kernel needs AVX-512 VNNI and a C++ compiler, which this host lacks"
+           if not cpu_matmul.available() else
+           f"{model} has no int8 quality guard (configs/models.toml)" if not guarded else "")
+    if why:
+        return "none", f"auto: {why}"
+    return "int8", "auto: the int8 kernel runs on this CPU and the model passes the int8 quality guard"
 
 
 def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1,
@@ -119,6 +144,7 @@ class Model:
     generation_config: dict
     eos_ids: tuple[int, ...]
     source: str
+    quantization_why: str = "asked for"  # how `--quantization` was chosen (`resolve_quantization`)
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
@@ -126,16 +152,15 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                quantization: str = "none", dp: int = 1, matmul: str = "auto") -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none` or `int8` (`models.quant`), `matmul` how int8 products run (`auto`: the int8 kernel
+    `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8 products run (`auto`: the int8 kernel
     on a CPU that has it; its weights are kept packed); the parameters go on a `(data=dp, tp=tp)` mesh (replicated
     over `data`)."""
     from models import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
+    quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp)
     source = open_source(path)
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)
     module = build(cfg, attention, scan, tp, matmul)
@@ -174,7 +199,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids = eos_ids + (tok.eos_token_id,)
     name = name_or_path if not os.path.exists(name_or_path) else os.path.basename(name_or_path.rstrip("/"))
-    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path)
+    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why)
 
 
 def load_tokenizer(source: Source, key: str):

@@ -46,9 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
-    ap.add_argument("--quantization", choices=("none", "int8"), default="none",
+    ap.add_argument("--quantization", choices=("auto", "none", "int8"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
-                         "bfloat16's; docs/PERFORMANCE.md has what it does to speed)")
+                         "bfloat16's; docs/PERFORMANCE.md has what it does to speed); none: full precision; auto: "
+                         "int8 where the int8 kernel runs (a CPU with AVX-512 VNNI) and the model passes the quality "
+                         "guard, else none. The startup line and /v1/models say what was chosen and why")
     ap.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto",
                     help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
                          "xla: the plain-XLA reference)")
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
     if args.warmup != "none":
         engine.warmup(full=args.warmup == "full")
     t3 = time.monotonic()
-    config = (args.model, args.dtype, args.quantization, model.cfg.matmul, args.tp, args.dp,
+    config = (args.model, args.dtype, model.cfg.quantization, model.cfg.matmul, args.tp, args.dp,
               dataclasses.astuple(engine.runner.rc))
     if group and args.process_id:  # run process 0's steps until it stops
         log.info("sparkler: process %d of %d following process 0 (%d local devices)", args.process_id,
@@ -145,10 +147,11 @@ def main(argv=None) -> None:
     if group:
         engine.runner = multihost.Leader(engine.runner, multihost.Channel())
         engine.runner.check(config)
+    log.info("sparkler: quantization %s (%s)", model.cfg.quantization, model.quantization_why)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
-             model.cfg.dtype, "" if args.quantization == "none" else
-             f", {args.quantization} weights ({model.cfg.matmul} products)",
+             model.cfg.dtype, f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
+             if model.cfg.quantization != "none" else ", full-precision weights",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,

@@ -179,7 +179,9 @@ class Server:
 
     def _card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
-                "max_model_len": self.engine.max_len}
+                "max_model_len": self.engine.max_len, "dtype": self.model.cfg.dtype,
+                "quantization": {"method": self.model.cfg.quantization, "products": self.model.cfg.matmul,
+                                 "why": self.model.quantization_why}}
 
     async def model_card(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: the served model, or 404."""

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from helpers import our_logits
-from models import load_model, quant
+from models import cpu_matmul, load_model, quant, resolve_quantization
 
 PROMPTS = ["The history of the Roman Empire spans more than a thousand years, from the founding of the city",
            'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
@@ -58,3 +58,19 @@ def test_rounding_error_is_at_most_half_a_step_per_group(w):
     back = np.asarray(quant.dequantize(q, s, np.float32))
     step = np.repeat(s, w.shape[-1] // s.shape[-1], axis=-1)
     assert np.all(np.abs(back - w) <= step / 2 + 1e-6 * np.abs(w) + 1e-12)
+
+
+def test_auto_quantization_picks_int8_only_where_the_kernel_runs_and_the_guard_holds():
+    kernel = cpu_matmul.available()
+    chosen, why = resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu")
+    assert chosen == ("int8" if kernel else "none") and why.startswith("auto: ")
+    assert "VNNI" in why or kernel
+    assert resolve_quantization("auto", "smollm2-135m-instruct", "bfloat16", platform="gpu")[0] == "none"
+    assert resolve_quantization("auto", "smollm2-135m-instruct", "float32", tp=2, platform="cpu")[0] == "none"
+    if kernel:  # a model the quality guard has not checked keeps its weights
+        chosen, why = resolve_quantization("auto", "/models/other.gguf", "float32", platform="cpu")
+        assert chosen == "none" and "quality guard" in why
+    assert resolve_quantization("int8", "/models/other.gguf", "float32", platform="gpu") == ("int8", "asked for")
+    assert resolve_quantization("none", "smollm2-135m-instruct", "float32") == ("none", "asked for")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        resolve_quantization("int4", "smollm2-135m-instruct", "float32")

@@ -35,7 +35,8 @@ def http(api, method, path, body=None, headers=None, raw: bytes | None = None):
 
 def test_models_health_metrics_and_tokenize(api, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.quantization == {"method": "none", "products": "xla", "why": "asked for"}
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     status, body, _ = http(api, "GET", "/health")
