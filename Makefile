@@ -24,7 +24,7 @@ setup: $(STAMP)
 	$(BIN)/python -m models.fetch $(MODEL)
 
 serve: setup
-	$(BIN)/python -m server --model $(MODEL) $(ARGS)
+	$(BIN)/sparkler serve --model $(MODEL) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

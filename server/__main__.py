@@ -1,4 +1,5 @@
-"""`python -m server`: load a model, compile the common shapes, and serve the OpenAI/Fireworks API over HTTP."""
+"""`sparkler serve` (or `python -m server`): load a model, compile the common shapes, and serve the OpenAI/Fireworks API
+over HTTP."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from server.app import Server
 log = logging.getLogger("sparkler.server")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     """Command-line flags."""
-    ap = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, HF folder or GGUF file")
@@ -110,9 +111,9 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"])
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
