@@ -1,36 +1,107 @@
 """Ahead-of-time compilation: jitted step functions whose executables are compiled up front, several at once on a
-thread pool (XLA compiles outside the GIL), and counters of JAX's persistent compilation cache."""
+thread pool (XLA compiles outside the GIL), and kept on disk whole, in the program store.
+
+Why not JAX's persistent compilation cache: it is keyed by the lowered program, so a lookup still traces and lowers
+the step (~0.5 s a shape for the default model on this CPU, 29 of a 36 s warm start), and an executable it reads
+back cannot be serialized again on the CPU (it loads, then fails at run time: "Function add_select_fusion not
+found"). The program store keeps each step executable serialized (`jax.experimental.serialize_executable`) under a
+key of everything that shapes its trace: the source of `engine/` and `models/`, JAX's version, the devices, the XLA
+flags, the runner's settings and the full abstract signature of the call. A warm start loads them without tracing
+(~0.1 s each). The few small helper programs outside it (zeros, casts) compile in about a second in all.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import hashlib
+import logging
 import os
+import pickle
 import threading
+import time
 from typing import Any, Callable
 
 import jax
 
-PERSISTENT = {"hits": 0, "misses": 0}  # persistent-cache lookups since start (counted from JAX's own events)
-_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+log = logging.getLogger("sparkler.compile")
+PROGRAMS = {"loaded": 0, "saved": 0}  # program-store reads and writes since start
 _lock = threading.Lock()
+_store: dict[str, str | None] = {"dir": None}
 
 
-def _on_event(event: str, **_) -> None:
-    if event in _EVENTS:
-        with _lock:
-            PERSISTENT[_EVENTS[event]] += 1
+def use_program_store(path: str) -> None:
+    """Keep every step executable compiled from now on in `path`, and load them from there."""
+    _store["dir"] = path
 
 
-jax.monitoring.register_event_listener(_on_event)
+@functools.cache
+def code_version() -> str:
+    """A hash of the source every traced program comes from (`engine/`, `models/`, the C++ kernels), JAX's version
+    and the XLA flags: a program-store key changes whenever any of them does."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(f"{jax.__version__} {os.environ.get('XLA_FLAGS', '')}".encode())
+    for folder in ("engine", "models", os.path.join("models", "csrc")):
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith((".py", ".cc", ".h")):
+                with open(os.path.join(root, folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
 
 
-def use_persistent_cache(path: str) -> None:
-    """Keep every compiled program in `path` (JAX's persistent compilation cache), however quickly it compiled."""
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+def _signature(args: tuple, statics: dict) -> str:
+    """Every leaf's shape, dtype and sharding, the pytree structure, and the static arguments."""
+    leaves, tree = jax.tree.flatten(args)
+    return repr((str(tree), [(getattr(x, "shape", None), str(getattr(x, "dtype", type(x).__name__)),
+                              bool(getattr(x, "weak_type", False)), str(getattr(x, "sharding", None)))
+                             for x in leaves], sorted(statics.items())))
 
 
-def _key(args: tuple, statics: dict) -> tuple:
+def _store_path(namespace: str, name: str, args: tuple, statics: dict) -> str | None:
+    if _store["dir"] is None or jax.process_count() > 1:  # multi-host programs are compiled by every process
+        return None
+    devices = [(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()]
+    flags = [getattr(jax.config, f) for f in ("jax_default_matmul_precision", "jax_enable_x64", "jax_default_prng_impl")]
+    key = hashlib.sha256(repr((code_version(), devices, flags, namespace, name, _signature(args, statics))).encode())
+    return os.path.join(_store["dir"], key.hexdigest()[:40] + ".exe")
+
+
+def _load(path: str | None):
+    from jax.experimental import serialize_executable
+
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            exe = serialize_executable.deserialize_and_load(*pickle.load(f))
+    except Exception as e:  # noqa: BLE001  (a torn or foreign file: compile instead, and overwrite it)
+        log.warning("sparkler: program store: %s unreadable (%s); compiling", path, e)
+        return None
+    with _lock:
+        PROGRAMS["loaded"] += 1
+    return exe
+
+
+def _save(path: str | None, exe) -> None:
+    from jax.experimental import serialize_executable
+
+    if path is None:
+        return
+    try:
+        blob = pickle.dumps(serialize_executable.serialize(exe))
+    except Exception as e:  # noqa: BLE001  (an executable the backend cannot serialize stays in memory only)
+        log.warning("sparkler: program store: cannot keep %s (%s)", path, e)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    with _lock:
+        PROGRAMS["saved"] += 1
+
+
+def shape_key(args: tuple, statics: dict) -> tuple:
     """The shapes of a call's array arguments (pytrees such as parameters and caches are fixed per runner)."""
     return tuple((a.shape, str(a.dtype), bool(getattr(a, "weak_type", False))) if hasattr(a, "shape") else None
                  for a in args), tuple(sorted(statics.items()))
@@ -45,21 +116,39 @@ def _abstract(x):
 
 class AOT:
     """A jitted function plus executables compiled ahead of time for given argument shapes: a call runs the
-    executable compiled for its shapes, else the jitted function (which compiles on first use)."""
+    executable compiled for its shapes, waits for it if a background warm-up is compiling it, else compiles it. `namespace` names the settings the trace depends on beyond the
+    arguments (the runner's), for the program store."""
 
-    def __init__(self, fn: Callable):
-        self.fn, self.exes = fn, {}
+    def __init__(self, fn: Callable, name: str = "", namespace: str = ""):
+        self.fn, self.name, self.namespace = fn, name, namespace
+        self.exes: dict = {}
+        self.pending: dict[tuple, concurrent.futures.Future] = {}
 
     def __call__(self, *args, **statics):
         """Run the executable for these shapes (or the jitted function)."""
-        exe = self.exes.get(_key(args, statics))
-        return exe(*args) if exe is not None else self.fn(*args, **statics)
+        key = shape_key(args, statics)
+        exe = self.exes.get(key)
+        if exe is None and (fut := self.pending.get(key)) is not None:
+            concurrent.futures.wait([fut])  # a request never fails for a shape still compiling: it waits
+            exe = self.exes.get(key)
+        if exe is None:  # a shape no warm-up named: compile it now (and keep it in the store for the next start)
+            self.compile(*args, **statics)
+            exe = self.exes[key]
+        return exe(*args)
 
     def compile(self, *args, **statics) -> None:
-        """Compile for the shapes of `args` (arrays, or anything with `shape`/`dtype`) without running."""
-        key = _key(args, statics)
-        if key not in self.exes:
-            self.exes[key] = self.fn.lower(*jax.tree.map(_abstract, args), **statics).compile()
+        """Load from the program store, or compile (and store), for the shapes of `args` (arrays, or anything with
+        `shape`/`dtype`) without running."""
+        key = shape_key(args, statics)
+        if key in self.exes:
+            return
+        abstract = jax.tree.map(_abstract, args)
+        path = _store_path(self.namespace, self.name, abstract, statics)
+        exe = _load(path)
+        if exe is None:
+            exe = self.fn.lower(*abstract, **statics).compile()
+            _save(path, exe)
+        self.exes[key] = exe
 
 
 def compile_all(jobs: list[tuple[AOT, tuple, dict]], workers: int | None = None, desc: str = "compiling") -> None:
@@ -72,6 +161,46 @@ def compile_all(jobs: list[tuple[AOT, tuple, dict]], workers: int | None = None,
         for f in concurrent.futures.as_completed(futures):
             f.result()
             bar.update()
+
+
+class Background:
+    """Jobs compiling on a thread pool while the server serves: each job's shape is marked pending first, so a call
+    that needs it waits for it (`AOT.__call__`) instead of compiling it again. `ready`/`total` count them."""
+
+    def __init__(self, jobs: list["Job"], workers: int = 1):
+        self.total, self.ready, self.started = len(jobs), 0, time.monotonic()
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="warmup")
+        self.futures = []
+        for fn, args, statics in jobs:
+            key = shape_key(args, statics)
+            if key in fn.exes or key in fn.pending:
+                self.total -= 1
+                continue
+            fut = self.pool.submit(self._one, fn, key, args, statics)
+            fn.pending[key] = fut
+            self.futures.append(fut)
+        self.done = concurrent.futures.Future()
+        log.info("sparkler: warm-up: %d more shapes compiling behind serving", self.total)
+        self.pool.submit(self._finish)
+        self.pool.shutdown(wait=False)
+
+    def _one(self, fn: AOT, key: tuple, args: tuple, statics: dict) -> None:
+        try:
+            fn.compile(*args, **statics)
+        finally:
+            fn.pending.pop(key, None)
+            with _lock:
+                self.ready += 1
+
+    def _finish(self) -> None:
+        concurrent.futures.wait(self.futures)
+        log.info("sparkler: warm-up: %d shapes ready behind serving in %.1f s (program store: %d loaded, %d saved)",
+                 self.ready, time.monotonic() - self.started, PROGRAMS["loaded"], PROGRAMS["saved"])
+        self.done.set_result(self.ready)
+
+    def busy(self) -> bool:
+        """Whether jobs are still compiling."""
+        return not self.done.done()
 
 
 Job = tuple[AOT, tuple, dict[str, Any]]

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
-from engine.compile import compile_all
+from engine.compile import Background, compile_all
 from engine.grammar import Grammars
 from engine.thinking import Budget, Gate
 from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
@@ -150,6 +150,7 @@ class Engine:
         self.generated = 0  # tokens drawn so far
         self.finished = 0  # requests ended so far
         self.preemptions = 0  # choices preempted so far (pool exhausted)
+        self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
         self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
         self.prefilling: collections.deque[Prefill] = collections.deque()
         self._grammars: Grammars | None = None
@@ -240,7 +241,9 @@ class Engine:
                     kv_pages_cached=total("num_cached"), kv_page_size=self.page_size,
                     prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hit,
                     prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
-                    preemptions=self.preemptions, data_parallel_size=self.runner.dp)
+                    preemptions=self.preemptions, data_parallel_size=self.runner.dp,
+                    warmup_shapes_ready=self.background.ready if self.background else 0,
+                    warmup_shapes_behind=self.background.total if self.background else 0)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
@@ -251,10 +254,18 @@ class Engine:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
         self.runner.idle()
 
-    def warmup(self, full: bool = False) -> None:
-        """Compile the common shapes ahead of time, several at once (see `Runner.warm_jobs`; one-step decode too
-        when the model has a tokenizer, for structured output); nothing is run."""
-        compile_all(self.runner.warm_jobs(full, constrained=self.tok is not None), desc="compiling shapes")
+    def warmup(self, full: bool = False, background: bool = False) -> Background | None:
+        """Compile (or load) the common shapes ahead of time, several at once (see `Runner.warm_jobs`; one-step
+        decode too when the model has a tokenizer, for structured output); nothing is run. `background`: only
+        `Runner.first_jobs` now, the rest on a thread while the engine serves (returned; a step that needs a shape
+        still compiling waits for it)."""
+        jobs = self.runner.warm_jobs(full, constrained=self.tok is not None)
+        if not background:
+            compile_all(jobs, desc="compiling shapes")
+            return None
+        compile_all(self.runner.first_jobs(), desc="first shapes")
+        self.background = Background(jobs)
+        return self.background
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 

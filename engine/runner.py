@@ -13,6 +13,7 @@ return arrays indexed by global slot.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine import sampler as smp
-from engine.compile import AOT, Job
+from engine.compile import AOT, Job, shape_key
 from models import KVCache, Model
 from models.sharding import cache_sharding
 
@@ -129,8 +130,13 @@ class Runner:
         self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.per_shard) + (self.per_shard,)
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.num_kv_heads, mesh)  # zeros made in place, both at once
-        self.cache = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
-                             out_shardings=KVCache(pool, pool))()
+        zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
+                        out_shardings=KVCache(pool, pool))
+        self.cache_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                        jax.eval_shape(zeros), KVCache(pool, pool))
+        # Zeroing gigabytes takes seconds (page faults): it runs on a thread, behind loading the first programs
+        # (which need only its shape); the first step that uses the pool waits for it.
+        self._zeroing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pool").submit(zeros)
         self.by_row = NamedSharding(mesh, P("data"))  # sampler rows: each shard holds its slots'
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.by_row)
         self.host_params = smp.neutral_params(self.slots, vocab)
@@ -236,43 +242,71 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        self._prefill, self._decode, self._first = AOT(prefill), AOT(decode), AOT(first_tokens)
-        self._set_row, self._copy = AOT(set_state_row), AOT(copy_pages)
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, rc, dict(mesh.shape)))
+        self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
+        self._first, self._set_row = AOT(first_tokens, "first", ns), AOT(set_state_row, "set_row", ns)
+        self._copy = AOT(copy_pages, "copy", ns)
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV page pool (waits for it to be zeroed the first time)."""
+        if self._zeroing is not None:
+            self._cache, self._zeroing = self._zeroing.result(), None
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: KVCache) -> None:
+        self._cache, self._zeroing = value, None
 
     def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
-        """The shapes to compile before serving: prefill of short prompts (several per call) and of a first chunk,
-        fresh or after a cached prefix within the shortest attended length, the first draw, sampler-row and page
-        copies, and decode at every batch bucket for the shortest attended length. `full`: every attended length
-        for decode and prefill too (minutes the first time, seconds once the persistent compilation cache holds
-        them). `constrained`: decode of one step too (structured output runs one step per dispatch)."""
-        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        p, c, st, sp = self.model.params, self.cache, self.state, self.params
-        jobs: list[Job] = []
+        """The shapes to compile before serving, those of `first_jobs` first: prefill of short prompts (several per
+        call) and of a first chunk, fresh or after a cached prefix within the shortest attended length, the first
+        draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length.
+        `full`: every attended length for decode and prefill too (minutes the first time, seconds once the caches
+        hold them). `constrained`: decode of one step too (structured output runs one step per dispatch)."""
+        jobs = self.first_jobs()
         for size in self.prefill_buckets:
             budget = max(self.rc.max_prefill_tokens, size)
             rows = [r for r in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL or r * size <= budget]
             starts = (0, *(self.attend if full else self.attend[:1]))  # a fresh prompt, and a cached prefix's
-            attends = [self.covered(start, size) for start in starts]
             for nb in (self.dp * r for r in rows):
-                for attend in attends:
-                    table = i32(nb, -(-attend // self.page_size))
-                    jobs.append((self._prefill, (p, c, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
-                                 dict(echo=False)))
-        vocab = self.model.cfg.vocab_size
-        for nb in (self.dp * b for b in self.batch_buckets):
-            logits = jax.ShapeDtypeStruct((nb, vocab), jnp.float32, sharding=self.by_row)  # as `first_tokens` puts them
-            jobs.append((self._first, (st, sp, logits, np.zeros(nb, bool), self.all_allowed[:nb]), {}))
-        row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), st)
-        jobs.append((self._set_row, (st, np.int32(0), row), {}))
-        jobs.append((self._copy, (c, i32(self.slots), i32(self.slots)), {}))
+                jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
+        jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
+        jobs.append((self._copy, (self.cache_shape, *(np.zeros(self.slots, np.int32),) * 2), {}))
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         for attend in self.attend if full else self.attend[:1]:
-            for nb in (self.dp * b for b in self.batch_buckets):
-                for k in steps:
-                    jobs.append((self._decode, (p, c, st, sp, i32(nb), i32(nb), np.zeros(nb, bool),
-                                                i32(nb, attend // self.page_size), self.all_allowed[:nb]),
-                                 dict(steps=k)))
-        return jobs
+            jobs += [self._decode_job(self.dp * b, attend, k) for b in self.batch_buckets for k in steps]
+        seen, unique = set(), []
+        for job in jobs:  # the first jobs come again in the loops above
+            key = (id(job[0]), shape_key(job[1], job[2]))
+            if key not in seen:
+                seen.add(key)
+                unique.append(job)
+        return unique
+
+    def first_jobs(self) -> list[Job]:
+        """The programs a first short request needs (one prompt of up to BATCHED_PREFILL tokens, its first draw,
+        its sampler row, one-row decode): the server answers once these are ready and compiles the rest behind."""
+        row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
+        return ([self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL]
+                + [self._first_job(self.dp), (self._set_row, (self.state, np.int32(0), row), {}),
+                   self._decode_job(self.dp, self.attend[0], self.rc.decode_steps)])
+
+    def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
+        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        table = i32(nb, -(-attend // self.page_size))
+        return (self._prefill, (self.model.params, self.cache_shape, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
+                dict(echo=False))
+
+    def _first_job(self, nb: int) -> Job:
+        logits = jax.ShapeDtypeStruct((nb, self.model.cfg.vocab_size), jnp.float32, sharding=self.by_row)
+        return (self._first, (self.state, self.params, logits, np.zeros(nb, bool), self.all_allowed[:nb]), {})
+
+    def _decode_job(self, nb: int, attend: int, steps: int) -> Job:
+        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, i32(nb), i32(nb),
+                               np.zeros(nb, bool), i32(nb, attend // self.page_size), self.all_allowed[:nb]),
+                dict(steps=steps))
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 

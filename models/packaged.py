@@ -10,7 +10,7 @@ import sys
 import sysconfig
 import tomllib
 
-from models.weights import cache_root
+from models.weights import cache_root, remembered
 
 log = logging.getLogger("sparkler.models")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models.toml")
@@ -28,12 +28,16 @@ def default_model() -> str:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file (remembered by its path, size and time: `weights.remembered`)."""
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return remembered("sha256", (path,), digest)
 
 
 def _site() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -32,16 +33,43 @@ class Source:
     generation_config: dict[str, Any]
     names: tuple[str, ...]
     read: Callable[[str], np.ndarray]
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # GGUF metadata
+    metadata: Callable[[], dict[str, Any]] = dict  # GGUF metadata, read when first needed
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        """GGUF metadata (empty for an HF folder)."""
+        return self.metadata()
 
     def content_hash(self) -> str:
-        """sha256 over the source files' bytes (the cache key)."""
-        h = hashlib.sha256(CONVERTER_VERSION.encode())
-        for f in self.files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()[:32]
+        """sha256 over the source files' bytes (the cache key), remembered by their paths, sizes and times."""
+
+        def digest() -> str:
+            h = hashlib.sha256(CONVERTER_VERSION.encode())
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 24):
+                        h.update(chunk)
+            return h.hexdigest()[:32]
+
+        return remembered("content", self.files, digest)
+
+
+def remembered(kind: str, files: tuple[str, ...], compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept in `$SPARKLER_CACHE/remembered/` under the files' paths, sizes and modification times, so
+    a warm start neither hashes nor parses a weights file again (a file that changes gets a new entry)."""
+    stat = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha256(repr((kind, CONVERTER_VERSION, stat)).encode()).hexdigest()[:32]
+    path = os.path.join(cache_root(), "remembered", f"{kind}-{key}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        value = compute()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + f".{os.getpid()}.tmp", "w") as f:
+            json.dump(value, f)
+        os.replace(path + f".{os.getpid()}.tmp", path)
+        return value
 
 
 def open_source(path: str) -> Source:
@@ -87,19 +115,34 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def _open_gguf(path: str) -> Source:
+    """A GGUF file. Parsing its metadata takes seconds (the vocabulary is ~100k small fields), so the config,
+    generation config and tensor names are remembered and the file is read again only to convert it or to build its
+    tokenizer."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    @functools.cache
+    def reader():
+        return gguf.GGUFReader(path)
+
+    def metadata() -> dict[str, Any]:
+        return gguf_metadata(reader())
+
+    def summary() -> dict[str, Any]:
+        meta = metadata()
+        gen = {"eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+               "bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
+        return {"config": gguf_config(meta, tensors()), "gen": gen, "names": list(tensors())}
+
+    @functools.cache
+    def tensors() -> dict[str, Any]:
+        return {t.name: t for t in reader().tensors}
 
     def read(name: str) -> np.ndarray:
-        t = tensors[name]
+        t = tensors()[name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
-    config = gguf_config(meta, tensors)
-    gen = {"eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
-    return Source("gguf", path, (path,), config, gen, tuple(tensors), read, meta)
+    known = remembered("gguf", (path,), summary)
+    return Source("gguf", path, (path,), known["config"], known["gen"], tuple(known["names"]), read, metadata)
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -10,17 +10,18 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 
 import jax
 from aiohttp import web
 
 from engine import multihost
-from engine.compile import PERSISTENT, use_persistent_cache
+from engine.compile import PROGRAMS, use_program_store
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
-from models import load_model
+from models import load_model, tokenizer
 from models.attention import BACKENDS
 from models.cpu_matmul import MATMULS
 from models.weights import cache_root
@@ -89,7 +90,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
-                         "the first time, seconds once the compilation cache holds them), or nothing")
+                         "the first time, seconds once the caches hold them), or nothing. The server answers once a "
+                         "first request's shapes are ready and compiles the rest behind; a request that needs one "
+                         "still compiling waits for it")
     return ap.parse_args(argv)
 
 
@@ -114,6 +117,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
 def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv, prog)
+    # transformers (the tokenizer's code) takes ~3 s to import here: import it beside the parameters' restore
+    threading.Thread(target=tokenizer.transformers_module, daemon=True, name="import-transformers").start()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
@@ -127,7 +132,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
         if args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
             raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size "
                              f"{args.dp} x tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
-    use_persistent_cache(os.path.join(cache_root(), "xla"))
+    use_program_store(os.path.join(cache_root(), "programs"))
     t0 = time.monotonic()
     try:
         model = load(args)
@@ -136,8 +141,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     t1 = time.monotonic()
     engine = Engine(model, runner_config(args))
     t2 = time.monotonic()
-    if args.warmup != "none":
-        engine.warmup(full=args.warmup == "full")
+    if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
+        engine.warmup(full=args.warmup == "full", background=not group)
     t3 = time.monotonic()
     config = (args.model, args.dtype, model.cfg.quantization, model.cfg.matmul, args.tp, args.dp,
               dataclasses.astuple(engine.runner.rc))
@@ -150,11 +155,11 @@ def main(argv=None, prog: str = "python -m server") -> None:
         engine.runner.check(config)
     log.info("sparkler: quantization %s (%s)", model.cfg.quantization, model.quantization_why)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
-             "(%d shapes; persistent cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
+             "(%d shapes traced; program store %d loaded, %d saved)", model.name, jax.devices()[0].platform,
              model.cfg.dtype, f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
              if model.cfg.quantization != "none" else ", full-precision weights",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
-             t3 - t2, engine.runner.compiles, PERSISTENT["hits"], PERSISTENT["misses"])
+             t3 - t2, engine.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)

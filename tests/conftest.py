@@ -9,13 +9,13 @@ torch.set_num_threads(2)
 
 
 def pytest_configure(config):
-    """Reuse compiled programs across test runs (the server does the same)."""
+    """Reuse compiled step programs across test runs (the server does the same)."""
     import jax
 
-    from engine.compile import use_persistent_cache
+    from engine.compile import use_program_store
     from models.weights import cache_root
 
-    use_persistent_cache(os.path.join(cache_root(), "xla"))
+    use_program_store(os.path.join(cache_root(), "programs"))
     # float32 means float32 on a GPU too (XLA would use TF32 there), so reference comparisons hold everywhere.
     jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -181,8 +181,8 @@ def test_bfloat16_logits_match_float32(kind, tmp_path, monkeypatch):
 
 STARTUP = r"""
 import json, sys
-from engine.compile import PERSISTENT, use_persistent_cache
-use_persistent_cache(sys.argv[1])
+from engine.compile import PROGRAMS, use_program_store
+use_program_store(sys.argv[1])
 import jax
 from engine import Engine, RunnerConfig, SamplingParams
 from models import Model, ModelConfig, build, init_params
@@ -191,20 +191,18 @@ cfg = ModelConfig.from_hf(json.loads(sys.argv[2]))
 module = build(cfg)
 model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
 eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, kv_cache_gb=0.01))
-before = dict(PERSISTENT)
 eng.warmup()
-compiled = eng.runner.compiles
-hits, misses = PERSISTENT["hits"] - before["hits"], PERSISTENT["misses"] - before["misses"]
+compiled, loaded, saved = eng.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"]
 for i in range(6):
     eng.add(eng.make_request(list(range(1, 3 + 7 * i)), SamplingParams(max_tokens=12, temperature=0.8, seed=i)))
 while eng.has_work():
     eng.step()
 print(json.dumps(dict(shapes=len(eng.runner.warm_jobs()), compiled=compiled, after=eng.runner.compiles,
-                      hits=hits, misses=misses)))
+                      loaded=loaded, saved=saved, saved_after=PROGRAMS["saved"])))
 """
 
 
-def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them(tmp_path):
+def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them_without_tracing(tmp_path):
     import json
     import os
     import subprocess
@@ -220,9 +218,9 @@ def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them(tmp_path)
     cold, warm = runs
     assert cold["compiled"] == cold["shapes"] > 10  # each warm-up shape traced and compiled once
     assert cold["after"] == cold["compiled"]  # short requests need nothing more
-    assert cold["misses"] == cold["shapes"] and cold["hits"] == 0  # the warm-up's own lookups
-    assert warm["hits"] == warm["shapes"] and warm["misses"] == 0  # the second start loads every one
-    assert warm["compiled"] == warm["after"] == warm["shapes"]
+    assert cold["saved"] == cold["saved_after"] == cold["shapes"] and cold["loaded"] == 0  # each kept once
+    assert warm["loaded"] == warm["shapes"] and warm["saved_after"] == 0  # the second start loads every one,
+    assert warm["compiled"] == warm["after"] == 0  # and traces none
 
 
 def test_a_bfloat16_server_answers():
