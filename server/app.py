@@ -37,6 +37,9 @@ log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
 
 
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the chat page's files
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -77,6 +80,8 @@ class Server:
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/", self.page)
+        app.router.add_static("/static", STATIC, show_index=False)
         return app
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
@@ -216,6 +221,10 @@ class Server:
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: request counters, latency histograms and engine gauges in Prometheus' text format."""
         return web.Response(body=self.prom.render(), content_type="text/plain", charset="utf-8")
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        """GET /: the chat page (`server/static/`: plain HTML, CSS and JavaScript against this API)."""
+        return web.FileResponse(os.path.join(STATIC, "index.html"))
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: liveness plus slot and page occupancy and counters; 503 while draining."""
