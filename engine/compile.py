@@ -202,5 +202,9 @@ class Background:
         """Whether jobs are still compiling."""
         return not self.done.done()
 
+    def cancel(self) -> None:
+        """Drop the jobs not started (at shutdown: the process then waits for one compilation at most)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 Job = tuple[AOT, tuple, dict[str, Any]]

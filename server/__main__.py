@@ -168,6 +168,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     try:
         asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
     finally:
+        if engine.background is not None:
+            engine.background.cancel()
         if group:
             engine.runner.close()
     log.info("sparkler: stopped")

@@ -22,11 +22,13 @@ class Child:
     lines: list[str]
 
 
-def spawn(*flags: str, timeout: float = 600) -> Child:
-    """Start `python -m server --port 0 FLAGS...` in the repository root and return once it is ready; raises
-    RuntimeError with its log if it exits or is not ready within `timeout` seconds."""
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def spawn(*flags: str, timeout: float = 600, command: list[str] | None = None, env: dict | None = None) -> Child:
+    """Start `python -m server --port 0 FLAGS...` (or `command` in its place, such as `sparkler serve`) in the
+    repository root, with `env` added to the environment, and return once it is ready; raises RuntimeError with its
+    log if it exits or is not ready within `timeout` seconds."""
+    proc = subprocess.Popen([*(command or [sys.executable, "-m", "server"]), "--port", "0", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: list[str] = []
     ready = threading.Event()
 

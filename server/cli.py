@@ -92,6 +92,9 @@ class Chat:
             if self.model is None:
                 with self._request("/v1/models") as r:
                     self.model = json.load(r)["data"][0]["id"]
+        except urllib.error.HTTPError as e:
+            print(f"sparkler chat: {self.url}: {_reason(e)}", file=sys.stderr)
+            return 1
         except (urllib.error.URLError, OSError) as e:
             print(f"sparkler chat: cannot reach {self.url}: {_reason(e)}", file=sys.stderr)
             return 1

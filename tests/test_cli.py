@@ -1,0 +1,95 @@
+"""The `sparkler` command in subprocesses: `serve` (answering before its background compilation is done, counted
+from its own log and /health), `chat` with piped input against it, `models`, and each command's `--help`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from server.child import ROOT, spawn
+
+SPARKLER = os.path.join(os.path.dirname(sys.executable), "sparkler")
+KEY = "cli-key"
+pytestmark = pytest.mark.skipif(not os.path.exists(SPARKLER), reason="the sparkler script is not installed "
+                                "(pip install -e .)")
+
+
+def run(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([SPARKLER, *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm):
+    """`sparkler serve` with every warm-up shape (`--warmup full`) and an empty program store, so its background
+    compilation runs for minutes; the converted weights and tokenizer come from the shared cache."""
+    from models.weights import cache_root
+
+    cache = tmp_path_factory.mktemp("cache")
+    for part in ("params", "tokenizers", "remembered", "native"):
+        os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
+        os.symlink(os.path.join(cache_root(), part), cache / part)
+    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--warmup", "full",
+                  "--quantization", "none", "--api-key", KEY, command=[SPARKLER, "serve"],
+                  env={"SPARKLER_CACHE": str(cache)}, timeout=600)
+    yield child
+    child.proc.terminate()
+    child.proc.wait(timeout=60)
+
+
+def test_serve_answers_before_its_background_compilation_is_done_and_chat_streams_from_it(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
+    first = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=8,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert first.choices[0].message.content and first.usage.completion_tokens >= 1
+    during = health(served.url)
+    assert during["warmup_shapes_ready"] < during["warmup_shapes_behind"]  # answered with shapes still to come
+    log = "".join(served.lines)
+    started = re.search(r"program store (\d+) loaded, (\d+) saved", log)
+    assert started and int(started[2]) >= 6 and int(started[1]) == 0  # the first shapes, compiled before serving
+    assert re.search(r"warm-up: (\d+) more shapes compiling behind serving", log)
+    assert "quantization none (asked for)" in log
+
+    questions = "What is the capital of France?\n/reset\nName a color.\n/exit\nnever sent\n"
+    out = run("chat", "--url", served.url, "--api-key", KEY, "--temperature", "0", "--max-tokens", "8",
+              stdin=questions)
+    assert out.returncode == 0, out.stderr
+    said = first.choices[0].message.content + "\n"
+    assert out.stdout.startswith(said) and out.stdout[len(said):].strip()  # the same greedy reply, then another
+    assert "Chatting with smollm2-135m-instruct" in out.stderr and out.stderr.count("completion tokens") == 2
+    assert "(conversation forgotten)" in out.stderr
+
+    wrong = run("chat", "--url", served.url, "--api-key", "nope", stdin="hi\n")
+    assert wrong.returncode == 1 and "401" in wrong.stderr  # the API's own message, not a traceback
+    gone = run("chat", "--url", "http://127.0.0.1:9", stdin="hi\n")
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr
+
+
+def test_models_lists_the_catalog_and_what_is_installed():
+    out = run("models")
+    assert out.returncode == 0
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip() and not line.startswith("*")}
+    assert "yes" in lines["smollm2-135m-instruct"] and ".gguf" in lines["smollm2-135m-instruct"]
+    assert set(lines) >= {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
+    rows = [json.loads(line) for line in run("models", "--json").stdout.splitlines()]
+    assert [r["name"] for r in rows if r["default"]] == ["smollm2-135m-instruct"]
+
+
+def test_every_command_has_help():
+    top = run("--help")
+    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "chat", "models"))
+    serve = run("serve", "--help")
+    assert serve.returncode == 0 and "usage: sparkler serve" in serve.stdout and "--quantization" in serve.stdout
+    chat = run("chat", "--help")
+    assert chat.returncode == 0 and "--url" in chat.stdout and "/reset" in chat.stdout
+    assert run("frobnicate").returncode == 2
