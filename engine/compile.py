@@ -61,7 +61,8 @@ def _store_path(namespace: str, name: str, args: tuple, statics: dict) -> str | 
     if _store["dir"] is None or jax.process_count() > 1:  # multi-host programs are compiled by every process
         return None
     devices = [(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()]
-    flags = [getattr(jax.config, f) for f in ("jax_default_matmul_precision", "jax_enable_x64", "jax_default_prng_impl")]
+    flags = [getattr(jax.config, f) for f in ("jax_default_matmul_precision", "jax_enable_x64",
+                                              "jax_default_prng_impl")]
     key = hashlib.sha256(repr((code_version(), devices, flags, namespace, name, _signature(args, statics))).encode())
     return os.path.join(_store["dir"], key.hexdigest()[:40] + ".exe")
 
@@ -116,8 +117,8 @@ def _abstract(x):
 
 class AOT:
     """A jitted function plus executables compiled ahead of time for given argument shapes: a call runs the
-    executable compiled for its shapes, waits for it if a background warm-up is compiling it, else compiles it. `namespace` names the settings the trace depends on beyond the
-    arguments (the runner's), for the program store."""
+    executable compiled for its shapes, waits for it if a background warm-up is compiling it, else compiles it.
+    `namespace` names the settings the trace depends on beyond the arguments (the runner's), for the program store."""
 
     def __init__(self, fn: Callable, name: str = "", namespace: str = ""):
         self.fn, self.name, self.namespace = fn, name, namespace

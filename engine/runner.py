@@ -295,8 +295,8 @@ class Runner:
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         table = i32(nb, -(-attend // self.page_size))
-        return (self._prefill, (self.model.params, self.cache_shape, i32(nb, size), i32(nb), i32(nb), table, np.int32(0)),
-                dict(echo=False))
+        args = (self.model.params, self.cache_shape, i32(nb, size), i32(nb), i32(nb), table, np.int32(0))
+        return self._prefill, args, dict(echo=False)
 
     def _first_job(self, nb: int) -> Job:
         logits = jax.ShapeDtypeStruct((nb, self.model.cfg.vocab_size), jnp.float32, sharding=self.by_row)

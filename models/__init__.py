@@ -152,9 +152,9 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                quantization: str = "none", dp: int = 1, matmul: str = "auto") -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8 products run (`auto`: the int8 kernel
-    on a CPU that has it; its weights are kept packed); the parameters go on a `(data=dp, tp=tp)` mesh (replicated
-    over `data`)."""
+    `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8
+    products run (`auto`: the int8 kernel on a CPU that has it; its weights are kept packed); the parameters go on a
+    `(data=dp, tp=tp)` mesh (replicated over `data`)."""
     from models import packaged
 
     dtype = resolve_dtype(dtype)
