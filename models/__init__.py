@@ -210,7 +210,7 @@ def load_tokenizer(source: Source, key: str):
         return tokenizer.load_hf_tokenizer(source.path)
     folder = os.path.join(cache_root(), "tokenizers", key)
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
-        return tokenizer.load_hf_tokenizer(folder)
+        return tokenizer.load_built_tokenizer(folder)
     return tokenizer.build_gguf_tokenizer(source.meta, folder)
 
 

@@ -22,10 +22,11 @@ def torch_hidden():
 
 
 def transformers_module():
-    """Import transformers for its tokenizer and chat-template code only."""
+    """Import transformers for its tokenizer and chat-template code only (AutoTokenizer, which imports every
+    family's tokenizer module, ~1.5 s here, is resolved only for HF folders)."""
     with torch_hidden():
         import transformers
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401  (resolve lazily-imported names)
+        from transformers import PreTrainedTokenizerFast  # noqa: F401  (resolve a lazily-imported name)
 
         return transformers
 
@@ -35,6 +36,13 @@ def load_hf_tokenizer(folder: str):
     tf = transformers_module()
     with torch_hidden():
         return tf.AutoTokenizer.from_pretrained(folder)
+
+
+def load_built_tokenizer(folder: str):
+    """A tokenizer `build_gguf_tokenizer` saved (a fast tokenizer, so without AutoTokenizer's lookup)."""
+    tf = transformers_module()
+    with torch_hidden():
+        return tf.PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def build_gguf_tokenizer(meta: dict[str, Any], save_to: str):
