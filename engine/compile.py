@@ -1,13 +1,16 @@
 """Ahead-of-time compilation: jitted step functions whose executables are compiled up front, several at once on a
-thread pool (XLA compiles outside the GIL), and kept on disk whole, in the program store.
+thread pool (XLA compiles outside the GIL), and kept on disk in two caches.
 
-Why not JAX's persistent compilation cache: it is keyed by the lowered program, so a lookup still traces and lowers
-the step (~0.5 s a shape for the default model on this CPU, 29 of a 36 s warm start), and an executable it reads
-back cannot be serialized again on the CPU (it loads, then fails at run time: "Function add_select_fusion not
-found"). The program store keeps each step executable serialized (`jax.experimental.serialize_executable`) under a
-key of everything that shapes its trace: the source of `engine/` and `models/`, JAX's version, the devices, the XLA
-flags, the runner's settings and the full abstract signature of the call. A warm start loads them without tracing
-(~0.1 s each). The few small helper programs outside it (zeros, casts) compile in about a second in all.
+- The program store (`$SPARKLER_CACHE/programs`) keeps each step executable whole
+  (`jax.experimental.serialize_executable`) under a key of everything that shapes its trace: the source of `engine/`
+  and `models/`, JAX's version, the devices, the XLA flags and a few JAX settings, the runner's settings and the
+  call's full abstract signature. A start loads them without tracing (~0.1 s each on this CPU).
+- JAX's persistent compilation cache (`$SPARKLER_CACHE/xla`) keeps every other program (and serves a step whose
+  store entry is gone). Its lookups are keyed by the lowered program, so each still traces and lowers (~0.5 s a
+  step for the default model here: 29 s of what was a 36 s warm start). An executable it reads back cannot be
+  serialized again on the CPU (it loads, then fails at run time: "Function add_select_fusion not found"), so a step
+  bound for the store is compiled with an inert option naming the code version (`_fresh`: a key of its own in
+  JAX's cache), and one that JAX served anyway is not stored.
 """
 
 from __future__ import annotations
@@ -26,13 +29,36 @@ import jax
 
 log = logging.getLogger("sparkler.compile")
 PROGRAMS = {"loaded": 0, "saved": 0}  # program-store reads and writes since start
+PERSISTENT = {"hits": 0, "misses": 0}  # JAX's persistent-cache lookups since start (from its own events)
+_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
 _lock = threading.Lock()
 _store: dict[str, str | None] = {"dir": None}
+_thread = threading.local()  # this thread's persistent-cache hits (events arrive on the compiling thread)
 
 
-def use_program_store(path: str) -> None:
-    """Keep every step executable compiled from now on in `path`, and load them from there."""
-    _store["dir"] = path
+def _on_event(event: str, **_) -> None:
+    if event in _EVENTS:
+        with _lock:
+            PERSISTENT[_EVENTS[event]] += 1
+        if event.endswith("cache_hits"):
+            _thread.hits = getattr(_thread, "hits", 0) + 1
+
+
+jax.monitoring.register_event_listener(_on_event)
+
+
+def use_caches(root: str) -> None:
+    """Keep compiled programs under `root`: step executables in `root/programs` (the program store), everything else
+    in JAX's persistent compilation cache at `root/xla` (however quickly it compiled)."""
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _store["dir"] = os.path.join(root, "programs")
+
+
+def _fresh() -> dict[str, str]:
+    """Compiler options that only filter XLA's dumps (which are off), naming the code version: a compile bound for
+    the program store gets a key of its own in JAX's cache, so XLA compiles it here (see the module doc)."""
+    return {"xla_dump_hlo_pass_re": f"sparkler-program-store-{code_version()[:16]}"}
 
 
 @functools.cache
@@ -147,8 +173,10 @@ class AOT:
         path = _store_path(self.namespace, self.name, abstract, statics)
         exe = _load(path)
         if exe is None:
-            exe = self.fn.lower(*abstract, **statics).compile()
-            _save(path, exe)
+            hits = getattr(_thread, "hits", 0)
+            exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh() if path else None)
+            if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
+                _save(path, exe)
         self.exes[key] = exe
 
 
@@ -195,8 +223,9 @@ class Background:
 
     def _finish(self) -> None:
         concurrent.futures.wait(self.futures)
-        log.info("sparkler: warm-up: %d shapes ready behind serving in %.1f s (program store: %d loaded, %d saved)",
-                 self.ready, time.monotonic() - self.started, PROGRAMS["loaded"], PROGRAMS["saved"])
+        log.info("sparkler: warm-up: %d shapes ready behind serving in %.1f s (program store: %d loaded, %d saved; "
+                 "JAX's cache: %d hits, %d misses)", self.ready, time.monotonic() - self.started, PROGRAMS["loaded"],
+                 PROGRAMS["saved"], PERSISTENT["hits"], PERSISTENT["misses"])
         self.done.set_result(self.ready)
 
     def busy(self) -> bool:

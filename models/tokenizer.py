@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from typing import Any
 
 
@@ -21,10 +22,14 @@ def torch_hidden():
             del sys.modules["torch"]
 
 
+_importing = threading.Lock()
+
+
 def transformers_module():
     """Import transformers for its tokenizer and chat-template code only (AutoTokenizer, which imports every
-    family's tokenizer module, ~1.5 s here, is resolved only for HF folders)."""
-    with torch_hidden():
+    family's tokenizer module, ~1.5 s here, is resolved only for HF folders). Thread-safe: the server imports it on a
+    thread beside the parameters' restore, and a second caller waits for the first."""
+    with _importing, torch_hidden():
         import transformers
         from transformers import PreTrainedTokenizerFast  # noqa: F401  (resolve a lazily-imported name)
 

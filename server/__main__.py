@@ -17,7 +17,7 @@ import jax
 from aiohttp import web
 
 from engine import multihost
-from engine.compile import PROGRAMS, use_program_store
+from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
@@ -132,7 +132,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
         if args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
             raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size "
                              f"{args.dp} x tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
-    use_program_store(os.path.join(cache_root(), "programs"))
+    use_caches(cache_root())
     t0 = time.monotonic()
     try:
         model = load(args)
@@ -155,11 +155,12 @@ def main(argv=None, prog: str = "python -m server") -> None:
         engine.runner.check(config)
     log.info("sparkler: quantization %s (%s)", model.cfg.quantization, model.quantization_why)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
-             "(%d shapes traced; program store %d loaded, %d saved)", model.name, jax.devices()[0].platform,
+             "(%d shapes traced; program store %d loaded, %d saved; JAX's cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
              model.cfg.dtype, f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
              if model.cfg.quantization != "none" else ", full-precision weights",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
-             t3 - t2, engine.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"])
+             t3 - t2, engine.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"], PERSISTENT["hits"],
+             PERSISTENT["misses"])
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)

@@ -12,10 +12,10 @@ def pytest_configure(config):
     """Reuse compiled step programs across test runs (the server does the same)."""
     import jax
 
-    from engine.compile import use_program_store
+    from engine.compile import use_caches
     from models.weights import cache_root
 
-    use_program_store(os.path.join(cache_root(), "programs"))
+    use_caches(cache_root())
     # float32 means float32 on a GPU too (XLA would use TF32 there), so reference comparisons hold everywhere.
     jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -181,8 +181,8 @@ def test_bfloat16_logits_match_float32(kind, tmp_path, monkeypatch):
 
 STARTUP = r"""
 import json, sys
-from engine.compile import PROGRAMS, use_program_store
-use_program_store(sys.argv[1])
+from engine.compile import PROGRAMS, use_caches
+use_caches(sys.argv[1])
 import jax
 from engine import Engine, RunnerConfig, SamplingParams
 from models import Model, ModelConfig, build, init_params
@@ -211,7 +211,7 @@ def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them_without_t
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = []
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "xla"), json.dumps(_LLAMA)], cwd=root,
+        out = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "cache"), json.dumps(_LLAMA)], cwd=root,
                              capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -231,7 +231,7 @@ def test_a_bfloat16_server_answers():
     child = spawn("--dtype", "bfloat16", "--max-num-seqs", "2", "--max-model-len", "256", "--kv-cache-gb", "0.05",
                   timeout=600)
     try:
-        assert any("(bfloat16, xla attention, scanned layers)" in line for line in child.lines)
+        assert any("(bfloat16, full-precision weights, xla attention, scanned layers)" in line for line in child.lines)
         client = openai.OpenAI(base_url=child.url + "/v1", api_key="none", max_retries=0)
         r = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])

@@ -28,13 +28,13 @@ import json, os, sys
 import numpy as np
 import openai
 from conftest import live_server
-from engine.compile import use_program_store
+from engine.compile import use_caches
 from engine.runner import RunnerConfig
 from models import load_model
 from models.weights import cache_root
 from test_mesh import ask_all
 
-use_program_store(os.path.join(cache_root(), "programs"))
+use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)

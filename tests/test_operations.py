@@ -138,7 +138,8 @@ def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
 
 def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(small_api, smollm):
     """The loopback socket buffers megabytes, so the cut is shown on the stream itself: a consumer that stops
-    reading for a while finds `StreamOverflow` and the engine frees the request's slot."""
+    reading while 16 tokens are made (counted, not timed: a shape may compile meanwhile) finds `StreamOverflow` and
+    the engine frees the request's slot."""
     import asyncio
 
     from engine import SamplingParams
@@ -150,7 +151,9 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
     async def lagging():
         req = eng.make_request([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=480, ignore_eos=True))
         events = aengine.stream(req)
-        await asyncio.sleep(1)  # the engine keeps producing meanwhile: more than 8 events pile up
+        deadline = time.time() + 300
+        while len(req.choices[0].token_ids) < 16 and time.time() < deadline:  # more than 8 events pile up
+            await asyncio.sleep(0.05)
         with pytest.raises(StreamOverflow):
             async for _ in events:
                 pass
