@@ -9,8 +9,8 @@ thread pool (XLA compiles outside the GIL), and kept on disk in two caches.
   store entry is gone). Its lookups are keyed by the lowered program, so each still traces and lowers (~0.5 s a
   step for the default model here: 29 s of what was a 36 s warm start). An executable it reads back cannot be
   serialized again on the CPU (it loads, then fails at run time: "Function add_select_fusion not found"), so a step
-  bound for the store is compiled with an inert option naming the code version (`_fresh`: a key of its own in
-  JAX's cache), and one that JAX served anyway is not stored.
+  bound for the store is compiled with an inert option naming its store entry (`_fresh`: a key of its own in JAX's
+  cache), and one that JAX served anyway (its store file was deleted) is not stored.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def use_caches(root: str) -> None:
     _store["dir"] = os.path.join(root, "programs")
 
 
-def _fresh() -> dict[str, str]:
-    """Compiler options that only filter XLA's dumps (which are off), naming the code version: a compile bound for
-    the program store gets a key of its own in JAX's cache, so XLA compiles it here (see the module doc)."""
-    return {"xla_dump_hlo_pass_re": f"sparkler-program-store-{code_version()[:16]}"}
+def _fresh(path: str) -> dict[str, str]:
+    """Compiler options that disable an HLO pass no compiler has, named after the store entry: inert, but part of
+    JAX's cache key (which ignores the dump options), so a compile bound for the program store is XLA's own here
+    (see the module doc)."""
+    return {"xla_disable_hlo_passes": "sparkler-program-store-" + os.path.basename(path)}
 
 
 @functools.cache
@@ -141,6 +142,15 @@ def _abstract(x):
     return x
 
 
+class Pending:
+    """A shape queued on a `Background`: its future, and whether its compilation has started (a call then waits for
+    it; before that, the call compiles the shape itself and the queued job finds it done)."""
+
+    def __init__(self):
+        self.future: concurrent.futures.Future | None = None
+        self.started = threading.Event()
+
+
 class AOT:
     """A jitted function plus executables compiled ahead of time for given argument shapes: a call runs the
     executable compiled for its shapes, waits for it if a background warm-up is compiling it, else compiles it.
@@ -149,14 +159,14 @@ class AOT:
     def __init__(self, fn: Callable, name: str = "", namespace: str = ""):
         self.fn, self.name, self.namespace = fn, name, namespace
         self.exes: dict = {}
-        self.pending: dict[tuple, concurrent.futures.Future] = {}
+        self.pending: dict[tuple, Pending] = {}  # shapes a `Background` will compile
 
     def __call__(self, *args, **statics):
         """Run the executable for these shapes (or the jitted function)."""
         key = shape_key(args, statics)
         exe = self.exes.get(key)
-        if exe is None and (fut := self.pending.get(key)) is not None:
-            concurrent.futures.wait([fut])  # a request never fails for a shape still compiling: it waits
+        if exe is None and (job := self.pending.get(key)) is not None and job.started.is_set():
+            concurrent.futures.wait([job.future])  # a request never fails for a shape being compiled: it waits
             exe = self.exes.get(key)
         if exe is None:  # a shape no warm-up named: compile it now (and keep it in the store for the next start)
             self.compile(*args, **statics)
@@ -174,7 +184,7 @@ class AOT:
         exe = _load(path)
         if exe is None:
             hits = getattr(_thread, "hits", 0)
-            exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh() if path else None)
+            exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh(path) if path else None)
             if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
                 _save(path, exe)
         self.exes[key] = exe
@@ -193,11 +203,14 @@ def compile_all(jobs: list[tuple[AOT, tuple, dict]], workers: int | None = None,
 
 
 class Background:
-    """Jobs compiling on a thread pool while the server serves: each job's shape is marked pending first, so a call
-    that needs it waits for it (`AOT.__call__`) instead of compiling it again. `ready`/`total` count them."""
+    """Jobs compiling on a thread pool while the server serves. Each job's shape is marked `Pending` first: a call
+    that needs it waits for it once its compilation has started, and compiles it itself before that
+    (`AOT.__call__`). A job waits while `yield_to()` (the engine is busy), so the requests being served get the CPU.
+    `ready`/`total` count them."""
 
-    def __init__(self, jobs: list["Job"], workers: int = 1):
+    def __init__(self, jobs: list["Job"], workers: int = 1, yield_to: Callable[[], bool] = lambda: False):
         self.total, self.ready, self.started = len(jobs), 0, time.monotonic()
+        self.yield_to = yield_to  # while it answers true (the engine has work), the next job waits
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="warmup")
         self.futures = []
         for fn, args, statics in jobs:
@@ -205,16 +218,19 @@ class Background:
             if key in fn.exes or key in fn.pending:
                 self.total -= 1
                 continue
-            fut = self.pool.submit(self._one, fn, key, args, statics)
-            fn.pending[key] = fut
-            self.futures.append(fut)
+            job = fn.pending[key] = Pending()
+            job.future = self.pool.submit(self._one, fn, key, job, args, statics)
+            self.futures.append(job.future)
         self.done = concurrent.futures.Future()
         log.info("sparkler: warm-up: %d more shapes compiling behind serving", self.total)
         self.pool.submit(self._finish)
         self.pool.shutdown(wait=False)
 
-    def _one(self, fn: AOT, key: tuple, args: tuple, statics: dict) -> None:
+    def _one(self, fn: AOT, key: tuple, job: Pending, args: tuple, statics: dict) -> None:
         try:
+            while self.yield_to() and key not in fn.exes:  # serving first; a step needing this shape compiles it
+                time.sleep(0.02)
+            job.started.set()
             fn.compile(*args, **statics)
         finally:
             fn.pending.pop(key, None)

@@ -264,7 +264,7 @@ class Engine:
             compile_all(jobs, desc="compiling shapes")
             return None
         compile_all(self.runner.first_jobs(), desc="first shapes")
-        self.background = Background(jobs)
+        self.background = Background(jobs, yield_to=self.has_work)
         return self.background
 
     # ---- the loop body ----------------------------------------------------------------------------------------
