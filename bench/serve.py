@@ -107,12 +107,17 @@ def serve_and_measure(cmd: list[str], port: int, tokens: int, levels, log: str) 
             out = {"ready": time.perf_counter() - t}
             out.update(asyncio.run(measure(url, tokens, levels)))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     return out
+
+
+def stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM a server, and kill it if it has not exited after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def engine_alone(model_name: str, n: int, tokens: int, server_args: list[str]) -> float:

@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import ROOT, measure, wait_ready  # noqa: E402
+from serve import ROOT, measure, stop, wait_ready  # noqa: E402
 
 SPARKLER = os.path.join(os.path.dirname(sys.executable), "sparkler")
 
@@ -50,11 +50,7 @@ def start(flags: list[str], cache: str, port: int, log: str, rates: bool, tokens
             if rates:
                 out.update(asyncio.run(measure(url, tokens, (1, 32))))  # a round at each first: its shapes compile
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     chosen = re.search(r"quantization (\w+) \(([^)]*)\)", open(log).read())
     out["chosen"] = f"{chosen[1]} ({chosen[2]})" if chosen else "?"
     return out
