@@ -16,6 +16,7 @@ thread pool (XLA compiles outside the GIL), and kept on disk in two caches.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import logging
@@ -64,10 +65,14 @@ def _fresh(path: str) -> dict[str, str]:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the source every traced program comes from (`engine/`, `models/`, the C++ kernels), JAX's version
-    and the XLA flags: a program-store key changes whenever any of them does."""
+    """A hash of the source every traced program comes from (`engine/`, `models/`, the C++ kernels), JAX's, jaxlib's
+    and Flax's versions and the XLA flags: a program-store key changes whenever any of them does."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    h = hashlib.sha256(f"{jax.__version__} {os.environ.get('XLA_FLAGS', '')}".encode())
+    import flax
+    import jaxlib
+
+    h = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__} {flax.__version__} "
+                       f"{os.environ.get('XLA_FLAGS', '')}".encode())
     for folder in ("engine", "models", os.path.join("models", "csrc")):
         for name in sorted(os.listdir(os.path.join(root, folder))):
             if name.endswith((".py", ".cc", ".h")):
@@ -115,16 +120,18 @@ def _save(path: str | None, exe) -> None:
 
     if path is None:
         return
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         blob = pickle.dumps(serialize_executable.serialize(exe))
-    except Exception as e:  # noqa: BLE001  (an executable the backend cannot serialize stays in memory only)
-        log.warning("sparkler: program store: cannot keep %s (%s)", path, e)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001  (a full disk, or an executable the backend cannot serialize: keep it in
+        log.warning("sparkler: program store: cannot keep %s (%s)", path, e)  # memory only)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
     with _lock:
         PROGRAMS["saved"] += 1
 
@@ -162,7 +169,7 @@ class AOT:
         self.pending: dict[tuple, Pending] = {}  # shapes a `Background` will compile
 
     def __call__(self, *args, **statics):
-        """Run the executable for these shapes (or the jitted function)."""
+        """Run the executable for these shapes (compiled now if no warm-up has it)."""
         key = shape_key(args, statics)
         exe = self.exes.get(key)
         if exe is None and (job := self.pending.get(key)) is not None and job.started.is_set():
@@ -206,11 +213,12 @@ class Background:
     """Jobs compiling on a thread pool while the server serves. Each job's shape is marked `Pending` first: a call
     that needs it waits for it once its compilation has started, and compiles it itself before that
     (`AOT.__call__`). A job waits while `yield_to()` (the engine is busy), so the requests being served get the CPU.
-    `ready`/`total` count them."""
+    `ready`/`total` count them; a job that fails is logged and left to compile on demand."""
 
     def __init__(self, jobs: list["Job"], workers: int = 1, yield_to: Callable[[], bool] = lambda: False):
-        self.total, self.ready, self.started = len(jobs), 0, time.monotonic()
+        self.total, self.ready, self.failed, self.started = len(jobs), 0, 0, time.monotonic()
         self.yield_to = yield_to  # while it answers true (the engine has work), the next job waits
+        self.stopped = False
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="warmup")
         self.futures = []
         for fn, args, statics in jobs:
@@ -218,38 +226,41 @@ class Background:
             if key in fn.exes or key in fn.pending:
                 self.total -= 1
                 continue
-            job = fn.pending[key] = Pending()
+            job = Pending()
             job.future = self.pool.submit(self._one, fn, key, job, args, statics)
+            fn.pending[key] = job
             self.futures.append(job.future)
-        self.done = concurrent.futures.Future()
         log.info("sparkler: warm-up: %d more shapes compiling behind serving", self.total)
         self.pool.submit(self._finish)
         self.pool.shutdown(wait=False)
 
     def _one(self, fn: AOT, key: tuple, job: Pending, args: tuple, statics: dict) -> None:
         try:
-            while self.yield_to() and key not in fn.exes:  # serving first; a step needing this shape compiles it
-                time.sleep(0.02)
+            while self.yield_to() and key not in fn.exes and not self.stopped:  # serving first; a step that
+                time.sleep(0.02)  # needs this shape meanwhile compiles it
+            if self.stopped:
+                return
             job.started.set()
             fn.compile(*args, **statics)
-        finally:
-            fn.pending.pop(key, None)
+        except Exception:  # noqa: BLE001  (the shape then compiles when a step needs it)
+            log.exception("sparkler: warm-up: a %s shape failed to compile", fn.name)
+            with _lock:
+                self.failed += 1
+        else:
             with _lock:
                 self.ready += 1
+        finally:
+            fn.pending.pop(key, None)
 
     def _finish(self) -> None:
         concurrent.futures.wait(self.futures)
-        log.info("sparkler: warm-up: %d shapes ready behind serving in %.1f s (program store: %d loaded, %d saved; "
-                 "JAX's cache: %d hits, %d misses)", self.ready, time.monotonic() - self.started, PROGRAMS["loaded"],
-                 PROGRAMS["saved"], PERSISTENT["hits"], PERSISTENT["misses"])
-        self.done.set_result(self.ready)
-
-    def busy(self) -> bool:
-        """Whether jobs are still compiling."""
-        return not self.done.done()
+        log.info("sparkler: warm-up: %d shapes ready behind serving in %.1f s, %d failed (program store: %d loaded, "
+                 "%d saved; JAX's cache: %d hits, %d misses)", self.ready, time.monotonic() - self.started,
+                 self.failed, PROGRAMS["loaded"], PROGRAMS["saved"], PERSISTENT["hits"], PERSISTENT["misses"])
 
     def cancel(self) -> None:
         """Drop the jobs not started (at shutdown: the process then waits for one compilation at most)."""
+        self.stopped = True
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

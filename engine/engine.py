@@ -243,7 +243,7 @@ class Engine:
                     prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
                     preemptions=self.preemptions, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
-                    warmup_shapes_behind=self.background.total if self.background else 0)
+                    warmup_shapes_total=self.background.total if self.background else 0)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
@@ -254,18 +254,17 @@ class Engine:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
         self.runner.idle()
 
-    def warmup(self, full: bool = False, background: bool = False) -> Background | None:
+    def warmup(self, full: bool = False, background: bool = False) -> None:
         """Compile (or load) the common shapes ahead of time, several at once (see `Runner.warm_jobs`; one-step
         decode too when the model has a tokenizer, for structured output); nothing is run. `background`: only
-        `Runner.first_jobs` now, the rest on a thread while the engine serves (returned; a step that needs a shape
-        still compiling waits for it)."""
+        `Runner.first_jobs` now, the rest on a thread while the engine serves (`self.background`; a step that needs
+        a shape still compiling waits for it)."""
         jobs = self.runner.warm_jobs(full, constrained=self.tok is not None)
         if not background:
             compile_all(jobs, desc="compiling shapes")
-            return None
+            return
         compile_all(self.runner.first_jobs(), desc="first shapes")
         self.background = Background(jobs, yield_to=self.has_work)
-        return self.background
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 

@@ -258,6 +258,11 @@ class Runner:
     def cache(self, value: KVCache) -> None:
         self._cache, self._zeroing = value, None
 
+    def pool_error(self) -> BaseException | None:
+        """Why zeroing the KV pool failed, if it has (without waiting for it)."""
+        zeroing = self._zeroing
+        return zeroing.exception() if zeroing is not None and zeroing.done() else None
+
     def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
         """The shapes to compile before serving, those of `first_jobs` first: prefill of short prompts (several per
         call) and of a first chunk, fresh or after a cached prefix within the shortest attended length, the first

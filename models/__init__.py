@@ -55,11 +55,11 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     return name
 
 
-def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None
-                         ) -> tuple[str, str]:
+def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None,
+                         matmul: str = "auto") -> tuple[str, str]:
     """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX-512 VNNI, float32,
-    tp = 1) and the catalog marks the model as passing the int8 quality guard (`tests/test_quant.py`), else the
-    weights at full precision; `none` and `int8` are taken as asked."""
+    tp = 1, `--matmul-backend` auto or cpu) and the catalog marks the model as passing the int8 quality guard
+    (`tests/test_quant.py`), else the weights at full precision; `none` and `int8` are taken as asked."""
     from models import cpu_matmul, packaged
 
     if name not in ("auto", *QUANTIZATIONS):
@@ -71,6 +71,7 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
     why = (f"on {platform} int8 weights are widened in XLA, slower than {dtype}" if platform != "cpu" else
            f"the int8 kernel runs float32 models only, not {dtype}" if dtype != "float32" else
            "the int8 kernel does not split over tp" if tp > 1 else
+           "--matmul-backend xla widens int8 weights in XLA, slower than float32" if matmul == "xla" else
            "the int8 kernel needs AVX-512 VNNI and a C++ compiler, which this host lacks"
            if not cpu_matmul.available() else
            f"{model} has no int8 quality guard (configs/models.toml)" if not guarded else "")
@@ -159,7 +160,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
-    quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp)
+    quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul)
     source = open_source(path)
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
     fam = family(cfg)

@@ -20,6 +20,8 @@ log = logging.getLogger("sparkler.models")
 # Counts of how parameters were obtained in this process (tests read these).
 STATS = {"converted": 0, "cached": 0}
 CONVERTER_VERSION = "1"
+with open(__file__, "rb") as _f:  # what `remembered` computes comes from this file: a change here recomputes it
+    _SOURCE = hashlib.sha256(_f.read()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -57,19 +59,24 @@ class Source:
 def remembered(kind: str, files: tuple[str, ...], compute: Callable[[], Any]) -> Any:
     """`compute()`, kept in `$SPARKLER_CACHE/remembered/` under the files' paths, sizes and modification times, so
     a warm start neither hashes nor parses a weights file again (a file that changes gets a new entry)."""
-    stat = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    key = hashlib.sha256(repr((kind, CONVERTER_VERSION, stat)).encode()).hexdigest()[:32]
+    stat = [(os.path.abspath(f), st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+    key = hashlib.sha256(repr((kind, CONVERTER_VERSION, _SOURCE, stat)).encode()).hexdigest()[:32]
     path = os.path.join(cache_root(), "remembered", f"{kind}-{key}.json")
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
-        value = compute()
+        pass
+    value = compute()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + f".{os.getpid()}.tmp", "w") as f:
+        with open(tmp, "w") as f:
             json.dump(value, f)
-        os.replace(path + f".{os.getpid()}.tmp", path)
-        return value
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full cache: computed again next time
+        log.warning("sparkler: cannot remember %s in %s (%s)", kind, path, e)
+    return value
 
 
 def open_source(path: str) -> Source:

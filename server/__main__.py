@@ -144,6 +144,9 @@ def main(argv=None, prog: str = "python -m server") -> None:
     if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
         engine.warmup(full=args.warmup == "full", background=not group)
     t3 = time.monotonic()
+    if (failed := engine.runner.pool_error()) is not None:  # zeroing runs behind the warm-up; report it at start
+        raise SystemExit(f"sparkler: the KV pool ({args.kv_cache_gb} GB) could not be allocated: {failed}; lower "
+                         "--kv-cache-gb")
     config = (args.model, args.dtype, model.cfg.quantization, model.cfg.matmul, args.tp, args.dp,
               dataclasses.astuple(engine.runner.rc))
     if group and args.process_id:  # run process 0's steps until it stops
@@ -155,7 +158,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
         engine.runner.check(config)
     log.info("sparkler: quantization %s (%s)", model.cfg.quantization, model.quantization_why)
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
-             "(%d shapes traced; program store %d loaded, %d saved; JAX's cache %d hits, %d misses)", model.name, jax.devices()[0].platform,
+             "(%d shapes traced; program store %d loaded, %d saved; JAX's cache %d hits, %d misses)", model.name,
+             jax.devices()[0].platform,
              model.cfg.dtype, f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
              if model.cfg.quantization != "none" else ", full-precision weights",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,

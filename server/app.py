@@ -295,8 +295,8 @@ class Server:
         burst fills the free slots and then the queue, however far the engine thread has got."""
         self.admitted = [reqs for reqs in self.admitted if not all(r.finished or r.cancelled for r in reqs)]
         taken = waiting = 0
-        for reqs in self.admitted:
-            need = sum(len(r.choices) for r in reqs)
+        for reqs in self.admitted:  # the slots a call still holds: its choices not finished
+            need = sum(not c.finish_reason for r in reqs if not r.cancelled for c in r.choices)
             if waiting or taken + need > self.engine.runner.slots:
                 waiting += 1
             else:

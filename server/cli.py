@@ -4,6 +4,7 @@ server, streamed) and `models` (the catalog, and what is installed)."""
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -134,13 +135,15 @@ class Chat:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
+                    if "error" in chunk:  # the server ended the reply with an error event
+                        raise RuntimeError(chunk["error"].get("message", "the reply failed"))
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices", []):
                         piece = choice.get("delta", {}).get("content") or ""
                         reply.append(piece)
                         print(piece, end="", flush=True)
-        except (urllib.error.URLError, OSError) as e:
-            self.messages.pop()
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, RuntimeError) as e:
+            self.messages.pop()  # the turn is forgotten: the next one starts from the last complete reply
             print(f"\nsparkler chat: {_reason(e)}", file=sys.stderr)
             return
         print()

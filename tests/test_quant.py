@@ -67,9 +67,10 @@ def test_auto_quantization_picks_int8_only_where_the_kernel_runs_and_the_guard_h
     assert "VNNI" in why or kernel
     assert resolve_quantization("auto", "smollm2-135m-instruct", "bfloat16", platform="gpu")[0] == "none"
     assert resolve_quantization("auto", "smollm2-135m-instruct", "float32", tp=2, platform="cpu")[0] == "none"
-    if kernel:  # a model the quality guard has not checked keeps its weights
+    if kernel:  # a model the quality guard has not checked keeps its weights, and so do XLA's widened products
         chosen, why = resolve_quantization("auto", "/models/other.gguf", "float32", platform="cpu")
         assert chosen == "none" and "quality guard" in why
+        assert resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu", matmul="xla")[0] == "none"
     assert resolve_quantization("int8", "/models/other.gguf", "float32", platform="gpu") == ("int8", "asked for")
     assert resolve_quantization("none", "smollm2-135m-instruct", "float32") == ("none", "asked for")
     with pytest.raises(ValueError, match="unknown quantization"):
