@@ -90,6 +90,11 @@ def attend_buckets(max_len: int, lo: int) -> tuple[int, ...]:
     return tuple(out) + (max_len,)
 
 
+def _i32(*shape: int) -> np.ndarray:
+    """Zeros standing for an int32 argument of a warm-up job (only its shape matters)."""
+    return np.zeros(shape, np.int32)
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """Smallest bucket >= n."""
     for b in buckets:
@@ -277,7 +282,7 @@ class Runner:
             for nb in (self.dp * r for r in rows):
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
-        jobs.append((self._copy, (self.cache_shape, *(np.zeros(self.slots, np.int32),) * 2), {}))
+        jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         for attend in self.attend if full else self.attend[:1]:
             jobs += [self._decode_job(self.dp * b, attend, k) for b in self.batch_buckets for k in steps]
@@ -298,9 +303,8 @@ class Runner:
                    self._decode_job(self.dp, self.attend[0], self.rc.decode_steps)])
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
-        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        table = i32(nb, -(-attend // self.page_size))
-        args = (self.model.params, self.cache_shape, i32(nb, size), i32(nb), i32(nb), table, np.int32(0))
+        table = _i32(nb, -(-attend // self.page_size))
+        args = (self.model.params, self.cache_shape, _i32(nb, size), _i32(nb), _i32(nb), table, np.int32(0))
         return self._prefill, args, dict(echo=False)
 
     def _first_job(self, nb: int) -> Job:
@@ -308,9 +312,8 @@ class Runner:
         return (self._first, (self.state, self.params, logits, np.zeros(nb, bool), self.all_allowed[:nb]), {})
 
     def _decode_job(self, nb: int, attend: int, steps: int) -> Job:
-        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, i32(nb), i32(nb),
-                               np.zeros(nb, bool), i32(nb, attend // self.page_size), self.all_allowed[:nb]),
+        return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
+                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb]),
                 dict(steps=steps))
 
     # ---- host-facing operations -------------------------------------------------------------------------------
