@@ -26,8 +26,13 @@ setup: $(STAMP)
 serve: setup
 	$(BIN)/sparkler serve --model $(MODEL) $(ARGS)
 
+# On the CPU the test files run on two worker processes (pytest-xdist; a file's tests stay on one worker): XLA
+# compiles on about one and a half cores, so two compilations at once finish sooner. On a GPU or TPU host they run in
+# one process, which owns the accelerator. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(if $(filter cpu,$(ACCEL)),2,0)
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-optional: setup
 	$(BIN)/python -m pytest -q -m optional tests

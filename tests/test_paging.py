@@ -137,22 +137,22 @@ def run_all(eng: Engine, prompts, params):
 
 @pytest.fixture(scope="module")
 def tight(smollm):
-    """16 sequences over a pool of 80 pages: under a third of what 48 requests of 96 tokens take, and less than
-    16 of them need at once."""
-    return small_engine(smollm, 80)
+    """16 sequences over a pool of 48 pages: half of what 24 requests of 64 tokens take, and less than 16 of them
+    need at once."""
+    return small_engine(smollm, 48)
 
 
 def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(llm, tight):
     rng = np.random.default_rng(7)
-    prompts = [unique_prefix(llm, 200 + i, 32) for i in range(48)]
-    kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
-             SamplingParams(temperature=1.0, top_k=40, max_tokens=64, ignore_eos=True, repetition_penalty=1.2),
-             SamplingParams(temperature=1.0, mirostat_target=4.0, max_tokens=64, ignore_eos=True,
+    prompts = [unique_prefix(llm, 200 + i, 32) for i in range(24)]
+    kinds = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+             SamplingParams(temperature=1.0, top_k=40, max_tokens=32, ignore_eos=True, repetition_penalty=1.2),
+             SamplingParams(temperature=1.0, mirostat_target=4.0, max_tokens=32, ignore_eos=True,
                             frequency_penalty=0.5)]
-    params = [SamplingParams(**{**kinds[i % 3].__dict__, "seed": int(rng.integers(1 << 30))}) for i in range(48)]
+    params = [SamplingParams(**{**kinds[i % 3].__dict__, "seed": int(rng.integers(1 << 30))}) for i in range(24)]
     reqs = run_all(tight, prompts, params)
     assert tight.preemptions > 0
-    assert all(r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 64 for r in reqs)
+    assert all(r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 32 for r in reqs)
     alone = llm.generate(prompts, params, prompt_cache_max_len=0)  # a big pool: nothing preempted
     assert llm.engine.preemptions == 0
     assert [r.choices[0].token_ids for r in reqs] == ids(alone)
@@ -163,8 +163,8 @@ def test_eviction_under_a_small_pool_keeps_serving_correctly(llm, tight):
     first = unique_prefix(llm, 300, 100)
     want = llm.generate([first], GREEDY, prompt_cache_max_len=0)
     assert [r.choices[0].token_ids for r in run_all(tight, [first], [GREEDY])] == ids(want)
-    others = [unique_prefix(llm, 301 + i, 100) for i in range(12)]  # 12 x 7 pages: evicts the first prompt's pages
-    run_all(tight, others, [GREEDY] * 12)
+    others = [unique_prefix(llm, 301 + i, 100) for i in range(8)]  # 8 x 7 pages: evicts the first prompt's pages
+    run_all(tight, others, [GREEDY] * 8)
     again = run_all(tight, [first], [GREEDY])[0]
     assert again.cached_tokens == 0 and again.choices[0].token_ids == ids(want)[0]
 
@@ -184,7 +184,7 @@ def test_many_short_requests_beside_one_long_prompt(smollm):
     """`--max-num-seqs 96 --kv-cache-gb 1 --max-model-len 8192`: slots and context are independent of each other."""
     eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=1.0, decode_steps=4))
     assert eng.max_len == 8192 and eng.runner.slots == 96
-    long = eng.make_request(unique_prefix(None, 400, 4100), SamplingParams(temperature=0, max_tokens=4))
+    long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
              for i in range(96)]
     for r in [long, *short]:
