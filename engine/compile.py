@@ -106,7 +106,9 @@ def _load(path: str | None):
         return None
     try:
         with open(path, "rb") as f:
-            exe = serialize_executable.deserialize_and_load(*pickle.load(f))
+            parts, ids = pickle.load(f)
+        by_id = {d.id: d for d in jax.devices()}  # on the devices it was compiled for (else on every device)
+        exe = serialize_executable.deserialize_and_load(*parts, execution_devices=[by_id[i] for i in ids])
     except Exception as e:  # noqa: BLE001  (a torn or foreign file: compile instead, and overwrite it)
         log.warning("sparkler: program store: %s unreadable (%s); compiling", path, e)
         return None
@@ -122,7 +124,8 @@ def _save(path: str | None, exe) -> None:
         return
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        blob = pickle.dumps(serialize_executable.serialize(exe))
+        ids = [d.id for d in exe.runtime_executable().local_devices()]
+        blob = pickle.dumps((serialize_executable.serialize(exe), ids))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(blob)

@@ -223,6 +223,39 @@ def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them_without_t
     assert warm["compiled"] == warm["after"] == 0  # and traces none
 
 
+ONE_OF_FOUR = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from engine.compile import AOT, PROGRAMS, use_caches
+use_caches(sys.argv[1])
+mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "tp"))  # one of the process's four devices
+x = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, P()))
+out = AOT(jax.jit(lambda a: a * 2), "double", "one-of-four")(x)
+print(json.dumps(dict(out=out.tolist(), loaded=PROGRAMS["loaded"], saved=PROGRAMS["saved"])))
+"""
+
+
+def test_a_stored_program_runs_on_the_devices_it_was_compiled_for(tmp_path):
+    """A program compiled for one device of four (the 1 x 1 mesh beside larger ones) loads from the program store
+    onto that device, not onto all four (which fails at run time: "Expected ... to have 4 shards")."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", ONE_OF_FOUR, str(tmp_path / "cache")], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=0, saved=1)
+    assert runs[1] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=1, saved=0)
+
+
 def test_a_bfloat16_server_answers():
     import openai
 
