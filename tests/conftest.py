@@ -20,12 +20,6 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def pytest_collection_modifyitems(config, items):
-    """The mesh tests first (their module fixture compiles four meshes, ~7 minutes here): started last, they would
-    keep one of `make test`'s two workers busy alone at the end."""
-    items.sort(key=lambda item: item.path.name != "test_mesh.py")  # stable: every other order is kept
-
-
 @pytest.fixture(scope="session")
 def smollm():
     """The packaged default model, loaded once per test session."""
