@@ -11,7 +11,7 @@ comma := ,
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-startup bench-gpu soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-gpu soak
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-paging: setup
 # Sparkler's server beside llama.cpp's llama-server (built once by ../shared/peers/llama-server.sh), over HTTP.
 bench-serve: setup
 	$(BIN)/python bench/serve.py $(ARGS)
+
+# Speculative decoding: each workload with and without drafts (a prediction, n-gram lookup), over HTTP.
+bench-spec: setup
+	$(BIN)/python bench/speculative.py $(ARGS)
 
 # Ready times (cold: an empty cache; warm) and rates of the default path beside --quantization none, over HTTP.
 bench-startup: setup

@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
+from engine.speculative import MIN_NGRAM, RECOVERY, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.grammar import Grammars
 from engine.thinking import Budget, Gate
@@ -69,6 +70,7 @@ class Choice:
     _final_sent: bool = False
     stops: list[str] = dataclasses.field(default_factory=list)
     stop_hit: str | None = None  # the stop string that ended it, if one did
+    drafter: Drafter | None = None  # where its drafts come from (speculative decoding), if it drafts
 
 
 @dataclasses.dataclass
@@ -90,6 +92,17 @@ class Request:
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
     grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
     thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
+    prediction: list[int] | None = None  # the expected output's tokens: drafts for speculative decoding
+
+    @property
+    def drafted(self) -> int:
+        """Drafted tokens its choices' verify steps scored."""
+        return sum(c.drafter.drafted for c in self.choices if c.drafter)
+
+    @property
+    def accepted(self) -> int:
+        """Drafted tokens its choices kept."""
+        return sum(c.drafter.accepted for c in self.choices if c.drafter)
 
     @property
     def finished(self) -> bool:
@@ -154,13 +167,17 @@ class Engine:
         self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
         self.prefilling: collections.deque[Prefill] = collections.deque()
         self._grammars: Grammars | None = None
+        self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
+        self.verifies = 0  # verify steps run so far (speculative decoding)
+        self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
-                     grammar: str | None = None, thinking: Budget | None = None) -> Request:
+                     grammar: str | None = None, thinking: Budget | None = None,
+                     prediction: list[int] | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -170,7 +187,8 @@ class Engine:
         pages only under the same `prompt_cache_isolation_key`. `grammar` (from `engine.grammar`) constrains every
         choice; the choice ends with "stop" when the grammar is complete. `thinking` (`engine.thinking.Budget`): after
         its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
-        the answer after the block."""
+        the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
+        from them (speculative decoding), which changes the speed, never the tokens."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -204,7 +222,7 @@ class Engine:
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                        cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,
-                       thinking=thinking)
+                       thinking=thinking, prediction=list(prediction) if prediction else None)
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
@@ -495,6 +513,7 @@ class Engine:
                 key = root if choice.index == 0 else jax.random.fold_in(root, choice.index)
                 self.runner.set_row(choice.slot, settings, req.prompt_ids, np.asarray(jax.random.key_data(key)))
                 choice.stops = p.stop
+                choice.drafter = self._drafter(req)
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
                 choice._prefix = choice._read = len(choice._ids)
                 self.running[choice.slot] = (req, choice)
@@ -525,14 +544,15 @@ class Engine:
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 
-    def _reserve(self, steps: int) -> None:
-        """Give every running choice the pages its next `steps` positions need, oldest first; when the pool is dry
-        (cached pages evicted too), preempt the most recently admitted work until they fit."""
+    def _reserve(self, steps: int, more: dict[int, int] | None = None) -> None:
+        """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), oldest first;
+        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit."""
         for slot in sorted(self.running, key=lambda s: self.running[s][1].order):
             if slot not in self.running:
                 continue  # preempted meanwhile
             req, choice = self.running[slot]
-            last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + steps, self.max_len - 1)
+            ahead = steps + (more or {}).get(slot, 0)
+            last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + ahead, self.max_len - 1)
             need = last // self.page_size + 1 - len(choice.pages)
             shard = self.runner.shard_of(slot)
             while need > 0:
@@ -596,11 +616,61 @@ class Engine:
             m.fill(allowed[slot], closing=left <= min(CLOSE_MARGIN, req.max_tokens // 3))
         return allowed
 
+    def _drafter(self, req: Request) -> Drafter | None:
+        """A new choice's draft source: the request's prediction, else n-gram lookup when the engine drafts so; none
+        under a grammar or a thinking budget (their masks come from the host one token at a time)."""
+        if req.grammar is not None or req.thinking is not None or not self.runner.rc.draft_tokens:
+            return None
+        if req.prediction:
+            return Drafter(np.asarray(req.prediction, np.int64), 1, expect=self.runner.rc.draft_tokens / 2)
+        return Drafter(None, MIN_NGRAM) if self.runner.rc.ngram else None
+
+    def _drafts(self, steps: int) -> dict[int, list[int]]:
+        """Each running choice's draft (slots without one left out), when a verify step is expected to give more
+        tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size); else {}."""
+        drafts, k = {}, self.runner.rc.draft_tokens
+        for slot, (req, choice) in self.running.items():
+            if choice.drafter is None or choice.matcher is not None:
+                continue
+            n = len(choice.token_ids)
+            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)  # tokens it may still draw
+            draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, left - 1))
+            if draft:
+                drafts[slot] = draft
+        if not drafts:
+            return {}
+        nb = self.runner.rows_for(list(self.running))
+        rows = []  # per running choice: (tokens it may still draw, expected accepted drafts)
+        for slot, (req, choice) in self.running.items():
+            n = len(choice.token_ids)
+            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
+            rows.append((left, min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0))
+        timed = self.timing.get(("verify", nb, 1)), self.timing.get(("decode", nb, steps))
+        if self.verify_always or worth_verifying(rows, steps, *timed):
+            return drafts
+        for slot in drafts:  # not verified now: its expectation recovers slowly (a wrong prediction stays cheap)
+            drafter = self.running[slot][1].drafter
+            drafter.expect = min(drafter.expect + RECOVERY, len(drafts[slot]))
+        return {}
+
+    def _timed_call(self, key: tuple, fn, *args):
+        """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""
+        start, programs = time.perf_counter(), self.runner.programs()
+        out = fn(*args)
+        took = time.perf_counter() - start
+        if self.runner.programs() == programs:
+            self.timing[key] = took if key not in self.timing else 0.7 * self.timing[key] + 0.3 * took
+        return out
+
     def _decode(self, changed, done) -> None:
         steps = self.runner.rc.decode_steps
         if any(c.matcher is not None and c.matcher.active(steps) for _, c in self.running.values()):
             steps = 1  # the host gives each constrained token its mask
-        self._reserve(steps)
+        drafts = self._drafts(steps)
+        if drafts:
+            self._reserve(1, {slot: len(d) for slot, d in drafts.items()})
+        else:
+            self._reserve(steps)
         if not self.running:
             return
         b = self.runner.slots
@@ -611,12 +681,28 @@ class Engine:
             tokens[slot] = choice.token_ids[-1]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
             active[slot] = True
-        outs = self.runner.decode(tokens, positions, active, self.tables, steps, self._allowed(list(self.running)))
-        self.steps_run += steps
+        nb = self.runner.rows_for(list(self.running))
+        allowed = self._allowed(list(self.running))
+        drafts = {slot: d for slot, d in drafts.items() if slot in self.running}  # not preempted by the reserve
+        if drafts:
+            wide, ndraft = np.zeros((b, self.runner.rc.draft_tokens + 1), np.int32), np.zeros(b, np.int32)
+            wide[:, 0] = tokens
+            for slot, d in drafts.items():
+                wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
+            outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, positions, ndraft, active,
+                                          self.tables, allowed)
+            self.verifies += 1
+            for slot, d in drafts.items():
+                self.running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
+        else:
+            outs = self._timed_call(("decode", nb, steps), self.runner.decode, tokens, positions, active, self.tables,
+                                    steps, allowed)
+            kept = np.ones((steps, b), bool)
+        self.steps_run += 1 if drafts else steps
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
             for slot, (req, choice) in list(self.running.items()):
-                if choice.finish_reason is None:
+                if choice.finish_reason is None and kept[i, slot]:
                     self._append(req, choice, one, slot)
                     changed[req.id] = req
             self._emit(changed, done)

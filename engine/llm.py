@@ -36,13 +36,15 @@ class RequestOutput:
     prompt_logprobs: Any
     outputs: list[CompletionOutput]
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    drafted: int = 0  # drafted tokens verified (speculative decoding)
+    accepted: int = 0  # drafted tokens kept
 
 
 def to_output(req: Request) -> RequestOutput:
     """Snapshot a request's result."""
     return RequestOutput(req.id, req.prompt_ids, req.prompt_logprobs,
                          [CompletionOutput(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
-                          for c in req.choices], req.cached_tokens)
+                          for c in req.choices], req.cached_tokens, req.drafted, req.accepted)
 
 
 def encode_prompt(model: Model, prompt: str | list[int]) -> list[int]:
@@ -69,29 +71,34 @@ class LLM:
         self.model = model if isinstance(model, Model) else load_model(model)
         self.engine = Engine(self.model, RunnerConfig(**runner))
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
                  **cache: Any) -> list[RequestOutput]:
-        """Run prompts (text or token ids) to completion; outputs in prompt order. `cache` takes
+        """Run prompts (text or token ids) to completion; outputs in prompt order. `predictions`: the expected
+        output of each prompt (text or token ids, None for none; speculative decoding drafts from it). `cache` takes
         `prompt_cache_max_len` and `prompt_cache_isolation_key` (see `Engine.make_request`)."""
         prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-        return self._run([encode_prompt(self.model, p) for p in prompts], params, cache)
+        return self._run([encode_prompt(self.model, p) for p in prompts], params, predictions, cache)
 
-    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
              **cache: Any) -> list[RequestOutput]:
         """Run one conversation (a list of messages) or several through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([encode_chat(self.model, c) for c in conversations], params, cache)
+        return self._run([encode_chat(self.model, c) for c in conversations], params, predictions, cache)
 
-    def _run(self, ids: list[list[int]], params, cache: dict) -> list[RequestOutput]:
+    def _run(self, ids: list[list[int]], params, predictions, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(ids)
-        reqs = [self.engine.make_request(p, sp, **cache) for p, sp in zip(ids, plist)]
+        preds = [self._prediction(p) for p in (predictions or [None] * len(ids))]
+        reqs = [self.engine.make_request(p, sp, prediction=pred, **cache) for p, sp, pred in zip(ids, plist, preds)]
         for r in reqs:
             self.engine.add(r)
         while self.engine.has_work():
             self.engine.step()
         return [to_output(r) for r in reqs]
+
+    def _prediction(self, p) -> list[int] | None:
+        return self.model.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
 
 
 class StreamOverflow(Exception):

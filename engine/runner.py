@@ -46,6 +46,8 @@ class RunnerConfig:
     decode_steps: int = 4
     min_attend: int = 128
     max_prefill_tokens: int = 512  # long-prompt chunks computed per engine step (SGLang's --max-prefill-tokens)
+    draft_tokens: int = 8  # the most drafted tokens a verify step scores per row (speculative decoding)
+    ngram: bool = False  # draft by n-gram lookup in each request's own tokens (a prediction drafts regardless)
 
 
 def platform_defaults(platform: str) -> dict:
@@ -215,6 +217,35 @@ class Runner:
             cache, state, outs = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered)
 
+        def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
+            # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
+            # scores all W positions; the sampler then runs over them in order, threading the row's state, and a
+            # row stays alive while each drafted token equals the token sampled before it.
+            nb, w = tokens.shape
+            pos = positions[:, None] + jnp.arange(w)[None, :]
+            logits, cache = forward(params, cache, tokens, pos, table, None, True)
+            part = jax.tree.map(lambda x: x[:nb], state)
+            sparams = jax.tree.map(lambda x: x[:nb], sparams)
+
+            def one(carry, j):
+                part, alive = carry
+                live = alive & (j <= ndraft)
+                out, part = smp.sample(logits[:, j], sparams, part, live, allowed)
+                nxt = jnp.take(tokens, jnp.minimum(j + 1, w - 1), axis=1)
+                return (part, live & (j < ndraft) & (out.token == nxt)), (out, live)
+
+            (part, _), (outs, kept) = jax.lax.scan(one, (part, active), jnp.arange(w))
+            state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
+            return cache, state, outs, kept
+
+        @functools.partial(jax.jit, donate_argnums=(1, 2))
+        def verify(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
+            self.compiles += 1
+            fn = over_shards(verify_shard, (rep, kv, *(rows,) * 8), (kv, rows, P(None, "data"), P(None, "data")))
+            cache, state, outs, kept = fn(params, cache, state, sparams, tokens, positions, ndraft, active, table,
+                                          allowed)
+            return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
+
         def first_shard(state, sparams, logits, active, allowed):
             nb = logits.shape[0]  # a batch bucket: rows past it are left as they are
             part = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
@@ -247,10 +278,11 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, rc, dict(mesh.shape)))
+        same = dataclasses.replace(rc, draft_tokens=0, ngram=False)  # the drafts' width is in the verify's shapes
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, same, dict(mesh.shape)))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
         self._first, self._set_row = AOT(first_tokens, "first", ns), AOT(set_state_row, "set_row", ns)
-        self._copy = AOT(copy_pages, "copy", ns)
+        self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
 
     @property
     def cache(self) -> KVCache:
@@ -286,6 +318,8 @@ class Runner:
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         for attend in self.attend if full else self.attend[:1]:
             jobs += [self._decode_job(self.dp * b, attend, k) for b in self.batch_buckets for k in steps]
+        if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
+            jobs += [self._verify_job(self.dp * b, self.attend[0]) for b in self.batch_buckets]
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))
@@ -315,6 +349,12 @@ class Runner:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb]),
                 dict(steps=steps))
+
+    def _verify_job(self, nb: int, attend: int) -> Job:
+        w = self.rc.draft_tokens + 1
+        return (self._verify, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb, w), _i32(nb),
+                               _i32(nb), np.zeros(nb, bool), _i32(nb, -(-(w + attend) // self.page_size)),
+                               self.all_allowed[:nb]), {})
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -474,12 +514,21 @@ class Runner:
         self.state, out = self._first(self.state, self.params, logits, active, allowed)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
 
+    def programs(self) -> int:
+        """Executables loaded or compiled so far (a call that changes it compiled something)."""
+        return sum(len(f.exes) for f in (self._prefill, self._decode, self._first, self._set_row, self._copy,
+                                         self._verify))
+
+    def rows_for(self, slots: list[int]) -> int:
+        """The batch bucket (rows per shard) a call over `slots` takes."""
+        return bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)
+
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
                steps: int, allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Run `steps` decode steps over the smallest batch bucket holding every active slot of each shard, each
         reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step); returns outputs
         stacked `[steps, slots, ...]` as numpy, indexed by slot."""
-        nb = bucket(int((np.flatnonzero(active) % self.per_shard).max()) + 1, self.batch_buckets)
+        nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
         tokens, positions, active = tokens[rows], positions[rows], active[rows]
         live = positions[active]
@@ -490,3 +539,21 @@ class Runner:
             active, self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows],
             steps=steps)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
+
+    def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
+               tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:
+        """Score each active slot's last token and its draft (`tokens [slots, draft_tokens + 1]`, the first at
+        `positions`, `ndraft` drafted tokens after it) in one forward pass and sample every position in order.
+        Returns the outputs `[draft_tokens + 1, slots, ...]` and which of them a slot keeps (`[draft_tokens + 1,
+        slots]`: its accepted drafts and the token after them), as numpy indexed by slot."""
+        nb = self.rows_for(np.flatnonzero(active).tolist())
+        rows = self.call_rows(nb)
+        w = tokens.shape[1]
+        live = positions[rows][active[rows]]
+        attend = bucket(min(int(live.max()) if live.size else 1, self.max_len), self.attend)
+        self.cache, self.state, outs, kept = self._verify(
+            self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
+            positions[rows].astype(np.int32), ndraft[rows].astype(np.int32), active[rows],
+            self.table(tables[rows], w + attend), (self.all_allowed if allowed is None else allowed)[rows])
+        outs = jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
+        return outs, self.by_slot(np.asarray(kept), rows, axis=1)

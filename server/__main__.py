@@ -63,6 +63,14 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
                     help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
+    ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
+                    help="speculative decoding without a prediction: draft up to K tokens per step by n-gram lookup "
+                         "in each request's prompt and output, and verify them in one pass (the tokens are the "
+                         "same; the engine stops drafting when verifying costs more than it saves). 0 (the "
+                         "default): off. A request's 'prediction' or 'speculation' drafts regardless")
+    ap.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                    help="the most drafted tokens a verify step scores per sequence (0: --speculative-ngram's K, "
+                         "else 8)")
     ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
     ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
@@ -93,7 +101,10 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "the first time, seconds once the caches hold them), or nothing. The server answers once a "
                          "first request's shapes are ready and compiles the rest behind; a request that needs one "
                          "still compiling waits for it")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
+        ap.error("--speculative-ngram and --num-speculative-tokens must be >= 0")
+    return args
 
 
 def load(args: argparse.Namespace):
@@ -111,7 +122,9 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
     return RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                         kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
                         decode_steps=args.decode_steps or tuned["decode_steps"],
-                        max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"])
+                        max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
+                        draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
+                        ngram=args.speculative_ngram > 0)
 
 
 def main(argv=None, prog: str = "python -m server") -> None:

@@ -140,7 +140,7 @@ class Server:
                     out.append((i, self.engine.make_request(
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
-                        grammar=job.grammar, thinking=self._budget(job))))
+                        grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction)))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
@@ -169,11 +169,16 @@ class Server:
         return len(ids) if job.thinking.opened or ids[:1] == [self.think_ids[0]] else 0
 
     def _usage(self, job: Job, reqs: list[Request]) -> dict:
-        """Chat and completions usage; with a reasoning parser, the thinking tokens among the completion's."""
-        used = usage(reqs)
+        """Chat and completions usage; with a reasoning parser, the thinking tokens among the completion's; with
+        a prediction (or drafts), OpenAI's accepted and rejected prediction tokens."""
+        used, details = usage(reqs), {}
         if job.thinking is not None:
-            thought = sum(self.reasoning_tokens(job, c) for r in reqs for c in r.choices)
-            used["completion_tokens_details"] = {"reasoning_tokens": thought}
+            details["reasoning_tokens"] = sum(self.reasoning_tokens(job, c) for r in reqs for c in r.choices)
+        drafted, accepted = sum(r.drafted for r in reqs), sum(r.accepted for r in reqs)
+        if job.prediction or drafted:
+            details.update(accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafted - accepted)
+        if details:
+            used["completion_tokens_details"] = details
         return used
 
     # ---- routes -----------------------------------------------------------------------------------------------
@@ -370,7 +375,7 @@ class Server:
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         used = self._usage(job, reqs)
-        perf = perf_metrics(used, took)
+        perf = perf_metrics(used, took, job)
         headers = {**self.options_header, **{f"fireworks-{k}": str(v) for k, v in perf.items()}}
         body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices,
                 "usage": used}
@@ -486,7 +491,7 @@ class Server:
                             if job.include_usage:
                                 extra["usage"] = used
                             if job.perf_metrics:
-                                extra["perf_metrics"] = perf_metrics(used, took)
+                                extra["perf_metrics"] = perf_metrics(used, took, job)
                             if job.return_token_ids:
                                 extra["prompt_token_ids"] = prompt_token_ids(reqs)
                             if extra:
@@ -528,13 +533,18 @@ class Server:
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
 
 
-def perf_metrics(used: dict, took: "Took") -> dict:
-    """Fireworks' perf_metrics (seconds; also sent as `fireworks-<name>` headers)."""
+def perf_metrics(used: dict, took: "Took", job: Job) -> dict:
+    """Fireworks' perf_metrics (seconds; also sent as `fireworks-<name>` headers); with a prediction, its size in
+    tokens and how many of its drafted tokens were kept."""
     now = time.monotonic()
-    return {"prompt-tokens": used["prompt_tokens"],
-            "cached-prompt-tokens": used["prompt_tokens_details"]["cached_tokens"],
-            "server-time-to-first-token": round((took.first or now) - took.start, 6),
-            "server-processing-time": round(now - took.start, 6)}
+    out = {"prompt-tokens": used["prompt_tokens"],
+           "cached-prompt-tokens": used["prompt_tokens_details"]["cached_tokens"],
+           "server-time-to-first-token": round((took.first or now) - took.start, 6),
+           "server-processing-time": round(now - took.start, 6)}
+    if job.prediction:
+        out["speculation-prompt-tokens"] = len(job.prediction)
+        out["speculation-prompt-matched-tokens"] = used["completion_tokens_details"]["accepted_prediction_tokens"]
+    return out
 
 
 @dataclasses.dataclass

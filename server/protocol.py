@@ -83,6 +83,7 @@ class Job:
     perf_metrics: bool = False  # perf_metrics_in_response
     tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
     thinking: Thinking | None = None  # chat with a reasoning parser: split the thinking out (and its budget)
+    prediction: list[int] | None = None  # token ids the output is expected to resemble (drafts for speculation)
 
 
 def _number(body: dict, name: str) -> Any:
@@ -210,10 +211,44 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
         job.logprobs = _completion_logprobs(body)
         pairs = completion_prompts(model, body.get("prompt"))
         job.prompts, job.prompt_texts = [ids for ids, _ in pairs], [text for _, text in pairs]
+    job.prediction = prediction(model, body)
     params.echo = (job.echo or job.echo_last is not None) and job.logprobs is not None
     params.logprobs = job.logprobs is not None
     params.top_logprobs = job.logprobs or 0
     return job
+
+
+def prediction(model: Model, body: dict) -> list[int] | None:
+    """Token ids of OpenAI's `prediction` (`{"type": "content", "content": text or text parts}`, or a plain string)
+    or Fireworks' `speculation` (a string or token ids); None when neither is given."""
+    pred, spec = body.get("prediction"), body.get("speculation")
+    if pred is not None and spec is not None:
+        raise bad("give 'prediction' or 'speculation', not both", "speculation")
+    if pred is not None:
+        if isinstance(pred, dict):
+            if pred.get("type", "content") != "content":
+                raise bad("'prediction.type' must be 'content'", "prediction")
+            pred = text_of(pred.get("content"), "'prediction.content'", "prediction")
+        elif not isinstance(pred, str):
+            raise bad("'prediction' must be an object like {'type': 'content', 'content': '...'} or a string",
+                      "prediction")
+        return _text_ids(model, pred, "prediction")
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return _text_ids(model, spec, "speculation")
+    vocab = model.cfg.vocab_size
+    if not isinstance(spec, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in spec):
+        raise bad("'speculation' must be a string or a list of token ids", "speculation")
+    if any(not 0 <= t < vocab for t in spec):
+        raise bad(f"'speculation' token ids must be in [0, {vocab})", "speculation")
+    return spec or None
+
+
+def _text_ids(model: Model, text: str, param: str) -> list[int] | None:
+    if model.tokenizer is None:
+        raise bad(f"a text '{param}' needs the model's tokenizer; give token ids as 'speculation'", param)
+    return model.tokenizer.encode(text, add_special_tokens=False) or None
 
 
 def _template_kwargs(body: dict) -> tuple[dict, int | None]:

@@ -1,0 +1,198 @@
+"""Speculative decoding on the packaged SmolLM2: drafts from a prediction or n-grams change the speed, never the
+tokens (greedy or seeded sampling, under every sampler setting), and leave pages, prefix hashes, sampler state and the
+set of compiled programs as they were."""
+
+import math
+
+import numpy as np
+import pytest
+
+from engine import SamplingParams
+from engine.speculative import Drafter, match
+
+CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "Write a Python function that adds two numbers, and one that subtracts them."}]
+SETTINGS = [
+    SamplingParams(temperature=0, max_tokens=40),
+    SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5),
+    SamplingParams(temperature=0, max_tokens=40, logit_bias={"28": 3.0}, stop=["return"]),
+    SamplingParams(temperature=0.9, top_p=0.8, top_k=40, max_tokens=40, seed=11, n=2),
+    SamplingParams(temperature=1.0, min_p=0.05, typical_p=0.9, max_tokens=40, seed=12),
+    SamplingParams(temperature=1.0, mirostat_target=3.0, max_tokens=40, seed=13),
+]
+
+
+def tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def test_drafts_follow_a_prediction_in_order_and_re_anchor_after_a_mismatch():
+    d = Drafter(np.array([5, 6, 7, 8, 5, 6, 9, 10]), 1)
+    assert d.propose([1], [], 3) == [5, 6, 7]  # nothing generated yet: the prediction's start
+    assert d.propose([1], [5, 6], 3) == [7, 8, 5]
+    assert d.propose([1], [5, 6, 7, 8, 5, 6], 2) == [9, 10]  # the later occurrence of (5, 6), in step
+    assert d.propose([1], [5, 6, 7, 8, 5, 6, 42, 9], 3) == [10]  # re-anchored on (9) after the mismatch
+    assert d.propose([1], [3, 4], 2) == []  # past the prediction's end: no draft
+    ngram = Drafter(None, 2)
+    assert ngram.propose([1, 2, 3, 4, 1, 2], [], 3) == [3, 4, 1]  # the prompt's own earlier (1, 2)
+    assert ngram.propose([1, 2, 3], [7], 3) == []  # one token of context does not make a match
+    assert match(np.array([1, 2, 1, 2, 1]), np.array([1, 2]), 3) == 4 and match(np.array([1, 2]), np.array([2]), 0) is None
+
+
+def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong(llm):
+    plain = llm.chat([ASK] * len(SETTINGS), SETTINGS)
+    right = [o.outputs[0].text for o in plain]
+    verifies = llm.engine.verifies
+    spec = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=right)
+    assert tokens(spec) == tokens(plain)
+    assert llm.engine.verifies > verifies
+    greedy = spec[0]
+    assert greedy.drafted > 0 and greedy.accepted >= 0.8 * len(greedy.outputs[0].token_ids) - 10
+    wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
+    assert tokens(wrong) == tokens(plain)
+    assert sum(o.drafted - o.accepted for o in wrong) > 0  # it did draft, and lost
+
+
+def test_a_crowd_of_sixteen_mixing_drafts_gives_every_request_its_own_tokens(llm):
+    asks = [[{"role": "user", "content": f"List {i + 2} fruits, one per line."}] for i in range(16)]
+    params = [SETTINGS[i % len(SETTINGS)] for i in range(16)]
+    plain = llm.chat(asks, params)
+    preds = [o.outputs[0].text if i % 3 else None for i, o in enumerate(plain)]
+    assert tokens(llm.chat(asks, params, predictions=preds)) == tokens(plain)
+
+
+def test_sampler_state_after_speculation_is_the_state_without(llm):
+    """Mirostat's mu, the penalty counts, the key and the step counter of the request's row after a run with an
+    exact prediction equal those after the same run without (the request sits alone in slot 0; counts, key and step
+    exactly, mu to float32 rounding)."""
+    p = SamplingParams(temperature=1.0, mirostat_target=3.0, frequency_penalty=0.4, max_tokens=30, seed=5,
+                       ignore_eos=True)
+    plain = llm.chat(ASK, p)
+    before = llm.engine.runner.save_row(0)
+    spec = llm.chat(ASK, p, predictions=[plain[0].outputs[0].token_ids])
+    after = llm.engine.runner.save_row(0)
+    assert spec[0].accepted > 10 and tokens(spec) == tokens(plain)
+    for a, b in zip(before.__dict__.values(), after.__dict__.values()):  # mu within float32 rounding: the logits
+        np.testing.assert_allclose(a, b, rtol=1e-5)  # of a verify pass and of decode steps differ in the last bits
+
+
+def test_rejected_drafts_leave_pages_and_the_prefix_cache_right(llm):
+    """After wrong drafts every page is free again, the pool's invariants hold, and a next turn served from the
+    pages the speculated run registered gives the tokens of one computed from scratch."""
+    p = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    first = llm.chat(ASK, p, predictions=[CODE * 3])[0]
+    assert first.drafted > first.accepted
+    for pool in llm.engine.pools:
+        pool.check()
+        assert pool.num_free == pool.capacity
+    turn = ASK + [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "Shorter."}]
+    cached = llm.chat(turn, p)[0]
+    fresh = llm.chat(turn, p, prompt_cache_max_len=0)[0]
+    assert cached.cached_tokens > 32 and tokens([cached]) == tokens([fresh])
+
+
+def test_speculation_compiles_nothing_after_its_first_round(llm):
+    preds = [CODE] * 4
+    llm.chat([ASK] * 4, [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 4, predictions=preds)
+    llm.chat(ASK, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), predictions=[CODE])
+    before = llm.engine.runner.compiles
+    settings = [SamplingParams(temperature=t, top_k=k, max_tokens=24, seed=i, ignore_eos=True)
+                for i, (t, k) in enumerate([(0, 0), (0.7, 5), (1.2, 0), (0.5, 50)])]
+    llm.chat([ASK] * 4, settings, predictions=preds)
+    llm.chat(ASK, settings[1], predictions=[CODE])
+    assert llm.engine.runner.compiles == before
+
+
+def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm):
+    """Many seeds: the second token, the first one a draft proposes (from the prediction, after the first token), with
+    drafts and, from other seeds, without. Per seed the tokens are the same; the two independent samples pass a chi-square test of
+    homogeneity at the 0.1% level (fails if drafting biased the draw)."""
+    prompt = "Once upon a time,"
+    pred = " the cat sat on the mat and the dog slept."
+    p = lambda seed: SamplingParams(temperature=1.0, max_tokens=3, seed=seed, n=8)  # noqa: E731
+    seeds = range(40)
+    llm.engine.verify_always = True  # two tokens left: decoding them may well cost less than verifying
+    try:
+        spec = llm.generate([prompt] * len(seeds), [p(s) for s in seeds], predictions=[pred] * len(seeds))
+    finally:
+        llm.engine.verify_always = False
+    same = llm.generate([prompt] * 5, [p(s) for s in seeds[:5]])
+    assert tokens(same) == tokens(spec[:5])
+    plain = llm.generate([prompt] * len(seeds), [p(1000 + s) for s in seeds])
+    assert sum(o.accepted for o in spec) > 5 and sum(o.drafted for o in spec) > 100
+
+    def seconds(outs):
+        return [c.token_ids[1] for o in outs for c in o.outputs if len(c.token_ids) >= 2]
+
+    a, b = seconds(spec), seconds(plain)
+    kinds = sorted(set(a) | set(b))
+    ca, cb = np.array([a.count(k) for k in kinds]), np.array([b.count(k) for k in kinds])
+    keep = ca + cb >= 10  # pool the rare tokens so every expected count is large enough
+    ca, cb = np.append(ca[keep], ca[~keep].sum()), np.append(cb[keep], cb[~keep].sum())
+    table = np.stack([ca, cb])
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    ok = expected.min(axis=0) > 0
+    chi2 = float(((table[:, ok] - expected[:, ok]) ** 2 / expected[:, ok]).sum())
+    dof = int(ok.sum()) - 1
+    assert dof >= 2
+    from scipy.stats import chi2 as dist
+
+    assert dist.sf(chi2, dof) > 1e-3, (chi2, dof)
+
+
+@pytest.fixture(scope="module")
+def ngram_llm(smollm):
+    """The `llm` fixture's engine with n-gram drafting on (its programs come from the program store)."""
+    from engine import LLM
+
+    return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5, ngram=True)
+
+
+def test_ngram_drafts_copy_from_the_prompt_and_keep_the_tokens(llm, ngram_llm):
+    lines = "\n".join(f"Shelf {i}: a {'copper' if i % 3 == 0 else 'wooden'} box of {i * 7} nails." for i in range(12))
+    ask = [{"role": "user", "content": f"{lines}\n\nQuote every line that mentions copper, exactly as written."}]
+    p = [SamplingParams(temperature=0, max_tokens=60), SamplingParams(temperature=0.8, max_tokens=60, seed=3)]
+    plain = llm.chat([ask, ask], p)
+    spec = ngram_llm.chat([ask, ask], p)
+    assert tokens(spec) == tokens(plain)
+    assert spec[0].accepted > 10 and math.isfinite(spec[0].accepted / spec[0].drafted)
+
+
+def test_prediction_and_speculation_over_http_with_the_official_client(api, client):
+    """OpenAI's `prediction` (chat; streamed too) and Fireworks' `speculation` (completions, text or token ids):
+    the same tokens as without, OpenAI's accepted / rejected prediction tokens in usage, Fireworks' speculation
+    counts in perf_metrics; malformed fields are 400s that name them."""
+    import openai
+
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0)
+    text = plain.choices[0].message.content
+    spec = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0,
+                                          prediction={"type": "content", "content": text},
+                                          extra_body={"perf_metrics_in_response": True})
+    assert spec.choices[0].message.content == text
+    details = spec.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 20 and details.rejected_prediction_tokens >= 0
+    perf = spec.model_extra["perf_metrics"]
+    assert perf["speculation-prompt-tokens"] == len(api.model.tokenizer.encode(text, add_special_tokens=False))
+    assert perf["speculation-prompt-matched-tokens"] == details.accepted_prediction_tokens
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True},
+        prediction={"type": "content", "content": [{"type": "text", "text": text}]}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens > 20
+    prompt = "def add(a, b):\n"
+    base = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
+    ids = api.model.tokenizer.encode(base.choices[0].text, add_special_tokens=False)
+    for guess in (base.choices[0].text, ids, CODE):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
+                                        extra_body={"speculation": guess})
+        assert got.choices[0].text == base.choices[0].text
+        assert got.usage.completion_tokens_details.accepted_prediction_tokens >= (20 if guess != CODE else 0)
+    for bad, param in (({"prediction": {"type": "image", "content": "x"}}, "prediction"),
+                       ({"prediction": 3}, "prediction"), ({"speculation": [1, "a"]}, "speculation"),
+                       ({"speculation": [10 ** 9]}, "speculation"),
+                       ({"speculation": "x", "prediction": "y"}, "speculation")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body=bad)
+        assert e.value.body["param"] == param
