@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.pages import PagePool, page_hashes
-from engine.speculative import MIN_NGRAM, RECOVERY, Drafter, worth_verifying
+from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.grammar import Grammars
 from engine.thinking import Budget, Gate
@@ -648,9 +648,8 @@ class Engine:
         timed = self.timing.get(("verify", nb, 1)), self.timing.get(("decode", nb, steps))
         if self.verify_always or worth_verifying(rows, steps, *timed):
             return drafts
-        for slot in drafts:  # not verified now: its expectation recovers slowly (a wrong prediction stays cheap)
-            drafter = self.running[slot][1].drafter
-            drafter.expect = min(drafter.expect + RECOVERY, len(drafts[slot]))
+        for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done
+            self.running[slot][1].drafter.unverified = draft
         return {}
 
     def _timed_call(self, key: tuple, fn, *args):
@@ -699,6 +698,7 @@ class Engine:
                                     steps, allowed)
             kept = np.ones((steps, b), bool)
         self.steps_run += 1 if drafts else steps
+        shadows = [(c, len(c.token_ids)) for _, c in self.running.values() if c.drafter and c.drafter.unverified]
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
             for slot, (req, choice) in list(self.running.items()):
@@ -706,6 +706,8 @@ class Engine:
                     self._append(req, choice, one, slot)
                     changed[req.id] = req
             self._emit(changed, done)
+        for choice, n in shadows:
+            choice.drafter.shadow(choice.token_ids[n:])
         for req, choice in self.running.values():
             self._register(req, choice)
 

@@ -46,7 +46,7 @@ class RunnerConfig:
     decode_steps: int = 4
     min_attend: int = 128
     max_prefill_tokens: int = 512  # long-prompt chunks computed per engine step (SGLang's --max-prefill-tokens)
-    draft_tokens: int = 8  # the most drafted tokens a verify step scores per row (speculative decoding)
+    draft_tokens: int = 16  # the most drafted tokens a verify step scores per row (speculative decoding)
     ngram: bool = False  # draft by n-gram lookup in each request's own tokens (a prediction drafts regardless)
 
 

@@ -17,8 +17,7 @@ import numpy as np
 
 MAX_NGRAM = 4  # the longest suffix looked up
 MIN_NGRAM = 2  # n-gram drafts from the request's own tokens need at least this much context to match
-EMA = 0.5  # weight of the last verify in a choice's expected accepted tokens
-RECOVERY = 0.05  # expected accepted tokens regained per dispatch a choice's draft was not verified
+EMA = 0.5  # weight of the last outcome in a choice's expected accepted tokens
 
 
 @dataclasses.dataclass
@@ -28,7 +27,9 @@ class Drafter:
     `source`: the prediction's tokens (the draft continues the prediction after the output's last tokens), or None
     for n-gram drafts from the choice's prompt and output. `at`: the index in the searched tokens just after the
     last match used, so a lookup prefers the next occurrence over an earlier one (a prediction is followed in
-    order, and a quoted prompt is read forwards). `expect`: accepted tokens per verify (moving average)."""
+    order, and a quoted prompt is read forwards). `expect`: accepted tokens per verify (moving average), learnt from
+    verify steps and, while the engine decodes instead, from how its unverified drafts compare with the tokens
+    decoded (`shadow`), so a prediction that falls back in step is taken up again at once."""
 
     source: np.ndarray | None
     min_n: int
@@ -36,6 +37,7 @@ class Drafter:
     expect: float = 1.0
     drafted: int = 0
     accepted: int = 0
+    unverified: list[int] | None = None  # the draft of a dispatch that decoded instead
 
     def propose(self, prompt: list[int], output: list[int], k: int) -> list[int]:
         """Up to `k` tokens to follow `output` (empty when nothing matches)."""
@@ -49,6 +51,8 @@ class Drafter:
             tokens, context = self.source, np.asarray(output[-MAX_NGRAM:], np.int64)
             searched = tokens
         opening = self.source is not None and not self.at and len(output) <= MAX_NGRAM  # the reply has just begun
+        if opening and len(output) < len(tokens) and (tokens[:len(output)] == output).all():
+            return tokens[len(output):len(output) + k].tolist()  # so far the reply is the prediction's start
         for n in range(min(MAX_NGRAM, len(context)), self.min_n - 1, -1):
             if n == 1 and opening:  # no longer match yet: the prediction's start
                 return tokens[:k].tolist()
@@ -63,6 +67,16 @@ class Drafter:
         self.drafted += drafted
         self.accepted += accepted
         self.expect = (1 - EMA) * self.expect + EMA * accepted
+
+    def shadow(self, decoded: list[int]) -> None:
+        """Learn from the draft that was not verified: the tokens decoded instead, against it (all of them equal
+        counts as the whole draft kept)."""
+        draft, self.unverified = self.unverified, None
+        if not draft or not decoded:
+            return
+        same = next((i for i, (a, b) in enumerate(zip(draft, decoded)) if a != b), min(len(draft), len(decoded)))
+        kept = len(draft) if same == len(decoded) else same
+        self.expect = (1 - EMA) * self.expect + EMA * kept
 
 
 def match(tokens: np.ndarray, suffix: np.ndarray, hint: int) -> int | None:

@@ -70,7 +70,7 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "default): off. A request's 'prediction' or 'speculation' drafts regardless")
     ap.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
                     help="the most drafted tokens a verify step scores per sequence (0: --speculative-ngram's K, "
-                         "else 8)")
+                         "else 16)")
     ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
     ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
