@@ -34,23 +34,32 @@ def long_prompt(tag: int, words: int = 560) -> str:
     return f"Request {tag} {tag * 7919 % 10007}. Summarise these notes: {body}"
 
 
+async def chunks(session, url: str, body: dict):
+    """The JSON chunks of one streamed chat completion."""
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.strip()
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                yield json.loads(line[6:])
+
+
+def has_text(chunk: dict) -> bool:
+    """A chunk carries reply text."""
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
+
+
 async def chat(session, url: str, content: str, max_tokens: int) -> tuple[float, float, int]:
     """One streamed chat request: (seconds to first token, seconds to last token, tokens received)."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, pieces, usage = None, 0, None
-    async with session.post(url + "/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
-                first = first or time.perf_counter()
-                pieces += 1
+    async for chunk in chunks(session, url, body):
+        usage = chunk.get("usage") or usage
+        if has_text(chunk):
+            first = first or time.perf_counter()
+            pieces += 1
     done = time.perf_counter()
     tokens = (usage or {}).get("completion_tokens") or pieces
     return (first or done) - t0, done - t0, tokens

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import ROOT, WORDS, stop, wait_ready  # noqa: E402
+from serve import ROOT, WORDS, chunks, has_text, stop, wait_ready  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 COLOURS = ("red", "green", "blue", "amber", "grey")
@@ -75,17 +74,11 @@ async def one(session, url: str, messages: list[dict], max_tokens: int, predicti
     t0 = time.perf_counter()
     first = last = None
     usage = {}
-    async with session.post(url + "/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
-                first = first or time.perf_counter()
-                last = time.perf_counter()
+    async for chunk in chunks(session, url, body):
+        usage = chunk.get("usage") or usage
+        if has_text(chunk):
+            first = first or time.perf_counter()
+            last = time.perf_counter()
     details = usage.get("completion_tokens_details") or {}
     return dict(first=(first or t0) - t0, last=(last or t0) - t0, tokens=usage.get("completion_tokens", 0),
                 accepted=details.get("accepted_prediction_tokens", 0),

@@ -20,6 +20,7 @@ SETTINGS = [
     SamplingParams(temperature=0.9, top_p=0.8, top_k=40, max_tokens=40, seed=11, n=2),
     SamplingParams(temperature=1.0, min_p=0.05, typical_p=0.9, max_tokens=40, seed=12),
     SamplingParams(temperature=1.0, mirostat_target=3.0, max_tokens=40, seed=13),
+    SamplingParams(temperature=0, max_tokens=40, logprobs=True, top_logprobs=3),
 ]
 
 
@@ -68,6 +69,9 @@ def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong
     spec = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=right)
     assert_same(spec, plain, SETTINGS)
     assert llm.engine.verifies > verifies
+    for a, b in zip(spec[-1].outputs[0].logprobs, plain[-1].outputs[0].logprobs):  # each kept token's, as without
+        assert a[0] == b[0] and [t for t, _ in a[2]] == [t for t, _ in b[2]]
+        np.testing.assert_allclose([a[1]] + [x for _, x in a[2]], [b[1]] + [x for _, x in b[2]], atol=1e-3)
     greedy = spec[0]
     assert greedy.drafted > 0 and greedy.accepted >= 0.8 * len(greedy.outputs[0].token_ids) - 10
     wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
