@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--ngram", type=int, default=8, help="K of the n-gram server")
     ap.add_argument("--tokens", type=int, default=256, help="max_tokens of every request")
     ap.add_argument("--smoke", action="store_true", help="one level of 1, 32 tokens: check that it runs")
+    ap.add_argument("--only", default="editing,extraction,chat", help="the workloads to run")
     args = ap.parse_args()
     levels = (1,) if args.smoke else tuple(int(x) for x in args.levels.split(","))
     tokens = 32 if args.smoke else args.tokens
@@ -131,15 +132,17 @@ def main() -> None:
             rows[(name, n)] = (off, on)
             print(name, n, off, on, flush=True)
 
-    plain = start(common, 8193, "/tmp/bench-spec-plain.log")
+    plain, ngram = start(common, 8193, "/tmp/bench-spec-plain.log"), None
     try:
-        url = "http://127.0.0.1:8193"
-        run(url, "editing, its prediction", edit_messages, pred_on=code_file())
-        run(url, "editing, a wrong prediction", edit_messages, pred_on=code_file(1))
-        ngram = None
+        url, only = "http://127.0.0.1:8193", args.only.split(",")
+        if "editing" in only:
+            run(url, "editing, its prediction", edit_messages, pred_on=code_file())
+            run(url, "editing, a wrong prediction", edit_messages, pred_on=code_file(1))
         ngram = start([*common, "--speculative-ngram", str(args.ngram)], 8194, "/tmp/bench-spec-ngram.log")
-        run(url, "extraction, n-gram drafts", extract_messages, on_url="http://127.0.0.1:8194")
-        run(url, "chat, n-gram drafts", chat_messages, on_url="http://127.0.0.1:8194")
+        if "extraction" in only:
+            run(url, "extraction, n-gram drafts", extract_messages, on_url="http://127.0.0.1:8194")
+        if "chat" in only:
+            run(url, "chat, n-gram drafts", chat_messages, on_url="http://127.0.0.1:8194")
     finally:
         stop(plain)
         if ngram is not None:
