@@ -611,10 +611,13 @@ class Engine:
         allowed = self.runner.all_allowed.copy()
         for slot, m in rows.items():
             req, choice = self.running[slot]
-            n = len(choice.token_ids)
-            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
-            m.fill(allowed[slot], closing=left <= min(CLOSE_MARGIN, req.max_tokens // 3))
+            m.fill(allowed[slot], closing=self._left(req, choice) <= min(CLOSE_MARGIN, req.max_tokens // 3))
         return allowed
+
+    def _left(self, req: Request, choice: Choice) -> int:
+        """Tokens a running choice may still draw (max_tokens, and the context)."""
+        n = len(choice.token_ids)
+        return min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
 
     def _drafter(self, req: Request) -> Drafter | None:
         """A new choice's draft source: the request's prediction, else n-gram lookup when the engine drafts so; none
@@ -629,22 +632,18 @@ class Engine:
         """Each running choice's draft (slots without one left out), when a verify step is expected to give more
         tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size); else {}."""
         drafts, k = {}, self.runner.rc.draft_tokens
+        left = {slot: self._left(req, choice) for slot, (req, choice) in self.running.items()}
         for slot, (req, choice) in self.running.items():
-            if choice.drafter is None or choice.matcher is not None:
-                continue
-            n = len(choice.token_ids)
-            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)  # tokens it may still draw
-            draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, left - 1))
-            if draft:
-                drafts[slot] = draft
+            if choice.drafter is not None:  # none under a grammar or a thinking budget
+                draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, left[slot] - 1))
+                if draft:
+                    drafts[slot] = draft
         if not drafts:
             return {}
         nb = self.runner.rows_for(list(self.running))
-        rows = []  # per running choice: (tokens it may still draw, expected accepted drafts)
-        for slot, (req, choice) in self.running.items():
-            n = len(choice.token_ids)
-            left = min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
-            rows.append((left, min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0))
+        # per running choice: (tokens it may still draw, expected accepted drafts)
+        rows = [(left[slot], min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0)
+                for slot, (_, choice) in self.running.items()]
         timed = self.timing.get(("verify", nb, 1)), self.timing.get(("decode", nb, steps))
         if self.verify_always or worth_verifying(rows, steps, *timed):
             return drafts

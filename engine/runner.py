@@ -501,7 +501,7 @@ class Runner:
         for it (the choices of one request share its prompt's); those logits are then dropped. `allowed`: `[slots,
         W]` bitmasks (see `sampler.sample`). Outputs are indexed by slot."""
         slots = sorted(sources)
-        nb = bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)  # holds every new row
+        nb = self.rows_for(slots)  # holds every new row
         rows = self.call_rows(nb)
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
         logits = jnp.zeros((len(rows), self.model.cfg.vocab_size), jnp.float32)

@@ -237,12 +237,22 @@ def prediction(model: Model, body: dict) -> list[int] | None:
         return None
     if isinstance(spec, str):
         return _text_ids(model, spec, "speculation")
-    vocab = model.cfg.vocab_size
-    if not isinstance(spec, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in spec):
+    if not is_ids(spec):
         raise bad("'speculation' must be a string or a list of token ids", "speculation")
-    if any(not 0 <= t < vocab for t in spec):
-        raise bad(f"'speculation' token ids must be in [0, {vocab})", "speculation")
-    return spec or None
+    return in_vocab(model, spec, "'speculation'", "speculation") or None
+
+
+def is_ids(p: Any) -> bool:
+    """A list of token ids (ints, not bools)."""
+    return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def in_vocab(model: Model, ids: list[int], where: str, param: str) -> list[int]:
+    """`ids`, or a 400 naming `where` and `param` when one is not a token id of the model's vocabulary."""
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad(f"{where}: token ids must be in [0, {vocab})", param)
+    return list(ids)
 
 
 def _text_ids(model: Model, text: str, param: str) -> list[int] | None:
@@ -359,11 +369,8 @@ def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]
     def ids(p, where):
         if isinstance(p, str):
             return model.tokenizer.encode(p), p
-        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            vocab = model.cfg.vocab_size
-            if any(not 0 <= t < vocab for t in p):
-                raise bad(f"{where}: token ids must be in [0, {vocab})", "prompt")
-            return list(p), model.tokenizer.decode(p, skip_special_tokens=False)
+        if is_ids(p):
+            return in_vocab(model, p, where, "prompt"), model.tokenizer.decode(p, skip_special_tokens=False)
         raise bad(f"{where} must be a string or a list of token ids", "prompt")
 
     if prompt is None:
