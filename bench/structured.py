@@ -26,7 +26,7 @@ def main() -> None:
     eng = Engine(model, RunnerConfig(max_num_seqs=32, max_model_len=1024, kv_cache_gb=0.5))
     eng.warmup()
     grammar = grammar_text({"type": "json_schema", "json_schema": SCHEMA})
-    prompt = eng.tok("Write a JSON record of a person:")["input_ids"]
+    prompt = eng.tok.encode("Write a JSON record of a person:")
 
     def run(constrained: int, seed: int) -> tuple[float, float]:
         free = [eng.make_request(prompt, SamplingParams(temperature=1.0, seed=seed + i, max_tokens=64, ignore_eos=True))

@@ -116,13 +116,10 @@ def schema_grammar(schema: dict) -> str:
 class Grammars:
     """Grammars checked against one tokenizer, kept in an LRU by their text; `matcher` starts a choice's matcher."""
 
-    def __init__(self, hf_tokenizer, eos_ids: tuple[int, ...]):
-        import llguidance.hf
+    def __init__(self, tokenizer, eos_ids: tuple[int, ...]):
+        import llguidance
 
-        from models.tokenizer import torch_hidden
-
-        with torch_hidden():
-            self.tok = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=list(eos_ids) or None)
+        self.tok = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=list(eos_ids) or None)
         self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]

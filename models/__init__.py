@@ -207,15 +207,11 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
 
 
 def load_tokenizer(source: Source, key: str):
-    """The source's tokenizer; a GGUF's is rebuilt once from metadata and cached as an HF tokenizer folder."""
+    """The source's tokenizer, normalized once into `$SPARKLER_CACHE/tokenizers` (see `models.tokenizer`)."""
     from models import tokenizer
 
-    if source.kind == "hf":
-        return tokenizer.load_hf_tokenizer(source.path)
-    folder = os.path.join(cache_root(), "tokenizers", key)
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
-        return tokenizer.load_built_tokenizer(folder)
-    return tokenizer.build_gguf_tokenizer(source.meta, folder)
+    folder = os.path.join(cache_root(), "tokenizers", "hf" if source.kind == "hf" else key)
+    return tokenizer.load(source, folder)
 
 
 def _on_thread(fn, *args) -> concurrent.futures.Future:

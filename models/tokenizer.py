@@ -1,12 +1,250 @@
-"""Tokenizers and chat templates from an HF folder or from GGUF metadata, without importing torch."""
+"""Tokenizers and chat templates, served without importing transformers.
+
+A source's tokenizer is normalized once with transformers (a GGUF's rebuilt from its metadata, an HF folder's read
+by `AutoTokenizer`, whatever its format) and saved as a fast-tokenizer folder in the cache. Every start after that
+reads the folder with the `tokenizers` library and renders chat templates with jinja2 in the sandbox transformers
+gives them (the same filters, globals and block trimming). Importing transformers takes ~3 s on a small CPU and was
+the longest step of a warm start; `tokenizers` and jinja2 take ~0.2 s.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
+import json
 import os
 import sys
 import threading
 from typing import Any
+
+SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING = ("reasoning_content", "thinking", "reasoning")  # names templates read a message's reasoning under
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+         "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+class Tokenizer:
+    """A fast tokenizer (`tokenizers.Tokenizer`) with its special tokens and chat template, answering the calls the
+    engine and server make as transformers' tokenizers do (`encode`, `decode`, `apply_chat_template`, ...)."""
+
+    def __init__(self, folder: str):
+        import tokenizers
+
+        self.folder = folder
+        self.backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        config = _json(os.path.join(folder, "tokenizer_config.json"))
+        special = {**_json(os.path.join(folder, "special_tokens_map.json")), **config}
+        self.special_tokens_map = {k: _content(special[k]) for k in SPECIAL if special.get(k) is not None}
+        extra = special.get("extra_special_tokens") or special.get("additional_special_tokens") or []
+        self.extra_special_tokens = [_content(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+        self.clean_up = bool(config.get("clean_up_tokenization_spaces")) and \
+            type(self.backend.model).__name__ != "BPE"  # transformers skips the clean-up for BPE models
+        self.chat_template = _chat_template(folder, config)
+        self._template = None
+
+    def __getattr__(self, name: str):
+        if name.endswith("_token") and name in SPECIAL:
+            return self.special_tokens_map.get(name)
+        if name.endswith("_token_id") and name[:-3] in SPECIAL:
+            token = self.special_tokens_map.get(name[:-3])
+            return None if token is None else self.backend.token_to_id(token)
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary, added ones included."""
+        return len(self)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the named special tokens (bos, eos, unk, pad, ...) and the extra ones."""
+        tokens = dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens])
+        return [i for i in (self.backend.token_to_id(t) for t in tokens) if i is not None]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (with the post-processor's special tokens, e.g. a BOS, when `add_special_tokens`)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of token ids."""
+        text = self.backend.decode([ids] if isinstance(ids, int) else list(ids),
+                                   skip_special_tokens=skip_special_tokens)
+        return _clean_up(text) if self.clean_up else text
+
+    def convert_ids_to_tokens(self, ids):
+        """Token strings of ids (one id gives one string)."""
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        """Ids of token strings (one string gives one id)."""
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = True, add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            continue_final_message: bool = False, **kwargs):
+        """Render `messages` with the chat template as transformers does (the special tokens and `kwargs` are
+        template variables; reasoning under any of its names is seen under all; `continue_final_message` ends the
+        text inside the last message); token ids when `tokenize`."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        chat = [_with_reasoning(m) for m in json.loads(json.dumps(messages))]  # plain data, a copy of the caller's
+        final = None
+        if continue_final_message:
+            if not chat or not isinstance(chat[-1].get("content"), str):
+                raise ValueError("continue_final_message needs a last message with text content")
+            final = chat[-1]["content"]
+            chat[-1]["content"] = final + CONTINUE_TAG
+        text = self._template.render(messages=chat, tools=tools, documents=documents,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **{**self.special_tokens_map, **kwargs})
+        if final is not None:  # cut after the final message's text, dropping the template's end of turn
+            if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+                raise ValueError("continue_final_message: the template does not render the final message whole")
+            at = text.rindex(CONTINUE_TAG.strip())
+            text = text[:at] if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def load(source, folder: str) -> Tokenizer:
+    """The tokenizer of a `models.weights.Source` (an HF folder, or a GGUF's metadata, read only when building),
+    normalized once into the cache `folder` (for an HF folder, under the digest of its tokenizer files, which may
+    change in place)."""
+    if source.kind == "hf":
+        folder = os.path.join(folder, files_digest(source.path))
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        tmp = f"{folder}.{os.getpid()}.{threading.get_ident()}.tmp"
+        if source.kind == "hf":
+            tf = transformers_module()
+            with torch_hidden():
+                tok = tf.AutoTokenizer.from_pretrained(source.path)
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(f"{source.path}: only fast tokenizers (tokenizer.json, or one transformers converts) work")
+            tok.save_pretrained(tmp)
+        else:
+            build_gguf_tokenizer(source.meta, tmp)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process saved it first
+            pass
+    return Tokenizer(folder)
+
+
+def files_digest(folder: str) -> str:
+    """sha256 over an HF folder's tokenizer files (names and bytes)."""
+    h = hashlib.sha256()
+    for name in FILES:
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            h.update(name.encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+def _json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _content(token) -> str:
+    return token["content"] if isinstance(token, dict) else str(token)
+
+
+def _chat_template(folder: str, config: dict) -> str | None:
+    """The folder's default chat template: `chat_template.jinja`, else `chat_template.json`, else the config's."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    template = _json(os.path.join(folder, "chat_template.json")).get("chat_template") or config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _with_reasoning(message: dict) -> dict:
+    """A message whose reasoning (under any name) is readable as `reasoning_content` and `thinking` too."""
+    if not isinstance(message, dict):
+        raise TypeError("chat messages must be objects")
+    reasoning = next((message[k] for k in REASONING if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _clean_up(text: str) -> str:
+    """transformers' clean-up of spaces before punctuation and contractions (WordPiece-style tokenizers)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def _compile(template: str):
+    """A chat template compiled in jinja2's immutable sandbox with transformers' settings for templates: blocks
+    trimmed, `loopcontrols`, a `{% generation %}` block (rendered as its body), a `tojson` that keeps non-ASCII and
+    takes indent/separators/sort_keys, `raise_exception`, `strftime_now`, and `dict` / `namespace` that refuse
+    underscore names."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attributes ({name!r})")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt),
+                       dict=lambda *a, **kw: dict(*a, **kw))
+    return env.from_string(template)
+
+
+# ---- transformers, for the one-time normalization (and the tests' references) -------------------------------------
 
 
 @contextlib.contextmanager
@@ -26,9 +264,7 @@ _importing = threading.Lock()
 
 
 def transformers_module():
-    """Import transformers for its tokenizer and chat-template code only (AutoTokenizer, which imports every
-    family's tokenizer module, ~1.5 s here, is resolved only for HF folders). Thread-safe: the server imports it on a
-    thread beside the parameters' restore, and a second caller waits for the first."""
+    """Import transformers for its tokenizer code only (thread-safe: a second caller waits for the first)."""
     with _importing, torch_hidden():
         import transformers
         from transformers import PreTrainedTokenizerFast  # noqa: F401  (resolve a lazily-imported name)
@@ -36,26 +272,11 @@ def transformers_module():
         return transformers
 
 
-def load_hf_tokenizer(folder: str):
-    """The tokenizer (with its chat template) saved in an HF folder."""
+def build_gguf_tokenizer(meta: dict[str, Any], save_to: str) -> None:
+    """Rebuild the tokenizer described by GGUF metadata and save it as a fast-tokenizer folder."""
     tf = transformers_module()
     with torch_hidden():
-        return tf.AutoTokenizer.from_pretrained(folder)
-
-
-def load_built_tokenizer(folder: str):
-    """A tokenizer `build_gguf_tokenizer` saved (a fast tokenizer, so without AutoTokenizer's lookup)."""
-    tf = transformers_module()
-    with torch_hidden():
-        return tf.PreTrainedTokenizerFast.from_pretrained(folder)
-
-
-def build_gguf_tokenizer(meta: dict[str, Any], save_to: str):
-    """Rebuild the tokenizer described by GGUF metadata, save it as an HF folder, and return it."""
-    tf = transformers_module()
-    with torch_hidden():
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
         tok_dict = {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
                     if f"tokenizer.{key}" in meta}
@@ -76,6 +297,4 @@ def build_gguf_tokenizer(meta: dict[str, Any], save_to: str):
             chat_template=meta.get("tokenizer.chat_template"),
             add_bos_token=bool(add_bos), add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         )
-        os.makedirs(save_to, exist_ok=True)
         tok.save_pretrained(save_to)
-        return tok

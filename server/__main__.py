@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 
 import jax
@@ -21,7 +20,7 @@ from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
-from models import load_model, tokenizer
+from models import load_model
 from models.attention import BACKENDS
 from models.cpu_matmul import MATMULS
 from models.weights import cache_root
@@ -130,8 +129,6 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
 def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv, prog)
-    # transformers (the tokenizer's code) takes ~3 s to import here: import it beside the parameters' restore
-    threading.Thread(target=tokenizer.transformers_module, daemon=True, name="import-transformers").start()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())

@@ -26,7 +26,7 @@ def test_int8_agrees_with_float32_over_256_teacher_forced_tokens(llm, smollm, in
 
     rows = []
     for text in PROMPTS:  # float32's own greedy continuation is the text both models are forced through
-        ids = smollm.tokenizer(text)["input_ids"]
+        ids = smollm.tokenizer.encode(text)
         out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))[0]
         rows.append(ids + list(out.outputs[0].token_ids))
     ref = our_logits(smollm.module, smollm.params, rows)

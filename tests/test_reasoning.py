@@ -103,9 +103,7 @@ def thinker(smollm, tmp_path_factory):
     from models import load_model
 
     folder = tmp_path_factory.mktemp("thinker")
-    tok = smollm.tokenizer
-    tok.save_pretrained(str(folder))
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
     tok.add_tokens([OPEN, CLOSE])
     tok.chat_template = TEMPLATE
     tok.save_pretrained(str(folder))

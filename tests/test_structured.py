@@ -82,7 +82,7 @@ def test_completions_and_streams(client):
 
 def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
     eng = llm.engine
-    prompt = eng.tok("The capital of France is")["input_ids"]
+    prompt = eng.tok.encode("The capital of France is")
     free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = eng.make_request(prompt, free)
     eng.add(alone)
@@ -90,7 +90,7 @@ def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
         eng.step()
     grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
     mixed = eng.make_request(prompt, free)
-    others = [eng.make_request(eng.tok("A person as JSON:")["input_ids"],
+    others = [eng.make_request(eng.tok.encode("A person as JSON:"),
                                SamplingParams(temperature=1.0, seed=i, max_tokens=60), grammar=grammar)
               for i in range(3)]
     for r in [others[0], mixed, *others[1:]]:
@@ -112,7 +112,7 @@ def test_warmup_compiles_the_constrained_decode(smollm):
     before = eng.runner.compiles
     grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
     for n in (1, 3):
-        r = eng.make_request(eng.tok("A person as JSON:")["input_ids"], SamplingParams(seed=n, n=n, max_tokens=20),
+        r = eng.make_request(eng.tok.encode("A person as JSON:"), SamplingParams(seed=n, n=n, max_tokens=20),
                              grammar=grammar)
         eng.add(r)
         while eng.has_work():
