@@ -69,14 +69,15 @@ class Drafter:
         self.expect = (1 - EMA) * self.expect + EMA * accepted
 
     def shadow(self, decoded: list[int]) -> None:
-        """Learn from the draft that was not verified: the tokens decoded instead, against it (all of them equal
-        counts as the whole draft kept)."""
+        """Learn from the draft that was not verified: how many of its tokens the decoded ones repeat. That is a
+        lower bound of what a verify would have kept (a draft longer than the decoded run may have gone on
+        matching), so a choice that turns worth verifying again is taken up a dispatch later rather than a verify
+        too early, which at a full batch costs more than it saves."""
         draft, self.unverified = self.unverified, None
         if not draft or not decoded:
             return
         same = next((i for i, (a, b) in enumerate(zip(draft, decoded)) if a != b), min(len(draft), len(decoded)))
-        kept = len(draft) if same == len(decoded) else same
-        self.expect = (1 - EMA) * self.expect + EMA * kept
+        self.expect = (1 - EMA) * self.expect + EMA * same
 
 
 def match(tokens: np.ndarray, suffix: np.ndarray, hint: int) -> int | None:
@@ -97,9 +98,12 @@ def worth_verifying(rows: list[tuple[int, float]], steps: int, verify_s: float |
     """Whether a verify step yields more tokens per second than a decode dispatch of `steps` steps, by the measured
     seconds of each at this batch size. `rows`: per running choice, the tokens it may still draw and its expected
     accepted drafts (a verify gives it 1 + those, a decode dispatch `steps`, both at most what it may draw). An
-    unmeasured kind is tried."""
-    if verify_s is None or decode_s is None:
+    unmeasured kind is tried: verify first, then decode (at a full batch some row nearly always has a draft, so a
+    decode that waited for a draftless dispatch would never be measured, and verifying would go on unchecked)."""
+    if verify_s is None:
         return True
+    if decode_s is None:
+        return False
     by_verify = sum(min(1 + expect, left) for left, expect in rows)
     by_decode = sum(min(steps, left) for left, _ in rows)
     return by_verify / verify_s > by_decode / decode_s

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import SamplingParams
-from engine.speculative import Drafter, match
+from engine.speculative import Drafter, match, worth_verifying
 
 CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
 MODEL = "smollm2-135m-instruct"
@@ -60,6 +60,9 @@ def test_drafts_follow_a_prediction_in_order_and_re_anchor_after_a_mismatch():
     d.unverified = [7, 8, 9]
     d.shadow([7, 5, 1, 1])  # one token of it
     assert d.expect == 1.25 and d.drafted == 0  # learnt, not counted as verified
+    d.unverified = [7, 8, 9, 10, 11, 12]
+    d.shadow([7, 8, 9, 10])  # a longer draft than the decoded run: only what the run bears out counts
+    assert d.expect == 2.625
 
 
 def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong(llm):
@@ -192,6 +195,16 @@ def test_ngram_drafts_copy_from_the_prompt_and_keep_the_tokens(llm, ngram_llm):
     spec = ngram_llm.chat([ask, ask], p)
     assert_same(spec, plain, p)
     assert spec[0].accepted > 10 and math.isfinite(spec[0].accepted / spec[0].drafted)
+    timing = ngram_llm.engine.timing  # both rows drafted nearly always, yet decoding was measured beside verifying
+    assert {nb for kind, nb, _ in timing if kind == "verify"} <= {nb for kind, nb, _ in timing if kind == "decode"}
+
+
+def test_the_verify_or_decode_choice_tries_each_kind_then_goes_by_tokens_per_second():
+    rows = [(100, 3.0), (100, 0.0)]  # (tokens left, expected accepted drafts) per running choice
+    assert worth_verifying(rows, 4, None, None) and not worth_verifying(rows, 4, 0.1, None)
+    assert worth_verifying(rows, 4, 0.1, 0.2)  # 5 tokens in 0.1 s against 8 in 0.2 s
+    assert not worth_verifying(rows, 4, 0.2, 0.2)
+    assert not worth_verifying([(3, 8.0)], 4, 0.1, 0.1)  # both capped at the 3 tokens left: a tie decodes
 
 
 def test_prediction_and_speculation_over_http_with_the_official_client(api, client):
