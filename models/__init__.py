@@ -210,8 +210,9 @@ def load_tokenizer(source: Source, key: str):
     """The source's tokenizer, normalized once into `$SPARKLER_CACHE/tokenizers` (see `models.tokenizer`)."""
     from models import tokenizer
 
-    folder = os.path.join(cache_root(), "tokenizers", "hf" if source.kind == "hf" else key)
-    return tokenizer.load(source, folder)
+    # an HF folder's tokenizer files may change in place: its entry is keyed by their digest
+    name = f"hf-{tokenizer.files_digest(source.path)}" if source.kind == "hf" else key
+    return tokenizer.load(source, os.path.join(cache_root(), "tokenizers", name))
 
 
 def _on_thread(fn, *args) -> concurrent.futures.Future:

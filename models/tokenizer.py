@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 from typing import Any
@@ -45,7 +46,7 @@ class Tokenizer:
         self._template = None
 
     def __getattr__(self, name: str):
-        if name.endswith("_token") and name in SPECIAL:
+        if name in SPECIAL:
             return self.special_tokens_map.get(name)
         if name.endswith("_token_id") and name[:-3] in SPECIAL:
             token = self.special_tokens_map.get(name[:-3])
@@ -54,11 +55,6 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def vocab_size(self) -> int:
-        """Tokens in the vocabulary, added ones included."""
-        return len(self)
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -118,10 +114,7 @@ class Tokenizer:
 
 def load(source, folder: str) -> Tokenizer:
     """The tokenizer of a `models.weights.Source` (an HF folder, or a GGUF's metadata, read only when building),
-    normalized once into the cache `folder` (for an HF folder, under the digest of its tokenizer files, which may
-    change in place)."""
-    if source.kind == "hf":
-        folder = os.path.join(folder, files_digest(source.path))
+    normalized once into the cache `folder`."""
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         tmp = f"{folder}.{os.getpid()}.{threading.get_ident()}.tmp"
         if source.kind == "hf":
@@ -137,7 +130,7 @@ def load(source, folder: str) -> Tokenizer:
         try:
             os.rename(tmp, folder)
         except OSError:  # another process saved it first
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return Tokenizer(folder)
 
 

@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 import transformers
 
-from models.tokenizer import Tokenizer, load
+from models.tokenizer import Tokenizer
 
 # A template that reaches for every helper transformers gives templates.
 TEMPLATE = """{%- set ns = namespace(n=0) -%}
@@ -110,18 +110,21 @@ def test_the_sandbox_refuses_what_transformers_refuses(folders):
             ref.apply_chat_template(chat, tokenize=False, chat_template=template)
 
 
-def test_an_hf_folder_is_normalized_once_and_a_changed_one_again(folders, tmp_path):
+def test_an_hf_folder_is_normalized_once_and_a_changed_one_again(folders, tmp_path, monkeypatch):
+    from models import load_tokenizer
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     hf = tmp_path / "hf"
     hf.mkdir()
     transformers.AutoTokenizer.from_pretrained(folders[1]).save_pretrained(str(hf))
     source = SimpleNamespace(kind="hf", path=str(hf))
-    cache = str(tmp_path / "cache")
-    first = load(source, cache)
+    first = load_tokenizer(source, "unused")
     assert first.encode("hi")[0] == 1 and first.chat_template == TEMPLATE
-    assert load(source, cache).folder == first.folder
+    assert load_tokenizer(source, "unused").folder == first.folder
+    assert first.folder.startswith(str(tmp_path / "cache"))
     with open(hf / "chat_template.jinja", "w") as f:
         f.write("{{ messages[0].content }}")
-    changed = load(source, cache)
+    changed = load_tokenizer(source, "unused")
     assert changed.folder != first.folder
     assert changed.apply_chat_template([{"role": "user", "content": "only"}], tokenize=False) == "only"
 
