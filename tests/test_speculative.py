@@ -207,12 +207,13 @@ def test_the_verify_or_decode_choice_tries_each_kind_then_goes_by_tokens_per_sec
     assert not worth_verifying([(3, 8.0)], 4, 0.1, 0.1)  # both capped at the 3 tokens left: a tie decodes
 
 
-def test_prediction_and_speculation_over_http_with_the_official_client(api, client):
+def test_prediction_and_speculation_over_http_with_the_official_client(api, client, monkeypatch):
     """OpenAI's `prediction` (chat; streamed too) and Fireworks' `speculation` (completions, text or token ids):
     the same tokens as without, OpenAI's accepted / rejected prediction tokens in usage, Fireworks' speculation
     counts in perf_metrics; malformed fields are 400s that name them."""
     import openai
 
+    monkeypatch.setattr(api.engine, "verify_always", True)  # the counts need verify steps, whatever the timings say
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0)
     text = plain.choices[0].message.content
     spec = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0,
