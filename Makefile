@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	$(BIN)/python -m models.fetch $(MODEL)
+	$(BIN)/python -m models.loading.fetch $(MODEL)
 
 serve: setup
 	$(BIN)/sparkler serve --model $(MODEL) $(ARGS)

@@ -107,7 +107,7 @@ def main() -> None:
     import torch  # noqa: F401  (the reference side; imported before transformers)
 
     from models import load_model
-    from models.packaged import resolve
+    from models.loading.packaged import resolve
 
     hf = hf_numbers(resolve(args.model), args.tokens)
     e = engine_numbers(load_model(args.model), 32, args.tokens)

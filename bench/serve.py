@@ -181,7 +181,7 @@ def main() -> None:
     levels = tuple(int(x) for x in args.levels.split(","))
     global MODEL
     MODEL = args.model
-    from models.packaged import resolve
+    from models.loading.packaged import resolve
 
     gguf = resolve(args.model)
     sp_args = ["--max-num-seqs", str(max(levels)), "--max-model-len", "2048", *args.sparkler_args.split()]

@@ -1,6 +1,6 @@
 """The KV page pool's host side: a page allocator with reference counts and a prefix cache of full pages.
 
-Plain Python; the device holds the pages themselves (`models.attention`). Invariants, checked by `check()`:
+Plain Python; the device holds the pages themselves (`models.backends.paged`). Invariants, checked by `check()`:
 - page 0 is the scratch page: never handed out (page tables point padding there; what is written to it is never read
   unmasked);
 - every other page is in exactly one of two states: owned (`refs[p] > 0`, by that many sequences) or free
@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from models.attention import SCRATCH
+from models.backends.paged import SCRATCH
 
 
 def page_hashes(tokens: list[int], page_size: int, salt: str | None = None, known: list[bytes] = ()) -> list[bytes]:

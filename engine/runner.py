@@ -387,7 +387,7 @@ class Runner:
     def covered(self, start: int, size: int) -> int:
         """Positions a prefill's table covers for a chunk of `size` (a bucket) at `start`: the chunk after the
         earlier positions rounded up to an attended-length bucket (none at the start of a prompt), so attention
-        reads the earlier keys from at most that bucket and the chunk's own from no page (`models.attention.
+        reads the earlier keys from at most that bucket and the chunk's own from no page (`models.backends.paged.
         prefill`)."""
         return size + (bucket(start, self.attend) if start else 0)
 

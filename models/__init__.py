@@ -16,14 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models import gemma3, llama, qwen2, qwen3
+from models.backends import resolve_backend
+from models.backends.cpu_matmul import resolve_matmul
+from models.backends.paged import KVCache
 from models.config import ModelConfig
-from models.attention import KVCache, resolve_backend
-from models.layers import CausalLM
-from models.cpu_matmul import resolve_matmul
+from models.families import gemma3, llama, qwen2, qwen3
+from models.layers.causal_lm import CausalLM
+from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
 from models.sharding import make_mesh, param_shardings
-from models.weights import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 
 log = logging.getLogger("sparkler.models")
 
@@ -61,7 +62,8 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
     """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX-512 VNNI, float32,
     tp = 1, `--matmul-backend` auto or cpu) and the catalog marks the model as passing the int8 quality guard
     (`tests/test_quant.py`), else the weights at full precision; `none` and `int8` are taken as asked."""
-    from models import cpu_matmul, packaged
+    from models.backends import cpu_matmul
+    from models.loading import packaged
 
     if name not in ("auto", *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {name!r}; choose from auto, {', '.join(QUANTIZATIONS)}")
@@ -157,7 +159,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8
     products run (`auto`: the int8 kernel on a CPU that has it; its weights are kept packed); the parameters go on a
     `(data=dp, tp=tp)` mesh (replicated over `data`)."""
-    from models import packaged
+    from models.loading import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
@@ -207,8 +209,8 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
 
 
 def load_tokenizer(source: Source, key: str):
-    """The source's tokenizer, normalized once into `$SPARKLER_CACHE/tokenizers` (see `models.tokenizer`)."""
-    from models import tokenizer
+    """The source's tokenizer, normalized once into `$SPARKLER_CACHE/tokenizers` (see `models.loading.tokenizer`)."""
+    from models.loading import tokenizer
 
     # an HF folder's tokenizer files may change in place: its entry is keyed by their digest
     name = f"hf-{tokenizer.files_digest(source.path)}" if source.kind == "hf" else key

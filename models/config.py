@@ -39,7 +39,7 @@ class ModelConfig:
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
     dtype: str = "float32"
     quantization: str = "none"  # or "int8": int8 weights, a float32 scale per 32 inputs (models.quant)
-    matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" is the int8 kernel (models.cpu_matmul)
+    matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" is the int8 kernel (models.backends.cpu_matmul)
 
     @property
     def scale(self) -> float:

@@ -50,7 +50,7 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
     return y.astype(out_dtype or x.dtype)
 
 
-TINY = 1e-30  # activation groups smaller than this round to zero (models/csrc/int8_matmul.cc has the same bound)
+TINY = 1e-30  # activation groups smaller than this round to zero (models/backends/csrc/int8_matmul.cc has the same bound)
 
 
 def activations(x: jax.Array) -> jax.Array:

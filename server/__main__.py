@@ -21,9 +21,9 @@ from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
 from models import load_model
-from models.attention import BACKENDS
-from models.cpu_matmul import MATMULS
-from models.weights import cache_root
+from models.backends import BACKENDS
+from models.backends.cpu_matmul import MATMULS
+from models.loading.source import cache_root
 from server import reasoning
 from server.app import Server
 

@@ -24,7 +24,7 @@ from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
-from models.weights import cache_root
+from models.loading.source import cache_root
 from server import anthropic_messages, openai_responses, protocol, reasoning
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def list_models(as_json: bool = False) -> int:
     """Print the catalog: name, default mark, installed path (or how to get it), packages."""
-    from models import packaged
+    from models.loading import packaged
 
     cat = packaged.catalog()
     rows = []

@@ -13,7 +13,7 @@ def pytest_configure(config):
     import jax
 
     from engine.compile import use_caches
-    from models.weights import cache_root
+    from models.loading.source import cache_root
 
     use_caches(cache_root())
     # float32 means float32 on a GPU too (XLA would use TF32 there), so reference comparisons hold everywhere.
@@ -31,7 +31,7 @@ def smollm():
 @pytest.fixture(scope="session")
 def smollm_path():
     """Path of the default model's GGUF file."""
-    from models.packaged import resolve
+    from models.loading.packaged import resolve
 
     return resolve("smollm2-135m-instruct")
 

@@ -10,8 +10,8 @@ import torch  # noqa: F401  (before transformers)
 
 from helpers import our_logits
 from models import ModelConfig, build, init_params, load_model, stack_layers
-from models import attention
-from models.attention import default_backend, resolve_backend
+from models.backends import paged
+from models.backends import default_backend, resolve_backend
 
 # (heads, kv heads, head dim) of each family's GQA, small: Llama-3 8B (32/8), SmolLM2 (9/3), Qwen2.5-0.5B (14/2),
 # Gemma 3 270M (4/1), multi-head (4/4).
@@ -20,7 +20,7 @@ KERNELS = ["cpu", "pallas-gpu", "pallas-tpu"]
 
 
 def _kernel(name):
-    from models import cpu_attention, pallas_gpu, pallas_tpu
+    from models.backends import cpu_attention, pallas_gpu, pallas_tpu
 
     return {"cpu": cpu_attention, "pallas-gpu": pallas_gpu, "pallas-tpu": pallas_tpu}[name]
 
@@ -42,7 +42,7 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
     table = np.stack([layer * pages + 1 + rng.permutation(pages - 1)[:n] for _ in range(b)]).astype(np.int32)
     q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
     scale = d ** -0.5
-    want = attention.reference(q, k, v, jnp.asarray(table), jnp.asarray(lengths - 1)[:, None], scale)
+    want = paged.reference(q, k, v, jnp.asarray(table), jnp.asarray(lengths - 1)[:, None], scale)
     got = _kernel(kernel).decode(q[:, 0] * scale, k, v, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
     # The TPU kernel's products run at the MXU's default precision (bfloat16 inputs), in its interpreter too.
     tol = dict(atol=2e-2, rtol=1e-2) if kernel == "pallas-tpu" else dict(atol=2e-5, rtol=1e-4)
@@ -67,9 +67,9 @@ def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, w
     positions = jnp.asarray(np.asarray(starts)[:, None] + np.arange(s)[None], jnp.int32)
     q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)), jnp.float32) for _ in range(2))
-    k_cache, v_cache = attention.write(k_cache, k, positions, table), attention.write(v_cache, v, positions, table)
-    want = attention.reference(q, k_cache, v_cache, table, positions, d ** -0.5, softcap, window)
-    got = attention.prefill(q, k, v, k_cache, v_cache, table, positions, d ** -0.5, softcap, window, block)
+    k_cache, v_cache = paged.write(k_cache, k, positions, table), paged.write(v_cache, v, positions, table)
+    want = paged.reference(q, k_cache, v_cache, table, positions, d ** -0.5, softcap, window)
+    got = paged.prefill(q, k, v, k_cache, v_cache, table, positions, d ** -0.5, softcap, window, block)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
@@ -133,7 +133,7 @@ def test_scanned_model_traces_one_layer_body():
             c = ModelConfig.from_hf(dict(_LLAMA, num_hidden_layers=layers))
             m = build(c, scan=scan)
             params = jax.eval_shape(lambda: init_params(m, 0))
-            cache = attention.KVCache.zeros(c, 4, 16)
+            cache = paged.KVCache.zeros(c, 4, 16)
             toks = jnp.zeros((1, 4), jnp.int32)
             jaxpr = jax.make_jaxpr(lambda p, ca: m.apply(p, toks, toks, jnp.ones((1, 1), jnp.int32), ca))(params,
                                                                                                            cache)
@@ -154,7 +154,7 @@ def test_model_decode_through_a_kernel_matches_xla(kernel):
     table = jnp.asarray(1 + np.arange(b * 2, dtype=np.int32).reshape(b, 2))
     prompt = jnp.asarray(np.array([ROWS[0][:12], ROWS[0][3:15]], np.int32))
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (b, 12))
-    cache = attention.KVCache.zeros(c, 1 + b * 2, ps)
+    cache = paged.KVCache.zeros(c, 1 + b * 2, ps)
     _, cache = ref.apply(params, prompt, pos, table, cache)
     step = (jnp.asarray([[7], [9]], jnp.int32), jnp.asarray([[12], [12]], jnp.int32), table)
     want, _ = ref.apply(params, *step, cache)

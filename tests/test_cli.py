@@ -31,7 +31,7 @@ def health(url: str) -> dict:
 def served(tmp_path_factory, smollm):
     """`sparkler serve` with every warm-up shape (`--warmup full`) and an empty program store, so its background
     compilation runs for minutes; the converted weights and tokenizer come from the shared cache."""
-    from models.weights import cache_root
+    from models.loading.source import cache_root
 
     cache = tmp_path_factory.mktemp("cache")
     for part in ("params", "tokenizers", "remembered", "native"):

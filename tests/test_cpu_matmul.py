@@ -12,8 +12,9 @@ from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from helpers import our_logits
-from models import KVCache, ModelConfig, build, cpu_matmul, init_params, quant
-from models.cpu_matmul import resolve_matmul
+from models import KVCache, ModelConfig, build, init_params, quant
+from models.backends import cpu_matmul
+from models.backends.cpu_matmul import resolve_matmul
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="needs g++ and a CPU with AVX-512 VNNI")
 

@@ -31,7 +31,7 @@ from conftest import live_server
 from engine.compile import use_caches
 from engine.runner import RunnerConfig
 from models import load_model
-from models.weights import cache_root
+from models.loading.source import cache_root
 from test_mesh import ask_all
 
 use_caches(cache_root())

@@ -187,7 +187,7 @@ def test_smollm2_greedy_matches_transformers(llm, smollm_path):
 @pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
 def test_optional_models_greedy(name):
     from engine import LLM, SamplingParams
-    from models.packaged import resolve
+    from models.loading.packaged import resolve
 
     path = resolve(name)
     prompts = ["The capital of France is", "def fibonacci(n):"]

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from helpers import our_logits
-from models import cpu_matmul, load_model, quant, resolve_quantization
+from models import load_model, quant, resolve_quantization
+from models.backends import cpu_matmul
 
 PROMPTS = ["The history of the Roman Empire spans more than a thousand years, from the founding of the city",
            'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',

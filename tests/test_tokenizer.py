@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 import transformers
 
-from models.tokenizer import Tokenizer
+from models.loading.tokenizer import Tokenizer
 
 # A template that reaches for every helper transformers gives templates.
 TEMPLATE = """{%- set ns = namespace(n=0) -%}
@@ -130,7 +130,7 @@ def test_an_hf_folder_is_normalized_once_and_a_changed_one_again(folders, tmp_pa
 
 
 def test_a_warm_load_does_not_import_transformers(smollm):
-    code = ("import sys; from models.tokenizer import Tokenizer; t = Tokenizer(sys.argv[1]); "
+    code = ("import sys; from models.loading.tokenizer import Tokenizer; t = Tokenizer(sys.argv[1]); "
             "t.apply_chat_template([{'role': 'user', 'content': 'hi'}]); print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, smollm.tokenizer.folder], capture_output=True, text=True,
                          timeout=120, check=False)

@@ -1,4 +1,4 @@
-// Paged decode attention for the CPU, called from XLA as an FFI custom call (models/cpu_attention.py).
+// Paged decode attention for the CPU, called from XLA as an FFI custom call (models/backends/cpu_attention.py).
 //
 // One pre-scaled query per row and head, `q [B, h, d]`, attends over the first `lengths[b]` keys of its sequence,
 // stored in the pool pages `table[b, :]` of `k`/`v [kvh, pages, page_size, d]` (float32). Each (row, KV head) pair

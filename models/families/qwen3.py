@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import ModelConfig
-from models.llama import LAYER_GGUF, DecoderLayer  # noqa: F401  (same layer, config-driven q/k norms)
+from models.families.llama import LAYER_GGUF, DecoderLayer  # noqa: F401  (same layer, config-driven q/k norms)
 
 ARCHITECTURES = ("Qwen3ForCausalLM",)
 GGUF_ARCHS = ("qwen3",)

@@ -113,7 +113,7 @@ class Tokenizer:
 
 
 def load(source, folder: str) -> Tokenizer:
-    """The tokenizer of a `models.weights.Source` (an HF folder, or a GGUF's metadata, read only when building),
+    """The tokenizer of a `models.loading.source.Source` (an HF folder, or a GGUF's metadata, read only when building),
     normalized once into the cache `folder`."""
     if not os.path.exists(os.path.join(folder, "tokenizer.json")):
         tmp = f"{folder}.{os.getpid()}.{threading.get_ident()}.tmp"

@@ -1,10 +1,10 @@
-"""The `cpu` attention backend: decode over the paged KV pool with a small C++ kernel (`models/csrc/
+"""The `cpu` attention backend: decode over the paged KV pool with a small C++ kernel (`models/backends/csrc/
 decode_attention.cc`) that XLA calls through its FFI.
 
 XLA's CPU backend runs the reference's decode attention as many tiny batched products over gathered copies of the
 pages; at 32-96 rows that took ~30% of a decode step (docs/PERFORMANCE.md). The kernel reads each key and value once,
 straight from the pool, and shares its (row, KV head) tasks with XLA's own intra-op threads. It is compiled once per
-machine (`models.native`); where it does not compile, `auto` keeps the `xla` reference. Float32 pools only.
+machine (`models.backends.native`); where it does not compile, `auto` keeps the `xla` reference. Float32 pools only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import native
+from models.backends import native
 
 TARGET = "sparkler_decode_attention"
 

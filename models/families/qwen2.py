@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import ModelConfig
-from models.llama import LAYER_GGUF, DecoderLayer  # noqa: F401  (same layer, config-driven bias)
+from models.families.llama import LAYER_GGUF, DecoderLayer  # noqa: F401  (same layer, config-driven bias)
 
 ARCHITECTURES = ("Qwen2ForCausalLM",)
 GGUF_ARCHS = ("qwen2",)

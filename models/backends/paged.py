@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache: the cache layout, the K/V write, and the backend seam.
+"""The paged KV cache and the plain-XLA attention over it: the cache layout, the K/V write, and the reference that
+every kernel is tested against (`models.backends` dispatches between them).
 
 The cache is one pool per K and V, `[kv_heads, layers * pages, page_size, head_dim]`: each layer owns a range of
 `pages` pages, so page `p` of layer `l` is pool page `l * pages + p`. Per head this is exactly the operand of the
@@ -11,7 +12,7 @@ under the causal mask.
 
 Backends (`BACKENDS`): `xla`, the plain-XLA reference below (gather the pages, masked softmax), used for every
 prefill and wherever a kernel does not apply; `pallas-gpu` and `pallas-tpu`, decode kernels from JAX's Pallas ops
-(`models/pallas_gpu.py`, `models/pallas_tpu.py`).
+(`models/backends/pallas_gpu.py`, `pallas_tpu.py`), and `cpu`, the C++ decode kernel (`cpu_attention.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from models.config import ModelConfig
 
 NEG_INF = -1e30
 SCRATCH = 0
-BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
 
 
 @jax.tree_util.register_dataclass
@@ -42,34 +42,6 @@ class KVCache:
         shape = (cfg.num_kv_heads, cfg.num_layers * pages, page_size, cfg.head_dim)
         dt = dtype or cfg.dtype
         return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-
-
-def default_backend(platform: str | None = None) -> str:
-    """The backend a platform runs best: the Pallas kernels on GPU and TPU, the C++ kernel on a CPU."""
-    platform = platform or jax.default_backend()
-    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "cpu"}.get(platform, "xla")
-
-
-def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
-    """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
-    attention (a sliding window, logit soft-capping) falls back to `xla` for that model; so does `auto`'s `cpu`
-    kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++ compiler."""
-    auto = name == "auto"
-    name = default_backend(platform) if auto else name
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    if cfg is not None and name != "xla" and (cfg.sliding_window or cfg.attn_softcap):
-        return "xla"
-    if name == "cpu":
-        from models import cpu_attention
-
-        why = ("it runs float32 pools only" if cfg is not None and cfg.dtype != "float32" else
-               "it does not split over tp" if tp > 1 else
-               "it needs a C++ compiler (g++)" if not cpu_attention.available() else "")
-        if why and not auto:
-            raise ValueError(f"the cpu attention backend cannot serve here: {why}")
-        return "xla" if why else name
-    return name
 
 
 def largest_divisor(n: int, at_most: int) -> int:
@@ -184,26 +156,3 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
         outs.append(out / total[..., None])
     out = jnp.concatenate(outs, axis=2).astype(q.dtype)
     return out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h * d)
-
-
-def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                    table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
-    """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
-    (S > 1) runs `prefill`; decode (one query per row) runs the kernels, or `reference` for the `xla` backend, a
-    window or soft-capping. Other arguments as `reference`."""
-    if q.shape[1] > 1:
-        return prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window)
-    b, _, h, d = q.shape
-    if backend == "xla" or softcap or not (isinstance(window, int) and window == 0):
-        return reference(q, k_cache, v_cache, table, positions, scale, softcap, window)
-    lengths = positions[:, 0].astype(jnp.int32) + 1
-    qs = (q[:, 0] * jnp.asarray(scale, q.dtype))
-    if backend == "cpu":
-        from models import cpu_attention as kernel
-    elif backend == "pallas-gpu":
-        from models import pallas_gpu as kernel
-    else:
-        from models import pallas_tpu as kernel
-    native = {"cpu": "cpu", "pallas-gpu": "gpu", "pallas-tpu": "tpu"}[backend]
-    interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
-    return kernel.decode(qs, k_cache, v_cache, table, lengths, interpret).reshape(b, 1, h * d)

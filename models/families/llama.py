@@ -6,7 +6,9 @@ import flax.linen as nn
 import numpy as np
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, RMSNorm
+from models.layers.attention import Attention
+from models.layers.linear import RMSNorm
+from models.layers.mlp import MLP
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHS = ("llama", "mistral")

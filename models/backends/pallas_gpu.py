@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from models.attention import largest_divisor
+from models.backends.paged import largest_divisor
 
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel

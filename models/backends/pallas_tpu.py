@@ -7,7 +7,7 @@ import contextlib
 
 import jax
 
-from models.attention import largest_divisor
+from models.backends.paged import largest_divisor
 
 MAX_BLOCK = 8  # pages per compute block (one double-buffered DMA)
 

@@ -1,4 +1,4 @@
-// int8 x int8 matrix product for the CPU, called from XLA as an FFI custom call (models/cpu_matmul.py).
+// int8 x int8 matrix product for the CPU, called from XLA as an FFI custom call (models/backends/cpu_matmul.py).
 //
 // `y [M, N] = x [M, K] @ W.T` where W is int8 with a float32 scale per output and group of 32 inputs (llama.cpp's
 // Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [L, N/16, K/4, 64]` holds W + 128 as unsigned bytes,

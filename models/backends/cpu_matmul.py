@@ -1,5 +1,5 @@
 """The `cpu` int8 product (`--matmul-backend`): int8 weights times int8 activations with a small C++ kernel
-(`models/csrc/int8_matmul.cc`, AVX-512 VNNI) that XLA calls through its FFI.
+(`models/backends/csrc/int8_matmul.cc`, AVX-512 VNNI) that XLA calls through its FFI.
 
 XLA's CPU backend multiplies int8 weights by widening them to float32 first, then runs a float32 product at
 ~100-200 GFLOP/s on this machine's two cores; the batched decode step and prefill are mostly those products. The
@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models import native
+from models.backends import native
 
 TARGET = "sparkler_int8_matmul"
 MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA (`quant.dot`), or this kernel

@@ -1,4 +1,4 @@
-"""The C++ kernels' build: each source in `models/csrc` is compiled once per machine by the host's C++ compiler
+"""The C++ kernels' build: each source in `models/backends/csrc` is compiled once per machine by the host's C++ compiler
 into `$SPARKLER_CACHE/native` and registered with XLA as an FFI target. Where a kernel does not compile (no
 compiler, or a CPU without the instructions it needs), `available` is False and its users keep the XLA reference.
 """
@@ -17,7 +17,7 @@ import subprocess
 
 import jax
 
-from models.weights import cache_root
+from models.loading.source import cache_root
 
 log = logging.getLogger("sparkler.models")
 

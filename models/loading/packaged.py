@@ -10,10 +10,10 @@ import sys
 import sysconfig
 import tomllib
 
-from models.weights import cache_root, remembered
+from models.loading.source import cache_root, remembered
 
 log = logging.getLogger("sparkler.models")
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models.toml")
+CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "models.toml"))
 
 
 def catalog() -> dict:

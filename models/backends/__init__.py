@@ -1,0 +1,70 @@
+"""Attention and matmul backends, each kernel beside the reference it is tested against.
+
+- `paged`: the paged KV cache and the plain-XLA attention over it (the reference, and every prefill);
+- `cpu_attention` (C++), `pallas_gpu` and `pallas_tpu`: decode attention kernels over the same pool;
+- `cpu_matmul`: the int8 C++ matmul kernel (its reference is `models.quant.dot`); `native` builds the C++ in `csrc/`.
+
+This module chooses the attention backend (`resolve_backend`) and dispatches to it (`paged_attention`). The kernels
+import `paged`, never this module, so nothing imports in a circle.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.backends import paged
+from models.config import ModelConfig
+
+BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The backend a platform runs best: the Pallas kernels on GPU and TPU, the C++ kernel on a CPU."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "cpu"}.get(platform, "xla")
+
+
+def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
+    """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
+    attention (a sliding window, logit soft-capping) falls back to `xla` for that model; so does `auto`'s `cpu`
+    kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++ compiler."""
+    auto = name == "auto"
+    name = default_backend(platform) if auto else name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    if cfg is not None and name != "xla" and (cfg.sliding_window or cfg.attn_softcap):
+        return "xla"
+    if name == "cpu":
+        from models.backends import cpu_attention
+
+        why = ("it runs float32 pools only" if cfg is not None and cfg.dtype != "float32" else
+               "it does not split over tp" if tp > 1 else
+               "it needs a C++ compiler (g++)" if not cpu_attention.available() else "")
+        if why and not auto:
+            raise ValueError(f"the cpu attention backend cannot serve here: {why}")
+        return "xla" if why else name
+    return name
+
+
+def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                    table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+    """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
+    (S > 1) runs `paged.prefill`; decode (one query per row) runs the kernels, or `paged.reference` for the `xla` backend, a
+    window or soft-capping. Other arguments as `paged.reference`."""
+    if q.shape[1] > 1:
+        return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window)
+    b, _, h, d = q.shape
+    if backend == "xla" or softcap or not (isinstance(window, int) and window == 0):
+        return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window)
+    lengths = positions[:, 0].astype(jnp.int32) + 1
+    qs = (q[:, 0] * jnp.asarray(scale, q.dtype))
+    if backend == "cpu":
+        from models.backends import cpu_attention as kernel
+    elif backend == "pallas-gpu":
+        from models.backends import pallas_gpu as kernel
+    else:
+        from models.backends import pallas_tpu as kernel
+    native = {"cpu": "cpu", "pallas-gpu": "gpu", "pallas-tpu": "tpu"}[backend]
+    interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
+    return kernel.decode(qs, k_cache, v_cache, table, lengths, interpret).reshape(b, 1, h * d)

@@ -1,0 +1,81 @@
+"""The causal LM around a family's decoder layers: embedding, the layer stack (scanned or unrolled), final norm and
+LM head. Every module is pure: the KV cache comes in as an argument and goes out updated."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models import quant
+from models.backends import cpu_matmul
+from models.backends.paged import KVCache
+from models.config import ModelConfig
+from models.layers.linear import Linear, RMSNorm, dtype_of, int8_init, packed_params, scale_init
+
+
+class CausalLM(nn.Module):
+    """Embedding, a stack of family-specific decoder layers, final norm and LM head.
+
+    `__call__(tokens [B,S], positions [B,S], table [B,n], cache, last_index, all_logits)` returns
+    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position. With `scan`
+    the layers' weights are stacked (`params["layers"]`, leading axis = layer) and one layer body is traced and run
+    under `lax.scan`, so compile time does not grow with depth; without, layers are unrolled (`layers_0`, ...).
+    """
+
+    cfg: ModelConfig
+    layer_cls: Callable[..., nn.Module]
+    backend: str = "xla"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
+        cfg = self.cfg
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        q8, pk = cfg.quantization == "int8", cfg.matmul == "cpu"
+        packed_table = q8 and pk and cfg.tie_embeddings and quant.packable(*shape)
+        if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
+            embed, rows = packed_params(self, ("embed", "embed_rows"), shape, ("vocab", "embed"))
+            x = quant.unpack_rows(embed, rows, tokens, dtype_of(cfg))
+        elif q8:  # one scale per vocabulary row and group serves the lookup and a tied LM head
+            embed = self.param("embed", nn.with_logical_partitioning(int8_init, ("vocab", "embed")), shape, jnp.int8)
+            rows = self.param("embed_rows", nn.with_logical_partitioning(scale_init, ("vocab", None)),
+                              (shape[0], quant.groups(shape[1])), jnp.float32)
+            x = quant.dequantize(embed[tokens], rows[tokens], dtype_of(cfg))
+        else:
+            embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                               shape, dtype_of(cfg))
+            x = embed[tokens]
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        carry = (x, cache.k, cache.v)
+        if self.scan:
+            stacks = None  # packed weights: the kernel reads each layer from the whole stacks (`Linear`)
+            if pk and not self.is_initializing():
+                stacks = self.variables["params"]["layers"]
+            stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            carry, _ = stack(cfg, self.backend, name="layers")(carry, jnp.arange(cfg.num_layers), positions, table,
+                                                               stacks)
+        else:
+            for i in range(cfg.num_layers):
+                carry, _ = self.layer_cls(cfg, self.backend, name=f"layers_{i}")(carry, i, positions, table)
+        x, k_cache, v_cache = carry
+        x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
+        if not all_logits:
+            idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
+            x = x[jnp.arange(x.shape[0]), idx]
+        if packed_table:
+            logits = cpu_matmul.matmul(x, embed, rows)
+        elif cfg.tie_embeddings and q8:
+            logits = quant.dot(x, embed, rows, jnp.float32)
+        elif cfg.tie_embeddings:
+            logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
+        else:
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, q8, pk, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_softcap:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits, KVCache(k_cache, v_cache)

@@ -1,0 +1,107 @@
+"""Linear layers in the `[out, in]` layout (float, int8, or packed for the int8 kernel) and RMSNorm.
+
+Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `expert`) that `models.sharding`
+maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import quant
+from models.backends import cpu_matmul
+from models.config import ModelConfig
+
+
+def dtype_of(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def int8_init(key, shape, dtype=jnp.int8):
+    return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(dtype)
+
+
+def scale_init(key, shape, dtype=jnp.float32):
+    return jnp.full(shape, 0.02 / 73, dtype)  # random int8 weights then have a std of ~0.02
+
+
+def uint8_init(key, shape, dtype=jnp.uint8):
+    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128
+
+
+def packed_params(module: nn.Module, names: tuple[str, str], shape: tuple[int, int], axes: tuple[str, str]):
+    """A `[out, in]` int8 weight and its scales declared in the int8 kernel's packed layout (`quant.pack`)."""
+    (out, inputs), lanes = shape, quant.LANES
+    w = module.param(names[0], nn.with_logical_partitioning(uint8_init, (*axes, None)),
+                     (out // lanes, inputs // 4, 4 * lanes), jnp.uint8)
+    scale = module.param(names[1], nn.with_logical_partitioning(scale_init, (axes[0], None, None)),
+                         (out // lanes, inputs // quant.GROUP, lanes), jnp.float32)
+    return w, scale
+
+
+class Linear(nn.Module):
+    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
+    int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`); `packed` (the `cpu` matmul
+    backend) keeps both in the int8 kernel's layout and multiplies with it (`models.backends.cpu_matmul`)."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: str = "float32"
+    float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
+    int8: bool = False
+    packed: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer=None, stack: dict | None = None) -> jax.Array:
+        """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place."""
+        shape = (self.features, x.shape[-1])
+        if self.int8 and self.packed and quant.packable(*shape):
+            w, scale = packed_params(self, ("weight", "scale"), shape, self.axes)
+            if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
+                w, scale = stack["weight"], stack["scale"]
+            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer)
+            y = y.astype(jnp.float32 if self.float32_out else x.dtype)
+        elif self.int8:
+            w = self.param("weight", nn.with_logical_partitioning(int8_init, self.axes), shape, jnp.int8)
+            scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axes[0], None)),
+                               (shape[0], quant.groups(shape[1])), jnp.float32)
+            y = quant.dot(x, w, scale, jnp.float32 if self.float32_out else None)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+            w = self.param("weight", init, shape, jnp.dtype(self.dtype))
+            y = jnp.dot(x, w.T, preferred_element_type=jnp.float32 if self.float32_out else None)
+        if self.use_bias:
+            b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
+                           (self.features,), jnp.dtype(self.dtype))
+            y = y + b
+        return y
+
+
+def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str], x: jax.Array, bias: bool = False,
+                layer=None, stacks: dict | None = None) -> jax.Array:
+    """The calling module's projection `name` of `x`, a `Linear` quantized and packed as `cfg` says; `stacks` (packed
+    weights of scanned layers) holds its whole stack, which the kernel reads at `layer`."""
+    mod = Linear(features, axes, bias, cfg.dtype, int8=cfg.quantization == "int8", packed=cfg.matmul == "cpu",
+                 name=name)
+    return mod(x, layer, stacks and stacks[name])
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; the scale is `offset + w` (offset 1 for Gemma)."""
+
+    eps: float
+    offset: float = 0.0
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        w = self.param("weight", nn.with_logical_partitioning(init, (None,)), (x.shape[-1],), jnp.dtype(self.dtype))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma scales in float32 then casts
+            return (xf * (self.offset + w.astype(jnp.float32))).astype(x.dtype)
+        return w * xf.astype(x.dtype)
