@@ -65,7 +65,7 @@ def _fresh(path: str) -> dict[str, str]:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the source every traced program comes from (`engine/`, `models/`, the C++ kernels), JAX's, jaxlib's
+    """A hash of the source every traced program comes from (`engine/`, `models/` and its folders, the C++ kernels), JAX's, jaxlib's
     and Flax's versions and the XLA flags: a program-store key changes whenever any of them does."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import flax
@@ -73,11 +73,12 @@ def code_version() -> str:
 
     h = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__} {flax.__version__} "
                        f"{os.environ.get('XLA_FLAGS', '')}".encode())
-    for folder in ("engine", "models", os.path.join("models", "csrc")):
-        for name in sorted(os.listdir(os.path.join(root, folder))):
-            if name.endswith((".py", ".cc", ".h")):
-                with open(os.path.join(root, folder, name), "rb") as f:
-                    h.update(name.encode() + f.read())
+    for folder in ("engine", "models"):
+        for where, _, names in sorted(os.walk(os.path.join(root, folder))):
+            for name in sorted(n for n in names if n.endswith((".py", ".cc", ".h"))):
+                path = os.path.join(where, name)
+                with open(path, "rb") as f:
+                    h.update(os.path.relpath(path, root).encode() + f.read())
     return h.hexdigest()
 
 
