@@ -37,6 +37,12 @@ class ModelConfig:
     layer_sliding: tuple[bool, ...] = ()  # per layer: attends over a sliding window
     rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
+    num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense)
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights
+    shared_expert_size: int = 0  # Qwen2-MoE: a gated shared expert this wide
+    moe_layers: tuple[bool, ...] = ()  # per layer: an MoE block (else the dense MLP)
     dtype: str = "float32"
     quantization: str = "none"  # or "int8": int8 weights, a float32 scale per 32 inputs (models.quant)
     matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" is the int8 kernel (models.backends.cpu_matmul)
@@ -52,7 +58,7 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(d: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
-        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text)."""
+        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text, Mixtral, Qwen2/3-MoE)."""
         arch = (d.get("architectures") or [""])[0]
         if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
             d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
@@ -68,7 +74,7 @@ class ModelConfig:
                 for i in range(layers)
             ]
             sliding = tuple(t == "sliding_attention" for t in types)
-        elif d.get("use_sliding_window") or (arch == "MistralForCausalLM" and window):
+        elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM") and window):
             types = d.get("layer_types")
             sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
         else:
@@ -91,8 +97,9 @@ class ModelConfig:
             max_position=d.get("max_position_embeddings", 2048),
             rms_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=d.get("tie_word_embeddings", gemma),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM" or gemma,
+            attention_bias=bool(d.get("qkv_bias", True)) if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+            else bool(d.get("attention_bias", False)),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma,
             norm_offset=1.0 if gemma else 0.0,
             sandwich_norms=gemma,
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
@@ -106,7 +113,24 @@ class ModelConfig:
             rope_global=rope_global,
             rope_local=rope_local,
             dtype=dtype,
+            **_moe(d, arch, layers),
         )
+
+
+def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields: Mixtral's `num_local_experts` (every layer routed, top-k renormalized), or
+    Qwen-MoE's `num_experts` with `decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob` and Qwen2-MoE's
+    shared expert."""
+    experts = d.get("num_local_experts") or d.get("num_experts") or 0
+    if not experts:
+        return {}
+    mixtral = arch == "MixtralForCausalLM"
+    step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
+    return dict(num_experts=experts, experts_per_token=d["num_experts_per_tok"],
+                moe_intermediate_size=d.get("moe_intermediate_size") or d["intermediate_size"],
+                norm_topk_prob=mixtral or bool(d.get("norm_topk_prob", False)),
+                shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
+                moe_layers=tuple(i not in dense and (mixtral or (i + 1) % step == 0) for i in range(layers)))
 
 
 def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:

@@ -11,9 +11,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Logical axis -> mesh axis. Tensor parallelism splits attention heads and MLP width; data parallelism splits the
-# decode batch (slots) and the KV pool's pages (each data shard owns its sequences and their pages).
+# decode batch (slots) and the KV pool's pages (each data shard owns its sequences and their pages). Experts are
+# replicated, each split over `tp` by its MLP width like a dense MLP.
 RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"),
-         ("pages", "data"))
+         ("pages", "data"), ("expert", None))
 
 
 def make_mesh(tp: int = 1, devices=None, dp: int = 1) -> Mesh:

@@ -8,14 +8,15 @@ import numpy as np
 from models.config import ModelConfig
 from models.layers.attention import Attention
 from models.layers.linear import RMSNorm
-from models.layers.mlp import MLP
+from models.layers.moe import feed_forward
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHS = ("llama", "mistral")
 
 
 class DecoderLayer(nn.Module):
-    """`x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))`; the MLP is a mixture of experts where the config routes
+    them (`layers.moe.feed_forward`: Mixtral, Qwen2-MoE and Qwen3-MoE are this layer)."""
 
     cfg: ModelConfig
     backend: str = "xla"
@@ -31,7 +32,7 @@ class DecoderLayer(nn.Module):
                                                                              layer, stacks and stacks["self_attn"])
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
-        return (x + MLP(cfg, name="mlp")(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
+        return (x + feed_forward(cfg, layer)(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).
@@ -47,6 +48,14 @@ LAYER_GGUF = {
     "mlp/gate_proj": "ffn_gate",
     "mlp/up_proj": "ffn_up",
     "mlp/down_proj": "ffn_down",
+    "mlp/gate": "ffn_gate_inp",  # mixture-of-experts layers (llama.cpp's names)
+    "mlp/experts/gate_proj": "ffn_gate_exps",
+    "mlp/experts/up_proj": "ffn_up_exps",
+    "mlp/experts/down_proj": "ffn_down_exps",
+    "mlp/shared_expert/gate_proj": "ffn_gate_shexp",
+    "mlp/shared_expert/up_proj": "ffn_up_shexp",
+    "mlp/shared_expert/down_proj": "ffn_down_shexp",
+    "mlp/shared_expert_gate": "ffn_gate_inp_shexp",
 }
 
 

@@ -153,7 +153,8 @@ def _open_gguf(path: str) -> Source:
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+              "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+              "qwen3moe": "Qwen3MoeForCausalLM"}
 
 
 def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -197,20 +198,31 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                             for i in range(d["num_hidden_layers"])]
     if arch == "mistral" and g("attention.sliding_window"):
         d["sliding_window"] = g("attention.sliding_window")
+    if g("expert_count"):  # llama.cpp's MoE metadata; Mixtral is a `llama` GGUF with experts
+        if arch == "llama":
+            d["architectures"] = ["MixtralForCausalLM"]
+        d.update(num_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"),
+                 moe_intermediate_size=g("expert_feed_forward_length") or d["intermediate_size"],
+                 shared_expert_intermediate_size=g("expert_shared_feed_forward_length") or 0,
+                 norm_topk_prob=g("expert_weights_norm", arch == "qwen3moe"))
+        d["intermediate_size"] = d["intermediate_size"] or d["moe_intermediate_size"]
     return d
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One parameter: its path in our tree, its HF name and its GGUF name."""
+    """One parameter: its path in our tree, its HF name and its GGUF name. Experts' weights are stacked in our tree
+    and in GGUF; an HF checkpoint stores one tensor per expert, so `hf` is then their names in expert order."""
 
     path: tuple[str, ...]
-    hf: str
+    hf: str | tuple[str, ...]
     gguf: str
 
 
-def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]]) -> list[Entry]:
-    """The explicit map for every parameter path of our model (paths come from the model's own init)."""
+def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]],
+                 hf_name: Callable[[str], str] = str) -> list[Entry]:
+    """The explicit map for every parameter path of our model (paths come from the model's own init); HF names
+    follow our paths, and `hf_name` renames them where a family's checkpoints differ (Mixtral's)."""
     out = []
     for path in paths:
         if path == ("embed",):
@@ -224,7 +236,9 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
             module, leaf = "/".join(path[1:-1]), path[-1]
             if module not in layer_gguf:
                 raise KeyError(f"no GGUF name for {module}")
-            hf = f"model.layers.{i}.{module.replace('/', '.')}.{leaf}"
+            hf: str | tuple[str, ...] = hf_name(f"model.layers.{i}.{module.replace('/', '.')}.{leaf}")
+            if "/experts/" in f"/{module}/":
+                hf = tuple(hf.replace(".experts.", f".experts.{e}.") for e in range(cfg.num_experts))
             out.append(Entry(path, hf, f"blk.{i}.{layer_gguf[module]}.{leaf}"))
         else:
             raise KeyError(f"parameter {'/'.join(path)} has no entry in the weight table")
@@ -245,10 +259,12 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
     used: set[str] = set()
     tree: dict = {}
     for e in tqdm(table, desc=f"converting {os.path.basename(source.path)}", unit="tensor", leave=False):
-        name = e.gguf if source.kind == "gguf" else e.hf
-        if name not in names:
-            raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
-        w = source.read(name)
+        parts = (e.gguf,) if source.kind == "gguf" else (e.hf,) if isinstance(e.hf, str) else e.hf
+        for name in parts:
+            if name not in names:
+                raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
+        w = source.read(parts[0]) if len(parts) == 1 else np.stack([source.read(n) for n in parts])
+        name = parts[0]
         if source.kind == "gguf":
             w = gguf_fix(cfg, name, w)
         if w.shape != shapes[e.path]:
@@ -257,7 +273,7 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
         for p in e.path[:-1]:
             node = node.setdefault(p, {})
         node[e.path[-1]] = w.astype(dtype)
-        used.add(name)
+        used.update(parts)
     left = sorted(n for n in names - used if not n.endswith(_IGNORABLE))
     if cfg.tie_embeddings and "lm_head.weight" in left:  # some tied checkpoints store the copy
         if np.array_equal(source.read("lm_head.weight"), source.read("model.embed_tokens.weight")):

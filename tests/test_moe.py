@@ -1,0 +1,198 @@
+"""Mixture-of-experts families against transformers on shrunken random configs: the grouped matmul against the dense
+reference, prefill logits, greedy decoding through the engine with paging, preemption and prefix caching, GGUF
+equal to the HF folder, and the compilations an MoE engine makes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from engine.engine import Engine
+from engine.runner import RunnerConfig
+from engine.params import SamplingParams
+from helpers import our_logits
+from models import load_model
+from models.layers import moe
+
+ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
+
+
+def _config(kind: str, vocab: int = 256):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    if kind == "mixtral":  # every layer routed, top-2 of 4 renormalized
+        return transformers.MixtralConfig(**common, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2-moe":  # a shared expert, a dense layer between MoE ones (unrolled), weights not renormalized
+        return transformers.Qwen2MoeConfig(**common, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                           mlp_only_layers=[1], norm_topk_prob=False)
+    if kind == "qwen3-moe":  # q/k norms, top-3 of 8 renormalized, every layer routed (scanned)
+        return transformers.Qwen3MoeConfig(**common, num_hidden_layers=2, head_dim=32, num_experts=8,
+                                           num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True)
+    raise KeyError(kind)
+
+
+def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(kind, vocab))
+    with torch.no_grad():  # everything random, routers large enough that tokens spread over the experts
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.5 if "gate.weight" in name else 0.08))
+    model = model.float().eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("tile", [0, 1, 4, 64])
+def test_grouped_matmul_equals_the_dense_reference_for_any_routing(tile):
+    """Every form of the grouped product, with routings that leave experts empty and pile pairs on one."""
+    e, k, h, i = 6, 2, 32, 24
+    keys = jax.random.split(jax.random.key(0), 6)
+    gate, up = (jax.random.normal(kk, (e, i, h)) * 0.1 for kk in keys[:2])
+    down = jax.random.normal(keys[2], (e, h, i)) * 0.1
+    for t, ids in [(1, None), (5, None), (40, None), (9, np.array([[3, 0]] * 9)), (7, np.array([[5, 4]] * 7))]:
+        x = jax.random.normal(keys[3], (t, h))
+        if ids is None:
+            ids = np.array(jax.random.randint(keys[4], (t, k), 0, e))
+            ids[:, 1] = (ids[:, 0] + 1 + ids[:, 1] % (e - 1)) % e  # distinct experts per token
+        w = jax.nn.softmax(jax.random.normal(keys[5], (t, k)), axis=-1)
+        want = moe.dense_reference(x, w, jnp.asarray(ids), gate, up, down, jax.nn.silu)
+        got = moe.experts(x, w, jnp.asarray(ids), gate, up, down, jax.nn.silu, tile)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_routing_matches_transformers_top_k():
+    logits = np.random.default_rng(0).normal(size=(7, 8)).astype(np.float32)
+    for normalize in (False, True):
+        w, ids = moe.route(jnp.asarray(logits), 3, normalize)
+        probs = torch.softmax(torch.tensor(logits), -1)
+        tw, tids = torch.topk(probs, 3)
+        if normalize:
+            tw = tw / tw.sum(-1, keepdim=True)
+        np.testing.assert_array_equal(np.asarray(ids), tids.numpy())
+        np.testing.assert_allclose(np.asarray(w), tw.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model(kind, str(tmp_path / "hf"))
+    ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    assert ours.module.scan == (kind != "qwen2-moe")  # mixed dense and MoE layers are unrolled
+    for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
+        with torch.no_grad():
+            want = ref(torch.tensor([row])).logits[0].numpy()
+        assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
+
+
+@pytest.fixture(scope="module")
+def qwen_moe(tmp_path_factory, smollm):
+    """A Qwen2-MoE folder (shared expert, mixed layers) with the default model's tokenizer, and its reference."""
+    folder = tmp_path_factory.mktemp("qwen-moe")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    ref = _hf_model("qwen2-moe", str(folder), vocab=len(tok), tokenizer=tok)
+    return load_model(str(folder)), ref
+
+
+def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their log-probabilities."""
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logps = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, tokens)]
+    return tokens, logps
+
+
+def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(qwen_moe):
+    """32 greedy steps per prompt through a pool too small for all of them at once (preemption), prompts sharing a
+    prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; after the
+    warm-up, serving compiles nothing."""
+    model, ref = qwen_moe
+    rng = np.random.default_rng(3)
+    shared = rng.integers(10, 49000, 40).tolist()
+    prompts = [shared + rng.integers(10, 49000, 5 + 3 * i).tolist() for i in range(6)]
+    per_page = 16 * 2 * model.cfg.num_layers * model.cfg.num_kv_heads * model.cfg.head_dim * 4
+    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=256, decode_steps=4,
+                                     kv_cache_gb=17 * per_page / (1 << 30)))
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
+    eng.warmup()
+    compiled = eng.runner.compiles
+
+    def run():
+        reqs = [eng.make_request(p, params) for p in prompts]
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+            eng.pools[0].check()
+        return reqs
+
+    reqs = run()
+    assert eng.preemptions > 0
+    assert sum(r.cached_tokens for r in reqs) > 0
+    for prompt, r in zip(prompts, reqs):
+        want, logps = _greedy_reference(ref, prompt, 32)
+        assert r.choices[0].token_ids == want
+        np.testing.assert_allclose([lp[1] for lp in r.choices[0].logprobs], logps, atol=2e-4)
+    again = run()
+    assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
+    assert eng.runner.compiles == compiled
+
+
+def test_gguf_moe_equals_the_hf_folder(tmp_path, monkeypatch):
+    """A Qwen3-MoE written as llama.cpp's GGUF (`ffn_*_exps`, `ffn_gate_inp`, expert metadata) gives the HF folder's
+    logits."""
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model("qwen3-moe", str(tmp_path / "hf"))
+    cfg = ref.config
+    path = str(tmp_path / "tiny-qwen3moe.gguf")
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        for hf, gg in names.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
+        gate_up = sd[f"{pre}mlp.experts.gate_up_proj"]  # transformers' fused [E, 2I, H] in memory
+        inter = cfg.moe_intermediate_size
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"{pre}mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    ours = load_model(path, with_tokenizer=False)
+    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
+    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
