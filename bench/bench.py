@@ -84,8 +84,11 @@ def hf_numbers(path: str, new_tokens: int) -> dict:
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 2)
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    if os.path.isdir(path):  # an HF folder
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    else:
+        folder, name = os.path.dirname(path), os.path.basename(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     out = {}
     for b in (1, 8):
         ids = torch.randint(100, 1000, (b, 32))
@@ -98,17 +101,53 @@ def hf_numbers(path: str, new_tokens: int) -> dict:
     return out
 
 
+def moe_folder(path: str) -> str:
+    """A small Qwen3-MoE-shaped HF folder with random weights (Qwen3-30B-A3B's routing, 32 experts, top 4, shrunk:
+    8 layers, hidden 512, experts 256 wide; ~140M parameters, ~40M active per token) and the default model's
+    vocabulary size."""
+    import torch
+    import transformers
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        cfg = transformers.Qwen3MoeConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=32,
+                                          num_experts_per_tok=4, moe_intermediate_size=256, norm_topk_prob=True,
+                                          max_position_embeddings=2048, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+    return path
+
+
+def moe_rows(new_tokens: int) -> list[tuple]:
+    """The MoE rows: the engine beside transformers' generate on the same small Qwen3-MoE-shaped folder."""
+    from models import load_model
+    from models.loading.source import cache_root
+
+    path = moe_folder(os.path.join(cache_root(), "bench", "qwen3-moe-small"))
+    hf = hf_numbers(path, new_tokens)
+    e = engine_numbers(load_model(path, with_tokenizer=False), 32, new_tokens)
+    return [("MoE (small Qwen3-MoE): single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}",
+             f"{e['single'] / hf['b1']:.2f}x", ""),
+            ("MoE (small Qwen3-MoE): aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)",
+             f"{e['agg8'] / hf['b8']:.2f}x", ""),
+            ("MoE (small Qwen3-MoE): aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", "", "", "")]
+
+
 def main() -> None:
     """Run both sides and print the table."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--moe-only", action="store_true", help="print the MoE rows alone (docs are not rewritten)")
     args = ap.parse_args()
     import torch  # noqa: F401  (the reference side; imported before transformers)
 
     from models import load_model
     from models.loading.packaged import resolve
 
+    if args.moe_only:
+        print("\n".join("| " + " | ".join(r) + " |" for r in moe_rows(args.tokens)))
+        return
     hf = hf_numbers(resolve(args.model), args.tokens)
     e = engine_numbers(load_model(args.model), 32, args.tokens)
     q = engine_numbers(load_model(args.model, quantization="int8"), 32, args.tokens)
@@ -124,6 +163,7 @@ def main() -> None:
         ("TTFT, 32-token prompt (ms)", f"{e['ttft32'] * 1000:.0f}", "", "", ""),
         ("TTFT, 512-token prompt (ms)", f"{e['ttft512'] * 1000:.0f}", "", "", ""),
         ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "", f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),
+        *moe_rows(args.tokens),
     ]
     lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

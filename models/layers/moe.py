@@ -2,11 +2,10 @@
 multiplied with a grouped matmul, and each token sums its experts' outputs weighted by the router. Every pair is
 computed: no capacity limit, no dropped tokens.
 
-The grouped matmul has two forms (`grouped_matmul`): `jax.lax.ragged_dot_general` over the pairs sorted by expert
-(GPU and TPU lower it to grouped kernels), and tiles of the sorted pairs padded per expert, each multiplied with
-its expert's weight, gathered (a tile of one pair is a matrix-vector product with that pair's expert). On a CPU,
-XLA turns `ragged_dot` into a dense product per expert, so `tile_for` picks per number of pairs the form measured
-fastest there (docs/PERFORMANCE.md). `dense_reference` is the einsum over all experts the tests compare with.
+The grouped product has two forms: `jax.lax.ragged_dot_general` over the pairs sorted by expert (`grouped_matmul`;
+GPU and TPU lower it to grouped kernels), and on a CPU, where XLA turns `ragged_dot` into a dense product per
+expert, a loop over tiles of one expert's pairs, as many as they fill (`expert_loop`). `tile_for` picks by the
+number of pairs. `dense_reference` is the einsum over all experts the tests compare with.
 """
 
 from __future__ import annotations
@@ -33,48 +32,63 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
 
 
 def tile_for(pairs: int, experts: int, platform: str | None = None) -> int:
-    """The grouped matmul's form for `pairs` (token, expert) pairs (static): 0 is `ragged_dot`, n > 0 tiles of n
-    pairs. GPU and TPU: `ragged_dot`. CPU: one-pair tiles while fewer than half the experts can be touched (only
-    their weights are read), `ragged_dot` up to 8 pairs per expert, then 64-pair tiles (ragged_dot's dense
-    lowering does every expert's product for every pair)."""
+    """The grouped product's form for `pairs` (token, expert) pairs (static): 0 is `ragged_dot` (GPU and TPU); on a
+    CPU n > 0, the loop over tiles of n pairs of one expert (`expert_loop`): one pair per tile up to 4 pairs per
+    expert, 8 up to 16, then 64 (measured fastest at each, docs/PERFORMANCE.md)."""
     if (platform or jax.default_backend()) != "cpu":
         return 0
-    return 1 if 2 * pairs <= experts else 0 if pairs <= 8 * experts else 64
+    return 1 if pairs <= 4 * experts else 8 if pairs <= 16 * experts else 64
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 0) -> jax.Array:
+def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     """`x [P, in]`, rows sorted by group with `sizes [E]` rows per group, times each group's `w [E, out, in]`
-    transposed: `[P, out]`. `tile` 0: `ragged_dot`; n > 0: tiles of n rows padded per group."""
-    if tile == 0:
-        dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
-                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-        return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=x.dtype)
-    p, e = x.shape[0], w.shape[0]
-    group = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=p)  # each row's group
-    padded = (sizes + tile - 1) // tile * tile
-    ends = jnp.cumsum(padded)
-    slot = (ends - padded)[group] + jnp.arange(p) - (jnp.cumsum(sizes) - sizes)[group]  # row -> padded slot
-    tiles = p if tile == 1 else -(-p // tile) + min(e, p)  # enough for any sizes: each group wastes < one tile
-    rows = jnp.full((tiles * tile,), p, jnp.int32).at[slot].set(jnp.arange(p, dtype=jnp.int32))
-    xt = jnp.concatenate([x, jnp.zeros_like(x[:1])])[rows].reshape(tiles, tile, x.shape[1])
-    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(tiles) * tile, side="right"), e - 1)
-    y = jnp.einsum("nti,noi->nto", xt, w[owner]).reshape(tiles * tile, -1)
-    return y[slot]
+    transposed: `[P, out]`, by `ragged_dot`."""
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=x.dtype)
+
+
+def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act,
+                tile: int) -> jax.Array:
+    """The experts' MLP of rows `x [P, H]` sorted by expert (`sizes [E]` each) as a loop over tiles of `tile` rows
+    of one expert, only as many as the rows fill (a trip count known on the device): each tile reads its expert's
+    weights once and runs the whole gated MLP. On a CPU this beat `ragged_dot` (a dense product per expert) and a
+    dense einsum at every batch measured."""
+    p, e = x.shape[0], gate.shape[0]
+    per = (sizes + tile - 1) // tile  # tiles of each expert
+    ends = jnp.cumsum(per)
+    items = jnp.arange(-(-p // tile) + min(e, p))  # enough for any sizes: each expert wastes less than a tile
+    owner = jnp.minimum(jnp.searchsorted(ends, items, side="right"), e - 1)
+    first = (jnp.cumsum(sizes) - sizes)[owner] + (items - (ends - per)[owner]) * tile  # a tile's first row
+    last = jnp.cumsum(sizes)[owner]  # one past its expert's rows
+    xp = jnp.concatenate([x, jnp.zeros((tile, x.shape[1]), x.dtype)])
+
+    def body(i, out):
+        k, r = owner[i], first[i]
+        xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
+        y = (act(xt @ gate[k].T) * (xt @ up[k].T)) @ down[k].T
+        keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile)),
+                                                   r, 0)
+
+    return jax.lax.fori_loop(0, ends[-1], body, jnp.zeros_like(xp))[:p]
 
 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
             act, tile: int = 0) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
-    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts."""
-    t, k = ids.shape
+    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `tile` as `tile_for`."""
+    k = ids.shape[1]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = x[token]
-    mm = functools.partial(grouped_matmul, sizes=sizes, tile=tile)
-    h = act(mm(xs, gate)) * mm(xs, up)
-    y = mm(h, down) * weights.reshape(-1)[order][:, None].astype(x.dtype)
+    if tile:
+        y = expert_loop(xs, sizes, gate, up, down, act, tile)
+    else:
+        y = grouped_matmul(act(grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes), down, sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
 
