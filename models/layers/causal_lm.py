@@ -51,8 +51,8 @@ class CausalLM(nn.Module):
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         carry = (x, cache.k, cache.v)
         if self.scan:
-            stacks = None  # packed weights: the kernel reads each layer from the whole stacks (`Linear`)
-            if pk and not self.is_initializing():
+            stacks = None  # packed weights and experts read each layer from the whole stacks (`Linear`, `moe`)
+            if (pk or cfg.num_experts) and not self.is_initializing():
                 stacks = self.variables["params"]["layers"]
             stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,

@@ -49,12 +49,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act,
-                tile: int) -> jax.Array:
+                tile: int, layer=None) -> jax.Array:
     """The experts' MLP of rows `x [P, H]` sorted by expert (`sizes [E]` each) as a loop over tiles of `tile` rows
     of one expert, only as many as the rows fill (a trip count known on the device): each tile reads its expert's
     weights once and runs the whole gated MLP. On a CPU this beat `ragged_dot` (a dense product per expert) and a
-    dense einsum at every batch measured."""
-    p, e = x.shape[0], gate.shape[0]
+    dense einsum at every batch measured. With `layer` (scanned layers) the weights are every layer's stacks and a
+    tile reads its expert of that layer: taking the layer's slice first made XLA copy all its experts every step."""
+    p, e = x.shape[0], gate.shape[-3]
     per = (sizes + tile - 1) // tile  # tiles of each expert
     ends = jnp.cumsum(per)
     items = jnp.arange(-(-p // tile) + min(e, p))  # enough for any sizes: each expert wastes less than a tile
@@ -65,8 +66,9 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 
     def body(i, out):
         k, r = owner[i], first[i]
+        at = k if layer is None else (layer, k)
         xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
-        y = (act(xt @ gate[k].T) * (xt @ up[k].T)) @ down[k].T
+        y = (act(xt @ gate[at].T) * (xt @ up[at].T)) @ down[at].T
         keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile)),
                                                    r, 0)
@@ -75,17 +77,18 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 
 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-            act, tile: int = 0) -> jax.Array:
+            act, tile: int = 0, layer=None) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
-    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `tile` as `tile_for`."""
+    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `tile` as `tile_for`; `layer`: the
+    weights are every layer's `[L, E, ...]` and this is the layer's index (the loop form only)."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=gate.shape[-3]).astype(jnp.int32)
     xs = x[token]
     if tile:
-        y = expert_loop(xs, sizes, gate, up, down, act, tile)
+        y = expert_loop(xs, sizes, gate, up, down, act, tile, layer)
     else:
         y = grouped_matmul(act(grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes), down, sizes)
     y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
@@ -120,15 +123,20 @@ class Experts(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, rows: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-        """Token `rows [T, H]` and their routing `weights`/`ids [T, k]` -> `[T, H]`."""
+    def __call__(self, rows: jax.Array, weights: jax.Array, ids: jax.Array, layer=None, stacks=None) -> jax.Array:
+        """Token `rows [T, H]` and their routing `weights`/`ids [T, k]` -> `[T, H]`; `stacks` (scanned layers):
+        every layer's expert weights, which the CPU's loop reads at `layer` in place."""
         cfg = self.cfg
         e, inter, hidden = cfg.num_experts, cfg.moe_intermediate_size, rows.shape[-1]
         gate = Stacked((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="gate_proj")
         up = Stacked((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
         down = Stacked((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
         act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-        return experts(rows, weights, ids, gate(), up(), down(), act, tile_for(ids.size, e))
+        tile, ws = tile_for(ids.size, e), (gate(), up(), down())
+        if tile and stacks is not None:
+            ws = tuple(stacks[n]["weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+            return experts(rows, weights, ids, *ws, act, tile, layer)
+        return experts(rows, weights, ids, *ws, act, tile)
 
 
 class MoE(nn.Module):
@@ -146,7 +154,7 @@ class MoE(nn.Module):
         proj = functools.partial(projection, cfg, layer=layer, stacks=stacks)
         logits = proj("gate", cfg.num_experts, ("expert", "embed"), rows)
         weights, ids = route(logits.astype(jnp.float32), cfg.experts_per_token, cfg.norm_topk_prob)
-        out = Experts(cfg, name="experts")(rows, weights, ids)
+        out = Experts(cfg, name="experts")(rows, weights, ids, layer, stacks and stacks["experts"])
         if cfg.shared_expert_size:
             shared = MLP(cfg, cfg.shared_expert_size, name="shared_expert")(rows, layer,
                                                                              stacks and stacks["shared_expert"])
