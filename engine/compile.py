@@ -65,8 +65,9 @@ def _fresh(path: str) -> dict[str, str]:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the source every traced program comes from (`engine/`, `models/` and its folders, the C++ kernels), JAX's, jaxlib's
-    and Flax's versions and the XLA flags: a program-store key changes whenever any of them does."""
+    """A hash of the source every traced program comes from (`engine/`, `models/` and its folders, the C++
+    kernels), JAX's, jaxlib's and Flax's versions and the XLA flags: a program-store key changes whenever any of
+    them does."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import flax
     import jaxlib

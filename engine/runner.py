@@ -61,7 +61,7 @@ def platform_defaults(platform: str) -> dict:
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes of K and V one token occupies across all layers."""
     cfg = model.cfg
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return cfg.num_layers * cfg.cache_heads * sum(cfg.cache_widths) * jnp.dtype(cfg.dtype).itemsize
 
 
 def plan_pages(model: Model, rc: RunnerConfig) -> int:
@@ -136,7 +136,7 @@ class Runner:
         self.chunk = self.prefill_buckets[-1]
         self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.per_shard) + (self.per_shard,)
         vocab = model.cfg.vocab_size
-        pool = cache_sharding(model.cfg.num_kv_heads, mesh)  # zeros made in place, both at once
+        pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
                         out_shardings=KVCache(pool, pool))
         self.cache_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),

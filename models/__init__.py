@@ -20,7 +20,7 @@ from models.backends import resolve_backend
 from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
 from models.config import ModelConfig
-from models.families import gemma3, llama, mixtral, qwen2, qwen3, qwen_moe
+from models.families import deepseek, gemma3, llama, mixtral, qwen2, qwen3, qwen_moe
 from models.layers.causal_lm import CausalLM
 from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
@@ -35,7 +35,7 @@ if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
 
 DTYPES = ("float32", "bfloat16")
 
-FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3, mixtral, qwen_moe)
+FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3, mixtral, qwen_moe, deepseek)
                                    for arch in fam.ARCHITECTURES}
 
 __all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "resolve_quantization",

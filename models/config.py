@@ -37,20 +37,45 @@ class ModelConfig:
     layer_sliding: tuple[bool, ...] = ()  # per layer: attends over a sliding window
     rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
+    rope_scale: float = 1.0  # YaRN's attention factor: cos and sin are scaled by it
     num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense)
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalize the top-k routing weights
-    shared_expert_size: int = 0  # Qwen2-MoE: a gated shared expert this wide
+    scoring: str = "softmax"  # router scores: softmax, or sigmoid (DeepSeek-V3, with a selection bias)
+    expert_groups: int = 1  # DeepSeek: experts in groups; tokens pick `top_groups` groups (by their top-2 sum) first
+    top_groups: int = 1
+    routed_scale: float = 1.0  # DeepSeek's routed_scaling_factor
+    shared_expert_size: int = 0  # a shared expert this wide (Qwen2-MoE's, DeepSeek's n_shared_experts together)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert is scaled by sigmoid(gate(x))
     moe_layers: tuple[bool, ...] = ()  # per layer: an MoE block (else the dense MLP)
+    kv_lora_rank: int = 0  # multi-head latent attention (DeepSeek; 0: grouped-query attention)
+    q_lora_rank: int = 0  # MLA queries through a low-rank projection (0: one q_proj)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # MLA: the rotary dims come in interleaved pairs
     dtype: str = "float32"
     quantization: str = "none"  # or "int8": int8 weights, a float32 scale per 32 inputs (models.quant)
-    matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" is the int8 kernel (models.backends.cpu_matmul)
+    matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" the int8 kernel (models.backends.cpu_matmul)
 
     @property
     def scale(self) -> float:
         """Softmax scale of the attention scores."""
         return self.query_scale or self.head_dim**-0.5
+
+    @property
+    def cache_heads(self) -> int:
+        """Heads of the KV pool: the KV heads, or MLA's one latent vector per token."""
+        return 1 if self.kv_lora_rank else self.num_kv_heads
+
+    @property
+    def cache_widths(self) -> tuple[int, int]:
+        """Widths of a key and of a value in the pool; MLA keeps `kv_lora_rank + qk_rope_head_dim` per token as the
+        key and no value (its values are the latent part of the same vector)."""
+        if self.kv_lora_rank:
+            return self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.head_dim, self.head_dim
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         """The same config computing in another dtype."""
@@ -65,6 +90,9 @@ class ModelConfig:
             arch = "Gemma3ForCausalLM"
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        mla = bool(d.get("kv_lora_rank"))
+        if mla:  # MLA: queries and keys are nope + rope wide; RoPE turns the rope part only
+            head_dim = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
         layers = d["num_hidden_layers"]
         gemma = arch.startswith("Gemma3")
         window = d.get("sliding_window") or 0
@@ -81,7 +109,9 @@ class ModelConfig:
             sliding = (False,) * layers
         if not any(sliding):
             window = 0
-        rope_global, rope_local = _rope_tables(d, head_dim, gemma)
+        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else head_dim, gemma)
+        full = _rope_params(d, gemma)[0]
+        yarn = full.get("rope_type", full.get("type")) == "yarn"
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
         if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
             raise NotImplementedError(f"activation {act!r} is not supported")
@@ -92,7 +122,7 @@ class ModelConfig:
             intermediate_size=d["intermediate_size"],
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
+            num_kv_heads=heads if mla else d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             max_position=d.get("max_position_embeddings", 2048),
             rms_eps=d.get("rms_norm_eps", 1e-6),
@@ -104,7 +134,7 @@ class ModelConfig:
             sandwich_norms=gemma,
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
             activation="gelu_tanh" if act.startswith("gelu") else "silu",
-            query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else 0.0,
+            query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else _mla_scale(full, head_dim) if mla else 0.0,
             # transformers' Gemma 3 stores but never applies attn_logit_softcapping (its checkpoints set it null).
             attn_softcap=0.0 if gemma else (d.get("attn_logit_softcapping") or 0.0),
             final_softcap=d.get("final_logit_softcapping") or 0.0,
@@ -113,24 +143,65 @@ class ModelConfig:
             rope_global=rope_global,
             rope_local=rope_local,
             dtype=dtype,
+            rope_scale=_yarn_attention_factor(full, d) if yarn else 1.0,
             **_moe(d, arch, layers),
+            **(dict(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
+                    qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
+                    v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True)))
+               if mla else {}),
         )
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times the original."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _mla_scale(p: dict[str, Any], head_dim: int) -> float:
+    """MLA's softmax scale: `head_dim ** -0.5`, times YaRN's `mscale(factor, mscale_all_dim)` squared."""
+    scale = head_dim**-0.5
+    if p.get("rope_type", p.get("type", "default")) != "default" and p.get("mscale_all_dim"):
+        scale *= _mscale(p["factor"], p["mscale_all_dim"]) ** 2
+    return scale
+
+
+def _yarn_attention_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
+    """YaRN's attention factor (cos and sin are scaled by it), as transformers derives it."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    factor = _yarn_factor(p, d)
+    if p.get("mscale") and p.get("mscale_all_dim"):
+        return float(_mscale(factor, p["mscale"]) / _mscale(factor, p["mscale_all_dim"]))
+    return _mscale(factor)
+
+
+def _yarn_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
+    """YaRN's context factor (from the max positions when the config leaves it out)."""
+    return p.get("factor") or d["max_position_embeddings"] / p["original_max_position_embeddings"]
 
 
 def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     """The mixture-of-experts fields: Mixtral's `num_local_experts` (every layer routed, top-k renormalized), or
     Qwen-MoE's `num_experts` with `decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob` and Qwen2-MoE's
     shared expert."""
-    experts = d.get("num_local_experts") or d.get("num_experts") or 0
+    experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
     if not experts:
         return {}
-    mixtral = arch == "MixtralForCausalLM"
+    mixtral, deepseek = arch == "MixtralForCausalLM", arch == "DeepseekV3ForCausalLM"
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
-    return dict(num_experts=experts, experts_per_token=d["num_experts_per_tok"],
-                moe_intermediate_size=d.get("moe_intermediate_size") or d["intermediate_size"],
-                norm_topk_prob=mixtral or bool(d.get("norm_topk_prob", False)),
-                shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
-                moe_layers=tuple(i not in dense and (mixtral or (i + 1) % step == 0) for i in range(layers)))
+    first = d.get("first_k_dense_replace") or 0
+    inter = d.get("moe_intermediate_size") or d["intermediate_size"]
+    out = dict(num_experts=experts, experts_per_token=d["num_experts_per_tok"], moe_intermediate_size=inter,
+               norm_topk_prob=mixtral or bool(d.get("norm_topk_prob", False)),
+               shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
+               shared_expert_gate=bool(d.get("shared_expert_intermediate_size")),
+               moe_layers=tuple(i >= first and i not in dense and (mixtral or (i + 1) % step == 0)
+                                for i in range(layers)))
+    if deepseek:  # sigmoid scores with a selection bias, grouped top-k, scaled weights, ungated shared experts
+        out.update(scoring="sigmoid", expert_groups=d.get("n_group") or 1, top_groups=d.get("topk_group") or 1,
+                   routed_scale=float(d.get("routed_scaling_factor") or 1.0),
+                   shared_expert_size=inter * (d.get("n_shared_experts") or 0), shared_expert_gate=False)
+    return out
 
 
 def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
@@ -160,7 +231,7 @@ def _rope_tables(d: dict[str, Any], head_dim: int, gemma: bool) -> tuple[tuple[f
 
 
 def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any]) -> tuple[float, ...]:
-    """Inverse frequencies for one RoPE parameter dict (default, linear and llama3 types)."""
+    """Inverse frequencies for one RoPE parameter dict (default, linear, llama3 and yarn types)."""
     kind = p.get("rope_type", p.get("type", "default"))
     base = float(p["rope_theta"])
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -179,6 +250,30 @@ def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any]) -> tuple[floa
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif kind == "yarn":
+        inv = _yarn_inv_freq(p, head_dim, d, base)
     else:
         raise NotImplementedError(f"RoPE type {kind!r} is not supported yet")
     return tuple(float(x) for x in inv)
+
+
+def _yarn_inv_freq(p: dict[str, Any], dim: int, d: dict[str, Any], base: float) -> np.ndarray:
+    """YaRN: interpolated frequencies below the correction range, extrapolated above, a linear ramp between
+    (transformers' `_compute_yarn_parameters`)."""
+    factor = _yarn_factor(p, d)
+    old = p.get("original_max_position_embeddings") or d["max_position_embeddings"]
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction(rotations: float) -> float:
+        return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction(fast), correction(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    pos = (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)))
+    extra = (1 - ramp).astype(np.float32)
+    return ((1.0 / (np.float32(factor) * pos)) * (1 - extra) + (1.0 / pos) * extra).astype(np.float32)

@@ -50,7 +50,7 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
     return y.astype(out_dtype or x.dtype)
 
 
-TINY = 1e-30  # activation groups smaller than this round to zero (models/backends/csrc/int8_matmul.cc has the same bound)
+TINY = 1e-30  # activation groups smaller than this round to zero (backends/csrc/int8_matmul.cc has the same bound)
 
 
 def activations(x: jax.Array) -> jax.Array:
@@ -104,13 +104,19 @@ def pack_tree(tree: dict, tied: bool) -> dict:
     return out
 
 
+# Modules whose weights stay float: MoE routers (small, and routing decides everything) and MLA's `kv_b_proj` (its
+# weights are absorbed into the queries and outputs, not applied as a linear layer).
+FLOAT_MODULES = ("gate", "kv_b_proj")
+
+
 def quantize_tree(tree: dict) -> dict:
-    """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions) and the
-    embedding table quantized: `weight` -> int8 `weight` + `scale`, `embed` -> int8 `embed` + `embed_rows`."""
+    """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
+    `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale`, `embed` -> int8 `embed`
+    + `embed_rows`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out[k] = quantize_tree(v)
+            out[k] = v if k in FLOAT_MODULES else quantize_tree(v)
         elif k == "weight" and np.ndim(v) == 2:
             out["weight"], out["scale"] = quantize(v)
         elif k == "embed":

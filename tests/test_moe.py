@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from engine.engine import Engine
-from engine.runner import RunnerConfig
+from engine.runner import RunnerConfig, kv_bytes_per_token
 from engine.params import SamplingParams
 from helpers import our_logits
 from models import load_model
@@ -33,6 +33,19 @@ def _config(kind: str, vocab: int = 256):
     if kind == "qwen3-moe":  # q/k norms, top-3 of 8 renormalized, every layer routed (scanned)
         return transformers.Qwen3MoeConfig(**common, num_hidden_layers=2, head_dim=32, num_experts=8,
                                            num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True)
+    if kind.startswith("deepseek-v3"):  # MLA with a q LoRA, YaRN with mscale, interleaved RoPE, a dense first
+        # layer, sigmoid routing with a bias over 4 groups of 2 (top 2 groups), shared experts, scaled weights
+        common.update(num_key_value_heads=4)
+        mla = dict(kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                   rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
+                                        mscale=1.0, mscale_all_dim=0.8, rope_theta=10000.0))
+        if kind == "deepseek-v3-plain":  # no q LoRA, default RoPE in halves, no renormalization
+            mla.update(q_lora_rank=None, rope_interleave=False, rope_parameters=dict(rope_type="default",
+                                                                                    rope_theta=10000.0))
+        return transformers.DeepseekV3Config(**common, num_hidden_layers=3, moe_intermediate_size=32,
+                                             n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                             n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                             norm_topk_prob=kind != "deepseek-v3-plain", **mla)
     raise KeyError(kind)
 
 
@@ -42,6 +55,9 @@ def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
     with torch.no_grad():  # everything random, routers large enough that tokens spread over the experts
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.5 if "gate.weight" in name else 0.08))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:  # DeepSeek-V3's selection bias, non-zero
+                b.copy_(torch.randn_like(b) * 0.1)
     model = model.float().eval()
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
@@ -79,24 +95,46 @@ def test_routing_matches_transformers_top_k():
         np.testing.assert_allclose(np.asarray(w), tw.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_deepseek_router_matches_transformers():
+    """Sigmoid scores, the bias for selection only, grouped top-k, renormalized and scaled weights."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    router = DeepseekV3TopkRouter(_config("deepseek-v3"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight))
+        router.e_score_correction_bias.copy_(torch.randn_like(router.e_score_correction_bias) * 0.3)
+    x = torch.randn(11, 64)
+    _, want_w, want_ids = router(x)
+    logits = x.numpy() @ router.weight.detach().numpy().T
+    w, ids = moe.route(jnp.asarray(logits), 3, True, "sigmoid", jnp.asarray(router.e_score_correction_bias.numpy()),
+                       4, 2, 2.5)
+    order, want_order = np.argsort(np.asarray(ids), 1), np.argsort(want_ids.numpy(), 1)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(ids), order, 1),
+                                  np.take_along_axis(want_ids.numpy(), want_order, 1))
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(w), order, 1),
+                               np.take_along_axis(want_w.detach().numpy(), want_order, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "deepseek-v3-plain"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    assert ours.module.scan == (kind != "qwen2-moe")  # mixed dense and MoE layers are unrolled
+    assert ours.module.scan == (kind in ("mixtral", "qwen3-moe"))  # mixed dense and MoE layers are unrolled
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
 
 
-@pytest.fixture(scope="module")
-def qwen_moe(tmp_path_factory, smollm):
-    """A Qwen2-MoE folder (shared expert, mixed layers) with the default model's tokenizer, and its reference."""
-    folder = tmp_path_factory.mktemp("qwen-moe")
+@pytest.fixture(scope="module", params=["qwen2-moe", "deepseek-v3"])
+def served(request, tmp_path_factory, smollm):
+    """A Qwen2-MoE folder (shared expert, mixed layers) and a DeepSeek-V3 one (latent attention and cache), each
+    with the default model's tokenizer, and their references."""
+    folder = tmp_path_factory.mktemp(request.param)
     tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    ref = _hf_model("qwen2-moe", str(folder), vocab=len(tok), tokenizer=tok)
+    ref = _hf_model(request.param, str(folder), vocab=len(tok), tokenizer=tok)
     return load_model(str(folder)), ref
 
 
@@ -110,20 +148,20 @@ def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[f
     return tokens, logps
 
 
-def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(qwen_moe):
+def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(served):
     """32 greedy steps per prompt through a pool too small for all of them at once (preemption), prompts sharing a
-    prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; after the
-    warm-up, serving compiles nothing."""
-    model, ref = qwen_moe
+    prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; the same load
+    again compiles nothing new."""
+    model, ref = served
     rng = np.random.default_rng(3)
     shared = rng.integers(10, 49000, 40).tolist()
     prompts = [shared + rng.integers(10, 49000, 5 + 3 * i).tolist() for i in range(6)]
-    per_page = 16 * 2 * model.cfg.num_layers * model.cfg.num_kv_heads * model.cfg.head_dim * 4
+    per_page = 16 * kv_bytes_per_token(model)
+    if model.cfg.kv_lora_rank:  # one latent vector per token and layer: kv_lora_rank + qk_rope_head_dim floats
+        assert per_page == 16 * model.cfg.num_layers * (32 + 8) * 4
     eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4,
                                      kv_cache_gb=17 * per_page / (1 << 30)))
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
-    eng.warmup()
-    compiled = eng.runner.compiles
 
     def run():
         reqs = [eng.make_request(p, params) for p in prompts]
@@ -141,7 +179,9 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
         want, logps = _greedy_reference(ref, prompt, 32)
         assert r.choices[0].token_ids == want
         np.testing.assert_allclose([lp[1] for lp in r.choices[0].logprobs], logps, atol=2e-4)
-    again = run()
+    again = run()  # the prompts' pages are cached now: other prefill shapes than the first time
+    compiled = eng.runner.compiles
+    assert [r.choices[0].token_ids for r in run()] == [r.choices[0].token_ids for r in again]
     assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
     assert eng.runner.compiles == compiled
 
@@ -199,22 +239,22 @@ def test_gguf_moe_equals_the_hf_folder(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def moe_server(qwen_moe):
-    """The Qwen2-MoE folder served over HTTP."""
+def moe_server(served):
+    """The folder served over HTTP."""
     from conftest import live_server
 
-    model, _ = qwen_moe
+    model, _ = served
     yield from live_server(model, RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.01))
 
 
-def test_moe_model_serves_the_api_through_the_official_client(moe_server, qwen_moe):
+def test_moe_model_serves_the_api_through_the_official_client(moe_server, served):
     """Streaming with sampling controls, logprobs, echo, a cached prefix, structured output and a forced tool call."""
     import json
 
     import jsonschema
     import openai
 
-    _, ref = qwen_moe
+    _, ref = served
     client = openai.OpenAI(base_url=moe_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     name = moe_server.model.name
     prompt = list(range(100, 150))

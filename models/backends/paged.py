@@ -38,10 +38,10 @@ class KVCache:
 
     @staticmethod
     def zeros(cfg: ModelConfig, pages: int, page_size: int, dtype=None) -> "KVCache":
-        """An empty pool of `pages` pages per layer."""
-        shape = (cfg.num_kv_heads, cfg.num_layers * pages, page_size, cfg.head_dim)
+        """An empty pool of `pages` pages per layer (MLA: one latent per token as the key, zero-wide values)."""
+        (kw, vw), lead = cfg.cache_widths, (cfg.cache_heads, cfg.num_layers * pages, page_size)
         dt = dtype or cfg.dtype
-        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+        return KVCache(jnp.zeros((*lead, kw), dt), jnp.zeros((*lead, vw), dt))
 
 
 def largest_divisor(n: int, at_most: int) -> int:

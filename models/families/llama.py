@@ -8,6 +8,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.layers.attention import Attention
 from models.layers.linear import RMSNorm
+from models.layers.mla import MLAttention
 from models.layers.moe import feed_forward
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -16,7 +17,8 @@ GGUF_ARCHS = ("llama", "mistral")
 
 class DecoderLayer(nn.Module):
     """`x + attn(norm(x))`, then `x + mlp(norm(x))`; the MLP is a mixture of experts where the config routes
-    them (`layers.moe.feed_forward`: Mixtral, Qwen2-MoE and Qwen3-MoE are this layer)."""
+    them (`layers.moe.feed_forward`: Mixtral, Qwen2-MoE and Qwen3-MoE are this layer) and latent attention where
+    it has a KV latent (`layers.mla`: DeepSeek-V3)."""
 
     cfg: ModelConfig
     backend: str = "xla"
@@ -28,7 +30,8 @@ class DecoderLayer(nn.Module):
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
+        attention = MLAttention if cfg.kv_lora_rank else Attention
+        h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"])
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)

@@ -14,11 +14,12 @@ from models.config import ModelConfig
 from models.layers.linear import RMSNorm, projection
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
-    """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`."""
+def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale: float = 1.0) -> jax.Array:
+    """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`; `scale` multiplies cos and
+    sin (YaRN's attention factor)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # inv_freq may be traced
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = (jnp.cos(emb) * scale).astype(x.dtype), (jnp.sin(emb) * scale).astype(x.dtype)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -50,7 +51,7 @@ class Attention(nn.Module):
             sliding = jnp.asarray(cfg.layer_sliding)[layer]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
-        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+        q, k = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
 
         pages = table + layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's pages in the pool
         k_cache = paged.write(k_cache, k, positions, pages)

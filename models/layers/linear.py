@@ -89,6 +89,20 @@ def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str]
     return mod(x, layer, stacks and stacks[name])
 
 
+class Weight(nn.Module):
+    """A bare `weight` parameter for products a `Linear` does not express: experts' stacks `[experts, out, in]`
+    (the HF checkpoint's per-expert `[out, in]`), MLA's absorbed `kv_b_proj`."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+        return self.param("weight", init, self.shape, jnp.dtype(self.dtype))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32; the scale is `offset + w` (offset 1 for Gemma)."""
 

@@ -17,18 +17,30 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers.linear import projection
+from models.layers.linear import Weight, projection
 from models.layers.mlp import MLP
 
 
-def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """Softmax routing: `logits [T, E]` (float32) -> the top `k` experts' probabilities and ids `[T, k]`, the
-    probabilities renormalized to sum to 1 when `normalize` (Mixtral always; Qwen's `norm_topk_prob`)."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, k)
+def route(logits: jax.Array, k: int, normalize: bool, scoring: str = "softmax", bias: jax.Array | None = None,
+          groups: int = 1, top_groups: int = 1, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Router `logits [T, E]` -> the chosen experts' weights and ids `[T, k]`. Scores are the softmax (Mixtral,
+    Qwen) or the sigmoid (DeepSeek-V3) of the logits. The choice ranks the scores plus `bias` (DeepSeek-V3's
+    `e_score_correction_bias`, for selection only), within the `top_groups` of `groups` expert groups whose two best
+    scores sum highest; the weights are the chosen scores, renormalized to sum to 1 when `normalize` (Mixtral
+    always; `norm_topk_prob`), times `scale` (`routed_scaling_factor`)."""
+    logits = logits.astype(jnp.float32)
+    scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if groups > 1:
+        t, e = choice.shape
+        best = jax.lax.top_k(choice.reshape(t, groups, e // groups), 2)[0].sum(-1)
+        keep = jnp.zeros((t, groups), bool).at[jnp.arange(t)[:, None], jax.lax.top_k(best, top_groups)[1]].set(True)
+        choice = jnp.where(jnp.repeat(keep, e // groups, axis=1), choice, -jnp.inf)
+    ids = jax.lax.top_k(choice, k)[1]
+    weights = jnp.take_along_axis(scores, ids, axis=1)
     if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, ids
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * scale, ids
 
 
 def tile_for(pairs: int, experts: int, platform: str | None = None) -> int:
@@ -104,19 +116,6 @@ def dense_reference(x, weights, ids, gate, up, down, act):
     return jnp.einsum("teh,te->th", y, mix)
 
 
-class Stacked(nn.Module):
-    """One weight per expert, stacked: `weight [experts, out, in]` (the HF checkpoint's per-expert `[out, in]`)."""
-
-    shape: tuple[int, int, int]
-    axes: tuple[str, str, str]
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
-        return self.param("weight", init, self.shape, jnp.dtype(self.dtype))
-
-
 class Experts(nn.Module):
     """The routed experts' stacked weights and their grouped product (`experts`)."""
 
@@ -128,9 +127,9 @@ class Experts(nn.Module):
         every layer's expert weights, which the CPU's loop reads at `layer` in place."""
         cfg = self.cfg
         e, inter, hidden = cfg.num_experts, cfg.moe_intermediate_size, rows.shape[-1]
-        gate = Stacked((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="gate_proj")
-        up = Stacked((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
-        down = Stacked((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
+        gate = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="gate_proj")
+        up = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
+        down = Weight((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
         act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
         tile, ws = tile_for(ids.size, e), (gate(), up(), down())
         if tile and stacks is not None:
@@ -139,9 +138,31 @@ class Experts(nn.Module):
         return experts(rows, weights, ids, *ws, act, tile)
 
 
+class Router(nn.Module):
+    """The router `gate`: a float `weight [experts, hidden]` applied in float32 (never quantized: it is small and
+    decides everything), and DeepSeek-V3's selection bias where the scores are sigmoids."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Token `rows [T, H]` -> routing weights and expert ids `[T, k]` (`route`)."""
+        cfg = self.cfg
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("expert", "embed"))
+        w = self.param("weight", init, (cfg.num_experts, rows.shape[-1]), jnp.dtype(cfg.dtype))
+        bias = None
+        if cfg.scoring == "sigmoid":
+            bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                                      ("expert",)),
+                              (cfg.num_experts,), jnp.float32)
+        logits = jnp.dot(rows.astype(jnp.float32), w.astype(jnp.float32).T)
+        return route(logits, cfg.experts_per_token, cfg.norm_topk_prob, cfg.scoring, bias, cfg.expert_groups,
+                     cfg.top_groups, cfg.routed_scale)
+
+
 class MoE(nn.Module):
-    """A sparse MoE block: router `gate`, routed `experts`, and Qwen2-MoE's `shared_expert` scaled by
-    `sigmoid(shared_expert_gate(x))` where the config has one."""
+    """A sparse MoE block: `Router` `gate`, routed `experts`, and a `shared_expert` where the config has one (Qwen2-MoE
+    scales it by `sigmoid(shared_expert_gate(x))`; DeepSeek's `n_shared_experts` are one expert that wide)."""
 
     cfg: ModelConfig
 
@@ -151,14 +172,15 @@ class MoE(nn.Module):
         cfg = self.cfg
         b, s, hidden = x.shape
         rows = x.reshape(b * s, hidden)
-        proj = functools.partial(projection, cfg, layer=layer, stacks=stacks)
-        logits = proj("gate", cfg.num_experts, ("expert", "embed"), rows)
-        weights, ids = route(logits.astype(jnp.float32), cfg.experts_per_token, cfg.norm_topk_prob)
+        weights, ids = Router(cfg, name="gate")(rows)
         out = Experts(cfg, name="experts")(rows, weights, ids, layer, stacks and stacks["experts"])
         if cfg.shared_expert_size:
             shared = MLP(cfg, cfg.shared_expert_size, name="shared_expert")(rows, layer,
                                                                              stacks and stacks["shared_expert"])
-            out = out + jax.nn.sigmoid(proj("shared_expert_gate", 1, (None, "embed"), rows)) * shared
+            if cfg.shared_expert_gate:
+                gate = projection(cfg, "shared_expert_gate", 1, (None, "embed"), rows, layer=layer, stacks=stacks)
+                shared = jax.nn.sigmoid(gate) * shared
+            out = out + shared
         return out.reshape(b, s, hidden)
 
 

@@ -13,7 +13,7 @@ import tomllib
 from models.loading.source import cache_root, remembered
 
 log = logging.getLogger("sparkler.models")
-CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "models.toml"))
+CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../configs/models.toml"))
 
 
 def catalog() -> dict:

@@ -234,12 +234,13 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
         elif path[0].startswith("layers_"):
             i = int(path[0].split("_")[1])
             module, leaf = "/".join(path[1:-1]), path[-1]
-            if module not in layer_gguf:
+            if module not in layer_gguf and f"{module}/{leaf}" not in layer_gguf:
                 raise KeyError(f"no GGUF name for {module}")
             hf: str | tuple[str, ...] = hf_name(f"model.layers.{i}.{module.replace('/', '.')}.{leaf}")
             if "/experts/" in f"/{module}/":
                 hf = tuple(hf.replace(".experts.", f".experts.{e}.") for e in range(cfg.num_experts))
-            out.append(Entry(path, hf, f"blk.{i}.{layer_gguf[module]}.{leaf}"))
+            gguf = layer_gguf.get(f"{module}/{leaf}") or f"{layer_gguf[module]}.{leaf}"  # a leaf named on its own
+            out.append(Entry(path, hf, f"blk.{i}.{gguf}"))
         else:
             raise KeyError(f"parameter {'/'.join(path)} has no entry in the weight table")
     return out
@@ -274,13 +275,19 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             node = node.setdefault(p, {})
         node[e.path[-1]] = w.astype(dtype)
         used.update(parts)
-    left = sorted(n for n in names - used if not n.endswith(_IGNORABLE))
+    left = sorted(n for n in names - used if not n.endswith(_IGNORABLE) and not _prediction_layer(cfg, n))
     if cfg.tie_embeddings and "lm_head.weight" in left:  # some tied checkpoints store the copy
         if np.array_equal(source.read("lm_head.weight"), source.read("model.embed_tokens.weight")):
             left.remove("lm_head.weight")
     if left:
         raise ValueError(f"{source.path}: {len(left)} tensors not used by the model, e.g. {left[:5]}")
     return tree
+
+
+def _prediction_layer(cfg: ModelConfig, name: str) -> bool:
+    """A tensor of DeepSeek's multi-token-prediction layers, stored after the decoder's (not used to decode)."""
+    parts = name.split(".")
+    return bool(cfg.kv_lora_rank) and name.startswith("model.layers.") and int(parts[2]) >= cfg.num_layers
 
 
 def _np_dtype(name: str):

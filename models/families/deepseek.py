@@ -1,0 +1,36 @@
+"""DeepSeek-V3: the Llama layer with multi-head latent attention (`layers.mla`: the absorbed form over a latent
+cache) and, after the first `first_k_dense_replace` dense layers, a mixture of experts routed by sigmoid scores
+with a selection bias and grouped top-k, plus ungated shared experts. The checkpoints name the shared experts
+`shared_experts`; their multi-token-prediction layers (past `num_hidden_layers`) are not used for decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.families.llama import LAYER_GGUF as _LLAMA
+from models.families.llama import DecoderLayer  # noqa: F401  (the same layer, config-driven)
+
+ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+GGUF_ARCHS = ("deepseek2",)
+
+LAYER_GGUF = {
+    **_LLAMA,
+    "self_attn/q_a_proj": "attn_q_a",
+    "self_attn/q_a_layernorm": "attn_q_a_norm",
+    "self_attn/q_b_proj": "attn_q_b",
+    "self_attn/kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn/kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn/kv_b_proj": "attn_kv_b",
+    "mlp/gate/e_score_correction_bias": "exp_probs_b.bias",
+}
+
+
+def hf_name(name: str) -> str:
+    """Our mechanical HF name -> DeepSeek's (`mlp.shared_expert.` -> `mlp.shared_experts.`)."""
+    return name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+
+
+def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """DeepSeek GGUF tensors are read as they are."""
+    return w
