@@ -43,8 +43,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalize the top-k routing weights
     scoring: str = "softmax"  # router scores: softmax, or sigmoid (DeepSeek-V3, with a selection bias)
-    expert_groups: int = 1  # DeepSeek: experts in groups; tokens pick `top_groups` groups (by their top-2 sum) first
+    expert_groups: int = 1  # DeepSeek: experts in groups; tokens pick `top_groups` groups first, ranked by
     top_groups: int = 1
+    group_score: str = "top2"  # the sum of their two best scores (V3) or their best (V2's group_limited_greedy)
     routed_scale: float = 1.0  # DeepSeek's routed_scaling_factor
     shared_expert_size: int = 0  # a shared expert this wide (Qwen2-MoE's, DeepSeek's n_shared_experts together)
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert is scaled by sigmoid(gate(x))
@@ -147,7 +148,8 @@ class ModelConfig:
             **_moe(d, arch, layers),
             **(dict(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-                    v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True)))
+                    v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True))
+                    or arch == "DeepseekV2ForCausalLM")  # V2 rotates interleaved pairs as complex numbers
                if mla else {}),
         )
 
@@ -187,7 +189,7 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
     if not experts:
         return {}
-    mixtral, deepseek = arch == "MixtralForCausalLM", arch == "DeepseekV3ForCausalLM"
+    mixtral = arch == "MixtralForCausalLM"
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
     first = d.get("first_k_dense_replace") or 0
     inter = d.get("moe_intermediate_size") or d["intermediate_size"]
@@ -197,10 +199,15 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                shared_expert_gate=bool(d.get("shared_expert_intermediate_size")),
                moe_layers=tuple(i >= first and i not in dense and (mixtral or (i + 1) % step == 0)
                                 for i in range(layers)))
-    if deepseek:  # sigmoid scores with a selection bias, grouped top-k, scaled weights, ungated shared experts
-        out.update(scoring="sigmoid", expert_groups=d.get("n_group") or 1, top_groups=d.get("topk_group") or 1,
-                   routed_scale=float(d.get("routed_scaling_factor") or 1.0),
-                   shared_expert_size=inter * (d.get("n_shared_experts") or 0), shared_expert_gate=False)
+    if arch.startswith("Deepseek"):  # scaled weights, ungated shared experts
+        out.update(routed_scale=float(d.get("routed_scaling_factor") or 1.0), shared_expert_gate=False,
+                   shared_expert_size=inter * (d.get("n_shared_experts") or 0))
+    if arch == "DeepseekV3ForCausalLM":  # sigmoid scores with a selection bias, groups ranked by their top-2 sum
+        out.update(scoring="sigmoid", expert_groups=d.get("n_group") or 1, top_groups=d.get("topk_group") or 1)
+    if arch == "DeepseekV2ForCausalLM":  # softmax scores, greedy or by groups ranked by their best, not renormalized
+        grouped = d.get("topk_method") == "group_limited_greedy"
+        out.update(norm_topk_prob=False, group_score="max", expert_groups=(d.get("n_group") or 1) if grouped else 1,
+                   top_groups=(d.get("topk_group") or 1) if grouped else 1)
     return out
 
 

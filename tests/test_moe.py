@@ -46,6 +46,15 @@ def _config(kind: str, vocab: int = 256):
                                              n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
                                              n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                              norm_topk_prob=kind != "deepseek-v3-plain", **mla)
+    if kind == "deepseek-v2":  # MLA without a q LoRA (V2-Lite's), complex RoPE with YaRN, softmax routing limited
+        # to the 2 of 4 groups with the best expert, weights not renormalized but scaled, shared experts
+        common.update(num_key_value_heads=4)
+        return transformers.DeepseekV2Config(
+            **common, num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+            n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=2, first_k_dense_replace=1,
+            routed_scaling_factor=1.5, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=12, rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
+                                                mscale=0.707, mscale_all_dim=0.707, rope_theta=10000.0))
     raise KeyError(kind)
 
 
@@ -95,20 +104,32 @@ def test_routing_matches_transformers_top_k():
         np.testing.assert_allclose(np.asarray(w), tw.numpy(), rtol=1e-6)
 
 
-def test_deepseek_router_matches_transformers():
-    """Sigmoid scores, the bias for selection only, grouped top-k, renormalized and scaled weights."""
+@pytest.mark.parametrize("version", ["v2-greedy", "v2-grouped", "v3"])
+def test_deepseek_router_matches_transformers(version):
+    """V3: sigmoid scores, the bias for selection only, groups by their top-2 sum, renormalized and scaled weights.
+    V2: softmax scores, greedy or groups by their best, scaled weights."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    router = DeepseekV3TopkRouter(_config("deepseek-v3"))
+    v3 = version == "v3"
+    cfg = _config("deepseek-v3" if v3 else "deepseek-v2")
+    if version == "v2-greedy":
+        cfg.topk_method = "greedy"
+    router = (DeepseekV3TopkRouter if v3 else DeepseekV2TopkRouter)(cfg)
     torch.manual_seed(1)
     with torch.no_grad():
         router.weight.copy_(torch.randn_like(router.weight))
-        router.e_score_correction_bias.copy_(torch.randn_like(router.e_score_correction_bias) * 0.3)
+        if v3:
+            router.e_score_correction_bias.copy_(torch.randn_like(router.e_score_correction_bias) * 0.3)
     x = torch.randn(11, 64)
     _, want_w, want_ids = router(x)
-    logits = x.numpy() @ router.weight.detach().numpy().T
-    w, ids = moe.route(jnp.asarray(logits), 3, True, "sigmoid", jnp.asarray(router.e_score_correction_bias.numpy()),
-                       4, 2, 2.5)
+    logits = jnp.asarray(x.numpy() @ router.weight.detach().numpy().T)
+    if v3:
+        bias = jnp.asarray(router.e_score_correction_bias.numpy())
+        w, ids = moe.route(logits, 3, True, "sigmoid", bias, 4, 2, 2.5)
+    else:
+        groups = (1, 1) if version == "v2-greedy" else (4, 2)
+        w, ids = moe.route(logits, 3, False, "softmax", None, *groups, 1.5, "max")
     order, want_order = np.argsort(np.asarray(ids), 1), np.argsort(want_ids.numpy(), 1)
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(ids), order, 1),
                                   np.take_along_axis(want_ids.numpy(), want_order, 1))
@@ -116,7 +137,8 @@ def test_deepseek_router_matches_transformers():
                                np.take_along_axis(want_w.detach().numpy(), want_order, 1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "deepseek-v3-plain"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
+                                  "deepseek-v3-plain"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))

@@ -22,18 +22,20 @@ from models.layers.mlp import MLP
 
 
 def route(logits: jax.Array, k: int, normalize: bool, scoring: str = "softmax", bias: jax.Array | None = None,
-          groups: int = 1, top_groups: int = 1, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+          groups: int = 1, top_groups: int = 1, scale: float = 1.0, group_score: str = "top2"
+          ) -> tuple[jax.Array, jax.Array]:
     """Router `logits [T, E]` -> the chosen experts' weights and ids `[T, k]`. Scores are the softmax (Mixtral,
     Qwen) or the sigmoid (DeepSeek-V3) of the logits. The choice ranks the scores plus `bias` (DeepSeek-V3's
     `e_score_correction_bias`, for selection only), within the `top_groups` of `groups` expert groups whose two best
-    scores sum highest; the weights are the chosen scores, renormalized to sum to 1 when `normalize` (Mixtral
+    scores sum highest (`group_score` "top2", V3) or whose best is highest ("max", V2); the weights are the chosen scores, renormalized to sum to 1 when `normalize` (Mixtral
     always; `norm_topk_prob`), times `scale` (`routed_scaling_factor`)."""
     logits = logits.astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if groups > 1:
         t, e = choice.shape
-        best = jax.lax.top_k(choice.reshape(t, groups, e // groups), 2)[0].sum(-1)
+        grouped = choice.reshape(t, groups, e // groups)
+        best = jax.lax.top_k(grouped, 2)[0].sum(-1) if group_score == "top2" else grouped.max(-1)
         keep = jnp.zeros((t, groups), bool).at[jnp.arange(t)[:, None], jax.lax.top_k(best, top_groups)[1]].set(True)
         choice = jnp.where(jnp.repeat(keep, e // groups, axis=1), choice, -jnp.inf)
     ids = jax.lax.top_k(choice, k)[1]
@@ -157,7 +159,7 @@ class Router(nn.Module):
                               (cfg.num_experts,), jnp.float32)
         logits = jnp.dot(rows.astype(jnp.float32), w.astype(jnp.float32).T)
         return route(logits, cfg.experts_per_token, cfg.norm_topk_prob, cfg.scoring, bias, cfg.expert_groups,
-                     cfg.top_groups, cfg.routed_scale)
+                     cfg.top_groups, cfg.routed_scale, cfg.group_score)
 
 
 class MoE(nn.Module):
