@@ -24,6 +24,12 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1, "f16": 2}
 LLAMA_8_4 = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=512, intermediate_size=1536,
                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+QWEN3_MOE = dict(LLAMA_8_4, architectures=["Qwen3MoeForCausalLM"], num_experts=16, num_experts_per_tok=4,
+                 moe_intermediate_size=256, norm_topk_prob=True)
+DEEPSEEK_V3 = dict(LLAMA_8_4, architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=8, n_routed_experts=16,
+                   num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                   moe_intermediate_size=256, kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=64,
+                   qk_rope_head_dim=32, v_head_dim=64)
 
 
 def collectives(hlo: str) -> dict[str, tuple[int, int]]:
@@ -71,10 +77,15 @@ def main() -> None:
     for dp, tp in ((1, 1), (1, 2), (1, 4), (2, 1), (4, 1), (2, 2)):
         mesh = make_mesh(tp, dp=dp)
         smol = load_model("smollm2-135m-instruct", tp=tp, dp=dp, scan=False, with_tokenizer=False)
-        cfg = ModelConfig.from_hf(LLAMA_8_4)
-        module = build(cfg, scan=False)
-        llama = Model("llama-8h-4kv", cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
-        for name, model in (("smollm2-135m (9 heads, 3 KV heads)", smol), ("llama shape (8 heads, 4 KV heads)", llama)):
+
+        def random(shape: dict) -> Model:
+            module = build(ModelConfig.from_hf(shape), scan=False)
+            return Model("random", module.cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
+
+        for name, model in (("smollm2-135m (9 heads, 3 KV heads)", smol),
+                            ("llama shape (8 heads, 4 KV heads)", random(LLAMA_8_4)),
+                            ("qwen3-moe shape (16 experts, top 4)", random(QWEN3_MOE)),
+                            ("deepseek-v3 shape (MLA, 16 experts, a dense first layer)", random(DEEPSEEK_V3))):
             found = collectives(step_hlo(model))
             total = sum(b for _, b in found.values())
             desc = "; ".join(f"{k} x{n}, {b / 1024:.0f} KiB" for k, (n, b) in sorted(found.items())) or "none"

@@ -307,3 +307,36 @@ def test_moe_model_serves_the_api_through_the_official_client(moe_server, served
                                           tools=[tool], tool_choice="required", seed=2)
     args = json.loads(call.choices[0].message.tool_calls[0].function.arguments)
     assert args["color"] in ("red", "blue")
+
+
+def test_tensor_parallel_moe_and_latent_attention_match_one_device():
+    """Experts split by width and MLA's heads split over 4 virtual devices give the one-device logits."""
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import numpy as np, jax
+from models import ModelConfig, build, init_params
+from models.sharding import make_mesh
+from helpers import our_logits
+common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False, num_experts_per_tok=2,
+              moe_intermediate_size=32)
+shapes = [dict(common, architectures=["Qwen3MoeForCausalLM"], num_key_value_heads=4, num_experts=8),
+          dict(common, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=8, n_group=2, topk_group=1,
+               n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=16, qk_nope_head_dim=8,
+               qk_rope_head_dim=8, v_head_dim=8)]
+worst = 0.0
+for shape in shapes:
+    m = build(ModelConfig.from_hf(shape))
+    one, four = init_params(m, 0, make_mesh(1, jax.devices()[:1])), init_params(m, 0, make_mesh(4))
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    worst = max(worst, *(float(np.abs(a - b).max()) for a, b in zip(our_logits(m, one, rows), our_logits(m, four, rows))))
+print(worst)
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
