@@ -20,3 +20,15 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     logits, _ = model_module.apply(params, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(table), cache, None, True)
     logits = np.asarray(logits)
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
+
+
+def run_all(eng, prompts, params):
+    """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
+    order."""
+    reqs = [eng.make_request(p, q) for p, q in zip(prompts, params)]
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+        eng.pools[0].check()
+    return reqs

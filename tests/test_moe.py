@@ -1,6 +1,7 @@
-"""Mixture-of-experts families against transformers on shrunken random configs: the grouped matmul against the dense
-reference, prefill logits, greedy decoding through the engine with paging, preemption and prefix caching, GGUF
-equal to the HF folder, and the compilations an MoE engine makes."""
+"""Mixture-of-experts and latent-attention families (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3) against transformers on
+shrunken random configs: the grouped product against the dense reference, the routers, prefill logits, greedy
+decoding through the engine with paging, preemption and prefix caching (and the latent cache's size), the API over
+HTTP, GGUF equal to the HF folder, tensor parallelism, and the compilations a repeated load makes."""
 
 import dataclasses
 
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import our_logits, run_all
 
 from engine.engine import Engine
-from engine.runner import RunnerConfig, kv_bytes_per_token
 from engine.params import SamplingParams
-from helpers import our_logits
+from engine.runner import RunnerConfig, kv_bytes_per_token
 from models import load_model
 from models.layers import moe
 
@@ -186,13 +187,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
 
     def run():
-        reqs = [eng.make_request(p, params) for p in prompts]
-        for r in reqs:
-            eng.add(r)
-        while eng.has_work():
-            eng.step()
-            eng.pools[0].check()
-        return reqs
+        return run_all(eng, prompts, [params] * len(prompts))
 
     reqs = run()
     assert eng.preemptions > 0
@@ -319,7 +314,7 @@ def test_tensor_parallel_moe_and_latent_attention_match_one_device():
 import numpy as np, jax
 from models import ModelConfig, build, init_params
 from models.sharding import make_mesh
-from helpers import our_logits
+from helpers import our_logits, run_all
 common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False, num_experts_per_tok=2,
               moe_intermediate_size=32)

@@ -3,6 +3,7 @@ compile counts."""
 
 import numpy as np
 import pytest
+from helpers import run_all
 
 from engine import SamplingParams
 from engine.engine import Engine
@@ -122,17 +123,6 @@ def small_engine(smollm, pages: int) -> Engine:
     per_page = 16 * 2 * smollm.cfg.num_layers * smollm.cfg.num_kv_heads * smollm.cfg.head_dim * 4
     gb = (pages + 1) * per_page / (1 << 30) + 1e-9
     return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4))
-
-
-def run_all(eng: Engine, prompts, params):
-    """Serve every prompt to completion in one engine; the requests, in order."""
-    reqs = [eng.make_request(p, q) for p, q in zip(prompts, params)]
-    for r in reqs:
-        eng.add(r)
-    while eng.has_work():
-        eng.step()
-        eng.pools[0].check()
-    return reqs
 
 
 @pytest.fixture(scope="module")
