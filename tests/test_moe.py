@@ -203,35 +203,51 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     assert eng.runner.compiles == compiled
 
 
-def test_gguf_moe_equals_the_hf_folder(tmp_path, monkeypatch):
-    """A Qwen3-MoE written as llama.cpp's GGUF (`ffn_*_exps`, `ffn_gate_inp`, expert metadata) gives the HF folder's
-    logits."""
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation for a `llama` GGUF (rotate_half halves to interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
+    """A Qwen3-MoE (`qwen3moe`) or a Mixtral (a `llama` GGUF with experts, q/k rows permuted) written as llama.cpp's
+    GGUF (`ffn_*_exps`, `ffn_gate_inp`, expert metadata) gives the HF folder's config and logits."""
     gguf = pytest.importorskip("gguf")
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
-    ref = _hf_model("qwen3-moe", str(tmp_path / "hf"))
+    ref = _hf_model(kind, str(tmp_path / "hf"))
     cfg = ref.config
-    path = str(tmp_path / "tiny-qwen3moe.gguf")
-    w = gguf.GGUFWriter(path, "qwen3moe")
+    mixtral = kind == "mixtral"
+    path = str(tmp_path / f"tiny-{kind}.gguf")
+    w = gguf.GGUFWriter(path, "llama" if mixtral else "qwen3moe")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_expert_count(cfg.num_experts)
+    w.add_expert_count(cfg.num_local_experts if mixtral else cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    inter = cfg.intermediate_size if mixtral else cfg.moe_intermediate_size
+    if not mixtral:
+        w.add_expert_feed_forward_length(inter)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+             "mlp.gate": "ffn_gate_inp"}
+    if not mixtral:
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    if mixtral:  # llama.cpp permutes a llama GGUF's q and k rows for its RoPE
+        for i in range(cfg.num_hidden_layers):
+            q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
+            sd[q], sd[k] = _permute(sd[q], cfg.num_attention_heads), _permute(sd[k], cfg.num_key_value_heads)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
@@ -240,7 +256,6 @@ def test_gguf_moe_equals_the_hf_folder(tmp_path, monkeypatch):
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
         gate_up = sd[f"{pre}mlp.experts.gate_up_proj"]  # transformers' fused [E, 2I, H] in memory
-        inter = cfg.moe_intermediate_size
         w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
         w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
         w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"{pre}mlp.experts.down_proj"])
