@@ -327,9 +327,12 @@ def test_tensor_parallel_moe_and_latent_attention_match_one_device():
 
     code = r"""
 import numpy as np, jax
+from engine.compile import use_caches
 from models import ModelConfig, build, init_params
+from models.loading.source import cache_root
 from models.sharding import make_mesh
-from helpers import our_logits, run_all
+from helpers import our_logits
+use_caches(cache_root())  # compiled once per machine, as the suite's own process does
 common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False, num_experts_per_tok=2,
               moe_intermediate_size=32)
