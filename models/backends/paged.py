@@ -49,6 +49,12 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def layer_pages(table: jax.Array, layer, pool: jax.Array, num_layers: int) -> jax.Array:
+    """Page table `table` of pool pages for layer `layer` (an int, or traced under scanned layers): each layer owns
+    an equal range of the `pool`'s pages."""
+    return table + layer * (pool.shape[1] // num_layers)
+
+
 def write(cache: jax.Array, x: jax.Array, positions: jax.Array, table: jax.Array) -> jax.Array:
     """Scatter this call's keys (or values) `x [B, S, kvh, d]` at `positions [B, S]` through the page table
     `[B, n]` (pool pages, layer offset applied); positions past the table go to the scratch page."""

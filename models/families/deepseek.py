@@ -1,8 +1,8 @@
 """DeepSeek-V2 and V3: the Llama layer with multi-head latent attention (`layers.mla`: the absorbed form over a
 latent cache) and, after the first `first_k_dense_replace` dense layers, a mixture of experts plus ungated shared
 experts, routed by softmax scores, greedy or group-limited (V2), or by sigmoid scores with a selection bias and
-grouped top-k (V3). The checkpoints name the shared experts
-`shared_experts`; their multi-token-prediction layers (past `num_hidden_layers`) are not used for decoding."""
+grouped top-k (V3). The checkpoints name the shared experts `shared_experts`; their multi-token-prediction layers
+(past `num_hidden_layers`) are not used for decoding."""
 
 from __future__ import annotations
 

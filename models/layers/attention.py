@@ -53,7 +53,7 @@ class Attention(nn.Module):
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
         q, k = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
 
-        pages = table + layer * (k_cache.shape[1] // cfg.num_layers)  # this layer's pages in the pool
+        pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
         k_cache = paged.write(k_cache, k, positions, pages)
         v_cache = paged.write(v_cache, v, positions, pages)
         backend = self.backend

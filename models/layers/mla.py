@@ -69,9 +69,9 @@ class MLAttention(nn.Module):
         query = jnp.concatenate([jnp.einsum("bshn,hnr->bshr", q_nope, up[:, :nope]), q_rope], axis=-1)
         entry = jnp.concatenate([latent[:, :, None, :], k_rope], axis=-1)  # [B, S, 1, r + rope]: what is stored
 
-        pages = table + layer * (k_cache.shape[1] // cfg.num_layers)
+        pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
         k_cache = paged.write(k_cache, entry, positions, pages)
-        out = backends.paged_attention("xla", query, entry, entry, k_cache, k_cache, pages, positions, cfg.scale)
+        out = backends.paged_attention(self.backend, query, entry, entry, k_cache, k_cache, pages, positions, cfg.scale)
         out = out.reshape(b, s, h, r + rd)[..., :r]  # the weighted latents
         out = jnp.einsum("bshr,hvr->bshv", out, up[:, nope:]).reshape(b, s, h * vd)
         return proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.attention_bias), k_cache, v_cache

@@ -27,8 +27,9 @@ def route(logits: jax.Array, k: int, normalize: bool, scoring: str = "softmax", 
     """Router `logits [T, E]` -> the chosen experts' weights and ids `[T, k]`. Scores are the softmax (Mixtral,
     Qwen) or the sigmoid (DeepSeek-V3) of the logits. The choice ranks the scores plus `bias` (DeepSeek-V3's
     `e_score_correction_bias`, for selection only), within the `top_groups` of `groups` expert groups whose two best
-    scores sum highest (`group_score` "top2", V3) or whose best is highest ("max", V2); the weights are the chosen scores, renormalized to sum to 1 when `normalize` (Mixtral
-    always; `norm_topk_prob`), times `scale` (`routed_scaling_factor`)."""
+    scores sum highest (`group_score` "top2", V3) or whose best is highest ("max", V2); the weights are the chosen
+    scores, renormalized to sum to 1 when `normalize` (Mixtral always; `norm_topk_prob`), times `scale`
+    (`routed_scaling_factor`)."""
     logits = logits.astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -74,8 +75,9 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
     ends = jnp.cumsum(per)
     items = jnp.arange(-(-p // tile) + min(e, p))  # enough for any sizes: each expert wastes less than a tile
     owner = jnp.minimum(jnp.searchsorted(ends, items, side="right"), e - 1)
-    first = (jnp.cumsum(sizes) - sizes)[owner] + (items - (ends - per)[owner]) * tile  # a tile's first row
-    last = jnp.cumsum(sizes)[owner]  # one past its expert's rows
+    bounds = jnp.cumsum(sizes)  # one past each expert's rows
+    first = (bounds - sizes)[owner] + (items - (ends - per)[owner]) * tile  # a tile's first row
+    last = bounds[owner]
     xp = jnp.concatenate([x, jnp.zeros((tile, x.shape[1]), x.dtype)])
 
     def body(i, out):
@@ -133,11 +135,10 @@ class Experts(nn.Module):
         up = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
         down = Weight((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
         act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-        tile, ws = tile_for(ids.size, e), (gate(), up(), down())
-        if tile and stacks is not None:
-            ws = tuple(stacks[n]["weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-            return experts(rows, weights, ids, *ws, act, tile, layer)
-        return experts(rows, weights, ids, *ws, act, tile)
+        tile, ws, at = tile_for(ids.size, e), (gate(), up(), down()), None
+        if tile and stacks is not None:  # the loop reads this layer's experts from the whole stacks
+            ws, at = tuple(stacks[n]["weight"] for n in ("gate_proj", "up_proj", "down_proj")), layer
+        return experts(rows, weights, ids, *ws, act, tile, at)
 
 
 class Router(nn.Module):
@@ -170,7 +171,7 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer=None, stacks=None):
-        """`x [B, S, H]`; `layer` and `stacks` as for `MLP` (the router is a projection like any other)."""
+        """`x [B, S, H]`; `layer` and `stacks` as for `MLP` (the experts' loop reads its stacks too)."""
         cfg = self.cfg
         b, s, hidden = x.shape
         rows = x.reshape(b * s, hidden)

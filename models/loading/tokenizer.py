@@ -122,7 +122,8 @@ def load(source, folder: str) -> Tokenizer:
             with torch_hidden():
                 tok = tf.AutoTokenizer.from_pretrained(source.path)
             if not getattr(tok, "is_fast", False):
-                raise ValueError(f"{source.path}: only fast tokenizers (tokenizer.json, or one transformers converts) work")
+                raise ValueError(f"{source.path}: only fast tokenizers (tokenizer.json, or one transformers converts) "
+                                 "work")
             tok.save_pretrained(tmp)
         else:
             build_gguf_tokenizer(source.meta, tmp)
