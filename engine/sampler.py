@@ -16,9 +16,9 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
      slot's own key folded with its step counter (blocked cumulative sums: two short scans, no sort, no noise over
      the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw ~1 ms).
 
-Truncation never sorts the vocabulary in the common case: thresholds are found among the top `CANDIDATES` logits, and
-only when some slot's survivors may reach past them (top_k > CANDIDATES, or a flat distribution under top_p / min_p)
-does a `lax.cond` take the exact path that sorts the whole vocabulary.
+Truncation never sorts the vocabulary: thresholds are found among the top `CANDIDATES` logits, and only when some
+slot's survivors may reach past them (top_k > CANDIDATES, a flat distribution under top_p / min_p, typical_p alone)
+does a `lax.cond` take the exact path, bisections over the logits' float32 bit patterns (`_truncate_exact`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 CANDIDATES = 64
-WIDE_CANDIDATES = 1024  # the second tier (lax.top_k: ~3 ms for 64, ~14 ms for 1,024, a full sort ~290 ms)
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
 
@@ -151,7 +150,7 @@ def typical_threshold(z: jax.Array, lse: jax.Array, mass: jax.Array) -> tuple[ja
     tokens with `|-(z - lse) - entropy| <= shift_threshold` are the most typical ones whose probability reaches
     `mass`, as transformers' `TypicalLogitsWarper` chooses them. The threshold is the smallest float whose kept mass
     reaches `mass`, found by bisection over float32 bit patterns (non-negative floats order as their bits): 31
-    passes over the vocabulary. `lse` is the log-normaliser of `z`."""
+    passes over the vocabulary. `lse` is the log-normaliser of `z` (-inf entries are excluded tokens)."""
     logp = z - lse[:, None]
     q = jnp.exp(logp)
     ent = -jnp.sum(jnp.where(q > 0, q * logp, 0.0), axis=-1)
@@ -170,6 +169,54 @@ def typical_threshold(z: jax.Array, lse: jax.Array, mass: jax.Array) -> tuple[ja
     return ent, jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
+def ordered_bits(z: jax.Array) -> jax.Array:
+    """float32 values as uint32 keys in the same order (-inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(z, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def largest_key(keys: jax.Array, weight: jax.Array, need: jax.Array) -> jax.Array:
+    """Per row, the largest key `t` with `sum(weight where keys >= t) >= need`: a bisection over the 2^32 keys, one
+    masked sum over the vocabulary per halving (32 of them)."""
+    def halve(_, bounds):
+        lo, hi = bounds  # the answer lies in [lo, hi]
+        d = hi - lo
+        mid = lo + d // 2 + (d & 1)
+        ok = jnp.sum(jnp.where(keys >= mid[:, None], weight, 0.0), axis=-1) >= need
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    b = keys.shape[0]
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros((b,), jnp.uint32), jnp.full((b,), 0xFFFFFFFF, jnp.uint32)))
+    return lo
+
+
+def _truncate_exact(z: jax.Array, lse_all: jax.Array, p: SamplerParams, k: jax.Array, rows: jax.Array):
+    """`_truncate_sorted`'s four thresholds over the whole vocabulary, without a sort: the k-th largest logit and
+    top_p's cut are bisections over the logits' bit patterns (`largest_key`), typical_p's over the shifts
+    (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it."""
+    vocab = z.shape[-1]
+    b = z.shape[0]
+    keys = ordered_bits(z)
+    zero = jnp.zeros((b,), jnp.uint32)
+    cut_k = rows & (k < vocab)
+    kth = jax.lax.cond(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero)
+    keep = keys >= jnp.where(cut_k, kth, 0)[:, None]
+    masked = jnp.where(keep, z, NEG_INF)
+    lse = jnp.where(k >= vocab, lse_all, jax.nn.logsumexp(masked, axis=-1))  # top_p over what top_k left
+    cut_p = rows & (p.top_p < 1.0)
+    pth = jax.lax.cond(jnp.any(cut_p), lambda: largest_key(keys, jnp.exp(masked - lse[:, None]), p.top_p),
+                       lambda: zero)
+    keep &= keys >= jnp.where(cut_p, pth, 0)[:, None]
+    keep &= z >= jnp.max(z, axis=-1, keepdims=True) + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
+    thr = jnp.min(jnp.where(keep, z, jnp.inf), axis=-1)
+    masked = jnp.where(keep, z, NEG_INF)
+    lse_kept = jax.nn.logsumexp(masked, axis=-1)
+    cut_t = rows & (p.typical_p < 1.0)
+    ent, shift_thr = jax.lax.cond(jnp.any(cut_t), lambda: typical_threshold(masked, lse_kept, p.typical_p),
+                                  lambda: (jnp.zeros((b,)), jnp.full((b,), jnp.inf)))
+    return thr, lse_kept, ent, jnp.where(cut_t, shift_thr, jnp.inf)
+
+
 def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
     """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]`."""
     vocab = z.shape[-1]
@@ -180,31 +227,17 @@ def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
 
 def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array) -> jax.Array:
     vocab = z.shape[-1]
+    n = min(CANDIDATES, vocab)
     lse_all = jax.nn.logsumexp(z, axis=-1)
-    # Rows where typical_p alone truncates get an exact threshold over the whole vocabulary (no sort, no candidates).
-    only_typical = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p < 1.0)
-    others = ~trivial & ~only_typical
-
-    def among(n):  # thresholds from the n largest logits, and whether some row's survivors may lie past them
-        # Use the indices: XLA rewrites a values-only top_k into a full sort.
-        _, idx = jax.lax.top_k(z, min(n, vocab))
-        out = _truncate_sorted(jnp.take_along_axis(z, idx, axis=1), lse_all, vocab, p)
-        return out, jnp.any(others & (((k > n) & (k < vocab)) | ((k >= vocab) & out[4])))
-
-    # Three tiers, each taken only when a row needs it: 64 candidates, 1,024, then the whole sorted vocabulary.
-    exact = lambda: _truncate_sorted(-jnp.sort(-z, axis=-1), lse_all, vocab, p)  # noqa: E731
-
-    def wide():
-        out, inexact = among(WIDE_CANDIDATES)
-        return jax.lax.cond(inexact, exact, lambda: out)
-
-    fast, inexact = among(CANDIDATES)
-    thr, lse_kept, ent, shift_thr, _ = jax.lax.cond(inexact, wide, lambda: fast)
-    ent_t, thr_t = jax.lax.cond(jnp.any(only_typical), lambda: typical_threshold(z, lse_all, p.typical_p),
-                                lambda: (ent, shift_thr))
-    thr = jnp.where(only_typical, -jnp.inf, thr)
-    lse_kept, ent = jnp.where(only_typical, lse_all, lse_kept), jnp.where(only_typical, ent_t, ent)
-    shift_thr = jnp.where(only_typical, thr_t, shift_thr)
+    # Thresholds among the n largest logits (use the indices: XLA rewrites a values-only top_k into a full sort).
+    _, idx = jax.lax.top_k(z, n)
+    *fast, last_survives = _truncate_sorted(jnp.take_along_axis(z, idx, axis=1), lse_all, vocab, p)
+    # Rows whose survivors may lie past the candidates (a top_k beyond them, or none and the last candidate still
+    # in: a flat distribution, or typical_p alone) take the exact path, without a sort.
+    rows = ~trivial & (((k > n) & (k < vocab)) | ((k >= vocab) & last_survives))
+    thr, lse_kept, ent, shift_thr = jax.lax.cond(
+        jnp.any(rows), lambda: [jnp.where(rows, e, f) for e, f in zip(_truncate_exact(z, lse_all, p, k, rows), fast)],
+        lambda: fast)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])
     return keep | trivial[:, None]

@@ -84,6 +84,27 @@ def test_chained_warpers_and_temperature_match_transformers():
         np.testing.assert_allclose(our_probs(z[i], keep[i]), our_probs(x[0].numpy(), want_keep), atol=1e-5)
 
 
+def test_random_chains_in_one_batch_match_transformers_on_both_paths():
+    """40 rows of random settings, flat and peaked, in one call: rows whose survivors lie within the 64 candidates and
+    rows that take the exact path (top_k past them, flat top_p / min_p, typical_p alone) give transformers' sets."""
+    rng = np.random.default_rng(3)
+    b = 40
+    logits = (rng.standard_normal((b, V)) * rng.choice([0.3, 1.0, 4.0], b)[:, None]).astype(np.float32)
+    rows = dict(top_k=rng.choice([0, 0, 5, 64, 65, 300], b), top_p=rng.choice([1.0, 0.5, 0.9, 0.99], b),
+                min_p=rng.choice([0.0, 0.0, 0.01, 0.1], b), typical_p=rng.choice([1.0, 1.0, 0.7, 0.95], b))
+    keep = np.asarray(smp.truncation_mask(jnp.asarray(logits), params(b, **rows)))
+    for i in range(b):
+        k, top_p, min_p, typ = (rows[n][i] for n in ("top_k", "top_p", "min_p", "typical_p"))
+        procs = [TopKLogitsWarper(int(k))] if k else []
+        procs += [TopPLogitsWarper(float(top_p))] if top_p < 1 else []
+        procs += [MinPLogitsWarper(float(min_p))] if min_p > 0 else []
+        procs += [TypicalLogitsWarper(float(typ))] if typ < 1 else []
+        x = torch.tensor(logits[i][None])
+        for proc in procs:
+            x = proc(torch.zeros((1, 1), dtype=torch.long), x)
+        assert np.array_equal(keep[i], np.isfinite(x[0].numpy())), (i, k, top_p, min_p, typ)
+
+
 def test_repetition_penalty_matches_transformers():
     rng = np.random.default_rng(2)
     logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
