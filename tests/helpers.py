@@ -1,5 +1,6 @@
 """Test helpers: run our model's full-sequence logits, and HF reference pieces."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,7 +18,9 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     n = -(-s // page)
     cache = KVCache.zeros(model_module.cfg, 1 + b * n, page)  # page 0 is scratch; row i holds pages 1 + i*n ...
     table = 1 + np.arange(b * n, dtype=np.int32).reshape(b, n)
-    logits, _ = model_module.apply(params, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(table), cache, None, True)
+    # One program (run eagerly, the forward pass would compile each of its hundreds of operations on its own).
+    forward = jax.jit(lambda p, t, q, tb, c: model_module.apply(p, t, q, tb, c, None, True)[0])
+    logits = forward(params, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(table), cache)
     logits = np.asarray(logits)
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
 
