@@ -135,6 +135,9 @@ class Runner:
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
         self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.per_shard) + (self.per_shard,)
+        # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
+        self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
+                                         for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
@@ -309,7 +312,7 @@ class Runner:
         jobs = self.first_jobs()
         for size in self.prefill_buckets:
             budget = max(self.rc.max_prefill_tokens, size)
-            rows = [r for r in (1, 2, 4, PREFILL_ROWS) if size <= BATCHED_PREFILL or r * size <= budget]
+            rows = [r for r in self.prefill_rows if size <= BATCHED_PREFILL or r * size <= budget]
             starts = (0, *(self.attend if full else self.attend[:1]))  # a fresh prompt, and a cached prefix's
             for nb in (self.dp * r for r in rows):
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
@@ -420,7 +423,7 @@ class Runner:
     def prefill_many(self, items: list[tuple[int, np.ndarray, list[int], int]]) -> None:
         """Prefill `(slot, table row, tokens, start)` items; each one's last logits go to `logits[slot]`. Items with
         up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
-        `PREFILL_ROWS` rows per shard, padded to a power of two); longer ones go through the chunked `prefill`."""
+        `prefill_rows[-1]` rows per shard, padded to a power of two); longer ones go through the chunked `prefill`."""
         groups: dict[tuple[int, int], list[list[int]]] = {}
         for i, (slot, table, tokens, start) in enumerate(items):
             n = len(tokens) - start
@@ -432,9 +435,9 @@ class Runner:
                 self.prefill(slot, table, tokens, start)
         for (size, attend), per in groups.items():
             while any(per):
-                parts = [idx[:PREFILL_ROWS] for idx in per]
-                per = [idx[PREFILL_ROWS:] for idx in per]
-                nb = bucket(max(map(len, parts)), (1, 2, 4, PREFILL_ROWS))
+                most = self.prefill_rows[-1]
+                parts, per = [idx[:most] for idx in per], [idx[most:] for idx in per]
+                nb = bucket(max(map(len, parts)), self.prefill_rows)
                 toks = np.zeros((self.dp * nb, size), np.int32)
                 lengths, starts = np.ones(self.dp * nb, np.int32), np.zeros(self.dp * nb, np.int32)
                 tables = np.zeros((self.dp * nb, self.max_pages), np.int32)  # padding rows: all scratch
