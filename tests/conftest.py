@@ -20,6 +20,11 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The engine settings of the `llm` fixture and the `api` server: tests that need no others use these, so each program
+# is compiled once per suite (the program store on disk serves every worker and later process).
+ENGINE = dict(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The packaged default model, loaded once per test session."""
@@ -38,10 +43,11 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def llm(smollm):
-    """An offline engine over the default model (8 slots, 1024 tokens)."""
+    """An offline engine over the default model with the `api` server's settings (`ENGINE`: 32 slots, 1024 tokens),
+    so the two share compiled programs through the program store."""
     from engine import LLM
 
-    return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
+    return LLM(smollm, **ENGINE)
 
 
 # Defaults the served model advertises in the tests (as a generation_config.json would): requests that leave these
@@ -88,7 +94,7 @@ def api(smollm):
     from engine.runner import RunnerConfig
 
     model = dataclasses.replace(smollm, generation_config={**smollm.generation_config, **SERVED_DEFAULTS})
-    rc = RunnerConfig(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
+    rc = RunnerConfig(**ENGINE)
     yield from live_server(model, rc, max_body_mb=1.0)
 
 

@@ -1,7 +1,8 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4, D = 4 and T = 2 x D = 2 give
-the single-device tokens (greedy and seeded) with 16 requests in flight, n = 2 among them; so does T = 2 x D = 2 over
-two processes of 2 virtual devices each (jax.distributed on loopback, gloo collectives), and killing process 1 makes
-process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up error.
+the single-device tokens (greedy and seeded) for 16 concurrent requests on 8 slots, n = 2 among them; so does
+T = 2 x D = 2 over two processes of 2 virtual devices each (jax.distributed on loopback, gloo collectives), and
+killing process 1 makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a
+clear start-up error.
 
 Under tensor parallelism the projections after attention and in the MLP sum partial products across devices (an
 all-reduce), so float32 logits differ from one device's in the last bits. A seeded draw whose uniform falls within
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
-ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4"]
+ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4"]
 SERVE = r"""
 import json, os, sys
 import numpy as np
@@ -38,7 +39,7 @@ use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)
-    for api in live_server(model, RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
+    for api in live_server(model, RunnerConfig(max_num_seqs=8, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url)
         if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one

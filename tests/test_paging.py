@@ -103,7 +103,14 @@ def test_nothing_leaks_after_a_mixed_run(llm):
     assert not eng.tables.any() and len(eng.free) == eng.runner.slots
 
 
-def test_different_lengths_hits_and_misses_compile_nothing_new(llm):
+def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothing_new(smollm):
+    """The warm-up covers what short requests need: prompts of any length up to a chunk, cache misses and hits (a
+    prefix in the pages), n > 1, and structured output's one-step decode (n = 1 and 3)."""
+    from engine.grammar import grammar_text
+    from engine.llm import LLM
+
+    # A short context: few prefill shapes to warm up (the decode ones are those of any context).
+    llm = LLM(smollm, max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.05)
     eng = llm.engine
     eng.warmup()
     before = eng.runner.compiles
@@ -115,6 +122,16 @@ def test_different_lengths_hits_and_misses_compile_nothing_new(llm):
     hits = llm.generate(prompts, params)  # hits
     assert sum(o.cached_tokens for o in hits) > 0
     llm.generate(prompts, params, prompt_cache_max_len=0)
+    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    grammar = grammar_text({"type": "json_schema", "json_schema": schema})
+    for n in (1, 3):
+        r = eng.make_request(eng.tok.encode("A person as JSON:"), SamplingParams(seed=n, n=n, max_tokens=20),
+                             grammar=grammar)
+        eng.add(r)
+        while eng.has_work():
+            eng.step()
+        assert all(c.token_ids for c in r.choices)
     assert eng.runner.compiles == before
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import ENGINE
 from engine import SamplingParams
 from engine.speculative import Drafter, match, worth_verifying
 
@@ -184,7 +185,7 @@ def ngram_llm(smollm):
     """The `llm` fixture's engine with n-gram drafting on (its programs come from the program store)."""
     from engine import LLM
 
-    return LLM(smollm, max_num_seqs=8, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5, ngram=True)
+    return LLM(smollm, **ENGINE, ngram=True)
 
 
 def test_ngram_drafts_copy_from_the_prompt_and_keep_the_tokens(llm, ngram_llm):

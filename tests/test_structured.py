@@ -102,24 +102,6 @@ def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
         _valid(r.choices[0].text, PERSON)
 
 
-def test_warmup_compiles_the_constrained_decode(smollm):
-    from engine.engine import Engine
-    from engine.runner import RunnerConfig
-
-    # A short context: few prefill shapes to warm up (the decode ones, which this checks, are the same).
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.05))
-    eng.warmup()
-    before = eng.runner.compiles
-    grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
-    for n in (1, 3):
-        r = eng.make_request(eng.tok.encode("A person as JSON:"), SamplingParams(seed=n, n=n, max_tokens=20),
-                             grammar=grammar)
-        eng.add(r)
-        while eng.has_work():
-            eng.step()
-    assert eng.runner.compiles == before
-
-
 @pytest.mark.parametrize("fmt,needle", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}, "type must be a string"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": []}}},
