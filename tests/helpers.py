@@ -25,10 +25,10 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
 
 
-def run_all(eng, prompts, params):
+def run_all(eng, prompts, params, **request):
     """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
-    order."""
-    reqs = [eng.make_request(p, q) for p, q in zip(prompts, params)]
+    order. `request`: more arguments of `Engine.make_request` (a grammar), the same for every prompt."""
+    reqs = [eng.make_request(p, q, **request) for p, q in zip(prompts, params)]
     for r in reqs:
         eng.add(r)
     while eng.has_work():

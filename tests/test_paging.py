@@ -126,11 +126,8 @@ def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothi
               "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
     grammar = grammar_text({"type": "json_schema", "json_schema": schema})
     for n in (1, 3):
-        r = eng.make_request(eng.tok.encode("A person as JSON:"), SamplingParams(seed=n, n=n, max_tokens=20),
-                             grammar=grammar)
-        eng.add(r)
-        while eng.has_work():
-            eng.step()
+        r, = run_all(eng, [eng.tok.encode("A person as JSON:")], [SamplingParams(seed=n, n=n, max_tokens=20)],
+                     grammar=grammar)
         assert all(c.token_ids for c in r.choices)
     assert eng.runner.compiles == before
 
