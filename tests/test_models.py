@@ -104,9 +104,8 @@ print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
 
 
-def test_gguf_tokenizer_matches_transformers(smollm, smollm_path):
-    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm_path),
-                                                     gguf_file=os.path.basename(smollm_path))
+def test_gguf_tokenizer_matches_transformers(smollm, hf_smollm):
+    ref = hf_smollm[0]
     msgs = [{"role": "user", "content": "Héllo wörld! 123 — ünïcode, emoji 🎉 and    spaces."}]
     a = smollm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     b = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -148,16 +147,30 @@ def hf_greedy(model, tok, ids: list[int], max_new: int) -> tuple[list[int], list
 
 
 def hf_reference(path: str):
-    """transformers' tokenizer and float32 model for a GGUF file."""
+    """transformers' tokenizer and float32 model for a GGUF file. transformers parses the file three times (config,
+    tensors, tokenizer) and rebuilds gguf's tensor-name map for every tensor: ~40 s for the default model here. Both
+    are pure functions of their arguments, so they are memoized for the load (the same reader, the same map)."""
+    import functools
+    from unittest import mock
+
+    import gguf
+
     folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)), \
+            mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return tok, model
 
 
-def greedy_reference(path: str, prompts, max_new: int):
+@pytest.fixture(scope="module")
+def hf_smollm(smollm_path):
+    """transformers' tokenizer and model for the packaged default model, loaded once for this file."""
+    return hf_reference(smollm_path)
+
+
+def greedy_reference(tok, model, prompts, max_new: int):
     """transformers' greedy continuation of chat prompts: (prompt ids, new ids, top-two gaps) each."""
-    tok, model = hf_reference(path)
     out = []
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -173,10 +186,10 @@ def assert_greedy_match(ours: list[int], ref: list[int], gaps: list[float]):
     assert ours[:n] == ref[:n], (ours, ref, tie)
 
 
-def test_smollm2_greedy_matches_transformers(llm, smollm_path):
+def test_smollm2_greedy_matches_transformers(llm, hf_smollm):
     from engine import SamplingParams
 
-    refs = greedy_reference(smollm_path, PROMPTS, 64)
+    refs = greedy_reference(*hf_smollm, PROMPTS, 64)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], SamplingParams(temperature=0, max_tokens=64))
     for (prompt_ids, ref, gaps), out in zip(refs, outs):
         assert out.prompt_token_ids == prompt_ids

@@ -407,7 +407,7 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
 def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(tmp_path):
     import anthropic
 
-    flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "256",
+    flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1",
              "--responses-db", str(tmp_path / "responses.sqlite"), "--warmup", "none")
     child = spawn(*flags, timeout=240)
     proc, url = child.proc, child.url
