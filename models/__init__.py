@@ -186,7 +186,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                                                                                  matmul="xla")))
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str))
-        tree = convert(source, cfg, table, shapes, fam.gguf_fix)
+        tree = convert(source, cfg, table, shapes, fam.gguf_fix, getattr(fam, "GGUF_SPLITS", None))
         if quantization == "int8":
             tree = quantize_tree(tree)
         if packed:

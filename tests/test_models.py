@@ -1,6 +1,5 @@
 """Every family against transformers on the same random weights; the packaged SmolLM2 token for token."""
 
-import json
 import os
 import subprocess
 import sys

@@ -40,6 +40,8 @@ def _config(kind: str, vocab: int = 256):
         mla = dict(kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                    rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
                                         mscale=1.0, mscale_all_dim=0.8, rope_theta=10000.0))
+        if kind == "deepseek-v3-gguf":  # GGUF keeps one YaRN mscale (DeepSeek's checkpoints have the two equal)
+            mla["rope_parameters"]["mscale"] = 0.8
         if kind == "deepseek-v3-plain":  # no q LoRA, default RoPE in halves, no renormalization
             mla.update(q_lora_rank=None, rope_interleave=False, rope_parameters=dict(rope_type="default",
                                                                                     rope_theta=10000.0))
@@ -263,6 +265,106 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    ours = load_model(path, with_tokenizer=False)
+    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
+    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _write_deepseek2_gguf(ref, path: str, split_kv_b: bool) -> None:
+    """`ref` written as llama.cpp's converter writes DeepSeek-V2/V3 (`deepseek2`): one KV head and 576-style key
+    lengths with the per-head `_mla` ones, the experts stacked, the selection bias as `exp_probs_b.bias`, and
+    `kv_b_proj` split into `attn_k_b` (transposed) and `attn_v_b`, or whole (`attn_kv_b`, files before 2025)."""
+    import gguf
+
+    cfg = ref.config
+    rope = cfg.rope_parameters
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    sigmoid = isinstance(cfg, transformers.DeepseekV3Config)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.q_lora_rank:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    r, nope, rd, vd = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    h = cfg.num_attention_heads
+    w.add_kv_lora_rank(r)
+    w.add_key_length(r + rd)
+    w.add_value_length(r)
+    w.add_key_length_mla(nope + rd)
+    w.add_value_length_mla(vd)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    if cfg.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rd)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+             "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+             "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    inter = cfg.moe_intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        for hf, gg in names.items():
+            if f"{pre}{hf}.weight" in sd:
+                w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
+        kv_b = sd[f"{pre}self_attn.kv_b_proj.weight"]
+        if split_kv_b:  # convert_hf_to_gguf.py: view [H, nope + v, r], split, k_b transposed
+            k_b, v_b = np.split(kv_b.reshape(h, nope + vd, r), [nope], axis=1)
+            w.add_tensor(f"blk.{i}.attn_k_b.weight", np.ascontiguousarray(k_b.transpose(0, 2, 1)))
+            w.add_tensor(f"blk.{i}.attn_v_b.weight", np.ascontiguousarray(v_b))
+        else:
+            w.add_tensor(f"blk.{i}.attn_kv_b.weight", kv_b)
+        if f"{pre}mlp.gate.e_score_correction_bias" in sd:
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", sd[f"{pre}mlp.gate.e_score_correction_bias"])
+        if f"{pre}mlp.experts.gate_up_proj" in sd:
+            gate_up = sd[f"{pre}mlp.experts.gate_up_proj"]  # [E, 2I, H]
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"{pre}mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind,split", [("deepseek-v3-gguf", True), ("deepseek-v2", False)])
+def test_gguf_deepseek_equals_the_hf_folder(kind, split, tmp_path, monkeypatch):
+    """DeepSeek-V3 (q LoRA, sigmoid routing with its bias, `attn_k_b`/`attn_v_b`) and V2 (one q projection,
+    group-limited softmax routing, the older whole `attn_kv_b`) written as llama.cpp's `deepseek2` GGUF give the HF
+    folder's config and logits."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model(kind, str(tmp_path / "hf"))
+    path = str(tmp_path / f"tiny-{kind}.gguf")
+    _write_deepseek2_gguf(ref, path, split)
     hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     ours = load_model(path, with_tokenizer=False)
     assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32

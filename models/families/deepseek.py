@@ -32,6 +32,16 @@ def hf_name(name: str) -> str:
     return name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
 
 
+def join_kv_b(cfg: ModelConfig, k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """`kv_b_proj` from llama.cpp's parts: `k_b [H, kv_lora_rank, nope]` (each head's key rows, transposed) and
+    `v_b [H, v_head_dim, kv_lora_rank]`, a head's key rows then its value rows."""
+    return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, cfg.kv_lora_rank)
+
+
+# llama.cpp's files since its MLA support (2025) store `attn_kv_b` as these two; older ones hold it whole.
+GGUF_SPLITS = {"attn_kv_b": (("attn_k_b", "attn_v_b"), join_kv_b)}
+
+
 def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """DeepSeek GGUF tensors are read as they are."""
+    """DeepSeek GGUF tensors are read as they are (GGML's RoPE turns interleaved pairs, as the checkpoints do)."""
     return w

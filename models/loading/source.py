@@ -154,7 +154,7 @@ def _open_gguf(path: str) -> Source:
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM"}
+              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM"}
 
 
 def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +187,11 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
     scaling = g("rope.scaling.type")
     if scaling == "linear":
         d["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    elif scaling == "yarn":
+        d["rope_scaling"] = {"rope_type": "yarn", "factor": g("rope.scaling.factor"),
+                             "original_max_position_embeddings": g("rope.scaling.original_context_length"),
+                             "beta_fast": g("rope.scaling.yarn_beta_fast", 32.0),
+                             "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
     elif scaling not in (None, "none"):
         raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported")
     if arch == "gemma3":
@@ -206,7 +211,34 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                  shared_expert_intermediate_size=g("expert_shared_feed_forward_length") or 0,
                  norm_topk_prob=g("expert_weights_norm", arch == "qwen3moe"))
         d["intermediate_size"] = d["intermediate_size"] or d["moe_intermediate_size"]
+    if arch == "deepseek2":
+        d.update(_deepseek2_config(g, d))
     return d
+
+
+def _deepseek2_config(g: Callable[..., Any], d: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2/V3's fields from llama.cpp's `deepseek2` metadata: latent attention (its file says one KV head
+    and a 576-wide key; the per-head widths are the `_mla` lengths), interleaved RoPE pairs (GGML's "normal" RoPE on
+    the weights as they are), and routing by sigmoid (V3) or softmax (V2), grouped when there are groups. YaRN's
+    `mscale_all_dim` is kept as `yarn_log_multiplier / 0.1` (rounded to 6 places: the file holds float32);
+    llama.cpp has no separate `mscale`, which DeepSeek's checkpoints set equal to it."""
+    rope = g("rope.dimension_count")
+    sigmoid = g("expert_gating_func") == 2
+    groups = g("expert_group_count") or 1
+    out = dict(architectures=["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
+               num_key_value_heads=d["num_attention_heads"], kv_lora_rank=g("attention.kv_lora_rank"),
+               q_lora_rank=g("attention.q_lora_rank"), qk_rope_head_dim=rope,
+               qk_nope_head_dim=(g("attention.key_length_mla") or g("attention.key_length")) - rope,
+               v_head_dim=g("attention.value_length_mla") or g("attention.value_length"), rope_interleave=True,
+               first_k_dense_replace=g("leading_dense_block_count", 0), n_routed_experts=g("expert_count"),
+               n_shared_experts=g("expert_shared_count", 0), routed_scaling_factor=g("expert_weights_scale", 1.0),
+               n_group=groups, topk_group=g("expert_group_used_count") or 1,
+               topk_method="noaux_tc" if sigmoid else "group_limited_greedy" if groups > 1 else "greedy")
+    out["head_dim"] = out["qk_nope_head_dim"] + rope
+    if "rope_scaling" in d and g("rope.scaling.yarn_log_multiplier"):
+        mscale = round(g("rope.scaling.yarn_log_multiplier") / 0.1, 6)
+        d["rope_scaling"].update(mscale=mscale, mscale_all_dim=mscale)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +283,10 @@ _IGNORABLE = ("rotary_emb.inv_freq", "rope_freqs.weight")
 
 
 def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[tuple, tuple],
-            gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray]) -> dict:
-    """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over."""
+            gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray], gguf_splits: dict | None = None) -> dict:
+    """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over.
+    `gguf_splits`: GGUF tensors a file may hold in parts instead, `{name: ((part names), join(cfg, *parts))}`
+    (llama.cpp's DeepSeek files split `attn_kv_b` into `attn_k_b` and `attn_v_b`)."""
     from tqdm import tqdm
 
     dtype = np.dtype("float32") if cfg.dtype == "float32" else _np_dtype(cfg.dtype)
@@ -261,11 +295,20 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
     tree: dict = {}
     for e in tqdm(table, desc=f"converting {os.path.basename(source.path)}", unit="tensor", leave=False):
         parts = (e.gguf,) if source.kind == "gguf" else (e.hf,) if isinstance(e.hf, str) else e.hf
+        join = None
+        if source.kind == "gguf" and e.gguf not in names:
+            kind = e.gguf.split(".")[2]  # blk.{i}.{kind}.weight
+            if kind in (gguf_splits or {}):
+                pieces, join = gguf_splits[kind]
+                parts = tuple(e.gguf.replace(f".{kind}.", f".{p}.") for p in pieces)
         for name in parts:
             if name not in names:
                 raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
-        w = source.read(parts[0]) if len(parts) == 1 else np.stack([source.read(n) for n in parts])
-        name = parts[0]
+        if join is not None:
+            w = join(cfg, *(source.read(n) for n in parts))
+        else:
+            w = source.read(parts[0]) if len(parts) == 1 else np.stack([source.read(n) for n in parts])
+        name = e.gguf if join is not None else parts[0]
         if source.kind == "gguf":
             w = gguf_fix(cfg, name, w)
         if w.shape != shapes[e.path]:
