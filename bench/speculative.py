@@ -6,6 +6,9 @@ one run, at 1, 8 and 32 concurrent streams (greedy chat completions, streamed).
 - extraction: quote the lines of a long prompt that mention one word; with speculation the server drafts by n-gram
   lookup (`--speculative-ngram K`).
 - chat: stories with nothing to copy, with n-gram drafting on.
+- json editing: a JSON record and the request to change one field, under `response_format` json_object; with
+  speculation the original record is the prediction (drafts cut to what the grammar accepts, each drafted position
+  verified under its own mask).
 
 Two servers run one after the other: one as started by default (no n-gram drafts; a prediction still drafts) and one
 with `--speculative-ngram K`. Output tokens per second are counted from each request's first token to its last (the
@@ -59,16 +62,33 @@ def extract_messages(i: int) -> list[dict]:
                                         f"written, one per line."}]
 
 
+def record(i: int) -> str:
+    """A JSON record of 24 fields (~400 tokens)."""
+    import json
+
+    fields = {f"{WORDS[(i + j) % len(WORDS)]}_{j}": f"{COLOURS[j % len(COLOURS)]} {WORDS[(j * 7) % len(WORDS)]}"
+              if j % 2 else (i * 37 + j * 11) % 1000 for j in range(24)}
+    return json.dumps(fields, indent=1)
+
+
+def json_messages(i: int) -> list[dict]:
+    """Change one field of the record and reply with all of it, as JSON."""
+    return [{"role": "system", "content": "You edit JSON. Reply with the complete edited JSON and nothing else."},
+            {"role": "user", "content": f"{record(i)}\n\nSet the last field to {i + 1}."}]
+
+
 def chat_messages(i: int) -> list[dict]:
     """A story with nothing to copy."""
     return [{"role": "user", "content": f"Write a long story about a {WORDS[i % len(WORDS)]} and a "
                                         f"{WORDS[(i * 7 + 3) % len(WORDS)]}, number {i}."}]
 
 
-async def one(session, url: str, messages: list[dict], max_tokens: int, prediction: str | None = None) -> dict:
-    """One streamed greedy chat request: first and last token times, tokens, accepted and rejected drafts."""
+async def one(session, url: str, messages: list[dict], max_tokens: int, prediction: str | None = None,
+              extra: dict | None = None) -> dict:
+    """One streamed greedy chat request (`extra`: more body fields): first and last token times, tokens, accepted
+    and rejected drafts."""
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     if prediction is not None:
         body["prediction"] = {"type": "content", "content": prediction}
     t0 = time.perf_counter()
@@ -85,13 +105,15 @@ async def one(session, url: str, messages: list[dict], max_tokens: int, predicti
                 rejected=details.get("rejected_prediction_tokens", 0))
 
 
-async def level(url: str, make, n: int, max_tokens: int, prediction=None) -> dict:
-    """`n` concurrent requests: output tokens per second per stream (first to last token), summed; drafts kept."""
+async def level(url: str, make, n: int, max_tokens: int, prediction=None, extra: dict | None = None) -> dict:
+    """`n` concurrent requests (`prediction`: one for all, or a function of the request's index): output tokens
+    per second per stream (first to last token), summed; drafts kept."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
-        res = await asyncio.gather(*(one(s, url, make(i), max_tokens, prediction) for i in range(n)))
+        res = await asyncio.gather(*(one(s, url, make(i), max_tokens, prediction(i) if callable(prediction)
+                                         else prediction, extra) for i in range(n)))
     rate = sum((r["tokens"] - 1) / max(r["last"] - r["first"], 1e-6) for r in res)
     drafted = sum(r["accepted"] + r["rejected"] for r in res)
     return dict(rate=rate, tokens=sum(r["tokens"] for r in res),
@@ -116,19 +138,19 @@ def main() -> None:
     ap.add_argument("--ngram", type=int, default=8, help="K of the n-gram server")
     ap.add_argument("--tokens", type=int, default=256, help="max_tokens of every request")
     ap.add_argument("--smoke", action="store_true", help="one level of 1, 32 tokens: check that it runs")
-    ap.add_argument("--only", default="editing,extraction,chat", help="the workloads to run")
+    ap.add_argument("--only", default="editing,json,extraction,chat", help="the workloads to run")
     args = ap.parse_args()
     levels = (1,) if args.smoke else tuple(int(x) for x in args.levels.split(","))
     tokens = 32 if args.smoke else args.tokens
     common = ["--max-num-seqs", str(max(levels)), "--max-model-len", "2048"]
     rows = {}
 
-    def run(url, name, make, pred_on=None, pred_off=None, on_url=None):
+    def run(url, name, make, pred_on=None, pred_off=None, on_url=None, extra=None):
         for n in levels:
-            asyncio.run(level(url, make, n, tokens))  # warm this level's shapes, with drafts and without
-            asyncio.run(level(on_url or url, make, n, tokens, pred_on))
-            off = asyncio.run(level(url, make, n, tokens, pred_off))
-            on = asyncio.run(level(on_url or url, make, n, tokens, pred_on))
+            asyncio.run(level(url, make, n, tokens, extra=extra))  # warm this level's shapes, with drafts and without
+            asyncio.run(level(on_url or url, make, n, tokens, pred_on, extra))
+            off = asyncio.run(level(url, make, n, tokens, pred_off, extra))
+            on = asyncio.run(level(on_url or url, make, n, tokens, pred_on, extra))
             rows[(name, n)] = (off, on)
             print(name, n, off, on, flush=True)
 
@@ -138,6 +160,9 @@ def main() -> None:
         if "editing" in only:
             run(url, "editing, its prediction", edit_messages, pred_on=code_file())
             run(url, "editing, a wrong prediction", edit_messages, pred_on=code_file(1))
+        if "json" in only:  # each request's own record is its prediction
+            run(url, "json editing, its prediction", json_messages, pred_on=record,
+                extra={"response_format": {"type": "json_object"}})
         ngram = start([*common, "--speculative-ngram", str(args.ngram)], 8194, "/tmp/bench-spec-ngram.log")
         if "extraction" in only:
             run(url, "extraction, n-gram drafts", extract_messages, on_url="http://127.0.0.1:8194")

@@ -621,8 +621,8 @@ class Engine:
 
     def _drafter(self, req: Request) -> Drafter | None:
         """A new choice's draft source: the request's prediction, else n-gram lookup when the engine drafts so; none
-        under a grammar or a thinking budget (their masks come from the host one token at a time)."""
-        if req.grammar is not None or req.thinking is not None or not self.runner.rc.draft_tokens:
+        under a thinking budget (the block's close is drawn by the host)."""
+        if req.thinking is not None or not self.runner.rc.draft_tokens:
             return None
         if req.prediction:
             return Drafter(np.asarray(req.prediction, np.int64), 1, expect=self.runner.rc.draft_tokens / 2)
@@ -634,8 +634,13 @@ class Engine:
         drafts, k = {}, self.runner.rc.draft_tokens
         left = {slot: self._left(req, choice) for slot, (req, choice) in self.running.items()}
         for slot, (req, choice) in self.running.items():
-            if choice.drafter is not None:  # none under a grammar or a thinking budget
-                draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, left[slot] - 1))
+            if choice.drafter is not None:  # none under a thinking budget
+                room = left[slot] - 1
+                if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
+                    room = min(room, left[slot] - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
+                draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, room)) if room > 0 else []
+                if draft and choice.matcher is not None:  # what the grammar accepts of it
+                    draft = draft[:choice.matcher.m.validate_tokens(draft)]
                 if draft:
                     drafts[slot] = draft
         if not drafts:
@@ -683,12 +688,19 @@ class Engine:
         allowed = self._allowed(list(self.running))
         drafts = {slot: d for slot, d in drafts.items() if slot in self.running}  # not preempted by the reserve
         if drafts:
-            wide, ndraft = np.zeros((b, self.runner.rc.draft_tokens + 1), np.int32), np.zeros(b, np.int32)
+            w = self.runner.rc.draft_tokens + 1
+            wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
             wide[:, 0] = tokens
             for slot, d in drafts.items():
                 wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
+            masks = None
+            if allowed is not None:  # this step's masks, and a constrained draft's for each prefix it drafts
+                masks = np.repeat(allowed[:, None], w, axis=1)
+                for slot, d in drafts.items():
+                    if self.running[slot][1].matcher is not None:
+                        self.running[slot][1].matcher.draft_masks(d, masks[slot])
             outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, positions, ndraft, active,
-                                          self.tables, allowed)
+                                          self.tables, masks)
             self.verifies += 1
             for slot, d in drafts.items():
                 self.running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)

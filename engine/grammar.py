@@ -208,6 +208,21 @@ class Matcher:
             elif c == 0x22:  # quote
                 self.in_string = not self.in_string
 
+    def draft_masks(self, draft: list[int], out: np.ndarray) -> int:
+        """A verify step's masks (speculative decoding): `out[j]` (`[W, vocab / 32]`) gets the tokens allowed after
+        the first `j` drafted tokens, for as many of them as the grammar accepts; returns that count (the draft is
+        cut there: a token no mask allows is never drawn). Never closing. The matcher is left where it was."""
+        n = self.m.validate_tokens(draft[:out.shape[0] - 1]) if draft else 0
+        state = self.in_string, self.escaped
+        self.fill(out[0])
+        for j, token in enumerate(draft[:n]):
+            self.advance(token)
+            self.fill(out[j + 1])
+        if n and not self.m.rollback(n):
+            raise RuntimeError(f"llguidance could not roll back {n} drafted tokens: {self.m.get_error()}")
+        self.in_string, self.escaped = state
+        return n
+
     @property
     def done(self) -> bool:
         """The grammar is complete and admits nothing more (or the matcher failed)."""

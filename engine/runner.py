@@ -222,8 +222,9 @@ class Runner:
 
         def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
-            # scores all W positions; the sampler then runs over them in order, threading the row's state, and a
-            # row stays alive while each drafted token equals the token sampled before it.
+            # scores all W positions; the sampler then runs over them in order, threading the row's state (and
+            # each position's grammar mask, `allowed [nb, W, words]`), and a row stays alive while each drafted
+            # token equals the token sampled before it.
             nb, w = tokens.shape
             pos = positions[:, None] + jnp.arange(w)[None, :]
             logits, cache = forward(params, cache, tokens, pos, table, None, True)
@@ -233,7 +234,7 @@ class Runner:
             def one(carry, j):
                 part, alive = carry
                 live = alive & (j <= ndraft)
-                out, part = smp.sample(logits[:, j], sparams, part, live, allowed)
+                out, part = smp.sample(logits[:, j], sparams, part, live, jnp.take(allowed, j, axis=1))
                 nxt = jnp.take(tokens, jnp.minimum(j + 1, w - 1), axis=1)
                 return (part, live & (j < ndraft) & (out.token == nxt)), (out, live)
 
@@ -357,7 +358,7 @@ class Runner:
         w = self.rc.draft_tokens + 1
         return (self._verify, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb, w), _i32(nb),
                                _i32(nb), np.zeros(nb, bool), _i32(nb, -(-(w + attend) // self.page_size)),
-                               self.all_allowed[:nb]), {})
+                               self.wide_allowed(np.arange(nb), w)), {})
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -517,6 +518,10 @@ class Runner:
         self.state, out = self._first(self.state, self.params, logits, active, allowed)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
 
+    def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
+        """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""
+        return np.broadcast_to(self.all_allowed[rows][:, None], (len(rows), w, self.all_allowed.shape[1]))
+
     def programs(self) -> int:
         """Executables loaded or compiled so far (a call that changes it compiled something)."""
         return sum(len(f.exes) for f in (self._prefill, self._decode, self._first, self._set_row, self._copy,
@@ -546,9 +551,10 @@ class Runner:
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
                tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:
         """Score each active slot's last token and its draft (`tokens [slots, draft_tokens + 1]`, the first at
-        `positions`, `ndraft` drafted tokens after it) in one forward pass and sample every position in order.
-        Returns the outputs `[draft_tokens + 1, slots, ...]` and which of them a slot keeps (`[draft_tokens + 1,
-        slots]`: its accepted drafts and the token after them), as numpy indexed by slot."""
+        `positions`, `ndraft` drafted tokens after it) in one forward pass and sample every position in order
+        (`allowed`: `[slots, draft_tokens + 1, W]` bitmasks, one per position). Returns the outputs
+        `[draft_tokens + 1, slots, ...]` and which of them a slot keeps (`[draft_tokens + 1, slots]`: its accepted
+        drafts and the token after them), as numpy indexed by slot."""
         nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
         w = tokens.shape[1]
@@ -557,6 +563,6 @@ class Runner:
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions[rows].astype(np.int32), ndraft[rows].astype(np.int32), active[rows],
-            self.table(tables[rows], w + attend), (self.all_allowed if allowed is None else allowed)[rows])
+            self.table(tables[rows], w + attend), self.wide_allowed(rows, w) if allowed is None else allowed[rows])
         outs = jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
         return outs, self.by_slot(np.asarray(kept), rows, axis=1)

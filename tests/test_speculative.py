@@ -83,6 +83,46 @@ def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong
     assert sum(o.drafted - o.accepted for o in wrong) > 0  # it did draft, and lost
 
 
+def test_constrained_requests_draft_and_keep_their_tokens(llm):
+    """Under a JSON schema a draft is cut to what the grammar accepts and verified with a mask for each drafted
+    prefix: the tokens are those without drafts (greedy exactly, seeded but for rare flips), the replies valid, and
+    a right prediction mostly accepted; a wrong one costs nothing but its drafts."""
+    import json
+
+    import jsonschema
+
+    from engine.grammar import grammar_text
+    from helpers import run_all
+
+    schema = {"type": "object", "required": ["name", "age", "city"], "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
+    grammar = grammar_text({"type": "json_schema", "json_schema": schema})
+    eng = llm.engine
+    prompt = eng.tok.encode("A person as JSON, with their name, age and city:")
+    settings = [SETTINGS[0], SETTINGS[1], SETTINGS[3], SETTINGS[5]]  # greedy, penalties, top-p n = 2, mirostat
+    settings = [SamplingParams(**{**p.__dict__, "max_tokens": 60}) for p in settings]
+
+    def run(prediction=None):
+        reqs = run_all(eng, [prompt] * len(settings), settings, grammar=grammar, prediction=prediction)
+        return [type("Out", (), {"outputs": r.choices, "accepted": r.accepted, "drafted": r.drafted}) for r in reqs]
+
+    plain = run()
+    right = plain[0].outputs[0].token_ids
+    eng.verify_always = True
+    try:
+        spec, wrong = run(right), run(eng.tok.encode('{"name": "Zed Zed", "age": 1234567, "city": "x"}'))
+    finally:
+        eng.verify_always = False
+    assert_same(spec, plain, settings)
+    assert_same(wrong, plain, settings)
+    assert spec[0].accepted >= 0.8 * len(right) - 2, (spec[0].accepted, len(right))
+    assert sum(o.drafted - o.accepted for o in wrong) > 0
+    for out in spec:
+        for c in out.outputs:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(eng.tok.decode(c.token_ids, skip_special_tokens=True)), schema)
+
+
 def test_a_crowd_of_sixteen_mixing_drafts_gives_every_request_its_own_tokens(llm):
     asks = [[{"role": "user", "content": f"List {i + 2} fruits, one per line."}] for i in range(16)]
     params = [SETTINGS[i % len(SETTINGS)] for i in range(16)]
@@ -232,10 +272,13 @@ def test_prediction_and_speculation_over_http_with_the_official_client(api, clie
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens > 20
     fmt = {"type": "json_object"}
-    framed = [client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=30, temperature=0,
-                                             response_format=fmt, **extra).choices[0].message.content
-              for extra in ({}, {"prediction": {"type": "content", "content": '{"add": "a + b"}'}})]
-    assert framed[0] == framed[1]  # constrained requests do not draft: the same reply
+    framed = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=30, temperature=0,
+                                            response_format=fmt).choices[0].message.content
+    for guess in (framed, '{"add": "a + b"}'):  # constrained requests draft too (what the grammar accepts)
+        again = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=30, temperature=0,
+                                               response_format=fmt, prediction={"type": "content", "content": guess})
+        assert again.choices[0].message.content == framed
+    assert again.usage.completion_tokens_details.rejected_prediction_tokens > 0
     prompt = "def add(a, b):\n"
     base = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
     ids = api.model.tokenizer.encode(base.choices[0].text, add_special_tokens=False)
