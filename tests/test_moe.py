@@ -210,6 +210,23 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _write_experts(w, sd: dict, i: int, inter: int) -> None:
+    """Layer `i`'s routed experts stacked as llama.cpp writes them, from transformers' fused `gate_up_proj`
+    (`[E, 2I, H]` in memory) and `down_proj`."""
+    gate_up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+    w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
+    w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
+    w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
+
+
+def _close(w) -> None:
+    """Write a `GGUFWriter`'s file: header, metadata, tensors."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
 def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """A Qwen3-MoE (`qwen3moe`) or a Mixtral (a `llama` GGUF with experts, q/k rows permuted) written as llama.cpp's
@@ -257,14 +274,8 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
         pre = f"model.layers.{i}."
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
-        gate_up = sd[f"{pre}mlp.experts.gate_up_proj"]  # transformers' fused [E, 2I, H] in memory
-        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
-        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
-        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"{pre}mlp.experts.down_proj"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        _write_experts(w, sd, i, inter)
+    _close(w)
     hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     ours = load_model(path, with_tokenizer=False)
     assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
@@ -345,14 +356,8 @@ def _write_deepseek2_gguf(ref, path: str, split_kv_b: bool) -> None:
         if f"{pre}mlp.gate.e_score_correction_bias" in sd:
             w.add_tensor(f"blk.{i}.exp_probs_b.bias", sd[f"{pre}mlp.gate.e_score_correction_bias"])
         if f"{pre}mlp.experts.gate_up_proj" in sd:
-            gate_up = sd[f"{pre}mlp.experts.gate_up_proj"]  # [E, 2I, H]
-            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
-            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
-            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"{pre}mlp.experts.down_proj"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            _write_experts(w, sd, i, inter)
+    _close(w)
 
 
 @pytest.mark.parametrize("kind,split", [("deepseek-v3-gguf", True), ("deepseek-v2", False)])
