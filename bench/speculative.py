@@ -32,8 +32,10 @@ COLOURS = ("red", "green", "blue", "amber", "grey")
 
 
 def code_file(seed: int = 0) -> str:
-    """A ~600-token Python file (the engine's page allocator, or for `seed` > 0 its sampler: another file)."""
-    path = os.path.join(ROOT, "engine", "pages.py" if seed == 0 else "sampler.py")
+    """A ~600-token Python file: the page allocator's first 2,400 characters as of session 12 (`bench/editing.txt`,
+    frozen: when the live file's docstring changed by a few words in session 14, SmolLM2-135M described the code
+    instead of editing it, and the row measured nothing), or for `seed` > 0 the sampler's (another file)."""
+    path = os.path.join(ROOT, "bench", "editing.txt") if seed == 0 else os.path.join(ROOT, "engine", "sampler.py")
     with open(path) as f:
         return f.read()[:2400]
 

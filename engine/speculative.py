@@ -69,14 +69,17 @@ class Drafter:
         self.expect = (1 - EMA) * self.expect + EMA * accepted
 
     def shadow(self, decoded: list[int]) -> None:
-        """Learn from the draft that was not verified: how many of its tokens the decoded ones repeat. That is a
-        lower bound of what a verify would have kept (a draft longer than the decoded run may have gone on
-        matching), so a choice that turns worth verifying again is taken up a dispatch later rather than a verify
-        too early, which at a full batch costs more than it saves."""
+        """Learn from the draft that was not verified: how many of its tokens the decoded ones repeat. Where the
+        decoded run repeats the draft to the run's end and the draft goes on, a verify would have kept at least
+        the run: that outcome counts as the run plus what the choice has been keeping (`expect`), at most the
+        draft. Counting only the run capped `expect` at the decode steps, so at 8 streams a prediction that had
+        fallen back in step was never verified again (editing went from 1.60x to 0.92x of no drafts)."""
         draft, self.unverified = self.unverified, None
         if not draft or not decoded:
             return
         same = next((i for i, (a, b) in enumerate(zip(draft, decoded)) if a != b), min(len(draft), len(decoded)))
+        if same == len(decoded) < len(draft):  # borne out through the whole run: censored
+            same = min(len(draft), same + self.expect)
         self.expect = (1 - EMA) * self.expect + EMA * same
 
 

@@ -62,8 +62,11 @@ def test_drafts_follow_a_prediction_in_order_and_re_anchor_after_a_mismatch():
     d.shadow([7, 5, 1, 1])  # one token of it
     assert d.expect == 1.25 and d.drafted == 0  # learnt, not counted as verified
     d.unverified = [7, 8, 9, 10, 11, 12]
-    d.shadow([7, 8, 9, 10])  # a longer draft than the decoded run: only what the run bears out counts
-    assert d.expect == 2.625
+    d.shadow([7, 8, 9, 10])  # a longer draft borne out through the decoded run: the run and what it has kept
+    assert d.expect == 0.5 * 1.25 + 0.5 * (4 + 1.25)
+    d.unverified = [7, 8, 9, 10, 11, 12]
+    d.shadow([7, 8, 9, 10])  # again: at most the draft's length
+    assert d.expect == 0.5 * 3.25 + 0.5 * 6
 
 
 def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong(llm):
