@@ -639,8 +639,8 @@ class Engine:
                 if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
                     room = min(room, left[slot] - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
                 draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, room)) if room > 0 else []
-                if draft and choice.matcher is not None:  # what the grammar accepts of it
-                    draft = draft[:choice.matcher.m.validate_tokens(draft)]
+                if choice.matcher is not None:
+                    draft = choice.matcher.accepted(draft)
                 if draft:
                     drafts[slot] = draft
         if not drafts:
@@ -694,7 +694,7 @@ class Engine:
             for slot, d in drafts.items():
                 wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
             masks = None
-            if allowed is not None:  # this step's masks, and a constrained draft's for each prefix it drafts
+            if allowed is not None:  # this step's masks, then a constrained draft's for each prefix it drafts
                 masks = np.repeat(allowed[:, None], w, axis=1)
                 for slot, d in drafts.items():
                     if self.running[slot][1].matcher is not None:

@@ -208,20 +208,21 @@ class Matcher:
             elif c == 0x22:  # quote
                 self.in_string = not self.in_string
 
-    def draft_masks(self, draft: list[int], out: np.ndarray) -> int:
-        """A verify step's masks (speculative decoding): `out[j]` (`[W, vocab / 32]`) gets the tokens allowed after
-        the first `j` drafted tokens, for as many of them as the grammar accepts; returns that count (the draft is
-        cut there: a token no mask allows is never drawn). Never closing. The matcher is left where it was."""
-        n = self.m.validate_tokens(draft[:out.shape[0] - 1]) if draft else 0
+    def accepted(self, draft: list[int]) -> list[int]:
+        """The longest start of `draft` the grammar accepts from here (a token no mask allows is never drawn)."""
+        return draft[:self.m.validate_tokens(draft)] if draft else []
+
+    def draft_masks(self, draft: list[int], out: np.ndarray) -> None:
+        """A verify step's masks (speculative decoding) for a draft `accepted` returned: `out[j]` (`[W, vocab /
+        32]`) gets the tokens allowed after the first `j` drafted tokens, for j >= 1 (`out[0]`, this step's own
+        mask, is already filled). Never closing. The matcher is left where it was."""
         state = self.in_string, self.escaped
-        self.fill(out[0])
-        for j, token in enumerate(draft[:n]):
+        for j, token in enumerate(draft, 1):
             self.advance(token)
-            self.fill(out[j + 1])
-        if n and not self.m.rollback(n):
-            raise RuntimeError(f"llguidance could not roll back {n} drafted tokens: {self.m.get_error()}")
+            self.fill(out[j])
+        if draft and not self.m.rollback(len(draft)):
+            raise RuntimeError(f"llguidance could not roll back {len(draft)} drafted tokens: {self.m.get_error()}")
         self.in_string, self.escaped = state
-        return n
 
     @property
     def done(self) -> bool:

@@ -237,7 +237,7 @@ def _deepseek2_config(g: Callable[..., Any], d: dict[str, Any]) -> dict[str, Any
     out["head_dim"] = out["qk_nope_head_dim"] + rope
     if "rope_scaling" in d and g("rope.scaling.yarn_log_multiplier"):
         mscale = round(g("rope.scaling.yarn_log_multiplier") / 0.1, 6)
-        d["rope_scaling"].update(mscale=mscale, mscale_all_dim=mscale)
+        out["rope_scaling"] = {**d["rope_scaling"], "mscale": mscale, "mscale_all_dim": mscale}
     return out
 
 
