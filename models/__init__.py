@@ -20,7 +20,7 @@ from models.backends import resolve_backend
 from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
 from models.config import ModelConfig
-from models.families import deepseek, gemma3, llama, mixtral, qwen2, qwen3, qwen_moe
+from models.families import deepseek, gemma3, gpt_oss, llama, mixtral, qwen2, qwen3, qwen_moe
 from models.layers.causal_lm import CausalLM
 from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
@@ -35,7 +35,8 @@ if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
 
 DTYPES = ("float32", "bfloat16")
 
-FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3, mixtral, qwen_moe, deepseek)
+FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3, mixtral, qwen_moe, deepseek,
+                                                                      gpt_oss)
                                    for arch in fam.ARCHITECTURES}
 
 __all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "resolve_quantization",
@@ -185,7 +186,8 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none",
                                                                                  matmul="xla")))
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
-        table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str))
+        table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
+                             getattr(fam, "HF_FUSED", None))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix, getattr(fam, "GGUF_SPLITS", None))
         if quantization == "int8":
             tree = quantize_tree(tree)

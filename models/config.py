@@ -24,12 +24,16 @@ class ModelConfig:
     max_position: int
     rms_eps: float = 1e-6
     tie_embeddings: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections have biases
+    o_bias: bool = False  # so does o_proj (HF's `attention_bias` except Qwen2's; gpt-oss)
+    attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (its weight is dropped)
     qk_norm: bool = False
     norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1: scale is (offset + w)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
     embed_scale: float = 1.0
-    activation: str = "silu"  # or "gelu_tanh"
+    activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.moe.glu`)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: `(clip(up) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit)
+    swiglu_limit: float = 7.0
     query_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
@@ -49,6 +53,8 @@ class ModelConfig:
     routed_scale: float = 1.0  # DeepSeek's routed_scaling_factor
     shared_expert_size: int = 0  # a shared expert this wide (Qwen2-MoE's, DeepSeek's n_shared_experts together)
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert is scaled by sigmoid(gate(x))
+    router_bias: bool = False  # gpt-oss: the router and the experts' projections have biases
+    expert_bias: bool = False
     moe_layers: tuple[bool, ...] = ()  # per layer: an MoE block (else the dense MLP)
     kv_lora_rank: int = 0  # multi-head latent attention (DeepSeek; 0: grouped-query attention)
     q_lora_rank: int = 0  # MLA queries through a low-rank projection (0: one q_proj)
@@ -84,7 +90,8 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(d: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
-        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text, Mixtral, Qwen2/3-MoE)."""
+        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text, Mixtral, Qwen2/3-MoE,
+        DeepSeek-V2/V3, gpt-oss)."""
         arch = (d.get("architectures") or [""])[0]
         if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
             d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
@@ -103,6 +110,9 @@ class ModelConfig:
                 for i in range(layers)
             ]
             sliding = tuple(t == "sliding_attention" for t in types)
+        elif arch == "GptOssForCausalLM":  # sliding and full layers alternate
+            types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+            sliding = tuple(t == "sliding_attention" for t in types)
         elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM") and window):
             types = d.get("layer_types")
             sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
@@ -114,8 +124,13 @@ class ModelConfig:
         full = _rope_params(d, gemma)[0]
         yarn = full.get("rope_type", full.get("type")) == "yarn"
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
-        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
+        gpt_oss = arch == "GptOssForCausalLM"
+        if gpt_oss:
+            act = "clamped_swiglu"
+        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
+        qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+        bias = bool(d.get("qkv_bias", True)) if qwen2 else bool(d.get("attention_bias", False))
         return ModelConfig(
             arch=arch,
             vocab_size=d["vocab_size"],
@@ -128,13 +143,16 @@ class ModelConfig:
             max_position=d.get("max_position_embeddings", 2048),
             rms_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=d.get("tie_word_embeddings", gemma),
-            attention_bias=bool(d.get("qkv_bias", True)) if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
-            else bool(d.get("attention_bias", False)),
+            attention_bias=bias,
+            o_bias=bias and not qwen2,
+            attn_sinks=gpt_oss,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma,
             norm_offset=1.0 if gemma else 0.0,
             sandwich_norms=gemma,
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
-            activation="gelu_tanh" if act.startswith("gelu") else "silu",
+            activation="gelu_tanh" if act.startswith("gelu") else act,
+            swiglu_alpha=d.get("swiglu_alpha", 1.702),
+            swiglu_limit=d.get("swiglu_limit", 7.0),
             query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else _mla_scale(full, head_dim) if mla else 0.0,
             # transformers' Gemma 3 stores but never applies attn_logit_softcapping (its checkpoints set it null).
             attn_softcap=0.0 if gemma else (d.get("attn_logit_softcapping") or 0.0),
@@ -189,7 +207,7 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
     if not experts:
         return {}
-    mixtral = arch == "MixtralForCausalLM"
+    mixtral = arch in ("MixtralForCausalLM", "GptOssForCausalLM")  # every layer routed, top-k renormalized
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
     first = d.get("first_k_dense_replace") or 0
     inter = d.get("moe_intermediate_size") or d["intermediate_size"]
@@ -199,6 +217,8 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                shared_expert_gate=bool(d.get("shared_expert_intermediate_size")),
                moe_layers=tuple(i >= first and i not in dense and (mixtral or (i + 1) % step == 0)
                                 for i in range(layers)))
+    if arch == "GptOssForCausalLM":  # top-k of the logits, softmaxed: Mixtral's weights; biases everywhere
+        out.update(router_bias=True, expert_bias=True)
     if arch.startswith("Deepseek"):  # scaled weights, ungated shared experts
         out.update(routed_scale=float(d.get("routed_scaling_factor") or 1.0), shared_expert_gate=False,
                    shared_expert_size=inter * (d.get("n_shared_experts") or 0))

@@ -1,6 +1,8 @@
 """The accelerator path on CPU: Pallas decode kernels (interpret mode) against the XLA reference, backend choice,
 bfloat16 against float32, and scanned layers against unrolled ones."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,10 +56,11 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
 @settings(max_examples=10, deadline=None)
 @given(gqa=st.sampled_from(GQA[:3]), s=st.sampled_from([2, 16, 24, 48]), block=st.sampled_from([8, 16]),
        ps=st.sampled_from([4, 16]), starts=st.lists(st.integers(0, 40), min_size=1, max_size=3),
-       extra=st.integers(0, 2), window=st.sampled_from([0, 5]), softcap=st.sampled_from([0.0, 2.0]))
-def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, window, softcap):
+       extra=st.integers(0, 2), window=st.sampled_from([0, 5]), softcap=st.sampled_from([0.0, 2.0]),
+       sinks=st.booleans())
+def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, window, softcap, sinks):
     """The chunked prefill (the chunk's own keys in causal blocks, earlier ones from the pages, merged) against the
-    single-pass reference: any chunk start per row, tables wider than needed, windows and soft-capping."""
+    single-pass reference: any chunk start per row, tables wider than needed, windows, soft-capping and sinks."""
     h, kvh, d = gqa
     rng = np.random.default_rng(len(starts) * 1000 + s)
     b, pages = len(starts), 128
@@ -68,9 +71,11 @@ def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, w
     q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)), jnp.float32) for _ in range(2))
     k_cache, v_cache = paged.write(k_cache, k, positions, table), paged.write(v_cache, v, positions, table)
+    sink = jnp.asarray(rng.normal(size=h) * 2, jnp.float32) if sinks else None
     args = (q, k, v, k_cache, v_cache, table, positions)  # each side one program (eagerly, hundreds of small ones)
-    want = jax.jit(lambda q, k, v, kc, vc, t, p: paged.reference(q, kc, vc, t, p, d ** -0.5, softcap, window))(*args)
-    got = jax.jit(lambda *a: paged.prefill(*a, d ** -0.5, softcap, window, block))(*args)
+    want = jax.jit(lambda q, k, v, kc, vc, t, p: paged.reference(q, kc, vc, t, p, d ** -0.5, softcap, window,
+                                                                 sink))(*args)
+    got = jax.jit(lambda *a: paged.prefill(*a, d ** -0.5, softcap, window, sink, block=block))(*args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
@@ -86,6 +91,8 @@ def test_backend_choice_by_platform_and_flag():
     windowed = ModelConfig.from_hf(dict(_LLAMA, architectures=["MistralForCausalLM"], sliding_window=4))
     capped = ModelConfig.from_hf(dict(_LLAMA, attn_logit_softcapping=50.0))
     assert resolve_backend("pallas-gpu", windowed) == "xla" and resolve_backend("pallas-tpu", capped) == "xla"
+    sinks = dataclasses.replace(ModelConfig.from_hf(_LLAMA), attn_sinks=True)  # gpt-oss's
+    assert resolve_backend("pallas-gpu", sinks) == "xla"
     assert build(ModelConfig.from_hf(_LLAMA), "auto").backend == default_backend(jax.default_backend())
     # The CPU kernel serves float32 pools on one tp shard: auto falls back to the reference, an explicit ask fails.
     bf16 = ModelConfig.from_hf(_LLAMA, "bfloat16")

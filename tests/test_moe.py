@@ -1,9 +1,11 @@
-"""Mixture-of-experts and latent-attention families (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3) against transformers on
-shrunken random configs: the grouped product against the dense reference, the routers, prefill logits, greedy
-decoding through the engine with paging, preemption and prefix caching (and the latent cache's size), the API over
-HTTP, GGUF equal to the HF folder, tensor parallelism, and the compilations a repeated load makes."""
+"""Mixture-of-experts and latent-attention families (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss) against
+transformers on shrunken random configs: the grouped product against the dense reference, the routers, prefill
+logits, greedy decoding through the engine with paging, preemption and prefix caching (and the latent cache's size),
+the API over HTTP, GGUF equal to the HF folder, MXFP4 experts, tensor parallelism, and the compilations a repeated
+load makes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +18,8 @@ from helpers import our_logits, run_all
 from engine.engine import Engine
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig, kv_bytes_per_token
-from models import load_model
-from models.layers import moe
+from models import ModelConfig, load_model
+from models.layers import mlp, moe
 
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
 
@@ -58,7 +60,23 @@ def _config(kind: str, vocab: int = 256):
             routed_scaling_factor=1.5, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=12, rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
                                                 mscale=0.707, mscale_all_dim=0.707, rope_theta=10000.0))
+    if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
+        # without truncation, top-2 of 4 experts softmaxed
+        return transformers.GptOssConfig(**common, num_hidden_layers=2, head_dim=16, num_local_experts=4,
+                                         num_experts_per_tok=2, sliding_window=4, rope_parameters=dict(
+                                             rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
+                                             beta_fast=32.0, beta_slow=1.0, truncate=False, rope_theta=10000.0))
     raise KeyError(kind)
+
+
+def _scale(kind: str, name: str) -> float:
+    """The spread of a random parameter: routers wide enough that tokens spread over the experts, gpt-oss's experts'
+    gate and up wide enough that its SwiGLU clamp (at 7) bites, its sinks as large as the scores."""
+    if "norm" in name:
+        return 0.3
+    if kind == "gpt-oss" and name.endswith("experts.gate_up_proj"):
+        return 1.5
+    return 0.5 if "gate.weight" in name or "router" in name or "sinks" in name else 0.08
 
 
 def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
@@ -66,7 +84,7 @@ def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
     model = transformers.AutoModelForCausalLM.from_config(_config(kind, vocab))
     with torch.no_grad():  # everything random, routers large enough that tokens spread over the experts
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.5 if "gate.weight" in name else 0.08))
+            p.copy_(torch.randn_like(p) * _scale(kind, name))
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:  # DeepSeek-V3's selection bias, non-zero
                 b.copy_(torch.randn_like(b) * 0.1)
@@ -79,20 +97,27 @@ def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
 
 @pytest.mark.parametrize("tile", [0, 1, 4, 64])
 def test_grouped_matmul_equals_the_dense_reference_for_any_routing(tile):
-    """Every form of the grouped product, with routings that leave experts empty and pile pairs on one."""
+    """Every form of the grouped product, with routings that leave experts empty and pile pairs on one; plain SiLU
+    experts, and gpt-oss's with biases and the clamped SwiGLU."""
     e, k, h, i = 6, 2, 32, 24
-    keys = jax.random.split(jax.random.key(0), 6)
+    keys = jax.random.split(jax.random.key(0), 7)
     gate, up = (jax.random.normal(kk, (e, i, h)) * 0.1 for kk in keys[:2])
     down = jax.random.normal(keys[2], (e, h, i)) * 0.1
+    biases = tuple(jax.random.normal(kk, shape) for kk, shape in zip(jax.random.split(keys[6], 3),
+                                                                     [(e, i), (e, i), (e, h)]))
+    silu = mlp.glu(ModelConfig.from_hf(_config("mixtral").to_dict()))
+    clamped = mlp.glu(dataclasses.replace(ModelConfig.from_hf(_config("gpt-oss").to_dict()), swiglu_limit=0.5))
     for t, ids in [(1, None), (40, None), (9, np.array([[3, 0]] * 9))]:  # the last: four experts get nothing
         x = jax.random.normal(keys[3], (t, h))
         if ids is None:
             ids = np.array(jax.random.randint(keys[4], (t, k), 0, e))
             ids[:, 1] = (ids[:, 0] + 1 + ids[:, 1] % (e - 1)) % e  # distinct experts per token
         w = jax.nn.softmax(jax.random.normal(keys[5], (t, k)), axis=-1)
-        want = moe.dense_reference(x, w, jnp.asarray(ids), gate, up, down, jax.nn.silu)
-        got = jax.jit(moe.experts, static_argnums=(6, 7))(x, w, jnp.asarray(ids), gate, up, down, jax.nn.silu, tile)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+        for glu, b in [(silu, None), (clamped, biases)]:
+            want = moe.dense_reference(x, w, jnp.asarray(ids), gate, up, down, glu, b)
+            got = jax.jit(moe.experts, static_argnums=(6, 7))(x, w, jnp.asarray(ids), gate, up, down, glu, tile,
+                                                              None, b)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
 def test_routing_matches_transformers_top_k():
@@ -141,26 +166,75 @@ def test_deepseek_router_matches_transformers(version):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
-                                  "deepseek-v3-plain"])
+                                  "deepseek-v3-plain", "gpt-oss"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    assert ours.module.scan == (kind in ("mixtral", "qwen3-moe"))  # mixed dense and MoE layers are unrolled
+    assert ours.module.scan == (kind in ("mixtral", "qwen3-moe", "gpt-oss"))  # mixed dense and MoE: unrolled
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
 
 
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, monkeypatch):
+    """gpt-oss's checkpoints keep the experts in MXFP4 (`*_blocks`: two FP4 codes a byte, `*_scales`: a power of two
+    per 32): random codes and scales load to transformers' own dequantized model's logits."""
+    import json
+    import shutil
+
+    import safetensors.numpy
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _hf_model("gpt-oss", str(tmp_path / "hf"))
+    folder = tmp_path / "mxfp4"
+    shutil.copytree(tmp_path / "hf", folder)
+    tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, inputs, out = tensors.pop(name).shape
+        tensors[f"{name}_blocks"] = rng.integers(0, 256, (e, out, inputs // 32, 16), dtype=np.uint8)
+        low = 126 if "gate_up" in name else 120  # gate and up past the clamp, down as small as the rest
+        tensors[f"{name}_scales"] = rng.integers(low, low + 3, (e, out, inputs // 32)).astype(np.uint8)
+    safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32).eval()
+    ours = load_model(str(folder), with_tokenizer=False)
+    for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
+        with torch.no_grad():
+            want = ref(torch.tensor([row])).logits[0].numpy()
+        assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), np.abs(g - want).max()
+
+
+@functools.cache
+def _with_tokenizer(kind: str, folder: str, tokenizer_folder: str):
+    """A `kind` folder with the default model's tokenizer, loaded, and its reference."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    ref = _hf_model(kind, folder, vocab=len(tok), tokenizer=tok)
+    return load_model(folder), ref
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
 @pytest.fixture(scope="module", params=["qwen2-moe", "deepseek-v3"])
-def served(request, tmp_path_factory, smollm):
+def served(request, folders, smollm):
     """A Qwen2-MoE folder (shared expert, mixed layers) and a DeepSeek-V3 one (latent attention and cache), each
     with the default model's tokenizer, and their references."""
-    folder = tmp_path_factory.mktemp(request.param)
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    ref = _hf_model(request.param, str(folder), vocab=len(tok), tokenizer=tok)
-    return load_model(str(folder)), ref
+    return _with_tokenizer(request.param, str(folders / request.param), smollm.tokenizer.folder)
+
+
+@pytest.fixture(scope="module", params=["qwen2-moe", "deepseek-v3", "gpt-oss"])
+def decoded(request, folders, smollm):
+    """`served`'s folders and a gpt-oss one (sinks, sliding layers), decoded through the engine."""
+    return _with_tokenizer(request.param, str(folders / request.param), smollm.tokenizer.folder)
 
 
 def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -173,11 +247,11 @@ def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[f
     return tokens, logps
 
 
-def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(served):
+def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(decoded):
     """32 greedy steps per prompt through a pool too small for all of them at once (preemption), prompts sharing a
     prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; the same load
     again compiles nothing new."""
-    model, ref = served
+    model, ref = decoded
     rng = np.random.default_rng(3)
     shared = rng.integers(10, 49000, 40).tolist()
     prompts = [shared + rng.integers(10, 49000, 5 + 3 * i).tolist() for i in range(6)]

@@ -27,14 +27,15 @@ def default_backend(platform: str | None = None) -> str:
 
 def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
     """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
-    attention (a sliding window, logit soft-capping, latent attention) falls back to `xla` for that model; so does
-    `auto`'s `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++
+    attention (a sliding window, logit soft-capping, latent attention, sinks) falls back to `xla` for that model;
+    so does `auto`'s `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++
     compiler."""
     auto = name == "auto"
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    if cfg is not None and name != "xla" and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank):
+    unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks)
+    if name != "xla" and unserved:
         return "xla"
     if name == "cpu":
         from models.backends import cpu_attention
@@ -49,15 +50,16 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
 
 
 def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                    table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+                    table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
+                    sinks: jax.Array | None = None) -> jax.Array:
     """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
     (S > 1) runs `paged.prefill`; decode (one query per row) runs the kernels, or `paged.reference` for the `xla`
-    backend, a window or soft-capping. Other arguments as `paged.reference`."""
+    backend, a window, soft-capping or sinks. Other arguments as `paged.reference`."""
     if q.shape[1] > 1:
-        return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window)
+        return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
     b, _, h, d = q.shape
-    if backend == "xla" or softcap or not (isinstance(window, int) and window == 0):
-        return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window)
+    if backend == "xla" or softcap or sinks is not None or not (isinstance(window, int) and window == 0):
+        return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
     lengths = positions[:, 0].astype(jnp.int32) + 1
     qs = (q[:, 0] * jnp.asarray(scale, q.dtype))
     if backend == "cpu":

@@ -74,10 +74,11 @@ def gather(cache: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array, positions: jax.Array,
-              scale: float, softcap: float = 0.0, window=0) -> jax.Array:
+              scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None) -> jax.Array:
     """Causal attention of queries `q [B, S, h, d]` at `positions [B, S]` over the pages in `table [B, n]` (pool
     pages, layer offset applied; keys at positions `0 .. n * page_size - 1`); returns `[B, S, h * d]`. `window` > 0
-    (may be traced) limits each query to that many most recent keys; `softcap` > 0 caps the scores with tanh."""
+    (may be traced) limits each query to that many most recent keys; `softcap` > 0 caps the scores with tanh;
+    `sinks [h]` (gpt-oss) are logits that join each head's softmax with no value (they only take weight away)."""
     b, s, h, d = q.shape
     kvh = k_cache.shape[0]
     keys, values = gather(k_cache, table), gather(v_cache, table)  # [kvh, B, t, d]: each sequence's, in order
@@ -101,7 +102,12 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
     if not (isinstance(window, int) and window == 0):
         mask &= (key_pos > q_pos - window) | (window <= 0)
     scores = jnp.where(mask[None, :, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(kvh, b, g * s, t)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # a column of the head's sink logit, dropped after the softmax
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kvh, 1, g, 1, 1), (kvh, b, g, s, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :t]
+    probs = probs.astype(q.dtype).reshape(kvh, b, g * s, t)
     if s == 1:
         out = jnp.sum(probs[..., None] * values[:, :, None].astype(q.dtype), axis=3)
     else:
@@ -127,13 +133,14 @@ def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window):
 
 
 def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
-            positions: jax.Array, scale: float, softcap: float = 0.0, window=0, block: int = 128) -> jax.Array:
+            positions: jax.Array, scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
+            block: int = 128) -> jax.Array:
     """`reference` for a chunk of consecutive positions per row (a prefill), in two parts merged by their softmax
     statistics: the chunk's queries over its own keys `k`/`v [B, S, kvh, d]`, taken as computed, in causal blocks
     of `block` queries that skip the keys after the block; and over the row's earlier positions, read from the pages
     of `table` (the first `table` width minus `S` positions; none when the table covers only the chunk, as in a
     fresh prompt's first chunk). A 512-token first chunk does 10/16 of `reference`'s score work and no page gather.
-    Arguments and result as `reference`."""
+    `sinks` join the merged statistics last. Arguments and result as `reference`."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -159,6 +166,11 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
             new = jnp.maximum(top, p_top)
             a, c = jnp.exp(p_top - new), jnp.exp(top - new)
             top, total, out = new, a * p_total + c * total, a[..., None] * p_out + c[..., None] * out
+        if sinks is not None:  # row = position * g + head, as in `qg`
+            sink = jnp.tile(sinks.astype(jnp.float32).reshape(kvh, 1, g), (1, block, 1)).reshape(kvh, 1, block * g)
+            new = jnp.maximum(top, sink)
+            a = jnp.exp(top - new)
+            top, total, out = new, a * total + jnp.exp(sink - new), a[..., None] * out
         outs.append(out / total[..., None])
     out = jnp.concatenate(outs, axis=2).astype(q.dtype)
     return out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h * d)

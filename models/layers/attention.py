@@ -59,7 +59,11 @@ class Attention(nn.Module):
         backend = self.backend
         if backend == "cpu" and b == 1 and cfg.matmul != "cpu":  # one row, XLA's float products: the reference
             backend = "xla"  # fuses with them; around the kernel the next projection ran ~5x slower (99 -> 78 tok/s)
+        sinks = None
+        if cfg.attn_sinks:  # gpt-oss: one logit per head joins the softmax
+            sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
+                               jnp.dtype(dt))
         out = backends.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
-                                        cfg.attn_softcap, window)
-        out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out)
+                                        cfg.attn_softcap, window, sinks)
+        out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.o_bias)
         return out, k_cache, v_cache

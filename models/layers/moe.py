@@ -10,15 +10,13 @@ number of pairs. `dense_reference` is the einsum over all experts the tests comp
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.layers.linear import Weight, projection
-from models.layers.mlp import MLP
+from models.layers.mlp import MLP, glu
 
 
 def route(logits: jax.Array, k: int, normalize: bool, scoring: str = "softmax", bias: jax.Array | None = None,
@@ -63,8 +61,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=x.dtype)
 
 
-def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act,
-                tile: int, layer=None) -> jax.Array:
+def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, glu,
+                tile: int, layer=None, biases=None) -> jax.Array:
     """The experts' MLP of rows `x [P, H]` sorted by expert (`sizes [E]` each) as a loop over tiles of `tile` rows
     of one expert, only as many as the rows fill (a trip count known on the device): each tile reads its expert's
     weights once and runs the whole gated MLP. On a CPU this beat `ragged_dot` (a dense product per expert) and a
@@ -84,7 +82,12 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
         k, r = owner[i], first[i]
         at = k if layer is None else (layer, k)
         xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
-        y = (act(xt @ gate[at].T) * (xt @ up[at].T)) @ down[at].T
+        g, u = xt @ gate[at].T, xt @ up[at].T
+        if biases is not None:
+            g, u = g + biases[0][at], u + biases[1][at]
+        y = glu(g, u) @ down[at].T
+        if biases is not None:
+            y = y + biases[2][at]
         keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile)),
                                                    r, 0)
@@ -93,10 +96,12 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 
 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-            act, tile: int = 0, layer=None) -> jax.Array:
+            glu, tile: int = 0, layer=None, biases=None) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
-    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `tile` as `tile_for`; `layer`: the
-    weights are every layer's `[L, E, ...]` and this is the layer's index (the loop form only)."""
+    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `glu(gate, up)` is the gated unit
+    (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I], [E, H])`, or None. `tile` as
+    `tile_for`; `layer`: the weights (and biases) are every layer's `[L, E, ...]` and this is the layer's index (the
+    loop form only)."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
@@ -104,24 +109,34 @@ def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, u
     sizes = jnp.bincount(flat, length=gate.shape[-3]).astype(jnp.int32)
     xs = x[token]
     if tile:
-        y = expert_loop(xs, sizes, gate, up, down, act, tile, layer)
+        y = expert_loop(xs, sizes, gate, up, down, glu, tile, layer, biases)
     else:
-        y = grouped_matmul(act(grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes), down, sizes)
+        g, u = grouped_matmul(xs, gate, sizes), grouped_matmul(xs, up, sizes)
+        if biases is not None:  # each row's expert's biases
+            g, u = g + biases[0][flat[order]], u + biases[1][flat[order]]
+        y = grouped_matmul(glu(g, u), down, sizes)
+        if biases is not None:
+            y = y + biases[2][flat[order]]
     y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
 
-def dense_reference(x, weights, ids, gate, up, down, act):
+def dense_reference(x, weights, ids, gate, up, down, glu, biases=None):
     """`experts` as an einsum over every expert for every token (the tests' reference, never served)."""
-    h = act(jnp.einsum("th,eih->tei", x, gate)) * jnp.einsum("th,eih->tei", x, up)
-    y = jnp.einsum("tei,ehi->teh", h, down)
+    g, u = jnp.einsum("th,eih->tei", x, gate), jnp.einsum("th,eih->tei", x, up)
+    if biases is not None:
+        g, u = g + biases[0], u + biases[1]
+    y = jnp.einsum("tei,ehi->teh", glu(g, u), down)
+    if biases is not None:
+        y = y + biases[2]
     mix = jnp.zeros(ids.shape[:1] + (gate.shape[0],), x.dtype).at[jnp.arange(ids.shape[0])[:, None], ids].add(
         weights.astype(x.dtype))
     return jnp.einsum("teh,te->th", y, mix)
 
 
 class Experts(nn.Module):
-    """The routed experts' stacked weights and their grouped product (`experts`)."""
+    """The routed experts' stacked weights (and gpt-oss's biases, `{gate,up,down}_proj_bias`) and their grouped
+    product (`experts`)."""
 
     cfg: ModelConfig
 
@@ -131,19 +146,27 @@ class Experts(nn.Module):
         every layer's expert weights, which the CPU's loop reads at `layer` in place."""
         cfg = self.cfg
         e, inter, hidden = cfg.num_experts, cfg.moe_intermediate_size, rows.shape[-1]
+        names = ("gate_proj", "up_proj", "down_proj")
         gate = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="gate_proj")
         up = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
         down = Weight((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
-        act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+        biases = None
+        if cfg.expert_bias:
+            init = nn.initializers.zeros
+            biases = tuple(self.param(f"{n}_bias", nn.with_logical_partitioning(init, ("expert", axis)), (e, width),
+                                      jnp.dtype(cfg.dtype))
+                           for n, axis, width in zip(names, ("mlp", "mlp", "embed"), (inter, inter, hidden)))
         tile, ws, at = tile_for(ids.size, e), (gate(), up(), down()), None
         if tile and stacks is not None:  # the loop reads this layer's experts from the whole stacks
-            ws, at = tuple(stacks[n]["weight"] for n in ("gate_proj", "up_proj", "down_proj")), layer
-        return experts(rows, weights, ids, *ws, act, tile, at)
+            ws, at = tuple(stacks[n]["weight"] for n in names), layer
+            biases = biases and tuple(stacks[f"{n}_bias"] for n in names)
+        return experts(rows, weights, ids, *ws, glu(cfg), tile, at, biases)
 
 
 class Router(nn.Module):
     """The router `gate`: a float `weight [experts, hidden]` applied in float32 (never quantized: it is small and
-    decides everything), and DeepSeek-V3's selection bias where the scores are sigmoids."""
+    decides everything), gpt-oss's `bias` on its logits, and DeepSeek-V3's selection bias where the scores are
+    sigmoids. gpt-oss softmaxes the top-k logits: the same weights as Mixtral's renormalized top-k softmax."""
 
     cfg: ModelConfig
 
@@ -153,12 +176,15 @@ class Router(nn.Module):
         cfg = self.cfg
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("expert", "embed"))
         w = self.param("weight", init, (cfg.num_experts, rows.shape[-1]), jnp.dtype(cfg.dtype))
-        bias = None
+        bias, logit_bias = None, 0.0
+        if cfg.router_bias:  # gpt-oss: a bias on the logits themselves
+            logit_bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
+                                    (cfg.num_experts,), jnp.dtype(cfg.dtype)).astype(jnp.float32)
         if cfg.scoring == "sigmoid":
             bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                       ("expert",)),
                               (cfg.num_experts,), jnp.float32)
-        logits = jnp.dot(rows.astype(jnp.float32), w.astype(jnp.float32).T)
+        logits = jnp.dot(rows.astype(jnp.float32), w.astype(jnp.float32).T) + logit_bias
         return route(logits, cfg.experts_per_token, cfg.norm_topk_prob, cfg.scoring, bias, cfg.expert_groups,
                      cfg.top_groups, cfg.routed_scale, cfg.group_score)
 

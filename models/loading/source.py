@@ -108,12 +108,35 @@ def _open_hf(folder: str) -> Source:
             for k in st.keys():
                 where[k] = f
 
-    def read(name: str) -> np.ndarray:
+    def tensor(name: str) -> np.ndarray:
         with safe_open(where[name], framework="flax") as st:
             return np.asarray(st.get_tensor(name))
 
+    # MXFP4 tensors (gpt-oss's experts) are stored as `X_blocks` and `X_scales`; they read as `X`, dequantized.
+    mxfp4 = {k[:-len("_blocks")] for k in where if k.endswith("_blocks") and k[:-len("_blocks")] + "_scales" in where}
+
+    def read(name: str) -> np.ndarray:
+        if name in mxfp4:
+            return mxfp4_dequantize(tensor(f"{name}_blocks"), tensor(f"{name}_scales"))
+        return tensor(name)
+
+    names = tuple(k for k in where if not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
-    return Source("hf", folder, files_all, config, gen, tuple(where), read)
+    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read)
+
+
+# The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An MXFP4 tensor as float32, in the layout of the same checkpoint unquantized: `blocks [E, out, G, 16]` bytes
+    of two FP4 codes each (low nibble first) and `scales [E, out, G]`, a power-of-two exponent biased by 127 per
+    block of 32 -> `[E, G * 32, out]` (the OCP MX format; gpt-oss stores its experts so, output rows first)."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
+    w = np.ldexp(FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
+    return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
@@ -249,12 +272,16 @@ class Entry:
     path: tuple[str, ...]
     hf: str | tuple[str, ...]
     gguf: str
+    take: Callable[[np.ndarray], np.ndarray] | None = None  # our part of a fused HF tensor (gpt-oss's experts)
 
 
 def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]],
-                 hf_name: Callable[[str], str] = str) -> list[Entry]:
+                 hf_name: Callable[[str], str] = str, hf_fused: dict[str, tuple[str, Callable]] | None = None
+                 ) -> list[Entry]:
     """The explicit map for every parameter path of our model (paths come from the model's own init); HF names
-    follow our paths, and `hf_name` renames them where a family's checkpoints differ (Mixtral's)."""
+    follow our paths, and `hf_name` renames them where a family's checkpoints differ (Mixtral's); `hf_fused` maps a
+    layer's `module/leaf` to the checkpoint's tensor that holds it fused with others and the function that takes
+    our part (gpt-oss's experts)."""
     out = []
     for path in paths:
         if path == ("embed",):
@@ -272,7 +299,10 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
             if "/experts/" in f"/{module}/":
                 hf = tuple(hf.replace(".experts.", f".experts.{e}.") for e in range(cfg.num_experts))
             gguf = layer_gguf.get(f"{module}/{leaf}") or f"{layer_gguf[module]}.{leaf}"  # a leaf named on its own
-            out.append(Entry(path, hf, f"blk.{i}.{gguf}"))
+            fused = (hf_fused or {}).get(f"{module}/{leaf}")
+            if fused:
+                hf = f"model.layers.{i}.{fused[0]}"
+            out.append(Entry(path, hf, f"blk.{i}.{gguf}", fused and fused[1]))
         else:
             raise KeyError(f"parameter {'/'.join(path)} has no entry in the weight table")
     return out
@@ -291,6 +321,7 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
 
     dtype = np.dtype("float32") if cfg.dtype == "float32" else _np_dtype(cfg.dtype)
     names = set(source.names)
+    read = functools.lru_cache(maxsize=1)(source.read)  # a fused tensor's parts are consecutive entries
     used: set[str] = set()
     tree: dict = {}
     for e in tqdm(table, desc=f"converting {os.path.basename(source.path)}", unit="tensor", leave=False):
@@ -305,12 +336,14 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             if name not in names:
                 raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
         if join is not None:
-            w = join(cfg, *(source.read(n) for n in parts))
+            w = join(cfg, *(read(n) for n in parts))
         else:
-            w = source.read(parts[0]) if len(parts) == 1 else np.stack([source.read(n) for n in parts])
+            w = read(parts[0]) if len(parts) == 1 else np.stack([read(n) for n in parts])
         name = e.gguf if join is not None else parts[0]
         if source.kind == "gguf":
             w = gguf_fix(cfg, name, w)
+        elif e.take is not None:
+            w = e.take(w)
         if w.shape != shapes[e.path]:
             raise ValueError(f"{name}: shape {w.shape} != expected {shapes[e.path]} for {'/'.join(e.path)}")
         node = tree
