@@ -178,13 +178,18 @@ def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
         assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
 
 
-def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, monkeypatch):
+def test_gpt_oss_mxfp4_folder_and_gguf_load_as_transformers_dequantizes_them(tmp_path, monkeypatch):
     """gpt-oss's checkpoints keep the experts in MXFP4 (`*_blocks`: two FP4 codes a byte, `*_scales`: a power of two
-    per 32): random codes and scales load to transformers' own dequantized model's logits."""
+    per 32): random codes and scales load to transformers' own dequantized model's logits. llama.cpp's `gpt-oss`
+    GGUF of the same weights (experts split, MXFP4 in GGML's block layout, sinks, biases, sliding window, YaRN)
+    loads to the same config and logits."""
     import json
     import shutil
 
+    import gguf
     import safetensors.numpy
+
+    from models.loading.source import mxfp4_dequantize
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     _hf_model("gpt-oss", str(tmp_path / "hf"))
@@ -205,10 +210,56 @@ def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, m
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(folder), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32).eval()
     ours = load_model(str(folder), with_tokenizer=False)
+    theirs = []
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
-            want = ref(torch.tensor([row])).logits[0].numpy()
-        assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), np.abs(g - want).max()
+            theirs.append(ref(torch.tensor([row])).logits[0].numpy())
+        assert np.abs(g - theirs[-1]).max() <= 1e-4 * np.abs(theirs[-1]).max(), np.abs(g - theirs[-1]).max()
+
+    cfg, path = ref.config, str(tmp_path / "tiny-gpt-oss.gguf")
+    w = gguf.GGUFWriter(path, "gpt-oss")
+    for add, value in [(w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, 512),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+                       (w.add_key_length, cfg.head_dim), (w.add_value_length, cfg.head_dim),
+                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_rope_freq_base, 10000.0),
+                       (w.add_expert_count, 4), (w.add_expert_used_count, 2),
+                       (w.add_expert_feed_forward_length, cfg.intermediate_size), (w.add_sliding_window, 4),
+                       (w.add_rope_scaling_type, gguf.RopeScalingType.YARN), (w.add_rope_scaling_factor, 4.0),
+                       (w.add_rope_scaling_orig_ctx_len, 128), (w.add_vocab_size, cfg.vocab_size)]:
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v for k, v in tensors.items()}
+    for k in [k[:-len("_blocks")] for k in sd if k.endswith("_blocks")]:
+        sd[k] = mxfp4_dequantize(sd.pop(f"{k}_blocks"), sd.pop(f"{k}_scales"))
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.router": "ffn_gate_inp"}
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        for theirs_name, gg in names.items():
+            for leaf in ("weight", "bias"):
+                if f"{pre}{theirs_name}.{leaf}" in sd:
+                    w.add_tensor(f"blk.{i}.{gg}.{leaf}", sd[f"{pre}{theirs_name}.{leaf}"])
+        w.add_tensor(f"blk.{i}.attn_sinks.weight", sd[f"{pre}self_attn.sinks"])
+        gate_up, bias = sd[f"{pre}mlp.experts.gate_up_proj"], sd[f"{pre}mlp.experts.gate_up_proj_bias"]
+        for part, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
+            q = gguf.quants.quantize(np.ascontiguousarray(gate_up[..., rows].swapaxes(-1, -2)), mxfp4)
+            w.add_tensor(f"blk.{i}.ffn_{part}_exps.weight", q, raw_dtype=mxfp4)
+            w.add_tensor(f"blk.{i}.ffn_{part}_exps.bias", np.ascontiguousarray(bias[:, rows]))
+        down = np.ascontiguousarray(sd[f"{pre}mlp.experts.down_proj"].swapaxes(-1, -2))
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", gguf.quants.quantize(down, mxfp4), raw_dtype=mxfp4)
+        w.add_tensor(f"blk.{i}.ffn_down_exps.bias", sd[f"{pre}mlp.experts.down_proj_bias"])
+    _close(w)
+    from_gguf = load_model(path, with_tokenizer=False)
+    assert dataclasses.replace(from_gguf.cfg, rms_eps=ours.cfg.rms_eps) == ours.cfg
+    for a, b in zip(our_logits(ours.module, ours.params, ROWS), our_logits(from_gguf.module, from_gguf.params, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @functools.cache

@@ -177,7 +177,8 @@ def _open_gguf(path: str) -> Source:
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM"}
+              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM",
+              "gpt-oss": "GptOssForCausalLM"}
 
 
 def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +237,11 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d["intermediate_size"] = d["intermediate_size"] or d["moe_intermediate_size"]
     if arch == "deepseek2":
         d.update(_deepseek2_config(g, d))
+    if arch == "gpt-oss":  # biased attention, sliding layers first; its checkpoints' YaRN does not truncate
+        d.update(sliding_window=g("attention.sliding_window"), attention_bias=True,
+                 intermediate_size=d["moe_intermediate_size"])
+        if "rope_scaling" in d:
+            d["rope_scaling"]["truncate"] = False
     return d
 
 
