@@ -6,7 +6,9 @@ sampler, outputs gathered for the host; unrolled layers so each layer's collecti
 model and data x tensor-parallel size, each collective's count and the bytes its results hold per step. The design
 expects, under tensor parallelism, one all-reduce after the attention block and one after the MLP per layer when
 heads, KV heads and MLP width divide T (what does not divide stays replicated); under data parallelism nothing in
-the layers, since each shard owns its rows and pages, only the gather of the sampled outputs.
+the layers, since each shard owns its rows and pages, only the gather of the sampled outputs. With expert
+parallelism (`--enable-expert-parallel`, the "EP" rows) an MoE layer's experts are whole on their devices: every
+device takes all the tokens and the partial sums meet in one all-reduce, as with experts split by width.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main() -> None:
     """Print the table."""
     import jax
 
-    from models import Model, ModelConfig, build, init_params, load_model
+    from models import Model, ModelConfig, build, init_params, load_model, with_expert_parallel
     from models.sharding import make_mesh
 
     rows = ["| model | D x T | collective: count, bytes per step | total bytes per step | per layer |",
@@ -78,14 +80,20 @@ def main() -> None:
         mesh = make_mesh(tp, dp=dp)
         smol = load_model("smollm2-135m-instruct", tp=tp, dp=dp, scan=False, with_tokenizer=False)
 
-        def random(shape: dict) -> Model:
-            module = build(ModelConfig.from_hf(shape), scan=False)
+        def random(shape: dict, expert_parallel: bool = False) -> Model:
+            cfg = ModelConfig.from_hf(shape)
+            module = build(with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg, scan=False)
             return Model("random", module.cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
 
-        for name, model in (("smollm2-135m (9 heads, 3 KV heads)", smol),
-                            ("llama shape (8 heads, 4 KV heads)", random(LLAMA_8_4)),
-                            ("qwen3-moe shape (16 experts, top 4)", random(QWEN3_MOE)),
-                            ("deepseek-v3 shape (MLA, 16 experts, a dense first layer)", random(DEEPSEEK_V3))):
+        models = [("smollm2-135m (9 heads, 3 KV heads)", lambda: smol),
+                  ("llama shape (8 heads, 4 KV heads)", lambda: random(LLAMA_8_4)),
+                  ("qwen3-moe shape (16 experts, top 4)", lambda: random(QWEN3_MOE)),
+                  ("deepseek-v3 shape (MLA, 16 experts, a dense first layer)", lambda: random(DEEPSEEK_V3))]
+        if tp > 1:
+            models += [("qwen3-moe shape, EP", lambda: random(QWEN3_MOE, True)),
+                       ("deepseek-v3 shape, EP", lambda: random(DEEPSEEK_V3, True))]
+        for name, make in models:
+            model = make()
             found = collectives(step_hlo(model))
             total = sum(b for _, b in found.values())
             desc = "; ".join(f"{k} x{n}, {b / 1024:.0f} KiB" for k, (n, b) in sorted(found.items())) or "none"

@@ -40,7 +40,7 @@ FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, ge
                                    for arch in fam.ARCHITECTURES}
 
 __all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "resolve_quantization",
-           "FAMILIES", "STATS"]
+           "with_expert_parallel", "FAMILIES", "STATS"]
 
 
 def family(cfg: ModelConfig) -> ModuleType:
@@ -97,6 +97,14 @@ def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int =
     return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg, tp=tp), scan)
 
 
+def with_expert_parallel(cfg: ModelConfig, dp: int, tp: int) -> ModelConfig:
+    """`cfg` with its experts split over the `tp` axis of a `(dp, tp)` mesh, where that splits them (a mixture, `tp`
+    > 1 dividing the experts); else unchanged (`--enable-expert-parallel` on a dense model is a no-op, as in vLLM)."""
+    if not cfg.num_experts or tp == 1 or cfg.num_experts % tp:
+        return cfg
+    return dataclasses.replace(cfg, expert_mesh=(dp, tp))
+
+
 def stack_layers(tree: dict, num_layers: int) -> dict:
     """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked into `layers` (leading axis = layer)."""
     import numpy as np
@@ -119,7 +127,7 @@ def init_params(module: CausalLM, seed: int = 0, mesh=None):
     """Random parameters (for tests), placed on `mesh`."""
     mesh = mesh or make_mesh()
     boxed = abstract_params(module)
-    shardings = param_shardings(boxed, mesh)
+    shardings = param_shardings(boxed, mesh, bool(module.cfg.expert_mesh))
     cfg = module.cfg
 
     def init(rng):
@@ -156,12 +164,13 @@ class Model:
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
-               quantization: str = "none", dp: int = 1, matmul: str = "auto") -> Model:
+               quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
     `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8
     products run (`auto`: the int8 kernel on a CPU that has it; its weights are kept packed); the parameters go on a
-    `(data=dp, tp=tp)` mesh (replicated over `data`)."""
+    `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's experts over `tp`, each
+    whole on one device (`layers.moe.expert_parallel`), where there is more than one and they divide evenly."""
     from models.loading import packaged
 
     dtype = resolve_dtype(dtype)
@@ -169,12 +178,13 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul)
     source = open_source(path)
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
+    cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
     fam = family(cfg)
     module = build(cfg, attention, scan, tp, matmul)
     cfg, packed = module.cfg, module.cfg.matmul == "cpu"
     mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
-    shardings = _unboxed(param_shardings(boxed, mesh))
+    shardings = _unboxed(param_shardings(boxed, mesh, bool(cfg.expert_mesh)))
     key = source.content_hash()
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
     form += f"-{PACKED}" if packed else ""

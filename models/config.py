@@ -56,6 +56,8 @@ class ModelConfig:
     router_bias: bool = False  # gpt-oss: the router and the experts' projections have biases
     expert_bias: bool = False
     moe_layers: tuple[bool, ...] = ()  # per layer: an MoE block (else the dense MLP)
+    expert_mesh: tuple[int, ...] = ()  # expert parallelism: the (data, tp) sizes of the mesh whose tp axis splits
+    # the experts (`--enable-expert-parallel`, `layers.moe.Experts`); () keeps every expert on every tp shard
     kv_lora_rank: int = 0  # multi-head latent attention (DeepSeek; 0: grouped-query attention)
     q_lora_rank: int = 0  # MLA queries through a low-rank projection (0: one q_proj)
     qk_nope_head_dim: int = 0

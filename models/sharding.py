@@ -12,9 +12,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Logical axis -> mesh axis. Tensor parallelism splits attention heads and MLP width; data parallelism splits the
 # decode batch (slots) and the KV pool's pages (each data shard owns its sequences and their pages). Experts are
-# replicated, each split over `tp` by its MLP width like a dense MLP.
+# replicated, each split over `tp` by its width (`expert_mlp`) like a dense MLP; with expert parallelism
+# (`EXPERT_PARALLEL`) the experts themselves are split over `tp`, each whole on one device.
 RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"),
-         ("pages", "data"), ("expert", None))
+         ("pages", "data"), ("expert", None), ("expert_mlp", "tp"))
+EXPERT_PARALLEL = (("expert", "tp"), ("expert_mlp", None))
 
 
 def make_mesh(tp: int = 1, devices=None, dp: int = 1) -> Mesh:
@@ -30,9 +32,10 @@ def make_mesh(tp: int = 1, devices=None, dp: int = 1) -> Mesh:
     return Mesh(np.asarray(devices[:dp * tp]).reshape(dp, tp), ("data", "tp"))
 
 
-def spec_for(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for logical `names`; an axis that does not divide evenly stays replicated."""
-    rules = dict(RULES)
+def spec_for(names: tuple, shape: tuple, mesh: Mesh, expert_parallel: bool = False) -> PartitionSpec:
+    """PartitionSpec for logical `names` (experts split by `EXPERT_PARALLEL`'s rules where asked); an axis that does
+    not divide evenly stays replicated."""
+    rules = dict(RULES + (EXPERT_PARALLEL if expert_parallel else ()))
     out = []
     for name, dim in zip(names, shape):
         axis = rules.get(name) if name else None
@@ -40,12 +43,12 @@ def spec_for(names: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def param_shardings(boxed_abstract, mesh: Mesh):
+def param_shardings(boxed_abstract, mesh: Mesh, expert_parallel: bool = False):
     """NamedShardings for a tree of `nn.Partitioned` abstract params (from `jax.eval_shape(module.init, ...)`)."""
 
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh))
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh, expert_parallel))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))

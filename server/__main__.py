@@ -72,6 +72,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "else 16)")
     ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="mixtures of experts: split the experts over the tensor-parallel devices, each expert whole "
+                         "on one, instead of splitting every expert's width (vLLM's flag)")
     ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
                     help="shards the decode batch and the KV pages are split over, each with its own copy of the "
                          "weights (--max-num-seqs in all, --kv-cache-gb each); the mesh is dp x tp devices")
@@ -109,7 +112,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
 def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend)
+                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
+                       expert_parallel=args.enable_expert_parallel)
     if args.served_name:
         model.name = args.served_name
     return model

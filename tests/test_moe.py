@@ -551,19 +551,26 @@ def test_moe_model_serves_the_api_through_the_official_client(moe_server, served
     assert args["color"] in ("red", "blue")
 
 
-def test_tensor_parallel_moe_and_latent_attention_match_one_device():
-    """Experts split by width and MLA's heads split over 4 virtual devices give the one-device logits."""
+def test_tensor_and_expert_parallel_moe_and_latent_attention_match_one_device():
+    """Experts split by width and MLA's heads split over 4 virtual devices give the one-device logits; so do the
+    experts split whole over the 4 (expert parallelism: each device holds 2 of the 8); and greedy tokens through the
+    engine on a data 2 x tensor 2 mesh with experts split are the one-device engine's."""
+    import json
     import os
     import subprocess
     import sys
 
     code = r"""
+import dataclasses, json
 import numpy as np, jax
 from engine.compile import use_caches
-from models import ModelConfig, build, init_params
+from engine.engine import Engine
+from engine.params import SamplingParams
+from engine.runner import RunnerConfig
+from models import Model, ModelConfig, build, init_params, with_expert_parallel
 from models.loading.source import cache_root
 from models.sharding import make_mesh
-from helpers import our_logits
+from helpers import our_logits, run_all
 use_caches(cache_root())  # compiled once per machine, as the suite's own process does
 common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False, num_experts_per_tok=2,
@@ -572,17 +579,41 @@ shapes = [dict(common, architectures=["Qwen3MoeForCausalLM"], num_key_value_head
           dict(common, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=8, n_group=2, topk_group=1,
                n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=16, qk_nope_head_dim=8,
                qk_rope_head_dim=8, v_head_dim=8)]
-worst = 0.0
+rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+out = {"tp": 0.0, "ep": 0.0}
 for shape in shapes:
-    m = build(ModelConfig.from_hf(shape))
-    one, four = init_params(m, 0, make_mesh(1, jax.devices()[:1])), init_params(m, 0, make_mesh(4))
-    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
-    pairs = zip(our_logits(m, one, rows), our_logits(m, four, rows))
-    worst = max(worst, *(float(np.abs(a - b).max()) for a, b in pairs))
-print(worst)
+    cfg = ModelConfig.from_hf(shape)
+    m, ep = build(cfg), build(with_expert_parallel(cfg, 1, 4))
+    one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
+    for kind, module in (("tp", m), ("ep", ep)):
+        four = init_params(module, 0, make_mesh(4))
+        pairs = zip(our_logits(m, one, rows), our_logits(module, four, rows))
+        out[kind] = max(out[kind], *(float(np.abs(a - b).max()) for a, b in pairs))
+    layers = four["params"].get("layers") or four["params"]["layers_1"]
+    w = layers["mlp"]["experts"]["gate_proj"]["weight"]
+    out["experts_per_device"] = w.sharding.shard_shape(w.shape)[-3]
+
+
+def tokens(dp, tp, expert_parallel):
+    cfg = ModelConfig.from_hf(shapes[0])
+    cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
+    mesh = make_mesh(tp, jax.devices()[:dp * tp], dp=dp)
+    module = build(cfg, tp=tp)
+    model = Model("random", cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
+    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=64, decode_steps=2, kv_cache_gb=0.001))
+    prompts = [[5 + i, 17, 42 + i, 99, 3][: 2 + i] for i in range(4)]
+    reqs = run_all(eng, prompts, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 4)
+    return [r.choices[0].token_ids for r in reqs]
+
+
+out["tokens_one"], out["tokens_ep"] = tokens(1, 1, False), tokens(2, 2, True)
+print(json.dumps(out))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=os.path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tp"] <= 1e-5 and got["ep"] <= 1e-5, got
+    assert got["experts_per_device"] == 2
+    assert got["tokens_ep"] == got["tokens_one"] and all(len(t) == 8 for t in got["tokens_one"])

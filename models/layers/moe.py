@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
 from models.layers.linear import Weight, projection
@@ -136,7 +137,8 @@ def dense_reference(x, weights, ids, gate, up, down, glu, biases=None):
 
 class Experts(nn.Module):
     """The routed experts' stacked weights (and gpt-oss's biases, `{gate,up,down}_proj_bias`) and their grouped
-    product (`experts`)."""
+    product (`experts`); split over `tp` by their width, or with expert parallelism (`ModelConfig.expert_mesh`)
+    each whole on one `tp` shard (`expert_parallel`)."""
 
     cfg: ModelConfig
 
@@ -147,20 +149,46 @@ class Experts(nn.Module):
         cfg = self.cfg
         e, inter, hidden = cfg.num_experts, cfg.moe_intermediate_size, rows.shape[-1]
         names = ("gate_proj", "up_proj", "down_proj")
-        gate = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="gate_proj")
-        up = Weight((e, inter, hidden), ("expert", "mlp", "embed"), cfg.dtype, name="up_proj")
-        down = Weight((e, hidden, inter), ("expert", "embed", "mlp"), cfg.dtype, name="down_proj")
-        biases = None
+        gate = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, name="gate_proj")
+        up = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, name="up_proj")
+        down = Weight((e, hidden, inter), ("expert", "embed", "expert_mlp"), cfg.dtype, name="down_proj")
+        biases = ()
         if cfg.expert_bias:
             init = nn.initializers.zeros
             biases = tuple(self.param(f"{n}_bias", nn.with_logical_partitioning(init, ("expert", axis)), (e, width),
                                       jnp.dtype(cfg.dtype))
-                           for n, axis, width in zip(names, ("mlp", "mlp", "embed"), (inter, inter, hidden)))
+                           for n, axis, width in zip(names, ("expert_mlp", "expert_mlp", "embed"),
+                                                     (inter, inter, hidden)))
         tile, ws, at = tile_for(ids.size, e), (gate(), up(), down()), None
         if tile and stacks is not None:  # the loop reads this layer's experts from the whole stacks
             ws, at = tuple(stacks[n]["weight"] for n in names), layer
             biases = biases and tuple(stacks[f"{n}_bias"] for n in names)
-        return experts(rows, weights, ids, *ws, glu(cfg), tile, at, biases)
+        if cfg.expert_mesh:
+            return expert_parallel(rows, weights, ids, ws, biases, glu(cfg), tile, at, cfg.expert_mesh)
+        return experts(rows, weights, ids, *ws, glu(cfg), tile, at, biases or None)
+
+
+def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape) -> jax.Array:
+    """`experts` with the experts split over the mesh's `tp` axis (expert parallelism, vLLM's
+    `--enable-expert-parallel`): every shard takes all the tokens, computes the pairs of its own experts (the others'
+    weights set to 0 and their ids past its experts, so they group last and are skipped) and the shards' partial
+    sums are added (one all-reduce over `tp`). `ws`/`biases` are the whole arrays, split on their expert axis (the
+    second where `layer` says they are every layer's stacks)."""
+    lead = (None,) if layer is not None else ()
+    split = P(*lead, "tp")
+
+    def local(rows, weights, ids, ws, biases):
+        n = ws[0].shape[-3]  # this shard's experts
+        mine = ids - jax.lax.axis_index("tp") * n
+        ours = (mine >= 0) & (mine < n)
+        y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, layer,
+                    biases or None)
+        return jax.lax.psum(y, "tp")
+
+    context = jax.sharding.get_abstract_mesh()  # set inside the runner's shard_map over `data`
+    mesh = context if not context.empty else jax.sharding.AbstractMesh(tuple(mesh_shape), ("data", "tp"))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (split,) * 3, (split,) * len(biases)),
+                         out_specs=P(), axis_names={"tp"}, check_vma=False)(rows, weights, ids, tuple(ws), biases)
 
 
 class Router(nn.Module):
