@@ -161,7 +161,11 @@ def test_rejected_drafts_leave_pages_and_the_prefix_cache_right(llm):
     """After wrong drafts every page is free again, the pool's invariants hold, and a next turn served from the
     pages the speculated run registered gives the tokens of one computed from scratch."""
     p = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    first = llm.chat(ASK, p, predictions=[CODE * 3])[0]
+    llm.engine.verify_always = True  # where a verify costs many decode steps (this CPU's int8 kernel and C++
+    try:  # attention), the engine may rightly decode instead: this test is about the pages of rejected drafts
+        first = llm.chat(ASK, p, predictions=[CODE * 3])[0]
+    finally:
+        llm.engine.verify_always = False
     assert first.drafted > first.accepted
     for pool in llm.engine.pools:
         pool.check()
@@ -199,7 +203,7 @@ def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm):
         again = llm.generate([prompt] * 5, [p(s) for s in seeds[:5]], predictions=[pred] * 5)
     finally:
         llm.engine.verify_always = False
-    assert tokens(again) == tokens(spec[:5])
+    assert_same(again, spec[:5], [p(s) for s in seeds[:5]])  # a batch of 5 is computed in another order than 40
     assert_same(spec[:5], llm.generate([prompt] * 5, [p(s) for s in seeds[:5]]), [p(s) for s in seeds[:5]])
     plain = llm.generate([prompt] * len(seeds), [p(1000 + s) for s in seeds])
     assert sum(o.accepted for o in spec) > 5 and sum(o.drafted for o in spec) > 100

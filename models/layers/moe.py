@@ -176,19 +176,19 @@ def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape
     second where `layer` says they are every layer's stacks)."""
     lead = (None,) if layer is not None else ()
     split = P(*lead, "tp")
+    at = None if layer is None else jnp.asarray(layer)  # traced outside: an argument, not closed over
 
-    def local(rows, weights, ids, ws, biases):
+    def local(rows, weights, ids, ws, biases, at):
         n = ws[0].shape[-3]  # this shard's experts
         mine = ids - jax.lax.axis_index("tp") * n
         ours = (mine >= 0) & (mine < n)
-        y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, layer,
-                    biases or None)
+        y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, at, biases or None)
         return jax.lax.psum(y, "tp")
 
     context = jax.sharding.get_abstract_mesh()  # set inside the runner's shard_map over `data`
     mesh = context if not context.empty else jax.sharding.AbstractMesh(tuple(mesh_shape), ("data", "tp"))
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (split,) * 3, (split,) * len(biases)),
-                         out_specs=P(), axis_names={"tp"}, check_vma=False)(rows, weights, ids, tuple(ws), biases)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (split,) * 3, (split,) * len(biases), P()),
+                         out_specs=P(), axis_names={"tp"}, check_vma=False)(rows, weights, ids, tuple(ws), biases, at)
 
 
 class Router(nn.Module):
