@@ -1,5 +1,8 @@
 """GPU benchmark: Sparkler's engine on a Llama-3.1-8B-shaped model (random bfloat16 weights) beside transformers'
-`generate` on the same config and weights, in one run; prints a markdown table.
+`generate` on the same config and weights, in one run; prints a markdown table. `--shape` picks another model's
+shape: the mixtures of experts `deepseek-v2-lite` (15.7B, MLA, 64 experts, ~31 GB), `qwen3-30b-a3b` (30.5B, 128
+experts, ~61 GB: an H200, or `--layers` fewer on an H100) and `gpt-oss-20b` (dense bfloat16 experts, ~42 GB); their
+roofline counts the bytes a single-stream step reads, the routed experts' at `k / E` of their total.
 
 Runs with the host's preinstalled JAX, Flax and PyTorch and no network (`PYTHONPATH=. python3 bench/gpu.py`, or
 `make bench-gpu`). `--smoke` shrinks everything so the whole script runs in a minute on a CPU.
@@ -32,6 +35,38 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_si
                                   original_max_position_embeddings=8192))
 SMOKE = dict(LLAMA_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
+DEEPSEEK_V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048,
+                        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2,
+                        num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=1.0,
+                        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                        max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                             mscale=0.707, mscale_all_dim=0.707, beta_fast=32.0, beta_slow=1.0,
+                                             rope_theta=10000.0))
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     tie_word_embeddings=False)
+GPT_OSS_20B = dict(architectures=["GptOssForCausalLM"], vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                   num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                   num_local_experts=32, num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True,
+                   rope_parameters=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
+                                        beta_fast=32.0, beta_slow=1.0, truncate=False, rope_theta=150000.0))
+SHAPES = {"llama-3.1-8b": LLAMA_8B, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "qwen3-30b-a3b": QWEN3_30B_A3B,
+          "gpt-oss-20b": GPT_OSS_20B}
+# --smoke: each shape shrunk to run in a minute on a CPU (the same families and routing, tiny widths)
+SHRINK = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+SMOKE_MOE = {"deepseek-v2-lite": dict(num_key_value_heads=4, moe_intermediate_size=64, n_routed_experts=8,
+                                      num_experts_per_tok=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                                      qk_rope_head_dim=16, v_head_dim=16),
+             "qwen3-30b-a3b": dict(head_dim=32, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+             "gpt-oss-20b": dict(head_dim=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+                                 sliding_window=16)}
 
 
 def random_model(hf_config: dict, dtype: str, attention: str, scan: bool = True, quantization: str = "none"):
@@ -121,13 +156,16 @@ def diagnose(args) -> None:
         del runner, model, fwd
 
 
-def param_bytes(params, skip: tuple[str, ...] = ("embed", "embed_rows")) -> int:
-    """Bytes of the parameters one decode step reads (the embedding table is only gathered from)."""
+def param_bytes(params, cfg=None, skip: tuple[str, ...] = ("embed", "embed_rows")) -> int:
+    """Bytes of the parameters one single-stream decode step reads (the embedding table is only gathered from; a
+    mixture's routed experts count `k / E` of theirs, the share one token's route reads)."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if not any(getattr(k, "key", None) in skip for k in path):
-            total += leaf.size * leaf.dtype.itemsize
-    return total
+        keys = [getattr(k, "key", None) for k in path]
+        if not any(k in skip for k in keys):
+            share = cfg.experts_per_token / cfg.num_experts if cfg is not None and "experts" in keys else 1
+            total += leaf.size * leaf.dtype.itemsize * share
+    return int(total)
 
 
 def engine_numbers(model, args) -> dict:
@@ -191,18 +229,22 @@ def hf_numbers(model, args) -> dict:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in args.hf_config.items() if k != "architectures"})
+    arch = args.hf_config["architectures"][0]
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg = config_cls(**{k: v for k, v in args.hf_config.items() if k != "architectures"})
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        ref = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        ref = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
     ours = flat_params(model.params["params"])
+
+    def ours_at(key: str, layer: int):
+        if key not in ours:  # scanned layers: one stacked array per parameter
+            return ours[key.replace(f"layers_{layer}/", "layers/")][layer]
+        return ours[key]
+
     with torch.no_grad():
         for name, p in ref.named_parameters():
             key, layer = hf_name(name)
-            if key not in ours:  # scanned layers: one stacked array per parameter
-                key, w = key.replace(f"layers_{layer}/", "layers/"), ours[key.replace(f"layers_{layer}/", "layers/")]
-                p.copy_(to_torch(w[layer], p.device))
-            else:
-                p.copy_(to_torch(ours[key], p.device))
+            p.copy_(to_torch(expert_tensor(key, layer, ours_at, arch == "GptOssForCausalLM"), p.device))
     out = {}
     for b in args.hf_batches:
         ids = torch.randint(10, cfg.vocab_size - 10, (b, args.prompt), device=ref.device)
@@ -231,10 +273,31 @@ def flat_params(tree, prefix: str = "") -> dict:
     return out
 
 
+def expert_tensor(key: str, layer: int, ours_at, gpt_oss: bool):
+    """Our parameter `key` of `layer`, or what transformers' fused experts hold of ours: `gate_up_proj` (gate then
+    up, `[E, 2I, H]`; gpt-oss's interleaved and inputs first, `[E, H, 2I]`), `down_proj` (gpt-oss's `[E, I, H]`)
+    and gpt-oss's biases."""
+    base = key.rsplit("/", 1)[0]
+    if key.endswith("experts/gate_up_proj"):
+        gate, up = ours_at(f"{base}/gate_proj/weight", layer), ours_at(f"{base}/up_proj/weight", layer)
+        if gpt_oss:
+            return jnp.stack([gate, up], axis=2).reshape(gate.shape[0], -1, gate.shape[2]).swapaxes(1, 2)
+        return jnp.concatenate([gate, up], axis=1)
+    if key.endswith("experts/gate_up_proj_bias"):
+        gate, up = ours_at(f"{base}/gate_proj_bias", layer), ours_at(f"{base}/up_proj_bias", layer)
+        return jnp.stack([gate, up], axis=2).reshape(gate.shape[0], -1)
+    if key.endswith("experts/down_proj"):
+        down = ours_at(f"{base}/down_proj/weight", layer)
+        return down.swapaxes(1, 2) if gpt_oss else down
+    return ours_at(key, layer)
+
+
 def hf_name(name: str) -> tuple[str, int]:
     """transformers' parameter name -> ours and the layer (`model.layers.3.mlp.up_proj.weight` ->
-    `("layers_3/mlp/up_proj/weight", 3)`; -1 outside the layers)."""
-    name = name.removeprefix("model.")
+    `("layers_3/mlp/up_proj/weight", 3)`; -1 outside the layers). Routers are our `gate`, shared experts our
+    `shared_expert`."""
+    name = name.removeprefix("model.").replace("mlp.router.", "mlp.gate.").replace(".shared_experts.",
+                                                                                ".shared_expert.")
     if name == "embed_tokens.weight":
         return "embed", -1
     parts = name.split(".")
@@ -267,15 +330,23 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", type=int, default=16384)
     ap.add_argument("--quantization", default="none", choices=("none", "int8"),
                     help="int8: int8 weights with 32-input group scales (no transformers side)")
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=tuple(SHAPES), help="the model shape measured")
+    ap.add_argument("--layers", type=int, default=0, help="fewer layers than the shape's (to fit the card)")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.0, help="the KV pool (0: 30 GB for the 8B, 8 for MoE)")
     args = ap.parse_args()
     args.no_transformers |= args.quantization != "none"
     if args.smoke:
-        args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = SMOKE, (1, 4), 64, 16, (64, 256)
+        args.hf_config = SMOKE if args.shape == "llama-3.1-8b" else {**SHAPES[args.shape], **SHRINK,
+                                                                    **SMOKE_MOE[args.shape]}
+        args.concurrency, args.prompt, args.new, args.ttft = (1, 4), 64, 16, (64, 256)
         args.hf_batches, args.max_len, args.kv_gb, args.copy_bytes = (1, 4), 512, 0.05, 1 << 26
     else:
-        args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = LLAMA_8B, (1, 16, 64, 256), 512, 256, (
-            512, 2048)
-        args.hf_batches, args.max_len, args.kv_gb, args.copy_bytes = (1, 64), 2560, 30.0, 4 << 30
+        args.hf_config, args.concurrency, args.prompt, args.new, args.ttft = SHAPES[args.shape], (1, 16, 64, 256), \
+            512, 256, (512, 2048)
+        args.hf_batches, args.max_len, args.copy_bytes = (1, 64), 2560, 4 << 30
+        args.kv_gb = args.kv_cache_gb or (30.0 if args.shape == "llama-3.1-8b" else 8.0)
+    if args.layers:
+        args.hf_config = {**args.hf_config, "num_hidden_layers": args.layers}
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, {dev.platform}: {getattr(dev, 'device_kind', dev)}", flush=True)
     bw = copy_bandwidth(args.copy_bytes)
@@ -286,7 +357,7 @@ def main() -> None:
     model = random_model(args.hf_config, "bfloat16", args.attention_backend, quantization=args.quantization)
     print(f"random weights: {time.perf_counter() - t:.1f} s, backend {model.module.backend}, "
           f"scan {model.module.scan}", flush=True)
-    weights = param_bytes(model.params)
+    weights = param_bytes(model.params, model.cfg)
     e = engine_numbers(model, args)
     hf = {} if args.no_transformers else hf_numbers(model, args)
     roof = weights / e["step_s"] / bw
@@ -303,7 +374,8 @@ def main() -> None:
     rows.append(("engine ready: every shape compiled (s)", f"{e['ready_s']:.0f}", "", "", ""))
     lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    print(f"\n{'smoke config' if args.smoke else 'Llama-3.1-8B shape'}, bfloat16"
+    layers = f", {args.layers} layers" if args.layers else ""
+    print(f"\n{'smoke config of the ' if args.smoke else ''}{args.shape} shape{layers}, bfloat16"
           f"{', int8 weights' if args.quantization == 'int8' else ''}, random weights; "
           f"weights read per step {weights / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"{e['compiles']} compiles; decode steps per dispatch {args.decode_steps}, page size {args.page_size}\n")
