@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # replicated, each split over `tp` by its width (`expert_mlp`) like a dense MLP; with expert parallelism
 # (`EXPERT_PARALLEL`) the experts themselves are split over `tp`, each whole on one device.
 RULES = (("heads", "tp"), ("kv_heads", "tp"), ("mlp", "tp"), ("vocab", None), ("embed", None), ("batch", "data"),
-         ("pages", "data"), ("expert", None), ("expert_mlp", "tp"))
+         ("pages", "data"), ("expert", None), ("expert_mlp", "tp"), ("router", None))
 EXPERT_PARALLEL = (("expert", "tp"), ("expert_mlp", None))
 
 

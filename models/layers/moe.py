@@ -202,15 +202,17 @@ class Router(nn.Module):
     def __call__(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Token `rows [T, H]` -> routing weights and expert ids `[T, k]` (`route`)."""
         cfg = self.cfg
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("expert", "embed"))
+        # Replicated on every device (`router` maps to no mesh axis): every device routes every token, and under
+        # expert parallelism an `expert` axis split over tp would gather the logits back before the top-k.
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("router", "embed"))
         w = self.param("weight", init, (cfg.num_experts, rows.shape[-1]), jnp.dtype(cfg.dtype))
         bias, logit_bias = None, 0.0
         if cfg.router_bias:  # gpt-oss: a bias on the logits themselves
-            logit_bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
+            logit_bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("router",)),
                                     (cfg.num_experts,), jnp.dtype(cfg.dtype)).astype(jnp.float32)
         if cfg.scoring == "sigmoid":
             bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                                      ("expert",)),
+                                                                                      ("router",)),
                               (cfg.num_experts,), jnp.float32)
         logits = jnp.dot(rows.astype(jnp.float32), w.astype(jnp.float32).T) + logit_bias
         return route(logits, cfg.experts_per_token, cfg.norm_topk_prob, cfg.scoring, bias, cfg.expert_groups,
