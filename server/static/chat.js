@@ -227,4 +227,6 @@ $("new-chat").addEventListener("click", () => {
   $("stats").textContent = "";
 });
 $("format").addEventListener("change", () => { $("schema").hidden = $("format").value !== "json_schema"; });
-connect();
+// After the page has loaded: a key prompt opened while it loads would hold its load event (and a browser driver
+// waiting for it) until answered.
+window.addEventListener("load", connect);
