@@ -282,9 +282,10 @@ def served(request, folders, smollm):
     return _with_tokenizer(request.param, str(folders / request.param), smollm.tokenizer.folder)
 
 
-@pytest.fixture(scope="module", params=["qwen2-moe", "deepseek-v3", "gpt-oss"])
+@pytest.fixture(scope="module", params=["qwen2-moe", "deepseek-v3", "gpt-oss", "mixtral", "qwen3-moe", "deepseek-v2"])
 def decoded(request, folders, smollm):
-    """`served`'s folders and a gpt-oss one (sinks, sliding layers), decoded through the engine."""
+    """Every family's folder decoded through the engine: `served`'s two, gpt-oss (sinks, sliding layers), Mixtral,
+    Qwen3-MoE (scanned layers) and DeepSeek-V2 (MLA without a q LoRA, complex RoPE, group-limited routing)."""
     return _with_tokenizer(request.param, str(folders / request.param), smollm.tokenizer.folder)
 
 
