@@ -31,7 +31,7 @@ class ModelConfig:
     norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1: scale is (offset + w)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
     embed_scale: float = 1.0
-    activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.moe.glu`)
+    activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.mlp.glu`)
     swiglu_alpha: float = 1.702  # clamped_swiglu: `(clip(up) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit)
     swiglu_limit: float = 7.0
     query_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5

@@ -113,7 +113,7 @@ def test_grouped_matmul_equals_the_dense_reference_for_any_routing(tile):
             ids = np.array(jax.random.randint(keys[4], (t, k), 0, e))
             ids[:, 1] = (ids[:, 0] + 1 + ids[:, 1] % (e - 1)) % e  # distinct experts per token
         w = jax.nn.softmax(jax.random.normal(keys[5], (t, k)), axis=-1)
-        for glu, b in [(silu, None), (clamped, biases)]:
+        for glu, b in [(silu, ()), (clamped, biases)]:
             want = moe.dense_reference(x, w, jnp.asarray(ids), gate, up, down, glu, b)
             got = jax.jit(moe.experts, static_argnums=(6, 7))(x, w, jnp.asarray(ids), gate, up, down, glu, tile,
                                                               None, b)

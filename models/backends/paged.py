@@ -132,6 +132,13 @@ def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window):
     return top, jnp.sum(e, axis=-1), out
 
 
+def _merge(x, y):
+    """Two parts' softmax statistics `(max, sum of exponentials, unnormalised output)` as one."""
+    top = jnp.maximum(x[0], y[0])
+    a, c = jnp.exp(x[0] - top), jnp.exp(y[0] - top)
+    return top, a * x[1] + c * y[1], a[..., None] * x[2] + c[..., None] * y[2]
+
+
 def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
             positions: jax.Array, scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
             block: int = 128) -> jax.Array:
@@ -156,21 +163,19 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
                       k_pos < positions[:, :1], scale, softcap, window)
     block = block if s % block == 0 else s
     kc, vc, ones = rows(k), rows(v), jnp.ones((b, s), bool)
+    if sinks is not None:  # one more part per row: a key of the head's sink logit with a zero value
+        sink = jnp.tile(sinks.astype(jnp.float32).reshape(kvh, 1, g), (1, block, 1)).reshape(kvh, 1, block * g)
+        sink = (sink, jnp.ones_like(sink), 0.0)  # row = position * g + head, as in `qg`
     outs = []
     for i in range(s // block):
         lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
-        top, total, out = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
-                                ones[:, :end], scale, softcap, window)
+        part = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
+                     ones[:, :end], scale, softcap, window)
         if before:
-            p_top, p_total, p_out = (x[:, :, lo:hi] for x in prior)
-            new = jnp.maximum(top, p_top)
-            a, c = jnp.exp(p_top - new), jnp.exp(top - new)
-            top, total, out = new, a * p_total + c * total, a[..., None] * p_out + c[..., None] * out
-        if sinks is not None:  # row = position * g + head, as in `qg`
-            sink = jnp.tile(sinks.astype(jnp.float32).reshape(kvh, 1, g), (1, block, 1)).reshape(kvh, 1, block * g)
-            new = jnp.maximum(top, sink)
-            a = jnp.exp(top - new)
-            top, total, out = new, a * total + jnp.exp(sink - new), a[..., None] * out
+            part = _merge(part, tuple(x[:, :, lo:hi] for x in prior))
+        if sinks is not None:
+            part = _merge(part, sink)
+        top, total, out = part
         outs.append(out / total[..., None])
     out = jnp.concatenate(outs, axis=2).astype(q.dtype)
     return out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h * d)

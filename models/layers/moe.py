@@ -63,7 +63,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, glu,
-                tile: int, layer=None, biases=None) -> jax.Array:
+                tile: int, layer=None, biases=()) -> jax.Array:
     """The experts' MLP of rows `x [P, H]` sorted by expert (`sizes [E]` each) as a loop over tiles of `tile` rows
     of one expert, only as many as the rows fill (a trip count known on the device): each tile reads its expert's
     weights once and runs the whole gated MLP. On a CPU this beat `ragged_dot` (a dense product per expert) and a
@@ -84,10 +84,10 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
         at = k if layer is None else (layer, k)
         xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
         g, u = xt @ gate[at].T, xt @ up[at].T
-        if biases is not None:
+        if biases:
             g, u = g + biases[0][at], u + biases[1][at]
         y = glu(g, u) @ down[at].T
-        if biases is not None:
+        if biases:
             y = y + biases[2][at]
         keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile)),
@@ -97,10 +97,10 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 
 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-            glu, tile: int = 0, layer=None, biases=None) -> jax.Array:
+            glu, tile: int = 0, layer=None, biases=()) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
     `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `glu(gate, up)` is the gated unit
-    (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I], [E, H])`, or None. `tile` as
+    (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I], [E, H])`, or none. `tile` as
     `tile_for`; `layer`: the weights (and biases) are every layer's `[L, E, ...]` and this is the layer's index (the
     loop form only)."""
     k = ids.shape[1]
@@ -113,22 +113,23 @@ def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, u
         y = expert_loop(xs, sizes, gate, up, down, glu, tile, layer, biases)
     else:
         g, u = grouped_matmul(xs, gate, sizes), grouped_matmul(xs, up, sizes)
-        if biases is not None:  # each row's expert's biases
-            g, u = g + biases[0][flat[order]], u + biases[1][flat[order]]
+        expert = flat[order]  # each row's expert, for its biases
+        if biases:
+            g, u = g + biases[0][expert], u + biases[1][expert]
         y = grouped_matmul(glu(g, u), down, sizes)
-        if biases is not None:
-            y = y + biases[2][flat[order]]
+        if biases:
+            y = y + biases[2][expert]
     y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
 
-def dense_reference(x, weights, ids, gate, up, down, glu, biases=None):
+def dense_reference(x, weights, ids, gate, up, down, glu, biases=()):
     """`experts` as an einsum over every expert for every token (the tests' reference, never served)."""
     g, u = jnp.einsum("th,eih->tei", x, gate), jnp.einsum("th,eih->tei", x, up)
-    if biases is not None:
+    if biases:
         g, u = g + biases[0], u + biases[1]
     y = jnp.einsum("tei,ehi->teh", glu(g, u), down)
-    if biases is not None:
+    if biases:
         y = y + biases[2]
     mix = jnp.zeros(ids.shape[:1] + (gate.shape[0],), x.dtype).at[jnp.arange(ids.shape[0])[:, None], ids].add(
         weights.astype(x.dtype))
@@ -165,7 +166,7 @@ class Experts(nn.Module):
             biases = biases and tuple(stacks[f"{n}_bias"] for n in names)
         if cfg.expert_mesh:
             return expert_parallel(rows, weights, ids, ws, biases, glu(cfg), tile, at, cfg.expert_mesh)
-        return experts(rows, weights, ids, *ws, glu(cfg), tile, at, biases or None)
+        return experts(rows, weights, ids, *ws, glu(cfg), tile, at, biases)
 
 
 def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape) -> jax.Array:
@@ -182,7 +183,7 @@ def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape
         n = ws[0].shape[-3]  # this shard's experts
         mine = ids - jax.lax.axis_index("tp") * n
         ours = (mine >= 0) & (mine < n)
-        y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, at, biases or None)
+        y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, at, biases)
         return jax.lax.psum(y, "tp")
 
     context = jax.sharding.get_abstract_mesh()  # set inside the runner's shard_map over `data`
