@@ -35,6 +35,9 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
+    # `get` returns once navigation starts: waiting for the load could race the key prompt the page opens after it
+    # (chromedriver's readiness check then waits on a renderer held by the dialog; seen once in CI, 120 s)
+    opts.page_load_strategy = "none"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):

@@ -171,8 +171,8 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
         lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
         part = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
                      ones[:, :end], scale, softcap, window)
-        if before:
-            part = _merge(part, tuple(x[:, :, lo:hi] for x in prior))
+        if before:  # cached part first: XLA fuses `a * x + c * y` into an FMA, so the order sets the rounding
+            part = _merge(tuple(x[:, :, lo:hi] for x in prior), part)
         if sinks is not None:
             part = _merge(part, sink)
         top, total, out = part
