@@ -120,6 +120,20 @@ def serve_and_measure(cmd: list[str], port: int, tokens: int, levels, log: str) 
     return out
 
 
+def wait_warm(url: str, limit: float = 900) -> float:
+    """Seconds from now until the server's background warm-up has compiled every shape (`/health`)."""
+    import urllib.request
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < limit:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            health = json.loads(r.read())
+        if health.get("warmup_shapes_ready", 0) >= health.get("warmup_shapes_total", 0):
+            return time.perf_counter() - t
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: the warm-up did not finish within {limit:.0f} s")
+
+
 def stop(proc: subprocess.Popen, grace: float = 60) -> None:
     """SIGTERM a server, and kill it if it has not exited after `grace` seconds."""
     proc.terminate()

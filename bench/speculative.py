@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import ROOT, WORDS, chunks, has_text, stop, wait_ready  # noqa: E402
+from serve import ROOT, WORDS, chunks, has_text, stop, wait_ready, wait_warm  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 COLOURS = ("red", "green", "blue", "amber", "grey")
@@ -130,6 +130,7 @@ def start(args: list[str], port: int, log: str):
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), *args],
                             stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     wait_ready(f"http://127.0.0.1:{port}", proc)
+    wait_warm(f"http://127.0.0.1:{port}")  # a warm-up compiling behind serving would share the cores with the rows
     return proc
 
 

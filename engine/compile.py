@@ -4,7 +4,9 @@ thread pool (XLA compiles outside the GIL), and kept on disk in two caches.
 - The program store (`$SPARKLER_CACHE/programs`) keeps each step executable whole
   (`jax.experimental.serialize_executable`) under a key of everything that shapes its trace: the source of `engine/`
   and `models/`, JAX's version, the devices, the XLA flags and a few JAX settings, the runner's settings and the
-  call's full abstract signature. A start loads them without tracing (~0.1 s each on this CPU).
+  call's full abstract signature. A start loads them without tracing (~0.1 s each on this CPU). Processes that
+  start together (servers on one host, the test suite's workers) compile each program once: whoever compiles it
+  holds a lock file beside its entry (`_claim`), and the others wait for it and load what it stored.
 - JAX's persistent compilation cache (`$SPARKLER_CACHE/xla`) keeps every other program (and serves a step whose
   store entry is gone). Its lookups are keyed by the lowered program, so each still traces and lowers (~0.5 s a
   step for the default model here: 29 s of what was a 36 s warm start). An executable it reads back cannot be
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -141,6 +144,33 @@ def _save(path: str | None, exe) -> None:
         PROGRAMS["saved"] += 1
 
 
+@contextlib.contextmanager
+def _claim(path: str | None, patience: float = 600.0):
+    """Hold the lock of the program at `path` while compiling it, so that processes starting together (servers, test
+    workers) compile each program once and the others load it from the store. A holder that takes longer than
+    `patience` seconds is not waited for: the caller compiles the program itself."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("sparkler: program store: %s is locked for over %.0f s; compiling", path, patience)
+                    yield
+                    return
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def shape_key(args: tuple, statics: dict) -> tuple:
     """The shapes of a call's array arguments (pytrees such as parameters and caches are fixed per runner)."""
     return tuple((a.shape, str(a.dtype), bool(getattr(a, "weak_type", False))) if hasattr(a, "shape") else None
@@ -195,10 +225,13 @@ class AOT:
         path = _store_path(self.namespace, self.name, abstract, statics)
         exe = _load(path)
         if exe is None:
-            hits = getattr(_thread, "hits", 0)
-            exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh(path) if path else None)
-            if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
-                _save(path, exe)
+            with _claim(path):
+                exe = _load(path)  # compiled by another process while this one waited for it
+                if exe is None:
+                    hits = getattr(_thread, "hits", 0)
+                    exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh(path) if path else None)
+                    if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
+                        _save(path, exe)
         self.exes[key] = exe
 
 

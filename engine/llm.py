@@ -115,6 +115,7 @@ class AsyncEngine:
         self._stop = False
         self._fail_requested = False
         self.error: BaseException | None = None
+        self._held: list = []  # the streams that took deltas during this engine step, to hand them over after it
         self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
         self._thread.start()
 
@@ -134,11 +135,20 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self.error = e
                 self._fail_all()
+            self._hand_over()
 
     def _fail_all(self) -> None:
         for req, deltas in self.engine.fail_all():
             if req.on_delta and deltas:
                 req.on_delta(req, deltas)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Pass each stream what it took during the step, in one wake-up of its event loop (one per token woke the
+        loop as often and traded the GIL with it each time: a verify pass keeps ~13 tokens)."""
+        held, self._held = self._held, []
+        for flush in held:
+            flush()
 
     def fail_everything(self) -> None:
         """End every request in flight with finish_reason "error" (at the engine thread's next turn)."""
@@ -164,11 +174,24 @@ class AsyncEngine:
             else:
                 q.put_nowait(item)
 
-        def deliver(i: int, deltas: list[Delta]) -> None:  # on the engine thread
+        def push_all(items: list) -> None:
+            for item in items:
+                push(item)
+
+        taken: list = []  # this step's deltas, in order (engine thread)
+
+        def flush() -> None:  # on the engine thread, after the step
+            items = taken[:]
+            taken.clear()
             try:
-                loop.call_soon_threadsafe(push, (i, deltas))
+                loop.call_soon_threadsafe(push_all, items)
             except RuntimeError:  # the consumer's event loop is gone: nobody is listening
                 pass
+
+        def deliver(i: int, deltas: list[Delta]) -> None:  # on the engine thread, during the step
+            if not taken:
+                self._held.append(flush)
+            taken.append((i, deltas))
 
         for i, req in enumerate(reqs):
             req.on_delta = lambda r, ds, i=i: deliver(i, ds)

@@ -53,6 +53,33 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
     assert np.float32(tiny) / np.float32(4) > 0  # loading a kernel left the process's subnormals alone
 
 
+@pytest.mark.parametrize("h,kvh,d", GQA)
+@pytest.mark.parametrize("s", [2, 17, 24])
+def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
+    """A verify pass's chunk through the `cpu` kernel (S queries per row, each over its own causal length: chunks
+    starting at 0, mid-page and on a page boundary, crossing pages, rows at different lengths) against
+    `paged.reference`; a row past its table (a free slot) stays finite."""
+    from models import backends
+
+    assert s <= backends.CPU_CHUNK
+    rng = np.random.default_rng(h * 100 + s)
+    ps, pages = 16, 64
+    starts = np.array([0, 13, 32, 70])
+    n = -(-(int(starts.max()) + s) // ps)
+    table = jnp.asarray(1 + rng.permutation(pages - 1)[:len(starts) * n].reshape(len(starts), n), jnp.int32)
+    k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
+    positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(len(starts), s, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(len(starts), s, kvh, d)), jnp.float32) for _ in range(2))
+    k_cache, v_cache = paged.write(k_cache, k, positions, table), paged.write(v_cache, v, positions, table)
+    want = paged.reference(q, k_cache, v_cache, table, positions, d ** -0.5)
+    got = backends.paged_attention("cpu", q, k, v, k_cache, v_cache, table, positions, d ** -0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+    free = positions.at[-1].set(n * ps + jnp.arange(s))  # past the table's end: clamped to its pages
+    assert np.isfinite(np.asarray(backends.paged_attention("cpu", q, k, v, k_cache, v_cache, table, free,
+                                                           d ** -0.5))).all()
+
+
 @settings(max_examples=10, deadline=None)
 @given(gqa=st.sampled_from(GQA[:3]), s=st.sampled_from([2, 16, 24, 48]), block=st.sampled_from([8, 16]),
        ps=st.sampled_from([4, 16]), starts=st.lists(st.integers(0, 40), min_size=1, max_size=3),
@@ -229,6 +256,40 @@ def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them_without_t
     assert cold["saved"] == cold["saved_after"] == cold["shapes"] and cold["loaded"] == 0  # each kept once
     assert warm["loaded"] == warm["shapes"] and warm["saved_after"] == 0  # the second start loads every one,
     assert warm["compiled"] == warm["after"] == 0  # and traces none
+
+
+TWO_AT_ONCE = r"""
+import functools, json, sys, threading
+import jax, jax.numpy as jnp
+from engine.compile import AOT, PROGRAMS, use_caches
+use_caches(sys.argv[1])
+slow = jax.jit(lambda a: functools.reduce(lambda x, i: jnp.sin(x @ x) * i, range(1, 200), a))  # ~1 s to compile
+x = jnp.ones((8, 8))
+gate = threading.Barrier(2)
+def start():  # a process of its own would hold the same lock: flock's locks belong to each open() of the file
+    gate.wait()
+    AOT(slow, "slow", "claim").compile(x)
+threads = [threading.Thread(target=start) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(dict(loaded=PROGRAMS["loaded"], saved=PROGRAMS["saved"])))
+"""
+
+
+def test_two_starts_at_once_compile_a_program_once(tmp_path):
+    """Two compilations of one program at the same moment (servers or test workers starting together): one compiles
+    and stores it, the other waits for it and loads it from the program store."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", TWO_AT_ONCE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["saved"] == 1 and got["loaded"] == 1, got
 
 
 ONE_OF_FOUR = r"""

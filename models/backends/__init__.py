@@ -17,6 +17,11 @@ from models.backends import paged
 from models.config import ModelConfig
 
 BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
+# Chunks of at most this many queries per row go through the `cpu` kernel (which reads each key once for all of a
+# row's queries and scores only up to each query's length) rather than `paged.prefill`: verify passes (K + 1 = 17
+# positions by default; 37 -> 20 ms of attention per SmolLM2 forward at a ~800-token context, docs/PERFORMANCE.md).
+# Prefill chunks (32 tokens and up) stay on `paged.prefill`.
+CPU_CHUNK = 24
 
 
 def default_backend(platform: str | None = None) -> str:
@@ -53,21 +58,23 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
                     table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
                     sinks: jax.Array | None = None) -> jax.Array:
     """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
-    (S > 1) runs `paged.prefill`; decode (one query per row) runs the kernels, or `paged.reference` for the `xla`
-    backend, a window, soft-capping or sinks. Other arguments as `paged.reference`."""
-    if q.shape[1] > 1:
+    (S > 1) runs `paged.prefill`, but for the `cpu` kernel's short chunks (a verify pass); decode (one query per
+    row) runs the kernels, or `paged.reference` for the `xla` backend, a window, soft-capping or sinks. Other
+    arguments as `paged.reference`."""
+    b, s, h, d = q.shape
+    plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    if s > 1 and not (backend == "cpu" and plain and s <= CPU_CHUNK):
         return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
-    b, _, h, d = q.shape
-    if backend == "xla" or softcap or sinks is not None or not (isinstance(window, int) and window == 0):
+    if backend == "xla" or not plain:
         return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
-    lengths = positions[:, 0].astype(jnp.int32) + 1
-    qs = (q[:, 0] * jnp.asarray(scale, q.dtype))
+    lengths = positions.astype(jnp.int32) + 1
+    qs = q * jnp.asarray(scale, q.dtype)
     if backend == "cpu":
-        from models.backends import cpu_attention as kernel
-    elif backend == "pallas-gpu":
-        from models.backends import pallas_gpu as kernel
-    else:
-        from models.backends import pallas_tpu as kernel
-    native = {"cpu": "cpu", "pallas-gpu": "gpu", "pallas-tpu": "tpu"}[backend]
+        from models.backends import cpu_attention
+
+        return cpu_attention.chunk(qs, k_cache, v_cache, table, lengths).reshape(b, s, h * d)
+    from models.backends import pallas_gpu, pallas_tpu
+
+    kernel, native = (pallas_gpu, "gpu") if backend == "pallas-gpu" else (pallas_tpu, "tpu")
     interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
-    return kernel.decode(qs, k_cache, v_cache, table, lengths, interpret).reshape(b, 1, h * d)
+    return kernel.decode(qs[:, 0], k_cache, v_cache, table, lengths[:, 0], interpret).reshape(b, 1, h * d)

@@ -27,6 +27,13 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     """Attention of one pre-scaled query per row `q [B, h, d]` over its first `lengths [B]` keys, in the pool pages
     listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]` (the same
     contract as the Pallas kernels; `interpret` is ignored: this kernel runs natively on the CPU)."""
+    return chunk(q[:, None], k_pages, v_pages, table, lengths[:, None])[:, 0]
+
+
+def chunk(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array) -> jax.Array:
+    """`S` pre-scaled queries per row, `q [B, S, h, d]`, query `i` of row `b` over the first `lengths [B, S]` keys
+    of the row's pages (a chunk whose keys are in the pool already: its causal mask is the lengths); `[B, S, h, d]`.
+    Each key is read once for all of a row's queries (a verify pass: a row's last token and its draft)."""
     if not available():
         raise RuntimeError("the cpu attention backend needs a C++ compiler (g++) to build its kernel")
     f32 = jnp.float32
