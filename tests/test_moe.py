@@ -302,7 +302,8 @@ def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[f
 def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(decoded):
     """32 greedy steps per prompt through a pool too small for all of them at once (preemption), prompts sharing a
     prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; the same load
-    again compiles nothing new."""
+    again compiles nothing new; with speculative decoding (each reply as its prediction, one token wrong) the tokens
+    are the same."""
     model, ref = decoded
     rng = np.random.default_rng(3)
     shared = rng.integers(10, 49000, 40).tolist()
@@ -329,6 +330,20 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     assert [r.choices[0].token_ids for r in run()] == [r.choices[0].token_ids for r in again]
     assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
     assert eng.runner.compiles == compiled
+    # Speculative decoding: each reply as its prediction, one token of it wrong, verified in K + 1 positions (the
+    # family's chunk attention over the pool: MLA's latent cache, sinks, sliding layers). The tokens stay the same.
+    eng.verify_always = True
+    preds = [r.choices[0].token_ids[:10] + [7] + r.choices[0].token_ids[11:] for r in reqs]
+    spec = [eng.make_request(p, params, prediction=pred) for p, pred in zip(prompts, preds)]
+    for r in spec:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+        eng.pools[0].check()
+    assert [r.choices[0].token_ids for r in spec] == [r.choices[0].token_ids for r in reqs]
+    np.testing.assert_allclose([lp[1] for r in spec for lp in r.choices[0].logprobs],
+                               [lp[1] for r in reqs for lp in r.choices[0].logprobs], atol=2e-4)
+    assert sum(r.accepted for r in spec) > 6 * 16 and sum(r.drafted - r.accepted for r in spec) > 0
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
