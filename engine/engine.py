@@ -170,6 +170,9 @@ class Engine:
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
+        # Called once the first tokens of the requests just prefilled are handed to `on_delta`, before this step's
+        # decode: a consumer that batches what it gets passes them on then (`AsyncEngine`: time to first token).
+        self.handed: Callable[[], None] = lambda: None
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -297,6 +300,7 @@ class Engine:
         changed: dict[str, Request] = {}
         self._admit(changed)
         self._emit(changed, done)
+        self.handed()
         if self.running:
             self._decode(changed, done)
         return done
