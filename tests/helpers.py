@@ -25,10 +25,12 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
 
 
-def run_all(eng, prompts, params, **request):
+def run_all(eng, prompts, params, predictions=None, **request):
     """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
-    order. `request`: more arguments of `Engine.make_request` (a grammar), the same for every prompt."""
-    reqs = [eng.make_request(p, q, **request) for p, q in zip(prompts, params)]
+    order. `predictions`: each prompt's (speculative decoding), or None; `request`: more arguments of
+    `Engine.make_request` (a grammar), the same for every prompt."""
+    predictions = predictions or [None] * len(prompts)
+    reqs = [eng.make_request(p, q, prediction=pred, **request) for p, q, pred in zip(prompts, params, predictions)]
     for r in reqs:
         eng.add(r)
     while eng.has_work():

@@ -32,6 +32,24 @@ def _pool(rng, kvh, d, layers=2, pages=24, ps=16):
     return jnp.asarray(rng.normal(size=shape), jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
+def _run_script(code: str, *args: str, devices: int = 0) -> dict:
+    """Run `code` in a fresh Python process (its own caches and counters; `devices` virtual CPU devices) and return
+    the JSON object its last line prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("h,kvh,d", GQA)
 def test_decode_kernel_matches_reference(kernel, h, kvh, d):
@@ -239,18 +257,8 @@ print(json.dumps(dict(shapes=len(eng.runner.warm_jobs()), compiled=compiled, aft
 
 def test_warmup_compiles_each_shape_once_and_a_second_start_loads_them_without_tracing(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "cache"), json.dumps(_LLAMA)], cwd=root,
-                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cold, warm = runs
+    cold, warm = (_run_script(STARTUP, str(tmp_path / "cache"), json.dumps(_LLAMA)) for _ in range(2))
     assert cold["compiled"] == cold["shapes"] > 10  # each warm-up shape traced and compiled once
     assert cold["after"] == cold["compiled"]  # short requests need nothing more
     assert cold["saved"] == cold["saved_after"] == cold["shapes"] and cold["loaded"] == 0  # each kept once
@@ -279,16 +287,7 @@ print(json.dumps(dict(loaded=PROGRAMS["loaded"], saved=PROGRAMS["saved"])))
 def test_two_starts_at_once_compile_a_program_once(tmp_path):
     """Two compilations of one program at the same moment (servers or test workers starting together): one compiles
     and stores it, the other waits for it and loads it from the program store."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", TWO_AT_ONCE, str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, PYTHONPATH=root))
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _run_script(TWO_AT_ONCE, str(tmp_path))
     assert got["saved"] == 1 and got["loaded"] == 1, got
 
 
@@ -308,19 +307,7 @@ print(json.dumps(dict(out=out.tolist(), loaded=PROGRAMS["loaded"], saved=PROGRAM
 def test_a_stored_program_runs_on_the_devices_it_was_compiled_for(tmp_path):
     """A program compiled for one device of four (the 1 x 1 mesh beside larger ones) loads from the program store
     onto that device, not onto all four (which fails at run time: "Expected ... to have 4 shards")."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", ONE_OF_FOUR, str(tmp_path / "cache")], cwd=root, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = [_run_script(ONE_OF_FOUR, str(tmp_path / "cache"), devices=4) for _ in range(2)]
     assert runs[0] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=0, saved=1)
     assert runs[1] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=1, saved=0)
 

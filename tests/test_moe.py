@@ -334,12 +334,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     # family's chunk attention over the pool: MLA's latent cache, sinks, sliding layers). The tokens stay the same.
     eng.verify_always = True
     preds = [r.choices[0].token_ids[:10] + [7] + r.choices[0].token_ids[11:] for r in reqs]
-    spec = [eng.make_request(p, params, prediction=pred) for p, pred in zip(prompts, preds)]
-    for r in spec:
-        eng.add(r)
-    while eng.has_work():
-        eng.step()
-        eng.pools[0].check()
+    spec = run_all(eng, prompts, [params] * len(prompts), preds)
     assert [r.choices[0].token_ids for r in spec] == [r.choices[0].token_ids for r in reqs]
     np.testing.assert_allclose([lp[1] for r in spec for lp in r.choices[0].logprobs],
                                [lp[1] for r in reqs for lp in r.choices[0].logprobs], atol=2e-4)

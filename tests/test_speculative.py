@@ -106,7 +106,7 @@ def test_constrained_requests_draft_and_keep_their_tokens(llm):
     settings = [SamplingParams(**{**p.__dict__, "max_tokens": 60}) for p in settings]
 
     def run(prediction=None):
-        reqs = run_all(eng, [prompt] * len(settings), settings, grammar=grammar, prediction=prediction)
+        reqs = run_all(eng, [prompt] * len(settings), settings, [prediction] * len(settings), grammar=grammar)
         return [type("Out", (), {"outputs": r.choices, "accepted": r.accepted, "drafted": r.drafted}) for r in reqs]
 
     plain = run()

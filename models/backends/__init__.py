@@ -73,8 +73,10 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
         from models.backends import cpu_attention
 
         return cpu_attention.chunk(qs, k_cache, v_cache, table, lengths).reshape(b, s, h * d)
-    from models.backends import pallas_gpu, pallas_tpu
-
-    kernel, native = (pallas_gpu, "gpu") if backend == "pallas-gpu" else (pallas_tpu, "tpu")
+    if backend == "pallas-gpu":
+        from models.backends import pallas_gpu as kernel
+    else:
+        from models.backends import pallas_tpu as kernel
+    native = "gpu" if backend == "pallas-gpu" else "tpu"
     interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
     return kernel.decode(qs[:, 0], k_cache, v_cache, table, lengths[:, 0], interpret).reshape(b, 1, h * d)
