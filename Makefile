@@ -11,7 +11,7 @@ comma := ,
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-gpu soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-gpu bench-gpu-serve soak
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-startup: setup
 # On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
 bench-gpu:
 	PYTHONPATH=. $(PY) bench/gpu.py $(ARGS)
+
+# Serving on a GPU host through HTTP (issue 21); write the tokenizer files first where the packaged GGUF is
+# (`python bench/gpu_serve.py --write-tokenizer .gpu_tok`) and carry them: see bench/gpu_serve.py.
+bench-gpu-serve:
+	PYTHONPATH=. $(PY) bench/gpu_serve.py --tokenizer .gpu_tok $(ARGS)
 
 soak: setup
 	$(BIN)/python bench/soak.py --clients 128 --seconds 600

@@ -1,0 +1,314 @@
+"""GPU serving benchmark (issue 21): `python -m server` on a Llama-3.1-8B-shaped HF folder of random bfloat16 weights
+with the packaged model's tokenizer, through HTTP, beside the engine alone on the same folder, in one run; prints one
+markdown table with the card and versions.
+
+What it does, in order (partial results are written to `--out` as it goes, so a timeout still leaves them):
+1. writes the folder (`config.json`, safetensors shards, the tokenizer files of `--tokenizer`);
+2. starts the server cold (an empty `$SPARKLER_CACHE`) and times until it answers; stops it;
+3. starts it warm (the same cache) and times that; waits for its background compilation, then drives streaming
+   `/v1/completions` with token-id prompts (512 tokens, each request's own, so no prefix is shared) and 256 new
+   tokens (`ignore_eos`, greedy) at 1, 64 and 256 concurrent, every request sent at once: output tokens over wall
+   time, and the time to first token (p50 / max) at each level; a short round at each level first compiles
+   whatever the load reaches;
+4. runs the engine alone (`engine.LLM`, the server's flags) on the same folder, at the same levels.
+
+On the GPU host (no network, no venv): prepare the tokenizer files on the CPU side first, where the packaged GGUF is
+(`python bench/gpu_serve.py --write-tokenizer .gpu_tok`), carry that folder, and run
+`PYTHONPATH=. python3 bench/gpu_serve.py --tokenizer .gpu_tok --out $OUT` (`make bench-gpu-serve`). `--smoke` shrinks
+the model and the load so the whole script runs on a CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve import ROOT, stop, wait_ready, wait_warm  # noqa: E402
+
+sys.path.insert(0, ROOT)
+
+VOCAB = 49152  # SmolLM2's tokenizer: text round-trips through the random model
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=4096,
+                intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+SMOKE = dict(LLAMA_8B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+NAME = "llama-8b-random"
+
+
+def write_tokenizer(to: str) -> None:
+    """The packaged default model's tokenizer files, normalized, into `to` (run where the GGUF is)."""
+    from models import load_model
+    from models.loading.tokenizer import FILES
+
+    folder = load_model("smollm2-135m-instruct").tokenizer.folder
+    os.makedirs(to, exist_ok=True)
+    for name in FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), os.path.join(to, name))
+
+
+def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama HF checkpoint of `cfg`'s shape, by name."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                    p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                    p + "mlp.down_proj.weight": (h, inter)})
+    return out
+
+
+def write_folder(path: str, cfg: dict, tokenizer: str, shard_gb: float = 2.0) -> float:
+    """An HF folder of `cfg` with random bfloat16 weights (slices of one random pool: speed does not depend on the
+    values) and the tokenizer files; its weight bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    pool = (torch.randn(1 << 26, generator=gen) * 0.02).to(torch.bfloat16)
+    shards, shard, size, total, offset = [], {}, 0, 0, 0
+    for name, shape in tensor_shapes(cfg).items():
+        n = 1
+        for s in shape:
+            n *= s
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            reps = -(-n // pool.numel())
+            t = (pool.repeat(reps)[:n] if reps > 1 else pool[offset % (pool.numel() - n + 1):][:n]).clone()
+            t = t.view(shape)
+        offset += 7919
+        shard[name] = t
+        size += 2 * n
+        total += 2 * n
+        if size >= shard_gb * 1e9:
+            shards.append(shard)
+            shard, size = {}, 0
+    if shard:
+        shards.append(shard)
+    index = {}
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
+        index.update({k: fname for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": index}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for name in os.listdir(tokenizer):
+        shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
+    return total
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` token-id prompts of `length` tokens, each its own from its first token (no shared prefix)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, VOCAB - 100, length).tolist() for _ in range(n)]
+
+
+async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float, float, int]:
+    """One streamed completion: (seconds to first token, seconds to the end, completion tokens)."""
+    body = {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, usage = None, None
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if first is None and chunk.get("choices"):
+                first = time.perf_counter()
+    done = time.perf_counter()
+    return (first or done) - t0, done - t0, (usage or {}).get("completion_tokens", 0)
+
+
+async def load(url: str, levels: list[int], length: int, tokens: int, warm_tokens: int) -> dict:
+    """Every level's tok/s and first-token times, after a short round at each level."""
+    import aiohttp
+
+    out = {}
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+        for n in levels:
+            await asyncio.gather(*(one(s, url, p, warm_tokens) for p in prompts(n, length, 1000 + n)))
+        for n in levels:
+            t = time.perf_counter()
+            res = await asyncio.gather(*(one(s, url, p, tokens) for p in prompts(n, length, n)))
+            wall = time.perf_counter() - t
+            ttft = sorted(r[0] for r in res)
+            out[n] = dict(tok_s=sum(r[2] for r in res) / wall, ttft_p50=statistics.median(ttft), ttft_max=ttft[-1],
+                          tokens=sum(r[2] for r in res))
+            print(f"  http, {n} concurrent: {out[n]}", flush=True)
+    return out
+
+
+def server(folder: str, cache: str, args, port: int, log: str):
+    """Start `python -m server` on the folder; (process, seconds until it answered)."""
+    cmd = [sys.executable, "-m", "server", "--model", folder, "--served-name", NAME, "--port", str(port),
+           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb", str(args.kv_cache_gb),
+           "--max-model-len", str(args.max_model_len), *args.server_args.split()]
+    env = dict(os.environ, SPARKLER_CACHE=cache, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, limit=args.ready_limit)
+    except BaseException:
+        stop(proc)
+        print(open(log).read()[-3000:], flush=True)
+        raise
+    return proc, time.perf_counter() - t
+
+
+def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
+    """The engine in this process on the folder, with the server's flags: tok/s per level."""
+    import dataclasses
+
+    os.environ["SPARKLER_CACHE"] = cache
+    from engine import LLM, SamplingParams
+    from engine.compile import use_caches
+    from models.loading.source import cache_root
+    from server.__main__ import load as load_flags, parse_args, runner_config
+
+    use_caches(cache_root())
+    flags = parse_args(["--model", folder, "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb",
+                        str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len), *args.server_args.split()])
+    llm = LLM(load_flags(flags), **dataclasses.asdict(runner_config(flags)))
+    out = {}
+    for n in levels:
+        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+        llm.generate(prompts(n, args.prompt, 1000 + n), SamplingParams(temperature=0, max_tokens=args.warm_tokens,
+                                                                       ignore_eos=True))
+        t = time.perf_counter()
+        res = llm.generate(prompts(n, args.prompt, n), params)
+        out[n] = dict(tok_s=sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t))
+        print(f"  engine alone, {n} concurrent: {out[n]}", flush=True)
+    return out
+
+
+def environment() -> str:
+    """The card, driver and versions, one line."""
+    import jax
+
+    card = ""
+    if shutil.which("nvidia-smi"):
+        card = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip().replace("\n", "; ")
+    dev = jax.devices()[0]
+    return f"{card or getattr(dev, 'device_kind', dev.platform)}; jax {jax.__version__} ({dev.platform})"
+
+
+def table(res: dict, args) -> str:
+    """The markdown table."""
+    http, alone = res.get("http", {}), res.get("alone", {})
+    targets = {1: ">= 150", 64: ">= 5,000", 256: ">= 10,000"}
+    lines = ["| measurement | through HTTP | engine alone | HTTP / engine | target (H100) |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for n in args.levels:
+        h, a = http.get(n, {}).get("tok_s"), alone.get(n, {}).get("tok_s")
+        lines.append(f"| {'single stream' if n == 1 else f'{n} concurrent'} (tok/s) | {h or 0:,.1f} | {a or 0:,.1f} | "
+                     f"{h / a if h and a else 0:.2f} | {targets.get(n, '') if not args.smoke else ''} |")
+    top = max(args.levels)
+    if top in http:
+        lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "
+                     f"{http[top]['ttft_max']:.2f} | | | {'<= 1.0 (p50)' if not args.smoke else ''} |")
+    for kind, target in (("cold", "<= 90"), ("warm", "<= 20")):
+        if kind in res:
+            target = "" if args.smoke else target
+            lines.append(f"| ready after start, {kind} (s) | {res[kind]:.1f} | | | {target} |")
+    head = (f"`bench/gpu_serve.py{' --smoke' if args.smoke else ''}`: {res['env']}; "
+            f"{'smoke config' if args.smoke else 'Llama-3.1-8B shape'}, random bfloat16 weights "
+            f"({res['weights'] / 1e9:.1f} GB), vocab {VOCAB}; {args.prompt}-token prompts, {args.tokens} new tokens, "
+            f"streaming /v1/completions, greedy; server flags `--max-num-seqs {args.max_num_seqs} --kv-cache-gb "
+            f"{args.kv_cache_gb} --max-model-len {args.max_model_len} {args.server_args}`; "
+            f"{time.strftime('%Y-%m-%d')}")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    """Write the folder, measure, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model and load: checks the script end to end on a CPU")
+    ap.add_argument("--write-tokenizer", metavar="DIR", help="only write the packaged tokenizer's files to DIR")
+    ap.add_argument("--tokenizer", help="tokenizer files (default: written here from the packaged model)")
+    ap.add_argument("--out", default="/tmp/gpu_serve", help="the folder, caches, logs and results")
+    ap.add_argument("--levels", default="", help="concurrent requests per level (default 1,64,256)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: cold, engine")
+    ap.add_argument("--server-args", default="", help="more server flags, e.g. '--attention-backend xla'")
+    ap.add_argument("--port", type=int, default=8195)
+    args = ap.parse_args()
+    if args.write_tokenizer:
+        return write_tokenizer(args.write_tokenizer)
+    if args.smoke:
+        cfg, args.levels, args.prompt, args.tokens, args.warm_tokens = SMOKE, args.levels or "1,4,8", 64, 16, 2
+        args.max_num_seqs, args.kv_cache_gb, args.max_model_len, args.ready_limit = 8, 0.05, 256, 900
+    else:
+        cfg, args.levels, args.prompt, args.tokens, args.warm_tokens = LLAMA_8B, args.levels or "1,64,256", 512, 256, 8
+        args.max_num_seqs, args.kv_cache_gb, args.max_model_len, args.ready_limit = 256, 28, 1024, 420
+    args.levels = [int(x) for x in args.levels.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = os.path.join(args.out, "tokenizer")
+        write_tokenizer(tokenizer)
+    res = {"env": environment()}
+    print(res["env"], flush=True)
+
+    def record():
+        with open(os.path.join(args.out, "gpu_serve.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "gpu_serve.md"), "w") as f:
+            f.write(table(res, args) + "\n")
+
+    folder, cache = os.path.join(args.out, "model"), os.path.join(args.out, "cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    t = time.perf_counter()
+    res["weights"] = write_folder(folder, cfg, tokenizer)
+    print(f"folder written in {time.perf_counter() - t:.1f} s", flush=True)
+    url = f"http://127.0.0.1:{args.port}"
+    if "cold" not in skip:
+        proc, res["cold"] = server(folder, cache, args, args.port, os.path.join(args.out, "server-cold.log"))
+        print(f"ready cold in {res['cold']:.1f} s", flush=True)
+        wait_warm(url)  # what the warm start then loads
+        stop(proc)
+        record()
+    proc, res["warm"] = server(folder, cache, args, args.port, os.path.join(args.out, "server-warm.log"))
+    print(f"ready warm in {res['warm']:.1f} s", flush=True)
+    try:
+        wait_warm(url)
+        res["http"] = asyncio.run(load(url, args.levels, args.prompt, args.tokens, args.warm_tokens))
+    finally:
+        stop(proc)
+        record()
+    if "engine" not in skip:
+        res["alone"] = engine_alone(folder, cache, args, args.levels)
+        record()
+    print(table(res, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
