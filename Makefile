@@ -32,7 +32,7 @@ serve: setup
 TEST_WORKERS ?= $(if $(filter cpu,$(ACCEL)),2,0)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-optional: setup
 	$(BIN)/python -m pytest -q -m optional tests

@@ -48,6 +48,9 @@ class RunnerConfig:
     max_prefill_tokens: int = 512  # long-prompt chunks computed per engine step (SGLang's --max-prefill-tokens)
     draft_tokens: int = 16  # the most drafted tokens a verify step scores per row (speculative decoding)
     ngram: bool = False  # draft by n-gram lookup in each request's own tokens (a prediction drafts regardless)
+    # Rows per data shard that decode, verify and first-draw steps are compiled for (vLLM's --cuda-graph-sizes): a
+    # step runs at the smallest that holds its rows, and the slots per shard are always one. (): powers of two.
+    decode_batch_sizes: tuple[int, ...] = ()
 
 
 def platform_defaults(platform: str) -> dict:
@@ -134,7 +137,10 @@ class Runner:
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
-        self.batch_buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.per_shard) + (self.per_shard,)
+        sizes = rc.decode_batch_sizes or (1, 2, 4, 8, 16, 32, 64, 128)
+        if any(b < 1 for b in sizes):
+            raise ValueError(f"decode batch sizes must be positive: {sizes}")
+        self.batch_buckets = tuple(sorted({b for b in sizes if b < self.per_shard} | {self.per_shard}))
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
@@ -282,7 +288,8 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        same = dataclasses.replace(rc, draft_tokens=0, ngram=False)  # the drafts' width is in the verify's shapes
+        # What shapes a program's trace, beyond its arguments: not the drafts' width or the batch sizes (in the shapes)
+        same = dataclasses.replace(rc, draft_tokens=0, ngram=False, decode_batch_sizes=())
         ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, same, dict(mesh.shape)))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
         self._first, self._set_row = AOT(first_tokens, "first", ns), AOT(set_state_row, "set_row", ns)

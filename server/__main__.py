@@ -62,6 +62,10 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
                     help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
+    ap.add_argument("--decode-batch-sizes", type=_sizes, default=(), metavar="N,N,...",
+                    help="rows per data shard that decode steps are compiled for (each step runs at the smallest that "
+                         "holds its rows; --max-num-seqs is always one): fewer sizes compile sooner, and pad more. "
+                         "Default: powers of two")
     ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                     help="speculative decoding without a prediction: draft up to K tokens per step by n-gram lookup "
                          "in each request's prompt and output, and verify them in one pass (the tokens are the "
@@ -109,6 +113,17 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     return args
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
@@ -127,7 +142,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         decode_steps=args.decode_steps or tuned["decode_steps"],
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
                         draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
-                        ngram=args.speculative_ngram > 0)
+                        ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes)
 
 
 def main(argv=None, prog: str = "python -m server") -> None:

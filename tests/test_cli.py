@@ -37,7 +37,8 @@ def served(tmp_path_factory, smollm):
     for part in ("params", "tokenizers", "remembered", "native"):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
-    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--warmup", "full",
+    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
+                  "--warmup", "full",
                   "--quantization", "none", "--api-key", KEY, command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
@@ -93,3 +94,5 @@ def test_every_command_has_help():
     chat = run("chat", "--help")
     assert chat.returncode == 0 and "--url" in chat.stdout and "/reset" in chat.stdout
     assert run("frobnicate").returncode == 2
+    bad = run("serve", "--decode-batch-sizes", "4,0")
+    assert bad.returncode == 2 and "positive integers separated by commas" in bad.stderr

@@ -23,7 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
-ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4"]
+ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
+          "--decode-batch-sizes", "8"]  # one batch size per shard: fewer programs to compile
 SERVE = r"""
 import json, os, sys
 import numpy as np
@@ -39,7 +40,8 @@ use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)
-    for api in live_server(model, RunnerConfig(max_num_seqs=8, max_model_len=256, kv_cache_gb=0.1, decode_steps=4)):
+    rc = RunnerConfig(max_num_seqs=8, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(8,))
+    for api in live_server(model, rc):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url)
         if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one

@@ -311,8 +311,8 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     per_page = 16 * kv_bytes_per_token(model)
     if model.cfg.kv_lora_rank:  # one latent vector per token and layer: kv_lora_rank + qk_rope_head_dim floats
         assert per_page == 16 * model.cfg.num_layers * (32 + 8) * 4
-    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4,
-                                     kv_cache_gb=17 * per_page / (1 << 30)))
+    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, decode_batch_sizes=(4,),
+                                     kv_cache_gb=17 * per_page / (1 << 30)))  # one batch size: fewer programs
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
 
     def run():
@@ -330,6 +330,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     assert [r.choices[0].token_ids for r in run()] == [r.choices[0].token_ids for r in again]
     assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
     assert eng.runner.compiles == compiled
+    assert {key[0][4][0] for key in eng.runner._decode.exes} == {(4,)}  # every step ran at the one batch size
     # Speculative decoding: each reply as its prediction, one token of it wrong, verified in K + 1 positions (the
     # family's chunk attention over the pool: MLA's latent cache, sinks, sliding layers). The tokens stay the same.
     eng.verify_always = True
@@ -519,7 +520,8 @@ def moe_server(served):
     from conftest import live_server
 
     model, _ = served
-    yield from live_server(model, RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.01))
+    yield from live_server(model, RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.01,
+                                               decode_batch_sizes=(4,)))
 
 
 def test_moe_model_serves_the_api_through_the_official_client(moe_server, served):
@@ -611,7 +613,8 @@ ep_cfg = with_expert_parallel(cfg, 2, 2)
 mesh = make_mesh(2, jax.devices()[:4], dp=2)
 module = build(ep_cfg, tp=2)
 model = Model("random", ep_cfg, module, init_params(module, 0, mesh), mesh, None, {}, (), "random")
-eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=64, decode_steps=2, kv_cache_gb=0.001))
+eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=64, decode_steps=2, kv_cache_gb=0.001,
+                                 decode_batch_sizes=(2,)))
 prompts = [[5 + i, 17, 42 + i, 99, 3][: 2 + i] for i in range(4)]
 reqs = run_all(eng, prompts, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 4)
 out["tokens_ep"] = [r.choices[0].token_ids for r in reqs]

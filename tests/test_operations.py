@@ -59,7 +59,7 @@ def small_api(smollm):
     """Two slots, at most four requests waiting, streams cut 8 events behind."""
     from engine.runner import RunnerConfig
 
-    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1)
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
     yield from live_server(smollm, rc, max_queued=4, max_buffer=8)
 
 
@@ -165,8 +165,8 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
 
 
 def test_sigterm_drains_streams_in_flight_and_exits_0():
-    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--warmup", "none",
-                  "--drain-timeout", "120", timeout=240)  # `small_api`'s settings: its programs, from the store
+    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
+                  "--warmup", "none", "--drain-timeout", "120", timeout=240)  # small_api's: programs from the store
     proc, lines = child.proc, child.lines
     try:
         client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists
 def api(smollm):
     from engine.runner import RunnerConfig
 
-    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1)
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
     yield from live_server(smollm, rc, api_key=KEY)
 
 

@@ -113,7 +113,7 @@ def thinker(smollm, tmp_path_factory):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(str(folder), safe_serialization=True)
     model = dataclasses.replace(load_model(str(folder)), name=NAME)
-    rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05)
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(4,))
     yield from live_server(model, rc, responses_db=str(folder / "responses.sqlite"))
 
 

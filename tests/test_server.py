@@ -408,6 +408,7 @@ def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(
     import anthropic
 
     flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1",
+             "--decode-batch-sizes", "2",
              "--responses-db", str(tmp_path / "responses.sqlite"), "--warmup", "none")
     child = spawn(*flags, timeout=240)
     proc, url = child.proc, child.url
