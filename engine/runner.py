@@ -343,9 +343,10 @@ class Runner:
         """The programs a first short request needs (one prompt of up to BATCHED_PREFILL tokens, its first draw,
         its sampler row, one-row decode): the server answers once these are ready and compiles the rest behind."""
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
+        nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
         return ([self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL]
-                + [self._first_job(self.dp), (self._set_row, (self.state, np.int32(0), row), {}),
-                   self._decode_job(self.dp, self.attend[0], self.rc.decode_steps)])
+                + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
+                   self._decode_job(nb, self.attend[0], self.rc.decode_steps)])
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         table = _i32(nb, -(-attend // self.page_size))

@@ -200,4 +200,6 @@ def test_messages_errors_take_anthropics_shape(api, claude):
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {}}]}]})
     assert status == 400 and "image" in out["error"]["message"]
+    status, out, _ = http(api, "POST", "/v1/messages", {"model": MODEL, "messages": HELLO})  # max_tokens is required
+    assert status == 400 and out["error"]["type"] == "invalid_request_error" and "max_tokens" in out["error"]["message"]
     assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1

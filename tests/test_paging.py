@@ -136,8 +136,7 @@ def small_engine(smollm, pages: int) -> Engine:
     """An engine whose pool holds `pages` pages of 16 tokens (plus the scratch page)."""
     per_page = 16 * 2 * smollm.cfg.num_layers * smollm.cfg.num_kv_heads * smollm.cfg.head_dim * 4
     gb = (pages + 1) * per_page / (1 << 30) + 1e-9
-    return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4,
-                                       decode_batch_sizes=(16,)))  # one batch size: fewer programs to compile
+    return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4))
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +186,7 @@ def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
 
 def test_many_short_requests_beside_one_long_prompt(smollm):
     """`--max-num-seqs 96 --kv-cache-gb 1 --max-model-len 8192`: slots and context are independent of each other."""
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=1.0, decode_steps=4,
-                                      decode_batch_sizes=(96,)))
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=1.0, decode_steps=4))
     assert eng.max_len == 8192 and eng.runner.slots == 96
     long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
