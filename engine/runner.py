@@ -341,7 +341,8 @@ class Runner:
 
     def first_jobs(self) -> list[Job]:
         """The programs a first short request needs (one prompt of up to BATCHED_PREFILL tokens, its first draw,
-        its sampler row, one-row decode): the server answers once these are ready and compiles the rest behind."""
+        its sampler row, decode at the smallest batch size): the server answers once these are ready and compiles
+        the rest behind."""
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
         return ([self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL]

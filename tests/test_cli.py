@@ -38,8 +38,7 @@ def served(tmp_path_factory, smollm):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
     child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "full",
-                  "--quantization", "none", "--api-key", KEY, command=[SPARKLER, "serve"],
+                  "--warmup", "full", "--quantization", "none", "--api-key", KEY, command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
     child.proc.terminate()
