@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import statistics
@@ -86,9 +87,7 @@ def write_folder(path: str, cfg: dict, tokenizer: str, shard_gb: float = 2.0) ->
     pool = (torch.randn(1 << 26, generator=gen) * 0.02).to(torch.bfloat16)
     shards, shard, size, total, offset = [], {}, 0, 0, 0
     for name, shape in tensor_shapes(cfg).items():
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         if len(shape) == 1:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
@@ -166,11 +165,15 @@ async def load(url: str, levels: list[int], length: int, tokens: int, warm_token
     return out
 
 
+def server_flags(folder: str, args) -> list[str]:
+    """The server's flags for the folder, which the engine alone is built from too."""
+    return ["--model", folder, "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb", str(args.kv_cache_gb),
+            "--max-model-len", str(args.max_model_len), *args.server_args.split()]
+
+
 def server(folder: str, cache: str, args, port: int, log: str):
     """Start `python -m server` on the folder; (process, seconds until it answered)."""
-    cmd = [sys.executable, "-m", "server", "--model", folder, "--served-name", NAME, "--port", str(port),
-           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb", str(args.kv_cache_gb),
-           "--max-model-len", str(args.max_model_len), *args.server_args.split()]
+    cmd = [sys.executable, "-m", "server", *server_flags(folder, args), "--served-name", NAME, "--port", str(port)]
     env = dict(os.environ, SPARKLER_CACHE=cache, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -194,14 +197,13 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
     from server.__main__ import load as load_flags, parse_args, runner_config
 
     use_caches(cache_root())
-    flags = parse_args(["--model", folder, "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb",
-                        str(args.kv_cache_gb), "--max-model-len", str(args.max_model_len), *args.server_args.split()])
+    flags = parse_args(server_flags(folder, args))
     llm = LLM(load_flags(flags), **dataclasses.asdict(runner_config(flags)))
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    warm = SamplingParams(temperature=0, max_tokens=args.warm_tokens, ignore_eos=True)
     out = {}
     for n in levels:
-        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-        llm.generate(prompts(n, args.prompt, 1000 + n), SamplingParams(temperature=0, max_tokens=args.warm_tokens,
-                                                                       ignore_eos=True))
+        llm.generate(prompts(n, args.prompt, 1000 + n), warm)
         t = time.perf_counter()
         res = llm.generate(prompts(n, args.prompt, n), params)
         out[n] = dict(tok_s=sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t))

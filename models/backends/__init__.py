@@ -75,8 +75,9 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
         return cpu_attention.chunk(qs, k_cache, v_cache, table, lengths).reshape(b, s, h * d)
     if backend == "pallas-gpu":
         from models.backends import pallas_gpu as kernel
+        native = "gpu"
     else:
         from models.backends import pallas_tpu as kernel
-    native = "gpu" if backend == "pallas-gpu" else "tpu"
+        native = "tpu"
     interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
     return kernel.decode(qs[:, 0], k_cache, v_cache, table, lengths[:, 0], interpret).reshape(b, 1, h * d)
