@@ -292,7 +292,10 @@ class Runner:
         same = dataclasses.replace(rc, draft_tokens=0, ngram=False, decode_batch_sizes=())
         ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, same, dict(mesh.shape)))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
-        self._first, self._set_row = AOT(first_tokens, "first", ns), AOT(set_state_row, "set_row", ns)
+        # The sampler's programs trace nothing of the model or the runner's settings beyond their shapes: engines of
+        # any model with the same vocabulary and slots share them through the program store.
+        sampler_ns = repr(dict(mesh.shape))
+        self._first, self._set_row = AOT(first_tokens, "first", sampler_ns), AOT(set_state_row, "set_row", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
 
     @property

@@ -12,13 +12,19 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
   4. temperature 0 -> greedy argmax of the penalised logits; else z / temperature;
   5. truncation, as transformers chains its warpers: top_k, top_p, min_p, typical_p; each sees the distribution
      left by the previous one (or mirostat v2 instead, when a slot enables it);
-  6. a draw by inverse CDF over the survivors, in vocabulary order, with one uniform number per slot from the
-     slot's own key folded with its step counter (blocked cumulative sums: two short scans, no sort, no noise over
-     the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw ~1 ms).
+  6. a draw by inverse CDF over the survivors, in vocabulary order, with one uniform number per slot: Threefry of
+     its step counter under the slot's own key (blocked prefix sums, each one product with a triangular matrix: no
+     sort, no noise over the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw
+     ~1 ms).
 
 Truncation never sorts the vocabulary: thresholds are found among the top `CANDIDATES` logits, and only when some
 slot's survivors may reach past them (top_k > CANDIDATES, a flat distribution under top_p / min_p, typical_p alone)
 does a `lax.cond` take the exact path, bisections over the logits' float32 bit patterns (`_truncate_exact`).
+
+The sampler is in every decode, verify and first-draw program, and XLA's CPU backend spends ~8-10 ms compiling each
+kernel it emits, so it is written for few of them: sums in order are products with triangular matrices (a scan is a
+kernel per level), normalisers shift by a maximum already known, like reductions share one (a stacked sum), constants
+are numpy arrays (a broadcast is a kernel), and the uniforms take one Threefry call. 149 kernels at 8 rows, from 173.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend.random import threefry2x32_p
 
 CANDIDATES = 64
 TOP_LOGPROBS = 20
@@ -79,8 +87,6 @@ class SampleOut:
 
 def neutral_params(batch: int, vocab: int) -> dict:
     """Host-side (numpy) parameter arrays with every transform disabled."""
-    import numpy as np
-
     return dict(
         temperature=np.ones(batch, np.float32), top_k=np.zeros(batch, np.int32), top_p=np.ones(batch, np.float32),
         min_p=np.zeros(batch, np.float32), typical_p=np.ones(batch, np.float32),
@@ -107,40 +113,57 @@ def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
     return z - p.frequency_penalty[:, None] * counts - p.presence_penalty[:, None] * (counts > 0)
 
 
+def prefix_sums(x: jax.Array, exclusive: bool = False, total: bool = False) -> jax.Array:
+    """Prefix sums along the last axis (and with `total` the whole sum after them) as one product with a triangular
+    0/1 matrix, at full float32 precision on every backend. XLA's CPU backend emits a scan (`jnp.cumsum`) as a
+    kernel per level: ~3x the compile time."""
+    n = x.shape[-1]
+    tri = np.triu(np.ones((n, n), np.float32), 1 if exclusive else 0)  # a constant: no kernels to build it
+    if total:
+        tri = np.concatenate([tri, np.ones((n, 1), np.float32)], axis=1)
+    return jnp.matmul(x, tri.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
 def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerParams):
     """Top-k, top-p, min-p and typical-p on descending-sorted logits `sz [B, N]` (the N largest of the vocabulary's,
     whose log-normaliser is `lse_all`).
 
     Returns `(z_threshold, lse_kept, entropy, shift_threshold, last_survives)`: a token survives iff
-    `z >= z_threshold` and `|-(z - lse_kept) - entropy| <= shift_threshold`.
+    `z >= z_threshold` and `|-(z - lse_kept) - entropy| <= shift_threshold`. Written for few XLA kernels (each costs
+    ~10 ms of compiling on a CPU): weights are shifted by the first candidate (the largest, always kept), sums in
+    order are one product (`prefix_sums`), the kept mass and mean come from one reduction, and typical_p's ascending
+    order of shifts is a pairwise comparison, not a sort.
     """
     n = sz.shape[-1]
-    idx = jnp.arange(n)[None, :]
+    idx = jnp.arange(n)
+    top = sz[:, :1]
+    rel = sz - top  # <= 0
+    e = jnp.exp(rel)
     k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)
     kth = jnp.take_along_axis(sz, jnp.clip(k - 1, 0, n - 1)[:, None], axis=1)
     keep = (sz >= kth) | (k[:, None] > n)
-    # top_p over the distribution left by top_k; its normaliser is over all tokens when top_k does not cut.
-    masked = jnp.where(keep, sz, NEG_INF)
-    lse = jnp.where(k >= vocab, lse_all, jax.nn.logsumexp(masked, axis=-1))
-    probs = jnp.exp(masked - lse[:, None])
-    excl = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (excl < p.top_p[:, None]) | (idx == 0) | (p.top_p[:, None] >= 1.0)
+    # top_p over the distribution left by top_k: each candidate's mass before it, and (the last column) the mass top_k
+    # left, whose log is the normaliser unless top_k does not cut (then it is over all tokens).
+    sums = prefix_sums(jnp.where(keep, e, 0.0), exclusive=True, total=True)
+    lse = jnp.where(k >= vocab, lse_all - top[:, 0], jnp.log(sums[:, n]))
+    keep &= (sums[:, :n] * jnp.exp(-lse)[:, None] < p.top_p[:, None]) | (idx == 0) | (p.top_p[:, None] >= 1.0)
     # min_p relative to the most likely token (invariant under renormalisation).
-    keep &= sz >= sz[:, :1] + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
+    keep &= rel >= jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
     last_survives = keep[:, -1]
     thr = jnp.min(jnp.where(keep, sz, jnp.inf), axis=-1)
-    # typical_p over what is left (an exact computation when the survivors lie within `sz`).
-    masked = jnp.where(keep, sz, NEG_INF)
-    lse_kept = jax.nn.logsumexp(masked, axis=-1)
-    logq = masked - lse_kept[:, None]
-    q = jnp.exp(logq)
-    ent = -jnp.sum(jnp.where(keep, q * logq, 0.0), axis=-1)
-    shift = jnp.where(keep, jnp.abs(-logq - ent[:, None]), jnp.inf)
-    order = jnp.argsort(shift, axis=-1)
-    sshift = jnp.take_along_axis(shift, order, axis=-1)
-    cq = jnp.cumsum(jnp.take_along_axis(q, order, axis=-1), axis=-1)
-    last = jnp.clip(jnp.sum(cq < p.typical_p[:, None], axis=-1), 0, n - 1)
-    shift_thr = jnp.take_along_axis(sshift, last[:, None], axis=1)[:, 0]
+    # typical_p over what is left (an exact computation when the survivors lie within `sz`): the entropy is the log of
+    # the kept mass less the kept mean of `rel`.
+    mass, moment = jnp.sum(jnp.where(keep, jnp.stack([e, e * rel]), 0.0), axis=-1)
+    lse_kept = top[:, 0] + jnp.log(mass)
+    ent = jnp.log(mass) - moment / mass
+    q = jnp.where(keep, e / mass[:, None], 0.0)
+    # the shift as the caller computes it over the whole vocabulary, bit for bit (the threshold is one of them)
+    shift = jnp.where(keep, jnp.abs(-(sz - lse_kept[:, None]) - ent[:, None]), jnp.inf)
+    # The mass of the most typical tokens up to each one (ties in index order, as a stable sort puts them); the
+    # threshold is the shift of the first to reach typical_p (none reaching keeps every survivor).
+    first = (shift[:, None, :] < shift[:, :, None]) | ((shift[:, None, :] == shift[:, :, None]) & (idx < idx[:, None]))
+    upto = jnp.sum(jnp.where(first, q[:, None, :], 0.0), axis=-1) + q
+    shift_thr = jnp.min(jnp.where((upto >= p.typical_p[:, None]) & keep, shift, jnp.inf), axis=-1)
     shift_thr = jnp.where(p.typical_p >= 1.0, jnp.inf, shift_thr)
     return thr, lse_kept, ent, shift_thr, last_survives
 
@@ -164,8 +187,8 @@ def typical_threshold(z: jax.Array, lse: jax.Array, mass: jax.Array) -> tuple[ja
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
     b = z.shape[0]
-    inf_bits = jnp.full((b,), 0x7F800000, jnp.int32)
-    _, hi = jax.lax.fori_loop(0, 31, halve, (jnp.zeros((b,), jnp.int32), inf_bits))
+    bounds = (np.zeros((b,), np.int32), np.full((b,), 0x7F800000, np.int32))  # constants: no kernels
+    _, hi = jax.lax.fori_loop(0, 31, halve, bounds)
     return ent, jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
@@ -186,34 +209,37 @@ def largest_key(keys: jax.Array, weight: jax.Array, need: jax.Array) -> jax.Arra
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
     b = keys.shape[0]
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros((b,), jnp.uint32), jnp.full((b,), 0xFFFFFFFF, jnp.uint32)))
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (np.zeros((b,), np.uint32), np.full((b,), 0xFFFFFFFF, np.uint32)))
     return lo
 
 
-def _truncate_exact(z: jax.Array, lse_all: jax.Array, p: SamplerParams, k: jax.Array, rows: jax.Array):
+def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: SamplerParams, k: jax.Array,
+                    rows: jax.Array):
     """`_truncate_sorted`'s four thresholds over the whole vocabulary, without a sort: the k-th largest logit and
     top_p's cut are bisections over the logits' bit patterns (`largest_key`), typical_p's over the shifts
-    (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it."""
+    (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it.
+    `top` is each row's largest logit, which every cut keeps: normalisers shift by it."""
     vocab = z.shape[-1]
     b = z.shape[0]
     keys = ordered_bits(z)
-    zero = jnp.zeros((b,), jnp.uint32)
+    e = jnp.exp(z - top[:, None])
+    zero = np.zeros((b,), np.uint32)
     cut_k = rows & (k < vocab)
     kth = jax.lax.cond(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero)
     keep = keys >= jnp.where(cut_k, kth, 0)[:, None]
-    masked = jnp.where(keep, z, NEG_INF)
-    lse = jnp.where(k >= vocab, lse_all, jax.nn.logsumexp(masked, axis=-1))  # top_p over what top_k left
-    cut_p = rows & (p.top_p < 1.0)
-    pth = jax.lax.cond(jnp.any(cut_p), lambda: largest_key(keys, jnp.exp(masked - lse[:, None]), p.top_p),
-                       lambda: zero)
+    lse = jnp.where(k >= vocab, lse_all, top + jnp.log(jnp.sum(jnp.where(keep, e, 0.0), axis=-1)))  # of what top_k
+    cut_p = rows & (p.top_p < 1.0)  # left: top_p's distribution
+    pth = jax.lax.cond(jnp.any(cut_p), lambda: largest_key(keys, jnp.where(keep, jnp.exp(z - lse[:, None]), 0.0),
+                                                           p.top_p), lambda: zero)
     keep &= keys >= jnp.where(cut_p, pth, 0)[:, None]
-    keep &= z >= jnp.max(z, axis=-1, keepdims=True) + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
+    keep &= z >= top[:, None] + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
     thr = jnp.min(jnp.where(keep, z, jnp.inf), axis=-1)
-    masked = jnp.where(keep, z, NEG_INF)
-    lse_kept = jax.nn.logsumexp(masked, axis=-1)
+    lse_kept = top + jnp.log(jnp.sum(jnp.where(keep, e, 0.0), axis=-1))
     cut_t = rows & (p.typical_p < 1.0)
-    ent, shift_thr = jax.lax.cond(jnp.any(cut_t), lambda: typical_threshold(masked, lse_kept, p.typical_p),
-                                  lambda: (jnp.zeros((b,)), jnp.full((b,), jnp.inf)))
+    none = (np.zeros((b,), np.float32), np.full((b,), np.inf, np.float32))
+    ent, shift_thr = jax.lax.cond(jnp.any(cut_t),
+                                  lambda: typical_threshold(jnp.where(keep, z, NEG_INF), lse_kept, p.typical_p),
+                                  lambda: none)
     return thr, lse_kept, ent, jnp.where(cut_t, shift_thr, jnp.inf)
 
 
@@ -228,41 +254,54 @@ def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
 def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array) -> jax.Array:
     vocab = z.shape[-1]
     n = min(CANDIDATES, vocab)
-    lse_all = jax.nn.logsumexp(z, axis=-1)
     # Thresholds among the n largest logits (use the indices: XLA rewrites a values-only top_k into a full sort).
     _, idx = jax.lax.top_k(z, n)
-    *fast, last_survives = _truncate_sorted(jnp.take_along_axis(z, idx, axis=1), lse_all, vocab, p)
+    sz = jnp.take_along_axis(z, idx, axis=1)
+    top = jnp.where(jnp.isfinite(sz[:, 0]), sz[:, 0], 0.0)  # the largest logit: the normalisers' shift
+    lse_all = top + jnp.log(jnp.sum(jnp.exp(z - top[:, None]), axis=-1))
+    *fast, last_survives = _truncate_sorted(sz, lse_all, vocab, p)
     # Rows whose survivors may lie past the candidates (a top_k beyond them, or none and the last candidate still
     # in: a flat distribution, or typical_p alone) take the exact path, without a sort.
     rows = ~trivial & (((k > n) & (k < vocab)) | ((k >= vocab) & last_survives))
+    fast = jnp.stack(fast)
     thr, lse_kept, ent, shift_thr = jax.lax.cond(
-        jnp.any(rows), lambda: [jnp.where(rows, e, f) for e, f in zip(_truncate_exact(z, lse_all, p, k, rows), fast)],
+        jnp.any(rows), lambda: jnp.where(rows, jnp.stack(_truncate_exact(z, top, lse_all, p, k, rows)), fast),
         lambda: fast)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])
     return keep | trivial[:, None]
 
 
+def log_normaliser(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(max, logsumexp)` of each row, in two reductions (`jax.nn.logsumexp` is four kernels on a CPU)."""
+    m = jnp.max(x, axis=-1)
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m, shift + jnp.log(jnp.sum(jnp.exp(x - shift[:, None]), axis=-1))
+
+
 def mirostat_mask(z: jax.Array, mu: jax.Array) -> jax.Array:
     """Mirostat v2: drop tokens whose surprise -log2 p exceeds mu (the most likely token always stays)."""
-    logp = jax.nn.log_softmax(z, axis=-1)
-    surprise = -logp / math.log(2.0)
-    return (surprise <= mu[:, None]) | (z >= jnp.max(z, axis=-1, keepdims=True))
+    m, lse = log_normaliser(z)
+    surprise = -(z - lse[:, None]) / math.log(2.0)
+    return (surprise <= mu[:, None]) | (z >= m[:, None])
 
 
 def uniforms(key_rows: jax.Array, steps: jax.Array) -> jax.Array:
-    """One uniform number in [0, 1) per slot from its key folded with its step counter."""
-    def one(k, t):
-        return jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), t))
-
-    return jax.vmap(one)(key_rows, steps)
+    """One uniform number in [0, 1) per slot: Threefry-2x32 under the slot's key of the counter `(step, 0)`, whose
+    first word's top 23 bits are the mantissa of a float in [1, 2), less 1 (`jax.random.uniform`'s construction).
+    One Threefry call, where `fold_in` and then `uniform` took two (a loop each in XLA)."""
+    steps = steps.astype(jnp.uint32)
+    bits, _ = threefry2x32_p.bind(key_rows[:, 0], key_rows[:, 1], steps, jnp.zeros_like(steps))
+    one = jnp.uint32(0x3F800000)
+    return jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
 
 
 def draw(zk: jax.Array, u: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
     """Inverse-CDF draw per row from logits `zk [B, V]` (-inf excluded) with uniforms `u [B]`.
 
     Returns `(token, log-probability of the token under the renormalised distribution)`. The cumulative sum is blocked:
-    block masses, a scan over blocks, then a scan inside the chosen block. A draw never lands on an excluded token.
+    block masses and their prefix sums, then the prefix sums inside the chosen block. The choice is the first block,
+    then token, of nonzero mass whose sum passes the target, so a draw never lands on an excluded token.
     """
     b, v = zk.shape
     pad = -v % block
@@ -270,16 +309,23 @@ def draw(zk: jax.Array, u: jax.Array, block: int = 128) -> tuple[jax.Array, jax.
     m = jnp.max(z, axis=-1, keepdims=True)
     pr = jnp.exp(z - m).reshape(b, -1, block)
     mass = pr.sum(-1)
-    cum = jnp.cumsum(mass, axis=-1)
-    total = cum[:, -1]
+    before = prefix_sums(mass, exclusive=True)
+    total = before[:, -1] + mass[:, -1]
     target = u * total
-    nblk = mass.shape[1]
-    last_blk = nblk - 1 - jnp.argmax((mass > 0)[:, ::-1], axis=-1)
-    bi = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_blk)
-    before = jnp.where(bi > 0, jnp.take_along_axis(cum, jnp.maximum(bi - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+
+    def first(cum, weight):
+        """The first index of nonzero weight whose sum passes the target, else the last of nonzero weight: one
+        reduction, a max of `2n - i` over the first kind and of `i + 1` over the second."""
+        n = weight.shape[-1]
+        ids = jnp.arange(n)
+        score = jnp.where(weight > 0, jnp.where(cum > target[:, None], 2 * n - ids, ids + 1), 0)
+        best = jnp.max(score, axis=-1)
+        return jnp.where(best > n, 2 * n - best, jnp.maximum(best - 1, 0))
+
+    bi = first(before + mass, mass)
     inner = jnp.take_along_axis(pr, bi[:, None, None], axis=1)[:, 0]
-    last_in = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
-    j = jnp.minimum(jnp.sum(before[:, None] + jnp.cumsum(inner, axis=-1) <= target[:, None], axis=-1), last_in)
+    start = jnp.take_along_axis(before, bi[:, None], axis=1)
+    j = first(start + prefix_sums(inner), inner)
     token = (bi * block + j).astype(jnp.int32)
     chosen = jnp.take_along_axis(z, token[:, None], axis=1)[:, 0]
     return token, chosen - m[:, 0] - jnp.log(total)
@@ -296,14 +342,14 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before
     any other transform; the reported logprobs stay the model's own."""
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    _, lse = log_normaliser(logits)
 
     def alternatives():
         top_z, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
         return top_ids.astype(jnp.int32), top_z - lse[:, None]
 
     b = logits.shape[0]
-    none = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32), jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+    none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
     top_ids, top_lp = jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
     z = penalize(logits, p, s)
     if allowed is not None:

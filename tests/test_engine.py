@@ -86,7 +86,7 @@ def test_logprobs_and_echo(llm):
     assert np.all(chosen[:-1] <= top_lps[:-1, 0] + 1e-5)
 
 
-@pytest.mark.parametrize("tau", [3.0, 5.0])
+@pytest.mark.parametrize("tau", [2.0, 3.0])  # within reach: its own mean surprise here is ~4 bits
 def test_mirostat_holds_mean_surprise_near_target(llm, tau):
     p = SamplingParams(temperature=1.0, mirostat_target=tau, mirostat_lr=0.1, max_tokens=256, ignore_eos=True,
                        logprobs=True, seed=11)
