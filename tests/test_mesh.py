@@ -1,13 +1,14 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4 and D = 4 give the
-single-device tokens (greedy and seeded) for 16 concurrent requests on 8 slots, n = 2 among them; so does the mixed
-mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo collectives; it
-has the shardings of one process with both axes, which is not run again), and killing process 1 makes process 0
-exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up error.
+single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 8 slots; so
+does the mixed mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo
+collectives; it has the shardings of one process with both axes, which is not run again), and killing process 1
+makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up
+error.
 
 Under tensor parallelism the projections after attention and in the MLP sum partial products across devices (an
 all-reduce), so float32 logits differ from one device's in the last bits. A seeded draw whose uniform falls within
 that distance of a boundary between two tokens can then pick the neighbour (seen once in a few runs, at the 6th of
-12 tokens): seeded outputs must match in all but one of 8 requests, greedy ones in all."""
+12 tokens): seeded outputs must match in all but one of 5 requests, greedy ones in all."""
 
 import json
 import os
@@ -54,8 +55,7 @@ for dp, tp in json.loads(sys.argv[1]):
             next(iter(busy))  # running on shard 0 too (a tie again), so shard 0 now has the fewest free pages
             second = ask(prompt + "1")
             out[key + "-cached"] = [r.usage.prompt_tokens_details.cached_tokens for r in (first, second)]
-            for _ in busy:
-                pass
+            busy.close()  # its work is done: closing the stream aborts it
         weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
         piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
         out[key + "-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece,
@@ -65,21 +65,24 @@ print(json.dumps(out))
 """
 
 
+REQUESTS = 10
+
+
 def ask_all(url: str) -> list:
-    """16 concurrent completions (odd ones greedy, even ones seeded at temperature 0.9, every fifth with n = 2);
-    each request's choices' token ids."""
+    """10 concurrent completions of 8 tokens (odd ones greedy, even ones seeded at temperature 0.9, every fifth with
+    n = 2: 12 choices on 8 slots); each request's choices' token ids."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
 
     def ask(i):
         r = client.completions.create(model=MODEL, prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
-                                      max_tokens=12, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
+                                      max_tokens=8, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
                                       extra_body={"ignore_eos": True, "return_token_ids": True})
         return [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)]
 
-    with ThreadPoolExecutor(16) as ex:
-        return list(ex.map(ask, range(16)))
+    with ThreadPoolExecutor(REQUESTS) as ex:
+        return list(ex.map(ask, range(REQUESTS)))
 
 
 def _env(devices: int) -> dict:
@@ -102,8 +105,8 @@ def served() -> dict:
 
 def assert_same_tokens(got: list, one: list, what: str) -> None:
     """Greedy requests equal to one device's; seeded ones too, but for at most one (see the module docstring)."""
-    greedy = [i for i in range(16) if i % 2]
-    seeded = [i for i in range(16) if not i % 2]
+    greedy = [i for i in range(REQUESTS) if i % 2]
+    seeded = [i for i in range(REQUESTS) if not i % 2]
     assert [got[i] for i in greedy] == [one[i] for i in greedy], what
     assert sum(got[i] == one[i] for i in seeded) >= len(seeded) - 1, (what, one, got)
 
@@ -112,7 +115,7 @@ def test_mesh_serving_gives_the_single_device_tokens(served):
     one = served["1x1"]
     for mesh in ("1x4", "4x1"):
         assert_same_tokens(served[mesh], one, mesh)
-    assert all(len(t) == 12 for choices in one for t in choices) and len(one[0]) == 2
+    assert all(len(t) == 8 for choices in one for t in choices) and len(one[0]) == 2
     layout = {m: (served[m + "-mesh"]["weight_devices"], served[m + "-mesh"]["weight_split"])
               for m in ("1x1", "1x4", "4x1")}
     assert layout == {"1x1": (1, 1), "1x4": (4, 4), "4x1": (4, 1)}  # split over tp, copied over data
