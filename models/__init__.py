@@ -1,7 +1,9 @@
 """Model layer: a registry from HF `architectures` to a family module, and `load_model` for HF folders and GGUF files.
 
-Loading converts the source once (explicit name table, asserted shapes), caches the converted parameters with
-orbax-checkpoint under a key derived from the source's content hash, and places them on a mesh.
+Loading converts the source (explicit name table, asserted shapes) and places the parameters on a mesh. A GGUF file
+(dequantized) or quantized weights are converted once and cached with orbax-checkpoint under a key derived from the
+source's content hash; an HF folder at full precision has nothing to convert but names, casts and the stacking of
+layers, so it is read straight from memory maps of its safetensors onto the devices, with no cache to write or read.
 """
 
 from __future__ import annotations
@@ -106,11 +108,16 @@ def with_expert_parallel(cfg: ModelConfig, dp: int, tp: int) -> ModelConfig:
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
-    """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked into `layers` (leading axis = layer)."""
+    """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked into `layers` (leading axis = layer), each leaf
+    on a thread of a pool (numpy copies outside the GIL)."""
     import numpy as np
 
     layers = [tree.pop(f"layers_{i}") for i in range(num_layers)]
-    tree["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    treedef = jax.tree.structure(layers[0])
+    per_leaf = zip(*(jax.tree.leaves(layer) for layer in layers))
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        stacked = list(pool.map(np.stack, per_leaf))
+    tree["layers"] = jax.tree.unflatten(treedef, stacked)
     return tree
 
 
@@ -187,13 +194,14 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh, bool(cfg.expert_mesh)))
-    key = source.content_hash()
+    direct = source.kind == "hf" and quantization == "none"  # nothing to convert: no cache (see the module doc)
+    key = None if direct else source.content_hash()
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
     form += f"-{PACKED}" if packed else ""
     ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{form}")
     # The tokenizer loads on a thread beside the restore (which mostly waits on tensorstore's own threads).
     tok = _on_thread(load_tokenizer, source, key) if with_tokenizer else None
-    params = _restore(ckpt_dir, boxed, shardings)
+    params = None if direct else _restore(ckpt_dir, boxed, shardings)
     if params is None:  # convert by the float, unrolled form's names and shapes; then quantize and stack
         flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none",
                                                                                  matmul="xla")))
@@ -208,9 +216,13 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         if module.scan:
             tree = stack_layers(tree, cfg.num_layers)
         params = jax.device_put({"params": tree}, shardings)
-        _save(ckpt_dir, params)
-        STATS["converted"] += 1
-        log.warning("sparkler: converted %s and cached it at %s", path, ckpt_dir)
+        if direct:
+            STATS["direct"] += 1
+            log.info("sparkler: read %s straight onto the devices", path)
+        else:
+            _save(ckpt_dir, params)
+            STATS["converted"] += 1
+            log.warning("sparkler: converted %s and cached it at %s", path, ckpt_dir)
     else:
         STATS["cached"] += 1
         log.warning("sparkler: loaded cached parameters from %s", ckpt_dir)

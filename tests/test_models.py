@@ -56,13 +56,45 @@ def _hf_model(kind: str, folder: str):
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
+    before = STATS["direct"]
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    assert STATS["direct"] == before + 1 and not (tmp_path / "cache" / "params").exists()  # no cache written
     got = our_logits(ours.module, ours.params, ROWS)
     for row, g in zip(ROWS, got):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         scale = np.abs(want).max()
         assert np.abs(g - want).max() <= 1e-4 * scale, (kind, np.abs(g - want).max(), scale)
+
+
+def test_safetensors_are_read_as_the_library_reads_them(tmp_path):
+    """The memory-mapped reader against safetensors' own loader: every dtype a checkpoint holds (bfloat16 too), a
+    scalar, an empty tensor, and tensors spread over two files of an index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.loading.source import open_source
+
+    g = torch.Generator().manual_seed(0)
+    parts = [{"a.bf16": torch.randn(3, 5, generator=g).bfloat16(), "a.f16": torch.randn(7, generator=g).half(),
+              "a.scalar": torch.tensor(2.5)},
+             {"b.f32": torch.randn(2, 3, 4, generator=g), "b.i64": torch.arange(6).reshape(2, 3),
+              "b.u8": torch.arange(5, dtype=torch.uint8), "b.empty": torch.zeros(0, 4), "b.bool": torch.rand(4) > 0.5}]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    weight_map = {}
+    for i, part in enumerate(parts):
+        save_file(part, str(tmp_path / f"model-{i}.safetensors"))
+        weight_map.update({k: f"model-{i}.safetensors" for k in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    src = open_source(str(tmp_path))
+    want = {k: v for part in parts for k, v in part.items()}
+    assert sorted(src.names) == sorted(want)
+    for name, t in want.items():
+        got = src.read(name)
+        assert got.shape == tuple(t.shape), name
+        assert str(got.dtype) == str(t.dtype).removeprefix("torch."), name
+        np.testing.assert_array_equal(got.astype(np.float64), t.double().numpy(), err_msg=name)
 
 
 def test_unused_tensor_is_an_error(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from models.config import ModelConfig
 log = logging.getLogger("sparkler.models")
 
 # Counts of how parameters were obtained in this process (tests read these).
-STATS = {"converted": 0, "cached": 0}
+STATS = {"converted": 0, "cached": 0, "direct": 0}
 CONVERTER_VERSION = "1"
 with open(__file__, "rb") as _f:  # what `remembered` computes comes from this file: a change here recomputes it
     _SOURCE = hashlib.sha256(_f.read()).hexdigest()[:16]
@@ -88,9 +88,31 @@ def open_source(path: str) -> Source:
     raise FileNotFoundError(f"{path!r} is neither an HF model folder nor a .gguf file")
 
 
-def _open_hf(folder: str) -> Source:
-    from safetensors import safe_open
+# safetensors' dtype names, as numpy (or ml_dtypes) dtypes.
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
+
+def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each tensor of a safetensors file: `(dtype name, shape, first byte, end byte)` in the file, from its header
+    (a little-endian u64 length, then that many bytes of JSON; offsets count from the header's end)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                8 + n + v["data_offsets"][1]) for k, v in header.items()}
+
+
+def _np(name: str) -> np.dtype:
+    return np.dtype(name) if hasattr(np, name) else _np_dtype(name)
+
+
+def _open_hf(folder: str) -> Source:
+    """An HF folder. Its tensors are read from memory maps of the files (the safetensors format is a JSON header and
+    raw little-endian bytes): no copy until conversion, and nothing on a device. The safetensors library's numpy
+    loader has no bfloat16, and its flax loader puts each tensor on the default device (a GPU's, on a GPU host)."""
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     gen_path = os.path.join(folder, "generation_config.json")
@@ -102,15 +124,19 @@ def _open_hf(folder: str) -> Source:
         files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no safetensors in {folder}")
-    where: dict[str, str] = {}
+    where: dict[str, tuple[str, tuple[str, tuple[int, ...], int, int]]] = {}
     for f in files:
-        with safe_open(f, framework="flax") as st:
-            for k in st.keys():
-                where[k] = f
+        for k, entry in safetensors_header(f).items():
+            where[k] = (f, entry)
+    maps: dict[str, np.memmap] = {}
 
     def tensor(name: str) -> np.ndarray:
-        with safe_open(where[name], framework="flax") as st:
-            return np.asarray(st.get_tensor(name))
+        f, (dtype, shape, start, end) = where[name]
+        if start == end:  # np.memmap cannot map nothing
+            return np.zeros(shape, _np(dtype))
+        if f not in maps:
+            maps[f] = np.memmap(f, np.uint8, mode="r")
+        return maps[f][start:end].view(_np(dtype)).reshape(shape)
 
     # MXFP4 tensors (gpt-oss's experts) are stored as `X_blocks` and `X_scales`; they read as `X`, dequantized.
     mxfp4 = {k[:-len("_blocks")] for k in where if k.endswith("_blocks") and k[:-len("_blocks")] + "_scales" in where}
@@ -148,11 +174,19 @@ def _open_gguf(path: str) -> Source:
     """A GGUF file. Parsing its metadata takes seconds (the vocabulary is ~100k small fields), so the config,
     generation config and tensor names are remembered and the file is read again only to convert it or to build its
     tokenizer."""
+    import threading
+
     import gguf
 
+    lock = threading.RLock()  # conversion reads on a thread pool: the file is parsed once
+
     @functools.cache
-    def reader():
+    def parsed():
         return gguf.GGUFReader(path)
+
+    def reader():
+        with lock:
+            return parsed()
 
     def metadata() -> dict[str, Any]:
         return gguf_metadata(reader())
@@ -164,8 +198,12 @@ def _open_gguf(path: str) -> Source:
         return {"config": gguf_config(meta, tensors()), "gen": gen, "names": list(tensors())}
 
     @functools.cache
-    def tensors() -> dict[str, Any]:
+    def by_name() -> dict[str, Any]:
         return {t.name: t for t in reader().tensors}
+
+    def tensors() -> dict[str, Any]:
+        with lock:
+            return by_name()
 
     def read(name: str) -> np.ndarray:
         t = tensors()[name]
@@ -322,15 +360,17 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray], gguf_splits: dict | None = None) -> dict:
     """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over.
     `gguf_splits`: GGUF tensors a file may hold in parts instead, `{name: ((part names), join(cfg, *parts))}`
-    (llama.cpp's DeepSeek files split `attn_kv_b` into `attn_k_b` and `attn_v_b`)."""
+    (llama.cpp's DeepSeek files split `attn_kv_b` into `attn_k_b` and `attn_v_b`). Tensors convert on a thread
+    pool (numpy's copies, casts and GGUF's dequantization run outside the GIL)."""
+    import collections
+    import concurrent.futures
+
     from tqdm import tqdm
 
     dtype = np.dtype("float32") if cfg.dtype == "float32" else _np_dtype(cfg.dtype)
     names = set(source.names)
-    read = functools.lru_cache(maxsize=1)(source.read)  # a fused tensor's parts are consecutive entries
-    used: set[str] = set()
-    tree: dict = {}
-    for e in tqdm(table, desc=f"converting {os.path.basename(source.path)}", unit="tensor", leave=False):
+    plan = []
+    for e in table:
         parts = (e.gguf,) if source.kind == "gguf" else (e.hf,) if isinstance(e.hf, str) else e.hf
         join = None
         if source.kind == "gguf" and e.gguf not in names:
@@ -341,6 +381,13 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
         for name in parts:
             if name not in names:
                 raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
+        plan.append((e, parts, join))
+    # A tensor several entries take parts of (gpt-oss's fused experts) is read once.
+    shared = {n for n, c in collections.Counter(n for _, parts, _ in plan for n in parts).items() if c > 1}
+    once = functools.cache(source.read)
+    read = lambda n: once(n) if n in shared else source.read(n)  # noqa: E731
+
+    def one(e: Entry, parts: tuple[str, ...], join) -> np.ndarray:
         if join is not None:
             w = join(cfg, *(read(n) for n in parts))
         else:
@@ -352,11 +399,18 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             w = e.take(w)
         if w.shape != shapes[e.path]:
             raise ValueError(f"{name}: shape {w.shape} != expected {shapes[e.path]} for {'/'.join(e.path)}")
-        node = tree
-        for p in e.path[:-1]:
-            node = node.setdefault(p, {})
-        node[e.path[-1]] = w.astype(dtype)
-        used.update(parts)
+        return np.array(w, dtype)  # a copy: never a view of the file
+
+    tree: dict = {}
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(one, *item) for item in plan]
+        for (e, _, _), future in tqdm(zip(plan, futures), total=len(plan), unit="tensor", leave=False,
+                                      desc=f"converting {os.path.basename(source.path)}"):
+            node = tree
+            for p in e.path[:-1]:
+                node = node.setdefault(p, {})
+            node[e.path[-1]] = future.result()
+    used = {n for _, parts, _ in plan for n in parts}
     left = sorted(n for n in names - used if not n.endswith(_IGNORABLE) and not _prediction_layer(cfg, n))
     if cfg.tie_embeddings and "lm_head.weight" in left:  # some tied checkpoints store the copy
         if np.array_equal(source.read("lm_head.weight"), source.read("model.embed_tokens.weight")):
