@@ -288,12 +288,12 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        # What shapes a program's trace, beyond its arguments: not the drafts' width or the batch sizes (in the shapes)
-        same = dataclasses.replace(rc, draft_tokens=0, ngram=False, decode_batch_sizes=())
-        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, same, dict(mesh.shape)))
+        # What shapes a program's trace beyond its arguments: the model and the mesh. The runner's settings only
+        # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
+        # anyway, so engines of one model with other settings share every program of the same shapes. The sampler's
+        # programs trace nothing of the model either: any engine of the vocabulary and slots shares them.
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape)))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
-        # The sampler's programs trace nothing of the model or the runner's settings beyond their shapes: engines of
-        # any model with the same vocabulary and slots share them through the program store.
         sampler_ns = repr(dict(mesh.shape))
         self._first, self._set_row = AOT(first_tokens, "first", sampler_ns), AOT(set_state_row, "set_row", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
