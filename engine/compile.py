@@ -3,10 +3,11 @@ thread pool (XLA compiles outside the GIL), and kept on disk in two caches.
 
 - The program store (`$SPARKLER_CACHE/programs`) keeps each step executable whole
   (`jax.experimental.serialize_executable`) under a key of everything that shapes its trace: the source of `engine/`
-  and `models/`, JAX's version, the devices, the XLA flags and a few JAX settings, the runner's settings and the
-  call's full abstract signature. A start loads them without tracing (~0.1 s each on this CPU). Processes that
-  start together (servers on one host, the test suite's workers) compile each program once: whoever compiles it
-  holds a lock file beside its entry (`_claim`), and the others wait for it and load what it stored.
+  and `models/`, JAX's version, the devices, the XLA flags and a few JAX settings, a namespace (the model and the
+  mesh, for the runner's steps) and the call's full abstract signature. A start loads them without tracing (~0.1 s
+  each on this CPU). Processes that start together (servers on one host, the test suite's workers) compile each
+  program once: whoever compiles it holds a lock file beside its entry (`_claim`), and the others wait for it and
+  load what it stored.
 - JAX's persistent compilation cache (`$SPARKLER_CACHE/xla`) keeps every other program (and serves a step whose
   store entry is gone). Its lookups are keyed by the lowered program, so each still traces and lowers (~0.5 s a
   step for the default model here: 29 s of what was a 36 s warm start). An executable it reads back cannot be
@@ -201,7 +202,7 @@ class Pending:
 class AOT:
     """A jitted function plus executables compiled ahead of time for given argument shapes: a call runs the
     executable compiled for its shapes, waits for it if a background warm-up is compiling it, else compiles it.
-    `namespace` names the settings the trace depends on beyond the arguments (the runner's), for the program store."""
+    `namespace` names what the trace depends on beyond the arguments (the model and mesh), for the program store."""
 
     def __init__(self, fn: Callable, name: str = "", namespace: str = ""):
         self.fn, self.name, self.namespace = fn, name, namespace

@@ -2,7 +2,7 @@
 
 Loading converts the source (explicit name table, asserted shapes) and places the parameters on a mesh. A GGUF file
 (dequantized) or quantized weights are converted once and cached with orbax-checkpoint under a key derived from the
-source's content hash; an HF folder at full precision has nothing to convert but names, casts and the stacking of
+source's content hash; an HF folder of float weights has nothing to convert but names, casts and the stacking of
 layers, so it is read straight from memory maps of its safetensors onto the devices, with no cache to write or read.
 """
 
@@ -121,6 +121,13 @@ def stack_layers(tree: dict, num_layers: int) -> dict:
     return tree
 
 
+def own(x):
+    """`x`, or a copy of it where it is a view of other memory (a memory-mapped file's)."""
+    import numpy as np
+
+    return x if x.flags.owndata else np.array(x)
+
+
 def abstract_params(module: CausalLM):
     """Boxed abstract parameters (shapes, dtypes and logical axis names), without allocating anything."""
     cfg = module.cfg
@@ -194,7 +201,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     mesh = make_mesh(tp, dp=dp)
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh, bool(cfg.expert_mesh)))
-    direct = source.kind == "hf" and quantization == "none"  # nothing to convert: no cache (see the module doc)
+    direct = source.kind == "hf" and not source.quantized and quantization == "none"  # see the module doc
     key = None if direct else source.content_hash()
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
     form += f"-{PACKED}" if packed else ""
@@ -215,6 +222,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
             tree = pack_tree(tree, cfg.tie_embeddings)
         if module.scan:
             tree = stack_layers(tree, cfg.num_layers)
+        tree = jax.tree.map(own, tree)
         params = jax.device_put({"params": tree}, shardings)
         if direct:
             STATS["direct"] += 1

@@ -36,6 +36,7 @@ class Source:
     names: tuple[str, ...]
     read: Callable[[str], np.ndarray]
     metadata: Callable[[], dict[str, Any]] = dict  # GGUF metadata, read when first needed
+    quantized: bool = False  # holds quantized tensors, dequantized as they are read (GGUF, MXFP4)
 
     @functools.cached_property
     def meta(self) -> dict[str, Any]:
@@ -90,22 +91,27 @@ def open_source(path: str) -> Source:
 
 # safetensors' dtype names, as numpy (or ml_dtypes) dtypes.
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                      "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                      "F8_E8M0": "float8_e8m0fnu"}
 
 
 def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """Each tensor of a safetensors file: `(dtype name, shape, first byte, end byte)` in the file, from its header
-    (a little-endian u64 length, then that many bytes of JSON; offsets count from the header's end)."""
+    """Each tensor of a safetensors file: `(safetensors dtype, shape, first byte, end byte)` in the file, from its
+    header (a little-endian u64 length, then that many bytes of JSON; offsets count from the header's end)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return {k: (SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                8 + n + v["data_offsets"][1]) for k, v in header.items()}
+    return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items()}
 
 
 def _np(name: str) -> np.dtype:
+    """A safetensors dtype name as numpy's (ml_dtypes' for bfloat16 and the float8 kinds)."""
+    if name not in SAFETENSORS_DTYPES:
+        raise ValueError(f"safetensors dtype {name!r} is not supported")
+    name = SAFETENSORS_DTYPES[name]
     return np.dtype(name) if hasattr(np, name) else _np_dtype(name)
 
 
@@ -148,7 +154,7 @@ def _open_hf(folder: str) -> Source:
 
     names = tuple(k for k in where if not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
-    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read)
+    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read, quantized=bool(mxfp4))
 
 
 # The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
@@ -210,7 +216,8 @@ def _open_gguf(path: str) -> Source:
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     known = remembered("gguf", (path,), summary)
-    return Source("gguf", path, (path,), known["config"], known["gen"], tuple(known["names"]), read, metadata)
+    return Source("gguf", path, (path,), known["config"], known["gen"], tuple(known["names"]), read, metadata,
+                  quantized=True)
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -361,8 +368,8 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
     """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over.
     `gguf_splits`: GGUF tensors a file may hold in parts instead, `{name: ((part names), join(cfg, *parts))}`
     (llama.cpp's DeepSeek files split `attn_kv_b` into `attn_k_b` and `attn_v_b`). Tensors convert on a thread
-    pool (numpy's copies, casts and GGUF's dequantization run outside the GIL)."""
-    import collections
+    pool (numpy's copies, casts and GGUF's dequantization run outside the GIL). A leaf may be a view of the source's
+    memory-mapped file (an HF tensor already in the dtype): `models.own` copies those left after stacking."""
     import concurrent.futures
 
     from tqdm import tqdm
@@ -382,12 +389,18 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             if name not in names:
                 raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
         plan.append((e, parts, join))
-    # A tensor several entries take parts of (gpt-oss's fused experts) is read once.
-    shared = {n for n, c in collections.Counter(n for _, parts, _ in plan for n in parts).items() if c > 1}
-    once = functools.cache(source.read)
-    read = lambda n: once(n) if n in shared else source.read(n)  # noqa: E731
+    # Entries that take parts of one tensor (gpt-oss's fused experts) are one job: it is read (dequantized) once, and
+    # let go when the job ends.
+    jobs: dict[tuple[str, ...], list] = {}
+    for item in plan:
+        jobs.setdefault(item[1], []).append(item)
 
-    def one(e: Entry, parts: tuple[str, ...], join) -> np.ndarray:
+    def job(items: list) -> list[np.ndarray]:
+        held: dict[str, np.ndarray] = {}
+        read = lambda n: held[n] if n in held else held.setdefault(n, source.read(n))  # noqa: E731
+        return [one(read, *item) for item in items]
+
+    def one(read, e: Entry, parts: tuple[str, ...], join) -> np.ndarray:
         if join is not None:
             w = join(cfg, *(read(n) for n in parts))
         else:
@@ -399,17 +412,20 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             w = e.take(w)
         if w.shape != shapes[e.path]:
             raise ValueError(f"{name}: shape {w.shape} != expected {shapes[e.path]} for {'/'.join(e.path)}")
-        return np.array(w, dtype)  # a copy: never a view of the file
+        return np.asarray(w, dtype)  # a memory map's view when it is already the dtype: stacking copies it once
 
     tree: dict = {}
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(one, *item) for item in plan]
-        for (e, _, _), future in tqdm(zip(plan, futures), total=len(plan), unit="tensor", leave=False,
-                                      desc=f"converting {os.path.basename(source.path)}"):
-            node = tree
-            for p in e.path[:-1]:
-                node = node.setdefault(p, {})
-            node[e.path[-1]] = future.result()
+        futures = [(items, pool.submit(job, items)) for items in jobs.values()]
+        desc = f"converting {os.path.basename(source.path)}"
+        with tqdm(total=len(plan), unit="tensor", leave=False, desc=desc) as bar:
+            for items, future in futures:
+                for (e, _, _), w in zip(items, future.result()):
+                    node = tree
+                    for p in e.path[:-1]:
+                        node = node.setdefault(p, {})
+                    node[e.path[-1]] = w
+                    bar.update()
     used = {n for _, parts, _ in plan for n in parts}
     left = sorted(n for n in names - used if not n.endswith(_IGNORABLE) and not _prediction_layer(cfg, n))
     if cfg.tie_embeddings and "lm_head.weight" in left:  # some tied checkpoints store the copy
