@@ -109,8 +109,9 @@ def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothi
     from engine.grammar import grammar_text
     from engine.llm import LLM
 
-    # A short context: few prefill shapes to warm up (the decode ones are those of any context).
-    llm = LLM(smollm, max_num_seqs=2, max_model_len=128, decode_steps=4, kv_cache_gb=0.05)
+    # A short context: few prefill shapes to warm up (the decode ones are those of any context). The pool of the
+    # suite's 2-slot servers (`small_api`'s): the programs of the shapes they share come from the program store.
+    llm = LLM(smollm, max_num_seqs=2, max_model_len=128, decode_steps=4, kv_cache_gb=0.1)
     eng = llm.engine
     eng.warmup()
     before = eng.runner.compiles
