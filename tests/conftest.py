@@ -18,13 +18,14 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; 2026-11-29). The
-# files run heaviest first, so the two workers (each file stays on one) finish near together; a file not listed
-# counts as light. `make test` passes `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 420, "test_speculative": 215, "test_accel": 200, "test_server": 200, "test_paging": 195,
-                "test_mesh": 190, "test_cpu_matmul": 150, "test_operations": 130, "test_models": 80, "test_engine": 70,
-                "test_structured": 60, "test_quant": 40, "test_tools": 40, "test_reasoning": 30, "test_cli": 30,
-                "test_apis": 25, "test_sampler": 25}
+# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; two runs of
+# 2026-11-29, session 20). The files run heaviest first, so the two workers (each file stays on one) finish near
+# together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist orders the files
+# by their count of tests.
+FILE_SECONDS = {"test_moe": 290, "test_speculative": 250, "test_paging": 200, "test_accel": 175, "test_mesh": 130,
+                "test_server": 120, "test_cpu_matmul": 100, "test_operations": 95, "test_models": 90, "test_engine": 55,
+                "test_structured": 45, "test_reasoning": 40, "test_tools": 35, "test_cli": 35, "test_quant": 30,
+                "test_apis": 25, "test_sampler": 20, "test_page": 13}
 
 
 def pytest_collection_modifyitems(items):
