@@ -159,8 +159,9 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerPa
     # typical_p over what is left (an exact computation when the survivors lie within `sz`): the entropy is the log of
     # the kept mass less the kept mean of `rel`.
     mass, moment = jnp.sum(jnp.where(keep, jnp.stack([e, e * rel]), 0.0), axis=-1)
-    lse_kept = top[:, 0] + jnp.log(mass)
-    ent = jnp.log(mass) - moment / mass
+    log_mass = jnp.log(mass)
+    lse_kept = top[:, 0] + log_mass
+    ent = log_mass - moment / mass
     q = jnp.where(keep, e / mass[:, None], 0.0)
     # the shift as the caller computes it over the whole vocabulary, bit for bit (the threshold is one of them)
     shift = jnp.where(keep, jnp.abs(-(sz - lse_kept[:, None]) - ent[:, None]), jnp.inf)
@@ -228,18 +229,19 @@ def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: Sampler
     b = z.shape[0]
     keys = ordered_bits(z)
     e = jnp.exp(z - top[:, None])
+    lse_of = lambda kept: top + jnp.log(jnp.sum(jnp.where(kept, e, 0.0), axis=-1))  # noqa: E731  (top always kept)
     zero = np.zeros((b,), np.uint32)
     cut_k = rows & (k < vocab)
     kth = jax.lax.cond(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero)
     keep = keys >= jnp.where(cut_k, kth, 0)[:, None]
-    lse = jnp.where(k >= vocab, lse_all, top + jnp.log(jnp.sum(jnp.where(keep, e, 0.0), axis=-1)))  # of what top_k
-    cut_p = rows & (p.top_p < 1.0)  # left: top_p's distribution
+    lse = jnp.where(k >= vocab, lse_all, lse_of(keep))  # of what top_k left: top_p's distribution
+    cut_p = rows & (p.top_p < 1.0)
     pth = jax.lax.cond(jnp.any(cut_p), lambda: largest_key(keys, jnp.where(keep, jnp.exp(z - lse[:, None]), 0.0),
                                                            p.top_p), lambda: zero)
     keep &= keys >= jnp.where(cut_p, pth, 0)[:, None]
     keep &= z >= top[:, None] + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
     thr = jnp.min(jnp.where(keep, z, jnp.inf), axis=-1)
-    lse_kept = top + jnp.log(jnp.sum(jnp.where(keep, e, 0.0), axis=-1))
+    lse_kept = lse_of(keep)
     cut_t = rows & (p.typical_p < 1.0)
     none = (np.zeros((b,), np.float32), np.full((b,), np.inf, np.float32))
     ent, shift_thr = jax.lax.cond(jnp.any(cut_t),

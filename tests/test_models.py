@@ -68,8 +68,8 @@ def test_family_matches_transformers(kind, tmp_path, monkeypatch):
 
 
 def test_safetensors_are_read_as_the_library_reads_them(tmp_path):
-    """The memory-mapped reader against safetensors' own loader: every dtype a checkpoint holds (bfloat16 too), a
-    scalar, an empty tensor, and tensors spread over two files of an index."""
+    """The memory-mapped reader against the tensors the safetensors library wrote: every dtype a checkpoint holds
+    (bfloat16 too), a scalar, an empty tensor, and tensors spread over two files of an index."""
     import json
 
     from safetensors.torch import save_file

@@ -184,7 +184,7 @@ def _open_gguf(path: str) -> Source:
 
     import gguf
 
-    lock = threading.RLock()  # conversion reads on a thread pool: the file is parsed once
+    lock = threading.Lock()  # conversion reads on a thread pool: the file is parsed once
 
     @functools.cache
     def parsed():
@@ -204,12 +204,8 @@ def _open_gguf(path: str) -> Source:
         return {"config": gguf_config(meta, tensors()), "gen": gen, "names": list(tensors())}
 
     @functools.cache
-    def by_name() -> dict[str, Any]:
-        return {t.name: t for t in reader().tensors}
-
     def tensors() -> dict[str, Any]:
-        with lock:
-            return by_name()
+        return {t.name: t for t in reader().tensors}
 
     def read(name: str) -> np.ndarray:
         t = tensors()[name]
