@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine import sampler as smp
 from engine.compile import AOT, Job, shape_key
 from models import KVCache, Model
+from models.backends import CPU_CHUNK
 from models.sharding import cache_sharding
 
 log = logging.getLogger("sparkler.engine")
@@ -330,10 +331,12 @@ class Runner:
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
-        for attend in self.attend if full else self.attend[:1]:
-            jobs += [self._decode_job(self.dp * b, attend, k) for b in self.batch_buckets for k in steps]
+        for b in self.batch_buckets:
+            widths = sorted({self.attended(b, a) for a in (self.attend if full else self.attend[:1])})
+            jobs += [self._decode_job(self.dp * b, attend, k) for attend in widths for k in steps]
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
-            jobs += [self._verify_job(self.dp * b, self.attend[0]) for b in self.batch_buckets]
+            w = self.rc.draft_tokens + 1
+            jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w)) for b in self.batch_buckets]
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))
@@ -350,7 +353,7 @@ class Runner:
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
         return ([self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL]
                 + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
-                   self._decode_job(nb, self.attend[0], self.rc.decode_steps)])
+                   self._decode_job(nb, self.attended(self.batch_buckets[0], 1), self.rc.decode_steps)])
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
@@ -392,6 +395,18 @@ class Runner:
         full = np.zeros(x.shape[:axis] + (self.slots,) + x.shape[axis + 1:], x.dtype)
         full[(slice(None),) * axis + (rows,)] = x
         return full
+
+    def attended(self, rows: int, need: int, queries: int = 1) -> int:
+        """The attended length (table width, in positions) of a decode or verify call of `rows` rows per shard,
+        `queries` per row, whose longest row needs `need` positions: the smallest bucket holding it. But the `cpu`
+        kernel reads each row's keys up to its own length, whatever the table's width, so its calls (decode, verify
+        chunks of up to `CPU_CHUNK` queries) take the whole context: one program per batch size and step count
+        instead of one per attended length, and none to compile when a sequence outgrows a bucket. (A single row
+        over XLA's float products runs the reference, whose work grows with the width.)"""
+        if (self.model.module.backend == "cpu" and queries <= CPU_CHUNK
+                and (rows > 1 or self.model.cfg.matmul == "cpu")):
+            return self.max_len
+        return bucket(min(need, self.max_len), self.attend)
 
     def table(self, rows: np.ndarray, attend: int) -> np.ndarray:
         """Page-table rows cut (or padded with scratch) to the pages `attend` positions need."""
@@ -552,8 +567,7 @@ class Runner:
         rows = self.call_rows(nb)
         tokens, positions, active = tokens[rows], positions[rows], active[rows]
         live = positions[active]
-        need = int(live.max()) + steps if live.size else 1
-        attend = bucket(min(need, self.max_len), self.attend)
+        attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
         self.cache, self.state, outs = self._decode(
             self.model.params, self.cache, self.state, self.params, tokens.astype(np.int32), positions.astype(np.int32),
             active, self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows],
@@ -571,7 +585,7 @@ class Runner:
         rows = self.call_rows(nb)
         w = tokens.shape[1]
         live = positions[rows][active[rows]]
-        attend = bucket(min(int(live.max()) if live.size else 1, self.max_len), self.attend)
+        attend = self.attended(nb, int(live.max()) if live.size else 1, w)
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions[rows].astype(np.int32), ndraft[rows].astype(np.int32), active[rows],

@@ -27,10 +27,11 @@ def health(url: str) -> dict:
         return json.load(r)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def served(tmp_path_factory, smollm):
     """`sparkler serve` with every warm-up shape (`--warmup full`) and an empty program store, so its background
-    compilation runs for minutes; the converted weights and tokenizer come from the shared cache."""
+    compilation runs for minutes; the converted weights and tokenizer come from the shared cache. Ended with its one
+    test, so that compilation does not hold a core through the rest of the suite."""
     from models.loading.source import cache_root
 
     cache = tmp_path_factory.mktemp("cache")

@@ -289,6 +289,14 @@ def decoded(request, folders, smollm):
     return _with_tokenizer(request.param, str(folders / request.param), smollm.tokenizer.folder)
 
 
+def small_config(model) -> RunnerConfig:
+    """4 slots at one batch size (few programs) over 17 pages: too few for 4 of the engine test's sequences at once
+    (it preempts), enough for any one of the served test's requests. The two tests share it, so the served folders'
+    programs come from the program store."""
+    return RunnerConfig(max_num_seqs=4, max_model_len=256, decode_steps=4, decode_batch_sizes=(4,),
+                        kv_cache_gb=17 * 16 * kv_bytes_per_token(model) / (1 << 30))
+
+
 def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """transformers' greedy tokens and their log-probabilities."""
     with torch.no_grad():
@@ -311,8 +319,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     per_page = 16 * kv_bytes_per_token(model)
     if model.cfg.kv_lora_rank:  # one latent vector per token and layer: kv_lora_rank + qk_rope_head_dim floats
         assert per_page == 16 * model.cfg.num_layers * (32 + 8) * 4
-    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, decode_batch_sizes=(4,),
-                                     kv_cache_gb=17 * per_page / (1 << 30)))  # one batch size: fewer programs
+    eng = Engine(model, small_config(model))
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
 
     def run():
@@ -522,8 +529,7 @@ def moe_server(served):
     from conftest import live_server
 
     model, _ = served
-    yield from live_server(model, RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.01,
-                                               decode_batch_sizes=(4,)))
+    yield from live_server(model, small_config(model))
 
 
 def test_moe_model_serves_the_api_through_the_official_client(moe_server, served):

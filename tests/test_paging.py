@@ -186,8 +186,9 @@ def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
 
 
 def test_many_short_requests_beside_one_long_prompt(smollm):
-    """`--max-num-seqs 96 --kv-cache-gb 1 --max-model-len 8192`: slots and context are independent of each other."""
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=1.0, decode_steps=4))
+    """`--max-num-seqs 96 --kv-cache-gb 0.5 --max-model-len 8192`: slots and context are independent of each other
+    (the pool holds ~11k tokens, not 96 x 8192). The suite's `ENGINE` pool: prefill programs from the store."""
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4))
     assert eng.max_len == 8192 and eng.runner.slots == 96
     long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
