@@ -138,12 +138,14 @@ def diagnose(args) -> None:
             print(f"  scan={scan} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)", flush=True)
             if scan:
                 active = np.ones(nb, bool)
+                run = lambda: runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active,  # noqa: E731
+                                            tables[:nb], steps).result()
                 t = time.perf_counter()
-                runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active, tables[:nb], steps)
+                run()
                 first = time.perf_counter() - t
                 t = time.perf_counter()
                 for _ in range(3):
-                    runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active, tables[:nb], steps)
+                    run()
                 per_step = (time.perf_counter() - t) / 3 / steps
                 print(f"  scan={scan} batch {nb}: runner.decode {per_step * 1000:.2f} ms per step "
                       f"(first call {first:.1f} s)", flush=True)

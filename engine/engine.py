@@ -1,11 +1,13 @@
 """Host side of the engine: requests, continuous batching over a KV page pool, preemption, detokenization, stopping.
 
-`Engine.step()` is the whole loop body: take aborts; admit queued work while slots and pages allow (preempted choices
-first, then requests in arrival order), mapping cached prompt pages in and prefilling only the rest; install sampler
-rows and draw first tokens (n > 1 maps the prompt's pages into every choice); give every running sequence the pages
-its next steps need, preempting the most recently admitted when the pool is dry; run one multi-step decode; then
-append tokens, detokenize, stop, and offer newly full pages to the prefix cache. Plain Python; the device work lives
-in `engine.runner`, the page bookkeeping in `engine.pages`.
+`Engine.step()` is the whole loop body: read back the decode dispatched by the last step (append tokens, detokenize,
+stop, offer newly full pages to the prefix cache), having first dispatched the next one when nothing but decoding can
+happen (`_ahead`: the devices then never wait for this host work); else take aborts; admit queued work while slots
+and pages allow (preempted choices first, then requests in arrival order), mapping cached prompt pages in and
+prefilling only the rest; install sampler rows and draw first tokens (n > 1 maps the prompt's pages into every
+choice); give every running sequence the pages its next steps need, preempting the most recently admitted when the
+pool is dry; dispatch one multi-step decode (or verify drafts, read back at once). Plain Python; the device work
+lives in `engine.runner`, the page bookkeeping in `engine.pages`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.grammar import Grammars
 from engine.thinking import Budget, Gate
-from engine.runner import BATCHED_PREFILL, Runner, RunnerConfig, join_pieces
+from engine.runner import BATCHED_PREFILL, Decoding, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -134,6 +136,19 @@ class Prefill:
         return not self.echo and len(self.tokens) - self.start <= BATCHED_PREFILL
 
 
+@dataclasses.dataclass
+class Inflight:
+    """A decode dispatched and not yet read back: its active slots and steps, its timing key and start, and
+    whether dispatching it compiled a program (its wall time then is not a step's)."""
+
+    decoding: Decoding
+    slots: list[int]
+    steps: int
+    key: tuple
+    start: float
+    compiled: bool
+
+
 def seq_tokens(req: Request, choice: Choice) -> list[int]:
     """The tokens whose K/V a choice's pages hold: its prompt and every generated token but the last."""
     return req.prompt_ids + choice.token_ids[:-1]
@@ -170,6 +185,10 @@ class Engine:
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
+        self.inflight: Inflight | None = None  # the decode dispatched and not yet read back
+        self.overlap = True  # dispatch a decode before reading back the one before it, when nothing else can happen
+        self.ahead = 0  # decodes dispatched so (counted for the tests)
+        self._read = 0.0  # when the last decode was read back (`_collect`'s timing)
         # Called once the first tokens of the requests just prefilled are handed to `on_delta`, before this step's
         # decode: a consumer that batches what it gets passes them on then (`AsyncEngine`: time to first token).
         self.handed: Callable[[], None] = lambda: None
@@ -269,7 +288,7 @@ class Engine:
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
         return bool(self.waiting or self.resumes or self.running or self.prefilling or not self.incoming.empty()
-                    or not self.aborts.empty())
+                    or not self.aborts.empty() or self.inflight is not None)
 
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
@@ -290,14 +309,23 @@ class Engine:
     # ---- the loop body ----------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Admit, decode once (several steps per dispatch), postprocess. Returns requests that finished.
+        """Read back the decode in flight, admit, dispatch the next decode (several steps per dispatch; verify
+        drafts at once). Returns requests that finished. While only decoding can happen, the next decode is
+        dispatched before the one in flight is read back (`_ahead`), so the devices never wait for the host's
+        postprocessing: tokens reach their streams one dispatch late.
 
         Streams get one delta per decode step (at most one token per choice), as OpenAI clients expect chunks."""
         while not self.incoming.empty():
             self.waiting.append(self.incoming.get())
         done: list[Request] = []
-        self._take_aborts(done)
         changed: dict[str, Request] = {}
+        if self.inflight is not None:
+            inf, self.inflight = self.inflight, None
+            ahead = self.overlap and self._ahead(inf)
+            self._collect(inf, changed, done)
+            if ahead:
+                return done
+        self._take_aborts(done)
         self._admit(changed)
         self._emit(changed, done)
         self.handed()
@@ -548,10 +576,11 @@ class Engine:
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 
-    def _reserve(self, steps: int, more: dict[int, int] | None = None) -> None:
+    def _reserve(self, steps: int, more: dict[int, int] | None = None, going: list[int] | None = None) -> bool:
         """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), oldest first;
-        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit."""
-        for slot in sorted(self.running, key=lambda s: self.running[s][1].order):
+        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit.
+        `going`: only those slots, and never preempt: False when the pages ran out."""
+        for slot in sorted(self.running if going is None else going, key=lambda s: self.running[s][1].order):
             if slot not in self.running:
                 continue  # preempted meanwhile
             req, choice = self.running[slot]
@@ -565,9 +594,12 @@ class Engine:
                     self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
                     choice.pages += pages
                     break
+                if going is not None:
+                    return False
                 victim = self._preempt_newest(shard)
                 if victim is choice:
                     break
+        return True
 
     def _preempt_newest(self, shard: int) -> Choice:
         """Preempt the most recently admitted running choice or prefilling request of a data shard: free its slots
@@ -664,12 +696,15 @@ class Engine:
         """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""
         start, programs = time.perf_counter(), self.runner.programs()
         out = fn(*args)
-        took = time.perf_counter() - start
         if self.runner.programs() == programs:
-            self.timing[key] = took if key not in self.timing else 0.7 * self.timing[key] + 0.3 * took
+            self._time(key, time.perf_counter() - start)
         return out
 
+    def _time(self, key: tuple, took: float) -> None:
+        self.timing[key] = took if key not in self.timing else 0.7 * self.timing[key] + 0.3 * took
+
     def _decode(self, changed, done) -> None:
+        """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
         steps = self.runner.rc.decode_steps
         if any(c.matcher is not None and c.matcher.active(steps) for _, c in self.running.values()):
             steps = 1  # the host gives each constrained token its mask
@@ -688,35 +723,86 @@ class Engine:
             tokens[slot] = choice.token_ids[-1]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
             active[slot] = True
-        nb = self.runner.rows_for(list(self.running))
         allowed = self._allowed(list(self.running))
         drafts = {slot: d for slot, d in drafts.items() if slot in self.running}  # not preempted by the reserve
-        if drafts:
-            w = self.runner.rc.draft_tokens + 1
-            wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
-            wide[:, 0] = tokens
+        if not drafts:
+            self._dispatch(tokens, positions, active, steps, allowed)
+            return
+        nb = self.runner.rows_for(list(self.running))
+        w = self.runner.rc.draft_tokens + 1
+        wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
+        wide[:, 0] = tokens
+        for slot, d in drafts.items():
+            wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
+        masks = None
+        if allowed is not None:  # this step's masks, then a constrained draft's for each prefix it drafts
+            masks = np.repeat(allowed[:, None], w, axis=1)
             for slot, d in drafts.items():
-                wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
-            masks = None
-            if allowed is not None:  # this step's masks, then a constrained draft's for each prefix it drafts
-                masks = np.repeat(allowed[:, None], w, axis=1)
-                for slot, d in drafts.items():
-                    if self.running[slot][1].matcher is not None:
-                        self.running[slot][1].matcher.draft_masks(d, masks[slot])
-            outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, positions, ndraft, active,
-                                          self.tables, masks)
-            self.verifies += 1
-            for slot, d in drafts.items():
-                self.running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
-        else:
-            outs = self._timed_call(("decode", nb, steps), self.runner.decode, tokens, positions, active, self.tables,
-                                    steps, allowed)
-            kept = np.ones((steps, b), bool)
-        self.steps_run += 1 if drafts else steps
-        shadows = [(c, len(c.token_ids)) for _, c in self.running.values() if c.drafter and c.drafter.unverified]
+                if self.running[slot][1].matcher is not None:
+                    self.running[slot][1].matcher.draft_masks(d, masks[slot])
+        outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, positions, ndraft, active,
+                                      self.tables, masks)
+        self.verifies += 1
+        for slot, d in drafts.items():
+            self.running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
+        self.steps_run += 1
+        self._take(outs, kept, list(self.running), changed, done)
+
+    def _dispatch(self, tokens, positions, active, steps: int, allowed, carry: bool = False) -> None:
+        """Dispatch a decode of `steps` over the `active` slots; it is read back by the next step (`_collect`)."""
+        slots = np.flatnonzero(active).tolist()
+        key = ("decode", self.runner.rows_for(slots), steps)
+        programs = self.runner.programs()
+        decoding = self.runner.decode(tokens, positions, active, self.tables, steps, allowed, carry)
+        self.inflight = Inflight(decoding, slots, steps, key, time.perf_counter(),
+                                 self.runner.programs() != programs)
+        self.steps_run += steps
+
+    def _ahead(self, inf: "Inflight") -> bool:
+        """Dispatch the next decode before reading back the one in flight, when nothing but decoding can happen
+        in between: no aborts and nothing that could be seated now, every running choice unconstrained and without
+        drafts (their inputs depend on the tokens), the same batch bucket, some choice not at its last token
+        within the dispatch in flight, and pages for two dispatches ahead without preempting anyone. Its input
+        tokens are the ones in flight, still on the devices (`Runner.decode`'s `carry`); a choice that ends in the
+        dispatch in flight (an EOS, a stop string) runs one more, whose tokens are dropped."""
+        head = 1 if self.resumes else len(self.waiting[0].choices) if self.waiting else 0  # slots the next work needs
+        if (not self.aborts.empty() or self.prefilling or 0 < head <= len(self.free)
+                or not set(self.running) <= set(inf.slots)
+                or any(c.matcher is not None or c.drafter is not None for _, c in self.running.values())):
+            return False
+        going = [s for s in inf.slots if s in self.running and self._left(*self.running[s]) > inf.steps]
+        if not going or self.runner.rows_for(going) != inf.key[1]:
+            return False
+        if not self._reserve(2 * inf.steps, going=going):
+            return False
+        b = self.runner.slots
+        positions, active = np.full(b, self.max_len, np.int32), np.zeros(b, bool)
+        for slot in going:
+            req, choice = self.running[slot]
+            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + inf.steps
+            active[slot] = True
+        self._dispatch(None, positions, active, inf.steps, None, carry=True)
+        self.ahead += 1
+        return True
+
+    def _collect(self, inf: "Inflight", changed, done) -> None:
+        """Read a dispatched decode back and hand its tokens to their choices."""
+        outs = inf.decoding.result()
+        end = time.perf_counter()
+        if not inf.compiled:  # its device time began when it was dispatched, or when the one before it ended
+            self._time(inf.key, end - max(inf.start, self._read))
+        self._read = end
+        steps = outs.token.shape[0]
+        self._take(outs, np.ones((steps, self.runner.slots), bool), inf.slots, changed, done)
+
+    def _take(self, outs, kept: np.ndarray, slots: list[int], changed, done) -> None:
+        """Append each kept output (`[steps, slots]`) to its still-running choice, step by step, handing deltas
+        after each; then offer newly full pages to the prefix cache."""
+        mine = [(slot, *self.running[slot]) for slot in slots if slot in self.running]
+        shadows = [(c, len(c.token_ids)) for _, _, c in mine if c.drafter and c.drafter.unverified]
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
-            for slot, (req, choice) in list(self.running.items()):
+            for slot, req, choice in mine:
                 if choice.finish_reason is None and kept[i, slot]:
                     self._append(req, choice, one, slot)
                     changed[req.id] = req
@@ -790,6 +876,7 @@ class Engine:
         held += [c for _, c in self.running.values()]
         reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
                                     *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
+        self.inflight = None  # its outputs are dropped
         self.waiting.clear()
         self.prefilling.clear()
         self.resumes.clear()

@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,20 @@ def join_pieces(pieces: list) -> tuple:
     return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
 
 
+class Decoding:
+    """A dispatched decode: its outputs on the devices, read back (once) by `result`."""
+
+    def __init__(self, outs: smp.SampleOut, rows: np.ndarray, by_slot: Callable):
+        self._outs, self._rows, self._by_slot, self._host = outs, rows, by_slot, None
+
+    def result(self) -> smp.SampleOut:
+        """The outputs, `[steps, slots, ...]` numpy indexed by slot (waits for the devices)."""
+        if self._host is None:
+            self._host = jax.tree.map(lambda x: self._by_slot(np.asarray(x), self._rows, axis=1), self._outs)
+            self._outs = None
+        return self._host
+
+
 class Runner:
     """Owns the KV page pool and sampler state on device, and the compiled step functions.
 
@@ -160,6 +175,7 @@ class Runner:
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
         self.push_params()
         self.logits: dict[int, jax.Array] = {}  # slot -> its last prefill's last logits [V]
+        self._last: jax.Array | None = None  # the last decode's last tokens, on the devices (`decode`'s `carry`)
         self.compiles = 0
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
@@ -215,17 +231,20 @@ class Runner:
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
-            (cache, part, _, _), outs = jax.lax.scan(one, (cache, part, tokens, positions), None, length=steps)
+            (cache, part, last, _), outs = jax.lax.scan(one, (cache, part, tokens, positions), None, length=steps)
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
-            return cache, state, outs
+            return cache, state, outs, last
 
         @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
         def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
+            # `last`, each row's last token, stays on the devices laid out as `tokens`: the next decode may take it
+            # as its input before the host has read these outputs back (`Runner.decode`'s `carry`)
             self.compiles += 1
             fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, *(rows,) * 7),
-                             (kv, rows, P(None, "data")))
-            cache, state, outs = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
-            return cache, state, jax.lax.with_sharding_constraint(outs, gathered)
+                             (kv, rows, P(None, "data"), rows))
+            cache, state, outs, last = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
+            return cache, state, jax.lax.with_sharding_constraint(outs, gathered), \
+                jax.lax.with_sharding_constraint(last, self.by_row)
 
         def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
@@ -542,6 +561,7 @@ class Runner:
         active = np.zeros(len(rows), bool)
         active[at] = True
         allowed = (self.all_allowed if allowed is None else allowed)[rows]
+        self._last = None
         self.state, out = self._first(self.state, self.params, logits, active, allowed)
         return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
 
@@ -559,20 +579,28 @@ class Runner:
         return bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
-               steps: int, allowed: np.ndarray | None = None) -> smp.SampleOut:
-        """Run `steps` decode steps over the smallest batch bucket holding every active slot of each shard, each
-        reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step); returns outputs
-        stacked `[steps, slots, ...]` as numpy, indexed by slot."""
+               steps: int, allowed: np.ndarray | None = None, carry: bool = False) -> "Decoding":
+        """Dispatch `steps` decode steps over the smallest batch bucket holding every active slot of each shard,
+        each reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step). Returns at once;
+        `.result()` waits for the outputs, stacked `[steps, slots, ...]` as numpy, indexed by slot. `carry`: the
+        input tokens are the last ones the previous call drew, still on the devices (`tokens` is ignored): the engine
+        dispatches a step before reading back the one before it. That call must have been a decode at the same
+        batch bucket, with nothing that draws tokens between the two."""
         nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
-        tokens, positions, active = tokens[rows], positions[rows], active[rows]
+        positions, active = positions[rows], active[rows]
+        if carry:
+            if self._last is None or self._last.shape[0] != len(rows):
+                raise ValueError("carry needs the previous call to be a decode at the same batch bucket")
+            tokens = self._last
+        else:
+            tokens = tokens[rows].astype(np.int32)
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
-        self.cache, self.state, outs = self._decode(
-            self.model.params, self.cache, self.state, self.params, tokens.astype(np.int32), positions.astype(np.int32),
-            active, self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows],
-            steps=steps)
-        return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
+        self.cache, self.state, outs, self._last = self._decode(
+            self.model.params, self.cache, self.state, self.params, tokens, positions.astype(np.int32), active,
+            self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows], steps=steps)
+        return Decoding(outs, rows, self.by_slot)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
                tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:
@@ -586,9 +614,12 @@ class Runner:
         w = tokens.shape[1]
         live = positions[rows][active[rows]]
         attend = self.attended(nb, int(live.max()) if live.size else 1, w)
+        table = self.table(tables[rows], w + attend)
+        positions = np.where(active[rows], positions[rows], table.shape[1] * self.page_size)  # padding: past it
+        self._last = None
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
-            positions[rows].astype(np.int32), ndraft[rows].astype(np.int32), active[rows],
-            self.table(tables[rows], w + attend), self.wide_allowed(rows, w) if allowed is None else allowed[rows])
+            positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,
+            self.wide_allowed(rows, w) if allowed is None else allowed[rows])
         outs = jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
         return outs, self.by_slot(np.asarray(kept), rows, axis=1)

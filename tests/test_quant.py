@@ -25,11 +25,10 @@ def int8_model():
 def test_int8_agrees_with_float32_over_256_teacher_forced_tokens(llm, smollm, int8_model):
     from engine import SamplingParams
 
-    rows = []
-    for text in PROMPTS:  # float32's own greedy continuation is the text both models are forced through
-        ids = smollm.tokenizer.encode(text)
-        out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))[0]
-        rows.append(ids + list(out.outputs[0].token_ids))
+    prompts = [smollm.tokenizer.encode(text) for text in PROMPTS]
+    # float32's own greedy continuations (decoded together) are the texts both models are forced through
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))
+    rows = [ids + list(out.outputs[0].token_ids) for ids, out in zip(prompts, outs)]
     ref = our_logits(smollm.module, smollm.params, rows)
     got = our_logits(int8_model.module, int8_model.params, rows)
     for a, b, r in zip(ref, got, rows):

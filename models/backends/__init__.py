@@ -69,7 +69,8 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
         return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
     lengths = positions.astype(jnp.int32) + 1
     qs = q * jnp.asarray(scale, q.dtype)
-    if backend == "cpu":
+    if backend == "cpu":  # a row past its table (padding: its keys went to the scratch page) reads one key, not all
+        lengths = jnp.where(positions < table.shape[1] * k_cache.shape[2], lengths, 1)
         from models.backends import cpu_attention
 
         return cpu_attention.chunk(qs, k_cache, v_cache, table, lengths).reshape(b, s, h * d)
