@@ -131,12 +131,12 @@ def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
     first: greedy and seeded, n > 1, a stop string, EOS, max_tokens not a multiple of the steps. Every page and slot
     comes back."""
     eng = llm.engine
-    base = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    base = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
     stop = base.text[20:26]
-    params = [SamplingParams(temperature=0, max_tokens=40, stop=[stop]),
-              SamplingParams(temperature=0.9, top_p=0.9, max_tokens=37, seed=2, n=2, ignore_eos=True)]
-    params += [p for _, p in OTHERS]
-    chats = [CHAT, CHAT] + [m for m, _ in OTHERS]
+    params = [SamplingParams(temperature=0, max_tokens=24, stop=[stop]),
+              SamplingParams(temperature=0.9, top_p=0.9, max_tokens=17, seed=2, n=2, ignore_eos=True)]
+    params += [p for _, p in OTHERS[1:4]]
+    chats = [CHAT, CHAT] + [m for m, _ in OTHERS[1:4]]
     eng.overlap = False
     try:
         before = eng.ahead
@@ -145,11 +145,11 @@ def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
     finally:
         eng.overlap = True
     got = llm.chat(chats, params)
-    assert eng.ahead > before + 5
+    assert eng.ahead > before + 2
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
     assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].text == base.text[:base.text.index(stop)]
     assert {c.finish_reason for o in got for c in o.outputs} == {"stop", "length"}
-    assert len(got[1].outputs[1].token_ids) == 37
+    assert len(got[1].outputs[1].token_ids) == 17
     assert eng.inflight is None and len(eng.free) == eng.runner.slots
     assert all(r == 0 for r in eng.pools[0].refs)
 
