@@ -22,10 +22,10 @@ def pytest_configure(config):
 # 2026-11-29, session 20). The files run heaviest first, so the two workers (each file stays on one) finish near
 # together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist orders the files
 # by their count of tests.
-FILE_SECONDS = {"test_moe": 290, "test_speculative": 250, "test_paging": 200, "test_accel": 175, "test_mesh": 130,
-                "test_server": 120, "test_cpu_matmul": 100, "test_operations": 95, "test_models": 90, "test_engine": 55,
-                "test_structured": 45, "test_reasoning": 40, "test_tools": 35, "test_cli": 35, "test_quant": 30,
-                "test_apis": 25, "test_sampler": 20, "test_page": 13}
+FILE_SECONDS = {"test_moe": 320, "test_speculative": 245, "test_accel": 205, "test_paging": 180, "test_mesh": 140,
+                "test_server": 130, "test_operations": 115, "test_cpu_matmul": 100, "test_models": 93, "test_engine": 62,
+                "test_structured": 48, "test_quant": 38, "test_tools": 35, "test_reasoning": 25, "test_apis": 25,
+                "test_sampler": 22, "test_cli": 22, "test_page": 14}
 
 
 def pytest_collection_modifyitems(items):
