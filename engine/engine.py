@@ -1,8 +1,8 @@
 """Host side of the engine: requests, continuous batching over a KV page pool, preemption, detokenization, stopping.
 
-`Engine.step()` is the whole loop body: read back the decode dispatched by the last step (append tokens, detokenize,
-stop, offer newly full pages to the prefix cache), having first dispatched the next one when nothing but decoding can
-happen (`_ahead`: the devices then never wait for this host work); else take aborts; admit queued work while slots
+`Engine.step()` is the whole loop body: take aborts; read back the decode dispatched by the last step (append tokens,
+detokenize, stop, offer newly full pages to the prefix cache), having first dispatched the next one when nothing but
+decoding can happen (`_ahead`: the devices then never wait for this host work); else admit queued work while slots
 and pages allow (preempted choices first, then requests in arrival order), mapping cached prompt pages in and
 prefilling only the rest; install sampler rows and draw first tokens (n > 1 maps the prompt's pages into every
 choice); give every running sequence the pages its next steps need, preempting the most recently admitted when the
@@ -319,13 +319,13 @@ class Engine:
             self.waiting.append(self.incoming.get())
         done: list[Request] = []
         changed: dict[str, Request] = {}
+        self._take_aborts(done)  # before the dispatch in flight is read back: an aborted choice takes none of it
         if self.inflight is not None:
             inf, self.inflight = self.inflight, None
             ahead = self.overlap and self._ahead(inf)
             self._collect(inf, changed, done)
             if ahead:
                 return done
-        self._take_aborts(done)
         self._admit(changed)
         self._emit(changed, done)
         self.handed()
@@ -760,13 +760,13 @@ class Engine:
 
     def _ahead(self, inf: "Inflight") -> bool:
         """Dispatch the next decode before reading back the one in flight, when nothing but decoding can happen
-        in between: no aborts and nothing that could be seated now, every running choice unconstrained and without
+        in between: nothing that could be seated now, every running choice unconstrained and without
         drafts (their inputs depend on the tokens), the same batch bucket, some choice not at its last token
         within the dispatch in flight, and pages for two dispatches ahead without preempting anyone. Its input
         tokens are the ones in flight, still on the devices (`Runner.decode`'s `carry`); a choice that ends in the
         dispatch in flight (an EOS, a stop string) runs one more, whose tokens are dropped."""
         head = 1 if self.resumes else len(self.waiting[0].choices) if self.waiting else 0  # slots the next work needs
-        if (not self.aborts.empty() or self.prefilling or 0 < head <= len(self.free)
+        if (self.prefilling or 0 < head <= len(self.free)
                 or not set(self.running) <= set(inf.slots)
                 or any(c.matcher is not None or c.drafter is not None for _, c in self.running.values())):
             return False
@@ -782,6 +782,7 @@ class Engine:
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + inf.steps
             active[slot] = True
         self._dispatch(None, positions, active, inf.steps, None, carry=True)
+        inf.compiled |= self.inflight.compiled  # a compile here stalled the host inside `inf`'s measured time
         self.ahead += 1
         return True
 
