@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine import sampler as smp
 from engine.compile import AOT, Job, shape_key
 from models import KVCache, Model
-from models.backends import CPU_CHUNK
+from models import backends
 from models.sharding import cache_sharding
 
 log = logging.getLogger("sparkler.engine")
@@ -420,10 +420,9 @@ class Runner:
         `queries` per row, whose longest row needs `need` positions: the smallest bucket holding it. But the `cpu`
         kernel reads each row's keys up to its own length, whatever the table's width, so its calls (decode, verify
         chunks of up to `CPU_CHUNK` queries) take the whole context: one program per batch size and step count
-        instead of one per attended length, and none to compile when a sequence outgrows a bucket. (A single row
-        over XLA's float products runs the reference, whose work grows with the width.)"""
-        if (self.model.module.backend == "cpu" and queries <= CPU_CHUNK
-                and (rows > 1 or self.model.cfg.matmul == "cpu")):
+        instead of one per attended length, and none to compile when a sequence outgrows a bucket
+        (`backends.reads_by_length`; elsewhere the work grows with the width)."""
+        if backends.reads_by_length(self.model.module.backend, rows, queries, self.model.cfg.matmul):
             return self.max_len
         return bucket(min(need, self.max_len), self.attend)
 

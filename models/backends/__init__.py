@@ -24,6 +24,20 @@ BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
 CPU_CHUNK = 24
 
 
+def call_backend(backend: str, rows: int, matmul: str) -> str:
+    """The backend a call of `rows` rows (per shard) runs: one row over XLA's float products takes the reference
+    instead of the `cpu` kernel (XLA fuses it with them; around the kernel the next projection ran ~5x slower,
+    99 -> 78 tok/s)."""
+    return "xla" if backend == "cpu" and rows == 1 and matmul != "cpu" else backend
+
+
+def reads_by_length(backend: str, rows: int, queries: int, matmul: str) -> bool:
+    """Whether a call's attention reads each row's keys up to its length alone, whatever its table's width: the
+    `cpu` kernel, for decode and chunks of up to `CPU_CHUNK` queries (the reference and `paged.prefill` work over the
+    whole table)."""
+    return call_backend(backend, rows, matmul) == "cpu" and queries <= CPU_CHUNK
+
+
 def default_backend(platform: str | None = None) -> str:
     """The backend a platform runs best: the Pallas kernels on GPU and TPU, the C++ kernel on a CPU."""
     platform = platform or jax.default_backend()

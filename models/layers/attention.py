@@ -56,9 +56,7 @@ class Attention(nn.Module):
         pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
         k_cache = paged.write(k_cache, k, positions, pages)
         v_cache = paged.write(v_cache, v, positions, pages)
-        backend = self.backend
-        if backend == "cpu" and b == 1 and cfg.matmul != "cpu":  # one row, XLA's float products: the reference
-            backend = "xla"  # fuses with them; around the kernel the next projection ran ~5x slower (99 -> 78 tok/s)
+        backend = backends.call_backend(self.backend, b, cfg.matmul)
         sinks = None
         if cfg.attn_sinks:  # gpt-oss: one logit per head joins the softmax
             sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
