@@ -208,6 +208,8 @@ class AOT:
         self.fn, self.name, self.namespace = fn, name, namespace
         self.exes: dict = {}
         self.pending: dict[tuple, Pending] = {}  # shapes a `Background` will compile
+        self.calls, self.seconds = 0, 0.0  # launches of its executables, and the time they took (see
+        # `Runner.device_seconds`: on a GPU a launch can wait for the devices)
 
     def __call__(self, *args, **statics):
         """Run the executable for these shapes (compiled now if no warm-up has it)."""
@@ -217,9 +219,17 @@ class AOT:
             concurrent.futures.wait([job.future])  # a request never fails for a shape being compiled: it waits
             exe = self.exes.get(key)
         if exe is None:  # a shape no warm-up named: compile it now (and keep it in the store for the next start)
+            t = time.perf_counter()
             self.compile(*args, **statics)
+            ints = [tuple(x.shape) for x in jax.tree.leaves(args) if str(getattr(x, "dtype", "")) in ("int32", "bool")]
+            log.info("sparkler: %s: a shape no warm-up named (inputs %s, %s) took %.2f s to load or compile", self.name,
+                     ints, statics, time.perf_counter() - t)
             exe = self.exes[key]
-        return exe(*args)
+        t = time.perf_counter()
+        out = exe(*args)
+        self.calls += 1
+        self.seconds += time.perf_counter() - t
+        return out
 
     def compile(self, *args, **statics) -> None:
         """Load from the program store, or compile (and store), for the shapes of `args` (arrays, or anything with

@@ -281,7 +281,8 @@ class Engine:
                     kv_pages_cached=total("num_cached"), kv_page_size=self.page_size,
                     prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hit,
                     prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
-                    preemptions=self.preemptions, data_parallel_size=self.runner.dp,
+                    preemptions=self.preemptions, device_call_seconds=round(self.runner.device_seconds(), 6),
+                    decodes_ahead=self.ahead, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0)
 
@@ -509,9 +510,6 @@ class Engine:
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
         new_rows: dict[int, int] = {}  # new slot -> the slot whose prefill logits it draws from
         copies = []
-        unused = [pf.choices[0].slot for pf in ready if pf.resume or pf.req.max_tokens == 0]  # logits nobody draws
-        if unused:
-            self.runner.forget(unused)
         for pf in ready:
             req, first = pf.req, pf.choices[0]
             self._register(req, first)
@@ -885,8 +883,6 @@ class Engine:
         self.admitting = []
         for choice in {id(c): c for c in held}.values():
             self._unseat(choice)
-        if self.runner.logits:
-            self.runner.forget(list(self.runner.logits))
         out = []
         for req in reqs.values():
             ended = [c for c in req.choices if c.finish_reason is None]

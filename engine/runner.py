@@ -17,7 +17,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-from typing import Callable
+import time
 
 import jax
 import jax.numpy as jnp
@@ -118,13 +118,13 @@ def join_pieces(pieces: list) -> tuple:
 class Decoding:
     """A dispatched decode: its outputs on the devices, read back (once) by `result`."""
 
-    def __init__(self, outs: smp.SampleOut, rows: np.ndarray, by_slot: Callable):
-        self._outs, self._rows, self._by_slot, self._host = outs, rows, by_slot, None
+    def __init__(self, outs: smp.SampleOut, rows: np.ndarray, runner: "Runner"):
+        self._outs, self._rows, self._runner, self._host = outs, rows, runner, None
 
     def result(self) -> smp.SampleOut:
         """The outputs, `[steps, slots, ...]` numpy indexed by slot (waits for the devices)."""
         if self._host is None:
-            self._host = jax.tree.map(lambda x: self._by_slot(np.asarray(x), self._rows, axis=1), self._outs)
+            self._host = self._runner.read_back(self._outs, self._rows, axis=1)
             self._outs = None
         return self._host
 
@@ -134,9 +134,9 @@ class Runner:
 
     The host hands in page tables (`[rows, pages]` int32, a row per sequence, unused entries 0 = scratch) and sees
     only their widths as compiled shapes: a table sliced to `attend / page_size` columns. Every argument of the
-    host-facing methods is host data (numbers, lists, numpy arrays): a prefill's last logits stay here, keyed by
-    slot, until `first_tokens` draws from them, so a multi-host leader can replay each call on the other processes
-    (`engine.multihost`).
+    host-facing methods is host data (numbers, lists, numpy arrays): a prefill's last logits stay on the devices, in
+    the slot's row of `last_logits`, until `first_tokens` draws from them, so a multi-host leader can replay each
+    call on the other processes (`engine.multihost`).
     """
 
     def __init__(self, model: Model, rc: RunnerConfig):
@@ -174,9 +174,12 @@ class Runner:
         self.host_params = smp.neutral_params(self.slots, vocab)
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
         self.push_params()
-        self.logits: dict[int, jax.Array] = {}  # slot -> its last prefill's last logits [V]
+        # each slot's last prefill's last logits, written by the prefill programs and read by the first draw, so
+        # neither the host nor an eager op touches them (a slot's row is valid from its prefill to its first draw)
+        self.last_logits = jax.device_put(jnp.zeros((self.slots, vocab), jnp.float32), self.by_row)
         self._last: jax.Array | None = None  # the last decode's last tokens, on the devices (`decode`'s `carry`)
         self.compiles = 0
+        self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
@@ -191,30 +194,33 @@ class Runner:
         def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False):
             return module.apply(params, tokens, positions, table, cache, last_index, all_logits)
 
-        def prefill_rows(params, cache, tokens, start, length, table):  # rows are prompts (padding: all scratch)
-            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        # The prefills write each prompt's last logits into the shard's `last` rows named by `dest` (the slot within
+        # the shard; padding rows name one past the shard's slots, and are dropped).
+        def prefill_rows(params, cache, last, tokens, start, length, table, dest):  # rows are prompts (padding: all
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # scratch)
             logits, cache = forward(params, cache, tokens, positions, table, length - 1)
-            return cache, logits
+            return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
-        def prefill_echo(params, cache, tokens, start, length, table, next_token):  # one prompt in the shard's row 0
-            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        def prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest):  # one prompt in the
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # shard's row 0
             logits, cache = forward(params, cache, tokens, positions, table, None, True)
             logits = logits[0]
             lp = jax.nn.log_softmax(logits, axis=-1)
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
             chosen = jnp.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
-            return cache, logits[length[0] - 1][None], (chosen[None], top_ids[None], top_lp[None])
+            last = last.at[dest[:1]].set(logits[length[0] - 1][None].astype(last.dtype), mode="drop")
+            return cache, last, (chosen[None], top_ids[None], top_lp[None])
 
-        prefill_rows = over_shards(prefill_rows, (rep, kv, rows, rows, rows, rows), (kv, rows))
-        prefill_echo = over_shards(prefill_echo, (rep, kv, rows, rows, rows, rows, rep), (kv, rows, rows))
+        prefill_rows = over_shards(prefill_rows, (rep, kv, rows, rows, rows, rows, rows, rows), (kv, rows))
+        prefill_echo = over_shards(prefill_echo, (rep, kv, rows, rows, rows, rows, rows, rep, rows), (kv, rows, rows))
 
-        @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1,))
-        def prefill(params, cache, tokens, start, length, table, next_token, echo):
+        @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1, 2))
+        def prefill(params, cache, last, tokens, start, length, table, next_token, dest, echo):
             self.compiles += 1  # counts traces (one per compiled shape)
             if not echo:
-                return (*prefill_rows(params, cache, tokens, start, length, table), None)
-            return prefill_echo(params, cache, tokens, start, length, table, next_token)
+                return (*prefill_rows(params, cache, last, tokens, start, length, table, dest), None)
+            return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest)
 
         def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
@@ -276,18 +282,18 @@ class Runner:
                                           allowed)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
 
-        def first_shard(state, sparams, logits, active, allowed):
-            nb = logits.shape[0]  # a batch bucket: rows past it are left as they are
+        def first_shard(state, sparams, last, source, active, allowed):
+            nb = source.shape[0]  # a batch bucket: rows past it are left as they are
             part = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
-            out, new = smp.sample(logits, part(sparams), part(state), active, allowed)
+            out, new = smp.sample(last[source], part(sparams), part(state), active, allowed)
             return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, new), out
 
-        first_shard = over_shards(first_shard, (rows,) * 5, (rows, rows))
+        first_shard = over_shards(first_shard, (rows,) * 6, (rows, rows))
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def first_tokens(state, sparams, logits, active, allowed):
+        def first_tokens(state, sparams, last, source, active, allowed):
             self.compiles += 1  # one shape per batch bucket
-            state, out = first_shard(state, sparams, logits, active, allowed)
+            state, out = first_shard(state, sparams, last, source, active, allowed)
             return state, jax.lax.with_sharding_constraint(out, gathered)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
@@ -337,7 +343,8 @@ class Runner:
     def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
         """The shapes to compile before serving, those of `first_jobs` first: prefill of short prompts (several per
         call) and of a first chunk, fresh or after a cached prefix within the shortest attended length, the first
-        draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length.
+        draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length (on an
+        accelerator, for every attended length: a decode compiled there mid-serve stalls every stream for seconds).
         `full`: every attended length for decode and prefill too (minutes the first time, seconds once the caches
         hold them). `constrained`: decode of one step too (structured output runs one step per dispatch)."""
         jobs = self.first_jobs()
@@ -350,8 +357,9 @@ class Runner:
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
+        accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
         for b in self.batch_buckets:
-            widths = sorted({self.attended(b, a) for a in (self.attend if full else self.attend[:1])})
+            widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
             jobs += [self._decode_job(self.dp * b, attend, k) for attend in widths for k in steps]
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
             w = self.rc.draft_tokens + 1
@@ -376,12 +384,13 @@ class Runner:
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
-        args = (self.model.params, self.cache_shape, _i32(nb, size), _i32(nb), _i32(nb), table, np.int32(0))
+        args = (self.model.params, self.cache_shape, self.last_logits, _i32(nb, size), _i32(nb), _i32(nb), table,
+                np.int32(0), _i32(nb))
         return self._prefill, args, dict(echo=False)
 
     def _first_job(self, nb: int) -> Job:
-        logits = jax.ShapeDtypeStruct((nb, self.model.cfg.vocab_size), jnp.float32, sharding=self.by_row)
-        return (self._first, (self.state, self.params, logits, np.zeros(nb, bool), self.all_allowed[:nb]), {})
+        return (self._first, (self.state, self.params, self.last_logits, _i32(nb), np.zeros(nb, bool),
+                              self.all_allowed[:nb]), {})
 
     def _decode_job(self, nb: int, attend: int, steps: int) -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
@@ -406,6 +415,13 @@ class Runner:
     def call_rows(self, nb: int) -> np.ndarray:
         """The global slots of a call's rows: the first `nb` slots of each shard, shard by shard."""
         return (np.arange(self.dp)[:, None] * self.per_shard + np.arange(nb)[None, :]).reshape(-1)
+
+    def read_back(self, tree, rows: np.ndarray, axis: int = 0):
+        """A call's outputs on the host as numpy, indexed by slot (`by_slot`); waits for the devices."""
+        t = time.perf_counter()
+        out = jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis), tree)
+        self.read_seconds += time.perf_counter() - t
+        return out
 
     def by_slot(self, x: np.ndarray, rows: np.ndarray, axis: int = 0) -> np.ndarray:
         """A call's outputs (`rows` along `axis`) indexed by global slot (with one shard they already are)."""
@@ -442,7 +458,7 @@ class Runner:
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
-        `table` row; its last logits go to `logits[slot]`. Returns, for echo, the chunk's per-position `(logprob of
+        `table` row; its last logits go to `last_logits[slot]`. Returns, for echo, the chunk's per-position `(logprob of
         the next prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
         d = self.shard_of(slot)
         piece = tokens[start:start + self.chunk]
@@ -455,20 +471,22 @@ class Runner:
         tables[d] = table
         nxt = tokens[start + len(piece)] if start + len(piece) < len(tokens) else 0
         attend = self.covered(start, size)
-        self.cache, logits, extra = self._prefill(
-            self.model.params, self.cache, toks, starts, lengths, self.table(tables, attend), np.int32(nxt), echo=echo)
-        self.logits[slot] = logits[d]
+        dest = np.full(self.dp, self.per_shard, np.int32)  # the other shards' rows: dropped
+        dest[d] = slot % self.per_shard
+        self.cache, self.last_logits, extra = self._prefill(
+            self.model.params, self.cache, self.last_logits, toks, starts, lengths, self.table(tables, attend),
+            np.int32(nxt), dest, echo=echo)
         return [np.asarray(x[d])[:len(piece)] for x in extra] if echo else None
 
     def prefill(self, slot: int, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
         """Write the K/V of the sequence in `slot` from `start` on, chunk by chunk (its last logits go to
-        `logits[slot]`); returns, for echo, the concatenated per-position logprobs (see `prefill_chunk`)."""
+        `last_logits[slot]`); returns, for echo, the concatenated per-position logprobs (see `prefill_chunk`)."""
         pieces = [self.prefill_chunk(slot, table, tokens, s, echo) for s in range(start, len(tokens), self.chunk)]
         return join_pieces(pieces) if echo else None
 
     def prefill_many(self, items: list[tuple[int, np.ndarray, list[int], int]]) -> None:
-        """Prefill `(slot, table row, tokens, start)` items; each one's last logits go to `logits[slot]`. Items with
-        up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
+        """Prefill `(slot, table row, tokens, start)` items; each one's last logits go to `last_logits[slot]`. Items
+        with up to one chunk of tokens to compute share calls (grouped by length and attended-length bucket, up to
         `prefill_rows[-1]` rows per shard, padded to a power of two); longer ones go through the chunked `prefill`."""
         groups: dict[tuple[int, int], list[list[int]]] = {}
         for i, (slot, table, tokens, start) in enumerate(items):
@@ -487,17 +505,16 @@ class Runner:
                 toks = np.zeros((self.dp * nb, size), np.int32)
                 lengths, starts = np.ones(self.dp * nb, np.int32), np.zeros(self.dp * nb, np.int32)
                 tables = np.zeros((self.dp * nb, self.max_pages), np.int32)  # padding rows: all scratch
+                dest = np.full(self.dp * nb, self.per_shard, np.int32)  # padding rows' logits: dropped
                 for d, part in enumerate(parts):
                     for r, i in enumerate(part, d * nb):
-                        _, table, tokens, start = items[i]
+                        slot, table, tokens, start = items[i]
                         n = len(tokens) - start
                         toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
-                self.cache, logits, _ = self._prefill(
-                    self.model.params, self.cache, toks, starts, lengths, self.table(tables, attend), np.int32(0),
-                    echo=False)
-                for d, part in enumerate(parts):
-                    for r, i in enumerate(part, d * nb):
-                        self.logits[items[i][0]] = logits[r]
+                        dest[r] = slot % self.per_shard
+                self.cache, self.last_logits, _ = self._prefill(
+                    self.model.params, self.cache, self.last_logits, toks, starts, lengths,
+                    self.table(tables, attend), np.int32(0), dest, echo=False)
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
@@ -512,11 +529,6 @@ class Runner:
                     src[d, :len(part)], dst[d, :len(part)] = zip(*part)
             per = [pairs[self.per_shard:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
-
-    def forget(self, slots: list[int]) -> None:
-        """Drop the prefill logits kept for `slots` (a resumed choice, a scoring-only request: nothing draws)."""
-        for slot in slots:
-            self.logits.pop(slot, None)
 
     def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
         """Install a request's sampling settings and fresh sampler state in `row`."""
@@ -547,26 +559,31 @@ class Runner:
 
     def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Sample the first token of newly admitted slots, each from the prefill logits of the slot `sources` names
-        for it (the choices of one request share its prompt's); those logits are then dropped. `allowed`: `[slots,
+        for it (the choices of one request share its prompt's: `last_logits` rows). `allowed`: `[slots,
         W]` bitmasks (see `sampler.sample`). Outputs are indexed by slot."""
         slots = sorted(sources)
         nb = self.rows_for(slots)  # holds every new row
         rows = self.call_rows(nb)
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
-        logits = jnp.zeros((len(rows), self.model.cfg.vocab_size), jnp.float32)
-        logits = jax.device_put(logits.at[at].set(jnp.stack([self.logits[sources[s]] for s in slots])), self.by_row)
-        for src in set(sources.values()):
-            del self.logits[src]
+        source = np.zeros(len(rows), np.int32)  # each row's logits: a row of its shard's `last_logits`
+        source[at] = [sources[s] % self.per_shard for s in slots]
         active = np.zeros(len(rows), bool)
         active[at] = True
         allowed = (self.all_allowed if allowed is None else allowed)[rows]
         self._last = None
-        self.state, out = self._first(self.state, self.params, logits, active, allowed)
-        return jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows), out)
+        self.state, out = self._first(self.state, self.params, self.last_logits, source, active, allowed)
+        return self.read_back(out, rows)
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
         """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""
         return np.broadcast_to(self.all_allowed[rows][:, None], (len(rows), w, self.all_allowed.shape[1]))
+
+    def device_seconds(self) -> float:
+        """Seconds spent in calls to the devices: launching the step programs (not compiling them) and reading their
+        outputs back. On a GPU both wait while the devices are busy, so, with work kept queued, their share of the
+        wall time is about the devices' busy share."""
+        return self.read_seconds + sum(f.seconds for f in (self._prefill, self._decode, self._first, self._set_row,
+                                                            self._copy, self._verify))
 
     def programs(self) -> int:
         """Executables loaded or compiled so far (a call that changes it compiled something)."""
@@ -599,7 +616,7 @@ class Runner:
         self.cache, self.state, outs, self._last = self._decode(
             self.model.params, self.cache, self.state, self.params, tokens, positions.astype(np.int32), active,
             self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows], steps=steps)
-        return Decoding(outs, rows, self.by_slot)
+        return Decoding(outs, rows, self)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
                tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:
@@ -620,5 +637,4 @@ class Runner:
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,
             self.wide_allowed(rows, w) if allowed is None else allowed[rows])
-        outs = jax.tree.map(lambda x: self.by_slot(np.asarray(x), rows, axis=1), outs)
-        return outs, self.by_slot(np.asarray(kept), rows, axis=1)
+        return self.read_back((outs, kept), rows, axis=1)

@@ -115,10 +115,10 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
     alone = []
     for row, p in zip(rows, prompts):
         eng.runner.prefill(0, row, p)
-        alone.append(np.asarray(eng.runner.logits.pop(0)))
+        alone.append(np.asarray(eng.runner.last_logits[0]))
     rows2, pages2 = table_rows(eng, prompts)
     eng.runner.prefill_many([(slot, row, p, 0) for slot, (row, p) in enumerate(zip(rows2, prompts))])
-    together = [np.asarray(eng.runner.logits.pop(slot)) for slot in range(len(prompts))]
+    together = [np.asarray(eng.runner.last_logits[slot]) for slot in range(len(prompts))]
     eng.pools[0].release(pages + pages2)
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())

@@ -36,6 +36,7 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     ok = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="200")
     length = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, finish_reason="length")
     bad = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="400")
+    device = metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total")
     for _ in range(3):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, extra_body={"ignore_eos": True})
     list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, stream=True,
@@ -52,6 +53,7 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert after["sparkler_inter_token_latency_seconds"] == before["sparkler_inter_token_latency_seconds"] + 4 * 5
     assert metric(api, "sparkler_kv_pages_total", "sparkler_kv_pages_total") == api.engine.pools[0].capacity
     assert metric(api, "sparkler_free_slots", "sparkler_free_slots") == 32
+    assert metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total") > device  # launches
 
 
 @pytest.fixture(scope="module")
