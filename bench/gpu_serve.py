@@ -145,6 +145,19 @@ async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float,
     return (first or done) - t0, done - t0, (usage or {}).get("completion_tokens", 0)
 
 
+async def counters(session, url: str) -> dict[str, float]:
+    """The engine's counters from `/metrics` (the device wait, decodes ahead, steps)."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    names = ("device_call_seconds", "decodes_ahead", "steps")
+    out = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(f"sparkler_{name}_total "):
+                out[name] = float(line.split()[1])
+    return out
+
+
 async def load(url: str, levels: list[int], length: int, tokens: int, warm_tokens: int) -> dict:
     """Every level's tok/s and first-token times, after a short round at each level."""
     import aiohttp
@@ -155,12 +168,15 @@ async def load(url: str, levels: list[int], length: int, tokens: int, warm_token
         for n in levels:
             await asyncio.gather(*(one(s, url, p, warm_tokens) for p in prompts(n, length, 1000 + n)))
         for n in levels:
+            before = await counters(s, url)
             t = time.perf_counter()
             res = await asyncio.gather(*(one(s, url, p, tokens) for p in prompts(n, length, n)))
             wall = time.perf_counter() - t
+            after = await counters(s, url)
             ttft = sorted(r[0] for r in res)
             out[n] = dict(tok_s=sum(r[2] for r in res) / wall, ttft_p50=statistics.median(ttft), ttft_max=ttft[-1],
-                          tokens=sum(r[2] for r in res))
+                          tokens=sum(r[2] for r in res), wall=wall,
+                          **{k: after.get(k, 0) - before.get(k, 0) for k in after})
             print(f"  http, {n} concurrent: {out[n]}", flush=True)
     return out
 
@@ -204,9 +220,12 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
     out = {}
     for n in levels:
         llm.generate(prompts(n, args.prompt, 1000 + n), warm)
-        t = time.perf_counter()
+        waited, ahead, t = llm.engine.runner.device_seconds(), llm.engine.ahead, time.perf_counter()
         res = llm.generate(prompts(n, args.prompt, n), params)
-        out[n] = dict(tok_s=sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t))
+        wall = time.perf_counter() - t
+        out[n] = dict(tok_s=sum(len(r.outputs[0].token_ids) for r in res) / wall, wall=wall,
+                      device_call_seconds=llm.engine.runner.device_seconds() - waited,
+                      decodes_ahead=llm.engine.ahead - ahead)
         print(f"  engine alone, {n} concurrent: {out[n]}", flush=True)
     return out
 
@@ -233,6 +252,11 @@ def table(res: dict, args) -> str:
         h, a = http.get(n, {}).get("tok_s"), alone.get(n, {}).get("tok_s")
         lines.append(f"| {'single stream' if n == 1 else f'{n} concurrent'} (tok/s) | {h or 0:,.1f} | {a or 0:,.1f} | "
                      f"{h / a if h and a else 0:.2f} | {targets.get(n, '') if not args.smoke else ''} |")
+    for n in args.levels:
+        h, a = http.get(n, {}), alone.get(n, {})
+        share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
+        lines.append(f"| engine thread in device calls at {n}, share of wall time | {share(h)} | {share(a)} | | "
+                     f"{'> 95% (idle < 5%)' if n == max(args.levels) else ''} |")
     top = max(args.levels)
     if top in http:
         lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "

@@ -1,0 +1,174 @@
+"""Do the engine's program launches wait for the devices? (issue 21, item 2)
+
+Session 22 found on an H200 that a decode dispatched ahead does not return at once: the launch itself waited about as
+long as the decode in flight (23 launches took 10.2 s of a 16.5 s round at 256 concurrent), and every eager slice of
+a prefill's logits waited ~8 ms. A bare `jax.jit` program with a donated buffer, numpy inputs, `lax.cond` and
+`lax.scan` launched in ~1 ms on the same card, so something in the engine's programs makes XLA's GPU runtime wait.
+
+This probe runs the engine on a few layers of the Llama-3.1-8B shape (random weights), 256 requests of 512-token
+prompts and 64 new tokens, and prints per variant: decode launches and their mean seconds, the seconds spent reading
+back, and the wall time. Each variant runs in its own process (XLA flags bind at start):
+- `default`: the server's settings (`pallas-gpu` attention on a GPU);
+- `xla`: `--attention-backend xla` (is it the Pallas kernel's custom call?);
+- `no-command-buffers`: `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (is it CUDA-graph updates?);
+- `one-step`: one decode step per dispatch (is it the multi-step scan?).
+A launch mean near the step time means launches wait; ~1 ms means they do not.
+
+Then the decode attention alone (issue 21, item 3), one layer of the 8B shape at 256 rows of 640 keys (bfloat16,
+pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, and the XLA reference;
+each row gives the K/V bytes read per second, to compare with the card's copy bandwidth.
+
+`python bench/gpu_launch.py` on the GPU host (~3 minutes); `--smoke` on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+VARIANTS = {"default": ({}, {}), "xla": ({}, {"attention": "xla"}),
+            "no-command-buffers": ({"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}, {}),
+            "one-step": ({}, {"decode_steps": 1})}
+
+
+def one(variant: str, smoke: bool) -> dict:
+    """Run the engine once under `variant`'s settings in this process; its figures."""
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu import SHAPES, SMOKE, random_model
+
+    from engine import Engine, RunnerConfig, SamplingParams
+
+    settings = VARIANTS[variant][1]
+    cfg = dict(SMOKE if smoke else SHAPES["llama-3.1-8b"], num_hidden_layers=2 if smoke else 4)
+    n, prompt, new = (8, 64, 16) if smoke else (256, 512, 64)
+    model = random_model(cfg, "float32" if smoke else "bfloat16", settings.get("attention", "auto"))
+    rc = RunnerConfig(max_num_seqs=n, max_model_len=1024, kv_cache_gb=0.05 if smoke else 4.0,
+                      decode_steps=settings.get("decode_steps", 16), max_prefill_tokens=16384)
+    eng = Engine(model, rc)
+    rng = np.random.default_rng(0)
+
+    def run() -> float:
+        reqs = [eng.make_request(rng.integers(10, cfg["vocab_size"] - 10, prompt).tolist(),
+                                 SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
+                                 prompt_cache_max_len=0) for _ in range(n)]
+        t = time.perf_counter()
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+        return time.perf_counter() - t
+
+    run()  # compiles every shape the timed round uses
+    r = eng.runner
+    calls, launch, read, device, ahead = r._decode.calls, r._decode.seconds, r.read_seconds, r.device_seconds(), \
+        eng.ahead
+    wall = run()
+    return dict(variant=variant, wall=wall, tok_s=n * new / wall, decodes=r._decode.calls - calls,
+                decode_launch_s=r._decode.seconds - launch, read_s=r.read_seconds - read,
+                other_launch_s=r.device_seconds() - device - (r._decode.seconds - launch) - (r.read_seconds - read),
+                ahead=eng.ahead - ahead)
+
+
+def attention(smoke: bool) -> list[dict]:
+    """Time one layer's decode attention: the Pallas GPU kernel's settings and the XLA reference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu import timed
+
+    from models.backends import paged
+
+    b, h, kvh, d, ps, length = (8, 4, 2, 32, 16, 40) if smoke else (256, 32, 8, 128, 16, 640)
+    dt = jnp.float32 if smoke else jnp.bfloat16
+    used = length // ps
+    pages = b * 64 + 1
+    key = jax.random.key(0)
+    q = jax.random.normal(key, (b, h, d), dt)
+    kc = jax.random.normal(jax.random.fold_in(key, 1), (kvh, pages, ps, d), dt)
+    vc = jax.random.normal(jax.random.fold_in(key, 2), (kvh, pages, ps, d), dt)
+    perm = np.random.default_rng(0).permutation(np.arange(1, pages))[:b * 64].reshape(b, 64).astype(np.int32)
+    lengths = jnp.full((b,), length, jnp.int32)
+    nbytes = 2 * b * length * kvh * d * jnp.dtype(dt).itemsize
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    from jax.experimental.pallas.ops.gpu import paged_attention as kernel
+
+    for width in (used, 64):
+        table = jnp.asarray(perm[:, :width])
+        for splits, block in ((16, 4), (10, 4), (8, 8), (5, 8), (4, 8), (2, 8), (1, 8), (4, 16), (2, 16)):
+            if width % splits or (width // splits) % block:
+                continue
+            f = jax.jit(lambda q, k, v, t, n, s=splits, bl=block: kernel.paged_attention(
+                q, k, v, t, n, k_splits=s, pages_per_compute_block=bl, interpret=interpret))
+            try:
+                sec = timed(f, q, kc, vc, table, lengths)
+            except Exception as e:  # noqa: BLE001  (a setting the kernel refuses: say so, go on)
+                print(f"  pallas splits {splits} block {block} width {width}: {type(e).__name__}", flush=True)
+                continue
+            rows.append(dict(kind="pallas-gpu", width=width, splits=splits, block=block, ms=sec * 1e3,
+                             gbs=nbytes / sec / 1e9))
+            print(f"  {rows[-1]}", flush=True)
+        f = jax.jit(lambda q, k, v, t: paged.reference(q[:, None], k, v, t, jnp.full((b, 1), length - 1), 1.0))
+        sec = timed(f, q, kc, vc, table)
+        rows.append(dict(kind="xla", width=width, splits=0, block=0, ms=sec * 1e3, gbs=nbytes / sec / 1e9))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    """Each variant in its own process; one table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", help="run this variant here (the parent process runs each so)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    if args.only == "attention":
+        print("RESULT " + json.dumps(attention(args.smoke)), flush=True)
+        return
+    if args.only:
+        print("RESULT " + json.dumps(one(args.only, args.smoke)), flush=True)
+        return
+    rows = []
+    for variant in args.variants.split(","):
+        env = dict(os.environ, **VARIANTS[variant][0])
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", variant] + (["--smoke"] if args.smoke else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if not got:
+            print(f"{variant}: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(got[0]))
+        print(f"  {rows[-1]}", flush=True)
+    print("| variant | tok/s | wall (s) | decodes (ahead) | decode launches (s, mean ms) | other launches (s) | "
+          "read back (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['wall']:.2f} | {r['decodes']} ({r['ahead']}) | "
+              f"{r['decode_launch_s']:.2f}, {1e3 * r['decode_launch_s'] / max(r['decodes'], 1):.1f} | "
+              f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} |")
+    cmd = [sys.executable, os.path.abspath(__file__), "--only", "attention"] + (["--smoke"] if args.smoke else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not got:
+        print(f"attention: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
+        return
+    print("\n| decode attention, one layer | table width (pages) | splits | pages per block | ms | K/V GB/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in json.loads(got[0]):
+        print(f"| {r['kind']} | {r['width']} | {r['splits'] or ''} | {r['block'] or ''} | {r['ms']:.3f} | "
+              f"{r['gbs']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
