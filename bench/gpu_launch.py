@@ -11,8 +11,12 @@ back, and the wall time. Each variant runs in its own process (XLA flags bind at
 - `default`: the server's settings (`pallas-gpu` attention on a GPU);
 - `xla`: `--attention-backend xla` (is it the Pallas kernel's custom call?);
 - `no-command-buffers`: `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (is it CUDA-graph updates?);
-- `one-step`: one decode step per dispatch (is it the multi-step scan?).
-A launch mean near the step time means launches wait; ~1 ms means they do not.
+- `one-step`: one decode step per dispatch (is it the multi-step scan?);
+- `from-store`: `default`'s programs read back from the program store, as a warm server runs them (the others compile
+  their own, in fresh caches: is it a deserialized executable?).
+A launch mean near the step time means launches wait; ~1 ms means they do not. A second thread that wakes every
+millisecond counts its wake-ups meanwhile: well under its idle rate means the waiting launches hold the GIL, which
+would starve the server's HTTP thread (64 concurrent over HTTP got half the engine's rate in that session).
 
 Then the decode attention alone (issue 21, item 3), one layer of the 8B shape at 256 rows of 640 keys (bfloat16,
 pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, and the XLA reference;
@@ -26,12 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-VARIANTS = {"default": ({}, {}), "xla": ({}, {"attention": "xla"}),
+STORE = "/tmp/gpu_launch_store"  # the default variant compiles into it; `from-store` loads what it kept
+VARIANTS = {"default": ({}, {}), "from-store": ({}, {}), "xla": ({}, {"attention": "xla"}),
             "no-command-buffers": ({"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}, {}),
             "one-step": ({}, {"decode_steps": 1})}
 
@@ -45,7 +53,10 @@ def one(variant: str, smoke: bool) -> dict:
     from gpu import SHAPES, SMOKE, random_model
 
     from engine import Engine, RunnerConfig, SamplingParams
+    from engine.compile import use_caches
+    from models.loading.source import cache_root
 
+    use_caches(cache_root())  # the program store and JAX's cache, under this variant's $SPARKLER_CACHE
     settings = VARIANTS[variant][1]
     cfg = dict(SMOKE if smoke else SHAPES["llama-3.1-8b"], num_hidden_layers=2 if smoke else 4)
     n, prompt, new = (8, 64, 16) if smoke else (256, 512, 64)
@@ -70,8 +81,25 @@ def one(variant: str, smoke: bool) -> dict:
     r = eng.runner
     calls, launch, read, device, ahead = r._decode.calls, r._decode.seconds, r.read_seconds, r.device_seconds(), \
         eng.ahead
+    ticks, stop = [0], threading.Event()
+
+    def tick():  # wakes every millisecond and needs the GIL to count: few ticks mean launches held it
+        while not stop.is_set():
+            time.sleep(0.001)
+            ticks[0] += 1
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
     wall = run()
+    stop.set()
+    ticker.join()
+    idle = 0
+    t = time.perf_counter()
+    while time.perf_counter() - t < 1.0:  # the same loop with nothing else running: its ticks per second
+        time.sleep(0.001)
+        idle += 1
     return dict(variant=variant, wall=wall, tok_s=n * new / wall, decodes=r._decode.calls - calls,
+                gil_ticks_share=ticks[0] / wall / idle, 
                 decode_launch_s=r._decode.seconds - launch, read_s=r.read_seconds - read,
                 other_launch_s=r.device_seconds() - device - (r._decode.seconds - launch) - (r.read_seconds - read),
                 ahead=eng.ahead - ahead)
@@ -140,8 +168,10 @@ def main() -> None:
         print("RESULT " + json.dumps(one(args.only, args.smoke)), flush=True)
         return
     rows = []
+    shutil.rmtree(STORE, ignore_errors=True)
     for variant in args.variants.split(","):
-        env = dict(os.environ, **VARIANTS[variant][0])
+        cache = STORE if variant in ("default", "from-store") else tempfile.mkdtemp(prefix="gpu_launch_")
+        env = dict(os.environ, SPARKLER_CACHE=cache, **VARIANTS[variant][0])
         cmd = [sys.executable, os.path.abspath(__file__), "--only", variant] + (["--smoke"] if args.smoke else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -151,12 +181,12 @@ def main() -> None:
         rows.append(json.loads(got[0]))
         print(f"  {rows[-1]}", flush=True)
     print("| variant | tok/s | wall (s) | decodes (ahead) | decode launches (s, mean ms) | other launches (s) | "
-          "read back (s) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "read back (s) | another thread's ticks (share of idle rate) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['wall']:.2f} | {r['decodes']} ({r['ahead']}) | "
               f"{r['decode_launch_s']:.2f}, {1e3 * r['decode_launch_s'] / max(r['decodes'], 1):.1f} | "
-              f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} |")
+              f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} | {r['gil_ticks_share']:.0%} |")
     cmd = [sys.executable, os.path.abspath(__file__), "--only", "attention"] + (["--smoke"] if args.smoke else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
