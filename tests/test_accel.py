@@ -71,6 +71,25 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
     assert np.float32(tiny) / np.float32(4) > 0  # loading a kernel left the process's subnormals alone
 
 
+def test_gpu_kernel_splits_only_few_rows_and_matches_the_reference_unsplit():
+    """`pallas-gpu` splits a sequence's pages only while rows x KV heads are few; 33 rows of 8 KV heads take one
+    partition of 8 pages (the kernel walks them in blocks), in Pallas' interpreter, against `paged.reference`."""
+    from models.backends import pallas_gpu
+
+    assert pallas_gpu.splits_for(1, 8, 64) == 16 and pallas_gpu.splits_for(16, 8, 64) == 2
+    assert pallas_gpu.splits_for(256, 8, 64) == pallas_gpu.splits_for(33, 8, 8) == 1
+    rng = np.random.default_rng(7)
+    h = kvh = 8
+    d, ps, pages, n, b = 16, 16, 40, 8, 33
+    k, v = _pool(rng, kvh, d, 1, pages, ps)
+    lengths = rng.integers(1, n * ps + 1, b).astype(np.int32)
+    table = np.stack([1 + rng.permutation(pages - 1)[:n] for _ in range(b)]).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    want = paged.reference(q, k, v, jnp.asarray(table), jnp.asarray(lengths - 1)[:, None], d ** -0.5)
+    got = pallas_gpu.decode(q[:, 0] * d ** -0.5, k, v, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+    np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), np.asarray(want), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("h,kvh,d", GQA)
 @pytest.mark.parametrize("s", [2, 17, 24])
 def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
