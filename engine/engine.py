@@ -704,6 +704,8 @@ class Engine:
     def _decode(self, changed, done) -> None:
         """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
         steps = self.runner.rc.decode_steps
+        if self.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
+            steps = 1  # the running streams still get a token each step (vLLM's chunked prefill)
         if any(c.matcher is not None and c.matcher.active(steps) for _, c in self.running.values()):
             steps = 1  # the host gives each constrained token its mask
         drafts = self._drafts(steps)

@@ -344,9 +344,10 @@ class Runner:
         """The shapes to compile before serving, those of `first_jobs` first: prefill of short prompts (several per
         call) and of a first chunk, fresh or after a cached prefix within the shortest attended length, the first
         draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length (on an
-        accelerator, for every attended length: a decode compiled there mid-serve stalls every stream for seconds).
-        `full`: every attended length for decode and prefill too (minutes the first time, seconds once the caches
-        hold them). `constrained`: decode of one step too (structured output runs one step per dispatch)."""
+        accelerator, for every attended length, and of one step too: a decode compiled there mid-serve stalls every
+        stream for seconds). `full`: every attended length for decode and prefill too (minutes the first time, seconds
+        once the caches hold them). `constrained`: decode of one step too (structured output runs one step per
+        dispatch, and so does decoding while long prompts are prefilled)."""
         jobs = self.first_jobs()
         for size in self.prefill_buckets:
             budget = max(self.rc.max_prefill_tokens, size)
@@ -356,8 +357,8 @@ class Runner:
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
-        steps = sorted({self.rc.decode_steps, 1} if constrained else {self.rc.decode_steps})
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
+        steps = sorted({self.rc.decode_steps, 1} if constrained or accelerator else {self.rc.decode_steps})
         for b in self.batch_buckets:
             widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
             jobs += [self._decode_job(self.dp * b, attend, k) for attend in widths for k in steps]
