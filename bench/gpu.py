@@ -192,9 +192,27 @@ def param_bytes(params, cfg=None, skip: tuple[str, ...] = ("embed", "embed_rows"
     return int(total)
 
 
+def engine_round(eng, rng, n: int, prompt: int, new: int) -> float:
+    """Seconds for `n` requests of random `prompt`-token prompts (no prefix cache) and `new` greedy tokens each, all
+    added at once, through `eng`."""
+    from engine import SamplingParams
+
+    vocab = eng.model.cfg.vocab_size
+    reqs = [eng.make_request(rng.integers(10, vocab - 10, prompt).tolist(),
+                             SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), prompt_cache_max_len=0)
+            for _ in range(n)]
+    t = time.perf_counter()
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    assert all(len(r.choices[0].token_ids) == new for r in reqs)
+    return time.perf_counter() - t
+
+
 def engine_numbers(model, args) -> dict:
     """Start-up, single stream, aggregate at each concurrency, TTFT."""
-    from engine import Engine, RunnerConfig, SamplingParams
+    from engine import Engine, RunnerConfig
 
     t0 = time.perf_counter()
     top = max(args.concurrency)
@@ -205,16 +223,7 @@ def engine_numbers(model, args) -> dict:
     vocab = model.cfg.vocab_size
 
     def run(n: int, prompt: int, new: int) -> float:
-        reqs = [eng.make_request(rng.integers(10, vocab - 10, prompt).tolist(),
-                                 SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
-                                 prompt_cache_max_len=0) for _ in range(n)]
-        t = time.perf_counter()
-        for r in reqs:
-            eng.add(r)
-        while eng.has_work():
-            eng.step()
-        assert all(len(r.choices[0].token_ids) == new for r in reqs)
-        return time.perf_counter() - t
+        return engine_round(eng, rng, n, prompt, new)
 
     out = {}
     for n in args.concurrency:  # compile every shape the timed runs use

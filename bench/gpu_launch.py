@@ -50,9 +50,9 @@ def one(variant: str, smoke: bool) -> dict:
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu import SHAPES, SMOKE, random_model
+    from gpu import SHAPES, SMOKE, engine_round, random_model
 
-    from engine import Engine, RunnerConfig, SamplingParams
+    from engine import Engine, RunnerConfig
     from engine.compile import use_caches
     from models.loading.source import cache_root
 
@@ -67,15 +67,7 @@ def one(variant: str, smoke: bool) -> dict:
     rng = np.random.default_rng(0)
 
     def run() -> float:
-        reqs = [eng.make_request(rng.integers(10, cfg["vocab_size"] - 10, prompt).tolist(),
-                                 SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
-                                 prompt_cache_max_len=0) for _ in range(n)]
-        t = time.perf_counter()
-        for r in reqs:
-            eng.add(r)
-        while eng.has_work():
-            eng.step()
-        return time.perf_counter() - t
+        return engine_round(eng, rng, n, prompt, new)
 
     run()  # compiles every shape the timed round uses
     r = eng.runner
