@@ -139,7 +139,8 @@ class Prefill:
 @dataclasses.dataclass
 class Inflight:
     """A decode dispatched and not yet read back: its active slots and steps, its timing key and start, and
-    whether dispatching it compiled a program (its wall time then is not a step's)."""
+    whether its wall time is not a step's (`compiled`: dispatching it compiled a program, or it ran behind a
+    prefill dispatched in the same engine step)."""
 
     decoding: Decoding
     slots: list[int]
@@ -188,6 +189,7 @@ class Engine:
         self.inflight: Inflight | None = None  # the decode dispatched and not yet read back
         self.overlap = True  # dispatch a decode before reading back the one before it, when nothing else can happen
         self.ahead = 0  # decodes dispatched so (counted for the tests)
+        self._prefilled = False  # this step ran a prefill (a decode dispatched after it is not timed)
         self._read = 0.0  # when the last decode was read back (`_collect`'s timing)
         # Called once the first tokens of the requests just prefilled are handed to `on_delta`, before this step's
         # decode: a consumer that batches what it gets passes them on then (`AsyncEngine`: time to first token).
@@ -327,7 +329,9 @@ class Engine:
             self._collect(inf, changed, done)
             if ahead:
                 return done
+        prefills = self.runner.prefill_calls()
         self._admit(changed)
+        self._prefilled = self.runner.prefill_calls() != prefills  # a decode now queues behind it: not timed
         self._emit(changed, done)
         self.handed()
         if self.running:
@@ -754,7 +758,7 @@ class Engine:
         key = ("decode", self.runner.rows_for(slots), steps)
         programs = self.runner.programs()
         decoding = self.runner.decode(tokens, positions, active, self.tables, steps, allowed, carry)
-        self.inflight = Inflight(decoding, slots, steps, key, time.perf_counter(),
+        self.inflight = Inflight(decoding, slots, steps, key, time.perf_counter(), self._prefilled or
                                  self.runner.programs() != programs)
         self.steps_run += steps
 

@@ -177,6 +177,7 @@ class Runner:
         # each slot's last prefill's last logits, written by the prefill programs and read by the first draw, so
         # neither the host nor an eager op touches them (a slot's row is valid from its prefill to its first draw)
         self.last_logits = jax.device_put(jnp.zeros((self.slots, vocab), jnp.float32), self.by_row)
+        self.drawable: set[int] = set()  # slots whose `last_logits` row holds a prefill's logits not drawn from yet
         self._last: jax.Array | None = None  # the last decode's last tokens, on the devices (`decode`'s `carry`)
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
@@ -474,6 +475,7 @@ class Runner:
         attend = self.covered(start, size)
         dest = np.full(self.dp, self.per_shard, np.int32)  # the other shards' rows: dropped
         dest[d] = slot % self.per_shard
+        self.drawable.add(slot)
         self.cache, self.last_logits, extra = self._prefill(
             self.model.params, self.cache, self.last_logits, toks, starts, lengths, self.table(tables, attend),
             np.int32(nxt), dest, echo=echo)
@@ -513,6 +515,7 @@ class Runner:
                         n = len(tokens) - start
                         toks[r, :n], lengths[r], starts[r], tables[r] = tokens[start:], n, start, table
                         dest[r] = slot % self.per_shard
+                        self.drawable.add(slot)
                 self.cache, self.last_logits, _ = self._prefill(
                     self.model.params, self.cache, self.last_logits, toks, starts, lengths,
                     self.table(tables, attend), np.int32(0), dest, echo=False)
@@ -565,6 +568,10 @@ class Runner:
         slots = sorted(sources)
         nb = self.rows_for(slots)  # holds every new row
         rows = self.call_rows(nb)
+        if not set(sources.values()) <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s)
+                                                             for s in slots):
+            raise ValueError(f"first_tokens: no prefill logits in this shard for {sources}")
+        self.drawable -= set(sources.values())
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
         source = np.zeros(len(rows), np.int32)  # each row's logits: a row of its shard's `last_logits`
         source[at] = [sources[s] % self.per_shard for s in slots]
@@ -585,6 +592,10 @@ class Runner:
         wall time is about the devices' busy share."""
         return self.read_seconds + sum(f.seconds for f in (self._prefill, self._decode, self._first, self._set_row,
                                                             self._copy, self._verify))
+
+    def prefill_calls(self) -> int:
+        """Prefill programs launched so far."""
+        return self._prefill.calls
 
     def programs(self) -> int:
         """Executables loaded or compiled so far (a call that changes it compiled something)."""
