@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import time
 from typing import Any, Callable
@@ -307,7 +308,9 @@ class Engine:
             compile_all(jobs, desc="compiling shapes")
             return
         compile_all(self.runner.first_jobs(), desc="first shapes")
-        self.background = Background(jobs, yield_to=self.has_work)
+        # a compile takes one core: a quarter of the cores compile at once (one here, four on a 16-core GPU host,
+        # where the accelerators' warm-up compiles every attended length), the rest serve
+        self.background = Background(jobs, workers=max(1, (os.cpu_count() or 1) // 4), yield_to=self.has_work)
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
