@@ -324,6 +324,7 @@ class Runner:
         sampler_ns = repr(dict(mesh.shape))
         self._first, self._set_row = AOT(first_tokens, "first", sampler_ns), AOT(set_state_row, "set_row", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
+        self._step_programs = (self._prefill, self._decode, self._first, self._set_row, self._copy, self._verify)
 
     @property
     def cache(self) -> KVCache:
@@ -568,10 +569,10 @@ class Runner:
         slots = sorted(sources)
         nb = self.rows_for(slots)  # holds every new row
         rows = self.call_rows(nb)
-        if not set(sources.values()) <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s)
-                                                             for s in slots):
+        drawn = set(sources.values())
+        if not drawn <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s) for s in slots):
             raise ValueError(f"first_tokens: no prefill logits in this shard for {sources}")
-        self.drawable -= set(sources.values())
+        self.drawable -= drawn
         at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
         source = np.zeros(len(rows), np.int32)  # each row's logits: a row of its shard's `last_logits`
         source[at] = [sources[s] % self.per_shard for s in slots]
@@ -590,8 +591,7 @@ class Runner:
         """Seconds spent in calls to the devices: launching the step programs (not compiling them) and reading their
         outputs back. On a GPU both wait while the devices are busy, so, with work kept queued, their share of the
         wall time is about the devices' busy share."""
-        return self.read_seconds + sum(f.seconds for f in (self._prefill, self._decode, self._first, self._set_row,
-                                                            self._copy, self._verify))
+        return self.read_seconds + sum(f.seconds for f in self._step_programs)
 
     def prefill_calls(self) -> int:
         """Prefill programs launched so far."""
@@ -599,8 +599,7 @@ class Runner:
 
     def programs(self) -> int:
         """Executables loaded or compiled so far (a call that changes it compiled something)."""
-        return sum(len(f.exes) for f in (self._prefill, self._decode, self._first, self._set_row, self._copy,
-                                         self._verify))
+        return sum(len(f.exes) for f in self._step_programs)
 
     def rows_for(self, slots: list[int]) -> int:
         """The batch bucket (rows per shard) a call over `slots` takes."""
