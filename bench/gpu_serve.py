@@ -146,16 +146,15 @@ async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float,
 
 
 async def counters(session, url: str) -> dict[str, float]:
-    """The engine's counters from `/metrics` (the device wait, decodes ahead, steps)."""
+    """The engine's counters from `/metrics` (time in device calls, decodes ahead, steps), read with
+    prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
-    names = ("device_call_seconds", "decodes_ahead", "steps")
-    out = {}
-    for line in text.splitlines():
-        for name in names:
-            if line.startswith(f"sparkler_{name}_total "):
-                out[name] = float(line.split()[1])
-    return out
+    wanted = {f"sparkler_{name}_total": name for name in ("device_call_seconds", "decodes_ahead", "steps")}
+    return {wanted[s.name]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name in wanted}
 
 
 async def load(url: str, levels: list[int], length: int, tokens: int, warm_tokens: int) -> dict:
