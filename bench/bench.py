@@ -46,7 +46,7 @@ def engine_numbers(model, slots: int, new_tokens: int) -> dict:
     out["single"] = new_tokens / dt1
     for plen in (32, 512):
         ts = []
-        pages = eng.pools[0].allocate(plen // eng.page_size)
+        pages = eng.sched.pools[0].allocate(plen // eng.page_size)
         row = np.zeros(eng.runner.max_pages, np.int32)
         row[:len(pages)] = pages
         for _ in range(3):
@@ -54,7 +54,7 @@ def engine_numbers(model, slots: int, new_tokens: int) -> dict:
             eng.runner.prefill(0, row, rng.integers(100, 1000, plen).tolist())
             jax.block_until_ready(eng.runner.last_logits)
             ts.append(time.perf_counter() - t)
-        eng.pools[0].release(pages)
+        eng.sched.pools[0].release(pages)
         out[f"ttft{plen}"] = min(ts)
     for n in (1, 8, 32):
         out[f"agg{n}"] = n * new_tokens / run(n, 32, new_tokens)

@@ -240,7 +240,7 @@ def engine_numbers(model, args) -> dict:
         out[f"agg{n}"] = n * args.new / run(n, args.prompt, args.new)
         print(f"  {n} concurrent: {out[f'agg{n}']:.0f} tok/s", flush=True)
     for plen in args.ttft:
-        pages = eng.pools[0].allocate(-(-plen // eng.page_size))
+        pages = eng.sched.pools[0].allocate(-(-plen // eng.page_size))
         row = np.zeros(eng.runner.max_pages, np.int32)
         row[:len(pages)] = pages
         ts = []
@@ -250,7 +250,7 @@ def engine_numbers(model, args) -> dict:
             eng.runner.prefill(0, row, toks)
             jax.block_until_ready(eng.runner.last_logits)
             ts.append(time.perf_counter() - t)
-        eng.pools[0].release(pages)
+        eng.sched.pools[0].release(pages)
         out[f"ttft{plen}"] = min(ts)
     out["compiles"] = eng.runner.compiles
     del eng

@@ -1,6 +1,7 @@
 """Sparkler engine: jitted decode over a KV cache, continuous batching, and the functional sampler."""
 
-from engine.engine import Delta, Engine, Request
+from engine.engine import Engine
+from engine.requests import Delta, Request
 from engine.llm import LLM, AsyncEngine, CompletionOutput, RequestOutput
 from engine.params import InvalidRequest, SamplingParams
 from engine.runner import RunnerConfig

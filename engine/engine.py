@@ -1,140 +1,40 @@
-"""Host side of the engine: requests, continuous batching over a KV page pool, preemption, detokenization, stopping.
+"""The engine's loop: requests in, tokens out, over the scheduler's decisions and the runner's device calls.
 
 `Engine.step()` is the whole loop body: take aborts; read back the decode dispatched by the last step (append tokens,
 detokenize, stop, offer newly full pages to the prefix cache), having first dispatched the next one when nothing but
-decoding can happen (`_ahead`: the devices then never wait for this host work); else admit queued work while slots
-and pages allow (preempted choices first, then requests in arrival order), mapping cached prompt pages in and
-prefilling only the rest; install sampler rows and draw first tokens (n > 1 maps the prompt's pages into every
-choice); give every running sequence the pages its next steps need, preempting the most recently admitted when the
-pool is dry; dispatch one multi-step decode (or verify drafts, read back at once). Plain Python; the device work
-lives in `engine.runner`, the page bookkeeping in `engine.pages`.
+decoding can happen (`_ahead`: the devices then never wait for this host work); else have the scheduler seat queued
+work, prefill what it seated and the next chunks of long prompts, install sampler rows and draw first tokens (n > 1
+maps the prompt's pages into every choice); have it reserve every running sequence the pages of its next steps
+(preempting when the pool is dry); dispatch one multi-step decode (or verify drafts, read back at once). Plain
+Python: who holds slots and pages is `engine.scheduler`'s, the device work `engine.runner`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
 import os
 import queue
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
-from engine.pages import PagePool, page_hashes
 from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.grammar import Grammars
+from engine.requests import Choice, Delta, Prefill, Request
+from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
-from engine.runner import BATCHED_PREFILL, Decoding, Runner, RunnerConfig, join_pieces
+from engine.runner import Decoding, Runner, RunnerConfig, join_pieces
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
-BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
 DETOK_CONTEXT = 5  # prompt tokens kept as context so the first pieces decode with the right spacing
-
-
-@dataclasses.dataclass
-class Delta:
-    """What changed for one choice in one step (handed to streaming consumers)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[tuple]
-    finish_reason: str | None
-
-
-@dataclasses.dataclass
-class Choice:
-    """One generated sequence of a request (n > 1 gives several); while admitted it holds a slot and KV pages."""
-
-    index: int
-    slot: int = -1
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[tuple] = dataclasses.field(default_factory=list)  # (id, logprob, [(id, logprob), ...])
-    text: str = ""
-    finish_reason: str | None = None
-    pages: list[int] = dataclasses.field(default_factory=list)  # in order: position p is in pages[p // page_size]
-    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages registered so far
-    order: int = 0  # admission stamp: the most recently admitted is preempted first
-    saved: Any = None  # sampler row taken along by a preempted choice
-    matcher: Any = None  # its position in the request's grammar (structured output), if any
-    _ids: list[int] = dataclasses.field(default_factory=list)
-    _prefix: int = 0
-    _read: int = 0
-    _sent_text: int = 0
-    _sent_tokens: int = 0
-    _final_sent: bool = False
-    stops: list[str] = dataclasses.field(default_factory=list)
-    stop_hit: str | None = None  # the stop string that ended it, if one did
-    drafter: Drafter | None = None  # where its drafts come from (speculative decoding), if it drafts
-
-
-@dataclasses.dataclass
-class Request:
-    """A prompt, its resolved settings and its choices."""
-
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int = 0
-    choices: list[Choice] = dataclasses.field(default_factory=list)
-    prompt_logprobs: Any = None
-    on_delta: Callable[["Request", list[Delta]], None] | None = None
-    cancelled: bool = False
-    cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
-    cache_key: str | None = None  # isolation key: only requests with the same key share pages
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    arrival: float = dataclasses.field(default_factory=time.monotonic)
-    admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
-    grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
-    thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
-    prediction: list[int] | None = None  # the expected output's tokens: drafts for speculative decoding
-
-    @property
-    def drafted(self) -> int:
-        """Drafted tokens its choices' verify steps scored."""
-        return sum(c.drafter.drafted for c in self.choices if c.drafter)
-
-    @property
-    def accepted(self) -> int:
-        """Drafted tokens its choices kept."""
-        return sum(c.drafter.accepted for c in self.choices if c.drafter)
-
-    @property
-    def finished(self) -> bool:
-        """All choices are done."""
-        return bool(self.choices) and all(c.finish_reason for c in self.choices)
-
-
-@dataclasses.dataclass
-class Prefill:
-    """Choices admitted and holding slots and pages whose tokens are being written: a new request (its first choice
-    carries the prompt's pages; the others hold their own copy of a partial last page, if any) or a preempted choice
-    coming back (`resume`: its prompt and all but its last generated token)."""
-
-    req: Request
-    choices: list[Choice]
-    tokens: list[int]
-    start: int = 0
-    resume: bool = False
-    pieces: list = dataclasses.field(default_factory=list)
-
-    @property
-    def echo(self) -> bool:
-        """Prompt logprobs wanted (never recomputed for a resumed choice)."""
-        return self.req.params.echo and not self.resume
-
-    @property
-    def short(self) -> bool:
-        """Prefilled in one go at admission (else one chunk per step)."""
-        return not self.echo and len(self.tokens) - self.start <= BATCHED_PREFILL
 
 
 @dataclasses.dataclass
@@ -151,11 +51,6 @@ class Inflight:
     compiled: bool
 
 
-def seq_tokens(req: Request, choice: Choice) -> list[int]:
-    """The tokens whose K/V a choice's pages hold: its prompt and every generated token but the last."""
-    return req.prompt_ids + choice.token_ids[:-1]
-
-
 class Engine:
     """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pools (one per data shard)."""
 
@@ -163,26 +58,16 @@ class Engine:
         self.model, self.tok = model, model.tokenizer
         self.runner = Runner(model, rc)
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
-        # One page pool per data shard (one without data parallelism); a slot's pages come from its shard's pool.
-        self.pools = [PagePool(self.runner.num_pages, self.page_size) for _ in range(self.runner.dp)]
-        self.tables = np.zeros((self.runner.slots, self.runner.max_pages), np.int32)  # a row per slot; 0 = scratch
-        self.free = list(range(self.runner.slots))
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.resumes: collections.deque[tuple[Request, Choice]] = collections.deque()  # preempted, served first
-        self.running: dict[int, tuple[Request, Choice]] = {}
+        self.sched = Scheduler(self.runner, self.runner.save_row)
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._ids = itertools.count()
-        self._order = itertools.count(1)
         self.eos = np.asarray(model.eos_ids, np.int64)
         self.steps_run = 0
         self.aborted = 0  # requests cancelled so far (a client went away)
         self.generated = 0  # tokens drawn so far
         self.finished = 0  # requests ended so far
-        self.preemptions = 0  # choices preempted so far (pool exhausted)
         self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
-        self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
-        self.prefilling: collections.deque[Prefill] = collections.deque()
         self._grammars: Grammars | None = None
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
@@ -229,9 +114,9 @@ class Engine:
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
                                  "prompt")
-        if self._pages_to_admit(len(prompt_ids), params.n) > self.pools[0].capacity:
+        if self.sched.pages_to_admit(len(prompt_ids), params.n) > self.sched.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
-                                 f"the pool holds ({self.pools[0].capacity} of {self.page_size} tokens)", "n")
+                                 f"the pool holds ({self.sched.pools[0].capacity} of {self.page_size} tokens)", "n")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         p = params.resolved(self.model.generation_config)
@@ -257,12 +142,6 @@ class Engine:
             self._grammars = Grammars(self.tok, self.model.eos_ids)
         return self._grammars
 
-    def _pages_to_admit(self, length: int, n: int) -> int:
-        """Pages a prompt of `length` tokens takes with n choices: its pages, plus a partial last page per extra
-        choice."""
-        full, part = divmod(length, self.page_size)
-        return full + (part > 0) * n
-
     def add(self, req: Request) -> None:
         """Queue a request (thread-safe)."""
         self.incoming.put(req)
@@ -273,25 +152,26 @@ class Engine:
 
     def stats(self) -> dict:
         """Slot and page occupancy and counters (read from other threads; values are a snapshot)."""
-        total = lambda attr: sum(getattr(pool, attr) for pool in self.pools)  # noqa: E731  (over data shards)
+        sched = self.sched
+        total = lambda attr: sum(getattr(pool, attr) for pool in sched.pools)  # noqa: E731  (over data shards)
         queried, hit = total("queried"), total("hit")
-        return dict(slots=self.runner.slots, free_slots=len(self.free), running=len(self.running),
-                    prefilling=len(self.prefilling),
-                    waiting=len(self.waiting) + len(self.resumes) + self.incoming.qsize(),
+        return dict(slots=self.runner.slots, free_slots=len(sched.free), running=len(sched.running),
+                    prefilling=len(sched.prefilling), waiting=sched.queued() + self.incoming.qsize(),
                     aborted=self.aborted, finished=self.finished, generated_tokens=self.generated,
                     steps=self.steps_run, compiles=self.runner.compiles, max_model_len=self.max_len,
                     kv_pages_total=total("capacity"), kv_pages_free=total("num_free"),
                     kv_pages_cached=total("num_cached"), kv_page_size=self.page_size,
                     prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hit,
                     prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
-                    preemptions=self.preemptions, device_call_seconds=round(self.runner.device_seconds(), 6),
+                    preemptions=sched.preemptions, device_call_seconds=round(self.runner.device_seconds(), 6),
                     decodes_ahead=self.ahead, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
-        return bool(self.waiting or self.resumes or self.running or self.prefilling or not self.incoming.empty()
+        sched = self.sched
+        return bool(sched.queued() or sched.running or sched.prefilling or not self.incoming.empty()
                     or not self.aborts.empty() or self.inflight is not None)
 
     def idle(self) -> None:
@@ -322,10 +202,10 @@ class Engine:
 
         Streams get one delta per decode step (at most one token per choice), as OpenAI clients expect chunks."""
         while not self.incoming.empty():
-            self.waiting.append(self.incoming.get())
+            self.sched.waiting.append(self.incoming.get())
         done: list[Request] = []
         changed: dict[str, Request] = {}
-        self._take_aborts(done)  # before the dispatch in flight is read back: an aborted choice takes none of it
+        self._take_aborts()  # before the dispatch in flight is read back: an aborted choice takes none of it
         if self.inflight is not None:
             inf, self.inflight = self.inflight, None
             ahead = self.overlap and self._ahead(inf)
@@ -337,7 +217,7 @@ class Engine:
         self._prefilled = self.runner.prefill_calls() != prefills  # a decode now queues behind it: not timed
         self._emit(changed, done)
         self.handed()
-        if self.running:
+        if self.sched.running:
             self._decode(changed, done)
         return done
 
@@ -352,195 +232,59 @@ class Engine:
                 self.finished += 1
         changed.clear()
 
-    def _take_aborts(self, done: list[Request]) -> None:
+    def _take_aborts(self) -> None:
         ids = set()
         while not self.aborts.empty():
             ids.add(self.aborts.get())
-        if not ids:
-            return
-        for req in [r for r in self.waiting if r.id in ids]:
-            self.waiting.remove(req)
-            req.cancelled = True
-            self.aborted += 1
-        for pf in [pf for pf in self.prefilling if pf.req.id in ids]:
-            self.prefilling.remove(pf)
-            for choice in pf.choices:
-                self._unseat(choice)
-                choice.finish_reason = "abort"
-            self.aborted += not pf.req.cancelled
-            pf.req.cancelled = True
-        for req, choice in [x for x in self.resumes if x[0].id in ids]:
-            self.resumes.remove((req, choice))
-            choice.finish_reason = "abort"
-            self.aborted += not req.cancelled
-            req.cancelled = True
-        for slot, (req, choice) in list(self.running.items()):
-            if req.id in ids:
-                self.aborted += not req.cancelled
-                req.cancelled = True
-                self._finish(choice, "abort")
+        if ids:
+            self.aborted += self.sched.cancel(ids)
 
-    # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
+    # ---- admission and prefill ------------------------------------------------------------------------------
 
     def _admit(self, changed) -> None:
-        """Take preempted choices, then waiting requests, while slots and pages allow (first come, first served).
-        Short prompts are prefilled now, several per call; a long (or echo) prompt is prefilled one chunk per step,
-        so the streams already running keep flowing meanwhile."""
-        batch = []
-        while (pf := self._seat_next()) is not None:
-            batch.append(pf)
-        self.admitting = batch
-        short = [pf for pf in batch if pf.short]
-        self.prefilling.extend(pf for pf in batch if not pf.short)
+        """Seat queued work (the scheduler's `admit`) and prefill: short prompts now, several per call; the next
+        chunks of long ones (one chunk of one prompt at a time for prompt logprobs), so the streams already running
+        keep flowing meanwhile. Then install what is complete."""
+        sched, tables = self.sched, self.sched.tables
+        short = [pf for pf in sched.admit() if pf.short]
         if short:
-            self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens, pf.start)
+            self.runner.prefill_many([(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens, pf.start)
                                       for pf in short])
-        ready = list(short)
-        if self.prefilling and self.prefilling[0].echo:  # prompt logprobs: one chunk of one prompt at a time
-            pf = self.prefilling[0]
+        work = sched.chunks()
+        if work and work[0][0].echo:
+            pf = work[0][0]
             slot = pf.choices[0].slot
-            pf.pieces.append(self.runner.prefill_chunk(slot, self.tables[slot], pf.tokens, pf.start, True))
-            pf.start += self.runner.chunk
-            if pf.start >= len(pf.tokens):
-                self.prefilling.popleft()
-                pf.req.prompt_logprobs = join_pieces(pf.pieces)
-                ready.append(pf)
-        else:
-            ready += self._prefill_chunks()
-        self._install(ready, changed)
-
-    def _prefill_chunks(self) -> list[Prefill]:
-        """The next chunk of each long prompt in line, oldest first, up to `max_prefill_tokens` tokens in all (at
-        least one chunk), computed together; returns the prompts that are now complete (their last logits wait in
-        the runner under their first choice's slot)."""
-        budget, work = self.runner.rc.max_prefill_tokens, []
-        for pf in self.prefilling:
-            if pf.echo:
-                break
-            n = min(self.runner.chunk, len(pf.tokens) - pf.start)
-            if work and n > budget:
-                break
-            work.append((pf, n))
-            budget -= n
-        if work:
-            self.runner.prefill_many([(pf.choices[0].slot, self.tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
+            pf.pieces.append(self.runner.prefill_chunk(slot, tables[slot], pf.tokens, pf.start, True))
+        elif work:
+            self.runner.prefill_many([(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
                                        pf.start) for pf, n in work])
-        ready = []
-        for pf, n in work:
-            pf.start += n
-            if pf.start >= len(pf.tokens):
-                self.prefilling.remove(pf)
-                ready.append(pf)
-        return ready
-
-    def _seat_next(self) -> Prefill | None:
-        """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
-        the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
-        resume = bool(self.resumes)
-        if resume:
-            req, choices = self.resumes[0][0], [self.resumes[0][1]]
-            tokens = seq_tokens(req, choices[0])
-        elif self.waiting:
-            req = self.waiting[0]
-            choices, tokens = req.choices, req.prompt_ids
-        else:
-            return None
-        if len(self.free) < len(choices):  # cheap test first: no shard can seat it
-            return None
-        ps = self.page_size
-        hashes = page_hashes(tokens, ps, req.cache_key)
-        limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
-        if req.cache_max_len is not None:
-            limit = min(limit, req.cache_max_len // ps)
-        if req.params.echo and not resume:  # echo needs every logit
-            limit = 0
-        placed = self._place(len(tokens), len(choices), hashes[:limit])
-        if placed is None:
-            return None
-        shard, hit = placed
-        pool = self.pools[shard]
-        pool.share(hit)
-        extra = len(choices) - 1 if len(tokens) % ps else 0  # partial last pages of the other choices
-        fresh = pool.allocate(self._pages_to_admit(len(tokens), len(choices)) - len(hit))
-        (self.resumes if resume else self.waiting).popleft()
-        first = choices[0]
-        first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
-        for choice, page in zip(choices[1:], fresh[len(fresh) - extra:]):
-            choice.pages = [page]
-        seats = [s for s in self.free if self.runner.shard_of(s) == shard][:len(choices)]
-        for choice, slot in zip(choices, seats):
-            self.free.remove(slot)
-            choice.slot, choice.order = slot, next(self._order)
-        self.tables[first.slot, :len(first.pages)] = first.pages
-        if not resume:
-            req.admitted = req.admitted or time.monotonic()
-            req.cached_tokens = len(hit) * ps
-            pool.queried += len(tokens)
-            pool.hit += req.cached_tokens
-        return Prefill(req, choices, tokens, len(hit) * ps, resume)
-
-    def _place(self, length: int, n: int, hashes: list[bytes]) -> tuple[int, list[int]] | None:
-        """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there.
-        Candidates have `n` free slots and the pages it needs (keeping a page of room per sequence running there,
-        so admission does not at once force a preemption); of those within `BALANCE` running sequences of the least
-        loaded, the one holding the longest cached prefix, then the one with the most free pages (a shared system
-        prompt must not pull every request onto one shard). None when no shard has room now."""
-        fits = []
-        for shard, pool in enumerate(self.pools):
-            if sum(self.runner.shard_of(s) == shard for s in self.free) < n:
-                continue
-            hit = pool.lookup(hashes)
-            cached_free = sum(pool.refs[p] == 0 for p in hit)  # free cached pages the hit takes out of the free ones
-            running = sum(self.runner.shard_of(s) == shard for s in self.running)
-            if pool.num_free - cached_free - (self._pages_to_admit(length, n) - len(hit)) >= running:
-                fits.append((running, len(hit), pool.num_free, -shard, hit))
-        if not fits:
-            return None
-        least = min(f[0] for f in fits)
-        _, _, _, shard, hit = max((f for f in fits if f[0] <= least + BALANCE), key=lambda f: f[1:4])
-        return -shard, hit
-
-    def _register(self, req: Request, choice: Choice) -> None:
-        """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
-        written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
-        full, done = min(written // self.page_size, len(choice.pages)), len(choice.hashes)
-        if full <= done:
-            return
-        tokens = seq_tokens(req, choice)[:full * self.page_size]
-        choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
-        pool = self.pools[self.runner.shard_of(choice.slot)]
-        for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
-            pool.register(page, h)
+        ready = sched.advance(work)
+        for pf in ready:
+            if pf.echo:
+                pf.req.prompt_logprobs = join_pieces(pf.pieces)
+        self._install(short + ready, changed)
 
     def _install(self, ready: list[Prefill], changed) -> None:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
-        new_rows: dict[int, int] = {}  # new slot -> the slot whose prefill logits it draws from
-        copies = []
+        sched, new_rows, copies = self.sched, {}, []  # new slot -> the slot whose prefill logits it draws from
         for pf in ready:
             req, first = pf.req, pf.choices[0]
-            self._register(req, first)
+            sched.register(req, first)
             if pf.resume:
                 self.runner.set_settings(first.slot, self._settings(req))
                 self.runner.restore_row(first.slot, first.saved)
                 first.saved = None
-                self.running[first.slot] = (req, first)
+                sched.running[first.slot] = (req, first)
                 continue
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
                 for choice in req.choices:
-                    self._unseat(choice)
+                    sched.unseat(choice)
                     choice.finish_reason = "length"
                 changed[req.id] = req
                 continue
             p = req.params
-            full, shard = len(req.prompt_ids) // self.page_size, self.runner.shard_of(first.slot)
-            for choice in req.choices[1:]:  # every choice sits on the first's shard
-                shared = first.pages[:full]
-                self.pools[shard].share(shared)
-                if choice.pages:  # its own copy of the partial last page
-                    copies.append((shard, first.pages[full], choice.pages[0]))
-                choice.pages, choice.hashes = shared + choice.pages, list(first.hashes)
-                self.tables[choice.slot, :len(choice.pages)] = choice.pages
+            copies += sched.fork(req)
             root, settings = jax.random.PRNGKey(p.seed % (1 << 32)), self._settings(req)
             for choice in req.choices:
                 if req.grammar is not None:
@@ -553,9 +297,9 @@ class Engine:
                 choice.drafter = self._drafter(req)
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
                 choice._prefix = choice._read = len(choice._ids)
-                self.running[choice.slot] = (req, choice)
+                sched.running[choice.slot] = (req, choice)
                 new_rows[choice.slot] = first.slot
-        self.admitting = []
+        sched.admitting = []
         if copies:
             self.runner.copy_pages(copies)
         if not new_rows and not ready:
@@ -565,7 +309,7 @@ class Engine:
             return
         out = self.runner.first_tokens(new_rows, self._allowed(new_rows))
         for slot in new_rows:
-            req, choice = self.running[slot]
+            req, choice = sched.running[slot]
             self._append(req, choice, out, slot)
             changed[req.id] = req
 
@@ -581,77 +325,15 @@ class Engine:
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 
-    def _reserve(self, steps: int, more: dict[int, int] | None = None, going: list[int] | None = None) -> bool:
-        """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), oldest first;
-        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit.
-        `going`: only those slots, and never preempt: False when the pages ran out."""
-        for slot in sorted(self.running if going is None else going, key=lambda s: self.running[s][1].order):
-            if slot not in self.running:
-                continue  # preempted meanwhile
-            req, choice = self.running[slot]
-            ahead = steps + (more or {}).get(slot, 0)
-            last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + ahead, self.max_len - 1)
-            need = last // self.page_size + 1 - len(choice.pages)
-            shard = self.runner.shard_of(slot)
-            while need > 0:
-                pages = self.pools[shard].allocate(need)
-                if pages is not None:
-                    self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
-                    choice.pages += pages
-                    break
-                if going is not None:
-                    return False
-                victim = self._preempt_newest(shard)
-                if victim is choice:
-                    break
-        return True
-
-    def _preempt_newest(self, shard: int) -> Choice:
-        """Preempt the most recently admitted running choice or prefilling request of a data shard: free its slots
-        and pages and queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
-        mine = lambda c: self.runner.shard_of(c.slot) == shard  # noqa: E731
-        running = [(c.order, c, r) for r, c in self.running.values() if mine(c)]
-        filling = [(pf.choices[0].order, pf) for pf in self.prefilling if mine(pf.choices[0])]
-        newest_run = max(running, key=lambda x: x[0], default=None)
-        newest_pf = max(filling, key=lambda x: x[0], default=None)
-        self.preemptions += 1
-        if newest_pf is not None and (newest_run is None or newest_pf[0] > newest_run[0]):
-            pf = newest_pf[1]
-            self.prefilling.remove(pf)
-            for choice in pf.choices:
-                self._unseat(choice)
-            if pf.resume:
-                self.resumes.appendleft((pf.req, pf.choices[0]))
-            else:
-                pf.req.prompt_logprobs = None
-                self.waiting.appendleft(pf.req)
-            return pf.choices[0]
-        _, choice, req = newest_run
-        choice.saved = self.runner.save_row(choice.slot)
-        self._register(req, choice)
-        del self.running[choice.slot]
-        self._unseat(choice)
-        self.resumes.appendleft((req, choice))
-        return choice
-
-    def _unseat(self, choice: Choice) -> None:
-        """Give back a choice's pages and slot."""
-        if choice.pages:
-            self.pools[self.runner.shard_of(choice.slot)].release(choice.pages)
-        choice.pages, choice.hashes = [], []
-        if choice.slot >= 0:
-            self.tables[choice.slot] = 0
-            self._release([choice.slot])
-            choice.slot = -1
-
     def _allowed(self, slots) -> np.ndarray | None:
         """Bitmasks of the next allowed tokens for constrained choices in `slots` (None: no constraint)."""
-        rows = {s: self.running[s][1].matcher for s in slots if self.running[s][1].matcher is not None}
+        running = self.sched.running
+        rows = {s: running[s][1].matcher for s in slots if running[s][1].matcher is not None}
         if not rows:
             return None
         allowed = self.runner.all_allowed.copy()
         for slot, m in rows.items():
-            req, choice = self.running[slot]
+            req, choice = running[slot]
             m.fill(allowed[slot], closing=self._left(req, choice) <= min(CLOSE_MARGIN, req.max_tokens // 3))
         return allowed
 
@@ -672,9 +354,9 @@ class Engine:
     def _drafts(self, steps: int) -> dict[int, list[int]]:
         """Each running choice's draft (slots without one left out), when a verify step is expected to give more
         tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size); else {}."""
-        drafts, k = {}, self.runner.rc.draft_tokens
-        left = {slot: self._left(req, choice) for slot, (req, choice) in self.running.items()}
-        for slot, (req, choice) in self.running.items():
+        drafts, k, running = {}, self.runner.rc.draft_tokens, self.sched.running
+        left = {slot: self._left(req, choice) for slot, (req, choice) in running.items()}
+        for slot, (req, choice) in running.items():
             if choice.drafter is not None:  # none under a thinking budget
                 room = left[slot] - 1
                 if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
@@ -686,15 +368,15 @@ class Engine:
                     drafts[slot] = draft
         if not drafts:
             return {}
-        nb = self.runner.rows_for(list(self.running))
+        nb = self.runner.rows_for(list(running))
         # per running choice: (tokens it may still draw, expected accepted drafts)
         rows = [(left[slot], min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0)
-                for slot, (_, choice) in self.running.items()]
+                for slot, (_, choice) in running.items()]
         timed = self.timing.get(("verify", nb, 1)), self.timing.get(("decode", nb, steps))
         if self.verify_always or worth_verifying(rows, steps, *timed):
             return drafts
         for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done
-            self.running[slot][1].drafter.unverified = draft
+            running[slot][1].drafter.unverified = draft
         return {}
 
     def _timed_call(self, key: tuple, fn, *args):
@@ -711,56 +393,50 @@ class Engine:
     def _decode(self, changed, done) -> None:
         """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
         steps = self.runner.rc.decode_steps
-        if self.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
+        sched, running = self.sched, self.sched.running
+        if sched.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
             steps = 1  # the running streams still get a token each step (vLLM's chunked prefill)
-        if any(c.matcher is not None and c.matcher.active(steps) for _, c in self.running.values()):
+        if any(c.matcher is not None and c.matcher.active(steps) for _, c in running.values()):
             steps = 1  # the host gives each constrained token its mask
         drafts = self._drafts(steps)
         if drafts:
-            self._reserve(1, {slot: len(d) for slot, d in drafts.items()})
+            sched.reserve(1, {slot: len(d) for slot, d in drafts.items()})
         else:
-            self._reserve(steps)
-        if not self.running:
+            sched.reserve(steps)
+        if not running:
             return
-        b = self.runner.slots
-        # Rows without a running sequence (free, or still prefilling) sit past the end of every table, so the K/V
-        # they write go to the scratch page and never touch a page in use.
-        tokens, positions, active = np.zeros(b, np.int32), np.full(b, self.max_len, np.int32), np.zeros(b, bool)
-        for slot, (req, choice) in self.running.items():
-            tokens[slot] = choice.token_ids[-1]
-            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
-            active[slot] = True
-        allowed = self._allowed(list(self.running))
-        drafts = {slot: d for slot, d in drafts.items() if slot in self.running}  # not preempted by the reserve
+        batch = sched.batch()
+        allowed = self._allowed(list(running))
+        drafts = {slot: d for slot, d in drafts.items() if slot in running}  # not preempted by the reserve
         if not drafts:
-            self._dispatch(tokens, positions, active, steps, allowed)
+            self._dispatch(batch.tokens, batch.positions, batch.active, steps, allowed)
             return
-        nb = self.runner.rows_for(list(self.running))
-        w = self.runner.rc.draft_tokens + 1
+        nb = self.runner.rows_for(list(running))
+        b, w = self.runner.slots, self.runner.rc.draft_tokens + 1
         wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
-        wide[:, 0] = tokens
+        wide[:, 0] = batch.tokens
         for slot, d in drafts.items():
             wide[slot, 1:1 + len(d)], ndraft[slot] = d, len(d)
         masks = None
         if allowed is not None:  # this step's masks, then a constrained draft's for each prefix it drafts
             masks = np.repeat(allowed[:, None], w, axis=1)
             for slot, d in drafts.items():
-                if self.running[slot][1].matcher is not None:
-                    self.running[slot][1].matcher.draft_masks(d, masks[slot])
-        outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, positions, ndraft, active,
-                                      self.tables, masks)
+                if running[slot][1].matcher is not None:
+                    running[slot][1].matcher.draft_masks(d, masks[slot])
+        outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, batch.positions, ndraft,
+                                      batch.active, sched.tables, masks)
         self.verifies += 1
         for slot, d in drafts.items():
-            self.running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
+            running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
         self.steps_run += 1
-        self._take(outs, kept, list(self.running), changed, done)
+        self._take(outs, kept, list(running), changed, done)
 
     def _dispatch(self, tokens, positions, active, steps: int, allowed, carry: bool = False) -> None:
         """Dispatch a decode of `steps` over the `active` slots; it is read back by the next step (`_collect`)."""
         slots = np.flatnonzero(active).tolist()
         key = ("decode", self.runner.rows_for(slots), steps)
         programs = self.runner.programs()
-        decoding = self.runner.decode(tokens, positions, active, self.tables, steps, allowed, carry)
+        decoding = self.runner.decode(tokens, positions, active, self.sched.tables, steps, allowed, carry)
         self.inflight = Inflight(decoding, slots, steps, key, time.perf_counter(), self._prefilled or
                                  self.runner.programs() != programs)
         self.steps_run += steps
@@ -772,20 +448,19 @@ class Engine:
         within the dispatch in flight, and pages for two dispatches ahead without preempting anyone. Its input
         tokens are the ones in flight, still on the devices (`Runner.decode`'s `carry`); a choice that ends in the
         dispatch in flight (an EOS, a stop string) runs one more, whose tokens are dropped."""
-        head = 1 if self.resumes else len(self.waiting[0].choices) if self.waiting else 0  # slots the next work needs
-        if (self.prefilling or 0 < head <= len(self.free)
-                or not set(self.running) <= set(inf.slots)
-                or any(c.matcher is not None or c.drafter is not None for _, c in self.running.values())):
+        sched, running = self.sched, self.sched.running
+        if (sched.prefilling or sched.could_seat() or not set(running) <= set(inf.slots)
+                or any(c.matcher is not None or c.drafter is not None for _, c in running.values())):
             return False
-        going = [s for s in inf.slots if s in self.running and self._left(*self.running[s]) > inf.steps]
+        going = [s for s in inf.slots if s in running and self._left(*running[s]) > inf.steps]
         if not going or self.runner.rows_for(going) != inf.key[1]:
             return False
-        if not self._reserve(2 * inf.steps, going=going):
+        if not sched.reserve(2 * inf.steps, going=going):
             return False
         b = self.runner.slots
         positions, active = np.full(b, self.max_len, np.int32), np.zeros(b, bool)
         for slot in going:
-            req, choice = self.running[slot]
+            req, choice = running[slot]
             positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + inf.steps
             active[slot] = True
         self._dispatch(None, positions, active, inf.steps, None, carry=True)
@@ -806,7 +481,8 @@ class Engine:
     def _take(self, outs, kept: np.ndarray, slots: list[int], changed, done) -> None:
         """Append each kept output (`[steps, slots]`) to its still-running choice, step by step, handing deltas
         after each; then offer newly full pages to the prefix cache."""
-        mine = [(slot, *self.running[slot]) for slot in slots if slot in self.running]
+        sched = self.sched
+        mine = [(slot, *sched.running[slot]) for slot in slots if slot in sched.running]
         shadows = [(c, len(c.token_ids)) for _, _, c in mine if c.drafter and c.drafter.unverified]
         for i in range(outs.token.shape[0]):
             one = jax.tree.map(lambda x: x[i], outs)
@@ -817,8 +493,8 @@ class Engine:
             self._emit(changed, done)
         for choice, n in shadows:
             choice.drafter.shadow(choice.token_ids[n:])
-        for req, choice in self.running.values():
-            self._register(req, choice)
+        for req, choice in sched.running.values():
+            sched.register(req, choice)
 
     # ---- per-token postprocessing -----------------------------------------------------------------------------
 
@@ -866,34 +542,16 @@ class Engine:
 
     def _finish(self, choice: Choice, reason: str) -> None:
         choice.finish_reason = reason
-        if choice.slot in self.running and self.running[choice.slot][1] is choice:
-            req, _ = self.running.pop(choice.slot)
-            self._register(req, choice)
-            self._unseat(choice)
-
-    def _release(self, slots) -> None:
-        """Return slots to the free list, kept sorted: new requests take the lowest, so decode batches stay compact."""
-        self.free = sorted([*self.free, *slots])
+        self.sched.retire(choice)
 
     def fail_all(self) -> list[tuple[Request, list[Delta]]]:
         """After a step raised: end every request in flight (queued, admitted, prefilling, preempted, running) with
         finish_reason "error", free every slot and page they held, and return each with the final deltas to hand it."""
         while not self.incoming.empty():
-            self.waiting.append(self.incoming.get())
-        held = [c for pf in [*self.admitting, *self.prefilling] for c in pf.choices]
-        held += [c for _, c in self.running.values()]
-        reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
-                                    *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
+            self.sched.waiting.append(self.incoming.get())
         self.inflight = None  # its outputs are dropped
-        self.waiting.clear()
-        self.prefilling.clear()
-        self.resumes.clear()
-        self.running.clear()
-        self.admitting = []
-        for choice in {id(c): c for c in held}.values():
-            self._unseat(choice)
         out = []
-        for req in reqs.values():
+        for req in self.sched.clear():
             ended = [c for c in req.choices if c.finish_reason is None]
             for c in ended:
                 c.finish_reason = "error"

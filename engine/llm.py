@@ -8,7 +8,8 @@ import logging
 import threading
 from typing import Any, AsyncIterator
 
-from engine.engine import Delta, Engine, Request
+from engine.engine import Engine
+from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
 from models import Model, load_model

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.engine import Delta, Request
+from engine.requests import Delta, Request
 from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings

@@ -6,7 +6,7 @@ import functools
 import json
 from typing import Any
 
-from engine.engine import Choice, Request
+from engine.requests import Choice, Request
 from models import Model
 
 

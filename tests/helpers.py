@@ -35,5 +35,5 @@ def run_all(eng, prompts, params, predictions=None, **request):
         eng.add(r)
     while eng.has_work():
         eng.step()
-        eng.pools[0].check()
+        eng.sched.pools[0].check()
     return reqs

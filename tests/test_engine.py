@@ -100,7 +100,7 @@ def table_rows(eng, prompts):
     """Fresh pages for each prompt, as page-table rows (the caller releases `pages`)."""
     rows, pages = [], []
     for p in prompts:
-        got = eng.pools[0].allocate(-(-len(p) // eng.page_size))
+        got = eng.sched.pools[0].allocate(-(-len(p) // eng.page_size))
         row = np.zeros(eng.runner.max_pages, np.int32)
         row[:len(got)] = got
         rows.append(row)
@@ -119,7 +119,7 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
     rows2, pages2 = table_rows(eng, prompts)
     eng.runner.prefill_many([(slot, row, p, 0) for slot, (row, p) in enumerate(zip(rows2, prompts))])
     together = [np.asarray(eng.runner.last_logits[slot]) for slot in range(len(prompts))]
-    eng.pools[0].release(pages + pages2)
+    eng.sched.pools[0].release(pages + pages2)
     for a, t in zip(alone, together):
         np.testing.assert_allclose(t, a, atol=1e-4 * np.abs(a).max())
         assert int(np.argmax(t)) == int(np.argmax(a))
@@ -150,8 +150,8 @@ def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
     assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].text == base.text[:base.text.index(stop)]
     assert {c.finish_reason for o in got for c in o.outputs} == {"stop", "length"}
     assert len(got[1].outputs[1].token_ids) == 17
-    assert eng.inflight is None and len(eng.free) == eng.runner.slots
-    assert all(r == 0 for r in eng.pools[0].refs)
+    assert eng.inflight is None and len(eng.sched.free) == eng.runner.slots
+    assert all(r == 0 for r in eng.sched.pools[0].refs)
 
 
 def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm):

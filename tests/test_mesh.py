@@ -60,7 +60,7 @@ for dp, tp in json.loads(sys.argv[1]):
         piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
         out[key + "-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece,
                                   pool=str(api.engine.runner.cache.k.sharding.spec),
-                                  prompts_per_shard=[pool.queried for pool in api.engine.pools])
+                                  prompts_per_shard=[pool.queried for pool in api.engine.sched.pools])
 print(json.dumps(out))
 """
 

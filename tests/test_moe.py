@@ -326,7 +326,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
         return run_all(eng, prompts, [params] * len(prompts))
 
     reqs = run()
-    assert eng.preemptions > 0
+    assert eng.sched.preemptions > 0
     assert sum(r.cached_tokens for r in reqs) > 0
     for prompt, r in zip(prompts, reqs):
         want, logps = _greedy_reference(ref, prompt, 32)

@@ -83,12 +83,12 @@ def test_n_maps_the_prompt_pages_into_every_choice(llm):
     pages = [c.pages for c in req.choices]
     full = pages[0][:3]
     assert all(p[:3] == full for p in pages)  # the full prompt pages are mapped, not copied
-    assert all(eng.pools[0].refs[p] == 6 for p in full)
+    assert all(eng.sched.pools[0].refs[p] == 6 for p in full)
     partial = [p[3] for p in pages]
-    assert len(set(partial)) == 6 and all(eng.pools[0].refs[p] == 1 for p in partial)  # each choice its own copy
+    assert len(set(partial)) == 6 and all(eng.sched.pools[0].refs[p] == 1 for p in partial)  # each choice its own copy
     while eng.has_work():
         eng.step()
-    assert all(eng.pools[0].refs[p] == 0 for p in full + partial)
+    assert all(eng.sched.pools[0].refs[p] == 0 for p in full + partial)
     assert len({tuple(c.token_ids) for c in req.choices}) > 1
     again = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=6, n=6, seed=3, ignore_eos=True))
     assert ids(again) == [c.token_ids for c in req.choices] and again[0].cached_tokens == 3 * eng.page_size
@@ -98,9 +98,9 @@ def test_nothing_leaks_after_a_mixed_run(llm):
     eng = llm.engine
     base = unique_prefix(llm, 5, 40)
     llm.generate([base, base[:20], base + [5, 6]], [GREEDY, SEEDED, SamplingParams(max_tokens=5, n=3, seed=1)])
-    eng.pools[0].check()
-    assert all(r == 0 for r in eng.pools[0].refs) and eng.pools[0].num_free == eng.pools[0].capacity
-    assert not eng.tables.any() and len(eng.free) == eng.runner.slots
+    eng.sched.pools[0].check()
+    assert all(r == 0 for r in eng.sched.pools[0].refs) and eng.sched.pools[0].num_free == eng.sched.pools[0].capacity
+    assert not eng.sched.tables.any() and len(eng.sched.free) == eng.runner.slots
 
 
 def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothing_new(smollm):
@@ -156,12 +156,12 @@ def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(ll
                             frequency_penalty=0.5)]
     params = [SamplingParams(**{**kinds[i % 3].__dict__, "seed": int(rng.integers(1 << 30))}) for i in range(24)]
     reqs = run_all(tight, prompts, params)
-    assert tight.preemptions > 0
+    assert tight.sched.preemptions > 0
     assert all(r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 32 for r in reqs)
     alone = llm.generate(prompts, params, prompt_cache_max_len=0)  # a big pool: nothing preempted
-    assert llm.engine.preemptions == 0
+    assert llm.engine.sched.preemptions == 0
     assert [r.choices[0].token_ids for r in reqs] == ids(alone)
-    assert all(r == 0 for r in tight.pools[0].refs)
+    assert all(r == 0 for r in tight.sched.pools[0].refs)
 
 
 def test_eviction_under_a_small_pool_keeps_serving_correctly(llm, tight):
@@ -198,4 +198,4 @@ def test_many_short_requests_beside_one_long_prompt(smollm):
     while eng.has_work():
         eng.step()
     assert all(len(r.choices[0].token_ids) == 4 or r.choices[0].finish_reason == "stop" for r in [long, *short])
-    assert eng.pools[0].num_free == eng.pools[0].capacity
+    assert eng.sched.pools[0].num_free == eng.sched.pools[0].capacity

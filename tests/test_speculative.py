@@ -167,7 +167,7 @@ def test_rejected_drafts_leave_pages_and_the_prefix_cache_right(llm):
     finally:
         llm.engine.verify_always = False
     assert first.drafted > first.accepted
-    for pool in llm.engine.pools:
+    for pool in llm.engine.sched.pools:
         pool.check()
         assert pool.num_free == pool.capacity
     turn = ASK + [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "Shorter."}]

@@ -1,0 +1,116 @@
+"""What the engine serves: requests, their choices (generated sequences), the deltas streamed back, and prompts
+being prefilled. Plain data, shared by the scheduler (`engine.scheduler`) and the engine's loop (`engine.engine`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from engine.params import SamplingParams
+from engine.runner import BATCHED_PREFILL
+from engine.speculative import Drafter
+from engine.thinking import Budget
+
+
+@dataclasses.dataclass
+class Delta:
+    """What changed for one choice in one step (handed to streaming consumers)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple]
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class Choice:
+    """One generated sequence of a request (n > 1 gives several); while admitted it holds a slot and KV pages."""
+
+    index: int
+    slot: int = -1
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[tuple] = dataclasses.field(default_factory=list)  # (id, logprob, [(id, logprob), ...])
+    text: str = ""
+    finish_reason: str | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)  # in order: position p is in pages[p // page_size]
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages registered so far
+    order: int = 0  # admission stamp: the most recently admitted is preempted first
+    saved: Any = None  # sampler row taken along by a preempted choice
+    matcher: Any = None  # its position in the request's grammar (structured output), if any
+    _ids: list[int] = dataclasses.field(default_factory=list)
+    _prefix: int = 0
+    _read: int = 0
+    _sent_text: int = 0
+    _sent_tokens: int = 0
+    _final_sent: bool = False
+    stops: list[str] = dataclasses.field(default_factory=list)
+    stop_hit: str | None = None  # the stop string that ended it, if one did
+    drafter: Drafter | None = None  # where its drafts come from (speculative decoding), if it drafts
+
+
+@dataclasses.dataclass
+class Request:
+    """A prompt, its resolved settings and its choices."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int = 0
+    choices: list[Choice] = dataclasses.field(default_factory=list)
+    prompt_logprobs: Any = None
+    on_delta: Callable[["Request", list[Delta]], None] | None = None
+    cancelled: bool = False
+    cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
+    cache_key: str | None = None  # isolation key: only requests with the same key share pages
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)
+    grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
+    thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
+    prediction: list[int] | None = None  # the expected output's tokens: drafts for speculative decoding
+
+    @property
+    def drafted(self) -> int:
+        """Drafted tokens its choices' verify steps scored."""
+        return sum(c.drafter.drafted for c in self.choices if c.drafter)
+
+    @property
+    def accepted(self) -> int:
+        """Drafted tokens its choices kept."""
+        return sum(c.drafter.accepted for c in self.choices if c.drafter)
+
+    @property
+    def finished(self) -> bool:
+        """All choices are done."""
+        return bool(self.choices) and all(c.finish_reason for c in self.choices)
+
+
+@dataclasses.dataclass
+class Prefill:
+    """Choices admitted and holding slots and pages whose tokens are being written: a new request (its first choice
+    carries the prompt's pages; the others hold their own copy of a partial last page, if any) or a preempted choice
+    coming back (`resume`: its prompt and all but its last generated token)."""
+
+    req: Request
+    choices: list[Choice]
+    tokens: list[int]
+    start: int = 0
+    resume: bool = False
+    pieces: list = dataclasses.field(default_factory=list)
+
+    @property
+    def echo(self) -> bool:
+        """Prompt logprobs wanted (never recomputed for a resumed choice)."""
+        return self.req.params.echo and not self.resume
+
+    @property
+    def short(self) -> bool:
+        """Prefilled in one go at admission (else one chunk per step)."""
+        return not self.echo and len(self.tokens) - self.start <= BATCHED_PREFILL
+
+
+def seq_tokens(req: Request, choice: Choice) -> list[int]:
+    """The tokens whose K/V a choice's pages hold: its prompt and every generated token but the last."""
+    return req.prompt_ids + choice.token_ids[:-1]

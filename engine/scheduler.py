@@ -1,0 +1,333 @@
+"""Scheduling: which work holds the decode slots and KV pages, step by step. Plain Python, no device calls.
+
+The scheduler owns the queues (requests waiting, preempted choices coming back first, prompts being prefilled, the
+running choices), the free slots, one page pool per data shard and the page tables. Each engine step asks it to seat
+queued work (`admit`: preempted choices first, then requests in arrival order, the prefix cache's pages mapped in),
+which prompts' chunks to compute next (`chunks`, then `advance`), and to give every running choice the pages its next
+steps need (`reserve`: the most recently admitted work is preempted when the pool is dry); `batch` lays the running
+choices out as a decode's rows. The engine (`engine.engine`) runs what it decides on the runner and handles the
+tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.pages import PagePool, page_hashes
+from engine.requests import Choice, Prefill, Request, seq_tokens
+
+BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A decode's rows, indexed by slot: each running choice's last token and its position. Rows without a running
+    choice (free, or still prefilling) sit past the end of every table, so the K/V they write go to the scratch page
+    and never touch a page in use."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    active: np.ndarray
+
+
+class Scheduler:
+    """The queues, free slots, page pools and page tables of one engine (`runner` gives their sizes), and the
+    decisions over them. `save_row(slot)` takes a preempted choice's sampler row off the devices."""
+
+    def __init__(self, runner, save_row: Callable[[int], Any]):
+        self.shard_of, self.save_row = runner.shard_of, save_row
+        self.page_size, self.max_len, self.slots = runner.page_size, runner.max_len, runner.slots
+        self.chunk, self.max_prefill_tokens = runner.chunk, runner.rc.max_prefill_tokens
+        # One page pool per data shard (one without data parallelism); a slot's pages come from its shard's pool.
+        self.pools = [PagePool(runner.num_pages, self.page_size) for _ in range(runner.dp)]
+        self.tables = np.zeros((runner.slots, runner.max_pages), np.int32)  # a row per slot; 0 = scratch
+        self.free = list(range(runner.slots))
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.resumes: collections.deque[tuple[Request, Choice]] = collections.deque()  # preempted, served first
+        self.running: dict[int, tuple[Request, Choice]] = {}
+        self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
+        self.prefilling: collections.deque[Prefill] = collections.deque()
+        self._order = itertools.count(1)
+        self.preemptions = 0  # choices preempted so far (pool exhausted)
+
+    def pages_to_admit(self, length: int, n: int) -> int:
+        """Pages a prompt of `length` tokens takes with n choices: its pages, plus a partial last page per extra
+        choice."""
+        full, part = divmod(length, self.page_size)
+        return full + (part > 0) * n
+
+    def queued(self) -> int:
+        """Requests and preempted choices waiting for slots."""
+        return len(self.waiting) + len(self.resumes)
+
+    def could_seat(self) -> bool:
+        """The next queued work's slots are free (its pages may still be short)."""
+        head = 1 if self.resumes else len(self.waiting[0].choices) if self.waiting else 0
+        return 0 < head <= len(self.free)
+
+    # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
+
+    def admit(self) -> list[Prefill]:
+        """Seat queued work while slots and pages allow (first come, first served) and return it. Long (or echo)
+        prompts among it join `prefilling`, to be computed a chunk per step (`chunks`); the rest are prefilled now."""
+        batch = []
+        while (pf := self._seat_next()) is not None:
+            batch.append(pf)
+        self.admitting = batch
+        self.prefilling.extend(pf for pf in batch if not pf.short)
+        return batch
+
+    def chunks(self) -> list[tuple[Prefill, int]]:
+        """The next chunk (prompt, tokens) of the prompts being prefilled, oldest first: the first one's alone when
+        it wants prompt logprobs, else one of each in line up to `max_prefill_tokens` tokens in all (at least
+        one chunk)."""
+        budget, work = self.max_prefill_tokens, []
+        for pf in self.prefilling:
+            if pf.echo and work:
+                break
+            n = min(self.chunk, len(pf.tokens) - pf.start)
+            if work and n > budget:
+                break
+            work.append((pf, n))
+            budget -= n
+            if pf.echo:
+                break
+        return work
+
+    def advance(self, work: list[tuple[Prefill, int]]) -> list[Prefill]:
+        """Mark `chunks`' work computed; returns the prompts that are now complete."""
+        ready = []
+        for pf, n in work:
+            pf.start += n
+            if pf.start >= len(pf.tokens):
+                self.prefilling.remove(pf)
+                ready.append(pf)
+        return ready
+
+    def _seat_next(self) -> Prefill | None:
+        """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
+        the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
+        resume = bool(self.resumes)
+        if resume:
+            req, choices = self.resumes[0][0], [self.resumes[0][1]]
+            tokens = seq_tokens(req, choices[0])
+        elif self.waiting:
+            req = self.waiting[0]
+            choices, tokens = req.choices, req.prompt_ids
+        else:
+            return None
+        if len(self.free) < len(choices):  # cheap test first: no shard can seat it
+            return None
+        ps = self.page_size
+        hashes = page_hashes(tokens, ps, req.cache_key)
+        limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
+        if req.cache_max_len is not None:
+            limit = min(limit, req.cache_max_len // ps)
+        if req.params.echo and not resume:  # echo needs every logit
+            limit = 0
+        placed = self._place(len(tokens), len(choices), hashes[:limit])
+        if placed is None:
+            return None
+        shard, hit = placed
+        pool = self.pools[shard]
+        pool.share(hit)
+        extra = len(choices) - 1 if len(tokens) % ps else 0  # partial last pages of the other choices
+        fresh = pool.allocate(self.pages_to_admit(len(tokens), len(choices)) - len(hit))
+        (self.resumes if resume else self.waiting).popleft()
+        first = choices[0]
+        first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
+        for choice, page in zip(choices[1:], fresh[len(fresh) - extra:]):
+            choice.pages = [page]
+        seats = [s for s in self.free if self.shard_of(s) == shard][:len(choices)]
+        for choice, slot in zip(choices, seats):
+            self.free.remove(slot)
+            choice.slot, choice.order = slot, next(self._order)
+        self.tables[first.slot, :len(first.pages)] = first.pages
+        if not resume:
+            req.admitted = req.admitted or time.monotonic()
+            req.cached_tokens = len(hit) * ps
+            pool.queried += len(tokens)
+            pool.hit += req.cached_tokens
+        return Prefill(req, choices, tokens, len(hit) * ps, resume)
+
+    def _place(self, length: int, n: int, hashes: list[bytes]) -> tuple[int, list[int]] | None:
+        """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there.
+        Candidates have `n` free slots and the pages it needs (keeping a page of room per sequence running there,
+        so admission does not at once force a preemption); of those within `BALANCE` running sequences of the least
+        loaded, the one holding the longest cached prefix, then the one with the most free pages (a shared system
+        prompt must not pull every request onto one shard). None when no shard has room now."""
+        fits = []
+        for shard, pool in enumerate(self.pools):
+            if sum(self.shard_of(s) == shard for s in self.free) < n:
+                continue
+            hit = pool.lookup(hashes)
+            cached_free = sum(pool.refs[p] == 0 for p in hit)  # free cached pages the hit takes out of the free ones
+            running = sum(self.shard_of(s) == shard for s in self.running)
+            if pool.num_free - cached_free - (self.pages_to_admit(length, n) - len(hit)) >= running:
+                fits.append((running, len(hit), pool.num_free, -shard, hit))
+        if not fits:
+            return None
+        least = min(f[0] for f in fits)
+        _, _, _, shard, hit = max((f for f in fits if f[0] <= least + BALANCE), key=lambda f: f[1:4])
+        return -shard, hit
+
+    def fork(self, req: Request) -> list[tuple[int, int, int]]:
+        """A prefilled request's other choices (n > 1) share its prompt's full pages, each keeping its own partial
+        last page; returns the page copies `(shard, src, dst)` that fill those."""
+        first, copies = req.choices[0], []
+        full, shard = len(req.prompt_ids) // self.page_size, self.shard_of(first.slot)
+        for choice in req.choices[1:]:  # every choice sits on the first's shard
+            shared = first.pages[:full]
+            self.pools[shard].share(shared)
+            if choice.pages:  # its own copy of the partial last page
+                copies.append((shard, first.pages[full], choice.pages[0]))
+            choice.pages, choice.hashes = shared + choice.pages, list(first.hashes)
+            self.tables[choice.slot, :len(choice.pages)] = choice.pages
+        return copies
+
+    def register(self, req: Request, choice: Choice) -> None:
+        """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
+        written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
+        full, done = min(written // self.page_size, len(choice.pages)), len(choice.hashes)
+        if full <= done:
+            return
+        tokens = seq_tokens(req, choice)[:full * self.page_size]
+        choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
+        pool = self.pools[self.shard_of(choice.slot)]
+        for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
+            pool.register(page, h)
+
+    # ---- running: pages ahead, preemption ---------------------------------------------------------------------
+
+    def reserve(self, steps: int, more: dict[int, int] | None = None, going: list[int] | None = None) -> bool:
+        """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), oldest first;
+        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit.
+        `going`: only those slots, and never preempt: False when the pages ran out."""
+        for slot in sorted(self.running if going is None else going, key=lambda s: self.running[s][1].order):
+            if slot not in self.running:
+                continue  # preempted meanwhile
+            req, choice = self.running[slot]
+            ahead = steps + (more or {}).get(slot, 0)
+            last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + ahead, self.max_len - 1)
+            need = last // self.page_size + 1 - len(choice.pages)
+            shard = self.shard_of(slot)
+            while need > 0:
+                pages = self.pools[shard].allocate(need)
+                if pages is not None:
+                    self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
+                    choice.pages += pages
+                    break
+                if going is not None:
+                    return False
+                victim = self._preempt_newest(shard)
+                if victim is choice:
+                    break
+        return True
+
+    def _preempt_newest(self, shard: int) -> Choice:
+        """Preempt the most recently admitted running choice or prefilling request of a data shard: free its slots
+        and pages and queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
+        mine = lambda c: self.shard_of(c.slot) == shard  # noqa: E731
+        running = [(c.order, c, r) for r, c in self.running.values() if mine(c)]
+        filling = [(pf.choices[0].order, pf) for pf in self.prefilling if mine(pf.choices[0])]
+        newest_run = max(running, key=lambda x: x[0], default=None)
+        newest_pf = max(filling, key=lambda x: x[0], default=None)
+        self.preemptions += 1
+        if newest_pf is not None and (newest_run is None or newest_pf[0] > newest_run[0]):
+            pf = newest_pf[1]
+            self.prefilling.remove(pf)
+            for choice in pf.choices:
+                self.unseat(choice)
+            if pf.resume:
+                self.resumes.appendleft((pf.req, pf.choices[0]))
+            else:
+                pf.req.prompt_logprobs = None
+                self.waiting.appendleft(pf.req)
+            return pf.choices[0]
+        _, choice, req = newest_run
+        choice.saved = self.save_row(choice.slot)
+        self.register(req, choice)
+        del self.running[choice.slot]
+        self.unseat(choice)
+        self.resumes.appendleft((req, choice))
+        return choice
+
+    def batch(self) -> Batch:
+        """The running choices as a decode's rows."""
+        tokens, positions = np.zeros(self.slots, np.int32), np.full(self.slots, self.max_len, np.int32)
+        active = np.zeros(self.slots, bool)
+        for slot, (req, choice) in self.running.items():
+            tokens[slot] = choice.token_ids[-1]
+            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
+            active[slot] = True
+        return Batch(tokens, positions, active)
+
+    # ---- leaving ----------------------------------------------------------------------------------------------
+
+    def retire(self, choice: Choice) -> None:
+        """A running choice ended: offer its pages to the prefix cache, then give back its slot and pages."""
+        if choice.slot in self.running and self.running[choice.slot][1] is choice:
+            req, _ = self.running.pop(choice.slot)
+            self.register(req, choice)
+            self.unseat(choice)
+
+    def unseat(self, choice: Choice) -> None:
+        """Give back a choice's pages and slot."""
+        if choice.pages:
+            self.pools[self.shard_of(choice.slot)].release(choice.pages)
+        choice.pages, choice.hashes = [], []
+        if choice.slot >= 0:
+            self.tables[choice.slot] = 0
+            # kept sorted: new requests take the lowest, so decode batches stay compact
+            self.free = sorted([*self.free, choice.slot])
+            choice.slot = -1
+
+    def cancel(self, ids: set[str]) -> int:
+        """End the requests named by `ids` wherever they are (queued, prefilling, preempted, running), with
+        finish_reason "abort"; returns how many were not cancelled before."""
+        aborted = 0
+
+        def mark(req: Request) -> None:
+            nonlocal aborted
+            aborted += not req.cancelled
+            req.cancelled = True
+
+        for req in [r for r in self.waiting if r.id in ids]:
+            self.waiting.remove(req)
+            mark(req)
+        for pf in [pf for pf in self.prefilling if pf.req.id in ids]:
+            self.prefilling.remove(pf)
+            for choice in pf.choices:
+                self.unseat(choice)
+                choice.finish_reason = "abort"
+            mark(pf.req)
+        for req, choice in [x for x in self.resumes if x[0].id in ids]:
+            self.resumes.remove((req, choice))
+            choice.finish_reason = "abort"
+            mark(req)
+        for req, choice in [x for x in self.running.values() if x[0].id in ids]:
+            mark(req)
+            choice.finish_reason = "abort"
+            self.retire(choice)
+        return aborted
+
+    def clear(self) -> list[Request]:
+        """Drop all work (after a step raised), freeing every slot and page it held; returns its requests."""
+        held = [c for pf in [*self.admitting, *self.prefilling] for c in pf.choices]
+        held += [c for _, c in self.running.values()]
+        reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
+                                    *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.resumes.clear()
+        self.running.clear()
+        self.admitting = []
+        for choice in {id(c): c for c in held}.values():
+            self.unseat(choice)
+        return list(reqs.values())

@@ -1,0 +1,131 @@
+"""The scheduler alone (plain Python, no model, no device): admission order and prefix hits, the prefill budget, pages
+reserved ahead and preemption of the newest work, n > 1 sharing a prompt's pages, aborts. Every page is accounted
+for after each scenario (`PagePool.check`). The engine's tests run the same scheduler against the model."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from engine.params import SamplingParams
+from engine.requests import Choice, Request
+from engine.scheduler import Scheduler
+
+PAGE = 16
+
+
+def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 128) -> Scheduler:
+    """A scheduler over a pool of `pages` pages (page 0, the scratch page, among them) and `slots` slots on one shard;
+    `save_row` records the slots whose sampler row a preemption took."""
+    geometry = SimpleNamespace(shard_of=lambda slot: 0, page_size=PAGE, max_len=512, slots=slots, chunk=chunk,
+                               rc=SimpleNamespace(max_prefill_tokens=budget), num_pages=pages, dp=1,
+                               max_pages=512 // PAGE)
+    return Scheduler(geometry, save_row=lambda slot: ("row", slot))
+
+
+def request(rid: str, prompt: list[int], n: int = 1, echo: bool = False) -> Request:
+    return Request(rid, prompt, SamplingParams(n=n, echo=echo), 64, [Choice(i) for i in range(n)])
+
+
+def run(sched: Scheduler, req: Request, generated: list[int]) -> None:
+    """What the engine does once a prompt is prefilled and its first tokens drawn: the choices run."""
+    for choice in req.choices:
+        choice.token_ids = list(generated)
+        sched.running[choice.slot] = (req, choice)
+
+
+def test_requests_are_seated_in_order_and_a_shared_prefix_comes_from_the_cache():
+    sched = scheduler()
+    prefix = list(range(100, 140))  # 2.5 pages
+    a, b = request("a", prefix + [1, 2, 3]), request("b", prefix + [4, 5])
+    sched.waiting.extend([a])
+    (pf,) = sched.admit()
+    assert pf.req is a and pf.start == 0 and a.choices[0].slot == 0 and len(a.choices[0].pages) == 3
+    sched.register(a, a.choices[0])  # its prompt's K/V are written: its 2 full pages join the prefix cache
+    run(sched, a, [7])
+    sched.waiting.append(b)
+    (pf,) = sched.admit()
+    run(sched, b, [8])
+    assert pf.start == 2 * PAGE and b.cached_tokens == 2 * PAGE and b.choices[0].slot == 1
+    assert b.choices[0].pages[:2] == a.choices[0].pages[:2] and sched.pools[0].refs[a.choices[0].pages[0]] == 2
+    assert list(sched.tables[1, :3]) == b.choices[0].pages
+    sched.cancel({"a", "b"})
+    assert a.choices[0].finish_reason == "abort" and b.cancelled and not sched.running and sched.free == [0, 1, 2, 3]
+    sched.pools[0].check()
+    assert sched.pools[0].num_free == sched.pools[0].capacity
+
+
+def test_long_prompts_take_chunks_under_the_token_budget_and_echo_goes_alone():
+    sched = scheduler(pages=64, budget=256)
+    long = [request(f"l{i}", list(range(10, 310))) for i in range(3)]  # 300 tokens: 3 chunks of up to 128
+    sched.waiting.extend(long)
+    assert [pf.short for pf in sched.admit()] == [False] * 3 and len(sched.prefilling) == 3
+    work = sched.chunks()
+    assert [(pf.req.id, n) for pf, n in work] == [("l0", 128), ("l1", 128)]  # 256 tokens: the third waits
+    assert sched.advance(work) == []
+    assert [(pf.req.id, pf.start) for pf, _ in sched.chunks()] == [("l0", 128), ("l1", 128)]  # oldest first
+    sched.advance(sched.chunks())
+    work = sched.chunks()
+    assert [(pf.req.id, pf.start, n) for pf, n in work] == [("l0", 256, 44), ("l1", 256, 44), ("l2", 0, 128)]
+    assert [pf.req.id for pf in sched.advance(work)] == ["l0", "l1"] and len(sched.prefilling) == 1
+    echo = scheduler(pages=64)
+    echo.waiting.extend([request("e", list(range(10, 300)), echo=True), request("x", list(range(10, 300)))])
+    echo.admit()
+    assert [(pf.req.id, n) for pf, n in echo.chunks()] == [("e", 128)]  # prompt logprobs: one chunk of one prompt
+
+
+def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
+    sched = scheduler(pages=9, slots=4)  # 8 usable pages
+    reqs = [request(f"r{i}", list(range(20 + i, 50 + i))) for i in range(3)]  # 30 tokens: 2 pages each
+    sched.waiting.extend(reqs)
+    seated = sched.admit()
+    assert [pf.req.id for pf in seated] == ["r0", "r1", "r2"]
+    for r in reqs:
+        run(sched, r, [5])
+    assert sched.reserve(20, going=[0, 1, 2]) is False  # 2 more pages each: not without preempting
+    assert sched.preemptions == 0
+    assert sched.reserve(20)  # now it may: the newest goes, and is queued first
+    assert sched.preemptions == 1 and 2 not in sched.running and sched.resumes[0][0] is reqs[2]
+    victim = sched.resumes[0][1]
+    assert victim.saved == ("row", 2) and victim.slot == -1 and not victim.pages
+    assert [len(r.choices[0].pages) for r in reqs[:2]] == [4, 4]
+    for r in reqs[:2]:
+        sched.retire(r.choices[0])
+    (pf,) = sched.admit()
+    assert pf.resume and pf.req is reqs[2] and pf.tokens == reqs[2].prompt_ids  # recomputed from its tokens
+    sched.pools[0].check()
+
+
+def test_n_choices_share_the_prompt_pages_and_copy_the_partial_one():
+    sched = scheduler()
+    req = request("n", list(range(10, 50)), n=3)  # 40 tokens: 2 full pages and a partial one
+    sched.waiting.append(req)
+    (pf,) = sched.admit()
+    assert pf.choices == req.choices and [c.slot for c in req.choices] == [0, 1, 2]
+    copies = sched.fork(req)
+    first = req.choices[0].pages
+    assert [c.pages[:2] for c in req.choices] == [first[:2]] * 3
+    assert [(src, dst) for _, src, dst in copies] == [(first[2], c.pages[2]) for c in req.choices[1:]]
+    assert all(sched.pools[0].refs[p] == 3 for p in first[:2])
+    run(sched, req, [9])
+    for c in req.choices:
+        sched.retire(c)
+    assert sched.free == [0, 1, 2, 3] and not sched.tables.any()
+    sched.pools[0].check()
+
+
+@pytest.mark.parametrize("where", ["waiting", "prefilling", "running", "resumes"])
+def test_an_abort_frees_the_work_wherever_it_is(where):
+    sched = scheduler(pages=24)
+    req = request("a", list(range(10, 300 if where == "prefilling" else 40)))
+    sched.waiting.append(req)
+    if where != "waiting":
+        sched.admit()
+    if where in ("running", "resumes"):
+        run(sched, req, [3])
+    if where == "resumes":
+        sched.reserve(1000)  # more than the pool: it preempts itself
+        assert sched.resumes
+    assert sched.cancel({"a"}) == 1 and sched.cancel({"a"}) == 0  # counted once
+    assert req.cancelled and not (sched.waiting or sched.prefilling or sched.running or sched.resumes)
+    assert sched.free == [0, 1, 2, 3]
+    sched.pools[0].check()
