@@ -60,8 +60,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "layout; xla: widen the int8 weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
-    ap.add_argument("--max-prefill-tokens", type=int, default=0,
-                    help="long-prompt tokens prefilled per engine step (0: 512 on CPU, 16384 on GPU/TPU)")
+    ap.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", dest="max_prefill_tokens", type=int,
+                    default=0, help="long-prompt tokens prefilled per engine step, SGLang's --max-prefill-tokens "
+                    "(vLLM's name is accepted too; 0: 512 on CPU, 16384 on GPU/TPU)")
     ap.add_argument("--decode-batch-sizes", type=_sizes, default=(), metavar="N,N,...",
                     help="rows per data shard that decode steps are compiled for (each step runs at the smallest that "
                          "holds its rows; --max-num-seqs is always one): fewer sizes compile sooner, and pad more. "

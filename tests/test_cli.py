@@ -102,3 +102,15 @@ def test_every_command_has_help(capsys):
     with pytest.raises(SystemExit) as end:
         main(["serve", "--decode-batch-sizes", "4,0"])
     assert end.value.code == 2 and "positive integers separated by commas" in capsys.readouterr().err
+
+
+def test_the_prefill_budget_takes_sglangs_and_vllms_names():
+    import jax
+
+    from engine.runner import platform_defaults
+    from server.__main__ import parse_args, runner_config
+
+    for flag in ("--max-prefill-tokens", "--max-num-batched-tokens"):
+        assert runner_config(parse_args([flag, "2048"])).max_prefill_tokens == 2048
+    tuned = platform_defaults(jax.devices()[0].platform)["max_prefill_tokens"]  # 512 on a CPU
+    assert runner_config(parse_args([])).max_prefill_tokens == tuned
