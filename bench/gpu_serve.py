@@ -146,15 +146,21 @@ async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float,
 
 
 async def counters(session, url: str) -> dict[str, float]:
-    """The engine's counters from `/metrics` (time in device calls, decodes ahead, steps), read with
-    prometheus_client's parser."""
+    """The engine's counters from `/metrics` (time in device calls, decodes ahead, steps, and each part of the
+    engine's step as `step_<phase>`), read with prometheus_client's parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
     wanted = {f"sparkler_{name}_total": name for name in ("device_call_seconds", "decodes_ahead", "steps")}
-    return {wanted[s.name]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name in wanted}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in wanted:
+                out[wanted[s.name]] = s.value
+            elif s.name == "sparkler_engine_step_seconds_total":
+                out["step_" + s.labels["phase"]] = s.value
+    return out
 
 
 async def load(url: str, levels: list[int], length: int, tokens: int, warm_tokens: int) -> dict:
@@ -256,6 +262,11 @@ def table(res: dict, args) -> str:
         share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
         lines.append(f"| engine thread in device calls at {n}, share of wall time | {share(h)} | {share(a)} | | "
                      f"{'> 95% (idle < 5%)' if n == max(args.levels) else ''} |")
+    for n in args.levels:
+        parts = {k[5:]: v / http[n]["wall"] for k, v in http.get(n, {}).items() if k.startswith("step_")}
+        if parts:
+            lines.append(f"| engine step at {n} over HTTP, share of wall time by part | "
+                         + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()) + " | | | |")
     top = max(args.levels)
     if top in http:
         lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "

@@ -35,6 +35,10 @@ from models import Model
 log = logging.getLogger("sparkler.engine")
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
 DETOK_CONTEXT = 5  # prompt tokens kept as context so the first pieces decode with the right spacing
+# The parts of an engine step, in order: read back the decode in flight and hand its tokens to their choices (and
+# dispatch the next one ahead); seat queued work and launch prefills; install sampler rows and draw first tokens;
+# hand the deltas to the streams; reserve pages and dispatch the next decode (or verify drafts).
+PHASES = ("collect", "prefill", "first", "stream", "decode")
 
 
 @dataclasses.dataclass
@@ -77,6 +81,9 @@ class Engine:
         self.ahead = 0  # decodes dispatched so (counted for the tests)
         self._prefilled = False  # this step ran a prefill (a decode dispatched after it is not timed)
         self._read = 0.0  # when the last decode was read back (`_collect`'s timing)
+        # Host seconds spent in each part of `step` (`PHASES`), waits for the devices included: where the loop's time
+        # goes, beside `Runner.device_seconds` (what of it was spent in device calls).
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         # Called once the first tokens of the requests just prefilled are handed to `on_delta`, before this step's
         # decode: a consumer that batches what it gets passes them on then (`AsyncEngine`: time to first token).
         self.handed: Callable[[], None] = lambda: None
@@ -163,7 +170,8 @@ class Engine:
                     kv_pages_cached=total("num_cached"), kv_page_size=self.page_size,
                     prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hit,
                     prefix_cache_hit_rate=round(hit / queried, 4) if queried else 0.0,
-                    preemptions=sched.preemptions, device_call_seconds=round(self.runner.device_seconds(), 6),
+                    preemptions=sched.preemptions, step_seconds=dict(self.phase_seconds),
+                    device_call_seconds=round(self.runner.device_seconds(), 6),
                     decodes_ahead=self.ahead, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0)
@@ -205,21 +213,34 @@ class Engine:
             self.sched.waiting.append(self.incoming.get())
         done: list[Request] = []
         changed: dict[str, Request] = {}
+        t = time.perf_counter()
         self._take_aborts()  # before the dispatch in flight is read back: an aborted choice takes none of it
         if self.inflight is not None:
             inf, self.inflight = self.inflight, None
             ahead = self.overlap and self._ahead(inf)
             self._collect(inf, changed, done)
+            t = self._spent("collect", t)
             if ahead:
                 return done
         prefills = self.runner.prefill_calls()
-        self._admit(changed)
+        ready = self._admit()
         self._prefilled = self.runner.prefill_calls() != prefills  # a decode now queues behind it: not timed
+        t = self._spent("prefill", t)
+        self._install(ready, changed)
+        t = self._spent("first", t)
         self._emit(changed, done)
         self.handed()
+        t = self._spent("stream", t)
         if self.sched.running:
             self._decode(changed, done)
+            self._spent("decode", t)
         return done
+
+    def _spent(self, phase: str, since: float) -> float:
+        """Add the time since `since` to a phase of the step; returns now."""
+        now = time.perf_counter()
+        self.phase_seconds[phase] += now - since
+        return now
 
     def _emit(self, changed: dict[str, Request], done: list[Request]) -> None:
         """Hand each changed request its deltas since the last call."""
@@ -241,10 +262,10 @@ class Engine:
 
     # ---- admission and prefill ------------------------------------------------------------------------------
 
-    def _admit(self, changed) -> None:
+    def _admit(self) -> list[Prefill]:
         """Seat queued work (the scheduler's `admit`) and prefill: short prompts now, several per call; the next
         chunks of long ones (one chunk of one prompt at a time for prompt logprobs), so the streams already running
-        keep flowing meanwhile. Then install what is complete."""
+        keep flowing meanwhile. Returns the work now prefilled, to install."""
         sched, tables = self.sched, self.sched.tables
         short = [pf for pf in sched.admit() if pf.short]
         if short:
@@ -262,7 +283,7 @@ class Engine:
         for pf in ready:
             if pf.echo:
                 pf.req.prompt_logprobs = join_pieces(pf.pieces)
-        self._install(short + ready, changed)
+        return short + ready
 
     def _install(self, ready: list[Prefill], changed) -> None:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a

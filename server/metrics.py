@@ -53,6 +53,11 @@ class EngineCollector:
             yield GaugeMetricFamily(f"sparkler_{name}", doc, value=stats[name])
         for name, doc in ENGINE_COUNTERS.items():
             yield CounterMetricFamily(f"sparkler_{name}", doc, value=stats[name])
+        phases = CounterMetricFamily("sparkler_engine_step_seconds", "seconds of the engine loop by part of its step "
+                                     "(engine.engine.PHASES), waits for the devices included", labels=["phase"])
+        for phase, seconds in stats["step_seconds"].items():
+            phases.add_metric([phase], seconds)
+        yield phases
 
 
 class Metrics:

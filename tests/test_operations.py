@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import live_server
+from engine.engine import PHASES
 from server.child import spawn
 from test_server import HELLO, MODEL, http
 
@@ -37,6 +38,8 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     length = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, finish_reason="length")
     bad = metric(api, "sparkler_requests", "sparkler_requests_total", route=route, status="400")
     device = metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total")
+    step = "sparkler_engine_step_seconds"
+    phases = {p: metric(api, step, step + "_total", phase=p) for p in PHASES}
     for _ in range(3):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, extra_body={"ignore_eos": True})
     list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, stream=True,
@@ -54,6 +57,7 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert metric(api, "sparkler_kv_pages_total", "sparkler_kv_pages_total") == api.engine.sched.pools[0].capacity
     assert metric(api, "sparkler_free_slots", "sparkler_free_slots") == 32
     assert metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total") > device  # launches
+    assert all(metric(api, step, step + "_total", phase=p) > t for p, t in phases.items())  # every part of a step ran
 
 
 @pytest.fixture(scope="module")
