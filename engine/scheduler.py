@@ -1,4 +1,5 @@
-"""Scheduling: which work holds the decode slots and KV pages, step by step. Plain Python, no device calls.
+"""Scheduling: which work holds the decode slots and KV pages, step by step. Plain Python: its one device call is
+the `save_row` it is given (a preempted choice takes its sampler row along).
 
 The scheduler owns the queues (requests waiting, preempted choices coming back first, prompts being prefilled, the
 running choices), the free slots, one page pool per data shard and the page tables. Each engine step asks it to seat
@@ -294,6 +295,7 @@ class Scheduler:
         aborted = 0
 
         def mark(req: Request) -> None:
+            """Count a request the first time it is cancelled."""
             nonlocal aborted
             aborted += not req.cancelled
             req.cancelled = True

@@ -23,6 +23,7 @@ def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 1
 
 
 def request(rid: str, prompt: list[int], n: int = 1, echo: bool = False) -> Request:
+    """A request of `n` choices, 64 tokens at most, and prompt logprobs if `echo`."""
     return Request(rid, prompt, SamplingParams(n=n, echo=echo), 64, [Choice(i) for i in range(n)])
 
 
@@ -71,6 +72,10 @@ def test_long_prompts_take_chunks_under_the_token_budget_and_echo_goes_alone():
     echo.waiting.extend([request("e", list(range(10, 300)), echo=True), request("x", list(range(10, 300)))])
     echo.admit()
     assert [(pf.req.id, n) for pf, n in echo.chunks()] == [("e", 128)]  # prompt logprobs: one chunk of one prompt
+    behind = scheduler(pages=64)
+    behind.waiting.extend([request("x", list(range(10, 300))), request("e", list(range(10, 300)), echo=True)])
+    behind.admit()
+    assert [pf.req.id for pf, _ in behind.chunks()] == ["x"]  # and never shares a step's chunks with others
 
 
 def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
@@ -93,6 +98,53 @@ def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
     (pf,) = sched.admit()
     assert pf.resume and pf.req is reqs[2] and pf.tokens == reqs[2].prompt_ids  # recomputed from its tokens
     sched.pools[0].check()
+
+
+def test_a_prompt_being_prefilled_is_preempted_before_older_running_work():
+    sched = scheduler(pages=14)  # 13 usable pages
+    old = request("old", list(range(20, 50)))  # 2 pages, running
+    sched.waiting.append(old)
+    sched.admit()
+    run(sched, old, [5])
+    long = request("long", list(range(100, 250)))  # 150 tokens: 10 pages, prefilled a chunk per step
+    sched.waiting.append(long)
+    sched.admit()
+    assert [pf.req.id for pf in sched.prefilling] == ["long"] and sched.pools[0].num_free == 1
+    assert sched.reserve(40)  # "old" needs 3 more pages: the prompt being prefilled, admitted after it, goes
+    assert sched.preemptions == 1 and not sched.prefilling and sched.waiting[0] is long and long.choices[0].slot == -1
+    assert len(old.choices[0].pages) == 5 and 0 in sched.running
+    sched.pools[0].check()
+
+
+def test_a_decode_batch_holds_each_running_choice_at_its_position():
+    sched = scheduler()
+    a, b = request("a", list(range(10, 30)), n=2), request("b", list(range(40, 45)))
+    sched.waiting.extend([a, b])
+    sched.admit()
+    sched.fork(a)
+    run(sched, a, [7, 8, 9])
+    run(sched, b, [4])
+    batch = sched.batch()
+    assert list(batch.active) == [True, True, True, False]
+    assert list(batch.tokens[:3]) == [9, 9, 4] and list(batch.positions) == [22, 22, 5, sched.max_len]
+    assert not sched.could_seat()  # nothing queued
+    sched.waiting.append(request("c", [1, 2], n=2))
+    assert not sched.could_seat()  # two slots wanted, one free
+    sched.retire(b.choices[0])
+    assert sched.could_seat()
+
+
+def test_clear_frees_everything_and_returns_every_request_once():
+    sched = scheduler(pages=40)
+    reqs = [request("run", list(range(10, 40)), n=2), request("long", list(range(10, 300))),
+            request("queued", list(range(10, 30)), n=4)]
+    sched.waiting.extend(reqs)
+    sched.admit()  # "run" and "long" seated, "queued" waits for slots
+    run(sched, reqs[0], [1])
+    assert sorted(r.id for r in sched.clear()) == ["long", "queued", "run"]
+    assert sched.free == [0, 1, 2, 3] and not sched.tables.any() and not sched.queued()
+    sched.pools[0].check()
+    assert sched.pools[0].num_free == sched.pools[0].capacity
 
 
 def test_n_choices_share_the_prompt_pages_and_copy_the_partial_one():
@@ -126,6 +178,7 @@ def test_an_abort_frees_the_work_wherever_it_is(where):
         sched.reserve(1000)  # more than the pool: it preempts itself
         assert sched.resumes
     assert sched.cancel({"a"}) == 1 and sched.cancel({"a"}) == 0  # counted once
+    assert where == "waiting" or all(c.finish_reason == "abort" for c in req.choices)
     assert req.cancelled and not (sched.waiting or sched.prefilling or sched.running or sched.resumes)
     assert sched.free == [0, 1, 2, 3]
     sched.pools[0].check()
