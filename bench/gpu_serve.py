@@ -295,15 +295,18 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: cold, engine")
     ap.add_argument("--server-args", default="", help="more server flags, e.g. '--attention-backend xla'")
     ap.add_argument("--port", type=int, default=8195)
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="the server's slots (default 256; 8 with --smoke)")
     args = ap.parse_args()
     if args.write_tokenizer:
         return write_tokenizer(args.write_tokenizer)
     if args.smoke:
         cfg, args.levels, args.prompt, args.tokens, args.warm_tokens = SMOKE, args.levels or "1,4,8", 64, 16, 2
-        args.max_num_seqs, args.kv_cache_gb, args.max_model_len, args.ready_limit = 8, 0.05, 256, 900
+        args.kv_cache_gb, args.max_model_len, args.ready_limit = 0.05 * max(1, args.max_num_seqs / 8), 256, 900
+        args.max_num_seqs = args.max_num_seqs or 8
     else:
         cfg, args.levels, args.prompt, args.tokens, args.warm_tokens = LLAMA_8B, args.levels or "1,64,256", 512, 256, 8
-        args.max_num_seqs, args.kv_cache_gb, args.max_model_len, args.ready_limit = 256, 28, 1024, 420
+        args.kv_cache_gb, args.max_model_len, args.ready_limit = 28, 1024, 420
+        args.max_num_seqs = args.max_num_seqs or 256
     args.levels = [int(x) for x in args.levels.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     os.makedirs(args.out, exist_ok=True)
