@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve import ROOT, measure, stop, wait_ready  # noqa: E402
+from serve import ROOT, measure, stop, wait_ready, wait_warm  # noqa: E402
 
 SPARKLER = os.path.join(os.path.dirname(sys.executable), "sparkler")
 
@@ -47,7 +47,8 @@ def start(flags: list[str], cache: str, port: int, log: str, rates: bool, tokens
             out = {"ready": time.perf_counter() - t}
             first_answer(url)
             out["answer"] = time.perf_counter() - t
-            if rates:
+            if rates:  # once the background warm-up is done (it compiles on a core the rates need)
+                wait_warm(url)
                 out.update(asyncio.run(measure(url, tokens, (1, 32))))  # a round at each first: its shapes compile
         finally:
             stop(proc)
