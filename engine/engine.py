@@ -478,13 +478,8 @@ class Engine:
             return False
         if not sched.reserve(2 * inf.steps, going=going):
             return False
-        b = self.runner.slots
-        positions, active = np.full(b, self.max_len, np.int32), np.zeros(b, bool)
-        for slot in going:
-            req, choice = running[slot]
-            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + inf.steps
-            active[slot] = True
-        self._dispatch(None, positions, active, inf.steps, None, carry=True)
+        batch = sched.batch(going, ahead=inf.steps)  # its tokens are still on the devices
+        self._dispatch(None, batch.positions, batch.active, inf.steps, None, carry=True)
         inf.compiled |= self.inflight.compiled  # a compile here stalled the host inside `inf`'s measured time
         self.ahead += 1
         return True

@@ -259,13 +259,15 @@ class Scheduler:
         self.resumes.appendleft((req, choice))
         return choice
 
-    def batch(self) -> Batch:
-        """The running choices as a decode's rows."""
+    def batch(self, slots: list[int] | None = None, ahead: int = 0) -> Batch:
+        """The running choices (those in `slots`, if given) as a decode's rows, `ahead` positions on (a decode
+        dispatched before the one in flight, of `ahead` steps, is read back)."""
         tokens, positions = np.zeros(self.slots, np.int32), np.full(self.slots, self.max_len, np.int32)
         active = np.zeros(self.slots, bool)
-        for slot, (req, choice) in self.running.items():
+        for slot in self.running if slots is None else slots:
+            req, choice = self.running[slot]
             tokens[slot] = choice.token_ids[-1]
-            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1
+            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + ahead
             active[slot] = True
         return Batch(tokens, positions, active)
 

@@ -127,6 +127,8 @@ def test_a_decode_batch_holds_each_running_choice_at_its_position():
     batch = sched.batch()
     assert list(batch.active) == [True, True, True, False]
     assert list(batch.tokens[:3]) == [9, 9, 4] and list(batch.positions) == [22, 22, 5, sched.max_len]
+    ahead = sched.batch([1, 2], ahead=4)  # a decode of 4 steps in flight, read back after the next is dispatched
+    assert list(ahead.active) == [False, True, True, False] and list(ahead.positions) == [512, 26, 9, 512]
     assert not sched.could_seat()  # nothing queued
     sched.waiting.append(request("c", [1, 2], n=2))
     assert not sched.could_seat()  # two slots wanted, one free
