@@ -73,14 +73,15 @@ def test_decode_kernel_matches_reference(kernel, h, kvh, d):
 
 def test_gpu_kernel_splits_only_few_rows_and_matches_the_reference_unsplit():
     """`pallas-gpu` splits a sequence's pages only while rows x KV heads are few; 33 rows of 8 KV heads take one
-    partition of 8 pages (the kernel walks them in blocks), in Pallas' interpreter, against `paged.reference`."""
+    partition (the kernel walks it in blocks) of a 12-page table, padded to 16 (blocks of pages are powers of two
+    for Triton), in Pallas' interpreter, against `paged.reference`."""
     from models.backends import pallas_gpu
 
     assert pallas_gpu.splits_for(1, 8, 64) == 16 and pallas_gpu.splits_for(16, 8, 64) == 2
     assert pallas_gpu.splits_for(256, 8, 64) == pallas_gpu.splits_for(33, 8, 8) == 1
     rng = np.random.default_rng(7)
     h = kvh = 8
-    d, ps, pages, n, b = 16, 16, 40, 8, 33
+    d, ps, pages, n, b = 16, 16, 40, 12, 33
     k, v = _pool(rng, kvh, d, 1, pages, ps)
     lengths = rng.integers(1, n * ps + 1, b).astype(np.int32)
     table = np.stack([1 + rng.permutation(pages - 1)[:n] for _ in range(b)]).astype(np.int32)
@@ -88,6 +89,57 @@ def test_gpu_kernel_splits_only_few_rows_and_matches_the_reference_unsplit():
     want = paged.reference(q, k, v, jnp.asarray(table), jnp.asarray(lengths - 1)[:, None], d ** -0.5)
     got = pallas_gpu.decode(q[:, 0] * d ** -0.5, k, v, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
     np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), np.asarray(want), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h,kvh,d", GQA)
+def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_one_call(h, kvh, d):
+    """`pallas_gpu.ragged` (interpreted) over one flat batch mixing decode rows (one query) and prefill chunks:
+    chunks starting at 0, mid-page and on a page boundary, crossing pages, a sequence with no queries, padding rows
+    after the last sequence, tables wider than needed, the default blocks or small ones (alternate shapes); each
+    sequence against `paged.reference`."""
+    from models.backends import pallas_gpu
+
+    rng = np.random.default_rng(h * 10 + kvh)
+    ps, pages = 16, 96
+    lengths = np.array([1, 20, 0, 1, 37, 16, 3], np.int32)
+    starts = np.array([5, 13, 0, 47, 0, 32, 64], np.int32)
+    r, n = len(lengths), -(-int((starts + lengths).max()) // ps) + 1
+    k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
+    tables = jnp.asarray(1 + rng.permutation(pages - 1)[:r * n].reshape(r, n), jnp.int32)
+    t = int(lengths.sum()) + 6
+    q = jnp.asarray(rng.normal(size=(t, h, d)), jnp.float32)
+    offsets = np.cumsum(lengths) - lengths
+    want = [paged.reference(q[None, o:o + l], k_cache, v_cache, tables[i:i + 1],
+                            jnp.asarray(starts[i] + np.arange(l)[None], jnp.int32), d ** -0.5)[0]
+            for i, (o, l) in enumerate(zip(offsets, lengths)) if l]
+    block, per_step = (None, None) if GQA.index((h, kvh, d)) % 2 else (4, 2)  # the defaults, or small blocks
+    got = pallas_gpu.ragged(q * d ** -0.5, k_cache, v_cache, tables, jnp.asarray(starts), jnp.asarray(lengths),
+                            interpret=True, block=block, pages_per_step=per_step)
+    got = np.asarray(got).reshape(t, h * d)
+    np.testing.assert_allclose(got[:-6], np.concatenate(want), atol=2e-5, rtol=1e-4)
+    assert (got[-6:] == 0).all()
+
+
+def test_gpu_kernels_lower_to_triton_for_every_family_shape():
+    """Both `pallas-gpu` kernels pass Pallas' Triton lowering (block shapes, loads, dots: what the interpreter does
+    not check) in bfloat16 for the 8B shape and each family's head groups, exported for CUDA from this CPU (XLA
+    compiles the Triton IR to PTX only on a GPU)."""
+    from jax import export
+
+    from models.backends import pallas_gpu
+
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    lower = export.export  # the Triton calls carry no compatibility guarantee across versions: not for storing
+    unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for h, kvh, d in [(32, 8, 128), *GQA]:
+        pool, t, rows, n = bf16(kvh, 1024, 16, d), 512, 16, 24
+        ragged = lower(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(t, h, d), pool, pool, i32(rows, n), i32(rows), i32(rows)).mlir_module()
+        assert 'name = "ragged_paged_attention"' in ragged, (h, kvh, d)
+        decode = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(rows, h, d), pool, pool, i32(rows, n), i32(rows)).mlir_module()
+        assert "xla.gpu.triton" in decode, (h, kvh, d)
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)
@@ -227,12 +279,14 @@ def test_model_decode_through_a_kernel_matches_xla(kernel):
     prompt = jnp.asarray(np.array([ROWS[0][:12], ROWS[0][3:15]], np.int32))
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (b, 12))
     cache = paged.KVCache.zeros(c, 1 + b * 2, ps)
-    _, cache = ref.apply(params, prompt, pos, table, cache)
+    chunk, _ = ker.apply(params, prompt, pos, table, cache)  # a prefill chunk through the kernel's path as well
+    want_chunk, cache = ref.apply(params, prompt, pos, table, cache)
     step = (jnp.asarray([[7], [9]], jnp.int32), jnp.asarray([[12], [12]], jnp.int32), table)
     want, _ = ref.apply(params, *step, cache)
     got, _ = ker.apply(params, *step, cache)
     tol = 1e-4 if kernel == "pallas-gpu" else 2e-2  # see test_decode_kernel_matches_reference
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=tol)
+    np.testing.assert_allclose(np.asarray(chunk), np.asarray(want_chunk), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])

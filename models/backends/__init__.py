@@ -1,7 +1,8 @@
 """Attention and matmul backends, each kernel beside the reference it is tested against.
 
 - `paged`: the paged KV cache and the plain-XLA attention over it (the reference, and every prefill);
-- `cpu_attention` (C++), `pallas_gpu` and `pallas_tpu`: decode attention kernels over the same pool;
+- `cpu_attention` (C++), `pallas_gpu` and `pallas_tpu`: attention kernels over the same pool (decode; `pallas_gpu`
+  also chunks of queries, `ragged`);
 - `cpu_matmul`: the int8 C++ matmul kernel (its reference is `models.quant.dot`); `native` builds the C++ in `csrc/`.
 
 This module chooses the attention backend (`resolve_backend`) and dispatches to it (`paged_attention`). The kernels
@@ -72,11 +73,18 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
                     table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
                     sinks: jax.Array | None = None) -> jax.Array:
     """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
-    (S > 1) runs `paged.prefill`, but for the `cpu` kernel's short chunks (a verify pass); decode (one query per
-    row) runs the kernels, or `paged.reference` for the `xla` backend, a window, soft-capping or sinks. Other
-    arguments as `paged.reference`."""
+    (S > 1) runs `pallas_gpu.ragged` on `pallas-gpu`, the `cpu` kernel for its short chunks (a verify pass), else
+    `paged.prefill`; decode (one query per row) runs the kernels, or `paged.reference` for the `xla` backend, a
+    window, soft-capping or sinks. Other arguments as `paged.reference`."""
     b, s, h, d = q.shape
     plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    if s > 1 and backend == "pallas-gpu" and plain:  # each row a sequence of `s` queries in one flat batch
+        from models.backends import pallas_gpu
+
+        qs = (q * jnp.asarray(scale, q.dtype)).reshape(b * s, h, d)
+        out = pallas_gpu.ragged(qs, k_cache, v_cache, table, positions[:, 0].astype(jnp.int32),
+                                jnp.full((b,), s, jnp.int32), interpret=jax.default_backend() != "gpu")
+        return out.reshape(b, s, h * d)
     if s > 1 and not (backend == "cpu" and plain and s <= CPU_CHUNK):
         return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
     if backend == "xla" or not plain:
