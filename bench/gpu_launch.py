@@ -20,7 +20,9 @@ would starve the server's HTTP thread (64 concurrent over HTTP got half the engi
 
 Then the decode attention alone (issue 21, item 3), one layer of the 8B shape at 256 rows of 640 keys (bfloat16,
 pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, and the XLA reference;
-each row gives the K/V bytes read per second, to compare with the card's copy bandwidth.
+each row gives the K/V bytes read per second, to compare with the card's copy bandwidth. And attention for prefill
+chunks (item 1): `pallas_gpu.ragged` against XLA's `paged.prefill` (16 chunks of 512 queries, fresh and after 512
+cached tokens), and 256 decode rows with 8 chunks as one flat `ragged` call against the decode kernel beside it.
 
 `python bench/gpu_launch.py` on the GPU host (~3 minutes); `--smoke` on a CPU.
 """
@@ -146,6 +148,60 @@ def attention(smoke: bool) -> list[dict]:
     return rows
 
 
+def chunks(smoke: bool) -> list[dict]:
+    """Time one layer's attention for prefill chunks (issue 21, item 1): `pallas_gpu.ragged` against the XLA
+    `paged.prefill`, for fresh 512-token chunks and for chunks after 512 cached tokens, and the flat batch of 256
+    decode rows with 8 such chunks in one `ragged` call against the decode kernel plus `ragged` over the chunks."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu import timed
+
+    from models.backends import paged, pallas_gpu
+
+    b, h, kvh, d, ps, s, dec = (2, 4, 2, 32, 16, 32, 4) if smoke else (16, 32, 8, 128, 16, 512, 256)
+    dt = jnp.float32 if smoke else jnp.bfloat16
+    n = 2 * s // ps  # a table of the chunk and as many tokens before it
+    pages = (b + dec) * n + 1
+    key = jax.random.key(0)
+    kc = jax.random.normal(jax.random.fold_in(key, 1), (kvh, pages, ps, d), dt)
+    vc = jax.random.normal(jax.random.fold_in(key, 2), (kvh, pages, ps, d), dt)
+    perm = np.random.default_rng(0).permutation(np.arange(1, pages)).reshape(b + dec, n).astype(np.int32)
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    for start in (0, s):
+        q = jax.random.normal(key, (b, s, h, d), dt)
+        k = v = jax.random.normal(jax.random.fold_in(key, 3), (b, s, kvh, d), dt)
+        table = jnp.asarray(perm[:b, :(start + s) // ps])
+        pos = jnp.broadcast_to(jnp.arange(start, start + s, dtype=jnp.int32), (b, s))
+        flops = 4 * b * h * d * (s * start + s * (s + 1) / 2)  # causal: scores and values
+        ref = jax.jit(lambda q, k, v, kc, vc, t, p: paged.prefill(q, k, v, kc, vc, t, p, 1.0))
+        ker = jax.jit(lambda q, kc, vc, t, p: pallas_gpu.ragged(q.reshape(-1, h, d), kc, vc, t, p[:, 0],
+                                                                jnp.full((b,), s, jnp.int32), interpret=interpret))
+        for kind, sec in (("xla paged.prefill", timed(ref, q, k, v, kc, vc, table, pos)),
+                          ("pallas-gpu ragged", timed(ker, q, kc, vc, table, pos))):
+            rows.append(dict(kind=kind, batch=f"{b} x {s} queries after {start}", ms=sec * 1e3,
+                             tflops=flops / sec / 1e12))
+            print(f"  {rows[-1]}", flush=True)
+    # 256 decode rows (one query at position 2s - 1) and b chunks (fresh) in one flat batch, or in two calls.
+    tables = jnp.asarray(np.concatenate([perm[b:], perm[:b]]))
+    lengths = jnp.asarray([1] * dec + [s] * b, jnp.int32)
+    starts = jnp.asarray([2 * s - 1] * dec + [0] * b, jnp.int32)
+    q = jax.random.normal(key, (dec + b * s, h, d), dt)
+    flat = jax.jit(lambda q, kc, vc, t, st, ln: pallas_gpu.ragged(q, kc, vc, t, st, ln, interpret=interpret))
+    split = jax.jit(lambda q, kc, vc, t, st, ln: (
+        pallas_gpu.decode(q[:dec], kc, vc, t[:dec], st[:dec] + 1, interpret=interpret),
+        pallas_gpu.ragged(q[dec:], kc, vc, t[dec:], st[dec:], ln[dec:], interpret=interpret)))
+    for kind, f in (("pallas-gpu ragged, one call", flat), ("decode kernel + ragged", split)):
+        sec = timed(f, q, kc, vc, tables, starts, lengths)
+        rows.append(dict(kind=kind, batch=f"{dec} decode rows + {b} x {s}", ms=sec * 1e3, tflops=0.0))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> None:
     """Each variant in its own process; one table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -153,8 +209,8 @@ def main() -> None:
     ap.add_argument("--only", help="run this variant here (the parent process runs each so)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
-    if args.only == "attention":
-        print("RESULT " + json.dumps(attention(args.smoke)), flush=True)
+    if args.only in ("attention", "chunks"):
+        print("RESULT " + json.dumps((attention if args.only == "attention" else chunks)(args.smoke)), flush=True)
         return
     if args.only:
         print("RESULT " + json.dumps(one(args.only, args.smoke)), flush=True)
@@ -190,6 +246,17 @@ def main() -> None:
     for r in json.loads(got[0]):
         print(f"| {r['kind']} | {r['width']} | {r['splits'] or ''} | {r['block'] or ''} | {r['ms']:.3f} | "
               f"{r['gbs']:,.0f} |")
+    cmd[cmd.index("attention")] = "chunks"
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not got:
+        print(f"chunks: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
+        return
+    print("\n| chunk attention, one layer | batch | ms | TFLOP/s |")
+    print("| --- | --- | ---: | ---: |")
+    for r in json.loads(got[0]):
+        tflops = f"{r['tflops']:.1f}" if r["tflops"] else ""
+        print(f"| {r['kind']} | {r['batch']} | {r['ms']:.3f} | {tflops} |")
 
 
 if __name__ == "__main__":
