@@ -113,6 +113,10 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
                             jnp.asarray(starts[i] + np.arange(l)[None], jnp.int32), d ** -0.5)[0]
             for i, (o, l) in enumerate(zip(offsets, lengths)) if l]
     block, per_step = (None, None) if GQA.index((h, kvh, d)) % 2 else (4, 2)  # the defaults, or small blocks
+    meta, _, _, _ = pallas_gpu.blocks(jnp.asarray(starts), jnp.asarray(lengths), t, block or 8)
+    first, count, _, _ = np.asarray(meta).T  # the real blocks tile every sequence's rows once; all read in bounds
+    assert sorted(r for f, c in zip(first, count) for r in range(f, f + c)) == list(range(int(lengths.sum())))
+    assert (first >= 0).all() and (first < t).all()
     got = pallas_gpu.ragged(q * d ** -0.5, k_cache, v_cache, tables, jnp.asarray(starts), jnp.asarray(lengths),
                             interpret=True, block=block, pages_per_step=per_step)
     got = np.asarray(got).reshape(t, h * d)

@@ -96,6 +96,26 @@ def _ragged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *, group: in
     o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
+def blocks(starts: jax.Array, lengths: jax.Array, t: int, block: int):
+    """`ragged`'s query blocks: each sequence's queries in blocks of `block` (sequence r's first is block
+    `before[r]`), ceil(t / block) + R blocks in all, the unused ones last. Returns `(meta, seq, before, offsets)`:
+    per block its first query's row in `q` (0 for an unused block: the kernel reads a block's rows before it knows
+    whether any is real), how many of its queries are real, the first one's position; its sequence; each sequence's
+    first block and first row."""
+    r = lengths.shape[0]
+    counts = -(-lengths // block)
+    before = jnp.cumsum(counts) - counts
+    offsets = jnp.cumsum(lengths) - lengths
+    i = jnp.arange(-(-t // block) + r)
+    seq = jnp.clip(jnp.searchsorted(before + counts, i, side="right"), 0, r - 1)
+    j = i - before[seq]
+    real = i < (before + counts)[-1]
+    meta = jnp.stack([jnp.where(real, offsets[seq] + j * block, 0),
+                      jnp.where(real, jnp.clip(lengths[seq] - j * block, 0, block), 0),
+                      starts[seq] + j * block, jnp.zeros_like(seq)], axis=1).astype(jnp.int32)
+    return meta, seq, before, offsets
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block", "pages_per_step"))
 def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array, starts: jax.Array,
            lengths: jax.Array, interpret: bool = False, block: int | None = None,
@@ -121,17 +141,8 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
     width = max(pages_per_step, _pow2(n))
     width += -width % pages_per_step
     tables = jnp.pad(tables, ((0, 0), (0, width - n)), constant_values=SCRATCH)
-    # Query blocks: sequence r's start at block `before[r]`; at most ceil(T / block) + R of them in all.
-    nb = -(-t // block) + r
-    counts = -(-lengths // block)
-    before = jnp.cumsum(counts) - counts
-    offsets = jnp.cumsum(lengths) - lengths
-    i = jnp.arange(nb)
-    seq = jnp.clip(jnp.searchsorted(before + counts, i, side="right"), 0, r - 1)
-    j = i - before[seq]
-    real = (i < (before + counts)[-1]) & (j >= 0)
-    meta = jnp.stack([offsets[seq] + j * block, jnp.where(real, jnp.clip(lengths[seq] - j * block, 0, block), 0),
-                      starts[seq] + j * block, jnp.zeros_like(seq)], axis=1).astype(jnp.int32)
+    meta, seq, before, offsets = blocks(starts, lengths, t, block)
+    nb = meta.shape[0]
     qg = q.reshape(t, kvh, g, d).transpose(1, 0, 2, 3)
     qg = jnp.pad(qg, ((0, 0), (0, block), (0, gp - g), (0, 0)))  # a block's rows read past the end stay in bounds
     out = pl.pallas_call(
