@@ -80,6 +80,8 @@ class Engine:
         self.overlap = True  # dispatch a decode before reading back the one before it, when nothing else can happen
         self.ahead = 0  # decodes dispatched so (counted for the tests)
         self._prefilled = False  # this step ran a prefill (a decode dispatched after it is not timed)
+        self.riders: list[int] = []  # running slots whose next token this step's flat prefill computed
+        self.rode = 0  # tokens drawn so (counted for the tests)
         self._read = 0.0  # when the last decode was read back (`_collect`'s timing)
         # Host seconds spent in each part of `step` (`PHASES`), waits for the devices included: where the loop's time
         # goes, beside `Runner.device_seconds` (what of it was spent in device calls).
@@ -231,7 +233,7 @@ class Engine:
         self._emit(changed, done)
         self.handed()
         t = self._spent("stream", t)
-        if self.sched.running:
+        if self.sched.running and not self.riders:  # riders took this step's token with the prefill
             self._decode(changed, done)
             self._spent("decode", t)
         return done
@@ -265,20 +267,33 @@ class Engine:
     def _admit(self) -> list[Prefill]:
         """Seat queued work (the scheduler's `admit`) and prefill: short prompts now, several per call; the next
         chunks of long ones (one chunk of one prompt at a time for prompt logprobs), so the streams already running
-        keep flowing meanwhile. Returns the work now prefilled, to install."""
-        sched, tables = self.sched, self.sched.tables
+        keep flowing meanwhile. With the flat step (`Runner.flat`) they are one call, and the running choices'
+        next tokens ride in it (`riders`; not while any drafts). Returns the work now prefilled, to install."""
+        sched, tables, flat = self.sched, self.sched.tables, self.runner.flat
+        self.riders = []
+        riding = flat and sched.running and all(c.drafter is None for _, c in sched.running.values())
+        if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
+            sched.reserve(1)
         short = [pf for pf in sched.admit() if pf.short]
-        if short:
-            self.runner.prefill_many([(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens, pf.start)
-                                      for pf in short])
+        items = [(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short]
+        if short and not flat:
+            self.runner.prefill_many(items)
         work = sched.chunks()
         if work and work[0][0].echo:
             pf = work[0][0]
             slot = pf.choices[0].slot
             pf.pieces.append(self.runner.prefill_chunk(slot, tables[slot], pf.tokens, pf.start, True))
         elif work:
-            self.runner.prefill_many([(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens[:pf.start + n],
-                                       pf.start) for pf, n in work])
+            chunks = [(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens[:pf.start + n], pf.start)
+                      for pf, n in work]
+            if not flat:
+                self.runner.prefill_many(chunks)
+            items += chunks
+        if flat and items:
+            batch = sched.batch() if riding else None
+            self.riders = sorted(sched.running) if riding else []
+            self.runner.prefill_flat(items, [(s, tables[s], batch.tokens[s], batch.positions[s])
+                                             for s in self.riders])
         ready = sched.advance(work)
         for pf in ready:
             if pf.echo:
@@ -323,16 +338,21 @@ class Engine:
         sched.admitting = []
         if copies:
             self.runner.copy_pages(copies)
-        if not new_rows and not ready:
+        if ready:
+            self.runner.push_params()
+        sources = {**new_rows, **{slot: slot for slot in self.riders}}  # riders draw from their own rows
+        if not sources:
             return
-        self.runner.push_params()
-        if not new_rows:
-            return
-        out = self.runner.first_tokens(new_rows, self._allowed(new_rows))
-        for slot in new_rows:
+        out = self.runner.first_tokens(sources, self._allowed(sources))
+        for slot in sources:
             req, choice = sched.running[slot]
             self._append(req, choice, out, slot)
             changed[req.id] = req
+        if self.riders:
+            self.steps_run += 1
+            self.rode += len(self.riders)
+            for req, choice in sched.running.values():
+                sched.register(req, choice)  # pages the riders filled, to the prefix cache
 
     def _settings(self, req: Request) -> dict:
         """A request's sampler row: its settings and logit bias (EOS suppressed for ignore_eos)."""

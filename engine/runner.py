@@ -28,6 +28,7 @@ from engine import sampler as smp
 from engine.compile import AOT, Job, shape_key
 from models import KVCache, Model
 from models import backends
+from models.backends import paged
 from models.sharding import cache_sharding
 
 log = logging.getLogger("sparkler.engine")
@@ -35,6 +36,7 @@ log = logging.getLogger("sparkler.engine")
 PREFILL_BUCKETS = (32, 64, 128, 192, 256, 384, 512)
 BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
+FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,11 @@ class RunnerConfig:
     # Rows per data shard that decode, verify and first-draw steps are compiled for (vLLM's --cuda-graph-sizes): a
     # step runs at the smallest that holds its rows, and the slots per shard are always one. (): powers of two.
     decode_batch_sizes: tuple[int, ...] = ()
+    # One flat step (issue 21): an engine step's prompts and chunks, and the running choices' next tokens beside
+    # them, in one forward pass over a flat batch of tokens (`Runner.prefill_flat`). None: where the attention
+    # backend is `pallas-gpu` (its `ragged` kernel); elsewhere prefill and decode stay separate calls (on a CPU the
+    # `cpu` kernel decodes faster than a flat batch attends).
+    flat_step: bool | None = None
 
 
 def platform_defaults(platform: str) -> dict:
@@ -160,6 +167,16 @@ class Runner:
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
+        self.flat = model.module.backend == "pallas-gpu" if rc.flat_step is None else rc.flat_step
+        if self.flat and self.dp > 1:
+            if rc.flat_step:
+                raise ValueError("the flat step runs on one data shard (-dp 1)")
+            self.flat = False
+        # A flat step's tokens, padded to a power of two or to the most it takes: the step's prompt budget (or a
+        # chunk) and every slot's next token; its sequences: every slot and one more, the padding tokens' (scratch).
+        most = max(rc.max_prefill_tokens, self.chunk) + self.slots
+        self.flat_buckets = tuple(b for b in (FLAT_TOKENS << i for i in range(most.bit_length())) if b < most)
+        self.flat_buckets += (most,)
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
@@ -212,6 +229,15 @@ class Runner:
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
             last = last.at[dest[:1]].set(logits[length[0] - 1][None].astype(last.dtype), mode="drop")
             return cache, last, (chosen[None], top_ids[None], top_lp[None])
+
+        @functools.partial(jax.jit, donate_argnums=(1, 2))
+        def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, dest):
+            # tokens [T]: the sequences' tokens one after another (see `paged.Flat`); each sequence's last logits go
+            # to its `dest` row of `last` (the padding sequences' to one past the slots: dropped)
+            self.compiles += 1
+            flat = paged.Flat(tables, owner, starts, lengths)
+            logits, cache = forward(params, cache, tokens[None], positions[None], flat, jnp.cumsum(lengths) - 1)
+            return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
         prefill_rows = over_shards(prefill_rows, (rep, kv, rows, rows, rows, rows, rows, rows), (kv, rows))
         prefill_echo = over_shards(prefill_echo, (rep, kv, rows, rows, rows, rows, rows, rep, rows), (kv, rows, rows))
@@ -324,7 +350,9 @@ class Runner:
         sampler_ns = repr(dict(mesh.shape))
         self._first, self._set_row = AOT(first_tokens, "first", sampler_ns), AOT(set_state_row, "set_row", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
-        self._step_programs = (self._prefill, self._decode, self._first, self._set_row, self._copy, self._verify)
+        self._flat = AOT(flat_step, "flat", ns)
+        self._step_programs = (self._prefill, self._decode, self._first, self._set_row, self._copy, self._verify,
+                               self._flat)
 
     @property
     def cache(self) -> KVCache:
@@ -351,16 +379,18 @@ class Runner:
         once the caches hold them). `constrained`: decode of one step too (structured output runs one step per
         dispatch, and so does decoding while long prompts are prefilled)."""
         jobs = self.first_jobs()
-        for size in self.prefill_buckets:
+        for size in self.prefill_buckets if not self.flat else ():
             budget = max(self.rc.max_prefill_tokens, size)
             rows = [r for r in self.prefill_rows if size <= BATCHED_PREFILL or r * size <= budget]
             starts = (0, *(self.attend if full else self.attend[:1]))  # a fresh prompt, and a cached prefix's
             for nb in (self.dp * r for r in rows):
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
+        jobs += [self._flat_job(size) for size in (self.flat_buckets if self.flat else ())]
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
-        steps = sorted({self.rc.decode_steps, 1} if constrained or accelerator else {self.rc.decode_steps})
+        one = constrained or accelerator or self.flat  # a prompt waiting for pages between flat steps: one step
+        steps = sorted({self.rc.decode_steps, 1} if one else {self.rc.decode_steps})
         for b in self.batch_buckets:
             widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
             jobs += [self._decode_job(self.dp * b, attend, k) for attend in widths for k in steps]
@@ -381,8 +411,9 @@ class Runner:
         the rest behind."""
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
-        return ([self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL]
-                + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
+        prefill = ([self._flat_job(self.flat_buckets[0])] if self.flat else
+                   [self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL])
+        return (prefill + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
                    self._decode_job(nb, self.attended(self.batch_buckets[0], 1), self.rc.decode_steps)])
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
@@ -390,6 +421,11 @@ class Runner:
         args = (self.model.params, self.cache_shape, self.last_logits, _i32(nb, size), _i32(nb), _i32(nb), table,
                 np.int32(0), _i32(nb))
         return self._prefill, args, dict(echo=False)
+
+    def _flat_job(self, size: int) -> Job:
+        r = self.slots + 1
+        return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
+                             _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(r)), {})
 
     def _first_job(self, nb: int) -> Job:
         return (self._first, (self.state, self.params, self.last_logits, _i32(nb), np.zeros(nb, bool),
@@ -521,6 +557,40 @@ class Runner:
                     self.model.params, self.cache, self.last_logits, toks, starts, lengths,
                     self.table(tables, attend), np.int32(0), dest, echo=False)
 
+    def prefill_flat(self, items: list[tuple[int, np.ndarray, list[int], int]],
+                     riders: list[tuple[int, np.ndarray, int, int]] = ()) -> None:
+        """One flat step (`RunnerConfig.flat_step`): compute `(slot, table row, tokens, start)` items
+        (`tokens[start:]`: prompts and chunks within the step's budget) and, for `riders` (`(slot, table row, token,
+        position)`: running choices, each a sequence of one token), the next logits, in one forward pass over their
+        tokens one after another. Every sequence's last logits go to `last_logits[slot]`: `first_tokens` draws the
+        riders' next tokens with the prompts' first ones."""
+        seqs = [(slot, table, tokens[start:], start) for slot, table, tokens, start in items]
+        seqs += [(slot, table, [token], pos) for slot, table, token, pos in riders]
+        part, size = [], 0
+        for seq in seqs:  # more than the largest bucket (short prompts beside a full budget of chunks): two calls
+            if part and size + len(seq[2]) > self.flat_buckets[-1]:
+                self._flat_call(part, size)
+                part, size = [], 0
+            part.append(seq)
+            size += len(seq[2])
+        self._flat_call(part, size)
+
+    def _flat_call(self, seqs: list[tuple[int, np.ndarray, list[int], int]], n: int) -> None:
+        size = bucket(n, self.flat_buckets)
+        r = self.slots + 1
+        tokens, positions, owner = np.zeros(size, np.int32), np.zeros(size, np.int32), np.full(size, r - 1, np.int32)
+        tables, starts, lengths = np.zeros((r, self.max_pages), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
+        dest = np.full(r, self.slots, np.int32)  # past the slots: dropped
+        at = 0
+        for i, (slot, table, piece, start) in enumerate(seqs):
+            n = len(piece)
+            tokens[at:at + n], positions[at:at + n], owner[at:at + n] = piece, np.arange(start, start + n), i
+            tables[i], starts[i], lengths[i], dest[i] = table, start, n, slot
+            self.drawable.add(slot)
+            at += n
+        self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
+                                                  owner, tables, starts, lengths, dest)
+
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
         prompt's partial last page)."""
@@ -594,8 +664,8 @@ class Runner:
         return self.read_seconds + sum(f.seconds for f in self._step_programs)
 
     def prefill_calls(self) -> int:
-        """Prefill programs launched so far."""
-        return self._prefill.calls
+        """Prefill programs launched so far (flat steps included)."""
+        return self._prefill.calls + self._flat.calls
 
     def programs(self) -> int:
         """Executables loaded or compiled so far (a call that changes it compiled something)."""

@@ -67,6 +67,10 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="rows per data shard that decode steps are compiled for (each step runs at the smallest that "
                          "holds its rows; --max-num-seqs is always one): fewer sizes compile sooner, and pad more. "
                          "Default: powers of two")
+    ap.add_argument("--flat-step", choices=("auto", "on", "off"), default="auto",
+                    help="prompts, prompt chunks and the running streams' next tokens in one forward pass over a flat "
+                         "batch of tokens (auto: with the pallas-gpu attention kernel; off: separate prefill and "
+                         "decode calls, the CPU's faster way)")
     ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                     help="speculative decoding without a prediction: draft up to K tokens per step by n-gram lookup "
                          "in each request's prompt and output, and verify them in one pass (the tokens are the "
@@ -143,7 +147,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         decode_steps=args.decode_steps or tuned["decode_steps"],
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
                         draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
-                        ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes)
+                        ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
+                        flat_step={"auto": None, "on": True, "off": False}[args.flat_step])
 
 
 def main(argv=None, prog: str = "python -m server") -> None:

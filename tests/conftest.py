@@ -25,7 +25,7 @@ def pytest_configure(config):
 FILE_SECONDS = {"test_moe": 320, "test_speculative": 245, "test_accel": 205, "test_paging": 180, "test_mesh": 140,
                 "test_server": 130, "test_operations": 115, "test_cpu_matmul": 100, "test_models": 93, "test_engine": 62,
                 "test_structured": 48, "test_quant": 38, "test_tools": 35, "test_reasoning": 25, "test_apis": 25,
-                "test_sampler": 22, "test_cli": 22, "test_page": 14}
+                "test_sampler": 22, "test_cli": 22, "test_flat": 20, "test_page": 14}
 
 
 def pytest_collection_modifyitems(items):

@@ -104,3 +104,20 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
         native = "tpu"
     interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
     return kernel.decode(qs[:, 0], k_cache, v_cache, table, lengths[:, 0], interpret).reshape(b, 1, h * d)
+
+
+def flat_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, flat: paged.Flat,
+                   positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
+                   sinks: jax.Array | None = None) -> jax.Array:
+    """Attention of a flat batch (`paged.Flat`, its tables with the layer offset applied; queries `q [T, h, d]` at
+    `positions [T]`, after their keys and values were written): `pallas_gpu.ragged` on `pallas-gpu`, else
+    `paged.flat_reference`. Returns `[T, h * d]`."""
+    t, h, d = q.shape
+    plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    if backend == "pallas-gpu" and plain:
+        from models.backends import pallas_gpu
+
+        qs = q * jnp.asarray(scale, q.dtype)
+        return pallas_gpu.ragged(qs, k_cache, v_cache, flat.tables, flat.starts, flat.lengths,
+                                 interpret=jax.default_backend() != "gpu").reshape(t, h * d)
+    return paged.flat_reference(q, k_cache, v_cache, flat, positions, scale, softcap, window, sinks)

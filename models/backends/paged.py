@@ -44,6 +44,20 @@ class KVCache:
         return KVCache(jnp.zeros((*lead, kw), dt), jnp.zeros((*lead, vw), dt))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Flat:
+    """A flat batch's layout (the ragged step): the model's input is one row of T tokens, several sequences one
+    after another (a decode row is a sequence of one token, a prefill chunk one of many), then padding. Token `i`
+    belongs to sequence `owner[i]`; sequence `r` has `lengths[r]` tokens from position `starts[r]` on, in the pool
+    pages of `tables[r]`. Padding tokens belong to a sequence of length 0 whose table is all scratch."""
+
+    tables: jax.Array  # [R, W] pool pages (the layer offset applied inside the layers)
+    owner: jax.Array  # [T]
+    starts: jax.Array  # [R]
+    lengths: jax.Array  # [R]
+
+
 def largest_divisor(n: int, at_most: int) -> int:
     """The largest divisor of `n` that is at most `at_most` (kernels split a row's pages into equal blocks)."""
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
@@ -113,6 +127,15 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
     else:
         out = jnp.einsum("kbqt,kbtd->kbqd", probs, values.astype(q.dtype))
     return out.reshape(kvh, b, g, s, d).transpose(1, 3, 0, 2, 4).reshape(b, s, h * d)
+
+
+def flat_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, flat: Flat, positions: jax.Array,
+                   scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None) -> jax.Array:
+    """`reference` for a flat batch (`flat`'s tables with the layer offset applied): each token `q [T, h, d]` at
+    `positions [T]` attends as a row of its own over its sequence's pages; returns `[T, h * d]`. It gathers every
+    token's pages, so it suits small batches and the tests; accelerators run a kernel (`pallas_gpu.ragged`)."""
+    rows = flat.tables[flat.owner]
+    return reference(q[:, None], k_cache, v_cache, rows, positions[:, None], scale, softcap, window, sinks)[:, 0]
 
 
 def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window):

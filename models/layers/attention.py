@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -27,7 +28,8 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale:
 
 class Attention(nn.Module):
     """Grouped-query attention that writes this call's K/V into its layer's pages and attends over the pages in
-    `table`. `layer` is a Python int (unrolled layers) or a traced index (scanned layers)."""
+    `table` (`[B, n]`, or a flat batch's `paged.Flat`). `layer` is a Python int (unrolled layers) or a traced index
+    (scanned layers)."""
 
     cfg: ModelConfig
     backend: str = "xla"
@@ -53,15 +55,24 @@ class Attention(nn.Module):
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
         q, k = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
 
-        pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
-        k_cache = paged.write(k_cache, k, positions, pages)
-        v_cache = paged.write(v_cache, v, positions, pages)
-        backend = backends.call_backend(self.backend, b, cfg.matmul)
         sinks = None
         if cfg.attn_sinks:  # gpt-oss: one logit per head joins the softmax
             sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
                                jnp.dtype(dt))
-        out = backends.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
-                                        cfg.attn_softcap, window, sinks)
+        if isinstance(table, paged.Flat):  # one row of several sequences' tokens: each token a row of the pool
+            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
+            rows, pos = flat.tables[flat.owner], positions.reshape(-1, 1)
+            k_cache = paged.write(k_cache, k.reshape(b * s, 1, kvh, d), pos, rows)
+            v_cache = paged.write(v_cache, v.reshape(b * s, 1, kvh, d), pos, rows)
+            out = backends.flat_attention(self.backend, q.reshape(b * s, h, d), k_cache, v_cache, flat,
+                                          positions.reshape(-1), cfg.scale, cfg.attn_softcap, window, sinks)
+            out = out.reshape(b, s, h * d)
+        else:
+            pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
+            k_cache = paged.write(k_cache, k, positions, pages)
+            v_cache = paged.write(v_cache, v, positions, pages)
+            backend = backends.call_backend(self.backend, b, cfg.matmul)
+            out = backends.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
+                                            cfg.attn_softcap, window, sinks)
         out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.o_bias)
         return out, k_cache, v_cache

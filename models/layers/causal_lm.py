@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from models import quant
 from models.backends import cpu_matmul
-from models.backends.paged import KVCache
+from models.backends.paged import Flat, KVCache
 from models.config import ModelConfig
 from models.layers.linear import Linear, RMSNorm, dtype_of, int8_init, packed_params, scale_init
 
@@ -19,7 +19,8 @@ class CausalLM(nn.Module):
     """Embedding, a stack of family-specific decoder layers, final norm and LM head.
 
     `__call__(tokens [B,S], positions [B,S], table [B,n], cache, last_index, all_logits)` returns
-    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position. With `scan`
+    `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position. A flat batch
+    (`table` a `paged.Flat`, tokens `[1, T]`) gives `[R, V]`, at each sequence's last token (`last_index`). With `scan`
     the layers' weights are stacked (`params["layers"]`, leading axis = layer) and one layer body is traced and run
     under `lax.scan`, so compile time does not grow with depth; without, layers are unrolled (`layers_0`, ...).
     """
@@ -64,7 +65,9 @@ class CausalLM(nn.Module):
                 carry, _ = self.layer_cls(cfg, self.backend, name=f"layers_{i}")(carry, i, positions, table)
         x, k_cache, v_cache = carry
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
-        if not all_logits:
+        if isinstance(table, Flat):  # a flat batch: logits at each sequence's last token (`last_index [R]`)
+            x = x[0, last_index]
+        elif not all_logits:
             idx = last_index if last_index is not None else jnp.full((x.shape[0],), x.shape[1] - 1)
             x = x[jnp.arange(x.shape[0]), idx]
         if packed_table:

@@ -13,6 +13,7 @@ pool operation work unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -69,9 +70,17 @@ class MLAttention(nn.Module):
         query = jnp.concatenate([jnp.einsum("bshn,hnr->bshr", q_nope, up[:, :nope]), q_rope], axis=-1)
         entry = jnp.concatenate([latent[:, :, None, :], k_rope], axis=-1)  # [B, S, 1, r + rope]: what is stored
 
-        pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
-        k_cache = paged.write(k_cache, entry, positions, pages)
-        out = backends.paged_attention(self.backend, query, entry, entry, k_cache, k_cache, pages, positions, cfg.scale)
+        if isinstance(table, paged.Flat):  # a flat batch: each token a row of the pool (see `Attention`)
+            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
+            pos = positions.reshape(-1, 1)
+            k_cache = paged.write(k_cache, entry.reshape(b * s, 1, 1, r + rd), pos, flat.tables[flat.owner])
+            out = backends.flat_attention("xla", query.reshape(b * s, h, r + rd), k_cache, k_cache, flat,
+                                          positions.reshape(-1), cfg.scale)
+        else:
+            pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
+            k_cache = paged.write(k_cache, entry, positions, pages)
+            out = backends.paged_attention(self.backend, query, entry, entry, k_cache, k_cache, pages, positions,
+                                            cfg.scale)
         out = out.reshape(b, s, h, r + rd)[..., :r]  # the weighted latents
         out = jnp.einsum("bshr,hvr->bshv", out, up[:, nope:]).reshape(b, s, h * vd)
         return proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.attention_bias), k_cache, v_cache

@@ -1,0 +1,121 @@
+"""The flat step (issue 21, item 1): an engine step's prompts, prompt chunks and the running choices' next tokens in
+one forward pass over a flat batch of tokens (`paged.Flat`, `Runner.prefill_flat`), against today's separate
+prefill and decode calls: the same logits and pool pages for every family's attention (plain, q/k norms, windows
+with soft-capping, sinks, latent), through the XLA reference and the `pallas-gpu` kernel (interpreted); and through
+the engine, the same tokens for a mix of requests, the running streams getting a token every step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch  # noqa: F401  (before transformers)
+
+from engine import Engine, RunnerConfig, SamplingParams
+from engine.runner import kv_bytes_per_token
+from models import Model, ModelConfig, build, init_params
+from models.backends import paged
+from models.sharding import make_mesh
+from test_models import _small
+from test_moe import _config
+
+PS = 4  # tokens per page: chunks start mid-page and cross pages
+A = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12]  # 12 tokens cached; its next token decodes (a rider)
+B = list(range(30, 51))  # 9 tokens cached, then a chunk of 12 from position 9
+C = [200, 100, 50, 25, 12, 6, 3]  # a fresh prompt
+
+
+ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+        "gpt-oss": "GptOssForCausalLM", "deepseek-v3": "DeepseekV3ForCausalLM"}
+
+
+def _cfg(kind: str, **extra) -> ModelConfig:
+    hf = _config(kind) if kind in ("gpt-oss", "deepseek-v3") else _small(kind)
+    return ModelConfig.from_hf(hf.to_dict() | {"architectures": [ARCH[kind]], **extra})
+
+
+@pytest.mark.parametrize("kind,attention", [("llama", "xla"), ("gemma3", "xla"), ("gpt-oss", "xla"),
+                                            ("deepseek-v3", "xla"), ("llama", "pallas-gpu"), ("qwen3", "pallas-gpu")])
+def test_a_flat_batch_gives_the_logits_and_pages_of_separate_calls(kind, attention):
+    """A decode row, a chunk starting mid-page after cached tokens, a fresh prompt and padding in one flat batch:
+    each sequence's last logits and every position it wrote equal those of separate calls (a decode, and a prefill
+    of the chunk beside the prompt)."""
+    cfg = _cfg(kind)
+    ref, flat = build(cfg, "xla"), build(cfg, attention)
+    params = init_params(ref, 0)
+    n = 6  # pages per table: 24 positions
+    ta, tb, tc = (jnp.asarray([1 + i * n + np.arange(n)], jnp.int32) for i in range(3))
+    call = jax.jit(ref.apply)  # one program per call's shapes (eagerly, thousands of small ones)
+    rows = lambda *r: jnp.asarray(np.array(r, np.int32))  # noqa: E731
+    # A's 12 tokens cached, and B's first 9 (its 3 more are written again, the same, by its chunk)
+    _, cache = call(params, rows(A, B[:12]), rows(range(12), range(12)), jnp.concatenate([ta, tb]),
+                    paged.KVCache.zeros(cfg, 1 + 3 * n, PS), rows(11, 11))
+    decoded, split = call(params, rows([77]), rows([12]), ta, cache)
+    prefilled, split = call(params, rows(B[9:], C + [0] * 5), rows(range(9, 21), range(12)), jnp.concatenate([tb, tc]),
+                            split, rows(11, 6))
+    lengths = np.array([1, 12, 7, 0], np.int32)
+    tokens = np.array([77, *B[9:], *C, 0, 0, 0, 0], np.int32)  # 4 padding tokens: the last sequence's (empty)
+    owner = np.repeat(np.arange(4), [1, 12, 7, 4]).astype(np.int32)
+    positions = np.concatenate([[12], np.arange(9, 21), np.arange(7), np.zeros(4)]).astype(np.int32)
+    layout = paged.Flat(jnp.concatenate([ta, tb, tc, jnp.zeros((1, n), jnp.int32)]), jnp.asarray(owner),
+                        rows(12, 9, 0, 0), jnp.asarray(lengths))
+    logits, got = jax.jit(flat.apply)(params, jnp.asarray(tokens)[None], jnp.asarray(positions)[None], layout,
+                                      cache, jnp.asarray(np.cumsum(lengths) - 1))
+    want = np.concatenate([np.asarray(decoded), np.asarray(prefilled)])
+    np.testing.assert_allclose(np.asarray(logits[:3]), want, atol=2e-5, rtol=1e-4)
+    per_layer = got.k.shape[1] // cfg.num_layers  # every position written: A's 13, B's 21, C's 7 (not its padding)
+    pages, slots = zip(*[(int(t[0, p // PS]), p % PS) for t, m in ((ta, 13), (tb, 21), (tc, 7)) for p in range(m)])
+    at = (np.arange(cfg.num_layers)[:, None] * per_layer + np.asarray(pages)[None], np.asarray(slots)[None])
+    for x, y in ((got.k, split.k), (got.v, split.v)):
+        np.testing.assert_allclose(np.asarray(x[:, at[0], at[1]]), np.asarray(y[:, at[0], at[1]]), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def _tiny(flat: bool) -> Engine:
+    cfg = _cfg("llama", max_position_embeddings=1024)
+    module = build(cfg)
+    model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
+    # 4 slots over 56 pages of 16: room for a 700-token prompt beside three short streams, not for the streams' 300
+    # tokens each (preemption)
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=768, kv_cache_gb=56 * 16 * kv_bytes_per_token(model) / (1 << 30),
+                      decode_steps=4, decode_batch_sizes=(4,), flat_step=flat)
+    return Engine(model, rc)
+
+
+def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advance_every_step():
+    """Three streams decode (greedy, and seeded with n = 2) while a 700-token prompt is prefilled in chunks, then
+    grow past the pool (preemption; the preempted work is recomputed through the flat step, the others riding):
+    with the flat step the chunks and the streams' next tokens are one call per step (no rectangular prefill
+    compiled), each stream gets a token at every step meanwhile, and every request's tokens equal those of separate
+    calls; the flat programs are one per token bucket, all compiled by the warm-up."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 700)]
+    params = [SamplingParams(temperature=0, max_tokens=300, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=300, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    outs = {}
+    for flat in (False, True):
+        eng = _tiny(flat)
+        if flat:  # the warm-up compiles a flat program per token bucket, and the load needs no other
+            eng.warmup()
+            warm = set(eng.runner._flat.exes)
+            assert len(warm) == len(eng.runner.flat_buckets)
+        reqs = [eng.make_request(p, sp) for p, sp in zip(prompts[:2], params[:2])]
+        for r in reqs:
+            eng.add(r)
+        eng.step()  # the two short prompts prefilled, their first tokens drawn
+        eng.step()
+        long = eng.make_request(prompts[2], params[2])
+        eng.add(long)
+        seen = []
+        while not long.choices[0].token_ids:
+            eng.step()
+            seen.append(len(reqs[0].choices[0].token_ids))
+        while eng.has_work():
+            eng.step()
+        outs[flat] = [[c.token_ids for c in r.choices] for r in (*reqs, long)]
+        assert eng.sched.preemptions > 0
+        if flat:
+            assert len(seen) == 2 and seen[1] == seen[0] + 1  # a chunk a step, the stream a token each
+            assert eng.rode > 0 and not eng.runner._prefill.exes  # riders drawn; no rectangular prefill compiled
+            assert set(eng.runner._flat.exes) == warm
+    assert outs[True] == outs[False]
