@@ -12,6 +12,8 @@ back, and the wall time. Each variant runs in its own process (XLA flags bind at
 - `xla`: `--attention-backend xla` (is it the Pallas kernel's custom call?);
 - `no-command-buffers`: `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (is it CUDA-graph updates?);
 - `one-step`: one decode step per dispatch (is it the multi-step scan?);
+- `separate`: prefill and decode as separate calls (`--flat-step off`; the others run the flat step, the default
+  with `pallas-gpu`);
 - `from-store`: `default`'s programs read back from the program store, as a warm server runs them (the others compile
   their own, in fresh caches: is it a deserialized executable?).
 A launch mean near the step time means launches wait; ~1 ms means they do not. A second thread that wakes every
@@ -41,9 +43,9 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 STORE = "/tmp/gpu_launch_store"  # the default variant compiles into it; `from-store` loads what it kept
-VARIANTS = {"default": ({}, {}), "from-store": ({}, {}), "xla": ({}, {"attention": "xla"}),
-            "no-command-buffers": ({"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}, {}),
-            "one-step": ({}, {"decode_steps": 1})}
+VARIANTS = {"default": ({}, {}), "no-command-buffers": ({"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}, {}),
+            "separate": ({}, {"flat_step": False}), "from-store": ({}, {}), "xla": ({}, {"attention": "xla"}),
+            "one-step": ({}, {"decode_steps": 1})}  # the likeliest answers first: the session's time is short
 
 
 def one(variant: str, smoke: bool) -> dict:
@@ -64,7 +66,8 @@ def one(variant: str, smoke: bool) -> dict:
     n, prompt, new = (8, 64, 16) if smoke else (256, 512, 64)
     model = random_model(cfg, "float32" if smoke else "bfloat16", settings.get("attention", "auto"))
     rc = RunnerConfig(max_num_seqs=n, max_model_len=1024, kv_cache_gb=0.05 if smoke else 4.0,
-                      decode_steps=settings.get("decode_steps", 16), max_prefill_tokens=16384)
+                      decode_steps=settings.get("decode_steps", 16), max_prefill_tokens=16384,
+                      flat_step=settings.get("flat_step"))
     eng = Engine(model, rc)
     rng = np.random.default_rng(0)
 
