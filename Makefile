@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-gpu bench-gpu-serve soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-gpu bench-gpu-serve soak
 
 # --no-compile: no bytecode for the ~20k files of the packages up front (48 -> 25 s here); Python writes it for the
 # modules a process imports, when it first imports them.
@@ -60,6 +60,10 @@ bench-spec: setup
 # Ready times (cold: an empty cache; warm) and rates of the default path beside --quantization none, over HTTP.
 bench-startup: setup
 	$(BIN)/python bench/startup.py $(ARGS)
+
+# The flat step (prompts, chunks and the streams' next tokens in one forward pass) against separate calls.
+bench-flat: setup
+	$(BIN)/python bench/flat.py $(ARGS)
 
 # On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
 bench-gpu:
