@@ -167,11 +167,17 @@ class Runner:
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
-        self.flat = model.module.backend == "pallas-gpu" if rc.flat_step is None else rc.flat_step
+        kernel = model.module.backend == "pallas-gpu"
+        if kernel and rc.page_size & (rc.page_size - 1):
+            raise ValueError(f"the pallas-gpu kernels need a power-of-two page size, not {rc.page_size}")
+        self.flat = kernel if rc.flat_step is None else rc.flat_step
         if self.flat and self.dp > 1:
             if rc.flat_step:
                 raise ValueError("the flat step runs on one data shard (-dp 1)")
             self.flat = False
+        if self.flat and not kernel and mesh.devices.flat[0].platform != "cpu":  # the reference's gathers
+            raise ValueError("the flat step needs the pallas-gpu attention kernel on an accelerator (this model "
+                             f"attends through {model.module.backend!r}): --flat-step off")
         # A flat step's tokens, padded to a power of two or to the most it takes: the step's prompt budget (or a
         # chunk) and every slot's next token; its sequences: every slot and one more, the padding tokens' (scratch).
         most = max(rc.max_prefill_tokens, self.chunk) + self.slots
@@ -231,11 +237,11 @@ class Runner:
             return cache, last, (chosen[None], top_ids[None], top_lp[None])
 
         @functools.partial(jax.jit, donate_argnums=(1, 2))
-        def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, dest):
+        def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, pages, dest):
             # tokens [T]: the sequences' tokens one after another (see `paged.Flat`); each sequence's last logits go
             # to its `dest` row of `last` (the padding sequences' to one past the slots: dropped)
             self.compiles += 1
-            flat = paged.Flat(tables, owner, starts, lengths)
+            flat = paged.Flat(tables, owner, starts, lengths, pages)
             logits, cache = forward(params, cache, tokens[None], positions[None], flat, jnp.cumsum(lengths) - 1)
             return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
@@ -411,7 +417,7 @@ class Runner:
         the rest behind."""
         row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
-        prefill = ([self._flat_job(self.flat_buckets[0])] if self.flat else
+        prefill = ([self._flat_job(size) for size in self.flat_buckets if size <= BATCHED_PREFILL] if self.flat else
                    [self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL])
         return (prefill + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
                    self._decode_job(nb, self.attended(self.batch_buckets[0], 1), self.rc.decode_steps)])
@@ -425,7 +431,7 @@ class Runner:
     def _flat_job(self, size: int) -> Job:
         r = self.slots + 1
         return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
-                             _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(r)), {})
+                             _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r)), {})
 
     def _first_job(self, nb: int) -> Job:
         return (self._first, (self.state, self.params, self.last_logits, _i32(nb), np.zeros(nb, bool),
@@ -588,8 +594,9 @@ class Runner:
             tables[i], starts[i], lengths[i], dest[i] = table, start, n, slot
             self.drawable.add(slot)
             at += n
+        pages = tables[owner, positions // self.page_size]  # each token's page (padding: the scratch page)
         self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
-                                                  owner, tables, starts, lengths, dest)
+                                                  owner, tables, starts, lengths, pages, dest)
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the

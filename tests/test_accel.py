@@ -113,7 +113,8 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
                             jnp.asarray(starts[i] + np.arange(l)[None], jnp.int32), d ** -0.5)[0]
             for i, (o, l) in enumerate(zip(offsets, lengths)) if l]
     block, per_step = (None, None) if GQA.index((h, kvh, d)) % 2 else (4, 2)  # the defaults, or small blocks
-    meta, _, _, _ = pallas_gpu.blocks(jnp.asarray(starts), jnp.asarray(lengths), t, block or 8)
+    used = block or pallas_gpu.ROWS // (1 << (h // kvh - 1).bit_length())  # the kernel's: a power-of-two group
+    meta, _, _, _ = pallas_gpu.blocks(jnp.asarray(starts), jnp.asarray(lengths), t, used)
     first, count, _, _ = np.asarray(meta).T  # the real blocks tile every sequence's rows once; all read in bounds
     assert sorted(r for f, c in zip(first, count) for r in range(f, f + c)) == list(range(int(lengths.sum())))
     assert (first >= 0).all() and (first < t).all()
@@ -213,6 +214,8 @@ def test_backend_choice_by_platform_and_flag():
     assert resolve_backend("pallas-gpu", windowed) == "xla" and resolve_backend("pallas-tpu", capped) == "xla"
     sinks = dataclasses.replace(ModelConfig.from_hf(_LLAMA), attn_sinks=True)  # gpt-oss's
     assert resolve_backend("pallas-gpu", sinks) == "xla"
+    d96 = ModelConfig.from_hf(dict(_LLAMA, head_dim=96))  # Triton's arrays are powers of two long
+    assert resolve_backend("pallas-gpu", d96) == "xla" and resolve_backend("pallas-tpu", d96) == "pallas-tpu"
     assert build(ModelConfig.from_hf(_LLAMA), "auto").backend == default_backend(jax.default_backend())
     # The CPU kernel serves float32 pools on one tp shard: auto falls back to the reference, an explicit ask fails.
     bf16 = ModelConfig.from_hf(_LLAMA, "bfloat16")

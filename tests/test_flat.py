@@ -56,8 +56,9 @@ def test_a_flat_batch_gives_the_logits_and_pages_of_separate_calls(kind, attenti
     tokens = np.array([77, *B[9:], *C, 0, 0, 0, 0], np.int32)  # 4 padding tokens: the last sequence's (empty)
     owner = np.repeat(np.arange(4), [1, 12, 7, 4]).astype(np.int32)
     positions = np.concatenate([[12], np.arange(9, 21), np.arange(7), np.zeros(4)]).astype(np.int32)
-    layout = paged.Flat(jnp.concatenate([ta, tb, tc, jnp.zeros((1, n), jnp.int32)]), jnp.asarray(owner),
-                        rows(12, 9, 0, 0), jnp.asarray(lengths))
+    tables = jnp.concatenate([ta, tb, tc, jnp.zeros((1, n), jnp.int32)])
+    layout = paged.Flat(tables, jnp.asarray(owner), rows(12, 9, 0, 0), jnp.asarray(lengths),
+                        tables[owner, positions // PS])
     logits, got = jax.jit(flat.apply)(params, jnp.asarray(tokens)[None], jnp.asarray(positions)[None], layout,
                                       cache, jnp.asarray(np.cumsum(lengths) - 1))
     want = np.concatenate([np.asarray(decoded), np.asarray(prefilled)])
@@ -74,24 +75,26 @@ def _tiny(flat: bool) -> Engine:
     cfg = _cfg("llama", max_position_embeddings=1024)
     module = build(cfg)
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
-    # 4 slots over 56 pages of 16: room for a 700-token prompt beside three short streams, not for the streams' 300
-    # tokens each (preemption)
-    rc = RunnerConfig(max_num_seqs=4, max_model_len=768, kv_cache_gb=56 * 16 * kv_bytes_per_token(model) / (1 << 30),
-                      decode_steps=4, decode_batch_sizes=(4,), flat_step=flat)
+    # 5 slots over 1,024 tokens in pages of 4 (a rider often starts a page): room for a 700-token and a 100-token
+    # prompt beside three short streams, not for the streams' growth (preemption)
+    rc = RunnerConfig(max_num_seqs=5, max_model_len=768, kv_cache_gb=1024 * kv_bytes_per_token(model) / (1 << 30),
+                      page_size=PS, decode_steps=4, decode_batch_sizes=(5,), flat_step=flat)
     return Engine(model, rc)
 
 
 def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advance_every_step():
-    """Three streams decode (greedy, and seeded with n = 2) while a 700-token prompt is prefilled in chunks, then
-    grow past the pool (preemption; the preempted work is recomputed through the flat step, the others riding):
-    with the flat step the chunks and the streams' next tokens are one call per step (no rectangular prefill
-    compiled), each stream gets a token at every step meanwhile, and every request's tokens equal those of separate
-    calls; the flat programs are one per token bucket, all compiled by the warm-up."""
+    """Three streams decode (greedy, and seeded with n = 2) while a 700-token prompt and a 100-token one arrive.
+    With the flat step the chunks and the streams' next tokens are one call per step (no rectangular prefill
+    compiled; the first step's tokens exceed the largest bucket: two calls), each stream gets a token at every step
+    meanwhile, and the short prompt's second token, drawn as a rider, ends it. Then the streams outgrow the pool:
+    the newest is preempted and recomputed through the flat step while the others ride. Every request's tokens
+    equal those of separate calls, and the flat programs are one per token bucket, all compiled by the warm-up."""
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 700)]
-    params = [SamplingParams(temperature=0, max_tokens=300, ignore_eos=True),
-              SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=300, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 700, 100)]
+    params = [SamplingParams(temperature=0, max_tokens=600, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=400, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=1, max_tokens=2, ignore_eos=True)]
     outs = {}
     for flat in (False, True):
         eng = _tiny(flat)
@@ -99,23 +102,32 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
             eng.warmup()
             warm = set(eng.runner._flat.exes)
             assert len(warm) == len(eng.runner.flat_buckets)
-        reqs = [eng.make_request(p, sp) for p, sp in zip(prompts[:2], params[:2])]
-        for r in reqs:
+        calls = []
+        call = eng.runner._flat_call
+        eng.runner._flat_call = lambda seqs, n: (calls.append(n), call(seqs, n))[1]
+        reqs = [eng.make_request(p, sp) for p, sp in zip(prompts, params)]
+        for r in reqs[:2]:
             eng.add(r)
         eng.step()  # the two short prompts prefilled, their first tokens drawn
         eng.step()
-        long = eng.make_request(prompts[2], params[2])
+        long, short = reqs[2:]
         eng.add(long)
-        seen = []
-        while not long.choices[0].token_ids:
-            eng.step()
-            seen.append(len(reqs[0].choices[0].token_ids))
+        eng.add(short)
+        seen, splits, resumed, short_slot = [], 0, 0, None
         while eng.has_work():
+            before, waiting, short_slot = len(calls), len(eng.sched.resumes), short.choices[0].slot
+            chunking = not long.choices[0].token_ids
             eng.step()
-        outs[flat] = [[c.token_ids for c in r.choices] for r in (*reqs, long)]
-        assert eng.sched.preemptions > 0
+            splits += len(calls) - before > 1
+            resumed += len(eng.sched.resumes) < waiting and bool(eng.riders)  # a resume prefilled, others riding
+            if chunking:
+                seen.append(len(reqs[0].choices[0].token_ids))
+            if short.choices[0].finish_reason and short_slot >= 0:
+                assert not flat or short_slot in eng.riders  # its last token was drawn riding
+        outs[flat] = [[c.token_ids for c in r.choices] for r in reqs]
+        assert eng.sched.preemptions > 0 and len(short.choices[0].token_ids) == 2
         if flat:
             assert len(seen) == 2 and seen[1] == seen[0] + 1  # a chunk a step, the stream a token each
-            assert eng.rode > 0 and not eng.runner._prefill.exes  # riders drawn; no rectangular prefill compiled
-            assert set(eng.runner._flat.exes) == warm
+            assert splits and resumed and eng.rode > 0
+            assert not eng.runner._prefill.exes and set(eng.runner._flat.exes) == warm  # no rectangular prefill
     assert outs[True] == outs[False]

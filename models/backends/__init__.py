@@ -47,14 +47,16 @@ def default_backend(platform: str | None = None) -> str:
 
 def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
     """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
-    attention (a sliding window, logit soft-capping, latent attention, sinks) falls back to `xla` for that model;
+    attention (a sliding window, logit soft-capping, latent attention, sinks; for `pallas-gpu`, a head dimension
+    that is not a power of two) falls back to `xla` for that model;
     so does `auto`'s `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++
     compiler."""
     auto = name == "auto"
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks)
+    unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks
+                                    or (name == "pallas-gpu" and cfg.head_dim & (cfg.head_dim - 1)))  # Triton: 2^k
     if name != "xla" and unserved:
         return "xla"
     if name == "cpu":

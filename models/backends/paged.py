@@ -47,15 +47,17 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Flat:
-    """A flat batch's layout (the ragged step): the model's input is one row of T tokens, several sequences one
+    """A flat batch's layout (the flat step): the model's input is one row of T tokens, several sequences one
     after another (a decode row is a sequence of one token, a prefill chunk one of many), then padding. Token `i`
-    belongs to sequence `owner[i]`; sequence `r` has `lengths[r]` tokens from position `starts[r]` on, in the pool
-    pages of `tables[r]`. Padding tokens belong to a sequence of length 0 whose table is all scratch."""
+    belongs to sequence `owner[i]` and goes to pool page `pages[i]`; sequence `r` has `lengths[r]` tokens from
+    position `starts[r]` on, in the pool pages of `tables[r]`. Padding tokens belong to a sequence of length 0 whose
+    table is all scratch. Pages are the first layer's: each layer adds its offset (`layer_pages`)."""
 
-    tables: jax.Array  # [R, W] pool pages (the layer offset applied inside the layers)
+    tables: jax.Array  # [R, W] pool pages
     owner: jax.Array  # [T]
     starts: jax.Array  # [R]
     lengths: jax.Array  # [R]
+    pages: jax.Array  # [T]: tables[owner[i], position // page_size], computed once for every layer
 
 
 def largest_divisor(n: int, at_most: int) -> int:
@@ -76,6 +78,15 @@ def write(cache: jax.Array, x: jax.Array, positions: jax.Array, table: jax.Array
     page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH)
     heads = jnp.arange(cache.shape[0])[:, None, None]
     return cache.at[heads, page[None], (positions % ps)[None]].set(x.transpose(2, 0, 1, 3).astype(cache.dtype))
+
+
+def write_flat(cache: jax.Array, x: jax.Array, positions: jax.Array, flat: Flat, layer, num_layers: int) -> jax.Array:
+    """Scatter a flat batch's keys (or values) `x [T, kvh, d]` at `positions [T]` to their pages (`flat.pages`, in
+    layer `layer`'s range)."""
+    pages = layer_pages(flat.pages, layer, cache, num_layers)
+    heads = jnp.arange(cache.shape[0])[:, None]
+    x = x.transpose(1, 0, 2).astype(cache.dtype)
+    return cache.at[heads, pages[None], (positions % cache.shape[2])[None]].set(x)
 
 
 def gather(cache: jax.Array, table: jax.Array) -> jax.Array:

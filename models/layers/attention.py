@@ -61,9 +61,8 @@ class Attention(nn.Module):
                                jnp.dtype(dt))
         if isinstance(table, paged.Flat):  # one row of several sequences' tokens: each token a row of the pool
             flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
-            rows, pos = flat.tables[flat.owner], positions.reshape(-1, 1)
-            k_cache = paged.write(k_cache, k.reshape(b * s, 1, kvh, d), pos, rows)
-            v_cache = paged.write(v_cache, v.reshape(b * s, 1, kvh, d), pos, rows)
+            k_cache, v_cache = (paged.write_flat(c, x.reshape(b * s, kvh, d), positions.reshape(-1), table, layer,
+                                                 cfg.num_layers) for c, x in ((k_cache, k), (v_cache, v)))
             out = backends.flat_attention(self.backend, q.reshape(b * s, h, d), k_cache, v_cache, flat,
                                           positions.reshape(-1), cfg.scale, cfg.attn_softcap, window, sinks)
             out = out.reshape(b, s, h * d)

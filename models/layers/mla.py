@@ -72,8 +72,8 @@ class MLAttention(nn.Module):
 
         if isinstance(table, paged.Flat):  # a flat batch: each token a row of the pool (see `Attention`)
             flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
-            pos = positions.reshape(-1, 1)
-            k_cache = paged.write(k_cache, entry.reshape(b * s, 1, 1, r + rd), pos, flat.tables[flat.owner])
+            k_cache = paged.write_flat(k_cache, entry.reshape(b * s, 1, r + rd), positions.reshape(-1), table, layer,
+                                       cfg.num_layers)
             out = backends.flat_attention("xla", query.reshape(b * s, h, r + rd), k_cache, k_cache, flat,
                                           positions.reshape(-1), cfg.scale)
         else:
