@@ -222,15 +222,10 @@ def main() -> None:
     shutil.rmtree(STORE, ignore_errors=True)
     for variant in args.variants.split(","):
         cache = STORE if variant in ("default", "from-store") else tempfile.mkdtemp(prefix="gpu_launch_")
-        env = dict(os.environ, SPARKLER_CACHE=cache, **VARIANTS[variant][0])
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", variant] + (["--smoke"] if args.smoke else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-        got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not got:
-            print(f"{variant}: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
-            continue
-        rows.append(json.loads(got[0]))
-        print(f"  {rows[-1]}", flush=True)
+        got = _child(variant, args.smoke, dict(os.environ, SPARKLER_CACHE=cache, **VARIANTS[variant][0]))
+        if got is not None:
+            rows.append(got)
+            print(f"  {rows[-1]}", flush=True)
     print("| variant | tok/s | wall (s) | decodes (ahead) | decode launches (s, mean ms) | other launches (s) | "
           "read back (s) | another thread's ticks (share of idle rate) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -238,28 +233,29 @@ def main() -> None:
         print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['wall']:.2f} | {r['decodes']} ({r['ahead']}) | "
               f"{r['decode_launch_s']:.2f}, {1e3 * r['decode_launch_s'] / max(r['decodes'], 1):.1f} | "
               f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} | {r['gil_ticks_share']:.0%} |")
-    cmd = [sys.executable, os.path.abspath(__file__), "--only", "attention"] + (["--smoke"] if args.smoke else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if (got := _child("attention", args.smoke)) is not None:
+        print("\n| decode attention, one layer | table width (pages) | splits | pages per block | ms | K/V GB/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in got:
+            print(f"| {r['kind']} | {r['width']} | {r['splits'] or ''} | {r['block'] or ''} | {r['ms']:.3f} | "
+                  f"{r['gbs']:,.0f} |")
+    if (got := _child("chunks", args.smoke)) is not None:  # "chunks: failed" tells gpu_session.sh to serve without
+        print("\n| chunk attention, one layer | batch | ms | TFLOP/s |")
+        print("| --- | --- | ---: | ---: |")
+        for r in got:
+            tflops = f"{r['tflops']:.1f}" if r["tflops"] else ""
+            print(f"| {r['kind']} | {r['batch']} | {r['ms']:.3f} | {tflops} |")
+
+
+def _child(only: str, smoke: bool, env: dict | None = None):
+    """Run one part (`--only`) in its own process; its result, or None after printing why it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--only", only] + (["--smoke"] if smoke else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not got:
-        print(f"attention: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
-        return
-    print("\n| decode attention, one layer | table width (pages) | splits | pages per block | ms | K/V GB/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in json.loads(got[0]):
-        print(f"| {r['kind']} | {r['width']} | {r['splits'] or ''} | {r['block'] or ''} | {r['ms']:.3f} | "
-              f"{r['gbs']:,.0f} |")
-    cmd[cmd.index("attention")] = "chunks"
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    got = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if not got:
-        print(f"chunks: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
-        return
-    print("\n| chunk attention, one layer | batch | ms | TFLOP/s |")
-    print("| --- | --- | ---: | ---: |")
-    for r in json.loads(got[0]):
-        tflops = f"{r['tflops']:.1f}" if r["tflops"] else ""
-        print(f"| {r['kind']} | {r['batch']} | {r['ms']:.3f} | {tflops} |")
+        print(f"{only}: failed\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(got[0])
 
 
 if __name__ == "__main__":

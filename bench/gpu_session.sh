@@ -22,7 +22,7 @@ if grep -q "chunks: failed" "$OUT/launch.log" 2>/dev/null; then  # the ragged ke
   EXTRA="--flat-step off"
   echo "--- the ragged kernel failed: serving with $EXTRA" | tee -a "$OUT/log"
 fi
-timeout "${SERVE_LIMIT:-300}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --server-args "$EXTRA" \
+timeout "${SERVE_LIMIT:-300}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --server-args="$EXTRA" \
   $SMOKE 2>&1 | tee -a "$OUT/log"
 cp /tmp/gpu_serve/gpu_serve.* /tmp/gpu_serve/server-*.log "$OUT/" 2>/dev/null
 pkill -f "m server --model" 2>/dev/null

@@ -88,7 +88,7 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
     compiled; the first step's tokens exceed the largest bucket: two calls), each stream gets a token at every step
     meanwhile, and the short prompt's second token, drawn as a rider, ends it. Then the streams outgrow the pool:
     the newest is preempted and recomputed through the flat step while the others ride. Every request's tokens
-    equal those of separate calls, and the flat programs are one per token bucket, all compiled by the warm-up."""
+    equal those of separate calls, and the flat programs are one per token bucket, each a warm-up shape."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 700, 100)]
     params = [SamplingParams(temperature=0, max_tokens=600, ignore_eos=True),
@@ -98,10 +98,6 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
     outs = {}
     for flat in (False, True):
         eng = _tiny(flat)
-        if flat:  # the warm-up compiles a flat program per token bucket, and the load needs no other
-            eng.warmup()
-            warm = set(eng.runner._flat.exes)
-            assert len(warm) == len(eng.runner.flat_buckets)
         calls = []
         call = eng.runner._flat_call
         eng.runner._flat_call = lambda seqs, n: (calls.append(n), call(seqs, n))[1]
@@ -129,5 +125,8 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
         if flat:
             assert len(seen) == 2 and seen[1] == seen[0] + 1  # a chunk a step, the stream a token each
             assert splits and resumed and eng.rode > 0
-            assert not eng.runner._prefill.exes and set(eng.runner._flat.exes) == warm  # no rectangular prefill
+            assert not eng.runner._prefill.exes  # no rectangular prefill compiled; a flat program per token bucket
+            assert {key[0][3][0][0] for key in eng.runner._flat.exes} <= set(eng.runner.flat_buckets)
+            assert {job[1][3].shape[0] for job in eng.runner.warm_jobs() if job[0] is eng.runner._flat} == set(
+                eng.runner.flat_buckets)  # and the warm-up compiles them all
     assert outs[True] == outs[False]
