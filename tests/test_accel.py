@@ -222,6 +222,9 @@ def test_backend_choice_by_platform_and_flag():
     assert resolve_backend("auto", bf16, "cpu") == "xla" and resolve_backend("auto", None, "cpu", tp=2) == "xla"
     with pytest.raises(ValueError, match="does not split over tp"):
         resolve_backend("cpu", tp=2)
+    assert resolve_backend("auto", None, "gpu", tp=2) == "xla" == resolve_backend("auto", None, "tpu", tp=4)
+    with pytest.raises(ValueError, match="kernels do not split over tp"):
+        resolve_backend("pallas-gpu", tp=2)
     with pytest.raises(ValueError, match="float32 pools only"):
         resolve_backend("cpu", bf16)
 

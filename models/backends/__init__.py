@@ -48,9 +48,9 @@ def default_backend(platform: str | None = None) -> str:
 def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
     """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
     attention (a sliding window, logit soft-capping, latent attention, sinks; for `pallas-gpu`, a head dimension
-    that is not a power of two) falls back to `xla` for that model;
-    so does `auto`'s `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a C++
-    compiler."""
+    that is not a power of two) falls back to `xla` for that model. Under `auto` so do the Pallas kernels on a mesh
+    with `tp` > 1, and the `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a
+    C++ compiler; an explicit ask for a kernel there fails."""
     auto = name == "auto"
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:
@@ -58,6 +58,10 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
     unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks
                                     or (name == "pallas-gpu" and cfg.head_dim & (cfg.head_dim - 1)))  # Triton: 2^k
     if name != "xla" and unserved:
+        return "xla"
+    if name in ("pallas-gpu", "pallas-tpu") and tp > 1:  # XLA cannot split a kernel's call over devices: it
+        if not auto:  # would gather every head's pages to each device for it (jax-ml/jax#19748)
+            raise ValueError(f"the {name} kernels do not split over tp: use -tp 1, or --attention-backend xla")
         return "xla"
     if name == "cpu":
         from models.backends import cpu_attention
