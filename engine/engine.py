@@ -30,6 +30,7 @@ from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
 from engine.runner import Decoding, Runner, RunnerConfig, join_pieces
+from engine.sampler import seed_keys
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -304,13 +305,13 @@ class Engine:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
         sched, new_rows, copies = self.sched, {}, []  # new slot -> the slot whose prefill logits it draws from
+        rows = {}  # sampler rows to install: fresh ones, and resumed choices' saved ones
         for pf in ready:
             req, first = pf.req, pf.choices[0]
             sched.register(req, first)
             if pf.resume:
                 self.runner.set_settings(first.slot, self._settings(req))
-                self.runner.restore_row(first.slot, first.saved)
-                first.saved = None
+                rows[first.slot], first.saved = first.saved, None
                 sched.running[first.slot] = (req, first)
                 continue
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
@@ -321,14 +322,14 @@ class Engine:
                 continue
             p = req.params
             copies += sched.fork(req)
-            root, settings = jax.random.PRNGKey(p.seed % (1 << 32)), self._settings(req)
-            for choice in req.choices:
+            settings = self._settings(req)
+            for choice, key in zip(req.choices, seed_keys(p.seed, len(req.choices))):
                 if req.grammar is not None:
                     choice.matcher = self.grammars().matcher(req.grammar)
                 if req.thinking is not None:
                     choice.matcher = Gate(req.thinking, choice.matcher)
-                key = root if choice.index == 0 else jax.random.fold_in(root, choice.index)
-                self.runner.set_row(choice.slot, settings, req.prompt_ids, np.asarray(jax.random.key_data(key)))
+                self.runner.set_settings(choice.slot, settings)
+                rows[choice.slot] = self.runner.fresh_row(settings, req.prompt_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
@@ -338,6 +339,8 @@ class Engine:
         sched.admitting = []
         if copies:
             self.runner.copy_pages(copies)
+        if rows:
+            self.runner.restore_rows(rows)
         if ready:
             self.runner.push_params()
         sources = {**new_rows, **{slot: slot for slot in self.riders}}  # riders draw from their own rows

@@ -164,6 +164,9 @@ class Runner:
         if any(b < 1 for b in sizes):
             raise ValueError(f"decode batch sizes must be positive: {sizes}")
         self.batch_buckets = tuple(sorted({b for b in sizes if b < self.per_shard} | {self.per_shard}))
+        # sampler rows installed per call (`restore_rows`): powers of two, and every slot
+        self.row_buckets = tuple(sorted({1 << i for i in range(self.slots.bit_length()) if 1 << i < self.slots}
+                                        | {self.slots}))
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
@@ -330,9 +333,10 @@ class Runner:
             return state, jax.lax.with_sharding_constraint(out, gathered)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def set_state_row(state, row, values):
-            self.compiles += 1
-            return jax.tree.map(lambda full, x: full.at[row].set(x), state, values)
+        def set_state_rows(state, rows, values):
+            # values: each field's rows, one per `rows` entry (padding rows name one past the slots: dropped)
+            self.compiles += 1  # one shape per row bucket
+            return jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, values)
 
         layer_base = np.arange(model.cfg.num_layers)[:, None] * self.num_pages  # each layer's first pool page
 
@@ -354,10 +358,11 @@ class Runner:
         ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape)))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
         sampler_ns = repr(dict(mesh.shape))
-        self._first, self._set_row = AOT(first_tokens, "first", sampler_ns), AOT(set_state_row, "set_row", sampler_ns)
+        self._first = AOT(first_tokens, "first", sampler_ns)
+        self._set_rows = AOT(set_state_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
         self._flat = AOT(flat_step, "flat", ns)
-        self._step_programs = (self._prefill, self._decode, self._first, self._set_row, self._copy, self._verify,
+        self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat)
 
     @property
@@ -393,6 +398,7 @@ class Runner:
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
         jobs += [self._flat_job(size) for size in (self.flat_buckets if self.flat else ())]
         jobs += [self._first_job(self.dp * b) for b in self.batch_buckets]
+        jobs += [self._rows_job(k) for k in self.row_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
         one = constrained or accelerator or self.flat  # a prompt waiting for pages between flat steps: one step
@@ -415,11 +421,10 @@ class Runner:
         """The programs a first short request needs (one prompt of up to BATCHED_PREFILL tokens, its first draw,
         its sampler row, decode at the smallest batch size): the server answers once these are ready and compiles
         the rest behind."""
-        row = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.state)
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
         prefill = ([self._flat_job(size) for size in self.flat_buckets if size <= BATCHED_PREFILL] if self.flat else
                    [self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL])
-        return (prefill + [self._first_job(nb), (self._set_row, (self.state, np.int32(0), row), {}),
+        return (prefill + [self._first_job(nb), self._rows_job(1),
                    self._decode_job(nb, self.attended(self.batch_buckets[0], 1), self.rc.decode_steps)])
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
@@ -432,6 +437,10 @@ class Runner:
         r = self.slots + 1
         return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
                              _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r)), {})
+
+    def _rows_job(self, k: int) -> Job:
+        rows = jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), self.state)
+        return self._set_rows, (self.state, _i32(k), rows), {}
 
     def _first_job(self, nb: int) -> Job:
         return (self._first, (self.state, self.params, self.last_logits, _i32(nb), np.zeros(nb, bool),
@@ -612,15 +621,14 @@ class Runner:
             per = [pairs[self.per_shard:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
 
-    def set_row(self, row: int, settings: dict, prompt: list[int], seed_key: np.ndarray) -> None:
-        """Install a request's sampling settings and fresh sampler state in `row`."""
-        self.set_settings(row, settings)
+    def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
+        """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice
+        its target, its seed's key), on the host, for `restore_rows`."""
         prompt_row = np.zeros(self.model.cfg.vocab_size, bool)
         prompt_row[np.asarray(prompt, np.int64)] = True
-        fresh = smp.SamplerState(np.zeros(self.model.cfg.vocab_size, np.int32), prompt_row,
-                                 np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
-                                 np.asarray(seed_key, np.uint32), np.int32(0))
-        self.restore_row(row, fresh)
+        return smp.SamplerState(np.zeros(self.model.cfg.vocab_size, np.int32), prompt_row,
+                                np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
+                                np.asarray(seed_key, np.uint32), np.int32(0))
 
     def set_settings(self, row: int, settings: dict) -> None:
         """Write a request's sampling settings into the host copy of row `row` (sent by `push_params`)."""
@@ -631,9 +639,18 @@ class Runner:
         """The sampler state of one row, on the host (a preempted sequence takes it along)."""
         return jax.tree.map(lambda x: np.asarray(x[row]), self.state)
 
-    def restore_row(self, row: int, values: smp.SamplerState) -> None:
-        """Put a row's sampler state (fresh, or saved at preemption) back on the device."""
-        self.state = self._set_row(self.state, np.int32(row), jax.tree.map(np.asarray, values))
+    def restore_rows(self, rows: dict[int, smp.SamplerState]) -> None:
+        """Put sampler rows (`{slot: state}`: fresh, or saved at preemption) on the devices in one call per
+        `row_buckets[-1]` of them (a burst of new requests is one launch, not one each)."""
+        slots = sorted(rows)
+        for at in range(0, len(slots), self.row_buckets[-1]):
+            part = slots[at:at + self.row_buckets[-1]]
+            k = bucket(len(part), self.row_buckets)
+            idx = np.full(k, self.slots, np.int32)  # padding rows: past the slots, dropped
+            idx[:len(part)] = part
+            values = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))),
+                                  *[rows[slot] for slot in part])
+            self.state = self._set_rows(self.state, idx, values)
 
     def push_params(self) -> None:
         """Send the host copy of the sampling parameters to the device."""

@@ -103,6 +103,16 @@ def init_state(batch: int, vocab: int) -> SamplerState:
                         jnp.zeros((batch,), jnp.int32))
 
 
+def seed_keys(seed: int, n: int) -> list[np.ndarray]:
+    """The raw keys of a request's `n` choices: its seed's (`PRNGKey(seed mod 2^32)`), then that key folded with
+    each further choice's index. Computed on the host's CPU device: on an accelerator an eager op waits for the
+    step in flight there."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        root = jax.random.PRNGKey(seed % (1 << 32))
+        keys = [root] + [jax.random.fold_in(root, i) for i in range(1, n)]
+        return [np.asarray(jax.random.key_data(k), np.uint32) for k in keys]
+
+
 def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
     """Steps 1-3: logit bias, repetition penalty (prompt + output), frequency/presence penalties (output)."""
     z = logits + p.bias

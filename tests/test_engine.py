@@ -39,7 +39,8 @@ def test_seeded_sampling_is_the_same_across_batch_compositions(llm):
 
 def test_settings_do_not_recompile(llm):
     """20 requests with different settings and prompt lengths (one bucket), after a warm-up round with the same
-    schedule (ignore_eos fixes every length) but other settings: no new compilation."""
+    schedule (ignore_eos fixes every length) but other settings: no new compilation; their 30 choices' sampler rows
+    go to the devices in one call."""
     rng = np.random.default_rng(0)
     prompts = [[{"role": "user", "content": "word " * int(rng.integers(1, 8))}] for _ in range(20)]
     ns = [1 + i % 2 for i in range(20)]
@@ -51,9 +52,11 @@ def test_settings_do_not_recompile(llm):
                              frequency_penalty=float(rng.uniform(-1, 1)), presence_penalty=float(rng.uniform(-1, 1)),
                              mirostat_target=3.0 if i % 5 == 0 else None, logit_bias={str(i): 2.0},
                              max_tokens=8, seed=i, ignore_eos=True, n=n) for i, n in enumerate(ns)]
+    installs = llm.engine.runner._set_rows.calls
     outs = llm.chat(prompts, params)
     assert all(len(c.token_ids) == 8 for o in outs for c in o.outputs)
     assert llm.engine.runner.compiles == before
+    assert llm.engine.runner._set_rows.calls == installs + 1
 
 
 def test_stop_strings_max_tokens_and_n(llm):
