@@ -18,14 +18,14 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; two runs of
-# 2026-11-29, session 20). The files run heaviest first, so the two workers (each file stays on one) finish near
+# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; `.ci/run` of
+# 2026-11-30, session 24). The files run heaviest first, so the two workers (each file stays on one) finish near
 # together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist orders the files
 # by their count of tests.
-FILE_SECONDS = {"test_moe": 320, "test_speculative": 245, "test_accel": 205, "test_paging": 180, "test_mesh": 140,
-                "test_server": 130, "test_operations": 115, "test_cpu_matmul": 100, "test_models": 93, "test_engine": 62,
-                "test_structured": 48, "test_quant": 38, "test_tools": 35, "test_reasoning": 25, "test_apis": 25,
-                "test_sampler": 22, "test_cli": 22, "test_flat": 20, "test_page": 14}
+FILE_SECONDS = {"test_moe": 283, "test_speculative": 246, "test_accel": 216, "test_paging": 187, "test_server": 146,
+                "test_mesh": 121, "test_cpu_matmul": 91, "test_models": 88, "test_operations": 80, "test_flat": 63,
+                "test_engine": 61, "test_structured": 39, "test_quant": 37, "test_tools": 28, "test_apis": 28,
+                "test_reasoning": 23, "test_sampler": 20, "test_cli": 17, "test_page": 13}
 
 
 def pytest_collection_modifyitems(items):
