@@ -204,7 +204,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
-            f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, mesh data {engine.runner.dp} x tp {args.tp}")
+            f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
+            f"mesh data {engine.runner.dp} x tp {args.tp}")
     try:
         asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
     finally:
