@@ -640,17 +640,15 @@ class Runner:
         return jax.tree.map(lambda x: np.asarray(x[row]), self.state)
 
     def restore_rows(self, rows: dict[int, smp.SamplerState]) -> None:
-        """Put sampler rows (`{slot: state}`: fresh, or saved at preemption) on the devices in one call per
-        `row_buckets[-1]` of them (a burst of new requests is one launch, not one each)."""
+        """Put sampler rows (`{slot: state}`: fresh, or saved at preemption) on the devices in one call (a burst of
+        new requests is one launch, not one each)."""
         slots = sorted(rows)
-        for at in range(0, len(slots), self.row_buckets[-1]):
-            part = slots[at:at + self.row_buckets[-1]]
-            k = bucket(len(part), self.row_buckets)
-            idx = np.full(k, self.slots, np.int32)  # padding rows: past the slots, dropped
-            idx[:len(part)] = part
-            values = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))),
-                                  *[rows[slot] for slot in part])
-            self.state = self._set_rows(self.state, idx, values)
+        k = bucket(len(slots), self.row_buckets)  # at most every slot
+        idx = np.full(k, self.slots, np.int32)  # padding rows: past the slots, dropped
+        idx[:len(slots)] = slots
+        values = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))),
+                              *[rows[slot] for slot in slots])
+        self.state = self._set_rows(self.state, idx, values)
 
     def push_params(self) -> None:
         """Send the host copy of the sampling parameters to the device."""

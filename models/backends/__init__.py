@@ -85,11 +85,8 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
     b, s, h, d = q.shape
     plain = not softcap and sinks is None and isinstance(window, int) and window == 0
     if s > 1 and backend == "pallas-gpu" and plain:  # each row a sequence of `s` queries in one flat batch
-        from models.backends import pallas_gpu
-
-        qs = (q * jnp.asarray(scale, q.dtype)).reshape(b * s, h, d)
-        out = pallas_gpu.ragged(qs, k_cache, v_cache, table, positions[:, 0].astype(jnp.int32),
-                                jnp.full((b,), s, jnp.int32), interpret=jax.default_backend() != "gpu")
+        out = _ragged(q.reshape(b * s, h, d), k_cache, v_cache, table, positions[:, 0].astype(jnp.int32),
+                      jnp.full((b,), s, jnp.int32), scale)
         return out.reshape(b, s, h * d)
     if s > 1 and not (backend == "cpu" and plain and s <= CPU_CHUNK):
         return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
@@ -121,9 +118,13 @@ def flat_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.
     t, h, d = q.shape
     plain = not softcap and sinks is None and isinstance(window, int) and window == 0
     if backend == "pallas-gpu" and plain:
-        from models.backends import pallas_gpu
-
-        qs = q * jnp.asarray(scale, q.dtype)
-        return pallas_gpu.ragged(qs, k_cache, v_cache, flat.tables, flat.starts, flat.lengths,
-                                 interpret=jax.default_backend() != "gpu").reshape(t, h * d)
+        return _ragged(q, k_cache, v_cache, flat.tables, flat.starts, flat.lengths, scale).reshape(t, h * d)
     return paged.flat_reference(q, k_cache, v_cache, flat, positions, scale, softcap, window, sinks)
+
+
+def _ragged(q, k_cache, v_cache, tables, starts, lengths, scale: float) -> jax.Array:
+    """`pallas_gpu.ragged` over queries `q [T, h, d]` scaled here (interpreted off a GPU)."""
+    from models.backends import pallas_gpu
+
+    return pallas_gpu.ragged(q * jnp.asarray(scale, q.dtype), k_cache, v_cache, tables, starts, lengths,
+                             interpret=jax.default_backend() != "gpu")
