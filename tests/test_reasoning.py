@@ -134,7 +134,7 @@ def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
     close = thinker.server.think_ids[1]
     # budget 0 turns thinking off in the template; a template that opens the block anyway gets it closed at once
     extra = {"reasoning_effort": budget, "chat_template_kwargs": {"enable_thinking": True}}
-    _, r = _ask(thinker, max_tokens=16, extra=extra)
+    client, r = _ask(thinker, max_tokens=16, extra=extra)
     c = r.choices[0]
     ids = c.model_extra["token_ids"]
     assert ids[budget] == close and close not in ids[:budget], ids  # exactly `budget` thinking tokens, then the close
@@ -144,7 +144,6 @@ def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
     assert r.usage.completion_tokens == 16 and c.finish_reason == "length"
     assert r.usage.completion_tokens_details.reasoning_tokens == budget + 1  # the thinking and the close
     # streamed, the same pieces arrive apart
-    client, _ = _ask(thinker)
     chunks = list(client.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "Think."}], seed=3, temperature=1.0, max_tokens=16,
         stream=True, extra_body={"ignore_eos": True, **extra}))
