@@ -326,7 +326,8 @@ from models.sharding import make_mesh
 cfg = ModelConfig.from_hf(json.loads(sys.argv[2]))
 module = build(cfg)
 model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
-eng = Engine(model, RunnerConfig(max_num_seqs=2, max_model_len=64, kv_cache_gb=0.01))  # few shapes: 14
+eng = Engine(model, RunnerConfig(max_num_seqs=2, max_model_len=64, kv_cache_gb=0.01,
+                                 decode_batch_sizes=(2,)))  # few shapes: 13
 eng.warmup()
 compiled, loaded, saved = eng.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"]
 for i in range(6):
