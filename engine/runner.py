@@ -95,13 +95,13 @@ def plan_max_len(model: Model, rc: RunnerConfig, num_pages: int) -> int:
     return want // rc.page_size * rc.page_size
 
 
-def attend_buckets(max_len: int, lo: int) -> tuple[int, ...]:
-    """Attended-length buckets: powers of two from `lo`, then `max_len` (all multiples of the page size)."""
+def doubling(lo: int, most: int) -> tuple[int, ...]:
+    """Buckets `lo`, `2 lo`, `4 lo`, ... below `most`, then `most`."""
     out, b = [], lo
-    while b < max_len:
+    while b < most:
         out.append(b)
         b *= 2
-    return tuple(out) + (max_len,)
+    return tuple(out) + (most,)
 
 
 def _i32(*shape: int) -> np.ndarray:
@@ -156,7 +156,7 @@ class Runner:
         self.max_len = plan_max_len(model, rc, self.num_pages)
         self.max_pages = self.max_len // self.page_size
         lo = min(max(rc.min_attend, self.page_size), self.max_len)
-        self.attend = attend_buckets(self.max_len, lo // self.page_size * self.page_size)
+        self.attend = doubling(lo // self.page_size * self.page_size, self.max_len)  # page multiples
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
@@ -165,8 +165,7 @@ class Runner:
             raise ValueError(f"decode batch sizes must be positive: {sizes}")
         self.batch_buckets = tuple(sorted({b for b in sizes if b < self.per_shard} | {self.per_shard}))
         # sampler rows installed per call (`restore_rows`): powers of two, and every slot
-        self.row_buckets = tuple(sorted({1 << i for i in range(self.slots.bit_length()) if 1 << i < self.slots}
-                                        | {self.slots}))
+        self.row_buckets = doubling(1, self.slots)
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
@@ -184,8 +183,7 @@ class Runner:
         # A flat step's tokens, padded to a power of two or to the most it takes: the step's prompt budget (or a
         # chunk) and every slot's next token; its sequences: every slot and one more, the padding tokens' (scratch).
         most = max(rc.max_prefill_tokens, self.chunk) + self.slots
-        self.flat_buckets = tuple(b for b in (FLAT_TOKENS << i for i in range(most.bit_length())) if b < most)
-        self.flat_buckets += (most,)
+        self.flat_buckets = doubling(FLAT_TOKENS, most)
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
