@@ -173,7 +173,7 @@ def main() -> None:
     head = (f"Latest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
             f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n\nThe int8 rows are the same engine with "
             "`--quantization int8` (weights a quarter of float32's bytes plus one scale per\n32 weights; on a CPU with "
-            "AVX-512 VNNI their products run in the int8 kernel, `--matmul-backend auto`); their last\nratio is "
+            "AVX2 or AVX-512 VNNI their products run in the int8 kernel, `--matmul-backend auto`); their last\nratio is "
             "against the float32 row of the same run.\n")
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md")
     old = open(path).read() if os.path.exists(path) else ""

@@ -63,7 +63,7 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
 
 def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None,
                          matmul: str = "auto") -> tuple[str, str]:
-    """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX-512 VNNI, float32,
+    """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX2 or AVX-512 VNNI, float32,
     tp = 1, `--matmul-backend` auto or cpu) and the catalog marks the model as passing the int8 quality guard
     (`tests/test_quant.py`), else the weights at full precision; `none` and `int8` are taken as asked."""
     from models.backends import cpu_matmul
@@ -79,7 +79,7 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
            f"the int8 kernel runs float32 models only, not {dtype}" if dtype != "float32" else
            "the int8 kernel does not split over tp" if tp > 1 else
            "--matmul-backend xla widens int8 weights in XLA, slower than float32" if matmul == "xla" else
-           "the int8 kernel needs AVX-512 VNNI and a C++ compiler, which this host lacks"
+           "the int8 kernel needs AVX2 (or AVX-512 VNNI) and a C++ compiler, which this host lacks"
            if not cpu_matmul.available() else
            f"{model} has no int8 quality guard (configs/models.toml)" if not guarded else "")
     if why:

@@ -50,13 +50,13 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--quantization", choices=("auto", "none", "int8"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
                          "bfloat16's; docs/PERFORMANCE.md has what it does to speed); none: full precision; auto: "
-                         "int8 where the int8 kernel runs (a CPU with AVX-512 VNNI) and the model passes the quality "
+                         "int8 where the int8 kernel runs (a CPU with AVX2 or AVX-512 VNNI) and the model passes the quality "
                          "guard, else none. The startup line and /v1/models say what was chosen and why")
     ap.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto",
                     help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
                          "xla: the plain-XLA reference)")
     ap.add_argument("--matmul-backend", choices=("auto", *MATMULS), default="auto",
-                    help="int8 products (auto: the C++ int8 kernel on a CPU with AVX-512 VNNI, weights kept in its "
+                    help="int8 products (auto: the C++ int8 kernel on a CPU with AVX2 or AVX-512 VNNI, weights kept in its "
                          "layout; xla: widen the int8 weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")

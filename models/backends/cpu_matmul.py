@@ -1,5 +1,5 @@
 """The `cpu` int8 product (`--matmul-backend`): int8 weights times int8 activations with a small C++ kernel
-(`models/backends/csrc/int8_matmul.cc`, AVX-512 VNNI) that XLA calls through its FFI.
+(`models/backends/csrc/int8_matmul.cc`, for AVX2 or AVX-512 VNNI) that XLA calls through its FFI.
 
 XLA's CPU backend multiplies int8 weights by widening them to float32 first, then runs a float32 product at
 ~100-200 GFLOP/s on this machine's two cores; the batched decode step and prefill are mostly those products. The
@@ -23,8 +23,11 @@ MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA (`qua
 
 
 def available() -> bool:
-    """Whether the kernel compiles on this machine (it needs AVX-512 VNNI) and is registered with XLA."""
-    return "avx512_vnni" in native.cpu_flags() and native.available("int8_matmul", "SparklerInt8Matmul", TARGET)
+    """Whether the kernel compiles on this machine (it needs AVX2 and FMA, or AVX-512 VNNI) and is registered with
+    XLA."""
+    flags = set(native.cpu_flags().split())
+    return ("avx512_vnni" in flags or {"avx2", "fma"} <= flags) and native.available("int8_matmul",
+                                                                                        "SparklerInt8Matmul", TARGET)
 
 
 def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> str:
@@ -39,7 +42,7 @@ def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> 
            "it runs float32 models only" if cfg.dtype != "float32" else
            "it does not split over tp" if tp > 1 else
            "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else
-           "it needs a C++ compiler and AVX-512 VNNI" if not available() else "")
+           "it needs a C++ compiler and AVX2 or AVX-512 VNNI" if not available() else "")
     if why and not auto:
         raise ValueError(f"the cpu matmul backend cannot serve here: {why}")
     return "xla" if why else "cpu"
@@ -51,7 +54,7 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array, layer: jax.Array | None
     (`quant.activations`). With `layer`, `w` and `scale` are a stack `[L, ...]` and the kernel reads that layer
     in place (scanned layers: XLA would copy a slice of the stack for every call)."""
     if not available():
-        raise RuntimeError("the cpu matmul backend needs a C++ compiler and a CPU with AVX-512 VNNI")
+        raise RuntimeError("the cpu matmul backend needs a C++ compiler and a CPU with AVX2 or AVX-512 VNNI")
     if layer is None:
         w, scale, layer = w[None], scale[None], 0
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1] * 16

@@ -1,20 +1,28 @@
 // int8 x int8 matrix product for the CPU, called from XLA as an FFI custom call (models/backends/cpu_matmul.py).
 //
 // `y [M, N] = x [M, K] @ W.T` where W is int8 with a float32 scale per output and group of 32 inputs (llama.cpp's
-// Q8_0, models/quant.py), stored packed for AVX-512 VNNI: `w [L, N/16, K/4, 64]` holds W + 128 as unsigned bytes,
-// sixteen outputs by four inputs per 64 bytes, and `s [L, N/16, K/32, 16]` the scales in the same order, for a
-// stack of L layers of which the call reads layer `layer` (scanned layers pass the whole stack: XLA would copy a
-// slice). The rows of x are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of
-// max|x| / 127, `q2` rounds what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1
-// tokens, tests/test_quant.py). Each group's product `256 * w.q1 + w.q2` is exact in int32 (`vpdpbusd`: unsigned
-// weights times signed activations; the +128 is taken back by starting each level at -128 times its sum) and is
-// scaled into float32 once per group.
-// A tile is 6 rows by 32 outputs: 12 int32 and 12 float32 accumulators stay in registers. Tasks are blocks of 32
-// outputs over every row, shared with XLA's intra-op pool (`parallel.h`).
+// Q8_0, models/quant.py), stored packed: `w [L, N/16, K/4, 64]` holds W + 128 as unsigned bytes, sixteen outputs by
+// four inputs per 64 bytes, and `s [L, N/16, K/32, 16]` the scales in the same order, for a stack of L layers of
+// which the call reads layer `layer` (scanned layers pass the whole stack: XLA would copy a slice). The rows of x
+// are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
+// what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens,
+// tests/test_quant.py). Each group's product `w.(256 q1 + q2)` is exact in int32 and is scaled into float32 once per
+// group. Two builds of the same arithmetic, chosen by the host's instructions (`-march=native`):
+// - AVX-512 VNNI: `vpdpbusd` multiplies the unsigned weights by each level's signed bytes (the +128 is taken back
+//   by starting each level at -128 times its sum). A tile is 6 rows by 32 outputs: 12 int32 and 12 float32
+//   accumulators stay in registers.
+// - AVX2 (llama.cpp's other common x86 target): each activation's two levels are one int16, `256 q1 + q2`
+//   (|.| <= 32639), and `vpmaddwd` multiplies it by the sign-extended weights (W + 128 with its top bit flipped),
+//   summing pairs of inputs of one output; pairs are added once per group. A tile is 4 rows by 8 outputs.
+// Tasks are blocks of outputs over every row, shared with XLA's intra-op pool (`parallel.h`).
 #include <immintrin.h>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
-#error "the int8 matmul kernel needs AVX-512 with VNNI (the XLA reference serves other CPUs)"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SPARKLER_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SPARKLER_VNNI 0
+#else
+#error "the int8 matmul kernel needs AVX2 and FMA, or AVX-512 VNNI (the XLA reference serves other CPUs)"
 #endif
 
 #include <algorithm>
@@ -28,18 +36,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kGroup = 32, kLanes = 16, kMR = 6, kNR = 2;
+constexpr int64_t kGroup = 32, kLanes = 16;
 constexpr int64_t kMinShared = int64_t{1} << 18;  // operations (2 x M x N x K) worth waking XLA's other threads for
 
 struct Shared {
   const uint8_t* w;
   const float* s;
-  const int8_t* a;     // quantized rows [2 levels, M, K]
+  const int8_t* a;     // the quantized rows: int8 [2 levels, M, K] (VNNI), or int16 [M, K] in the same bytes (AVX2)
   const float* sa;     // the second level's scale per row and group [M, G]
-  const int32_t* ca;   // -128 x each group's sum [2 levels, M, G]
+  const int32_t* ca;   // VNNI: -128 x each group's sum [2 levels, M, G]
   float* out;
   int64_t m, n, k, groups;
 };
+
+#if SPARKLER_VNNI
+
+constexpr int64_t kMR = 6, kNR = 2;  // a tile's rows and 16-output blocks; a task is kNR blocks over every row
 
 // Rows m0..m0+MR of the output blocks nb..nb+NR (16 outputs each), over every group.
 template <int MR, int NR>
@@ -85,6 +97,8 @@ template <int NR>
 constexpr TileFn kRows[kMR + 1] = {nullptr, Tile<1, NR>, Tile<2, NR>, Tile<3, NR>, Tile<4, NR>, Tile<5, NR>,
                                    Tile<6, NR>};
 
+int64_t Tasks(int64_t blocks) { return (blocks + kNR - 1) / kNR; }
+
 void Task(const Shared& s, int64_t task) {
   const int64_t nb = task * kNR, nr = std::min(kNR, s.n / kLanes - nb);
   const TileFn* rows = nr == kNR ? kRows<kNR> : kRows<1>;
@@ -97,11 +111,15 @@ void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
   *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
 }
 
-// One row of x quantized per group of 32 (`models.quant.activations`): `q1 = rint(x * 127 / max|x|)`, then
+// Row m of x quantized per group of 32 (`models.quant.activations`): `q1 = rint(x * 127 / max|x|)`, then
 // `q2 = rint((x - q1 * step) * 256 / step)` clipped to +-127 (the remainder is at most half a step), the second
-// level's scale `step / 256` and -128 x each level's sum. A NaN is not carried (the max ignores it, its rounding is
-// 0): XLA's float product would propagate it.
-void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scale, int32_t* corr, int32_t* corr2) {
+// level's scale `step / 256` and -128 x each level's sum. A NaN is not carried (the max ignores it, its first
+// level is 0): XLA's float product would propagate it.
+void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t* ca) {
+  const int64_t groups = K / kGroup;
+  int8_t *q = a + m * K, *q2 = a + (M + m) * K;
+  float* scale = sa + m * groups;
+  int32_t *corr = ca + m * groups, *corr2 = ca + (M + m) * groups;
   const __m512i lim = _mm512_set1_epi32(127), neg = _mm512_set1_epi32(-127);
   for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup, q2 += kGroup) {
     const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + kLanes);
@@ -120,6 +138,92 @@ void Quantize(const float* x, int64_t groups, int8_t* q, int8_t* q2, float* scal
   }
 }
 
+#else  // AVX2
+
+constexpr int64_t kMR = 4;  // a tile's rows; a task is one 16-output block (two tiles of 8 outputs) over every row
+
+// Rows m0..m0+MR of the outputs 8 h .. 8 h + 8 of block nb, over every group.
+template <int MR>
+void Tile(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
+  const int64_t G = s.groups, K = s.k;
+  const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
+  const uint8_t* w = s.w + nb * K * kLanes + h * 2 * kLanes;  // each run of 64 bytes: outputs 0-7, then 8-15
+  const __m128i flip = _mm_set1_epi8(-128);                     // W + 128 -> W
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MR][2];  // outputs 0-3 and 4-7, each as two sums of a pair of inputs
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
+      const uint8_t* wk = w + (g * kGroup / 4 + kk) * 4 * kLanes;
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i*)wk), flip));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i*)(wk + 16)), flip));
+      for (int m = 0; m < MR; ++m) {
+        int64_t four;  // the row's four activations of these inputs, as int16
+        __builtin_memcpy(&four, a + m * K + g * kGroup + kk * 4, 8);
+        const __m256i am = _mm256_set1_epi64x(four);
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, am));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, am));
+      }
+    }
+    const __m256 sw = _mm256_loadu_ps(s.s + (nb * G + g) * kLanes + h * 8);
+    for (int m = 0; m < MR; ++m) {
+      // The pairs added: outputs 0 1 4 5 | 2 3 6 7, put in order by the permute.
+      const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
+      const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(s.sa[(m0 + m) * G + g]));
+      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, accf[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(s.out + (m0 + m) * s.n + nb * kLanes + h * 8, accf[m]);
+}
+
+using TileFn = void (*)(const Shared&, int64_t, int64_t, int64_t);
+constexpr TileFn kRows[kMR + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>, Tile<4>};
+
+int64_t Tasks(int64_t blocks) { return blocks; }
+
+void Task(const Shared& s, int64_t nb) {
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t m0 = 0; m0 < s.m; m0 += kMR) kRows[std::min(kMR, s.m - m0)](s, m0, nb, h);
+}
+
+float MaxOf(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
+// `256 q1 + q2`; no sums are needed (the weights are taken signed). A NaN gives the same -127 as there.
+void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t*) {
+  const int64_t groups = K / kGroup;
+  int16_t* q = reinterpret_cast<int16_t*>(a) + m * K;
+  float* scale = sa + m * groups;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127);
+  for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup) {
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i)  // `top` second: where one is NaN, maxps gives its second operand
+      top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 8 * i)), top);
+    const float big = MaxOf(top), step = big / 127.f;
+    const __m256 inv = _mm256_set1_ps(big > 1e-30f ? 127.f / big : 0.f);  // quant.TINY: a tinier group is zeros
+    const __m256 s = _mm256_set1_ps(step), inv2 = _mm256_mul_ps(inv, _mm256_set1_ps(256.f));
+    __m256i both[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      const __m256 r = _mm256_sub_ps(v[i], _mm256_mul_ps(_mm256_cvtepi32_ps(q1), s));
+      const __m256i q2 = _mm256_max_epi32(neg, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(r, inv2))));
+      both[i] = _mm256_add_epi32(_mm256_slli_epi32(q1, 8), q2);
+    }
+    for (int i = 0; i < 2; ++i)  // int32 -> int16 (no value saturates), in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * i], both[2 * i + 1]), 0xD8));
+    scale[g] = step / 256.f;
+  }
+}
+
+#endif
+
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                       ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
@@ -133,14 +237,12 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   thread_local std::vector<float> sa;
   thread_local std::vector<int32_t> ca;
   a.resize(2 * M * K), sa.resize(M * G), ca.resize(2 * M * G);
-  for (int64_t m = 0; m < M; ++m)
-    Quantize(x.typed_data() + m * K, G, a.data() + m * K, a.data() + (M + m) * K, sa.data() + m * G,
-             ca.data() + m * G, ca.data() + (M + m) * G);
+  for (int64_t m = 0; m < M; ++m) Quantize(x.typed_data() + m * K, m, M, K, a.data(), sa.data(), ca.data());
   Shared sh;
   sh.w = w.typed_data() + l * N * K, sh.s = s.typed_data() + l * N * G;
   sh.a = a.data(), sh.sa = sa.data(), sh.ca = ca.data(), sh.out = out->typed_data();
   sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
-  sparkler::RunTasks(pool, (wd[1] + kNR - 1) / kNR, 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task(sh, t); });
+  sparkler::RunTasks(pool, Tasks(wd[1]), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task(sh, t); });
   return ffi::Error::Success();
 }
 
