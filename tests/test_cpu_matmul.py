@@ -28,8 +28,8 @@ def _reference(x, q, s):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])  # under, at and over the kernel's 6-row tile
-@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over, or none
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])  # under, at and over the 6-row (VNNI) and 4-row (AVX2) tiles
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over (VNNI), or none
 def test_kernel_matches_its_xla_reference(m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
     q, s = _weights(rng, n, k)

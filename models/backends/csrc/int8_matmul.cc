@@ -7,7 +7,7 @@
 // are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
 // what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens,
 // tests/test_quant.py). Each group's product `w.(256 q1 + q2)` is exact in int32 and is scaled into float32 once per
-// group. Two builds of the same arithmetic, chosen by the host's instructions (`-march=native`):
+// group. Two builds of the same arithmetic (the same integers, so the same results), chosen by the host's instructions (`-march=native`):
 // - AVX-512 VNNI: `vpdpbusd` multiplies the unsigned weights by each level's signed bytes (the +128 is taken back
 //   by starting each level at -128 times its sum). A tile is 6 rows by 32 outputs: 12 int32 and 12 float32
 //   accumulators stay in registers.
@@ -113,8 +113,8 @@ void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
 
 // Row m of x quantized per group of 32 (`models.quant.activations`): `q1 = rint(x * 127 / max|x|)`, then
 // `q2 = rint((x - q1 * step) * 256 / step)` clipped to +-127 (the remainder is at most half a step), the second
-// level's scale `step / 256` and -128 x each level's sum. A NaN is not carried (the max ignores it, its first
-// level is 0): XLA's float product would propagate it.
+// level's scale `step / 256` and -128 x each level's sum. A NaN is not carried (it counts as 0 in the max, its first
+// level is 0 and its second -127): XLA's float product would propagate it.
 void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t* ca) {
   const int64_t groups = K / kGroup;
   int8_t *q = a + m * K, *q2 = a + (M + m) * K;
@@ -123,7 +123,8 @@ void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float*
   const __m512i lim = _mm512_set1_epi32(127), neg = _mm512_set1_epi32(-127);
   for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup, q2 += kGroup) {
     const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + kLanes);
-    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    auto mag = [](__m512 v) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_abs_ps(v)); };
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(mag(lo), mag(hi)));
     const float step = top / 127.f;
     const __m512 inv = _mm512_set1_ps(top > 1e-30f ? 127.f / top : 0.f);  // quant.TINY: a tinier group is zeros
     const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
@@ -194,7 +195,7 @@ float MaxOf(__m256 v) {
 }
 
 // Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
-// `256 q1 + q2`; no sums are needed (the weights are taken signed). A NaN gives the same -127 as there.
+// `256 q1 + q2`; no sums are needed (the weights are taken signed). A NaN is not carried, as there: -127.
 void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t*) {
   const int64_t groups = K / kGroup;
   int16_t* q = reinterpret_cast<int16_t*>(a) + m * K;
