@@ -79,7 +79,7 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
            f"the int8 kernel runs float32 models only, not {dtype}" if dtype != "float32" else
            "the int8 kernel does not split over tp" if tp > 1 else
            "--matmul-backend xla widens int8 weights in XLA, slower than float32" if matmul == "xla" else
-           "the int8 kernel needs AVX2 (or AVX-512 VNNI) and a C++ compiler, which this host lacks"
+           f"the int8 kernel needs {cpu_matmul.NEEDS}, which this host lacks"
            if not cpu_matmul.available() else
            f"{model} has no int8 quality guard (configs/models.toml)" if not guarded else "")
     if why:

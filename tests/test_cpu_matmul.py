@@ -16,7 +16,7 @@ from models import KVCache, ModelConfig, build, init_params, quant
 from models.backends import cpu_matmul
 from models.backends.cpu_matmul import resolve_matmul
 
-needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="needs g++ and a CPU with AVX2 or AVX-512 VNNI")
+needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"needs {cpu_matmul.NEEDS}")
 
 
 def _weights(rng, n, k):

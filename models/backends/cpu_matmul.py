@@ -20,11 +20,11 @@ from models.backends import native
 
 TARGET = "sparkler_int8_matmul"
 MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA (`quant.dot`), or this kernel
+NEEDS = "a C++ compiler and a CPU with AVX2 and FMA, or AVX-512 VNNI"  # what `available` checks
 
 
 def available() -> bool:
-    """Whether the kernel compiles on this machine (it needs AVX2 and FMA, or AVX-512 VNNI) and is registered with
-    XLA."""
+    """Whether the kernel compiles on this machine (it needs `NEEDS`) and is registered with XLA."""
     flags = set(native.cpu_flags().split())
     return ("avx512_vnni" in flags or {"avx2", "fma"} <= flags) and native.available("int8_matmul",
                                                                                         "SparklerInt8Matmul", TARGET)
@@ -42,7 +42,7 @@ def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> 
            "it runs float32 models only" if cfg.dtype != "float32" else
            "it does not split over tp" if tp > 1 else
            "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else
-           "it needs a C++ compiler and AVX2 or AVX-512 VNNI" if not available() else "")
+           f"it needs {NEEDS}" if not available() else "")
     if why and not auto:
         raise ValueError(f"the cpu matmul backend cannot serve here: {why}")
     return "xla" if why else "cpu"
@@ -54,7 +54,7 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array, layer: jax.Array | None
     (`quant.activations`). With `layer`, `w` and `scale` are a stack `[L, ...]` and the kernel reads that layer
     in place (scanned layers: XLA would copy a slice of the stack for every call)."""
     if not available():
-        raise RuntimeError("the cpu matmul backend needs a C++ compiler and a CPU with AVX2 or AVX-512 VNNI")
+        raise RuntimeError(f"the cpu matmul backend needs {NEEDS}")
     if layer is None:
         w, scale, layer = w[None], scale[None], 0
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1] * 16

@@ -7,7 +7,8 @@
 // are quantized on entry in two int8 levels per group of 32: `q1` rounds x in steps of max|x| / 127, `q2` rounds
 // what q1 left in steps 256 times finer (one level alone moved the quality guard's top-1 tokens,
 // tests/test_quant.py). Each group's product `w.(256 q1 + q2)` is exact in int32 and is scaled into float32 once per
-// group. Two builds of the same arithmetic (the same integers, so the same results), chosen by the host's instructions (`-march=native`):
+// group. Two builds of the same arithmetic (the same integers, so the same results), chosen by the host's
+// instructions (`-march=native`):
 // - AVX-512 VNNI: `vpdpbusd` multiplies the unsigned weights by each level's signed bytes (the +128 is taken back
 //   by starting each level at -128 times its sum). A tile is 6 rows by 32 outputs: 12 int32 and 12 float32
 //   accumulators stay in registers.
