@@ -63,9 +63,10 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
 
 def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None,
                          matmul: str = "auto") -> tuple[str, str]:
-    """`--quantization` and why: `auto` is int8 where the C++ int8 kernel runs (a CPU with AVX2 or AVX-512 VNNI, float32,
-    tp = 1, `--matmul-backend` auto or cpu) and the catalog marks the model as passing the int8 quality guard
-    (`tests/test_quant.py`), else the weights at full precision; `none` and `int8` are taken as asked."""
+    """`--quantization` and why: `auto` is the catalog's `quantization` for the model (the one that passes the
+    quality guard, `tests/test_quant.py`: int4 for the default model, whose GGUF weights are Q4_1) where the C++
+    kernel runs (a CPU with AVX2, float32, tp = 1, `--matmul-backend` auto or cpu), else the weights at full
+    precision; `none`, `int8` and `int4` are taken as asked."""
     from models.backends import cpu_matmul
     from models.loading import packaged
 
@@ -74,17 +75,17 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
     if name != "auto":
         return name, "asked for"
     platform = platform or jax.default_backend()
-    guarded = packaged.catalog()["models"].get(model, {}).get("int8_guard", False)
-    why = (f"on {platform} int8 weights are widened in XLA, slower than {dtype}" if platform != "cpu" else
-           f"the int8 kernel runs float32 models only, not {dtype}" if dtype != "float32" else
-           "the int8 kernel does not split over tp" if tp > 1 else
-           "--matmul-backend xla widens int8 weights in XLA, slower than float32" if matmul == "xla" else
-           f"the int8 kernel needs {cpu_matmul.NEEDS}, which this host lacks"
+    guarded = packaged.catalog()["models"].get(model, {}).get("quantization")
+    why = (f"on {platform} quantized weights are widened in XLA, slower than {dtype}" if platform != "cpu" else
+           f"the quantized kernel runs float32 models only, not {dtype}" if dtype != "float32" else
+           "the quantized kernel does not split over tp" if tp > 1 else
+           f"--matmul-backend xla widens quantized weights in XLA, slower than {dtype}" if matmul == "xla" else
+           f"the quantized kernel needs {cpu_matmul.NEEDS}, which this host lacks"
            if not cpu_matmul.available() else
-           f"{model} has no int8 quality guard (configs/models.toml)" if not guarded else "")
+           f"{model} has no quantization that passed the quality guard (configs/models.toml)" if not guarded else "")
     if why:
         return "none", f"auto: {why}"
-    return "int8", "auto: the int8 kernel runs on this CPU and the model passes the int8 quality guard"
+    return guarded, f"auto: the quantized kernel runs on this CPU and the model passes the {guarded} quality guard"
 
 
 def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1,
@@ -216,8 +217,8 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
                              getattr(fam, "HF_FUSED", None))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix, getattr(fam, "GGUF_SPLITS", None))
-        if quantization == "int8":
-            tree = quantize_tree(tree)
+        if quantization != "none":
+            tree = quantize_tree(tree, quantization)
         if packed:
             tree = pack_tree(tree, cfg.tie_embeddings)
         if module.scan:

@@ -65,8 +65,8 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False  # MLA: the rotary dims come in interleaved pairs
     dtype: str = "float32"
-    quantization: str = "none"  # or "int8": int8 weights, a float32 scale per 32 inputs (models.quant)
-    matmul: str = "xla"  # int8 products: "xla" widens the weights, "cpu" the int8 kernel (models.backends.cpu_matmul)
+    quantization: str = "none"  # "int8": int8 weights, a float32 scale per 32 inputs; "int4": Q4_1 (models.quant)
+    matmul: str = "xla"  # quantized products: "xla" widens the weights, "cpu" the C++ kernel (backends.cpu_matmul)
 
     @property
     def scale(self) -> float:

@@ -1,4 +1,5 @@
-"""Weight quantization (`--quantization int8`): int8 weights with a float32 scale per group of 32 inputs.
+"""Weight quantization (`--quantization int8` and `int4`): int8 weights with a float32 scale per group of 32 inputs,
+or 4-bit ones with a float16 scale and minimum per group (int4, below).
 
 A weight `w [out, in]` is stored as `round(w / s)` in int8 with `s = max|w[o, g]| / 127` for each output row `o` and
 each group `g` of `GROUP` consecutive inputs (llama.cpp's Q8_0 layout): a little over a quarter of float32's bytes,
@@ -7,6 +8,11 @@ and the decode step on a CPU reads every weight once per step, so bytes are time
 of 32 keep both within 1.2% (tests/test_quant.py). The product widens the int8 weights and applies the scales inside
 the jitted step (`dot`), so memory holds int8 only. The embedding table is quantized the same way, per vocabulary
 row and group, which serves both the lookup and a tied LM head.
+
+`int4` is llama.cpp's Q4_1: `w = d q + m` with `q` in 0..15, and `d = (max - min) / 15` and `m = min` of each group
+of 32, both float16: 0.625 bytes a weight against int8's 1.125, for the decode step that reads every weight from
+memory. A GGUF whose weights are Q4_1 (the packaged SmolLM2's) comes back to its own values (each block holds its
+minimum and maximum at q = 0 and 15, so both are found again). The embedding table stays int8 (Q8_0 in such files).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 GROUP = 32  # inputs sharing one scale
 LANES = 16  # outputs side by side in the packed layout
 PACKED = "packed16x4"  # the packed layout in checkpoint keys: change it with `pack`
@@ -47,6 +53,34 @@ def dequantize(w: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Array:
     """`x @ dequantize(w, scale).T` for int8 `w [out, in]`; `out_dtype` defaults to x's."""
     y = jnp.dot(x, dequantize(w, scale, x.dtype).T, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def quantize4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`w [..., out, in]` (in divisible by `GROUP`) as 4-bit values `q` (uint8 0..15) and their float16 scales and
+    minima `[..., out, in / 32]`: `w ~ q * scale + minimum` (Q4_1)."""
+    w = np.asarray(w, np.float32)
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all() and np.abs([lo, hi]).max() < 65504):
+        raise ValueError("int4 needs finite weights within float16's range")
+    scale, minimum = ((hi - lo) / 15).astype(np.float16), lo.astype(np.float16)
+    step = np.where(scale == 0, 1, scale.astype(np.float32))[..., None]
+    q = np.clip(np.round((blocks - minimum.astype(np.float32)[..., None]) / step), 0, 15).astype(np.uint8)
+    return q.reshape(w.shape), scale, minimum
+
+
+def dequantize4(w: jax.Array, scale: jax.Array, minimum: jax.Array, dtype) -> jax.Array:
+    """The float weights of 4-bit `w [..., in]` and its float16 scales and minima `[..., in / 32]`."""
+    g = scale.shape[-1]
+    blocks = w.reshape(*w.shape[:-1], g, w.shape[-1] // g).astype(jnp.float32)
+    blocks = blocks * scale.astype(jnp.float32)[..., None] + minimum.astype(jnp.float32)[..., None]
+    return blocks.reshape(w.shape).astype(dtype)
+
+
+def dot4(x: jax.Array, w: jax.Array, scale: jax.Array, minimum: jax.Array, out_dtype=None) -> jax.Array:
+    """`x @ dequantize4(w, scale, minimum).T` for 4-bit `w [out, in]`; `out_dtype` defaults to x's."""
+    y = jnp.dot(x, dequantize4(w, scale, minimum, x.dtype).T, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 
 
@@ -82,6 +116,22 @@ def pack(w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             np.ascontiguousarray(s.swapaxes(-1, -2)))
 
 
+def pack4(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit `w [..., out, in]` and its scales and minima `[..., out, in/32]` in the `cpu` kernel's int4 layout: the
+    int8 layout's runs of 64 values as 32 bytes, value b in the low nibble of byte b and value b + 32 in its high
+    one, `[..., out/16, in/4, 32]`; scales and minima `[..., out/16, in/32, 16]` float16."""
+    *lead, n, k = w.shape
+    u = np.asarray(w, np.uint8).reshape(*lead, n // LANES, LANES, k // 4, 4)
+    u = np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES)
+    half = 2 * LANES
+
+    def lanes(v):
+        v = np.asarray(v, np.float16).reshape(*lead, n // LANES, LANES, k // GROUP)
+        return np.ascontiguousarray(v.swapaxes(-1, -2))
+
+    return u[..., :half] | (u[..., half:] << 4), lanes(scale), lanes(minimum)
+
+
 def unpack_rows(w: jax.Array, scale: jax.Array, rows: jax.Array, dtype) -> jax.Array:
     """Rows `rows [...]` (output indices) of a weight packed by `pack`, as float `[..., in]` (the embedding
     lookup of a packed table: each row's 16-row block is read and its lane taken)."""
@@ -97,7 +147,9 @@ def pack_tree(tree: dict, tied: bool) -> dict:
     """A quantized tree (unstacked or stacked) with every packable linear weight in the `cpu` kernel's layout,
     and a tied embedding table too (its lookup reads the packed rows, `unpack_rows`)."""
     out = {k: pack_tree(v, False) if isinstance(v, dict) else v for k, v in tree.items()}
-    if "scale" in tree and packable(*np.shape(tree["weight"])[-2:]):
+    if "minimum" in tree and packable(*np.shape(tree["weight"])[-2:]):
+        out["weight"], out["scale"], out["minimum"] = pack4(tree["weight"], tree["scale"], tree["minimum"])
+    elif "scale" in tree and packable(*np.shape(tree["weight"])[-2:]):
         out["weight"], out["scale"] = pack(tree["weight"], tree["scale"])
     if tied and packable(*np.shape(tree["embed"])[-2:]):
         out["embed"], out["embed_rows"] = pack(tree["embed"], tree["embed_rows"])
@@ -109,14 +161,17 @@ def pack_tree(tree: dict, tied: bool) -> dict:
 FLOAT_MODULES = ("gate", "kv_b_proj")
 
 
-def quantize_tree(tree: dict) -> dict:
+def quantize_tree(tree: dict, kind: str = "int8") -> dict:
     """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
-    `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale`, `embed` -> int8 `embed`
-    + `embed_rows`."""
+    `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8) or 4-bit
+    `weight` + `scale` + `minimum` (int4, where its inputs divide into groups), `embed` -> int8 `embed` +
+    `embed_rows`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out[k] = v if k in FLOAT_MODULES else quantize_tree(v)
+            out[k] = v if k in FLOAT_MODULES else quantize_tree(v, kind)
+        elif k == "weight" and np.ndim(v) == 2 and kind == "int4" and np.shape(v)[1] % GROUP == 0:
+            out["weight"], out["scale"], out["minimum"] = quantize4(v)
         elif k == "weight" and np.ndim(v) == 2:
             out["weight"], out["scale"] = quantize(v)
         elif k == "embed":

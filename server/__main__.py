@@ -47,17 +47,20 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
-    ap.add_argument("--quantization", choices=("auto", "none", "int8"), default="auto",
-                    help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes, 56%% of "
-                         "bfloat16's; docs/PERFORMANCE.md has what it does to speed); none: full precision; auto: "
-                         "int8 where the int8 kernel runs (a CPU with AVX2 or AVX-512 VNNI) and the model passes the quality "
-                         "guard, else none. The startup line and /v1/models say what was chosen and why")
+    ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                    help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes); int4: "
+                         "4-bit weights with a float16 scale and minimum per 32 inputs (llama.cpp's Q4_1, 16%% of "
+                         "float32's bytes; a GGUF's Q4_1 weights keep their own values), the embedding int8; none: "
+                         "full precision; auto: what configs/models.toml says passes the model's quality guard "
+                         "(int4 for the default model) where the C++ kernel runs (a CPU with AVX2), else none. "
+                         "docs/PERFORMANCE.md has what each does to speed. The startup line and /v1/models say what "
+                         "was chosen and why")
     ap.add_argument("--attention-backend", choices=("auto", *BACKENDS), default="auto",
                     help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
                          "xla: the plain-XLA reference)")
     ap.add_argument("--matmul-backend", choices=("auto", *MATMULS), default="auto",
-                    help="int8 products (auto: the C++ int8 kernel on a CPU with AVX2 or AVX-512 VNNI, weights kept in its "
-                         "layout; xla: widen the int8 weights to float in XLA)")
+                    help="int8 and int4 products (auto: the C++ kernel on a CPU with AVX2, AVX-512 VNNI for int8, "
+                         "weights kept in its layout; xla: widen the weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")
     ap.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", dest="max_prefill_tokens", type=int,

@@ -1,5 +1,5 @@
-"""The `cpu` int8 matmul backend: the C++ kernel against its XLA reference, the packed layout, the model through
-the kernel against the XLA int8 model on the same weights, and the backend choice."""
+"""The `cpu` matmul backend: the C++ kernel's int8 and int4 products against their XLA references, the packed layouts,
+the model through the kernel against the XLA int8 and int4 models on the same weights, and the backend choice."""
 
 import dataclasses
 import re
@@ -27,6 +27,19 @@ def _reference(x, q, s):
     return np.asarray(quant.dot(quant.activations(jnp.asarray(x)), jnp.asarray(q), jnp.asarray(s)))
 
 
+def _weights4(rng, n, k):
+    return quant.quantize4(rng.normal(size=(n, k)).astype(np.float32) * 0.05)
+
+
+def _kernel4(x, q, s, m):
+    w, s, m = quant.pack4(q, s, m)
+    return np.asarray(jax.jit(cpu_matmul.matmul)(jnp.asarray(x), w, s, None, m))
+
+
+def _reference4(x, q, s, m):
+    return np.asarray(quant.dot4(quant.activations(jnp.asarray(x)), *map(jnp.asarray, (q, s, m))))
+
+
 @needs_kernel
 @pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])  # under, at and over the 6-row (VNNI) and 4-row (AVX2) tiles
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over (VNNI), or none
@@ -43,17 +56,35 @@ def test_kernel_matches_its_xla_reference(m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [1, 4, 7])  # under, at and over the 4-row tile
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (192, 576)])
+def test_int4_kernel_matches_its_xla_reference(m, n, k):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    q, s, mn = _weights4(rng, n, k)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[0, :32] = 0
+    got, want = _kernel4(x, q, s, mn), _reference4(x, q, s, mn)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-5)
+    full = np.asarray(quant.dot4(jnp.asarray(x), *map(jnp.asarray, (q, s, mn))))
+    np.testing.assert_allclose(got, full, atol=1e-4 * np.abs(full).max(), rtol=1e-3)
+
+
+@needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.sampled_from([32, 64])),
                     elements=st.floats(-1e4, 1e4, width=32) | st.sampled_from([0.0, 1e-30, -3e-3])),
-       leading=st.sampled_from([(), (2,)]))
-def test_kernel_on_any_activations(x, leading):
-    """Any values (zeros, tiny ones, mixed magnitudes in a group) and leading axes."""
+       leading=st.sampled_from([(), (2,)]), four=st.booleans())
+def test_kernel_on_any_activations(x, leading, four):
+    """Any values (zeros, tiny ones, mixed magnitudes in a group) and leading axes, through both products."""
     rng = np.random.default_rng(x.shape[0])
-    q, s = _weights(rng, 32, x.shape[1])
     xs = np.broadcast_to(x, (*leading, *x.shape))
-    got = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), *quant.pack(q, s)))
-    want = _reference(xs, q, s)
+    if four:
+        q, s, m = _weights4(rng, 32, x.shape[1])
+        w, s4, m4 = quant.pack4(q, s, m)
+        got, want = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), w, s4, None, m4)), _reference4(xs, q, s, m)
+    else:
+        q, s = _weights(rng, 32, x.shape[1])
+        got, want = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), *quant.pack(q, s))), _reference(xs, q, s)
     assert got.shape == (*leading, x.shape[0], 32)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max() + 1e-30, rtol=1e-5)
 
@@ -97,11 +128,16 @@ CONFIGS = {"llama-tied": dict(_LLAMA, tie_word_embeddings=True), "qwen2-narrow":
            "llama-untied": dict(_LLAMA, tie_word_embeddings=False)}
 
 
+# Every config through int8, scanned and not; int4 on three (Qwen2's narrow weights unscanned: int4's XLA fallback
+# keeps them 4-bit in uint8, and scanned they would be sliced per layer).
+CASES = [(name, scan, "int8") for name in CONFIGS for scan in (True, False)] + [
+    ("llama-untied", True, "int4"), ("gemma3", True, "int4"), ("qwen2-narrow", False, "int4")]
+
+
 @needs_kernel
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_model_through_the_kernel_matches_the_xla_int8_model(name, scan):
-    cfg = dataclasses.replace(ModelConfig.from_hf(CONFIGS[name]), quantization="int8")
+@pytest.mark.parametrize("name,scan,kind", CASES)
+def test_model_through_the_kernel_matches_the_xla_quantized_model(name, scan, kind):
+    cfg = dataclasses.replace(ModelConfig.from_hf(CONFIGS[name]), quantization=kind)
     ref, ker = build(cfg, scan=scan), build(cfg, scan=scan, matmul="cpu")
     assert (ref.cfg.matmul, ker.cfg.matmul) == ("xla", "cpu")
     params = init_params(ref, 0)
@@ -112,8 +148,11 @@ def test_model_through_the_kernel_matches_the_xla_int8_model(name, scan):
     toks, cache = jnp.zeros((1, 4), jnp.int32), KVCache.zeros(cfg, 2, 16)
     lowered = jax.jit(lambda p: ker.apply(p, toks, toks, jnp.ones((1, 1), jnp.int32), cache)).lower(packed)
     # One call per packed weight of the traced program (a stack is one layer body), the tied table's as the LM head.
-    calls = sum(leaf.dtype == np.uint8 for leaf in jax.tree.leaves(packed))
-    assert lowered.as_text().count(f"@{cpu_matmul.TARGET}") == calls > 0
+    calls = sum(a.shape != b.shape and b.dtype == np.uint8 for a, b in zip(jax.tree.leaves(params),
+                                                                            jax.tree.leaves(packed)))
+    text = lowered.as_text()
+    assert text.count(f"@{cpu_matmul.TARGET}") + text.count(f"@{cpu_matmul.TARGET4}") == calls > 0
+    assert (f"@{cpu_matmul.TARGET4}" in text) == (kind == "int4")
     if scan:  # scanned layers hand the kernel the stack and the layer index: XLA copies no slice of packed weights
         assert not re.search(r"= u8\[[^\n]*dynamic-slice\(", lowered.compile().as_text())
 
@@ -125,7 +164,10 @@ def test_matmul_backend_choice():
     assert resolve_matmul("auto", f32, "cpu") == "xla"  # float weights keep XLA's float product
     assert resolve_matmul("auto", q8, "gpu") == "xla" and resolve_matmul("auto", q8, "cpu", tp=2) == "xla"
     assert resolve_matmul("xla", q8, "cpu") == "xla"
-    for cfg, kw, why in [(f32, {}, "int8 weights only"), (q8.with_dtype("bfloat16"), {}, "float32 models only"),
+    q4 = dataclasses.replace(f32, quantization="int4")
+    assert resolve_matmul("auto", q4, "cpu") == ("cpu" if cpu_matmul.available() else "xla")
+    for cfg, kw, why in [(f32, {}, "int8 and int4 weights only"),
+                         (q8.with_dtype("bfloat16"), {}, "float32 models only"),
                          (q8, dict(tp=2), "does not split over tp"), (q8, dict(platform="gpu"), "on a CPU only")]:
         with pytest.raises(ValueError, match=why):
             resolve_matmul("cpu", cfg, **{"platform": "cpu", **kw})

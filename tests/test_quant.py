@@ -1,5 +1,5 @@
-"""int8 weights (`--quantization int8`): the quality guard against float32 on the same weights, the rounding bound,
-and the bytes they take."""
+"""Quantized weights (`--quantization int8` and `int4`): the quality guard against float32 on the same weights, the
+rounding bounds, int4's return of a Q4_1 GGUF's own values, and the bytes they take."""
 
 import jax
 import numpy as np
@@ -22,15 +22,28 @@ def int8_model():
     return load_model("smollm2-135m-instruct", quantization="int8")
 
 
-def test_int8_agrees_with_float32_over_256_teacher_forced_tokens(llm, smollm, int8_model):
+@pytest.fixture(scope="module")
+def int4_model():
+    return load_model("smollm2-135m-instruct", quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def forced(llm, smollm):
+    """float32's own greedy continuations of `PROMPTS` (decoded together), and float32's logits along them."""
     from engine import SamplingParams
 
     prompts = [smollm.tokenizer.encode(text) for text in PROMPTS]
-    # float32's own greedy continuations (decoded together) are the texts both models are forced through
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))
     rows = [ids + list(out.outputs[0].token_ids) for ids, out in zip(prompts, outs)]
-    ref = our_logits(smollm.module, smollm.params, rows)
-    got = our_logits(int8_model.module, int8_model.params, rows)
+    return rows, our_logits(smollm.module, smollm.params, rows)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_agrees_with_float32_over_256_teacher_forced_tokens(forced, kind, request):
+    """The quality guard (configs/models.toml records which kind `auto` may choose for the model)."""
+    model = request.getfixturevalue(f"{kind}_model")
+    rows, ref = forced
+    got = our_logits(model.module, model.params, rows)
     for a, b, r in zip(ref, got, rows):
         a, b, nxt = a[-257:-1], b[-257:-1], np.asarray(r[-256:])
         agree = (a.argmax(-1) == b.argmax(-1)).mean()
@@ -60,18 +73,46 @@ def test_rounding_error_is_at_most_half_a_step_per_group(w):
     assert np.all(np.abs(back - w) <= step / 2 + 1e-6 * np.abs(w) + 1e-12)
 
 
-def test_auto_quantization_picks_int8_only_where_the_kernel_runs_and_the_guard_holds():
+def test_int4_weights_take_a_sixth_and_give_back_the_gguf_q4_1_values(smollm, int4_model):
+    """The packaged GGUF's layers are Q4_1: quantized again from their float32 values they come back bit for bit."""
+    for name, leaf in [("mlp.down_proj", smollm.params["params"]["layers"]["mlp"]["down_proj"]["weight"]),
+                       ("self_attn.q_proj", smollm.params["params"]["layers"]["self_attn"]["q_proj"]["weight"])]:
+        w = np.asarray(leaf)
+        back = np.asarray(quant.dequantize4(*quant.quantize4(w), np.float32))
+        np.testing.assert_array_equal(back, w, err_msg=name)
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    layers = lambda m: m.params["params"]["layers"]  # noqa: E731
+    ratio = size(layers(int4_model)) / size(layers(smollm))
+    assert 0.125 < ratio < 0.125 + 1 / 32 + 0.01, ratio  # 4 bits plus a float16 scale and minimum per 32 weights
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.sampled_from([32, 64, 96])),
+                  elements=st.floats(-4, 4, width=32)))
+def test_int4_rounding_error_is_at_most_half_a_step_per_group(w):
+    q, s, m = quant.quantize4(w)
+    assert q.max() <= 15 and s.dtype == m.dtype == np.float16
+    back = np.asarray(quant.dequantize4(q, s, m, np.float32))
+    step = np.repeat(s.astype(np.float32), 32, axis=-1)
+    # float16's scale and minimum are rounded (2^-11 relative): q = 15 may sit that much past the group's top
+    slack = np.repeat(np.abs(w.reshape(*w.shape[:-1], -1, 32)).max(-1), 32, axis=-1) * 2.0 ** -9
+    assert np.all(np.abs(back - w) <= step / 2 + slack + 1e-12)
+
+
+def test_auto_quantization_picks_the_guarded_kind_only_where_the_kernel_runs():
     kernel = cpu_matmul.available()
     chosen, why = resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu")
-    assert chosen == ("int8" if kernel else "none") and why.startswith("auto: ")
+    assert chosen == ("int4" if kernel else "none") and why.startswith("auto: ")
     assert "AVX2" in why or kernel
     assert resolve_quantization("auto", "smollm2-135m-instruct", "bfloat16", platform="gpu")[0] == "none"
     assert resolve_quantization("auto", "smollm2-135m-instruct", "float32", tp=2, platform="cpu")[0] == "none"
     if kernel:  # a model the quality guard has not checked keeps its weights, and so do XLA's widened products
         chosen, why = resolve_quantization("auto", "/models/other.gguf", "float32", platform="cpu")
         assert chosen == "none" and "quality guard" in why
-        assert resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu", matmul="xla")[0] == "none"
+        chosen, _ = resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu", matmul="xla")
+        assert chosen == "none"
     assert resolve_quantization("int8", "/models/other.gguf", "float32", platform="gpu") == ("int8", "asked for")
+    assert resolve_quantization("int4", "/models/other.gguf", "float32", platform="cpu") == ("int4", "asked for")
     assert resolve_quantization("none", "smollm2-135m-instruct", "float32") == ("none", "asked for")
     with pytest.raises(ValueError, match="unknown quantization"):
-        resolve_quantization("int4", "smollm2-135m-instruct", "float32")
+        resolve_quantization("int2", "smollm2-135m-instruct", "float32")

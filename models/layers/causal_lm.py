@@ -34,7 +34,7 @@ class CausalLM(nn.Module):
     def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
-        q8, pk = cfg.quantization == "int8", cfg.matmul == "cpu"
+        q8, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the embedding table in int8
         packed_table = q8 and pk and cfg.tie_embeddings and quant.packable(*shape)
         if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
             embed, rows = packed_params(self, ("embed", "embed_rows"), shape, ("vocab", "embed"))
@@ -77,7 +77,8 @@ class CausalLM(nn.Module):
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, q8, pk, name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, cfg.quantization, pk,
+                            name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.final_softcap:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap

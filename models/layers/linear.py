@@ -1,4 +1,4 @@
-"""Linear layers in the `[out, in]` layout (float, int8, or packed for the int8 kernel) and RMSNorm.
+"""Linear layers in the `[out, in]` layout (float, int8 or int4, or packed for the `cpu` kernel) and RMSNorm.
 
 Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `expert`) that `models.sharding`
 maps onto a device mesh.
@@ -28,47 +28,82 @@ def scale_init(key, shape, dtype=jnp.float32):
 
 
 def uint8_init(key, shape, dtype=jnp.uint8):
-    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128
+    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128 (or two nibbles)
 
 
-def packed_params(module: nn.Module, names: tuple[str, str], shape: tuple[int, int], axes: tuple[str, str]):
-    """A `[out, in]` int8 weight and its scales declared in the int8 kernel's packed layout (`quant.pack`)."""
-    (out, inputs), lanes = shape, quant.LANES
+def uint4_init(key, shape, dtype=jnp.uint8):
+    return jax.random.randint(key, shape, 0, 16, jnp.int32).astype(dtype)
+
+
+def scale4_init(key, shape, dtype=jnp.float16):
+    return jnp.full(shape, 0.02 / 4.6, dtype)  # random 4-bit weights (std 4.6 steps) then have a std of ~0.02
+
+
+def minimum4_init(key, shape, dtype=jnp.float16):
+    return jnp.full(shape, -7.5 * 0.02 / 4.6, dtype)  # centred on zero
+
+
+def packed_params(module: nn.Module, names: tuple[str, ...], shape: tuple[int, int], axes: tuple[str, str]):
+    """A `[out, in]` weight declared in the `cpu` kernel's packed layout: int8 and its scales (`quant.pack`), or with
+    three `names` 4-bit and its float16 scales and minima (`quant.pack4`)."""
+    (out, inputs), lanes, four = shape, quant.LANES, len(names) == 3
     w = module.param(names[0], nn.with_logical_partitioning(uint8_init, (*axes, None)),
-                     (out // lanes, inputs // 4, 4 * lanes), jnp.uint8)
-    scale = module.param(names[1], nn.with_logical_partitioning(scale_init, (axes[0], None, None)),
-                         (out // lanes, inputs // quant.GROUP, lanes), jnp.float32)
-    return w, scale
+                     (out // lanes, inputs // 4, (2 if four else 4) * lanes), jnp.uint8)
+    groups = (out // lanes, inputs // quant.GROUP, lanes)
+    if not four:
+        return w, module.param(names[1], nn.with_logical_partitioning(scale_init, (axes[0], None, None)), groups,
+                               jnp.float32)
+    return (w, module.param(names[1], nn.with_logical_partitioning(scale4_init, (axes[0], None, None)), groups,
+                            jnp.float16),
+            module.param(names[2], nn.with_logical_partitioning(minimum4_init, (axes[0], None, None)), groups,
+                         jnp.float16))
 
 
 class Linear(nn.Module):
-    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `int8`: `w` is
-    int8 with a float32 `scale` per output row and group of 32 inputs (`models.quant`); `packed` (the `cpu` matmul
-    backend) keeps both in the int8 kernel's layout and multiplies with it (`models.backends.cpu_matmul`)."""
+    """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `quantization`
+    int8: `w` is int8 with a float32 `scale` per output row and group of 32 inputs; int4: `w` is 4-bit with a float16
+    `scale` and `minimum` per group (`models.quant`; int8 where the inputs do not divide into groups); `packed` (the
+    `cpu` matmul backend) keeps them in the kernel's layout and multiplies with it (`models.backends.cpu_matmul`)."""
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: str = "float32"
     float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
-    int8: bool = False
+    quantization: str = "none"
     packed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, layer=None, stack: dict | None = None) -> jax.Array:
         """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place."""
         shape = (self.features, x.shape[-1])
-        if self.int8 and self.packed and quant.packable(*shape):
+        four = self.quantization == "int4" and shape[1] % quant.GROUP == 0
+        out_dtype = jnp.float32 if self.float32_out else None
+        if four and self.packed and quant.packable(*shape):
+            w, scale, minimum = packed_params(self, ("weight", "scale", "minimum"), shape, self.axes)
+            if stack is not None:
+                w, scale, minimum = stack["weight"], stack["scale"], stack["minimum"]
+            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer, minimum)
+            y = y.astype(jnp.float32 if self.float32_out else x.dtype)
+        elif four:
+            w = self.param("weight", nn.with_logical_partitioning(uint4_init, self.axes), shape, jnp.uint8)
+            groups = (shape[0], shape[1] // quant.GROUP)
+            scale = self.param("scale", nn.with_logical_partitioning(scale4_init, (self.axes[0], None)), groups,
+                               jnp.float16)
+            minimum = self.param("minimum", nn.with_logical_partitioning(minimum4_init, (self.axes[0], None)), groups,
+                                 jnp.float16)
+            y = quant.dot4(x, w, scale, minimum, out_dtype)
+        elif self.quantization != "none" and self.packed and quant.packable(*shape):
             w, scale = packed_params(self, ("weight", "scale"), shape, self.axes)
             if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
                 w, scale = stack["weight"], stack["scale"]
             y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer)
             y = y.astype(jnp.float32 if self.float32_out else x.dtype)
-        elif self.int8:
+        elif self.quantization != "none":
             w = self.param("weight", nn.with_logical_partitioning(int8_init, self.axes), shape, jnp.int8)
             scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axes[0], None)),
                                (shape[0], quant.groups(shape[1])), jnp.float32)
-            y = quant.dot(x, w, scale, jnp.float32 if self.float32_out else None)
+            y = quant.dot(x, w, scale, out_dtype)
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
             w = self.param("weight", init, shape, jnp.dtype(self.dtype))
@@ -84,7 +119,7 @@ def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str]
                 layer=None, stacks: dict | None = None) -> jax.Array:
     """The calling module's projection `name` of `x`, a `Linear` quantized and packed as `cfg` says; `stacks` (packed
     weights of scanned layers) holds its whole stack, which the kernel reads at `layer`."""
-    mod = Linear(features, axes, bias, cfg.dtype, int8=cfg.quantization == "int8", packed=cfg.matmul == "cpu",
+    mod = Linear(features, axes, bias, cfg.dtype, quantization=cfg.quantization, packed=cfg.matmul == "cpu",
                  name=name)
     return mod(x, layer, stacks and stacks[name])
 

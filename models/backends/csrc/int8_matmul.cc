@@ -16,14 +16,20 @@
 //   (|.| <= 32639), and `vpmaddwd` multiplies it by the sign-extended weights (W + 128 with its top bit flipped),
 //   summing pairs of inputs of one output; pairs are added once per group. A tile is 4 rows by 8 outputs.
 // Tasks are blocks of outputs over every row, shared with XLA's intra-op pool (`parallel.h`).
+//
+// The same file holds the int4 product (`--quantization int4`, llama.cpp's Q4_1): W = d q + m with q in 0..15 and a
+// float16 scale d and minimum m per output and group of 32 inputs, packed as `w [L, N/16, K/4, 32]` (the int8
+// layout's 64 values per run as nibbles: byte b holds value b low and value b + 32 high) and `s`, `mn [L, N/16, K/32,
+// 16]` float16. A group's product is `d (q.a) + m (sum of a)` for the AVX2 build's int16 activations `a`, so the
+// weights need no sign and no correction; it is built with AVX2 on both kinds of host.
 #include <immintrin.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the int8 matmul kernel needs AVX2, FMA and F16C (the XLA reference serves other CPUs)"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define SPARKLER_VNNI 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#define SPARKLER_VNNI 0
 #else
-#error "the int8 matmul kernel needs AVX2 and FMA, or AVX-512 VNNI (the XLA reference serves other CPUs)"
+#define SPARKLER_VNNI 0
 #endif
 
 #include <algorithm>
@@ -45,10 +51,52 @@ struct Shared {
   const float* s;
   const int8_t* a;     // the quantized rows: int8 [2 levels, M, K] (VNNI), or int16 [M, K] in the same bytes (AVX2)
   const float* sa;     // the second level's scale per row and group [M, G]
-  const int32_t* ca;   // VNNI: -128 x each group's sum [2 levels, M, G]
+  const int32_t* ca;   // VNNI: -128 x each group's sum [2 levels, M, G]; int4: each group's sum of `a` [M, G]
+  const uint16_t* mn;  // int4: the weights' float16 minima, in the scales' layout (then `s` holds float16 too)
   float* out;
   int64_t m, n, k, groups;
 };
+
+float MaxOf(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// A row `x [K]` quantized per group of 32 in the two levels of `models.quant.activations`, each input's two stored as
+// one int16 `256 q1 + q2` in `q [K]`, the second level's scale per group in `scale [K/32]` and, where `sums` is given,
+// each group's sum of the int16 values there. A NaN is not carried (it counts as 0 in the max; its levels are 0 and
+// -127), as in the VNNI build.
+void Quantize16(const float* x, int64_t K, int16_t* q, float* scale, int32_t* sums) {
+  const int64_t groups = K / kGroup;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127);
+  for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup) {
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i)  // `top` second: where one is NaN, maxps gives its second operand
+      top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 8 * i)), top);
+    const float big = MaxOf(top), step = big / 127.f;
+    const __m256 inv = _mm256_set1_ps(big > 1e-30f ? 127.f / big : 0.f);  // quant.TINY: a tinier group is zeros
+    const __m256 s = _mm256_set1_ps(step), inv2 = _mm256_mul_ps(inv, _mm256_set1_ps(256.f));
+    __m256i both[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      const __m256 r = _mm256_sub_ps(v[i], _mm256_mul_ps(_mm256_cvtepi32_ps(q1), s));
+      const __m256i q2 = _mm256_max_epi32(neg, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(r, inv2))));
+      both[i] = _mm256_add_epi32(_mm256_slli_epi32(q1, 8), q2);
+    }
+    for (int i = 0; i < 2; ++i)  // int32 -> int16 (no value saturates), in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * i], both[2 * i + 1]), 0xD8));
+    scale[g] = step / 256.f;
+    if (sums) {
+      const __m256i t = _mm256_add_epi32(_mm256_add_epi32(both[0], both[1]), _mm256_add_epi32(both[2], both[3]));
+      __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+      sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+    }
+  }
+}
 
 #if SPARKLER_VNNI
 
@@ -189,42 +237,62 @@ void Task(const Shared& s, int64_t nb) {
     for (int64_t m0 = 0; m0 < s.m; m0 += kMR) kRows[std::min(kMR, s.m - m0)](s, m0, nb, h);
 }
 
-float MaxOf(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 // Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
-// `256 q1 + q2`; no sums are needed (the weights are taken signed). A NaN is not carried, as there: -127.
+// `256 q1 + q2`; no sums are needed (the weights are taken signed).
 void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t*) {
-  const int64_t groups = K / kGroup;
-  int16_t* q = reinterpret_cast<int16_t*>(a) + m * K;
-  float* scale = sa + m * groups;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127);
-  for (int64_t g = 0; g < groups; ++g, x += kGroup, q += kGroup) {
-    __m256 v[4], top = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i)  // `top` second: where one is NaN, maxps gives its second operand
-      top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 8 * i)), top);
-    const float big = MaxOf(top), step = big / 127.f;
-    const __m256 inv = _mm256_set1_ps(big > 1e-30f ? 127.f / big : 0.f);  // quant.TINY: a tinier group is zeros
-    const __m256 s = _mm256_set1_ps(step), inv2 = _mm256_mul_ps(inv, _mm256_set1_ps(256.f));
-    __m256i both[4];
-    for (int i = 0; i < 4; ++i) {
-      const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
-      const __m256 r = _mm256_sub_ps(v[i], _mm256_mul_ps(_mm256_cvtepi32_ps(q1), s));
-      const __m256i q2 = _mm256_max_epi32(neg, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(r, inv2))));
-      both[i] = _mm256_add_epi32(_mm256_slli_epi32(q1, 8), q2);
-    }
-    for (int i = 0; i < 2; ++i)  // int32 -> int16 (no value saturates), in order
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * i),
-                          _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * i], both[2 * i + 1]), 0xD8));
-    scale[g] = step / 256.f;
-  }
+  Quantize16(x, K, reinterpret_cast<int16_t*>(a) + m * K, sa + m * (K / kGroup), nullptr);
 }
 
 #endif
+
+// int4: rows m0..m0+MR of the outputs 8 h .. 8 h + 8 of block nb, over every group (the AVX2 int8 tile's order, the
+// weights read from nibble h of each byte and taken unsigned).
+template <int MR>
+void Tile4(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
+  const int64_t G = s.groups, K = s.k;
+  const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
+  const uint8_t* w = s.w + nb * K * kLanes / 2;  // 32 bytes per 4 inputs of 16 outputs
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
+      const uint8_t* wk = w + (g * kGroup / 4 + kk) * 2 * kLanes;
+      __m128i b0 = _mm_loadu_si128((const __m128i*)wk), b1 = _mm_loadu_si128((const __m128i*)(wk + 16));
+      if (h) b0 = _mm_srli_epi16(b0, 4), b1 = _mm_srli_epi16(b1, 4);
+      const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b0, low));
+      const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(b1, low));
+      for (int m = 0; m < MR; ++m) {
+        int64_t four;
+        __builtin_memcpy(&four, a + m * K + g * kGroup + kk * 4, 8);
+        const __m256i am = _mm256_set1_epi64x(four);
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, am));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, am));
+      }
+    }
+    const int64_t at = (nb * G + g) * kLanes + h * 8;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(reinterpret_cast<const uint16_t*>(s.s) + at)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.mn + at)));
+    for (int m = 0; m < MR; ++m) {
+      const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
+      const float sa = s.sa[(m0 + m) * G + g];
+      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(sa)), accf[m]);
+      accf[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sa * float(s.ca[(m0 + m) * G + g])), accf[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(s.out + (m0 + m) * s.n + nb * kLanes + h * 8, accf[m]);
+}
+
+using TileFn4 = void (*)(const Shared&, int64_t, int64_t, int64_t);
+constexpr int64_t kMR4 = 4;
+constexpr TileFn4 kRows4[kMR4 + 1] = {nullptr, Tile4<1>, Tile4<2>, Tile4<3>, Tile4<4>};
+
+void Task4(const Shared& s, int64_t nb) {
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t m0 = 0; m0 < s.m; m0 += kMR4) kRows4[std::min(kMR4, s.m - m0)](s, m0, nb, h);
+}
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                       ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
@@ -248,6 +316,31 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> s,
+                      ffi::Buffer<ffi::F16> mn, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions(), md = mn.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || sd.size() != 4 || md.size() != 4 || xd[1] % kGroup != 0 ||
+      wd[2] * 4 != xd[1] || wd[3] != 2 * kLanes || sd[0] != wd[0] || sd[1] != wd[1] || sd[2] * kGroup != xd[1] ||
+      sd[3] != kLanes || md[0] != sd[0] || md[1] != sd[1] || md[2] != sd[2] || md[3] != sd[3])
+    return ffi::Error::InvalidArgument(
+        "int4_matmul: shapes do not match x [M,K], w [L,N/16,K/4,32], s and mn [L,N/16,K/32,16]");
+  const int64_t M = xd[0], K = xd[1], G = K / kGroup, N = wd[1] * kLanes, l = *layer.typed_data();
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("int4_matmul: layer index out of the stack");
+  thread_local std::vector<int16_t> a;
+  thread_local std::vector<float> sa;
+  thread_local std::vector<int32_t> sums;
+  a.resize(M * K), sa.resize(M * G), sums.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) Quantize16(x.typed_data() + m * K, K, a.data() + m * K, sa.data() + m * G,
+                                             sums.data() + m * G);
+  Shared sh;
+  sh.w = w.typed_data() + l * N * K / 2, sh.s = reinterpret_cast<const float*>(s.typed_data() + l * N * G);
+  sh.mn = reinterpret_cast<const uint16_t*>(mn.typed_data() + l * N * G);
+  sh.a = reinterpret_cast<const int8_t*>(a.data()), sh.sa = sa.data(), sh.ca = sums.data(), sh.out = out->typed_data();
+  sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
+  sparkler::RunTasks(pool, wd[1], 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task4(sh, t); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerInt8Matmul, Int8Matmul,
@@ -256,5 +349,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerInt4Matmul, Int4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
