@@ -150,16 +150,18 @@ def main() -> None:
         return
     hf = hf_numbers(resolve(args.model), args.tokens)
     e = engine_numbers(load_model(args.model), 32, args.tokens)
-    q = engine_numbers(load_model(args.model, quantization="int8"), 32, args.tokens)
+    quantized = {kind: engine_numbers(load_model(args.model, quantization=kind), 32, args.tokens)
+                 for kind in ("int8", "int4")}
     rows = [
         ("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}", f"{e['single'] / hf['b1']:.2f}x", ">= 0.95x"),
         ("aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)", f"{e['agg8'] / hf['b8']:.2f}x", ""),
         ("aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", f"{hf['b1']:.1f} (single)", f"{e['agg32'] / hf['b1']:.2f}x", ">= 10x"),
         ("aggregate, 1 concurrent (tok/s)", f"{e['agg1']:.1f}", "", "", ""),
-        ("int8 weights: single-stream decode (tok/s)", f"{q['single']:.1f}", f"{hf['b1']:.1f}",
-         f"{q['single'] / hf['b1']:.2f}x", ""),
-        ("int8 weights: aggregate, 32 concurrent (tok/s)", f"{q['agg32']:.1f}", "", f"{q['agg32'] / e['agg32']:.2f}x "
-         "float32", ""),
+        *[row for kind, q in quantized.items() for row in [
+            (f"{kind} weights: single-stream decode (tok/s)", f"{q['single']:.1f}", f"{hf['b1']:.1f}",
+             f"{q['single'] / hf['b1']:.2f}x", ""),
+            (f"{kind} weights: aggregate, 32 concurrent (tok/s)", f"{q['agg32']:.1f}", "",
+             f"{q['agg32'] / e['agg32']:.2f}x float32", "")]],
         ("TTFT, 32-token prompt (ms)", f"{e['ttft32'] * 1000:.0f}", "", "", ""),
         ("TTFT, 512-token prompt (ms)", f"{e['ttft512'] * 1000:.0f}", "", "", ""),
         ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "", f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),
@@ -171,10 +173,10 @@ def main() -> None:
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
     head = (f"Latest `make bench` ({args.model}, float32, greedy, {args.tokens} new tokens; "
-            f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n\nThe int8 rows are the same engine with "
-            "`--quantization int8` (weights a quarter of float32's bytes plus one scale per\n32 weights; on a CPU with "
-            "AVX2 or AVX-512 VNNI their products run in the int8 kernel, `--matmul-backend auto`); their last\nratio is "
-            "against the float32 row of the same run.\n")
+            f"{time.strftime('%Y-%m-%d')}; {machine}).\n\n{table}\n\nThe int8 and int4 rows are the same engine "
+            "with `--quantization int8` (a quarter of float32's bytes plus one scale per 32\nweights) and `int4` "
+            "(Q4_1: an eighth, plus a float16 scale and minimum per 32); on a CPU with AVX2 their\nproducts run in the "
+            "C++ kernel (`--matmul-backend auto`). Their last ratio is against the float32 row of the same run.\n")
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "PERFORMANCE.md")
     old = open(path).read() if os.path.exists(path) else ""
     rest = old[old.index("\n## ") + 1:] if "\n## " in old else NOTES + "\n"
