@@ -76,6 +76,8 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
         return name, "asked for"
     platform = platform or jax.default_backend()
     guarded = packaged.catalog()["models"].get(model, {}).get("quantization")
+    if guarded not in (None, *QUANTIZATIONS):
+        raise ValueError(f"configs/models.toml: {model}'s quantization {guarded!r} is not one of {QUANTIZATIONS}")
     why = (f"on {platform} quantized weights are widened in XLA, slower than {dtype}" if platform != "cpu" else
            f"the quantized kernel runs float32 models only, not {dtype}" if dtype != "float32" else
            "the quantized kernel does not split over tp" if tp > 1 else
@@ -90,7 +92,7 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
 
 def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int = 1,
           matmul: str | None = None) -> CausalLM:
-    """The Flax module for a config, with an attention backend (`auto`: by platform), an int8 matmul backend
+    """The Flax module for a config, with an attention backend (`auto`: by platform), a quantized matmul backend
     (`cpu_matmul.resolve_matmul`; default: the config's) and scanned or unrolled layers. Scanned is the default
     everywhere: on this CPU the default model starts in 15 s warm / 42 s cold scanned, 33 s / 92 s unrolled, while
     unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies each layer's weights out of the stack):
@@ -184,10 +186,11 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none`, `int8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how int8
-    products run (`auto`: the int8 kernel on a CPU that has it; its weights are kept packed); the parameters go on a
-    `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's experts over `tp`, each
-    whole on one device (`layers.moe.expert_parallel`), where there is more than one and they divide evenly."""
+    `quantization` is `none`, `int8`, `int4` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
+    quantized products run (`auto`: the C++ kernel on a CPU that has it; its weights are kept packed); the
+    parameters go on a `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's
+    experts over `tp`, each whole on one device (`layers.moe.expert_parallel`), where there is more than one and they
+    divide evenly."""
     from models.loading import packaged
 
     dtype = resolve_dtype(dtype)

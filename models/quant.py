@@ -9,10 +9,11 @@ of 32 keep both within 1.2% (tests/test_quant.py). The product widens the int8 w
 the jitted step (`dot`), so memory holds int8 only. The embedding table is quantized the same way, per vocabulary
 row and group, which serves both the lookup and a tied LM head.
 
-`int4` is llama.cpp's Q4_1: `w = d q + m` with `q` in 0..15, and `d = (max - min) / 15` and `m = min` of each group
-of 32, both float16: 0.625 bytes a weight against int8's 1.125, for the decode step that reads every weight from
-memory. A GGUF whose weights are Q4_1 (the packaged SmolLM2's) comes back to its own values (each block holds its
-minimum and maximum at q = 0 and 15, so both are found again). The embedding table stays int8 (Q8_0 in such files).
+`int4` is llama.cpp's Q4_1: `w = d q + m` with `q` in 0..15 (two a byte), and `m = min` and `d = (max - m) / 15`
+of each group of 32, both float16: 0.625 bytes a weight against int8's 1.125, for the decode step that reads every
+weight from memory (the unpacked form too: XLA's products widen it in the step). A GGUF whose weights are Q4_1 (the
+packaged SmolLM2's) comes back to its own values: each block holds its minimum and maximum at q = 0 and 15, so both
+are found again. The embedding table stays int8 (Q8_0 in such files).
 """
 
 from __future__ import annotations
@@ -57,29 +58,40 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
 
 
 def quantize4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`w [..., out, in]` (in divisible by `GROUP`) as 4-bit values `q` (uint8 0..15) and their float16 scales and
-    minima `[..., out, in / 32]`: `w ~ q * scale + minimum` (Q4_1)."""
+    """`w [..., out, in]` (in divisible by `GROUP`) as 4-bit values `q` in 0..15, two a byte (input 2j in the low
+    nibble of byte j, 2j + 1 in its high one: uint8 `[..., out, in / 2]`), and their float16 scales and minima
+    `[..., out, in / 32]`: `w ~ q * scale + minimum` (Q4_1)."""
     w = np.asarray(w, np.float32)
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all() and np.abs([lo, hi]).max() < 65504):
         raise ValueError("int4 needs finite weights within float16's range")
-    scale, minimum = ((hi - lo) / 15).astype(np.float16), lo.astype(np.float16)
+    minimum = lo.astype(np.float16)
+    m = minimum.astype(np.float32)
+    scale = ((hi - m) / 15).astype(np.float16)  # from the rounded minimum, so the top is not clipped
     step = np.where(scale == 0, 1, scale.astype(np.float32))[..., None]
-    q = np.clip(np.round((blocks - minimum.astype(np.float32)[..., None]) / step), 0, 15).astype(np.uint8)
-    return q.reshape(w.shape), scale, minimum
+    q = np.clip(np.round((blocks - m[..., None]) / step), 0, 15).astype(np.uint8).reshape(w.shape)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale, minimum
+
+
+def values4(w: jax.Array) -> jax.Array:
+    """The 4-bit values `[..., in]` of `w [..., in / 2]` as `quantize4` stores them, two a byte (numpy or jax)."""
+    xp = jnp if isinstance(w, jax.Array) else np
+    return xp.stack([w & 15, w >> 4], axis=-1).reshape(*w.shape[:-1], 2 * w.shape[-1])
 
 
 def dequantize4(w: jax.Array, scale: jax.Array, minimum: jax.Array, dtype) -> jax.Array:
-    """The float weights of 4-bit `w [..., in]` and its float16 scales and minima `[..., in / 32]`."""
+    """The float weights `[..., in]` of 4-bit `w [..., in / 2]` (`quantize4`) and its float16 scales and minima
+    `[..., in / 32]`."""
+    q = values4(w)
     g = scale.shape[-1]
-    blocks = w.reshape(*w.shape[:-1], g, w.shape[-1] // g).astype(jnp.float32)
+    blocks = q.reshape(*q.shape[:-1], g, q.shape[-1] // g).astype(jnp.float32)
     blocks = blocks * scale.astype(jnp.float32)[..., None] + minimum.astype(jnp.float32)[..., None]
-    return blocks.reshape(w.shape).astype(dtype)
+    return blocks.reshape(q.shape).astype(dtype)
 
 
 def dot4(x: jax.Array, w: jax.Array, scale: jax.Array, minimum: jax.Array, out_dtype=None) -> jax.Array:
-    """`x @ dequantize4(w, scale, minimum).T` for 4-bit `w [out, in]`; `out_dtype` defaults to x's."""
+    """`x @ dequantize4(w, scale, minimum).T` for 4-bit `w [out, in / 2]`; `out_dtype` defaults to x's."""
     y = jnp.dot(x, dequantize4(w, scale, minimum, x.dtype).T, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 
@@ -117,11 +129,12 @@ def pack(w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack4(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """4-bit `w [..., out, in]` and its scales and minima `[..., out, in/32]` in the `cpu` kernel's int4 layout: the
-    int8 layout's runs of 64 values as 32 bytes, value b in the low nibble of byte b and value b + 32 in its high
-    one, `[..., out/16, in/4, 32]`; scales and minima `[..., out/16, in/32, 16]` float16."""
-    *lead, n, k = w.shape
-    u = np.asarray(w, np.uint8).reshape(*lead, n // LANES, LANES, k // 4, 4)
+    """4-bit `w [..., out, in / 2]` (`quantize4`) and its scales and minima `[..., out, in / 32]` in the `cpu`
+    kernel's int4 layout: the int8 layout's runs of 64 values as 32 bytes, value b in the low nibble of byte b and
+    value b + 32 in its high one, `[..., out/16, in/4, 32]`; scales and minima `[..., out/16, in/32, 16]` float16."""
+    q = values4(np.asarray(w, np.uint8))
+    *lead, n, k = q.shape
+    u = q.reshape(*lead, n // LANES, LANES, k // 4, 4)
     u = np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES)
     half = 2 * LANES
 
@@ -147,7 +160,7 @@ def pack_tree(tree: dict, tied: bool) -> dict:
     """A quantized tree (unstacked or stacked) with every packable linear weight in the `cpu` kernel's layout,
     and a tied embedding table too (its lookup reads the packed rows, `unpack_rows`)."""
     out = {k: pack_tree(v, False) if isinstance(v, dict) else v for k, v in tree.items()}
-    if "minimum" in tree and packable(*np.shape(tree["weight"])[-2:]):
+    if "minimum" in tree and packable(np.shape(tree["weight"])[-2], 2 * np.shape(tree["weight"])[-1]):
         out["weight"], out["scale"], out["minimum"] = pack4(tree["weight"], tree["scale"], tree["minimum"])
     elif "scale" in tree and packable(*np.shape(tree["weight"])[-2:]):
         out["weight"], out["scale"] = pack(tree["weight"], tree["scale"])

@@ -128,8 +128,9 @@ CONFIGS = {"llama-tied": dict(_LLAMA, tie_word_embeddings=True), "qwen2-narrow":
            "llama-untied": dict(_LLAMA, tie_word_embeddings=False)}
 
 
-# Every config through int8, scanned and not; int4 on three (Qwen2's narrow weights unscanned: int4's XLA fallback
-# keeps them 4-bit in uint8, and scanned they would be sliced per layer).
+# Every config through int8, scanned and not; int4 on three. Qwen2's int4 runs unscanned: its narrow weights stay in
+# XLA as uint8 (two values a byte), which scanned layers slice per layer as they do int8's, and the check below looks
+# for uint8 slices (the packed weights').
 CASES = [(name, scan, "int8") for name in CONFIGS for scan in (True, False)] + [
     ("llama-untied", True, "int4"), ("gemma3", True, "int4"), ("qwen2-narrow", False, "int4")]
 

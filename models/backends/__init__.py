@@ -3,7 +3,8 @@
 - `paged`: the paged KV cache and the plain-XLA attention over it (the reference, and every prefill);
 - `cpu_attention` (C++), `pallas_gpu` and `pallas_tpu`: attention kernels over the same pool (decode; `pallas_gpu`
   also chunks of queries, `ragged`);
-- `cpu_matmul`: the int8 C++ matmul kernel (its reference is `models.quant.dot`); `native` builds the C++ in `csrc/`.
+- `cpu_matmul`: the int8 and int4 C++ matmul kernel (its references are `models.quant.dot` and `dot4`); `native`
+  builds the C++ in `csrc/`.
 
 This module chooses the attention backend (`resolve_backend`) and dispatches to it (`paged_attention`). The kernels
 import `paged`, never this module, so nothing imports in a circle.

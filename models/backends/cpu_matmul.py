@@ -21,8 +21,8 @@ from models.backends import native
 
 TARGET = "sparkler_int8_matmul"
 TARGET4 = "sparkler_int4_matmul"
-MATMULS = ("xla", "cpu")  # how int8 products run: widened to float in XLA (`quant.dot`), or this kernel
-NEEDS = "a C++ compiler and a CPU with AVX2 (AVX-512 VNNI: faster int8)"  # what `available` checks
+MATMULS = ("xla", "cpu")  # how quantized products run: widened to float in XLA (`quant.dot`, `dot4`), or this kernel
+NEEDS = "a C++ compiler and a CPU with AVX2, FMA and F16C (AVX-512 VNNI: faster int8)"  # what `available` checks
 
 
 def available() -> bool:
@@ -35,8 +35,8 @@ def available() -> bool:
 
 
 def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> str:
-    """Check a `--matmul-backend` value: `auto` is `cpu` for int8 float32 models on a CPU with tp = 1 where the
-    kernel compiles, else `xla`; an explicit `cpu` that cannot serve raises ValueError."""
+    """Check a `--matmul-backend` value: `auto` is `cpu` for int8 or int4 float32 models on a CPU with tp = 1 where
+    the kernel compiles, else `xla`; an explicit `cpu` that cannot serve raises ValueError."""
     auto = name == "auto"
     if not auto and name not in MATMULS:
         raise ValueError(f"unknown matmul backend {name!r}; choose from auto, {', '.join(MATMULS)}")

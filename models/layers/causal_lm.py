@@ -34,12 +34,12 @@ class CausalLM(nn.Module):
     def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
-        q8, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the embedding table in int8
-        packed_table = q8 and pk and cfg.tie_embeddings and quant.packable(*shape)
+        quantized, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the table int8
+        packed_table = quantized and pk and cfg.tie_embeddings and quant.packable(*shape)
         if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
             embed, rows = packed_params(self, ("embed", "embed_rows"), shape, ("vocab", "embed"))
             x = quant.unpack_rows(embed, rows, tokens, dtype_of(cfg))
-        elif q8:  # one scale per vocabulary row and group serves the lookup and a tied LM head
+        elif quantized:  # one scale per vocabulary row and group serves the lookup and a tied LM head
             embed = self.param("embed", nn.with_logical_partitioning(int8_init, ("vocab", "embed")), shape, jnp.int8)
             rows = self.param("embed_rows", nn.with_logical_partitioning(scale_init, ("vocab", None)),
                               (shape[0], quant.groups(shape[1])), jnp.float32)
@@ -72,7 +72,7 @@ class CausalLM(nn.Module):
             x = x[jnp.arange(x.shape[0]), idx]
         if packed_table:
             logits = cpu_matmul.matmul(x, embed, rows)
-        elif cfg.tie_embeddings and q8:
+        elif cfg.tie_embeddings and quantized:
             logits = quant.dot(x, embed, rows, jnp.float32)
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)

@@ -28,11 +28,7 @@ def scale_init(key, shape, dtype=jnp.float32):
 
 
 def uint8_init(key, shape, dtype=jnp.uint8):
-    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # packed: int8 + 128 (or two nibbles)
-
-
-def uint4_init(key, shape, dtype=jnp.uint8):
-    return jax.random.randint(key, shape, 0, 16, jnp.int32).astype(dtype)
+    return jax.random.randint(key, shape, 1, 256, jnp.int32).astype(dtype)  # int8 + 128 packed, or two 4-bit values
 
 
 def scale4_init(key, shape, dtype=jnp.float16):
@@ -44,8 +40,8 @@ def minimum4_init(key, shape, dtype=jnp.float16):
 
 
 def packed_params(module: nn.Module, names: tuple[str, ...], shape: tuple[int, int], axes: tuple[str, str]):
-    """A `[out, in]` weight declared in the `cpu` kernel's packed layout: int8 and its scales (`quant.pack`), or with
-    three `names` 4-bit and its float16 scales and minima (`quant.pack4`)."""
+    """A `[out, in]` weight declared in the `cpu` kernel's packed layout: with `names` for a weight and its scales,
+    int8 (`quant.pack`); with a third for minima, 4-bit with float16 scales and minima (`quant.pack4`)."""
     (out, inputs), lanes, four = shape, quant.LANES, len(names) == 3
     w = module.param(names[0], nn.with_logical_partitioning(uint8_init, (*axes, None)),
                      (out // lanes, inputs // 4, (2 if four else 4) * lanes), jnp.uint8)
@@ -79,26 +75,22 @@ class Linear(nn.Module):
         shape = (self.features, x.shape[-1])
         four = self.quantization == "int4" and shape[1] % quant.GROUP == 0
         out_dtype = jnp.float32 if self.float32_out else None
-        if four and self.packed and quant.packable(*shape):
-            w, scale, minimum = packed_params(self, ("weight", "scale", "minimum"), shape, self.axes)
-            if stack is not None:
-                w, scale, minimum = stack["weight"], stack["scale"], stack["minimum"]
-            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer, minimum)
-            y = y.astype(jnp.float32 if self.float32_out else x.dtype)
+        if self.quantization != "none" and self.packed and quant.packable(*shape):
+            names = ("weight", "scale", "minimum") if four else ("weight", "scale")
+            w, scale, *minimum = packed_params(self, names, shape, self.axes)
+            if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
+                w, scale, *minimum = (stack[name] for name in names)
+            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer, *minimum)
+            y = y.astype(out_dtype or x.dtype)
         elif four:
-            w = self.param("weight", nn.with_logical_partitioning(uint4_init, self.axes), shape, jnp.uint8)
+            w = self.param("weight", nn.with_logical_partitioning(uint8_init, self.axes), (shape[0], shape[1] // 2),
+                           jnp.uint8)
             groups = (shape[0], shape[1] // quant.GROUP)
             scale = self.param("scale", nn.with_logical_partitioning(scale4_init, (self.axes[0], None)), groups,
                                jnp.float16)
             minimum = self.param("minimum", nn.with_logical_partitioning(minimum4_init, (self.axes[0], None)), groups,
                                  jnp.float16)
             y = quant.dot4(x, w, scale, minimum, out_dtype)
-        elif self.quantization != "none" and self.packed and quant.packable(*shape):
-            w, scale = packed_params(self, ("weight", "scale"), shape, self.axes)
-            if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead
-                w, scale = stack["weight"], stack["scale"]
-            y = cpu_matmul.matmul(x, w, scale, None if stack is None else layer)
-            y = y.astype(jnp.float32 if self.float32_out else x.dtype)
         elif self.quantization != "none":
             w = self.param("weight", nn.with_logical_partitioning(int8_init, self.axes), shape, jnp.int8)
             scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axes[0], None)),

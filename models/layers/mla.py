@@ -43,7 +43,7 @@ class MLAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None):
-        """`x [B, S, H]` at `positions [B, S]`, pages `table`, the pools, this layer's index and (packed int8,
+        """`x [B, S, H]` at `positions [B, S]`, pages `table`, the pools, this layer's index and (packed int8 or int4,
         scanned) the parameter stacks -> `(out, k_cache, v_cache)`."""
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape

@@ -48,11 +48,12 @@ constexpr int64_t kMinShared = int64_t{1} << 18;  // operations (2 x M x N x K) 
 
 struct Shared {
   const uint8_t* w;
-  const float* s;
-  const int8_t* a;     // the quantized rows: int8 [2 levels, M, K] (VNNI), or int16 [M, K] in the same bytes (AVX2)
-  const float* sa;     // the second level's scale per row and group [M, G]
-  const int32_t* ca;   // VNNI: -128 x each group's sum [2 levels, M, G]; int4: each group's sum of `a` [M, G]
-  const uint16_t* mn;  // int4: the weights' float16 minima, in the scales' layout (then `s` holds float16 too)
+  const float* s;       // int8: the weights' scales
+  const uint16_t* d;    // int4: the weights' float16 scales, and their minima `mn`, in the int8 scales' layout
+  const uint16_t* mn;
+  const int8_t* a;      // the quantized rows: int8 [2 levels, M, K] (VNNI int8), or int16 [M, K] (AVX2 int8; int4)
+  const float* sa;      // the second level's scale per row and group [M, G]
+  const int32_t* ca;    // VNNI int8: -128 x each group's sum [2 levels, M, G]; int4: each group's sum of `a` [M, G]
   float* out;
   int64_t m, n, k, groups;
 };
@@ -273,9 +274,9 @@ void Tile4(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
       }
     }
     const int64_t at = (nb * G + g) * kLanes + h * 8;
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(reinterpret_cast<const uint16_t*>(s.s) + at)));
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.d + at)));
     const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.mn + at)));
-    for (int m = 0; m < MR; ++m) {
+    for (int m = 0; m < MR; ++m) {  // the pairs added (outputs 0 1 4 5 | 2 3 6 7), put in order
       const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
       const float sa = s.sa[(m0 + m) * G + g];
       accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(sa)), accf[m]);
@@ -330,11 +331,10 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   thread_local std::vector<float> sa;
   thread_local std::vector<int32_t> sums;
   a.resize(M * K), sa.resize(M * G), sums.resize(M * G);
-  for (int64_t m = 0; m < M; ++m) Quantize16(x.typed_data() + m * K, K, a.data() + m * K, sa.data() + m * G,
-                                             sums.data() + m * G);
+  for (int64_t m = 0; m < M; ++m)
+    Quantize16(x.typed_data() + m * K, K, a.data() + m * K, sa.data() + m * G, sums.data() + m * G);
   Shared sh;
-  sh.w = w.typed_data() + l * N * K / 2, sh.s = reinterpret_cast<const float*>(s.typed_data() + l * N * G);
-  sh.mn = reinterpret_cast<const uint16_t*>(mn.typed_data() + l * N * G);
+  sh.w = w.typed_data() + l * N * K / 2, sh.d = s.typed_data() + l * N * G, sh.mn = mn.typed_data() + l * N * G;
   sh.a = reinterpret_cast<const int8_t*>(a.data()), sh.sa = sa.data(), sh.ca = sums.data(), sh.out = out->typed_data();
   sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
   sparkler::RunTasks(pool, wd[1], 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task4(sh, t); });
