@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -96,7 +97,10 @@ def wait_ready(url: str, proc: subprocess.Popen, limit: float = 900) -> float:
     t = time.perf_counter()
     while time.perf_counter() - t < limit:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            hint = ("; an illegal instruction: ../shared/peers/llama-server.sh builds llama.cpp with -DGGML_AVX512=ON, "
+                    "so on a CPU without AVX-512 build it with -DGGML_AVX512=OFF and pass --llama-server"
+                    if proc.returncode == -signal.SIGILL else "")
+            raise RuntimeError(f"server exited with {proc.returncode}{hint}")
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
                 if r.status == 200:
