@@ -118,31 +118,31 @@ def packable(out: int, inputs: int) -> bool:
     return out % LANES == 0 and inputs % GROUP == 0
 
 
+def _runs(u: np.ndarray) -> np.ndarray:
+    """Bytes `u [..., out, in]` in runs of 16 outputs by 4 inputs, output-major: `[..., out/16, in/4, 64]`."""
+    *lead, n, k = u.shape
+    u = u.reshape(*lead, n // LANES, LANES, k // 4, 4)
+    return np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES)
+
+
+def _lanes(v: np.ndarray, dtype) -> np.ndarray:
+    """Per-group values `v [..., out, in/32]` with 16 outputs side by side: `[..., out/16, in/32, 16]`."""
+    *lead, n, g = np.shape(v)
+    return np.ascontiguousarray(np.asarray(v, dtype).reshape(*lead, n // LANES, LANES, g).swapaxes(-1, -2))
+
+
 def pack(w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 `w [..., out, in]` and its scales `[..., out, in/32]` in the `cpu` kernel's layout: `w + 128` as uint8
     `[..., out/16, in/4, 64]` (16 outputs by 4 inputs per 64 bytes) and scales `[..., out/16, in/32, 16]`."""
-    *lead, n, k = w.shape
-    u = (np.asarray(w, np.int16) + 128).astype(np.uint8).reshape(*lead, n // LANES, LANES, k // 4, 4)
-    s = np.asarray(scale, np.float32).reshape(*lead, n // LANES, LANES, k // GROUP)
-    return (np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES),
-            np.ascontiguousarray(s.swapaxes(-1, -2)))
+    return _runs((np.asarray(w, np.int16) + 128).astype(np.uint8)), _lanes(scale, np.float32)
 
 
 def pack4(w: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """4-bit `w [..., out, in / 2]` (`quantize4`) and its scales and minima `[..., out, in / 32]` in the `cpu`
     kernel's int4 layout: the int8 layout's runs of 64 values as 32 bytes, value b in the low nibble of byte b and
     value b + 32 in its high one, `[..., out/16, in/4, 32]`; scales and minima `[..., out/16, in/32, 16]` float16."""
-    q = values4(np.asarray(w, np.uint8))
-    *lead, n, k = q.shape
-    u = q.reshape(*lead, n // LANES, LANES, k // 4, 4)
-    u = np.ascontiguousarray(u.swapaxes(-3, -2)).reshape(*lead, n // LANES, k // 4, 4 * LANES)
-    half = 2 * LANES
-
-    def lanes(v):
-        v = np.asarray(v, np.float16).reshape(*lead, n // LANES, LANES, k // GROUP)
-        return np.ascontiguousarray(v.swapaxes(-1, -2))
-
-    return u[..., :half] | (u[..., half:] << 4), lanes(scale), lanes(minimum)
+    u, half = _runs(values4(np.asarray(w, np.uint8))), 2 * LANES
+    return u[..., :half] | (u[..., half:] << 4), _lanes(scale, np.float16), _lanes(minimum, np.float16)
 
 
 def unpack_rows(w: jax.Array, scale: jax.Array, rows: jax.Array, dtype) -> jax.Array:
