@@ -99,6 +99,70 @@ void Quantize16(const float* x, int64_t K, int16_t* q, float* scale, int32_t* su
   }
 }
 
+// The AVX2 tile, for int8 (the AVX2 build) and int4 (`Four`, every build): rows m0..m0+MR of the outputs
+// 8 h .. 8 h + 8 of block nb, over every group. `vpmaddwd` multiplies each row's int16 activations (`Quantize16`) by
+// the weights widened to int16, summing pairs of inputs of one output; pairs are added once per group. int8: the
+// packed W + 128 with its top bit flipped, sign-extended, each group's sum scaled by the weights' scale; int4: nibble
+// h of each byte, zero-extended, each group's sum scaled by d, plus the group's sum of activations scaled by m.
+template <int MR, bool Four>
+void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
+  const int64_t G = s.groups, K = s.k, run = (Four ? 2 : 4) * kLanes;  // bytes per 4 inputs of 16 outputs
+  const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
+  // int8: each run's first 32 bytes hold outputs 0-7, its last 32 outputs 8-15; int4: nibble h holds them
+  const uint8_t* w = s.w + nb * K / 4 * run + (Four ? 0 : h * 2 * kLanes);
+  const __m128i flip = _mm_set1_epi8(-128), low = _mm_set1_epi8(0x0F);  // int8: W + 128 -> W; int4: a nibble
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MR][2];  // outputs 0-3 and 4-7, each as two sums of a pair of inputs
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
+      const uint8_t* wk = w + (g * kGroup / 4 + kk) * run;
+      __m128i b0 = _mm_loadu_si128((const __m128i*)wk), b1 = _mm_loadu_si128((const __m128i*)(wk + 16));
+      __m256i w0, w1;
+      if constexpr (Four) {
+        if (h) b0 = _mm_srli_epi16(b0, 4), b1 = _mm_srli_epi16(b1, 4);
+        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b0, low)), w1 = _mm256_cvtepu8_epi16(_mm_and_si128(b1, low));
+      } else {
+        w0 = _mm256_cvtepi8_epi16(_mm_xor_si128(b0, flip)), w1 = _mm256_cvtepi8_epi16(_mm_xor_si128(b1, flip));
+      }
+      for (int m = 0; m < MR; ++m) {
+        int64_t four;  // the row's four activations of these inputs, as int16
+        __builtin_memcpy(&four, a + m * K + g * kGroup + kk * 4, 8);
+        const __m256i am = _mm256_set1_epi64x(four);
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, am));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, am));
+      }
+    }
+    const int64_t at = (nb * G + g) * kLanes + h * 8;
+    __m256 sw, mn;
+    if constexpr (Four) {
+      sw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.d + at)));
+      mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.mn + at)));
+    } else {
+      sw = _mm256_loadu_ps(s.s + at);
+    }
+    for (int m = 0; m < MR; ++m) {  // the pairs added (outputs 0 1 4 5 | 2 3 6 7), put in order
+      const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
+      const float sa = s.sa[(m0 + m) * G + g];
+      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sw, _mm256_set1_ps(sa)), accf[m]);
+      if constexpr (Four) accf[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sa * float(s.ca[(m0 + m) * G + g])), accf[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(s.out + (m0 + m) * s.n + nb * kLanes + h * 8, accf[m]);
+}
+
+constexpr int64_t kMR16 = 4;  // the AVX2 tile's rows; a task is one 16-output block (two tiles of 8) over every row
+using TileFn16 = void (*)(const Shared&, int64_t, int64_t, int64_t);
+template <bool Four>
+constexpr TileFn16 kRows16[kMR16 + 1] = {nullptr, Tile16<1, Four>, Tile16<2, Four>, Tile16<3, Four>, Tile16<4, Four>};
+
+template <bool Four>
+void Task16(const Shared& s, int64_t nb) {
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t m0 = 0; m0 < s.m; m0 += kMR16) kRows16<Four>[std::min(kMR16, s.m - m0)](s, m0, nb, h);
+}
+
 #if SPARKLER_VNNI
 
 constexpr int64_t kMR = 6, kNR = 2;  // a tile's rows and 16-output blocks; a task is kNR blocks over every row
@@ -191,52 +255,9 @@ void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float*
 
 #else  // AVX2
 
-constexpr int64_t kMR = 4;  // a tile's rows; a task is one 16-output block (two tiles of 8 outputs) over every row
-
-// Rows m0..m0+MR of the outputs 8 h .. 8 h + 8 of block nb, over every group.
-template <int MR>
-void Tile(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
-  const int64_t G = s.groups, K = s.k;
-  const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
-  const uint8_t* w = s.w + nb * K * kLanes + h * 2 * kLanes;  // each run of 64 bytes: outputs 0-7, then 8-15
-  const __m128i flip = _mm_set1_epi8(-128);                     // W + 128 -> W
-  __m256 accf[MR];
-  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[MR][2];  // outputs 0-3 and 4-7, each as two sums of a pair of inputs
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
-      const uint8_t* wk = w + (g * kGroup / 4 + kk) * 4 * kLanes;
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i*)wk), flip));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_xor_si128(_mm_loadu_si128((const __m128i*)(wk + 16)), flip));
-      for (int m = 0; m < MR; ++m) {
-        int64_t four;  // the row's four activations of these inputs, as int16
-        __builtin_memcpy(&four, a + m * K + g * kGroup + kk * 4, 8);
-        const __m256i am = _mm256_set1_epi64x(four);
-        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, am));
-        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, am));
-      }
-    }
-    const __m256 sw = _mm256_loadu_ps(s.s + (nb * G + g) * kLanes + h * 8);
-    for (int m = 0; m < MR; ++m) {
-      // The pairs added: outputs 0 1 4 5 | 2 3 6 7, put in order by the permute.
-      const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
-      const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(s.sa[(m0 + m) * G + g]));
-      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, accf[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(s.out + (m0 + m) * s.n + nb * kLanes + h * 8, accf[m]);
-}
-
-using TileFn = void (*)(const Shared&, int64_t, int64_t, int64_t);
-constexpr TileFn kRows[kMR + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>, Tile<4>};
-
 int64_t Tasks(int64_t blocks) { return blocks; }
 
-void Task(const Shared& s, int64_t nb) {
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t m0 = 0; m0 < s.m; m0 += kMR) kRows[std::min(kMR, s.m - m0)](s, m0, nb, h);
-}
+void Task(const Shared& s, int64_t nb) { Task16<false>(s, nb); }
 
 // Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
 // `256 q1 + q2`; no sums are needed (the weights are taken signed).
@@ -245,55 +266,6 @@ void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float*
 }
 
 #endif
-
-// int4: rows m0..m0+MR of the outputs 8 h .. 8 h + 8 of block nb, over every group (the AVX2 int8 tile's order, the
-// weights read from nibble h of each byte and taken unsigned).
-template <int MR>
-void Tile4(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
-  const int64_t G = s.groups, K = s.k;
-  const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
-  const uint8_t* w = s.w + nb * K * kLanes / 2;  // 32 bytes per 4 inputs of 16 outputs
-  const __m128i low = _mm_set1_epi8(0x0F);
-  __m256 accf[MR];
-  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
-      const uint8_t* wk = w + (g * kGroup / 4 + kk) * 2 * kLanes;
-      __m128i b0 = _mm_loadu_si128((const __m128i*)wk), b1 = _mm_loadu_si128((const __m128i*)(wk + 16));
-      if (h) b0 = _mm_srli_epi16(b0, 4), b1 = _mm_srli_epi16(b1, 4);
-      const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b0, low));
-      const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(b1, low));
-      for (int m = 0; m < MR; ++m) {
-        int64_t four;
-        __builtin_memcpy(&four, a + m * K + g * kGroup + kk * 4, 8);
-        const __m256i am = _mm256_set1_epi64x(four);
-        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, am));
-        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, am));
-      }
-    }
-    const int64_t at = (nb * G + g) * kLanes + h * 8;
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.d + at)));
-    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s.mn + at)));
-    for (int m = 0; m < MR; ++m) {  // the pairs added (outputs 0 1 4 5 | 2 3 6 7), put in order
-      const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8);
-      const float sa = s.sa[(m0 + m) * G + g];
-      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(sa)), accf[m]);
-      accf[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sa * float(s.ca[(m0 + m) * G + g])), accf[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(s.out + (m0 + m) * s.n + nb * kLanes + h * 8, accf[m]);
-}
-
-using TileFn4 = void (*)(const Shared&, int64_t, int64_t, int64_t);
-constexpr int64_t kMR4 = 4;
-constexpr TileFn4 kRows4[kMR4 + 1] = {nullptr, Tile4<1>, Tile4<2>, Tile4<3>, Tile4<4>};
-
-void Task4(const Shared& s, int64_t nb) {
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t m0 = 0; m0 < s.m; m0 += kMR4) kRows4[std::min(kMR4, s.m - m0)](s, m0, nb, h);
-}
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                       ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
@@ -337,7 +309,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   sh.w = w.typed_data() + l * N * K / 2, sh.d = s.typed_data() + l * N * G, sh.mn = mn.typed_data() + l * N * G;
   sh.a = reinterpret_cast<const int8_t*>(a.data()), sh.sa = sa.data(), sh.ca = sums.data(), sh.out = out->typed_data();
   sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
-  sparkler::RunTasks(pool, wd[1], 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task4(sh, t); });
+  sparkler::RunTasks(pool, wd[1], 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task16<true>(sh, t); });
   return ffi::Error::Success();
 }
 
