@@ -10,7 +10,7 @@ What it does, in order (partial results are written to `--out` as it goes, so a 
    tokens (`ignore_eos`, greedy) at 1, 64 and 256 concurrent, every request sent at once: output tokens over wall
    time, and the time to first token (p50 / max) at each level; a short round at each level first compiles
    whatever the load reaches;
-4. runs the engine alone (`engine.LLM`, the server's flags) on the same folder, at the same levels.
+4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder, at the same levels.
 
 On the GPU host (no network, no venv): prepare the tokenizer files on the CPU side first, where the packaged GGUF is
 (`python bench/gpu_serve.py --write-tokenizer .gpu_tok`), carry that folder, and run
@@ -220,6 +220,8 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
     use_caches(cache_root())
     flags = parse_args(server_flags(folder, args))
     llm = LLM(load_flags(flags), **dataclasses.asdict(runner_config(flags)))
+    llm.engine.warmup()  # the server's shapes, all loaded before measuring (from the store the server filled): left
+    # to load on first use, they stalled the first levels (session 27: one stream at half the server's rate)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=args.warm_tokens, ignore_eos=True)
     out = {}

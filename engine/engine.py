@@ -251,7 +251,7 @@ class Engine:
             deltas = [d for c in req.choices if (d := self._delta(c)) is not None]
             if req.on_delta and deltas:
                 req.on_delta(req, deltas)
-            if req.finished:
+            if any(d.finish_reason for d in deltas) and req.finished:  # its last choice's final delta is here
                 done.append(req)
                 self.finished += 1
         changed.clear()
@@ -305,13 +305,12 @@ class Engine:
         """Prefilled choices start decoding. New requests: map the prompt's full pages into every choice and copy a
         partial last page, install sampler rows, draw first tokens. Resumed choices: put their sampler row back."""
         sched, new_rows, copies = self.sched, {}, []  # new slot -> the slot whose prefill logits it draws from
-        rows = {}  # sampler rows to install: fresh ones, and resumed choices' saved ones
+        rows = {}  # sampler rows to install (settings, state): fresh ones, and resumed choices' saved ones
         for pf in ready:
             req, first = pf.req, pf.choices[0]
             sched.register(req, first)
             if pf.resume:
-                self.runner.set_settings(first.slot, self._settings(req))
-                rows[first.slot], first.saved = first.saved, None
+                rows[first.slot], first.saved = (self._settings(req), first.saved), None
                 sched.running[first.slot] = (req, first)
                 continue
             if req.max_tokens == 0:  # scoring only (echo + logprobs): no token is drawn
@@ -328,8 +327,7 @@ class Engine:
                     choice.matcher = self.grammars().matcher(req.grammar)
                 if req.thinking is not None:
                     choice.matcher = Gate(req.thinking, choice.matcher)
-                self.runner.set_settings(choice.slot, settings)
-                rows[choice.slot] = self.runner.fresh_row(settings, req.prompt_ids, key)
+                rows[choice.slot] = settings, self.runner.fresh_row(settings, req.prompt_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
                 choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
@@ -340,9 +338,7 @@ class Engine:
         if copies:
             self.runner.copy_pages(copies)
         if rows:
-            self.runner.restore_rows(rows)
-        if ready:
-            self.runner.push_params()
+            self.runner.install_rows(rows)
         sources = {**new_rows, **{slot: slot for slot in self.riders}}  # riders draw from their own rows
         if not sources:
             return

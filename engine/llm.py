@@ -146,11 +146,18 @@ class AsyncEngine:
         self._hand_over()
 
     def _hand_over(self) -> None:
-        """Pass each stream what it took during the step, in one wake-up of its event loop (one per token woke the
-        loop as often and traded the GIL with it each time: a verify pass keeps ~13 tokens)."""
+        """Pass each stream what it took during the step: one wake-up of each event loop for all its streams (one
+        per stream, or per token, woke the loop as often and traded the GIL with it each time)."""
         held, self._held = self._held, []
-        for flush in held:
-            flush()
+        by_loop: dict = {}
+        for s in held:
+            items, s.taken = s.taken, []
+            by_loop.setdefault(s.loop, []).append((s, items))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # the consumers' event loop is gone: nobody is listening
+                pass
 
     def fail_everything(self) -> None:
         """End every request in flight with finish_reason "error" (at the engine thread's next turn)."""
@@ -163,37 +170,18 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    def stream(self, *reqs: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
-        """Submit requests now and return an async iterator of `(request index, deltas)` as they come; leaving it
-        early aborts what is unfinished. A consumer more than `max_buffer` events behind gets `StreamOverflow`."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+    def stream(self, *reqs: Request) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
+        """Submit requests now and return an async iterator of batches of `(request index, deltas)`: each batch is
+        every event handed over since the consumer last took one (one engine step's, or several if it fell behind),
+        so a consumer writes each batch at once. Leaving it early aborts what is unfinished. A consumer more than
+        `max_buffer` events behind gets `StreamOverflow`."""
+        s = _Stream(asyncio.get_running_loop())
         left = {}
 
-        def push(item) -> None:
-            if q.qsize() >= self.max_buffer:
-                q.put_nowait(None)  # the consumer raises StreamOverflow when it reaches this
-            else:
-                q.put_nowait(item)
-
-        def push_all(items: list) -> None:
-            for item in items:
-                push(item)
-
-        taken: list = []  # this step's deltas, in order (engine thread)
-
-        def flush() -> None:  # on the engine thread, after the step
-            items = taken[:]
-            taken.clear()
-            try:
-                loop.call_soon_threadsafe(push_all, items)
-            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
-                pass
-
         def deliver(i: int, deltas: list[Delta]) -> None:  # on the engine thread, during the step
-            if not taken:
-                self._held.append(flush)
-            taken.append((i, deltas))
+            if not s.taken:
+                self._held.append(s)
+            s.taken.append((i, deltas))
 
         for i, req in enumerate(reqs):
             req.on_delta = lambda r, ds, i=i: deliver(i, ds)
@@ -201,19 +189,40 @@ class AsyncEngine:
         for req in reqs:
             self.engine.add(req)
         self._wake.set()
-        return self._events(reqs, q, left)
+        return self._events(reqs, s, left)
 
-    async def _events(self, reqs, q: asyncio.Queue, left: dict) -> AsyncIterator[tuple[int, list[Delta]]]:
+    async def _events(self, reqs, s: "_Stream", left: dict) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
         try:
             while any(left.values()):
-                item = await q.get()
-                if item is None:
+                await s.woken.wait()
+                s.woken.clear()
+                if len(s.ready) > self.max_buffer:
                     raise StreamOverflow(f"more than {self.max_buffer} undelivered events")
-                i, deltas = item
-                left[i] -= sum(1 for d in deltas if d.finish_reason)
-                yield i, deltas
+                batch, s.ready = s.ready, []
+                for i, deltas in batch:
+                    left[i] -= sum(1 for d in deltas if d.finish_reason)
+                if batch:
+                    yield batch
         finally:
             for i, n in left.items():
                 if n:
                     self.engine.abort(reqs[i].id)
             self._wake.set()
+
+
+class _Stream:
+    """One `stream` call's events on their way from the engine thread (`taken` during a step) to its event loop
+    (`ready` until the consumer takes them)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.taken: list = []
+        self.ready: list = []
+        self.woken = asyncio.Event()
+
+
+def _put_all(pairs: list[tuple[_Stream, list]]) -> None:
+    """On the event loop: hand each stream its events and wake its consumer."""
+    for s, items in pairs:
+        s.ready += items
+        s.woken.set()

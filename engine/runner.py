@@ -164,7 +164,7 @@ class Runner:
         if any(b < 1 for b in sizes):
             raise ValueError(f"decode batch sizes must be positive: {sizes}")
         self.batch_buckets = tuple(sorted({b for b in sizes if b < self.per_shard} | {self.per_shard}))
-        # sampler rows installed per call (`restore_rows`): powers of two, and every slot
+        # sampler rows installed per call (`install_rows`): powers of two, and every slot
         self.row_buckets = doubling(1, self.slots)
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
@@ -195,9 +195,8 @@ class Runner:
         self._zeroing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pool").submit(zeros)
         self.by_row = NamedSharding(mesh, P("data"))  # sampler rows: each shard holds its slots'
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.by_row)
-        self.host_params = smp.neutral_params(self.slots, vocab)
+        self.params = jax.device_put(smp.SamplerParams(**smp.neutral_params(self.slots, vocab)), self.by_row)
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
-        self.push_params()
         # each slot's last prefill's last logits, written by the prefill programs and read by the first draw, so
         # neither the host nor an eager op touches them (a slot's row is valid from its prefill to its first draw)
         self.last_logits = jax.device_put(jnp.zeros((self.slots, vocab), jnp.float32), self.by_row)
@@ -316,25 +315,28 @@ class Runner:
                                           allowed)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
 
-        def first_shard(state, sparams, last, source, active, allowed):
-            nb = source.shape[0]  # a batch bucket: rows past it are left as they are
-            part = lambda tree: jax.tree.map(lambda x: x[:nb], tree)  # noqa: E731
-            out, new = smp.sample(last[source], part(sparams), part(state), active, allowed)
-            return jax.tree.map(lambda full, x: full.at[:nb].set(x), state, new), out
+        def first_shard(state, sparams, last, rows, source, allowed):
+            # `rows`: the shard's slots that draw (padding: one past its slots), each from its `source` row of
+            # `last`: the sampler runs on those rows alone, whichever slots they are
+            per = state.step.shape[0]
+            pick = lambda tree: jax.tree.map(lambda x: x[jnp.minimum(rows, per - 1)], tree)  # noqa: E731
+            out, new = smp.sample(last[source], pick(sparams), pick(state), rows < per, allowed)
+            return jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new), out
 
         first_shard = over_shards(first_shard, (rows,) * 6, (rows, rows))
 
         @functools.partial(jax.jit, donate_argnums=(0,))
-        def first_tokens(state, sparams, last, source, active, allowed):
+        def first_tokens(state, sparams, last, rows, source, allowed):
             self.compiles += 1  # one shape per batch bucket
-            state, out = first_shard(state, sparams, last, source, active, allowed)
+            state, out = first_shard(state, sparams, last, rows, source, allowed)
             return state, jax.lax.with_sharding_constraint(out, gathered)
 
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def set_state_rows(state, rows, values):
-            # values: each field's rows, one per `rows` entry (padding rows name one past the slots: dropped)
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def set_rows(state, sparams, rows, state_rows, param_rows):
+            # each field's rows, one per `rows` entry (padding rows name one past the slots: dropped)
             self.compiles += 1  # one shape per row bucket
-            return jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, values)
+            put = lambda full, x: full.at[rows].set(x, mode="drop")  # noqa: E731
+            return jax.tree.map(put, state, state_rows), jax.tree.map(put, sparams, param_rows)
 
         layer_base = np.arange(model.cfg.num_layers)[:, None] * self.num_pages  # each layer's first pool page
 
@@ -357,7 +359,7 @@ class Runner:
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
         sampler_ns = repr(dict(mesh.shape))
         self._first = AOT(first_tokens, "first", sampler_ns)
-        self._set_rows = AOT(set_state_rows, "set_rows", sampler_ns)
+        self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
         self._flat = AOT(flat_step, "flat", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
@@ -437,12 +439,11 @@ class Runner:
                              _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r)), {})
 
     def _rows_job(self, k: int) -> Job:
-        rows = jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), self.state)
-        return self._set_rows, (self.state, _i32(k), rows), {}
+        rows = lambda tree: jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), tree)  # noqa: E731
+        return self._set_rows, (self.state, self.params, _i32(k), rows(self.state), rows(self.params)), {}
 
     def _first_job(self, nb: int) -> Job:
-        return (self._first, (self.state, self.params, self.last_logits, _i32(nb), np.zeros(nb, bool),
-                              self.all_allowed[:nb]), {})
+        return self._first, (self.state, self.params, self.last_logits, _i32(nb), _i32(nb), self.all_allowed[:nb]), {}
 
     def _decode_job(self, nb: int, attend: int, steps: int) -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
@@ -476,12 +477,14 @@ class Runner:
         return out
 
     def by_slot(self, x: np.ndarray, rows: np.ndarray, axis: int = 0) -> np.ndarray:
-        """A call's outputs (`rows` along `axis`) indexed by global slot (with one shard they already are)."""
-        if self.dp == 1:
+        """A call's outputs (along `axis`, the global slot of each in `rows`; past the slots: padding) indexed by
+        global slot (a call over the first slots of one shard already is)."""
+        if self.dp == 1 and rows[-1] == len(rows) - 1:  # rows ascend: they are the first slots
             return x
-        full = np.zeros(x.shape[:axis] + (self.slots,) + x.shape[axis + 1:], x.dtype)
-        full[(slice(None),) * axis + (rows,)] = x
-        return full
+        cut = (slice(None),) * axis
+        full = np.zeros(x.shape[:axis] + (self.slots + 1,) + x.shape[axis + 1:], x.dtype)
+        full[cut + (np.minimum(rows, self.slots),)] = x
+        return full[cut + (slice(0, self.slots),)]
 
     def attended(self, rows: int, need: int, queries: int = 1) -> int:
         """The attended length (table width, in positions) of a decode or verify call of `rows` rows per shard,
@@ -621,57 +624,58 @@ class Runner:
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice
-        its target, its seed's key), on the host, for `restore_rows`."""
+        its target, its seed's key), on the host, for `install_rows`."""
         prompt_row = np.zeros(self.model.cfg.vocab_size, bool)
         prompt_row[np.asarray(prompt, np.int64)] = True
         return smp.SamplerState(np.zeros(self.model.cfg.vocab_size, np.int32), prompt_row,
                                 np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
                                 np.asarray(seed_key, np.uint32), np.int32(0))
 
-    def set_settings(self, row: int, settings: dict) -> None:
-        """Write a request's sampling settings into the host copy of row `row` (sent by `push_params`)."""
-        for k, v in settings.items():
-            self.host_params[k][row] = v
-
     def save_row(self, row: int) -> smp.SamplerState:
         """The sampler state of one row, on the host (a preempted sequence takes it along)."""
         return jax.tree.map(lambda x: np.asarray(x[row]), self.state)
 
-    def restore_rows(self, rows: dict[int, smp.SamplerState]) -> None:
-        """Put sampler rows (`{slot: state}`: fresh, or saved at preemption) on the devices in one call (a burst of
-        new requests is one launch, not one each)."""
+    def install_rows(self, rows: dict[int, tuple[dict, smp.SamplerState]]) -> None:
+        """Put sampler rows on the devices in one call: `{slot: (settings, state)}`, a request's settings
+        (`SamplingParams.sampler_row` and its logit bias) and its state (fresh, or saved at preemption). Only those
+        rows travel: a burst of new requests is one launch of a few rows, not every slot's settings."""
         slots = sorted(rows)
         k = bucket(len(slots), self.row_buckets)  # at most every slot
         idx = np.full(k, self.slots, np.int32)  # padding rows: past the slots, dropped
         idx[:len(slots)] = slots
-        values = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))),
-                              *[rows[slot] for slot in slots])
-        self.state = self._set_rows(self.state, idx, values)
-
-    def push_params(self) -> None:
-        """Send the host copy of the sampling parameters to the device."""
-        self.params = jax.device_put(smp.SamplerParams(**self.host_params), self.by_row)
+        settings = smp.neutral_params(k, self.model.cfg.vocab_size)
+        for j, slot in enumerate(slots):
+            for name, value in rows[slot][0].items():
+                settings[name][j] = value
+        states = [rows[slot][1] for slot in slots]
+        states = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))), *states)
+        self.state, self.params = self._set_rows(self.state, self.params, idx, states, smp.SamplerParams(**settings))
 
     def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> smp.SampleOut:
         """Sample the first token of newly admitted slots, each from the prefill logits of the slot `sources` names
-        for it (the choices of one request share its prompt's: `last_logits` rows). `allowed`: `[slots,
-        W]` bitmasks (see `sampler.sample`). Outputs are indexed by slot."""
+        for it (the choices of one request share its prompt's: `last_logits` rows). The sampler runs on those rows
+        alone, at the smallest batch bucket holding each shard's share. `allowed`: `[slots, W]` bitmasks (see
+        `sampler.sample`). Outputs are indexed by slot."""
         slots = sorted(sources)
-        nb = self.rows_for(slots)  # holds every new row
-        rows = self.call_rows(nb)
         drawn = set(sources.values())
         if not drawn <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s) for s in slots):
             raise ValueError(f"first_tokens: no prefill logits in this shard for {sources}")
         self.drawable -= drawn
-        at = np.asarray([self.shard_of(s) * nb + s % self.per_shard for s in slots])
-        source = np.zeros(len(rows), np.int32)  # each row's logits: a row of its shard's `last_logits`
-        source[at] = [sources[s] % self.per_shard for s in slots]
-        active = np.zeros(len(rows), bool)
-        active[at] = True
-        allowed = (self.all_allowed if allowed is None else allowed)[rows]
+        mine = [[s for s in slots if self.shard_of(s) == d] for d in range(self.dp)]
+        k = bucket(max(map(len, mine)), self.batch_buckets)
+        rows = np.full((self.dp, k), self.per_shard, np.int32)  # each call row's slot in its shard (padding: past)
+        source = np.zeros((self.dp, k), np.int32)
+        where = np.full((self.dp, k), self.slots)  # each call row's global slot (padding: past the slots)
+        for d, these in enumerate(mine):
+            where[d, :len(these)] = these
+            rows[d, :len(these)] = [s % self.per_shard for s in these]
+            source[d, :len(these)] = [sources[s] % self.per_shard for s in these]
+        where = where.reshape(-1)
+        allowed = (self.all_allowed if allowed is None else allowed)[np.minimum(where, self.slots - 1)]
         self._last = None
-        self.state, out = self._first(self.state, self.params, self.last_logits, source, active, allowed)
-        return self.read_back(out, rows)
+        self.state, out = self._first(self.state, self.params, self.last_logits, rows.reshape(-1),
+                                      source.reshape(-1), allowed)
+        return self.read_back(out, where)
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
         """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""

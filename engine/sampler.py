@@ -104,13 +104,15 @@ def init_state(batch: int, vocab: int) -> SamplerState:
 
 
 def seed_keys(seed: int, n: int) -> list[np.ndarray]:
-    """The raw keys of a request's `n` choices: its seed's (`PRNGKey(seed mod 2^32)`), then that key folded with
-    each further choice's index. Computed on the host's CPU device: on an accelerator an eager op waits for the
-    step in flight there."""
+    """The raw keys of a request's `n` choices: its seed's (`PRNGKey(seed mod 2^32)`, which for threefry2x32, the
+    sampler's keys, is `[0, seed mod 2^32]`: written here, no device op per request), then that key folded with each
+    further choice's index (computed on the host's CPU device: on an accelerator an eager op waits for the step in
+    flight there)."""
+    root = np.asarray([0, seed % (1 << 32)], np.uint32)
+    if n == 1:
+        return [root]
     with jax.default_device(jax.devices("cpu")[0]):
-        root = jax.random.PRNGKey(seed % (1 << 32))
-        keys = [root] + [jax.random.fold_in(root, i) for i in range(1, n)]
-        return [np.asarray(jax.random.key_data(k), np.uint32) for k in keys]
+        return [root] + [np.asarray(jax.random.fold_in(root, i), np.uint32) for i in range(1, n)]
 
 
 def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:

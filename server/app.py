@@ -313,8 +313,9 @@ class Server:
         try:
             async with contextlib.aclosing(events) as events:
                 async with asyncio.timeout(self.request_timeout):
-                    async for i, deltas in events:
-                        call.took.saw(i, deltas, self.prom)
+                    async for batch in events:
+                        for i, deltas in batch:
+                            call.took.saw(i, deltas, self.prom)
         except TimeoutError:
             raise self.timed_out() from None
         if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
@@ -328,8 +329,8 @@ class Server:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
         async def send(evs: list[dict]) -> None:
-            for ev in evs:
-                await resp.write(face.encode(ev))
+            if data := b"".join(face.encode(ev) for ev in evs):
+                await resp.write(data)
 
         async with contextlib.aclosing(events) as events:
             try:
@@ -337,12 +338,16 @@ class Server:
                 await send(face.opening())
                 try:
                     async with asyncio.timeout(self.request_timeout):
-                        async for i, deltas in events:
-                            call.took.saw(i, deltas, self.prom)
-                            for d in deltas:
-                                if d.finish_reason == "error":
-                                    raise self.engine_failed()
-                                await send(face.add(turn.feed(d.text, d.finish_reason)))
+                        async for batch in events:  # one write for the events of a batch
+                            out = []
+                            for i, deltas in batch:
+                                call.took.saw(i, deltas, self.prom)
+                                for d in deltas:
+                                    if d.finish_reason == "error":
+                                        await send(out)
+                                        raise self.engine_failed()
+                                    out += face.add(turn.feed(d.text, d.finish_reason))
+                            await send(out)
                 except TimeoutError:
                     raise self.timed_out() from None
                 await send(face.closing())
@@ -457,12 +462,17 @@ class Server:
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         offsets: dict[int, int] = {}
         turns: dict[int, Turn] = {}
+        base = {"id": rid, "object": obj, "created": created, "model": self.name}
+        head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
+        tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
+
+        def chunk(choices: list[dict], **extra) -> bytes:  # json.dumps of the chunk, its fixed part encoded once
+            if extra:  # the closing chunk (usage, when asked for, is in it)
+                return b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n"
+            return head + json.dumps(choices).encode() + tail
 
         async def send(choices: list[dict], **extra) -> None:
-            chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
-            if job.include_usage and "usage" not in extra:
-                chunk["usage"] = None
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(chunk(choices, **extra))
 
         async def fail(err: ApiError) -> None:
             await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
@@ -479,13 +489,20 @@ class Server:
                             await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
                 try:
                     async with asyncio.timeout(self.request_timeout):
-                        async for i, deltas in events:
-                            took.saw(i, deltas, self.prom)
-                            pi, req = parts[i]
-                            if any(d.finish_reason == "error" for d in deltas):
+                        async for batch in events:  # one chunk per event, one write per batch
+                            out, failed = [], False
+                            for i, deltas in batch:
+                                took.saw(i, deltas, self.prom)
+                                pi, req = parts[i]
+                                if any(d.finish_reason == "error" for d in deltas):
+                                    failed = True
+                                    break
+                                out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
+                            if out:
+                                await resp.write(b"".join(out))
+                            if failed:
                                 await fail(ApiError(500, "the engine failed while generating", type_="server_error"))
                                 break
-                            await send([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas])
                         else:
                             used, extra = self._usage(job, reqs), {}
                             if job.include_usage:

@@ -250,3 +250,15 @@ def test_typical_p_alone_is_exact_without_a_sort_and_matches_transformers(scale)
         want_keep, want_p = hf_probs(TypicalLogitsWarper(v), logits[i])
         assert np.array_equal(keep[i], want_keep), (v, keep[i].sum(), want_keep.sum())
         np.testing.assert_allclose(our_probs(logits[i], keep[i]), want_p, atol=1e-5)
+
+
+def test_seed_keys_are_jax_keys_of_the_seed_and_its_choices():
+    """`seed_keys` writes a seed's threefry key itself (no device op per request); it must be JAX's own, for seeds
+    past 2^31 and 2^32 too, and further choices fold their index into it."""
+    for seed in (0, 7, 2**31 + 3, 2**32 - 1, 2**40 + 9):
+        root = jax.random.PRNGKey(seed % 2**32)
+        want = [root] + [jax.random.fold_in(root, i) for i in (1, 2)]
+        got = smp.seed_keys(seed, 3)
+        assert [k.dtype for k in got] == [np.uint32] * 3
+        np.testing.assert_array_equal(np.stack(got), np.stack([jax.random.key_data(k) for k in want]))
+        np.testing.assert_array_equal(smp.seed_keys(seed, 1)[0], got[0])
