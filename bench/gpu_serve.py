@@ -146,8 +146,9 @@ async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float,
 
 
 async def counters(session, url: str) -> dict[str, float]:
-    """The engine's counters from `/metrics` (time in device calls, decodes ahead, steps, and each part of the
-    engine's step as `step_<phase>`), read with prometheus_client's parser."""
+    """The engine's counters from `/metrics` (time in device calls, decodes ahead, steps, each part of the engine's
+    step as `step_<phase>`, and the CPU time of the engine and event-loop threads as `cpu_<thread>`), read with
+    prometheus_client's parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async with session.get(url + "/metrics") as resp:
@@ -160,6 +161,8 @@ async def counters(session, url: str) -> dict[str, float]:
                 out[wanted[s.name]] = s.value
             elif s.name == "sparkler_engine_step_seconds_total":
                 out["step_" + s.labels["phase"]] = s.value
+            elif s.name == "sparkler_thread_cpu_seconds_total":
+                out["cpu_" + s.labels["thread"]] = s.value
     return out
 
 
@@ -269,6 +272,12 @@ def table(res: dict, args) -> str:
         if parts:
             lines.append(f"| engine step at {n} over HTTP, share of wall time by part | "
                          + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()) + " | | | |")
+    for n in args.levels:
+        h = http.get(n, {})
+        if h.get("tokens") and "cpu_engine" in h:
+            lines.append(f"| host CPU per token at {n} over HTTP, engine thread / event loop (us) | "
+                         f"{1e6 * h['cpu_engine'] / h['tokens']:.1f} / {1e6 * h['cpu_event_loop'] / h['tokens']:.1f} "
+                         "| | | |")
     top = max(args.levels)
     if top in http:
         lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "

@@ -159,6 +159,11 @@ class AsyncEngine:
             except RuntimeError:  # the consumers' event loop is gone: nobody is listening
                 pass
 
+    @property
+    def thread_ident(self) -> int | None:
+        """The engine thread's `threading` ident."""
+        return self._thread.ident
+
     def fail_everything(self) -> None:
         """End every request in flight with finish_reason "error" (at the engine thread's next turn)."""
         self._fail_requested = True

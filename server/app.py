@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -56,7 +57,8 @@ class Server:
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
         self.active = 0  # completion requests being answered
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
-        self.prom = Metrics(self.engine.stats)
+        self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
+        self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
         self.name, self.api_key = model.name, api_key
         self.max_body = int(max_body_mb * (1 << 20))
         self.vocab = Vocab(model)
@@ -82,7 +84,11 @@ class Server:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.page)
         app.router.add_static("/static", STATIC, show_index=False)
+        app.on_startup.append(self._started)
         return app
+
+    async def _started(self, app: web.Application) -> None:
+        self.loop_thread = threading.get_ident()
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 

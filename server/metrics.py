@@ -8,6 +8,8 @@ namespace; the README lists them.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -40,11 +42,20 @@ ENGINE_COUNTERS = {
 }
 
 
-class EngineCollector:
-    """Reads the engine's gauges and counters at scrape time."""
+def thread_cpu_seconds(ident: int | None) -> float:
+    """CPU seconds a live thread of this process has used (its `threading` ident; 0 if none or gone)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident)) if ident is not None else 0.0
+    except (OSError, AttributeError):  # the thread ended, or a platform without per-thread clocks
+        return 0.0
 
-    def __init__(self, stats):
-        self.stats = stats
+
+class EngineCollector:
+    """Reads the engine's gauges and counters at scrape time, and the CPU time of the threads that serve (`threads`:
+    their names and idents)."""
+
+    def __init__(self, stats, threads):
+        self.stats, self.threads = stats, threads
 
     def collect(self):
         """Yield one metric family per engine figure."""
@@ -58,12 +69,17 @@ class EngineCollector:
         for phase, seconds in stats["step_seconds"].items():
             phases.add_metric([phase], seconds)
         yield phases
+        cpu = CounterMetricFamily("sparkler_thread_cpu_seconds", "CPU seconds of the engine thread and of the HTTP "
+                                  "event loop's (the host work per token; the two share the GIL)", labels=["thread"])
+        for name, ident in self.threads().items():
+            cpu.add_metric([name], thread_cpu_seconds(ident))
+        yield cpu
 
 
 class Metrics:
     """One registry per server: request counters and latency histograms, plus the engine collector."""
 
-    def __init__(self, stats):
+    def __init__(self, stats, threads=dict):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sparkler_requests", "HTTP completion requests by route, status and finish reason",
                                 ["route", "status", "finish_reason"], registry=r)
@@ -75,7 +91,7 @@ class Metrics:
                              buckets=LATENCY, registry=r)
         self.queue = Histogram("sparkler_request_queue_time_seconds", "arrival to admission into a decode slot",
                                buckets=LATENCY, registry=r)
-        r.register(EngineCollector(stats))
+        r.register(EngineCollector(stats, threads))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

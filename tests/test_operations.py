@@ -40,6 +40,8 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     device = metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total")
     step = "sparkler_engine_step_seconds"
     phases = {p: metric(api, step, step + "_total", phase=p) for p in PHASES}
+    cpu = "sparkler_thread_cpu_seconds"
+    threads = {t: metric(api, cpu, cpu + "_total", thread=t) for t in ("engine", "event_loop")}
     for _ in range(3):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, extra_body={"ignore_eos": True})
     list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, stream=True,
@@ -58,6 +60,7 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert metric(api, "sparkler_free_slots", "sparkler_free_slots") == 32
     assert metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total") > device  # launches
     assert all(metric(api, step, step + "_total", phase=p) > t for p, t in phases.items())  # every part of a step ran
+    assert all(metric(api, cpu, cpu + "_total", thread=t) > s for t, s in threads.items())  # both threads worked
 
 
 @pytest.fixture(scope="module")
