@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine import SamplingParams
+from engine.llm import encode_chat
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 OTHERS = [
@@ -35,6 +36,44 @@ def test_seeded_sampling_is_the_same_across_batch_compositions(llm):
     assert outs[-1].outputs[0].token_ids == alone
     other_seed = llm.chat(CHAT, SamplingParams(temperature=1.0, top_p=0.95, max_tokens=24, seed=99))
     assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_a_request_joining_running_ones_draws_its_first_token_on_its_row_alone(llm):
+    """A request seated in slot 8 while 8 others decode samples its first token in a one-row call (the sampler runs
+    on the rows that draw, not on every slot up to the highest; counted by the call's rows), and its seeded tokens
+    are the ones it gets alone."""
+    p = SamplingParams(temperature=1.0, top_k=50, max_tokens=12, seed=77, logit_bias={"11": 3.0})
+    alone = llm.chat(CHAT, p)[0].outputs[0].token_ids
+    eng, runner = llm.engine, llm.engine.runner
+    busy = [eng.make_request(list(range(5, 12 + i)), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            for i in range(8)]
+    for r in busy:
+        eng.add(r)
+    while len(eng.sched.running) < 8:
+        eng.step()
+    first, rows = runner._first, []
+
+    class Counted:  # the first-draw program, its calls' rows recorded
+        def __call__(self, *args):
+            rows.append(len(args[3]))
+            return first(*args)
+
+    late = eng.make_request(encode_chat(llm.model, CHAT), p)
+    runner._first, slots = Counted(), set()
+    try:
+        eng.add(late)
+        while not late.finished:
+            eng.step()
+            slots.add(late.choices[0].slot)
+    finally:
+        runner._first = first
+    for r in busy:
+        eng.abort(r.id)
+    while eng.has_work():
+        eng.step()
+    seated = max(slots)  # the slot it held (-1 once it ended)
+    assert runner.rows_for([seated]) >= 8 and rows == [1]
+    assert late.choices[0].token_ids == alone
 
 
 def test_settings_do_not_recompile(llm):
