@@ -15,7 +15,8 @@ def main() -> None:
     args = ap.parse_args()
     llm = LLM(args.model, max_num_seqs=4, max_model_len=1024)
     t = time.time()
-    out = llm.chat([{"role": "user", "content": args.prompt}], SamplingParams(temperature=0, max_tokens=args.max_tokens))
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    out = llm.chat([{"role": "user", "content": args.prompt}], greedy)
     o = out[0].outputs[0]
     print(o.text)
     print(f"[{len(o.token_ids)} tokens in {time.time() - t:.1f}s including compilation; finish={o.finish_reason}]")

@@ -69,7 +69,8 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequest(msg, param)
 
-        check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]", "temperature")
+        check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]",
+              "temperature")
         check(self.top_p is None or 0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]", "top_p")
         check(self.top_k is None or self.top_k >= 0, "top_k must be >= 0", "top_k")
         check(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", "min_p")
@@ -81,7 +82,8 @@ class SamplingParams:
         check(1 <= self.n <= 128, "n must be in [1, 128]", "n")
         check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0", "max_tokens")
         check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]", "top_logprobs")
-        check(self.mirostat_target is None or self.mirostat_target > 0, "mirostat_target must be > 0", "mirostat_target")
+        check(self.mirostat_target is None or self.mirostat_target > 0, "mirostat_target must be > 0",
+              "mirostat_target")
         check(self.mirostat_lr > 0, "mirostat_lr must be > 0", "mirostat_lr")
         for t, b in self.logit_bias.items():
             check(-100.0 <= b <= 100.0, "logit_bias values must be in [-100, 100]", "logit_bias")

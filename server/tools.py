@@ -14,8 +14,6 @@ import dataclasses
 import json
 import re
 import uuid
-from typing import Any
-
 from engine.grammar import schema_grammar
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
