@@ -203,11 +203,10 @@ class AsyncEngine:
                 s.woken.clear()
                 if len(s.ready) > self.max_buffer:
                     raise StreamOverflow(f"more than {self.max_buffer} undelivered events")
-                batch, s.ready = s.ready, []
+                batch, s.ready = s.ready, []  # never empty: only `_put_all` wakes it, with events
                 for i, deltas in batch:
                     left[i] -= sum(1 for d in deltas if d.finish_reason)
-                if batch:
-                    yield batch
+                yield batch
         finally:
             for i, n in left.items():
                 if n:

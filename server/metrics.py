@@ -79,7 +79,7 @@ class EngineCollector:
 class Metrics:
     """One registry per server: request counters and latency histograms, plus the engine collector."""
 
-    def __init__(self, stats, threads=dict):
+    def __init__(self, stats, threads):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sparkler_requests", "HTTP completion requests by route, status and finish reason",
                                 ["route", "status", "finish_reason"], registry=r)

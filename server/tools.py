@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import uuid
+
 from engine.grammar import schema_grammar
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
