@@ -19,12 +19,12 @@ import queue
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
+from engine.detok import Detok
 from engine.grammar import Grammars
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
@@ -35,7 +35,6 @@ from models import Model
 
 log = logging.getLogger("sparkler.engine")
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
-DETOK_CONTEXT = 5  # prompt tokens kept as context so the first pieces decode with the right spacing
 # The parts of an engine step, in order: read back the decode in flight and hand its tokens to their choices (and
 # dispatch the next one ahead); seat queued work and launch prefills; install sampler rows and draw first tokens;
 # hand the deltas to the streams; reserve pages and dispatch the next decode (or verify drafts).
@@ -211,7 +210,8 @@ class Engine:
         dispatched before the one in flight is read back (`_ahead`), so the devices never wait for the host's
         postprocessing: tokens reach their streams one dispatch late.
 
-        Streams get one delta per decode step (at most one token per choice), as OpenAI clients expect chunks."""
+        A stream gets one delta per dispatch read back: each choice's tokens of all its steps, detokenized together
+        (the host's work per token is then mostly per dispatch; SGLang's `--stream-interval` does the like)."""
         while not self.incoming.empty():
             self.sched.waiting.append(self.incoming.get())
         done: list[Request] = []
@@ -330,8 +330,7 @@ class Engine:
                 rows[choice.slot] = settings, self.runner.fresh_row(settings, req.prompt_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
-                choice._ids = req.prompt_ids[-DETOK_CONTEXT:]
-                choice._prefix = choice._read = len(choice._ids)
+                choice.detok = Detok(self.tok, req.prompt_ids) if self.tok is not None else None
                 sched.running[choice.slot] = (req, choice)
                 new_rows[choice.slot] = first.slot
         sched.admitting = []
@@ -345,7 +344,7 @@ class Engine:
         out = self.runner.first_tokens(sources, self._allowed(sources))
         for slot in sources:
             req, choice = sched.running[slot]
-            self._append(req, choice, out, slot)
+            self._append(req, choice, out, (slot,))
             changed[req.id] = req
         if self.riders:
             self.steps_run += 1
@@ -514,18 +513,17 @@ class Engine:
         self._take(outs, np.ones((steps, self.runner.slots), bool), inf.slots, changed, done)
 
     def _take(self, outs, kept: np.ndarray, slots: list[int], changed, done) -> None:
-        """Append each kept output (`[steps, slots]`) to its still-running choice, step by step, handing deltas
-        after each; then offer newly full pages to the prefix cache."""
+        """Hand each still-running choice its kept outputs (`[steps, slots]`) at once, one delta for all of them;
+        then offer newly full pages to the prefix cache."""
         sched = self.sched
         mine = [(slot, *sched.running[slot]) for slot in slots if slot in sched.running]
         shadows = [(c, len(c.token_ids)) for _, _, c in mine if c.drafter and c.drafter.unverified]
-        for i in range(outs.token.shape[0]):
-            one = jax.tree.map(lambda x: x[i], outs)
-            for slot, req, choice in mine:
-                if choice.finish_reason is None and kept[i, slot]:
-                    self._append(req, choice, one, slot)
-                    changed[req.id] = req
-            self._emit(changed, done)
+        for slot, req, choice in mine:
+            steps = np.flatnonzero(kept[:, slot])
+            if choice.finish_reason is None and steps.size:
+                self._extend(req, choice, outs, steps, slot)
+                changed[req.id] = req
+        self._emit(changed, done)
         for choice, n in shadows:
             choice.drafter.shadow(choice.token_ids[n:])
         for req, choice in sched.running.values():
@@ -533,38 +531,61 @@ class Engine:
 
     # ---- per-token postprocessing -----------------------------------------------------------------------------
 
-    def _append(self, req: Request, choice: Choice, out, slot: int) -> None:
-        tok = int(out.token[slot])
+    def _extend(self, req: Request, choice: Choice, outs, steps: np.ndarray, slot: int) -> None:
+        """Append a choice's tokens of several `steps` of `outs`: together (an end of sequence or the length limit
+        cuts them, one detokenization for all), or one by one when a grammar or stop strings read each."""
+        if choice.matcher is not None or req.params.stop:
+            for i in steps.tolist():
+                self._append(req, choice, outs, (i, slot))
+                if choice.finish_reason is not None:
+                    break
+            return
+        p = req.params
+        toks = outs.token[steps, slot].tolist()
+        room = min(req.max_tokens - len(choice.token_ids),
+                   self.max_len - len(req.prompt_ids) - len(choice.token_ids))
+        end, reason = (room, "length") if len(toks) >= room else (len(toks), None)
+        if not p.ignore_eos:
+            eos = next((j for j, t in enumerate(toks[:end]) if t in self.model.eos_ids), None)
+            if eos is not None:
+                end, reason = eos + 1, "stop"
+        toks = toks[:end]
+        choice.token_ids += toks
+        self.generated += end
+        if p.logprobs or p.top_logprobs:
+            k, at = p.top_logprobs, steps[:end]
+            choice.logprobs += [(t, lp, list(zip(ids, lps))) for t, lp, ids, lps in zip(
+                toks, outs.logprob[at, slot].tolist(), outs.top_ids[at, slot, :k].tolist(),
+                outs.top_logprobs[at, slot, :k].tolist())]
+        if choice.detok is not None:  # without a tokenizer the engine works in token ids alone
+            choice.text += choice.detok.add(toks[:-1] if reason == "stop" else toks)
+        if reason:
+            self._finish(choice, reason)
+
+    def _append(self, req: Request, choice: Choice, out, at: tuple) -> None:
+        """Append one token, `out`'s at index `at` (a slot, or a step and a slot), checking each stop."""
+        tok = int(out.token[at])
         p = req.params
         choice.token_ids.append(tok)
         self.generated += 1
         if p.logprobs or p.top_logprobs:
             k = p.top_logprobs
-            tops = list(zip(out.top_ids[slot][:k].tolist(), out.top_logprobs[slot][:k].tolist()))
-            choice.logprobs.append((tok, float(out.logprob[slot]), tops))
+            tops = list(zip(out.top_ids[at][:k].tolist(), out.top_logprobs[at][:k].tolist()))
+            choice.logprobs.append((tok, float(out.logprob[at]), tops))
         is_eos = tok in self.model.eos_ids and not p.ignore_eos
         if choice.matcher is not None:
             choice.matcher.advance(tok)
         if is_eos:
             return self._finish(choice, "stop")
         before = len(choice.text)
-        if self.tok is not None:  # without a tokenizer the engine works in token ids alone
-            self._detok(choice, tok)
+        if choice.detok is not None:
+            choice.text += choice.detok.add([tok])
         if p.stop and self._check_stop(choice, p.stop, before):
             return self._finish(choice, "stop")
         if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
             return self._finish(choice, "length" if choice.matcher.closed else "stop")
         if len(choice.token_ids) >= req.max_tokens or len(req.prompt_ids) + len(choice.token_ids) >= self.max_len:
             self._finish(choice, "length")
-
-    def _detok(self, choice: Choice, tok: int) -> None:
-        choice._ids.append(tok)
-        skip = True
-        prefix = self.tok.decode(choice._ids[choice._prefix:choice._read], skip_special_tokens=skip)
-        full = self.tok.decode(choice._ids[choice._prefix:], skip_special_tokens=skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            choice.text += full[len(prefix):]
-            choice._prefix, choice._read = choice._read, len(choice._ids)
 
     def _check_stop(self, choice: Choice, stops: list[str], before: int) -> bool:
         start = max(0, before - max(len(s) for s in stops) + 1)

@@ -39,9 +39,7 @@ class Choice:
     order: int = 0  # admission stamp: the most recently admitted is preempted first
     saved: Any = None  # sampler row taken along by a preempted choice
     matcher: Any = None  # its position in the request's grammar (structured output), if any
-    _ids: list[int] = dataclasses.field(default_factory=list)
-    _prefix: int = 0
-    _read: int = 0
+    detok: Any = None  # its text so far, as an `engine.detok.Detok` (None without a tokenizer)
     _sent_text: int = 0
     _sent_tokens: int = 0
     _final_sent: bool = False
