@@ -112,7 +112,7 @@ def attention(smoke: bool) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu import timed
 
-    from models.backends import paged
+    from models.backends import paged, pallas_gpu
 
     b, h, kvh, d, ps, length = (8, 4, 2, 32, 16, 40) if smoke else (256, 32, 8, 128, 16, 640)
     dt = jnp.float32 if smoke else jnp.bfloat16
@@ -129,6 +129,15 @@ def attention(smoke: bool) -> list[dict]:
     rows = []
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel
 
+    def time_row(kind: str, f, *args, **row) -> None:
+        try:
+            sec = timed(f, *args)
+        except Exception as e:  # noqa: BLE001  (a setting the kernel refuses: say so, go on)
+            print(f"  {kind} {row}: {type(e).__name__}", flush=True)
+            return
+        rows.append(dict(kind=kind, **row, ms=sec * 1e3, gbs=nbytes / sec / 1e9))
+        print(f"  {rows[-1]}", flush=True)
+
     for width in (used, 64):
         table = jnp.asarray(perm[:, :width])
         for splits, block in ((16, 4), (10, 4), (8, 8), (5, 8), (4, 8), (2, 8), (1, 8), (4, 16), (2, 16)):
@@ -136,18 +145,24 @@ def attention(smoke: bool) -> list[dict]:
                 continue
             f = jax.jit(lambda q, k, v, t, n, s=splits, bl=block: kernel.paged_attention(
                 q, k, v, t, n, k_splits=s, pages_per_compute_block=bl, interpret=interpret))
-            try:
-                sec = timed(f, q, kc, vc, table, lengths)
-            except Exception as e:  # noqa: BLE001  (a setting the kernel refuses: say so, go on)
-                print(f"  pallas splits {splits} block {block} width {width}: {type(e).__name__}", flush=True)
-                continue
-            rows.append(dict(kind="pallas-gpu", width=width, splits=splits, block=block, ms=sec * 1e3,
-                             gbs=nbytes / sec / 1e9))
-            print(f"  {rows[-1]}", flush=True)
+            time_row("pallas-gpu", f, q, kc, vc, table, lengths, width=width, splits=splits, block=block)
         f = jax.jit(lambda q, k, v, t: paged.reference(q[:, None], k, v, t, jnp.full((b, 1), length - 1), 1.0))
-        sec = timed(f, q, kc, vc, table)
-        rows.append(dict(kind="xla", width=width, splits=0, block=0, ms=sec * 1e3, gbs=nbytes / sec / 1e9))
-        print(f"  {rows[-1]}", flush=True)
+        time_row("xla", f, q, kc, vc, table, width=width, splits=0, block=0)
+    # The kernel's warps and pipeline stages (upstream's defaults: 8 and 2) at the splits `pallas_gpu.decode` picks
+    # for 256 rows, and `ragged` reading the same rows as sequences of one query (block: queries per program).
+    table = jnp.asarray(perm[:, :used])
+    splits = pallas_gpu.splits_for(b, kvh, used)
+    for warps, stages in ((4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 3), (8, 4), (2, 2)):
+        f = jax.jit(lambda q, k, v, t, n, w=warps, st=stages: kernel.paged_attention(
+            q, k, v, t, n, k_splits=splits, pages_per_compute_block=8, num_warps=w, num_stages=st,
+            interpret=interpret))
+        time_row(f"pallas-gpu {warps} warps {stages} stages", f, q, kc, vc, table, lengths, width=used,
+                 splits=splits, block=8)
+    starts = lengths - 1
+    for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
+        f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(
+            q, k, v, t, s, jnp.ones_like(s), interpret=interpret, block=bl, pages_per_step=st))
+        time_row(f"ragged, {block} queries a program", f, q, kc, vc, table, starts, width=used, splits=1, block=step)
     return rows
 
 

@@ -18,6 +18,8 @@ from models.backends.paged import SCRATCH
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel
 PROGRAMS = 264  # about two kernel programs per streaming multiprocessor of an H100 (132)
+WARPS, STAGES = 8, 2  # the decode kernel's warps per program and pipeline stages (upstream's defaults;
+# bench/gpu_launch.py times others on the card)
 
 
 def _pow2(n: int) -> int:
@@ -52,7 +54,8 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     splits = splits_for(q.shape[0], k_pages.shape[0], n)
     block = _pow2_divisor(n // splits, MAX_BLOCK)
     return kernel.paged_attention(q, k_pages, v_pages, table, lengths, k_splits=splits,
-                                  pages_per_compute_block=block, interpret=interpret)
+                                  pages_per_compute_block=block, num_warps=WARPS, num_stages=STAGES,
+                                  interpret=interpret)
 
 
 ROWS = 64  # query rows (queries x the heads of one KV head) per program of `ragged`
