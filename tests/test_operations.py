@@ -139,7 +139,11 @@ def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
                                                      stream_options={"include_usage": True},
                                                      temperature=0, extra_body={"ignore_eos": True}))
         assert chunks[-1].usage.completion_tokens == 32  # greedy: a fixed reply (a sampled one once had 16 empty)
-        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 30
+        whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=32, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 8  # a dispatch's 4 tokens each
     finally:
         slow.close()
     assert wait_idle(small_api, 120)["free_slots"] == 2
@@ -147,8 +151,8 @@ def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
 
 def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(small_api, smollm):
     """The loopback socket buffers megabytes, so the cut is shown on the stream itself: a consumer that stops
-    reading while 16 tokens are made (counted, not timed: a shape may compile meanwhile) finds `StreamOverflow` and
-    the engine frees the request's slot."""
+    reading while 48 tokens are made (counted, not timed: a shape may compile meanwhile; an event is a dispatch's 4
+    tokens) finds `StreamOverflow` and the engine frees the request's slot."""
     import asyncio
 
     from engine import SamplingParams
@@ -161,7 +165,7 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
         req = eng.make_request([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=480, ignore_eos=True))
         events = aengine.stream(req)
         deadline = time.time() + 300
-        while len(req.choices[0].token_ids) < 16 and time.time() < deadline:  # more than 8 events pile up
+        while len(req.choices[0].token_ids) < 48 and time.time() < deadline:  # more than 8 events pile up
             await asyncio.sleep(0.05)
         with pytest.raises(StreamOverflow):
             async for _ in events:
