@@ -21,8 +21,10 @@ millisecond counts its wake-ups meanwhile: well under its idle rate means the wa
 would starve the server's HTTP thread (64 concurrent over HTTP got half the engine's rate in that session).
 
 Then the decode attention alone (issue 21, item 3), one layer of the 8B shape at 256 rows of 640 keys (bfloat16,
-pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, and the XLA reference;
-each row gives the K/V bytes read per second, to compare with the card's copy bandwidth. And attention for prefill
+pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, at several warps and
+pipeline stages for the splits `pallas_gpu.decode` picks, `pallas_gpu.ragged` reading the rows as sequences of one
+query, and the XLA reference; each row gives the K/V bytes read per second, to compare with the card's copy
+bandwidth. And attention for prefill
 chunks (item 1): `pallas_gpu.ragged` against XLA's `paged.prefill` (16 chunks of 512 queries, fresh and after 512
 cached tokens), and 256 decode rows with 8 chunks as one flat `ragged` call against the decode kernel beside it.
 
@@ -152,12 +154,13 @@ def attention(smoke: bool) -> list[dict]:
     # for 256 rows, and `ragged` reading the same rows as sequences of one query (block: queries per program).
     table = jnp.asarray(perm[:, :used])
     splits = pallas_gpu.splits_for(b, kvh, used)
+    block = pallas_gpu._pow2_divisor(used // splits, pallas_gpu.MAX_BLOCK)  # what `decode` runs
     for warps, stages in ((4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 3), (8, 4), (2, 2)):
         f = jax.jit(lambda q, k, v, t, n, w=warps, st=stages: kernel.paged_attention(
-            q, k, v, t, n, k_splits=splits, pages_per_compute_block=8, num_warps=w, num_stages=st,
+            q, k, v, t, n, k_splits=splits, pages_per_compute_block=block, num_warps=w, num_stages=st,
             interpret=interpret))
         time_row(f"pallas-gpu {warps} warps {stages} stages", f, q, kc, vc, table, lengths, width=used,
-                 splits=splits, block=8)
+                 splits=splits, block=block)
     starts = lengths - 1
     for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
         f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(

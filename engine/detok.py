@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-CONTEXT = 5  # prompt tokens kept as context, so the first pieces decode with the spacing a whole decode gives
-
 
 class Detok:
     """The text of a stream of token ids, added to a batch at a time (the prefix and read offsets of vLLM's and
@@ -11,14 +9,16 @@ class Detok:
     spacing of one whole decode, and text that ends in an unfinished UTF-8 character waits for the tokens that
     finish it."""
 
-    def __init__(self, tokenizer, context: list[int]):
+    def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.ids = list(context[-CONTEXT:])
-        self.prefix = self.read = len(self.ids)
+        self.ids: list[int] = []  # the tokens from the current window's start (the last text's first token) on
+        self.read = 0  # where the tokens whose text is not out yet begin, in `ids`
 
     def add(self, tokens: list[int]) -> str:
         """The text `tokens` add: the batch decoded as one window (two decodes for the batch) when its text is whole
         characters, else token by token, so only an unfinished character's tokens wait."""
+        if not tokens:  # an end of sequence alone
+            return ""
         if len(tokens) == 1:
             return self._window(tokens, keep=True) or ""
         text = self._window(tokens, whole=True)
@@ -30,15 +30,15 @@ class Detok:
         """Take `tokens` and return the text they add, or None while it would end in an unfinished character
         (taking them only when `keep`). `whole`: None also when the window's text holds a replacement character
         anywhere: how many a stray byte decodes to depends on the bytes beside it in the window, so such text goes
-        token by token, as it always did."""
+        token by token."""
         decode = self.tok.decode
-        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix:] + tokens, skip_special_tokens=True)
+        before = decode(self.ids[:self.read], skip_special_tokens=True)
+        after = decode(self.ids + tokens, skip_special_tokens=True)
         if whole and "\ufffd" in after:
             return None
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.ids = self.ids[self.read:] + tokens  # what comes before the next window's start is never read
-            self.prefix, self.read = 0, len(self.ids)
+            self.ids = self.ids[self.read:] + tokens  # the next window starts at this text's first token
+            self.read = len(self.ids)
             return after[len(before):]
         if keep:
             self.ids += tokens

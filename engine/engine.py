@@ -330,7 +330,7 @@ class Engine:
                 rows[choice.slot] = settings, self.runner.fresh_row(settings, req.prompt_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
-                choice.detok = Detok(self.tok, req.prompt_ids) if self.tok is not None else None
+                choice.detok = Detok(self.tok) if self.tok is not None else None
                 sched.running[choice.slot] = (req, choice)
                 new_rows[choice.slot] = first.slot
         sched.admitting = []
@@ -533,7 +533,8 @@ class Engine:
 
     def _extend(self, req: Request, choice: Choice, outs, steps: np.ndarray, slot: int) -> None:
         """Append a choice's tokens of several `steps` of `outs`: together (an end of sequence or the length limit
-        cuts them, one detokenization for all), or one by one when a grammar or stop strings read each."""
+        cuts them, one detokenization for all), or one by one when a grammar (or a thinking budget) or stop strings
+        read each."""
         if choice.matcher is not None or req.params.stop:
             for i in steps.tolist():
                 self._append(req, choice, outs, (i, slot))
@@ -551,7 +552,7 @@ class Engine:
                 end, reason = eos + 1, "stop"
         toks = toks[:end]
         choice.token_ids += toks
-        self.generated += end
+        self.generated += len(toks)
         if p.logprobs or p.top_logprobs:
             k, at = p.top_logprobs, steps[:end]
             choice.logprobs += [(t, lp, list(zip(ids, lps))) for t, lp, ids, lps in zip(
