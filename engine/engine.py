@@ -543,8 +543,7 @@ class Engine:
             return
         p = req.params
         toks = outs.token[steps, slot].tolist()
-        room = min(req.max_tokens - len(choice.token_ids),
-                   self.max_len - len(req.prompt_ids) - len(choice.token_ids))
+        room = self._left(req, choice)
         end, reason = (room, "length") if len(toks) >= room else (len(toks), None)
         if not p.ignore_eos:
             eos = next((j for j, t in enumerate(toks[:end]) if t in self.model.eos_ids), None)
@@ -585,7 +584,7 @@ class Engine:
             return self._finish(choice, "stop")
         if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
             return self._finish(choice, "length" if choice.matcher.closed else "stop")
-        if len(choice.token_ids) >= req.max_tokens or len(req.prompt_ids) + len(choice.token_ids) >= self.max_len:
+        if self._left(req, choice) <= 0:
             self._finish(choice, "length")
 
     def _check_stop(self, choice: Choice, stops: list[str], before: int) -> bool:
