@@ -153,8 +153,7 @@ def attention(smoke: bool) -> list[dict]:
     # The kernel's warps and pipeline stages (upstream's defaults: 8 and 2) at the splits `pallas_gpu.decode` picks
     # for 256 rows, and `ragged` reading the same rows as sequences of one query (block: queries per program).
     table = jnp.asarray(perm[:, :used])
-    splits = pallas_gpu.splits_for(b, kvh, used)
-    block = pallas_gpu._pow2_divisor(used // splits, pallas_gpu.MAX_BLOCK)  # what `decode` runs
+    _, splits, block = pallas_gpu.decode_plan(b, kvh, used)  # what `decode` runs (`used` needs no padding)
     for warps, stages in ((4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 3), (8, 4), (2, 2)):
         f = jax.jit(lambda q, k, v, t, n, w=warps, st=stages: kernel.paged_attention(
             q, k, v, t, n, k_splits=splits, pages_per_compute_block=block, num_warps=w, num_stages=st,

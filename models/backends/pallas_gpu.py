@@ -40,6 +40,16 @@ def splits_for(rows: int, kv_heads: int, pages: int) -> int:
     return _pow2_divisor(pages, max(1, min(MAX_SPLITS, -(-PROGRAMS // (rows * kv_heads)))))
 
 
+def decode_plan(rows: int, kv_heads: int, pages: int) -> tuple[int, int, int]:
+    """How `decode` runs a table of `pages` columns: its width padded with scratch pages past every length (so that
+    blocks of pages are powers of two), its splits and its pages per block."""
+    width = pages
+    if pages % MAX_BLOCK:
+        width = pages + -pages % MAX_BLOCK if pages > MAX_BLOCK else _pow2(pages)
+    splits = splits_for(rows, kv_heads, width)
+    return width, splits, _pow2_divisor(width // splits, MAX_BLOCK)
+
+
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
            interpret: bool = False) -> jax.Array:
     """Attention of one pre-scaled query per row `q [B, h, d]` over its first `lengths [B]` keys, in the pool pages
@@ -47,12 +57,9 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel
 
     n = table.shape[1]
-    if n % MAX_BLOCK:  # scratch pages past every length, so that blocks of pages are powers of two
-        table = jnp.pad(table, ((0, 0), (0, -n % MAX_BLOCK if n > MAX_BLOCK else _pow2(n) - n)),
-                        constant_values=SCRATCH)
-        n = table.shape[1]
-    splits = splits_for(q.shape[0], k_pages.shape[0], n)
-    block = _pow2_divisor(n // splits, MAX_BLOCK)
+    width, splits, block = decode_plan(q.shape[0], k_pages.shape[0], n)
+    if width > n:
+        table = jnp.pad(table, ((0, 0), (0, width - n)), constant_values=SCRATCH)
     return kernel.paged_attention(q, k_pages, v_pages, table, lengths, k_splits=splits,
                                   pages_per_compute_block=block, num_warps=WARPS, num_stages=STAGES,
                                   interpret=interpret)
