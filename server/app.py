@@ -598,6 +598,5 @@ class Took:
                 metrics.ttft.observe(now - self.start)
             before = self.last.get((i, d.index))
             if before is not None:
-                for _ in d.token_ids:
-                    metrics.itl.observe((now - before) / len(d.token_ids))
+                metrics.itl.observe(now - before, len(d.token_ids))
             self.last[(i, d.index)] = now

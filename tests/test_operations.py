@@ -56,6 +56,8 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert after["sparkler_e2e_request_latency_seconds"] == before["sparkler_e2e_request_latency_seconds"] + 5
     assert after["sparkler_request_queue_time_seconds"] == before["sparkler_request_queue_time_seconds"] + 4
     assert after["sparkler_inter_token_latency_seconds"] == before["sparkler_inter_token_latency_seconds"] + 4 * 5
+    itl = "sparkler_inter_token_latency_seconds"  # observed a chunk's tokens at once: the buckets still add up
+    assert metric(api, itl, itl + "_bucket", le="+Inf") == after[itl] and metric(api, itl, itl + "_sum") > 0
     assert metric(api, "sparkler_kv_pages_total", "sparkler_kv_pages_total") == api.engine.sched.pools[0].capacity
     assert metric(api, "sparkler_free_slots", "sparkler_free_slots") == 32
     assert metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total") > device  # launches
