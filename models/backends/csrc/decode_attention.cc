@@ -4,9 +4,8 @@
 // row's last token and its draft, S = K + 1). Query `i` of row `b` attends over the first `lengths[b, i]` keys of
 // its sequence, stored in the pool pages `table[b, :]` of `k`/`v [kvh, pages, page_size, d]` (float32): the
 // chunk's own keys are already in the pool, so its causal mask is that length. Each (row, KV head) pair is one
-// task: the scores of its `S * h / kvh` queries over every key (one pass over K, each key read once for all of
-// them), their softmax, then the weighted sum of values (one pass over V). Tasks are shared with XLA's intra-op
-// pool (`parallel.h`).
+// task: one pass over the row's pages, each key and value read once for all of the group's `S * h / kvh` queries
+// (see `Task`). Tasks are shared with XLA's intra-op pool (`parallel.h`).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +21,7 @@ namespace {
 
 constexpr int64_t kMinShared = 8192;  // keys scored (over rows, queries, KV heads) worth waking XLA's other threads
 
+constexpr int64_t kAhead = 4;  // pages prefetched ahead
 constexpr int64_t kLanes = 16;  // query vectors scored together (one AVX-512 register of float32)
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -58,99 +58,96 @@ inline Lanes Load(const float* p) {
   return x;
 }
 
+// One (row, KV head) task: its lanes are the `S * h / kvh` queries of that head group. The row's pages are read once,
+// in order, one page at a time while the next one is prefetched (pages are scattered over the pool, where the
+// hardware prefetcher stops at each 4 KiB boundary): a page's keys are scored for every lane, then folded into each
+// lane's running maximum, sum and weighted values (the online softmax of flash decoding), so each value is read
+// right after its key, and the task's working set is one page and the lanes' accumulators.
 void Task(const Shared& s, int64_t task) {
-  thread_local std::vector<float> qt, scores, top, total;
+  thread_local std::vector<float> qt, scores, acc, top, total;
   thread_local std::vector<int32_t> lens;
-  thread_local std::vector<int64_t> at, slots;
+  thread_local std::vector<int64_t> at;
   const int64_t b = task / s.kv_heads, kh = task % s.kv_heads, g = s.heads / s.kv_heads, d = s.dim;
+  const int64_t ps = s.page_size, span = ps * d;
   // This task's query vectors are lanes: (query i, head j) is lane i * g + j, padded to a multiple of kLanes.
   const int64_t nq = s.queries, n = nq * g, np = (n + kLanes - 1) / kLanes * kLanes;
   lens.assign(np, 0);  // each lane's keys (its query's causal length); padding lanes score nothing
   at.resize(n);        // each lane's offset in q and out
   int64_t len = 1;
   for (int64_t c = 0; c < n; ++c) {
-    lens[c] = std::min<int64_t>(std::max<int32_t>(s.lengths[b * nq + c / g], 1), s.width * s.page_size);
+    lens[c] = std::min<int64_t>(std::max<int32_t>(s.lengths[b * nq + c / g], 1), s.width * ps);
     len = std::max<int64_t>(len, lens[c]);
     at[c] = ((b * nq + c / g) * s.heads + kh * g + c % g) * d;
   }
-  const int32_t* row = s.table + b * s.width;
-  slots.resize(len);  // each key's offset in k and v
-  for (int64_t t = 0; t < len; ++t)
-    slots[t] = (kh * s.pages * s.page_size + row[t / s.page_size] * s.page_size + t % s.page_size) * d;
-  scores.assign(len * np, 0.f);  // [len, np]: one pass over the keys
-  if (n < kLanes) {  // a decode step's few heads: each score a dot product along d
-    for (int64_t t = 0; t < len; ++t) {
-      const float* key = s.k + slots[t];
-      for (int64_t c = 0; c < n; ++c) {
-        const float* q = s.q + at[c];
-        float acc = 0.f;
-        for (int64_t e = 0; e < d; ++e) acc += q[e] * key[e];
-        scores[t * np + c] = acc;
-      }
-    }
-  } else {  // many queries: kLanes of them at once, four keys per pass over the transposed queries
+  const bool wide = n >= kLanes;  // many lanes: kLanes of them scored at once over the transposed queries
+  if (wide) {
     qt.assign(d * np, 0.f);
     for (int64_t c = 0; c < n; ++c)
       for (int64_t e = 0; e < d; ++e) qt[e * np + c] = s.q[at[c] + e];
-    for (int64_t t = 0; t < len; t += 4) {
-      const float* k0 = s.k + slots[t];
-      const float* k1 = s.k + slots[std::min(t + 1, len - 1)];
-      const float* k2 = s.k + slots[std::min(t + 2, len - 1)];
-      const float* k3 = s.k + slots[std::min(t + 3, len - 1)];
-      for (int64_t c0 = 0; c0 < np; c0 += kLanes) {
-        Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int64_t e = 0; e < d; ++e) {
-          const Lanes q = Load(qt.data() + e * np + c0);
-          a0 += q * k0[e], a1 += q * k1[e], a2 += q * k2[e], a3 += q * k3[e];
-        }
-        const Lanes rows[4] = {a0, a1, a2, a3};
-        for (int64_t i = 0; i < 4 && t + i < len; ++i) std::memcpy(&scores[(t + i) * np + c0], &rows[i], sizeof a0);
-      }
+  }
+  scores.assign(ps * np, 0.f);  // one page's scores [ps, np]
+  acc.assign(n * d, 0.f);       // each lane's weighted values, its running maximum and sum
+  top.assign(n, 0.f);
+  total.assign(n, 0.f);
+  const int32_t* row = s.table + b * s.width;
+  const float* k = s.k + kh * s.pages * span;
+  const float* v = s.v + kh * s.pages * span;
+  const int64_t pages = (len + ps - 1) / ps;
+  for (int64_t p = 0; p < pages; ++p) {
+    const float* kp = k + row[p] * span;
+    const float* vp = v + row[p] * span;
+    for (int64_t f = p == 0 ? 1 : kAhead; f <= kAhead && p + f < pages; ++f) {
+      const float* kn = k + row[p + f] * span;
+      const float* vn = v + row[p + f] * span;
+      for (int64_t o = 0; o < span; o += 64 / sizeof(float)) __builtin_prefetch(kn + o), __builtin_prefetch(vn + o);
     }
-  }
-  top.assign(scores.begin(), scores.begin() + np);  // softmax per lane over its own keys
-  for (int64_t t = 1; t < len; ++t) {
-    const float* sc = scores.data() + t * np;
-    for (int64_t c = 0; c < np; ++c) top[c] = t < lens[c] ? std::max(top[c], sc[c]) : top[c];
-  }
-  total.assign(np, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    float* sc = scores.data() + t * np;
-    for (int64_t c = 0; c < np; ++c) {
-      const float p = t < lens[c] ? Exp(sc[c] - top[c]) : 0.f;
-      sc[c] = p;
-      total[c] += p;
-    }
-  }
-  // Weighted values: four lanes at a time (the padding lanes' weights are 0), kLanes values of d per register.
-  for (int64_t c = 0; c < n; c += 4) {
-    const int64_t m = std::min<int64_t>(4, n - c);
-    const int64_t upto = *std::max_element(lens.begin() + c, lens.begin() + c + m);
-    const float* w = scores.data() + c;
-    if (d % kLanes == 0) {
-      for (int64_t e0 = 0; e0 < d; e0 += kLanes) {
-        Lanes o0 = {}, o1 = {}, o2 = {}, o3 = {};
-        for (int64_t t = 0; t < upto; ++t) {
-          const Lanes v = Load(s.v + slots[t] + e0);
-          const float* wt = w + t * np;
-          o0 += wt[0] * v, o1 += wt[1] * v, o2 += wt[2] * v, o3 += wt[3] * v;
+    const int64_t t0 = p * ps, cnt = std::min(ps, len - t0);
+    if (!wide) {  // a decode step's few heads: each score a dot product along d
+      for (int64_t j = 0; j < cnt; ++j)
+        for (int64_t c = 0; c < n; ++c) {
+          const float *q = s.q + at[c], *key = kp + j * d;
+          float a = 0.f;
+          for (int64_t e = 0; e < d; ++e) a += q[e] * key[e];
+          scores[j * np + c] = a;
         }
-        const Lanes outs[4] = {o0, o1, o2, o3};
-        for (int64_t i = 0; i < m; ++i) {
-          const Lanes x = outs[i] * (1.f / total[c + i]);
-          std::memcpy(s.out + at[c + i] + e0, &x, sizeof x);
+    } else {  // kLanes lanes at once, four keys per pass over the transposed queries
+      for (int64_t j = 0; j < cnt; j += 4) {
+        const float* k0 = kp + j * d;
+        const float* k1 = kp + std::min(j + 1, cnt - 1) * d;
+        const float* k2 = kp + std::min(j + 2, cnt - 1) * d;
+        const float* k3 = kp + std::min(j + 3, cnt - 1) * d;
+        for (int64_t c0 = 0; c0 < np; c0 += kLanes) {
+          Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          for (int64_t e = 0; e < d; ++e) {
+            const Lanes q = Load(qt.data() + e * np + c0);
+            a0 += q * k0[e], a1 += q * k1[e], a2 += q * k2[e], a3 += q * k3[e];
+          }
+          const Lanes rows[4] = {a0, a1, a2, a3};
+          for (int64_t i = 0; i < 4 && j + i < cnt; ++i) std::memcpy(&scores[(j + i) * np + c0], &rows[i], sizeof a0);
         }
       }
-    } else {
-      for (int64_t i = 0; i < m; ++i) {
-        float* o = s.out + at[c + i];
-        std::fill(o, o + d, 0.f);
-        for (int64_t t = 0; t < upto; ++t)
-          for (int64_t e = 0; e < d; ++e) o[e] += w[t * np + i] * s.v[slots[t] + e];
-        for (int64_t e = 0; e < d; ++e) o[e] /= total[c + i];
+    }
+    for (int64_t c = 0; c < n; ++c) {  // fold the page into each lane that reaches it
+      const int64_t live = std::min<int64_t>(cnt, lens[c] - t0);
+      if (live <= 0) continue;
+      float m = p == 0 ? scores[c] : top[c];
+      for (int64_t j = 0; j < live; ++j) m = std::max(m, scores[j * np + c]);
+      const float rescale = p == 0 ? 0.f : Exp(top[c] - m);
+      top[c] = m;
+      float* a = acc.data() + c * d;
+      for (int64_t e = 0; e < d; ++e) a[e] *= rescale;
+      float sum = 0.f;
+      for (int64_t j = 0; j < live; ++j) {
+        const float w = Exp(scores[j * np + c] - m);
+        const float* value = vp + j * d;
+        sum += w;
+        for (int64_t e = 0; e < d; ++e) a[e] += w * value[e];
       }
+      total[c] = total[c] * rescale + sum;
     }
   }
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t e = 0; e < d; ++e) s.out[at[c] + e] = acc[c * d + e] / total[c];
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
