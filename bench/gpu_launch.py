@@ -160,6 +160,18 @@ def attention(smoke: bool) -> list[dict]:
             interpret=interpret))
         time_row(f"pallas-gpu {warps} warps {stages} stages", f, q, kc, vc, table, lengths, width=used,
                  splits=splits, block=block)
+    # Larger pages, the same keys (`--page-size`): each page is one contiguous read of its keys (16 keys of 128
+    # bfloat16 values are 4 KiB per KV head), through `pallas_gpu.decode` as the engine would run them.
+    for ps2 in (32, 64):
+        used2 = -(-length // ps2)
+        pages2 = b * used2 + 1
+        kc2 = jax.random.normal(jax.random.fold_in(key, 3), (kvh, pages2, ps2, d), dt)
+        vc2 = jax.random.normal(jax.random.fold_in(key, 4), (kvh, pages2, ps2, d), dt)
+        table2 = jnp.asarray(np.random.default_rng(1).permutation(np.arange(1, pages2)).reshape(b, used2), jnp.int32)
+        _, splits, block = pallas_gpu.decode_plan(b, kvh, used2)
+        f = jax.jit(lambda q, k, v, t, n: pallas_gpu.decode(q, k, v, t, n, interpret=interpret))
+        time_row(f"pallas-gpu decode, pages of {ps2}", f, q, kc2, vc2, table2, lengths, width=used2, splits=splits,
+                 block=block)
     starts = lengths - 1
     for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
         f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(
