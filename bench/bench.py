@@ -60,7 +60,8 @@ def engine_numbers(model, slots: int, new_tokens: int) -> dict:
         out[f"agg{n}"] = n * new_tokens / run(n, 32, new_tokens)
     b = 32
     hp = smp.neutral_params(b, vocab)
-    hp.update(temperature=np.full(b, 0.8, np.float32), top_k=np.full(b, 40, np.int32), top_p=np.full(b, 0.9, np.float32),
+    hp.update(temperature=np.full(b, 0.8, np.float32), top_k=np.full(b, 40, np.int32),
+              top_p=np.full(b, 0.9, np.float32),
               min_p=np.full(b, 0.02, np.float32), typical_p=np.full(b, 0.95, np.float32),
               repetition_penalty=np.full(b, 1.1, np.float32), frequency_penalty=np.full(b, 0.2, np.float32),
               presence_penalty=np.full(b, 0.2, np.float32))
@@ -109,7 +110,8 @@ def moe_folder(path: str) -> str:
     import transformers
 
     if not os.path.exists(os.path.join(path, "config.json")):
-        cfg = transformers.Qwen3MoeConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+        cfg = transformers.Qwen3MoeConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536,
+                                          num_hidden_layers=8,
                                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=32,
                                           num_experts_per_tok=4, moe_intermediate_size=256, norm_topk_prob=True,
                                           max_position_embeddings=2048, tie_word_embeddings=True)
@@ -153,9 +155,12 @@ def main() -> None:
     quantized = {kind: engine_numbers(load_model(args.model, quantization=kind), 32, args.tokens)
                  for kind in ("int8", "int4")}
     rows = [
-        ("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}", f"{e['single'] / hf['b1']:.2f}x", ">= 0.95x"),
-        ("aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)", f"{e['agg8'] / hf['b8']:.2f}x", ""),
-        ("aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", f"{hf['b1']:.1f} (single)", f"{e['agg32'] / hf['b1']:.2f}x", ">= 10x"),
+        ("single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}", f"{e['single'] / hf['b1']:.2f}x",
+         ">= 0.95x"),
+        ("aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)",
+         f"{e['agg8'] / hf['b8']:.2f}x", ""),
+        ("aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", f"{hf['b1']:.1f} (single)",
+         f"{e['agg32'] / hf['b1']:.2f}x", ">= 10x"),
         ("aggregate, 1 concurrent (tok/s)", f"{e['agg1']:.1f}", "", "", ""),
         *[row for kind, q in quantized.items() for row in [
             (f"{kind} weights: single-stream decode (tok/s)", f"{q['single']:.1f}", f"{hf['b1']:.1f}",
@@ -164,7 +169,8 @@ def main() -> None:
              f"{q['agg32'] / e['agg32']:.2f}x float32", "")]],
         ("TTFT, 32-token prompt (ms)", f"{e['ttft32'] * 1000:.0f}", "", "", ""),
         ("TTFT, 512-token prompt (ms)", f"{e['ttft512'] * 1000:.0f}", "", "", ""),
-        ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "", f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),
+        ("sampler, batch 32, all transforms (ms)", f"{e['sampler_ms']:.1f}", "",
+         f"{e['sampler_share'] * 100:.0f}% of a step", "<= 15%"),
         *moe_rows(args.tokens),
     ]
     lines = ["| metric | sparkler | transformers | ratio | target |", "| --- | --- | --- | --- | --- |"]

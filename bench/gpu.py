@@ -143,7 +143,7 @@ def diagnose(args) -> None:
         per = 40
         tables = (1 + np.arange(top * per, dtype=np.int32) % (runner.num_pages - 1)).reshape(top, per)
         tables = np.pad(tables, ((0, 0), (0, runner.max_pages - per)))
-        fwd = jax.jit(lambda p, c, t, pos, tab: model.module.apply(p, t, pos, tab, c), donate_argnums=(1,))
+        fwd = jax.jit(lambda p, c, t, pos, tab: model.module.apply(p, t, pos, tab, c), donate_argnums=(1,))  # noqa: F821  (the del below)
         for nb in (1, top):
             pos = np.full((nb, 1), 600, np.int32)
             tab = jnp.asarray(tables[:nb, :64])
@@ -160,7 +160,7 @@ def diagnose(args) -> None:
             print(f"  scan={scan} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)", flush=True)
             if scan:
                 active = np.ones(nb, bool)
-                run = lambda: runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active,  # noqa: E731
+                run = lambda: runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active,  # noqa: E731, F821  (the del below)
                                             tables[:nb], steps).result()
                 t = time.perf_counter()
                 run()
@@ -223,7 +223,7 @@ def engine_numbers(model, args) -> dict:
     vocab = model.cfg.vocab_size
 
     def run(n: int, prompt: int, new: int) -> float:
-        return engine_round(eng, rng, n, prompt, new)
+        return engine_round(eng, rng, n, prompt, new)  # noqa: F821  (the del below)
 
     out = {}
     for n in args.concurrency:  # compile every shape the timed runs use

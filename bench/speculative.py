@@ -53,7 +53,8 @@ def inventory(i: int) -> str:
     lines = []
     for j in range(40):
         word = "copper" if j % 3 == 0 else WORDS[(i + j * 5) % len(WORDS)]
-        lines.append(f"Shelf {j + 1}: a {COLOURS[(i + j) % len(COLOURS)]} {word} box holds {(i * 31 + j * 7) % 90 + 10} "
+        lines.append(f"Shelf {j + 1}: a {COLOURS[(i + j) % len(COLOURS)]} {word} box holds "
+                     f"{(i * 31 + j * 7) % 90 + 10} "
                      f"{WORDS[(i * 3 + j) % len(WORDS)]} tokens.")
     return "\n".join(lines)
 

@@ -54,7 +54,8 @@ def test_drafts_follow_a_prediction_in_order_and_re_anchor_after_a_mismatch():
     ngram = Drafter(None, 2)
     assert ngram.propose([1, 2, 3, 4, 1, 2], [], 3) == [3, 4, 1]  # the prompt's own earlier (1, 2)
     assert ngram.propose([1, 2, 3], [7], 3) == []  # one token of context does not make a match
-    assert match(np.array([1, 2, 1, 2, 1]), np.array([1, 2]), 3) == 4 and match(np.array([1, 2]), np.array([2]), 0) is None
+    assert match(np.array([1, 2, 1, 2, 1]), np.array([1, 2]), 3) == 4
+    assert match(np.array([1, 2]), np.array([2]), 0) is None
     d.expect, d.unverified = 0.0, [7, 8, 9]
     d.shadow([7, 8, 9, 4])  # the decoded tokens bore the whole draft out
     assert d.expect == 1.5 and d.unverified is None
