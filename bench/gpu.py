@@ -143,7 +143,8 @@ def diagnose(args) -> None:
         per = 40
         tables = (1 + np.arange(top * per, dtype=np.int32) % (runner.num_pages - 1)).reshape(top, per)
         tables = np.pad(tables, ((0, 0), (0, runner.max_pages - per)))
-        fwd = jax.jit(lambda p, c, t, pos, tab: model.module.apply(p, t, pos, tab, c), donate_argnums=(1,))  # noqa: F821  (the del below)
+        fwd = jax.jit(lambda p, c, t, pos, tab: model.module.apply(p, t, pos, tab, c),  # noqa: F821  (the del below)
+                      donate_argnums=(1,))
         for nb in (1, top):
             pos = np.full((nb, 1), 600, np.int32)
             tab = jnp.asarray(tables[:nb, :64])
@@ -160,8 +161,8 @@ def diagnose(args) -> None:
             print(f"  scan={scan} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)", flush=True)
             if scan:
                 active = np.ones(nb, bool)
-                run = lambda: runner.decode(np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active,  # noqa: E731, F821  (the del below)
-                                            tables[:nb], steps).result()
+                run = lambda: runner.decode(  # noqa: E731, F821  (the del below)
+                    np.zeros(nb, np.int32), np.full(nb, 600, np.int32), active, tables[:nb], steps).result()
                 t = time.perf_counter()
                 run()
                 first = time.perf_counter() - t
