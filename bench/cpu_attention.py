@@ -1,6 +1,7 @@
 """Decode attention on the CPU as a decode step meets it: 30 layers, each over its own pool pages, so nothing read by
 one layer is in cache for the next (the weights stream through between them). Prints a markdown table of the `cpu`
-kernel beside the XLA reference, time per layer and the K/V bytes read per second. Not a test: numbers are noisy.
+kernel beside the XLA reference, time per layer and the K/V bytes read per second: decode (one query per row) and a
+verify pass (17 queries per row, each over its own causal length). Not a test: numbers are noisy.
 
     .venv/bin/python bench/cpu_attention.py [--heads 9 --kv-heads 3 --dim 64]
 """
@@ -23,16 +24,16 @@ from models.backends import cpu_attention, paged  # noqa: E402
 LAYERS, PAGE = 30, 16
 
 
-def per_layer(fn, rows: int, context: int, heads: int, kv_heads: int, dim: int, reps: int = 7) -> float:
-    """Median seconds of one layer's decode attention for `rows` rows at `context` keys each."""
+def per_layer(fn, rows: int, context: int, queries: int, heads: int, kv_heads: int, dim: int, reps: int = 7) -> float:
+    """Median seconds of one layer's attention for `rows` rows of `queries` queries, the last at `context` keys."""
     rng = np.random.default_rng(0)
     width = -(-context // PAGE)
     pages = LAYERS * rows * width + 1
     k, v = (jnp.asarray(rng.standard_normal((kv_heads, pages, PAGE, dim), dtype=np.float32)) for _ in range(2))
     tables = jnp.asarray(1 + rng.permutation(pages - 1)[:LAYERS * rows * width].reshape(LAYERS, rows, width),
                          jnp.int32)
-    lengths = jnp.full((rows,), context, jnp.int32)
-    q = jnp.asarray(rng.standard_normal((rows, heads, dim)), jnp.float32)
+    lengths = jnp.asarray(np.tile(np.arange(context - queries + 1, context + 1, dtype=np.int32), (rows, 1)))
+    q = jnp.asarray(rng.standard_normal((rows, queries, heads, dim)), jnp.float32)
 
     @jax.jit
     def step(q, tables, k, v):
@@ -55,19 +56,20 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     args = ap.parse_args()
     h, kvh, d = args.heads, args.kv_heads, args.dim
-    kernel = cpu_attention.decode
-    reference = lambda q, k, v, table, lengths: paged.reference(  # noqa: E731
-        q[:, None], k, v, table, (lengths - 1)[:, None], 1.0)
+    kernel = cpu_attention.chunk
+    reference = lambda q, k, v, table, lengths: paged.reference(q, k, v, table, lengths - 1, 1.0)  # noqa: E731
     print(f"Decode attention, {h} heads / {kvh} KV heads of {d}, float32 pool, pages of {PAGE}; "
           f"{LAYERS} layers on their own pages\n")
-    print("| rows x context | cpu kernel (us/layer) | K/V read (GB/s) | XLA reference (us/layer) | kernel speed-up |")
+    print("| rows x queries x context | cpu kernel (us/layer) | K/V read (GB/s) | XLA reference (us/layer) | "
+          "kernel speed-up |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for rows, context in [(1, 128), (1, 512), (1, 2048), (8, 512), (32, 512)]:
-        t = per_layer(kernel, rows, context, h, kvh, d)
-        ref = per_layer(reference, rows, context, h, kvh, d, reps=3)
+    for rows, queries, context in [(1, 1, 128), (1, 1, 512), (1, 1, 2048), (8, 1, 512), (32, 1, 512), (1, 17, 800),
+                                   (8, 17, 800)]:
+        t = per_layer(kernel, rows, context, queries, h, kvh, d)
+        ref = per_layer(reference, rows, context, queries, h, kvh, d, reps=3)
         read = rows * context * kvh * d * 4 * 2
-        print(f"| {rows} x {context} | {t * 1e6:.1f} | {read / t / 1e9:.2f} | {ref * 1e6:.1f} | {ref / t:.1f}x |",
-              flush=True)
+        print(f"| {rows} x {queries} x {context} | {t * 1e6:.1f} | {read / t / 1e9:.2f} | {ref * 1e6:.1f} | "
+              f"{ref / t:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,14 @@ namespace {
 constexpr int64_t kMinShared = 8192;  // keys scored (over rows, queries, KV heads) worth waking XLA's other threads
 
 constexpr int64_t kAhead = 4;  // pages prefetched ahead
-constexpr int64_t kLanes = 16;  // query vectors scored together (one AVX-512 register of float32)
+constexpr float kFloor = -1e30f;  // a running maximum below every score (a lane's before its first key)
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;  // query vectors scored together: one register of float32
+#else
+constexpr int64_t kLanes = 8;  // (an AVX2 register: GCC spills wider vectors there, several times slower)
+#endif
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 struct Shared {
   const float *q, *k, *v;
@@ -58,13 +64,84 @@ inline Lanes Load(const float* p) {
   return x;
 }
 
+inline void Store(float* p, Lanes x) { std::memcpy(p, &x, sizeof x); }
+
+// `Exp` on kLanes values at once (the same arithmetic).
+inline Lanes ExpLanes(Lanes x) {
+  const Lanes low = Lanes{} - 87.0f;
+  x = x > low ? x : low;
+  const Lanes t = x * 1.44269504088896341f + 0.5f;
+  Lanes n = __builtin_convertvector(__builtin_convertvector(t, Ints), Lanes);  // toward zero, then floor:
+  n = t < n ? n - 1.0f : n;
+  const Lanes r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Lanes p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
+  Lanes scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Folds a page of `cnt` keys from position `t0` into the lanes' running sums, kLanes lanes at a time: each lane's
+// maximum over the keys it reaches, the factor its sums shrink by, the keys' weights (in place of their scores in
+// `scores [cnt, np]`), then the weighted values four lanes at a time, kLanes values of d per register (padding
+// lanes reach no key: weight 0).
+void FoldWide(float* scores, const float* reach, float* top, float* total, float* rescale, float* acc,
+              const float* vp, int64_t t0, int64_t cnt, int64_t n, int64_t np, int64_t d) {
+  for (int64_t c0 = 0; c0 < np; c0 += kLanes) {
+    const Lanes lens = Load(reach + c0), old = Load(top + c0);
+    Lanes m = old;
+    for (int64_t j = 0; j < cnt; ++j) {
+      const Lanes sc = Load(scores + j * np + c0);
+      const Lanes at = Lanes{} + static_cast<float>(t0 + j);
+      m = ((at < lens) & (sc > m)) ? sc : m;
+    }
+    const Lanes shrink = ExpLanes(old - m);  // a lane's first page: ~0 (its sums are still 0)
+    Lanes sum = Load(total + c0) * shrink;
+    for (int64_t j = 0; j < cnt; ++j) {
+      const Lanes at = Lanes{} + static_cast<float>(t0 + j);
+      const Lanes w = at < lens ? ExpLanes(Load(scores + j * np + c0) - m) : Lanes{};
+      Store(scores + j * np + c0, w);
+      sum += w;
+    }
+    Store(top + c0, m), Store(total + c0, sum), Store(rescale + c0, shrink);
+  }
+  for (int64_t c = 0; c < n; c += 4) {
+    const float* w = scores + c;
+    float* a = acc + c * d;
+    if (d % kLanes == 0) {
+      for (int64_t e0 = 0; e0 < d; e0 += kLanes) {
+        Lanes o0 = Load(a + e0) * rescale[c], o1 = Load(a + d + e0) * rescale[c + 1];
+        Lanes o2 = Load(a + 2 * d + e0) * rescale[c + 2], o3 = Load(a + 3 * d + e0) * rescale[c + 3];
+        for (int64_t j = 0; j < cnt; ++j) {
+          const Lanes v = Load(vp + j * d + e0);
+          const float* wt = w + j * np;
+          o0 += wt[0] * v, o1 += wt[1] * v, o2 += wt[2] * v, o3 += wt[3] * v;
+        }
+        Store(a + e0, o0), Store(a + d + e0, o1), Store(a + 2 * d + e0, o2), Store(a + 3 * d + e0, o3);
+      }
+    } else {
+      for (int64_t i = 0; i < 4; ++i) {
+        float* o = a + i * d;
+        for (int64_t e = 0; e < d; ++e) o[e] *= rescale[c + i];
+        for (int64_t j = 0; j < cnt; ++j)
+          for (int64_t e = 0; e < d; ++e) o[e] += w[j * np + i] * vp[j * d + e];
+      }
+    }
+  }
+}
+
 // One (row, KV head) task: its lanes are the `S * h / kvh` queries of that head group. The row's pages are read once,
 // in order, one page at a time while the next one is prefetched (pages are scattered over the pool, where the
 // hardware prefetcher stops at each 4 KiB boundary): a page's keys are scored for every lane, then folded into each
 // lane's running maximum, sum and weighted values (the online softmax of flash decoding), so each value is read
 // right after its key, and the task's working set is one page and the lanes' accumulators.
 void Task(const Shared& s, int64_t task) {
-  thread_local std::vector<float> qt, scores, acc, top, total;
+  thread_local std::vector<float> qt, scores, acc, top, total, reach, rescale;
   thread_local std::vector<int32_t> lens;
   thread_local std::vector<int64_t> at;
   const int64_t b = task / s.kv_heads, kh = task % s.kv_heads, g = s.heads / s.kv_heads, d = s.dim;
@@ -86,9 +163,13 @@ void Task(const Shared& s, int64_t task) {
       for (int64_t e = 0; e < d; ++e) qt[e * np + c] = s.q[at[c] + e];
   }
   scores.assign(ps * np, 0.f);  // one page's scores [ps, np]
-  acc.assign(n * d, 0.f);       // each lane's weighted values, its running maximum and sum
-  top.assign(n, 0.f);
-  total.assign(n, 0.f);
+  acc.assign(np * d, 0.f);      // each lane's weighted values, its running maximum and sum
+  top.assign(np, kFloor);
+  total.assign(np, 0.f);
+  if (wide) {  // each lane's length as a float, and the factor a page shrinks its sums by
+    reach.assign(np, 0.f), rescale.assign(np, 0.f);
+    for (int64_t c = 0; c < n; ++c) reach[c] = static_cast<float>(lens[c]);
+  }
   const int32_t* row = s.table + b * s.width;
   const float* k = s.k + kh * s.pages * span;
   const float* v = s.v + kh * s.pages * span;
@@ -127,7 +208,12 @@ void Task(const Shared& s, int64_t task) {
         }
       }
     }
-    for (int64_t c = 0; c < n; ++c) {  // fold the page into each lane that reaches it
+    if (wide) {
+      FoldWide(scores.data(), reach.data(), top.data(), total.data(), rescale.data(), acc.data(), vp, t0, cnt, n,
+               np, d);
+      continue;
+    }
+    for (int64_t c = 0; c < n; ++c) {  // fold the page into each lane that reaches it (a decode step's few)
       const int64_t live = std::min<int64_t>(cnt, lens[c] - t0);
       if (live <= 0) continue;
       float m = p == 0 ? scores[c] : top[c];
