@@ -21,8 +21,9 @@ from models.config import ModelConfig
 BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
 # Chunks of at most this many queries per row go through the `cpu` kernel (which reads each key once for all of a
 # row's queries and scores only up to each query's length) rather than `paged.prefill`: verify passes (K + 1 = 17
-# positions by default: a SmolLM2 forward over 17 positions at an ~800-token context, 42 -> 33 ms, docs/PERFORMANCE.md).
-# Prefill chunks (32 tokens and up) stay on `paged.prefill`.
+# positions by default: a SmolLM2 forward over 17 positions at an ~800-token context, 42 -> 33 ms on an AVX-512 host;
+# on an AVX2 one the attention of such a pass takes 0.36x the reference's time, docs/PERFORMANCE.md). Prefill chunks
+# (32 tokens and up) stay on `paged.prefill`.
 CPU_CHUNK = 24
 
 
