@@ -49,7 +49,7 @@ def per_layer(fn, rows: int, context: int, queries: int, heads: int, kv_heads: i
 
 
 def main() -> None:
-    """Time each (rows, context) cell with both backends and print the table."""
+    """Time each (rows, queries, context) cell with both backends and print the table."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
@@ -58,7 +58,7 @@ def main() -> None:
     h, kvh, d = args.heads, args.kv_heads, args.dim
     kernel = cpu_attention.chunk
     reference = lambda q, k, v, table, lengths: paged.reference(q, k, v, table, lengths - 1, 1.0)  # noqa: E731
-    print(f"Decode attention, {h} heads / {kvh} KV heads of {d}, float32 pool, pages of {PAGE}; "
+    print(f"Attention, {h} heads / {kvh} KV heads of {d}, float32 pool, pages of {PAGE}; "
           f"{LAYERS} layers on their own pages\n")
     print("| rows x queries x context | cpu kernel (us/layer) | K/V read (GB/s) | XLA reference (us/layer) | "
           "kernel speed-up |")

@@ -157,19 +157,17 @@ void Task(const Shared& s, int64_t task) {
     at[c] = ((b * nq + c / g) * s.heads + kh * g + c % g) * d;
   }
   const bool wide = n >= kLanes;  // many lanes: kLanes of them scored at once over the transposed queries
-  if (wide) {
-    qt.assign(d * np, 0.f);
-    for (int64_t c = 0; c < n; ++c)
+  if (wide) {  // the queries transposed, each lane's length as a float, the factor a page shrinks its sums by
+    qt.assign(d * np, 0.f), reach.assign(np, 0.f), rescale.assign(np, 0.f);
+    for (int64_t c = 0; c < n; ++c) {
       for (int64_t e = 0; e < d; ++e) qt[e * np + c] = s.q[at[c] + e];
+      reach[c] = static_cast<float>(lens[c]);
+    }
   }
   scores.assign(ps * np, 0.f);  // one page's scores [ps, np]
   acc.assign(np * d, 0.f);      // each lane's weighted values, its running maximum and sum
   top.assign(np, kFloor);
   total.assign(np, 0.f);
-  if (wide) {  // each lane's length as a float, and the factor a page shrinks its sums by
-    reach.assign(np, 0.f), rescale.assign(np, 0.f);
-    for (int64_t c = 0; c < n; ++c) reach[c] = static_cast<float>(lens[c]);
-  }
   const int32_t* row = s.table + b * s.width;
   const float* k = s.k + kh * s.pages * span;
   const float* v = s.v + kh * s.pages * span;
@@ -216,9 +214,9 @@ void Task(const Shared& s, int64_t task) {
     for (int64_t c = 0; c < n; ++c) {  // fold the page into each lane that reaches it (a decode step's few)
       const int64_t live = std::min<int64_t>(cnt, lens[c] - t0);
       if (live <= 0) continue;
-      float m = p == 0 ? scores[c] : top[c];
+      float m = top[c];
       for (int64_t j = 0; j < live; ++j) m = std::max(m, scores[j * np + c]);
-      const float rescale = p == 0 ? 0.f : Exp(top[c] - m);
+      const float rescale = Exp(top[c] - m);  // a lane's first page: ~0 (its sums are still 0)
       top[c] = m;
       float* a = acc.data() + c * d;
       for (int64_t e = 0; e < d; ++e) a[e] *= rescale;
