@@ -20,6 +20,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,11 +97,23 @@ def _run(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def served() -> dict:
-    """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices."""
-    out = _run(SERVE, "[[1, 1], [1, 4], [4, 1]]")  # (data, tp); T = 2 x D = 2 runs over two processes below
+def served(smollm) -> dict:
+    """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices; and one device's,
+    served from this process on the suite's `ENGINE` settings, whose programs the other tests share (in the
+    subprocess they were ~40 s of compiling of their own). Slots and pool differ from the meshes', which greedy and
+    seeded tokens do not depend on."""
+    from conftest import ENGINE, live_server
+    from engine.runner import RunnerConfig
+
+    out = _run(SERVE, "[[1, 4], [4, 1]]")  # (data, tp); T = 2 x D = 2 runs over two processes below
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for api in live_server(smollm, RunnerConfig(**ENGINE)):
+        got["1x1"] = ask_all(api.url)
+    weight = smollm.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
+    piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
+    got["1x1-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece)
+    return got
 
 
 def assert_same_tokens(got: list, one: list, what: str) -> None:

@@ -186,10 +186,12 @@ def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
 
 
 def test_many_short_requests_beside_one_long_prompt(smollm):
-    """`--max-num-seqs 96 --kv-cache-gb 0.5 --max-model-len 8192`: slots and context are independent of each other
-    (the pool holds ~11k tokens, not 96 x 8192). The suite's `ENGINE` pool: prefill programs from the store."""
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=96, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4))
-    assert eng.max_len == 8192 and eng.runner.slots == 96
+    """`--max-num-seqs 32 --kv-cache-gb 0.5 --max-model-len 8192`: slots and context are independent of each other
+    (the pool holds ~11k tokens, not 32 x 8192), and 96 short requests queue for the 32 slots beside a long prompt.
+    The suite's `ENGINE` slots and pool: the programs of the shapes they share come from the program store (96 slots
+    compiled a decode program for each batch size the crowd shrank through, ~40 s of the cold suite)."""
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=32, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4))
+    assert eng.max_len == 8192 and eng.runner.slots == 32
     long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
              for i in range(96)]
