@@ -82,11 +82,20 @@ def test_kernel_on_any_activations(x, leading, four):
         q, s, m = _weights4(rng, 32, x.shape[1])
         w, s4, m4 = quant.pack4(q, s, m)
         got, want = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), w, s4, None, m4)), _reference4(xs, q, s, m)
+        dense = np.asarray(quant.dequantize4(*map(jnp.asarray, (q, s, m)), jnp.float32))
     else:
         q, s = _weights(rng, 32, x.shape[1])
         got, want = np.asarray(cpu_matmul.matmul(jnp.asarray(xs), *quant.pack(q, s))), _reference(xs, q, s)
+        dense = np.asarray(quant.dequantize(jnp.asarray(q), jnp.asarray(s), jnp.float32))
     assert got.shape == (*leading, x.shape[0], 32)
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max() + 1e-30, rtol=1e-5)
+    # An activation's second-level code may differ by one where it sits within float rounding of a tie (the kernel
+    # computes `(x - first) * 256 / step` in another order: -99.50022 seen rounding both ways): at most one fine step
+    # (the group's largest magnitude / (127 * 256)) per activation, times its weight.
+    top = np.abs(x.reshape(x.shape[0], -1, quant.GROUP)).max(-1)
+    fine = np.repeat(top / (127 * 256), quant.GROUP, axis=-1)
+    tie = fine @ np.abs(dense).T
+    excess = np.abs(got - want) - (tie + 1e-5 * np.abs(want) + 1e-5 * np.abs(want).max() + 1e-30)
+    assert excess.max() <= 0, (excess.max(), np.abs(got - want).max())
 
 
 @settings(max_examples=50, deadline=None)
