@@ -29,14 +29,13 @@ ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1
           "--decode-batch-sizes", "8"]  # one batch size per shard: fewer programs to compile
 SERVE = r"""
 import json, os, sys
-import numpy as np
 import openai
 from conftest import live_server
 from engine.compile import use_caches
 from engine.runner import RunnerConfig
 from models import load_model
 from models.loading.source import cache_root
-from test_mesh import ask_all
+from test_mesh import ask_all, weight_layout
 
 use_caches(cache_root())
 out = {}
@@ -57,9 +56,7 @@ for dp, tp in json.loads(sys.argv[1]):
             second = ask(prompt + "1")
             out[key + "-cached"] = [r.usage.prompt_tokens_details.cached_tokens for r in (first, second)]
             busy.close()  # its work is done: closing the stream aborts it
-        weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
-        piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
-        out[key + "-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece,
+        out[key + "-mesh"] = dict(**weight_layout(model),
                                   pool=str(api.engine.runner.cache.k.sharding.spec),
                                   prompts_per_shard=[pool.queried for pool in api.engine.sched.pools])
 print(json.dumps(out))
@@ -67,6 +64,13 @@ print(json.dumps(out))
 
 
 REQUESTS = 10
+
+
+def weight_layout(model) -> dict:
+    """How an MLP weight lies on the mesh: the devices holding it, and the pieces it is split into."""
+    weight = model.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
+    piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
+    return dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece)
 
 
 def ask_all(url: str) -> list:
@@ -110,9 +114,7 @@ def served(smollm) -> dict:
     got = json.loads(out.stdout.strip().splitlines()[-1])
     for api in live_server(smollm, RunnerConfig(**ENGINE)):
         got["1x1"] = ask_all(api.url)
-    weight = smollm.params["params"]["layers"]["mlp"]["up_proj"]["weight"]
-    piece = int(np.prod(weight.sharding.shard_shape(weight.shape)))
-    got["1x1-mesh"] = dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece)
+    got["1x1-mesh"] = weight_layout(smollm)
     return got
 
 
