@@ -1,5 +1,21 @@
 """Shared fixtures. torch is imported first: it is the test-only reference for transformers' models."""
 
+import os
+
+# XLA's CPU backend compiles with its older fusion emitters in ~25% less time (a toy engine's step programs, one
+# process: 75 -> 55 s); half of a cold run is compiling (~400 large programs), so the suite, and the servers it starts
+# (which inherit this), use them. The server keeps XLA's default, whose code runs faster (the sampler at 32 rows:
+# 19 ms against 23). docs/PERFORMANCE.md, "The test suite's time".
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+
+
+
+def device_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess on `devices` virtual CPU devices, with the suite's own flags."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+
+
 import torch  # noqa: F401  (before transformers, so its models are available to the tests)
 import pytest
 

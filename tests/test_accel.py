@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 import torch  # noqa: F401  (before transformers)
 
 from helpers import our_logits
+from conftest import device_flags
 from models import ModelConfig, build, init_params, load_model, stack_layers
 from models.backends import paged
 from models.backends import default_backend, resolve_backend
@@ -43,7 +44,7 @@ def _run_script(code: str, *args: str, devices: int = 0) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = device_flags(devices)
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
 ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
@@ -91,7 +93,7 @@ def ask_all(url: str) -> list:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
+    return dict(os.environ, XLA_FLAGS=device_flags(devices), PYTHONUNBUFFERED="1",
                 PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 

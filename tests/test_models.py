@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import device_flags
 from helpers import our_logits
 from models import STATS, load_model
 
@@ -128,7 +129,7 @@ rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
 a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
 print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=device_flags(4),
                PYTHONPATH=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import device_flags
 from helpers import our_logits, run_all
 
 from engine.engine import Engine
@@ -636,7 +637,7 @@ logits = our_logits(m, init_params(m, 0, make_mesh(1, jax.devices()[:1])),
 out["tokens_one"] = [lg[len(p) - 1:].argmax(-1).tolist() for p, lg in zip(prompts, logits)]
 print(json.dumps(out))
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=device_flags(4),
                PYTHONPATH=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
