@@ -57,10 +57,20 @@ ENGINE = dict(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The packaged default model, loaded once per test session."""
+    """The packaged default model as `sparkler serve` loads it (`--quantization auto`: int4 or int8 weights through
+    the C++ kernel where it runs, else float32), loaded once per test session."""
     from models import load_model
 
-    return load_model("smollm2-135m-instruct")
+    return load_model("smollm2-135m-instruct", quantization="auto")
+
+
+@pytest.fixture(scope="session")
+def smollm_f32():
+    """The packaged default model in float32 (`--quantization none`), for the tests that compare with float32:
+    transformers' reference, the quantization guard, tensor-parallel meshes."""
+    from models import load_model
+
+    return load_model("smollm2-135m-instruct", quantization="none")
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +88,14 @@ def llm(smollm):
     from engine import LLM
 
     return LLM(smollm, **ENGINE)
+
+
+@pytest.fixture(scope="session")
+def llm_f32(smollm_f32):
+    """`llm` over the float32 model."""
+    from engine import LLM
+
+    return LLM(smollm_f32, **ENGINE)
 
 
 # Defaults the served model advertises in the tests (as a generation_config.json would): requests that leave these

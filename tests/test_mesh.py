@@ -103,20 +103,20 @@ def _run(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def served(smollm) -> dict:
+def served(smollm_f32) -> dict:
     """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices; and one device's,
-    served from this process on the suite's `ENGINE` settings, whose programs the other tests share (in the
-    subprocess they were ~40 s of compiling of their own). Slots and pool differ from the meshes', which greedy and
-    seeded tokens do not depend on."""
+    served from this process in float32 (the meshes' precision: `auto` keeps float32 weights under tensor
+    parallelism) on the suite's `ENGINE` settings, whose programs `llm_f32` shares. Slots and pool differ from the
+    meshes', which greedy and seeded tokens do not depend on."""
     from conftest import ENGINE, live_server
     from engine.runner import RunnerConfig
 
     out = _run(SERVE, "[[1, 4], [4, 1]]")  # (data, tp); T = 2 x D = 2 runs over two processes below
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    for api in live_server(smollm, RunnerConfig(**ENGINE)):
+    for api in live_server(smollm_f32, RunnerConfig(**ENGINE)):
         got["1x1"] = ask_all(api.url)
-    got["1x1-mesh"] = weight_layout(smollm)
+    got["1x1-mesh"] = weight_layout(smollm_f32)
     return got
 
 

@@ -218,11 +218,12 @@ def assert_greedy_match(ours: list[int], ref: list[int], gaps: list[float]):
     assert ours[:n] == ref[:n], (ours, ref, tie)
 
 
-def test_smollm2_greedy_matches_transformers(llm, hf_smollm):
+def test_smollm2_greedy_matches_transformers(llm_f32, hf_smollm):
     from engine import SamplingParams
 
     refs = greedy_reference(*hf_smollm, PROMPTS, 64)
-    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], SamplingParams(temperature=0, max_tokens=64))
+    outs = llm_f32.chat([[{"role": "user", "content": p}] for p in PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=64))
     for (prompt_ids, ref, gaps), out in zip(refs, outs):
         assert out.prompt_token_ids == prompt_ids
         assert_greedy_match(out.outputs[0].token_ids, ref, gaps)

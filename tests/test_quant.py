@@ -28,14 +28,14 @@ def int4_model():
 
 
 @pytest.fixture(scope="module")
-def forced(llm, smollm):
+def forced(llm_f32, smollm_f32):
     """float32's own greedy continuations of `PROMPTS` (decoded together), and float32's logits along them."""
     from engine import SamplingParams
 
-    prompts = [smollm.tokenizer.encode(text) for text in PROMPTS]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))
+    prompts = [smollm_f32.tokenizer.encode(text) for text in PROMPTS]
+    outs = llm_f32.generate(prompts, SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True))
     rows = [ids + list(out.outputs[0].token_ids) for ids, out in zip(prompts, outs)]
-    return rows, our_logits(smollm.module, smollm.params, rows)
+    return rows, our_logits(smollm_f32.module, smollm_f32.params, rows)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -53,12 +53,12 @@ def test_quantized_agrees_with_float32_over_256_teacher_forced_tokens(forced, ki
         assert abs(ll_b - ll_a) <= 0.02 * abs(ll_a), (ll_a, ll_b)
 
 
-def test_int8_weights_take_about_a_quarter_of_the_bytes(smollm, int8_model):
+def test_int8_weights_take_about_a_quarter_of_the_bytes(smollm_f32, int8_model):
     size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-    ratio = size(int8_model.params) / size(smollm.params)
+    ratio = size(int8_model.params) / size(smollm_f32.params)
     assert 0.25 < ratio < 0.25 + 1 / 32 + 0.01, ratio  # int8 plus one float32 scale per 32 weights (norms stay f32)
     up = int8_model.params["params"]["layers"]["mlp"]["up_proj"]
-    cfg = smollm.cfg
+    cfg = smollm_f32.cfg
     assert up["weight"].itemsize == 1 and up["weight"].size == cfg.hidden_size * cfg.intermediate_size * cfg.num_layers
     assert up["scale"].size * quant.GROUP == up["weight"].size
 
@@ -73,9 +73,9 @@ def test_rounding_error_is_at_most_half_a_step_per_group(w):
     assert np.all(np.abs(back - w) <= step / 2 + 1e-6 * np.abs(w) + 1e-12)
 
 
-def test_int4_weights_take_a_sixth_and_give_back_the_gguf_q4_1_values(smollm, int4_model):
+def test_int4_weights_take_a_sixth_and_give_back_the_gguf_q4_1_values(smollm_f32, int4_model):
     """The packaged GGUF's layers are Q4_1: quantized again from their float32 values they come back bit for bit."""
-    layers = smollm.params["params"]["layers"]
+    layers = smollm_f32.params["params"]["layers"]
     for module, name in [("mlp", "down_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("self_attn", "q_proj"),
                          ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj")]:
         w = np.asarray(layers[module][name]["weight"])

@@ -36,7 +36,10 @@ def http(api, method, path, body=None, headers=None, raw: bytes | None = None):
 def test_models_health_metrics_and_tokenize(api, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     card = client.models.retrieve(MODEL)
-    assert card.id == MODEL and card.quantization == {"method": "none", "products": "xla", "why": "asked for"}
+    cfg = api.model.cfg  # `--quantization auto` (the fixture's): what it chose, how products run, and why
+    assert card.id == MODEL and card.quantization == {"method": cfg.quantization, "products": cfg.matmul,
+                                                      "why": api.model.quantization_why}
+    assert card.quantization["why"].startswith("auto: ")
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     status, body, _ = http(api, "GET", "/health")

@@ -77,9 +77,12 @@ def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong
     spec = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=right)
     assert_same(spec, plain, SETTINGS)
     assert llm.engine.verifies > verifies
+    # Quantized weights (`auto`) round each product's activations in groups of 32: the ~1e-5 by which a verify pass's
+    # attention differs from decode's can move a rounding step, and logprobs then differ by up to a few 1e-3.
+    atol = 1e-3 if llm.model.cfg.quantization == "none" else 5e-3
     for a, b in zip(spec[-1].outputs[0].logprobs, plain[-1].outputs[0].logprobs):  # each kept token's, as without
         assert a[0] == b[0] and [t for t, _ in a[2]] == [t for t, _ in b[2]]
-        np.testing.assert_allclose([a[1]] + [x for _, x in a[2]], [b[1]] + [x for _, x in b[2]], atol=1e-3)
+        np.testing.assert_allclose([a[1]] + [x for _, x in a[2]], [b[1]] + [x for _, x in b[2]], atol=atol)
     greedy = spec[0]
     assert greedy.drafted > 0 and greedy.accepted >= 0.8 * len(greedy.outputs[0].token_ids) - 10
     wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
