@@ -34,14 +34,14 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; `.ci/run` of
-# 2026-11-30, session 24). The files run heaviest first, so the two workers (each file stays on one) finish near
-# together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist orders the files
-# by their count of tests.
-FILE_SECONDS = {"test_moe": 283, "test_speculative": 246, "test_accel": 216, "test_paging": 187, "test_server": 146,
-                "test_mesh": 121, "test_cpu_matmul": 91, "test_models": 88, "test_operations": 80, "test_flat": 63,
-                "test_engine": 61, "test_structured": 39, "test_quant": 37, "test_tools": 28, "test_apis": 28,
-                "test_reasoning": 23, "test_sampler": 20, "test_cli": 17, "test_page": 13}
+# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; a clean clone with
+# an empty cache, 2026-12-01, session 32). The files run heaviest first, so the two workers (each file stays on one)
+# finish near together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist
+# orders the files by their count of tests.
+FILE_SECONDS = {"test_moe": 482, "test_accel": 398, "test_speculative": 365, "test_paging": 301, "test_cpu_matmul": 254,
+                "test_mesh": 213, "test_server": 185, "test_flat": 154, "test_quant": 122, "test_models": 120,
+                "test_operations": 91, "test_engine": 75, "test_cli": 32, "test_structured": 31, "test_sampler": 30,
+                "test_apis": 29, "test_reasoning": 26, "test_tools": 22, "test_page": 10, "test_pages": 10}
 
 
 def pytest_collection_modifyitems(items):

@@ -85,7 +85,11 @@ def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong
         np.testing.assert_allclose([a[1]] + [x for _, x in a[2]], [b[1]] + [x for _, x in b[2]], atol=atol)
     greedy = spec[0]
     assert greedy.drafted > 0 and greedy.accepted >= 0.8 * len(greedy.outputs[0].token_ids) - 10
-    wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
+    llm.engine.verify_always = True  # drafts that all lose: by tokens per second the engine soon decodes instead
+    try:
+        wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
+    finally:
+        llm.engine.verify_always = False
     assert_same(wrong, plain, SETTINGS)
     assert sum(o.drafted - o.accepted for o in wrong) > 0  # it did draft, and lost
 
@@ -157,8 +161,11 @@ def test_sampler_state_after_speculation_is_the_state_without(llm):
     after = llm.engine.runner.save_row(0)
     assert spec[0].accepted == spec[0].drafted > 20 and tokens(spec) == tokens(plain)
     assert before.step == 29 and before.counts.sum() == 29
-    for a, b in zip(before.__dict__.values(), after.__dict__.values()):  # mu within float32 rounding: the logits
-        np.testing.assert_allclose(a, b, rtol=1e-5)  # of a verify pass and of decode steps differ in the last bits
+    # mu within rounding: the logits of a verify pass and of decode steps differ in the last bits (float32), or by
+    # up to a few 1e-3 with quantized weights (see the logprobs above)
+    rtol = 1e-5 if llm.model.cfg.quantization == "none" else 1e-4
+    for a, b in zip(before.__dict__.values(), after.__dict__.values()):
+        np.testing.assert_allclose(a, b, rtol=rtol)
 
 
 def test_rejected_drafts_leave_pages_and_the_prefix_cache_right(llm):
