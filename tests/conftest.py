@@ -10,7 +10,6 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 
 
-
 def device_flags(devices: int) -> str:
     """XLA_FLAGS for a subprocess on `devices` virtual CPU devices, with the suite's own flags."""
     return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
