@@ -2,6 +2,7 @@
 tokens (greedy or seeded sampling, under every sampler setting), and leave pages, prefix hashes, sampler state and the
 set of compiled programs as they were."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,6 +24,16 @@ SETTINGS = [
     SamplingParams(temperature=1.0, mirostat_target=3.0, max_tokens=40, seed=13),
     SamplingParams(temperature=0, max_tokens=40, logprobs=True, top_logprobs=3),
 ]
+
+
+@contextlib.contextmanager
+def verifying_always(eng):
+    """Within the block the engine verifies every draft, whatever its tokens-per-second choice would say."""
+    eng.verify_always = True
+    try:
+        yield
+    finally:
+        eng.verify_always = False
 
 
 def tokens(outs):
@@ -85,11 +96,8 @@ def test_greedy_and_seeded_outputs_are_the_same_with_a_prediction_right_or_wrong
         np.testing.assert_allclose([a[1]] + [x for _, x in a[2]], [b[1]] + [x for _, x in b[2]], atol=atol)
     greedy = spec[0]
     assert greedy.drafted > 0 and greedy.accepted >= 0.8 * len(greedy.outputs[0].token_ids) - 10
-    llm.engine.verify_always = True  # drafts that all lose: by tokens per second the engine soon decodes instead
-    try:
+    with verifying_always(llm.engine):  # drafts that all lose: by tokens per second the engine soon decodes instead
         wrong = llm.chat([ASK] * len(SETTINGS), SETTINGS, predictions=[CODE[::-1]] * len(SETTINGS))
-    finally:
-        llm.engine.verify_always = False
     assert_same(wrong, plain, SETTINGS)
     assert sum(o.drafted - o.accepted for o in wrong) > 0  # it did draft, and lost
 
@@ -119,11 +127,8 @@ def test_constrained_requests_draft_and_keep_their_tokens(llm):
 
     plain = run()
     right = plain[0].outputs[0].token_ids
-    eng.verify_always = True
-    try:
+    with verifying_always(eng):
         spec, wrong = run(right), run(eng.tok.encode('{"name": "Zed Zed", "age": 1234567, "city": "x"}'))
-    finally:
-        eng.verify_always = False
     assert_same(spec, plain, settings)
     assert_same(wrong, plain, settings)
     assert spec[0].accepted >= 0.8 * len(right) - 2, (spec[0].accepted, len(right))
@@ -153,11 +158,8 @@ def test_sampler_state_after_speculation_is_the_state_without(llm):
     assert llm.engine.runner.rc.decode_steps == 4
     plain = llm.chat(ASK, p)
     before = llm.engine.runner.save_row(0)
-    llm.engine.verify_always = True
-    try:
+    with verifying_always(llm.engine):
         spec = llm.chat(ASK, p, predictions=[plain[0].outputs[0].token_ids])
-    finally:
-        llm.engine.verify_always = False
     after = llm.engine.runner.save_row(0)
     assert spec[0].accepted == spec[0].drafted > 20 and tokens(spec) == tokens(plain)
     assert before.step == 29 and before.counts.sum() == 29
@@ -172,11 +174,10 @@ def test_rejected_drafts_leave_pages_and_the_prefix_cache_right(llm):
     """After wrong drafts every page is free again, the pool's invariants hold, and a next turn served from the
     pages the speculated run registered gives the tokens of one computed from scratch."""
     p = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    llm.engine.verify_always = True  # where a verify costs many decode steps (this CPU's int8 kernel and C++
-    try:  # attention), the engine may rightly decode instead: this test is about the pages of rejected drafts
+    # Where a verify costs many decode steps (this CPU's quantized kernels and C++ attention), the engine may rightly
+    # decode instead: this test is about the pages of rejected drafts.
+    with verifying_always(llm.engine):
         first = llm.chat(ASK, p, predictions=[CODE * 3])[0]
-    finally:
-        llm.engine.verify_always = False
     assert first.drafted > first.accepted
     for pool in llm.engine.sched.pools:
         pool.check()
@@ -208,12 +209,9 @@ def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm):
     pred = " the cat sat on the mat and the dog slept."
     p = lambda seed: SamplingParams(temperature=1.0, max_tokens=3, seed=seed, n=8)  # noqa: E731
     seeds = range(40)
-    llm.engine.verify_always = True  # two tokens left: decoding them may well cost less than verifying
-    try:
+    with verifying_always(llm.engine):  # two tokens left: decoding them may well cost less than verifying
         spec = llm.generate([prompt] * len(seeds), [p(s) for s in seeds], predictions=[pred] * len(seeds))
         again = llm.generate([prompt] * 5, [p(s) for s in seeds[:5]], predictions=[pred] * 5)
-    finally:
-        llm.engine.verify_always = False
     assert_same(again, spec[:5], [p(s) for s in seeds[:5]])  # a batch of 5 is computed in another order than 40
     assert_same(spec[:5], llm.generate([prompt] * 5, [p(s) for s in seeds[:5]]), [p(s) for s in seeds[:5]])
     plain = llm.generate([prompt] * len(seeds), [p(1000 + s) for s in seeds])
