@@ -41,7 +41,8 @@ def _reference4(x, q, s, m):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])  # under, at and over the 6-row (VNNI) and 4-row (AVX2) tiles
+# under, at and over the 6-row (VNNI) and 4-row (AVX2) tiles, and past the rows from which AVX2 widens the weights once
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40, 66])
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over (VNNI), or none
 def test_kernel_matches_its_xla_reference(m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -56,7 +57,7 @@ def test_kernel_matches_its_xla_reference(m, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 4, 7])  # under, at and over the 4-row tile
+@pytest.mark.parametrize("m", [1, 4, 7, 66])  # under, at and over the 4-row tile; weights widened once (64 rows on)
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (192, 576)])
 def test_int4_kernel_matches_its_xla_reference(m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -96,6 +97,20 @@ def test_kernel_on_any_activations(x, leading, four):
     tie = fine @ np.abs(dense).T
     excess = np.abs(got - want) - (tie + 1e-5 * np.abs(want) + 1e-5 * np.abs(want).max() + 1e-30)
     assert excess.max() <= 0, (excess.max(), np.abs(got - want).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("four", [False, True])
+def test_a_row_gets_the_same_bits_in_a_call_of_any_rows(four):
+    """A row's outputs do not depend on the call's other rows, whether the tiles widen the weights for each tile of
+    rows (few rows) or once for all (`kWiden` on): what makes a prompt's logits the same computed alone or batched."""
+    rng = np.random.default_rng(7)
+    packed = quant.pack4(*_weights4(rng, 48, 96)) if four else quant.pack(*_weights(rng, 48, 96))
+    x = rng.normal(size=(70, 96)).astype(np.float32)
+    call = jax.jit(lambda x, w, s, *m: cpu_matmul.matmul(x, w, s, None, *m))
+    many = np.asarray(call(x, *packed))
+    assert np.array_equal(many[:3], np.asarray(call(x[:3], *packed)))
+    assert np.array_equal(many, np.concatenate([np.asarray(call(x[i:i + 1], *packed)) for i in range(70)]))
 
 
 @settings(max_examples=50, deadline=None)

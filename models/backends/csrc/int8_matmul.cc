@@ -99,32 +99,44 @@ void Quantize16(const float* x, int64_t K, int16_t* q, float* scale, int32_t* su
   }
 }
 
+// Four inputs of eight outputs (half `h` of a 16-output run at `wk`) as int16 pairs, outputs 0-3 in `w0` and 4-7 in
+// `w1`: int8's packed W + 128 with its top bit flipped, sign-extended; int4's nibble h, zero-extended.
+template <bool Four>
+inline void Widen16(const uint8_t* wk, int64_t h, __m256i& w0, __m256i& w1) {
+  __m128i b0 = _mm_loadu_si128((const __m128i*)wk), b1 = _mm_loadu_si128((const __m128i*)(wk + 16));
+  if constexpr (Four) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    if (h) b0 = _mm_srli_epi16(b0, 4), b1 = _mm_srli_epi16(b1, 4);
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b0, low)), w1 = _mm256_cvtepu8_epi16(_mm_and_si128(b1, low));
+  } else {
+    const __m128i flip = _mm_set1_epi8(-128);
+    w0 = _mm256_cvtepi8_epi16(_mm_xor_si128(b0, flip)), w1 = _mm256_cvtepi8_epi16(_mm_xor_si128(b1, flip));
+  }
+}
+
 // The AVX2 tile, for int8 (the AVX2 build) and int4 (`Four`, every build): rows m0..m0+MR of the outputs
 // 8 h .. 8 h + 8 of block nb, over every group. `vpmaddwd` multiplies each row's int16 activations (`Quantize16`) by
 // the weights widened to int16, summing pairs of inputs of one output; pairs are added once per group. int8: the
 // packed W + 128 with its top bit flipped, sign-extended, each group's sum scaled by the weights' scale; int4: nibble
 // h of each byte, zero-extended, each group's sum scaled by d, plus the group's sum of activations scaled by m.
 template <int MR, bool Four>
-void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
+void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h, const int16_t* wide) {
   const int64_t G = s.groups, K = s.k, run = (Four ? 2 : 4) * kLanes;  // bytes per 4 inputs of 16 outputs
   const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
   // int8: each run's first 32 bytes hold outputs 0-7, its last 32 outputs 8-15; int4: nibble h holds them
   const uint8_t* w = s.w + nb * K / 4 * run + (Four ? 0 : h * 2 * kLanes);
-  const __m128i flip = _mm_set1_epi8(-128), low = _mm_set1_epi8(0x0F);  // int8: W + 128 -> W; int4: a nibble
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i acc[MR][2];  // outputs 0-3 and 4-7, each as two sums of a pair of inputs
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
     for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
-      const uint8_t* wk = w + (g * kGroup / 4 + kk) * run;
-      __m128i b0 = _mm_loadu_si128((const __m128i*)wk), b1 = _mm_loadu_si128((const __m128i*)(wk + 16));
       __m256i w0, w1;
-      if constexpr (Four) {
-        if (h) b0 = _mm_srli_epi16(b0, 4), b1 = _mm_srli_epi16(b1, 4);
-        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b0, low)), w1 = _mm256_cvtepu8_epi16(_mm_and_si128(b1, low));
+      if (wide) {  // widened once for every tile of rows (`Task16`)
+        const int16_t* wk = wide + (g * kGroup / 4 + kk) * 2 * kLanes;
+        w0 = _mm256_loadu_si256((const __m256i*)wk), w1 = _mm256_loadu_si256((const __m256i*)(wk + kLanes));
       } else {
-        w0 = _mm256_cvtepi8_epi16(_mm_xor_si128(b0, flip)), w1 = _mm256_cvtepi8_epi16(_mm_xor_si128(b1, flip));
+        Widen16<Four>(w + (g * kGroup / 4 + kk) * run, h, w0, w1);
       }
       for (int m = 0; m < MR; ++m) {
         int64_t four;  // the row's four activations of these inputs, as int16
@@ -153,14 +165,36 @@ void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h) {
 }
 
 constexpr int64_t kMR16 = 4;  // the AVX2 tile's rows; a task is one 16-output block (two tiles of 8) over every row
-using TileFn16 = void (*)(const Shared&, int64_t, int64_t, int64_t);
+using TileFn16 = void (*)(const Shared&, int64_t, int64_t, int64_t, const int16_t*);
 template <bool Four>
 constexpr TileFn16 kRows16[kMR16 + 1] = {nullptr, Tile16<1, Four>, Tile16<2, Four>, Tile16<3, Four>, Tile16<4, Four>};
 
+// From `kWiden` rows on (a prefill's, a verify pass's), each half's weights are widened to int16 once (`wide`,
+// K x 16 bytes: 24 KiB at K = 1536, within L2) and every tile of rows reads them there, instead of widening them
+// again for each tile: 8-27% faster from 64 rows on, in the noise or slower below (docs/PERFORMANCE.md). The same
+// integers are summed in the same order either way.
+constexpr int64_t kWiden = 64;
+
 template <bool Four>
 void Task16(const Shared& s, int64_t nb) {
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t m0 = 0; m0 < s.m; m0 += kMR16) kRows16<Four>[std::min(kMR16, s.m - m0)](s, m0, nb, h);
+  const int64_t K = s.k, run = (Four ? 2 : 4) * kLanes;
+  const uint8_t* w = s.w + nb * K / 4 * run;
+  thread_local std::vector<int16_t> buffer;
+  const bool widen = s.m >= kWiden;
+  if (widen) buffer.resize(K / 4 * 2 * kLanes);
+  for (int64_t h = 0; h < 2; ++h) {
+    if (widen) {
+      const uint8_t* wh = w + (Four ? 0 : h * 2 * kLanes);
+      for (int64_t kk = 0; kk < K / 4; ++kk) {
+        __m256i w0, w1;
+        Widen16<Four>(wh + kk * run, h, w0, w1);
+        _mm256_storeu_si256((__m256i*)(buffer.data() + kk * 2 * kLanes), w0);
+        _mm256_storeu_si256((__m256i*)(buffer.data() + kk * 2 * kLanes + kLanes), w1);
+      }
+    }
+    for (int64_t m0 = 0; m0 < s.m; m0 += kMR16)
+      kRows16<Four>[std::min(kMR16, s.m - m0)](s, m0, nb, h, widen ? buffer.data() : nullptr);
+  }
 }
 
 #if SPARKLER_VNNI
