@@ -171,8 +171,8 @@ constexpr TileFn16 kRows16[kMR16 + 1] = {nullptr, Tile16<1, Four>, Tile16<2, Fou
 
 // From `kWiden` rows on (a prefill's, a verify pass's), each half's weights are widened to int16 once (`wide`,
 // K x 16 bytes: 24 KiB at K = 1536, within L2) and every tile of rows reads them there, instead of widening them
-// again for each tile: 8-27% faster from 64 rows on, in the noise or slower below (docs/PERFORMANCE.md). The same
-// integers are summed in the same order either way.
+// again for each tile: up to 27% faster from 64 rows on (13% the median of 12 shapes), in the noise or slower below
+// (docs/PERFORMANCE.md). The same integers are summed in the same order either way.
 constexpr int64_t kWiden = 64;
 
 template <bool Four>
