@@ -119,6 +119,7 @@ inline void Widen16(const uint8_t* wk, int64_t h, __m256i& w0, __m256i& w1) {
 // the weights widened to int16, summing pairs of inputs of one output; pairs are added once per group. int8: the
 // packed W + 128 with its top bit flipped, sign-extended, each group's sum scaled by the weights' scale; int4: nibble
 // h of each byte, zero-extended, each group's sum scaled by d, plus the group's sum of activations scaled by m.
+// `wide`: this half's weights already widened (`Task16`, from `kWiden` rows on), else null.
 template <int MR, bool Four>
 void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h, const int16_t* wide) {
   const int64_t G = s.groups, K = s.k, run = (Four ? 2 : 4) * kLanes;  // bytes per 4 inputs of 16 outputs
