@@ -114,6 +114,16 @@ inline void Widen16(const uint8_t* wk, int64_t h, __m256i& w0, __m256i& w1) {
   }
 }
 
+// Bytes per 4 inputs of 16 outputs, and where half `h` (outputs 8 h .. 8 h + 8) of block nb's packed weights starts:
+// int8's runs hold outputs 0-7 in their first 32 bytes and 8-15 in their last 32; int4's hold them in nibble h.
+template <bool Four>
+constexpr int64_t kRun16 = (Four ? 2 : 4) * kLanes;
+
+template <bool Four>
+const uint8_t* Half16(const Shared& s, int64_t nb, int64_t h) {
+  return s.w + nb * s.k / 4 * kRun16<Four> + (Four ? 0 : h * 2 * kLanes);
+}
+
 // The AVX2 tile, for int8 (the AVX2 build) and int4 (`Four`, every build): rows m0..m0+MR of the outputs
 // 8 h .. 8 h + 8 of block nb, over every group. `vpmaddwd` multiplies each row's int16 activations (`Quantize16`) by
 // the weights widened to int16, summing pairs of inputs of one output; pairs are added once per group. int8: the
@@ -122,10 +132,9 @@ inline void Widen16(const uint8_t* wk, int64_t h, __m256i& w0, __m256i& w1) {
 // `wide`: this half's weights already widened (`Task16`, from `kWiden` rows on), else null.
 template <int MR, bool Four>
 void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h, const int16_t* wide) {
-  const int64_t G = s.groups, K = s.k, run = (Four ? 2 : 4) * kLanes;  // bytes per 4 inputs of 16 outputs
+  const int64_t G = s.groups, K = s.k;
   const int16_t* a = reinterpret_cast<const int16_t*>(s.a) + m0 * K;
-  // int8: each run's first 32 bytes hold outputs 0-7, its last 32 outputs 8-15; int4: nibble h holds them
-  const uint8_t* w = s.w + nb * K / 4 * run + (Four ? 0 : h * 2 * kLanes);
+  const uint8_t* w = Half16<Four>(s, nb, h);
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -137,7 +146,7 @@ void Tile16(const Shared& s, int64_t m0, int64_t nb, int64_t h, const int16_t* w
         const int16_t* wk = wide + (g * kGroup / 4 + kk) * 2 * kLanes;
         w0 = _mm256_loadu_si256((const __m256i*)wk), w1 = _mm256_loadu_si256((const __m256i*)(wk + kLanes));
       } else {
-        Widen16<Four>(w + (g * kGroup / 4 + kk) * run, h, w0, w1);
+        Widen16<Four>(w + (g * kGroup / 4 + kk) * kRun16<Four>, h, w0, w1);
       }
       for (int m = 0; m < MR; ++m) {
         int64_t four;  // the row's four activations of these inputs, as int16
@@ -178,17 +187,15 @@ constexpr int64_t kWiden = 64;
 
 template <bool Four>
 void Task16(const Shared& s, int64_t nb) {
-  const int64_t K = s.k, run = (Four ? 2 : 4) * kLanes;
-  const uint8_t* w = s.w + nb * K / 4 * run;
   thread_local std::vector<int16_t> buffer;
   const bool widen = s.m >= kWiden;
-  if (widen) buffer.resize(K / 4 * 2 * kLanes);
+  if (widen) buffer.resize(s.k / 4 * 2 * kLanes);
   for (int64_t h = 0; h < 2; ++h) {
     if (widen) {
-      const uint8_t* wh = w + (Four ? 0 : h * 2 * kLanes);
-      for (int64_t kk = 0; kk < K / 4; ++kk) {
+      const uint8_t* w = Half16<Four>(s, nb, h);
+      for (int64_t kk = 0; kk < s.k / 4; ++kk) {
         __m256i w0, w1;
-        Widen16<Four>(wh + kk * run, h, w0, w1);
+        Widen16<Four>(w + kk * kRun16<Four>, h, w0, w1);
         _mm256_storeu_si256((__m256i*)(buffer.data() + kk * 2 * kLanes), w0);
         _mm256_storeu_si256((__m256i*)(buffer.data() + kk * 2 * kLanes + kLanes), w1);
       }
