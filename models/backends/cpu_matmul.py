@@ -22,7 +22,7 @@ from models.backends import native
 TARGET = "sparkler_int8_matmul"
 TARGET4 = "sparkler_int4_matmul"
 MATMULS = ("xla", "cpu")  # how quantized products run: widened to float in XLA (`quant.dot`, `dot4`), or this kernel
-NEEDS = "a C++ compiler and a CPU with AVX2, FMA and F16C (AVX-512 VNNI: faster int8)"  # what `available` checks
+NEEDS = "a C++ compiler and a CPU with AVX2, FMA and F16C (AVX-512 VNNI: faster)"  # what `available` checks
 
 
 def available() -> bool:
