@@ -59,7 +59,7 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="paged decode attention (auto: the Pallas kernel of a GPU or TPU, the C++ kernel on a CPU; "
                          "xla: the plain-XLA reference)")
     ap.add_argument("--matmul-backend", choices=("auto", *MATMULS), default="auto",
-                    help="int8 and int4 products (auto: the C++ kernel on a CPU with AVX2, AVX-512 VNNI for int8, "
+                    help="int8 and int4 products (auto: the C++ kernel on a CPU with AVX2, faster with AVX-512 VNNI, "
                          "weights kept in its layout; xla: widen the weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth")

@@ -53,12 +53,14 @@ struct Shared {
   const float* s;       // int8: the weights' scales
   const uint16_t* d;    // int4: the weights' float16 scales, and their minima `mn`, in the int8 scales' layout
   const uint16_t* mn;
-  const int8_t* a;      // the quantized rows: int8 [2 levels, M, K] (VNNI int8), or int16 [M, K] (AVX2 int8; int4)
+  const int8_t* a;      // the quantized rows: int8 [2 levels, M, K] (the VNNI build), or int16 [M, K] (AVX2)
   const float* sa;      // the second level's scale per row and group [M, G]
-  const int32_t* ca;    // VNNI int8: -128 x each group's sum [2 levels, M, G]; int4: each group's sum of `a` [M, G]
+  const int32_t* ca;    // VNNI: -128 x each level's group sums [2 levels, M, G]; AVX2 int4: each group's sum [M, G]
   float* out;
   int64_t m, n, k, groups;
 };
+
+#if !SPARKLER_VNNI  // the AVX2 build's quantizer and tile (the VNNI build has its own)
 
 float MaxOf(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -126,7 +128,7 @@ const uint8_t* Half16(const Shared& s, int64_t nb, int64_t h) {
   return s.w + nb * s.k / 4 * kRun16<Four> + (Four ? 0 : h * 2 * kLanes);
 }
 
-// The AVX2 tile, for int8 (the AVX2 build) and int4 (`Four`, every build): rows m0..m0+MR of the outputs
+// The AVX2 tile, for the AVX2 build's int8 and int4 (`Four`): rows m0..m0+MR of the outputs
 // 8 h .. 8 h + 8 of block nb, over every group. `vpmaddwd` multiplies each row's int16 activations (`Quantize16`) by
 // the weights widened to int16, summing pairs of inputs of one output; pairs are added once per group. int8: the
 // packed W + 128 with its top bit flipped, sign-extended, each group's sum scaled by the weights' scale; int4: nibble
@@ -206,6 +208,8 @@ void Task16(const Shared& s, int64_t nb) {
       kRows16<Four>[std::min(kMR16, s.m - m0)](s, m0, nb, h, widen ? buffer.data() : nullptr);
   }
 }
+
+#endif
 
 #if SPARKLER_VNNI
 
@@ -382,7 +386,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   sh.out = out->typed_data(), sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
   thread_local std::vector<float> sa;
   sa.resize(M * G), sh.sa = sa.data();
-#if SPARKLER_VNNI  // the two levels as int8 and their sums, as for int8 (`Task4` takes the sums back)
+#if SPARKLER_VNNI  // the two levels as int8 and their sums, as for int8 (the int4 tile takes the sums back)
   thread_local std::vector<int8_t> a;
   thread_local std::vector<int32_t> ca;
   a.resize(2 * M * K), ca.resize(2 * M * G);
