@@ -55,7 +55,7 @@ struct Shared {
   const uint16_t* mn;
   const int8_t* a;      // the quantized rows: int8 [2 levels, M, K] (the VNNI build), or int16 [M, K] (AVX2)
   const float* sa;      // the second level's scale per row and group [M, G]
-  const int32_t* ca;    // VNNI: -128 x each level's group sums [2 levels, M, G]; AVX2 int4: each group's sum [M, G]
+  const int32_t* ca;    // VNNI: -128 x each level's group sums [2 levels, M, G]; AVX2: each group's sum [M, G]
   float* out;
   int64_t m, n, k, groups;
 };
@@ -69,8 +69,8 @@ float MaxOf(__m256 v) {
 }
 
 // A row `x [K]` quantized per group of 32 in the two levels of `models.quant.activations`, each input's two stored as
-// one int16 `256 q1 + q2` in `q [K]`, the second level's scale per group in `scale [K/32]` and, where `sums` is given,
-// each group's sum of the int16 values there. A NaN is not carried (it counts as 0 in the max; its levels are 0 and
+// one int16 `256 q1 + q2` in `q [K]`, the second level's scale per group in `scale [K/32]` and each group's sum of
+// the int16 values in `sums [K/32]`. A NaN is not carried (it counts as 0 in the max; its levels are 0 and
 // -127), as in the VNNI build.
 void Quantize16(const float* x, int64_t K, int16_t* q, float* scale, int32_t* sums) {
   const int64_t groups = K / kGroup;
@@ -94,12 +94,10 @@ void Quantize16(const float* x, int64_t K, int16_t* q, float* scale, int32_t* su
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * i),
                           _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * i], both[2 * i + 1]), 0xD8));
     scale[g] = step / 256.f;
-    if (sums) {
-      const __m256i t = _mm256_add_epi32(_mm256_add_epi32(both[0], both[1]), _mm256_add_epi32(both[2], both[3]));
-      __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-      u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
-      sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
-    }
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(both[0], both[1]), _mm256_add_epi32(both[2], both[3]));
+    __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+    sums[g] = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
   }
 }
 
@@ -245,6 +243,12 @@ void Tile(const Shared& s, int64_t m0, int64_t nb, const uint8_t* w) {
         }
       }
     }
+    float rest[MR];  // int4: sa x the group's sum of activations, 256 x the first level's + the second's
+    if constexpr (Four)
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* ca = s.ca + (m0 + m) * G + g;
+        rest[m] = s.sa[(m0 + m) * G + g] * float(256 * (ca[0] / -128) + ca[M * G] / -128);
+      }
     for (int j = 0; j < NR; ++j) {
       const int64_t at = ((nb + j) * G + g) * kLanes;
       __m512 sw, mn;
@@ -257,11 +261,7 @@ void Tile(const Shared& s, int64_t m0, int64_t nb, const uint8_t* w) {
       for (int m = 0; m < MR; ++m) {
         const float sa = s.sa[(m0 + m) * G + g];
         accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), _mm512_mul_ps(sw, _mm512_set1_ps(sa)), accf[m][j]);
-        if constexpr (Four) {  // the group's sum of activations, 256 x the first level's + the second's
-          const int32_t* ca = s.ca + (m0 + m) * G + g;
-          const int32_t sum = 256 * (ca[0] / -128) + ca[M * G] / -128;
-          accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sa * float(sum)), accf[m][j]);
-        }
+        if constexpr (Four) accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(rest[m]), accf[m][j]);
       }
     }
   }
@@ -341,13 +341,27 @@ int64_t Tasks(int64_t blocks) { return blocks; }
 
 void Task(const Shared& s, int64_t nb) { Task16<false>(s, nb); }
 
+void Task4(const Shared& s, int64_t nb) { Task16<true>(s, nb); }
+
 // Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
-// `256 q1 + q2`; no sums are needed (the weights are taken signed).
-void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t*) {
-  Quantize16(x, K, reinterpret_cast<int16_t*>(a) + m * K, sa + m * (K / kGroup), nullptr);
+// `256 q1 + q2`, and each group's sum of them in `ca` (int4's tile reads it; int8's takes the weights signed).
+void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float* sa, int32_t* ca) {
+  const int64_t groups = K / kGroup;
+  Quantize16(x, K, reinterpret_cast<int16_t*>(a) + m * K, sa + m * groups, ca + m * groups);
 }
 
 #endif
+
+// The rows of x quantized as this build's tiles read them (`Quantize`), in the calling thread's scratch: the helpers
+// read it while the caller waits for them.
+void QuantizeRows(const float* x, int64_t M, int64_t K, Shared& sh) {
+  thread_local std::vector<int8_t> a;  // two int8 levels (VNNI), or one int16 (AVX2): 2 M K bytes either way
+  thread_local std::vector<float> sa;
+  thread_local std::vector<int32_t> ca;
+  a.resize(2 * M * K), sa.resize(M * K / kGroup), ca.resize(2 * M * K / kGroup);
+  for (int64_t m = 0; m < M; ++m) Quantize(x + m * K, m, M, K, a.data(), sa.data(), ca.data());
+  sh.a = a.data(), sh.sa = sa.data(), sh.ca = ca.data();
+}
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                       ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
@@ -358,15 +372,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         "int8_matmul: shapes do not match x [M,K], w [L,N/16,K/4,64], s [L,N/16,K/32,16]");
   const int64_t M = xd[0], K = xd[1], G = K / kGroup, N = wd[1] * kLanes, l = *layer.typed_data();
   if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("int8_matmul: layer index out of the stack");
-  thread_local std::vector<int8_t> a;  // the caller's scratch: helpers read it while the caller waits for them
-  thread_local std::vector<float> sa;
-  thread_local std::vector<int32_t> ca;
-  a.resize(2 * M * K), sa.resize(M * G), ca.resize(2 * M * G);
-  for (int64_t m = 0; m < M; ++m) Quantize(x.typed_data() + m * K, m, M, K, a.data(), sa.data(), ca.data());
   Shared sh;
   sh.w = w.typed_data() + l * N * K, sh.s = s.typed_data() + l * N * G;
-  sh.a = a.data(), sh.sa = sa.data(), sh.ca = ca.data(), sh.out = out->typed_data();
-  sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
+  sh.out = out->typed_data(), sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
+  QuantizeRows(x.typed_data(), M, K, sh);
   sparkler::RunTasks(pool, Tasks(wd[1]), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task(sh, t); });
   return ffi::Error::Success();
 }
@@ -384,24 +393,8 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   Shared sh;
   sh.w = w.typed_data() + l * N * K / 2, sh.d = s.typed_data() + l * N * G, sh.mn = mn.typed_data() + l * N * G;
   sh.out = out->typed_data(), sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
-  thread_local std::vector<float> sa;
-  sa.resize(M * G), sh.sa = sa.data();
-#if SPARKLER_VNNI  // the two levels as int8 and their sums, as for int8 (the int4 tile takes the sums back)
-  thread_local std::vector<int8_t> a;
-  thread_local std::vector<int32_t> ca;
-  a.resize(2 * M * K), ca.resize(2 * M * G);
-  for (int64_t m = 0; m < M; ++m) Quantize(x.typed_data() + m * K, m, M, K, a.data(), sa.data(), ca.data());
-  sh.a = a.data(), sh.ca = ca.data();
+  QuantizeRows(x.typed_data(), M, K, sh);
   sparkler::RunTasks(pool, Tasks(wd[1]), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task4(sh, t); });
-#else
-  thread_local std::vector<int16_t> a;
-  thread_local std::vector<int32_t> sums;
-  a.resize(M * K), sums.resize(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    Quantize16(x.typed_data() + m * K, K, a.data() + m * K, sa.data() + m * G, sums.data() + m * G);
-  sh.a = reinterpret_cast<const int8_t*>(a.data()), sh.ca = sums.data();
-  sparkler::RunTasks(pool, wd[1], 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task16<true>(sh, t); });
-#endif
   return ffi::Error::Success();
 }
 
