@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from models import hash_prng
 from models.backends import resolve_backend
 from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
@@ -153,9 +154,8 @@ def init_params(module: CausalLM, seed: int = 0, mesh=None):
         return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, p,
                             is_leaf=lambda x: hasattr(x, "unbox"))
 
-    # XLA's RngBitGenerator ("rbg") rather than Threefry, whose rounds are a loop per parameter in the program:
-    # 20-30% less compiling for a small model's init (the tests build dozens).
-    return jax.jit(init, out_shardings=_unboxed(shardings))(jax.random.key(seed, impl="rbg"))
+    # A hash for a PRNG: JAX's own generators expand into thousands of operations per parameter (`hash_prng`).
+    return jax.jit(init, out_shardings=_unboxed(shardings))(hash_prng.key(seed))
 
 
 def _unboxed(tree):

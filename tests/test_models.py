@@ -136,6 +136,28 @@ print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
 
 
+def test_random_weights_hash_draws_uniform_independent_values():
+    """`init_params`' PRNG (`models.hash_prng`): uniform draws pass a chi-square test, normal ones have mean 0 and
+    deviation 1, neighbours and the streams of split and folded keys are uncorrelated, and a seed gives the same
+    values again."""
+    import jax
+    from scipy import stats
+
+    from models import hash_prng
+
+    key = hash_prng.key(0)
+    u = np.asarray(jax.random.uniform(key, (200_000,)))
+    assert stats.chisquare(np.bincount((u * 100).astype(int), minlength=100)).pvalue > 1e-3
+    x = np.asarray(jax.random.normal(jax.random.fold_in(key, 7), (200_000,)))
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
+    a, b = jax.random.split(key)
+    streams = [x[:-1], x[1:], *(np.asarray(jax.random.normal(k, (x.size - 1,))) for k in (a, b, hash_prng.key(1)))]
+    corr = np.corrcoef(np.stack(streams))
+    assert np.abs(corr - np.eye(len(streams))).max() < 0.01, corr
+    np.testing.assert_array_equal(np.asarray(jax.random.normal(hash_prng.key(0), (5,))),
+                                  np.asarray(jax.random.normal(key, (5,))))
+
+
 def test_gguf_tokenizer_matches_transformers(smollm, hf_smollm):
     ref = hf_smollm[0]
     msgs = [{"role": "user", "content": "Héllo wörld! 123 — ünïcode, emoji 🎉 and    spaces."}]
