@@ -23,8 +23,11 @@ def _weights(rng, n, k):
     return quant.quantize(rng.normal(size=(n, k)).astype(np.float32) * 0.05)
 
 
-# The references run jitted, one program a shape: eagerly, each of their operations compiled on its own (the
-# kernel tests: 56 -> 13 s with cold caches).
+# The kernel and its references run jitted, one program a shape: eagerly, each of their operations compiled on its
+# own (the kernel tests: 56 -> 13 s with cold caches).
+_matmul = jax.jit(cpu_matmul.matmul)
+
+
 @jax.jit
 def _rounded_dot(x, q, s):
     return quant.dot(quant.activations(x), q, s)
@@ -45,7 +48,7 @@ def _weights4(rng, n, k):
 
 def _kernel4(x, q, s, m):
     w, s, m = quant.pack4(q, s, m)
-    return np.asarray(jax.jit(cpu_matmul.matmul)(jnp.asarray(x), w, s, None, m))
+    return np.asarray(_matmul(jnp.asarray(x), w, s, None, m))
 
 
 def _reference4(x, q, s, m):
@@ -61,7 +64,7 @@ def test_kernel_matches_its_xla_reference(m, n, k):
     q, s = _weights(rng, n, k)
     x = rng.normal(size=(m, k)).astype(np.float32)
     x[0, :32] = 0  # a group of zeros
-    got = np.asarray(jax.jit(cpu_matmul.matmul)(x, *quant.pack(q, s)))
+    got = np.asarray(_matmul(x, *quant.pack(q, s)))
     want = _reference(x, q, s)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-5)
     full = np.asarray(jax.jit(quant.dot)(x, q, s))  # two levels: near float
@@ -94,11 +97,11 @@ def test_kernel_on_any_activations(x, leading, four):
     if four:
         q, s, m = _weights4(rng, 32, x.shape[1])
         w, s4, m4 = quant.pack4(q, s, m)
-        got, want = np.asarray(jax.jit(cpu_matmul.matmul)(xs, w, s4, None, m4)), _reference4(xs, q, s, m)
+        got, want = np.asarray(_matmul(xs, w, s4, None, m4)), _reference4(xs, q, s, m)
         dense = np.asarray(jax.jit(quant.dequantize4, static_argnums=3)(q, s, m, jnp.float32))
     else:
         q, s = _weights(rng, 32, x.shape[1])
-        got, want = np.asarray(jax.jit(cpu_matmul.matmul)(xs, *quant.pack(q, s))), _reference(xs, q, s)
+        got, want = np.asarray(_matmul(xs, *quant.pack(q, s))), _reference(xs, q, s)
         dense = np.asarray(jax.jit(quant.dequantize, static_argnums=2)(q, s, jnp.float32))
     assert got.shape == (*leading, x.shape[0], 32)
     # An activation's second-level code may differ by one where it sits within float rounding of a tie (the kernel
