@@ -1,5 +1,5 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4 and D = 4 give the
-single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 8 slots; so
+single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 16 slots; so
 does the mixed mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo
 collectives; it has the shardings of one process with both axes, which is not run again), and killing process 1
 makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up
@@ -27,8 +27,10 @@ from conftest import device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
-ENGINE = ["--max-num-seqs", "8", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
-          "--decode-batch-sizes", "8"]  # one batch size per shard: fewer programs to compile
+# 16 slots: every mesh seats the 12 choices at once (on 8, D = 4's 2 slots a shard took three rounds of float32
+# decoding, each step reading 4 copies of the weights); one batch size per shard: fewer programs to compile
+ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
+          "--decode-batch-sizes", "16"]
 SERVE = r"""
 import json, os, sys
 import openai
@@ -43,7 +45,7 @@ use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)
-    rc = RunnerConfig(max_num_seqs=8, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(8,))
+    rc = RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(16,))
     for api in live_server(model, rc):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url)
@@ -77,7 +79,7 @@ def weight_layout(model) -> dict:
 
 def ask_all(url: str) -> list:
     """10 concurrent completions of 8 tokens (odd ones greedy, even ones seeded at temperature 0.9, every fifth with
-    n = 2: 12 choices on 8 slots); each request's choices' token ids."""
+    n = 2: 12 choices); each request's choices' token ids."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
