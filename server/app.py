@@ -281,6 +281,9 @@ class Server:
         except ApiError as e:
             status = e.status
             raise
+        except asyncio.CancelledError:  # the client went away (nginx's 499), or shutdown cut the call short
+            status = 503 if self.draining else 499
+            raise
         finally:
             self.active -= 1
             self._account(request.path, status, call.rid, call.reqs, call.took)

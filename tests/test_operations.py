@@ -12,21 +12,11 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import live_server
 from engine.engine import PHASES
 from server.child import spawn
-from test_server import HELLO, MODEL, http
-
-
-def metric(api, name: str, sample: str, **labels) -> float:
-    """The sum of a metric's samples named `sample` whose labels include `labels`, parsed from GET /metrics."""
-    status, text, _ = http(api, "GET", "/metrics")
-    assert status == 200
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
-    return sum(s.value for s in fams[name].samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+from test_server import HELLO, MODEL, http, metric
 
 
 def test_metrics_parse_and_count_the_requests_just_made(api, client):

@@ -8,6 +8,7 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ENGINE, SERVED_DEFAULTS
 from engine import SamplingParams
@@ -392,8 +393,21 @@ def test_32_concurrent_mixed_requests(api):
     assert api.engine.stats()["free_slots"] == 32
 
 
+def metric(api, name: str, sample: str, **labels) -> float:
+    """The sum of a metric's samples named `sample` whose labels include `labels`, parsed from GET /metrics."""
+    status, text, _ = http(api, "GET", "/metrics")
+    assert status == 200
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in fams[name].samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def test_a_client_that_disconnects_frees_its_slot(api, client):
     before = api.engine.stats()["aborted"]
+    route = "/v1/chat/completions"
+    count = lambda status: metric(api, "sparkler_requests", "sparkler_requests_total", route=route,  # noqa: E731
+                                  status=status)
+    gone, failed = count("499"), count("500")
     stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=900, stream=True,
                                             extra_body={"ignore_eos": True})
     next(iter(stream))
@@ -404,6 +418,7 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
         time.sleep(0.1)
     status, health, _ = http(api, "GET", "/health")
     assert health["free_slots"] == 32 and health["aborted"] == before + 1
+    assert (count("499"), count("500")) == (gone + 1, failed)  # nginx's "client closed request", not a server error
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
 
 
