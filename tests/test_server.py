@@ -414,7 +414,7 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
     stream.close()
     deadline = time.time() + 30
     while time.time() < deadline and not (api.engine.stats()["free_slots"] == 32 and
-                                          api.engine.stats()["aborted"] > before):
+                                          api.engine.stats()["aborted"] > before and count("499") > gone):
         time.sleep(0.1)
     status, health, _ = http(api, "GET", "/health")
     assert health["free_slots"] == 32 and health["aborted"] == before + 1
