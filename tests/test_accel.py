@@ -32,6 +32,7 @@ def _kernel(name):
 # The kernels and their reference run jitted, one program a shape: eagerly, each of their operations (an interpreted
 # kernel's too) compiled on its own, hundreds of small programs a test (these tests: 126 -> 58 s with cold caches).
 reference = jax.jit(paged.reference)
+write = jax.jit(paged.write)
 
 
 def jitted(f, *static: str):
@@ -180,7 +181,6 @@ def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
     positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
     q = jnp.asarray(rng.normal(size=(len(starts), s, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(len(starts), s, kvh, d)), jnp.float32) for _ in range(2))
-    write = jax.jit(paged.write)
     k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
     want = reference(q, k_cache, v_cache, table, positions, d ** -0.5)
     attend = jax.jit(functools.partial(backends.paged_attention, "cpu"))
@@ -207,7 +207,7 @@ def test_prefill_attention_matches_reference(gqa, s, block, ps, starts, extra, w
     positions = jnp.asarray(np.asarray(starts)[:, None] + np.arange(s)[None], jnp.int32)
     q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)), jnp.float32) for _ in range(2))
-    k_cache, v_cache = paged.write(k_cache, k, positions, table), paged.write(v_cache, v, positions, table)
+    k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
     sink = jnp.asarray(rng.normal(size=h) * 2, jnp.float32) if sinks else None
     args = (q, k, v, k_cache, v_cache, table, positions)  # each side one program (eagerly, hundreds of small ones)
     want = jax.jit(lambda q, k, v, kc, vc, t, p: paged.reference(q, kc, vc, t, p, d ** -0.5, softcap, window,
