@@ -28,6 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.layers.causal_lm import layer_groups  # noqa: E402
+
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                 rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
@@ -269,10 +271,12 @@ def hf_numbers(model, args) -> dict:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         ref = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
     ours = flat_params(model.params["params"])
+    groups = layer_groups(model.cfg, model.module.scan)
 
     def ours_at(key: str, layer: int):
-        if key not in ours:  # scanned layers: one stacked array per parameter
-            return ours[key.replace(f"layers_{layer}/", "layers/")][layer]
+        if key not in ours:  # scanned layers: one stacked array per parameter and group
+            start, _, name = next(g for g in groups if g[0] <= layer < g[1])
+            return ours[key.replace(f"layers_{layer}/", f"{name}/")][layer - start]
         return ours[key]
 
     with torch.no_grad():

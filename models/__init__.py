@@ -24,7 +24,7 @@ from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
 from models.config import ModelConfig
 from models.families import deepseek, gemma3, gpt_oss, llama, mixtral, qwen2, qwen3, qwen_moe
-from models.layers.causal_lm import CausalLM
+from models.layers.causal_lm import CausalLM, layer_groups
 from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
 from models.sharding import make_mesh, param_shardings
@@ -99,7 +99,6 @@ def build(cfg: ModelConfig, attention: str = "xla", scan: bool = True, tp: int =
     unrolled decodes ~13% faster at 32 concurrent (XLA's CPU backend copies each layer's weights out of the stack):
     `--no-scan-layers` (docs/PERFORMANCE.md)."""
     cfg = dataclasses.replace(cfg, matmul=resolve_matmul(matmul or cfg.matmul, cfg, tp=tp))
-    scan = scan and len(set(cfg.moe_layers)) <= 1  # one scanned body: dense and MoE layers mixed are unrolled
     return CausalLM(cfg, family(cfg).DecoderLayer, resolve_backend(attention, cfg, tp=tp), scan)
 
 
@@ -111,17 +110,18 @@ def with_expert_parallel(cfg: ModelConfig, dp: int, tp: int) -> ModelConfig:
     return dataclasses.replace(cfg, expert_mesh=(dp, tp))
 
 
-def stack_layers(tree: dict, num_layers: int) -> dict:
-    """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked into `layers` (leading axis = layer), each leaf
-    on a thread of a pool (numpy copies outside the GIL)."""
+def stack_layers(tree: dict, cfg: ModelConfig) -> dict:
+    """Per-layer parameters (`layers_0` ... `layers_{L-1}`) stacked by scanned group (`layer_groups`: `layers` where
+    every layer is alike; leading axis = layer), each leaf on a thread of a pool (numpy copies outside the GIL)."""
     import numpy as np
 
-    layers = [tree.pop(f"layers_{i}") for i in range(num_layers)]
-    treedef = jax.tree.structure(layers[0])
-    per_leaf = zip(*(jax.tree.leaves(layer) for layer in layers))
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        stacked = list(pool.map(np.stack, per_leaf))
-    tree["layers"] = jax.tree.unflatten(treedef, stacked)
+        for start, stop, name in layer_groups(cfg, scan=True):
+            if name == f"layers_{start}":  # a group of one layer stays unrolled
+                continue
+            layers = [tree.pop(f"layers_{i}") for i in range(start, stop)]
+            per_leaf = zip(*(jax.tree.leaves(layer) for layer in layers))
+            tree[name] = jax.tree.unflatten(jax.tree.structure(layers[0]), list(pool.map(np.stack, per_leaf)))
     return tree
 
 
@@ -225,7 +225,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         if packed:
             tree = pack_tree(tree, cfg.tie_embeddings)
         if module.scan:
-            tree = stack_layers(tree, cfg.num_layers)
+            tree = stack_layers(tree, cfg)
         tree = jax.tree.map(own, tree)
         params = jax.device_put({"params": tree}, shardings)
         if direct:

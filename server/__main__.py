@@ -62,7 +62,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="int8 and int4 products (auto: the C++ kernel on a CPU with AVX2, faster with AVX-512 VNNI, "
                          "weights kept in its layout; xla: widen the weights to float in XLA)")
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the layers under lax.scan: one layer is compiled, whatever the depth")
+                    help="run the layers under lax.scan: one layer is compiled, whatever the depth (one per "
+                         "run of dense or MoE layers where a model mixes them)")
     ap.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", dest="max_prefill_tokens", type=int,
                     default=0, help="long-prompt tokens prefilled per engine step, SGLang's --max-prefill-tokens "
                     "(vLLM's name is accepted too; 0: 512 on CPU, 16384 on GPU/TPU)")

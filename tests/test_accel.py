@@ -14,6 +14,7 @@ import torch  # noqa: F401  (before transformers)
 from helpers import our_logits
 from conftest import device_flags
 from models import ModelConfig, build, init_params, load_model, stack_layers
+from models.layers.causal_lm import layer_groups
 from models.backends import paged
 from models.backends import default_backend, resolve_backend
 
@@ -250,15 +251,22 @@ _LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64
               tie_word_embeddings=False)
 _GEMMA = dict(_LLAMA, architectures=["Gemma3ForCausalLM"], head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
               layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
+# MoE layers, a dense one, MoE again: two scanned groups (the second starting at layer 3) and an unrolled layer
+_MIXED = dict(_LLAMA, architectures=["Qwen2MoeForCausalLM"], num_hidden_layers=5, num_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[2])
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3]]
 
 
-@pytest.mark.parametrize("cfg", [_LLAMA, _GEMMA], ids=["llama", "gemma3"])
-def test_scanned_layers_match_unrolled(cfg):
+@pytest.mark.parametrize("cfg,groups", [(_LLAMA, ["layers"]), (_GEMMA, ["layers"]),
+                                        (_MIXED, ["layers_0-1", "layers_2", "layers_3-4"])],
+                         ids=["llama", "gemma3", "moe-dense-moe"])
+def test_scanned_layers_match_unrolled(cfg, groups):
     c = ModelConfig.from_hf(cfg)
     unrolled, scanned = build(c, scan=False), build(c, scan=True)
     params = init_params(unrolled, 0)
-    stacked = {"params": stack_layers(dict(jax.tree.map(np.asarray, params["params"])), c.num_layers)}
+    stacked = {"params": stack_layers(dict(jax.tree.map(np.asarray, params["params"])), c)}
+    assert [name for _, _, name in layer_groups(c, scan=True)] == groups
+    assert jax.tree.structure(stacked) == jax.tree.structure(jax.eval_shape(lambda: init_params(scanned, 0)))
     for a, b in zip(our_logits(unrolled, params, ROWS), our_logits(scanned, stacked, ROWS)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -276,11 +284,13 @@ def _equations(jaxpr) -> int:
     return n
 
 
-def test_scanned_model_traces_one_layer_body():
+@pytest.mark.parametrize("cfg", [_LLAMA, dict(_MIXED, mlp_only_layers=[0])], ids=["llama", "dense-then-moe"])
+def test_scanned_model_traces_one_layer_body(cfg):
+    """One body per group of layers of one kind, whatever the depth (a dense layer, then MoE ones: DeepSeek's)."""
     sizes = {}
     for scan in (True, False):
-        for layers in (2, 6):
-            c = ModelConfig.from_hf(dict(_LLAMA, num_hidden_layers=layers))
+        for layers in (3, 7):
+            c = ModelConfig.from_hf(dict(cfg, num_hidden_layers=layers))
             m = build(c, scan=scan)
             params = jax.eval_shape(lambda: init_params(m, 0))
             cache = paged.KVCache.zeros(c, 4, 16)
@@ -288,8 +298,8 @@ def test_scanned_model_traces_one_layer_body():
             jaxpr = jax.make_jaxpr(lambda p, ca: m.apply(p, toks, toks, jnp.ones((1, 1), jnp.int32), ca))(params,
                                                                                                            cache)
             sizes[scan, layers] = _equations(jaxpr.jaxpr)
-    assert sizes[True, 2] == sizes[True, 6]  # one layer body, whatever the depth
-    assert sizes[False, 6] > 2 * sizes[False, 2] > 0
+    assert sizes[True, 3] == sizes[True, 7]  # one layer body a group, whatever the depth
+    assert sizes[False, 7] > 2 * sizes[False, 3] > 0
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -21,6 +21,7 @@ from engine.params import SamplingParams
 from engine.runner import RunnerConfig, kv_bytes_per_token
 from models import ModelConfig, load_model
 from models.layers import mlp, moe
+from models.layers.causal_lm import layer_groups
 
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
 
@@ -172,7 +173,9 @@ def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    assert ours.module.scan == (kind in ("mixtral", "qwen3-moe", "gpt-oss"))  # mixed dense and MoE: unrolled
+    groups = {"qwen2-moe": ["layers_0", "layers_1", "layers_2"], "deepseek-v2": ["layers_0", "layers_1-2"]}
+    groups |= {"deepseek-v3": groups["deepseek-v2"], "deepseek-v3-plain": groups["deepseek-v2"]}
+    assert [g[2] for g in layer_groups(ours.cfg, ours.module.scan)] == groups.get(kind, ["layers"])
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()

@@ -20,11 +20,13 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     backend: str = "xla"
+    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index;
-        `stacks` the scanned layers' parameter stacks where packed projections read them (`layers.Linear`)."""
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
+        group (traced when scanned), `stacks` the group's parameter stacks where packed projections read them
+        (`layers.Linear`)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
 
@@ -33,7 +35,8 @@ class DecoderLayer(nn.Module):
 
         h = norm("input_layernorm")(x)
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"])
+                                                                             layer, stacks and stacks["self_attn"],
+                                                                             self.first)
         x = x + norm("post_attention_layernorm")(h)
         h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"])
         return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None

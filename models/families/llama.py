@@ -22,20 +22,24 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     backend: str = "xla"
+    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index;
-        `stacks` the scanned layers' parameter stacks where packed projections read them (`layers.Linear`)."""
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
+        group (traced when scanned), `stacks` the group's parameter stacks where packed projections and experts read
+        them (`layers.Linear`)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
         attention = MLAttention if cfg.kv_lora_rank else Attention
         h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"])
+                                                                             layer, stacks and stacks["self_attn"],
+                                                                             self.first)
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
-        return (x + feed_forward(cfg, layer)(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
+        mlp = feed_forward(cfg, self.first)  # a group's layers are all of one kind
+        return (x + mlp(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).

@@ -28,17 +28,18 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale:
 
 class Attention(nn.Module):
     """Grouped-query attention that writes this call's K/V into its layer's pages and attends over the pages in
-    `table` (`[B, n]`, or a flat batch's `paged.Flat`). `layer` is a Python int (unrolled layers) or a traced index
-    (scanned layers)."""
+    `table` (`[B, n]`, or a flat batch's `paged.Flat`). The model's index of the layer is `first + layer`: `layer` is
+    its index in its group of layers (a traced index when they are scanned), `first` the group's first layer."""
 
     cfg: ModelConfig
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None):
-        """`stacks`: the scanned layers' parameter stacks (every layer's), where packed projections read theirs
+    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0):
+        """`stacks`: the scanned group's parameter stacks (every layer's), where packed projections read theirs
         at `layer` (see `Linear`), or None."""
         cfg, dt = self.cfg, self.cfg.dtype
+        at = first + layer  # the layer's pages in the pool, and its kind
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         proj = functools.partial(projection, cfg, layer=layer, stacks=stacks)
@@ -50,7 +51,7 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
         window, inv_freq = 0, cfg.rope_global
         if cfg.sliding_window:  # this layer's kind is looked up by its index (data, when layers are scanned)
-            sliding = jnp.asarray(cfg.layer_sliding)[layer]
+            sliding = jnp.asarray(cfg.layer_sliding)[at]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
         q, k = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
@@ -60,14 +61,14 @@ class Attention(nn.Module):
             sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (h,),
                                jnp.dtype(dt))
         if isinstance(table, paged.Flat):  # one row of several sequences' tokens: each token a row of the pool
-            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
-            k_cache, v_cache = (paged.write_flat(c, x.reshape(b * s, kvh, d), positions.reshape(-1), table, layer,
+            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, at, k_cache, cfg.num_layers))
+            k_cache, v_cache = (paged.write_flat(c, x.reshape(b * s, kvh, d), positions.reshape(-1), table, at,
                                                  cfg.num_layers) for c, x in ((k_cache, k), (v_cache, v)))
             out = backends.flat_attention(self.backend, q.reshape(b * s, h, d), k_cache, v_cache, flat,
                                           positions.reshape(-1), cfg.scale, cfg.attn_softcap, window, sinks)
             out = out.reshape(b, s, h * d)
         else:
-            pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
+            pages = paged.layer_pages(table, at, k_cache, cfg.num_layers)
             k_cache = paged.write(k_cache, k, positions, pages)
             v_cache = paged.write(v_cache, v, positions, pages)
             backend = backends.call_backend(self.backend, b, cfg.matmul)

@@ -15,14 +15,30 @@ from models.config import ModelConfig
 from models.layers.linear import Linear, RMSNorm, dtype_of, int8_init, packed_params, scale_init
 
 
+def layer_groups(cfg: ModelConfig, scan: bool) -> list[tuple[int, int, str]]:
+    """The decoder layers as groups `(start, stop, name)`. Scanned, each run of consecutive layers of one kind (dense
+    or mixture of experts) is one stack under `lax.scan`: `layers` where the run is every layer, `layers_{start}-{last}`
+    otherwise, and a run of one layer stays unrolled (`layers_{start}`): DeepSeek-V3's 61 layers are two bodies to
+    compile (3 dense, 58 MoE), not 61. Unrolled, each layer is its own group."""
+    kinds = cfg.moe_layers or (False,) * cfg.num_layers
+    if not scan:
+        return [(i, i + 1, f"layers_{i}") for i in range(cfg.num_layers)]
+    starts = [i for i in range(cfg.num_layers) if i == 0 or kinds[i] != kinds[i - 1]]
+    runs = list(zip(starts, starts[1:] + [cfg.num_layers]))
+    if len(runs) == 1:
+        return [(0, cfg.num_layers, "layers")]
+    return [(a, b, f"layers_{a}" if b - a == 1 else f"layers_{a}-{b - 1}") for a, b in runs]
+
+
 class CausalLM(nn.Module):
     """Embedding, a stack of family-specific decoder layers, final norm and LM head.
 
     `__call__(tokens [B,S], positions [B,S], table [B,n], cache, last_index, all_logits)` returns
     `(logits, cache)`: logits `[B, S, V]` if `all_logits` else `[B, V]` for each row's last position. A flat batch
     (`table` a `paged.Flat`, tokens `[1, T]`) gives `[R, V]`, at each sequence's last token (`last_index`). With `scan`
-    the layers' weights are stacked (`params["layers"]`, leading axis = layer) and one layer body is traced and run
-    under `lax.scan`, so compile time does not grow with depth; without, layers are unrolled (`layers_0`, ...).
+    each run of layers of one kind has its weights stacked (leading axis = layer; `params["layers"]` where every layer
+    is alike, see `layer_groups`) and one layer body traced and run under `lax.scan`, so compile time does not grow
+    with depth; without, layers are unrolled (`layers_0`, ...).
     """
 
     cfg: ModelConfig
@@ -51,18 +67,18 @@ class CausalLM(nn.Module):
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         carry = (x, cache.k, cache.v)
-        if self.scan:
+        for start, stop, name in layer_groups(cfg, self.scan):
+            if name == f"layers_{start}":  # one layer, unrolled
+                carry, _ = self.layer_cls(cfg, self.backend, first=start, name=name)(carry, 0, positions, table)
+                continue
             stacks = None  # packed weights and experts read each layer from the whole stacks (`Linear`, `moe`)
             if (pk or cfg.num_experts) and not self.is_initializing():
-                stacks = self.variables["params"]["layers"]
+                stacks = self.variables["params"][name]
             stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=stop - start,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            carry, _ = stack(cfg, self.backend, name="layers")(carry, jnp.arange(cfg.num_layers), positions, table,
-                                                               stacks)
-        else:
-            for i in range(cfg.num_layers):
-                carry, _ = self.layer_cls(cfg, self.backend, name=f"layers_{i}")(carry, i, positions, table)
+            carry, _ = stack(cfg, self.backend, first=start, name=name)(carry, jnp.arange(stop - start), positions,
+                                                                        table, stacks)
         x, k_cache, v_cache = carry
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
         if isinstance(table, Flat):  # a flat batch: logits at each sequence's last token (`last_index [R]`)

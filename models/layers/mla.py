@@ -42,9 +42,10 @@ class MLAttention(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None):
-        """`x [B, S, H]` at `positions [B, S]`, pages `table`, the pools, this layer's index and (packed int8 or int4,
-        scanned) the parameter stacks -> `(out, k_cache, v_cache)`."""
+    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0):
+        """`x [B, S, H]` at `positions [B, S]`, pages `table`, the pools, this layer's index in its group and (packed
+        int8 or int4, scanned) the group's parameter stacks, the group's first layer -> `(out, k_cache, v_cache)`."""
+        at = first + layer  # the model's index of the layer: its pages in the pool
         cfg, dt = self.cfg, self.cfg.dtype
         b, s, _ = x.shape
         h, nope, rd, vd, r = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
@@ -71,13 +72,13 @@ class MLAttention(nn.Module):
         entry = jnp.concatenate([latent[:, :, None, :], k_rope], axis=-1)  # [B, S, 1, r + rope]: what is stored
 
         if isinstance(table, paged.Flat):  # a flat batch: each token a row of the pool (see `Attention`)
-            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, layer, k_cache, cfg.num_layers))
-            k_cache = paged.write_flat(k_cache, entry.reshape(b * s, 1, r + rd), positions.reshape(-1), table, layer,
+            flat = dataclasses.replace(table, tables=paged.layer_pages(table.tables, at, k_cache, cfg.num_layers))
+            k_cache = paged.write_flat(k_cache, entry.reshape(b * s, 1, r + rd), positions.reshape(-1), table, at,
                                        cfg.num_layers)
             out = backends.flat_attention("xla", query.reshape(b * s, h, r + rd), k_cache, k_cache, flat,
                                           positions.reshape(-1), cfg.scale)
         else:
-            pages = paged.layer_pages(table, layer, k_cache, cfg.num_layers)
+            pages = paged.layer_pages(table, at, k_cache, cfg.num_layers)
             k_cache = paged.write(k_cache, entry, positions, pages)
             out = backends.paged_attention(self.backend, query, entry, entry, k_cache, k_cache, pages, positions,
                                             cfg.scale)

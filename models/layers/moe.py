@@ -244,8 +244,8 @@ class MoE(nn.Module):
         return out.reshape(b, s, hidden)
 
 
-def feed_forward(cfg: ModelConfig, layer) -> nn.Module:
-    """Layer `layer`'s feed-forward block: `MoE` where the config routes experts, else the dense `MLP` (scanned
-    layers are all of one kind, `models.build`)."""
-    moe = cfg.moe_layers[layer if isinstance(layer, int) else 0] if cfg.moe_layers else False
+def feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward block: `MoE` where the config routes experts, else the dense `MLP` (a group of
+    scanned layers is all of one kind, `layers.causal_lm.layer_groups`)."""
+    moe = cfg.moe_layers[layer] if cfg.moe_layers else False
     return MoE(cfg, name="mlp") if moe else MLP(cfg, name="mlp")
