@@ -110,10 +110,13 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
     t = keys.shape[2]
     g = h // kvh
     qg = q.reshape(b, s, kvh, g, d).transpose(2, 0, 3, 1, 4).reshape(kvh, b, g * s, d)
-    # Decode (one query per row) as broadcast multiply-and-sum: XLA's CPU backend fuses each into one loop over the
-    # gathered pages, where the einsum became many tiny matrix products (3 query rows each); single-stream decode
-    # went from 40 to 49 tok/s (docs/PERFORMANCE.md). Prefill keeps the matrix products.
-    if s == 1:
+    # Decode with few queries per KV head as broadcast multiply-and-sum: XLA's CPU backend fuses each into one loop
+    # over the gathered pages, where the einsum became many tiny matrix products (3 query rows each); single-stream
+    # decode went from 40 to 49 tok/s (docs/PERFORMANCE.md). Prefill, and a KV head with 8 or more heads (MLA's one
+    # latent head serves all of them), keep the matrix products: XLA's library fusion of such a sum inside scanned
+    # layers ran 4x slower than the product (docs/PERFORMANCE.md, "Scanned groups of layers").
+    bcast = s == 1 and g < 8
+    if bcast:
         scores = jnp.sum(qg[:, :, :, None].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), -1) * scale
     else:
         scores = jnp.einsum("kbqd,kbtd->kbqt", qg, keys.astype(q.dtype),
@@ -133,7 +136,7 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kvh, 1, g, 1, 1), (kvh, b, g, s, 1))
         probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :t]
     probs = probs.astype(q.dtype).reshape(kvh, b, g * s, t)
-    if s == 1:
+    if bcast:
         out = jnp.sum(probs[..., None] * values[:, :, None].astype(q.dtype), axis=3)
     else:
         out = jnp.einsum("kbqt,kbtd->kbqd", probs, values.astype(q.dtype))
