@@ -102,37 +102,52 @@ def hf_numbers(path: str, new_tokens: int) -> dict:
     return out
 
 
-def moe_folder(path: str) -> str:
-    """A small Qwen3-MoE-shaped HF folder with random weights (Qwen3-30B-A3B's routing, 32 experts, top 4, shrunk:
-    8 layers, hidden 512, experts 256 wide; ~140M parameters, ~40M active per token) and the default model's
-    vocabulary size."""
+# Small mixtures of experts with random weights and the default model's vocabulary size, tied embeddings: a
+# Qwen3-MoE shape (Qwen3-30B-A3B's routing, 32 experts, top 4, shrunk: 8 layers, hidden 512, experts 256 wide; ~140M
+# parameters, ~40M active per token) and a DeepSeek-V2 one (V2-Lite's: latent attention, a dense first layer then
+# MoE ones with a shared expert, scanned in two groups; the same widths).
+MOE_SHAPES = {
+    "Qwen3-MoE": ("qwen3-moe-small", "Qwen3MoeConfig", dict(
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=32, norm_topk_prob=True)),
+    "DeepSeek-V2": ("deepseek-v2-small", "DeepseekV2Config", dict(
+        num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64)),
+}
+
+
+def moe_folder(path: str, kind: str) -> str:
+    """A `MOE_SHAPES[kind]` HF folder with random float32 weights at `path` (written once)."""
     import torch
     import transformers
 
     if not os.path.exists(os.path.join(path, "config.json")):
-        cfg = transformers.Qwen3MoeConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536,
-                                          num_hidden_layers=8,
-                                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=32,
-                                          num_experts_per_tok=4, moe_intermediate_size=256, norm_topk_prob=True,
-                                          max_position_embeddings=2048, tie_word_embeddings=True)
+        _, config, extra = MOE_SHAPES[kind]
+        cfg = getattr(transformers, config)(vocab_size=49152, hidden_size=512, intermediate_size=1536,
+                                            num_hidden_layers=8, num_experts_per_tok=4, moe_intermediate_size=256,
+                                            max_position_embeddings=2048, tie_word_embeddings=True, **extra)
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
     return path
 
 
 def moe_rows(new_tokens: int) -> list[tuple]:
-    """The MoE rows: the engine beside transformers' generate on the same small Qwen3-MoE-shaped folder."""
+    """The MoE rows: the engine beside transformers' generate on the same small folder, for each shape."""
     from models import load_model
     from models.loading.source import cache_root
 
-    path = moe_folder(os.path.join(cache_root(), "bench", "qwen3-moe-small"))
-    hf = hf_numbers(path, new_tokens)
-    e = engine_numbers(load_model(path, with_tokenizer=False), 32, new_tokens)
-    return [("MoE (small Qwen3-MoE): single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}",
-             f"{e['single'] / hf['b1']:.2f}x", ""),
-            ("MoE (small Qwen3-MoE): aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)",
-             f"{e['agg8'] / hf['b8']:.2f}x", ""),
-            ("MoE (small Qwen3-MoE): aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", "", "", "")]
+    rows = []
+    for kind, (folder, _, _) in MOE_SHAPES.items():
+        path = moe_folder(os.path.join(cache_root(), "bench", folder), kind)
+        hf = hf_numbers(path, new_tokens)
+        e = engine_numbers(load_model(path, with_tokenizer=False), 32, new_tokens)
+        name = f"MoE (small {kind})"
+        rows += [(f"{name}: single-stream decode (tok/s)", f"{e['single']:.1f}", f"{hf['b1']:.1f}",
+                  f"{e['single'] / hf['b1']:.2f}x", ""),
+                 (f"{name}: aggregate, 8 concurrent (tok/s)", f"{e['agg8']:.1f}", f"{hf['b8']:.1f} (batch 8)",
+                  f"{e['agg8'] / hf['b8']:.2f}x", ""),
+                 (f"{name}: aggregate, 32 concurrent (tok/s)", f"{e['agg32']:.1f}", "", "", "")]
+    return rows
 
 
 def main() -> None:
