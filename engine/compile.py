@@ -101,6 +101,7 @@ def _store_path(namespace: str, name: str, args: tuple, statics: dict) -> str | 
     devices = [(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()]
     flags = [getattr(jax.config, f) for f in ("jax_default_matmul_precision", "jax_enable_x64",
                                               "jax_default_prng_impl")]
+    flags.append(jax.config.read("jax_disable_most_optimizations"))  # LLVM at -O0: the same results, slower code
     key = hashlib.sha256(repr((code_version(), devices, flags, namespace, name, _signature(args, statics))).encode())
     return os.path.join(_store["dir"], key.hexdigest()[:40] + ".exe")
 

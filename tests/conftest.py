@@ -44,6 +44,28 @@ FILE_SECONDS = {"test_moe": 359, "test_accel": 249, "test_speculative": 234, "te
                 "test_page": 8}
 
 
+QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test marked `quick_compile` (tiny random models, or kernels and the sampler on small inputs, run a few
+    times) compiles with XLA's optimizations mostly off (`jax_disable_most_optimizations`: LLVM at -O0), in this
+    process and in the processes it starts: ~half the compile time, and its programs run a few times slower, which
+    for these tests costs far less. Programs of the packaged model are compiled as users get them."""
+    import jax
+
+    quick = item.get_closest_marker("quick_compile") is not None
+    jax.config.update("jax_disable_most_optimizations", quick)
+    if quick:
+        os.environ[QUICK] = "1"
+    try:
+        return (yield)
+    finally:
+        os.environ.pop(QUICK, None)
+        jax.config.update("jax_disable_most_optimizations", False)
+
+
 def pytest_collection_modifyitems(items):
     """Heaviest files first (a stable sort: each file's tests keep their order)."""
     weight = lambda item: FILE_SECONDS.get(item.path.stem, 0)  # noqa: E731

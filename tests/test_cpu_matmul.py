@@ -16,6 +16,8 @@ from models import KVCache, ModelConfig, build, init_params, quant
 from models.backends import cpu_matmul
 from models.backends.cpu_matmul import resolve_matmul
 
+pytestmark = pytest.mark.quick_compile  # tiny random models and small products: XLA optimizations off (conftest)
+
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason=f"needs {cpu_matmul.NEEDS}")
 
 

@@ -18,6 +18,8 @@ from models.sharding import make_mesh
 from test_models import _small
 from test_moe import _config
 
+pytestmark = pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
+
 PS = 4  # tokens per page: chunks start mid-page and cross pages
 A = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12]  # 12 tokens cached; its next token decodes (a rider)
 B = list(range(30, 51))  # 9 tokens cached, then a chunk of 12 from position 9

@@ -53,6 +53,7 @@ def _hf_model(kind: str, folder: str):
     return model
 
 
+@pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -112,6 +113,7 @@ def test_unused_tensor_is_an_error(tmp_path, monkeypatch):
         load_model(str(folder), with_tokenizer=False)
 
 
+@pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 def test_tensor_parallel_matches_single_device():
     code = r"""
 import numpy as np, jax
@@ -136,6 +138,7 @@ print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
 
 
+@pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 def test_random_weights_hash_draws_uniform_independent_values():
     """`init_params`' PRNG (`models.hash_prng`): uniform draws pass a chi-square test, normal ones have mean 0 and
     deviation 1, neighbours and the streams of split and folded keys are uncorrelated, and a seed gives the same

@@ -23,6 +23,8 @@ from models import ModelConfig, load_model
 from models.layers import mlp, moe
 from models.layers.causal_lm import layer_groups
 
+pytestmark = pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
+
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
 
 

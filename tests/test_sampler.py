@@ -12,6 +12,8 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
 
 from engine import sampler as smp
 
+pytestmark = pytest.mark.quick_compile  # small inputs: XLA optimizations off (conftest)
+
 V = 1000
 
 

@@ -465,6 +465,21 @@ def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(
         proc.wait(timeout=30)
 
 
+def test_a_bfloat16_server_answers():
+    """`--dtype bfloat16` serves the packaged model (XLA attention, full-precision weights)."""
+    child = spawn("--dtype", "bfloat16", "--max-num-seqs", "2", "--max-model-len", "256", "--kv-cache-gb", "0.05",
+                  "--decode-batch-sizes", "2", "--warmup", "none", timeout=600)  # compiles what the request needs
+    try:
+        assert any("(bfloat16, full-precision weights, xla attention, scanned layers)" in line for line in child.lines)
+        client = openai.OpenAI(base_url=child.url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert r.usage.completion_tokens >= 1 and r.choices[0].message.content.strip()
+    finally:
+        child.proc.terminate()
+        child.proc.wait(timeout=60)
+
+
 def test_an_engine_failure_answers_500_and_the_server_keeps_serving(api, client, monkeypatch):
     runner = api.engine.runner
     real = runner.decode
