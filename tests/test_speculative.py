@@ -200,7 +200,16 @@ def test_speculation_compiles_nothing_after_its_first_round(llm):
     assert llm.engine.runner.compiles == before
 
 
-def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm):
+@pytest.fixture(scope="module")
+def one_draft(smollm):
+    """The `llm` fixture's engine verifying drafts of one token (2 positions a row, not 17): its other programs are
+    `llm`'s (the program store), and a 32-row verify step costs about a decode step, not ~2 s."""
+    from engine import LLM
+
+    return LLM(smollm, **ENGINE, draft_tokens=1)
+
+
+def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm, one_draft):
     """Many seeds: the second token, the first one a draft proposes (from the prediction, after the first token), with
     drafts and, from other seeds, without. With drafts a seed reproduces its tokens, which are those without drafts
     (but for rare flips, see `assert_same`); the two independent samples pass a chi-square test of homogeneity at
@@ -209,9 +218,9 @@ def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm):
     pred = " the cat sat on the mat and the dog slept."
     p = lambda seed: SamplingParams(temperature=1.0, max_tokens=3, seed=seed, n=8)  # noqa: E731
     seeds = range(40)
-    with verifying_always(llm.engine):  # two tokens left: decoding them may well cost less than verifying
-        spec = llm.generate([prompt] * len(seeds), [p(s) for s in seeds], predictions=[pred] * len(seeds))
-        again = llm.generate([prompt] * 5, [p(s) for s in seeds[:5]], predictions=[pred] * 5)
+    with verifying_always(one_draft.engine):  # one token left to draft: decoding it may cost less than verifying
+        spec = one_draft.generate([prompt] * len(seeds), [p(s) for s in seeds], predictions=[pred] * len(seeds))
+        again = one_draft.generate([prompt] * 5, [p(s) for s in seeds[:5]], predictions=[pred] * 5)
     assert_same(again, spec[:5], [p(s) for s in seeds[:5]])  # a batch of 5 is computed in another order than 40
     assert_same(spec[:5], llm.generate([prompt] * 5, [p(s) for s in seeds[:5]]), [p(s) for s in seeds[:5]])
     plain = llm.generate([prompt] * len(seeds), [p(1000 + s) for s in seeds])
