@@ -34,14 +34,14 @@ def pytest_configure(config):
 
 
 # Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; a clean clone with
-# an empty cache, 2026-12-01, session 35). The files run heaviest first, so the two workers (each file stays on one)
+# an empty cache, 2026-12-01, session 38). The files run heaviest first, so the two workers (each file stays on one)
 # finish near together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist
 # orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 359, "test_accel": 249, "test_speculative": 234, "test_paging": 222, "test_mesh": 171,
-                "test_server": 124, "test_flat": 115, "test_models": 110, "test_quant": 94, "test_cpu_matmul": 92,
-                "test_operations": 75, "test_engine": 75, "test_cli": 40, "test_structured": 39, "test_apis": 29,
-                "test_sampler": 27, "test_reasoning": 24, "test_tools": 23, "test_tokenizer": 11, "test_pages": 9,
-                "test_page": 8}
+FILE_SECONDS = {"test_paging": 304, "test_moe": 297, "test_speculative": 265, "test_mesh": 201, "test_server": 178,
+                "test_accel": 159, "test_quant": 110, "test_models": 90, "test_operations": 86, "test_flat": 83,
+                "test_engine": 83, "test_cpu_matmul": 82, "test_cli": 39, "test_structured": 31, "test_apis": 30,
+                "test_reasoning": 30, "test_tools": 21, "test_sampler": 19, "test_pages": 13, "test_tokenizer": 10,
+                "test_page": 9}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
