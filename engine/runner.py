@@ -289,21 +289,31 @@ class Runner:
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
             # scores all W positions; the sampler then runs over them in order, threading the row's state (and
             # each position's grammar mask, `allowed [nb, W, words]`), and a row stays alive while each drafted
-            # token equals the token sampled before it.
+            # token equals the token sampled before it. The loop ends once no row is alive: a rejected draft costs
+            # its forward pass, not W draws (the positions not reached are not kept).
             nb, w = tokens.shape
             pos = positions[:, None] + jnp.arange(w)[None, :]
             logits, cache = forward(params, cache, tokens, pos, table, None, True)
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
+            draw = lambda j, part, live: smp.sample(jnp.take(logits, j, axis=1), sparams, part, live,  # noqa: E731
+                                                    jnp.take(allowed, j, axis=1))
+            shapes = jax.eval_shape(draw, 0, part, active)[0]
 
-            def one(carry, j):
-                part, alive = carry
+            def going(carry):
+                j, _, alive, _, _ = carry
+                return (j < w) & jnp.any(alive & (j <= ndraft))
+
+            def one(carry):
+                j, part, alive, outs, kept = carry
                 live = alive & (j <= ndraft)
-                out, part = smp.sample(logits[:, j], sparams, part, live, jnp.take(allowed, j, axis=1))
+                out, part = draw(j, part, live)
                 nxt = jnp.take(tokens, jnp.minimum(j + 1, w - 1), axis=1)
-                return (part, live & (j < ndraft) & (out.token == nxt)), (out, live)
+                outs = jax.tree.map(lambda buf, x: buf.at[j].set(x), outs, out)
+                return j + 1, part, live & (j < ndraft) & (out.token == nxt), outs, kept.at[j].set(live)
 
-            (part, _), (outs, kept) = jax.lax.scan(one, (part, active), jnp.arange(w))
+            empty = jax.tree.map(lambda x: jnp.zeros((w, *x.shape), x.dtype), shapes), jnp.zeros((w, nb), bool)
+            _, part, _, outs, kept = jax.lax.while_loop(going, one, (jnp.int32(0), part, active, *empty))
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs, kept
 
