@@ -73,8 +73,11 @@ def pytest_collection_modifyitems(items):
 
 
 # The engine settings of the `llm` fixture and the `api` server: tests that need no others use these, so each program
-# is compiled once per suite (the program store on disk serves every worker and later process).
-ENGINE = dict(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5)
+# is compiled once per suite (the program store on disk serves every worker and later process). Drafts of at most 4
+# tokens: a verify step scores 5 positions a row, not the default 17 (on this CPU a 16-row verify's forward pass is
+# compute-bound, ~0.6 s at 17 against ~0.2 at 5, and the tests force verify steps whose drafts mostly lose); the
+# default width is verified on the MoE families (test_moe).
+ENGINE = dict(max_num_seqs=32, max_model_len=1024, decode_steps=4, kv_cache_gb=0.5, draft_tokens=4)
 
 
 @pytest.fixture(scope="session")

@@ -202,11 +202,11 @@ def test_speculation_compiles_nothing_after_its_first_round(llm):
 
 @pytest.fixture(scope="module")
 def one_draft(smollm):
-    """The `llm` fixture's engine verifying drafts of one token (2 positions a row, not 17): its other programs are
-    `llm`'s (the program store), and a 32-row verify step costs about a decode step, not ~2 s."""
+    """The `llm` fixture's engine verifying drafts of one token (2 positions a row, not 5): its other programs are
+    `llm`'s (the program store), and a 32-row verify step costs about a decode step."""
     from engine import LLM
 
-    return LLM(smollm, **ENGINE, draft_tokens=1)
+    return LLM(smollm, **{**ENGINE, "draft_tokens": 1})
 
 
 def test_the_first_speculated_tokens_are_distributed_as_without_drafts(llm, one_draft):
