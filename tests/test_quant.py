@@ -32,22 +32,25 @@ def forced(llm, smollm_f32):
     """float32's own greedy continuations of `PROMPTS` (256 tokens each), and float32's logits along them. The
     default model (`llm`, quantized) drafts each continuation and one float32 pass over the rows checks every token
     at once (float32 decodes ~10 tokens/s here): a row's tokens up to its first one that is not float32's argmax
-    are float32's, that token is replaced by the argmax, and the rest is drafted again, until no token differs."""
+    are float32's, that token is replaced by the argmax, and the rest is drafted and checked again, until no token
+    differs."""
     from engine import SamplingParams
 
     greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)  # noqa: E731
     prompts = [smollm_f32.tokenizer.encode(text) for text in PROMPTS]
     rows = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, llm.generate(prompts, greedy(256)))]
+    ref, check = [None] * len(rows), list(range(len(rows)))
     for _ in range(256):
-        ref = our_logits(smollm_f32.module, smollm_f32.params, rows)
         redo = {}
-        for i, (p, row, logits) in enumerate(zip(prompts, rows, ref)):
+        for i, logits in zip(check, our_logits(smollm_f32.module, smollm_f32.params, [rows[i] for i in check])):
+            ref[i], p = logits, prompts[i]
             want = logits[len(p) - 1:-1].argmax(-1)
-            wrong = np.flatnonzero(want != np.asarray(row[len(p):]))
+            wrong = np.flatnonzero(want != np.asarray(rows[i][len(p):]))
             if wrong.size:
-                redo[i] = row[:len(p) + wrong[0]] + [int(want[wrong[0]])]
+                redo[i] = rows[i][:len(p) + wrong[0]] + [int(want[wrong[0]])]
         if not redo:
             return rows, ref
+        check = list(redo)  # the rows redrafted: the others are checked
         left = [len(rows[i]) - len(head) for i, head in redo.items()]
         outs = llm.generate([h for h, n in zip(redo.values(), left) if n], [greedy(n) for n in left if n])
         for i, head in redo.items():
