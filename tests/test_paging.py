@@ -119,9 +119,9 @@ def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothi
     from engine.grammar import grammar_text
     from engine.llm import LLM
 
-    # A short context: few prefill shapes to warm up (the decode ones are those of any context). The pool of the
-    # suite's 2-slot servers (`small_api`'s): the programs of the shapes they share come from the program store.
-    llm = LLM(smollm, max_num_seqs=2, max_model_len=128, decode_steps=4, kv_cache_gb=0.1)
+    # A short context: few prefill shapes to warm up (the decode ones are those of any context). The pool and batch
+    # size of the suite's 2-slot servers (`small_api`'s): the programs of the shapes they share come from the store.
+    llm = LLM(smollm, max_num_seqs=2, max_model_len=128, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
     eng = llm.engine
     eng.warmup()
     before = eng.runner.compiles
@@ -144,10 +144,12 @@ def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothi
 
 
 def small_engine(smollm, pages: int) -> Engine:
-    """An engine whose pool holds `pages` pages of 16 tokens (plus the scratch page)."""
+    """An engine whose pool holds `pages` pages of 16 tokens (plus the scratch page), decoding at one batch size (a
+    program for each size it passed through was ~25 s of the cold suite)."""
     per_page = 16 * 2 * smollm.cfg.num_layers * smollm.cfg.num_kv_heads * smollm.cfg.head_dim * 4
     gb = (pages + 1) * per_page / (1 << 30) + 1e-9
-    return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4))
+    return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4,
+                                       decode_batch_sizes=(16,)))
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +200,10 @@ def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
 def test_many_short_requests_beside_one_long_prompt(smollm):
     """`--max-num-seqs 32 --kv-cache-gb 0.5 --max-model-len 8192`: slots and context are independent of each other
     (the pool holds ~11k tokens, not 32 x 8192), and 96 short requests queue for the 32 slots beside a long prompt.
-    The suite's `ENGINE` slots and pool: the programs of the shapes they share come from the program store (96 slots
-    compiled a decode program for each batch size the crowd shrank through, ~40 s of the cold suite)."""
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=32, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4))
+    The suite's `ENGINE` slots and pool: the programs of the shapes they share come from the program store; one batch
+    size, not one for each the crowd shrinks through."""
+    eng = Engine(smollm, RunnerConfig(max_num_seqs=32, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4,
+                                      decode_batch_sizes=(32,)))
     assert eng.max_len == 8192 and eng.runner.slots == 32
     long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
