@@ -87,12 +87,23 @@ def code_version() -> str:
     return h.hexdigest()
 
 
+def _layout(x) -> str:
+    """Which piece of `x` each device holds. Equivalent shardings give the same layout (`P()` and `P('data')` over a
+    mesh axis of size one: an engine's sampler rows are the one at warm-up and the other after their first update),
+    and one compiled program serves both: its key must not depend on which of them a call happened to pass."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or not hasattr(x, "shape"):
+        return "None"
+    pieces = sharding.devices_indices_map(tuple(x.shape))
+    return repr(sorted((d.id, tuple((i.start, i.stop, i.step) for i in index)) for d, index in pieces.items()))
+
+
 def _signature(args: tuple, statics: dict) -> str:
-    """Every leaf's shape, dtype and sharding, the pytree structure, and the static arguments."""
+    """Every leaf's shape, dtype and layout on the devices, the pytree structure, and the static arguments."""
     leaves, tree = jax.tree.flatten(args)
     return repr((str(tree), [(getattr(x, "shape", None), str(getattr(x, "dtype", type(x).__name__)),
-                              bool(getattr(x, "weak_type", False)), str(getattr(x, "sharding", None)))
-                             for x in leaves], sorted(statics.items())))
+                              bool(getattr(x, "weak_type", False)), _layout(x)) for x in leaves],
+                 sorted(statics.items())))
 
 
 def _store_path(namespace: str, name: str, args: tuple, statics: dict) -> str | None:
