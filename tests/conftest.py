@@ -34,14 +34,14 @@ def pytest_configure(config):
 
 
 # Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; a clean clone with
-# an empty cache, 2026-12-01, session 38). The files run heaviest first, so the two workers (each file stays on one)
+# an empty cache, 2026-12-02, session 39). The files run heaviest first, so the two workers (each file stays on one)
 # finish near together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist
 # orders the files by their count of tests.
-FILE_SECONDS = {"test_paging": 304, "test_moe": 297, "test_speculative": 265, "test_mesh": 201, "test_server": 178,
-                "test_accel": 159, "test_quant": 110, "test_models": 90, "test_operations": 86, "test_flat": 83,
-                "test_engine": 83, "test_cpu_matmul": 82, "test_cli": 39, "test_structured": 31, "test_apis": 30,
-                "test_reasoning": 30, "test_tools": 21, "test_sampler": 19, "test_pages": 13, "test_tokenizer": 10,
-                "test_page": 9}
+FILE_SECONDS = {"test_moe": 295, "test_paging": 263, "test_speculative": 228, "test_mesh": 189, "test_server": 159,
+                "test_accel": 147, "test_models": 102, "test_engine": 76, "test_quant": 74, "test_flat": 73,
+                "test_operations": 73, "test_cpu_matmul": 64, "test_cli": 34, "test_reasoning": 26, "test_apis": 25,
+                "test_structured": 23, "test_sampler": 22, "test_tools": 21, "test_tokenizer": 10, "test_page": 9,
+                "test_pages": 7}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
