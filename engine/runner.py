@@ -300,9 +300,9 @@ class Runner:
                                                     jnp.take(allowed, j, axis=1))
             shapes = jax.eval_shape(draw, 0, part, active)[0]
 
-            def going(carry):
+            def going(carry):  # a row alive at j has j <= its ndraft (it was alive at j - 1 < ndraft, or j = 0)
                 j, _, alive, _, _ = carry
-                return (j < w) & jnp.any(alive & (j <= ndraft))
+                return (j < w) & jnp.any(alive)
 
             def one(carry):
                 j, part, alive, outs, kept = carry
