@@ -1,5 +1,7 @@
 """Test helpers: run our model's full-sequence logits, and HF reference pieces."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,16 +9,11 @@ import numpy as np
 from models import KVCache
 
 
-_FORWARD: dict[int, tuple] = {}
-
-
+@functools.cache
 def _forward(model_module):
     """The module's full-sequence forward pass as one program (run eagerly, it would compile each of its hundreds of
     operations on its own), one per module: a caller's later calls of the same shapes compile nothing."""
-    if id(model_module) not in _FORWARD:  # the module is kept beside its program, so its id is not reused
-        fn = jax.jit(lambda p, t, q, tb, c: model_module.apply(p, t, q, tb, c, None, True)[0])
-        _FORWARD[id(model_module)] = (model_module, fn)
-    return _FORWARD[id(model_module)][1]
+    return jax.jit(lambda p, t, q, tb, c: model_module.apply(p, t, q, tb, c, None, True)[0])
 
 
 def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
