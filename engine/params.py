@@ -7,6 +7,7 @@ import os
 
 
 DEFAULT_MAX_TOKENS = 2048
+MAX_CHOICES = 128  # the most choices (`n`) a request may ask for
 OPENAI_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
 
 
@@ -79,7 +80,7 @@ class SamplingParams:
               "repetition_penalty must be in (0, 2]", "repetition_penalty")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]", "presence_penalty")
-        check(1 <= self.n <= 128, "n must be in [1, 128]", "n")
+        check(1 <= self.n <= MAX_CHOICES, f"n must be in [1, {MAX_CHOICES}]", "n")
         check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0", "max_tokens")
         check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]", "top_logprobs")
         check(self.mirostat_target is None or self.mirostat_target > 0, "mirostat_target must be > 0",
