@@ -18,7 +18,10 @@ def device_flags(devices: int) -> str:
 import torch  # noqa: F401  (before transformers, so its models are available to the tests)
 import pytest
 
-torch.set_num_threads(2)
+# One thread: the suite's two workers keep both cores busy, and torch's threads wait for each other by spinning, so
+# two of them beside the other worker's work ran transformers' greedy reference 2.6x slower than one (a 135M model, 3
+# x 24 tokens: 19.8 s against 7.6 beside a JAX process multiplying matrices; alone, 4.9 against 8.1).
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):

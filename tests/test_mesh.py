@@ -5,6 +5,11 @@ collectives; it has the shardings of one process with both axes, which is not ru
 makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up
 error.
 
+The model is a tiny random Llama folder with the default model's tokenizer (so text round-trips): 4 query heads and 2
+KV heads, so T = 4 splits the query heads and keeps the KV heads whole, T = 2 splits both, and the MLP is split by
+either. The packaged model's 9 and 3 heads divide neither, and its float32 steps on 4 virtual devices of a 2-core CPU
+were ~3 minutes of the cold suite; a mesh's tokens do not depend on the weights' size.
+
 Under tensor parallelism the projections after attention and in the MLP sum partial products across devices (an
 all-reduce), so float32 logits differ from one device's in the last bits. A seeded draw whose uniform falls within
 that distance of a boundary between two tokens can then pick the neighbour (seen once in a few runs, at the 6th of
@@ -26,11 +31,10 @@ import pytest
 from conftest import device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = "smollm2-135m-instruct"
-# 16 slots: every mesh seats the 12 choices at once (on 8, D = 4's 2 slots a shard took three rounds of float32
-# decoding, each step reading 4 copies of the weights); one batch size per shard: fewer programs to compile
+# 16 slots: every mesh seats the 12 choices at once; one batch size per shard: fewer programs to compile
+SETTINGS = dict(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(16,))
 ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
-          "--decode-batch-sizes", "16"]
+          "--decode-batch-sizes", "16"]  # SETTINGS as `python -m server` flags
 SERVE = r"""
 import json, os, sys
 import openai
@@ -39,19 +43,18 @@ from engine.compile import use_caches
 from engine.runner import RunnerConfig
 from models import load_model
 from models.loading.source import cache_root
-from test_mesh import ask_all, weight_layout
+from test_mesh import SETTINGS, ask_all, weight_layout
 
 use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
-    model = load_model("smollm2-135m-instruct", tp=tp, dp=dp)
-    rc = RunnerConfig(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(16,))
-    for api in live_server(model, rc):
+    model = load_model(sys.argv[2], tp=tp, dp=dp)
+    for api in live_server(model, RunnerConfig(**SETTINGS)):
         key = f"{dp}x{tp}"
-        out[key] = ask_all(api.url)
+        out[key] = ask_all(api.url, model.name)
         if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one
             client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
-            ask = lambda p, **kw: client.completions.create(model="smollm2-135m-instruct", prompt=p, temperature=0,
+            ask = lambda p, **kw: client.completions.create(model=model.name, prompt=p, temperature=0,
                                                             **{"max_tokens": 2, **kw})
             prompt = "A long shared preamble about the weather in spring, " * 16
             first = ask(prompt + "0")  # every shard is empty: it goes to shard 0
@@ -77,7 +80,7 @@ def weight_layout(model) -> dict:
     return dict(weight_devices=len(weight.sharding.device_set), weight_split=weight.size // piece)
 
 
-def ask_all(url: str) -> list:
+def ask_all(url: str, model: str) -> list:
     """10 concurrent completions of 8 tokens (odd ones greedy, even ones seeded at temperature 0.9, every fifth with
     n = 2: 12 choices); each request's choices' token ids."""
     import openai
@@ -85,7 +88,7 @@ def ask_all(url: str) -> list:
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
 
     def ask(i):
-        r = client.completions.create(model=MODEL, prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
+        r = client.completions.create(model=model, prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
                                       max_tokens=8, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
                                       extra_body={"ignore_eos": True, "return_token_ids": True})
         return [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)]
@@ -105,20 +108,46 @@ def _run(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def served(smollm_f32) -> dict:
-    """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices; and one device's,
-    served from this process in float32 (the meshes' precision: `auto` keeps float32 weights under tensor
-    parallelism) on the suite's `ENGINE` settings, whose programs `llm_f32` shares. Slots and pool differ from the
-    meshes', which greedy and seeded tokens do not depend on."""
-    from conftest import ENGINE, live_server
-    from engine.runner import RunnerConfig
+def folder(tmp_path_factory, smollm) -> str:
+    """A tiny random Llama folder (float32) with the default model's tokenizer: 2 layers of 4 query and 2 KV heads,
+    logits spread enough that greedy and seeded draws are well apart from their neighbours."""
+    import shutil
 
-    out = _run(SERVE, "[[1, 4], [4, 1]]")  # (data, tp); T = 2 x D = 2 runs over two processes below
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = transformers.LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 0.08))
+    model.float().save_pretrained(path, safe_serialization=True)
+    for name in os.listdir(smollm.tokenizer.folder):
+        shutil.copy(os.path.join(smollm.tokenizer.folder, name), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(folder) -> dict:
+    """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices; and one device's,
+    served from this process on the same settings."""
+    from conftest import live_server
+    from engine.runner import RunnerConfig
+    from models import load_model
+
+    out = _run(SERVE, "[[1, 4], [4, 1]]", folder)  # (data, tp); T = 2 x D = 2 runs over two processes below
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    for api in live_server(smollm_f32, RunnerConfig(**ENGINE)):
-        got["1x1"] = ask_all(api.url)
-    got["1x1-mesh"] = weight_layout(smollm_f32)
+    model = load_model(folder)
+    for api in live_server(model, RunnerConfig(**SETTINGS)):
+        got["1x1"] = ask_all(api.url, model.name)
+    got["1x1-mesh"] = weight_layout(model)
+    got["name"] = model.name
     return got
 
 
@@ -151,9 +180,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_the_group(served, tmp_path):
+def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_the_group(served, folder, tmp_path):
     coordinator, port = _free_port(), _free_port()
-    group = ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "-tp", "2", "-dp", "2",
+    group = ["--model", folder, "--quantization", "none", "--coordinator", f"127.0.0.1:{coordinator}",
+             "--num-processes", "2", "-tp", "2", "-dp", "2",
              "--heartbeat-timeout", "5", "--warmup", "none", *ENGINE]
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "server", *group, "--process-id", str(i), "--port", str(port)],
@@ -168,7 +198,7 @@ def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_th
             except OSError:
                 assert time.monotonic() < deadline, "the group never came up"
                 time.sleep(1)
-        assert_same_tokens(ask_all(f"http://127.0.0.1:{port}"), served["1x1"], "2 processes, 2x2")
+        assert_same_tokens(ask_all(f"http://127.0.0.1:{port}", served["name"]), served["1x1"], "2 processes, 2x2")
         procs[1].send_signal(signal.SIGKILL)
         t = time.monotonic()
         rc = procs[0].wait(timeout=60)  # no hang: process 0 notices within seconds (an idle leader pings)

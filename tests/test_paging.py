@@ -119,14 +119,15 @@ def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothi
     from engine.grammar import grammar_text
     from engine.llm import LLM
 
-    # A short context: few prefill shapes to warm up (the decode ones are those of any context). The pool and batch
-    # size of the suite's 2-slot servers (`small_api`'s): the programs of the shapes they share come from the store.
-    llm = LLM(smollm, max_num_seqs=2, max_model_len=128, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
+    # A short context: few prefill shapes to warm up (two chunk sizes, 32 and 64; the decode ones are those of any
+    # context). The pool and batch size of the suite's 2-slot servers (`small_api`'s): the programs of the shapes
+    # they share come from the store.
+    llm = LLM(smollm, max_num_seqs=2, max_model_len=64, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
     eng = llm.engine
     eng.warmup()
     before = eng.runner.compiles
     rng = np.random.default_rng(6)
-    prompts = [unique_prefix(llm, 100 + i, n) for i, n in enumerate(range(3, 100, 11))]  # 9, over every bucket
+    prompts = [unique_prefix(llm, 100 + i, n) for i, n in enumerate(range(3, 56, 6))]  # 9, over both buckets
     params = [SamplingParams(temperature=float(rng.uniform(0, 1.2)), max_tokens=8, seed=i, ignore_eos=True,
                              n=1 + i % 2) for i in range(len(prompts))]
     llm.generate(prompts, params)  # misses
