@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -176,23 +177,28 @@ def gguf_metadata(reader) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
+_GGUF_LOCK = threading.Lock()  # conversion reads on a thread pool: a file is parsed once
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, stamp: tuple[int, int]):
+    """A GGUF file parsed, kept for the process's next load of it (a load of each precision converts it again);
+    `stamp` (its size and modification time) parses a changed file anew."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def _open_gguf(path: str) -> Source:
     """A GGUF file. Parsing its metadata takes seconds (the vocabulary is ~100k small fields), so the config,
     generation config and tensor names are remembered and the file is read again only to convert it or to build its
-    tokenizer."""
-    import threading
-
+    tokenizer, once a process (`_gguf_reader`)."""
     import gguf
 
-    lock = threading.Lock()  # conversion reads on a thread pool: the file is parsed once
-
-    @functools.cache
-    def parsed():
-        return gguf.GGUFReader(path)
-
     def reader():
-        with lock:
-            return parsed()
+        st = os.stat(path)
+        with _GGUF_LOCK:
+            return _gguf_reader(path, (st.st_size, st.st_mtime_ns))
 
     def metadata() -> dict[str, Any]:
         return gguf_metadata(reader())
