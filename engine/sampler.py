@@ -37,8 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-from engine.params import MAX_CHOICES
-
 CANDIDATES = 64
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
@@ -105,23 +103,31 @@ def init_state(batch: int, vocab: int) -> SamplerState:
                         jnp.zeros((batch,), jnp.int32))
 
 
-@jax.jit
-def _choice_keys(root: jax.Array) -> jax.Array:
-    """`root` folded with every choice index up to MAX_CHOICES: one fixed shape, one program, one call a request."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.arange(MAX_CHOICES, dtype=jnp.uint32))
+THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(key: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Threefry-2x32, 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; the block
+    function under JAX's threefry keys), of the uint32 counter words `x0`, `x1` under `key` `[2]`, in numpy."""
+    ks = (key[0], key[1], key[0] ^ key[1] ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
 
 
 def seed_keys(seed: int, n: int) -> list[np.ndarray]:
     """The raw keys of a request's `n` choices: its seed's (`PRNGKey(seed mod 2^32)`, which for threefry2x32, the
-    sampler's keys, is `[0, seed mod 2^32]`: written here, no device op per request), then that key folded with each
-    further choice's index, all in one call on the host's CPU device (on an accelerator an eager op waits for the
-    step in flight there; a call per choice took ~10 ms each on a 2-core CPU)."""
+    sampler's keys, is `[0, seed mod 2^32]`), then that key folded with each further choice's index (`fold_in(key,
+    i)` is the block of counter `(0, i)` under the key), all on the host: JAX's own ops would run on the engine's
+    device, and on a CPU host that is this CPU, where they wait behind the step in flight (~70 ms a request)."""
     root = np.asarray([0, seed % (1 << 32)], np.uint32)
-    if n == 1:
-        return [root]
-    with jax.default_device(jax.devices("cpu")[0]):
-        folded = np.asarray(_choice_keys(root), np.uint32)
-    return [root] + list(folded[1:n])
+    index = np.arange(1, n, dtype=np.uint32)
+    y0, y1 = threefry2x32(root, np.zeros_like(index), index)
+    return [root] + list(np.stack([y0, y1], axis=1))
 
 
 def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:

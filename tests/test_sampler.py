@@ -255,8 +255,15 @@ def test_typical_p_alone_is_exact_without_a_sort_and_matches_transformers(scale)
 
 
 def test_seed_keys_are_jax_keys_of_the_seed_and_its_choices():
-    """`seed_keys` writes a seed's threefry key itself (no device op per request); it must be JAX's own, for seeds
-    past 2^31 and 2^32 too, and further choices fold their index into it (one call for all of them)."""
+    """`seed_keys` computes a request's threefry keys on the host (no device op per request): they must be JAX's own,
+    for seeds past 2^31 and 2^32 too, and further choices fold their index into the seed's key. Its Threefry-2x32 is
+    JAX's on random keys and counters."""
+    from jax.extend.random import threefry_2x32
+
+    rng = np.random.default_rng(0)
+    key, words = rng.integers(0, 2**32, 2, np.uint32), rng.integers(0, 2**32, (2, 500), np.uint32)
+    want = np.asarray(threefry_2x32(jnp.asarray(key), jnp.asarray(words.reshape(-1))))
+    np.testing.assert_array_equal(np.concatenate(smp.threefry2x32(key, *words)), want)
     for seed in (0, 7, 2**31 + 3, 2**32 - 1, 2**40 + 9):
         root = jax.random.PRNGKey(seed % 2**32)
         want = [root] + [jax.random.fold_in(root, i) for i in (1, 2)]
@@ -264,6 +271,6 @@ def test_seed_keys_are_jax_keys_of_the_seed_and_its_choices():
         assert [k.dtype for k in got] == [np.uint32] * 3
         np.testing.assert_array_equal(np.stack(got), np.stack([jax.random.key_data(k) for k in want]))
         np.testing.assert_array_equal(smp.seed_keys(seed, 1)[0], got[0])
-        most = smp.seed_keys(seed, 128)  # the most choices a request may have: folded in the same one call
+        most = smp.seed_keys(seed, 128)  # the most choices a request may have
         assert len(most) == 128 and np.array_equal(most[:3], got)
         np.testing.assert_array_equal(most[127], jax.random.key_data(jax.random.fold_in(root, 127)))
