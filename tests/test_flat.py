@@ -77,9 +77,9 @@ def _tiny(flat: bool) -> Engine:
     cfg = _cfg("llama", max_position_embeddings=1024)
     module = build(cfg)
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
-    # 5 slots over 1,024 tokens in pages of 4 (a rider often starts a page): room for a 700-token and a 100-token
+    # 5 slots over 896 tokens in pages of 4 (a rider often starts a page): room for a 700-token and a 100-token
     # prompt beside three short streams, not for the streams' growth (preemption)
-    rc = RunnerConfig(max_num_seqs=5, max_model_len=768, kv_cache_gb=1024 * kv_bytes_per_token(model) / (1 << 30),
+    rc = RunnerConfig(max_num_seqs=5, max_model_len=768, kv_cache_gb=896 * kv_bytes_per_token(model) / (1 << 30),
                       page_size=PS, decode_steps=4, decode_batch_sizes=(5,), flat_step=flat)
     return Engine(model, rc)
 
@@ -93,8 +93,8 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
     equal those of separate calls, and the flat programs are one per token bucket, each a warm-up shape."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 700, 100)]
-    params = [SamplingParams(temperature=0, max_tokens=600, ignore_eos=True),
-              SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=400, ignore_eos=True),
+    params = [SamplingParams(temperature=0, max_tokens=400, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, n=2, max_tokens=300, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=0.7, seed=1, max_tokens=2, ignore_eos=True)]
     outs = {}
