@@ -37,14 +37,14 @@ def pytest_configure(config):
 
 
 # Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; a clean clone with
-# an empty cache, 2026-12-02, session 39). The files run heaviest first, so the two workers (each file stays on one)
-# finish near together; a file not listed counts as light. `make test` passes `--no-loadscope-reorder`, else xdist
-# orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 295, "test_paging": 263, "test_speculative": 228, "test_mesh": 189, "test_server": 159,
-                "test_accel": 147, "test_models": 102, "test_engine": 76, "test_quant": 74, "test_flat": 73,
-                "test_operations": 73, "test_cpu_matmul": 64, "test_cli": 34, "test_reasoning": 26, "test_apis": 25,
-                "test_structured": 23, "test_sampler": 22, "test_tools": 21, "test_tokenizer": 10, "test_page": 9,
-                "test_pages": 7}
+# an empty cache, 2026-12-02, session 40; test_flat and test_cli less the cuts made after it). The files run heaviest
+# first, so the two workers (each file stays on one) finish near together; a file not listed counts as light. `make
+# test` passes `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
+FILE_SECONDS = {"test_moe": 255, "test_paging": 242, "test_speculative": 221, "test_server": 183, "test_accel": 170,
+                "test_mesh": 117, "test_quant": 106, "test_operations": 94, "test_engine": 91, "test_flat": 90,
+                "test_cpu_matmul": 84, "test_models": 73, "test_cli": 40, "test_reasoning": 38, "test_apis": 36,
+                "test_tools": 30, "test_structured": 27, "test_sampler": 22, "test_tokenizer": 14, "test_page": 13,
+                "test_pages": 8}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
