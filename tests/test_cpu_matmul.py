@@ -132,11 +132,14 @@ def test_a_row_gets_the_same_bits_in_a_call_of_any_rows(four):
 
 @settings(max_examples=50, deadline=None)
 @example(np.full((1, 32), np.finfo(np.float32).tiny, np.float32))
+@example(np.array([[65.3834] + [97.67029] * 31], np.float32))  # off by 1.2e-6 of a step: float32's own rounding
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])),
                   elements=st.floats(-100, 100, width=32)))
 def test_two_level_rounding_is_within_half_a_fine_step(x):
-    """Half a fine step (a 256th of the first level's), or one where the remainder is clipped at 127 fine steps; a
-    group below quant.TINY is zeros (hypothesis found NaN there: 127 / max overflowed and the step was subnormal)."""
+    """Half a fine step (a 256th of the first level's), or one where the remainder is clipped at 127 fine steps,
+    within float32's rounding of the value (two units in its last place: near 100 that is 1.5e-5, 1% of half a fine
+    step); a group below quant.TINY is zeros (hypothesis found NaN there: 127 / max overflowed and the step was
+    subnormal)."""
     blocks = x.reshape(x.shape[0], -1, 32)
     top = np.abs(blocks).max(-1, keepdims=True)
     step, fine = top / np.float32(127), top / np.float32(127 * 256)
@@ -144,7 +147,7 @@ def test_two_level_rounding_is_within_half_a_fine_step(x):
     big = top > quant.TINY
     first = np.rint(blocks * np.where(big, np.float32(127) / np.where(big, top, 1), 0)) * step
     clipped = np.abs(blocks - first) > 127 * fine  # the remainder rounds past the second level's range
-    assert np.all(err <= np.where(clipped, fine, fine / 2) + 1e-6 * step + 1e-30)
+    assert np.all(err <= np.where(clipped, fine, fine / 2) + 2 * np.spacing(np.abs(blocks)) + 1e-30)
 
 
 def test_packed_rows_unpack_to_the_rows():
