@@ -31,25 +31,25 @@ import pytest
 from conftest import device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 16 slots: every mesh seats the 12 choices at once; one batch size per shard: fewer programs to compile
-SETTINGS = dict(max_num_seqs=16, max_model_len=256, kv_cache_gb=0.1, decode_steps=4, decode_batch_sizes=(16,))
+# 16 slots: every mesh seats the 12 choices at once; one batch size per shard: fewer programs to compile. Every mesh
+# runs these flags as `python -m server` reads them (`server.__main__.runner_config`).
 ENGINE = ["--max-num-seqs", "16", "--max-model-len", "256", "--kv-cache-gb", "0.1", "--decode-steps", "4",
-          "--decode-batch-sizes", "16"]  # SETTINGS as `python -m server` flags
+          "--decode-batch-sizes", "16"]
 SERVE = r"""
 import json, os, sys
 import openai
 from conftest import live_server
 from engine.compile import use_caches
-from engine.runner import RunnerConfig
 from models import load_model
 from models.loading.source import cache_root
-from test_mesh import SETTINGS, ask_all, weight_layout
+from server.__main__ import parse_args, runner_config
+from test_mesh import ENGINE, ask_all, weight_layout
 
 use_caches(cache_root())
 out = {}
 for dp, tp in json.loads(sys.argv[1]):
     model = load_model(sys.argv[2], tp=tp, dp=dp)
-    for api in live_server(model, RunnerConfig(**SETTINGS)):
+    for api in live_server(model, runner_config(parse_args(ENGINE))):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url, model.name)
         if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one
@@ -139,14 +139,14 @@ def served(folder) -> dict:
     """Each mesh's tokens (and layout) through the HTTP server, one process with 4 virtual devices; and one device's,
     served from this process on the same settings."""
     from conftest import live_server
-    from engine.runner import RunnerConfig
     from models import load_model
+    from server.__main__ import parse_args, runner_config
 
     out = _run(SERVE, "[[1, 4], [4, 1]]", folder)  # (data, tp); T = 2 x D = 2 runs over two processes below
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     model = load_model(folder)
-    for api in live_server(model, RunnerConfig(**SETTINGS)):
+    for api in live_server(model, runner_config(parse_args(ENGINE))):
         got["1x1"] = ask_all(api.url, model.name)
     got["1x1-mesh"] = weight_layout(model)
     got["name"] = model.name
