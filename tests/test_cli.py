@@ -29,10 +29,11 @@ def health(url: str) -> dict:
 
 @pytest.fixture()
 def served(tmp_path_factory, smollm):
-    """`sparkler serve` with every warm-up shape (`--warmup full`) and an empty program store, so its background
-    compilation runs behind the test; the converted weights and tokenizer come from the shared cache. A 64-token
-    context (the chat below fits): two prefill chunk sizes, so five first shapes to compile before serving and
-    fewer behind. Ended with its one test, so that compilation does not hold a core through the rest of the suite."""
+    """`sparkler serve` with its default weights, every warm-up shape (`--warmup full`) and an empty program store,
+    so its background compilation runs behind the test; the converted weights and tokenizer come from the shared
+    cache. A 64-token context (the chat below fits): two prefill chunk sizes, so five first shapes to compile
+    before serving and fewer behind. Ended with its one test, so that compilation does not hold a core through the
+    rest of the suite."""
     from models.loading.source import cache_root
 
     cache = tmp_path_factory.mktemp("cache")
@@ -40,14 +41,14 @@ def served(tmp_path_factory, smollm):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
     child = spawn("--max-num-seqs", "2", "--max-model-len", "64", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "full", "--quantization", "none", "--api-key", KEY, command=[SPARKLER, "serve"],
+                  "--warmup", "full", "--api-key", KEY, command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
     child.proc.terminate()
     child.proc.wait(timeout=60)
 
 
-def test_serve_answers_before_its_background_compilation_is_done_and_chat_streams_from_it(served):
+def test_serve_answers_before_its_background_compilation_is_done_and_chat_streams_from_it(served, smollm):
     import openai
 
     client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
@@ -60,7 +61,7 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
     started = re.search(r"program store (\d+) loaded, (\d+) saved", log)
     assert started and int(started[2]) >= 5 and int(started[1]) == 0  # the first shapes, compiled before serving
     assert re.search(r"warm-up: (\d+) more shapes compiling behind serving", log)
-    assert "quantization none (asked for)" in log
+    assert f"quantization {smollm.cfg.quantization} (auto: " in log  # the default, as the `smollm` fixture loads it
 
     questions = "What is the capital of France?\n/reset\nName a color.\n/exit\nnever sent\n"
     out = run("chat", "--url", served.url, "--api-key", KEY, "--temperature", "0", "--max-tokens", "8",
