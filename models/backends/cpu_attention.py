@@ -30,13 +30,18 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     return chunk(q[:, None], k_pages, v_pages, table, lengths[:, None])[:, 0]
 
 
-def chunk(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array) -> jax.Array:
+def chunk(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
+          lse: bool = False):
     """`S` pre-scaled queries per row, `q [B, S, h, d]`, query `i` of row `b` over the first `lengths [B, S]` keys
     of the row's pages (a chunk whose keys are in the pool already: its causal mask is the lengths); `[B, S, h, d]`.
-    Each key is read once for all of a row's queries (a verify pass: a row's last token and its draft)."""
+    Each key is read once for all of a row's queries (a verify pass: a row's last token and its draft). With `lse`,
+    also each output's log-normaliser `[B, S, h]` (the log of its softmax's sum of exponentials), for merging with
+    attention over other keys."""
     if not available():
         raise RuntimeError("the cpu attention backend needs a C++ compiler (g++) to build its kernel")
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, f32), vmap_method="sequential")
-    return call(q.astype(f32), k_pages.astype(f32), v_pages.astype(f32), table.astype(jnp.int32),
-                lengths.astype(jnp.int32)).astype(q.dtype)
+    shapes = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(q.shape[:3], f32))
+    call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential")
+    out, norm = call(q.astype(f32), k_pages.astype(f32), v_pages.astype(f32), table.astype(jnp.int32),
+                     lengths.astype(jnp.int32))
+    return (out.astype(q.dtype), norm) if lse else out.astype(q.dtype)

@@ -5,7 +5,9 @@
 // its sequence, stored in the pool pages `table[b, :]` of `k`/`v [kvh, pages, page_size, d]` (float32): the
 // chunk's own keys are already in the pool, so its causal mask is that length. Each (row, KV head) pair is one
 // task: one pass over the row's pages, each key and value read once for all of the group's `S * h / kvh` queries
-// (see `Task`). Tasks are shared with XLA's intra-op pool (`parallel.h`).
+// (see `Task`). Tasks are shared with XLA's intra-op pool (`parallel.h`). Beside each output vector it writes the log
+// of its softmax's normaliser, `lse [B, S, h]`, so that a caller can merge it with attention over other keys (a
+// prefill chunk's earlier positions read here, its own keys in XLA: `models.backends.paged.prefill`).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,7 +36,7 @@ typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 struct Shared {
   const float *q, *k, *v;
   const int32_t *table, *lengths;
-  float* out;
+  float *out, *lse;
   int64_t rows, queries, heads, kv_heads, pages, page_size, dim, width;
 };
 
@@ -150,11 +152,15 @@ void Task(const Shared& s, int64_t task) {
   const int64_t nq = s.queries, n = nq * g, np = (n + kLanes - 1) / kLanes * kLanes;
   lens.assign(np, 0);  // each lane's keys (its query's causal length); padding lanes score nothing
   at.resize(n);        // each lane's offset in q and out
-  int64_t len = 1;
+  int64_t len = 0;  // a query of length 0 attends to nothing: its output is 0, its log-normaliser kFloor
   for (int64_t c = 0; c < n; ++c) {
-    lens[c] = std::min<int64_t>(std::max<int32_t>(s.lengths[b * nq + c / g], 1), s.width * ps);
+    lens[c] = std::min<int64_t>(std::max<int32_t>(s.lengths[b * nq + c / g], 0), s.width * ps);
     len = std::max<int64_t>(len, lens[c]);
     at[c] = ((b * nq + c / g) * s.heads + kh * g + c % g) * d;
+  }
+  if (len == 0) {  // nothing to attend (a prefill chunk's earlier positions, at the start of its prompt)
+    for (int64_t c = 0; c < n; ++c) std::fill(s.out + at[c], s.out + at[c] + d, 0.f), s.lse[at[c] / d] = kFloor;
+    return;
   }
   const bool wide = n >= kLanes;  // many lanes: kLanes of them scored at once over the transposed queries
   if (wide) {  // the queries transposed, each lane's length as a float, the factor a page shrinks its sums by
@@ -230,13 +236,16 @@ void Task(const Shared& s, int64_t task) {
       total[c] = total[c] * rescale + sum;
     }
   }
-  for (int64_t c = 0; c < n; ++c)
-    for (int64_t e = 0; e < d; ++e) s.out[at[c] + e] = acc[c * d + e] / total[c];
+  for (int64_t c = 0; c < n; ++c) {
+    const float inv = total[c] > 0.f ? 1.f / total[c] : 0.f;
+    for (int64_t e = 0; e < d; ++e) s.out[at[c] + e] = acc[c * d + e] * inv;
+    s.lse[at[c] / d] = total[c] > 0.f ? top[c] + std::log(total[c]) : kFloor;
+  }
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lengths,
-                           ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions(), ld = lengths.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || ld.size() != 2 || qd[3] != kd[3] || qd[2] % kd[0] != 0 ||
       ld[0] != qd[0] || ld[1] != qd[1])
@@ -244,7 +253,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         "decode_attention: shapes do not match q [B,S,h,d], kv [kvh,P,ps,d], lengths [B,S]");
   Shared s;
   s.q = q.typed_data(), s.k = k.typed_data(), s.v = v.typed_data();
-  s.table = table.typed_data(), s.lengths = lengths.typed_data(), s.out = out->typed_data();
+  s.table = table.typed_data(), s.lengths = lengths.typed_data();
+  s.out = out->typed_data(), s.lse = lse->typed_data();
   s.rows = qd[0], s.queries = qd[1], s.heads = qd[2], s.dim = qd[3];
   s.kv_heads = kd[0], s.pages = kd[1], s.page_size = kd[2], s.width = td[1];
   int64_t keys = 0;  // work in keys read: below kMinShared the wake-up of a helper costs more than it saves
@@ -264,4 +274,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparklerDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
