@@ -433,7 +433,8 @@ class Runner:
         the rest behind."""
         nb = self.dp * self.batch_buckets[0]  # the rows a first request's draw and decode run at
         prefill = ([self._flat_job(size) for size in self.flat_buckets if size <= BATCHED_PREFILL] if self.flat else
-                   [self._prefill_job(self.dp, size, size) for size in self.prefill_buckets if size <= BATCHED_PREFILL])
+                   [self._prefill_job(self.dp, size, self.covered(0, size)) for size in self.prefill_buckets
+                    if size <= BATCHED_PREFILL])
         return (prefill + [self._first_job(nb), self._rows_job(1),
                    self._decode_job(nb, self.attended(self.batch_buckets[0], 1), self.rc.decode_steps)])
 
@@ -518,7 +519,10 @@ class Runner:
         """Positions a prefill's table covers for a chunk of `size` (a bucket) at `start`: the chunk after the
         earlier positions rounded up to an attended-length bucket (none at the start of a prompt), so attention
         reads the earlier keys from at most that bucket and the chunk's own from no page (`models.backends.paged.
-        prefill`)."""
+        prefill`). The `cpu` kernel reads the earlier keys by length, so there it is the whole context: one program
+        per chunk size and rows, whatever the start."""
+        if backends.reads_by_length(self.model.module.backend, 1, size, self.model.cfg.matmul):
+            return self.max_len
         return size + (bucket(start, self.attend) if start else 0)
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):

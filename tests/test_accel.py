@@ -193,6 +193,34 @@ def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
     assert np.isfinite(np.asarray(attend(q, k, v, k_cache, v_cache, table, free, d ** -0.5))).all()
 
 
+@pytest.mark.parametrize("h,kvh,d", GQA)
+@pytest.mark.parametrize("s", [32, 48])
+def test_cpu_prefill_reads_the_earlier_positions_by_length_like_the_reference(h, kvh, d, s):
+    """A prefill chunk through the `cpu` backend (its own keys in XLA's causal blocks, its earlier positions through
+    the kernel, by length, merged by their log-normalisers): chunks starting at 0 (no earlier keys: the kernel's
+    part must not count), mid-page and on a page boundary, and a call whose rows all start a prompt (the branch
+    without the kernel), over a table as wide as the whole context, against `paged.reference` over the pages the
+    chunk needs."""
+    from models import backends
+
+    assert s > backends.CPU_CHUNK
+    rng = np.random.default_rng(h * 100 + s)
+    ps, pages, wide = 16, 64, 12  # every row's table as wide as a 192-token context, past its chunk unwritten
+    attend = jax.jit(functools.partial(backends.paged_attention, "cpu"))
+    for starts in (np.array([0, 13, 32, 70]), np.zeros(4, int)):
+        n = -(-(int(starts.max()) + s) // ps)
+        table = jnp.asarray(1 + rng.permutation(pages - 1)[:len(starts) * wide].reshape(len(starts), wide),
+                            jnp.int32)
+        k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
+        positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
+        q = jnp.asarray(rng.normal(size=(len(starts), s, h, d)), jnp.float32)
+        k, v = (jnp.asarray(rng.normal(size=(len(starts), s, kvh, d)), jnp.float32) for _ in range(2))
+        k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
+        want = reference(q, k_cache, v_cache, table[:, :n], positions, d ** -0.5)
+        got = attend(q, k, v, k_cache, v_cache, table, positions, d ** -0.5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+
+
 @settings(max_examples=10, deadline=None)
 @given(gqa=st.sampled_from(GQA[:3]), s=st.sampled_from([2, 16, 24, 48]), block=st.sampled_from([8, 16]),
        ps=st.sampled_from([4, 16]), starts=st.lists(st.integers(0, 40), min_size=1, max_size=3),

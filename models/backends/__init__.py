@@ -1,8 +1,8 @@
 """Attention and matmul backends, each kernel beside the reference it is tested against.
 
-- `paged`: the paged KV cache and the plain-XLA attention over it (the reference, and every prefill);
+- `paged`: the paged KV cache and the plain-XLA attention over it (the reference, and prefill's causal blocks);
 - `cpu_attention` (C++), `pallas_gpu` and `pallas_tpu`: attention kernels over the same pool (decode; `pallas_gpu`
-  also chunks of queries, `ragged`);
+  also chunks of queries, `ragged`; `cpu_attention` verify chunks and a prefill chunk's earlier positions);
 - `cpu_matmul`: the int8 and int4 C++ matmul kernel (its references are `models.quant.dot` and `dot4`); `native`
   builds the C++ in `csrc/`.
 
@@ -19,26 +19,29 @@ from models.backends import paged
 from models.config import ModelConfig
 
 BACKENDS = ("xla", "cpu", "pallas-gpu", "pallas-tpu")
-# Chunks of at most this many queries per row go through the `cpu` kernel (which reads each key once for all of a
+# Chunks of at most this many queries per row go through the `cpu` kernel whole (it reads each key once for all of a
 # row's queries and scores only up to each query's length) rather than `paged.prefill`: verify passes (K + 1 = 17
 # positions by default: a SmolLM2 forward over 17 positions at an ~800-token context, 42 -> 33 ms on an AVX-512 host;
-# on an AVX2 one the attention of such a pass takes 0.36x the reference's time, docs/PERFORMANCE.md). Prefill chunks
-# (32 tokens and up) stay on `paged.prefill`.
+# on an AVX2 one the attention of such a pass takes 0.36x the reference's time, docs/PERFORMANCE.md). A prefill chunk
+# (32 tokens and up) attends over its own keys in XLA (`paged.prefill`'s causal blocks: several times faster than the
+# kernel there) and over its earlier positions through the kernel, by length (0.4-0.6x the time of gathering their
+# pages for XLA), so that one program serves a chunk at any start.
 CPU_CHUNK = 24
 
 
-def call_backend(backend: str, rows: int, matmul: str) -> str:
-    """The backend a call of `rows` rows (per shard) runs: one row over XLA's float products takes the reference
-    instead of the `cpu` kernel (XLA fuses it with them; around the kernel the next projection ran ~5x slower,
-    99 -> 78 tok/s)."""
-    return "xla" if backend == "cpu" and rows == 1 and matmul != "cpu" else backend
+def call_backend(backend: str, rows: int, matmul: str, queries: int = 1) -> str:
+    """The backend a call of `rows` rows (per shard) of `queries` queries runs: one row of a few queries over XLA's
+    float products takes the reference instead of the `cpu` kernel (XLA fuses it with them; around the kernel the
+    next projection ran ~5x slower, 99 -> 78 tok/s)."""
+    few = rows == 1 and queries <= CPU_CHUNK
+    return "xla" if backend == "cpu" and few and matmul != "cpu" else backend
 
 
 def reads_by_length(backend: str, rows: int, queries: int, matmul: str) -> bool:
-    """Whether a call's attention reads each row's keys up to its length alone, whatever its table's width: the
-    `cpu` kernel, for decode and chunks of up to `CPU_CHUNK` queries (the reference and `paged.prefill` work over the
+    """Whether a call's attention reads each row's keys (a prefill chunk: its earlier positions) up to its length
+    alone, whatever its table's width: the `cpu` kernel (the reference and the other kernels' chunks work over the
     whole table)."""
-    return call_backend(backend, rows, matmul) == "cpu" and queries <= CPU_CHUNK
+    return call_backend(backend, rows, matmul, queries) == "cpu"
 
 
 def default_backend(platform: str | None = None) -> str:
@@ -81,11 +84,14 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
                     table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
                     sinks: jax.Array | None = None) -> jax.Array:
     """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
-    (S > 1) runs `pallas_gpu.ragged` on `pallas-gpu`, the `cpu` kernel for its short chunks (a verify pass), else
-    `paged.prefill`; decode (one query per row) runs the kernels, or `paged.reference` for the `xla` backend, a
-    window, soft-capping or sinks. Other arguments as `paged.reference`."""
+    (S > 1) runs `pallas_gpu.ragged` on `pallas-gpu`, the `cpu` kernel for its short chunks (a verify pass) and the
+    earlier positions of its long ones (`paged.prefill` for the rest), else `paged.prefill`; decode (one query per
+    row) runs the kernels, or `paged.reference` for the `xla` backend, a window, soft-capping or sinks. Other
+    arguments as `paged.reference`."""
     b, s, h, d = q.shape
     plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    if s > CPU_CHUNK and backend == "cpu" and plain:
+        return _cpu_prefill(q, k, v, k_cache, v_cache, table, positions, scale)
     if s > 1 and backend == "pallas-gpu" and plain:  # each row a sequence of `s` queries in one flat batch
         out = _ragged(q.reshape(b * s, h, d), k_cache, v_cache, table, positions[:, 0].astype(jnp.int32),
                       jnp.full((b,), s, jnp.int32), scale)
@@ -109,6 +115,18 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
         native = "tpu"
     interpret = jax.default_backend() != native  # elsewhere (a CPU, say) the kernel runs in Pallas' interpreter
     return kernel.decode(qs[:, 0], k_cache, v_cache, table, lengths[:, 0], interpret).reshape(b, 1, h * d)
+
+
+def _cpu_prefill(q, k, v, k_cache, v_cache, table, positions, scale: float) -> jax.Array:
+    """A prefill chunk on the `cpu` backend: `paged.prefill` over its own keys, merged with its earlier positions,
+    which the kernel reads up to each row's start (none at the start of a prompt), whatever the table's width."""
+    from models.backends import cpu_attention
+
+    b, s = positions.shape
+    start = jnp.broadcast_to(positions[:, :1].astype(jnp.int32), (b, s))
+    prior = lambda: cpu_attention.chunk(q * jnp.asarray(scale, q.dtype), k_cache, v_cache, table, start,  # noqa: E731
+                                        lse=True)
+    return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, prior=prior)
 
 
 def flat_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, flat: paged.Flat,

@@ -178,13 +178,16 @@ def _merge(x, y):
 
 def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
             positions: jax.Array, scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
-            block: int = 128) -> jax.Array:
+            block: int = 128, prior=None) -> jax.Array:
     """`reference` for a chunk of consecutive positions per row (a prefill), in two parts merged by their softmax
     statistics: the chunk's queries over its own keys `k`/`v [B, S, kvh, d]`, taken as computed, in causal blocks
     of `block` queries that skip the keys after the block; and over the row's earlier positions, read from the pages
     of `table` (the first `table` width minus `S` positions; none when the table covers only the chunk, as in a
     fresh prompt's first chunk). A 512-token first chunk does 10/16 of `reference`'s score work and no page gather.
-    `sinks` join the merged statistics last. Arguments and result as `reference`."""
+    `sinks` join the merged statistics last. Arguments and result as `reference`. `prior`, when given, computes the
+    part over the earlier positions elsewhere, whatever the table's width: a function returning each query's output
+    `[B, S, h, d]` and log-normaliser `[B, S, h]` (`NEG_INF` where there are none), as the `cpu` kernel reads them
+    by length; it runs only when a row has earlier positions."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -193,7 +196,8 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
     q_pos = jnp.repeat(positions, g, axis=1)
     ps = k_cache.shape[2]
     before = -(-(table.shape[1] * ps - s) // ps) if table.shape[1] * ps > s else 0  # pages that may hold them
-    if before:
+    given, prior = prior, None  # normalised already: weighed against the chunk's normalised output at the end
+    if given is None and before:
         t = before * ps
         k_pos = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         prior = _part(qg, gather(k_cache, table[:, :before]), gather(v_cache, table[:, :before]), q_pos, k_pos,
@@ -203,16 +207,28 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
     if sinks is not None:  # one more part per row: a key of the head's sink logit with a zero value
         sink = jnp.tile(sinks.astype(jnp.float32).reshape(kvh, 1, g), (1, block, 1)).reshape(kvh, 1, block * g)
         sink = (sink, jnp.ones_like(sink), 0.0)  # row = position * g + head, as in `qg`
-    outs = []
+    outs, norms = [], []
     for i in range(s // block):
         lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
         part = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
                      ones[:, :end], scale, softcap, window)
-        if before:  # cached part first: XLA fuses `a * x + c * y` into an FMA, so the order sets the rounding
+        if prior is not None:  # cached part first: XLA fuses `a * x + c * y` into an FMA: the order sets the rounding
             part = _merge(tuple(x[:, :, lo:hi] for x in prior), part)
         if sinks is not None:
             part = _merge(part, sink)
         top, total, out = part
         outs.append(out / total[..., None])
-    out = jnp.concatenate(outs, axis=2).astype(q.dtype)
-    return out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h * d)
+        norms.append(top + jnp.log(total))
+    out = jnp.concatenate(outs, axis=2)
+    out = out if given is not None else out.astype(q.dtype)  # (weighed in float32)
+    out = out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h, d)
+    if given is not None:
+        lse = jnp.concatenate(norms, axis=2).reshape(kvh, b, s, g).transpose(1, 2, 0, 3).reshape(b, s, h)
+
+        def weigh(out):  # each part by its share of the two normalisers (merging the parts' sums inside the blocks
+            o, lse0 = given()  # instead made XLA's CPU backend take ~1.6x the blocks' time, even for a constant part)
+            both = jnp.logaddexp(lse0, lse)
+            return jnp.exp(lse0 - both)[..., None] * o.astype(jnp.float32) + jnp.exp(lse - both)[..., None] * out
+
+        out = jax.lax.cond(jnp.any(positions[:, 0] > 0), weigh, lambda out: out, out)  # none: a prompt's start
+    return out.astype(q.dtype).reshape(b, s, h * d)

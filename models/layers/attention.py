@@ -71,7 +71,7 @@ class Attention(nn.Module):
             pages = paged.layer_pages(table, at, k_cache, cfg.num_layers)
             k_cache = paged.write(k_cache, k, positions, pages)
             v_cache = paged.write(v_cache, v, positions, pages)
-            backend = backends.call_backend(self.backend, b, cfg.matmul)
+            backend = backends.call_backend(self.backend, b, cfg.matmul, s)
             out = backends.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
                                             cfg.attn_softcap, window, sinks)
         out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.o_bias)
