@@ -36,15 +36,15 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; a clean clone with
-# an empty cache, 2026-12-02, session 40; test_flat and test_cli less the cuts made after it). The files run heaviest
-# first, so the two workers (each file stays on one) finish near together; a file not listed counts as light. `make
-# test` passes `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 255, "test_paging": 242, "test_speculative": 221, "test_server": 183, "test_accel": 170,
-                "test_mesh": 117, "test_quant": 106, "test_operations": 94, "test_engine": 91, "test_flat": 90,
-                "test_cpu_matmul": 84, "test_models": 73, "test_cli": 40, "test_reasoning": 38, "test_apis": 36,
-                "test_tools": 30, "test_structured": 27, "test_sampler": 22, "test_tokenizer": 14, "test_page": 13,
-                "test_pages": 8}
+# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; `make test` in a
+# fresh clone with an empty cache, 2026-12-02, session 41). The files run heaviest first, so the two workers (each
+# file stays on one) finish near together; a file not listed counts as light. `make test` passes
+# `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
+FILE_SECONDS = {"test_moe": 273, "test_paging": 244, "test_server": 179, "test_accel": 175, "test_speculative": 168,
+                "test_mesh": 117, "test_operations": 78, "test_models": 71, "test_flat": 71, "test_quant": 70,
+                "test_engine": 63, "test_cpu_matmul": 55, "test_cli": 29, "test_reasoning": 28, "test_structured": 26,
+                "test_apis": 21, "test_sampler": 21, "test_tools": 19, "test_tokenizer": 14, "test_page": 12,
+                "test_pages": 7}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
