@@ -1,7 +1,10 @@
 """Decode attention on the CPU as a decode step meets it: 30 layers, each over its own pool pages, so nothing read by
 one layer is in cache for the next (the weights stream through between them). Prints a markdown table of the `cpu`
 kernel beside the XLA reference, time per layer and the K/V bytes read per second: decode (one query per row) and a
-verify pass (17 queries per row, each over its own causal length). Not a test: numbers are noisy.
+verify pass (17 queries per row, each over its own causal length). A second table times prefill chunks on the `cpu`
+backend (the earlier positions through the kernel, by length) beside `paged.prefill` over their gathered pages (the
+table cut to the attended-length bucket of the chunk's start, as the `xla` backend runs it). Not a test: numbers
+are noisy.
 
     .venv/bin/python bench/cpu_attention.py [--heads 9 --kv-heads 3 --dim 64]
 """
@@ -19,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models import backends  # noqa: E402
 from models.backends import cpu_attention, paged  # noqa: E402
 
 LAYERS, PAGE = 30, 16
@@ -70,6 +74,41 @@ def main() -> None:
         read = rows * context * kvh * d * 4 * 2
         print(f"| {rows} x {queries} x {context} | {t * 1e6:.1f} | {read / t / 1e9:.2f} | {ref * 1e6:.1f} | "
               f"{ref / t:.1f}x |", flush=True)
+    print("\n| prefill chunk (one row) | cpu: earlier positions by the kernel (us/layer) | xla: pages gathered "
+          "(us/layer) | cpu / xla |")
+    print("| --- | ---: | ---: | ---: |")
+    for start, size in [(0, 512), (512, 512), (1536, 512), (512, 128)]:
+        t = prefill_layer("cpu", start, size, h, kvh, d)
+        ref = prefill_layer("xla", start, size, h, kvh, d)
+        print(f"| {size} tokens from {start} | {t * 1e6:.1f} | {ref * 1e6:.1f} | {t / ref:.2f} |", flush=True)
+
+
+def prefill_layer(backend: str, start: int, size: int, heads: int, kv_heads: int, dim: int, reps: int = 5) -> float:
+    """Median seconds of one layer's attention for a prefill chunk of `size` queries from position `start` (one row,
+    every layer on its own pages, each layer's queries different so that XLA cannot share their work)."""
+    rng = np.random.default_rng(0)
+    width = -(-(start + size) // PAGE)
+    if backend == "xla":  # the table the engine gives the `xla` backend: the chunk after its start's bucket
+        width = -(-(size + (max(128, 1 << (start - 1).bit_length()) if start else 0)) // PAGE)
+    pages = LAYERS * width + 1
+    k, v = (jnp.asarray(rng.standard_normal((kv_heads, pages, PAGE, dim), dtype=np.float32)) for _ in range(2))
+    tables = jnp.asarray(1 + rng.permutation(pages - 1).reshape(LAYERS, 1, width), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((1, size, heads, dim)), jnp.float32)
+    own = jnp.asarray(rng.standard_normal((1, size, kv_heads, dim)), jnp.float32)
+    positions = jnp.arange(start, start + size, dtype=jnp.int32)[None]
+
+    @jax.jit
+    def step(q, own, tables, k, v):
+        return sum(backends.paged_attention(backend, q + i, own + i, own, k, v, tables[i], positions, 0.125).sum()
+                   for i in range(LAYERS))
+
+    step(q, own, tables, k, v).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step(q, own, tables, k, v).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / LAYERS
 
 
 if __name__ == "__main__":
