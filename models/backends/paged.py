@@ -196,12 +196,12 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
     q_pos = jnp.repeat(positions, g, axis=1)
     ps = k_cache.shape[2]
     before = -(-(table.shape[1] * ps - s) // ps) if table.shape[1] * ps > s else 0  # pages that may hold them
-    given, prior = prior, None  # normalised already: weighed against the chunk's normalised output at the end
-    if given is None and before:
+    cached = None  # the earlier positions' statistics, from the pages gathered here
+    if prior is None and before:
         t = before * ps
         k_pos = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-        prior = _part(qg, gather(k_cache, table[:, :before]), gather(v_cache, table[:, :before]), q_pos, k_pos,
-                      k_pos < positions[:, :1], scale, softcap, window)
+        cached = _part(qg, gather(k_cache, table[:, :before]), gather(v_cache, table[:, :before]), q_pos, k_pos,
+                       k_pos < positions[:, :1], scale, softcap, window)
     block = block if s % block == 0 else s
     kc, vc, ones = rows(k), rows(v), jnp.ones((b, s), bool)
     if sinks is not None:  # one more part per row: a key of the head's sink logit with a zero value
@@ -212,21 +212,21 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
         lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
         part = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
                      ones[:, :end], scale, softcap, window)
-        if prior is not None:  # cached part first: XLA fuses `a * x + c * y` into an FMA: the order sets the rounding
-            part = _merge(tuple(x[:, :, lo:hi] for x in prior), part)
+        if cached is not None:  # cached part first: XLA fuses `a * x + c * y` into an FMA: the order sets the rounding
+            part = _merge(tuple(x[:, :, lo:hi] for x in cached), part)
         if sinks is not None:
             part = _merge(part, sink)
         top, total, out = part
         outs.append(out / total[..., None])
         norms.append(top + jnp.log(total))
     out = jnp.concatenate(outs, axis=2)
-    out = out if given is not None else out.astype(q.dtype)  # (weighed in float32)
+    out = out if prior is not None else out.astype(q.dtype)  # (weighed in float32)
     out = out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h, d)
-    if given is not None:
+    if prior is not None:  # normalised already: weighed against the chunk's normalised output
         lse = jnp.concatenate(norms, axis=2).reshape(kvh, b, s, g).transpose(1, 2, 0, 3).reshape(b, s, h)
 
         def weigh(out):  # each part by its share of the two normalisers (merging the parts' sums inside the blocks
-            o, lse0 = given()  # instead made XLA's CPU backend take ~1.6x the blocks' time, even for a constant part)
+            o, lse0 = prior()  # instead made XLA's CPU backend take ~1.6x the blocks' time, even for a constant part)
             both = jnp.logaddexp(lse0, lse)
             return jnp.exp(lse0 - both)[..., None] * o.astype(jnp.float32) + jnp.exp(lse - both)[..., None] * out
 
