@@ -28,6 +28,17 @@ from models.backends import cpu_attention, paged  # noqa: E402
 LAYERS, PAGE = 30, 16
 
 
+def per_layer_of(step, args: tuple, reps: int) -> float:
+    """Median seconds of one of `step`'s LAYERS layers over `reps` calls, after a first call that compiles it."""
+    step(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / LAYERS
+
+
 def per_layer(fn, rows: int, context: int, queries: int, heads: int, kv_heads: int, dim: int, reps: int = 7) -> float:
     """Median seconds of one layer's attention for `rows` rows of `queries` queries, the last at `context` keys."""
     rng = np.random.default_rng(0)
@@ -43,13 +54,7 @@ def per_layer(fn, rows: int, context: int, queries: int, heads: int, kv_heads: i
     def step(q, tables, k, v):
         return sum(fn(q, k, v, tables[i], lengths).sum() for i in range(LAYERS))
 
-    step(q, tables, k, v).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step(q, tables, k, v).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / LAYERS
+    return per_layer_of(step, (q, tables, k, v), reps)
 
 
 def main() -> None:
@@ -102,13 +107,7 @@ def prefill_layer(backend: str, start: int, size: int, heads: int, kv_heads: int
         return sum(backends.paged_attention(backend, q + i, own + i, own, k, v, tables[i], positions, 0.125).sum()
                    for i in range(LAYERS))
 
-    step(q, own, tables, k, v).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step(q, own, tables, k, v).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / LAYERS
+    return per_layer_of(step, (q, own, tables, k, v), reps)
 
 
 if __name__ == "__main__":
