@@ -166,6 +166,19 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         assert "xla.gpu.triton" in decode, (h, kvh, d)
 
 
+def _chunks(rng, h, kvh, d, starts, s, width, ps=16, pages=64):
+    """A chunk of `s` queries per row from each of `starts`, its keys and values written to a one-layer pool of
+    random pages, each row's table `width` pages of its own: `(q, k, v, k_cache, v_cache, table, positions)`."""
+    b = len(starts)
+    table = jnp.asarray(1 + rng.permutation(pages - 1)[:b * width].reshape(b, width), jnp.int32)
+    k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
+    positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s, kvh, d)), jnp.float32) for _ in range(2))
+    k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
+    return q, k, v, k_cache, v_cache, table, positions
+
+
 @pytest.mark.parametrize("h,kvh,d", GQA)
 @pytest.mark.parametrize("s", [2, 17, 24])
 def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
@@ -176,15 +189,9 @@ def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
 
     assert s <= backends.CPU_CHUNK
     rng = np.random.default_rng(h * 100 + s)
-    ps, pages = 16, 64
-    starts = np.array([0, 13, 32, 70])
+    ps, starts = 16, np.array([0, 13, 32, 70])
     n = -(-(int(starts.max()) + s) // ps)
-    table = jnp.asarray(1 + rng.permutation(pages - 1)[:len(starts) * n].reshape(len(starts), n), jnp.int32)
-    k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
-    positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
-    q = jnp.asarray(rng.normal(size=(len(starts), s, h, d)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(len(starts), s, kvh, d)), jnp.float32) for _ in range(2))
-    k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
+    q, k, v, k_cache, v_cache, table, positions = _chunks(rng, h, kvh, d, starts, s, n)
     want = reference(q, k_cache, v_cache, table, positions, d ** -0.5)
     attend = jax.jit(functools.partial(backends.paged_attention, "cpu"))
     got = attend(q, k, v, k_cache, v_cache, table, positions, d ** -0.5)
@@ -205,17 +212,12 @@ def test_cpu_prefill_reads_the_earlier_positions_by_length_like_the_reference(h,
 
     assert s > backends.CPU_CHUNK
     rng = np.random.default_rng(h * 100 + s)
-    ps, pages, wide = 16, 64, 12  # every row's table as wide as a 192-token context, past its chunk unwritten
+    ps = 16
     attend = jax.jit(functools.partial(backends.paged_attention, "cpu"))
     for starts in (np.array([0, 13, 32, 70]), np.zeros(4, int)):
         n = -(-(int(starts.max()) + s) // ps)
-        table = jnp.asarray(1 + rng.permutation(pages - 1)[:len(starts) * wide].reshape(len(starts), wide),
-                            jnp.int32)
-        k_cache, v_cache = _pool(rng, kvh, d, 1, pages, ps)
-        positions = jnp.asarray(starts[:, None] + np.arange(s)[None], jnp.int32)
-        q = jnp.asarray(rng.normal(size=(len(starts), s, h, d)), jnp.float32)
-        k, v = (jnp.asarray(rng.normal(size=(len(starts), s, kvh, d)), jnp.float32) for _ in range(2))
-        k_cache, v_cache = write(k_cache, k, positions, table), write(v_cache, v, positions, table)
+        # every row's table as wide as a 192-token context, the pages past its chunk unwritten
+        q, k, v, k_cache, v_cache, table, positions = _chunks(rng, h, kvh, d, starts, s, 12)
         want = reference(q, k_cache, v_cache, table[:, :n], positions, d ** -0.5)
         got = attend(q, k, v, k_cache, v_cache, table, positions, d ** -0.5)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
