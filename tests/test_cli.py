@@ -1,13 +1,17 @@
 """The `sparkler` command in subprocesses: `serve` (answering before its background compilation is done, counted
-from its own log and /health), `chat` with piped input against it, `models`, and each command's `--help`."""
+from its own log and /health, and compiling nothing more once it is done), `chat` with piped input against it,
+`models`, and each command's `--help`."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from server.child import ROOT, spawn
@@ -32,8 +36,7 @@ def served(tmp_path_factory, smollm):
     """`sparkler serve` with its default weights, every warm-up shape (`--warmup full`) and an empty program store,
     so its background compilation runs behind the test; the converted weights and tokenizer come from the shared
     cache. A 64-token context (the chat below fits): two prefill chunk sizes, so five first shapes to compile
-    before serving and fewer behind. Ended with its one test, so that compilation does not hold a core through the
-    rest of the suite."""
+    before serving and five behind (at this context `full` names the same ten shapes as `basic`)."""
     from models.loading.source import cache_root
 
     cache = tmp_path_factory.mktemp("cache")
@@ -76,6 +79,38 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
     assert wrong.returncode == 1 and "401" in wrong.stderr  # the API's own message, not a traceback
     gone = run("chat", "--url", "http://127.0.0.1:9", stdin="hi\n")
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
+
+    # Once the warm-up is done, what short requests need is compiled: prompts of any length up to a chunk, cache
+    # misses and hits (a prefix in the pages), n > 1, and structured output's one-step decode (n = 1 and 2).
+    deadline = time.monotonic() + 600
+    while (state := health(served.url))["warmup_shapes_ready"] < state["warmup_shapes_total"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    before = state["compiles"]
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in np.random.default_rng(100 + i).integers(1000, 20000, n)]
+               for i, n in enumerate(range(3, 56, 6))]  # 9 prompts, over both chunk sizes
+    temperatures = rng.uniform(0, 1.2, len(prompts))
+
+    def ask(i, **extra):
+        return client.completions.create(model="smollm2-135m-instruct", prompt=prompts[i], max_tokens=8, seed=i,
+                                         temperature=float(temperatures[i]), n=1 + i % 2,
+                                         extra_body={"ignore_eos": True, **extra})
+
+    for extra, hit in (({}, False), ({}, True), ({"prompt_cache_max_len": 0}, False)):  # misses, hits, cache off
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            outs = list(ex.map(lambda i: ask(i, **extra), range(len(prompts))))
+        assert all(c.text for o in outs for c in o.choices)
+        cached = sum(o.usage.prompt_tokens_details.cached_tokens for o in outs)
+        assert (cached > 0) == hit, (extra, cached)
+    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    for n in (1, 2):
+        r = client.completions.create(model="smollm2-135m-instruct", prompt="A person as JSON:", max_tokens=20, n=n,
+                                      seed=n, extra_body={"response_format": {"type": "json_schema",
+                                                                              "json_schema": {"schema": schema}}})
+        assert len(r.choices) == n and all(c.text for c in r.choices)
+    assert health(served.url)["compiles"] == before
 
 
 def test_models_lists_the_catalog_and_what_is_installed():

@@ -1,5 +1,5 @@
-"""The paged KV cache on the packaged SmolLM2: prefix reuse, isolation, eviction, n > 1 sharing, preemption and
-compile counts.
+"""The paged KV cache on the packaged SmolLM2: prefix reuse, isolation, eviction, n > 1 sharing and preemption (that
+the warm-up covers short requests' misses and hits is tests/test_cli.py's, on `sparkler serve`).
 
 A prompt read from the prefix cache, or from pages shared by `n` choices, gives the tokens of the same prompt computed
 whole: in float32 (`llm_f32`), where the two computations' logits differ by ~1e-5 and a draw does not move. Under the
@@ -111,37 +111,6 @@ def test_nothing_leaks_after_a_mixed_run(llm):
     eng.sched.pools[0].check()
     assert all(r == 0 for r in eng.sched.pools[0].refs) and eng.sched.pools[0].num_free == eng.sched.pools[0].capacity
     assert not eng.sched.tables.any() and len(eng.sched.free) == eng.runner.slots
-
-
-def test_after_warmup_lengths_hits_misses_and_constrained_requests_compile_nothing_new(smollm):
-    """The warm-up covers what short requests need: prompts of any length up to a chunk, cache misses and hits (a
-    prefix in the pages), n > 1, and structured output's one-step decode (n = 1 and 2)."""
-    from engine.grammar import grammar_text
-    from engine.llm import LLM
-
-    # A short context: few prefill shapes to warm up (two chunk sizes, 32 and 64; the decode ones are those of any
-    # context). The pool and batch size of the suite's 2-slot servers (`small_api`'s): the programs of the shapes
-    # they share come from the store.
-    llm = LLM(smollm, max_num_seqs=2, max_model_len=64, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
-    eng = llm.engine
-    eng.warmup()
-    before = eng.runner.compiles
-    rng = np.random.default_rng(6)
-    prompts = [unique_prefix(llm, 100 + i, n) for i, n in enumerate(range(3, 56, 6))]  # 9, over both buckets
-    params = [SamplingParams(temperature=float(rng.uniform(0, 1.2)), max_tokens=8, seed=i, ignore_eos=True,
-                             n=1 + i % 2) for i in range(len(prompts))]
-    llm.generate(prompts, params)  # misses
-    hits = llm.generate(prompts, params)  # hits
-    assert sum(o.cached_tokens for o in hits) > 0
-    llm.generate(prompts, params, prompt_cache_max_len=0)
-    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
-              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
-    grammar = grammar_text({"type": "json_schema", "json_schema": schema})
-    for n in (1, 2):
-        r, = run_all(eng, [eng.tok.encode("A person as JSON:")], [SamplingParams(seed=n, n=n, max_tokens=20)],
-                     grammar=grammar)
-        assert all(c.token_ids for c in r.choices)
-    assert eng.runner.compiles == before
 
 
 def small_engine(smollm, pages: int) -> Engine:
