@@ -18,7 +18,7 @@ from helpers import run_all
 from engine import SamplingParams
 from engine.engine import Engine
 from engine.llm import encode_chat
-from engine.runner import RunnerConfig
+from engine.runner import RunnerConfig, plan_max_len, plan_pages
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 SEEDED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9, max_tokens=16, seed=42)
@@ -167,15 +167,18 @@ def test_a_request_that_can_never_fit_is_refused_at_once(smollm, tight):
     assert tiny.make_request(list(range(1000, 1500)), SamplingParams(n=8, max_tokens=4))
 
 
-def test_many_short_requests_beside_one_long_prompt(smollm):
-    """`--max-num-seqs 32 --kv-cache-gb 0.5 --max-model-len 8192`: slots and context are independent of each other
-    (the pool holds ~11k tokens, not 32 x 8192), and 96 short requests queue for the 32 slots beside a long prompt.
-    The suite's `ENGINE` slots and pool: the programs of the shapes they share come from the program store; one batch
-    size, not one for each the crowd shrinks through."""
-    eng = Engine(smollm, RunnerConfig(max_num_seqs=32, max_model_len=8192, kv_cache_gb=0.5, decode_steps=4,
-                                      decode_batch_sizes=(32,)))
-    assert eng.max_len == 8192 and eng.runner.slots == 32
-    long = eng.make_request(unique_prefix(None, 400, 1100), SamplingParams(temperature=0, max_tokens=4))
+def test_many_short_requests_beside_one_long_prompt(smollm, llm):
+    """Slots and context are independent of each other: `--max-num-seqs 32 --kv-cache-gb 0.5 --max-model-len 8192`
+    is a valid start (the pool holds ~11k tokens, not 32 x 8192), and on the suite's engine (`ENGINE`: 32 slots of
+    1,024 tokens over that pool, whose programs the store holds) 96 short requests queue for the 32 slots beside a
+    prompt of nearly a full context."""
+    wide = RunnerConfig(max_num_seqs=32, max_model_len=8192, kv_cache_gb=0.5)
+    pages = plan_pages(smollm, wide)
+    assert plan_max_len(smollm, wide, pages) == 8192 and 32 * 8192 > (pages - 1) * wide.page_size
+    eng = llm.engine
+    pool = eng.sched.pools[0]
+    assert eng.runner.slots * eng.max_len > pool.capacity * eng.page_size  # the pool holds fewer than 32 contexts
+    long = eng.make_request(unique_prefix(None, 400, eng.max_len - 24), SamplingParams(temperature=0, max_tokens=4))
     short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
              for i in range(96)]
     for r in [long, *short]:
@@ -183,4 +186,4 @@ def test_many_short_requests_beside_one_long_prompt(smollm):
     while eng.has_work():
         eng.step()
     assert all(len(r.choices[0].token_ids) == 4 or r.choices[0].finish_reason == "stop" for r in [long, *short])
-    assert eng.sched.pools[0].num_free == eng.sched.pools[0].capacity
+    assert pool.num_free == pool.capacity
