@@ -37,14 +37,14 @@ def pytest_configure(config):
 
 
 # Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; `make test` in a
-# fresh clone with an empty cache, 2026-12-02, session 41). The files run heaviest first, so the two workers (each
+# fresh clone with an empty cache, 2026-12-02, session 42). The files run heaviest first, so the two workers (each
 # file stays on one) finish near together; a file not listed counts as light. `make test` passes
 # `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 273, "test_paging": 244, "test_server": 179, "test_accel": 175, "test_speculative": 168,
-                "test_mesh": 117, "test_operations": 78, "test_models": 71, "test_flat": 71, "test_quant": 70,
-                "test_engine": 63, "test_cpu_matmul": 55, "test_cli": 29, "test_reasoning": 28, "test_structured": 26,
-                "test_apis": 21, "test_sampler": 21, "test_tools": 19, "test_tokenizer": 14, "test_page": 12,
-                "test_pages": 7}
+FILE_SECONDS = {"test_moe": 203, "test_paging": 170, "test_speculative": 141, "test_accel": 129, "test_server": 125,
+                "test_mesh": 96, "test_operations": 63, "test_engine": 60, "test_models": 60, "test_cpu_matmul": 60,
+                "test_quant": 57, "test_flat": 56, "test_cli": 47, "test_reasoning": 27, "test_structured": 24,
+                "test_apis": 18, "test_tools": 18, "test_sampler": 17, "test_tokenizer": 12, "test_page": 10,
+                "test_pages": 5}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
