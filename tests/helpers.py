@@ -1,4 +1,4 @@
-"""Test helpers: run our model's full-sequence logits, and HF reference pieces."""
+"""Test helpers: run our model's full-sequence logits, prompts no other test shares, and HF reference pieces."""
 
 import functools
 
@@ -7,6 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import KVCache
+
+
+def unique_prefix(seed: int, n: int) -> list[int]:
+    """`n` random ordinary token ids nobody else uses (so the first request misses the prefix cache)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(1000, 20000, n)]
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import unique_prefix
 
 from server.child import ROOT, spawn
 
@@ -88,8 +89,7 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
         time.sleep(0.5)
     before = state["compiles"]
     rng = np.random.default_rng(6)
-    prompts = [[int(t) for t in np.random.default_rng(100 + i).integers(1000, 20000, n)]
-               for i, n in enumerate(range(3, 56, 6))]  # 9 prompts, over both chunk sizes
+    prompts = [unique_prefix(100 + i, n) for i, n in enumerate(range(3, 56, 6))]  # 9, over both chunk sizes
     temperatures = rng.uniform(0, 1.2, len(prompts))
 
     def ask(i, **extra):

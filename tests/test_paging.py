@@ -13,7 +13,7 @@ enough that a move is rare."""
 
 import numpy as np
 import pytest
-from helpers import run_all
+from helpers import run_all, unique_prefix
 
 from engine import SamplingParams
 from engine.engine import Engine
@@ -29,15 +29,10 @@ def ids(out):
     return [c.token_ids for o in out for c in o.outputs]
 
 
-def unique_prefix(llm, seed: int, n: int) -> list[int]:
-    """`n` random ordinary token ids nobody else uses (so the first request misses the cache)."""
-    return [int(t) for t in np.random.default_rng(seed).integers(1000, 20000, n)]
-
-
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_completions_hit_miss_and_disabled_give_the_same_tokens(llm_f32, params):
     ps = llm_f32.engine.page_size
-    base = unique_prefix(llm_f32, 1 if params is GREEDY else 2, 6 * ps + 5)
+    base = unique_prefix(1 if params is GREEDY else 2, 6 * ps + 5)
     cold = llm_f32.generate([base], params)
     assert cold[0].cached_tokens == 0
     hot = llm_f32.generate([base], params)
@@ -74,7 +69,7 @@ def test_chat_with_a_shared_system_prompt_reuses_it(llm_f32, params):
 
 
 def test_isolation_keys_never_share(llm_f32):
-    base = unique_prefix(llm_f32, 3, 5 * llm_f32.engine.page_size)
+    base = unique_prefix(3, 5 * llm_f32.engine.page_size)
     a = llm_f32.generate([base], GREEDY, prompt_cache_isolation_key="tenant-a")
     b = llm_f32.generate([base], GREEDY, prompt_cache_isolation_key="tenant-b")
     none = llm_f32.generate([base], GREEDY)
@@ -86,7 +81,7 @@ def test_isolation_keys_never_share(llm_f32):
 
 def test_n_maps_the_prompt_pages_into_every_choice(llm_f32):
     eng = llm_f32.engine
-    prompt = unique_prefix(llm_f32, 4, 3 * eng.page_size + 7)  # three full pages and a partial one
+    prompt = unique_prefix(4, 3 * eng.page_size + 7)  # three full pages and a partial one
     req = eng.make_request(prompt, SamplingParams(temperature=1.0, max_tokens=6, n=6, seed=3, ignore_eos=True))
     eng.add(req)
     eng.step()
@@ -106,7 +101,7 @@ def test_n_maps_the_prompt_pages_into_every_choice(llm_f32):
 
 def test_nothing_leaks_after_a_mixed_run(llm):
     eng = llm.engine
-    base = unique_prefix(llm, 5, 40)
+    base = unique_prefix(5, 40)
     llm.generate([base, base[:20], base + [5, 6]], [GREEDY, SEEDED, SamplingParams(max_tokens=5, n=3, seed=1)])
     eng.sched.pools[0].check()
     assert all(r == 0 for r in eng.sched.pools[0].refs) and eng.sched.pools[0].num_free == eng.sched.pools[0].capacity
@@ -131,7 +126,7 @@ def tight(smollm):
 
 def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(llm, tight):
     rng = np.random.default_rng(7)
-    prompts = [unique_prefix(llm, 200 + i, 32) for i in range(24)]
+    prompts = [unique_prefix(200 + i, 32) for i in range(24)]
     kinds = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
              SamplingParams(temperature=1.0, top_k=40, max_tokens=32, ignore_eos=True, repetition_penalty=1.2),
              SamplingParams(temperature=1.0, mirostat_target=4.0, max_tokens=32, ignore_eos=True,
@@ -147,10 +142,10 @@ def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(ll
 
 
 def test_eviction_under_a_small_pool_keeps_serving_correctly(llm, tight):
-    first = unique_prefix(llm, 300, 100)
+    first = unique_prefix(300, 100)
     want = llm.generate([first], GREEDY, prompt_cache_max_len=0)
     assert [r.choices[0].token_ids for r in run_all(tight, [first], [GREEDY])] == ids(want)
-    others = [unique_prefix(llm, 301 + i, 100) for i in range(8)]  # 8 x 7 pages: evicts the first prompt's pages
+    others = [unique_prefix(301 + i, 100) for i in range(8)]  # 8 x 7 pages: evicts the first prompt's pages
     run_all(tight, others, [GREEDY] * 8)
     again = run_all(tight, [first], [GREEDY])[0]
     assert again.cached_tokens == 0 and again.choices[0].token_ids == ids(want)[0]
@@ -178,8 +173,8 @@ def test_many_short_requests_beside_one_long_prompt(smollm, llm):
     eng = llm.engine
     pool = eng.sched.pools[0]
     assert eng.runner.slots * eng.max_len > pool.capacity * eng.page_size  # the pool holds fewer than 32 contexts
-    long = eng.make_request(unique_prefix(None, 400, eng.max_len - 24), SamplingParams(temperature=0, max_tokens=4))
-    short = [eng.make_request(unique_prefix(None, 500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
+    long = eng.make_request(unique_prefix(400, eng.max_len - 24), SamplingParams(temperature=0, max_tokens=4))
+    short = [eng.make_request(unique_prefix(500 + i, 12), SamplingParams(temperature=0, max_tokens=4))
              for i in range(96)]
     for r in [long, *short]:
         eng.add(r)
