@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from engine.runner import RunnerConfig, bucket, doubling  # noqa: E402
 from models import backends  # noqa: E402
 from models.backends import cpu_attention, paged  # noqa: E402
 
@@ -93,8 +94,9 @@ def prefill_layer(backend: str, start: int, size: int, heads: int, kv_heads: int
     every layer on its own pages, each layer's queries different so that XLA cannot share their work)."""
     rng = np.random.default_rng(0)
     width = -(-(start + size) // PAGE)
-    if backend == "xla":  # the table the engine gives the `xla` backend: the chunk after its start's bucket
-        width = -(-(size + (max(128, 1 << (start - 1).bit_length()) if start else 0)) // PAGE)
+    if backend == "xla":  # the table the engine gives the `xla` backend (`Runner.covered`): the chunk after its
+        attend = doubling(RunnerConfig().min_attend, 1 << 20)  # start's attended-length bucket
+        width = -(-(size + (bucket(start, attend) if start else 0)) // PAGE)
     pages = LAYERS * width + 1
     k, v = (jnp.asarray(rng.standard_normal((kv_heads, pages, PAGE, dim), dtype=np.float32)) for _ in range(2))
     tables = jnp.asarray(1 + rng.permutation(pages - 1).reshape(LAYERS, 1, width), jnp.int32)
