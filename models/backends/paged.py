@@ -219,8 +219,7 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
         top, total, out = part
         outs.append(out / total[..., None])
         norms.append(top + jnp.log(total))
-    out = jnp.concatenate(outs, axis=2)
-    out = out if prior is not None else out.astype(q.dtype)  # (weighed in float32)
+    out = jnp.concatenate(outs, axis=2)  # float32 (weighed below in float32), cast once at the end
     out = out.reshape(kvh, b, s, g, d).transpose(1, 2, 0, 3, 4).reshape(b, s, h, d)
     if prior is not None:  # normalised already: weighed against the chunk's normalised output
         lse = jnp.concatenate(norms, axis=2).reshape(kvh, b, s, g).transpose(1, 2, 0, 3).reshape(b, s, h)
