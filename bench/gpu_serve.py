@@ -10,7 +10,9 @@ What it does, in order (partial results are written to `--out` as it goes, so a 
    tokens (`ignore_eos`, greedy) at 1, 64 and 256 concurrent, every request sent at once: output tokens over wall
    time, and the time to first token (p50 / max) at each level; a short round at each level first compiles
    whatever the load reaches;
-4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder, at the same levels.
+4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder, at the same levels, then
+   the top level once more under `jax.profiler` (`bench/device_idle.py`): the share of the wall time in which the
+   devices ran a program, and the longest gaps between programs, with what ran on either side.
 
 On the GPU host (no network, no venv): prepare the tokenizer files on the CPU side first, where the packaged GGUF is
 (`python bench/gpu_serve.py --write-tokenizer .gpu_tok`), carry that folder, and run
@@ -32,6 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_idle import summary, traced  # noqa: E402
 from serve import ROOT, stop, wait_ready, wait_warm  # noqa: E402
 
 sys.path.insert(0, ROOT)
@@ -237,6 +240,12 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
                       device_call_seconds=llm.engine.runner.device_seconds() - waited,
                       decodes_ahead=llm.engine.ahead - ahead)
         print(f"  engine alone, {n} concurrent: {out[n]}", flush=True)
+    top = max(levels)  # the top level once more under the profiler: what the devices did between programs
+    t = time.perf_counter()
+    res, fig = traced(lambda: llm.generate(prompts(top, args.prompt, top + 1), params), os.path.join(args.out, "trace"))
+    out["trace"] = dict(fig, level=top, tok_s=sum(len(r.outputs[0].token_ids) for r in res) / fig["wall_s"],
+                        read_s=time.perf_counter() - t - fig["wall_s"])
+    print(f"  engine alone, {top} concurrent, traced: {summary(fig)}", flush=True)
     return out
 
 
@@ -267,6 +276,11 @@ def table(res: dict, args) -> str:
         share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
         lines.append(f"| engine thread in device calls at {n}, share of wall time | {share(h)} | {share(a)} | | "
                      f"{'> 95% (idle < 5%)' if n == max(args.levels) else ''} |")
+    tr = alone.get("trace")
+    if tr:
+        busy = " / ".join(f"{tr[k]:.1%}" if tr.get(k) is not None else "-" for k in ("programs", "kernels"))
+        lines.append(f"| devices busy at {tr['level']}, engine alone under the profiler ({tr['tok_s']:,.0f} tok/s), "
+                     f"programs / kernels, share of wall time | | {busy} | | {'> 95%' if not args.smoke else ''} |")
     for n in args.levels:
         parts = {k[5:]: v / http[n]["wall"] for k, v in http.get(n, {}).items() if k.startswith("step_")}
         if parts:

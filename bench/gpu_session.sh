@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One GPU session's measurements in one command, within ~9.5 minutes (the device's per-command limit is 10):
-# the environment, `bench/gpu_launch.py` (do program launches wait for the devices?), `bench/gpu_serve.py` (issue 21)
-# and, in the time left, `bench/gpu.py` on a mixture-of-experts shape (issue 22; it needs ~6 minutes: its random
-# weights alone took 124 s on an H200). Results land in OUT as they come (a timeout still leaves them). On the GPU host:
+# One GPU session's measurements for issue 21 in one command, within ~9.5 minutes (the device's per-command limit is
+# 10): the environment, `bench/gpu_launch.py` (do program launches wait for the devices? the attention kernels'
+# settings) and `bench/gpu_serve.py` (serving through HTTP and the engine alone, then the engine once more under the
+# profiler: how long the device sat idle between programs). Results land in OUT as they come (a timeout still leaves
+# them). On the GPU host:
 #   pip install --no-deps --target /tmp/wh .gpu_wheels/*.whl; PYTHONPATH=.:/tmp/wh bench/gpu_session.sh $OUT
 # On a CPU: PY=.venv/bin/python bench/gpu_session.sh /tmp/gpu_out --smoke
 set -o pipefail
 OUT=${1:?usage: bench/gpu_session.sh OUT [--smoke]}
 SMOKE=${2:-}
 PY=${PY:-python3}
-SHAPE=${SHAPE:-deepseek-v2-lite}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/log"
@@ -22,13 +22,8 @@ if grep -q "chunks: failed" "$OUT/launch.log" 2>/dev/null; then  # the ragged ke
   EXTRA="--flat-step off"
   echo "--- the ragged kernel failed: serving with $EXTRA" | tee -a "$OUT/log"
 fi
-timeout "${SERVE_LIMIT:-300}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --server-args="$EXTRA" \
+timeout "${SERVE_LIMIT:-330}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --server-args="$EXTRA" \
   $SMOKE 2>&1 | tee -a "$OUT/log"
 cp /tmp/gpu_serve/gpu_serve.* /tmp/gpu_serve/server-*.log "$OUT/" 2>/dev/null
 pkill -f "m server --model" 2>/dev/null
-left=$(( ${DEADLINE:-570} - SECONDS ))
-echo "--- $SECONDS s in; $left s left for bench/gpu.py --shape $SHAPE" | tee -a "$OUT/log"
-if [ "$left" -gt 60 ]; then
-  timeout "$left" $PY bench/gpu.py --shape "$SHAPE" --no-transformers $SMOKE 2>&1 | tee "$OUT/moe.log"
-fi
 echo "--- done at $SECONDS s" | tee -a "$OUT/log"
