@@ -7,7 +7,9 @@ and returns what the devices did in that window:
   Modules" events, on a GPU); the rest is the time between programs, where the devices wait for the host;
 - `kernels`: the share in which some kernel ran (on a GPU, the union of every stream's kernels and copies; on a CPU,
   which has no device plane, of the work its XLA runtime's threads did);
-- `gaps`: the longest stretches with nothing running, each with the event before and after it.
+- `gaps`: the longest stretches with nothing running, each with the event before and after it;
+- `top`: the programs and the kernels that took the most device time, with their counts (how a decode step's time
+  splits between attention and the matrix products, in the serving run itself).
 
 `python bench/device_idle.py` traces a toy loop that sleeps between launches, as a check of the reading.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import time
 
@@ -39,6 +42,17 @@ def _union(spans: list[tuple[int, int, str]], lo: int, hi: int) -> tuple[int, li
     if hi > end:
         gaps.append((hi - end, last, "(window end)"))
     return covered, sorted(gaps, reverse=True)
+
+
+def _top(spans: list[tuple[int, int, str]], lo: int, hi: int, n: int = 8) -> list[tuple[str, float, int]]:
+    """The `n` names that took the most time within [lo, hi]: (name without its instance suffix, seconds, count)."""
+    total: dict[str, list] = {}
+    for s, e, name in spans:
+        if e > lo and s < hi:
+            entry = total.setdefault(re.sub(r"(\(\d+\)|\.\d+)$", "", name), [0, 0])
+            entry[0] += min(e, hi) - max(s, lo)
+            entry[1] += 1
+    return [(k, round(v[0] / 1e9, 4), v[1]) for k, v in sorted(total.items(), key=lambda kv: -kv[1][0])[:n]]
 
 
 def read(path: str) -> dict:
@@ -70,6 +84,7 @@ def read(path: str) -> dict:
         covered, gaps = _union(spans, lo, hi)
         out[name] = covered / wall if spans else None
         if spans:
+            out[f"{name}_top"] = _top(spans, lo, hi)
             out[f"{name}_gaps_over_1ms"] = sum(1 for g in gaps if g[0] > 1e6)
             out[f"{name}_gap_s"] = (wall - covered) / 1e9
             out[f"{name}_longest_gaps"] = [(round(g / 1e6, 2), a, b) for g, a, b in gaps[:5]]
@@ -96,7 +111,7 @@ def summary(fig: dict) -> str:
     for name in ("programs", "kernels"):
         if fig.get(name) is not None:
             parts.append(f"{name} busy {fig[name]:.1%} ({fig[f'{name}_gaps_over_1ms']} gaps over 1 ms, "
-                         f"longest {fig[f'{name}_longest_gaps'][:3]})")
+                         f"longest {fig[f'{name}_longest_gaps'][:3]}; most time {fig[f'{name}_top'][:5]})")
     return "; ".join(parts)
 
 

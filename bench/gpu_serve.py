@@ -281,6 +281,9 @@ def table(res: dict, args) -> str:
         busy = " / ".join(f"{tr[k]:.1%}" if tr.get(k) is not None else "-" for k in ("programs", "kernels"))
         lines.append(f"| devices busy at {tr['level']}, engine alone under the profiler ({tr['tok_s']:,.0f} tok/s), "
                      f"programs / kernels, share of wall time | | {busy} | | {'> 95%' if not args.smoke else ''} |")
+        for kind in ("programs", "kernels"):  # where the device time went
+            top = ", ".join(f"{name[:48]} {sec:.2f} s ({n})" for name, sec, n in tr.get(f"{kind}_top", [])[:5])
+            lines.append(f"| device time by {kind[:-1]}, traced round (seconds, calls) | | {top} | | |")
     for n in args.levels:
         parts = {k[5:]: v / http[n]["wall"] for k, v in http.get(n, {}).items() if k.startswith("step_")}
         if parts:
