@@ -22,9 +22,9 @@ would starve the server's HTTP thread (64 concurrent over HTTP got half the engi
 
 Then the decode attention alone (issue 21, item 3), one layer of the 8B shape at 256 rows of 640 keys (bfloat16,
 pages of 16): the `pallas-gpu` kernel at several (splits, pages per block) and table widths, at several warps and
-pipeline stages for the splits `pallas_gpu.decode` picks, `pallas_gpu.ragged` reading the rows as sequences of one
-query, and the XLA reference; each row gives the K/V bytes read per second, to compare with the card's copy
-bandwidth. And attention for prefill
+pipeline stages for the splits `pallas_gpu.decode` picks, this project's `pallas_gpu.decode_rows` at several blocks
+of keys, warps and stages, `pallas_gpu.ragged` reading the rows as sequences of one query, and the XLA reference;
+each row gives the K/V bytes read per second, to compare with the card's copy bandwidth. And attention for prefill
 chunks (item 1): `pallas_gpu.ragged` against XLA's `paged.prefill` (16 chunks of 512 queries, fresh and after 512
 cached tokens), and 256 decode rows with 8 chunks as one flat `ragged` call against the decode kernel beside it.
 
@@ -172,6 +172,14 @@ def attention(smoke: bool) -> list[dict]:
         f = jax.jit(lambda q, k, v, t, n: pallas_gpu.decode(q, k, v, t, n, interpret=interpret))
         time_row(f"pallas-gpu decode, pages of {ps2}", f, q, kc2, vc2, table2, lengths, width=used2, splits=splits,
                  block=block)
+    # This module's own kernel, `pallas_gpu.decode_rows` (each block of keys one 2-D gather of pool rows, fewer
+    # registers a thread than upstream's: docs/PERFORMANCE.md): keys per step, warps, stages, splits (0: its own).
+    for keys, warps, stages, splits in ((64, 4, 2, 0), (32, 4, 3, 0), (64, 4, 3, 0), (64, 8, 2, 0), (128, 4, 2, 0),
+                                        (128, 8, 2, 0), (64, 4, 2, 2), (64, 4, 2, 4)):
+        f = jax.jit(lambda q, k, v, t, n, ke=keys, w=warps, st=stages, sp=splits: pallas_gpu.decode_rows(
+            q, k, v, t, n, interpret=interpret, splits=sp or None, keys=ke, warps=w, stages=st))
+        time_row(f"decode_rows, {keys} keys a step, {warps} warps {stages} stages", f, q, kc, vc, table, lengths,
+                 width=used, splits=splits, block=0)
     starts = lengths - 1
     for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
         f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(

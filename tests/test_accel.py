@@ -110,6 +110,32 @@ def test_gpu_kernel_splits_only_few_rows_and_matches_the_reference_unsplit():
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)
+def test_gpu_row_gather_kernel_matches_the_reference(h, kvh, d, monkeypatch):
+    """`pallas_gpu.decode_rows` (interpreted) against `paged.reference`: rows of one key, both sides of page
+    boundaries and the whole table, over a second layer's pages, with its default splits and with splits, blocks of
+    keys smaller than a page and larger, that do not divide the table (a split past a row's length is empty); and
+    through `decode` once `DECODE_KERNEL` names it."""
+    from models.backends import pallas_gpu
+
+    rng = np.random.default_rng(h + kvh)
+    ps, pages, layers, n = 16, 24, 2, 7
+    k, v = _pool(rng, kvh, d, layers, pages, ps)
+    lengths = np.array([1, 15, 16, 17, 40, 112], np.int32)
+    b = len(lengths)
+    table = jnp.asarray(np.stack([pages + 1 + rng.permutation(pages - 1)[:n] for _ in range(b)]), jnp.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    want = np.asarray(reference(q, k, v, table, jnp.asarray(lengths - 1)[:, None], d ** -0.5))
+    for splits, keys in ((None, pallas_gpu.ROW_KEYS), (3, 8), (2, 32)):
+        got = jitted(pallas_gpu.decode_rows, "interpret", "splits", "keys")(
+            q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths), interpret=True, splits=splits, keys=keys)
+        np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4,
+                                   err_msg=f"splits {splits}, keys {keys}")
+    monkeypatch.setattr(pallas_gpu, "DECODE_KERNEL", "rows")  # `decode` runs it when chosen
+    got = pallas_gpu.decode(q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths), interpret=True)
+    np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h,kvh,d", GQA)
 def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_one_call(h, kvh, d):
     """`pallas_gpu.ragged` (interpreted) over one flat batch mixing decode rows (one query) and prefill chunks:
     chunks starting at 0, mid-page and on a page boundary, crossing pages, a sequence with no queries, padding rows
@@ -145,7 +171,7 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
 
 
 def test_gpu_kernels_lower_to_triton_for_every_family_shape():
-    """Both `pallas-gpu` kernels pass Pallas' Triton lowering (block shapes, loads, dots: what the interpreter does
+    """The `pallas-gpu` kernels pass Pallas' Triton lowering (block shapes, loads, dots: what the interpreter does
     not check) in bfloat16 for the 8B shape and each family's head groups, exported for CUDA from this CPU (XLA
     compiles the Triton IR to PTX only on a GPU)."""
     from jax import export
@@ -164,6 +190,9 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         decode = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
             bf16(rows, h, d), pool, pool, i32(rows, n), i32(rows)).mlir_module()
         assert "xla.gpu.triton" in decode, (h, kvh, d)
+        rows_kernel = lower(pallas_gpu.decode_rows, platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(rows, h, d), pool, pool, i32(rows, n), i32(rows)).mlir_module()
+        assert 'name = "paged_decode_rows"' in rows_kernel, (h, kvh, d)
 
 
 def _chunks(rng, h, kvh, d, starts, s, width, ps=16, pages=64):

@@ -1,6 +1,7 @@
 """The `pallas-gpu` attention backend over the paged KV pool: decode with JAX's Triton-based Pallas kernel
-(`jax.experimental.pallas.ops.gpu.paged_attention`), and chunks of queries (prefill) with `ragged`, this module's
-own flash attention over pages for any mix of sequences and query counts in one flat batch.
+(`jax.experimental.pallas.ops.gpu.paged_attention`) or this module's `decode_rows` (`DECODE_KERNEL`), and chunks of
+queries (prefill) with `ragged`, this module's own flash attention over pages for any mix of sequences and query
+counts in one flat batch.
 
 Upstream marks the Triton-based GPU ops deprecated after JAX 0.11; their successors are the Mosaic GPU kernels and
 tokamax. This module is the only place that names the kernel, so swapping it is a one-file change.
@@ -53,7 +54,10 @@ def decode_plan(rows: int, kv_heads: int, pages: int) -> tuple[int, int, int]:
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
            interpret: bool = False) -> jax.Array:
     """Attention of one pre-scaled query per row `q [B, h, d]` over its first `lengths [B]` keys, in the pool pages
-    listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`."""
+    listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`. Runs
+    `DECODE_KERNEL`'s kernel."""
+    if DECODE_KERNEL == "rows":
+        return decode_rows(q, k_pages, v_pages, table, lengths, interpret=interpret)
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel
 
     n = table.shape[1]
@@ -63,6 +67,87 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     return kernel.paged_attention(q, k_pages, v_pages, table, lengths, k_splits=splits,
                                   pages_per_compute_block=block, num_warps=WARPS, num_stages=STAGES,
                                   interpret=interpret)
+
+
+# Which kernel `decode` runs: "upstream", JAX's `paged_attention` (blocks of whole pages, each read as a
+# [pages, page_size, d] gather and reshaped), or "rows", `decode_rows` (each block of keys read as one 2-D gather of
+# pool rows). Compiled for an H100 by Triton 3.9 on the CPU, `rows` takes 64-83 registers a thread where upstream
+# takes 98-248 (its reshape), so more programs share each multiprocessor (docs/PERFORMANCE.md); until a GPU has
+# timed both (`bench/gpu_launch.py`), the serving default stays the one measured.
+DECODE_KERNEL = "upstream"
+ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`: keys per inner step, warps per program, stages
+
+
+def _rows_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, keys: int, page_size: int,
+                 per_split: int):
+    """One program: one row's heads of one KV head (`q [group, d]`, the group padded) over one split of its keys,
+    `keys` at a time: each key's pool row (its page from the table, its offset in the page) gathered straight into
+    a `[keys, d]` block. Writes the split's unnormalised output, running maximum and sum (flash decoding)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    lo = pl.program_id(2) * per_split
+    hi = jnp.minimum(len_ref[0], lo + per_split)
+    q = q_ref[...]
+    gp, d = q.shape
+
+    def body(i, carry):
+        o, m, l = carry
+        j = lo + i * keys + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        row = table_ref[j // page_size] * page_size + j % page_size
+        k, v = k_ref[row], v_ref[row]
+        s = jnp.where((j < hi)[None, :], plgpu.dot(q, k.T).astype(jnp.float32), -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[:, None])
+        c = jnp.exp(m - m_new)
+        o = c[:, None] * o + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return o, m_new, c * l + p.sum(axis=-1)
+
+    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32), jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, jnp.maximum(0, pl.cdiv(hi - lo, keys)), body, init)
+    o_ref[...], m_ref[...], l_ref[...] = o, m, l
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "splits", "keys", "warps", "stages"))
+def decode_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
+                interpret: bool = False, splits: int | None = None, keys: int = ROW_KEYS, warps: int = ROW_WARPS,
+                stages: int = ROW_STAGES) -> jax.Array:
+    """`decode`'s attention (same arguments, same result) by this module's own kernel: a program per row, KV head
+    and split of the row's keys (`splits`: by default as many as fill the card, as `splits_for`), each walking its
+    keys `keys` at a time as one gather of pool rows; the splits are merged by their maxima and sums."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, h, d = q.shape
+    kvh, pages, ps, _ = k_pages.shape
+    g = h // kvh
+    gp = max(16, _pow2(g))  # Triton's products take at least 16 rows
+    n = table.shape[1]
+    splits = splits or max(1, min(MAX_SPLITS, -(-PROGRAMS // (b * kvh)), -(-n * ps // keys)))
+    per_split = -(-n * ps // splits)
+    per_split += -per_split % keys
+    width = -(-splits * per_split // ps)  # the table columns a split's last block may name: scratch past `n`
+    table = jnp.pad(table, ((0, 0), (0, width - n)), constant_values=SCRATCH)
+    qg = jnp.pad(q.reshape(b, kvh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    per = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda r, hh, s: (r, hh, s) + (0,) * len(tail))  # noqa: E731
+    pool = pl.BlockSpec((None, pages * ps, d), lambda r, hh, s: (hh, 0, 0))
+    o, m, l = pl.pallas_call(
+        functools.partial(_rows_kernel, keys=keys, page_size=ps, per_split=per_split),
+        grid=(b, kvh, splits),
+        in_specs=[pl.BlockSpec((None, 1), lambda r, hh, s: (r, 0)),
+                  pl.BlockSpec((None, width), lambda r, hh, s: (r, 0)),
+                  pl.BlockSpec((None, None, gp, d), lambda r, hh, s: (r, hh, 0, 0)), pool, pool],
+        out_specs=[per(gp, d), per(gp), per(gp)],
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, gp, d), jnp.float32),
+                   *[jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32)] * 2],
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=interpret,
+        name="paged_decode_rows",
+    )(lengths[:, None], table, qg, k_pages.reshape(kvh, pages * ps, d), v_pages.reshape(kvh, pages * ps, d))
+    top = m.max(axis=2, keepdims=True)
+    w = jnp.where(m > -jnp.inf, jnp.exp(m - top), 0.0)  # a split past the row's length has no keys: weight 0
+    out = (o * w[..., None]).sum(2) / jnp.maximum((l * w).sum(2), jnp.finfo(jnp.float32).tiny)[..., None]
+    return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
 
 
 ROWS = 64  # query rows (queries x the heads of one KV head) per program of `ragged`
