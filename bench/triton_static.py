@@ -2,12 +2,12 @@
 shared memory a program, and so how many programs share a multiprocessor, from compiling their Triton IR on the CPU.
 
 Pallas lowers each kernel to Triton IR on any host (as `jax.export` for CUDA does); this script catches that IR at
-the 8B shape (256 rows, 8 KV heads of 4 query heads, 128 wide, 40 pages of 16 keys, bfloat16) and compiles it with
-pip's `triton` for `sm_90` (its passes, its bundled `ptxas`; no GPU is needed). XLA's GPU backend compiles the same
-IR with the Triton it bundles, so the figures are a close proxy, not the card's: occupancy is not speed (that is
-`bench/gpu_launch.py`'s table, on a GPU). It prints one table: per kernel and setting, registers, shared bytes,
-programs per multiprocessor (by registers and by shared memory), and whether the key loads were pipelined
-(asynchronous copies into shared memory).
+the 8B shape (256 rows, 8 KV heads of 4 query heads, 128 wide, 40 pages of 16 keys, bfloat16, the 28 GiB pool
+`bench/gpu_serve.py` serves with) and compiles it with pip's `triton` for `sm_90` (its passes, its bundled `ptxas`;
+no GPU is needed). XLA's GPU backend compiles the same IR with the Triton it bundles, so the figures are a close
+proxy, not the card's: occupancy is not speed (that is `bench/gpu_launch.py`'s table, on a GPU). It prints one
+table: per kernel and setting, registers, shared bytes, programs per multiprocessor (by registers and by shared
+memory), and whether the key loads were pipelined (asynchronous copies into shared memory).
 
 Needs `pip install triton` (about 1 GB installed; not a project dependency): `python bench/triton_static.py`.
 """
@@ -84,8 +84,9 @@ def main() -> None:
     from models.backends import pallas_gpu
 
     b, h, kvh, d, ps, n = 256, 32, 8, 128, 16, 40
-    shape = jax.ShapeDtypeStruct
-    args = (shape((b, h, d), jnp.bfloat16), *[shape((kvh, b * 64 + 1, ps, d), jnp.bfloat16)] * 2,
+    pages = (14 << 30) // (kvh * ps * d * 2)  # gpu_serve's pool (28 GiB of K and V): past 2^31 elements, so Pallas
+    shape = jax.ShapeDtypeStruct  # addresses it with 64-bit offsets, as it does there
+    args = (shape((b, h, d), jnp.bfloat16), *[shape((kvh, pages, ps, d), jnp.bfloat16)] * 2,
             shape((b, n), jnp.int32), shape((b,), jnp.int32))
     cases = [(f"upstream, {block} pages a block", warps, stages, lambda q, k, v, t, l, bl=block, w=warps, s=stages:
               upstream.paged_attention(q, k, v, t, l, k_splits=1, pages_per_compute_block=bl, num_warps=w,

@@ -72,7 +72,7 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
 # Which kernel `decode` runs: "upstream", JAX's `paged_attention` (blocks of whole pages, each read as a
 # [pages, page_size, d] gather and reshaped), or "rows", `decode_rows` (each block of keys read as one 2-D gather of
 # pool rows). Compiled for an H100 by Triton 3.9 on the CPU (`bench/triton_static.py`), `rows` fits 5 programs on a
-# multiprocessor at 64 keys a step where upstream fits 2 (its defaults; 98-248 registers a thread, from reshaping
+# multiprocessor at 64 keys a step where upstream fits 2 (its defaults; 96-248 registers a thread, from reshaping
 # its gathered pages); until a GPU has timed both (`bench/gpu_launch.py`), the serving default stays the measured one.
 DECODE_KERNEL = "upstream"
 ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`: keys per inner step, warps per program, stages
