@@ -1,12 +1,14 @@
 """The engine's loop: requests in, tokens out, over the scheduler's decisions and the runner's device calls.
 
-`Engine.step()` is the whole loop body: take aborts; read back the decode dispatched by the last step (append tokens,
-detokenize, stop, offer newly full pages to the prefix cache), having first dispatched the next one when nothing but
-decoding can happen (`_ahead`: the devices then never wait for this host work); else have the scheduler seat queued
-work, prefill what it seated and the next chunks of long prompts, install sampler rows and draw first tokens (n > 1
-maps the prompt's pages into every choice); have it reserve every running sequence the pages of its next steps
-(preempting when the pool is dry); dispatch one multi-step decode (or verify drafts, read back at once). Plain
-Python: who holds slots and pages is `engine.scheduler`'s, the device work `engine.runner`'s.
+`Engine.step()` is the whole loop body: take aborts; have the scheduler seat queued work, prefill what it seated and
+the next chunks of long prompts, install sampler rows and draw first tokens (n > 1 maps the prompt's pages into every
+choice); have it reserve every running sequence the pages of its next steps (preempting when the pool is dry);
+dispatch one multi-step decode (or verify drafts, read back at once); then read back what the step before dispatched
+(append tokens, detokenize, stop, offer newly full pages to the prefix cache). So the scheduler works one step ahead:
+a step's work is on the devices' queue before the host reads back and postprocesses the last one's, its inputs the
+tokens still on the devices (`Choice.lag`), and the devices need not wait for the host. When a step needs the host to
+know the last tokens first (grammar masks, drafts, a preemption) it reads everything back before scheduling (`_sync`).
+Plain Python: who holds slots and pages is `engine.scheduler`'s, the device work `engine.runner`'s.
 """
 
 from __future__ import annotations
@@ -29,30 +31,31 @@ from engine.grammar import Grammars
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
-from engine.runner import Decoding, Runner, RunnerConfig, join_pieces
+from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
 from engine.sampler import seed_keys
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
-# The parts of an engine step, in order: read back the decode in flight and hand its tokens to their choices (and
-# dispatch the next one ahead); seat queued work and launch prefills; install sampler rows and draw first tokens;
-# hand the deltas to the streams; reserve pages and dispatch the next decode (or verify drafts).
+# The parts of an engine step: seat queued work and launch prefills; install sampler rows and draw first tokens;
+# reserve pages and dispatch the next decode (or verify drafts); read back the draws of the step before and hand
+# their tokens to their choices (`collect`), and the deltas to the streams (`stream`).
 PHASES = ("collect", "prefill", "first", "stream", "decode")
 
 
 @dataclasses.dataclass
 class Inflight:
-    """A decode dispatched and not yet read back: its active slots and steps, its timing key and start, and
-    whether its wall time is not a step's (`compiled`: dispatching it compiled a program, or it ran behind a
-    prefill dispatched in the same engine step)."""
+    """A draw dispatched and not yet read back: a decode of `steps` steps, or first tokens (`steps` 1); the choices it
+    draws for (by slot: a slot may have a new occupant by the time it is read back), and, for a decode, its timing
+    key and start, and whether its wall time is not a step's (`compiled`: dispatching it compiled a program, or it
+    ran behind a prefill dispatched in the same engine step)."""
 
-    decoding: Decoding
-    slots: list[int]
+    out: Dispatched
+    choices: list[tuple[int, Choice]]
     steps: int
-    key: tuple
-    start: float
-    compiled: bool
+    key: tuple | None = None
+    start: float = 0.0
+    compiled: bool = True
 
 
 class Engine:
@@ -76,9 +79,9 @@ class Engine:
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
-        self.inflight: Inflight | None = None  # the decode dispatched and not yet read back
-        self.overlap = True  # dispatch a decode before reading back the one before it, when nothing else can happen
-        self.ahead = 0  # decodes dispatched so (counted for the tests)
+        self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
+        self.overlap = True  # dispatch a step's work before reading back the step before it, when nothing needs it
+        self.ahead = 0  # decodes dispatched so, some input token still on the devices (counted for the tests)
         self._prefilled = False  # this step ran a prefill (a decode dispatched after it is not timed)
         self.riders: list[int] = []  # running slots whose next token this step's flat prefill computed
         self.rode = 0  # tokens drawn so (counted for the tests)
@@ -86,8 +89,9 @@ class Engine:
         # Host seconds spent in each part of `step` (`PHASES`), waits for the devices included: where the loop's time
         # goes, beside `Runner.device_seconds` (what of it was spent in device calls).
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
-        # Called once the first tokens of the requests just prefilled are handed to `on_delta`, before this step's
-        # decode: a consumer that batches what it gets passes them on then (`AsyncEngine`: time to first token).
+        self._nested = self._mark = 0.0  # seconds parts inside others counted (`_nest`), and at the last `_spent`
+        # Called once first tokens read back are handed to `on_delta` (while the next draws run): a consumer that
+        # batches what it gets passes them on then (`AsyncEngine`: time to first token).
         self.handed: Callable[[], None] = lambda: None
 
     # ---- requests ---------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class Engine:
         """Anything waiting, running or queued."""
         sched = self.sched
         return bool(sched.queued() or sched.running or sched.prefilling or not self.incoming.empty()
-                    or not self.aborts.empty() or self.inflight is not None)
+                    or not self.aborts.empty() or self.pending)
 
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
@@ -205,10 +209,11 @@ class Engine:
     # ---- the loop body ----------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Read back the decode in flight, admit, dispatch the next decode (several steps per dispatch; verify
-        drafts at once). Returns requests that finished. While only decoding can happen, the next decode is
-        dispatched before the one in flight is read back (`_ahead`), so the devices never wait for the host's
-        postprocessing: tokens reach their streams one dispatch late.
+        """Admit and prefill, dispatch the next decode (several steps per dispatch; verify drafts at once), then read
+        back what the step before dispatched. Returns requests that finished. The scheduler works one step ahead of
+        the read-back: this step's work is queued on the devices before the host postprocesses the last one's, so
+        tokens reach their streams one step late; a step that needs the last tokens on the host first reads them
+        back before scheduling (`_sync`, and `_ahead` says when).
 
         A stream gets one delta per dispatch read back: each choice's tokens of all its steps, detokenized together
         (the host's work per token is then mostly per dispatch; SGLang's `--stream-interval` does the like)."""
@@ -217,36 +222,70 @@ class Engine:
         done: list[Request] = []
         changed: dict[str, Request] = {}
         t = time.perf_counter()
-        self._take_aborts()  # before the dispatch in flight is read back: an aborted choice takes none of it
-        if self.inflight is not None:
-            inf, self.inflight = self.inflight, None
-            ahead = self.overlap and self._ahead(inf)
-            self._collect(inf, changed, done)
-            t = self._spent("collect", t)
-            if ahead:
-                return done
+        self._take_aborts()  # before anything in flight is read back: an aborted choice takes none of it
+        older = list(self.pending)  # the last step's draws: read back once this step's work is dispatched
+        if older and not self._ahead():
+            self._sync(changed, done)
+        t, programs, self._mark = time.perf_counter(), self.runner.programs(), self._nested
         prefills = self.runner.prefill_calls()
-        ready = self._admit()
+        ready = self._admit(changed, done)
         self._prefilled = self.runner.prefill_calls() != prefills  # a decode now queues behind it: not timed
         t = self._spent("prefill", t)
         self._install(ready, changed)
         t = self._spent("first", t)
-        self._emit(changed, done)
-        self.handed()
-        t = self._spent("stream", t)
         if self.sched.running and not self.riders:  # riders took this step's token with the prefill
             self._decode(changed, done)
             self._spent("decode", t)
+        t = time.perf_counter()
+        for inf in older:
+            inf.compiled |= self.runner.programs() != programs  # a compile stalled the host inside its measured time
+        while self.pending and any(self.pending[0] is inf for inf in older):
+            self._collect(self.pending.pop(0), changed, done)
+        self._emit(changed, done)  # and what ended without a draw (scoring a prompt alone: max_tokens 0)
+        self._spent("collect", t)
         return done
 
+    def _ahead(self) -> bool:
+        """Whether this step may be scheduled and dispatched before the last step's draws are read back: no running
+        choice is constrained or drafts (its mask or draft depends on its last token). A choice ending in those
+        draws (an EOS, a stop string) then runs one more step, whose tokens are dropped: its writes land past its
+        tokens, in pages it held at the dispatch, and any later use of a freed page is dispatched after it."""
+        return self.overlap and all(c.matcher is None and c.drafter is None for _, c in self.sched.running.values())
+
+    def _sync(self, changed, done) -> None:
+        """Read back every draw in flight, in order, and hand out its tokens: the host then knows every token."""
+        t, nested = time.perf_counter(), self._nested
+        while self.pending:
+            self._collect(self.pending.pop(0), changed, done)
+        self._nest("collect", t, nested)
+
+    def _reserve(self, steps: int, changed, done, more: dict[int, int] | None = None) -> None:
+        """The scheduler's `reserve`; while draws are in flight, without preempting (a preempted choice is recomputed
+        from its tokens, which the host must hold): if the pages run out, read everything back, then preempt."""
+        if self.pending and self.sched.reserve(steps, more, preempt=False):
+            return
+        if self.pending:
+            self._sync(changed, done)
+        self.sched.reserve(steps, more)
+
     def _spent(self, phase: str, since: float) -> float:
-        """Add the time since `since` to a phase of the step; returns now."""
+        """Add the time since `since` to a phase of the step, less what parts inside it counted as theirs
+        (`_nest`); returns now."""
         now = time.perf_counter()
-        self.phase_seconds[phase] += now - since
+        self.phase_seconds[phase] += now - since - (self._nested - self._mark)
+        self._mark = self._nested
         return now
+
+    def _nest(self, phase: str, since: float, nested: float) -> None:
+        """Count the time since `since` to `phase`, a part inside another (handing deltas out, reading back in the
+        middle of a step), less what parts inside it counted (`nested`: `_nested` at `since`): each second once."""
+        took = time.perf_counter() - since - (self._nested - nested)
+        self.phase_seconds[phase] += took
+        self._nested += took
 
     def _emit(self, changed: dict[str, Request], done: list[Request]) -> None:
         """Hand each changed request its deltas since the last call."""
+        t, nested = time.perf_counter(), self._nested
         for req in changed.values():
             deltas = [d for c in req.choices if (d := self._delta(c)) is not None]
             if req.on_delta and deltas:
@@ -255,6 +294,7 @@ class Engine:
                 done.append(req)
                 self.finished += 1
         changed.clear()
+        self._nest("stream", t, nested)
 
     def _take_aborts(self) -> None:
         ids = set()
@@ -265,16 +305,17 @@ class Engine:
 
     # ---- admission and prefill ------------------------------------------------------------------------------
 
-    def _admit(self) -> list[Prefill]:
+    def _admit(self, changed, done) -> list[Prefill]:
         """Seat queued work (the scheduler's `admit`) and prefill: short prompts now, several per call; the next
         chunks of long ones (one chunk of one prompt at a time for prompt logprobs), so the streams already running
         keep flowing meanwhile. With the flat step (`Runner.flat`) they are one call, and the running choices'
-        next tokens ride in it (`riders`; not while any drafts). Returns the work now prefilled, to install."""
+        next tokens ride in it (`riders`; not while any drafts; a rider's token not read back yet is taken on the
+        devices). Returns the work now prefilled, to install."""
         sched, tables, flat = self.sched, self.sched.tables, self.runner.flat
         self.riders = []
         riding = flat and sched.running and all(c.drafter is None for _, c in sched.running.values())
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
-            sched.reserve(1)
+            self._reserve(1, changed, done)
         short = [pf for pf in sched.admit() if pf.short]
         items = [(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short]
         if short and not flat:
@@ -292,9 +333,10 @@ class Engine:
             items += chunks
         if flat and items:
             batch = sched.batch() if riding else None
-            self.riders = sorted(sched.running) if riding else []
-            self.runner.prefill_flat(items, [(s, tables[s], batch.tokens[s], batch.positions[s])
-                                             for s in self.riders])
+            going = [s for s, (req, c) in sorted(sched.running.items()) if self._left(req, c) > c.lag]
+            self.riders = going if riding else []  # not one whose tokens in flight reach its end
+            self.runner.prefill_flat(items, [(s, tables[s], None if batch.fresh[s] else batch.tokens[s],
+                                              batch.positions[s]) for s in self.riders])
         ready = sched.advance(work)
         for pf in ready:
             if pf.echo:
@@ -341,16 +383,13 @@ class Engine:
         sources = {**new_rows, **{slot: slot for slot in self.riders}}  # riders draw from their own rows
         if not sources:
             return
-        out = self.runner.first_tokens(sources, self._allowed(sources))
-        for slot in sources:
-            req, choice = sched.running[slot]
-            self._append(req, choice, out, (slot,))
-            changed[req.id] = req
+        choices = [(slot, sched.running[slot][1]) for slot in sorted(sources)]
+        self.pending.append(Inflight(self.runner.first_tokens(sources, self._allowed(sources)), choices, 1))
+        for _, choice in choices:
+            choice.lag += 1
         if self.riders:
             self.steps_run += 1
             self.rode += len(self.riders)
-            for req, choice in sched.running.values():
-                sched.register(req, choice)  # pages the riders filled, to the prefix cache
 
     def _settings(self, req: Request) -> dict:
         """A request's sampler row: its settings and logit bias (EOS suppressed for ignore_eos)."""
@@ -431,26 +470,30 @@ class Engine:
 
     def _decode(self, changed, done) -> None:
         """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
-        steps = self.runner.rc.decode_steps
         sched, running = self.sched, self.sched.running
+        if self.pending and (not self.overlap or any(c.matcher is not None or c.drafter is not None
+                                                     for _, c in running.values())):
+            self._sync(changed, done)  # a mask or a draft needs the last token on the host
+        steps = self.runner.rc.decode_steps
         if sched.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
             steps = 1  # the running streams still get a token each step (vLLM's chunked prefill)
         if any(c.matcher is not None and c.matcher.active(steps) for _, c in running.values()):
             steps = 1  # the host gives each constrained token its mask
         drafts = self._drafts(steps)
         if drafts:
-            sched.reserve(1, {slot: len(d) for slot, d in drafts.items()})
+            self._reserve(1, changed, done, {slot: len(d) for slot, d in drafts.items()})
         else:
-            sched.reserve(steps)
-        if not running:
+            self._reserve(steps, changed, done)
+        going = [s for s, (req, c) in running.items() if self._left(req, c) > c.lag]  # not one whose tokens in
+        if not going:  # flight reach its end
             return
-        batch = sched.batch()
-        allowed = self._allowed(list(running))
+        batch = sched.batch(going)
+        allowed = self._allowed(going)
         drafts = {slot: d for slot, d in drafts.items() if slot in running}  # not preempted by the reserve
         if not drafts:
-            self._dispatch(batch.tokens, batch.positions, batch.active, steps, allowed)
+            self._dispatch(batch, steps, allowed)
             return
-        nb = self.runner.rows_for(list(running))
+        nb = self.runner.rows_for(going)
         b, w = self.runner.slots, self.runner.rc.draft_tokens + 1
         wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
         wide[:, 0] = batch.tokens
@@ -468,55 +511,54 @@ class Engine:
         for slot, d in drafts.items():
             running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
         self.steps_run += 1
-        self._take(outs, kept, list(running), changed, done)
+        self._take(outs, kept, [(slot, running[slot][1]) for slot in going], changed, done)
 
-    def _dispatch(self, tokens, positions, active, steps: int, allowed, carry: bool = False) -> None:
-        """Dispatch a decode of `steps` over the `active` slots; it is read back by the next step (`_collect`)."""
-        slots = np.flatnonzero(active).tolist()
+    def _dispatch(self, batch, steps: int, allowed) -> None:
+        """Dispatch a decode of `steps` over the batch's active slots (the inputs of its `fresh` rows still on the
+        devices); it is read back by the next step (`_collect`)."""
+        slots = np.flatnonzero(batch.active).tolist()
         key = ("decode", self.runner.rows_for(slots), steps)
         programs = self.runner.programs()
-        decoding = self.runner.decode(tokens, positions, active, self.sched.tables, steps, allowed, carry)
-        self.inflight = Inflight(decoding, slots, steps, key, time.perf_counter(), self._prefilled or
-                                 self.runner.programs() != programs)
+        out = self.runner.decode(batch.tokens, batch.positions, batch.active, self.sched.tables, steps, allowed,
+                                 batch.fresh)
+        choices = [(slot, self.sched.running[slot][1]) for slot in slots]
+        for _, choice in choices:
+            choice.lag += steps
+        self.pending.append(Inflight(out, choices, steps, key, time.perf_counter(),
+                                     self._prefilled or self.runner.programs() != programs))
+        self.ahead += bool(batch.fresh.any())
         self.steps_run += steps
 
-    def _ahead(self, inf: "Inflight") -> bool:
-        """Dispatch the next decode before reading back the one in flight, when nothing but decoding can happen
-        in between: nothing that could be seated now, every running choice unconstrained and without
-        drafts (their inputs depend on the tokens), the same batch bucket, some choice not at its last token
-        within the dispatch in flight, and pages for two dispatches ahead without preempting anyone. Its input
-        tokens are the ones in flight, still on the devices (`Runner.decode`'s `carry`); a choice that ends in the
-        dispatch in flight (an EOS, a stop string) runs one more, whose tokens are dropped."""
-        sched, running = self.sched, self.sched.running
-        if (sched.prefilling or sched.could_seat() or not set(running) <= set(inf.slots)
-                or any(c.matcher is not None or c.drafter is not None for _, c in running.values())):
-            return False
-        going = [s for s in inf.slots if s in running and self._left(*running[s]) > inf.steps]
-        if not going or self.runner.rows_for(going) != inf.key[1]:
-            return False
-        if not sched.reserve(2 * inf.steps, going=going):
-            return False
-        batch = sched.batch(going, ahead=inf.steps)  # its tokens are still on the devices
-        self._dispatch(None, batch.positions, batch.active, inf.steps, None, carry=True)
-        inf.compiled |= self.inflight.compiled  # a compile here stalled the host inside `inf`'s measured time
-        self.ahead += 1
-        return True
-
-    def _collect(self, inf: "Inflight", changed, done) -> None:
-        """Read a dispatched decode back and hand its tokens to their choices."""
-        outs = inf.decoding.result()
+    def _collect(self, inf: Inflight, changed, done) -> None:
+        """Read a dispatched draw back and hand its tokens to their choices (those still running: not ended, nor
+        aborted, meanwhile)."""
+        outs = inf.out.result()
         end = time.perf_counter()
+        for _, choice in inf.choices:
+            choice.lag -= inf.steps
+        if inf.key is None:  # first tokens (and riders' next ones)
+            running = self.sched.running
+            for slot, choice in inf.choices:
+                if slot in running and running[slot][1] is choice and choice.finish_reason is None:
+                    req = running[slot][0]
+                    self._append(req, choice, outs, (slot,))
+                    changed[req.id] = req
+            self._emit(changed, done)
+            self.handed()
+            for req, choice in running.values():
+                self.sched.register(req, choice)  # pages the riders filled, to the prefix cache
+            return
         if not inf.compiled:  # its device time began when it was dispatched, or when the one before it ended
             self._time(inf.key, end - max(inf.start, self._read))
         self._read = end
-        steps = outs.token.shape[0]
-        self._take(outs, np.ones((steps, self.runner.slots), bool), inf.slots, changed, done)
+        self._take(outs, np.ones((outs.token.shape[0], self.runner.slots), bool), inf.choices, changed, done)
 
-    def _take(self, outs, kept: np.ndarray, slots: list[int], changed, done) -> None:
-        """Hand each still-running choice its kept outputs (`[steps, slots]`) at once, one delta for all of them;
-        then offer newly full pages to the prefix cache."""
+    def _take(self, outs, kept: np.ndarray, choices: list[tuple[int, Choice]], changed, done) -> None:
+        """Hand each still-running choice of `choices` (slot, choice) its kept outputs (`[steps, slots]`) at once, one
+        delta for all of them; then offer newly full pages to the prefix cache."""
         sched = self.sched
-        mine = [(slot, *sched.running[slot]) for slot in slots if slot in sched.running]
+        mine = [(slot, sched.running[slot][0], c) for slot, c in choices
+                if slot in sched.running and sched.running[slot][1] is c]
         shadows = [(c, len(c.token_ids)) for _, _, c in mine if c.drafter and c.drafter.unverified]
         for slot, req, choice in mine:
             steps = np.flatnonzero(kept[:, slot])
@@ -605,7 +647,7 @@ class Engine:
         finish_reason "error", free every slot and page they held, and return each with the final deltas to hand it."""
         while not self.incoming.empty():
             self.sched.waiting.append(self.incoming.get())
-        self.inflight = None  # its outputs are dropped
+        self.pending = []  # their outputs are dropped
         out = []
         for req in self.sched.clear():
             ended = [c for c in req.choices if c.finish_reason is None]

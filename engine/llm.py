@@ -117,7 +117,7 @@ class AsyncEngine:
         self._fail_requested = False
         self.error: BaseException | None = None
         self._held: list = []  # the streams that took deltas during this engine step, to hand them over after it
-        engine.handed = self._hand_over  # and the first tokens of a step's prefills before its decode
+        engine.handed = self._hand_over  # and first tokens as soon as they are read back
         self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
         self._thread.start()
 

@@ -38,6 +38,7 @@ class Choice:
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages registered so far
     order: int = 0  # admission stamp: the most recently admitted is preempted first
     saved: Any = None  # sampler row taken along by a preempted choice
+    lag: int = 0  # tokens drawn on the devices and not read back yet (a step dispatched ahead of the read-back)
     matcher: Any = None  # its position in the request's grammar (structured output), if any
     detok: Any = None  # its text so far, as an `engine.detok.Detok` (None without a tokenizer)
     _sent_text: int = 0

@@ -122,16 +122,16 @@ def join_pieces(pieces: list) -> tuple:
     return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
 
 
-class Decoding:
-    """A dispatched decode: its outputs on the devices, read back (once) by `result`."""
+class Dispatched:
+    """A dispatched draw (a decode, or first tokens): its outputs on the devices, read back (once) by `result`."""
 
-    def __init__(self, outs: smp.SampleOut, rows: np.ndarray, runner: "Runner"):
-        self._outs, self._rows, self._runner, self._host = outs, rows, runner, None
+    def __init__(self, outs: smp.SampleOut, rows: np.ndarray, runner: "Runner", axis: int):
+        self._outs, self._rows, self._runner, self._axis, self._host = outs, rows, runner, axis, None
 
     def result(self) -> smp.SampleOut:
-        """The outputs, `[steps, slots, ...]` numpy indexed by slot (waits for the devices)."""
+        """The outputs as numpy indexed by slot (`[steps, slots, ...]` for a decode; waits for the devices)."""
         if self._host is None:
-            self._host = self._runner.read_back(self._outs, self._rows, axis=1)
+            self._host = self._runner.read_back(self._outs, self._rows, axis=self._axis)
             self._outs = None
         return self._host
 
@@ -201,7 +201,10 @@ class Runner:
         # neither the host nor an eager op touches them (a slot's row is valid from its prefill to its first draw)
         self.last_logits = jax.device_put(jnp.zeros((self.slots, vocab), jnp.float32), self.by_row)
         self.drawable: set[int] = set()  # slots whose `last_logits` row holds a prefill's logits not drawn from yet
-        self._last: jax.Array | None = None  # the last decode's last tokens, on the devices (`decode`'s `carry`)
+        # each slot's last drawn token, on the devices: written by every decode and first draw, read by the next
+        # decode or flat step for the rows the host has not read back yet (`fresh`, `from_drawn`), so the engine can
+        # dispatch a step before reading back the one before it
+        self.drawn = jax.device_put(jnp.zeros(self.slots, jnp.int32), self.by_row)
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         module = model.module
@@ -237,10 +240,13 @@ class Runner:
             return cache, last, (chosen[None], top_ids[None], top_lp[None])
 
         @functools.partial(jax.jit, donate_argnums=(1, 2))
-        def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, pages, dest):
-            # tokens [T]: the sequences' tokens one after another (see `paged.Flat`); each sequence's last logits go
-            # to its `dest` row of `last` (the padding sequences' to one past the slots: dropped)
+        def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, pages, dest, drawn,
+                      from_drawn):
+            # tokens [T]: the sequences' tokens one after another (see `paged.Flat`), those with a `from_drawn` slot
+            # taken from `drawn` (a rider whose last token is not read back yet); each sequence's last logits go to
+            # its `dest` row of `last` (the padding sequences' to one past the slots: dropped)
             self.compiles += 1
+            tokens = jnp.where(from_drawn >= 0, drawn[jnp.maximum(from_drawn, 0)], tokens)
             flat = paged.Flat(tables, owner, starts, lengths, pages)
             logits, cache = forward(params, cache, tokens[None], positions[None], flat, jnp.cumsum(lengths) - 1)
             return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
@@ -255,7 +261,8 @@ class Runner:
                 return (*prefill_rows(params, cache, last, tokens, start, length, table, dest), None)
             return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest)
 
-        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
+        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh,
+                         steps):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
                 # One row: XLA fuses int8 weights' widening into each matrix-vector product, reading int8. Tied to
@@ -268,22 +275,23 @@ class Runner:
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
+            tokens = jnp.where(fresh, drawn[:nb], tokens)  # rows whose last token the host has not read back
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
             (cache, part, last, _), outs = jax.lax.scan(one, (cache, part, tokens, positions), None, length=steps)
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
-            return cache, state, outs, last
+            return cache, state, outs, drawn.at[:nb].set(jnp.where(active, last, drawn[:nb]))
 
-        @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2))
-        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, steps):
-            # `last`, each row's last token, stays on the devices laid out as `tokens`: the next decode may take it
-            # as its input before the host has read these outputs back (`Runner.decode`'s `carry`)
+        @functools.partial(jax.jit, static_argnames=("steps",), donate_argnums=(1, 2, 9))
+        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh, steps):
+            # each active row's last token goes to its slot of `drawn`: the next step may take it as its input before
+            # the host has read these outputs back (`Runner.decode`'s `fresh`)
             self.compiles += 1
-            fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, *(rows,) * 7),
+            fn = over_shards(functools.partial(decode_shard, steps=steps), (rep, kv, *(rows,) * 9),
                              (kv, rows, P(None, "data"), rows))
-            cache, state, outs, last = fn(params, cache, state, sparams, tokens, positions, active, table, allowed)
-            return cache, state, jax.lax.with_sharding_constraint(outs, gathered), \
-                jax.lax.with_sharding_constraint(last, self.by_row)
+            cache, state, outs, drawn = fn(params, cache, state, sparams, tokens, positions, active, table, allowed,
+                                           drawn, fresh)
+            return cache, state, jax.lax.with_sharding_constraint(outs, gathered), drawn
 
         def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
@@ -325,21 +333,22 @@ class Runner:
                                           allowed)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
 
-        def first_shard(state, sparams, last, rows, source, allowed):
+        def first_shard(state, sparams, last, rows, source, allowed, drawn):
             # `rows`: the shard's slots that draw (padding: one past its slots), each from its `source` row of
-            # `last`: the sampler runs on those rows alone, whichever slots they are
+            # `last`: the sampler runs on those rows alone, whichever slots they are; their tokens go to `drawn`
             per = state.step.shape[0]
             pick = lambda tree: jax.tree.map(lambda x: x[jnp.minimum(rows, per - 1)], tree)  # noqa: E731
             out, new = smp.sample(last[source], pick(sparams), pick(state), rows < per, allowed)
-            return jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new), out
+            state = jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new)
+            return state, out, drawn.at[rows].set(out.token, mode="drop")
 
-        first_shard = over_shards(first_shard, (rows,) * 6, (rows, rows))
+        first_shard = over_shards(first_shard, (rows,) * 7, (rows, rows, rows))
 
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def first_tokens(state, sparams, last, rows, source, allowed):
+        @functools.partial(jax.jit, donate_argnums=(0, 6))
+        def first_tokens(state, sparams, last, rows, source, allowed, drawn):
             self.compiles += 1  # one shape per batch bucket
-            state, out = first_shard(state, sparams, last, rows, source, allowed)
-            return state, jax.lax.with_sharding_constraint(out, gathered)
+            state, out, drawn = first_shard(state, sparams, last, rows, source, allowed, drawn)
+            return state, jax.lax.with_sharding_constraint(out, gathered), drawn
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
         def set_rows(state, sparams, rows, state_rows, param_rows):
@@ -447,19 +456,21 @@ class Runner:
     def _flat_job(self, size: int) -> Job:
         r = self.slots + 1
         return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
-                             _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r)), {})
+                             _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r), self.drawn,
+                             _i32(size)), {})
 
     def _rows_job(self, k: int) -> Job:
         rows = lambda tree: jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), tree)  # noqa: E731
         return self._set_rows, (self.state, self.params, _i32(k), rows(self.state), rows(self.params)), {}
 
     def _first_job(self, nb: int) -> Job:
-        return self._first, (self.state, self.params, self.last_logits, _i32(nb), _i32(nb), self.all_allowed[:nb]), {}
+        return self._first, (self.state, self.params, self.last_logits, _i32(nb), _i32(nb), self.all_allowed[:nb],
+                             self.drawn), {}
 
     def _decode_job(self, nb: int, attend: int, steps: int) -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
-                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb]),
-                dict(steps=steps))
+                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb],
+                               self.drawn, np.zeros(nb, bool)), dict(steps=steps))
 
     def _verify_job(self, nb: int, attend: int) -> Job:
         w = self.rc.draft_tokens + 1
@@ -593,7 +604,8 @@ class Runner:
         (`tokens[start:]`: prompts and chunks within the step's budget) and, for `riders` (`(slot, table row, token,
         position)`: running choices, each a sequence of one token), the next logits, in one forward pass over their
         tokens one after another. Every sequence's last logits go to `last_logits[slot]`: `first_tokens` draws the
-        riders' next tokens with the prompts' first ones."""
+        riders' next tokens with the prompts' first ones. A rider's token None: its last drawn token, still on the
+        devices (`drawn`)."""
         seqs = [(slot, table, tokens[start:], start) for slot, table, tokens, start in items]
         seqs += [(slot, table, [token], pos) for slot, table, token, pos in riders]
         part, size = [], 0
@@ -611,16 +623,19 @@ class Runner:
         tokens, positions, owner = np.zeros(size, np.int32), np.zeros(size, np.int32), np.full(size, r - 1, np.int32)
         tables, starts, lengths = np.zeros((r, self.max_pages), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
         dest = np.full(r, self.slots, np.int32)  # past the slots: dropped
+        from_drawn = np.full(size, -1, np.int32)  # the slot whose `drawn` token a position takes (-1: `tokens`')
         at = 0
         for i, (slot, table, piece, start) in enumerate(seqs):
             n = len(piece)
+            if piece == [None]:
+                piece, from_drawn[at] = [0], slot
             tokens[at:at + n], positions[at:at + n], owner[at:at + n] = piece, np.arange(start, start + n), i
             tables[i], starts[i], lengths[i], dest[i] = table, start, n, slot
             self.drawable.add(slot)
             at += n
         pages = tables[owner, positions // self.page_size]  # each token's page (padding: the scratch page)
         self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
-                                                  owner, tables, starts, lengths, pages, dest)
+                                                  owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn)
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
@@ -665,11 +680,12 @@ class Runner:
         states = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))), *states)
         self.state, self.params = self._set_rows(self.state, self.params, idx, states, smp.SamplerParams(**settings))
 
-    def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> smp.SampleOut:
+    def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> Dispatched:
         """Sample the first token of newly admitted slots, each from the prefill logits of the slot `sources` names
         for it (the choices of one request share its prompt's: `last_logits` rows). The sampler runs on those rows
         alone, at the smallest batch bucket holding each shard's share. `allowed`: `[slots, W]` bitmasks (see
-        `sampler.sample`). Outputs are indexed by slot."""
+        `sampler.sample`). Returns at once; `.result()` waits for the outputs, indexed by slot. The tokens also go
+        to `drawn`, for a next step dispatched before they are read back."""
         slots = sorted(sources)
         drawn = set(sources.values())
         if not drawn <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s) for s in slots):
@@ -686,10 +702,9 @@ class Runner:
             source[d, :len(these)] = [sources[s] % self.per_shard for s in these]
         where = where.reshape(-1)
         allowed = (self.all_allowed if allowed is None else allowed)[np.minimum(where, self.slots - 1)]
-        self._last = None
-        self.state, out = self._first(self.state, self.params, self.last_logits, rows.reshape(-1),
-                                      source.reshape(-1), allowed)
-        return self.read_back(out, where)
+        self.state, out, self.drawn = self._first(self.state, self.params, self.last_logits, rows.reshape(-1),
+                                                  source.reshape(-1), allowed, self.drawn)
+        return Dispatched(out, where, self, axis=0)
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
         """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""
@@ -714,28 +729,23 @@ class Runner:
         return bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
-               steps: int, allowed: np.ndarray | None = None, carry: bool = False) -> "Decoding":
+               steps: int, allowed: np.ndarray | None = None, fresh: np.ndarray | None = None) -> Dispatched:
         """Dispatch `steps` decode steps over the smallest batch bucket holding every active slot of each shard,
         each reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step). Returns at once;
-        `.result()` waits for the outputs, stacked `[steps, slots, ...]` as numpy, indexed by slot. `carry`: the
-        input tokens are the last ones the previous call drew, still on the devices (`tokens` is ignored): the engine
-        dispatches a step before reading back the one before it. That call must have been a decode at the same
-        batch bucket, with nothing that draws tokens between the two."""
+        `.result()` waits for the outputs, stacked `[steps, slots, ...]` as numpy, indexed by slot. `fresh` (`[slots]`
+        bool): rows whose input is their last drawn token still on the devices (`drawn`, written by the call that
+        drew it; `tokens` is ignored there): the engine dispatches a step before reading back the one before it."""
         nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
         positions, active = positions[rows], active[rows]
-        if carry:
-            if self._last is None or self._last.shape[0] != len(rows):
-                raise ValueError("carry needs the previous call to be a decode at the same batch bucket")
-            tokens = self._last
-        else:
-            tokens = tokens[rows].astype(np.int32)
+        fresh = np.zeros(len(rows), bool) if fresh is None else fresh[rows] & active
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
-        self.cache, self.state, outs, self._last = self._decode(
-            self.model.params, self.cache, self.state, self.params, tokens, positions.astype(np.int32), active,
-            self.table(tables[rows], attend), (self.all_allowed if allowed is None else allowed)[rows], steps=steps)
-        return Decoding(outs, rows, self)
+        self.cache, self.state, outs, self.drawn = self._decode(
+            self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
+            positions.astype(np.int32), active, self.table(tables[rows], attend),
+            (self.all_allowed if allowed is None else allowed)[rows], self.drawn, fresh, steps=steps)
+        return Dispatched(outs, rows, self, axis=1)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
                tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:
@@ -751,7 +761,6 @@ class Runner:
         attend = self.attended(nb, int(live.max()) if live.size else 1, w)
         table = self.table(tables[rows], w + attend)
         positions = np.where(active[rows], positions[rows], table.shape[1] * self.page_size)  # padding: past it
-        self._last = None
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,

@@ -35,6 +35,7 @@ class Batch:
     tokens: np.ndarray
     positions: np.ndarray
     active: np.ndarray
+    fresh: np.ndarray  # rows whose last token is still on the devices (`Choice.lag`): `tokens` holds none for them
 
 
 class Scheduler:
@@ -66,11 +67,6 @@ class Scheduler:
     def queued(self) -> int:
         """Requests and preempted choices waiting for slots."""
         return len(self.waiting) + len(self.resumes)
-
-    def could_seat(self) -> bool:
-        """The next queued work's slots are free (its pages may still be short)."""
-        head = 1 if self.resumes else len(self.waiting[0].choices) if self.waiting else 0
-        return 0 < head <= len(self.free)
 
     # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
 
@@ -206,15 +202,16 @@ class Scheduler:
 
     # ---- running: pages ahead, preemption ---------------------------------------------------------------------
 
-    def reserve(self, steps: int, more: dict[int, int] | None = None, going: list[int] | None = None) -> bool:
-        """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), oldest first;
-        when the pool is dry (cached pages evicted too), preempt the most recently admitted work until they fit.
-        `going`: only those slots, and never preempt: False when the pages ran out."""
-        for slot in sorted(self.running if going is None else going, key=lambda s: self.running[s][1].order):
+    def reserve(self, steps: int, more: dict[int, int] | None = None, preempt: bool = True) -> bool:
+        """Give every running choice the pages its next `steps` positions need (plus `more[slot]`), past the tokens
+        it has in flight (`Choice.lag`), oldest first; when the pool is dry (cached pages evicted too), preempt the
+        most recently admitted work until they fit. `preempt=False`: never (a choice with tokens in flight cannot
+        be recomputed from its tokens): False when the pages ran out."""
+        for slot in sorted(self.running, key=lambda s: self.running[s][1].order):
             if slot not in self.running:
                 continue  # preempted meanwhile
             req, choice = self.running[slot]
-            ahead = steps + (more or {}).get(slot, 0)
+            ahead = steps + choice.lag + (more or {}).get(slot, 0)
             last = min(len(req.prompt_ids) + len(choice.token_ids) - 2 + ahead, self.max_len - 1)
             need = last // self.page_size + 1 - len(choice.pages)
             shard = self.shard_of(slot)
@@ -224,7 +221,7 @@ class Scheduler:
                     self.tables[slot, len(choice.pages):len(choice.pages) + need] = pages
                     choice.pages += pages
                     break
-                if going is not None:
+                if not preempt:
                     return False
                 victim = self._preempt_newest(shard)
                 if victim is choice:
@@ -259,17 +256,17 @@ class Scheduler:
         self.resumes.appendleft((req, choice))
         return choice
 
-    def batch(self, slots: list[int] | None = None, ahead: int = 0) -> Batch:
-        """The running choices (those in `slots`, if given) as a decode's rows, `ahead` positions on (a decode
-        dispatched before the one in flight, of `ahead` steps, is read back)."""
+    def batch(self, slots: list[int] | None = None) -> Batch:
+        """The running choices (those in `slots`, if given) as a decode's rows: each one's last token and its
+        position, past the tokens it has in flight (`Choice.lag`; its last token is then on the devices)."""
         tokens, positions = np.zeros(self.slots, np.int32), np.full(self.slots, self.max_len, np.int32)
-        active = np.zeros(self.slots, bool)
+        active, fresh = np.zeros(self.slots, bool), np.zeros(self.slots, bool)
         for slot in self.running if slots is None else slots:
             req, choice = self.running[slot]
-            tokens[slot] = choice.token_ids[-1]
-            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + ahead
-            active[slot] = True
-        return Batch(tokens, positions, active)
+            tokens[slot] = choice.token_ids[-1] if choice.token_ids else 0
+            positions[slot] = len(req.prompt_ids) + len(choice.token_ids) - 1 + choice.lag
+            active[slot], fresh[slot] = True, choice.lag > 0
+        return Batch(tokens, positions, active, fresh)
 
     # ---- leaving ----------------------------------------------------------------------------------------------
 

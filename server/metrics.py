@@ -37,7 +37,7 @@ ENGINE_COUNTERS = {
     "steps": "decode steps run",
     "preemptions": "sequences preempted because the KV pool ran dry",
     "device_call_seconds": "seconds the engine spent in calls to the devices (launching programs, reading back)",
-    "decodes_ahead": "decodes dispatched before the one in flight was read back",
+    "decodes_ahead": "decodes dispatched before the step before them was read back",
     "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
     "prefix_cache_hit_tokens": "prompt tokens served from the prefix cache",
 }

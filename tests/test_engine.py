@@ -168,10 +168,10 @@ def test_batched_prefill_equals_one_prompt_at_a_time(llm):
 
 
 def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
-    """While only decoding can happen, the engine dispatches each decode before reading back the one before it (its
-    input tokens still on the device). Counted; and the tokens are those of an engine that reads every decode back
-    first: greedy and seeded, n > 1, a stop string, EOS, max_tokens not a multiple of the steps. Every page and slot
-    comes back."""
+    """The engine dispatches each step's work (prefills, first draws, the decode) before reading back the step before
+    it (the decode's input tokens still on the device). Counted; and the tokens are those of an engine that reads
+    every draw back first: greedy and seeded, n > 1, a stop string, EOS, max_tokens not a multiple of the steps.
+    Every page and slot comes back."""
     eng = llm.engine
     base = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
     stop = base.text[20:26]
@@ -192,8 +192,42 @@ def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
     assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].text == base.text[:base.text.index(stop)]
     assert {c.finish_reason for o in got for c in o.outputs} == {"stop", "length"}
     assert len(got[1].outputs[1].token_ids) == 17
-    assert eng.inflight is None and len(eng.sched.free) == eng.runner.slots
+    assert not eng.pending and len(eng.sched.free) == eng.runner.slots
     assert all(r == 0 for r in eng.sched.pools[0].refs)
+
+
+def test_a_step_that_seats_a_request_queues_its_decode_before_reading_anything_back(llm):
+    """One step ahead with admissions: the step that seats a request dispatches its prefill, first draw and decode
+    and reads nothing back (the decode's input token is the first draw's, on the device); the next step seats another
+    and dispatches the decode of both before reading the first one's tokens back. The tokens equal those of an engine
+    that reads every draw back first."""
+    eng, steps = llm.engine, llm.engine.runner.rc.decode_steps
+    prompts = [list(range(5, 40)), list(range(50, 70))]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=9, ignore_eos=True)]
+    got = {}
+    for overlap in (True, False):
+        eng.overlap = overlap
+        try:
+            a, b = (eng.make_request(p, sp) for p, sp in zip(prompts, params))
+            eng.add(a)
+            eng.step()
+            if overlap:
+                assert not a.choices[0].token_ids and a.choices[0].lag == 1 + steps
+                assert [inf.key is None for inf in eng.pending] == [True, False]  # a first draw, then a decode
+            eng.add(b)
+            ahead = eng.ahead
+            eng.step()
+            if overlap:
+                assert len(a.choices[0].token_ids) == 1 + steps and not b.choices[0].token_ids
+                assert eng.ahead == ahead + 1 and b.choices[0].lag == 1 + steps
+            while eng.has_work():
+                eng.step()
+            got[overlap] = [a.choices[0].token_ids, b.choices[0].token_ids]
+        finally:
+            eng.overlap = True
+    assert got[True] == got[False] and [len(t) for t in got[True]] == [12, 9]
+    assert not eng.pending and len(eng.sched.free) == eng.runner.slots
 
 
 def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm):
@@ -213,7 +247,9 @@ def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm
     while not long.choices[0].token_ids:
         eng.step()
         seen.append(len(short.choices[0].token_ids))
-    assert len(seen) == 2 and seen[0] < seen[1]  # the short stream advanced during both chunks
+    # a chunk a step, the short stream advancing during both; the long prompt's first token is read back by the step
+    # after its last chunk (the engine reads a step's draws back once the next step's work is dispatched)
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2]
     while eng.has_work():
         eng.step()
     assert short.choices[0].token_ids == want_short and long.choices[0].token_ids == want_long

@@ -111,7 +111,7 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
         long, short = reqs[2:]
         eng.add(long)
         eng.add(short)
-        seen, splits, resumed, short_slot = [], 0, 0, None
+        seen, splits, resumed, short_slot, rode = [], 0, 0, None, []
         while eng.has_work():
             before, waiting, short_slot = len(calls), len(eng.sched.resumes), short.choices[0].slot
             chunking = not long.choices[0].token_ids
@@ -120,12 +120,14 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
             resumed += len(eng.sched.resumes) < waiting and bool(eng.riders)  # a resume prefilled, others riding
             if chunking:
                 seen.append(len(reqs[0].choices[0].token_ids))
-            if short.choices[0].finish_reason and short_slot >= 0:
-                assert not flat or short_slot in eng.riders  # its last token was drawn riding
+            if short.choices[0].finish_reason and short_slot >= 0:  # its last token was drawn riding, read back a
+                assert not flat or short_slot in rode + eng.riders  # step later (or in the step, reading back first)
+            rode = list(eng.riders)
         outs[flat] = [[c.token_ids for c in r.choices] for r in reqs]
         assert eng.sched.preemptions > 0 and len(short.choices[0].token_ids) == 2
         if flat:
-            assert len(seen) == 2 and seen[1] == seen[0] + 1  # a chunk a step, the stream a token each
+            # a chunk a step, the stream a token each; the long prompt's first token is read back the step after
+            assert len(seen) == 3 and seen[2] == seen[1] + 1 == seen[0] + 2
             assert splits and resumed and eng.rode > 0
             assert not eng.runner._prefill.exes  # no rectangular prefill compiled; a flat program per token bucket
             assert {key[0][3][0][0] for key in eng.runner._flat.exes} <= set(eng.runner.flat_buckets)

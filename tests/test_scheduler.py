@@ -86,7 +86,7 @@ def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
     assert [pf.req.id for pf in seated] == ["r0", "r1", "r2"]
     for r in reqs:
         run(sched, r, [5])
-    assert sched.reserve(20, going=[0, 1, 2]) is False  # 2 more pages each: not without preempting
+    assert sched.reserve(20, preempt=False) is False  # 2 more pages each: not without preempting
     assert sched.preemptions == 0
     assert sched.reserve(20)  # now it may: the newest goes, and is queued first
     assert sched.preemptions == 1 and 2 not in sched.running and sched.resumes[0][0] is reqs[2]
@@ -127,13 +127,12 @@ def test_a_decode_batch_holds_each_running_choice_at_its_position():
     batch = sched.batch()
     assert list(batch.active) == [True, True, True, False]
     assert list(batch.tokens[:3]) == [9, 9, 4] and list(batch.positions) == [22, 22, 5, sched.max_len]
-    ahead = sched.batch([1, 2], ahead=4)  # a decode of 4 steps in flight, read back after the next is dispatched
+    assert not batch.fresh.any()
+    for choice in (a.choices[1], b.choices[0]):
+        choice.lag = 4  # a decode of 4 steps in flight, read back after the next is dispatched
+    ahead = sched.batch([1, 2])
     assert list(ahead.active) == [False, True, True, False] and list(ahead.positions) == [512, 26, 9, 512]
-    assert not sched.could_seat()  # nothing queued
-    sched.waiting.append(request("c", [1, 2], n=2))
-    assert not sched.could_seat()  # two slots wanted, one free
-    sched.retire(b.choices[0])
-    assert sched.could_seat()
+    assert list(ahead.fresh) == [False, True, True, False]  # their last tokens are on the devices
 
 
 def test_clear_frees_everything_and_returns_every_request_once():
