@@ -333,8 +333,7 @@ class Engine:
             items += chunks
         if flat and items:
             batch = sched.batch() if riding else None
-            going = [s for s, (req, c) in sorted(sched.running.items()) if self._left(req, c) > c.lag]
-            self.riders = going if riding else []  # not one whose tokens in flight reach its end
+            self.riders = self._going() if riding else []
             self.runner.prefill_flat(items, [(s, tables[s], None if batch.fresh[s] else batch.tokens[s],
                                               batch.positions[s]) for s in self.riders])
         ready = sched.advance(work)
@@ -484,8 +483,8 @@ class Engine:
             self._reserve(1, changed, done, {slot: len(d) for slot, d in drafts.items()})
         else:
             self._reserve(steps, changed, done)
-        going = [s for s, (req, c) in running.items() if self._left(req, c) > c.lag]  # not one whose tokens in
-        if not going:  # flight reach its end
+        going = self._going()
+        if not going:
             return
         batch = sched.batch(going)
         allowed = self._allowed(going)
@@ -538,9 +537,8 @@ class Engine:
             choice.lag -= inf.steps
         if inf.key is None:  # first tokens (and riders' next ones)
             running = self.sched.running
-            for slot, choice in inf.choices:
-                if slot in running and running[slot][1] is choice and choice.finish_reason is None:
-                    req = running[slot][0]
+            for slot, req, choice in self._seated(inf.choices):
+                if choice.finish_reason is None:
                     self._append(req, choice, outs, (slot,))
                     changed[req.id] = req
             self._emit(changed, done)
@@ -553,12 +551,20 @@ class Engine:
         self._read = end
         self._take(outs, np.ones((outs.token.shape[0], self.runner.slots), bool), inf.choices, changed, done)
 
+    def _seated(self, choices: list[tuple[int, Choice]]) -> list[tuple[int, Request, Choice]]:
+        """Those of `(slot, choice)` still running in their slot (a slot may have a new occupant), with requests."""
+        running = self.sched.running
+        return [(slot, running[slot][0], c) for slot, c in choices if slot in running and running[slot][1] is c]
+
+    def _going(self) -> list[int]:
+        """The running slots whose tokens in flight do not reach their end (the next step draws for them)."""
+        return [s for s, (req, c) in sorted(self.sched.running.items()) if self._left(req, c) > c.lag]
+
     def _take(self, outs, kept: np.ndarray, choices: list[tuple[int, Choice]], changed, done) -> None:
         """Hand each still-running choice of `choices` (slot, choice) its kept outputs (`[steps, slots]`) at once, one
         delta for all of them; then offer newly full pages to the prefix cache."""
         sched = self.sched
-        mine = [(slot, sched.running[slot][0], c) for slot, c in choices
-                if slot in sched.running and sched.running[slot][1] is c]
+        mine = self._seated(choices)
         shadows = [(c, len(c.token_ids)) for _, _, c in mine if c.drafter and c.drafter.unverified]
         for slot, req, choice in mine:
             steps = np.flatnonzero(kept[:, slot])
