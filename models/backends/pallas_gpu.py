@@ -33,12 +33,17 @@ def _pow2_divisor(n: int, at_most: int) -> int:
     return min(n & -n, 1 << (at_most.bit_length() - 1))
 
 
+def _filling(rows: int, kv_heads: int) -> int:
+    """Splits of each row's keys that rows x KV heads x splits needs to fill the card (at most `MAX_SPLITS`)."""
+    return max(1, min(MAX_SPLITS, -(-PROGRAMS // (rows * kv_heads))))
+
+
 def splits_for(rows: int, kv_heads: int, pages: int) -> int:
     """Partitions of each sequence's `pages` (a power of two dividing it): only as many as it takes for rows x KV
     heads x splits to fill the card. Each program then walks several blocks of pages, which the kernel pipelines;
     at 256 rows the upstream default of 16 splits left each program one block of 4 pages (vLLM splits likewise, its
     paged attention v2, only when sequences x heads are few)."""
-    return _pow2_divisor(pages, max(1, min(MAX_SPLITS, -(-PROGRAMS // (rows * kv_heads)))))
+    return _pow2_divisor(pages, _filling(rows, kv_heads))
 
 
 def decode_plan(rows: int, kv_heads: int, pages: int) -> tuple[int, int, int]:
@@ -123,7 +128,7 @@ def decode_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax
     g = h // kvh
     gp = max(16, _pow2(g))  # Triton's products take at least 16 rows
     n = table.shape[1]
-    splits = splits or max(1, min(MAX_SPLITS, -(-PROGRAMS // (b * kvh)), -(-n * ps // keys)))
+    splits = splits or min(_filling(b, kvh), -(-n * ps // keys))
     per_split = -(-n * ps // splits)
     per_split += -per_split % keys
     width = -(-splits * per_split // ps)  # the table columns a split's last block may name: scratch past `n`
