@@ -15,7 +15,6 @@ Needs `pip install triton` (about 1 GB installed; not a project dependency): `py
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 import subprocess
@@ -106,8 +105,6 @@ def main() -> None:
             by_shared = SHARED // max(1, got["shared"] + 1024)  # each program reserves 1 KiB more
             print(f"| {name} | {warps} | {stages} | {got['registers']} | {got['shared'] / 1024:.1f} | "
                   f"{min(by_regs, by_shared)} ({by_regs} / {by_shared}) | {got['async_copies']} |", flush=True)
-        for leftover in glob.glob(os.path.join(work, "*")):
-            os.remove(leftover)
 
 
 if __name__ == "__main__":
