@@ -373,10 +373,21 @@ def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
     return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
 
 
-def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None):
+def is_plain(row: dict) -> bool:
+    """Whether a slot's settings (`neutral_params`' names, as `SamplingParams.sampler_row` gives them) need none of
+    what `sample` guards with a `lax.cond`: alternatives, mirostat, and truncation where the slot draws (a greedy
+    slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the row's."""
+    truncates = row["top_k"] > 0 or row["top_p"] < 1.0 or row["min_p"] > 0.0 or row["typical_p"] < 1.0
+    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not truncates)
+
+
+def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
+           plain: bool = False):
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
     (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before
-    any other transform; the reported logprobs stay the model's own."""
+    any other transform; the reported logprobs stay the model's own. `plain` (static): every row is `is_plain` and
+    none is constrained, and the program holds none of the `lax.cond`s that skip those transforms when no row wants
+    them (XLA's GPU runtime decides a conditional on the host, after waiting for the device: docs/ARCHITECTURE.md)."""
     logits = logits.astype(jnp.float32)
     _, lse = log_normaliser(logits)
 
@@ -386,18 +397,20 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
 
     b = logits.shape[0]
     none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
-    top_ids, top_lp = jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
+    top_ids, top_lp = none if plain else jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
     z = penalize(logits, p, s)
-    if allowed is not None:
+    if allowed is not None and not plain:
         vocab = logits.shape[1]
         z = jax.lax.cond(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF),
                          lambda: z)
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
-    keep = truncation_mask(z, p)
-    keep = jax.lax.cond(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
-                        lambda: keep)
-    drawn, logq = draw(jnp.where(keep, z, NEG_INF), uniforms(s.key, s.step))
+    if not plain:
+        keep = truncation_mask(z, p)
+        keep = jax.lax.cond(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
+                            lambda: keep)
+        z = jnp.where(keep, z, NEG_INF)
+    drawn, logq = draw(z, uniforms(s.key, s.step))
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.
     surprise = -logq / math.log(2.0)

@@ -1,6 +1,7 @@
 """The engine on the packaged SmolLM2: batch invariance, seeds, compilations, stopping, n, logprobs, mirostat."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,66 @@ def test_decodes_dispatched_ahead_of_the_read_back_change_no_token(llm):
     assert len(got[1].outputs[1].token_ids) == 17
     assert not eng.pending and len(eng.sched.free) == eng.runner.slots
     assert all(r == 0 for r in eng.sched.pools[0].refs)
+
+
+def host_decided(text: str) -> list[str]:
+    """What in a lowered program XLA's GPU runtime decides on the host, after waiting for the device: each
+    conditional, and each loop whose condition is not its counter against a constant (its trip count unknown)."""
+    loops = re.findall(r"cond \{\n(.*?)\n\s*\} do \{", text, re.S)
+    counted = (r"\s*(%\S+) = stablehlo.constant dense<\d+> : tensor<i32>\n"
+               r"\s*(%\S+) = stablehlo.compare\s+LT, %iterArg\S*, \1,.*\n\s*stablehlo.return \2 ")
+    return (re.findall(r"stablehlo.(?:case|if)\b", text) +
+            [c for c in loops if not re.fullmatch(counted + r".*", c, re.S)])
+
+
+def test_plain_batches_run_programs_the_gpu_need_not_wait_on_and_change_no_token(llm):
+    """With `plain_programs` (on a GPU by default) a batch whose rows are all `sampler.is_plain` decodes and draws
+    its first tokens with programs holding nothing XLA's GPU runtime decides on the host (a conditional makes it wait
+    for the device, so the launch would wait for the work queued before it and the engine could not work ahead);
+    a batch with one row that wants more runs the full programs. Counted by call, checked in the programs' text,
+    and the tokens and logprobs are those of the engine with the full programs alone."""
+    runner = llm.engine.runner
+    plain = [SamplingParams(temperature=0, max_tokens=12, logprobs=True),
+             SamplingParams(temperature=0.8, presence_penalty=0.5, max_tokens=11, seed=3),
+             SamplingParams(temperature=0, top_p=0.5, max_tokens=9)]  # greedy: its truncation changes nothing
+    more = plain + [SamplingParams(temperature=0.9, top_p=0.8, max_tokens=13, seed=4),
+                    SamplingParams(temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)]
+    chats = [CHAT] + [m for m, _ in OTHERS[:4]]
+    run = lambda n, params: llm.chat(chats[:n], params, prompt_cache_max_len=0)  # noqa: E731 (a cached prefix
+    want = run(3, plain), run(5, more)  # attends in another order: its logits may differ in the last bits)
+    calls, decode, first = [], runner._decode, runner._first
+
+    def recorded(fn):
+        def call(*args, **statics):
+            calls.append((fn.name, statics["plain"]))
+            return fn(*args, **statics)
+        return call
+
+    runner.plain, runner._decode, runner._first = True, recorded(decode), recorded(first)
+    try:
+        got = run(3, plain)
+        assert set(calls) == {("decode", True), ("first", True)}
+        calls.clear()
+        got = got, run(5, more)
+        assert {("decode", False), ("first", False)} <= set(calls)
+        runner._decode, runner._first = decode, first
+        variants = [st["plain"] for fn, _, st in runner.warm_jobs() if fn in (decode, first)]
+        assert variants.count(True) == variants.count(False) > 0  # the warm-up compiles both of every shape
+    finally:
+        runner.plain, runner._decode, runner._first = False, decode, first
+    for w, g in zip(want, got):
+        assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in w]
+        for o, p in zip(w, g):
+            np.testing.assert_allclose([lp for _, lp, _ in p.outputs[0].logprobs or []],
+                                       [lp for _, lp, _ in o.outputs[0].logprobs or []], rtol=1e-5)
+    nb = runner.batch_buckets[0]
+    for plain_program in (True, False):
+        for fn, args, statics in (runner._decode_job(nb, runner.attend[0], 4, plain_program),
+                                  runner._first_job(nb, plain_program)):
+            found = host_decided(fn.fn.lower(*args, **statics).as_text())
+            assert bool(found) != plain_program, (fn.name, plain_program, found)
+    fn, args, statics = runner._verify_job(nb, runner.attended(nb, 1, runner.rc.draft_tokens + 1))
+    assert host_decided(fn.fn.lower(*args, **statics).as_text())  # its loop ends when every draft has failed
 
 
 def test_a_step_that_seats_a_request_queues_its_decode_before_reading_anything_back(llm):

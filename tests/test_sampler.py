@@ -274,3 +274,41 @@ def test_seed_keys_are_jax_keys_of_the_seed_and_its_choices():
         most = smp.seed_keys(seed, 128)  # the most choices a request may have
         assert len(most) == 128 and np.array_equal(most[:3], got)
         np.testing.assert_array_equal(most[127], jax.random.key_data(jax.random.fold_in(root, 127)))
+
+
+def test_plain_rows_draw_the_same_without_the_conditionals():
+    """`sample(plain=True)` (the GPU's program for batches of `is_plain` rows) holds no `lax.cond` and gives every
+    such row what the full sampler gives it: seeded draws at a temperature, greedy rows with a truncation they do not
+    use, penalties and biases, over 6 steps of threaded state. `is_plain` refuses each setting a conditional guards."""
+    rng = np.random.default_rng(8)
+    b = 6
+    rows = dict(temperature=[0.0, 0.7, 1.3, 0.0, 1.0, 0.9], top_p=[0.5, 1, 1, 1, 1, 1], top_k=[0, 0, 0, 7, 0, 0],
+                repetition_penalty=[1, 1.3, 1, 1, 1, 1], frequency_penalty=[0, 0, 0.5, 0, 0, 0],
+                presence_penalty=[0, 0, 0, 0, 0.4, 0])
+    hp = smp.neutral_params(b, V)
+    for k, v in rows.items():
+        hp[k] = np.asarray(v, hp[k].dtype)
+    hp["bias"][5, 11] = 4.0
+    assert all(smp.is_plain({k: v[i] for k, v in hp.items()}) for i in range(b))
+    for name, value in [("top_p", 0.9), ("top_k", 40), ("min_p", 0.05), ("typical_p", 0.5), ("mirostat", True),
+                        ("top_logprobs", 1)]:
+        assert not smp.is_plain({**{k: v[1] for k, v in hp.items()}, name: value}), name
+    p = smp.SamplerParams(**{k: jnp.asarray(v) for k, v in hp.items()})
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
+    init = smp.init_state(b, V)
+    init = smp.SamplerState(init.counts, init.prompt_mask.at[:, :50].set(True), init.mu, jnp.asarray(keys), init.step)
+    logits = (rng.standard_normal((6, b, V)) * 3).astype(np.float32)
+    got = {}
+    for plain in (False, True):
+        f = jax.jit(smp.sample, static_argnames="plain")
+        text = f.lower(logits[0], p, init, jnp.ones(b, bool), plain=plain).as_text()
+        assert ("stablehlo.case" in text) != plain
+        s, outs = init, []
+        for step in logits:
+            out, s = f(jnp.asarray(step), p, s, jnp.ones(b, bool), plain=plain)
+            outs.append((np.asarray(out.token), np.asarray(out.logprob)))
+        got[plain] = outs, jax.tree.map(np.asarray, s)
+    for (t0, l0), (t1, l1) in zip(got[False][0], got[True][0]):
+        np.testing.assert_array_equal(t0, t1)
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, got[False][1], got[True][1])
