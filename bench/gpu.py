@@ -195,14 +195,15 @@ def param_bytes(params, cfg=None, skip: tuple[str, ...] = ("embed", "embed_rows"
     return int(total)
 
 
-def engine_round(eng, rng, n: int, prompt: int, new: int) -> float:
-    """Seconds for `n` requests of random `prompt`-token prompts (no prefix cache) and `new` greedy tokens each, all
-    added at once, through `eng`."""
+def engine_round(eng, rng, n: int, prompt: int, new: int, sampling: dict | None = None) -> float:
+    """Seconds for `n` requests of random `prompt`-token prompts (no prefix cache) and `new` tokens each (greedy,
+    unless `sampling` sets otherwise), all added at once, through `eng`."""
     from engine import SamplingParams
 
     vocab = eng.model.cfg.vocab_size
-    reqs = [eng.make_request(rng.integers(10, vocab - 10, prompt).tolist(),
-                             SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), prompt_cache_max_len=0)
+    settings = {"temperature": 0.0, **(sampling or {}), "max_tokens": new, "ignore_eos": True}
+    reqs = [eng.make_request(rng.integers(10, vocab - 10, prompt).tolist(), SamplingParams(**settings),
+                             prompt_cache_max_len=0)
             for _ in range(n)]
     t = time.perf_counter()
     for r in reqs:

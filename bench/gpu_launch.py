@@ -5,15 +5,25 @@ long as the decode in flight (23 launches took 10.2 s of a 16.5 s round at 256 c
 a prefill's logits waited ~8 ms. A bare `jax.jit` program with a donated buffer, numpy inputs, `lax.cond` and
 `lax.scan` launched in ~1 ms on the same card, so something in the engine's programs makes XLA's GPU runtime wait.
 
-This probe runs the engine on a few layers of the Llama-3.1-8B shape (random weights), 256 requests of 512-token
-prompts and 64 new tokens, and prints per variant: decode launches and their mean seconds, the seconds spent reading
-back, and the wall time. Each variant runs in its own process (XLA flags bind at start):
-- `default`: the server's settings (`pallas-gpu` attention on a GPU);
-- `xla`: `--attention-backend xla` (is it the Pallas kernel's custom call?);
-- `no-command-buffers`: `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (is it CUDA-graph updates?);
-- `one-step`: one decode step per dispatch (is it the multi-step scan?);
-- `separate`: prefill and decode as separate calls (`--flat-step off`; the others run the flat step, the default
-  with `pallas-gpu`);
+Session 27's run of this probe ruled out the Pallas kernel's custom call (XLA attention waited too), CUDA-graph
+updates (so did a run without command buffers), the multi-step scan (one step per dispatch waited) and the flat step.
+Read from XLA's source since: its GPU runtime runs a conditional (`ConditionalThunk`) by copying the predicate to the
+host and waiting for the stream, and so a loop whose trip count it does not know (`WhileThunk`), so a launch of a
+program holding one returns only once the device has run everything queued before that point. The sampler's
+`lax.cond`s were in every decode and first-draw program; the bare probe's `lax.cond` was cheap enough for XLA to turn
+into a select. The engine now runs programs without them for batches that need none of what they guard
+(`RunnerConfig.plain_programs`, on by default on a GPU), and this probe asks whether that was it.
+
+It runs the engine on a few layers of the Llama-3.1-8B shape (random weights), 256 requests of 512-token prompts and
+64 new tokens, and prints per variant: decode launches and their mean seconds, the seconds spent reading back, and
+the wall time. Each variant runs in its own process (XLA flags bind at start):
+- `default`: the server's settings (`pallas-gpu` attention, the flat step, greedy requests: plain programs);
+- `full-sampler`: `plain_programs` off: the programs with the sampler's conditionals, as sessions 22 and 27 ran;
+- `cond-graphs`: those, with XLA's command buffers (CUDA graphs) taking conditionals and loops too
+  (`--xla_gpu_enable_command_buffer=...,CONDITIONAL,WHILE`): does a graph's device-side branch do without the host?
+- `top-p`: requests at temperature 0.8 and top_p 0.9 (many models' generation_config defaults), whose truncation
+  needs the full programs, conditionals executed;
+- `top-p-cond-graphs`: those with the command buffers of `cond-graphs`;
 - `from-store`: `default`'s programs read back from the program store, as a warm server runs them (the others compile
   their own, in fresh caches: is it a deserialized executable?).
 A launch mean near the step time means launches wait; ~1 ms means they do not. A second thread that wakes every
@@ -45,9 +55,11 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 STORE = "/tmp/gpu_launch_store"  # the default variant compiles into it; `from-store` loads what it kept
-VARIANTS = {"default": ({}, {}), "no-command-buffers": ({"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}, {}),
-            "separate": ({}, {"flat_step": False}), "from-store": ({}, {}), "xla": ({}, {"attention": "xla"}),
-            "one-step": ({}, {"decode_steps": 1})}  # the likeliest answers first: the session's time is short
+GRAPHS = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+TOP_P = {"sampling": dict(temperature=0.8, top_p=0.9, seed=0)}
+VARIANTS = {"default": ({}, {}), "full-sampler": ({}, {"plain_programs": False}),
+            "cond-graphs": (GRAPHS, {"plain_programs": False}), "top-p": ({}, TOP_P),
+            "top-p-cond-graphs": (GRAPHS, TOP_P), "from-store": ({}, {})}  # the likeliest answers first
 
 
 def one(variant: str, smoke: bool) -> dict:
@@ -69,12 +81,12 @@ def one(variant: str, smoke: bool) -> dict:
     model = random_model(cfg, "float32" if smoke else "bfloat16", settings.get("attention", "auto"))
     rc = RunnerConfig(max_num_seqs=n, max_model_len=1024, kv_cache_gb=0.05 if smoke else 4.0,
                       decode_steps=settings.get("decode_steps", 16), max_prefill_tokens=16384,
-                      flat_step=settings.get("flat_step"))
+                      flat_step=settings.get("flat_step"), plain_programs=settings.get("plain_programs"))
     eng = Engine(model, rc)
     rng = np.random.default_rng(0)
 
     def run() -> float:
-        return engine_round(eng, rng, n, prompt, new)
+        return engine_round(eng, rng, n, prompt, new, settings.get("sampling"))
 
     run()  # compiles every shape the timed round uses
     r = eng.runner
@@ -98,10 +110,11 @@ def one(variant: str, smoke: bool) -> dict:
         time.sleep(0.001)
         idle += 1
     return dict(variant=variant, wall=wall, tok_s=n * new / wall, decodes=r._decode.calls - calls,
-                gil_ticks_share=ticks[0] / wall / idle, 
+                gil_ticks_share=ticks[0] / wall / idle,
                 decode_launch_s=r._decode.seconds - launch, read_s=r.read_seconds - read,
                 other_launch_s=r.device_seconds() - device - (r._decode.seconds - launch) - (r.read_seconds - read),
-                ahead=eng.ahead - ahead)
+                ahead=eng.ahead - ahead, plain=sum(dict(key[1])["plain"] for key in r._decode.exes),
+                programs=len(r._decode.exes))
 
 
 def attention(smoke: bool) -> list[dict]:
@@ -264,12 +277,13 @@ def main() -> None:
             rows.append(got)
             print(f"  {rows[-1]}", flush=True)
     print("| variant | tok/s | wall (s) | decodes (ahead) | decode launches (s, mean ms) | other launches (s) | "
-          "read back (s) | another thread's ticks (share of idle rate) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "read back (s) | another thread's ticks (share of idle rate) | plain decode programs |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['wall']:.2f} | {r['decodes']} ({r['ahead']}) | "
               f"{r['decode_launch_s']:.2f}, {1e3 * r['decode_launch_s'] / max(r['decodes'], 1):.1f} | "
-              f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} | {r['gil_ticks_share']:.0%} |")
+              f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} | {r['gil_ticks_share']:.0%} | "
+              f"{r['plain']} of {r['programs']} |")
     if (got := _child("attention", args.smoke)) is not None:
         print("\n| decode attention, one layer | table width (pages) | splits | pages per block | ms | K/V GB/s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")

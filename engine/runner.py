@@ -191,7 +191,7 @@ class Runner:
         most = max(rc.max_prefill_tokens, self.chunk) + self.slots
         self.flat_buckets = doubling(FLAT_TOKENS, most)
         platform = mesh.devices.flat[0].platform
-        self.plain = platform == "gpu" if rc.plain_programs is None else rc.plain_programs
+        self.plain = platform in ("gpu", "cuda", "rocm") if rc.plain_programs is None else rc.plain_programs
         self.plain_rows = np.ones(self.slots, bool)  # each slot's settings are `sampler.is_plain` (set at install)
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
