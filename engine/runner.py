@@ -352,11 +352,13 @@ class Runner:
             state = jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new)
             return state, out, drawn.at[rows].set(out.token, mode="drop")
 
+        def first_over(plain):  # `first_shard` of one variant over every shard (`rows` here is the spec)
+            return over_shards(functools.partial(first_shard, plain=plain), (rows,) * 7, (rows, rows, rows))
+
         @functools.partial(jax.jit, static_argnames=("plain",), donate_argnums=(0, 6))
-        def first_tokens(state, sparams, last, rows, source, allowed, drawn, plain=False):
+        def first_tokens(state, sparams, last, slots, source, allowed, drawn, plain=False):
             self.compiles += 1  # one shape per batch bucket (and plain or not)
-            fn = over_shards(functools.partial(first_shard, plain=plain), (rows,) * 7, (rows, rows, rows))
-            state, out, drawn = fn(state, sparams, last, rows, source, allowed, drawn)
+            state, out, drawn = first_over(plain)(state, sparams, last, slots, source, allowed, drawn)
             return state, jax.lax.with_sharding_constraint(out, gathered), drawn
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))

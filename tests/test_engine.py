@@ -55,9 +55,9 @@ def test_a_request_joining_running_ones_draws_its_first_token_on_its_row_alone(l
     first, rows = runner._first, []
 
     class Counted:  # the first-draw program, its calls' rows recorded
-        def __call__(self, *args):
+        def __call__(self, *args, **statics):
             rows.append(len(args[3]))
-            return first(*args)
+            return first(*args, **statics)
 
     late = eng.make_request(encode_chat(llm.model, CHAT), p)
     runner._first, slots = Counted(), set()
