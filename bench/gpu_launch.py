@@ -12,17 +12,20 @@ host and waiting for the stream, and so a loop whose trip count it does not know
 program holding one returns only once the device has run everything queued before that point. The sampler's
 `lax.cond`s were in every decode and first-draw program; the bare probe's `lax.cond` was cheap enough for XLA to turn
 into a select. The engine now runs programs without them for batches that need none of what they guard
-(`RunnerConfig.plain_programs`, on by default on a GPU), and this probe asks whether that was it.
+(`RunnerConfig.sampler_branches`, `plain` by default on a GPU), and this probe asks whether that was it.
 
 It runs the engine on a few layers of the Llama-3.1-8B shape (random weights), 256 requests of 512-token prompts and
 64 new tokens, and prints per variant: decode launches and their mean seconds, the seconds spent reading back, and
 the wall time. Each variant runs in its own process (XLA flags bind at start):
 - `default`: the server's settings (`pallas-gpu` attention, the flat step, greedy requests: plain programs);
-- `full-sampler`: `plain_programs` off: the programs with the sampler's conditionals, as sessions 22 and 27 ran;
+- `full-sampler`: `--sampler-branches cond`: the programs with the sampler's conditionals, as sessions 22 and 27
+  ran;
 - `cond-graphs`: those, with XLA's command buffers (CUDA graphs) taking conditionals and loops too
   (`--xla_gpu_enable_command_buffer=...,CONDITIONAL,WHILE`): does a graph's device-side branch do without the host?
 - `top-p`: requests at temperature 0.8 and top_p 0.9 (many models' generation_config defaults), whose truncation
   needs the full programs, conditionals executed;
+- `top-p-select`: those with `--sampler-branches select`: every transform computed for every row, no conditional
+  (does the work cost less than the waits?);
 - `top-p-cond-graphs`: those with the command buffers of `cond-graphs`;
 - `from-store`: `default`'s programs read back from the program store, as a warm server runs them (the others compile
   their own, in fresh caches: is it a deserialized executable?).
@@ -57,9 +60,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 STORE = "/tmp/gpu_launch_store"  # the default variant compiles into it; `from-store` loads what it kept
 GRAPHS = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
 TOP_P = {"sampling": dict(temperature=0.8, top_p=0.9, seed=0)}
-VARIANTS = {"default": ({}, {}), "full-sampler": ({}, {"plain_programs": False}),
-            "cond-graphs": (GRAPHS, {"plain_programs": False}), "top-p": ({}, TOP_P),
-            "top-p-cond-graphs": (GRAPHS, TOP_P), "from-store": ({}, {})}  # the likeliest answers first
+VARIANTS = {"default": ({}, {}), "full-sampler": ({}, {"branches": "cond"}),
+            "cond-graphs": (GRAPHS, {"branches": "cond"}), "top-p": ({}, TOP_P),
+            "top-p-select": ({}, {**TOP_P, "branches": "select"}), "top-p-cond-graphs": (GRAPHS, TOP_P),
+            "from-store": ({}, {})}  # the likeliest answers first
 
 
 def one(variant: str, smoke: bool) -> dict:
@@ -81,7 +85,7 @@ def one(variant: str, smoke: bool) -> dict:
     model = random_model(cfg, "float32" if smoke else "bfloat16", settings.get("attention", "auto"))
     rc = RunnerConfig(max_num_seqs=n, max_model_len=1024, kv_cache_gb=0.05 if smoke else 4.0,
                       decode_steps=settings.get("decode_steps", 16), max_prefill_tokens=16384,
-                      flat_step=settings.get("flat_step"), plain_programs=settings.get("plain_programs"))
+                      flat_step=settings.get("flat_step"), sampler_branches=settings.get("branches"))
     eng = Engine(model, rc)
     rng = np.random.default_rng(0)
 
@@ -113,7 +117,7 @@ def one(variant: str, smoke: bool) -> dict:
                 gil_ticks_share=ticks[0] / wall / idle,
                 decode_launch_s=r._decode.seconds - launch, read_s=r.read_seconds - read,
                 other_launch_s=r.device_seconds() - device - (r._decode.seconds - launch) - (r.read_seconds - read),
-                ahead=eng.ahead - ahead, plain=sum(dict(key[1])["plain"] for key in r._decode.exes),
+                ahead=eng.ahead - ahead, plain=sum(dict(key[1])["branches"] == "plain" for key in r._decode.exes),
                 programs=len(r._decode.exes))
 
 

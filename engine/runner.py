@@ -60,12 +60,13 @@ class RunnerConfig:
     # backend is `pallas-gpu` (its `ragged` kernel); elsewhere prefill and decode stay separate calls (on a CPU the
     # `cpu` kernel decodes faster than a flat batch attends).
     flat_step: bool | None = None
-    # Decode and first-draw programs without the sampler's `lax.cond`s, for batches whose rows need none of what they
-    # guard (`sampler.is_plain`), beside the programs with them: XLA's GPU runtime decides a conditional on the host
-    # after waiting for the device, so a launch of a program holding one returns only once the device has run the
-    # work queued before it, and the engine cannot work ahead. None: on a GPU (elsewhere a conditional is decided on
-    # the device, or the host is the device).
-    plain_programs: bool | None = None
+    # How decode and first-draw programs skip the sampler transforms no row wants (`sampler.sample`'s `branches`).
+    # `cond`: one program per shape, a `lax.cond` each. `plain`: beside it, a program without them for batches whose
+    # rows need none (`sampler.is_plain`). `select`: that, and for the other batches one that computes them for every
+    # row, with no conditional. XLA's GPU runtime decides a conditional on the host after waiting for the device, so
+    # the launch of a program holding one returns only once the device has run the work queued before it, and the
+    # engine cannot work ahead. None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
+    sampler_branches: str | None = None
 
 
 def platform_defaults(platform: str) -> dict:
@@ -191,7 +192,9 @@ class Runner:
         most = max(rc.max_prefill_tokens, self.chunk) + self.slots
         self.flat_buckets = doubling(FLAT_TOKENS, most)
         platform = mesh.devices.flat[0].platform
-        self.plain = platform in ("gpu", "cuda", "rocm") if rc.plain_programs is None else rc.plain_programs
+        self.branches = rc.sampler_branches or ("plain" if platform in ("gpu", "cuda", "rocm") else "cond")
+        if self.branches not in smp.BRANCHES:
+            raise ValueError(f"sampler_branches: one of {smp.BRANCHES}, not {self.branches!r}")
         self.plain_rows = np.ones(self.slots, bool)  # each slot's settings are `sampler.is_plain` (set at install)
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
@@ -271,7 +274,7 @@ class Runner:
             return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest)
 
         def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh,
-                         steps, plain):
+                         steps, branches):
             def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
                 cache, state, tokens, positions = carry
                 # One row: XLA fuses int8 weights' widening into each matrix-vector product, reading int8. Tied to
@@ -280,7 +283,7 @@ class Runner:
                 # and widening once per dispatch is cheaper (docs/PERFORMANCE.md, "int8 weights").
                 p, tokens = jax.lax.optimization_barrier((params, tokens)) if tokens.shape[0] == 1 else (params, tokens)
                 logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table)
-                out, state = smp.sample(logits, sparams, state, active, allowed, plain)
+                out, state = smp.sample(logits, sparams, state, active, allowed, branches)
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
@@ -291,13 +294,13 @@ class Runner:
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs, drawn.at[:nb].set(jnp.where(active, last, drawn[:nb]))
 
-        @functools.partial(jax.jit, static_argnames=("steps", "plain"), donate_argnums=(1, 2, 9))
+        @functools.partial(jax.jit, static_argnames=("steps", "branches"), donate_argnums=(1, 2, 9))
         def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh, steps,
-                   plain=False):
+                   branches="cond"):
             # each active row's last token goes to its slot of `drawn`: the next step may take it as its input before
             # the host has read these outputs back (`Runner.decode`'s `fresh`)
             self.compiles += 1
-            fn = over_shards(functools.partial(decode_shard, steps=steps, plain=plain), (rep, kv, *(rows,) * 9),
+            fn = over_shards(functools.partial(decode_shard, steps=steps, branches=branches), (rep, kv, *(rows,) * 9),
                              (kv, rows, P(None, "data"), rows))
             cache, state, outs, drawn = fn(params, cache, state, sparams, tokens, positions, active, table, allowed,
                                            drawn, fresh)
@@ -343,22 +346,22 @@ class Runner:
                                           allowed)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
 
-        def first_shard(state, sparams, last, rows, source, allowed, drawn, plain):
+        def first_shard(state, sparams, last, rows, source, allowed, drawn, branches):
             # `rows`: the shard's slots that draw (padding: one past its slots), each from its `source` row of
             # `last`: the sampler runs on those rows alone, whichever slots they are; their tokens go to `drawn`
             per = state.step.shape[0]
             pick = lambda tree: jax.tree.map(lambda x: x[jnp.minimum(rows, per - 1)], tree)  # noqa: E731
-            out, new = smp.sample(last[source], pick(sparams), pick(state), rows < per, allowed, plain)
+            out, new = smp.sample(last[source], pick(sparams), pick(state), rows < per, allowed, branches)
             state = jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new)
             return state, out, drawn.at[rows].set(out.token, mode="drop")
 
-        def first_over(plain):  # `first_shard` of one variant over every shard (`rows` here is the spec)
-            return over_shards(functools.partial(first_shard, plain=plain), (rows,) * 7, (rows, rows, rows))
+        def first_over(branches):  # `first_shard` of one variant over every shard (`rows` here is the spec)
+            return over_shards(functools.partial(first_shard, branches=branches), (rows,) * 7, (rows, rows, rows))
 
-        @functools.partial(jax.jit, static_argnames=("plain",), donate_argnums=(0, 6))
-        def first_tokens(state, sparams, last, slots, source, allowed, drawn, plain=False):
-            self.compiles += 1  # one shape per batch bucket (and plain or not)
-            state, out, drawn = first_over(plain)(state, sparams, last, slots, source, allowed, drawn)
+        @functools.partial(jax.jit, static_argnames=("branches",), donate_argnums=(0, 6))
+        def first_tokens(state, sparams, last, slots, source, allowed, drawn, branches="cond"):
+            self.compiles += 1  # one shape per batch bucket (and sampler variant)
+            state, out, drawn = first_over(branches)(state, sparams, last, slots, source, allowed, drawn)
             return state, jax.lax.with_sharding_constraint(out, gathered), drawn
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -427,7 +430,7 @@ class Runner:
             for nb in (self.dp * r for r in rows):
                 jobs += [self._prefill_job(nb, size, self.covered(start, size)) for start in starts]
         jobs += [self._flat_job(size) for size in (self.flat_buckets if self.flat else ())]
-        jobs += [self._first_job(self.dp * b, plain) for b in self.batch_buckets for plain in self.variants]
+        jobs += [self._first_job(self.dp * b, v) for b in self.batch_buckets for v in self.variants]
         jobs += [self._rows_job(k) for k in self.row_buckets]
         jobs.append((self._copy, (self.cache_shape, _i32(self.slots), _i32(self.slots)), {}))
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
@@ -435,8 +438,8 @@ class Runner:
         steps = sorted({self.rc.decode_steps, 1} if one else {self.rc.decode_steps})
         for b in self.batch_buckets:
             widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
-            jobs += [self._decode_job(self.dp * b, attend, k, plain) for attend in widths for k in steps
-                     for plain in self.variants]
+            jobs += [self._decode_job(self.dp * b, attend, k, v) for attend in widths for k in steps
+                     for v in self.variants]
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w)) for b in self.batch_buckets]
@@ -457,14 +460,14 @@ class Runner:
                    [self._prefill_job(self.dp, size, self.covered(0, size)) for size in self.prefill_buckets
                     if size <= BATCHED_PREFILL])
         attend = self.attended(self.batch_buckets[0], 1)
-        return (prefill + [self._first_job(nb, plain) for plain in self.variants] + [self._rows_job(1)] +
-                [self._decode_job(nb, attend, self.rc.decode_steps, plain) for plain in self.variants])
+        return (prefill + [self._first_job(nb, v) for v in self.variants] + [self._rows_job(1)] +
+                [self._decode_job(nb, attend, self.rc.decode_steps, v) for v in self.variants])
 
     @property
     def variants(self) -> tuple[bool, ...]:
-        """The sampler's variants each decode and first-draw shape compiles for: with its conditionals, and on a GPU
-        without them (`RunnerConfig.plain_programs`)."""
-        return (False, True) if self.plain else (False,)
+        """The sampler's variants (`branches`) each decode and first-draw shape compiles for
+        (`RunnerConfig.sampler_branches`)."""
+        return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "plain")}[self.branches]
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
@@ -482,14 +485,14 @@ class Runner:
         rows = lambda tree: jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), tree)  # noqa: E731
         return self._set_rows, (self.state, self.params, _i32(k), rows(self.state), rows(self.params)), {}
 
-    def _first_job(self, nb: int, plain: bool = False) -> Job:
+    def _first_job(self, nb: int, branches: str = "cond") -> Job:
         return self._first, (self.state, self.params, self.last_logits, _i32(nb), _i32(nb), self.all_allowed[:nb],
-                             self.drawn), dict(plain=plain)
+                             self.drawn), dict(branches=branches)
 
-    def _decode_job(self, nb: int, attend: int, steps: int, plain: bool = False) -> Job:
+    def _decode_job(self, nb: int, attend: int, steps: int, branches: str = "cond") -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb],
-                               self.drawn, np.zeros(nb, bool)), dict(steps=steps, plain=plain))
+                               self.drawn, np.zeros(nb, bool)), dict(steps=steps, branches=branches))
 
     def _verify_job(self, nb: int, attend: int) -> Job:
         w = self.rc.draft_tokens + 1
@@ -721,16 +724,18 @@ class Runner:
             rows[d, :len(these)] = [s % self.per_shard for s in these]
             source[d, :len(these)] = [sources[s] % self.per_shard for s in these]
         where = where.reshape(-1)
-        plain = self.is_plain(slots, allowed)
+        branches = self.branches_for(slots, allowed)
         allowed = (self.all_allowed if allowed is None else allowed)[np.minimum(where, self.slots - 1)]
         self.state, out, self.drawn = self._first(self.state, self.params, self.last_logits, rows.reshape(-1),
-                                                  source.reshape(-1), allowed, self.drawn, plain=plain)
+                                                  source.reshape(-1), allowed, self.drawn, branches=branches)
         return Dispatched(out, where, self, axis=0)
 
-    def is_plain(self, slots, allowed: np.ndarray | None) -> bool:
-        """Whether a call drawing for `slots` runs the plain program (`RunnerConfig.plain_programs`): none of them
-        needs what the sampler's conditionals guard, and no grammar constrains the call."""
-        return self.plain and allowed is None and bool(self.plain_rows[slots].all())
+    def branches_for(self, slots, allowed: np.ndarray | None) -> str:
+        """The sampler variant of a call drawing for `slots` (`RunnerConfig.sampler_branches`): `plain` where that
+        is compiled and none of them needs what it leaves out, nor does a grammar constrain the call."""
+        if self.branches != "cond" and allowed is None and self.plain_rows[slots].all():
+            return "plain"
+        return "select" if self.branches == "select" else "cond"
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
         """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""
@@ -767,11 +772,11 @@ class Runner:
         fresh = np.zeros(len(rows), bool) if fresh is None else fresh[rows] & active
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
-        plain = self.is_plain(rows[active], allowed)
+        branches = self.branches_for(rows[active], allowed)
         self.cache, self.state, outs, self.drawn = self._decode(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), active, self.table(tables[rows], attend),
-            (self.all_allowed if allowed is None else allowed)[rows], self.drawn, fresh, steps=steps, plain=plain)
+            (self.all_allowed if allowed is None else allowed)[rows], self.drawn, fresh, steps=steps, branches=branches)
         return Dispatched(outs, rows, self, axis=1)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,

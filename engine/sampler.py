@@ -246,8 +246,17 @@ def largest_key(keys: jax.Array, weight: jax.Array, need: jax.Array) -> jax.Arra
     return lo
 
 
+def branch(pred: jax.Array, then, otherwise, select: bool = False):
+    """`lax.cond(pred, then, otherwise)`; with `select` both are computed and `then`'s results taken where `pred`
+    holds, and the program has no conditional (XLA's GPU runtime decides one on the host, after waiting for the
+    device: docs/ARCHITECTURE.md, "One step ahead")."""
+    if not select:
+        return jax.lax.cond(pred, then, otherwise)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), then(), otherwise())
+
+
 def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: SamplerParams, k: jax.Array,
-                    rows: jax.Array):
+                    rows: jax.Array, select: bool = False):
     """`_truncate_sorted`'s four thresholds over the whole vocabulary, without a sort: the k-th largest logit and
     top_p's cut are bisections over the logits' bit patterns (`largest_key`), typical_p's over the shifts
     (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it.
@@ -259,33 +268,35 @@ def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: Sampler
     lse_of = lambda kept: top + jnp.log(jnp.sum(jnp.where(kept, e, 0.0), axis=-1))  # noqa: E731  (top always kept)
     zero = np.zeros((b,), np.uint32)
     cut_k = rows & (k < vocab)
-    kth = jax.lax.cond(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero)
+    kth = branch(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero, select)
     keep = keys >= jnp.where(cut_k, kth, 0)[:, None]
     lse = jnp.where(k >= vocab, lse_all, lse_of(keep))  # of what top_k left: top_p's distribution
     cut_p = rows & (p.top_p < 1.0)
-    pth = jax.lax.cond(jnp.any(cut_p), lambda: largest_key(keys, jnp.where(keep, jnp.exp(z - lse[:, None]), 0.0),
-                                                           p.top_p), lambda: zero)
+    pth = branch(jnp.any(cut_p), lambda: largest_key(keys, jnp.where(keep, jnp.exp(z - lse[:, None]), 0.0),
+                                                     p.top_p), lambda: zero, select)
     keep &= keys >= jnp.where(cut_p, pth, 0)[:, None]
     keep &= z >= top[:, None] + jnp.log(jnp.maximum(p.min_p, 1e-38))[:, None]
     thr = jnp.min(jnp.where(keep, z, jnp.inf), axis=-1)
     lse_kept = lse_of(keep)
     cut_t = rows & (p.typical_p < 1.0)
     none = (np.zeros((b,), np.float32), np.full((b,), np.inf, np.float32))
-    ent, shift_thr = jax.lax.cond(jnp.any(cut_t),
-                                  lambda: typical_threshold(jnp.where(keep, z, NEG_INF), lse_kept, p.typical_p),
-                                  lambda: none)
+    ent, shift_thr = branch(jnp.any(cut_t),
+                            lambda: typical_threshold(jnp.where(keep, z, NEG_INF), lse_kept, p.typical_p),
+                            lambda: none, select)
     return thr, lse_kept, ent, jnp.where(cut_t, shift_thr, jnp.inf)
 
 
-def truncation_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
-    """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]`."""
+def truncation_mask(z: jax.Array, p: SamplerParams, select: bool = False) -> jax.Array:
+    """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]` (`select`: as
+    `branch`'s)."""
     vocab = z.shape[-1]
     k = jnp.where(p.top_k > 0, p.top_k, vocab)
     trivial = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)  # rows that keep all
-    return jax.lax.cond(jnp.all(trivial), lambda: jnp.ones(z.shape, bool), lambda: _truncation_mask(z, p, k, trivial))
+    return branch(jnp.all(trivial), lambda: jnp.ones(z.shape, bool),
+                  lambda: _truncation_mask(z, p, k, trivial, select), select)
 
 
-def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array) -> jax.Array:
+def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array, select: bool) -> jax.Array:
     vocab = z.shape[-1]
     n = min(CANDIDATES, vocab)
     # Thresholds among the n largest logits (use the indices: XLA rewrites a values-only top_k into a full sort).
@@ -298,9 +309,9 @@ def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.
     # in: a flat distribution, or typical_p alone) take the exact path, without a sort.
     rows = ~trivial & (((k > n) & (k < vocab)) | ((k >= vocab) & last_survives))
     fast = jnp.stack(fast)
-    thr, lse_kept, ent, shift_thr = jax.lax.cond(
-        jnp.any(rows), lambda: jnp.where(rows, jnp.stack(_truncate_exact(z, top, lse_all, p, k, rows)), fast),
-        lambda: fast)
+    thr, lse_kept, ent, shift_thr = branch(
+        jnp.any(rows), lambda: jnp.where(rows, jnp.stack(_truncate_exact(z, top, lse_all, p, k, rows, select)), fast),
+        lambda: fast, select)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])
     return keep | trivial[:, None]
@@ -381,13 +392,19 @@ def is_plain(row: dict) -> bool:
     return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not truncates)
 
 
+BRANCHES = ("cond", "plain", "select")
+
+
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
-           plain: bool = False):
+           branches: str = "cond"):
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
     (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before
-    any other transform; the reported logprobs stay the model's own. `plain` (static): every row is `is_plain` and
-    none is constrained, and the program holds none of the `lax.cond`s that skip those transforms when no row wants
-    them (XLA's GPU runtime decides a conditional on the host, after waiting for the device: docs/ARCHITECTURE.md)."""
+    any other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips
+    the transforms no row wants (alternatives, the grammar mask, truncation, mirostat): `cond`, a `lax.cond` each;
+    `plain`, every row is `is_plain` and none is constrained, so they are left out; `select`, they are computed for
+    every row and taken where wanted. The last two hold no conditional, which XLA's GPU runtime decides on the host
+    after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
+    plain, select = branches == "plain", branches == "select"
     logits = logits.astype(jnp.float32)
     _, lse = log_normaliser(logits)
 
@@ -397,18 +414,18 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
 
     b = logits.shape[0]
     none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
-    top_ids, top_lp = none if plain else jax.lax.cond(jnp.any(p.top_logprobs > 0), alternatives, lambda: none)
+    top_ids, top_lp = none if plain else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: none, select)
     z = penalize(logits, p, s)
     if allowed is not None and not plain:
         vocab = logits.shape[1]
-        z = jax.lax.cond(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF),
-                         lambda: z)
+        z = branch(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF), lambda: z,
+                   select)
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     if not plain:
-        keep = truncation_mask(z, p)
-        keep = jax.lax.cond(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
-                            lambda: keep)
+        keep = truncation_mask(z, p, select)
+        keep = branch(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
+                      lambda: keep, select)
         z = jnp.where(keep, z, NEG_INF)
     drawn, logq = draw(z, uniforms(s.key, s.step))
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -75,6 +75,12 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="prompts, prompt chunks and the running streams' next tokens in one forward pass over a flat "
                          "batch of tokens (auto: with the pallas-gpu attention kernel; off: separate prefill and "
                          "decode calls, the CPU's faster way)")
+    ap.add_argument("--sampler-branches", choices=("auto", "cond", "plain", "select"), default="auto",
+                    help="how decode programs skip the sampler transforms no request in the batch wants: cond (a "
+                         "conditional each), plain (also programs without them, for batches of greedy or "
+                         "temperature-only requests), select (those, and programs computing every transform for the "
+                         "rest). A GPU decides a conditional on the host after waiting for the device (auto: plain "
+                         "on a GPU, else cond)")
     ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                     help="speculative decoding without a prediction: draft up to K tokens per step by n-gram lookup "
                          "in each request's prompt and output, and verify them in one pass (the tokens are the "
@@ -152,7 +158,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
                         draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
                         ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
-                        flat_step={"auto": None, "on": True, "off": False}[args.flat_step])
+                        flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
+                        sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches)
 
 
 def main(argv=None, prog: str = "python -m server") -> None:

@@ -207,12 +207,13 @@ def host_decided(text: str) -> list[str]:
             [c for c in loops if not re.fullmatch(counted + r".*", c, re.S)])
 
 
-def test_plain_batches_run_programs_the_gpu_need_not_wait_on_and_change_no_token(llm):
-    """With `plain_programs` (on a GPU by default) a batch whose rows are all `sampler.is_plain` decodes and draws
+def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
+    """On a GPU (`RunnerConfig.sampler_branches`) a batch whose rows are all `sampler.is_plain` decodes and draws
     its first tokens with programs holding nothing XLA's GPU runtime decides on the host (a conditional makes it wait
     for the device, so the launch would wait for the work queued before it and the engine could not work ahead);
-    a batch with one row that wants more runs the full programs. Counted by call, checked in the programs' text,
-    and the tokens and logprobs are those of the engine with the full programs alone."""
+    a batch with one row that wants more runs the programs with the sampler's conditionals, or with `select` ones
+    that compute every transform instead. Counted by call, checked in the programs' text, and the tokens and
+    logprobs are those of the engine with the conditionals alone."""
     runner = llm.engine.runner
     plain = [SamplingParams(temperature=0, max_tokens=12, logprobs=True),
              SamplingParams(temperature=0.8, presence_penalty=0.5, max_tokens=11, seed=3),
@@ -226,33 +227,37 @@ def test_plain_batches_run_programs_the_gpu_need_not_wait_on_and_change_no_token
 
     def recorded(fn):
         def call(*args, **statics):
-            calls.append((fn.name, statics["plain"]))
+            calls.append((fn.name, statics["branches"]))
             return fn(*args, **statics)
         return call
 
-    runner.plain, runner._decode, runner._first = True, recorded(decode), recorded(first)
-    try:
-        got = run(3, plain)
-        assert set(calls) == {("decode", True), ("first", True)}
+    for branches in ("plain", "select"):
+        runner.branches, runner._decode, runner._first = branches, recorded(decode), recorded(first)
         calls.clear()
-        got = got, run(5, more)
-        assert {("decode", False), ("first", False)} <= set(calls)
-        runner._decode, runner._first = decode, first
-        variants = [st["plain"] for fn, _, st in runner.warm_jobs() if fn in (decode, first)]
-        assert variants.count(True) == variants.count(False) > 0  # the warm-up compiles both of every shape
-    finally:
-        runner.plain, runner._decode, runner._first = False, decode, first
-    for w, g in zip(want, got):
-        assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in w]
-        for o, p in zip(w, g):
-            np.testing.assert_allclose([lp for _, lp, _ in p.outputs[0].logprobs or []],
-                                       [lp for _, lp, _ in o.outputs[0].logprobs or []], rtol=1e-5)
+        try:
+            got = run(3, plain)
+            assert set(calls) == {("decode", "plain"), ("first", "plain")}
+            calls.clear()
+            got = got, run(5, more)
+            other = "cond" if branches == "plain" else "select"
+            assert {("decode", other), ("first", other)} <= set(calls) <= {
+                ("decode", other), ("first", other), ("decode", "plain")}
+            runner._decode, runner._first = decode, first
+            variants = [st["branches"] for fn, _, st in runner.warm_jobs() if fn in (decode, first)]
+            assert variants.count("plain") == variants.count(other) > 0  # the warm-up compiles both of every shape
+        finally:
+            runner.branches, runner._decode, runner._first = "cond", decode, first
+        for w, g in zip(want, got):
+            assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in w]
+            for o, p in zip(w, g):
+                np.testing.assert_allclose([lp for _, lp, _ in p.outputs[0].logprobs or []],
+                                           [lp for _, lp, _ in o.outputs[0].logprobs or []], rtol=1e-5)
     nb = runner.batch_buckets[0]
-    for plain_program in (True, False):
-        for fn, args, statics in (runner._decode_job(nb, runner.attend[0], 4, plain_program),
-                                  runner._first_job(nb, plain_program)):
+    for branches in ("plain", "select", "cond"):
+        for fn, args, statics in (runner._decode_job(nb, runner.attend[0], 4, branches),
+                                  runner._first_job(nb, branches)):
             found = host_decided(fn.fn.lower(*args, **statics).as_text())
-            assert bool(found) != plain_program, (fn.name, plain_program, found)
+            assert bool(found) == (branches == "cond"), (fn.name, branches, found)
     fn, args, statics = runner._verify_job(nb, runner.attended(nb, 1, runner.rc.draft_tokens + 1))
     assert host_decided(fn.fn.lower(*args, **statics).as_text())  # its loop ends when every draft has failed
 

@@ -276,9 +276,31 @@ def test_seed_keys_are_jax_keys_of_the_seed_and_its_choices():
         np.testing.assert_array_equal(most[127], jax.random.key_data(jax.random.fold_in(root, 127)))
 
 
+def _steps(branches, logits, p, state, allowed=None):
+    """`sample` under `branches` over each step's logits, the state threaded: each step's outputs, the last state,
+    and the lowered program's text."""
+    f = jax.jit(smp.sample, static_argnames="branches")
+    b = logits.shape[1]
+    text = f.lower(logits[0], p, state, jnp.ones(b, bool), allowed, branches=branches).as_text()
+    outs = []
+    for step in logits:
+        out, state = f(jnp.asarray(step), p, state, jnp.ones(b, bool), allowed, branches=branches)
+        outs.append(jax.tree.map(np.asarray, out))
+    return outs, jax.tree.map(np.asarray, state), text
+
+
+def _keyed(b, **rows):
+    """Params with the given rows, and a state whose rows have their own keys and prompt tokens."""
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
+    init = smp.init_state(b, V)
+    init = smp.SamplerState(init.counts, init.prompt_mask.at[:, :50].set(True), init.mu + 8.0, jnp.asarray(keys),
+                            init.step)
+    return params(b, **rows), init
+
+
 def test_plain_rows_draw_the_same_without_the_conditionals():
-    """`sample(plain=True)` (the GPU's program for batches of `is_plain` rows) holds no `lax.cond` and gives every
-    such row what the full sampler gives it: seeded draws at a temperature, greedy rows with a truncation they do not
+    """`branches="plain"` (a GPU's program for batches of `is_plain` rows) holds no `lax.cond` and gives every such
+    row what the full sampler gives it: seeded draws at a temperature, greedy rows with a truncation they do not
     use, penalties and biases, over 6 steps of threaded state. `is_plain` refuses each setting a conditional guards."""
     rng = np.random.default_rng(8)
     b = 6
@@ -288,27 +310,43 @@ def test_plain_rows_draw_the_same_without_the_conditionals():
     hp = smp.neutral_params(b, V)
     for k, v in rows.items():
         hp[k] = np.asarray(v, hp[k].dtype)
-    hp["bias"][5, 11] = 4.0
     assert all(smp.is_plain({k: v[i] for k, v in hp.items()}) for i in range(b))
     for name, value in [("top_p", 0.9), ("top_k", 40), ("min_p", 0.05), ("typical_p", 0.5), ("mirostat", True),
                         ("top_logprobs", 1)]:
         assert not smp.is_plain({**{k: v[1] for k, v in hp.items()}, name: value}), name
-    p = smp.SamplerParams(**{k: jnp.asarray(v) for k, v in hp.items()})
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
-    init = smp.init_state(b, V)
-    init = smp.SamplerState(init.counts, init.prompt_mask.at[:, :50].set(True), init.mu, jnp.asarray(keys), init.step)
+    bias = np.zeros((b, V), np.float32)
+    bias[5, 11] = 4.0
+    p, init = _keyed(b, **rows, bias=bias)
     logits = (rng.standard_normal((6, b, V)) * 3).astype(np.float32)
-    got = {}
-    for plain in (False, True):
-        f = jax.jit(smp.sample, static_argnames="plain")
-        text = f.lower(logits[0], p, init, jnp.ones(b, bool), plain=plain).as_text()
-        assert ("stablehlo.case" in text) != plain
-        s, outs = init, []
-        for step in logits:
-            out, s = f(jnp.asarray(step), p, s, jnp.ones(b, bool), plain=plain)
-            outs.append((np.asarray(out.token), np.asarray(out.logprob)))
-        got[plain] = outs, jax.tree.map(np.asarray, s)
-    for (t0, l0), (t1, l1) in zip(got[False][0], got[True][0]):
-        np.testing.assert_array_equal(t0, t1)
-        np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    jax.tree.map(np.testing.assert_array_equal, got[False][1], got[True][1])
+    want, want_state, text = _steps("cond", logits, p, init)
+    got, got_state, plain_text = _steps("plain", logits, p, init)
+    assert "stablehlo.case" in text and "stablehlo.case" not in plain_text
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w.token, g.token)
+        np.testing.assert_allclose(w.logprob, g.logprob, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
+
+
+def test_select_computes_every_transform_and_draws_what_the_conditionals_draw():
+    """`branches="select"` (a GPU's program for the other batches) holds no `lax.cond`: every transform runs for every
+    row and is taken where wanted. Over 6 steps of rows of every kind (top_k within and past the candidates, top_p on
+    flat logits, min_p, typical_p alone, mirostat, alternatives, a grammar mask, a greedy row) it gives what the
+    conditionals give, and so does a batch where no row wants any of it (every branch not taken)."""
+    rng = np.random.default_rng(9)
+    b = 8
+    rows = dict(temperature=[1.0, 0.8, 1.0, 0.7, 1.0, 1.0, 0.0, 0.9], top_k=[5, 200, 0, 0, 0, 0, 0, 0],
+                top_p=[1, 1, 0.95, 1, 1, 1, 1, 1], min_p=[0, 0, 0, 0.05, 0, 0, 0, 0],
+                typical_p=[1, 1, 1, 1, 0.6, 1, 1, 1], mirostat=[False] * 5 + [True, False, False],
+                top_logprobs=[0, 0, 0, 0, 0, 0, 3, 0])
+    logits = (rng.standard_normal((6, b, V)) * np.array([3, 3, 0.3, 3, 3, 3, 3, 3])[:, None]).astype(np.float32)
+    allowed = np.full((b, (V + 31) // 32), -1, np.int32)
+    allowed[7, 4:] = 0  # the last row may draw only among the first 128 tokens
+    for these in (rows, dict(temperature=rows["temperature"])):
+        p, init = _keyed(b, **these)
+        want, want_state, _ = _steps("cond", logits, p, init, jnp.asarray(allowed))
+        got, got_state, text = _steps("select", logits, p, init, jnp.asarray(allowed))
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text
+        for w, g in zip(want, got):
+            jax.tree.map(np.testing.assert_array_equal, w, g)
+        jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
+    assert (np.stack([o.token[7] for o in got]) < 128).all()
