@@ -19,7 +19,9 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
 
 Truncation never sorts the vocabulary: thresholds are found among the top `CANDIDATES` logits, and only when some
 slot's survivors may reach past them (top_k > CANDIDATES, a flat distribution under top_p / min_p, typical_p alone)
-does a `lax.cond` take the exact path, bisections over the logits' float32 bit patterns (`_truncate_exact`).
+does a `lax.cond` take the exact path, bisections over the logits' float32 bit patterns (`_truncate_exact`). Each
+`lax.cond` goes through `branch`; programs for a GPU, whose runtime decides a conditional on the host, leave the
+guarded transforms out for batches that need none (`branches="plain"`) or compute both sides (`"select"`).
 
 The sampler is in every decode, verify and first-draw program, and XLA's CPU backend spends ~8-10 ms compiling each
 kernel it emits, so it is written for few of them: sums in order are products with triangular matrices (a scan is a
@@ -259,7 +261,8 @@ def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: Sampler
                     rows: jax.Array, select: bool = False):
     """`_truncate_sorted`'s four thresholds over the whole vocabulary, without a sort: the k-th largest logit and
     top_p's cut are bisections over the logits' bit patterns (`largest_key`), typical_p's over the shifts
-    (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it.
+    (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it (with
+`select`, each runs).
     `top` is each row's largest logit, which every cut keeps: normalisers shift by it."""
     vocab = z.shape[-1]
     b = z.shape[0]
