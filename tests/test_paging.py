@@ -29,14 +29,34 @@ def ids(out):
     return [c.token_ids for o in out for c in o.outputs]
 
 
+class Widths:
+    """A prefill program that records each call's tokens per row."""
+
+    def __init__(self, fn):
+        self.fn, self.seen = fn, []
+
+    def __call__(self, *args, **statics):
+        self.seen.append(args[3].shape[1])
+        return self.fn(*args, **statics)
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_completions_hit_miss_and_disabled_give_the_same_tokens(llm_f32, params):
     ps = llm_f32.engine.page_size
     base = unique_prefix(1 if params is GREEDY else 2, 6 * ps + 5)
     cold = llm_f32.generate([base], params)
     assert cold[0].cached_tokens == 0
-    hot = llm_f32.generate([base], params)
+    runner = llm_f32.engine.runner
+    runner._prefill = widths = Widths(runner._prefill)
+    try:
+        hot = llm_f32.generate([base], params)
+    finally:
+        runner._prefill = widths.fn
     assert hot[0].cached_tokens == 6 * ps and ids(hot) == ids(cold)
+    assert widths.seen == [16]  # the 5 tokens after the cached pages: the smallest bucket, not a fresh prompt's 32
     off = llm_f32.generate([base], params, prompt_cache_max_len=0)
     assert off[0].cached_tokens == 0 and ids(off) == ids(cold)
     capped = llm_f32.generate([base], params, prompt_cache_max_len=2 * ps + 3)
