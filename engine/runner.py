@@ -466,7 +466,7 @@ class Runner:
                 [self._decode_job(nb, attend, self.rc.decode_steps, v) for v in self.variants])
 
     @property
-    def variants(self) -> tuple[bool, ...]:
+    def variants(self) -> tuple[str, ...]:
         """The sampler's variants (`branches`) each decode and first-draw shape compiles for
         (`RunnerConfig.sampler_branches`)."""
         return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "plain")}[self.branches]
