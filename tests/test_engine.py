@@ -221,9 +221,12 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
     more = plain + [SamplingParams(temperature=0.9, top_p=0.8, max_tokens=13, seed=4),
                     SamplingParams(temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)]
     chats = [CHAT] + [m for m, _ in OTHERS[:4]]
-    run = lambda n, params: llm.chat(chats[:n], params, prompt_cache_max_len=0)  # noqa: E731 (a cached prefix
-    want = run(3, plain), run(5, more)  # attends in another order: its logits may differ in the last bits)
-    calls, decode, first = [], runner._decode, runner._first
+
+    def run(n, params):  # no prefix cache: a cached prefix attends in another order, its logits' last bits may differ
+        return llm.chat(chats[:n], params, prompt_cache_max_len=0)
+
+    want = run(3, plain), run(5, more)
+    calls, decode, first, mode = [], runner._decode, runner._first, runner.branches
 
     def recorded(fn):
         def call(*args, **statics):
@@ -246,7 +249,7 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
             variants = [st["branches"] for fn, _, st in runner.warm_jobs() if fn in (decode, first)]
             assert variants.count("plain") == variants.count(other) > 0  # the warm-up compiles both of every shape
         finally:
-            runner.branches, runner._decode, runner._first = "cond", decode, first
+            runner.branches, runner._decode, runner._first = mode, decode, first
         for w, g in zip(want, got):
             assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in w]
             for o, p in zip(w, g):
