@@ -209,6 +209,31 @@ def _chunks(rng, h, kvh, d, starts, s, width, ps=16, pages=64):
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)
+def test_cpu_kernel_splits_few_rows_pages_between_threads_like_the_reference(h, kvh, d):
+    """One or two rows of long contexts (fewer (row, KV head) tasks than two a thread, over 1,024 keys) run each
+    task's pages in parts on XLA's threads, merged by their maxima: one query a row, and chunks whose queries end in
+    the first part, across parts and at the last key, against `paged.reference`; a row with no keys gets zeros and
+    the floor for its log-normaliser."""
+    from models.backends import cpu_attention
+
+    rng = np.random.default_rng(h * 10 + kvh)
+    ps, pages = 16, 80
+    k, v = _pool(rng, kvh, d, layers=1, pages=pages, ps=ps)
+    chunk = jax.jit(functools.partial(cpu_attention.chunk, lse=True))
+    for lengths in ([[1200]], [[700], [1279]], [[5, 600, 1100, 1280]], [[300, 301, 1024, 1100], [0, 0, 0, 0]]):
+        lengths = np.asarray(lengths, np.int32)
+        b, s = lengths.shape
+        table = jnp.asarray(np.stack([rng.permutation(pages) for _ in range(b)]), jnp.int32)
+        q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
+        out, norm = chunk(q * d ** -0.5, k, v, table, jnp.asarray(lengths))
+        live = lengths[:, 0] > 0
+        want = reference(q[live], k, v, table[live], jnp.asarray(lengths[live] - 1), d ** -0.5)
+        np.testing.assert_allclose(np.asarray(out[live]).reshape(want.shape), np.asarray(want), atol=2e-5,
+                                   rtol=1e-4)
+        assert (np.asarray(out[~live]) == 0).all() and (np.asarray(norm[~live]) < -1e29).all()
+
+
+@pytest.mark.parametrize("h,kvh,d", GQA)
 @pytest.mark.parametrize("s", [2, 17, 24])
 def test_cpu_kernel_scores_a_chunk_like_the_reference(h, kvh, d, s):
     """A verify pass's chunk through the `cpu` kernel (S queries per row, each over its own causal length: chunks

@@ -5,7 +5,9 @@
 // its sequence, stored in the pool pages `table[b, :]` of `k`/`v [kvh, pages, page_size, d]` (float32): the
 // chunk's own keys are already in the pool, so its causal mask is that length. Each (row, KV head) pair is one
 // task: one pass over the row's pages, each key and value read once for all of the group's `S * h / kvh` queries
-// (see `Task`). Tasks are shared with XLA's intra-op pool (`parallel.h`). Beside each output vector it writes the log
+// (see `Task`). Tasks are shared with XLA's intra-op pool (`parallel.h`); when there are fewer than two per thread
+// (one row of SmolLM2's 3 KV heads on 2 cores), each task's pages are split into parts that run as tasks of their own,
+// their sums merged by their maxima at the end (`Merge`). Beside each output vector it writes the log
 // of its softmax's normaliser, `lse [B, S, h]`, so that a caller can merge it with attention over other keys (a
 // prefill chunk's earlier positions read here, its own keys in XLA: `models.backends.paged.prefill`).
 #include <algorithm>
@@ -21,7 +23,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMinShared = 8192;  // keys scored (over rows, queries, KV heads) worth waking XLA's other threads
+constexpr int64_t kMinShared = 1024;  // keys scored (over rows, queries, KV heads) worth waking XLA's other threads
+constexpr int64_t kMinPart = 8;       // pages in a part of a task split between threads (`DecodeAttention`)
 
 constexpr int64_t kAhead = 4;  // pages prefetched ahead
 constexpr float kFloor = -1e30f;  // a running maximum below every score (a lane's before its first key)
@@ -37,6 +40,8 @@ struct Shared {
   const float *q, *k, *v;
   const int32_t *table, *lengths;
   float *out, *lse;
+  float* partial;  // with parts > 1: each (task, part, lane)'s weighted values, running maximum and sum [d + 2]
+  int64_t parts;
   int64_t rows, queries, heads, kv_heads, pages, page_size, dim, width;
 };
 
@@ -142,7 +147,7 @@ void FoldWide(float* scores, const float* reach, float* top, float* total, float
 // hardware prefetcher stops at each 4 KiB boundary): a page's keys are scored for every lane, then folded into each
 // lane's running maximum, sum and weighted values (the online softmax of flash decoding), so each value is read
 // right after its key, and the task's working set is one page and the lanes' accumulators.
-void Task(const Shared& s, int64_t task) {
+void Task(const Shared& s, int64_t task, int64_t part) {
   thread_local std::vector<float> qt, scores, acc, top, total, reach, rescale;
   thread_local std::vector<int32_t> lens;
   thread_local std::vector<int64_t> at;
@@ -158,7 +163,7 @@ void Task(const Shared& s, int64_t task) {
     len = std::max<int64_t>(len, lens[c]);
     at[c] = ((b * nq + c / g) * s.heads + kh * g + c % g) * d;
   }
-  if (len == 0) {  // nothing to attend (a prefill chunk's earlier positions, at the start of its prompt)
+  if (len == 0 && s.parts == 1) {  // nothing to attend (a prefill chunk's earlier positions, at its prompt's start)
     for (int64_t c = 0; c < n; ++c) std::fill(s.out + at[c], s.out + at[c] + d, 0.f), s.lse[at[c] / d] = kFloor;
     return;
   }
@@ -177,11 +182,11 @@ void Task(const Shared& s, int64_t task) {
   const int32_t* row = s.table + b * s.width;
   const float* k = s.k + kh * s.pages * span;
   const float* v = s.v + kh * s.pages * span;
-  const int64_t pages = (len + ps - 1) / ps;
-  for (int64_t p = 0; p < pages; ++p) {
+  const int64_t pages = (len + ps - 1) / ps, first = pages * part / s.parts, last = pages * (part + 1) / s.parts;
+  for (int64_t p = first; p < last; ++p) {
     const float* kp = k + row[p] * span;
     const float* vp = v + row[p] * span;
-    for (int64_t f = p == 0 ? 1 : kAhead; f <= kAhead && p + f < pages; ++f) {
+    for (int64_t f = p == first ? 1 : kAhead; f <= kAhead && p + f < last; ++f) {
       const float* kn = k + row[p + f] * span;
       const float* vn = v + row[p + f] * span;
       for (int64_t o = 0; o < span; o += 64 / sizeof(float)) __builtin_prefetch(kn + o), __builtin_prefetch(vn + o);
@@ -236,10 +241,43 @@ void Task(const Shared& s, int64_t task) {
       total[c] = total[c] * rescale + sum;
     }
   }
+  if (s.parts > 1) {  // this part's sums, for `Merge`
+    for (int64_t c = 0; c < n; ++c) {
+      float* out = s.partial + ((task * s.parts + part) * n + c) * (d + 2);
+      std::copy(acc.data() + c * d, acc.data() + (c + 1) * d, out);
+      out[d] = top[c], out[d + 1] = total[c];
+    }
+    return;
+  }
   for (int64_t c = 0; c < n; ++c) {
     const float inv = total[c] > 0.f ? 1.f / total[c] : 0.f;
     for (int64_t e = 0; e < d; ++e) s.out[at[c] + e] = acc[c * d + e] * inv;
     s.lse[at[c] / d] = total[c] > 0.f ? top[c] + std::log(total[c]) : kFloor;
+  }
+}
+
+// A split task's output from its parts' sums: each part's scaled by its maximum's distance from the largest.
+void Merge(const Shared& s, int64_t task) {
+  const int64_t b = task / s.kv_heads, kh = task % s.kv_heads, g = s.heads / s.kv_heads, d = s.dim;
+  const int64_t n = s.queries * g;
+  std::vector<float> acc(d);
+  for (int64_t c = 0; c < n; ++c) {
+    const float* parts = s.partial + task * s.parts * n * (d + 2);
+    float m = kFloor;
+    for (int64_t i = 0; i < s.parts; ++i) m = std::max(m, parts[(i * n + c) * (d + 2) + d]);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float total = 0.f;
+    for (int64_t i = 0; i < s.parts; ++i) {
+      const float* part = parts + (i * n + c) * (d + 2);
+      if (part[d + 1] <= 0.f) continue;  // a part past this lane's keys
+      const float w = std::exp(part[d] - m);
+      for (int64_t e = 0; e < d; ++e) acc[e] += w * part[e];
+      total += w * part[d + 1];
+    }
+    const int64_t at = ((b * s.queries + c / g) * s.heads + kh * g + c % g) * d;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int64_t e = 0; e < d; ++e) s.out[at + e] = acc[e] * inv;
+    s.lse[at / d] = total > 0.f ? m + std::log(total) : kFloor;
   }
 }
 
@@ -260,7 +298,17 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   int64_t keys = 0;  // work in keys read: below kMinShared the wake-up of a helper costs more than it saves
   for (int64_t i = 0; i < s.rows * s.queries; ++i) keys += std::min<int64_t>(s.lengths[i], s.width * s.page_size);
   keys *= s.kv_heads;
-  sparkler::RunTasks(pool, s.rows * s.kv_heads, keys >= kMinShared, [&s](int64_t t) { Task(s, t); });
+  const bool share = keys >= kMinShared;
+  const int64_t tasks = s.rows * s.kv_heads, threads = share ? pool.num_threads() + 1 : 1;
+  // Fewer than two tasks a thread: each task's pages in parts of at least kMinPart, two tasks' worth a thread.
+  const int64_t most = std::max<int64_t>(1, keys / s.kv_heads / (s.rows * s.queries) / s.page_size / kMinPart);
+  s.parts = share && tasks < 2 * threads ? std::min<int64_t>((2 * threads + tasks - 1) / tasks, most) : 1;
+  std::vector<float> partial(s.parts > 1 ? tasks * s.parts * s.queries * (s.heads / s.kv_heads) * (s.dim + 2) : 0);
+  s.partial = partial.data();
+  const int64_t parts = s.parts;
+  sparkler::RunTasks(pool, tasks * parts, share, [&s, parts](int64_t t) { Task(s, t / parts, t % parts); });
+  if (parts > 1)
+    for (int64_t t = 0; t < tasks; ++t) Merge(s, t);
   return ffi::Error::Success();
 }
 
