@@ -470,8 +470,7 @@ class Engine:
     def _decode(self, changed, done) -> None:
         """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
         sched, running = self.sched, self.sched.running
-        if self.pending and (not self.overlap or any(c.matcher is not None or c.drafter is not None
-                                                     for _, c in running.values())):
+        if self.pending and not self._ahead():
             self._sync(changed, done)  # a mask or a draft needs the last token on the host
         steps = self.runner.rc.decode_steps
         if sched.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while

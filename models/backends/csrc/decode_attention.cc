@@ -93,6 +93,20 @@ inline Lanes ExpLanes(Lanes x) {
   return p * scale;
 }
 
+// Where lane `c` (query c / g, head c % g of KV head `kh`'s group) of row `b` has its output vector in `out`.
+inline int64_t LaneAt(const Shared& s, int64_t b, int64_t kh, int64_t c) {
+  const int64_t g = s.heads / s.kv_heads;
+  return ((b * s.queries + c / g) * s.heads + kh * g + c % g) * s.dim;
+}
+
+// A lane's output from its weighted values, maximum and sum: the values over the sum, and the log-normaliser (none
+// for a lane that reached no key: zeros and kFloor).
+inline void Finish(const Shared& s, int64_t at, const float* acc, float top, float total) {
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t e = 0; e < s.dim; ++e) s.out[at + e] = acc[e] * inv;
+  s.lse[at / s.dim] = total > 0.f ? top + std::log(total) : kFloor;
+}
+
 // Folds a page of `cnt` keys from position `t0` into the lanes' running sums, kLanes lanes at a time: each lane's
 // maximum over the keys it reaches, the factor its sums shrink by, the keys' weights (in place of their scores in
 // `scores [cnt, np]`), then the weighted values four lanes at a time, kLanes values of d per register (padding
@@ -161,7 +175,7 @@ void Task(const Shared& s, int64_t task, int64_t part) {
   for (int64_t c = 0; c < n; ++c) {
     lens[c] = std::min<int64_t>(std::max<int32_t>(s.lengths[b * nq + c / g], 0), s.width * ps);
     len = std::max<int64_t>(len, lens[c]);
-    at[c] = ((b * nq + c / g) * s.heads + kh * g + c % g) * d;
+    at[c] = LaneAt(s, b, kh, c);
   }
   if (len == 0 && s.parts == 1) {  // nothing to attend (a prefill chunk's earlier positions, at its prompt's start)
     for (int64_t c = 0; c < n; ++c) std::fill(s.out + at[c], s.out + at[c] + d, 0.f), s.lse[at[c] / d] = kFloor;
@@ -249,11 +263,7 @@ void Task(const Shared& s, int64_t task, int64_t part) {
     }
     return;
   }
-  for (int64_t c = 0; c < n; ++c) {
-    const float inv = total[c] > 0.f ? 1.f / total[c] : 0.f;
-    for (int64_t e = 0; e < d; ++e) s.out[at[c] + e] = acc[c * d + e] * inv;
-    s.lse[at[c] / d] = total[c] > 0.f ? top[c] + std::log(total[c]) : kFloor;
-  }
+  for (int64_t c = 0; c < n; ++c) Finish(s, at[c], acc.data() + c * d, top[c], total[c]);
 }
 
 // A split task's output from its parts' sums: each part's scaled by its maximum's distance from the largest.
@@ -274,10 +284,7 @@ void Merge(const Shared& s, int64_t task) {
       for (int64_t e = 0; e < d; ++e) acc[e] += w * part[e];
       total += w * part[d + 1];
     }
-    const int64_t at = ((b * s.queries + c / g) * s.heads + kh * g + c % g) * d;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    for (int64_t e = 0; e < d; ++e) s.out[at + e] = acc[e] * inv;
-    s.lse[at / d] = total > 0.f ? m + std::log(total) : kFloor;
+    Finish(s, LaneAt(s, b, kh, c), acc.data(), m, total);
   }
 }
 
