@@ -58,8 +58,9 @@ def _reference4(x, q, s, m):
 
 
 @needs_kernel
-# under, at and over the 6-row (VNNI) and 4-row (AVX2) tiles, and past the rows from which AVX2 widens the weights once
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40, 66])
+# the VNNI build's few-row tiles (one and two rows, up to 4 rows a call), under, at and over its 6-row tile and AVX2's
+# 4-row one, and past the rows from which AVX2 widens the weights once
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 13, 40, 66])
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (80, 64), (192, 576)])  # 16 outputs left over (VNNI), or none
 def test_kernel_matches_its_xla_reference(m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -74,7 +75,7 @@ def test_kernel_matches_its_xla_reference(m, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 4, 7, 66])  # under, at and over the 4-row tile; weights widened once (64 rows on)
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 66])  # few-row tiles (VNNI: up to 4 rows), over the 4-row tile; widened once
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (192, 576)])
 def test_int4_kernel_matches_its_xla_reference(m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -120,7 +121,8 @@ def test_kernel_on_any_activations(x, leading, four):
 @pytest.mark.parametrize("four", [False, True])
 def test_a_row_gets_the_same_bits_in_a_call_of_any_rows(four):
     """A row's outputs do not depend on the call's other rows, whether the tiles widen the weights for each tile of
-    rows (few rows) or once for all (`kWiden` on): what makes a prompt's logits the same computed alone or batched."""
+    rows (few rows) or once for all (`kWiden` on), or (VNNI) a call of up to 4 rows runs the few-row tile (`Vec`):
+    what makes a prompt's logits the same computed alone or batched."""
     rng = np.random.default_rng(7)
     packed = quant.pack4(*_weights4(rng, 48, 96)) if four else quant.pack(*_weights(rng, 48, 96))
     x = rng.normal(size=(70, 96)).astype(np.float32)

@@ -11,7 +11,8 @@
 // instructions (`-march=native`):
 // - AVX-512 VNNI: `vpdpbusd` multiplies the unsigned weights by each level's signed bytes (the +128 is taken back
 //   by starting each level at -128 times its sum). A tile is 6 rows by 32 outputs: 12 int32 and 12 float32
-//   accumulators stay in registers.
+//   accumulators stay in registers. Calls of up to 4 rows (decode) run `Vec`, 2 rows by 64 outputs, each level's
+//   sums apart.
 // - AVX2 (llama.cpp's other common x86 target): each activation's two levels are one int16, `256 q1 + q2`
 //   (|.| <= 32639), and `vpmaddwd` multiplies it by the sign-extended weights (W + 128 with its top bit flipped),
 //   summing pairs of inputs of one output; pairs are added once per group. A tile is 4 rows by 8 outputs.
@@ -274,8 +275,6 @@ template <int NR, bool Four>
 constexpr TileFn kRows[kMR + 1] = {nullptr, Tile<1, NR, Four>, Tile<2, NR, Four>, Tile<3, NR, Four>,
                                    Tile<4, NR, Four>, Tile<5, NR, Four>, Tile<6, NR, Four>};
 
-int64_t Tasks(int64_t blocks) { return (blocks + kNR - 1) / kNR; }
-
 template <bool Four>
 void Rows(const Shared& s, int64_t nb, const uint8_t* w) {
   const TileFn* rows = s.n / kLanes - nb >= kNR ? kRows<kNR, Four> : kRows<1, Four>;
@@ -299,6 +298,104 @@ void Task4(const Shared& s, int64_t task) {
     _mm512_storeu_si512(u.data() + r * 4 * kLanes, _mm512_and_si512(both, low));
   }
   Rows<true>(s, nb, u.data());
+}
+
+// Calls of up to kVecMost rows (decode steps of a few streams): rows m0..m0+MR (up to two) of kVecBlocks blocks. Each
+// run of a block's weights is loaded (and, int4, unpacked) in registers once for both levels, and the levels sum
+// apart, so the blocks give 2 x kVecBlocks x MR independent `vpdpbusd` chains. The tile above re-reads a task's
+// unpacked weights for each level, and at one row it waits on two chains' latency: one stream's decode 1.25x
+// (docs/PERFORMANCE.md). The integers: `(c1 + P1) << 8` plus `c2 + P2` is the tile's `((c1 + P1) << 8) + c2 + P2`, and
+// the epilogue is the tile's, so a row gets the same bits either way.
+constexpr int64_t kVecRows = 2, kVecBlocks = 4, kVecMost = 4;  // a tile's rows and blocks; the calls' most rows
+
+template <int MR, int NB, bool Four>
+void Vec(const Shared& s, int64_t m0, int64_t nb) {
+  const int64_t G = s.groups, K = s.k, M = s.m;
+  const int64_t run = (Four ? 2 : 4) * kLanes, block = K / 4 * run;  // bytes per 4 inputs of a block, per block
+  const uint8_t* w = s.w + nb * block;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 accf[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) accf[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[2][MR][NB];
+    for (int level = 0; level < 2; ++level)
+      for (int m = 0; m < MR; ++m) {
+        const __m512i c = _mm512_set1_epi32(Four ? 0 : s.ca[(level * M + m0 + m) * G + g]);
+        for (int j = 0; j < NB; ++j) acc[level][m][j] = c;
+      }
+    for (int64_t kk = 0; kk < kGroup / 4; ++kk) {
+      __m512i am[2][MR];
+      for (int level = 0; level < 2; ++level)
+        for (int m = 0; m < MR; ++m) {
+          int32_t four;
+          __builtin_memcpy(&four, s.a + level * M * K + (m0 + m) * K + g * kGroup + kk * 4, 4);
+          am[level][m] = _mm512_set1_epi32(four);
+        }
+      const uint8_t* wr = w + (g * kGroup / 4 + kk) * run;
+      for (int j = 0; j < NB; ++j) {
+        __m512i b;
+        if constexpr (Four) {  // the run's low nibbles then its high ones: the int8 layout (`Task4`)
+          const __m256i h = _mm256_loadu_si256((const __m256i*)(wr + j * block));
+          b = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(h), _mm256_srli_epi16(h, 4), 1), low);
+        } else {
+          b = _mm512_loadu_si512(wr + j * block);
+        }
+        for (int m = 0; m < MR; ++m) {
+          acc[0][m][j] = _mm512_dpbusd_epi32(acc[0][m][j], b, am[0][m]);
+          acc[1][m][j] = _mm512_dpbusd_epi32(acc[1][m][j], b, am[1][m]);
+        }
+      }
+    }
+    float rest[MR];  // int4: as the tile's
+    if constexpr (Four)
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* ca = s.ca + (m0 + m) * G + g;
+        rest[m] = s.sa[(m0 + m) * G + g] * float(256 * (ca[0] / -128) + ca[M * G] / -128);
+      }
+    for (int j = 0; j < NB; ++j) {
+      const int64_t at = ((nb + j) * G + g) * kLanes;
+      __m512 sw, mn;
+      if constexpr (Four) {
+        sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.d + at)));
+        mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.mn + at)));
+      } else {
+        sw = _mm512_loadu_ps(s.s + at);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(acc[0][m][j], 8), acc[1][m][j]);
+        const float sa = s.sa[(m0 + m) * G + g];
+        accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(sw, _mm512_set1_ps(sa)), accf[m][j]);
+        if constexpr (Four) accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(rest[m]), accf[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(s.out + (m0 + m) * s.n + (nb + j) * kLanes, accf[m][j]);
+}
+
+using VecFn = void (*)(const Shared&, int64_t, int64_t);
+template <bool Four>
+constexpr VecFn kVec[kVecRows][kVecBlocks] = {
+    {Vec<1, 1, Four>, Vec<1, 2, Four>, Vec<1, 3, Four>, Vec<1, 4, Four>},
+    {Vec<2, 1, Four>, Vec<2, 2, Four>, Vec<2, 3, Four>, Vec<2, 4, Four>}};
+
+// A call's tasks: kVecBlocks blocks each for up to kVecMost rows (`Vec`), else kNR blocks over every row (`Tile`).
+int64_t Tasks(int64_t blocks, int64_t m) {
+  const int64_t per = m <= kVecMost ? kVecBlocks : kNR;
+  return (blocks + per - 1) / per;
+}
+
+template <bool Four>
+void Run(const Shared& s, int64_t task) {
+  if (s.m <= kVecMost) {
+    const int64_t nb = task * kVecBlocks;
+    for (int64_t m0 = 0; m0 < s.m; m0 += kVecRows)
+      kVec<Four>[std::min(kVecRows, s.m - m0) - 1][std::min(kVecBlocks, s.n / kLanes - nb) - 1](s, m0, nb);
+    return;
+  }
+  if constexpr (Four) return Task4(s, task);
+  return Task(s, task);
 }
 
 void Store(int8_t* q, int32_t* corr, __m512i lo, __m512i hi) {
@@ -337,11 +434,10 @@ void Quantize(const float* x, int64_t m, int64_t M, int64_t K, int8_t* a, float*
 
 #else  // AVX2
 
-int64_t Tasks(int64_t blocks) { return blocks; }
+int64_t Tasks(int64_t blocks, int64_t) { return blocks; }
 
-void Task(const Shared& s, int64_t nb) { Task16<false>(s, nb); }
-
-void Task4(const Shared& s, int64_t nb) { Task16<true>(s, nb); }
+template <bool Four>
+void Run(const Shared& s, int64_t nb) { Task16<Four>(s, nb); }
 
 // Row m of x quantized per group of 32 as the VNNI build does, each input's two levels stored as one int16
 // `256 q1 + q2`, and each group's sum of them in `ca` (int4's tile reads it; int8's takes the weights signed).
@@ -376,7 +472,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   sh.w = w.typed_data() + l * N * K, sh.s = s.typed_data() + l * N * G;
   sh.out = out->typed_data(), sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
   QuantizeRows(x.typed_data(), M, K, sh);
-  sparkler::RunTasks(pool, Tasks(wd[1]), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task(sh, t); });
+  sparkler::RunTasks(pool, Tasks(wd[1], M), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Run<false>(sh, t); });
   return ffi::Error::Success();
 }
 
@@ -394,7 +490,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   sh.w = w.typed_data() + l * N * K / 2, sh.d = s.typed_data() + l * N * G, sh.mn = mn.typed_data() + l * N * G;
   sh.out = out->typed_data(), sh.m = M, sh.n = N, sh.k = K, sh.groups = G;
   QuantizeRows(x.typed_data(), M, K, sh);
-  sparkler::RunTasks(pool, Tasks(wd[1]), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Task4(sh, t); });
+  sparkler::RunTasks(pool, Tasks(wd[1], M), 2 * M * N * K >= kMinShared, [&sh](int64_t t) { Run<true>(sh, t); });
   return ffi::Error::Success();
 }
 
