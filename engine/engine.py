@@ -316,7 +316,11 @@ class Engine:
         riding = flat and sched.running and all(c.drafter is None for _, c in sched.running.values())
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
             self._reserve(1, changed, done)
-        short = [pf for pf in sched.admit() if pf.short]
+        admitted = sched.admit()
+        if sched.copies:  # cached pages that admitted prompts go on from, copied before anything writes them
+            self.runner.copy_pages(sched.copies)
+            sched.copied()
+        short = [pf for pf in admitted if pf.short]
         items = [(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens, pf.start) for pf in short]
         if short and not flat:
             self.runner.prefill_many(items)

@@ -1,4 +1,4 @@
-"""The KV page pool's host side: a page allocator with reference counts and a prefix cache of full pages.
+"""The KV page pool's host side: a page allocator with reference counts and a prefix cache of pages.
 
 Plain Python; the device holds the pages themselves (`models.backends.paged`). Invariants, checked by `check()`:
 - page 0 is the scratch page: never handed out (page tables point padding there; what is written to it is never read
@@ -8,24 +8,36 @@ Plain Python; the device holds the pages themselves (`models.backends.paged`). I
 - a page with a hash holds the K/V of the full page of tokens that hash names (the hash chains over every page
   before it and the isolation key), and `page_of[hash] == page`; only full pages are ever hashed, and hashed pages
   are never written again (a sequence writes only at positions past its last full, shared page);
-- allocation takes `empty` pages first and evicts `evictable` ones (dropping their hash) least recently used first.
+- a page in `after_of` holds the K/V of its tokens (`after[parent][page]`) after the pages hashed `parent`: every
+  hashed page, and a sequence's partial last page once it let go (`keep`), never written again either. A prompt
+  whose next page starts with those tokens copies them (`continuation`) instead of computing them;
+- allocation takes `empty` pages first and evicts `evictable` ones (dropping their hash and tokens) least recently
+  used first.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 
 import numpy as np
 
 from models.backends.paged import SCRATCH
 
 
+SCAN = 64  # a continuation is looked for among the pages last registered after a prefix, newest first
+
+
+def root_hash(salt: str | None = None) -> bytes:
+    """The hash the chain starts from: the isolation key's (no prompt's pages are shared across keys)."""
+    return hashlib.sha256(b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
+
+
 def page_hashes(tokens: list[int], page_size: int, salt: str | None = None, known: list[bytes] = ()) -> list[bytes]:
     """The chained hash of every full page of `tokens`: page i's hash covers pages 0..i and the isolation key.
     `known` holds the hashes of its first pages, already computed: only the pages after them are hashed."""
-    h = known[-1] if known else hashlib.sha256(
-        b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
+    h = known[-1] if known else root_hash(salt)
     out = list(known)
     arr = np.asarray(tokens, np.int64)
     for i in range(len(known), len(tokens) // page_size):
@@ -35,7 +47,8 @@ def page_hashes(tokens: list[int], page_size: int, salt: str | None = None, know
 
 
 class PagePool:
-    """Reference-counted pages `1..num_pages-1` with a least-recently-used prefix cache of full pages."""
+    """Reference-counted pages `1..num_pages-1` with a least-recently-used prefix cache of full pages, and of
+    partial last pages let go."""
 
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 2:
@@ -46,6 +59,8 @@ class PagePool:
         self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.hash_of: dict[int, bytes] = {}
         self.page_of: dict[bytes, int] = {}
+        self.after: dict[bytes, dict[int, tuple[int, ...]]] = {}  # parent hash -> {page: its tokens}, oldest first
+        self.after_of: dict[int, bytes] = {}  # page -> its parent hash
         self.queried = self.hit = 0  # prompt tokens looked up / found, for the hit rate
 
     @property
@@ -73,7 +88,7 @@ class PagePool:
                 page = self.empty.popleft()
             else:
                 page, _ = self.evictable.popitem(last=False)
-                del self.page_of[self.hash_of.pop(page)]
+                self._forget(page)
             self.refs[page] = 1
             out.append(page)
         return out
@@ -102,16 +117,50 @@ class PagePool:
             assert self.refs[page] > 0, f"page {page} released while free"
             self.refs[page] -= 1
             if self.refs[page] == 0:
-                if page in self.hash_of:
+                if page in self.after_of:
                     self.evictable[page] = None
                 else:
                     self.empty.append(page)
 
-    def register(self, page: int, h: bytes) -> None:
-        """Record that owned, full `page` holds the tokens hashed `h` (ignored if that prefix is cached already)."""
+    def register(self, page: int, h: bytes, parent: bytes, tokens: list[int]) -> None:
+        """Record that owned, full `page` holds `tokens`, after the pages hashed `parent`, hashed `h` with them
+        (ignored if that prefix is cached already)."""
         assert self.refs[page] > 0
-        if h not in self.page_of and page not in self.hash_of:
+        if h not in self.page_of and page not in self.hash_of and page not in self.after_of:
             self.page_of[h], self.hash_of[page] = page, h
+            self._after(page, parent, tokens)
+
+    def keep(self, page: int, parent: bytes, tokens: list[int]) -> None:
+        """Record that owned, partial `page` holds `tokens` after the pages hashed `parent`, as its owner lets it go
+        (it is never written again): a prompt that goes on from them copies it (`continuation`)."""
+        assert self.refs[page] > 0 and 0 < len(tokens) < self.page_size
+        if page not in self.after_of:
+            self._after(page, parent, tokens)
+
+    def continuation(self, parent: bytes, tokens: list[int], most: int) -> tuple[int, int]:
+        """A page among the last `SCAN` recorded after the pages hashed `parent` whose tokens begin the most of
+        `tokens` (at most `most`), and how many: `(page, n)`, or `(0, 0)` (not yet shared: pass it to `share`)."""
+        best, most = (0, 0), min(most, len(tokens))
+        for page, held in itertools.islice(reversed(self.after.get(parent, {}).items()), SCAN):
+            n = 0
+            while n < min(most, len(held)) and held[n] == tokens[n]:
+                n += 1
+            if n > best[1]:
+                best = page, n
+        return best
+
+    def _after(self, page: int, parent: bytes, tokens: list[int]) -> None:
+        self.after.setdefault(parent, {})[page] = tuple(tokens)
+        self.after_of[page] = parent
+
+    def _forget(self, page: int) -> None:
+        """Drop an evicted page's hash and tokens."""
+        if page in self.hash_of:
+            del self.page_of[self.hash_of.pop(page)]
+        parent = self.after_of.pop(page)
+        del self.after[parent][page]
+        if not self.after[parent]:
+            del self.after[parent]
 
     def check(self) -> None:
         """Assert the invariants in the module docstring (tests call this)."""
@@ -119,5 +168,8 @@ class PagePool:
         assert len(free) == len(set(free)) and SCRATCH not in free and self.refs[SCRATCH] == 0
         assert all(self.refs[p] == 0 for p in free)
         assert len(free) + sum(r > 0 for r in self.refs) == self.capacity
-        assert all(p in self.hash_of for p in self.evictable) and not any(p in self.hash_of for p in self.empty)
+        assert all(p in self.after_of for p in self.evictable) and not any(p in self.after_of for p in self.empty)
         assert all(self.hash_of[p] == h for h, p in self.page_of.items()) and len(self.page_of) == len(self.hash_of)
+        assert all(p in self.after_of for p in self.hash_of)
+        assert {p for pages in self.after.values() for p in pages} == set(self.after_of)
+        assert all(p in self.after[h] for p, h in self.after_of.items())

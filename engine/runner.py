@@ -34,8 +34,9 @@ from models.sharding import cache_sharding
 log = logging.getLogger("sparkler.engine")
 
 # Prompt tokens per prefill call and row. 16: the tail of a prompt whose earlier pages the prefix cache served (at most
-# a page; a repeated ~650-token prompt's first token came in 37-43 ms against 60-62 at 32 tokens on the 2-core CPU).
-PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
+# a page; a repeated ~650-token prompt's first token came in 37-43 ms against 60-62 at 32 tokens on the 2-core CPU);
+# 1: the last token of a prompt the cache held whole (repeated: `PagePool.continuation`; 11-14 ms against 30 at 16).
+PREFILL_BUCKETS = (1, 16, 32, 64, 128, 192, 256, 384, 512)
 BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
 FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.pages import PagePool, page_hashes
+from engine.pages import PagePool, page_hashes, root_hash
 from engine.requests import Choice, Prefill, Request, seq_tokens
 
 BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
@@ -54,6 +54,7 @@ class Scheduler:
         self.resumes: collections.deque[tuple[Request, Choice]] = collections.deque()  # preempted, served first
         self.running: dict[int, tuple[Request, Choice]] = {}
         self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
+        self.copies: list[tuple[int, int, int]] = []  # cached pages admission copies into a prompt's (`copied`)
         self.prefilling: collections.deque[Prefill] = collections.deque()
         self._order = itertools.count(1)
         self.preemptions = 0  # choices preempted so far (pool exhausted)
@@ -139,6 +140,19 @@ class Scheduler:
         (self.resumes if resume else self.waiting).popleft()
         first = choices[0]
         first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
+        start = len(hit) * ps
+        # The page after the hit: a cached page whose tokens this one's start with (the prompt repeated, or a
+        # conversation going on from an answer) is copied, and the rest computed: at least the last token.
+        most = len(tokens) - 1 - start
+        if req.cache_max_len is not None:
+            most = min(most, req.cache_max_len - start)
+        if req.params.echo and not resume:
+            most = 0
+        src, reused = pool.continuation(hashes[len(hit) - 1] if hit else root_hash(req.cache_key),
+                                        tokens[start:start + ps], most)
+        if reused:
+            pool.share([src])  # held until the copy is dispatched (`copied`): no seat after this one evicts it
+            self.copies.append((shard, src, first.pages[len(hit)]))
         for choice, page in zip(choices[1:], fresh[len(fresh) - extra:]):
             choice.pages = [page]
         seats = [s for s in self.free if self.shard_of(s) == shard][:len(choices)]
@@ -148,10 +162,16 @@ class Scheduler:
         self.tables[first.slot, :len(first.pages)] = first.pages
         if not resume:
             req.admitted = req.admitted or time.monotonic()
-            req.cached_tokens = len(hit) * ps
+            req.cached_tokens = start + reused
             pool.queried += len(tokens)
             pool.hit += req.cached_tokens
-        return Prefill(req, choices, tokens, len(hit) * ps, resume)
+        return Prefill(req, choices, tokens, start + reused, resume)
+
+    def copied(self) -> None:
+        """The page copies of this admission (`copies`: `(shard, src, dst)`) are dispatched: let go of their sources."""
+        for shard, src, _ in self.copies:
+            self.pools[shard].release([src])
+        self.copies = []
 
     def _place(self, length: int, n: int, hashes: list[bytes]) -> tuple[int, list[int]] | None:
         """The data shard for work of `length` tokens and `n` choices, with the cached pages of its prefix there.
@@ -196,9 +216,19 @@ class Scheduler:
             return
         tokens = seq_tokens(req, choice)[:full * self.page_size]
         choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
-        pool = self.pools[self.shard_of(choice.slot)]
-        for page, h in zip(choice.pages[done:full], choice.hashes[done:]):
-            pool.register(page, h)
+        pool, ps = self.pools[self.shard_of(choice.slot)], self.page_size
+        for i in range(done, full):
+            parent = choice.hashes[i - 1] if i else root_hash(req.cache_key)
+            pool.register(choice.pages[i], choice.hashes[i], parent, tokens[i * ps:(i + 1) * ps])
+
+    def _keep(self, req: Request, choice: Choice) -> None:
+        """Offer a choice's partial last page, as it lets go of its pages (after `register`), to the prefix cache."""
+        written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
+        full = written // self.page_size
+        if written % self.page_size and full < len(choice.pages) and full == len(choice.hashes):
+            parent = choice.hashes[-1] if full else root_hash(req.cache_key)
+            self.pools[self.shard_of(choice.slot)].keep(choice.pages[full], parent,
+                                                        seq_tokens(req, choice)[full * self.page_size:written])
 
     # ---- running: pages ahead, preemption ---------------------------------------------------------------------
 
@@ -251,6 +281,7 @@ class Scheduler:
         _, choice, req = newest_run
         choice.saved = self.save_row(choice.slot)
         self.register(req, choice)
+        self._keep(req, choice)
         del self.running[choice.slot]
         self.unseat(choice)
         self.resumes.appendleft((req, choice))
@@ -275,6 +306,7 @@ class Scheduler:
         if choice.slot in self.running and self.running[choice.slot][1] is choice:
             req, _ = self.running.pop(choice.slot)
             self.register(req, choice)
+            self._keep(req, choice)
             self.unseat(choice)
 
     def unseat(self, choice: Choice) -> None:
@@ -329,6 +361,7 @@ class Scheduler:
         self.resumes.clear()
         self.running.clear()
         self.admitting = []
+        self.copied()
         for choice in {id(c): c for c in held}.values():
             self.unseat(choice)
         return list(reqs.values())

@@ -18,6 +18,7 @@ from helpers import run_all, unique_prefix
 from engine import SamplingParams
 from engine.engine import Engine
 from engine.llm import encode_chat
+from engine.pages import PagePool, page_hashes, root_hash
 from engine.runner import RunnerConfig, plan_max_len, plan_pages
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -55,22 +56,44 @@ def test_completions_hit_miss_and_disabled_give_the_same_tokens(llm_f32, params)
         hot = llm_f32.generate([base], params)
     finally:
         runner._prefill = widths.fn
-    assert hot[0].cached_tokens == 6 * ps and ids(hot) == ids(cold)
-    assert widths.seen == [16]  # the 5 tokens after the cached pages: the smallest bucket, not a fresh prompt's 32
+    # The prompt repeated: its full pages are mapped, and the first 4 of the 5 tokens after them copied from the page
+    # the first run wrote (its prompt's tail and its answer's head); only the last token is computed.
+    assert hot[0].cached_tokens == 6 * ps + 4 and ids(hot) == ids(cold)
+    assert widths.seen == [1]
     off = llm_f32.generate([base], params, prompt_cache_max_len=0)
     assert off[0].cached_tokens == 0 and ids(off) == ids(cold)
     capped = llm_f32.generate([base], params, prompt_cache_max_len=2 * ps + 3)
-    assert capped[0].cached_tokens == 2 * ps and ids(capped) == ids(cold)
-    # All but the last few tokens shared: the shared full pages are reused, the rest computed.
+    assert capped[0].cached_tokens == 2 * ps + 3 and ids(capped) == ids(cold)
+    # All but the last few tokens shared: the shared full pages are reused, and the next page's first 2 tokens.
     near = base[:-3] + [7, 8, 9]
+    got = llm_f32.generate([near], params)  # first: its whole computation would leave pages it could go on from
     want = llm_f32.generate([near], params, prompt_cache_max_len=0)
-    got = llm_f32.generate([near], params)
-    assert got[0].cached_tokens == 6 * ps and ids(got) == ids(want)
-    # A prompt ending exactly on a page boundary: its last page is recomputed (its logits are needed).
+    assert got[0].cached_tokens == 6 * ps + 2 and ids(got) == ids(want)
+    # A prompt ending exactly on a page boundary: its last page is copied but for its last token (its logits).
     edge = base[:4 * ps]
-    want = llm_f32.generate([edge], params, prompt_cache_max_len=0)
     got = llm_f32.generate([edge], params)
-    assert got[0].cached_tokens == 3 * ps and ids(got) == ids(want)
+    want = llm_f32.generate([edge], params, prompt_cache_max_len=0)
+    assert got[0].cached_tokens == 4 * ps - 1 and ids(got) == ids(want)
+
+
+def test_a_conversation_goes_on_from_the_answer_pages(llm_f32):
+    """A second turn reuses the first's prompt and answer up to the answer's last written token (its partial last
+    page, kept as the first turn let go), and gives the tokens of the same prompt computed whole."""
+    eng = llm_f32.engine
+    turn = [{"role": "user", "content": "Count from one to twenty in words, please, with commas."}]
+    first = llm_f32.chat(turn, SamplingParams(temperature=0, max_tokens=21, ignore_eos=True))[0]
+    written = len(first.prompt_token_ids) + 20  # the last drawn token's K/V is never written
+    assert written % eng.page_size  # the answer ends in a partial page (else this test would test full pages only)
+    again = turn + [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "Again."}]
+    prompt = encode_chat(llm_f32.model, again)
+    seq = first.prompt_token_ids + first.outputs[0].token_ids
+    shared = next((i for i, (a, b) in enumerate(zip(prompt, seq)) if a != b), min(len(prompt), len(seq)))
+    got = llm_f32.chat(again, GREEDY)
+    want = llm_f32.chat(again, GREEDY, prompt_cache_max_len=0)
+    assert got[0].cached_tokens == min(shared, written) > written // eng.page_size * eng.page_size
+    assert ids(got) == ids(want)
+    for pool in eng.sched.pools:
+        pool.check()
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
@@ -79,13 +102,32 @@ def test_chat_with_a_shared_system_prompt_reuses_it(llm_f32, params):
     words = f"You are a terse assistant ({params.temperature}) who answers briefly. "
     system = {"role": "system", "content": words * 6}
     first = llm_f32.chat([system, {"role": "user", "content": "Name a fruit."}], params)
-    assert first[0].cached_tokens == 0
+    assert first[0].cached_tokens < ps  # at most the template's head, from the first page of another conversation
     second = [system, {"role": "user", "content": "Name a colour."}]
-    want = llm_f32.chat(second, params, prompt_cache_max_len=0)
     got = llm_f32.chat(second, params)
+    want = llm_f32.chat(second, params, prompt_cache_max_len=0)
     shared = len(encode_chat(llm_f32.model, [system])) - 1  # the system turn, as the template writes it
     assert want[0].cached_tokens == 0 and got[0].cached_tokens >= (shared // ps - 1) * ps > 0
     assert ids(got) == ids(want)
+
+
+def test_the_pool_goes_on_from_pages_until_it_evicts_them():
+    """`continuation` finds a registered full page or a kept partial one by its parent and the tokens it begins
+    with (at most `most`, never across isolation keys), until allocation evicts it; the invariants hold throughout."""
+    pool, root = PagePool(4, 4), root_hash()
+    a = pool.allocate(2)
+    h = page_hashes([1, 2, 3, 4], 4)
+    pool.register(a[0], h[0], root, [1, 2, 3, 4])
+    pool.keep(a[1], h[0], [5, 6])
+    pool.release(a)
+    pool.check()
+    assert pool.continuation(root, [1, 2, 3, 9], 4) == (a[0], 3)
+    assert pool.continuation(root, [1, 2, 3, 4], 2) == (a[0], 2)
+    assert pool.continuation(h[0], [5, 6, 7], 4) == (a[1], 2)
+    assert pool.continuation(h[0], [7], 4) == (0, 0) and pool.continuation(root_hash("b"), [1, 2], 4) == (0, 0)
+    pool.allocate(2)  # the empty page, then the least recently freed: the sequence's tail
+    pool.check()
+    assert pool.continuation(h[0], [5, 6], 4) == (0, 0) and pool.continuation(root, [1, 2], 4) == (a[0], 2)
 
 
 def test_isolation_keys_never_share(llm_f32):
@@ -95,7 +137,7 @@ def test_isolation_keys_never_share(llm_f32):
     none = llm_f32.generate([base], GREEDY)
     a2 = llm_f32.generate([base], GREEDY, prompt_cache_isolation_key="tenant-a")
     assert [a[0].cached_tokens, b[0].cached_tokens, none[0].cached_tokens] == [0, 0, 0]
-    assert a2[0].cached_tokens == 4 * llm_f32.engine.page_size
+    assert a2[0].cached_tokens == 5 * llm_f32.engine.page_size - 1  # all but the last token (its logits)
     assert ids(a) == ids(b) == ids(none) == ids(a2)
 
 
@@ -116,7 +158,7 @@ def test_n_maps_the_prompt_pages_into_every_choice(llm_f32):
     assert all(eng.sched.pools[0].refs[p] == 0 for p in full + partial)
     assert len({tuple(c.token_ids) for c in req.choices}) > 1
     again = llm_f32.generate([prompt], SamplingParams(temperature=1.0, max_tokens=6, n=6, seed=3, ignore_eos=True))
-    assert ids(again) == [c.token_ids for c in req.choices] and again[0].cached_tokens == 3 * eng.page_size
+    assert ids(again) == [c.token_ids for c in req.choices] and again[0].cached_tokens == len(prompt) - 1
 
 
 def test_nothing_leaks_after_a_mixed_run(llm):
