@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.pages import SCRATCH, PagePool, page_hashes
+from engine.pages import SCRATCH, PagePool, page_hashes, root_hash
 
 KEYS = [None, "a", "b"]
 tokens_st = st.lists(st.integers(0, 3), max_size=8)  # a tiny alphabet so that prefixes collide often
@@ -56,12 +56,12 @@ class PoolMachine(RuleBasedStateMachine):
         """Check pages just returned by `allocate`: new, private, never the scratch page."""
         held = {p for s in self.seqs.values() for p in s.pages}
         assert len(set(pages)) == len(pages) and SCRATCH not in pages and not held & set(pages)
-        assert all(self.pool.refs[p] == 1 and p not in self.pool.hash_of for p in pages)
+        assert all(self.pool.refs[p] == 1 and p not in self.pool.after_of for p in pages)
 
     def _write(self, seq, page_index):
         """The sequence writes its tokens into its page `page_index` (only ever a private, unhashed page)."""
         page = seq.pages[page_index]
-        assert self.pool.refs[page] == 1 and page not in self.pool.hash_of, "write into a shared or cached page"
+        assert self.pool.refs[page] == 1 and page not in self.pool.after_of, "write into a shared or cached page"
         end = min(len(seq.tokens), (page_index + 1) * self.ps)
         self.content[page] = (seq.key, tuple(seq.tokens[:end]))
 
@@ -72,6 +72,19 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _pick(self, i):
         return sorted(self.seqs)[i % len(self.seqs)]
+
+    def _register(self, seq, i, hashes):
+        """Offer the sequence's full page `i` to the cache, as the scheduler does."""
+        parent = hashes[i - 1] if i else root_hash(seq.key)
+        self.pool.register(seq.pages[i], hashes[i], parent, seq.tokens[i * self.ps:(i + 1) * self.ps])
+
+    def _let_go(self, seq):
+        """The sequence leaves (finished, aborted or preempted): its partial last page is kept, then all released."""
+        full = len(seq.tokens) // self.ps
+        if len(seq.tokens) % self.ps:
+            parent = self._hashes(seq.tokens, seq.key)[full - 1] if full else root_hash(seq.key)
+            self.pool.keep(seq.pages[full], parent, seq.tokens[full * self.ps:])
+        self.pool.release(seq.pages)
 
     def _admit(self, tokens, key, old_pages=None) -> bool:
         ps, pool = self.ps, self.pool
@@ -93,12 +106,21 @@ class PoolMachine(RuleBasedStateMachine):
             pool.release(hit)
             return False
         self._fresh(fresh)
+        start = len(hit) * ps  # the next page: a cached page that begins like it is copied, its tokens not computed
+        src, n = pool.continuation(hashes[len(hit) - 1] if hit else root_hash(key), tokens[start:start + ps],
+                                   len(tokens) - 1 - start)
+        assert 0 <= n < len(tokens) - start
+        if n:  # it holds this prompt's K/V up to there, under this key
+            held_key, held = self.content[src]
+            assert held_key == key and held[:start + n] == tuple(tokens[:start + n]), "went on from the wrong K/V"
+            pool.share([src])  # held while copied, then let go
+            pool.release([src])
         self._add(tokens, key, hit + fresh)
         seq = self.seqs[self.next_id - 1]
         for i in range(len(hit), len(seq.pages)):
             self._write(seq, i)
             if i < len(hashes):
-                pool.register(seq.pages[i], hashes[i])
+                self._register(seq, i, hashes)
         return True
 
     # --- rules ---------------------------------------------------------------------------------------------------
@@ -141,14 +163,14 @@ class PoolMachine(RuleBasedStateMachine):
             seq.tokens.append(t)
             self._write(seq, len(seq.pages) - 1)
             if len(seq.tokens) % self.ps == 0:
-                self.pool.register(seq.pages[-1], self._hashes(seq.tokens, seq.key)[-1])
+                self._register(seq, len(seq.pages) - 1, self._hashes(seq.tokens, seq.key))
 
     @precondition(lambda self: self.seqs)
     @rule(i=st.integers(0, 7))
     def finish(self, i):
         """A sequence finishes or is aborted: the same at the pool level."""
         seq = self.seqs.pop(self._pick(i))
-        self.pool.release(seq.pages)
+        self._let_go(seq)
         self.history = [(seq.tokens, seq.key)] + self.history[:7]
 
     @precondition(lambda self: self.seqs)
@@ -157,7 +179,7 @@ class PoolMachine(RuleBasedStateMachine):
         """The most recently admitted sequence gives its pages back, to be readmitted later."""
         sid = max(self.seqs, key=lambda s: self.seqs[s].order)
         seq = self.seqs.pop(sid)
-        self.pool.release(seq.pages)
+        self._let_go(seq)
         if len(self.preempted) < 4:
             self.preempted.append((seq.tokens, seq.key, seq.pages))
 
@@ -205,6 +227,10 @@ class PoolMachine(RuleBasedStateMachine):
                 assert self.content[p] == (seq.key, tuple(seq.tokens[:min(len(seq.tokens), (i + 1) * self.ps)]))
         for h, p in self.pool.page_of.items():  # a cached page holds the full page of tokens its hash names
             assert self.content[p] == self.named[h]
+        roots = {root_hash(k): (k, ()) for k in KEYS}
+        for p, parent in self.pool.after_of.items():  # a listed page holds its tokens after its parent's
+            key, before = self.named[parent] if parent in self.named else roots[parent]
+            assert self.content[p] == (key, before + self.pool.after[parent][p])
 
     def teardown(self):
         """With every sequence released, nothing is owned and every page is free again."""
@@ -214,7 +240,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.pool.release(self.seqs.pop(sid).pages)
         self.pool.check()
         assert all(r == 0 for r in self.pool.refs) and self.pool.num_free == self.pool.capacity, "pages leaked"
-        assert len(self.pool.evictable) == self.pool.num_cached
+        assert len(self.pool.evictable) == len(self.pool.after_of) >= self.pool.num_cached
 
 
 class TightPoolMachine(PoolMachine):
@@ -235,10 +261,10 @@ TestTightPoolMachine.settings = FAST
 
 def cached(pool, tokens, key=None):
     """Allocate and register pages for `tokens` (whole pages), as a finished prompt would leave them."""
-    hashes = page_hashes(tokens, pool.page_size, key)
+    hashes, ps = page_hashes(tokens, pool.page_size, key), pool.page_size
     pages = pool.allocate(len(hashes))
-    for p, h in zip(pages, hashes):
-        pool.register(p, h)
+    for i, (p, h) in enumerate(zip(pages, hashes)):
+        pool.register(p, h, hashes[i - 1] if i else root_hash(key), tokens[i * ps:(i + 1) * ps])
     return pages
 
 
@@ -306,8 +332,8 @@ def test_register_keeps_first_page_for_a_prefix():
     pool = PagePool(4, 2)
     h = page_hashes([3, 3], 2)[0]
     first, second = pool.allocate(2)
-    pool.register(first, h)
-    pool.register(second, h)
+    pool.register(first, h, root_hash(), [3, 3])
+    pool.register(second, h, root_hash(), [3, 3])
     assert pool.page_of == {h: first} and pool.hash_of == {first: h}
     pool.release([first, second])
     assert list(pool.evictable) == [first] and second in pool.empty
@@ -320,13 +346,32 @@ def test_lookup_stops_at_first_miss():
     h = page_hashes([1, 1, 2, 2, 3], 2)
     a = cached(pool, [1, 1])  # a first prompt caches page [1, 1]
     b = pool.allocate(2)  # a second one computed [1, 1] afresh (prompts never reuse their last page) and grew
-    pool.register(b[0], h[0])  # ignored: the prefix is cached in `a` already
-    pool.register(b[1], h[1])
+    pool.register(b[0], h[0], root_hash(), [1, 1])  # ignored: the prefix is cached in `a` already
+    pool.register(b[1], h[1], h[0], [2, 2])
     pool.release(a)
     assert pool.allocate(2) == [4, a[0]]  # `a` is evicted while [1, 1, 2, 2] stays cached in b[1]
     assert pool.page_of.get(h[0]) is None and pool.page_of[h[1]] == b[1]
     assert pool.lookup(h) == []
     pool.check()
+
+
+def test_the_pool_goes_on_from_pages_until_it_evicts_them():
+    """`continuation` finds a registered full page or a kept partial one by its parent and the tokens it begins
+    with (at most `most`, never across isolation keys), until allocation evicts it; the invariants hold throughout."""
+    pool, root = PagePool(4, 4), root_hash()
+    a = pool.allocate(2)
+    h = page_hashes([1, 2, 3, 4], 4)
+    pool.register(a[0], h[0], root, [1, 2, 3, 4])
+    pool.keep(a[1], h[0], [5, 6])
+    pool.release(a)
+    pool.check()
+    assert pool.continuation(root, [1, 2, 3, 9], 4) == (a[0], 3)
+    assert pool.continuation(root, [1, 2, 3, 4], 2) == (a[0], 2)
+    assert pool.continuation(h[0], [5, 6, 7], 4) == (a[1], 2)
+    assert pool.continuation(h[0], [7], 4) == (0, 0) and pool.continuation(root_hash("b"), [1, 2], 4) == (0, 0)
+    pool.allocate(2)  # the empty page, then the least recently freed: the sequence's tail
+    pool.check()
+    assert pool.continuation(h[0], [5, 6], 4) == (0, 0) and pool.continuation(root, [1, 2], 4) == (a[0], 2)
 
 
 def test_release_of_free_page_fails():

@@ -18,7 +18,6 @@ from helpers import run_all, unique_prefix
 from engine import SamplingParams
 from engine.engine import Engine
 from engine.llm import encode_chat
-from engine.pages import PagePool, page_hashes, root_hash
 from engine.runner import RunnerConfig, plan_max_len, plan_pages
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -109,25 +108,6 @@ def test_chat_with_a_shared_system_prompt_reuses_it(llm_f32, params):
     shared = len(encode_chat(llm_f32.model, [system])) - 1  # the system turn, as the template writes it
     assert want[0].cached_tokens == 0 and got[0].cached_tokens >= (shared // ps - 1) * ps > 0
     assert ids(got) == ids(want)
-
-
-def test_the_pool_goes_on_from_pages_until_it_evicts_them():
-    """`continuation` finds a registered full page or a kept partial one by its parent and the tokens it begins
-    with (at most `most`, never across isolation keys), until allocation evicts it; the invariants hold throughout."""
-    pool, root = PagePool(4, 4), root_hash()
-    a = pool.allocate(2)
-    h = page_hashes([1, 2, 3, 4], 4)
-    pool.register(a[0], h[0], root, [1, 2, 3, 4])
-    pool.keep(a[1], h[0], [5, 6])
-    pool.release(a)
-    pool.check()
-    assert pool.continuation(root, [1, 2, 3, 9], 4) == (a[0], 3)
-    assert pool.continuation(root, [1, 2, 3, 4], 2) == (a[0], 2)
-    assert pool.continuation(h[0], [5, 6, 7], 4) == (a[1], 2)
-    assert pool.continuation(h[0], [7], 4) == (0, 0) and pool.continuation(root_hash("b"), [1, 2], 4) == (0, 0)
-    pool.allocate(2)  # the empty page, then the least recently freed: the sequence's tail
-    pool.check()
-    assert pool.continuation(h[0], [5, 6], 4) == (0, 0) and pool.continuation(root, [1, 2], 4) == (a[0], 2)
 
 
 def test_isolation_keys_never_share(llm_f32):

@@ -525,7 +525,7 @@ def test_prompt_cache_through_the_api(api, client):
     hot = client.chat.completions.with_raw_response.create(**kw, extra_body={"prompt_cache_isolation_key": "t1"})
     second = hot.parse()
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached > 0 and cached % api.engine.page_size == 0 and cached < second.usage.prompt_tokens
+    assert cached == second.usage.prompt_tokens - 1  # the same prompt again: all but its last token
     assert hot.headers["fireworks-cached-prompt-tokens"] == str(cached)
     assert second.choices[0].message.content == first.choices[0].message.content
     other = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t2"})
@@ -541,10 +541,10 @@ def test_prompt_cache_through_the_api(api, client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
     done = client.completions.create(model=MODEL, prompt=[1, 2, 3] * 20, max_tokens=2)
     again = client.completions.create(model=MODEL, prompt=[1, 2, 3] * 20, max_tokens=2)
-    assert done.usage.prompt_tokens_details.cached_tokens == 0
-    assert again.usage.prompt_tokens_details.cached_tokens == 48
+    assert done.usage.prompt_tokens_details.cached_tokens < api.engine.page_size  # token 1 starts every chat too
+    assert again.usage.prompt_tokens_details.cached_tokens == 59
     status, health, _ = http(api, "GET", "/health")
-    assert health["prefix_cache_hit_tokens"] >= cached + 48 and 0 < health["prefix_cache_hit_rate"] < 1
+    assert health["prefix_cache_hit_tokens"] >= cached + 59 and 0 < health["prefix_cache_hit_rate"] < 1
 
 
 def test_perf_metrics_and_headers(client):
