@@ -79,12 +79,14 @@ def test_a_request_joining_running_ones_draws_its_first_token_on_its_row_alone(l
 
 def test_settings_do_not_recompile(llm):
     """20 requests with different settings and prompt lengths (one bucket), after a warm-up round with the same
-    schedule (ignore_eos fixes every length) but other settings: no new compilation; their 30 choices' sampler rows
-    go to the devices in one call."""
+    schedule (ignore_eos fixes every length; the prefix cache off, else the second round would go on from the
+    first's pages: other shapes) but other settings: no new compilation; their 30 choices' sampler rows go to the
+    devices in one call."""
     rng = np.random.default_rng(0)
     prompts = [[{"role": "user", "content": "word " * int(rng.integers(1, 8))}] for _ in range(20)]
     ns = [1 + i % 2 for i in range(20)]
-    llm.chat(prompts, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=n) for n in ns])
+    llm.chat(prompts, [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=n) for n in ns],
+             prompt_cache_max_len=0)
     before = llm.engine.runner.compiles
     params = [SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 100)),
                              top_p=float(rng.uniform(0.5, 1)), min_p=float(rng.uniform(0, 0.2)),
@@ -93,7 +95,7 @@ def test_settings_do_not_recompile(llm):
                              mirostat_target=3.0 if i % 5 == 0 else None, logit_bias={str(i): 2.0},
                              max_tokens=8, seed=i, ignore_eos=True, n=n) for i, n in enumerate(ns)]
     installs = llm.engine.runner._set_rows.calls
-    outs = llm.chat(prompts, params)
+    outs = llm.chat(prompts, params, prompt_cache_max_len=0)
     assert all(len(c.token_ids) == 8 for o in outs for c in o.outputs)
     assert llm.engine.runner.compiles == before
     assert llm.engine.runner._set_rows.calls == installs + 1
