@@ -214,6 +214,35 @@ void Task16(const Shared& s, int64_t nb) {
 
 constexpr int64_t kMR = 6, kNR = 2;  // a tile's rows and 16-output blocks; a task is kNR blocks over every row
 
+// A group's sums into the float accumulators of rows m0..m0+MR and blocks nb..nb+NB: `sum(m, j)`, the group's integer
+// sum of row m and block j, times the weights' scale and the row's second-level scale; int4 (`Four`): plus m times the
+// group's sum of activations (256 x the first level's + the second's, taken back from -128 x each).
+template <int MR, int NB, bool Four, typename Sum>
+inline void Scale(const Shared& s, int64_t m0, int64_t nb, int64_t g, Sum sum, __m512 (&accf)[MR][NB]) {
+  const int64_t G = s.groups, M = s.m;
+  float rest[MR];
+  if constexpr (Four)
+    for (int m = 0; m < MR; ++m) {
+      const int32_t* ca = s.ca + (m0 + m) * G + g;
+      rest[m] = s.sa[(m0 + m) * G + g] * float(256 * (ca[0] / -128) + ca[M * G] / -128);
+    }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t at = ((nb + j) * G + g) * kLanes;
+    __m512 sw, mn;
+    if constexpr (Four) {
+      sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.d + at)));
+      mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.mn + at)));
+    } else {
+      sw = _mm512_loadu_ps(s.s + at);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float sa = s.sa[(m0 + m) * G + g];
+      accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum(m, j)), _mm512_mul_ps(sw, _mm512_set1_ps(sa)), accf[m][j]);
+      if constexpr (Four) accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(rest[m]), accf[m][j]);
+    }
+  }
+}
+
 // Rows m0..m0+MR of the output blocks nb..nb+NR (16 outputs each), over every group; `w`: block nb's weights as
 // unsigned bytes in the int8 layout (`[K/4, 64]` a block). int8: the packed W + 128, each level's sum started at -128
 // times the level's sum of activations (`ca`), each group's sum scaled by the weights' scale. int4 (`Four`): the
@@ -244,27 +273,7 @@ void Tile(const Shared& s, int64_t m0, int64_t nb, const uint8_t* w) {
         }
       }
     }
-    float rest[MR];  // int4: sa x the group's sum of activations, 256 x the first level's + the second's
-    if constexpr (Four)
-      for (int m = 0; m < MR; ++m) {
-        const int32_t* ca = s.ca + (m0 + m) * G + g;
-        rest[m] = s.sa[(m0 + m) * G + g] * float(256 * (ca[0] / -128) + ca[M * G] / -128);
-      }
-    for (int j = 0; j < NR; ++j) {
-      const int64_t at = ((nb + j) * G + g) * kLanes;
-      __m512 sw, mn;
-      if constexpr (Four) {
-        sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.d + at)));
-        mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.mn + at)));
-      } else {
-        sw = _mm512_loadu_ps(s.s + at);
-      }
-      for (int m = 0; m < MR; ++m) {
-        const float sa = s.sa[(m0 + m) * G + g];
-        accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), _mm512_mul_ps(sw, _mm512_set1_ps(sa)), accf[m][j]);
-        if constexpr (Four) accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(rest[m]), accf[m][j]);
-      }
-    }
+    Scale<MR, NR, Four>(s, m0, nb, g, [&](int m, int j) { return acc[m][j]; }, accf);
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) _mm512_storeu_ps(s.out + (m0 + m) * s.n + (nb + j) * kLanes, accf[m][j]);
@@ -305,7 +314,7 @@ void Task4(const Shared& s, int64_t task) {
 // apart, so the blocks give 2 x kVecBlocks x MR independent `vpdpbusd` chains. The tile above re-reads a task's
 // unpacked weights for each level, and at one row it waits on two chains' latency: one stream's decode 1.25x
 // (docs/PERFORMANCE.md). The integers: `(c1 + P1) << 8` plus `c2 + P2` is the tile's `((c1 + P1) << 8) + c2 + P2`, and
-// the epilogue is the tile's, so a row gets the same bits either way.
+// both scale their sums by `Scale`, so a row gets the same bits either way.
 constexpr int64_t kVecRows = 2, kVecBlocks = 4, kVecMost = 4;  // a tile's rows and blocks; the calls' most rows
 
 template <int MR, int NB, bool Four>
@@ -347,28 +356,9 @@ void Vec(const Shared& s, int64_t m0, int64_t nb) {
         }
       }
     }
-    float rest[MR];  // int4: as the tile's
-    if constexpr (Four)
-      for (int m = 0; m < MR; ++m) {
-        const int32_t* ca = s.ca + (m0 + m) * G + g;
-        rest[m] = s.sa[(m0 + m) * G + g] * float(256 * (ca[0] / -128) + ca[M * G] / -128);
-      }
-    for (int j = 0; j < NB; ++j) {
-      const int64_t at = ((nb + j) * G + g) * kLanes;
-      __m512 sw, mn;
-      if constexpr (Four) {
-        sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.d + at)));
-        mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s.mn + at)));
-      } else {
-        sw = _mm512_loadu_ps(s.s + at);
-      }
-      for (int m = 0; m < MR; ++m) {
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(acc[0][m][j], 8), acc[1][m][j]);
-        const float sa = s.sa[(m0 + m) * G + g];
-        accf[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(sw, _mm512_set1_ps(sa)), accf[m][j]);
-        if constexpr (Four) accf[m][j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(rest[m]), accf[m][j]);
-      }
-    }
+    Scale<MR, NB, Four>(
+        s, m0, nb, g, [&](int m, int j) { return _mm512_add_epi32(_mm512_slli_epi32(acc[0][m][j], 8), acc[1][m][j]); },
+        accf);
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NB; ++j) _mm512_storeu_ps(s.out + (m0 + m) * s.n + (nb + j) * kLanes, accf[m][j]);
