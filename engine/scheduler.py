@@ -124,12 +124,12 @@ class Scheduler:
             return None
         ps = self.page_size
         hashes = page_hashes(tokens, ps, req.cache_key)
-        limit = (len(tokens) - 1) // ps  # the page holding the last token is always computed (its logits are needed)
+        reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
         if req.cache_max_len is not None:
-            limit = min(limit, req.cache_max_len // ps)
+            reuse = min(reuse, req.cache_max_len)
         if req.params.echo and not resume:  # echo needs every logit
-            limit = 0
-        placed = self._place(len(tokens), len(choices), hashes[:limit])
+            reuse = 0
+        placed = self._place(len(tokens), len(choices), hashes[:reuse // ps])
         if placed is None:
             return None
         shard, hit = placed
@@ -143,13 +143,8 @@ class Scheduler:
         start = len(hit) * ps
         # The page after the hit: a cached page whose tokens this one's start with (the prompt repeated, or a
         # conversation going on from an answer) is copied, and the rest computed: at least the last token.
-        most = len(tokens) - 1 - start
-        if req.cache_max_len is not None:
-            most = min(most, req.cache_max_len - start)
-        if req.params.echo and not resume:
-            most = 0
         src, reused = pool.continuation(hashes[len(hit) - 1] if hit else root_hash(req.cache_key),
-                                        tokens[start:start + ps], most)
+                                        tokens[start:start + ps], reuse - start)
         if reused:
             pool.share([src])  # held until the copy is dispatched (`copied`): no seat after this one evicts it
             self.copies.append((shard, src, first.pages[len(hit)]))
@@ -208,27 +203,22 @@ class Scheduler:
             self.tables[choice.slot, :len(choice.pages)] = choice.pages
         return copies
 
-    def register(self, req: Request, choice: Choice) -> None:
-        """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache."""
+    def register(self, req: Request, choice: Choice, leaving: bool = False) -> None:
+        """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache; `leaving`
+        (it lets go of its pages): its partial last page too."""
         written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
-        full, done = min(written // self.page_size, len(choice.pages)), len(choice.hashes)
-        if full <= done:
+        ps, pool = self.page_size, self.pools[self.shard_of(choice.slot)]
+        full, done = min(written // ps, len(choice.pages)), len(choice.hashes)
+        if full <= done and not leaving:
             return
-        tokens = seq_tokens(req, choice)[:full * self.page_size]
-        choice.hashes = page_hashes(tokens, self.page_size, req.cache_key, choice.hashes)
-        pool, ps = self.pools[self.shard_of(choice.slot)], self.page_size
-        for i in range(done, full):
-            parent = choice.hashes[i - 1] if i else root_hash(req.cache_key)
-            pool.register(choice.pages[i], choice.hashes[i], parent, tokens[i * ps:(i + 1) * ps])
-
-    def _keep(self, req: Request, choice: Choice) -> None:
-        """Offer a choice's partial last page, as it lets go of its pages (after `register`), to the prefix cache."""
-        written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
-        full = written // self.page_size
-        if written % self.page_size and full < len(choice.pages) and full == len(choice.hashes):
-            parent = choice.hashes[-1] if full else root_hash(req.cache_key)
-            self.pools[self.shard_of(choice.slot)].keep(choice.pages[full], parent,
-                                                        seq_tokens(req, choice)[full * self.page_size:written])
+        tokens = seq_tokens(req, choice)[:written]
+        if full > done:
+            choice.hashes = page_hashes(tokens[:full * ps], ps, req.cache_key, choice.hashes)
+            for i in range(done, full):
+                parent = choice.hashes[i - 1] if i else root_hash(req.cache_key)
+                pool.register(choice.pages[i], choice.hashes[i], parent, tokens[i * ps:(i + 1) * ps])
+        if leaving and written % ps and full < len(choice.pages) and full == len(choice.hashes):
+            pool.keep(choice.pages[full], choice.hashes[-1] if full else root_hash(req.cache_key), tokens[full * ps:])
 
     # ---- running: pages ahead, preemption ---------------------------------------------------------------------
 
@@ -280,8 +270,7 @@ class Scheduler:
             return pf.choices[0]
         _, choice, req = newest_run
         choice.saved = self.save_row(choice.slot)
-        self.register(req, choice)
-        self._keep(req, choice)
+        self.register(req, choice, leaving=True)
         del self.running[choice.slot]
         self.unseat(choice)
         self.resumes.appendleft((req, choice))
@@ -305,8 +294,7 @@ class Scheduler:
         """A running choice ended: offer its pages to the prefix cache, then give back its slot and pages."""
         if choice.slot in self.running and self.running[choice.slot][1] is choice:
             req, _ = self.running.pop(choice.slot)
-            self.register(req, choice)
-            self._keep(req, choice)
+            self.register(req, choice, leaving=True)
             self.unseat(choice)
 
     def unseat(self, choice: Choice) -> None:
