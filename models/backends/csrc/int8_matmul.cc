@@ -292,6 +292,13 @@ void Rows(const Shared& s, int64_t nb, const uint8_t* w) {
 
 void Task(const Shared& s, int64_t task) { Rows<false>(s, task * kNR, s.w + task * kNR * s.k * kLanes); }
 
+// A run's 32 bytes of 4-bit values as the int8 layout's 64 (value b is byte b's low nibble, b + 32 its high one).
+inline __m512i Unpack(const uint8_t* run) {
+  const __m256i b = _mm256_loadu_si256((const __m256i*)run);
+  return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1),
+                          _mm512_set1_epi8(0x0F));
+}
+
 // int4 on the VNNI build: the task's blocks' 4-bit values unpacked into the int8 layout (a run's 32 bytes hold value
 // b in byte b's low nibble and b + 32 in its high one: the low nibbles are the run's first 32 bytes, the high its
 // last), once for every tile of rows, and multiplied as int8's are, with no -128 to take back.
@@ -300,12 +307,7 @@ void Task4(const Shared& s, int64_t task) {
   const int64_t nb = task * kNR, runs = std::min(kNR, s.n / kLanes - nb) * s.k / 4;
   u.resize(runs * 4 * kLanes);
   const uint8_t* w = s.w + nb * s.k / 4 * 2 * kLanes;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t r = 0; r < runs; ++r) {
-    const __m256i b = _mm256_loadu_si256((const __m256i*)(w + r * 2 * kLanes));
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-    _mm512_storeu_si512(u.data() + r * 4 * kLanes, _mm512_and_si512(both, low));
-  }
+  for (int64_t r = 0; r < runs; ++r) _mm512_storeu_si512(u.data() + r * 4 * kLanes, Unpack(w + r * 2 * kLanes));
   Rows<true>(s, nb, u.data());
 }
 
@@ -322,7 +324,6 @@ void Vec(const Shared& s, int64_t m0, int64_t nb) {
   const int64_t G = s.groups, K = s.k, M = s.m;
   const int64_t run = (Four ? 2 : 4) * kLanes, block = K / 4 * run;  // bytes per 4 inputs of a block, per block
   const uint8_t* w = s.w + nb * block;
-  const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 accf[MR][NB];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NB; ++j) accf[m][j] = _mm512_setzero_ps();
@@ -343,13 +344,7 @@ void Vec(const Shared& s, int64_t m0, int64_t nb) {
         }
       const uint8_t* wr = w + (g * kGroup / 4 + kk) * run;
       for (int j = 0; j < NB; ++j) {
-        __m512i b;
-        if constexpr (Four) {  // the run's low nibbles then its high ones: the int8 layout (`Task4`)
-          const __m256i h = _mm256_loadu_si256((const __m256i*)(wr + j * block));
-          b = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(h), _mm256_srli_epi16(h, 4), 1), low);
-        } else {
-          b = _mm512_loadu_si512(wr + j * block);
-        }
+        const __m512i b = Four ? Unpack(wr + j * block) : _mm512_loadu_si512(wr + j * block);
         for (int m = 0; m < MR; ++m) {
           acc[0][m][j] = _mm512_dpbusd_epi32(acc[0][m][j], b, am[0][m]);
           acc[1][m][j] = _mm512_dpbusd_epi32(acc[1][m][j], b, am[1][m]);
