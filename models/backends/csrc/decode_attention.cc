@@ -306,7 +306,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   for (int64_t i = 0; i < s.rows * s.queries; ++i) keys += std::min<int64_t>(s.lengths[i], s.width * s.page_size);
   keys *= s.kv_heads;
   const bool share = keys >= kMinShared;
-  const int64_t tasks = s.rows * s.kv_heads, threads = share ? pool.num_threads() + 1 : 1;
+  const int64_t tasks = s.rows * s.kv_heads, threads = share ? pool.num_threads() : 1;
   // Fewer than two tasks a thread: each task's pages in parts of at least kMinPart, two tasks' worth a thread.
   const int64_t most = std::max<int64_t>(1, keys / s.kv_heads / (s.rows * s.queries) / s.page_size / kMinPart);
   s.parts = share && tasks < 2 * threads ? std::min<int64_t>((2 * threads + tasks - 1) / tasks, most) : 1;

@@ -12,10 +12,13 @@
 namespace sparkler {
 
 // Runs `task(0)` ... `task(n - 1)` and returns when all are done. The calling thread takes tasks from an atomic
-// counter; with `share`, so do up to `pool.num_threads()` helpers from XLA's pool, so no thread is started per
-// call and a task nobody else picks up runs on the caller. A helper that starts late finds no task left: it only
-// touches the counters, which it co-owns. The caller spins for tasks still running on a helper (no pause: one
-// thread per core on the machines measured, and the waits are short).
+// counter; with `share`, so do up to `pool.num_threads() - 1` helpers from XLA's pool, so no thread is started per
+// call and a task nobody else picks up runs on the caller. The pool has a thread per core and the caller is
+// usually not one of them (XLA runs a program on the PjRt client's thread): a helper per pool thread put one
+// thread more than cores, the last one woke to find no task and took a core from those working (`bench/
+// cpu_matmul.py` at one to four rows on two cores: 1.2-1.9x slower than with one helper; docs/PERFORMANCE.md,
+// session 46). A helper that starts late finds no task left: it only touches the counters, which it co-owns. The caller spins for tasks still
+// running on a helper (no pause: one thread per core, and the waits are short).
 template <typename Task>
 void RunTasks(xla::ffi::ThreadPool& pool, int64_t n, bool share, Task task) {
   struct State {
@@ -31,7 +34,7 @@ void RunTasks(xla::ffi::ThreadPool& pool, int64_t n, bool share, Task task) {
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = share ? std::min<int64_t>(pool.num_threads(), n - 1) : 0;
+  const int64_t helpers = share ? std::min<int64_t>(pool.num_threads() - 1, n - 1) : 0;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, work] { work(*state); });
   work(*state);
   while (state->done.load(std::memory_order_acquire) < n) {
