@@ -63,12 +63,14 @@ class RunnerConfig:
     # backend is `pallas-gpu` (its `ragged` kernel); elsewhere prefill and decode stay separate calls (on a CPU the
     # `cpu` kernel decodes faster than a flat batch attends).
     flat_step: bool | None = None
-    # How decode and first-draw programs skip the sampler transforms no row wants (`sampler.sample`'s `branches`).
-    # `cond`: one program per shape, a `lax.cond` each. `plain`: beside it, a program without them for batches whose
-    # rows need none (`sampler.is_plain`). `select`: that, and for the other batches one that computes them for every
-    # row, with no conditional. XLA's GPU runtime decides a conditional on the host after waiting for the device, so
-    # the launch of a program holding one returns only once the device has run the work queued before it, and the
-    # engine cannot work ahead. None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
+    # How decode, first-draw and verify programs skip the sampler transforms no row wants (`sampler.sample`'s
+    # `branches`). `cond`: one program per shape, a `lax.cond` each. `plain`: beside it, a program without them for
+    # batches whose rows need none (`sampler.is_plain`). `select`: that, and for the other batches one that computes
+    # them for every row, with no conditional. XLA's GPU runtime decides a conditional on the host after waiting for
+    # the device, so the launch of a program holding one returns only once the device has run the work queued before
+    # it, and the engine cannot work ahead; it decides a loop of unknown count so at every iteration, so a verify
+    # program other than `cond` also draws at every drafted position instead of stopping once every draft has failed.
+    # None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
     sampler_branches: str | None = None
 
 
@@ -310,19 +312,18 @@ class Runner:
                                            drawn, fresh)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered), drawn
 
-        def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
+        def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, branches):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
             # scores all W positions; the sampler then runs over them in order, threading the row's state (and
             # each position's grammar mask, `allowed [nb, W, words]`), and a row stays alive while each drafted
-            # token equals the token sampled before it. The loop ends once no row is alive: a rejected draft costs
-            # its forward pass, not W draws (the positions not reached are not kept).
+            # token equals the token sampled before it (the positions a row does not reach are not kept).
             nb, w = tokens.shape
             pos = positions[:, None] + jnp.arange(w)[None, :]
             logits, cache = forward(params, cache, tokens, pos, table, None, True)
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
             draw = lambda j, part, live: smp.sample(jnp.take(logits, j, axis=1), sparams, part, live,  # noqa: E731
-                                                    jnp.take(allowed, j, axis=1))
+                                                    jnp.take(allowed, j, axis=1), branches)
             shapes = jax.eval_shape(draw, 0, part, active)[0]
 
             def going(carry):  # a row alive at j has j <= its ndraft (it was alive at j - 1 < ndraft, or j = 0)
@@ -338,14 +339,19 @@ class Runner:
                 return j + 1, part, live & (j < ndraft) & (out.token == nxt), outs, kept.at[j].set(live)
 
             empty = jax.tree.map(lambda x: jnp.zeros((w, *x.shape), x.dtype), shapes), jnp.zeros((w, nb), bool)
-            _, part, _, outs, kept = jax.lax.while_loop(going, one, (jnp.int32(0), part, active, *empty))
+            carry = jnp.int32(0), part, active, *empty
+            if branches == "cond":  # the loop ends once every draft has failed: a rejection costs no more draws
+                _, part, _, outs, kept = jax.lax.while_loop(going, one, carry)
+            else:  # every position, rows masked: XLA's GPU runtime decides a loop of unknown count on the host
+                _, part, _, outs, kept = jax.lax.fori_loop(0, w, lambda _, c: one(c), carry)
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs, kept
 
-        @functools.partial(jax.jit, donate_argnums=(1, 2))
-        def verify(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed):
+        @functools.partial(jax.jit, static_argnames=("branches",), donate_argnums=(1, 2))
+        def verify(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, branches="cond"):
             self.compiles += 1
-            fn = over_shards(verify_shard, (rep, kv, *(rows,) * 8), (kv, rows, P(None, "data"), P(None, "data")))
+            fn = over_shards(functools.partial(verify_shard, branches=branches), (rep, kv, *(rows,) * 8),
+                             (kv, rows, P(None, "data"), P(None, "data")))
             cache, state, outs, kept = fn(params, cache, state, sparams, tokens, positions, ndraft, active, table,
                                           allowed)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
@@ -446,7 +452,8 @@ class Runner:
                      for v in self.variants]
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
             w = self.rc.draft_tokens + 1
-            jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w)) for b in self.batch_buckets]
+            jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w), v) for b in self.batch_buckets
+                     for v in self.variants]
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))
@@ -501,11 +508,11 @@ class Runner:
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb],
                                self.drawn, np.zeros(nb, bool)), dict(steps=steps, branches=branches))
 
-    def _verify_job(self, nb: int, attend: int) -> Job:
+    def _verify_job(self, nb: int, attend: int, branches: str = "cond") -> Job:
         w = self.rc.draft_tokens + 1
         return (self._verify, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb, w), _i32(nb),
                                _i32(nb), np.zeros(nb, bool), _i32(nb, -(-(w + attend) // self.page_size)),
-                               self.wide_allowed(np.arange(nb), w)), {})
+                               self.wide_allowed(np.arange(nb), w)), dict(branches=branches))
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -805,5 +812,6 @@ class Runner:
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,
-            self.wide_allowed(rows, w) if allowed is None else allowed[rows])
+            self.wide_allowed(rows, w) if allowed is None else allowed[rows],
+            branches=self.branches_for(rows[active[rows]], allowed))
         return self.read_back((outs, kept), rows, axis=1)

@@ -1,6 +1,7 @@
 """Test helpers: run our model's full-sequence logits, prompts no other test shares, and HF reference pieces."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +50,13 @@ def run_all(eng, prompts, params, predictions=None, **request):
         eng.step()
         eng.sched.pools[0].check()
     return reqs
+
+
+def host_decided(text: str) -> list[str]:
+    """What in a lowered program XLA's GPU runtime decides on the host, after waiting for the device: each
+    conditional, and each loop whose condition is not its counter against a constant (its trip count unknown)."""
+    loops = re.findall(r"cond \{\n(.*?)\n\s*\} do \{", text, re.S)
+    counted = (r"\s*(%\S+) = stablehlo.constant dense<\d+> : tensor<i32>\n"
+               r"\s*(%\S+) = stablehlo.compare\s+LT, %iterArg\S*, \1,.*\n\s*stablehlo.return \2 ")
+    return (re.findall(r"stablehlo.(?:case|if)\b", text) +
+            [c for c in loops if not re.fullmatch(counted + r".*", c, re.S)])

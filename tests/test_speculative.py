@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ENGINE
+from helpers import host_decided
 from engine import SamplingParams
 from engine.speculative import Drafter, match, worth_verifying
 
@@ -140,6 +141,51 @@ def test_constrained_requests_draft_and_keep_their_tokens(llm):
         for c in out.outputs:
             if c.finish_reason == "stop":
                 jsonschema.validate(json.loads(eng.tok.decode(c.token_ids, skip_special_tokens=True)), schema)
+
+
+def test_verify_programs_a_gpu_need_not_wait_on_keep_every_token(llm):
+    """On a GPU (`RunnerConfig.sampler_branches`) a verify step of rows that are all `sampler.is_plain` runs the
+    plain sampler at every drafted position, rows masked, in a loop of constant count (no conditional, no loop whose
+    end XLA's GPU runtime would decide on the host after waiting for the device); with `select` a step of other rows
+    computes every transform. Tokens, logprobs and accepted drafts are those of the `cond` program, which stops once
+    every draft has failed (drafts right and wrong, greedy and seeded rows, counted by call)."""
+    runner = llm.engine.runner
+    greedy = [SamplingParams(temperature=0, max_tokens=24, logprobs=True),
+              SamplingParams(temperature=0.8, presence_penalty=0.5, max_tokens=24, seed=3)]  # both plain
+    mixed = greedy + [SamplingParams(temperature=0.9, top_p=0.8, top_k=40, max_tokens=24, seed=11)]
+    preds = [CODE, CODE[::-1], CODE]
+
+    def run(params):
+        with verifying_always(llm.engine):
+            outs = llm.chat([ASK] * len(params), params, predictions=preds[:len(params)], prompt_cache_max_len=0)
+        return [(c.token_ids, [lp for _, lp, _ in c.logprobs or []]) for o in outs for c in o.outputs], \
+            [(o.drafted, o.accepted) for o in outs]
+
+    want = run(greedy), run(mixed)
+    calls, verify, mode = [], runner._verify, runner.branches
+
+    def recorded(*args, **statics):
+        calls.append(statics["branches"])
+        return verify(*args, **statics)
+
+    runner._verify = recorded
+    try:
+        runner.branches = "plain"
+        got = run(greedy)
+        assert set(calls) == {"plain"}, calls
+        runner.branches = "select"
+        calls.clear()
+        got = got, run(mixed)
+        assert "select" in calls and set(calls) <= {"select", "plain"}, calls
+    finally:
+        runner._verify, runner.branches = verify, mode
+    assert got == want
+    assert want[0][1][0][1] > 0 and any(d > a for d, a in want[1][1])  # drafts kept, and drafts lost
+    nb = runner.batch_buckets[0]
+    for branches in ("plain", "select", "cond"):
+        fn, args, statics = runner._verify_job(nb, runner.attended(nb, 1, runner.rc.draft_tokens + 1), branches)
+        found = host_decided(fn.fn.lower(*args, **statics).as_text())
+        assert bool(found) == (branches == "cond"), (branches, found)
 
 
 def test_a_crowd_of_sixteen_mixing_drafts_gives_every_request_its_own_tokens(llm):
