@@ -24,8 +24,9 @@ the wall time. Each variant runs in its own process (XLA flags bind at start):
   (`--xla_gpu_enable_command_buffer=...,CONDITIONAL,WHILE`): does a graph's device-side branch do without the host?
 - `top-p`: requests at temperature 0.8 and top_p 0.9 (many models' generation_config defaults), whose truncation
   needs the full programs, conditionals executed;
-- `top-p-select`: those with `--sampler-branches select`: every transform computed for every row, no conditional
-  (does the work cost less than the waits?);
+- `top-p-select`: those with `--sampler-branches select`, no conditional: these rows are `sampler.is_lean`, so
+  its `lean` programs, the transforms such rows may want computed for every row (does the work cost less than the
+  waits?);
 - `top-p-cond-graphs`: those with the command buffers of `cond-graphs`;
 - `from-store`: `default`'s programs read back from the program store, as a warm server runs them (the others compile
   their own, in fresh caches: is it a deserialized executable?).
@@ -117,7 +118,9 @@ def one(variant: str, smoke: bool) -> dict:
                 gil_ticks_share=ticks[0] / wall / idle,
                 decode_launch_s=r._decode.seconds - launch, read_s=r.read_seconds - read,
                 other_launch_s=r.device_seconds() - device - (r._decode.seconds - launch) - (r.read_seconds - read),
-                ahead=eng.ahead - ahead, plain=sum(dict(key[1])["branches"] == "plain" for key in r._decode.exes),
+                ahead=eng.ahead - ahead,
+                by_variant=", ".join(f"{v} {sum(dict(key[1])['branches'] == v for key in r._decode.exes)}"
+                                     for v in r.variants),
                 programs=len(r._decode.exes))
 
 
@@ -281,13 +284,13 @@ def main() -> None:
             rows.append(got)
             print(f"  {rows[-1]}", flush=True)
     print("| variant | tok/s | wall (s) | decodes (ahead) | decode launches (s, mean ms) | other launches (s) | "
-          "read back (s) | another thread's ticks (share of idle rate) | plain decode programs |")
+          "read back (s) | another thread's ticks (share of idle rate) | decode programs by variant |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['wall']:.2f} | {r['decodes']} ({r['ahead']}) | "
               f"{r['decode_launch_s']:.2f}, {1e3 * r['decode_launch_s'] / max(r['decodes'], 1):.1f} | "
               f"{r['other_launch_s']:.2f} | {r['read_s']:.2f} | {r['gil_ticks_share']:.0%} | "
-              f"{r['plain']} of {r['programs']} |")
+              f"{r['by_variant']} of {r['programs']} |")
     if (got := _child("attention", args.smoke)) is not None:
         print("\n| decode attention, one layer | table width (pages) | splits | pages per block | ms | K/V GB/s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")

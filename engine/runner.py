@@ -65,11 +65,13 @@ class RunnerConfig:
     flat_step: bool | None = None
     # How decode, first-draw and verify programs skip the sampler transforms no row wants (`sampler.sample`'s
     # `branches`). `cond`: one program per shape, a `lax.cond` each. `plain`: beside it, a program without them for
-    # batches whose rows need none (`sampler.is_plain`). `select`: that, and for the other batches one that computes
-    # them for every row, with no conditional. XLA's GPU runtime decides a conditional on the host after waiting for
-    # the device, so the launch of a program holding one returns only once the device has run the work queued before
-    # it, and the engine cannot work ahead; it decides a loop of unknown count so at every iteration, so a verify
-    # program other than `cond` also draws at every drafted position instead of stopping once every draft has failed.
+    # batches whose rows need none (`sampler.is_plain`). `select`: that, and for the other batches programs that
+    # compute them for every row, with no conditional: `lean` (alternatives, mirostat and the exact top_k and
+    # typical_p cuts left out) where every row is `sampler.is_lean`, as generation defaults are, else `select`.
+    # XLA's GPU runtime decides a conditional on the host after waiting for the device, so the launch of a program
+    # holding one returns only once the device has run the work queued before it, and the engine cannot work ahead;
+    # it decides a loop of unknown count so at every iteration, so a verify program other than `cond` also draws at
+    # every drafted position instead of stopping once every draft has failed.
     # None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
     sampler_branches: str | None = None
 
@@ -202,6 +204,7 @@ class Runner:
         if self.branches not in smp.BRANCHES:
             raise ValueError(f"sampler_branches: one of {smp.BRANCHES}, not {self.branches!r}")
         self.plain_rows = np.ones(self.slots, bool)  # each slot's settings are `sampler.is_plain` (set at install)
+        self.lean_rows = np.ones(self.slots, bool)  # ... and `sampler.is_lean`
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
@@ -478,7 +481,7 @@ class Runner:
     def variants(self) -> tuple[str, ...]:
         """The sampler's variants (`branches`) each decode and first-draw shape compiles for
         (`RunnerConfig.sampler_branches`)."""
-        return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "plain")}[self.branches]
+        return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "lean", "plain")}[self.branches]
 
     def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
@@ -714,7 +717,8 @@ class Runner:
         for j, slot in enumerate(slots):
             for name, value in rows[slot][0].items():
                 settings[name][j] = value
-            self.plain_rows[slot] = smp.is_plain({name: x[j] for name, x in settings.items()})
+            row = {name: x[j] for name, x in settings.items()}
+            self.plain_rows[slot], self.lean_rows[slot] = smp.is_plain(row), smp.is_lean(row)
         states = [rows[slot][1] for slot in slots]
         states = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))), *states)
         self.state, self.params = self._set_rows(self.state, self.params, idx, states, smp.SamplerParams(**settings))
@@ -748,10 +752,13 @@ class Runner:
 
     def branches_for(self, slots, allowed: np.ndarray | None) -> str:
         """The sampler variant of a call drawing for `slots` (`RunnerConfig.sampler_branches`): `plain` where that
-        is compiled and none of them needs what it leaves out, nor does a grammar constrain the call."""
+        is compiled and none of them needs what it leaves out, nor does a grammar constrain the call; under `select`,
+        `lean` where none needs what that leaves out."""
         if self.branches != "cond" and allowed is None and self.plain_rows[slots].all():
             return "plain"
-        return "select" if self.branches == "select" else "cond"
+        if self.branches == "select":
+            return "lean" if self.lean_rows[slots].all() else "select"
+        return "cond"
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:
         """Every token allowed at each of a verify step's `w` positions, for `rows`: `[rows, w, vocab / 32]`."""

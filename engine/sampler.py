@@ -21,7 +21,8 @@ Truncation never sorts the vocabulary: thresholds are found among the top `CANDI
 slot's survivors may reach past them (top_k > CANDIDATES, a flat distribution under top_p / min_p, typical_p alone)
 does a `lax.cond` take the exact path, bisections over the logits' float32 bit patterns (`_truncate_exact`). Each
 `lax.cond` goes through `branch`; programs for a GPU, whose runtime decides a conditional on the host, leave the
-guarded transforms out for batches that need none (`branches="plain"`) or compute both sides (`"select"`).
+guarded transforms out for batches that need none (`branches="plain"`) or compute both sides (`"select"`, and
+`"lean"` for batches that want no alternatives, no mirostat and no exact cut but top_p's: generation defaults).
 
 The sampler is in every decode, verify and first-draw program, and XLA's CPU backend spends ~8-10 ms compiling each
 kernel it emits, so it is written for few of them: sums in order are products with triangular matrices (a scan is a
@@ -258,12 +259,12 @@ def branch(pred: jax.Array, then, otherwise, select: bool = False):
 
 
 def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: SamplerParams, k: jax.Array,
-                    rows: jax.Array, select: bool = False):
+                    rows: jax.Array, select: bool = False, lean: bool = False):
     """`_truncate_sorted`'s four thresholds over the whole vocabulary, without a sort: the k-th largest logit and
     top_p's cut are bisections over the logits' bit patterns (`largest_key`), typical_p's over the shifts
     (`typical_threshold`). Each bisection runs only when one of `rows` (those that need this path) asks for it (with
-`select`, each runs).
-    `top` is each row's largest logit, which every cut keeps: normalisers shift by it."""
+    `select`, each runs; `lean` leaves out top_k's and typical_p's, which no row of a `lean` call wants). `top` is each
+    row's largest logit, which every cut keeps: normalisers shift by it."""
     vocab = z.shape[-1]
     b = z.shape[0]
     keys = ordered_bits(z)
@@ -271,7 +272,8 @@ def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: Sampler
     lse_of = lambda kept: top + jnp.log(jnp.sum(jnp.where(kept, e, 0.0), axis=-1))  # noqa: E731  (top always kept)
     zero = np.zeros((b,), np.uint32)
     cut_k = rows & (k < vocab)
-    kth = branch(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)), lambda: zero, select)
+    kth = zero if lean else branch(jnp.any(cut_k), lambda: largest_key(keys, 1.0, k.astype(jnp.float32)),
+                                   lambda: zero, select)
     keep = keys >= jnp.where(cut_k, kth, 0)[:, None]
     lse = jnp.where(k >= vocab, lse_all, lse_of(keep))  # of what top_k left: top_p's distribution
     cut_p = rows & (p.top_p < 1.0)
@@ -283,23 +285,24 @@ def _truncate_exact(z: jax.Array, top: jax.Array, lse_all: jax.Array, p: Sampler
     lse_kept = lse_of(keep)
     cut_t = rows & (p.typical_p < 1.0)
     none = (np.zeros((b,), np.float32), np.full((b,), np.inf, np.float32))
-    ent, shift_thr = branch(jnp.any(cut_t),
-                            lambda: typical_threshold(jnp.where(keep, z, NEG_INF), lse_kept, p.typical_p),
-                            lambda: none, select)
+    ent, shift_thr = none if lean else branch(
+        jnp.any(cut_t), lambda: typical_threshold(jnp.where(keep, z, NEG_INF), lse_kept, p.typical_p),
+        lambda: none, select)
     return thr, lse_kept, ent, jnp.where(cut_t, shift_thr, jnp.inf)
 
 
-def truncation_mask(z: jax.Array, p: SamplerParams, select: bool = False) -> jax.Array:
+def truncation_mask(z: jax.Array, p: SamplerParams, select: bool = False, lean: bool = False) -> jax.Array:
     """Which tokens survive top_k/top_p/min_p/typical_p, for temperature-scaled logits `z [B, V]` (`select`: as
-    `branch`'s)."""
+    `branch`'s; `lean`: each row `is_lean`, so the exact path holds top_p's bisection alone)."""
     vocab = z.shape[-1]
     k = jnp.where(p.top_k > 0, p.top_k, vocab)
     trivial = (k >= vocab) & (p.top_p >= 1.0) & (p.min_p <= 0.0) & (p.typical_p >= 1.0)  # rows that keep all
     return branch(jnp.all(trivial), lambda: jnp.ones(z.shape, bool),
-                  lambda: _truncation_mask(z, p, k, trivial, select), select)
+                  lambda: _truncation_mask(z, p, k, trivial, select, lean), select)
 
 
-def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array, select: bool) -> jax.Array:
+def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.Array, select: bool,
+                     lean: bool) -> jax.Array:
     vocab = z.shape[-1]
     n = min(CANDIDATES, vocab)
     # Thresholds among the n largest logits (use the indices: XLA rewrites a values-only top_k into a full sort).
@@ -313,7 +316,8 @@ def _truncation_mask(z: jax.Array, p: SamplerParams, k: jax.Array, trivial: jax.
     rows = ~trivial & (((k > n) & (k < vocab)) | ((k >= vocab) & last_survives))
     fast = jnp.stack(fast)
     thr, lse_kept, ent, shift_thr = branch(
-        jnp.any(rows), lambda: jnp.where(rows, jnp.stack(_truncate_exact(z, top, lse_all, p, k, rows, select)), fast),
+        jnp.any(rows),
+        lambda: jnp.where(rows, jnp.stack(_truncate_exact(z, top, lse_all, p, k, rows, select, lean)), fast),
         lambda: fast, select)
     shift = jnp.abs(-(z - lse_kept[:, None]) - ent[:, None])
     keep = (z >= thr[:, None]) & (shift <= shift_thr[:, None])
@@ -395,7 +399,17 @@ def is_plain(row: dict) -> bool:
     return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not truncates)
 
 
-BRANCHES = ("cond", "plain", "select")
+def is_lean(row: dict) -> bool:
+    """Whether `sample`'s `lean` variant serves a slot (as `is_plain`'s `row`): no alternatives, no mirostat, and
+    where it draws no top_k past the candidates nor typical_p without a top_k within them, the cuts only an exact
+    bisection of their own finds. Generation defaults are such rows: top_p (Llama 3.1, DeepSeek-V3), top_k <= 64
+    with top_p (Qwen3, Gemma)."""
+    k, within = row["top_k"], 0 < row["top_k"] <= CANDIDATES
+    exact = k > CANDIDATES or (row["typical_p"] < 1.0 and not within)
+    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not exact)
+
+
+BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` is one of select's programs
 
 
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
@@ -405,9 +419,11 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     any other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips
     the transforms no row wants (alternatives, the grammar mask, truncation, mirostat): `cond`, a `lax.cond` each;
     `plain`, every row is `is_plain` and none is constrained, so they are left out; `select`, they are computed for
-    every row and taken where wanted. The last two hold no conditional, which XLA's GPU runtime decides on the host
-    after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
-    plain, select = branches == "plain", branches == "select"
+    every row and taken where wanted; `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat
+    and the exact path's top_k and typical_p bisections are left out. The last three hold no conditional, which XLA's
+    GPU runtime decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
+    plain, lean = branches == "plain", branches == "lean"
+    select = lean or branches == "select"
     logits = logits.astype(jnp.float32)
     _, lse = log_normaliser(logits)
 
@@ -417,7 +433,8 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
 
     b = logits.shape[0]
     none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
-    top_ids, top_lp = none if plain else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: none, select)
+    top_ids, top_lp = none if plain or lean else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: none,
+                                                        select)
     z = penalize(logits, p, s)
     if allowed is not None and not plain:
         vocab = logits.shape[1]
@@ -426,9 +443,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     if not plain:
-        keep = truncation_mask(z, p, select)
-        keep = branch(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
-                      lambda: keep, select)
+        keep = truncation_mask(z, p, select, lean)
+        if not lean:
+            keep = branch(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
+                          lambda: keep, select)
         z = jnp.where(keep, z, NEG_INF)
     drawn, logq = draw(z, uniforms(s.key, s.step))
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -350,3 +350,35 @@ def test_select_computes_every_transform_and_draws_what_the_conditionals_draw():
             jax.tree.map(np.testing.assert_array_equal, w, g)
         jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
     assert (np.stack([o.token[7] for o in got]) < 128).all()
+
+
+def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditionals_draw():
+    """`branches="lean"` (a GPU's program for batches of `is_lean` rows, such as generation defaults) holds no
+    `lax.cond`, two bisection loops fewer than `select` (top_k's and typical_p's), and no top-k search for
+    alternatives; over 6 steps of such rows (top_p on flat logits, top_k within the candidates with top_p and
+    typical_p, min_p, a greedy row with a top_k past them, a grammar mask) it gives what the conditionals give.
+    `is_lean` refuses each setting it leaves out."""
+    rng = np.random.default_rng(10)
+    b = 6
+    rows = dict(temperature=[0.8, 1.0, 0.7, 0.0, 0.9, 1.0], top_k=[0, 20, 0, 200, 0, 64],
+                top_p=[0.9, 0.95, 1, 1, 0.8, 1], min_p=[0, 0, 0.05, 0, 0, 0], typical_p=[1, 0.6, 1, 0.5, 1, 1])
+    hp = smp.neutral_params(b, V)
+    for k, v in rows.items():
+        hp[k] = np.asarray(v, hp[k].dtype)
+    assert all(smp.is_lean({k: v[i] for k, v in hp.items()}) for i in range(b))
+    for change in (dict(top_k=65), dict(typical_p=0.5), dict(mirostat=True), dict(top_logprobs=1)):
+        assert not smp.is_lean({**{k: v[0] for k, v in hp.items()}, **change}), change
+    logits = (rng.standard_normal((6, b, V)) * np.array([0.3, 3, 0.3, 3, 0.3, 3])[:, None]).astype(np.float32)
+    allowed = np.full((b, (V + 31) // 32), -1, np.int32)
+    allowed[4, 4:] = 0  # this row may draw only among the first 128 tokens
+    p, init = _keyed(b, **rows)
+    want, want_state, _ = _steps("cond", logits, p, init, jnp.asarray(allowed))
+    got, got_state, text = _steps("lean", logits, p, init, jnp.asarray(allowed))
+    _, _, select_text = _steps("select", logits[:1], p, init, jnp.asarray(allowed))
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    assert text.count("stablehlo.while") == select_text.count("stablehlo.while") - 2
+    assert text.count("chlo.top_k") == select_text.count("chlo.top_k") - 1
+    for w, g in zip(want, got):
+        jax.tree.map(np.testing.assert_array_equal, w, g)
+    jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
+    assert (np.stack([o.token[4] for o in got]) < 128).all()

@@ -147,8 +147,9 @@ def test_verify_programs_a_gpu_need_not_wait_on_keep_every_token(llm):
     """On a GPU (`RunnerConfig.sampler_branches`) a verify step of rows that are all `sampler.is_plain` runs the
     plain sampler at every drafted position, rows masked, in a loop of constant count (no conditional, no loop whose
     end XLA's GPU runtime would decide on the host after waiting for the device); with `select` a step of other rows
-    computes every transform. Tokens, logprobs and accepted drafts are those of the `cond` program, which stops once
-    every draft has failed (drafts right and wrong, greedy and seeded rows, counted by call)."""
+    computes the transforms they may want (`lean`: top_k and top_p here). Tokens, logprobs and accepted drafts are
+    those of the `cond` program, which stops once every draft has failed (drafts right and wrong, greedy and seeded
+    rows, counted by call)."""
     runner = llm.engine.runner
     greedy = [SamplingParams(temperature=0, max_tokens=24, logprobs=True),
               SamplingParams(temperature=0.8, presence_penalty=0.5, max_tokens=24, seed=3)]  # both plain
@@ -176,13 +177,13 @@ def test_verify_programs_a_gpu_need_not_wait_on_keep_every_token(llm):
         runner.branches = "select"
         calls.clear()
         got = got, run(mixed)
-        assert "select" in calls and set(calls) <= {"select", "plain"}, calls
+        assert "lean" in calls and set(calls) <= {"lean", "plain"}, calls
     finally:
         runner._verify, runner.branches = verify, mode
     assert got == want
     assert want[0][1][0][1] > 0 and any(d > a for d, a in want[1][1])  # drafts kept, and drafts lost
     nb = runner.batch_buckets[0]
-    for branches in ("plain", "select", "cond"):
+    for branches in ("plain", "select", "lean", "cond"):
         fn, args, statics = runner._verify_job(nb, runner.attended(nb, 1, runner.rc.draft_tokens + 1), branches)
         found = host_decided(fn.fn.lower(*args, **statics).as_text())
         assert bool(found) == (branches == "cond"), (branches, found)
