@@ -17,8 +17,8 @@ namespace sparkler {
 // usually not one of them (XLA runs a program on the PjRt client's thread): a helper per pool thread put one
 // thread more than cores, the last one woke to find no task and took a core from those working (`bench/
 // cpu_matmul.py` at one to four rows on two cores: 1.2-1.9x slower than with one helper; docs/PERFORMANCE.md,
-// session 46). A helper that starts late finds no task left: it only touches the counters, which it co-owns. The caller spins for tasks still
-// running on a helper (no pause: one thread per core, and the waits are short).
+// session 46). A helper that starts late finds no task left: it only touches the counters, which it co-owns. The
+// caller spins for tasks still running on a helper (no pause: one thread per core, and the waits are short).
 template <typename Task>
 void RunTasks(xla::ffi::ThreadPool& pool, int64_t n, bool share, Task task) {
   struct State {
