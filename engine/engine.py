@@ -247,10 +247,19 @@ class Engine:
 
     def _ahead(self) -> bool:
         """Whether this step may be scheduled and dispatched before the last step's draws are read back: no running
-        choice is constrained or drafts (its mask or draft depends on its last token). A choice ending in those
-        draws (an EOS, a stop string) then runs one more step, whose tokens are dropped: its writes land past its
-        tokens, in pages it held at the dispatch, and any later use of a freed page is dispatched after it."""
-        return self.overlap and all(c.matcher is None and c.drafter is None for _, c in self.sched.running.values())
+        choice drafts, or may need a mask within its tokens in flight and a dispatch's more (`_masked`: its mask or
+        draft depends on its last token). A choice ending in those draws (an EOS, a stop string) then runs one more
+        step, whose tokens are dropped: its writes land past its tokens, in pages it held at the dispatch, and any
+        later use of a freed page is dispatched after it."""
+        steps = self.runner.rc.decode_steps
+        return self.overlap and all(c.drafter is None and not self._masked(c, steps)
+                                    for _, c in self.sched.running.values())
+
+    @staticmethod
+    def _masked(choice: Choice, steps: int) -> bool:
+        """Whether a choice may need a mask within its tokens in flight and the next `steps`: a grammar's always, a
+        thinking budget's at the first token and near its end (`Gate.active`); the others draw unmasked."""
+        return choice.matcher is not None and choice.matcher.active(choice.lag + steps)
 
     def _sync(self, changed, done) -> None:
         """Read back every draw in flight, in order, and hand out its tokens: the host then knows every token."""
@@ -387,7 +396,7 @@ class Engine:
         if not sources:
             return
         choices = [(slot, sched.running[slot][1]) for slot in sorted(sources)]
-        self.pending.append(Inflight(self.runner.first_tokens(sources, self._allowed(sources)), choices, 1))
+        self.pending.append(Inflight(self.runner.first_tokens(sources, self._allowed(sources, 1)), choices, 1))
         for _, choice in choices:
             choice.lag += 1
         if self.riders:
@@ -406,10 +415,11 @@ class Engine:
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 
-    def _allowed(self, slots) -> np.ndarray | None:
-        """Bitmasks of the next allowed tokens for constrained choices in `slots` (None: no constraint)."""
+    def _allowed(self, slots, steps: int) -> np.ndarray | None:
+        """Bitmasks of the next allowed tokens for the choices in `slots` that may need a mask within a dispatch of
+        `steps` (`_masked`; None: none does, so the call is unconstrained)."""
         running = self.sched.running
-        rows = {s: running[s][1].matcher for s in slots if running[s][1].matcher is not None}
+        rows = {s: running[s][1].matcher for s in slots if self._masked(running[s][1], steps)}
         if not rows:
             return None
         allowed = self.runner.all_allowed.copy()
@@ -479,7 +489,7 @@ class Engine:
         steps = self.runner.rc.decode_steps
         if sched.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
             steps = 1  # the running streams still get a token each step (vLLM's chunked prefill)
-        if any(c.matcher is not None and c.matcher.active(steps) for _, c in running.values()):
+        if any(self._masked(c, steps) for _, c in running.values()):
             steps = 1  # the host gives each constrained token its mask
         drafts = self._drafts(steps)
         if drafts:
@@ -490,7 +500,7 @@ class Engine:
         if not going:
             return
         batch = sched.batch(going)
-        allowed = self._allowed(going)
+        allowed = self._allowed(going, steps)
         drafts = {slot: d for slot, d in drafts.items() if slot in running}  # not preempted by the reserve
         if not drafts:
             self._dispatch(batch, steps, allowed)

@@ -4,7 +4,9 @@ answer only, from the token after the close (with or without a budget).
 
 `Gate` stands where a grammar matcher stands in the engine (`fill`, `advance`, `done`, `closed`), so preemption,
 masks and finishing treat both alike. The engine runs one decode step per dispatch only while some gate is `active`:
-near its budget, at the first token (which may open the block), or while its grammar constrains the answer.
+near its budget, at the first token (which may open the block), or while its grammar constrains the answer. While
+a gate would not be active over its tokens in flight and the next dispatch's, the engine leaves it out of the masks
+and works ahead of the read-back (`Engine._masked`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class Gate:
         self.count = 0  # thinking tokens drawn
 
     def active(self, steps: int) -> bool:
-        """Whether the next `steps` tokens need a mask each (else one mask serves a multi-step dispatch)."""
+        """Whether the next `steps` tokens after the last one it was handed need a mask each (else one mask, which
+        allows every token, serves them all)."""
         if self.state == "start":
             return True
         if self.state == "think":  # with a grammar, each token is looked at: the close may come at any step

@@ -295,6 +295,40 @@ def test_a_step_that_seats_a_request_queues_its_decode_before_reading_anything_b
     assert not eng.pending and len(eng.sched.free) == eng.runner.slots
 
 
+def test_a_thinking_budget_far_from_its_end_leaves_the_engine_ahead_and_unmasked(llm):
+    """A thinking budget needs the host only at the first token and near its end (`Gate.active`, counting the
+    tokens still in flight): in between the engine dispatches ahead of the read-back and decodes with no mask, and
+    the block still closes after exactly `budget` tokens, as when every draw is read back first."""
+    from engine.thinking import Budget
+
+    eng, steps = llm.engine, llm.engine.runner.rc.decode_steps
+    budget, close = 3 * steps + 2, 40000
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=budget + 6, ignore_eos=True)
+    calls, decode = [], eng.runner.decode
+
+    def recorded(tokens, positions, active, tables, steps, allowed, fresh):
+        calls.append((steps, allowed is not None))
+        return decode(tokens, positions, active, tables, steps, allowed, fresh)
+
+    got = {}
+    eng.runner.decode = recorded
+    try:
+        for overlap in (True, False):
+            eng.overlap, ahead = overlap, eng.ahead
+            calls.clear()
+            req = eng.make_request(list(range(60, 90)), params, thinking=Budget(budget, 39999, close, opened=True))
+            eng.add(req)
+            while eng.has_work():
+                eng.step()
+            got[overlap] = req.choices[0].token_ids, eng.ahead - ahead, list(calls)
+    finally:
+        eng.overlap, eng.runner.decode = True, decode
+    tokens, ahead, calls = got[True]
+    assert tokens == got[False][0] and tokens[budget] == close and close not in tokens[:budget]
+    assert ahead >= 2 and got[False][1] == 0  # decodes dispatched before the tokens before them were read back
+    assert (steps, False) in calls and all(n == 1 for n, masked in calls if masked), calls  # masks near the end only
+
+
 def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm):
     from engine.llm import encode_chat
 
