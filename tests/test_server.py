@@ -224,6 +224,9 @@ def test_stop_length_ignore_eos_and_seeds(api, client):
     a, b = (client.chat.completions.create(seed=5, **kw).choices[0].message.content for _ in range(2))
     c = client.chat.completions.create(seed=6, **kw).choices[0].message.content
     assert a == b != c
+    for k in (api.model.cfg.vocab_size, 10**12):  # past the vocabulary (and int32): no limit, as top_k 0
+        kw["extra_body"]["top_k"] = k
+        assert client.chat.completions.create(seed=5, **kw).choices[0].message.content == a, k
 
 
 def test_logit_bias_mirostat_and_every_setting_together(api, client):
