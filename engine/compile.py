@@ -226,16 +226,17 @@ class AOT:
     def __call__(self, *args, **statics):
         """Run the executable for these shapes (compiled now if no warm-up has it)."""
         key = shape_key(args, statics)
-        exe = self.exes.get(key)
-        if exe is None and (job := self.pending.get(key)) is not None and job.started.is_set():
+        exe, job = self.exes.get(key), self.pending.get(key)
+        if exe is None and job is not None and job.started.is_set():
             concurrent.futures.wait([job.future])  # a request never fails for a shape being compiled: it waits
             exe = self.exes.get(key)
-        if exe is None:  # a shape no warm-up named: compile it now (and keep it in the store for the next start)
+        if exe is None:  # compile it now (and keep it in the store for the next start)
             t = time.perf_counter()
             self.compile(*args, **statics)
             ints = [tuple(x.shape) for x in jax.tree.leaves(args) if str(getattr(x, "dtype", "")) in ("int32", "bool")]
-            log.info("sparkler: %s: a shape no warm-up named (inputs %s, %s) took %.2f s to load or compile", self.name,
-                     ints, statics, time.perf_counter() - t)
+            what = "a shape no warm-up named" if job is None else "a shape the warm-up behind serving had not reached"
+            log.info("sparkler: %s: %s (inputs %s, %s) took %.2f s to load or compile", self.name, what, ints,
+                     statics, time.perf_counter() - t)
             exe = self.exes[key]
         t = time.perf_counter()
         out = exe(*args)

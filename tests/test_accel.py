@@ -513,3 +513,24 @@ def test_a_stored_program_runs_on_the_devices_it_was_compiled_for(tmp_path):
     runs = [_run_script(ONE_OF_FOUR, str(tmp_path / "cache"), devices=4) for _ in range(2)]
     assert runs[0] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=0, saved=1)
     assert runs[1] == dict(out=[0.0, 2.0, 4.0, 6.0], loaded=1, saved=0)
+
+
+def test_a_compile_mid_serve_says_whether_the_warm_up_had_named_its_shape(caplog):
+    """A call whose shape the warm-up behind serving holds but has not started compiles it itself and says so; a
+    shape no warm-up named is logged as such (a GPU run reads these lines to tell a shape the warm-up misses from
+    one it reached late)."""
+    import logging
+
+    from engine.compile import AOT, Background
+
+    fn = AOT(jax.jit(lambda a: a + 1), "inc", "mid-serve-log")
+    named, other = jnp.ones((3,)), jnp.ones((5,))
+    background = Background([(fn, (named,), {})], yield_to=lambda: True)  # busy serving: the job never starts
+    try:
+        with caplog.at_level(logging.INFO, logger="sparkler.compile"):
+            np.testing.assert_array_equal(fn(named), 2.0)
+            np.testing.assert_array_equal(fn(other), 2.0)
+    finally:
+        background.cancel()
+    said = [r.getMessage() for r in caplog.records if "load or compile" in r.getMessage()]
+    assert len(said) == 2 and "warm-up behind serving had not reached" in said[0] and "no warm-up named" in said[1]
