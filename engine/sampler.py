@@ -396,7 +396,7 @@ def is_plain(row: dict) -> bool:
     what `sample` guards with a `lax.cond`: alternatives, mirostat, and truncation where the slot draws (a greedy
     slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the row's."""
     truncates = row["top_k"] > 0 or row["top_p"] < 1.0 or row["min_p"] > 0.0 or row["typical_p"] < 1.0
-    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not truncates)
+    return _served_without(row, truncates)
 
 
 def is_lean(row: dict) -> bool:
@@ -406,7 +406,13 @@ def is_lean(row: dict) -> bool:
     with top_p (Qwen3, Gemma)."""
     k, within = row["top_k"], 0 < row["top_k"] <= CANDIDATES
     exact = k > CANDIDATES or (row["typical_p"] < 1.0 and not within)
-    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not exact)
+    return _served_without(row, exact)
+
+
+def _served_without(row: dict, draw_needs: bool) -> bool:
+    """Whether a program without alternatives, mirostat and a transform the slot's draw needs (`draw_needs`) serves
+    the slot: the transform matters only where it draws (a greedy slot's token and logprobs do not depend on it)."""
+    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not draw_needs)
 
 
 BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` is one of select's programs
