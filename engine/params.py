@@ -93,10 +93,10 @@ class SamplingParams:
         """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation)."""
         miro = self.mirostat_target is not None
         return dict(
-            # a top_k past the vocabulary keeps every token, as the largest int32 does
-            temperature=self.temperature, top_k=0 if miro else min(self.top_k, 2**31 - 1),
-            top_p=1.0 if miro else self.top_p,
-            min_p=0.0 if miro else self.min_p, typical_p=1.0 if miro else self.typical_p,
+            temperature=self.temperature,
+            top_k=0 if miro else min(self.top_k, 2**31 - 1),  # past the vocabulary keeps every token, as int32's max
+            top_p=1.0 if miro else self.top_p, min_p=0.0 if miro else self.min_p,
+            typical_p=1.0 if miro else self.typical_p,
             repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty, mirostat_tau=self.mirostat_target or 5.0,
             mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs)
