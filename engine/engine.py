@@ -7,7 +7,8 @@ dispatch one multi-step decode (or verify drafts, read back at once); then read 
 (append tokens, detokenize, stop, offer newly full pages to the prefix cache). So the scheduler works one step ahead:
 a step's work is on the devices' queue before the host reads back and postprocesses the last one's, its inputs the
 tokens still on the devices (`Choice.lag`), and the devices need not wait for the host. When a step needs the host to
-know the last tokens first (grammar masks, drafts, a preemption) it reads everything back before scheduling (`_sync`).
+know the last tokens first (drafts, a preemption) it reads everything back before scheduling (`_sync`); grammar masks
+are filled while the step's forward pass runs, and drawn under behind it (`_masked_step`).
 Plain Python: who holds slots and pages is `engine.scheduler`'s, the device work `engine.runner`'s.
 """
 
@@ -247,13 +248,11 @@ class Engine:
 
     def _ahead(self) -> bool:
         """Whether this step may be scheduled and dispatched before the last step's draws are read back: no running
-        choice drafts, or may need a mask within its tokens in flight and a dispatch's more (`_masked`: its mask or
-        draft depends on its last token). A choice ending in those draws (an EOS, a stop string) then runs one more
-        step, whose tokens are dropped: its writes land past its tokens, in pages it held at the dispatch, and any
-        later use of a freed page is dispatched after it."""
-        steps = self.runner.rc.decode_steps
-        return self.overlap and all(c.drafter is None and not self._masked(c, steps)
-                                    for _, c in self.sched.running.values())
+        choice drafts (a draft depends on its last token; a mask does too, but is filled while the step's forward
+        pass runs: `_masked_step`). A choice ending in those draws (an EOS, a stop string) then runs one more step,
+        whose tokens are dropped: its writes land past its tokens, in pages it held at the dispatch, and any later
+        use of a freed page is dispatched after it."""
+        return self.overlap and all(c.drafter is None for _, c in self.sched.running.values())
 
     @staticmethod
     def _masked(choice: Choice, steps: int) -> bool:
@@ -396,7 +395,7 @@ class Engine:
         if not sources:
             return
         choices = [(slot, sched.running[slot][1]) for slot in sorted(sources)]
-        self.pending.append(Inflight(self.runner.first_tokens(sources, self._allowed(sources, 1)), choices, 1))
+        self.pending.append(Inflight(self.runner.draw(sources, self._allowed(sources, 1)), choices, 1))
         for _, choice in choices:
             choice.lag += 1
         if self.riders:
@@ -485,11 +484,12 @@ class Engine:
         """Verify drafts (read back at once), or dispatch a decode (read back by the next step)."""
         sched, running = self.sched, self.sched.running
         if self.pending and not self._ahead():
-            self._sync(changed, done)  # a mask or a draft needs the last token on the host
+            self._sync(changed, done)  # a draft needs the last token on the host
         steps = self.runner.rc.decode_steps
         if sched.prefilling:  # prompts' chunks wait: their next chunks (and first tokens) come after one step, while
             steps = 1  # the running streams still get a token each step (vLLM's chunked prefill)
-        if any(self._masked(c, steps) for _, c in running.values()):
+        masked = any(self._masked(c, steps) for _, c in running.values())
+        if masked:
             steps = 1  # the host gives each constrained token its mask
         drafts = self._drafts(steps)
         if drafts:
@@ -500,11 +500,14 @@ class Engine:
         if not going:
             return
         batch = sched.batch(going)
-        allowed = self._allowed(going, steps)
         drafts = {slot: d for slot, d in drafts.items() if slot in running}  # not preempted by the reserve
         if not drafts:
-            self._dispatch(batch, steps, allowed)
+            if masked:
+                self._masked_step(batch, changed, done)
+            else:
+                self._dispatch(batch, steps)
             return
+        allowed = self._allowed(going, steps)
         nb = self.runner.rows_for(going)
         b, w = self.runner.slots, self.runner.rc.draft_tokens + 1
         wide, ndraft = np.zeros((b, w), np.int32), np.zeros(b, np.int32)
@@ -525,14 +528,13 @@ class Engine:
         self.steps_run += 1
         self._take(outs, kept, [(slot, running[slot][1]) for slot in going], changed, done)
 
-    def _dispatch(self, batch, steps: int, allowed) -> None:
+    def _dispatch(self, batch, steps: int) -> None:
         """Dispatch a decode of `steps` over the batch's active slots (the inputs of its `fresh` rows still on the
         devices); it is read back by the next step (`_collect`)."""
         slots = np.flatnonzero(batch.active).tolist()
         key = ("decode", self.runner.rows_for(slots), steps)
         programs = self.runner.programs()
-        out = self.runner.decode(batch.tokens, batch.positions, batch.active, self.sched.tables, steps, allowed,
-                                 batch.fresh)
+        out = self.runner.decode(batch.tokens, batch.positions, batch.active, self.sched.tables, steps, batch.fresh)
         choices = [(slot, self.sched.running[slot][1]) for slot in slots]
         for _, choice in choices:
             choice.lag += steps
@@ -540,6 +542,25 @@ class Engine:
                                      self._prefilled or self.runner.programs() != programs))
         self.ahead += bool(batch.fresh.any())
         self.steps_run += steps
+
+    def _masked_step(self, batch, changed, done) -> None:
+        """A step some draw of which needs a mask, which depends on the tokens in flight: dispatch the step's forward
+        pass, read those tokens back and fill the masks while it runs, then dispatch the draw under them, read back
+        by the next step as first tokens are (SGLang overlaps grammar and forward so). A choice that ended in the
+        tokens read back draws nothing; its forward pass wrote past its tokens, as `_ahead` says."""
+        slots = np.flatnonzero(batch.active).tolist()
+        choices = [(slot, self.sched.running[slot][1]) for slot in slots]
+        self.runner.decode_logits(batch.tokens, batch.positions, batch.active, self.sched.tables, batch.fresh)
+        self.ahead += bool(batch.fresh.any())
+        self._sync(changed, done)
+        live = [(slot, c) for slot, _, c in self._seated(choices) if c.finish_reason is None]
+        if not live:
+            return
+        sources = {slot: slot for slot, _ in live}
+        self.pending.append(Inflight(self.runner.draw(sources, self._allowed(sources, 1)), live, 1))
+        for _, choice in live:
+            choice.lag += 1
+        self.steps_run += 1
 
     def _collect(self, inf: Inflight, changed, done) -> None:
         """Read a dispatched draw back and hand its tokens to their choices (those still running: not ended, nor

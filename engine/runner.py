@@ -156,7 +156,7 @@ class Runner:
     The host hands in page tables (`[rows, pages]` int32, a row per sequence, unused entries 0 = scratch) and sees
     only their widths as compiled shapes: a table sliced to `attend / page_size` columns. Every argument of the
     host-facing methods is host data (numbers, lists, numpy arrays): a prefill's last logits stay on the devices, in
-    the slot's row of `last_logits`, until `first_tokens` draws from them, so a multi-host leader can replay each
+    the slot's row of `last_logits`, until `draw` draws from them, so a multi-host leader can replay each
     call on the other processes (`engine.multihost`).
     """
 
@@ -282,9 +282,9 @@ class Runner:
                 return (*prefill_rows(params, cache, last, tokens, start, length, table, dest), None)
             return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest)
 
-        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh,
-                         steps, branches):
-            def one(carry, _):  # `allowed` binds every step: a constrained batch runs one step per dispatch
+        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, steps,
+                         branches):
+            def one(carry, _):
                 cache, state, tokens, positions = carry
                 # One row: XLA fuses int8 weights' widening into each matrix-vector product, reading int8. Tied to
                 # the step's tokens the weights are not loop-invariant, so that widening is not hoisted out of the
@@ -292,7 +292,7 @@ class Runner:
                 # and widening once per dispatch is cheaper (docs/PERFORMANCE.md, "int8 weights").
                 p, tokens = jax.lax.optimization_barrier((params, tokens)) if tokens.shape[0] == 1 else (params, tokens)
                 logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table)
-                out, state = smp.sample(logits, sparams, state, active, allowed, branches)
+                out, state = smp.sample(logits, sparams, state, active, None, branches)
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
@@ -303,17 +303,32 @@ class Runner:
             state = jax.tree.map(lambda full, x: full.at[:nb].set(x), state, part)
             return cache, state, outs, drawn.at[:nb].set(jnp.where(active, last, drawn[:nb]))
 
-        @functools.partial(jax.jit, static_argnames=("steps", "branches"), donate_argnums=(1, 2, 9))
-        def decode(params, cache, state, sparams, tokens, positions, active, table, allowed, drawn, fresh, steps,
+        @functools.partial(jax.jit, static_argnames=("steps", "branches"), donate_argnums=(1, 2, 8))
+        def decode(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, steps,
                    branches="cond"):
             # each active row's last token goes to its slot of `drawn`: the next step may take it as its input before
             # the host has read these outputs back (`Runner.decode`'s `fresh`)
             self.compiles += 1
-            fn = over_shards(functools.partial(decode_shard, steps=steps, branches=branches), (rep, kv, *(rows,) * 9),
+            fn = over_shards(functools.partial(decode_shard, steps=steps, branches=branches), (rep, kv, *(rows,) * 8),
                              (kv, rows, P(None, "data"), rows))
-            cache, state, outs, drawn = fn(params, cache, state, sparams, tokens, positions, active, table, allowed,
-                                           drawn, fresh)
+            cache, state, outs, drawn = fn(params, cache, state, sparams, tokens, positions, active, table, drawn,
+                                           fresh)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered), drawn
+
+        def logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh):
+            # one decode step's forward pass: each active row's logits go to its row of `last`, for `draw`
+            nb = tokens.shape[0]
+            tokens = jnp.where(fresh, drawn[:nb], tokens)
+            logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
+            dest = jnp.where(active, jnp.arange(nb), last.shape[0])  # inactive rows: past the slots, dropped
+            return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
+
+        logits_shard = over_shards(logits_shard, (rep, kv, *(rows,) * 7), (kv, rows))
+
+        @functools.partial(jax.jit, donate_argnums=(1, 2))
+        def decode_logits(params, cache, last, tokens, positions, active, table, drawn, fresh):
+            self.compiles += 1
+            return logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh)
 
         def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, branches):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
@@ -407,9 +422,9 @@ class Runner:
         self._first = AOT(first_tokens, "first", sampler_ns)
         self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
-        self._flat = AOT(flat_step, "flat", ns)
+        self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
-                               self._flat)
+                               self._flat, self._logits)
 
     @property
     def cache(self) -> KVCache:
@@ -433,8 +448,8 @@ class Runner:
         draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length (on an
         accelerator, for every attended length, and of one step too: a decode compiled there mid-serve stalls every
         stream for seconds). `full`: every attended length for decode and prefill too (minutes the first time, seconds
-        once the caches hold them). `constrained`: decode of one step too (structured output runs one step per
-        dispatch, and so does decoding while long prompts are prefilled)."""
+        once the caches hold them). `constrained`: decode of one step too (decoding while long prompts are
+        prefilled runs one step per dispatch), and the forward pass of one (`decode_logits`: structured output)."""
         jobs = self.first_jobs()
         for size in self.prefill_buckets if not self.flat else ():
             budget = max(self.rc.max_prefill_tokens, size)
@@ -453,6 +468,7 @@ class Runner:
             widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
             jobs += [self._decode_job(self.dp * b, attend, k, v) for attend in widths for k in steps
                      for v in self.variants]
+            jobs += [self._logits_job(self.dp * b, attend) for attend in widths if constrained]
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w), v) for b in self.batch_buckets
@@ -508,8 +524,13 @@ class Runner:
 
     def _decode_job(self, nb: int, attend: int, steps: int, branches: str = "cond") -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
-                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.all_allowed[:nb],
-                               self.drawn, np.zeros(nb, bool)), dict(steps=steps, branches=branches))
+                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
+                               np.zeros(nb, bool)), dict(steps=steps, branches=branches))
+
+    def _logits_job(self, nb: int, attend: int) -> Job:
+        return (self._logits, (self.model.params, self.cache_shape, self.last_logits, _i32(nb), _i32(nb),
+                               np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
+                               np.zeros(nb, bool)), {})
 
     def _verify_job(self, nb: int, attend: int, branches: str = "cond") -> Job:
         w = self.rc.draft_tokens + 1
@@ -642,7 +663,7 @@ class Runner:
         """One flat step (`RunnerConfig.flat_step`): compute `(slot, table row, tokens, start)` items
         (`tokens[start:]`: prompts and chunks within the step's budget) and, for `riders` (`(slot, table row, token,
         position)`: running choices, each a sequence of one token), the next logits, in one forward pass over their
-        tokens one after another. Every sequence's last logits go to `last_logits[slot]`: `first_tokens` draws the
+        tokens one after another. Every sequence's last logits go to `last_logits[slot]`: `draw` draws the
         riders' next tokens with the prompts' first ones. A rider's token None: its last drawn token, still on the
         devices (`drawn`)."""
         seqs = [(slot, table, tokens[start:], start) for slot, table, tokens, start in items]
@@ -723,16 +744,16 @@ class Runner:
         states = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))), *states)
         self.state, self.params = self._set_rows(self.state, self.params, idx, states, smp.SamplerParams(**settings))
 
-    def first_tokens(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> Dispatched:
-        """Sample the first token of newly admitted slots, each from the prefill logits of the slot `sources` names
-        for it (the choices of one request share its prompt's: `last_logits` rows). The sampler runs on those rows
-        alone, at the smallest batch bucket holding each shard's share. `allowed`: `[slots, W]` bitmasks (see
-        `sampler.sample`). Returns at once; `.result()` waits for the outputs, indexed by slot. The tokens also go
-        to `drawn`, for a next step dispatched before they are read back."""
+    def draw(self, sources: dict[int, int], allowed: np.ndarray | None = None) -> Dispatched:
+        """Draw a token for slots, each from the logits a prefill or `decode_logits` left in the row of the slot
+        `sources` names for it (the first tokens of one request's choices share its prompt's). The sampler runs on
+        those rows alone, at the smallest batch bucket holding each shard's share. `allowed`: `[slots, W]` bitmasks
+        (see `sampler.sample`). Returns at once; `.result()` waits for the outputs, indexed by slot. The tokens also
+        go to `drawn`, for a next step dispatched before they are read back."""
         slots = sorted(sources)
         drawn = set(sources.values())
         if not drawn <= self.drawable or any(self.shard_of(sources[s]) != self.shard_of(s) for s in slots):
-            raise ValueError(f"first_tokens: no prefill logits in this shard for {sources}")
+            raise ValueError(f"draw: no logits to draw from in this shard for {sources}")
         self.drawable -= drawn
         mine = [[s for s in slots if self.shard_of(s) == d] for d in range(self.dp)]
         k = bucket(max(map(len, mine)), self.batch_buckets)
@@ -782,25 +803,39 @@ class Runner:
         """The batch bucket (rows per shard) a call over `slots` takes."""
         return bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
-               steps: int, allowed: np.ndarray | None = None, fresh: np.ndarray | None = None) -> Dispatched:
-        """Dispatch `steps` decode steps over the smallest batch bucket holding every active slot of each shard,
-        each reading the pages of its `tables` row (`allowed`: `[slots, W]` bitmasks, for one step). Returns at once;
-        `.result()` waits for the outputs, stacked `[steps, slots, ...]` as numpy, indexed by slot. `fresh` (`[slots]`
-        bool): rows whose input is their last drawn token still on the devices (`drawn`, written by the call that
-        drew it; `tokens` is ignored there): the engine dispatches a step before reading back the one before it."""
+    def _step_inputs(self, tokens, positions, active, tables, steps: int, fresh) -> tuple:
+        """A decode call's rows (the smallest batch bucket holding every active slot of each shard) and its inputs:
+        tokens, positions, active rows, page tables at the attended width, and `fresh` rows."""
         nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
         positions, active = positions[rows], active[rows]
         fresh = np.zeros(len(rows), bool) if fresh is None else fresh[rows] & active
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
-        branches = self.branches_for(rows[active], allowed)
-        self.cache, self.state, outs, self.drawn = self._decode(
-            self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
-            positions.astype(np.int32), active, self.table(tables[rows], attend),
-            (self.all_allowed if allowed is None else allowed)[rows], self.drawn, fresh, steps=steps, branches=branches)
+        return rows, (tokens[rows].astype(np.int32), positions.astype(np.int32), active,
+                      self.table(tables[rows], attend), self.drawn, fresh)
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
+               steps: int, fresh: np.ndarray | None = None) -> Dispatched:
+        """Dispatch `steps` decode steps over the smallest batch bucket holding every active slot of each shard,
+        each reading the pages of its `tables` row. Returns at once; `.result()` waits for the outputs, stacked
+        `[steps, slots, ...]` as numpy, indexed by slot. `fresh` (`[slots]` bool): rows whose input is their last
+        drawn token still on the devices (`drawn`, written by the call that drew it; `tokens` is ignored there): the
+        engine dispatches a step before reading back the one before it."""
+        rows, inputs = self._step_inputs(tokens, positions, active, tables, steps, fresh)
+        branches = self.branches_for(rows[inputs[2]], None)
+        self.cache, self.state, outs, self.drawn = self._decode(self.model.params, self.cache, self.state, self.params,
+                                                                *inputs, steps=steps, branches=branches)
         return Dispatched(outs, rows, self, axis=1)
+
+    def decode_logits(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
+                      fresh: np.ndarray | None = None) -> None:
+        """Dispatch one decode step's forward pass (arguments as `decode`'s): each active slot's logits go to its
+        row of `last_logits`, for `draw` to draw from, so the host can fill grammar masks for the draw while
+        the devices run the model (SGLang's overlap of grammar and forward)."""
+        rows, inputs = self._step_inputs(tokens, positions, active, tables, 1, fresh)
+        self.drawable |= set(rows[inputs[2]].tolist())
+        self.cache, self.last_logits = self._logits(self.model.params, self.cache, self.last_logits, *inputs)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
                tables: np.ndarray, allowed: np.ndarray | None = None) -> tuple[smp.SampleOut, np.ndarray]:

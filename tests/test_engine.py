@@ -304,15 +304,19 @@ def test_a_thinking_budget_far_from_its_end_leaves_the_engine_ahead_and_unmasked
     eng, steps = llm.engine, llm.engine.runner.rc.decode_steps
     budget, close = 3 * steps + 2, 40000
     params = SamplingParams(temperature=0.8, seed=5, max_tokens=budget + 6, ignore_eos=True)
-    calls, decode = [], eng.runner.decode
+    calls, runner = [], eng.runner
+    real = {name: getattr(runner, name) for name in ("decode", "decode_logits", "draw")}
 
-    def recorded(tokens, positions, active, tables, steps, allowed, fresh):
-        calls.append((steps, allowed is not None))
-        return decode(tokens, positions, active, tables, steps, allowed, fresh)
+    def recorded(name):
+        def call(*args):
+            calls.append((name, args[4] if name == "decode" else args[1] is not None if name == "draw" else 1))
+            return real[name](*args)
+        return call
 
     got = {}
-    eng.runner.decode = recorded
     try:
+        for name in real:
+            setattr(runner, name, recorded(name))
         for overlap in (True, False):
             eng.overlap, ahead = overlap, eng.ahead
             calls.clear()
@@ -322,11 +326,16 @@ def test_a_thinking_budget_far_from_its_end_leaves_the_engine_ahead_and_unmasked
                 eng.step()
             got[overlap] = req.choices[0].token_ids, eng.ahead - ahead, list(calls)
     finally:
-        eng.overlap, eng.runner.decode = True, decode
+        eng.overlap = True
+        for name, fn in real.items():
+            setattr(runner, name, fn)
     tokens, ahead, calls = got[True]
     assert tokens == got[False][0] and tokens[budget] == close and close not in tokens[:budget]
     assert ahead >= 2 and got[False][1] == 0  # decodes dispatched before the tokens before them were read back
-    assert (steps, False) in calls and all(n == 1 for n, masked in calls if masked), calls  # masks near the end only
+    # full decodes while the end is far, one-step forward passes near it (a draw each), and one mask: the close tag's
+    at = calls.index(("draw", True))
+    assert ("decode", steps) in calls and calls.count(("draw", True)) == 1 and calls[at - 1] == ("decode_logits", 1)
+    assert 1 <= calls.count(("decode_logits", 1)) <= steps, calls
 
 
 def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm):

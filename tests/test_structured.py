@@ -102,6 +102,56 @@ def test_free_greedy_output_is_unchanged_beside_constrained_ones(llm):
         _valid(r.choices[0].text, PERSON)
 
 
+def test_constrained_steps_fill_masks_while_the_forward_pass_runs(llm):
+    """A batch with constrained rows dispatches each step's forward pass before reading the last tokens back, fills
+    the masks meanwhile and draws under them; the tokens (sampled, with logprobs) equal those of the engine that
+    reads every draw back first, each constrained reply validates, and the free rows run full decodes again once the
+    constrained ones end."""
+    eng, runner = llm.engine, llm.engine.runner
+    grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
+    calls, real = [], {name: getattr(runner, name) for name in ("decode", "decode_logits", "draw")}
+
+    def recorded(name):
+        def call(*args):
+            calls.append(name if name != "decode" else (name, args[4]))
+            return real[name](*args)
+        return call
+
+    got, ahead = {}, {}
+    try:
+        for name in real:
+            setattr(runner, name, recorded(name))
+        for overlap in (True, False):
+            eng.overlap, before = overlap, eng.ahead
+            calls.clear()
+            reqs = [eng.make_request(eng.tok.encode("A person as JSON:"),
+                                     SamplingParams(temperature=1.0, seed=i, max_tokens=60, logprobs=True),
+                                     grammar=grammar, prompt_cache_max_len=0) for i in range(3)]
+            reqs += [eng.make_request(eng.tok.encode("The capital of France is"),  # no cached prefix: the same logits
+                                      SamplingParams(temperature=0.8, seed=9, max_tokens=70, ignore_eos=True),
+                                      prompt_cache_max_len=0)]
+            for r in reqs:
+                eng.add(r)
+            while eng.has_work():
+                eng.step()
+            got[overlap] = [(r.choices[0].token_ids, [lp for _, lp, _ in r.choices[0].logprobs or []]) for r in reqs]
+            ahead[overlap] = eng.ahead - before
+            for r in reqs[:3]:
+                _valid(r.choices[0].text, PERSON)
+            if overlap:
+                seen = list(calls)
+    finally:
+        eng.overlap = True
+        for name, fn in real.items():
+            setattr(runner, name, fn)
+    assert [t for t, _ in got[True]] == [t for t, _ in got[False]]
+    for (_, a), (_, b) in zip(got[True], got[False]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert ahead[True] >= 10 and ahead[False] == 0  # forward passes dispatched before the last tokens were read
+    longest = max(len(t) for t, _ in got[True][:3])
+    assert seen.count("decode_logits") >= longest - 2 and ("decode", runner.rc.decode_steps) in seen, seen
+
+
 @pytest.mark.parametrize("fmt,needle", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}, "type must be a string"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": []}}},
