@@ -176,7 +176,8 @@ def _truncate_sorted(sz: jax.Array, lse_all: jax.Array, vocab: int, p: SamplerPa
     e = jnp.exp(rel)
     k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)
     kth = jnp.take_along_axis(sz, jnp.clip(k - 1, 0, n - 1)[:, None], axis=1)
-    keep = (sz >= kth) | (k[:, None] > n)
+    # excluded tokens (-inf: a grammar's mask, a -inf bias) never survive, though top_k may reach past the rest
+    keep = ((sz >= kth) | (k[:, None] > n)) & (sz > NEG_INF)
     # top_p over the distribution left by top_k: each candidate's mass before it, and (the last column) the mass top_k
     # left, whose log is the normaliser unless top_k does not cut (then it is over all tokens).
     sums = prefix_sums(jnp.where(keep, e, 0.0), exclusive=True, total=True)

@@ -183,6 +183,38 @@ def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(ll
     assert all(r == 0 for r in tight.sched.pools[0].refs)
 
 
+def test_constrained_and_free_requests_preempted_keep_their_tokens(llm, tight):
+    """Masked steps (forward pass, masks, draw) under preemption: JSON-constrained requests beside free ones in a pool
+    too small for them keep the tokens a big pool gives them, every constrained reply parses, and no page leaks."""
+    import json
+
+    from engine.grammar import grammar_text
+
+    grammar = grammar_text({"type": "json_object"})
+    prompts = [unique_prefix(400 + i, 32) for i in range(20)]
+    params = [SamplingParams(temperature=1.0, top_k=10, seed=i, max_tokens=40, ignore_eos=i % 2 == 1)
+              for i in range(20)]
+
+    def run(eng):
+        reqs = [eng.make_request(p, q, grammar=grammar if i % 2 == 0 else None, prompt_cache_max_len=0)
+                for i, (p, q) in enumerate(zip(prompts, params))]
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+            eng.sched.pools[0].check()
+        return reqs
+
+    before = tight.sched.preemptions
+    got, want = run(tight), run(llm.engine)
+    assert tight.sched.preemptions > before and llm.engine.sched.preemptions == 0
+    assert [r.choices[0].token_ids for r in got] == [r.choices[0].token_ids for r in want]
+    for r in got[::2]:
+        assert isinstance(json.loads(r.choices[0].text), dict), r.choices[0].text
+    assert all(len(r.choices[0].token_ids) == 40 for r in got[1::2])
+    assert all(r == 0 for r in tight.sched.pools[0].refs) and len(tight.sched.free) == tight.runner.slots
+
+
 def test_eviction_under_a_small_pool_keeps_serving_correctly(llm, tight):
     first = unique_prefix(300, 100)
     want = llm.generate([first], GREEDY, prompt_cache_max_len=0)

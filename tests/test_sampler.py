@@ -107,6 +107,37 @@ def test_random_chains_in_one_batch_match_transformers_on_both_paths():
         assert np.array_equal(keep[i], np.isfinite(x[0].numpy())), (i, k, top_p, min_p, typ)
 
 
+def test_a_mask_leaving_fewer_tokens_than_a_cut_keeps_transformers_set_and_draws_an_allowed_token():
+    """A grammar's mask may leave fewer tokens than top_k asks for (a JSON object's first token: `{` and a few
+    more). Every truncation then keeps transformers' set of the masked logits, and every variant draws an allowed
+    token (top_k 10 over 3 allowed tokens drew token 0: the excluded candidates made the statistics NaN)."""
+    rng = np.random.default_rng(11)
+    settings = [dict(top_k=10), dict(top_k=100), dict(top_p=0.9), dict(typical_p=0.9), dict(min_p=0.05),
+                dict(top_k=20, top_p=0.95), dict(top_k=5, typical_p=0.5)]
+    rows = [(st, n) for st in settings for n in (1, 3, 9, 40)]
+    b = len(rows)
+    logits = (rng.standard_normal((b, V)) * 3).astype(np.float32)
+    mask = np.zeros((b, V), bool)
+    for i, (_, n) in enumerate(rows):
+        mask[i, rng.choice(V, n, replace=False)] = True
+    z = np.where(mask, logits, -np.inf).astype(np.float32)
+    neutral = smp.neutral_params(1, V)
+    procs = dict(top_k=TopKLogitsWarper, top_p=TopPLogitsWarper, min_p=MinPLogitsWarper, typical_p=TypicalLogitsWarper)
+    p, state = _keyed(b, temperature=[1.0] * b, **{n: [st.get(n, neutral[n][0]) for st, _ in rows] for n in procs})
+    keep = np.asarray(smp.truncation_mask(jnp.asarray(z), p))
+    for i, (st, n) in enumerate(rows):
+        x = torch.tensor(z[i][None])
+        for name, value in st.items():
+            x = procs[name](value)(torch.zeros((1, 1), dtype=torch.long), x)
+        assert np.array_equal(keep[i] & mask[i], np.isfinite(x[0].numpy())), (st, n)
+    words = np.pad(np.packbits(mask, axis=1, bitorder="little"), ((0, 0), (0, 3))).view("<i4")  # bit t % 32 of t // 32
+    for branches in ("cond", "select"):
+        outs, _, _ = _steps(branches, jnp.asarray(np.stack([logits] * 3)), p, state, jnp.asarray(words))
+        for out in outs:
+            assert mask[np.arange(b), out.token].all(), (branches, [rows[i] for i in np.flatnonzero(
+                ~mask[np.arange(b), out.token])])
+
+
 def test_repetition_penalty_matches_transformers():
     rng = np.random.default_rng(2)
     logits = (rng.standard_normal((2, V)) * 3).astype(np.float32)
