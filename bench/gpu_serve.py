@@ -240,6 +240,8 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
                       device_call_seconds=llm.engine.runner.device_seconds() - waited,
                       decodes_ahead=llm.engine.ahead - ahead)
         print(f"  engine alone, {n} concurrent: {out[n]}", flush=True)
+    out["structured"] = structured(llm.engine, args, sorted(levels)[len(levels) // 2], params)
+    print(f"  engine alone, structured output: {out['structured']}", flush=True)
     top = max(levels)  # the top level once more under the profiler: what the devices did between programs
     t = time.perf_counter()
     res, fig = traced(lambda: llm.generate(prompts(top, args.prompt, top + 1), params), os.path.join(args.out, "trace"))
@@ -247,6 +249,31 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
                         read_s=time.perf_counter() - t - fig["wall_s"])
     print(f"  engine alone, {top} concurrent, traced: {summary(fig)}", flush=True)
     return out
+
+
+RECORD = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"},
+                         "city": {"type": "string", "maxLength": 40}}}
+
+
+def structured(eng, args, n: int, params) -> dict:
+    """`n` concurrent requests, one in eight under a JSON schema (each step's masks are filled while its forward pass
+    runs): the free requests' tok/s and the share of wall time the engine thread spent in device calls."""
+    from engine.grammar import grammar_text
+
+    grammar = grammar_text({"type": "json_schema", "json_schema": RECORD})
+    reqs = [eng.make_request(p, params, grammar=grammar if i % 8 == 0 else None)
+            for i, p in enumerate(prompts(n, args.prompt, 3 * n + 7))]
+    waited, t = eng.runner.device_seconds(), time.perf_counter()
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    wall = time.perf_counter() - t
+    free = sum(len(r.choices[0].token_ids) for i, r in enumerate(reqs) if i % 8)
+    return dict(level=n, free_tok_s=free / wall, free_rows=sum(1 for i in range(n) if i % 8), wall=wall,
+                device_call_seconds=eng.runner.device_seconds() - waited,
+                constrained_tokens=[len(r.choices[0].token_ids) for r in reqs[::8]])
 
 
 def environment() -> str:
@@ -276,6 +303,13 @@ def table(res: dict, args) -> str:
         share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
         lines.append(f"| engine thread in device calls at {n}, share of wall time | {share(h)} | {share(a)} | | "
                      f"{'> 95% (idle < 5%)' if n == max(args.levels) else ''} |")
+    st = alone.get("structured")
+    if st:
+        plain = alone.get(st["level"], {}).get("tok_s")
+        ratio = f" ({st['free_tok_s'] / (plain * st['free_rows'] / st['level']):.2f}x of free alone)" if plain else ""
+        lines.append(f"| {st['level']} concurrent, one in eight under a JSON schema: the free ones' tok/s; engine "
+                     f"thread in device calls | | {st['free_tok_s']:,.1f}{ratio}; "
+                     f"{st['device_call_seconds'] / st['wall']:.1%} | | |")
     tr = alone.get("trace")
     if tr:
         busy = " / ".join(f"{tr[k]:.1%}" if tr.get(k) is not None else "-" for k in ("programs", "kernels"))

@@ -38,6 +38,17 @@ def test_json_schema_outputs_always_validate(client, fmt):
             _valid(c.message.content, PERSON)
 
 
+def test_a_grammar_holds_under_top_k(client):
+    """top_k past what the mask leaves (five tokens begin "yes" or "no"), with no top_p to cut the excluded ones
+    first, keeps the allowed tokens alone (it drew token 0, an end of text, for every choice)."""
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, top_p=1.0, seed=4, n=3,
+                                       max_tokens=40, response_format={"type": "grammar", "grammar": GBNF},
+                                       extra_body={"top_k": 40})
+    for c in r.choices:
+        assert re.fullmatch(r"(yes|no) because [a-z]{1,12}", c.message.content), c.message.content
+        assert c.finish_reason == "stop"
+
+
 def test_json_object_parses(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=200,
                                        response_format={"type": "json_object"})
