@@ -218,10 +218,10 @@ class Runner:
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.by_row)
         self.params = jax.device_put(smp.SamplerParams(**smp.neutral_params(self.slots, vocab)), self.by_row)
         self.all_allowed = np.full((self.slots, (vocab + 31) // 32), -1, np.int32)  # bitmasks of free rows
-        # each slot's last prefill's last logits, written by the prefill programs and read by the first draw, so
-        # neither the host nor an eager op touches them (a slot's row is valid from its prefill to its first draw)
+        # each slot's next logits, written by the prefill programs (a prompt's last) and `decode_logits` (a masked
+        # step's) and read by `draw`, so neither the host nor an eager op touches them (a row is valid until drawn)
         self.last_logits = jax.device_put(jnp.zeros((self.slots, vocab), jnp.float32), self.by_row)
-        self.drawable: set[int] = set()  # slots whose `last_logits` row holds a prefill's logits not drawn from yet
+        self.drawable: set[int] = set()  # slots whose `last_logits` row holds logits not drawn from yet
         # each slot's last drawn token, on the devices: written by every decode and first draw, read by the next
         # decode or flat step for the rows the host has not read back yet (`fresh`, `from_drawn`), so the engine can
         # dispatch a step before reading back the one before it

@@ -1,5 +1,6 @@
 """Test helpers: run our model's full-sequence logits, prompts no other test shares, and HF reference pieces."""
 
+import contextlib
 import functools
 import re
 
@@ -38,12 +39,13 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
 
 
-def run_all(eng, prompts, params, predictions=None, **request):
+def run_all(eng, prompts, params, predictions=None, grammars=None, **request):
     """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
-    order. `predictions`: each prompt's (speculative decoding), or None; `request`: more arguments of
-    `Engine.make_request` (a grammar), the same for every prompt."""
-    predictions = predictions or [None] * len(prompts)
-    reqs = [eng.make_request(p, q, prediction=pred, **request) for p, q, pred in zip(prompts, params, predictions)]
+    order. `predictions` and `grammars`: each prompt's (speculative decoding; structured output), or None; `request`:
+    more arguments of `Engine.make_request`, the same for every prompt."""
+    predictions, grammars = predictions or [None] * len(prompts), grammars or [None] * len(prompts)
+    reqs = [eng.make_request(p, q, prediction=pred, grammar=g, **request)
+            for p, q, pred, g in zip(prompts, params, predictions, grammars)]
     for r in reqs:
         eng.add(r)
     while eng.has_work():
@@ -60,3 +62,24 @@ def host_decided(text: str) -> list[str]:
                r"\s*(%\S+) = stablehlo.compare\s+LT, %iterArg\S*, \1,.*\n\s*stablehlo.return \2 ")
     return (re.findall(r"stablehlo.(?:case|if)\b", text) +
             [c for c in loops if not re.fullmatch(counted + r".*", c, re.S)])
+
+
+@contextlib.contextmanager
+def recording(obj, names):
+    """Record each call of `obj`'s methods `names` as `(name, args)` in the list it yields; the methods run as before
+    and are restored on exit."""
+    calls = []
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            calls.append((name, args))
+            return fn(*args, **kwargs)
+        return call
+
+    for name in names:
+        setattr(obj, name, wrap(name, getattr(obj, name)))
+    try:
+        yield calls
+    finally:
+        for name in names:
+            delattr(obj, name)

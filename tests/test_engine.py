@@ -7,7 +7,7 @@ import pytest
 
 from engine import SamplingParams
 from engine.llm import encode_chat
-from helpers import host_decided
+from helpers import host_decided, recording
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 OTHERS = [
@@ -304,31 +304,22 @@ def test_a_thinking_budget_far_from_its_end_leaves_the_engine_ahead_and_unmasked
     eng, steps = llm.engine, llm.engine.runner.rc.decode_steps
     budget, close = 3 * steps + 2, 40000
     params = SamplingParams(temperature=0.8, seed=5, max_tokens=budget + 6, ignore_eos=True)
-    calls, runner = [], eng.runner
-    real = {name: getattr(runner, name) for name in ("decode", "decode_logits", "draw")}
-
-    def recorded(name):
-        def call(*args):
-            calls.append((name, args[4] if name == "decode" else args[1] is not None if name == "draw" else 1))
-            return real[name](*args)
-        return call
-
     got = {}
-    try:
-        for name in real:
-            setattr(runner, name, recorded(name))
-        for overlap in (True, False):
-            eng.overlap, ahead = overlap, eng.ahead
-            calls.clear()
-            req = eng.make_request(list(range(60, 90)), params, thinking=Budget(budget, 39999, close, opened=True))
-            eng.add(req)
-            while eng.has_work():
-                eng.step()
-            got[overlap] = req.choices[0].token_ids, eng.ahead - ahead, list(calls)
-    finally:
-        eng.overlap = True
-        for name, fn in real.items():
-            setattr(runner, name, fn)
+    with recording(eng.runner, ("decode", "decode_logits", "draw")) as calls:
+        try:
+            for overlap in (True, False):
+                eng.overlap, ahead = overlap, eng.ahead
+                calls.clear()
+                req = eng.make_request(list(range(60, 90)), params, thinking=Budget(budget, 39999, close, opened=True))
+                eng.add(req)
+                while eng.has_work():
+                    eng.step()
+                # each call: a decode's steps, whether a draw is masked, a forward pass of one step
+                seen = [(name, args[4] if name == "decode" else args[1] is not None if name == "draw" else 1)
+                        for name, args in calls]
+                got[overlap] = req.choices[0].token_ids, eng.ahead - ahead, seen
+        finally:
+            eng.overlap = True
     tokens, ahead, calls = got[True]
     assert tokens == got[False][0] and tokens[budget] == close and close not in tokens[:budget]
     assert ahead >= 2 and got[False][1] == 0  # decodes dispatched before the tokens before them were read back

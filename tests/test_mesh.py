@@ -82,15 +82,17 @@ def weight_layout(model) -> dict:
 
 def ask_all(url: str, model: str) -> list:
     """10 concurrent completions of 8 tokens (odd ones greedy, even ones seeded at temperature 0.9, every fifth with
-    n = 2: 12 choices); each request's choices' token ids."""
+    n = 2: 12 choices; two greedy ones under a grammar, so steps draw under masks); each request's choices' token
+    ids."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
 
     def ask(i):
+        grammar = {"response_format": {"type": "grammar", "grammar": "root ::= [a-z ]{40,60}"}} if i % 4 == 3 else {}
         r = client.completions.create(model=model, prompt=f"Item {i}: the {'cat dog sun'.split()[i % 3]}" + " and" * i,
                                       max_tokens=8, temperature=0 if i % 2 else 0.9, seed=i, n=1 + (i % 5 == 0),
-                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+                                      extra_body={"ignore_eos": True, "return_token_ids": True, **grammar})
         return [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)]
 
     with ThreadPoolExecutor(REQUESTS) as ex:

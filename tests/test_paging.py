@@ -195,18 +195,10 @@ def test_constrained_and_free_requests_preempted_keep_their_tokens(llm, tight):
     params = [SamplingParams(temperature=1.0, top_k=10, seed=i, max_tokens=40, ignore_eos=i % 2 == 1)
               for i in range(20)]
 
-    def run(eng):
-        reqs = [eng.make_request(p, q, grammar=grammar if i % 2 == 0 else None, prompt_cache_max_len=0)
-                for i, (p, q) in enumerate(zip(prompts, params))]
-        for r in reqs:
-            eng.add(r)
-        while eng.has_work():
-            eng.step()
-            eng.sched.pools[0].check()
-        return reqs
-
+    grammars = [grammar if i % 2 == 0 else None for i in range(20)]
     before = tight.sched.preemptions
-    got, want = run(tight), run(llm.engine)
+    got, want = (run_all(eng, prompts, params, grammars=grammars, prompt_cache_max_len=0)
+                 for eng in (tight, llm.engine))
     assert tight.sched.preemptions > before and llm.engine.sched.preemptions == 0
     assert [r.choices[0].token_ids for r in got] == [r.choices[0].token_ids for r in want]
     for r in got[::2]:

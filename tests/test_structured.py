@@ -10,6 +10,7 @@ import pytest
 
 from engine import SamplingParams
 from engine.grammar import grammar_text
+from helpers import recording
 
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "Describe a person as JSON with a name, an age and a favourite colour."}]
@@ -120,41 +121,32 @@ def test_constrained_steps_fill_masks_while_the_forward_pass_runs(llm):
     constrained ones end."""
     eng, runner = llm.engine, llm.engine.runner
     grammar = grammar_text({"type": "json_schema", "json_schema": PERSON})
-    calls, real = [], {name: getattr(runner, name) for name in ("decode", "decode_logits", "draw")}
-
-    def recorded(name):
-        def call(*args):
-            calls.append(name if name != "decode" else (name, args[4]))
-            return real[name](*args)
-        return call
-
     got, ahead = {}, {}
-    try:
-        for name in real:
-            setattr(runner, name, recorded(name))
-        for overlap in (True, False):
-            eng.overlap, before = overlap, eng.ahead
-            calls.clear()
-            reqs = [eng.make_request(eng.tok.encode("A person as JSON:"),
-                                     SamplingParams(temperature=1.0, seed=i, max_tokens=60, logprobs=True),
-                                     grammar=grammar, prompt_cache_max_len=0) for i in range(3)]
-            reqs += [eng.make_request(eng.tok.encode("The capital of France is"),  # no cached prefix: the same logits
-                                      SamplingParams(temperature=0.8, seed=9, max_tokens=70, ignore_eos=True),
-                                      prompt_cache_max_len=0)]
-            for r in reqs:
-                eng.add(r)
-            while eng.has_work():
-                eng.step()
-            got[overlap] = [(r.choices[0].token_ids, [lp for _, lp, _ in r.choices[0].logprobs or []]) for r in reqs]
-            ahead[overlap] = eng.ahead - before
-            for r in reqs[:3]:
-                _valid(r.choices[0].text, PERSON)
-            if overlap:
-                seen = list(calls)
-    finally:
-        eng.overlap = True
-        for name, fn in real.items():
-            setattr(runner, name, fn)
+    with recording(runner, ("decode", "decode_logits", "draw")) as calls:
+        try:
+            for overlap in (True, False):
+                eng.overlap, before = overlap, eng.ahead
+                calls.clear()
+                reqs = [eng.make_request(eng.tok.encode("A person as JSON:"),
+                                         SamplingParams(temperature=1.0, seed=i, max_tokens=60, logprobs=True),
+                                         grammar=grammar, prompt_cache_max_len=0) for i in range(3)]
+                # no cached prefix in either run: the same logits
+                reqs += [eng.make_request(eng.tok.encode("The capital of France is"),
+                                          SamplingParams(temperature=0.8, seed=9, max_tokens=70, ignore_eos=True),
+                                          prompt_cache_max_len=0)]
+                for r in reqs:
+                    eng.add(r)
+                while eng.has_work():
+                    eng.step()
+                got[overlap] = [(r.choices[0].token_ids, [lp for _, lp, _ in r.choices[0].logprobs or []])
+                                for r in reqs]
+                ahead[overlap] = eng.ahead - before
+                for r in reqs[:3]:
+                    _valid(r.choices[0].text, PERSON)
+                if overlap:
+                    seen = [name if name != "decode" else (name, args[4]) for name, args in calls]
+        finally:
+            eng.overlap = True
     assert [t for t, _ in got[True]] == [t for t, _ in got[False]]
     for (_, a), (_, b) in zip(got[True], got[False]):
         assert a == pytest.approx(b, abs=1e-5)
