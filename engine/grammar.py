@@ -123,7 +123,7 @@ class Grammars:
         self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]
-        self.closers = _closers(self.texts)
+        *self.closers, self.blank = _closers(self.texts)
 
     def check(self, grammar: str, param: str = "response_format") -> str:
         """Validate a grammar against the tokenizer (cached); 400 with llguidance's message if it is unusable."""
@@ -150,19 +150,21 @@ class Grammars:
         return Matcher(llguidance.LLMatcher(self.tok, grammar), self, is_json)
 
 
-def _closers(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def _closers(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Packed masks of the tokens that close JSON: outside a string `}` / `]` (with whitespace around them, not
-    whitespace alone); inside a string a `"` followed by those."""
-    outside, inside = (np.zeros((len(texts) + 31) // 32, np.uint32) for _ in range(2))
+    whitespace alone); inside a string a `"` followed by those; and of the tokens that are whitespace alone."""
+    outside, inside, blank = (np.zeros((len(texts) + 31) // 32, np.uint32) for _ in range(3))
     for t, b in enumerate(texts):
         body = b.strip()
         if not body:
+            if b:  # whitespace alone (a special token's text is empty)
+                blank[t // 32] |= np.uint32(1 << (t % 32))
             continue
         if not body.strip(b"}]"):
             outside[t // 32] |= np.uint32(1 << (t % 32))
         if b.startswith(b'"') and not b[1:].strip().strip(b"}]"):
             inside[t // 32] |= np.uint32(1 << (t % 32))
-    return outside.view(np.int32), inside.view(np.int32)
+    return outside.view(np.int32), inside.view(np.int32), blank.view(np.int32)
 
 
 class Matcher:
@@ -180,14 +182,16 @@ class Matcher:
         """Write the allowed next tokens into `row`, packed (`[vocab / 32]` int32): the tokenizer's extra ids
         beyond the model's vocabulary are cut; model ids past the tokenizer's are never allowed. `closing` (JSON,
         the token budget nearly spent) narrows them to tokens that close strings, objects and arrays, where the
-        grammar allows one, so the reply ends as valid JSON."""
+        grammar allows one, else, outside a string, to tokens that are not whitespace alone (which would only spend
+        the budget), so the reply ends as valid JSON."""
         import llguidance.numpy as lln
 
         lln.fill_next_token_bitmask(self.m, self.bits, 0)
         bits = self.bits[0]
         if closing and self.json and not self.escaped:  # after a backslash a quote would not close the string
-            closers = self.g.closers[self.in_string]
-            narrowed = bits & closers[:len(bits)]
+            narrowed = bits & self.g.closers[self.in_string][:len(bits)]
+            if not narrowed.any() and not self.in_string:
+                narrowed = bits & ~self.g.blank[:len(bits)]
             if narrowed.any() and (narrowed != bits).any():
                 bits, self.closed = narrowed, True
         n = min(len(row), len(bits))

@@ -70,6 +70,27 @@ def test_json_object_closes_within_a_tight_budget(client):
     assert "length" in reasons and reasons <= {"stop", "length"}
 
 
+def test_closing_leaves_out_whitespace_where_no_closer_is_allowed_yet(llm):
+    """Near the budget's end a JSON reply is steered to close; where the grammar allows no closer yet (after a key:
+    a colon must come), the mask also leaves out tokens of whitespace alone, which would only spend the budget."""
+    import numpy as np
+
+    eng = llm.engine
+    m = eng.grammars().matcher(grammar_text({"type": "json_object"}))
+    for t in eng.tok.encode('{"key"'):
+        m.advance(t)
+
+    def allowed(closing: bool) -> set[int]:
+        row = np.full(eng.runner.all_allowed.shape[1], -1, np.int32)
+        m.fill(row, closing)
+        return set(np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")).tolist())
+
+    free, near_end = allowed(False), allowed(True)
+    blank = {t for t in free if not eng.tok.decode([t]).strip()}
+    colon = {t for t in free if eng.tok.decode([t]).strip().startswith(":")}
+    assert blank and colon and m.closed and near_end == free - blank and colon <= near_end
+
+
 def test_gbnf_grammar(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=3, n=3, max_tokens=40,
                                        response_format={"type": "grammar", "grammar": GBNF})
