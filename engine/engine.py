@@ -317,11 +317,13 @@ class Engine:
         """Seat queued work (the scheduler's `admit`) and prefill: short prompts now, several per call; the next
         chunks of long ones (one chunk of one prompt at a time for prompt logprobs), so the streams already running
         keep flowing meanwhile. With the flat step (`Runner.flat`) they are one call, and the running choices'
-        next tokens ride in it (`riders`; not while any drafts; a rider's token not read back yet is taken on the
-        devices). Returns the work now prefilled, to install."""
+        next tokens ride in it (`riders`; not while any drafts, nor while any may need a mask: a draft and a mask
+        depend on tokens not read back yet, and a masked step fills its masks while its own forward pass runs; a
+        rider's token not read back yet is taken on the devices). Returns the work now prefilled, to install."""
         sched, tables, flat = self.sched, self.sched.tables, self.runner.flat
         self.riders = []
-        riding = flat and sched.running and all(c.drafter is None for _, c in sched.running.values())
+        riding = flat and sched.running and all(c.drafter is None and not self._masked(c, 1)
+                                                for _, c in sched.running.values())
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
             self._reserve(1, changed, done)
         admitted = sched.admit()
