@@ -548,10 +548,11 @@ class Engine:
     def _masked_step(self, batch, changed, done) -> None:
         """A step some draw of which needs a mask, which depends on the tokens in flight: dispatch the step's forward
         pass, read those tokens back and fill the masks while it runs, then dispatch the draw under them, read back
-        by the next step as first tokens are (SGLang overlaps grammar and forward so). A choice that ended in the
-        tokens read back draws nothing; its forward pass wrote past its tokens, as `_ahead` says."""
+        by the next step as a decode of one step is (SGLang overlaps grammar and forward so). A choice that ended in
+        the tokens read back draws nothing; its forward pass wrote past its tokens, as `_ahead` says."""
         slots = np.flatnonzero(batch.active).tolist()
         choices = [(slot, self.sched.running[slot][1]) for slot in slots]
+        start, programs = time.perf_counter(), self.runner.programs()
         self.runner.decode_logits(batch.tokens, batch.positions, batch.active, self.sched.tables, batch.fresh)
         self.ahead += bool(batch.fresh.any())
         self._sync(changed, done)
@@ -559,9 +560,12 @@ class Engine:
         if not live:
             return
         sources = {slot: slot for slot, _ in live}
-        self.pending.append(Inflight(self.runner.draw(sources, self._allowed(sources, 1)), live, 1))
+        out = self.runner.draw(sources, self._allowed(sources, 1))
         for _, choice in live:
             choice.lag += 1
+        # read back as a decode of one step is (timed as one: what a verify step is weighed against)
+        self.pending.append(Inflight(out, live, 1, ("decode", self.runner.rows_for(slots), 1), start,
+                                     self._prefilled or self.runner.programs() != programs))
         self.steps_run += 1
 
     def _collect(self, inf: Inflight, changed, done) -> None:
@@ -585,6 +589,8 @@ class Engine:
         if not inf.compiled:  # its device time began when it was dispatched, or when the one before it ended
             self._time(inf.key, end - max(inf.start, self._read))
         self._read = end
+        if outs.token.ndim == 1:  # a masked step's draw (`_masked_step`): one step's outputs
+            outs = dataclasses.replace(outs, **{f.name: getattr(outs, f.name)[None] for f in dataclasses.fields(outs)})
         self._take(outs, np.ones((outs.token.shape[0], self.runner.slots), bool), inf.choices, changed, done)
 
     def _seated(self, choices: list[tuple[int, Choice]]) -> list[tuple[int, Request, Choice]]:

@@ -42,8 +42,9 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
 def run_all(eng, prompts, params, predictions=None, grammars=None, **request):
     """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
     order. `predictions` and `grammars`: each prompt's (speculative decoding; structured output), or None; `request`:
-    more arguments of `Engine.make_request`, the same for every prompt."""
-    predictions, grammars = predictions or [None] * len(prompts), grammars or [None] * len(prompts)
+    more arguments of `Engine.make_request` (a `grammar` too), the same for every prompt."""
+    predictions = predictions or [None] * len(prompts)
+    grammars = grammars or [request.pop("grammar", None)] * len(prompts)  # or one for every prompt
     reqs = [eng.make_request(p, q, prediction=pred, grammar=g, **request)
             for p, q, pred, g in zip(prompts, params, predictions, grammars)]
     for r in reqs:
