@@ -804,16 +804,17 @@ class Runner:
         return bucket(max(s % self.per_shard for s in slots) + 1, self.batch_buckets)
 
     def _step_inputs(self, tokens, positions, active, tables, steps: int, fresh) -> tuple:
-        """A decode call's rows (the smallest batch bucket holding every active slot of each shard) and its inputs:
-        tokens, positions, active rows, page tables at the attended width, and `fresh` rows."""
+        """A decode call's rows (the smallest batch bucket holding every active slot of each shard), the active
+        slots among them, and its inputs: tokens, positions, active rows, page tables at the attended width, and
+        `fresh` rows."""
         nb = self.rows_for(np.flatnonzero(active).tolist())
         rows = self.call_rows(nb)
         positions, active = positions[rows], active[rows]
         fresh = np.zeros(len(rows), bool) if fresh is None else fresh[rows] & active
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
-        return rows, (tokens[rows].astype(np.int32), positions.astype(np.int32), active,
-                      self.table(tables[rows], attend), self.drawn, fresh)
+        return rows, rows[active], (tokens[rows].astype(np.int32), positions.astype(np.int32), active,
+                                    self.table(tables[rows], attend), self.drawn, fresh)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
                steps: int, fresh: np.ndarray | None = None) -> Dispatched:
@@ -822,10 +823,10 @@ class Runner:
         `[steps, slots, ...]` as numpy, indexed by slot. `fresh` (`[slots]` bool): rows whose input is their last
         drawn token still on the devices (`drawn`, written by the call that drew it; `tokens` is ignored there): the
         engine dispatches a step before reading back the one before it."""
-        rows, inputs = self._step_inputs(tokens, positions, active, tables, steps, fresh)
-        branches = self.branches_for(rows[inputs[2]], None)
+        rows, slots, inputs = self._step_inputs(tokens, positions, active, tables, steps, fresh)
         self.cache, self.state, outs, self.drawn = self._decode(self.model.params, self.cache, self.state, self.params,
-                                                                *inputs, steps=steps, branches=branches)
+                                                                *inputs, steps=steps,
+                                                                branches=self.branches_for(slots, None))
         return Dispatched(outs, rows, self, axis=1)
 
     def decode_logits(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
@@ -833,8 +834,8 @@ class Runner:
         """Dispatch one decode step's forward pass (arguments as `decode`'s): each active slot's logits go to its
         row of `last_logits`, for `draw` to draw from, so the host can fill grammar masks for the draw while
         the devices run the model (SGLang's overlap of grammar and forward)."""
-        rows, inputs = self._step_inputs(tokens, positions, active, tables, 1, fresh)
-        self.drawable |= set(rows[inputs[2]].tolist())
+        _, slots, inputs = self._step_inputs(tokens, positions, active, tables, 1, fresh)
+        self.drawable |= set(slots.tolist())
         self.cache, self.last_logits = self._logits(self.model.params, self.cache, self.last_logits, *inputs)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray, ndraft: np.ndarray, active: np.ndarray,
