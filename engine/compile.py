@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -115,6 +116,28 @@ def _store_path(namespace: str, name: str, args: tuple, statics: dict) -> str | 
     flags.append(jax.config.read("jax_disable_most_optimizations"))  # LLVM at -O0: the same results, slower code
     key = hashlib.sha256(repr((code_version(), devices, flags, namespace, name, _signature(args, statics))).encode())
     return os.path.join(_store["dir"], key.hexdigest()[:40] + ".exe")
+
+
+def kept(name: str, key: Any, make: Callable[[], Any]) -> tuple[Any, bool]:
+    """`make()`'s JSON-able result, kept in the program store under `name` and `key` (with the code version and
+    the devices, as the programs are): made once per card, code and `key`. Returns it and whether it was kept from
+    before. Without a store (or on several processes) it is made every time."""
+    path = _store_path(name, "kept", (), {"key": repr(key)})
+    if path is not None:
+        path = path[:-len(".exe")] + ".json"
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            return json.load(f), True
+    value = make()
+    if path is not None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(value, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("sparkler: program store: cannot keep %s (%s)", path, e)
+    return value, False
 
 
 def _load(path: str | None):

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine import sampler as smp
-from engine.compile import AOT, Job, shape_key
+from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
 from models import backends
 from models.backends import paged
@@ -40,6 +40,9 @@ PREFILL_BUCKETS = (1, 16, 32, 64, 128, 192, 256, 384, 512)
 BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
 FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it
+TUNE_ROWS = 16  # batch sizes the decode kernel is tuned for (`RunnerConfig.tune_kernels`): from here on, the KV
+# pages a step reads are a fair share of its bytes beside the weights (8B shape, 640 tokens: 1.3 of 15 GB at 16 rows)
+TUNE_LENGTH = 2048  # ... at each row's length: half the context, at most this many tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,10 @@ class RunnerConfig:
     # every drafted position instead of stopping once every draft has failed.
     # None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
     sampler_branches: str | None = None
+    # Time `pallas_gpu.CHOICES` of the decode kernel on the card at each batch size from `TUNE_ROWS` on and run the
+    # fastest (`Runner._tune_decode`; kept in the program store, so once per card, code and shape), with the
+    # `pallas-gpu` backend on one process. None: on a GPU (True elsewhere times the kernels interpreted: the tests).
+    tune_kernels: bool | None = None
 
 
 def platform_defaults(platform: str) -> dict:
@@ -228,6 +235,8 @@ class Runner:
         self.drawn = jax.device_put(jnp.zeros(self.slots, jnp.int32), self.by_row)
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
+        gpu = platform in ("gpu", "cuda")
+        self.decode_plan = self._tune_decode(not gpu) if (gpu if rc.tune_kernels is None else rc.tune_kernels) else {}
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
@@ -412,11 +421,13 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        # What shapes a program's trace beyond its arguments: the model and the mesh. The runner's settings only
+        # What shapes a program's trace beyond its arguments: the model, the mesh and the card's decode kernel plan
+        # (`_tune_decode`). The runner's settings only
         # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
         # anyway, so engines of one model with other settings share every program of the same shapes. The sampler's
         # programs trace nothing of the model either: any engine of the vocabulary and slots shares them.
-        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape)))
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape),
+                   sorted(self.decode_plan.items())))
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
         sampler_ns = repr(dict(mesh.shape))
         self._first = AOT(first_tokens, "first", sampler_ns)
@@ -425,6 +436,38 @@ class Runner:
         self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat, self._logits)
+
+    def _tune_decode(self, interpret: bool = False) -> dict:
+        """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on (the fastest of
+        `pallas_gpu.CHOICES` on this card, over this pool, at half the context up to `TUNE_LENGTH` tokens), kept in
+        the program store and installed for the programs traced after (`pallas_gpu.use`). The card's choice,
+        not a guess: session 27's H200 ran upstream's kernel at 1,036-1,383 GB/s by its settings alone. Not on
+        several processes (each would time its own and could trace other programs)."""
+        from models.backends import pallas_gpu
+
+        cfg = self.model.cfg
+        rows = [b for b in self.batch_buckets if b >= TUNE_ROWS]
+        if self.model.module.backend != "pallas-gpu" or not rows or jax.process_count() > 1:
+            return {}
+        k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))  # one shard's pool
+        length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
+        t0 = time.perf_counter()
+
+        def make():
+            plan, times = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, interpret=interpret)
+            for b in rows:  # every choice's time, for the docs (a choice missing was refused)
+                kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
+                log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
+                         kv / min(times[b].values()) / 1e9,
+                         "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
+            return {str(b): dataclasses.asdict(c) for b, c in plan.items()}
+
+        kept, was = kept_result("decode-plan", (k.shape, str(k.dtype), cfg.num_heads, tuple(rows), length), make)
+        plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
+        pallas_gpu.use(k.shape, plan)
+        log.info("decode attention plan %s in %.1f s: %s", "kept from before" if was else "timed on this card",
+                 time.perf_counter() - t0, "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
+        return plan
 
     @property
     def cache(self) -> KVCache:

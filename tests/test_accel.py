@@ -3,6 +3,7 @@ bfloat16 against float32, and scanned layers against unrolled ones."""
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,7 @@ def test_gpu_row_gather_kernel_matches_the_reference(h, kvh, d, monkeypatch):
     """`pallas_gpu.decode_rows` (interpreted) against `paged.reference`: rows of one key, both sides of page
     boundaries and the whole table, over a second layer's pages, with its default splits and with splits, blocks of
     keys smaller than a page and larger, that do not divide the table (a split past a row's length is empty); and
-    through `decode` once `DECODE_KERNEL` names it."""
+    through `decode` once a plan names it for the batch's size and pool (`pallas_gpu.use`)."""
     from models.backends import pallas_gpu
 
     rng = np.random.default_rng(h + kvh)
@@ -130,9 +131,105 @@ def test_gpu_row_gather_kernel_matches_the_reference(h, kvh, d, monkeypatch):
             q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths), interpret=True, splits=splits, keys=keys)
         np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4,
                                    err_msg=f"splits {splits}, keys {keys}")
-    monkeypatch.setattr(pallas_gpu, "DECODE_KERNEL", "rows")  # `decode` runs it when chosen
+    monkeypatch.setattr(pallas_gpu, "_tuned", {})
+    pallas_gpu.use(k.shape, {b: pallas_gpu.DecodeChoice("rows", 32, 4, 2)})  # `decode` runs it when chosen
+    assert pallas_gpu.choice_for(b, k.shape).kernel == "rows"
+    assert pallas_gpu.choice_for(b + 1, k.shape) == pallas_gpu.DEFAULT
     got = pallas_gpu.decode(q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths), interpret=True)
     np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h,kvh,d", [(8, 2, 64), (9, 3, 64)])
+def test_every_decode_choice_the_tuner_may_pick_matches_the_reference(h, kvh, d):
+    """Each of `pallas_gpu.CHOICES` (either kernel; blocks, splits, warps and stages) through `decode`, interpreted,
+    against `paged.reference`: rows of one key, both sides of page boundaries and the whole table."""
+    from models.backends import pallas_gpu
+
+    rng = np.random.default_rng(h * kvh)
+    ps, pages, n = 16, 40, 9
+    k, v = _pool(rng, kvh, d, 1, pages, ps)
+    lengths = np.array([1, 16, 17, 70, 144], np.int32)
+    b = len(lengths)
+    table = jnp.asarray(np.stack([1 + rng.permutation(pages - 1)[:n] for _ in range(b)]), jnp.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    want = np.asarray(reference(q, k, v, table, jnp.asarray(lengths - 1)[:, None], d ** -0.5))
+    assert len(set(pallas_gpu.CHOICES)) == len(pallas_gpu.CHOICES) > 5
+    for choice in pallas_gpu.CHOICES:
+        got = jitted(pallas_gpu.decode, "interpret", "choice")(q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths),
+                                                               interpret=True, choice=choice)
+        np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4,
+                                   err_msg=str(choice))
+
+
+def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run_its_choice(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """A runner with `tune_kernels` times every choice at each batch size from `TUNE_ROWS` on (here interpreted, so
+    the pick itself means nothing), keeps the plan in the program store and installs it: `decode` then traces the
+    chosen kernel for that batch size and pool (its Triton call's name, lowered for CUDA), upstream's defaults for
+    other sizes. A second runner of the same shapes takes the kept plan without timing anything."""
+    import logging
+
+    from jax import export
+
+    from engine import RunnerConfig
+    from engine import compile as aot
+    from engine.runner import Runner, TUNE_ROWS
+    from models import Model
+    from models.backends import pallas_gpu
+    from models.sharding import make_mesh
+
+    monkeypatch.setitem(aot._store, "dir", str(tmp_path))
+    monkeypatch.setattr(pallas_gpu, "_tuned", {})
+    timed = []
+    monkeypatch.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or len(timed) * 1e-3)
+    cfg = ModelConfig.from_hf(_LLAMA)
+    module = build(cfg, "pallas-gpu")
+    model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
+    rc = RunnerConfig(max_num_seqs=32, max_model_len=64, kv_cache_gb=0.01, decode_batch_sizes=(8, 16),
+                      tune_kernels=True)
+    with caplog.at_level(logging.INFO, logger="sparkler.engine"):
+        first = Runner(model, rc)
+    assert sorted(first.decode_plan) == [16, 32] and TUNE_ROWS == 16  # 8 rows: upstream's defaults
+    assert len(timed) == 2 * len(pallas_gpu.CHOICES)  # every choice compiled and timed at both sizes
+    assert all(c == pallas_gpu.CHOICES[0] for c in first.decode_plan.values())  # the fastest (timed first here)
+    pool = first.cache.k.shape
+    assert pallas_gpu.choice_for(16, pool) == first.decode_plan[16]
+    assert pallas_gpu.choice_for(8, pool) == pallas_gpu.DEFAULT
+    said = [r.getMessage() for r in caplog.records if "decode attention plan" in r.getMessage()]
+    assert len(said) == 1 and "timed on this card" in said[0]
+
+    plan = {16: pallas_gpu.DecodeChoice("rows", 32, 4, 3), 32: pallas_gpu.DEFAULT}  # as if the card had said so
+    with open(next(tmp_path.glob("*.json"))) as f:
+        kept = json.load(f)
+    with open(next(tmp_path.glob("*.json")), "w") as f:
+        json.dump(dict(kept, **{"16": dataclasses.asdict(plan[16])}), f)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sparkler.engine"):
+        second = Runner(model, rc)
+    assert second.decode_plan == plan and len(timed) == 2 * len(pallas_gpu.CHOICES)  # nothing timed again
+    assert any("kept from before" in r.getMessage() for r in caplog.records)
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for rows, name in ((16, 'name = "paged_decode_rows"'), (32, 'name = "paged_attention_'),
+                       (8, 'name = "paged_attention_')):
+        text = export.export(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(rows, cfg.num_heads, cfg.head_dim), bf16(*pool), bf16(*pool), i32(rows, 4), i32(rows)).mlir_module()
+        assert name in text, rows
+
+
+def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
+    """`pallas_gpu.tune` (interpreted here) times every choice it can compile at each batch size and picks the one
+    that took least; a choice the compiler refuses (a block of keys Triton cannot hold) is left out."""
+    from models.backends import pallas_gpu
+
+    k, v = _pool(np.random.default_rng(0), 2, 32, 1, 24, 16)
+    refused = pallas_gpu.DecodeChoice("rows", 0, 4, 2)  # no keys a step: the kernel cannot be built
+    choices = (pallas_gpu.DEFAULT, pallas_gpu.DecodeChoice("rows", 32, 4, 2), refused)
+    plan, times = pallas_gpu.tune(k, v, 8, (2, 3), 40, choices=choices, interpret=True)
+    assert sorted(plan) == [2, 3] and all(set(times[b]) == set(choices[:2]) for b in plan)
+    assert all(t > 0 for b in plan for t in times[b].values())
+    assert all(plan[b] == min(times[b], key=times[b].get) for b in plan)
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)
@@ -172,8 +269,9 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
 
 def test_gpu_kernels_lower_to_triton_for_every_family_shape():
     """The `pallas-gpu` kernels pass Pallas' Triton lowering (block shapes, loads, dots: what the interpreter does
-    not check) in bfloat16 for the 8B shape and each family's head groups, exported for CUDA from this CPU (XLA
-    compiles the Triton IR to PTX only on a GPU)."""
+    not check) in bfloat16 for the 8B shape and each family's head groups, and every choice the decode tuner may
+    time at the 8B shape's 256 rows, exported for CUDA from this CPU (XLA compiles the Triton IR to PTX only on a
+    GPU)."""
     from jax import export
 
     from models.backends import pallas_gpu
@@ -193,6 +291,11 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         rows_kernel = lower(pallas_gpu.decode_rows, platforms=["cuda"], disabled_checks=unchecked)(
             bf16(rows, h, d), pool, pool, i32(rows, n), i32(rows)).mlir_module()
         assert 'name = "paged_decode_rows"' in rows_kernel, (h, kvh, d)
+    for choice in pallas_gpu.CHOICES:  # each setting the tuner may time, at the 8B shape's 256 rows
+        pool = bf16(8, 4096, 16, 128)
+        text = lower(jax.jit(functools.partial(pallas_gpu.decode, choice=choice)), platforms=["cuda"],
+                     disabled_checks=unchecked)(bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
+        assert "xla.gpu.triton" in text, choice
 
 
 def _chunks(rng, h, kvh, d, starts, s, width, ps=16, pages=64):

@@ -1,7 +1,8 @@
 """The `pallas-gpu` attention backend over the paged KV pool: decode with JAX's Triton-based Pallas kernel
-(`jax.experimental.pallas.ops.gpu.paged_attention`) or this module's `decode_rows` (`DECODE_KERNEL`), and chunks of
+(`jax.experimental.pallas.ops.gpu.paged_attention`) or this module's `decode_rows`, and chunks of
 queries (prefill) with `ragged`, this module's own flash attention over pages for any mix of sequences and query
-counts in one flat batch.
+counts in one flat batch. Which decode kernel and settings serve a batch size is the card's to say: `tune` times
+`CHOICES` on it once (the engine keeps the plan beside its programs) and `use` installs the plan.
 
 Upstream marks the Triton-based GPU ops deprecated after JAX 0.11; their successors are the Mosaic GPU kernels and
 tokamax. This module is the only place that names the kernel, so swapping it is a one-file change.
@@ -9,18 +10,50 @@ tokamax. This module is the only place that names the kernel, so swapping it is 
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
+import os
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.backends.paged import SCRATCH
 
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel
 PROGRAMS = 264  # about two kernel programs per streaming multiprocessor of an H100 (132)
-WARPS, STAGES = 8, 2  # the decode kernel's warps per program and pipeline stages (upstream's defaults;
-# bench/gpu_launch.py times others on the card)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeChoice:
+    """How `decode` runs a batch: JAX's kernel (`upstream`: blocks of whole pages, each read as a `[pages,
+    page_size, d]` gather and reshaped; `block`: pages a block at most) or this module's `decode_rows` (`rows`: each
+    block of `block` keys one 2-D gather of pool rows), at Triton's `warps` a program and pipeline `stages`, over
+    `splits` partitions of each row's keys (0: only as many as fill the card, `splits_for`)."""
+
+    kernel: str = "upstream"
+    block: int = MAX_BLOCK
+    warps: int = 8
+    stages: int = 2
+    splits: int = 0
+
+    def __str__(self) -> str:
+        unit = "pages" if self.kernel == "upstream" else "keys"
+        return (f"{self.kernel} ({self.block} {unit} a block, {self.warps} warps, {self.stages} stages, "
+                f"{self.splits or 'filling'} splits)")
+
+
+DEFAULT = DecodeChoice()  # upstream's own warps and stages, measured on an H200 (session 27)
+# What `tune` times on the card: the default, upstream at fewer warps, smaller blocks and more splits (session 27's
+# best at 256 rows: 4 splits of 8-page blocks), and `decode_rows` at the settings `bench/triton_static.py` found to
+# keep the most programs on a multiprocessor (docs/PERFORMANCE.md, session 43).
+CHOICES = (DEFAULT, DecodeChoice(warps=4), DecodeChoice(block=4, warps=4), DecodeChoice(splits=4),
+           DecodeChoice("rows", 64, 4, 2), DecodeChoice("rows", 32, 4, 3), DecodeChoice("rows", 64, 4, 3),
+           DecodeChoice("rows", 128, 8, 2), DecodeChoice("rows", 64, 4, 2, splits=4))
+_tuned: dict[tuple, DecodeChoice] = {}  # (rows, *pool shape) -> the card's choice (`use`)
 
 
 def _pow2(n: int) -> int:
@@ -46,41 +79,90 @@ def splits_for(rows: int, kv_heads: int, pages: int) -> int:
     return _pow2_divisor(pages, _filling(rows, kv_heads))
 
 
-def decode_plan(rows: int, kv_heads: int, pages: int) -> tuple[int, int, int]:
-    """How `decode` runs a table of `pages` columns: its width padded with scratch pages past every length (so that
-    blocks of pages are powers of two), its splits and its pages per block."""
+def decode_plan(rows: int, kv_heads: int, pages: int, choice: DecodeChoice = DEFAULT) -> tuple[int, int, int]:
+    """How the upstream kernel runs a table of `pages` columns under `choice`: its width padded with scratch pages
+    past every length (so that blocks of pages are powers of two), its splits and its pages per block."""
     width = pages
     if pages % MAX_BLOCK:
         width = pages + -pages % MAX_BLOCK if pages > MAX_BLOCK else _pow2(pages)
-    splits = splits_for(rows, kv_heads, width)
-    return width, splits, _pow2_divisor(width // splits, MAX_BLOCK)
+    splits = _pow2_divisor(width, choice.splits) if choice.splits else splits_for(rows, kv_heads, width)
+    return width, splits, _pow2_divisor(width // splits, choice.block)
+
+
+def choice_for(rows: int, pool_shape: tuple) -> DecodeChoice:
+    """The choice `decode` runs for `rows` rows over a pool of `pool_shape`: the card's (`use`), else `DEFAULT`."""
+    return _tuned.get((rows, *pool_shape), DEFAULT)
+
+
+def use(pool_shape: tuple, plan: dict[int, DecodeChoice]) -> None:
+    """Make `decode` run `plan`'s choice for each batch size over a pool of `pool_shape` (programs traced after)."""
+    _tuned.update({(rows, *pool_shape): choice for rows, choice in plan.items()})
 
 
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
-           interpret: bool = False) -> jax.Array:
+           interpret: bool = False, choice: DecodeChoice | None = None) -> jax.Array:
     """Attention of one pre-scaled query per row `q [B, h, d]` over its first `lengths [B]` keys, in the pool pages
-    listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`. Runs
-    `DECODE_KERNEL`'s kernel."""
-    if DECODE_KERNEL == "rows":
-        return decode_rows(q, k_pages, v_pages, table, lengths, interpret=interpret)
+    listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`. Runs `choice`
+    (by default `choice_for` the batch: the card's, once tuned)."""
+    choice = choice or choice_for(q.shape[0], k_pages.shape)
+    if choice.kernel == "rows":
+        return decode_rows(q, k_pages, v_pages, table, lengths, interpret=interpret, splits=choice.splits or None,
+                           keys=choice.block, warps=choice.warps, stages=choice.stages)
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel
 
     n = table.shape[1]
-    width, splits, block = decode_plan(q.shape[0], k_pages.shape[0], n)
+    width, splits, block = decode_plan(q.shape[0], k_pages.shape[0], n, choice)
     if width > n:
         table = jnp.pad(table, ((0, 0), (0, width - n)), constant_values=SCRATCH)
     return kernel.paged_attention(q, k_pages, v_pages, table, lengths, k_splits=splits,
-                                  pages_per_compute_block=block, num_warps=WARPS, num_stages=STAGES,
-                                  interpret=interpret)
+                                  pages_per_compute_block=block, num_warps=choice.warps,
+                                  num_stages=choice.stages, interpret=interpret)
 
 
-# Which kernel `decode` runs: "upstream", JAX's `paged_attention` (blocks of whole pages, each read as a
-# [pages, page_size, d] gather and reshaped), or "rows", `decode_rows` (each block of keys read as one 2-D gather of
-# pool rows). Compiled for an H100 by Triton 3.9 on the CPU (`bench/triton_static.py`), `rows` fits 5 programs on a
-# multiprocessor at 64 keys a step where upstream fits 2 (its defaults; 96-248 registers a thread, from reshaping
-# its gathered pages); until a GPU has timed both (`bench/gpu_launch.py`), the serving default stays the measured one.
-DECODE_KERNEL = "upstream"
-ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`: keys per inner step, warps per program, stages
+def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int,
+         choices: tuple[DecodeChoice, ...] = CHOICES, interpret: bool = False,
+         seed: int = 0) -> tuple[dict[int, DecodeChoice], dict[int, dict[DecodeChoice, float]]]:
+    """Time each of `choices` on this card at each batch size of `rows`, every row `length` keys long in pages
+    spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
+    the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
+    A choice the compiler refuses is left out. Returns the plan and every time (seconds a call)."""
+    kvh, pages, ps, d = k_pages.shape
+    n = -(-length // ps)
+    rng = np.random.default_rng(seed)
+    plan, times = {}, {}
+    for b in rows:
+        table = jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32)  # any pages: the keys' values do not matter
+        q = jnp.asarray(rng.normal(size=(b, heads, d)), k_pages.dtype)
+        args = (q, k_pages, v_pages, table, jnp.full((b,), length, jnp.int32))
+
+        def compiled(choice):
+            fn = jax.jit(functools.partial(decode, interpret=interpret, choice=choice))
+            try:
+                return fn.lower(*args).compile()
+            except Exception:  # noqa: BLE001  (too many registers or too much shared memory for the card)
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
+            exes = dict(zip(choices, pool.map(compiled, choices)))
+        times[b] = {c: _seconds(exe, args) for c, exe in exes.items() if exe is not None}
+        plan[b] = min(times[b], key=times[b].get)
+    return plan, times
+
+
+def _seconds(exe, args, calls: int = 10, rounds: int = 3) -> float:
+    """The fastest of `rounds` mean times of `calls` back-to-back calls of `exe` (after one untimed)."""
+    jax.block_until_ready(exe(*args))
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = exe(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best
+
+
+ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`' defaults: keys per inner step, warps per program, stages
 
 
 def _rows_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, keys: int, page_size: int,
