@@ -458,7 +458,7 @@ class Runner:
             for b in rows:  # every choice's time, for the docs (a choice missing was refused)
                 kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
-                         kv / min(times[b].values()) / 1e9,
+                         kv / min(times[b].values(), default=float("inf")) / 1e9,
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
             return {str(b): dataclasses.asdict(c) for b, c in plan.items()}
 

@@ -220,7 +220,7 @@ def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run
 
 def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
     """`pallas_gpu.tune` (interpreted here) times every choice it can compile at each batch size and picks the one
-    that took least; a choice the compiler refuses (a block of keys Triton cannot hold) is left out."""
+    that took least; a choice that cannot be built is left out, and where none can, upstream's defaults run."""
     from models.backends import pallas_gpu
 
     k, v = _pool(np.random.default_rng(0), 2, 32, 1, 24, 16)
@@ -230,6 +230,8 @@ def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
     assert sorted(plan) == [2, 3] and all(set(times[b]) == set(choices[:2]) for b in plan)
     assert all(t > 0 for b in plan for t in times[b].values())
     assert all(plan[b] == min(times[b], key=times[b].get) for b in plan)
+    plan, times = pallas_gpu.tune(k, v, 8, (2,), 40, choices=(refused,), interpret=True)
+    assert plan == {2: pallas_gpu.DEFAULT} and times == {2: {}}  # nothing ran: upstream's defaults
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)

@@ -11,6 +11,7 @@ tokamax. This module is the only place that names the kernel, so swapping it is 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -125,7 +126,8 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     """Time each of `choices` on this card at each batch size of `rows`, every row `length` keys long in pages
     spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
     the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
-    A choice the compiler refuses is left out. Returns the plan and every time (seconds a call)."""
+    A choice the compiler refuses, or that fails on the card, is left out (all of them: `DEFAULT`). Returns the
+    plan and every time (seconds a call)."""
     kvh, pages, ps, d = k_pages.shape
     n = -(-length // ps)
     rng = np.random.default_rng(seed)
@@ -144,8 +146,11 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
 
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
             exes = dict(zip(choices, pool.map(compiled, choices)))
-        times[b] = {c: _seconds(exe, args) for c, exe in exes.items() if exe is not None}
-        plan[b] = min(times[b], key=times[b].get)
+        times[b] = {}
+        for choice, exe in ((c, exe) for c, exe in exes.items() if exe is not None):
+            with contextlib.suppress(Exception):  # it failed on the card: left out like a refused one
+                times[b][choice] = _seconds(exe, args)
+        plan[b] = min(times[b], key=times[b].get) if times[b] else DEFAULT
     return plan, times
 
 
