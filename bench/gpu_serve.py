@@ -355,6 +355,7 @@ def main() -> None:
     ap.add_argument("--write-tokenizer", metavar="DIR", help="only write the packaged tokenizer's files to DIR")
     ap.add_argument("--tokenizer", help="tokenizer files (default: written here from the packaged model)")
     ap.add_argument("--out", default="/tmp/gpu_serve", help="the folder, caches, logs and results")
+    ap.add_argument("--results", default="", help="where the results and server logs go as they come (default: --out)")
     ap.add_argument("--levels", default="", help="concurrent requests per level (default 1,64,256)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: cold, engine")
     ap.add_argument("--server-args", default="", help="more server flags, e.g. '--attention-backend xla'")
@@ -373,7 +374,9 @@ def main() -> None:
         args.max_num_seqs = args.max_num_seqs or 256
     args.levels = [int(x) for x in args.levels.split(",")]
     skip = set(filter(None, args.skip.split(",")))
+    args.results = args.results or args.out
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.results, exist_ok=True)
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = os.path.join(args.out, "tokenizer")
@@ -382,9 +385,9 @@ def main() -> None:
     print(res["env"], flush=True)
 
     def record():
-        with open(os.path.join(args.out, "gpu_serve.json"), "w") as f:
+        with open(os.path.join(args.results, "gpu_serve.json"), "w") as f:
             json.dump(res, f, indent=1)
-        with open(os.path.join(args.out, "gpu_serve.md"), "w") as f:
+        with open(os.path.join(args.results, "gpu_serve.md"), "w") as f:
             f.write(table(res, args) + "\n")
 
     folder, cache = os.path.join(args.out, "model"), os.path.join(args.out, "cache")
@@ -394,16 +397,16 @@ def main() -> None:
     print(f"folder written in {time.perf_counter() - t:.1f} s", flush=True)
     url = f"http://127.0.0.1:{args.port}"
     if "cold" not in skip:
-        proc, res["cold"] = server(folder, cache, args, args.port, os.path.join(args.out, "server-cold.log"))
+        proc, res["cold"] = server(folder, cache, args, args.port, os.path.join(args.results, "server-cold.log"))
         print(f"ready cold in {res['cold']:.1f} s", flush=True)
         wait_warm(url)  # what the warm start then loads
         stop(proc)
-        with open(os.path.join(args.out, "server-cold.log")) as f:  # the card's choice of decode kernel
+        with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of decode kernel
             res["plan"] = ["decode attention" + line.split("decode attention", 1)[1].rstrip() for line in f
                            if "decode attention" in line]
         print("\n".join(res["plan"]), flush=True)
         record()
-    proc, res["warm"] = server(folder, cache, args, args.port, os.path.join(args.out, "server-warm.log"))
+    proc, res["warm"] = server(folder, cache, args, args.port, os.path.join(args.results, "server-warm.log"))
     print(f"ready warm in {res['warm']:.1f} s", flush=True)
     try:
         wait_warm(url)

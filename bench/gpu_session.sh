@@ -15,15 +15,14 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/log"
 $PY -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/log"
 if [ -z "$SKIP_LAUNCH" ]; then
-  timeout "${LAUNCH_LIMIT:-270}" $PY bench/gpu_launch.py $SMOKE 2>&1 | tee "$OUT/launch.log"
+  timeout "${LAUNCH_LIMIT:-240}" $PY bench/gpu_launch.py $SMOKE 2>&1 | tee "$OUT/launch.log"
 fi
 EXTRA=""
 if grep -q "chunks: failed" "$OUT/launch.log" 2>/dev/null; then  # the ragged kernel did not run: serve without it
   EXTRA="--flat-step off"
   echo "--- the ragged kernel failed: serving with $EXTRA" | tee -a "$OUT/log"
 fi
-timeout "${SERVE_LIMIT:-330}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --server-args="$EXTRA" \
-  $SMOKE 2>&1 | tee -a "$OUT/log"
-cp /tmp/gpu_serve/gpu_serve.* /tmp/gpu_serve/server-*.log "$OUT/" 2>/dev/null
+timeout "${SERVE_LIMIT:-330}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --results "$OUT" \
+  --server-args="$EXTRA" $SMOKE 2>&1 | tee -a "$OUT/log"
 pkill -f "m server --model" 2>/dev/null
 echo "--- done at $SECONDS s" | tee -a "$OUT/log"
