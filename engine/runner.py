@@ -94,7 +94,7 @@ def platform_defaults(platform: str) -> dict:
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes of K and V one token occupies across all layers."""
     cfg = model.cfg
-    return cfg.num_layers * cfg.cache_heads * sum(cfg.cache_widths) * jnp.dtype(cfg.dtype).itemsize
+    return cfg.num_layers * cfg.cache_heads * sum(cfg.cache_widths) * jnp.dtype(cfg.cache_dtype).itemsize
 
 
 def plan_pages(model: Model, rc: RunnerConfig) -> int:
@@ -454,7 +454,7 @@ class Runner:
         t0 = time.perf_counter()
 
         def make():
-            plan, times = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, interpret=interpret)
+            plan, times = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype, interpret=interpret)
             for b in rows:  # every choice's time, for the docs (a choice missing was refused)
                 kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
@@ -462,7 +462,8 @@ class Runner:
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
             return {str(b): dataclasses.asdict(c) for b, c in plan.items()}
 
-        kept, was = kept_result("decode-plan", (k.shape, str(k.dtype), cfg.num_heads, tuple(rows), length), make)
+        kept, was = kept_result("decode-plan", (k.shape, str(k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length),
+                                make)
         plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
         pallas_gpu.use(k.shape, plan)
         log.info("decode attention plan %s in %.1f s: %s", "kept from before" if was else "timed on this card",

@@ -42,8 +42,8 @@ FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, ge
                                                                       gpt_oss)
                                    for arch in fam.ARCHITECTURES}
 
-__all__ = ["ModelConfig", "KVCache", "Model", "build", "load_model", "resolve_dtype", "resolve_quantization",
-           "with_expert_parallel", "FAMILIES", "STATS"]
+__all__ = ["ModelConfig", "KVCache", "KV_DTYPES", "Model", "build", "load_model", "resolve_dtype",
+           "resolve_kv_dtype", "resolve_quantization", "with_expert_parallel", "FAMILIES", "STATS"]
 
 
 def family(cfg: ModelConfig) -> ModuleType:
@@ -60,6 +60,20 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
     return name
+
+
+# `--kv-cache-dtype` (vLLM's names): the pool in the model's dtype, or another. fp8 halves a bfloat16 pool's bytes:
+# twice the tokens in the same memory, half the bytes a decode step's attention reads (unscaled, saturated:
+# `paged.to_pool`). `fp8` is e4m3 (3 mantissa bits, to 448), as vLLM's; e5m2 has 2 bits and reaches 57,344.
+KV_DTYPES = {"auto": "", "bfloat16": "bfloat16", "float32": "float32", "fp8": "float8_e4m3fn",
+             "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+def resolve_kv_dtype(name: str, dtype: str) -> str:
+    """`--kv-cache-dtype` as `ModelConfig.kv_dtype`: "" where it is the model's `dtype` (`auto`)."""
+    if name not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}; choose from {', '.join(KV_DTYPES)}")
+    return "" if KV_DTYPES[name] == dtype else KV_DTYPES[name]
 
 
 def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None,
@@ -183,21 +197,23 @@ class Model:
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
-               quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False) -> Model:
+               quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False,
+               kv_cache_dtype: str = "auto") -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
     `quantization` is `none`, `int8`, `int4` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
     quantized products run (`auto`: the C++ kernel on a CPU that has it; its weights are kept packed); the
     parameters go on a `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's
     experts over `tp`, each whole on one device (`layers.moe.expert_parallel`), where there is more than one and they
-    divide evenly."""
+    divide evenly; `kv_cache_dtype` keeps the KV pool in another dtype (`KV_DTYPES`)."""
     from models.loading import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul)
     source = open_source(path)
-    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization)
+    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization,
+                              kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype))
     cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
     fam = family(cfg)
     module = build(cfg, attention, scan, tp, matmul)

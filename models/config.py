@@ -67,11 +67,17 @@ class ModelConfig:
     dtype: str = "float32"
     quantization: str = "none"  # "int8": int8 weights, a float32 scale per 32 inputs; "int4": Q4_1 (models.quant)
     matmul: str = "xla"  # quantized products: "xla" widens the weights, "cpu" the C++ kernel (backends.cpu_matmul)
+    kv_dtype: str = ""  # the KV pool's ("": `dtype`); float8_e4m3fn or float8_e5m2: a byte a value (--kv-cache-dtype)
 
     @property
     def scale(self) -> float:
         """Softmax scale of the attention scores."""
         return self.query_scale or self.head_dim**-0.5
+
+    @property
+    def cache_dtype(self) -> str:
+        """The dtype keys and values are kept in: `kv_dtype`, else the model's."""
+        return self.kv_dtype or self.dtype
 
     @property
     def cache_heads(self) -> int:

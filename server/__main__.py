@@ -20,7 +20,7 @@ from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
-from models import load_model
+from models import KV_DTYPES, load_model
 from models.backends import BACKENDS
 from models.backends.cpu_matmul import MATMULS
 from models.loading.source import cache_root
@@ -47,6 +47,11 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
+    ap.add_argument("--kv-cache-dtype", choices=tuple(KV_DTYPES), default="auto",
+                    help="the KV pool's dtype (auto: the model's). fp8 (e4m3, as vLLM's; fp8_e5m2: more range, less "
+                         "precision) keeps a byte a value, unscaled: twice a bfloat16 pool's tokens in --kv-cache-gb "
+                         "and half the bytes decode attention reads, at some precision (docs/PERFORMANCE.md). The "
+                         "CPU's attention kernel and the TPU's read their own dtype only: the XLA reference serves")
     ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes); int4: "
                          "4-bit weights with a float16 scale and minimum per 32 inputs (llama.cpp's Q4_1, 16%% of "
@@ -143,7 +148,7 @@ def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
                        scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
-                       expert_parallel=args.enable_expert_parallel)
+                       expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype)
     if args.served_name:
         model.name = args.served_name
     return model
@@ -206,7 +211,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     log.info("sparkler: %s on %s (%s%s, %s attention, %s layers): load %.1f s, KV pool %.1f s, compile %.1f s "
              "(%d shapes traced; program store %d loaded, %d saved; JAX's cache %d hits, %d misses)", model.name,
              jax.devices()[0].platform,
-             model.cfg.dtype, f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
+             model.cfg.dtype + (f", KV cache {model.cfg.kv_dtype}" if model.cfg.kv_dtype else ""),
+             f", {model.cfg.quantization} weights ({model.cfg.matmul} products)"
              if model.cfg.quantization != "none" else ", full-precision weights",
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"], PERSISTENT["hits"],

@@ -39,6 +39,34 @@ def our_logits(model_module, params, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[i, :len(r)] for i, r in enumerate(rows)]
 
 
+def decoded_logits(model_module, params, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+    """Each row's logits `[len - start, V]` predicting its tokens from `start` on, teacher-forced as decoding runs:
+    the tokens before the earliest start less one prefilled, the rest fed one a step (one program: a `lax.scan`),
+    so each step reads every earlier key and value back from the pool, in the pool's dtype."""
+    b, s, page = len(rows), max(len(r) for r in rows), 16
+    toks = np.zeros((b, s), np.int32)
+    for i, r in enumerate(rows):
+        toks[i, :len(r)] = r
+    n, first = -(-s // page), min(starts) - 1
+    table = jnp.asarray(1 + np.arange(b * n, dtype=np.int32).reshape(b, n))
+
+    @jax.jit
+    def run(params, toks, cache):
+        pos = jnp.broadcast_to(jnp.arange(first, dtype=jnp.int32), (b, first))
+        cache = model_module.apply(params, toks[:, :first], pos, table, cache, None, True)[1]
+
+        def step(cache, p):
+            tok = jax.lax.dynamic_slice_in_dim(toks, p, 1, axis=1)
+            logits, cache = model_module.apply(params, tok, jnp.full((b, 1), p, jnp.int32), table, cache, None,
+                                               True)
+            return cache, logits[:, 0]
+
+        return jax.lax.scan(step, cache, jnp.arange(first, s - 1, dtype=jnp.int32))[1]
+
+    logits = np.asarray(run(params, jnp.asarray(toks), KVCache.zeros(model_module.cfg, 1 + b * n, page)))
+    return [logits[start - 1 - first:len(r) - 1 - first, i] for i, (r, start) in enumerate(zip(rows, starts))]
+
+
 def run_all(eng, prompts, params, predictions=None, grammars=None, **request):
     """Serve every prompt to completion in one engine, checking the page pool after each step; the requests, in
     order. `predictions` and `grammars`: each prompt's (speculative decoding; structured output), or None; `request`:

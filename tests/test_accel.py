@@ -269,6 +269,93 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
     assert (got[-6:] == 0).all()
 
 
+@pytest.mark.parametrize("kv", ["float8_e4m3fn", "float8_e5m2"])
+def test_a_float8_pool_keeps_keys_rounded_and_saturated_and_every_path_reads_it_alike(kv):
+    """`--kv-cache-dtype fp8`: keys and values written to a float8 pool read back as their float8 rounding, large
+    ones saturated at its largest finite value (a plain cast gives e4m3 NaN, it has no infinity; e5m2 infinity); the
+    reference over it equals the reference over a float32 pool holding those values, and the `pallas-gpu` kernels
+    (interpreted; `decode` runs `decode_rows` where it would run upstream's, whose products take one dtype) equal
+    the reference over the float8 pool: decode rows of one key to the whole table, and chunks mid-page."""
+    from models.backends import pallas_gpu
+
+    rng = np.random.default_rng(3)
+    h, kvh, d, ps, pages, n = 8, 2, 64, 16, 48, 9
+    dt = jnp.dtype(kv)
+    k32, v32 = (jnp.zeros((kvh, pages, ps, d), jnp.float32) for _ in range(2))
+    lengths = np.array([1, 16, 17, 70, 144], np.int32)
+    b = len(lengths)
+    table = jnp.asarray(1 + rng.permutation(pages - 1)[:b * n].reshape(b, n), jnp.int32)  # each row its own pages
+    pos = jnp.asarray(np.broadcast_to(np.arange(n * ps), (b, n * ps)), jnp.int32)
+    k, v = (jnp.asarray(rng.normal(size=(b, n * ps, kvh, d)) * 3, jnp.float32) for _ in range(2))
+    k = k.at[0, 0, 0, :2].set(jnp.array([1e6, -1e6]))  # past either float8 range
+    k8, v8 = write(k32.astype(dt), k, pos, table), write(v32.astype(dt), v, pos, table)
+    assert k8.dtype == dt and np.isfinite(np.asarray(k8, np.float32)).all()
+    top = float(jnp.finfo(dt).max)
+    got = np.asarray(k8[0, table[0, 0], 0, :2], np.float32)
+    np.testing.assert_array_equal(got, [top, -top])
+    rounded = np.asarray(jnp.clip(k, -top, top).astype(dt), np.float32)
+    k_back = np.asarray(k8, np.float32)[:, np.asarray(table)].transpose(1, 2, 3, 0, 4).reshape(b, n * ps, kvh, d)
+    np.testing.assert_array_equal(k_back, rounded)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    last = jnp.asarray(lengths - 1)[:, None]
+    want = np.asarray(reference(q, k8, v8, table, last, d ** -0.5))
+    widened = reference(q, k8.astype(jnp.float32), v8.astype(jnp.float32), table, last, d ** -0.5)
+    np.testing.assert_array_equal(want, np.asarray(widened))
+    got = jitted(pallas_gpu.decode, "interpret")(q[:, 0] * d ** -0.5, k8, v8, table, jnp.asarray(lengths),
+                                                 interpret=True)
+    np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4)
+    starts, counts = np.array([0, 13, 40], np.int32), np.array([12, 20, 1], np.int32)
+    qc = jnp.asarray(rng.normal(size=(int(counts.sum()), h, d)), jnp.float32)
+    got = np.asarray(jitted(pallas_gpu.ragged, "interpret")(qc * d ** -0.5, k8, v8, table[:3], jnp.asarray(starts),
+                                                             jnp.asarray(counts), interpret=True)).reshape(-1, h * d)
+    offsets = np.cumsum(counts) - counts
+    for i, (o, c) in enumerate(zip(offsets, counts)):
+        chunk = reference(qc[None, o:o + c], k8, v8, table[i:i + 1], jnp.asarray(starts[i] + np.arange(c)[None]),
+                          d ** -0.5)[0]
+        np.testing.assert_allclose(got[o:o + c], np.asarray(chunk), atol=2e-5, rtol=1e-4)
+
+
+def test_an_engine_over_a_float8_pool_holds_more_tokens_and_serves():
+    """`--kv-cache-dtype`: `fp8` names float8_e4m3fn (vLLM's), `auto` or the model's own dtype none; a float8 pool
+    holds four times a float32 pool's pages in the same bytes (twice a bfloat16 one's), and an engine over it serves
+    greedy requests to the end with the float32 pool's first tokens (a prompt's own keys are the chunk's, not the
+    pool's) and finite logprobs."""
+    from engine import Engine, RunnerConfig, SamplingParams
+    from engine.runner import kv_bytes_per_token, plan_pages
+    from models import Model, resolve_kv_dtype
+    from models.sharding import make_mesh
+
+    assert resolve_kv_dtype("fp8", "bfloat16") == "float8_e4m3fn" and resolve_kv_dtype("fp8_e5m2", "float32") == \
+        "float8_e5m2"
+    assert resolve_kv_dtype("auto", "bfloat16") == resolve_kv_dtype("bfloat16", "bfloat16") == ""
+    with pytest.raises(ValueError, match="unknown KV cache dtype"):
+        resolve_kv_dtype("int8", "float32")
+    models = {}
+    for kv in ("", "bfloat16", "float8_e4m3fn"):
+        cfg = dataclasses.replace(ModelConfig.from_hf(_LLAMA), kv_dtype=kv)
+        module = build(cfg, "xla")
+        models[kv] = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
+    gb = 100 * 16 * kv_bytes_per_token(models[""]) / (1 << 30)  # 100 float32 pages
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=64, kv_cache_gb=gb, decode_batch_sizes=(4,))
+    pages = {kv: plan_pages(m, rc) for kv, m in models.items()}
+    assert pages["float8_e4m3fn"] == 2 * pages["bfloat16"] == 4 * pages[""] == 400
+    prompts = [ROWS[0], ROWS[1], ROWS[0][:7]]
+    outs = {}
+    for kv in ("", "float8_e4m3fn"):
+        eng = Engine(models[kv], rc)
+        assert eng.runner.cache.k.dtype == jnp.dtype(kv or "float32")
+        reqs = [eng.make_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
+                for p in prompts]
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+        outs[kv] = [r.choices[0] for r in reqs]
+    for a, b in zip(outs[""], outs["float8_e4m3fn"]):
+        assert len(b.token_ids) == 8 and b.token_ids[0] == a.token_ids[0] and b.finish_reason == "length"
+        assert np.isfinite([lp[1] for lp in b.logprobs]).all()
+
+
 def test_gpu_kernels_lower_to_triton_for_every_family_shape():
     """The `pallas-gpu` kernels pass Pallas' Triton lowering (block shapes, loads, dots: what the interpreter does
     not check) in bfloat16 for the 8B shape and each family's head groups, and every choice the decode tuner may
@@ -298,6 +385,14 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         text = lower(jax.jit(functools.partial(pallas_gpu.decode, choice=choice)), platforms=["cuda"],
                      disabled_checks=unchecked)(bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
         assert "xla.gpu.triton" in text, choice
+    for kv in (jnp.float8_e4m3fn, jnp.float8_e5m2):  # `--kv-cache-dtype fp8`: bfloat16 queries, float8 pools
+        pool = jax.ShapeDtypeStruct((8, 4096, 16, 128), kv)
+        text = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
+        assert 'name = "paged_decode_rows"' in text, kv
+        text = lower(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+            bf16(512, 32, 128), pool, pool, i32(16, 24), i32(16), i32(16)).mlir_module()
+        assert 'name = "ragged_paged_attention"' in text, kv
 
 
 def _chunks(rng, h, kvh, d, starts, s, width, ps=16, pages=64):
@@ -433,8 +528,13 @@ def test_backend_choice_by_platform_and_flag():
     assert resolve_backend("auto", None, "gpu", tp=2) == "xla" == resolve_backend("auto", None, "tpu", tp=4)
     with pytest.raises(ValueError, match="kernels do not split over tp"):
         resolve_backend("pallas-gpu", tp=2)
-    with pytest.raises(ValueError, match="float32 pools only"):
+    with pytest.raises(ValueError, match="float32 models and pools only"):
         resolve_backend("cpu", bf16)
+    fp8 = dataclasses.replace(ModelConfig.from_hf(_LLAMA), kv_dtype="float8_e4m3fn")  # --kv-cache-dtype fp8
+    assert resolve_backend("auto", fp8, "cpu") == "xla" and resolve_backend("pallas-tpu", fp8) == "xla"
+    assert resolve_backend("pallas-gpu", fp8) == "pallas-gpu"  # its own kernels widen float8 after loading it
+    with pytest.raises(ValueError, match="float32 models and pools only"):
+        resolve_backend("cpu", fp8)
 
 
 _LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,

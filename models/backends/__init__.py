@@ -53,15 +53,16 @@ def default_backend(platform: str | None = None) -> str:
 def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
     """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
     attention (a sliding window, logit soft-capping, latent attention, sinks; for `pallas-gpu`, a head dimension
-    that is not a power of two) falls back to `xla` for that model. Under `auto` so do the Pallas kernels on a mesh
-    with `tp` > 1, and the `cpu` kernel for a pool that is not float32, a mesh with `tp` > 1, or a machine without a
-    C++ compiler; an explicit ask for a kernel there fails."""
+    that is not a power of two; for `pallas-tpu`, a float8 pool) falls back to `xla` for that model. Under `auto`
+    so do the Pallas kernels on a mesh with `tp` > 1, and the `cpu` kernel for a model or pool that is not float32,
+    a mesh with `tp` > 1, or a machine without a C++ compiler; an explicit ask for a kernel there fails."""
     auto = name == "auto"
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks
-                                    or (name == "pallas-gpu" and cfg.head_dim & (cfg.head_dim - 1)))  # Triton: 2^k
+                                    or (name == "pallas-gpu" and cfg.head_dim & (cfg.head_dim - 1))  # Triton: 2^k
+                                    or (name == "pallas-tpu" and cfg.cache_dtype != cfg.dtype))  # a float8 pool
     if name != "xla" and unserved:
         return "xla"
     if name in ("pallas-gpu", "pallas-tpu") and tp > 1:  # XLA cannot split a kernel's call over devices: it
@@ -71,7 +72,8 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
     if name == "cpu":
         from models.backends import cpu_attention
 
-        why = ("it runs float32 pools only" if cfg is not None and cfg.dtype != "float32" else
+        floats = {cfg.dtype, cfg.cache_dtype} if cfg is not None else {"float32"}
+        why = ("it runs float32 models and pools only" if floats != {"float32"} else
                "it does not split over tp" if tp > 1 else
                "it needs a C++ compiler (g++)" if not cpu_attention.available() else "")
         if why and not auto:

@@ -40,7 +40,7 @@ class KVCache:
     def zeros(cfg: ModelConfig, pages: int, page_size: int, dtype=None) -> "KVCache":
         """An empty pool of `pages` pages per layer (MLA: one latent per token as the key, zero-wide values)."""
         (kw, vw), lead = cfg.cache_widths, (cfg.cache_heads, cfg.num_layers * pages, page_size)
-        dt = dtype or cfg.dtype
+        dt = dtype or cfg.cache_dtype
         return KVCache(jnp.zeros((*lead, kw), dt), jnp.zeros((*lead, vw), dt))
 
 
@@ -77,7 +77,7 @@ def write(cache: jax.Array, x: jax.Array, positions: jax.Array, table: jax.Array
     ps = cache.shape[2]
     page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=SCRATCH)
     heads = jnp.arange(cache.shape[0])[:, None, None]
-    return cache.at[heads, page[None], (positions % ps)[None]].set(x.transpose(2, 0, 1, 3).astype(cache.dtype))
+    return cache.at[heads, page[None], (positions % ps)[None]].set(to_pool(x.transpose(2, 0, 1, 3), cache.dtype))
 
 
 def write_flat(cache: jax.Array, x: jax.Array, positions: jax.Array, flat: Flat, layer, num_layers: int) -> jax.Array:
@@ -85,8 +85,18 @@ def write_flat(cache: jax.Array, x: jax.Array, positions: jax.Array, flat: Flat,
     layer `layer`'s range)."""
     pages = layer_pages(flat.pages, layer, cache, num_layers)
     heads = jnp.arange(cache.shape[0])[:, None]
-    x = x.transpose(1, 0, 2).astype(cache.dtype)
-    return cache.at[heads, pages[None], (positions % cache.shape[2])[None]].set(x)
+    return cache.at[heads, pages[None], (positions % cache.shape[2])[None]].set(to_pool(x.transpose(1, 0, 2),
+                                                                                           cache.dtype))
+
+
+def to_pool(x: jax.Array, dtype) -> jax.Array:
+    """Keys or values in the pool's dtype. A float8 pool keeps them unscaled (vLLM's `--kv-cache-dtype fp8` without
+    calibrated scales) and saturated at its largest finite value: float8_e4m3fn has no infinity, so a cast past 448
+    would give NaN."""
+    if jnp.dtype(dtype).itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -big, big)
+    return x.astype(dtype)
 
 
 def gather(cache: jax.Array, table: jax.Array) -> jax.Array:

@@ -54,6 +54,7 @@ DEFAULT = DecodeChoice()  # upstream's own warps and stages, measured on an H200
 CHOICES = (DEFAULT, DecodeChoice(warps=4), DecodeChoice(block=4, warps=4), DecodeChoice(splits=4),
            DecodeChoice("rows", 64, 4, 2), DecodeChoice("rows", 32, 4, 3), DecodeChoice("rows", 64, 4, 3),
            DecodeChoice("rows", 128, 8, 2), DecodeChoice("rows", 64, 4, 2, splits=4))
+FOREIGN = DecodeChoice("rows", 64, 4, 2)  # a pool in another dtype than the queries' (float8) where upstream was named
 _tuned: dict[tuple, DecodeChoice] = {}  # (rows, *pool shape) -> the card's choice (`use`)
 
 
@@ -104,8 +105,11 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
            interpret: bool = False, choice: DecodeChoice | None = None) -> jax.Array:
     """Attention of one pre-scaled query per row `q [B, h, d]` over its first `lengths [B]` keys, in the pool pages
     listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`. Runs `choice`
-    (by default `choice_for` the batch: the card's, once tuned)."""
+    (by default `choice_for` the batch: the card's, once tuned); over a pool in another dtype (float8), whose keys
+    upstream's kernel cannot multiply with the queries, `decode_rows` (`FOREIGN`) where upstream's was named."""
     choice = choice or choice_for(q.shape[0], k_pages.shape)
+    if choice.kernel == "upstream" and k_pages.dtype != q.dtype:  # a float8 pool: upstream's products take one dtype
+        choice = FOREIGN
     if choice.kernel == "rows":
         return decode_rows(q, k_pages, v_pages, table, lengths, interpret=interpret, splits=choice.splits or None,
                            keys=choice.block, warps=choice.warps, stages=choice.stages)
@@ -120,21 +124,24 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
                                   num_stages=choice.stages, interpret=interpret)
 
 
-def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int,
+def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int, dtype=None,
          choices: tuple[DecodeChoice, ...] = CHOICES, interpret: bool = False,
          seed: int = 0) -> tuple[dict[int, DecodeChoice], dict[int, dict[DecodeChoice, float]]]:
     """Time each of `choices` on this card at each batch size of `rows`, every row `length` keys long in pages
     spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
     the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
-    A choice the compiler refuses, or that fails on the card, is left out (all of them: `DEFAULT`). Returns the
-    plan and every time (seconds a call)."""
+    A choice the compiler refuses, or that fails on the card, is left out (all of them: `DEFAULT`); so is upstream's
+    kernel over a pool in another dtype than the queries' (`dtype`, by default the pool's). Returns the plan and
+    every time (seconds a call)."""
     kvh, pages, ps, d = k_pages.shape
+    dtype = jnp.dtype(dtype or k_pages.dtype)
+    choices = tuple(c for c in choices if c.kernel == "rows" or dtype == k_pages.dtype)
     n = -(-length // ps)
     rng = np.random.default_rng(seed)
     plan, times = {}, {}
     for b in rows:
         table = jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32)  # any pages: the keys' values do not matter
-        q = jnp.asarray(rng.normal(size=(b, heads, d)), k_pages.dtype)
+        q = jnp.asarray(rng.normal(size=(b, heads, d)), dtype)
         args = (q, k_pages, v_pages, table, jnp.full((b,), length, jnp.int32))
 
         def compiled(choice):
@@ -187,7 +194,7 @@ def _rows_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
         o, m, l = carry
         j = lo + i * keys + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
         row = table_ref[j // page_size] * page_size + j % page_size
-        k, v = k_ref[row], v_ref[row]
+        k, v = k_ref[row].astype(q.dtype), v_ref[row].astype(q.dtype)  # a float8 pool: widened here
         s = jnp.where((j < hi)[None, :], plgpu.dot(q, k.T).astype(jnp.float32), -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
@@ -266,8 +273,8 @@ def _ragged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *, group: in
     def body(i, carry):
         o, m, l = carry
         pages = table_ref[pl.ds(i * pages_per_step, pages_per_step)]
-        k = k_ref[pages].reshape(width, d)
-        v = v_ref[pages].reshape(width, d)
+        k = k_ref[pages].reshape(width, d).astype(q.dtype)  # a float8 pool: widened here
+        v = v_ref[pages].reshape(width, d).astype(q.dtype)
         s = plgpu.dot(q, k.T).astype(jnp.float32)
         k_pos = i * width + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
         s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
