@@ -94,7 +94,7 @@ def platform_defaults(platform: str) -> dict:
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes of K and V one token occupies across all layers."""
     cfg = model.cfg
-    return cfg.num_layers * cfg.cache_heads * sum(cfg.cache_widths) * jnp.dtype(cfg.cache_dtype).itemsize
+    return cfg.num_layers * cfg.cache_heads * sum(cfg.cache_widths) * paged.pool_dtype(cfg.cache_dtype).itemsize
 
 
 def plan_pages(model: Model, rc: RunnerConfig) -> int:

@@ -271,35 +271,38 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
 
 @pytest.mark.parametrize("kv", ["float8_e4m3fn", "float8_e5m2"])
 def test_a_float8_pool_keeps_keys_rounded_and_saturated_and_every_path_reads_it_alike(kv):
-    """`--kv-cache-dtype fp8`: keys and values written to a float8 pool read back as their float8 rounding, large
-    ones saturated at its largest finite value (a plain cast gives e4m3 NaN, it has no infinity; e5m2 infinity); the
-    reference over it equals the reference over a float32 pool holding those values, and the `pallas-gpu` kernels
-    (interpreted; `decode` runs `decode_rows` where it would run upstream's, whose products take one dtype) equal
-    the reference over the float8 pool: decode rows of one key to the whole table, and chunks mid-page."""
+    """`--kv-cache-dtype fp8`: keys and values written to a float8 pool (its bits in a byte-wide integer array) read
+    back as their float8 rounding, large ones saturated at its largest finite value (a plain cast gives e4m3 NaN,
+    which has no infinity, and e5m2 infinity); the reference over it equals the reference over a float32 pool
+    holding those values, and the `pallas-gpu` kernels (interpreted; `decode` runs `decode_rows` where it would run
+    upstream's, whose products take one dtype) equal the reference over the float8 pool: decode rows of one key to
+    the whole table, and chunks mid-page. A write converts nothing of the pool (it scatters bits in place)."""
     from models.backends import pallas_gpu
 
     rng = np.random.default_rng(3)
     h, kvh, d, ps, pages, n = 8, 2, 64, 16, 48, 9
-    dt = jnp.dtype(kv)
-    k32, v32 = (jnp.zeros((kvh, pages, ps, d), jnp.float32) for _ in range(2))
+    dt, bits = jnp.dtype(kv), paged.pool_dtype(kv)
     lengths = np.array([1, 16, 17, 70, 144], np.int32)
     b = len(lengths)
     table = jnp.asarray(1 + rng.permutation(pages - 1)[:b * n].reshape(b, n), jnp.int32)  # each row its own pages
     pos = jnp.asarray(np.broadcast_to(np.arange(n * ps), (b, n * ps)), jnp.int32)
     k, v = (jnp.asarray(rng.normal(size=(b, n * ps, kvh, d)) * 3, jnp.float32) for _ in range(2))
     k = k.at[0, 0, 0, :2].set(jnp.array([1e6, -1e6]))  # past either float8 range
-    k8, v8 = write(k32.astype(dt), k, pos, table), write(v32.astype(dt), v, pos, table)
-    assert k8.dtype == dt and np.isfinite(np.asarray(k8, np.float32)).all()
+    k8, v8 = (write(jnp.zeros((kvh, pages, ps, d), bits), x, pos, table) for x in (k, v))
+    hlo = jax.jit(paged.write, donate_argnums=0).lower(k8, k, pos, table).compile().as_text()
+    whole = f"[{kvh},{pages},{ps},{d}]"  # a float8 array's scatter is computed in float16 on a CPU, the whole pool
+    assert not [line for line in hlo.splitlines() if whole in line and " convert(" in line]  # converted: not bits
+    back = np.asarray(paged.floats(k8), np.float32)  # its bits, as the float8 values they are
+    assert k8.dtype == bits and bits.itemsize == 1 and np.isfinite(back).all()
     top = float(jnp.finfo(dt).max)
-    got = np.asarray(k8[0, table[0, 0], 0, :2], np.float32)
-    np.testing.assert_array_equal(got, [top, -top])
+    np.testing.assert_array_equal(back[0, table[0, 0], 0, :2], [top, -top])
     rounded = np.asarray(jnp.clip(k, -top, top).astype(dt), np.float32)
-    k_back = np.asarray(k8, np.float32)[:, np.asarray(table)].transpose(1, 2, 3, 0, 4).reshape(b, n * ps, kvh, d)
-    np.testing.assert_array_equal(k_back, rounded)
+    np.testing.assert_array_equal(back[:, np.asarray(table)].transpose(1, 2, 3, 0, 4).reshape(b, n * ps, kvh, d),
+                                  rounded)
     q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
     last = jnp.asarray(lengths - 1)[:, None]
     want = np.asarray(reference(q, k8, v8, table, last, d ** -0.5))
-    widened = reference(q, k8.astype(jnp.float32), v8.astype(jnp.float32), table, last, d ** -0.5)
+    widened = reference(q, *(paged.floats(x).astype(jnp.float32) for x in (k8, v8)), table, last, d ** -0.5)
     np.testing.assert_array_equal(want, np.asarray(widened))
     got = jitted(pallas_gpu.decode, "interpret")(q[:, 0] * d ** -0.5, k8, v8, table, jnp.asarray(lengths),
                                                  interpret=True)
@@ -343,7 +346,7 @@ def test_an_engine_over_a_float8_pool_holds_more_tokens_and_serves():
     outs = {}
     for kv in ("", "float8_e4m3fn"):
         eng = Engine(models[kv], rc)
-        assert eng.runner.cache.k.dtype == jnp.dtype(kv or "float32")
+        assert eng.runner.cache.k.dtype == paged.pool_dtype(kv or "float32")
         reqs = [eng.make_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
                 for p in prompts]
         for r in reqs:
@@ -385,8 +388,8 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         text = lower(jax.jit(functools.partial(pallas_gpu.decode, choice=choice)), platforms=["cuda"],
                      disabled_checks=unchecked)(bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
         assert "xla.gpu.triton" in text, choice
-    for kv in (jnp.float8_e4m3fn, jnp.float8_e5m2):  # `--kv-cache-dtype fp8`: bfloat16 queries, float8 pools
-        pool = jax.ShapeDtypeStruct((8, 4096, 16, 128), kv)
+    for kv in ("float8_e4m3fn", "float8_e5m2"):  # `--kv-cache-dtype fp8`: bfloat16 queries, float8 pools (bits)
+        pool = jax.ShapeDtypeStruct((8, 4096, 16, 128), paged.pool_dtype(kv))
         text = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
             bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
         assert 'name = "paged_decode_rows"' in text, kv

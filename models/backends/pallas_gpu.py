@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.backends.paged import SCRATCH
+from models.backends.paged import SCRATCH, floats
 
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel
@@ -194,7 +194,7 @@ def _rows_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
         o, m, l = carry
         j = lo + i * keys + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
         row = table_ref[j // page_size] * page_size + j % page_size
-        k, v = k_ref[row].astype(q.dtype), v_ref[row].astype(q.dtype)  # a float8 pool: widened here
+        k, v = floats(k_ref[row]).astype(q.dtype), floats(v_ref[row]).astype(q.dtype)  # a float8 pool: widened here
         s = jnp.where((j < hi)[None, :], plgpu.dot(q, k.T).astype(jnp.float32), -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
@@ -273,8 +273,8 @@ def _ragged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *, group: in
     def body(i, carry):
         o, m, l = carry
         pages = table_ref[pl.ds(i * pages_per_step, pages_per_step)]
-        k = k_ref[pages].reshape(width, d).astype(q.dtype)  # a float8 pool: widened here
-        v = v_ref[pages].reshape(width, d).astype(q.dtype)
+        k = floats(k_ref[pages].reshape(width, d)).astype(q.dtype)  # a float8 pool: widened here
+        v = floats(v_ref[pages].reshape(width, d)).astype(q.dtype)
         s = plgpu.dot(q, k.T).astype(jnp.float32)
         k_pos = i * width + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
         s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
