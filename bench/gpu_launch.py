@@ -201,6 +201,14 @@ def attention(smoke: bool) -> list[dict]:
             q, k, v, t, n, interpret=interpret, splits=sp or None, keys=ke, warps=w, stages=st))
         time_row(f"decode_rows, {keys} keys a step, {warps} warps {stages} stages", f, q, kc, vc, table, lengths,
                  width=used, splits=splits, block=0)
+    # `--kv-cache-dtype fp8`: the same keys as float8 (e4m3) bits, half the bytes, through `decode` (`decode_rows`,
+    # as `pallas_gpu.FOREIGN`; its GB/s column counts bfloat16's bytes, so it reads as the speed-up)
+    k8, v8 = (paged.to_pool(x, paged.pool_dtype("float8_e4m3fn")) for x in (kc, vc))
+    for keys, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 8, 2)):
+        f = jax.jit(lambda q, k, v, t, n, c=pallas_gpu.DecodeChoice("rows", keys, warps, stages): pallas_gpu.decode(
+            q, k, v, t, n, interpret=interpret, choice=c))
+        time_row(f"decode_rows over a float8 pool, {keys} keys a step, {warps} warps {stages} stages", f, q, k8, v8,
+                 table, lengths, width=used, splits=0, block=0)
     starts = lengths - 1
     for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
         f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(
