@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -122,22 +121,10 @@ def kept(name: str, key: Any, make: Callable[[], Any]) -> tuple[Any, bool]:
     """`make()`'s JSON-able result, kept in the program store under `name` and `key` (with the code version and
     the devices, as the programs are): made once per card, code and `key`. Returns it and whether it was kept from
     before. Without a store (or on several processes) it is made every time."""
+    from models.loading.source import json_file
+
     path = _store_path(name, "kept", (), {"key": repr(key)})
-    if path is not None:
-        path = path[:-len(".exe")] + ".json"
-        with contextlib.suppress(OSError, ValueError), open(path) as f:
-            return json.load(f), True
-    value = make()
-    if path is not None:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(value, f)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("sparkler: program store: cannot keep %s (%s)", path, e)
-    return value, False
+    return json_file(path[:-len(".exe")] + ".json", make) if path is not None else (make(), False)
 
 
 def _load(path: str | None):

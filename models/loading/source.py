@@ -63,10 +63,15 @@ def remembered(kind: str, files: tuple[str, ...], compute: Callable[[], Any]) ->
     a warm start neither hashes nor parses a weights file again (a file that changes gets a new entry)."""
     stat = [(os.path.abspath(f), st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
     key = hashlib.sha256(repr((kind, CONVERTER_VERSION, _SOURCE, stat)).encode()).hexdigest()[:32]
-    path = os.path.join(cache_root(), "remembered", f"{kind}-{key}.json")
+    return json_file(os.path.join(cache_root(), "remembered", f"{kind}-{key}.json"), compute)[0]
+
+
+def json_file(path: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """The JSON value at `path`, else `compute()`'s, written there (whole or not at all); and whether it was read.
+    A cache that cannot be written (read-only, full) only logs: the value is computed again next time."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return json.load(f), True
     except (OSError, ValueError):
         pass
     value = compute()
@@ -76,9 +81,9 @@ def remembered(kind: str, files: tuple[str, ...], compute: Callable[[], Any]) ->
         with open(tmp, "w") as f:
             json.dump(value, f)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only or full cache: computed again next time
-        log.warning("sparkler: cannot remember %s in %s (%s)", kind, path, e)
-    return value
+    except OSError as e:
+        log.warning("sparkler: cannot keep %s (%s)", path, e)
+    return value, False
 
 
 def open_source(path: str) -> Source:
