@@ -41,7 +41,8 @@ BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several pe
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
 FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it
 TUNE_ROWS = 16  # batch sizes the decode kernel is tuned for (`RunnerConfig.tune_kernels`): from here on, the KV
-# pages a step reads are a fair share of its bytes beside the weights (8B shape, 640 tokens: 1.3 of 15 GB at 16 rows)
+# pages a step reads are a fair share of its bytes beside the weights (8B shape, 640 tokens: 1.3 of 15 GB at 16 rows).
+# Above PREFILL_ROWS: a prefill of one token a prompt attends through `decode` too, always upstream's defaults.
 TUNE_LENGTH = 2048  # ... at each row's length: half the context, at most this many tokens
 
 
@@ -236,7 +237,7 @@ class Runner:
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
-        self.decode_plan = self._tune_decode(not gpu) if (gpu if rc.tune_kernels is None else rc.tune_kernels) else {}
+        self.decode_plan = self._tune_decode(gpu if rc.tune_kernels is None else rc.tune_kernels, not gpu)
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
@@ -421,53 +422,65 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        # What shapes a program's trace beyond its arguments: the model, the mesh and the card's decode kernel plan
-        # (`_tune_decode`). The runner's settings only
+        # What shapes a program's trace beyond its arguments: the model and the mesh, and for the decode programs the
+        # card's decode kernel plan (`_tune_decode`). The runner's settings only
         # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
         # anyway, so engines of one model with other settings share every program of the same shapes. The sampler's
         # programs trace nothing of the model either: any engine of the vocabulary and slots shares them.
-        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape),
-                   sorted(self.decode_plan.items())))
-        self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", ns)
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape)))
+        tuned = ns + repr(sorted(self.decode_plan.items()))  # the programs that run `pallas_gpu.decode`
+        self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", tuned)
         sampler_ns = repr(dict(mesh.shape))
         self._first = AOT(first_tokens, "first", sampler_ns)
         self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
-        self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", ns)
+        self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", tuned)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat, self._logits)
 
-    def _tune_decode(self, interpret: bool = False) -> dict:
-        """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on (the fastest of
-        `pallas_gpu.CHOICES` on this card, over this pool, at half the context up to `TUNE_LENGTH` tokens), kept in
-        the program store and installed for the programs traced after (`pallas_gpu.use`). The card's choice,
-        not a guess: session 27's H200 ran upstream's kernel at 1,036-1,383 GB/s by its settings alone. Not on
-        several processes (each would time its own and could trace other programs)."""
+    def _tune_decode(self, tune: bool, interpret: bool = False) -> dict:
+        """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on: with `tune`, the
+        fastest of `pallas_gpu.CHOICES` on this card that gives the reference's output, over this pool, at half the
+        context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and waits for nothing);
+        else none (upstream's defaults). Installed for this pool's shape either way (`pallas_gpu.use`), for the
+        programs traced after. The card's choice, not a guess: session 27's H200 ran upstream's kernel at
+        1,036-1,383 GB/s by its settings alone. Not on several processes (each would time its own and could trace
+        other programs), nor when the pool cannot be allocated (the server says so) or a batch size has no choice
+        that ran (then nothing is kept)."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg
-        rows = [b for b in self.batch_buckets if b >= TUNE_ROWS]
-        if self.model.module.backend != "pallas-gpu" or not rows or jax.process_count() > 1:
+        if self.model.module.backend != "pallas-gpu":
             return {}
-        k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))  # one shard's pool
+        shape = list(self.cache_shape.k.shape)
+        shape[1] //= self.dp  # one shard's pool, as the programs see it
+        rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune and jax.process_count() == 1 else []
         length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
-        t0 = time.perf_counter()
+        t0, plan = time.perf_counter(), {}
 
         def make():
+            k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))
             plan, times = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype, interpret=interpret)
-            for b in rows:  # every choice's time, for the docs (a choice missing was refused)
+            for b in rows:  # every choice's time, for the docs (a choice missing was refused or wrong)
                 kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
                          kv / min(times[b].values(), default=float("inf")) / 1e9,
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
+            if not all(times.values()):
+                raise RuntimeError(f"no choice ran at {[b for b in rows if not times[b]]} rows")
             return {str(b): dataclasses.asdict(c) for b, c in plan.items()}
 
-        kept, was = kept_result("decode-plan", (k.shape, str(k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length),
-                                make)
-        plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
-        pallas_gpu.use(k.shape, plan)
-        log.info("decode attention plan %s in %.1f s: %s", "kept from before" if was else "timed on this card",
-                 time.perf_counter() - t0, "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
+        if rows:
+            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length)
+            try:
+                kept, was = kept_result("decode-plan", key, make)
+            except Exception as e:  # noqa: BLE001  (no pool, or nothing ran: upstream's defaults, nothing kept)
+                log.warning("sparkler: decode attention not tuned (%s: %s); upstream's defaults", type(e).__name__, e)
+            else:
+                plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
+                log.info("decode attention plan %s in %.1f s: %s", "kept from before" if was else "timed on this card",
+                         time.perf_counter() - t0, "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
+        pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan)
         return plan
 
     @property

@@ -45,13 +45,17 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--decode-steps", type=int, default=0,
                     help="decode steps per dispatch (0: 4 on CPU, 16 on GPU/TPU)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="weights, activations and KV cache (auto: bfloat16 on GPU/TPU, float32 on CPU); norms, "
+                    help="weights, activations and KV cache (unless --kv-cache-dtype; auto: bfloat16 on GPU/TPU, "
+                         "float32 on CPU); norms, "
                          "softmax, logits and the sampler stay float32")
     ap.add_argument("--kv-cache-dtype", choices=tuple(KV_DTYPES), default="auto",
                     help="the KV pool's dtype (auto: the model's). fp8 (e4m3, as vLLM's; fp8_e5m2: more range, less "
                          "precision) keeps a byte a value, unscaled: twice a bfloat16 pool's tokens in --kv-cache-gb "
                          "and half the bytes decode attention reads, at some precision (docs/PERFORMANCE.md). The "
                          "CPU's attention kernel and the TPU's read their own dtype only: the XLA reference serves")
+    ap.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the GPU decode attention kernel's settings on the card at the first start and run the "
+                         "fastest per batch size (kept beside the compiled programs; default: on a GPU)")
     ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes); int4: "
                          "4-bit weights with a float16 scale and minimum per 32 inputs (llama.cpp's Q4_1, 16%% of "
@@ -164,7 +168,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
                         ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
-                        sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches)
+                        sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
+                        tune_kernels=args.tune_kernels)
 
 
 def main(argv=None, prog: str = "python -m server") -> None:

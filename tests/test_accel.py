@@ -132,9 +132,9 @@ def test_gpu_row_gather_kernel_matches_the_reference(h, kvh, d, monkeypatch):
         np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4,
                                    err_msg=f"splits {splits}, keys {keys}")
     monkeypatch.setattr(pallas_gpu, "_tuned", {})
-    pallas_gpu.use(k.shape, {b: pallas_gpu.DecodeChoice("rows", 32, 4, 2)})  # `decode` runs it when chosen
-    assert pallas_gpu.choice_for(b, k.shape).kernel == "rows"
-    assert pallas_gpu.choice_for(b + 1, k.shape) == pallas_gpu.DEFAULT
+    pallas_gpu.use(k, {b: pallas_gpu.DecodeChoice("rows", 32, 4, 2)})  # `decode` runs it when chosen
+    assert pallas_gpu.choice_for(b, k).kernel == "rows"
+    assert pallas_gpu.choice_for(b + 1, k) == pallas_gpu.choice_for(b, k.astype(jnp.bfloat16)) == pallas_gpu.DEFAULT
     got = pallas_gpu.decode(q[:, 0] * d ** -0.5, k, v, table, jnp.asarray(lengths), interpret=True)
     np.testing.assert_allclose(np.asarray(got).reshape(b, 1, h * d), want, atol=2e-5, rtol=1e-4)
 
@@ -163,10 +163,11 @@ def test_every_decode_choice_the_tuner_may_pick_matches_the_reference(h, kvh, d)
 
 def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run_its_choice(tmp_path, monkeypatch,
                                                                                             caplog):
-    """A runner with `tune_kernels` times every choice at each batch size from `TUNE_ROWS` on (here interpreted, so
-    the pick itself means nothing), keeps the plan in the program store and installs it: `decode` then traces the
-    chosen kernel for that batch size and pool (its Triton call's name, lowered for CUDA), upstream's defaults for
-    other sizes. A second runner of the same shapes takes the kept plan without timing anything."""
+    """A runner with `tune_kernels` times every choice at each batch size from `TUNE_ROWS` on (here interpreted, the
+    times made up: each faster than the one before), keeps the fastest in the program store and installs it:
+    `decode` then traces the chosen kernel for that batch size and pool (its Triton call's name, lowered for CUDA),
+    upstream's defaults for other sizes. A runner without tuning installs none for its pool; a second runner of the
+    same shapes takes the kept plan without timing anything."""
     import logging
 
     from jax import export
@@ -181,7 +182,7 @@ def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run
     monkeypatch.setitem(aot._store, "dir", str(tmp_path))
     monkeypatch.setattr(pallas_gpu, "_tuned", {})
     timed = []
-    monkeypatch.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or len(timed) * 1e-3)
+    monkeypatch.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or 1 / len(timed))
     cfg = ModelConfig.from_hf(_LLAMA)
     module = build(cfg, "pallas-gpu")
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
@@ -191,30 +192,32 @@ def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run
         first = Runner(model, rc)
     assert sorted(first.decode_plan) == [16, 32] and TUNE_ROWS == 16  # 8 rows: upstream's defaults
     assert len(timed) == 2 * len(pallas_gpu.CHOICES)  # every choice compiled and timed at both sizes
-    assert all(c == pallas_gpu.CHOICES[0] for c in first.decode_plan.values())  # the fastest (timed first here)
-    pool = first.cache.k.shape
+    assert all(c == pallas_gpu.CHOICES[-1] != pallas_gpu.DEFAULT for c in first.decode_plan.values())  # timed last
+    pool = first.cache.k
     assert pallas_gpu.choice_for(16, pool) == first.decode_plan[16]
     assert pallas_gpu.choice_for(8, pool) == pallas_gpu.DEFAULT
     said = [r.getMessage() for r in caplog.records if "decode attention plan" in r.getMessage()]
     assert len(said) == 1 and "timed on this card" in said[0]
+    untuned = Runner(model, dataclasses.replace(rc, tune_kernels=False))
+    assert untuned.decode_plan == {} and pallas_gpu.choice_for(16, pool) == pallas_gpu.DEFAULT
 
     plan = {16: pallas_gpu.DecodeChoice("rows", 32, 4, 3), 32: pallas_gpu.DEFAULT}  # as if the card had said so
-    with open(next(tmp_path.glob("*.json"))) as f:
-        kept = json.load(f)
-    with open(next(tmp_path.glob("*.json")), "w") as f:
-        json.dump(dict(kept, **{"16": dataclasses.asdict(plan[16])}), f)
+    (path,) = tmp_path.glob("*.json")
+    with open(path, "w") as f:
+        json.dump({str(b): dataclasses.asdict(c) for b, c in plan.items()}, f)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sparkler.engine"):
         second = Runner(model, rc)
     assert second.decode_plan == plan and len(timed) == 2 * len(pallas_gpu.CHOICES)  # nothing timed again
     assert any("kept from before" in r.getMessage() for r in caplog.records)
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    like = lambda *shape: jax.ShapeDtypeStruct(shape, pool.dtype)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     for rows, name in ((16, 'name = "paged_decode_rows"'), (32, 'name = "paged_attention_'),
                        (8, 'name = "paged_attention_')):
         text = export.export(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
-            bf16(rows, cfg.num_heads, cfg.head_dim), bf16(*pool), bf16(*pool), i32(rows, 4), i32(rows)).mlir_module()
+            like(rows, cfg.num_heads, cfg.head_dim), like(*pool.shape), like(*pool.shape), i32(rows, 4),
+            i32(rows)).mlir_module()
         assert name in text, rows
 
 
@@ -226,11 +229,11 @@ def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
     k, v = _pool(np.random.default_rng(0), 2, 32, 1, 24, 16)
     refused = pallas_gpu.DecodeChoice("rows", 0, 4, 2)  # no keys a step: the kernel cannot be built
     choices = (pallas_gpu.DEFAULT, pallas_gpu.DecodeChoice("rows", 32, 4, 2), refused)
-    plan, times = pallas_gpu.tune(k, v, 8, (2, 3), 40, choices=choices, interpret=True)
+    plan, times = pallas_gpu.tune(k, v, 8, (2, 3), 40, k.dtype, choices=choices, interpret=True)
     assert sorted(plan) == [2, 3] and all(set(times[b]) == set(choices[:2]) for b in plan)
     assert all(t > 0 for b in plan for t in times[b].values())
     assert all(plan[b] == min(times[b], key=times[b].get) for b in plan)
-    plan, times = pallas_gpu.tune(k, v, 8, (2,), 40, choices=(refused,), interpret=True)
+    plan, times = pallas_gpu.tune(k, v, 8, (2,), 40, k.dtype, choices=(refused,), interpret=True)
     assert plan == {2: pallas_gpu.DEFAULT} and times == {2: {}}  # nothing ran: upstream's defaults
 
 

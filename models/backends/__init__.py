@@ -53,9 +53,10 @@ def default_backend(platform: str | None = None) -> str:
 def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | None = None, tp: int = 1) -> str:
     """Check a `--attention-backend` value (`auto` picks by platform). A kernel that cannot serve the model's
     attention (a sliding window, logit soft-capping, latent attention, sinks; for `pallas-gpu`, a head dimension
-    that is not a power of two; for `pallas-tpu`, a float8 pool) falls back to `xla` for that model. Under `auto`
-    so do the Pallas kernels on a mesh with `tp` > 1, and the `cpu` kernel for a model or pool that is not float32,
-    a mesh with `tp` > 1, or a machine without a C++ compiler; an explicit ask for a kernel there fails."""
+    that is not a power of two; for `pallas-tpu`, a pool in another dtype than the model's, as float8) falls back
+    to `xla` for that model. Under `auto` so do the Pallas kernels on a mesh with `tp` > 1, and the `cpu` kernel for
+    a model or pool that is not float32, a mesh with `tp` > 1, or a machine without a C++ compiler; an explicit ask
+    for a kernel there fails."""
     auto = name == "auto"
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:

@@ -55,7 +55,7 @@ CHOICES = (DEFAULT, DecodeChoice(warps=4), DecodeChoice(block=4, warps=4), Decod
            DecodeChoice("rows", 64, 4, 2), DecodeChoice("rows", 32, 4, 3), DecodeChoice("rows", 64, 4, 3),
            DecodeChoice("rows", 128, 8, 2), DecodeChoice("rows", 64, 4, 2, splits=4))
 FOREIGN = DecodeChoice("rows", 64, 4, 2)  # a pool in another dtype than the queries' (float8) where upstream was named
-_tuned: dict[tuple, DecodeChoice] = {}  # (rows, *pool shape) -> the card's choice (`use`)
+_tuned: dict[tuple, dict[int, DecodeChoice]] = {}  # (*pool shape, pool dtype) -> rows -> the card's choice (`use`)
 
 
 def _pow2(n: int) -> int:
@@ -91,14 +91,20 @@ def decode_plan(rows: int, kv_heads: int, pages: int, choice: DecodeChoice = DEF
     return width, splits, _pow2_divisor(width // splits, choice.block)
 
 
-def choice_for(rows: int, pool_shape: tuple) -> DecodeChoice:
-    """The choice `decode` runs for `rows` rows over a pool of `pool_shape`: the card's (`use`), else `DEFAULT`."""
-    return _tuned.get((rows, *pool_shape), DEFAULT)
+def _pool(pool) -> tuple:
+    return (*pool.shape, str(pool.dtype))
 
 
-def use(pool_shape: tuple, plan: dict[int, DecodeChoice]) -> None:
-    """Make `decode` run `plan`'s choice for each batch size over a pool of `pool_shape` (programs traced after)."""
-    _tuned.update({(rows, *pool_shape): choice for rows, choice in plan.items()})
+def choice_for(rows: int, pool) -> DecodeChoice:
+    """The choice `decode` runs for `rows` rows over `pool` (an array or its shape and dtype): the plan `use`
+    installed for its shape and dtype, else `DEFAULT`."""
+    return _tuned.get(_pool(pool), {}).get(rows, DEFAULT)
+
+
+def use(pool, plan: dict[int, DecodeChoice]) -> None:
+    """Make `decode` run `plan`'s choice for each batch size over pools of `pool`'s shape and dtype (in the programs
+    traced after; `{}`: `DEFAULT` for all). The plan is the process's: the last runner's for that shape holds."""
+    _tuned[_pool(pool)] = dict(plan)
 
 
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
@@ -107,7 +113,7 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
     listed by `table [B, n]` of `k_pages`/`v_pages [kvh, pages, page_size, d]`; returns `[B, h, d]`. Runs `choice`
     (by default `choice_for` the batch: the card's, once tuned); over a pool in another dtype (float8), whose keys
     upstream's kernel cannot multiply with the queries, `decode_rows` (`FOREIGN`) where upstream's was named."""
-    choice = choice or choice_for(q.shape[0], k_pages.shape)
+    choice = choice or choice_for(q.shape[0], k_pages)
     if choice.kernel == "upstream" and k_pages.dtype != q.dtype:  # a float8 pool: upstream's products take one dtype
         choice = FOREIGN
     if choice.kernel == "rows":
@@ -124,17 +130,18 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
                                   num_stages=choice.stages, interpret=interpret)
 
 
-def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int, dtype=None,
+def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int, dtype,
          choices: tuple[DecodeChoice, ...] = CHOICES, interpret: bool = False,
          seed: int = 0) -> tuple[dict[int, DecodeChoice], dict[int, dict[DecodeChoice, float]]]:
     """Time each of `choices` on this card at each batch size of `rows`, every row `length` keys long in pages
     spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
     the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
     A choice the compiler refuses, or that fails on the card, is left out (all of them: `DEFAULT`); so is upstream's
-    kernel over a pool in another dtype than the queries' (`dtype`, by default the pool's). Returns the plan and
-    every time (seconds a call)."""
+    kernel over a pool in another dtype than the queries' (`dtype`, the model's). Returns the plan and every time
+    (seconds a call). Not checked here: that a choice's results on the card are right (the tests check each one's
+    in Pallas' interpreter and its Triton lowering, on the CPU)."""
     kvh, pages, ps, d = k_pages.shape
-    dtype = jnp.dtype(dtype or k_pages.dtype)
+    dtype = jnp.dtype(dtype)
     choices = tuple(c for c in choices if c.kernel == "rows" or dtype == k_pages.dtype)
     n = -(-length // ps)
     rng = np.random.default_rng(seed)
