@@ -440,13 +440,13 @@ class Runner:
 
     def _tune_decode(self, tune: bool, interpret: bool = False) -> dict:
         """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on: with `tune`, the
-        fastest of `pallas_gpu.CHOICES` on this card that gives the reference's output, over this pool, at half the
-        context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and waits for nothing);
-        else none (upstream's defaults). Installed for this pool's shape either way (`pallas_gpu.use`), for the
-        programs traced after. The card's choice, not a guess: session 27's H200 ran upstream's kernel at
-        1,036-1,383 GB/s by its settings alone. Not on several processes (each would time its own and could trace
-        other programs), nor when the pool cannot be allocated (the server says so) or a batch size has no choice
-        that ran (then nothing is kept)."""
+        fastest of `pallas_gpu.CHOICES` on this card (`pallas_gpu.tune`: its output there is not checked), over this
+        pool, at half the context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and
+        waits for nothing); else none (upstream's defaults). Installed for this pool's shape either way
+        (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess: session 27's H200 ran
+        upstream's kernel at 1,036-1,383 GB/s by its settings alone. Not on several processes (each would time its
+        own and could trace other programs), nor when the pool cannot be allocated (the server says so) or a batch
+        size has no choice that ran (then nothing is kept)."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg

@@ -120,9 +120,8 @@ def floats(x: jax.Array) -> jax.Array:
 
 def gather(cache: jax.Array, table: jax.Array) -> jax.Array:
     """The keys (or values) in the pages of `table [B, n]`, in order: `[kvh, B, n * page_size, d]` (float8 for a
-    float8 pool: `floats`). Taken as whole
-    pages (rows of `page_size * d`), which XLA's CPU backend copies at ~40 GB/s, against ~10 GB/s for the
-    element-wise gather that `cache[:, table]` becomes."""
+    float8 pool: `floats`). Taken as whole pages (rows of `page_size * d`), which XLA's CPU backend copies at
+    ~40 GB/s, against ~10 GB/s for the element-wise gather that `cache[:, table]` becomes."""
     kvh, _, ps, d = cache.shape
     b, n = table.shape
     return floats(jnp.take(cache.reshape(kvh, -1, ps * d), table, axis=1).reshape(kvh, b, n * ps, d))

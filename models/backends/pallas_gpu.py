@@ -54,7 +54,9 @@ DEFAULT = DecodeChoice()  # upstream's own warps and stages, measured on an H200
 CHOICES = (DEFAULT, DecodeChoice(warps=4), DecodeChoice(block=4, warps=4), DecodeChoice(splits=4),
            DecodeChoice("rows", 64, 4, 2), DecodeChoice("rows", 32, 4, 3), DecodeChoice("rows", 64, 4, 3),
            DecodeChoice("rows", 128, 8, 2), DecodeChoice("rows", 64, 4, 2, splits=4))
-FOREIGN = DecodeChoice("rows", 64, 4, 2)  # a pool in another dtype than the queries' (float8) where upstream was named
+ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`' defaults: keys per inner step, warps per program, stages
+FOREIGN = DecodeChoice("rows", ROW_KEYS, ROW_WARPS, ROW_STAGES)  # a pool in another dtype than the queries' (float8)
+# where upstream's was named
 _tuned: dict[tuple, dict[int, DecodeChoice]] = {}  # (*pool shape, pool dtype) -> rows -> the card's choice (`use`)
 
 
@@ -145,26 +147,27 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     choices = tuple(c for c in choices if c.kernel == "rows" or dtype == k_pages.dtype)
     n = -(-length // ps)
     rng = np.random.default_rng(seed)
-    plan, times = {}, {}
-    for b in rows:
-        table = jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32)  # any pages: the keys' values do not matter
-        q = jnp.asarray(rng.normal(size=(b, heads, d)), dtype)
-        args = (q, k_pages, v_pages, table, jnp.full((b,), length, jnp.int32))
+    args = {b: (jnp.asarray(rng.normal(size=(b, heads, d)), dtype), k_pages, v_pages,
+                jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32),  # any pages: the keys' values do not matter
+                jnp.full((b,), length, jnp.int32)) for b in rows}
+    jobs = [(b, c) for b in rows for c in choices]
 
-        def compiled(choice):
-            fn = jax.jit(functools.partial(decode, interpret=interpret, choice=choice))
-            try:
-                return fn.lower(*args).compile()
-            except Exception:  # noqa: BLE001  (too many registers or too much shared memory for the card)
-                return None
+    def compiled(job):
+        b, choice = job
+        fn = jax.jit(functools.partial(decode, interpret=interpret, choice=choice))
+        try:
+            return fn.lower(*args[b]).compile()
+        except Exception:  # noqa: BLE001  (too many registers or too much shared memory for the card)
+            return None
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
-            exes = dict(zip(choices, pool.map(compiled, choices)))
-        times[b] = {}
-        for choice, exe in ((c, exe) for c, exe in exes.items() if exe is not None):
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
+        exes = dict(zip(jobs, pool.map(compiled, jobs)))  # every batch size's compiles at once, then the timing
+    times = {b: {} for b in rows}
+    for (b, choice), exe in exes.items():
+        if exe is not None:
             with contextlib.suppress(Exception):  # it failed on the card: left out like a refused one
-                times[b][choice] = _seconds(exe, args)
-        plan[b] = min(times[b], key=times[b].get) if times[b] else DEFAULT
+                times[b][choice] = _seconds(exe, args[b])
+    plan = {b: min(times[b], key=times[b].get) if times[b] else DEFAULT for b in rows}
     return plan, times
 
 
@@ -179,9 +182,6 @@ def _seconds(exe, args, calls: int = 10, rounds: int = 3) -> float:
         jax.block_until_ready(out)
         best = min(best, (time.perf_counter() - t) / calls)
     return best
-
-
-ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`' defaults: keys per inner step, warps per program, stages
 
 
 def _rows_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, keys: int, page_size: int,
