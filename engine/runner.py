@@ -440,7 +440,7 @@ class Runner:
 
     def _tune_decode(self, tune: bool, interpret: bool = False) -> dict:
         """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on: with `tune`, the
-        fastest of `pallas_gpu.CHOICES` on this card (`pallas_gpu.tune`: its output there is not checked), over this
+        fastest of `pallas_gpu.CHOICES` that compute right on this card (`pallas_gpu.tune`), over this
         pool, at half the context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and
         waits for nothing); else none (upstream's defaults). Installed for this pool's shape either way
         (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess: session 27's H200 ran
@@ -460,8 +460,11 @@ class Runner:
 
         def make():
             k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))
-            plan, times = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype, interpret=interpret)
-            for b in rows:  # every choice's time, for the docs (a choice missing was refused or wrong)
+            plan, times, left = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype,
+                                                interpret=interpret)
+            for choice, why in left.items():
+                log.warning("sparkler: decode attention %s left out: %s", choice, why)
+            for b in rows:  # every choice's time, for the docs
                 kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
                          kv / min(times[b].values(), default=float("inf")) / 1e9,

@@ -229,12 +229,41 @@ def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
     k, v = _pool(np.random.default_rng(0), 2, 32, 1, 24, 16)
     refused = pallas_gpu.DecodeChoice("rows", 0, 4, 2)  # no keys a step: the kernel cannot be built
     choices = (pallas_gpu.DEFAULT, pallas_gpu.DecodeChoice("rows", 32, 4, 2), refused)
-    plan, times = pallas_gpu.tune(k, v, 8, (2, 3), 40, k.dtype, choices=choices, interpret=True)
+    plan, times, left = pallas_gpu.tune(k, v, 8, (2, 3), 40, k.dtype, choices=choices, interpret=True)
     assert sorted(plan) == [2, 3] and all(set(times[b]) == set(choices[:2]) for b in plan)
     assert all(t > 0 for b in plan for t in times[b].values())
     assert all(plan[b] == min(times[b], key=times[b].get) for b in plan)
-    plan, times = pallas_gpu.tune(k, v, 8, (2,), 40, k.dtype, choices=(refused,), interpret=True)
-    assert plan == {2: pallas_gpu.DEFAULT} and times == {2: {}}  # nothing ran: upstream's defaults
+    assert left == {refused: "refused by the compiler"}
+    plan, times, left = pallas_gpu.tune(k, v, 8, (2,), 40, k.dtype, choices=(refused,), interpret=True)
+    assert plan == {2: pallas_gpu.DEFAULT} and times == {2: {}} and set(left) == {refused}  # upstream's defaults
+
+
+@pytest.mark.parametrize("pool_dtype", ["float32", "float8_e4m3fn"])
+def test_tuning_leaves_out_a_choice_that_computes_wrong_on_the_card(monkeypatch, pool_dtype):
+    """Before timing, `pallas_gpu.tune` checks each choice's output against `paged.reference` over random keys and
+    values (here interpreted; the card's miscompilation stood in for by a `decode_rows` that is off by 5% at one
+    block size, or NaN at another): the wrong ones are neither timed nor picked, however fast, and the tuner says
+    why. Over a float8 pool too (the check's random keys go in as bits)."""
+    from models.backends import pallas_gpu
+    from models.backends.paged import pool_dtype as array_dtype, to_pool
+
+    real = pallas_gpu.decode_rows
+    off = {16: 1.05, 8: float("nan")}  # keys a block -> what the "card" multiplies the output by
+
+    def card(*args, keys=pallas_gpu.ROW_KEYS, **kw):
+        return real(*args, keys=keys, **kw) * off.get(keys, 1.0)
+
+    monkeypatch.setattr(pallas_gpu, "decode_rows", card)
+    k, v = (to_pool(x, array_dtype(pool_dtype)) for x in _pool(np.random.default_rng(1), 2, 32, 1, 24, 16))
+    good = pallas_gpu.DecodeChoice("rows", 32, 4, 2)
+    wrong, nan = pallas_gpu.DecodeChoice("rows", 16, 4, 2), pallas_gpu.DecodeChoice("rows", 8, 4, 2)
+    timed = []
+    monkeypatch.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or 1 / len(timed))
+    plan, times, left = pallas_gpu.tune(k, v, 8, (2, 3), 40, jnp.float32, choices=(good, wrong, nan),
+                                        interpret=True)
+    assert plan == {2: good, 3: good} and len(timed) == 2 and all(set(t) == {good} for t in times.values())
+    assert set(left) == {wrong, nan} and all(why.startswith("wrong on the card") for why in left.values())
+    assert "nan" in left[nan]
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)

@@ -11,7 +11,6 @@ tokamax. This module is the only place that names the kernel, so swapping it is 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import os
@@ -21,11 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.backends.paged import SCRATCH, floats
+from models.backends.paged import SCRATCH, floats, reference, to_pool
 
 MAX_SPLITS = 16  # partitions of a sequence's pages computed in parallel, then merged (flash-decoding)
 MAX_BLOCK = 8  # pages per inner step of the kernel
 PROGRAMS = 264  # about two kernel programs per streaming multiprocessor of an H100 (132)
+CHECK_PAGES = 256  # pages of random keys and values in the pool `tune` checks each choice's results over
+CHECK_TOLERANCE = 0.02  # the most |output - reference| / (1 + |reference|) `tune` lets a choice have (bfloat16: ~0.006)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +135,15 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Arra
 
 def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ...], length: int, dtype,
          choices: tuple[DecodeChoice, ...] = CHOICES, interpret: bool = False,
-         seed: int = 0) -> tuple[dict[int, DecodeChoice], dict[int, dict[DecodeChoice, float]]]:
+         seed: int = 0) -> tuple[dict[int, DecodeChoice], dict[int, dict[DecodeChoice, float]], dict]:
     """Time each of `choices` on this card at each batch size of `rows`, every row `length` keys long in pages
     spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
     the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
-    A choice the compiler refuses, or that fails on the card, is left out (all of them: `DEFAULT`); so is upstream's
-    kernel over a pool in another dtype than the queries' (`dtype`, the model's). Returns the plan and every time
-    (seconds a call). Not checked here: that a choice's results on the card are right (the tests check each one's
-    in Pallas' interpreter and its Triton lowering, on the CPU)."""
+    Each choice's results are first checked on the card against `paged.reference`, over a small pool of random keys
+    (`_check_batch`: not a big pool's 64-bit addressing, which the tests lower to Triton); a choice the compiler
+    refuses, that fails on the card or computes wrong there is left out (all of them: `DEFAULT`); so is upstream's
+    kernel over a pool in another dtype than the queries' (`dtype`, the model's). Returns the plan, every time
+    (seconds a call) and why each choice left out was (its error, or the exception's name)."""
     kvh, pages, ps, d = k_pages.shape
     dtype = jnp.dtype(dtype)
     choices = tuple(c for c in choices if c.kernel == "rows" or dtype == k_pages.dtype)
@@ -150,7 +152,8 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     args = {b: (jnp.asarray(rng.normal(size=(b, heads, d)), dtype), k_pages, v_pages,
                 jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32),  # any pages: the keys' values do not matter
                 jnp.full((b,), length, jnp.int32)) for b in rows}
-    jobs = [(b, c) for b in rows for c in choices]
+    args["check"], want = _check_batch(k_pages.dtype, kvh, heads, d, ps, min(rows, default=1), n, dtype, rng)
+    jobs = [(b, c) for b in ("check", *rows) for c in choices]
 
     def compiled(job):
         b, choice = job
@@ -162,13 +165,43 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
         exes = dict(zip(jobs, pool.map(compiled, jobs)))  # every batch size's compiles at once, then the timing
+    left = {c: "refused by the compiler" for c in choices if any(exes[b, c] is None for b in ("check", *rows))}
+    for c in choices:
+        if c not in left:
+            try:
+                error = float(jnp.max(jnp.abs(exes["check", c](*args["check"]).astype(jnp.float32) - want)
+                                      / (1 + jnp.abs(want))))
+            except Exception as e:  # noqa: BLE001  (it failed on the card)
+                left[c] = f"failed on the card ({type(e).__name__})"
+                continue
+            if not error <= CHECK_TOLERANCE:  # NaN too
+                left[c] = f"wrong on the card (error {error:.3g})"
     times = {b: {} for b in rows}
-    for (b, choice), exe in exes.items():
-        if exe is not None:
-            with contextlib.suppress(Exception):  # it failed on the card: left out like a refused one
-                times[b][choice] = _seconds(exe, args[b])
+    for b in rows:
+        for c in choices:
+            if c not in left:
+                try:
+                    times[b][c] = _seconds(exes[b, c], args[b])
+                except Exception as e:  # noqa: BLE001  (it failed on the card: left out like a refused one)
+                    left[c] = f"failed on the card ({type(e).__name__})"
+    times = {b: {c: t for c, t in times[b].items() if c not in left} for b in rows}
     plan = {b: min(times[b], key=times[b].get) if times[b] else DEFAULT for b in rows}
-    return plan, times
+    return plan, times, left
+
+
+def _check_batch(pool_dtype, kvh: int, heads: int, d: int, page_size: int, rows: int, n: int, dtype, rng):
+    """`tune`'s check: `rows` rows of `n`-page tables over a small pool of random keys and values in `pool_dtype`
+    (`CHECK_PAGES`), of lengths from one key to the whole table (page boundaries and partial blocks among them).
+    Returns `decode`'s arguments and the reference's output in float32."""
+    shape = (kvh, CHECK_PAGES + 1, page_size, d)
+    k, v = (to_pool(jnp.asarray(rng.normal(size=shape), jnp.float32), pool_dtype) for _ in "kv")
+    lengths = rng.integers(1, n * page_size + 1, rows)
+    lengths[:4] = (1, n * page_size, page_size, page_size + 1)[:rows]
+    lengths = jnp.asarray(np.minimum(lengths, n * page_size), jnp.int32)
+    table = jnp.asarray(rng.integers(1, CHECK_PAGES + 1, (rows, n)), jnp.int32)
+    q = jnp.asarray(rng.normal(size=(rows, heads, d)) * d ** -0.5, dtype)
+    want = reference(q[:, None], k, v, table, (lengths - 1)[:, None], 1.0).reshape(rows, heads, d)
+    return (q, k, v, table, lengths), want.astype(jnp.float32)
 
 
 def _seconds(exe, args, calls: int = 10, rounds: int = 3) -> float:
