@@ -334,7 +334,8 @@ def table(res: dict, args) -> str:
         lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "
                      f"{http[top]['ttft_max']:.2f} | | | {'<= 1.0 (p50)' if not args.smoke else ''} |")
     for line in res.get("plan", []):
-        lines.append(f"| decode attention, tuned at the cold start | {line} | | | |")
+        lines.append(f"| {'the KV pool' if line.startswith('KV pool') else 'decode attention, tuned'} at the cold "
+                     f"start | {line} | | | |")
     for kind, target in (("cold", "<= 90"), ("warm", "<= 20")):
         if kind in res:
             target = "" if args.smoke else target
@@ -401,9 +402,9 @@ def main() -> None:
         print(f"ready cold in {res['cold']:.1f} s", flush=True)
         wait_warm(url)  # what the warm start then loads
         stop(proc)
-        with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of decode kernel
-            res["plan"] = ["decode attention" + line.split("decode attention", 1)[1].rstrip() for line in f
-                           if "decode attention" in line]
+        with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of decode kernel, and
+            res["plan"] = [what + line.split(what, 1)[1].rstrip() for line in f  # the pool's default size there
+                           for what in ("decode attention", "KV pool") if what in line]
         print("\n".join(res["plan"]), flush=True)
         record()
     proc, res["warm"] = server(folder, cache, args, args.port, os.path.join(args.results, "server-warm.log"))

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import jax
 
 log = logging.getLogger("sparkler.compile")
-PROGRAMS = {"loaded": 0, "saved": 0}  # program-store reads and writes since start
+PROGRAMS = {"loaded": 0, "saved": 0, "working": 0}  # program-store reads and writes since start, and the most
+# working memory (temporaries, bytes) of a program compiled or loaded (`engine.memory`)
 PERSISTENT = {"hits": 0, "misses": 0}  # JAX's persistent-cache lookups since start (from its own events)
 _EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
 _lock = threading.Lock()
@@ -271,7 +272,18 @@ class AOT:
                     exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh(path) if path else None)
                     if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
                         _save(path, exe)
+        working = _working(exe)
+        with _lock:
+            PROGRAMS["working"] = max(PROGRAMS["working"], working)
         self.exes[key] = exe
+
+
+def _working(exe) -> int:
+    """A compiled program's temporaries in bytes (0 where the backend does not say)."""
+    try:
+        return int(exe.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001  (no analysis for this backend or a loaded program)
+        return 0
 
 
 def compile_all(jobs: list[tuple[AOT, tuple, dict]], workers: int | None = None, desc: str = "compiling") -> None:

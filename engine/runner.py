@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine import sampler as smp
+from engine import memory, sampler as smp
 from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
 from models import backends
@@ -52,7 +52,8 @@ class RunnerConfig:
 
     max_num_seqs: int = 32  # sequences decoded together (batch rows)
     max_model_len: int = 0  # per-sequence cap; 0: the model's limit, or what the pool holds if that is less
-    kv_cache_gb: float = 4.0  # sizes the page pool
+    kv_cache_gb: float = 0.0  # sizes the page pool (a data shard's); 0: `memory.default_pool` on a GPU or TPU, else 4
+    gpu_memory_utilization: float = 0.9  # with `kv_cache_gb` 0: the share of each accelerator's memory to use in all
     page_size: int = 16  # tokens per page (TPU kernels want 128+)
     decode_steps: int = 4
     min_attend: int = 128
@@ -169,10 +170,29 @@ class Runner:
     """
 
     def __init__(self, model: Model, rc: RunnerConfig):
-        self.model, self.rc = model, rc
         mesh = model.mesh
         self.dp = mesh.shape["data"]
         self.per_shard = -(-rc.max_num_seqs // self.dp)  # slots per data shard
+        # The flat step where the `ragged` kernel computes its attention (a window, soft-capping or sinks would
+        # take `paged.flat_reference`, which gathers every token's pages).
+        kernel = model.module.backend == "pallas-gpu"
+        self.flat = kernel and model.cfg.plain_attention if rc.flat_step is None else rc.flat_step
+        if self.flat and self.dp > 1:
+            if rc.flat_step:
+                raise ValueError("the flat step runs on one data shard (-dp 1)")
+            self.flat = False
+        if self.flat and not kernel and mesh.devices.flat[0].platform != "cpu":  # the reference's gathers
+            raise ValueError("the flat step needs the pallas-gpu attention kernel on an accelerator (this model "
+                             f"attends through {model.module.backend!r}): --flat-step off")
+        try:  # how `kv_cache_gb` 0 sizes the pool on an accelerator (None on a CPU); logged when a size is given
+            self.fit = memory.default_pool(model, *self._working(model, rc), rc.gpu_memory_utilization)
+        except ValueError:
+            if not rc.kv_cache_gb:
+                raise
+            self.fit = None
+        if not rc.kv_cache_gb:
+            rc = dataclasses.replace(rc, kv_cache_gb=self.fit.pool / (1 << 30) if self.fit else memory.CPU_GB)
+        self.model, self.rc = model, rc
         self.slots, self.page_size = self.dp * self.per_shard, rc.page_size
         self.num_pages = plan_pages(model, rc)  # per data shard
         self.max_len = plan_max_len(model, rc, self.num_pages)
@@ -192,17 +212,8 @@ class Runner:
         # prompts prefilled per call and shard: never more than its slots (each prompt holds one)
         self.prefill_rows = tuple(sorted({bucket(n, (1, 2, 4, PREFILL_ROWS))
                                          for n in range(1, min(self.per_shard, PREFILL_ROWS) + 1)}))
-        kernel = model.module.backend == "pallas-gpu"
         if kernel and rc.page_size & (rc.page_size - 1):
             raise ValueError(f"the pallas-gpu kernels need a power-of-two page size, not {rc.page_size}")
-        self.flat = kernel if rc.flat_step is None else rc.flat_step
-        if self.flat and self.dp > 1:
-            if rc.flat_step:
-                raise ValueError("the flat step runs on one data shard (-dp 1)")
-            self.flat = False
-        if self.flat and not kernel and mesh.devices.flat[0].platform != "cpu":  # the reference's gathers
-            raise ValueError("the flat step needs the pallas-gpu attention kernel on an accelerator (this model "
-                             f"attends through {model.module.backend!r}): --flat-step off")
         # A flat step's tokens, padded to a power of two or to the most it takes: the step's prompt budget (or a
         # chunk) and every slot's next token; its sequences: every slot and one more, the padding tokens' (scratch).
         most = max(rc.max_prefill_tokens, self.chunk) + self.slots
@@ -437,6 +448,25 @@ class Runner:
         self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", tuned)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat, self._logits)
+
+    def _working(self, model: Model, rc: RunnerConfig) -> tuple:
+        """`memory.working_bytes`' step sizes for this runner: its largest step's tokens (a prompt budget or chunk,
+        and every slot's next token), rows of logits (a verify pass's drafts), and what goes through
+        `paged.reference` at most in a call: the flat step's every token, else a prefill's prompts (or a verify
+        pass's drafts) over the longest context and a chunk; nothing where the `pallas-gpu` kernels attend."""
+        tokens = max(rc.max_prefill_tokens, PREFILL_BUCKETS[-1]) + self.per_shard
+        rows = self.per_shard * (rc.draft_tokens + 1)
+        longest = rc.max_model_len or model.cfg.max_position
+        context = longest + min(PREFILL_BUCKETS[-1], longest)  # a chunk's table covers the context and the chunk
+        if model.module.backend == "pallas-gpu" and model.cfg.plain_attention:
+            reference = None
+        elif self.flat:
+            reference = (tokens, tokens, context)
+        else:  # a prefill call's prompts: short ones 8 at a time, or as many chunks as the budget holds
+            queries = min(PREFILL_ROWS * PREFILL_BUCKETS[-1],
+                          max(rc.max_prefill_tokens, PREFILL_ROWS * BATCHED_PREFILL))
+            reference = (max(queries, rows), max(PREFILL_ROWS, self.per_shard), context)
+        return tokens, rows, reference
 
     def _tune_decode(self, tune: bool, interpret: bool = False) -> dict:
         """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on: with `tune`, the

@@ -80,6 +80,12 @@ class ModelConfig:
         return self.kv_dtype or self.dtype
 
     @property
+    def plain_attention(self) -> bool:
+        """No soft-capping, window or sinks: what the `cpu`, `pallas-gpu` and `pallas-tpu` kernels compute (others
+        attend through `paged.reference`)."""
+        return not (self.attn_softcap or self.sliding_window or self.attn_sinks)
+
+    @property
     def cache_heads(self) -> int:
         """Heads of the KV pool: the KV heads, or MLA's one latent vector per token."""
         return 1 if self.kv_lora_rank else self.num_kv_heads

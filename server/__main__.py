@@ -40,7 +40,13 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (batch rows)")
     ap.add_argument("--max-model-len", type=int, default=0,
                     help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")
-    ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="size of the KV page pool")
+    ap.add_argument("--kv-cache-gb", type=float, default=0.0,
+                    help="size of the KV page pool, GiB a data shard (0: 4 on a CPU; on a GPU or TPU what the devices "
+                         "hold after the weights within --gpu-memory-utilization, less a reserve for the programs' "
+                         "working memory)")
+    ap.add_argument("--gpu-memory-utilization", type=_share, default=0.9,
+                    help="the share of each GPU's or TPU's memory to use in all: weights, KV pool and working memory "
+                         "(vLLM's flag; sets XLA_PYTHON_CLIENT_MEM_FRACTION unless it is set)")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     ap.add_argument("--decode-steps", type=int, default=0,
                     help="decode steps per dispatch (0: 4 on CPU, 16 on GPU/TPU)")
@@ -137,6 +143,17 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     return args
 
 
+def _share(text: str) -> float:
+    """A share in (0, 1]."""
+    try:
+        share = float(text)
+    except ValueError:
+        share = 0.0
+    if not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
+    return share
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     """A comma-separated list of positive integers."""
     try:
@@ -162,7 +179,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
     """The engine's settings from the flags (0: the platform's default)."""
     tuned = platform_defaults(jax.devices()[0].platform)
     return RunnerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        kv_cache_gb=args.kv_cache_gb, page_size=args.page_size,
+                        kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+                        page_size=args.page_size,
                         decode_steps=args.decode_steps or tuned["decode_steps"],
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
                         draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
@@ -179,7 +197,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
-    group = args.num_processes > 1
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))  # before JAX's GPU
+    group = args.num_processes > 1  # client starts (at the first device query)
     if group:
         if not args.coordinator or not 0 <= args.process_id < args.num_processes:
             raise SystemExit("sparkler: --num-processes > 1 needs --coordinator HOST:PORT and a --process-id in "
@@ -195,14 +214,17 @@ def main(argv=None, prog: str = "python -m server") -> None:
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
         raise SystemExit(f"sparkler: {e}") from None
     t1 = time.monotonic()
-    engine = Engine(model, runner_config(args))
+    try:
+        engine = Engine(model, runner_config(args))
+    except ValueError as e:  # a pool that does not fit, a context it cannot hold, ...
+        raise SystemExit(f"sparkler: {e}") from None
     t2 = time.monotonic()
     if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
         engine.warmup(full=args.warmup == "full", background=not group)
     t3 = time.monotonic()
     if (failed := engine.runner.pool_error()) is not None:  # zeroing runs behind the warm-up; report it at start
-        raise SystemExit(f"sparkler: the KV pool ({args.kv_cache_gb} GB) could not be allocated: {failed}; lower "
-                         "--kv-cache-gb")
+        raise SystemExit(f"sparkler: the KV pool ({engine.runner.rc.kv_cache_gb:.1f} GiB) could not be allocated: "
+                         f"{failed}; lower --kv-cache-gb or --gpu-memory-utilization")
     config = (args.model, args.dtype, model.cfg.quantization, model.cfg.matmul, args.tp, args.dp,
               dataclasses.astuple(engine.runner.rc))
     if group and args.process_id:  # run process 0's steps until it stops
@@ -222,6 +244,14 @@ def main(argv=None, prog: str = "python -m server") -> None:
              model.module.backend, "scanned" if model.module.scan else "unrolled", t1 - t0, t2 - t1,
              t3 - t2, engine.runner.compiles, PROGRAMS["loaded"], PROGRAMS["saved"], PERSISTENT["hits"],
              PERSISTENT["misses"])
+    if (fit := engine.runner.fit) is not None:  # the bound kept for working memory, against the programs' own
+        log.info("sparkler: KV pool %s; the programs compiled so far need at most %.2f GiB of working memory",
+                 fit if not args.kv_cache_gb else f"{args.kv_cache_gb:.1f} GiB as asked (the default here: {fit})",
+                 PROGRAMS["working"] / (1 << 30))
+        if PROGRAMS["working"] > fit.reserve:
+            log.warning("sparkler: a compiled program needs %.1f GiB of working memory, more than the %.1f GiB kept "
+                        "for it: lower --gpu-memory-utilization or pass --kv-cache-gb", PROGRAMS["working"] / (1 << 30),
+                        fit.reserve / (1 << 30))
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)

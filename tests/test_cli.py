@@ -139,6 +139,9 @@ def test_every_command_has_help(capsys):
     with pytest.raises(SystemExit) as end:
         main(["serve", "--decode-batch-sizes", "4,0"])
     assert end.value.code == 2 and "positive integers separated by commas" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as end:
+        main(["serve", "--gpu-memory-utilization", "1.5"])
+    assert end.value.code == 2 and "a share in (0, 1], got '1.5'" in capsys.readouterr().err
 
 
 def test_the_prefill_budget_takes_sglangs_and_vllms_names():
