@@ -42,11 +42,11 @@ class Fit:
 def working_bytes(cfg, tokens: int, rows: int, layer_bytes: int, reference: tuple[int, int, int] | None) -> int:
     """An upper bound of a step's working memory on one device, in float32 throughout: `tokens` tokens through one
     layer (the residual, its norm, the attention's queries, keys, values and output: 4 x hidden; the MLP's gate, up
-    and their product: 3 x its width, an MoE's chosen experts' and shared expert's together); the logits of `rows`
-    rows and `SAMPLER_TEMPS` of the sampler's arrays over the vocabulary; two layers' weights (a scanned layer's
-    slice, and the next one's). Where attention goes through `paged.reference` (`reference`: at most that many
-    queries, sequences and keys a call), also three arrays of its scores (the scores, their exponentials, the
-    probabilities) and the sequences' keys and values gathered from the pool."""
+    and their product: 3 x its width, an MoE's chosen experts' and shared expert's together); `rows` rows over the
+    vocabulary (logits, and what the sampler keeps) and `SAMPLER_TEMPS` of its temporaries; two layers' weights (a
+    scanned layer's slice, and the next one's). Where attention goes through `paged.reference` (`reference`: at
+    most that many queries, sequences and keys a call), also three arrays of its scores (the scores, their
+    exponentials, the probabilities) and the sequences' keys and values gathered from the pool."""
     width = max(cfg.intermediate_size, cfg.experts_per_token * cfg.moe_intermediate_size + cfg.shared_expert_size)
     words = tokens * (4 * cfg.hidden_size + 3 * width) + (rows + SAMPLER_TEMPS) * cfg.vocab_size
     if reference:
@@ -74,22 +74,24 @@ def fit(usable: int, in_use: int, reserve: int, split: int) -> Fit:
     return Fit(usable, in_use, reserve, pool)
 
 
-def default_pool(model, tokens: int, rows: int, reference: tuple[int, int, int] | None,
-                 utilization: float) -> Fit | None:
+def default_pool(model, tokens: int, rows: int, reference: tuple[int, int, int] | None, utilization: float,
+                 stats: list[dict] | None = None) -> Fit | None:
     """The pool `kv_cache_gb` 0 means for `model` (loaded: its weights on the devices) with steps as
-    `working_bytes`' arguments say: None (`CPU_GB`) on a CPU, where a device does not report its memory, or where
-    attention through the reference over the whole context would leave no room (a warning says so). The device with
-    the least left sets it, across processes too (every process builds the same pool)."""
-    devices = model.mesh.devices.flat
+    `working_bytes`' arguments say, from `stats` (this process's devices' `memory_stats()`, asked of them by
+    default): None (`CPU_GB`) on a CPU, where a device does not report its memory, or where attention through the
+    reference over the whole context would leave no room (a warning says so). The device with the least left sets
+    it, across processes too (every process builds the same pool)."""
+    devices = [d for d in model.mesh.devices.flat if d.process_index == jax.process_index()]
     platform = devices[0].platform
-    mine = [d.memory_stats() for d in devices if d.process_index == jax.process_index()]
-    if platform == "cpu" or not all(s and "bytes_limit" in s for s in mine):
+    if stats is None:
+        stats = [] if platform == "cpu" else [d.memory_stats() for d in devices]
+    if not stats or not all(s and "bytes_limit" in s for s in stats):
         return None
     cfg = model.cfg
     tp = model.mesh.shape["tp"]
     split = tp if cfg.cache_heads % tp == 0 else 1  # the devices a data shard's pool is spread over
     layer = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(model.params)) // max(1, cfg.num_layers * tp)
-    usable, in_use = min(((usable_bytes(s["bytes_limit"], platform, utilization), s["bytes_in_use"]) for s in mine),
+    usable, in_use = min(((usable_bytes(s["bytes_limit"], platform, utilization), s["bytes_in_use"]) for s in stats),
                          key=lambda u: u[0] - u[1])  # the device with the least left
     if jax.process_count() > 1:  # the same pool on every process: the least left anywhere
         from jax.experimental import multihost_utils

@@ -186,9 +186,10 @@ class Runner:
                              f"attends through {model.module.backend!r}): --flat-step off")
         try:  # how `kv_cache_gb` 0 sizes the pool on an accelerator (None on a CPU); logged when a size is given
             self.fit = memory.default_pool(model, *self._working(model, rc), rc.gpu_memory_utilization)
-        except ValueError:
+        except Exception as e:  # noqa: BLE001  (no room: with a size given, only the log line is missed)
             if not rc.kv_cache_gb:
                 raise
+            log.warning("sparkler: the KV pool's default size not found (%s: %s)", type(e).__name__, e)
             self.fit = None
         if not rc.kv_cache_gb:
             rc = dataclasses.replace(rc, kv_cache_gb=self.fit.pool / (1 << 30) if self.fit else memory.CPU_GB)
@@ -451,11 +452,12 @@ class Runner:
 
     def _working(self, model: Model, rc: RunnerConfig) -> tuple:
         """`memory.working_bytes`' step sizes for this runner: its largest step's tokens (a prompt budget or chunk,
-        and every slot's next token), rows of logits (a verify pass's drafts), and what goes through
+        and every slot's next token), rows over the vocabulary (a verify pass's logits, and each slot's last logits,
+        penalty counts, biases and seen tokens, kept on the devices), and what goes through
         `paged.reference` at most in a call: the flat step's every token, else a prefill's prompts (or a verify
         pass's drafts) over the longest context and a chunk; nothing where the `pallas-gpu` kernels attend."""
         tokens = max(rc.max_prefill_tokens, PREFILL_BUCKETS[-1]) + self.per_shard
-        rows = self.per_shard * (rc.draft_tokens + 1)
+        rows = self.per_shard * (rc.draft_tokens + 1 + 4)  # a verify pass's logits, and the slots' own rows
         longest = rc.max_model_len or model.cfg.max_position
         context = longest + min(PREFILL_BUCKETS[-1], longest)  # a chunk's table covers the context and the chunk
         if model.module.backend == "pallas-gpu" and model.cfg.plain_attention:

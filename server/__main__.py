@@ -36,7 +36,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, HF folder or GGUF file")
-    ap.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
+    ap.add_argument("--served-name", "--served-model-name", default=None,
+                    help="the model id clients send (default: --model; vLLM's name is accepted too)")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (batch rows)")
     ap.add_argument("--max-model-len", type=int, default=0,
                     help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")

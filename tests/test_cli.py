@@ -154,3 +154,8 @@ def test_the_prefill_budget_takes_sglangs_and_vllms_names():
         assert runner_config(parse_args([flag, "2048"])).max_prefill_tokens == 2048
     tuned = platform_defaults(jax.devices()[0].platform)["max_prefill_tokens"]  # 512 on a CPU
     assert runner_config(parse_args([])).max_prefill_tokens == tuned
+    for flag in ("--served-name", "--served-model-name"):  # vLLM's name for it too
+        assert parse_args([flag, "m"]).served_name == "m"
+    rc = runner_config(parse_args([]))  # the pool: sized where it runs (4 GiB on a CPU), 0.9 of an accelerator
+    assert rc.kv_cache_gb == 0 and rc.gpu_memory_utilization == 0.9
+    assert runner_config(parse_args(["--gpu-memory-utilization", "0.5"])).gpu_memory_utilization == 0.5

@@ -1,9 +1,10 @@
 """The KV pool's default size (`engine.memory`): the share of an accelerator's memory, the bound kept for the
 programs' working memory against XLA's own figure for compiled programs, and the CPU's fixed pool."""
 
-import pytest
+import dataclasses
 
 import jax
+import pytest
 
 from engine import RunnerConfig, memory
 from engine.compile import PROGRAMS, compile_all
@@ -40,6 +41,36 @@ def test_the_share_of_a_device_and_what_is_left_for_the_pool(monkeypatch):
     assert fit.pool == 100 * gib and "100.0 GiB a data shard" in str(fit)
     with pytest.raises(ValueError, match="--gpu-memory-utilization or pass --kv-cache-gb"):
         memory.fit(20 * gib, 15 * gib, 7 * gib, 1)
+
+
+def test_the_default_pool_from_the_devices_memory(caplog):
+    """`memory.default_pool` from devices' memory figures (here given: a CPU reports none, and gets `CPU_GB`): the
+    device with the least left sets the pool, less the runner's working-memory bound; with the `pallas-gpu` kernels
+    (no reference attention) a model that leaves no room is an error; with the reference's bound over the model's
+    whole context leaving none, the 4 GiB pool with a warning naming --max-model-len."""
+    import logging
+
+    gib = 1 << 30
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01, tune_kernels=False)
+    kernel = _model(_LLAMA, "pallas-gpu")
+    tokens, rows, reference = Runner(kernel, rc)._working(kernel, rc)
+    assert reference is None
+    layer = sum(x.nbytes for x in jax.tree.leaves(kernel.params)) // kernel.cfg.num_layers
+    reserve = memory.working_bytes(kernel.cfg, tokens, rows, layer, None)
+    stats = [{"bytes_limit": 10 * gib, "bytes_in_use": 2 * gib}, {"bytes_limit": 10 * gib, "bytes_in_use": 3 * gib}]
+    fit = memory.default_pool(kernel, tokens, rows, None, 0.9, stats)  # a CPU model: 0.9 of the limit, as a TPU's
+    assert (fit.usable, fit.in_use, fit.reserve) == (9 * gib, 3 * gib, reserve) and fit.pool == 6 * gib - reserve
+    assert memory.default_pool(kernel, tokens, rows, None, 0.9) is None  # this CPU's devices report nothing
+    assert memory.default_pool(kernel, tokens, rows, None, 0.9, [None]) is None
+    with pytest.raises(ValueError, match="no memory left"):
+        memory.default_pool(kernel, tokens, rows, None, 0.9, [{"bytes_limit": 4 * gib, "bytes_in_use": 4 * gib}])
+    long = _model({**_LLAMA, "max_position_embeddings": 1 << 20}, "xla")  # a million tokens through the reference
+    rc = RunnerConfig(max_num_seqs=4, kv_cache_gb=0.01)
+    args = Runner(long, dataclasses.replace(rc, max_model_len=256))._working(long, rc)  # the model's whole context
+    assert args[2][2] > 1 << 20
+    with caplog.at_level(logging.WARNING, logger="sparkler.engine"):
+        assert memory.default_pool(long, *args, 0.9, stats) is None
+    assert "--max-model-len" in caplog.text
 
 
 def test_a_cpu_pool_is_four_gib_unless_sized():
