@@ -403,8 +403,9 @@ def main() -> None:
         wait_warm(url)  # what the warm start then loads
         stop(proc)
         with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of decode kernel, and
-            res["plan"] = [what + line.split(what, 1)[1].rstrip() for line in f  # the pool's default size there
-                           for what in ("decode attention", "KV pool") if what in line]
+            marks = {"decode attention": "decode attention", "sparkler: KV pool ": "KV pool "}  # and the pool's size
+            res["plan"] = [name + line.split(mark, 1)[1].rstrip() for line in f for mark, name in marks.items()
+                           if mark in line]
         print("\n".join(res["plan"]), flush=True)
         record()
     proc, res["warm"] = server(folder, cache, args, args.port, os.path.join(args.results, "server-warm.log"))
