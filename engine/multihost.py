@@ -21,6 +21,7 @@ import os
 import pickle
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -61,6 +62,24 @@ class Channel:
         """The other processes: the next message from process 0."""
         n, size = self._bcast(np.zeros(2, np.int64))
         return pickle.loads(self._bcast(np.zeros(int(size), np.uint8))[:int(n)].tobytes())
+
+
+def from_leader(make: Callable[[], Any]) -> Any:
+    """`make()`, run by process 0 alone, on every process (the others wait for it): one answer for the group where
+    each process's own could differ (the decode kernel's timing). An exception in `make` is raised on every process
+    (as a RuntimeError naming it)."""
+    channel = Channel()
+    if channel.leader:
+        try:
+            out = (True, make())
+        except Exception as e:  # noqa: BLE001  (sent on: the others must not wait forever)
+            out = (False, f"{type(e).__name__}: {e}")
+        channel.send(out)
+    else:
+        out = channel.recv()
+    if not out[0]:
+        raise RuntimeError(out[1])
+    return out[1]
 
 
 def fatal(what: str, e: BaseException) -> None:

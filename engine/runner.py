@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine import memory, sampler as smp
+from engine import memory, multihost, sampler as smp
 from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
 from models import backends
@@ -476,9 +476,10 @@ class Runner:
         pool, at half the context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and
         waits for nothing); else none (upstream's defaults). Installed for this pool's shape either way
         (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess: session 27's H200 ran
-        upstream's kernel at 1,036-1,383 GB/s by its settings alone. Not on several processes (each would time its
-        own and could trace other programs), nor when the pool cannot be allocated (the server says so) or a batch
-        size has no choice that ran (then nothing is kept)."""
+        upstream's kernel at 1,036-1,383 GB/s by its settings alone. On several processes, process 0 times on its
+        devices and every process runs its plan (`multihost.from_leader`: the same programs everywhere; not kept, as
+        no program is there). None when the pool cannot be allocated (the server says so) or a batch size has no
+        choice that ran (then nothing is kept)."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg
@@ -486,7 +487,7 @@ class Runner:
             return {}
         shape = list(self.cache_shape.k.shape)
         shape[1] //= self.dp  # one shard's pool, as the programs see it
-        rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune and jax.process_count() == 1 else []
+        rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune else []
         length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
         t0, plan = time.perf_counter(), {}
 
@@ -507,14 +508,17 @@ class Runner:
 
         if rows:
             key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length)
+            group = jax.process_count() > 1
             try:
-                kept, was = kept_result("decode-plan", key, make)
+                kept, was = (multihost.from_leader(make), False) if group else kept_result("decode-plan", key, make)
             except Exception as e:  # noqa: BLE001  (no pool, or nothing ran: upstream's defaults, nothing kept)
                 log.warning("sparkler: decode attention not tuned (%s: %s); upstream's defaults", type(e).__name__, e)
             else:
                 plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
-                log.info("decode attention plan %s in %.1f s: %s", "kept from before" if was else "timed on this card",
-                         time.perf_counter() - t0, "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
+                how = "kept from before" if was else (
+                    "timed on process 0" if jax.process_index() else "timed on this card")
+                log.info("decode attention plan %s in %.1f s: %s", how, time.perf_counter() - t0,
+                         "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
         pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan)
         return plan
 

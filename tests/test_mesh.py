@@ -217,6 +217,37 @@ def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_th
                 p.wait()
 
 
+_LEADER = """
+import json, sys
+import jax
+from engine import multihost
+multihost.initialize(sys.argv[1], 2, int(sys.argv[2]))
+made = []
+out = multihost.from_leader(lambda: made.append(1) or {"16": {"kernel": "rows"}, "by": jax.process_index()})
+try:
+    multihost.from_leader(lambda: 1 / 0)
+    err = None
+except RuntimeError as e:
+    err = str(e)
+print(json.dumps({"out": out, "made": len(made), "err": err}))
+"""
+
+
+def test_one_answer_for_the_group_made_by_process_0():
+    """`multihost.from_leader` (how the group shares the decode kernel's plan): process 0 alone makes the value and
+    every process gets it; an exception there is raised on both, so no process waits for ever."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = dict(_env(1), JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _LEADER, coordinator, str(i)], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert [g["out"] for g in got] == [{"16": {"kernel": "rows"}, "by": 0}] * 2
+    assert [g["made"] for g in got] == [1, 0]
+    assert all("ZeroDivisionError" in g["err"] for g in got)
+
+
 @pytest.mark.parametrize("flags,needle", [(["--tensor-parallel-size", "8"], "does not fit the 4 visible"),
                                           (["-tp", "2", "--data-parallel-size", "4"], "= 8 devices does not fit"),
                                           (["--tensor-parallel-size", "3"], "does not divide the 4 visible"),
