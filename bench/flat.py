@@ -64,12 +64,13 @@ def main() -> None:
         args.streams, args.prompts, args.prompt_len, args.tokens, args.rounds = 2, 1, 200, 8, 1
     import jax
 
-    from engine import Engine, RunnerConfig
+    from engine import Engine, RunnerConfig, memory
     from models import load_model
 
     model = load_model(args.model)
     slots = args.streams + args.prompts
-    engines = {flat: Engine(model, RunnerConfig(max_num_seqs=slots, max_model_len=1024, flat_step=flat))
+    engines = {flat: Engine(model, RunnerConfig(max_num_seqs=slots, max_model_len=1024, flat_step=flat,
+                                                kv_cache_gb=memory.CPU_GB))
                for flat in (False, True)}
     for eng in engines.values():
         eng.warmup()

@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
+    from engine import memory
     from engine.runner import RunnerConfig, kv_bytes_per_token, plan_pages
     from models import load_model
 
@@ -137,7 +138,7 @@ def main() -> None:
     rows.append((f"TTFT via HTTP, {t['system_tokens']}-token system prompt seen before (ms)", f"{t['warm'] * 1000:.0f}",
                  f"{t['cold'] * 1000:.0f} (cold)", f"{t['warm'] / t['cold']:.2f}x", "<= 0.2x"))
     model = load_model("smollm2-135m-instruct")
-    rc = RunnerConfig()
+    rc = RunnerConfig(kv_cache_gb=memory.CPU_GB)  # the CPU's pool (0 is the runner's word for it)
     pages = plan_pages(model, rc) - 1
     per = 512 // rc.page_size
     rows.append(("512-token conversations held at once, 4 GiB pool", f"{pages // per}", "32 (one per slot)",

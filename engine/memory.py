@@ -21,6 +21,7 @@ log = logging.getLogger("sparkler.engine")
 CPU_GB = 4.0  # the pool on a CPU
 JAX_GPU_SHARE = 0.75  # JAX's GPU allocator takes this share of the card unless XLA_PYTHON_CLIENT_MEM_FRACTION says
 SAMPLER_TEMPS = 16  # float32 arrays of a row's vocabulary the sampler may hold at once (`working_bytes`)
+GRAIN = 1 << 28  # the pool is a whole number of these, so a warm start finds the same shapes (`compile`'s store)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,8 @@ def working_bytes(cfg, tokens: int, rows: int, layer_bytes: int, reference: tupl
     """An upper bound of a step's working memory on one device, in float32 throughout: `tokens` tokens through one
     layer (the residual, its norm, the attention's queries, keys, values and output: 4 x hidden; the MLP's gate, up
     and their product: 3 x its width, an MoE's chosen experts' and shared expert's together); `rows` rows over the
-    vocabulary (logits, and what the sampler keeps) and `SAMPLER_TEMPS` of its temporaries; two layers' weights (a
+    vocabulary (logits, and what the sampler keeps) and `SAMPLER_TEMPS` of its temporaries (a batch's temporaries,
+    a row each, fit in `rows` where it counts a verify pass's rows for every slot); two layers' weights (a
     scanned layer's slice, and the next one's). Where attention goes through `paged.reference` (`reference`: at
     most that many queries, sequences and keys a call), also three arrays of its scores (the scores, their
     exponentials, the probabilities) and the sequences' keys and values gathered from the pool."""
@@ -65,8 +67,9 @@ def usable_bytes(limit: int, platform: str, utilization: float) -> int:
 
 
 def fit(usable: int, in_use: int, reserve: int, split: int) -> Fit:
-    """The pool of a data shard whose `split` devices each hold a part of it, from one device's figures."""
-    pool = (usable - in_use - reserve) * split
+    """The pool of a data shard whose `split` devices each hold a part of it, from one device's figures: a whole
+    number of `GRAIN`s, so that loading's few bytes more or less do not change the programs' shapes."""
+    pool = (usable - in_use - reserve) * split // GRAIN * GRAIN
     if pool <= 0:
         raise ValueError(f"no memory left for the KV pool: {usable / (1 << 30):.1f} GiB usable a device, "
                          f"{in_use / (1 << 30):.1f} GiB in use after loading and {reserve / (1 << 30):.1f} GiB kept "
@@ -96,8 +99,8 @@ def default_pool(model, tokens: int, rows: int, reference: tuple[int, int, int] 
     if jax.process_count() > 1:  # the same pool on every process: the least left anywhere
         from jax.experimental import multihost_utils
 
-        left = int(np.min(multihost_utils.process_allgather(np.int64(usable - in_use))))
-        in_use = usable - left
+        mib = np.int32((usable - in_use) >> 20)  # int32: without x64 the gather would cut an int64's bytes
+        in_use = usable - (int(np.min(multihost_utils.process_allgather(mib))) << 20)
     try:
         return fit(usable, in_use, working_bytes(cfg, tokens, rows, layer, reference), split)
     except ValueError as e:

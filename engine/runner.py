@@ -173,10 +173,10 @@ class Runner:
         mesh = model.mesh
         self.dp = mesh.shape["data"]
         self.per_shard = -(-rc.max_num_seqs // self.dp)  # slots per data shard
-        # The flat step where the `ragged` kernel computes its attention (a window, soft-capping or sinks would
-        # take `paged.flat_reference`, which gathers every token's pages).
+        # The flat step where the `ragged` kernel computes its attention (a model it cannot serve, as one with a
+        # window, attends through `xla`: `resolve_backend`).
         kernel = model.module.backend == "pallas-gpu"
-        self.flat = kernel and model.cfg.plain_attention if rc.flat_step is None else rc.flat_step
+        self.flat = kernel if rc.flat_step is None else rc.flat_step
         if self.flat and self.dp > 1:
             if rc.flat_step:
                 raise ValueError("the flat step runs on one data shard (-dp 1)")
@@ -460,7 +460,7 @@ class Runner:
         rows = self.per_shard * (rc.draft_tokens + 1 + 4)  # a verify pass's logits, and the slots' own rows
         longest = rc.max_model_len or model.cfg.max_position
         context = longest + min(PREFILL_BUCKETS[-1], longest)  # a chunk's table covers the context and the chunk
-        if model.module.backend == "pallas-gpu" and model.cfg.plain_attention:
+        if model.module.backend == "pallas-gpu":
             reference = None
         elif self.flat:
             reference = (tokens, tokens, context)

@@ -59,7 +59,8 @@ def test_the_default_pool_from_the_devices_memory(caplog):
     reserve = memory.working_bytes(kernel.cfg, tokens, rows, layer, None)
     stats = [{"bytes_limit": 10 * gib, "bytes_in_use": 2 * gib}, {"bytes_limit": 10 * gib, "bytes_in_use": 3 * gib}]
     fit = memory.default_pool(kernel, tokens, rows, None, 0.9, stats)  # a CPU model: 0.9 of the limit, as a TPU's
-    assert (fit.usable, fit.in_use, fit.reserve) == (9 * gib, 3 * gib, reserve) and fit.pool == 6 * gib - reserve
+    assert (fit.usable, fit.in_use, fit.reserve) == (9 * gib, 3 * gib, reserve)
+    assert fit.pool % memory.GRAIN == 0 and 0 <= 6 * gib - reserve - fit.pool < memory.GRAIN  # whole grains
     assert memory.default_pool(kernel, tokens, rows, None, 0.9) is None  # this CPU's devices report nothing
     assert memory.default_pool(kernel, tokens, rows, None, 0.9, [None]) is None
     with pytest.raises(ValueError, match="no memory left"):
@@ -78,19 +79,19 @@ def test_a_cpu_pool_is_four_gib_unless_sized():
     model = _model(_LLAMA, "xla")
     runner = Runner(model, RunnerConfig(max_num_seqs=4, max_model_len=256))
     assert runner.fit is None and runner.rc.kv_cache_gb == memory.CPU_GB
-    assert runner.num_pages == plan_pages(model, runner.rc)
+    assert runner.num_pages == plan_pages(model, dataclasses.replace(runner.rc, kv_cache_gb=4.0))
     assert Runner(model, RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01)).rc.kv_cache_gb == 0.01
 
 
 def test_the_flat_step_by_default_only_where_the_ragged_kernel_attends():
-    """With the `pallas-gpu` backend the flat step is the default for plain attention; a model with a window or
-    soft-capping would attend through `paged.flat_reference` (every token's pages gathered), so it keeps separate
-    prefill and decode calls unless asked."""
+    """Asked for the `pallas-gpu` backend, plain attention gets it and the flat step by default; a model with a
+    window or soft-capping attends through `xla` instead (`resolve_backend`: `paged.flat_reference` would gather
+    every token's pages), so it keeps separate prefill and decode calls unless asked."""
     rc = RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01, tune_kernels=False)
     assert Runner(_model(_LLAMA, "pallas-gpu"), rc).flat
     gemma = _model(_GEMMA, "pallas-gpu")
-    assert not gemma.cfg.plain_attention and not Runner(gemma, rc).flat
-    assert Runner(gemma, RunnerConfig(**{**rc.__dict__, "flat_step": True})).flat
+    assert not gemma.cfg.plain_attention and gemma.module.backend == "xla" and not Runner(gemma, rc).flat
+    assert Runner(gemma, dataclasses.replace(rc, flat_step=True)).flat
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -229,13 +229,25 @@ try:
     err = None
 except RuntimeError as e:
     err = str(e)
-print(json.dumps({"out": out, "made": len(made), "err": err}))
+from engine import memory
+from models import Model, ModelConfig, build, init_params
+from models.sharding import make_mesh
+cfg = ModelConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=256))
+module = build(cfg, "xla")
+model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(dp=2), None, {}, (), "random")
+gib = 1 << 30  # 85 GiB left on process 1, 88 on process 0: past an int32's bytes
+fit = memory.default_pool(model, 64, 8, None, 1.0, [{"bytes_limit": 90 * gib,
+                                                     "bytes_in_use": (2 + 3 * jax.process_index()) * gib}])
+print(json.dumps({"out": out, "made": len(made), "err": err, "in_use": fit.in_use / gib}))
 """
 
 
 def test_one_answer_for_the_group_made_by_process_0():
     """`multihost.from_leader` (how the group shares the decode kernel's plan): process 0 alone makes the value and
-    every process gets it; an exception there is raised on both, so no process waits for ever."""
+    every process gets it; an exception there is raised on both, so no process waits for ever. And
+    `memory.default_pool` sizes one pool for the group: every process takes the least left on any (85 GiB here)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(_env(1), JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", _LEADER, coordinator, str(i)], env=env, cwd=ROOT, text=True,
@@ -246,6 +258,7 @@ def test_one_answer_for_the_group_made_by_process_0():
     assert [g["out"] for g in got] == [{"16": {"kernel": "rows"}, "by": 0}] * 2
     assert [g["made"] for g in got] == [1, 0]
     assert all("ZeroDivisionError" in g["err"] for g in got)
+    assert [g["in_use"] for g in got] == [5.0, 5.0]
 
 
 @pytest.mark.parametrize("flags,needle", [(["--tensor-parallel-size", "8"], "does not fit the 4 visible"),

@@ -61,7 +61,7 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
     name = default_backend(platform) if auto else name
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    unserved = cfg is not None and (cfg.sliding_window or cfg.attn_softcap or cfg.kv_lora_rank or cfg.attn_sinks
+    unserved = cfg is not None and (not cfg.plain_attention or cfg.kv_lora_rank
                                     or (name == "pallas-gpu" and cfg.head_dim & (cfg.head_dim - 1))  # Triton: 2^k
                                     or (name == "pallas-tpu" and cfg.cache_dtype != cfg.dtype))  # a float8 pool
     if name != "xla" and unserved:

@@ -140,7 +140,8 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     spread over the pool `k_pages`/`v_pages` (the engine's own: the same shape, so the same addressing), and pick
     the fastest (Triton's autotuning, done once per card and shape: the engine keeps the plan beside its programs).
     Each choice's results are first checked on the card against `paged.reference`, over a small pool of random keys
-    (`_check_batch`: not a big pool's 64-bit addressing, which the tests lower to Triton); a choice the compiler
+    at the smallest batch size (`_check_batch`: not a big pool's 64-bit addressing, which the tests lower to Triton,
+    nor each size's grid; a choice that fails there is left out at every size); a choice the compiler
     refuses, that fails on the card or computes wrong there is left out (all of them: `DEFAULT`); so is upstream's
     kernel over a pool in another dtype than the queries' (`dtype`, the model's). Returns the plan, every time
     (seconds a call) and why each choice left out was (its error, or the exception's name)."""
