@@ -10,7 +10,9 @@ What it does, in order (partial results are written to `--out` as it goes, so a 
    tokens (`ignore_eos`, greedy) at 1, 64 and 256 concurrent, every request sent at once: output tokens over wall
    time, and the time to first token (p50 / max) at each level; a short round at each level first compiles
    whatever the load reaches;
-4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder, at the same levels, then
+4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder: first the card's own
+   matmul rate and copy bandwidth, and from them each level's ceiling and the first token's floor (`floors`, a
+   roofline: the figures above as a share of what the card allows), then the same levels, then
    the top level once more under `jax.profiler` (`bench/device_idle.py`): the share of the wall time in which the
    devices ran a program, and the longest gaps between programs, with what ran on either side.
 
@@ -228,9 +230,10 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
     llm = LLM(load_flags(flags), **dataclasses.asdict(runner_config(flags)))
     llm.engine.warmup()  # the server's shapes, all loaded before measuring (from the store the server filled): left
     # to load on first use, they stalled the first levels (session 27: one stream at half the server's rate)
+    out = {"floors": floors(llm.engine.model, args, levels)}
+    print(f"  the card's floors: {out['floors']}", flush=True)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=args.warm_tokens, ignore_eos=True)
-    out = {}
     for n in levels:
         llm.generate(prompts(n, args.prompt, 1000 + n), warm)
         waited, ahead, t = llm.engine.runner.device_seconds(), llm.engine.ahead, time.perf_counter()
@@ -248,6 +251,42 @@ def engine_alone(folder: str, cache: str, args, levels: list[int]) -> dict:
     out["trace"] = dict(fig, level=top, tok_s=sum(len(r.outputs[0].token_ids) for r in res) / fig["wall_s"],
                         read_s=time.perf_counter() - t - fig["wall_s"])
     print(f"  engine alone, {top} concurrent, traced: {summary(fig)}", flush=True)
+    return out
+
+
+def floors(model, args, levels: list[int]) -> dict:
+    """What the card allows this load, from its matmul rate and copy bandwidth measured here (a roofline): a prompt
+    token's FLOPs (2 a weight of the layers' matrices, and attention over half the prompt on average) at the rate of
+    one bfloat16 product of the MLP's shape over 8,192 tokens; a decode step's bytes (every weight but the
+    embedding, and each row's K/V) at the copy bandwidth. Per level: the first token's p50 if the prompts are
+    prefilled one after another at that rate (every order of equal prompts gives the same median: half of them,
+    and one more, must be prefilled first), and the tok/s if every prompt is prefilled and every step decodes at
+    its floor. Measures of the card, not of Sparkler."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpu import copy_bandwidth, param_bytes, timed
+
+    from engine.runner import kv_bytes_per_token
+
+    cfg = model.cfg
+    a = jnp.ones((8192, cfg.hidden_size), jnp.bfloat16)
+    b = jnp.ones((cfg.hidden_size, cfg.intermediate_size), jnp.bfloat16)
+    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed(jax.jit(jnp.matmul), a, b)
+    del a, b
+    bandwidth = copy_bandwidth((64 if args.smoke else 2048) << 20)
+    layers = param_bytes(model.params, skip=("embed", "embed_rows", "lm_head")) // 2  # bfloat16 weights
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.prompt / 2
+    per_token = 2 * layers + attention  # FLOPs of a prompt token
+    weights, kv = param_bytes(model.params), kv_bytes_per_token(model)
+    step = lambda n, context: (weights + n * context * kv) / bandwidth  # noqa: E731  (a decode step's floor, s)
+    out = dict(matmul_tflops=rate / 1e12, copy_gbs=bandwidth / 1e9, gflop_per_prompt_token=per_token / 1e9,
+               decode_gb_per_step_at_top=(weights + max(levels) * (args.prompt + args.tokens // 2) * kv) / 1e9)
+    for n in levels:
+        prefill = n * args.prompt * per_token / rate
+        decode = args.tokens * step(n, args.prompt + (args.tokens - 1) / 2)
+        first = (n + 1) / 2 * args.prompt * per_token / rate  # the median's prompts (two averaged where n is even)
+        out[n] = dict(ttft_p50=first, tok_s=n * args.tokens / (prefill + decode), prefill_s=prefill, decode_s=decode)
     return out
 
 
@@ -298,6 +337,15 @@ def table(res: dict, args) -> str:
         h, a = http.get(n, {}).get("tok_s"), alone.get(n, {}).get("tok_s")
         lines.append(f"| {'single stream' if n == 1 else f'{n} concurrent'} (tok/s) | {h or 0:,.1f} | {a or 0:,.1f} | "
                      f"{h / a if h and a else 0:.2f} | {targets.get(n, '') if not args.smoke else ''} |")
+    fl = alone.get("floors")
+    if fl:
+        lines.append(f"| the card, measured here: bfloat16 matmul (TFLOP/s), copy bandwidth (GB/s) | "
+                     f"{fl['matmul_tflops']:,.1f}, {fl['copy_gbs']:,.0f} | | | |")
+        for n in args.levels:
+            h, f = http.get(n, {}).get("tok_s"), fl.get(n, fl.get(str(n)))
+            share = h / f["tok_s"] if h else 0
+            lines.append(f"| {n} concurrent, the card's ceiling (tok/s: prefill at the matmul rate, decode at the "
+                         f"copy bandwidth); HTTP / ceiling | {f['tok_s']:,.0f} | | {share:.2f} | |")
     for n in args.levels:
         h, a = http.get(n, {}), alone.get(n, {})
         share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
@@ -333,6 +381,11 @@ def table(res: dict, args) -> str:
     if top in http:
         lines.append(f"| first token at {top} concurrent, p50 / max (s) | {http[top]['ttft_p50']:.2f} / "
                      f"{http[top]['ttft_max']:.2f} | | | {'<= 1.0 (p50)' if not args.smoke else ''} |")
+        f = (fl or {}).get(top, (fl or {}).get(str(top)))
+        if f:
+            lines.append(f"| first token at {top} concurrent, p50 if the prompts before it were prefilled at the "
+                         f"matmul rate (s); HTTP / that | {f['ttft_p50']:.2f} | | "
+                         f"{http[top]['ttft_p50'] / f['ttft_p50']:.2f} | |")
     for line in res.get("plan", []):
         lines.append(f"| {'the KV pool' if line.startswith('KV pool') else 'decode attention, tuned'} at the cold "
                      f"start | {line} | | | |")
