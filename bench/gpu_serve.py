@@ -11,8 +11,8 @@ What it does, in order (partial results are written to `--out` as it goes, so a 
    time, and the time to first token (p50 / max) at each level; a short round at each level first compiles
    whatever the load reaches;
 4. runs the engine alone (`engine.LLM`, the server's flags and warm-up) on the same folder: first the card's own
-   matmul rate and copy bandwidth, and from them each level's ceiling and the first token's floor (`floors`, a
-   roofline: the figures above as a share of what the card allows), then the same levels, then
+   matmul rate and copy bandwidth, and from them each level's tok/s at the card's pace and the first token's floor
+   (`floors`, a roofline: the figures above as a share of what the card allows), then the same levels, then
    the top level once more under `jax.profiler` (`bench/device_idle.py`): the share of the wall time in which the
    devices ran a program, and the longest gaps between programs, with what ran on either side.
 
@@ -260,8 +260,10 @@ def floors(model, args, levels: list[int]) -> dict:
     one bfloat16 product of the MLP's shape over 8,192 tokens; a decode step's bytes (every weight but the
     embedding, and each row's K/V) at the copy bandwidth. Per level: the first token's p50 if the prompts are
     prefilled one after another at that rate (every order of equal prompts gives the same median: half of them,
-    and one more, must be prefilled first), and the tok/s if every prompt is prefilled and every step decodes at
-    its floor. Measures of the card, not of Sparkler."""
+    and one more, must be prefilled first: a floor for any schedule), and the tok/s of the serial schedule at the
+    card's pace, every prompt prefilled and then every step decoded at its floor (not a ceiling: a step that puts
+    prompt tokens beside memory-bound decode rows uses compute those rows leave idle). Measures of the card, not of
+    Sparkler."""
     import jax
     import jax.numpy as jnp
 
@@ -344,8 +346,8 @@ def table(res: dict, args) -> str:
         for n in args.levels:
             h, f = http.get(n, {}).get("tok_s"), fl.get(n, fl.get(str(n)))
             share = h / f["tok_s"] if h else 0
-            lines.append(f"| {n} concurrent, the card's ceiling (tok/s: prefill at the matmul rate, decode at the "
-                         f"copy bandwidth); HTTP / ceiling | {f['tok_s']:,.0f} | | {share:.2f} | |")
+            lines.append(f"| {n} concurrent at the card's pace, serially (tok/s: every prompt at the matmul rate, "
+                         f"then decode at the copy bandwidth); HTTP / that | {f['tok_s']:,.0f} | | {share:.2f} | |")
     for n in args.levels:
         h, a = http.get(n, {}), alone.get(n, {})
         share = lambda r: f"{r['device_call_seconds'] / r['wall']:.1%}" if r.get("wall") else ""  # noqa: E731
