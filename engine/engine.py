@@ -4,11 +4,11 @@
 the next chunks of long prompts, install sampler rows and draw first tokens (n > 1 maps the prompt's pages into every
 choice); have it reserve every running sequence the pages of its next steps (preempting when the pool is dry);
 dispatch one multi-step decode (or verify drafts, read back at once); then read back what the step before dispatched
-(append tokens, detokenize, stop, offer newly full pages to the prefix cache). So the scheduler works one step ahead:
-a step's work is on the devices' queue before the host reads back and postprocesses the last one's, its inputs the
-tokens still on the devices (`Choice.lag`), and the devices need not wait for the host. When a step needs the host to
-know the last tokens first (drafts, a preemption) it reads everything back before scheduling (`_sync`); grammar masks
-are filled while the step's forward pass runs, and drawn under behind it (`_masked_step`).
+(append tokens, detokenize and stop: `engine.output`; offer newly full pages to the prefix cache). So the scheduler
+works one step ahead: a step's work is on the devices' queue before the host reads back and postprocesses the last
+one's, its inputs the tokens still on the devices (`Choice.lag`), and the devices need not wait for the host. When a
+step needs the host to know the last tokens first (drafts, a preemption) it reads everything back before scheduling
+(`_sync`); grammar masks are filled while the step's forward pass runs, and drawn under behind it (`_masked_step`).
 Plain Python: who holds slots and pages is `engine.scheduler`'s, the device work `engine.runner`'s.
 """
 
@@ -28,6 +28,7 @@ from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.detok import Detok
+from engine import output
 from engine.grammar import Grammars
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
@@ -295,7 +296,7 @@ class Engine:
         """Hand each changed request its deltas since the last call."""
         t, nested = time.perf_counter(), self._nested
         for req in changed.values():
-            deltas = [d for c in req.choices if (d := self._delta(c)) is not None]
+            deltas = [d for c in req.choices if (d := output.delta(c)) is not None]
             if req.on_delta and deltas:
                 req.on_delta(req, deltas)
             if any(d.finish_reason for d in deltas) and req.finished:  # its last choice's final delta is here
@@ -429,10 +430,13 @@ class Engine:
             m.fill(allowed[slot], closing=self._left(req, choice) <= min(CLOSE_MARGIN, req.max_tokens // 3))
         return allowed
 
+    def _limit(self, req: Request) -> int:
+        """The most tokens a choice of `req` may hold (max_tokens, and the context)."""
+        return min(req.max_tokens, self.max_len - len(req.prompt_ids))
+
     def _left(self, req: Request, choice: Choice) -> int:
-        """Tokens a running choice may still draw (max_tokens, and the context)."""
-        n = len(choice.token_ids)
-        return min(req.max_tokens - n, self.max_len - len(req.prompt_ids) - n)
+        """Tokens a running choice may still draw."""
+        return self._limit(req) - len(choice.token_ids)
 
     def _drafter(self, req: Request) -> Drafter | None:
         """A new choice's draft source: the request's prediction, else n-gram lookup when the engine drafts so; none
@@ -579,7 +583,7 @@ class Engine:
             running = self.sched.running
             for slot, req, choice in self._seated(inf.choices):
                 if choice.finish_reason is None:
-                    self._append(req, choice, outs, (slot,))
+                    self._add(req, choice, output.append, outs, (slot,))
                     changed[req.id] = req
             self._emit(changed, done)
             self.handed()
@@ -611,7 +615,7 @@ class Engine:
         for slot, req, choice in mine:
             steps = np.flatnonzero(kept[:, slot])
             if choice.finish_reason is None and steps.size:
-                self._extend(req, choice, outs, steps, slot)
+                self._add(req, choice, output.extend, outs, steps, slot)
                 changed[req.id] = req
         self._emit(changed, done)
         for choice, n in shadows:
@@ -619,72 +623,14 @@ class Engine:
         for req, choice in sched.running.values():
             sched.register(req, choice)
 
-    # ---- per-token postprocessing -----------------------------------------------------------------------------
-
-    def _extend(self, req: Request, choice: Choice, outs, steps: np.ndarray, slot: int) -> None:
-        """Append a choice's tokens of several `steps` of `outs`: together (an end of sequence or the length limit
-        cuts them, one detokenization for all), or one by one when a grammar (or a thinking budget) or stop strings
-        read each."""
-        if choice.matcher is not None or req.params.stop:
-            for i in steps.tolist():
-                self._append(req, choice, outs, (i, slot))
-                if choice.finish_reason is not None:
-                    break
-            return
-        p = req.params
-        toks = outs.token[steps, slot].tolist()
-        room = self._left(req, choice)
-        end, reason = (room, "length") if len(toks) >= room else (len(toks), None)
-        if not p.ignore_eos:
-            eos = next((j for j, t in enumerate(toks[:end]) if t in self.model.eos_ids), None)
-            if eos is not None:
-                end, reason = eos + 1, "stop"
-        toks = toks[:end]
-        choice.token_ids += toks
-        self.generated += len(toks)
-        if p.logprobs or p.top_logprobs:
-            k, at = p.top_logprobs, steps[:end]
-            choice.logprobs += [(t, lp, list(zip(ids, lps))) for t, lp, ids, lps in zip(
-                toks, outs.logprob[at, slot].tolist(), outs.top_ids[at, slot, :k].tolist(),
-                outs.top_logprobs[at, slot, :k].tolist())]
-        if choice.detok is not None:  # without a tokenizer the engine works in token ids alone
-            choice.text += choice.detok.add(toks[:-1] if reason == "stop" else toks)
+    def _add(self, req: Request, choice: Choice, add: Callable, *args) -> None:
+        """Hand a choice tokens drawn for it (`output.extend` or `output.append` with `args`), count them, and
+        retire it if they end it."""
+        n = len(choice.token_ids)
+        reason = add(choice, req.params, *args, self._limit(req), self.model.eos_ids)
+        self.generated += len(choice.token_ids) - n
         if reason:
             self._finish(choice, reason)
-
-    def _append(self, req: Request, choice: Choice, out, at: tuple) -> None:
-        """Append one token, `out`'s at index `at` (a slot, or a step and a slot), checking each stop."""
-        tok = int(out.token[at])
-        p = req.params
-        choice.token_ids.append(tok)
-        self.generated += 1
-        if p.logprobs or p.top_logprobs:
-            k = p.top_logprobs
-            tops = list(zip(out.top_ids[at][:k].tolist(), out.top_logprobs[at][:k].tolist()))
-            choice.logprobs.append((tok, float(out.logprob[at]), tops))
-        is_eos = tok in self.model.eos_ids and not p.ignore_eos
-        if choice.matcher is not None:
-            choice.matcher.advance(tok)
-        if is_eos:
-            return self._finish(choice, "stop")
-        before = len(choice.text)
-        if choice.detok is not None:
-            choice.text += choice.detok.add([tok])
-        if p.stop and self._check_stop(choice, p.stop, before):
-            return self._finish(choice, "stop")
-        if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
-            return self._finish(choice, "length" if choice.matcher.closed else "stop")
-        if self._left(req, choice) <= 0:
-            self._finish(choice, "length")
-
-    def _check_stop(self, choice: Choice, stops: list[str], before: int) -> bool:
-        start = max(0, before - max(len(s) for s in stops) + 1)
-        hits = [(i, s) for s in stops if (i := choice.text.find(s, start)) >= 0]
-        if hits:
-            at, choice.stop_hit = min(hits)
-            choice.text = choice.text[:at]
-            return True
-        return False
 
     def _finish(self, choice: Choice, reason: str) -> None:
         choice.finish_reason = reason
@@ -703,17 +649,3 @@ class Engine:
                 c.finish_reason = "error"
             out.append((req, [Delta(c.index, "", [], [], "error") for c in ended]))
         return out
-
-    def _delta(self, choice: Choice) -> Delta | None:
-        """New text (held back while it may still become a stop string), tokens and logprobs since last time."""
-        hold = max((len(x) for x in choice.stops), default=1) - 1
-        limit = len(choice.text) if choice.finish_reason else max(choice._sent_text, len(choice.text) - hold)
-        text = choice.text[choice._sent_text:limit]
-        toks = choice.token_ids[choice._sent_tokens:]
-        lps = choice.logprobs[choice._sent_tokens:]
-        final = choice.finish_reason is not None and not choice._final_sent
-        if not text and not toks and not final:
-            return None
-        choice._sent_text, choice._sent_tokens = limit, len(choice.token_ids)
-        choice._final_sent = choice._final_sent or final
-        return Delta(choice.index, text, toks, lps, choice.finish_reason if final else None)

@@ -1,0 +1,89 @@
+"""A choice's drawn tokens into its output, on the host after a step's draws are read back (the next step already
+on the devices): token ids and logprobs, the detokenized text, why it ends (an end of sequence, a stop string, a
+complete grammar, the length limit), and the deltas streamed from them. Plain Python over one choice at a time; the
+engine retires a choice that ends (`Engine._finish`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.params import SamplingParams
+from engine.requests import Choice, Delta
+
+
+def extend(choice: Choice, p: SamplingParams, outs, steps: np.ndarray, slot: int, limit: int,
+           eos_ids) -> str | None:
+    """Append a choice's tokens of several `steps` of `outs` (`[steps, slots]` arrays), at most `limit` in all:
+    together (an end of sequence or the limit cuts them, one detokenization for all), or one by one where a grammar
+    (or a thinking budget) or stop strings read each. Returns why the choice ends, or None."""
+    if choice.matcher is not None or p.stop:
+        for i in steps.tolist():
+            if reason := append(choice, p, outs, (i, slot), limit, eos_ids):
+                return reason
+        return None
+    toks = outs.token[steps, slot].tolist()
+    room = limit - len(choice.token_ids)
+    end, reason = (room, "length") if len(toks) >= room else (len(toks), None)
+    if not p.ignore_eos:
+        eos = next((j for j, t in enumerate(toks[:end]) if t in eos_ids), None)
+        if eos is not None:
+            end, reason = eos + 1, "stop"
+    toks = toks[:end]
+    choice.token_ids += toks
+    if p.logprobs or p.top_logprobs:
+        k, at = p.top_logprobs, steps[:end]
+        choice.logprobs += [(t, lp, list(zip(ids, lps))) for t, lp, ids, lps in zip(
+            toks, outs.logprob[at, slot].tolist(), outs.top_ids[at, slot, :k].tolist(),
+            outs.top_logprobs[at, slot, :k].tolist())]
+    if choice.detok is not None:  # without a tokenizer the engine works in token ids alone
+        choice.text += choice.detok.add(toks[:-1] if reason == "stop" else toks)
+    return reason
+
+
+def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_ids) -> str | None:
+    """Append one token, `out`'s at index `at` (a slot, or a step and a slot), checking each way to end with
+    `limit` tokens at most. Returns why the choice ends, or None."""
+    tok = int(out.token[at])
+    choice.token_ids.append(tok)
+    if p.logprobs or p.top_logprobs:
+        k = p.top_logprobs
+        tops = list(zip(out.top_ids[at][:k].tolist(), out.top_logprobs[at][:k].tolist()))
+        choice.logprobs.append((tok, float(out.logprob[at]), tops))
+    if choice.matcher is not None:
+        choice.matcher.advance(tok)
+    if tok in eos_ids and not p.ignore_eos:
+        return "stop"
+    before = len(choice.text)
+    if choice.detok is not None:
+        choice.text += choice.detok.add([tok])
+    if p.stop and _stopped(choice, p.stop, before):
+        return "stop"
+    if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
+        return "length" if choice.matcher.closed else "stop"
+    return "length" if len(choice.token_ids) >= limit else None
+
+
+def _stopped(choice: Choice, stops: list[str], before: int) -> bool:
+    """Whether the text from `before` on completes a stop string; if so the text ends before the first one."""
+    start = max(0, before - max(len(s) for s in stops) + 1)
+    hits = [(i, s) for s in stops if (i := choice.text.find(s, start)) >= 0]
+    if hits:
+        at, choice.stop_hit = min(hits)
+        choice.text = choice.text[:at]
+        return True
+    return False
+
+
+def delta(choice: Choice) -> Delta | None:
+    """New text (held back while it may still become a stop string), tokens and logprobs since the last call."""
+    hold = max((len(x) for x in choice.stops), default=1) - 1
+    limit = len(choice.text) if choice.finish_reason else max(choice._sent_text, len(choice.text) - hold)
+    text = choice.text[choice._sent_text:limit]
+    toks = choice.token_ids[choice._sent_tokens:]
+    lps = choice.logprobs[choice._sent_tokens:]
+    final = choice.finish_reason is not None and not choice._final_sent
+    if not text and not toks and not final:
+        return None
+    choice._sent_text, choice._sent_tokens = limit, len(choice.token_ids)
+    choice._final_sent = choice._final_sent or final
+    return Delta(choice.index, text, toks, lps, choice.finish_reason if final else None)
