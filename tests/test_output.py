@@ -29,12 +29,15 @@ def _choice(tok, stops=()) -> Choice:
 
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
-def test_a_dispatch_together_as_one_by_one(smollm, ignore_eos):
+@pytest.mark.parametrize("eos_kind", ["special", "text"])
+def test_a_dispatch_together_as_one_by_one(smollm, ignore_eos, eos_kind):
     """`extend` (tokens together, cut at an end of sequence or the limit, one detokenization) agrees with `append`
-    token by token on ids, logprobs, text and the reason, for every cut of a text with multi-byte characters."""
+    token by token on ids, logprobs, text and the reason, for every cut of a text with multi-byte characters; also
+    where the end of sequence is an ordinary token of the text (models with several, such as Llama 3's), whose text
+    neither path keeps."""
     tok = smollm.tokenizer
     ids = tok.encode(TEXT)
-    eos = smollm.eos_ids
+    eos = smollm.eos_ids if eos_kind == "special" else (ids[4],)
     p = SamplingParams(max_tokens=64, logprobs=True, top_logprobs=3, ignore_eos=ignore_eos)
     rng = np.random.default_rng(1)
     for case in range(40):
