@@ -172,7 +172,7 @@ def attention(smoke: bool) -> list[dict]:
         f = jax.jit(lambda q, k, v, t: paged.reference(q[:, None], k, v, t, jnp.full((b, 1), length - 1), 1.0))
         time_row("xla", f, q, kc, vc, table, width=width, splits=0, block=0)
     # The kernel's warps and pipeline stages (upstream's defaults: 8 and 2) at the splits `pallas_gpu.decode` picks
-    # for 256 rows, and `ragged` reading the same rows as sequences of one query (block: queries per program).
+    # for 256 rows, and `ragged` reading the same rows as sequences of one query (block: pages a step).
     table = jnp.asarray(perm[:, :used])
     _, splits, block = pallas_gpu.decode_plan(b, kvh, used)  # what `decode` runs (`used` needs no padding)
     for warps, stages in ((4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 3), (8, 4), (2, 2)):
@@ -210,10 +210,10 @@ def attention(smoke: bool) -> list[dict]:
         time_row(f"decode_rows over a float8 pool, {keys} keys a step, {warps} warps {stages} stages", f, q, k8, v8,
                  table, lengths, width=used, splits=0, block=0)
     starts = lengths - 1
-    for block, step in ((4, 4), (4, 8), (16, 4), (16, 8)):
-        f = jax.jit(lambda q, k, v, t, s, bl=block, st=step: pallas_gpu.ragged(
-            q, k, v, t, s, jnp.ones_like(s), interpret=interpret, block=bl, pages_per_step=st))
-        time_row(f"ragged, {block} queries a program", f, q, kc, vc, table, starts, width=used, splits=1, block=step)
+    for choice in pallas_gpu.RAGGED_CHOICES:  # what `pallas_gpu.tune_ragged` times (there over a prefill-heavy batch)
+        f = jax.jit(lambda q, k, v, t, s, c=choice: pallas_gpu.ragged(
+            q, k, v, t, s, jnp.ones_like(s), interpret=interpret, choice=c))
+        time_row(str(choice), f, q, kc, vc, table, starts, width=used, splits=1, block=choice.keys // kc.shape[2])
     return rows
 
 

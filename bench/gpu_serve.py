@@ -397,7 +397,7 @@ def table(res: dict, args) -> str:
                          f"matmul rate (s); HTTP / that | {f['ttft_p50']:.2f} | | "
                          f"{http[top]['ttft_p50'] / f['ttft_p50']:.2f} | |")
     for line in res.get("plan", []):
-        lines.append(f"| {'the KV pool' if line.startswith('KV pool') else 'decode attention, tuned'} at the cold "
+        lines.append(f"| {'the KV pool' if line.startswith('KV pool') else 'attention, tuned'} at the cold "
                      f"start | {line} | | | |")
     for kind, target in (("cold", "<= 90"), ("warm", "<= 20")):
         if kind in res:
@@ -465,8 +465,10 @@ def main() -> None:
         print(f"ready cold in {res['cold']:.1f} s", flush=True)
         wait_warm(url)  # what the warm start then loads
         stop(proc)
-        with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of decode kernel, and
-            marks = {"decode attention": "decode attention", "sparkler: KV pool ": "KV pool "}  # and the pool's size
+        with open(os.path.join(args.results, "server-cold.log")) as f:  # the card's choice of attention kernels,
+            marks = {"decode attention": "decode attention", "flat attention": "flat attention",  # and the pool's
+                     "attention plan": "attention plan", "sparkler: attention ": "attention ",  # size
+                     "sparkler: KV pool ": "KV pool "}
             res["plan"] = [name + line.split(mark, 1)[1].rstrip() for line in f for mark, name in marks.items()
                            if mark in line]
         print("\n".join(res["plan"]), flush=True)

@@ -79,9 +79,10 @@ class RunnerConfig:
     # every drafted position instead of stopping once every draft has failed.
     # None: `plain` on a GPU, else `cond` (a CPU or TPU decides a conditional in place).
     sampler_branches: str | None = None
-    # Time `pallas_gpu.CHOICES` of the decode kernel on the card at each batch size from `TUNE_ROWS` on and run the
-    # fastest (`Runner._tune_decode`; kept in the program store, so once per card, code and shape), with the
-    # `pallas-gpu` backend on one process. None: on a GPU (True elsewhere times the kernels interpreted: the tests).
+    # Time `pallas_gpu.CHOICES` of the decode kernel on the card at each batch size from `TUNE_ROWS` on, and
+    # `pallas_gpu.RAGGED_CHOICES` of the flat batches' kernel over the largest flat step, and run the fastest
+    # (`Runner._tune_attention`; kept in the program store, so once per card, code and shape), with the `pallas-gpu`
+    # backend. None: on a GPU (True elsewhere times the kernels interpreted: the tests).
     tune_kernels: bool | None = None
 
 
@@ -249,7 +250,8 @@ class Runner:
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
-        self.decode_plan = self._tune_decode(gpu if rc.tune_kernels is None else rc.tune_kernels, not gpu)
+        self.decode_plan, self.ragged_choice = self._tune_attention(
+            gpu if rc.tune_kernels is None else rc.tune_kernels, not gpu)
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
         rows, kv, rep = P("data"), KVCache(P(None, "data"), P(None, "data")), P()
@@ -434,12 +436,13 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
-        # What shapes a program's trace beyond its arguments: the model and the mesh, and for the decode programs the
-        # card's decode kernel plan (`_tune_decode`). The runner's settings only
+        # What shapes a program's trace beyond its arguments: the model, the mesh and the card's `ragged` settings,
+        # and for the decode programs the card's decode kernel plan (`_tune_attention`). The runner's settings only
         # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
         # anyway, so engines of one model with other settings share every program of the same shapes. The sampler's
         # programs trace nothing of the model either: any engine of the vocabulary and slots shares them.
-        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape)))
+        ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape),
+                   self.ragged_choice))
         tuned = ns + repr(sorted(self.decode_plan.items()))  # the programs that run `pallas_gpu.decode`
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", tuned)
         sampler_ns = repr(dict(mesh.shape))
@@ -470,57 +473,68 @@ class Runner:
             reference = (max(queries, rows), max(PREFILL_ROWS, self.per_shard), context)
         return tokens, rows, reference
 
-    def _tune_decode(self, tune: bool, interpret: bool = False) -> dict:
-        """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on: with `tune`, the
-        fastest of `pallas_gpu.CHOICES` that compute right on this card (`pallas_gpu.tune`), over this
-        pool, at half the context up to `TUNE_LENGTH` tokens, kept in the program store (a warm start reads it and
-        waits for nothing); else none (upstream's defaults). Installed for this pool's shape either way
+    def _tune_attention(self, tune: bool, interpret: bool = False) -> tuple[dict, object]:
+        """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on, and which settings
+        `ragged` runs at: with `tune`, the fastest of `pallas_gpu.CHOICES` that compute right on this card
+        (`pallas_gpu.tune`), over this pool, at half the context up to `TUNE_LENGTH` tokens, and of
+        `pallas_gpu.RAGGED_CHOICES` over the largest flat step (`pallas_gpu.tune_ragged`: every slot's next token
+        at that length, the rest new prompts' chunks), kept in the program store (a warm start reads it and waits
+        for nothing); else none (the kernels' defaults). Installed for this pool's shape either way
         (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess: session 27's H200 ran
-        upstream's kernel at 1,036-1,383 GB/s by its settings alone. On several processes, process 0 times on its
-        devices and every process runs its plan (`multihost.from_leader`: the same programs everywhere; not kept, as
-        no program is there). None when the pool cannot be allocated (the server says so) or a batch size has no
-        choice that ran (then nothing is kept)."""
+        upstream's decode kernel at 1,036-1,383 GB/s by its settings alone. On several processes, process 0 times on
+        its devices and every process runs its plan (`multihost.from_leader`: the same programs everywhere; not
+        kept, as no program is there). The defaults where the pool cannot be allocated (the server says so) or
+        nothing ran (then nothing is kept). Returns the decode plan and the `ragged` choice."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg
         if self.model.module.backend != "pallas-gpu":
-            return {}
+            return {}, None
         shape = list(self.cache_shape.k.shape)
         shape[1] //= self.dp  # one shard's pool, as the programs see it
         rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune else []
         length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
-        t0, plan = time.perf_counter(), {}
+        tokens = self.flat_buckets[-1]
+        t0, plan, ragged = time.perf_counter(), {}, pallas_gpu.RAGGED_DEFAULT
 
         def make():
             k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))
             plan, times, left = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype,
-                                                interpret=interpret)
-            for choice, why in left.items():
-                log.warning("sparkler: decode attention %s left out: %s", choice, why)
+                                                interpret=interpret) if rows else ({}, {}, {})
+            ragged, flat_times, flat_left = pallas_gpu.tune_ragged(k, v, cfg.num_heads, self.per_shard, tokens,
+                                                                   length, cfg.dtype, interpret=interpret)
+            for choice, why in (left | flat_left).items():
+                log.warning("sparkler: attention %s left out: %s", choice, why)
             for b in rows:  # every choice's time, for the docs
                 kv = 2 * b * length * k.shape[0] * k.shape[3] * k.dtype.itemsize  # the K/V bytes a call reads
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
                          kv / min(times[b].values(), default=float("inf")) / 1e9,
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
-            if not all(times.values()):
-                raise RuntimeError(f"no choice ran at {[b for b in rows if not times[b]]} rows")
-            return {str(b): dataclasses.asdict(c) for b, c in plan.items()}
+            log.info("flat attention over %d tokens (%d rows of %d keys, the rest new prompts), ms a layer: %s",
+                     tokens, self.per_shard, length,
+                     "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(flat_times.items(), key=lambda ct: ct[1])))
+            if not all(times.values()) or not flat_times:
+                raise RuntimeError(f"no choice ran at {[b for b in rows if not times[b]] or tokens} rows")
+            return {"decode": {str(b): dataclasses.asdict(c) for b, c in plan.items()},
+                    "ragged": dataclasses.asdict(ragged)}
 
-        if rows:
-            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length)
+        if tune:
+            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length, tokens)
             group = jax.process_count() > 1
             try:
-                kept, was = (multihost.from_leader(make), False) if group else kept_result("decode-plan", key, make)
-            except Exception as e:  # noqa: BLE001  (no pool, or nothing ran: upstream's defaults, nothing kept)
-                log.warning("sparkler: decode attention not tuned (%s: %s); upstream's defaults", type(e).__name__, e)
+                kept, was = (multihost.from_leader(make), False) if group else kept_result("attention-plan", key,
+                                                                                           make)
+            except Exception as e:  # noqa: BLE001  (no pool, or nothing ran: the defaults, nothing kept)
+                log.warning("sparkler: attention not tuned (%s: %s); the kernels' defaults", type(e).__name__, e)
             else:
-                plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept.items()}
+                plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept["decode"].items()}
+                ragged = pallas_gpu.RaggedChoice(**kept["ragged"])
                 how = "kept from before" if was else (
                     "timed on process 0" if jax.process_index() else "timed on this card")
-                log.info("decode attention plan %s in %.1f s: %s", how, time.perf_counter() - t0,
-                         "; ".join(f"{b} rows: {c}" for b, c in plan.items()))
-        pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan)
-        return plan
+                log.info("attention plan %s in %.1f s: %s; flat steps: %s", how, time.perf_counter() - t0,
+                         "; ".join(f"{b} rows: {c}" for b, c in plan.items()), ragged)
+        pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan, ragged)
+        return plan, ragged
 
     @property
     def cache(self) -> KVCache:

@@ -61,8 +61,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "and half the bytes decode attention reads, at some precision (docs/PERFORMANCE.md). The "
                          "CPU's attention kernel and the TPU's read their own dtype only: the XLA reference serves")
     ap.add_argument("--tune-kernels", action=argparse.BooleanOptionalAction, default=None,
-                    help="time the GPU decode attention kernel's settings on the card at the first start and run the "
-                         "fastest per batch size (kept beside the compiled programs; default: on a GPU)")
+                    help="time the GPU attention kernels' settings on the card at the first start and run the "
+                         "fastest: decode's per batch size, flat steps' over the largest (kept beside the compiled "
+                         "programs; default: on a GPU)")
     ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes); int4: "
                          "4-bit weights with a float16 scale and minimum per 32 inputs (llama.cpp's Q4_1, 16%% of "

@@ -4,6 +4,7 @@ bfloat16 against float32, and scanned layers against unrolled ones."""
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,13 +162,14 @@ def test_every_decode_choice_the_tuner_may_pick_matches_the_reference(h, kvh, d)
                                    err_msg=str(choice))
 
 
-def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run_its_choice(tmp_path, monkeypatch,
-                                                                                            caplog):
-    """A runner with `tune_kernels` times every choice at each batch size from `TUNE_ROWS` on (here interpreted, the
-    times made up: each faster than the one before), keeps the fastest in the program store and installs it:
-    `decode` then traces the chosen kernel for that batch size and pool (its Triton call's name, lowered for CUDA),
-    upstream's defaults for other sizes. A runner without tuning installs none for its pool; a second runner of the
-    same shapes takes the kept plan without timing anything."""
+def test_the_attention_kernels_are_tuned_once_per_card_and_shape_and_the_programs_run_their_choices(
+        tmp_path, monkeypatch, caplog):
+    """A runner with `tune_kernels` times every decode choice at each batch size from `TUNE_ROWS` on and every
+    `ragged` choice over its largest flat step (here interpreted, the times made up: each faster than the one
+    before), keeps the fastest in the program store and installs them: `decode` then traces the chosen kernel for
+    that batch size and pool (its Triton call's name, lowered for CUDA), upstream's defaults for other sizes, and
+    `ragged` the chosen settings (its warps, lowered). A runner without tuning installs the defaults for its pool; a
+    second runner of the same shapes takes the kept plan without timing anything."""
     import logging
 
     from jax import export
@@ -187,28 +189,36 @@ def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run
     module = build(cfg, "pallas-gpu")
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
     rc = RunnerConfig(max_num_seqs=32, max_model_len=64, kv_cache_gb=0.01, decode_batch_sizes=(8, 16),
-                      tune_kernels=True)
+                      max_prefill_tokens=64, tune_kernels=True)
     with caplog.at_level(logging.INFO, logger="sparkler.engine"):
         first = Runner(model, rc)
     assert sorted(first.decode_plan) == [16, 32] and TUNE_ROWS == 16  # 8 rows: upstream's defaults
-    assert len(timed) == 2 * len(pallas_gpu.CHOICES)  # every choice compiled and timed at both sizes
+    # every decode choice compiled and timed at both sizes, every ragged choice once
+    assert len(timed) == 2 * len(pallas_gpu.CHOICES) + len(pallas_gpu.RAGGED_CHOICES)
     assert all(c == pallas_gpu.CHOICES[-1] != pallas_gpu.DEFAULT for c in first.decode_plan.values())  # timed last
+    assert first.ragged_choice == pallas_gpu.RAGGED_CHOICES[-1] != pallas_gpu.RAGGED_DEFAULT
     pool = first.cache.k
     assert pallas_gpu.choice_for(16, pool) == first.decode_plan[16]
     assert pallas_gpu.choice_for(8, pool) == pallas_gpu.DEFAULT
-    said = [r.getMessage() for r in caplog.records if "decode attention plan" in r.getMessage()]
+    assert pallas_gpu.ragged_choice_for(pool) == first.ragged_choice
+    said = [r.getMessage() for r in caplog.records if "attention plan" in r.getMessage()]
     assert len(said) == 1 and "timed on this card" in said[0]
+    assert any(f"flat attention over {first.flat_buckets[-1]} tokens" in r.getMessage() for r in caplog.records)
     untuned = Runner(model, dataclasses.replace(rc, tune_kernels=False))
     assert untuned.decode_plan == {} and pallas_gpu.choice_for(16, pool) == pallas_gpu.DEFAULT
+    assert untuned.ragged_choice == pallas_gpu.ragged_choice_for(pool) == pallas_gpu.RAGGED_DEFAULT
 
     plan = {16: pallas_gpu.DecodeChoice("rows", 32, 4, 3), 32: pallas_gpu.DEFAULT}  # as if the card had said so
+    ragged = pallas_gpu.RaggedChoice(rows=128, warps=8)
     (path,) = tmp_path.glob("*.json")
     with open(path, "w") as f:
-        json.dump({str(b): dataclasses.asdict(c) for b, c in plan.items()}, f)
+        json.dump({"decode": {str(b): dataclasses.asdict(c) for b, c in plan.items()},
+                   "ragged": dataclasses.asdict(ragged)}, f)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sparkler.engine"):
         second = Runner(model, rc)
-    assert second.decode_plan == plan and len(timed) == 2 * len(pallas_gpu.CHOICES)  # nothing timed again
+    assert second.decode_plan == plan and second.ragged_choice == ragged
+    assert len(timed) == 2 * len(pallas_gpu.CHOICES) + len(pallas_gpu.RAGGED_CHOICES)  # nothing timed again
     assert any("kept from before" in r.getMessage() for r in caplog.records)
     like = lambda *shape: jax.ShapeDtypeStruct(shape, pool.dtype)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
@@ -219,6 +229,13 @@ def test_the_decode_kernel_is_tuned_once_per_card_and_shape_and_the_programs_run
             like(rows, cfg.num_heads, cfg.head_dim), like(*pool.shape), like(*pool.shape), i32(rows, 4),
             i32(rows)).mlir_module()
         assert name in text, rows
+    warps = []
+    for pooled in (pool, jax.ShapeDtypeStruct((pool.shape[0], pool.shape[1] + 1, *pool.shape[2:]), pool.dtype)):
+        text = export.export(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+            like(64, cfg.num_heads, cfg.head_dim), like(*pooled.shape), like(*pooled.shape), i32(4, 4), i32(4),
+            i32(4)).mlir_module()
+        warps.append(re.findall(r"num_warps = (\d+)", text))
+    assert warps == [["8"], ["4"]]  # the installed choice over this pool's shape; the default over another
 
 
 def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
@@ -266,6 +283,36 @@ def test_tuning_leaves_out_a_choice_that_computes_wrong_on_the_card(monkeypatch,
     assert "nan" in left[nan]
 
 
+def test_ragged_tuning_checks_times_and_picks_over_a_flat_step():
+    """`pallas_gpu.tune_ragged` (interpreted, the times made up: each faster than the one before) checks every
+    choice on a mixed batch against `paged.reference` first; one whose output is off (a stand-in for the card's
+    miscompilation: the kernel at 16 query rows multiplies by 1.05) is neither timed nor picked, however fast, and
+    the tuner says why; the last of the others to be timed is picked. Every `RAGGED_CHOICES` passes the check."""
+    from models.backends import pallas_gpu
+
+    real = pallas_gpu.ragged
+
+    def card(*args, choice=None, **kw):
+        return real(*args, choice=choice, **kw) * (1.05 if choice.rows == 16 else 1.0)
+
+    k, v = _pool(np.random.default_rng(2), 2, 32, 1, 24, 16)
+    assert len(set(pallas_gpu.RAGGED_CHOICES)) == len(pallas_gpu.RAGGED_CHOICES) > 5
+    wrong = pallas_gpu.RaggedChoice(rows=16, keys=32)
+    choices = (*pallas_gpu.RAGGED_CHOICES[:-1], wrong, pallas_gpu.RAGGED_CHOICES[-1])
+    timed = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pallas_gpu, "ragged", card)
+        mp.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or 1 / len(timed))
+        best, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, 96, 40, k.dtype, choices=choices, interpret=True)
+    assert set(left) == {wrong, pallas_gpu.RAGGED_CHOICES[4]}  # both at 16 query rows
+    assert all(why.startswith("wrong on the card") for why in left.values())
+    assert set(times) == set(choices) - set(left) and len(timed) == len(choices) - 2
+    assert best == pallas_gpu.RAGGED_CHOICES[-1]
+    right = (wrong, pallas_gpu.RAGGED_CHOICES[4])  # the real kernel at those settings passes
+    best, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, 96, 40, k.dtype, choices=right, interpret=True)
+    assert best in right and set(times) == set(right) and not left
+
+
 @pytest.mark.parametrize("h,kvh,d", GQA)
 def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_one_call(h, kvh, d):
     """`pallas_gpu.ragged` (interpreted) over one flat batch mixing decode rows (one query) and prefill chunks:
@@ -287,15 +334,15 @@ def test_ragged_gpu_kernel_matches_the_reference_for_decode_rows_and_chunks_in_o
     want = [reference(q[None, o:o + l], k_cache, v_cache, tables[i:i + 1],
                       jnp.asarray(starts[i] + np.arange(l)[None], jnp.int32), d ** -0.5)[0]
             for i, (o, l) in enumerate(zip(offsets, lengths)) if l]
-    block, per_step = (None, None) if GQA.index((h, kvh, d)) % 2 else (4, 2)  # the defaults, or small blocks
-    used = block or pallas_gpu.ROWS // (1 << (h // kvh - 1).bit_length())  # the kernel's: a power-of-two group
+    choice = pallas_gpu.RAGGED_DEFAULT if GQA.index((h, kvh, d)) % 2 else pallas_gpu.RaggedChoice(16, 32)  # or small
+    used = max(1, choice.rows // (1 << (h // kvh - 1).bit_length()))  # queries a block: a power-of-two group each
     meta, _, _, _ = pallas_gpu.blocks(jnp.asarray(starts), jnp.asarray(lengths), t, used)
     first, count, _, _ = np.asarray(meta).T  # the real blocks tile every sequence's rows once; all read in bounds
     assert sorted(r for f, c in zip(first, count) for r in range(f, f + c)) == list(range(int(lengths.sum())))
     assert (first >= 0).all() and (first < t).all()
-    got = jitted(pallas_gpu.ragged, "interpret", "block", "pages_per_step")(
-        q * d ** -0.5, k_cache, v_cache, tables, jnp.asarray(starts), jnp.asarray(lengths), interpret=True, block=block,
-        pages_per_step=per_step)
+    got = jitted(pallas_gpu.ragged, "interpret", "choice")(
+        q * d ** -0.5, k_cache, v_cache, tables, jnp.asarray(starts), jnp.asarray(lengths), interpret=True,
+        choice=None if choice == pallas_gpu.RAGGED_DEFAULT else choice)
     got = np.asarray(got).reshape(t, h * d)
     np.testing.assert_allclose(got[:-6], np.concatenate(want), atol=2e-5, rtol=1e-4)
     assert (got[-6:] == 0).all()
@@ -420,6 +467,12 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         text = lower(jax.jit(functools.partial(pallas_gpu.decode, choice=choice)), platforms=["cuda"],
                      disabled_checks=unchecked)(bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
         assert "xla.gpu.triton" in text, choice
+    for choice in pallas_gpu.RAGGED_CHOICES:  # each setting `tune_ragged` may time, at a flat step of the 8B shape
+        pool = bf16(8, 4096, 16, 128)
+        text = lower(jax.jit(functools.partial(pallas_gpu.ragged, choice=choice)), platforms=["cuda"],
+                     disabled_checks=unchecked)(bf16(2048, 32, 128), pool, pool, i32(257, 40), i32(257),
+                                                i32(257)).mlir_module()
+        assert f"num_warps = {choice.warps} " in text and f"num_stages = {choice.stages} " in text, choice
     for kv in ("float8_e4m3fn", "float8_e5m2"):  # `--kv-cache-dtype fp8`: bfloat16 queries, float8 pools (bits)
         pool = jax.ShapeDtypeStruct((8, 4096, 16, 128), paged.pool_dtype(kv))
         text = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(

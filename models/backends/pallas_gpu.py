@@ -1,8 +1,9 @@
 """The `pallas-gpu` attention backend over the paged KV pool: decode with JAX's Triton-based Pallas kernel
 (`jax.experimental.pallas.ops.gpu.paged_attention`) or this module's `decode_rows`, and chunks of
 queries (prefill) with `ragged`, this module's own flash attention over pages for any mix of sequences and query
-counts in one flat batch. Which decode kernel and settings serve a batch size is the card's to say: `tune` times
-`CHOICES` on it once (the engine keeps the plan beside its programs) and `use` installs the plan.
+counts in one flat batch. Which decode kernel and settings serve a batch size, and which settings `ragged` runs
+at, is the card's to say: `tune` times `CHOICES` and `tune_ragged` `RAGGED_CHOICES` on it once (the engine keeps the
+plan beside its programs) and `use` installs the plan.
 
 Upstream marks the Triton-based GPU ops deprecated after JAX 0.11; their successors are the Mosaic GPU kernels and
 tokamax. This module is the only place that names the kernel, so swapping it is a one-file change.
@@ -58,7 +59,32 @@ CHOICES = (DEFAULT, DecodeChoice(warps=4), DecodeChoice(block=4, warps=4), Decod
 ROW_KEYS, ROW_WARPS, ROW_STAGES = 64, 4, 2  # `decode_rows`' defaults: keys per inner step, warps per program, stages
 FOREIGN = DecodeChoice("rows", ROW_KEYS, ROW_WARPS, ROW_STAGES)  # a pool in another dtype than the queries' (float8)
 # where upstream's was named
-_tuned: dict[tuple, dict[int, DecodeChoice]] = {}  # (*pool shape, pool dtype) -> rows -> the card's choice (`use`)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedChoice:
+    """How `ragged` runs a flat batch: `rows` query rows a program (one KV head's heads for `rows` / its power-of-two
+    group of a sequence's consecutive queries), `keys` keys an inner step (whole pages), at Triton's `warps` a
+    program and pipeline `stages`."""
+
+    rows: int = 64
+    keys: int = 64
+    warps: int = 4
+    stages: int = 2
+
+    def __str__(self) -> str:
+        return f"ragged ({self.rows} query rows, {self.keys} keys a step, {self.warps} warps, {self.stages} stages)"
+
+
+RAGGED_DEFAULT = RaggedChoice()  # session 27's H200 run: 16 x 512 chunk queries in 0.678 ms against XLA's 0.901
+# What `tune_ragged` times on the card: the default, fewer and more keys a step, more and fewer query rows a
+# program (a decode row fills gp of them: fewer rows waste less on one; more share each page read among more
+# queries), more warps for the larger tiles, a deeper pipeline (FlashAttention-2's Triton settings are 128 x 64
+# at 4-8 warps).
+RAGGED_CHOICES = (RAGGED_DEFAULT, RaggedChoice(keys=32), RaggedChoice(keys=128, warps=8), RaggedChoice(rows=32),
+                  RaggedChoice(rows=16, keys=128), RaggedChoice(rows=128, warps=8), RaggedChoice(stages=3))
+# (*pool shape, pool dtype) -> (rows -> the card's decode choice, the card's ragged choice) (`use`)
+_tuned: dict[tuple, tuple[dict[int, DecodeChoice], RaggedChoice]] = {}
 
 
 def _pow2(n: int) -> int:
@@ -101,13 +127,19 @@ def _pool(pool) -> tuple:
 def choice_for(rows: int, pool) -> DecodeChoice:
     """The choice `decode` runs for `rows` rows over `pool` (an array or its shape and dtype): the plan `use`
     installed for its shape and dtype, else `DEFAULT`."""
-    return _tuned.get(_pool(pool), {}).get(rows, DEFAULT)
+    return _tuned.get(_pool(pool), ({}, None))[0].get(rows, DEFAULT)
 
 
-def use(pool, plan: dict[int, DecodeChoice]) -> None:
-    """Make `decode` run `plan`'s choice for each batch size over pools of `pool`'s shape and dtype (in the programs
-    traced after; `{}`: `DEFAULT` for all). The plan is the process's: the last runner's for that shape holds."""
-    _tuned[_pool(pool)] = dict(plan)
+def ragged_choice_for(pool) -> RaggedChoice:
+    """The settings `ragged` runs at over `pool`: those `use` installed for its shape and dtype, else the default."""
+    return _tuned.get(_pool(pool), ({}, RAGGED_DEFAULT))[1]
+
+
+def use(pool, plan: dict[int, DecodeChoice], ragged_choice: RaggedChoice = RAGGED_DEFAULT) -> None:
+    """Make `decode` run `plan`'s choice for each batch size and `ragged` run `ragged_choice` over pools of `pool`'s
+    shape and dtype (in the programs traced after; `{}`: `DEFAULT` for all). The plan is the process's: the last
+    runner's for that shape holds."""
+    _tuned[_pool(pool)] = (dict(plan), ragged_choice)
 
 
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
@@ -153,41 +185,77 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     args = {b: (jnp.asarray(rng.normal(size=(b, heads, d)), dtype), k_pages, v_pages,
                 jnp.asarray(rng.integers(1, pages, (b, n)), jnp.int32),  # any pages: the keys' values do not matter
                 jnp.full((b,), length, jnp.int32)) for b in rows}
-    args["check"], want = _check_batch(k_pages.dtype, kvh, heads, d, ps, min(rows, default=1), n, dtype, rng)
-    jobs = [(b, c) for b in ("check", *rows) for c in choices]
+    check, want = _check_batch(k_pages.dtype, kvh, heads, d, ps, min(rows, default=1), n, dtype, rng)
+    times, left = _pick(lambda c: functools.partial(decode, interpret=interpret, choice=c), choices, args, check,
+                        want)
+    plan = {b: min(times[b], key=times[b].get) if times[b] else DEFAULT for b in rows}
+    return plan, times, left
+
+
+def tune_ragged(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: int, tokens: int, length: int, dtype,
+                choices: tuple[RaggedChoice, ...] = RAGGED_CHOICES, interpret: bool = False,
+                seed: int = 0) -> tuple[RaggedChoice, dict[RaggedChoice, float], dict]:
+    """`tune` for `ragged`: time each of `choices` on this card over one flat batch of `tokens` queries, as a full
+    flat step is at 256 concurrent: `rows` decode rows each at `length` keys, and the other tokens in new prompts'
+    chunks of up to 512 queries (the prefill's compute, where most of a flat step's attention time goes), over the
+    pool `k_pages`/`v_pages`. Each choice's results are first checked on the card against `paged.reference` over a
+    small pool of random keys (`_check_flat`). Returns the fastest (`RAGGED_DEFAULT` where none ran), every time
+    and why each choice left out was."""
+    kvh, pages, ps, d = k_pages.shape
+    rng = np.random.default_rng(seed)
+    rows = max(1, min(rows, tokens - 1))
+    chunk = min(512, tokens - rows)
+    chunks = max(1, (tokens - rows) // chunk)
+    starts = np.concatenate([np.full(rows, length - 1), np.zeros(chunks, int)])
+    lengths = np.concatenate([np.ones(rows, int), np.full(chunks, chunk)])
+    n = -(-max(length, chunk) // ps)
+    args = {tokens: (jnp.asarray(rng.normal(size=(tokens, heads, d)), dtype), k_pages, v_pages,
+                     jnp.asarray(rng.integers(1, pages, (len(starts), n)), jnp.int32),
+                     jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.int32))}
+    check, want = _check_flat(k_pages.dtype, kvh, heads, d, ps, dtype, rng)
+    times, left = _pick(lambda c: functools.partial(ragged, interpret=interpret, choice=c), choices, args, check,
+                        want)
+    return min(times[tokens], key=times[tokens].get, default=RAGGED_DEFAULT), times[tokens], left
+
+
+def _pick(kernel, choices: tuple, args: dict, check: tuple, want: jax.Array) -> tuple[dict, dict]:
+    """Compile `kernel(choice)` for each of `choices` at each of `args` (size -> arguments) and at `check`, all on a
+    thread pool; run each choice that compiled on `check` against `want` (a refusal, a failure on the card or an
+    error past `CHECK_TOLERANCE` leaves it out at every size); time the rest. Returns every time (size -> choice ->
+    seconds a call) and why each choice left out was."""
+    jobs = [(b, c) for b in ("check", *args) for c in choices]
+    args = {"check": check, **args}
 
     def compiled(job):
         b, choice = job
-        fn = jax.jit(functools.partial(decode, interpret=interpret, choice=choice))
         try:
-            return fn.lower(*args[b]).compile()
+            return jax.jit(kernel(choice)).lower(*args[b]).compile()
         except Exception:  # noqa: BLE001  (too many registers or too much shared memory for the card)
             return None
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) // 2))) as pool:
-        exes = dict(zip(jobs, pool.map(compiled, jobs)))  # every batch size's compiles at once, then the timing
-    left = {c: "refused by the compiler" for c in choices if any(exes[b, c] is None for b in ("check", *rows))}
+        exes = dict(zip(jobs, pool.map(compiled, jobs)))  # every size's compiles at once, then the timing
+    sizes = [b for b in args if b != "check"]
+    left = {c: "refused by the compiler" for c in choices if any(exes[b, c] is None for b in args)}
     for c in choices:
         if c not in left:
             try:
-                error = float(jnp.max(jnp.abs(exes["check", c](*args["check"]).astype(jnp.float32) - want)
+                error = float(jnp.max(jnp.abs(exes["check", c](*check).astype(jnp.float32) - want)
                                       / (1 + jnp.abs(want))))
             except Exception as e:  # noqa: BLE001  (it failed on the card)
                 left[c] = f"failed on the card ({type(e).__name__})"
                 continue
             if not error <= CHECK_TOLERANCE:  # NaN too
                 left[c] = f"wrong on the card (error {error:.3g})"
-    times = {b: {} for b in rows}
-    for b in rows:
+    times = {b: {} for b in sizes}
+    for b in sizes:
         for c in choices:
             if c not in left:
                 try:
                     times[b][c] = _seconds(exes[b, c], args[b])
                 except Exception as e:  # noqa: BLE001  (it failed on the card: left out like a refused one)
                     left[c] = f"failed on the card ({type(e).__name__})"
-    times = {b: {c: t for c, t in times[b].items() if c not in left} for b in rows}
-    plan = {b: min(times[b], key=times[b].get) if times[b] else DEFAULT for b in rows}
-    return plan, times, left
+    return {b: {c: t for c, t in times[b].items() if c not in left} for b in sizes}, left
 
 
 def _check_batch(pool_dtype, kvh: int, heads: int, d: int, page_size: int, rows: int, n: int, dtype, rng):
@@ -203,6 +271,28 @@ def _check_batch(pool_dtype, kvh: int, heads: int, d: int, page_size: int, rows:
     q = jnp.asarray(rng.normal(size=(rows, heads, d)) * d ** -0.5, dtype)
     want = reference(q[:, None], k, v, table, (lengths - 1)[:, None], 1.0).reshape(rows, heads, d)
     return (q, k, v, table, lengths), want.astype(jnp.float32)
+
+
+def _check_flat(pool_dtype, kvh: int, heads: int, d: int, page_size: int, dtype, rng):
+    """`tune_ragged`'s check: a flat batch over a small pool of random keys and values in `pool_dtype`
+    (`CHECK_PAGES`) mixing decode rows (one key, a page, a page and one) and chunks (from 0 across pages, from mid-page,
+    from a page boundary), padding rows after them. Returns `ragged`'s arguments and the reference's output in
+    float32."""
+    shape = (kvh, CHECK_PAGES + 1, page_size, d)
+    k, v = (to_pool(jnp.asarray(rng.normal(size=shape), jnp.float32), pool_dtype) for _ in "kv")
+    starts = np.array([0, page_size - 1, page_size, 0, page_size // 2 + 3, 2 * page_size])
+    lengths = np.array([1, 1, 1, 3 * page_size + 5, page_size + 7, 2 * page_size])
+    t = int(lengths.sum()) + 5
+    n = -(-int((starts + lengths).max()) // page_size)
+    tables = rng.integers(1, CHECK_PAGES + 1, (len(starts), n))
+    q = jnp.asarray(rng.normal(size=(t, heads, d)) * d ** -0.5, dtype)
+    owner = np.repeat(np.arange(len(starts)), lengths)
+    positions = np.concatenate([s + np.arange(n) for s, n in zip(starts, lengths)])
+    want = reference(q[:len(owner), None], k, v, jnp.asarray(tables[owner], jnp.int32),
+                     jnp.asarray(positions, jnp.int32)[:, None], 1.0)[:, 0].reshape(len(owner), heads, d)
+    want = jnp.concatenate([want.astype(jnp.float32), jnp.zeros((t - len(owner), heads, d), jnp.float32)])
+    return (q, k, v, jnp.asarray(tables, jnp.int32), jnp.asarray(starts, jnp.int32),
+            jnp.asarray(lengths, jnp.int32)), want
 
 
 def _seconds(exe, args, calls: int = 10, rounds: int = 3) -> float:
@@ -290,10 +380,6 @@ def decode_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax
     return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
 
 
-ROWS = 64  # query rows (queries x the heads of one KV head) per program of `ragged`
-KEYS = 64  # keys per inner step of `ragged` (whole pages)
-
-
 def _ragged_kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *, group: int, pages_per_step: int):
     """One program: one KV head's heads for up to `block` consecutive queries of one sequence (`meta`: the first
     query's row in `q`, how many are real, the first one's position), flash attention over the sequence's pages in
@@ -351,18 +437,18 @@ def blocks(starts: jax.Array, lengths: jax.Array, t: int, block: int):
     return meta, seq, before, offsets
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block", "pages_per_step"))
+@functools.partial(jax.jit, static_argnames=("interpret", "choice"))
 def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array, starts: jax.Array,
-           lengths: jax.Array, interpret: bool = False, block: int | None = None,
-           pages_per_step: int | None = None) -> jax.Array:
+           lengths: jax.Array, interpret: bool = False, choice: RaggedChoice | None = None) -> jax.Array:
     """Causal attention of pre-scaled queries `q [T, h, d]` for several sequences at once: sequence `r`'s
     `lengths[r]` queries follow the earlier sequences' in `q` and sit at positions `starts[r]` onwards, over the
     keys in its pool pages `tables[r]` (written before the call, this chunk's included). Rows past every sequence
     are padding (zeros out). A decode row is a sequence of one query; a prefill chunk, one of many.
 
-    The grid is KV heads x query blocks: each sequence's queries in blocks of `block`, with the heads of one KV
-    head, a program each, walking the pages up to its last query `pages_per_step` at a time (flash attention,
-    online softmax). Head groups are padded to a power of two, as Triton wants."""
+    The grid is KV heads x query blocks: each sequence's queries in blocks of `choice.rows` rows (the queries' heads
+    of one KV head, padded to a power of two as Triton wants), a program each, walking the pages up to its last
+    query `choice.keys` keys at a time (flash attention, online softmax). `choice`: by default `ragged_choice_for`
+    the pool (the card's, once tuned)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -370,8 +456,9 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
     kvh, _, page_size, _ = k_pages.shape
     g = h // kvh
     gp = _pow2(g)
-    block = block or max(1, ROWS // gp)
-    pages_per_step = pages_per_step or max(1, KEYS // page_size)
+    choice = choice or ragged_choice_for(k_pages)
+    block = max(1, choice.rows // gp)
+    pages_per_step = max(1, choice.keys // page_size)
     r, n = tables.shape
     width = max(pages_per_step, _pow2(n))
     width += -width % pages_per_step
@@ -390,7 +477,7 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
                   pl.BlockSpec((None, *v_pages.shape[1:]), lambda hh, b: (hh, 0, 0, 0))],
         out_specs=pl.BlockSpec((None, None, block * gp, d), lambda hh, b: (hh, b, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((kvh, nb, block * gp, d), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=choice.warps, num_stages=choice.stages),
         interpret=interpret,
         name="ragged_paged_attention",
     )(meta, tables[seq], qg, k_pages, v_pages)
