@@ -287,7 +287,7 @@ def _check_flat(pool_dtype, kvh: int, heads: int, d: int, page_size: int, dtype,
     tables = rng.integers(1, CHECK_PAGES + 1, (len(starts), n))
     q = jnp.asarray(rng.normal(size=(t, heads, d)) * d ** -0.5, dtype)
     owner = np.repeat(np.arange(len(starts)), lengths)
-    positions = np.concatenate([s + np.arange(n) for s, n in zip(starts, lengths)])
+    positions = np.concatenate([start + np.arange(count) for start, count in zip(starts, lengths)])
     want = reference(q[:len(owner), None], k, v, jnp.asarray(tables[owner], jnp.int32),
                      jnp.asarray(positions, jnp.int32)[:, None], 1.0)[:, 0].reshape(len(owner), heads, d)
     want = jnp.concatenate([want.astype(jnp.float32), jnp.zeros((t - len(owner), heads, d), jnp.float32)])
