@@ -213,7 +213,8 @@ def attention(smoke: bool) -> list[dict]:
     for choice in pallas_gpu.RAGGED_CHOICES:  # what `pallas_gpu.tune_ragged` times (there over a prefill-heavy batch)
         f = jax.jit(lambda q, k, v, t, s, c=choice: pallas_gpu.ragged(
             q, k, v, t, s, jnp.ones_like(s), interpret=interpret, choice=c))
-        time_row(str(choice), f, q, kc, vc, table, starts, width=used, splits=1, block=choice.keys // kc.shape[2])
+        time_row(str(choice), f, q, kc, vc, table, starts, width=used, splits=1,
+                 block=max(1, choice.keys // kc.shape[2]))
     return rows
 
 

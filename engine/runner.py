@@ -477,14 +477,14 @@ class Runner:
         """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on, and which settings
         `ragged` runs at: with `tune`, the fastest of `pallas_gpu.CHOICES` that compute right on this card
         (`pallas_gpu.tune`), over this pool, at half the context up to `TUNE_LENGTH` tokens, and of
-        `pallas_gpu.RAGGED_CHOICES` over the largest flat step (`pallas_gpu.tune_ragged`: every slot's next token
-        at that length, the rest new prompts' chunks), kept in the program store (a warm start reads it and waits
-        for nothing); else none (the kernels' defaults). Installed for this pool's shape either way
-        (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess: session 27's H200 ran
-        upstream's decode kernel at 1,036-1,383 GB/s by its settings alone. On several processes, process 0 times on
-        its devices and every process runs its plan (`multihost.from_leader`: the same programs everywhere; not
-        kept, as no program is there). The defaults where the pool cannot be allocated (the server says so) or
-        nothing ran (then nothing is kept). Returns the decode plan and the `ragged` choice."""
+        `pallas_gpu.RAGGED_CHOICES` over the largest flat step (`pallas_gpu.tune_ragged`: every slot's next token at
+        that length, the rest new prompts' chunks; without the flat step, a prefill budget's chunks), kept in the
+        program store (a warm start reads it and waits for nothing); else none (the kernels' defaults). Installed for
+        this pool's shape either way (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess:
+        session 27's H200 ran upstream's decode kernel at 1,036-1,383 GB/s by its settings alone. On several processes,
+        process 0 times on its devices and every process runs its plan (`multihost.from_leader`: the same programs
+        everywhere; not kept, as no program is there). The defaults where the pool cannot be allocated (the server says
+        so) or nothing ran (then nothing is kept). Returns the decode plan and the `ragged` choice."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg
@@ -494,15 +494,18 @@ class Runner:
         shape[1] //= self.dp  # one shard's pool, as the programs see it
         rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune else []
         length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
-        tokens = self.flat_buckets[-1]
+        # the largest flat step: every slot's next token and a prompt budget (without the flat step, `ragged` serves
+        # prefill calls: the budget's chunks alone)
+        tokens, beside = (self.flat_buckets[-1], self.per_shard) if self.flat else (
+            max(self.rc.max_prefill_tokens, self.chunk), 0)
         t0, plan, ragged = time.perf_counter(), {}, pallas_gpu.RAGGED_DEFAULT
 
         def make():
             k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))
             plan, times, left = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype,
                                                 interpret=interpret) if rows else ({}, {}, {})
-            ragged, flat_times, flat_left = pallas_gpu.tune_ragged(k, v, cfg.num_heads, self.per_shard, tokens,
-                                                                   length, cfg.dtype, interpret=interpret)
+            ragged, flat_times, flat_left = pallas_gpu.tune_ragged(k, v, cfg.num_heads, beside, tokens, length,
+                                                                   cfg.dtype, interpret=interpret)
             for choice, why in (left | flat_left).items():
                 log.warning("sparkler: attention %s left out: %s", choice, why)
             for b in rows:  # every choice's time, for the docs
@@ -511,15 +514,18 @@ class Runner:
                          kv / min(times[b].values(), default=float("inf")) / 1e9,
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
             log.info("flat attention over %d tokens (%d rows of %d keys, the rest new prompts), ms a layer: %s",
-                     tokens, self.per_shard, length,
+                     tokens, beside, length,
                      "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(flat_times.items(), key=lambda ct: ct[1])))
-            if not all(times.values()) or not flat_times:
-                raise RuntimeError(f"no choice ran at {[b for b in rows if not times[b]] or tokens} rows")
+            if not all(times.values()):
+                raise RuntimeError(f"no decode choice ran at {[b for b in rows if not times[b]]} rows")
+            if not flat_times:
+                raise RuntimeError(f"no ragged choice ran over {tokens} tokens")
             return {"decode": {str(b): dataclasses.asdict(c) for b, c in plan.items()},
                     "ragged": dataclasses.asdict(ragged)}
 
         if tune:
-            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length, tokens)
+            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length, tokens,
+                   beside)
             group = jax.process_count() > 1
             try:
                 kept, was = (multihost.from_leader(make), False) if group else kept_result("attention-plan", key,
@@ -531,8 +537,8 @@ class Runner:
                 ragged = pallas_gpu.RaggedChoice(**kept["ragged"])
                 how = "kept from before" if was else (
                     "timed on process 0" if jax.process_index() else "timed on this card")
-                log.info("attention plan %s in %.1f s: %s; flat steps: %s", how, time.perf_counter() - t0,
-                         "; ".join(f"{b} rows: {c}" for b, c in plan.items()), ragged)
+                log.info("attention plan %s in %.1f s: %s%s", how, time.perf_counter() - t0,
+                         "".join(f"{b} rows: {c}; " for b, c in plan.items()), ragged)
         pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan, ragged)
         return plan, ragged
 

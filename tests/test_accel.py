@@ -229,13 +229,16 @@ def test_the_attention_kernels_are_tuned_once_per_card_and_shape_and_the_program
             like(rows, cfg.num_heads, cfg.head_dim), like(*pool.shape), like(*pool.shape), i32(rows, 4),
             i32(rows)).mlir_module()
         assert name in text, rows
-    warps = []
-    for pooled in (pool, jax.ShapeDtypeStruct((pool.shape[0], pool.shape[1] + 1, *pool.shape[2:]), pool.dtype)):
-        text = export.export(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+    def warps(pooled) -> list[str]:  # a program traced anew, as each runner's are, calling `ragged`
+        text = export.export(jax.jit(lambda *a: pallas_gpu.ragged(*a)), platforms=["cuda"], disabled_checks=unchecked)(
             like(64, cfg.num_heads, cfg.head_dim), like(*pooled.shape), like(*pooled.shape), i32(4, 4), i32(4),
             i32(4)).mlir_module()
-        warps.append(re.findall(r"num_warps = (\d+)", text))
-    assert warps == [["8"], ["4"]]  # the installed choice over this pool's shape; the default over another
+        return re.findall(r"num_warps = (\d+)", text)
+
+    other = jax.ShapeDtypeStruct((pool.shape[0], pool.shape[1] + 1, *pool.shape[2:]), pool.dtype)
+    assert warps(pool) == ["8"] and warps(other) == ["4"]  # the installed choice over this pool's shape only
+    pallas_gpu.use(pool, plan, pallas_gpu.RaggedChoice(rows=32, warps=2))  # a plan installed after a trace is traced
+    assert warps(pool) == ["2"]
 
 
 def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
@@ -311,6 +314,8 @@ def test_ragged_tuning_checks_times_and_picks_over_a_flat_step():
     right = (wrong, pallas_gpu.RAGGED_CHOICES[4])  # the real kernel at those settings passes
     best, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, 96, 40, k.dtype, choices=right, interpret=True)
     assert best in right and set(times) == set(right) and not left
+    best, times, left = pallas_gpu.tune_ragged(k, v, 8, 0, 80, 40, k.dtype, choices=right[:1], interpret=True)
+    assert best == wrong and set(times) == {wrong} and not left  # chunks alone (a prefill call's), no decode rows
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)
@@ -453,7 +458,7 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
     unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     for h, kvh, d in [(32, 8, 128), *GQA]:
         pool, t, rows, n = bf16(kvh, 1024, 16, d), 512, 16, 24
-        ragged = lower(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+        ragged = lower(jax.jit(pallas_gpu.ragged), platforms=["cuda"], disabled_checks=unchecked)(
             bf16(t, h, d), pool, pool, i32(rows, n), i32(rows), i32(rows)).mlir_module()
         assert 'name = "ragged_paged_attention"' in ragged, (h, kvh, d)
         decode = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
@@ -478,7 +483,7 @@ def test_gpu_kernels_lower_to_triton_for_every_family_shape():
         text = lower(jax.jit(pallas_gpu.decode), platforms=["cuda"], disabled_checks=unchecked)(
             bf16(256, 32, 128), pool, pool, i32(256, 40), i32(256)).mlir_module()
         assert 'name = "paged_decode_rows"' in text, kv
-        text = lower(pallas_gpu.ragged, platforms=["cuda"], disabled_checks=unchecked)(
+        text = lower(jax.jit(pallas_gpu.ragged), platforms=["cuda"], disabled_checks=unchecked)(
             bf16(512, 32, 128), pool, pool, i32(16, 24), i32(16), i32(16)).mlir_module()
         assert 'name = "ragged_paged_attention"' in text, kv
 

@@ -195,19 +195,19 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
 def tune_ragged(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: int, tokens: int, length: int, dtype,
                 choices: tuple[RaggedChoice, ...] = RAGGED_CHOICES, interpret: bool = False,
                 seed: int = 0) -> tuple[RaggedChoice, dict[RaggedChoice, float], dict]:
-    """`tune` for `ragged`: time each of `choices` on this card over one flat batch of `tokens` queries, as a full
-    flat step is at 256 concurrent: `rows` decode rows each at `length` keys, and the other tokens in new prompts'
-    chunks of up to 512 queries (the prefill's compute, where most of a flat step's attention time goes), over the
-    pool `k_pages`/`v_pages`. Each choice's results are first checked on the card against `paged.reference` over a
-    small pool of random keys (`_check_flat`). Returns the fastest (`RAGGED_DEFAULT` where none ran), every time
-    and why each choice left out was."""
+    """`tune` for `ragged`: time each of `choices` on this card over one flat batch of `tokens` queries, as a full flat
+    step is at 256 concurrent: `rows` decode rows each at `length` keys (none: a prefill's chunks alone), and the other
+    tokens in new prompts' chunks of 512 queries, the last one shorter (the prefill's compute, where most of a flat
+    step's attention time goes), over the pool `k_pages`/`v_pages`. Each choice's results are first checked on the card
+    against `paged.reference` over a small pool of random keys (`_check_flat`). Returns the fastest (`RAGGED_DEFAULT`
+    where none ran), every time and why each choice left out was."""
     kvh, pages, ps, d = k_pages.shape
     rng = np.random.default_rng(seed)
-    rows = max(1, min(rows, tokens - 1))
+    rows = max(0, min(rows, tokens - 1))
     chunk = min(512, tokens - rows)
-    chunks = max(1, (tokens - rows) // chunk)
-    starts = np.concatenate([np.full(rows, length - 1), np.zeros(chunks, int)])
-    lengths = np.concatenate([np.ones(rows, int), np.full(chunks, chunk)])
+    chunks = [chunk] * ((tokens - rows) // chunk) + [(tokens - rows) % chunk] * bool((tokens - rows) % chunk)
+    starts = np.concatenate([np.full(rows, length - 1), np.zeros(len(chunks), int)])
+    lengths = np.concatenate([np.ones(rows, int), chunks])
     n = -(-max(length, chunk) // ps)
     args = {tokens: (jnp.asarray(rng.normal(size=(tokens, heads, d)), dtype), k_pages, v_pages,
                      jnp.asarray(rng.integers(1, pages, (len(starts), n)), jnp.int32),
@@ -437,7 +437,6 @@ def blocks(starts: jax.Array, lengths: jax.Array, t: int, block: int):
     return meta, seq, before, offsets
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "choice"))
 def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array, starts: jax.Array,
            lengths: jax.Array, interpret: bool = False, choice: RaggedChoice | None = None) -> jax.Array:
     """Causal attention of pre-scaled queries `q [T, h, d]` for several sequences at once: sequence `r`'s
@@ -448,7 +447,13 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
     The grid is KV heads x query blocks: each sequence's queries in blocks of `choice.rows` rows (the queries' heads
     of one KV head, padded to a power of two as Triton wants), a program each, walking the pages up to its last
     query `choice.keys` keys at a time (flash attention, online softmax). `choice`: by default `ragged_choice_for`
-    the pool (the card's, once tuned)."""
+    the pool (the card's, once tuned), looked up outside the jitted body so that a plan installed later is traced."""
+    return _ragged(q, k_pages, v_pages, tables, starts, lengths, interpret=interpret,
+                   choice=choice or ragged_choice_for(k_pages))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "choice"))
+def _ragged(q, k_pages, v_pages, tables, starts, lengths, interpret: bool, choice: RaggedChoice) -> jax.Array:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -456,7 +461,6 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
     kvh, _, page_size, _ = k_pages.shape
     g = h // kvh
     gp = _pow2(g)
-    choice = choice or ragged_choice_for(k_pages)
     block = max(1, choice.rows // gp)
     pages_per_step = max(1, choice.keys // page_size)
     r, n = tables.shape
