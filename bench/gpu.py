@@ -183,15 +183,15 @@ def diagnose(args) -> None:
         del runner, model, fwd
 
 
-def param_bytes(params, cfg=None, skip: tuple[str, ...] = ("embed", "embed_rows")) -> int:
+def param_bytes(params, cfg=None, skip: tuple[str, ...] = ("embed", "embed_rows"), elements: bool = False) -> int:
     """Bytes of the parameters one single-stream decode step reads (the embedding table is only gathered from; a
-    mixture's routed experts count `k / E` of theirs, the share one token's route reads)."""
+    mixture's routed experts count `k / E` of theirs, the share one token's route reads); `elements`: their count."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [getattr(k, "key", None) for k in path]
         if not any(k in skip for k in keys):
             share = cfg.experts_per_token / cfg.num_experts if cfg is not None and "experts" in keys else 1
-            total += leaf.size * leaf.dtype.itemsize * share
+            total += leaf.size * (1 if elements else leaf.dtype.itemsize) * share
     return int(total)
 
 

@@ -281,8 +281,7 @@ def floors(model, args, levels: list[int]) -> dict:
     rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed(jax.jit(jnp.matmul), a, b)
     del a, b
     bandwidth = copy_bandwidth((64 if args.smoke else 512) << 20)
-    layers = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(model.params)
-                 if not {"embed", "embed_rows", "lm_head"} & {getattr(k, "key", None) for k in path})  # weights
+    layers = param_bytes(model.params, skip=("embed", "embed_rows", "lm_head"), elements=True)  # weights
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.prompt / 2
     per_token = 2 * layers + attention  # FLOPs of a prompt token
     weights, kv = param_bytes(model.params), kv_bytes_per_token(model)

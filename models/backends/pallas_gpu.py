@@ -85,6 +85,7 @@ RAGGED_CHOICES = (RAGGED_DEFAULT, RaggedChoice(keys=32), RaggedChoice(keys=128, 
                   RaggedChoice(rows=16, keys=128), RaggedChoice(rows=128, warps=8), RaggedChoice(stages=3))
 # (*pool shape, pool dtype) -> (rows -> the card's decode choice, the card's ragged choice) (`use`)
 _tuned: dict[tuple, tuple[dict[int, DecodeChoice], RaggedChoice]] = {}
+_UNTUNED = ({}, RAGGED_DEFAULT)  # a pool no plan was installed for
 
 
 def _pow2(n: int) -> int:
@@ -127,12 +128,12 @@ def _pool(pool) -> tuple:
 def choice_for(rows: int, pool) -> DecodeChoice:
     """The choice `decode` runs for `rows` rows over `pool` (an array or its shape and dtype): the plan `use`
     installed for its shape and dtype, else `DEFAULT`."""
-    return _tuned.get(_pool(pool), ({}, None))[0].get(rows, DEFAULT)
+    return _tuned.get(_pool(pool), _UNTUNED)[0].get(rows, DEFAULT)
 
 
 def ragged_choice_for(pool) -> RaggedChoice:
     """The settings `ragged` runs at over `pool`: those `use` installed for its shape and dtype, else the default."""
-    return _tuned.get(_pool(pool), ({}, RAGGED_DEFAULT))[1]
+    return _tuned.get(_pool(pool), _UNTUNED)[1]
 
 
 def use(pool, plan: dict[int, DecodeChoice], ragged_choice: RaggedChoice = RAGGED_DEFAULT) -> None:
@@ -258,12 +259,17 @@ def _pick(kernel, choices: tuple, args: dict, check: tuple, want: jax.Array) -> 
     return {b: {c: t for c, t in times[b].items() if c not in left} for b in sizes}, left
 
 
+def _check_pool(pool_dtype, kvh: int, page_size: int, d: int, rng) -> tuple[jax.Array, jax.Array]:
+    """The tuners' check pool: `CHECK_PAGES` pages (and the scratch page) of random keys and values in `pool_dtype`."""
+    shape = (kvh, CHECK_PAGES + 1, page_size, d)
+    return tuple(to_pool(jnp.asarray(rng.normal(size=shape), jnp.float32), pool_dtype) for _ in "kv")
+
+
 def _check_batch(pool_dtype, kvh: int, heads: int, d: int, page_size: int, rows: int, n: int, dtype, rng):
     """`tune`'s check: `rows` rows of `n`-page tables over a small pool of random keys and values in `pool_dtype`
     (`CHECK_PAGES`), of lengths from one key to the whole table (page boundaries and partial blocks among them).
     Returns `decode`'s arguments and the reference's output in float32."""
-    shape = (kvh, CHECK_PAGES + 1, page_size, d)
-    k, v = (to_pool(jnp.asarray(rng.normal(size=shape), jnp.float32), pool_dtype) for _ in "kv")
+    k, v = _check_pool(pool_dtype, kvh, page_size, d, rng)
     lengths = rng.integers(1, n * page_size + 1, rows)
     lengths[:4] = (1, n * page_size, page_size, page_size + 1)[:rows]
     lengths = jnp.asarray(np.minimum(lengths, n * page_size), jnp.int32)
@@ -278,8 +284,7 @@ def _check_flat(pool_dtype, kvh: int, heads: int, d: int, page_size: int, dtype,
     (`CHECK_PAGES`) mixing decode rows (one key, a page, a page and one) and chunks (from 0 across pages, from mid-page,
     from a page boundary), padding rows after them. Returns `ragged`'s arguments and the reference's output in
     float32."""
-    shape = (kvh, CHECK_PAGES + 1, page_size, d)
-    k, v = (to_pool(jnp.asarray(rng.normal(size=shape), jnp.float32), pool_dtype) for _ in "kv")
+    k, v = _check_pool(pool_dtype, kvh, page_size, d, rng)
     starts = np.array([0, page_size - 1, page_size, 0, page_size // 2 + 3, 2 * page_size])
     lengths = np.array([1, 1, 1, 3 * page_size + 5, page_size + 7, 2 * page_size])
     t = int(lengths.sum()) + 5
