@@ -585,6 +585,7 @@ class Runner:
             jobs += [self._decode_job(self.dp * b, attend, k, v) for attend in widths for k in steps
                      for v in self.variants]
             jobs += [self._logits_job(self.dp * b, attend) for attend in widths if constrained]
+        jobs += self._echo_jobs()  # scoring prompts (lm-eval's loglikelihood requests), a compile each otherwise
         if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w), v) for b in self.batch_buckets
@@ -615,11 +616,19 @@ class Runner:
         (`RunnerConfig.sampler_branches`)."""
         return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "lean", "plain")}[self.branches]
 
-    def _prefill_job(self, nb: int, size: int, attend: int) -> Job:
+    def _prefill_job(self, nb: int, size: int, attend: int, echo: bool = False) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
         args = (self.model.params, self.cache_shape, self.last_logits, _i32(nb, size), _i32(nb), _i32(nb), table,
                 np.int32(0), _i32(nb))
-        return self._prefill, args, dict(echo=False)
+        return self._prefill, args, dict(echo=echo)
+
+    def _echo_jobs(self) -> list[Job]:
+        """Prompt-logprob (echo) prefills, one prompt a call (`prefill_chunk`): a first chunk of every size, and a
+        long prompt's later chunks at each table width they reach (one size there: `echo_size`)."""
+        firsts = [(size, self.covered(0, size)) for size in self.prefill_buckets]
+        later = sorted({self.covered(start, self.chunk) for start in range(self.chunk, self.max_len, self.chunk)})
+        return [self._prefill_job(self.dp, size, attend, echo=True)
+                for size, attend in firsts + [(self.chunk, attend) for attend in later]]
 
     def _flat_job(self, size: int) -> Job:
         r = self.slots + 1
@@ -708,9 +717,22 @@ class Runner:
         reads the earlier keys from at most that bucket and the chunk's own from no page (`models.backends.paged.
         prefill`). The `cpu` kernel reads the earlier keys by length, so there it is the whole context: one program
         per chunk size and rows, whatever the start."""
-        if backends.reads_by_length(self.model.module.backend, 1, size, self.model.cfg.matmul):
+        if self._reads_by_length(size):
             return self.max_len
         return size + (bucket(start, self.attend) if start else 0)
+
+    def echo_size(self, start: int, n: int) -> int:
+        """The bucket an echo chunk of `n` tokens at `start` runs at: its own, but a later chunk of a long prompt
+        takes the whole chunk's where the table's width follows the start (not the `cpu` kernel's), so the warm-up
+        names one program per width there rather than one per width and size (the padding: under a chunk, once
+        per prompt)."""
+        size = bucket(n, self.prefill_buckets)
+        return self.chunk if start and not self._reads_by_length(size) else size
+
+    def _reads_by_length(self, queries: int) -> bool:
+        """Whether a one-row call of `queries` tokens a row reads the earlier keys by each row's length
+        (`backends.reads_by_length`)."""
+        return backends.reads_by_length(self.model.module.backend, 1, queries, self.model.cfg.matmul)
 
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
@@ -718,7 +740,7 @@ class Runner:
         the next prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
         d = self.shard_of(slot)
         piece = tokens[start:start + self.chunk]
-        size = bucket(len(piece), self.prefill_buckets)
+        size = self.echo_size(start, len(piece)) if echo else bucket(len(piece), self.prefill_buckets)
         toks = np.zeros((self.dp, size), np.int32)
         toks[d, :len(piece)] = piece
         starts, lengths = np.zeros(self.dp, np.int32), np.ones(self.dp, np.int32)

@@ -134,3 +134,32 @@ def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advan
             assert {job[1][3].shape[0] for job in eng.runner.warm_jobs() if job[0] is eng.runner._flat} == set(
                 eng.runner.flat_buckets)  # and the warm-up compiles them all
     assert outs[True] == outs[False]
+
+
+def test_echo_prefills_take_warm_up_shapes_and_score_a_chunked_prompt():
+    """Prompt logprobs (echo) prefill one prompt's chunks a call beside the flat step: every shape they take is one
+    the warm-up names (a long prompt's later chunk padded to a whole chunk, where the table's width follows its
+    start: one program a width), so a scoring request compiles nothing mid-serve; a chunked prompt's logprobs are the
+    full-sequence forward pass's."""
+    from engine.compile import shape_key
+    from helpers import our_logits
+
+    eng = _tiny(True)
+    runner = eng.runner
+    prompts = [np.random.default_rng(7).integers(1, 256, n).tolist() for n in (1, 3, 100, 600)]
+    reqs = [eng.make_request(p, SamplingParams(max_tokens=0, echo=True, logprobs=True)) for p in prompts]
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    warm = {shape_key(args, statics) for fn, args, statics in runner.warm_jobs() if fn is runner._prefill}
+    used = set(runner._prefill.exes)
+    assert len(used) == 5 and used <= warm  # sizes 1, 16, 128 and 512 from 0; the second chunk's 88 as 512 at 512
+    assert runner.chunk == 512 and not runner._reads_by_length(runner.chunk)
+    ids = prompts[-1]
+    logits = our_logits(eng.model.module, eng.model.params, [ids])[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    ref = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    chosen = reqs[-1].prompt_logprobs[0]
+    assert len(chosen) == len(ids)
+    np.testing.assert_allclose(chosen[:-1], [ref[j, ids[j + 1]] for j in range(len(ids) - 1)], atol=1e-4)
