@@ -250,7 +250,7 @@ class Runner:
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
-        self.decode_plan, self.ragged_choice = self._tune_attention(
+        self.decode_plan, self.ragged_plan = self._tune_attention(
             gpu if rc.tune_kernels is None else rc.tune_kernels, not gpu)
         module = model.module
         gathered = NamedSharding(mesh, P())  # what the host reads back: on every process
@@ -442,7 +442,7 @@ class Runner:
         # anyway, so engines of one model with other settings share every program of the same shapes. The sampler's
         # programs trace nothing of the model either: any engine of the vocabulary and slots shares them.
         ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape),
-                   self.ragged_choice))
+                   sorted(self.ragged_plan.items())))
         tuned = ns + repr(sorted(self.decode_plan.items()))  # the programs that run `pallas_gpu.decode`
         self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", tuned)
         sampler_ns = repr(dict(mesh.shape))
@@ -473,38 +473,41 @@ class Runner:
             reference = (max(queries, rows), max(PREFILL_ROWS, self.per_shard), context)
         return tokens, rows, reference
 
-    def _tune_attention(self, tune: bool, interpret: bool = False) -> tuple[dict, object]:
+    def _tune_attention(self, tune: bool, interpret: bool = False) -> tuple[dict, dict]:
         """Which `pallas_gpu` decode kernel and settings run each batch size from `TUNE_ROWS` on, and which settings
-        `ragged` runs at: with `tune`, the fastest of `pallas_gpu.CHOICES` that compute right on this card
-        (`pallas_gpu.tune`), over this pool, at half the context up to `TUNE_LENGTH` tokens, and of
-        `pallas_gpu.RAGGED_CHOICES` over the largest flat step (`pallas_gpu.tune_ragged`: every slot's next token at
-        that length, the rest new prompts' chunks; without the flat step, a prefill budget's chunks), kept in the
-        program store (a warm start reads it and waits for nothing); else none (the kernels' defaults). Installed for
-        this pool's shape either way (`pallas_gpu.use`), for the programs traced after. The card's choice, not a guess:
-        session 27's H200 ran upstream's decode kernel at 1,036-1,383 GB/s by its settings alone. On several processes,
-        process 0 times on its devices and every process runs its plan (`multihost.from_leader`: the same programs
-        everywhere; not kept, as no program is there). The defaults where the pool cannot be allocated (the server says
-        so) or nothing ran (then nothing is kept). Returns the decode plan and the `ragged` choice."""
+        `ragged` runs at by a step's tokens: with `tune`, the fastest of `pallas_gpu.CHOICES` that compute right on this
+        card (`pallas_gpu.tune`), over this pool, at half the context up to `TUNE_LENGTH` tokens, and of
+        `pallas_gpu.RAGGED_CHOICES` over two flat steps (`pallas_gpu.tune_ragged`: every slot's next token at that
+        length beside one prompt's chunk, mostly decode rows, as a step is while requests come and go; and beside a
+        whole prompt budget, the largest step, as at a burst; without the flat step, a prefill budget's chunks), kept in
+        the program store (a warm start reads it and waits for nothing); else none (the kernels' defaults). Installed
+        for this pool's shape either way (`pallas_gpu.use`), for the programs traced after. The card's choice, not a
+        guess: session 27's H200 ran upstream's decode kernel at 1,036-1,383 GB/s by its settings alone. On several
+        processes, process 0 times on its devices and every process runs its plan (`multihost.from_leader`: the same
+        programs everywhere; not kept, as no program is there). The defaults where the pool cannot be allocated (the
+        server says so) or nothing ran (then nothing is kept). Returns the decode plan and the `ragged` plan (tokens ->
+        choice)."""
         from models.backends import pallas_gpu
 
         cfg = self.model.cfg
         if self.model.module.backend != "pallas-gpu":
-            return {}, None
+            return {}, {}
         shape = list(self.cache_shape.k.shape)
         shape[1] //= self.dp  # one shard's pool, as the programs see it
         rows = [b for b in self.batch_buckets if b >= TUNE_ROWS] if tune else []
         length = min(self.max_len // 2, TUNE_LENGTH) // self.page_size * self.page_size or self.page_size
-        # the largest flat step: every slot's next token and a prompt budget (without the flat step, `ragged` serves
-        # prefill calls: the budget's chunks alone)
-        tokens, beside = (self.flat_buckets[-1], self.per_shard) if self.flat else (
-            max(self.rc.max_prefill_tokens, self.chunk), 0)
-        t0, plan, ragged = time.perf_counter(), {}, pallas_gpu.RAGGED_DEFAULT
+        # flat steps: every slot's next token beside a chunk, and beside a prompt budget (without the flat step,
+        # `ragged` serves prefill calls: the budget's chunks alone)
+        sizes, beside = (tuple(sorted({bucket(self.per_shard + self.chunk, self.flat_buckets),
+                                       self.flat_buckets[-1]})), self.per_shard) if self.flat else (
+            (max(self.rc.max_prefill_tokens, self.chunk),), 0)
+        t0, plan, ragged = time.perf_counter(), {}, {}
 
         def make():
             k, v = (x.addressable_shards[0].data for x in (self.cache.k, self.cache.v))
             plan, times, left = pallas_gpu.tune(k, v, cfg.num_heads, tuple(rows), length, cfg.dtype,
                                                 interpret=interpret) if rows else ({}, {}, {})
-            ragged, flat_times, flat_left = pallas_gpu.tune_ragged(k, v, cfg.num_heads, beside, tokens, length,
+            ragged, flat_times, flat_left = pallas_gpu.tune_ragged(k, v, cfg.num_heads, beside, sizes, length,
                                                                    cfg.dtype, interpret=interpret)
             for choice, why in (left | flat_left).items():
                 log.warning("sparkler: attention %s left out: %s", choice, why)
@@ -513,18 +516,20 @@ class Runner:
                 log.info("decode attention at %d rows of %d keys (K/V at %.0f GB/s), ms a layer: %s", b, length,
                          kv / min(times[b].values(), default=float("inf")) / 1e9,
                          "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(times[b].items(), key=lambda ct: ct[1])))
-            log.info("flat attention over %d tokens (%d rows of %d keys, the rest new prompts), ms a layer: %s",
-                     tokens, beside, length,
-                     "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(flat_times.items(), key=lambda ct: ct[1])))
+            for n in sizes:
+                log.info("flat attention over %d tokens (%d rows of %d keys, the rest new prompts), ms a layer: %s",
+                         n, min(beside, n - 1), length,
+                         "; ".join(f"{c} {t * 1e3:.3f}" for c, t in sorted(flat_times[n].items(),
+                                                                            key=lambda ct: ct[1])))
             if not all(times.values()):
                 raise RuntimeError(f"no decode choice ran at {[b for b in rows if not times[b]]} rows")
-            if not flat_times:
-                raise RuntimeError(f"no ragged choice ran over {tokens} tokens")
+            if not all(flat_times.values()):
+                raise RuntimeError(f"no ragged choice ran over {[n for n in sizes if not flat_times[n]]} tokens")
             return {"decode": {str(b): dataclasses.asdict(c) for b, c in plan.items()},
-                    "ragged": dataclasses.asdict(ragged)}
+                    "ragged": {str(n): dataclasses.asdict(c) for n, c in ragged.items()}}
 
         if tune:
-            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length, tokens,
+            key = (shape, str(self.cache_shape.k.dtype), cfg.dtype, cfg.num_heads, tuple(rows), length, sizes,
                    beside)
             group = jax.process_count() > 1
             try:
@@ -534,11 +539,12 @@ class Runner:
                 log.warning("sparkler: attention not tuned (%s: %s); the kernels' defaults", type(e).__name__, e)
             else:
                 plan = {int(b): pallas_gpu.DecodeChoice(**c) for b, c in kept["decode"].items()}
-                ragged = pallas_gpu.RaggedChoice(**kept["ragged"])
+                ragged = {int(n): pallas_gpu.RaggedChoice(**c) for n, c in kept["ragged"].items()}
                 how = "kept from before" if was else (
                     "timed on process 0" if jax.process_index() else "timed on this card")
                 log.info("attention plan %s in %.1f s: %s%s", how, time.perf_counter() - t0,
-                         "".join(f"{b} rows: {c}; " for b, c in plan.items()), ragged)
+                         "".join(f"{b} rows: {c}; " for b, c in plan.items()),
+                         "; ".join(f"{n} tokens: {c}" for n, c in ragged.items()))
         pallas_gpu.use(jax.ShapeDtypeStruct(shape, self.cache_shape.k.dtype), plan, ragged)
         return plan, ragged
 

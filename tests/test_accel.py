@@ -165,11 +165,12 @@ def test_every_decode_choice_the_tuner_may_pick_matches_the_reference(h, kvh, d)
 def test_the_attention_kernels_are_tuned_once_per_card_and_shape_and_the_programs_run_their_choices(
         tmp_path, monkeypatch, caplog):
     """A runner with `tune_kernels` times every decode choice at each batch size from `TUNE_ROWS` on and every
-    `ragged` choice over its largest flat step (here interpreted, the times made up: each faster than the one
-    before), keeps the fastest in the program store and installs them: `decode` then traces the chosen kernel for
-    that batch size and pool (its Triton call's name, lowered for CUDA), upstream's defaults for other sizes, and
-    `ragged` the chosen settings (its warps, lowered). A runner without tuning installs the defaults for its pool; a
-    second runner of the same shapes takes the kept plan without timing anything."""
+    `ragged` choice over two flat steps, every slot's next token beside a chunk and beside a prompt budget (here
+    interpreted, the times made up: each faster than the one before), keeps the fastest in the program store and
+    installs them: `decode` then traces the chosen kernel for that batch size and pool (its Triton call's name,
+    lowered for CUDA), upstream's defaults for other sizes, and `ragged` the settings chosen for the fewest tuned
+    tokens holding its batch's, the largest's past them (its warps, lowered). A runner without tuning installs the
+    defaults for its pool; a second runner of the same shapes takes the kept plan without timing anything."""
     import logging
 
     from jax import export
@@ -189,36 +190,40 @@ def test_the_attention_kernels_are_tuned_once_per_card_and_shape_and_the_program
     module = build(cfg, "pallas-gpu")
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
     rc = RunnerConfig(max_num_seqs=32, max_model_len=64, kv_cache_gb=0.01, decode_batch_sizes=(8, 16),
-                      max_prefill_tokens=64, tune_kernels=True)
+                      max_prefill_tokens=128, tune_kernels=True)
     with caplog.at_level(logging.INFO, logger="sparkler.engine"):
         first = Runner(model, rc)
     assert sorted(first.decode_plan) == [16, 32] and TUNE_ROWS == 16  # 8 rows: upstream's defaults
-    # every decode choice compiled and timed at both sizes, every ragged choice once
-    assert len(timed) == 2 * len(pallas_gpu.CHOICES) + len(pallas_gpu.RAGGED_CHOICES)
+    # every decode choice compiled and timed at both sizes, every ragged choice at both flat steps: 32 rows beside
+    # a 64-token chunk (96, in the 128-token bucket) and beside the 128-token budget (160, the largest)
+    assert first.flat_buckets == (64, 128, 160) and sorted(first.ragged_plan) == [128, 160]
+    timings = 2 * len(pallas_gpu.CHOICES) + 2 * len(pallas_gpu.RAGGED_CHOICES)
+    assert len(timed) == timings
     assert all(c == pallas_gpu.CHOICES[-1] != pallas_gpu.DEFAULT for c in first.decode_plan.values())  # timed last
-    assert first.ragged_choice == pallas_gpu.RAGGED_CHOICES[-1] != pallas_gpu.RAGGED_DEFAULT
+    assert all(c == pallas_gpu.RAGGED_CHOICES[-1] != pallas_gpu.RAGGED_DEFAULT for c in first.ragged_plan.values())
     pool = first.cache.k
     assert pallas_gpu.choice_for(16, pool) == first.decode_plan[16]
     assert pallas_gpu.choice_for(8, pool) == pallas_gpu.DEFAULT
-    assert pallas_gpu.ragged_choice_for(pool) == first.ragged_choice
+    assert pallas_gpu.ragged_choice_for(pool, 64) == first.ragged_plan[128]
     said = [r.getMessage() for r in caplog.records if "attention plan" in r.getMessage()]
     assert len(said) == 1 and "timed on this card" in said[0]
-    assert any(f"flat attention over {first.flat_buckets[-1]} tokens" in r.getMessage() for r in caplog.records)
+    for n in (128, 160):
+        assert any(f"flat attention over {n} tokens" in r.getMessage() for r in caplog.records)
     untuned = Runner(model, dataclasses.replace(rc, tune_kernels=False))
     assert untuned.decode_plan == {} and pallas_gpu.choice_for(16, pool) == pallas_gpu.DEFAULT
-    assert untuned.ragged_choice == pallas_gpu.ragged_choice_for(pool) == pallas_gpu.RAGGED_DEFAULT
+    assert untuned.ragged_plan == {} and pallas_gpu.ragged_choice_for(pool, 64) == pallas_gpu.RAGGED_DEFAULT
 
     plan = {16: pallas_gpu.DecodeChoice("rows", 32, 4, 3), 32: pallas_gpu.DEFAULT}  # as if the card had said so
-    ragged = pallas_gpu.RaggedChoice(rows=128, warps=8)
+    ragged = {128: pallas_gpu.RaggedChoice(rows=16, keys=128, warps=2), 160: pallas_gpu.RaggedChoice(rows=128, warps=8)}
     (path,) = tmp_path.glob("*.json")
     with open(path, "w") as f:
         json.dump({"decode": {str(b): dataclasses.asdict(c) for b, c in plan.items()},
-                   "ragged": dataclasses.asdict(ragged)}, f)
+                   "ragged": {str(n): dataclasses.asdict(c) for n, c in ragged.items()}}, f)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sparkler.engine"):
         second = Runner(model, rc)
-    assert second.decode_plan == plan and second.ragged_choice == ragged
-    assert len(timed) == 2 * len(pallas_gpu.CHOICES) + len(pallas_gpu.RAGGED_CHOICES)  # nothing timed again
+    assert second.decode_plan == plan and second.ragged_plan == ragged
+    assert len(timed) == timings  # nothing timed again
     assert any("kept from before" in r.getMessage() for r in caplog.records)
     like = lambda *shape: jax.ShapeDtypeStruct(shape, pool.dtype)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
@@ -229,16 +234,17 @@ def test_the_attention_kernels_are_tuned_once_per_card_and_shape_and_the_program
             like(rows, cfg.num_heads, cfg.head_dim), like(*pool.shape), like(*pool.shape), i32(rows, 4),
             i32(rows)).mlir_module()
         assert name in text, rows
-    def warps(pooled) -> list[str]:  # a program traced anew, as each runner's are, calling `ragged`
+    def warps(pooled, tokens: int = 64) -> list[str]:  # a program traced anew, as each runner's are, calling `ragged`
         text = export.export(jax.jit(lambda *a: pallas_gpu.ragged(*a)), platforms=["cuda"], disabled_checks=unchecked)(
-            like(64, cfg.num_heads, cfg.head_dim), like(*pooled.shape), like(*pooled.shape), i32(4, 4), i32(4),
+            like(tokens, cfg.num_heads, cfg.head_dim), like(*pooled.shape), like(*pooled.shape), i32(4, 4), i32(4),
             i32(4)).mlir_module()
         return re.findall(r"num_warps = (\d+)", text)
 
     other = jax.ShapeDtypeStruct((pool.shape[0], pool.shape[1] + 1, *pool.shape[2:]), pool.dtype)
-    assert warps(pool) == ["8"] and warps(other) == ["4"]  # the installed choice over this pool's shape only
-    pallas_gpu.use(pool, plan, pallas_gpu.RaggedChoice(rows=32, warps=2))  # a plan installed after a trace is traced
-    assert warps(pool) == ["2"]
+    assert warps(pool) == ["2"] and warps(other) == ["4"]  # 64 tokens: the 128-token step's, over this pool only
+    assert warps(pool, 160) == warps(pool, 256) == ["8"] and warps(other, 160) == ["4"]  # past 128: the largest's
+    pallas_gpu.use(pool, plan, {128: pallas_gpu.RaggedChoice(rows=32, warps=1)})  # installed after a trace: traced
+    assert warps(pool) == warps(pool, 160) == ["1"]
 
 
 def test_tuning_times_each_choice_on_the_pool_and_picks_the_fastest():
@@ -286,17 +292,22 @@ def test_tuning_leaves_out_a_choice_that_computes_wrong_on_the_card(monkeypatch,
     assert "nan" in left[nan]
 
 
-def test_ragged_tuning_checks_times_and_picks_over_a_flat_step():
-    """`pallas_gpu.tune_ragged` (interpreted, the times made up: each faster than the one before) checks every
-    choice on a mixed batch against `paged.reference` first; one whose output is off (a stand-in for the card's
-    miscompilation: the kernel at 16 query rows multiplies by 1.05) is neither timed nor picked, however fast, and
-    the tuner says why; the last of the others to be timed is picked. Every `RAGGED_CHOICES` passes the check."""
+def test_ragged_tuning_checks_times_and_picks_at_each_flat_step_size():
+    """`pallas_gpu.tune_ragged` (interpreted, the times made up: at 64 tokens each slower than the one before, at 96
+    each faster) checks every choice on a mixed batch against `paged.reference` first; one whose output is off (a
+    stand-in for the card's miscompilation: the kernel at 16 query rows multiplies by 1.05) is neither timed nor
+    picked at any size, however fast, and the tuner says why; each size gets its own fastest of the others. Every
+    `RAGGED_CHOICES` passes the check."""
     from models.backends import pallas_gpu
 
     real = pallas_gpu.ragged
 
     def card(*args, choice=None, **kw):
         return real(*args, choice=choice, **kw) * (1.05 if choice.rows == 16 else 1.0)
+
+    def seconds(exe, args):
+        timed.append(args[0].shape[0])
+        return timed.count(args[0].shape[0]) ** (1 if args[0].shape[0] == 64 else -1)
 
     k, v = _pool(np.random.default_rng(2), 2, 32, 1, 24, 16)
     assert len(set(pallas_gpu.RAGGED_CHOICES)) == len(pallas_gpu.RAGGED_CHOICES) > 5
@@ -305,17 +316,18 @@ def test_ragged_tuning_checks_times_and_picks_over_a_flat_step():
     timed = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pallas_gpu, "ragged", card)
-        mp.setattr(pallas_gpu, "_seconds", lambda exe, args: timed.append(exe) or 1 / len(timed))
-        best, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, 96, 40, k.dtype, choices=choices, interpret=True)
+        mp.setattr(pallas_gpu, "_seconds", seconds)
+        plan, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, (64, 96), 40, k.dtype, choices=choices,
+                                                   interpret=True)
     assert set(left) == {wrong, pallas_gpu.RAGGED_CHOICES[4]}  # both at 16 query rows
     assert all(why.startswith("wrong on the card") for why in left.values())
-    assert set(times) == set(choices) - set(left) and len(timed) == len(choices) - 2
-    assert best == pallas_gpu.RAGGED_CHOICES[-1]
+    assert all(set(times[n]) == set(choices) - set(left) for n in (64, 96)) and len(timed) == 2 * (len(choices) - 2)
+    assert plan == {64: pallas_gpu.RAGGED_CHOICES[0], 96: pallas_gpu.RAGGED_CHOICES[-1]}
     right = (wrong, pallas_gpu.RAGGED_CHOICES[4])  # the real kernel at those settings passes
-    best, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, 96, 40, k.dtype, choices=right, interpret=True)
-    assert best in right and set(times) == set(right) and not left
-    best, times, left = pallas_gpu.tune_ragged(k, v, 8, 0, 80, 40, k.dtype, choices=right[:1], interpret=True)
-    assert best == wrong and set(times) == {wrong} and not left  # chunks alone (a prefill call's), no decode rows
+    plan, times, left = pallas_gpu.tune_ragged(k, v, 8, 4, (96,), 40, k.dtype, choices=right, interpret=True)
+    assert plan[96] in right and set(times[96]) == set(right) and not left
+    plan, times, left = pallas_gpu.tune_ragged(k, v, 8, 0, (80,), 40, k.dtype, choices=right[:1], interpret=True)
+    assert plan == {80: wrong} and set(times[80]) == {wrong} and not left  # chunks alone (a prefill call's)
 
 
 @pytest.mark.parametrize("h,kvh,d", GQA)

@@ -2,8 +2,8 @@
 (`jax.experimental.pallas.ops.gpu.paged_attention`) or this module's `decode_rows`, and chunks of
 queries (prefill) with `ragged`, this module's own flash attention over pages for any mix of sequences and query
 counts in one flat batch. Which decode kernel and settings serve a batch size, and which settings `ragged` runs
-at, is the card's to say: `tune` times `CHOICES` and `tune_ragged` `RAGGED_CHOICES` on it once (the engine keeps the
-plan beside its programs) and `use` installs the plan.
+at for a batch's tokens, is the card's to say: `tune` times `CHOICES` and `tune_ragged` `RAGGED_CHOICES` on it
+once (the engine keeps the plan beside its programs) and `use` installs the plan.
 
 Upstream marks the Triton-based GPU ops deprecated after JAX 0.11; their successors are the Mosaic GPU kernels and
 tokamax. This module is the only place that names the kernel, so swapping it is a one-file change.
@@ -83,9 +83,9 @@ RAGGED_DEFAULT = RaggedChoice()  # session 27's H200 run: 16 x 512 chunk queries
 # at 4-8 warps).
 RAGGED_CHOICES = (RAGGED_DEFAULT, RaggedChoice(keys=32), RaggedChoice(keys=128, warps=8), RaggedChoice(rows=32),
                   RaggedChoice(rows=16, keys=128), RaggedChoice(rows=128, warps=8), RaggedChoice(stages=3))
-# (*pool shape, pool dtype) -> (rows -> the card's decode choice, the card's ragged choice) (`use`)
-_tuned: dict[tuple, tuple[dict[int, DecodeChoice], RaggedChoice]] = {}
-_UNTUNED = ({}, RAGGED_DEFAULT)  # a pool no plan was installed for
+# (*pool shape, pool dtype) -> (rows -> the card's decode choice, flat tokens -> the card's ragged choice) (`use`)
+_tuned: dict[tuple, tuple[dict[int, DecodeChoice], dict[int, RaggedChoice]]] = {}
+_UNTUNED = ({}, {})  # a pool no plan was installed for
 
 
 def _pow2(n: int) -> int:
@@ -131,16 +131,19 @@ def choice_for(rows: int, pool) -> DecodeChoice:
     return _tuned.get(_pool(pool), _UNTUNED)[0].get(rows, DEFAULT)
 
 
-def ragged_choice_for(pool) -> RaggedChoice:
-    """The settings `ragged` runs at over `pool`: those `use` installed for its shape and dtype, else the default."""
-    return _tuned.get(_pool(pool), _UNTUNED)[1]
+def ragged_choice_for(pool, tokens: int) -> RaggedChoice:
+    """The settings `ragged` runs at over `pool` for a batch of `tokens` queries: of the plan `use` installed for its
+    shape and dtype, the choice tuned at the fewest tokens holding them (past the largest, the largest's), else the
+    default."""
+    plan = _tuned.get(_pool(pool), _UNTUNED)[1]
+    return plan[min((t for t in plan if t >= tokens), default=max(plan))] if plan else RAGGED_DEFAULT
 
 
-def use(pool, plan: dict[int, DecodeChoice], ragged_choice: RaggedChoice = RAGGED_DEFAULT) -> None:
-    """Make `decode` run `plan`'s choice for each batch size and `ragged` run `ragged_choice` over pools of `pool`'s
-    shape and dtype (in the programs traced after; `{}`: `DEFAULT` for all). The plan is the process's: the last
-    runner's for that shape holds."""
-    _tuned[_pool(pool)] = (dict(plan), ragged_choice)
+def use(pool, plan: dict[int, DecodeChoice], ragged_plan: dict[int, RaggedChoice] | None = None) -> None:
+    """Make `decode` run `plan`'s choice for each batch size and `ragged` run `ragged_plan`'s by its batch's tokens
+    (`ragged_choice_for`) over pools of `pool`'s shape and dtype (in the programs traced after; `{}`: the defaults).
+    The plans are the process's: the last runner's for that shape holds."""
+    _tuned[_pool(pool)] = (dict(plan), dict(ragged_plan or {}))
 
 
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, lengths: jax.Array,
@@ -193,30 +196,35 @@ def tune(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: tuple[int, ..
     return plan, times, left
 
 
-def tune_ragged(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: int, tokens: int, length: int, dtype,
-                choices: tuple[RaggedChoice, ...] = RAGGED_CHOICES, interpret: bool = False,
-                seed: int = 0) -> tuple[RaggedChoice, dict[RaggedChoice, float], dict]:
-    """`tune` for `ragged`: time each of `choices` on this card over one flat batch of `tokens` queries, as a full flat
-    step is at 256 concurrent: `rows` decode rows each at `length` keys (none: a prefill's chunks alone), and the other
-    tokens in new prompts' chunks of 512 queries, the last one shorter (the prefill's compute, where most of a flat
-    step's attention time goes), over the pool `k_pages`/`v_pages`. Each choice's results are first checked on the card
-    against `paged.reference` over a small pool of random keys (`_check_flat`). Returns the fastest (`RAGGED_DEFAULT`
-    where none ran), every time and why each choice left out was."""
+def tune_ragged(k_pages: jax.Array, v_pages: jax.Array, heads: int, rows: int, sizes: tuple[int, ...], length: int,
+                dtype, choices: tuple[RaggedChoice, ...] = RAGGED_CHOICES, interpret: bool = False,
+                seed: int = 0) -> tuple[dict[int, RaggedChoice], dict[int, dict[RaggedChoice, float]], dict]:
+    """`tune` for `ragged`: time each of `choices` on this card over a flat batch of each of `sizes` tokens, as flat
+    steps are at full load: `rows` decode rows each at `length` keys (none: a prefill's chunks alone), and the other
+    tokens in new prompts' chunks of 512 queries, the last one shorter, over the pool `k_pages`/`v_pages`. A small
+    step is mostly decode rows, each filling a KV head's group of a program's query rows (fewer rows waste less); a
+    large one mostly prompts' chunks (more rows share each page read among more queries). Each choice's results are
+    first checked on the card against `paged.reference` over a small pool of random keys (`_check_flat`). Returns the
+    fastest at each size (`RAGGED_DEFAULT` where none ran), every time and why each choice left out was."""
     kvh, pages, ps, d = k_pages.shape
     rng = np.random.default_rng(seed)
-    rows = max(0, min(rows, tokens - 1))
-    chunk = min(512, tokens - rows)
-    chunks = [chunk] * ((tokens - rows) // chunk) + [(tokens - rows) % chunk] * bool((tokens - rows) % chunk)
-    starts = np.concatenate([np.full(rows, length - 1), np.zeros(len(chunks), int)])
-    lengths = np.concatenate([np.ones(rows, int), chunks])
-    n = -(-max(length, chunk) // ps)
-    args = {tokens: (jnp.asarray(rng.normal(size=(tokens, heads, d)), dtype), k_pages, v_pages,
-                     jnp.asarray(rng.integers(1, pages, (len(starts), n)), jnp.int32),
-                     jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.int32))}
+    args = {}
+    for tokens in sizes:
+        beside = max(0, min(rows, tokens - 1))
+        chunk = min(512, tokens - beside)
+        whole, rest = divmod(tokens - beside, chunk)
+        chunks = [chunk] * whole + [rest] * bool(rest)
+        starts = np.concatenate([np.full(beside, length - 1), np.zeros(len(chunks), int)])
+        lengths = np.concatenate([np.ones(beside, int), chunks])
+        n = -(-max(length, chunk) // ps)
+        args[tokens] = (jnp.asarray(rng.normal(size=(tokens, heads, d)), dtype), k_pages, v_pages,
+                        jnp.asarray(rng.integers(1, pages, (len(starts), n)), jnp.int32),
+                        jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.int32))
     check, want = _check_flat(k_pages.dtype, kvh, heads, d, ps, dtype, rng)
     times, left = _pick(lambda c: functools.partial(ragged, interpret=interpret, choice=c), choices, args, check,
                         want)
-    return min(times[tokens], key=times[tokens].get, default=RAGGED_DEFAULT), times[tokens], left
+    plan = {t: min(times[t], key=times[t].get, default=RAGGED_DEFAULT) for t in sizes}
+    return plan, times, left
 
 
 def _pick(kernel, choices: tuple, args: dict, check: tuple, want: jax.Array) -> tuple[dict, dict]:
@@ -452,9 +460,10 @@ def ragged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Arr
     The grid is KV heads x query blocks: each sequence's queries in blocks of `choice.rows` rows (the queries' heads
     of one KV head, padded to a power of two as Triton wants), a program each, walking the pages up to its last
     query `choice.keys` keys at a time (flash attention, online softmax). `choice`: by default `ragged_choice_for`
-    the pool (the card's, once tuned), looked up outside the jitted body so that a plan installed later is traced."""
+    the pool and the batch's tokens (the card's, once tuned), looked up outside the jitted body so that a plan
+    installed later is traced."""
     return _ragged(q, k_pages, v_pages, tables, starts, lengths, interpret=interpret,
-                   choice=choice or ragged_choice_for(k_pages))
+                   choice=choice or ragged_choice_for(k_pages, q.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "choice"))
