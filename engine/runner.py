@@ -571,7 +571,8 @@ class Runner:
         accelerator, for every attended length, and of one step too: a decode compiled there mid-serve stalls every
         stream for seconds). `full`: every attended length for decode and prefill too (minutes the first time, seconds
         once the caches hold them). `constrained`: decode of one step too (decoding while long prompts are
-        prefilled runs one step per dispatch), and the forward pass of one (`decode_logits`: structured output)."""
+        prefilled runs one step per dispatch), and the forward pass of one (`decode_logits`: structured output). Then
+        prompt-logprob (echo) prefills (`_echo_jobs`), and with n-gram drafting verify at decode's widths."""
         jobs = self.first_jobs()
         for size in self.prefill_buckets if not self.flat else ():
             budget = max(self.rc.max_prefill_tokens, size)
@@ -586,16 +587,17 @@ class Runner:
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
         one = constrained or accelerator or self.flat  # a prompt waiting for pages between flat steps: one step
         steps = sorted({self.rc.decode_steps, 1} if one else {self.rc.decode_steps})
+        needs = self.attend if full or accelerator else self.attend[:1]
         for b in self.batch_buckets:
-            widths = sorted({self.attended(b, a) for a in (self.attend if full or accelerator else self.attend[:1])})
+            widths = sorted({self.attended(b, a) for a in needs})
             jobs += [self._decode_job(self.dp * b, attend, k, v) for attend in widths for k in steps
                      for v in self.variants]
             jobs += [self._logits_job(self.dp * b, attend) for attend in widths if constrained]
         jobs += self._echo_jobs()  # scoring prompts (lm-eval's loglikelihood requests), a compile each otherwise
-        if self.rc.ngram:  # every request may draft (a prediction's verify shapes compile on first use)
+        if self.rc.ngram:  # every request may draft, at decode's widths (a prediction's compile on first use)
             w = self.rc.draft_tokens + 1
-            jobs += [self._verify_job(self.dp * b, self.attended(b, 1, w), v) for b in self.batch_buckets
-                     for v in self.variants]
+            jobs += [self._verify_job(self.dp * b, attend, v) for b in self.batch_buckets
+                     for attend in sorted({self.attended(b, a, w) for a in needs}) for v in self.variants]
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))

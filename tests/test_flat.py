@@ -163,3 +163,22 @@ def test_echo_prefills_take_warm_up_shapes_and_score_a_chunked_prompt():
     chosen = reqs[-1].prompt_logprobs[0]
     assert len(chosen) == len(ids)
     np.testing.assert_allclose(chosen[:-1], [ref[j, ids[j + 1]] for j in range(len(ids) - 1)], atol=1e-4)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_with_ngram_drafting_the_warm_up_names_verify_at_decode_widths(full):
+    """With n-gram drafting the warm-up compiles verify at each batch size for decode's table widths: the shortest,
+    or every attended length (`full`, or on an accelerator), so a draft verified at a longer context compiles
+    nothing mid-serve."""
+    import dataclasses
+
+    from engine.runner import Runner
+
+    tiny = _tiny(True).runner
+    runner = Runner(tiny.model, dataclasses.replace(tiny.rc, ngram=True))
+    jobs = runner.warm_jobs(full)
+    w, ps = runner.rc.draft_tokens + 1, runner.page_size
+    decode = {(job[1][4].shape[0], job[1][7].shape[1] * ps) for job in jobs if job[0] is runner._decode}
+    verify = {(job[1][4].shape[0], job[1][8].shape[1]) for job in jobs if job[0] is runner._verify}
+    assert verify == {(rows, -(-(w + attend) // ps)) for rows, attend in decode}
+    assert len({attend for _, attend in decode}) == (len(runner.attend) if full else 1)
