@@ -124,7 +124,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
     ap.add_argument("--max-queued-requests", type=int, default=None,
-                    help="requests waiting for a slot before new ones get 429 (default: 4 x --max-num-seqs)")
+                    help="sequences (choices: n x prompts) waiting for a slot before new requests get 429 "
+                         "(default: 4 x --max-num-seqs)")
     ap.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted (504)")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")

@@ -52,11 +52,15 @@ def _message(m: Any, i: int) -> list[dict]:
     text, calls, results = [], [], []
     for k, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text" and isinstance(b.get("text"), str):
+        if kind == "text":
+            if not isinstance(b.get("text"), str):
+                raise bad(f"{where}.content[{k}]: a text block needs a string 'text'", "messages")
             text.append(b["text"])
         elif kind == "tool_use" and role == "assistant":
-            if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str):
-                raise bad(f"{where}.content[{k}]: a tool_use block needs a string id and name", "messages")
+            if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or \
+                    not isinstance(b.get("input", {}), dict):
+                raise bad(f"{where}.content[{k}]: a tool_use block needs a string id and name and an object input",
+                          "messages")
             calls.append({"id": b["id"], "type": "function",
                           "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
         elif kind == "tool_result" and role == "user":
@@ -127,16 +131,21 @@ def chat_body(body: Any, counting: bool = False) -> dict:
         out["continue_final_message"] = True
     if not counting:
         mt = body.get("max_tokens")
+        if mt is None:
+            raise bad("'max_tokens' is required", "max_tokens")
         if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise bad("'max_tokens' is required: an integer >= 1", "max_tokens")
+            raise bad(f"'max_tokens' must be an integer >= 1, not {mt!r}", "max_tokens")
         out["max_tokens"] = mt
     for k in ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
               "repetition_penalty", "seed", "ignore_eos", "chat_template_kwargs", "reasoning_effort",
               "prompt_cache_isolation_key"):
         if k in body:
             out[k] = body[k]
-    if body.get("stop_sequences") is not None:
-        out["stop"] = body["stop_sequences"]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise bad("'stop_sequences' must be a list of strings", "stop_sequences")
+        out["stop"] = stops
     meta = body.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise bad("'metadata' must be an object", "metadata")
@@ -144,12 +153,12 @@ def chat_body(body: Any, counting: bool = False) -> dict:
     if thinking is not None:
         kind = thinking.get("type") if isinstance(thinking, dict) else None
         budget = thinking.get("budget_tokens") if kind == "enabled" else None
-        if isinstance(budget, int) and not isinstance(budget, bool):
-            out.setdefault("reasoning_effort", max(0, budget))
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0:
+            out.setdefault("reasoning_effort", budget)
         elif kind in ("disabled", "adaptive"):
             out.setdefault("reasoning_effort", "none" if kind == "disabled" else True)
         else:
-            raise bad("'thinking' must be {'type': 'enabled', 'budget_tokens': N}, {'type': 'adaptive'} or "
+            raise bad("'thinking' must be {'type': 'enabled', 'budget_tokens': N >= 0}, {'type': 'adaptive'} or "
                       "{'type': 'disabled'}", "thinking")
     config = body.get("output_config")
     if config is not None:
@@ -296,10 +305,10 @@ class Messages:
     def __init__(self, server):
         self.server = server
 
-    def _job(self, body: Any, counting: bool = False) -> protocol.Job:
+    async def _job(self, body: Any, counting: bool = False) -> protocol.Job:
         chat = chat_body(body, counting)
         try:
-            return protocol.parse(chat, "chat", self.server.model, self.server.thinks)
+            return await self.server.parse(chat, "chat")
         except ApiError as e:
             e.param = PARAMS.get(e.param, e.param)
             raise
@@ -307,14 +316,14 @@ class Messages:
     async def count_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""
         async def answer(body, call) -> web.Response:
-            return web.json_response({"input_tokens": len(self._job(body, counting=True).prompts[0])})
+            return web.json_response({"input_tokens": len((await self._job(body, counting=True)).prompts[0])})
         return await self.server.serve(request, answer)
 
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/messages."""
         async def answer(body, call) -> web.StreamResponse:
-            job = self._job(body)
+            job = await self._job(body)
             parts, events = self.server.admit(job, call, "msg_")
             turn = Turn(job)
             face = Stream(self, call, turn)

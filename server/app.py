@@ -1,8 +1,9 @@
 """The aiohttp application: OpenAI/Fireworks chat and completions, OpenAI Responses and Anthropic Messages (their
 modules translate onto the same core), streaming, /v1/models and /health.
 
-Handlers parse and validate on the event loop, hand engine requests to the `AsyncEngine` thread, and write either one
-JSON object or Server-Sent Events. A client that goes away aborts its requests; their slots are free at the next step.
+Handlers decode the body on the event loop, parse and validate it on a worker thread (templating and tokenizing can
+be long), hand engine requests to the `AsyncEngine` thread, and write either one JSON object or Server-Sent Events.
+A client that goes away aborts its requests; their slots are free at the next step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import anthropic_messages, openai_responses, protocol, reasoning
+from server import anthropic_messages, openai_responses, protocol, reasoning, tools
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -39,10 +40,6 @@ MODEL_PREFIX = "accounts/"
 
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the chat page's files
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class Server:
@@ -119,10 +116,17 @@ class Server:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
-        try:
-            return json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON: {e}") from None
+        return protocol.decode_json(raw)
+
+    async def parse(self, body: Any, kind: str) -> Job:
+        """`protocol.parse` on a worker thread: templating and tokenizing a long prompt (or bisecting a
+        `prompt_truncate_len`) must not stall the event loop that streams every other request's tokens."""
+        def parse() -> Job:
+            job = protocol.parse(body, kind, self.model, self.thinks)
+            if job.tools is not None and self.engine.tok is not None:
+                tools.check(job.tools, self.engine.grammars(), bad)
+            return job
+        return await asyncio.to_thread(parse)
 
     def _check_model(self, body) -> None:
         name = body.get("model") if isinstance(body, dict) else None
@@ -211,12 +215,12 @@ class Server:
             raise bad("the request body must be a JSON object")
         self._check_model(body)
         if "messages" in body:
-            ids, _ = protocol.chat_ids(self.model, body["messages"])
+            ids, _ = await asyncio.to_thread(protocol.chat_ids, self.model, body["messages"])
         else:
             text = body.get("prompt", body.get("content"))
             if not isinstance(text, str):
                 raise bad("'prompt' must be a string", "prompt")
-            ids = self.vocab.tok.encode(text)
+            ids = await asyncio.to_thread(self.vocab.tok.encode, text)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
@@ -254,7 +258,7 @@ class Server:
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Chat or completions: parse, admit, answer in one object or a stream."""
         async def answer(body, call: Call) -> web.StreamResponse:
-            job = protocol.parse(body, kind, self.model, self.thinks)
+            job = await self.parse(body, kind)
             parts, events = self.admit(job, call, "chatcmpl-" if kind == "chat" else "cmpl-")
             if job.stream:
                 return await self._stream(request, job, parts, call.rid, events, call.took)
@@ -296,15 +300,16 @@ class Server:
         parts = self._requests(job, call.rid)
         seats = sum(len(r.choices) for _, r in parts)
         queued = self.backlog(seats)
-        if queued is not None and queued >= self.max_queued:  # a call counts once, whatever its n and prompts
-            raise ApiError(429, f"the server is busy ({queued} requests waiting for a slot); retry shortly",
+        if queued is not None and queued >= self.max_queued:  # counted in choices: n x prompts of each waiting call
+            raise ApiError(429, f"the server is busy ({queued} sequences waiting for a slot); retry shortly",
                            type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
         call.reqs = [r for _, r in parts]
         self.admitted.append(call.reqs)
         return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
 
     def backlog(self, seats: int) -> int | None:
-        """None if a call needing `seats` slots would find them free, else the calls already waiting for a slot.
+        """None if a call needing `seats` slots would find them free, else the sequences (choices) of the calls
+        already waiting for a slot, so one call of 128 prompts x n 128 weighs what 16,384 single calls do.
         Counted here, over the calls admitted and not finished, in order: the engine seats the oldest first, so a
         burst fills the free slots and then the queue, however far the engine thread has got."""
         self.admitted = [reqs for reqs in self.admitted if not all(r.finished or r.cancelled for r in reqs)]
@@ -312,7 +317,7 @@ class Server:
         for reqs in self.admitted:  # the slots a call still holds: its choices not finished
             need = sum(not c.finish_reason for r in reqs if not r.cancelled for c in r.choices)
             if waiting or taken + need > self.engine.runner.slots:
-                waiting += 1
+                waiting += need
             else:
                 taken += need
         return None if not waiting and taken + seats <= self.engine.runner.slots else waiting

@@ -149,6 +149,8 @@ def _format(body: dict) -> dict | None:
     if not isinstance(fmt, dict):
         raise bad("'text.format' must be an object", "text.format")
     if fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad("'text.format.schema' (a JSON schema object) is required for type 'json_schema'", "text.format")
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema")}}
     return fmt
 
@@ -358,7 +360,7 @@ class Responses:
                 raise bad("'store' must be a boolean", "store")
             chat, items = chat_body(body, history)
             try:
-                job = protocol.parse(chat, "chat", self.server.model, self.server.thinks)
+                job = await self.server.parse(chat, "chat")
             except ApiError as e:
                 e.param = PARAMS.get(e.param, e.param)
                 raise

@@ -6,6 +6,8 @@ Everything here is plain Python over the decoded JSON body; a bad value raises `
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from typing import Any
 
 from engine.grammar import grammar_text
@@ -33,6 +35,47 @@ class ApiError(Exception):
 def bad(message: str, param: str | None = None) -> ApiError:
     """A 400 invalid_request_error."""
     return ApiError(400, message, param)
+
+
+MAX_DEPTH = 64  # JSON nesting a body may have: deeper would exhaust Python's stack in json, jsonschema or jinja
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a UTF-16 surrogate can enter strictly decoded UTF-8
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(raw: bytes) -> Any:
+    """The JSON value of a request body: strict UTF-8, no NaN or Infinity, nested at most `MAX_DEPTH` deep, and
+    every string valid Unicode (a lone surrogate escape such as `"\\ud83d"` is JSON but not text); else a 400
+    naming where."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {e}") from None
+    texts = _SURROGATE_ESCAPE.search(raw) is not None
+    stack = [(value, "the request body", None, 0)]  # (value, where it is, the top-level field, depth)
+    while stack:
+        v, where, param, depth = stack.pop()
+        if isinstance(v, str):
+            if texts and not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise bad(f"{where} holds a lone UTF-16 surrogate ({v[e.start]!r}), which is not valid Unicode "
+                              "text", param) from None
+        elif depth > MAX_DEPTH and isinstance(v, (dict, list)):
+            raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep", param)
+        elif isinstance(v, dict):
+            at = "" if param is None else f"{where}."
+            stack.extend((x, f"{at}{k}", param or k, depth + 1) for k, x in v.items())
+            if texts:
+                stack.extend((k, f"a key of {where}", param, depth) for k in v)
+        elif isinstance(v, list) and not set(map(type, v)) <= {int, float, bool, type(None)}:
+            stack.extend((x, f"{where}[{i}]", param, depth + 1) for i, x in enumerate(v))
+    return value
 
 
 # name: (type, low, high) for numeric fields shared by both endpoints; None bounds are open.
@@ -332,8 +375,6 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
         one = {"role": "system" if role == "developer" else role, "content": _content(m, i)}
         if role == "assistant" and m.get("tool_calls") is not None:
-            if not isinstance(m["tool_calls"], list) or not all(isinstance(c, dict) for c in m["tool_calls"]):
-                raise bad(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
             one["tool_calls"] = m["tool_calls"]
         if role == "tool":
             one["tool_call_id"] = str(m.get("tool_call_id", ""))
@@ -346,22 +387,58 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
 
 
+def _tool_history(messages: list) -> None:
+    """OpenAI's checks of a conversation's tool turns: each assistant call is `{"id", "function": {"name",
+    "arguments": a string}}`, and a tool message answers a call made before it (by `tool_call_id` when given)."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue  # chat_text names it
+        if m.get("role") == "assistant" and m.get("tool_calls") is not None:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise bad(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
+            for k, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not (isinstance(fn, dict) and isinstance(c.get("id"), str) and isinstance(fn.get("name"), str)
+                        and isinstance(fn.get("arguments"), str)):
+                    raise bad(f"messages[{i}].tool_calls[{k}] must be {{'id': str, 'type': 'function', 'function': "
+                              "{'name': str, 'arguments': str}}", "messages")
+                called.add(c["id"])
+        elif m.get("role") == "tool":
+            answers = m.get("tool_call_id")
+            if not called or (answers is not None and answers not in called):
+                raise bad(f"messages[{i}] has role 'tool' but answers no earlier assistant tool call"
+                          + (f" with id {answers!r}" if answers is not None else ""), "messages")
+
+
 def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
              with_tools: Tools | None = None, kwargs: dict | None = None) -> tuple[list[int], str]:
     """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
-    `truncate_len` (Fireworks' `prompt_truncate_len`): drop the oldest non-system messages until the prompt has at
-    most that many tokens (the last message always stays)."""
-    text = chat_text(model, messages, with_tools, kwargs)
-    ids = model.tokenizer.encode(text, add_special_tokens=False)
-    kept = list(messages)
-    while truncate_len is not None and len(ids) > truncate_len:
-        drop = next((i for i, m in enumerate(kept[:-1]) if m.get("role") not in ("system", "developer")), None)
-        if drop is None:
-            break
-        del kept[drop]
+    `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
+    prompt to at most that many tokens (the last message always stays), found by bisection over how many."""
+    def render(drop: int) -> tuple[list[int], str]:
+        gone = set(droppable[:drop])
+        kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
         text = chat_text(model, kept, with_tools, kwargs)
-        ids = model.tokenizer.encode(text, add_special_tokens=False)
-    return ids, text
+        return model.tokenizer.encode(text, add_special_tokens=False), text
+
+    if isinstance(messages, list):
+        _tool_history(messages)
+    droppable: list[int] = []
+    ids, text = render(0)
+    if truncate_len is None or len(ids) <= truncate_len:
+        return ids, text
+    droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") not in ("system", "developer")]
+    low, high, best = 1, len(droppable), render(len(droppable))  # invariant: dropping `high` fits (or all go)
+    while low < high:
+        mid = (low + high) // 2
+        tried = render(mid)
+        if len(tried[0]) <= truncate_len:
+            high, best = mid, tried
+        else:
+            low = mid + 1
+    return best
 
 
 def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:

@@ -16,6 +16,7 @@ import re
 import uuid
 
 from engine.grammar import schema_grammar
+from engine.params import InvalidRequest
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
@@ -98,6 +99,16 @@ def parse(body: dict, bad) -> Tools | None:
     if not isinstance(parallel, bool):
         raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     return Tools(functions, choice, parallel)
+
+
+def check(tools: Tools, grammars, bad) -> None:
+    """400 naming the first function whose `parameters` llguidance cannot use as a JSON schema (checked against the
+    tokenizer as a forced call's grammar would be, so `auto` and `required` accept the same tools)."""
+    for i, f in enumerate(tools.functions):
+        try:
+            grammars.check(schema_grammar(f["parameters"]), f"tools[{i}].function.parameters")
+        except InvalidRequest as e:
+            raise bad(str(e), "tools") from None
 
 
 def template_knows_tools(tokenizer) -> bool:

@@ -113,6 +113,9 @@ def test_responses_structured_output_instructions_and_storage(api, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
     assert e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as e:  # OpenAI requires the schema; it used to mean any object
+        client.responses.create(model=MODEL, input="hi", text={"format": {"type": "json_schema", "name": "x"}})
+    assert e.value.body["param"] == "text.format"
 
 
 def test_responses_merge_instructions_and_developer_messages_into_one_system_message(api, client):
@@ -197,6 +200,21 @@ def test_messages_errors_take_anthropics_shape(api, claude):
     assert e.value.body["error"]["type"] == "not_found_error"
     status, out, _ = http(api, "POST", "/v1/messages", raw=b"{nope")
     assert status == 400 and out["error"]["type"] == "invalid_request_error"
+    for bad in ({"thinking": {"type": "enabled", "budget_tokens": -5}}, {"stop_sequences": "end"},
+                {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                {"messages": [*HELLO, {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": [1]}]}]}):
+        with pytest.raises(anthropic.BadRequestError) as e:
+            claude.messages.create(**{"model": MODEL, "max_tokens": 4, "messages": HELLO, **bad})
+        assert e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL, max_tokens=-1, messages=HELLO)
+    assert "required" not in e.value.message and "-1" in e.value.message
+    for raw in (b'{"max_tokens": 4, "messages": [{"role": "user", "content": "\\ud83d"}]}',  # not Unicode text
+                b'{"max_tokens": 4, "metadata": ' + b"[" * 100 + b"]" * 100 + b"}"):  # nested past the bound
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            status, out, _ = http(api, "POST", path, raw=raw)
+            assert status == 400 and out["type"] == "error" and out["error"]["type"] == "invalid_request_error"
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {}}]}]})
     assert status == 400 and "image" in out["error"]["message"]

@@ -37,7 +37,8 @@ def served(tmp_path_factory, smollm):
     """`sparkler serve` with its default weights, every warm-up shape (`--warmup full`) and an empty program store,
     so its background compilation runs behind the test; the converted weights and tokenizer come from the shared
     cache. A 64-token context (the chat below fits): two prefill chunk sizes, so five first shapes to compile
-    before serving and five behind (at this context `full` names the same ten shapes as `basic`)."""
+    before serving and five behind (at this context `full` names the same ten shapes as `basic`). Room in the queue
+    for the 14 sequences of nine concurrent calls below."""
     from models.loading.source import cache_root
 
     cache = tmp_path_factory.mktemp("cache")
@@ -45,7 +46,7 @@ def served(tmp_path_factory, smollm):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
     child = spawn("--max-num-seqs", "2", "--max-model-len", "64", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "full", "--api-key", KEY, command=[SPARKLER, "serve"],
+                  "--warmup", "full", "--api-key", KEY, "--max-queued-requests", "16", command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
     child.proc.terminate()

@@ -98,6 +98,30 @@ def test_a_burst_fills_the_free_slots_and_the_queue_then_gets_429(small_api):
     assert http(small_api, "POST", "/v1/chat/completions", body)[0] == 200
 
 
+def test_the_queue_counts_a_waiting_call_by_its_choices(small_api):
+    """Two slots, four queued: a call of 3 prompts x n 2 waiting behind a running one weighs 6 sequences, so a plain
+    call after it gets 429 (counted once, it would have been the second of four in the queue)."""
+    c = openai.OpenAI(base_url=small_api.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    running = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=120, n=2, stream=True,
+                                   extra_body={"ignore_eos": True})
+    next(iter(running))  # both slots taken
+    big = {}
+    waiting = threading.Thread(target=lambda: big.setdefault("r", c.completions.create(
+        model=MODEL, prompt=["a", "b", "c"], n=2, max_tokens=4, extra_body={"ignore_eos": True})))
+    waiting.start()
+    deadline = time.time() + 30
+    while small_api.server.backlog(1) != 6 and time.time() < deadline:
+        time.sleep(0.02)
+    assert small_api.server.backlog(1) == 6
+    with pytest.raises(openai.RateLimitError) as e:
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert "6 sequences waiting" in e.value.message
+    assert sum(1 for _ in running) > 0
+    waiting.join()
+    assert len(big["r"].choices) == 6 and all(ch.finish_reason == "length" for ch in big["r"].choices)
+    assert c.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+
+
 def test_a_request_timeout_frees_its_slot(small_api):
     srv = small_api.server
     srv.request_timeout = 1.0

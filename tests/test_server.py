@@ -343,6 +343,13 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": -1}, 400, "prompt_cache_max_len"),
     ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": "all"}, 400, "prompt_cache_max_len"),
     ("/v1/chat/completions", {"messages": HELLO, "prompt_cache_isolation_key": 5}, 400, "prompt_cache_isolation_key"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', 400, "messages"),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "prediction": {"content": "\\ud800"}}', 400, "prediction"),
+    ("/v1/responses", b'{"input": "\\ud83d"}', 400, "input"),
+    ("/tokenize", b'{"prompt": "\\ud83d"}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, None),
+    ("/v1/completions", b'{"prompt": "x", "metadata": ' + b'{"a": ' * 80 + b"1" + b"}" * 81, 400, "metadata"),
     ("/v1/nothing", {}, 404, None),
 ]
 
@@ -580,3 +587,22 @@ def test_prompt_truncate_len_drops_the_oldest_turns_first(api, client):
     assert full.usage.prompt_tokens > 190 >= cut.usage.prompt_tokens
     text = api.model.tokenizer.decode(cut.model_extra["prompt_token_ids"])
     assert "You are terse." in text and "Message number 8" in text and "Message number 0" not in text
+
+
+def test_prompt_truncate_len_bisects_to_the_fewest_dropped_turns(api, monkeypatch):
+    """600 turns cut to 300 tokens: the longest suffix of turns that fits (one more turn would not), found in a
+    logarithmic number of template renders (dropping one turn at a time took ~600 and blocked the server)."""
+    from server import protocol
+
+    system = {"role": "system", "content": "You are terse."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i} " + "blah " * (i % 7 + 3)}
+             for i in range(601)]
+    renders = []
+    render = protocol.chat_text
+    monkeypatch.setattr(protocol, "chat_text", lambda *a, **k: renders.append(1) or render(*a, **k))
+    ids, text = protocol.chat_ids(api.model, [system, *turns], 300)
+    assert len(renders) <= 2 + 10  # the whole, every turn dropped, then a bisection over 600
+    first = next(i for i in range(601) if f"Turn {i} " in text)
+    assert len(ids) <= 300 and text.startswith(render(api.model, [system])[:20]) and f"Turn {first - 1} " not in text
+    assert ids == protocol.chat_ids(api.model, [system, *turns[first:]])[0]
+    assert len(protocol.chat_ids(api.model, [system, *turns[first - 1:]])[0]) > 300

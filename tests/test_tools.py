@@ -166,12 +166,37 @@ def test_streamed_tool_call_deltas_assemble(client):
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, "tools"),
+    ({"tools": [*TOOLS, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "("}}}}}], "tool_choice": "required"}, "tools"),
 ])
 def test_bad_tools_are_400_then_service_goes_on(client, body, param):
+    """A function whose parameters llguidance cannot use is refused whatever the tool_choice (it named
+    `response_format` when forced, and passed under `auto`)."""
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=body)
     assert e.value.status_code == 400 and e.value.body["param"] == param
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+@pytest.mark.parametrize("history", [
+    [{"role": "tool", "tool_call_id": "call_1", "content": "18C"}],  # answers nothing
+    [{"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "call_9",
+                                                                     "content": "18C"}],  # answers another id
+    [{"role": "assistant", "content": None, "tool_calls": [{**CALL, "id": None}]}],
+    [{"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}],
+    [{"role": "assistant", "content": None, "tool_calls": {"id": "x"}}],
+])
+def test_a_malformed_tool_history_is_400(client, history):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[*ASK, *history], max_tokens=2, tools=TOOLS)
+    assert e.value.body["param"] == "messages" and "tool" in e.value.message
+    ok = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+          {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+    assert client.chat.completions.create(model=MODEL, messages=ok, tools=TOOLS, max_tokens=2).usage.prompt_tokens
 
 
 @pytest.mark.optional
