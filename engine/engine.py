@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import queue
+import threading
 import time
 from typing import Callable
 
@@ -78,6 +79,7 @@ class Engine:
         self.finished = 0  # requests ended so far
         self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
         self._grammars: Grammars | None = None
+        self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
@@ -151,10 +153,11 @@ class Engine:
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
-        if self._grammars is None:
-            if self.tok is None:
-                raise InvalidRequest("structured output needs the model's tokenizer", "response_format")
-            self._grammars = Grammars(self.tok, self.model.eos_ids)
+        with self._grammars_made:
+            if self._grammars is None:
+                if self.tok is None:
+                    raise InvalidRequest("structured output needs the model's tokenizer", "response_format")
+                self._grammars = Grammars(self.tok, self.model.eos_ids)
         return self._grammars
 
     def add(self, req: Request) -> None:
