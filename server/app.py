@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from engine.requests import Delta, Request
 from engine.thinking import Budget
@@ -116,6 +117,8 @@ class Server:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
+        except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
+            raise bad(f"the request body could not be read: {str(e).strip()}") from None
         return protocol.decode_json(raw)
 
     async def parse(self, body: Any, kind: str) -> Job:

@@ -1,6 +1,7 @@
 """The HTTP server through the official `openai` client over a real loopback socket, on the packaged SmolLM2."""
 
 import asyncio
+import gzip
 import json
 import time
 import urllib.request
@@ -370,6 +371,11 @@ def test_oversized_body_and_wrong_method(api):
     assert status == 413 and err["error"]["code"] == "request_too_large"
     status, err, _ = http(api, "GET", "/v1/chat/completions")
     assert status == 405 and "error" in err
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    status, out, _ = http(api, "POST", "/v1/completions", raw=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert status == 200 and out["usage"]["completion_tokens"] == 1  # a compressed body is read
+    status, err, _ = http(api, "POST", "/v1/completions", raw=body, headers={"Content-Encoding": "gzip"})
+    assert status == 400 and "content-encoding" in err["error"]["message"].lower()  # one that is not: 400, not 500
 
 
 def test_32_concurrent_mixed_requests(api):
