@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.grammar_sandbox import Sandbox
 from engine.params import InvalidRequest
 
 # Whitespace between JSON tokens as models write it (newlines and indentation), at most 16 characters a gap: a
@@ -29,6 +30,7 @@ _FIXED = ("maxLength", "enum", "const", "pattern", "format")
 _VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
 _MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 FREE_DEPTH, FREE_WIDTH = 3, 16  # nesting and members of the JSON object json_object asks for without a schema
+_CONVERTER = Sandbox()  # GBNF to llguidance's grammar, in a child process (started on first use)
 
 
 def any_object() -> dict:
@@ -99,10 +101,10 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
         text = fmt.get("grammar")
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("response_format.grammar must be a non-empty GBNF string", param)
-        try:
-            return llguidance.grammar_from("gbnf", text)
-        except ValueError as e:
-            raise InvalidRequest(f"invalid grammar: {e}", param) from None
+        grammar, err = _CONVERTER.gbnf(text)
+        if err:
+            raise InvalidRequest(f"invalid grammar: {err}", param)
+        return grammar
     raise InvalidRequest(f"unknown response_format type {kind!r}; use text, json_object, json_schema or grammar", param)
 
 
@@ -120,20 +122,20 @@ class Grammars:
         import llguidance
 
         self.tok = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=list(eos_ids) or None)
+        self.sandbox = Sandbox(tokenizer.backend.to_str(), list(eos_ids))  # checks new grammars where a crash is safe
         self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]
         *self.closers, self.blank = _closers(self.texts)
 
     def check(self, grammar: str, param: str = "response_format") -> str:
-        """Validate a grammar against the tokenizer (cached); 400 with llguidance's message if it is unusable."""
-        import llguidance
-
+        """Validate a grammar against the tokenizer (cached), in the sandbox's child process; 400 with llguidance's
+        message if it is unusable, or if compiling it crashed or ran past the sandbox's timeout."""
         with self.lock:
             if grammar in self.lru:
                 self.lru.move_to_end(grammar)
                 return grammar
-        err = llguidance.LLMatcher.validate_grammar(grammar, self.tok)
+        err = self.sandbox.check(grammar)
         if err:
             raise InvalidRequest(f"the {param} cannot be used: {err}", param)
         with self.lock:

@@ -9,6 +9,7 @@ import threading
 from typing import Any, AsyncIterator
 
 from engine.engine import Engine
+from engine.grammar_sandbox import SERVING_STACK
 from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
@@ -118,8 +119,12 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._held: list = []  # the streams that took deltas during this engine step, to hand them over after it
         engine.handed = self._hand_over  # and first tokens as soon as they are read back
-        self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
-        self._thread.start()
+        stack = threading.stack_size(SERVING_STACK)  # it compiles grammars' matchers: room past the sandbox's check
+        try:
+            self._thread = threading.Thread(target=self._loop, name="sparkler-engine", daemon=True)
+            self._thread.start()
+        finally:
+            threading.stack_size(stack)
 
     def _loop(self) -> None:
         while not self._stop:

@@ -38,13 +38,15 @@ def error_body(e: ApiError) -> dict:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
 
 
-def _message(m: Any, i: int) -> list[dict]:
+def _message(m: Any, i: int, last: bool) -> list[dict]:
     """One Anthropic message as chat messages: tool results become tool turns (before the user's text), tool_use
     blocks the assistant's tool calls; thinking blocks are dropped (a model's earlier thinking is not sent back)."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
         raise bad(f"{where} must be an object with role 'user' or 'assistant'", "messages")
     role, content = m["role"], m.get("content")
+    if content in ("", []) and not (last and role == "assistant"):  # Anthropic's rule: only a prefill may be empty
+        raise bad(f"{where}.content must not be empty (only a final assistant message may be)", "messages")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -103,6 +105,8 @@ def _tools(body: dict) -> dict:
         if kind != "none" or out.get("tools"):
             out["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}} if kind == "tool"
                                   else {"any": "required"}.get(kind, kind))
+        if not isinstance(choice.get("disable_parallel_tool_use", False), bool):
+            raise bad("'tool_choice.disable_parallel_tool_use' must be a boolean", "tool_choice")
         if choice.get("disable_parallel_tool_use"):
             out["parallel_tool_calls"] = False
     if out.get("tools") is None:
@@ -125,10 +129,12 @@ def chat_body(body: Any, counting: bool = False) -> dict:
     if system is not None:
         out["messages"].append({"role": "system", "content": text_of(system, "'system'", "system")})
     for i, m in enumerate(msgs):
-        out["messages"] += _message(m, i)
+        out["messages"] += _message(m, i, i == len(msgs) - 1)
     last = out["messages"][-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):  # a prefill: the reply continues it
         out["continue_final_message"] = True
+    if isinstance(body.get("temperature"), (int, float)) and not 0 <= body["temperature"] <= 1:
+        raise bad("'temperature' must be in [0, 1]", "temperature")  # Anthropic's range (chat's goes to 2)
     if not counting:
         mt = body.get("max_tokens")
         if mt is None:
@@ -154,6 +160,9 @@ def chat_body(body: Any, counting: bool = False) -> dict:
         kind = thinking.get("type") if isinstance(thinking, dict) else None
         budget = thinking.get("budget_tokens") if kind == "enabled" else None
         if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0:
+            if not counting and budget >= out["max_tokens"]:
+                raise bad(f"'thinking.budget_tokens' ({budget}) must be less than 'max_tokens' ({out['max_tokens']})",
+                          "thinking")
             out.setdefault("reasoning_effort", budget)
         elif kind in ("disabled", "adaptive"):
             out.setdefault("reasoning_effort", "none" if kind == "disabled" else True)
@@ -164,7 +173,8 @@ def chat_body(body: Any, counting: bool = False) -> dict:
     if config is not None:
         fmt = config.get("format") if isinstance(config, dict) else None
         if not isinstance(config, dict) or config.get("effort") not in (None, *EFFORTS) or (
-                fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "json_schema")):
+                fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+                                         and isinstance(fmt.get("schema"), dict))):
             raise bad("'output_config' must be like {'format': {'type': 'json_schema', 'schema': {...}}, 'effort': "
                       "'low' | 'medium' | 'high'}", "output_config")
         if fmt is not None:
@@ -173,6 +183,8 @@ def chat_body(body: Any, counting: bool = False) -> dict:
         if config.get("effort") is not None:
             out.setdefault("reasoning_effort", EFFORTS[config["effort"]])
     out.update(_tools(body))
+    if not out.get("tools") and any(m.get("tool_calls") or m["role"] == "tool" for m in out["messages"]):
+        raise bad("messages with tool_use or tool_result blocks need the tools defined in 'tools'", "tools")
     return out
 
 
@@ -310,8 +322,7 @@ class Messages:
         try:
             return await self.server.parse(chat, "chat")
         except ApiError as e:
-            e.param = PARAMS.get(e.param, e.param)
-            raise
+            raise e.renamed(PARAMS) from None
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""

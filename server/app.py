@@ -122,12 +122,22 @@ class Server:
         return protocol.decode_json(raw)
 
     async def parse(self, body: Any, kind: str) -> Job:
-        """`protocol.parse` on a worker thread: templating and tokenizing a long prompt (or bisecting a
-        `prompt_truncate_len`) must not stall the event loop that streams every other request's tokens."""
+        """`protocol.parse` on a worker thread, and the job's tools and grammar checked against the tokenizer (in
+        the grammar sandbox's child process): templating and tokenizing a long prompt, bisecting a
+        `prompt_truncate_len` or compiling a grammar must not stall the event loop that streams every other
+        request's tokens."""
         def parse() -> Job:
             job = protocol.parse(body, kind, self.model, self.thinks)
-            if job.tools is not None and self.engine.tok is not None:
+            if self.engine.tok is None:
+                return job
+            if job.tools is not None:
                 tools.check(job.tools, self.engine.grammars(), bad)
+            if job.grammar is not None:  # checked here, off the loop; the engine's own check then finds it cached
+                forced = job.tools is not None and job.tools.choice not in ("none", "auto")
+                try:
+                    self.engine.grammars().check(job.grammar, "tool_choice" if forced else "response_format")
+                except InvalidRequest as e:
+                    raise bad(str(e), e.param) from None
             return job
         return await asyncio.to_thread(parse)
 

@@ -10,6 +10,7 @@ event stream. Stored responses (`store`, default true) keep their conversation i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -155,12 +156,33 @@ def _format(body: dict) -> dict | None:
     return fmt
 
 
+def _echoed(body: dict) -> None:
+    """OpenAI's checks of the fields a response only echoes back (and stores): `metadata` (at most 16 string
+    values, keys to 64 characters, values to 512), `user`, `truncation`, `include`; `background` is not served."""
+    meta = body.get("metadata")
+    if meta is not None and not (isinstance(meta, dict) and len(meta) <= 16 and all(
+            isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in meta.items())):
+        raise bad("'metadata' must be an object of at most 16 string values (keys up to 64 characters, values up "
+                  "to 512)", "metadata")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("'user' must be a string", "user")
+    if body.get("truncation") not in (None, "auto", "disabled"):
+        raise bad("'truncation' must be 'auto' or 'disabled'", "truncation")
+    include = body.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
+        raise bad("'include' must be a list of strings", "include")
+    if body.get("background"):
+        raise bad("background responses are not served here: send the request without 'background' (it answers "
+                  "when done, or streams)", "background")
+
+
 def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
     """`(chat-completions body, the conversation's items: history then this input)` for a Responses body."""
     items = history + items_of(body.get("input"))
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("'instructions' must be a string", "instructions")
+    _echoed(body)
     out = {k: body[k] for k in PASSED if k in body}
     out["messages"] = messages_of(items, instructions)
     out.update(_tools(body))
@@ -317,11 +339,16 @@ class Responses:
             return [], None
         if not isinstance(prev, str):
             raise bad("'previous_response_id' must be a string", "previous_response_id")
-        found = self.server.store.get(prev)
-        if found is None:
+        size = self.server.store.size(prev)
+        if size is None:
             raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
                            code="previous_response_not_found")
-        return (items_of(found[1]) if found[1] else []), prev
+        if size > self.server.max_body:  # what one request could carry: the chain cannot grow without bound
+            raise bad(f"the conversation stored under {prev!r} holds {size} characters of items, past the "
+                      f"{self.server.max_body} bytes a request may carry (--max-body-mb); start a new conversation "
+                      "with the items it needs", "previous_response_id")
+        found = self.server.store.get(prev)
+        return (items_of(found[1]) if found and found[1] else []), prev
 
     def _shell(self, body: dict, rid: str, created: float, prev: str | None) -> dict:
         """The response object before its output: the settings it echoes back."""
@@ -354,7 +381,7 @@ class Responses:
         async def answer(body, call) -> web.StreamResponse:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            history, prev = self._history(body)
+            history, prev = await asyncio.to_thread(self._history, body)  # reads and parses up to --max-body-mb
             store = body.get("store", True)
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
@@ -362,8 +389,7 @@ class Responses:
             try:
                 job = await self.server.parse(chat, "chat")
             except ApiError as e:
-                e.param = PARAMS.get(e.param, e.param)
-                raise
+                raise e.renamed(PARAMS) from None
             parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
             face = Stream(self, self._shell(body, call.rid, time.time(), prev), job, call, items if store else None)

@@ -27,6 +27,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
         self.headers = headers or {}
 
+    def renamed(self, names: dict[str, str]) -> "ApiError":
+        """This error in another API's field names (`param`, and the field as quoted in the message)."""
+        new = names.get(self.param, self.param)
+        if new != self.param:
+            self.message, self.param = self.message.replace(f"'{self.param}'", f"'{new}'"), new
+        return self
+
     def body(self) -> dict:
         """The JSON error object."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -98,6 +105,8 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
 }
+FLOAT32_MAX = 3.4e38
+TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -137,8 +146,9 @@ def _number(body: dict, name: str) -> Any:
     ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok:
         raise bad(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {type(v).__name__}", name)
-    if isinstance(v, float) and v != v:
-        raise bad(f"'{name}' must not be NaN", name)
+    if kind is float and not abs(v) <= FLOAT32_MAX:  # NaN and inf (1e400 reads as inf) too; ints compare exactly
+        raise bad(f"'{name}' must be a finite number of magnitude at most {FLOAT32_MAX:.3g} (the sampler's float32), "
+                  f"got {str(v)[:40]}", name)
     if (lo is not None and (v < lo or (v == lo and name in STRICTLY_POSITIVE))) or (hi is not None and v > hi):
         side = "(" if name in STRICTLY_POSITIVE else "["
         raise bad(f"'{name}' must be in {side}{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
@@ -174,10 +184,10 @@ def _logit_bias(v: Any) -> dict[int, float]:
         raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
     out = {}
     for k, b in v.items():
-        try:
-            t = int(k)
-        except ValueError:
-            raise bad(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if not TOKEN_ID.fullmatch(k):
+            raise bad(f"'logit_bias' key {k!r} is not a token id (a decimal integer without sign, spaces or leading "
+                      "zeros)", "logit_bias")
+        t = int(k)
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
             raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {b!r} for {k!r}", "logit_bias")
         out[t] = float(b)

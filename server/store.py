@@ -42,6 +42,12 @@ class ResponseStore:
                        (response["id"], time.time(), json.dumps(response), json.dumps(items)))
             db.commit()
 
+    def size(self, rid: str) -> int | None:
+        """Characters of a stored response's conversation items as JSON (None when no such response is stored)."""
+        with self.lock:
+            row = self._conn().execute("SELECT length(items) FROM responses WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else row[0]
+
     def get(self, rid: str) -> tuple[dict, list[dict]] | None:
         """`(response, conversation items)`, or None when no such response is stored."""
         with self.lock:

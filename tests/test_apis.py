@@ -113,9 +113,34 @@ def test_responses_structured_output_instructions_and_storage(api, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
     assert e.value.body["param"] == "input"
+    for bad in ({"metadata": {"k": 5}}, {"metadata": {f"k{i}": "v" for i in range(17)}}, {"user": 5},
+                {"truncation": "bogus"}, {"include": "x"}, {"background": True}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input="hi", max_output_tokens=2, **bad)
+        assert e.value.body["param"] == next(iter(bad))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=-1)
+    assert e.value.body["param"] == "max_output_tokens" and "'max_output_tokens'" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:  # OpenAI requires the schema; it used to mean any object
         client.responses.create(model=MODEL, input="hi", text={"format": {"type": "json_schema", "name": "x"}})
     assert e.value.body["param"] == "text.format"
+
+
+def test_a_responses_chain_cannot_grow_past_what_one_request_may_carry(api, client):
+    """Each turn drops the big item from the prompt (prompt_truncate_len) but keeps it in the stored conversation:
+    once that holds more than the 1 MiB a body may carry, previous_response_id gets a 400 (stored chains grew
+    without bound, and each turn read and parsed all of it on the event loop)."""
+    big = {"role": "user", "content": "word " * 90_000}  # 450 KB
+    prev, sizes = None, []
+    with pytest.raises(openai.BadRequestError) as e:
+        for _ in range(4):
+            r = client.responses.create(model=MODEL, input=[big, {"role": "user", "content": "hi"}],
+                                        previous_response_id=prev, max_output_tokens=1,
+                                        extra_body={"prompt_truncate_len": 100})
+            prev = r.id
+            sizes.append(api.server.store.size(prev))
+    assert e.value.body["param"] == "previous_response_id" and "--max-body-mb" in e.value.message
+    assert len(sizes) == 3 and sizes[1] <= (1 << 20) < sizes[2]  # refused exactly when the stored chain outgrew it
 
 
 def test_responses_merge_instructions_and_developer_messages_into_one_system_message(api, client):
@@ -207,6 +232,18 @@ def test_messages_errors_take_anthropics_shape(api, claude):
         with pytest.raises(anthropic.BadRequestError) as e:
             claude.messages.create(**{"model": MODEL, "max_tokens": 4, "messages": HELLO, **bad})
         assert e.value.body["error"]["type"] == "invalid_request_error"
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
+    for bad, param in (({"temperature": 1.5}, "temperature"), ({"max_tokens": 50, "thinking": {
+            "type": "enabled", "budget_tokens": 100}}, "thinking"), ({"messages": [*HELLO, call]}, "tools"),
+            ({"messages": [{"role": "user", "content": []}]}, "messages"),
+            ({"output_config": {"format": {"type": "json_schema"}}}, "output_config"),
+            ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {
+                "type": "auto", "disable_parallel_tool_use": "yes"}}, "tool_choice")):
+        status, out, _ = http(api, "POST", "/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": HELLO, **bad})
+        assert status == 400 and out["error"]["type"] == "invalid_request_error", (bad, out)
+        assert param.split(".")[0] in out["error"]["message"] or param == "messages", (param, out)
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": HELLO, "stop_sequences": [1]})
+    assert status == 400 and "'stop_sequences'" in out["error"]["message"]  # Anthropic's name, not chat's 'stop'
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=MODEL, max_tokens=-1, messages=HELLO)
     assert "required" not in e.value.message and "-1" in e.value.message

@@ -212,6 +212,9 @@ def test_constrained_streams_do_not_ride_the_flat_step_and_keep_their_grammar(sm
      "properties must be an object"),
     ({"type": "grammar", "grammar": "root ::= ( \"a\""}, "grammar"),
     ({"type": "grammar"}, "grammar"),
+    ({"type": "grammar", "grammar": "root ::= a\na ::= a \"x\""}, "no text matches it"),  # no base case
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/a", "$defs": {
+        "a": {"$ref": "#/$defs/a"}}}}}, "no text matches it"),
     ({"type": "xml"}, "unknown response_format type"),
     ("json", "response_format"),
 ])
@@ -221,3 +224,39 @@ def test_bad_formats_are_400_then_service_goes_on(client, fmt, needle):
     assert e.value.status_code == 400 and e.value.body["param"] == "response_format"
     assert needle in e.value.body["message"]
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
+
+
+def ref_chain(n: int) -> dict:
+    """A schema whose value nests `n` levels through `$ref`s in `anyOf`s: a flat body, a deep grammar."""
+    defs = {f"a{i}": {"type": "object", "properties": {"x": {"anyOf": [{"$ref": f"#/$defs/a{i + 1}"},
+                                                                        {"type": "null"}]}}} for i in range(n)}
+    return {"type": "object", "properties": {"v": {"$ref": "#/$defs/a0"}}, "$defs": {**defs, f"a{n}": {"type": "null"}}}
+
+
+def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(client):
+    """1,000 levels of `$ref` (~100 KB) overflow llguidance's native stack: it killed the server. The check now runs
+    in the sandbox's child: a 400 as a response_format and as a tool, then the server answers, and a chain 50 deep,
+    which passes the child's small stack, is served by the engine thread's larger one."""
+    for kw in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ref_chain(1000)}}},
+               {"tools": [{"type": "function", "function": {"name": "f", "parameters": ref_chain(1000)}}]}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kw)
+        assert "stack" in e.value.body["message"] and e.value.body["param"] in ("response_format", "tools")
+    schema = ref_chain(50)
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=300, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"  # the JSON closes within the budget (closing steers it there)
+    _valid(r.choices[0].message.content, schema)
+
+
+def test_the_sandbox_times_out_and_starts_again():
+    from engine.grammar_sandbox import Sandbox
+
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "k{i}" r{i + 1} | "x"\n' for i in range(3000)) + 'r3000 ::= "e"\n'
+    box = Sandbox(timeout=0.2)
+    assert box.gbnf(chain) == (None, "it took more than 0.2 s to compile")  # ~4 s: GBNF's conversion is quadratic
+    grammar, err = box.gbnf('root ::= "yes" | "no"')
+    assert err is None and "yes" in grammar
+    assert box.gbnf("root ::= (")[1]
+    box.close()

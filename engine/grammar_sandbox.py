@@ -1,0 +1,107 @@
+"""llguidance's compiler in a child process. Compiling recurses over a grammar's rules in native code, so a deep
+enough chain of rules (a thousand `$ref`s through `anyOf`, a few thousand GBNF rules: ~100 KB of request) overflows
+the thread's stack and kills the process with no Python exception; and converting GBNF takes time that grows with
+the square of a rule chain, holding the GIL. So each new grammar is converted and checked here first: a crash or a
+grammar past `TIMEOUT` becomes an error message for a 400, and the serving process compiles only grammars that
+passed, on threads whose stacks are at least twice the child's (`SERVING_STACK`).
+
+This file is also the child's program: it imports nothing but the standard library and llguidance (not the
+`engine` package, which would import JAX), and talks JSON lines over stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import threading
+
+CHILD_STACK = 4 << 20  # the child compiles on a thread with this stack
+SERVING_STACK = 64 << 20  # what the engine thread, which compiles matchers, gets (the main thread has 8 MiB)
+TIMEOUT = 5.0  # seconds a grammar may take to convert and check
+
+
+class Sandbox:
+    """One child process that converts GBNF and checks grammars against a tokenizer (None: conversion only);
+    started on first use, restarted after a crash or a timeout. Calls are serialized."""
+
+    def __init__(self, tokenizer_json: str | None = None, eos_ids: list[int] | None = None,
+                 timeout: float = TIMEOUT):
+        self.hello = json.dumps({"tokenizer": tokenizer_json, "eos": eos_ids or []})
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def gbnf(self, text: str) -> tuple[str | None, str | None]:
+        """`(llguidance grammar, None)` for GBNF text, or `(None, why not)`."""
+        return self._ask({"gbnf": text})
+
+    def check(self, grammar: str) -> str | None:
+        """None if `grammar` compiles against the tokenizer and some text matches it, else why not."""
+        return self._ask({"grammar": grammar})[1]
+
+    def _ask(self, req: dict) -> tuple[str | None, str | None]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, encoding="utf-8")
+                self.proc.stdin.write(self.hello + "\n")
+            try:
+                self.proc.stdin.write(json.dumps(req) + "\n")
+                self.proc.stdin.flush()
+                ready = select.select([self.proc.stdout], [], [], self.timeout)[0]
+                line = self.proc.stdout.readline() if ready else None
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                self.close()
+                if line is None:
+                    return None, f"it took more than {self.timeout:g} s to compile"
+                return None, "compiling it overflowed the compiler's stack (rules nested too deeply)"
+            out = json.loads(line)
+            return out.get("grammar"), out.get("error")
+
+    def close(self) -> None:
+        """Stop the child (a later call starts another)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def _serve() -> None:
+    """The child: a hello line (tokenizer JSON, eos ids), then one reply line per request line."""
+    import llguidance
+    import llguidance.numpy
+
+    def _empty(grammar: str) -> str | None:  # a grammar whose language is empty (`root ::= root`) errs at once
+        m = llguidance.LLMatcher(tok, grammar)
+        llguidance.numpy.fill_next_token_bitmask(m, llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size), 0)
+        return f"no text matches it ({m.get_error().splitlines()[0]})" if m.is_error() else None
+
+    hello = json.loads(sys.stdin.readline())
+    tok = None if hello["tokenizer"] is None else llguidance.LLTokenizer(hello["tokenizer"],
+                                                                           eos_token=hello["eos"] or None)
+    threading.stack_size(CHILD_STACK)
+    for line in sys.stdin:
+        req, out = json.loads(line), {}
+
+        def work():
+            try:
+                if "gbnf" in req:
+                    out["grammar"] = llguidance.grammar_from("gbnf", req["gbnf"])
+                else:
+                    out["error"] = llguidance.LLMatcher.validate_grammar(req["grammar"], tok) or _empty(req["grammar"])
+            except ValueError as e:
+                out["error"] = str(e)
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve()
