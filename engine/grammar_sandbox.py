@@ -12,6 +12,7 @@ This file is also the child's program: it imports nothing but the standard libra
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -20,6 +21,11 @@ import threading
 CHILD_STACK = 4 << 20  # the child compiles on a thread with this stack
 SERVING_STACK = 64 << 20  # what the engine thread, which compiles matchers, gets (the main thread has 8 MiB)
 TIMEOUT = 5.0  # seconds a grammar may take to convert and check
+STARTUP = 60.0  # seconds the child may take to import llguidance and load the tokenizer
+
+
+class Busy(Exception):
+    """The child was compiling other grammars for longer than the timeout: the caller should answer 429."""
 
 
 class Sandbox:
@@ -42,25 +48,34 @@ class Sandbox:
         return self._ask({"grammar": grammar})[1]
 
     def _ask(self, req: dict) -> tuple[str | None, str | None]:
-        with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
+        if not self.lock.acquire(timeout=self.timeout):  # others' grammars queued ahead: shed load, do not pile up
+            raise Busy(f"the grammar compiler has been busy with other requests' grammars for {self.timeout:g} s")
+        try:
+            return self._ask_locked(req)
+        finally:
+            self.lock.release()
+
+    def _ask_locked(self, req: dict) -> tuple[str | None, str | None]:
+        try:
+            if self.proc is None or self.proc.poll() is not None:  # start one; its start-up is not the grammar's
                 self.proc = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, encoding="utf-8")
                 self.proc.stdin.write(self.hello + "\n")
-            try:
-                self.proc.stdin.write(json.dumps(req) + "\n")
                 self.proc.stdin.flush()
-                ready = select.select([self.proc.stdout], [], [], self.timeout)[0]
-                line = self.proc.stdout.readline() if ready else None
-            except (BrokenPipeError, OSError):
-                line = ""
-            if not line:
-                self.close()
-                if line is None:
-                    return None, f"it took more than {self.timeout:g} s to compile"
-                return None, "compiling it overflowed the compiler's stack (rules nested too deeply)"
-            out = json.loads(line)
+                if not select.select([self.proc.stdout], [], [], STARTUP)[0] or not self.proc.stdout.readline():
+                    raise OSError("the grammar sandbox did not start")
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            ready = select.select([self.proc.stdout], [], [], self.timeout)[0]
+            out = json.loads(self.proc.stdout.readline() or "null") if ready else "timeout"
+        except (OSError, ValueError):  # the child died mid-request (a broken pipe), or wrote something else
+            out = None
+        if isinstance(out, dict):
             return out.get("grammar"), out.get("error")
+        self.close()
+        if out == "timeout":
+            return None, f"it took more than {self.timeout:g} s to compile"
+        return None, "compiling it crashed llguidance (most likely its stack: rules nested too deeply)"
 
     def close(self) -> None:
         """Stop the child (a later call starts another)."""
@@ -80,10 +95,14 @@ def _serve() -> None:
         llguidance.numpy.fill_next_token_bitmask(m, llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size), 0)
         return f"no text matches it ({m.get_error().splitlines()[0]})" if m.is_error() else None
 
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")  # replies only: native code writing to fd 1 goes to stderr
+    os.dup2(2, 1)
     hello = json.loads(sys.stdin.readline())
     tok = None if hello["tokenizer"] is None else llguidance.LLTokenizer(hello["tokenizer"],
                                                                            eos_token=hello["eos"] or None)
     threading.stack_size(CHILD_STACK)
+    replies.write("ready\n")
+    replies.flush()
     for line in sys.stdin:
         req, out = json.loads(line), {}
 
@@ -99,8 +118,8 @@ def _serve() -> None:
         worker = threading.Thread(target=work)
         worker.start()
         worker.join()
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(out) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":

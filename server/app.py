@@ -17,12 +17,14 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from engine.requests import Delta, Request
+from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
@@ -38,9 +40,17 @@ from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_ent
 
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
+PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the tokenizer, which lets go of the GIL, or
+#                     on the grammar sandbox's child)
 
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the chat page's files
+
+
+def busy(e: Busy) -> ApiError:
+    """The 429 for a grammar that waited too long for the sandbox."""
+    return ApiError(429, f"{e}; retry shortly", type_="rate_limit_error", code="too_many_requests",
+                    headers={"Retry-After": "1"})
 
 
 class Server:
@@ -59,6 +69,7 @@ class Server:
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
         self.name, self.api_key = model.name, api_key
         self.max_body = int(max_body_mb * (1 << 20))
+        self.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="sparkler-parse")
         self.vocab = Vocab(model)
         self.created = int(time.time())
         defaults = {**default_settings(model.generation_config), "max_tokens": DEFAULT_MAX_TOKENS,
@@ -125,9 +136,15 @@ class Server:
         """`protocol.parse` on a worker thread, and the job's tools and grammar checked against the tokenizer (in
         the grammar sandbox's child process): templating and tokenizing a long prompt, bisecting a
         `prompt_truncate_len` or compiling a grammar must not stall the event loop that streams every other
-        request's tokens."""
+        request's tokens. New grammars queue for the one child; one that waited past its timeout is a 429, so
+        queued grammars cannot hold every parse thread."""
         def parse() -> Job:
-            job = protocol.parse(body, kind, self.model, self.thinks)
+            try:
+                return checked(protocol.parse(body, kind, self.model, self.thinks))
+            except Busy as e:
+                raise busy(e) from None
+
+        def checked(job: Job) -> Job:
             if self.engine.tok is None:
                 return job
             if job.tools is not None:
@@ -139,7 +156,11 @@ class Server:
                 except InvalidRequest as e:
                     raise bad(str(e), e.param) from None
             return job
-        return await asyncio.to_thread(parse)
+        return await self.off_loop(parse)
+
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` on a parse thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
 
     def _check_model(self, body) -> None:
         name = body.get("model") if isinstance(body, dict) else None
@@ -167,6 +188,8 @@ class Server:
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
+                except Busy as e:  # its grammar fell out of the LRU since parse checked it, and others queue
+                    raise busy(e) from None
         return out
 
     def _budget(self, job: Job) -> Budget | None:
@@ -228,12 +251,12 @@ class Server:
             raise bad("the request body must be a JSON object")
         self._check_model(body)
         if "messages" in body:
-            ids, _ = await asyncio.to_thread(protocol.chat_ids, self.model, body["messages"])
+            ids, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"])
         else:
             text = body.get("prompt", body.get("content"))
             if not isinstance(text, str):
                 raise bad("'prompt' must be a string", "prompt")
-            ids = await asyncio.to_thread(self.vocab.tok.encode, text)
+            ids = await self.off_loop(self.vocab.tok.encode, text)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:

@@ -10,7 +10,6 @@ event stream. Stored responses (`store`, default true) keep their conversation i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -381,7 +380,7 @@ class Responses:
         async def answer(body, call) -> web.StreamResponse:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            history, prev = await asyncio.to_thread(self._history, body)  # reads and parses up to --max-body-mb
+            history, prev = await self.server.off_loop(self._history, body)  # reads and parses up to --max-body-mb
             store = body.get("store", True)
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")

@@ -250,8 +250,8 @@ def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(clien
     _valid(r.choices[0].message.content, schema)
 
 
-def test_the_sandbox_times_out_and_starts_again():
-    from engine.grammar_sandbox import Sandbox
+def test_the_sandbox_times_out_starts_again_and_sheds_a_queue():
+    from engine.grammar_sandbox import Busy, Sandbox
 
     chain = "root ::= r0\n" + "".join(f'r{i} ::= "k{i}" r{i + 1} | "x"\n' for i in range(3000)) + 'r3000 ::= "e"\n'
     box = Sandbox(timeout=0.2)
@@ -259,4 +259,8 @@ def test_the_sandbox_times_out_and_starts_again():
     grammar, err = box.gbnf('root ::= "yes" | "no"')
     assert err is None and "yes" in grammar
     assert box.gbnf("root ::= (")[1]
+    with box.lock:  # another request's grammar compiling for longer than the timeout: this one is turned away
+        with pytest.raises(Busy):
+            box.gbnf('root ::= "a"')
+    assert box.gbnf('root ::= "a"')[1] is None
     box.close()
