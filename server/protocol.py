@@ -311,7 +311,18 @@ def in_vocab(model: Model, ids: list[int], where: str, param: str) -> list[int]:
 def _text_ids(model: Model, text: str, param: str) -> list[int] | None:
     if model.tokenizer is None:
         raise bad(f"a text '{param}' needs the model's tokenizer; give token ids as 'speculation'", param)
-    return model.tokenizer.encode(text, add_special_tokens=False) or None
+    return model.tokenizer.encode(bounded(model, text, param), add_special_tokens=False) or None
+
+
+def bounded(model: Model, text: str, param: str) -> str:
+    """`text`, or a 400 when it must have more tokens than the model has positions: tokenizing takes ~1 s a MB of
+    CPU, spent for nothing. Loosely: no token decodes to more characters than the vocabulary's longest token string,
+    and a factor of 4 leaves room for normalizers that merge characters."""
+    least = len(text) // (4 * model.tokenizer.longest_token)
+    if least > model.cfg.max_position:
+        raise bad(f"the {param} has {len(text)} characters, so more than {least} tokens: past this model's "
+                  f"{model.cfg.max_position} positions", param)
+    return text
 
 
 def _template_kwargs(body: dict) -> tuple[dict, int | None]:
@@ -427,20 +438,23 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
     """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
     prompt to at most that many tokens (the last message always stays), found by bisection over how many."""
-    def render(drop: int) -> tuple[list[int], str]:
+    def render(drop: int, shortest: bool = False) -> tuple[list[int], str]:
         gone = set(droppable[:drop])
         kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
         text = chat_text(model, kept, with_tools, kwargs)
+        if shortest:  # no fewer turns can follow: too long now is too long
+            bounded(model, text, "messages")
         return model.tokenizer.encode(text, add_special_tokens=False), text
 
     if isinstance(messages, list):
         _tool_history(messages)
     droppable: list[int] = []
-    ids, text = render(0)
+    ids, text = render(0, shortest=truncate_len is None)
     if truncate_len is None or len(ids) <= truncate_len:
         return ids, text
     droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") not in ("system", "developer")]
-    low, high, best = 1, len(droppable), render(len(droppable))  # invariant: dropping `high` fits (or all go)
+    # invariant: dropping `high` turns fits (or every droppable turn goes)
+    low, high, best = 1, len(droppable), render(len(droppable), shortest=True)
     while low < high:
         mid = (low + high) // 2
         tried = render(mid)
@@ -455,7 +469,7 @@ def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]
     """`(token ids, text)` of each prompt: a string, a list of strings, a list of token ids, or a list of those."""
     def ids(p, where):
         if isinstance(p, str):
-            return model.tokenizer.encode(p), p
+            return model.tokenizer.encode(bounded(model, p, "prompt")), p
         if is_ids(p):
             return in_vocab(model, p, where, "prompt"), model.tokenizer.decode(p, skip_special_tokens=False)
         raise bad(f"{where} must be a string or a list of token ids", "prompt")

@@ -601,6 +601,26 @@ def test_prompt_truncate_len_drops_the_oldest_turns_first(api, client):
     assert "You are terse." in text and "Message number 8" in text and "Message number 0" not in text
 
 
+def test_a_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(api, monkeypatch):
+    """More characters than 4 x the longest token string x the positions: a 400 without spending ~1 s a MB in the
+    tokenizer (counted: no encode call); the bound is loose, so a text just under it is still tokenized."""
+    from server import protocol
+
+    model = api.model
+    limit = 4 * model.tokenizer.longest_token * model.cfg.max_position
+    calls = []
+    encode = model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    for call in (lambda t: protocol.completion_prompts(model, ["hi", t]),
+                 lambda t: protocol.chat_ids(model, [{"role": "user", "content": t}]),
+                 lambda t: protocol.prediction(model, {"prediction": {"type": "content", "content": t}})):
+        with pytest.raises(protocol.ApiError) as e:
+            call("a" * (limit + 8 * model.tokenizer.longest_token))
+        assert e.value.status == 400 and "positions" in e.value.message
+    assert len(calls) == 1  # the completion's first prompt, "hi"
+    assert len(protocol.completion_prompts(model, "a" * (limit // 2))[0][0]) > 0 and len(calls) == 2
+
+
 def test_prompt_truncate_len_bisects_to_the_fewest_dropped_turns(api, monkeypatch):
     """600 turns cut to 300 tokens: the longest suffix of turns that fits (one more turn would not), found in a
     logarithmic number of template renders (dropping one turn at a time took ~600 and blocked the server)."""

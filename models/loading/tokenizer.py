@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,12 @@ class Tokenizer:
             token = self.special_tokens_map.get(name[:-3])
             return None if token is None else self.backend.token_to_id(token)
         raise AttributeError(name)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters of the vocabulary's longest token string: no token decodes to more, so a text of C characters
+        has at least about C / longest_token tokens."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
