@@ -104,7 +104,7 @@ class Engine:
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
-                     prediction: list[int] | None = None) -> Request:
+                     prediction: list[int] | None = None, grammar_checked: bool = False) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -143,7 +143,7 @@ class Engine:
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
-        if grammar is not None:
+        if grammar is not None and not grammar_checked:  # the server checks it off its event loop, then says so
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")

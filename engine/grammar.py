@@ -108,11 +108,13 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
     raise InvalidRequest(f"unknown response_format type {kind!r}; use text, json_object, json_schema or grammar", param)
 
 
-def schema_grammar(schema: dict) -> str:
-    """The grammar of JSON valid under `schema` (tool arguments)."""
+def schema_grammar(schema: dict, lenient: bool = False) -> str:
+    """The grammar of JSON valid under `schema` (tool arguments); `lenient` ignores the keywords llguidance cannot
+    enforce (`uniqueItems`, `not`, ...) instead of refusing them."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(bounded(schema)), defaults=JSON_OPTIONS)
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(bounded(schema)),
+                                                         defaults={**JSON_OPTIONS, "lenient": lenient})
 
 
 class Grammars:
@@ -123,7 +125,7 @@ class Grammars:
 
         self.tok = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=list(eos_ids) or None)
         self.sandbox = Sandbox(tokenizer.backend.to_str(), list(eos_ids))  # checks new grammars where a crash is safe
-        self.lru: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self.lru: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # grammar -> why not usable
         self.lock = threading.Lock()
         self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]
         *self.closers, self.blank = _closers(self.texts)
@@ -132,16 +134,18 @@ class Grammars:
         """Validate a grammar against the tokenizer (cached), in the sandbox's child process; 400 with llguidance's
         message if it is unusable, or if compiling it crashed or ran past the sandbox's timeout."""
         with self.lock:
-            if grammar in self.lru:
+            known = grammar in self.lru
+            if known:
                 self.lru.move_to_end(grammar)
-                return grammar
-        err = self.sandbox.check(grammar)
+                err = self.lru[grammar]  # refusals are kept too: a grammar that crashes the child crashes it once
+        if not known:
+            err = self.sandbox.check(grammar)
+            with self.lock:
+                self.lru[grammar] = err
+                if len(self.lru) > CACHE_SIZE:
+                    self.lru.popitem(last=False)
         if err:
             raise InvalidRequest(f"the {param} cannot be used: {err}", param)
-        with self.lock:
-            self.lru[grammar] = True
-            if len(self.lru) > CACHE_SIZE:
-                self.lru.popitem(last=False)
         return grammar
 
     def matcher(self, grammar: str) -> "Matcher":

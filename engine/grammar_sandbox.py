@@ -70,7 +70,7 @@ class Sandbox:
             out = json.loads(self.proc.stdout.readline() or "null") if ready else "timeout"
         except (OSError, ValueError):  # the child died mid-request (a broken pipe), or wrote something else
             out = None
-        if isinstance(out, dict):
+        if isinstance(out, dict) and ("grammar" in out or "error" in out):  # an answer ({} would mean none)
             return out.get("grammar"), out.get("error")
         self.close()
         if out == "timeout":
@@ -112,8 +112,8 @@ def _serve() -> None:
                     out["grammar"] = llguidance.grammar_from("gbnf", req["gbnf"])
                 else:
                     out["error"] = llguidance.LLMatcher.validate_grammar(req["grammar"], tok) or _empty(req["grammar"])
-            except ValueError as e:
-                out["error"] = str(e)
+            except BaseException as e:  # pyo3's PanicException too: an answer, never a silent pass
+                out["error"] = str(e) if isinstance(e, ValueError) else f"llguidance failed: {type(e).__name__}: {e}"
 
         worker = threading.Thread(target=work)
         worker.start()

@@ -184,12 +184,11 @@ class Server:
                     out.append((i, self.engine.make_request(
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
-                        grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction)))
+                        grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
+                        grammar_checked=self.engine.tok is not None)))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
-                except Busy as e:  # its grammar fell out of the LRU since parse checked it, and others queue
-                    raise busy(e) from None
         return out
 
     def _budget(self, job: Job) -> Budget | None:

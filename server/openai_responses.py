@@ -347,7 +347,10 @@ class Responses:
                       f"{self.server.max_body} bytes a request may carry (--max-body-mb); start a new conversation "
                       "with the items it needs", "previous_response_id")
         found = self.server.store.get(prev)
-        return (items_of(found[1]) if found and found[1] else []), prev
+        if found is None:  # deleted since
+            raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
+                           code="previous_response_not_found")
+        return (items_of(found[1]) if found[1] else []), prev
 
     def _shell(self, body: dict, rid: str, created: float, prev: str | None) -> dict:
         """The response object before its output: the settings it echoes back."""

@@ -73,7 +73,7 @@ def decode_json(raw: bytes) -> Any:
                 except UnicodeEncodeError as e:
                     raise bad(f"{where} holds a lone UTF-16 surrogate ({v[e.start]!r}), which is not valid Unicode "
                               "text", param) from None
-        elif depth > MAX_DEPTH and isinstance(v, (dict, list)):
+        elif depth >= MAX_DEPTH and isinstance(v, (dict, list)):
             raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep", param)
         elif isinstance(v, dict):
             at = "" if param is None else f"{where}."
@@ -428,6 +428,8 @@ def _tool_history(messages: list) -> None:
                 called.add(c["id"])
         elif m.get("role") == "tool":
             answers = m.get("tool_call_id")
+            if answers is not None and not isinstance(answers, str):
+                raise bad(f"messages[{i}].tool_call_id must be a string", "messages")
             if not called or (answers is not None and answers not in called):
                 raise bad(f"messages[{i}] has role 'tool' but answers no earlier assistant tool call"
                           + (f" with id {answers!r}" if answers is not None else ""), "messages")
@@ -453,16 +455,23 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
     if truncate_len is None or len(ids) <= truncate_len:
         return ids, text
     droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") not in ("system", "developer")]
-    # invariant: dropping `high` turns fits (or every droppable turn goes)
-    low, high, best = 1, len(droppable), render(len(droppable), shortest=True)
+    if not droppable:
+        return ids, text
+    # The fewest drops k in 1..n at which the prompt fits, or the template rejects what is left (dropping one turn
+    # at a time stopped there too, with that 400): both only grow with k, so bisect, then render the answer.
+    low, high, tried = 1, len(droppable), {}
     while low < high:
         mid = (low + high) // 2
-        tried = render(mid)
-        if len(tried[0]) <= truncate_len:
-            high, best = mid, tried
+        try:
+            tried[mid] = render(mid)
+            stop = len(tried[mid][0]) <= truncate_len
+        except ApiError:
+            stop = True
+        if stop:
+            high = mid
         else:
             low = mid + 1
-    return best
+    return tried.get(low) or render(low, shortest=low == len(droppable))
 
 
 def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:

@@ -102,11 +102,13 @@ def parse(body: dict, bad) -> Tools | None:
 
 
 def check(tools: Tools, grammars, bad) -> None:
-    """400 naming the first function whose `parameters` llguidance cannot use as a JSON schema (checked against the
-    tokenizer as a forced call's grammar would be, so `auto` and `required` accept the same tools)."""
+    """400 naming the first function whose `parameters` is not a JSON schema (llguidance's check against the
+    tokenizer, in its sandbox). Under `auto` or `none` leniently: keywords a forced call's grammar could not enforce
+    (`uniqueItems`, `not`, ...; common in MCP tools) are fine while nothing constrains the call."""
+    lenient = tools.choice in ("none", "auto")
     for i, f in enumerate(tools.functions):
         try:
-            grammars.check(schema_grammar(f["parameters"]), f"tools[{i}].function.parameters")
+            grammars.check(schema_grammar(f["parameters"], lenient), f"tools[{i}].function.parameters")
         except InvalidRequest as e:
             raise bad(str(e), "tools") from None
 

@@ -601,6 +601,41 @@ def test_prompt_truncate_len_drops_the_oldest_turns_first(api, client):
     assert "You are terse." in text and "Message number 8" in text and "Message number 0" not in text
 
 
+def test_prompt_truncate_len_stops_where_dropping_one_turn_at_a_time_stopped(api, monkeypatch):
+    """A template that rejects some shorter histories (Qwen3's raises when no user turn is left): bisection probes
+    past the answer must not turn a prompt that fits into a 400, and it finds what the one-at-a-time loop found."""
+    from server import protocol
+
+    render = protocol.chat_text
+
+    def strict(model, messages, *a, **k):
+        if sum(m["role"] == "user" for m in messages) < 2:
+            raise protocol.bad("the chat template rejected these messages: no user query found", "messages")
+        return render(model, messages, *a, **k)
+
+    monkeypatch.setattr(protocol, "chat_text", strict)
+    def one_at_a_time(turns, limit):  # the reference: drop the oldest turn until it fits (or the template refuses)
+        try:
+            while len(ids := protocol.chat_ids(api.model, turns)[0]) > limit:
+                turns = turns[1:]
+            return ids
+        except protocol.ApiError:
+            return "rejected"
+
+    def bisected(turns, limit):
+        try:
+            return protocol.chat_ids(api.model, turns, limit)[0]
+        except protocol.ApiError:
+            return "rejected"
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i} " + "blah " * 30} for i in range(9)]
+    outcomes = []
+    for limit in (120, 240, 310, 400):  # 233 tokens is the shortest with two user turns
+        outcomes.append(one_at_a_time(turns, limit))
+        assert bisected(turns, limit) == outcomes[-1], limit
+    assert outcomes[0] == "rejected" and all(isinstance(o, list) for o in outcomes[1:])  # both kinds were seen
+
+
 def test_a_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(api, monkeypatch):
     """More characters than 4 x the longest token string x the positions: a 400 without spending ~1 s a MB in the
     tokenizer (counted: no encode call); the bound is loose, so a text just under it is still tokenized."""

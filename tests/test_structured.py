@@ -233,7 +233,7 @@ def ref_chain(n: int) -> dict:
     return {"type": "object", "properties": {"v": {"$ref": "#/$defs/a0"}}, "$defs": {**defs, f"a{n}": {"type": "null"}}}
 
 
-def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(client):
+def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(api, client):
     """1,000 levels of `$ref` (~100 KB) overflow llguidance's native stack: it killed the server. The check now runs
     in the sandbox's child: a 400 as a response_format and as a tool, then the server answers, and a chain 50 deep,
     which passes the child's small stack, is served by the engine thread's larger one."""
@@ -242,6 +242,10 @@ def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(clien
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kw)
         assert "stack" in e.value.body["message"] and e.value.body["param"] in ("response_format", "tools")
+        assert api.engine.grammars().sandbox.proc is None  # the child died with it
+        with pytest.raises(openai.BadRequestError):  # refused again from the cache: no child started to crash
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kw)
+        assert api.engine.grammars().sandbox.proc is None
     schema = ref_chain(50)
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=300, temperature=0,
                                        response_format={"type": "json_schema",

@@ -179,6 +179,18 @@ def test_bad_tools_are_400_then_service_goes_on(client, body, param):
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_schema_keywords_a_forced_call_cannot_enforce_are_fine_under_auto(client):
+    """`uniqueItems` (common in MCP tools) is a valid schema keyword llguidance cannot enforce: under `auto` the tool
+    is served; forcing a call to it is a 400 naming the tools."""
+    tags = [{"type": "function", "function": {"name": "tag", "parameters": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}]
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=tags)
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=tags, tool_choice="required")
+    assert e.value.body["param"] == "tools" and "uniqueItems" in e.value.message
+
+
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
@@ -189,6 +201,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
     [{"role": "assistant", "content": None, "tool_calls": [{**CALL, "id": None}]}],
     [{"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}],
     [{"role": "assistant", "content": None, "tool_calls": {"id": "x"}}],
+    [{"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": ["call_1"],
+                                                                     "content": "18C"}],  # was a 500
 ])
 def test_a_malformed_tool_history_is_400(client, history):
     with pytest.raises(openai.BadRequestError) as e:
