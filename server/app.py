@@ -1,9 +1,9 @@
 """The aiohttp application: OpenAI/Fireworks chat and completions, OpenAI Responses and Anthropic Messages (their
 modules translate onto the same core), streaming, /v1/models and /health.
 
-Handlers decode the body on the event loop, parse and validate it on a worker thread (templating and tokenizing can
-be long), hand engine requests to the `AsyncEngine` thread, and write either one JSON object or Server-Sent Events.
-A client that goes away aborts its requests; their slots are free at the next step.
+Handlers read the body on the event loop, decode, parse and validate it on a worker thread (templating and tokenizing
+can be long), hand engine requests to the `AsyncEngine` thread, and write either one JSON object or Server-Sent
+Events. A client that goes away aborts its requests; their slots are free at the next step.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Server:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
         except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
             raise bad(f"the request body could not be read: {str(e).strip()}") from None
-        return protocol.decode_json(raw)
+        return await self.off_loop(protocol.decode_json, raw)  # up to --max-body-mb parsed and walked
 
     async def parse(self, body: Any, kind: str) -> Job:
         """`protocol.parse` on a worker thread, and the job's tools and grammar checked against the tokenizer (in
