@@ -6,7 +6,9 @@ grammar past `TIMEOUT` becomes an error message for a 400, and the serving proce
 passed, on threads whose stacks are at least twice the child's (`SERVING_STACK`).
 
 This file is also the child's program: it imports nothing but the standard library and llguidance (not the
-`engine` package, which would import JAX), and talks JSON lines over stdin/stdout.
+`engine` package, which would import JAX), and talks JSON lines over stdin/stdout. It runs with `-P` (its folder
+not on the path, so `engine/requests.py` and the like shadow nothing) but with `PYTHONPATH`, where a GPU host's
+carried wheels put llguidance.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Sandbox:
     def _ask_locked(self, req: dict) -> tuple[str | None, str | None]:
         try:
             if self.proc is None or self.proc.poll() is not None:  # start one; its start-up is not the grammar's
-                self.proc = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
+                self.proc = subprocess.Popen([sys.executable, "-P", __file__], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, encoding="utf-8")
                 self.proc.stdin.write(self.hello + "\n")
                 self.proc.stdin.flush()
