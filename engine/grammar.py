@@ -123,8 +123,9 @@ class Grammars:
     def __init__(self, tokenizer, eos_ids: tuple[int, ...]):
         import llguidance
 
-        self.tok = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=list(eos_ids) or None)
-        self.sandbox = Sandbox(tokenizer.backend.to_str(), list(eos_ids))  # checks new grammars where a crash is safe
+        spec = tokenizer.backend.to_str()  # the tokenizer's JSON (megabytes), for llguidance here and in the child
+        self.tok = llguidance.LLTokenizer(spec, eos_token=list(eos_ids) or None)
+        self.sandbox = Sandbox(spec, list(eos_ids))  # checks new grammars where a crash is safe
         self.lru: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # grammar -> why not usable
         self.lock = threading.Lock()
         self.texts = [self.tok.decode_bytes([t]) for t in range(self.tok.vocab_size)]

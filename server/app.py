@@ -147,12 +147,13 @@ class Server:
         def checked(job: Job) -> Job:
             if self.engine.tok is None:
                 return job
+            grammars = self.engine.grammars()
             if job.tools is not None:
-                tools.check(job.tools, self.engine.grammars(), bad)
-            if job.grammar is not None:  # checked here, off the loop; the engine's own check then finds it cached
-                forced = job.tools is not None and job.tools.choice not in ("none", "auto")
+                tools.check(job.tools, grammars, bad)
+            if job.grammar is not None:  # checked here, off the loop; make_request is told so (grammar_checked)
+                forced = job.tools is not None and job.tools.forced
                 try:
-                    self.engine.grammars().check(job.grammar, "tool_choice" if forced else "response_format")
+                    grammars.check(job.grammar, "tool_choice" if forced else "response_format")
                 except InvalidRequest as e:
                     raise bad(str(e), e.param) from None
             return job

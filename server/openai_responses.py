@@ -339,15 +339,12 @@ class Responses:
         if not isinstance(prev, str):
             raise bad("'previous_response_id' must be a string", "previous_response_id")
         size = self.server.store.size(prev)
-        if size is None:
-            raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
-                           code="previous_response_not_found")
-        if size > self.server.max_body:  # what one request could carry: the chain cannot grow without bound
+        if size is not None and size > self.server.max_body:  # what one request may carry: chains cannot grow on
             raise bad(f"the conversation stored under {prev!r} holds {size} characters of items, past the "
                       f"{self.server.max_body} bytes a request may carry (--max-body-mb); start a new conversation "
                       "with the items it needs", "previous_response_id")
-        found = self.server.store.get(prev)
-        if found is None:  # deleted since
+        found = None if size is None else self.server.store.get(prev)
+        if found is None:  # never stored, or deleted since size() looked
             raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
                            code="previous_response_not_found")
         return (items_of(found[1]) if found[1] else []), prev

@@ -249,7 +249,7 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
     if kind == "chat":
         job.logprobs = _chat_logprobs(body)
         job.tools = tools.parse(body, bad)
-        if job.tools is not None and job.tools.choice not in ("none", "auto"):
+        if job.tools is not None and job.tools.forced:
             if job.grammar is not None:
                 raise bad("a tool_choice that forces a call cannot be combined with a response_format", "tool_choice")
             job.grammar = job.tools.grammar()

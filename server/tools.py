@@ -34,9 +34,14 @@ class Tools:
     choice: str  # "none", "auto", "required", or a function's name
     parallel: bool = True
 
+    @property
+    def forced(self) -> bool:
+        """Whether a call is forced (`required` or a named function), so a grammar constrains the output."""
+        return self.choice not in ("none", "auto")
+
     def grammar(self) -> str | None:
         """The grammar `required` or a named function imposes (None: free output)."""
-        if self.choice in ("none", "auto"):
+        if not self.forced:
             return None
         named = [f for f in self.functions if f["name"] == self.choice]
         one = _call_schema(named[0]) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
@@ -105,10 +110,9 @@ def check(tools: Tools, grammars, bad) -> None:
     """400 naming the first function whose `parameters` is not a JSON schema (llguidance's check against the
     tokenizer, in its sandbox). Under `auto` or `none` leniently: keywords a forced call's grammar could not enforce
     (`uniqueItems`, `not`, ...; common in MCP tools) are fine while nothing constrains the call."""
-    lenient = tools.choice in ("none", "auto")
     for i, f in enumerate(tools.functions):
         try:
-            grammars.check(schema_grammar(f["parameters"], lenient), f"tools[{i}].function.parameters")
+            grammars.check(schema_grammar(f["parameters"], not tools.forced), f"tools[{i}].function.parameters")
         except InvalidRequest as e:
             raise bad(str(e), "tools") from None
 
