@@ -160,6 +160,12 @@ class Engine:
                 self._grammars = Grammars(self.tok, self.model.eos_ids)
         return self._grammars
 
+    def close(self) -> None:
+        """Stop the grammar sandbox's child process, if one was started (the engine itself holds nothing else)."""
+        with self._grammars_made:
+            if self._grammars is not None:
+                self._grammars.sandbox.close()
+
     def add(self, req: Request) -> None:
         """Queue a request (thread-safe)."""
         self.incoming.put(req)

@@ -74,13 +74,17 @@ class Sandbox:
             out = None
         if isinstance(out, dict) and ("grammar" in out or "error" in out):  # an answer ({} would mean none)
             return out.get("grammar"), out.get("error")
-        self.close()
+        self._kill()
         if out == "timeout":
             return None, f"it took more than {self.timeout:g} s to compile"
         return None, "compiling it crashed llguidance (most likely its stack: rules nested too deeply)"
 
     def close(self) -> None:
-        """Stop the child (a later call starts another)."""
+        """Stop the child once the call in progress, if any, has its answer (a later call starts another)."""
+        with self.lock:
+            self._kill()
+
+    def _kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()

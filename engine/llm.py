@@ -175,10 +175,11 @@ class AsyncEngine:
         self._wake.set()
 
     def close(self) -> None:
-        """Stop the engine thread."""
+        """Stop the engine thread and the engine's grammar sandbox."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+        self.engine.close()
 
     def stream(self, *reqs: Request) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
         """Submit requests now and return an async iterator of batches of `(request index, deltas)`: each batch is

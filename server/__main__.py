@@ -306,7 +306,7 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
-        server.aengine.close()
+        server.close()
 
 
 class JsonFormatter(logging.Formatter):

@@ -96,6 +96,13 @@ class Server:
         app.on_startup.append(self._started)
         return app
 
+    def close(self) -> None:
+        """Stop the engine thread, the parse threads (a parse still queued is dropped) and the grammar sandbox's
+        child, and close the Responses store: after the HTTP side has stopped."""
+        self.aengine.close()
+        self.parse_pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
     async def _started(self, app: web.Application) -> None:
         self.loop_thread = threading.get_ident()
 

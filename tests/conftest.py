@@ -159,7 +159,7 @@ def live_server(model, rc, **server_kw):
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", server=srv, engine=engine, model=model)
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
     loop.call_soon_threadsafe(loop.stop)
-    aengine.close()
+    srv.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 on SIGTERM, and property-based fuzzing of both completion routes."""
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -193,12 +194,41 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
     assert 8 <= len(req.choices[0].token_ids) < 480 and req.choices[0].finish_reason == "abort"
 
 
+def children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """A process with this pid runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_sigterm_drains_streams_in_flight_and_exits_0():
+    """Streams in flight at SIGTERM finish, a new request gets a 503, the process exits 0, and the grammar sandbox's
+    child process (started by a structured-output request) is gone with it."""
     child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
                   "--warmup", "none", "--drain-timeout", "120", timeout=240)  # small_api's: programs from the store
     proc, lines = child.proc, child.lines
     try:
         client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                       response_format={"type": "json_object"})
+        sandbox = children(proc.pid)
+        assert len(sandbox) == 1  # the grammar was checked in a child process
         got, started = [None] * 2, [threading.Event() for _ in range(2)]
 
         def stream(i):
@@ -225,6 +255,7 @@ def test_sigterm_drains_streams_in_flight_and_exits_0():
             t.join(300)
         assert got == [48, 48]
         assert proc.wait(120) == 0, "".join(lines)
+        assert not alive(sandbox[0])
     finally:
         if proc.poll() is None:
             proc.kill()

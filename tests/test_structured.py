@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from engine import SamplingParams
-from engine.grammar import grammar_text
+from engine.grammar import grammar_text, schema_grammar
 from helpers import recording
 
 MODEL = "smollm2-135m-instruct"
@@ -268,3 +268,16 @@ def test_the_sandbox_times_out_starts_again_and_sheds_a_queue():
             box.gbnf('root ::= "a"')
     assert box.gbnf('root ::= "a"')[1] is None
     box.close()
+
+
+def test_closing_the_engine_stops_its_grammar_sandbox_and_a_later_grammar_starts_another(llm):
+    """`Engine.close` (the server's shutdown, through `AsyncEngine.close`) ends the sandbox's child process rather
+    than leaving it to the end of the process; a grammar checked afterwards starts a new child."""
+    grammars = llm.engine.grammars()
+    grammars.check(schema_grammar({"type": "object", "properties": {"closing": {"type": "integer"}}}))
+    child = grammars.sandbox.proc
+    assert child is not None and child.poll() is None
+    llm.engine.close()
+    assert child.poll() is not None and grammars.sandbox.proc is None
+    grammars.check(schema_grammar({"type": "object", "properties": {"reopened": {"type": "boolean"}}}))
+    assert grammars.sandbox.proc is not None and grammars.sandbox.proc.poll() is None
