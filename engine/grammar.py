@@ -239,3 +239,8 @@ class Matcher:
     def done(self) -> bool:
         """The grammar is complete and admits nothing more (or the matcher failed)."""
         return self.m.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a limit of llguidance's, such as "Too many items"), if it did."""
+        return f"llguidance: {self.m.get_error().splitlines()[0]}" if self.m.is_error() else None

@@ -1,7 +1,7 @@
 """A choice's drawn tokens into its output, on the host after a step's draws are read back (the next step already
 on the devices): token ids and logprobs, the detokenized text, why it ends (an end of sequence, a stop string, a
-complete grammar, the length limit), and the deltas streamed from them. Plain Python over one choice at a time; the
-engine retires a choice that ends (`Engine._finish`)."""
+complete grammar, the length limit, a grammar that failed), and the deltas streamed from them. Plain Python over
+one choice at a time; the engine retires a choice that ends (`Engine._finish`)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
         choice.text += choice.detok.add([tok])
     if p.stop and _stopped(choice, p.stop, before):
         return "stop"
-    if choice.matcher is not None and choice.matcher.done:  # the grammar is complete
+    if choice.matcher is not None and choice.matcher.done:  # the grammar is complete, or it failed
+        if why := choice.matcher.error:  # a limit of llguidance's tripped: the text so far does not match it
+            choice.error = f"the grammar failed after {len(choice.token_ids)} tokens: {why}"
+            return "error"
         return "length" if choice.matcher.closed else "stop"
     return "length" if len(choice.token_ids) >= limit else None
 

@@ -40,6 +40,7 @@ class Choice:
     saved: Any = None  # sampler row taken along by a preempted choice
     lag: int = 0  # tokens drawn on the devices and not read back yet (a step dispatched ahead of the read-back)
     matcher: Any = None  # its position in the request's grammar (structured output), if any
+    error: str | None = None  # why it ended with finish_reason "error" when the request is at fault (its grammar)
     detok: Any = None  # its text so far, as an `engine.detok.Detok` (None without a tokenizer)
     _sent_text: int = 0
     _sent_tokens: int = 0

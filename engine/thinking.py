@@ -81,6 +81,11 @@ class Gate:
         return self.state == "answer" and self.inner is not None and self.inner.done
 
     @property
+    def error(self) -> str | None:
+        """Why the answer's grammar failed, if it did."""
+        return self.inner.error if self.inner is not None else None
+
+    @property
     def closed(self) -> bool:
         """The answer's grammar was narrowed to close JSON at the token budget."""
         return self.inner is not None and self.inner.closed

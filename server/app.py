@@ -366,7 +366,8 @@ class Server:
         return None if not waiting and taken + seats <= self.engine.runner.slots else waiting
 
     async def collect(self, events, call: "Call") -> None:
-        """Wait for every choice to finish (504 past --request-timeout, 500 if the engine failed)."""
+        """Wait for every choice to finish (504 past --request-timeout; `failed`'s error if a choice ended with
+        finish_reason "error")."""
         try:
             async with contextlib.aclosing(events) as events:
                 async with asyncio.timeout(self.request_timeout):
@@ -376,7 +377,7 @@ class Server:
         except TimeoutError:
             raise self.timed_out() from None
         if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
-            raise self.engine_failed()
+            raise self.failed(call.reqs)
 
     async def sse(self, request: web.Request, call: "Call", events, turn: Turn, face) -> web.StreamResponse:
         """Stream one choice as Server-Sent Events in an API's own events: `face.opening()`, `face.add(piece)` for
@@ -402,7 +403,7 @@ class Server:
                                 for d in deltas:
                                     if d.finish_reason == "error":
                                         await send(out)
-                                        raise self.engine_failed()
+                                        raise self.failed(call.reqs)
                                     out += face.add(turn.feed(d.text, d.finish_reason))
                             await send(out)
                 except TimeoutError:
@@ -422,8 +423,11 @@ class Server:
         return resp
 
     @staticmethod
-    def engine_failed() -> ApiError:
-        """The 500 of a request whose engine step raised."""
+    def failed(reqs: list[Request]) -> ApiError:
+        """The error of a request a choice of which ended with finish_reason "error": a 400 saying how its grammar
+        failed, or else the 500 of an engine step that raised."""
+        if why := next((c.error for r in reqs for c in r.choices if c.error), None):
+            return ApiError(400, why, code="grammar_failed")
         return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
 
     def timed_out(self) -> ApiError:
@@ -558,7 +562,7 @@ class Server:
                             if out:
                                 await resp.write(b"".join(out))
                             if failed:
-                                await fail(ApiError(500, "the engine failed while generating", type_="server_error"))
+                                await fail(self.failed(reqs))
                                 break
                         else:
                             used, extra = self._usage(job, reqs), {}

@@ -233,6 +233,27 @@ def ref_chain(n: int) -> dict:
     return {"type": "object", "properties": {"v": {"$ref": "#/$defs/a0"}}, "$defs": {**defs, f"a{n}": {"type": "null"}}}
 
 
+def test_a_grammar_that_fails_while_generating_is_a_400_or_an_error_event_not_a_stop(api, client):
+    """A grammar can pass the check and still trip one of llguidance's limits at a token (`"a"{1000000}`: "Too many
+    items" once one `a` is drawn). The choice used to end with finish_reason "stop" and text the grammar does not
+    match; now the call says how the grammar failed: a 400 whole, an error event streaming (after the text so far). The
+    slots come back and the server goes on."""
+    fmt = {"type": "grammar", "grammar": 'root ::= "a"{1000000}'}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, response_format=fmt)
+    assert e.value.body["code"] == "grammar_failed" and "Too many items" in e.value.body["message"]
+    got = []
+    with pytest.raises(openai.APIError, match="Too many items"):
+        for chunk in client.completions.create(model=MODEL, prompt="a", max_tokens=8, stream=True,
+                                               extra_body={"response_format": fmt}):
+            got += [c.text for c in chunk.choices]
+    assert "".join(got).strip("a") == ""  # the text so far came first
+    assert api.engine.stats()["free_slots"] == api.engine.runner.slots
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, response_format={
+        "type": "grammar", "grammar": GBNF}, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_grammar_that_crashes_the_compiler_is_a_400_and_the_server_lives(api, client):
     """1,000 levels of `$ref` (~100 KB) overflow llguidance's native stack: it killed the server. The check now runs
     in the sandbox's child: a 400 as a response_format and as a tool, then the server answers, and a chain 50 deep,
