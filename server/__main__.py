@@ -126,7 +126,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="sequences (choices: n x prompts) waiting for a slot before new requests get 429 "
                          "(default: 4 x --max-num-seqs)")
-    ap.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted (504)")
+    ap.add_argument("--request-timeout", type=float, default=None,
+                    help="seconds from a request's arrival before it is aborted: 504 (408 while its body arrives)")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")

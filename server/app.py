@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -44,6 +45,10 @@ PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the token
 #                     on the grammar sandbox's child)
 
 
+# When the API call being answered must be done by (--request-timeout from its arrival, in the event loop's clock): set
+# for the call's task in `Server.serve`, read by every wait of the call's (its body, its parse, its tokens).
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the chat page's files
 
 
@@ -64,6 +69,7 @@ class Server:
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
         self.active = 0  # completion requests being answered
+        self.parsing = 0  # of those, the ones not admitted yet: their bodies being read, decoded and parsed
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
@@ -132,7 +138,11 @@ class Server:
 
     async def _body(self, request: web.Request):
         try:
-            raw = await request.read()
+            async with asyncio.timeout_at(DEADLINE.get()):
+                raw = await request.read()
+        except TimeoutError:  # a client that stalls while sending its body
+            raise ApiError(408, f"the request body did not arrive within {self.request_timeout} s",
+                           code="request_timeout") from None
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
         except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
@@ -167,8 +177,13 @@ class Server:
         return await self.off_loop(parse)
 
     async def off_loop(self, fn, *args):
-        """`fn(*args)` on a parse thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
+        """`fn(*args)` on a parse thread, waited for until the call's deadline (then a 504; the thread finishes its
+        work and it is dropped)."""
+        try:
+            async with asyncio.timeout_at(DEADLINE.get()):
+                return await asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
+        except TimeoutError:
+            raise self.timed_out() from None
 
     def _check_model(self, body) -> None:
         name = body.get("model") if isinstance(body, dict) else None
@@ -310,16 +325,26 @@ class Server:
         return await self.serve(request, answer)
 
     async def serve(self, request: web.Request, answer) -> web.StreamResponse:
-        """One API call with its accounting: 503 while draining, the JSON body and its model checked, then
-        `answer(body, call)` parses, `admit`s and writes the reply (each API's own shapes)."""
+        """One API call with its accounting: 503 while draining, 429 when more calls are being parsed than could
+        be seated or queued (before their bodies are read), the JSON body and its model checked, then
+        `answer(body, call)` parses, `admit`s and writes the reply (each API's own shapes), all by the call's
+        deadline (`--request-timeout` from now)."""
         call = Call()
         status = 500
         self.active += 1
+        deadline = DEADLINE.set(None if self.request_timeout is None
+                                else asyncio.get_running_loop().time() + self.request_timeout)
         try:
             if self.draining:
                 raise ApiError(503, "the server is shutting down; retry on another instance",
                                type_="service_unavailable",
                                code="shutting_down", headers={"Retry-After": "5"})
+            if self.parsing >= self.max_queued + self.engine.runner.slots:
+                raise ApiError(429, f"the server is busy ({self.parsing} requests being read and parsed); retry "
+                                    "shortly", type_="rate_limit_error", code="too_many_requests",
+                               headers={"Retry-After": "1"})
+            self.parsing += 1
+            call.parsing = True
             body = await self._body(request)
             self._check_model(body)
             resp = await answer(body, call)
@@ -333,12 +358,20 @@ class Server:
             raise
         finally:
             self.active -= 1
+            self._parsed(call)
+            DEADLINE.reset(deadline)
             self._account(request.path, status, call.rid, call.reqs, call.took)
+
+    def _parsed(self, call: "Call") -> None:
+        if call.parsing:
+            self.parsing -= 1
+            call.parsing = False
 
     def admit(self, job: Job, call: "Call", prefix: str) -> tuple[list[tuple[int, Request]], Any]:
         """The job's engine requests under an id of `prefix` (its separator included), submitted (429 when the queue
         is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
+        self._parsed(call)
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid)
         seats = sum(len(r.choices) for _, r in parts)
@@ -370,7 +403,7 @@ class Server:
         finish_reason "error")."""
         try:
             async with contextlib.aclosing(events) as events:
-                async with asyncio.timeout(self.request_timeout):
+                async with asyncio.timeout_at(DEADLINE.get()):
                     async for batch in events:
                         for i, deltas in batch:
                             call.took.saw(i, deltas, self.prom)
@@ -395,7 +428,7 @@ class Server:
                 await resp.prepare(request)
                 await send(face.opening())
                 try:
-                    async with asyncio.timeout(self.request_timeout):
+                    async with asyncio.timeout_at(DEADLINE.get()):
                         async for batch in events:  # one write for the events of a batch
                             out = []
                             for i, deltas in batch:
@@ -549,7 +582,7 @@ class Server:
                         if job.kind == "chat" or text:
                             await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
                 try:
-                    async with asyncio.timeout(self.request_timeout):
+                    async with asyncio.timeout_at(DEADLINE.get()):
                         async for batch in events:  # one chunk per event, one write per batch
                             out, failed = [], False
                             for i, deltas in batch:
@@ -632,6 +665,7 @@ class Call:
     rid: str = "-"
     reqs: list[Request] = dataclasses.field(default_factory=list)
     took: "Took" = dataclasses.field(default_factory=lambda: Took())
+    parsing: bool = False  # counted in `Server.parsing`
 
 
 class Took:

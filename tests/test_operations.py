@@ -141,6 +141,61 @@ def test_a_request_timeout_frees_its_slot(small_api):
         srv.request_timeout = None
 
 
+def stalled_body(api) -> socket.socket:
+    """A connection that sent a chat request's headers and half of its body, and then nothing."""
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 2}).encode()
+    s = socket.create_connection(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:len(body) // 2])
+    return s
+
+
+def test_bodies_that_stall_are_bounded_and_cut_by_the_request_timeout(small_api):
+    """Calls still being read or parsed count against what could be seated or queued (2 slots + 4): a seventh gets a
+    429 before its body is read, so stalled uploads cannot pile up bodies. A stalled body then gets a 408 at
+    --request-timeout, and the server serves again."""
+    srv = small_api.server
+    stalled = [stalled_body(small_api) for _ in range(6)]
+    try:
+        deadline = time.time() + 30
+        while srv.parsing < 6 and time.time() < deadline:
+            time.sleep(0.02)
+        status, err, headers = http(small_api, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})
+        assert status == 429 and "6 requests being read and parsed" in err["error"]["message"]
+        assert headers["Retry-After"]
+    finally:
+        for s in stalled:
+            s.close()
+    while srv.parsing and time.time() < deadline:  # the gone clients' reads end
+        time.sleep(0.02)
+    assert srv.parsing == 0
+    srv.request_timeout = 1.0
+    try:
+        s = stalled_body(small_api)
+        s.settimeout(30)
+        reply = s.recv(65536).decode()
+        s.close()
+        assert reply.startswith("HTTP/1.1 408") and '"code": "request_timeout"' in reply
+        assert http(small_api, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200
+    finally:
+        srv.request_timeout = None
+
+
+def test_the_request_timeout_covers_parsing(small_api):
+    """A 3,000-rule GBNF chain takes the grammar converter about 4 s (its own limit is 5 s): under a 1 s
+    --request-timeout the call gets its 504 at 1 s, not whatever parsing takes."""
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "k{i}" r{i + 1} | "x"\n' for i in range(3000)) + 'r3000 ::= "e"\n'
+    srv = small_api.server
+    srv.request_timeout = 1.0
+    try:
+        t0 = time.time()
+        status, err, _ = http(small_api, "POST", "/v1/chat/completions", {
+            "messages": HELLO, "max_tokens": 2, "response_format": {"type": "grammar", "grammar": chain}})
+        assert status == 504 and err["error"]["code"] == "timeout" and time.time() - t0 < 3
+    finally:
+        srv.request_timeout = None
+
+
 def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
     body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True, "stream": True,
                        "logprobs": True, "top_logprobs": 20}).encode()
