@@ -20,6 +20,7 @@ from engine.params import InvalidRequest
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
+MAX_TOOLS = 128  # OpenAI's limit
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
             "To call functions, reply with only a JSON array of calls, each "
             '{{"name": <function name>, "arguments": <object>}}; otherwise reply normally.')
@@ -71,6 +72,8 @@ def parse(body: dict, bad) -> Tools | None:
         return None
     if not isinstance(tools, list) or not tools:
         raise bad("'tools' must be a non-empty list of {'type': 'function', 'function': {...}}", "tools")
+    if len(tools) > MAX_TOOLS:  # each new schema is a round trip to the grammar sandbox
+        raise bad(f"'tools' takes at most {MAX_TOOLS} functions, got {len(tools)}", "tools")
     functions = []
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None

@@ -166,6 +166,7 @@ def test_streamed_tool_call_deltas_assemble(client):
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),  # 128 at most
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, "tools"),
     ({"tools": [*TOOLS, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "("}}}}}], "tool_choice": "required"}, "tools"),
