@@ -117,8 +117,9 @@ def _tools(body: dict) -> dict:
     return out
 
 
-def chat_body(body: Any, counting: bool = False) -> dict:
-    """A chat-completions body for a Messages body (`counting`: for count_tokens, where max_tokens is not needed)."""
+def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> dict:
+    """A chat-completions body for a Messages body (`counting`: for count_tokens, where max_tokens is not needed;
+    `interleaved`: the interleaved-thinking beta, where a thinking budget may pass max_tokens, being the turn's)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     msgs = body.get("messages")
@@ -160,7 +161,7 @@ def chat_body(body: Any, counting: bool = False) -> dict:
         kind = thinking.get("type") if isinstance(thinking, dict) else None
         budget = thinking.get("budget_tokens") if kind == "enabled" else None
         if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0:
-            if not counting and budget >= out["max_tokens"]:
+            if not counting and not interleaved and budget >= out["max_tokens"]:
                 raise bad(f"'thinking.budget_tokens' ({budget}) must be less than 'max_tokens' ({out['max_tokens']})",
                           "thinking")
             out.setdefault("reasoning_effort", budget)
@@ -317,8 +318,9 @@ class Messages:
     def __init__(self, server):
         self.server = server
 
-    async def _job(self, body: Any, counting: bool = False) -> protocol.Job:
-        chat = chat_body(body, counting)
+    async def _job(self, request: web.Request, body: Any, counting: bool = False) -> protocol.Job:
+        betas = request.headers.get("anthropic-beta", "")
+        chat = chat_body(body, counting, interleaved="interleaved-thinking" in betas)
         try:
             return await self.server.parse(chat, "chat")
         except ApiError as e:
@@ -327,14 +329,14 @@ class Messages:
     async def count_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""
         async def answer(body, call) -> web.Response:
-            return web.json_response({"input_tokens": len((await self._job(body, counting=True)).prompts[0])})
+            return web.json_response({"input_tokens": len((await self._job(request, body, counting=True)).prompts[0])})
         return await self.server.serve(request, answer)
 
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/messages."""
         async def answer(body, call) -> web.StreamResponse:
-            job = await self._job(body)
+            job = await self._job(request, body)
             parts, events = self.server.admit(job, call, "msg_")
             turn = Turn(job)
             face = Stream(self, call, turn)
