@@ -5,6 +5,8 @@
 # profiler: how long the device sat idle between programs). Results land in OUT as they come (a timeout still leaves
 # them). On the GPU host:
 #   pip install --no-deps --target /tmp/wh .gpu_wheels/*.whl; PYTHONPATH=.:/tmp/wh bench/gpu_session.sh $OUT
+# where .gpu_wheels holds, for CPython 3.12 on manylinux x86-64, what the host lacks: llguidance, gguf and aiohttp-cors
+# at pyproject.toml's versions (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`).
 # On a CPU: PY=.venv/bin/python bench/gpu_session.sh /tmp/gpu_out --smoke
 set -o pipefail
 OUT=${1:?usage: bench/gpu_session.sh OUT [--smoke]}

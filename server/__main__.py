@@ -30,6 +30,12 @@ from server.app import Server
 log = logging.getLogger("sparkler.server")
 
 
+def origins(text: str) -> tuple[str, ...]:
+    """`--allowed-origins`: a JSON list, or origins separated by commas."""
+    items = json.loads(text) if text.lstrip().startswith("[") else text.split(",")
+    return tuple(o.strip() for o in items if o.strip())
+
+
 def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     """Command-line flags."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__)
@@ -123,6 +129,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="multi-host: seconds without a heartbeat before jax.distributed declares a process dead")
     ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
+    ap.add_argument("--allowed-origins", type=origins, default=("*",),
+                    help="origins whose web pages may call the API from a browser (CORS): '*' (the default), a "
+                         "comma-separated list or a JSON list (vLLM's form), or '' for none")
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="sequences (choices: n x prompts) waiting for a slot before new requests get 429 "
                          "(default: 4 x --max-num-seqs)")
@@ -257,6 +266,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
                         "for it: lower --gpu-memory-utilization or pass --kv-cache-gb", PROGRAMS["working"] / (1 << 30),
                         fit.reserve / (1 << 30))
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
+                    allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "

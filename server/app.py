@@ -21,6 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -63,7 +64,8 @@ class Server:
 
     def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
                  max_queued: int | None = None, request_timeout: float | None = None,
-                 reasoning_parser: str = "auto", responses_db: str | None = None):
+                 reasoning_parser: str = "auto", responses_db: str | None = None,
+                 allowed_origins: tuple[str, ...] = ()):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -74,6 +76,7 @@ class Server:
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
         self.name, self.api_key = model.name, api_key
+        self.allowed_origins = allowed_origins  # CORS: web pages of these origins may call the API ('*': any)
         self.max_body = int(max_body_mb * (1 << 20))
         self.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="sparkler-parse")
         self.vocab = Vocab(model)
@@ -99,6 +102,11 @@ class Server:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.page)
         app.router.add_static("/static", STATIC, show_index=False)
+        if self.allowed_origins:  # preflight OPTIONS answered, and CORS headers on every route's answers
+            every = aiohttp_cors.ResourceOptions(allow_headers="*", allow_methods="*", expose_headers="*", max_age=600)
+            cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(self.allowed_origins, every))
+            for route in list(app.router.routes()):
+                cors.add(route)
         app.on_startup.append(self._started)
         return app
 
@@ -118,7 +126,7 @@ class Server:
     async def _middleware(self, request: web.Request, handler):
         shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else ApiError.body
         try:
-            if self.api_key and request.path.startswith("/v1"):
+            if self.api_key and request.path.startswith("/v1") and request.method != "OPTIONS":  # not preflights
                 keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
                 if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:
                     raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or "

@@ -1,7 +1,8 @@
 """The chat page at `/`, in a real headless browser: Debian's chromium driven by Selenium through chromedriver, against
 a live server behind an API key. The page must ask for the key once, stream a reply, expose the sampling controls
 (their values reach the API: a greedy reply equals the API's own, a lower max_tokens cuts it), show the reply's
-speed, cached tokens and the server's sampling defaults, and each token's logprob."""
+speed, cached tokens and the server's sampling defaults, and each token's logprob. Pages of other origins may call
+the API when the server allows them (CORS), and only then."""
 
 import json
 import os
@@ -25,7 +26,7 @@ def api(smollm):
     from engine.runner import RunnerConfig
 
     rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
-    yield from live_server(smollm, rc, api_key=KEY)
+    yield from live_server(smollm, rc, api_key=KEY, allowed_origins=("*",))  # the command's default
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,34 @@ def test_the_page_asks_for_the_key_streams_a_reply_and_its_controls_reach_the_ap
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("SPARKLER_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["SPARKLER_SCREENSHOT"])
+
+
+CROSS_ORIGIN_CALL = """
+const [url, key, done] = arguments;
+fetch(url + "/v1/chat/completions", {method: "POST", headers: {"Authorization": "Bearer " + key,
+      "Content-Type": "application/json"},
+      body: JSON.stringify({messages: [{role: "user", content: "Hi"}], max_tokens: 2})})
+  .then(async r => done({status: r.status, body: await r.json(),
+                         timing: r.headers.get("fireworks-server-processing-time")}))
+  .catch(e => done({failed: String(e)}));
+"""
+
+
+def test_a_page_of_another_origin_calls_the_api_only_where_the_server_allows_it(api, browser, smollm):
+    """A page at `localhost` calling `127.0.0.1` (another origin) with an API key: the browser's preflight passes and
+    the page reads the reply and its headers from a server that allows every origin (`--allowed-origins`' default);
+    from a server that allows none, the browser refuses to hand the page anything."""
+    from engine.runner import RunnerConfig
+
+    browser.set_script_timeout(120)
+    browser.get(api.url.replace("127.0.0.1", "localhost") + "/static/chat.css")  # a page of the other origin
+    until(lambda: browser.execute_script("return document.readyState") == "complete")
+    got = browser.execute_async_script(CROSS_ORIGIN_CALL, api.url, KEY)
+    assert got.get("status") == 200 and got["body"]["usage"]["completion_tokens"] >= 1, got
+    assert float(got["timing"]) > 0  # an exposed response header
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=512, decode_steps=4, kv_cache_gb=0.1, decode_batch_sizes=(2,))
+    for closed in live_server(smollm, rc, api_key=KEY):  # allowed_origins=(): none
+        browser.get(closed.url.replace("127.0.0.1", "localhost") + "/static/chat.css")
+        until(lambda: browser.execute_script("return document.readyState") == "complete")
+        got = browser.execute_async_script(CROSS_ORIGIN_CALL, closed.url, KEY)
+        assert "failed" in got and "status" not in got, got
