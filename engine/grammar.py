@@ -73,8 +73,6 @@ def bounded(schema: Any) -> Any:
 
 def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
     """The llguidance grammar for an OpenAI/Fireworks `response_format` (None: unconstrained); 400 on bad input."""
-    import llguidance
-
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
@@ -89,23 +87,53 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
             if not isinstance(js, dict):
                 raise InvalidRequest("response_format.json_schema must be an object", param)
             schema = js.get("schema", js if "name" not in js else None)
-        if schema is None:
-            schema = any_object()
-        if not isinstance(schema, dict):
-            raise InvalidRequest("the JSON schema must be an object", param)
-        try:
-            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(bounded(schema)), defaults=JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequest(f"invalid JSON schema: {e}", param) from None
+        return json_grammar(schema, param)
     if kind == "grammar":
-        text = fmt.get("grammar")
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequest("response_format.grammar must be a non-empty GBNF string", param)
-        grammar, err = _CONVERTER.gbnf(text)
-        if err:
-            raise InvalidRequest(f"invalid grammar: {err}", param)
-        return grammar
+        return gbnf_grammar(fmt.get("grammar"), param, f"{param}.grammar")
     raise InvalidRequest(f"unknown response_format type {kind!r}; use text, json_object, json_schema or grammar", param)
+
+
+def json_grammar(schema: Any, param: str) -> str:
+    """The grammar of JSON valid under `schema` (None: any object, as `any_object`), free values bounded."""
+    import llguidance
+
+    if schema is None:
+        schema = any_object()
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON schema object", param)
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(bounded(schema)), defaults=JSON_OPTIONS)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"invalid JSON schema: {e}", param) from None
+
+
+def gbnf_grammar(text: Any, param: str, field: str | None = None) -> str:
+    """The grammar of a GBNF text (llama.cpp's grammars; a Lark grammar passes too: llguidance tells them apart),
+    converted in the sandbox's child; `field` names it in the message (`param` when None)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest(f"'{field or param}' must be a non-empty GBNF (or Lark) grammar string", param)
+    grammar, err = _CONVERTER.gbnf(text)
+    if err:
+        raise InvalidRequest(f"invalid grammar: {err}", param)
+    return grammar
+
+
+def regex_grammar(pattern: Any, param: str) -> str:
+    """The grammar of text matching a regular expression (Rust's `regex` syntax, anchored at both ends)."""
+    import llguidance
+
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidRequest(f"'{param}' must be a non-empty regular expression string", param)
+    return llguidance.LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(options: Any, param: str) -> str:
+    """The grammar of exactly one of `options` (non-empty strings)."""
+    import llguidance
+
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+        raise InvalidRequest(f"'{param}' must be a non-empty list of non-empty strings", param)
+    return llguidance.grammar_from("choice", options)
 
 
 def schema_grammar(schema: dict, lenient: bool = False) -> str:

@@ -176,9 +176,8 @@ class Server:
             if job.tools is not None:
                 tools.check(job.tools, grammars, bad)
             if job.grammar is not None:  # checked here, off the loop; make_request is told so (grammar_checked)
-                forced = job.tools is not None and job.tools.forced
                 try:
-                    grammars.check(job.grammar, "tool_choice" if forced else "response_format")
+                    grammars.check(job.grammar, job.grammar_param)
                 except InvalidRequest as e:
                     raise bad(str(e), e.param) from None
             return job

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from engine.grammar import grammar_text
+from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
 from engine.params import InvalidRequest, SamplingParams
 from server import reasoning, tools
 from server.reasoning import Thinking
@@ -131,7 +131,8 @@ class Job:
     truncate: bool = True
     cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
-    grammar: str | None = None  # response_format as an llguidance grammar (None: free text)
+    grammar: str | None = None  # response_format (or another API's field) as an llguidance grammar (None: free text)
+    grammar_param: str = "response_format"  # the field that asked for it
     perf_metrics: bool = False  # perf_metrics_in_response
     tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
     thinking: Thinking | None = None  # chat with a reasoning parser: split the thinking out (and its budget)
@@ -230,6 +231,10 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
     job.cache_key = body.get("prompt_cache_isolation_key")
     try:
         job.grammar = grammar_text(body.get("response_format"))
+        if other := other_grammar(body):
+            if job.grammar is not None:
+                raise bad(f"'response_format' and '{other[1]}' both ask for structured output; give one", other[1])
+            job.grammar, job.grammar_param = other
     except InvalidRequest as e:
         raise bad(str(e), e.param) from None
     if job.cache_key is not None and not isinstance(job.cache_key, str):
@@ -251,8 +256,9 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
         job.tools = tools.parse(body, bad)
         if job.tools is not None and job.tools.forced:
             if job.grammar is not None:
-                raise bad("a tool_choice that forces a call cannot be combined with a response_format", "tool_choice")
-            job.grammar = job.tools.grammar()
+                raise bad(f"a tool_choice that forces a call cannot be combined with a {job.grammar_param}",
+                          "tool_choice")
+            job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
         kwargs, budget = _template_kwargs(body)
         ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools, kwargs)
         job.prompts, job.prompt_texts = [ids], [text]
@@ -269,6 +275,43 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
     params.logprobs = job.logprobs is not None
     params.top_logprobs = job.logprobs or 0
     return job
+
+
+# Other servers' fields for structured output, each a way to build a grammar: vLLM's `structured_outputs` (keyed
+# below) and its older `guided_*`, SGLang's `regex` / `json_schema` (a JSON string) / `ebnf`, llama.cpp's `grammar`
+# (GBNF) / `json_schema` (an object).
+GRAMMAR_BUILDERS = {"json": json_grammar, "regex": regex_grammar, "choice": choice_grammar, "grammar": gbnf_grammar}
+GRAMMAR_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "json_schema": "json", "regex": "regex", "ebnf": "grammar",
+                  "grammar": "grammar"}
+
+
+def other_grammar(body: dict) -> tuple[str, str] | None:
+    """`(grammar, field)` for structured output asked in vLLM's, SGLang's or llama.cpp's own fields (above); None
+    when none asks. More than one is a 400: they would not combine."""
+    asked = [(field, kind, body[field]) for field, kind in GRAMMAR_FIELDS.items() if body.get(field) is not None]
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise bad("'structured_outputs' must be an object such as {'json': <schema>}, {'regex': ...}, "
+                      "{'choice': [...]} or {'grammar': ...}", "structured_outputs")
+        if outputs.get("structural_tag") is not None:
+            raise bad("'structured_outputs.structural_tag' is not supported by this server", "structured_outputs")
+        asked += [(f"structured_outputs.{kind}", kind, outputs[kind]) for kind in GRAMMAR_BUILDERS
+                  if outputs.get(kind) is not None]
+        if outputs.get("json_object") is True:
+            asked.append(("structured_outputs.json_object", "json", None))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise bad(f"{' and '.join(repr(f) for f, _, _ in asked)} each ask for structured output; give one", asked[1][0])
+    field, kind, value = asked[0]
+    if kind == "json" and isinstance(value, str):  # SGLang's json_schema, vLLM's guided_json: JSON text
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise bad(f"'{field}' is not valid JSON: {e}", field) from None
+    return GRAMMAR_BUILDERS[kind](value, field), field
 
 
 def prediction(model: Model, body: dict) -> list[int] | None:

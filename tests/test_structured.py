@@ -233,6 +233,58 @@ def ref_chain(n: int) -> dict:
     return {"type": "object", "properties": {"v": {"$ref": "#/$defs/a0"}}, "$defs": {**defs, f"a{n}": {"type": "null"}}}
 
 
+PHONE = r"[0-9]{3}-[0-9]{4}"
+LARK_YES_NO = 'start: ("yes" | "no") " because " /[a-z]{1,12}/'
+
+
+@pytest.mark.parametrize("extra,judge", [
+    ({"structured_outputs": {"choice": ["positive", "negative", "neutral"]}},  # vLLM
+     lambda t: t in ("positive", "negative", "neutral")),
+    ({"guided_choice": ["Paris", "Lyon", "Zürich"]}, lambda t: t in ("Paris", "Lyon", "Zürich")),  # vLLM, older
+    ({"structured_outputs": {"regex": PHONE}}, lambda t: re.fullmatch(PHONE, t)),
+    ({"regex": PHONE}, lambda t: re.fullmatch(PHONE, t)),  # SGLang
+    ({"structured_outputs": {"json": PERSON}}, lambda t: _valid(t, PERSON) is None),
+    ({"guided_json": json.dumps(PERSON)}, lambda t: _valid(t, PERSON) is None),  # vLLM, older: JSON text
+    ({"json_schema": json.dumps(PERSON)}, lambda t: _valid(t, PERSON) is None),  # SGLang: JSON text
+    ({"json_schema": PERSON}, lambda t: _valid(t, PERSON) is None),  # llama.cpp: an object
+    ({"structured_outputs": {"json_object": True}}, lambda t: isinstance(json.loads(t), dict)),
+    ({"grammar": GBNF}, lambda t: re.fullmatch(r"(yes|no) because [a-z]{1,12}", t)),  # llama.cpp: GBNF
+    ({"ebnf": GBNF}, lambda t: re.fullmatch(r"(yes|no) because [a-z]{1,12}", t)),  # SGLang
+    ({"structured_outputs": {"grammar": LARK_YES_NO}}, lambda t: re.fullmatch(r"(yes|no) because [a-z]{1,12}", t)),
+], ids=["vllm-choice", "vllm-guided-choice", "vllm-regex", "sglang-regex", "vllm-json", "vllm-guided-json",
+        "sglang-json-schema", "llamacpp-json-schema", "vllm-json-object", "llamacpp-grammar", "sglang-ebnf",
+        "vllm-lark"])
+def test_other_servers_fields_for_structured_output_constrain_the_reply(client, extra, judge):
+    """vLLM's `structured_outputs` (and its older `guided_*`), SGLang's `regex` / `json_schema` / `ebnf` and
+    llama.cpp's `grammar` / `json_schema` constrain chat and completions as `response_format` does (they used to be
+    ignored): every sampled reply passes its judge (`jsonschema` for JSON)."""
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=5, n=2, max_tokens=80,
+                                       extra_body=extra)
+    for c in r.choices:
+        assert c.finish_reason == "stop" and judge(c.message.content), c.message.content
+    r = client.completions.create(model=MODEL, prompt="Answer:", temperature=1.0, seed=6, max_tokens=80,
+                                  extra_body=extra)
+    assert r.choices[0].finish_reason == "stop" and judge(r.choices[0].text), r.choices[0].text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_json": PERSON, "response_format": {"type": "json_object"}}, "guided_json"),
+    ({"regex": PHONE, "guided_choice": ["a"]}, "regex"),
+    ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+    ({"structured_outputs": "json"}, "structured_outputs"),
+    ({"json_schema": "{not json"}, "json_schema"),
+    ({"grammar": "root ::= ("}, "grammar"),
+    ({"structured_outputs": {"json": PERSON}, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+])
+def test_other_servers_fields_for_structured_output_refuse_bad_or_conflicting_input(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == param, e.value.body
+
+
 def test_a_grammar_that_fails_while_generating_is_a_400_or_an_error_event_not_a_stop(api, client):
     """A grammar can pass the check and still trip one of llguidance's limits at a token (`"a"{1000000}`: "Too many
     items" once one `a` is drawn). The choice used to end with finish_reason "stop" and text the grammar does not
