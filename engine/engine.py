@@ -35,7 +35,7 @@ from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
 from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
-from engine.sampler import seed_keys
+from engine.sampler import MAX_ENDS, seed_keys
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -124,6 +124,12 @@ class Engine:
         for t in params.logit_bias:
             if not 0 <= int(t) < vocab:
                 raise InvalidRequest(f"logit_bias key {t} is not a token id of this vocabulary", "logit_bias")
+        if not all(0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be token ids of this vocabulary, in [0, {vocab})",
+                                 "stop_token_ids")
+        if len(ends := set(self.model.eos_ids) | set(params.stop_token_ids)) > MAX_ENDS:
+            raise InvalidRequest(f"stop_token_ids and this model's {len(self.model.eos_ids)} end-of-sequence ids "
+                                 f"make {len(ends)} ending tokens; at most {MAX_ENDS}", "stop_token_ids")
         if params.n > self.runner.per_shard:  # every choice of a request sits on one data shard
             where = " of a data shard" if self.runner.dp > 1 else ""
             raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots{where}", "n")
@@ -415,14 +421,20 @@ class Engine:
             self.rode += len(self.riders)
 
     def _settings(self, req: Request) -> dict:
-        """A request's sampler row: its settings and logit bias (EOS suppressed for ignore_eos)."""
+        """A request's sampler row: its settings, logit bias (EOS suppressed for ignore_eos) and ending tokens (what
+        min_tokens holds back)."""
         p = req.params
-        bias = np.zeros(self.model.cfg.vocab_size, np.float32)
+        vocab = self.model.cfg.vocab_size
+        bias = np.zeros(vocab, np.float32)
         for t, b in p.logit_bias.items():
             bias[int(t)] += b
         if p.ignore_eos:
             bias[self.eos] = -np.inf
-        return {**p.sampler_row(), "bias": bias}
+        ends = np.full(MAX_ENDS, vocab, np.int32)  # past the vocabulary: no token
+        if p.min_tokens:
+            held = sorted(set(self.model.eos_ids) | set(p.stop_token_ids))
+            ends[:len(held)] = held
+        return {**p.sampler_row(), "bias": bias, "ends": ends}
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 

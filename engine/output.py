@@ -24,10 +24,10 @@ def extend(choice: Choice, p: SamplingParams, outs, steps: np.ndarray, slot: int
     toks = outs.token[steps, slot].tolist()
     room = limit - len(choice.token_ids)
     end, reason = (room, "length") if len(toks) >= room else (len(toks), None)
-    if not p.ignore_eos:
-        eos = next((j for j, t in enumerate(toks[:end]) if t in eos_ids), None)
-        if eos is not None:
-            end, reason = eos + 1, "stop"
+    if not p.ignore_eos or p.stop_token_ids:
+        ending = next((j for j, t in enumerate(toks[:end]) if _ends(t, p, eos_ids)), None)
+        if ending is not None:
+            end, reason = ending + 1, "stop"
     toks = toks[:end]
     choice.token_ids += toks
     if p.logprobs or p.top_logprobs:
@@ -36,8 +36,19 @@ def extend(choice: Choice, p: SamplingParams, outs, steps: np.ndarray, slot: int
             toks, outs.logprob[at, slot].tolist(), outs.top_ids[at, slot, :k].tolist(),
             outs.top_logprobs[at, slot, :k].tolist())]
     if choice.detok is not None:  # without a tokenizer the engine works in token ids alone
-        choice.text += choice.detok.add(toks[:-1] if reason == "stop" else toks)
+        choice.text += choice.detok.add(toks[:-1] if reason == "stop" and _is_eos(toks[-1], p, eos_ids) else toks)
     return reason
+
+
+def _ends(tok: int, p: SamplingParams, eos_ids) -> bool:
+    """Whether drawing `tok` ends the choice: an end of sequence (unless ignore_eos) or one of its stop_token_ids."""
+    return _is_eos(tok, p, eos_ids) or tok in p.stop_token_ids
+
+
+def _is_eos(tok: int, p: SamplingParams, eos_ids) -> bool:
+    """An end of sequence that ends the choice: its text is never the reply's (a stop token id's stays, as vLLM
+    keeps it; the detokenizer drops a special token's)."""
+    return tok in eos_ids and not p.ignore_eos
 
 
 def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_ids) -> str | None:
@@ -51,12 +62,14 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
         choice.logprobs.append((tok, float(out.logprob[at]), tops))
     if choice.matcher is not None:
         choice.matcher.advance(tok)
-    if tok in eos_ids and not p.ignore_eos:
+    if _is_eos(tok, p, eos_ids):
         return "stop"
     before = len(choice.text)
     if choice.detok is not None:
         choice.text += choice.detok.add([tok])
-    if p.stop and _stopped(choice, p.stop, before):
+    if tok in p.stop_token_ids:
+        return "stop"
+    if p.stop and len(choice.token_ids) > p.min_tokens and _stopped(choice, p, before):
         return "stop"
     if choice.matcher is not None and choice.matcher.done:  # the grammar is complete, or it failed
         if why := choice.matcher.error:  # a limit of llguidance's tripped: the text so far does not match it
@@ -66,13 +79,14 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
     return "length" if len(choice.token_ids) >= limit else None
 
 
-def _stopped(choice: Choice, stops: list[str], before: int) -> bool:
-    """Whether the text from `before` on completes a stop string; if so the text ends before the first one."""
-    start = max(0, before - max(len(s) for s in stops) + 1)
-    hits = [(i, s) for s in stops if (i := choice.text.find(s, start)) >= 0]
+def _stopped(choice: Choice, p: SamplingParams, before: int) -> bool:
+    """Whether the text from `before` on completes a stop string; if so the text ends before the first one (after it
+    with include_stop_str_in_output)."""
+    start = max(0, before - max(len(s) for s in p.stop) + 1)
+    hits = [(i, s) for s in p.stop if (i := choice.text.find(s, start)) >= 0]
     if hits:
         at, choice.stop_hit = min(hits)
-        choice.text = choice.text[:at]
+        choice.text = choice.text[:at + len(choice.stop_hit) * p.include_stop_str_in_output]
         return True
     return False
 

@@ -52,6 +52,9 @@ class SamplingParams:
     top_logprobs: int = 0
     echo: bool = False  # also return the prompt's logprobs
     skip_special_tokens: bool = True
+    min_tokens: int = 0  # tokens drawn before EOS or a stop token may be (stop strings wait as long)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a choice, as EOS does
+    include_stop_str_in_output: bool = False  # the stop string that ended a choice stays in its text
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""
@@ -88,6 +91,9 @@ class SamplingParams:
         check(self.mirostat_lr > 0, "mirostat_lr must be > 0", "mirostat_lr")
         for t, b in self.logit_bias.items():
             check(-100.0 <= b <= 100.0, "logit_bias values must be in [-100, 100]", "logit_bias")
+        check(self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+              f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})", "min_tokens")
 
     def sampler_row(self) -> dict:
         """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation)."""
@@ -99,4 +105,4 @@ class SamplingParams:
             typical_p=1.0 if miro else self.typical_p,
             repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty, mirostat_tau=self.mirostat_target or 5.0,
-            mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs)
+            mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens)

@@ -6,7 +6,8 @@ are neutral values (top_k = 0 meaning the whole vocabulary, top_p = 1, penalties
 Order of transforms (docs/ARCHITECTURE.md repeats it):
   0. logprobs for the response: log-softmax of the raw logits (before anything below), chosen token and, when some
      slot asks for alternatives, the top 20;
-  1. logit_bias (ignore_eos is a -inf bias on the EOS ids);
+  1. logit_bias (ignore_eos is a -inf bias on the EOS ids), and while a slot has drawn fewer than its min_tokens,
+     -inf on its ending tokens (EOS and stop_token_ids);
   2. repetition_penalty over prompt and output tokens (positive logits / r, negative * r);
   3. frequency and presence penalties over output tokens: `z -= f * count + p * (count > 0)`;
   4. temperature 0 -> greedy argmax of the penalised logits; else z / temperature;
@@ -41,6 +42,7 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 
 CANDIDATES = 64
+MAX_ENDS = 16  # ending tokens a slot's min_tokens holds back: the model's EOS ids and a request's stop_token_ids
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
 
@@ -63,6 +65,8 @@ class SamplerParams:
     mirostat: jax.Array  # bool
     top_logprobs: jax.Array  # int32: alternatives wanted (0: skip the top-20 search when no slot wants them)
     bias: jax.Array  # [B, V] additive logit bias (-inf for suppressed EOS)
+    min_tokens: jax.Array  # int32: draws before an ending token may be drawn
+    ends: jax.Array  # [B, MAX_ENDS] int32: the slot's ending tokens (EOS, stop_token_ids), padded past the vocabulary
 
 
 @jax.tree_util.register_dataclass
@@ -96,7 +100,8 @@ def neutral_params(batch: int, vocab: int) -> dict:
         repetition_penalty=np.ones(batch, np.float32), frequency_penalty=np.zeros(batch, np.float32),
         presence_penalty=np.zeros(batch, np.float32), mirostat_tau=np.full(batch, 5.0, np.float32),
         mirostat_eta=np.full(batch, 0.1, np.float32), mirostat=np.zeros(batch, bool),
-        top_logprobs=np.zeros(batch, np.int32), bias=np.zeros((batch, vocab), np.float32))
+        top_logprobs=np.zeros(batch, np.int32), bias=np.zeros((batch, vocab), np.float32),
+        min_tokens=np.zeros(batch, np.int32), ends=np.full((batch, MAX_ENDS), vocab, np.int32))
 
 
 def init_state(batch: int, vocab: int) -> SamplerState:
@@ -134,8 +139,11 @@ def seed_keys(seed: int, n: int) -> list[np.ndarray]:
 
 
 def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
-    """Steps 1-3: logit bias, repetition penalty (prompt + output), frequency/presence penalties (output)."""
-    z = logits + p.bias
+    """Steps 1-3: logit bias (and min_tokens' hold on the ending tokens), repetition penalty (prompt + output),
+    frequency/presence penalties (output)."""
+    early = jnp.where(s.step < p.min_tokens, NEG_INF, 0.0)[:, None]  # [B, 1]
+    rows = np.arange(logits.shape[0])[:, None]
+    z = (logits + p.bias).at[rows, p.ends].add(jnp.broadcast_to(early, p.ends.shape), mode="drop")  # padding: dropped
     seen = s.prompt_mask | (s.counts > 0)
     r = p.repetition_penalty[:, None]
     z = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)

@@ -104,6 +104,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "echo_last": (int, 0, None),
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
+    "min_tokens": (int, 0, None),
 }
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
@@ -205,7 +206,18 @@ def sampling(body: dict) -> SamplingParams:
         frequency_penalty=num["frequency_penalty"] or 0.0, presence_penalty=num["presence_penalty"] or 0.0,
         logit_bias=_logit_bias(body.get("logit_bias")), ignore_eos=_flag(body, "ignore_eos"),
         mirostat_target=num["mirostat_target"], mirostat_lr=num["mirostat_lr"] or 0.1, seed=num["seed"],
-        n=num["n"] or 1, stop=_stops(body.get("stop")))
+        n=num["n"] or 1, stop=_stops(body.get("stop")), min_tokens=num["min_tokens"] or 0,
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
+        include_stop_str_in_output=_flag(body, "include_stop_str_in_output"))
+
+
+def _token_ids(v: Any, name: str) -> list[int]:
+    """A list of token ids (non-negative integers; the engine checks them against the vocabulary)."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        raise bad(f"'{name}' must be a list of token ids (non-negative integers)", name)
+    return v
 
 
 def _unsupported(body: dict) -> None:

@@ -173,6 +173,30 @@ def test_frequency_presence_and_bias_match_formula():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_min_tokens_holds_back_a_rows_ending_tokens_until_it_has_drawn_that_many():
+    """vLLM's min_tokens, written out: while a row has drawn fewer than its min_tokens, its ending tokens (EOS and
+    stop_token_ids) are -inf; from then on, and in rows without it, the logits are untouched. A greedy draw of a
+    held row whose best token is an ending one takes the next best, and takes the ending token once released."""
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((3, V)) * 3).astype(np.float32)
+    logits[:, 7] = 50.0  # an ending token that would win every draw
+    ends = np.full((3, smp.MAX_ENDS), V, np.int32)
+    ends[:, :2] = [7, 9]
+    steps, mins = np.array([2, 5, 0]), np.array([5, 5, 0])
+    state = smp.init_state(3, V)
+    state = smp.SamplerState(state.counts, state.prompt_mask, state.mu, state.key, jnp.asarray(steps, jnp.int32))
+    p = params(3, min_tokens=mins, ends=ends, temperature=[0.0, 0.0, 0.0])
+    want = logits.copy()
+    for i in range(3):
+        if steps[i] < mins[i]:
+            want[i, [7, 9]] = -np.inf
+    np.testing.assert_array_equal(np.asarray(smp.penalize(jnp.asarray(logits), p, state)), want)
+    out, new = smp.sample(jnp.asarray(logits), p, state, jnp.ones(3, bool))
+    held_best = int(np.argmax(np.where(np.isin(np.arange(V), [7, 9]), -np.inf, logits[0])))
+    assert np.asarray(out.token).tolist() == [held_best, 7, 7]
+    assert np.asarray(new.step).tolist() == [3, 6, 1]
+
+
 def mirostat_reference(logits_seq, uniforms, tau, eta, temperature=1.0):
     """llama.cpp's mirostat v2, written out in numpy; the draw is the inverse CDF (vocabulary order) at the given
     uniform numbers."""

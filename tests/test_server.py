@@ -230,6 +230,40 @@ def test_stop_length_ignore_eos_and_seeds(api, client):
         assert client.chat.completions.create(seed=5, **kw).choices[0].message.content == a, k
 
 
+def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, client):
+    """vLLM's sampling extras through the `openai` client: min_tokens holds the end of sequence back (the greedy reply
+    goes on past where it ended, its start unchanged), under streaming and n > 1 too; stop_token_ids end a reply at a
+    token, which stays in it as vLLM keeps a non-special one; include_stop_str_in_output keeps the stop string."""
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    ask = lambda **extra: client.chat.completions.create(model=MODEL, messages=france, temperature=0, max_tokens=64,
+                                                         extra_body={"return_token_ids": True, **extra})
+    free = ask()
+    text, n = free.choices[0].message.content, free.usage.completion_tokens
+    assert free.choices[0].finish_reason == "stop" and n < 40
+    held = ask(min_tokens=n + 8)
+    assert held.usage.completion_tokens >= n + 8 and held.choices[0].message.content.startswith(text)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=france, temperature=0.7, seed=2, n=2,
+                                                 max_tokens=64, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"min_tokens": n + 8}))
+    assert chunks[-1].usage.completion_tokens >= 2 * (n + 8)
+    ids = held.choices[0].model_extra["token_ids"]
+    at = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])  # a token's first appearance past the third
+    cut = ask(stop_token_ids=[ids[at]])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].model_extra["token_ids"] == ids[:at + 1]
+    assert cut.choices[0].message.content == api.model.tokenizer.decode(ids[:at + 1], skip_special_tokens=True)
+    word = text.split()[2]
+    kept = ask(stop=[word], include_stop_str_in_output=True).choices[0]
+    assert kept.finish_reason == "stop" and kept.message.content == text[:text.index(word) + len(word)]
+    assert ask(stop=[word]).choices[0].message.content == text[:text.index(word)]
+    for extra, param in (({"min_tokens": 65}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+                         ({"stop_token_ids": [api.model.cfg.vocab_size]}, "stop_token_ids"),
+                         ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": list(range(40))},
+                                                                      "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(**extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
+
+
 def test_logit_bias_mirostat_and_every_setting_together(api, client):
     tid = api.model.tokenizer.encode(" banana")[0]
     r = client.completions.create(model=MODEL, prompt="I like", max_tokens=4, temperature=0.8, seed=1,
