@@ -124,6 +124,10 @@ class Engine:
         for t in params.logit_bias:
             if not 0 <= int(t) < vocab:
                 raise InvalidRequest(f"logit_bias key {t} is not a token id of this vocabulary", "logit_bias")
+        if params.allowed_token_ids is not None and not (
+                params.allowed_token_ids and all(0 <= t < vocab for t in params.allowed_token_ids)):
+            raise InvalidRequest(f"allowed_token_ids must be a non-empty list of token ids in [0, {vocab})",
+                                 "allowed_token_ids")
         if not all(0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be token ids of this vocabulary, in [0, {vocab})",
                                  "stop_token_ids")
@@ -421,11 +425,14 @@ class Engine:
             self.rode += len(self.riders)
 
     def _settings(self, req: Request) -> dict:
-        """A request's sampler row: its settings, logit bias (EOS suppressed for ignore_eos) and ending tokens (what
-        min_tokens holds back)."""
+        """A request's sampler row: its settings, logit bias (EOS suppressed for ignore_eos, every token but the
+        allowed_token_ids) and ending tokens (what min_tokens holds back)."""
         p = req.params
         vocab = self.model.cfg.vocab_size
         bias = np.zeros(vocab, np.float32)
+        if p.allowed_token_ids is not None:
+            bias[:] = -np.inf
+            bias[np.asarray(p.allowed_token_ids, np.int64)] = 0.0
         for t, b in p.logit_bias.items():
             bias[int(t)] += b
         if p.ignore_eos:

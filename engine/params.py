@@ -55,6 +55,7 @@ class SamplingParams:
     min_tokens: int = 0  # tokens drawn before EOS or a stop token may be (stop strings wait as long)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a choice, as EOS does
     include_stop_str_in_output: bool = False  # the stop string that ended a choice stays in its text
+    allowed_token_ids: list[int] | None = None  # the only tokens a choice may draw (None: any)
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""

@@ -208,7 +208,9 @@ def sampling(body: dict) -> SamplingParams:
         mirostat_target=num["mirostat_target"], mirostat_lr=num["mirostat_lr"] or 0.1, seed=num["seed"],
         n=num["n"] or 1, stop=_stops(body.get("stop")), min_tokens=num["min_tokens"] or 0,
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
-        include_stop_str_in_output=_flag(body, "include_stop_str_in_output"))
+        include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
+        allowed_token_ids=None if body.get("allowed_token_ids") is None else _token_ids(body["allowed_token_ids"],
+                                                                                        "allowed_token_ids"))
 
 
 def _token_ids(v: Any, name: str) -> list[int]:

@@ -233,7 +233,8 @@ def test_stop_length_ignore_eos_and_seeds(api, client):
 def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, client):
     """vLLM's sampling extras through the `openai` client: min_tokens holds the end of sequence back (the greedy reply
     goes on past where it ended, its start unchanged), under streaming and n > 1 too; stop_token_ids end a reply at a
-    token, which stays in it as vLLM keeps a non-special one; include_stop_str_in_output keeps the stop string."""
+    token, which stays in it as vLLM keeps a non-special one; include_stop_str_in_output keeps the stop string;
+    allowed_token_ids are the only tokens drawn."""
     france = [{"role": "user", "content": "What is the capital of France?"}]
     ask = lambda **extra: client.chat.completions.create(model=MODEL, messages=france, temperature=0, max_tokens=64,
                                                          extra_body={"return_token_ids": True, **extra})
@@ -255,7 +256,11 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     kept = ask(stop=[word], include_stop_str_in_output=True).choices[0]
     assert kept.finish_reason == "stop" and kept.message.content == text[:text.index(word) + len(word)]
     assert ask(stop=[word]).choices[0].message.content == text[:text.index(word)]
+    allowed = ask(allowed_token_ids=ids[:2], max_tokens=6)  # vLLM's allowed_token_ids: nothing else is drawn
+    assert set(allowed.choices[0].model_extra["token_ids"]) <= set(ids[:2])
+    assert allowed.usage.completion_tokens == 6  # no end of sequence among them
     for extra, param in (({"min_tokens": 65}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+                         ({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"stop_token_ids": [api.model.cfg.vocab_size]}, "stop_token_ids"),
                          ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": list(range(40))},
                                                                       "stop_token_ids")):
