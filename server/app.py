@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -99,6 +100,7 @@ class Server:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.page)
         app.router.add_static("/static", STATIC, show_index=False)
@@ -305,6 +307,10 @@ class Server:
     async def page(self, request: web.Request) -> web.FileResponse:
         """GET /: the chat page (`server/static/`: plain HTML, CSS and JavaScript against this API)."""
         return web.FileResponse(os.path.join(STATIC, "index.html"))
+
+    async def version(self, request: web.Request) -> web.Response:
+        """GET /version: the installed sparkler's version (vLLM's route)."""
+        return web.json_response({"version": importlib.metadata.version("sparkler")})
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: liveness plus slot and page occupancy and counters; 503 while draining."""

@@ -2,6 +2,7 @@
 
 import asyncio
 import gzip
+import importlib.metadata
 import json
 import time
 import urllib.request
@@ -46,6 +47,7 @@ def test_models_health_metrics_and_tokenize(api, client):
         client.models.retrieve("gpt-4")
     status, body, _ = http(api, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["slots"] == 32
+    assert http(api, "GET", "/version")[1] == {"version": importlib.metadata.version("sparkler")}
     status, text, _ = http(api, "GET", "/metrics")
     assert status == 200 and "sparkler_free_slots 32.0" in text and "sparkler_generated_tokens_total" in text
     for name in ("kv_pages_total", "kv_pages_free", "kv_pages_cached", "prefix_cache_hit_rate", "preemptions"):
