@@ -9,8 +9,8 @@ class Detok:
     spacing of one whole decode, and text that ends in an unfinished UTF-8 character waits for the tokens that
     finish it."""
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []  # the tokens from the current window's start (the last text's first token) on
         self.read = 0  # where the tokens whose text is not out yet begin, in `ids`
 
@@ -32,8 +32,8 @@ class Detok:
         anywhere: how many a stray byte decodes to depends on the bytes beside it in the window, so such text goes
         token by token."""
         decode = self.tok.decode
-        before = decode(self.ids[:self.read], skip_special_tokens=True)
-        after = decode(self.ids + tokens, skip_special_tokens=True)
+        before = decode(self.ids[:self.read], skip_special_tokens=self.skip)
+        after = decode(self.ids + tokens, skip_special_tokens=self.skip)
         if whole and "\ufffd" in after:
             return None
         if len(after) > len(before) and not after.endswith("\ufffd"):

@@ -405,7 +405,7 @@ class Engine:
                 rows[choice.slot] = settings, self.runner.fresh_row(settings, req.prompt_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
-                choice.detok = Detok(self.tok) if self.tok is not None else None
+                choice.detok = Detok(self.tok, req.params.skip_special_tokens) if self.tok is not None else None
                 sched.running[choice.slot] = (req, choice)
                 new_rows[choice.slot] = first.slot
         sched.admitting = []

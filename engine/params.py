@@ -51,7 +51,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False  # also return the prompt's logprobs
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool = True  # special tokens' text (EOS aside) left out of the reply
     min_tokens: int = 0  # tokens drawn before EOS or a stop token may be (stop strings wait as long)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a choice, as EOS does
     include_stop_str_in_output: bool = False  # the stop string that ended a choice stays in its text

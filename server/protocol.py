@@ -209,6 +209,7 @@ def sampling(body: dict) -> SamplingParams:
         n=num["n"] or 1, stop=_stops(body.get("stop")), min_tokens=num["min_tokens"] or 0,
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
+        skip_special_tokens=body.get("skip_special_tokens") is None or _flag(body, "skip_special_tokens"),
         allowed_token_ids=None if body.get("allowed_token_ids") is None else _token_ids(body["allowed_token_ids"],
                                                                                         "allowed_token_ids"))
 

@@ -236,7 +236,7 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     """vLLM's sampling extras through the `openai` client: min_tokens holds the end of sequence back (the greedy reply
     goes on past where it ended, its start unchanged), under streaming and n > 1 too; stop_token_ids end a reply at a
     token, which stays in it as vLLM keeps a non-special one; include_stop_str_in_output keeps the stop string;
-    allowed_token_ids are the only tokens drawn."""
+    allowed_token_ids are the only tokens drawn; skip_special_tokens false keeps special tokens' text."""
     france = [{"role": "user", "content": "What is the capital of France?"}]
     ask = lambda **extra: client.chat.completions.create(model=MODEL, messages=france, temperature=0, max_tokens=64,
                                                          extra_body={"return_token_ids": True, **extra})
@@ -261,6 +261,11 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     allowed = ask(allowed_token_ids=ids[:2], max_tokens=6)  # vLLM's allowed_token_ids: nothing else is drawn
     assert set(allowed.choices[0].model_extra["token_ids"]) <= set(ids[:2])
     assert allowed.usage.completion_tokens == 6  # no end of sequence among them
+    start = api.model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # a special token, not an end of sequence
+    for skip in (True, False):  # skip_special_tokens: whether the reply's text leaves it out
+        r = ask(allowed_token_ids=[start], max_tokens=3, skip_special_tokens=skip)
+        assert r.choices[0].model_extra["token_ids"] == [start] * 3
+        assert r.choices[0].message.content == ("" if skip else "<|im_start|>" * 3)
     for extra, param in (({"min_tokens": 65}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
                          ({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"stop_token_ids": [api.model.cfg.vocab_size]}, "stop_token_ids"),
