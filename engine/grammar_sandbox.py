@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -101,6 +102,7 @@ def _serve() -> None:
         llguidance.numpy.fill_next_token_bitmask(m, llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size), 0)
         return f"no text matches it ({m.get_error().splitlines()[0]})" if m.is_error() else None
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; the child ends with its stdin
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")  # replies only: native code writing to fd 1 goes to stderr
     os.dup2(2, 1)
     hello = json.loads(sys.stdin.readline())

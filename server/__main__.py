@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 import time
 
@@ -28,6 +29,9 @@ from server import reasoning
 from server.app import Server
 
 log = logging.getLogger("sparkler.server")
+KEEPALIVE = 75.0  # seconds an idle connection stays open (nginx's keepalive_timeout)
+SHUTDOWN_GRACE = 3.0  # seconds a handler still running after the drain gets before it is cancelled
+OPEN_FILES = 65536  # the soft limit on open files raised towards this (each connection is one)
 
 
 def origins(text: str) -> tuple[str, ...]:
@@ -203,6 +207,15 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         tune_kernels=args.tune_kernels)
 
 
+def raise_open_files() -> None:
+    """Raise the soft limit on open files to the hard one (at most `OPEN_FILES`), as vLLM does: a connection is a
+    file, and at systemd's default of 1,024 a thousand idle clients would lock everyone else out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv, prog)
@@ -210,6 +223,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
+    raise_open_files()
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))  # before JAX's GPU
     group = args.num_processes > 1  # client starts (at the first device query)
     if group:
@@ -286,7 +300,10 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
     """Listen on host:port (0 picks a free port), log one ready line with the bound address, and serve until SIGTERM
     or SIGINT; then drain: refuse new requests (503), let those in flight finish for up to `drain_timeout` seconds,
     end the rest with finish_reason "error", and return. A second signal exits at once."""
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    # Idle connections close after 75 s (nginx's keep-alive), a silent new one too; a handler still running once the
+    # drain is over (a body that stopped arriving) is cancelled after SHUTDOWN_GRACE seconds.
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE,
+                           shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     bound = runner.addresses[0]
@@ -313,7 +330,7 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
             log.warning("sparkler: drain timeout; ending %d requests with an error", server.active)
             server.aengine.fail_everything()
             end = time.monotonic() + 10
-            while server.active and time.monotonic() < end:
+            while server.active > server.parsing and time.monotonic() < end:  # admitted calls' error events
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()

@@ -15,7 +15,10 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -43,6 +46,8 @@ from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_ent
 
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
+STALL_TIMEOUT = 30.0  # seconds a streaming client may take none of what is written before its stream is cut
+BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive (less under --request-timeout)
 PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the tokenizer, which lets go of the GIL, or
 #                     on the grammar sandbox's child)
 
@@ -52,6 +57,10 @@ PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the token
 DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the chat page's files
+
+
+class Stalled(Exception):
+    """A streaming client took none of a write for `Server.stall_timeout` seconds."""
 
 
 def busy(e: Busy) -> ApiError:
@@ -73,6 +82,7 @@ class Server:
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
         self.active = 0  # completion requests being answered
         self.parsing = 0  # of those, the ones not admitted yet: their bodies being read, decoded and parsed
+        self.stall_timeout = STALL_TIMEOUT
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
@@ -147,11 +157,13 @@ class Server:
             return web.json_response(shape(err), status=500)
 
     async def _body(self, request: web.Request):
+        now = asyncio.get_running_loop().time()
+        limit = min(BODY_TIMEOUT, (DEADLINE.get() or math.inf) - now)  # --request-timeout counts from the arrival
         try:
-            async with asyncio.timeout_at(DEADLINE.get()):
+            async with asyncio.timeout(limit):
                 raw = await request.read()
         except TimeoutError:  # a client that stalls while sending its body
-            raise ApiError(408, f"the request body did not arrive within {self.request_timeout} s",
+            raise ApiError(408, f"the request body did not arrive within {limit:.3g} s",
                            code="request_timeout") from None
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
@@ -332,7 +344,7 @@ class Server:
             job = await self.parse(body, kind)
             parts, events = self.admit(job, call, "chatcmpl-" if kind == "chat" else "cmpl-")
             if job.stream:
-                return await self._stream(request, job, parts, call.rid, events, call.took)
+                return await self._stream(request, job, parts, call, events)
             await self.collect(events, call)
             return self._respond(job, parts, call.rid, call.took)
         return await self.serve(request, answer)
@@ -349,9 +361,7 @@ class Server:
                                 else asyncio.get_running_loop().time() + self.request_timeout)
         try:
             if self.draining:
-                raise ApiError(503, "the server is shutting down; retry on another instance",
-                               type_="service_unavailable",
-                               code="shutting_down", headers={"Retry-After": "5"})
+                raise self.shutting_down()
             if self.parsing >= self.max_queued + self.engine.runner.slots:
                 raise ApiError(429, f"the server is busy ({self.parsing} requests being read and parsed); retry "
                                     "shortly", type_="rate_limit_error", code="too_many_requests",
@@ -361,7 +371,7 @@ class Server:
             body = await self._body(request)
             self._check_model(body)
             resp = await answer(body, call)
-            status = resp.status
+            status = 408 if call.cut else resp.status
             return resp
         except ApiError as e:
             status = e.status
@@ -433,10 +443,10 @@ class Server:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
         async def send(evs: list[dict]) -> None:
-            if data := b"".join(face.encode(ev) for ev in evs):
-                await resp.write(data)
+            await self.write(resp, b"".join(face.encode(ev) for ev in evs))
 
-        async with contextlib.aclosing(events) as events:
+        async with (contextlib.aclosing(events) as events,
+                    self.streaming(request, resp, call, lambda e: send(face.failed(e)))):
             try:
                 await resp.prepare(request)
                 await send(face.opening())
@@ -457,24 +467,72 @@ class Server:
                 await send(face.closing())
             except ApiError as e:
                 await send(face.failed(e))
-            except StreamOverflow:
-                log.warning("%s: the client stopped reading; the stream was cut and its request aborted", call.rid)
-                resp.force_close()
-            except (ConnectionResetError, ConnectionError):
-                log.info("client went away during %s; its request was aborted", call.rid)
+            except (Stalled, StreamOverflow, ConnectionError):
+                raise  # `streaming`'s
             except Exception:  # the stream has started: end it with an error event, not a second response
                 log.exception("unexpected error while streaming %s", call.rid)
                 await send(face.failed(ApiError(500, "internal server error", type_="server_error",
                                                 code="internal_error")))
         return resp
 
-    @staticmethod
-    def failed(reqs: list[Request]) -> ApiError:
+    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
+        """Write to a started stream: `Stalled` if the client takes none of it within `stall_timeout` seconds
+        (aiohttp waits for the socket to drain once its buffer is full)."""
+        if not data:
+            return
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                await resp.write(data)
+        except TimeoutError:
+            raise Stalled from None
+
+    @contextlib.asynccontextmanager
+    async def streaming(self, request: web.Request, resp: web.StreamResponse, call: "Call", fail):
+        """Around a started stream: a client that fell more than `max_buffer` events behind (`StreamOverflow`)
+        gets the error event `fail(error)` writes and the end of the stream; one that took nothing for
+        `stall_timeout` seconds (`Stalled`) has its connection aborted, so it cannot mistake the cut for an end;
+        one that went away is logged. Either way the caller's closing of its events aborts its requests, and the
+        call is accounted as 408."""
+        try:
+            try:
+                yield
+            except StreamOverflow:
+                log.warning("%s: the client fell more than %d events behind; the stream was cut and its requests "
+                            "aborted", call.rid, self.aengine.max_buffer)
+                call.cut = True
+                await fail(ApiError(408, f"the client fell more than {self.aengine.max_buffer} events behind; the "
+                                         "stream was cut", type_="timeout_error", code="client_too_slow"))
+                resp.force_close()
+        except asyncio.CancelledError:  # the client went away, or shutdown cut the handler: never wait on its socket
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        except Stalled:
+            log.warning("%s: the client took nothing for %g s; its connection was closed and its requests aborted",
+                        call.rid, self.stall_timeout)
+            call.cut = True
+            if (transport := request.transport) is not None:
+                if (sock := transport.get_extra_info("socket")) is not None:  # a reset, the unsent bytes dropped
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+        except ConnectionError:
+            log.info("client went away during %s; its requests were aborted", call.rid)
+
+    def failed(self, reqs: list[Request]) -> ApiError:
         """The error of a request a choice of which ended with finish_reason "error": a 400 saying how its grammar
-        failed, or else the 500 of an engine step that raised."""
+        failed; else, while draining, the 503 of a request the drain timeout ended; else the 500 of an engine step
+        that raised."""
         if why := next((c.error for r in reqs for c in r.choices if c.error), None):
             return ApiError(400, why, code="grammar_failed")
+        if self.draining:
+            return self.shutting_down()
         return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
+
+    @staticmethod
+    def shutting_down() -> ApiError:
+        """The 503 of a request refused, or ended, because the server is shutting down."""
+        return ApiError(503, "the server is shutting down; retry on another instance", type_="service_unavailable",
+                        code="shutting_down", headers={"Retry-After": "5"})
 
     def timed_out(self) -> ApiError:
         """The 504 of a request cut by --request-timeout."""
@@ -561,14 +619,15 @@ class Server:
 
     # ---- streaming --------------------------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, job: Job, parts: list[tuple[int, Request]], rid: str, events,
-                      took: "Took") -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: Job, parts: list[tuple[int, Request]], call: "Call",
+                      events) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **self.options_header})
         created = int(time.time())
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
         offsets: dict[int, int] = {}
         turns: dict[int, Turn] = {}
+        rid, took = call.rid, call.took
         base = {"id": rid, "object": obj, "created": created, "model": self.name}
         head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
         tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
@@ -579,55 +638,48 @@ class Server:
             return head + json.dumps(choices).encode() + tail
 
         async def send(choices: list[dict], **extra) -> None:
-            await resp.write(chunk(choices, **extra))
+            await self.write(resp, chunk(choices, **extra))
 
         async def fail(err: ApiError) -> None:
-            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            await self.write(resp, b"data: " + json.dumps(err.body()).encode() + b"\n\n")
 
-        async with contextlib.aclosing(events) as events:
+        async with contextlib.aclosing(events) as events, self.streaming(request, resp, call, fail):
+            await resp.prepare(request)
+            reqs = [r for _, r in parts]
+            for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
+                for c in req.choices:
+                    text, entries = self._echo(job, pi, req)
+                    index = pi * job.params.n + c.index
+                    if job.kind == "chat" or text:
+                        await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
             try:
-                await resp.prepare(request)
-                reqs = [r for _, r in parts]
-                for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
-                    for c in req.choices:
-                        text, entries = self._echo(job, pi, req)
-                        index = pi * job.params.n + c.index
-                        if job.kind == "chat" or text:
-                            await send([self._chunk_choice(job, index, text, entries, None, offsets, first=True)])
-                try:
-                    async with asyncio.timeout_at(DEADLINE.get()):
-                        async for batch in events:  # one chunk per event, one write per batch
-                            out, failed = [], False
-                            for i, deltas in batch:
-                                took.saw(i, deltas, self.prom)
-                                pi, req = parts[i]
-                                if any(d.finish_reason == "error" for d in deltas):
-                                    failed = True
-                                    break
-                                out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
-                            if out:
-                                await resp.write(b"".join(out))
-                            if failed:
-                                await fail(self.failed(reqs))
+                async with asyncio.timeout_at(DEADLINE.get()):
+                    async for batch in events:  # one chunk per event, one write per batch
+                        out, failed = [], False
+                        for i, deltas in batch:
+                            took.saw(i, deltas, self.prom)
+                            pi, req = parts[i]
+                            if any(d.finish_reason == "error" for d in deltas):
+                                failed = True
                                 break
-                        else:
-                            used, extra = self._usage(job, reqs), {}
-                            if job.include_usage:
-                                extra["usage"] = used
-                            if job.perf_metrics:
-                                extra["perf_metrics"] = perf_metrics(used, took, job)
-                            if job.return_token_ids:
-                                extra["prompt_token_ids"] = prompt_token_ids(reqs)
-                            if extra:
-                                await send([], **extra)
-                except TimeoutError:
-                    await fail(self.timed_out())
-                await resp.write(b"data: [DONE]\n\n")
-            except StreamOverflow:
-                log.warning("%s: the client stopped reading; the stream was cut and its requests aborted", rid)
-                resp.force_close()
-            except (ConnectionResetError, ConnectionError):
-                log.info("client went away during %s; its requests were aborted", rid)
+                            out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
+                        await self.write(resp, b"".join(out))
+                        if failed:
+                            await fail(self.failed(reqs))
+                            break
+                    else:
+                        used, extra = self._usage(job, reqs), {}
+                        if job.include_usage:
+                            extra["usage"] = used
+                        if job.perf_metrics:
+                            extra["perf_metrics"] = perf_metrics(used, took, job)
+                        if job.return_token_ids:
+                            extra["prompt_token_ids"] = prompt_token_ids(reqs)
+                        if extra:
+                            await send([], **extra)
+            except TimeoutError:
+                await fail(self.timed_out())
+            await self.write(resp, b"data: [DONE]\n\n")
         return resp
 
     def _delta_choice(self, job: Job, pi: int, req: Request, d: Delta, offsets: dict, turns: dict) -> dict:
@@ -679,6 +731,7 @@ class Call:
     reqs: list[Request] = dataclasses.field(default_factory=list)
     took: "Took" = dataclasses.field(default_factory=lambda: Took())
     parsing: bool = False  # counted in `Server.parsing`
+    cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
 
 
 class Took:

@@ -3,6 +3,7 @@ on SIGTERM, and property-based fuzzing of both completion routes."""
 
 import json
 import os
+import resource
 import signal
 import socket
 import threading
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import live_server
 from engine.engine import PHASES
+from server.app import STALL_TIMEOUT
 from server.child import spawn
 from test_server import HELLO, MODEL, http, metric
 
@@ -221,6 +223,85 @@ def test_a_slow_reader_does_not_hold_up_a_fast_stream(small_api):
     assert wait_idle(small_api, 120)["free_slots"] == 2
 
 
+def test_a_client_that_takes_nothing_is_cut_after_the_stall_timeout_and_one_behind_is_told(small_api):
+    """A streaming client that stops reading altogether never comes back for the events it is behind, so
+    `max_buffer` alone would never cut it: the server's writes block. After `stall_timeout` seconds of that its
+    connection is reset (not a clean end it could mistake for a whole reply) and the call is marked cut (accounted
+    as 408); before, the handler and connection stayed forever and held up shutdown by minutes. A client that fell
+    `max_buffer` events behind (`StreamOverflow`) gets an error event before the end, where it used to get a clean
+    end that the SDKs took for a whole reply. The streams are `Server.write` inside `Server.streaming`, as every
+    API's stream is, on real sockets: 64 MiB to a client that never reads (more than the kernel's buffers hold,
+    which a model's reply here is not), and a stream that overflows after its first event."""
+    import asyncio
+
+    from aiohttp import web
+
+    from engine.llm import StreamOverflow
+    from server.app import Call
+
+    srv, calls = small_api.server, {}
+
+    async def flood(request):
+        resp, call = web.StreamResponse(), Call(rid="flood")
+        calls["flood"] = call
+        async with srv.streaming(request, resp, call, fail=None):
+            await resp.prepare(request)
+            for _ in range(64):
+                await srv.write(resp, b"x" * (1 << 20))
+        return resp
+
+    async def behind(request):
+        resp, call = web.StreamResponse(), Call(rid="behind")
+        calls["behind"] = call
+
+        async def fail(e):
+            await srv.write(resp, b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+
+        async with srv.streaming(request, resp, call, fail):
+            await resp.prepare(request)
+            await srv.write(resp, b"data: {}\n\n")
+            raise StreamOverflow("as AsyncEngine raises it")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/flood", flood)
+    app.router.add_get("/behind", behind)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = web.AppRunner(app)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner.addresses[0][1]
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    stalled.connect(("127.0.0.1", port))
+    stalled.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+    srv.stall_timeout = 1.0
+    try:
+        deadline = time.time() + 60
+        while not ("flood" in calls and calls["flood"].cut) and time.time() < deadline:
+            time.sleep(0.1)
+        assert calls["flood"].cut
+        stalled.settimeout(10)
+        got = 0
+        with pytest.raises(ConnectionResetError):  # what the buffers held, then the reset
+            while chunk := stalled.recv(1 << 20):
+                got += len(chunk)
+        assert got < 64 << 20
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/behind", timeout=30) as r:
+            events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "client_too_slow" and calls["behind"].cut
+    finally:
+        srv.stall_timeout = STALL_TIMEOUT
+        stalled.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(small_api, smollm):
     """The loopback socket buffers megabytes, so the cut is shown on the stream itself: a consumer that stops
     reading while 48 tokens are made (counted, not timed: a shape may compile meanwhile; an event is a dispatch's 4
@@ -311,6 +392,54 @@ def test_sigterm_drains_streams_in_flight_and_exits_0():
         assert got == [48, 48]
         assert proc.wait(120) == 0, "".join(lines)
         assert not alive(sandbox[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_drain_timeout_ends_what_is_left_as_a_shutdown_and_a_stalled_upload_does_not_hold_the_exit():
+    """Past --drain-timeout, requests still running get the 503 `shutting_down` that new ones get (they used to get
+    a 500 "engine failed"), whole or as a stream's error event; a client that sent half a body and stalled does not
+    hold the exit (it used to add 70-90 s); and the server raised its open-files limit at start."""
+    child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
+                  "--warmup", "none", "--drain-timeout", "2", timeout=240)
+    proc = child.proc
+    try:
+        with open(f"/proc/{proc.pid}/limits") as f:
+            soft = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        assert soft == "unlimited" or int(soft) >= min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)
+        client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        got, started = {}, threading.Event()
+
+        def whole():
+            try:
+                client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=480,
+                                               extra_body={"ignore_eos": True})
+            except openai.APIStatusError as e:
+                got["whole"] = (e.status_code, e.body["code"])
+
+        def stream():
+            try:
+                for _ in client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=480, stream=True,
+                                                        extra_body={"ignore_eos": True}):
+                    started.set()
+            except openai.APIError as e:
+                got["stream"] = e.body["code"]
+
+        threads = [threading.Thread(target=whole), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        assert started.wait(120)
+        upload = socket.create_connection(("127.0.0.1", int(child.url.rsplit(":", 1)[1])))
+        upload.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert got == {"whole": (503, "shutting_down"), "stream": "shutting_down"}
+        assert proc.wait(60) == 0 and time.time() - t0 < 2 + 10 + 8  # drain, error events, the grace, slack
+        upload.close()
     finally:
         if proc.poll() is None:
             proc.kill()
