@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -207,6 +208,28 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         tune_kernels=args.tune_kernels)
 
 
+class Throttled(logging.Filter):
+    """Lets a log message that starts with `prefix` through once per `every` seconds. Out of file descriptors,
+    asyncio logs every failed accept with its traceback: 325 MB in 100 s, with the event loop busy writing it."""
+
+    def __init__(self, prefix: str, every: float = 10.0):
+        super().__init__()
+        self.prefix, self.every, self.last = prefix, every, -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to log the record."""
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+
+ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message (selector_events)
+
+
 def raise_open_files() -> None:
     """Raise the soft limit on open files to the hard one (at most `OPEN_FILES`), as vLLM does: a connection is a
     file, and at systemd's default of 1,024 a thousand idle clients would lock everyone else out."""
@@ -224,6 +247,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
     logging.getLogger("sparkler").setLevel(logging.INFO)
     raise_open_files()
+    logging.getLogger("asyncio").addFilter(Throttled(ACCEPT_FAILED))
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))  # before JAX's GPU
     group = args.num_processes > 1  # client starts (at the first device query)
     if group:
@@ -330,7 +354,7 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
             log.warning("sparkler: drain timeout; ending %d requests with an error", server.active)
             server.aengine.fail_everything()
             end = time.monotonic() + 10
-            while server.active > server.parsing and time.monotonic() < end:  # admitted calls' error events
+            while server.active > server.unadmitted and time.monotonic() < end:  # admitted calls' error events
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()

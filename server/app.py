@@ -46,7 +46,7 @@ from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_ent
 
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
-STALL_TIMEOUT = 30.0  # seconds a streaming client may take none of what is written before its stream is cut
+STALL_TIMEOUT = 30.0  # seconds a write to a stream may wait for its client before the stream is cut
 BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive (less under --request-timeout)
 PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the tokenizer, which lets go of the GIL, or
 #                     on the grammar sandbox's child)
@@ -60,7 +60,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # t
 
 
 class Stalled(Exception):
-    """A streaming client took none of a write for `Server.stall_timeout` seconds."""
+    """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
 def busy(e: Busy) -> ApiError:
@@ -81,7 +81,7 @@ class Server:
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
         self.active = 0  # completion requests being answered
-        self.parsing = 0  # of those, the ones not admitted yet: their bodies being read, decoded and parsed
+        self.stages = {"reading": 0, "parsing": 0}  # of those, the ones not admitted yet: bodies arriving, parsing
         self.stall_timeout = STALL_TIMEOUT
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
@@ -350,10 +350,11 @@ class Server:
         return await self.serve(request, answer)
 
     async def serve(self, request: web.Request, answer) -> web.StreamResponse:
-        """One API call with its accounting: 503 while draining, 429 when more calls are being parsed than could
-        be seated or queued (before their bodies are read), the JSON body and its model checked, then
-        `answer(body, call)` parses, `admit`s and writes the reply (each API's own shapes), all by the call's
-        deadline (`--request-timeout` from now)."""
+        """One API call with its accounting: 503 while draining; the JSON body read, then 429 when more calls wait
+        to be parsed than could be seated or queued (bodies still arriving do not count: a crowd of stalled uploads
+        must not lock others out; they end at the body timeout); the model checked, then `answer(body, call)`
+        parses, `admit`s and writes the reply (each API's own shapes), all by the call's deadline
+        (`--request-timeout` from now)."""
         call = Call()
         status = 500
         self.active += 1
@@ -362,13 +363,12 @@ class Server:
         try:
             if self.draining:
                 raise self.shutting_down()
-            if self.parsing >= self.max_queued + self.engine.runner.slots:
-                raise ApiError(429, f"the server is busy ({self.parsing} requests being read and parsed); retry "
-                                    "shortly", type_="rate_limit_error", code="too_many_requests",
-                               headers={"Retry-After": "1"})
-            self.parsing += 1
-            call.parsing = True
+            self._stage(call, "reading")
             body = await self._body(request)
+            if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
+                raise ApiError(429, f"the server is busy ({parsing} requests being parsed); retry shortly",
+                               type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+            self._stage(call, "parsing")
             self._check_model(body)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
@@ -381,20 +381,29 @@ class Server:
             raise
         finally:
             self.active -= 1
-            self._parsed(call)
+            self._stage(call, None)
             DEADLINE.reset(deadline)
             self._account(request.path, status, call.rid, call.reqs, call.took)
 
-    def _parsed(self, call: "Call") -> None:
-        if call.parsing:
-            self.parsing -= 1
-            call.parsing = False
+    def _stage(self, call: "Call", stage: str | None) -> None:
+        """Move a call to `stage` ("reading" its body, "parsing" it, or None: admitted or ended), counted in
+        `stages`."""
+        if call.stage is not None:
+            self.stages[call.stage] -= 1
+        if stage is not None:
+            self.stages[stage] += 1
+        call.stage = stage
+
+    @property
+    def unadmitted(self) -> int:
+        """Calls still reading or parsing their bodies."""
+        return sum(self.stages.values())
 
     def admit(self, job: Job, call: "Call", prefix: str) -> tuple[list[tuple[int, Request]], Any]:
         """The job's engine requests under an id of `prefix` (its separator included), submitted (429 when the queue
         is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
-        self._parsed(call)
+        self._stage(call, None)
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid)
         seats = sum(len(r.choices) for _, r in parts)
@@ -476,8 +485,9 @@ class Server:
         return resp
 
     async def write(self, resp: web.StreamResponse, data: bytes) -> None:
-        """Write to a started stream: `Stalled` if the client takes none of it within `stall_timeout` seconds
-        (aiohttp waits for the socket to drain once its buffer is full)."""
+        """Write to a started stream: `Stalled` if the client has not taken it within `stall_timeout` seconds
+        (aiohttp waits for the socket to drain once its buffer is full: a client that stopped reading, or one so
+        slow that megabytes wait for it)."""
         if not data:
             return
         try:
@@ -508,12 +518,13 @@ class Server:
                 request.transport.abort()
             raise
         except Stalled:
-            log.warning("%s: the client took nothing for %g s; its connection was closed and its requests aborted",
-                        call.rid, self.stall_timeout)
+            log.warning("%s: a write waited %g s for the client to take it; the connection was reset and its "
+                        "requests aborted", call.rid, self.stall_timeout)
             call.cut = True
             if (transport := request.transport) is not None:
-                if (sock := transport.get_extra_info("socket")) is not None:  # a reset, the unsent bytes dropped
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                with contextlib.suppress(OSError, AttributeError):  # a reset, the unsent bytes dropped (if a socket)
+                    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                  struct.pack("ii", 1, 0))
                 transport.abort()
         except ConnectionError:
             log.info("client went away during %s; its requests were aborted", call.rid)
@@ -730,7 +741,7 @@ class Call:
     rid: str = "-"
     reqs: list[Request] = dataclasses.field(default_factory=list)
     took: "Took" = dataclasses.field(default_factory=lambda: Took())
-    parsing: bool = False  # counted in `Server.parsing`
+    stage: str | None = None  # counted in `Server.stages` while "reading" or "parsing"
     cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
 
 
