@@ -131,9 +131,10 @@ class Engine:
         if not all(0 <= t < vocab for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be token ids of this vocabulary, in [0, {vocab})",
                                  "stop_token_ids")
-        if len(ends := set(self.model.eos_ids) | set(params.stop_token_ids)) > MAX_ENDS:
-            raise InvalidRequest(f"stop_token_ids and this model's {len(self.model.eos_ids)} end-of-sequence ids "
-                                 f"make {len(ends)} ending tokens; at most {MAX_ENDS}", "stop_token_ids")
+        if params.min_tokens and len(ends := set(self.model.eos_ids) | set(params.stop_token_ids)) > MAX_ENDS:
+            raise InvalidRequest(f"with min_tokens, stop_token_ids and this model's {len(self.model.eos_ids)} "
+                                 f"end-of-sequence ids make {len(ends)} ending tokens; at most {MAX_ENDS}",
+                                 "stop_token_ids")
         if params.n > self.runner.per_shard:  # every choice of a request sits on one data shard
             where = " of a data shard" if self.runner.dp > 1 else ""
             raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots{where}", "n")

@@ -251,6 +251,7 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     assert chunks[-1].usage.completion_tokens >= 2 * (n + 8)
     ids = held.choices[0].model_extra["token_ids"]
     at = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])  # a token's first appearance past the third
+    assert ask(stop_token_ids=list(range(1000, 1040))).choices[0].finish_reason  # many: fine without min_tokens
     cut = ask(stop_token_ids=[ids[at]])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].model_extra["token_ids"] == ids[:at + 1]
     assert cut.choices[0].message.content == api.model.tokenizer.decode(ids[:at + 1], skip_special_tokens=True)
@@ -269,8 +270,8 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     for extra, param in (({"min_tokens": 65}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
                          ({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"stop_token_ids": [api.model.cfg.vocab_size]}, "stop_token_ids"),
-                         ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": list(range(40))},
-                                                                      "stop_token_ids")):
+                         ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": list(range(40)),
+                                                                       "min_tokens": 2}, "stop_token_ids")):
         with pytest.raises(openai.BadRequestError) as e:
             ask(**extra)
         assert e.value.body["param"] == param, (extra, e.value.body)
