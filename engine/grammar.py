@@ -94,15 +94,13 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
 
 
 def json_grammar(schema: Any, param: str) -> str:
-    """The grammar of JSON valid under `schema` (None: any object, as `any_object`), free values bounded."""
-    import llguidance
-
+    """`schema_grammar` of a request's schema (None: any object, as `any_object`), or a 400 naming `param`."""
     if schema is None:
         schema = any_object()
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(bounded(schema)), defaults=JSON_OPTIONS)
+        return schema_grammar(schema)
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"invalid JSON schema: {e}", param) from None
 

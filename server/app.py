@@ -63,9 +63,10 @@ class Stalled(Exception):
     """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
-def busy(e: Busy) -> ApiError:
-    """The 429 for a grammar that waited too long for the sandbox."""
-    return ApiError(429, f"{e}; retry shortly", type_="rate_limit_error", code="too_many_requests",
+def busy(why: str) -> ApiError:
+    """The 429 of a server too busy for one more call, saying why (the queue, the parse bound, the grammar
+    sandbox)."""
+    return ApiError(429, f"{why}; retry shortly", type_="rate_limit_error", code="too_many_requests",
                     headers={"Retry-After": "1"})
 
 
@@ -181,7 +182,7 @@ class Server:
             try:
                 return checked(protocol.parse(body, kind, self.model, self.thinks))
             except Busy as e:
-                raise busy(e) from None
+                raise busy(str(e)) from None
 
         def checked(job: Job) -> Job:
             if self.engine.tok is None:
@@ -366,8 +367,7 @@ class Server:
             self._stage(call, "reading")
             body = await self._body(request)
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
-                raise ApiError(429, f"the server is busy ({parsing} requests being parsed); retry shortly",
-                               type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+                raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
             self._check_model(body)
             resp = await answer(body, call)
@@ -409,8 +409,7 @@ class Server:
         seats = sum(len(r.choices) for _, r in parts)
         queued = self.backlog(seats)
         if queued is not None and queued >= self.max_queued:  # counted in choices: n x prompts of each waiting call
-            raise ApiError(429, f"the server is busy ({queued} sequences waiting for a slot); retry shortly",
-                           type_="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+            raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
         call.reqs = [r for _, r in parts]
         self.admitted.append(call.reqs)
         return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
@@ -499,8 +498,8 @@ class Server:
     @contextlib.asynccontextmanager
     async def streaming(self, request: web.Request, resp: web.StreamResponse, call: "Call", fail):
         """Around a started stream: a client that fell more than `max_buffer` events behind (`StreamOverflow`)
-        gets the error event `fail(error)` writes and the end of the stream; one that took nothing for
-        `stall_timeout` seconds (`Stalled`) has its connection aborted, so it cannot mistake the cut for an end;
+        gets the error event `fail(error)` writes and the end of the stream; one a write waited on for
+        `stall_timeout` seconds (`Stalled`) has its connection reset, so it cannot mistake the cut for an end;
         one that went away is logged. Either way the caller's closing of its events aborts its requests, and the
         call is accounted as 408."""
         try:
