@@ -79,6 +79,7 @@ class Engine:
         self.finished = 0  # requests ended so far
         self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
         self._grammars: Grammars | None = None
+        self._breakers: dict[tuple[str, ...], np.ndarray] = {}  # DRY's sequence breakers -> their tokens (`breakers`)
         self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
@@ -154,6 +155,8 @@ class Engine:
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
+        if p.dry_multiplier > 0:
+            self.breakers(tuple(p.dry_sequence_breakers))  # here, off the engine's thread: the first reads the vocab
         if grammar is not None and not grammar_checked:  # the server checks it off its event loop, then says so
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
@@ -161,6 +164,20 @@ class Engine:
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                        cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,
                        thinking=thinking, prediction=list(prediction) if prediction else None)
+
+    def breakers(self, strings: tuple[str, ...]) -> np.ndarray:
+        """DRY's sequence breakers as a vocabulary mask: the tokens whose own text holds one of `strings`, as
+        llama.cpp finds a breaker of one token (none without a tokenizer). Cached, a few sets."""
+        mask = self._breakers.get(strings)
+        if mask is None:
+            mask = np.zeros(self.model.cfg.vocab_size, bool)
+            if self.tok is not None:
+                texts = self.tok.token_texts[:len(mask)]
+                mask[:len(texts)] = [any(b in text for b in strings) for text in texts]
+            if len(self._breakers) >= 8:
+                self._breakers.clear()
+            self._breakers[strings] = mask
+        return mask
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
@@ -427,7 +444,7 @@ class Engine:
 
     def _settings(self, req: Request) -> dict:
         """A request's sampler row: its settings, logit bias (EOS suppressed for ignore_eos, every token but the
-        allowed_token_ids) and ending tokens (what min_tokens holds back)."""
+        allowed_token_ids), ending tokens (what min_tokens holds back) and, where DRY is on, its sequence breakers."""
         p = req.params
         vocab = self.model.cfg.vocab_size
         bias = np.zeros(vocab, np.float32)
@@ -442,7 +459,10 @@ class Engine:
         if p.min_tokens:
             held = sorted(set(self.model.eos_ids) | set(p.stop_token_ids))
             ends[:len(held)] = held
-        return {**p.sampler_row(), "bias": bias, "ends": ends}
+        row = {**p.sampler_row(), "bias": bias, "ends": ends}
+        if p.dry_multiplier > 0:
+            row["breakers"] = self.breakers(tuple(p.dry_sequence_breakers))
+        return row
 
     # ---- decode and preemption --------------------------------------------------------------------------------
 

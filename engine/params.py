@@ -8,6 +8,9 @@ import os
 
 DEFAULT_MAX_TOKENS = 2048
 MAX_CHOICES = 128  # the most choices (`n`) a request may ask for
+DRY_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's default sequence breakers
+MAX_BREAKERS = 64
+INT32_MAX = 2**31 - 1
 OPENAI_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0)
 
 
@@ -56,6 +59,14 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a choice, as EOS does
     include_stop_str_in_output: bool = False  # the stop string that ended a choice stays in its text
     allowed_token_ids: list[int] | None = None  # the only tokens a choice may draw (None: any)
+    dry_multiplier: float = 0.0  # llama.cpp's DRY (0: off), its base, allowed length, window and sequence breakers
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1: as far back as DRY looks (llama.cpp: the whole context); 0: off
+    dry_sequence_breakers: list[str] = dataclasses.field(default_factory=lambda: list(DRY_BREAKERS))
+    top_n_sigma: float = -1.0  # llama.cpp's top-nσ (<= 0: off)
+    xtc_probability: float = 0.0  # llama.cpp's XTC (0: off) and its threshold
+    xtc_threshold: float = 0.1
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""
@@ -95,15 +106,29 @@ class SamplingParams:
         check(self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
               f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})", "min_tokens")
+        check(self.dry_multiplier >= 0.0, "dry_multiplier must be >= 0", "dry_multiplier")
+        check(self.dry_base >= 1.0, "dry_base must be >= 1", "dry_base")
+        check(self.dry_allowed_length >= 0, "dry_allowed_length must be >= 0", "dry_allowed_length")
+        check(self.dry_penalty_last_n >= -1, "dry_penalty_last_n must be >= -1", "dry_penalty_last_n")
+        check(0 < len(self.dry_sequence_breakers) <= MAX_BREAKERS and all(self.dry_sequence_breakers),
+              f"dry_sequence_breakers must hold 1 to {MAX_BREAKERS} non-empty strings", "dry_sequence_breakers")
+        check(0.0 <= self.xtc_probability <= 1.0, "xtc_probability must be in [0, 1]", "xtc_probability")
+        check(0.0 <= self.xtc_threshold <= 1.0, "xtc_threshold must be in [0, 1]", "xtc_threshold")
 
     def sampler_row(self) -> dict:
-        """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation)."""
+        """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation, top-nσ
+        and XTC among them)."""
         miro = self.mirostat_target is not None
         return dict(
             temperature=self.temperature,
-            top_k=0 if miro else min(self.top_k, 2**31 - 1),  # past the vocabulary keeps every token, as int32's max
+            top_k=0 if miro else min(self.top_k, INT32_MAX),  # past the vocabulary keeps every token, as int32's max
             top_p=1.0 if miro else self.top_p, min_p=0.0 if miro else self.min_p,
             typical_p=1.0 if miro else self.typical_p,
             repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty, mirostat_tau=self.mirostat_target or 5.0,
-            mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens)
+            mirostat_eta=self.mirostat_lr, mirostat=miro, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens,
+            dry_multiplier=self.dry_multiplier if self.dry_penalty_last_n else 0.0, dry_base=self.dry_base,
+            dry_allowed_length=min(self.dry_allowed_length, INT32_MAX),
+            dry_last_n=min(self.dry_penalty_last_n, INT32_MAX),
+            top_n_sigma=-1.0 if miro else self.top_n_sigma, xtc_probability=0.0 if miro else self.xtc_probability,
+            xtc_threshold=self.xtc_threshold)

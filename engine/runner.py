@@ -861,12 +861,15 @@ class Runner:
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice
-        its target, its seed's key), on the host, for `install_rows`."""
-        prompt_row = np.zeros(self.model.cfg.vocab_size, bool)
+        its target, its seed's key, its prompt's last tokens for DRY), on the host, for `install_rows`."""
+        vocab = self.model.cfg.vocab_size
+        prompt_row = np.zeros(vocab, bool)
         prompt_row[np.asarray(prompt, np.int64)] = True
-        return smp.SamplerState(np.zeros(self.model.cfg.vocab_size, np.int32), prompt_row,
+        breakers = settings.get("breakers")
+        return smp.SamplerState(np.zeros(vocab, np.int32), prompt_row,
                                 np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
-                                np.asarray(seed_key, np.uint32), np.int32(0))
+                                np.asarray(seed_key, np.uint32), np.int32(0),
+                                smp.history_row(prompt, np.zeros(vocab, bool) if breakers is None else breakers))
 
     def save_row(self, row: int) -> smp.SamplerState:
         """The sampler state of one row, on the host (a preempted sequence takes it along)."""

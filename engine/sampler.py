@@ -10,9 +10,11 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
      -inf on its ending tokens (EOS and stop_token_ids);
   2. repetition_penalty over prompt and output tokens (positive logits / r, negative * r);
   3. frequency and presence penalties over output tokens: `z -= f * count + p * (count > 0)`;
+     then DRY, llama.cpp's repeated-sequence penalty over the last `DRY_WINDOW` tokens (prompt and output);
   4. temperature 0 -> greedy argmax of the penalised logits; else z / temperature;
-  5. truncation, as transformers chains its warpers: top_k, top_p, min_p, typical_p; each sees the distribution
-     left by the previous one (or mirostat v2 instead, when a slot enables it);
+  5. truncation: top-nσ (llama.cpp's), then as transformers chains its warpers: top_k, top_p, min_p, typical_p;
+     each sees the distribution left by the previous one (or mirostat v2 instead, when a slot enables it); then XTC
+     (llama.cpp's "exclude top choices"), with its own coin per draw;
   6. a draw by inverse CDF over the survivors, in vocabulary order, with one uniform number per slot: Threefry of
      its step counter under the slot's own key (blocked prefix sums, each one product with a triangular matrix: no
      sort, no noise over the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw
@@ -42,6 +44,9 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 
 CANDIDATES = 64
+DRY_WINDOW = 1024  # tokens DRY looks back over (llama.cpp's default, the whole context, is capped at this)
+DRY_BLOCK = 32  # positions of a repeat DRY compares per pass
+NO_TOKEN = -2  # a history position before the sequence began (a breaker is -1): neither equals a token
 MAX_ENDS = 16  # ending tokens a slot's min_tokens holds back: the model's EOS ids and a request's stop_token_ids
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
@@ -67,6 +72,14 @@ class SamplerParams:
     bias: jax.Array  # [B, V] additive logit bias (-inf for suppressed EOS)
     min_tokens: jax.Array  # int32: draws before an ending token may be drawn
     ends: jax.Array  # [B, MAX_ENDS] int32: the slot's ending tokens (EOS, stop_token_ids), padded past the vocabulary
+    dry_multiplier: jax.Array  # 0: DRY off
+    dry_base: jax.Array
+    dry_allowed_length: jax.Array  # int32
+    dry_last_n: jax.Array  # int32: tokens DRY looks back over, at most DRY_WINDOW (-1: DRY_WINDOW)
+    breakers: jax.Array  # [B, V] bool: DRY's sequence breakers (tokens whose text holds one), which no repeat crosses
+    top_n_sigma: jax.Array  # <= 0: off
+    xtc_probability: jax.Array  # 0: XTC off
+    xtc_threshold: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -79,6 +92,8 @@ class SamplerState:
     mu: jax.Array  # [B] mirostat mu
     key: jax.Array  # [B, 2] uint32 raw PRNG key of the request
     step: jax.Array  # [B] int32 draws made so far (the counter a draw's uniform hashes under the key)
+    history: jax.Array  # [B, DRY_WINDOW] int32 the last tokens, prompt's then drawn, oldest first (for DRY; a breaker
+    #                     is -1, a position before the sequence NO_TOKEN)
 
 
 @jax.tree_util.register_dataclass
@@ -101,14 +116,28 @@ def neutral_params(batch: int, vocab: int) -> dict:
         presence_penalty=np.zeros(batch, np.float32), mirostat_tau=np.full(batch, 5.0, np.float32),
         mirostat_eta=np.full(batch, 0.1, np.float32), mirostat=np.zeros(batch, bool),
         top_logprobs=np.zeros(batch, np.int32), bias=np.zeros((batch, vocab), np.float32),
-        min_tokens=np.zeros(batch, np.int32), ends=np.full((batch, MAX_ENDS), vocab, np.int32))
+        min_tokens=np.zeros(batch, np.int32), ends=np.full((batch, MAX_ENDS), vocab, np.int32),
+        dry_multiplier=np.zeros(batch, np.float32), dry_base=np.full(batch, 1.75, np.float32),
+        dry_allowed_length=np.full(batch, 2, np.int32), dry_last_n=np.full(batch, DRY_WINDOW, np.int32),
+        breakers=np.zeros((batch, vocab), bool), top_n_sigma=np.zeros(batch, np.float32),
+        xtc_probability=np.zeros(batch, np.float32), xtc_threshold=np.full(batch, 0.1, np.float32))
 
 
 def init_state(batch: int, vocab: int) -> SamplerState:
     """An all-zero state."""
     return SamplerState(jnp.zeros((batch, vocab), jnp.int32), jnp.zeros((batch, vocab), bool),
                         jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, 2), jnp.uint32),
-                        jnp.zeros((batch,), jnp.int32))
+                        jnp.zeros((batch,), jnp.int32), jnp.full((batch, DRY_WINDOW), NO_TOKEN, jnp.int32))
+
+
+def history_row(tokens, breakers: np.ndarray) -> np.ndarray:
+    """A fresh row of `SamplerState.history`, on the host: the last `DRY_WINDOW` of `tokens` (a prompt), breakers
+    (`breakers[t]`) as -1, the positions before them NO_TOKEN."""
+    row = np.full(DRY_WINDOW, NO_TOKEN, np.int32)
+    last = np.asarray(tokens[-DRY_WINDOW:], np.int32)
+    if len(last):
+        row[-len(last):] = np.where(breakers[last], -1, last)
+    return row
 
 
 THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -149,6 +178,74 @@ def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
     z = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
     counts = s.counts.astype(jnp.float32)
     return z - p.frequency_penalty[:, None] * counts - p.presence_penalty[:, None] * (counts > 0)
+
+
+def dry_penalty(p: SamplerParams, s: SamplerState, vocab: int, select: bool = False) -> jax.Array:
+    """DRY ("don't repeat yourself", llama.cpp's, from koboldcpp): `[B, V]` amounts to take off the logits. When the
+    last n tokens (n >= dry_allowed_length) also occur earlier in the row's window, the token that followed that
+    earlier copy loses `dry_multiplier * dry_base ** (n - dry_allowed_length)` (the largest n over its copies; the
+    exponent capped where the power would pass float32's range). n counts back from the last token and stops at a
+    breaker or the window's start, as llama.cpp's restart sequences cap it; a breaker is never penalised.
+
+    The runs are compared `DRY_BLOCK` positions a pass: for every earlier end k at once, the next block of the last
+    tokens against the block before k, while some pair still matches (with `select`, every block: a loop of known
+    count, no conditional)."""
+    b, w = s.history.shape
+    n = jnp.where(p.dry_last_n < 0, w, jnp.minimum(p.dry_last_n, w))  # llama.cpp's -1, the whole context: the window
+    back = jnp.where(np.arange(w) < n[:, None], s.history[:, ::-1], NO_TOKEN)  # [:, t]: the token t back from the last
+    padded = jnp.concatenate([back, jnp.full((b, w + DRY_BLOCK), NO_TOKEN, jnp.int32)], axis=1)
+    k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below)
+    alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None])
+
+    def block(i, carry):
+        alive, length = carry
+        last = jax.lax.dynamic_slice_in_dim(padded, i * DRY_BLOCK, DRY_BLOCK, axis=1)  # [B, J]: i*J + jj back
+        seg = jax.lax.dynamic_slice_in_dim(padded, i * DRY_BLOCK + 1, w + DRY_BLOCK - 2, axis=1)
+        earlier = jnp.stack([seg[:, jj:jj + w - 1] for jj in range(DRY_BLOCK)], axis=2)  # [B, k - 1, jj]: k + i*J + jj
+        same = ((last >= 0)[:, None, :] & (earlier == last[:, None, :])).astype(jnp.int32)
+        whole = jnp.min(same, axis=2) == 1
+        run = jnp.where(whole, DRY_BLOCK, jnp.argmin(same, axis=2))  # matches before the first difference
+        return alive & whole, length + jnp.where(alive, run, 0)
+
+    blocks = w // DRY_BLOCK
+    carry = alive, jnp.zeros((b, w - 1), jnp.int32)
+    if select:
+        _, length = jax.lax.fori_loop(0, blocks, block, carry)
+    else:
+        _, _, length = jax.lax.while_loop(lambda c: (c[0] < blocks) & jnp.any(c[1]),
+                                          lambda c: (c[0] + 1, *block(c[0], c[1:])), (0, *carry))
+    follows = back[:, :w - 1]  # the token after the copy ending k back
+    hit = alive & (length >= p.dry_allowed_length[:, None]) & (follows >= 0)
+    most = jnp.full((b, vocab), -1, jnp.int32).at[np.arange(b)[:, None], jnp.where(hit, follows, vocab)].max(
+        length, mode="drop")
+    base = p.dry_base[:, None]
+    cap = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(base)), jnp.inf)  # llama.cpp's: float32's range
+    power = jnp.minimum((most - p.dry_allowed_length[:, None]).astype(jnp.float32), cap)
+    return jnp.where(most >= 0, p.dry_multiplier[:, None] * base ** power, 0.0)
+
+
+def sigma_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
+    """Top-nσ (Tang et al. 2024, "Top-nσ: not all logits are you need"; llama.cpp's `top_n_sigma`): keep the tokens
+    within n standard deviations of the largest logit, the statistics over the tokens not already excluded (rows
+    with n <= 0 keep every token). Scaling by a temperature scales both sides: the set does not depend on it."""
+    live = z > NEG_INF
+    count = jnp.maximum(jnp.sum(live, axis=-1), 1)
+    zl = jnp.where(live, z, 0.0)
+    mean = jnp.sum(zl, axis=-1) / count
+    std = jnp.sqrt(jnp.sum(jnp.where(live, (z - mean[:, None]) ** 2, 0.0), axis=-1) / count)
+    top = jnp.max(z, axis=-1)
+    return (z >= (top - p.top_n_sigma * std)[:, None]) | (p.top_n_sigma <= 0)[:, None]
+
+
+def xtc_mask(z: jax.Array, p: SamplerParams, coin: jax.Array) -> jax.Array:
+    """XTC, "exclude top choices" (llama.cpp's, from text-generation-webui): with probability `xtc_probability` a
+    draw (its `coin` below it) drops every token whose probability, among the survivors `z` (-inf excluded), reaches
+    `xtc_threshold`, except the least likely of them; nothing when fewer than two reach it."""
+    _, lse = log_normaliser(z)
+    above = z >= (lse + jnp.log(p.xtc_threshold))[:, None]
+    lowest = jnp.min(jnp.where(above, z, jnp.inf), axis=-1)
+    on = (coin < p.xtc_probability) & (jnp.sum(above, axis=-1) >= 2)
+    return ~(on[:, None] & above & (z > lowest[:, None]))
 
 
 def prefix_sums(x: jax.Array, exclusive: bool = False, total: bool = False) -> jax.Array:
@@ -347,14 +444,15 @@ def mirostat_mask(z: jax.Array, mu: jax.Array) -> jax.Array:
     return (surprise <= mu[:, None]) | (z >= m[:, None])
 
 
-def uniforms(key_rows: jax.Array, steps: jax.Array) -> jax.Array:
-    """One uniform number in [0, 1) per slot: Threefry-2x32 under the slot's key of the counter `(step, 0)`, whose
-    first word's top 23 bits are the mantissa of a float in [1, 2), less 1 (`jax.random.uniform`'s construction).
-    One Threefry call, where `fold_in` and then `uniform` took two (a loop each in XLA)."""
+def uniforms(key_rows: jax.Array, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two uniform numbers in [0, 1) per slot, the draw's and XTC's coin: Threefry-2x32 under the slot's key of the
+    counter `(step, 0)`, each word's top 23 bits the mantissa of a float in [1, 2), less 1 (`jax.random.uniform`'s
+    construction). One Threefry call, where `fold_in` and then `uniform` took two (a loop each in XLA)."""
     steps = steps.astype(jnp.uint32)
-    bits, _ = threefry2x32_p.bind(key_rows[:, 0], key_rows[:, 1], steps, jnp.zeros_like(steps))
+    words = threefry2x32_p.bind(key_rows[:, 0], key_rows[:, 1], steps, jnp.zeros_like(steps))
     one = jnp.uint32(0x3F800000)
-    return jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
+    u, coin = (jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0 for bits in words)
+    return u, coin
 
 
 def draw(zk: jax.Array, u: jax.Array, block: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -401,27 +499,31 @@ def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
 
 
 def is_plain(row: dict) -> bool:
-    """Whether a slot's settings (`neutral_params`' names, as `SamplingParams.sampler_row` gives them) need none of
-    what `sample` guards with a `lax.cond`: alternatives, mirostat, and truncation where the slot draws (a greedy
-    slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the row's."""
+    """Whether a slot's settings (`neutral_params`' names, as `SamplingParams.sampler_row` gives them) need none of what
+    `sample` guards with a `lax.cond`: alternatives, mirostat, DRY, and truncation (top-nσ and XTC too) where the slot
+    draws (a greedy slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the
+    row's."""
     truncates = row["top_k"] > 0 or row["top_p"] < 1.0 or row["min_p"] > 0.0 or row["typical_p"] < 1.0
     return _served_without(row, truncates)
 
 
 def is_lean(row: dict) -> bool:
-    """Whether `sample`'s `lean` variant serves a slot (as `is_plain`'s `row`): no alternatives, no mirostat, and
-    where it draws no top_k past the candidates nor typical_p without a top_k within them, the cuts only an exact
-    bisection of their own finds. Generation defaults are such rows: top_p (Llama 3.1, DeepSeek-V3), top_k <= 64
-    with top_p (Qwen3, Gemma)."""
+    """Whether `sample`'s `lean` variant serves a slot (as `is_plain`'s `row`): no alternatives, no mirostat, no DRY,
+    and where it draws no top-nσ nor XTC, no top_k past the candidates nor typical_p without a top_k within them, the
+    cuts only an exact bisection of their own finds. Generation defaults are such rows: top_p (Llama 3.1, DeepSeek-V3),
+    top_k <= 64 with top_p (Qwen3, Gemma)."""
     k, within = row["top_k"], 0 < row["top_k"] <= CANDIDATES
     exact = k > CANDIDATES or (row["typical_p"] < 1.0 and not within)
     return _served_without(row, exact)
 
 
 def _served_without(row: dict, draw_needs: bool) -> bool:
-    """Whether a program without alternatives, mirostat and a transform the slot's draw needs (`draw_needs`) serves
-    the slot: the transform matters only where it draws (a greedy slot's token and logprobs do not depend on it)."""
-    return row["top_logprobs"] == 0 and not row["mirostat"] and (row["temperature"] <= 0 or not draw_needs)
+    """Whether a program without alternatives, mirostat, DRY, top-nσ, XTC and a transform the slot's draw needs
+    (`draw_needs`) serves the slot: the truncations matter only where it draws (a greedy slot's token and logprobs
+    do not depend on them); DRY, a penalty, changes a greedy choice too."""
+    draw_needs = draw_needs or row["top_n_sigma"] > 0 or row["xtc_probability"] > 0
+    return (row["top_logprobs"] == 0 and not row["mirostat"] and row["dry_multiplier"] == 0
+            and (row["temperature"] <= 0 or not draw_needs))
 
 
 BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` is one of select's programs
@@ -430,13 +532,14 @@ BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` 
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
            branches: str = "cond"):
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
-    (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before
-    any other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips
-    the transforms no row wants (alternatives, the grammar mask, truncation, mirostat): `cond`, a `lax.cond` each;
+    (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before any
+    other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips the
+    transforms no row wants (alternatives, DRY, the grammar mask, truncation, mirostat, XTC): `cond`, a `lax.cond` each;
     `plain`, every row is `is_plain` and none is constrained, so they are left out; `select`, they are computed for
-    every row and taken where wanted; `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat
-    and the exact path's top_k and typical_p bisections are left out. The last three hold no conditional, which XLA's
-    GPU runtime decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
+    every row and taken where wanted; `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat,
+    DRY, top-nσ, XTC and the exact path's top_k and typical_p bisections are left out. The last three hold no
+    conditional, which XLA's GPU runtime decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One
+    step ahead")."""
     plain, lean = branches == "plain", branches == "lean"
     select = lean or branches == "select"
     logits = logits.astype(jnp.float32)
@@ -450,26 +553,36 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
     top_ids, top_lp = none if plain or lean else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: none,
                                                         select)
+    vocab = logits.shape[1]
     z = penalize(logits, p, s)
+    if not plain and not lean:
+        z = branch(jnp.any(p.dry_multiplier > 0), lambda: z - dry_penalty(p, s, vocab, select), lambda: z, select)
     if allowed is not None and not plain:
-        vocab = logits.shape[1]
         z = branch(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF), lambda: z,
                    select)
     greedy = jnp.argmax(z, axis=-1)
     z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
+    u, coin = uniforms(s.key, s.step)
     if not plain:
+        if not lean:
+            z = branch(jnp.any(p.top_n_sigma > 0), lambda: jnp.where(sigma_mask(z, p), z, NEG_INF), lambda: z, select)
         keep = truncation_mask(z, p, select, lean)
         if not lean:
             keep = branch(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
                           lambda: keep, select)
         z = jnp.where(keep, z, NEG_INF)
-    drawn, logq = draw(z, uniforms(s.key, s.step))
+        if not lean:
+            z = branch(jnp.any(p.xtc_probability > 0), lambda: jnp.where(xtc_mask(z, p, coin), z, NEG_INF),
+                       lambda: z, select)
+    drawn, logq = draw(z, u)
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.
     surprise = -logq / math.log(2.0)
     mu = jnp.where(p.mirostat & active, s.mu - p.mirostat_eta * (surprise - p.mirostat_tau), s.mu)
     rows = jnp.arange(b)
     counts = s.counts.at[rows, token].add(active.astype(jnp.int32))
-    new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32))
+    said = jnp.where(jnp.take_along_axis(p.breakers, token[:, None], axis=1), -1, token[:, None])
+    history = jnp.where(active[:, None], jnp.concatenate([s.history[:, 1:], said], axis=1), s.history)
+    new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32), history)
     chosen_lp = jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0] - lse
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

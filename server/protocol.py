@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
-from engine.params import InvalidRequest, SamplingParams
+from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
 from server import reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
@@ -105,7 +105,16 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
     "min_tokens": (int, 0, None),
+    "dry_multiplier": (float, 0.0, None),
+    "dry_base": (float, 1.0, None),
+    "dry_allowed_length": (int, 0, None),
+    "dry_penalty_last_n": (int, -1, None),
+    "top_n_sigma": (float, None, None),
+    "xtc_probability": (float, 0.0, 1.0),
+    "xtc_threshold": (float, 0.0, 1.0),
 }
+LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
+             "xtc_probability", "xtc_threshold")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
@@ -211,7 +220,19 @@ def sampling(body: dict) -> SamplingParams:
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
         skip_special_tokens=body.get("skip_special_tokens") is None or _flag(body, "skip_special_tokens"),
         allowed_token_ids=None if body.get("allowed_token_ids") is None else _token_ids(body["allowed_token_ids"],
-                                                                                        "allowed_token_ids"))
+                                                                                        "allowed_token_ids"),
+        dry_sequence_breakers=_breakers(body.get("dry_sequence_breakers")),
+        **{k: num[k] for k in LLAMA_CPP if num[k] is not None})
+
+
+def _breakers(v: Any) -> list[str]:
+    """llama.cpp's `dry_sequence_breakers`: a non-empty list of non-empty strings (its defaults when absent)."""
+    if v is None:
+        return list(DRY_BREAKERS)
+    if not isinstance(v, list) or not v or not all(isinstance(b, str) and b for b in v) or len(v) > MAX_BREAKERS:
+        raise bad(f"'dry_sequence_breakers' must be a list of 1 to {MAX_BREAKERS} non-empty strings",
+                  "dry_sequence_breakers")
+    return v
 
 
 def _token_ids(v: Any, name: str) -> list[int]:

@@ -1,5 +1,6 @@
 """The functional sampler against transformers' logits processors and written-out references."""
 
+import dataclasses
 import math
 
 import jax
@@ -150,7 +151,7 @@ def test_repetition_penalty_matches_transformers():
         pm[i, prompt[i]] = True
         for t in output[i]:
             counts[i, t] += 1
-    state = smp.SamplerState(jnp.asarray(counts), jnp.asarray(pm), state.mu, state.key, state.step)
+    state = dataclasses.replace(state, counts=jnp.asarray(counts), prompt_mask=jnp.asarray(pm))
     got = np.asarray(smp.penalize(jnp.asarray(logits), params(2, repetition_penalty=[1.3, 0.7]), state))
     for i, r in enumerate([1.3, 0.7]):
         ids = torch.tensor([prompt[i] + output[i]])
@@ -165,7 +166,7 @@ def test_frequency_presence_and_bias_match_formula():
     bias = np.zeros((2, V), np.float32)
     bias[0, 5], bias[1, 17], bias[1, 18] = 100.0, -100.0, 3.5
     state = smp.init_state(2, V)
-    state = smp.SamplerState(jnp.asarray(counts), state.prompt_mask, state.mu, state.key, state.step)
+    state = dataclasses.replace(state, counts=jnp.asarray(counts))
     p = params(2, frequency_penalty=[0.5, -1.0], presence_penalty=[1.5, 0.25], bias=bias)
     got = np.asarray(smp.penalize(jnp.asarray(logits), p, state))
     f, pr = np.array([0.5, -1.0])[:, None], np.array([1.5, 0.25])[:, None]
@@ -184,7 +185,7 @@ def test_min_tokens_holds_back_a_rows_ending_tokens_until_it_has_drawn_that_many
     ends[:, :2] = [7, 9]
     steps, mins = np.array([2, 5, 0]), np.array([5, 5, 0])
     state = smp.init_state(3, V)
-    state = smp.SamplerState(state.counts, state.prompt_mask, state.mu, state.key, jnp.asarray(steps, jnp.int32))
+    state = dataclasses.replace(state, step=jnp.asarray(steps, jnp.int32))
     p = params(3, min_tokens=mins, ends=ends, temperature=[0.0, 0.0, 0.0])
     want = logits.copy()
     for i in range(3):
@@ -225,11 +226,11 @@ def test_mirostat_matches_reference_over_50_steps():
     tau, eta, steps = 3.0, 0.2, 50
     logits_seq = (rng.standard_normal((steps, V)) * 3).astype(np.float32)
     key = np.asarray(jax.random.key_data(jax.random.PRNGKey(123)))[None]
-    u = [float(smp.uniforms(jnp.asarray(key), jnp.asarray([t]))[0]) for t in range(steps)]
+    u = [float(smp.uniforms(jnp.asarray(key), jnp.asarray([t]))[0][0]) for t in range(steps)]
     want_tokens, want_mus = mirostat_reference(logits_seq, u, tau, eta)
     p = params(1, mirostat=[True], mirostat_tau=[tau], mirostat_eta=[eta])
     s = smp.init_state(1, V)
-    s = smp.SamplerState(s.counts, s.prompt_mask, jnp.asarray([2 * tau]), jnp.asarray(key), s.step)
+    s = dataclasses.replace(s, mu=jnp.asarray([2 * tau]), key=jnp.asarray(key))
     f = jax.jit(smp.sample)
     for t in range(steps):
         out, s = f(jnp.asarray(logits_seq[t][None]), p, s, jnp.asarray([True]))
@@ -248,7 +249,7 @@ def test_draws_follow_the_processed_distribution():
     want = torch.softmax(x[0], -1).numpy()
     s = smp.init_state(b, V)
     keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
-    s = smp.SamplerState(s.counts, s.prompt_mask, s.mu, jnp.asarray(keys), s.step)
+    s = dataclasses.replace(s, key=jnp.asarray(keys))
     f = jax.jit(smp.sample)
     draws = []
     for _ in range(rounds):
@@ -348,8 +349,8 @@ def _keyed(b, **rows):
     """Params with the given rows, and a state whose rows have their own keys and prompt tokens."""
     keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i))) for i in range(b)])
     init = smp.init_state(b, V)
-    init = smp.SamplerState(init.counts, init.prompt_mask.at[:, :50].set(True), init.mu + 8.0, jnp.asarray(keys),
-                            init.step)
+    init = dataclasses.replace(init, prompt_mask=init.prompt_mask.at[:, :50].set(True), mu=init.mu + 8.0,
+                               key=jnp.asarray(keys))
     return params(b, **rows), init
 
 
@@ -409,8 +410,8 @@ def test_select_computes_every_transform_and_draws_what_the_conditionals_draw():
 
 def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditionals_draw():
     """`branches="lean"` (a GPU's program for batches of `is_lean` rows, such as generation defaults) holds no
-    `lax.cond`, two bisection loops fewer than `select` (top_k's and typical_p's), and no top-k search for
-    alternatives; over 6 steps of such rows (top_p on flat logits, top_k within the candidates with top_p and
+    `lax.cond`, three loops fewer than `select` (top_k's and typical_p's bisections, DRY's blocks), and no top-k search
+    for alternatives; over 6 steps of such rows (top_p on flat logits, top_k within the candidates with top_p and
     typical_p, min_p, a greedy row with a top_k past them, a grammar mask) it gives what the conditionals give.
     `is_lean` refuses each setting it leaves out."""
     rng = np.random.default_rng(10)
@@ -431,9 +432,180 @@ def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditional
     got, got_state, text = _steps("lean", logits, p, init, jnp.asarray(allowed))
     _, _, select_text = _steps("select", logits[:1], p, init, jnp.asarray(allowed))
     assert "stablehlo.case" not in text and "stablehlo.if" not in text
-    assert text.count("stablehlo.while") == select_text.count("stablehlo.while") - 2
+    assert text.count("stablehlo.while") == select_text.count("stablehlo.while") - 3
     assert text.count("chlo.top_k") == select_text.count("chlo.top_k") - 1
     for w, g in zip(want, got):
         jax.tree.map(np.testing.assert_array_equal, w, g)
     jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
     assert (np.stack([o.token[4] for o in got]) < 128).all()
+
+
+def dry_reference(tokens, mult, base, allowed, last_n, breakers):
+    """llama.cpp's DRY (`llama_sampler_dry_apply`) written out plainly, a breaker being a token of `breakers`: what
+    each token's logit loses after `tokens` (the history, oldest first)."""
+    out = np.zeros(V)
+    if mult == 0 or base < 1 or last_n == 0:
+        return out
+    toks = list(tokens)[-last_n:] if last_n > 0 else list(tokens)
+    n = len(toks)
+    if n <= allowed:
+        return out
+    limit = n  # a run stops at the last breaker
+    for i in range(n):
+        if toks[n - 1 - i] in breakers:
+            limit = i
+            break
+    if limit < allowed:
+        return out
+    most = {}
+    for k in range(1, n):  # an earlier copy of the last m tokens ends k back, and toks[n - k] followed it
+        m = 0
+        while m + k < n and toks[n - 1 - m] == toks[n - 1 - m - k]:
+            m += 1
+        m = min(m, limit)
+        if m >= allowed:
+            most[toks[n - k]] = max(most.get(toks[n - k], 0), m)
+    cap = int(88.7228391 / math.log(base)) if base > 1.000001 else 0
+    for t, m in most.items():
+        if t not in breakers:
+            e = m - allowed if cap <= 0 or m - allowed <= cap else cap
+            out[t] = mult * float(base) ** e
+    return out
+
+
+def _dry_rows(rng):
+    """Histories for DRY, each with its settings `(multiplier, base, allowed_length, last_n)`."""
+    loop = list(rng.integers(100, 300, 40))
+    long_run = list(rng.integers(100, 900, 150))
+    return [
+        (list(rng.integers(0, 12, 300)), (0.8, 1.75, 2, -1)),  # a small alphabet: repeats everywhere, breakers too
+        (loop + loop[:30], (0.8, 1.75, 2, -1)),  # a 30-token repeat (past one block of positions)
+        (list(rng.integers(0, 6, 80)), (0.5, 1.0, 0, 50)),  # base 1 and no allowed length, a window of 50
+        (list(rng.integers(0, 6, 80)), (0.5, 1.75, 2, 0)),  # last_n 0: off
+        (list(rng.integers(0, 5, 1500)), (1.2, 1.5, 3, -1)),  # longer than the window: -1 is the window
+        (long_run + long_run[:120], (0.5, 3.0, 2, -1)),  # 3^118 would pass float32: the exponent is capped at 80
+        (list(rng.integers(0, 12, 200)), (0.0, 1.75, 2, -1)),  # multiplier 0: off
+        (list(rng.integers(0, 6, 100)) + [7], (0.8, 1.75, 2, -1)),  # a breaker last: no run
+        (loop + loop[:20] + [7] + loop[:10], (0.8, 1.75, 2, 500)),  # a breaker stops the run at 10
+    ]
+
+
+@pytest.mark.parametrize("select", [False, True])
+def test_dry_matches_llama_cpp_written_out(select):
+    """DRY over rows of every kind in one call (repeats within and past a block of positions, breakers in and at the
+    end of the run, windows, base 1, the exponent's cap, off by multiplier and by window) takes off what llama.cpp's
+    algorithm does, with the loop that stops (`select` False) and the one of fixed count."""
+    rng = np.random.default_rng(21)
+    rows = _dry_rows(rng)
+    b = len(rows)
+    breakers = np.zeros(V, bool)
+    breakers[[7, 8]] = True
+    settings = [s for _, s in rows]
+    p = params(b, dry_multiplier=[s[0] for s in settings], dry_base=[s[1] for s in settings],
+               dry_allowed_length=[s[2] for s in settings], dry_last_n=[s[3] for s in settings],
+               breakers=np.tile(breakers, (b, 1)))
+    state = dataclasses.replace(smp.init_state(b, V), history=jnp.asarray(
+        np.stack([smp.history_row(tokens, breakers) for tokens, _ in rows])))
+    got = np.asarray(jax.jit(smp.dry_penalty, static_argnums=(2, 3))(p, state, V, select))
+    for i, (tokens, (mult, base, allowed, last_n)) in enumerate(rows):
+        want = dry_reference(tokens[-smp.DRY_WINDOW:], mult, base, allowed,
+                             smp.DRY_WINDOW if last_n < 0 else last_n, {7, 8})
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, err_msg=f"row {i}")
+    assert got[1].max() > 0 and got[5].max() == pytest.approx(0.5 * 3.0 ** 80, rel=1e-5)
+    assert not got[3].any() and not got[6].any() and not got[7].any()
+
+
+def sigma_reference(z, n):
+    """Top-nσ as llama.cpp writes it, over the tokens not excluded: keep what lies within n deviations of the top."""
+    live = np.isfinite(z)
+    x = z[live].astype(np.float64)
+    return live & (z >= x.max() - n * np.sqrt(np.mean((x - x.mean()) ** 2)))
+
+
+def xtc_reference(z, probability, threshold, coin):
+    """XTC as llama.cpp writes it: when the draw's coin falls under the probability, sort the survivors by
+    probability and drop those before the last one reaching the threshold."""
+    live = np.isfinite(z)
+    if coin >= probability:
+        return live
+    p = np.where(live, np.exp(z - z[live].max()), 0.0)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    above = [t for t in order if p[t] >= threshold]
+    keep = live.copy()
+    if len(above) >= 2:
+        keep[above[:-1]] = False
+    return keep
+
+
+def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
+    """Top-nσ keeps llama.cpp's set whatever the temperature (and with tokens already excluded); XTC drops the top
+    choices but the least likely of them when its coin says so, and nothing when it does not, when fewer than two
+    reach the threshold, or at a probability of 0."""
+    rng = np.random.default_rng(22)
+    b = 8
+    z = (rng.standard_normal((b, V)) * rng.choice([0.5, 2.0, 5.0], b)[:, None]).astype(np.float32)
+    z[1, rng.choice(V, 600, replace=False)] = -np.inf
+    z[:, :4] += np.float32(9.0)  # four leading tokens near each other: several reach a threshold
+    sigma = np.asarray([1.0, 0.5, 2.5, 0.0, -1.0, 1.0, 3.0, 0.1], np.float32)
+    for temperature in (1.0, 0.6):
+        keep = np.asarray(smp.sigma_mask(jnp.asarray(z / temperature), params(b, top_n_sigma=sigma)))
+        for i in range(b):
+            want = sigma_reference(z[i], sigma[i]) if sigma[i] > 0 else np.ones(V, bool)
+            assert np.array_equal(keep[i], want), (i, temperature)
+    probability = np.asarray([1.0, 1.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.3], np.float32)
+    threshold = np.asarray([0.1, 0.2, 0.1, 0.1, 0.1, 0.6, 0.0, 0.05], np.float32)
+    coin = np.asarray([0.3, 0.9, 0.2, 0.7, 0.0, 0.1, 0.5, 0.29], np.float32)
+    keep = np.asarray(smp.xtc_mask(jnp.asarray(z), params(b, xtc_probability=probability, xtc_threshold=threshold),
+                                   jnp.asarray(coin)))
+    for i in range(b):
+        assert np.array_equal(keep[i] & np.isfinite(z[i]), xtc_reference(z[i], probability[i], threshold[i],
+                                                                         coin[i])), i
+    dropped = (~keep & np.isfinite(z)).sum(axis=1)
+    assert (dropped > 0).sum() >= 3 and dropped[3] == dropped[4] == dropped[5] == 0, dropped
+    assert dropped[6] == np.isfinite(z[6]).sum() - 1  # a threshold of 0: only the least likely token stays
+
+
+def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
+    """Through `sample`, over 6 steps of threaded state: a greedy DRY row draws the argmax of its logits less
+    llama.cpp's penalties over its growing history (breakers stored as -1); an XTC row (coin always) never draws one
+    of the top choices it drops; a top-nσ row draws within its set; the fixed-count variant (`select`) draws the same;
+    no variant that leaves these out (`is_plain`, `is_lean`) takes such a row."""
+    rng = np.random.default_rng(23)
+    b, steps = 4, 6
+    breakers = np.zeros(V, bool)
+    breakers[7] = True
+    prompt = [list(rng.integers(0, 9, 60)) for _ in range(b)]
+    rows = dict(temperature=[0.0, 1.0, 1.0, 1.0], dry_multiplier=[3.0, 0, 0, 0], dry_allowed_length=[1, 2, 2, 2],
+                xtc_probability=[0, 1.0, 0, 0], xtc_threshold=[0.1, 0.05, 0.1, 0.1], top_n_sigma=[0, 0, 1.0, 0],
+                breakers=np.tile(breakers, (b, 1)))
+    p, init = _keyed(b, **rows)
+    init = dataclasses.replace(init, history=jnp.asarray(np.stack([smp.history_row(t, breakers) for t in prompt])))
+    logits = (rng.standard_normal((steps, b, V)) * 2).astype(np.float32)
+    logits[:, :, :9] += np.float32(4.0)  # the history's tokens lead: DRY decides the greedy row
+    want, want_state, _ = _steps("cond", logits, p, init)
+    got, got_state, _ = _steps("select", logits, p, init)
+    for w, g in zip(want, got):
+        jax.tree.map(np.testing.assert_array_equal, w, g)
+    jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
+    seen = [list(t) for t in prompt]
+    penalised = 0
+    for step, out in enumerate(want):
+        z = logits[step, 0].astype(np.float64) - dry_reference(seen[0], 3.0, 1.75, 1, smp.DRY_WINDOW, {7})
+        penalised += int(np.argmax(logits[step, 0]) != np.argmax(z))
+        assert out.token[0] == np.argmax(z), step
+        s = logits[step, 1]
+        assert xtc_reference(s, 1.0, 0.05, 0.0)[out.token[1]], step
+        assert sigma_reference(logits[step, 2], 1.0)[out.token[2]], step
+        for i in range(b):
+            seen[i].append(int(out.token[i]))
+    assert penalised > 0  # DRY changed the greedy choice at least once
+    hist = want_state.history
+    for i in range(b):
+        tail = np.asarray(seen[i][-smp.DRY_WINDOW:])
+        assert np.array_equal(hist[i, -len(tail):], np.where(breakers[tail], -1, tail)), i
+    neutral = {k: v[0] for k, v in smp.neutral_params(1, V).items()}
+    for change in (dict(dry_multiplier=0.5, temperature=0.0), dict(xtc_probability=0.5), dict(top_n_sigma=1.0)):
+        row = {**neutral, **change}
+        assert not smp.is_plain(row) and not smp.is_lean(row), change
+    assert smp.is_plain({**neutral, "temperature": 0.0, "xtc_probability": 0.5, "top_n_sigma": 1.0})

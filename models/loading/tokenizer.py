@@ -60,6 +60,11 @@ class Tokenizer:
         has at least about C / longest_token tokens."""
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Each token's own text, special tokens' too (a piece of a character decodes to U+FFFD)."""
+        return self.backend.decode_batch([[t] for t in range(len(self))], skip_special_tokens=False)
+
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
