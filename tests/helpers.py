@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import math
 import re
 
 import jax
@@ -112,3 +113,36 @@ def recording(obj, names):
     finally:
         for name in names:
             delattr(obj, name)
+
+
+def dry_reference(tokens, mult, base, allowed, last_n, breakers, vocab):
+    """llama.cpp's DRY (`llama_sampler_dry_apply` in its llama-sampling.cpp) written out plainly, a breaker being a
+    token of `breakers`: what each of the `vocab` tokens' logits loses after `tokens` (the history, oldest first)."""
+    out = np.zeros(vocab)
+    if mult == 0 or base < 1 or last_n == 0:
+        return out
+    toks = list(tokens)[-last_n:] if last_n > 0 else list(tokens)
+    n = len(toks)
+    if n <= allowed:
+        return out
+    limit = n  # a run stops at the last breaker
+    for i in range(n):
+        if toks[n - 1 - i] in breakers:
+            limit = i
+            break
+    if limit < allowed:
+        return out
+    most = {}
+    for k in range(1, n):  # an earlier copy of the last m tokens ends k back, and toks[n - k] followed it
+        m = 0
+        while m + k < n and toks[n - 1 - m] == toks[n - 1 - m - k]:
+            m += 1
+        m = min(m, limit)
+        if m >= allowed:
+            most[toks[n - k]] = max(most.get(toks[n - k], 0), m)
+    cap = int(88.7228391 / math.log(base)) if base > 1.000001 else 0
+    for t, m in most.items():
+        if t not in breakers:
+            e = m - allowed if cap <= 0 or m - allowed <= cap else cap
+            out[t] = mult * float(base) ** e
+    return out

@@ -12,6 +12,7 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
 from engine import sampler as smp
+from helpers import dry_reference
 
 pytestmark = pytest.mark.quick_compile  # small inputs: XLA optimizations off (conftest)
 
@@ -440,39 +441,6 @@ def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditional
     assert (np.stack([o.token[4] for o in got]) < 128).all()
 
 
-def dry_reference(tokens, mult, base, allowed, last_n, breakers):
-    """llama.cpp's DRY (`llama_sampler_dry_apply`) written out plainly, a breaker being a token of `breakers`: what
-    each token's logit loses after `tokens` (the history, oldest first)."""
-    out = np.zeros(V)
-    if mult == 0 or base < 1 or last_n == 0:
-        return out
-    toks = list(tokens)[-last_n:] if last_n > 0 else list(tokens)
-    n = len(toks)
-    if n <= allowed:
-        return out
-    limit = n  # a run stops at the last breaker
-    for i in range(n):
-        if toks[n - 1 - i] in breakers:
-            limit = i
-            break
-    if limit < allowed:
-        return out
-    most = {}
-    for k in range(1, n):  # an earlier copy of the last m tokens ends k back, and toks[n - k] followed it
-        m = 0
-        while m + k < n and toks[n - 1 - m] == toks[n - 1 - m - k]:
-            m += 1
-        m = min(m, limit)
-        if m >= allowed:
-            most[toks[n - k]] = max(most.get(toks[n - k], 0), m)
-    cap = int(88.7228391 / math.log(base)) if base > 1.000001 else 0
-    for t, m in most.items():
-        if t not in breakers:
-            e = m - allowed if cap <= 0 or m - allowed <= cap else cap
-            out[t] = mult * float(base) ** e
-    return out
-
-
 def _dry_rows(rng):
     """Histories for DRY, each with its settings `(multiplier, base, allowed_length, last_n)`."""
     loop = list(rng.integers(100, 300, 40))
@@ -509,7 +477,7 @@ def test_dry_matches_llama_cpp_written_out(select):
     got = np.asarray(jax.jit(smp.dry_penalty, static_argnums=(2, 3))(p, state, V, select))
     for i, (tokens, (mult, base, allowed, last_n)) in enumerate(rows):
         want = dry_reference(tokens[-smp.DRY_WINDOW:], mult, base, allowed,
-                             smp.DRY_WINDOW if last_n < 0 else last_n, {7, 8})
+                             smp.DRY_WINDOW if last_n < 0 else last_n, {7, 8}, V)
         np.testing.assert_allclose(got[i], want, rtol=1e-5, err_msg=f"row {i}")
     assert got[1].max() > 0 and got[5].max() == pytest.approx(0.5 * 3.0 ** 80, rel=1e-5)
     assert not got[3].any() and not got[6].any() and not got[7].any()
@@ -591,7 +559,7 @@ def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     seen = [list(t) for t in prompt]
     penalised = 0
     for step, out in enumerate(want):
-        z = logits[step, 0].astype(np.float64) - dry_reference(seen[0], 3.0, 1.75, 1, smp.DRY_WINDOW, {7})
+        z = logits[step, 0].astype(np.float64) - dry_reference(seen[0], 3.0, 1.75, 1, smp.DRY_WINDOW, {7}, V)
         penalised += int(np.argmax(logits[step, 0]) != np.argmax(z))
         assert out.token[0] == np.argmax(z), step
         s = logits[step, 1]

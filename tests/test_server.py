@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ENGINE, SERVED_DEFAULTS
 from engine import SamplingParams
-from helpers import our_logits
+from engine.params import DRY_BREAKERS
+from helpers import dry_reference, our_logits
 from server.child import spawn
 
 MODEL = "smollm2-135m-instruct"
@@ -272,6 +273,54 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
                          ({"stop_token_ids": [api.model.cfg.vocab_size]}, "stop_token_ids"),
                          ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": list(range(40)),
                                                                        "min_tokens": 2}, "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(**extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
+
+
+def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
+    """llama.cpp's samplers through the `openai` client. DRY: the greedy reply to a counting loop leaves the loop the
+    free reply stays in, each of its tokens the model's best after llama.cpp's penalties written out
+    (`helpers.dry_reference`) over the prompt and the reply so far; XTC, always on, never draws a top choice it
+    drops (seen in the raw logprobs); top-nσ with a tiny n draws the greedy reply at a high temperature; bad values
+    are 400s naming the field."""
+    tok, vocab = api.model.tokenizer, api.model.cfg.vocab_size
+    loop = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,"
+    ask = lambda **extra: client.completions.create(model=MODEL, prompt=loop, max_tokens=16, temperature=0,  # noqa: E731
+                                                    extra_body={"return_token_ids": True, "ignore_eos": True, **extra})
+    free = ask()
+    dry = ask(dry_multiplier=2.0, dry_allowed_length=2)
+    prompt, out = dry.model_extra["prompt_token_ids"], dry.choices[0].model_extra["token_ids"]
+    assert free.choices[0].text.startswith(" 1, 2, 3") and dry.choices[0].text != free.choices[0].text
+    breakers = {t for t, text in enumerate(tok.token_texts) if any(b in text for b in DRY_BREAKERS)}
+    logits = our_logits(api.model.module, api.model.params, [prompt + out])[0].astype(np.float64)
+    for j, t in enumerate(out):
+        score = logits[len(prompt) - 1 + j] - dry_reference(prompt + out[:j], 2.0, 1.75, 2, 1024, breakers, vocab)
+        assert score[t] >= score.max() - 0.02, (j, tok.decode([t]), tok.decode([int(score.argmax())]))
+    france = dict(model=MODEL, messages=HELLO, max_tokens=16, temperature=1.0, top_p=1.0, seed=4, logprobs=True,
+                  top_logprobs=20)
+    dropped_some = 0
+    for seed in (4, 5):
+        r = client.chat.completions.create(**{**france, "seed": seed}, extra_body={
+            "top_k": 0, "min_p": 0.0, "xtc_probability": 1.0, "xtc_threshold": 0.05})
+        for step in r.choices[0].logprobs.content:
+            above = sorted((a for a in step.top_logprobs if np.exp(a.logprob) >= 0.05), key=lambda a: -a.logprob)
+            if len(above) >= 2:
+                dropped_some += 1
+                assert step.token not in [a.token for a in above[:-1]], (step.token, above)
+    assert dropped_some
+    greedy = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0)
+    sigma = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=1.5, seed=3,
+                                           extra_body={"top_n_sigma": 1e-4})
+    assert sigma.choices[0].message.content == greedy.choices[0].message.content
+    for extra, param in (({"dry_multiplier": -1}, "dry_multiplier"), ({"dry_base": 0.5}, "dry_base"),
+                         ({"dry_allowed_length": 1.5}, "dry_allowed_length"),
+                         ({"dry_penalty_last_n": -2}, "dry_penalty_last_n"),
+                         ({"dry_sequence_breakers": []}, "dry_sequence_breakers"),
+                         ({"dry_sequence_breakers": "\n"}, "dry_sequence_breakers"),
+                         ({"dry_sequence_breakers": [""]}, "dry_sequence_breakers"),
+                         ({"xtc_probability": 1.5}, "xtc_probability"), ({"xtc_threshold": -0.1}, "xtc_threshold"),
+                         ({"top_n_sigma": "1"}, "top_n_sigma")):
         with pytest.raises(openai.BadRequestError) as e:
             ask(**extra)
         assert e.value.body["param"] == param, (extra, e.value.body)
