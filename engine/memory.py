@@ -20,7 +20,8 @@ import numpy as np
 log = logging.getLogger("sparkler.engine")
 CPU_GB = 4.0  # the pool on a CPU
 JAX_GPU_SHARE = 0.75  # JAX's GPU allocator takes this share of the card unless XLA_PYTHON_CLIENT_MEM_FRACTION says
-SAMPLER_TEMPS = 16  # float32 arrays of a row's vocabulary the sampler may hold at once (`working_bytes`)
+SAMPLER_TEMPS = 16  # float32 arrays of a row's vocabulary the sampler may hold at once (`working_bytes`; DRY's
+#                    block of comparisons, 2 x 1024 x 32 words a row, fits in them for a vocabulary past 4,096)
 GRAIN = 1 << 28  # the pool is a whole number of these, so a warm start finds the same shapes (`compile`'s store)
 
 

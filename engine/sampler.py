@@ -196,12 +196,13 @@ def dry_penalty(p: SamplerParams, s: SamplerState, vocab: int, select: bool = Fa
     padded = jnp.concatenate([back, jnp.full((b, w + DRY_BLOCK), NO_TOKEN, jnp.int32)], axis=1)
     k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below)
     alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None])
+    windows = np.arange(w - 1)[:, None] + np.arange(DRY_BLOCK)[None, :]  # one gather, where 32 slices cost 0.4 s to build
 
     def block(i, carry):
         alive, length = carry
         last = jax.lax.dynamic_slice_in_dim(padded, i * DRY_BLOCK, DRY_BLOCK, axis=1)  # [B, J]: i*J + jj back
         seg = jax.lax.dynamic_slice_in_dim(padded, i * DRY_BLOCK + 1, w + DRY_BLOCK - 2, axis=1)
-        earlier = jnp.stack([seg[:, jj:jj + w - 1] for jj in range(DRY_BLOCK)], axis=2)  # [B, k - 1, jj]: k + i*J + jj
+        earlier = jnp.take(seg, windows, axis=1)  # [B, k - 1, jj]: the token k + i*J + jj back
         same = ((last >= 0)[:, None, :] & (earlier == last[:, None, :])).astype(jnp.int32)
         whole = jnp.min(same, axis=2) == 1
         run = jnp.where(whole, DRY_BLOCK, jnp.argmin(same, axis=2))  # matches before the first difference
