@@ -35,7 +35,7 @@ from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
 from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
-from engine.sampler import MAX_ENDS, seed_keys
+from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
 from models import Model
 
 log = logging.getLogger("sparkler.engine")
@@ -79,6 +79,7 @@ class Engine:
         self.finished = 0  # requests ended so far
         self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
         self._grammars: Grammars | None = None
+        self._bad: dict[tuple[str, ...], tuple] = {}  # vLLM's bad words -> what the sampler holds (`bad_words`)
         self._breakers: dict[tuple[str, ...], np.ndarray] = {}  # DRY's sequence breakers -> their tokens (`breakers`)
         self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
@@ -157,6 +158,7 @@ class Engine:
         choices = [Choice(first_choice + i) for i in range(p.n)]
         if p.dry_multiplier > 0:
             self.breakers(tuple(p.dry_sequence_breakers))  # here, off the engine's thread: the first reads the vocab
+        self.bad_words(tuple(p.bad_words))  # checked here; a request's settings use the same, cached
         if grammar is not None and not grammar_checked:  # the server checks it off its event loop, then says so
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
@@ -178,6 +180,36 @@ class Engine:
                 self._breakers.clear()
             self._breakers[strings] = mask
         return mask
+
+    def bad_words(self, words: tuple[str, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """vLLM's `bad_words` as the sampler holds them: the words of one token (for a -inf bias), and the others'
+        token sequences right-aligned in `[MAX_BAD, BAD_TOKENS]` with their lengths. Each word counts as vLLM
+        tokenizes it: its text, left-stripped, and again after a space where that gives other tokens of the same
+        count. Cached, a few sets; 400 past the sampler's bounds or without a tokenizer."""
+        got = self._bad.get(words)
+        if got is not None or not words:
+            return got or ([], None, None)
+        if self.tok is None:
+            raise InvalidRequest("bad_words needs the model's tokenizer", "bad_words")
+        sequences = []
+        for word in words:
+            plain = self.tok.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tok.encode(" " + word.lstrip(), add_special_tokens=False)
+            sequences += [plain] + ([spaced] if spaced[0] != plain[0] and len(spaced) == len(plain) else [])
+        single = sorted({s[0] for s in sequences if len(s) == 1})
+        longer = [s for s in sequences if len(s) > 1]
+        if len(longer) > MAX_BAD or any(len(s) > BAD_TOKENS for s in longer):
+            raise InvalidRequest(f"bad_words: at most {MAX_BAD} token sequences of 2 to {BAD_TOKENS} tokens (as the "
+                                 f"words tokenize, with and without a leading space), got {len(longer)} of up to "
+                                 f"{max(map(len, longer))}", "bad_words")
+        ids = np.zeros((MAX_BAD, BAD_TOKENS), np.int32)
+        lengths = np.zeros(MAX_BAD, np.int32)
+        for i, s in enumerate(longer):
+            ids[i, BAD_TOKENS - len(s):], lengths[i] = s, len(s)
+        if len(self._bad) >= 8:
+            self._bad.clear()
+        self._bad[words] = got = (single, ids, lengths)
+        return got
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
@@ -444,7 +476,8 @@ class Engine:
 
     def _settings(self, req: Request) -> dict:
         """A request's sampler row: its settings, logit bias (EOS suppressed for ignore_eos, every token but the
-        allowed_token_ids), ending tokens (what min_tokens holds back) and, where DRY is on, its sequence breakers."""
+        allowed_token_ids, bad words of one token), ending tokens (what min_tokens holds back), bad words of more, and
+        where DRY is on its sequence breakers."""
         p = req.params
         vocab = self.model.cfg.vocab_size
         bias = np.zeros(vocab, np.float32)
@@ -459,7 +492,11 @@ class Engine:
         if p.min_tokens:
             held = sorted(set(self.model.eos_ids) | set(p.stop_token_ids))
             ends[:len(held)] = held
+        single, ids, lengths = self.bad_words(tuple(p.bad_words))
+        bias[single] = -np.inf
         row = {**p.sampler_row(), "bias": bias, "ends": ends}
+        if ids is not None:
+            row.update(bad_words=ids, bad_len=lengths)
         if p.dry_multiplier > 0:
             row["breakers"] = self.breakers(tuple(p.dry_sequence_breakers))
         return row

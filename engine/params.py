@@ -59,6 +59,7 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a choice, as EOS does
     include_stop_str_in_output: bool = False  # the stop string that ended a choice stays in its text
     allowed_token_ids: list[int] | None = None  # the only tokens a choice may draw (None: any)
+    bad_words: list[str] = dataclasses.field(default_factory=list)  # vLLM's: words never completed (as it tokenizes)
     dry_multiplier: float = 0.0  # llama.cpp's DRY (0: off), its base, allowed length, window and sequence breakers
     dry_base: float = 1.75
     dry_allowed_length: int = 2
@@ -106,6 +107,8 @@ class SamplingParams:
         check(self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
               f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})", "min_tokens")
+        check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words must be non-empty strings",
+              "bad_words")
         check(self.dry_multiplier >= 0.0, "dry_multiplier must be >= 0", "dry_multiplier")
         check(self.dry_base >= 1.0, "dry_base must be >= 1", "dry_base")
         check(self.dry_allowed_length >= 0, "dry_allowed_length must be >= 0", "dry_allowed_length")

@@ -865,11 +865,9 @@ class Runner:
         vocab = self.model.cfg.vocab_size
         prompt_row = np.zeros(vocab, bool)
         prompt_row[np.asarray(prompt, np.int64)] = True
-        breakers = settings.get("breakers")
         return smp.SamplerState(np.zeros(vocab, np.int32), prompt_row,
                                 np.float32(2.0 * settings.get("mirostat_tau", 5.0)),
-                                np.asarray(seed_key, np.uint32), np.int32(0),
-                                smp.history_row(prompt, np.zeros(vocab, bool) if breakers is None else breakers))
+                                np.asarray(seed_key, np.uint32), np.int32(0), smp.history_row(prompt))
 
     def save_row(self, row: int) -> smp.SamplerState:
         """The sampler state of one row, on the host (a preempted sequence takes it along)."""

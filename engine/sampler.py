@@ -7,7 +7,8 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
   0. logprobs for the response: log-softmax of the raw logits (before anything below), chosen token and, when some
      slot asks for alternatives, the top 20;
   1. logit_bias (ignore_eos is a -inf bias on the EOS ids), and while a slot has drawn fewer than its min_tokens,
-     -inf on its ending tokens (EOS and stop_token_ids);
+     -inf on its ending tokens (EOS and stop_token_ids); -inf on the last token of a bad word whose other tokens
+     end the output;
   2. repetition_penalty over prompt and output tokens (positive logits / r, negative * r);
   3. frequency and presence penalties over output tokens: `z -= f * count + p * (count > 0)`;
      then DRY, llama.cpp's repeated-sequence penalty over the last `DRY_WINDOW` tokens (prompt and output);
@@ -46,7 +47,9 @@ from jax.extend.random import threefry2x32_p
 CANDIDATES = 64
 DRY_WINDOW = 1024  # tokens DRY looks back over (llama.cpp's default, the whole context, is capped at this)
 DRY_BLOCK = 32  # positions of a repeat DRY compares per pass
-NO_TOKEN = -2  # a history position before the sequence began (a breaker is -1): neither equals a token
+NO_TOKEN = -2  # a history position before the sequence began (to DRY a breaker is -1): neither equals a token
+MAX_BAD = 32  # bad words of several tokens a slot may hold (vLLM's `bad_words`; one token's are a -inf bias)
+BAD_TOKENS = 8  # the most tokens in one of them
 MAX_ENDS = 16  # ending tokens a slot's min_tokens holds back: the model's EOS ids and a request's stop_token_ids
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
@@ -72,6 +75,8 @@ class SamplerParams:
     bias: jax.Array  # [B, V] additive logit bias (-inf for suppressed EOS)
     min_tokens: jax.Array  # int32: draws before an ending token may be drawn
     ends: jax.Array  # [B, MAX_ENDS] int32: the slot's ending tokens (EOS, stop_token_ids), padded past the vocabulary
+    bad_words: jax.Array  # [B, MAX_BAD, BAD_TOKENS] int32: token sequences never to complete, each ending at the end
+    bad_len: jax.Array  # [B, MAX_BAD] int32: their lengths (0: none)
     dry_multiplier: jax.Array  # 0: DRY off
     dry_base: jax.Array
     dry_allowed_length: jax.Array  # int32
@@ -92,8 +97,8 @@ class SamplerState:
     mu: jax.Array  # [B] mirostat mu
     key: jax.Array  # [B, 2] uint32 raw PRNG key of the request
     step: jax.Array  # [B] int32 draws made so far (the counter a draw's uniform hashes under the key)
-    history: jax.Array  # [B, DRY_WINDOW] int32 the last tokens, prompt's then drawn, oldest first (for DRY; a breaker
-    #                     is -1, a position before the sequence NO_TOKEN)
+    history: jax.Array  # [B, DRY_WINDOW] int32 the last tokens, prompt's then drawn, oldest first (DRY's, and bad
+    #                     words' prefixes); a position before the sequence is NO_TOKEN
 
 
 @jax.tree_util.register_dataclass
@@ -117,6 +122,7 @@ def neutral_params(batch: int, vocab: int) -> dict:
         mirostat_eta=np.full(batch, 0.1, np.float32), mirostat=np.zeros(batch, bool),
         top_logprobs=np.zeros(batch, np.int32), bias=np.zeros((batch, vocab), np.float32),
         min_tokens=np.zeros(batch, np.int32), ends=np.full((batch, MAX_ENDS), vocab, np.int32),
+        bad_words=np.zeros((batch, MAX_BAD, BAD_TOKENS), np.int32), bad_len=np.zeros((batch, MAX_BAD), np.int32),
         dry_multiplier=np.zeros(batch, np.float32), dry_base=np.full(batch, 1.75, np.float32),
         dry_allowed_length=np.full(batch, 2, np.int32), dry_last_n=np.full(batch, DRY_WINDOW, np.int32),
         breakers=np.zeros((batch, vocab), bool), top_n_sigma=np.zeros(batch, np.float32),
@@ -130,13 +136,12 @@ def init_state(batch: int, vocab: int) -> SamplerState:
                         jnp.zeros((batch,), jnp.int32), jnp.full((batch, DRY_WINDOW), NO_TOKEN, jnp.int32))
 
 
-def history_row(tokens, breakers: np.ndarray) -> np.ndarray:
-    """A fresh row of `SamplerState.history`, on the host: the last `DRY_WINDOW` of `tokens` (a prompt), breakers
-    (`breakers[t]`) as -1, the positions before them NO_TOKEN."""
+def history_row(tokens) -> np.ndarray:
+    """A fresh row of `SamplerState.history`, on the host: the last `DRY_WINDOW` of `tokens` (a prompt), the
+    positions before them NO_TOKEN."""
     row = np.full(DRY_WINDOW, NO_TOKEN, np.int32)
     last = np.asarray(tokens[-DRY_WINDOW:], np.int32)
-    if len(last):
-        row[-len(last):] = np.where(breakers[last], -1, last)
+    row[DRY_WINDOW - len(last):] = last
     return row
 
 
@@ -168,11 +173,18 @@ def seed_keys(seed: int, n: int) -> list[np.ndarray]:
 
 
 def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
-    """Steps 1-3: logit bias (and min_tokens' hold on the ending tokens), repetition penalty (prompt + output),
-    frequency/presence penalties (output)."""
+    """Steps 1-3: logit bias (with min_tokens' hold on the ending tokens, and the last token of each bad word whose
+    other tokens end the output), repetition penalty (prompt + output), frequency/presence penalties (output)."""
     early = jnp.where(s.step < p.min_tokens, NEG_INF, 0.0)[:, None]  # [B, 1]
-    rows = np.arange(logits.shape[0])[:, None]
+    b, vocab = logits.shape
+    rows = np.arange(b)[:, None]
     z = (logits + p.bias).at[rows, p.ends].add(jnp.broadcast_to(early, p.ends.shape), mode="drop")  # padding: dropped
+    # vLLM's bad words: a word's tokens but its last are the output's last (`history`, since `step` draws ago)
+    n = BAD_TOKENS - 1
+    before = np.arange(n) >= BAD_TOKENS - p.bad_len[:, :, None]  # [B, MAX_BAD, n]: a position of the word's prefix
+    said = jnp.all(~before | (p.bad_words[:, :, :n] == s.history[:, None, -n:]), axis=-1)
+    ban = said & (p.bad_len > 0) & (p.bad_len - 1 <= s.step[:, None])
+    z = z.at[rows, jnp.where(ban, p.bad_words[:, :, n], vocab)].set(NEG_INF, mode="drop")
     seen = s.prompt_mask | (s.counts > 0)
     r = p.repetition_penalty[:, None]
     z = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
@@ -180,8 +192,9 @@ def penalize(logits: jax.Array, p: SamplerParams, s: SamplerState) -> jax.Array:
     return z - p.frequency_penalty[:, None] * counts - p.presence_penalty[:, None] * (counts > 0)
 
 
-def dry_penalty(p: SamplerParams, s: SamplerState, vocab: int, select: bool = False) -> jax.Array:
-    """DRY ("don't repeat yourself", llama.cpp's, from koboldcpp): `[B, V]` amounts to take off the logits. When the
+def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = False) -> tuple[jax.Array, jax.Array]:
+    """DRY ("don't repeat yourself", llama.cpp's, from koboldcpp) as `(tokens, amounts)`, `[B, DRY_WINDOW - 1]` each:
+    the amounts to take off those tokens' logits, each token once (the other entries past the vocabulary). When the
     last n tokens (n >= dry_allowed_length) also occur earlier in the row's window, the token that followed that
     earlier copy loses `dry_multiplier * dry_base ** (n - dry_allowed_length)` (the largest n over its copies; the
     exponent capped where the power would pass float32's range). n counts back from the last token and stops at a
@@ -192,11 +205,13 @@ def dry_penalty(p: SamplerParams, s: SamplerState, vocab: int, select: bool = Fa
     count, no conditional)."""
     b, w = s.history.shape
     n = jnp.where(p.dry_last_n < 0, w, jnp.minimum(p.dry_last_n, w))  # llama.cpp's -1, the whole context: the window
-    back = jnp.where(np.arange(w) < n[:, None], s.history[:, ::-1], NO_TOKEN)  # [:, t]: the token t back from the last
+    back = s.history[:, ::-1]  # [:, t]: the token t back from the last; a breaker -1, outside the window NO_TOKEN
+    back = jnp.where(jnp.take_along_axis(p.breakers, jnp.maximum(back, 0), axis=1) & (back >= 0), -1, back)
+    back = jnp.where(np.arange(w) < n[:, None], back, NO_TOKEN)
     padded = jnp.concatenate([back, jnp.full((b, w + DRY_BLOCK), NO_TOKEN, jnp.int32)], axis=1)
     k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below)
     alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None])
-    windows = np.arange(w - 1)[:, None] + np.arange(DRY_BLOCK)[None, :]  # one gather, where 32 slices cost 0.4 s to build
+    windows = np.arange(w - 1)[:, None] + np.arange(DRY_BLOCK)[None, :]  # one gather (32 slices: 0.4 s to compile)
 
     def block(i, carry):
         alive, length = carry
@@ -217,36 +232,38 @@ def dry_penalty(p: SamplerParams, s: SamplerState, vocab: int, select: bool = Fa
                                           lambda c: (c[0] + 1, *block(c[0], c[1:])), (0, *carry))
     follows = back[:, :w - 1]  # the token after the copy ending k back
     hit = alive & (length >= p.dry_allowed_length[:, None]) & (follows >= 0)
-    most = jnp.full((b, vocab), -1, jnp.int32).at[np.arange(b)[:, None], jnp.where(hit, follows, vocab)].max(
-        length, mode="drop")
+    rows, tokens = np.arange(b)[:, None], jnp.where(hit, follows, vocab)
+    most = jnp.full((b, vocab), -1, jnp.int32).at[rows, tokens].max(length, mode="drop")
+    first = jnp.full((b, vocab), w, jnp.int32).at[rows, tokens].min(jnp.broadcast_to(k, tokens.shape), mode="drop")
+    at = jnp.minimum(tokens, vocab - 1)
+    once = hit & (jnp.take_along_axis(first, at, axis=1) == k)  # each token at its first column
     base = p.dry_base[:, None]
     cap = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(base)), jnp.inf)  # llama.cpp's: float32's range
-    power = jnp.minimum((most - p.dry_allowed_length[:, None]).astype(jnp.float32), cap)
-    return jnp.where(most >= 0, p.dry_multiplier[:, None] * base ** power, 0.0)
+    power = jnp.minimum((jnp.take_along_axis(most, at, axis=1) - p.dry_allowed_length[:, None]).astype(jnp.float32),
+                        cap)
+    return jnp.where(once, tokens, vocab), jnp.where(once, p.dry_multiplier[:, None] * base ** power, 0.0)
 
 
-def sigma_mask(z: jax.Array, p: SamplerParams) -> jax.Array:
-    """Top-nσ (Tang et al. 2024, "Top-nσ: not all logits are you need"; llama.cpp's `top_n_sigma`): keep the tokens
-    within n standard deviations of the largest logit, the statistics over the tokens not already excluded (rows
-    with n <= 0 keep every token). Scaling by a temperature scales both sides: the set does not depend on it."""
+def sigma_floor(z: jax.Array, p: SamplerParams) -> jax.Array:
+    """Top-nσ (Tang et al. 2024, "Top-nσ: not all logits are you need"; llama.cpp's `top_n_sigma`): the logit `[B]`
+    below which a row's tokens go, n standard deviations under its largest, the statistics over the tokens not
+    already excluded (-inf where n <= 0). Scaling by a temperature scales both sides: the set does not depend on it."""
     live = z > NEG_INF
     count = jnp.maximum(jnp.sum(live, axis=-1), 1)
-    zl = jnp.where(live, z, 0.0)
-    mean = jnp.sum(zl, axis=-1) / count
+    mean = jnp.sum(jnp.where(live, z, 0.0), axis=-1) / count
     std = jnp.sqrt(jnp.sum(jnp.where(live, (z - mean[:, None]) ** 2, 0.0), axis=-1) / count)
-    top = jnp.max(z, axis=-1)
-    return (z >= (top - p.top_n_sigma * std)[:, None]) | (p.top_n_sigma <= 0)[:, None]
+    return jnp.where(p.top_n_sigma > 0, jnp.max(z, axis=-1) - p.top_n_sigma * std, NEG_INF)
 
 
-def xtc_mask(z: jax.Array, p: SamplerParams, coin: jax.Array) -> jax.Array:
-    """XTC, "exclude top choices" (llama.cpp's, from text-generation-webui): with probability `xtc_probability` a
-    draw (its `coin` below it) drops every token whose probability, among the survivors `z` (-inf excluded), reaches
-    `xtc_threshold`, except the least likely of them; nothing when fewer than two reach it."""
+def xtc_ceiling(z: jax.Array, p: SamplerParams, coin: jax.Array) -> jax.Array:
+    """XTC, "exclude top choices" (llama.cpp's, from text-generation-webui): the logit `[B]` above which a row's
+    tokens go (inf: none). With probability `xtc_probability` (the draw's `coin` below it) a draw drops every token
+    whose probability among the survivors `z` (-inf excluded) reaches `xtc_threshold` but the least likely of them;
+    nothing when fewer than two reach it."""
     _, lse = log_normaliser(z)
     above = z >= (lse + jnp.log(p.xtc_threshold))[:, None]
     lowest = jnp.min(jnp.where(above, z, jnp.inf), axis=-1)
-    on = (coin < p.xtc_probability) & (jnp.sum(above, axis=-1) >= 2)
-    return ~(on[:, None] & above & (z > lowest[:, None]))
+    return jnp.where((coin < p.xtc_probability) & (jnp.sum(above, axis=-1) >= 2), lowest, jnp.inf)
 
 
 def prefix_sums(x: jax.Array, exclusive: bool = False, total: bool = False) -> jax.Array:
@@ -557,7 +574,11 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     vocab = logits.shape[1]
     z = penalize(logits, p, s)
     if not plain and not lean:
-        z = branch(jnp.any(p.dry_multiplier > 0), lambda: z - dry_penalty(p, s, vocab, select), lambda: z, select)
+        w = s.history.shape[1] - 1
+        none = (np.full((b, w), vocab, np.int32), np.zeros((b, w), np.float32))  # constants: no kernels
+        tokens, amounts = branch(jnp.any(p.dry_multiplier > 0), lambda: dry_penalties(p, s, vocab, select),
+                                 lambda: none, select)
+        z = z.at[np.arange(b)[:, None], tokens].add(-amounts, mode="drop")
     if allowed is not None and not plain:
         z = branch(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF), lambda: z,
                    select)
@@ -566,15 +587,18 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     u, coin = uniforms(s.key, s.step)
     if not plain:
         if not lean:
-            z = branch(jnp.any(p.top_n_sigma > 0), lambda: jnp.where(sigma_mask(z, p), z, NEG_INF), lambda: z, select)
+            floor = branch(jnp.any(p.top_n_sigma > 0), lambda: sigma_floor(z, p),
+                           lambda: np.full(b, -np.inf, np.float32), select)
+            z = jnp.where(z >= floor[:, None], z, NEG_INF)
         keep = truncation_mask(z, p, select, lean)
         if not lean:
             keep = branch(jnp.any(p.mirostat), lambda: jnp.where(p.mirostat[:, None], mirostat_mask(z, s.mu), keep),
                           lambda: keep, select)
         z = jnp.where(keep, z, NEG_INF)
         if not lean:
-            z = branch(jnp.any(p.xtc_probability > 0), lambda: jnp.where(xtc_mask(z, p, coin), z, NEG_INF),
-                       lambda: z, select)
+            ceiling = branch(jnp.any(p.xtc_probability > 0), lambda: xtc_ceiling(z, p, coin),
+                             lambda: np.full(b, np.inf, np.float32), select)
+            z = jnp.where(z > ceiling[:, None], NEG_INF, z)
     drawn, logq = draw(z, u)
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.
@@ -582,8 +606,7 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     mu = jnp.where(p.mirostat & active, s.mu - p.mirostat_eta * (surprise - p.mirostat_tau), s.mu)
     rows = jnp.arange(b)
     counts = s.counts.at[rows, token].add(active.astype(jnp.int32))
-    said = jnp.where(jnp.take_along_axis(p.breakers, token[:, None], axis=1), -1, token[:, None])
-    history = jnp.where(active[:, None], jnp.concatenate([s.history[:, 1:], said], axis=1), s.history)
+    history = jnp.where(active[:, None], jnp.concatenate([s.history[:, 1:], token[:, None]], axis=1), s.history)
     new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32), history)
     chosen_lp = jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0] - lse
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

@@ -221,8 +221,17 @@ def sampling(body: dict) -> SamplingParams:
         skip_special_tokens=body.get("skip_special_tokens") is None or _flag(body, "skip_special_tokens"),
         allowed_token_ids=None if body.get("allowed_token_ids") is None else _token_ids(body["allowed_token_ids"],
                                                                                         "allowed_token_ids"),
-        dry_sequence_breakers=_breakers(body.get("dry_sequence_breakers")),
+        bad_words=_bad_words(body.get("bad_words")), dry_sequence_breakers=_breakers(body.get("dry_sequence_breakers")),
         **{k: num[k] for k in LLAMA_CPP if num[k] is not None})
+
+
+def _bad_words(v: Any) -> list[str]:
+    """vLLM's `bad_words`: a list of words (each with some text besides spaces)."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(w, str) and w.strip() for w in v):
+        raise bad("'bad_words' must be a list of words (strings with text besides spaces)", "bad_words")
+    return v
 
 
 def _breakers(v: Any) -> list[str]:

@@ -473,8 +473,12 @@ def test_dry_matches_llama_cpp_written_out(select):
                dry_allowed_length=[s[2] for s in settings], dry_last_n=[s[3] for s in settings],
                breakers=np.tile(breakers, (b, 1)))
     state = dataclasses.replace(smp.init_state(b, V), history=jnp.asarray(
-        np.stack([smp.history_row(tokens, breakers) for tokens, _ in rows])))
-    got = np.asarray(jax.jit(smp.dry_penalty, static_argnums=(2, 3))(p, state, V, select))
+        np.stack([smp.history_row(tokens) for tokens, _ in rows])))
+    tokens, amounts = map(np.asarray, jax.jit(smp.dry_penalties, static_argnums=(2, 3))(p, state, V, select))
+    assert all(len(set(t[t < V])) == (t < V).sum() for t in tokens)  # each token once
+    got = np.zeros((b, V + 1))
+    np.add.at(got, (np.arange(b)[:, None], tokens), amounts)
+    got = got[:, :V]
     for i, (tokens, (mult, base, allowed, last_n)) in enumerate(rows):
         want = dry_reference(tokens[-smp.DRY_WINDOW:], mult, base, allowed,
                              smp.DRY_WINDOW if last_n < 0 else last_n, {7, 8}, V)
@@ -517,15 +521,16 @@ def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
     z[:, :4] += np.float32(9.0)  # four leading tokens near each other: several reach a threshold
     sigma = np.asarray([1.0, 0.5, 2.5, 0.0, -1.0, 1.0, 3.0, 0.1], np.float32)
     for temperature in (1.0, 0.6):
-        keep = np.asarray(smp.sigma_mask(jnp.asarray(z / temperature), params(b, top_n_sigma=sigma)))
+        zt = z / temperature
+        keep = zt >= np.asarray(smp.sigma_floor(jnp.asarray(zt), params(b, top_n_sigma=sigma)))[:, None]
         for i in range(b):
             want = sigma_reference(z[i], sigma[i]) if sigma[i] > 0 else np.ones(V, bool)
             assert np.array_equal(keep[i], want), (i, temperature)
     probability = np.asarray([1.0, 1.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.3], np.float32)
     threshold = np.asarray([0.1, 0.2, 0.1, 0.1, 0.1, 0.6, 0.0, 0.05], np.float32)
     coin = np.asarray([0.3, 0.9, 0.2, 0.7, 0.0, 0.1, 0.5, 0.29], np.float32)
-    keep = np.asarray(smp.xtc_mask(jnp.asarray(z), params(b, xtc_probability=probability, xtc_threshold=threshold),
-                                   jnp.asarray(coin)))
+    keep = z <= np.asarray(smp.xtc_ceiling(jnp.asarray(z), params(b, xtc_probability=probability,
+                                                                  xtc_threshold=threshold), jnp.asarray(coin)))[:, None]
     for i in range(b):
         assert np.array_equal(keep[i] & np.isfinite(z[i]), xtc_reference(z[i], probability[i], threshold[i],
                                                                          coin[i])), i
@@ -536,7 +541,7 @@ def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
 
 def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     """Through `sample`, over 6 steps of threaded state: a greedy DRY row draws the argmax of its logits less
-    llama.cpp's penalties over its growing history (breakers stored as -1); an XTC row (coin always) never draws one
+    llama.cpp's penalties over its growing history; an XTC row (coin always) never draws one
     of the top choices it drops; a top-nσ row draws within its set; the fixed-count variant (`select`) draws the same;
     no variant that leaves these out (`is_plain`, `is_lean`) takes such a row."""
     rng = np.random.default_rng(23)
@@ -548,7 +553,7 @@ def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
                 xtc_probability=[0, 1.0, 0, 0], xtc_threshold=[0.1, 0.05, 0.1, 0.1], top_n_sigma=[0, 0, 1.0, 0],
                 breakers=np.tile(breakers, (b, 1)))
     p, init = _keyed(b, **rows)
-    init = dataclasses.replace(init, history=jnp.asarray(np.stack([smp.history_row(t, breakers) for t in prompt])))
+    init = dataclasses.replace(init, history=jnp.asarray(np.stack([smp.history_row(t) for t in prompt])))
     logits = (rng.standard_normal((steps, b, V)) * 2).astype(np.float32)
     logits[:, :, :9] += np.float32(4.0)  # the history's tokens lead: DRY decides the greedy row
     want, want_state, _ = _steps("cond", logits, p, init)
@@ -571,9 +576,52 @@ def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     hist = want_state.history
     for i in range(b):
         tail = np.asarray(seen[i][-smp.DRY_WINDOW:])
-        assert np.array_equal(hist[i, -len(tail):], np.where(breakers[tail], -1, tail)), i
+        assert np.array_equal(hist[i, -len(tail):], tail), i
     neutral = {k: v[0] for k, v in smp.neutral_params(1, V).items()}
     for change in (dict(dry_multiplier=0.5, temperature=0.0), dict(xtc_probability=0.5), dict(top_n_sigma=1.0)):
         row = {**neutral, **change}
         assert not smp.is_plain(row) and not smp.is_lean(row), change
     assert smp.is_plain({**neutral, "temperature": 0.0, "xtc_probability": 0.5, "top_n_sigma": 1.0})
+
+
+def bad_words_reference(logits, sequences, output):
+    """vLLM's `NoBadWordsLogitsProcessor` written out: a word of one token is never drawn; a longer one's last
+    token is not drawn where the output's last tokens are its others."""
+    z = logits.copy()
+    for seq in sequences:
+        if len(seq) == 1 or (len(seq) - 1 <= len(output) and list(output[len(output) - len(seq) + 1:]) == seq[:-1]):
+            z[seq[-1]] = -np.inf
+    return z
+
+
+def test_bad_words_of_several_tokens_match_vllm_written_out():
+    """Bad words of 2 to `BAD_TOKENS` tokens, right-aligned in a row's `bad_words`: over 8 greedy steps whose logits
+    lead toward the words, each row draws vLLM's choice; a word's prefix in the prompt (before `step`) does not
+    count, one at the end of the output does."""
+    rng = np.random.default_rng(24)
+    b, steps = 4, 8
+    words = [[[5, 6], [6, 5, 6]], [[9, 9]], [], [list(range(1, 9))]]
+    ids = np.zeros((b, smp.MAX_BAD, smp.BAD_TOKENS), np.int32)
+    lengths = np.zeros((b, smp.MAX_BAD), np.int32)
+    for i, seqs in enumerate(words):
+        for j, s in enumerate(seqs):
+            ids[i, j, smp.BAD_TOKENS - len(s):], lengths[i, j] = s, len(s)
+    prompt = [[5], [9], [5], [7]]  # a word's prefix in the prompt: not the output's
+    p = params(b, temperature=[0.0] * b, bad_words=ids, bad_len=lengths)
+    state = dataclasses.replace(smp.init_state(b, V), history=jnp.asarray(np.stack([smp.history_row(t)
+                                                                                   for t in prompt])))
+    logits = (rng.standard_normal((steps, b, V)) * 0.1).astype(np.float32)
+    for step in range(steps):  # each row's first and second choices at each step
+        for i, (first, second) in enumerate([(5, 6) if step % 2 == 0 else (6, 5), (9, 4), (6, 5), (step + 1, 30)]):
+            logits[step, i, first] += 10.0
+            logits[step, i, second] += 9.0
+    outs, _, _ = _steps("cond", logits, p, state)
+    banned = [0] * b
+    for i in range(b):
+        out = []
+        for step in range(steps):
+            z = bad_words_reference(logits[step, i], words[i], out)
+            banned[i] += int(np.argmax(z) != np.argmax(logits[step, i]))
+            assert outs[step].token[i] == np.argmax(z), (i, step, out)
+            out.append(int(outs[step].token[i]))
+    assert banned[0] >= 3 and banned[1] >= 3 and banned[2] == 0 and banned[3] == 1, banned

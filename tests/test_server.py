@@ -326,6 +326,30 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
         assert e.value.body["param"] == param, (extra, e.value.body)
 
 
+def test_vllms_bad_words(api, client):
+    """vLLM's bad_words through the `openai` client: the greedy reply never holds a word's tokens as vLLM tokenizes
+    it (the text, and after a space), and leaves where the free reply said them; bad values are 400s."""
+    tok = api.model.tokenizer
+    ask = lambda **extra: client.chat.completions.create(  # noqa: E731
+        model=MODEL, messages=HELLO, temperature=0, max_tokens=24, extra_body={"return_token_ids": True, **extra})
+    free = ask()
+    assert "capital of France" in free.choices[0].message.content and "Paris" in free.choices[0].message.content
+    for words in (["Paris"], ["capital of France"], ["  Paris", "capital of France"]):
+        r = ask(bad_words=words)
+        ids = r.choices[0].model_extra["token_ids"]
+        assert r.choices[0].message.content != free.choices[0].message.content
+        for w in words:
+            for seq in (tok.encode(w.lstrip(), add_special_tokens=False),
+                        tok.encode(" " + w.lstrip(), add_special_tokens=False)):
+                assert not any(ids[i:i + len(seq)] == seq for i in range(len(ids))), (w, seq)
+    many = [f"{a} {b}" for a in ("red", "green", "blue", "black", "white", "brown") for b in ("cat", "dog", "fish")]
+    for words, param in ((["Paris", ""], "bad_words"), ("Paris", "bad_words"), ([" "], "bad_words"),
+                         (many, "bad_words")):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(bad_words=words)
+        assert e.value.body["param"] == param, (words, e.value.body)
+
+
 def test_logit_bias_mirostat_and_every_setting_together(api, client):
     tid = api.model.tokenizer.encode(" banana")[0]
     r = client.completions.create(model=MODEL, prompt="I like", max_tokens=4, temperature=0.8, seed=1,
