@@ -222,6 +222,7 @@ class Server:
         """`(prompt index, engine request)` pairs; n beyond one data shard's decode slots is split over several
         requests."""
         out, n, slots = [], job.params.n, self.engine.runner.per_shard
+        self._keep_last(job)
         for i, ids in enumerate(job.prompts):
             for first in range(0, n, slots):
                 params = dataclasses.replace(job.params, n=min(slots, n - first))
@@ -235,6 +236,17 @@ class Server:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
         return out
+
+    def _keep_last(self, job: Job) -> None:
+        """vLLM's `truncate_prompt_tokens`: each prompt's last tokens only (-1: as many as leave room for one more),
+        and its text theirs (what `echo` returns)."""
+        if job.keep_last is None:
+            return
+        keep = self.engine.max_len - 1 if job.keep_last == -1 else job.keep_last
+        for i, ids in enumerate(job.prompts):
+            if len(ids) > keep:
+                job.prompts[i] = ids[-keep:]
+                job.prompt_texts[i] = self.engine.tok.decode(ids[-keep:]) if self.engine.tok is not None else ""
 
     def _budget(self, job: Job) -> Budget | None:
         """The engine's view of a job's thinking block: its budget, and where a grammar may start (None: the

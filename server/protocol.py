@@ -105,6 +105,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
     "min_tokens": (int, 0, None),
+    "truncate_prompt_tokens": (int, -1, None),
     "dry_multiplier": (float, 0.0, None),
     "dry_base": (float, 1.0, None),
     "dry_allowed_length": (int, 0, None),
@@ -147,6 +148,7 @@ class Job:
     tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
     thinking: Thinking | None = None  # chat with a reasoning parser: split the thinking out (and its budget)
     prediction: list[int] | None = None  # token ids the output is expected to resemble (drafts for speculation)
+    keep_last: int | None = None  # vLLM's truncate_prompt_tokens: keep each prompt's last tokens (-1: all that fit)
 
 
 def _number(body: dict, name: str) -> Any:
@@ -272,6 +274,10 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
               raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"),
               perf_metrics=_flag(body, "perf_metrics_in_response"))
     job.echo_last = _number(body, "echo_last")
+    job.keep_last = _number(body, "truncate_prompt_tokens")
+    if job.keep_last == 0:
+        raise bad("'truncate_prompt_tokens' must be -1 (keep what fits the context) or a number of tokens >= 1",
+                  "truncate_prompt_tokens")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
     job.cache_key = body.get("prompt_cache_isolation_key")
     try:

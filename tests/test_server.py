@@ -326,6 +326,31 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
         assert e.value.body["param"] == param, (extra, e.value.body)
 
 
+def test_vllms_truncate_prompt_tokens(api, client):
+    """vLLM's truncate_prompt_tokens keeps each prompt's last tokens (echo returns their text); -1 keeps what fits
+    the context, where the whole prompt is a 400; 0 and a string are 400s."""
+    tok = api.model.tokenizer
+    text = "The quick brown fox jumps over the lazy dog and runs far away into the forest"
+    ids = tok.encode(text)
+    ask = lambda prompt, **extra: client.completions.create(  # noqa: E731
+        model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body={"return_token_ids": True, **extra})
+    r = ask(text, truncate_prompt_tokens=5)
+    assert r.usage.prompt_tokens == 5 and r.model_extra["prompt_token_ids"] == ids[-5:]
+    assert r.choices[0].text == ask(ids[-5:]).choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=[text, "one two"], max_tokens=0, echo=True,
+                                       extra_body={"truncate_prompt_tokens": 4})
+    assert [c.text for c in echoed.choices] == [tok.decode(ids[-4:]), "one two"]
+    long = list(range(100, 100 + api.engine.max_len + 50))
+    with pytest.raises(openai.BadRequestError):
+        ask(long)
+    fit = ask(long, truncate_prompt_tokens=-1)
+    assert fit.usage.prompt_tokens == api.engine.max_len - 1 and fit.usage.completion_tokens == 1
+    for bad_value in (0, "5", -2):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(text, truncate_prompt_tokens=bad_value)
+        assert e.value.body["param"] == "truncate_prompt_tokens"
+
+
 def test_vllms_bad_words(api, client):
     """vLLM's bad_words through the `openai` client: the greedy reply never holds a word's tokens as vLLM tokenizes
     it (the text, and after a space), and leaves where the free reply said them; bad values are 400s."""
