@@ -142,8 +142,8 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 def join_pieces(pieces: list) -> tuple:
-    """Concatenate per-chunk echo logprobs `(chosen, top ids, top logprobs)` along the prompt."""
-    return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
+    """Concatenate per-chunk echo logprobs `(chosen, top ids, top logprobs, chosen's rank)` along the prompt."""
+    return tuple(np.concatenate([p[i] for p in pieces]) for i in range(4))
 
 
 class Dispatched:
@@ -281,8 +281,9 @@ class Runner:
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
             chosen = jnp.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(lp, smp.TOP_LOGPROBS)
+            rank = 1 + jnp.sum(lp > chosen[:, None], axis=1, dtype=jnp.int32)  # the next token's, in the vocabulary
             last = last.at[dest[:1]].set(logits[length[0] - 1][None].astype(last.dtype), mode="drop")
-            return cache, last, (chosen[None], top_ids[None], top_lp[None])
+            return cache, last, (chosen[None], top_ids[None], top_lp[None], rank[None])
 
         @functools.partial(jax.jit, donate_argnums=(1, 2))
         def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, pages, dest, drawn,
@@ -745,7 +746,7 @@ class Runner:
     def prefill_chunk(self, slot: int, table: np.ndarray, tokens: list[int], start: int, echo: bool = False):
         """Write one chunk of the sequence in `slot` (positions `start .. start + chunk`) into the pages of its
         `table` row; its last logits go to `last_logits[slot]`. Returns, for echo, the chunk's per-position `(logprob of
-        the next prompt token, top ids, top logprobs)`. The other shards' rows are padding."""
+        the next prompt token, top ids, top logprobs, its rank)`. The other shards' rows are padding."""
         d = self.shard_of(slot)
         piece = tokens[start:start + self.chunk]
         size = self.echo_size(start, len(piece)) if echo else bucket(len(piece), self.prefill_buckets)

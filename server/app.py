@@ -42,7 +42,7 @@ from server.metrics import Metrics
 from server.store import ResponseStore
 from server.turn import Turn
 from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_entries, prompt_requests,
-                              prompt_token_ids, raw_output, usage)
+                              prompt_token_ids, raw_output, usage, vllm_prompt_logprobs)
 
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
@@ -573,6 +573,8 @@ class Server:
                 "usage": used}
         if job.return_token_ids:  # Fireworks: the prompt's ids at the top level, each choice's on the choice
             body["prompt_token_ids"] = prompt_token_ids(reqs)
+        if job.prompt_logprobs is not None and job.kind == "chat":
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.vocab, reqs[0], job.prompt_logprobs)
         if job.perf_metrics:
             body["perf_metrics"] = perf
         return web.json_response(body, headers=headers)
@@ -616,6 +618,8 @@ class Server:
         return completion_logprobs(self.vocab, entries, job.logprobs, offset)
 
     def _extras(self, job: Job, req: Request, choice, out: dict) -> dict:
+        if job.prompt_logprobs is not None and job.kind != "chat":  # vLLM: on each choice (chat: the response's)
+            out["prompt_logprobs"] = vllm_prompt_logprobs(self.vocab, req, job.prompt_logprobs)
         if job.raw_output:
             out["raw_output"] = raw_output(self.vocab, req, choice, job.logprobs)
         if job.return_token_ids:

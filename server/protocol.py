@@ -106,6 +106,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "prompt_cache_max_len": (int, 0, None),
     "min_tokens": (int, 0, None),
     "truncate_prompt_tokens": (int, -1, None),
+    "prompt_logprobs": (int, 0, 20),
     "dry_multiplier": (float, 0.0, None),
     "dry_base": (float, 1.0, None),
     "dry_allowed_length": (int, 0, None),
@@ -148,6 +149,7 @@ class Job:
     tools: Tools | None = None  # chat: the functions the model may call, and tool_choice
     thinking: Thinking | None = None  # chat with a reasoning parser: split the thinking out (and its budget)
     prediction: list[int] | None = None  # token ids the output is expected to resemble (drafts for speculation)
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and this many alternatives each
     keep_last: int | None = None  # vLLM's truncate_prompt_tokens: keep each prompt's last tokens (-1: all that fit)
 
 
@@ -275,6 +277,10 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
               perf_metrics=_flag(body, "perf_metrics_in_response"))
     job.echo_last = _number(body, "echo_last")
     job.keep_last = _number(body, "truncate_prompt_tokens")
+    job.prompt_logprobs = _number(body, "prompt_logprobs")
+    if job.prompt_logprobs is not None and job.stream:
+        raise bad("'prompt_logprobs' is for whole responses, not streams (echo with logprobs streams them)",
+                  "prompt_logprobs")
     if job.keep_last == 0:
         raise bad("'truncate_prompt_tokens' must be -1 (keep what fits the context) or a number of tokens >= 1",
                   "truncate_prompt_tokens")
@@ -322,7 +328,8 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
         pairs = completion_prompts(model, body.get("prompt"))
         job.prompts, job.prompt_texts = [ids for ids, _ in pairs], [text for _, text in pairs]
     job.prediction = prediction(model, body)
-    params.echo = (job.echo or job.echo_last is not None) and job.logprobs is not None
+    params.echo = ((job.echo or job.echo_last is not None) and job.logprobs is not None) or \
+        job.prompt_logprobs is not None
     params.logprobs = job.logprobs is not None
     params.top_logprobs = job.logprobs or 0
     return job

@@ -85,6 +85,19 @@ def prompt_entries(req: Request, first: int) -> list[tuple]:
     return out
 
 
+def vllm_prompt_logprobs(vocab: Vocab, req: Request, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then for each token a dict by token id of its
+    logprob, its rank in the vocabulary and its text, and the same of the `k` most likely tokens there."""
+    chosen, top_ids, top_lps, rank = req.prompt_logprobs
+    out: list[dict | None] = [None]
+    for j, tid in enumerate(req.prompt_ids[1:]):
+        entry = {str(tid): {"logprob": float(chosen[j]), "rank": int(rank[j]), "decoded_token": vocab.text(tid)}}
+        for r, (alt, lp) in enumerate(zip(top_ids[j][:k].tolist(), top_lps[j][:k].tolist())):
+            entry.setdefault(str(alt), {"logprob": lp, "rank": r + 1, "decoded_token": vocab.text(alt)})
+        out.append(entry)
+    return out
+
+
 def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int = 0) -> dict:
     """The completions-API logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
     tokens, lps, tops, offsets = [], [], [], []

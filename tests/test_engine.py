@@ -126,9 +126,15 @@ def test_logprobs_and_echo(llm):
     assert len(lps) == 5
     for tok, lp, tops in lps:
         assert len(tops) == 3 and tops[0][0] == tok and math.isclose(tops[0][1], lp, abs_tol=1e-5)
-    chosen, top_ids, top_lps = res.prompt_logprobs
+    chosen, top_ids, top_lps, rank = res.prompt_logprobs
     assert len(chosen) == len(res.prompt_token_ids)
     assert np.all(chosen[:-1] <= top_lps[:-1, 0] + 1e-5)
+    for j in range(len(chosen) - 1):  # the rank of a token among the top 20 is its place there
+        ids = top_ids[j].tolist()
+        if res.prompt_token_ids[j + 1] in ids:
+            assert rank[j] == ids.index(res.prompt_token_ids[j + 1]) + 1
+        else:
+            assert rank[j] > len(ids)
 
 
 @pytest.mark.parametrize("tau", [2.0, 3.0])  # within reach: its own mean surprise here is ~4 bits

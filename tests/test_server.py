@@ -326,6 +326,44 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
         assert e.value.body["param"] == param, (extra, e.value.body)
 
 
+def test_vllms_prompt_logprobs_match_the_model(api, client):
+    """vLLM's prompt_logprobs: None for the first prompt token, then each token's logprob under the model (its own
+    logits, `helpers.our_logits`), its rank in the vocabulary and its text, with the k most likely alternatives; on
+    each completions choice, at the top of a chat response; a stream or k past 20 is a 400."""
+    tok = api.model.tokenizer
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tok.encode(text)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert r.choices[0].text and plp[0] is None and len(plp) == len(ids)
+    logits = our_logits(api.model.module, api.model.params, [ids])[0].astype(np.float64)
+    ref = logits - logits.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    for j in range(1, len(ids)):
+        entry = plp[j]
+        mine = entry[str(ids[j])]
+        assert mine["decoded_token"] == tok.decode([ids[j]])
+        np.testing.assert_allclose(mine["logprob"], ref[j - 1, ids[j]], atol=2e-3)
+        assert abs(mine["rank"] - (1 + (ref[j - 1] > ref[j - 1, ids[j]]).sum())) <= 1  # ties within the tolerance
+        alts = {v["rank"]: int(t) for t, v in entry.items() if v["rank"] <= 3}
+        assert sorted(alts) == [1, 2, 3] and len(entry) in (3, 4)
+        for t in alts.values():
+            np.testing.assert_allclose(entry[str(t)]["logprob"], ref[j - 1, t], atol=2e-3)
+        assert ref[j - 1, alts[1]] >= ref[j - 1].max() - 2e-3
+    chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    top = chat.model_extra["prompt_logprobs"]
+    assert top[0] is None and len(top) == len(chat.model_extra["prompt_token_ids"])
+    assert all(len(e) == 1 for e in top[1:])
+    for extra in ({"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt=text, max_tokens=2, extra_body=extra)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=text, max_tokens=2, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+
+
 def test_vllms_truncate_prompt_tokens(api, client):
     """vLLM's truncate_prompt_tokens keeps each prompt's last tokens (echo returns their text); -1 keeps what fits
     the context, where the whole prompt is a 400; 0 and a string are 400s."""
