@@ -243,7 +243,8 @@ def test_messages_errors_take_anthropics_shape(api, claude):
         assert status == 400 and out["error"]["type"] == "invalid_request_error", (bad, out)
         assert param.split(".")[0] in out["error"]["message"] or param == "messages", (param, out)
     r = claude.messages.create(model=MODEL, max_tokens=4, messages=HELLO, thinking={  # a turn's budget: past max_tokens
-        "type": "enabled", "budget_tokens": 100}, extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"})
+        "type": "enabled", "budget_tokens": 100}, extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+        extra_body={"temperature": 0})  # greedy: a sampled reply may end within 4 tokens ("Paris.")
     assert r.stop_reason == "max_tokens"
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": HELLO, "stop_sequences": [1]})
     assert status == 400 and "'stop_sequences'" in out["error"]["message"]  # Anthropic's name, not chat's 'stop'
