@@ -13,11 +13,13 @@ from server.protocol import Job
 
 @dataclasses.dataclass
 class Piece:
-    """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tools.CallStream`'s)."""
+    """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tools.CallStream`'s);
+    and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's)."""
 
     reasoning: str = ""
     text: str = ""
     calls: list[dict] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 class Turn:
@@ -31,11 +33,12 @@ class Turn:
         self.calls: list[dict] = []  # {"id", "name", "arguments"} in order
         self.finish: str | None = None
 
-    def feed(self, text: str, finish: str | None = None) -> Piece:
-        """The next piece of generated text (`finish`: the choice ended with that reason, this is its last)."""
+    def feed(self, text: str, finish: str | None = None, token_ids: list[int] = ()) -> Piece:
+        """The next piece of generated text (`finish`: the choice ended with that reason, this is its last), made of
+        `token_ids`."""
         final = finish is not None
         thought, answer = self.split.feed(text, final) if self.split is not None else ("", text)
-        piece = Piece(reasoning=thought)
+        piece = Piece(reasoning=thought, token_ids=list(token_ids))
         if self.stream is not None:
             piece.text, piece.calls, _ = self.stream.feed(answer, finish)
         else:

@@ -2,9 +2,11 @@
 packaged SmolLM2 (the same live server as the chat tests)."""
 
 import json
+import urllib.request
 
 import anthropic
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
@@ -262,3 +264,65 @@ def test_messages_errors_take_anthropics_shape(api, claude):
     status, out, _ = http(api, "POST", "/v1/messages", {"model": MODEL, "messages": HELLO})  # max_tokens is required
     assert status == 400 and out["error"]["type"] == "invalid_request_error" and "max_tokens" in out["error"]["message"]
     assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
+
+
+# ---- llama.cpp's /completion ------------------------------------------------------------------------------------
+
+def _stream_lines(api, path, body):
+    """The `data:` lines of a streamed reply, parsed."""
+    req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    return [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: ")]
+
+
+def test_llama_cpp_completion_whole_and_streamed(api, client):
+    """llama.cpp's `/completion` over a socket: the greedy reply is the completions API's for the same settings, in
+    llama.cpp's shape (content, tokens, stop_type, counts, timings, settings, completion_probabilities); the stream's
+    data lines carry each piece's text and tokens and end with the whole reply's figures; prompts as text, token ids
+    or both; logit_bias pairs; stop strings past the OpenAI API's four; `/props`; bad fields are 400s."""
+    tok = api.model.tokenizer
+    text = "The capital of France is"
+    ref = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    want, want_ids = ref.choices[0].text, ref.choices[0].model_extra["token_ids"]
+    body = {"prompt": text, "n_predict": 8, "temperature": 0, "return_tokens": True, "n_probs": 2,
+            "cache_prompt": True, "samplers": ["top_k", "temperature"], "seed": -1}
+    status, r, _ = http(api, "POST", "/completion", body)
+    assert status == 200 and r["content"] == want and r["tokens"] == want_ids, r
+    assert r["stop"] is True and r["stop_type"] == "limit" and r["stopping_word"] == "" and r["model"] == MODEL
+    assert r["tokens_predicted"] == 8 and r["tokens_evaluated"] == ref.usage.prompt_tokens and r["prompt"] == text
+    assert r["timings"]["predicted_n"] == 8 and r["timings"]["predicted_ms"] > 0 and r["generation_settings"][
+        "n_predict"] == 8 and r["generation_settings"]["temperature"] == 0
+    probs = r["completion_probabilities"]
+    assert [p["id"] for p in probs] == want_ids and all(len(p["top_logprobs"]) == 2 for p in probs)
+    assert all(p["top_logprobs"][0]["logprob"] >= p["logprob"] - 1e-4 for p in probs)
+    assert bytes(probs[0]["bytes"]).decode() == probs[0]["token"] == tok.decode(want_ids[:1])
+    ids = ref.model_extra["prompt_token_ids"]
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[i:]) == text[len(tok.decode(ids[:i])):])
+    for prompt in (ids, [text], ids[:cut] + [tok.decode(ids[cut:])]):  # ids, a list of one, ids and text mixed
+        status, r2, _ = http(api, "POST", "/completion", {**body, "prompt": prompt})
+        assert status == 200 and r2["content"] == want, prompt
+    chunks = _stream_lines(api, "/completion", {**body, "stream": True})
+    assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert "".join(c["content"] for c in chunks) == want and sum((c["tokens"] for c in chunks), []) == want_ids
+    assert [c["tokens_predicted"] for c in chunks[:-1]] == list(np.cumsum([len(c["tokens"]) for c in chunks[:-1]]))
+    assert chunks[-1]["tokens_predicted"] == 8
+    templated = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    status, r, _ = http(api, "POST", "/completion", {"prompt": templated, "n_predict": 64, "temperature": 0})
+    assert r["stop_type"] == "eos" and "Paris" in r["content"]
+    stops = ["zz", "yy", "xx", "ww", "vv", "."]  # six: llama.cpp takes more than OpenAI's four
+    status, r, _ = http(api, "POST", "/completion", {"prompt": templated, "n_predict": 64, "temperature": 0,
+                                                     "stop": stops})
+    assert r["stop_type"] == "word" and r["stopping_word"] == "." and "." not in r["content"]
+    status, r, _ = http(api, "POST", "/completion", {**body, "logit_bias": [[want_ids[0], False]]})
+    assert r["tokens"][0] != want_ids[0]
+    status, props, _ = http(api, "GET", "/props")
+    assert status == 200 and props["total_slots"] == 32 and props["default_generation_settings"]["n_ctx"] == \
+        api.engine.max_len and props["eos_token"] == "<|im_end|>" and "im_start" in props["chat_template"]
+    for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"n_predict": "x"}, "n_predict"),
+                       ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"), ({"stop": "."}, "stop"),
+                       ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": 5}, "temperature")):
+        status, out, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 2, **bad})
+        assert status == 400 and out["error"]["param"] == param, (bad, out)

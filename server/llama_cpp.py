@@ -1,0 +1,229 @@
+"""llama.cpp's own completion API (`/completion`, and `/props`), translated onto the completions path.
+
+A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and
+eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones, `stop`, `grammar`,
+`json_schema`, DRY, XTC, ...) becomes a completions body that `protocol.parse` validates like any other; the reply
+is written in llama.cpp's shape (`content`, `stop`, `stop_type`, `tokens_predicted`, `timings`, ...), whole or as
+its stream of `data:` lines (no `[DONE]`). Its bookkeeping fields are accepted and have nothing to do here:
+`cache_prompt` (the prefix cache is always on), `id_slot`, `samplers` (the sampler's order is fixed:
+docs/ARCHITECTURE.md), `n_keep`, `t_max_predict_ms`. Errors keep the OpenAI shape the rest of the server uses.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from server import protocol
+from server.protocol import bad
+from server.turn import Piece, Turn
+
+SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty", "ignore_eos",
+        "grammar", "json_schema", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+        "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "stream")
+RENAMED = {"repeat_penalty": "repetition_penalty"}
+MAX_STOPS = 64  # llama.cpp takes any number; clients such as SillyTavern send a dozen
+STOP_TYPES = {"stop": "eos", "length": "limit"}  # and "word" where a stop string ended it
+
+
+def routes(app: web.Application, server) -> None:
+    """Add llama.cpp's routes to `app`."""
+    api = LlamaCpp(server)
+    app.router.add_post("/completion", api.completion)
+    app.router.add_get("/props", api.props)
+
+
+def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
+    """A completions body for a llama.cpp `/completion` body, with its stop strings and `n_probs` (both checked
+    here: llama.cpp allows more of each than the OpenAI API's bounds)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    out = {k: body[k] for k in SAME if k in body}
+    out.update({ours: body[theirs] for theirs, ours in RENAMED.items() if theirs in body})
+    out["prompt"] = _prompt(body.get("prompt"), tok)
+    n = body.get("n_predict")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < -1:
+            raise bad("'n_predict' must be an integer >= -1 (-1: until the end of sequence or the context)",
+                      "n_predict")
+        if n >= 0:
+            out["max_tokens"] = n
+    seed = body.get("seed")
+    if seed is not None and seed not in (-1, 0xFFFFFFFF):  # llama.cpp's "a random seed"
+        out["seed"] = seed
+    mirostat = body.get("mirostat", 0)
+    if mirostat not in (0, 2):
+        raise bad("'mirostat' must be 0 (off) or 2 (mirostat v2; v1 is not served)", "mirostat")
+    if mirostat == 2:
+        out["mirostat_target"] = body.get("mirostat_tau", 5.0)
+        out["mirostat_lr"] = body.get("mirostat_eta", 0.1)
+    if body.get("logit_bias") is not None:
+        out["logit_bias"] = _logit_bias(body["logit_bias"], tok)
+    stops = body.get("stop", [])
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        raise bad(f"'stop' must be a list of at most {MAX_STOPS} non-empty strings", "stop")
+    probs = body.get("n_probs", 0)
+    if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
+        raise bad("'n_probs' must be an integer in [0, 20]", "n_probs")
+    return out, stops, probs
+
+
+def _prompt(p: Any, tok) -> Any:
+    """llama.cpp's prompt: text, token ids, or text and ids mixed (the text tokenized in place, without special
+    tokens); one prompt a call."""
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a list of one prompt
+    if isinstance(p, str):
+        return p
+    several = isinstance(p, list) and len(p) > 1 and all(isinstance(x, str) for x in p)  # llama.cpp: one per prompt
+    if isinstance(p, list) and p and not several and all(isinstance(x, (int, str)) and not isinstance(x, bool)
+                                                         for x in p):
+        if all(isinstance(x, int) for x in p):
+            return p
+        if tok is None:
+            raise bad("a prompt with text needs the model's tokenizer", "prompt")
+        ids: list[int] = []
+        for x in p:
+            ids += tok.encode(x, add_special_tokens=False) if isinstance(x, str) else [x]
+        return ids
+    raise bad("'prompt' must be a string, a list of token ids, or a list of strings and token ids (one prompt "
+              "a call)", "prompt")
+
+
+def _logit_bias(v: Any, tok) -> dict[str, float]:
+    """llama.cpp's logit_bias: `[[token id or text, bias or false], ...]` or an object by token id; `false` (never)
+    is the strongest bias the API allows, -100; text biases each of its tokens."""
+    if isinstance(v, dict):
+        return v
+    if not isinstance(v, list) or not all(isinstance(e, list) and len(e) == 2 for e in v):
+        raise bad("'logit_bias' must be a list of [token, bias] pairs or an object by token id", "logit_bias")
+    out: dict[str, float] = {}
+    for key, bias in v:
+        bias = -100.0 if bias is False else bias
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise bad("a 'logit_bias' bias must be a number or false", "logit_bias")
+        if isinstance(key, str):
+            if tok is None:
+                raise bad("a text 'logit_bias' needs the model's tokenizer", "logit_bias")
+            ids = tok.encode(key, add_special_tokens=False)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            ids = [key]
+        else:
+            raise bad("a 'logit_bias' token must be a token id or text", "logit_bias")
+        for t in ids:
+            out[str(t)] = bias
+    return out
+
+
+class Reply:
+    """One completion in llama.cpp's shape, whole or as its stream (`Server.sse`'s face)."""
+
+    def __init__(self, server, call, job: protocol.Job, stops: list[str]):
+        self.server, self.call, self.job, self.stops = server, call, job, stops
+        self.req = call.reqs[0]
+        self.choice = self.req.choices[0]
+        self.sent = 0  # tokens streamed
+
+    @staticmethod
+    def encode(ev: dict) -> bytes:
+        """A `data:` line, as llama.cpp streams."""
+        return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+    def opening(self) -> list[dict]:
+        """Nothing: llama.cpp's stream starts with the first piece."""
+        return []
+
+    def add(self, piece: Piece) -> list[dict]:
+        """A chunk: its text and tokens."""
+        if not piece.text and not piece.token_ids:
+            return []
+        self.sent += len(piece.token_ids)
+        return [{"index": 0, "content": piece.text, "tokens": piece.token_ids, "stop": False, "id_slot": -1,
+                 "tokens_predicted": self.sent, "tokens_evaluated": len(self.req.prompt_ids)}]
+
+    def closing(self) -> list[dict]:
+        """The last chunk: the whole reply's settings and figures, no content."""
+        return [self.result(content="", tokens=[])]
+
+    @staticmethod
+    def failed(e) -> list[dict]:
+        """An error chunk."""
+        return [e.body()]
+
+    def result(self, content: str, tokens: list[int]) -> dict:
+        """The completion object (llama.cpp's `/completion` reply)."""
+        c, req, p = self.choice, self.req, self.job.params
+        took, now = self.call.took, time.monotonic()
+        first = took.first if took.first is not None else now
+        prompt_ms = (first - took.start) * 1000
+        predicted_ms = max(now - first, 1e-6) * 1000
+        n_out, n_in = len(c.token_ids), len(req.prompt_ids)
+        fresh = n_in - req.cached_tokens  # prompt tokens computed, not found in the prefix cache
+        stop_type = "word" if c.stop_hit is not None else STOP_TYPES.get(c.finish_reason, "none")
+        out = {"index": 0, "content": content, "tokens": tokens, "id_slot": -1, "stop": True,
+               "model": self.server.name, "tokens_predicted": n_out, "tokens_evaluated": n_in,
+               "generation_settings": {"n_predict": req.max_tokens, "seed": p.seed, "temperature": p.temperature,
+                                       "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p,
+                                       "repeat_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+                                       "frequency_penalty": p.frequency_penalty, "stop": self.stops,
+                                       "n_probs": self.job.logprobs or 0, "ignore_eos": p.ignore_eos,
+                                       "dry_multiplier": p.dry_multiplier, "xtc_probability": p.xtc_probability,
+                                       "top_n_sigma": p.top_n_sigma},
+               "prompt": self.job.prompt_texts[0], "has_new_line": "\n" in c.text, "truncated": False,
+               "stop_type": stop_type, "stopping_word": c.stop_hit or "", "tokens_cached": n_in + n_out - 1,
+               "timings": {"cache_n": req.cached_tokens, "prompt_n": fresh, "prompt_ms": prompt_ms,
+                           "prompt_per_token_ms": prompt_ms / max(fresh, 1),
+                           "prompt_per_second": fresh / max(prompt_ms / 1000, 1e-9),
+                           "predicted_n": n_out, "predicted_ms": predicted_ms,
+                           "predicted_per_token_ms": predicted_ms / max(n_out, 1),
+                           "predicted_per_second": n_out / (predicted_ms / 1000)}}
+        if self.job.logprobs:
+            vocab = self.server.vocab
+            entry = lambda t, lp: {"id": t, "token": vocab.text(t), "bytes": list(vocab.bytes(t)), "logprob": lp}  # noqa: E731
+            out["completion_probabilities"] = [
+                {**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in (top or [])[:self.job.logprobs]]}
+                for t, lp, top in c.logprobs]
+        return out
+
+
+class LlamaCpp:
+    """llama.cpp's routes of one `Server`."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        """POST /completion."""
+        async def answer(body, call) -> web.StreamResponse:
+            tok = self.server.engine.tok
+            plain, stops, probs = completion_body(body, tok)
+            job = await self.server.parse(plain, "completion")
+            job.params.stop = stops
+            if probs:
+                job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
+            parts, events = self.server.admit(job, call, "cmpl-")
+            face = Reply(self.server, call, job, stops)
+            if job.stream:
+                return await self.server.sse(request, call, events, Turn(job), face)
+            await self.server.collect(events, call)
+            ids = list(face.choice.token_ids) if body.get("return_tokens") is True else []
+            return web.json_response(face.result(face.choice.text, ids))
+        return await self.server.serve(request, answer)
+
+    async def props(self, request: web.Request) -> web.Response:
+        """GET /props: the server's settings as llama.cpp's web page and clients read them."""
+        s = self.server
+        tok = s.engine.tok
+        special = tok.special_tokens_map if tok is not None else {}
+        return web.json_response({
+            "default_generation_settings": {"n_ctx": s.engine.max_len, "params": json.loads(
+                s.options_header["fireworks-sampling-options"])},
+            "total_slots": s.engine.runner.slots, "model_path": s.model.source, "model_alias": s.name,
+            "chat_template": (tok.chat_template or "") if tok is not None else "",
+            "bos_token": special.get("bos_token", ""), "eos_token": special.get("eos_token", ""),
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"sparkler {importlib.metadata.version('sparkler')}"})
