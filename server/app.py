@@ -302,29 +302,38 @@ class Server:
         return web.json_response(self._card())
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        """POST /tokenize: token ids of `prompt` (or llama.cpp's `content`), or of chat `messages` as templated."""
+        """POST /tokenize: token ids of `prompt` (vLLM's; `add_special_tokens`, default true) or `content`
+        (llama.cpp's; `add_special`, default false; `with_pieces` pairs each id with its text), or of chat
+        `messages` as templated."""
         body = await self._body(request)
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         self._check_model(body)
+        llama = "content" in body and "prompt" not in body
         if "messages" in body:
             ids, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"])
         else:
-            text = body.get("prompt", body.get("content"))
+            text = body.get("content") if llama else body.get("prompt")
             if not isinstance(text, str):
-                raise bad("'prompt' must be a string", "prompt")
-            ids = await self.off_loop(self.vocab.tok.encode, text)
-        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len})
+                raise bad(f"'{'content' if llama else 'prompt'}' must be a string", "content" if llama else "prompt")
+            special = body.get("add_special", False) if llama else body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise bad("'add_special' / 'add_special_tokens' must be a boolean", "add_special_tokens")
+            ids = await self.off_loop(self.vocab.tok.encode, text, special)
+        tokens = ([{"id": t, "piece": self.vocab.text(t)} for t in ids] if body.get("with_pieces") is True else ids)
+        return web.json_response({"tokens": tokens, "count": len(ids), "max_model_len": self.engine.max_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        """POST /detokenize: the text of `tokens` (special tokens kept)."""
+        """POST /detokenize: the text of `tokens` (special tokens kept), as vLLM's `prompt` and llama.cpp's
+        `content`."""
         body = await self._body(request)
         ids = body.get("tokens") if isinstance(body, dict) else None
         vocab = self.model.cfg.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                 for t in ids):
             raise bad(f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
-        return web.json_response({"prompt": self.vocab.tok.decode(ids, skip_special_tokens=False)})
+        text = self.vocab.tok.decode(ids, skip_special_tokens=False)
+        return web.json_response({"prompt": text, "content": text})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: request counters, latency histograms and engine gauges in Prometheus' text format."""

@@ -63,6 +63,13 @@ def test_models_health_metrics_and_tokenize(api, client):
     assert back["prompt"] == tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
     status, err, _ = http(api, "POST", "/detokenize", {"tokens": [-1]})
     assert status == 400 and err["error"]["param"] == "tokens"
+    ids = tok.encode("Hello world", add_special_tokens=False)  # llama.cpp's shapes: `content`, pieces, no specials
+    status, body, _ = http(api, "POST", "/tokenize", {"content": "Hello world", "with_pieces": True})
+    assert body["tokens"] == [{"id": t, "piece": tok.decode([t])} for t in ids]
+    status, back, _ = http(api, "POST", "/detokenize", {"tokens": ids})
+    assert back["content"] == back["prompt"] == "Hello world"
+    status, err, _ = http(api, "POST", "/tokenize", {"content": 5})
+    assert status == 400 and err["error"]["param"] == "content"
 
 
 def test_greedy_chat_equals_the_engine_and_streaming(api, client, llm):
