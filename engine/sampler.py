@@ -201,8 +201,8 @@ def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = 
     breaker or the window's start, as llama.cpp's restart sequences cap it; a breaker is never penalised.
 
     The runs are compared `DRY_BLOCK` positions a pass: for every earlier end k at once, the next block of the last
-    tokens against the block before k, while some pair still matches (with `select`, every block: a loop of known
-    count, no conditional)."""
+    tokens against the block before k, while some pair still matches and is shorter than a run whose penalty is
+    already the largest (with `select`, every block: a loop of known count, no conditional)."""
     b, w = s.history.shape
     n = jnp.where(p.dry_last_n < 0, w, jnp.minimum(p.dry_last_n, w))  # llama.cpp's -1, the whole context: the window
     back = s.history[:, ::-1]  # [:, t]: the token t back from the last; a breaker -1, outside the window NO_TOKEN
@@ -212,6 +212,10 @@ def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = 
     k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below)
     alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None])
     windows = np.arange(w - 1)[:, None] + np.arange(DRY_BLOCK)[None, :]  # one gather (32 slices: 0.4 s to compile)
+    base = p.dry_base[:, None]
+    cap = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(base)), jnp.inf)  # llama.cpp's: float32's range
+    # runs this long all lose the same (the capped power; base 1's constant), so comparing can stop there
+    enough = jnp.where(base <= 1.0, 0.0, cap) + p.dry_allowed_length[:, None]
 
     def block(i, carry):
         alive, length = carry
@@ -221,7 +225,8 @@ def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = 
         same = ((last >= 0)[:, None, :] & (earlier == last[:, None, :])).astype(jnp.int32)
         whole = jnp.min(same, axis=2) == 1
         run = jnp.where(whole, DRY_BLOCK, jnp.argmin(same, axis=2))  # matches before the first difference
-        return alive & whole, length + jnp.where(alive, run, 0)
+        length = length + jnp.where(alive, run, 0)
+        return alive & whole & (length < enough), length
 
     blocks = w // DRY_BLOCK
     carry = alive, jnp.zeros((b, w - 1), jnp.int32)
@@ -237,8 +242,6 @@ def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = 
     first = jnp.full((b, vocab), w, jnp.int32).at[rows, tokens].min(jnp.broadcast_to(k, tokens.shape), mode="drop")
     at = jnp.minimum(tokens, vocab - 1)
     once = hit & (jnp.take_along_axis(first, at, axis=1) == k)  # each token at its first column
-    base = p.dry_base[:, None]
-    cap = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(base)), jnp.inf)  # llama.cpp's: float32's range
     power = jnp.minimum((jnp.take_along_axis(most, at, axis=1) - p.dry_allowed_length[:, None]).astype(jnp.float32),
                         cap)
     return jnp.where(once, tokens, vocab), jnp.where(once, p.dry_multiplier[:, None] * base ** power, 0.0)
