@@ -156,9 +156,9 @@ class Engine:
         max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
-        if p.dry_multiplier > 0:
-            self.breakers(tuple(p.dry_sequence_breakers))  # here, off the engine's thread: the first reads the vocab
-        self.bad_words(tuple(p.bad_words))  # checked here; a request's settings use the same, cached
+        if p.dry_multiplier > 0:  # off the engine's thread (the server's parse threads made them already)
+            self.breakers(tuple(p.dry_sequence_breakers))
+        self.bad_words(tuple(p.bad_words), p.allowed_token_ids)  # checked here; its settings use the same, cached
         if grammar is not None and not grammar_checked:  # the server checks it off its event loop, then says so
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
@@ -181,14 +181,21 @@ class Engine:
             self._breakers[strings] = mask
         return mask
 
-    def bad_words(self, words: tuple[str, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    def bad_words(self, words: tuple[str, ...], allowed: list[int] | None = None
+                  ) -> tuple[list[int], np.ndarray, np.ndarray]:
         """vLLM's `bad_words` as the sampler holds them: the words of one token (for a -inf bias), and the others'
         token sequences right-aligned in `[MAX_BAD, BAD_TOKENS]` with their lengths. Each word counts as vLLM
         tokenizes it: its text, left-stripped, and again after a space where that gives other tokens of the same
-        count. Cached, a few sets; 400 past the sampler's bounds or without a tokenizer."""
-        got = self._bad.get(words)
-        if got is not None or not words:
-            return got or ([], None, None)
+        count. Cached, a few sets; 400 past the sampler's bounds, without a tokenizer, or where they leave none of
+        `allowed` (allowed_token_ids) to draw."""
+        got = self._bad.get(words) or self._bad_words(words)
+        if words and allowed and set(allowed) <= set(got[0]):
+            raise InvalidRequest("bad_words leave none of allowed_token_ids to draw", "bad_words")
+        return got
+
+    def _bad_words(self, words: tuple[str, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        if not words:
+            return [], None, None
         if self.tok is None:
             raise InvalidRequest("bad_words needs the model's tokenizer", "bad_words")
         sequences = []

@@ -209,8 +209,8 @@ def dry_penalties(p: SamplerParams, s: SamplerState, vocab: int, select: bool = 
     back = jnp.where(jnp.take_along_axis(p.breakers, jnp.maximum(back, 0), axis=1) & (back >= 0), -1, back)
     back = jnp.where(np.arange(w) < n[:, None], back, NO_TOKEN)
     padded = jnp.concatenate([back, jnp.full((b, w + DRY_BLOCK), NO_TOKEN, jnp.int32)], axis=1)
-    k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below)
-    alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None])
+    k = np.arange(1, w)  # an earlier copy ends k back (column k - 1 below), at a token of the window
+    alive = (p.dry_multiplier > 0)[:, None] & (k < n[:, None]) & (back[:, 1:] != NO_TOKEN)
     windows = np.arange(w - 1)[:, None] + np.arange(DRY_BLOCK)[None, :]  # one gather (32 slices: 0.4 s to compile)
     base = p.dry_base[:, None]
     cap = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(base)), jnp.inf)  # llama.cpp's: float32's range
@@ -261,10 +261,11 @@ def sigma_floor(z: jax.Array, p: SamplerParams) -> jax.Array:
 def xtc_ceiling(z: jax.Array, p: SamplerParams, coin: jax.Array) -> jax.Array:
     """XTC, "exclude top choices" (llama.cpp's, from text-generation-webui): the logit `[B]` above which a row's
     tokens go (inf: none). With probability `xtc_probability` (the draw's `coin` below it) a draw drops every token
-    whose probability among the survivors `z` (-inf excluded) reaches `xtc_threshold` but the least likely of them;
-    nothing when fewer than two reach it."""
+    whose probability among the survivors `z` (-inf excluded; logits before the temperature, as llama.cpp divides
+    by it last) reaches `xtc_threshold` but the least likely of them (all of them where several tie); nothing when
+    fewer than two reach it."""
     _, lse = log_normaliser(z)
-    above = z >= (lse + jnp.log(p.xtc_threshold))[:, None]
+    above = (z >= (lse + jnp.log(p.xtc_threshold))[:, None]) & (z > NEG_INF)  # a threshold of 0: every survivor
     lowest = jnp.min(jnp.where(above, z, jnp.inf), axis=-1)
     return jnp.where((coin < p.xtc_probability) & (jnp.sum(above, axis=-1) >= 2), lowest, jnp.inf)
 
@@ -586,7 +587,8 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
         z = branch(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF), lambda: z,
                    select)
     greedy = jnp.argmax(z, axis=-1)
-    z = z / jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
+    scale = jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
+    z = z / scale
     u, coin = uniforms(s.key, s.step)
     if not plain:
         if not lean:
@@ -599,9 +601,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
                           lambda: keep, select)
         z = jnp.where(keep, z, NEG_INF)
         if not lean:
-            ceiling = branch(jnp.any(p.xtc_probability > 0), lambda: xtc_ceiling(z, p, coin),
+            before = z * scale  # XTC's probabilities are the logits' before the temperature, as llama.cpp's
+            ceiling = branch(jnp.any(p.xtc_probability > 0), lambda: xtc_ceiling(before, p, coin),
                              lambda: np.full(b, np.inf, np.float32), select)
-            z = jnp.where(z > ceiling[:, None], NEG_INF, z)
+            z = jnp.where(before > ceiling[:, None], NEG_INF, z)
     drawn, logq = draw(z, u)
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.

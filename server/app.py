@@ -186,6 +186,14 @@ class Server:
                 raise busy(str(e)) from None
 
         def checked(job: Job) -> Job:
+            self._keep_last(job)
+            p = job.params
+            try:  # the vocabulary's breaker mask (the first set reads every token's text) and bad words, cached
+                if p.dry_multiplier > 0:
+                    self.engine.breakers(tuple(p.dry_sequence_breakers))
+                self.engine.bad_words(tuple(p.bad_words), p.allowed_token_ids)
+            except InvalidRequest as e:
+                raise bad(str(e), e.param) from None
             if self.engine.tok is None:
                 return job
             grammars = self.engine.grammars()
@@ -223,7 +231,6 @@ class Server:
         """`(prompt index, engine request)` pairs; n beyond one data shard's decode slots is split over several
         requests."""
         out, n, slots = [], job.params.n, self.engine.runner.per_shard
-        self._keep_last(job)
         for i, ids in enumerate(job.prompts):
             for first in range(0, n, slots):
                 params = dataclasses.replace(job.params, n=min(slots, n - first))

@@ -19,13 +19,15 @@ from typing import Any
 from aiohttp import web
 
 from server import protocol
-from server.protocol import bad
+from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
 SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty", "ignore_eos",
         "grammar", "json_schema", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
         "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "stream")
 RENAMED = {"repeat_penalty": "repetition_penalty"}
+NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "n_predict", "mirostat_target": "mirostat_tau",
+         "mirostat_lr": "mirostat_eta", "return_token_ids": "return_tokens"}  # ours -> llama.cpp's, in errors
 MAX_STOPS = 64  # llama.cpp takes any number; clients such as SillyTavern send a dozen
 STOP_TYPES = {"stop": "eos", "length": "limit"}  # and "word" where a stop string ended it
 
@@ -95,10 +97,10 @@ def _prompt(p: Any, tok) -> Any:
 
 
 def _logit_bias(v: Any, tok) -> dict[str, float]:
-    """llama.cpp's logit_bias: `[[token id or text, bias or false], ...]` or an object by token id; `false` (never)
-    is the strongest bias the API allows, -100; text biases each of its tokens."""
+    """llama.cpp's logit_bias: `[[token id or text, bias or false], ...]`, or an object of the same by token id or
+    text; `false` (never) is the strongest bias the API allows, -100; text biases each of its tokens."""
     if isinstance(v, dict):
-        return v
+        v = [[int(k) if protocol.TOKEN_ID.fullmatch(k) else k, b] for k, b in v.items()]
     if not isinstance(v, list) or not all(isinstance(e, list) and len(e) == 2 for e in v):
         raise bad("'logit_bias' must be a list of [token, bias] pairs or an object by token id", "logit_bias")
     out: dict[str, float] = {}
@@ -156,7 +158,8 @@ class Reply:
 
     def result(self, content: str, tokens: list[int]) -> dict:
         """The completion object (llama.cpp's `/completion` reply)."""
-        c, req, p = self.choice, self.req, self.job.params
+        c, req = self.choice, self.req
+        p = req.params  # resolved: the model's defaults where the request set nothing
         took, now = self.call.took, time.monotonic()
         first = took.first if took.first is not None else now
         prompt_ms = (first - took.start) * 1000
@@ -201,11 +204,14 @@ class LlamaCpp:
         async def answer(body, call) -> web.StreamResponse:
             tok = self.server.engine.tok
             plain, stops, probs = completion_body(body, tok)
-            job = await self.server.parse(plain, "completion")
-            job.params.stop = stops
-            if probs:
-                job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
-            parts, events = self.server.admit(job, call, "cmpl-")
+            try:  # errors name llama.cpp's fields
+                job = await self.server.parse(plain, "completion")
+                job.params.stop = stops
+                if probs:
+                    job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
+                parts, events = self.server.admit(job, call, "cmpl-")
+            except ApiError as e:
+                raise e.renamed(NAMES) from None
             face = Reply(self.server, call, job, stops)
             if job.stream:
                 return await self.server.sse(request, call, events, Turn(job), face)

@@ -316,13 +316,20 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     status, r, _ = http(api, "POST", "/completion", {"prompt": templated, "n_predict": 64, "temperature": 0,
                                                      "stop": stops})
     assert r["stop_type"] == "word" and r["stopping_word"] == "." and "." not in r["content"]
-    status, r, _ = http(api, "POST", "/completion", {**body, "logit_bias": [[want_ids[0], False]]})
-    assert r["tokens"][0] != want_ids[0]
+    for bias in ([[want_ids[0], False]], {str(want_ids[0]): False}, [[tok.decode(want_ids[:1]), -100]]):
+        status, r, _ = http(api, "POST", "/completion", {**body, "logit_bias": bias})
+        assert r["tokens"][0] != want_ids[0], bias
     status, props, _ = http(api, "GET", "/props")
+    status, r, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 1})
+    in_force = props["default_generation_settings"]["params"]  # the model's defaults where a request sets nothing
+    assert [r["generation_settings"][k] for k in ("temperature", "top_k", "top_p")] == [
+        in_force[k] for k in ("temperature", "top_k", "top_p")] and r["generation_settings"]["temperature"] is not None
     assert status == 200 and props["total_slots"] == 32 and props["default_generation_settings"]["n_ctx"] == \
         api.engine.max_len and props["eos_token"] == "<|im_end|>" and "im_start" in props["chat_template"]
     for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"n_predict": "x"}, "n_predict"),
                        ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"), ({"stop": "."}, "stop"),
-                       ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": 5}, "temperature")):
+                       ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": 5}, "temperature"),
+                       ({"repeat_penalty": 3}, "repeat_penalty"),
+                       ({"mirostat": 2, "mirostat_tau": -1}, "mirostat_tau")):
         status, out, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 2, **bad})
         assert status == 400 and out["error"]["param"] == param, (bad, out)

@@ -455,6 +455,8 @@ def _dry_rows(rng):
         (list(rng.integers(0, 12, 200)), (0.0, 1.75, 2, -1)),  # multiplier 0: off
         (list(rng.integers(0, 6, 100)) + [7], (0.8, 1.75, 2, -1)),  # a breaker last: no run
         (loop + loop[:20] + [7] + loop[:10], (0.8, 1.75, 2, 500)),  # a breaker stops the run at 10
+        (list(rng.integers(0, 6, 6)), (0.5, 1.0, 0, -1)),  # a short history: no copy ends before its first token
+        ([3], (0.5, 1.75, 0, -1)),  # one token: nothing
     ]
 
 
@@ -503,7 +505,7 @@ def xtc_reference(z, probability, threshold, coin):
     p = np.where(live, np.exp(z - z[live].max()), 0.0)
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
-    above = [t for t in order if p[t] >= threshold]
+    above = [t for t in order if live[t] and p[t] >= threshold]
     keep = live.copy()
     if len(above) >= 2:
         keep[above[:-1]] = False
@@ -527,7 +529,7 @@ def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
             want = sigma_reference(z[i], sigma[i]) if sigma[i] > 0 else np.ones(V, bool)
             assert np.array_equal(keep[i], want), (i, temperature)
     probability = np.asarray([1.0, 1.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.3], np.float32)
-    threshold = np.asarray([0.1, 0.2, 0.1, 0.1, 0.1, 0.6, 0.0, 0.05], np.float32)
+    threshold = np.asarray([0.1, 0.0, 0.1, 0.1, 0.1, 0.6, 0.0, 0.05], np.float32)  # row 1: 0 with tokens excluded
     coin = np.asarray([0.3, 0.9, 0.2, 0.7, 0.0, 0.1, 0.5, 0.29], np.float32)
     keep = z <= np.asarray(smp.xtc_ceiling(jnp.asarray(z), params(b, xtc_probability=probability,
                                                                   xtc_threshold=threshold), jnp.asarray(coin)))[:, None]
@@ -536,20 +538,21 @@ def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
                                                                          coin[i])), i
     dropped = (~keep & np.isfinite(z)).sum(axis=1)
     assert (dropped > 0).sum() >= 3 and dropped[3] == dropped[4] == dropped[5] == 0, dropped
-    assert dropped[6] == np.isfinite(z[6]).sum() - 1  # a threshold of 0: only the least likely token stays
+    for i in (1, 6):  # a threshold of 0: only the least likely token stays
+        assert dropped[i] == np.isfinite(z[i]).sum() - 1 and keep[i][np.isfinite(z[i])].sum() == 1, i
 
 
 def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     """Through `sample`, over 6 steps of threaded state: a greedy DRY row draws the argmax of its logits less
-    llama.cpp's penalties over its growing history; an XTC row (coin always) never draws one
-    of the top choices it drops; a top-nσ row draws within its set; the fixed-count variant (`select`) draws the same;
-    no variant that leaves these out (`is_plain`, `is_lean`) takes such a row."""
+    llama.cpp's penalties over its growing history; an XTC row (coin always, at temperature 0.7: its threshold on the
+    logits before it) never draws one of the top choices it drops; a top-nσ row draws within its set; the fixed-count
+    variant (`select`) draws the same; no variant that leaves these out (`is_plain`, `is_lean`) takes such a row."""
     rng = np.random.default_rng(23)
     b, steps = 4, 6
     breakers = np.zeros(V, bool)
     breakers[7] = True
     prompt = [list(rng.integers(0, 9, 60)) for _ in range(b)]
-    rows = dict(temperature=[0.0, 1.0, 1.0, 1.0], dry_multiplier=[3.0, 0, 0, 0], dry_allowed_length=[1, 2, 2, 2],
+    rows = dict(temperature=[0.0, 0.7, 1.0, 1.0], dry_multiplier=[3.0, 0, 0, 0], dry_allowed_length=[1, 2, 2, 2],
                 xtc_probability=[0, 1.0, 0, 0], xtc_threshold=[0.1, 0.05, 0.1, 0.1], top_n_sigma=[0, 0, 1.0, 0],
                 breakers=np.tile(breakers, (b, 1)))
     p, init = _keyed(b, **rows)

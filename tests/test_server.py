@@ -316,6 +316,12 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
                 dropped_some += 1
                 assert step.token not in [a.token for a in above[:-1]], (step.token, above)
     assert dropped_some
+    zero = client.completions.create(model=MODEL, prompt=loop, max_tokens=6, temperature=1.0, top_p=1.0, seed=1,
+                                     logprobs=5, extra_body={"top_k": 5, "min_p": 0.0, "repetition_penalty": 1.0,
+                                                             "xtc_probability": 1.0, "xtc_threshold": 0.0}
+                                     ).choices[0].logprobs
+    for token, top in zip(zero.tokens, zero.top_logprobs):  # a threshold of 0: the least likely of the top 5 alone
+        assert token == min(top, key=top.get), (token, top)
     greedy = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0)
     sigma = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=1.5, seed=3,
                                            extra_body={"top_n_sigma": 1e-4})
@@ -412,6 +418,10 @@ def test_vllms_bad_words(api, client):
             for seq in (tok.encode(w.lstrip(), add_special_tokens=False),
                         tok.encode(" " + w.lstrip(), add_special_tokens=False)):
                 assert not any(ids[i:i + len(seq)] == seq for i in range(len(ids))), (w, seq)
+    comma = tok.encode(",", add_special_tokens=False)
+    with pytest.raises(openai.BadRequestError) as e:  # nothing left to draw
+        ask(bad_words=[","], allowed_token_ids=comma)
+    assert e.value.body["param"] == "bad_words"
     many = [f"{a} {b}" for a in ("red", "green", "blue", "black", "white", "brown") for b in ("cat", "dog", "fish")]
     for words, param in ((["Paris", ""], "bad_words"), ("Paris", "bad_words"), ([" "], "bad_words"),
                          (many, "bad_words")):
