@@ -72,7 +72,8 @@ class RunnerConfig:
     # `branches`). `cond`: one program per shape, a `lax.cond` each. `plain`: beside it, a program without them for
     # batches whose rows need none (`sampler.is_plain`). `select`: that, and for the other batches programs that
     # compute them for every row, with no conditional: `lean` (alternatives, mirostat and the exact top_k and
-    # typical_p cuts left out) where every row is `sampler.is_lean`, as generation defaults are, else `select`.
+    # typical_p cuts left out) where every row is `sampler.is_lean`, as generation defaults are, else `select`
+    # (`dry` where a row uses DRY, whose 32 passes over the history `select` leaves out).
     # XLA's GPU runtime decides a conditional on the host after waiting for the device, so the launch of a program
     # holding one returns only once the device has run the work queued before it, and the engine cannot work ahead;
     # it decides a loop of unknown count so at every iteration, so a verify program other than `cond` also draws at
@@ -226,6 +227,7 @@ class Runner:
             raise ValueError(f"sampler_branches: one of {smp.BRANCHES}, not {self.branches!r}")
         self.plain_rows = np.ones(self.slots, bool)  # each slot's settings are `sampler.is_plain` (set at install)
         self.lean_rows = np.ones(self.slots, bool)  # ... and `sampler.is_lean`
+        self.dry_rows = np.zeros(self.slots, bool)  # ... uses DRY
         vocab = model.cfg.vocab_size
         pool = cache_sharding(model.cfg.cache_heads, mesh)  # zeros made in place, both at once
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, self.dp * self.num_pages, self.page_size),
@@ -623,7 +625,8 @@ class Runner:
     def variants(self) -> tuple[str, ...]:
         """The sampler's variants (`branches`) each decode and first-draw shape compiles for
         (`RunnerConfig.sampler_branches`)."""
-        return {"cond": ("cond",), "plain": ("cond", "plain"), "select": ("select", "lean", "plain")}[self.branches]
+        return {"cond": ("cond",), "plain": ("cond", "plain"),
+                "select": ("select", "lean", "plain", "dry")}[self.branches]
 
     def _prefill_job(self, nb: int, size: int, attend: int, echo: bool = False) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
@@ -888,6 +891,7 @@ class Runner:
                 settings[name][j] = value
             row = {name: x[j] for name, x in settings.items()}
             self.plain_rows[slot], self.lean_rows[slot] = smp.is_plain(row), smp.is_lean(row)
+            self.dry_rows[slot] = row["dry_multiplier"] > 0
         states = [rows[slot][1] for slot in slots]
         states = jax.tree.map(lambda *xs: np.stack(xs + (np.zeros_like(xs[0]),) * (k - len(xs))), *states)
         self.state, self.params = self._set_rows(self.state, self.params, idx, states, smp.SamplerParams(**settings))
@@ -922,11 +926,11 @@ class Runner:
     def branches_for(self, slots, allowed: np.ndarray | None) -> str:
         """The sampler variant of a call drawing for `slots` (`RunnerConfig.sampler_branches`): `plain` where that
         is compiled and none of them needs what it leaves out, nor does a grammar constrain the call; under `select`,
-        `lean` where none needs what that leaves out."""
+        `lean` where none needs what that leaves out, `dry` where one uses DRY."""
         if self.branches != "cond" and allowed is None and self.plain_rows[slots].all():
             return "plain"
         if self.branches == "select":
-            return "lean" if self.lean_rows[slots].all() else "select"
+            return "lean" if self.lean_rows[slots].all() else "dry" if self.dry_rows[slots].any() else "select"
         return "cond"
 
     def wide_allowed(self, rows: np.ndarray, w: int) -> np.ndarray:

@@ -548,7 +548,7 @@ def _served_without(row: dict, draw_needs: bool) -> bool:
             and (row["temperature"] <= 0 or not draw_needs))
 
 
-BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` is one of select's programs
+BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` and `dry` are select's programs too
 
 
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
@@ -558,12 +558,12 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips the
     transforms no row wants (alternatives, DRY, the grammar mask, truncation, mirostat, XTC): `cond`, a `lax.cond` each;
     `plain`, every row is `is_plain` and none is constrained, so they are left out; `select`, they are computed for
-    every row and taken where wanted; `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat,
-    DRY, top-nσ, XTC and the exact path's top_k and typical_p bisections are left out. The last three hold no
-    conditional, which XLA's GPU runtime decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One
-    step ahead")."""
+    every row and taken where wanted, DRY aside; `dry`, as `select` with DRY, for calls where some row uses it;
+    `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat, top-nσ, XTC and the exact path's
+    top_k and typical_p bisections are left out too. The last four hold no conditional, which XLA's GPU runtime
+    decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
     plain, lean = branches == "plain", branches == "lean"
-    select = lean or branches == "select"
+    select = branches in ("select", "lean", "dry")
     logits = logits.astype(jnp.float32)
     _, lse = log_normaliser(logits)
 
@@ -577,7 +577,7 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
                                                         select)
     vocab = logits.shape[1]
     z = penalize(logits, p, s)
-    if not plain and not lean:
+    if branches in ("cond", "dry"):  # DRY's 32 passes would cost every `select` batch: it has its own program
         w = s.history.shape[1] - 1
         none = (np.full((b, w), vocab, np.int32), np.zeros((b, w), np.float32))  # constants: no kernels
         tokens, amounts = branch(jnp.any(p.dry_multiplier > 0), lambda: dry_penalties(p, s, vocab, select),

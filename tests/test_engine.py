@@ -210,7 +210,8 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
     its first tokens with programs holding nothing XLA's GPU runtime decides on the host (a conditional makes it wait
     for the device, so the launch would wait for the work queued before it and the engine could not work ahead);
     a batch with one row that wants more runs the programs with the sampler's conditionals, or with `select` ones
-    that compute every transform instead (`lean` ones where every row is `sampler.is_lean`). Counted by call, checked
+    that compute every transform instead (`lean` ones where every row is `sampler.is_lean`, `dry` ones where a row
+    uses DRY, whose passes `select` leaves out). Counted by call, checked
     in the programs' text, and the tokens and logprobs are those of the engine with the conditionals alone."""
     runner = llm.engine.runner
     plain = [SamplingParams(temperature=0, max_tokens=12, logprobs=True),
@@ -218,12 +219,13 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
              SamplingParams(temperature=0, top_p=0.5, max_tokens=9)]  # greedy: its truncation changes nothing
     lean = plain + [SamplingParams(temperature=0.9, top_p=0.8, max_tokens=13, seed=4)]
     more = lean + [SamplingParams(temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)]
+    dry = lean + [SamplingParams(temperature=0, max_tokens=10, dry_multiplier=0.8, dry_allowed_length=1)]
     chats = [CHAT] + [m for m, _ in OTHERS[:4]]
 
     def run(n, params):  # no prefix cache: a cached prefix attends in another order, its logits' last bits may differ
         return llm.chat(chats[:n], params, prompt_cache_max_len=0)
 
-    want = run(3, plain), run(4, lean), run(5, more)
+    want = run(3, plain), run(4, lean), run(5, more), run(5, dry)
     calls, decode, first, mode = [], runner._decode, runner._first, runner.branches
 
     def recorded(fn):
@@ -239,11 +241,13 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
             got = [run(3, plain)]
             assert set(calls) == {("decode", "plain"), ("first", "plain")}
             for n, params, other in ((4, lean, "cond" if branches == "plain" else "lean"),
-                                     (5, more, "cond" if branches == "plain" else "select")):
+                                     (5, more, "cond" if branches == "plain" else "select"),
+                                     (5, dry, "cond" if branches == "plain" else "dry")):
                 calls.clear()
                 got.append(run(n, params))
                 # rows that finish early may leave the rest to a lesser program
-                lesser = {"select": {"lean", "plain"}, "lean": {"plain"}, "cond": {"plain"}}[other]
+                lesser = {"dry": {"select", "lean", "plain"}, "select": {"lean", "plain"}, "lean": {"plain"},
+                          "cond": {"plain"}}[other]
                 assert {("decode", other), ("first", other)} <= set(calls) <= {
                     ("decode", other), ("first", other), *(("decode", v) for v in lesser)}, calls
             runner._decode, runner._first = decode, first
@@ -251,7 +255,7 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
             names = runner.variants
             assert [variants.count(v) for v in names] == [len(variants) // len(names)] * len(names) > [0]
             assert set(variants) == set(names) == ({"plain", "cond"} if branches == "plain" else {
-                "plain", "lean", "select"})  # the warm-up compiles every variant of every shape
+                "plain", "lean", "select", "dry"})  # the warm-up compiles every variant of every shape
         finally:
             runner.branches, runner._decode, runner._first = mode, decode, first
         for w, g in zip(want, got):
@@ -260,7 +264,7 @@ def test_programs_the_gpu_need_not_wait_on_change_no_token(llm):
                 np.testing.assert_allclose([lp for _, lp, _ in p.outputs[0].logprobs or []],
                                            [lp for _, lp, _ in o.outputs[0].logprobs or []], rtol=1e-5)
     nb = runner.batch_buckets[0]
-    for branches in ("plain", "select", "lean", "cond"):
+    for branches in ("plain", "select", "lean", "dry", "cond"):
         for fn, args, statics in (runner._decode_job(nb, runner.attend[0], 4, branches),
                                   runner._first_job(nb, branches)):
             found = host_decided(fn.fn.lower(*args, **statics).as_text())

@@ -411,8 +411,8 @@ def test_select_computes_every_transform_and_draws_what_the_conditionals_draw():
 
 def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditionals_draw():
     """`branches="lean"` (a GPU's program for batches of `is_lean` rows, such as generation defaults) holds no
-    `lax.cond`, three loops fewer than `select` (top_k's and typical_p's bisections, DRY's blocks), and no top-k search
-    for alternatives; over 6 steps of such rows (top_p on flat logits, top_k within the candidates with top_p and
+    `lax.cond`, two bisection loops fewer than `select` (top_k's and typical_p's), and no top-k search for
+    alternatives; over 6 steps of such rows (top_p on flat logits, top_k within the candidates with top_p and
     typical_p, min_p, a greedy row with a top_k past them, a grammar mask) it gives what the conditionals give.
     `is_lean` refuses each setting it leaves out."""
     rng = np.random.default_rng(10)
@@ -433,7 +433,7 @@ def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditional
     got, got_state, text = _steps("lean", logits, p, init, jnp.asarray(allowed))
     _, _, select_text = _steps("select", logits[:1], p, init, jnp.asarray(allowed))
     assert "stablehlo.case" not in text and "stablehlo.if" not in text
-    assert text.count("stablehlo.while") == select_text.count("stablehlo.while") - 3
+    assert text.count("stablehlo.while") == select_text.count("stablehlo.while") - 2
     assert text.count("chlo.top_k") == select_text.count("chlo.top_k") - 1
     for w, g in zip(want, got):
         jax.tree.map(np.testing.assert_array_equal, w, g)
@@ -545,8 +545,9 @@ def test_top_n_sigma_and_xtc_match_llama_cpp_written_out():
 def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     """Through `sample`, over 6 steps of threaded state: a greedy DRY row draws the argmax of its logits less
     llama.cpp's penalties over its growing history; an XTC row (coin always, at temperature 0.7: its threshold on the
-    logits before it) never draws one of the top choices it drops; a top-nσ row draws within its set; the fixed-count
-    variant (`select`) draws the same; no variant that leaves these out (`is_plain`, `is_lean`) takes such a row."""
+    logits before it) never draws one of the top choices it drops; a top-nσ row draws within its set; `dry` (`select`
+    with DRY's passes, a loop of fixed count, which `select` leaves out) draws the same; no variant that leaves these
+    out (`is_plain`, `is_lean`) takes such a row."""
     rng = np.random.default_rng(23)
     b, steps = 4, 6
     breakers = np.zeros(V, bool)
@@ -560,10 +561,12 @@ def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     logits = (rng.standard_normal((steps, b, V)) * 2).astype(np.float32)
     logits[:, :, :9] += np.float32(4.0)  # the history's tokens lead: DRY decides the greedy row
     want, want_state, _ = _steps("cond", logits, p, init)
-    got, got_state, _ = _steps("select", logits, p, init)
+    got, got_state, text = _steps("dry", logits, p, init)
     for w, g in zip(want, got):
         jax.tree.map(np.testing.assert_array_equal, w, g)
     jax.tree.map(np.testing.assert_array_equal, want_state, got_state)
+    _, _, select_text = _steps("select", logits[:1], p, init)  # DRY's passes are `dry`'s alone
+    assert "stablehlo.case" not in text and text.count("stablehlo.while") == select_text.count("stablehlo.while") + 1
     seen = [list(t) for t in prompt]
     penalised = 0
     for step, out in enumerate(want):
