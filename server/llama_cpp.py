@@ -140,23 +140,32 @@ class Reply:
         return []
 
     def add(self, piece: Piece) -> list[dict]:
-        """A chunk: its text and tokens."""
+        """A chunk: its text and tokens (and with `n_probs` theirs)."""
         if not piece.text and not piece.token_ids:
             return []
-        self.sent += len(piece.token_ids)
-        return [{"index": 0, "content": piece.text, "tokens": piece.token_ids, "stop": False, "id_slot": -1,
-                 "tokens_predicted": self.sent, "tokens_evaluated": len(self.req.prompt_ids)}]
+        start, self.sent = self.sent, self.sent + len(piece.token_ids)
+        chunk = {"index": 0, "content": piece.text, "tokens": piece.token_ids, "stop": False, "id_slot": -1,
+                 "tokens_predicted": self.sent, "tokens_evaluated": len(self.req.prompt_ids)}
+        if self.job.logprobs:  # the choice's entries run with its tokens; these were added before this piece came
+            chunk["completion_probabilities"] = self.probabilities(self.choice.logprobs[start:self.sent])
+        return [chunk]
 
     def closing(self) -> list[dict]:
-        """The last chunk: the whole reply's settings and figures, no content."""
-        return [self.result(content="", tokens=[])]
+        """The last chunk: the whole reply's settings and figures, no content (its probabilities came with it)."""
+        return [self.result(content="", tokens=[], probabilities=False)]
+
+    def probabilities(self, entries: list[tuple]) -> list[dict]:
+        """llama.cpp's `completion_probabilities` of logprob entries `(id, logprob, top pairs)`."""
+        vocab, k = self.server.vocab, self.job.logprobs
+        entry = lambda t, lp: {"id": t, "token": vocab.text(t), "bytes": list(vocab.bytes(t)), "logprob": lp}  # noqa: E731
+        return [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in (top or [])[:k]]} for t, lp, top in entries]
 
     @staticmethod
     def failed(e) -> list[dict]:
         """An error chunk."""
         return [e.body()]
 
-    def result(self, content: str, tokens: list[int]) -> dict:
+    def result(self, content: str, tokens: list[int], probabilities: bool = True) -> dict:
         """The completion object (llama.cpp's `/completion` reply)."""
         c, req = self.choice, self.req
         p = req.params  # resolved: the model's defaults where the request set nothing
@@ -184,12 +193,8 @@ class Reply:
                            "predicted_n": n_out, "predicted_ms": predicted_ms,
                            "predicted_per_token_ms": predicted_ms / max(n_out, 1),
                            "predicted_per_second": n_out / (predicted_ms / 1000)}}
-        if self.job.logprobs:
-            vocab = self.server.vocab
-            entry = lambda t, lp: {"id": t, "token": vocab.text(t), "bytes": list(vocab.bytes(t)), "logprob": lp}  # noqa: E731
-            out["completion_probabilities"] = [
-                {**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in (top or [])[:self.job.logprobs]]}
-                for t, lp, top in c.logprobs]
+        if self.job.logprobs and probabilities:
+            out["completion_probabilities"] = self.probabilities(c.logprobs)
         return out
 
 

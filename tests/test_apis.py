@@ -306,6 +306,8 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         assert status == 200 and r2["content"] == want, prompt
     chunks = _stream_lines(api, "/completion", {**body, "stream": True})
     assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [[p["id"] for p in c["completion_probabilities"]] for c in chunks[:-1]] == [c["tokens"] for c in chunks[:-1]]
+    assert sum((c["completion_probabilities"] for c in chunks[:-1]), []) == probs
     assert "".join(c["content"] for c in chunks) == want and sum((c["tokens"] for c in chunks), []) == want_ids
     assert [c["tokens_predicted"] for c in chunks[:-1]] == list(np.cumsum([len(c["tokens"]) for c in chunks[:-1]]))
     assert chunks[-1]["tokens_predicted"] == 8
