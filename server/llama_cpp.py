@@ -75,15 +75,19 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
 
 
 def _prompt(p: Any, tok) -> Any:
-    """llama.cpp's prompt: text, token ids, or text and ids mixed (the text tokenized in place, without special
-    tokens); one prompt a call."""
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a list of one prompt
+    """llama.cpp's prompt as the completions API's: text, token ids, or text and ids mixed (the text tokenized in
+    place, without special tokens); or several of these (a list of strings, or of lists), a completion each."""
+    if isinstance(p, list) and (any(isinstance(x, list) for x in p) or (
+            len(p) > 1 and all(isinstance(x, str) for x in p))):  # llama.cpp's: ids beside ids are one prompt
+        return [_one(x, tok) for x in p]
+    return _one(p, tok)
+
+
+def _one(p: Any, tok) -> str | list[int]:
+    """One prompt: text, token ids, or both mixed."""
     if isinstance(p, str):
         return p
-    several = isinstance(p, list) and len(p) > 1 and all(isinstance(x, str) for x in p)  # llama.cpp: one per prompt
-    if isinstance(p, list) and p and not several and all(isinstance(x, (int, str)) and not isinstance(x, bool)
-                                                         for x in p):
+    if isinstance(p, list) and p and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in p):
         if all(isinstance(x, int) for x in p):
             return p
         if tok is None:
@@ -92,8 +96,8 @@ def _prompt(p: Any, tok) -> Any:
         for x in p:
             ids += tok.encode(x, add_special_tokens=False) if isinstance(x, str) else [x]
         return ids
-    raise bad("'prompt' must be a string, a list of token ids, or a list of strings and token ids (one prompt "
-              "a call)", "prompt")
+    raise bad("'prompt' must be a string, a list of token ids, a list of strings and token ids, or a list of "
+              "such prompts", "prompt")
 
 
 def _logit_bias(v: Any, tok) -> dict[str, float]:
@@ -124,9 +128,9 @@ def _logit_bias(v: Any, tok) -> dict[str, float]:
 class Reply:
     """One completion in llama.cpp's shape, whole or as its stream (`Server.sse`'s face)."""
 
-    def __init__(self, server, call, job: protocol.Job, stops: list[str]):
-        self.server, self.call, self.job, self.stops = server, call, job, stops
-        self.req = call.reqs[0]
+    def __init__(self, server, call, job: protocol.Job, stops: list[str], index: int = 0):
+        self.server, self.call, self.job, self.stops, self.index = server, call, job, stops, index
+        self.req = call.reqs[index]  # the call's request of prompt `index` (one choice each)
         self.choice = self.req.choices[0]
         self.sent = 0  # tokens streamed
 
@@ -176,7 +180,7 @@ class Reply:
         n_out, n_in = len(c.token_ids), len(req.prompt_ids)
         fresh = n_in - req.cached_tokens  # prompt tokens computed, not found in the prefix cache
         stop_type = "word" if c.stop_hit is not None else STOP_TYPES.get(c.finish_reason, "none")
-        out = {"index": 0, "content": content, "tokens": tokens, "id_slot": -1, "stop": True,
+        out = {"index": self.index, "content": content, "tokens": tokens, "id_slot": -1, "stop": True,
                "model": self.server.name, "tokens_predicted": n_out, "tokens_evaluated": n_in,
                "generation_settings": {"n_predict": req.max_tokens, "seed": p.seed, "temperature": p.temperature,
                                        "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p,
@@ -185,7 +189,7 @@ class Reply:
                                        "n_probs": self.job.logprobs or 0, "ignore_eos": p.ignore_eos,
                                        "dry_multiplier": p.dry_multiplier, "xtc_probability": p.xtc_probability,
                                        "top_n_sigma": p.top_n_sigma},
-               "prompt": self.job.prompt_texts[0], "has_new_line": "\n" in c.text, "truncated": False,
+               "prompt": self.job.prompt_texts[self.index], "has_new_line": "\n" in c.text, "truncated": False,
                "stop_type": stop_type, "stopping_word": c.stop_hit or "", "tokens_cached": n_in + n_out - 1,
                "timings": {"cache_n": req.cached_tokens, "prompt_n": fresh, "prompt_ms": prompt_ms,
                            "prompt_per_token_ms": prompt_ms / max(fresh, 1),
@@ -214,15 +218,20 @@ class LlamaCpp:
                 job.params.stop = stops
                 if probs:
                     job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
+                if job.stream and len(job.prompts) > 1:
+                    raise bad("a stream is of one prompt (several are for whole replies)", "prompt")
                 parts, events = self.server.admit(job, call, "cmpl-")
             except ApiError as e:
                 raise e.renamed(NAMES) from None
-            face = Reply(self.server, call, job, stops)
             if job.stream:
-                return await self.server.sse(request, call, events, Turn(job), face)
+                return await self.server.sse(request, call, events, Turn(job), Reply(self.server, call, job, stops))
             await self.server.collect(events, call)
-            ids = list(face.choice.token_ids) if body.get("return_tokens") is True else []
-            return web.json_response(face.result(face.choice.text, ids))
+            out = []
+            for i in range(len(parts)):
+                face = Reply(self.server, call, job, stops, i)
+                out.append(face.result(face.choice.text, list(face.choice.token_ids)
+                                       if body.get("return_tokens") is True else []))
+            return web.json_response(out[0] if len(out) == 1 else out)  # llama.cpp's: a list for several prompts
         return await self.server.serve(request, answer)
 
     async def props(self, request: web.Request) -> web.Response:

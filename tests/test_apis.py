@@ -304,6 +304,11 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     for prompt in (ids, [text], ids[:cut] + [tok.decode(ids[cut:])]):  # ids, a list of one, ids and text mixed
         status, r2, _ = http(api, "POST", "/completion", {**body, "prompt": prompt})
         assert status == 200 and r2["content"] == want, prompt
+    status, several, _ = http(api, "POST", "/completion", {**body, "prompt": [text, ids, "Hello"]})
+    assert status == 200 and [r3["index"] for r3 in several] == [0, 1, 2]
+    assert [r3["content"] for r3 in several[:2]] == [want, want] and several[2]["prompt"] == "Hello"
+    status, out, _ = http(api, "POST", "/completion", {**body, "prompt": [text, "Hello"], "stream": True})
+    assert status == 400 and out["error"]["param"] == "prompt"
     chunks = _stream_lines(api, "/completion", {**body, "stream": True})
     assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [[p["id"] for p in c["completion_probabilities"]] for c in chunks[:-1]] == [c["tokens"] for c in chunks[:-1]]
@@ -328,8 +333,9 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         in_force[k] for k in ("temperature", "top_k", "top_p")] and r["generation_settings"]["temperature"] is not None
     assert status == 200 and props["total_slots"] == 32 and props["default_generation_settings"]["n_ctx"] == \
         api.engine.max_len and props["eos_token"] == "<|im_end|>" and "im_start" in props["chat_template"]
-    for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"n_predict": "x"}, "n_predict"),
-                       ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"), ({"stop": "."}, "stop"),
+    for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": [["a", 1.5]]}, "prompt"),
+                       ({"n_predict": "x"}, "n_predict"), ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"),
+                       ({"stop": "."}, "stop"),
                        ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": 5}, "temperature"),
                        ({"repeat_penalty": 3}, "repeat_penalty"),
                        ({"mirostat": 2, "mirostat_tau": -1}, "mirostat_tau")):
