@@ -6,7 +6,11 @@ eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the 
 is written in llama.cpp's shape (`content`, `stop`, `stop_type`, `tokens_predicted`, `timings`, ...), whole or as
 its stream of `data:` lines (no `[DONE]`). Its bookkeeping fields are accepted and have nothing to do here:
 `cache_prompt` (the prefix cache is always on), `id_slot`, `samplers` (the sampler's order is fixed:
-docs/ARCHITECTURE.md), `n_keep`, `t_max_predict_ms`. Errors keep the OpenAI shape the rest of the server uses.
+docs/ARCHITECTURE.md), `n_keep`, `t_max_predict_ms`. `repeat_last_n` 0 turns the penalties off, as llama.cpp's;
+another window is the whole prompt and reply, as this server's penalties always are. A null field, or an empty
+`grammar` or `json_schema`, is one not given. Absent fields take the model's defaults, as in the other APIs here
+(llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05). Errors keep the OpenAI shape the rest of the server
+uses.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     here: llama.cpp allows more of each than the OpenAI API's bounds)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    # llama.cpp's clients send null, and an empty grammar or schema (SillyTavern's default), for "none"
+    body = {k: v for k, v in body.items() if v is not None and not (k in ("grammar", "json_schema") and not v)}
+    if isinstance(body.get("top_k"), int) and body["top_k"] < 0:
+        body["top_k"] = 0  # llama.cpp: any top_k <= 0 keeps the whole vocabulary
+    if body.get("repeat_last_n") == 0:  # llama.cpp: no penalty window, no penalties
+        body = {k: v for k, v in body.items() if k not in ("repeat_penalty", "presence_penalty", "frequency_penalty")}
     out = {k: body[k] for k in SAME if k in body}
     out.update({ours: body[theirs] for theirs, ours in RENAMED.items() if theirs in body})
     out["prompt"] = _prompt(body.get("prompt"), tok)

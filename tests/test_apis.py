@@ -326,6 +326,10 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     for bias in ([[want_ids[0], False]], {str(want_ids[0]): False}, [[tok.decode(want_ids[:1]), -100]]):
         status, r, _ = http(api, "POST", "/completion", {**body, "logit_bias": bias})
         assert r["tokens"][0] != want_ids[0], bias
+    sillytavern = {**body, "grammar": "", "json_schema": None, "stop": None, "mirostat": None, "top_k": -1,
+                   "repeat_penalty": 1.5, "repeat_last_n": 0}  # its defaults: none of these asks for anything
+    status, r, _ = http(api, "POST", "/completion", sillytavern)
+    assert status == 200 and r["content"] == want and r["generation_settings"]["repeat_penalty"] == 1.0
     status, props, _ = http(api, "GET", "/props")
     status, r, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 1})
     in_force = props["default_generation_settings"]["params"]  # the model's defaults where a request sets nothing
