@@ -15,7 +15,6 @@ Plain Python: who holds slots and pages is `engine.scheduler`'s, the device work
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -80,6 +79,8 @@ class Engine:
         self.finished = 0  # requests ended so far
         self.background: Background | None = None  # warm-up compiling behind serving (`warmup(background=True)`)
         self._grammars: Grammars | None = None
+        self._bad: dict[tuple[str, ...], tuple] = {}  # vLLM's bad words -> what the sampler holds (`bad_words`)
+        self._breakers: dict[tuple[str, ...], np.ndarray] = {}  # DRY's sequence breakers -> their tokens (`breakers`)
         self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
         self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
         self.verifies = 0  # verify steps run so far (speculative decoding)
@@ -166,14 +167,18 @@ class Engine:
                        cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,
                        thinking=thinking, prediction=list(prediction) if prediction else None)
 
-    @functools.lru_cache(maxsize=8)
     def breakers(self, strings: tuple[str, ...]) -> np.ndarray:
         """DRY's sequence breakers as a vocabulary mask: the tokens whose own text holds one of `strings`, as
         llama.cpp finds a breaker of one token (none without a tokenizer). Cached, a few sets."""
-        mask = np.zeros(self.model.cfg.vocab_size, bool)
-        if self.tok is not None:
-            texts = self.tok.token_texts[:len(mask)]
-            mask[:len(texts)] = [any(b in text for b in strings) for text in texts]
+        mask = self._breakers.get(strings)
+        if mask is None:
+            mask = np.zeros(self.model.cfg.vocab_size, bool)
+            if self.tok is not None:
+                texts = self.tok.token_texts[:len(mask)]
+                mask[:len(texts)] = [any(b in text for b in strings) for text in texts]
+            if len(self._breakers) >= 8:
+                self._breakers.clear()
+            self._breakers[strings] = mask
         return mask
 
     def bad_words(self, words: tuple[str, ...], allowed: list[int] | None = None
@@ -183,12 +188,11 @@ class Engine:
         tokenizes it: its text, left-stripped, and again after a space where that gives other tokens of the same
         count. Cached, a few sets; 400 past the sampler's bounds, without a tokenizer, or where they leave none of
         `allowed` (allowed_token_ids) to draw."""
-        got = self._bad_words(words)
+        got = self._bad.get(words) or self._bad_words(words)
         if words and allowed and set(allowed) <= set(got[0]):
             raise InvalidRequest("bad_words leave none of allowed_token_ids to draw", "bad_words")
         return got
 
-    @functools.lru_cache(maxsize=8)
     def _bad_words(self, words: tuple[str, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
         if not words:
             return [], None, None
@@ -209,7 +213,10 @@ class Engine:
         lengths = np.zeros(MAX_BAD, np.int32)
         for i, s in enumerate(longer):
             ids[i, BAD_TOKENS - len(s):], lengths[i] = s, len(s)
-        return single, ids, lengths
+        if len(self._bad) >= 8:
+            self._bad.clear()
+        self._bad[words] = got = (single, ids, lengths)
+        return got
 
     def grammars(self) -> Grammars:
         """The grammar cache for this model's tokenizer (made on first use)."""
