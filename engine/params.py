@@ -68,6 +68,8 @@ class SamplingParams:
     top_n_sigma: float = -1.0  # llama.cpp's top-nσ (<= 0: off)
     xtc_probability: float = 0.0  # llama.cpp's XTC (0: off) and its threshold
     xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0  # llama.cpp's dynamic temperature (0: off): temperature +- this, by the entropy
+    dynatemp_exponent: float = 1.0
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""
@@ -117,10 +119,12 @@ class SamplingParams:
               f"dry_sequence_breakers must hold 1 to {MAX_BREAKERS} non-empty strings", "dry_sequence_breakers")
         check(0.0 <= self.xtc_probability <= 1.0, "xtc_probability must be in [0, 1]", "xtc_probability")
         check(0.0 <= self.xtc_threshold <= 1.0, "xtc_threshold must be in [0, 1]", "xtc_threshold")
+        check(self.dynatemp_range >= 0.0, "dynatemp_range must be >= 0", "dynatemp_range")
+        check(self.dynatemp_exponent >= 0.0, "dynatemp_exponent must be >= 0", "dynatemp_exponent")
 
     def sampler_row(self) -> dict:
-        """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation, top-nσ
-        and XTC among them)."""
+        """The sampler's per-slot values (neutral where a transform is off; mirostat replaces truncation, top-nσ,
+        XTC and the dynamic temperature, as in llama.cpp's chain)."""
         miro = self.mirostat_target is not None
         return dict(
             temperature=self.temperature,
@@ -134,4 +138,5 @@ class SamplingParams:
             dry_allowed_length=min(self.dry_allowed_length, INT32_MAX),
             dry_last_n=min(self.dry_penalty_last_n, INT32_MAX),
             top_n_sigma=-1.0 if miro else self.top_n_sigma, xtc_probability=0.0 if miro else self.xtc_probability,
-            xtc_threshold=self.xtc_threshold)
+            xtc_threshold=self.xtc_threshold, dynatemp_range=0.0 if miro else self.dynatemp_range,
+            dynatemp_exponent=self.dynatemp_exponent)

@@ -15,7 +15,8 @@ Order of transforms (docs/ARCHITECTURE.md repeats it):
   4. temperature 0 -> greedy argmax of the penalised logits; else z / temperature;
   5. truncation: top-nσ (llama.cpp's), then as transformers chains its warpers: top_k, top_p, min_p, typical_p;
      each sees the distribution left by the previous one (or mirostat v2 instead, when a slot enables it); then XTC
-     (llama.cpp's "exclude top choices"), with its own coin per draw;
+     (llama.cpp's "exclude top choices"), with its own coin per draw; then llama.cpp's dynamic temperature, which
+     replaces the temperature over the survivors by their entropy;
   6. a draw by inverse CDF over the survivors, in vocabulary order, with one uniform number per slot: Threefry of
      its step counter under the slot's own key (blocked prefix sums, each one product with a triangular matrix: no
      sort, no noise over the vocabulary; Gumbel noise for 32 x 49k logits cost ~20 ms on a 2-core CPU, this draw
@@ -85,6 +86,8 @@ class SamplerParams:
     top_n_sigma: jax.Array  # <= 0: off
     xtc_probability: jax.Array  # 0: XTC off
     xtc_threshold: jax.Array
+    dynatemp_range: jax.Array  # 0: off; else the temperature moves within this of `temperature` by the entropy
+    dynatemp_exponent: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -126,7 +129,8 @@ def neutral_params(batch: int, vocab: int) -> dict:
         dry_multiplier=np.zeros(batch, np.float32), dry_base=np.full(batch, 1.75, np.float32),
         dry_allowed_length=np.full(batch, 2, np.int32), dry_last_n=np.full(batch, DRY_WINDOW, np.int32),
         breakers=np.zeros((batch, vocab), bool), top_n_sigma=np.zeros(batch, np.float32),
-        xtc_probability=np.zeros(batch, np.float32), xtc_threshold=np.full(batch, 0.1, np.float32))
+        xtc_probability=np.zeros(batch, np.float32), xtc_threshold=np.full(batch, 0.1, np.float32),
+        dynatemp_range=np.zeros(batch, np.float32), dynatemp_exponent=np.ones(batch, np.float32))
 
 
 def init_state(batch: int, vocab: int) -> SamplerState:
@@ -268,6 +272,37 @@ def xtc_ceiling(z: jax.Array, p: SamplerParams, coin: jax.Array) -> jax.Array:
     above = (z >= (lse + jnp.log(p.xtc_threshold))[:, None]) & (z > NEG_INF)  # a threshold of 0: every survivor
     lowest = jnp.min(jnp.where(above, z, jnp.inf), axis=-1)
     return jnp.where((coin < p.xtc_probability) & (jnp.sum(above, axis=-1) >= 2), lowest, jnp.inf)
+
+
+def dynamic_temperature(z: jax.Array, scale: jax.Array, p: SamplerParams) -> tuple[jax.Array, jax.Array]:
+    """Dynamic temperature (llama.cpp's `dynatemp_range` and `dynatemp_exponent`, from koboldcpp): each row's
+    temperature `[B]` for the survivors `z * scale` (the logits before any temperature; -inf excluded), between
+    `temperature - range` (at least 0) and `temperature + range` by their entropy's share of its largest value (the
+    log of their count) to the exponent; the row's own temperature where the range is 0 or fewer than two tokens
+    survive. Also returns the largest of `z`. Two reductions: a maximum, and the count, mass and first moment
+    stacked."""
+    top = jnp.max(z, axis=-1)
+    live = z > NEG_INF
+    rel = jnp.where(live, (z - jnp.where(jnp.isfinite(top), top, 0.0)[:, None]) * scale[:, None], 0.0)  # <= 0
+    e = jnp.where(live, jnp.exp(rel), 0.0)
+    count, mass, moment = jnp.sum(jnp.stack([live.astype(jnp.float32), e, e * rel]), axis=-1)
+    entropy = jnp.log(mass) - moment / mass  # of the survivors' probabilities e / mass
+    share = jnp.clip(entropy / jnp.log(jnp.maximum(count, 2.0)), 0.0, 1.0)
+    low = jnp.maximum(p.temperature - p.dynatemp_range, 0.0)
+    high = p.temperature + p.dynatemp_range
+    t = low + (high - low) * share ** p.dynatemp_exponent
+    return jnp.where((p.dynatemp_range > 0) & (count >= 2), t, p.temperature), top
+
+
+def _retemper(z: jax.Array, scale: jax.Array, p: SamplerParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What the dynamic temperature does to survivors `z` scaled by `scale` `[B]`: `(shift, ratio, floor)` per row,
+    `(z - shift) * ratio` the new logits (the largest 0, so a small temperature cannot overflow them) and those under
+    `floor` dropped (a temperature of 0 keeps the largest, as llama.cpp's); rows without it keep `z` bit for bit."""
+    t, top = dynamic_temperature(z, scale, p)
+    on = p.dynatemp_range > 0
+    ratio = jnp.where(on & (t > 0), scale / jnp.where(t > 0, t, 1.0), 1.0)
+    return (jnp.where(on & jnp.isfinite(top), top, 0.0), ratio,
+            jnp.where(on & (t <= 0) & (p.temperature > 0), top, NEG_INF))
 
 
 def prefix_sums(x: jax.Array, exclusive: bool = False, total: bool = False) -> jax.Array:
@@ -522,7 +557,8 @@ def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
 
 def is_plain(row: dict) -> bool:
     """Whether a slot's settings (`neutral_params`' names, as `SamplingParams.sampler_row` gives them) need none of what
-    `sample` guards with a `lax.cond`: alternatives, mirostat, DRY, and truncation (top-nσ and XTC too) where the slot
+    `sample` guards with a `lax.cond`: alternatives, mirostat, DRY, and truncation (top-nσ, XTC and the dynamic
+    temperature too) where the slot
     draws (a greedy slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the
     row's."""
     truncates = row["top_k"] > 0 or row["top_p"] < 1.0 or row["min_p"] > 0.0 or row["typical_p"] < 1.0
@@ -540,10 +576,10 @@ def is_lean(row: dict) -> bool:
 
 
 def _served_without(row: dict, draw_needs: bool) -> bool:
-    """Whether a program without alternatives, mirostat, DRY, top-nσ, XTC and a transform the slot's draw needs
-    (`draw_needs`) serves the slot: the truncations matter only where it draws (a greedy slot's token and logprobs
-    do not depend on them); DRY, a penalty, changes a greedy choice too."""
-    draw_needs = draw_needs or row["top_n_sigma"] > 0 or row["xtc_probability"] > 0
+    """Whether a program without alternatives, mirostat, DRY, top-nσ, XTC, the dynamic temperature and a transform
+    the slot's draw needs (`draw_needs`) serves the slot: the truncations matter only where it draws (a greedy slot's
+    token and logprobs do not depend on them); DRY, a penalty, changes a greedy choice too."""
+    draw_needs = draw_needs or row["top_n_sigma"] > 0 or row["xtc_probability"] > 0 or row["dynatemp_range"] > 0
     return (row["top_logprobs"] == 0 and not row["mirostat"] and row["dry_multiplier"] == 0
             and (row["temperature"] <= 0 or not draw_needs))
 
@@ -556,12 +592,13 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
     (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before any
     other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips the
-    transforms no row wants (alternatives, DRY, the grammar mask, truncation, mirostat, XTC): `cond`, a `lax.cond` each;
-    `plain`, every row is `is_plain` and none is constrained, so they are left out; `select`, they are computed for
-    every row and taken where wanted, DRY aside; `dry`, as `select` with DRY, for calls where some row uses it;
-    `lean`, as `select` for rows that are all `is_lean`, so alternatives, mirostat, top-nσ, XTC and the exact path's
-    top_k and typical_p bisections are left out too. The last four hold no conditional, which XLA's GPU runtime
-    decides on the host after waiting for the device (docs/ARCHITECTURE.md, "One step ahead")."""
+    transforms no row wants (alternatives, DRY, the grammar mask, truncation, mirostat, XTC, the dynamic
+    temperature): `cond`, a `lax.cond` each; `plain`, every row is `is_plain` and none is constrained, so they are
+    left out; `select`, they are computed for every row and taken where wanted, DRY aside; `dry`, as `select` with
+    DRY, for calls where some row uses it; `lean`, as `select` for rows that are all `is_lean`, so alternatives,
+    mirostat, top-nσ, XTC, the dynamic temperature and the exact path's top_k and typical_p bisections are left out
+    too. The last four hold no conditional, which XLA's GPU runtime decides on the host after waiting for the device
+    (docs/ARCHITECTURE.md, "One step ahead")."""
     plain, lean = branches == "plain", branches == "lean"
     select = branches in ("select", "lean", "dry")
     logits = logits.astype(jnp.float32)
@@ -605,6 +642,11 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
             ceiling = branch(jnp.any(p.xtc_probability > 0), lambda: xtc_ceiling(before, p, coin),
                              lambda: np.full(b, np.inf, np.float32), select)
             z = jnp.where(before > ceiling[:, None], NEG_INF, z)
+            # dynamic temperature last, over the survivors, as llama.cpp's chain ends with it
+            shift, ratio, floor = branch(
+                jnp.any(p.dynatemp_range > 0), lambda: _retemper(z, scale[:, 0], p),
+                lambda: (np.zeros(b, np.float32), np.ones(b, np.float32), np.full(b, -np.inf, np.float32)), select)
+            z = jnp.where(z >= floor[:, None], (z - shift[:, None]) * ratio[:, None], NEG_INF)
     drawn, logq = draw(z, u)
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.

@@ -28,7 +28,8 @@ from server.turn import Piece, Turn
 
 SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty", "ignore_eos",
         "grammar", "json_schema", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-        "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "stream")
+        "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "dynatemp_range",
+        "dynatemp_exponent", "stream")
 RENAMED = {"repeat_penalty": "repetition_penalty"}
 NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "n_predict", "mirostat_target": "mirostat_tau",
          "mirostat_lr": "mirostat_eta", "return_token_ids": "return_tokens"}  # ours -> llama.cpp's, in errors
@@ -198,7 +199,8 @@ class Reply:
                                        "frequency_penalty": p.frequency_penalty, "stop": self.stops,
                                        "n_probs": self.job.logprobs or 0, "ignore_eos": p.ignore_eos,
                                        "dry_multiplier": p.dry_multiplier, "xtc_probability": p.xtc_probability,
-                                       "top_n_sigma": p.top_n_sigma},
+                                       "top_n_sigma": p.top_n_sigma, "dynatemp_range": p.dynatemp_range,
+                                       "dynatemp_exponent": p.dynatemp_exponent},
                "prompt": self.job.prompt_texts[self.index], "has_new_line": "\n" in c.text, "truncated": False,
                "stop_type": stop_type, "stopping_word": c.stop_hit or "", "tokens_cached": n_in + n_out - 1,
                "timings": {"cache_n": req.cached_tokens, "prompt_n": fresh, "prompt_ms": prompt_ms,

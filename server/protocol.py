@@ -114,9 +114,12 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "top_n_sigma": (float, None, None),
     "xtc_probability": (float, 0.0, 1.0),
     "xtc_threshold": (float, 0.0, 1.0),
+    "dynatemp_range": (float, 0.0, None),
+    "dynatemp_exponent": (float, 0.0, None),
 }
 LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
-             "xtc_probability", "xtc_threshold")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
+             "xtc_probability", "xtc_threshold", "dynatemp_range",
+             "dynatemp_exponent")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")

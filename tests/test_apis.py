@@ -330,6 +330,11 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
                    "repeat_penalty": 1.5, "repeat_last_n": 0}  # its defaults: none of these asks for anything
     status, r, _ = http(api, "POST", "/completion", sillytavern)
     assert status == 200 and r["content"] == want and r["generation_settings"]["repeat_penalty"] == 1.0
+    warm = {**body, "temperature": 0.5, "seed": 5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "n_predict": 12}
+    http(api, "POST", "/completion", warm)  # the prompt's page cached first: both below read it alike
+    status, r, _ = http(api, "POST", "/completion", {**warm, "dynatemp_range": 0.5, "dynatemp_exponent": 0})
+    assert status == 200 and r["generation_settings"]["dynatemp_range"] == 0.5
+    assert r["content"] == http(api, "POST", "/completion", {**warm, "temperature": 1.0})[1]["content"]
     status, props, _ = http(api, "GET", "/props")
     status, r, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 1})
     in_force = props["default_generation_settings"]["params"]  # the model's defaults where a request sets nothing

@@ -590,6 +590,86 @@ def test_dry_xtc_and_top_n_sigma_through_sample_on_every_variant():
     assert smp.is_plain({**neutral, "temperature": 0.0, "xtc_probability": 0.5, "top_n_sigma": 1.0})
 
 
+def dynatemp_reference(x, temperature, delta, exponent):
+    """llama.cpp's dynamic temperature (`llama_sampler_temp_ext_apply`) written out: the temperature for the
+    survivors' logits `x` (finite ones only, before any temperature)."""
+    x = x[np.isfinite(x)].astype(np.float64)
+    if delta <= 0 or len(x) <= 1:
+        return temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    low, high = max(0.0, temperature - delta), temperature + delta
+    return low + (high - low) * (entropy / np.log(len(x))) ** exponent
+
+
+def test_dynamic_temperature_matches_llama_cpp_written_out():
+    """The temperature per row for survivors of several shapes (peaked, flat, some excluded, one left, ties of an
+    underflowed tail), ranges (0: the row's own; past the temperature: its low end 0) and exponents (0: the high
+    end, 1, 2)."""
+    rng = np.random.default_rng(31)
+    b = 9
+    x = (rng.standard_normal((b, V)) * rng.choice([0.2, 1.0, 4.0], b)[:, None]).astype(np.float32)
+    x[2, rng.choice(V, 900, replace=False)] = -np.inf
+    x[3, 1:] = -np.inf  # one survivor
+    x[4] = 0.0  # flat: the whole entropy
+    x[5, 0] = 300.0  # the rest underflow: no entropy
+    temperature = np.asarray([0.8, 1.0, 0.7, 1.0, 0.5, 0.5, 1.2, 0.9, 1.0], np.float32)
+    delta = np.asarray([0.5, 0.0, 0.3, 0.5, 0.2, 1.0, 2.0, 0.4, 0.25], np.float32)
+    exponent = np.asarray([1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.0, 3.0], np.float32)
+    p = params(b, temperature=temperature, dynatemp_range=delta, dynatemp_exponent=exponent)
+    got, top = map(np.asarray, smp.dynamic_temperature(jnp.asarray(x / 0.5), jnp.full(b, 0.5, np.float32), p))
+    assert np.array_equal(top, (x / 0.5).max(axis=1))
+    want = [dynatemp_reference(x[i], temperature[i], delta[i], exponent[i]) for i in range(b)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got[1] == 1.0 and got[3] == 1.0 and got[4] == pytest.approx(0.7) and got[5] == 0.0
+    assert got[7] == pytest.approx(1.3)  # exponent 0: the high end
+
+
+def test_dynamic_temperature_through_sample_on_every_variant():
+    """Through `sample`, over 6 steps: each dynamic-temperature row draws the inverse-CDF token (at its own uniform
+    number) of its survivors (top_k's, all, min_p's) rescaled to llama.cpp's temperature; a row whose temperature
+    falls to 0 draws its largest survivor; a greedy row draws the argmax; `select` draws as `cond`, and neither
+    `plain` nor `lean` takes such a row."""
+    rng = np.random.default_rng(32)
+    b, steps = 5, 6
+    rows = dict(temperature=[0.8, 1.0, 0.6, 0.5, 0.0], top_k=[5, 0, 0, 0, 0], min_p=[0.0, 0.0, 0.05, 0.0, 0.0],
+                dynatemp_range=[0.5, 0.7, 0.4, 1.0, 0.5], dynatemp_exponent=[1.0, 2.0, 0.5, 1.0, 1.0])
+    p, init = _keyed(b, **rows)
+    logits = (rng.standard_normal((steps, b, V)) * 2).astype(np.float32)
+    logits[:, 3, 17] = 400.0  # the others' probabilities underflow: no entropy, temperature 0
+    want, _, _ = _steps("cond", logits, p, init)
+    got, _, text = _steps("select", logits, p, init)
+    for w, g in zip(want, got):
+        jax.tree.map(np.testing.assert_array_equal, w, g)
+    assert "stablehlo.case" not in text
+    state = init
+    for step, out in enumerate(want):
+        u, _ = smp.uniforms(state.key, state.step)
+        state = dataclasses.replace(state, step=state.step + 1)
+        for i in range(4):
+            t0, z = rows["temperature"][i], logits[step, i].astype(np.float64)
+            zt = z / t0
+            keep = np.ones(V, bool)
+            if rows["top_k"][i]:
+                keep &= zt >= np.sort(zt)[-rows["top_k"][i]]
+            keep &= zt - zt.max() >= np.log(max(rows["min_p"][i], 1e-38))
+            t = dynatemp_reference(np.where(keep, z, -np.inf), t0, rows["dynatemp_range"][i],
+                                   rows["dynatemp_exponent"][i])
+            kept = np.flatnonzero(keep)
+            if t <= 0:
+                assert out.token[i] == np.argmax(z), (step, i)
+                continue
+            q = np.exp((z[kept] - z[kept].max()) / t)
+            q /= q.sum()
+            assert out.token[i] == kept[min(int(np.sum(np.cumsum(q) <= u[i])), len(kept) - 1)], (step, i, t)
+        assert out.token[4] == np.argmax(logits[step, 4])
+    neutral = {k: v[0] for k, v in smp.neutral_params(1, V).items()}
+    row = {**neutral, "dynatemp_range": 0.5}
+    assert not smp.is_plain(row) and not smp.is_lean(row)
+    assert smp.is_plain({**row, "temperature": 0.0}) and smp.is_lean({**row, "temperature": 0.0})
+
+
 def bad_words_reference(logits, sequences, output):
     """vLLM's `NoBadWordsLogitsProcessor` written out: a word of one token is never drawn; a longer one's last
     token is not drawn where the output's last tokens are its others."""

@@ -285,12 +285,12 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
         assert e.value.body["param"] == param, (extra, e.value.body)
 
 
-def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
+def test_llama_cpps_dry_xtc_top_n_sigma_and_dynamic_temperature(api, client):
     """llama.cpp's samplers through the `openai` client. DRY: the greedy reply to a counting loop leaves the loop the
     free reply stays in, each of its tokens the model's best after llama.cpp's penalties written out
     (`helpers.dry_reference`) over the prompt and the reply so far; XTC, always on, never draws a top choice it
-    drops (seen in the raw logprobs); top-nσ with a tiny n draws the greedy reply at a high temperature; bad values
-    are 400s naming the field."""
+    drops (seen in the raw logprobs); top-nσ with a tiny n draws the greedy reply at a high temperature; the dynamic
+    temperature at exponent 0 draws what its high end does; bad values are 400s naming the field."""
     tok, vocab = api.model.tokenizer, api.model.cfg.vocab_size
     loop = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,"
     ask = lambda **extra: client.completions.create(model=MODEL, prompt=loop, max_tokens=16, temperature=0,  # noqa: E731
@@ -326,6 +326,14 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
     sigma = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=1.5, seed=3,
                                            extra_body={"top_n_sigma": 1e-4})
     assert sigma.choices[0].message.content == greedy.choices[0].message.content
+    # the dynamic temperature at exponent 0 is its high end whatever the entropy: a reply at 0.5 + 0.5 is one at 1.0
+    story = lambda t, **extra: client.completions.create(  # noqa: E731
+        model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=t, top_p=1.0, seed=11,
+        extra_body={"top_k": 0, "min_p": 0.0, "ignore_eos": True, **extra}).choices[0].text
+    first = story(1.0)  # (the prompt's first run is prefilled whole; later ones from its cached page, which can
+    #                   differ in the last bits and so, rarely, in a draw)
+    hot = story(0.5, dynatemp_range=0.5, dynatemp_exponent=0.0)
+    assert hot == story(1.0) and hot != story(0.5) and first
     for extra, param in (({"dry_multiplier": -1}, "dry_multiplier"), ({"dry_base": 0.5}, "dry_base"),
                          ({"dry_allowed_length": 1.5}, "dry_allowed_length"),
                          ({"dry_penalty_last_n": -2}, "dry_penalty_last_n"),
@@ -333,7 +341,8 @@ def test_llama_cpps_dry_xtc_and_top_n_sigma(api, client):
                          ({"dry_sequence_breakers": "\n"}, "dry_sequence_breakers"),
                          ({"dry_sequence_breakers": [""]}, "dry_sequence_breakers"),
                          ({"xtc_probability": 1.5}, "xtc_probability"), ({"xtc_threshold": -0.1}, "xtc_threshold"),
-                         ({"top_n_sigma": "1"}, "top_n_sigma")):
+                         ({"top_n_sigma": "1"}, "top_n_sigma"), ({"dynatemp_range": -0.1}, "dynatemp_range"),
+                         ({"dynatemp_exponent": -1}, "dynatemp_exponent")):
         with pytest.raises(openai.BadRequestError) as e:
             ask(**extra)
         assert e.value.body["param"] == param, (extra, e.value.body)
