@@ -266,6 +266,15 @@ class Engine:
         return bool(sched.queued() or sched.running or sched.prefilling or not self.incoming.empty()
                     or not self.aborts.empty() or self.pending)
 
+    def flush_cache(self) -> bool:
+        """Forget every cached prompt prefix (SGLang's `/flush_cache`), when nothing is queued or running: True;
+        else nothing is flushed (a running request may be reading them): False. Call it on the engine's thread."""
+        if self.has_work():
+            return False
+        flushed = sum(pool.flush() for pool in self.sched.pools)
+        log.info("prefix cache flushed: %d pages", flushed)
+        return True
+
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
         self.runner.idle()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
+import queue
 import threading
 from typing import Any, AsyncIterator
 
@@ -116,6 +118,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self._fail_requested = False
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # (fn, future): run on the engine thread between steps
         self.error: BaseException | None = None
         self._held: list = []  # the streams that took deltas during this engine step, to hand them over after it
         engine.handed = self._hand_over  # and first tokens as soon as they are read back
@@ -128,6 +131,7 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stop:
+            self._run_calls()
             if self._fail_requested:
                 self._fail_requested = False
                 self._fail_all()
@@ -143,6 +147,21 @@ class AsyncEngine:
                 self.error = e
                 self._fail_all()
             self._hand_over()
+
+    def _run_calls(self) -> None:
+        while not self._calls.empty():
+            fn, future = self._calls.get()
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as e:  # the caller's to handle
+                future.set_exception(e)
+
+    async def call(self, fn) -> Any:
+        """`fn(engine)` run on the engine thread between steps (what touches its scheduler and pages), awaited."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
 
     def _fail_all(self) -> None:
         for req, deltas in self.engine.fail_all():
@@ -179,6 +198,8 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+        while not self._calls.empty():  # never run: their callers would wait for ever
+            self._calls.get()[1].set_exception(RuntimeError("the engine has stopped"))
         self.engine.close()
 
     def stream(self, *reqs: Request) -> AsyncIterator[list[tuple[int, list[Delta]]]]:

@@ -162,6 +162,15 @@ class PagePool:
         if not self.after[parent]:
             del self.after[parent]
 
+    def flush(self) -> int:
+        """Forget every cached prefix of the pages no sequence holds (they become empty); returns how many."""
+        n = len(self.evictable)
+        for page in self.evictable:
+            self._forget(page)
+            self.empty.append(page)
+        self.evictable.clear()
+        return n
+
     def check(self) -> None:
         """Assert the invariants in the module docstring (tests call this)."""
         free = list(self.empty) + list(self.evictable)

@@ -36,7 +36,7 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import anthropic_messages, llama_cpp, openai_responses, protocol, reasoning, tools
+from server import anthropic_messages, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -107,6 +107,7 @@ class Server:
         openai_responses.routes(app, self)
         anthropic_messages.routes(app, self)
         llama_cpp.routes(app, self)
+        sglang.routes(app, self)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)

@@ -350,3 +350,107 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
                        ({"mirostat": 2, "mirostat_tau": -1}, "mirostat_tau")):
         status, out, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 2, **bad})
         assert status == 400 and out["error"]["param"] == param, (bad, out)
+
+
+def _sse(api, path, body):
+    """A stream's `data:` payloads in order: parsed JSON, or the text (`[DONE]`)."""
+    req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    out = [line[6:] for line in raw.split("\n\n") if line.startswith("data: ")]
+    return [x if x == "[DONE]" else json.loads(x) for x in out]
+
+
+def test_sglang_generate_whole_batched_and_streamed(api, client):
+    """SGLang's `/generate` over a socket: the greedy reply is the completions API's, in SGLang's shape (text,
+    output_ids, meta_info with its finish_reason objects, counts and `[logprob, id, text]` logprobs; the prompt's from
+    `logprob_start_len` equal vLLM's prompt_logprobs); `input_ids`; a batch with `n` and ids from `rid`, prompt by
+    prompt; EOS, stop strings (trimmed unless `no_stop_trim`) and a JSON schema; a stream of the text so far ending in
+    `[DONE]`; `/model_info`, `/server_info`, `/flush_cache` (the next identical prompt finds nothing cached); bad
+    fields are 400s naming SGLang's."""
+    tok = api.model.tokenizer
+    text = "The capital of France is"
+    ref = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0, logprobs=2,
+                                    extra_body={"return_token_ids": True, "prompt_logprobs": 1})
+    want, want_ids = ref.choices[0].text, ref.choices[0].model_extra["token_ids"]
+    prompt_ids = ref.model_extra["prompt_token_ids"]
+    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "return_logprob": True,
+            "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    status, r, _ = http(api, "POST", "/generate", body)
+    assert status == 200 and r["text"] == want and r["output_ids"] == want_ids, r
+    meta = r["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 8} and meta["completion_tokens"] == 8
+    assert meta["prompt_tokens"] == len(prompt_ids) and meta["e2e_latency"] > 0 and meta["input_token_logprobs"] == []
+    assert [t[1] for t in meta["output_token_logprobs"]] == want_ids
+    np.testing.assert_allclose([t[0] for t in meta["output_token_logprobs"]], ref.choices[0].logprobs.token_logprobs,
+                               atol=2e-3)  # the prompt's page cached by the first call: its last bits may differ
+    assert [t[2] for t in meta["output_token_logprobs"]] == ref.choices[0].logprobs.tokens
+    assert all(len(top) == 2 and top[0][0] >= t[0] - 1e-4 for top, t in zip(meta["output_top_logprobs"],
+                                                                            meta["output_token_logprobs"]))
+    status, r2, _ = http(api, "POST", "/generate", {**body, "text": None, "input_ids": prompt_ids})
+    assert status == 200 and r2["output_ids"] == want_ids
+    # the prompt's logprobs from position 2 on: the first null (as SGLang's), the others the model's (vLLM's values)
+    status, r3, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": 2, "top_logprobs_num": 1})
+    given = r3["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in given] == prompt_ids[2:] and given[0][0] is None and len(r3["meta_info"][
+        "input_top_logprobs"]) == len(given)
+    vllm = ref.choices[0].model_extra["prompt_logprobs"]
+    for j, t in enumerate(given[1:], start=3):
+        assert t[0] == pytest.approx(vllm[j][str(prompt_ids[j])]["logprob"], abs=2e-3), j
+    status, r4, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": 0})
+    assert [t[1] for t in r4["meta_info"]["input_token_logprobs"]] == prompt_ids
+    # a batch of two prompts, two samples each, prompt by prompt, their ids from `rid`
+    status, batch, _ = http(api, "POST", "/generate", {"text": [text, "Hello"], "rid": "job", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0.8, "n": 2, "sampling_seed": 3}})
+    assert status == 200 and [b["meta_info"]["id"] for b in batch] == ["job_0_0", "job_0_1", "job_1_0", "job_1_1"]
+    assert [b["meta_info"]["prompt_tokens"] for b in batch] == [len(prompt_ids)] * 2 + [len(tok.encode("Hello"))] * 2
+    assert all(len(b["output_ids"]) == 4 for b in batch)
+    status, one, _ = http(api, "POST", "/generate", {"text": [text], "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200 and isinstance(one, list) and len(one) == 1  # a list of one is a batch, as SGLang's
+    templated = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    chat = {"text": templated, "sampling_params": {"max_new_tokens": 64, "temperature": 0}}
+    status, r, _ = http(api, "POST", "/generate", chat)
+    eos = r["meta_info"]["finish_reason"]
+    assert eos["type"] == "stop" and eos["matched"] == r["output_ids"][-1] and eos["matched"] in api.model.eos_ids
+    assert "Paris" in r["text"] and "<|im_end|>" not in r["text"]
+    stop = {**chat, "sampling_params": {**chat["sampling_params"], "stop": "."}}
+    status, r, _ = http(api, "POST", "/generate", stop)
+    assert r["meta_info"]["finish_reason"] == {"type": "stop", "matched": "."} and "." not in r["text"]
+    stop["sampling_params"]["no_stop_trim"] = True
+    assert http(api, "POST", "/generate", stop)[1]["text"].endswith(".")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    status, r, _ = http(api, "POST", "/generate", {"text": templated, "sampling_params": {
+        "max_new_tokens": 48, "temperature": 0, "json_schema": json.dumps(schema)}})
+    jsonschema.validate(json.loads(r["text"]), schema)
+    events = _sse(api, "/generate", {**body, "stream": True, "return_logprob": False})
+    assert events[-1] == "[DONE]" and len(events) > 2
+    chunks = events[:-1]
+    assert all(a["text"] == b["text"][:len(a["text"])] and a["output_ids"] == b["output_ids"][:len(a["output_ids"])]
+               for a, b in zip(chunks, chunks[1:]))  # each the whole reply so far
+    assert [c["meta_info"]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["text"] == want and chunks[-1]["output_ids"] == want_ids
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
+    status, info, _ = http(api, "GET", "/model_info")
+    assert status == 200 and info["is_generation"] is True and info == http(api, "GET", "/get_model_info")[1]
+    status, info, _ = http(api, "GET", "/server_info")
+    assert info["context_length"] == api.engine.max_len and info["max_running_requests"] == api.engine.runner.slots
+    long = {"text": "Lorem ipsum dolor sit amet, " * 8, "sampling_params": {"max_new_tokens": 1}}
+    http(api, "POST", "/generate", long)
+    assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] >= 16
+    status, said, _ = http(api, "POST", "/flush_cache")
+    assert status == 200 and said.startswith("Cache flushed") and api.engine.stats()["kv_pages_cached"] == 0
+    assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] == 0
+    for bad, param in (({"text": text, "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+                       ({"text": text, "sampling_params": {"best": 1}}, "sampling_params.best"),
+                       ({"sampling_params": {}}, "text"), ({"text": text, "input_ids": [1]}, "text"),
+                       ({"input_ids": []}, "input_ids"), ({"text": 5}, "text"),
+                       ({"text": [text, "Hi"], "stream": True}, "stream"),
+                       ({"text": [text, "Hi"], "sampling_params": [{"n": 1}, {"n": 2}]}, "sampling_params"),
+                       ({"text": [text, "Hi"], "rid": ["a"]}, "rid"),
+                       ({"text": text, "top_logprobs_num": 50}, "top_logprobs_num"),
+                       ({"text": text, "image_data": "x.png"}, "image_data"),
+                       ({"text": text, "sampling_params": {"stop": [""]}}, "sampling_params.stop")):
+        status, out, _ = http(api, "POST", "/generate", bad)
+        assert status == 400 and out["error"]["param"] == param, (bad, out)

@@ -1,0 +1,293 @@
+"""SGLang's native API (`/generate`, `/model_info`, `/server_info`, `/flush_cache`), translated onto the completions
+path, for the tools written against it (RL rollout frameworks, SGLang's own benchmarks and clients).
+
+A `/generate` body (`text` or `input_ids`, one prompt or a batch of them, `sampling_params` with SGLang's names:
+`max_new_tokens`, `min_new_tokens`, `stop` as a string or any number of strings, `no_stop_trim`, `sampling_seed`,
+`top_k` -1 for the whole vocabulary, `json_schema` / `regex` / `ebnf`, ...) becomes a completions body that
+`protocol.parse` validates like any other. The reply is SGLang's: `{"text", "output_ids", "meta_info"}` for one
+prompt of one sample, else a list of them, prompt by prompt (`n` samples each); `meta_info` holds the id, the
+`finish_reason` object (`{"type": "length", "length": n}`, `{"type": "stop", "matched": token id or stop string}`),
+token counts, `cached_tokens` and `e2e_latency`, and with `return_logprob` the output tokens' `[logprob, id, text or
+null]` (the text with `return_text_in_logprobs`) and `top_logprobs_num` alternatives each; a `logprob_start_len` of 0
+or more adds the prompt's from there, the first entry's logprob null as SGLang's. A stream sends `data:` lines of the
+whole text and ids so far (SGLang's default), the last with the finish reason, then `data: [DONE]`. Errors keep the
+OpenAI shape the rest of the server uses (SGLang's `{"error": {"message"}}` is part of it).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from server import protocol
+from server.protocol import ApiError, bad
+from server.turn import Piece, Turn
+
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
+RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
+           "no_stop_trim": "include_stop_str_in_output"}  # SGLang's sampling_params -> the completions body's
+NAMES = {ours: theirs for theirs, ours in RENAMED.items()}  # in errors
+SAME = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+        "stop_token_ids", "ignore_eos", "skip_special_tokens", "n", "json_schema", "regex", "ebnf", "logit_bias",
+        "typical_p", *protocol.LLAMA_CPP, "dry_sequence_breakers")
+IGNORED = ("spaces_between_special_tokens", "custom_params", "stream_interval")  # accepted, nothing to do here
+UNSERVED = ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "custom_logit_processor",
+            "return_hidden_states", "session_params", "token_ids_logprob")
+DONE = "[DONE]"
+
+
+def routes(app: web.Application, server) -> None:
+    """Add SGLang's routes to `app`."""
+    api = SGLang(server)
+    app.router.add_post("/generate", api.generate)
+    for path in ("/model_info", "/get_model_info"):  # the second is SGLang's older name
+        app.router.add_get(path, api.model_info)
+    for path in ("/server_info", "/get_server_info"):
+        app.router.add_get(path, api.server_info)
+    app.router.add_route("GET", "/flush_cache", api.flush_cache)
+    app.router.add_route("POST", "/flush_cache", api.flush_cache)
+
+
+def generate_body(body: Any) -> tuple[dict, list[str], bool]:
+    """A completions body for a `/generate` body, its stop strings (any number; checked here), and whether the
+    prompt was one (not a batch)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    for name in UNSERVED:
+        if body.get(name) not in (None, [], {}):
+            raise bad(f"'{name}' is not supported by this server", name)
+    prompt, single = _prompt(body)
+    params = body.get("sampling_params")
+    if isinstance(params, list):  # one per prompt: served when they agree
+        if not params or any(p != params[0] for p in params):
+            raise bad("'sampling_params' as a list must hold the same settings for every prompt (one call serves "
+                      "one set; send prompts that differ in separate calls)", "sampling_params")
+        params = params[0]
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise bad("'sampling_params' must be an object", "sampling_params")
+    for k in params:
+        if k not in SAME and k not in RENAMED and k not in IGNORED and k != "stop":
+            raise bad(f"'{k}' is not a sampling parameter this server knows", f"sampling_params.{k}")
+    params = {k: v for k, v in params.items() if v is not None}
+    out = {k: params[k] for k in SAME if k in params}
+    out.update({ours: params[theirs] for theirs, ours in RENAMED.items() if theirs in params})
+    out.setdefault("max_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if out.get("top_k") == -1:  # SGLang's whole vocabulary
+        out["top_k"] = 0
+    out["prompt"] = prompt
+    out["stream"] = body.get("stream", False)
+    stops = params.get("stop", [])
+    stops = [stops] if isinstance(stops, str) else stops
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad("'stop' must be a string or a list of non-empty strings", "sampling_params.stop")
+    return out, stops, single
+
+
+def _prompt(body: dict) -> tuple[Any, bool]:
+    """The prompt(s), SGLang's way: `text` (a string, or a list of them: a batch) else `input_ids` (ids, or a list
+    of id lists: a batch); and whether it was one prompt."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if text is not None and ids is not None:
+        raise bad("give 'text' or 'input_ids', not both", "text")
+    if text is not None:
+        if isinstance(text, str):
+            return text, True
+        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            return text, False
+        raise bad("'text' must be a string or a non-empty list of strings", "text")
+    if ids is None:
+        raise bad("Either text or input_ids should be provided.", "text")
+    is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if isinstance(ids, list) and ids and all(is_id(t) for t in ids):
+        return ids, True
+    if isinstance(ids, list) and ids and all(isinstance(p, list) and p and all(is_id(t) for t in p) for p in ids):
+        return ids, False
+    raise bad("'input_ids' must be a non-empty list of token ids, or a list of such lists", "input_ids")
+
+
+def _logprob_options(body: dict) -> tuple[bool, int, int | None, bool]:
+    """`(return_logprob, top_logprobs_num, logprob_start_len or None, return_text_in_logprobs)`."""
+    want = body.get("return_logprob") or False
+    k = body.get("top_logprobs_num") or 0
+    start = body.get("logprob_start_len")
+    text = body.get("return_text_in_logprobs") or False
+    if not isinstance(want, bool):
+        raise bad("'return_logprob' must be a boolean", "return_logprob")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
+        raise bad("'top_logprobs_num' must be an integer in [0, 20]", "top_logprobs_num")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < -1):
+        raise bad("'logprob_start_len' must be an integer >= -1 (-1: the output's logprobs only)",
+                  "logprob_start_len")
+    if not isinstance(text, bool):
+        raise bad("'return_text_in_logprobs' must be a boolean", "return_text_in_logprobs")
+    return want, k, start if want and start is not None and start >= 0 else None, text
+
+
+class Sample:
+    """One sample (a choice) in SGLang's shape: whole, or as the chunks of its stream (`Server.sse`'s face)."""
+
+    def __init__(self, server, call, req, choice, rid: str, logprobs: tuple):
+        self.server, self.call, self.req, self.choice, self.rid = server, call, req, choice, rid
+        self.want, self.k, self.start, self.texts = logprobs
+        self.text, self.ids = "", []  # streamed so far
+
+    @staticmethod
+    def encode(ev: dict | str) -> bytes:
+        """A `data:` line, as SGLang streams (`[DONE]` last)."""
+        return b"data: " + (ev.encode() if ev == DONE else json.dumps(ev).encode()) + b"\n\n"
+
+    def opening(self) -> list[dict]:
+        """Nothing: SGLang's stream starts with the first piece."""
+        return []
+
+    def add(self, piece: Piece) -> list[dict]:
+        """A chunk: the whole text and ids so far (SGLang's default stream)."""
+        if not piece.text and not piece.token_ids:
+            return []
+        self.text += piece.text
+        self.ids += piece.token_ids
+        return [self.result(self.text, self.ids, final=False)]
+
+    def closing(self) -> list:
+        """The last chunk, with the finish reason and the latency; then `[DONE]`."""
+        return [self.result(self.text, self.ids), DONE]
+
+    @staticmethod
+    def failed(e: ApiError) -> list:
+        """An error event (SGLang's shape is the message alone; this is the server's whole error), then `[DONE]`."""
+        return [e.body(), DONE]
+
+    def result(self, text: str, ids: list[int], final: bool = True) -> dict:
+        """The sample object: text, output ids and meta_info."""
+        c, req = self.choice, self.req
+        meta = {"id": self.rid, "finish_reason": self.finish() if final else None,
+                "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids),
+                "cached_tokens": req.cached_tokens, "weight_version": "default"}
+        if final:
+            meta["e2e_latency"] = time.monotonic() - self.call.took.start
+        if self.want:
+            entries = c.logprobs[:len(ids)]
+            meta["output_token_logprobs"] = [self.triple(t, lp) for t, lp, _ in entries]
+            if self.k:
+                meta["output_top_logprobs"] = [None if top is None else [self.triple(a, v) for a, v in top[:self.k]]
+                                               for _, _, top in entries]
+            meta["input_token_logprobs"], tops = self.prompt_logprobs()
+            if self.k:
+                meta["input_top_logprobs"] = tops
+        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+    def finish(self) -> dict | None:
+        """SGLang's finish_reason object."""
+        c = self.choice
+        if c.finish_reason == "length":
+            return {"type": "length", "length": len(c.token_ids)}
+        if c.finish_reason == "stop":
+            return {"type": "stop", "matched": c.stop_hit if c.stop_hit is not None else c.token_ids[-1]}
+        if c.finish_reason is None:
+            return None
+        return {"type": "abort", "message": c.finish_reason}
+
+    def triple(self, token: int, logprob: float | None) -> list:
+        """`[logprob, token id, text or None]`."""
+        return [logprob, token, self.server.vocab.text(token) if self.texts else None]
+
+    def prompt_logprobs(self) -> tuple[list, list]:
+        """The prompt's tokens from `logprob_start_len` on: `[logprob, id, text]` each (the first logprob None, as
+        SGLang's, which computes none for the token where the range starts), and their alternatives."""
+        if self.start is None or self.req.prompt_logprobs is None:
+            return [], []
+        chosen, top_ids, top_lps, _ = self.req.prompt_logprobs  # of prompt tokens 1..
+        ids = self.req.prompt_ids
+        values, tops = [], []
+        for j in range(min(self.start, len(ids) - 1), len(ids)):
+            first = j == self.start or j == 0
+            values.append(self.triple(ids[j], None if first else float(chosen[j - 1])))
+            tops.append(None if first else [self.triple(a, v) for a, v in
+                                            zip(top_ids[j - 1][:self.k].tolist(), top_lps[j - 1][:self.k].tolist())])
+        return values, tops
+
+
+class SGLang:
+    """SGLang's routes of one `Server`."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """POST /generate."""
+        async def answer(body, call) -> web.StreamResponse:
+            plain, stops, single = generate_body(body)
+            logprobs = _logprob_options(body)
+            want, k, start, _ = logprobs
+            if start is not None:
+                if plain["stream"]:
+                    raise bad("'logprob_start_len' is for whole replies, not streams", "logprob_start_len")
+                plain["prompt_logprobs"] = k
+            try:  # errors name SGLang's fields
+                job = await self.server.parse(plain, "completion")
+                job.params.stop = stops
+                if want:
+                    job.logprobs, job.params.logprobs, job.params.top_logprobs = k, True, k
+                if job.stream and (not single or job.params.n > 1):
+                    raise bad("a stream is of one prompt and one sample (several are for whole replies)", "stream")
+                rid = body.get("rid")
+                names = _rids(rid, len(job.prompts), job.params.n)  # checked before anything is admitted
+                parts, events = self.server.admit(job, call, "")
+            except ApiError as e:
+                raise e.renamed(NAMES) from None
+            rids = names if rid is not None else _rids(call.rid, len(job.prompts), job.params.n)
+            samples = [Sample(self.server, call, req, c, rids[i][c.index], logprobs)
+                       for i, req in parts for c in req.choices]
+            if job.stream:
+                return await self.server.sse(request, call, events, Turn(job), samples[0])
+            await self.server.collect(events, call)
+            out = [s.result(s.choice.text, s.choice.token_ids) for s in samples]
+            return web.json_response(out[0] if single and job.params.n == 1 else out)
+        return await self.server.serve(request, answer)
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        """GET /model_info: what SGLang's clients read of the model."""
+        s = self.server
+        return web.json_response({"model_path": s.model.source, "tokenizer_path": s.model.source,
+                                  "is_generation": True, "preferred_sampling_params": None,
+                                  "weight_version": "default", "has_image_understanding": False,
+                                  "has_audio_understanding": False, "model_type": s.model.cfg.arch,
+                                  "architectures": [s.model.cfg.arch]})
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """GET /server_info: the settings and limits SGLang's clients read (its flat object, a subset)."""
+        s = self.server
+        e = s.engine
+        return web.json_response({
+            "model_path": s.model.source, "served_model_name": s.name, "context_length": e.max_len,
+            "max_running_requests": e.runner.slots, "max_total_num_tokens": e.stats()["kv_pages_total"] * e.page_size,
+            "page_size": e.page_size, "status": "ready", "version": importlib.metadata.version("sparkler")})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        """GET or POST /flush_cache: forget every cached prompt prefix, when nothing is queued or running (else a
+        400, as SGLang's: a running request may be reading them)."""
+        done = await self.server.aengine.call(lambda engine: engine.flush_cache())
+        return web.Response(status=200 if done else 400,
+                            text="Cache flushed.\n" if done else "Cache not flushed: requests are queued or running; "
+                                                                 "retry when they have finished.\n")
+
+
+def _rids(rid: Any, prompts: int, n: int) -> list[list[str]]:
+    """Each sample's id, `[prompt][sample]`, from `rid`: a string (with `_i` per prompt of a batch and `_j` per
+    sample of several), or a list of one per prompt."""
+    if rid is None:
+        return [[""] * n] * prompts
+    if isinstance(rid, list):
+        if len(rid) != prompts or not all(isinstance(r, str) for r in rid):
+            raise bad("'rid' as a list must hold one string per prompt", "rid")
+        names = rid
+    elif isinstance(rid, str):
+        names = [rid] if prompts == 1 else [f"{rid}_{i}" for i in range(prompts)]
+    else:
+        raise bad("'rid' must be a string or a list of strings", "rid")
+    return [[name] if n == 1 else [f"{name}_{j}" for j in range(n)] for name in names]
