@@ -395,7 +395,12 @@ class Engine:
         while not self.aborts.empty():
             ids.add(self.aborts.get())
         if ids:
-            self.aborted += self.sched.cancel(ids)
+            cancelled = self.sched.cancel(ids)
+            self.aborted += len(cancelled)
+            for req in cancelled:  # their last deltas (finish_reason "abort"), to a consumer still listening
+                deltas = [d for c in req.choices if (d := output.delta(c)) is not None]
+                if req.on_delta and deltas:
+                    req.on_delta(req, deltas)
 
     # ---- admission and prefill ------------------------------------------------------------------------------
 

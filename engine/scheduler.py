@@ -308,15 +308,15 @@ class Scheduler:
             self.free = sorted([*self.free, choice.slot])
             choice.slot = -1
 
-    def cancel(self, ids: set[str]) -> int:
-        """End the requests named by `ids` wherever they are (queued, prefilling, preempted, running), with
-        finish_reason "abort"; returns how many were not cancelled before."""
-        aborted = 0
+    def cancel(self, ids: set[str]) -> list[Request]:
+        """End the requests named by `ids` wherever they are (queued, prefilling, preempted, running), each choice
+        not ended yet with finish_reason "abort"; returns those not cancelled before."""
+        aborted: list[Request] = []
 
         def mark(req: Request) -> None:
-            """Count a request the first time it is cancelled."""
-            nonlocal aborted
-            aborted += not req.cancelled
+            """Note a request the first time it is cancelled."""
+            if not req.cancelled:
+                aborted.append(req)
             req.cancelled = True
 
         for req in [r for r in self.waiting if r.id in ids]:
@@ -336,6 +336,9 @@ class Scheduler:
             mark(req)
             choice.finish_reason = "abort"
             self.retire(choice)
+        for req in aborted:  # a queued request's choices, and those that had ended
+            for choice in req.choices:
+                choice.finish_reason = choice.finish_reason or "abort"
         return aborted
 
     def clear(self) -> list[Request]:

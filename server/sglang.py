@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import time
 from typing import Any
 
@@ -38,12 +39,14 @@ IGNORED = ("spaces_between_special_tokens", "custom_params", "stream_interval") 
 UNSERVED = ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "custom_logit_processor",
             "return_hidden_states", "session_params", "token_ids_logprob")
 DONE = "[DONE]"
+log = logging.getLogger("sparkler.server")
 
 
 def routes(app: web.Application, server) -> None:
     """Add SGLang's routes to `app`."""
     api = SGLang(server)
     app.router.add_post("/generate", api.generate)
+    app.router.add_post("/abort_request", api.abort_request)
     for path in ("/model_info", "/get_model_info"):  # the second is SGLang's older name
         app.router.add_get(path, api.model_info)
     for path in ("/server_info", "/get_server_info"):
@@ -217,6 +220,7 @@ class SGLang:
 
     def __init__(self, server):
         self.server = server
+        self.rids: dict[str, list[str]] = {}  # a caller's rid (a call's, or a prompt's) -> its engine requests
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /generate."""
@@ -236,19 +240,47 @@ class SGLang:
                 if job.stream and (not single or job.params.n > 1):
                     raise bad("a stream is of one prompt and one sample (several are for whole replies)", "stream")
                 rid = body.get("rid")
-                names = _rids(rid, len(job.prompts), job.params.n)  # checked before anything is admitted
+                names = _names(rid, len(job.prompts)) if rid is not None else None  # checked before admitting
                 parts, events = self.server.admit(job, call, "")
             except ApiError as e:
                 raise e.renamed(NAMES) from None
-            rids = names if rid is not None else _rids(call.rid, len(job.prompts), job.params.n)
-            samples = [Sample(self.server, call, req, c, rids[i][c.index], logprobs)
+            names = names or _names(call.rid, len(job.prompts))
+            n = job.params.n
+            samples = [Sample(self.server, call, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}", logprobs)
                        for i, req in parts for c in req.choices]
-            if job.stream:
-                return await self.server.sse(request, call, events, Turn(job), samples[0])
-            await self.server.collect(events, call)
+            known = {name: [req.id for i, req in parts if names[i] == name or name == rid] for name in {*names, rid}}
+            for name, ids in known.items():
+                self.rids.setdefault(name, []).extend(ids)
+            try:
+                if job.stream:
+                    return await self.server.sse(request, call, events, Turn(job), samples[0])
+                await self.server.collect(events, call)
+            finally:
+                for name, ids in known.items():
+                    left = [i for i in self.rids.get(name, []) if i not in ids]
+                    if left:
+                        self.rids[name] = left
+                    else:
+                        self.rids.pop(name, None)
             out = [s.result(s.choice.text, s.choice.token_ids) for s in samples]
-            return web.json_response(out[0] if single and job.params.n == 1 else out)
+            return web.json_response(out[0] if single and n == 1 else out)
         return await self.server.serve(request, answer)
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        """POST /abort_request: end the `/generate` requests of `rid` (a prompt's, or a whole call's) or, with
+        `abort_all`, every request in flight; their callers get what was generated so far, with an abort as the
+        finish reason. 200 either way, as SGLang's."""
+        body = await self.server._body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        rid, every = body.get("rid", ""), body.get("abort_all", False)
+        if not isinstance(rid, str) or not isinstance(every, bool):
+            raise bad("'rid' must be a string and 'abort_all' a boolean", "rid")
+        ids = [r.id for reqs in self.server.admitted for r in reqs] if every else self.rids.get(rid, [])
+        for i in ids:
+            self.server.engine.abort(i)
+        log.info("/abort_request: %d requests aborted (%s)", len(ids), "all" if every else repr(rid))
+        return web.Response(status=200)
 
     async def model_info(self, request: web.Request) -> web.Response:
         """GET /model_info: what SGLang's clients read of the model."""
@@ -277,17 +309,13 @@ class SGLang:
                                                                  "retry when they have finished.\n")
 
 
-def _rids(rid: Any, prompts: int, n: int) -> list[list[str]]:
-    """Each sample's id, `[prompt][sample]`, from `rid`: a string (with `_i` per prompt of a batch and `_j` per
-    sample of several), or a list of one per prompt."""
-    if rid is None:
-        return [[""] * n] * prompts
+def _names(rid: Any, prompts: int) -> list[str]:
+    """Each prompt's id from the caller's `rid`: a string (with `_i` per prompt of a batch), or a list of one per
+    prompt."""
     if isinstance(rid, list):
         if len(rid) != prompts or not all(isinstance(r, str) for r in rid):
             raise bad("'rid' as a list must hold one string per prompt", "rid")
-        names = rid
-    elif isinstance(rid, str):
-        names = [rid] if prompts == 1 else [f"{rid}_{i}" for i in range(prompts)]
-    else:
-        raise bad("'rid' must be a string or a list of strings", "rid")
-    return [[name] if n == 1 else [f"{name}_{j}" for j in range(n)] for name in names]
+        return rid
+    if isinstance(rid, str):
+        return [rid] if prompts == 1 else [f"{rid}_{i}" for i in range(prompts)]
+    raise bad("'rid' must be a string or a list of strings", "rid")

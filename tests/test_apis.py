@@ -454,3 +454,47 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
                        ({"text": text, "sampling_params": {"stop": [""]}}, "sampling_params.stop")):
         status, out, _ = http(api, "POST", "/generate", bad)
         assert status == 400 and out["error"]["param"] == param, (bad, out)
+
+
+def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
+    """SGLang's `/abort_request` over a socket: a long `/generate` aborted by its `rid` returns 200 with the tokens
+    drawn so far and an abort as its finish reason, and so does a streamed one under `abort_all`; an unknown rid
+    aborts nothing; the server serves the next request."""
+    import threading
+    import time
+
+    def generate(body, out):
+        out.append(http(api, "POST", "/generate", body) if not body.get("stream") else _sse(api, "/generate", body))
+
+    def started(engine_running):
+        deadline = time.monotonic() + 60
+        while api.engine.stats()["running"] < engine_running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few tokens drawn
+
+    long = {"text": "Count to a thousand:", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+    out: list = []
+    t = threading.Thread(target=generate, args=({**long, "rid": "long-one"}, out))
+    t.start()
+    started(1)
+    assert http(api, "POST", "/abort_request", {"rid": "no-such-request"})[0] == 200
+    status, _, _ = http(api, "POST", "/abort_request", {"rid": "long-one"})
+    t.join(60)
+    assert status == 200 and not t.is_alive()
+    status, r, _ = out[0]
+    assert status == 200 and r["meta_info"]["finish_reason"]["type"] == "abort" and r["meta_info"]["id"] == "long-one"
+    assert 0 < r["meta_info"]["completion_tokens"] == len(r["output_ids"]) < 900
+    out = []
+    threads = [threading.Thread(target=generate, args=(body, out)) for body in (long, {**long, "stream": True})]
+    for t in threads:
+        t.start()
+    started(2)
+    assert http(api, "POST", "/abort_request", {"abort_all": True})[0] == 200
+    for t in threads:
+        t.join(60)
+    assert len(out) == 2
+    for got in out:
+        last = got[-2] if isinstance(got, list) else got[1]  # a stream's last chunk before [DONE]
+        assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 900
+    status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3}})
+    assert status == 200 and r["meta_info"]["completion_tokens"] == 3
