@@ -1,5 +1,6 @@
-"""SGLang's native API (`/generate`, `/model_info`, `/server_info`, `/flush_cache`), translated onto the completions
-path, for the tools written against it (RL rollout frameworks, SGLang's own benchmarks and clients).
+"""SGLang's native API (`/generate`, `/abort_request`, `/model_info`, `/server_info`, `/flush_cache`,
+`/health_generate`), translated onto the completions path, for the tools written against it (RL rollout frameworks,
+SGLang's own benchmarks and clients).
 
 A `/generate` body (`text` or `input_ids`, one prompt or a batch of them, `sampling_params` with SGLang's names:
 `max_new_tokens`, `min_new_tokens`, `stop` as a string or any number of strings, `no_stop_trim`, `sampling_seed`,
@@ -16,19 +17,23 @@ OpenAI shape the rest of the server uses (SGLang's `{"error": {"message"}}` is p
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
 
+from engine.params import SamplingParams
 from server import protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
+HEALTH_TIMEOUT = 20.0  # seconds /health_generate waits for its token (SGLang's default)
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
            "no_stop_trim": "include_stop_str_in_output"}  # SGLang's sampling_params -> the completions body's
 NAMES = {ours: theirs for theirs, ours in RENAMED.items()}  # in errors
@@ -51,6 +56,7 @@ def routes(app: web.Application, server) -> None:
         app.router.add_get(path, api.model_info)
     for path in ("/server_info", "/get_server_info"):
         app.router.add_get(path, api.server_info)
+    app.router.add_get("/health_generate", api.health_generate)
     app.router.add_route("GET", "/flush_cache", api.flush_cache)
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
 
@@ -299,6 +305,21 @@ class SGLang:
             "model_path": s.model.source, "served_model_name": s.name, "context_length": e.max_len,
             "max_running_requests": e.runner.slots, "max_total_num_tokens": e.stats()["kv_pages_total"] * e.page_size,
             "page_size": e.page_size, "status": "ready", "version": importlib.metadata.version("sparkler")})
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        """GET /health_generate: 200 once the engine has drawn a token (one greedy token after a one-token prompt)
+        within `HEALTH_TIMEOUT` seconds; 503 while draining or when it has not (SGLang's, which balancers poll)."""
+        s = self.server
+        if s.draining:
+            return web.Response(status=503)
+        req = s.engine.make_request([0], SamplingParams(max_tokens=1, temperature=0.0), f"health-{uuid.uuid4().hex}")
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                async for _ in s.aengine.stream(req):  # leaving early aborts it
+                    pass
+        except TimeoutError:
+            log.warning("/health_generate: no token within %g s", HEALTH_TIMEOUT)
+        return web.Response(status=200 if req.choices[0].token_ids else 503)
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         """GET or POST /flush_cache: forget every cached prompt prefix, when nothing is queued or running (else a

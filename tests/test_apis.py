@@ -432,6 +432,7 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     assert [c["meta_info"]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1]["text"] == want and chunks[-1]["output_ids"] == want_ids
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
+    assert http(api, "GET", "/health_generate")[0] == 200
     status, info, _ = http(api, "GET", "/model_info")
     assert status == 200 and info["is_generation"] is True and info == http(api, "GET", "/get_model_info")[1]
     status, info, _ = http(api, "GET", "/server_info")
