@@ -151,17 +151,28 @@ class AsyncEngine:
     def _run_calls(self) -> None:
         while not self._calls.empty():
             fn, future = self._calls.get()
+            if not future.set_running_or_notify_cancel():  # its caller went away: not run
+                continue
             try:
-                future.set_result(fn(self.engine))
-            except BaseException as e:  # the caller's to handle
+                result = fn(self.engine)
+            except Exception as e:  # the caller's to handle
                 future.set_exception(e)
+            else:
+                future.set_result(result)
 
     async def call(self, fn) -> Any:
         """`fn(engine)` run on the engine thread between steps (what touches its scheduler and pages), awaited."""
+        if not self.alive:
+            raise RuntimeError("the engine has stopped")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.put((fn, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is serving (not stopped, not dead)."""
+        return not self._stop and self._thread.is_alive()
 
     def _fail_all(self) -> None:
         for req, deltas in self.engine.fail_all():
@@ -199,7 +210,9 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=5)
         while not self._calls.empty():  # never run: their callers would wait for ever
-            self._calls.get()[1].set_exception(RuntimeError("the engine has stopped"))
+            future = self._calls.get()[1]
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the engine has stopped"))
         self.engine.close()
 
     def stream(self, *reqs: Request) -> AsyncIterator[list[tuple[int, list[Delta]]]]:

@@ -300,7 +300,8 @@ def _retemper(z: jax.Array, scale: jax.Array, p: SamplerParams) -> tuple[jax.Arr
     `floor` dropped (a temperature of 0 keeps the largest, as llama.cpp's); rows without it keep `z` bit for bit."""
     t, top = dynamic_temperature(z, scale, p)
     on = p.dynatemp_range > 0
-    ratio = jnp.where(on & (t > 0), scale / jnp.where(t > 0, t, 1.0), 1.0)
+    # bounded: a temperature past float32's range (or a denormal one) must not make 0 * inf of the largest logit
+    ratio = jnp.clip(jnp.where(on & (t > 0), scale / jnp.where(t > 0, t, 1.0), 1.0), 1e-30, 1e30)
     return (jnp.where(on & jnp.isfinite(top), top, 0.0), ratio,
             jnp.where(on & (t <= 0) & (p.temperature > 0), top, NEG_INF))
 
@@ -646,7 +647,7 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
             shift, ratio, floor = branch(
                 jnp.any(p.dynatemp_range > 0), lambda: _retemper(z, scale[:, 0], p),
                 lambda: (np.zeros(b, np.float32), np.ones(b, np.float32), np.full(b, -np.inf, np.float32)), select)
-            z = jnp.where(z >= floor[:, None], (z - shift[:, None]) * ratio[:, None], NEG_INF)
+            z = jnp.where((z >= floor[:, None]) & (z > NEG_INF), (z - shift[:, None]) * ratio[:, None], NEG_INF)
     drawn, logq = draw(z, u)
     token = jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
     # Mirostat: surprise of the choice under the truncated, renormalised distribution.

@@ -356,10 +356,11 @@ class Server:
         return web.json_response({"version": importlib.metadata.version("sparkler")})
 
     async def health(self, request: web.Request) -> web.Response:
-        """GET /health: liveness plus slot and page occupancy and counters; 503 while draining."""
-        status = "draining" if self.draining else "ok"
+        """GET /health: liveness plus slot and page occupancy and counters; 503 while draining, or if the engine
+        thread has died."""
+        status = "draining" if self.draining else "ok" if self.aengine.alive else "engine stopped"
         return web.json_response({"status": status, "model": self.name, **self.engine.stats()},
-                                 status=503 if self.draining else 200)
+                                 status=200 if status == "ok" else 503)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""

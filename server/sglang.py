@@ -33,10 +33,11 @@ from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
+UNBOUNDED = 1 << 30  # max_new_tokens null: the engine lowers it to what the context leaves
 HEALTH_TIMEOUT = 20.0  # seconds /health_generate waits for its token (SGLang's default)
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
            "no_stop_trim": "include_stop_str_in_output"}  # SGLang's sampling_params -> the completions body's
-NAMES = {ours: theirs for theirs, ours in RENAMED.items()}  # in errors
+NAMES = {**{ours: theirs for theirs, ours in RENAMED.items()}, "prompt": "text"}  # in errors
 SAME = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
         "stop_token_ids", "ignore_eos", "skip_special_tokens", "n", "json_schema", "regex", "ebnf", "logit_bias",
         "typical_p", *protocol.LLAMA_CPP, "dry_sequence_breakers")
@@ -67,7 +68,7 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     for name in UNSERVED:
-        if body.get(name) not in (None, [], {}):
+        if body.get(name) not in (None, False, [], {}):  # clients that send every field send these unset
             raise bad(f"'{name}' is not supported by this server", name)
     prompt, single = _prompt(body)
     params = body.get("sampling_params")
@@ -82,10 +83,11 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
     for k in params:
         if k not in SAME and k not in RENAMED and k not in IGNORED and k != "stop":
             raise bad(f"'{k}' is not a sampling parameter this server knows", f"sampling_params.{k}")
+    unbounded = "max_new_tokens" in params and params["max_new_tokens"] is None  # SGLang's: up to the context
     params = {k: v for k, v in params.items() if v is not None}
     out = {k: params[k] for k in SAME if k in params}
     out.update({ours: params[theirs] for theirs, ours in RENAMED.items() if theirs in params})
-    out.setdefault("max_tokens", DEFAULT_MAX_NEW_TOKENS)
+    out.setdefault("max_tokens", UNBOUNDED if unbounded else DEFAULT_MAX_NEW_TOKENS)
     if out.get("top_k") == -1:  # SGLang's whole vocabulary
         out["top_k"] = 0
     out["prompt"] = prompt
@@ -119,22 +121,32 @@ def _prompt(body: dict) -> tuple[Any, bool]:
     raise bad("'input_ids' must be a non-empty list of token ids, or a list of such lists", "input_ids")
 
 
-def _logprob_options(body: dict) -> tuple[bool, int, int | None, bool]:
-    """`(return_logprob, top_logprobs_num, logprob_start_len or None, return_text_in_logprobs)`."""
-    want = body.get("return_logprob") or False
-    k = body.get("top_logprobs_num") or 0
-    start = body.get("logprob_start_len")
+def _logprob_options(body: dict, prompts: list[list[int]]) -> list[tuple[bool, int, int | None, bool]]:
+    """Each prompt's `(return_logprob, top_logprobs_num, logprob_start_len or None, return_text_in_logprobs)`: the
+    first three a value for all, or a list of one per prompt (SGLang's)."""
+    def each(name: str, default, ok, what: str) -> list:
+        v = body.get(name)
+        vs = v if isinstance(v, list) else [v] * len(prompts)
+        if len(vs) != len(prompts):
+            raise bad(f"'{name}' as a list must hold one value per prompt", name)
+        vs = [default if x is None else x for x in vs]
+        if not all(ok(x) for x in vs):
+            raise bad(f"'{name}' must be {what}, or a list of one per prompt", name)
+        return vs
+
+    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    want = each("return_logprob", False, lambda x: isinstance(x, bool), "a boolean")
+    k = each("top_logprobs_num", 0, lambda x: integer(x) and 0 <= x <= 20, "an integer in [0, 20]")
+    start = each("logprob_start_len", -1, lambda x: integer(x) and x >= -1,
+                 "an integer >= -1 (-1: the output's logprobs only)")
     text = body.get("return_text_in_logprobs") or False
-    if not isinstance(want, bool):
-        raise bad("'return_logprob' must be a boolean", "return_logprob")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
-        raise bad("'top_logprobs_num' must be an integer in [0, 20]", "top_logprobs_num")
-    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < -1):
-        raise bad("'logprob_start_len' must be an integer >= -1 (-1: the output's logprobs only)",
-                  "logprob_start_len")
     if not isinstance(text, bool):
         raise bad("'return_text_in_logprobs' must be a boolean", "return_text_in_logprobs")
-    return want, k, start if want and start is not None and start >= 0 else None, text
+    for ids, w, s in zip(prompts, want, start):
+        if w and s > len(ids):
+            raise bad(f"logprob_start_len ({s}) is higher than the number of input tokens ({len(ids)})",
+                      "logprob_start_len")
+    return [(w, n, s if w and s >= 0 else None, text) for w, n, s in zip(want, k, start)]
 
 
 class Sample:
@@ -143,7 +155,7 @@ class Sample:
     def __init__(self, server, call, req, choice, rid: str, logprobs: tuple):
         self.server, self.call, self.req, self.choice, self.rid = server, call, req, choice, rid
         self.want, self.k, self.start, self.texts = logprobs
-        self.text, self.ids = "", []  # streamed so far
+        self.text, self.ids = "", []  # streamed so far (the text and ids of the reply's end wait for `closing`)
 
     @staticmethod
     def encode(ev: dict | str) -> bytes:
@@ -156,10 +168,10 @@ class Sample:
 
     def add(self, piece: Piece) -> list[dict]:
         """A chunk: the whole text and ids so far (SGLang's default stream)."""
-        if not piece.text and not piece.token_ids:
-            return []
         self.text += piece.text
         self.ids += piece.token_ids
+        if (not piece.text and not piece.token_ids) or self.choice.finish_reason is not None:
+            return []  # its last pieces go with the finish reason, where a stop token's text is trimmed
         return [self.result(self.text, self.ids, final=False)]
 
     def closing(self) -> list:
@@ -188,18 +200,34 @@ class Sample:
             meta["input_token_logprobs"], tops = self.prompt_logprobs()
             if self.k:
                 meta["input_top_logprobs"] = tops
-        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+        return {"text": self.trimmed(text) if final else text, "output_ids": list(ids), "meta_info": meta}
 
     def finish(self) -> dict | None:
-        """SGLang's finish_reason object."""
-        c = self.choice
+        """SGLang's finish_reason object. A reply a grammar completed matched the end of sequence, as SGLang's does
+        (its grammar then allows only that; here the engine ends the reply without drawing it)."""
+        c, eos = self.choice, self.server.model.eos_ids
         if c.finish_reason == "length":
             return {"type": "length", "length": len(c.token_ids)}
         if c.finish_reason == "stop":
-            return {"type": "stop", "matched": c.stop_hit if c.stop_hit is not None else c.token_ids[-1]}
+            if c.stop_hit is not None:
+                return {"type": "stop", "matched": c.stop_hit}
+            last = c.token_ids[-1] if c.token_ids else None
+            ended = last in eos or last in self.req.params.stop_token_ids
+            return {"type": "stop", "matched": last if ended else (eos[0] if eos else None)}
         if c.finish_reason is None:
             return None
-        return {"type": "abort", "message": c.finish_reason}
+        return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+
+    def trimmed(self, text: str) -> str:
+        """The whole reply's text without the text of the stop token that ended it (SGLang trims it, unless
+        `no_stop_trim`; an end of sequence's, special, is not in the text)."""
+        c, p = self.choice, self.req.params
+        last = c.token_ids[-1] if c.token_ids else None
+        if (c.finish_reason != "stop" or c.stop_hit is not None or p.include_stop_str_in_output
+                or last not in p.stop_token_ids):
+            return text
+        piece = self.server.vocab.text(last)
+        return text[:len(text) - len(piece)] if piece and text.endswith(piece) else text
 
     def triple(self, token: int, logprob: float | None) -> list:
         """`[logprob, token id, text or None]`."""
@@ -213,7 +241,7 @@ class Sample:
         chosen, top_ids, top_lps, _ = self.req.prompt_logprobs  # of prompt tokens 1..
         ids = self.req.prompt_ids
         values, tops = [], []
-        for j in range(min(self.start, len(ids) - 1), len(ids)):
+        for j in range(self.start, len(ids)):
             first = j == self.start or j == 0
             values.append(self.triple(ids[j], None if first else float(chosen[j - 1])))
             tops.append(None if first else [self.triple(a, v) for a, v in
@@ -232,17 +260,18 @@ class SGLang:
         """POST /generate."""
         async def answer(body, call) -> web.StreamResponse:
             plain, stops, single = generate_body(body)
-            logprobs = _logprob_options(body)
-            want, k, start, _ = logprobs
-            if start is not None:
-                if plain["stream"]:
-                    raise bad("'logprob_start_len' is for whole replies, not streams", "logprob_start_len")
-                plain["prompt_logprobs"] = k
             try:  # errors name SGLang's fields
                 job = await self.server.parse(plain, "completion")
                 job.params.stop = stops
-                if want:
+                logprobs = _logprob_options(body, job.prompts)
+                if any(w for w, _, _, _ in logprobs):
+                    k = max(n for w, n, _, _ in logprobs if w)
                     job.logprobs, job.params.logprobs, job.params.top_logprobs = k, True, k
+                if any(start is not None for _, _, start, _ in logprobs):
+                    if job.stream:
+                        raise bad("'logprob_start_len' is for whole replies, not streams", "logprob_start_len")
+                    job.prompt_logprobs = max(n for _, n, start, _ in logprobs if start is not None)
+                    job.params.echo = True  # the prompt's logprobs come from the echo prefill
                 if job.stream and (not single or job.params.n > 1):
                     raise bad("a stream is of one prompt and one sample (several are for whole replies)", "stream")
                 rid = body.get("rid")
@@ -252,9 +281,11 @@ class SGLang:
                 raise e.renamed(NAMES) from None
             names = names or _names(call.rid, len(job.prompts))
             n = job.params.n
-            samples = [Sample(self.server, call, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}", logprobs)
+            samples = [Sample(self.server, call, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}", logprobs[i])
                        for i, req in parts for c in req.choices]
-            known = {name: [req.id for i, req in parts if names[i] == name or name == rid] for name in {*names, rid}}
+            known = {name: [req.id for i, req in parts if names[i] == name] for name in names}
+            if isinstance(rid, str):  # a batch's own rid aborts all of it
+                known[rid] = [req.id for _, req in parts]
             for name, ids in known.items():
                 self.rids.setdefault(name, []).extend(ids)
             try:
@@ -294,8 +325,7 @@ class SGLang:
         return web.json_response({"model_path": s.model.source, "tokenizer_path": s.model.source,
                                   "is_generation": True, "preferred_sampling_params": None,
                                   "weight_version": "default", "has_image_understanding": False,
-                                  "has_audio_understanding": False, "model_type": s.model.cfg.arch,
-                                  "architectures": [s.model.cfg.arch]})
+                                  "has_audio_understanding": False, "architectures": [s.model.cfg.arch]})
 
     async def server_info(self, request: web.Request) -> web.Response:
         """GET /server_info: the settings and limits SGLang's clients read (its flat object, a subset)."""
@@ -304,7 +334,8 @@ class SGLang:
         return web.json_response({
             "model_path": s.model.source, "served_model_name": s.name, "context_length": e.max_len,
             "max_running_requests": e.runner.slots, "max_total_num_tokens": e.stats()["kv_pages_total"] * e.page_size,
-            "page_size": e.page_size, "status": "ready", "version": importlib.metadata.version("sparkler")})
+            "page_size": e.page_size, "status": "ready", "version": importlib.metadata.version("sparkler"),
+            "internal_states": [{"avg_spec_accept_length": None, "last_gen_throughput": None}]})
 
     async def health_generate(self, request: web.Request) -> web.Response:
         """GET /health_generate: 200 once the engine has drawn a token (one greedy token after a one-token prompt)

@@ -400,6 +400,20 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
         assert t[0] == pytest.approx(vllm[j][str(prompt_ids[j])]["logprob"], abs=2e-3), j
     status, r4, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": 0})
     assert [t[1] for t in r4["meta_info"]["input_token_logprobs"]] == prompt_ids
+    at_end = http(api, "POST", "/generate", {**body, "logprob_start_len": len(prompt_ids)})[1]
+    assert at_end["meta_info"]["input_token_logprobs"] == []
+    status, out, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": len(prompt_ids) + 1})
+    assert status == 400 and out["error"]["param"] == "logprob_start_len"
+    # per-prompt logprob settings, a list rid, and fields a client sends unset
+    status, two, _ = http(api, "POST", "/generate", {
+        "text": [text, "Hello"], "rid": ["a", "b"], "return_logprob": [True, False], "top_logprobs_num": [1, 0],
+        "logprob_start_len": [1, -1], "return_hidden_states": False, "image_data": None,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
+    assert status == 200 and [t["meta_info"]["id"] for t in two] == ["a", "b"], two
+    assert len(two[0]["meta_info"]["output_top_logprobs"][0]) == 1 and len(two[0]["meta_info"][
+        "input_token_logprobs"]) == len(prompt_ids) - 1 and "output_token_logprobs" not in two[1]["meta_info"]
+    status, out, _ = http(api, "POST", "/generate", {"text": [text, "Hi"], "return_logprob": [True]})
+    assert status == 400 and out["error"]["param"] == "return_logprob"
     # a batch of two prompts, two samples each, prompt by prompt, their ids from `rid`
     status, batch, _ = http(api, "POST", "/generate", {"text": [text, "Hello"], "rid": "job", "sampling_params": {
         "max_new_tokens": 4, "temperature": 0.8, "n": 2, "sampling_seed": 3}})
@@ -410,8 +424,9 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     assert status == 200 and isinstance(one, list) and len(one) == 1  # a list of one is a batch, as SGLang's
     templated = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
     chat = {"text": templated, "sampling_params": {"max_new_tokens": 64, "temperature": 0}}
-    status, r, _ = http(api, "POST", "/generate", chat)
-    eos = r["meta_info"]["finish_reason"]
+    status, r, _ = http(api, "POST", "/generate", {**chat, "sampling_params": {"max_new_tokens": None,
+                                                                                 "temperature": 0}})
+    eos = r["meta_info"]["finish_reason"]  # null max_new_tokens: up to the context (the reply ends before)
     assert eos["type"] == "stop" and eos["matched"] == r["output_ids"][-1] and eos["matched"] in api.model.eos_ids
     assert "Paris" in r["text"] and "<|im_end|>" not in r["text"]
     stop = {**chat, "sampling_params": {**chat["sampling_params"], "stop": "."}}
@@ -419,6 +434,19 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     assert r["meta_info"]["finish_reason"] == {"type": "stop", "matched": "."} and "." not in r["text"]
     stop["sampling_params"]["no_stop_trim"] = True
     assert http(api, "POST", "/generate", stop)[1]["text"].endswith(".")
+    # a stop token's text is trimmed as SGLang does (vLLM's completions keep it), streamed too
+    period = tok.encode(".", add_special_tokens=False)[-1]
+    by_token = {**chat, "sampling_params": {**chat["sampling_params"], "stop_token_ids": [period]}}
+    status, r, _ = http(api, "POST", "/generate", by_token)
+    assert r["meta_info"]["finish_reason"] == {"type": "stop", "matched": period} and r["output_ids"][-1] == period
+    assert "Paris" in r["text"] and not r["text"].endswith(".")
+    assert _sse(api, "/generate", {**by_token, "stream": True})[-2]["text"] == r["text"]
+    by_token["sampling_params"]["no_stop_trim"] = True
+    assert http(api, "POST", "/generate", by_token)[1]["text"] == r["text"] + "."
+    status, r, _ = http(api, "POST", "/generate", {"text": templated, "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0, "regex": "(Paris|London)"}})
+    assert r["text"] in ("Paris", "London") and r["meta_info"]["finish_reason"] == {
+        "type": "stop", "matched": api.model.eos_ids[0]}  # a grammar's end: its end of sequence, as SGLang's
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
               "additionalProperties": False}
     status, r, _ = http(api, "POST", "/generate", {"text": templated, "sampling_params": {
@@ -436,6 +464,7 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     status, info, _ = http(api, "GET", "/model_info")
     assert status == 200 and info["is_generation"] is True and info == http(api, "GET", "/get_model_info")[1]
     status, info, _ = http(api, "GET", "/server_info")
+    assert info["internal_states"][0]["avg_spec_accept_length"] is None
     assert info["context_length"] == api.engine.max_len and info["max_running_requests"] == api.engine.runner.slots
     long = {"text": "Lorem ipsum dolor sit amet, " * 8, "sampling_params": {"max_new_tokens": 1}}
     http(api, "POST", "/generate", long)
@@ -483,7 +512,9 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
     t.join(60)
     assert status == 200 and not t.is_alive()
     status, r, _ = out[0]
-    assert status == 200 and r["meta_info"]["finish_reason"]["type"] == "abort" and r["meta_info"]["id"] == "long-one"
+    assert status == 200 and r["meta_info"]["finish_reason"] == {"type": "abort", "message": "Aborted",
+                                                                  "status_code": None, "err_type": None}
+    assert r["meta_info"]["id"] == "long-one"
     assert 0 < r["meta_info"]["completion_tokens"] == len(r["output_ids"]) < 900
     out = []
     threads = [threading.Thread(target=generate, args=(body, out)) for body in (long, {**long, "stream": True})]
@@ -499,3 +530,32 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
         assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 900
     status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3}})
     assert status == 200 and r["meta_info"]["completion_tokens"] == 3
+
+
+def test_an_engine_call_whose_caller_left_is_skipped(api):
+    """`AsyncEngine.call` (how `/flush_cache` reaches the engine thread): a call whose caller was cancelled before
+    the thread reached it is skipped (it once killed the thread: a client that left `/flush_cache`), the others run
+    in order, and the engine serves on."""
+    import asyncio
+    import threading
+
+    aengine = api.server.aengine
+    gate, ran = threading.Event(), []
+
+    async def calls():
+        hold = asyncio.ensure_future(aengine.call(lambda e: gate.wait(10)))  # the engine thread waits in this one
+        await asyncio.sleep(0.1)
+        gone = asyncio.ensure_future(aengine.call(lambda e: ran.append("gone")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        after = asyncio.ensure_future(aengine.call(lambda e: ran.append("after") or e.has_work()))
+        await asyncio.sleep(0.05)  # the cancellation reaches the call's future before the thread does
+        gate.set()
+        assert await asyncio.wait_for(hold, 10) is True and await asyncio.wait_for(after, 10) is False
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+
+    asyncio.run(calls())
+    assert ran == ["after"] and aengine.alive
+    status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200 and r["meta_info"]["completion_tokens"] == 2 and http(api, "GET", "/health")[0] == 200

@@ -628,13 +628,15 @@ def test_dynamic_temperature_matches_llama_cpp_written_out():
 
 def test_dynamic_temperature_through_sample_on_every_variant():
     """Through `sample`, over 6 steps: each dynamic-temperature row draws the inverse-CDF token (at its own uniform
-    number) of its survivors (top_k's, all, min_p's) rescaled to llama.cpp's temperature; a row whose temperature
-    falls to 0 draws its largest survivor; a greedy row draws the argmax; `select` draws as `cond`, and neither
+    number) of its survivors (top_k's, all, min_p's) rescaled to llama.cpp's temperature (one past float32's range:
+    uniform over top_k's, never an excluded token); a row whose temperature falls to 0 draws its largest survivor; a
+    greedy row draws the argmax; `select` draws as `cond`, and neither
     `plain` nor `lean` takes such a row."""
     rng = np.random.default_rng(32)
-    b, steps = 5, 6
-    rows = dict(temperature=[0.8, 1.0, 0.6, 0.5, 0.0], top_k=[5, 0, 0, 0, 0], min_p=[0.0, 0.0, 0.05, 0.0, 0.0],
-                dynatemp_range=[0.5, 0.7, 0.4, 1.0, 0.5], dynatemp_exponent=[1.0, 2.0, 0.5, 1.0, 1.0])
+    b, steps = 6, 6
+    rows = dict(temperature=[0.8, 1.0, 0.6, 0.5, 0.0, 1.0], top_k=[5, 0, 0, 0, 0, 5],
+                min_p=[0.0, 0.0, 0.05, 0.0, 0.0, 0.0], dynatemp_range=[0.5, 0.7, 0.4, 1.0, 0.5, 3e38],
+                dynatemp_exponent=[1.0, 2.0, 0.5, 1.0, 1.0, 1.0])  # the last: a temperature past float32's range
     p, init = _keyed(b, **rows)
     logits = (rng.standard_normal((steps, b, V)) * 2).astype(np.float32)
     logits[:, 3, 17] = 400.0  # the others' probabilities underflow: no entropy, temperature 0
@@ -647,7 +649,7 @@ def test_dynamic_temperature_through_sample_on_every_variant():
     for step, out in enumerate(want):
         u, _ = smp.uniforms(state.key, state.step)
         state = dataclasses.replace(state, step=state.step + 1)
-        for i in range(4):
+        for i in (0, 1, 2, 3, 5):
             t0, z = rows["temperature"][i], logits[step, i].astype(np.float64)
             zt = z / t0
             keep = np.ones(V, bool)
