@@ -475,7 +475,8 @@ class Server:
             raise self.failed(call.reqs)
 
     async def sse(self, request: web.Request, call: "Call", events, turn: Turn, face) -> web.StreamResponse:
-        """Stream one choice as Server-Sent Events in an API's own events: `face.opening()`, `face.add(piece)` for
+        """Stream a call's choices as Server-Sent Events in an API's own events (one, unless the face tells them
+        apart by `Piece.source`, and `turn` passes text through unchanged): `face.opening()`, `face.add(piece)` for
         each piece of the reply (read through `turn`), `face.closing()`; on failure `face.failed(error)`, each a
         list of events that `face.encode` frames. Timeouts, engine errors, slow readers and gone clients are
         handled here, the same for every API."""
@@ -499,7 +500,9 @@ class Server:
                                     if d.finish_reason == "error":
                                         await send(out)
                                         raise self.failed(call.reqs)
-                                    out += face.add(turn.feed(d.text, d.finish_reason, d.token_ids))
+                                    piece = turn.feed(d.text, d.finish_reason, d.token_ids)
+                                    piece.source = (i, d.index)
+                                    out += face.add(piece)
                             await send(out)
                 except TimeoutError:
                     raise self.timed_out() from None

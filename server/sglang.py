@@ -11,7 +11,8 @@ prompt of one sample, else a list of them, prompt by prompt (`n` samples each); 
 token counts, `cached_tokens` and `e2e_latency`, and with `return_logprob` the output tokens' `[logprob, id, text or
 null]` (the text with `return_text_in_logprobs`) and `top_logprobs_num` alternatives each; a `logprob_start_len` of 0
 or more adds the prompt's from there, the first entry's logprob null as SGLang's. A stream sends `data:` lines of the
-whole text and ids so far (SGLang's default), the last with the finish reason, then `data: [DONE]`. Errors keep the
+whole text and ids so far (SGLang's default), each sample's last with its finish reason (with `index`, its place
+among the call's samples, where there are several), then `data: [DONE]`. Errors keep the
 OpenAI shape the rest of the server uses (SGLang's `{"error": {"message"}}` is part of it).
 """
 
@@ -150,38 +151,28 @@ def _logprob_options(body: dict, prompts: list[list[int]]) -> list[tuple[bool, i
 
 
 class Sample:
-    """One sample (a choice) in SGLang's shape: whole, or as the chunks of its stream (`Server.sse`'s face)."""
+    """One sample (a choice) in SGLang's shape: whole, or the chunks of its part of a stream (`Stream`)."""
 
-    def __init__(self, server, call, req, choice, rid: str, logprobs: tuple):
+    def __init__(self, server, call, part: int, req, choice, rid: str, logprobs: tuple):
         self.server, self.call, self.req, self.choice, self.rid = server, call, req, choice, rid
+        self.part = part  # its request's place among the call's
         self.want, self.k, self.start, self.texts = logprobs
-        self.text, self.ids = "", []  # streamed so far (the text and ids of the reply's end wait for `closing`)
-
-    @staticmethod
-    def encode(ev: dict | str) -> bytes:
-        """A `data:` line, as SGLang streams (`[DONE]` last)."""
-        return b"data: " + (ev.encode() if ev == DONE else json.dumps(ev).encode()) + b"\n\n"
-
-    def opening(self) -> list[dict]:
-        """Nothing: SGLang's stream starts with the first piece."""
-        return []
+        self.text, self.ids = "", []  # streamed so far
+        self.ended = False  # its last chunk, with the finish reason, is out
 
     def add(self, piece: Piece) -> list[dict]:
-        """A chunk: the whole text and ids so far (SGLang's default stream)."""
+        """A chunk: the whole text and ids so far (SGLang's default stream); once every token has come after the
+        choice ended, the last, with the finish reason (and a stop token's text trimmed)."""
         self.text += piece.text
         self.ids += piece.token_ids
-        if (not piece.text and not piece.token_ids) or self.choice.finish_reason is not None:
-            return []  # its last pieces go with the finish reason, where a stop token's text is trimmed
+        if self.choice.finish_reason is not None:
+            if self.ended or len(self.ids) < len(self.choice.token_ids):
+                return []  # the end is known, its last tokens are not here yet
+            self.ended = True
+            return [self.result(self.text, self.ids)]
+        if not piece.text and not piece.token_ids:
+            return []
         return [self.result(self.text, self.ids, final=False)]
-
-    def closing(self) -> list:
-        """The last chunk, with the finish reason and the latency; then `[DONE]`."""
-        return [self.result(self.text, self.ids), DONE]
-
-    @staticmethod
-    def failed(e: ApiError) -> list:
-        """An error event (SGLang's shape is the message alone; this is the server's whole error), then `[DONE]`."""
-        return [e.body(), DONE]
 
     def result(self, text: str, ids: list[int], final: bool = True) -> dict:
         """The sample object: text, output ids and meta_info."""
@@ -272,8 +263,6 @@ class SGLang:
                         raise bad("'logprob_start_len' is for whole replies, not streams", "logprob_start_len")
                     job.prompt_logprobs = max(n for _, n, start, _ in logprobs if start is not None)
                     job.params.echo = True  # the prompt's logprobs come from the echo prefill
-                if job.stream and (not single or job.params.n > 1):
-                    raise bad("a stream is of one prompt and one sample (several are for whole replies)", "stream")
                 rid = body.get("rid")
                 names = _names(rid, len(job.prompts)) if rid is not None else None  # checked before admitting
                 parts, events = self.server.admit(job, call, "")
@@ -281,8 +270,8 @@ class SGLang:
                 raise e.renamed(NAMES) from None
             names = names or _names(call.rid, len(job.prompts))
             n = job.params.n
-            samples = [Sample(self.server, call, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}", logprobs[i])
-                       for i, req in parts for c in req.choices]
+            samples = [Sample(self.server, call, part, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}",
+                              logprobs[i]) for part, (i, req) in enumerate(parts) for c in req.choices]
             known = {name: [req.id for i, req in parts if names[i] == name] for name in names}
             if isinstance(rid, str):  # a batch's own rid aborts all of it
                 known[rid] = [req.id for _, req in parts]
@@ -290,7 +279,7 @@ class SGLang:
                 self.rids.setdefault(name, []).extend(ids)
             try:
                 if job.stream:
-                    return await self.server.sse(request, call, events, Turn(job), samples[0])
+                    return await self.server.sse(request, call, events, Turn(job), Stream(samples))
                 await self.server.collect(events, call)
             finally:
                 for name, ids in known.items():
@@ -359,6 +348,40 @@ class SGLang:
         return web.Response(status=200 if done else 400,
                             text="Cache flushed.\n" if done else "Cache not flushed: requests are queued or running; "
                                                                  "retry when they have finished.\n")
+
+
+class Stream:
+    """A `/generate` stream (`Server.sse`'s face): each sample's chunks as its pieces come, with `index` (its place
+    among the call's samples, prompt by prompt) when there are several; `[DONE]` last."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+        self.at = {(s.part, s.choice.index): (pos, s) for pos, s in enumerate(samples)}
+
+    @staticmethod
+    def encode(ev: dict | str) -> bytes:
+        """A `data:` line, as SGLang streams (`[DONE]` last)."""
+        return b"data: " + (ev.encode() if ev == DONE else json.dumps(ev).encode()) + b"\n\n"
+
+    def opening(self) -> list[dict]:
+        """Nothing: SGLang's stream starts with the first piece."""
+        return []
+
+    def add(self, piece: Piece) -> list[dict]:
+        """The chunks of the sample the piece is of."""
+        pos, sample = self.at[piece.source]
+        chunks = sample.add(piece)
+        return [{**c, "index": pos} for c in chunks] if len(self.samples) > 1 else chunks
+
+    def closing(self) -> list:
+        """The last chunks of samples that have not sent theirs (none, as a stream ends normally); `[DONE]`."""
+        return [c for s in self.samples if not s.ended for c in self.add(Piece(source=(s.part, s.choice.index)))] + [
+            DONE]
+
+    @staticmethod
+    def failed(e: ApiError) -> list:
+        """An error event (SGLang's shape is the message alone; this is the server's whole error), then `[DONE]`."""
+        return [e.body(), DONE]
 
 
 def _names(rid: Any, prompts: int) -> list[str]:

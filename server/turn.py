@@ -14,12 +14,14 @@ from server.protocol import Job
 @dataclasses.dataclass
 class Piece:
     """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tools.CallStream`'s);
-    and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's)."""
+    and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's), and whose they are
+    (`source`, for an API that streams several choices at once: SGLang's)."""
 
     reasoning: str = ""
     text: str = ""
     calls: list[dict] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    source: tuple[int, int] | None = None  # (the call's request, the choice) it is of, where a stream has several
 
 
 class Turn:

@@ -366,9 +366,10 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     """SGLang's `/generate` over a socket: the greedy reply is the completions API's, in SGLang's shape (text,
     output_ids, meta_info with its finish_reason objects, counts and `[logprob, id, text]` logprobs; the prompt's from
     `logprob_start_len` equal vLLM's prompt_logprobs); `input_ids`; a batch with `n` and ids from `rid`, prompt by
-    prompt; EOS, stop strings (trimmed unless `no_stop_trim`) and a JSON schema; a stream of the text so far ending in
-    `[DONE]`; `/model_info`, `/server_info`, `/flush_cache` (the next identical prompt finds nothing cached); bad
-    fields are 400s naming SGLang's."""
+    prompt; EOS, stop strings and stop tokens (trimmed unless `no_stop_trim`), a regex and a JSON schema; a stream of
+    the text so far ending in `[DONE]`, and one of a batch's samples under their indices; `/model_info`,
+    `/server_info`, `/flush_cache` (the next identical prompt finds nothing cached); bad fields are 400s naming
+    SGLang's."""
     tok = api.model.tokenizer
     text = "The capital of France is"
     ref = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0, logprobs=2,
@@ -461,6 +462,16 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     assert chunks[-1]["text"] == want and chunks[-1]["output_ids"] == want_ids
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
     assert http(api, "GET", "/health_generate")[0] == 200
+    # a batch with n streams each sample's chunks under its index (prompt by prompt), each ending as when whole
+    several = {"text": [text, "Hello"], "sampling_params": {"max_new_tokens": 4, "temperature": 0, "n": 2}}
+    whole = http(api, "POST", "/generate", several)[1]
+    events = _sse(api, "/generate", {**several, "stream": True})
+    assert events[-1] == "[DONE]" and {c["index"] for c in events[:-1]} == {0, 1, 2, 3}
+    for pos, w in enumerate(whole):
+        mine = [c for c in events[:-1] if c["index"] == pos]
+        assert [c["meta_info"]["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [{"type": "length",
+                                                                                               "length": 4}]
+        assert mine[-1]["text"] == w["text"] and mine[-1]["output_ids"] == w["output_ids"], pos
     status, info, _ = http(api, "GET", "/model_info")
     assert status == 200 and info["is_generation"] is True and info == http(api, "GET", "/get_model_info")[1]
     status, info, _ = http(api, "GET", "/server_info")
@@ -476,7 +487,6 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
                        ({"text": text, "sampling_params": {"best": 1}}, "sampling_params.best"),
                        ({"sampling_params": {}}, "text"), ({"text": text, "input_ids": [1]}, "text"),
                        ({"input_ids": []}, "input_ids"), ({"text": 5}, "text"),
-                       ({"text": [text, "Hi"], "stream": True}, "stream"),
                        ({"text": [text, "Hi"], "sampling_params": [{"n": 1}, {"n": 2}]}, "sampling_params"),
                        ({"text": [text, "Hi"], "rid": ["a"]}, "rid"),
                        ({"text": text, "top_logprobs_num": 50}, "top_logprobs_num"),
