@@ -258,9 +258,7 @@ class SGLang:
                 if any(w for w, _, _, _ in logprobs):
                     k = max(n for w, n, _, _ in logprobs if w)
                     job.logprobs, job.params.logprobs, job.params.top_logprobs = k, True, k
-                if any(start is not None for _, _, start, _ in logprobs):
-                    if job.stream:
-                        raise bad("'logprob_start_len' is for whole replies, not streams", "logprob_start_len")
+                if any(start is not None for _, _, start, _ in logprobs):  # (each chunk of a stream repeats them)
                     job.prompt_logprobs = max(n for _, n, start, _ in logprobs if start is not None)
                     job.params.echo = True  # the prompt's logprobs come from the echo prefill
                 rid = body.get("rid")

@@ -401,6 +401,9 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
         assert t[0] == pytest.approx(vllm[j][str(prompt_ids[j])]["logprob"], abs=2e-3), j
     status, r4, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": 0})
     assert [t[1] for t in r4["meta_info"]["input_token_logprobs"]] == prompt_ids
+    streamed = _sse(api, "/generate", {**body, "logprob_start_len": 0, "stream": True})[:-1]
+    assert all(c["meta_info"]["input_token_logprobs"] == r4["meta_info"]["input_token_logprobs"] for c in streamed)
+    assert streamed[-1]["meta_info"]["output_token_logprobs"] == r4["meta_info"]["output_token_logprobs"]
     at_end = http(api, "POST", "/generate", {**body, "logprob_start_len": len(prompt_ids)})[1]
     assert at_end["meta_info"]["input_token_logprobs"] == []
     status, out, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": len(prompt_ids) + 1})
