@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 
@@ -88,8 +89,8 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequest(msg, param)
 
-        check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]",
-              "temperature")
+        check(self.temperature is None or 0.0 <= self.temperature < math.inf, "temperature must be a number >= 0",
+              "temperature")  # (the OpenAI API's bound, 2, is the server's: `server.protocol.NUMBERS`)
         check(self.top_p is None or 0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]", "top_p")
         check(self.top_k is None or self.top_k >= 0, "top_k must be >= 0", "top_k")
         check(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]", "min_p")

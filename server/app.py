@@ -174,7 +174,7 @@ class Server:
             raise bad(f"the request body could not be read: {str(e).strip()}") from None
         return await self.off_loop(protocol.decode_json, raw)  # up to --max-body-mb parsed and walked
 
-    async def parse(self, body: Any, kind: str) -> Job:
+    async def parse(self, body: Any, kind: str, bounds: dict | None = None) -> Job:
         """`protocol.parse` on a worker thread, and the job's tools and grammar checked against the tokenizer (in
         the grammar sandbox's child process): templating and tokenizing a long prompt, bisecting a
         `prompt_truncate_len` or compiling a grammar must not stall the event loop that streams every other
@@ -182,7 +182,7 @@ class Server:
         queued grammars cannot hold every parse thread."""
         def parse() -> Job:
             try:
-                return checked(protocol.parse(body, kind, self.model, self.thinks))
+                return checked(protocol.parse(body, kind, self.model, self.thinks, bounds))
             except Busy as e:
                 raise busy(str(e)) from None
 

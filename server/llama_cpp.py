@@ -226,7 +226,7 @@ class LlamaCpp:
             tok = self.server.engine.tok
             plain, stops, probs = completion_body(body, tok)
             try:  # errors name llama.cpp's fields
-                job = await self.server.parse(plain, "completion")
+                job = await self.server.parse(plain, "completion", protocol.HOT)
                 job.params.stop = stops
                 if probs:
                     job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs

@@ -117,6 +117,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "dynatemp_range": (float, 0.0, None),
     "dynatemp_exponent": (float, 0.0, None),
 }
+HOT = {"temperature": (float, 0.0, None)}  # llama.cpp's and SGLang's range (any temperature), for `parse`'s bounds
 LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
              "xtc_probability", "xtc_threshold", "dynatemp_range",
              "dynatemp_exponent")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
@@ -156,8 +157,8 @@ class Job:
     keep_last: int | None = None  # vLLM's truncate_prompt_tokens: keep each prompt's last tokens (-1: all that fit)
 
 
-def _number(body: dict, name: str) -> Any:
-    kind, lo, hi = NUMBERS[name]
+def _number(body: dict, name: str, bounds: dict | None = None) -> Any:
+    kind, lo, hi = (bounds or {}).get(name, NUMBERS[name])
     v = body.get(name)
     if v is None:
         return None
@@ -212,9 +213,10 @@ def _logit_bias(v: Any) -> dict[int, float]:
     return out
 
 
-def sampling(body: dict) -> SamplingParams:
-    """The sampling settings of a request body (validated types and ranges)."""
-    num = {name: _number(body, name) for name in NUMBERS}
+def sampling(body: dict, bounds: dict | None = None) -> SamplingParams:
+    """The sampling settings of a request body (validated types and ranges: `NUMBERS`', or `bounds`' where it names
+    the field)."""
+    num = {name: _number(body, name, bounds) for name in NUMBERS}
     max_tokens = num["max_completion_tokens"] if num["max_completion_tokens"] is not None else num["max_tokens"]
     return SamplingParams(
         max_tokens=max_tokens, temperature=num["temperature"], top_p=num["top_p"], top_k=num["top_k"],
@@ -268,13 +270,14 @@ def _unsupported(body: dict) -> None:
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
 
 
-def parse(body: Any, kind: str, model: Model, thinks: bool = False) -> Job:
+def parse(body: Any, kind: str, model: Model, thinks: bool = False, bounds: dict | None = None) -> Job:
     """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: the server splits
-    the model's thinking from its answer (`--reasoning-parser`)."""
+    the model's thinking from its answer (`--reasoning-parser`); `bounds`: another API's ranges for some numeric
+    fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _unsupported(body)
-    params = sampling(body)
+    params = sampling(body, bounds)
     job = Job(kind, [], [], params, stream=_flag(body, "stream"), echo=_flag(body, "echo"),
               raw_output=_flag(body, "raw_output"), return_token_ids=_flag(body, "return_token_ids"),
               perf_metrics=_flag(body, "perf_metrics_in_response"))

@@ -252,7 +252,7 @@ class SGLang:
         async def answer(body, call) -> web.StreamResponse:
             plain, stops, single = generate_body(body)
             try:  # errors name SGLang's fields
-                job = await self.server.parse(plain, "completion")
+                job = await self.server.parse(plain, "completion", protocol.HOT)
                 job.params.stop = stops
                 logprobs = _logprob_options(body, job.prompts)
                 if any(w for w, _, _, _ in logprobs):

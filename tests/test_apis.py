@@ -328,6 +328,8 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         assert r["tokens"][0] != want_ids[0], bias
     sillytavern = {**body, "grammar": "", "json_schema": None, "stop": None, "mirostat": None, "top_k": -1,
                    "repeat_penalty": 1.5, "repeat_last_n": 0}  # its defaults: none of these asks for anything
+    status, r, _ = http(api, "POST", "/completion", {**body, "temperature": 4.0, "min_p": 0.1})
+    assert status == 200 and r["generation_settings"]["temperature"] == 4.0  # llama.cpp's: no upper bound
     status, r, _ = http(api, "POST", "/completion", sillytavern)
     assert status == 200 and r["content"] == want and r["generation_settings"]["repeat_penalty"] == 1.0
     warm = {**body, "temperature": 0.5, "seed": 5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "n_predict": 12}
@@ -345,7 +347,7 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": [["a", 1.5]]}, "prompt"),
                        ({"n_predict": "x"}, "n_predict"), ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"),
                        ({"stop": "."}, "stop"),
-                       ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": 5}, "temperature"),
+                       ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": -1}, "temperature"),
                        ({"repeat_penalty": 3}, "repeat_penalty"),
                        ({"mirostat": 2, "mirostat_tau": -1}, "mirostat_tau")):
         status, out, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 2, **bad})
@@ -424,6 +426,10 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     assert status == 200 and [b["meta_info"]["id"] for b in batch] == ["job_0_0", "job_0_1", "job_1_0", "job_1_1"]
     assert [b["meta_info"]["prompt_tokens"] for b in batch] == [len(prompt_ids)] * 2 + [len(tok.encode("Hello"))] * 2
     assert all(len(b["output_ids"]) == 4 for b in batch)
+    hot = {"text": text, "sampling_params": {"max_new_tokens": 2, "temperature": 3.0}}
+    assert http(api, "POST", "/generate", hot)[0] == 200  # SGLang's temperature has no upper bound; OpenAI's is 2
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=3.0)
     status, one, _ = http(api, "POST", "/generate", {"text": [text], "sampling_params": {"max_new_tokens": 2}})
     assert status == 200 and isinstance(one, list) and len(one) == 1  # a list of one is a batch, as SGLang's
     templated = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
