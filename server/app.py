@@ -435,6 +435,9 @@ class Server:
         is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
         self._stage(call, None)
+        if not self.aengine.alive:  # its thread died: nothing would ever answer
+            raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
+                           code="engine_stopped")
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid)
         seats = sum(len(r.choices) for _, r in parts)
@@ -501,7 +504,7 @@ class Server:
                                         await send(out)
                                         raise self.failed(call.reqs)
                                     piece = turn.feed(d.text, d.finish_reason, d.token_ids)
-                                    piece.source = (i, d.index)
+                                    piece.source, piece.finish = (i, d.index), d.finish_reason
                                     out += face.add(piece)
                             await send(out)
                 except TimeoutError:

@@ -159,15 +159,17 @@ class Sample:
         self.want, self.k, self.start, self.texts = logprobs
         self.text, self.ids = "", []  # streamed so far
         self.ended = False  # its last chunk, with the finish reason, is out
+        self.sent_prompt = False  # the prompt's logprobs went out (a stream's first chunk)
 
     def add(self, piece: Piece) -> list[dict]:
-        """A chunk: the whole text and ids so far (SGLang's default stream); once every token has come after the
-        choice ended, the last, with the finish reason (and a stop token's text trimmed)."""
+        """A chunk: the whole text and ids so far (SGLang's default stream); with the engine's delta that ended the
+        choice (`piece.finish`: every token and all the text held back for stop strings are here), the last, with
+        the finish reason (and a stop token's text trimmed)."""
         self.text += piece.text
         self.ids += piece.token_ids
-        if self.choice.finish_reason is not None:
-            if self.ended or len(self.ids) < len(self.choice.token_ids):
-                return []  # the end is known, its last tokens are not here yet
+        if self.ended:
+            return []
+        if piece.finish is not None:  # the delta that ends it: every token and all the text are here
             self.ended = True
             return [self.result(self.text, self.ids)]
         if not piece.text and not piece.token_ids:
@@ -188,9 +190,11 @@ class Sample:
             if self.k:
                 meta["output_top_logprobs"] = [None if top is None else [self.triple(a, v) for a, v in top[:self.k]]
                                                for _, _, top in entries]
-            meta["input_token_logprobs"], tops = self.prompt_logprobs()
-            if self.k:
-                meta["input_top_logprobs"] = tops
+            if final or not self.sent_prompt:  # a stream's first and last chunks (a long prompt's are large)
+                self.sent_prompt = True
+                meta["input_token_logprobs"], tops = self.prompt_logprobs()
+                if self.k:
+                    meta["input_top_logprobs"] = tops
         return {"text": self.trimmed(text) if final else text, "output_ids": list(ids), "meta_info": meta}
 
     def finish(self) -> dict | None:
@@ -277,7 +281,8 @@ class SGLang:
                 self.rids.setdefault(name, []).extend(ids)
             try:
                 if job.stream:
-                    return await self.server.sse(request, call, events, Turn(job), Stream(samples))
+                    return await self.server.sse(request, call, events, Turn(job),
+                                             Stream(samples, indexed=not single or n > 1))
                 await self.server.collect(events, call)
             finally:
                 for name, ids in known.items():
@@ -342,7 +347,10 @@ class SGLang:
     async def flush_cache(self, request: web.Request) -> web.Response:
         """GET or POST /flush_cache: forget every cached prompt prefix, when nothing is queued or running (else a
         400, as SGLang's: a running request may be reading them)."""
-        done = await self.server.aengine.call(lambda engine: engine.flush_cache())
+        try:
+            done = await self.server.aengine.call(lambda engine: engine.flush_cache())
+        except RuntimeError:  # the engine thread has stopped
+            return web.Response(status=503, text="Cache not flushed: the engine has stopped.\n")
         return web.Response(status=200 if done else 400,
                             text="Cache flushed.\n" if done else "Cache not flushed: requests are queued or running; "
                                                                  "retry when they have finished.\n")
@@ -350,10 +358,10 @@ class SGLang:
 
 class Stream:
     """A `/generate` stream (`Server.sse`'s face): each sample's chunks as its pieces come, with `index` (its place
-    among the call's samples, prompt by prompt) when there are several; `[DONE]` last."""
+    among the call's samples, prompt by prompt) when the call is a batch or asks for several; `[DONE]` last."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], indexed: bool):
+        self.samples, self.indexed = samples, indexed
         self.at = {(s.part, s.choice.index): (pos, s) for pos, s in enumerate(samples)}
 
     @staticmethod
@@ -369,12 +377,12 @@ class Stream:
         """The chunks of the sample the piece is of."""
         pos, sample = self.at[piece.source]
         chunks = sample.add(piece)
-        return [{**c, "index": pos} for c in chunks] if len(self.samples) > 1 else chunks
+        return [{**c, "index": pos} for c in chunks] if self.indexed else chunks
 
     def closing(self) -> list:
         """The last chunks of samples that have not sent theirs (none, as a stream ends normally); `[DONE]`."""
-        return [c for s in self.samples if not s.ended for c in self.add(Piece(source=(s.part, s.choice.index)))] + [
-            DONE]
+        return [c for s in self.samples if not s.ended
+                for c in self.add(Piece(source=(s.part, s.choice.index), finish=s.choice.finish_reason))] + [DONE]
 
     @staticmethod
     def failed(e: ApiError) -> list:

@@ -22,6 +22,7 @@ class Piece:
     calls: list[dict] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     source: tuple[int, int] | None = None  # (the call's request, the choice) it is of, where a stream has several
+    finish: str | None = None  # the engine delta's own finish reason (set on its last piece only)
 
 
 class Turn:

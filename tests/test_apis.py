@@ -404,7 +404,9 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     status, r4, _ = http(api, "POST", "/generate", {**body, "logprob_start_len": 0})
     assert [t[1] for t in r4["meta_info"]["input_token_logprobs"]] == prompt_ids
     streamed = _sse(api, "/generate", {**body, "logprob_start_len": 0, "stream": True})[:-1]
-    assert all(c["meta_info"]["input_token_logprobs"] == r4["meta_info"]["input_token_logprobs"] for c in streamed)
+    for c in (streamed[0], streamed[-1]):  # a stream's first and last chunks (a long prompt's are large)
+        assert c["meta_info"]["input_token_logprobs"] == r4["meta_info"]["input_token_logprobs"]
+    assert all("input_token_logprobs" not in c["meta_info"] for c in streamed[1:-1])
     assert streamed[-1]["meta_info"]["output_token_logprobs"] == r4["meta_info"]["output_token_logprobs"]
     at_end = http(api, "POST", "/generate", {**body, "logprob_start_len": len(prompt_ids)})[1]
     assert at_end["meta_info"]["input_token_logprobs"] == []
@@ -507,7 +509,8 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
 
 def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
     """SGLang's `/abort_request` over a socket: a long `/generate` aborted by its `rid` returns 200 with the tokens
-    drawn so far and an abort as its finish reason, and so does a streamed one under `abort_all`; an unknown rid
+    drawn so far and an abort as its finish reason, and so does a streamed one under `abort_all` (its last chunk with
+    all of its text, the part held back for a stop string too); an unknown rid
     aborts nothing; the server serves the next request."""
     import threading
     import time
@@ -516,10 +519,11 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
         out.append(http(api, "POST", "/generate", body) if not body.get("stream") else _sse(api, "/generate", body))
 
     def started(engine_running):
-        deadline = time.monotonic() + 60
-        while api.engine.stats()["running"] < engine_running and time.monotonic() < deadline:
+        """Wait until that many requests run and have drawn a few tokens each."""
+        deadline, before = time.monotonic() + 60, api.engine.stats()["generated_tokens"]
+        while time.monotonic() < deadline and (api.engine.stats()["running"] < engine_running or
+                                               api.engine.stats()["generated_tokens"] < before + 4 * engine_running):
             time.sleep(0.02)
-        time.sleep(0.3)  # a few tokens drawn
 
     long = {"text": "Count to a thousand:", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
     out: list = []
@@ -536,7 +540,8 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
     assert r["meta_info"]["id"] == "long-one"
     assert 0 < r["meta_info"]["completion_tokens"] == len(r["output_ids"]) < 900
     out = []
-    threads = [threading.Thread(target=generate, args=(body, out)) for body in (long, {**long, "stream": True})]
+    held = {**long, "stream": True, "sampling_params": {**long["sampling_params"], "stop": ["#" * 12]}}
+    threads = [threading.Thread(target=generate, args=(body, out)) for body in (long, held)]
     for t in threads:
         t.start()
     started(2)
@@ -547,6 +552,8 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
     for got in out:
         last = got[-2] if isinstance(got, list) else got[1]  # a stream's last chunk before [DONE]
         assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 900
+        # all of its text, that held back while it might still become the stop string too
+        assert last["text"] == api.model.tokenizer.decode(last["output_ids"])
     status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3}})
     assert status == 200 and r["meta_info"]["completion_tokens"] == 3
 
