@@ -155,7 +155,7 @@ class AsyncEngine:
                 continue
             try:
                 result = fn(self.engine)
-            except Exception as e:  # the caller's to handle
+            except BaseException as e:  # the caller's to handle; the thread keeps serving, as after a failed step
                 future.set_exception(e)
             else:
                 future.set_result(result)

@@ -561,7 +561,8 @@ def test_sglang_abort_request_ends_a_generation_with_what_it_has(api):
 def test_an_engine_call_whose_caller_left_is_skipped(api):
     """`AsyncEngine.call` (how `/flush_cache` reaches the engine thread): a call whose caller was cancelled before
     the thread reached it is skipped (it once killed the thread: a client that left `/flush_cache`), the others run
-    in order, and the engine serves on."""
+    in order, one that raises hands its caller the error (even one that is not an `Exception`), and the engine
+    serves on."""
     import asyncio
     import threading
 
@@ -581,7 +582,15 @@ def test_an_engine_call_whose_caller_left_is_skipped(api):
         with pytest.raises(asyncio.CancelledError):
             await gone
 
+    class Stop(BaseException):
+        """Not an `Exception`: what once ended the engine thread from inside a call."""
+
+    async def failing():
+        with pytest.raises(Stop):  # its caller gets it; the thread serves on
+            await asyncio.wait_for(aengine.call(lambda e: (_ for _ in ()).throw(Stop())), 10)
+
     asyncio.run(calls())
+    asyncio.run(failing())
     assert ran == ["after"] and aengine.alive
     status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
     assert status == 200 and r["meta_info"]["completion_tokens"] == 2 and http(api, "GET", "/health")[0] == 200
