@@ -559,9 +559,8 @@ def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
 def is_plain(row: dict) -> bool:
     """Whether a slot's settings (`neutral_params`' names, as `SamplingParams.sampler_row` gives them) need none of what
     `sample` guards with a `lax.cond`: alternatives, mirostat, DRY, and truncation (top-nσ, XTC and the dynamic
-    temperature too) where the slot
-    draws (a greedy slot's token and logprobs do not depend on it). A grammar mask is the call's (`allowed`), not the
-    row's."""
+    temperature too) where the slot draws (a greedy slot's token and logprobs do not depend on it). A grammar mask is
+    the call's (`allowed`), not the row's."""
     truncates = row["top_k"] > 0 or row["top_p"] < 1.0 or row["min_p"] > 0.0 or row["typical_p"] < 1.0
     return _served_without(row, truncates)
 

@@ -504,7 +504,7 @@ class Server:
                                         await send(out)
                                         raise self.failed(call.reqs)
                                     piece = turn.feed(d.text, d.finish_reason, d.token_ids)
-                                    piece.source, piece.finish = (i, d.index), d.finish_reason
+                                    piece.source = (i, d.index)
                                     out += face.add(piece)
                             await send(out)
                 except TimeoutError:

@@ -249,7 +249,7 @@ class SGLang:
 
     def __init__(self, server):
         self.server = server
-        self.rids: dict[str, list[str]] = {}  # a caller's rid (a call's, or a prompt's) -> its engine requests
+        self.calls: dict[str, dict[str, list[str]]] = {}  # per call in flight: a caller's rid -> engine requests
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /generate."""
@@ -262,7 +262,7 @@ class SGLang:
                 if any(w for w, _, _, _ in logprobs):
                     k = max(n for w, n, _, _ in logprobs if w)
                     job.logprobs, job.params.logprobs, job.params.top_logprobs = k, True, k
-                if any(start is not None for _, _, start, _ in logprobs):  # (each chunk of a stream repeats them)
+                if any(start is not None for _, _, start, _ in logprobs):
                     job.prompt_logprobs = max(n for _, n, start, _ in logprobs if start is not None)
                     job.params.echo = True  # the prompt's logprobs come from the echo prefill
                 rid = body.get("rid")
@@ -277,20 +277,14 @@ class SGLang:
             known = {name: [req.id for i, req in parts if names[i] == name] for name in names}
             if isinstance(rid, str):  # a batch's own rid aborts all of it
                 known[rid] = [req.id for _, req in parts]
-            for name, ids in known.items():
-                self.rids.setdefault(name, []).extend(ids)
+            self.calls[call.rid] = known
             try:
                 if job.stream:
                     return await self.server.sse(request, call, events, Turn(job),
                                              Stream(samples, indexed=not single or n > 1))
                 await self.server.collect(events, call)
             finally:
-                for name, ids in known.items():
-                    left = [i for i in self.rids.get(name, []) if i not in ids]
-                    if left:
-                        self.rids[name] = left
-                    else:
-                        self.rids.pop(name, None)
+                del self.calls[call.rid]
             out = [s.result(s.choice.text, s.choice.token_ids) for s in samples]
             return web.json_response(out[0] if single and n == 1 else out)
         return await self.server.serve(request, answer)
@@ -305,7 +299,8 @@ class SGLang:
         rid, every = body.get("rid", ""), body.get("abort_all", False)
         if not isinstance(rid, str) or not isinstance(every, bool):
             raise bad("'rid' must be a string and 'abort_all' a boolean", "rid")
-        ids = [r.id for reqs in self.server.admitted for r in reqs] if every else self.rids.get(rid, [])
+        ids = ([r.id for reqs in self.server.admitted for r in reqs] if every
+               else [i for known in self.calls.values() for i in known.get(rid, [])])
         for i in ids:
             self.server.engine.abort(i)
         log.info("/abort_request: %d requests aborted (%s)", len(ids), "all" if every else repr(rid))

@@ -22,7 +22,7 @@ class Piece:
     calls: list[dict] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     source: tuple[int, int] | None = None  # (the call's request, the choice) it is of, where a stream has several
-    finish: str | None = None  # the engine delta's own finish reason (set on its last piece only)
+    finish: str | None = None  # the finish reason of the engine's text it was fed with (its last piece only)
 
 
 class Turn:
@@ -41,7 +41,7 @@ class Turn:
         `token_ids`."""
         final = finish is not None
         thought, answer = self.split.feed(text, final) if self.split is not None else ("", text)
-        piece = Piece(reasoning=thought, token_ids=list(token_ids))
+        piece = Piece(reasoning=thought, token_ids=list(token_ids), finish=finish)
         if self.stream is not None:
             piece.text, piece.calls, _ = self.stream.feed(answer, finish)
         else:
