@@ -68,6 +68,8 @@ class ModelConfig:
     quantization: str = "none"  # "int8": int8 weights, a float32 scale per 32 inputs; "int4": Q4_1 (models.quant)
     matmul: str = "xla"  # quantized products: "xla" widens the weights, "cpu" the C++ kernel (backends.cpu_matmul)
     kv_dtype: str = ""  # the KV pool's ("": `dtype`); float8_e4m3fn or float8_e5m2: a byte a value (--kv-cache-dtype)
+    lora_slots: int = 0  # LoRA adapters held at once (`models.lora`; 0: none): each dense layer's projections carry
+    lora_rank: int = 0  # `lora_a [slots, rank, in]` and `lora_b [slots, out, rank]` in the "lora" collection
 
     @property
     def scale(self) -> float:

@@ -23,10 +23,10 @@ class DecoderLayer(nn.Module):
     first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
-    def __call__(self, carry, layer, positions, table, stacks=None):
+    def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
         """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
         group (traced when scanned), `stacks` the group's parameter stacks where packed projections read them
-        (`layers.Linear`)."""
+        (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
 
@@ -36,9 +36,10 @@ class DecoderLayer(nn.Module):
         h = norm("input_layernorm")(x)
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"],
-                                                                             self.first)
+                                                                             self.first, adapters)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"])
+        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"],
+                                                                     adapters)
         return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 

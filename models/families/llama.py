@@ -25,21 +25,21 @@ class DecoderLayer(nn.Module):
     first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
-    def __call__(self, carry, layer, positions, table, stacks=None):
+    def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
         """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
         group (traced when scanned), `stacks` the group's parameter stacks where packed projections and experts read
-        them (`layers.Linear`)."""
+        them (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
         attention = MLAttention if cfg.kv_lora_rank else Attention
         h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"],
-                                                                             self.first)
+                                                                             self.first, adapters)
         x = x + h
         h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
         mlp = feed_forward(cfg, self.first)  # a group's layers are all of one kind
-        return (x + mlp(h, layer, stacks and stacks["mlp"]), k_cache, v_cache), None
+        return (x + mlp(h, layer, stacks and stacks["mlp"], adapters), k_cache, v_cache), None
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).

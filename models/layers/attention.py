@@ -35,14 +35,14 @@ class Attention(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0):
+    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0, adapters=None):
         """`stacks`: the scanned group's parameter stacks (every layer's), where packed projections read theirs
-        at `layer` (see `Linear`), or None."""
+        at `layer` (see `Linear`), or None; `adapters`: each token's LoRA slot (`models.lora`), or None."""
         cfg, dt = self.cfg, self.cfg.dtype
         at = first + layer  # the layer's pages in the pool, and its kind
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        proj = functools.partial(projection, cfg, layer=layer, stacks=stacks)
+        proj = functools.partial(projection, cfg, layer=layer, stacks=stacks, adapters=adapters, lora=True)
         q = proj("q_proj", h * d, ("heads", "embed"), x, cfg.attention_bias).reshape(b, s, h, d)
         k = proj("k_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
         v = proj("v_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)

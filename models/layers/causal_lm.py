@@ -38,7 +38,8 @@ class CausalLM(nn.Module):
     (`table` a `paged.Flat`, tokens `[1, T]`) gives `[R, V]`, at each sequence's last token (`last_index`). With `scan`
     each run of layers of one kind has its weights stacked (leading axis = layer; `params["layers"]` where every layer
     is alike, see `layer_groups`) and one layer body traced and run under `lax.scan`, so compile time does not grow
-    with depth; without, layers are unrolled (`layers_0`, ...).
+    with depth; without, layers are unrolled (`layers_0`, ...). `adapters` (each token's LoRA slot, shaped like
+    `tokens` or broadcast to it; -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
     """
 
     cfg: ModelConfig
@@ -47,7 +48,7 @@ class CausalLM(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False):
+    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False, adapters=None):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
         quantized, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the table int8
@@ -69,16 +70,17 @@ class CausalLM(nn.Module):
         carry = (x, cache.k, cache.v)
         for start, stop, name in layer_groups(cfg, self.scan):
             if name == f"layers_{start}":  # one layer, unrolled
-                carry, _ = self.layer_cls(cfg, self.backend, first=start, name=name)(carry, 0, positions, table)
+                carry, _ = self.layer_cls(cfg, self.backend, first=start, name=name)(carry, 0, positions, table, None,
+                                                                                     adapters)
                 continue
             stacks = None  # packed weights and experts read each layer from the whole stacks (`Linear`, `moe`)
             if (pk or cfg.num_experts) and not self.is_initializing():
                 stacks = self.variables["params"][name]
-            stack = nn.scan(self.layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=stop - start,
+            stack = nn.scan(self.layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=stop - start,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             carry, _ = stack(cfg, self.backend, first=start, name=name)(carry, jnp.arange(stop - start), positions,
-                                                                        table, stacks)
+                                                                        table, stacks, adapters)
         x, k_cache, v_cache = carry
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
         if isinstance(table, Flat):  # a flat batch: logits at each sequence's last token (`last_index [R]`)

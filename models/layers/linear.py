@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import quant
+from models import lora, quant
 from models.backends import cpu_matmul
 from models.config import ModelConfig
 
@@ -68,10 +68,13 @@ class Linear(nn.Module):
     float32_out: bool = False  # accumulate and return float32 (the LM head: logits stay float32)
     quantization: str = "none"
     packed: bool = False
+    lora_slots: int = 0  # LoRA adapters beside the weight (`models.lora`), in the "lora" collection
+    lora_rank: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, layer=None, stack: dict | None = None) -> jax.Array:
-        """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place."""
+    def __call__(self, x: jax.Array, layer=None, stack: dict | None = None, adapters=None) -> jax.Array:
+        """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place;
+        `adapters` each token's LoRA slot (-1: none; broadcast against `x`'s leading axes), or None."""
         shape = (self.features, x.shape[-1])
         four = self.quantization == "int4" and shape[1] % quant.GROUP == 0
         out_dtype = jnp.float32 if self.float32_out else None
@@ -104,16 +107,27 @@ class Linear(nn.Module):
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
                            (self.features,), jnp.dtype(self.dtype))
             y = y + b
+        if self.lora_slots:
+            n, r = self.lora_slots, self.lora_rank
+            zeros = lambda axes: nn.with_logical_partitioning(jnp.zeros, axes)  # noqa: E731
+            a = self.variable("lora", "lora_a", zeros((None, None, self.axes[1])), (n, r, shape[1]),
+                              jnp.dtype(self.dtype)).value
+            b = self.variable("lora", "lora_b", zeros((None, self.axes[0], None)), (n, shape[0], r),
+                              jnp.dtype(self.dtype)).value
+            if adapters is not None:
+                y = y + lora.delta(x, a, b, adapters).astype(y.dtype)
         return y
 
 
 def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str], x: jax.Array, bias: bool = False,
-                layer=None, stacks: dict | None = None) -> jax.Array:
+                layer=None, stacks: dict | None = None, adapters=None, lora: bool = False) -> jax.Array:
     """The calling module's projection `name` of `x`, a `Linear` quantized and packed as `cfg` says; `stacks` (packed
-    weights of scanned layers) holds its whole stack, which the kernel reads at `layer`."""
+    weights of scanned layers) holds its whole stack, which the kernel reads at `layer`. With `lora` it holds the
+    config's LoRA slots, applied by `adapters` (each token's slot)."""
+    slots = cfg.lora_slots if lora else 0
     mod = Linear(features, axes, bias, cfg.dtype, quantization=cfg.quantization, packed=cfg.matmul == "cpu",
-                 name=name)
-    return mod(x, layer, stacks and stacks[name])
+                 lora_slots=slots, lora_rank=cfg.lora_rank if slots else 0, name=name)
+    return mod(x, layer, stacks and stacks[name], adapters)
 
 
 class Weight(nn.Module):

@@ -42,7 +42,7 @@ class MLAttention(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0):
+    def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0, adapters=None):
         """`x [B, S, H]` at `positions [B, S]`, pages `table`, the pools, this layer's index in its group and (packed
         int8 or int4, scanned) the group's parameter stacks, the group's first layer -> `(out, k_cache, v_cache)`."""
         at = first + layer  # the model's index of the layer: its pages in the pool

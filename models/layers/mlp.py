@@ -32,12 +32,14 @@ class MLP(nn.Module):
 
     cfg: ModelConfig
     size: int = 0
+    lora: bool = True  # its projections hold the config's LoRA slots (not a mixture's shared expert)
 
     @nn.compact
-    def __call__(self, x, layer=None, stacks=None):
-        """`layer` and `stacks`: the scanned layers' index and parameter stacks for packed projections (`Linear`)."""
+    def __call__(self, x, layer=None, stacks=None, adapters=None):
+        """`layer` and `stacks`: the scanned layers' index and parameter stacks for packed projections (`Linear`);
+        `adapters`: each token's LoRA slot (`models.lora`), or None."""
         cfg = self.cfg
-        proj = functools.partial(projection, cfg, layer=layer, stacks=stacks)
+        proj = functools.partial(projection, cfg, layer=layer, stacks=stacks, adapters=adapters, lora=self.lora)
         gate = proj("gate_proj", self.size or cfg.intermediate_size, ("mlp", "embed"), x)
         up = proj("up_proj", self.size or cfg.intermediate_size, ("mlp", "embed"), x)
         return proj("down_proj", cfg.hidden_size, ("embed", "mlp"), glu(cfg)(gate, up))

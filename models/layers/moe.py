@@ -227,15 +227,16 @@ class MoE(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer=None, stacks=None):
-        """`x [B, S, H]`; `layer` and `stacks` as for `MLP` (the experts' loop reads its stacks too)."""
+    def __call__(self, x, layer=None, stacks=None, adapters=None):
+        """`x [B, S, H]`; `layer` and `stacks` as for `MLP` (the experts' loop reads its stacks too). LoRA adapters
+        (`adapters`) do not reach a mixture: its layers' attention takes them."""
         cfg = self.cfg
         b, s, hidden = x.shape
         rows = x.reshape(b * s, hidden)
         weights, ids = Router(cfg, name="gate")(rows)
         out = Experts(cfg, name="experts")(rows, weights, ids, layer, stacks and stacks["experts"])
         if cfg.shared_expert_size:
-            shared = MLP(cfg, cfg.shared_expert_size, name="shared_expert")(rows, layer,
+            shared = MLP(cfg, cfg.shared_expert_size, lora=False, name="shared_expert")(rows, layer,
                                                                              stacks and stacks["shared_expert"])
             if cfg.shared_expert_gate:
                 gate = projection(cfg, "shared_expert_gate", 1, (None, "embed"), rows, layer=layer, stacks=stacks)

@@ -1,0 +1,164 @@
+"""LoRA adapters served beside their base model, many in one batch (S-LoRA's, vLLM's and SGLang's multi-LoRA).
+
+A model with LoRA slots (`attach`) holds, beside each projection of its dense layers' attention and MLP, every slot's
+`lora_a [slots, rank, in]` and `lora_b [slots, out, rank]` (the adapter's scale folded into `b`; ranks below the
+slots' padded with zeros) in a "lora" collection next to "params". A forward pass takes each token's slot (-1: the
+base model) and adds `b[slot] @ a[slot] @ x` to the projection (`delta`), so one compiled step serves any mix of
+adapters. Adapters are PEFT folders (`adapter_config.json` and `adapter_model.safetensors`, what `peft`'s
+`save_pretrained` writes and what vLLM, SGLang and Fireworks load); `read` maps their tensors onto the slots'
+layout with the model's own HF weight names, and `install` writes one into a slot on the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# What a PEFT LoRA config may say and still mean plain `W + scale · B A` on the projections held here.
+PLAIN = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+         "target_parameters": None, "alora_invocation_tokens": None, "layer_replication": None,
+         "trainable_token_indices": None, "rank_pattern": {}, "alpha_pattern": {}}
+PREFIX = "base_model.model."  # PEFT's names: the base model's own, under this
+
+
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: jax.Array) -> jax.Array:
+    """Each token's LoRA term `b[slot] @ a[slot] @ x`: `x [..., in]`, `a [slots, rank, in]`, `b [slots, out, rank]`,
+    `adapters` each token's slot (-1: none), broadcast against `x`'s leading axes. Every slot's `a @ x` is computed
+    (slots × rank columns beside the projection's thousands) and the token's own kept, so no weights are gathered
+    per token."""
+    h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
+    keep = adapters[..., None] == jnp.arange(a.shape[0])
+    h = jnp.where(keep[..., None], h, 0.0).astype(b.dtype)
+    return jnp.einsum("...nr,nor->...o", h, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter read for one model: its rank and scale, and one slot's arrays (`tree`: the "lora"
+    collection's layout without the slot axis)."""
+
+    path: str
+    rank: int
+    scale: float
+    tree: dict
+
+
+def attach(model, slots: int, rank: int):
+    """`model` with `slots` LoRA slots of rank `rank` (zeros: every slot is the base model until `install`)."""
+    from models import _unboxed, abstract_params  # (models imports the layers, which import this module)
+    from models.sharding import param_shardings
+
+    if slots < 1 or rank < 1:
+        raise ValueError(f"LoRA needs at least one slot and a rank of at least 1, not {slots} and {rank}")
+    cfg = dataclasses.replace(model.module.cfg, lora_slots=slots, lora_rank=rank)
+    module = model.module.clone(cfg=cfg)
+    boxed = abstract_params(module)
+    if "lora" not in boxed:
+        raise ValueError(f"{cfg.arch} has no projections LoRA applies to here")
+    shardings = _unboxed(param_shardings(boxed, model.mesh, bool(cfg.expert_mesh)))["lora"]
+    shapes = _unboxed(boxed)["lora"]
+    zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)()
+    return dataclasses.replace(model, cfg=cfg, module=module, params={**model.params, "lora": zeros})
+
+
+def _modules(model) -> dict[str, tuple[tuple[str, ...], tuple, tuple]]:
+    """PEFT's module name (`model.layers.3.self_attn.q_proj`) -> its LoRA path in the unrolled layout and one
+    slot's `a` and `b` shapes."""
+    from models import _unboxed, abstract_params, family
+    from models.loading.source import iter_paths
+
+    flat = _unboxed(abstract_params(model.module.clone(scan=False)))["lora"]
+    shapes: dict = {}
+    for path, leaf in iter_paths(flat):
+        shapes.setdefault(path[:-1], {})[path[-1]] = tuple(leaf.shape[1:])
+    hf_name = getattr(family(model.cfg), "hf_name", str)
+    return {hf_name(f"model.layers.{p[0].split('_')[1]}.{'.'.join(p[1:])}.weight").removesuffix(".weight"):
+            (p, s["lora_a"], s["lora_b"]) for p, s in shapes.items()}
+
+
+def read(path: str, model) -> Adapter:
+    """The PEFT LoRA adapter in folder `path`, checked against `model` (which has LoRA slots) and laid out for a
+    slot: each tensor's module must be one of the projections LoRA applies to, its shapes the module's, its rank at
+    most the slots'. Raises ValueError saying what does not fit."""
+    from models import stack_layers
+
+    cfg = model.cfg
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            conf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a PEFT adapter folder (adapter_config.json: {e})") from None
+    if not isinstance(conf, dict) or conf.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: only LoRA adapters are served (peft_type {conf.get('peft_type')!r})")
+    for key, plain in PLAIN.items():
+        if conf.get(key, plain) not in (plain, None, {}, [], False):
+            raise ValueError(f"{path}: adapter_config.json's {key} = {conf[key]!r} is not served")
+    r, alpha = conf.get("r"), conf.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{path}: adapter_config.json needs an integer r >= 1 and a lora_alpha")
+    if r > cfg.lora_rank:
+        raise ValueError(f"{path}: rank {r} exceeds --max-lora-rank {cfg.lora_rank}")
+    scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise ValueError(f"{path}: no adapter_model.safetensors (a pickled adapter_model.bin is not read)")
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(file)
+    except Exception as e:  # noqa: BLE001  (a torn or foreign file)
+        raise ValueError(f"{path}: adapter_model.safetensors does not read: {e}") from None
+    modules = _modules(model)
+    tree: dict = {}
+    for key, w in tensors.items():
+        module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
+        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in modules:
+            raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
+                             "(the dense layers' q, k, v, o, gate, up and down projections)")
+        where, a_shape, b_shape = modules[module]
+        want = (r, a_shape[1]) if part == "A.weight" else (b_shape[0], r)
+        if w.shape != want:
+            raise ValueError(f"{path}: {key} has shape {list(w.shape)}, not {list(want)}")
+        w = w.astype(np.float32)
+        padded = np.zeros(a_shape if part == "A.weight" else b_shape, np.float32)
+        if part == "A.weight":
+            padded[:r] = w
+        else:
+            padded[:, :r] = w * scale
+        node = tree
+        for p in where:
+            node = node.setdefault(p, {})
+        node["lora_a" if part == "A.weight" else "lora_b"] = padded
+    if not tree:
+        raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
+    for where, a_shape, b_shape in modules.values():  # modules the adapter leaves alone: zeros
+        node = tree
+        for p in where:
+            node = node.setdefault(p, {})
+        node.setdefault("lora_a", np.zeros(a_shape, np.float32))
+        node.setdefault("lora_b", np.zeros(b_shape, np.float32))
+    dtype = jnp.dtype(cfg.dtype)
+    tree = jax.tree.map(lambda x: x.astype(dtype), tree)
+    if model.module.scan:
+        tree = stack_layers(tree, cfg)
+    return Adapter(path, r, scale, tree)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(lora, slot, tree):
+    return jax.tree.map(lambda full, x: full.at[..., slot, :, :].set(x), lora, tree)
+
+
+def install(params: dict, slot: int, adapter: Adapter) -> dict:
+    """`params` with `adapter` in LoRA slot `slot` (its old arrays are donated: use only the result)."""
+    lora = params["lora"]
+    if jax.tree.structure(lora) != jax.tree.structure(adapter.tree):
+        raise ValueError("the adapter was read for another model")
+    return {**params, "lora": _put(lora, jnp.int32(slot), adapter.tree)}
