@@ -36,7 +36,7 @@ from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
 from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
-from models import Model
+from models import Model, lora
 
 log = logging.getLogger("sparkler.engine")
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
@@ -59,6 +59,18 @@ class Inflight:
     key: tuple | None = None
     start: float = 0.0
     compiled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A LoRA adapter the engine holds: its name, folder, rank, slot, and the salt of its cached pages (one per
+    load: pages of an adapter loaded again under the name are not reused)."""
+
+    name: str
+    path: str
+    rank: int
+    slot: int
+    salt: str
 
 
 class Engine:
@@ -99,6 +111,8 @@ class Engine:
         # Called once first tokens read back are handed to `on_delta` (while the next draws run): a consumer that
         # batches what it gets passes them on then (`AsyncEngine`: time to first token).
         self.handed: Callable[[], None] = lambda: None
+        self.adapters: dict[str, Loaded] = {}  # LoRA adapters by name (`load_adapter`)
+        self._loads = itertools.count()
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -106,7 +120,8 @@ class Engine:
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
-                     prediction: list[int] | None = None, grammar_checked: bool = False) -> Request:
+                     prediction: list[int] | None = None, grammar_checked: bool = False,
+                     adapter: str | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -117,7 +132,8 @@ class Engine:
         choice; the choice ends with "stop" when the grammar is complete. `thinking` (`engine.thinking.Budget`): after
         its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
         the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
-        from them (speculative decoding), which changes the speed, never the tokens."""
+        from them (speculative decoding), which changes the speed, never the tokens. `adapter`: the name of a LoRA
+        adapter held (`load_adapter`) the request runs with (None: the base model)."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -147,6 +163,9 @@ class Engine:
         if self.sched.pages_to_admit(len(prompt_ids), params.n) > self.sched.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
                                  f"the pool holds ({self.sched.pools[0].capacity} of {self.page_size} tokens)", "n")
+        loaded = self.adapters.get(adapter) if adapter is not None else None
+        if adapter is not None and loaded is None:
+            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         p = params.resolved(self.model.generation_config)
@@ -163,9 +182,11 @@ class Engine:
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
+        key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
         return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
-                       cache_max_len=prompt_cache_max_len, cache_key=prompt_cache_isolation_key, grammar=grammar,
-                       thinking=thinking, prediction=list(prediction) if prediction else None)
+                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
+                       thinking=thinking, prediction=list(prediction) if prediction else None,
+                       adapter=loaded.slot if loaded else -1)
 
     def breakers(self, strings: tuple[str, ...]) -> np.ndarray:
         """DRY's sequence breakers as a vocabulary mask: the tokens whose own text holds one of `strings`, as
@@ -274,6 +295,32 @@ class Engine:
         flushed = sum(pool.flush() for pool in self.sched.pools)
         log.info("prefix cache flushed: %d pages", flushed)
         return True
+
+    def load_adapter(self, name: str, adapter: lora.Adapter) -> Loaded:
+        """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other name holds and no
+        request queued or running uses (one of the same name loaded before stays with the requests using it until
+        they end). Raises InvalidRequest where the model has no slots or none is free. Call on the engine's
+        thread."""
+        slots = self.model.cfg.lora_slots
+        if not slots:
+            raise InvalidRequest("this server holds no LoRA adapters (start it with --enable-lora)", "lora_name")
+        while not self.incoming.empty():
+            self.sched.waiting.append(self.incoming.get())
+        busy = {a.slot for n, a in self.adapters.items() if n != name} | {r.adapter for r in self.sched.requests()}
+        free = [s for s in range(slots) if s not in busy]
+        if not free:
+            raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "
+                                 "requests; unload one first", "lora_name")
+        self.model.params = lora.install(self.model.params, free[0], adapter)
+        self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], f"{name}#{next(self._loads)}")
+        log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, adapter.rank, adapter.path, free[0])
+        return self.adapters[name]
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget the LoRA adapter `name`: new requests cannot name it; those queued or running finish with it.
+        Raises InvalidRequest where none is held by that name."""
+        if self.adapters.pop(name, None) is None:
+            raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
 
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""
@@ -418,6 +465,8 @@ class Engine:
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
             self._reserve(1, changed, done)
         admitted = sched.admit()
+        if self.runner.adapter_of is not None and admitted:
+            self.runner.seat_adapters({c.slot: pf.req.adapter for pf in admitted for c in pf.choices})
         if sched.copies:  # cached pages that admitted prompts go on from, copied before anything writes them
             self.runner.copy_pages(sched.copies)
             sched.copied()

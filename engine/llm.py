@@ -15,7 +15,7 @@ from engine.grammar_sandbox import SERVING_STACK
 from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
-from models import Model, load_model
+from models import Model, load_model, lora
 
 log = logging.getLogger("sparkler.engine")
 
@@ -69,32 +69,44 @@ def encode_chat(model: Model, messages: list[dict]) -> list[int]:
 
 
 class LLM:
-    """`LLM(model).generate(prompts, params)` / `.chat(conversations, params)` for offline batches."""
+    """`LLM(model).generate(prompts, params)` / `.chat(conversations, params)` for offline batches. With
+    `enable_lora`, `max_loras` LoRA adapters of rank up to `max_lora_rank` (`load_lora`) serve prompts that name
+    them (`lora=`)."""
 
-    def __init__(self, model: str | Model = "smollm2-135m-instruct", **runner: Any):
+    def __init__(self, model: str | Model = "smollm2-135m-instruct", enable_lora: bool = False, max_loras: int = 4,
+                 max_lora_rank: int = 16, **runner: Any):
         self.model = model if isinstance(model, Model) else load_model(model)
+        if enable_lora:
+            self.model = lora.attach(self.model, max_loras, max_lora_rank)
         self.engine = Engine(self.model, RunnerConfig(**runner))
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter in folder `path` as `name`."""
+        self.engine.load_adapter(name, lora.read(path, self.model))
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
-                 **cache: Any) -> list[RequestOutput]:
+                 lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
         """Run prompts (text or token ids) to completion; outputs in prompt order. `predictions`: the expected
-        output of each prompt (text or token ids, None for none; speculative decoding drafts from it). `cache` takes
-        `prompt_cache_max_len` and `prompt_cache_isolation_key` (see `Engine.make_request`)."""
+        output of each prompt (text or token ids, None for none; speculative decoding drafts from it). `lora`: the
+        LoRA adapter of every prompt, or of each (None: the base model). `cache` takes `prompt_cache_max_len` and
+        `prompt_cache_isolation_key` (see `Engine.make_request`)."""
         prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-        return self._run([encode_prompt(self.model, p) for p in prompts], params, predictions, cache)
+        return self._run([encode_prompt(self.model, p) for p in prompts], params, predictions, lora, cache)
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
-             **cache: Any) -> list[RequestOutput]:
+             lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
         """Run one conversation (a list of messages) or several through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([encode_chat(self.model, c) for c in conversations], params, predictions, cache)
+        return self._run([encode_chat(self.model, c) for c in conversations], params, predictions, lora, cache)
 
-    def _run(self, ids: list[list[int]], params, predictions, cache: dict) -> list[RequestOutput]:
+    def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(ids)
         preds = [self._prediction(p) for p in (predictions or [None] * len(ids))]
-        reqs = [self.engine.make_request(p, sp, prediction=pred, **cache) for p, sp, pred in zip(ids, plist, preds)]
+        adapters = adapters if isinstance(adapters, list) else [adapters] * len(ids)
+        reqs = [self.engine.make_request(p, sp, prediction=pred, adapter=a, **cache)
+                for p, sp, pred, a in zip(ids, plist, preds, adapters)]
         for r in reqs:
             self.engine.add(r)
         while self.engine.has_work():

@@ -29,12 +29,16 @@ from models.backends.paged import SCRATCH
 SCAN = 64  # a continuation is looked for among the pages last registered after a prefix, newest first
 
 
-def root_hash(salt: str | None = None) -> bytes:
-    """The hash the chain starts from: the isolation key's (no prompt's pages are shared across keys)."""
-    return hashlib.sha256(b"sparkler" + (b"\x01" + salt.encode() if salt is not None else b"\x00")).digest()
+def root_hash(salt: str | tuple | None = None) -> bytes:
+    """The hash the chain starts from: the isolation key's, or a LoRA adapter's with it (`(adapter, key)`): no
+    prompt's pages are shared across keys or adapters."""
+    tag = (b"\x00" if salt is None else b"\x01" + salt.encode() if isinstance(salt, str)
+           else b"\x02" + repr(salt).encode())
+    return hashlib.sha256(b"sparkler" + tag).digest()
 
 
-def page_hashes(tokens: list[int], page_size: int, salt: str | None = None, known: list[bytes] = ()) -> list[bytes]:
+def page_hashes(tokens: list[int], page_size: int, salt: str | tuple | None = None,
+                known: list[bytes] = ()) -> list[bytes]:
     """The chained hash of every full page of `tokens`: page i's hash covers pages 0..i and the isolation key.
     `known` holds the hashes of its first pages, already computed: only the pages after them are hashed."""
     h = known[-1] if known else root_hash(salt)

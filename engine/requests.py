@@ -63,7 +63,9 @@ class Request:
     on_delta: Callable[["Request", list[Delta]], None] | None = None
     cancelled: bool = False
     cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
-    cache_key: str | None = None  # isolation key: only requests with the same key share pages
+    cache_key: str | tuple | None = None  # isolation key (with a LoRA adapter's: `(adapter, key)`): only requests
+    # with the same key share pages
+    adapter: int = -1  # the LoRA slot it runs with (`models.lora`; -1: the base model)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)

@@ -249,6 +249,9 @@ class Runner:
         # decode or flat step for the rows the host has not read back yet (`fresh`, `from_drawn`), so the engine can
         # dispatch a step before reading back the one before it
         self.drawn = jax.device_put(jnp.zeros(self.slots, jnp.int32), self.by_row)
+        # each slot's LoRA slot (`models.lora`; -1: the base model), set as work is seated (`seat_adapters`) and
+        # sent with every step: None where the model has no LoRA slots
+        self.adapter_of = np.full(self.slots, -1, np.int32) if model.cfg.lora_slots else None
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
@@ -265,19 +268,24 @@ class Runner:
             return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={"data"},
                                  check_vma=False)
 
-        def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False):
-            return module.apply(params, tokens, positions, table, cache, last_index, all_logits)
+        def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False, adapters=None):
+            return module.apply(params, tokens, positions, table, cache, last_index, all_logits, adapters)
+
+        def adapters_of(lora, rows):  # the LoRA slot of each row's sequence (rows past the slots: none), or None
+            return None if lora is None else jnp.take(lora, rows, mode="fill", fill_value=-1)
 
         # The prefills write each prompt's last logits into the shard's `last` rows named by `dest` (the slot within
         # the shard; padding rows name one past the shard's slots, and are dropped).
-        def prefill_rows(params, cache, last, tokens, start, length, table, dest):  # rows are prompts (padding: all
-            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # scratch)
-            logits, cache = forward(params, cache, tokens, positions, table, length - 1)
+        def prefill_rows(params, cache, last, tokens, start, length, table, dest, lora):  # rows are prompts
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # (padding: all scratch)
+            logits, cache = forward(params, cache, tokens, positions, table, length - 1, False,
+                                    adapters_of(lora, dest[:, None]))
             return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
-        def prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest):  # one prompt in the
-            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # shard's row 0
-            logits, cache = forward(params, cache, tokens, positions, table, None, True)
+        def prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest, lora):  # one prompt
+            positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # in the shard's row 0
+            logits, cache = forward(params, cache, tokens, positions, table, None, True,
+                                    adapters_of(lora, dest[:1, None]))
             logits = logits[0]
             lp = jax.nn.log_softmax(logits, axis=-1)
             nxt = jnp.concatenate([tokens[0, 1:], next_token[None]])
@@ -289,27 +297,28 @@ class Runner:
 
         @functools.partial(jax.jit, donate_argnums=(1, 2))
         def flat_step(params, cache, last, tokens, positions, owner, tables, starts, lengths, pages, dest, drawn,
-                      from_drawn):
+                      from_drawn, lora):
             # tokens [T]: the sequences' tokens one after another (see `paged.Flat`), those with a `from_drawn` slot
             # taken from `drawn` (a rider whose last token is not read back yet); each sequence's last logits go to
             # its `dest` row of `last` (the padding sequences' to one past the slots: dropped)
             self.compiles += 1
             tokens = jnp.where(from_drawn >= 0, drawn[jnp.maximum(from_drawn, 0)], tokens)
             flat = paged.Flat(tables, owner, starts, lengths, pages)
-            logits, cache = forward(params, cache, tokens[None], positions[None], flat, jnp.cumsum(lengths) - 1)
+            logits, cache = forward(params, cache, tokens[None], positions[None], flat, jnp.cumsum(lengths) - 1,
+                                    False, adapters_of(lora, dest[owner][None]))
             return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
-        prefill_rows = over_shards(prefill_rows, (rep, kv, rows, rows, rows, rows, rows, rows), (kv, rows))
-        prefill_echo = over_shards(prefill_echo, (rep, kv, rows, rows, rows, rows, rows, rep, rows), (kv, rows, rows))
+        prefill_rows = over_shards(prefill_rows, (rep, kv, *(rows,) * 7), (kv, rows))
+        prefill_echo = over_shards(prefill_echo, (rep, kv, *(rows,) * 5, rep, rows, rows), (kv, rows, rows))
 
         @functools.partial(jax.jit, static_argnames=("echo",), donate_argnums=(1, 2))
-        def prefill(params, cache, last, tokens, start, length, table, next_token, dest, echo):
+        def prefill(params, cache, last, tokens, start, length, table, next_token, dest, lora, echo):
             self.compiles += 1  # counts traces (one per compiled shape)
             if not echo:
-                return (*prefill_rows(params, cache, last, tokens, start, length, table, dest), None)
-            return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest)
+                return (*prefill_rows(params, cache, last, tokens, start, length, table, dest, lora), None)
+            return prefill_echo(params, cache, last, tokens, start, length, table, next_token, dest, lora)
 
-        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, steps,
+        def decode_shard(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, lora, steps,
                          branches):
             def one(carry, _):
                 cache, state, tokens, positions = carry
@@ -318,12 +327,13 @@ class Runner:
                 # loop into float32 copies read every step (2x slower). Several rows: the products widen anyway,
                 # and widening once per dispatch is cheaper (docs/PERFORMANCE.md, "int8 weights").
                 p, tokens = jax.lax.optimization_barrier((params, tokens)) if tokens.shape[0] == 1 else (params, tokens)
-                logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table)
+                logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table, None, False, adapters)
                 out, state = smp.sample(logits, sparams, state, active, None, branches)
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
             tokens = jnp.where(fresh, drawn[:nb], tokens)  # rows whose last token the host has not read back
+            adapters = adapters_of(lora, jnp.arange(nb)[:, None])
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
             (cache, part, last, _), outs = jax.lax.scan(one, (cache, part, tokens, positions), None, length=steps)
@@ -331,40 +341,43 @@ class Runner:
             return cache, state, outs, drawn.at[:nb].set(jnp.where(active, last, drawn[:nb]))
 
         @functools.partial(jax.jit, static_argnames=("steps", "branches"), donate_argnums=(1, 2, 8))
-        def decode(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, steps,
+        def decode(params, cache, state, sparams, tokens, positions, active, table, drawn, fresh, lora, steps,
                    branches="cond"):
             # each active row's last token goes to its slot of `drawn`: the next step may take it as its input before
             # the host has read these outputs back (`Runner.decode`'s `fresh`)
             self.compiles += 1
-            fn = over_shards(functools.partial(decode_shard, steps=steps, branches=branches), (rep, kv, *(rows,) * 8),
+            fn = over_shards(functools.partial(decode_shard, steps=steps, branches=branches), (rep, kv, *(rows,) * 9),
                              (kv, rows, P(None, "data"), rows))
             cache, state, outs, drawn = fn(params, cache, state, sparams, tokens, positions, active, table, drawn,
-                                           fresh)
+                                           fresh, lora)
             return cache, state, jax.lax.with_sharding_constraint(outs, gathered), drawn
 
-        def logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh):
+        def logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh, lora):
             # one decode step's forward pass: each active row's logits go to its row of `last`, for `draw`
             nb = tokens.shape[0]
             tokens = jnp.where(fresh, drawn[:nb], tokens)
-            logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table)
+            logits, cache = forward(params, cache, tokens[:, None], positions[:, None], table, None, False,
+                                    adapters_of(lora, jnp.arange(nb)[:, None]))
             dest = jnp.where(active, jnp.arange(nb), last.shape[0])  # inactive rows: past the slots, dropped
             return cache, last.at[dest].set(logits.astype(last.dtype), mode="drop")
 
-        logits_shard = over_shards(logits_shard, (rep, kv, *(rows,) * 7), (kv, rows))
+        logits_shard = over_shards(logits_shard, (rep, kv, *(rows,) * 8), (kv, rows))
 
         @functools.partial(jax.jit, donate_argnums=(1, 2))
-        def decode_logits(params, cache, last, tokens, positions, active, table, drawn, fresh):
+        def decode_logits(params, cache, last, tokens, positions, active, table, drawn, fresh, lora):
             self.compiles += 1
-            return logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh)
+            return logits_shard(params, cache, last, tokens, positions, active, table, drawn, fresh, lora)
 
-        def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, branches):
+        def verify_shard(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, lora,
+                         branches):
             # tokens [nb, W]: a row's last token, then its draft (ndraft tokens), then padding. One forward pass
             # scores all W positions; the sampler then runs over them in order, threading the row's state (and
             # each position's grammar mask, `allowed [nb, W, words]`), and a row stays alive while each drafted
             # token equals the token sampled before it (the positions a row does not reach are not kept).
             nb, w = tokens.shape
             pos = positions[:, None] + jnp.arange(w)[None, :]
-            logits, cache = forward(params, cache, tokens, pos, table, None, True)
+            logits, cache = forward(params, cache, tokens, pos, table, None, True,
+                                    adapters_of(lora, jnp.arange(nb)[:, None]))
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
             draw = lambda j, part, live: smp.sample(jnp.take(logits, j, axis=1), sparams, part, live,  # noqa: E731
@@ -393,12 +406,13 @@ class Runner:
             return cache, state, outs, kept
 
         @functools.partial(jax.jit, static_argnames=("branches",), donate_argnums=(1, 2))
-        def verify(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, branches="cond"):
+        def verify(params, cache, state, sparams, tokens, positions, ndraft, active, table, allowed, lora,
+                   branches="cond"):
             self.compiles += 1
-            fn = over_shards(functools.partial(verify_shard, branches=branches), (rep, kv, *(rows,) * 8),
+            fn = over_shards(functools.partial(verify_shard, branches=branches), (rep, kv, *(rows,) * 9),
                              (kv, rows, P(None, "data"), P(None, "data")))
             cache, state, outs, kept = fn(params, cache, state, sparams, tokens, positions, ndraft, active, table,
-                                          allowed)
+                                          allowed, lora)
             return cache, state, *jax.lax.with_sharding_constraint((outs, kept), gathered)
 
         def first_shard(state, sparams, last, rows, source, allowed, drawn, branches):
@@ -632,7 +646,7 @@ class Runner:
     def _prefill_job(self, nb: int, size: int, attend: int, echo: bool = False) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
         args = (self.model.params, self.cache_shape, self.last_logits, _i32(nb, size), _i32(nb), _i32(nb), table,
-                np.int32(0), _i32(nb))
+                np.int32(0), _i32(nb), self._adapters())
         return self._prefill, args, dict(echo=echo)
 
     def _echo_jobs(self) -> list[Job]:
@@ -647,7 +661,7 @@ class Runner:
         r = self.slots + 1
         return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
                              _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r), self.drawn,
-                             _i32(size)), {})
+                             _i32(size), self._adapters()), {})
 
     def _rows_job(self, k: int) -> Job:
         rows = lambda tree: jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), tree)  # noqa: E731
@@ -663,18 +677,18 @@ class Runner:
     def _decode_job(self, nb: int, attend: int, steps: int, branches: str = "cond") -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
-                               np.zeros(nb, bool)), dict(steps=steps, branches=branches))
+                               np.zeros(nb, bool), self._adapters()), dict(steps=steps, branches=branches))
 
     def _logits_job(self, nb: int, attend: int) -> Job:
         return (self._logits, (self.model.params, self.cache_shape, self.last_logits, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
-                               np.zeros(nb, bool)), {})
+                               np.zeros(nb, bool), self._adapters()), {})
 
     def _verify_job(self, nb: int, attend: int, branches: str = "cond") -> Job:
         w = self.rc.draft_tokens + 1
         return (self._verify, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb, w), _i32(nb),
                                _i32(nb), np.zeros(nb, bool), _i32(nb, -(-(w + attend) // self.page_size)),
-                               self.wide_allowed(np.arange(nb), w)), dict(branches=branches))
+                               self.wide_allowed(np.arange(nb), w), self._adapters()), dict(branches=branches))
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -767,7 +781,7 @@ class Runner:
         self.drawable.add(slot)
         self.cache, self.last_logits, extra = self._prefill(
             self.model.params, self.cache, self.last_logits, toks, starts, lengths, self.table(tables, attend),
-            np.int32(nxt), dest, echo=echo)
+            np.int32(nxt), dest, self._adapters(), echo=echo)
         return [np.asarray(x[d])[:len(piece)] for x in extra] if echo else None
 
     def prefill(self, slot: int, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
@@ -807,7 +821,7 @@ class Runner:
                         self.drawable.add(slot)
                 self.cache, self.last_logits, _ = self._prefill(
                     self.model.params, self.cache, self.last_logits, toks, starts, lengths,
-                    self.table(tables, attend), np.int32(0), dest, echo=False)
+                    self.table(tables, attend), np.int32(0), dest, self._adapters(), echo=False)
 
     def prefill_flat(self, items: list[tuple[int, np.ndarray, list[int], int]],
                      riders: list[tuple[int, np.ndarray, int, int]] = ()) -> None:
@@ -846,7 +860,8 @@ class Runner:
             at += n
         pages = tables[owner, positions // self.page_size]  # each token's page (padding: the scratch page)
         self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
-                                                  owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn)
+                                                  owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
+                                                  self._adapters())
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
@@ -863,6 +878,15 @@ class Runner:
                     src[d, :len(part)], dst[d, :len(part)] = zip(*part)
             per = [pairs[k:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
+
+    def seat_adapters(self, adapters: dict[int, int]) -> None:
+        """`{slot: LoRA slot}` (-1: the base model) for the sequences just seated in those slots."""
+        for slot, adapter in adapters.items():
+            self.adapter_of[slot] = adapter
+
+    def _adapters(self) -> np.ndarray | None:
+        """Each slot's LoRA slot as a step's argument (a copy: the host's array changes while steps are queued)."""
+        return None if self.adapter_of is None else self.adapter_of.copy()
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice
@@ -967,7 +991,7 @@ class Runner:
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
         return rows, rows[active], (tokens[rows].astype(np.int32), positions.astype(np.int32), active,
-                                    self.table(tables[rows], attend), self.drawn, fresh)
+                                    self.table(tables[rows], attend), self.drawn, fresh, self._adapters())
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
                steps: int, fresh: np.ndarray | None = None) -> Dispatched:
@@ -1008,6 +1032,6 @@ class Runner:
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,
-            self.wide_allowed(rows, w) if allowed is None else allowed[rows],
+            self.wide_allowed(rows, w) if allowed is None else allowed[rows], self._adapters(),
             branches=self.branches_for(rows[active[rows]], allowed))
         return self.read_back((outs, kept), rows, axis=1)

@@ -12,7 +12,6 @@ layout with the model's own HF weight names, and `install` writes one into a slo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -151,14 +150,12 @@ def read(path: str, model) -> Adapter:
     return Adapter(path, r, scale, tree)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put(lora, slot, tree):
-    return jax.tree.map(lambda full, x: full.at[..., slot, :, :].set(x), lora, tree)
-
-
 def install(params: dict, slot: int, adapter: Adapter) -> dict:
-    """`params` with `adapter` in LoRA slot `slot` (its old arrays are donated: use only the result)."""
+    """`params` with `adapter` in LoRA slot `slot`, on the slots' own shardings (new arrays: steps already queued
+    read the old ones)."""
     lora = params["lora"]
     if jax.tree.structure(lora) != jax.tree.structure(adapter.tree):
         raise ValueError("the adapter was read for another model")
-    return {**params, "lora": _put(lora, jnp.int32(slot), adapter.tree)}
+    put = jax.jit(lambda full, tree, s: jax.tree.map(lambda f, x: f.at[..., s, :, :].set(x), full, tree),
+                  out_shardings=jax.tree.map(lambda x: x.sharding, lora))
+    return {**params, "lora": put(lora, adapter.tree, jnp.int32(slot))}
