@@ -297,16 +297,18 @@ class Engine:
         return True
 
     def load_adapter(self, name: str, adapter: lora.Adapter) -> Loaded:
-        """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other name holds and no
-        request queued or running uses (one of the same name loaded before stays with the requests using it until
-        they end). Raises InvalidRequest where the model has no slots or none is free. Call on the engine's
-        thread."""
+        """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other adapter holds
+        and no request queued or running uses (an adapter unloaded stays with the requests using it until they end).
+        Raises InvalidRequest where the model has no slots, the name is taken or no slot is free. Call on the
+        engine's thread."""
         slots = self.model.cfg.lora_slots
         if not slots:
             raise InvalidRequest("this server holds no LoRA adapters (start it with --enable-lora)", "lora_name")
+        if name in self.adapters:
+            raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
         while not self.incoming.empty():
             self.sched.waiting.append(self.incoming.get())
-        busy = {a.slot for n, a in self.adapters.items() if n != name} | {r.adapter for r in self.sched.requests()}
+        busy = {a.slot for a in self.adapters.values()} | {r.adapter for r in self.sched.requests()}
         free = [s for s in range(slots) if s not in busy]
         if not free:
             raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "

@@ -22,7 +22,7 @@ from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.runner import RunnerConfig, platform_defaults
-from models import KV_DTYPES, load_model
+from models import KV_DTYPES, load_model, lora
 from models.backends import BACKENDS
 from models.backends.cpu_matmul import MATMULS
 from models.loading.source import cache_root
@@ -155,7 +155,20 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "the first time, seconds once the caches hold them), or nothing. The server answers once a "
                          "first request's shapes are ready and compiles the rest behind; a request that needs one "
                          "still compiling waits for it")
+    ap.add_argument("--enable-lora", action="store_true",
+                    help="hold LoRA adapters beside the model (--lora-modules, and /v1/load_lora_adapter at run time); "
+                         "a request names one as its model")
+    ap.add_argument("--lora-modules", nargs="+", type=_module, default=[], metavar="NAME=PATH",
+                    help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora)")
+    ap.add_argument("--max-loras", type=int, default=None,
+                    help="LoRA adapters held at once, each in one batch with the others (default: 4, or as many as "
+                         "--lora-modules names)")
+    ap.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
     args = ap.parse_args(argv)
+    args.enable_lora |= bool(args.lora_modules)
+    args.max_loras = args.max_loras or max(4, len(args.lora_modules))
+    if len(args.lora_modules) > args.max_loras:
+        ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
         ap.error("--speculative-ngram and --num-speculative-tokens must be >= 0")
     return args
@@ -170,6 +183,14 @@ def _share(text: str) -> float:
     if not 0 < share <= 1:
         raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
     return share
+
+
+def _module(text: str) -> tuple[str, str]:
+    """`NAME=PATH`."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -190,6 +211,10 @@ def load(args: argparse.Namespace):
                        expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype)
     if args.served_name:
         model.name = args.served_name
+    if args.enable_lora:
+        if args.num_processes > 1:
+            raise ValueError("LoRA adapters are not served across processes yet")
+        model = lora.attach(model, args.max_loras, args.max_lora_rank)
     return model
 
 
@@ -269,6 +294,11 @@ def main(argv=None, prog: str = "python -m server") -> None:
         engine = Engine(model, runner_config(args))
     except ValueError as e:  # a pool that does not fit, a context it cannot hold, ...
         raise SystemExit(f"sparkler: {e}") from None
+    for name, path in args.lora_modules:
+        try:
+            engine.load_adapter(name, lora.read(path, model))
+        except ValueError as e:  # not an adapter of this model, a rank over --max-lora-rank, a name given twice
+            raise SystemExit(f"sparkler: --lora-modules {name}: {e}") from None
     t2 = time.monotonic()
     if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
         engine.warmup(full=args.warmup == "full", background=not group)

@@ -36,7 +36,7 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import anthropic_messages, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
+from server import adapters, anthropic_messages, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
 from server.protocol import ApiError, Job, bad
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -108,6 +108,7 @@ class Server:
         anthropic_messages.routes(app, self)
         llama_cpp.routes(app, self)
         sglang.routes(app, self)
+        adapters.routes(app, self)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)
@@ -217,16 +218,21 @@ class Server:
         except TimeoutError:
             raise self.timed_out() from None
 
-    def _check_model(self, body) -> None:
+    def _check_model(self, body) -> str | None:
+        """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""
         name = body.get("model") if isinstance(body, dict) else None
         if name is None:
-            return
+            return None
         if not isinstance(name, str):
             raise bad("'model' must be a string", "model")
         short = name.rsplit("/models/", 1)[-1] if name.startswith(MODEL_PREFIX) else name
-        if short != self.name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.name!r}", "model",
-                           code="model_not_found")
+        if short == self.name:
+            return None
+        if short in self.engine.adapters:
+            return short
+        names = ", ".join(repr(n) for n in [self.name, *self.engine.adapters])
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {names}", "model",
+                       code="model_not_found")
 
     def _requests(self, job: Job, rid: str) -> list[tuple[int, Request]]:
         """`(prompt index, engine request)` pairs; n beyond one data shard's decode slots is split over several
@@ -240,7 +246,7 @@ class Server:
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
-                        grammar_checked=self.engine.tok is not None)))
+                        grammar_checked=self.engine.tok is not None, adapter=job.adapter)))
                 except InvalidRequest as e:
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
@@ -295,19 +301,24 @@ class Server:
     # ---- routes -----------------------------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        """GET /v1/models: the one served model."""
-        return web.json_response({"object": "list", "data": [self._card()]})
+        """GET /v1/models: the served model and its LoRA adapters."""
+        cards = [self._card()] + [self._card(name) for name in list(self.engine.adapters)]
+        return web.json_response({"object": "list", "data": cards})
 
-    def _card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
+    def _card(self, adapter: str | None = None) -> dict:
+        """The served model's card, or a LoRA adapter's (vLLM's: `root` its folder, `parent` the model)."""
+        card = {"id": adapter or self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
                 "max_model_len": self.engine.max_len, "dtype": self.model.cfg.dtype,
                 "quantization": {"method": self.model.cfg.quantization, "products": self.model.cfg.matmul,
                                  "why": self.model.quantization_why}}
+        loaded = self.engine.adapters.get(adapter) if adapter else None
+        if loaded is not None:
+            card.update(root=loaded.path, parent=self.name, lora_rank=loaded.rank)
+        return card
 
     async def model_card(self, request: web.Request) -> web.Response:
-        """GET /v1/models/{id}: the served model, or 404."""
-        self._check_model({"model": request.match_info["name"]})
-        return web.json_response(self._card())
+        """GET /v1/models/{id}: the served model or a LoRA adapter, or 404."""
+        return web.json_response(self._card(self._check_model({"model": request.match_info["name"]})))
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """POST /tokenize: token ids of `prompt` (vLLM's; `add_special_tokens`, default true) or `content`
@@ -400,7 +411,7 @@ class Server:
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
-            self._check_model(body)
+            call.adapter = self._check_model(body)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp
@@ -439,6 +450,7 @@ class Server:
             raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
                            code="engine_stopped")
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
+        job.adapter = call.adapter
         parts = self._requests(job, call.rid)
         seats = sum(len(r.choices) for _, r in parts)
         queued = self.backlog(seats)
@@ -594,7 +606,8 @@ class Server:
         used = self._usage(job, reqs)
         perf = perf_metrics(used, took, job)
         headers = {**self.options_header, **{f"fireworks-{k}": str(v) for k, v in perf.items()}}
-        body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices,
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": job.adapter or self.name,
+                "choices": choices,
                 "usage": used}
         if job.return_token_ids:  # Fireworks: the prompt's ids at the top level, each choice's on the choice
             body["prompt_token_ids"] = prompt_token_ids(reqs)
@@ -679,7 +692,7 @@ class Server:
         offsets: dict[int, int] = {}
         turns: dict[int, Turn] = {}
         rid, took = call.rid, call.took
-        base = {"id": rid, "object": obj, "created": created, "model": self.name}
+        base = {"id": rid, "object": obj, "created": created, "model": job.adapter or self.name}
         head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
         tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
 
@@ -783,6 +796,7 @@ class Call:
     took: "Took" = dataclasses.field(default_factory=lambda: Took())
     stage: str | None = None  # counted in `Server.stages` while "reading" or "parsing"
     cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
+    adapter: str | None = None  # the LoRA adapter its `model` names (None: the served model)
 
 
 class Took:

@@ -38,12 +38,12 @@ UNBOUNDED = 1 << 30  # max_new_tokens null: the engine lowers it to what the con
 HEALTH_TIMEOUT = 20.0  # seconds /health_generate waits for its token (SGLang's default)
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
            "no_stop_trim": "include_stop_str_in_output"}  # SGLang's sampling_params -> the completions body's
-NAMES = {**{ours: theirs for theirs, ours in RENAMED.items()}, "prompt": "text"}  # in errors
+NAMES = {**{ours: theirs for theirs, ours in RENAMED.items()}, "prompt": "text", "model": "lora_path"}  # in errors
 SAME = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
         "stop_token_ids", "ignore_eos", "skip_special_tokens", "n", "json_schema", "regex", "ebnf", "logit_bias",
         "typical_p", *protocol.LLAMA_CPP, "dry_sequence_breakers")
 IGNORED = ("spaces_between_special_tokens", "custom_params", "stream_interval")  # accepted, nothing to do here
-UNSERVED = ("input_embeds", "image_data", "video_data", "audio_data", "lora_path", "custom_logit_processor",
+UNSERVED = ("input_embeds", "image_data", "video_data", "audio_data", "custom_logit_processor",
             "return_hidden_states", "session_params", "token_ids_logprob")
 DONE = "[DONE]"
 log = logging.getLogger("sparkler.server")
@@ -93,6 +93,16 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
         out["top_k"] = 0
     out["prompt"] = prompt
     out["stream"] = body.get("stream", False)
+    adapter = body.get("lora_path")  # a LoRA adapter's name: the completions body's model
+    if isinstance(adapter, list):  # one per prompt: served when they agree
+        if not adapter or any(a != adapter[0] for a in adapter):
+            raise bad("'lora_path' as a list must name the same adapter for every prompt (send prompts for other "
+                      "adapters in separate calls)", "lora_path")
+        adapter = adapter[0]
+    if adapter is not None:
+        if not isinstance(adapter, str):
+            raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
+        out["model"] = adapter
     stops = params.get("stop", [])
     stops = [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -256,6 +266,7 @@ class SGLang:
         async def answer(body, call) -> web.StreamResponse:
             plain, stops, single = generate_body(body)
             try:  # errors name SGLang's fields
+                call.adapter = self.server._check_model(plain)
                 job = await self.server.parse(plain, "completion", protocol.HOT)
                 job.params.stop = stops
                 logprobs = _logprob_options(body, job.prompts)

@@ -1,0 +1,67 @@
+"""vLLM's routes for LoRA adapters at run time: `POST /v1/load_lora_adapter` (`{"lora_name", "lora_path"}`) and
+`POST /v1/unload_lora_adapter` (`{"lora_name"}`), answered with vLLM's plain-text lines. A loaded adapter is served
+under its name as a `model` of every API (`Server._check_model`); `/v1/models` lists it."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from engine.params import InvalidRequest
+from models import lora
+from server.protocol import ApiError, bad
+
+
+def routes(app: web.Application, server) -> None:
+    """Add the adapter routes to `app`."""
+    api = Adapters(server)
+    app.router.add_post("/v1/load_lora_adapter", api.load)
+    app.router.add_post("/v1/unload_lora_adapter", api.unload)
+
+
+class Adapters:
+    """The adapter routes of one `Server`."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def _fields(self, request: web.Request, *names: str) -> list[str]:
+        """The body's string fields `names` (400 where one is missing or not a non-empty string)."""
+        body = await self.server._body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        for name in names:
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise bad(f"'{name}' must be a non-empty string", name)
+        if not self.server.engine.model.cfg.lora_slots:
+            raise bad("this server holds no LoRA adapters (start it with --enable-lora)", names[0])
+        return [body[name] for name in names]
+
+    async def _on_engine(self, fn) -> None:
+        """`fn(engine)` on the engine thread: its InvalidRequest a 400, a stopped engine a 503."""
+        try:
+            await self.server.aengine.call(fn)
+        except InvalidRequest as e:
+            raise bad(str(e), e.param) from None
+        except RuntimeError:
+            raise ApiError(503, "the engine has stopped", type_="service_unavailable", code="engine_stopped") from None
+
+    async def load(self, request: web.Request) -> web.Response:
+        """POST /v1/load_lora_adapter: read the PEFT adapter folder `lora_path` (on a parse thread) and hold it as
+        `lora_name` in a free LoRA slot; 400 where the name is taken, the folder is not a LoRA adapter of this
+        model, or every slot is held."""
+        name, path = await self._fields(request, "lora_name", "lora_path")
+        if name == self.server.name or name in self.server.engine.adapters:
+            raise bad(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
+        try:
+            adapter = await self.server.off_loop(lora.read, path, self.server.engine.model)
+        except ValueError as e:
+            raise bad(str(e), "lora_path") from None
+        await self._on_engine(lambda engine: engine.load_adapter(name, adapter))
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(self, request: web.Request) -> web.Response:
+        """POST /v1/unload_lora_adapter: forget `lora_name` (requests already using it finish with it); 400 where
+        none is loaded by that name."""
+        (name,) = await self._fields(request, "lora_name")
+        await self._on_engine(lambda engine: engine.unload_adapter(name))
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")

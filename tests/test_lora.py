@@ -1,0 +1,280 @@
+"""LoRA adapters against `peft` on the same weights: the model's logits, the engine's tokens with adapters and the
+base model mixed in one batch, the adapters' lifecycle, and the server's routes over the official client."""
+
+import dataclasses
+import json
+
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import openai
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from engine.params import InvalidRequest, SamplingParams
+from engine.runner import RunnerConfig
+from helpers import run_all
+from models import load_model, lora
+from models.backends.paged import KVCache
+from test_models import ROWS, _hf_model
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapter(base, folder, r: int, targets=ALL, seed: int = 1, **config) -> torch.nn.Module:
+    """A PEFT LoRA adapter of `base` with random A and B (B is zeros by default: no effect to test), saved to
+    `folder`; returns the PEFT model (base and adapter)."""
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **config))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * (0.3 if "lora_B" in name else 0.1))
+    pm.save_pretrained(folder)
+    return pm.eval()
+
+
+def _logits(model, params, rows, adapters):
+    """Logits of each row (one right-padded batch, `helpers.our_logits`' layout) with each row's LoRA slot."""
+    b, s = len(rows), max(map(len, rows))
+    toks = np.zeros((b, s), np.int32)
+    for i, r in enumerate(rows):
+        toks[i, :len(r)] = r
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    n = -(-s // 16)
+    table = 1 + np.arange(b * n, dtype=np.int32).reshape(b, n)
+    fn = jax.jit(lambda p, a: model.module.apply(p, toks, pos, table, KVCache.zeros(model.cfg, 1 + b * n, 16), None,
+                                                 True, a)[0])
+    out = np.asarray(fn(params, np.asarray(adapters, np.int32)[:, None]))
+    return [out[i, :len(r)] for i, r in enumerate(rows)]
+
+
+@pytest.mark.quick_compile
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
+    """Rows with an adapter match PEFT's model with it, rows without match the base model, in one batch; an adapter
+    of lower rank than the slots' (padded) and one over some projections only (rsLoRA's scale) too."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    base = _hf_model(kind, str(tmp_path / "hf"))
+    with torch.no_grad():
+        plain = [base(torch.tensor([r])).logits[0].numpy() for r in ROWS]
+    model = lora.attach(load_model(str(tmp_path / "hf"), with_tokenizer=False), 3, 8)
+    params = model.params
+    wants = []
+    for slot, (r, targets, extra) in enumerate([(4, ALL, {}), (8, ["q_proj", "v_proj"], {"use_rslora": True})]):
+        pm = _adapter(base, str(tmp_path / f"a{slot}"), r, targets, seed=slot, **extra)
+        with torch.no_grad():
+            wants.append([pm(torch.tensor([row])).logits[0].numpy() for row in ROWS])
+        base = pm.unload()  # the base model again, for the next adapter
+        params = lora.install(params, slot, lora.read(str(tmp_path / f"a{slot}"), model))
+    for adapters in ([0, 1, -1], [1, -1, 0]):
+        got = _logits(model, params, ROWS, adapters)
+        for i, (g, a) in enumerate(zip(got, adapters)):
+            want = plain[i] if a < 0 else wants[a][i]
+            scale = np.abs(want).max()
+            assert np.abs(g - want).max() <= 1e-4 * scale, (kind, adapters, i)
+            if a >= 0:  # the adapter changes the logits (a test that would pass without it would prove nothing)
+                assert np.abs(want - plain[i]).max() > 1e-2 * scale
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13] * 3, [1, 2, 3], [200, 100, 50, 25, 12, 6, 3] * 5]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A random Llama folder, two adapters of it and each one's greedy continuations (and the base model's)."""
+    folder = tmp_path_factory.mktemp("lora")
+    base = _hf_model("llama", str(folder / "hf"))
+    want = {None: [_greedy(base, p, 10) for p in PROMPTS]}
+    for name, r in (("a", 4), ("b", 8)):
+        pm = _adapter(base, str(folder / name), r, seed=r)
+        want[name] = [_greedy(pm, p, 10) for p in PROMPTS]
+        base = pm.unload()
+    return folder, want
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch, tmp_path):
+    """Greedy tokens equal PEFT's for each adapter and the base model's without, all in one batch; a prompt cached
+    under one adapter is not reused under another (its K/V differ), and is under the same one; loading another
+    adapter compiles nothing."""
+    from engine.engine import Engine
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    folder, want = adapters
+    model = lora.attach(load_model(str(folder / "hf"), with_tokenizer=False), 2, 8)
+    eng = Engine(model, RunnerConfig(max_num_seqs=8, max_model_len=128, decode_steps=4, kv_cache_gb=0.01,
+                                     flat_step=flat))
+    eng.load_adapter("a", lora.read(str(folder / "a"), model))
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    names = ["a", None, "a", None, "a", None]
+    reqs = [eng.make_request(p, sp, adapter=n) for p, n in zip(PROMPTS * 2, names)]
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    for r, n, i in zip(reqs, names, [0, 1, 2, 0, 1, 2]):
+        assert r.choices[0].token_ids == want[n][i], (n, i)
+    run_all(eng, [list(range(60, 99))], [sp], adapter="a")  # a new prompt alone: its shapes compiled
+    compiles = eng.runner.compiles
+    eng.load_adapter("b", lora.read(str(folder / "b"), model))
+    run_all(eng, [list(range(100, 139))], [sp], adapter="b")  # the same shapes, another adapter: nothing compiled
+    assert eng.runner.compiles == compiles
+    again = run_all(eng, [PROMPTS[0]], [sp], adapter="b") + run_all(eng, [PROMPTS[0]], [sp], adapter="a")
+    assert [r.choices[0].token_ids for r in again] == [want["b"][0], want["a"][0]]
+    assert again[0].cached_tokens == 0 and again[1].cached_tokens >= 32  # b's first sight; a's pages again
+
+
+def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
+    """What an adapter folder may not be, and the slots: a name is loaded once, a full set of slots refuses another,
+    an unloaded adapter stays with the requests using it until they end."""
+    from engine.engine import Engine
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    folder, want = adapters
+    model = lora.attach(load_model(str(folder / "hf"), with_tokenizer=False), 1, 4)
+    with pytest.raises(ValueError, match="rank 8 exceeds --max-lora-rank 4"):
+        lora.read(str(folder / "b"), model)
+    with pytest.raises(ValueError, match="not a PEFT adapter folder"):
+        lora.read(str(tmp_path), model)
+    for change, message in [({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "only LoRA"),
+                            ({"modules_to_save": ["lm_head"]}, "modules_to_save")]:
+        bent = tmp_path / f"bent{len(message)}"
+        bent.mkdir()
+        conf = json.loads((folder / "a" / "adapter_config.json").read_text())
+        (bent / "adapter_config.json").write_text(json.dumps({**conf, **change}))
+        (bent / "adapter_model.safetensors").write_bytes((folder / "a" / "adapter_model.safetensors").read_bytes())
+        with pytest.raises(ValueError, match=message):
+            lora.read(str(bent), model)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "a" / "adapter_model.safetensors"))
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "adapter_config.json").write_text((folder / "a" / "adapter_config.json").read_text())
+    save_file({**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((4, 64), np.float32)},
+              str(tmp_path / "head" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="lm_head.lora_A.weight is not a LoRA weight"):
+        lora.read(str(tmp_path / "head"), model)
+
+    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.01))
+    a = lora.read(str(folder / "a"), model)
+    eng.load_adapter("a", a)
+    with pytest.raises(InvalidRequest, match="already been loaded"):
+        eng.load_adapter("a", a)
+    with pytest.raises(InvalidRequest, match="each of the 1 LoRA slots"):
+        eng.load_adapter("a2", a)
+    with pytest.raises(InvalidRequest, match="no LoRA adapter 'zz'"):
+        eng.make_request(PROMPTS[1], SamplingParams(max_tokens=4), adapter="zz")
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    queued = eng.make_request(PROMPTS[1], sp, adapter="a")
+    eng.add(queued)
+    eng.unload_adapter("a")
+    with pytest.raises(InvalidRequest, match="no LoRA adapter 'a'"):
+        eng.make_request(PROMPTS[1], sp, adapter="a")
+    with pytest.raises(InvalidRequest, match="serves requests"):  # the queued request still holds the one slot
+        eng.load_adapter("a2", a)
+    while eng.has_work():
+        eng.step()
+    assert queued.choices[0].token_ids == want["a"][1]
+    eng.load_adapter("a2", a)  # free again
+    with pytest.raises(InvalidRequest, match="no LoRA adapter 'x'"):
+        eng.unload_adapter("x")
+
+
+@pytest.fixture(scope="module")
+def served(smollm, tmp_path_factory):
+    """A live server over a 2-layer random Llama with SmolLM2's tokenizer, LoRA slots for two adapters, and the
+    PEFT adapters' folders with their greedy continuations."""
+    from conftest import live_server
+
+    folder = tmp_path_factory.mktemp("served")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.save_pretrained(str(folder / "hf"))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    base.save_pretrained(str(folder / "hf"), safe_serialization=True)
+    prompt = tok("The capital of France is").input_ids
+    want = {None: _greedy(base, prompt, 8)}
+    for name, r in (("tuned", 4), ("other", 8)):
+        pm = _adapter(base, str(folder / name), r, seed=r)
+        want[name] = _greedy(pm, prompt, 8)
+        base = pm.unload()
+    model = dataclasses.replace(lora.attach(load_model(str(folder / "hf")), 2, 8), name="base")
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(4,))
+    for api in live_server(model, rc):
+        yield api, folder, prompt, want
+
+
+def test_server_serves_adapters_by_model_name(served):
+    """vLLM's routes load and unload adapters; a request's model names one (also as Fireworks'
+    `accounts/x/models/<name>`, and SGLang's `lora_path`); `/v1/models` lists them; errors are 400s and 404s."""
+    api, folder, prompt, want = served
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
+
+    def post(path, body) -> tuple[int, dict | str]:
+        req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        return status, (json.loads(text) if text.startswith("{") else text)
+
+    def load(name, path):
+        return post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+
+    assert load("tuned", folder / "tuned") == (200, "Success: LoRA adapter 'tuned' added successfully.")
+    status, r = load("tuned", folder / "tuned")
+    assert status == 400 and "already been loaded" in r["error"]["message"]
+    status, r = load("broken", folder)
+    assert status == 400 and r["error"]["param"] == "lora_path"
+    assert load("other", folder / "other")[0] == 200
+    assert load("third", folder / "other")[0] == 400  # two slots, both held
+
+    def complete(model, **kw):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0.0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True}, **kw)
+        return out.model, out.choices[0].token_ids
+
+    assert complete("tuned") == ("tuned", want["tuned"])
+    assert complete("accounts/me/models/other") == ("other", want["other"])
+    assert complete("base") == ("base", want[None])
+    stream = client.completions.create(model="tuned", prompt=prompt, max_tokens=8, temperature=0.0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert {c.model for c in chunks} == {"tuned"}
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == api.model.tokenizer.decode(want["tuned"])
+
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"base", "tuned", "other"}
+    assert cards["tuned"].model_extra["parent"] == "base" and cards["tuned"].model_extra["root"] == str(
+        folder / "tuned")
+    assert client.models.retrieve("other").id == "other"
+
+    status, gen = post("/generate", {"input_ids": prompt, "lora_path": "other",
+                                     "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
+    assert status == 200 and gen["output_ids"] == want["other"]
+    status, gen = post("/generate", {"input_ids": prompt, "lora_path": "nope"})
+    assert status == 404 and gen["error"]["param"] == "lora_path"
+
+    assert post("/v1/unload_lora_adapter", {"lora_name": "other"})[0] == 200
+    with pytest.raises(openai.NotFoundError, match="'tuned'"):  # the message names what is served
+        complete("other")
+    status, r = post("/v1/unload_lora_adapter", {"lora_name": "other"})
+    assert status == 400 and "no LoRA adapter" in r["error"]["message"]
+    assert post("/v1/unload_lora_adapter", {})[0] == 400
+    assert complete("tuned") == ("tuned", want["tuned"])  # the server goes on serving
