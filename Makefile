@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-gpu bench-gpu-serve soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-gpu bench-gpu-serve soak
 
 # uv installs the packages: a fresh venv's in ~12 s where pip took ~45 (it downloads in parallel and links files
 # from its cache: ~3 s the second time). Neither writes bytecode for the ~20k files up front; Python writes it for
@@ -68,6 +68,10 @@ bench-startup: setup
 # The flat step (prompts, chunks and the streams' next tokens in one forward pass) against separate calls.
 bench-flat: setup
 	$(BIN)/python bench/flat.py $(ARGS)
+
+# What LoRA slots cost: the engine alone without them, with them unused, and with every request on an adapter.
+bench-lora: setup
+	$(BIN)/python bench/lora.py $(ARGS)
 
 # On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
 bench-gpu:

@@ -67,8 +67,8 @@ def attach(model, slots: int, rank: int):
     return dataclasses.replace(model, cfg=cfg, module=module, params={**model.params, "lora": zeros})
 
 
-def _modules(model) -> dict[str, tuple[tuple[str, ...], tuple, tuple]]:
-    """PEFT's module name (`model.layers.3.self_attn.q_proj`) -> its LoRA path in the unrolled layout and one
+def modules(model) -> dict[str, tuple[tuple[str, ...], tuple, tuple]]:
+    """The projections an adapter of `model` may target: PEFT's module name (`model.layers.3.self_attn.q_proj`) -> its LoRA path in the unrolled layout and one
     slot's `a` and `b` shapes."""
     from models import _unboxed, abstract_params, family
     from models.loading.source import iter_paths
@@ -114,14 +114,14 @@ def read(path: str, model) -> Adapter:
         tensors = load_file(file)
     except Exception as e:  # noqa: BLE001  (a torn or foreign file)
         raise ValueError(f"{path}: adapter_model.safetensors does not read: {e}") from None
-    modules = _modules(model)
+    known = modules(model)
     tree: dict = {}
     for key, w in tensors.items():
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
-        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in modules:
+        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in known:
             raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
                              "(the dense layers' q, k, v, o, gate, up and down projections)")
-        where, a_shape, b_shape = modules[module]
+        where, a_shape, b_shape = known[module]
         want = (r, a_shape[1]) if part == "A.weight" else (b_shape[0], r)
         if w.shape != want:
             raise ValueError(f"{path}: {key} has shape {list(w.shape)}, not {list(want)}")
@@ -137,7 +137,7 @@ def read(path: str, model) -> Adapter:
         node["lora_a" if part == "A.weight" else "lora_b"] = padded
     if not tree:
         raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
-    for where, a_shape, b_shape in modules.values():  # modules the adapter leaves alone: zeros
+    for where, a_shape, b_shape in known.values():  # modules the adapter leaves alone: zeros
         node = tree
         for p in where:
             node = node.setdefault(p, {})

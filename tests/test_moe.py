@@ -347,8 +347,9 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
     assert eng.runner.compiles == compiled
     assert {key[0][4][0] for key in eng.runner._decode.exes} == {(4,)}  # every step ran at the one batch size,
-    first = [args for fn, args, _ in eng.runner.first_jobs() if fn in (eng.runner._first, eng.runner._decode)]
-    assert {args[-1].shape[0] for args in first} == {4}  # which a server's first shapes use too
+    first = [args[3] if fn is eng.runner._first else args[4]  # the call's rows: a first draw's, a decode's tokens
+             for fn, args, _ in eng.runner.first_jobs() if fn in (eng.runner._first, eng.runner._decode)]
+    assert {rows.shape[0] for rows in first} == {4}  # which a server's first shapes use too
     # Speculative decoding: each reply as its prediction, one token of it wrong, verified in K + 1 positions (the
     # family's chunk attention over the pool: MLA's latent cache, sinks, sliding layers). The tokens stay the same.
     eng.verify_always = True
