@@ -68,8 +68,8 @@ def attach(model, slots: int, rank: int):
 
 
 def modules(model) -> dict[str, tuple[tuple[str, ...], tuple, tuple]]:
-    """The projections an adapter of `model` may target: PEFT's module name (`model.layers.3.self_attn.q_proj`) -> its LoRA path in the unrolled layout and one
-    slot's `a` and `b` shapes."""
+    """The projections an adapter of `model` may target: PEFT's module name (`model.layers.3.self_attn.q_proj`) ->
+    its LoRA path in the unrolled layout and one slot's `a` and `b` shapes."""
     from models import _unboxed, abstract_params, family
     from models.loading.source import iter_paths
 
