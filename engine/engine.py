@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -113,6 +114,10 @@ class Engine:
         self.handed: Callable[[], None] = lambda: None
         self.adapters: dict[str, Loaded] = {}  # LoRA adapters by name (`load_adapter`)
         self._loads = itertools.count()
+        # every request made with an adapter and still alive (made, queued or running): its slot is not reused
+        # while the request may still run, whether or not the engine has seen it yet
+        self._on_adapters: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
+        self._on_adapters_lock = threading.Lock()  # the server's threads make requests; the engine's thread loads
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -183,10 +188,16 @@ class Engine:
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
-        return Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
-                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
-                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                       adapter=loaded.slot if loaded else -1)
+        req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
+                      cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
+                      thinking=thinking, prediction=list(prediction) if prediction else None,
+                      adapter=loaded.slot if loaded else -1)
+        if loaded is not None:
+            with self._on_adapters_lock:
+                self._on_adapters[id(req)] = req
+            if self.adapters.get(adapter) is not loaded:  # unloaded meanwhile: its slot may be another's already
+                raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        return req
 
     def breakers(self, strings: tuple[str, ...]) -> np.ndarray:
         """DRY's sequence breakers as a vocabulary mask: the tokens whose own text holds one of `strings`, as
@@ -298,17 +309,17 @@ class Engine:
 
     def load_adapter(self, name: str, adapter: lora.Adapter) -> Loaded:
         """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other adapter holds
-        and no request queued or running uses (an adapter unloaded stays with the requests using it until they end).
-        Raises InvalidRequest where the model has no slots, the name is taken or no slot is free. Call on the
-        engine's thread."""
+        and no request made with an adapter and not finished uses (an adapter unloaded stays with the requests using
+        it until they end). Raises InvalidRequest where the model has no slots, the name is taken or no slot is
+        free. Call on the engine's thread."""
         slots = self.model.cfg.lora_slots
         if not slots:
             raise InvalidRequest("this server holds no LoRA adapters (start it with --enable-lora)", "lora_name")
         if name in self.adapters:
             raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
-        while not self.incoming.empty():
-            self.sched.waiting.append(self.incoming.get())
-        busy = {a.slot for a in self.adapters.values()} | {r.adapter for r in self.sched.requests()}
+        with self._on_adapters_lock:
+            using = [r for r in self._on_adapters.values() if not r.finished]
+        busy = {a.slot for a in self.adapters.values()} | {r.adapter for r in using}
         free = [s for s in range(slots) if s not in busy]
         if not free:
             raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "

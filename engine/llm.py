@@ -105,6 +105,8 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(ids)
         preds = [self._prediction(p) for p in (predictions or [None] * len(ids))]
         adapters = adapters if isinstance(adapters, list) else [adapters] * len(ids)
+        if len(adapters) != len(ids):
+            raise ValueError(f"lora: {len(adapters)} adapters for {len(ids)} prompts")
         reqs = [self.engine.make_request(p, sp, prediction=pred, adapter=a, **cache)
                 for p, sp, pred, a in zip(ids, plist, preds, adapters)]
         for r in reqs:

@@ -615,6 +615,7 @@ class Runner:
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, attend, v) for b in self.batch_buckets
                      for attend in sorted({self.attended(b, a, w) for a in needs}) for v in self.variants]
+        jobs += self._lora_jobs(jobs)
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))
@@ -633,8 +634,16 @@ class Runner:
                     if size <= BATCHED_PREFILL])
         attend = self.attended(self.batch_buckets[0], 1)
         variants = [v for v in self.variants if v != "dry"]  # DRY's program compiles behind serving
-        return (prefill + [self._first_job(nb, v) for v in variants] + [self._rows_job(1), self._copy_job(1)] +
+        jobs = (prefill + [self._first_job(nb, v) for v in variants] + [self._rows_job(1), self._copy_job(1)] +
                 [self._decode_job(nb, attend, self.rc.decode_steps, v) for v in variants])
+        return jobs + self._lora_jobs(jobs)
+
+    def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
+        """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter)."""
+        if self.adapter_of is None:
+            return []
+        steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
+        return [self._with_adapters(job) for job in jobs if job[0] in steps]
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -646,7 +655,7 @@ class Runner:
     def _prefill_job(self, nb: int, size: int, attend: int, echo: bool = False) -> Job:
         table = _i32(nb, -(-attend // self.page_size))
         args = (self.model.params, self.cache_shape, self.last_logits, _i32(nb, size), _i32(nb), _i32(nb), table,
-                np.int32(0), _i32(nb), self._adapters())
+                np.int32(0), _i32(nb), None)
         return self._prefill, args, dict(echo=echo)
 
     def _echo_jobs(self) -> list[Job]:
@@ -661,7 +670,7 @@ class Runner:
         r = self.slots + 1
         return (self._flat, (self.model.params, self.cache_shape, self.last_logits, _i32(size), _i32(size),
                              _i32(size), _i32(r, self.max_pages), _i32(r), _i32(r), _i32(size), _i32(r), self.drawn,
-                             _i32(size), self._adapters()), {})
+                             _i32(size), None), {})
 
     def _rows_job(self, k: int) -> Job:
         rows = lambda tree: jax.tree.map(lambda x: np.zeros((k, *x.shape[1:]), x.dtype), tree)  # noqa: E731
@@ -677,18 +686,18 @@ class Runner:
     def _decode_job(self, nb: int, attend: int, steps: int, branches: str = "cond") -> Job:
         return (self._decode, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
-                               np.zeros(nb, bool), self._adapters()), dict(steps=steps, branches=branches))
+                               np.zeros(nb, bool), None), dict(steps=steps, branches=branches))
 
     def _logits_job(self, nb: int, attend: int) -> Job:
         return (self._logits, (self.model.params, self.cache_shape, self.last_logits, _i32(nb), _i32(nb),
                                np.zeros(nb, bool), _i32(nb, attend // self.page_size), self.drawn,
-                               np.zeros(nb, bool), self._adapters()), {})
+                               np.zeros(nb, bool), None), {})
 
     def _verify_job(self, nb: int, attend: int, branches: str = "cond") -> Job:
         w = self.rc.draft_tokens + 1
         return (self._verify, (self.model.params, self.cache_shape, self.state, self.params, _i32(nb, w), _i32(nb),
                                _i32(nb), np.zeros(nb, bool), _i32(nb, -(-(w + attend) // self.page_size)),
-                               self.wide_allowed(np.arange(nb), w), self._adapters()), dict(branches=branches))
+                               self.wide_allowed(np.arange(nb), w), None), dict(branches=branches))
 
     # ---- host-facing operations -------------------------------------------------------------------------------
 
@@ -781,7 +790,7 @@ class Runner:
         self.drawable.add(slot)
         self.cache, self.last_logits, extra = self._prefill(
             self.model.params, self.cache, self.last_logits, toks, starts, lengths, self.table(tables, attend),
-            np.int32(nxt), dest, self._adapters(), echo=echo)
+            np.int32(nxt), dest, self._adapters([slot]), echo=echo)
         return [np.asarray(x[d])[:len(piece)] for x in extra] if echo else None
 
     def prefill(self, slot: int, table: np.ndarray, tokens: list[int], start: int = 0, echo: bool = False):
@@ -821,7 +830,8 @@ class Runner:
                         self.drawable.add(slot)
                 self.cache, self.last_logits, _ = self._prefill(
                     self.model.params, self.cache, self.last_logits, toks, starts, lengths,
-                    self.table(tables, attend), np.int32(0), dest, self._adapters(), echo=False)
+                    self.table(tables, attend), np.int32(0), dest,
+                    self._adapters([items[i][0] for part in parts for i in part]), echo=False)
 
     def prefill_flat(self, items: list[tuple[int, np.ndarray, list[int], int]],
                      riders: list[tuple[int, np.ndarray, int, int]] = ()) -> None:
@@ -861,7 +871,7 @@ class Runner:
         pages = tables[owner, positions // self.page_size]  # each token's page (padding: the scratch page)
         self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
                                                   owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
-                                                  self._adapters())
+                                                  self._adapters([seq[0] for seq in seqs]))
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the
@@ -884,9 +894,18 @@ class Runner:
         for slot, adapter in adapters.items():
             self.adapter_of[slot] = adapter
 
-    def _adapters(self) -> np.ndarray | None:
-        """Each slot's LoRA slot as a step's argument (a copy: the host's array changes while steps are queued)."""
-        return None if self.adapter_of is None else self.adapter_of.copy()
+    def _adapters(self, slots) -> np.ndarray | None:
+        """Each slot's LoRA slot as the argument of a step over `slots` (a copy: the host's array changes while
+        steps are queued), or None where none of them uses an adapter: that step's program leaves the LoRA terms
+        out, so requests on the base model run as fast as without slots (a second program per shape)."""
+        if self.adapter_of is None or not (self.adapter_of[np.asarray(slots, np.int64)] >= 0).any():
+            return None
+        return self.adapter_of.copy()
+
+    def _with_adapters(self, job: Job) -> Job:
+        """A step program's job in its LoRA variant (the adapters are its last argument)."""
+        fn, args, kw = job
+        return fn, (*args[:-1], np.full(self.slots, -1, np.int32)), kw
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice
@@ -991,7 +1010,8 @@ class Runner:
         live = positions[active]
         attend = self.attended(nb, int(live.max()) + steps if live.size else 1)
         return rows, rows[active], (tokens[rows].astype(np.int32), positions.astype(np.int32), active,
-                                    self.table(tables[rows], attend), self.drawn, fresh, self._adapters())
+                                    self.table(tables[rows], attend), self.drawn, fresh,
+                                    self._adapters(rows[active]))
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, tables: np.ndarray,
                steps: int, fresh: np.ndarray | None = None) -> Dispatched:
@@ -1032,6 +1052,6 @@ class Runner:
         self.cache, self.state, outs, kept = self._verify(
             self.model.params, self.cache, self.state, self.params, tokens[rows].astype(np.int32),
             positions.astype(np.int32), ndraft[rows].astype(np.int32), active[rows], table,
-            self.wide_allowed(rows, w) if allowed is None else allowed[rows], self._adapters(),
+            self.wide_allowed(rows, w) if allowed is None else allowed[rows], self._adapters(rows[active[rows]]),
             branches=self.branches_for(rows[active[rows]], allowed))
         return self.read_back((outs, kept), rows, axis=1)

@@ -131,8 +131,8 @@ def stack_layers(tree: dict, cfg: ModelConfig) -> dict:
 
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         for start, stop, name in layer_groups(cfg, scan=True):
-            if name == f"layers_{start}":  # a group of one layer stays unrolled
-                continue
+            if name == f"layers_{start}" or f"layers_{start}" not in tree:  # a group of one layer stays unrolled;
+                continue  # a tree of some layers only (LoRA's, which MLA and mixtures' layers may lack) skips the rest
             layers = [tree.pop(f"layers_{i}") for i in range(start, stop)]
             per_leaf = zip(*(jax.tree.leaves(layer) for layer in layers))
             tree[name] = jax.tree.unflatten(jax.tree.structure(layers[0]), list(pool.map(np.stack, per_leaf)))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # What a PEFT LoRA config may say and still mean plain `W + scale · B A` on the projections held here.
-PLAIN = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+PLAIN = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None,
          "target_parameters": None, "alora_invocation_tokens": None, "layer_replication": None,
          "trainable_token_indices": None, "rank_pattern": {}, "alpha_pattern": {}}
 PREFIX = "base_model.model."  # PEFT's names: the base model's own, under this
@@ -131,16 +131,14 @@ def read(path: str, model) -> Adapter:
             padded[:r] = w
         else:
             padded[:, :r] = w * scale
-        node = tree
-        for p in where:
-            node = node.setdefault(p, {})
-        node["lora_a" if part == "A.weight" else "lora_b"] = padded
+        _node(tree, where)["lora_a" if part == "A.weight" else "lora_b"] = padded
     if not tree:
         raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
     for where, a_shape, b_shape in known.values():  # modules the adapter leaves alone: zeros
-        node = tree
-        for p in where:
-            node = node.setdefault(p, {})
+        node = _node(tree, where)
+        if len(node) == 1:  # a module's A without its B, or B without A: a torn file
+            raise ValueError(f"{path}: {'.'.join(where)} has only its {next(iter(node))} (lora_A and lora_B go "
+                             "together)")
         node.setdefault("lora_a", np.zeros(a_shape, np.float32))
         node.setdefault("lora_b", np.zeros(b_shape, np.float32))
     dtype = jnp.dtype(cfg.dtype)
@@ -148,6 +146,13 @@ def read(path: str, model) -> Adapter:
     if model.module.scan:
         tree = stack_layers(tree, cfg)
     return Adapter(path, r, scale, tree)
+
+
+def _node(tree: dict, path: tuple[str, ...]) -> dict:
+    """The dict at `path` in `tree`, made where missing."""
+    for p in path:
+        tree = tree.setdefault(p, {})
+    return tree
 
 
 def install(params: dict, slot: int, adapter: Adapter) -> dict:

@@ -163,10 +163,16 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--max-loras", type=int, default=None,
                     help="LoRA adapters held at once, each in one batch with the others (default: 4, or as many as "
                          "--lora-modules names)")
-    ap.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank an adapter may have")
+    ap.add_argument("--max-lora-rank", type=int, default=None,
+                    help="the largest LoRA rank an adapter may have (default 16)")
     args = ap.parse_args(argv)
     args.enable_lora |= bool(args.lora_modules)
-    args.max_loras = args.max_loras or max(4, len(args.lora_modules))
+    if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
+        ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
+    args.max_loras = max(4, len(args.lora_modules)) if args.max_loras is None else args.max_loras
+    args.max_lora_rank = 16 if args.max_lora_rank is None else args.max_lora_rank
+    if args.enable_lora and (args.max_loras < 1 or args.max_lora_rank < 1):
+        ap.error("--max-loras and --max-lora-rank must be at least 1")
     if len(args.lora_modules) > args.max_loras:
         ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
@@ -296,6 +302,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
         raise SystemExit(f"sparkler: {e}") from None
     for name, path in args.lora_modules:
         try:
+            if name == model.name:
+                raise ValueError("that is the served model's name")
             engine.load_adapter(name, lora.read(path, model))
         except ValueError as e:  # not an adapter of this model, a rank over --max-lora-rank, a name given twice
             raise SystemExit(f"sparkler: --lora-modules {name}: {e}") from None

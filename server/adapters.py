@@ -37,12 +37,15 @@ class Adapters:
         return [body[name] for name in names]
 
     async def _on_engine(self, fn) -> None:
-        """`fn(engine)` on the engine thread: its InvalidRequest a 400, a stopped engine a 503."""
+        """`fn(engine)` on the engine thread: its InvalidRequest a 400, a stopped engine a 503 (another error, such
+        as the devices' out of memory, stays a 500)."""
         try:
             await self.server.aengine.call(fn)
         except InvalidRequest as e:
             raise bad(str(e), e.param) from None
         except RuntimeError:
+            if self.server.aengine.alive:
+                raise
             raise ApiError(503, "the engine has stopped", type_="service_unavailable", code="engine_stopped") from None
 
     async def load(self, request: web.Request) -> web.Response:
@@ -50,7 +53,9 @@ class Adapters:
         `lora_name` in a free LoRA slot; 400 where the name is taken, the folder is not a LoRA adapter of this
         model, or every slot is held."""
         name, path = await self._fields(request, "lora_name", "lora_path")
-        if name == self.server.name or name in self.server.engine.adapters:
+        if name == self.server.name:
+            raise bad(f"{name!r} is the served model's name", "lora_name")
+        if name in self.server.engine.adapters:
             raise bad(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
         try:
             adapter = await self.server.off_loop(lora.read, path, self.server.engine.model)

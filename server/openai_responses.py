@@ -349,12 +349,13 @@ class Responses:
                            code="previous_response_not_found")
         return (items_of(found[1]) if found[1] else []), prev
 
-    def _shell(self, body: dict, rid: str, created: float, prev: str | None) -> dict:
-        """The response object before its output: the settings it echoes back."""
+    def _shell(self, body: dict, rid: str, created: float, prev: str | None, model: str) -> dict:
+        """The response object before its output: the settings it echoes back (`model`: the served model's name, or
+        the LoRA adapter's)."""
         effort = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
         return {"id": rid, "object": "response", "created_at": created, "status": "in_progress", "error": None,
                 "incomplete_details": None, "instructions": body.get("instructions"),
-                "max_output_tokens": body.get("max_output_tokens"), "model": self.server.name, "output": [],
+                "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
                 "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": prev,
                 "reasoning": {"effort": effort.get("effort"), "summary": None},
                 "store": body.get("store", True) is not False, "temperature": body.get("temperature"),
@@ -391,7 +392,8 @@ class Responses:
                 raise e.renamed(PARAMS) from None
             parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
-            face = Stream(self, self._shell(body, call.rid, time.time(), prev), job, call, items if store else None)
+            shell = self._shell(body, call.rid, time.time(), prev, call.adapter or self.server.name)
+            face = Stream(self, shell, job, call, items if store else None)
             if job.stream:
                 return await self.server.sse(request, call, events, turn, face)
             await self.server.collect(events, call)

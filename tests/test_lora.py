@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 
+import anthropic
 import jax
 import numpy as np
 import openai
@@ -167,6 +168,10 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
         lora.read(str(tmp_path / "head"), model)
 
     eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.01))
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert run_all(eng, [PROMPTS[1]], [sp])[0].choices[0].token_ids == want[None][1]
+    variants = lambda: {key[0][-1] is None for key in eng.runner._decode.exes}  # noqa: E731  (adapters arg)
+    assert variants() == {True}  # rows on the base model alone: the programs without the LoRA terms
     a = lora.read(str(folder / "a"), model)
     eng.load_adapter("a", a)
     with pytest.raises(InvalidRequest, match="already been loaded"):
@@ -175,17 +180,17 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
         eng.load_adapter("a2", a)
     with pytest.raises(InvalidRequest, match="no LoRA adapter 'zz'"):
         eng.make_request(PROMPTS[1], SamplingParams(max_tokens=4), adapter="zz")
-    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    queued = eng.make_request(PROMPTS[1], sp, adapter="a")
-    eng.add(queued)
+    made = eng.make_request(PROMPTS[1], sp, adapter="a")  # made, not yet handed to the engine
     eng.unload_adapter("a")
     with pytest.raises(InvalidRequest, match="no LoRA adapter 'a'"):
         eng.make_request(PROMPTS[1], sp, adapter="a")
-    with pytest.raises(InvalidRequest, match="serves requests"):  # the queued request still holds the one slot
+    with pytest.raises(InvalidRequest, match="serves requests"):  # the request made still holds the one slot
         eng.load_adapter("a2", a)
+    eng.add(made)
     while eng.has_work():
         eng.step()
-    assert queued.choices[0].token_ids == want["a"][1]
+    assert made.choices[0].token_ids == want["a"][1]  # with the adapter it was made for
+    assert variants() == {True, False}
     eng.load_adapter("a2", a)  # free again
     with pytest.raises(InvalidRequest, match="no LoRA adapter 'x'"):
         eng.unload_adapter("x")
@@ -278,3 +283,38 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and "no LoRA adapter" in r["error"]["message"]
     assert post("/v1/unload_lora_adapter", {})[0] == 400
     assert complete("tuned") == ("tuned", want["tuned"])  # the server goes on serving
+    chat = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.model == "tuned"
+    assert client.responses.create(model="tuned", input="Hi", max_output_tokens=4).model == "tuned"
+    message = anthropic.Anthropic(base_url=api.url, api_key="x").messages.create(
+        model="tuned", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert message.model == "tuned"
+    status, r = load("base", folder / "tuned")
+    assert status == 400 and "the served model's name" in r["error"]["message"]
+
+
+@pytest.mark.quick_compile
+def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, monkeypatch):
+    """DeepSeek-V3: latent attention and the experts take no adapter; its dense layers' MLP does (a scanned tree of
+    some layers only); an adapter on an expert is refused by name."""
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+    from test_moe import _hf_model as moe_model
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    from lora import random_adapter  # bench/lora.py
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    moe_model("deepseek-v3", str(tmp_path / "hf"))
+    model = lora.attach(load_model(str(tmp_path / "hf"), with_tokenizer=False), 2, 4)
+    names = lora.modules(model)
+    assert names and all(".mlp." in n and ".experts." not in n and ".shared_expert" not in n for n in names)
+    adapter = lora.read(random_adapter(model, str(tmp_path / "a"), 4, 0), model)
+    params = lora.install(model.params, 1, adapter)
+    assert jax.tree.structure(params["lora"]) == jax.tree.structure(model.params["lora"])
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    expert = "base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_A.weight"
+    save_file({**tensors, expert: np.zeros((4, 64), np.float32)}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="experts.0.gate_proj.lora_A.weight is not a LoRA weight"):
+        lora.read(str(tmp_path / "a"), model)
