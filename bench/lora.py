@@ -1,4 +1,4 @@
-"""What LoRA slots cost: the engine alone on the default model, greedy decoding at 8 and 32 concurrent, in one run:
+"""What LoRA slots cost: the engine alone on the default model, greedy decoding at 1, 8 and 32 concurrent, in one run:
 the model without slots, with `--max-loras` slots whose requests use none, and with every request on one of them
 (random PEFT adapters of `--max-lora-rank`, all seven projections, requests spread over them). Prints one markdown
 table: output tokens per second (after a warm-up that compiles every shape) and the ratio to the model without
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--max-loras", type=int, default=4)
     ap.add_argument("--max-lora-rank", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--levels", default="8,32")
+    ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]

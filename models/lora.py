@@ -32,6 +32,11 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: jax.Array) -> jax.
     `adapters` each token's slot (-1: none), broadcast against `x`'s leading axes. Every slot's `a @ x` is computed
     (slots × rank columns beside the projection's thousands) and the token's own kept, so no weights are gathered
     per token."""
+    if math.prod(x.shape[:-1]) < a.shape[0]:  # fewer tokens than slots (a decode of few rows): each token's own
+        ids = jnp.broadcast_to(adapters, x.shape[:-1])  # slot's weights, gathered, are fewer bytes to read
+        h = jnp.einsum("...i,...ri->...r", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
+        h = jnp.where((ids >= 0)[..., None], h, 0.0).astype(b.dtype)
+        return jnp.einsum("...r,...or->...o", h, b[jnp.maximum(ids, 0)])
     h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
     keep = adapters[..., None] == jnp.arange(a.shape[0])
     h = jnp.where(keep[..., None], h, 0.0).astype(b.dtype)

@@ -318,3 +318,20 @@ def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, 
     save_file({**tensors, expert: np.zeros((4, 64), np.float32)}, str(tmp_path / "a" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="experts.0.gate_proj.lora_A.weight is not a LoRA weight"):
         lora.read(str(tmp_path / "a"), model)
+
+
+def test_delta_gathers_for_few_tokens_and_masks_for_many():
+    """`lora.delta`'s two forms (each token's slot gathered, below the slots' count; every slot masked, from it)
+    against `b[s] @ a[s] @ x` token by token, with tokens on no adapter."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 3, 8)).astype(np.float32), rng.normal(size=(4, 5, 3)).astype(np.float32)
+    for shape, ids in [((1, 1, 8), [[2]]), ((3, 1, 8), [[0], [-1], [3]]), ((2, 3, 8), [[1, 1, 1], [-1, -1, -1]]),
+                       ((1, 6, 8), [[0, 1, 2, 3, -1, 0]])]:
+        x = rng.normal(size=shape).astype(np.float32)
+        ids = np.broadcast_to(np.asarray(ids, np.int32), shape[:-1])
+        want = np.zeros(shape[:-1] + (5,), np.float32)
+        for i in np.ndindex(*shape[:-1]):
+            if ids[i] >= 0:
+                want[i] = b[ids[i]] @ (a[ids[i]] @ x[i])
+        got = jax.jit(lora.delta)(x, a, b, ids)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
