@@ -290,7 +290,8 @@ class Engine:
                     device_call_seconds=round(self.runner.device_seconds(), 6),
                     decodes_ahead=self.ahead, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
-                    warmup_shapes_total=self.background.total if self.background else 0)
+                    warmup_shapes_total=self.background.total if self.background else 0,
+                    lora_slots=self.model.cfg.lora_slots, lora_adapters=len(self.adapters))
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""

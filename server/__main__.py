@@ -159,7 +159,8 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="hold LoRA adapters beside the model (--lora-modules, and /v1/load_lora_adapter at run time); "
                          "a request names one as its model")
     ap.add_argument("--lora-modules", nargs="+", type=_module, default=[], metavar="NAME=PATH",
-                    help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora)")
+                    help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora); vLLM's "
+                         "JSON form '{\"name\": ..., \"path\": ...}' too")
     ap.add_argument("--max-loras", type=int, default=None,
                     help="LoRA adapters held at once, each in one batch with the others (default: 4, or as many as "
                          "--lora-modules names)")
@@ -192,10 +193,17 @@ def _share(text: str) -> float:
 
 
 def _module(text: str) -> tuple[str, str]:
-    """`NAME=PATH`."""
-    name, _, path = text.partition("=")
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    """`NAME=PATH`, or vLLM's JSON form `{"name": NAME, "path": PATH, ...}`."""
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except ValueError:
+            spec = None
+        name, path = (spec.get("name"), spec.get("path")) if isinstance(spec, dict) else (None, None)
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH or {{\"name\": ..., \"path\": ...}}, got {text!r}")
     return name, path
 
 

@@ -29,6 +29,8 @@ ENGINE_GAUGES = {
     "kv_page_size": "tokens per KV page",
     "prefix_cache_hit_rate": "share of prompt tokens served from the prefix cache",
     "max_model_len": "context cap per sequence",
+    "lora_slots": "LoRA adapters the devices hold at once (--max-loras; 0: LoRA off)",
+    "lora_adapters": "LoRA adapters loaded",
 }
 ENGINE_COUNTERS = {
     "finished": "engine requests finished",

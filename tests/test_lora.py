@@ -248,6 +248,9 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and r["error"]["param"] == "lora_path"
     assert load("other", folder / "other")[0] == 200
     assert load("third", folder / "other")[0] == 400  # two slots, both held
+    with urllib.request.urlopen(api.url + "/metrics", timeout=60) as r:
+        metrics = r.read().decode()
+    assert "sparkler_lora_adapters 2.0" in metrics and "sparkler_lora_slots 2.0" in metrics
 
     def complete(model, **kw):
         out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0.0,
