@@ -3,6 +3,7 @@ base model mixed in one batch, the adapters' lifecycle, and the server's routes 
 
 import dataclasses
 import json
+import os
 
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from helpers import run_all
 from models import load_model, lora
 from models.backends.paged import KVCache
 from test_models import ROWS, _hf_model
+from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: F401  (browser: the page's fixture)
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -338,3 +340,30 @@ def test_delta_gathers_for_few_tokens_and_masks_for_many():
                 want[i] = b[ids[i]] @ (a[ids[i]] @ x[i])
         got = jax.jit(lora.delta)(x, a, b, ids)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_the_chat_page_picks_an_adapter(served, browser):  # noqa: F811  (the imported fixture)
+    """With adapters loaded the page offers them beside the model, and a reply from the one picked equals the API's
+    greedy reply with that adapter (Debian's chromium, as `test_page`)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    api, folder, prompt, want = served
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
+    if "tuned" not in api.engine.adapters:  # the server test above loads it; alone, this test does
+        req = urllib.request.Request(api.url + "/v1/load_lora_adapter", method="POST", data=json.dumps(
+            {"lora_name": "tuned", "lora_path": str(folder / "tuned")}).encode())
+        urllib.request.urlopen(req, timeout=120).close()
+    browser.get(api.url + "/")
+    pick = until(lambda: (e := browser.find_element(By.ID, "adapter")).is_displayed() and e)
+    Select(pick).select_by_value("tuned")
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max_tokens", "12")
+    text, _ = ask(browser, "Hi")
+    same = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                          max_tokens=12)
+    base = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                          max_tokens=12)
+    assert text.strip() == same.choices[0].message.content.strip() != base.choices[0].message.content.strip()

@@ -36,8 +36,15 @@ async function connect() {
     $("model").textContent = `cannot list models (${await errorText(resp)})`;
     return;
   }
-  const card = (await resp.json()).data[0];
+  const cards = (await resp.json()).data;
+  const card = cards[0];
   state.model = card.id;
+  if (cards.length > 1) {  // LoRA adapters beside the model: a request names the one it runs with
+    const pick = $("adapter");
+    pick.replaceChildren(...cards.map((c) => new Option(c.parent ? `${c.id} (LoRA)` : c.id, c.id)));
+    pick.hidden = false;
+    pick.onchange = () => { state.model = pick.value; };
+  }
   const method = card.quantization && card.quantization.method;
   const q = method ? ` · ${card.dtype}, ${method === "none" ? "full-precision" : method} weights` : "";
   $("model").textContent = `${card.id}${q} · context ${card.max_model_len}`;
