@@ -319,7 +319,7 @@ class Engine:
         if name in self.adapters:
             raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
         with self._on_adapters_lock:
-            using = [r for r in self._on_adapters.values() if not r.finished]
+            using = [r for ref in self._on_adapters.valuerefs() if (r := ref()) is not None and not r.finished]
         busy = {a.slot for a in self.adapters.values()} | {r.adapter for r in using}
         free = [s for s in range(slots) if s not in busy]
         if not free:

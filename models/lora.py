@@ -124,8 +124,9 @@ def read(path: str, model) -> Adapter:
     for key, w in tensors.items():
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
         if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in known:
+            kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in known}))
             raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
-                             "(the dense layers' q, k, v, o, gate, up and down projections)")
+                             f"(this model's {kinds} of its dense layers and grouped-query attention)")
         where, a_shape, b_shape = known[module]
         want = (r, a_shape[1]) if part == "A.weight" else (b_shape[0], r)
         if w.shape != want:

@@ -162,10 +162,10 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                     help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora); vLLM's "
                          "JSON form '{\"name\": ..., \"path\": ...}' too")
     ap.add_argument("--max-loras", type=int, default=None,
-                    help="LoRA adapters held at once, each in one batch with the others (default: 4, or as many as "
-                         "--lora-modules names)")
+                    help="with --enable-lora: LoRA adapters held at once, each in one batch with the others "
+                         "(default: 4, or as many as --lora-modules names)")
     ap.add_argument("--max-lora-rank", type=int, default=None,
-                    help="the largest LoRA rank an adapter may have (default 16)")
+                    help="with --enable-lora: the largest LoRA rank an adapter may have (default 16)")
     args = ap.parse_args(argv)
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):

@@ -43,9 +43,9 @@ class Adapters:
             await self.server.aengine.call(fn)
         except InvalidRequest as e:
             raise bad(str(e), e.param) from None
-        except RuntimeError:
-            if self.server.aengine.alive:
-                raise
+        except RuntimeError as e:
+            if self.server.aengine.alive:  # the devices' own error (out of memory, say): a 500 that says so
+                raise ApiError(500, f"the adapter could not be installed: {e}", type_="server_error") from None
             raise ApiError(503, "the engine has stopped", type_="service_unavailable", code="engine_stopped") from None
 
     async def load(self, request: web.Request) -> web.Response:

@@ -225,6 +225,8 @@ class Server:
             return None
         if not isinstance(name, str):
             raise bad("'model' must be a string", "model")
+        if name in self.engine.adapters:  # an adapter's own name first (it may look like Fireworks' path)
+            return name
         short = name.rsplit("/models/", 1)[-1] if name.startswith(MODEL_PREFIX) else name
         if short == self.name:
             return None
@@ -248,6 +250,8 @@ class Server:
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
                         grammar_checked=self.engine.tok is not None, adapter=job.adapter)))
                 except InvalidRequest as e:
+                    if e.param == "model":  # its LoRA adapter was unloaded since the call named it
+                        raise ApiError(404, str(e), "model", code="model_not_found") from None
                     param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
                     raise bad(str(e), param) from None
         return out

@@ -288,6 +288,8 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and "no LoRA adapter" in r["error"]["message"]
     assert post("/v1/unload_lora_adapter", {})[0] == 400
     assert complete("tuned") == ("tuned", want["tuned"])  # the server goes on serving
+    assert load("accounts/me/models/sql", folder / "other")[0] == 200  # a name like Fireworks' path is its own
+    assert complete("accounts/me/models/sql") == ("accounts/me/models/sql", want["other"])
     chat = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert chat.model == "tuned"
     assert client.responses.create(model="tuned", input="Hi", max_output_tokens=4).model == "tuned"
