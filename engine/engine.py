@@ -95,7 +95,8 @@ class Engine:
         self._bad: dict[tuple[str, ...], tuple] = {}  # vLLM's bad words -> what the sampler holds (`bad_words`)
         self._breakers: dict[tuple[str, ...], np.ndarray] = {}  # DRY's sequence breakers -> their tokens (`breakers`)
         self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
-        self.timing: dict[tuple, float] = {}  # (kind, batch rows, steps) -> seconds per dispatch (moving average)
+        # (kind, batch rows, steps, a row on a LoRA adapter) -> seconds per dispatch (moving average)
+        self.timing: dict[tuple, float] = {}
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
         self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
@@ -638,12 +639,19 @@ class Engine:
         # per running choice: (tokens it may still draw, expected accepted drafts)
         rows = [(left[slot], min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0)
                 for slot, (_, choice) in running.items()]
-        timed = self.timing.get(("verify", nb, 1)), self.timing.get(("decode", nb, steps))
+        lora = self._on_lora(list(running))
+        timed = self.timing.get(("verify", nb, 1, lora)), self.timing.get(("decode", nb, steps, lora))
         if self.verify_always or worth_verifying(rows, steps, *timed):
             return drafts
         for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done
             running[slot][1].drafter.unverified = draft
         return {}
+
+    def _on_lora(self, slots) -> bool:
+        """Whether a running choice in `slots` uses a LoRA adapter: its steps run the programs with the LoRA terms
+        (`Runner._adapters`), timed apart from the others."""
+        running = self.sched.running
+        return any(running[s][0].adapter >= 0 for s in slots if s in running)
 
     def _timed_call(self, key: tuple, fn, *args):
         """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""
@@ -696,8 +704,8 @@ class Engine:
             for slot, d in drafts.items():
                 if running[slot][1].matcher is not None:
                     running[slot][1].matcher.draft_masks(d, masks[slot])
-        outs, kept = self._timed_call(("verify", nb, 1), self.runner.verify, wide, batch.positions, ndraft,
-                                      batch.active, sched.tables, masks)
+        outs, kept = self._timed_call(("verify", nb, 1, self._on_lora(going)), self.runner.verify, wide,
+                                      batch.positions, ndraft, batch.active, sched.tables, masks)
         self.verifies += 1
         for slot, d in drafts.items():
             running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
@@ -708,7 +716,7 @@ class Engine:
         """Dispatch a decode of `steps` over the batch's active slots (the inputs of its `fresh` rows still on the
         devices); it is read back by the next step (`_collect`)."""
         slots = np.flatnonzero(batch.active).tolist()
-        key = ("decode", self.runner.rows_for(slots), steps)
+        key = ("decode", self.runner.rows_for(slots), steps, self._on_lora(slots))
         programs = self.runner.programs()
         out = self.runner.decode(batch.tokens, batch.positions, batch.active, self.sched.tables, steps, batch.fresh)
         choices = [(slot, self.sched.running[slot][1]) for slot in slots]
@@ -738,7 +746,8 @@ class Engine:
         for _, choice in live:
             choice.lag += 1
         # read back as a decode of one step is (timed as one: what a verify step is weighed against)
-        self.pending.append(Inflight(out, live, 1, ("decode", self.runner.rows_for(slots), 1), start,
+        key = ("decode", self.runner.rows_for(slots), 1, self._on_lora(slots))
+        self.pending.append(Inflight(out, live, 1, key, start,
                                      self._prefilled or self.runner.programs() != programs))
         self.steps_run += 1
 

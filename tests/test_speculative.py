@@ -311,7 +311,7 @@ def test_ngram_drafts_copy_from_the_prompt_and_keep_the_tokens(llm, ngram_llm):
     spec = ngram_llm.chat([ask, ask], p)  # the engine's own choice between verifying and decoding, by timings
     assert_same(spec, plain, p)
     timing = ngram_llm.engine.timing  # both rows drafted nearly always, yet decoding was measured beside verifying
-    assert {nb for kind, nb, _ in timing if kind == "verify"} <= {nb for kind, nb, _ in timing if kind == "decode"}
+    assert {nb for kind, nb, *_ in timing if kind == "verify"} <= {nb for kind, nb, *_ in timing if kind == "decode"}
     # What the prompt's lines give as drafts, whatever this host's timings choose (on `auto` a verify pass of two rows
     # costs about as much as the decode steps it may save here, so the choice above can stop verifying early); the
     # prompt computed again, not from the prefix cache, as above.
