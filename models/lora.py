@@ -30,8 +30,9 @@ PREFIX = "base_model.model."  # PEFT's names: the base model's own, under this
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: jax.Array) -> jax.Array:
     """Each token's LoRA term `b[slot] @ a[slot] @ x`: `x [..., in]`, `a [slots, rank, in]`, `b [slots, out, rank]`,
     `adapters` each token's slot (-1: none), broadcast against `x`'s leading axes. Every slot's `a @ x` is computed
-    (slots × rank columns beside the projection's thousands) and the token's own kept, so no weights are gathered
-    per token."""
+    (slots × rank columns beside the projection's thousands) and the token's own kept: each slot's weights are read
+    once whatever the tokens. A call of fewer tokens than slots gathers each token's own slot instead (fewer bytes).
+    Which form is fixed by the shapes, at trace time."""
     if math.prod(x.shape[:-1]) < a.shape[0]:  # fewer tokens than slots (a decode of few rows): each token's own
         ids = jnp.broadcast_to(adapters, x.shape[:-1])  # slot's weights, gathered, are fewer bytes to read
         h = jnp.einsum("...i,...ri->...r", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
