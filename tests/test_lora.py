@@ -369,3 +369,47 @@ def test_the_chat_page_picks_an_adapter(served, browser):  # noqa: F811  (the im
     base = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], temperature=0,
                                           max_tokens=12)
     assert text.strip() == same.choices[0].message.content.strip() != base.choices[0].message.content.strip()
+
+
+MESHES = """
+import json, sys
+from engine.engine import Engine
+from engine.params import SamplingParams
+from engine.runner import RunnerConfig
+from models import load_model, lora
+folder, prompts, names = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {}
+for dp, tp in [(2, 1), (1, 2)]:
+    model = lora.attach(load_model(folder + "/hf", with_tokenizer=False, dp=dp, tp=tp), 2, 8)
+    eng = Engine(model, RunnerConfig(max_num_seqs=8, max_model_len=128, kv_cache_gb=0.01, decode_steps=4,
+                                     decode_batch_sizes=(4,)))
+    for name in ("a", "b"):
+        eng.load_adapter(name, lora.read(folder + "/" + name, model))
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    reqs = [eng.make_request(p, sp, adapter=n) for p, n in zip(prompts, names)]
+    for r in reqs:
+        eng.add(r)
+    while eng.has_work():
+        eng.step()
+    out[f"{dp}x{tp}"] = [r.choices[0].token_ids for r in reqs]
+print(json.dumps(out))
+"""
+
+
+def test_adapters_on_data_and_tensor_parallel_meshes(adapters, tmp_path):
+    """dp = 2 (each shard's slots their own adapters) and tp = 2 (`lora_a` split like its weight's inputs, `lora_b`
+    like its outputs), four virtual devices in a process of their own: PEFT's tokens, adapters and base mixed."""
+    import subprocess
+    import sys
+
+    from test_mesh import ROOT, _env
+
+    folder, want = adapters
+    names = ["a", None, "b", "b", None, "a"]
+    out = subprocess.run([sys.executable, "-c", MESHES, str(folder), json.dumps(PROMPTS * 2), json.dumps(names)],
+                         env={**_env(4), "SPARKLER_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = [want[n][i % 3] for i, n in enumerate(names)]
+    assert got == {"2x1": expected, "1x2": expected}
