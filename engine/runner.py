@@ -639,11 +639,13 @@ class Runner:
         return jobs + self._lora_jobs(jobs)
 
     def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
-        """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter)."""
+        """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter: the
+        adapters, their last argument, an array instead of None)."""
         if self.adapter_of is None:
             return []
         steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
-        return [self._with_adapters(job) for job in jobs if job[0] in steps]
+        return [(fn, (*args[:-1], np.full(self.slots, -1, np.int32)), kw) for fn, args, kw in jobs
+                if fn in steps and args[-1] is None]
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -901,11 +903,6 @@ class Runner:
         if self.adapter_of is None or not (self.adapter_of[np.asarray(slots, np.int64)] >= 0).any():
             return None
         return self.adapter_of.copy()
-
-    def _with_adapters(self, job: Job) -> Job:
-        """A step program's job in its LoRA variant (the adapters are its last argument)."""
-        fn, args, kw = job
-        return fn, (*args[:-1], np.full(self.slots, -1, np.int32)), kw
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice

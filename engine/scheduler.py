@@ -341,17 +341,12 @@ class Scheduler:
                 choice.finish_reason = choice.finish_reason or "abort"
         return aborted
 
-    def requests(self) -> list[Request]:
-        """Every request queued, being prefilled or running, once each."""
-        reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
-                                    *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
-        return list(reqs.values())
-
     def clear(self) -> list[Request]:
         """Drop all work (after a step raised), freeing every slot and page it held; returns its requests."""
         held = [c for pf in [*self.admitting, *self.prefilling] for c in pf.choices]
         held += [c for _, c in self.running.values()]
-        reqs = self.requests()
+        reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
+                                    *(r for r, _ in self.resumes), *(r for r, _ in self.running.values())]}
         self.waiting.clear()
         self.prefilling.clear()
         self.resumes.clear()
@@ -360,4 +355,4 @@ class Scheduler:
         self.copied()
         for choice in {id(c): c for c in held}.values():
             self.unseat(choice)
-        return reqs
+        return list(reqs.values())

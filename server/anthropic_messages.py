@@ -288,8 +288,7 @@ class Stream:
 
     def message(self, content: list, stop: tuple[str | None, str | None]) -> dict:
         """The message object."""
-        model = self.call.adapter or self.api.server.name
-        return {"id": self.call.rid, "type": "message", "role": "assistant", "model": model,
+        return {"id": self.call.rid, "type": "message", "role": "assistant", "model": self.api.server.served(self.call),
                 "content": content, "stop_reason": stop[0], "stop_sequence": stop[1], "usage": self.usage()}
 
     def opening(self) -> list[dict]:

@@ -218,6 +218,10 @@ class Server:
         except TimeoutError:
             raise self.timed_out() from None
 
+    def served(self, call: "Call") -> str:
+        """The model a call's reply names: its LoRA adapter's name, or the served model's."""
+        return call.adapter or self.name
+
     def _check_model(self, body) -> str | None:
         """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""
         name = body.get("model") if isinstance(body, dict) else None
@@ -236,9 +240,9 @@ class Server:
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {names}", "model",
                        code="model_not_found")
 
-    def _requests(self, job: Job, rid: str) -> list[tuple[int, Request]]:
-        """`(prompt index, engine request)` pairs; n beyond one data shard's decode slots is split over several
-        requests."""
+    def _requests(self, job: Job, rid: str, adapter: str | None) -> list[tuple[int, Request]]:
+        """`(prompt index, engine request)` pairs, on LoRA `adapter` (None: the served model); n beyond one data
+        shard's decode slots is split over several requests."""
         out, n, slots = [], job.params.n, self.engine.runner.per_shard
         for i, ids in enumerate(job.prompts):
             for first in range(0, n, slots):
@@ -248,7 +252,7 @@ class Server:
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
-                        grammar_checked=self.engine.tok is not None, adapter=job.adapter)))
+                        grammar_checked=self.engine.tok is not None, adapter=adapter)))
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None
@@ -393,7 +397,7 @@ class Server:
             if job.stream:
                 return await self._stream(request, job, parts, call, events)
             await self.collect(events, call)
-            return self._respond(job, parts, call.rid, call.took)
+            return self._respond(job, parts, call)
         return await self.serve(request, answer)
 
     async def serve(self, request: web.Request, answer) -> web.StreamResponse:
@@ -454,8 +458,7 @@ class Server:
             raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
                            code="engine_stopped")
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
-        job.adapter = call.adapter
-        parts = self._requests(job, call.rid)
+        parts = self._requests(job, call.rid, call.adapter)
         seats = sum(len(r.choices) for _, r in parts)
         queued = self.backlog(seats)
         if queued is not None and queued >= self.max_queued:  # counted in choices: n x prompts of each waiting call
@@ -602,16 +605,16 @@ class Server:
         return ApiError(504, f"the request did not finish within {self.request_timeout} s; it was aborted",
                         type_="timeout_error", code="timeout")
 
-    def _respond(self, job: Job, parts, rid: str, took: "Took") -> web.Response:
+    def _respond(self, job: Job, parts, call: "Call") -> web.Response:
         """A whole (non-streaming) response once every choice has finished."""
+        rid, took = call.rid, call.took
         reqs = [r for _, r in parts]
         choices = [self._choice(job, i, r, c) for i, r in parts for c in r.choices]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         used = self._usage(job, reqs)
         perf = perf_metrics(used, took, job)
         headers = {**self.options_header, **{f"fireworks-{k}": str(v) for k, v in perf.items()}}
-        body = {"id": rid, "object": obj, "created": int(time.time()), "model": job.adapter or self.name,
-                "choices": choices,
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.served(call), "choices": choices,
                 "usage": used}
         if job.return_token_ids:  # Fireworks: the prompt's ids at the top level, each choice's on the choice
             body["prompt_token_ids"] = prompt_token_ids(reqs)
@@ -696,7 +699,7 @@ class Server:
         offsets: dict[int, int] = {}
         turns: dict[int, Turn] = {}
         rid, took = call.rid, call.took
-        base = {"id": rid, "object": obj, "created": created, "model": job.adapter or self.name}
+        base = {"id": rid, "object": obj, "created": created, "model": self.served(call)}
         head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
         tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
 

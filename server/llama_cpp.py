@@ -192,7 +192,7 @@ class Reply:
         fresh = n_in - req.cached_tokens  # prompt tokens computed, not found in the prefix cache
         stop_type = "word" if c.stop_hit is not None else STOP_TYPES.get(c.finish_reason, "none")
         out = {"index": self.index, "content": content, "tokens": tokens, "id_slot": -1, "stop": True,
-               "model": self.call.adapter or self.server.name, "tokens_predicted": n_out, "tokens_evaluated": n_in,
+               "model": self.server.served(self.call), "tokens_predicted": n_out, "tokens_evaluated": n_in,
                "generation_settings": {"n_predict": req.max_tokens, "seed": p.seed, "temperature": p.temperature,
                                        "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p,
                                        "repeat_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,

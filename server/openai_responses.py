@@ -392,7 +392,7 @@ class Responses:
                 raise e.renamed(PARAMS) from None
             parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
-            shell = self._shell(body, call.rid, time.time(), prev, call.adapter or self.server.name)
+            shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call))
             face = Stream(self, shell, job, call, items if store else None)
             if job.stream:
                 return await self.server.sse(request, call, events, turn, face)

@@ -155,7 +155,6 @@ class Job:
     prediction: list[int] | None = None  # token ids the output is expected to resemble (drafts for speculation)
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and this many alternatives each
     keep_last: int | None = None  # vLLM's truncate_prompt_tokens: keep each prompt's last tokens (-1: all that fit)
-    adapter: str | None = None  # the LoRA adapter the call's `model` names (None: the served model)
 
 
 def _number(body: dict, name: str, bounds: dict | None = None) -> Any:

@@ -38,8 +38,7 @@ class DecoderLayer(nn.Module):
                                                                              layer, stacks and stacks["self_attn"],
                                                                              self.first, adapters)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"],
-                                                                     adapters)
+        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"], adapters)
         return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 

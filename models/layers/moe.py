@@ -236,8 +236,8 @@ class MoE(nn.Module):
         weights, ids = Router(cfg, name="gate")(rows)
         out = Experts(cfg, name="experts")(rows, weights, ids, layer, stacks and stacks["experts"])
         if cfg.shared_expert_size:
-            shared = MLP(cfg, cfg.shared_expert_size, lora=False, name="shared_expert")(rows, layer,
-                                                                             stacks and stacks["shared_expert"])
+            shared = MLP(cfg, cfg.shared_expert_size, lora=False, name="shared_expert")(
+                rows, layer, stacks and stacks["shared_expert"])
             if cfg.shared_expert_gate:
                 gate = projection(cfg, "shared_expert_gate", 1, (None, "embed"), rows, layer=layer, stacks=stacks)
                 shared = jax.nn.sigmoid(gate) * shared
