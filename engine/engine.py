@@ -37,7 +37,7 @@ from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
 from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
-from models import Model, lora
+from models import Model, lora, pooling
 
 log = logging.getLogger("sparkler.engine")
 CLOSE_MARGIN = 12  # tokens before the budget ends from which a JSON reply is steered to close (grammar.Matcher.fill)
@@ -119,6 +119,7 @@ class Engine:
         # while the request may still run, whether or not the engine has seen it yet
         self._on_adapters: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
         self._on_adapters_lock = threading.Lock()  # the server's threads make requests; the engine's thread loads
+        self.embedded = self.embedded_tokens = 0  # inputs and their tokens embedded (`embed`)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -292,7 +293,8 @@ class Engine:
                     decodes_ahead=self.ahead, data_parallel_size=self.runner.dp,
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0,
-                    lora_slots=self.model.cfg.lora_slots, lora_adapters=len(self.adapters))
+                    lora_slots=self.model.cfg.lora_slots, lora_adapters=len(self.adapters),
+                    embedded_inputs=self.embedded, embedded_tokens=self.embedded_tokens)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
@@ -336,6 +338,27 @@ class Engine:
         Raises InvalidRequest where none is held by that name."""
         if self.adapters.pop(name, None) is None:
             raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
+
+    def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None) -> np.ndarray:
+        """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
+        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized. Runs
+        at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
+        Raises InvalidRequest for an empty input, one longer than `max_len`, or an adapter not loaded."""
+        if mode not in pooling.POOLINGS:
+            raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
+        for i, ids in enumerate(inputs):
+            if not ids:
+                raise InvalidRequest(f"input {i} has no tokens", "input")
+            if len(ids) > self.max_len:
+                raise InvalidRequest(f"input {i} has {len(ids)} tokens; this model's context holds {self.max_len}",
+                                     "input")
+        loaded = self.adapters.get(adapter) if adapter is not None else None
+        if adapter is not None and loaded is None:
+            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot)
+        self.embedded += len(inputs)
+        self.embedded_tokens += sum(map(len, inputs))
+        return out
 
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""

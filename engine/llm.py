@@ -10,12 +10,15 @@ import queue
 import threading
 from typing import Any, AsyncIterator
 
+import numpy as np
+
 from engine.engine import Engine
 from engine.grammar_sandbox import SERVING_STACK
 from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
 from models import Model, load_model, lora
+from models import pooling as pooling_of
 
 log = logging.getLogger("sparkler.engine")
 
@@ -99,6 +102,16 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         return self._run([encode_chat(self.model, c) for c in conversations], params, predictions, lora, cache)
+
+    def embed(self, prompts, pooling: str | None = None, normalize: bool | None = None,
+              lora: str | None = None) -> np.ndarray:
+        """Embeddings of prompts (text or token ids; vLLM's `LLM.embed`): float32 `[len(prompts), hidden]`, the
+        final hidden states pooled (`models.pooling`: as the model folder asks, or by `pooling`) and normalized
+        (as it asks, or as `normalize` says), with LoRA adapter `lora` (None: the base model)."""
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        mode, norm = pooling_of.default(self.model.source)
+        vectors = self.engine.embed([encode_prompt(self.model, p) for p in prompts], pooling or mode, lora)
+        return pooling_of.finish(vectors, norm if normalize is None else normalize)
 
     def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()

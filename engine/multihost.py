@@ -29,7 +29,8 @@ import numpy as np
 log = logging.getLogger("sparkler.multihost")
 PING_S = 1.0  # a leader with nothing to do checks the group this often
 MIRRORED = ("prefill_many", "prefill_chunk", "prefill", "prefill_flat", "copy_pages", "install_rows",  # Runner calls
-            "save_row", "draw", "decode", "decode_logits", "verify", "seat_adapters")  # touching devices or inputs
+            "save_row", "draw", "decode", "decode_logits", "verify", "seat_adapters",  # touching devices or inputs
+            "embed")
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, heartbeat_s: int = 10) -> None:

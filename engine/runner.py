@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine import memory, multihost, sampler as smp
 from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
-from models import backends
+from models import backends, pooling
 from models.backends import paged
 from models.sharding import cache_sharding
 
@@ -40,6 +40,8 @@ PREFILL_BUCKETS = (1, 16, 32, 64, 128, 192, 256, 384, 512)
 BATCHED_PREFILL = 128  # prompts up to this many tokens are prefilled several per call
 PREFILL_ROWS = 8  # at most this many prompts per prefill call
 FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it
+EMBED_TOKENS = 4096  # an embedding call's padded tokens at most (one longer input: a call of its own)
+EMBED_ROWS = 32  # ... and its inputs
 TUNE_ROWS = 16  # batch sizes the decode kernel is tuned for (`RunnerConfig.tune_kernels`): from here on, the KV
 # pages a step reads are a fair share of its bytes beside the weights (8B shape, 640 tokens: 1.3 of 15 GB at 16 rows).
 # Above PREFILL_ROWS: a prefill of one token a prompt attends through `decode` too, always upstream's defaults.
@@ -205,6 +207,9 @@ class Runner:
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < self.max_len) + (
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
+        ps = rc.page_size  # embedding inputs' lengths: page multiples (a table as wide as the input: `embed`)
+        self.embed_sizes = tuple(sorted({min(-(-b // ps) * ps, self.max_len)
+                                         for b in PREFILL_BUCKETS[1:] + doubling(self.chunk, self.max_len)}))
         sizes = rc.decode_batch_sizes or (1, 2, 4, 8, 16, 32, 64, 128)
         if any(b < 1 for b in sizes):
             raise ValueError(f"decode batch sizes must be positive: {sizes}")
@@ -453,6 +458,21 @@ class Runner:
             self.compiles += 1
             return copy_shard(cache, src, dst)
 
+        # Embeddings (`embed`): the inputs' hidden states, pooled, with nothing kept. Through the XLA reference with a
+        # table exactly as wide as the input, attention reads no page (`paged.prefill`: the chunk's own keys, as
+        # computed), so every write goes to a one-page scratch pool and the pool serving requests is never touched.
+        embedder = module.clone(backend="xla")
+
+        @functools.partial(jax.jit, static_argnames=("mode",), out_shardings=gathered)
+        def embed(params, tokens, lengths, adapters, mode):
+            self.compiles += 1
+            b, s = tokens.shape
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            table = jnp.zeros((b, s // self.page_size), jnp.int32)
+            x, _ = embedder.apply(params, tokens, positions, table, KVCache.zeros(model.cfg, 1, self.page_size),
+                                  None, False, adapters, True)
+            return pooling.pool(x, lengths, mode)
+
         # What shapes a program's trace beyond its arguments: the model, the mesh and the card's `ragged` settings,
         # and for the decode programs the card's decode kernel plan (`_tune_attention`). The runner's settings only
         # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
@@ -467,6 +487,7 @@ class Runner:
         self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
         self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", tuned)
+        self._embed = AOT(embed, "embed", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat, self._logits)
 
@@ -874,6 +895,25 @@ class Runner:
         self.cache, self.last_logits = self._flat(self.model.params, self.cache, self.last_logits, tokens, positions,
                                                   owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
                                                   self._adapters([seq[0] for seq in seqs]))
+
+    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1) -> np.ndarray:
+        """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
+        on LoRA slot `adapter` (-1: the base model). Inputs of one length bucket (`embed_sizes`) share calls of up to
+        EMBED_ROWS rows (a power of two) and EMBED_TOKENS padded tokens; the KV pool is not touched."""
+        out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
+        groups: dict[int, list[int]] = {}
+        for i in sorted(range(len(inputs)), key=lambda i: len(inputs[i])):
+            groups.setdefault(bucket(len(inputs[i]), self.embed_sizes), []).append(i)
+        for size, idx in groups.items():
+            most = max(1, min(EMBED_ROWS, EMBED_TOKENS // size))
+            for part in (idx[j:j + most] for j in range(0, len(idx), most)):
+                nb = bucket(len(part), doubling(1, most))
+                toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
+                for r, i in enumerate(part):
+                    toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
+                lora = None if adapter < 0 else np.full((nb, 1), adapter, np.int32)
+                out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
+        return out
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the

@@ -166,6 +166,10 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
                          "(default: 4, or as many as --lora-modules names)")
     ap.add_argument("--max-lora-rank", type=int, default=None,
                     help="with --enable-lora: the largest LoRA rank an adapter may have (default 16)")
+    ap.add_argument("--pooling", choices=("auto", "last", "mean", "cls"), default="auto",
+                    help="how /v1/embeddings pools the final hidden states: as the model folder asks "
+                         "(sentence-transformers' modules, a GGUF's pooling type; else last: auto), the last "
+                         "token's, their mean or the first's")
     args = ap.parse_args(argv)
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
@@ -352,7 +356,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
-                    reasoning_parser=args.reasoning_parser, responses_db=args.responses_db)
+                    reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,
+                    pooling=None if args.pooling == "auto" else args.pooling)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import adapters, anthropic_messages, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
-from server.protocol import ApiError, Job, bad
+from server import adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
+from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
 from server.turn import Turn
@@ -63,20 +63,13 @@ class Stalled(Exception):
     """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
-def busy(why: str) -> ApiError:
-    """The 429 of a server too busy for one more call, saying why (the queue, the parse bound, the grammar
-    sandbox)."""
-    return ApiError(429, f"{why}; retry shortly", type_="rate_limit_error", code="too_many_requests",
-                    headers={"Retry-After": "1"})
-
-
 class Server:
     """One served model behind the OpenAI-compatible routes."""
 
     def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
-                 allowed_origins: tuple[str, ...] = ()):
+                 allowed_origins: tuple[str, ...] = (), pooling: str | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -98,6 +91,7 @@ class Server:
         self.options_header = {"fireworks-sampling-options": json.dumps(defaults, sort_keys=True)}
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
         self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
+        self.pooling = pooling  # /v1/embeddings' pooling (None: as the model folder asks, `models.pooling.default`)
 
     def app(self) -> web.Application:
         """The aiohttp application with its routes and the error/auth middleware."""
@@ -109,6 +103,7 @@ class Server:
         llama_cpp.routes(app, self)
         sglang.routes(app, self)
         adapters.routes(app, self)
+        embeddings.routes(app, self)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)
@@ -217,6 +212,11 @@ class Server:
                 return await asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
         except TimeoutError:
             raise self.timed_out() from None
+
+    @staticmethod
+    def deadline() -> float | None:
+        """The current call's deadline on the event loop's clock (None: no --request-timeout)."""
+        return DEADLINE.get()
 
     def served(self, call: "Call") -> str:
         """The model a call's reply names: its LoRA adapter's name, or the served model's."""

@@ -42,6 +42,8 @@ ENGINE_COUNTERS = {
     "decodes_ahead": "decodes dispatched before the step before them was read back",
     "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
     "prefix_cache_hit_tokens": "prompt tokens served from the prefix cache",
+    "embedded_inputs": "inputs embedded (/v1/embeddings)",
+    "embedded_tokens": "tokens of the inputs embedded",
 }
 
 

@@ -44,6 +44,13 @@ def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+def busy(why: str) -> ApiError:
+    """The 429 of a server too busy for one more call, saying why (the queue, the parse bound, the grammar
+    sandbox)."""
+    return ApiError(429, f"{why}; retry shortly", type_="rate_limit_error", code="too_many_requests",
+                    headers={"Retry-After": "1"})
+
+
 MAX_DEPTH = 64  # JSON nesting a body may have: deeper would exhaust Python's stack in json, jsonschema or jinja
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a UTF-16 surrogate can enter strictly decoded UTF-8
 

@@ -40,6 +40,7 @@ class CausalLM(nn.Module):
     is alike, see `layer_groups`) and one layer body traced and run under `lax.scan`, so compile time does not grow
     with depth; without, layers are unrolled (`layers_0`, ...). `adapters` (each token's LoRA slot, shaped like
     `tokens` or broadcast to it; -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
+    `features` returns the final norm's hidden states `[B, S, H]` in place of logits (embeddings: `models.pooling`).
     """
 
     cfg: ModelConfig
@@ -48,7 +49,8 @@ class CausalLM(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False, adapters=None):
+    def __call__(self, tokens, positions, table, cache: KVCache, last_index=None, all_logits=False, adapters=None,
+                 features=False):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
         quantized, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the table int8
@@ -83,6 +85,8 @@ class CausalLM(nn.Module):
                                                                         table, stacks, adapters)
         x, k_cache, v_cache = carry
         x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
+        if features:
+            return x, KVCache(k_cache, v_cache)
         if isinstance(table, Flat):  # a flat batch: logits at each sequence's last token (`last_index [R]`)
             x = x[0, last_index]
         elif not all_logits:

@@ -1,0 +1,75 @@
+"""Embeddings: a sequence's final hidden states (after the model's last norm) pooled into one vector, as
+sentence-transformers, vLLM's pooling runner and llama.cpp's `--pooling` do for decoder models.
+
+- `last`: the last token's state (Qwen3-Embedding, gte-Qwen2, e5-mistral: a causal model's only state that saw
+  every token); `mean`: the average over the tokens; `cls`: the first token's.
+- `default(source)` reads how a model folder asks to be pooled: sentence-transformers' `modules.json` and its
+  pooling module's `config.json` (`pooling_mode_lasttoken` / `_mean_tokens` / `_cls_token`, normalized where a
+  `Normalize` module follows), or a GGUF's `<arch>.pooling_type` (llama.cpp's 1 mean, 2 cls, 3 last); else `last`,
+  normalized (vLLM's default for a causal LM served as an embedding model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+POOLINGS = ("last", "mean", "cls")
+_ST_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+_GGUF_MODES = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's `llama_pooling_type` (0 none, 4 rank: not vectors)
+
+
+def pool(x: jnp.ndarray, lengths: jnp.ndarray, mode: str) -> jnp.ndarray:
+    """Hidden states `x [B, S, H]` of right-padded rows of `lengths [B]` tokens pooled to `[B, H]` float32."""
+    x = x.astype(jnp.float32)
+    if mode == "last":
+        return x[jnp.arange(x.shape[0]), lengths - 1]
+    if mode == "cls":
+        return x[:, 0]
+    if mode == "mean":
+        mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+        return jnp.sum(jnp.where(mask[..., None], x, 0.0), axis=1) / lengths[:, None].astype(jnp.float32)
+    raise ValueError(f"pooling: one of {POOLINGS}, not {mode!r}")
+
+
+def finish(vectors: np.ndarray, normalize: bool, dimensions: int | None = None) -> np.ndarray:
+    """Pooled `vectors [N, H]` cut to their first `dimensions` (Matryoshka embeddings, OpenAI's `dimensions`), then
+    scaled to unit length if `normalize` (as sentence-transformers' `truncate_dim` does, in that order)."""
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    if normalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors.astype(np.float32)
+
+
+def default(source: str) -> tuple[str, bool]:
+    """`(pooling, normalize)` as the model at `source` (an HF folder or a GGUF file) asks for them; `("last", True)`
+    where it says nothing."""
+    if source.endswith(".gguf") and os.path.isfile(source):
+        from models.loading.source import open_source
+
+        meta = open_source(source).meta()
+        arch = meta.get("general.architecture")
+        return _GGUF_MODES.get(int(meta.get(f"{arch}.pooling_type", 0)), "last"), True
+    modules = _json(os.path.join(source, "modules.json"))
+    if not isinstance(modules, list):
+        return "last", True
+    mode, normalize = "last", False
+    for m in modules:
+        kind, path = str(m.get("type", "")), str(m.get("path", ""))
+        if kind.endswith("models.Pooling"):
+            cfg = _json(os.path.join(source, path, "config.json")) or {}
+            mode = next((name for key, name in _ST_MODES.items() if cfg.get(key)), mode)
+        normalize |= kind.endswith("models.Normalize")
+    return mode, normalize
+
+
+def _json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

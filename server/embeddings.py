@@ -1,0 +1,165 @@
+"""OpenAI's embeddings API, `POST /v1/embeddings`: vectors of the served model's (or a LoRA adapter's) final hidden
+states, pooled (`models.pooling`), for one input or a batch, as floats or base64.
+
+The body is OpenAI's: `input` (a string, a list of strings, a list of token ids or a list of such lists; at most
+MAX_INPUTS), `encoding_format` (`float`, or `base64`: each vector's float32 bytes, little-endian, which the `openai`
+client asks for by default), `dimensions` (the first that many components, normalized again: Matryoshka embeddings)
+and `user`; with vLLM's `add_special_tokens` (default true: a tokenizer that ends every input with EOS, as
+Qwen3-Embedding's, needs it), `truncate_prompt_tokens` (each input's last tokens, as for completions) and `normalize`
+(default: what the model folder asks for, `--pooling` picks the pooling). The inputs run on the engine's thread
+between its steps (`Engine.embed`), a slice of at most SLICE_TOKENS tokens at a time, so streams keep their pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+
+import numpy as np
+from aiohttp import web
+
+from engine.params import InvalidRequest
+from models import pooling
+from server.protocol import ApiError, bad, bounded, busy
+
+MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
+SLICE_TOKENS = 16384  # the inputs' tokens one engine call embeds (several runner calls: `Runner.embed`)
+
+
+def routes(app: web.Application, server) -> None:
+    """Add `/v1/embeddings` to `app`."""
+    app.router.add_post("/v1/embeddings", Embeddings(server).create)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """A parsed embeddings request."""
+
+    inputs: list[list[int]]
+    base64: bool
+    dimensions: int | None
+    normalize: bool
+
+
+class Embeddings:
+    """The embeddings route of one `Server`; `mode` and `normalize` are the served model's pooling."""
+
+    def __init__(self, server):
+        self.server = server
+        self.mode, self.normalize = pooling.default(server.model.source)
+        self.mode = server.pooling or self.mode
+        self.waiting = 0  # calls admitted and not answered
+
+    async def create(self, request: web.Request) -> web.Response:
+        """POST /v1/embeddings."""
+        return await self.server.serve(request, self._answer)
+
+    async def _answer(self, body, call) -> web.Response:
+        srv = self.server
+        ask = await srv.off_loop(self.parse, body)
+        srv._stage(call, None)
+        if not srv.aengine.alive:
+            raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
+                           code="engine_stopped")
+        if self.waiting >= srv.max_queued:
+            raise busy(f"the server is busy ({self.waiting} embedding requests waiting)")
+        self.waiting += 1
+        try:
+            async with asyncio.timeout_at(srv.deadline()):
+                vectors = await self._embed(ask.inputs, call.adapter)
+        except TimeoutError:
+            raise srv.timed_out() from None
+        finally:
+            self.waiting -= 1
+        vectors = pooling.finish(vectors, ask.normalize, ask.dimensions)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if ask.base64 else v.tolist()}
+                for i, v in enumerate(vectors)]
+        tokens = sum(map(len, ask.inputs))
+        return web.json_response({"object": "list", "data": data, "model": srv.served(call),
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _embed(self, inputs: list[list[int]], adapter: str | None) -> np.ndarray:
+        """The inputs' pooled vectors, a slice of up to SLICE_TOKENS tokens per call on the engine's thread."""
+        parts, start, size = [], 0, 0
+        for i, ids in enumerate(inputs + [None]):
+            if ids is None or (size and size + len(ids) > SLICE_TOKENS):
+                part = inputs[start:i]
+                try:
+                    parts.append(await self.server.aengine.call(
+                        lambda engine, part=part: engine.embed(part, self.mode, adapter)))
+                except InvalidRequest as e:
+                    if e.param == "model":  # its LoRA adapter was unloaded since the call named it
+                        raise ApiError(404, str(e), "model", code="model_not_found") from None
+                    raise bad(str(e), e.param) from None
+                except RuntimeError:
+                    if self.server.aengine.alive:
+                        raise
+                    raise ApiError(503, "the engine has stopped", type_="service_unavailable",
+                                   code="engine_stopped") from None
+                start, size = i, 0
+            size += len(ids) if ids is not None else 0
+        return np.concatenate(parts)
+
+    def parse(self, body) -> Ask:
+        """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
+        srv = self.server
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        raw = body.get("input")
+        if isinstance(raw, str) or (isinstance(raw, list) and raw and _is_ids(raw)):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            raise bad("'input' must be a string, a list of strings, a list of token ids or a list of such lists "
+                      "(not empty)", "input")
+        if len(raw) > MAX_INPUTS:
+            raise bad(f"'input' has {len(raw)} items; at most {MAX_INPUTS}", "input")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+        vocab, inputs = srv.model.cfg.vocab_size, []
+        for item in raw:
+            if isinstance(item, str):
+                if srv.model.tokenizer is None:
+                    raise bad("text inputs need the model's tokenizer; give token ids", "input")
+                ids = srv.vocab.tok.encode(bounded(srv.model, item, "input"), special)
+            elif isinstance(item, list) and _is_ids(item):
+                if not all(0 <= t < vocab for t in item):
+                    raise bad(f"token ids must be in [0, {vocab})", "input")
+                ids = list(item)
+            else:
+                raise bad("each item of 'input' must be a string or a list of token ids", "input")
+            if not ids:
+                raise bad(f"input {len(inputs)} is empty", "input")
+            inputs.append(ids)
+        keep = body.get("truncate_prompt_tokens")
+        if keep is not None:
+            if not _is_int(keep) or not (keep == -1 or keep >= 1):
+                raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
+            keep = srv.engine.max_len if keep == -1 else keep
+            inputs = [ids[-keep:] for ids in inputs]
+        for i, ids in enumerate(inputs):
+            if len(ids) > srv.engine.max_len:
+                raise bad(f"input {i} has {len(ids)} tokens; this model's maximum context length is "
+                          f"{srv.engine.max_len} tokens (send truncate_prompt_tokens to keep the last ones)", "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        dims, hidden = body.get("dimensions"), srv.model.cfg.hidden_size
+        if dims is not None and (not _is_int(dims) or not 1 <= dims <= hidden):
+            raise bad(f"'dimensions' must be an integer in [1, {hidden}]", "dimensions")
+        normalize = body.get("normalize", self.normalize)
+        if not isinstance(normalize, bool):
+            raise bad("'normalize' must be a boolean", "normalize")
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise bad("'user' must be a string", "user")
+        return Ask(inputs, fmt == "base64", dims, normalize)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_ids(x: list) -> bool:
+    return all(_is_int(t) for t in x)
