@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-gpu bench-gpu-serve soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-embed bench-gpu bench-gpu-serve soak
 
 # uv installs the packages: a fresh venv's in ~12 s where pip took ~45 (it downloads in parallel and links files
 # from its cache: ~3 s the second time). Neither writes bytecode for the ~20k files up front; Python writes it for
@@ -72,6 +72,10 @@ bench-flat: setup
 # What LoRA slots cost: the engine alone without them, with them unused, and with every request on an adapter.
 bench-lora: setup
 	$(BIN)/python bench/lora.py $(ARGS)
+
+# /v1/embeddings beside llama.cpp's llama-server --embeddings on the same GGUF: rates, and how far the vectors agree.
+bench-embed: setup
+	$(BIN)/python bench/embed.py $(ARGS)
 
 # On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
 bench-gpu:

@@ -2,6 +2,10 @@
 sentence-transformers pools them), beside generation in one engine, and `/v1/embeddings` through the official
 `openai` client over a real socket."""
 
+import dataclasses
+import json
+import urllib.request
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +53,30 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
     assert eng.stats()["embedded_inputs"] == 3 * (2 * len(rows) + 2)
 
 
+@pytest.mark.quick_compile
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_a_bare_decoder_folder_embeds(kind, tmp_path, monkeypatch):
+    """A folder of the decoder alone, as sentence-transformers saves an embedding model (`Qwen3Model`,
+    `MistralModel`: no LM head, tensors without the `model.` prefix), loads and embeds as transformers' model does."""
+    import transformers
+
+    from engine.engine import Engine
+    from test_models import _small
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    ref = transformers.AutoModel.from_config(_small(kind)).float().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.08)
+    ref.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    eng = Engine(load_model(str(tmp_path / "hf"), with_tokenizer=False),
+                 RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01))
+    with torch.no_grad():
+        want = np.stack([ref(torch.tensor([r])).last_hidden_state[0, -1].numpy() for r in ROWS])
+    assert np.abs(eng.embed(ROWS, "last") - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch):
     """Embedding between the steps of greedy requests changes none of their tokens, and takes and caches no KV page;
     bad inputs raise InvalidRequest."""
@@ -84,3 +112,102 @@ def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch
         return [r.choices[0].token_ids for r in reqs]
 
     assert run(True) == run(False)
+
+
+@pytest.fixture(scope="module")
+def served(smollm, tmp_path_factory):
+    """A live server over a 2-layer random Llama with SmolLM2's tokenizer whose folder asks sentence-transformers'
+    mean pooling and normalization, one LoRA slot, a PEFT adapter's folder, and the reference (transformers) models
+    with and without it."""
+    import json
+
+    import transformers
+
+    from conftest import live_server
+    from models import lora
+    from test_lora import _adapter
+
+    folder = tmp_path_factory.mktemp("embed")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.save_pretrained(str(folder / "hf"))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    base.save_pretrained(str(folder / "hf"), safe_serialization=True)
+    (folder / "hf" / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "hf" / "1_Pooling").mkdir()
+    (folder / "hf" / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+         "pooling_mode_lasttoken": False}))
+    tuned = _adapter(base, str(folder / "tuned"), 4, seed=4)
+    model = dataclasses.replace(lora.attach(load_model(str(folder / "hf")), 1, 8), name="base")
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(4,))
+    for api in live_server(model, rc):
+        yield api, folder, tok, tuned
+
+
+def _reference(model, ids: list[int], dims: int | None = None) -> np.ndarray:
+    """sentence-transformers' mean pooling, cut to `dims` and normalized, of `model`'s final hidden states."""
+    with torch.no_grad():
+        x = model(torch.tensor([ids])).last_hidden_state[0].numpy().mean(0)[:dims]
+    return x / np.linalg.norm(x)
+
+
+def test_embeddings_api_through_the_openai_client(served):
+    """`/v1/embeddings` as the `openai` client calls it (base64 by default, floats when asked): strings, token ids
+    and batches, pooled as the folder's sentence-transformers modules ask, equal transformers' vectors; `dimensions`
+    cuts and normalizes again; a LoRA adapter's name gives PEFT's; bad input gets a 400 and another model a 404."""
+    import openai
+
+    api, folder, tok, tuned = served
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
+    texts = ["The capital of France is", "Embeddings map text to vectors.", "hi"]
+    base = tuned.get_base_model().model
+    with tuned.disable_adapter():
+        want = [_reference(base, tok(t).input_ids) for t in texts]
+    r = client.embeddings.create(model="base", input=texts)  # the client asks for base64 and decodes it
+    assert r.model == "base" and [d.index for d in r.data] == [0, 1, 2]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok(t).input_ids) for t in texts)
+    for d, w in zip(r.data, want):
+        assert np.abs(np.asarray(d.embedding) - w).max() < 1e-5
+    r = client.embeddings.create(model="base", input=texts[0], encoding_format="float", dimensions=16)
+    with tuned.disable_adapter():
+        cut = _reference(base, tok(texts[0]).input_ids, 16)
+    assert len(r.data) == 1 and np.abs(np.asarray(r.data[0].embedding) - cut).max() < 1e-5
+    ids = tok(texts[1]).input_ids
+    r = client.embeddings.create(model="base", input=[ids, tok(texts[2]).input_ids], encoding_format="float")
+    assert [np.abs(np.asarray(d.embedding) - w).max() < 1e-5 for d, w in zip(r.data, want[1:])] == [True, True]
+    assert len(client.embeddings.create(model="base", input=ids).data) == 1  # one list of ids: one input
+
+    req = urllib.request.Request(api.url + "/v1/load_lora_adapter", method="POST", data=json.dumps(
+        {"lora_name": "tuned", "lora_path": str(folder / "tuned")}).encode())
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.status == 200
+    r = client.embeddings.create(model="tuned", input=texts[0])
+    with torch.no_grad():
+        x = tuned.base_model.model.model(torch.tensor([tok(texts[0]).input_ids])).last_hidden_state[0].numpy()
+    x = x.mean(0)
+    assert r.model == "tuned" and np.abs(np.asarray(r.data[0].embedding) - x / np.linalg.norm(x)).max() < 1e-5
+    assert np.abs(x / np.linalg.norm(x) - want[0]).max() > 1e-2  # the adapter changes the vector
+
+    r = client.embeddings.create(model="base", input=[7] * 600, extra_body={"truncate_prompt_tokens": -1,
+                                                                             "normalize": False})
+    assert r.usage.prompt_tokens == 512 and np.linalg.norm(r.data[0].embedding) != pytest.approx(1.0)
+    for kw, param in [(dict(input=[]), "input"), (dict(input=[[1, 2], []]), "input"),
+                      (dict(input=[1, 2, len(tok) + 5]), "input"), (dict(input=[7] * 600), "input"),
+                      (dict(input=["a", 3]), "input"), (dict(input="a", dimensions=65), "dimensions"),
+                      (dict(input="a", encoding_format="int8"), "encoding_format"),
+                      (dict(input="a", extra_body={"normalize": "yes"}), "normalize")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="base", **kw)
+        assert e.value.body["param"] == param, kw
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other", input="a")
+    with urllib.request.urlopen(api.url + "/metrics", timeout=60) as resp:
+        metrics = resp.read().decode()
+    assert "sparkler_embedded_inputs_total 9.0" in metrics

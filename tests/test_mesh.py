@@ -1,6 +1,6 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4 and D = 4 give the
-single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 16 slots; so
-does the mixed mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo
+single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 16 slots, and its
+embeddings (`/v1/embeddings`) the single device's vectors; so does the mixed mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo
 collectives; it has the shardings of one process with both axes, which is not run again), and killing process 1
 makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up
 error.
@@ -43,7 +43,7 @@ from engine.compile import use_caches
 from models import load_model
 from models.loading.source import cache_root
 from server.__main__ import parse_args, runner_config
-from test_mesh import ENGINE, ask_all, weight_layout
+from test_mesh import ENGINE, ask_all, embed_all, weight_layout
 
 use_caches(cache_root())
 out = {}
@@ -52,6 +52,7 @@ for dp, tp in json.loads(sys.argv[1]):
     for api in live_server(model, runner_config(parse_args(ENGINE))):
         key = f"{dp}x{tp}"
         out[key] = ask_all(api.url, model.name)
+        out[key + "-embed"] = embed_all(api.url, model.name)
         if dp > 1:  # a prompt seen before goes to the shard whose prefix cache holds it, not the emptiest one
             client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
             ask = lambda p, **kw: client.completions.create(model=model.name, prompt=p, temperature=0,
@@ -97,6 +98,20 @@ def ask_all(url: str, model: str) -> list:
 
     with ThreadPoolExecutor(REQUESTS) as ex:
         return list(ex.map(ask, range(REQUESTS)))
+
+
+def embed_all(url: str, model: str) -> list[list[float]]:
+    """`/v1/embeddings` of three texts of different lengths."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+    texts = ["The cat sat on the mat.", "Vectors of text", "and so on " * 30]
+    return [d.embedding for d in client.embeddings.create(model=model, input=texts, encoding_format="float").data]
+
+
+def assert_same_vectors(got: list, one: list, what: str) -> None:
+    """Embeddings equal to one device's up to the order of the sums."""
+    assert np.abs(np.asarray(got) - np.asarray(one)).max() < 1e-4, what
 
 
 def _env(devices: int) -> dict:
@@ -150,6 +165,7 @@ def served(folder) -> dict:
     model = load_model(folder)
     for api in live_server(model, runner_config(parse_args(ENGINE))):
         got["1x1"] = ask_all(api.url, model.name)
+        got["1x1-embed"] = embed_all(api.url, model.name)
     got["1x1-mesh"] = weight_layout(model)
     got["name"] = model.name
     return got
@@ -167,6 +183,7 @@ def test_mesh_serving_gives_the_single_device_tokens(served):
     one = served["1x1"]
     for mesh in ("1x4", "4x1"):
         assert_same_tokens(served[mesh], one, mesh)
+        assert_same_vectors(served[mesh + "-embed"], served["1x1-embed"], mesh)
     assert all(len(t) == 8 for choices in one for t in choices) and len(one[0]) == 2
     assert len({t for choices in one for c in choices for t in c}) > 40  # tokens that follow each prompt, not one
     layout = {m: (served[m + "-mesh"]["weight_devices"], served[m + "-mesh"]["weight_split"])
@@ -204,6 +221,7 @@ def test_two_processes_serve_the_single_device_tokens_and_a_lost_process_ends_th
                 assert time.monotonic() < deadline, "the group never came up"
                 time.sleep(1)
         assert_same_tokens(ask_all(f"http://127.0.0.1:{port}", served["name"]), served["1x1"], "2 processes, 2x2")
+        assert_same_vectors(embed_all(f"http://127.0.0.1:{port}", served["name"]), served["1x1-embed"], "2 processes")
         procs[1].send_signal(signal.SIGKILL)
         t = time.monotonic()
         rc = procs[0].wait(timeout=60)  # no hang: process 0 notices within seconds (an idle leader pings)

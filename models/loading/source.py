@@ -159,8 +159,25 @@ def _open_hf(folder: str) -> Source:
         return tensor(name)
 
     names = tuple(k for k in where if not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
+    config, names, read = _as_causal_lm(config, names, read)
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
     return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read, quantized=bool(mxfp4))
+
+
+def _as_causal_lm(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
+    """A bare decoder's folder (no LM head: how sentence-transformers saves an embedding model, as e5-mistral's
+    `MistralModel` or Qwen3-Embedding's tensors without the `model.` prefix) read as its causal LM's: the tensors
+    under the causal LM's names, the architecture's `...Model` as `...ForCausalLM`, and the embedding as the LM head
+    (tied: it has none), so the same family serves its embeddings (`models.pooling`)."""
+    if "lm_head.weight" in names or config.get("tie_word_embeddings"):
+        return config, names, read
+    arch = (config.get("architectures") or [""])[0]
+    if arch.endswith("Model"):
+        arch = arch.removesuffix("Model") + "ForCausalLM"
+    config = {**config, "architectures": [arch], "tie_word_embeddings": True}
+    if "model.embed_tokens.weight" in names or "embed_tokens.weight" not in names:
+        return config, names, read
+    return config, tuple(f"model.{n}" for n in names), lambda name: read(name.removeprefix("model."))
 
 
 # The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
