@@ -57,10 +57,11 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["qwen3", "mistral"])
 def test_a_bare_decoder_folder_embeds(kind, tmp_path, monkeypatch):
     """A folder of the decoder alone, as sentence-transformers saves an embedding model (`Qwen3Model`,
-    `MistralModel`: no LM head, tensors without the `model.` prefix), loads and embeds as transformers' model does."""
+    `MistralModel`: no LM head, tensors without the `model.` prefix), loads and embeds as transformers' model does;
+    so does the offline `LLM.embed`."""
     import transformers
 
-    from engine.engine import Engine
+    from engine import LLM
     from test_models import _small
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -70,11 +71,15 @@ def test_a_bare_decoder_folder_embeds(kind, tmp_path, monkeypatch):
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.08)
     ref.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
-    eng = Engine(load_model(str(tmp_path / "hf"), with_tokenizer=False),
-                 RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01))
+    llm = LLM(load_model(str(tmp_path / "hf"), with_tokenizer=False), max_num_seqs=2, max_model_len=128,
+              kv_cache_gb=0.01)
     with torch.no_grad():
         want = np.stack([ref(torch.tensor([r])).last_hidden_state[0, -1].numpy() for r in ROWS])
-    assert np.abs(eng.embed(ROWS, "last") - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(llm.engine.embed(ROWS, "last") - want).max() <= 1e-4 * np.abs(want).max()
+    unit = want / np.linalg.norm(want, axis=1, keepdims=True)  # `LLM.embed`: pooled as the folder asks (it does
+    assert np.abs(llm.embed(ROWS) - unit).max() < 1e-5  # not: the last token, normalized)
+    mean = np.stack([ref(torch.tensor([r])).last_hidden_state[0].mean(0).detach().numpy() for r in ROWS])
+    assert np.abs(llm.embed(ROWS, pooling="mean", normalize=False) - mean).max() <= 1e-4 * np.abs(mean).max()
 
 
 def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch):
@@ -198,7 +203,7 @@ def test_embeddings_api_through_the_openai_client(served):
     r = client.embeddings.create(model="base", input=[7] * 600, extra_body={"truncate_prompt_tokens": -1,
                                                                              "normalize": False})
     assert r.usage.prompt_tokens == 512 and np.linalg.norm(r.data[0].embedding) != pytest.approx(1.0)
-    for kw, param in [(dict(input=[]), "input"), (dict(input=[[1, 2], []]), "input"),
+    for kw, param in [(dict(input=[]), "input"), (dict(input=[[1, 2], []]), "input"), (dict(input=""), "input"),
                       (dict(input=[1, 2, len(tok) + 5]), "input"), (dict(input=[7] * 600), "input"),
                       (dict(input=["a", 3]), "input"), (dict(input="a", dimensions=65), "dimensions"),
                       (dict(input="a", encoding_format="int8"), "encoding_format"),
