@@ -343,15 +343,16 @@ class Engine:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
         `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized. Runs
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
-        Raises InvalidRequest for an empty input, one longer than `max_len`, or an adapter not loaded."""
+        Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
+        loaded."""
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
         for i, ids in enumerate(inputs):
             if not ids:
                 raise InvalidRequest(f"input {i} has no tokens", "input")
-            if len(ids) > self.max_len:
-                raise InvalidRequest(f"input {i} has {len(ids)} tokens; this model's context holds {self.max_len}",
-                                     "input")
+            if len(ids) > self.runner.embed_sizes[-1]:
+                raise InvalidRequest(f"input {i} has {len(ids)} tokens; at most {self.runner.embed_sizes[-1]} are "
+                                     "embedded (this model's context, up to runner.EMBED_MAX_LEN)", "input")
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")

@@ -176,7 +176,7 @@ class AsyncEngine:
             self._hand_over()
 
     def _run_calls(self) -> None:
-        while not self._calls.empty():
+        for _ in range(self._calls.qsize()):  # those queued by now: one queued meanwhile waits for a step
             fn, future = self._calls.get()
             if not future.set_running_or_notify_cancel():  # its caller went away: not run
                 continue

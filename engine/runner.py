@@ -42,6 +42,8 @@ PREFILL_ROWS = 8  # at most this many prompts per prefill call
 FLAT_TOKENS = 64  # the smallest flat step (`Runner.prefill_flat`); the others double it
 EMBED_TOKENS = 4096  # an embedding call's padded tokens at most (one longer input: a call of its own)
 EMBED_ROWS = 32  # ... and its inputs
+EMBED_MAX_LEN = 8192  # the longest input embedded (one program over all its tokens: its activations, and its
+# compile time, grow with it)
 TUNE_ROWS = 16  # batch sizes the decode kernel is tuned for (`RunnerConfig.tune_kernels`): from here on, the KV
 # pages a step reads are a fair share of its bytes beside the weights (8B shape, 640 tokens: 1.3 of 15 GB at 16 rows).
 # Above PREFILL_ROWS: a prefill of one token a prompt attends through `decode` too, always upstream's defaults.
@@ -208,8 +210,9 @@ class Runner:
             (min(PREFILL_BUCKETS[-1], self.max_len),) if self.max_len <= PREFILL_BUCKETS[-1] else ())
         self.chunk = self.prefill_buckets[-1]
         ps = rc.page_size  # embedding inputs' lengths: page multiples (a table as wide as the input: `embed`)
-        self.embed_sizes = tuple(sorted({min(-(-b // ps) * ps, self.max_len)
-                                         for b in PREFILL_BUCKETS[1:] + doubling(self.chunk, self.max_len)}))
+        most = min(self.max_len, EMBED_MAX_LEN // ps * ps)
+        self.embed_sizes = tuple(sorted({min(-(-b // ps) * ps, most)
+                                         for b in PREFILL_BUCKETS[1:] + doubling(self.chunk, most)}))
         sizes = rc.decode_batch_sizes or (1, 2, 4, 8, 16, 32, 64, 128)
         if any(b < 1 for b in sizes):
             raise ValueError(f"decode batch sizes must be positive: {sizes}")
@@ -896,23 +899,37 @@ class Runner:
                                                   owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
                                                   self._adapters([seq[0] for seq in seqs]))
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1) -> np.ndarray:
-        """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
-        on LoRA slot `adapter` (-1: the base model). Inputs of one length bucket (`embed_sizes`) share calls of up to
-        EMBED_ROWS rows (a power of two) and EMBED_TOKENS padded tokens; the KV pool is not touched."""
-        out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
+    def embed_calls(self, lengths: list[int]) -> list[tuple[int, int, list[int]]]:
+        """The calls `embed` makes for inputs of `lengths` (each at most `embed_sizes[-1]`): `(rows, size, input
+        indices)`. Inputs of one length bucket (`embed_sizes`) share calls of up to EMBED_ROWS rows (a power of two)
+        and EMBED_TOKENS padded tokens."""
         groups: dict[int, list[int]] = {}
-        for i in sorted(range(len(inputs)), key=lambda i: len(inputs[i])):
-            groups.setdefault(bucket(len(inputs[i]), self.embed_sizes), []).append(i)
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+            groups.setdefault(bucket(lengths[i], self.embed_sizes), []).append(i)
+        calls = []
         for size, idx in groups.items():
             most = max(1, min(EMBED_ROWS, EMBED_TOKENS // size))
-            for part in (idx[j:j + most] for j in range(0, len(idx), most)):
-                nb = bucket(len(part), doubling(1, most))
-                toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
-                for r, i in enumerate(part):
-                    toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
-                lora = None if adapter < 0 else np.full((nb, 1), adapter, np.int32)
-                out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
+            calls += [(bucket(len(idx[j:j + most]), doubling(1, most)), size, idx[j:j + most])
+                      for j in range(0, len(idx), most)]
+        return calls
+
+    def embed_compile(self, lengths: list[int], mode: str, lora: bool) -> None:
+        """Compile (or load) the programs `embed` runs for inputs of `lengths` (on an adapter: `lora`), so a thread
+        other than the engine's can pay for a new shape."""
+        for nb, size, _ in self.embed_calls(lengths):
+            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _i32(nb, 1) if lora else None,
+                                mode=mode)
+
+    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1) -> np.ndarray:
+        """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
+        on LoRA slot `adapter` (-1: the base model), in the calls `embed_calls` plans; the KV pool is not touched."""
+        out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
+        for nb, size, part in self.embed_calls([len(x) for x in inputs]):
+            toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
+            for r, i in enumerate(part):
+                toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
+            lora = None if adapter < 0 else np.full((nb, 1), adapter, np.int32)
+            out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
         return out
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:

@@ -12,11 +12,13 @@ sentence-transformers, vLLM's pooling runner and llama.cpp's `--pooling` do for 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
+log = logging.getLogger("sparkler.pooling")
 POOLINGS = ("last", "mean", "cls")
 _ST_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 _GGUF_MODES = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's `llama_pooling_type` (0 none, 4 rank: not vectors)
@@ -47,13 +49,16 @@ def finish(vectors: np.ndarray, normalize: bool, dimensions: int | None = None) 
 
 def default(source: str) -> tuple[str, bool]:
     """`(pooling, normalize)` as the model at `source` (an HF folder or a GGUF file) asks for them; `("last", True)`
-    where it says nothing."""
+    where it says nothing. What it asks and this module cannot do (a Dense layer after the pooling, weighted-mean or
+    max pooling, bidirectional attention) is logged as a warning: its vectors will not be the model's own."""
     if source.endswith(".gguf") and os.path.isfile(source):
         from models.loading.source import open_source
 
-        meta = open_source(source).meta()
-        arch = meta.get("general.architecture")
-        return _GGUF_MODES.get(int(meta.get(f"{arch}.pooling_type", 0)), "last"), True
+        return from_gguf(open_source(source).meta), True
+    config = _json(os.path.join(source, "config.json")) or {}
+    if config.get("is_causal") is False or config.get("use_bidirectional_attention"):
+        log.warning("sparkler: %s asks for bidirectional attention; its layers run causal here, so its embeddings "
+                    "will differ from the model's own", source)
     modules = _json(os.path.join(source, "modules.json"))
     if not isinstance(modules, list):
         return "last", True
@@ -63,8 +68,21 @@ def default(source: str) -> tuple[str, bool]:
         if kind.endswith("models.Pooling"):
             cfg = _json(os.path.join(source, path, "config.json")) or {}
             mode = next((name for key, name in _ST_MODES.items() if cfg.get(key)), mode)
-        normalize |= kind.endswith("models.Normalize")
+            unserved = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _ST_MODES]
+            if unserved or cfg.get("include_prompt") is False:
+                log.warning("sparkler: %s asks for %s; pooled by %s here", source,
+                            ", ".join(unserved) or "pooling without its prompt", mode)
+        elif kind.endswith("models.Normalize"):
+            normalize = True
+        elif not kind.endswith("models.Transformer"):
+            log.warning("sparkler: %s has a %s module after the model, which is not applied here", source, kind)
     return mode, normalize
+
+
+def from_gguf(meta: dict) -> str:
+    """The pooling a GGUF's metadata asks for (`<arch>.pooling_type`; none or rank: `last`)."""
+    arch = meta.get("general.architecture")
+    return _GGUF_MODES.get(int(meta.get(f"{arch}.pooling_type", 0)), "last")
 
 
 def _json(path: str):

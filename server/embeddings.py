@@ -7,7 +7,8 @@ client asks for by default), `dimensions` (the first that many components, norma
 and `user`; with vLLM's `add_special_tokens` (default true: a tokenizer that ends every input with EOS, as
 Qwen3-Embedding's, needs it), `truncate_prompt_tokens` (each input's last tokens, as for completions) and `normalize`
 (default: what the model folder asks for, `--pooling` picks the pooling). The inputs run on the engine's thread
-between its steps (`Engine.embed`), a slice of at most SLICE_TOKENS tokens at a time, so streams keep their pace.
+between its steps (`Engine.embed`), a slice of at most a step's prompt budget at a time (`_embed`), each slice's
+programs compiled first on a parse thread, so streams keep their pace.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
+import uuid
 
 import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
+from engine.runner import bucket
 from models import pooling
 from server.protocol import ApiError, bad, bounded, busy
 
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
-SLICE_TOKENS = 16384  # the inputs' tokens one engine call embeds (several runner calls: `Runner.embed`)
 
 
 def routes(app: web.Application, server) -> None:
@@ -64,6 +67,7 @@ class Embeddings:
                            code="engine_stopped")
         if self.waiting >= srv.max_queued:
             raise busy(f"the server is busy ({self.waiting} embedding requests waiting)")
+        call.rid = f"embd-{uuid.uuid4().hex[:24]}"
         self.waiting += 1
         try:
             async with asyncio.timeout_at(srv.deadline()):
@@ -72,35 +76,49 @@ class Embeddings:
             raise srv.timed_out() from None
         finally:
             self.waiting -= 1
+        body = await srv.off_loop(self._reply, ask, vectors, srv.served(call))  # megabytes of JSON: off the loop
+        return web.Response(body=body, content_type="application/json")
+
+    @staticmethod
+    def _reply(ask: Ask, vectors: np.ndarray, model: str) -> bytes:
+        """The response body: OpenAI's list of embedding objects, and the usage."""
         vectors = pooling.finish(vectors, ask.normalize, ask.dimensions)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if ask.base64 else v.tolist()}
                 for i, v in enumerate(vectors)]
         tokens = sum(map(len, ask.inputs))
-        return web.json_response({"object": "list", "data": data, "model": srv.served(call),
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return json.dumps({"object": "list", "data": data, "model": model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
 
     async def _embed(self, inputs: list[list[int]], adapter: str | None) -> np.ndarray:
-        """The inputs' pooled vectors, a slice of up to SLICE_TOKENS tokens per call on the engine's thread."""
-        parts, start, size = [], 0, 0
-        for i, ids in enumerate(inputs + [None]):
-            if ids is None or (size and size + len(ids) > SLICE_TOKENS):
-                part = inputs[start:i]
-                try:
-                    parts.append(await self.server.aengine.call(
-                        lambda engine, part=part: engine.embed(part, self.mode, adapter)))
-                except InvalidRequest as e:
-                    if e.param == "model":  # its LoRA adapter was unloaded since the call named it
-                        raise ApiError(404, str(e), "model", code="model_not_found") from None
-                    raise bad(str(e), e.param) from None
-                except RuntimeError:
-                    if self.server.aengine.alive:
-                        raise
-                    raise ApiError(503, "the engine has stopped", type_="service_unavailable",
-                                   code="engine_stopped") from None
-                start, size = i, 0
-            size += len(ids) if ids is not None else 0
-        return np.concatenate(parts)
+        """The inputs' pooled vectors: shortest first, in slices of at most a step's prompt budget of padded tokens
+        (`--max-prefill-tokens`, or a chunk; a longer input alone), each slice's programs compiled on a parse thread
+        and the slice run on the engine's thread between its steps."""
+        srv, runner = self.server, self.server.engine.runner
+        budget = max(runner.rc.max_prefill_tokens, runner.chunk)
+        out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
+        slices, size = [[]], 0
+        for i in sorted(range(len(inputs)), key=lambda i: len(inputs[i])):
+            padded = bucket(len(inputs[i]), runner.embed_sizes)
+            if slices[-1] and size + padded > budget:
+                slices, size = slices + [[]], 0
+            slices[-1].append(i)
+            size += padded
+        for part in slices:
+            batch = [inputs[i] for i in part]
+            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], self.mode, adapter is not None)
+            try:
+                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, self.mode, adapter))
+            except InvalidRequest as e:
+                if e.param == "model":  # its LoRA adapter was unloaded since the call named it
+                    raise ApiError(404, str(e), "model", code="model_not_found") from None
+                raise bad(str(e), e.param) from None
+            except RuntimeError:
+                if srv.aengine.alive:
+                    raise
+                raise ApiError(503, "the engine has stopped", type_="service_unavailable",
+                               code="engine_stopped") from None
+        return out
 
     def parse(self, body) -> Ask:
         """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
@@ -137,19 +155,20 @@ class Embeddings:
         if keep is not None:
             if not _is_int(keep) or not (keep == -1 or keep >= 1):
                 raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
-            keep = srv.engine.max_len if keep == -1 else keep
+            keep = srv.engine.runner.embed_sizes[-1] if keep == -1 else keep
             inputs = [ids[-keep:] for ids in inputs]
+        most = srv.engine.runner.embed_sizes[-1]
         for i, ids in enumerate(inputs):
-            if len(ids) > srv.engine.max_len:
-                raise bad(f"input {i} has {len(ids)} tokens; this model's maximum context length is "
-                          f"{srv.engine.max_len} tokens (send truncate_prompt_tokens to keep the last ones)", "input")
-        fmt = body.get("encoding_format", "float")
+            if len(ids) > most:
+                raise bad(f"input {i} has {len(ids)} tokens; this server embeds at most {most} (send "
+                          "truncate_prompt_tokens to keep the last ones)", "input")
+        fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
         dims, hidden = body.get("dimensions"), srv.model.cfg.hidden_size
         if dims is not None and (not _is_int(dims) or not 1 <= dims <= hidden):
             raise bad(f"'dimensions' must be an integer in [1, {hidden}]", "dimensions")
-        normalize = body.get("normalize", self.normalize)
+        normalize = self.normalize if body.get("normalize") is None else body["normalize"]
         if not isinstance(normalize, bool):
             raise bad("'normalize' must be a boolean", "normalize")
         if body.get("user") is not None and not isinstance(body["user"], str):

@@ -5,6 +5,8 @@ sentence-transformers pools them), beside generation in one engine, and `/v1/emb
 import dataclasses
 import json
 import urllib.request
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -54,8 +56,8 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
 
 
 @pytest.mark.quick_compile
-@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
-def test_a_bare_decoder_folder_embeds(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,tied", [("qwen3", False), ("qwen3", True), ("mistral", False)])
+def test_a_bare_decoder_folder_embeds(kind, tied, tmp_path, monkeypatch):
     """A folder of the decoder alone, as sentence-transformers saves an embedding model (`Qwen3Model`,
     `MistralModel`: no LM head, tensors without the `model.` prefix), loads and embeds as transformers' model does;
     so does the offline `LLM.embed`."""
@@ -66,7 +68,9 @@ def test_a_bare_decoder_folder_embeds(kind, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    ref = transformers.AutoModel.from_config(_small(kind)).float().eval()
+    cfg = _small(kind)
+    cfg.tie_word_embeddings = tied
+    ref = transformers.AutoModel.from_config(cfg).float().eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.08)
@@ -108,7 +112,7 @@ def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch
                     [before[k] for k in ("kv_pages_free", "kv_pages_cached")]
         with pytest.raises(InvalidRequest, match="input 1 has no tokens"):
             eng.embed([[1], []], "last")
-        with pytest.raises(InvalidRequest, match="context holds 128"):
+        with pytest.raises(InvalidRequest, match="at most 128 are embedded"):
             eng.embed([[1] * 129], "last")
         with pytest.raises(InvalidRequest, match="pooling"):
             eng.embed([[1]], "max")
@@ -216,3 +220,48 @@ def test_embeddings_api_through_the_openai_client(served):
     with urllib.request.urlopen(api.url + "/metrics", timeout=60) as resp:
         metrics = resp.read().decode()
     assert "sparkler_embedded_inputs_total 9.0" in metrics
+
+    # Many inputs beside a stream, from two calls at once: embedded a slice (a step's prompt budget, 512 padded
+    # tokens) at a time, the slices queued when the engine's turn begins, then a decode step of the stream
+    stream = client.completions.create(model="base", prompt="Once upon a time", max_tokens=400, stream=True,
+                                       temperature=0.0, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    aengine, seen, done = api.server.aengine, [], threading.Event()
+
+    def first(engine):  # queues another call while the engine's turn runs the calls: it waits for the next turn
+        seen.append(engine.steps_run)
+        aengine._calls.put((lambda engine: seen.append(engine.steps_run) or done.set(), Future()))
+
+    aengine._calls.put((first, Future()))
+    aengine._wake.set()
+    assert done.wait(60) and seen[1] > seen[0]  # a decode step between them
+    steps = api.engine.steps_run
+    with ThreadPoolExecutor(2) as ex:  # 4 slices of 32 inputs each
+        both = list(ex.map(lambda k: client.embeddings.create(
+            model="base", input=[[5 + k + i % 50] * 12 for i in range(128)]), range(2)))
+    assert [len(r.data) for r in both] == [128, 128] and api.engine.steps_run - steps >= 3
+    assert sum(1 for _ in stream) > 0
+
+
+def test_pooling_follows_what_the_model_asks(smollm_path, tmp_path, caplog):
+    """A GGUF without a pooling type, and a folder without sentence-transformers' modules: the last token,
+    normalized; a GGUF's type and a folder's modules are followed; what cannot be followed is a warning."""
+    assert pooling.default(smollm_path) == ("last", True)
+    assert [pooling.from_gguf({"general.architecture": "qwen3", "qwen3.pooling_type": t}) for t in (0, 1, 2, 3, 4)] \
+        == ["last", "mean", "cls", "last", "last"]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    assert pooling.default(str(tmp_path)) == ("last", True)
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"path": "", "type": "sentence_transformers.models.Transformer"},
+        {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert pooling.default(str(tmp_path)) == ("cls", False) and not caplog.records
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "is_causal": False}))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    (tmp_path / "modules.json").write_text(json.dumps(modules + [
+        {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    assert pooling.default(str(tmp_path)) == ("last", False)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "bidirectional" in said and "pooling_mode_weightedmean_tokens" in said and "models.Dense" in said

@@ -165,19 +165,19 @@ def _open_hf(folder: str) -> Source:
 
 
 def _as_causal_lm(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
-    """A bare decoder's folder (no LM head: how sentence-transformers saves an embedding model, as e5-mistral's
-    `MistralModel` or Qwen3-Embedding's tensors without the `model.` prefix) read as its causal LM's: the tensors
-    under the causal LM's names, the architecture's `...Model` as `...ForCausalLM`, and the embedding as the LM head
-    (tied: it has none), so the same family serves its embeddings (`models.pooling`)."""
-    if "lm_head.weight" in names or config.get("tie_word_embeddings"):
-        return config, names, read
+    """A bare decoder's folder (how sentence-transformers saves an embedding model, as e5-mistral's `MistralModel` or
+    Qwen3-Embedding's tensors without the `model.` prefix) read as its causal LM's: the architecture's `...Model` as
+    `...ForCausalLM`, the tensors under the causal LM's names, and with no LM head the embedding tied in its place, so
+    the same family serves its embeddings (`models.pooling`)."""
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith("Model"):
-        arch = arch.removesuffix("Model") + "ForCausalLM"
-    config = {**config, "architectures": [arch], "tie_word_embeddings": True}
-    if "model.embed_tokens.weight" in names or "embed_tokens.weight" not in names:
-        return config, names, read
-    return config, tuple(f"model.{n}" for n in names), lambda name: read(name.removeprefix("model."))
+        config = {**config, "architectures": [arch.removesuffix("Model") + "ForCausalLM"]}
+    if "embed_tokens.weight" in names and "model.embed_tokens.weight" not in names:
+        names, bare = tuple(f"model.{n}" for n in names), read
+        read = lambda name: bare(name.removeprefix("model."))  # noqa: E731
+    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        config = {**config, "tie_word_embeddings": True}
+    return config, names, read
 
 
 # The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
