@@ -36,7 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, sglang, tools
+from server import (adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, sglang,
+                    tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore

@@ -1,9 +1,9 @@
 """Tensor and data parallelism through the HTTP server on 4 virtual CPU devices: T = 4 and D = 4 give the
-single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 16 slots, and its
-embeddings (`/v1/embeddings`) the single device's vectors; so does the mixed mesh, T = 2 x D = 2, over two processes of 2 virtual devices each (jax.distributed on loopback, gloo
-collectives; it has the shardings of one process with both axes, which is not run again), and killing process 1
-makes process 0 exit with a clear line; a mesh larger than the devices, or not dividing them, is a clear start-up
-error.
+single-device tokens (greedy and seeded) for 10 concurrent requests (12 choices, n = 2 among them) on 16 slots, and
+its embeddings (`/v1/embeddings`) the single device's vectors; so does the mixed mesh, T = 2 x D = 2, over two
+processes of 2 virtual devices each (jax.distributed on loopback, gloo collectives; it has the shardings of one
+process with both axes, which is not run again), and killing process 1 makes process 0 exit with a clear line; a mesh
+larger than the devices, or not dividing them, is a clear start-up error.
 
 The model is a tiny random Llama folder with the default model's tokenizer (so text round-trips): 4 query heads and 2
 KV heads, so T = 4 splits the query heads and keeps the KV heads whole, T = 2 splits both, and the MLP is split by
