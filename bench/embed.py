@@ -1,10 +1,12 @@
 """Side-by-side embeddings benchmark: Sparkler's `/v1/embeddings` and llama.cpp's `llama-server --embeddings` on the
 same GGUF, one after the other, driven by the same client.
 
-Per server: inputs/s and tokens/s embedding a corpus of texts of 8 to ~300 words in requests of `--batch` inputs,
-`--concurrency` requests at once; the median latency of one short input alone. Then how far the two agree: the
-cosine similarity of the two servers' vectors for each text (both pool the last token and normalize: Sparkler by
-default for a model that says nothing, llama.cpp with `--pooling last`) and whether they counted the same tokens.
+Per server: the time of a first pass over a corpus of texts of 8 to ~300 words in requests of `--batch` inputs,
+`--concurrency` requests at once (Sparkler compiles a program per call shape there: see `Runner.embed_calls`), the
+median latency of one short input alone, then inputs/s and tokens/s over the corpus again. Then how far the two
+agree: the cosine similarity of the two servers' vectors for each text (both pool the last token and normalize:
+Sparkler by default for a model that says nothing, llama.cpp with `--pooling last`) and whether they counted the same
+tokens.
 Prints one markdown table with the ratios; `make bench-embed`. Not a test: read the ratios. `llama-server` comes from
 `../shared/peers/llama-server.sh` (or `--llama-server PATH`); without it only Sparkler runs.
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
@@ -47,17 +51,12 @@ async def post(session, url: str, texts: list[str]) -> tuple[list[list[float]], 
 
 
 async def measure(url: str, texts: list[str], batch: int, concurrency: int) -> dict:
-    """Every figure of one server, and its vectors."""
+    """Every figure of one server, and its vectors: a first pass over the corpus (what compiles or allocates lazily
+    does it there), one short input alone, then the corpus again."""
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
         batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
-        await asyncio.gather(*(post(s, url, b) for b in batches[:concurrency]))  # what compiles or allocates lazily
-        one = []
-        for i in range(11):
-            t = time.perf_counter()
-            await post(s, url, [f"A short query about {WORDS[i % len(WORDS)]}."])
-            one.append(time.perf_counter() - t)
         sem = asyncio.Semaphore(concurrency)
 
         async def run(b):
@@ -65,12 +64,20 @@ async def measure(url: str, texts: list[str], batch: int, concurrency: int) -> d
                 return await post(s, url, b)
 
         t = time.perf_counter()
+        await asyncio.gather(*(run(b) for b in batches))
+        first = time.perf_counter() - t
+        one = []
+        for i in range(11):
+            t = time.perf_counter()
+            await post(s, url, [f"A short query about {WORDS[i % len(WORDS)]}."])
+            one.append(time.perf_counter() - t)
+        t = time.perf_counter()
         res = await asyncio.gather(*(run(b) for b in batches))
         took = time.perf_counter() - t
     vectors = [v for vs, _ in res for v in vs]
     tokens = sum(n for _, n in res)
     return {"inputs_s": len(texts) / took, "tokens_s": tokens / took, "one_ms": 1000 * statistics.median(one),
-            "tokens": tokens, "vectors": np.asarray(vectors, np.float32)}
+            "first_s": first, "tokens": tokens, "vectors": np.asarray(vectors, np.float32)}
 
 
 def serve_and_measure(cmd: list[str], port: int, texts, batch, concurrency, log: str) -> dict:
@@ -84,7 +91,11 @@ def serve_and_measure(cmd: list[str], port: int, texts, batch, concurrency, log:
             wait_ready(url, proc)
             if "server" in cmd:  # Sparkler: its background warm-up done first (it takes a core)
                 wait_warm(url)
-            return asyncio.run(measure(url, texts, batch, concurrency))
+            out = asyncio.run(measure(url, texts, batch, concurrency))
+            if "server" in cmd:
+                with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                    out["compiles"] = json.loads(r.read())["compiles"]
+            return out
         finally:
             stop(proc)
 
@@ -124,6 +135,7 @@ def table(res: dict, args) -> str:
              "| metric | sparkler | llama.cpp server | ratio |", "| --- | --- | --- | --- |"]
     for key, name, fmt in (("inputs_s", "inputs/s", "{:.1f}"), ("tokens_s", "tokens/s", "{:.0f}"),
                            ("one_ms", "one short input alone, median (ms)", "{:.1f}"),
+                           ("first_s", "first pass over the corpus (s)", "{:.1f}"),
                            ("tokens", "tokens counted", "{:d}")):
         peer = fmt.format(l[key]) if l else "-"
         ratio = f"{s[key] / l[key]:.2f}" if l else "-"
@@ -132,6 +144,7 @@ def table(res: dict, args) -> str:
         a, b = s["vectors"], l["vectors"]
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         lines.append(f"| cosine of the two servers' vectors, mean / min | {cos.mean():.5f} / {cos.min():.5f} | | |")
+    lines.append(f"| programs traced by the server (all of them) | {s['compiles']} | | |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from engine.grammar import Grammars
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
+from engine import runner as runner_mod
 from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
 from models import Model, lora, pooling
@@ -339,9 +340,11 @@ class Engine:
         if self.adapters.pop(name, None) is None:
             raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None,
+              budget: int = runner_mod.EMBED_TOKENS) -> np.ndarray:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
-        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized. Runs
+        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized, in
+        calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
         loaded."""
@@ -356,7 +359,7 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot)
+        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget)
         self.embedded += len(inputs)
         self.embedded_tokens += sum(map(len, inputs))
         return out

@@ -899,32 +899,37 @@ class Runner:
                                                   owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
                                                   self._adapters([seq[0] for seq in seqs]))
 
-    def embed_calls(self, lengths: list[int]) -> list[tuple[int, int, list[int]]]:
+    def embed_calls(self, lengths: list[int], budget: int = EMBED_TOKENS) -> list[tuple[int, int, list[int]]]:
         """The calls `embed` makes for inputs of `lengths` (each at most `embed_sizes[-1]`): `(rows, size, input
-        indices)`. Inputs of one length bucket (`embed_sizes`) share calls of up to EMBED_ROWS rows (a power of two)
-        and EMBED_TOKENS padded tokens."""
-        groups: dict[int, list[int]] = {}
+        indices)`, shortest inputs first, each call a rectangle of `rows` (a power of two, at most EMBED_ROWS) by
+        `size` (its longest input's bucket in `embed_sizes`) of at most `budget` padded tokens (a longer input: a call
+        of its own). So the shapes are bounded by the budget, whatever the inputs."""
+        calls: list[tuple[int, int, list[int]]] = []
+        part: list[int] = []
         for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-            groups.setdefault(bucket(lengths[i], self.embed_sizes), []).append(i)
-        calls = []
-        for size, idx in groups.items():
-            most = max(1, min(EMBED_ROWS, EMBED_TOKENS // size))
-            calls += [(bucket(len(idx[j:j + most]), doubling(1, most)), size, idx[j:j + most])
-                      for j in range(0, len(idx), most)]
+            rows, size = bucket(len(part) + 1, doubling(1, 1 << 30)), bucket(lengths[i], self.embed_sizes)
+            if part and (rows > EMBED_ROWS or rows * size > budget):
+                calls.append((bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes),
+                              part))
+                part = []
+            part.append(i)
+        if part:
+            calls.append((bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes),
+                          part))
         return calls
 
-    def embed_compile(self, lengths: list[int], mode: str, lora: bool) -> None:
+    def embed_compile(self, lengths: list[int], mode: str, lora: bool, budget: int = EMBED_TOKENS) -> None:
         """Compile (or load) the programs `embed` runs for inputs of `lengths` (on an adapter: `lora`), so a thread
         other than the engine's can pay for a new shape."""
-        for nb, size, _ in self.embed_calls(lengths):
+        for nb, size, _ in self.embed_calls(lengths, budget):
             self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _i32(nb, 1) if lora else None,
                                 mode=mode)
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1, budget: int = EMBED_TOKENS) -> np.ndarray:
         """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
         on LoRA slot `adapter` (-1: the base model), in the calls `embed_calls` plans; the KV pool is not touched."""
         out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
-        for nb, size, part in self.embed_calls([len(x) for x in inputs]):
+        for nb, size, part in self.embed_calls([len(x) for x in inputs], budget):
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])

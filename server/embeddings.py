@@ -23,7 +23,6 @@ import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
-from engine.runner import bucket
 from models import pooling
 from server.protocol import ApiError, bad, bounded, busy
 
@@ -91,24 +90,17 @@ class Embeddings:
                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
 
     async def _embed(self, inputs: list[list[int]], adapter: str | None) -> np.ndarray:
-        """The inputs' pooled vectors: shortest first, in slices of at most a step's prompt budget of padded tokens
-        (`--max-prefill-tokens`, or a chunk; a longer input alone), each slice's programs compiled on a parse thread
-        and the slice run on the engine's thread between its steps."""
+        """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
+        of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone) at a time, its program compiled on
+        a parse thread and the call run on the engine's thread between its steps."""
         srv, runner = self.server, self.server.engine.runner
         budget = max(runner.rc.max_prefill_tokens, runner.chunk)
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
-        slices, size = [[]], 0
-        for i in sorted(range(len(inputs)), key=lambda i: len(inputs[i])):
-            padded = bucket(len(inputs[i]), runner.embed_sizes)
-            if slices[-1] and size + padded > budget:
-                slices, size = slices + [[]], 0
-            slices[-1].append(i)
-            size += padded
-        for part in slices:
+        for _, _, part in runner.embed_calls([len(x) for x in inputs], budget):
             batch = [inputs[i] for i in part]
-            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], self.mode, adapter is not None)
+            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], self.mode, adapter is not None, budget)
             try:
-                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, self.mode, adapter))
+                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, self.mode, adapter, budget))
             except InvalidRequest as e:
                 if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                     raise ApiError(404, str(e), "model", code="model_not_found") from None
