@@ -54,7 +54,7 @@ def default(source: str) -> tuple[str, bool]:
     if source.endswith(".gguf") and os.path.isfile(source):
         from models.loading.source import open_source
 
-        return from_gguf(open_source(source).meta), True
+        return from_gguf(open_source(source).config.get("pooling_type", 0)), True  # remembered: no parse
     config = _json(os.path.join(source, "config.json")) or {}
     if config.get("is_causal") is False or config.get("use_bidirectional_attention"):
         log.warning("sparkler: %s asks for bidirectional attention; its layers run causal here, so its embeddings "
@@ -79,10 +79,9 @@ def default(source: str) -> tuple[str, bool]:
     return mode, normalize
 
 
-def from_gguf(meta: dict) -> str:
-    """The pooling a GGUF's metadata asks for (`<arch>.pooling_type`; none or rank: `last`)."""
-    arch = meta.get("general.architecture")
-    return _GGUF_MODES.get(int(meta.get(f"{arch}.pooling_type", 0)), "last")
+def from_gguf(pooling_type: int) -> str:
+    """The pooling a GGUF's `<arch>.pooling_type` asks for (llama.cpp's; none or rank: `last`)."""
+    return _GGUF_MODES.get(int(pooling_type), "last")
 
 
 def _json(path: str):

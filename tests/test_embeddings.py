@@ -15,6 +15,7 @@ import torch
 from engine.params import InvalidRequest, SamplingParams
 from engine.runner import RunnerConfig
 from models import load_model, pooling
+from models.loading.source import gguf_config
 from test_models import ROWS, _hf_model
 
 LONG = [int(t) for t in np.random.default_rng(3).integers(1, 250, 100)]  # past the first length buckets
@@ -247,8 +248,10 @@ def test_pooling_follows_what_the_model_asks(smollm_path, tmp_path, caplog):
     """A GGUF without a pooling type, and a folder without sentence-transformers' modules: the last token,
     normalized; a GGUF's type and a folder's modules are followed; what cannot be followed is a warning."""
     assert pooling.default(smollm_path) == ("last", True)
-    assert [pooling.from_gguf({"general.architecture": "qwen3", "qwen3.pooling_type": t}) for t in (0, 1, 2, 3, 4)] \
-        == ["last", "mean", "cls", "last", "last"]
+    assert [pooling.from_gguf(t) for t in (0, 1, 2, 3, 4)] == ["last", "mean", "cls", "last", "last"]
+    meta = {"general.architecture": "qwen3", "qwen3.pooling_type": 1, "qwen3.attention.head_count": 4,
+            "qwen3.embedding_length": 64, "qwen3.vocab_size": 256, "qwen3.block_count": 2}
+    assert gguf_config(meta, {})["pooling_type"] == 1  # kept in the remembered config: read without a parse
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     assert pooling.default(str(tmp_path)) == ("last", True)
     (tmp_path / "modules.json").write_text(json.dumps([

@@ -277,6 +277,8 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         "rope_theta": g("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    if g("pooling_type") is not None:  # how an embedding model's vectors are pooled (`models.pooling`)
+        d["pooling_type"] = int(g("pooling_type"))
     scaling = g("rope.scaling.type")
     if scaling == "linear":
         d["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
