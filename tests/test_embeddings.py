@@ -129,23 +129,12 @@ def served(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama with SmolLM2's tokenizer whose folder asks sentence-transformers'
     mean pooling and normalization, one LoRA slot, a PEFT adapter's folder, and the reference (transformers) models
     with and without it."""
-    import json
-
-    import transformers
-
     from conftest import live_server
     from models import lora
-    from test_lora import _adapter
+    from test_lora import _adapter, tiny_llama
 
     folder = tmp_path_factory.mktemp("embed")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.save_pretrained(str(folder / "hf"))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    base.save_pretrained(str(folder / "hf"), safe_serialization=True)
+    base, tok = tiny_llama(str(folder / "hf"), smollm)
     (folder / "hf" / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

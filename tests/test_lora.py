@@ -198,6 +198,20 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
         eng.unload_adapter("x")
 
 
+def tiny_llama(folder: str, smollm):
+    """A 2-layer random Llama (float32, tied) with SmolLM2's tokenizer, saved in `folder`: its transformers model and
+    the tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.save_pretrained(folder)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    base.save_pretrained(folder, safe_serialization=True)
+    return base, tok
+
+
 @pytest.fixture(scope="module")
 def served(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama with SmolLM2's tokenizer, LoRA slots for two adapters, and the
@@ -205,14 +219,7 @@ def served(smollm, tmp_path_factory):
     from conftest import live_server
 
     folder = tmp_path_factory.mktemp("served")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.save_pretrained(str(folder / "hf"))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    base.save_pretrained(str(folder / "hf"), safe_serialization=True)
+    base, tok = tiny_llama(str(folder / "hf"), smollm)
     prompt = tok("The capital of France is").input_ids
     want = {None: _greedy(base, prompt, 8)}
     for name, r in (("tuned", 4), ("other", 8)):
