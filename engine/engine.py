@@ -35,8 +35,7 @@ from engine.grammar import Grammars
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
-from engine import runner as runner_mod
-from engine.runner import Dispatched, Runner, RunnerConfig, join_pieces
+from engine.runner import EMBED_TOKENS, Dispatched, Runner, RunnerConfig, join_pieces
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
 from models import Model, lora, pooling
 
@@ -341,7 +340,7 @@ class Engine:
             raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
 
     def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None,
-              budget: int = runner_mod.EMBED_TOKENS) -> np.ndarray:
+              budget: int = EMBED_TOKENS) -> np.ndarray:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
         `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized, in
         calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs

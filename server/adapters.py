@@ -46,7 +46,7 @@ class Adapters:
         except RuntimeError as e:
             if self.server.aengine.alive:  # the devices' own error (out of memory, say): a 500 that says so
                 raise ApiError(500, f"the adapter could not be installed: {e}", type_="server_error") from None
-            raise ApiError(503, "the engine has stopped", type_="service_unavailable", code="engine_stopped") from None
+            raise self.server.engine_stopped() from None
 
     async def load(self, request: web.Request) -> web.Response:
         """POST /v1/load_lora_adapter: read the PEFT adapter folder `lora_path` (on a parse thread) and hold it as

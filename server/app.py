@@ -456,8 +456,7 @@ class Server:
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
         self._stage(call, None)
         if not self.aengine.alive:  # its thread died: nothing would ever answer
-            raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
-                           code="engine_stopped")
+            raise self.engine_stopped()
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid, call.adapter)
         seats = sum(len(r.choices) for _, r in parts)
@@ -594,6 +593,12 @@ class Server:
         if self.draining:
             return self.shutting_down()
         return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
+
+    @staticmethod
+    def engine_stopped() -> ApiError:
+        """The 503 of a request the engine thread cannot answer: it has stopped or died."""
+        return ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
+                        code="engine_stopped")
 
     @staticmethod
     def shutting_down() -> ApiError:

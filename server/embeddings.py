@@ -49,8 +49,8 @@ class Embeddings:
 
     def __init__(self, server):
         self.server = server
-        self.mode, self.normalize = pooling.default(server.model.source)
-        self.mode = server.pooling or self.mode
+        mode, self.normalize = pooling.default(server.model.source)
+        self.mode = server.pooling or mode
         self.waiting = 0  # calls admitted and not answered
 
     async def create(self, request: web.Request) -> web.Response:
@@ -62,8 +62,7 @@ class Embeddings:
         ask = await srv.off_loop(self.parse, body)
         srv._stage(call, None)
         if not srv.aengine.alive:
-            raise ApiError(503, "the engine has stopped; retry on another instance", type_="service_unavailable",
-                           code="engine_stopped")
+            raise srv.engine_stopped()
         if self.waiting >= srv.max_queued:
             raise busy(f"the server is busy ({self.waiting} embedding requests waiting)")
         call.rid = f"embd-{uuid.uuid4().hex[:24]}"
@@ -108,8 +107,7 @@ class Embeddings:
             except RuntimeError:
                 if srv.aengine.alive:
                     raise
-                raise ApiError(503, "the engine has stopped", type_="service_unavailable",
-                               code="engine_stopped") from None
+                raise srv.engine_stopped() from None
         return out
 
     def parse(self, body) -> Ask:
