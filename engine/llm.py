@@ -108,10 +108,20 @@ class LLM:
         """Embeddings of prompts (text or token ids; vLLM's `LLM.embed`): float32 `[len(prompts), hidden]`, the
         final hidden states pooled (`models.pooling`: as the model folder asks, or by `pooling`) and normalized
         (as it asks, or as `normalize` says), with LoRA adapter `lora` (None: the base model)."""
-        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        prompts = _prompts(prompts)
         mode, norm = pooling_of.default(self.model.source)
         vectors = self.engine.embed([encode_prompt(self.model, p) for p in prompts], pooling or mode, lora)
         return pooling_of.finish(vectors, norm if normalize is None else normalize)
+
+    def score(self, text_1, text_2, pooling: str | None = None, lora: str | None = None) -> np.ndarray:
+        """Scores of text pairs (vLLM's `LLM.score` for an embedding model): the cosine similarity of each pair's
+        pooled vectors, one `text_1` against every `text_2` or the two lists item by item; float32 `[len(text_2)]`."""
+        one, two = _prompts(text_1), _prompts(text_2)
+        if len(one) not in (1, len(two)) or not two:
+            raise ValueError(f"score: {len(one)} text_1 for {len(two)} text_2 (give one, or as many)")
+        vectors = self.embed(one + two, pooling, False, lora)
+        left = [0] * len(two) if len(one) == 1 else list(range(len(one)))
+        return pooling_of.cosines(vectors[left], vectors[len(one):])
 
     def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()
@@ -130,6 +140,11 @@ class LLM:
 
     def _prediction(self, p) -> list[int] | None:
         return self.model.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
+
+
+def _prompts(x) -> list:
+    """One prompt (a string or a list of token ids) or a list of them, as a list."""
+    return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
 
 
 class StreamOverflow(Exception):

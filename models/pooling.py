@@ -47,6 +47,13 @@ def finish(vectors: np.ndarray, normalize: bool, dimensions: int | None = None) 
     return vectors.astype(np.float32)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of `a [N, H]` and `b [N, H]` (0 where a vector is zero): the score of a pair of
+    texts by an embedding model (vLLM's score API for a model that is not a cross-encoder)."""
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.einsum("nh,nh->n", a, b) / np.where(norms > 0, norms, 1)
+
+
 def default(source: str) -> tuple[str, bool]:
     """`(pooling, normalize)` as the model at `source` (an HF folder or a GGUF file) asks for them; `("last", True)`
     where it says nothing. What it asks and this module cannot do (a Dense layer after the pooling, weighted-mean or

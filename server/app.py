@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, sglang,
-                    tools)
+from server import (adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, scores,
+                    sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -104,7 +104,7 @@ class Server:
         llama_cpp.routes(app, self)
         sglang.routes(app, self)
         adapters.routes(app, self)
-        embeddings.routes(app, self)
+        scores.routes(app, embeddings.routes(app, self))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)

@@ -29,9 +29,11 @@ from server.protocol import ApiError, bad, bounded, busy
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
 
 
-def routes(app: web.Application, server) -> None:
-    """Add `/v1/embeddings` to `app`."""
-    app.router.add_post("/v1/embeddings", Embeddings(server).create)
+def routes(app: web.Application, server) -> Embeddings:
+    """Add `/v1/embeddings` to `app`; the route's `Embeddings`, which the score routes share."""
+    api = Embeddings(server)
+    app.router.add_post("/v1/embeddings", api.create)
+    return api
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +62,28 @@ class Embeddings:
     async def _answer(self, body, call) -> web.Response:
         srv = self.server
         ask = await srv.off_loop(self.parse, body)
+        vectors = await self.vectors(call, ask.inputs, "embd")
+        body = await srv.off_loop(self._reply, ask, vectors, srv.served(call))  # megabytes of JSON: off the loop
+        return web.Response(body=body, content_type="application/json")
+
+    async def vectors(self, call, inputs: list[list[int]], kind: str) -> np.ndarray:
+        """The parsed call's inputs' pooled vectors (not normalized), by its deadline: 503 when the engine stopped,
+        429 when `--max-queued` embedding calls wait already; names the call `{kind}-...`."""
+        srv = self.server
         srv._stage(call, None)
         if not srv.aengine.alive:
             raise srv.engine_stopped()
         if self.waiting >= srv.max_queued:
             raise busy(f"the server is busy ({self.waiting} embedding requests waiting)")
-        call.rid = f"embd-{uuid.uuid4().hex[:24]}"
+        call.rid = f"{kind}-{uuid.uuid4().hex[:24]}"
         self.waiting += 1
         try:
             async with asyncio.timeout_at(srv.deadline()):
-                vectors = await self._embed(ask.inputs, call.adapter)
+                return await self._embed(inputs, call.adapter)
         except TimeoutError:
             raise srv.timed_out() from None
         finally:
             self.waiting -= 1
-        body = await srv.off_loop(self._reply, ask, vectors, srv.served(call))  # megabytes of JSON: off the loop
-        return web.Response(body=body, content_type="application/json")
 
     @staticmethod
     def _reply(ask: Ask, vectors: np.ndarray, model: str) -> bytes:
@@ -110,6 +118,40 @@ class Embeddings:
                 raise srv.engine_stopped() from None
         return out
 
+    def tokens(self, items: list, body: dict, param: str) -> list[list[int]]:
+        """`items` (strings or lists of token ids) as token ids, with the body's `add_special_tokens` and
+        `truncate_prompt_tokens` (400s for items that are neither, empty, or longer than the server embeds)."""
+        srv = self.server
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+        vocab, inputs = srv.model.cfg.vocab_size, []
+        for item in items:
+            if isinstance(item, str):
+                if srv.model.tokenizer is None:
+                    raise bad(f"text in '{param}' needs the model's tokenizer; give token ids", param)
+                ids = srv.vocab.tok.encode(bounded(srv.model, item, param), special)
+            elif isinstance(item, list) and _is_ids(item):
+                if not all(0 <= t < vocab for t in item):
+                    raise bad(f"token ids must be in [0, {vocab})", param)
+                ids = list(item)
+            else:
+                raise bad(f"each item of '{param}' must be a string or a list of token ids", param)
+            if not ids:
+                raise bad(f"{param} {len(inputs)} is empty", param)
+            inputs.append(ids)
+        keep = body.get("truncate_prompt_tokens")
+        most = srv.engine.runner.embed_sizes[-1]
+        if keep is not None:
+            if not _is_int(keep) or not (keep == -1 or keep >= 1):
+                raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
+            inputs = [ids[-(most if keep == -1 else keep):] for ids in inputs]
+        for i, ids in enumerate(inputs):
+            if len(ids) > most:
+                raise bad(f"{param} {i} has {len(ids)} tokens; this server embeds at most {most} (send "
+                          "truncate_prompt_tokens to keep the last ones)", param)
+        return inputs
+
     def parse(self, body) -> Ask:
         """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
         srv = self.server
@@ -123,35 +165,7 @@ class Embeddings:
                       "(not empty)", "input")
         if len(raw) > MAX_INPUTS:
             raise bad(f"'input' has {len(raw)} items; at most {MAX_INPUTS}", "input")
-        special = body.get("add_special_tokens", True)
-        if not isinstance(special, bool):
-            raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
-        vocab, inputs = srv.model.cfg.vocab_size, []
-        for item in raw:
-            if isinstance(item, str):
-                if srv.model.tokenizer is None:
-                    raise bad("text inputs need the model's tokenizer; give token ids", "input")
-                ids = srv.vocab.tok.encode(bounded(srv.model, item, "input"), special)
-            elif isinstance(item, list) and _is_ids(item):
-                if not all(0 <= t < vocab for t in item):
-                    raise bad(f"token ids must be in [0, {vocab})", "input")
-                ids = list(item)
-            else:
-                raise bad("each item of 'input' must be a string or a list of token ids", "input")
-            if not ids:
-                raise bad(f"input {len(inputs)} is empty", "input")
-            inputs.append(ids)
-        keep = body.get("truncate_prompt_tokens")
-        if keep is not None:
-            if not _is_int(keep) or not (keep == -1 or keep >= 1):
-                raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
-            keep = srv.engine.runner.embed_sizes[-1] if keep == -1 else keep
-            inputs = [ids[-keep:] for ids in inputs]
-        most = srv.engine.runner.embed_sizes[-1]
-        for i, ids in enumerate(inputs):
-            if len(ids) > most:
-                raise bad(f"input {i} has {len(ids)} tokens; this server embeds at most {most} (send "
-                          "truncate_prompt_tokens to keep the last ones)", "input")
+        inputs = self.tokens(raw, body, "input")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")

@@ -85,6 +85,11 @@ def test_a_bare_decoder_folder_embeds(kind, tied, tmp_path, monkeypatch):
     assert np.abs(llm.embed(ROWS) - unit).max() < 1e-5  # not: the last token, normalized)
     mean = np.stack([ref(torch.tensor([r])).last_hidden_state[0].mean(0).detach().numpy() for r in ROWS])
     assert np.abs(llm.embed(ROWS, pooling="mean", normalize=False) - mean).max() <= 1e-4 * np.abs(mean).max()
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    assert np.allclose(llm.score(ROWS[0], ROWS[1:]), [cos(want[0], w) for w in want[1:]], atol=1e-5)  # vLLM's
+    assert np.allclose(llm.score(ROWS[:2], ROWS[1:3], pooling="mean"), [cos(mean[0], mean[1]), cos(mean[1], mean[2])], atol=1e-5)
+    with pytest.raises(ValueError, match="2 text_1 for 3 text_2"):
+        llm.score(ROWS[:2], ROWS[:3])
 
 
 def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch):
@@ -231,6 +236,63 @@ def test_embeddings_api_through_the_openai_client(served):
             model="base", input=[[5 + k + i % 50] * 12 for i in range(128)]), range(2)))
     assert [len(r.data) for r in both] == [128, 128] and api.engine.steps_run - steps >= 3
     assert sum(1 for _ in stream) > 0
+
+
+def test_score_and_rerank_through_the_cohere_client(served):
+    """`/v2/rerank` as the official `cohere` client calls it, `/v1/rerank` and vLLM's `/v1/score`: each pair's score
+    is the cosine of transformers' pooled vectors of its two texts, the results ordered and cut to `top_n`; bad
+    input gets a 400 in the API's error shape."""
+    import cohere
+
+    api, folder, tok, tuned = served
+    query, docs = "Where is Paris?", ["Paris is in France.", "Bananas are yellow.", "The capital of France", "hi"]
+    with tuned.disable_adapter():
+        vec = {t: _reference(tuned.get_base_model().model, tok(t).input_ids) for t in [query] + docs}
+    want = [float(vec[query] @ vec[d]) for d in docs]
+    order = sorted(range(len(docs)), key=lambda i: -want[i])
+    co = cohere.ClientV2(api_key="x", base_url=api.url)
+    r = co.rerank(model="base", query=query, documents=docs, top_n=3)
+    assert [x.index for x in r.results] == order[:3]
+    assert np.allclose([x.relevance_score for x in r.results], [want[i] for i in order[:3]], atol=1e-5)
+    r = co.rerank(model="base", query=query, documents=docs, max_tokens_per_doc=2)  # each document's first 2 tokens
+    with tuned.disable_adapter():
+        cut = {i: _reference(tuned.get_base_model().model, tok(d).input_ids[:2]) for i, d in enumerate(docs)}
+    assert np.allclose([x.relevance_score for x in r.results], [vec[query] @ cut[x.index] for x in r.results],
+                       atol=1e-5)
+    with pytest.raises(cohere.BadRequestError) as e:
+        co.rerank(model="base", query=query, documents=[])
+    assert e.value.body["error"]["param"] == "documents"
+
+    def post(path, body):
+        req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, r = post("/v1/rerank", {"model": "base", "query": query, "documents": [{"text": d} for d in docs],
+                                    "return_documents": False})
+    assert status == 200 and [x["index"] for x in r["results"]] == order and "document" not in r["results"][0]
+    assert r["usage"]["total_tokens"] == sum(len(tok(t).input_ids) for t in [query] + docs)
+    status, r = post("/v1/score", {"model": "base", "text_1": query, "text_2": docs})  # one against each
+    assert status == 200 and r["object"] == "list" and [d["index"] for d in r["data"]] == [0, 1, 2, 3]
+    assert np.allclose([d["score"] for d in r["data"]], want, atol=1e-5)
+    assert r["usage"]["prompt_tokens"] == sum(len(tok(t).input_ids) for t in [query] + docs)  # the query once
+    status, r = post("/score", {"model": "base", "text_1": docs[:2], "text_2": docs[2:]})  # item by item
+    assert status == 200 and np.allclose([d["score"] for d in r["data"]],
+                                         [vec[docs[0]] @ vec[docs[2]], vec[docs[1]] @ vec[docs[3]]], atol=1e-5)
+    for path, body, param in [("/v1/score", {"text_1": docs[:2], "text_2": docs[:3]}, "text_1"),
+                              ("/v1/score", {"text_1": "a", "text_2": [3]}, "text_2"),
+                              ("/v1/score", {"text_1": "a", "text_2": ""}, "text_2"),
+                              ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
+                              ("/v1/rerank", {"query": "a", "documents": ["a"], "top_n": -1}, "top_n"),
+                              ("/v1/rerank", {"query": "a", "documents": ["a"], "max_tokens_per_doc": 0},
+                               "max_tokens_per_doc")]:
+        status, r = post(path, {"model": "base", **body})
+        assert status == 400 and r["error"]["param"] == param, (body, r)
+    assert post("/v1/score", {"model": "other", "text_1": "a", "text_2": "b"})[0] == 404
 
 
 def test_pooling_follows_what_the_model_asks(smollm_path, tmp_path, caplog):
