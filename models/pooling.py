@@ -54,6 +54,37 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nh,nh->n", a, b) / np.where(norms > 0, norms, 1)
 
 
+def classifier(source: str) -> np.ndarray | None:
+    """A cross-encoder's classification head, float32 `[labels, hidden]` (an HF folder of
+    `...ForSequenceClassification`, as decoder rerankers are saved: the head reads the last token's final hidden
+    state), or None for any other model."""
+    config = (_json(os.path.join(source, "config.json")) or {}) if os.path.isdir(source) else {}
+    if not str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+        return None
+    from models.loading.source import open_source
+
+    return np.asarray(open_source(source).read("score.weight"), np.float32)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """A classifier's logits `[N, labels]` as probabilities: a sigmoid for one label, else a softmax (vLLM's)."""
+    if logits.shape[-1] == 1:
+        return 1 / (1 + np.exp(-logits))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def relevance(vectors: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """A one-label cross-encoder's scores in [0, 1] of its inputs' last-token states `vectors [N, hidden]`."""
+    return probabilities(vectors @ head.T)[:, 0]
+
+
+def labels(source: str, n: int) -> list[str]:
+    """The names of a classifier's `n` labels (its config's `id2label`; `LABEL_i` where it has none)."""
+    names = (_json(os.path.join(source, "config.json")) or {}).get("id2label") or {}
+    return [str(names.get(str(i), f"LABEL_{i}")) for i in range(n)]
+
+
 def default(source: str) -> tuple[str, bool]:
     """`(pooling, normalize)` as the model at `source` (an HF folder or a GGUF file) asks for them; `("last", True)`
     where it says nothing. What it asks and this module cannot do (a Dense layer after the pooling, weighted-mean or
@@ -63,6 +94,8 @@ def default(source: str) -> tuple[str, bool]:
 
         return from_gguf(open_source(source).config.get("pooling_type", 0)), True  # remembered: no parse
     config = _json(os.path.join(source, "config.json")) or {}
+    if str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+        return "last", False  # a cross-encoder's head reads the last token's state, as it is
     if config.get("is_causal") is False or config.get("use_bidirectional_attention"):
         log.warning("sparkler: %s asks for bidirectional attention; its layers run causal here, so its embeddings "
                     "will differ from the model's own", source)

@@ -119,8 +119,9 @@ class Embeddings:
         return out
 
     def tokens(self, items: list, body: dict, param: str) -> list[list[int]]:
-        """`items` (strings or lists of token ids) as token ids, with the body's `add_special_tokens` and
-        `truncate_prompt_tokens` (400s for items that are neither, empty, or longer than the server embeds)."""
+        """`items` (strings, lists of token ids, or pairs of strings, which the tokenizer joins as a cross-encoder's
+        input) as token ids, with the body's `add_special_tokens` and `truncate_prompt_tokens` (400s for items that
+        are none of these, empty, or longer than the server embeds)."""
         srv = self.server
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
@@ -130,7 +131,12 @@ class Embeddings:
             if isinstance(item, str):
                 if srv.model.tokenizer is None:
                     raise bad(f"text in '{param}' needs the model's tokenizer; give token ids", param)
-                ids = srv.vocab.tok.encode(bounded(srv.model, item, param), special)
+                ids = srv.vocab.tok.encode(bounded(srv.model, item, param), add_special_tokens=special)
+            elif isinstance(item, tuple):
+                if srv.model.tokenizer is None:
+                    raise bad(f"'{param}' needs the model's tokenizer", param)
+                first, second = (bounded(srv.model, t, param) for t in item)
+                ids = srv.vocab.tok.encode(first, add_special_tokens=special, text_pair=second)
             elif isinstance(item, list) and _is_ids(item):
                 if not all(0 <= t < vocab for t in item):
                     raise bad(f"token ids must be in [0, {vocab})", param)

@@ -1,11 +1,14 @@
-"""Scores of text pairs from the served model's embeddings: vLLM's score API (`POST /v1/score`, `/score`) and the
-rerank API (`POST /v1/rerank`, `/rerank`: Jina's and vLLM's shape; `/v2/rerank`: Cohere's, which its `cohere`
-client posts).
+"""Scores of text pairs: vLLM's score API (`POST /v1/score`, `/score`), the rerank API (`POST /v1/rerank`, `/rerank`:
+Jina's and vLLM's shape; `/v2/rerank`: Cohere's, which its `cohere` client posts) and vLLM's `POST /classify`.
 
-As vLLM scores with an embedding model (one that is not a cross-encoder), a pair's score is the cosine similarity of
-its two texts' pooled vectors (`models.pooling`, `--pooling`), in [-1, 1]. The texts run through `/v1/embeddings`'
-path (`Embeddings.vectors`: the engine's thread between its steps, the same 429 and deadline), each distinct text
-once: a query against a thousand documents embeds the query once.
+A pair's score is, as vLLM gives it:
+- for a cross-encoder (a folder of `...ForSequenceClassification` with one label, as decoder rerankers such as
+  Qwen3-Reranker's sequence-classification conversions are saved), the head's sigmoid over the last token of the
+  pair joined by the tokenizer (`tokenizer(text_1, text_2)`), in [0, 1];
+- for any other model, the cosine similarity of its two texts' pooled vectors (`models.pooling`, `--pooling`), in
+  [-1, 1], each distinct text embedded once (a query against a thousand documents embeds the query once).
+The inputs run through `/v1/embeddings`' path (`Embeddings.vectors`: the engine's thread between its steps, the
+same 429 and deadline).
 
 - score: `text_1` and `text_2`, each a string or a list of strings; one `text_1` is scored against every `text_2`,
   else the two lists pair up item by item (the same length). The reply is a list of `{"index", "object": "score",
@@ -13,8 +16,10 @@ once: a query against a thousand documents embeds the query once.
 - rerank: `query` and `documents` (strings, or Cohere v1's `{"text": ...}` objects); `top_n` (0 or absent: all),
   `return_documents` (default true: each result carries `{"text": ...}`), Cohere's `max_tokens_per_doc` (a
   document's first tokens); the results run from the most relevant down.
+- classify (a classifier's folder only): `input`, a string, token ids or a list of such; each input's label, the
+  probabilities of every label (a sigmoid for one label, else a softmax) and their count.
 
-Both take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens`.
+All take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens`.
 """
 
 from __future__ import annotations
@@ -23,26 +28,30 @@ import time
 
 from aiohttp import web
 
+from models import pooling
 from models.pooling import cosines
-from server.embeddings import MAX_INPUTS, Embeddings, _is_int
+from server.embeddings import MAX_INPUTS, Embeddings, _is_ids, _is_int
 from server.protocol import bad
 
 
 def routes(app: web.Application, embeddings: Embeddings) -> None:
-    """Add the score and rerank routes, scoring through `embeddings`."""
+    """Add the score, rerank and classify routes, embedding through `embeddings`."""
     api = Scores(embeddings)
     for path in ("/v1/score", "/score"):
         app.router.add_post(path, api.score)
     for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
         app.router.add_post(path, api.rerank)
+    app.router.add_post("/classify", api.classify)
 
 
 class Scores:
-    """The score and rerank routes of one `Server`."""
+    """The score, rerank and classify routes of one `Server`; `head` is the served cross-encoder's classification
+    head (None: an embedding model, scored by cosines)."""
 
     def __init__(self, embeddings: Embeddings):
         self.embeddings = embeddings
         self.server = embeddings.server
+        self.head = pooling.classifier(self.server.model.source)
 
     async def score(self, request: web.Request) -> web.Response:
         """POST /v1/score (vLLM's score API)."""
@@ -52,10 +61,14 @@ class Scores:
         """POST /v1/rerank, /rerank and /v2/rerank."""
         return await self.server.serve(request, self._rerank)
 
+    async def classify(self, request: web.Request) -> web.Response:
+        """POST /classify (vLLM's classification API)."""
+        return await self.server.serve(request, self._classify)
+
     async def _score(self, body, call) -> web.Response:
         srv = self.server
-        texts, left, right = await srv.off_loop(self._parse_score, body)
-        scores, tokens = await self._pairs(call, "score", texts, left, right)
+        plan = await srv.off_loop(self._parse_score, body)
+        scores, tokens = await self._pairs(call, "score", *plan)
         data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
         return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
                                   "model": srv.served(call), "data": data,
@@ -63,8 +76,8 @@ class Scores:
 
     async def _rerank(self, body, call) -> web.Response:
         srv = self.server
-        texts, docs, top_n, show = await srv.off_loop(self._parse_rerank, body)
-        scores, tokens = await self._pairs(call, "rerank", texts, [0] * len(docs), list(range(1, len(texts))))
+        docs, top_n, show, plan = await srv.off_loop(self._parse_rerank, body)
+        scores, tokens = await self._pairs(call, "rerank", *plan)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n or None]
         results = [{"index": i, "relevance_score": float(scores[i])} for i in order]
         if show:
@@ -73,26 +86,52 @@ class Scores:
         return web.json_response({"id": call.rid, "model": srv.served(call), "results": results,
                                   "usage": {"total_tokens": tokens}})
 
-    async def _pairs(self, call, kind: str, texts: list[list[int]], left: list[int], right: list[int]):
-        """The cosine of each pair (`texts[left[i]]`, `texts[right[i]]`), and the tokens embedded."""
-        vectors = await self.embeddings.vectors(call, texts, kind)
-        return cosines(vectors[left], vectors[right]), sum(map(len, texts))
+    async def _classify(self, body, call) -> web.Response:
+        srv = self.server
+        if self.head is None:
+            raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
+        texts = await srv.off_loop(self._parse_classify, body)
+        vectors = await self.embeddings.vectors(call, texts, "classify")
+        probs = pooling.probabilities(vectors @ self.head.T)
+        names = pooling.labels(srv.model.source, len(self.head))
+        data = [{"index": i, "label": names[int(p.argmax())], "probs": p.tolist(), "num_classes": len(names)}
+                for i, p in enumerate(probs)]
+        tokens = sum(map(len, texts))
+        return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
+                                  "model": srv.served(call), "data": data,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
-    def _parse_score(self, body) -> tuple[list[list[int]], list[int], list[int]]:
-        """The distinct texts of a score request as token ids, and the pairs as indices into them."""
+    async def _pairs(self, call, kind: str, texts: list[list[int]], left: list[int] | None, right: list[int] | None):
+        """The score of each pair, and the tokens embedded: a cross-encoder's relevance of each text (a pair joined,
+        `left` None), else the cosine of `texts[left[i]]` and `texts[right[i]]`."""
+        vectors = await self.embeddings.vectors(call, texts, kind)
+        scores = pooling.relevance(vectors, self.head) if left is None else cosines(vectors[left], vectors[right])
+        return scores, sum(map(len, texts))
+
+    def _plan(self, body: dict, one: list[str], two: list[str], names: tuple[str, str]):
+        """The token ids to embed for the pairs `zip(one, two)`, and which of them each pair compares: each pair
+        joined by the tokenizer for a cross-encoder (one label), else each distinct text once."""
+        if self.head is not None:
+            if len(self.head) != 1:
+                raise bad(f"the served classifier has {len(self.head)} labels; scores need one (use /classify)",
+                          "model")
+            return self.embeddings.tokens(list(zip(one, two)), body, names[1]), None, None
+        (ones, left), (twos, right) = _distinct(one), _distinct(two)
+        texts = self.embeddings.tokens(ones, body, names[0]) + self.embeddings.tokens(twos, body, names[1])
+        return texts, left, [len(ones) + j for j in right]
+
+    def _parse_score(self, body):
+        """A score request's plan (`_plan`): `text_1` against each `text_2`, or item by item."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         one, two = (_strings(body.get(k), k) for k in ("text_1", "text_2"))
         if len(one) > 1 and len(one) != len(two):
             raise bad(f"'text_1' has {len(one)} items and 'text_2' {len(two)}: give one 'text_1', or as many as "
                       "'text_2'", "text_1")
-        (ones, left), (twos, right) = _distinct(one * len(two) if len(one) == 1 else one), _distinct(two)
-        texts = self.embeddings.tokens(ones, body, "text_1") + self.embeddings.tokens(twos, body, "text_2")
-        return texts, left, [len(ones) + j for j in right]
+        return self._plan(body, one * len(two) if len(one) == 1 else one, two, ("text_1", "text_2"))
 
-    def _parse_rerank(self, body) -> tuple[list[list[int]], list[str], int, bool]:
-        """A rerank request's query and documents as token ids (the query first), the documents' texts, `top_n`
-        and `return_documents`."""
+    def _parse_rerank(self, body):
+        """A rerank request's documents' texts, `top_n`, `return_documents`, and its plan (`_plan`)."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         query = body.get("query")
@@ -101,8 +140,8 @@ class Scores:
         raw = body.get("documents")
         if not isinstance(raw, list) or not raw:
             raise bad("'documents' must be a non-empty list of strings", "documents")
-        docs = [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in raw]
-        docs = _strings(docs, "documents")
+        docs = _strings([d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in raw],
+                        "documents")
         top_n = body.get("top_n")
         if top_n is not None and (not _is_int(top_n) or top_n < 0):
             raise bad("'top_n' must be a non-negative integer", "top_n")
@@ -114,10 +153,22 @@ class Scores:
         first = body.get("max_tokens_per_doc")
         if first is not None and (not _is_int(first) or first < 1):
             raise bad("'max_tokens_per_doc' must be a positive integer", "max_tokens_per_doc")
-        texts = self.embeddings.tokens([query], body, "query") + self.embeddings.tokens(docs, body, "documents")
-        if first is not None:
-            texts[1:] = [ids[:first] for ids in texts[1:]]
-        return texts, docs, top_n or 0, show
+        cut = docs
+        if first is not None:  # each document's first tokens, as text (a cross-encoder joins it to the query)
+            tok = self.server.vocab.tok
+            cut = [tok.decode(tok.encode(d, add_special_tokens=False)[:first]) for d in docs]
+        return docs, top_n or 0, show, self._plan(body, [query] * len(docs), cut, ("query", "documents"))
+
+    def _parse_classify(self, body) -> list[list[int]]:
+        """A classify request's inputs as token ids."""
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        raw = body.get("input")
+        raw = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and _is_ids(raw)) else raw
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_INPUTS:
+            raise bad(f"'input' must be a string, a list of token ids or a list of such (1 to {MAX_INPUTS})",
+                      "input")
+        return self.embeddings.tokens(raw, body, "input")
 
 
 def _strings(x, param: str) -> list[str]:

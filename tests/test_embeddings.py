@@ -3,7 +3,9 @@ sentence-transformers pools them), beside generation in one engine, and `/v1/emb
 `openai` client over a real socket."""
 
 import dataclasses
+import functools
 import json
+import urllib.error
 import urllib.request
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,7 +89,8 @@ def test_a_bare_decoder_folder_embeds(kind, tied, tmp_path, monkeypatch):
     assert np.abs(llm.embed(ROWS, pooling="mean", normalize=False) - mean).max() <= 1e-4 * np.abs(mean).max()
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
     assert np.allclose(llm.score(ROWS[0], ROWS[1:]), [cos(want[0], w) for w in want[1:]], atol=1e-5)  # vLLM's
-    assert np.allclose(llm.score(ROWS[:2], ROWS[1:3], pooling="mean"), [cos(mean[0], mean[1]), cos(mean[1], mean[2])], atol=1e-5)
+    pairs = [cos(mean[0], mean[1]), cos(mean[1], mean[2])]  # item by item
+    assert np.allclose(llm.score(ROWS[:2], ROWS[1:3], pooling="mean"), pairs, atol=1e-5)
     with pytest.raises(ValueError, match="2 text_1 for 3 text_2"):
         llm.score(ROWS[:2], ROWS[:3])
 
@@ -263,14 +266,7 @@ def test_score_and_rerank_through_the_cohere_client(served):
         co.rerank(model="base", query=query, documents=[])
     assert e.value.body["error"]["param"] == "documents"
 
-    def post(path, body):
-        req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+    post = functools.partial(_post, api.url)
 
     status, r = post("/v1/rerank", {"model": "base", "query": query, "documents": [{"text": d} for d in docs],
                                     "return_documents": False})
@@ -293,6 +289,70 @@ def test_score_and_rerank_through_the_cohere_client(served):
         status, r = post(path, {"model": "base", **body})
         assert status == 400 and r["error"]["param"] == param, (body, r)
     assert post("/v1/score", {"model": "other", "text_1": "a", "text_2": "b"})[0] == 404
+
+
+def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypatch):
+    """A reranker saved as `LlamaForSequenceClassification` (one label): `LLM.score`, `/v1/score`, the rerank API
+    through the `cohere` client and `/classify` give transformers' sigmoid of its head over each pair as the tokenizer
+    joins them; a head of three labels classifies by softmax."""
+    import cohere
+    import transformers
+    from scipy.special import softmax
+
+    from conftest import live_server
+    from engine import LLM
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    folder = str(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.save_pretrained(folder)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   num_labels=1)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForSequenceClassification.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.08)
+        ref.score.weight.mul_(20)  # relevances spread over (0, 1)
+    ref.save_pretrained(folder, safe_serialization=True)
+    query, docs = "Where is Paris?", ["Paris is in France.", "Bananas are yellow.", "The capital of France", "hi"]
+    with torch.no_grad():
+        want = [float(torch.sigmoid(ref(**tok(query, d, return_tensors="pt")).logits[0, 0])) for d in docs]
+    assert max(want) - min(want) > 0.05
+    order = sorted(range(len(docs)), key=lambda i: -want[i])
+    model = load_model(folder)
+    assert pooling.default(folder) == ("last", False)
+    llm = LLM(model, max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01)
+    assert np.allclose(llm.score(query, docs), want, atol=1e-5)
+    del llm
+
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, decode_batch_sizes=(2,))
+    for api in live_server(dataclasses.replace(model, name="rr"), rc):
+        r = cohere.ClientV2(api_key="x", base_url=api.url).rerank(model="rr", query=query, documents=docs, top_n=2)
+        assert [x.index for x in r.results] == order[:2]
+        assert np.allclose([x.relevance_score for x in r.results], [want[i] for i in order[:2]], atol=1e-5)
+        status, r = _post(api.url, "/v1/score", {"model": "rr", "text_1": [query] * 2, "text_2": docs[:2]})
+        assert status == 200 and np.allclose([d["score"] for d in r["data"]], want[:2], atol=1e-5)
+        status, r = _post(api.url, "/classify", {"model": "rr", "input": ["Paris is in France.", "hi"]})
+        with torch.no_grad():
+            probs = [float(torch.sigmoid(ref(**tok(t, return_tensors="pt")).logits[0, 0])) for t in (docs[0], "hi")]
+        assert status == 200 and [d["num_classes"] for d in r["data"]] == [1, 1]
+        assert np.allclose([d["probs"][0] for d in r["data"]], probs, atol=1e-5) and r["data"][0]["label"] == "LABEL_0"
+        assert _post(api.url, "/classify", {"model": "rr", "input": []})[0] == 400
+    logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    assert np.allclose(pooling.probabilities(logits), softmax(logits, -1), atol=1e-6)
+
+
+def _post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    """POST a JSON body; the status and the JSON reply (an error's too)."""
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def test_pooling_follows_what_the_model_asks(smollm_path, tmp_path, caplog):

@@ -168,10 +168,13 @@ def _as_causal_lm(config: dict, names: tuple[str, ...], read: Callable) -> tuple
     """A bare decoder's folder (how sentence-transformers saves an embedding model, as e5-mistral's `MistralModel` or
     Qwen3-Embedding's tensors without the `model.` prefix) read as its causal LM's: the architecture's `...Model` as
     `...ForCausalLM`, the tensors under the causal LM's names, and with no LM head the embedding tied in its place, so
-    the same family serves its embeddings (`models.pooling`)."""
+    the same family serves its embeddings (`models.pooling`). A cross-encoder's (`...ForSequenceClassification`: a
+    reranker) is read so too, its classification head (`score.weight`) left to `models.pooling.classifier`."""
     arch = (config.get("architectures") or [""])[0]
-    if arch.endswith("Model"):
-        config = {**config, "architectures": [arch.removesuffix("Model") + "ForCausalLM"]}
+    if arch.endswith(("Model", "ForSequenceClassification")):
+        base = arch.removesuffix("Model").removesuffix("ForSequenceClassification")
+        config = {**config, "architectures": [base + "ForCausalLM"]}
+        names = tuple(n for n in names if n not in ("score.weight", "score.bias"))
     if "embed_tokens.weight" in names and "model.embed_tokens.weight" not in names:
         names, bare = tuple(f"model.{n}" for n in names), read
         read = lambda name: bare(name.removeprefix("model."))  # noqa: E731

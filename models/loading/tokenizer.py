@@ -74,11 +74,13 @@ class Tokenizer:
         tokens = dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens])
         return [i for i in (self.backend.token_to_id(t) for t in tokens) if i is not None]
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text` (with the post-processor's special tokens, e.g. a BOS, when `add_special_tokens`).
-        Through `encode_batch`, which lets go of the GIL while it works (`encode` holds it: 5 s for a 7.5 MB prompt
-        on a server thread stalled every stream)."""
-        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    def encode(self, text: str, add_special_tokens: bool = True, text_pair: str | None = None) -> list[int]:
+        """Token ids of `text`, or of `text` and `text_pair` joined as the post-processor joins a pair (a
+        cross-encoder's input), with its special tokens (e.g. a BOS) when `add_special_tokens`. Through
+        `encode_batch`, which lets go of the GIL while it works (`encode` holds it: 5 s for a 7.5 MB prompt on a
+        server thread stalled every stream)."""
+        item = text if text_pair is None else (text, text_pair)
+        return self.backend.encode_batch([item], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of token ids."""
