@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -114,19 +115,27 @@ class LLM:
         return pooling_of.finish(vectors, norm if normalize is None else normalize)
 
     def score(self, text_1, text_2, pooling: str | None = None, lora: str | None = None) -> np.ndarray:
-        """Scores of text pairs (vLLM's `LLM.score`), one `text_1` against every `text_2` or the two lists item by
-        item; float32 `[len(text_2)]`: a cross-encoder's relevance of each pair joined by the tokenizer (a folder of
-        `...ForSequenceClassification`), else the cosine similarity of each pair's pooled vectors."""
+        """Scores of text pairs (as vLLM's `LLM.score`, as an array), one `text_1` against every `text_2` or the two
+        lists item by item; float32 `[len(text_2)]`: a cross-encoder's relevance of each pair of strings joined by
+        the tokenizer (a folder of `...ForSequenceClassification` with one label; `pooling` does not apply), else
+        the cosine similarity of each pair's pooled vectors."""
         one, two = _prompts(text_1), _prompts(text_2)
         if len(one) not in (1, len(two)) or not two:
             raise ValueError(f"score: {len(one)} text_1 for {len(two)} text_2 (give one, or as many)")
-        if (head := pooling_of.classifier(self.model.source)) is not None:
+        if (head := self._head) is not None:
+            if head.weight.shape[0] != 1 or not all(isinstance(t, str) for t in one + two):
+                raise ValueError("score: a cross-encoder scores pairs of strings, with a head of one label")
             tok, firsts = self.model.tokenizer, one * len(two) if len(one) == 1 else one
-            pairs = [tok.encode(a, text_pair=b) if isinstance(a, str) else a + b for a, b in zip(firsts, two)]
+            pairs = [tok.encode(a, text_pair=b) for a, b in zip(firsts, two)]
             return pooling_of.relevance(self.engine.embed(pairs, "last", lora), head)
         vectors = self.embed(one + two, pooling, False, lora)
         left = [0] * len(two) if len(one) == 1 else list(range(len(one)))
         return pooling_of.cosines(vectors[left], vectors[len(one):])
+
+    @functools.cached_property
+    def _head(self) -> pooling_of.Head | None:
+        """The served cross-encoder's classification head (None: not a cross-encoder)."""
+        return pooling_of.classifier(self.model.source)
 
     def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict) -> list[RequestOutput]:
         params = params or SamplingParams()

@@ -11,6 +11,7 @@ sentence-transformers, vLLM's pooling runner and llama.cpp's `--pooling` do for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -54,16 +55,33 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nh,nh->n", a, b) / np.where(norms > 0, norms, 1)
 
 
-def classifier(source: str) -> np.ndarray | None:
-    """A cross-encoder's classification head, float32 `[labels, hidden]` (an HF folder of
-    `...ForSequenceClassification`, as decoder rerankers are saved: the head reads the last token's final hidden
-    state), or None for any other model."""
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A cross-encoder's classification head: `weight [labels, hidden]` and `bias [labels]`, float32."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def logits(self, vectors: np.ndarray) -> np.ndarray:
+        """The head's logits `[N, labels]` of last-token states `vectors [N, hidden]`."""
+        return vectors @ self.weight.T + self.bias
+
+
+def classifier(source: str) -> Head | None:
+    """A cross-encoder's classification head (an HF folder of `...ForSequenceClassification`, as decoder rerankers
+    are saved: the head reads the last token's final hidden state), or None for any other model."""
     config = (_json(os.path.join(source, "config.json")) or {}) if os.path.isdir(source) else {}
     if not str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
         return None
     from models.loading.source import open_source
 
-    return np.asarray(open_source(source).read("score.weight"), np.float32)
+    read = open_source(source).read
+    weight = np.asarray(read("score.weight"), np.float32)
+    try:
+        bias = np.asarray(read("score.bias"), np.float32)
+    except KeyError:  # Llama's, Qwen's and Mistral's heads have none
+        bias = np.zeros(len(weight), np.float32)
+    return Head(weight, bias)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -74,9 +92,9 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def relevance(vectors: np.ndarray, head: np.ndarray) -> np.ndarray:
+def relevance(vectors: np.ndarray, head: Head) -> np.ndarray:
     """A one-label cross-encoder's scores in [0, 1] of its inputs' last-token states `vectors [N, hidden]`."""
-    return probabilities(vectors @ head.T)[:, 0]
+    return probabilities(head.logits(vectors))[:, 0]
 
 
 def labels(source: str, n: int) -> list[str]:

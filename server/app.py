@@ -138,7 +138,8 @@ class Server:
     async def _middleware(self, request: web.Request, handler):
         shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else ApiError.body
         try:
-            if self.api_key and request.path.startswith("/v1") and request.method != "OPTIONS":  # not preflights
+            guarded = request.path.startswith(("/v1", "/v2")) and request.method != "OPTIONS"  # not preflights
+            if self.api_key and guarded:
                 keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
                 if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:
                     raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or "

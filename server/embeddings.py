@@ -66,9 +66,10 @@ class Embeddings:
         body = await srv.off_loop(self._reply, ask, vectors, srv.served(call))  # megabytes of JSON: off the loop
         return web.Response(body=body, content_type="application/json")
 
-    async def vectors(self, call, inputs: list[list[int]], kind: str) -> np.ndarray:
-        """The parsed call's inputs' pooled vectors (not normalized), by its deadline: 503 when the engine stopped,
-        429 when `--max-queued` embedding calls wait already; names the call `{kind}-...`."""
+    async def vectors(self, call, inputs: list[list[int]], kind: str, mode: str | None = None) -> np.ndarray:
+        """The parsed call's inputs' vectors pooled by `mode` (None: the server's pooling), not normalized, by its
+        deadline: 503 when the engine stopped, 429 when `--max-queued` embedding calls wait already; names the call
+        `{kind}-...`."""
         srv = self.server
         srv._stage(call, None)
         if not srv.aengine.alive:
@@ -79,7 +80,7 @@ class Embeddings:
         self.waiting += 1
         try:
             async with asyncio.timeout_at(srv.deadline()):
-                return await self._embed(inputs, call.adapter)
+                return await self._embed(inputs, call.adapter, mode or self.mode)
         except TimeoutError:
             raise srv.timed_out() from None
         finally:
@@ -96,7 +97,7 @@ class Embeddings:
         return json.dumps({"object": "list", "data": data, "model": model,
                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
 
-    async def _embed(self, inputs: list[list[int]], adapter: str | None) -> np.ndarray:
+    async def _embed(self, inputs: list[list[int]], adapter: str | None, mode: str) -> np.ndarray:
         """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
         of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone) at a time, its program compiled on
         a parse thread and the call run on the engine's thread between its steps."""
@@ -105,9 +106,9 @@ class Embeddings:
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
         for _, _, part in runner.embed_calls([len(x) for x in inputs], budget):
             batch = [inputs[i] for i in part]
-            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], self.mode, adapter is not None, budget)
+            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
             try:
-                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, self.mode, adapter, budget))
+                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, mode, adapter, budget))
             except InvalidRequest as e:
                 if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                     raise ApiError(404, str(e), "model", code="model_not_found") from None
@@ -118,24 +119,24 @@ class Embeddings:
                 raise srv.engine_stopped() from None
         return out
 
-    def tokens(self, items: list, body: dict, param: str) -> list[list[int]]:
+    def tokens(self, items: list, body: dict, param: str, pair_param: str = "") -> list[list[int]]:
         """`items` (strings, lists of token ids, or pairs of strings, which the tokenizer joins as a cross-encoder's
-        input) as token ids, with the body's `add_special_tokens` and `truncate_prompt_tokens` (400s for items that
-        are none of these, empty, or longer than the server embeds)."""
+        input; `pair_param` names their first string) as token ids, with the body's `add_special_tokens` and
+        `truncate_prompt_tokens` (400s for items that are none of these, empty, or longer than the server embeds;
+        for pairs, truncation, which would cut the first string)."""
         srv = self.server
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
             raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
         vocab, inputs = srv.model.cfg.vocab_size, []
         for item in items:
-            if isinstance(item, str):
+            if isinstance(item, (str, tuple)):
                 if srv.model.tokenizer is None:
                     raise bad(f"text in '{param}' needs the model's tokenizer; give token ids", param)
+            if isinstance(item, str):
                 ids = srv.vocab.tok.encode(bounded(srv.model, item, param), add_special_tokens=special)
             elif isinstance(item, tuple):
-                if srv.model.tokenizer is None:
-                    raise bad(f"'{param}' needs the model's tokenizer", param)
-                first, second = (bounded(srv.model, t, param) for t in item)
+                first, second = bounded(srv.model, item[0], pair_param), bounded(srv.model, item[1], param)
                 ids = srv.vocab.tok.encode(first, add_special_tokens=special, text_pair=second)
             elif isinstance(item, list) and _is_ids(item):
                 if not all(0 <= t < vocab for t in item):
@@ -149,6 +150,9 @@ class Embeddings:
         keep = body.get("truncate_prompt_tokens")
         most = srv.engine.runner.embed_sizes[-1]
         if keep is not None:
+            if pair_param:
+                raise bad("'truncate_prompt_tokens' would cut a cross-encoder's first text; send "
+                          "max_tokens_per_doc (rerank) or shorter texts", "truncate_prompt_tokens")
             if not _is_int(keep) or not (keep == -1 or keep >= 1):
                 raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
             inputs = [ids[-(most if keep == -1 else keep):] for ids in inputs]

@@ -4,7 +4,8 @@ Jina's and vLLM's shape; `/v2/rerank`: Cohere's, which its `cohere` client posts
 A pair's score is, as vLLM gives it:
 - for a cross-encoder (a folder of `...ForSequenceClassification` with one label, as decoder rerankers such as
   Qwen3-Reranker's sequence-classification conversions are saved), the head's sigmoid over the last token of the
-  pair joined by the tokenizer (`tokenizer(text_1, text_2)`), in [0, 1];
+  pair joined by the tokenizer (`tokenizer(text_1, text_2)`: a model that expects a prompt template around them
+  gets it from the client, as with vLLM), in [0, 1];
 - for any other model, the cosine similarity of its two texts' pooled vectors (`models.pooling`, `--pooling`), in
   [-1, 1], each distinct text embedded once (a query against a thousand documents embeds the query once).
 The inputs run through `/v1/embeddings`' path (`Embeddings.vectors`: the engine's thread between its steps, the
@@ -14,16 +15,20 @@ same 429 and deadline).
   else the two lists pair up item by item (the same length). The reply is a list of `{"index", "object": "score",
   "score"}` in `text_2`'s order.
 - rerank: `query` and `documents` (strings, or Cohere v1's `{"text": ...}` objects); `top_n` (0 or absent: all),
-  `return_documents` (default true: each result carries `{"text": ...}`), Cohere's `max_tokens_per_doc` (a
-  document's first tokens); the results run from the most relevant down.
+  `return_documents` (each result carries `{"text": ...}`; default true, as Jina and vLLM, but false on Cohere's
+  `/v2/rerank`), Cohere's `max_tokens_per_doc` (a document's first tokens, cut in its text); the results run from
+  the most relevant down.
 - classify (a classifier's folder only): `input`, a string, token ids or a list of such; each input's label, the
   probabilities of every label (a sigmoid for one label, else a softmax) and their count.
 
-All take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens`.
+All take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens` (not for a cross-encoder's pairs:
+keeping a joined pair's last tokens would cut its query). Usage counts the tokens embedded (vLLM counts a query
+once per pair).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 from aiohttp import web
@@ -31,7 +36,7 @@ from aiohttp import web
 from models import pooling
 from models.pooling import cosines
 from server.embeddings import MAX_INPUTS, Embeddings, _is_ids, _is_int
-from server.protocol import bad
+from server.protocol import bad, bounded
 
 
 def routes(app: web.Application, embeddings: Embeddings) -> None:
@@ -39,8 +44,9 @@ def routes(app: web.Application, embeddings: Embeddings) -> None:
     api = Scores(embeddings)
     for path in ("/v1/score", "/score"):
         app.router.add_post(path, api.score)
-    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+    for path in ("/v1/rerank", "/rerank"):
         app.router.add_post(path, api.rerank)
+    app.router.add_post("/v2/rerank", api.cohere_rerank)
     app.router.add_post("/classify", api.classify)
 
 
@@ -58,8 +64,12 @@ class Scores:
         return await self.server.serve(request, self._score)
 
     async def rerank(self, request: web.Request) -> web.Response:
-        """POST /v1/rerank, /rerank and /v2/rerank."""
-        return await self.server.serve(request, self._rerank)
+        """POST /v1/rerank and /rerank (Jina's and vLLM's: each result carries its document unless told not to)."""
+        return await self.server.serve(request, functools.partial(self._rerank, show_documents=True))
+
+    async def cohere_rerank(self, request: web.Request) -> web.Response:
+        """POST /v2/rerank (Cohere's: results carry no documents unless asked)."""
+        return await self.server.serve(request, functools.partial(self._rerank, show_documents=False))
 
     async def classify(self, request: web.Request) -> web.Response:
         """POST /classify (vLLM's classification API)."""
@@ -74,9 +84,9 @@ class Scores:
                                   "model": srv.served(call), "data": data,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
-    async def _rerank(self, body, call) -> web.Response:
+    async def _rerank(self, body, call, show_documents: bool) -> web.Response:
         srv = self.server
-        docs, top_n, show, plan = await srv.off_loop(self._parse_rerank, body)
+        docs, top_n, show, plan = await srv.off_loop(self._parse_rerank, body, show_documents)
         scores, tokens = await self._pairs(call, "rerank", *plan)
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n or None]
         results = [{"index": i, "relevance_score": float(scores[i])} for i in order]
@@ -91,9 +101,9 @@ class Scores:
         if self.head is None:
             raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
         texts = await srv.off_loop(self._parse_classify, body)
-        vectors = await self.embeddings.vectors(call, texts, "classify")
-        probs = pooling.probabilities(vectors @ self.head.T)
-        names = pooling.labels(srv.model.source, len(self.head))
+        vectors = await self.embeddings.vectors(call, texts, "classify", "last")
+        probs = pooling.probabilities(self.head.logits(vectors))
+        names = pooling.labels(srv.model.source, probs.shape[1])
         data = [{"index": i, "label": names[int(p.argmax())], "probs": p.tolist(), "num_classes": len(names)}
                 for i, p in enumerate(probs)]
         tokens = sum(map(len, texts))
@@ -103,22 +113,27 @@ class Scores:
 
     async def _pairs(self, call, kind: str, texts: list[list[int]], left: list[int] | None, right: list[int] | None):
         """The score of each pair, and the tokens embedded: a cross-encoder's relevance of each text (a pair joined,
-        `left` None), else the cosine of `texts[left[i]]` and `texts[right[i]]`."""
-        vectors = await self.embeddings.vectors(call, texts, kind)
+        `left` None; pooled at its last token whatever `--pooling` says), else the cosine of `texts[left[i]]` and
+        `texts[right[i]]`."""
+        vectors = await self.embeddings.vectors(call, texts, kind, "last" if left is None else None)
         scores = pooling.relevance(vectors, self.head) if left is None else cosines(vectors[left], vectors[right])
         return scores, sum(map(len, texts))
 
     def _plan(self, body: dict, one: list[str], two: list[str], names: tuple[str, str]):
-        """The token ids to embed for the pairs `zip(one, two)`, and which of them each pair compares: each pair
-        joined by the tokenizer for a cross-encoder (one label), else each distinct text once."""
+        """The token ids to embed for the pairs of `one` (a single text: against each of `two`) and `two`, and which
+        of them each pair compares: each pair joined by the tokenizer for a cross-encoder (one label), else each
+        distinct text once (`left` and `right` index them)."""
         if self.head is not None:
-            if len(self.head) != 1:
-                raise bad(f"the served classifier has {len(self.head)} labels; scores need one (use /classify)",
-                          "model")
-            return self.embeddings.tokens(list(zip(one, two)), body, names[1]), None, None
-        (ones, left), (twos, right) = _distinct(one), _distinct(two)
-        texts = self.embeddings.tokens(ones, body, names[0]) + self.embeddings.tokens(twos, body, names[1])
-        return texts, left, [len(ones) + j for j in right]
+            if self.head.weight.shape[0] != 1:
+                raise bad(f"the served classifier has {self.head.weight.shape[0]} labels; scores need one (use "
+                          "/classify)", "model")
+            pairs = list(zip(one * len(two) if len(one) == 1 else one, two))
+            return self.embeddings.tokens(pairs, body, names[1], names[0]), None, None
+        ids = self.embeddings.tokens(one, body, names[0]) + self.embeddings.tokens(two, body, names[1])
+        seen: dict[tuple[int, ...], int] = {}
+        index = [seen.setdefault(tuple(x), len(seen)) for x in ids]
+        left, right = index[:len(one)], index[len(one):]
+        return [list(x) for x in seen], left * len(two) if len(one) == 1 else left, right
 
     def _parse_score(self, body):
         """A score request's plan (`_plan`): `text_1` against each `text_2`, or item by item."""
@@ -128,10 +143,11 @@ class Scores:
         if len(one) > 1 and len(one) != len(two):
             raise bad(f"'text_1' has {len(one)} items and 'text_2' {len(two)}: give one 'text_1', or as many as "
                       "'text_2'", "text_1")
-        return self._plan(body, one * len(two) if len(one) == 1 else one, two, ("text_1", "text_2"))
+        return self._plan(body, one, two, ("text_1", "text_2"))
 
-    def _parse_rerank(self, body):
-        """A rerank request's documents' texts, `top_n`, `return_documents`, and its plan (`_plan`)."""
+    def _parse_rerank(self, body, show_documents: bool):
+        """A rerank request's documents' texts, `top_n`, `return_documents` (default `show_documents`), and its plan
+        (`_plan`)."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         query = body.get("query")
@@ -145,7 +161,7 @@ class Scores:
         top_n = body.get("top_n")
         if top_n is not None and (not _is_int(top_n) or top_n < 0):
             raise bad("'top_n' must be a non-negative integer", "top_n")
-        show = body.get("return_documents", True)
+        show = show_documents if body.get("return_documents") is None else body["return_documents"]
         if not isinstance(show, bool):
             raise bad("'return_documents' must be a boolean", "return_documents")
         if body.get("relevant_spans"):
@@ -154,10 +170,9 @@ class Scores:
         if first is not None and (not _is_int(first) or first < 1):
             raise bad("'max_tokens_per_doc' must be a positive integer", "max_tokens_per_doc")
         cut = docs
-        if first is not None:  # each document's first tokens, as text (a cross-encoder joins it to the query)
-            tok = self.server.vocab.tok
-            cut = [tok.decode(tok.encode(d, add_special_tokens=False)[:first]) for d in docs]
-        return docs, top_n or 0, show, self._plan(body, [query] * len(docs), cut, ("query", "documents"))
+        if first is not None:  # each document's first tokens, cut in the text (a cross-encoder joins it to the query)
+            cut = [self.server.vocab.tok.prefix(bounded(self.server.model, d, "documents"), first) for d in docs]
+        return docs, top_n or 0, show, self._plan(body, [query], cut, ("query", "documents"))
 
     def _parse_classify(self, body) -> list[list[int]]:
         """A classify request's inputs as token ids."""
@@ -179,10 +194,3 @@ def _strings(x, param: str) -> list[str]:
     if len(x) > MAX_INPUTS:
         raise bad(f"'{param}' has {len(x)} items; at most {MAX_INPUTS}", param)
     return x
-
-
-def _distinct(texts: list[str]) -> tuple[list[str], list[int]]:
-    """The distinct texts in first-seen order, and each text's index among them."""
-    seen: dict[str, int] = {}
-    ids = [seen.setdefault(t, len(seen)) for t in texts]
-    return list(seen), ids

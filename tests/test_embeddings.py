@@ -255,11 +255,13 @@ def test_score_and_rerank_through_the_cohere_client(served):
     order = sorted(range(len(docs)), key=lambda i: -want[i])
     co = cohere.ClientV2(api_key="x", base_url=api.url)
     r = co.rerank(model="base", query=query, documents=docs, top_n=3)
-    assert [x.index for x in r.results] == order[:3]
+    assert [x.index for x in r.results] == order[:3] and getattr(r.results[0], "document", None) is None
     assert np.allclose([x.relevance_score for x in r.results], [want[i] for i in order[:3]], atol=1e-5)
     r = co.rerank(model="base", query=query, documents=docs, max_tokens_per_doc=2)  # each document's first 2 tokens
+    ends = [tok(d, add_special_tokens=False, return_offsets_mapping=True).offset_mapping[:2][-1][1] for d in docs]
     with tuned.disable_adapter():
-        cut = {i: _reference(tuned.get_base_model().model, tok(d).input_ids[:2]) for i, d in enumerate(docs)}
+        cut = {i: _reference(tuned.get_base_model().model, tok(d[:end]).input_ids)
+               for i, (d, end) in enumerate(zip(docs, ends))}
     assert np.allclose([x.relevance_score for x in r.results], [vec[query] @ cut[x.index] for x in r.results],
                        atol=1e-5)
     with pytest.raises(cohere.BadRequestError) as e:
@@ -284,6 +286,7 @@ def test_score_and_rerank_through_the_cohere_client(served):
                               ("/v1/score", {"text_1": "a", "text_2": ""}, "text_2"),
                               ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
                               ("/v1/rerank", {"query": "a", "documents": ["a"], "top_n": -1}, "top_n"),
+                              ("/v1/rerank", {"query": "a", "documents": ["a", {"text": 3}]}, "documents"),
                               ("/v1/rerank", {"query": "a", "documents": ["a"], "max_tokens_per_doc": 0},
                                "max_tokens_per_doc")]:
         status, r = post(path, {"model": "base", **body})
@@ -328,7 +331,7 @@ def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypa
     del llm
 
     rc = RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, decode_batch_sizes=(2,))
-    for api in live_server(dataclasses.replace(model, name="rr"), rc):
+    for api in live_server(dataclasses.replace(model, name="rr"), rc, pooling="mean"):  # a head reads the last token
         r = cohere.ClientV2(api_key="x", base_url=api.url).rerank(model="rr", query=query, documents=docs, top_n=2)
         assert [x.index for x in r.results] == order[:2]
         assert np.allclose([x.relevance_score for x in r.results], [want[i] for i in order[:2]], atol=1e-5)
@@ -340,6 +343,9 @@ def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypa
         assert status == 200 and [d["num_classes"] for d in r["data"]] == [1, 1]
         assert np.allclose([d["probs"][0] for d in r["data"]], probs, atol=1e-5) and r["data"][0]["label"] == "LABEL_0"
         assert _post(api.url, "/classify", {"model": "rr", "input": []})[0] == 400
+        status, r = _post(api.url, "/v1/score", {"model": "rr", "text_1": "a", "text_2": "b",
+                                                 "truncate_prompt_tokens": 4})
+        assert status == 400 and r["error"]["param"] == "truncate_prompt_tokens"  # it would cut the query
     logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
     assert np.allclose(pooling.probabilities(logits), softmax(logits, -1), atol=1e-6)
 

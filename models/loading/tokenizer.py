@@ -82,6 +82,12 @@ class Tokenizer:
         item = text if text_pair is None else (text, text_pair)
         return self.backend.encode_batch([item], add_special_tokens=add_special_tokens)[0].ids
 
+    def prefix(self, text: str, n: int) -> str:
+        """The start of `text` that its first `n` tokens cover (all of it when it has no more), cut at a token's
+        end in the text, not decoded from ids (a cut inside a character's bytes would decode as U+FFFD)."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return text if len(enc.ids) <= n else text[:enc.offsets[n - 1][1]]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of token ids."""
         text = self.backend.decode([ids] if isinstance(ids, int) else list(ids),
