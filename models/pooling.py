@@ -70,8 +70,7 @@ class Head:
 def classifier(source: str) -> Head | None:
     """A cross-encoder's classification head (an HF folder of `...ForSequenceClassification`, as decoder rerankers
     are saved: the head reads the last token's final hidden state), or None for any other model."""
-    config = (_json(os.path.join(source, "config.json")) or {}) if os.path.isdir(source) else {}
-    if not str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+    if not os.path.isdir(source) or not _classifies(_json(os.path.join(source, "config.json")) or {}):
         return None
     from models.loading.source import open_source
 
@@ -112,7 +111,7 @@ def default(source: str) -> tuple[str, bool]:
 
         return from_gguf(open_source(source).config.get("pooling_type", 0)), True  # remembered: no parse
     config = _json(os.path.join(source, "config.json")) or {}
-    if str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+    if _classifies(config):
         return "last", False  # a cross-encoder's head reads the last token's state, as it is
     if config.get("is_causal") is False or config.get("use_bidirectional_attention"):
         log.warning("sparkler: %s asks for bidirectional attention; its layers run causal here, so its embeddings "
@@ -140,6 +139,11 @@ def default(source: str) -> tuple[str, bool]:
 def from_gguf(pooling_type: int) -> str:
     """The pooling a GGUF's `<arch>.pooling_type` asks for (llama.cpp's; none or rank: `last`)."""
     return _GGUF_MODES.get(int(pooling_type), "last")
+
+
+def _classifies(config: dict) -> bool:
+    """Whether an HF config is a classifier's (`...ForSequenceClassification`: a cross-encoder)."""
+    return str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification")
 
 
 def _json(path: str):

@@ -162,9 +162,9 @@ class Embeddings:
                           "truncate_prompt_tokens to keep the last ones)", param)
         return inputs
 
-    def parse(self, body) -> Ask:
-        """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
-        srv = self.server
+    def inputs(self, body) -> list[list[int]]:
+        """A body's `input` (OpenAI's forms, at most MAX_INPUTS) as token ids (`tokens`); 400 for a body that is
+        not a JSON object or an `input` of another shape."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         raw = body.get("input")
@@ -175,7 +175,12 @@ class Embeddings:
                       "(not empty)", "input")
         if len(raw) > MAX_INPUTS:
             raise bad(f"'input' has {len(raw)} items; at most {MAX_INPUTS}", "input")
-        inputs = self.tokens(raw, body, "input")
+        return self.tokens(raw, body, "input")
+
+    def parse(self, body) -> Ask:
+        """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
+        srv = self.server
+        inputs = self.inputs(body)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from models import pooling
 from models.pooling import cosines
-from server.embeddings import MAX_INPUTS, Embeddings, _is_ids, _is_int
+from server.embeddings import MAX_INPUTS, Embeddings, _is_int
 from server.protocol import bad, bounded
 
 
@@ -52,12 +52,13 @@ def routes(app: web.Application, embeddings: Embeddings) -> None:
 
 class Scores:
     """The score, rerank and classify routes of one `Server`; `head` is the served cross-encoder's classification
-    head (None: an embedding model, scored by cosines)."""
+    head (None: an embedding model, scored by cosines), `labels` its labels' names."""
 
     def __init__(self, embeddings: Embeddings):
         self.embeddings = embeddings
         self.server = embeddings.server
         self.head = pooling.classifier(self.server.model.source)
+        self.labels = [] if self.head is None else pooling.labels(self.server.model.source, len(self.head.weight))
 
     async def score(self, request: web.Request) -> web.Response:
         """POST /v1/score (vLLM's score API)."""
@@ -100,11 +101,10 @@ class Scores:
         srv = self.server
         if self.head is None:
             raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
-        texts = await srv.off_loop(self._parse_classify, body)
+        texts = await srv.off_loop(self.embeddings.inputs, body)
         vectors = await self.embeddings.vectors(call, texts, "classify", "last")
         probs = pooling.probabilities(self.head.logits(vectors))
-        names = pooling.labels(srv.model.source, probs.shape[1])
-        data = [{"index": i, "label": names[int(p.argmax())], "probs": p.tolist(), "num_classes": len(names)}
+        data = [{"index": i, "label": self.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p)}
                 for i, p in enumerate(probs)]
         tokens = sum(map(len, texts))
         return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
@@ -173,18 +173,6 @@ class Scores:
         if first is not None:  # each document's first tokens, cut in the text (a cross-encoder joins it to the query)
             cut = [self.server.vocab.tok.prefix(bounded(self.server.model, d, "documents"), first) for d in docs]
         return docs, top_n or 0, show, self._plan(body, [query], cut, ("query", "documents"))
-
-    def _parse_classify(self, body) -> list[list[int]]:
-        """A classify request's inputs as token ids."""
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        raw = body.get("input")
-        raw = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and _is_ids(raw)) else raw
-        if not isinstance(raw, list) or not raw or len(raw) > MAX_INPUTS:
-            raise bad(f"'input' must be a string, a list of token ids or a list of such (1 to {MAX_INPUTS})",
-                      "input")
-        return self.embeddings.tokens(raw, body, "input")
-
 
 def _strings(x, param: str) -> list[str]:
     """A string or a non-empty list of strings as a list (400 otherwise, or past MAX_INPUTS items)."""
