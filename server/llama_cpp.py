@@ -1,4 +1,4 @@
-"""llama.cpp's own completion API (`/completion`, and `/props`), translated onto the completions path.
+"""llama.cpp's own completion API (`/completion`, `/infill` and `/props`), translated onto the completions path.
 
 A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and
 eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones, `stop`, `grammar`,
@@ -10,7 +10,8 @@ docs/ARCHITECTURE.md), `n_keep`, `t_max_predict_ms`. `repeat_last_n` 0 turns the
 another window is the whole prompt and reply, as this server's penalties always are. A null field, or an empty
 `grammar` or `json_schema`, is one not given. Absent fields take the model's defaults, as in the other APIs here
 (llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05). Errors keep the OpenAI shape the rest of the server
-uses.
+uses. `/infill` is `/completion` over the prompt `server.infill` arranges (and 501 for a model that cannot infill,
+as llama.cpp answers).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server import protocol
+from engine.params import InvalidRequest
+from server import infill, protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
@@ -41,6 +43,7 @@ def routes(app: web.Application, server) -> None:
     """Add llama.cpp's routes to `app`."""
     api = LlamaCpp(server)
     app.router.add_post("/completion", api.completion)
+    app.router.add_post("/infill", api.infill)
     app.router.add_get("/props", api.props)
 
 
@@ -222,29 +225,50 @@ class LlamaCpp:
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         """POST /completion."""
+        return await self.server.serve(request, lambda body, call: self._answer(request, body, call))
+
+    async def infill(self, request: web.Request) -> web.StreamResponse:
+        """POST /infill: fill in the middle (`server.infill`), answered as `/completion` answers."""
         async def answer(body, call) -> web.StreamResponse:
             tok = self.server.engine.tok
-            plain, stops, probs = completion_body(body, tok)
-            try:  # errors name llama.cpp's fields
-                job = await self.server.parse(plain, "completion", protocol.HOT)
-                job.params.stop = stops
-                if probs:
-                    job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
-                if job.stream and len(job.prompts) > 1:
-                    raise bad("a stream is of one prompt (several are for whole replies)", "prompt")
-                parts, events = self.server.admit(job, call, "cmpl-")
-            except ApiError as e:
-                raise e.renamed(NAMES) from None
-            if job.stream:
-                return await self.server.sse(request, call, events, Turn(job), Reply(self.server, call, job, stops))
-            await self.server.collect(events, call)
-            out = []
-            for i in range(len(parts)):
-                face = Reply(self.server, call, job, stops, i)
-                out.append(face.result(face.choice.text, list(face.choice.token_ids)
-                                       if body.get("return_tokens") is True else []))
-            return web.json_response(out[0] if len(out) == 1 else out)  # llama.cpp's: a list for several prompts
+            if tok is None or tok.fim is None:
+                raise ApiError(501, "Infill is not supported by this model: its vocabulary has no fill-in-the-middle "
+                               "tokens (a code model's <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>, or the "
+                               "like)", type_="not_supported_error")
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            try:  # tokenizing a long prefix is work for a parse thread, not the event loop
+                ids = await self.server.off_loop(infill.infill_prompt, body, tok, self.server.engine.max_len)
+            except InvalidRequest as e:
+                raise bad(str(e), e.param) from None
+            rest = {k: v for k, v in body.items() if k not in ("input_prefix", "input_suffix", "input_extra")}
+            return await self._answer(request, {**rest, "prompt": ids}, call, ends=tok.fim.ends)
         return await self.server.serve(request, answer)
+
+    async def _answer(self, request: web.Request, body: Any, call, ends: list[int] = ()) -> web.StreamResponse:
+        """A `/completion` body's reply, whole or streamed; `ends`: more tokens that end it (an infill's)."""
+        tok = self.server.engine.tok
+        plain, stops, probs = completion_body(body, tok)
+        try:  # errors name llama.cpp's fields
+            job = await self.server.parse(plain, "completion", protocol.HOT)
+            job.params.stop = stops
+            job.params.stop_token_ids = [*job.params.stop_token_ids, *ends]
+            if probs:
+                job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
+            if job.stream and len(job.prompts) > 1:
+                raise bad("a stream is of one prompt (several are for whole replies)", "prompt")
+            parts, events = self.server.admit(job, call, "cmpl-")
+        except ApiError as e:
+            raise e.renamed(NAMES) from None
+        if job.stream:
+            return await self.server.sse(request, call, events, Turn(job), Reply(self.server, call, job, stops))
+        await self.server.collect(events, call)
+        out = []
+        for i in range(len(parts)):
+            face = Reply(self.server, call, job, stops, i)
+            out.append(face.result(face.choice.text, list(face.choice.token_ids)
+                                   if body.get("return_tokens") is True else []))
+        return web.json_response(out[0] if len(out) == 1 else out)  # llama.cpp's: a list for several prompts
 
     async def props(self, request: web.Request) -> web.Response:
         """GET /props: the server's settings as llama.cpp's web page and clients read them."""

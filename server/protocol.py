@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
-from server import reasoning, tools
+from server import infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model
@@ -270,8 +270,6 @@ def _token_ids(v: Any, name: str) -> list[int]:
 
 
 def _unsupported(body: dict) -> None:
-    if body.get("suffix"):
-        raise bad("'suffix' (fill-in-the-middle) is not supported by this server", "suffix")
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
@@ -322,6 +320,8 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False, bounds: dict
                   "context_length_exceeded_behavior")
     job.truncate = behaviour != "error"
     if kind == "chat":
+        if body.get("suffix") is not None:
+            raise bad("'suffix' (fill in the middle) is for completions", "suffix")
         job.logprobs = _chat_logprobs(body)
         job.tools = tools.parse(body, bad)
         if job.tools is not None and job.tools.forced:
@@ -338,8 +338,12 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False, bounds: dict
         if body.get("tools") is not None or body.get("functions") is not None:
             raise bad("tools are for chat completions", "tools")
         job.logprobs = _completion_logprobs(body)
-        pairs = completion_prompts(model, body.get("prompt"))
+        suffix = _suffix(model, body, job.echo or job.echo_last is not None)
+        pairs = completion_prompts(model, body.get("prompt"), special=suffix is None)
         job.prompts, job.prompt_texts = [ids for ids, _ in pairs], [text for _, text in pairs]
+        if suffix is not None:  # fill in the middle: the prompt is the prefix
+            job.prompts = [infill.arrange(model.tokenizer, ids, suffix) for ids in job.prompts]
+            params.stop_token_ids = [*params.stop_token_ids, *model.tokenizer.fim.ends]
     job.prediction = prediction(model, body)
     params.echo = ((job.echo or job.echo_last is not None) and job.logprobs is not None) or \
         job.prompt_logprobs is not None
@@ -407,6 +411,21 @@ def prediction(model: Model, body: dict) -> list[int] | None:
     if not is_ids(spec):
         raise bad("'speculation' must be a string or a list of token ids", "speculation")
     return in_vocab(model, spec, "'speculation'", "speculation") or None
+
+
+def _suffix(model: Model, body: dict, echo: bool) -> list[int] | None:
+    """The token ids of a completion's `suffix` (fill in the middle: `server.infill`); None when it has none."""
+    v = body.get("suffix")
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise bad("'suffix' must be a string", "suffix")
+    if model.tokenizer is None or model.tokenizer.fim is None:
+        raise bad("'suffix' asks to fill in the middle, and this model's vocabulary has no fill-in-the-middle tokens "
+                  "(a code model's <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>, or the like)", "suffix")
+    if echo:
+        raise bad("'echo' cannot be combined with 'suffix' (the prompt is the text before the middle)", "echo")
+    return model.tokenizer.encode(bounded(model, v, "suffix"), add_special_tokens=False)
 
 
 def is_ids(p: Any) -> bool:
@@ -588,11 +607,12 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
     return tried.get(low) or render(low, shortest=low == len(droppable))
 
 
-def completion_prompts(model: Model, prompt: Any) -> list[tuple[list[int], str]]:
-    """`(token ids, text)` of each prompt: a string, a list of strings, a list of token ids, or a list of those."""
+def completion_prompts(model: Model, prompt: Any, special: bool = True) -> list[tuple[list[int], str]]:
+    """`(token ids, text)` of each prompt: a string, a list of strings, a list of token ids, or a list of those;
+    text is tokenized with the tokenizer's special tokens (a BOS) when `special`."""
     def ids(p, where):
         if isinstance(p, str):
-            return model.tokenizer.encode(bounded(model, p, "prompt")), p
+            return model.tokenizer.encode(bounded(model, p, "prompt"), add_special_tokens=special), p
         if is_ids(p):
             return in_vocab(model, p, where, "prompt"), model.tokenizer.decode(p, skip_special_tokens=False)
         raise bad(f"{where} must be a string or a list of token ids", "prompt")

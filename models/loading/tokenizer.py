@@ -10,6 +10,7 @@ the longest step of a warm start; `tokenizers` and jinja2 take ~0.2 s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -23,8 +24,40 @@ from typing import Any
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING = ("reasoning_content", "thinking", "reasoning")  # names templates read a message's reasoning under
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# Fill-in-the-middle tokens by role, each under the names code models give it (the names llama.cpp's vocabulary
+# loader looks for: Qwen2.5-Coder, StarCoder and Granite, DeepSeek-Coder, CodeLlama, GLM-4.5, Falcon-H1 coder).
+FIM_NAMES = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+            "<|code_prefix|>", "<|prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>",
+            "<|code_suffix|>", "<|suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>",
+            "<|code_middle|>", "<|middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
          "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fim:
+    """A vocabulary's fill-in-the-middle token ids: prefix, suffix and middle (every infilling model has them), and
+    where it has them the padding, repository-name and file-separator tokens (None where not)."""
+
+    pre: int
+    suf: int
+    mid: int
+    pad: int | None = None
+    rep: int | None = None
+    sep: int | None = None
+
+    @property
+    def ends(self) -> list[int]:
+        """Tokens that end an infill beside the end of sequence, as llama.cpp's end-of-generation set: a model that
+        has written the middle goes on to pad, or to the next file."""
+        return [t for t in (self.pad, self.rep, self.sep) if t is not None]
 
 
 class Tokenizer:
@@ -64,6 +97,16 @@ class Tokenizer:
     def token_texts(self) -> list[str]:
         """Each token's own text, special tokens' too (a piece of a character decodes to U+FFFD)."""
         return self.backend.decode_batch([[t] for t in range(len(self))], skip_special_tokens=False)
+
+    @functools.cached_property
+    def fim(self) -> Fim | None:
+        """The vocabulary's fill-in-the-middle tokens, found by name (`FIM_NAMES`); None unless it has a prefix, a
+        suffix and a middle token."""
+        found = {}
+        for role, names in FIM_NAMES.items():
+            ids = [i for i in map(self.backend.token_to_id, names) if i is not None]
+            found[role] = ids[0] if ids else None
+        return Fim(**found) if None not in (found["pre"], found["suf"], found["mid"]) else None
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
