@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, embeddings, llama_cpp, openai_responses, protocol, reasoning, scores,
-                    sglang, tools)
+from server import (adapters, anthropic_messages, embeddings, llama_cpp, ollama, openai_responses, protocol, reasoning,
+                    scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -104,7 +104,9 @@ class Server:
         llama_cpp.routes(app, self)
         sglang.routes(app, self)
         adapters.routes(app, self)
-        scores.routes(app, embeddings.routes(app, self))
+        emb = embeddings.routes(app, self)
+        scores.routes(app, emb)
+        ollama.routes(app, self, emb)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
         app.router.add_post("/tokenize", self.tokenize)
@@ -136,7 +138,8 @@ class Server:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else ApiError.body
+        shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else \
+            ollama.error_body if request.path.startswith("/api/") else ApiError.body
         try:
             guarded = request.path.startswith(("/v1", "/v2")) and request.method != "OPTIONS"  # not preflights
             if self.api_key and guarded:
@@ -234,6 +237,7 @@ class Server:
         if name in self.engine.adapters:  # an adapter's own name first (it may look like Fireworks' path)
             return name
         short = name.rsplit("/models/", 1)[-1] if name.startswith(MODEL_PREFIX) else name
+        short = short.removesuffix(":latest")  # Ollama's name for a model without a tag
         if short == self.name:
             return None
         if short in self.engine.adapters:
@@ -503,7 +507,8 @@ class Server:
         each piece of the reply (read through `turn`), `face.closing()`; on failure `face.failed(error)`, each a
         list of events that `face.encode` frames. Timeouts, engine errors, slow readers and gone clients are
         handled here, the same for every API."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(headers={"Content-Type": getattr(face, "content_type", "text/event-stream"),
+                                           "Cache-Control": "no-cache"})
 
         async def send(evs: list[dict]) -> None:
             await self.write(resp, b"".join(face.encode(ev) for ev in evs))

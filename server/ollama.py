@@ -1,0 +1,408 @@
+"""Ollama's API, translated onto the chat, completions and embeddings paths: for the applications written against a
+local Ollama (Open WebUI, LangChain's and LlamaIndex's Ollama classes, the `ollama` clients, editors' plugins).
+
+- `POST /api/chat`: `messages` (with `thinking`, `tool_calls` whose arguments are objects, and `tool` results, each
+  matched to the earlier call of its `tool_name`, or the oldest one unanswered), `tools`, `format` ("json" or a JSON
+  schema), `think`, `options` and `stream` (default true) become a chat-completions body; the reply's `message` has
+  `content`, `thinking` and `tool_calls` (arguments as objects).
+- `POST /api/generate`: `prompt` with `system` through the chat template, or as it is with `raw`; with `suffix`,
+  fill in the middle (`server.infill`); `context` (the ids an earlier reply returned) goes before the prompt, and
+  the reply returns the conversation's ids again as `context`.
+- `options`: `num_predict` (-1 and -2: until the end of sequence or the context), `temperature`, `top_k`, `top_p`,
+  `min_p`, `typical_p`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`, `mirostat` 2
+  with `mirostat_tau` and `mirostat_eta`; `repeat_last_n` 0 turns the penalties off (another window is the whole
+  prompt and reply); the runner's options (`num_ctx`, `num_gpu`, `num_thread`, ...) are accepted and change nothing:
+  the server was started with its context and devices. `keep_alive` likewise (the model stays loaded). Absent
+  fields take the model's defaults, as the other APIs here do.
+- Replies carry Ollama's figures: `done_reason`, `prompt_eval_count` (every prompt token, the cached ones too),
+  `eval_count`, and the durations in nanoseconds. A stream is newline-delimited JSON, one object a piece, the last
+  with `done: true` and the figures. An empty `messages` or `prompt` is Ollama's "load" reply.
+- `POST /api/embed` (normalized vectors of one input or a list; `truncate`, default true, keeps each input's last
+  tokens that fit, false makes an input too long a 400) and the older `POST /api/embeddings` (`prompt`, one vector
+  as the model pools it).
+- `GET /api/tags`, `POST /api/show`, `GET /api/ps` and `GET /api/version` describe the one served model; its name
+  is also accepted as `name:latest`, as Ollama writes a name without a tag.
+
+Errors are Ollama's `{"error": message}` with the same status codes as the other APIs (`error_body`). Images are a
+400: the served models read text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from aiohttp import web
+
+from models import pooling
+from server import protocol
+from server.protocol import ApiError, bad
+from server.turn import Piece, Turn
+
+OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+           "typical_p": "typical_p", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+RUNNER = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock", "numa",
+          "low_vram", "vocab_only", "f16_kv", "logits_all", "penalize_newline", "tfs_z")
+NAMES = {ours: f"options.{theirs}" for theirs, ours in OPTIONS.items()} | {
+    "max_tokens": "options.num_predict", "mirostat_target": "options.mirostat_tau",
+    "mirostat_lr": "options.mirostat_eta", "response_format": "format", "reasoning_effort": "think"}
+VERSION = "0.12.0"  # the Ollama API version whose shapes these are (what `/api/version` tells clients)
+
+
+def routes(app: web.Application, server, embeddings) -> None:
+    """Add Ollama's routes to `app`; `embeddings`: the server's `server.embeddings.Embeddings`."""
+    api = Ollama(server, embeddings)
+    app.router.add_post("/api/chat", api.chat)
+    app.router.add_post("/api/generate", api.generate)
+    app.router.add_post("/api/embed", api.embed)
+    app.router.add_post("/api/embeddings", api.embeddings)
+    app.router.add_get("/api/tags", api.tags)
+    app.router.add_post("/api/show", api.show)
+    app.router.add_get("/api/ps", api.ps)
+    app.router.add_get("/api/version", api.version)
+
+
+def error_body(e: ApiError) -> dict:
+    """An error in Ollama's shape."""
+    return {"error": e.message}
+
+
+def now() -> str:
+    """The time now as Ollama writes it (RFC 3339, UTC)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def options(body: dict) -> dict:
+    """The completions fields of a body's `options` (400s for a value of the wrong kind; the runner's are dropped)."""
+    opts = body.get("options")
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise bad("'options' must be an object", "options")
+    out = {ours: opts[theirs] for theirs, ours in OPTIONS.items() if opts.get(theirs) is not None}
+    n = opts.get("num_predict")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -2:
+            raise bad("'options.num_predict' must be an integer >= 1, or -1 or -2 (until the end)",
+                      "options.num_predict")
+        if n > 0:
+            out["max_tokens"] = n
+    if opts.get("repeat_last_n") == 0:  # no penalty window, no penalties (llama.cpp's, and so Ollama's)
+        for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            out.pop(k, None)
+    mirostat = opts.get("mirostat", 0)
+    if mirostat not in (0, 2):
+        raise bad("'options.mirostat' must be 0 (off) or 2 (mirostat v2; v1 is not served)", "options.mirostat")
+    if mirostat == 2:
+        out["mirostat_target"] = opts.get("mirostat_tau", 5.0)
+        out["mirostat_lr"] = opts.get("mirostat_eta", 0.1)
+    if isinstance(out.get("stop"), str):
+        out["stop"] = [out["stop"]]
+    return out
+
+
+def common(body: dict) -> dict:
+    """The fields chat and generate share: options, `format`, `think`, `stream` (Ollama's default: true)."""
+    out = options(body)
+    out["stream"] = body.get("stream", True)
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise bad("'format' must be \"json\" or a JSON schema (an object)", "format")
+    if body.get("think") is not None:
+        out["reasoning_effort"] = body["think"]
+    return out
+
+
+def _text(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise bad(f"{where} must be a string", where)
+    return v
+
+
+def messages(msgs: Any) -> list[dict]:
+    """Ollama's messages as chat completions' (tool calls numbered, each tool result matched to its call)."""
+    if not isinstance(msgs, list):
+        raise bad("'messages' must be a list", "messages")
+    out, waiting = [], []  # waiting: (id, name) of calls not yet answered, oldest first
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{where} must be an object with a role of system, user, assistant or tool", "messages")
+        if m.get("images"):
+            raise bad(f"{where} has images; the served model reads text only", "messages")
+        msg = {"role": m["role"], "content": _text(m.get("content", ""), f"{where}.content")}
+        if m["role"] == "assistant":
+            if m.get("thinking"):
+                msg["reasoning_content"] = _text(m["thinking"], f"{where}.thinking")
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise bad(f"{where}.tool_calls must be a list", "messages")
+            msg_calls = []
+            for j, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                        not isinstance(fn.get("arguments", {}), (dict, str)):
+                    raise bad(f"{where}.tool_calls[{j}] must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}",
+                              "messages")
+                args = fn.get("arguments", {})
+                cid = f"call_{i}_{j}"
+                msg_calls.append({"id": cid, "type": "function", "function": {
+                    "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+                waiting.append((cid, fn["name"]))
+            if msg_calls:
+                msg["tool_calls"] = msg_calls
+        elif m["role"] == "tool":
+            name = m.get("tool_name")
+            match = next((w for w in waiting if w[1] == name), waiting[0] if waiting else None)
+            if match is None:
+                raise bad(f"{where} is a tool result with no earlier assistant tool call to answer", "messages")
+            waiting.remove(match)
+            msg["tool_call_id"] = match[0]
+        out.append(msg)
+    return out
+
+
+def ollama_calls(turn: Turn) -> list[dict]:
+    """A turn's tool calls in Ollama's shape (arguments as an object where they parse as one)."""
+    out = []
+    for c in turn.calls:
+        try:
+            args = json.loads(c["arguments"] or "{}")
+        except ValueError:
+            args = c["arguments"]
+        out.append({"function": {"name": c["name"], "arguments": args}})
+    return out
+
+
+class Reply:
+    """One reply of chat (`message`) or generate (`response`), whole or as its stream (`Server.sse`'s face)."""
+
+    content_type = "application/x-ndjson"
+
+    def __init__(self, server, call, job: protocol.Job, turn: Turn, chat: bool):
+        self.server, self.call, self.job, self.turn, self.chat = server, call, job, turn, chat
+        self.req = call.reqs[0]
+        self.choice = self.req.choices[0]
+
+    @staticmethod
+    def encode(ev: dict) -> bytes:
+        """One line of newline-delimited JSON."""
+        return json.dumps(ev).encode() + b"\n"
+
+    def opening(self) -> list[dict]:
+        """Nothing: the stream starts with the first piece."""
+        return []
+
+    def add(self, piece: Piece) -> list[dict]:
+        """A piece's text and thinking (tool calls come whole, before the end)."""
+        if not piece.text and not piece.reasoning:
+            return []
+        return [self.chunk(piece.text, piece.reasoning)]
+
+    def chunk(self, text: str, thinking: str, calls: list[dict] | None = None, done: bool = False) -> dict:
+        """An object of the reply: its text (and thinking, and tool calls) so far or whole."""
+        out = {"model": self.server.served(self.call), "created_at": now()}
+        if self.chat:
+            msg = {"role": "assistant", "content": text}
+            msg.update({"thinking": thinking} if thinking else {})
+            msg.update({"tool_calls": calls} if calls else {})
+            out["message"] = msg
+        else:
+            out["response"] = text
+            out.update({"thinking": thinking} if thinking else {})
+        out["done"] = done
+        return out
+
+    def closing(self) -> list[dict]:
+        """The tool calls, if any, then the last object with the figures."""
+        calls = ollama_calls(self.turn)
+        return ([self.chunk("", "", calls)] if calls else []) + [self.final("", "")]
+
+    def whole(self) -> dict:
+        """The reply as one object."""
+        return self.final(self.turn.text, self.turn.reasoning, ollama_calls(self.turn))
+
+    def final(self, text: str, thinking: str, calls: list[dict] | None = None) -> dict:
+        """The last object: `done`, `done_reason`, counts and durations (ns); generate's `context`."""
+        out = self.chunk(text, thinking, calls, done=True)
+        took, end = self.call.took, time.monotonic()
+        first = took.first if took.first is not None else end
+        c, req = self.choice, self.req
+        out.update(done_reason="length" if c.finish_reason == "length" else "stop",
+                   total_duration=int((end - took.start) * 1e9), load_duration=0,
+                   prompt_eval_count=len(req.prompt_ids), prompt_eval_duration=int((first - took.start) * 1e9),
+                   eval_count=len(c.token_ids), eval_duration=int((end - first) * 1e9))
+        if not self.chat:
+            out["context"] = [*req.prompt_ids, *c.token_ids]
+        return out
+
+    @staticmethod
+    def failed(e: ApiError) -> list[dict]:
+        """An error object."""
+        return [error_body(e)]
+
+
+class Ollama:
+    """Ollama's routes of one `Server`."""
+
+    def __init__(self, server, embeddings):
+        self.server, self.emb = server, embeddings
+        self.modified = now()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/chat."""
+        async def answer(body, call) -> web.StreamResponse:
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            if body.get("messages") in (None, []):
+                return self.loaded(body, {"message": {"role": "assistant", "content": ""}})
+            plain = {**common(body), "messages": messages(body["messages"])}
+            if body.get("tools"):  # the ollama client sends an empty list for none
+                plain["tools"] = body["tools"]
+            return await self._answer(request, plain, "chat", call)
+        return await self.server.serve(request, answer)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/generate."""
+        async def answer(body, call) -> web.StreamResponse:
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            if body.get("images"):
+                raise bad("'images': the served model reads text only", "images")
+            if body.get("template"):
+                raise bad("'template' (a Go template) is not served; the model's chat template applies, or send "
+                          "raw: true with the prompt written out", "template")
+            prompt = _text(body.get("prompt", ""), "prompt")
+            suffix = _text(body.get("suffix", ""), "suffix")
+            context = body.get("context")
+            if context is not None and not protocol.is_ids(context):
+                raise bad("'context' must be a list of token ids", "context")
+            if not prompt and not suffix and not context:
+                return self.loaded(body, {"response": ""})
+            plain = common(body)
+            if suffix:
+                plain.update(prompt=prompt, suffix=suffix)
+                return await self._answer(request, plain, "completion", call)
+            if body.get("raw"):
+                if context:
+                    tok = self.server.engine.tok
+                    prompt = [*context, *tok.encode(prompt, add_special_tokens=False)] if tok is not None else context
+                return await self._answer(request, {**plain, "prompt": prompt}, "completion", call)
+            system = body.get("system")
+            plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            return await self._answer(request, plain, "chat", call, context or [], chat=False)
+        return await self.server.serve(request, answer)
+
+    async def _answer(self, request, plain: dict, kind: str, call, context: list[int] = (),
+                      chat: bool | None = None) -> web.StreamResponse:
+        """Parse a translated body, run it, and answer whole or streamed; `context`: ids before the prompt."""
+        try:
+            job = await self.server.parse(plain, kind)
+        except ApiError as e:
+            raise e.renamed(NAMES) from None
+        if context:
+            job.prompts[0] = protocol.in_vocab(self.server.model, list(context), "'context'", "context") + \
+                job.prompts[0]
+        parts, events = self.server.admit(job, call, "ollama-")
+        turn = Turn(job)
+        face = Reply(self.server, call, job, turn, kind == "chat" if chat is None else chat)
+        if job.stream:
+            return await self.server.sse(request, call, events, turn, face)
+        await self.server.collect(events, call)
+        turn.feed(face.choice.text, face.choice.finish_reason)
+        return web.json_response(face.whole())
+
+    def loaded(self, body: dict, empty: dict) -> web.Response:
+        """Ollama's reply to a request with nothing to generate: the model is loaded (it always is here)."""
+        return web.json_response({"model": body.get("model") or self.server.name, "created_at": now(), **empty,
+                                  "done_reason": "load", "done": True})
+
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/embed: normalized vectors of `input` (a string or a list)."""
+        async def answer(body, call) -> web.Response:
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            truncate = body.get("truncate", True)
+            if not isinstance(truncate, bool):
+                raise bad("'truncate' must be a boolean", "truncate")
+            ask_body = {"input": body.get("input"), "dimensions": body.get("dimensions"), "normalize": True,
+                        **({"truncate_prompt_tokens": -1} if truncate else {})}
+            start = time.monotonic()
+            ask = await self.server.off_loop(self.emb.parse, ask_body)
+            vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), True, ask.dimensions)
+            return web.json_response({"model": self.server.served(call), "embeddings": vectors.tolist(),
+                                      "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
+                                      "prompt_eval_count": sum(map(len, ask.inputs))})
+        return await self.server.serve(request, answer)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/embeddings: Ollama's older route, one `prompt`'s vector as the model pools it."""
+        async def answer(body, call) -> web.Response:
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
+                raise bad("'prompt' must be a non-empty string", "prompt")
+            ask = await self.server.off_loop(self.emb.parse, {"input": body["prompt"]})
+            vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), ask.normalize, None)
+            return web.json_response({"embedding": vectors[0].tolist()})
+        return await self.server.serve(request, answer)
+
+    def entry(self) -> dict:
+        """The served model as `/api/tags` and `/api/ps` list it."""
+        s = self.server
+        leaves = jax.tree.leaves(s.model.params)
+        size = sum(x.nbytes for x in leaves)
+        return {"name": s.name, "model": s.name, "modified_at": self.modified, "size": size,
+                "digest": hashlib.sha256(f"{s.name}\0{s.model.source}".encode()).hexdigest(),
+                "details": self.details(sum(x.size for x in leaves))}
+
+    def details(self, count: int) -> dict:
+        """The model's `details`: format, family, size and quantization."""
+        cfg = self.server.model.cfg
+        family = cfg.arch.removesuffix("ForCausalLM").lower() or "unknown"
+        fmt = "gguf" if os.path.splitext(str(self.server.model.source))[1] == ".gguf" else "safetensors"
+        size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+        quant = cfg.quantization.upper() if cfg.quantization != "none" else str(cfg.dtype).upper()
+        return {"parent_model": "", "format": fmt, "family": family, "families": [family], "parameter_size": size,
+                "quantization_level": quant}
+
+    async def tags(self, request: web.Request) -> web.Response:
+        """GET /api/tags: the served model."""
+        return web.json_response({"models": [self.entry()]})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        """GET /api/ps: the served model, loaded on the devices until the server stops."""
+        entry = self.entry()
+        return web.json_response({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z",
+                                              "size_vram": entry["size"]}]})
+
+    async def show(self, request: web.Request) -> web.Response:
+        """POST /api/show: the served model's template, details, configuration and capabilities."""
+        body = await self.server._body(request)
+        self.server._check_model({"model": body.get("model") or body.get("name")} if isinstance(body, dict) else {})
+        s, tok = self.server, self.server.engine.tok
+        entry, template = self.entry(), (tok.chat_template or "") if tok is not None else ""
+        caps = ["completion"] + (["tools"] if "tools" in template else []) + \
+            (["insert"] if tok is not None and tok.fim is not None else []) + (["thinking"] if s.thinks else [])
+        cfg = s.model.cfg
+        arch = entry["details"]["family"]
+        info = {"general.architecture": arch, f"{arch}.context_length": s.engine.max_len,
+                f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_layers,
+                "general.parameter_count": sum(x.size for x in jax.tree.leaves(s.model.params))}
+        return web.json_response({"modelfile": f"FROM {s.model.source}\n", "parameters": "", "template": template,
+                                  "details": entry["details"], "model_info": info, "capabilities": caps,
+                                  "modified_at": self.modified})
+
+    async def version(self, request: web.Request) -> web.Response:
+        """GET /api/version: the Ollama API version served, and this server's."""
+        return web.json_response({"version": VERSION, "sparkler": importlib.metadata.version("sparkler")})
