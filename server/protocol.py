@@ -425,6 +425,8 @@ def _suffix(model: Model, body: dict, echo: bool) -> list[int] | None:
                   "(a code model's <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>, or the like)", "suffix")
     if echo:
         raise bad("'echo' cannot be combined with 'suffix' (the prompt is the text before the middle)", "echo")
+    if body.get("truncate_prompt_tokens") is not None:  # its cut from the left would drop the FIM prefix token
+        raise bad("'truncate_prompt_tokens' cannot be combined with 'suffix'", "truncate_prompt_tokens")
     return model.tokenizer.encode(bounded(model, v, "suffix"), add_special_tokens=False)
 
 

@@ -89,6 +89,10 @@ def test_suffix_fills_the_middle_through_the_openai_client(coder):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="coder", prompt=PREFIX, suffix=SUFFIX, max_tokens=2, echo=True)
     assert e.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="coder", prompt=PREFIX, suffix=SUFFIX, max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": 8})
+    assert e.value.body["param"] == "truncate_prompt_tokens"
 
 
 def test_llama_cpp_infill_with_other_files_and_a_cut(coder):
