@@ -11,16 +11,22 @@ has them infills, from an HF folder or a GGUF. Two APIs ask for it:
   `input_suffix`, `prompt` (the text just before the cursor, after the prefix) and `input_extra`, other files of
   the project, put before the prefix in the repository-level form (Qwen2.5-Coder's report, arXiv 2409.12186):
   `[FIM_REP]myproject\\n[FIM_SEP]name\\ntext...[FIM_SEP]filename\\n[FIM_PRE]...` with llama.cpp's placeholders for
-  the names it is not given, so a client tuned against llama.cpp sees the same prompt here; a vocabulary without
-  those tokens gets each file after llama.cpp's separator line. What does not fit the context (less room for the
-  reply: `n_predict`, or a quarter of the context) is cut: first the oldest of the other files, then the prefix's
-  start and the suffix's end, the suffix keeping at least a quarter of the room (llama.cpp's split is 3:1).
+  the names it is not given, so a client tuned against llama.cpp sees its layout here; a vocabulary without
+  those tokens gets each file after llama.cpp's separator line. Two differences: a tokenizer's BOS starts the
+  sequence (llama.cpp puts it after the other files), and the prefix and suffix are cut to the context, not to
+  llama.cpp's batch (it keeps at most 3/4 and 1/4 of `--batch-size` tokens of them). What does not fit the context
+  less the reply's room (`n_predict`, or a quarter of the context) is cut: first the oldest of the other files,
+  then the prefix's start and the suffix's end, the suffix keeping at least a quarter of the room.
+
+Text is tokenized as the other APIs here tokenize it: a special token's text inside it (`<|fim_middle|>` in a
+file) is that token, where llama.cpp's `/infill` reads it as plain text.
 
 The model's padding, repository and file-separator tokens end an infill beside its end of sequence (`Fim.ends`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from engine.params import InvalidRequest
@@ -35,11 +41,14 @@ def lead(tok) -> list[int]:
     return [bos] if bos is not None and bos in tok.encode("", add_special_tokens=True) else []
 
 
-def arrange(tok, prefix: list[int], suffix: list[int], prompt: list[int] = (), context: list[int] = (),
-            room: int | None = None) -> list[int]:
-    """The infill prompt, `[BOS] context [FIM_PRE] prefix prompt [FIM_SUF] suffix [FIM_MID]`; with `room`, cut to
-    at most that many tokens (the module doc says how), an `InvalidRequest` when the fixed parts alone exceed it."""
+def arrange(tok, prefix: Sequence[int], suffix: Sequence[int], prompt: Sequence[int] = (),
+            context: Sequence[int] = (), room: int | None = None) -> list[int]:
+    """The infill prompt, `[BOS] context [FIM_PRE] prefix prompt [FIM_SUF] suffix [FIM_MID]` (a BOS the prefix's
+    ids begin with is not repeated); with `room`, cut to at most that many tokens (the module doc says how), an
+    `InvalidRequest` when the fixed parts alone exceed it."""
     fim, start = tok.fim, lead(tok)
+    if start and list(prefix[:1]) == start:
+        prefix = prefix[1:]
     if room is not None:
         avail = room - len(start) - len(prompt) - 3
         if avail < 0:
@@ -57,7 +66,10 @@ def arrange(tok, prefix: list[int], suffix: list[int], prompt: list[int] = (), c
 def repository(tok, extra: list[dict]) -> list[int]:
     """The other files before the prefix, as llama.cpp's `/infill` writes them (the module doc)."""
     fim, out = tok.fim, []
-    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
     if fim.rep is not None:
         out += [fim.rep, *encode(PROJECT + "\n")]
     for chunk in extra:
@@ -71,6 +83,8 @@ def repository(tok, extra: list[dict]) -> list[int]:
 def text_ids(v: Any, tok, param: str) -> list[int]:
     """A field of text, token ids, or both mixed (llama.cpp's), as token ids; text is tokenized without special
     tokens."""
+    if v is None:  # llama.cpp's clients send null for "none"
+        return []
     if isinstance(v, str):
         return tok.encode(v, add_special_tokens=False) if v else []
     if isinstance(v, list) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v):
@@ -98,6 +112,9 @@ def infill_prompt(body: dict, tok, max_len: int) -> list[int]:
     """The token ids of a llama.cpp `/infill` body, fitted to a context of `max_len` less the reply's room."""
     n = body.get("n_predict")
     reply = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else max_len // 4
+    if reply > max_len - len(lead(tok)) - 3:
+        raise InvalidRequest(f"'n_predict' ({reply}) leaves no room for the infill's prompt in this model's context of "
+                             f"{max_len} tokens", "n_predict")
     parts = {k: text_ids(body.get(k, ""), tok, k) for k in ("input_prefix", "input_suffix", "prompt")}
     return arrange(tok, parts["input_prefix"], parts["input_suffix"], parts["prompt"],
                    repository(tok, extra_files(body.get("input_extra"))), room=max(max_len - reply, 0))

@@ -106,10 +106,7 @@ def _one(p: Any, tok) -> str | list[int]:
             return p
         if tok is None:
             raise bad("a prompt with text needs the model's tokenizer", "prompt")
-        ids: list[int] = []
-        for x in p:
-            ids += tok.encode(x, add_special_tokens=False) if isinstance(x, str) else [x]
-        return ids
+        return infill.text_ids(p, tok, "prompt")
     raise bad("'prompt' must be a string, a list of token ids, a list of strings and token ids, or a list of "
               "such prompts", "prompt")
 

@@ -14,7 +14,8 @@ from models.loading.tokenizer import Fim
 from server import infill
 from test_server import http
 
-FIM = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+FIM = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+       "\u2581<EOT>"]  # Qwen2.5-Coder's, and CodeLlama's end of an infill
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
 
 
@@ -63,7 +64,7 @@ def test_the_vocabulary_names_its_fim_tokens(coder, smollm):
     middle, so it cannot infill."""
     tok = coder.model.tokenizer
     ids = tok.convert_tokens_to_ids(FIM)
-    assert tok.fim == Fim(pre=ids[0], mid=ids[1], suf=ids[2], pad=ids[3], rep=ids[4], sep=ids[5])
+    assert tok.fim == Fim(pre=ids[0], mid=ids[1], suf=ids[2], pad=ids[3], rep=ids[4], sep=ids[5], eot=ids[6])
     assert tok.fim.ends == ids[3:]
     assert smollm.tokenizer.fim is None
 
@@ -139,6 +140,12 @@ def test_llama_cpp_infill_with_other_files_and_a_cut(coder):
     assert status == 400 and r["error"]["param"] == "input_prefix"
     status, r, _ = http(coder, "POST", "/infill", {**body, "prompt": "x " * 200})
     assert status == 400 and r["error"]["param"] == "prompt"
+    status, r, _ = http(coder, "POST", "/infill", {**body, "n_predict": 126})
+    assert status == 400 and r["error"]["param"] == "n_predict"
+    status, r, _ = http(coder, "POST", "/infill", {**body, "input_suffix": None, "input_extra": None})
+    bare = [fim.rep, *encode(infill.PROJECT + "\n"), fim.sep, *encode(infill.FILE + "\n"), fim.pre, *encode(PREFIX),
+            *encode("return"), fim.suf, fim.mid]  # null is none; the project's and file's lines come all the same
+    assert status == 200 and r["prompt"] == tok.decode(bare) and r["tokens_evaluated"] == len(bare), r
 
 
 def test_a_model_without_fim_tokens_says_so(api, client):

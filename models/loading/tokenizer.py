@@ -36,6 +36,7 @@ FIM_NAMES = {
     "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
     "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "sep": ("<|file_sep|>",),
+    "eot": ("<EOT>", "\u2581<EOT>"),  # CodeLlama's end of an infill
 }
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
          "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -44,7 +45,7 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "
 @dataclasses.dataclass(frozen=True)
 class Fim:
     """A vocabulary's fill-in-the-middle token ids: prefix, suffix and middle (every infilling model has them), and
-    where it has them the padding, repository-name and file-separator tokens (None where not)."""
+    where it has them the padding, repository-name, file-separator and end-of-infill tokens (None where not)."""
 
     pre: int
     suf: int
@@ -52,12 +53,13 @@ class Fim:
     pad: int | None = None
     rep: int | None = None
     sep: int | None = None
+    eot: int | None = None
 
     @property
     def ends(self) -> list[int]:
-        """Tokens that end an infill beside the end of sequence, as llama.cpp's end-of-generation set: a model that
-        has written the middle goes on to pad, or to the next file."""
-        return [t for t in (self.pad, self.rep, self.sep) if t is not None]
+        """Tokens that end an infill beside the end of sequence, as in llama.cpp's end-of-generation set: a model
+        that has written the middle goes on to pad, to the next file, or to its end-of-infill token."""
+        return [t for t in (self.pad, self.rep, self.sep, self.eot) if t is not None]
 
 
 class Tokenizer:
