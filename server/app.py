@@ -141,7 +141,7 @@ class Server:
         shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else \
             ollama.error_body if request.path.startswith("/api/") else ApiError.body
         try:
-            guarded = request.path.startswith(("/v1", "/v2")) and request.method != "OPTIONS"  # not preflights
+            guarded = request.path.startswith(("/v1", "/v2", "/api/")) and request.method != "OPTIONS"  # not preflights
             if self.api_key and guarded:
                 keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
                 if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:

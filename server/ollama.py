@@ -8,16 +8,17 @@ local Ollama (Open WebUI, LangChain's and LlamaIndex's Ollama classes, the `olla
 - `POST /api/generate`: `prompt` with `system` through the chat template, or as it is with `raw`; with `suffix`,
   fill in the middle (`server.infill`); `context` (the ids an earlier reply returned) goes before the prompt, and
   the reply returns the conversation's ids again as `context`.
-- `options`: `num_predict` (-1 and -2: until the end of sequence or the context), `temperature`, `top_k`, `top_p`,
-  `min_p`, `typical_p`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`, `mirostat` 2
-  with `mirostat_tau` and `mirostat_eta`; `repeat_last_n` 0 turns the penalties off (another window is the whole
-  prompt and reply); the runner's options (`num_ctx`, `num_gpu`, `num_thread`, ...) are accepted and change nothing:
-  the server was started with its context and devices. `keep_alive` likewise (the model stays loaded). Absent
-  fields take the model's defaults, as the other APIs here do.
+- `options`: `num_predict` (absent, -1, -2 or 0: until the end of sequence or the context), `temperature` (any),
+  `top_k`, `top_p`, `min_p`, `typical_p`, `repeat_penalty`, `presence_penalty`, `frequency_penalty`, `seed` (-1:
+  random), `stop` (up to 64), `mirostat` 2 with `mirostat_tau` and `mirostat_eta`; `repeat_last_n` 0 turns the
+  penalties off (another window is the whole prompt and reply); the runner's options (`num_ctx`, `num_gpu`,
+  `num_thread`, ...) are accepted and change nothing: the server was started with its context and devices.
+  `keep_alive` likewise (the model stays loaded). A null field is one not given; absent fields take the model's
+  defaults, as the other APIs here do.
 - Replies carry Ollama's figures: `done_reason`, `prompt_eval_count` (every prompt token, the cached ones too),
   `eval_count`, and the durations in nanoseconds. A stream is newline-delimited JSON, one object a piece, the last
   with `done: true` and the figures. An empty `messages` or `prompt` is Ollama's "load" reply.
-- `POST /api/embed` (normalized vectors of one input or a list; `truncate`, default true, keeps each input's last
+- `POST /api/embed` (normalized vectors of one input or a list; `truncate`, default true, keeps each input's first
   tokens that fit, false makes an input too long a 400) and the older `POST /api/embeddings` (`prompt`, one vector
   as the model pools it).
 - `GET /api/tags`, `POST /api/show`, `GET /api/ps` and `GET /api/version` describe the one served model; its name
@@ -48,8 +49,7 @@ from server.turn import Piece, Turn
 OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
            "typical_p": "typical_p", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
-RUNNER = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap", "use_mlock", "numa",
-          "low_vram", "vocab_only", "f16_kv", "logits_all", "penalize_newline", "tfs_z")
+MAX_STOPS = 64  # Ollama takes any number; the OpenAI API's bound of 4 is not Ollama's
 NAMES = {ours: f"options.{theirs}" for theirs, ours in OPTIONS.items()} | {
     "max_tokens": "options.num_predict", "mirostat_target": "options.mirostat_tau",
     "mirostat_lr": "options.mirostat_eta", "response_format": "format", "reasoning_effort": "think"}
@@ -79,21 +79,25 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def options(body: dict) -> dict:
-    """The completions fields of a body's `options` (400s for a value of the wrong kind; the runner's are dropped)."""
+def options(body: dict, max_len: int) -> dict:
+    """The completions fields of a body's `options` (null ones are not given; 400s for a value of the wrong kind;
+    the runner's options are dropped); a reply runs to the end of the context unless `num_predict` > 0 says less."""
     opts = body.get("options")
     if opts is None:
-        return {}
+        opts = {}
     if not isinstance(opts, dict):
         raise bad("'options' must be an object", "options")
-    out = {ours: opts[theirs] for theirs, ours in OPTIONS.items() if opts.get(theirs) is not None}
-    n = opts.get("num_predict")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -2:
-            raise bad("'options.num_predict' must be an integer >= 1, or -1 or -2 (until the end)",
-                      "options.num_predict")
-        if n > 0:
-            out["max_tokens"] = n
+    opts = {k: int(v) if isinstance(v, float) and v.is_integer() and k != "temperature" else v
+            for k, v in opts.items() if v is not None}  # Ollama reads 128.0 as 128
+    out = {ours: opts[theirs] for theirs, ours in OPTIONS.items() if theirs in opts}
+    if out.get("seed") == -1:  # Ollama's and llama.cpp's "a random seed"
+        del out["seed"]
+    if isinstance(out.get("top_k"), int) and out["top_k"] <= 0:
+        out["top_k"] = 0  # the whole vocabulary
+    n = opts.get("num_predict", -1)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise bad("'options.num_predict' must be an integer (-1, -2 or 0: until the end)", "options.num_predict")
+    out["max_tokens"] = n if n > 0 else max_len  # lowered to the room the prompt leaves
     if opts.get("repeat_last_n") == 0:  # no penalty window, no penalties (llama.cpp's, and so Ollama's)
         for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             out.pop(k, None)
@@ -105,13 +109,16 @@ def options(body: dict) -> dict:
         out["mirostat_lr"] = opts.get("mirostat_eta", 0.1)
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]
+    stops = out.get("stop", [])
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > MAX_STOPS:
+        raise bad(f"'options.stop' must be a list of at most {MAX_STOPS} non-empty strings", "options.stop")
     return out
 
 
-def common(body: dict) -> dict:
-    """The fields chat and generate share: options, `format`, `think`, `stream` (Ollama's default: true)."""
-    out = options(body)
-    out["stream"] = body.get("stream", True)
+def common(body: dict, max_len: int) -> dict:
+    """The fields chat and generate share: options, `format`, `think`, `stream` (Ollama's default, null too: true)."""
+    out = options(body, max_len)
+    out["stream"] = True if body.get("stream") is None else body["stream"]
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -125,6 +132,9 @@ def common(body: dict) -> dict:
 
 
 def _text(v: Any, where: str) -> str:
+    """A text field (null: empty), or a 400."""
+    if v is None:
+        return ""
     if not isinstance(v, str):
         raise bad(f"{where} must be a string", where)
     return v
@@ -141,7 +151,7 @@ def messages(msgs: Any) -> list[dict]:
             raise bad(f"{where} must be an object with a role of system, user, assistant or tool", "messages")
         if m.get("images"):
             raise bad(f"{where} has images; the served model reads text only", "messages")
-        msg = {"role": m["role"], "content": _text(m.get("content", ""), f"{where}.content")}
+        msg = {"role": m["role"], "content": _text(m.get("content"), f"{where}.content")}
         if m["role"] == "assistant":
             if m.get("thinking"):
                 msg["reasoning_content"] = _text(m["thinking"], f"{where}.thinking")
@@ -156,15 +166,16 @@ def messages(msgs: Any) -> list[dict]:
                     raise bad(f"{where}.tool_calls[{j}] must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}",
                               "messages")
                 args = fn.get("arguments", {})
-                cid = f"call_{i}_{j}"
+                cid = c.get("id") if isinstance(c.get("id"), str) else f"call_{i}_{j}"
                 msg_calls.append({"id": cid, "type": "function", "function": {
                     "name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
                 waiting.append((cid, fn["name"]))
             if msg_calls:
                 msg["tool_calls"] = msg_calls
         elif m["role"] == "tool":
-            name = m.get("tool_name")
-            match = next((w for w in waiting if w[1] == name), waiting[0] if waiting else None)
+            name, cid = m.get("tool_name"), m.get("tool_call_id")
+            match = next((w for w in waiting if w[0] == cid), None) or \
+                next((w for w in waiting if w[1] == name), waiting[0] if waiting else None)
             if match is None:
                 raise bad(f"{where} is a tool result with no earlier assistant tool call to answer", "messages")
             waiting.remove(match)
@@ -174,14 +185,16 @@ def messages(msgs: Any) -> list[dict]:
 
 
 def ollama_calls(turn: Turn) -> list[dict]:
-    """A turn's tool calls in Ollama's shape (arguments as an object where they parse as one)."""
+    """A turn's tool calls in Ollama's shape: arguments as an object (empty where they do not parse as one, as
+    the Messages API's `tool_use` input)."""
     out = []
     for c in turn.calls:
         try:
             args = json.loads(c["arguments"] or "{}")
         except ValueError:
-            args = c["arguments"]
-        out.append({"function": {"name": c["name"], "arguments": args}})
+            args = {}
+        args = args if isinstance(args, dict) else {}
+        out.append({"id": c["id"], "function": {"name": c["name"], "arguments": args}})
     return out
 
 
@@ -267,7 +280,7 @@ class Ollama:
                 raise bad("the request body must be a JSON object")
             if body.get("messages") in (None, []):
                 return self.loaded(body, {"message": {"role": "assistant", "content": ""}})
-            plain = {**common(body), "messages": messages(body["messages"])}
+            plain = {**common(body, self.server.engine.max_len), "messages": messages(body["messages"])}
             if body.get("tools"):  # the ollama client sends an empty list for none
                 plain["tools"] = body["tools"]
             return await self._answer(request, plain, "chat", call)
@@ -283,21 +296,21 @@ class Ollama:
             if body.get("template"):
                 raise bad("'template' (a Go template) is not served; the model's chat template applies, or send "
                           "raw: true with the prompt written out", "template")
-            prompt = _text(body.get("prompt", ""), "prompt")
-            suffix = _text(body.get("suffix", ""), "suffix")
+            prompt, suffix = _text(body.get("prompt"), "prompt"), _text(body.get("suffix"), "suffix")
             context = body.get("context")
             if context is not None and not protocol.is_ids(context):
                 raise bad("'context' must be a list of token ids", "context")
             if not prompt and not suffix and not context:
                 return self.loaded(body, {"response": ""})
-            plain = common(body)
+            plain = common(body, self.server.engine.max_len)
             if suffix:
                 plain.update(prompt=prompt, suffix=suffix)
                 return await self._answer(request, plain, "completion", call)
             if body.get("raw"):
+                if body.get("system"):
+                    raise bad("'system' goes through the template, and 'raw' asks for none", "system")
                 if context:
-                    tok = self.server.engine.tok
-                    prompt = [*context, *tok.encode(prompt, add_special_tokens=False)] if tok is not None else context
+                    prompt = [*context, *await self.server.off_loop(self._ids, prompt)]
                 return await self._answer(request, {**plain, "prompt": prompt}, "completion", call)
             system = body.get("system")
             plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
@@ -305,17 +318,26 @@ class Ollama:
             return await self._answer(request, plain, "chat", call, context or [], chat=False)
         return await self.server.serve(request, answer)
 
+    def _ids(self, text: str) -> list[int]:
+        """A raw prompt's ids after a `context` (on a parse thread)."""
+        if self.server.engine.tok is None:
+            raise bad("a text prompt needs the model's tokenizer", "prompt")
+        return self.server.engine.tok.encode(protocol.bounded(self.server.model, text, "prompt"),
+                                             add_special_tokens=False) if text else []
+
     async def _answer(self, request, plain: dict, kind: str, call, context: list[int] = (),
                       chat: bool | None = None) -> web.StreamResponse:
         """Parse a translated body, run it, and answer whole or streamed; `context`: ids before the prompt."""
+        stops = plain.pop("stop", [])  # past the OpenAI API's bound of 4: set after parsing, as llama.cpp's
         try:
-            job = await self.server.parse(plain, kind)
+            job = await self.server.parse(plain, kind, protocol.HOT)  # any temperature, as Ollama's
+            job.params.stop = stops
+            if context:
+                job.prompts[0] = protocol.in_vocab(self.server.model, list(context), "'context'", "context") + \
+                    job.prompts[0]
+            parts, events = self.server.admit(job, call, "ollama-")
         except ApiError as e:
             raise e.renamed(NAMES) from None
-        if context:
-            job.prompts[0] = protocol.in_vocab(self.server.model, list(context), "'context'", "context") + \
-                job.prompts[0]
-        parts, events = self.server.admit(job, call, "ollama-")
         turn = Turn(job)
         face = Reply(self.server, call, job, turn, kind == "chat" if chat is None else chat)
         if job.stream:
@@ -325,33 +347,49 @@ class Ollama:
         return web.json_response(face.whole())
 
     def loaded(self, body: dict, empty: dict) -> web.Response:
-        """Ollama's reply to a request with nothing to generate: the model is loaded (it always is here)."""
+        """Ollama's reply to a request with nothing to generate: the model is loaded (it always is here), or
+        "unloaded" for `keep_alive` 0 (it stays)."""
+        reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
         return web.json_response({"model": body.get("model") or self.server.name, "created_at": now(), **empty,
-                                  "done_reason": "load", "done": True})
+                                  "done_reason": reason, "done": True})
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
         """POST /api/embed: normalized vectors of `input` (a string or a list)."""
         async def answer(body, call) -> web.Response:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            truncate = body.get("truncate", True)
+            truncate = True if body.get("truncate") is None else body["truncate"]
             if not isinstance(truncate, bool):
                 raise bad("'truncate' must be a boolean", "truncate")
-            ask_body = {"input": body.get("input"), "dimensions": body.get("dimensions"), "normalize": True,
-                        **({"truncate_prompt_tokens": -1} if truncate else {})}
-            start = time.monotonic()
-            ask = await self.server.off_loop(self.emb.parse, ask_body)
+            start, model = time.monotonic(), self.server.served(call)
+            if body.get("input") in ("", []):  # Ollama's answer to nothing to embed
+                return web.json_response({"model": model, "embeddings": []})
+            ask = await self.server.off_loop(self._embed_ask, body, truncate)
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), True, ask.dimensions)
-            return web.json_response({"model": self.server.served(call), "embeddings": vectors.tolist(),
-                                      "total_duration": int((time.monotonic() - start) * 1e9), "load_duration": 0,
-                                      "prompt_eval_count": sum(map(len, ask.inputs))})
+            took = int((time.monotonic() - start) * 1e9)
+            out = {"model": model, "embeddings": vectors.tolist(), "total_duration": took, "load_duration": 0,
+                   "prompt_eval_count": sum(map(len, ask.inputs))}
+            return web.Response(body=await self.server.off_loop(json.dumps, out), content_type="application/json")
         return await self.server.serve(request, answer)
+
+    def _embed_ask(self, body: dict, truncate: bool):
+        """An `/api/embed` body as the embeddings path's parsed request; with `truncate`, each input's first tokens
+        that fit (Ollama keeps the start)."""
+        raw = body.get("input")
+        if truncate and self.server.engine.tok is not None:
+            texts = [raw] if isinstance(raw, str) else raw
+            if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+                most, tok = self.server.engine.runner.embed_sizes[-1], self.server.engine.tok
+                raw = [tok.encode(protocol.bounded(self.server.model, t, "input"))[:most] for t in texts]
+        return self.emb.parse({"input": raw, "dimensions": body.get("dimensions"), "normalize": True})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /api/embeddings: Ollama's older route, one `prompt`'s vector as the model pools it."""
         async def answer(body, call) -> web.Response:
-            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
-                raise bad("'prompt' must be a non-empty string", "prompt")
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), (str, type(None))):
+                raise bad("'prompt' must be a string", "prompt")
+            if not body.get("prompt"):  # Ollama's answer to nothing to embed
+                return web.json_response({"embedding": []})
             ask = await self.server.off_loop(self.emb.parse, {"input": body["prompt"]})
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), ask.normalize, None)
             return web.json_response({"embedding": vectors[0].tolist()})

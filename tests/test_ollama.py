@@ -117,7 +117,7 @@ def test_errors_take_ollamas_shape(api, olla):
         olla.chat(model="llama3", messages=HELLO)
     assert e.value.status_code == 404 and "llama3" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        olla.chat(model=MODEL, messages=HELLO, options={"num_predict": 0})
+        olla.chat(model=MODEL, messages=HELLO, options={"num_predict": "many"})
     assert e.value.status_code == 400 and "options.num_predict" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model=MODEL, messages=HELLO, options={"temperature": "hot"})
@@ -131,3 +131,46 @@ def test_errors_take_ollamas_shape(api, olla):
     assert status == 400 and "tool" in r["error"]
     status, r, _ = http(api, "POST", "/api/chat", {"model": MODEL, "messages": HELLO, "format": "xml"})
     assert status == 400 and "format" in r["error"]
+    status, r, _ = http(api, "POST", "/api/generate", {"model": MODEL, "prompt": "hi", "raw": True, "system": "x"})
+    assert status == 400 and "system" in r["error"]
+
+
+def test_nulls_defaults_and_long_options(api, client):
+    """What apps send: null fields are ones not given, `stream` absent streams, `num_predict` absent or 0 runs to
+    the end of sequence, more than 4 stop strings and a temperature past 2 are Ollama's to take, whole floats are
+    integers; nothing to embed is an empty list; the API key guards `/api`."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": HELLO[0]["content"], "images": None,
+                                          "tool_calls": None}],
+            "options": {"temperature": 0, "mirostat": None, "num_predict": 0, "seed": -1, "num_ctx": 4096.0},
+            "format": None, "think": None, "keep_alive": None, "tools": None, "stream": False}
+    ref = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0)
+    status, r, _ = http(api, "POST", "/api/chat", body)
+    assert status == 200 and r["message"]["content"] == ref.choices[0].message.content and r["done_reason"] == "stop"
+    lines = _ndjson(api, "/api/chat", {**body, "stream": None, "options": {"temperature": 0, "num_predict": 4.0}})
+    assert len(lines) >= 2 and lines[-1]["done"] and lines[-1]["eval_count"] == 4
+    stops = {"model": MODEL, "messages": HELLO, "stream": False,
+             "options": {"temperature": 3, "num_predict": 4, "stop": ["a", "b", "c", "d", "e"]}}
+    assert http(api, "POST", "/api/chat", stops)[0] == 200
+    status, r, _ = http(api, "POST", "/api/generate", {"model": MODEL, "prompt": None, "keep_alive": 0})
+    assert status == 200 and r["done_reason"] == "unload"
+    assert http(api, "POST", "/api/embed", {"model": MODEL, "input": []})[1]["embeddings"] == []
+    assert http(api, "POST", "/api/embeddings", {"model": MODEL, "prompt": ""})[1]["embedding"] == []
+    status, r, _ = http(api, "POST", "/api/embed", {"model": MODEL, "input": "word " * 5000, "truncate": None})
+    assert status == 200 and r["prompt_eval_count"] == api.engine.runner.embed_sizes[-1]
+    status, r, _ = http(api, "POST", "/api/embed", {"model": MODEL, "input": "word " * 5000, "truncate": False})
+    assert status == 400
+    api.server.api_key = "k"
+    try:
+        assert http(api, "GET", "/api/tags")[0] == 401 and http(api, "POST", "/api/chat", body)[0] == 401
+        assert http(api, "POST", "/api/chat", body, headers={"Authorization": "Bearer k"})[0] == 200
+    finally:
+        api.server.api_key = None
+
+
+def _ndjson(api, path, body):
+    """The objects of a newline-delimited JSON stream."""
+    import urllib.request
+    req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r.read().decode().splitlines() if line]
