@@ -71,12 +71,7 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     seed = body.get("seed")
     if seed is not None and seed not in (-1, 0xFFFFFFFF):  # llama.cpp's "a random seed"
         out["seed"] = seed
-    mirostat = body.get("mirostat", 0)
-    if mirostat not in (0, 2):
-        raise bad("'mirostat' must be 0 (off) or 2 (mirostat v2; v1 is not served)", "mirostat")
-    if mirostat == 2:
-        out["mirostat_target"] = body.get("mirostat_tau", 5.0)
-        out["mirostat_lr"] = body.get("mirostat_eta", 0.1)
+    out.update(mirostat(body))
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], tok)
     stops = body.get("stop", [])
@@ -86,6 +81,16 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
         raise bad("'n_probs' must be an integer in [0, 20]", "n_probs")
     return out, stops, probs
+
+
+def mirostat(fields: dict, where: str = "") -> dict:
+    """llama.cpp's `mirostat` (2: v2, with `mirostat_tau` and `mirostat_eta`; 0: off), also Ollama's options (their
+    names under `where`), as the completions API's fields."""
+    m = fields.get("mirostat", 0)
+    if m not in (0, 2):
+        raise bad(f"'{where}mirostat' must be 0 (off) or 2 (mirostat v2; v1 is not served)", f"{where}mirostat")
+    return {"mirostat_target": fields.get("mirostat_tau", 5.0), "mirostat_lr": fields.get("mirostat_eta", 0.1)} \
+        if m == 2 else {}
 
 
 def _prompt(p: Any, tok) -> Any:

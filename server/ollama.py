@@ -42,7 +42,7 @@ import jax
 from aiohttp import web
 
 from models import pooling
-from server import protocol
+from server import llama_cpp, protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
 
@@ -101,12 +101,7 @@ def options(body: dict, max_len: int) -> dict:
     if opts.get("repeat_last_n") == 0:  # no penalty window, no penalties (llama.cpp's, and so Ollama's)
         for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             out.pop(k, None)
-    mirostat = opts.get("mirostat", 0)
-    if mirostat not in (0, 2):
-        raise bad("'options.mirostat' must be 0 (off) or 2 (mirostat v2; v1 is not served)", "options.mirostat")
-    if mirostat == 2:
-        out["mirostat_target"] = opts.get("mirostat_tau", 5.0)
-        out["mirostat_lr"] = opts.get("mirostat_eta", 0.1)
+    out.update(llama_cpp.mirostat(opts, "options."))
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]
     stops = out.get("stop", [])
