@@ -1,4 +1,5 @@
-"""llama.cpp's own completion API (`/completion`, `/infill` and `/props`), translated onto the completions path.
+"""llama.cpp's own completion API (`/completion`, `/infill`, `/apply-template` and `/props`), translated onto the
+completions path.
 
 A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and
 eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones, `stop`, `grammar`,
@@ -44,6 +45,7 @@ def routes(app: web.Application, server) -> None:
     api = LlamaCpp(server)
     app.router.add_post("/completion", api.completion)
     app.router.add_post("/infill", api.infill)
+    app.router.add_post("/apply-template", api.apply_template)
     app.router.add_get("/props", api.props)
 
 
@@ -245,6 +247,13 @@ class LlamaCpp:
                 raise bad(str(e), e.param) from None
             rest = {k: v for k, v in body.items() if k not in ("input_prefix", "input_suffix", "input_extra")}
             return await self._answer(request, {**rest, "prompt": ids}, call, ends=tok.fim.ends)
+        return await self.server.serve(request, answer)
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        """POST /apply-template: the prompt the chat template makes of a chat body (messages, tools, template
+        arguments), generating nothing."""
+        async def answer(body, call) -> web.Response:
+            return web.json_response({"prompt": (await self.server.parse(body, "chat")).prompt_texts[0]})
         return await self.server.serve(request, answer)
 
     async def _answer(self, request: web.Request, body: Any, call, ends: list[int] = ()) -> web.StreamResponse:

@@ -354,6 +354,21 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         assert status == 400 and out["error"]["param"] == param, (bad, out)
 
 
+def test_llama_cpp_apply_template_renders_without_generating(api):
+    """`/apply-template`: the chat template's text for a chat body (with the generation prompt, template arguments
+    and tools as chat renders them), and a 400 for a body chat would refuse."""
+    tok = api.model.tokenizer
+    status, r, _ = http(api, "POST", "/apply-template", {"messages": HELLO})
+    assert status == 200 and r["prompt"] == tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    before = api.engine.stats()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    status, r, _ = http(api, "POST", "/apply-template", {"messages": HELLO, "tools": tools})
+    assert status == 200 and "get_weather" in r["prompt"] and r["prompt"].endswith("assistant\n")
+    assert api.engine.stats()["finished"] == before["finished"]  # nothing was generated
+    status, r, _ = http(api, "POST", "/apply-template", {"messages": "hi"})
+    assert status == 400 and r["error"]["param"] == "messages"
+
+
 def _sse(api, path, body):
     """A stream's `data:` payloads in order: parsed JSON, or the text (`[DONE]`)."""
     req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
