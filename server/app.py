@@ -64,6 +64,9 @@ class Stalled(Exception):
     """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
+UNVERSIONED = {"/chat/completions": "chat", "/completions": "completions", "/models": "models"}  # /v1's, unprefixed
+
+
 class Server:
     """One served model behind the OpenAI-compatible routes."""
 
@@ -109,6 +112,8 @@ class Server:
         ollama.routes(app, self, emb)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
+        for path, handler in UNVERSIONED.items():  # as llama.cpp's server: for clients given a base URL without /v1
+            app.router.add_route("GET" if path == "/models" else "POST", path, getattr(self, handler))
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -141,7 +146,8 @@ class Server:
         shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else \
             ollama.error_body if request.path.startswith("/api/") else ApiError.body
         try:
-            guarded = request.path.startswith(("/v1", "/v2", "/api/")) and request.method != "OPTIONS"  # not preflights
+            guarded = (request.path.startswith(("/v1", "/v2", "/api/")) or request.path in UNVERSIONED) and \
+                request.method != "OPTIONS"  # not preflights
             if self.api_key and guarded:
                 keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
                 if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:

@@ -72,6 +72,23 @@ def test_models_health_metrics_and_tokenize(api, client):
     assert status == 400 and err["error"]["param"] == "content"
 
 
+def test_routes_without_v1_as_llama_cpp_serves_them(api, client):
+    """A client given the server's URL without /v1 reaches chat, completions and models there (llama.cpp's server
+    answers both); the API key guards them as it guards /v1."""
+    bare = openai.OpenAI(base_url=api.url, api_key="x")
+    want = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
+    got = bare.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert bare.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert [m.id for m in bare.models.list().data] == [m.id for m in client.models.list().data]
+    api.server.api_key = "k"
+    try:
+        assert http(api, "POST", "/chat/completions", {"model": MODEL, "messages": HELLO})[0] == 401
+        assert http(api, "GET", "/models")[0] == 401
+    finally:
+        api.server.api_key = None
+
+
 def test_greedy_chat_equals_the_engine_and_streaming(api, client, llm):
     want = llm.chat(HELLO, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
     got = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=40)
