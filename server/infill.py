@@ -31,6 +31,8 @@ from typing import Any
 
 from engine.params import InvalidRequest
 
+NO_FIM = ("its vocabulary has no fill-in-the-middle tokens (a code model's <|fim_prefix|>, <|fim_suffix|> and "
+          "<|fim_middle|>, or the like)")  # why a model cannot infill, in both APIs' errors
 SNIPPET = "\n\n--- snippet ---\n\n"  # llama.cpp's separator before another file, where the vocabulary has no file one
 PROJECT, FILE, OTHER = "myproject", "filename", "tmp"  # llama.cpp's names for the project and the files unnamed
 

@@ -236,9 +236,8 @@ class LlamaCpp:
         async def answer(body, call) -> web.StreamResponse:
             tok = self.server.engine.tok
             if tok is None or tok.fim is None:
-                raise ApiError(501, "Infill is not supported by this model: its vocabulary has no fill-in-the-middle "
-                               "tokens (a code model's <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>, or the "
-                               "like)", type_="not_supported_error")
+                raise ApiError(501, f"Infill is not supported by this model: {infill.NO_FIM}",
+                               type_="not_supported_error")
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
             try:  # tokenizing a long prefix is work for a parse thread, not the event loop

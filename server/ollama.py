@@ -267,6 +267,9 @@ class Ollama:
     def __init__(self, server, embeddings):
         self.server, self.emb = server, embeddings
         self.modified = now()
+        leaves = jax.tree.leaves(server.model.params)  # the served weights do not change: read once, not per call
+        self.size, self.count = sum(x.nbytes for x in leaves), sum(x.size for x in leaves)
+        self.digest = hashlib.sha256(f"{server.name}\0{server.model.source}".encode()).hexdigest()
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /api/chat."""
@@ -393,17 +396,15 @@ class Ollama:
     def entry(self) -> dict:
         """The served model as `/api/tags` and `/api/ps` list it."""
         s = self.server
-        leaves = jax.tree.leaves(s.model.params)
-        size = sum(x.nbytes for x in leaves)
-        return {"name": s.name, "model": s.name, "modified_at": self.modified, "size": size,
-                "digest": hashlib.sha256(f"{s.name}\0{s.model.source}".encode()).hexdigest(),
-                "details": self.details(sum(x.size for x in leaves))}
+        return {"name": s.name, "model": s.name, "modified_at": self.modified, "size": self.size,
+                "digest": self.digest, "details": self.details()}
 
-    def details(self, count: int) -> dict:
+    def details(self) -> dict:
         """The model's `details`: format, family, size and quantization."""
         cfg = self.server.model.cfg
         family = cfg.arch.removesuffix("ForCausalLM").lower() or "unknown"
         fmt = "gguf" if os.path.splitext(str(self.server.model.source))[1] == ".gguf" else "safetensors"
+        count = self.count
         size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
         quant = cfg.quantization.upper() if cfg.quantization != "none" else str(cfg.dtype).upper()
         return {"parent_model": "", "format": fmt, "family": family, "families": [family], "parameter_size": size,
@@ -431,7 +432,7 @@ class Ollama:
         arch = entry["details"]["family"]
         info = {"general.architecture": arch, f"{arch}.context_length": s.engine.max_len,
                 f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_layers,
-                "general.parameter_count": sum(x.size for x in jax.tree.leaves(s.model.params))}
+                "general.parameter_count": self.count}
         return web.json_response({"modelfile": f"FROM {s.model.source}\n", "parameters": "", "template": template,
                                   "details": entry["details"], "model_info": info, "capabilities": caps,
                                   "modified_at": self.modified})

@@ -421,8 +421,7 @@ def _suffix(model: Model, body: dict, echo: bool) -> list[int] | None:
     if not isinstance(v, str):
         raise bad("'suffix' must be a string", "suffix")
     if model.tokenizer is None or model.tokenizer.fim is None:
-        raise bad("'suffix' asks to fill in the middle, and this model's vocabulary has no fill-in-the-middle tokens "
-                  "(a code model's <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>, or the like)", "suffix")
+        raise bad(f"'suffix' asks to fill in the middle, and this model cannot: {infill.NO_FIM}", "suffix")
     if echo:
         raise bad("'echo' cannot be combined with 'suffix' (the prompt is the text before the middle)", "echo")
     if body.get("truncate_prompt_tokens") is not None:  # its cut from the left would drop the FIM prefix token
