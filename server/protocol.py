@@ -536,9 +536,16 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         clean.append(one)
     clean, extra = tools.render(clean, with_tools, model.tokenizer)
     extra = {**(kwargs or {}), **extra}
+    options = {"add_generation_prompt": True, **extra}
     try:
-        return model.tokenizer.apply_chat_template(clean, tokenize=False, **{"add_generation_prompt": True, **extra})
-    except Exception as e:  # a template may reject an order of roles
+        return model.tokenizer.apply_chat_template(clean, tokenize=False, **options)
+    except Exception as e:  # a template may reject an order of roles, or want tool arguments as text
+        as_text = tools.string_arguments(clean)
+        try:
+            if as_text is not None:
+                return model.tokenizer.apply_chat_template(as_text, tokenize=False, **options)
+        except Exception:
+            pass
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from server import reasoning, tools
+from server import reasoning, tool_calls
 from server.protocol import Job
 
 
 @dataclasses.dataclass
 class Piece:
-    """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tools.CallStream`'s);
+    """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tool_calls.CallStream`'s);
     and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's), and whose they are
     (`source`, for an API that streams several choices at once: SGLang's)."""
 
@@ -31,7 +31,7 @@ class Turn:
     def __init__(self, job: Job):
         self.split = reasoning.Splitter(job.thinking.opened) if job.thinking is not None else None
         offered = job.tools is not None and job.tools.choice != "none"
-        self.stream = tools.CallStream(job.tools) if offered else None
+        self.stream = tool_calls.CallStream(job.tools) if offered else None
         self.reasoning, self.text = "", ""
         self.calls: list[dict] = []  # {"id", "name", "arguments"} in order
         self.finish: str | None = None

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server import tool_calls
 from server import tools as tool_mod
 
 MODEL = "smollm2-135m-instruct"
@@ -63,17 +64,89 @@ def test_none_and_auto_leave_plain_text_alone(client):
 def test_parser_reads_tagged_and_json_calls_and_leaves_text():
     spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
     text = 'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>'
-    content, calls = tool_mod.extract(text, spec)
+    content, calls = tool_calls.extract(text, spec)
     assert content == "Let me check." and calls[0]["function"]["name"] == "get_time"
     assert json.loads(calls[0]["function"]["arguments"]) == {"timezone": "UTC"}
-    content, calls = tool_mod.extract('[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]',
+    content, calls = tool_calls.extract('[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]',
                                       spec)
     assert content is None and len(calls) == 1
-    assert tool_mod.extract("The answer is 42.", spec) == ("The answer is 42.", [])
-    assert tool_mod.extract('{"name": "launch_rockets", "arguments": {}}', spec)[1] == []  # unknown function
+    assert tool_calls.extract("The answer is 42.", spec) == ("The answer is 42.", [])
+    assert tool_calls.extract('{"name": "launch_rockets", "arguments": {}}', spec)[1] == []  # unknown function
+
+
+DS_CALLS, DS_CALL, DS_SEP, DS_END, DS_DONE = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                                              "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
+# Each family's format as its chat template and peers write it: DeepSeek V3.1 (name, then the arguments), DeepSeek V3
+# and R1 (`function`, then the name and a ```json fence), Qwen3-Coder's XML, Llama 3.x's `parameters`.
+DS31 = (f'I will look.{DS_CALLS}{DS_CALL}get_weather{DS_SEP}{{"city": "Oslo", "unit": "celsius"}}{DS_END}'
+        f'{DS_CALL}get_time{DS_SEP}{{"timezone": "UTC"}}{DS_END}{DS_DONE}')
+DS3 = (f'{DS_CALLS}{DS_CALL}function{DS_SEP}get_time\n```json\n{{"timezone": "CET"}}\n```{DS_END}'
+       f'{DS_CALL}function{DS_SEP}get_weather\n```json\n{{"city": "Rome", "unit": "fahrenheit"}}\n```{DS_END}{DS_DONE}')
+XML = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+       "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
+LLAMA = '{"name": "get_time", "parameters": {"timezone": "UTC"}}'
+
+
+def test_each_familys_call_format_is_read():
+    spec = tool_mod.Tools([t["function"] for t in TOOLS] + [{"name": "add", "description": "", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": ["number", "null"]},
+                                         "tags": {"type": "array"}, "note": {"type": "string"}}}}], "auto")
+
+    def read(text):
+        content, calls = tool_calls.extract(text, spec)
+        return content, [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+    assert read(DS31) == ("I will look.", [("get_weather", {"city": "Oslo", "unit": "celsius"}),
+                                           ("get_time", {"timezone": "UTC"})])
+    assert read(DS3) == (None, [("get_time", {"timezone": "CET"}),
+                                ("get_weather", {"city": "Rome", "unit": "fahrenheit"})])
+    assert read(XML) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"})])
+    assert read(LLAMA) == (None, [("get_time", {"timezone": "UTC"})])
+    typed = ("<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n0.5\n</parameter>\n"
+             '<parameter=tags>\n["x", "y"]\n</parameter>\n<parameter=note>\n007\n  two lines\n</parameter>\n'
+             "</function>\n</tool_call>")
+    assert read(typed)[1] == [("add", {"a": 2, "b": 0.5, "tags": ["x", "y"], "note": "007\n  two lines"})]
+    assert read(f"{DS_CALLS}{DS_CALL}add{DS_SEP}{DS_END}{DS_DONE}")[1] == [("add", {})]  # no arguments
+    for bad in (DS31.replace('"UTC"}', '"UTC"'),  # arguments that are not JSON
+                DS31.replace("get_time", "launch_rockets"),  # an unknown function
+                DS31[:-len(DS_END + DS_DONE) - 3],  # cut off inside the last call
+                XML.replace("</function>", ""), DS3.replace("```json", "```yaml")):
+        assert read(bad) == (bad, [])
+
+
+# A template that joins a call's arguments into the prompt as a string, as DeepSeek's do (Qwen's and Llama's write
+# objects with `tojson`, which the server hands them).
+JOINING = ("{% if tools %}Tools: {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
+           "{% for m in messages %}{% if m.role == 'user' %}<｜User｜>{{ m.content }}"
+           "{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content or '' }}{% if m.tool_calls %}" + DS_CALLS +
+           "{% for c in m.tool_calls %}{{ '" + DS_CALL + "' + c.function.name + '" + DS_SEP + "' + c.function.arguments"
+           " + '" + DS_END + "' }}{% endfor %}" + DS_DONE + "{% endif %}<｜end▁of▁sentence｜>"
+           "{% elif m.role == 'tool' %}<｜tool▁output▁begin｜>{{ m.content }}<｜tool▁output▁end｜>{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
+    import copy
+    import types
+
+    from server.protocol import chat_text
+
+    tok = copy.copy(api.model.tokenizer)
+    tok.chat_template, tok._template = JOINING, None
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+    text = chat_text(types.SimpleNamespace(tokenizer=tok), history, spec)
+    assert text.startswith("Tools: get_weather get_time <｜User｜>What is the weather in Paris?")
+    assert f'{DS_CALL}get_weather{DS_SEP}{{"city": "Oslo", "unit": "celsius"}}{DS_END}' in text
+    assert text.endswith("<｜tool▁output▁begin｜>18C<｜tool▁output▁end｜><｜Assistant｜>")
+    assert tool_calls.extract(text[text.index(DS_CALLS):text.index(DS_DONE) + len(DS_DONE)], spec)[1]
 
 
 STREAMED = [
+    DS31, DS3, XML, LLAMA,
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -89,7 +162,7 @@ STREAMED = [
        choice=st.sampled_from(["auto", "required"]))
 def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(text, cuts, choice):
     spec = tool_mod.Tools([t["function"] for t in TOOLS], choice)
-    stream, content, calls, early = tool_mod.CallStream(spec), "", {}, 0
+    stream, content, calls, early = tool_calls.CallStream(spec), "", {}, 0
     bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
     pieces = [(text[a:b], None) for a, b in zip(bounds, bounds[1:])] + [("", "stop")]
     for piece, finish in pieces:
@@ -101,7 +174,7 @@ def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(tex
             entry["id"] += d.get("id", "")
             entry["name"] += d["function"].get("name", "")
             entry["arguments"] += d["function"]["arguments"]
-    want_content, want = tool_mod.extract(text, spec)
+    want_content, want = tool_calls.extract(text, spec)
     assert content == (want_content or "")
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (w["function"]["name"], w["function"]["arguments"]) for w in want]
@@ -116,13 +189,13 @@ def test_a_stream_never_takes_back_a_call_it_sent():
     spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
     for text in ['Checking. <tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}}</tool_call>',
                  '{"name": ["get_time"], "arguments": {}}']:
-        stream, content, calls = tool_mod.CallStream(spec), "", []
+        stream, content, calls = tool_calls.CallStream(spec), "", []
         for i in range(0, len(text), 5):
             c, deltas, _ = stream.feed(text[i:i + 5], None)
             content, calls = content + c, calls + deltas
         c, deltas, has_calls = stream.feed("", "stop")
         content, calls = content + c, calls + deltas
-        assert tool_mod.extract(text, spec)[1] == []
+        assert tool_calls.extract(text, spec)[1] == []
         assert bool(calls) == text.startswith("Checking.")  # the first sent a call's header, the second could not
         assert content == ("Checking." if calls else text)
         assert has_calls == bool(calls)
@@ -157,6 +230,38 @@ def test_streamed_tool_call_deltas_assemble(client):
     assert chunks > 2 * len(calls)  # the arguments arrived in pieces
     for entry in calls.values():
         jsonschema.validate(json.loads(entry["arguments"]), PARAMS[entry["name"]])
+
+
+# The model is made to write each family's format by a regex (tool_choice stays `auto`, so nothing but the parser
+# turns the text into calls); the text arrives as the server detokenizes it, split wherever its tokens fall.
+WRITTEN = {
+    "deepseek_v3.1": (f"Let me check\\.{DS_CALLS}{DS_CALL}get_weather{DS_SEP}\\{{\"city\": \"[A-Z][a-z]{{2,8}}\", "
+                      f"\"unit\": \"(celsius|fahrenheit)\"\\}}{DS_END}{DS_DONE}"),
+    "qwen3_coder": ("<tool_call>\n<function=get_time>\n<parameter=timezone>\n(UTC|CET|[A-Z][a-z]{3,8})\n</parameter>\n"
+                    "</function>\n</tool_call>"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(WRITTEN))
+def test_a_familys_format_written_by_the_model_comes_back_as_calls(client, form):
+    body = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0, seed=3, max_tokens=120,
+                extra_body={"structured_outputs": {"regex": WRITTEN[form]}})
+    r = client.chat.completions.create(**body)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message)
+    assert r.choices[0].message.content == ("Let me check." if form.startswith("deepseek") else None)
+    calls, content, finish = {}, "", None
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and content == (r.choices[0].message.content or "")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls]
 
 
 @pytest.mark.parametrize("body,param", [

@@ -1,0 +1,315 @@
+"""Tool calls read out of generated text, whole or as it streams, in the formats the served families write. Each is
+known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` picks one of these by hand):
+
+- Hermes' `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, and the prompt of any
+  template that renders `tools` this way);
+- Qwen3-Coder's XML inside those blocks: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
+  </tool_call>`, each value a string, or JSON where the function's schema types the parameter otherwise;
+- DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
+  <｜tool▁calls▁end｜>` (V3.1 and later), and V3's and R1's `function<｜tool▁sep｜>NAME` then the arguments in a
+  ```json fence;
+- a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
+  Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text) and Mistral's
+  `[TOOL_CALLS]` array (the same).
+
+Text before the first call is content; calls that name no offered function, or arguments that are not a JSON object,
+leave the whole text as content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+
+from server.tools import Tools
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+DS_OPEN, DS_CALL = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"
+DS_SEP, DS_END = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+FENCE = "```"
+XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
+MARKERS = (OPEN, DS_OPEN)
+_DECODER = json.JSONDecoder()
+
+
+@dataclasses.dataclass
+class Partial:
+    """A tool call as far as the text shows it: its name once complete, the raw text of its arguments so far."""
+
+    name: str | None = None
+    arguments: str | None = None  # raw JSON text of the value, possibly incomplete
+    done: bool = False  # the call is closed as its format closes it
+
+
+def _skip(s: str, i: int) -> int:
+    while i < len(s) and s[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _held(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `marker` (what may still become it)."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
+
+
+def _value_end(s: str, i: int) -> int | None:
+    """Index just past the JSON value starting at `s[i]`, or None if the text ends inside it."""
+    if i >= len(s):
+        return None
+    if s[i] == '"':
+        try:
+            return _DECODER.raw_decode(s, i)[1]
+        except ValueError:
+            return None
+    if s[i] not in "{[":  # a number or literal ends at a delimiter
+        return next((j for j in range(i, len(s)) if s[j] in ",}] \t\r\n"), None)
+    depth, in_str, esc = 0, False, False
+    for j in range(i, len(s)):
+        c = s[j]
+        if in_str:
+            esc, in_str = (False, True) if esc else (c == "\\", c != '"')
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return None
+
+
+def _json_call(s: str, i: int) -> tuple[Partial, int | None]:
+    """The call object starting at `s[i] == "{"` (its arguments under `arguments`, or Llama's `parameters`), and the
+    index past it (None while incomplete or malformed)."""
+    p, i = Partial(), _skip(s, i + 1)
+    while i < len(s):
+        if s[i] == "}":
+            p.done = True
+            return p, i + 1
+        if s[i] == ",":
+            i = _skip(s, i + 1)
+            continue
+        try:
+            key, j = _DECODER.raw_decode(s, i)
+        except ValueError:
+            return p, None
+        j = _skip(s, j)
+        if j >= len(s) or s[j] != ":":
+            return p, None
+        j = _skip(s, j + 1)
+        end = _value_end(s, j)
+        if key in ("arguments", "parameters"):
+            p.arguments = s[j:end] if end is not None else s[j:]
+        elif key == "name" and end is not None:
+            try:
+                p.name = json.loads(s[j:end])
+            except ValueError:
+                return p, None
+        if end is None or not isinstance(key, str):
+            return p, None
+        i = _skip(s, end)
+    return p, None
+
+
+def _xml_value(raw: str, schema) -> object:
+    """A Qwen3-Coder parameter's value: its text less one newline each side, as a string unless the schema types
+    it otherwise and it reads as JSON."""
+    raw = raw[1:] if raw.startswith("\n") else raw
+    raw = raw[:-1] if raw.endswith("\n") else raw
+    kind = schema.get("type") if isinstance(schema, dict) else "string"
+    if kind == "string" or (isinstance(kind, list) and "string" in kind):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
+    """Qwen3-Coder's `<function=NAME>` call starting at `block[i]`; its arguments appear once the function closes."""
+    p, name_end = Partial(), block.find(">", i)
+    if name_end < 0:
+        return p
+    p.name = block[i + len(XML_FN):name_end].strip()
+    params = next((f["parameters"] for f in tools.functions if f["name"] == p.name), {}) if tools else {}
+    props = params.get("properties", {}) if isinstance(params, dict) else {}
+    args, j = {}, _skip(block, name_end + 1)
+    while block.startswith(XML_PARAM, j):
+        key_end, close = block.find(">", j), block.find(XML_PARAM_END, j)
+        if key_end < 0 or close < 0 or close < key_end:
+            return p
+        key = block[j + len(XML_PARAM):key_end].strip()
+        args[key] = _xml_value(block[key_end + 1:close], props.get(key))
+        j = _skip(block, close + len(XML_PARAM_END))
+    if block.startswith(XML_FN_END, j):
+        p.arguments, p.done = json.dumps(args, ensure_ascii=False), True
+    return p
+
+
+def _until(s: str, marker: str) -> tuple[str, bool]:
+    """`s` up to `marker` and whether it was there; without it, less an end that may still become it. Stripped."""
+    k = s.find(marker)
+    if k >= 0:
+        return s[:k].strip(), True
+    return s[:len(s) - _held(s, marker)].strip(), False
+
+
+def _deepseek_call(block: str) -> Partial:
+    """One DeepSeek call after its `<｜tool▁call▁begin｜>`: V3.1's `NAME<sep>{...}<end>` or V3's
+    `function<sep>NAME\\n```json\\n{...}\\n```<end>`."""
+    p, sep = Partial(), block.find(DS_SEP)
+    if sep < 0:
+        return p
+    head, after = block[:sep].strip(), block[sep + len(DS_SEP):]
+    if head != "function" or after.lstrip()[:1] == "{":
+        p.name = head
+        p.arguments, p.done = _until(after, DS_END)
+        return p
+    line = after.find("\n")
+    if line < 0:
+        return p
+    p.name, rest = after[:line].strip(), after[line + 1:].lstrip()
+    if not rest.startswith(FENCE + "json"):
+        return p
+    p.arguments, closed = _until(rest[len(FENCE) + 4:], FENCE)
+    if closed:
+        tail = rest[len(FENCE) + 4:].split(FENCE, 1)[1]
+        p.done = tail.strip().startswith(DS_END)
+    return p
+
+
+def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partial]]:
+    """Where tool calls start in `text` and the calls so far, in whichever format's marker comes first, else as a
+    JSON call object or array of them from the first character. `(None, [])`: no calls (yet)."""
+    found = [(text.index(m), m) for m in MARKERS if m in text]
+    if found:
+        first, marker = min(found)
+        calls = []
+        if marker == OPEN:
+            for block in text[first:].split(OPEN)[1:]:
+                i = _skip(block, 0)
+                if block.startswith(XML_FN, i):
+                    calls.append(_xml_call(block, i, tools))
+                elif i < len(block) and block[i] == "{":
+                    p, end = _json_call(block, i)
+                    p.done = end is not None and block[end:].lstrip().startswith(CLOSE)
+                    calls.append(p)
+                else:  # nothing a call starts with: no call, unless the block is still empty
+                    calls += [Partial()] if block.strip() else []
+        else:
+            calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
+        return first, calls
+    i = start = _skip(text, 0)
+    if i >= len(text) or text[i] not in "[{":
+        return None, []
+    calls = []
+    if text[i] == "{":
+        calls.append(_json_call(text, i)[0])
+    else:
+        i = _skip(text, i + 1)
+        while i < len(text) and text[i] == "{":
+            p, end = _json_call(text, i)
+            calls.append(p)
+            if end is None:
+                break
+            i = _skip(text, end)
+            i = _skip(text, i + 1) if i < len(text) and text[i] == "," else i
+    return start, calls
+
+
+def _marked(text: str) -> bool:
+    return any(m in text for m in MARKERS)
+
+
+def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
+    """`(content, tool_calls)` from generated text (the formats above); plain text gives `(text, [])`. Arguments are
+    the model's own JSON text (what a stream sends piece by piece)."""
+    names = {f["name"] for f in tools.functions}
+    start, parts = scan(text, tools)
+    if start is None or not parts:
+        return text, []
+    if not _marked(text):  # the whole text must be the JSON
+        try:
+            json.loads(text)
+        except ValueError:
+            return text, []
+    calls = []
+    for p in parts:
+        raw = (p.arguments or "").strip() or "{}"  # a call without arguments takes none
+        try:
+            args = json.loads(raw) if p.done else None
+        except ValueError:
+            return text, []
+        if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
+            return text, []
+        raw = args if isinstance(args, str) else raw
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": p.name, "arguments": raw}})
+    return (text[:start].rstrip() or None) if _marked(text) else None, calls
+
+
+class CallStream:
+    """One streamed choice's text as OpenAI deltas while it arrives: content as it comes (held while it may be the
+    start of a call), each tool call's id and name once the name is complete, then its arguments piece by piece."""
+
+    def __init__(self, tools: Tools):
+        self.tools, self.names = tools, {f["name"] for f in tools.functions}
+        self.whole = tools.choice != "auto"  # required / named: the text is nothing but calls
+        self.text, self.sent = "", 0  # text so far, characters of content sent
+        self.ids: list[str] = []  # per call whose header went out
+        self.args: list[int] = []  # characters of its arguments sent
+
+    def feed(self, piece: str, finish: str | None) -> tuple[str, list[dict], bool]:
+        """`(content, tool-call deltas, whether the text holds calls)` for the next piece of text; `finish`: the
+        choice ended with that reason (the last piece)."""
+        self.text += piece
+        text = self.text
+        if finish is not None:
+            content, calls = extract(text, self.tools) if finish in ("stop", "length") else (text, [])
+            if not calls and self.ids:  # headers went out but the whole does not parse: end the calls as sent
+                # (the non-streamed reply gives such text as content; a stream cannot take its deltas back)
+                return "", self._known(text, final=True), True
+            if not calls:
+                return self._content(len(text)), [], False
+            out = []
+            for k, c in enumerate(calls):
+                out += self._call(k, c["function"]["name"], c["function"]["arguments"])
+            return self._content(len(content or "")), out, True
+        start, parts = scan(text, self.tools)
+        if start is None:
+            if not self.whole and text.lstrip()[:1] not in ("[", "{"):  # plain text: send all but a possible tag
+                end = len(text.rstrip())
+                hold = max(_held(text[:end], m) for m in MARKERS)
+                return self._content(len(text[:end - hold].rstrip())), [], False
+            return "", [], False
+        out = self._known(text)
+        return self._content(len(text[:start].rstrip())), out, bool(self.ids)
+
+    def _known(self, text: str, final: bool = False) -> list[dict]:
+        """Deltas for the calls `scan` reads in `text` so far, up to the first that names no known function
+        (`final`: only those whose headers already went out)."""
+        out = []
+        for k, p in enumerate(scan(text, self.tools)[1]):
+            if not (isinstance(p.name, str) and p.name in self.names) or (final and k >= len(self.ids)):
+                break
+            raw = p.arguments if p.arguments is not None and p.arguments[:1] == "{" else ""
+            out += self._call(k, p.name, raw)
+        return out
+
+    def _content(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+    def _call(self, k: int, name: str, args: str) -> list[dict]:
+        out = []
+        if k >= len(self.ids):
+            self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+            self.args.append(0)
+            out.append({"index": k, "id": self.ids[k], "type": "function", "function": {"name": name, "arguments": ""}})
+        if len(args) > self.args[k]:
+            out.append({"index": k, "function": {"arguments": args[self.args[k]:]}})
+            self.args[k] = len(args)
+        return out
