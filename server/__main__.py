@@ -145,9 +145,9 @@ def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
-    ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS), default="auto",
-                    help="split <think>...</think> into reasoning_content (auto: when the chat template writes "
-                         "thinking blocks)")
+    ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.HARMONY),
+                    default="auto", help="split <think>...</think> (or gpt-oss's analysis channel: openai_gptoss) "
+                    "into reasoning_content (auto: by what the chat template writes)")
     ap.add_argument("--responses-db", default=None, metavar="PATH",
                     help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",

@@ -291,8 +291,8 @@ class Server:
             return None
         if self.think_ids is None:
             if t.budget:
-                raise bad("this model's thinking tags are not single tokens, so a token budget cannot be enforced",
-                          "reasoning_effort")
+                raise bad("this model's thinking cannot be cut at a token budget (its tags are not single tokens, or "
+                          "it thinks on harmony's analysis channel)", "reasoning_effort")
             return None  # thinking off goes through the template alone; a grammar applies from the first token
         return Budget(t.budget, *self.think_ids, opened=t.opened)
 

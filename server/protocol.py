@@ -275,10 +275,10 @@ def _unsupported(body: dict) -> None:
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
 
 
-def parse(body: Any, kind: str, model: Model, thinks: bool = False, bounds: dict | None = None) -> Job:
-    """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: the server splits
-    the model's thinking from its answer (`--reasoning-parser`); `bounds`: another API's ranges for some numeric
-    fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2)."""
+def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds: dict | None = None) -> Job:
+    """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: how the server splits
+    the model's thinking from its answer ("think" or "harmony": `reasoning.resolve`); `bounds`: another API's ranges
+    for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _unsupported(body)
@@ -333,7 +333,9 @@ def parse(body: Any, kind: str, model: Model, thinks: bool = False, bounds: dict
         ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools, kwargs)
         job.prompts, job.prompt_texts = [ids], [text]
         if thinks:
-            job.thinking = Thinking(reasoning.opens(text), budget)
+            job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony")
+        if thinks == "harmony":  # its channels are special tokens: the reply is read with them, then split
+            job.params = dataclasses.replace(job.params, skip_special_tokens=False)
     else:
         if body.get("tools") is not None or body.get("functions") is not None:
             raise bad("tools are for chat completions", "tools")

@@ -12,18 +12,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from server import harmony
+
 OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
+HARMONY = "openai_gptoss"  # vLLM's name for gpt-oss's channels (`server.harmony`)
 EFFORTS = ("none", "low", "medium", "high")
 
 
 @dataclasses.dataclass(frozen=True)
 class Thinking:
     """What one request asks of a reasoning model: whether its prompt opened a thinking block, and a budget of
-    thinking tokens after which the engine closes the block (None: bounded by max_tokens alone)."""
+    thinking tokens after which the engine closes the block (None: bounded by max_tokens alone); `harmony`: the
+    model thinks on gpt-oss's analysis channel instead (`server.harmony`)."""
 
     opened: bool = False
     budget: int | None = None
+    harmony: bool = False
 
 
 def opens(prompt_text: str) -> bool:
@@ -113,13 +118,16 @@ def split(text: str, opened: bool = False) -> tuple[str, str]:
     return Splitter(opened).feed(text, final=True)
 
 
-def resolve(parser: str, tokenizer) -> tuple[bool, tuple[int, int] | None]:
-    """`(split thinking out, (open id, close id))` for `--reasoning-parser` (auto: when the chat template writes
-    thinking blocks); the ids are None where a tag is not one token of the vocabulary (no budget then)."""
-    if parser not in ("auto", "none", *PARSERS):
-        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}")
-    on = parser in PARSERS or (parser == "auto" and template_thinks(getattr(tokenizer, "chat_template", None)))
-    if not on:
-        return False, None
+def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]:
+    """`(how thinking is split out, (open id, close id))` for `--reasoning-parser`: "think" for `<think>` blocks,
+    "harmony" for gpt-oss's channels, None for not at all (auto: by what the chat template writes); the ids are
+    None where a tag is not one token of the vocabulary (no budget then), and for harmony."""
+    if parser not in ("auto", "none", HARMONY, *PARSERS):
+        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {HARMONY}")
+    template = getattr(tokenizer, "chat_template", None)
+    if parser == HARMONY or (parser == "auto" and harmony.template_is_harmony(template)):
+        return "harmony", None
+    if not (parser in PARSERS or (parser == "auto" and template_thinks(template))):
+        return None, None
     ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (OPEN, CLOSE)]
-    return True, (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
+    return "think", (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None

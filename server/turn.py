@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from server import reasoning, tool_calls
+from server import harmony, reasoning, tool_calls
 from server.protocol import Job
 
 
@@ -29,7 +29,8 @@ class Turn:
     """A choice's reasoning, answer and tool calls so far (`feed` the engine's text pieces in order)."""
 
     def __init__(self, job: Job):
-        self.split = reasoning.Splitter(job.thinking.opened) if job.thinking is not None else None
+        self.split = None if job.thinking is None else (
+            harmony.Reader() if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
         offered = job.tools is not None and job.tools.choice != "none"
         self.stream = tool_calls.CallStream(job.tools) if offered else None
         self.reasoning, self.text = "", ""

@@ -1,0 +1,99 @@
+"""gpt-oss's harmony output, read as it streams: the model writes messages on channels, each
+`<|channel|>NAME [to=RECIPIENT] [<|constrain|>TYPE]<|message|>BODY` ended by `<|end|>` (then
+`<|start|>assistant` and the next message's header), `<|return|>` or `<|call|>`. The `analysis` channel is the
+reasoning; `final`, and `commentary` addressed to no one (a preamble), are the answer; a message to
+`functions.NAME` is a call of that function with the body as its JSON arguments, handed on in the answer as a
+`<tool_call>` block that `tool_calls` reads like any other; messages to the built-in tools (`browser.*`, `python`)
+count as reasoning, since this server runs no such tool.
+
+Why not the `openai-harmony` package: it parses token ids of its own o200k vocabulary, which it downloads on first
+use; this server runs offline and reads any tokenizer's text, with the special tokens kept for harmony models.
+Text that does not open a harmony header (a reply a grammar forced into JSON, say) is all answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                                                           "<|constrain|>", "<|return|>", "<|call|>")
+ENDS = (END, RETURN, CALL)
+OPENERS = (CHANNEL, START)
+FUNCTIONS = "functions."
+
+
+def template_is_harmony(chat_template) -> bool:
+    """Whether a chat template writes harmony messages (gpt-oss's)."""
+    return isinstance(chat_template, str) and CHANNEL in chat_template and MESSAGE in chat_template
+
+
+def _held(text: str, marks: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper start of one of `marks`."""
+    return max((n for m in marks for n in range(min(len(m) - 1, len(text)), 0, -1) if m.startswith(text[-n:])),
+               default=0)
+
+
+def route(header: str) -> tuple[str, str | None]:
+    """`("reasoning" | "answer" | "call", function name)` for a message's header."""
+    plain = header.replace(START, " ").replace(CHANNEL, " <channel>").replace(CONSTRAIN, " ")
+    channel = re.search(r"<channel>\s*([\w-]+)", plain)
+    recipient = re.search(r"\bto=([^\s<]+)", plain)
+    if recipient is not None:
+        to = recipient.group(1)
+        return ("call", to[len(FUNCTIONS):]) if to.startswith(FUNCTIONS) else ("reasoning", None)
+    return ("reasoning" if channel is not None and channel.group(1) == "analysis" else "answer"), None
+
+
+class Reader:
+    """One choice's harmony text as `(reasoning, answer)` pieces, in `reasoning.Splitter`'s manner: feeding a text
+    in any pieces gives what feeding it whole gives."""
+
+    def __init__(self):
+        self.state = "header"  # header: before a message's <|message|>; body; plain: not harmony
+        self.buf = ""
+        self.kind: str | None = None  # the body's route
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        """The reasoning and the answer text that `piece` completes; `final`: the text ends here."""
+        self.buf += piece
+        out = {"reasoning": "", "answer": ""}
+        while True:
+            if self.state == "plain":
+                out["answer"] += self.buf
+                self.buf = ""
+                break
+            if self.state == "header":
+                k = self.buf.find(MESSAGE)
+                if k < 0:
+                    head = self.buf.lstrip()
+                    opening = any(head.startswith(m) for m in OPENERS) or any(m.startswith(head) for m in OPENERS)
+                    if opening and not final:
+                        break  # a header still arriving
+                    if head and not opening:
+                        self.state = "plain"
+                        continue
+                    out["answer"] += self.buf if head and final else ""  # a header cut off: its text, not lost
+                    self.buf = ""
+                    break
+                self.kind, name = route(self.buf[:k])
+                self.buf, self.state = self.buf[k + len(MESSAGE):], "body"
+                if self.kind == "call":
+                    out["answer"] += '<tool_call>{"name": ' + json.dumps(name) + ', "arguments": '
+                continue
+            ends = [(self.buf.find(e), e) for e in ENDS if e in self.buf]
+            target = "reasoning" if self.kind == "reasoning" else "answer"
+            if ends:
+                k, mark = min(ends)
+                out[target] += self.buf[:k]
+                if self.kind == "call":
+                    out["answer"] += "}</tool_call>"
+                self.buf, self.state = self.buf[k + len(mark):], "header"
+                continue
+            keep = 0 if final else _held(self.buf, ENDS)
+            out[target] += self.buf[:len(self.buf) - keep]
+            self.buf = self.buf[len(self.buf) - keep:]
+            if final and self.kind == "call":  # the call's end is its end of sequence (`<|call|>`)
+                out["answer"] += "}</tool_call>"
+            break
+        return out["reasoning"], out["answer"]

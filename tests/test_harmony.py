@@ -1,0 +1,173 @@
+"""gpt-oss's harmony output: the reader against replies written out in the published format (whole and in any
+pieces), and through the `openai` client on a live server over a tiny random model whose vocabulary has harmony's
+special tokens and whose chat template writes harmony, made to answer in harmony by a grammar."""
+
+import dataclasses
+import json
+import re
+
+import openai
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.runner import RunnerConfig
+from models import load_model
+from server import harmony, tool_calls
+from server.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
+from server.tools import Tools
+
+MARKS = [START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL]
+WEATHER = {"type": "object", "required": ["city", "unit"],
+           "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": WEATHER}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+REPLIES = {  # text -> (reasoning, answer)
+    f"{CHANNEL}analysis{MESSAGE}The user greets.{END}{START}assistant{CHANNEL}final{MESSAGE}Hello there!{RETURN}":
+        ("The user greets.", "Hello there!"),
+    f"{CHANNEL}analysis{MESSAGE}Need the weather.{END}{START}assistant{CHANNEL}commentary to=functions.get_weather "
+    f'{CONSTRAIN}json{MESSAGE}{{"city": "Paris", "unit": "celsius"}}{CALL}':
+        ("Need the weather.", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+                              "</tool_call>"),
+    f"{CHANNEL}commentary{MESSAGE}Let me look.{END}{START}assistant to=functions.get_weather{CHANNEL}commentary json"
+    f'{MESSAGE}{{"city": "Oslo", "unit": "celsius"}}':  # a preamble; the recipient in the role's header; no <|call|>
+        ("", 'Let me look.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+             "</tool_call>"),
+    f"{CHANNEL}analysis{MESSAGE}Search.{END}{START}assistant{CHANNEL}analysis to=browser.search{MESSAGE}"
+    f'{{"query": "x"}}{CALL}': ("Search.{\"query\": \"x\"}", ""),  # a built-in tool's call: reasoning
+    f"{CHANNEL}analysis{MESSAGE}Thinking, cut off by max_tok": ("Thinking, cut off by max_tok", ""),
+    '[{"name": "get_weather", "arguments": {}}]': ("", '[{"name": "get_weather", "arguments": {}}]'),  # not harmony
+    f"{CHANNEL}final": ("", f"{CHANNEL}final"),  # a header cut off: kept as text
+    "": ("", ""),
+}
+
+
+def _read(pieces):
+    reader, reasoning, answer = harmony.Reader(), "", ""
+    for i, piece in enumerate(pieces):
+        r, a = reader.feed(piece, final=i == len(pieces) - 1)
+        reasoning, answer = reasoning + r, answer + a
+    return reasoning, answer
+
+
+def test_a_reply_in_harmony_is_read_into_reasoning_answer_and_calls():
+    for text, want in REPLIES.items():
+        assert _read([text]) == want, text
+    spec = Tools([TOOLS[0]["function"]], "auto")
+    content, calls = tool_calls.extract(_read([list(REPLIES)[2]])[1], spec)
+    assert content == "Let me look." and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "celsius"}
+    assert harmony.route(f"{START}assistant to=python{CHANNEL}analysis code") == ("reasoning", None)
+    assert harmony.route(f"{CHANNEL}commentary") == ("answer", None)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.sampled_from(sorted(REPLIES)), cuts=st.lists(st.integers(0, 200), max_size=14))
+def test_any_pieces_read_as_the_whole(text, cuts):
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    assert _read([text[a:b] for a, b in zip(bounds, bounds[1:])] + [""]) == REPLIES[text]
+
+
+# A chat template in harmony's layout (a system message with the reasoning level, the tools as a TypeScript
+# namespace, each turn a message; the generation prompt opens the assistant's), written for this test.
+TEMPLATE = (
+    "<|start|>system<|message|>Reasoning: {{ reasoning_effort or 'medium' }}\n"
+    "# Valid channels: analysis, commentary, final.<|end|>"
+    "{% if tools %}<|start|>developer<|message|>namespace functions {\n{% for t in tools %}"
+    "type {{ t.function.name }} = (_: any) => any;\n{% endfor %}} // namespace functions<|end|>{% endif %}"
+    "{% for m in messages %}{% if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{% elif m.role == 'assistant' and m.tool_calls %}{% for c in m.tool_calls %}<|start|>assistant<|channel|>"
+    "commentary to=functions.{{ c.function.name }} <|constrain|>json<|message|>{{ c.function.arguments | tojson }}"
+    "<|call|>{% endfor %}{% elif m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>"
+    "{{ m.content }}<|end|>{% elif m.role == 'tool' %}<|start|>functions.get_weather to=assistant<|channel|>"
+    "commentary<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+ANALYSIS, FINAL = r"[a-z]{2,6}( [a-z]{2,6}){1,3}", r"[A-Z][a-z]{2,6}\."
+SAY = (f'start: <|channel|> "analysis" <|message|> /{ANALYSIS}/ <|end|> <|start|> "assistant" <|channel|> "final" '
+       f"<|message|> /{FINAL}/")
+CALLS = (f'start: <|channel|> "analysis" <|message|> /{ANALYSIS}/ <|end|> <|start|> "assistant" <|channel|> '
+         '"commentary to=functions.get_weather " <|constrain|> "json" <|message|> "{\\"city\\": \\"" /[A-Z][a-z]{2,6}/ '
+         '"\\", \\"unit\\": \\"celsius\\"}"')
+
+
+@pytest.fixture(scope="module")
+def oss(smollm, tmp_path_factory):
+    """A live server over a 2-layer random Llama whose tokenizer is SmolLM2's plus harmony's special tokens, with a
+    harmony chat template and `<|return|>` and `<|call|>` among its ends of sequence."""
+    import transformers
+
+    from conftest import live_server
+
+    folder = str(tmp_path_factory.mktemp("oss"))
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.add_special_tokens({"additional_special_tokens": MARKS})
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).float().eval()
+    ref.save_pretrained(folder, safe_serialization=True)
+    ends = [tok.eos_token_id, *tok.convert_tokens_to_ids([RETURN, CALL])]
+    transformers.GenerationConfig(eos_token_id=ends).save_pretrained(folder)
+    model = dataclasses.replace(load_model(folder), name="oss")
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=256, kv_cache_gb=0.01, decode_batch_sizes=(2,))
+    for api in live_server(model, rc):
+        yield api
+
+
+def _stream(client, **body):
+    reasoning, content, calls, finish = "", "", {}, None
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    return reasoning, content, list(calls.values()), finish
+
+
+def test_gpt_oss_channels_through_the_openai_client(oss):
+    """The analysis channel comes back as `reasoning_content`, the final channel as the content, whole and
+    streamed; a message to `functions.get_weather` as a tool call; the raw completion keeps the channels."""
+    assert oss.server.thinks == "harmony"
+    client = openai.OpenAI(base_url=oss.url + "/v1", api_key="x", max_retries=0)
+    body = dict(model="oss", messages=ASK, temperature=1.0, seed=5, max_tokens=60, reasoning_effort="low",
+                extra_body={"structured_outputs": {"grammar": SAY}, "return_token_ids": True})
+    r = client.chat.completions.create(**body)
+    msg = r.choices[0].message
+    assert re.fullmatch(FINAL, msg.content) and re.fullmatch(ANALYSIS, msg.model_extra["reasoning_content"])
+    assert r.choices[0].finish_reason == "stop"
+    assert "Reasoning: low" in oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
+    assert _stream(client, **body) == (msg.model_extra["reasoning_content"], msg.content, [], "stop")
+
+    body = dict(model="oss", messages=ASK, tools=TOOLS, temperature=1.0, seed=6, max_tokens=80,
+                extra_body={"structured_outputs": {"grammar": CALLS}})
+    r = client.chat.completions.create(**body)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert re.fullmatch(ANALYSIS, msg.model_extra["reasoning_content"])
+    (call,) = msg.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and args["unit"] == "celsius" and re.fullmatch("[A-Z][a-z]{2,6}",
+                                                                                            args["city"])
+    reasoning, content, calls, finish = _stream(client, **body)
+    assert (reasoning, content, finish) == (msg.model_extra["reasoning_content"], "", "tool_calls")
+    assert calls == [{"name": "get_weather", "arguments": call.function.arguments}]
+
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    r = client.chat.completions.create(model="oss", messages=history, tools=TOOLS, max_tokens=2,
+                                       extra_body={"return_token_ids": True})
+    prompt = oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
+    assert f"to=functions.get_weather {CONSTRAIN}json{MESSAGE}{json.dumps(args)}{CALL}" in prompt
+    raw = client.completions.create(model="oss", prompt="Hi", max_tokens=30, temperature=1.0, seed=5,
+                                    extra_body={"structured_outputs": {"grammar": SAY}, "skip_special_tokens": False})
+    assert raw.choices[0].text.startswith(f"{CHANNEL}analysis{MESSAGE}")  # completions are not read as chat
