@@ -8,7 +8,12 @@ count as reasoning, since this server runs no such tool.
 
 Why not the `openai-harmony` package: it parses token ids of its own o200k vocabulary, which it downloads on first
 use; this server runs offline and reads any tokenizer's text, with the special tokens kept for harmony models.
-Text that does not open a harmony header (a reply a grammar forced into JSON, say) is all answer.
+Text that does not open a harmony header is all answer.
+
+Structured output and forced calls follow the channels: `answer_grammar` lets the model think on the analysis channel
+first and applies the request's grammar to the final message; `call_grammar` makes the reply, after any analysis, one
+message to an offered function whose body is JSON its parameters accept (llguidance composes the grammars, the
+special tokens written as such).
 """
 
 from __future__ import annotations
@@ -16,11 +21,39 @@ from __future__ import annotations
 import json
 import re
 
+from engine.grammar import schema_grammar
+
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>",
                                                            "<|constrain|>", "<|return|>", "<|call|>")
 ENDS = (END, RETURN, CALL)
 OPENERS = (CHANNEL, START)
 FUNCTIONS = "functions."
+
+
+ANALYSIS = ('analysis: <|channel|> "analysis" <|message|> THINKING <|end|> <|start|> "assistant"\n'
+            "THINKING: /(?s:.*)/\n")
+
+
+def _entries(grammar: str) -> list[dict]:
+    """An llguidance grammar's list of grammars (a Lark or GBNF text is one)."""
+    return json.loads(grammar)["grammars"] if grammar.lstrip().startswith("{") else [{"lark_grammar": grammar}]
+
+
+def answer_grammar(grammar: str) -> str:
+    """`grammar` applied to the final channel's message, after any analysis message."""
+    first, *rest = _entries(grammar)
+    outer = 'start: analysis? <|channel|> "final" <|message|> @answer\n' + ANALYSIS
+    return json.dumps({"grammars": [{"name": "harmony", "lark_grammar": outer}, {**first, "name": "answer"}, *rest]})
+
+
+def call_grammar(functions: list[dict]) -> str:
+    """After any analysis message, one message to one of `functions` with JSON its parameters accept."""
+    entries, calls = [], []
+    for i, f in enumerate(functions):
+        entries.append({**_entries(schema_grammar(f["parameters"]))[0], "name": f"args{i}"})
+        calls.append(f'<|channel|> "commentary to={FUNCTIONS}{f["name"]} " <|constrain|> "json" <|message|> @args{i}')
+    outer = "start: analysis? call\ncall: " + " | ".join(calls) + "\n" + ANALYSIS
+    return json.dumps({"grammars": [{"name": "harmony", "lark_grammar": outer}, *entries]})
 
 
 def template_is_harmony(chat_template) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
-from server import infill, reasoning, tools
+from server import harmony, infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model
@@ -336,6 +336,10 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony")
         if thinks == "harmony":  # its channels are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
+            if job.tools is not None and job.tools.forced:
+                job.grammar = harmony.call_grammar(job.tools.called())
+            elif job.grammar is not None:
+                job.grammar = harmony.answer_grammar(job.grammar)
     else:
         if body.get("tools") is not None or body.get("functions") is not None:
             raise bad("tools are for chat completions", "tools")

@@ -37,6 +37,10 @@ class Tools:
         """Whether a call is forced (`required` or a named function), so a grammar constrains the output."""
         return self.choice not in ("none", "auto")
 
+    def called(self) -> list[dict]:
+        """The functions a forced call may call: the named one, or all under `required`."""
+        return [f for f in self.functions if f["name"] == self.choice] or self.functions
+
     def grammar(self) -> str | None:
         """The grammar `required` or a named function imposes (None: free output)."""
         if not self.forced:

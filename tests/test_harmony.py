@@ -4,8 +4,8 @@ special tokens and whose chat template writes harmony, made to answer in harmony
 
 import dataclasses
 import json
-import re
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -19,8 +19,10 @@ from server.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
 from server.tools import Tools
 
 MARKS = [START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL]
-WEATHER = {"type": "object", "required": ["city", "unit"],
-           "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+WEATHER = {"type": "object", "required": ["city", "unit"], "additionalProperties": False,
+           "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TIME = {"type": "object", "required": ["zone"], "additionalProperties": False,
+        "properties": {"zone": {"enum": ["UTC", "CET"]}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": WEATHER}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -85,14 +87,6 @@ TEMPLATE = (
     "{{ m.content }}<|end|>{% elif m.role == 'tool' %}<|start|>functions.get_weather to=assistant<|channel|>"
     "commentary<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
-ANALYSIS, FINAL = r"[a-z]{2,6}( [a-z]{2,6}){1,3}", r"[A-Z][a-z]{2,6}\."
-SAY = (f'start: <|channel|> "analysis" <|message|> /{ANALYSIS}/ <|end|> <|start|> "assistant" <|channel|> "final" '
-       f"<|message|> /{FINAL}/")
-CALLS = (f'start: <|channel|> "analysis" <|message|> /{ANALYSIS}/ <|end|> <|start|> "assistant" <|channel|> '
-         '"commentary to=functions.get_weather " <|constrain|> "json" <|message|> "{\\"city\\": \\"" /[A-Z][a-z]{2,6}/ '
-         '"\\", \\"unit\\": \\"celsius\\"}"')
-
-
 @pytest.fixture(scope="module")
 def oss(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama whose tokenizer is SmolLM2's plus harmony's special tokens, with a
@@ -134,40 +128,60 @@ def _stream(client, **body):
     return reasoning, content, list(calls.values()), finish
 
 
+def _end_soon(oss):
+    """A logit bias that makes the random model end a message after a few tokens (it would ramble to max_tokens)."""
+    return {str(oss.model.tokenizer.convert_tokens_to_ids(END)): 9}
+
+
 def test_gpt_oss_channels_through_the_openai_client(oss):
-    """The analysis channel comes back as `reasoning_content`, the final channel as the content, whole and
-    streamed; a message to `functions.get_weather` as a tool call; the raw completion keeps the channels."""
+    """Under a JSON schema the model may think on the analysis channel, then the schema applies to the final
+    message: the analysis comes back as `reasoning_content`, the final message as the content, whole and streamed;
+    the raw completion keeps the channels."""
     assert oss.server.thinks == "harmony"
     client = openai.OpenAI(base_url=oss.url + "/v1", api_key="x", max_retries=0)
-    body = dict(model="oss", messages=ASK, temperature=1.0, seed=5, max_tokens=60, reasoning_effort="low",
-                extra_body={"structured_outputs": {"grammar": SAY}, "return_token_ids": True})
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    body = dict(model="oss", messages=ASK, temperature=1.0, seed=5, max_tokens=80, reasoning_effort="low",
+                logit_bias=_end_soon(oss), response_format={"type": "json_schema", "json_schema": {
+                    "name": "city", "schema": schema}}, extra_body={"return_token_ids": True})
     r = client.chat.completions.create(**body)
-    msg = r.choices[0].message
-    assert re.fullmatch(FINAL, msg.content) and re.fullmatch(ANALYSIS, msg.model_extra["reasoning_content"])
+    msg, ids = r.choices[0].message, r.choices[0].model_extra["token_ids"]
+    jsonschema.validate(json.loads(msg.content), schema)
+    raw = oss.model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert msg.model_extra["reasoning_content"] and raw.startswith(f"{CHANNEL}analysis{MESSAGE}")
+    assert raw.endswith(f"{START}assistant{CHANNEL}final{MESSAGE}{msg.content}")
     assert r.choices[0].finish_reason == "stop"
     assert "Reasoning: low" in oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
     assert _stream(client, **body) == (msg.model_extra["reasoning_content"], msg.content, [], "stop")
+    raw = client.completions.create(model="oss", prompt="Hi", max_tokens=9, extra_body={
+        "skip_special_tokens": False, "structured_outputs": {"grammar": f'start: {CHANNEL} "analysis" {MESSAGE} "ab"'}})
+    assert raw.choices[0].text == f"{CHANNEL}analysis{MESSAGE}ab"  # completions: the grammar as given, no channels read
 
-    body = dict(model="oss", messages=ASK, tools=TOOLS, temperature=1.0, seed=6, max_tokens=80,
-                extra_body={"structured_outputs": {"grammar": CALLS}})
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_forced_call_is_a_message_to_the_function(oss, choice):
+    """`tool_choice` `required` or a named function: after the analysis, one commentary message to
+    `functions.NAME` whose body its parameters accept, returned as a tool call, whole and streamed."""
+    client = openai.OpenAI(base_url=oss.url + "/v1", api_key="x", max_retries=0)
+    tools = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+    body = dict(model="oss", messages=ASK, tools=tools, tool_choice=choice, temperature=1.0, seed=6, max_tokens=80,
+                logit_bias=_end_soon(oss), extra_body={"return_token_ids": True})
     r = client.chat.completions.create(**body)
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
-    assert re.fullmatch(ANALYSIS, msg.model_extra["reasoning_content"])
     (call,) = msg.tool_calls
+    assert call.function.name in (("get_time",) if isinstance(choice, dict) else ("get_weather", "get_time"))
     args = json.loads(call.function.arguments)
-    assert call.function.name == "get_weather" and args["unit"] == "celsius" and re.fullmatch("[A-Z][a-z]{2,6}",
-                                                                                            args["city"])
+    jsonschema.validate(args, WEATHER if call.function.name == "get_weather" else TIME)
+    raw = oss.model.tokenizer.decode(r.choices[0].model_extra["token_ids"], skip_special_tokens=False)
+    assert f"{CHANNEL}commentary to=functions.{call.function.name} {CONSTRAIN}json{MESSAGE}" in raw
     reasoning, content, calls, finish = _stream(client, **body)
-    assert (reasoning, content, finish) == (msg.model_extra["reasoning_content"], "", "tool_calls")
-    assert calls == [{"name": "get_weather", "arguments": call.function.arguments}]
+    assert (reasoning, content, finish) == (msg.model_extra["reasoning_content"] or "", "", "tool_calls")
+    assert calls == [{"name": call.function.name, "arguments": call.function.arguments}]
 
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
     r = client.chat.completions.create(model="oss", messages=history, tools=TOOLS, max_tokens=2,
                                        extra_body={"return_token_ids": True})
     prompt = oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
-    assert f"to=functions.get_weather {CONSTRAIN}json{MESSAGE}{json.dumps(args)}{CALL}" in prompt
-    raw = client.completions.create(model="oss", prompt="Hi", max_tokens=30, temperature=1.0, seed=5,
-                                    extra_body={"structured_outputs": {"grammar": SAY}, "skip_special_tokens": False})
-    assert raw.choices[0].text.startswith(f"{CHANNEL}analysis{MESSAGE}")  # completions are not read as chat
+    assert f"to=functions.{call.function.name} {CONSTRAIN}json{MESSAGE}{json.dumps(args)}{CALL}" in prompt
