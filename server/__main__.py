@@ -41,9 +41,12 @@ def origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in items if o.strip())
 
 
-def parse_args(argv=None, prog: str = "python -m server") -> argparse.Namespace:
-    """Command-line flags."""
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
+def parse_args(argv=None, prog: str = "python -m server", more=None, description: str | None = None
+               ) -> argparse.Namespace:
+    """Command-line flags (`more(ap)` adds a command's own, as `run-batch` does)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description or __doc__)
+    if more is not None:
+        more(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, HF folder or GGUF file")
@@ -285,6 +288,24 @@ def raise_open_files() -> None:
 def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv, prog)
+    built = build(args)
+    if built is None:  # a process of a group that follows process 0
+        return
+    server, what = built
+    try:
+        asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
+    finally:
+        engine = server.aengine.engine
+        if engine.background is not None:
+            engine.background.cancel()
+        if args.num_processes > 1:
+            engine.runner.close()
+    log.info("sparkler: stopped")
+
+
+def build(args: argparse.Namespace) -> tuple[Server, str] | None:
+    """Set up logging and the caches, load the model, start the engine and warm it up: the `Server` and a line on
+    what it runs (None in a process of a group that follows process 0, once process 0 stops)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.log_format == "json":
         logging.getLogger().handlers[0].setFormatter(JsonFormatter())
@@ -331,7 +352,8 @@ def main(argv=None, prog: str = "python -m server") -> None:
     if group and args.process_id:  # run process 0's steps until it stops
         log.info("sparkler: process %d of %d following process 0 (%d local devices)", args.process_id,
                  args.num_processes, jax.local_device_count())
-        return multihost.follow(engine.runner, multihost.Channel(), config)
+        multihost.follow(engine.runner, multihost.Channel(), config)
+        return None
     if group:
         engine.runner = multihost.Leader(engine.runner, multihost.Channel())
         engine.runner.check(config)
@@ -361,14 +383,7 @@ def main(argv=None, prog: str = "python -m server") -> None:
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")
-    try:
-        asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
-    finally:
-        if engine.background is not None:
-            engine.background.cancel()
-        if group:
-            engine.runner.close()
-    log.info("sparkler: stopped")
+    return server, what
 
 
 async def serve(server: Server, host: str, port: int, what: str = "", drain_timeout: float = 30.0) -> None:

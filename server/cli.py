@@ -1,5 +1,6 @@
-"""The `sparkler` command: `serve` (the server, as `python -m server`), `chat` (a terminal chat against a running
-server, streamed) and `models` (the catalog, and what is installed)."""
+"""The `sparkler` command: `serve` (the server, as `python -m server`), `run-batch` (a file of requests in OpenAI's
+batch format, answered offline: `server.batch`), `chat` (a terminal chat against a running server, streamed) and
+`models` (the catalog, and what is installed)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "at http://127.0.0.1:8000/v1, or open it in a browser for the chat page).")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("serve", add_help=False, help="load a model and serve the API (flags: sparkler serve --help)")
+    sub.add_parser("run-batch", add_help=False, help="answer a file of requests in OpenAI's batch format offline "
+                   "(-i in.jsonl -o out.jsonl, and serve's flags)")
     chat = sub.add_parser("chat", help="chat in the terminal with a running server, replies streamed",
                           description="Chat in the terminal with a running Sparkler (or any OpenAI-compatible) "
                           "server. Each line you type is a user turn; the reply streams as it is generated. Lines "
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(argv[1:], prog="sparkler serve")
         return 0
+    if argv[:1] == ["run-batch"]:
+        from server.batch import main as run_batch
+
+        return run_batch(argv[1:])
     args = ap.parse_args(argv)
     if args.command == "models":
         return list_models(args.json)

@@ -124,11 +124,51 @@ def test_models_lists_the_catalog_and_what_is_installed():
     assert [r["name"] for r in rows if r["default"]] == ["smollm2-135m-instruct"]
 
 
+def test_run_batch_answers_a_file_of_requests_as_the_server_does(tmp_path, client):
+    """`sparkler run-batch` with the suite server's engine settings: each line's body as the live server answers it
+    (greedy chat and completion, embeddings), in order, with its custom_id; an API error keeps its status and body;
+    lines it cannot send get an `error` and no response."""
+    model = "smollm2-135m-instruct"
+    chat = {"model": model, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8,
+            "temperature": 0}
+    completion = {"model": model, "prompt": "The sky is", "max_tokens": 6, "temperature": 0, "n": 2}
+    embed = {"model": model, "input": ["hello", "a longer text to embed"]}
+    lines = [{"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": chat},
+             {"custom_id": "completion", "url": "/v1/completions", "body": completion},
+             {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": embed},
+             {"custom_id": "empty", "method": "POST", "url": "/v1/chat/completions", "body": {**chat, "messages": []}},
+             {"custom_id": "stream", "url": "/v1/completions", "body": {**completion, "stream": True}},
+             {"custom_id": "models", "method": "GET", "url": "/v1/models", "body": {}}]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    out = run("run-batch", "-i", str(source), "-o", str(target), "--max-num-seqs", "32", "--max-model-len", "1024",
+              "--decode-steps", "4", "--kv-cache-gb", "0.5", "--num-speculative-tokens", "4", "--warmup", "none",
+              "--max-concurrency", "3", timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(x) for x in target.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == [x["custom_id"] for x in lines] + [None]
+    assert all(r["id"].startswith("batch_req_") for r in results)
+    ok = {r["custom_id"]: r["response"] for r in results[:3]}
+    assert all(r["status_code"] == 200 and r["request_id"] for r in ok.values())
+    assert ok["chat"]["body"]["choices"][0]["message"]["content"] == \
+        client.chat.completions.create(**chat).choices[0].message.content
+    assert [c["text"] for c in ok["completion"]["body"]["choices"]] == [
+        c.text for c in client.completions.create(**completion).choices]
+    want = [e.embedding for e in client.embeddings.create(**embed).data]
+    assert np.allclose([e["embedding"] for e in ok["embed"]["body"]["data"]], want, atol=1e-5)
+    empty = results[3]
+    assert empty["error"] is None and empty["response"]["status_code"] == 400
+    assert empty["response"]["body"]["error"]["param"] == "messages"
+    for r, why in zip(results[4:], ("cannot stream", "'method' must be POST", "not JSON")):
+        assert r["response"] is None and why in r["error"]["message"]
+    assert "7 requests answered" in out.stderr and "4 of them with an error" in out.stderr
+
+
 def test_every_command_has_help(capsys):
     from server.cli import main
 
     top = run("--help")
-    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "chat", "models"))
+    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "run-batch", "chat", "models"))
     chat = run("chat", "--help")
     assert chat.returncode == 0 and "--url" in chat.stdout and "/reset" in chat.stdout
     assert run("frobnicate").returncode == 2
