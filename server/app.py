@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, embeddings, llama_cpp, ollama, openai_responses, protocol, reasoning,
-                    scores, sglang, tools)
+from server import (adapters, anthropic_messages, embeddings, harmony, llama_cpp, ollama, openai_responses, protocol,
+                    reasoning, scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -298,6 +298,9 @@ class Server:
 
     def reasoning_tokens(self, job: Job, choice) -> int:
         """Tokens a choice spent thinking: up to and including its block's close (all of them if it never closed)."""
+        if job.thinking is not None and job.thinking.harmony:
+            return harmony.reasoning_tokens(choice.token_ids,
+                                            lambda t: self.vocab.tok.decode([t], skip_special_tokens=False))
         if job.thinking is None or self.think_ids is None:
             return 0
         ids = choice.token_ids

@@ -130,3 +130,15 @@ class Reader:
                 out["answer"] += "}</tool_call>"
             break
         return out["reasoning"], out["answer"]
+
+
+def reasoning_tokens(ids: list[int], text_of) -> int:
+    """Tokens a reply spent thinking: up to the end of its last message routed to reasoning, headers and end
+    included (all of them if it was cut off while thinking); `text_of(id)` is a token's text, special or not."""
+    reader, spent = Reader(), 0
+    for i, t in enumerate(ids):
+        thinking = reader.state == "body" and reader.kind == "reasoning"
+        reader.feed(text_of(t))
+        if thinking or (reader.state == "body" and reader.kind == "reasoning"):
+            spent = i + 1
+    return spent

@@ -151,6 +151,8 @@ def test_gpt_oss_channels_through_the_openai_client(oss):
     assert msg.model_extra["reasoning_content"] and raw.startswith(f"{CHANNEL}analysis{MESSAGE}")
     assert raw.endswith(f"{START}assistant{CHANNEL}final{MESSAGE}{msg.content}")
     assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens_details.reasoning_tokens == ids.index(oss.model.tokenizer.convert_tokens_to_ids(
+        END)) + 1  # up to the analysis message's end
     assert "Reasoning: low" in oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
     assert _stream(client, **body) == (msg.model_extra["reasoning_content"], msg.content, [], "stop")
     raw = client.completions.create(model="oss", prompt="Hi", max_tokens=9, extra_body={
