@@ -80,12 +80,15 @@ def route(header: str) -> tuple[str, str | None]:
 
 class Reader:
     """One choice's harmony text as `(reasoning, answer)` pieces, in `reasoning.Splitter`'s manner: feeding a text
-    in any pieces gives what feeding it whole gives."""
+    in any pieces gives what feeding it whole gives. `calls`: the request offered tools, so a message to a function
+    becomes a `<tool_call>` block (otherwise its body is reasoning: no one would read the call)."""
 
-    def __init__(self):
+    def __init__(self, calls: bool = True):
+        self.calls = calls
         self.state = "header"  # header: before a message's <|message|>; body; plain: not harmony
         self.buf = ""
         self.kind: str | None = None  # the body's route
+        self.first = True  # the first header may start with its recipient (the prompt wrote `<|start|>assistant`)
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
         """The reasoning and the answer text that `piece` completes; `final`: the text ends here."""
@@ -97,20 +100,20 @@ class Reader:
                 self.buf = ""
                 break
             if self.state == "header":
+                head = self.buf.lstrip()
+                openers = OPENERS + (("to=",) if self.first else ())
+                if not any(head.startswith(m) or m.startswith(head) for m in openers):
+                    self.state = "plain"  # text that opens no header is all answer
+                    continue
                 k = self.buf.find(MESSAGE)
                 if k < 0:
-                    head = self.buf.lstrip()
-                    opening = any(head.startswith(m) for m in OPENERS) or any(m.startswith(head) for m in OPENERS)
-                    if opening and not final:
-                        break  # a header still arriving
-                    if head and not opening:
-                        self.state = "plain"
-                        continue
-                    out["answer"] += self.buf if head and final else ""  # a header cut off: its text, not lost
-                    self.buf = ""
+                    if final:  # a header cut off: structure, not text
+                        self.buf = ""
                     break
                 self.kind, name = route(self.buf[:k])
-                self.buf, self.state = self.buf[k + len(MESSAGE):], "body"
+                if self.kind == "call" and not self.calls:
+                    self.kind = "reasoning"
+                self.buf, self.state, self.first = self.buf[k + len(MESSAGE):], "body", False
                 if self.kind == "call":
                     out["answer"] += '<tool_call>{"name": ' + json.dumps(name) + ', "arguments": '
                 continue

@@ -115,16 +115,28 @@ def _json_call(s: str, i: int) -> tuple[Partial, int | None]:
 
 def _xml_value(raw: str, schema) -> object:
     """A Qwen3-Coder parameter's value: its text less one newline each side, as a string unless the schema types
-    it otherwise and it reads as JSON."""
+    it only otherwise (`null` where it allows null) and it reads as JSON."""
     raw = raw[1:] if raw.startswith("\n") else raw
     raw = raw[:-1] if raw.endswith("\n") else raw
-    kind = schema.get("type") if isinstance(schema, dict) else "string"
-    if kind == "string" or (isinstance(kind, list) and "string" in kind):
-        return raw
+    kinds = _types(schema)
+    if not kinds or "string" in kinds:  # untyped parameters are text, as in vLLM's reading
+        return None if raw == "null" and "null" in kinds else raw
     try:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def _types(schema) -> set:
+    """The JSON types a schema names, its `anyOf` / `oneOf` members' included."""
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    out = set(kind) if isinstance(kind, list) else ({kind} if isinstance(kind, str) else set())
+    for key in ("anyOf", "oneOf"):
+        for member in schema.get(key) or ():
+            out |= _types(member)
+    return out
 
 
 def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
@@ -148,24 +160,34 @@ def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
     return p
 
 
-def _until(s: str, marker: str) -> tuple[str, bool]:
-    """`s` up to `marker` and whether it was there; without it, less an end that may still become it. Stripped."""
-    k = s.find(marker)
-    if k >= 0:
-        return s[:k].strip(), True
-    return s[:len(s) - _held(s, marker)].strip(), False
+def _json_then(s: str, marker: str) -> tuple[str, str | None]:
+    """The JSON arguments at the start of `s` (as far as written), and the text after `marker` where only
+    whitespace lies between them and it (None: not closed yet); a marker's text inside a JSON string is the
+    string's."""
+    i = _skip(s, 0)
+    if i >= len(s):
+        return "", None
+    if s[i] != "{":  # not an object: up to the marker, for `extract` to refuse
+        k = s.find(marker)
+        return (s[i:k] if k >= 0 else s[i:]).strip(), s[k + len(marker):] if k >= 0 else None
+    end = _value_end(s, i)
+    if end is None:
+        return s[i:], None
+    after = s[end:].lstrip()
+    return s[i:end], after[len(marker):] if after.startswith(marker) else None
 
 
 def _deepseek_call(block: str) -> Partial:
     """One DeepSeek call after its `<｜tool▁call▁begin｜>`: V3.1's `NAME<sep>{...}<end>` or V3's
-    `function<sep>NAME\\n```json\\n{...}\\n```<end>`."""
+    `function<sep>NAME\n```json\n{...}\n```<end>`."""
     p, sep = Partial(), block.find(DS_SEP)
     if sep < 0:
         return p
     head, after = block[:sep].strip(), block[sep + len(DS_SEP):]
     if head != "function" or after.lstrip()[:1] == "{":
         p.name = head
-        p.arguments, p.done = _until(after, DS_END)
+        p.arguments, rest = _json_then(after, DS_END)
+        p.done = rest is not None
         return p
     line = after.find("\n")
     if line < 0:
@@ -173,10 +195,8 @@ def _deepseek_call(block: str) -> Partial:
     p.name, rest = after[:line].strip(), after[line + 1:].lstrip()
     if not rest.startswith(FENCE + "json"):
         return p
-    p.arguments, closed = _until(rest[len(FENCE) + 4:], FENCE)
-    if closed:
-        tail = rest[len(FENCE) + 4:].split(FENCE, 1)[1]
-        p.done = tail.strip().startswith(DS_END)
+    p.arguments, tail = _json_then(rest[len(FENCE) + 4:], FENCE)
+    p.done = tail is not None and tail.lstrip().startswith(DS_END)
     return p
 
 
@@ -216,6 +236,8 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                 break
             i = _skip(text, end)
             i = _skip(text, i + 1) if i < len(text) and text[i] == "," else i
+        if i < len(text) and text[i] != "]":  # an element that is no call object: no calls
+            calls.append(Partial())
     return start, calls
 
 

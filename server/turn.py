@@ -29,9 +29,9 @@ class Turn:
     """A choice's reasoning, answer and tool calls so far (`feed` the engine's text pieces in order)."""
 
     def __init__(self, job: Job):
-        self.split = None if job.thinking is None else (
-            harmony.Reader() if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
         offered = job.tools is not None and job.tools.choice != "none"
+        self.split = None if job.thinking is None else (
+            harmony.Reader(offered) if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
         self.stream = tool_calls.CallStream(job.tools) if offered else None
         self.reasoning, self.text = "", ""
         self.calls: list[dict] = []  # {"id", "name", "arguments"} in order

@@ -42,7 +42,10 @@ REPLIES = {  # text -> (reasoning, answer)
     f'{{"query": "x"}}{CALL}': ("Search.{\"query\": \"x\"}", ""),  # a built-in tool's call: reasoning
     f"{CHANNEL}analysis{MESSAGE}Thinking, cut off by max_tok": ("Thinking, cut off by max_tok", ""),
     '[{"name": "get_weather", "arguments": {}}]': ("", '[{"name": "get_weather", "arguments": {}}]'),  # not harmony
-    f"{CHANNEL}final": ("", f"{CHANNEL}final"),  # a header cut off: kept as text
+    f" to=functions.get_weather{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}{{}}{CALL}":  # the role's header, at once
+        ("", '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'),
+    f"{CHANNEL}analysis{MESSAGE}Hm.{END}{START}assistant": ("Hm.", ""),  # a header cut off: structure, not text
+    f"Hello{MESSAGE}x": ("", f"Hello{MESSAGE}x"),  # no header opens it
     "": ("", ""),
 }
 
@@ -62,6 +65,9 @@ def test_a_reply_in_harmony_is_read_into_reasoning_answer_and_calls():
     content, calls = tool_calls.extract(_read([list(REPLIES)[2]])[1], spec)
     assert content == "Let me look." and calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "celsius"}
+    called = list(REPLIES)[1]
+    assert harmony.Reader(calls=False).feed(called, True) == (
+        'Need the weather.{"city": "Paris", "unit": "celsius"}', "")  # no tools offered: no call to read
     assert harmony.route(f"{START}assistant to=python{CHANNEL}analysis code") == ("reasoning", None)
     assert harmony.route(f"{CHANNEL}commentary") == ("answer", None)
 

@@ -107,10 +107,20 @@ def test_each_familys_call_format_is_read():
              "</function>\n</tool_call>")
     assert read(typed)[1] == [("add", {"a": 2, "b": 0.5, "tags": ["x", "y"], "note": "007\n  two lines"})]
     assert read(f"{DS_CALLS}{DS_CALL}add{DS_SEP}{DS_END}{DS_DONE}")[1] == [("add", {})]  # no arguments
+    fence = {"note": "```py\nprint(1)\n```", "a": 1}  # a fence, and DeepSeek's end mark, inside strings
+    fenced = DS3.replace('{"timezone": "CET"}', json.dumps(fence)).replace("get_time", "add")
+    assert read(fenced)[1][0] == ("add", fence)
+    assert read(DS31.replace('"UTC"', f'"{DS_END}"'))[1][1] == ("get_time", {"timezone": DS_END})
+    untyped = tool_mod.Tools([{"name": "f", "description": "", "parameters": {"type": "object", "properties": {
+        "id": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"description": "no type"}}}}], "auto")
+    content, calls = tool_calls.extract("<tool_call>\n<function=f>\n<parameter=id>\n123\n</parameter>\n<parameter=n>"
+                                        "\ntrue\n</parameter>\n</function>\n</tool_call>", untyped)
+    assert json.loads(calls[0]["function"]["arguments"]) == {"id": "123", "n": "true"}  # text unless typed otherwise
     for bad in (DS31.replace('"UTC"}', '"UTC"'),  # arguments that are not JSON
                 DS31.replace("get_time", "launch_rockets"),  # an unknown function
                 DS31[:-len(DS_END + DS_DONE) - 3],  # cut off inside the last call
-                XML.replace("</function>", ""), DS3.replace("```json", "```yaml")):
+                XML.replace("</function>", ""), DS3.replace("```json", "```yaml"),
+                f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]'):  # an array element that is no call
         assert read(bad) == (bad, [])
 
 
