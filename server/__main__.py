@@ -26,6 +26,7 @@ from models import KV_DTYPES, load_model, lora
 from models.backends import BACKENDS
 from models.backends.cpu_matmul import MATMULS
 from models.loading.source import cache_root
+from models.loading.tokenizer import read_template
 from server import reasoning
 from server.app import Server
 
@@ -148,6 +149,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
+    ap.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                    help="render chats with this Jinja template instead of the model's: a file (.jinja, or JSON with "
+                         "a chat_template field) or the template itself (vLLM's flag)")
     ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.HARMONY),
                     default="auto", help="split <think>...</think> (or gpt-oss's analysis channel: openai_gptoss) "
                     "into reasoning_content (auto: by what the chat template writes)")
@@ -325,9 +329,17 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
     use_caches(cache_root())
     t0 = time.monotonic()
     try:
+        template = None if args.chat_template is None else read_template(args.chat_template)
+    except (OSError, ValueError) as e:  # unreadable, or not a template that compiles
+        raise SystemExit(f"sparkler: --chat-template: {e}") from None
+    try:
         model = load(args)
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
         raise SystemExit(f"sparkler: {e}") from None
+    if template is not None:
+        if model.tokenizer is None:
+            raise SystemExit("sparkler: --chat-template needs the model's tokenizer")
+        model.tokenizer.use_template(template)
     t1 = time.monotonic()
     try:
         engine = Engine(model, runner_config(args))

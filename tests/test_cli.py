@@ -32,6 +32,9 @@ def health(url: str) -> dict:
         return json.load(r)
 
 
+SMOL_SYSTEM, OUR_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "Be brief."
+
+
 @pytest.fixture()
 def served(tmp_path_factory, smollm):
     """`sparkler serve` with its default weights, every warm-up shape (`--warmup full`) and an empty program store,
@@ -45,8 +48,11 @@ def served(tmp_path_factory, smollm):
     for part in ("params", "tokenizers", "remembered", "native"):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
+    template = cache / "chat.jinja"  # the model's own, with another default system message (`--chat-template`)
+    template.write_text(smollm.tokenizer.chat_template.replace(SMOL_SYSTEM, OUR_SYSTEM))
     child = spawn("--max-num-seqs", "2", "--max-model-len", "64", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "full", "--api-key", KEY, "--max-queued-requests", "16", command=[SPARKLER, "serve"],
+                  "--warmup", "full", "--api-key", KEY, "--max-queued-requests", "16", "--chat-template", str(template),
+                  command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
     child.proc.terminate()
@@ -60,6 +66,11 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
     first = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=8,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert first.choices[0].message.content and first.usage.completion_tokens >= 1
+    asked = urllib.request.Request(served.url + "/tokenize", data=json.dumps({"messages": [
+        {"role": "user", "content": "Hi"}]}).encode(), headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(asked, timeout=30) as r:
+        rendered = smollm.tokenizer.decode(json.load(r)["tokens"], skip_special_tokens=False)
+    assert SMOL_SYSTEM in smollm.tokenizer.chat_template and f"system\n{OUR_SYSTEM}<|im_end|>" in rendered
     during = health(served.url)
     assert during["warmup_shapes_ready"] < during["warmup_shapes_total"]  # answered with shapes still to come
     log = "".join(served.lines)

@@ -98,6 +98,33 @@ def test_chat_templates_render_as_transformers_renders_them(folders, which):
             ours.apply_chat_template([{"role": "bad", "content": "x"}], tokenize=False)
 
 
+def test_a_chat_template_from_the_command_line(folders, tmp_path):
+    """`--chat-template`: a .jinja file, JSON with a `chat_template` field, or the template itself, each compiled
+    first; a tokenizer then renders with it, as transformers renders that template."""
+    from models.loading.tokenizer import read_template
+
+    inline = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+              "{% if add_generation_prompt %}>{% endif %}")
+    (tmp_path / "t.jinja").write_text(inline)
+    (tmp_path / "t.json").write_text(json.dumps({"chat_template": inline}))
+    assert read_template(str(tmp_path / "t.jinja")) == read_template(str(tmp_path / "t.json")) == read_template(inline)
+    for bad, why in ((str(tmp_path / "missing.jinja"), "no such file"), ("{% for %}", "does not compile"),
+                     (str(tmp_path / "t.jinja").replace("jinja", "json"), "chat_template")):
+        if bad.endswith("t.json"):
+            (tmp_path / "t.json").write_text("{}")
+        with pytest.raises(ValueError, match=why):
+            read_template(bad)
+    tok = Tokenizer(folders[0])
+    tok.apply_chat_template(CHATS[0], tokenize=False)  # compiled with the folder's template first
+    tok.use_template(inline)
+    ref = transformers.AutoTokenizer.from_pretrained(folders[0])
+    ref.chat_template = inline
+    for prompt in (False, True):
+        assert tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=prompt) == \
+            ref.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=prompt)
+    assert tok.apply_chat_template(CHATS[0], tokenize=False).startswith(f"[{CHATS[0][0]['role']}] ")
+
+
 def test_the_sandbox_refuses_what_transformers_refuses(folders):
     import jinja2
 

@@ -81,6 +81,10 @@ class Tokenizer:
         self.chat_template = _chat_template(folder, config)
         self._template = None
 
+    def use_template(self, template: str) -> None:
+        """Render chats with `template` instead of the folder's (`--chat-template`)."""
+        self.chat_template, self._template = template, None
+
     def __getattr__(self, name: str):
         if name in SPECIAL:
             return self.special_tokens_map.get(name)
@@ -223,6 +227,28 @@ def _json(path: str) -> dict:
 
 def _content(token) -> str:
     return token["content"] if isinstance(token, dict) else str(token)
+
+
+def read_template(value: str) -> str:
+    """A chat template given on the command line (vLLM's `--chat-template`): a file (`.jinja` text, or JSON with a
+    `chat_template` field) or the template itself; checked by compiling it. ValueError names what is wrong."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+        if value.endswith(".json"):
+            try:
+                text = json.loads(text)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{value} is not JSON with a 'chat_template' field") from None
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"no such file, and not a template (no '{{{{' or '{{%'): {value!r}")
+    try:
+        _compile(text)
+    except Exception as e:  # jinja2's syntax errors, and what its parser raises besides
+        raise ValueError(f"the chat template does not compile: {e}") from None
+    return text
 
 
 def _chat_template(folder: str, config: dict) -> str | None:
