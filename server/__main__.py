@@ -149,9 +149,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     ap.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
-    ap.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+    ap.add_argument("--chat-template", "--chat-template-file", default=None, metavar="FILE_OR_TEMPLATE",
                     help="render chats with this Jinja template instead of the model's: a file (.jinja, or JSON with "
-                         "a chat_template field) or the template itself (vLLM's flag)")
+                         "a chat_template field) or the template itself (vLLM's flag; llama.cpp's name too)")
     ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.HARMONY),
                     default="auto", help="split <think>...</think> (or gpt-oss's analysis channel: openai_gptoss) "
                     "into reasoning_content (auto: by what the chat template writes)")
