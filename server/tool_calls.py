@@ -10,7 +10,9 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
   ```json fence;
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
   Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text) and Mistral's
-  `[TOOL_CALLS]` array (the same).
+  `[TOOL_CALLS]` array (the same);
+- a Python list of keyword calls as the whole text, `[get_weather(city="Paris")]` (the pythonic format of Llama 3.2's
+  and Llama 4's tool templates), read when the whole reply is one (a stream sends such calls at its end).
 
 Text before the first call is content; calls that name no offered function, or arguments that are not a JSON object,
 leave the whole text as content.
@@ -18,6 +20,7 @@ leave the whole text as content.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import uuid
@@ -245,14 +248,35 @@ def _marked(text: str) -> bool:
     return any(m in text for m in MARKERS)
 
 
+def pythonic(text: str) -> list[Partial] | None:
+    """The calls of a reply that is a Python list of keyword calls, `[get_weather(city="Paris"), ...]` (Llama 3.2's
+    and Llama 4's pythonic format; read with `ast`, values as Python literals), else None."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(node, ast.List) or not node.elts:
+            return None
+        calls = []
+        for c in node.elts:
+            if not (isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args
+                    and all(k.arg is not None for k in c.keywords)):
+                return None
+            args = {k.arg: ast.literal_eval(k.value) for k in c.keywords}
+            calls.append(Partial(c.func.id, json.dumps(args, ensure_ascii=False), True))
+        return calls
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):  # not Python, or not literals
+        return None
+
+
 def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
     """`(content, tool_calls)` from generated text (the formats above); plain text gives `(text, [])`. Arguments are
     the model's own JSON text (what a stream sends piece by piece)."""
     names = {f["name"] for f in tools.functions}
     start, parts = scan(text, tools)
-    if start is None or not parts:
+    if start is not None and text[start] == "[" and (listed := pythonic(text)) is not None:
+        start, parts = None, listed  # a Python list of calls: nothing before it
+    if not parts:
         return text, []
-    if not _marked(text):  # the whole text must be the JSON
+    if not _marked(text) and start is not None:  # the whole text must be the JSON
         try:
             json.loads(text)
         except ValueError:
@@ -269,7 +293,7 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         raw = args if isinstance(args, str) else raw
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": p.name, "arguments": raw}})
-    return (text[:start].rstrip() or None) if _marked(text) else None, calls
+    return (text[:start].rstrip() or None) if _marked(text) and start is not None else None, calls
 
 
 class CallStream:

@@ -85,6 +85,7 @@ DS3 = (f'{DS_CALLS}{DS_CALL}function{DS_SEP}get_time\n```json\n{{"timezone": "CE
 XML = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
        "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
 LLAMA = '{"name": "get_time", "parameters": {"timezone": "UTC"}}'
+PYTHONIC = '[get_weather(city="Oslo", unit="celsius"), get_time(timezone="UTC")]'  # Llama 3.2's and 4's other format
 
 
 def test_each_familys_call_format_is_read():
@@ -102,6 +103,10 @@ def test_each_familys_call_format_is_read():
                                 ("get_weather", {"city": "Rome", "unit": "fahrenheit"})])
     assert read(XML) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"})])
     assert read(LLAMA) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(PYTHONIC) == (None, [("get_weather", {"city": "Oslo", "unit": "celsius"}),
+                                     ("get_time", {"timezone": "UTC"})])
+    assert read("[add(a=2, b=None, tags=['x'], note=\"a'b\")]")[1] == [("add", {"a": 2, "b": None, "tags": ["x"],
+                                                                                 "note": "a'b"})]
     typed = ("<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n0.5\n</parameter>\n"
              '<parameter=tags>\n["x", "y"]\n</parameter>\n<parameter=note>\n007\n  two lines\n</parameter>\n'
              "</function>\n</tool_call>")
@@ -120,7 +125,8 @@ def test_each_familys_call_format_is_read():
                 DS31.replace("get_time", "launch_rockets"),  # an unknown function
                 DS31[:-len(DS_END + DS_DONE) - 3],  # cut off inside the last call
                 XML.replace("</function>", ""), DS3.replace("```json", "```yaml"),
-                f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]'):  # an array element that is no call
+                f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
+                "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]"):
         assert read(bad) == (bad, [])
 
 
@@ -156,7 +162,7 @@ def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA,
+    DS31, DS3, XML, LLAMA, PYTHONIC,
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -167,7 +173,7 @@ STREAMED = [
 ]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(text=st.sampled_from(STREAMED), cuts=st.lists(st.integers(0, 200), max_size=12),
        choice=st.sampled_from(["auto", "required"]))
 def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(text, cuts, choice):
@@ -189,7 +195,7 @@ def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(tex
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (w["function"]["name"], w["function"]["arguments"]) for w in want]
     assert all(c["id"].startswith("call_") for c in calls.values())
-    if want and len(pieces) > 3 and not text.startswith('{"arguments"'):
+    if want and len(pieces) > 3 and not text.startswith(('{"arguments"', "[get_")):  # pythonic: read at the end
         assert early > 0  # names and arguments went out before the end
 
 
