@@ -317,6 +317,10 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
     raise_open_files()
     logging.getLogger("asyncio").addFilter(Throttled(ACCEPT_FAILED))
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))  # before JAX's GPU
+    try:  # before a group forms; the processes that follow process 0 serve no chats
+        template = None if args.chat_template is None or args.process_id else read_template(args.chat_template)
+    except (OSError, ValueError) as e:  # unreadable, or not a template that compiles
+        raise SystemExit(f"sparkler: --chat-template: {e}") from None
     group = args.num_processes > 1  # client starts (at the first device query)
     if group:
         if not args.coordinator or not 0 <= args.process_id < args.num_processes:
@@ -328,10 +332,6 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                              f"{args.dp} x tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
     use_caches(cache_root())
     t0 = time.monotonic()
-    try:
-        template = None if args.chat_template is None else read_template(args.chat_template)
-    except (OSError, ValueError) as e:  # unreadable, or not a template that compiles
-        raise SystemExit(f"sparkler: --chat-template: {e}") from None
     try:
         model = load(args)
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...

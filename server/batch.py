@@ -5,8 +5,11 @@ Each input line is `{"custom_id", "method": "POST", "url", "body"}`; each output
 answers (an API error keeps its status and error body), or `"response": null` and an `error` for a line that names
 no batchable route or is not such an object. The model loads with `serve`'s flags and the requests go through the
 server's routes on a loopback port, so validation, defaults and replies are the server's own; up to
-`--max-concurrency` requests are in flight at once (default: twice `--max-num-seqs`), and one the server refuses
-for a full queue (429) is sent again after its `Retry-After`.
+`--max-concurrency` requests are in flight at once (default: twice `--max-num-seqs`); one the server refuses for a
+full queue (429) is sent again after its `Retry-After` while other requests are in flight (else the 429 is its
+answer). Each result is written as soon as the lines before it are, so a stopped run keeps what it finished.
+An API error is a response with its status and error body, as OpenAI's batches return it (vLLM's `run-batch`
+puts it under `error` with a null body instead).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sys
 import time
 import uuid
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank",
+        "/score", "/rerank", "/v2/rerank")
 log = logging.getLogger("sparkler.batch")
 
 
@@ -30,7 +34,8 @@ def _flags(ap) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "sparkler run-batch") -> int:
-    """Load the model as `serve` does, answer every line of the input file, write the output file."""
+    """Load the model as `serve` does, answer every line of the input file, and write each result as soon as the
+    lines before it are written."""
     from server.__main__ import build, parse_args
 
     args = parse_args(argv, prog, more=_flags, description=__doc__)
@@ -38,24 +43,20 @@ def main(argv: list[str] | None = None, prog: str = "sparkler run-batch") -> int
         raise SystemExit("sparkler: run-batch runs in one process (--num-processes 1)")
     try:
         lines = _read(args.input_file)
-    except OSError as e:
-        raise SystemExit(f"sparkler: cannot read {args.input_file}: {e}") from None
+        sink = sys.stdout if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")
+    except OSError as e:  # before the model loads
+        raise SystemExit(f"sparkler: {e}") from None
     server, what = build(args)
     log.info("sparkler: %d requests (%s)", len(lines), what)
     t0 = time.monotonic()
     try:
-        results = asyncio.run(answer(server, lines, args.max_concurrency or 2 * args.max_num_seqs))
+        failed = asyncio.run(answer(server, lines, args.max_concurrency or 2 * args.max_num_seqs, sink))
     finally:
         if server.engine.background is not None:
             server.engine.background.cancel()
-    out = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    if args.output_file == "-":
-        sys.stdout.write(out)
-    else:
-        with open(args.output_file, "w", encoding="utf-8") as f:
-            f.write(out)
-    failed = sum(r["error"] is not None or r["response"]["status_code"] != 200 for r in results)
-    log.info("sparkler: %d requests answered in %.1f s, %d of them with an error", len(results),
+        if sink is not sys.stdout:
+            sink.close()
+    log.info("sparkler: %d requests answered in %.1f s, %d of them with an error", len(lines),
              time.monotonic() - t0, failed)
     return 0
 
@@ -82,8 +83,16 @@ def check(line: str) -> tuple[dict | None, str | None]:
     return req, None
 
 
-async def answer(server, lines: list[str], concurrency: int) -> list[dict]:
-    """Each line's result, in order, from `server` listening on a loopback port for the duration."""
+def _custom_id(line: str):
+    try:
+        return json.loads(line).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+async def answer(server, lines: list[str], concurrency: int, sink) -> int:
+    """Answer each line through `server`, listening on a loopback port for the duration, and write the results to
+    `sink` in the input's order as they complete; the number of lines that got no 200."""
     import aiohttp
     from aiohttp import web
 
@@ -92,37 +101,58 @@ async def answer(server, lines: list[str], concurrency: int) -> list[dict]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
-    gate, done = asyncio.Semaphore(max(1, concurrency)), [0]
+    gate = asyncio.Semaphore(max(1, concurrency))
+    results: list[dict | None] = [None] * len(lines)
+    state = {"written": 0, "failed": 0, "sending": 0}
 
-    async def one(session, line: str) -> dict:
+    def done(i: int, out: dict) -> None:
+        results[i] = out
+        state["failed"] += out["error"] is not None or out["response"]["status_code"] != 200
+        while state["written"] < len(lines) and results[state["written"]] is not None:
+            sink.write(json.dumps(results[state["written"]], ensure_ascii=False) + "\n")
+            results[state["written"]] = None  # written: not kept
+            state["written"] += 1
+            if state["written"] % 100 == 0:
+                sink.flush()
+                log.info("sparkler: %d of %d requests answered", state["written"], len(lines))
+
+    async def post(session, req: dict) -> tuple[int, object]:
+        """The route's status and body; a 429 is sent again while other requests are in flight (they make room)."""
+        while True:
+            async with session.post(base + req["url"], json=req["body"], headers=headers) as r:
+                body = await r.json(content_type=None)
+                if r.status != 429 or state["sending"] <= 1:
+                    return r.status, body
+                wait = r.headers.get("Retry-After", "1")
+            state["sending"] -= 1
+            await asyncio.sleep(float(wait) if wait.replace(".", "", 1).isdigit() else 1.0)
+            state["sending"] += 1
+
+    async def one(session, i: int, line: str) -> None:
+        out = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": _custom_id(line), "response": None, "error": None}
         req, why = check(line)
-        custom_id = req.get("custom_id") if req is not None else None
-        out = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": None}
         if why is not None:
-            try:
-                out["custom_id"] = json.loads(line).get("custom_id")
-            except (ValueError, AttributeError):
-                pass
             out["error"] = {"code": "invalid_request", "message": why}
-            return out
+            return done(i, out)
         async with gate:
-            while True:
-                async with session.post(base + req["url"], json=req["body"], headers=headers) as r:
-                    if r.status == 429:
-                        await asyncio.sleep(float(r.headers.get("Retry-After", 1)))
-                        continue
-                    body = await r.json(content_type=None)
-                    break
+            state["sending"] += 1
+            try:
+                status, body = await post(session, req)
+            except Exception as e:  # the connection, or a reply that is not JSON: this line's error, not the run's
+                out["error"] = {"code": "request_failed", "message": f"{type(e).__name__}: {e}"}
+                return done(i, out)
+            finally:
+                state["sending"] -= 1
         rid = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
-        out["response"] = {"status_code": r.status, "request_id": rid or f"req_{uuid.uuid4().hex}", "body": body}
-        done[0] += 1
-        if done[0] % 100 == 0:
-            log.info("sparkler: %d of %d requests answered", done[0], len(lines))
-        return out
+        out["response"] = {"status_code": status, "request_id": rid or f"req_{uuid.uuid4().hex}", "body": body}
+        done(i, out)
 
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            return await asyncio.gather(*(one(session, line) for line in lines))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                         connector=aiohttp.TCPConnector(limit=0)) as session:
+            await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))
+        return state["failed"]
     finally:
+        sink.flush()
         await runner.cleanup()
         server.close()

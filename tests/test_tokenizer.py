@@ -108,10 +108,13 @@ def test_a_chat_template_from_the_command_line(folders, tmp_path):
     (tmp_path / "t.jinja").write_text(inline)
     (tmp_path / "t.json").write_text(json.dumps({"chat_template": inline}))
     assert read_template(str(tmp_path / "t.jinja")) == read_template(str(tmp_path / "t.json")) == read_template(inline)
+    (tmp_path / "named.txt").write_text(json.dumps({"chat_template": [{"name": "tools", "template": "{{ 1 }}"},
+                                                                       {"name": "default", "template": inline}]}))
+    assert read_template(str(tmp_path / "named.txt")) == inline  # JSON whatever the name; the default of named ones
+    (tmp_path / "t.json").write_text("{}")
+    (tmp_path / "empty.jinja").write_text(" \n")
     for bad, why in ((str(tmp_path / "missing.jinja"), "no such file"), ("{% for %}", "does not compile"),
-                     (str(tmp_path / "t.jinja").replace("jinja", "json"), "chat_template")):
-        if bad.endswith("t.json"):
-            (tmp_path / "t.json").write_text("{}")
+                     (str(tmp_path / "t.json"), "chat_template"), (str(tmp_path / "empty.jinja"), "empty")):
         with pytest.raises(ValueError, match=why):
             read_template(bad)
     tok = Tokenizer(folders[0])

@@ -230,25 +230,38 @@ def _content(token) -> str:
 
 
 def read_template(value: str) -> str:
-    """A chat template given on the command line (vLLM's `--chat-template`): a file (`.jinja` text, or JSON with a
-    `chat_template` field) or the template itself; checked by compiling it. ValueError names what is wrong."""
+    """A chat template given on the command line (vLLM's `--chat-template`): a file (Jinja text, or JSON with a
+    `chat_template` field, named templates' `default` included) or the template itself; checked by compiling it.
+    ValueError names what is wrong."""
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             text = f.read()
-        if value.endswith(".json"):
-            try:
-                text = json.loads(text)["chat_template"]
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{value} is not JSON with a 'chat_template' field") from None
+        try:
+            saved = json.loads(text)
+        except ValueError:
+            saved = None
+        if isinstance(saved, dict):
+            text = _named(saved.get("chat_template"))
+            if not isinstance(text, str):
+                raise ValueError(f"{value} is JSON without a 'chat_template' string (or a named 'default' one)")
     elif "{{" in value or "{%" in value:
         text = value
     else:
         raise ValueError(f"no such file, and not a template (no '{{{{' or '{{%'): {value!r}")
+    if not text.strip():
+        raise ValueError("the chat template is empty")
     try:
         _compile(text)
     except Exception as e:  # jinja2's syntax errors, and what its parser raises besides
         raise ValueError(f"the chat template does not compile: {e}") from None
     return text
+
+
+def _named(template):
+    """A saved `chat_template`: a string, or named templates' `default`."""
+    if isinstance(template, list):
+        return next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template
 
 
 def _chat_template(folder: str, config: dict) -> str | None:
@@ -258,9 +271,7 @@ def _chat_template(folder: str, config: dict) -> str | None:
         with open(path) as f:
             return f.read()
     template = _json(os.path.join(folder, "chat_template.json")).get("chat_template") or config.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
+    return _named(template)
 
 
 def _with_reasoning(message: dict) -> dict:
