@@ -1,4 +1,5 @@
-"""Test helpers: run our model's full-sequence logits, prompts no other test shares, and HF reference pieces."""
+"""Test helpers: run our model's full-sequence logits, prompts no other test shares, HF reference pieces, tiny
+random models with the default model's tokenizer, and a chat stream read through the openai client."""
 
 import contextlib
 import functools
@@ -146,3 +147,44 @@ def dry_reference(tokens, mult, base, allowed, last_n, breakers, vocab):
             e = m - allowed if cap <= 0 or m - allowed <= cap else cap
             out[t] = mult * float(base) ** e
     return out
+
+
+def tiny_llama(folder: str, tokenizer_folder: str, specials: list[str], chat_template: str | None = None,
+               scale: float | None = None):
+    """A 2-layer random Llama saved in `folder` with the tokenizer of `tokenizer_folder` plus `specials` (and
+    `chat_template`): `(transformers tokenizer, transformers model)`; `scale`: weights drawn N(0, scale²)."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).float().eval()
+    if scale is not None:
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(torch.randn_like(p) * scale)
+    ref.save_pretrained(folder, safe_serialization=True)
+    return tok, ref
+
+
+def stream_chat(client, **body) -> tuple[str, str, list[dict], str | None]:
+    """A streamed chat completion's `(reasoning, content, tool calls as {"name", "arguments"}, finish reason)`, its
+    deltas joined."""
+    reasoning, content, calls, finish = "", "", {}, None
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    return reasoning, content, list(calls.values()), finish

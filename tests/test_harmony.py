@@ -8,11 +8,12 @@ import json
 import jsonschema
 import openai
 import pytest
-import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.runner import RunnerConfig
+from helpers import stream_chat, tiny_llama
 from models import load_model
 from server import harmony, tool_calls
 from server.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
@@ -97,41 +98,16 @@ TEMPLATE = (
 def oss(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama whose tokenizer is SmolLM2's plus harmony's special tokens, with a
     harmony chat template and `<|return|>` and `<|call|>` among its ends of sequence."""
-    import transformers
-
     from conftest import live_server
 
     folder = str(tmp_path_factory.mktemp("oss"))
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.add_special_tokens({"additional_special_tokens": MARKS})
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(cfg).float().eval()
-    ref.save_pretrained(folder, safe_serialization=True)
+    tok, _ = tiny_llama(folder, smollm.tokenizer.folder, MARKS, TEMPLATE)
     ends = [tok.eos_token_id, *tok.convert_tokens_to_ids([RETURN, CALL])]
     transformers.GenerationConfig(eos_token_id=ends).save_pretrained(folder)
     model = dataclasses.replace(load_model(folder), name="oss")
     rc = RunnerConfig(max_num_seqs=2, max_model_len=256, kv_cache_gb=0.01, decode_batch_sizes=(2,))
     for api in live_server(model, rc):
         yield api
-
-
-def _stream(client, **body):
-    reasoning, content, calls, finish = "", "", {}, None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        for c in chunk.choices:
-            reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
-            content += c.delta.content or ""
-            for d in c.delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                entry["name"] += d.function.name or ""
-                entry["arguments"] += d.function.arguments or ""
-            finish = c.finish_reason or finish
-    return reasoning, content, list(calls.values()), finish
 
 
 def _end_soon(oss):
@@ -160,7 +136,7 @@ def test_gpt_oss_channels_through_the_openai_client(oss):
     assert r.usage.completion_tokens_details.reasoning_tokens == ids.index(oss.model.tokenizer.convert_tokens_to_ids(
         END)) + 1  # up to the analysis message's end
     assert "Reasoning: low" in oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
-    assert _stream(client, **body) == (msg.model_extra["reasoning_content"], msg.content, [], "stop")
+    assert stream_chat(client, **body) == (msg.model_extra["reasoning_content"], msg.content, [], "stop")
     raw = client.completions.create(model="oss", prompt="Hi", max_tokens=9, extra_body={
         "skip_special_tokens": False, "structured_outputs": {"grammar": f'start: {CHANNEL} "analysis" {MESSAGE} "ab"'}})
     assert raw.choices[0].text == f"{CHANNEL}analysis{MESSAGE}ab"  # completions: the grammar as given, no channels read
@@ -183,7 +159,7 @@ def test_a_forced_call_is_a_message_to_the_function(oss, choice):
     jsonschema.validate(args, WEATHER if call.function.name == "get_weather" else TIME)
     raw = oss.model.tokenizer.decode(r.choices[0].model_extra["token_ids"], skip_special_tokens=False)
     assert f"{CHANNEL}commentary to=functions.{call.function.name} {CONSTRAIN}json{MESSAGE}" in raw
-    reasoning, content, calls, finish = _stream(client, **body)
+    reasoning, content, calls, finish = stream_chat(client, **body)
     assert (reasoning, content, finish) == (msg.model_extra["reasoning_content"] or "", "", "tool_calls")
     assert calls == [{"name": call.function.name, "arguments": call.function.arguments}]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.runner import RunnerConfig
+from helpers import tiny_llama
 from models import load_model
 from models.loading.tokenizer import Fim
 from server import infill
@@ -23,23 +24,10 @@ PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
 def coder(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama whose tokenizer is SmolLM2's plus Qwen2.5-Coder's FIM tokens, with
     the transformers model of the same weights (128-token context)."""
-    import transformers
-
     from conftest import live_server
 
     folder = str(tmp_path_factory.mktemp("coder"))
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.add_special_tokens({"additional_special_tokens": FIM})
-    tok.save_pretrained(folder)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    ref.save_pretrained(folder, safe_serialization=True)
+    _, ref = tiny_llama(folder, smollm.tokenizer.folder, FIM, scale=0.1)
     model = dataclasses.replace(load_model(folder), name="coder")
     rc = RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, decode_batch_sizes=(2,))
     for api in live_server(model, rc):

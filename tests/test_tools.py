@@ -5,6 +5,7 @@ import json
 import jsonschema
 import openai
 import pytest
+from helpers import stream_chat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -266,17 +267,9 @@ def test_a_familys_format_written_by_the_model_comes_back_as_calls(client, form)
     assert r.choices[0].finish_reason == "tool_calls"
     _check_calls(r.choices[0].message)
     assert r.choices[0].message.content == ("Let me check." if form.startswith("deepseek") else None)
-    calls, content, finish = {}, "", None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            for d in c.delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                entry["name"] += d.function.name or ""
-                entry["arguments"] += d.function.arguments or ""
-            finish = c.finish_reason or finish
+    _, content, calls, finish = stream_chat(client, **body)
     assert finish == "tool_calls" and content == (r.choices[0].message.content or "")
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         (c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls]
 
 
