@@ -22,6 +22,7 @@ import json
 import re
 
 from engine.grammar import schema_grammar
+from server.reasoning import held
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>",
                                                            "<|constrain|>", "<|return|>", "<|call|>")
@@ -59,12 +60,6 @@ def call_grammar(functions: list[dict]) -> str:
 def template_is_harmony(chat_template) -> bool:
     """Whether a chat template writes harmony messages (gpt-oss's)."""
     return isinstance(chat_template, str) and CHANNEL in chat_template and MESSAGE in chat_template
-
-
-def _held(text: str, marks: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper start of one of `marks`."""
-    return max((n for m in marks for n in range(min(len(m) - 1, len(text)), 0, -1) if m.startswith(text[-n:])),
-               default=0)
 
 
 def route(header: str) -> tuple[str, str | None]:
@@ -126,7 +121,7 @@ class Reader:
                     out["answer"] += "}</tool_call>"
                 self.buf, self.state = self.buf[k + len(mark):], "header"
                 continue
-            keep = 0 if final else _held(self.buf, ENDS)
+            keep = 0 if final else held(self.buf, *ENDS)
             out[target] += self.buf[:len(self.buf) - keep]
             self.buf = self.buf[len(self.buf) - keep:]
             if final and self.kind == "call":  # the call's end is its end of sequence (`<|call|>`)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from server import harmony
-
 OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
 HARMONY = "openai_gptoss"  # vLLM's name for gpt-oss's channels (`server.harmony`)
@@ -59,9 +57,10 @@ def effort(value: Any, bad) -> tuple[dict, int | None]:
               f">= 0), got {value!r}", "reasoning_effort")
 
 
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+def held(text: str, *marks: str) -> int:
+    """Length of the longest end of `text` that is a proper start of one of `marks` (what may still become it)."""
+    return max((n for m in marks for n in range(min(len(m) - 1, len(text)), 0, -1) if m.startswith(text[-n:])),
+               default=0)
 
 
 class Splitter:
@@ -95,7 +94,7 @@ class Splitter:
                     reasoning += self.buf[:i].rstrip()
                     self.buf, self.state = self.buf[i + len(CLOSE):], "gap"
                     continue
-                keep = len(self.buf) if final else len(self.buf) - _partial(self.buf, CLOSE)
+                keep = len(self.buf) if final else len(self.buf) - held(self.buf, CLOSE)
                 out = self.buf[:keep] if final else self.buf[:keep].rstrip()
                 self.buf = self.buf[len(out):]
                 if final:
@@ -124,6 +123,8 @@ def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]
     None where a tag is not one token of the vocabulary (no budget then), and for harmony."""
     if parser not in ("auto", "none", HARMONY, *PARSERS):
         raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {HARMONY}")
+    from server import harmony  # it reads text with `held`
+
     template = getattr(tokenizer, "chat_template", None)
     if parser == HARMONY or (parser == "auto" and harmony.template_is_harmony(template)):
         return "harmony", None

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import uuid
 
+from server.reasoning import held
 from server.tools import Tools
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -49,11 +50,6 @@ def _skip(s: str, i: int) -> int:
     while i < len(s) and s[i] in " \t\r\n":
         i += 1
     return i
-
-
-def _held(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `marker` (what may still become it)."""
-    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
 
 
 def _value_end(s: str, i: int) -> int | None:
@@ -327,7 +323,7 @@ class CallStream:
         if start is None:
             if not self.whole and text.lstrip()[:1] not in ("[", "{"):  # plain text: send all but a possible tag
                 end = len(text.rstrip())
-                hold = max(_held(text[:end], m) for m in MARKERS)
+                hold = held(text[:end], *MARKERS)
                 return self._content(len(text[:end - hold].rstrip())), [], False
             return "", [], False
         out = self._known(text)
