@@ -157,6 +157,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     "into reasoning_content (auto: by what the chat template writes)")
     ap.add_argument("--responses-db", default=None, metavar="PATH",
                     help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
+    ap.add_argument("--batch-concurrency", type=int, default=0,
+                    help="/v1/batches: a batch's requests in flight at once (0: --max-num-seqs)")
+    ap.add_argument("--max-file-mb", type=float, default=200.0, help="/v1/files: the largest upload")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
                          "the first time, seconds once the caches hold them), or nothing. The server answers once a "
@@ -391,7 +394,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,
-                    pooling=None if args.pooling == "auto" else args.pooling)
+                    pooling=None if args.pooling == "auto" else args.pooling,
+                    batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

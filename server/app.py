@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, embeddings, harmony, llama_cpp, ollama, openai_responses, protocol,
-                    reasoning, scores, sglang, tools)
+from server import (adapters, anthropic_messages, batches, embeddings, harmony, llama_cpp, message_batches, ollama,
+                    openai_responses, protocol, reasoning, scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -73,7 +73,8 @@ class Server:
     def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
-                 allowed_origins: tuple[str, ...] = (), pooling: str | None = None):
+                 allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
+                 max_file_mb: float = 200.0):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -96,17 +97,22 @@ class Server:
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
         self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
         self.pooling = pooling  # /v1/embeddings' pooling (None: as the model folder asks, `models.pooling.default`)
+        self.batches = batches.Batches(self, batch_concurrency, max_file_mb)  # /v1/files and /v1/batches
+        self.message_batches = message_batches.MessageBatches(self)  # Anthropic's /v1/messages/batches
 
-    def app(self) -> web.Application:
-        """The aiohttp application with its routes and the error/auth middleware."""
+    def app(self, loopback: bool = False) -> web.Application:
+        """The aiohttp application with its routes and the error/auth middleware (`loopback`: the one batches send
+        their lines to, `server.batch.Loopback`)."""
         app = web.Application(client_max_size=self.max_body, middlewares=[self._middleware])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         openai_responses.routes(app, self)
         anthropic_messages.routes(app, self)
+        message_batches.routes(app, self)
         llama_cpp.routes(app, self)
         sglang.routes(app, self)
         adapters.routes(app, self)
+        batches.routes(app, self)
         emb = embeddings.routes(app, self)
         scores.routes(app, emb)
         ollama.routes(app, self, emb)
@@ -127,14 +133,17 @@ class Server:
             for route in list(app.router.routes()):
                 cors.add(route)
         app.on_startup.append(self._started)
+        if not loopback:
+            app.on_shutdown.append(self.batches.stop)
         return app
 
     def close(self) -> None:
         """Stop the engine thread, the parse threads (a parse still queued is dropped) and the grammar sandbox's
-        child, and close the Responses store: after the HTTP side has stopped."""
+        child, close the Responses store and remove the batches' files: after the HTTP side has stopped."""
         self.aengine.close()
         self.parse_pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+        self.batches.close()
 
     async def _started(self, app: web.Application) -> None:
         self.loop_thread = threading.get_ident()

@@ -21,8 +21,8 @@ import sys
 import time
 import uuid
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank",
-        "/score", "/rerank", "/v2/rerank")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/score",
+        "/v1/rerank", "/score", "/rerank", "/v2/rerank")
 log = logging.getLogger("sparkler.batch")
 
 
@@ -93,31 +93,89 @@ def _custom_id(line: str):
 async def answer(server, lines: list[str], concurrency: int, sink) -> int:
     """Answer each line through `server`, listening on a loopback port for the duration, and write the results to
     `sink` in the input's order as they complete; the number of lines that got no 200."""
+    loopback = Loopback(server)
+    state = {"written": 0, "failed": 0}
+
+    def write(out: dict) -> None:
+        sink.write(json.dumps(out, ensure_ascii=False) + "\n")
+        state["failed"] += failed(out)
+        state["written"] += 1
+        if state["written"] % 100 == 0:
+            sink.flush()
+            log.info("sparkler: %d of %d requests answered", state["written"], len(lines))
+
+    try:
+        await send(await loopback.start(), loopback.headers, lines, concurrency, InOrder(len(lines), write).put)
+        return state["failed"]
+    finally:
+        sink.flush()
+        await loopback.close()
+        server.close()
+
+
+def failed(out: dict) -> bool:
+    """Whether a result line is an error: no response, or a status other than 200."""
+    return out["error"] is not None or out["response"]["status_code"] != 200
+
+
+class InOrder:
+    """Results written in their lines' order as they complete: `put(i, out)` holds a result until the lines before it
+    are written; `rest()` the results still held (a stopped batch's), in order."""
+
+    def __init__(self, n: int, write):
+        self.held: dict[int, dict] = {}
+        self.next, self.n, self.write = 0, n, write
+
+    def put(self, i: int, out: dict) -> None:
+        """Take line `i`'s result, and write every result now in order."""
+        self.held[i] = out
+        while self.next in self.held:
+            self.write(self.held.pop(self.next))
+            self.next += 1
+
+    def rest(self) -> list[int]:
+        """Write the results held (past a line with none), and return the lines that have none."""
+        for i in sorted(self.held):
+            self.write(self.held.pop(i))
+        return [i for i in range(self.next, self.n) if i not in self.held]
+
+
+class Loopback:
+    """The server's routes on a loopback port of their own, where batch lines are sent (so validation, defaults and
+    replies are the routes' own)."""
+
+    def __init__(self, server):
+        self.server, self.runner, self.base = server, None, ""
+        self.headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+
+    async def start(self) -> str:
+        """The base URL, listening from the first call on."""
+        from aiohttp import web
+
+        if self.runner is None:
+            self.runner = web.AppRunner(self.server.app(loopback=True), handler_cancellation=True, access_log=None)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+            self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self.base
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            await runner.cleanup()
+
+
+async def send(base: str, headers: dict, lines: list[str], concurrency: int, done) -> None:
+    """POST each valid line's body to its route under `base`, at most `concurrency` at once, and call `done(i, out)`
+    with line `i`'s result as it completes (at once for a line `check` refuses). A 429 is sent again after its
+    `Retry-After` while other lines are in flight (they make room); else it is the line's answer."""
     import aiohttp
-    from aiohttp import web
 
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
     gate = asyncio.Semaphore(max(1, concurrency))
-    results: list[dict | None] = [None] * len(lines)
-    state = {"written": 0, "failed": 0, "sending": 0}
-
-    def done(i: int, out: dict) -> None:
-        results[i] = out
-        state["failed"] += out["error"] is not None or out["response"]["status_code"] != 200
-        while state["written"] < len(lines) and results[state["written"]] is not None:
-            sink.write(json.dumps(results[state["written"]], ensure_ascii=False) + "\n")
-            results[state["written"]] = None  # written: not kept
-            state["written"] += 1
-            if state["written"] % 100 == 0:
-                sink.flush()
-                log.info("sparkler: %d of %d requests answered", state["written"], len(lines))
+    state = {"sending": 0}
 
     async def post(session, req: dict) -> tuple[int, object]:
-        """The route's status and body; a 429 is sent again while other requests are in flight (they make room)."""
         while True:
             async with session.post(base + req["url"], json=req["body"], headers=headers) as r:
                 body = await r.json(content_type=None)
@@ -147,12 +205,6 @@ async def answer(server, lines: list[str], concurrency: int, sink) -> int:
         out["response"] = {"status_code": status, "request_id": rid or f"req_{uuid.uuid4().hex}", "body": body}
         done(i, out)
 
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
-                                         connector=aiohttp.TCPConnector(limit=0)) as session:
-            await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))
-        return state["failed"]
-    finally:
-        sink.flush()
-        await runner.cleanup()
-        server.close()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))

@@ -42,9 +42,9 @@ def pytest_configure(config):
 # `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
 FILE_SECONDS = {"test_moe": 203, "test_paging": 170, "test_speculative": 141, "test_accel": 129, "test_server": 125,
                 "test_mesh": 96, "test_operations": 63, "test_engine": 60, "test_models": 60, "test_cpu_matmul": 60,
-                "test_quant": 57, "test_flat": 56, "test_cli": 47, "test_reasoning": 27, "test_structured": 24,
-                "test_infill": 20, "test_harmony": 20, "test_apis": 18, "test_ollama": 18, "test_tools": 18,
-                "test_sampler": 17, "test_tokenizer": 12, "test_page": 10, "test_pages": 5}
+                "test_quant": 57, "test_flat": 56, "test_cli": 47, "test_reasoning": 27, "test_batches": 25,
+                "test_structured": 24, "test_infill": 20, "test_harmony": 20, "test_apis": 18, "test_ollama": 18,
+                "test_tools": 18, "test_sampler": 17, "test_tokenizer": 12, "test_page": 10, "test_pages": 5}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"

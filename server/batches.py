@@ -1,0 +1,353 @@
+"""OpenAI's Files and Batches APIs, as SGLang's server answers them: upload a JSONL file of requests
+(`POST /v1/files`, purpose `batch`), start a batch over it (`POST /v1/batches`), poll it (`GET /v1/batches/{id}`), and
+download its output and error files (`GET /v1/files/{id}/content`); list, cancel and delete.
+
+A batch runs in the server's event loop: its input is checked first (each line an object with a unique `custom_id`,
+`method` POST, the batch's `url` and a `body`; a batch with bad lines fails with an error for each, as OpenAI's do),
+then its lines go through the server's own routes on a loopback port (`server.batch.send`, as `sparkler run-batch`
+sends them), up to `--batch-concurrency` at once, beside every other client's requests. Results are written in the
+input's order: a line answered with 200 to the output file, any other to the error file. A cancelled batch keeps
+what finished; one past its 24-hour window expires, and its unanswered lines go to the error file
+(`batch_expired`). Files live in a temporary folder that goes with the server: nothing survives a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+
+from aiohttp import web
+
+from server.batch import InOrder, Loopback, URLS, check, failed, send
+from server.protocol import ApiError, bad
+
+MAX_LINES = 50_000  # requests in one batch, as OpenAI allows
+WINDOW = 24 * 3600  # seconds a batch may run (its `completion_window`: OpenAI's only one is "24h")
+ERRORS_SHOWN = 20  # bad input lines a failed batch reports
+
+
+def routes(app: web.Application, server) -> None:
+    """Add the Files and Batches routes to `app`."""
+    api = server.batches
+    app.router.add_post("/v1/files", api.upload)
+    app.router.add_get("/v1/files", api.list_files)
+    app.router.add_get("/v1/files/{id}", api.get_file)
+    app.router.add_get("/v1/files/{id}/content", api.content)
+    app.router.add_delete("/v1/files/{id}", api.delete_file)
+    app.router.add_post("/v1/batches", api.create)
+    app.router.add_get("/v1/batches", api.list_batches)
+    app.router.add_get("/v1/batches/{id}", api.get_batch)
+    app.router.add_post("/v1/batches/{id}/cancel", api.cancel)
+
+
+@dataclasses.dataclass
+class File:
+    """An uploaded or written file: its bytes are at `path`."""
+
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    path: str
+    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def body(self) -> dict:
+        """OpenAI's file object."""
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed", "status_details": None,
+                "expires_at": None}
+
+
+@dataclasses.dataclass
+class Batch:
+    """A batch and where it stands; `task` runs it."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    metadata: dict | None
+    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    status: str = "validating"
+    errors: list[dict] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    times: dict = dataclasses.field(default_factory=dict)  # in_progress_at, finalizing_at, completed_at, ...
+    counts: dict = dataclasses.field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    task: asyncio.Task | None = None
+
+    def to(self, status: str) -> None:
+        """Move to `status`, stamping its time."""
+        self.status = status
+        self.times[f"{status}_at"] = int(time.time())
+
+    def body(self) -> dict:
+        """OpenAI's batch object."""
+        stamps = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+        return {"id": self.id, "object": "batch", "endpoint": self.endpoint,
+                "errors": None if self.errors is None else {"object": "list", "data": self.errors},
+                "input_file_id": self.input_file_id, "completion_window": "24h", "status": self.status,
+                "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+                "created_at": self.created_at, "expires_at": self.created_at + WINDOW,
+                **{f"{s}_at": self.times.get(f"{s}_at") for s in stamps},
+                "request_counts": dict(self.counts), "metadata": self.metadata}
+
+
+def _page(items: list, request: web.Request, default: int) -> dict:
+    """A list answer: newest first, `limit` items after the id `after`."""
+    try:
+        limit = int(request.query.get("limit", default))
+    except ValueError:
+        raise bad("'limit' must be an integer", "limit") from None
+    if not 1 <= limit <= 10_000:
+        raise bad("'limit' must be between 1 and 10000", "limit")
+    items = sorted(items, key=lambda x: x.created_at, reverse=request.query.get("order", "desc") != "asc")
+    after = request.query.get("after")
+    if after is not None:
+        ids = [x.id for x in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    data = [x.body() for x in items[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
+
+
+def validate(lines: list[str], endpoint: str) -> tuple[list[dict], list[dict]]:
+    """The requests of a batch's lines, and an error for each bad line (OpenAI's shape: code, message, param, line
+    numbered from 1)."""
+    reqs, errors, seen = [], [], set()
+    for n, line in enumerate(lines, 1):
+        req, why = check(line)
+        code = "invalid_request"
+        if req is not None:
+            cid = req.get("custom_id")
+            if not isinstance(cid, str) or not cid:
+                why, code = "each line needs a 'custom_id' string", "missing_custom_id"
+            elif cid in seen:
+                why, code = f"the custom_id {cid!r} is used by an earlier line", "duplicate_custom_id"
+            elif req["url"] != endpoint:
+                why, code = f"the line's url {req['url']!r} is not the batch's endpoint {endpoint!r}", "mismatched_url"
+            seen.add(cid)
+        if why is not None:
+            errors.append({"code": code, "message": why, "param": None, "line": n})
+        reqs.append(req)
+    return reqs, errors
+
+
+class Batches:
+    """The files and batches of one `Server`."""
+
+    def __init__(self, server, concurrency: int = 0, max_file_mb: float = 200.0):
+        self.server = server
+        self.concurrency = concurrency or server.engine.runner.slots
+        self.max_file = int(max_file_mb * (1 << 20))
+        self.files: dict[str, File] = {}
+        self.batches: dict[str, Batch] = {}
+        self.folder: str | None = None  # made at the first file
+        self.loopback = Loopback(server)
+        self.running: set[asyncio.Task] = set()  # the tasks of batches sending their lines (`run`)
+
+    def path(self, fid: str) -> str:
+        """Where the file `fid` is kept (the folder is made at the first)."""
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="sparkler-files-")
+        return os.path.join(self.folder, fid)
+
+    def _file(self, request: web.Request) -> File:
+        f = self.files.get(request.match_info["id"])
+        if f is None:
+            raise ApiError(404, f"no file with id {request.match_info['id']!r}", code="not_found")
+        return f
+
+    def _batch(self, request: web.Request) -> Batch:
+        b = self.batches.get(request.match_info["id"])
+        if b is None:
+            raise ApiError(404, f"no batch with id {request.match_info['id']!r}", code="not_found")
+        return b
+
+    # ---- files --------------------------------------------------------------------------------------------------
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """POST /v1/files: a multipart form with `file` and `purpose` ("batch"); the file is streamed to disk, up to
+        `--max-file-mb` (then a 413)."""
+        if not request.content_type.startswith("multipart/"):
+            raise bad("send the file as multipart/form-data, with the fields 'file' and 'purpose'", "file")
+        fid, purpose, name, size = f"file-{uuid.uuid4().hex}", None, None, 0
+        path = self.path(fid)
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "purpose":
+                    purpose = (await part.text()).strip()
+                elif part.name == "file":
+                    name = part.filename or "upload.jsonl"
+                    with open(path, "wb") as out:
+                        while chunk := await part.read_chunk(1 << 20):
+                            size += len(chunk)
+                            if size > self.max_file:
+                                raise ApiError(413, f"the file exceeds {self.max_file} bytes (--max-file-mb)", "file",
+                                               code="file_too_large")
+                            out.write(chunk)
+            if name is None:
+                raise bad("the form has no 'file' field", "file")
+            if purpose != "batch":
+                raise bad(f"'purpose' must be 'batch' (this server runs batches), not {purpose!r}", "purpose")
+        except ValueError as e:  # a malformed multipart body
+            if os.path.exists(path):
+                os.remove(path)
+            raise bad(f"the multipart body could not be read: {e}", "file") from None
+        except BaseException:
+            if os.path.exists(path):
+                os.remove(path)
+            raise
+        self.files[fid] = File(fid, name, purpose, size, path)
+        return web.json_response(self.files[fid].body())
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        """GET /v1/files: the files, newest first (`purpose`, `limit`, `after`, `order`)."""
+        purpose = request.query.get("purpose")
+        files = [f for f in self.files.values() if purpose is None or f.purpose == purpose]
+        return web.json_response(_page(files, request, 10_000))
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        """GET /v1/files/{id}: the file object, or 404."""
+        return web.json_response(self._file(request).body())
+
+    async def content(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/files/{id}/content: the file's bytes."""
+        f = self._file(request)
+        return web.FileResponse(f.path, headers={"Content-Type": "application/octet-stream"})
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        """DELETE /v1/files/{id}: forget the file and remove its bytes (a batch already running keeps its lines)."""
+        f = self._file(request)
+        del self.files[f.id]
+        if os.path.exists(f.path):
+            os.remove(f.path)
+        return web.json_response({"id": f.id, "object": "file", "deleted": True})
+
+    # ---- batches ------------------------------------------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        """POST /v1/batches: `{input_file_id, endpoint, completion_window: "24h", metadata}`; the batch starts
+        validating at once and is answered in that state."""
+        if self.server.draining:
+            raise ApiError(503, "the server is shutting down", type_="service_unavailable", code="shutting_down")
+        body = await self.server._body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        fid = body.get("input_file_id")
+        if not isinstance(fid, str) or fid not in self.files:
+            raise ApiError(404, f"no file with id {fid!r}", "input_file_id", code="not_found")
+        if self.files[fid].purpose != "batch":
+            raise bad(f"the file {fid!r} was not uploaded for a batch", "input_file_id")
+        if body.get("endpoint") not in URLS:
+            raise bad(f"'endpoint' must be one of {', '.join(URLS)}, got {body.get('endpoint')!r}", "endpoint")
+        if body.get("completion_window", "24h") != "24h":
+            raise bad("'completion_window' must be '24h'", "completion_window")
+        meta = body.get("metadata")
+        if meta is not None and (not isinstance(meta, dict) or len(meta) > 16 or
+                                 not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+            raise bad("'metadata' must be an object of at most 16 string values", "metadata")
+        text = await self.server.off_loop(lambda: open(self.files[fid].path, encoding="utf-8", errors="replace").read())
+        lines = [line for line in text.splitlines() if line.strip()]
+        batch = Batch(f"batch_{uuid.uuid4().hex}", body["endpoint"], fid, meta)
+        self.batches[batch.id] = batch
+        batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
+        return web.json_response(batch.body())
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """GET /v1/batches: the batches, newest first (`limit`, `after`)."""
+        return web.json_response(_page(list(self.batches.values()), request, 20))
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        """GET /v1/batches/{id}: the batch object, or 404."""
+        return web.json_response(self._batch(request).body())
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """POST /v1/batches/{id}/cancel: no more lines are sent, those in flight are stopped, and the batch ends
+        `cancelled` with what finished in its files; a batch that has ended is answered as it is."""
+        batch = self._batch(request)
+        if batch.status in ("validating", "in_progress"):
+            if batch.status == "in_progress":  # one being checked stops when the check ends
+                batch.task.cancel()
+            batch.to("cancelling")
+        return web.json_response(batch.body())
+
+    async def _run(self, batch: Batch, lines: list[str]) -> None:
+        """Check the lines (on a parse thread), send them, and write the output and error files."""
+        batch.counts["total"] = len(lines)
+        errors = [{"code": "too_many_requests", "message": f"a batch holds at most {MAX_LINES} requests, this one "
+                   f"{len(lines)}", "param": None, "line": None}] if len(lines) > MAX_LINES else []
+        if not lines:
+            errors.append({"code": "empty_file", "message": "the input file has no requests", "param": None,
+                           "line": None})
+        loop = asyncio.get_running_loop()
+        errors += (await loop.run_in_executor(self.server.parse_pool, validate, lines, batch.endpoint))[1]
+        if errors:
+            batch.errors = errors[:ERRORS_SHOWN]
+            return batch.to("failed")
+        if batch.status == "cancelling":  # cancelled while it was checked
+            return batch.to("cancelled")
+        batch.to("in_progress")
+        ids = {kind: f"file-{uuid.uuid4().hex}" for kind in ("output", "error")}
+        files = {kind: open(self.path(fid), "w", encoding="utf-8") for kind, fid in ids.items()}
+        written = {"output": 0, "error": 0}
+
+        def write(out: dict) -> None:
+            kind = "error" if failed(out) else "output"
+            batch.counts["failed" if kind == "error" else "completed"] += 1
+            files[kind].write(json.dumps(out, ensure_ascii=False) + "\n")
+            written[kind] += 1
+
+        ended, unanswered = await self.run(lines, batch.created_at + WINDOW, write)
+        batch.to("finalizing")
+        for i in unanswered if ended == "expired" else ():
+            write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": json.loads(lines[i])["custom_id"],
+                   "response": None, "error": {"code": "batch_expired",
+                                               "message": "the batch expired before this request ran"}})
+        for kind, f in files.items():
+            f.close()
+            if written[kind]:
+                self.files[ids[kind]] = File(ids[kind], f"{batch.id}_{kind}.jsonl", f"batch_{kind}",
+                                             os.path.getsize(f.name), f.name)
+                setattr(batch, f"{kind}_file_id", ids[kind])
+            else:
+                os.remove(f.name)
+        batch.to(ended)
+
+    async def run(self, lines: list[str], deadline: float, write) -> tuple[str, list[int]]:
+        """Send a batch's lines through the loopback routes, calling `write(out)` with each result in the lines'
+        order, until every line is answered ("completed"), the task is cancelled ("cancelled": the cancel route, or
+        the server's shutdown) or `deadline` (a time.time()) passes ("expired"); how it ended, and the lines with no
+        result (those written past the first gap are written then)."""
+        order = InOrder(len(lines), write)
+        ended = "completed"
+        self.running.add(task := asyncio.current_task())
+        try:
+            async with asyncio.timeout(deadline - time.time()):
+                await send(await self.loopback.start(), self.loopback.headers, lines, self.concurrency, order.put)
+        except TimeoutError:
+            ended = "expired"
+        except asyncio.CancelledError:  # keep what finished
+            ended = "cancelled"
+        finally:
+            self.running.discard(task)
+        return ended, order.rest()
+
+    async def stop(self, app: web.Application) -> None:
+        """Cancel the batches still sending and stop the loopback listener (the server's shutdown)."""
+        running = list(self.running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await self.loopback.close()
+
+    def close(self) -> None:
+        """Remove the files' folder."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

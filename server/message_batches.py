@@ -1,0 +1,200 @@
+"""Anthropic's Message Batches API: `POST /v1/messages/batches` with `{"requests": [{"custom_id", "params"}]}`, each
+`params` a Messages body; `GET /v1/messages/batches[/{id}]`, `POST .../{id}/cancel`, `DELETE .../{id}` and
+`GET .../{id}/results` (JSONL, one `{"custom_id", "result"}` a request: `succeeded` with its message, `errored` with
+its error body, `canceled` or `expired`).
+
+The requests run as an OpenAI batch's do (`server.batches.Batches.run`): through the server's own `/v1/messages` on a
+loopback port, beside every other client's requests, so each is checked and answered as it would be alone. Results
+live in the batches' temporary folder until the batch is deleted or the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from server.batch import failed
+from server.batches import WINDOW
+from server.protocol import ApiError, bad
+
+MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
+CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def routes(app: web.Application, server) -> None:
+    """Add the Message Batches routes to `app`."""
+    api = server.message_batches
+    app.router.add_post("/v1/messages/batches", api.create)
+    app.router.add_get("/v1/messages/batches", api.list)
+    app.router.add_get("/v1/messages/batches/{id}", api.get)
+    app.router.add_get("/v1/messages/batches/{id}/results", api.results)
+    app.router.add_post("/v1/messages/batches/{id}/cancel", api.cancel)
+    app.router.add_delete("/v1/messages/batches/{id}", api.delete)
+
+
+def _stamp(t: float | None) -> str | None:
+    """A time as RFC 3339, as Anthropic writes them."""
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass
+class MessageBatch:
+    """A message batch and where it stands; `task` runs it."""
+
+    id: str
+    total: int
+    created_at: float = dataclasses.field(default_factory=time.time)
+    status: str = "in_progress"  # then "canceling", and "ended"
+    counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
+        ("succeeded", "errored", "canceled", "expired"), 0))
+    started: bool = False
+    ended_at: float | None = None
+    cancel_initiated_at: float | None = None
+    results: str | None = None  # the results file, once ended
+    task: asyncio.Task | None = None
+
+    def body(self, request: web.Request) -> dict:
+        """Anthropic's message batch object (`results_url` on the host the request named)."""
+        url = f"{request.scheme}://{request.host}/v1/messages/batches/{self.id}/results"
+        return {"id": self.id, "type": "message_batch", "processing_status": self.status,
+                "request_counts": {"processing": self.total - sum(self.counts.values()), **self.counts},
+                "created_at": _stamp(self.created_at), "expires_at": _stamp(self.created_at + WINDOW),
+                "ended_at": _stamp(self.ended_at), "cancel_initiated_at": _stamp(self.cancel_initiated_at),
+                "archived_at": None, "results_url": url if self.status == "ended" else None}
+
+
+def result(out: dict) -> dict:
+    """A batch line's result (`server.batch.send`'s shape) as Anthropic's."""
+    if not failed(out):
+        return {"type": "succeeded", "message": out["response"]["body"]}
+    body = out["response"] and out["response"]["body"]
+    if not (isinstance(body, dict) and body.get("type") == "error"):  # not sent, or not the route's error body
+        why = out["error"]["message"] if out["error"] else json.dumps(body)
+        body = {"type": "error", "error": {"type": "invalid_request_error" if out["error"] and
+                                           out["error"]["code"] == "invalid_request" else "api_error",
+                                           "message": why}}
+    return {"type": "errored", "error": body}
+
+
+class MessageBatches:
+    """The message batches of one `Server`; they run through its OpenAI batches' `Batches.run` and keep their results
+    in its folder."""
+
+    def __init__(self, server):
+        self.server, self.store = server, server.batches
+        self.batches: dict[str, MessageBatch] = {}
+
+    def _batch(self, request: web.Request) -> MessageBatch:
+        b = self.batches.get(request.match_info["id"])
+        if b is None:
+            raise ApiError(404, f"no message batch with id {request.match_info['id']!r}", code="not_found")
+        return b
+
+    async def create(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/batches: each request's `custom_id` checked (1 to 64 letters, digits, `-` or `_`, each
+        once) and its `params` an object; what a `params` holds is checked when it runs (an `errored` result)."""
+        if self.server.draining:
+            raise ApiError(503, "the server is shutting down", type_="service_unavailable", code="shutting_down")
+        body = await self.server._body(request)
+        reqs = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(reqs, list) or not reqs:
+            raise bad("'requests' must be a non-empty list of {custom_id, params} objects", "requests")
+        if len(reqs) > MAX_REQUESTS:
+            raise bad(f"a batch holds at most {MAX_REQUESTS} requests, not {len(reqs)}", "requests")
+        seen = set()
+        for i, r in enumerate(reqs):
+            cid = r.get("custom_id") if isinstance(r, dict) else None
+            if not isinstance(cid, str) or not CUSTOM_ID.fullmatch(cid):
+                raise bad(f"requests[{i}].custom_id must be 1 to 64 letters, digits, '-' or '_'", "requests")
+            if cid in seen:
+                raise bad(f"requests[{i}].custom_id {cid!r} is used by an earlier request", "requests")
+            if not isinstance(r.get("params"), dict):
+                raise bad(f"requests[{i}].params must be an object", "requests")
+            seen.add(cid)
+        lines = [json.dumps({"custom_id": r["custom_id"], "method": "POST", "url": "/v1/messages",
+                             "body": r["params"]}) for r in reqs]
+        batch = MessageBatch(f"msgbatch_{uuid.uuid4().hex}", len(reqs))
+        self.batches[batch.id] = batch
+        batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
+        return web.json_response(batch.body(request))
+
+    async def _run(self, batch: MessageBatch, lines: list[str]) -> None:
+        """Send the requests and write the results file."""
+        batch.started = True
+        path = self.store.path(f"{batch.id}_results")
+        with open(path, "w", encoding="utf-8") as f:
+            def write(out: dict, res: dict | None = None) -> None:
+                res = res or result(out)
+                batch.counts[res["type"]] += 1
+                f.write(json.dumps({"custom_id": out["custom_id"], "result": res}, ensure_ascii=False) + "\n")
+
+            if batch.status == "canceling":  # canceled before it started
+                ended, unanswered = "cancelled", list(range(len(lines)))
+            else:
+                ended, unanswered = await self.store.run(lines, batch.created_at + WINDOW, write)
+            for i in unanswered:
+                write({"custom_id": json.loads(lines[i])["custom_id"]},
+                      {"type": "expired" if ended == "expired" else "canceled"})
+        batch.results, batch.status, batch.ended_at = path, "ended", time.time()
+
+    async def get(self, request: web.Request) -> web.Response:
+        """GET /v1/messages/batches/{id}."""
+        return web.json_response(self._batch(request).body(request))
+
+    async def list(self, request: web.Request) -> web.Response:
+        """GET /v1/messages/batches: newest first, `limit` (1 to 1000, default 20) after `after_id` or before
+        `before_id`."""
+        try:
+            limit = int(request.query.get("limit", 20))
+        except ValueError:
+            raise bad("'limit' must be an integer", "limit") from None
+        if not 1 <= limit <= 1000:
+            raise bad("'limit' must be between 1 and 1000", "limit")
+        items = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)
+        ids = [b.id for b in items]
+        if (after := request.query.get("after_id")) is not None:
+            items = items[ids.index(after) + 1:] if after in ids else []
+        elif (before := request.query.get("before_id")) is not None:
+            items = items[:ids.index(before)][-limit:] if before in ids else []
+        data = [b.body(request) for b in items[:limit]]
+        return web.json_response({"data": data, "has_more": len(items) > limit,
+                                  "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None})
+
+    async def results(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/messages/batches/{id}/results: the results file (JSONL) of an ended batch."""
+        batch = self._batch(request)
+        if batch.results is None:
+            raise ApiError(404, f"the message batch {batch.id!r} has not ended: its results are not ready",
+                           code="not_found")
+        return web.FileResponse(batch.results, headers={"Content-Type": "application/x-jsonl"})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/batches/{id}/cancel: no more requests are sent and those in flight are stopped; the rest
+        end `canceled`. An ended batch is answered as it is."""
+        batch = self._batch(request)
+        if batch.status == "in_progress":
+            batch.status, batch.cancel_initiated_at = "canceling", time.time()
+            if batch.started:
+                batch.task.cancel()
+        return web.json_response(batch.body(request))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """DELETE /v1/messages/batches/{id}: forget an ended batch and its results (400 while it runs)."""
+        batch = self._batch(request)
+        if batch.status != "ended":
+            raise bad(f"the message batch {batch.id!r} is still running: cancel it first")
+        del self.batches[batch.id]
+        if os.path.exists(batch.results):
+            os.remove(batch.results)
+        return web.json_response({"id": batch.id, "type": "message_batch_deleted"})
