@@ -81,7 +81,7 @@ class Engine:
         self.model, self.tok = model, model.tokenizer
         self.runner = Runner(model, rc)
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
-        self.sched = Scheduler(self.runner, self.runner.save_row)
+        self.sched = Scheduler(self.runner, self.runner.save_row, rc.scheduling_policy)
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -128,7 +128,7 @@ class Engine:
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
                      prediction: list[int] | None = None, grammar_checked: bool = False,
-                     adapter: str | None = None) -> Request:
+                     adapter: str | None = None, priority: int = 0) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -140,7 +140,8 @@ class Engine:
         its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
         the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
         from them (speculative decoding), which changes the speed, never the tokens. `adapter`: the name of a LoRA
-        adapter held (`load_adapter`) the request runs with (None: the base model)."""
+        adapter held (`load_adapter`) the request runs with (None: the base model). `priority`: its place in line
+        under the priority scheduling policy (lower sooner; any other than 0 is an error under `fcfs`)."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -175,6 +176,9 @@ class Engine:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
+        if priority and self.sched.policy != "priority":
+            raise InvalidRequest("a priority other than 0 needs priority scheduling (--scheduling-policy priority)",
+                                 "priority")
         p = params.resolved(self.model.generation_config)
         if not truncate and p.max_tokens is not None and p.max_tokens > room:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds "
@@ -193,7 +197,7 @@ class Engine:
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                      adapter=loaded.slot if loaded else -1)
+                      adapter=loaded.slot if loaded else -1, priority=int(priority))
         if loaded is not None:
             with self._on_adapters_lock:
                 self._on_adapters[id(req)] = req
@@ -393,7 +397,7 @@ class Engine:
         A stream gets one delta per dispatch read back: each choice's tokens of all its steps, detokenized together
         (the host's work per token is then mostly per dispatch; SGLang's `--stream-interval` does the like)."""
         while not self.incoming.empty():
-            self.sched.waiting.append(self.incoming.get())
+            self.sched.enqueue(self.incoming.get())
         done: list[Request] = []
         changed: dict[str, Request] = {}
         t = time.perf_counter()
@@ -505,7 +509,10 @@ class Engine:
                                                 for _, c in sched.running.values())
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
             self._reserve(1, changed, done)
-        admitted = sched.admit()
+        preempt = sched.outranked()  # more urgent work waits behind less urgent seats (the priority policy)
+        if preempt and self.pending:  # a preempted choice is recomputed from its tokens: the host must hold them
+            self._sync(changed, done)
+        admitted = sched.admit(preempt)
         if self.runner.adapter_of is not None and admitted:
             self.runner.seat_adapters({c.slot: pf.req.adapter for pf in admitted for c in pf.choices})
         if sched.copies:  # cached pages that admitted prompts go on from, copied before anything writes them
@@ -845,7 +852,7 @@ class Engine:
         """After a step raised: end every request in flight (queued, admitted, prefilling, preempted, running) with
         finish_reason "error", free every slot and page they held, and return each with the final deltas to hand it."""
         while not self.incoming.empty():
-            self.sched.waiting.append(self.incoming.get())
+            self.sched.enqueue(self.incoming.get())
         self.pending = []  # their outputs are dropped
         out = []
         for req in self.sched.clear():

@@ -72,6 +72,7 @@ class Request:
     grammar: str | None = None  # llguidance grammar every choice must follow (response_format, tools)
     thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
     prediction: list[int] | None = None  # the expected output's tokens: drafts for speculative decoding
+    priority: int = 0  # its place in line under the priority policy: lower sooner (`engine.scheduler`)
 
     @property
     def drafted(self) -> int:

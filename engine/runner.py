@@ -89,6 +89,9 @@ class RunnerConfig:
     # (`Runner._tune_attention`; kept in the program store, so once per card, code and shape), with the `pallas-gpu`
     # backend. None: on a GPU (True elsewhere times the kernels interpreted: the tests).
     tune_kernels: bool | None = None
+    # Who is seated first (`engine.scheduler.POLICIES`, vLLM's --scheduling-policy): "fcfs", arrival order; or
+    # "priority", each request's `priority` (lower sooner) then arrival, less urgent work preempted for more urgent.
+    scheduling_policy: str = "fcfs"
 
 
 def platform_defaults(platform: str) -> dict:

@@ -6,7 +6,10 @@ running choices), the free slots, one page pool per data shard and the page tabl
 queued work (`admit`: preempted choices first, then requests in arrival order, the prefix cache's pages mapped in),
 which prompts' chunks to compute next (`chunks`, then `advance`), and to give every running choice the pages its next
 steps need (`reserve`: the most recently admitted work is preempted when the pool is dry); `batch` lays the running
-choices out as a decode's rows. The engine (`engine.engine`) runs what it decides on the runner and handles the
+choices out as a decode's rows. Under the `priority` policy (vLLM's `--scheduling-policy priority`) each request's
+`priority` orders the queues first (lower values sooner; arrival order within one value), a dry pool preempts the
+least urgent work first (the newest of it), and queued work may take the slots and pages of less urgent running work
+(`admit(preempt=True)`). The engine (`engine.engine`) runs what it decides on the runner and handles the
 tokens.
 """
 
@@ -24,6 +27,7 @@ from engine.pages import PagePool, page_hashes, root_hash
 from engine.requests import Choice, Prefill, Request, seq_tokens
 
 BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
+POLICIES = ("fcfs", "priority")  # who is served first: arrival order, or each request's priority then arrival
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +46,10 @@ class Scheduler:
     """The queues, free slots, page pools and page tables of one engine (`runner` gives their sizes), and the
     decisions over them. `save_row(slot)` takes a preempted choice's sampler row off the devices."""
 
-    def __init__(self, runner, save_row: Callable[[int], Any]):
+    def __init__(self, runner, save_row: Callable[[int], Any], policy: str = "fcfs"):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy: one of {POLICIES}, not {policy!r}")
+        self.policy = policy
         self.shard_of, self.save_row = runner.shard_of, save_row
         self.page_size, self.max_len, self.slots = runner.page_size, runner.max_len, runner.slots
         self.chunk, self.max_prefill_tokens = runner.chunk, runner.rc.max_prefill_tokens
@@ -69,13 +76,57 @@ class Scheduler:
         """Requests and preempted choices waiting for slots."""
         return len(self.waiting) + len(self.resumes)
 
+    def _urgency(self, req: Request) -> int:
+        """A request's place in line before its arrival: its priority under the priority policy, else 0 for all."""
+        return req.priority if self.policy == "priority" else 0
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a new request: behind every request queued before it that is as urgent or more."""
+        i = len(self.waiting)
+        while i and self._urgency(self.waiting[i - 1]) > self._urgency(req):
+            i -= 1
+        self.waiting.insert(i, req)
+
+    def _requeue(self, queue: collections.deque, item, req: Request) -> None:
+        """Put preempted work back at the front of its queue (`waiting` or `resumes`), behind more urgent work only."""
+        i = 0
+        while i < len(queue) and self._urgency(queue[i] if queue is self.waiting else queue[i][0]) < self._urgency(req):
+            i += 1
+        queue.insert(i, item)
+
+    def _head(self) -> Request | None:
+        """The request of the work next in line (a preempted choice before a request as urgent)."""
+        if self.resumes and (not self.waiting or self._urgency(self.resumes[0][0]) <= self._urgency(self.waiting[0])):
+            return self.resumes[0][0]
+        return self.waiting[0] if self.waiting else None
+
+    def outranked(self) -> bool:
+        """Whether the work next in line is more urgent than some seated work and no shard has its slots free, so
+        `admit(preempt=True)` may preempt (the host must then hold every running choice's tokens)."""
+        head = self._head()
+        if self.policy != "priority" or head is None:
+            return False
+        seated = [r for r, _ in self.running.values()] + [pf.req for pf in self.prefilling]
+        need = 1 if self.resumes and head is self.resumes[0][0] else len(head.choices)
+        return any(r.priority > head.priority for r in seated) and len(self.free) < need
+
     # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
 
-    def admit(self) -> list[Prefill]:
-        """Seat queued work while slots and pages allow (first come, first served) and return it. Long (or echo)
-        prompts among it join `prefilling`, to be computed a chunk per step (`chunks`); the rest are prefilled now."""
+    def admit(self, preempt: bool = False) -> list[Prefill]:
+        """Seat queued work while slots and pages allow (in the policy's order) and return it. Long (or echo)
+        prompts among it join `prefilling`, to be computed a chunk per step (`chunks`); the rest are prefilled now.
+        `preempt` (the priority policy; the host holds every token): work that does not fit takes the seats of less
+        urgent running or prefilling work, the least urgent and newest first."""
         batch = []
-        while (pf := self._seat_next()) is not None:
+        while True:
+            pf = self._seat_next()
+            if pf is None and preempt and self.policy == "priority" and (head := self._head()) is not None:
+                less = lambda r: r.priority > head.priority  # noqa: E731
+                if self._room_behind(head, less) and (victim := self._victim(less)) is not None:
+                    self._preempt(victim)
+                    continue
+            if pf is None:
+                break
             batch.append(pf)
         self.admitting = batch
         self.prefilling.extend(pf for pf in batch if not pf.short)
@@ -111,7 +162,7 @@ class Scheduler:
     def _seat_next(self) -> Prefill | None:
         """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
         the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
-        resume = bool(self.resumes)
+        resume = bool(self.resumes) and self._head() is self.resumes[0][0]
         if resume:
             req, choices = self.resumes[0][0], [self.resumes[0][1]]
             tokens = seq_tokens(req, choices[0])
@@ -248,32 +299,53 @@ class Scheduler:
                     break
         return True
 
+    def _room_behind(self, head: Request, which: Callable[[Request], bool]) -> bool:
+        """Whether the next work in line (of request `head`) would find its slots and pages once the work whose
+        request `which` accepts were preempted (pages counted as if none were shared): else preempting is no use."""
+        resume = bool(self.resumes) and head is self.resumes[0][0]
+        n = 1 if resume else len(head.choices)
+        length = len(seq_tokens(head, self.resumes[0][1])) if resume else len(head.prompt_ids)
+        held = [c for r, c in self.running.values() if which(r)]
+        held += [c for pf in self.prefilling if which(pf.req) for c in pf.choices]
+        pages = sum(p.num_free for p in self.pools) + sum(len(c.pages) for c in held)
+        return len(self.free) + len(held) >= n and pages >= self.pages_to_admit(length, n)
+
+    def _victim(self, which: Callable[[Request], bool], shard: int | None = None):
+        """The work to preempt first among the running choices and prefilling prompts (of `shard`, if given) whose
+        request `which` accepts: the least urgent, and of those the most recently admitted. A running choice as
+        `(request, choice)`, a prompt as its `Prefill`; None if there is none."""
+        mine = lambda c: shard is None or self.shard_of(c.slot) == shard  # noqa: E731
+        work = [((self._urgency(r), c.order), (r, c)) for r, c in self.running.values() if mine(c) and which(r)]
+        work += [((self._urgency(pf.req), pf.choices[0].order), pf) for pf in self.prefilling
+                 if mine(pf.choices[0]) and which(pf.req)]
+        return max(work, key=lambda w: w[0])[1] if work else None
+
     def _preempt_newest(self, shard: int) -> Choice:
-        """Preempt the most recently admitted running choice or prefilling request of a data shard: free its slots
-        and pages and queue it first, to be recomputed from its tokens later (its sampler row goes with it)."""
-        mine = lambda c: self.shard_of(c.slot) == shard  # noqa: E731
-        running = [(c.order, c, r) for r, c in self.running.values() if mine(c)]
-        filling = [(pf.choices[0].order, pf) for pf in self.prefilling if mine(pf.choices[0])]
-        newest_run = max(running, key=lambda x: x[0], default=None)
-        newest_pf = max(filling, key=lambda x: x[0], default=None)
+        """Preempt a data shard's work that goes first (`_victim`; with equal urgency, the most recently admitted
+        running choice or prefilling request) and return its choice."""
+        return self._preempt(self._victim(lambda r: True, shard))
+
+    def _preempt(self, work) -> Choice:
+        """Free a running choice's or a prefilling prompt's slots and pages and queue it first among its urgency, to
+        be recomputed from its tokens later (a running choice's sampler row goes with it); returns its (first)
+        choice."""
         self.preemptions += 1
-        if newest_pf is not None and (newest_run is None or newest_pf[0] > newest_run[0]):
-            pf = newest_pf[1]
-            self.prefilling.remove(pf)
-            for choice in pf.choices:
+        if isinstance(work, Prefill):
+            self.prefilling.remove(work)
+            for choice in work.choices:
                 self.unseat(choice)
-            if pf.resume:
-                self.resumes.appendleft((pf.req, pf.choices[0]))
+            if work.resume:
+                self._requeue(self.resumes, (work.req, work.choices[0]), work.req)
             else:
-                pf.req.prompt_logprobs = None
-                self.waiting.appendleft(pf.req)
-            return pf.choices[0]
-        _, choice, req = newest_run
+                work.req.prompt_logprobs = None
+                self._requeue(self.waiting, work.req, work.req)
+            return work.choices[0]
+        req, choice = work
         choice.saved = self.save_row(choice.slot)
         self.register(req, choice, leaving=True)
         del self.running[choice.slot]
         self.unseat(choice)
-        self.resumes.appendleft((req, choice))
+        self._requeue(self.resumes, (req, choice), req)
         return choice
 
     def batch(self, slots: list[int] | None = None) -> Batch:

@@ -103,6 +103,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="rows per data shard that decode steps are compiled for (each step runs at the smallest that "
                          "holds its rows; --max-num-seqs is always one): fewer sizes compile sooner, and pad more. "
                          "Default: powers of two")
+    ap.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                    help="fcfs: requests are seated in arrival order; priority: by each request's 'priority' (lower "
+                         "sooner, then arrival), less urgent work preempted for more urgent (vLLM's flag)")
     ap.add_argument("--flat-step", choices=("auto", "on", "off"), default="auto",
                     help="prompts, prompt chunks and the running streams' next tokens in one forward pass over a flat "
                          "batch of tokens (auto: with the pallas-gpu attention kernel; off: separate prefill and "
@@ -159,6 +162,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
     ap.add_argument("--batch-concurrency", type=int, default=0,
                     help="/v1/batches: a batch's requests in flight at once (0: --max-num-seqs)")
+    ap.add_argument("--batch-priority", type=int, default=1,
+                    help="under --scheduling-policy priority: the priority of a batch's requests that name none (1: "
+                         "after other clients' requests at the default 0)")
     ap.add_argument("--max-file-mb", type=float, default=200.0, help="/v1/files: the largest upload")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
@@ -258,7 +264,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
-                        tune_kernels=args.tune_kernels)
+                        tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy)
 
 
 class Throttled(logging.Filter):
@@ -395,7 +401,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,
                     pooling=None if args.pooling == "auto" else args.pooling,
-                    batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb)
+                    batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb,
+                    batch_priority=args.batch_priority)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -145,7 +145,7 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
         out["max_tokens"] = mt
     for k in ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
               "repetition_penalty", "seed", "ignore_eos", "chat_template_kwargs", "reasoning_effort",
-              "prompt_cache_isolation_key"):
+              "prompt_cache_isolation_key", "priority"):
         if k in body:
             out[k] = body[k]
     stops = body.get("stop_sequences")

@@ -74,7 +74,7 @@ class Server:
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
-                 max_file_mb: float = 200.0):
+                 max_file_mb: float = 200.0, batch_priority: int = 1):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -97,7 +97,7 @@ class Server:
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
         self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
         self.pooling = pooling  # /v1/embeddings' pooling (None: as the model folder asks, `models.pooling.default`)
-        self.batches = batches.Batches(self, batch_concurrency, max_file_mb)  # /v1/files and /v1/batches
+        self.batches = batches.Batches(self, batch_concurrency, max_file_mb, batch_priority)  # /v1/files, /v1/batches
         self.message_batches = message_batches.MessageBatches(self)  # Anthropic's /v1/messages/batches
 
     def app(self, loopback: bool = False) -> web.Application:
@@ -273,7 +273,7 @@ class Server:
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
-                        grammar_checked=self.engine.tok is not None, adapter=adapter)))
+                        grammar_checked=self.engine.tok is not None, adapter=adapter, priority=job.priority)))
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None

@@ -138,11 +138,25 @@ def validate(lines: list[str], endpoint: str) -> tuple[list[dict], list[dict]]:
     return reqs, errors
 
 
+def _with_priority(line: str, priority: int) -> str:
+    """A batch line whose body runs at `priority` unless it names its own (a line that is not a request as it was)."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(req, dict) or not isinstance(req.get("body"), dict) or "priority" in req["body"]:
+        return line
+    return json.dumps({**req, "body": {**req["body"], "priority": priority}})
+
+
 class Batches:
     """The files and batches of one `Server`."""
 
-    def __init__(self, server, concurrency: int = 0, max_file_mb: float = 200.0):
+    def __init__(self, server, concurrency: int = 0, max_file_mb: float = 200.0, priority: int = 1):
         self.server = server
+        # under the priority policy a line without a `priority` runs at this one (1: after a client's request at the
+        # default 0); under first come first served, lines go as written
+        self.priority = priority if server.engine.sched.policy == "priority" else None
         self.concurrency = concurrency or server.engine.runner.slots
         self.max_file = int(max_file_mb * (1 << 20))
         self.files: dict[str, File] = {}
@@ -327,6 +341,8 @@ class Batches:
         result (those written past the first gap are written then)."""
         order = InOrder(len(lines), write)
         ended = "completed"
+        if self.priority is not None:
+            lines = [_with_priority(line, self.priority) for line in lines]
         self.running.add(task := asyncio.current_task())
         try:
             async with asyncio.timeout(deadline - time.time()):

@@ -27,7 +27,7 @@ log = logging.getLogger("sparkler.server")
 PASSED = ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
           "repetition_penalty", "mirostat_target", "mirostat_lr", "seed", "logit_bias", "ignore_eos", "stop",
           "prompt_cache_max_len", "prompt_cache_isolation_key", "context_length_exceeded_behavior",
-          "prompt_truncate_len", "chat_template_kwargs", "reasoning_effort", "parallel_tool_calls")
+          "prompt_truncate_len", "chat_template_kwargs", "reasoning_effort", "parallel_tool_calls", "priority")
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 TEXT_PARTS = ("input_text", "output_text", "text")
 EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "none": "none"}

@@ -111,6 +111,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "echo_last": (int, 0, None),
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
+    "priority": (int, -(2**31), 2**31 - 1),
     "min_tokens": (int, 0, None),
     "truncate_prompt_tokens": (int, -1, None),
     "prompt_logprobs": (int, 0, 20),
@@ -154,6 +155,7 @@ class Job:
     truncate: bool = True
     cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
+    priority: int = 0  # vLLM's: its place in line under --scheduling-policy priority (lower sooner)
     grammar: str | None = None  # response_format (or another API's field) as an llguidance grammar (None: free text)
     grammar_param: str = "response_format"  # the field that asked for it
     perf_metrics: bool = False  # perf_metrics_in_response
@@ -297,6 +299,7 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                   "truncate_prompt_tokens")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
     job.cache_key = body.get("prompt_cache_isolation_key")
+    job.priority = _number(body, "priority") or 0
     try:
         job.grammar = grammar_text(body.get("response_format"))
         if other := other_grammar(body):

@@ -103,6 +103,11 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
         if not isinstance(adapter, str):
             raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
         out["model"] = adapter
+    priority = body.get("priority")  # SGLang's: higher values sooner (its default order); ours: lower sooner
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise bad(f"'priority' must be an integer, got {type(priority).__name__}", "priority")
+        out["priority"] = -priority
     stops = params.get("stop", [])
     stops = [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):

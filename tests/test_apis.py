@@ -609,3 +609,14 @@ def test_an_engine_call_whose_caller_left_is_skipped(api):
     assert ran == ["after"] and aengine.alive
     status, r, _ = http(api, "POST", "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
     assert status == 200 and r["meta_info"]["completion_tokens"] == 2 and http(api, "GET", "/health")[0] == 200
+
+
+def test_sglang_priority_is_turned_to_vllms_order():
+    """SGLang's `priority` puts higher values first (its default order), ours lower first: /generate negates it."""
+    from server.protocol import ApiError
+    from server.sglang import generate_body
+
+    assert generate_body({"text": "x", "priority": 5})[0]["priority"] == -5
+    assert "priority" not in generate_body({"text": "x"})[0]
+    with pytest.raises(ApiError):
+        generate_body({"text": "x", "priority": "high"})

@@ -111,9 +111,9 @@ def test_uploads_stream_past_the_body_limit_up_to_the_file_limit(client, api, mo
     assert f.id in {x.id for x in client.files.list().data} and len(client.files.list(limit=1).data) == 1
 
 
-def long_lines(n: int) -> list[str]:
-    """`n` requests that each run for 256 tokens."""
-    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 256, "ignore_eos": True, "temperature": 0}
+def long_lines(n: int, tokens: int = 256) -> list[str]:
+    """`n` requests that each run for `tokens` tokens."""
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
     return [line(f"r{i}", {**body, "prompt": f"Count {i}:"}, "/v1/completions") for i in range(n)]
 
 
@@ -222,3 +222,38 @@ def test_a_canceled_message_batch_ends_with_every_request_accounted_for(claude, 
     while api.engine.has_work():
         assert time.monotonic() < end, "the batch's requests still run after its cancel"
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def urgent_api(smollm):
+    """A live server like `api` (its programs) that seats work by priority."""
+    from conftest import ENGINE, live_server
+
+    from engine.runner import RunnerConfig
+
+    yield from live_server(smollm, RunnerConfig(**ENGINE, scheduling_policy="priority"))
+
+
+def test_under_priority_scheduling_a_batch_runs_behind_interactive_requests(urgent_api):
+    """--scheduling-policy priority: a batch's lines run at --batch-priority (1) unless they name one, so a client's
+    request at the default 0 takes a seat from the batch (a preemption: more lines than slots are in flight, so the
+    queue is never empty) and is answered while the batch still runs; a line that names its own priority keeps it."""
+    client = openai.OpenAI(base_url=urgent_api.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    urgent_api.server.batches.concurrency = 64
+    lines = long_lines(48, 96)  # 32 running take 8 pages each: the pool is not the limit
+    lines[0] = line("mine", {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "priority": -3}, "/v1/completions")
+    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    sched = urgent_api.engine.sched
+    end = time.monotonic() + 120
+    while not (sched.waiting and [r.priority for r, _ in list(sched.running.values())] == [1] * 32):
+        assert time.monotonic() < end, "the batch never filled the slots"  # ("mine" ran first, and is done)
+        time.sleep(0.02)
+    before = sched.preemptions
+    reply = client.completions.create(model=MODEL, prompt="Quick:", max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason == "length" and sched.preemptions > before
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    client.batches.cancel(batch.id)
+    batch = wait(client, batch.id)
+    out = results(client, batch.output_file_id)
+    assert out[0]["custom_id"] == "mine" and out[0]["response"]["status_code"] == 200

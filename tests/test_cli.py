@@ -211,3 +211,5 @@ def test_the_prefill_budget_takes_sglangs_and_vllms_names():
     rc = runner_config(parse_args([]))  # the pool: sized where it runs (4 GiB on a CPU), 0.9 of an accelerator
     assert rc.kv_cache_gb == 0 and rc.gpu_memory_utilization == 0.9
     assert runner_config(parse_args(["--gpu-memory-utilization", "0.5"])).gpu_memory_utilization == 0.5
+    assert rc.scheduling_policy == "fcfs"  # vLLM's flag and default
+    assert runner_config(parse_args(["--scheduling-policy", "priority"])).scheduling_policy == "priority"

@@ -18,6 +18,7 @@ from helpers import run_all, unique_prefix
 from engine import SamplingParams
 from engine.engine import Engine
 from engine.llm import encode_chat
+from engine.params import InvalidRequest
 from engine.runner import RunnerConfig, plan_max_len, plan_pages
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -150,13 +151,13 @@ def test_nothing_leaks_after_a_mixed_run(llm):
     assert not eng.sched.tables.any() and len(eng.sched.free) == eng.runner.slots
 
 
-def small_engine(smollm, pages: int) -> Engine:
+def small_engine(smollm, pages: int, policy: str = "fcfs") -> Engine:
     """An engine whose pool holds `pages` pages of 16 tokens (plus the scratch page), decoding at one batch size (a
-    program for each size it passed through was ~25 s of the cold suite)."""
+    program for each size it passed through was ~25 s of the cold suite), seating work by `policy`."""
     per_page = 16 * 2 * smollm.cfg.num_layers * smollm.cfg.num_kv_heads * smollm.cfg.head_dim * 4
     gb = (pages + 1) * per_page / (1 << 30) + 1e-9
     return Engine(smollm, RunnerConfig(max_num_seqs=16, max_model_len=512, kv_cache_gb=gb, decode_steps=4,
-                                       decode_batch_sizes=(16,)))
+                                       decode_batch_sizes=(16,), scheduling_policy=policy))
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,37 @@ def test_a_pool_too_small_for_the_load_preempts_and_every_output_is_unchanged(ll
     assert llm.engine.sched.preemptions == 0
     assert [r.choices[0].token_ids for r in reqs] == ids(alone)
     assert all(r == 0 for r in tight.sched.pools[0].refs)
+
+
+def test_an_urgent_request_takes_a_running_seat_under_priority_and_every_output_is_unchanged(llm, smollm):
+    """--scheduling-policy priority: with every slot held by priority-5 requests, a priority-0 one preempts the
+    newest of them, is seated at once and ends while they still run; each preempted request is recomputed from its
+    tokens and ends with the tokens it has alone (the `llm` engine, first come first served, nothing preempted)."""
+    eng = small_engine(smollm, 48, policy="priority")  # `tight`'s shapes: its programs
+    rng = np.random.default_rng(11)
+    prompts = [unique_prefix(600 + i, 8) for i in range(17)]  # with 16 tokens, 2 pages each: the pool is not dry
+    params = [SamplingParams(temperature=1.0, top_k=40, max_tokens=16, ignore_eos=True,
+                             seed=int(rng.integers(1 << 30))) for _ in range(17)]
+    low = [eng.make_request(p, q, priority=5, prompt_cache_max_len=0) for p, q in zip(prompts[:16], params[:16])]
+    for r in low:
+        eng.add(r)
+    while len(eng.sched.running) < 16:
+        eng.step()
+    urgent = eng.make_request(prompts[16], params[16], priority=0, prompt_cache_max_len=0)
+    eng.add(urgent)
+    eng.step()
+    assert urgent.admitted is not None and eng.sched.preemptions == 1  # seated in the step it arrived
+    while not urgent.finished:
+        eng.step()
+        eng.sched.pools[0].check()
+    assert not all(r.finished for r in low)
+    while eng.has_work():
+        eng.step()
+    alone = llm.generate(prompts, params, prompt_cache_max_len=0)
+    assert [r.choices[0].token_ids for r in low + [urgent]] == ids(alone)
+    assert all(r == 0 for r in eng.sched.pools[0].refs)
+    with pytest.raises(InvalidRequest, match="priority scheduling"):
+        llm.engine.make_request(prompts[0], params[0], priority=1)  # fcfs: a priority is an error
 
 
 def test_constrained_and_free_requests_preempted_keep_their_tokens(llm, tight):

@@ -13,18 +13,18 @@ from engine.scheduler import Scheduler
 PAGE = 16
 
 
-def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 128) -> Scheduler:
+def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 128, policy: str = "fcfs") -> Scheduler:
     """A scheduler over a pool of `pages` pages (page 0, the scratch page, among them) and `slots` slots on one shard;
     `save_row` records the slots whose sampler row a preemption took."""
     geometry = SimpleNamespace(shard_of=lambda slot: 0, page_size=PAGE, max_len=512, slots=slots, chunk=chunk,
                                rc=SimpleNamespace(max_prefill_tokens=budget), num_pages=pages, dp=1,
                                max_pages=512 // PAGE)
-    return Scheduler(geometry, save_row=lambda slot: ("row", slot))
+    return Scheduler(geometry, save_row=lambda slot: ("row", slot), policy=policy)
 
 
-def request(rid: str, prompt: list[int], n: int = 1, echo: bool = False) -> Request:
+def request(rid: str, prompt: list[int], n: int = 1, echo: bool = False, priority: int = 0) -> Request:
     """A request of `n` choices, 64 tokens at most, and prompt logprobs if `echo`."""
-    return Request(rid, prompt, SamplingParams(n=n, echo=echo), 64, [Choice(i) for i in range(n)])
+    return Request(rid, prompt, SamplingParams(n=n, echo=echo), 64, [Choice(i) for i in range(n)], priority=priority)
 
 
 def run(sched: Scheduler, req: Request, generated: list[int]) -> None:
@@ -182,4 +182,68 @@ def test_an_abort_frees_the_work_wherever_it_is(where):
     assert all(c.finish_reason == "abort" for c in req.choices)
     assert req.cancelled and not (sched.waiting or sched.prefilling or sched.running or sched.resumes)
     assert sched.free == [0, 1, 2, 3]
+    sched.pools[0].check()
+
+
+def test_the_priority_policy_seats_lower_values_first_and_arrival_order_within_one():
+    sched, fcfs = scheduler(pages=40, slots=8, policy="priority"), scheduler(pages=40, slots=8)
+    for s in (sched, fcfs):
+        for rid, p in (("a", 5), ("b", 0), ("c", 5), ("d", -1), ("e", 0)):
+            s.enqueue(request(rid, list(range(10, 30)), priority=p))
+    assert [r.id for r in sched.waiting] == ["d", "b", "e", "a", "c"]
+    assert [pf.req.id for pf in sched.admit()] == ["d", "b", "e", "a", "c"]
+    assert [r.id for r in fcfs.waiting] == ["a", "b", "c", "d", "e"]  # fcfs: arrival order whatever the priority
+
+
+def test_urgent_work_takes_the_seat_of_the_least_urgent_newest_running_work():
+    sched = scheduler(pages=40, slots=3, policy="priority")
+    low = [request(f"low{i}", list(range(10 + i, 40 + i)), priority=p) for i, p in enumerate((7, 9, 9))]
+    for r in low:
+        sched.enqueue(r)
+    sched.admit()
+    for r in low:
+        run(sched, r, [5])
+    urgent = request("urgent", list(range(60, 80)), priority=0)
+    sched.enqueue(urgent)
+    assert sched.outranked() and sched.admit() == []  # without `preempt` it waits
+    (pf,) = sched.admit(preempt=True)
+    assert pf.req is urgent and sched.preemptions == 1
+    assert [r.id for r, _ in sched.resumes] == ["low2"]  # priority 9 and admitted last: low2, not low1 or low0
+    assert low[2].choices[0].saved == ("row", 2) and urgent.choices[0].slot == 2
+    assert not sched.outranked()
+    equal = request("equal", list(range(60, 80)), priority=9)  # no more urgent than the least urgent running
+    sched.enqueue(equal)
+    assert not sched.outranked() and sched.admit(preempt=True) == [] and sched.preemptions == 1
+    assert [r.id for r, _ in sched.resumes] == ["low2"] and [r.id for r in sched.waiting] == ["equal"]
+    sched.pools[0].check()
+
+
+def test_a_dry_pool_under_priority_preempts_the_least_urgent_work_even_if_older():
+    sched = scheduler(pages=9, slots=4, policy="priority")  # 8 usable pages
+    reqs = [request(f"r{i}", list(range(20 + i, 50 + i)), priority=p) for i, p in enumerate((5, 0, 0))]
+    for r in reqs:
+        sched.enqueue(r)
+    sched.admit()
+    for r in reqs:
+        run(sched, r, [5])
+    assert sched.reserve(20)
+    assert sched.preemptions == 1 and sched.resumes[0][0] is reqs[0]  # the oldest, but the least urgent
+    fresh = request("fresh", list(range(90, 100)), priority=5)
+    sched.enqueue(fresh)
+    sched.retire(reqs[1].choices[0])
+    assert sched.admit()[0].req is reqs[0]  # the preempted choice before a request of its priority
+
+
+def test_no_work_is_preempted_for_an_urgent_request_that_would_not_fit_anyway():
+    sched = scheduler(pages=9, slots=2, policy="priority")  # 8 usable pages
+    low = request("low", list(range(10, 40)), priority=3)  # 2 pages
+    high = request("high", list(range(10, 40)), priority=0)
+    for r in (high, low):
+        sched.enqueue(r)
+    sched.admit()
+    run(sched, high, [1])
+    run(sched, low, [1])
+    huge = request("huge", list(range(200)), priority=1)  # 13 pages: more than low's 2 and the free 4
+    sched.enqueue(huge)
+    assert sched.outranked() and sched.admit(preempt=True) == [] and sched.preemptions == 0
     sched.pools[0].check()

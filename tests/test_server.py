@@ -899,3 +899,15 @@ def test_prompt_truncate_len_bisects_to_the_fewest_dropped_turns(api, monkeypatc
     assert len(ids) <= 300 and text.startswith(render(api.model, [system])[:20]) and f"Turn {first - 1} " not in text
     assert ids == protocol.chat_ids(api.model, [system, *turns[first:]])[0]
     assert len(protocol.chat_ids(api.model, [system, *turns[first - 1:]])[0]) > 300
+
+
+def test_a_priority_other_than_0_needs_priority_scheduling(client):
+    """vLLM's `priority` field: 0 (the default) is served under first come first served; another value is a 400
+    naming the flag, and a value that is not an integer a 400 too."""
+    ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body={"priority": 0})
+    assert ok.choices[0].finish_reason == "length"
+    for value, why in ((3, "--scheduling-policy priority"), ("high", "must be an integer")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                           extra_body={"priority": value})
+        assert e.value.body["param"] == "priority" and why in e.value.body["message"]
