@@ -164,6 +164,7 @@ class Batches:
         self.folder: str | None = None  # made at the first file
         self.loopback = Loopback(server)
         self.running: set[asyncio.Task] = set()  # the tasks of batches sending their lines (`run`)
+        self.stopped = False  # set at the server's shutdown (`stop`)
 
     def path(self, fid: str) -> str:
         """Where the file `fid` is kept (the folder is made at the first)."""
@@ -341,6 +342,8 @@ class Batches:
         result (those written past the first gap are written then)."""
         order = InOrder(len(lines), write)
         ended = "completed"
+        if self.stopped:  # the server is shutting down: nothing more is sent
+            return "cancelled", order.rest()
         if self.priority is not None:
             lines = [_with_priority(line, self.priority) for line in lines]
         self.running.add(task := asyncio.current_task())
@@ -357,6 +360,7 @@ class Batches:
 
     async def stop(self, app: web.Application) -> None:
         """Cancel the batches still sending and stop the loopback listener (the server's shutdown)."""
+        self.stopped = True
         running = list(self.running)
         for task in running:
             task.cancel()
