@@ -116,6 +116,14 @@ def _page(items: list, request: web.Request, default: int) -> dict:
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
 
 
+def found(table: dict, request: web.Request, what: str):
+    """The item of `table` the route's `{id}` names, or a 404 saying there is no such `what`."""
+    item = table.get(request.match_info["id"])
+    if item is None:
+        raise ApiError(404, f"no {what} with id {request.match_info['id']!r}", code="not_found")
+    return item
+
+
 def validate(lines: list[str], endpoint: str) -> tuple[list[dict], list[dict]]:
     """The requests of a batch's lines, and an error for each bad line (OpenAI's shape: code, message, param, line
     numbered from 1)."""
@@ -173,16 +181,10 @@ class Batches:
         return os.path.join(self.folder, fid)
 
     def _file(self, request: web.Request) -> File:
-        f = self.files.get(request.match_info["id"])
-        if f is None:
-            raise ApiError(404, f"no file with id {request.match_info['id']!r}", code="not_found")
-        return f
+        return found(self.files, request, "file")
 
     def _batch(self, request: web.Request) -> Batch:
-        b = self.batches.get(request.match_info["id"])
-        if b is None:
-            raise ApiError(404, f"no batch with id {request.match_info['id']!r}", code="not_found")
-        return b
+        return found(self.batches, request, "batch")
 
     # ---- files --------------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import uuid
 from aiohttp import web
 
 from server.batch import failed
-from server.batches import WINDOW
+from server.batches import WINDOW, found
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -95,10 +95,7 @@ class MessageBatches:
         self.batches: dict[str, MessageBatch] = {}
 
     def _batch(self, request: web.Request) -> MessageBatch:
-        b = self.batches.get(request.match_info["id"])
-        if b is None:
-            raise ApiError(404, f"no message batch with id {request.match_info['id']!r}", code="not_found")
-        return b
+        return found(self.batches, request, "message batch")
 
     async def create(self, request: web.Request) -> web.Response:
         """POST /v1/messages/batches: each request's `custom_id` checked (1 to 64 letters, digits, `-` or `_`, each
