@@ -64,7 +64,7 @@ class Scheduler:
         self.copies: list[tuple[int, int, int]] = []  # cached pages admission copies into a prompt's (`copied`)
         self.prefilling: collections.deque[Prefill] = collections.deque()
         self._order = itertools.count(1)
-        self.preemptions = 0  # choices preempted so far (pool exhausted)
+        self.preemptions = 0  # choices preempted so far (a dry pool, or for more urgent work)
 
     def pages_to_admit(self, length: int, n: int) -> int:
         """Pages a prompt of `length` tokens takes with n choices: its pages, plus a partial last page per extra
@@ -101,14 +101,16 @@ class Scheduler:
         return self.waiting[0] if self.waiting else None
 
     def outranked(self) -> bool:
-        """Whether the work next in line is more urgent than some seated work and no shard has its slots free, so
-        `admit(preempt=True)` may preempt (the host must then hold every running choice's tokens)."""
+        """Whether the work next in line is more urgent than some seated work, no shard has its slots free, and
+        freeing the less urgent work would make room (`_room_behind`), so `admit(preempt=True)` may preempt (the host
+        must then hold every running choice's tokens)."""
         head = self._head()
         if self.policy != "priority" or head is None:
             return False
         seated = [r for r, _ in self.running.values()] + [pf.req for pf in self.prefilling]
         need = 1 if self.resumes and head is self.resumes[0][0] else len(head.choices)
-        return any(r.priority > head.priority for r in seated) and len(self.free) < need
+        less = lambda r: r.priority > head.priority  # noqa: E731
+        return any(less(r) for r in seated) and len(self.free) < need and self._room_behind(head, less)
 
     # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
 

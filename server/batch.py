@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None, prog: str = "sparkler run-batch") -> int
 
 def _read(path: str) -> list[str]:
     text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
-    return [line for line in text.splitlines() if line.strip()]
+    return lines_of(text)
+
+
+def lines_of(text: str) -> list[str]:
+    """A JSONL text's non-blank lines, split at newlines only (JSON text may hold U+2028 and the like raw, which
+    `str.splitlines` would split at)."""
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
 
 
 def check(line: str) -> tuple[dict | None, str | None]:
@@ -135,9 +141,10 @@ class InOrder:
 
     def rest(self) -> list[int]:
         """Write the results held (past a line with none), and return the lines that have none."""
+        missing = [i for i in range(self.next, self.n) if i not in self.held]
         for i in sorted(self.held):
             self.write(self.held.pop(i))
-        return [i for i in range(self.next, self.n) if i not in self.held]
+        return missing
 
 
 class Loopback:
@@ -147,16 +154,22 @@ class Loopback:
     def __init__(self, server):
         self.server, self.runner, self.base = server, None, ""
         self.headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+        self.starting = asyncio.Lock()  # batches starting at once wait for one listener
 
     async def start(self) -> str:
         """The base URL, listening from the first call on."""
         from aiohttp import web
 
-        if self.runner is None:
-            self.runner = web.AppRunner(self.server.app(loopback=True), handler_cancellation=True, access_log=None)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-            self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        async with self.starting:
+            if self.runner is None:
+                runner = web.AppRunner(self.server.app(loopback=True), handler_cancellation=True, access_log=None)
+                await runner.setup()
+                try:
+                    await web.TCPSite(runner, "127.0.0.1", 0).start()
+                except BaseException:
+                    await runner.cleanup()
+                    raise
+                self.runner, self.base = runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
         return self.base
 
     async def close(self) -> None:

@@ -24,7 +24,7 @@ import uuid
 
 from aiohttp import web
 
-from server.batch import InOrder, Loopback, URLS, check, failed, send
+from server.batch import InOrder, Loopback, URLS, check, failed, lines_of, send
 from server.protocol import ApiError, bad
 
 MAX_LINES = 50_000  # requests in one batch, as OpenAI allows
@@ -271,7 +271,7 @@ class Batches:
                                  not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
             raise bad("'metadata' must be an object of at most 16 string values", "metadata")
         text = await self.server.off_loop(lambda: open(self.files[fid].path, encoding="utf-8", errors="replace").read())
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = lines_of(text)
         batch = Batch(f"batch_{uuid.uuid4().hex}", body["endpoint"], fid, meta)
         self.batches[batch.id] = batch
         batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))

@@ -257,3 +257,17 @@ def test_under_priority_scheduling_a_batch_runs_behind_interactive_requests(urge
     batch = wait(client, batch.id)
     out = results(client, batch.output_file_id)
     assert out[0]["custom_id"] == "mine" and out[0]["response"]["status_code"] == 200
+
+
+def test_results_held_past_a_gap_are_written_once_and_not_counted_unanswered():
+    """`InOrder`: results arriving out of order wait for the lines before them; a stopped batch writes those held
+    and reports only the lines with no result (an expired batch's `batch_expired` lines)."""
+    from server.batch import InOrder, lines_of
+
+    written = []
+    order = InOrder(6, lambda out: written.append(out["i"]))
+    for i in (0, 3, 5):
+        order.put(i, {"i": i})
+    assert written == [0]
+    assert order.rest() == [1, 2, 4] and written == [0, 3, 5]
+    assert lines_of('{"a": "x\u2028y"}\r\n\n{"b": 1}\n') == ['{"a": "x\u2028y"}', '{"b": 1}']
