@@ -330,7 +330,7 @@ class Batches:
         for kind, f in files.items():
             f.close()
             if written[kind]:
-                self.files[ids[kind]] = File(ids[kind], f"{batch.id}_{kind}.jsonl", f"batch_{kind}",
+                self.files[ids[kind]] = File(ids[kind], f"{batch.id}_{kind}.jsonl", "batch_output",
                                              os.path.getsize(f.name), f.name)
                 setattr(batch, f"{kind}_file_id", ids[kind])
             else:

@@ -161,8 +161,12 @@ class MessageBatches:
         ids = [b.id for b in items]
         if (after := request.query.get("after_id")) is not None:
             items = items[ids.index(after) + 1:] if after in ids else []
-        elif (before := request.query.get("before_id")) is not None:
-            items = items[:ids.index(before)][-limit:] if before in ids else []
+        elif (before := request.query.get("before_id")) is not None:  # the page just before it
+            items = items[:ids.index(before)] if before in ids else []
+            more, items = len(items) > limit, items[-limit:]
+            data = [b.body(request) for b in items]
+            return web.json_response({"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None})
         data = [b.body(request) for b in items[:limit]]
         return web.json_response({"data": data, "has_more": len(items) > limit,
                                   "first_id": data[0]["id"] if data else None,
