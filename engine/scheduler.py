@@ -94,23 +94,31 @@ class Scheduler:
             i += 1
         queue.insert(i, item)
 
-    def _head(self) -> Request | None:
-        """The request of the work next in line (a preempted choice before a request as urgent)."""
+    def _next(self) -> tuple[bool, Request, list[Choice], list[int]] | None:
+        """The work next in line: whether it is a preempted choice (one goes before a request as urgent), its
+        request, its choices and the tokens to compute; None when nothing waits."""
         if self.resumes and (not self.waiting or self._urgency(self.resumes[0][0]) <= self._urgency(self.waiting[0])):
-            return self.resumes[0][0]
-        return self.waiting[0] if self.waiting else None
+            req, choice = self.resumes[0]
+            return True, req, [choice], seq_tokens(req, choice)
+        if self.waiting:
+            return False, self.waiting[0], self.waiting[0].choices, self.waiting[0].prompt_ids
+        return None
+
+    def _less_urgent(self) -> Callable[[Request], bool] | None:
+        """Under the priority policy, which requests are less urgent than the work next in line (None: no work
+        waits, or first come first served)."""
+        nxt = self._next() if self.policy == "priority" else None
+        return None if nxt is None else lambda r: r.priority > nxt[1].priority
 
     def outranked(self) -> bool:
         """Whether the work next in line is more urgent than some seated work, no shard has its slots free, and
         freeing the less urgent work would make room (`_room_behind`), so `admit(preempt=True)` may preempt (the host
         must then hold every running choice's tokens)."""
-        head = self._head()
-        if self.policy != "priority" or head is None:
+        less = self._less_urgent()
+        if less is None:
             return False
         seated = [r for r, _ in self.running.values()] + [pf.req for pf in self.prefilling]
-        need = 1 if self.resumes and head is self.resumes[0][0] else len(head.choices)
-        less = lambda r: r.priority > head.priority  # noqa: E731
-        return any(less(r) for r in seated) and len(self.free) < need and self._room_behind(head, less)
+        return any(less(r) for r in seated) and len(self.free) < len(self._next()[2]) and self._room_behind(less)
 
     # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
 
@@ -122,9 +130,8 @@ class Scheduler:
         batch = []
         while True:
             pf = self._seat_next()
-            if pf is None and preempt and self.policy == "priority" and (head := self._head()) is not None:
-                less = lambda r: r.priority > head.priority  # noqa: E731
-                if self._room_behind(head, less) and (victim := self._victim(less)) is not None:
+            if pf is None and preempt and (less := self._less_urgent()) is not None:
+                if self._room_behind(less) and (victim := self._victim(less)) is not None:
                     self._preempt(victim)
                     continue
             if pf is None:
@@ -164,15 +171,10 @@ class Scheduler:
     def _seat_next(self) -> Prefill | None:
         """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
         the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
-        resume = bool(self.resumes) and self._head() is self.resumes[0][0]
-        if resume:
-            req, choices = self.resumes[0][0], [self.resumes[0][1]]
-            tokens = seq_tokens(req, choices[0])
-        elif self.waiting:
-            req = self.waiting[0]
-            choices, tokens = req.choices, req.prompt_ids
-        else:
+        nxt = self._next()
+        if nxt is None:
             return None
+        resume, req, choices, tokens = nxt
         if len(self.free) < len(choices):  # cheap test first: no shard can seat it
             return None
         ps = self.page_size
@@ -301,12 +303,11 @@ class Scheduler:
                     break
         return True
 
-    def _room_behind(self, head: Request, which: Callable[[Request], bool]) -> bool:
-        """Whether the next work in line (of request `head`) would find its slots and pages once the work whose
-        request `which` accepts were preempted (pages counted as if none were shared): else preempting is no use."""
-        resume = bool(self.resumes) and head is self.resumes[0][0]
-        n = 1 if resume else len(head.choices)
-        length = len(seq_tokens(head, self.resumes[0][1])) if resume else len(head.prompt_ids)
+    def _room_behind(self, which: Callable[[Request], bool]) -> bool:
+        """Whether the work next in line would find its slots and pages once the work whose request `which` accepts
+        were preempted (pages counted as if none were shared): else preempting is no use."""
+        _, _, choices, tokens = self._next()
+        n, length = len(choices), len(tokens)
         held = [c for r, c in self.running.values() if which(r)]
         held += [c for pf in self.prefilling if which(pf.req) for c in pf.choices]
         pages = sum(p.num_free for p in self.pools) + sum(len(c.pages) for c in held)

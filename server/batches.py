@@ -98,22 +98,24 @@ class Batch:
                 "request_counts": dict(self.counts), "metadata": self.metadata}
 
 
-def _page(items: list, request: web.Request, default: int) -> dict:
-    """A list answer: newest first, `limit` items after the id `after`."""
+def page(items: list, request: web.Request, default: int, most: int, body, after: str = "after",
+         before: str | None = None) -> dict:
+    """A list answer over `items` (in their order): `limit` of them (1 to `most`; `default`) after the id the query's
+    `after` names, or the page just before the id its `before` names; each as `body(item)`."""
     try:
         limit = int(request.query.get("limit", default))
     except ValueError:
         raise bad("'limit' must be an integer", "limit") from None
-    if not 1 <= limit <= 10_000:
-        raise bad("'limit' must be between 1 and 10000", "limit")
-    items = sorted(items, key=lambda x: x.created_at, reverse=request.query.get("order", "desc") != "asc")
-    after = request.query.get("after")
-    if after is not None:
-        ids = [x.id for x in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    data = [x.body() for x in items[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
+    if not 1 <= limit <= most:
+        raise bad(f"'limit' must be between 1 and {most}", "limit")
+    back = before is not None and after not in request.query and before in request.query
+    mark, ids = request.query.get(before if back else after), [x.id for x in items]
+    if mark is not None:
+        items = (items[:ids.index(mark)] if back else items[ids.index(mark) + 1:]) if mark in ids else []
+    more, items = len(items) > limit, items[-limit:] if back else items[:limit]
+    data = [body(x) for x in items]
+    return {"data": data, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+            "has_more": more}
 
 
 def found(table: dict, request: web.Request, what: str):
@@ -180,6 +182,12 @@ class Batches:
             self.folder = tempfile.mkdtemp(prefix="sparkler-files-")
         return os.path.join(self.folder, fid)
 
+    @staticmethod
+    def _listed(items: list, request: web.Request, default: int) -> dict:
+        """OpenAI's list answer: newest first (`order` asc: oldest), `limit` items after the id `after`."""
+        items = sorted(items, key=lambda x: x.created_at, reverse=request.query.get("order", "desc") != "asc")
+        return {"object": "list", **page(items, request, default, 10_000, lambda x: x.body())}
+
     def _file(self, request: web.Request) -> File:
         return found(self.files, request, "file")
 
@@ -228,7 +236,7 @@ class Batches:
         """GET /v1/files: the files, newest first (`purpose`, `limit`, `after`, `order`)."""
         purpose = request.query.get("purpose")
         files = [f for f in self.files.values() if purpose is None or f.purpose == purpose]
-        return web.json_response(_page(files, request, 10_000))
+        return web.json_response(self._listed(files, request, 10_000))
 
     async def get_file(self, request: web.Request) -> web.Response:
         """GET /v1/files/{id}: the file object, or 404."""
@@ -279,7 +287,7 @@ class Batches:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         """GET /v1/batches: the batches, newest first (`limit`, `after`)."""
-        return web.json_response(_page(list(self.batches.values()), request, 20))
+        return web.json_response(self._listed(list(self.batches.values()), request, 20))
 
     async def get_batch(self, request: web.Request) -> web.Response:
         """GET /v1/batches/{id}: the batch object, or 404."""

@@ -22,7 +22,7 @@ import uuid
 from aiohttp import web
 
 from server.batch import failed
-from server.batches import WINDOW, found
+from server.batches import WINDOW, found, page
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -151,26 +151,8 @@ class MessageBatches:
     async def list(self, request: web.Request) -> web.Response:
         """GET /v1/messages/batches: newest first, `limit` (1 to 1000, default 20) after `after_id` or before
         `before_id`."""
-        try:
-            limit = int(request.query.get("limit", 20))
-        except ValueError:
-            raise bad("'limit' must be an integer", "limit") from None
-        if not 1 <= limit <= 1000:
-            raise bad("'limit' must be between 1 and 1000", "limit")
         items = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)
-        ids = [b.id for b in items]
-        if (after := request.query.get("after_id")) is not None:
-            items = items[ids.index(after) + 1:] if after in ids else []
-        elif (before := request.query.get("before_id")) is not None:  # the page just before it
-            items = items[:ids.index(before)] if before in ids else []
-            more, items = len(items) > limit, items[-limit:]
-            data = [b.body(request) for b in items]
-            return web.json_response({"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
-                                      "last_id": data[-1]["id"] if data else None})
-        data = [b.body(request) for b in items[:limit]]
-        return web.json_response({"data": data, "has_more": len(items) > limit,
-                                  "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None})
+        return web.json_response(page(items, request, 20, 1000, lambda b: b.body(request), "after_id", "before_id"))
 
     async def results(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/messages/batches/{id}/results: the results file (JSONL) of an ended batch."""
