@@ -111,14 +111,17 @@ class Scheduler:
         return None if nxt is None else lambda r: r.priority > nxt[1].priority
 
     def outranked(self) -> bool:
-        """Whether the work next in line is more urgent than some seated work, no shard has its slots free, and
-        freeing the less urgent work would make room (`_room_behind`), so `admit(preempt=True)` may preempt (the host
-        must then hold every running choice's tokens)."""
+        """Whether the work next in line is more urgent than some seated work, finds no shard with its slots and
+        pages free now (its cached prefix aside), and would find one once the less urgent work there were preempted
+        (`_room_behind`), so `admit(preempt=True)` may preempt (the host must then hold every running choice's
+        tokens)."""
         less = self._less_urgent()
         if less is None:
             return False
         seated = [r for r, _ in self.running.values()] + [pf.req for pf in self.prefilling]
-        return any(less(r) for r in seated) and len(self.free) < len(self._next()[2]) and self._room_behind(less)
+        _, _, choices, tokens = self._next()
+        return (any(less(r) for r in seated) and self._place(len(tokens), len(choices), []) is None
+                and self._room_behind(less) is not None)
 
     # ---- admission: slots, pages, prefix cache ----------------------------------------------------------------
 
@@ -131,7 +134,8 @@ class Scheduler:
         while True:
             pf = self._seat_next()
             if pf is None and preempt and (less := self._less_urgent()) is not None:
-                if self._room_behind(less) and (victim := self._victim(less)) is not None:
+                shard = self._room_behind(less)
+                if shard is not None and (victim := self._victim(less, shard)) is not None:
                     self._preempt(victim)
                     continue
             if pf is None:
@@ -303,15 +307,24 @@ class Scheduler:
                     break
         return True
 
-    def _room_behind(self, which: Callable[[Request], bool]) -> bool:
-        """Whether the work next in line would find its slots and pages once the work whose request `which` accepts
-        were preempted (pages counted as if none were shared): else preempting is no use."""
+    def _room_behind(self, which: Callable[[Request], bool]) -> int | None:
+        """The data shard where the work next in line would find its slots and pages (as `_place` counts them, its
+        cached prefix aside) once the work there whose request `which` accepts were preempted; None when there is
+        none, and preempting would be no use."""
         _, _, choices, tokens = self._next()
-        n, length = len(choices), len(tokens)
-        held = [c for r, c in self.running.values() if which(r)]
-        held += [c for pf in self.prefilling if which(pf.req) for c in pf.choices]
-        pages = sum(p.num_free for p in self.pools) + sum(len(c.pages) for c in held)
-        return len(self.free) + len(held) >= n and pages >= self.pages_to_admit(length, n)
+        need = self.pages_to_admit(len(tokens), len(choices))
+        for shard, pool in enumerate(self.pools):
+            running = [(r, c) for r, c in self.running.values() if self.shard_of(c.slot) == shard]
+            held = [c for r, c in running if which(r)]
+            held += [c for pf in self.prefilling if which(pf.req) and self.shard_of(pf.choices[0].slot) == shard
+                     for c in pf.choices]
+            holders = collections.Counter(p for c in held for p in c.pages)
+            freed = sum(pool.refs[p] == k for p, k in holders.items())  # pages no other work shares
+            slots = sum(self.shard_of(s) == shard for s in self.free) + len(held)
+            left = sum(not which(r) for r, _ in running)  # running there still, each kept a page of room
+            if slots >= len(choices) and pool.num_free + freed - need >= left:
+                return shard
+        return None
 
     def _victim(self, which: Callable[[Request], bool], shard: int | None = None):
         """The work to preempt first among the running choices and prefilling prompts (of `shard`, if given) whose

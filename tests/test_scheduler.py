@@ -13,11 +13,12 @@ from engine.scheduler import Scheduler
 PAGE = 16
 
 
-def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 128, policy: str = "fcfs") -> Scheduler:
-    """A scheduler over a pool of `pages` pages (page 0, the scratch page, among them) and `slots` slots on one shard;
-    `save_row` records the slots whose sampler row a preemption took."""
-    geometry = SimpleNamespace(shard_of=lambda slot: 0, page_size=PAGE, max_len=512, slots=slots, chunk=chunk,
-                               rc=SimpleNamespace(max_prefill_tokens=budget), num_pages=pages, dp=1,
+def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 128, policy: str = "fcfs",
+              dp: int = 1) -> Scheduler:
+    """A scheduler over `dp` data shards, each with a pool of `pages` pages (page 0, the scratch page, among them) and
+    `slots / dp` of the slots; `save_row` records the slots whose sampler row a preemption took."""
+    geometry = SimpleNamespace(shard_of=lambda slot: slot // (slots // dp), page_size=PAGE, max_len=512, slots=slots,
+                               chunk=chunk, rc=SimpleNamespace(max_prefill_tokens=budget), num_pages=pages, dp=dp,
                                max_pages=512 // PAGE)
     return Scheduler(geometry, save_row=lambda slot: ("row", slot), policy=policy)
 
@@ -247,3 +248,44 @@ def test_no_work_is_preempted_for_an_urgent_request_that_would_not_fit_anyway():
     sched.enqueue(huge)
     assert not sched.outranked() and sched.admit(preempt=True) == [] and sched.preemptions == 0  # and no sync
     sched.pools[0].check()
+
+
+def test_urgent_work_short_of_pages_preempts_less_urgent_work_though_slots_are_free():
+    sched = scheduler(pages=9, slots=4, policy="priority")  # 8 usable pages
+    low = request("low", list(range(10, 100)), priority=5)  # 6 pages
+    sched.enqueue(low)
+    sched.admit()
+    run(sched, low, [1])
+    urgent = request("urgent", list(range(200, 240)), priority=0)  # 3 pages: 2 are free
+    sched.enqueue(urgent)
+    assert len(sched.free) == 3 and sched.outranked()
+    (pf,) = sched.admit(preempt=True)
+    assert pf.req is urgent and sched.preemptions == 1 and [r.id for r, _ in sched.resumes] == ["low"]
+    sched.pools[0].check()
+
+
+def test_urgent_work_preempts_only_on_a_shard_where_it_would_then_fit():
+    sched = scheduler(pages=9, slots=4, policy="priority", dp=2)  # per shard: 2 slots, 8 usable pages
+    work = {rid: request(rid, list(range(k * 100, k * 100 + length)), priority=p)
+            for k, (rid, length, p) in enumerate((("h0", 40, 0), ("b", 40, 5), ("a", 20, 9), ("h1", 10, 0)))}
+    for r in work.values():  # shard 0: h0 (3 pages) and a (2); shard 1: b (3) and h1 (1)
+        sched.enqueue(r)
+        sched.admit()
+        run(sched, r, [1])
+    shard = {rid: sched.shard_of(r.choices[0].slot) for rid, r in work.items()}
+    assert shard == {"h0": 0, "a": 0, "b": 1, "h1": 1}
+    # 7 pages: 12 would come free in all, but on neither shard 7 and a page of room for the urgent work staying.
+    wide = request("wide", list(range(1000, 1100)), priority=0)
+    sched.enqueue(wide)
+    assert not sched.outranked() and sched.admit(preempt=True) == [] and sched.preemptions == 0
+    sched.cancel({"wide"})
+    # 5 pages fit once b is gone from shard 1, not once a is gone from shard 0: b goes first, though a is less
+    # urgent; then b, more urgent than a, takes a's seat on shard 0.
+    tall = request("tall", list(range(2000, 2070)), priority=0)
+    sched.enqueue(tall)
+    assert sched.outranked()
+    assert [(pf.req.id, sched.shard_of(pf.choices[0].slot)) for pf in sched.admit(preempt=True)] == [
+        ("tall", 1), ("b", 0)]
+    assert sched.preemptions == 2 and [r.id for r, _ in sched.resumes] == ["a"]
+    for pool in sched.pools:
+        pool.check()
