@@ -8,7 +8,8 @@ then its lines go through the server's own routes on a loopback port (`server.ba
 sends them), up to `--batch-concurrency` at once, beside every other client's requests. Results are written in the
 input's order: a line answered with 200 to the output file, any other to the error file. A cancelled batch keeps
 what finished; one past its 24-hour window expires, and its unanswered lines go to the error file
-(`batch_expired`). Files live in a temporary folder that goes with the server: nothing survives a restart.
+(`batch_expired`). A fault of the server's own (not of a line) ends the batch `failed`, its unanswered lines in the
+error file (`server_error`). Files live in a temporary folder that goes with the server: nothing survives a restart.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,9 +29,12 @@ from aiohttp import web
 from server.batch import InOrder, Loopback, URLS, check, failed, lines_of, send
 from server.protocol import ApiError, bad
 
+log = logging.getLogger("sparkler")
+
 MAX_LINES = 50_000  # requests in one batch, as OpenAI allows
 WINDOW = 24 * 3600  # seconds a batch may run (its `completion_window`: OpenAI's only one is "24h")
 ERRORS_SHOWN = 20  # bad input lines a failed batch reports
+SERVER_ERROR = "the server failed while sending this batch's requests (its log says why)"
 
 
 def routes(app: web.Application, server) -> None:
@@ -148,15 +153,17 @@ def validate(lines: list[str], endpoint: str) -> tuple[list[dict], list[dict]]:
     return reqs, errors
 
 
-def _with_priority(line: str, priority: int) -> str:
-    """A batch line whose body runs at `priority` unless it names its own (a line that is not a request as it was)."""
-    try:
-        req = json.loads(line)
-    except ValueError:
-        return line
-    if not isinstance(req, dict) or not isinstance(req.get("body"), dict) or "priority" in req["body"]:
-        return line
-    return json.dumps({**req, "body": {**req["body"], "priority": priority}})
+def _with_priority(lines: list[str], priority: int) -> list[str]:
+    """A batch's lines with each body at `priority` unless it names its own (a line that is not a request as it
+    was)."""
+    out = []
+    for line in lines:
+        req, _ = check(line)
+        if req is None or not isinstance(req.get("body"), dict) or "priority" in req["body"]:
+            out.append(line)
+        else:
+            out.append(json.dumps({**req, "body": {**req["body"], "priority": priority}}))
+    return out
 
 
 class Batches:
@@ -331,10 +338,14 @@ class Batches:
 
         ended, unanswered = await self.run(lines, batch.created_at + WINDOW, write)
         batch.to("finalizing")
-        for i in unanswered if ended == "expired" else ():
-            write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": json.loads(lines[i])["custom_id"],
-                   "response": None, "error": {"code": "batch_expired",
-                                               "message": "the batch expired before this request ran"}})
+        if ended == "failed":
+            batch.errors = [{"code": "server_error", "message": SERVER_ERROR, "param": None, "line": None}]
+        if ended in ("expired", "failed"):  # every line not answered is in the error file
+            error = ({"code": "batch_expired", "message": "the batch expired before this request ran"}
+                     if ended == "expired" else {"code": "server_error", "message": SERVER_ERROR})
+            await asyncio.get_running_loop().run_in_executor(self.server.parse_pool, lambda: [write(
+                {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": check(lines[i])[0]["custom_id"],
+                 "response": None, "error": error}) for i in unanswered])
         for kind, f in files.items():
             f.close()
             if written[kind]:
@@ -348,22 +359,26 @@ class Batches:
     async def run(self, lines: list[str], deadline: float, write) -> tuple[str, list[int]]:
         """Send a batch's lines through the loopback routes, calling `write(out)` with each result in the lines'
         order, until every line is answered ("completed"), the task is cancelled ("cancelled": the cancel route, or
-        the server's shutdown) or `deadline` (a time.time()) passes ("expired"); how it ended, and the lines with no
-        result (those written past the first gap are written then)."""
+        the server's shutdown), `deadline` (a time.time()) passes ("expired") or the server fails ("failed", logged);
+        how it ended, and the lines with no result (those written past the first gap are written then)."""
         order = InOrder(len(lines), write)
         ended = "completed"
         if self.stopped:  # the server is shutting down: nothing more is sent
             return "cancelled", order.rest()
-        if self.priority is not None:
-            lines = [_with_priority(line, self.priority) for line in lines]
         self.running.add(task := asyncio.current_task())
         try:
             async with asyncio.timeout(deadline - time.time()):
+                if self.priority is not None:  # on a parse thread: a batch holds up to 50,000 lines
+                    lines = await asyncio.get_running_loop().run_in_executor(
+                        self.server.parse_pool, _with_priority, lines, self.priority)
                 await send(await self.loopback.start(), self.loopback.headers, lines, self.concurrency, order.put)
         except TimeoutError:
             ended = "expired"
         except asyncio.CancelledError:  # keep what finished
             ended = "cancelled"
+        except Exception:  # a fault of the server's (the loopback listener did not start, say), not of a line
+            log.exception("sparkler: a batch stopped")
+            ended = "failed"
         finally:
             self.running.discard(task)
         return ended, order.rest()

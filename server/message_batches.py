@@ -22,7 +22,7 @@ import uuid
 from aiohttp import web
 
 from server.batch import failed
-from server.batches import WINDOW, found, page
+from server.batches import SERVER_ERROR, WINDOW, found, page
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -139,9 +139,10 @@ class MessageBatches:
                 ended, unanswered = "cancelled", list(range(len(lines)))
             else:
                 ended, unanswered = await self.store.run(lines, batch.created_at + WINDOW, write)
+            res = ({"type": "errored", "error": {"type": "api_error", "message": SERVER_ERROR}} if ended == "failed"
+                   else {"type": "expired" if ended == "expired" else "canceled"})
             for i in unanswered:
-                write({"custom_id": json.loads(lines[i])["custom_id"]},
-                      {"type": "expired" if ended == "expired" else "canceled"})
+                write({"custom_id": json.loads(lines[i])["custom_id"]}, res)
         batch.results, batch.status, batch.ended_at = path, "ended", time.time()
 
     async def get(self, request: web.Request) -> web.Response:

@@ -107,7 +107,9 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
     if priority is not None:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise bad(f"'priority' must be an integer, got {type(priority).__name__}", "priority")
-        out["priority"] = -priority
+        if not -(2**31) <= priority < 2**31:
+            raise bad(f"'priority' must be a 32-bit integer, got {priority}", "priority")
+        out["priority"] = min(-priority, 2**31 - 1)  # SGLang's lowest, -2**31, is ours the least urgent too
     stops = params.get("stop", [])
     stops = [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):

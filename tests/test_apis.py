@@ -618,5 +618,7 @@ def test_sglang_priority_is_turned_to_vllms_order():
 
     assert generate_body({"text": "x", "priority": 5})[0]["priority"] == -5
     assert "priority" not in generate_body({"text": "x"})[0]
-    with pytest.raises(ApiError):
-        generate_body({"text": "x", "priority": "high"})
+    assert generate_body({"text": "x", "priority": -(2**31)})[0]["priority"] == 2**31 - 1  # SGLang's lowest
+    for wrong in ("high", 2**31):
+        with pytest.raises(ApiError, match="priority"):
+            generate_body({"text": "x", "priority": wrong})

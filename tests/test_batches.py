@@ -152,6 +152,32 @@ def test_a_batch_past_its_window_expires_with_its_unanswered_lines_as_errors(cli
     assert batch.request_counts.failed == len(errors) and batch.request_counts.completed == len(answered)
 
 
+def test_a_fault_of_the_servers_fails_the_batch_with_every_line_accounted_for(client, api, monkeypatch):
+    """When sending fails for a reason of the server's own (here its loopback listener will not start), the batch
+    ends `failed` with a `server_error`, each line in the error file; an Anthropic batch ends with each `errored`.
+    Nothing is left `in_progress`."""
+    import anthropic
+
+    async def broken() -> str:
+        raise OSError("no port to listen on")
+
+    monkeypatch.setattr(api.server.batches.loopback, "start", broken)
+    batch = client.batches.create(input_file_id=upload(client, long_lines(3)).id, endpoint="/v1/completions",
+                                  completion_window="24h")
+    batch = wait(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at and batch.errors.data[0].code == "server_error"
+    errors = results(client, batch.error_file_id)
+    assert [r["custom_id"] for r in errors] == ["r0", "r1", "r2"]
+    assert {r["error"]["code"] for r in errors} == {"server_error"} and batch.request_counts.failed == 3
+    claude = anthropic.Anthropic(base_url=api.url, api_key="unused", max_retries=0, timeout=120)
+    params = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    mb = claude.messages.batches.create(requests=[{"custom_id": "a", "params": params}])
+    mb = wait_ended(claude, mb.id)
+    assert mb.request_counts.errored == 1
+    (res,) = claude.messages.batches.results(mb.id)
+    assert res.result.type == "errored" and res.result.error.type == "api_error"
+
+
 @pytest.fixture()
 def claude(api):
     """The official anthropic client pointed at the live server."""
