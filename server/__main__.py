@@ -166,6 +166,10 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="under --scheduling-policy priority: the priority of a batch's requests that name none (1: "
                          "after other clients' requests at the default 0)")
     ap.add_argument("--max-file-mb", type=float, default=200.0, help="/v1/files: the largest upload")
+    ap.add_argument("--files-dir", default=None, metavar="DIR",
+                    help="where /v1/files, /v1/batches and /v1/messages/batches keep their files and records, so they "
+                         "survive a restart and a batch a shutdown stopped goes on at the next start (default: "
+                         "$SPARKLER_CACHE/files; '': a temporary folder, removed at shutdown)")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
                          "the first time, seconds once the caches hold them), or nothing. The server answers once a "
@@ -402,7 +406,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,
                     pooling=None if args.pooling == "auto" else args.pooling,
                     batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb,
-                    batch_priority=args.batch_priority)
+                    batch_priority=args.batch_priority,
+                    files_dir=os.path.join(cache_root(), "files") if args.files_dir is None else args.files_dir)
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")
@@ -436,6 +441,7 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
+        await server.batches.stop()  # batches send no more: they go on at the next start (or end cancelled)
         deadline = time.monotonic() + drain_timeout
         while (server.active or server.engine.has_work()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

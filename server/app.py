@@ -74,7 +74,7 @@ class Server:
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
-                 max_file_mb: float = 200.0, batch_priority: int = 1):
+                 max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -97,7 +97,8 @@ class Server:
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
         self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
         self.pooling = pooling  # /v1/embeddings' pooling (None: as the model folder asks, `models.pooling.default`)
-        self.batches = batches.Batches(self, batch_concurrency, max_file_mb, batch_priority)  # /v1/files, /v1/batches
+        # /v1/files and /v1/batches
+        self.batches = batches.Batches(self, batch_concurrency, max_file_mb, batch_priority, files_dir)
         self.message_batches = message_batches.MessageBatches(self)  # Anthropic's /v1/messages/batches
 
     def app(self, loopback: bool = False) -> web.Application:
@@ -134,6 +135,7 @@ class Server:
                 cors.add(route)
         app.on_startup.append(self._started)
         if not loopback:
+            app.on_startup.append(self.batches.load)
             app.on_shutdown.append(self.batches.stop)
         return app
 

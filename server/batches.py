@@ -9,13 +9,21 @@ sends them), up to `--batch-concurrency` at once, beside every other client's re
 input's order: a line answered with 200 to the output file, any other to the error file. A cancelled batch keeps
 what finished; one past its 24-hour window expires, and its unanswered lines go to the error file
 (`batch_expired`). A fault of the server's own (not of a line) ends the batch `failed`, its unanswered lines in the
-error file (`server_error`). Files live in a temporary folder that goes with the server: nothing survives a restart.
+error file (`server_error`).
+
+Files and batches are kept in `--files-dir` (default `$SPARKLER_CACHE/files`): each file's bytes and a JSON record of
+each file and batch, rewritten whole at each change. A shutdown stops the batches sending (at the drain's start), and
+the next server over the folder goes on with them: it sends the lines their output and error files do not answer yet,
+appending. One server holds a folder at a time (a lock); another, or `--files-dir ''`, keeps its files in a temporary
+folder removed at shutdown. Why JSON records and not SQLite (as the Responses store): the bytes must be files anyway,
+a record changes at a handful of moments (created, each status), and one folder keeps a batch and its files together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -84,6 +92,7 @@ class Batch:
     error_file_id: str | None = None
     times: dict = dataclasses.field(default_factory=dict)  # in_progress_at, finalizing_at, completed_at, ...
     counts: dict = dataclasses.field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    parts: dict | None = None  # the ids of its output and error files while it runs
     task: asyncio.Task | None = None
 
     def to(self, status: str) -> None:
@@ -166,10 +175,29 @@ def _with_priority(lines: list[str], priority: int) -> list[str]:
     return out
 
 
+def record(item) -> dict:
+    """A file's or batch's fields as kept on disk (not its task, nor its path: the folder says where)."""
+    return {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name not in ("task", "path")}
+
+
+def answered(path: str) -> list[dict]:
+    """The results a batch has written to `path` (none if it is not there yet); a last line cut short (the server
+    was killed as it wrote) is dropped from the file, that request to be sent again."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+    return [json.loads(x) for x in data[:end].splitlines()]
+
+
 class Batches:
     """The files and batches of one `Server`."""
 
-    def __init__(self, server, concurrency: int = 0, max_file_mb: float = 200.0, priority: int = 1):
+    def __init__(self, server, concurrency: int = 0, max_file_mb: float = 200.0, priority: int = 1,
+                 folder: str | None = None):
         self.server = server
         # under the priority policy a line without a `priority` runs at this one (1: after a client's request at the
         # default 0); under first come first served, lines go as written
@@ -178,10 +206,58 @@ class Batches:
         self.max_file = int(max_file_mb * (1 << 20))
         self.files: dict[str, File] = {}
         self.batches: dict[str, Batch] = {}
-        self.folder: str | None = None  # made at the first file
+        self.folder = self.keep = None  # a kept folder (`_keep`), or a temporary one made at the first file
+        if folder:
+            self._keep(folder)
         self.loopback = Loopback(server)
         self.running: set[asyncio.Task] = set()  # the tasks of batches sending their lines (`run`)
         self.stopped = False  # set at the server's shutdown (`stop`)
+
+    def _keep(self, folder: str) -> None:
+        """Keep files and batches in `folder` (they survive a restart; batches a shutdown stopped go on at the next
+        start), unless another server holds it: then in a temporary folder, with a warning."""
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            log.warning("sparkler: %s is used by another server: this one's files and batches go with it", folder)
+            return
+        self.folder, self.keep = folder, lock
+
+    def save(self, item) -> None:
+        """Write a file's or batch's record (kept folders only; written whole, then renamed over the old one)."""
+        if self.keep:
+            path = self.path(item.id) + ".json"
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(record(item), f)
+            os.replace(path + ".tmp", path)
+
+    def records(self) -> list[dict]:
+        """The records a kept folder holds, oldest first."""
+        names = [n for n in os.listdir(self.folder) if n.endswith(".json")] if self.keep else []
+        out = []
+        for name in names:
+            try:
+                with open(os.path.join(self.folder, name), encoding="utf-8") as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError) as e:
+                log.warning("sparkler: skipping %s: %s", name, e)
+        return sorted(out, key=lambda r: r["created_at"])
+
+    async def load(self, app=None) -> None:
+        """Read a kept folder's files and batches (the server's startup), and go on with the batches a shutdown
+        stopped."""
+        recs = await asyncio.get_running_loop().run_in_executor(self.server.parse_pool, self.records)
+        for rec in recs:
+            if rec["id"].startswith("file-"):
+                self.files[rec["id"]] = File(**rec, path=self.path(rec["id"]))
+            elif rec["id"].startswith("batch_"):
+                batch = self.batches[rec["id"]] = Batch(**rec)
+                if batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+                    batch.task = asyncio.get_running_loop().create_task(self._resume(batch))
+        self.server.message_batches.load([r for r in recs if r["id"].startswith("msgbatch_")])
 
     def path(self, fid: str) -> str:
         """Where the file `fid` is kept (the folder is made at the first)."""
@@ -237,6 +313,7 @@ class Batches:
                 os.remove(path)
             raise
         self.files[fid] = File(fid, name, purpose, size, path)
+        self.save(self.files[fid])
         return web.json_response(self.files[fid].body())
 
     async def list_files(self, request: web.Request) -> web.Response:
@@ -258,8 +335,9 @@ class Batches:
         """DELETE /v1/files/{id}: forget the file and remove its bytes (a batch already running keeps its lines)."""
         f = self._file(request)
         del self.files[f.id]
-        if os.path.exists(f.path):
-            os.remove(f.path)
+        for path in (f.path, f.path + ".json"):
+            if os.path.exists(path):
+                os.remove(path)
         return web.json_response({"id": f.id, "object": "file", "deleted": True})
 
     # ---- batches ------------------------------------------------------------------------------------------------
@@ -289,6 +367,7 @@ class Batches:
         lines = lines_of(text)
         batch = Batch(f"batch_{uuid.uuid4().hex}", body["endpoint"], fid, meta)
         self.batches[batch.id] = batch
+        self.save(batch)
         batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
         return web.json_response(batch.body())
 
@@ -305,13 +384,18 @@ class Batches:
         `cancelled` with what finished in its files; a batch that has ended is answered as it is."""
         batch = self._batch(request)
         if batch.status in ("validating", "in_progress"):
-            if batch.status == "in_progress":  # one being checked stops when the check ends
+            if batch.task in self.running:  # else it stops before it sends (checked, or its files read)
                 batch.task.cancel()
-            batch.to("cancelling")
+            self._to(batch, "cancelling")
         return web.json_response(batch.body())
 
+    def _to(self, batch: Batch, status: str) -> None:
+        """Move a batch to `status` and keep its record."""
+        batch.to(status)
+        self.save(batch)
+
     async def _run(self, batch: Batch, lines: list[str]) -> None:
-        """Check the lines (on a parse thread), send them, and write the output and error files."""
+        """Check the lines (on a parse thread), then send them (`_send`)."""
         batch.counts["total"] = len(lines)
         errors = [{"code": "too_many_requests", "message": f"a batch holds at most {MAX_LINES} requests, this one "
                    f"{len(lines)}", "param": None, "line": None}] if len(lines) > MAX_LINES else []
@@ -322,39 +406,77 @@ class Batches:
         errors += (await loop.run_in_executor(self.server.parse_pool, validate, lines, batch.endpoint))[1]
         if errors:
             batch.errors = errors[:ERRORS_SHOWN]
-            return batch.to("failed")
+            return self._to(batch, "failed")
         if batch.status == "cancelling":  # cancelled while it was checked
-            return batch.to("cancelled")
-        batch.to("in_progress")
-        ids = {kind: f"file-{uuid.uuid4().hex}" for kind in ("output", "error")}
-        files = {kind: open(self.path(fid), "w", encoding="utf-8") for kind, fid in ids.items()}
-        written = {"output": 0, "error": 0}
+            return self._to(batch, "cancelled")
+        batch.parts = {kind: f"file-{uuid.uuid4().hex}" for kind in ("output", "error")}
+        self._to(batch, "in_progress")
+        await self._send(batch, lines)
+
+    async def _resume(self, batch: Batch) -> None:
+        """Go on with a batch a shutdown stopped: check it again if it was being checked, else send the lines its
+        files do not answer yet (its input file gone: it fails)."""
+        source = self.files.get(batch.input_file_id)
+        if source is None or not os.path.exists(source.path):
+            batch.errors = [{"code": "server_error", "message": "the server restarted and the batch's input file "
+                             "is gone", "param": None, "line": None}]
+            return self._to(batch, "failed")
+        text = await self.server.off_loop(lambda: open(source.path, encoding="utf-8", errors="replace").read())
+        if batch.status == "validating" or batch.parts is None:
+            await self._run(batch, lines_of(text))
+        else:
+            await self._send(batch, lines_of(text))
+
+    async def _send(self, batch: Batch, lines: list[str]) -> None:
+        """Send the lines that neither of the batch's files answers yet (every line at first; on a resume, those
+        the last run left), append each result to its file, and end the batch with its files; a shutdown of a
+        server that keeps its batches leaves it `in_progress`, to go on at the next start."""
+        loop, pool = asyncio.get_running_loop(), self.server.parse_pool
+        paths = {kind: self.path(fid) for kind, fid in batch.parts.items()}
+
+        def todo() -> list[int]:
+            done = {kind: answered(path) for kind, path in paths.items()}
+            batch.counts["completed"], batch.counts["failed"] = len(done["output"]), len(done["error"])
+            ids = {r["custom_id"] for r in done["output"] + done["error"]}
+            return [i for i, line in enumerate(lines) if check(line)[0]["custom_id"] not in ids]
+
+        left = await loop.run_in_executor(pool, todo)
+        files = {kind: open(path, "a", encoding="utf-8") for kind, path in paths.items()}
 
         def write(out: dict) -> None:
             kind = "error" if failed(out) else "output"
             batch.counts["failed" if kind == "error" else "completed"] += 1
             files[kind].write(json.dumps(out, ensure_ascii=False) + "\n")
-            written[kind] += 1
 
-        ended, unanswered = await self.run(lines, batch.created_at + WINDOW, write)
-        batch.to("finalizing")
+        if batch.status == "cancelling":  # cancelled before it sent anything (or before a restart)
+            ended, unanswered = "cancelled", []
+        else:
+            ended, unanswered = await self.run([lines[i] for i in left], batch.created_at + WINDOW, write)
+        if ended == "cancelled" and self.stopped and self.keep and batch.status != "cancelling":
+            for f in files.values():
+                f.close()
+            return  # its record still says in_progress
+        self._to(batch, "finalizing")
         if ended == "failed":
             batch.errors = [{"code": "server_error", "message": SERVER_ERROR, "param": None, "line": None}]
         if ended in ("expired", "failed"):  # every line not answered is in the error file
             error = ({"code": "batch_expired", "message": "the batch expired before this request ran"}
                      if ended == "expired" else {"code": "server_error", "message": SERVER_ERROR})
-            await asyncio.get_running_loop().run_in_executor(self.server.parse_pool, lambda: [write(
-                {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": check(lines[i])[0]["custom_id"],
+            await loop.run_in_executor(pool, lambda: [write(
+                {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": check(lines[left[i]])[0]["custom_id"],
                  "response": None, "error": error}) for i in unanswered])
         for kind, f in files.items():
             f.close()
-            if written[kind]:
-                self.files[ids[kind]] = File(ids[kind], f"{batch.id}_{kind}.jsonl", "batch_output",
-                                             os.path.getsize(f.name), f.name)
-                setattr(batch, f"{kind}_file_id", ids[kind])
+            if os.path.getsize(f.name):
+                fid = batch.parts[kind]
+                self.files[fid] = File(fid, f"{batch.id}_{kind}.jsonl", "batch_output", os.path.getsize(f.name),
+                                       f.name)
+                self.save(self.files[fid])
+                setattr(batch, f"{kind}_file_id", fid)
             else:
                 os.remove(f.name)
-        batch.to(ended)
+        batch.parts = None
+        self._to(batch, ended)
 
     async def run(self, lines: list[str], deadline: float, write) -> tuple[str, list[int]]:
         """Send a batch's lines through the loopback routes, calling `write(out)` with each result in the lines'
@@ -383,8 +505,8 @@ class Batches:
             self.running.discard(task)
         return ended, order.rest()
 
-    async def stop(self, app: web.Application) -> None:
-        """Cancel the batches still sending and stop the loopback listener (the server's shutdown)."""
+    async def stop(self, app: web.Application | None = None) -> None:
+        """Cancel the batches still sending and stop the loopback listener (the server's drain and shutdown)."""
         self.stopped = True
         running = list(self.running)
         for task in running:
@@ -393,6 +515,8 @@ class Batches:
         await self.loopback.close()
 
     def close(self) -> None:
-        """Remove the files' folder."""
-        if self.folder is not None:
+        """Remove a temporary folder, or let go of a kept one."""
+        if self.keep:
+            self.keep.close()
+        elif self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

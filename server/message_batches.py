@@ -21,8 +21,8 @@ import uuid
 
 from aiohttp import web
 
-from server.batch import failed
-from server.batches import SERVER_ERROR, WINDOW, found, page
+from server.batch import failed, lines_of
+from server.batches import SERVER_ERROR, WINDOW, answered, found, page
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -57,7 +57,6 @@ class MessageBatch:
     status: str = "in_progress"  # then "canceling", and "ended"
     counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
         ("succeeded", "errored", "canceled", "expired"), 0))
-    started: bool = False
     ended_at: float | None = None
     cancel_initiated_at: float | None = None
     results: str | None = None  # the results file, once ended
@@ -121,29 +120,60 @@ class MessageBatches:
         lines = [json.dumps({"custom_id": r["custom_id"], "method": "POST", "url": "/v1/messages",
                              "body": r["params"]}) for r in reqs]
         batch = MessageBatch(f"msgbatch_{uuid.uuid4().hex}", len(reqs))
+        await self.server.off_loop(lambda: self._write_input(batch, lines))
         self.batches[batch.id] = batch
+        self.store.save(batch)
         batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
         return web.json_response(batch.body(request))
 
+    def _write_input(self, batch: MessageBatch, lines: list[str]) -> None:
+        with open(self.store.path(f"{batch.id}_input.jsonl"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def load(self, recs: list[dict]) -> None:
+        """Take the kept message batches' records (`Batches.load`) and go on with those a shutdown stopped."""
+        for rec in recs:
+            batch = self.batches[rec["id"]] = MessageBatch(**rec)
+            if batch.status != "ended":
+                batch.task = asyncio.get_running_loop().create_task(self._resume(batch))
+
+    async def _resume(self, batch: MessageBatch) -> None:
+        """Read a stopped batch's requests back and go on with it."""
+        path = self.store.path(f"{batch.id}_input.jsonl")
+        await self._run(batch, await self.server.off_loop(lambda: lines_of(open(path, encoding="utf-8").read())))
+
     async def _run(self, batch: MessageBatch, lines: list[str]) -> None:
-        """Send the requests and write the results file."""
-        batch.started = True
+        """Send the requests the results file does not answer yet (all at first; on a resume, those the last run
+        left), append each result to it, and end the batch; a shutdown of a server that keeps its batches leaves it
+        as it is, to go on at the next start."""
         path = self.store.path(f"{batch.id}_results")
-        with open(path, "w", encoding="utf-8") as f:
+
+        def todo() -> list[int]:
+            done = answered(path)
+            for r in done:
+                batch.counts[r["result"]["type"]] += 1
+            ids = {r["custom_id"] for r in done}
+            return [i for i, line in enumerate(lines) if json.loads(line)["custom_id"] not in ids]
+
+        left = await self.server.off_loop(todo)
+        with open(path, "a", encoding="utf-8") as f:
             def write(out: dict, res: dict | None = None) -> None:
                 res = res or result(out)
                 batch.counts[res["type"]] += 1
                 f.write(json.dumps({"custom_id": out["custom_id"], "result": res}, ensure_ascii=False) + "\n")
 
-            if batch.status == "canceling":  # canceled before it started
-                ended, unanswered = "cancelled", list(range(len(lines)))
+            if batch.status == "canceling":  # canceled before it sent anything
+                ended, unanswered = "cancelled", list(range(len(left)))
             else:
-                ended, unanswered = await self.store.run(lines, batch.created_at + WINDOW, write)
+                ended, unanswered = await self.store.run([lines[i] for i in left], batch.created_at + WINDOW, write)
+            if ended == "cancelled" and self.store.stopped and self.store.keep and batch.status != "canceling":
+                return  # the server's shutdown: its record still says in_progress
             res = ({"type": "errored", "error": {"type": "api_error", "message": SERVER_ERROR}} if ended == "failed"
                    else {"type": "expired" if ended == "expired" else "canceled"})
             for i in unanswered:
-                write({"custom_id": json.loads(lines[i])["custom_id"]}, res)
+                write({"custom_id": json.loads(lines[left[i]])["custom_id"]}, res)
         batch.results, batch.status, batch.ended_at = path, "ended", time.time()
+        self.store.save(batch)
 
     async def get(self, request: web.Request) -> web.Response:
         """GET /v1/messages/batches/{id}."""
@@ -169,7 +199,8 @@ class MessageBatches:
         batch = self._batch(request)
         if batch.status == "in_progress":
             batch.status, batch.cancel_initiated_at = "canceling", time.time()
-            if batch.started:
+            self.store.save(batch)
+            if batch.task in self.store.running:  # else it stops before it sends
                 batch.task.cancel()
         return web.json_response(batch.body(request))
 
@@ -179,6 +210,7 @@ class MessageBatches:
         if batch.status != "ended":
             raise bad(f"the message batch {batch.id!r} is still running: cancel it first")
         del self.batches[batch.id]
-        if os.path.exists(batch.results):
-            os.remove(batch.results)
+        for path in (batch.results, *(self.store.path(f"{batch.id}{end}") for end in ("_input.jsonl", ".json"))):
+            if os.path.exists(path):
+                os.remove(path)
         return web.json_response({"id": batch.id, "type": "message_batch_deleted"})

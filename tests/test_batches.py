@@ -297,3 +297,15 @@ def test_results_held_past_a_gap_are_written_once_and_not_counted_unanswered():
     assert written == [0]
     assert order.rest() == [1, 2, 4] and written == [0, 3, 5]
     assert lines_of('{"a": "x\u2028y"}\r\n\n{"b": 1}\n') == ['{"a": "x\u2028y"}', '{"b": 1}']
+
+
+def test_a_results_file_cut_short_by_a_kill_loses_only_its_last_line(tmp_path):
+    """`answered` (what a resumed batch has done): a last line the server was killed writing is dropped from the file,
+    so that request is sent again and its result appended whole."""
+    from server.batches import answered
+
+    path = tmp_path / "out.jsonl"
+    assert answered(str(path)) == []
+    path.write_text('{"custom_id": "a"}\n{"custom_id": "b"}\n{"custom_id": "c", "resp')
+    assert [r["custom_id"] for r in answered(str(path))] == ["a", "b"]
+    assert path.read_text() == '{"custom_id": "a"}\n{"custom_id": "b"}\n'

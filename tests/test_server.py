@@ -670,12 +670,21 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(tmp_path):
+def test_python_m_server_with_an_api_key_and_stored_responses_and_batches_across_a_restart(tmp_path):
+    """A server started as `python -m server`: a wrong key is a 401 (both APIs' shapes); a stored response, an
+    uploaded file and the batches a shutdown stopped (OpenAI's and Anthropic's, a few requests done) are there after
+    a restart over the same `--responses-db` and `--files-dir`, and the batches go on where they stopped: every
+    request answered exactly once, as the route answers it."""
     import anthropic
 
     flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1",
-             "--decode-batch-sizes", "2",
-             "--responses-db", str(tmp_path / "responses.sqlite"), "--warmup", "none")
+             "--decode-batch-sizes", "2", "--responses-db", str(tmp_path / "responses.sqlite"),
+             "--files-dir", str(tmp_path / "files"), "--warmup", "none")
+    body = {"model": MODEL, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {**body, "prompt": f"Count {i}:"}}) for i in range(6)]
+    asks = [{"custom_id": f"m{i}", "params": {**body, "messages": [{"role": "user", "content": f"Say {i}"}]}}
+            for i in range(4)]
     child = spawn(*flags, timeout=240)
     proc, url = child.proc, child.url
     try:
@@ -695,10 +704,21 @@ def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(
         claude = anthropic.Anthropic(base_url=url, api_key="sekret", max_retries=0)  # sent as x-api-key
         assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
         first = good.responses.create(model=MODEL, input=HELLO[0]["content"], max_output_tokens=12, temperature=0)
+        source = good.files.create(file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+        batch = good.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h")
+        mb = claude.messages.batches.create(requests=asks)
+        deadline = time.time() + 120
+        while good.batches.retrieve(batch.id).request_counts.completed < 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    child = spawn(*flags, timeout=240)  # a new process over the same file: the conversation goes on
+    rec = json.loads((tmp_path / "files" / f"{batch.id}.json").read_text())  # stopped partway, and kept so
+    kept = (tmp_path / "files" / rec["parts"]["output"]).read_text().splitlines()
+    assert rec["status"] == "in_progress" and 1 <= len(kept) < 6
+    assert json.loads((tmp_path / "files" / f"{mb.id}.json").read_text())["status"] == "in_progress"
+    child = spawn(*flags, timeout=240)  # a new process over the same files: the conversation and batches go on
     proc, url = child.proc, child.url
     try:
         again = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
@@ -708,6 +728,23 @@ def test_python_m_server_with_an_api_key_and_a_stored_response_across_a_restart(
         assert nxt.previous_response_id == first.id and nxt.usage.input_tokens > first.usage.total_tokens
         items = again.responses.input_items.list(nxt.id).data
         assert [getattr(i, "role", None) for i in items] == ["user", "assistant", "user"]
+        assert again.files.retrieve(source.id).bytes == source.bytes
+        deadline = time.time() + 180
+        while (done := again.batches.retrieve(batch.id)).status != "completed":
+            assert done.status == "in_progress" and time.time() < deadline, done
+            time.sleep(0.1)
+        assert done.request_counts.completed == 6 and done.error_file_id is None
+        out = [json.loads(x) for x in again.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(r["custom_id"] for r in out) == [f"r{i}" for i in range(6)]  # each once
+        want = again.completions.create(model=MODEL, prompt="Count 5:", max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices
+        assert {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in out}["r5"] == want[0].text
+        claude = anthropic.Anthropic(base_url=url, api_key="sekret", max_retries=0)
+        while (ended := claude.messages.batches.retrieve(mb.id)).processing_status != "ended":
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert ended.request_counts.succeeded == 4
+        assert sorted(r.custom_id for r in claude.messages.batches.results(mb.id)) == [f"m{i}" for i in range(4)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
