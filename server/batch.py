@@ -180,13 +180,14 @@ class Loopback:
 
 
 async def send(base: str, headers: dict, lines: list[str], concurrency: int, done) -> None:
-    """POST each valid line's body to its route under `base`, at most `concurrency` at once, and call `done(i, out)`
+    """POST each valid line's body to its route under `base`, from `concurrency` workers that each take the next line
+    as they finish one (so a batch of 50,000 lines is not parsed at once on the event loop), and call `done(i, out)`
     with line `i`'s result as it completes (at once for a line `check` refuses). A 429 is sent again after its
     `Retry-After` while other lines are in flight (they make room); else it is the line's answer."""
     import aiohttp
 
-    gate = asyncio.Semaphore(max(1, concurrency))
     state = {"sending": 0}
+    work = iter(enumerate(lines))  # shared by the workers: each line is taken (and parsed) once, when it is sent
 
     async def post(session, req: dict) -> tuple[int, object]:
         while True:
@@ -205,19 +206,22 @@ async def send(base: str, headers: dict, lines: list[str], concurrency: int, don
         if why is not None:
             out["error"] = {"code": "invalid_request", "message": why}
             return done(i, out)
-        async with gate:
-            state["sending"] += 1
-            try:
-                status, body = await post(session, req)
-            except Exception as e:  # the connection, or a reply that is not JSON: this line's error, not the run's
-                out["error"] = {"code": "request_failed", "message": f"{type(e).__name__}: {e}"}
-                return done(i, out)
-            finally:
-                state["sending"] -= 1
+        state["sending"] += 1
+        try:
+            status, body = await post(session, req)
+        except Exception as e:  # the connection, or a reply that is not JSON: this line's error, not the run's
+            out["error"] = {"code": "request_failed", "message": f"{type(e).__name__}: {e}"}
+            return done(i, out)
+        finally:
+            state["sending"] -= 1
         rid = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
         out["response"] = {"status_code": status, "request_id": rid or f"req_{uuid.uuid4().hex}", "body": body}
         done(i, out)
 
+    async def worker(session) -> None:
+        for i, line in work:
+            await one(session, i, line)
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(one(session, i, line) for i, line in enumerate(lines)))
+        await asyncio.gather(*(worker(session) for _ in range(max(1, min(concurrency, len(lines))))))
