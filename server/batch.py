@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None, prog: str = "sparkler run-batch") -> int
         sink = sys.stdout if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")
     except OSError as e:  # before the model loads
         raise SystemExit(f"sparkler: {e}") from None
+    args.files_dir = ""  # not the default folder a server keeps its batches in: no lock taken on it
     server, what = build(args)
     log.info("sparkler: %d requests (%s)", len(lines), what)
     t0 = time.monotonic()

@@ -22,6 +22,7 @@ a record changes at a handful of moments (created, each status), and one folder 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -180,6 +181,17 @@ def record(item) -> dict:
     return {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name not in ("task", "path")}
 
 
+def revive(cls, rec: dict, **more):
+    """A record read back as `cls` (fields it does not know left out: a record of another version), or None (with
+    a warning) when it lacks one."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in rec.items() if k in known}, **more)
+    except TypeError as e:
+        log.warning("sparkler: skipping the record of %s: %s", rec["id"], e)
+        return None
+
+
 def answered(path: str) -> list[dict]:
     """The results a batch has written to `path` (none if it is not there yet); a last line cut short (the server
     was killed as it wrote) is dropped from the file, that request to be sent again."""
@@ -241,7 +253,11 @@ class Batches:
         for name in names:
             try:
                 with open(os.path.join(self.folder, name), encoding="utf-8") as f:
-                    out.append(json.load(f))
+                    rec = json.load(f)
+                if not (isinstance(rec, dict) and isinstance(rec.get("id"), str)
+                        and isinstance(rec.get("created_at"), (int, float))):
+                    raise ValueError("not a record")
+                out.append(rec)
             except (OSError, ValueError) as e:
                 log.warning("sparkler: skipping %s: %s", name, e)
         return sorted(out, key=lambda r: r["created_at"])
@@ -251,12 +267,12 @@ class Batches:
         stopped."""
         recs = await asyncio.get_running_loop().run_in_executor(self.server.parse_pool, self.records)
         for rec in recs:
-            if rec["id"].startswith("file-"):
-                self.files[rec["id"]] = File(**rec, path=self.path(rec["id"]))
-            elif rec["id"].startswith("batch_"):
-                batch = self.batches[rec["id"]] = Batch(**rec)
+            if rec["id"].startswith("file-") and (f := revive(File, rec, path=self.path(rec["id"]))):
+                self.files[f.id] = f
+            elif rec["id"].startswith("batch_") and (batch := revive(Batch, rec)):
+                self.batches[batch.id] = batch
                 if batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
-                    batch.task = asyncio.get_running_loop().create_task(self._resume(batch))
+                    batch.task = asyncio.get_running_loop().create_task(self._guard(batch, self._resume(batch)))
         self.server.message_batches.load([r for r in recs if r["id"].startswith("msgbatch_")])
 
     def path(self, fid: str) -> str:
@@ -368,7 +384,7 @@ class Batches:
         batch = Batch(f"batch_{uuid.uuid4().hex}", body["endpoint"], fid, meta)
         self.batches[batch.id] = batch
         self.save(batch)
-        batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
+        batch.task = asyncio.get_running_loop().create_task(self._guard(batch, self._run(batch, lines)))
         return web.json_response(batch.body())
 
     async def list_batches(self, request: web.Request) -> web.Response:
@@ -393,6 +409,20 @@ class Batches:
         """Move a batch to `status` and keep its record."""
         batch.to(status)
         self.save(batch)
+
+    async def _guard(self, batch: Batch, work) -> None:
+        """Run a batch's work; a fault of the server's that escapes it (its files unreadable or the disk full, say)
+        ends the batch `failed` (logged), never left running."""
+        try:
+            await work
+        except Exception:
+            log.exception("sparkler: batch %s failed", batch.id)
+            batch.errors = [{"code": "server_error", "message": SERVER_ERROR, "param": None, "line": None}]
+            batch.parts = None
+            try:
+                self._to(batch, "failed")
+            except OSError:  # its record could not be written either: the next start tries it again
+                batch.to("failed")
 
     async def _run(self, batch: Batch, lines: list[str]) -> None:
         """Check the lines (on a parse thread), then send them (`_send`)."""
@@ -441,7 +471,16 @@ class Batches:
             return [i for i, line in enumerate(lines) if check(line)[0]["custom_id"] not in ids]
 
         left = await loop.run_in_executor(pool, todo)
-        files = {kind: open(path, "a", encoding="utf-8") for kind, path in paths.items()}
+        with contextlib.ExitStack() as stack:
+            files = {kind: stack.enter_context(open(path, "a", encoding="utf-8")) for kind, path in paths.items()}
+            ended = await self._send_left(batch, lines, left, files)
+        if ended is not None:
+            self._finish(batch, ended)
+
+    async def _send_left(self, batch: Batch, lines: list[str], left: list[int], files: dict) -> str | None:
+        """Send the lines `left`, writing each result to its file in `files`; how the batch ended (None: the
+        server's shutdown stopped it, to go on at the next start)."""
+        loop, pool = asyncio.get_running_loop(), self.server.parse_pool
 
         def write(out: dict) -> None:
             kind = "error" if failed(out) else "output"
@@ -453,9 +492,7 @@ class Batches:
         else:
             ended, unanswered = await self.run([lines[i] for i in left], batch.created_at + WINDOW, write)
         if ended == "cancelled" and self.stopped and self.keep and batch.status != "cancelling":
-            for f in files.values():
-                f.close()
-            return  # its record still says in_progress
+            return None  # its record still says in_progress
         self._to(batch, "finalizing")
         if ended == "failed":
             batch.errors = [{"code": "server_error", "message": SERVER_ERROR, "param": None, "line": None}]
@@ -465,16 +502,18 @@ class Batches:
             await loop.run_in_executor(pool, lambda: [write(
                 {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": check(lines[left[i]])[0]["custom_id"],
                  "response": None, "error": error}) for i in unanswered])
-        for kind, f in files.items():
-            f.close()
-            if os.path.getsize(f.name):
-                fid = batch.parts[kind]
-                self.files[fid] = File(fid, f"{batch.id}_{kind}.jsonl", "batch_output", os.path.getsize(f.name),
-                                       f.name)
+        return ended
+
+    def _finish(self, batch: Batch, ended: str) -> None:
+        """End a batch as `ended`, its non-empty output and error files listed (the empty ones removed)."""
+        for kind, fid in batch.parts.items():
+            path = self.path(fid)
+            if os.path.getsize(path):
+                self.files[fid] = File(fid, f"{batch.id}_{kind}.jsonl", "batch_output", os.path.getsize(path), path)
                 self.save(self.files[fid])
                 setattr(batch, f"{kind}_file_id", fid)
             else:
-                os.remove(f.name)
+                os.remove(path)
         batch.parts = None
         self._to(batch, ended)
 
@@ -518,5 +557,6 @@ class Batches:
         """Remove a temporary folder, or let go of a kept one."""
         if self.keep:
             self.keep.close()
+            self.keep = None
         elif self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -11,6 +11,7 @@ live in the batches' temporary folder until the batch is deleted or the server s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -22,7 +23,7 @@ import uuid
 from aiohttp import web
 
 from server.batch import failed, lines_of
-from server.batches import SERVER_ERROR, WINDOW, answered, found, page
+from server.batches import SERVER_ERROR, WINDOW, answered, found, log, page, revive
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -123,7 +124,7 @@ class MessageBatches:
         await self.server.off_loop(lambda: self._write_input(batch, lines))
         self.batches[batch.id] = batch
         self.store.save(batch)
-        batch.task = asyncio.get_running_loop().create_task(self._run(batch, lines))
+        batch.task = asyncio.get_running_loop().create_task(self._guard(batch, self._run(batch, lines)))
         return web.json_response(batch.body(request))
 
     def _write_input(self, batch: MessageBatch, lines: list[str]) -> None:
@@ -133,9 +134,26 @@ class MessageBatches:
     def load(self, recs: list[dict]) -> None:
         """Take the kept message batches' records (`Batches.load`) and go on with those a shutdown stopped."""
         for rec in recs:
-            batch = self.batches[rec["id"]] = MessageBatch(**rec)
+            if (batch := revive(MessageBatch, rec)) is None:
+                continue
+            self.batches[batch.id] = batch
+            if batch.results is not None:  # where the folder is now
+                batch.results = self.store.path(f"{batch.id}_results")
             if batch.status != "ended":
-                batch.task = asyncio.get_running_loop().create_task(self._resume(batch))
+                batch.task = asyncio.get_running_loop().create_task(self._guard(batch, self._resume(batch)))
+
+    async def _guard(self, batch: MessageBatch, work) -> None:
+        """Run a batch's work; a fault of the server's that escapes it (its files unreadable or the disk full, say)
+        ends the batch (logged), its unanswered requests with no result, never left running."""
+        try:
+            await work
+        except Exception:
+            log.exception("sparkler: message batch %s failed", batch.id)
+            path = self.store.path(f"{batch.id}_results")
+            batch.results = path if os.path.exists(path) else None
+            batch.status, batch.ended_at = "ended", time.time()
+            with contextlib.suppress(OSError):
+                self.store.save(batch)
 
     async def _resume(self, batch: MessageBatch) -> None:
         """Read a stopped batch's requests back and go on with it."""
@@ -150,6 +168,7 @@ class MessageBatches:
 
         def todo() -> list[int]:
             done = answered(path)
+            batch.counts = dict.fromkeys(batch.counts, 0)
             for r in done:
                 batch.counts[r["result"]["type"]] += 1
             ids = {r["custom_id"] for r in done}
@@ -210,7 +229,7 @@ class MessageBatches:
         if batch.status != "ended":
             raise bad(f"the message batch {batch.id!r} is still running: cancel it first")
         del self.batches[batch.id]
-        for path in (batch.results, *(self.store.path(f"{batch.id}{end}") for end in ("_input.jsonl", ".json"))):
+        for path in (self.store.path(f"{batch.id}{end}") for end in ("_results", "_input.jsonl", ".json")):
             if os.path.exists(path):
                 os.remove(path)
         return web.json_response({"id": batch.id, "type": "message_batch_deleted"})

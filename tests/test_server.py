@@ -718,6 +718,9 @@ def test_python_m_server_with_an_api_key_and_stored_responses_and_batches_across
     kept = (tmp_path / "files" / rec["parts"]["output"]).read_text().splitlines()
     assert rec["status"] == "in_progress" and 1 <= len(kept) < 6
     assert json.loads((tmp_path / "files" / f"{mb.id}.json").read_text())["status"] == "in_progress"
+    (tmp_path / "files" / "batch_junk.json").write_text("[1]")  # a record that is not one is skipped
+    kept = tmp_path / "files" / f"{source.id}.json"  # one of a later version: fields it does not know left out
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "expires_at": None}))
     child = spawn(*flags, timeout=240)  # a new process over the same files: the conversation and batches go on
     proc, url = child.proc, child.url
     try:
