@@ -90,7 +90,7 @@ def check(line: str) -> tuple[dict | None, str | None]:
     return req, None
 
 
-def _custom_id(line: str):
+def custom_id(line: str):
     try:
         return json.loads(line).get("custom_id")
     except (ValueError, AttributeError):
@@ -202,7 +202,7 @@ async def send(base: str, headers: dict, lines: list[str], concurrency: int, don
             state["sending"] += 1
 
     async def one(session, i: int, line: str) -> None:
-        out = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": _custom_id(line), "response": None, "error": None}
+        out = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id(line), "response": None, "error": None}
         req, why = check(line)
         if why is not None:
             out["error"] = {"code": "invalid_request", "message": why}

@@ -35,7 +35,7 @@ import uuid
 
 from aiohttp import web
 
-from server.batch import InOrder, Loopback, URLS, check, failed, lines_of, send
+from server.batch import InOrder, Loopback, URLS, check, custom_id, failed, lines_of, send
 from server.protocol import ApiError, bad
 
 log = logging.getLogger("sparkler")
@@ -190,6 +190,12 @@ def revive(cls, rec: dict, **more):
     except TypeError as e:
         log.warning("sparkler: skipping the record of %s: %s", rec["id"], e)
         return None
+
+
+def unanswered(lines: list[str], results: list[dict]) -> list[int]:
+    """The lines (by index) whose `custom_id` none of `results` holds."""
+    ids = {r["custom_id"] for r in results}
+    return [i for i, line in enumerate(lines) if custom_id(line) not in ids]
 
 
 def answered(path: str) -> list[dict]:
@@ -467,8 +473,7 @@ class Batches:
         def todo() -> list[int]:
             done = {kind: answered(path) for kind, path in paths.items()}
             batch.counts["completed"], batch.counts["failed"] = len(done["output"]), len(done["error"])
-            ids = {r["custom_id"] for r in done["output"] + done["error"]}
-            return [i for i, line in enumerate(lines) if check(line)[0]["custom_id"] not in ids]
+            return unanswered(lines, done["output"] + done["error"])
 
         left = await loop.run_in_executor(pool, todo)
         with contextlib.ExitStack() as stack:
@@ -500,7 +505,7 @@ class Batches:
             error = ({"code": "batch_expired", "message": "the batch expired before this request ran"}
                      if ended == "expired" else {"code": "server_error", "message": SERVER_ERROR})
             await loop.run_in_executor(pool, lambda: [write(
-                {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": check(lines[left[i]])[0]["custom_id"],
+                {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id(lines[left[i]]),
                  "response": None, "error": error}) for i in unanswered])
         return ended
 

@@ -22,8 +22,8 @@ import uuid
 
 from aiohttp import web
 
-from server.batch import failed, lines_of
-from server.batches import SERVER_ERROR, WINDOW, answered, found, log, page, revive
+from server.batch import custom_id, failed, lines_of
+from server.batches import SERVER_ERROR, WINDOW, answered, found, log, page, revive, unanswered
 from server.protocol import ApiError, bad
 
 MAX_REQUESTS = 100_000  # in one batch, as Anthropic allows
@@ -171,8 +171,7 @@ class MessageBatches:
             batch.counts = dict.fromkeys(batch.counts, 0)
             for r in done:
                 batch.counts[r["result"]["type"]] += 1
-            ids = {r["custom_id"] for r in done}
-            return [i for i, line in enumerate(lines) if json.loads(line)["custom_id"] not in ids]
+            return unanswered(lines, done)
 
         left = await self.server.off_loop(todo)
         with open(path, "a", encoding="utf-8") as f:
@@ -182,15 +181,15 @@ class MessageBatches:
                 f.write(json.dumps({"custom_id": out["custom_id"], "result": res}, ensure_ascii=False) + "\n")
 
             if batch.status == "canceling":  # canceled before it sent anything
-                ended, unanswered = "cancelled", list(range(len(left)))
+                ended, missing = "cancelled", list(range(len(left)))
             else:
-                ended, unanswered = await self.store.run([lines[i] for i in left], batch.created_at + WINDOW, write)
+                ended, missing = await self.store.run([lines[i] for i in left], batch.created_at + WINDOW, write)
             if ended == "cancelled" and self.store.stopped and self.store.keep and batch.status != "canceling":
                 return  # the server's shutdown: its record still says in_progress
             res = ({"type": "errored", "error": {"type": "api_error", "message": SERVER_ERROR}} if ended == "failed"
                    else {"type": "expired" if ended == "expired" else "canceled"})
-            for i in unanswered:
-                write({"custom_id": json.loads(lines[left[i]])["custom_id"]}, res)
+            for i in missing:
+                write({"custom_id": custom_id(lines[left[i]])}, res)
         batch.results, batch.status, batch.ended_at = path, "ended", time.time()
         self.store.save(batch)
 
