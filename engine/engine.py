@@ -14,6 +14,7 @@ Plain Python: who holds slots and pages is `engine.scheduler`'s, the device work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -32,6 +33,7 @@ from engine.compile import Background, compile_all
 from engine.detok import Detok
 from engine import output
 from engine.grammar import Grammars
+from engine.images import ImageRows
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
@@ -79,6 +81,7 @@ class Engine:
 
     def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig()):
         self.model, self.tok = model, model.tokenizer
+        self.images = ImageRows(model, rc.max_images) if model.vision is not None else None  # before the programs
         self.runner = Runner(model, rc)
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
         self.sched = Scheduler(self.runner, self.runner.save_row, rc.scheduling_policy)
@@ -128,7 +131,7 @@ class Engine:
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
                      prediction: list[int] | None = None, grammar_checked: bool = False,
-                     adapter: str | None = None, priority: int = 0) -> Request:
+                     adapter: str | None = None, priority: int = 0, images: list | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -194,16 +197,37 @@ class Engine:
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
+        if images:
+            self._check_images(prompt_ids, images, p)
+            key = (key, "images", *(k for k, _, _ in images))  # the rows' ids name slots, the digests pictures
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
                       adapter=loaded.slot if loaded else -1, priority=int(priority))
+        if images:
+            self.images.place(req, images)
         if loaded is not None:
             with self._on_adapters_lock:
                 self._on_adapters[id(req)] = req
             if self.adapters.get(adapter) is not loaded:  # unloaded meanwhile: its slot may be another's already
                 raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
         return req
+
+    def plain(self, ids: list[int]) -> list[int]:
+        """A prompt's ids with its image rows' ids back to the image token (what the sampler and the client see)."""
+        return ids if self.images is None else self.images.plain(ids)
+
+    def _check_images(self, prompt_ids: list[int], images: list, p: SamplingParams) -> None:
+        """A request's images fit its prompt: the model reads images, the prompt holds `tokens_per_image` image
+        tokens for each, and it asks for no prompt logprobs (no text to score at an image's rows)."""
+        if self.images is None:
+            raise InvalidRequest("the served model reads text only; it takes no images", "messages")
+        size, image = self.images.size, self.model.vision.image_token_id
+        if (have := sum(t == image for t in prompt_ids)) != size * len(images):
+            raise InvalidRequest(f"the prompt holds {have} image tokens for {len(images)} images of {size} tokens "
+                                 "each", "messages")
+        if p.echo:
+            raise InvalidRequest("prompt logprobs (echo) are not given for prompts with images", "logprobs")
 
     def breakers(self, strings: tuple[str, ...]) -> np.ndarray:
         """DRY's sequence breakers as a vocabulary mask: the tokens whose own text holds one of `strings`, as
@@ -332,7 +356,8 @@ class Engine:
         if not free:
             raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "
                                  "requests; unload one first", "lora_name")
-        self.model.params = lora.install(self.model.params, free[0], adapter)
+        with self.images.lock if self.images is not None else contextlib.nullcontext():  # both replace the params
+            self.model.params = lora.install(self.model.params, free[0], adapter)
         self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], f"{name}#{next(self._loads)}")
         log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, adapter.rank, adapter.path, free[0])
         return self.adapters[name]
@@ -377,6 +402,8 @@ class Engine:
         `Runner.first_jobs` now, the rest on a thread while the engine serves (`self.background`; a step that needs
         a shape still compiling waits for it)."""
         jobs = self.runner.warm_jobs(full, constrained=self.tok is not None)
+        if self.images is not None:
+            self.images.warm()
         if not background:
             compile_all(jobs, desc="compiling shapes")
             return
@@ -570,7 +597,7 @@ class Engine:
                     choice.matcher = self.grammars().matcher(req.grammar)
                 if req.thinking is not None:
                     choice.matcher = Gate(req.thinking, choice.matcher)
-                rows[choice.slot] = settings, self.runner.fresh_row(settings, req.prompt_ids, key)
+                rows[choice.slot] = settings, self.runner.fresh_row(settings, self.plain(req.prompt_ids), key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
                 choice.detok = Detok(self.tok, req.params.skip_special_tokens) if self.tok is not None else None

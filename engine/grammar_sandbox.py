@@ -28,7 +28,8 @@ STARTUP = 60.0  # seconds the child may take to import llguidance and load the t
 
 
 class Busy(Exception):
-    """The child was compiling other grammars for longer than the timeout: the caller should answer 429."""
+    """No room for a valid call now, and the caller should answer 429: the child was compiling other grammars for
+    longer than the timeout, or every image slot is read by running requests (`engine.images`)."""
 
 
 class Sandbox:

@@ -92,6 +92,7 @@ class RunnerConfig:
     # Who is seated first (`engine.scheduler.POLICIES`, vLLM's --scheduling-policy): "fcfs", arrival order; or
     # "priority", each request's `priority` (lower sooner) then arrival, less urgent work preempted for more urgent.
     scheduling_policy: str = "fcfs"
+    max_images: int = 32  # a model that reads images: images whose features stay on the devices (`engine.images`)
 
 
 def platform_defaults(platform: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 from types import ModuleType
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import hash_prng
 from models.backends import resolve_backend
@@ -193,6 +195,8 @@ class Model:
     eos_ids: tuple[int, ...]
     source: str
     quantization_why: str = "asked for"  # how `--quantization` was chosen (`resolve_quantization`)
+    vision: Any = None  # a model that reads images (LLaVA): its `models.vision.VisionConfig`
+    vision_params: Any = None  # and its vision tower's and projector's parameters, replicated on the mesh
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
@@ -261,7 +265,20 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids = eos_ids + (tok.eos_token_id,)
     name = name_or_path if not os.path.exists(name_or_path) else os.path.basename(name_or_path.rstrip("/"))
-    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why)
+    vision = _vision(source, dtype, mesh) if "llava" in source.config else (None, None)
+    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why, *vision)
+
+
+def _vision(source, dtype: str, mesh) -> tuple:
+    """A LLaVA folder's vision side: its config (with the folder's `preprocessor_config.json`) and its tower's and
+    projector's parameters, read straight from the folder (they are not quantized) and replicated on the mesh."""
+    from models import vision
+
+    pre = os.path.join(source.path, "preprocessor_config.json")
+    cfg = vision.vision_config(source.config["llava"], json.load(open(pre)) if os.path.exists(pre) else None)
+    tensors = {n: source.read(n) for n in source.config["llava_tensors"]}
+    params = jax.device_put(vision.vision_params(tensors, dtype), NamedSharding(mesh, P()))
+    return cfg, params
 
 
 def load_tokenizer(source: Source, key: str):

@@ -106,6 +106,10 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                     help="fcfs: requests are seated in arrival order; priority: by each request's 'priority' (lower "
                          "sooner, then arrival), less urgent work preempted for more urgent (vLLM's flag)")
+    ap.add_argument("--max-images", type=int, default=32,
+                    help="a model that reads images (LLaVA): pictures whose features stay on the devices, each held "
+                         "while a request reads it, then reused least recently used first (a request finding every "
+                         "one held gets a 429)")
     ap.add_argument("--flat-step", choices=("auto", "on", "off"), default="auto",
                     help="prompts, prompt chunks and the running streams' next tokens in one forward pass over a flat "
                          "batch of tokens (auto: with the pallas-gpu attention kernel; off: separate prefill and "
@@ -198,6 +202,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     args.max_lora_rank = 16 if args.max_lora_rank is None else args.max_lora_rank
     if args.enable_lora and (args.max_loras < 1 or args.max_lora_rank < 1):
         ap.error("--max-loras and --max-lora-rank must be at least 1")
+    if args.max_images < 1:
+        ap.error("--max-images must be at least 1")
     if len(args.lora_modules) > args.max_loras:
         ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
@@ -268,7 +274,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
-                        tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy)
+                        tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy,
+                        max_images=args.max_images)
 
 
 class Throttled(logging.Filter):

@@ -57,7 +57,17 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
         if kind == "text":
             if not isinstance(b.get("text"), str):
                 raise bad(f"{where}.content[{k}]: a text block needs a string 'text'", "messages")
-            text.append(b["text"])
+            text.append({"type": "text", "text": b["text"]})
+        elif kind == "image" and role == "user":  # a picture, as chat's image part (`server.images`)
+            src = b.get("source") if isinstance(b.get("source"), dict) else {}
+            if src.get("type") == "base64" and isinstance(src.get("data"), str):
+                url = f"data:{src.get('media_type', 'image/*')};base64,{src['data']}"
+            elif src.get("type") == "url" and isinstance(src.get("url"), str):
+                url = src["url"]
+            else:
+                raise bad(f"{where}.content[{k}]: an image block needs a source {{'type': 'base64', 'media_type', "
+                          "'data'}} or {'type': 'url', 'url'}", "messages")
+            text.append({"type": "image_url", "image_url": {"url": url}})
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or \
                     not isinstance(b.get("input", {}), dict):
@@ -72,11 +82,12 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
             results.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": ("Error: " + out) if b.get("is_error") else out})
         elif kind not in ("thinking", "redacted_thinking"):
-            raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, tool_use in "
-                      "assistant turns, tool_result in user turns)", "messages")
+            raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, image and "
+                      "tool_result in user turns, tool_use in assistant turns)", "messages")
     out = results
     if text or calls or not results:
-        one = {"role": role, "content": "".join(text)}
+        pictures = any(p["type"] == "image_url" for p in text)
+        one = {"role": role, "content": text if pictures else "".join(p["text"] for p in text)}
         if calls:
             one["tool_calls"] = calls
         out = out + [one]

@@ -200,9 +200,15 @@ class Server:
         queued grammars cannot hold every parse thread."""
         def parse() -> Job:
             try:
-                return checked(protocol.parse(body, kind, self.model, self.thinks, bounds))
+                return encoded(checked(protocol.parse(body, kind, self.model, self.thinks, bounds)))
             except Busy as e:
                 raise busy(str(e)) from None
+
+        def encoded(job: Job) -> Job:  # the images' features, computed here rather than on the loop
+            for i, pixels in enumerate(job.images):
+                key, feats = self.engine.images.encode(pixels)
+                job.images[i] = (key, pixels, feats)
+            return job
 
         def checked(job: Job) -> Job:
             self._keep_last(job)
@@ -275,7 +281,10 @@ class Server:
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
-                        grammar_checked=self.engine.tok is not None, adapter=adapter, priority=job.priority)))
+                        grammar_checked=self.engine.tok is not None, adapter=adapter, priority=job.priority,
+                        images=job.images)))
+                except Busy as e:
+                    raise busy(str(e)) from None
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None
@@ -363,7 +372,7 @@ class Server:
         self._check_model(body)
         llama = "content" in body and "prompt" not in body
         if "messages" in body:
-            ids, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"])
+            ids, _, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"])
         else:
             text = body.get("content") if llama else body.get("prompt")
             if not isinstance(text, str):

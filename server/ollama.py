@@ -144,9 +144,13 @@ def messages(msgs: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise bad(f"{where} must be an object with a role of system, user, assistant or tool", "messages")
-        if m.get("images"):
-            raise bad(f"{where} has images; the served model reads text only", "messages")
         msg = {"role": m["role"], "content": _text(m.get("content"), f"{where}.content")}
+        if m.get("images"):  # base64 pictures, before the text (as LLaVA's prompts put them)
+            pictures = m["images"]
+            if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
+                raise bad(f"{where}.images must be a list of base64 strings", "messages")
+            msg["content"] = [*({"type": "image_url", "image_url": {"url": f"data:image/*;base64,{p}"}}
+                                for p in pictures), {"type": "text", "text": msg["content"]}]
         if m["role"] == "assistant":
             if m.get("thinking"):
                 msg["reasoning_content"] = _text(m["thinking"], f"{where}.thinking")
@@ -427,7 +431,8 @@ class Ollama:
         s, tok = self.server, self.server.engine.tok
         entry, template = self.entry(), (tok.chat_template or "") if tok is not None else ""
         caps = ["completion"] + (["tools"] if "tools" in template else []) + \
-            (["insert"] if tok is not None and tok.fim is not None else []) + (["thinking"] if s.thinks else [])
+            (["insert"] if tok is not None and tok.fim is not None else []) + (["thinking"] if s.thinks else []) + \
+            (["vision"] if s.model.vision is not None else [])
         cfg = s.model.cfg
         arch = entry["details"]["family"]
         info = {"general.architecture": arch, f"{arch}.context_length": s.engine.max_len,

@@ -62,7 +62,7 @@ def items_of(value: Any) -> list[dict]:
         if kind == "message":
             if it.get("role") not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{where}.role must be user, system, developer or assistant", "input")
-            content = text_of(it.get("content"), where, "input", TEXT_PARTS)
+            content = _content(it, where)
             out.append({"type": "message", "role": it["role"], "content": content})
         elif kind == "function_call":
             if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "arguments")):
@@ -78,6 +78,25 @@ def items_of(value: Any) -> list[dict]:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output)", "input")
     return out
+
+
+def _content(item: dict, where: str) -> str | list[dict]:
+    """A message item's content: its text, or where a user message holds `input_image` parts, chat's parts (text
+    and `image_url`: `server.images`)."""
+    content = item.get("content")
+    if item["role"] != "user" or not isinstance(content, list) or not any(
+            isinstance(p, dict) and p.get("type") == "input_image" for p in content):
+        return text_of(content, where, "input", TEXT_PARTS)
+    parts = []
+    for k, p in enumerate(content):
+        if isinstance(p, dict) and p.get("type") == "input_image":
+            if not isinstance(p.get("image_url"), str):
+                raise bad(f"{where}.content[{k}]: an input_image needs an image_url (a file_id is not served here)",
+                          "input")
+            parts.append({"type": "image_url", "image_url": {"url": p["image_url"]}})
+        else:
+            parts.append({"type": "text", "text": text_of([p], f"{where}.content[{k}]", "input", TEXT_PARTS)})
+    return parts
 
 
 def messages_of(items: list[dict], instructions: str | None) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
-from server import harmony, infill, reasoning, tools
+from server import harmony, images, infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model
@@ -164,6 +164,9 @@ class Job:
     prediction: list[int] | None = None  # token ids the output is expected to resemble (drafts for speculation)
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and this many alternatives each
     keep_last: int | None = None  # vLLM's truncate_prompt_tokens: keep each prompt's last tokens (-1: all that fit)
+    # chat with a model that reads images: the prompt's images in order, as preprocessed pixels; then, encoded on the
+    # parse thread (`server.app`), as `(digest, pixels, features)` (`engine.images`)
+    images: list = dataclasses.field(default_factory=list)
 
 
 def _number(body: dict, name: str, bounds: dict | None = None) -> Any:
@@ -333,7 +336,8 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                           "tool_choice")
             job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
         kwargs, budget = _template_kwargs(body)
-        ids, text = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"), job.tools, kwargs)
+        ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
+                                         job.tools, kwargs)
         job.prompts, job.prompt_texts = [ids], [text]
         if thinks:
             job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony")
@@ -519,15 +523,36 @@ def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("tex
     return "".join(p["text"] for p in content)
 
 
-def _content(m: dict, i: int) -> str:
-    if m.get("content") is None and m["role"] == "assistant":
+def _content(model: Model, m: dict, i: int, found: list | None) -> str:
+    """A message's content as text; with `found` (a model that reads images), each image part is the image token's
+    text there and its pixels are appended to `found`."""
+    content, where = m.get("content"), f"messages[{i}].content"
+    if content is None and m["role"] == "assistant":
         return ""
-    return text_of(m.get("content"), f"messages[{i}].content", "messages")
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS
+                                                for p in content):
+        return text_of(content, where, "messages")
+    if found is None:
+        raise bad(f"{where}: the served model reads text only; it takes no images", "messages")
+    if m["role"] != "user":
+        raise bad(f"{where}: images are for user messages", "messages")
+    text, mark = [], model.tokenizer.decode([model.vision.image_token_id], skip_special_tokens=False)
+    for k, p in enumerate(content):
+        if isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS:
+            try:
+                found.append(images.pixels(images.url_of(p, f"{where}[{k}]"), model.vision, f"{where}[{k}]"))
+            except ValueError as e:
+                raise bad(str(e), "messages") from None
+            text.append(mark)
+        else:
+            text.append(text_of([p], f"{where}[{k}]", "messages"))
+    return "".join(text)
 
 
-def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None) -> str:
+def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None,
+              found: list | None = None) -> str:
     """The chat template applied to validated messages (and tools, and extra template arguments), with the
-    generation prompt."""
+    generation prompt; their images' pixels appended to `found` where given (`_content`)."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     clean = []
@@ -537,7 +562,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        one = {"role": "system" if role == "developer" else role, "content": _content(m, i)}
+        one = {"role": "system" if role == "developer" else role, "content": _content(model, m, i, found)}
         if role == "assistant" and m.get("tool_calls") is not None:
             one["tool_calls"] = m["tool_calls"]
         if role == "tool":
@@ -586,27 +611,34 @@ def _tool_history(messages: list) -> None:
 
 
 def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
-             with_tools: Tools | None = None, kwargs: dict | None = None) -> tuple[list[int], str]:
-    """`(token ids, text)` of validated messages through the chat template (it writes the special tokens itself).
+             with_tools: Tools | None = None, kwargs: dict | None = None) -> tuple[list[int], str, list]:
+    """`(token ids, text, images)` of validated messages through the chat template (it writes the special tokens
+    itself). A model that reads images gets their preprocessed pixels, in order, and each image token of the text
+    repeated to the image's length, as transformers' processor writes it (`engine.images`); another, no images.
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
     prompt to at most that many tokens (the last message always stays), found by bisection over how many."""
-    def render(drop: int, shortest: bool = False) -> tuple[list[int], str]:
+    def render(drop: int, shortest: bool = False) -> tuple[list[int], str, list]:
         gone = set(droppable[:drop])
         kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
-        text = chat_text(model, kept, with_tools, kwargs)
+        found = [] if model.vision is not None else None
+        text = chat_text(model, kept, with_tools, kwargs, found)
         if shortest:  # no fewer turns can follow: too long now is too long
             bounded(model, text, "messages")
-        return model.tokenizer.encode(text, add_special_tokens=False), text
+        ids = model.tokenizer.encode(text, add_special_tokens=False)
+        if found is not None:
+            image, size = model.vision.image_token_id, model.vision.tokens_per_image
+            ids = [t for i in ids for t in ([i] * size if i == image else [i])]
+        return ids, text, found or []
 
     if isinstance(messages, list):
         _tool_history(messages)
     droppable: list[int] = []
-    ids, text = render(0, shortest=truncate_len is None)
+    ids, text, found = render(0, shortest=truncate_len is None)
     if truncate_len is None or len(ids) <= truncate_len:
-        return ids, text
+        return ids, text, found
     droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") not in ("system", "developer")]
     if not droppable:
-        return ids, text
+        return ids, text, found
     # The fewest drops k in 1..n at which the prompt fits, or the template rejects what is left (dropping one turn
     # at a time stopped there too, with that 400): both only grow with k, so bisect, then render the answer.
     low, high, tried = 1, len(droppable), {}

@@ -329,7 +329,7 @@ class SGLang:
         s = self.server
         return web.json_response({"model_path": s.model.source, "tokenizer_path": s.model.source,
                                   "is_generation": True, "preferred_sampling_params": None,
-                                  "weight_version": "default", "has_image_understanding": False,
+                                  "weight_version": "default", "has_image_understanding": s.model.vision is not None,
                                   "has_audio_understanding": False, "architectures": [s.model.cfg.arch]})
 
     async def server_info(self, request: web.Request) -> web.Response:

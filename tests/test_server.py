@@ -933,7 +933,7 @@ def test_prompt_truncate_len_bisects_to_the_fewest_dropped_turns(api, monkeypatc
     renders = []
     render = protocol.chat_text
     monkeypatch.setattr(protocol, "chat_text", lambda *a, **k: renders.append(1) or render(*a, **k))
-    ids, text = protocol.chat_ids(api.model, [system, *turns], 300)
+    ids, text, _ = protocol.chat_ids(api.model, [system, *turns], 300)
     assert len(renders) <= 2 + 10  # the whole, every turn dropped, then a bisection over 600
     first = next(i for i in range(601) if f"Turn {i} " in text)
     assert len(ids) <= 300 and text.startswith(render(api.model, [system])[:20]) and f"Turn {first - 1} " not in text

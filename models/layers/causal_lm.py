@@ -41,6 +41,8 @@ class CausalLM(nn.Module):
     with depth; without, layers are unrolled (`layers_0`, ...). `adapters` (each token's LoRA slot, shaped like
     `tokens` or broadcast to it; -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
     `features` returns the final norm's hidden states `[B, S, H]` in place of logits (embeddings: `models.pooling`).
+    With a "soft" collection (`{"rows": [N, H]}`, a model that reads images: `engine.images`), a token id `vocab + i`
+    embeds as row `i` of it.
     """
 
     cfg: ModelConfig
@@ -54,21 +56,26 @@ class CausalLM(nn.Module):
         cfg = self.cfg
         shape = (cfg.vocab_size, cfg.hidden_size)
         quantized, pk = cfg.quantization != "none", cfg.matmul == "cpu"  # int4 too keeps the table int8
+        soft = self.get_variable("soft", "rows") if self.has_variable("soft", "rows") else None
+        ids = tokens if soft is None else jnp.minimum(tokens, cfg.vocab_size - 1)
         packed_table = quantized and pk and cfg.tie_embeddings and quant.packable(*shape)
         if packed_table:  # the tied LM head multiplies with the int8 kernel; the lookup reads packed rows
             embed, rows = packed_params(self, ("embed", "embed_rows"), shape, ("vocab", "embed"))
-            x = quant.unpack_rows(embed, rows, tokens, dtype_of(cfg))
+            x = quant.unpack_rows(embed, rows, ids, dtype_of(cfg))
         elif quantized:  # one scale per vocabulary row and group serves the lookup and a tied LM head
             embed = self.param("embed", nn.with_logical_partitioning(int8_init, ("vocab", "embed")), shape, jnp.int8)
             rows = self.param("embed_rows", nn.with_logical_partitioning(scale_init, ("vocab", None)),
                               (shape[0], quant.groups(shape[1])), jnp.float32)
-            x = quant.dequantize(embed[tokens], rows[tokens], dtype_of(cfg))
+            x = quant.dequantize(embed[ids], rows[ids], dtype_of(cfg))
         else:
             embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                                shape, dtype_of(cfg))
-            x = embed[tokens]
+            x = embed[ids]
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        if soft is not None:  # ids past the vocabulary read rows of image features (`engine.images`)
+            picked = soft[jnp.clip(tokens - cfg.vocab_size, 0, soft.shape[0] - 1)].astype(x.dtype)
+            x = jnp.where((tokens >= cfg.vocab_size)[..., None], picked, x)
         carry = (x, cache.k, cache.v)
         for start, stop, name in layer_groups(cfg, self.scan):
             if name == f"layers_{start}":  # one layer, unrolled

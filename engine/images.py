@@ -1,0 +1,119 @@
+"""The images a model that reads them (LLaVA) is given. Each image's features, from the vision tower and projector
+(`models.vision`), sit in rows of one table on the devices: the "soft" collection beside the parameters, which the
+embedding lookup reads for token ids past the vocabulary (`layers.causal_lm`). A prompt holds an image as
+`tokens_per_image` copies of the image token (as transformers' processor writes it); `place` rewrites the k-th
+image's copies to the ids `vocab + row` of its rows, so every prefill path (flat, rows, chunks) and the prefix cache
+work on token ids as before. The cache keys of a request's pages are salted with its images' digests (the ids alone
+name rows, not pictures).
+
+An image keeps its rows, found again by its digest, while a live request uses them, and is replaced, least recently
+used first, after. Features are computed on the server's parse threads (`encode`), off the event loop and the engine's
+thread; `place`, when the request is made, only writes them in."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine.grammar_sandbox import Busy
+from engine.params import InvalidRequest
+from models import Model, vision
+
+DEFAULT_IMAGES = 32  # images whose features stay on the devices (`--max-images`)
+
+
+def digest(pixels: np.ndarray) -> str:
+    """The key an image's rows are kept under: sha256 of its preprocessed pixels."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:32]
+
+
+class ImageRows:
+    """The table of image features a model reads, its rows held per image (see the module doc)."""
+
+    def __init__(self, model: Model, capacity: int = DEFAULT_IMAGES):
+        self.model, self.cfg, self.capacity = model, model.vision, capacity
+        self.size = self.cfg.tokens_per_image
+        self.held: collections.OrderedDict[str, int] = collections.OrderedDict()  # digest -> slot, oldest use first
+        self.users: dict[int, weakref.WeakValueDictionary] = {}  # slot -> the requests reading it, by id
+        self.lock = threading.Lock()  # the server's threads place images; the engine's thread installs LoRA slots
+        self.encoded = 0  # images run through the vision tower (counted for the tests)
+        dtype = jax.tree.leaves(model.vision_params)[0].dtype
+        rows = jnp.zeros((capacity * self.size, model.cfg.hidden_size), dtype)
+        model.params = {**model.params, "soft": {"rows": jax.device_put(rows, NamedSharding(model.mesh, P()))}}
+        cfg = self.cfg
+        self._encode = jax.jit(lambda params, pixels: vision.image_features(params, pixels, cfg)[0])
+        self._write = jax.jit(lambda rows, feats, at: jax.lax.dynamic_update_slice(rows, feats.astype(rows.dtype),
+                                                                                   (at, 0)))
+
+    def warm(self) -> None:
+        """Compile the vision tower and the row write (a blank picture into slot 0, which no image holds yet)."""
+        with self.lock:
+            if not self.held:
+                feats = self._encode(self.model.vision_params, np.zeros((1, 3, self.cfg.crop_size,
+                                                                        self.cfg.crop_size), np.float32))
+                rows = self._write(self.model.params["soft"]["rows"], feats, np.int32(0))
+                self.model.params = {**self.model.params, "soft": {"rows": jax.block_until_ready(rows)}}
+
+    def encode(self, pixels: np.ndarray) -> tuple[str, jax.Array | None]:
+        """`(digest, features)` of one preprocessed image `[3, S, S]`: features None where its rows are held already
+        (`place` encodes it again if they are gone by then)."""
+        key = digest(pixels)
+        if key in self.held:
+            return key, None
+        return key, self._features(pixels)
+
+    def _features(self, pixels: np.ndarray) -> jax.Array:
+        self.encoded += 1
+        return self._encode(self.model.vision_params, np.asarray(pixels, np.float32)[None])
+
+    def place(self, req, images: list[tuple[str, np.ndarray, jax.Array | None]]) -> None:
+        """Hold rows for each of `images` (`(digest, pixels, features or None)`, in prompt order) for `req`,
+        writing in those not held, and rewrite the image tokens of `req.prompt_ids` to the ids of those rows.
+        `Busy` where every row is held by running requests."""
+        if len(images) > self.capacity:
+            raise InvalidRequest(f"{len(images)} images; this server holds at most {self.capacity} at once "
+                                 "(--max-images)", "messages")
+        with self.lock:
+            slots = []
+            for key, pixels, feats in images:
+                slot = self.held.get(key)
+                if slot is None:
+                    slot = self._free(slots)
+                    feats = feats if feats is not None else self._features(pixels)
+                    rows = self._write(self.model.params["soft"]["rows"], feats, np.int32(slot * self.size))
+                    self.model.params = {**self.model.params, "soft": {"rows": rows}}
+                    self.held[key] = slot
+                self.held.move_to_end(key)
+                self.users.setdefault(slot, weakref.WeakValueDictionary())[id(req)] = req
+                slots.append(slot)
+        at = [i for i, t in enumerate(req.prompt_ids) if t == self.cfg.image_token_id]
+        vocab = self.model.cfg.vocab_size
+        for k, slot in enumerate(slots):
+            for j, i in enumerate(at[k * self.size:(k + 1) * self.size]):
+                req.prompt_ids[i] = vocab + slot * self.size + j
+
+    def _free(self, taken: list[int]) -> int:
+        """A slot for one more image: one never used, else the least recently used that no live request reads."""
+        used = set(self.held.values())
+        for slot in range(self.capacity):
+            if slot not in used:
+                return slot
+        for key, slot in self.held.items():
+            readers = self.users.get(slot, {})
+            if slot not in taken and all(r.finished for r in list(readers.values())):
+                del self.held[key]
+                self.users.pop(slot, None)
+                return slot
+        raise Busy(f"all {self.capacity} image slots are read by running requests (--max-images)")
+
+    def plain(self, ids: list[int]) -> list[int]:
+        """`ids` with each image row's id back to the image token (what the sampler and the client see)."""
+        vocab, image = self.model.cfg.vocab_size, self.cfg.image_token_id
+        return [image if t >= vocab else t for t in ids]

@@ -1,0 +1,211 @@
+"""LLaVA's vision side (`LlavaForConditionalGeneration`): a CLIP vision tower and the two-layer projector into the
+language model's embedding space, as pure functions over a pytree of arrays (run once per picture, outside the paged
+step programs: `engine.images`), and the picture's preprocessing, transformers' `CLIPImageProcessor`'s steps.
+
+The features are the tower's hidden state after layer `feature_layer` (HF's `hidden_states[feature_layer]`, where
+`hidden_states[0]` is the pre-norm's output; no post-norm), without the class token under the "default" strategy,
+through `linear_1`, the activation and `linear_2`."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Tensor names of the vision side: transformers 5's (`vision_tower.encoder...`), llava-hf's
+# (`vision_tower.vision_model.encoder...`) and transformers 5's in memory (`model.vision_tower...`).
+PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A LLaVA's vision tower, projector, image token and preprocessing."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    layer_norm_eps: float
+    hidden_act: str  # the tower's ("quick_gelu" for OpenAI's CLIP)
+    feature_layer: int  # HF's `vision_feature_layer`: an index into the tower's hidden states
+    select: str  # "default": the class token dropped; "full": kept
+    projector_act: str
+    image_token_id: int
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    crop_size: int = 336
+    resize_shortest: int = 336
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Positions one picture takes in a prompt."""
+        return (self.image_size // self.patch_size) ** 2 + (self.select == "full")
+
+    @property
+    def depth(self) -> int:
+        """Encoder layers the features need (the layers after the feature layer are never run)."""
+        return self.feature_layer % (self.num_layers + 1)
+
+
+def _edge(v, default: int) -> int:
+    if v is None:
+        return default
+    if isinstance(v, int):
+        return v
+    return v.get("shortest_edge") or v.get("height") or default
+
+
+def vision_config(config: dict, preprocessor: dict | None) -> VisionConfig:
+    """A LLaVA folder's `config.json` (and `preprocessor_config.json`, if it has one) as a `VisionConfig`."""
+    v = config.get("vision_config") or {}
+    if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"a LLaVA vision tower of type {v.get('model_type')!r} is not supported; only CLIP towers "
+                         "(clip_vision_model) are served")
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: features from several layers are not supported")
+    select = config.get("vision_feature_select_strategy", "default")
+    if select not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {select!r} is not supported (default, full)")
+    if config.get("multimodal_projector_bias") is False:
+        raise ValueError("a LLaVA projector without biases is not supported")
+    image = v.get("image_size", 224)
+    pre = preprocessor or {}
+    token = config.get("image_token_index", config.get("image_token_id"))
+    if token is None:
+        raise ValueError("the LLaVA config names no image token (image_token_index)")
+    return VisionConfig(v.get("hidden_size", 768), v.get("intermediate_size", 3072), v.get("num_hidden_layers", 12),
+                        v.get("num_attention_heads", 12), v.get("patch_size", 32), image,
+                        v.get("layer_norm_eps", 1e-5), v.get("hidden_act", "quick_gelu"), layer, select,
+                        config.get("projector_hidden_act", "gelu"), int(token),
+                        tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD)),
+                        _edge(pre.get("crop_size"), image), _edge(pre.get("size"), image))
+
+
+def vision_params(tensors: dict[str, np.ndarray], dtype: str) -> dict:
+    """The tower's and projector's tensors (HF names, any of `PREFIXES`; others ignored) as the pytree
+    `image_features` reads, in `dtype`: the encoder layers stacked on a leading axis, linear weights as `[in, out]`."""
+    def short(name: str) -> str:
+        return name.removeprefix("model.").replace("vision_tower.vision_model.", "vision_tower.")
+
+    t = {short(k): np.asarray(v, np.float32) for k, v in tensors.items() if k.startswith(PREFIXES)}
+    cast = jnp.dtype(dtype)
+
+    def linear(prefix: str) -> dict:
+        return {"w": t[prefix + ".weight"].T.astype(cast), "b": t[prefix + ".bias"].astype(cast)}
+
+    def norm(prefix: str) -> dict:
+        return {"scale": t[prefix + ".weight"].astype(cast), "bias": t[prefix + ".bias"].astype(cast)}
+
+    count = 1 + max(int(k.split(".")[3]) for k in t if k.startswith("vision_tower.encoder.layers."))
+    layers = [{"norm1": norm(f"vision_tower.encoder.layers.{i}.layer_norm1"),
+               "norm2": norm(f"vision_tower.encoder.layers.{i}.layer_norm2"),
+               **{p: linear(f"vision_tower.encoder.layers.{i}.self_attn.{p}")
+                  for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+               "fc1": linear(f"vision_tower.encoder.layers.{i}.mlp.fc1"),
+               "fc2": linear(f"vision_tower.encoder.layers.{i}.mlp.fc2")} for i in range(count)]
+    patch = t["vision_tower.embeddings.patch_embedding.weight"]  # [hidden, 3, p, p]
+    return {"patch": patch.reshape(patch.shape[0], -1).T.astype(cast),  # [3 * p * p, hidden]
+            "cls": t["vision_tower.embeddings.class_embedding"].astype(cast),
+            "positions": t["vision_tower.embeddings.position_embedding.weight"].astype(cast),
+            "pre_norm": norm("vision_tower.pre_layrnorm"),
+            "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers),
+            "linear_1": linear("multi_modal_projector.linear_1"), "linear_2": linear("multi_modal_projector.linear_2")}
+
+
+def _act(name: str, x):
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    if name in ("gelu", "gelu_python"):
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"activation {name!r} is not supported")
+
+
+def _norm(p: dict, x, eps: float):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def _dense(p: dict, x):
+    return jnp.dot(x, p["w"], preferred_element_type=jnp.float32).astype(x.dtype) + p["b"]
+
+
+def image_features(params: dict, pixels, cfg: VisionConfig):
+    """Features `[N, tokens_per_image, text hidden]` of preprocessed pictures `[N, 3, S, S]` (see the module doc)."""
+    n, p, heads = pixels.shape[0], cfg.patch_size, cfg.num_heads
+    dtype = params["patch"].dtype
+    side = pixels.shape[-1] // p
+    patches = pixels.reshape(n, 3, side, p, side, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+    x = jnp.dot(patches.astype(dtype), params["patch"], preferred_element_type=jnp.float32).astype(dtype)
+    x = jnp.concatenate([jnp.broadcast_to(params["cls"], (n, 1, x.shape[-1])), x], axis=1) + params["positions"]
+    x = _norm(params["pre_norm"], x, cfg.layer_norm_eps)
+
+    def layer(x, w):
+        h = _norm(w["norm1"], x, cfg.layer_norm_eps)
+        q, k, v = (_dense(w[name], h).reshape(n, -1, heads, h.shape[-1] // heads) for name in
+                   ("q_proj", "k_proj", "v_proj"))
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        att = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(scores, -1).astype(dtype), v).reshape(x.shape)
+        x = x + _dense(w["out_proj"], att)
+        h = _norm(w["norm2"], x, cfg.layer_norm_eps)
+        return x + _dense(w["fc2"], _act(cfg.hidden_act, _dense(w["fc1"], h))), None
+
+    used = jax.tree.map(lambda a: a[:cfg.depth], params["layers"])
+    x, _ = jax.lax.scan(layer, x, used)
+    if cfg.select == "default":
+        x = x[:, 1:]
+    return _dense(params["linear_2"], _act(cfg.projector_act, _dense(params["linear_1"], x)))
+
+
+def decode_image(data: bytes):
+    """A picture's bytes (PNG, JPEG, WebP, GIF, ...) as an RGB PIL image; `ValueError` if they are none (Pillow's
+    decompression-bomb limit stands)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"could not decode the image: {e}") from None
+
+
+def preprocess(image, cfg: VisionConfig) -> np.ndarray:
+    """`[3, crop, crop]` float32 pixels of a PIL image, as transformers' `CLIPImageProcessor` (its Pillow backend)
+    makes them: RGB, the shortest edge resized to `resize_shortest` (bicubic, the other edge `int(edge * ratio)`),
+    a center crop, `/ 255`, then `(x - mean) / std` per channel."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = cfg.resize_shortest, int(cfg.resize_shortest * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    x = np.asarray(image.resize(size, Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1)
+    c = cfg.crop_size
+    top, left = (x.shape[1] - c) // 2, (x.shape[2] - c) // 2
+    x = x[:, top:top + c, left:left + c] if top >= 0 and left >= 0 else _padded_crop(x, c)
+    x = x * np.float32(1 / 255)
+    mean, std = np.asarray(cfg.image_mean, np.float32)[:, None, None], np.asarray(cfg.image_std, np.float32)[:, None,
+                                                                                                             None]
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _padded_crop(x: np.ndarray, c: int) -> np.ndarray:
+    """A center crop of an image smaller than the crop on some side: zero padded around it (as transformers does)."""
+    out = np.zeros((x.shape[0], max(c, x.shape[1]), max(c, x.shape[2])), x.dtype)
+    top, left = (out.shape[1] - x.shape[1]) // 2, (out.shape[2] - x.shape[2]) // 2
+    out[:, top:top + x.shape[1], left:left + x.shape[2]] = x
+    t, lo = (out.shape[1] - c) // 2, (out.shape[2] - c) // 2
+    return out[:, t:t + c, lo:lo + c]

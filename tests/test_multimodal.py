@@ -1,0 +1,216 @@
+"""Images in chat (LLaVA): a tiny random LlavaForConditionalGeneration with SmolLM2's tokenizer plus `<image>`, served
+and asked through the official `openai` client with inline images; what it answers is transformers' greedy
+generation on the same ids and pixels."""
+
+import base64
+import dataclasses
+import gc
+import io
+
+import numpy as np
+import openai
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
+
+from engine.engine import Engine  # noqa: E402
+from engine.grammar_sandbox import Busy  # noqa: E402
+from engine.params import InvalidRequest, SamplingParams  # noqa: E402
+from engine.runner import RunnerConfig  # noqa: E402
+from models import load_model  # noqa: E402
+from server import protocol  # noqa: E402
+
+IMAGE = "<image>"
+SIZE = 28  # the tower's input: 4 x 4 patches of 7, so 16 image tokens an image
+
+
+def _png(seed: int, shape=(40, 31)) -> str:
+    """A random RGB picture as a PNG data URL."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _ask(url: str, text: str = "What is in this picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="module")
+def llava(smollm, tmp_path_factory):
+    """The tiny LLaVA folder: `(folder, transformers model, processor's image half)`."""
+    folder = str(tmp_path_factory.mktemp("llava"))
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    tok.save_pretrained(folder)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    tie_word_embeddings=False)
+    tower = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, image_size=SIZE, patch_size=7, projection_dim=32)
+    cfg = transformers.LlavaConfig(vision_config=tower, text_config=text,
+                                   image_token_id=tok.convert_tokens_to_ids(IMAGE))
+    torch.manual_seed(0)
+    ref = transformers.LlavaForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():  # larger weights than the init's, so that the picture moves the answer
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    ref.save_pretrained(folder)
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0  # the reference runs on
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE,
+                                                                                             "width": SIZE})
+    processor.save_pretrained(folder)
+    return folder, ref, processor
+
+
+@pytest.fixture(scope="module")
+def served(llava):
+    """A live server over the tiny LLaVA (2 image slots)."""
+    from conftest import live_server
+
+    model = dataclasses.replace(load_model(llava[0]), name="llava")
+    rc = RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01, decode_batch_sizes=(4,), max_images=2)
+    for api in live_server(model, rc):
+        yield api
+
+
+def _reference(llava, ids: list[int], urls: list[str], n: int) -> tuple[list[int], float]:
+    """transformers' greedy `n` tokens after `ids` with the pictures at `urls` (past an end of sequence, as
+    `ignore_eos` runs), and its first token's logprob."""
+    _, ref, processor = llava
+    pictures = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls]
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, attention_mask=torch.ones(1, len(ids)),
+                           max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    first = torch.log_softmax(out.scores[0][0].float(), -1)
+    return out.sequences[0, len(ids):].tolist(), float(first[out.sequences[0, len(ids)]])
+
+
+def test_the_model_reads_pictures_as_transformers_does(served, llava):
+    """Chat with an image through the openai client: the tokens, and the first one's logprob, are transformers'
+    greedy ones for the same template and pixels; another picture gives another answer, its own reference's."""
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    answers = []
+    for seed in (1, 2):
+        url = _png(seed)
+        ids, _, pixels = protocol.chat_ids(served.model, _ask(url))
+        assert len(pixels) == 1 and ids.count(served.model.vision.image_token_id) == 16
+        want, lp = _reference(llava, ids, [url], 8)
+        r = client.chat.completions.create(model="llava", messages=_ask(url), max_tokens=8, temperature=0,
+                                           logprobs=True, extra_body={"return_token_ids": True, "ignore_eos": True})
+        got = r.choices[0].model_extra["token_ids"]
+        assert got == want
+        assert abs(r.choices[0].logprobs.content[0].logprob - lp) < 1e-3
+        assert r.usage.prompt_tokens == len(ids)
+        answers.append(got)
+    assert answers[0] != answers[1]
+
+
+def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava):
+    """The same picture asked twice is encoded once and its pages come from the prefix cache; two pictures in one
+    message answer as transformers does with both."""
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    url = _png(7, (50, 17))
+    before = served.engine.images.encoded
+    ask = dict(model="llava", max_tokens=4, temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    first = client.chat.completions.create(messages=_ask(url, "Describe it at length, please. " * 3), **ask)
+    again = client.chat.completions.create(messages=_ask(url, "Describe it at length, please. " * 3), **ask)
+    assert served.engine.images.encoded == before + 1
+    assert again.usage.prompt_tokens_details.cached_tokens > 16
+    assert again.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png(3)}},
+                                        {"type": "text", "text": "and"},
+                                        {"type": "image_url", "image_url": _png(4)}]}]
+    ids, _, _ = protocol.chat_ids(served.model, two)
+    want, _ = _reference(llava, ids, [_png(3), _png(4)], 4)
+    r = client.chat.completions.create(messages=two, **ask)
+    assert r.choices[0].model_extra["token_ids"] == want
+
+
+def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
+    """A link (this server fetches nothing), bad base64, bytes that are no picture, a picture in an assistant turn,
+    more pictures than the slots, and a picture for a model that reads text only: each a 400 naming messages."""
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    cases = {"fetches no URLs": _ask("https://example.com/cat.png"),
+             "base64": _ask("data:image/png;base64,@@@"),
+             "could not decode": _ask("data:image/png;base64," + base64.b64encode(b"not a picture").decode()),
+             "user messages": [{"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": [{"type": "image_url", "image_url": _png(1)}]}],
+             "at most 2": [{"role": "user", "content": [{"type": "image_url", "image_url": _png(s)}
+                                                        for s in (1, 2, 3)]}]}
+    for words, messages in cases.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="llava", messages=messages, max_tokens=2)
+        assert words in e.value.message and e.value.body["param"] == "messages", words
+    text_only = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        text_only.chat.completions.create(model=api.model.name, messages=_ask(_png(1)), max_tokens=2)
+    assert "text" in e.value.message
+    r = client.chat.completions.create(model="llava", messages=_ask(_png(1)), max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_image_slots_held_by_live_requests_are_busy_then_reused(served):
+    """Every slot read by a request still running: one more picture is `Busy` (the server's 429); once they end,
+    the least recently used slot takes it. A prompt whose image tokens do not match its pictures is refused."""
+    eng: Engine = served.engine
+    vocab, image = served.model.cfg.vocab_size, served.model.vision.image_token_id
+    asks = []
+    for seed in (11, 12, 13):
+        ids, _, (pixels,) = protocol.chat_ids(served.model, _ask(_png(seed)))
+        key, feats = eng.images.encode(pixels)
+        asks.append((ids, [(key, pixels, feats)]))
+
+    def make(k):
+        return eng.make_request(asks[k][0], SamplingParams(max_tokens=1), images=asks[k][1])
+
+    held = [make(0), make(1)]
+    assert all(sum(t >= vocab for t in r.prompt_ids) == 16 for r in held)
+    assert held[0].prompt_ids != held[1].prompt_ids and held[0].cache_key != held[1].cache_key
+    with pytest.raises(Busy):
+        make(2)
+    short = list(asks[0][0])
+    short.remove(image)
+    with pytest.raises(InvalidRequest, match="image tokens"):
+        eng.make_request(short, SamplingParams(max_tokens=1), images=asks[0][1])
+    del held
+    gc.collect()
+    third = make(2)
+    assert sum(t >= vocab for t in third.prompt_ids) == 16 and len(eng.images.held) == 2
+
+
+def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
+    """The same picture and question through Anthropic's Messages (a base64 image block), OpenAI's Responses (an
+    input_image part) and Ollama's chat (a message's images, put before its text) answer what chat completions
+    answers for the same parts in the same order; each reports the model's image support."""
+    import anthropic
+    import ollama
+
+    url = _png(21)
+    data = url.split(",", 1)[1]
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+
+    def chat(parts):
+        r = client.chat.completions.create(model="llava", messages=[{"role": "user", "content": parts}],
+                                           max_tokens=6, temperature=0)
+        return r.choices[0].message.content
+
+    text, image = {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}
+    want = chat([text, image])
+    msg = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0).messages.create(
+        model="llava", max_tokens=6, extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {
+            "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]}])
+    assert msg.content[0].text == want
+    r = client.responses.create(model="llava", max_output_tokens=6, temperature=0,
+                                input=[{"role": "user", "content": [{"type": "input_text", "text": "What is it?"},
+                                                                    {"type": "input_image", "image_url": url}]}])
+    assert r.output_text == want
+    olla = ollama.Client(host=served.url)
+    got = olla.chat(model="llava", messages=[{"role": "user", "content": "What is it?", "images": [data]}],
+                    options={"temperature": 0, "num_predict": 6})
+    assert got.message.content == chat([image, text]) and "vision" in olla.show("llava").capabilities
