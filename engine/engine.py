@@ -688,7 +688,8 @@ class Engine:
                 room = left[slot] - 1
                 if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
                     room = min(room, left[slot] - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
-                draft = choice.drafter.propose(req.prompt_ids, choice.token_ids, min(k, room)) if room > 0 else []
+                draft = (choice.drafter.propose(self.plain(req.prompt_ids), choice.token_ids, min(k, room))
+                         if room > 0 else [])
                 if choice.matcher is not None:
                     draft = choice.matcher.accepted(draft)
                 if draft:
