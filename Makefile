@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-embed bench-gpu bench-gpu-serve soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-embed bench-images bench-gpu bench-gpu-serve soak
 
 # uv installs the packages: a fresh venv's in ~12 s where pip took ~45 (it downloads in parallel and links files
 # from its cache: ~3 s the second time). Neither writes bytecode for the ~20k files up front; Python writes it for
@@ -76,6 +76,10 @@ bench-lora: setup
 # /v1/embeddings beside llama.cpp's llama-server --embeddings on the same GGUF: rates, and how far the vectors agree.
 bench-embed: setup
 	$(BIN)/python bench/embed.py $(ARGS)
+
+# A picture's preprocessing and vision tower (LLaVA 1.5's shape) beside transformers' on the same weights.
+bench-images: setup
+	$(BIN)/python bench/images.py $(ARGS)
 
 # On a GPU host, with the host's own JAX, Flax and PyTorch (no venv, no network): see bench/gpu.py.
 bench-gpu:
