@@ -25,6 +25,7 @@ import time
 import weakref
 from typing import Callable
 
+import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
@@ -81,7 +82,9 @@ class Engine:
 
     def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig()):
         self.model, self.tok = model, model.tokenizer
-        self.images = ImageRows(model, rc.max_images) if model.vision is not None else None  # before the programs
+        # before the programs are made; one process only (another host's devices would not see the rows written)
+        self.images = ImageRows(model, rc.max_images) if model.vision is not None and jax.process_count() == 1 \
+            else None
         self.runner = Runner(model, rc)
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
         self.sched = Scheduler(self.runner, self.runner.save_row, rc.scheduling_policy)
@@ -197,8 +200,8 @@ class Engine:
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
         key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
-        if images:
-            self._check_images(prompt_ids, images, p)
+        if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
+            self._check_images(prompt_ids, images or [], p)
             key = (key, "images", *(k for k, _, _ in images))  # the rows' ids name slots, the digests pictures
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
@@ -221,11 +224,11 @@ class Engine:
         """A request's images fit its prompt: the model reads images, the prompt holds `tokens_per_image` image
         tokens for each, and it asks for no prompt logprobs (no text to score at an image's rows)."""
         if self.images is None:
-            raise InvalidRequest("the served model reads text only; it takes no images", "messages")
+            raise InvalidRequest("the served model reads text only here; it takes no images", "prompt")
         size, image = self.images.size, self.model.vision.image_token_id
         if (have := sum(t == image for t in prompt_ids)) != size * len(images):
             raise InvalidRequest(f"the prompt holds {have} image tokens for {len(images)} images of {size} tokens "
-                                 "each", "messages")
+                                 "each", "prompt")
         if p.echo:
             raise InvalidRequest("prompt logprobs (echo) are not given for prompts with images", "logprobs")
 

@@ -79,7 +79,7 @@ class ImageRows:
         `Busy` where every row is held by running requests."""
         if len(images) > self.capacity:
             raise InvalidRequest(f"{len(images)} images; this server holds at most {self.capacity} at once "
-                                 "(--max-images)", "messages")
+                                 "(--max-images)", "prompt")
         with self.lock:
             slots = []
             for key, pixels, feats in images:

@@ -191,7 +191,8 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
 
 def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
     """A link (this server fetches nothing), bad base64, bytes that are no picture, a picture in an assistant turn,
-    more pictures than the slots, and a picture for a model that reads text only: each a 400 naming messages."""
+    more pictures than the slots, and a picture for a model that reads text only: each a 400 naming messages; an
+    image token in a completion's prompt, with no picture for it, a 400 naming the prompt."""
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     cases = {"fetches no URLs": _ask("https://example.com/cat.png"),
              "base64": _ask("data:image/png;base64,@@@"),
@@ -204,6 +205,9 @@ def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="llava", messages=messages, max_tokens=2)
         assert words in e.value.message and e.value.body["param"] == "messages", words
+    with pytest.raises(openai.BadRequestError) as e:  # image tokens with no picture to fill them
+        client.completions.create(model="llava", prompt=[5, served.model.vision.image_token_id, 6], max_tokens=2)
+    assert "1 image tokens for 0 images" in e.value.message and e.value.body["param"] == "prompt"
     text_only = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
         text_only.chat.completions.create(model=api.model.name, messages=_ask(_png(1)), max_tokens=2)
@@ -272,3 +276,47 @@ def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
     got = olla.chat(model="llava", messages=[{"role": "user", "content": "What is it?", "images": [data]}],
                     options={"temperature": 0, "num_predict": 6})
     assert got.message.content == chat([image, text]) and "vision" in olla.show("llava").capabilities
+
+
+_MESHES = """
+import json, sys
+sys.path.insert(0, "tests")
+from engine.engine import Engine
+from engine.params import SamplingParams
+from engine.runner import RunnerConfig
+from models import load_model
+from server import protocol
+from test_multimodal import _ask, _png
+out = []
+for dp, tp in ((1, 1), (2, 1), (1, 2)):
+    model = load_model(sys.argv[1], dp=dp, tp=tp)
+    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01))
+    reqs = []
+    for seed in (1, 2, 3):
+        ids, _, (pixels,) = protocol.chat_ids(model, _ask(_png(seed)))
+        key, feats = eng.images.encode(pixels)
+        reqs.append(eng.make_request(ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                                     images=[(key, pixels, feats)]))
+        eng.add(reqs[-1])
+    while eng.has_work():
+        eng.step()
+    out.append([r.choices[0].token_ids for r in reqs])
+print(json.dumps(out))
+"""
+
+
+def test_pictures_on_data_and_tensor_parallel_meshes(llava):
+    """On 2 virtual CPU devices, D = 2 (the rows replicated on both shards) and T = 2 (the lookup beside the split
+    embedding) answer three pictured requests with one device's greedy tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import device_flags
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _MESHES, llava[0]], env=dict(os.environ, XLA_FLAGS=device_flags(2)),
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, data, tensor = json.loads(done.stdout.strip().splitlines()[-1])
+    assert one == data == tensor and len({tuple(t) for t in one[:2]}) == 2
