@@ -216,10 +216,6 @@ class Engine:
                 raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
         return req
 
-    def plain(self, ids: list[int]) -> list[int]:
-        """A prompt's ids with its image rows' ids back to the image token (what the sampler and the client see)."""
-        return ids if self.images is None else self.images.plain(ids)
-
     def _check_images(self, prompt_ids: list[int], images: list, p: SamplingParams) -> None:
         """A request's images fit its prompt: the model reads images, the prompt holds `tokens_per_image` image
         tokens for each, and it asks for no prompt logprobs (no text to score at an image's rows)."""
@@ -600,7 +596,7 @@ class Engine:
                     choice.matcher = self.grammars().matcher(req.grammar)
                 if req.thinking is not None:
                     choice.matcher = Gate(req.thinking, choice.matcher)
-                rows[choice.slot] = settings, self.runner.fresh_row(settings, self.plain(req.prompt_ids), key)
+                rows[choice.slot] = settings, self.runner.fresh_row(settings, req.client_ids, key)
                 choice.stops = p.stop
                 choice.drafter = self._drafter(req)
                 choice.detok = Detok(self.tok, req.params.skip_special_tokens) if self.tok is not None else None
@@ -691,7 +687,7 @@ class Engine:
                 room = left[slot] - 1
                 if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
                     room = min(room, left[slot] - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
-                draft = (choice.drafter.propose(self.plain(req.prompt_ids), choice.token_ids, min(k, room))
+                draft = (choice.drafter.propose(req.client_ids, choice.token_ids, min(k, room))
                          if room > 0 else [])
                 if choice.matcher is not None:
                     draft = choice.matcher.accepted(draft)

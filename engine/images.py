@@ -26,9 +26,6 @@ from engine.grammar_sandbox import Busy
 from engine.params import InvalidRequest
 from models import Model, vision
 
-DEFAULT_IMAGES = 32  # images whose features stay on the devices (`--max-images`)
-
-
 def digest(pixels: np.ndarray) -> str:
     """The key an image's rows are kept under: sha256 of its preprocessed pixels."""
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:32]
@@ -37,7 +34,7 @@ def digest(pixels: np.ndarray) -> str:
 class ImageRows:
     """The table of image features a model reads, its rows held per image (see the module doc)."""
 
-    def __init__(self, model: Model, capacity: int = DEFAULT_IMAGES):
+    def __init__(self, model: Model, capacity: int):
         self.model, self.cfg, self.capacity = model, model.vision, capacity
         self.size = self.cfg.tokens_per_image
         self.held: collections.OrderedDict[str, int] = collections.OrderedDict()  # digest -> slot, oldest use first
@@ -93,6 +90,7 @@ class ImageRows:
                 self.held.move_to_end(key)
                 self.users.setdefault(slot, weakref.WeakValueDictionary())[id(req)] = req
                 slots.append(slot)
+        req.pictured_ids = list(req.prompt_ids)
         at = [i for i, t in enumerate(req.prompt_ids) if t == self.cfg.image_token_id]
         vocab = self.model.cfg.vocab_size
         for k, slot in enumerate(slots):
@@ -112,8 +110,3 @@ class ImageRows:
                 self.users.pop(slot, None)
                 return slot
         raise Busy(f"all {self.capacity} image slots are read by running requests (--max-images)")
-
-    def plain(self, ids: list[int]) -> list[int]:
-        """`ids` with each image row's id back to the image token (what the sampler and the client see)."""
-        vocab, image = self.model.cfg.vocab_size, self.cfg.image_token_id
-        return [image if t >= vocab else t for t in ids]

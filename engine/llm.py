@@ -50,7 +50,7 @@ class RequestOutput:
 
 def to_output(req: Request) -> RequestOutput:
     """Snapshot a request's result."""
-    return RequestOutput(req.id, req.prompt_ids, req.prompt_logprobs,
+    return RequestOutput(req.id, req.client_ids, req.prompt_logprobs,
                          [CompletionOutput(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
                           for c in req.choices], req.cached_tokens, req.drafted, req.accepted)
 

@@ -73,6 +73,14 @@ class Request:
     thinking: Budget | None = None  # a budget of thinking tokens, closed by the engine (reasoning_effort)
     prediction: list[int] | None = None  # the expected output's tokens: drafts for speculative decoding
     priority: int = 0  # its place in line under the priority policy: lower sooner (`engine.scheduler`)
+    # with pictures: the prompt as the client sent it, the image token at each picture's positions (`prompt_ids`
+    # holds the ids of the picture's rows there: `engine.images`)
+    pictured_ids: list[int] | None = None
+
+    @property
+    def client_ids(self) -> list[int]:
+        """The prompt's ids as the client sees them (and the sampler counts them): image tokens, not rows."""
+        return self.prompt_ids if self.pictured_ids is None else self.pictured_ids
 
     @property
     def drafted(self) -> int:

@@ -275,7 +275,11 @@ def _vision(source, dtype: str, mesh) -> tuple:
     from models import vision
 
     pre = os.path.join(source.path, "preprocessor_config.json")
-    cfg = vision.vision_config(source.config["llava"], json.load(open(pre)) if os.path.exists(pre) else None)
+    processing = None
+    if os.path.exists(pre):
+        with open(pre) as f:
+            processing = json.load(f)
+    cfg = vision.vision_config(source.config["llava"], processing)
     tensors = {n: source.read(n) for n in source.config["llava_tensors"]}
     params = jax.device_put(vision.vision_params(tensors, dtype), NamedSharding(mesh, P()))
     return cfg, params

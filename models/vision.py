@@ -18,6 +18,8 @@ import numpy as np
 # Tensor names of the vision side: transformers 5's (`vision_tower.encoder...`), llava-hf's
 # (`vision_tower.vision_model.encoder...`) and transformers 5's in memory (`model.vision_tower...`).
 PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+MAX_PIXELS = 50_000_000  # a picture's decoded size (150 MB of RGB): more is refused before it is decoded
+MAX_ASPECT = 50  # its long side over its short one: more would resize to a strip of 336 x 16,800+ pixels first
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -169,15 +171,19 @@ def image_features(params: dict, pixels, cfg: VisionConfig):
 
 
 def decode_image(data: bytes):
-    """A picture's bytes (PNG, JPEG, WebP, GIF, ...) as an RGB PIL image; `ValueError` if they are none (Pillow's
-    decompression-bomb limit stands)."""
+    """A picture's bytes (PNG, JPEG, WebP, GIF, ...) as an RGB PIL image; `ValueError` if they are none, or if its
+    header says it is over `MAX_PIXELS` or `MAX_ASPECT` (checked before the pixels are decoded)."""
     from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
+            raise ValueError(f"the image is {w}x{h} pixels; at most {MAX_PIXELS:,} pixels, and sides at most "
+                             f"{MAX_ASPECT}:1")
         image.load()
         return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError) as e:
         raise ValueError(f"could not decode the image: {e}") from None
 
 

@@ -106,7 +106,7 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                     help="fcfs: requests are seated in arrival order; priority: by each request's 'priority' (lower "
                          "sooner, then arrival), less urgent work preempted for more urgent (vLLM's flag)")
-    ap.add_argument("--max-images", type=int, default=32,
+    ap.add_argument("--max-images", type=int, default=RunnerConfig.max_images,
                     help="a model that reads images (LLaVA): pictures whose features stay on the devices, each held "
                          "while a request reads it, then reused least recently used first (a request finding every "
                          "one held gets a 429)")

@@ -302,6 +302,10 @@ class Server:
         keep = self.engine.max_len - 1 if job.keep_last == -1 else job.keep_last
         for i, ids in enumerate(job.prompts):
             if len(ids) > keep:
+                if job.images and self.model.vision.image_token_id in ids[:-keep]:
+                    raise bad(f"truncate_prompt_tokens={job.keep_last} would cut into a picture: keep at least "
+                              f"{len(ids) - ids.index(self.model.vision.image_token_id)} tokens",
+                              "truncate_prompt_tokens")
                 job.prompts[i] = ids[-keep:]
                 job.prompt_texts[i] = self.engine.tok.decode(ids[-keep:]) if self.engine.tok is not None else ""
 
@@ -690,7 +694,7 @@ class Server:
         """The echoed prompt text and, with logprobs, its token entries."""
         if job.echo_last is not None:
             first = max(0, len(req.prompt_ids) - job.echo_last)
-            text = self.vocab.tok.decode(req.prompt_ids[first:], skip_special_tokens=False)
+            text = self.vocab.tok.decode(req.client_ids[first:], skip_special_tokens=False)
         elif job.echo:
             first, text = 0, job.prompt_texts[pi]
         else:

@@ -256,7 +256,7 @@ class Reply:
                    prompt_eval_count=len(req.prompt_ids), prompt_eval_duration=int((first - took.start) * 1e9),
                    eval_count=len(c.token_ids), eval_duration=int((end - first) * 1e9))
         if not self.chat:
-            out["context"] = [*req.prompt_ids, *c.token_ids]
+            out["context"] = [*req.client_ids, *c.token_ids]
         return out
 
     @staticmethod
@@ -294,7 +294,8 @@ class Ollama:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
             if body.get("images"):
-                raise bad("'images': the served model reads text only", "images")
+                raise bad("'images': the served model reads text only" if self.server.model.vision is None else
+                          "'images' on /api/generate are not served; send pictures in /api/chat messages", "images")
             if body.get("template"):
                 raise bad("'template' (a Go template) is not served; the model's chat template applies, or send "
                           "raw: true with the prompt written out", "template")

@@ -81,8 +81,8 @@ def items_of(value: Any) -> list[dict]:
 
 
 def _content(item: dict, where: str) -> str | list[dict]:
-    """A message item's content: its text, or where a user message holds `input_image` parts, chat's parts (text
-    and `image_url`: `server.images`)."""
+    """A message item's content: its text, or where a user message holds `input_image` parts, its parts as
+    `input_text` and `input_image` (kept so with a stored response; `messages_of` turns them into chat's)."""
     content = item.get("content")
     if item["role"] != "user" or not isinstance(content, list) or not any(
             isinstance(p, dict) and p.get("type") == "input_image" for p in content):
@@ -93,10 +93,18 @@ def _content(item: dict, where: str) -> str | list[dict]:
             if not isinstance(p.get("image_url"), str):
                 raise bad(f"{where}.content[{k}]: an input_image needs an image_url (a file_id is not served here)",
                           "input")
-            parts.append({"type": "image_url", "image_url": {"url": p["image_url"]}})
+            parts.append({"type": "input_image", "image_url": p["image_url"]})
         else:
-            parts.append({"type": "text", "text": text_of([p], f"{where}.content[{k}]", "input", TEXT_PARTS)})
+            parts.append({"type": "input_text", "text": text_of([p], f"{where}.content[{k}]", "input", TEXT_PARTS)})
     return parts
+
+
+def _chat_parts(content: str | list[dict]) -> str | list[dict]:
+    """A message item's content as chat's: text as it is, `input_text` / `input_image` parts as chat's parts."""
+    if isinstance(content, str):
+        return content
+    return [{"type": "image_url", "image_url": {"url": p["image_url"]}} if p["type"] == "input_image"
+            else {"type": "text", "text": p["text"]} for p in content]
 
 
 def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
@@ -109,7 +117,7 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
         if it["type"] == "message" and it["role"] in ("system", "developer"):
             system.append(it["content"])
         elif it["type"] == "message":
-            msgs.append({"role": it["role"], "content": it["content"]})
+            msgs.append({"role": it["role"], "content": _chat_parts(it["content"])})
         elif it["type"] == "function_call":
             call = {"id": it["call_id"], "type": "function",
                     "function": {"name": it["name"], "arguments": it["arguments"]}}

@@ -523,9 +523,9 @@ def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("tex
     return "".join(p["text"] for p in content)
 
 
-def _content(model: Model, m: dict, i: int, found: list | None) -> str:
-    """A message's content as text; with `found` (a model that reads images), each image part is the image token's
-    text there and its pixels are appended to `found`."""
+def _content(model: Model, m: dict, i: int, found: list | None) -> str | list[dict]:
+    """A message's content as text; with `found` (a model that reads images) and image parts in it, as chat parts
+    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels appended to `found`."""
     content, where = m.get("content"), f"messages[{i}].content"
     if content is None and m["role"] == "assistant":
         return ""
@@ -536,17 +536,31 @@ def _content(model: Model, m: dict, i: int, found: list | None) -> str:
         raise bad(f"{where}: the served model reads text only; it takes no images", "messages")
     if m["role"] != "user":
         raise bad(f"{where}: images are for user messages", "messages")
-    text, mark = [], model.tokenizer.decode([model.vision.image_token_id], skip_special_tokens=False)
+    parts = []
     for k, p in enumerate(content):
         if isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS:
             try:
                 found.append(images.pixels(images.url_of(p, f"{where}[{k}]"), model.vision, f"{where}[{k}]"))
             except ValueError as e:
                 raise bad(str(e), "messages") from None
-            text.append(mark)
+            parts.append({"type": "image"})
         else:
-            text.append(text_of([p], f"{where}[{k}]", "messages"))
-    return "".join(text)
+            parts.append({"type": "text", "text": text_of([p], f"{where}[{k}]", "messages")})
+    return parts
+
+
+def _as_template_reads(model: Model, messages: list[dict]) -> list[dict]:
+    """A model that reads images: its messages in the form its chat template reads, every content as parts where
+    it loops over them (`Tokenizer.content_parts`: LLaVA's), else as text with the image token's text at each
+    image."""
+    if model.vision is None:
+        return messages
+    if model.tokenizer.content_parts:
+        return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
+                else m for m in messages]
+    mark = model.tokenizer.decode([model.vision.image_token_id], skip_special_tokens=False)
+    return [{**m, "content": "".join(p.get("text", mark) for p in m["content"])}
+            if isinstance(m.get("content"), list) else m for m in messages]
 
 
 def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None,
@@ -569,6 +583,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
             one["tool_call_id"] = str(m.get("tool_call_id", ""))
         clean.append(one)
     clean, extra = tools.render(clean, with_tools, model.tokenizer)
+    clean = _as_template_reads(model, clean)
     extra = {**(kwargs or {}), **extra}
     options = {"add_generation_prompt": True, **extra}
     try:
@@ -627,6 +642,9 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
         ids = model.tokenizer.encode(text, add_special_tokens=False)
         if found is not None:
             image, size = model.vision.image_token_id, model.vision.tokens_per_image
+            if (marks := ids.count(image)) != len(found):
+                raise bad(f"the messages' text holds {marks} image tokens for {len(found)} pictures (an image token "
+                          "typed in text counts)", "messages")
             ids = [t for i in ids for t in ([i] * size if i == image else [i])]
         return ids, text, found or []
 

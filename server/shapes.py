@@ -123,8 +123,8 @@ def chat_logprobs(vocab: Vocab, entries: list[tuple], k: int) -> dict:
 def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dict:
     """Fireworks' raw_output: the exact prompt ids and fragments, and the raw completion with special tokens."""
     return {
-        "prompt_token_ids": list(req.prompt_ids),
-        "prompt_fragments": vocab.fragments(req.prompt_ids),
+        "prompt_token_ids": list(req.client_ids),
+        "prompt_fragments": vocab.fragments(req.client_ids),
         "completion": vocab.tok.decode(choice.token_ids, skip_special_tokens=False),
         "completion_token_ids": list(choice.token_ids),
         "completion_logprobs": None if k is None else completion_logprobs(vocab, choice.logprobs, k),
@@ -138,7 +138,7 @@ def prompt_requests(reqs: list[Request]) -> list[Request]:
 
 def prompt_token_ids(reqs: list[Request]) -> list:
     """Fireworks' top-level `prompt_token_ids`: the prompt's ids, or a list of them when there are several."""
-    ids = [list(r.prompt_ids) for r in prompt_requests(reqs)]
+    ids = [list(r.client_ids) for r in prompt_requests(reqs)]
     return ids[0] if len(ids) == 1 else ids
 
 

@@ -24,6 +24,14 @@ from models import load_model  # noqa: E402
 from server import protocol  # noqa: E402
 
 IMAGE = "<image>"
+# llava-hf/llava-1.5-7b-hf's chat template: it loops over each message's typed parts, pictures first
+TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+            "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+            "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}{% for content in message['content']"
+            " | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
+            "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+            "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 SIZE = 28  # the tower's input: 4 x 4 patches of 7, so 16 image tokens an image
 
 
@@ -46,6 +54,7 @@ def llava(smollm, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("llava"))
     tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    tok.chat_template = TEMPLATE
     tok.save_pretrained(folder)
     text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -131,6 +140,10 @@ def test_preprocessing_matches_clips_image_processor():
         np.testing.assert_allclose(vision.preprocess(picture, cfg), want, atol=1e-5)
     with pytest.raises(ValueError, match="could not decode"):
         vision.decode_image(b"not a picture")
+    strip = io.BytesIO()  # a few hundred bytes that would resize to 28 x 28,000 pixels: refused from the header
+    Image.new("RGB", (1000, 1)).save(strip, format="PNG")
+    with pytest.raises(ValueError, match="1000x1 pixels"):
+        vision.decode_image(strip.getvalue())
     with pytest.raises(ValueError, match="only CLIP"):
         vision.vision_config({"vision_config": {"model_type": "siglip_vision_model"}, "image_token_index": 5}, None)
 
@@ -161,7 +174,7 @@ def test_the_model_reads_pictures_as_transformers_does(served, llava):
         r = client.chat.completions.create(model="llava", messages=_ask(url), max_tokens=8, temperature=0,
                                            logprobs=True, extra_body={"return_token_ids": True, "ignore_eos": True})
         got = r.choices[0].model_extra["token_ids"]
-        assert got == want
+        assert got == want and r.model_extra["prompt_token_ids"] == ids  # the image token, not the rows' ids
         assert abs(r.choices[0].logprobs.content[0].logprob - lp) < 1e-3
         assert r.usage.prompt_tokens == len(ids)
         answers.append(got)
@@ -205,6 +218,10 @@ def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="llava", messages=messages, max_tokens=2)
         assert words in e.value.message and e.value.body["param"] == "messages", words
+    with pytest.raises(openai.BadRequestError) as e:  # a cut into the picture's positions
+        client.chat.completions.create(model="llava", messages=_ask(_png(1)), max_tokens=2,
+                                       extra_body={"truncate_prompt_tokens": 10})
+    assert "cut into a picture" in e.value.message and e.value.body["param"] == "truncate_prompt_tokens"
     with pytest.raises(openai.BadRequestError) as e:  # image tokens with no picture to fill them
         client.completions.create(model="llava", prompt=[5, served.model.vision.image_token_id, 6], max_tokens=2)
     assert "1 image tokens for 0 images" in e.value.message and e.value.body["param"] == "prompt"
@@ -272,6 +289,10 @@ def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
                                 input=[{"role": "user", "content": [{"type": "input_text", "text": "What is it?"},
                                                                     {"type": "input_image", "image_url": url}]}])
     assert r.output_text == want
+    follow = client.responses.create(model="llava", max_output_tokens=2, previous_response_id=r.id, input="Sure?")
+    assert follow.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens  # the picture's turn again
+    items = client.responses.input_items.list(follow.id).data
+    assert items[0].content[1].type == "input_image" and items[0].content[1].image_url == url
     olla = ollama.Client(host=served.url)
     got = olla.chat(model="llava", messages=[{"role": "user", "content": "What is it?", "images": [data]}],
                     options={"temperature": 0, "num_predict": 6})
@@ -320,3 +341,27 @@ def test_pictures_on_data_and_tensor_parallel_meshes(llava):
     assert done.returncode == 0, done.stderr[-3000:]
     one, data, tensor = json.loads(done.stdout.strip().splitlines()[-1])
     assert one == data == tensor and len({tuple(t) for t in one[:2]}) == 2
+
+
+def test_templates_that_read_text_get_the_image_token_where_the_picture_was(served):
+    """LLaVA's template reads typed parts, so text-only turns go to it as parts too; a template that reads strings
+    (ChatML here) gets the image token's text where the picture part was. An image token typed in the text, beside
+    the pictures sent, is a 400."""
+    model, image = served.model, served.model.vision.image_token_id
+    assert model.tokenizer.content_parts
+    _, text, _ = protocol.chat_ids(model, [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "hello"}])
+    assert text == "Be brief. USER: hello ASSISTANT:"
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    model.tokenizer.use_template(chatml)
+    try:
+        assert not model.tokenizer.content_parts
+        ids, text, pixels = protocol.chat_ids(model, _ask(_png(1), "Look:"))
+        assert text == f"<|im_start|>user\nLook:{IMAGE}<|im_end|>\n" and len(pixels) == 1
+        at = ids.index(image)
+        assert ids[at:at + 16] == [image] * 16 and image not in ids[at + 16:]
+    finally:
+        model.tokenizer.use_template(TEMPLATE)
+    with pytest.raises(protocol.ApiError) as e:
+        protocol.chat_ids(model, _ask(_png(1), f"What is {IMAGE} here?"))
+    assert e.value.status == 400 and "2 image tokens for 1 pictures" in e.value.message

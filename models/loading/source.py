@@ -171,9 +171,9 @@ LLAVA_TEXT = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
 def _as_llava(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
     """A LLaVA folder (`LlavaForConditionalGeneration`) read as its language model's, the whole config under `llava`
     and the other tensors' names (the vision tower's and projector's: `models.vision`) under `llava_tensors`, read by
-    those names. Its
-    language model's tensors are `language_model.model.*` and `language_model.lm_head.*` (transformers 4) or
-    `model.language_model.*` and `lm_head.*` (5 in memory); they read as the causal LM's `model.*` and `lm_head.*`."""
+    those names. Its language model's tensors are `language_model.model.*` and `language_model.lm_head.*`
+    (transformers 4) or `model.language_model.*` and `lm_head.*` (5 in memory); they read as the causal LM's `model.*`
+    and `lm_head.*`."""
     if (config.get("architectures") or [""])[0] != "LlavaForConditionalGeneration":
         return config, names, read
     text = dict(config.get("text_config") or {})
@@ -185,7 +185,7 @@ def _as_llava(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dic
     ours, tower = {}, []
     for n in names:
         for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                         ("model.language_model.", "model.")):
+                         ("model.language_model.", "model."), ("lm_head.", "lm_head.")):
             if n.startswith(old):
                 ours[new + n[len(old):]] = n
                 break

@@ -93,6 +93,22 @@ class Tokenizer:
             return None if token is None else self.backend.token_to_id(token)
         raise AttributeError(name)
 
+    @property
+    def content_parts(self) -> bool:
+        """Whether the chat template reads a message's content as a list of typed parts, as LLaVA's does (it loops
+        over `{"type": "image"}` and `{"type": "text"}` parts, and a string renders nothing there), rather than as a
+        string: vLLM's "openai" content format. Found by rendering a string probe once per template."""
+        known = self.__dict__.setdefault("_parts", {})
+        if self.chat_template not in known:
+            probe = "\x01probe"
+            try:
+                text = self.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                                add_generation_prompt=True)
+                known[self.chat_template] = probe not in text
+            except Exception:  # a template that wants more than one user turn: it takes strings, as most do
+                known[self.chat_template] = False
+        return known[self.chat_template]
+
     @functools.cached_property
     def longest_token(self) -> int:
         """Characters of the vocabulary's longest token string: no token decodes to more, so a text of C characters
