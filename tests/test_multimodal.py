@@ -365,3 +365,17 @@ def test_templates_that_read_text_get_the_image_token_where_the_picture_was(serv
     with pytest.raises(protocol.ApiError) as e:
         protocol.chat_ids(model, _ask(_png(1), f"What is {IMAGE} here?"))
     assert e.value.status == 400 and "2 image tokens for 1 pictures" in e.value.message
+
+
+def test_llava_folders_of_either_transformers_read_as_their_language_model():
+    """transformers 4's names (`language_model.model.*`, `language_model.lm_head.*`) and 5's in memory
+    (`model.language_model.*`, `lm_head.*`) read as the causal LM's; the tower's and projector's stay by name."""
+    from models.loading.source import _as_llava
+
+    config = {"architectures": ["LlavaForConditionalGeneration"], "text_config": {"model_type": "mistral"}}
+    for lm, head, tower in (("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model."),
+                            ("model.language_model.", "lm_head.", "model.vision_tower.")):
+        names = (f"{lm}norm.weight", f"{head}weight", f"{tower}pre_layrnorm.weight", "multi_modal_projector.x")
+        text, ours, read = _as_llava(config, names, lambda n: n)
+        assert ours == ("model.norm.weight", "lm_head.weight") and text["architectures"] == ["MistralForCausalLM"]
+        assert text["llava_tensors"] == list(names[2:]) and read("lm_head.weight") == f"{head}weight"
