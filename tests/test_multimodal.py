@@ -379,3 +379,28 @@ def test_llava_folders_of_either_transformers_read_as_their_language_model():
         text, ours, read = _as_llava(config, names, lambda n: n)
         assert ours == ("model.norm.weight", "lm_head.weight") and text["architectures"] == ["MistralForCausalLM"]
         assert text["llava_tensors"] == list(names[2:]) and read("lm_head.weight") == f"{head}weight"
+
+
+def test_a_preempted_pictured_request_resumes_with_its_rows(llava):
+    """Four pictured requests in a pool too small for them all: the engine preempts and recomputes some (their
+    pictures' rows stay held while they wait), and every answer is the one a roomy pool gives."""
+    model = load_model(llava[0])
+    page = 16 * 2 * 2 * 2 * 16 * 4  # 16 tokens x 2 layers x 2 KV heads x (K + V) x 16 wide x float32
+
+    def run(pages: int):
+        eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=96, kv_cache_gb=pages * page / (1 << 30),
+                                         decode_batch_sizes=(4,)))
+        reqs = []
+        for seed in (31, 32, 33, 34):
+            ids, _, (pixels,) = protocol.chat_ids(model, _ask(_png(seed)))
+            key, feats = eng.images.encode(pixels)
+            reqs.append(eng.make_request(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                                         images=[(key, pixels, feats)]))
+            eng.add(reqs[-1])
+        while eng.has_work():
+            eng.step()
+        return [r.choices[0].token_ids for r in reqs], eng.sched.preemptions
+
+    roomy, none = run(64)
+    tight, some = run(14)
+    assert none == 0 and some > 0 and tight == roomy
