@@ -29,6 +29,7 @@ from models.loading.source import cache_root
 from models.loading.tokenizer import read_template
 from server import reasoning
 from server.app import Server
+from server.images import Media
 
 log = logging.getLogger("sparkler.server")
 KEEPALIVE = 75.0  # seconds an idle connection stays open (nginx's keepalive_timeout)
@@ -106,6 +107,12 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                     help="fcfs: requests are seated in arrival order; priority: by each request's 'priority' (lower "
                          "sooner, then arrival), less urgent work preempted for more urgent (vLLM's flag)")
+    ap.add_argument("--allowed-media-domains", type=origins, default=(),
+                    help="a model that reads images: hosts whose http(s) picture links the server fetches (each "
+                         "redirect checked too; '*': any), comma-separated or a JSON list (vLLM's flag). Default: "
+                         "none, pictures come inline as data: URLs")
+    ap.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                    help="a model that reads images: file:// picture links under DIR are read (vLLM's flag)")
     ap.add_argument("--max-images", type=int, default=RunnerConfig.max_images,
                     help="a model that reads images (LLaVA): pictures whose features stay on the devices, each held "
                          "while a request reads it, then reused least recently used first (a request finding every "
@@ -204,6 +211,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
         ap.error("--max-loras and --max-lora-rank must be at least 1")
     if args.max_images < 1:
         ap.error("--max-images must be at least 1")
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
     if len(args.lora_modules) > args.max_loras:
         ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
@@ -414,7 +423,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     pooling=None if args.pooling == "auto" else args.pooling,
                     batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb,
                     batch_priority=args.batch_priority,
-                    files_dir=os.path.join(cache_root(), "files") if args.files_dir is None else args.files_dir)
+                    files_dir=os.path.join(cache_root(), "files") if args.files_dir is None else args.files_dir,
+                    media=Media(tuple(d.lower() for d in args.allowed_media_domains), args.allowed_local_media_path))
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -36,8 +36,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, batches, embeddings, harmony, llama_cpp, message_batches, ollama,
-                    openai_responses, protocol, reasoning, scores, sglang, tools)
+from server import (adapters, anthropic_messages, batches, embeddings, harmony, images, llama_cpp, message_batches,
+                    ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -74,7 +74,8 @@ class Server:
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
-                 max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None):
+                 max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None,
+                 media: images.Media = images.Media()):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -96,6 +97,7 @@ class Server:
         self.options_header = {"fireworks-sampling-options": json.dumps(defaults, sort_keys=True)}
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
         self.store = ResponseStore(responses_db or os.path.join(cache_root(), "responses.sqlite"))
+        self.media = media  # where pictures may be fetched from (`server.images`)
         self.pooling = pooling  # /v1/embeddings' pooling (None: as the model folder asks, `models.pooling.default`)
         # /v1/files and /v1/batches
         self.batches = batches.Batches(self, batch_concurrency, max_file_mb, batch_priority, files_dir)
@@ -200,7 +202,7 @@ class Server:
         queued grammars cannot hold every parse thread."""
         def parse() -> Job:
             try:
-                return encoded(checked(protocol.parse(body, kind, self.model, self.thinks, bounds)))
+                return encoded(checked(protocol.parse(body, kind, self.model, self.thinks, bounds, self.media)))
             except Busy as e:
                 raise busy(str(e)) from None
 
@@ -378,7 +380,8 @@ class Server:
         self._check_model(body)
         llama = "content" in body and "prompt" not in body
         if "messages" in body:
-            ids, _, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"])
+            ids, _, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"], None, None, None,
+                                            self.media)
         else:
             text = body.get("content") if llama else body.get("prompt")
             if not isinstance(text, str):

@@ -1,18 +1,43 @@
 """Image parts of chat messages, for a model that reads images (`engine.images`): OpenAI's
-`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (or the url as a plain string), read into
-the pixels the vision tower takes (`models.vision.preprocess`). An image comes inline as a `data:` URL; this server
-fetches nothing from the network (a link is a 400 that says so), as its hosts often reach nothing outside."""
+`{"type": "image_url", "image_url": {"url": ...}}` (or the url as a plain string), read into the pixels the vision
+tower takes (`models.vision.preprocess`).
+
+A picture comes inline as a `data:` URL; by a link only as the server's `Media` policy allows, vLLM's flags:
+`--allowed-media-domains` (http and https, each redirect checked too; `*`: any) and `--allowed-local-media-path`
+(`file://` under that folder). With neither, links are refused with a 400 that says how to send the picture: a
+server must not fetch whatever a client names (its own network, a cloud's metadata address), and its hosts often
+reach nothing outside."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 
 from models import vision
 
 IMAGE_PARTS = ("image_url",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Media:
+    """Where pictures may be fetched from: hosts for http(s) links (`*`: any; none: no links), a folder for
+    `file://` links (None: none), the seconds and bytes a fetch may take."""
+
+    domains: tuple[str, ...] = ()
+    local: str | None = None
+    timeout: float = 10.0
+    max_bytes: int = 20 << 20
+
+    def allows(self, host: str | None) -> bool:
+        """Whether a link to `host` may be fetched."""
+        return "*" in self.domains or (host or "").lower() in self.domains
 
 
 def url_of(part: dict, where: str) -> str:
@@ -25,17 +50,75 @@ def url_of(part: dict, where: str) -> str:
     return url
 
 
-def pixels(url: str, cfg: vision.VisionConfig, where: str) -> np.ndarray:
-    """The preprocessed pixels `[3, S, S]` of the image a `data:` URL holds; else a `ValueError` naming `where`."""
-    if not url.startswith("data:"):
-        shown = url if len(url) <= 60 else url[:57] + "..."
-        raise ValueError(f"{where}: this server fetches no URLs ({shown!r}); send the image inline as a data: URL "
-                         "(data:image/png;base64,...)")
-    head, _, data = url.partition(",")
-    if not head.endswith(";base64"):
-        raise ValueError(f"{where}: an image data: URL must be base64 (data:image/...;base64,...)")
+def pixels(url: str, cfg: vision.VisionConfig, where: str, media: Media = Media()) -> np.ndarray:
+    """The preprocessed pixels `[3, S, S]` of the picture at `url` (inline, or fetched as `media` allows); else a
+    `ValueError` naming `where`."""
     try:
-        raw = base64.b64decode(data, validate=True)
-        return vision.preprocess(vision.decode_image(raw), cfg)
-    except (binascii.Error, ValueError) as e:
+        return vision.preprocess(vision.decode_image(_bytes(url, media)), cfg)
+    except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _bytes(url: str, media: Media) -> bytes:
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if not head.endswith(";base64"):
+            raise ValueError("an image data: URL must be base64 (data:image/...;base64,...)")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"the image's base64 does not decode: {e}") from None
+    shown = url if len(url) <= 60 else url[:57] + "..."
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file" and media.local is not None:
+        return _local(urllib.parse.unquote(parsed.path), media)
+    if parsed.scheme in ("http", "https") and media.domains:
+        if not media.allows(parsed.hostname):
+            raise ValueError(f"this server fetches pictures from {', '.join(media.domains)} only, not {shown!r}")
+        return _fetch(url, media)
+    how = ("start it with --allowed-media-domains" if parsed.scheme in ("http", "https") else
+           "start it with --allowed-local-media-path" if parsed.scheme == "file" else "")
+    raise ValueError(f"this server does not fetch {shown!r}; send the picture inline as a data: URL "
+                     f"(data:image/png;base64,...){' or ' + how if how else ''}")
+
+
+def _local(path: str, media: Media) -> bytes:
+    root = os.path.realpath(media.local)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise ValueError(f"file:// pictures must be under {media.local} (--allowed-local-media-path)")
+    try:
+        with open(real, "rb") as f:
+            data = f.read(media.max_bytes + 1)
+    except OSError as e:
+        raise ValueError(f"could not read the picture: {e.strerror}") from None
+    return _bounded(data, media)
+
+
+class _Checked(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a host the policy allows."""
+
+    def __init__(self, media: Media):
+        self.media = media
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        """The redirected request, or a `ValueError` where it leaves the allowed hosts."""
+        if not self.media.allows(urllib.parse.urlparse(newurl).hostname):
+            raise ValueError("the picture's link redirects to a host this server does not fetch from")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, media: Media) -> bytes:
+    opener = urllib.request.build_opener(_Checked(media))
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "sparkler"}),
+                         timeout=media.timeout) as r:
+            return _bounded(r.read(media.max_bytes + 1), media)
+    except (urllib.error.URLError, OSError) as e:  # HTTP errors, refused connections, timeouts
+        raise ValueError(f"could not fetch the picture: {getattr(e, 'reason', None) or e}") from None
+
+
+def _bounded(data: bytes, media: Media) -> bytes:
+    if len(data) > media.max_bytes:
+        raise ValueError(f"the picture is over {media.max_bytes >> 20} MiB")
+    return data

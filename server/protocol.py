@@ -280,10 +280,12 @@ def _unsupported(body: dict) -> None:
         raise bad("'best_of' is not supported by this server (use n)", "best_of")
 
 
-def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds: dict | None = None) -> Job:
+def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds: dict | None = None,
+          media: images.Media = images.Media()) -> Job:
     """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: how the server splits
     the model's thinking from its answer ("think" or "harmony": `reasoning.resolve`); `bounds`: another API's ranges
-    for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2)."""
+    for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2); `media`: where
+    pictures may be fetched from."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _unsupported(body)
@@ -337,7 +339,7 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
         kwargs, budget = _template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
-                                         job.tools, kwargs)
+                                         job.tools, kwargs, media)
         job.prompts, job.prompt_texts = [ids], [text]
         if thinks:
             job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony")
@@ -523,9 +525,10 @@ def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("tex
     return "".join(p["text"] for p in content)
 
 
-def _content(model: Model, m: dict, i: int, found: list | None) -> str | list[dict]:
+def _content(model: Model, m: dict, i: int, found: list | None, media: images.Media) -> str | list[dict]:
     """A message's content as text; with `found` (a model that reads images) and image parts in it, as chat parts
-    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels appended to `found`."""
+    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels (fetched as `media` allows) appended
+    to `found`."""
     content, where = m.get("content"), f"messages[{i}].content"
     if content is None and m["role"] == "assistant":
         return ""
@@ -540,7 +543,8 @@ def _content(model: Model, m: dict, i: int, found: list | None) -> str | list[di
     for k, p in enumerate(content):
         if isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS:
             try:
-                found.append(images.pixels(images.url_of(p, f"{where}[{k}]"), model.vision, f"{where}[{k}]"))
+                found.append(images.pixels(images.url_of(p, f"{where}[{k}]"), model.vision, f"{where}[{k}]",
+                                           media))
             except ValueError as e:
                 raise bad(str(e), "messages") from None
             parts.append({"type": "image"})
@@ -564,7 +568,7 @@ def _as_template_reads(model: Model, messages: list[dict]) -> list[dict]:
 
 
 def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None,
-              found: list | None = None) -> str:
+              found: list | None = None, media: images.Media = images.Media()) -> str:
     """The chat template applied to validated messages (and tools, and extra template arguments), with the
     generation prompt; their images' pixels appended to `found` where given (`_content`)."""
     if not isinstance(messages, list) or not messages:
@@ -576,7 +580,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        one = {"role": "system" if role == "developer" else role, "content": _content(model, m, i, found)}
+        one = {"role": "system" if role == "developer" else role, "content": _content(model, m, i, found, media)}
         if role == "assistant" and m.get("tool_calls") is not None:
             one["tool_calls"] = m["tool_calls"]
         if role == "tool":
@@ -625,18 +629,19 @@ def _tool_history(messages: list) -> None:
                           + (f" with id {answers!r}" if answers is not None else ""), "messages")
 
 
-def chat_ids(model: Model, messages: Any, truncate_len: int | None = None,
-             with_tools: Tools | None = None, kwargs: dict | None = None) -> tuple[list[int], str, list]:
+def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_tools: Tools | None = None,
+             kwargs: dict | None = None, media: images.Media = images.Media()) -> tuple[list[int], str, list]:
     """`(token ids, text, images)` of validated messages through the chat template (it writes the special tokens
     itself). A model that reads images gets their preprocessed pixels, in order, and each image token of the text
     repeated to the image's length, as transformers' processor writes it (`engine.images`); another, no images.
+    Pictures by link are fetched as `media` allows (`server.images`).
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
     prompt to at most that many tokens (the last message always stays), found by bisection over how many."""
     def render(drop: int, shortest: bool = False) -> tuple[list[int], str, list]:
         gone = set(droppable[:drop])
         kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
         found = [] if model.vision is not None else None
-        text = chat_text(model, kept, with_tools, kwargs, found)
+        text = chat_text(model, kept, with_tools, kwargs, found, media)
         if shortest:  # no fewer turns can follow: too long now is too long
             bounded(model, text, "messages")
         ids = model.tokenizer.encode(text, add_special_tokens=False)

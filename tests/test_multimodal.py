@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import io
 import json
+import os
 
 import numpy as np
 import openai
@@ -22,6 +23,8 @@ from engine.params import InvalidRequest, SamplingParams  # noqa: E402
 from engine.runner import RunnerConfig  # noqa: E402
 from models import load_model  # noqa: E402
 from server import protocol  # noqa: E402
+from server import images  # noqa: E402
+from server.images import Media  # noqa: E402
 
 IMAGE = "<image>"
 # llava-hf/llava-1.5-7b-hf's chat template: it loops over each message's typed parts, pictures first
@@ -77,13 +80,16 @@ def llava(smollm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(llava):
-    """A live server over the tiny LLaVA (2 image slots)."""
+def served(llava, tmp_path_factory):
+    """A live server over the tiny LLaVA (2 image slots) that fetches pictures from 127.0.0.1 and reads them from a
+    folder of its own (`api.media`)."""
     from conftest import live_server
 
     model = dataclasses.replace(load_model(llava[0]), name="llava")
     rc = RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01, decode_batch_sizes=(4,), max_images=2)
-    for api in live_server(model, rc):
+    media = Media(("127.0.0.1",), str(tmp_path_factory.mktemp("media")))
+    for api in live_server(model, rc, media=media):
+        api.media = media
         yield api
 
 
@@ -203,11 +209,11 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
 
 
 def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
-    """A link (this server fetches nothing), bad base64, bytes that are no picture, a picture in an assistant turn,
+    """A link to a host not allowed, bad base64, bytes that are no picture, a picture in an assistant turn,
     more pictures than the slots, and a picture for a model that reads text only: each a 400 naming messages; an
     image token in a completion's prompt, with no picture for it, a 400 naming the prompt."""
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
-    cases = {"fetches no URLs": _ask("https://example.com/cat.png"),
+    cases = {"from 127.0.0.1 only": _ask("https://example.com/cat.png"),
              "base64": _ask("data:image/png;base64,@@@"),
              "could not decode": _ask("data:image/png;base64," + base64.b64encode(b"not a picture").decode()),
              "user messages": [{"role": "user", "content": "hi"},
@@ -404,3 +410,56 @@ def test_a_preempted_pictured_request_resumes_with_its_rows(llava):
     roomy, none = run(64)
     tight, some = run(14)
     assert none == 0 and some > 0 and tight == roomy
+
+
+def test_pictures_by_link_as_the_policy_allows(served):
+    """A link to an allowed host (a loopback HTTP server here) and a file:// link under the allowed folder answer as
+    the same picture inline does; a redirect to another host, a missing picture and a file outside the folder are
+    400s; with no policy (the default) a link is a 400 that names the flag."""
+    import http.server
+    import threading
+
+    url = _png(41)
+    raw = base64.b64decode(url.split(",", 1)[1])
+
+    class Pictures(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/cat.png")
+                self.end_headers()
+                return
+            found = self.path == "/cat.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(raw if found else b"")
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    site = f"http://127.0.0.1:{host.server_port}"
+    with open(os.path.join(served.media.local, "cat.png"), "wb") as f:
+        f.write(raw)
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+
+    def answer(link):
+        r = client.chat.completions.create(model="llava", messages=_ask(link), max_tokens=4, temperature=0,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    try:
+        want = answer(url)
+        assert answer(f"{site}/cat.png") == want
+        assert answer(f"file://{served.media.local}/cat.png") == want
+        for link, words in ((f"{site}/moved", "redirects"), (f"{site}/missing.png", "could not fetch"),
+                            ("file:///etc/hostname", "must be under")):
+            with pytest.raises(openai.BadRequestError) as e:
+                answer(link)
+            assert words in e.value.message, link
+    finally:
+        host.shutdown()
+    with pytest.raises(ValueError, match="--allowed-media-domains"):
+        images.pixels(f"{site}/cat.png", served.model.vision, "w")
