@@ -321,7 +321,10 @@ class Engine:
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0,
                     lora_slots=self.model.cfg.lora_slots, lora_adapters=len(self.adapters),
-                    embedded_inputs=self.embedded, embedded_tokens=self.embedded_tokens)
+                    embedded_inputs=self.embedded, embedded_tokens=self.embedded_tokens,
+                    image_slots=self.images.capacity if self.images else 0,
+                    images_held=len(self.images.held) if self.images else 0,
+                    images_encoded=self.images.encoded if self.images else 0)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""

@@ -31,6 +31,8 @@ ENGINE_GAUGES = {
     "max_model_len": "context cap per sequence",
     "lora_slots": "LoRA adapters the devices hold at once (--max-loras; 0: LoRA off)",
     "lora_adapters": "LoRA adapters loaded",
+    "image_slots": "pictures whose features the devices hold at once (--max-images; 0: the model reads text only)",
+    "images_held": "pictures whose features are held now (found again by their digest)",
 }
 ENGINE_COUNTERS = {
     "finished": "engine requests finished",
@@ -44,6 +46,7 @@ ENGINE_COUNTERS = {
     "prefix_cache_hit_tokens": "prompt tokens served from the prefix cache",
     "embedded_inputs": "inputs embedded (/v1/embeddings)",
     "embedded_tokens": "tokens of the inputs embedded",
+    "images_encoded": "pictures run through the vision tower (a picture held already is not run again)",
 }
 
 

@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import os
+import urllib.request
 
 import numpy as np
 import openai
@@ -197,6 +198,11 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
     first = client.chat.completions.create(messages=_ask(url, "Describe it at length, please. " * 3), **ask)
     again = client.chat.completions.create(messages=_ask(url, "Describe it at length, please. " * 3), **ask)
     assert served.engine.images.encoded == before + 1
+    with urllib.request.urlopen(served.url + "/metrics", timeout=60) as resp:
+        metrics = resp.read().decode()
+    held = len(served.engine.images.held)
+    assert "sparkler_image_slots 2.0" in metrics and f"sparkler_images_held {held}.0" in metrics
+    assert f"sparkler_images_encoded_total {before + 1}.0" in metrics
     assert again.usage.prompt_tokens_details.cached_tokens > 16
     assert again.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
     two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png(3)}},
