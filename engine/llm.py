@@ -18,7 +18,7 @@ from engine.grammar_sandbox import SERVING_STACK
 from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
-from models import Model, load_model, lora
+from models import Model, load_model, lora, vision
 from models import pooling as pooling_of
 
 log = logging.getLogger("sparkler.engine")
@@ -90,12 +90,42 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
                  lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
-        """Run prompts (text or token ids) to completion; outputs in prompt order. `predictions`: the expected
-        output of each prompt (text or token ids, None for none; speculative decoding drafts from it). `lora`: the
-        LoRA adapter of every prompt, or of each (None: the base model). `cache` takes `prompt_cache_max_len` and
+        """Run prompts (text or token ids) to completion; outputs in prompt order. A model that reads images takes
+        vLLM's prompt dicts too, `{"prompt": text (or "prompt_token_ids": ids), "multi_modal_data": {"image": a PIL
+        image or a list}}`, one image token in the prompt for each picture. `predictions`: the expected output of
+        each prompt (text or token ids, None for none; speculative decoding drafts from it). `lora`: the LoRA
+        adapter of every prompt, or of each (None: the base model). `cache` takes `prompt_cache_max_len` and
         `prompt_cache_isolation_key` (see `Engine.make_request`)."""
-        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-        return self._run([encode_prompt(self.model, p) for p in prompts], params, predictions, lora, cache)
+        prompts = [prompts] if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)) \
+            else prompts
+        pictured = [self._pictured(p) for p in prompts]
+        return self._run([ids for ids, _ in pictured], params, predictions, lora, cache,
+                         [pictures for _, pictures in pictured])
+
+    def _pictured(self, prompt) -> tuple[list[int], list]:
+        """A prompt's ids, each image token repeated to a picture's length, and its pictures as `Engine.make_request`
+        takes them (`engine.images`)."""
+        if not isinstance(prompt, dict):
+            return encode_prompt(self.model, prompt), []
+        ids = encode_prompt(self.model, prompt["prompt_token_ids"] if "prompt_token_ids" in prompt
+                            else prompt["prompt"])
+        pictures = (prompt.get("multi_modal_data") or {}).get("image", [])
+        pictures = pictures if isinstance(pictures, list) else [pictures]
+        if pictures and self.engine.images is None:
+            raise ValueError("multi_modal_data: this model reads text only")
+        if not pictures:
+            return ids, []
+        cfg = self.model.vision
+        if ids.count(cfg.image_token_id) != len(pictures):
+            raise ValueError(f"the prompt holds {ids.count(cfg.image_token_id)} image tokens for {len(pictures)} "
+                             "pictures (one each)")
+        ids = [t for i in ids for t in ([i] * cfg.tokens_per_image if i == cfg.image_token_id else [i])]
+        out = []
+        for picture in pictures:
+            pixels = vision.preprocess(picture, cfg)
+            key, feats = self.engine.images.encode(pixels)
+            out.append((key, pixels, feats))
+        return ids, out
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
              lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
@@ -137,15 +167,17 @@ class LLM:
         """The served cross-encoder's classification head (None: not a cross-encoder)."""
         return pooling_of.classifier(self.model.source)
 
-    def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict) -> list[RequestOutput]:
+    def _run(self, ids: list[list[int]], params, predictions, adapters, cache: dict,
+             pictures: list | None = None) -> list[RequestOutput]:
         params = params or SamplingParams()
+        pictures = pictures or [None] * len(ids)
         plist = params if isinstance(params, list) else [params] * len(ids)
         preds = [self._prediction(p) for p in (predictions or [None] * len(ids))]
         adapters = adapters if isinstance(adapters, list) else [adapters] * len(ids)
         if len(adapters) != len(ids):
             raise ValueError(f"lora: {len(adapters)} adapters for {len(ids)} prompts")
-        reqs = [self.engine.make_request(p, sp, prediction=pred, adapter=a, **cache)
-                for p, sp, pred, a in zip(ids, plist, preds, adapters)]
+        reqs = [self.engine.make_request(p, sp, prediction=pred, adapter=a, images=pics, **cache)
+                for p, sp, pred, a, pics in zip(ids, plist, preds, adapters, pictures)]
         for r in reqs:
             self.engine.add(r)
         while self.engine.has_work():

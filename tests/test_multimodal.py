@@ -469,3 +469,21 @@ def test_pictures_by_link_as_the_policy_allows(served):
         host.shutdown()
     with pytest.raises(ValueError, match="--allowed-media-domains"):
         images.pixels(f"{site}/cat.png", served.model.vision, "w")
+
+
+def test_the_offline_api_takes_vllms_multi_modal_data(llava):
+    """`LLM.generate` with vLLM's prompt dict (`multi_modal_data: {"image": PIL image}`, one `<image>` in the
+    text) answers as transformers does on the same ids and pixels; an image token short is a `ValueError`."""
+    from engine import LLM
+
+    llm = LLM(load_model(llava[0]), max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01)
+    url = _png(51)
+    picture = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    prompt = f"USER: {IMAGE}\nWhat is this? ASSISTANT:"
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": picture}},
+                       SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    ids = out.prompt_token_ids
+    assert ids.count(llava[1].config.image_token_id) == 16
+    assert out.outputs[0].token_ids == _reference(llava, ids, [url], 6)[0]
+    with pytest.raises(ValueError, match="0 image tokens for 1 pictures"):
+        llm.generate({"prompt": "What is this?", "multi_modal_data": {"image": [picture]}})
