@@ -202,7 +202,6 @@ class Engine:
         key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
         if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
             self._check_images(prompt_ids, images or [], p)
-            key = (key, "images", *(k for k, _, _ in images))  # the rows' ids name slots, the digests pictures
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,

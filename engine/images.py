@@ -3,8 +3,9 @@
 embedding lookup reads for token ids past the vocabulary (`layers.causal_lm`). A prompt holds an image as
 `tokens_per_image` copies of the image token (as transformers' processor writes it); `place` rewrites the k-th
 image's copies to the ids `vocab + row` of its rows, so every prefill path (flat, rows, chunks) and the prefix cache
-work on token ids as before. The cache keys of a request's pages are salted with its images' digests (the ids alone
-name rows, not pictures).
+work on token ids as before. The prefix cache keys a picture's positions by its digest instead (`Request.cache_ids`:
+ids name rows, which other pictures take later), so text before a picture is shared with every request, and a
+picture's pages are found again whatever rows it sits in.
 
 An image keeps its rows, found again by its digest, while a live request uses them, and is replaced, least recently
 used first, after. Features are computed on the server's parse threads (`encode`), off the event loop and the engine's
@@ -90,12 +91,13 @@ class ImageRows:
                 self.held.move_to_end(key)
                 self.users.setdefault(slot, weakref.WeakValueDictionary())[id(req)] = req
                 slots.append(slot)
-        req.pictured_ids = list(req.prompt_ids)
+        req.pictured_ids, req.cache_ids = list(req.prompt_ids), list(req.prompt_ids)
         at = [i for i, t in enumerate(req.prompt_ids) if t == self.cfg.image_token_id]
         vocab = self.model.cfg.vocab_size
-        for k, slot in enumerate(slots):
+        for k, (slot, (key, _, _)) in enumerate(zip(slots, images)):
+            named = _named(key, self.size)
             for j, i in enumerate(at[k * self.size:(k + 1) * self.size]):
-                req.prompt_ids[i] = vocab + slot * self.size + j
+                req.prompt_ids[i], req.cache_ids[i] = vocab + slot * self.size + j, named[j]
 
     def _free(self, taken: list[int]) -> int:
         """A slot for one more image: one never used, else the least recently used that no live request reads."""
@@ -110,3 +112,9 @@ class ImageRows:
                 self.users.pop(slot, None)
                 return slot
         raise Busy(f"all {self.capacity} image slots are read by running requests (--max-images)")
+
+
+def _named(key: str, size: int) -> list[int]:
+    """A picture's positions as the prefix cache keys them (`Request.cache_ids`): 62-bit numbers drawn from its
+    digest, past every token and row id, so two pictures' pages coincide only if all their positions do."""
+    return np.random.default_rng(int(key, 16)).integers(1 << 62, (1 << 63) - 1, size, dtype=np.int64).tolist()

@@ -76,6 +76,9 @@ class Request:
     # with pictures: the prompt as the client sent it, the image token at each picture's positions (`prompt_ids`
     # holds the ids of the picture's rows there: `engine.images`)
     pictured_ids: list[int] | None = None
+    # with pictures: the prompt as the prefix cache hashes it, each picture's positions named by its digest, so its
+    # pages are found again whatever rows it sits in next time, and never for another picture (`cache_tokens`)
+    cache_ids: list[int] | None = None
 
     @property
     def client_ids(self) -> list[int]:
@@ -120,6 +123,15 @@ class Prefill:
     def short(self) -> bool:
         """Prefilled in one go at admission (else one chunk per step)."""
         return not self.echo and len(self.tokens) - self.start <= BATCHED_PREFILL
+
+
+def cache_tokens(req: Request, tokens: list[int]) -> list[int]:
+    """`tokens` (its prompt's, then generated ones) as the prefix cache keys them: a pictured prompt's by
+    `cache_ids`, any other's as they are."""
+    if req.cache_ids is None:
+        return tokens
+    n = len(req.cache_ids)
+    return req.cache_ids + tokens[n:] if len(tokens) >= n else req.cache_ids[:len(tokens)]
 
 
 def seq_tokens(req: Request, choice: Choice) -> list[int]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.pages import PagePool, page_hashes, root_hash
-from engine.requests import Choice, Prefill, Request, seq_tokens
+from engine.requests import Choice, Prefill, Request, cache_tokens, seq_tokens
 
 BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
 POLICIES = ("fcfs", "priority")  # who is served first: arrival order, or each request's priority then arrival
@@ -181,8 +181,8 @@ class Scheduler:
         resume, req, choices, tokens = nxt
         if len(self.free) < len(choices):  # cheap test first: no shard can seat it
             return None
-        ps = self.page_size
-        hashes = page_hashes(tokens, ps, req.cache_key)
+        ps, keyed = self.page_size, cache_tokens(req, tokens)
+        hashes = page_hashes(keyed, ps, req.cache_key)
         reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
         if req.cache_max_len is not None:
             reuse = min(reuse, req.cache_max_len)
@@ -203,7 +203,7 @@ class Scheduler:
         # The page after the hit: a cached page whose tokens this one's start with (the prompt repeated, or a
         # conversation going on from an answer) is copied, and the rest computed: at least the last token.
         src, reused = pool.continuation(hashes[len(hit) - 1] if hit else root_hash(req.cache_key),
-                                        tokens[start:start + ps], reuse - start)
+                                        keyed[start:start + ps], reuse - start)
         if reused:
             pool.share([src])  # held until the copy is dispatched (`copied`): no seat after this one evicts it
             self.copies.append((shard, src, first.pages[len(hit)]))
@@ -270,7 +270,7 @@ class Scheduler:
         full, done = min(written // ps, len(choice.pages)), len(choice.hashes)
         if full <= done and not leaving:
             return
-        tokens = seq_tokens(req, choice)[:written]
+        tokens = cache_tokens(req, seq_tokens(req, choice)[:written])
         if full > done:
             choice.hashes = page_hashes(tokens[:full * ps], ps, req.cache_key, choice.hashes)
             for i in range(done, full):

@@ -214,6 +214,35 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
     assert r.choices[0].model_extra["token_ids"] == want
 
 
+def test_the_prefix_cache_shares_text_before_a_picture_and_finds_a_picture_in_other_rows(served):
+    """A system prompt cached by a text-only request serves a pictured one after it; a picture asked again after
+    two others took its rows (2 slots) is encoded again into other rows, and its pages still come from the cache."""
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    system = {"role": "system", "content": "You describe pictures for people who cannot see them. " * 6}
+    ask = dict(model="llava", max_tokens=3, temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    text = client.chat.completions.create(messages=[system, {"role": "user", "content": "hi"}], **ask)
+    url = _png(61)
+    first = client.chat.completions.create(messages=[system, *_ask(url)], **ask)
+    shared = first.usage.prompt_tokens_details.cached_tokens
+    assert shared >= 48 and shared < text.usage.prompt_tokens
+    for seed in (62, 63):
+        client.chat.completions.create(messages=_ask(_png(seed)), **ask)
+    assert images_digest(served, url) not in served.engine.images.held  # its rows went to the other two
+    encoded = served.engine.images.encoded
+    again = client.chat.completions.create(messages=[system, *_ask(url)], **ask)
+    assert served.engine.images.encoded == encoded + 1
+    assert again.usage.prompt_tokens_details.cached_tokens >= shared + 16
+    assert again.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
+
+
+def images_digest(served, url: str) -> str:
+    """The digest a picture's rows are held under."""
+    from engine.images import digest
+
+    _, _, (pixels,) = protocol.chat_ids(served.model, _ask(url))
+    return digest(pixels)
+
+
 def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
     """A link to a host not allowed, bad base64, bytes that are no picture, a picture in an assistant turn,
     more pictures than the slots, and a picture for a model that reads text only: each a 400 naming messages; an
@@ -261,7 +290,7 @@ def test_image_slots_held_by_live_requests_are_busy_then_reused(served):
 
     held = [make(0), make(1)]
     assert all(sum(t >= vocab for t in r.prompt_ids) == 16 for r in held)
-    assert held[0].prompt_ids != held[1].prompt_ids and held[0].cache_key != held[1].cache_key
+    assert held[0].prompt_ids != held[1].prompt_ids and held[0].cache_ids != held[1].cache_ids
     with pytest.raises(Busy):
         make(2)
     short = list(asks[0][0])
