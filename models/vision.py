@@ -18,6 +18,7 @@ import numpy as np
 # Tensor names of the vision side: transformers 5's (`vision_tower.encoder...`), llava-hf's
 # (`vision_tower.vision_model.encoder...`) and transformers 5's in memory (`model.vision_tower...`).
 PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+UNUSED = ("vision_tower.post_layernorm.", "vision_tower.embeddings.position_ids")  # LLaVA never reads these
 MAX_PIXELS = 50_000_000  # a picture's decoded size (150 MB of RGB): more is refused before it is decoded
 MAX_ASPECT = 50  # its long side over its short one: more would resize to a strip of 336 x 16,800+ pixels first
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,10 +41,12 @@ class VisionConfig:
     select: str  # "default": the class token dropped; "full": kept
     projector_act: str
     image_token_id: int
+    projector_bias: bool = True
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
     crop_size: int = 336
-    resize_shortest: int = 336
+    resize_shortest: int = 336  # the resized picture's shortest edge
+    resize_square: bool = False  # True: resized to `resize_shortest` square, whatever its shape (size {height, width})
 
     @property
     def tokens_per_image(self) -> int:
@@ -56,12 +59,15 @@ class VisionConfig:
         return self.feature_layer % (self.num_layers + 1)
 
 
-def _edge(v, default: int) -> int:
-    if v is None:
-        return default
-    if isinstance(v, int):
-        return v
-    return v.get("shortest_edge") or v.get("height") or default
+def _size(v, default: int) -> tuple[int, bool]:
+    """A processor's `size` or `crop_size` (an int, `{"shortest_edge"}` or `{"height", "width"}`) as (edge, square)."""
+    if v is None or isinstance(v, int):
+        return v or default, False
+    if "shortest_edge" in v:
+        return v["shortest_edge"], False
+    if v.get("height") is None or v.get("height") != v.get("width"):
+        raise ValueError(f"an image processor size {v!r} is not supported (shortest_edge, or a square)")
+    return v["height"], True
 
 
 def vision_config(config: dict, preprocessor: dict | None) -> VisionConfig:
@@ -76,50 +82,62 @@ def vision_config(config: dict, preprocessor: dict | None) -> VisionConfig:
     select = config.get("vision_feature_select_strategy", "default")
     if select not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy {select!r} is not supported (default, full)")
-    if config.get("multimodal_projector_bias") is False:
-        raise ValueError("a LLaVA projector without biases is not supported")
-    image = v.get("image_size", 224)
-    pre = preprocessor or {}
     token = config.get("image_token_index", config.get("image_token_id"))
     if token is None:
         raise ValueError("the LLaVA config names no image token (image_token_index)")
-    return VisionConfig(v.get("hidden_size", 768), v.get("intermediate_size", 3072), v.get("num_hidden_layers", 12),
-                        v.get("num_attention_heads", 12), v.get("patch_size", 32), image,
-                        v.get("layer_norm_eps", 1e-5), v.get("hidden_act", "quick_gelu"), layer, select,
-                        config.get("projector_hidden_act", "gelu"), int(token),
-                        tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD)),
-                        _edge(pre.get("crop_size"), image), _edge(pre.get("size"), image))
+    image, pre = v.get("image_size", 224), preprocessor or {}
+    resize, square = _size(pre.get("size"), image)
+    return VisionConfig(
+        hidden_size=v.get("hidden_size", 768), intermediate_size=v.get("intermediate_size", 3072),
+        num_layers=v.get("num_hidden_layers", 12), num_heads=v.get("num_attention_heads", 12),
+        patch_size=v.get("patch_size", 32), image_size=image, layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        hidden_act=v.get("hidden_act", "quick_gelu"), feature_layer=layer, select=select,
+        projector_act=config.get("projector_hidden_act", "gelu"), image_token_id=int(token),
+        projector_bias=bool(config.get("multimodal_projector_bias", True)),
+        image_mean=tuple(pre.get("image_mean", CLIP_MEAN)), image_std=tuple(pre.get("image_std", CLIP_STD)),
+        crop_size=_size(pre.get("crop_size"), image)[0], resize_shortest=resize, resize_square=square)
 
 
 def vision_params(tensors: dict[str, np.ndarray], dtype: str) -> dict:
     """The tower's and projector's tensors (HF names, any of `PREFIXES`; others ignored) as the pytree
-    `image_features` reads, in `dtype`: the encoder layers stacked on a leading axis, linear weights as `[in, out]`."""
+    `image_features` reads, in `dtype`: the encoder layers stacked on a leading axis, linear weights as `[in, out]`,
+    a projector without biases without `b`. A vision tensor it does not know is a `ValueError`."""
     def short(name: str) -> str:
         return name.removeprefix("model.").replace("vision_tower.vision_model.", "vision_tower.")
 
-    t = {short(k): np.asarray(v, np.float32) for k, v in tensors.items() if k.startswith(PREFIXES)}
-    cast = jnp.dtype(dtype)
+    t = {short(k): v for k, v in tensors.items() if k.startswith(PREFIXES)}
+    cast, used = jnp.dtype(dtype), set()
+
+    def get(name: str) -> np.ndarray:
+        used.add(name)
+        return np.asarray(t[name], np.float32).astype(cast)
 
     def linear(prefix: str) -> dict:
-        return {"w": t[prefix + ".weight"].T.astype(cast), "b": t[prefix + ".bias"].astype(cast)}
+        bias = {"b": get(prefix + ".bias")} if prefix + ".bias" in t else {}
+        return {"w": get(prefix + ".weight").T, **bias}
 
     def norm(prefix: str) -> dict:
-        return {"scale": t[prefix + ".weight"].astype(cast), "bias": t[prefix + ".bias"].astype(cast)}
+        return {"scale": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+
+    def layer(i: int) -> dict:
+        at = f"vision_tower.encoder.layers.{i}."
+        return {"norm1": norm(at + "layer_norm1"), "norm2": norm(at + "layer_norm2"),
+                **{p: linear(at + "self_attn." + p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+                "fc1": linear(at + "mlp.fc1"), "fc2": linear(at + "mlp.fc2")}
 
     count = 1 + max(int(k.split(".")[3]) for k in t if k.startswith("vision_tower.encoder.layers."))
-    layers = [{"norm1": norm(f"vision_tower.encoder.layers.{i}.layer_norm1"),
-               "norm2": norm(f"vision_tower.encoder.layers.{i}.layer_norm2"),
-               **{p: linear(f"vision_tower.encoder.layers.{i}.self_attn.{p}")
-                  for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
-               "fc1": linear(f"vision_tower.encoder.layers.{i}.mlp.fc1"),
-               "fc2": linear(f"vision_tower.encoder.layers.{i}.mlp.fc2")} for i in range(count)]
-    patch = t["vision_tower.embeddings.patch_embedding.weight"]  # [hidden, 3, p, p]
-    return {"patch": patch.reshape(patch.shape[0], -1).T.astype(cast),  # [3 * p * p, hidden]
-            "cls": t["vision_tower.embeddings.class_embedding"].astype(cast),
-            "positions": t["vision_tower.embeddings.position_embedding.weight"].astype(cast),
-            "pre_norm": norm("vision_tower.pre_layrnorm"),
-            "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers),
-            "linear_1": linear("multi_modal_projector.linear_1"), "linear_2": linear("multi_modal_projector.linear_2")}
+    patch = get("vision_tower.embeddings.patch_embedding.weight")  # [hidden, 3, p, p]
+    params = {"patch": patch.reshape(patch.shape[0], -1).T,  # [3 * p * p, hidden]
+              "cls": get("vision_tower.embeddings.class_embedding"),
+              "positions": get("vision_tower.embeddings.position_embedding.weight"),
+              "pre_norm": norm("vision_tower.pre_layrnorm"),
+              "layers": jax.tree.map(lambda *xs: np.stack(xs), *[layer(i) for i in range(count)]),
+              "linear_1": linear("multi_modal_projector.linear_1"),
+              "linear_2": linear("multi_modal_projector.linear_2")}
+    unknown = sorted(k for k in t if k not in used and not k.startswith(UNUSED))
+    if unknown:
+        raise ValueError(f"LLaVA vision tensors not understood: {unknown[:5]}")
+    return jax.tree.map(jnp.asarray, params)
 
 
 def _act(name: str, x):
@@ -140,7 +158,8 @@ def _norm(p: dict, x, eps: float):
 
 
 def _dense(p: dict, x):
-    return jnp.dot(x, p["w"], preferred_element_type=jnp.float32).astype(x.dtype) + p["b"]
+    y = jnp.dot(x, p["w"], preferred_element_type=jnp.float32).astype(x.dtype)
+    return y + p["b"] if "b" in p else y
 
 
 def image_features(params: dict, pixels, cfg: VisionConfig):
@@ -163,16 +182,25 @@ def image_features(params: dict, pixels, cfg: VisionConfig):
         h = _norm(w["norm2"], x, cfg.layer_norm_eps)
         return x + _dense(w["fc2"], _act(cfg.hidden_act, _dense(w["fc1"], h))), None
 
-    used = jax.tree.map(lambda a: a[:cfg.depth], params["layers"])
-    x, _ = jax.lax.scan(layer, x, used)
+    x, _ = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[:cfg.depth], params["layers"]))
     if cfg.select == "default":
         x = x[:, 1:]
     return _dense(params["linear_2"], _act(cfg.projector_act, _dense(params["linear_1"], x)))
 
 
+def _rgb(image):
+    """RGB as transformers' `convert_to_rgb` makes it: any transparency composited onto white."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes):
-    """A picture's bytes (PNG, JPEG, WebP, GIF, ...) as an RGB PIL image; `ValueError` if they are none, or if its
-    header says it is over `MAX_PIXELS` or `MAX_ASPECT` (checked before the pixels are decoded)."""
+    """A picture's bytes (PNG, JPEG, WebP, GIF, ...) as an RGB PIL image (transparency on white); `ValueError` if they
+    are none, or if its header says it is over `MAX_PIXELS` or `MAX_ASPECT` (checked before the pixels are decoded)."""
     from PIL import Image
 
     try:
@@ -182,36 +210,26 @@ def decode_image(data: bytes):
             raise ValueError(f"the image is {w}x{h} pixels; at most {MAX_PIXELS:,} pixels, and sides at most "
                              f"{MAX_ASPECT}:1")
         image.load()
-        return image.convert("RGB")
+        return _rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError) as e:
         raise ValueError(f"could not decode the image: {e}") from None
 
 
 def preprocess(image, cfg: VisionConfig) -> np.ndarray:
-    """`[3, crop, crop]` float32 pixels of a PIL image, as transformers' `CLIPImageProcessor` (its Pillow backend)
-    makes them: RGB, the shortest edge resized to `resize_shortest` (bicubic, the other edge `int(edge * ratio)`),
-    a center crop, `/ 255`, then `(x - mean) / std` per channel."""
+    """`[3, crop, crop]` float32 pixels of a PIL image, exactly as transformers' `CLIPImageProcessor` (its Pillow
+    backend) makes them: RGB, the shortest edge resized to `resize_shortest` (bicubic on the uint8 picture, the other
+    edge `int(edge * long / short)`), a center crop (zero padded where the picture is smaller), `/ 255`, then
+    `(x - mean) / std` per channel."""
     from PIL import Image
 
-    image = image.convert("RGB")
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = cfg.resize_shortest, int(cfg.resize_shortest * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    x = np.asarray(image.resize(size, Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1)
-    c = cfg.crop_size
+    image = _rgb(image)
+    w, h, s = *image.size, cfg.resize_shortest
+    size = (s, s) if cfg.resize_square else (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    x = np.asarray(image.resize(size, Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    c, (h, w) = cfg.crop_size, x.shape[1:]
+    top, left = max(0, -(-(c - h) // 2)), max(0, -(-(c - w) // 2))  # transformers pads ceil((c - h) / 2) above
+    x = np.pad(x, ((0, 0), (top, max(0, c - h - top)), (left, max(0, c - w - left))))
     top, left = (x.shape[1] - c) // 2, (x.shape[2] - c) // 2
-    x = x[:, top:top + c, left:left + c] if top >= 0 and left >= 0 else _padded_crop(x, c)
-    x = x * np.float32(1 / 255)
-    mean, std = np.asarray(cfg.image_mean, np.float32)[:, None, None], np.asarray(cfg.image_std, np.float32)[:, None,
-                                                                                                             None]
-    return ((x - mean) / std).astype(np.float32)
-
-
-def _padded_crop(x: np.ndarray, c: int) -> np.ndarray:
-    """A center crop of an image smaller than the crop on some side: zero padded around it (as transformers does)."""
-    out = np.zeros((x.shape[0], max(c, x.shape[1]), max(c, x.shape[2])), x.dtype)
-    top, left = (out.shape[1] - x.shape[1]) // 2, (out.shape[2] - x.shape[2]) // 2
-    out[:, top:top + x.shape[1], left:left + x.shape[2]] = x
-    t, lo = (out.shape[1] - c) // 2, (out.shape[2] - c) // 2
-    return out[:, t:t + c, lo:lo + c]
+    x = (x[:, top:top + c, left:left + c].astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (cfg.image_mean, cfg.image_std))
+    return (x - mean) / std

@@ -94,67 +94,6 @@ def served(llava, tmp_path_factory):
         yield api
 
 
-@pytest.mark.parametrize("select,layer", [("default", -2), ("full", -1), ("default", 1)])
-def test_the_tower_and_projector_match_transformers(tmp_path, select, layer):
-    """`models.vision.image_features` on a checkpoint's tensors against transformers' `get_image_features`, for each
-    feature strategy and a feature layer counted from either end."""
-    from safetensors.numpy import load_file
-
-    from models import vision
-
-    text = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)
-    tower = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                          num_attention_heads=4, image_size=SIZE, patch_size=7)
-    cfg = transformers.LlavaConfig(vision_config=tower, text_config=text, image_token_id=299,
-                                   vision_feature_select_strategy=select, vision_feature_layer=layer)
-    torch.manual_seed(0)
-    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    ref.save_pretrained(tmp_path)
-    ours = vision.vision_config(json.load(open(tmp_path / "config.json")), None)
-    params = vision.vision_params(load_file(str(tmp_path / "model.safetensors")), "float32")
-    pixels = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
-    got = np.asarray(vision.image_features(params, pixels, ours))
-    with torch.no_grad():
-        want = ref.get_image_features(pixel_values=torch.tensor(pixels))
-    want = getattr(want, "pooler_output", want)
-    want = (torch.stack(list(want)) if isinstance(want, (list, tuple)) else want).reshape(got.shape).numpy()
-    assert got.shape == (2, ours.tokens_per_image, 64) and ours.tokens_per_image == 16 + (select == "full")
-    np.testing.assert_allclose(got, want, atol=2e-5)
-
-
-def test_preprocessing_matches_clips_image_processor():
-    """`models.vision.preprocess` against transformers' `CLIPImageProcessor` (Pillow backend) on pictures taller,
-    wider, square and smaller than the crop, and an RGBA PNG through `decode_image`; bytes that are no picture and a
-    SigLIP tower are `ValueError`s."""
-    from models import vision
-
-    cfg = vision.vision_config({"vision_config": {"image_size": SIZE, "patch_size": 7}, "image_token_index": 5},
-                               {"size": {"shortest_edge": SIZE}, "crop_size": {"height": SIZE, "width": SIZE}})
-    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE,
-                                                                                             "width": SIZE})
-    rng = np.random.default_rng(1)
-    pictures = [Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
-                for shape in ((40, 31), (17, 50), (20, 20), (10, 60))]
-    rgba = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (33, 45, 4), dtype=np.uint8)).save(rgba, format="PNG")
-    pictures.append(vision.decode_image(rgba.getvalue()))
-    for picture in pictures:
-        want = processor(images=[picture], return_tensors="np")["pixel_values"][0]
-        np.testing.assert_allclose(vision.preprocess(picture, cfg), want, atol=1e-5)
-    with pytest.raises(ValueError, match="could not decode"):
-        vision.decode_image(b"not a picture")
-    strip = io.BytesIO()  # a few hundred bytes that would resize to 28 x 28,000 pixels: refused from the header
-    Image.new("RGB", (1000, 1)).save(strip, format="PNG")
-    with pytest.raises(ValueError, match="1000x1 pixels"):
-        vision.decode_image(strip.getvalue())
-    with pytest.raises(ValueError, match="only CLIP"):
-        vision.vision_config({"vision_config": {"model_type": "siglip_vision_model"}, "image_token_index": 5}, None)
-
-
 def _reference(llava, ids: list[int], urls: list[str], n: int) -> tuple[list[int], float]:
     """transformers' greedy `n` tokens after `ids` with the pictures at `urls` (past an end of sequence, as
     `ignore_eos` runs), and its first token's logprob."""

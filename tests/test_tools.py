@@ -155,7 +155,7 @@ def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                           "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
-    text = chat_text(types.SimpleNamespace(tokenizer=tok), history, spec)
+    text = chat_text(types.SimpleNamespace(tokenizer=tok, vision=None), history, spec)
     assert text.startswith("Tools: get_weather get_time <｜User｜>What is the weather in Paris?")
     assert f'{DS_CALL}get_weather{DS_SEP}{{"city": "Oslo", "unit": "celsius"}}{DS_END}' in text
     assert text.endswith("<｜tool▁output▁begin｜>18C<｜tool▁output▁end｜><｜Assistant｜>")
