@@ -360,7 +360,8 @@ class Server:
         card = {"id": adapter or self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
                 "max_model_len": self.engine.max_len, "dtype": self.model.cfg.dtype,
                 "quantization": {"method": self.model.cfg.quantization, "products": self.model.cfg.matmul,
-                                 "why": self.model.quantization_why}}
+                                 "why": self.model.quantization_why},
+                "input_modalities": ["text", "image"] if self.engine.images is not None else ["text"]}
         loaded = self.engine.adapters.get(adapter) if adapter else None
         if loaded is not None:
             card.update(root=loaded.path, parent=self.name, lora_rank=loaded.rank)

@@ -26,6 +26,7 @@ from models import load_model  # noqa: E402
 from server import protocol  # noqa: E402
 from server import images  # noqa: E402
 from server.images import Media  # noqa: E402
+from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: E402, F401  (the page's fixture)
 
 IMAGE = "<image>"
 # llava-hf/llava-1.5-7b-hf's chat template: it loops over each message's typed parts, pictures first
@@ -455,3 +456,27 @@ def test_the_offline_api_takes_vllms_multi_modal_data(llava):
     assert out.outputs[0].token_ids == _reference(llava, ids, [url], 6)[0]
     with pytest.raises(ValueError, match="0 image tokens for 1 pictures"):
         llm.generate({"prompt": "What is this?", "multi_modal_data": {"image": [picture]}})
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_the_chat_page_attaches_a_picture(served, browser, tmp_path):  # noqa: F811  (the imported fixture)
+    """For a model that reads images the page offers a picture input (the model card's `input_modalities`); a greedy
+    reply about a picture chosen there equals the API's for the same picture, and the picture shows in the chat."""
+    from selenium.webdriver.common.by import By
+
+    url = _png(71)
+    path = tmp_path / "cat.png"
+    path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    browser.get(served.url + "/")
+    picture = until(lambda: browser.find_element(By.ID, "attach").is_displayed()
+                    and browser.find_element(By.ID, "picture"))
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max_tokens", "8")
+    picture.send_keys(str(path))
+    text, _ = ask(browser, "What is in this picture?")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    same = client.chat.completions.create(model="llava", messages=_ask(url), temperature=0, max_tokens=8)
+    assert text == same.choices[0].message.content.strip()
+    shown = browser.find_element(By.CSS_SELECTOR, ".msg.user img.picture").get_attribute("src")
+    assert shown == url

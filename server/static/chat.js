@@ -45,6 +45,7 @@ async function connect() {
     pick.hidden = false;
     pick.onchange = () => { state.model = pick.value; };
   }
+  $("attach").hidden = !(card.input_modalities || []).includes("image");  // a model that reads pictures
   const method = card.quantization && card.quantization.method;
   const q = method ? ` · ${card.dtype}, ${method === "none" ? "full-precision" : method} weights` : "";
   $("model").textContent = `${card.id}${q} · context ${card.max_model_len}`;
@@ -77,7 +78,19 @@ function settings() {
   return body;
 }
 
-function bubble(role, text = "") {
+// the picture attached, as a data: URL (null: none)
+function attached() {
+  const file = $("picture").files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function bubble(role, text = "", picture = null) {
   const div = document.createElement("div");
   div.className = `msg ${role}`;
   const who = document.createElement("span");
@@ -87,6 +100,12 @@ function bubble(role, text = "") {
   body.className = "body";
   body.textContent = text;
   div.append(who, body);
+  if (picture) {
+    const img = document.createElement("img");
+    img.className = "picture";
+    img.src = picture;
+    div.append(img);
+  }
   $("messages").append(div);
   $("messages").scrollTop = $("messages").scrollHeight;
   return div;
@@ -135,10 +154,13 @@ async function send(text) {
     $("settings-error").hidden = false;
     return;
   }
+  const picture = await attached();
+  $("picture").value = "";
+  const content = picture ? [{ type: "text", text }, { type: "image_url", image_url: { url: picture } }] : text;
   const system = $("system").value.trim();
   const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history,
-                    { role: "user", content: text }];
-  bubble("user", text);
+                    { role: "user", content }];
+  bubble("user", text, picture);
   const body = { model: state.model, messages, stream: true, stream_options: { include_usage: true }, ...sampling };
   const container = document.createElement("div");
   container.className = "choices";
@@ -187,7 +209,7 @@ async function send(text) {
         $("messages").scrollTop = $("messages").scrollHeight;
       }
     }
-    state.history.push({ role: "user", content: text }, { role: "assistant", content: views[0].text });
+    state.history.push({ role: "user", content }, { role: "assistant", content: views[0].text });
   } catch (e) {
     if (e.name !== "AbortError") bubble("error", String(e.message || e));
     finish = e.name === "AbortError" ? "stopped" : "error";
