@@ -27,6 +27,7 @@ from engine.grammar_sandbox import Busy
 from engine.params import InvalidRequest
 from models import Model, vision
 
+
 def digest(pixels: np.ndarray) -> str:
     """The key an image's rows are kept under: sha256 of its preprocessed pixels."""
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:32]

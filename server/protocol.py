@@ -6,9 +6,10 @@ Everything here is plain Python over the decoded JSON body; a bad value raises `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
@@ -525,10 +526,10 @@ def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("tex
     return "".join(p["text"] for p in content)
 
 
-def _content(model: Model, m: dict, i: int, found: list | None, media: images.Media) -> str | list[dict]:
+def _content(m: dict, i: int, found: list | None, fetch: Callable[[str, str], Any]) -> str | list[dict]:
     """A message's content as text; with `found` (a model that reads images) and image parts in it, as chat parts
-    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels (fetched as `media` allows) appended
-    to `found`."""
+    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels (`fetch(url, where)`) appended to
+    `found`."""
     content, where = m.get("content"), f"messages[{i}].content"
     if content is None and m["role"] == "assistant":
         return ""
@@ -543,8 +544,7 @@ def _content(model: Model, m: dict, i: int, found: list | None, media: images.Me
     for k, p in enumerate(content):
         if isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS:
             try:
-                found.append(images.pixels(images.url_of(p, f"{where}[{k}]"), model.vision, f"{where}[{k}]",
-                                           media))
+                found.append(fetch(images.url_of(p, f"{where}[{k}]"), f"{where}[{k}]"))
             except ValueError as e:
                 raise bad(str(e), "messages") from None
             parts.append({"type": "image"})
@@ -568,9 +568,11 @@ def _as_template_reads(model: Model, messages: list[dict]) -> list[dict]:
 
 
 def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None,
-              found: list | None = None, media: images.Media = images.Media()) -> str:
+              found: list | None = None, fetch: Callable[[str, str], Any] | None = None) -> str:
     """The chat template applied to validated messages (and tools, and extra template arguments), with the
-    generation prompt; their images' pixels appended to `found` where given (`_content`)."""
+    generation prompt; their images' pixels appended to `found` where given (`_content`; `fetch(url, where)` reads
+    a picture, by default inline ones only)."""
+    fetch = fetch or (lambda url, where: images.pixels(url, model.vision, where))
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     clean = []
@@ -580,7 +582,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        one = {"role": "system" if role == "developer" else role, "content": _content(model, m, i, found, media)}
+        one = {"role": "system" if role == "developer" else role, "content": _content(m, i, found, fetch)}
         if role == "assistant" and m.get("tool_calls") is not None:
             one["tool_calls"] = m["tool_calls"]
         if role == "tool":
@@ -636,12 +638,15 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_
     repeated to the image's length, as transformers' processor writes it (`engine.images`); another, no images.
     Pictures by link are fetched as `media` allows (`server.images`).
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
-    prompt to at most that many tokens (the last message always stays), found by bisection over how many."""
+    prompt to at most that many tokens (the last message always stays), found by bisection over how many; each
+    picture is read once, however many renderings the bisection tries."""
+    fetch = functools.cache(lambda url, where: images.pixels(url, model.vision, where, media))
+
     def render(drop: int, shortest: bool = False) -> tuple[list[int], str, list]:
         gone = set(droppable[:drop])
         kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
         found = [] if model.vision is not None else None
-        text = chat_text(model, kept, with_tools, kwargs, found, media)
+        text = chat_text(model, kept, with_tools, kwargs, found, fetch)
         if shortest:  # no fewer turns can follow: too long now is too long
             bounded(model, text, "messages")
         ids = model.tokenizer.encode(text, add_special_tokens=False)
