@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import threading
 import weakref
 
@@ -42,7 +43,7 @@ class ImageRows:
         self.held: collections.OrderedDict[str, int] = collections.OrderedDict()  # digest -> slot, oldest use first
         self.users: dict[int, weakref.WeakValueDictionary] = {}  # slot -> the requests reading it, by id
         self.lock = threading.Lock()  # the server's threads place images; the engine's thread installs LoRA slots
-        self.encoded = 0  # images run through the vision tower (counted for the tests)
+        self.encoded, self._encodes = 0, itertools.count(1)  # images run through the vision tower (the metrics')
         dtype = jax.tree.leaves(model.vision_params)[0].dtype
         rows = jnp.zeros((capacity * self.size, model.cfg.hidden_size), dtype)
         model.params = {**model.params, "soft": {"rows": jax.device_put(rows, NamedSharding(model.mesh, P()))}}
@@ -69,7 +70,7 @@ class ImageRows:
         return key, self._features(pixels)
 
     def _features(self, pixels: np.ndarray) -> jax.Array:
-        self.encoded += 1
+        self.encoded = next(self._encodes)  # parse threads encode at once: one count each
         return self._encode(self.model.vision_params, np.asarray(pixels, np.float32)[None])
 
     def place(self, req, images: list[tuple[str, np.ndarray, jax.Array | None]]) -> None:

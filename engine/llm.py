@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from engine.engine import Engine
-from engine.grammar_sandbox import SERVING_STACK
+from engine.grammar_sandbox import SERVING_STACK, Busy
 from engine.requests import Delta, Request
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig
@@ -107,10 +107,17 @@ class LLM:
         takes them (`engine.images`)."""
         if not isinstance(prompt, dict):
             return encode_prompt(self.model, prompt), []
+        if "prompt_token_ids" not in prompt and "prompt" not in prompt:
+            raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
         ids = encode_prompt(self.model, prompt["prompt_token_ids"] if "prompt_token_ids" in prompt
                             else prompt["prompt"])
         pictures = (prompt.get("multi_modal_data") or {}).get("image", [])
-        pictures = pictures if isinstance(pictures, list) else [pictures]
+        pictures = list(pictures) if isinstance(pictures, (list, tuple)) else [pictures]
+        if any(isinstance(p, np.ndarray) for p in pictures):  # vLLM takes HWC uint8 arrays too
+            from PIL import Image
+
+            pictures = [Image.fromarray(np.asarray(p, np.uint8)) if isinstance(p, np.ndarray) else p
+                        for p in pictures]
         if pictures and self.engine.images is None:
             raise ValueError("multi_modal_data: this model reads text only")
         if not pictures:
@@ -176,10 +183,17 @@ class LLM:
         adapters = adapters if isinstance(adapters, list) else [adapters] * len(ids)
         if len(adapters) != len(ids):
             raise ValueError(f"lora: {len(adapters)} adapters for {len(ids)} prompts")
-        reqs = [self.engine.make_request(p, sp, prediction=pred, adapter=a, images=pics, **cache)
-                for p, sp, pred, a, pics in zip(ids, plist, preds, adapters, pictures)]
-        for r in reqs:
-            self.engine.add(r)
+        reqs = []
+        for p, sp, pred, a, pics in zip(ids, plist, preds, adapters, pictures):
+            while True:
+                try:
+                    reqs.append(self.engine.make_request(p, sp, prediction=pred, adapter=a, images=pics, **cache))
+                    break
+                except Busy:  # every picture slot read by a request made before: run those first
+                    if not self.engine.has_work():
+                        raise
+                    self.engine.step()
+            self.engine.add(reqs[-1])
         while self.engine.has_work():
             self.engine.step()
         return [to_output(r) for r in reqs]

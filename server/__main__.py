@@ -424,7 +424,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb,
                     batch_priority=args.batch_priority,
                     files_dir=os.path.join(cache_root(), "files") if args.files_dir is None else args.files_dir,
-                    media=Media(tuple(d.lower() for d in args.allowed_media_domains), args.allowed_local_media_path))
+                    media=Media(args.allowed_media_domains, args.allowed_local_media_path,
+                                max_images=args.max_images))
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

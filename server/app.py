@@ -75,7 +75,7 @@ class Server:
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
                  max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None,
-                 media: images.Media = images.Media()):
+                 media: images.Media = images.NO_MEDIA):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout

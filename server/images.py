@@ -13,7 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import http.client
 import os
+import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,16 +31,24 @@ IMAGE_PARTS = ("image_url",)
 @dataclasses.dataclass(frozen=True)
 class Media:
     """Where pictures may be fetched from: hosts for http(s) links (`*`: any; none: no links), a folder for
-    `file://` links (None: none), the seconds and bytes a fetch may take."""
+    `file://` links (None: none), the seconds and bytes one fetch may take in all, and the pictures one request may
+    hold (the server's `--max-images`: more are refused before any is read)."""
 
     domains: tuple[str, ...] = ()
     local: str | None = None
     timeout: float = 10.0
     max_bytes: int = 20 << 20
+    max_images: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "domains", tuple(d.lower().strip("[]") for d in self.domains))
 
     def allows(self, host: str | None) -> bool:
         """Whether a link to `host` may be fetched."""
         return "*" in self.domains or (host or "").lower() in self.domains
+
+
+NO_MEDIA = Media()  # inline pictures only
 
 
 def url_of(part: dict, where: str) -> str:
@@ -50,13 +61,10 @@ def url_of(part: dict, where: str) -> str:
     return url
 
 
-def pixels(url: str, cfg: vision.VisionConfig, where: str, media: Media = Media()) -> np.ndarray:
+def pixels(url: str, cfg: vision.VisionConfig, media: Media = NO_MEDIA) -> np.ndarray:
     """The preprocessed pixels `[3, S, S]` of the picture at `url` (inline, or fetched as `media` allows); else a
-    `ValueError` naming `where`."""
-    try:
-        return vision.preprocess(vision.decode_image(_bytes(url, media)), cfg)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    `ValueError` saying why."""
+    return vision.preprocess(vision.decode_image(_bytes(url, media)), cfg)
 
 
 def _bytes(url: str, media: Media) -> bytes:
@@ -71,8 +79,12 @@ def _bytes(url: str, media: Media) -> bytes:
     shown = url if len(url) <= 60 else url[:57] + "..."
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file" and media.local is not None:
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"a file:// link names no other host ({shown!r})")
         return _local(urllib.parse.unquote(parsed.path), media)
     if parsed.scheme in ("http", "https") and media.domains:
+        if "@" in parsed.netloc or "\\" in url:  # userinfo or a backslash: the host checked may not be the one reached
+            raise ValueError(f"a picture's link may hold no user name or backslash ({shown!r})")
         if not media.allows(parsed.hostname):
             raise ValueError(f"this server fetches pictures from {', '.join(media.domains)} only, not {shown!r}")
         return _fetch(url, media)
@@ -88,6 +100,8 @@ def _local(path: str, media: Media) -> bytes:
     if os.path.commonpath([root, real]) != root:
         raise ValueError(f"file:// pictures must be under {media.local} (--allowed-local-media-path)")
     try:
+        if not stat.S_ISREG(os.stat(real).st_mode):  # a FIFO or a device would block the read
+            raise ValueError("a file:// picture must be a regular file")
         with open(real, "rb") as f:
             data = f.read(media.max_bytes + 1)
     except OSError as e:
@@ -99,6 +113,7 @@ class _Checked(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to a host the policy allows."""
 
     def __init__(self, media: Media):
+        """A handler for `media`'s hosts."""
         self.media = media
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
@@ -110,11 +125,18 @@ class _Checked(urllib.request.HTTPRedirectHandler):
 
 def _fetch(url: str, media: Media) -> bytes:
     opener = urllib.request.build_opener(_Checked(media))
+    deadline = time.monotonic() + media.timeout  # for the whole body: a server trickling bytes is cut off
     try:
         with opener.open(urllib.request.Request(url, headers={"User-Agent": "sparkler"}),
                          timeout=media.timeout) as r:
-            return _bounded(r.read(media.max_bytes + 1), media)
-    except (urllib.error.URLError, OSError) as e:  # HTTP errors, refused connections, timeouts
+            data = bytearray()
+            while chunk := r.read(1 << 16):
+                data += chunk
+                _bounded(data, media)
+                if time.monotonic() > deadline:
+                    raise ValueError(f"the picture took over {media.timeout:g} s to arrive")
+            return bytes(data)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, bad replies
         raise ValueError(f"could not fetch the picture: {getattr(e, 'reason', None) or e}") from None
 
 

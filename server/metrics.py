@@ -32,7 +32,8 @@ ENGINE_GAUGES = {
     "lora_slots": "LoRA adapters the devices hold at once (--max-loras; 0: LoRA off)",
     "lora_adapters": "LoRA adapters loaded",
     "image_slots": "pictures whose features the devices hold at once (--max-images; 0: the model reads text only)",
-    "images_held": "pictures whose features are held now (found again by their digest)",
+    "images_held": "pictures whose features the devices keep, found again by their digest (a slot is reused when "
+                   "every slot keeps one)",
 }
 ENGINE_COUNTERS = {
     "finished": "engine requests finished",

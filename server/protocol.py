@@ -282,7 +282,7 @@ def _unsupported(body: dict) -> None:
 
 
 def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds: dict | None = None,
-          media: images.Media = images.Media()) -> Job:
+          media: images.Media = images.NO_MEDIA) -> Job:
     """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: how the server splits
     the model's thinking from its answer ("think" or "harmony": `reasoning.resolve`); `bounds`: another API's ranges
     for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's is 2); `media`: where
@@ -526,10 +526,10 @@ def text_of(content: Any, where: str, param: str, kinds: tuple[str, ...] = ("tex
     return "".join(p["text"] for p in content)
 
 
-def _content(m: dict, i: int, found: list | None, fetch: Callable[[str, str], Any]) -> str | list[dict]:
+def _content(m: dict, i: int, found: list | None, fetch: Callable[[str], Any], most: int) -> str | list[dict]:
     """A message's content as text; with `found` (a model that reads images) and image parts in it, as chat parts
-    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels (`fetch(url, where)`) appended to
-    `found`."""
+    (`{"type": "text", "text"}` and `{"type": "image"}`), each image's pixels (`fetch(url)`) appended to `found`,
+    at most `most` of them in all."""
     content, where = m.get("content"), f"messages[{i}].content"
     if content is None and m["role"] == "assistant":
         return ""
@@ -543,10 +543,12 @@ def _content(m: dict, i: int, found: list | None, fetch: Callable[[str, str], An
     parts = []
     for k, p in enumerate(content):
         if isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS:
+            if len(found) >= most:
+                raise bad(f"{where}[{k}]: more than {most} pictures in one request (--max-images)", "messages")
             try:
-                found.append(fetch(images.url_of(p, f"{where}[{k}]"), f"{where}[{k}]"))
+                found.append(fetch(images.url_of(p, f"{where}[{k}]")))
             except ValueError as e:
-                raise bad(str(e), "messages") from None
+                raise bad(f"{where}[{k}]: {e}", "messages") from None
             parts.append({"type": "image"})
         else:
             parts.append({"type": "text", "text": text_of([p], f"{where}[{k}]", "messages")})
@@ -568,11 +570,12 @@ def _as_template_reads(model: Model, messages: list[dict]) -> list[dict]:
 
 
 def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwargs: dict | None = None,
-              found: list | None = None, fetch: Callable[[str, str], Any] | None = None) -> str:
+              found: list | None = None, fetch: Callable[[str], Any] | None = None,
+              media: images.Media = images.NO_MEDIA) -> str:
     """The chat template applied to validated messages (and tools, and extra template arguments), with the
-    generation prompt; their images' pixels appended to `found` where given (`_content`; `fetch(url, where)` reads
-    a picture, by default inline ones only)."""
-    fetch = fetch or (lambda url, where: images.pixels(url, model.vision, where))
+    generation prompt; their images' pixels appended to `found` where given (`_content`; `fetch(url)` reads a
+    picture, by default as `media` allows)."""
+    fetch = fetch or (lambda url: images.pixels(url, model.vision, media))
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     clean = []
@@ -582,7 +585,8 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
-        one = {"role": "system" if role == "developer" else role, "content": _content(m, i, found, fetch)}
+        one = {"role": "system" if role == "developer" else role,
+               "content": _content(m, i, found, fetch, media.max_images)}
         if role == "assistant" and m.get("tool_calls") is not None:
             one["tool_calls"] = m["tool_calls"]
         if role == "tool":
@@ -632,7 +636,7 @@ def _tool_history(messages: list) -> None:
 
 
 def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_tools: Tools | None = None,
-             kwargs: dict | None = None, media: images.Media = images.Media()) -> tuple[list[int], str, list]:
+             kwargs: dict | None = None, media: images.Media = images.NO_MEDIA) -> tuple[list[int], str, list]:
     """`(token ids, text, images)` of validated messages through the chat template (it writes the special tokens
     itself). A model that reads images gets their preprocessed pixels, in order, and each image token of the text
     repeated to the image's length, as transformers' processor writes it (`engine.images`); another, no images.
@@ -640,13 +644,13 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_
     `truncate_len` (Fireworks' `prompt_truncate_len`): drop the fewest oldest non-system messages that bring the
     prompt to at most that many tokens (the last message always stays), found by bisection over how many; each
     picture is read once, however many renderings the bisection tries."""
-    fetch = functools.cache(lambda url, where: images.pixels(url, model.vision, where, media))
+    fetch = functools.cache(lambda url: images.pixels(url, model.vision, media))
 
     def render(drop: int, shortest: bool = False) -> tuple[list[int], str, list]:
         gone = set(droppable[:drop])
         kept = [m for i, m in enumerate(messages) if i not in gone] if drop else messages  # validated by the first
         found = [] if model.vision is not None else None
-        text = chat_text(model, kept, with_tools, kwargs, found, fetch)
+        text = chat_text(model, kept, with_tools, kwargs, found, fetch, media)
         if shortest:  # no fewer turns can follow: too long now is too long
             bounded(model, text, "messages")
         ids = model.tokenizer.encode(text, add_special_tokens=False)

@@ -397,8 +397,14 @@ def test_pictures_by_link_as_the_policy_allows(served):
     url = _png(41)
     raw = base64.b64decode(url.split(",", 1)[1])
 
+    fetched = []
+
     class Pictures(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            fetched.append(self.path)
+            if self.path == "/garbage":  # no HTTP status line at all
+                self.wfile.write(b"garbage\r\n\r\n")
+                return
             if self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", f"http://localhost:{self.server.server_port}/cat.png")
@@ -430,32 +436,46 @@ def test_pictures_by_link_as_the_policy_allows(served):
         assert answer(f"{site}/cat.png") == want
         assert answer(f"file://{served.media.local}/cat.png") == want
         for link, words in ((f"{site}/moved", "redirects"), (f"{site}/missing.png", "could not fetch"),
-                            ("file:///etc/hostname", "must be under")):
+                            (f"{site}/garbage", "could not fetch"), ("file:///etc/hostname", "must be under"),
+                            (f"http://x@127.0.0.1:{host.server_port}/cat.png", "no user name"),
+                            (f"file://elsewhere{served.media.local}/cat.png", "no other host")):
             with pytest.raises(openai.BadRequestError) as e:
                 answer(link)
             assert words in e.value.message, link
+        # prompt_truncate_len renders the conversation several times over: the picture is fetched once
+        turns = [*_ask(f"{site}/cat.png", "Look at this."), {"role": "assistant", "content": "A picture. " * 20},
+                 {"role": "user", "content": "More? " * 20}, {"role": "assistant", "content": "Yes. " * 20},
+                 {"role": "user", "content": "Go on."}]
+        fetched.clear()
+        ids, _, pixels = protocol.chat_ids(served.model, turns, 60, media=served.media)
+        assert fetched == ["/cat.png"] and len(ids) <= 60 and not pixels  # the picture's turn was dropped
     finally:
         host.shutdown()
+    with pytest.raises(protocol.ApiError, match="more than 2 pictures"):
+        protocol.chat_ids(served.model, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": _png(s)} for s in (1, 2, 3)]}], media=Media(max_images=2))
     with pytest.raises(ValueError, match="--allowed-media-domains"):
-        images.pixels(f"{site}/cat.png", served.model.vision, "w")
+        images.pixels(f"{site}/cat.png", served.model.vision)
 
 
 def test_the_offline_api_takes_vllms_multi_modal_data(llava):
-    """`LLM.generate` with vLLM's prompt dict (`multi_modal_data: {"image": PIL image}`, one `<image>` in the
-    text) answers as transformers does on the same ids and pixels; an image token short is a `ValueError`."""
+    """`LLM.generate` with vLLM's prompt dicts (`multi_modal_data: {"image": PIL image}`, one `<image>` in the
+    text) answers as transformers does on the same ids and pixels, three pictures on two slots (the third waits for
+    one); an image token short is a `ValueError`."""
     from engine import LLM
 
-    llm = LLM(load_model(llava[0]), max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01)
-    url = _png(51)
-    picture = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    llm = LLM(load_model(llava[0]), max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, max_images=2)
+    urls = [_png(seed) for seed in (51, 52, 53)]
+    pictures = [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) for url in urls]
     prompt = f"USER: {IMAGE}\nWhat is this? ASSISTANT:"
-    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": picture}},
-                       SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
-    ids = out.prompt_token_ids
+    outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": p}} for p in pictures],
+                        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))  # 3 pictures on 2 slots
+    ids = outs[0].prompt_token_ids
     assert ids.count(llava[1].config.image_token_id) == 16
-    assert out.outputs[0].token_ids == _reference(llava, ids, [url], 6)[0]
+    for out, url in zip(outs, urls):
+        assert out.outputs[0].token_ids == _reference(llava, ids, [url], 6)[0]
     with pytest.raises(ValueError, match="0 image tokens for 1 pictures"):
-        llm.generate({"prompt": "What is this?", "multi_modal_data": {"image": [picture]}})
+        llm.generate({"prompt": "What is this?", "multi_modal_data": {"image": pictures[:1]}})
 
 
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),

@@ -154,7 +154,13 @@ async function send(text) {
     $("settings-error").hidden = false;
     return;
   }
-  const picture = await attached();
+  let picture;
+  try {
+    picture = await attached();
+  } catch (e) {
+    bubble("error", `could not read the picture: ${e.message || e}`);
+    return;
+  }
   $("picture").value = "";
   const content = picture ? [{ type: "text", text }, { type: "image_url", image_url: { url: picture } }] : text;
   const system = $("system").value.trim();
@@ -239,7 +245,7 @@ function showStats(start, first, end, usage, finish) {
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text || state.abort) return;
+  if ((!text && !$("picture").files.length) || state.abort) return;  // a picture alone may be sent
   $("prompt").value = "";
   send(text);
 });
