@@ -95,6 +95,20 @@ def served(llava, tmp_path_factory):
         yield api
 
 
+def _greedy(eng: Engine, seeds, n: int) -> list[list[int]]:
+    """Greedy `n` tokens for a question about each seed's picture, all run together in `eng`."""
+    reqs = []
+    for seed in seeds:
+        ids, _, (pixels,) = protocol.chat_ids(eng.model, _ask(_png(seed)))
+        key, feats = eng.images.encode(pixels)
+        reqs.append(eng.make_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                                     images=[(key, pixels, feats)]))
+        eng.add(reqs[-1])
+    while eng.has_work():
+        eng.step()
+    return [r.choices[0].token_ids for r in reqs]
+
+
 def _reference(llava, ids: list[int], urls: list[str], n: int) -> tuple[list[int], float]:
     """transformers' greedy `n` tokens after `ids` with the pictures at `urls` (past an end of sequence, as
     `ignore_eos` runs), and its first token's logprob."""
@@ -284,25 +298,13 @@ _MESHES = """
 import json, sys
 sys.path.insert(0, "tests")
 from engine.engine import Engine
-from engine.params import SamplingParams
 from engine.runner import RunnerConfig
 from models import load_model
-from server import protocol
-from test_multimodal import _ask, _png
+from test_multimodal import _greedy
 out = []
 for dp, tp in ((1, 1), (2, 1), (1, 2)):
     model = load_model(sys.argv[1], dp=dp, tp=tp)
-    eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01))
-    reqs = []
-    for seed in (1, 2, 3):
-        ids, _, (pixels,) = protocol.chat_ids(model, _ask(_png(seed)))
-        key, feats = eng.images.encode(pixels)
-        reqs.append(eng.make_request(ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
-                                     images=[(key, pixels, feats)]))
-        eng.add(reqs[-1])
-    while eng.has_work():
-        eng.step()
-    out.append([r.choices[0].token_ids for r in reqs])
+    out.append(_greedy(Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01)), (1, 2, 3), 6))
 print(json.dumps(out))
 """
 
@@ -371,16 +373,7 @@ def test_a_preempted_pictured_request_resumes_with_its_rows(llava):
     def run(pages: int):
         eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=96, kv_cache_gb=pages * page / (1 << 30),
                                          decode_batch_sizes=(4,)))
-        reqs = []
-        for seed in (31, 32, 33, 34):
-            ids, _, (pixels,) = protocol.chat_ids(model, _ask(_png(seed)))
-            key, feats = eng.images.encode(pixels)
-            reqs.append(eng.make_request(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
-                                         images=[(key, pixels, feats)]))
-            eng.add(reqs[-1])
-        while eng.has_work():
-            eng.step()
-        return [r.choices[0].token_ids for r in reqs], eng.sched.preemptions
+        return _greedy(eng, (31, 32, 33, 34), 40), eng.sched.preemptions
 
     roomy, none = run(64)
     tight, some = run(14)
