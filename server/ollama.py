@@ -135,6 +135,17 @@ def _text(v: Any, where: str) -> str:
     return v
 
 
+def _pictured(text: str, pictures: Any, where: str, param: str) -> str | list[dict]:
+    """Text with Ollama's `images` (base64 strings) as chat content: the pictures' parts before the text (as LLaVA's
+    prompts put them), or the text alone without any."""
+    if not pictures:
+        return text
+    if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
+        raise bad(f"{where} must be a list of base64 strings", param)
+    return [*({"type": "image_url", "image_url": {"url": f"data:image/*;base64,{p}"}} for p in pictures),
+            {"type": "text", "text": text}]
+
+
 def messages(msgs: Any) -> list[dict]:
     """Ollama's messages as chat completions' (tool calls numbered, each tool result matched to its call)."""
     if not isinstance(msgs, list):
@@ -144,13 +155,8 @@ def messages(msgs: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise bad(f"{where} must be an object with a role of system, user, assistant or tool", "messages")
-        msg = {"role": m["role"], "content": _text(m.get("content"), f"{where}.content")}
-        if m.get("images"):  # base64 pictures, before the text (as LLaVA's prompts put them)
-            pictures = m["images"]
-            if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
-                raise bad(f"{where}.images must be a list of base64 strings", "messages")
-            msg["content"] = [*({"type": "image_url", "image_url": {"url": f"data:image/*;base64,{p}"}}
-                                for p in pictures), {"type": "text", "text": msg["content"]}]
+        msg = {"role": m["role"], "content": _pictured(_text(m.get("content"), f"{where}.content"),
+                                                       m.get("images"), f"{where}.images", "messages")}
         if m["role"] == "assistant":
             if m.get("thinking"):
                 msg["reasoning_content"] = _text(m["thinking"], f"{where}.thinking")
@@ -293,9 +299,8 @@ class Ollama:
         async def answer(body, call) -> web.StreamResponse:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            if body.get("images"):
-                raise bad("'images': the served model reads text only" if self.server.model.vision is None else
-                          "'images' on /api/generate are not served; send pictures in /api/chat messages", "images")
+            if body.get("images") and (body.get("raw") or body.get("suffix")):
+                raise bad("'images' go through the chat template: not with raw or suffix", "images")
             if body.get("template"):
                 raise bad("'template' (a Go template) is not served; the model's chat template applies, or send "
                           "raw: true with the prompt written out", "template")
@@ -317,7 +322,7 @@ class Ollama:
                 return await self._answer(request, {**plain, "prompt": prompt}, "completion", call)
             system = body.get("system")
             plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
-                [{"role": "user", "content": prompt}]
+                [{"role": "user", "content": _pictured(prompt, body.get("images"), "images", "images")}]
             return await self._answer(request, plain, "chat", call, context or [], chat=False)
         return await self.server.serve(request, answer)
 

@@ -259,8 +259,8 @@ def test_image_slots_held_by_live_requests_are_busy_then_reused(served):
 
 def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
     """The same picture and question through Anthropic's Messages (a base64 image block), OpenAI's Responses (an
-    input_image part) and Ollama's chat (a message's images, put before its text) answer what chat completions
-    answers for the same parts in the same order; each reports the model's image support."""
+    input_image part) and Ollama's chat and generate (a message's or the prompt's images, put before its text) answer
+    what chat completions answers for the same parts in the same order; each reports the model's image support."""
     import anthropic
     import ollama
 
@@ -292,6 +292,9 @@ def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
     got = olla.chat(model="llava", messages=[{"role": "user", "content": "What is it?", "images": [data]}],
                     options={"temperature": 0, "num_predict": 6})
     assert got.message.content == chat([image, text]) and "vision" in olla.show("llava").capabilities
+    made = olla.generate(model="llava", prompt="What is it?", images=[data], options={"temperature": 0,
+                                                                                      "num_predict": 6})
+    assert made.response == got.message.content
 
 
 _MESHES = """
