@@ -61,13 +61,11 @@ class ImageRows:
                 rows = self._write(self.model.params["soft"]["rows"], feats, np.int32(0))
                 self.model.params = {**self.model.params, "soft": {"rows": jax.block_until_ready(rows)}}
 
-    def encode(self, pixels: np.ndarray) -> tuple[str, jax.Array | None]:
-        """`(digest, features)` of one preprocessed image `[3, S, S]`: features None where its rows are held already
-        (`place` encodes it again if they are gone by then)."""
+    def encode(self, pixels: np.ndarray) -> tuple[str, np.ndarray, jax.Array | None]:
+        """`(digest, pixels, features)` of one preprocessed image `[3, S, S]`, as `place` takes it: features None
+        where its rows are held already (`place` encodes it again if they are gone by then)."""
         key = digest(pixels)
-        if key in self.held:
-            return key, None
-        return key, self._features(pixels)
+        return key, pixels, None if key in self.held else self._features(pixels)
 
     def _features(self, pixels: np.ndarray) -> jax.Array:
         self.encoded = next(self._encodes)  # parse threads encode at once: one count each

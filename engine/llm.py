@@ -122,17 +122,11 @@ class LLM:
             raise ValueError("multi_modal_data: this model reads text only")
         if not pictures:
             return ids, []
-        cfg = self.model.vision
-        if ids.count(cfg.image_token_id) != len(pictures):
-            raise ValueError(f"the prompt holds {ids.count(cfg.image_token_id)} image tokens for {len(pictures)} "
-                             "pictures (one each)")
-        ids = [t for i in ids for t in ([i] * cfg.tokens_per_image if i == cfg.image_token_id else [i])]
-        out = []
-        for picture in pictures:
-            pixels = vision.preprocess(picture, cfg)
-            key, feats = self.engine.images.encode(pixels)
-            out.append((key, pixels, feats))
-        return ids, out
+        try:
+            ids = vision.expand(ids, self.model.vision, len(pictures))
+        except ValueError as e:
+            raise ValueError(f"the prompt {e} (one each)") from None
+        return ids, [self.engine.images.encode(vision.preprocess(p, self.model.vision)) for p in pictures]
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
              lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:

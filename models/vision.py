@@ -188,6 +188,14 @@ def image_features(params: dict, pixels, cfg: VisionConfig):
     return _dense(params["linear_2"], _act(cfg.projector_act, _dense(params["linear_1"], x)))
 
 
+def expand(ids: list[int], cfg: VisionConfig, pictures: int) -> list[int]:
+    """`ids` with each image token repeated to a picture's length, as transformers' processor writes a prompt;
+    `ValueError` unless they hold one image token for each of `pictures`."""
+    if (marks := ids.count(cfg.image_token_id)) != pictures:
+        raise ValueError(f"holds {marks} image tokens for {pictures} pictures")
+    return [t for i in ids for t in ([i] * cfg.tokens_per_image if i == cfg.image_token_id else [i])]
+
+
 def _rgb(image):
     """RGB as transformers' `convert_to_rgb` makes it: any transparency composited onto white."""
     from PIL import Image

@@ -209,9 +209,7 @@ class Server:
         def encoded(job: Job) -> Job:  # the images' features, computed here rather than on the loop
             if job.images and self.engine.images is None:  # a model that reads them, over several processes
                 raise bad("the served model reads text only when served over several processes", "messages")
-            for i, pixels in enumerate(job.images):
-                key, feats = self.engine.images.encode(pixels)
-                job.images[i] = (key, pixels, feats)
+            job.images = [self.engine.images.encode(pixels) for pixels in job.images]
             return job
 
         def checked(job: Job) -> Job:

@@ -16,7 +16,7 @@ from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingPa
 from server import harmony, images, infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
-from models import Model
+from models import Model, vision
 
 
 class ApiError(Exception):
@@ -655,11 +655,10 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_
             bounded(model, text, "messages")
         ids = model.tokenizer.encode(text, add_special_tokens=False)
         if found is not None:
-            image, size = model.vision.image_token_id, model.vision.tokens_per_image
-            if (marks := ids.count(image)) != len(found):
-                raise bad(f"the messages' text holds {marks} image tokens for {len(found)} pictures (an image token "
-                          "typed in text counts)", "messages")
-            ids = [t for i in ids for t in ([i] * size if i == image else [i])]
+            try:
+                ids = vision.expand(ids, model.vision, len(found))
+            except ValueError as e:
+                raise bad(f"the messages' text {e} (an image token typed in text counts)", "messages") from None
         return ids, text, found or []
 
     if isinstance(messages, list):

@@ -100,9 +100,8 @@ def _greedy(eng: Engine, seeds, n: int) -> list[list[int]]:
     reqs = []
     for seed in seeds:
         ids, _, (pixels,) = protocol.chat_ids(eng.model, _ask(_png(seed)))
-        key, feats = eng.images.encode(pixels)
         reqs.append(eng.make_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
-                                     images=[(key, pixels, feats)]))
+                                     images=[eng.images.encode(pixels)]))
         eng.add(reqs[-1])
     while eng.has_work():
         eng.step()
@@ -236,8 +235,7 @@ def test_image_slots_held_by_live_requests_are_busy_then_reused(served):
     asks = []
     for seed in (11, 12, 13):
         ids, _, (pixels,) = protocol.chat_ids(served.model, _ask(_png(seed)))
-        key, feats = eng.images.encode(pixels)
-        asks.append((ids, [(key, pixels, feats)]))
+        asks.append((ids, [eng.images.encode(pixels)]))
 
     def make(k):
         return eng.make_request(asks[k][0], SamplingParams(max_tokens=1), images=asks[k][1])
