@@ -79,7 +79,9 @@ class LLM:
 
     def __init__(self, model: str | Model = "smollm2-135m-instruct", enable_lora: bool = False, max_loras: int = 4,
                  max_lora_rank: int = 16, **runner: Any):
-        self.model = model if isinstance(model, Model) else load_model(model)
+        if not isinstance(model, Model):  # the context picks LongRoPE's factors (`config._inv_freq`)
+            model = load_model(model, max_model_len=runner.get("max_model_len", 0))
+        self.model = model
         if enable_lora:
             self.model = lora.attach(self.model, max_loras, max_lora_rank)
         self.engine = Engine(self.model, RunnerConfig(**runner))

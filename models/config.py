@@ -28,9 +28,12 @@ class ModelConfig:
     o_bias: bool = False  # so does o_proj (HF's `attention_bias` except Qwen2's; gpt-oss)
     attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (its weight is dropped)
     qk_norm: bool = False
+    qk_norm_whole: bool = False  # OLMo 2: the q/k norms span all heads' values together (else each head's)
     norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1: scale is (offset + w)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
-    embed_scale: float = 1.0
+    embed_scale: float = 1.0  # the embeddings are scaled by it (Gemma's sqrt(hidden), Granite's multiplier)
+    residual_scale: float = 1.0  # Granite: each block's output is scaled by it before the residual sum
+    logits_scaling: float = 1.0  # Granite: the logits are divided by it
     activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.mlp.glu`)
     swiglu_alpha: float = 1.702  # clamped_swiglu: `(clip(up) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit)
     swiglu_limit: float = 7.0
@@ -42,6 +45,8 @@ class ModelConfig:
     rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
     rope_scale: float = 1.0  # YaRN's attention factor: cos and sin are scaled by it
+    layer_rope: tuple[bool, ...] = ()  # per layer: turns queries and keys by position (SmolLM3 skips every 4th); ()
+    # all do. A partial rotary factor shows as `rope_global` shorter than half the head (`layers.attention.rope`).
     num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense)
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
@@ -105,9 +110,10 @@ class ModelConfig:
         return dataclasses.replace(self, dtype=dtype)
 
     @staticmethod
-    def from_hf(d: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
-        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma3 text, Mixtral, Qwen2/3-MoE,
-        DeepSeek-V2/V3, gpt-oss)."""
+    def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
+        """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
+        OLMo 2/3, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss). `context` is the served context per sequence (0: the
+        model's whole), which picks LongRoPE's factors (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]
         if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
             d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
@@ -119,6 +125,8 @@ class ModelConfig:
             head_dim = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
         layers = d["num_hidden_layers"]
         gemma = arch.startswith("Gemma3")
+        gemmas = arch.startswith("Gemma")  # 1, 2 and 3: `1 + w` norms, scaled embeddings
+        sandwich = gemma or arch.startswith("Gemma2")  # 2 and 3: sandwich norms, a query scale, sliding layers
         window = d.get("sliding_window") or 0
         if gemma:
             types = d.get("layer_types") or [
@@ -126,19 +134,25 @@ class ModelConfig:
                 for i in range(layers)
             ]
             sliding = tuple(t == "sliding_attention" for t in types)
+        elif sandwich:  # Gemma 2: sliding and full layers alternate, sliding first
+            types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+            sliding = tuple(t == "sliding_attention" for t in types)
         elif arch == "GptOssForCausalLM":  # sliding and full layers alternate
             types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
             sliding = tuple(t == "sliding_attention" for t in types)
-        elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM") and window):
+        elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
+                                                      "Olmo3ForCausalLM") and window):
             types = d.get("layer_types")
             sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
         else:
             sliding = (False,) * layers
         if not any(sliding):
             window = 0
-        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else head_dim, gemma)
         full = _rope_params(d, gemma)[0]
-        yarn = full.get("rope_type", full.get("type")) == "yarn"
+        partial = full.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
+        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else int(head_dim * partial), gemma,
+                                               context)
+        kind = full.get("rope_type", full.get("type"))
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
         gpt_oss = arch == "GptOssForCausalLM"
         if gpt_oss:
@@ -146,6 +160,7 @@ class ModelConfig:
         if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+        olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
         bias = bool(d.get("qkv_bias", True)) if qwen2 else bool(d.get("attention_bias", False))
         return ModelConfig(
             arch=arch,
@@ -158,18 +173,22 @@ class ModelConfig:
             head_dim=head_dim,
             max_position=d.get("max_position_embeddings", 2048),
             rms_eps=d.get("rms_norm_eps", 1e-6),
-            tie_embeddings=d.get("tie_word_embeddings", gemma),
+            tie_embeddings=d.get("tie_word_embeddings", gemmas),
             attention_bias=bias,
             o_bias=bias and not qwen2,
             attn_sinks=gpt_oss,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma,
-            norm_offset=1.0 if gemma else 0.0,
-            sandwich_norms=gemma,
-            embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemma else 1.0,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma or olmo,
+            qk_norm_whole=olmo,
+            norm_offset=1.0 if gemmas else 0.0,
+            sandwich_norms=sandwich,
+            embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemmas else d.get("embedding_multiplier", 1.0),
+            residual_scale=d.get("residual_multiplier", 1.0),
+            logits_scaling=d.get("logits_scaling", 1.0),
             activation="gelu_tanh" if act.startswith("gelu") else act,
             swiglu_alpha=d.get("swiglu_alpha", 1.702),
             swiglu_limit=d.get("swiglu_limit", 7.0),
-            query_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else _mla_scale(full, head_dim) if mla else 0.0,
+            query_scale=(d["query_pre_attn_scalar"] ** -0.5 if sandwich else _mla_scale(full, head_dim) if mla
+                         else d.get("attention_multiplier", 0.0)),
             # transformers' Gemma 3 stores but never applies attn_logit_softcapping (its checkpoints set it null).
             attn_softcap=0.0 if gemma else (d.get("attn_logit_softcapping") or 0.0),
             final_softcap=d.get("final_logit_softcapping") or 0.0,
@@ -177,8 +196,10 @@ class ModelConfig:
             layer_sliding=sliding,
             rope_global=rope_global,
             rope_local=rope_local,
+            layer_rope=tuple(bool(r) for r in d["no_rope_layers"]) if d.get("no_rope_layers") else (),
             dtype=dtype,
-            rope_scale=_yarn_attention_factor(full, d) if yarn else 1.0,
+            rope_scale=(_yarn_attention_factor(full, d) if kind == "yarn" else _longrope_attention_factor(full, d)
+                        if kind == "longrope" else 1.0),
             **_moe(d, arch, layers),
             **(dict(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
@@ -209,6 +230,22 @@ def _yarn_attention_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
     if p.get("mscale") and p.get("mscale_all_dim"):
         return float(_mscale(factor, p["mscale"]) / _mscale(factor, p["mscale_all_dim"]))
     return _mscale(factor)
+
+
+def _original_context(p: dict[str, Any], d: dict[str, Any]) -> int:
+    """The context a scaled RoPE was pretrained at (Phi-3's configs keep it beside the RoPE parameters)."""
+    return p.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") or \
+        d["max_position_embeddings"]
+
+
+def _longrope_attention_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
+    """LongRoPE's attention factor (cos and sin are scaled by it, whichever factors turn), as transformers derives
+    it from the context's growth."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    original = _original_context(p, d)
+    factor = p.get("factor") or d["max_position_embeddings"] / original
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _yarn_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
@@ -248,9 +285,10 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
 
 
 def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
-    """(full-attention, sliding) RoPE parameter dicts from either config format."""
+    """(full-attention, sliding) RoPE parameter dicts from either config format, or per layer type (Gemma 3's,
+    OLMo 3's)."""
     params = d.get("rope_parameters")
-    if gemma:
+    if gemma or "full_attention" in (params or {}):
         params = dict(params or {})
         full = dict(params.get("full_attention") or {"rope_type": "default"})
         local = dict(params.get("sliding_attention") or {"rope_type": "default"})
@@ -267,14 +305,21 @@ def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
     return params, params
 
 
-def _rope_tables(d: dict[str, Any], head_dim: int, gemma: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _rope_tables(d: dict[str, Any], head_dim: int, gemma: bool, context: int = 0
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Inverse RoPE frequencies (float32, as transformers computes them) for global and local layers."""
     full, local = _rope_params(d, gemma)
-    return _inv_freq(full, head_dim, d), _inv_freq(local, head_dim, d)
+    return _inv_freq(full, head_dim, d, context), _inv_freq(local, head_dim, d, context)
 
 
-def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any]) -> tuple[float, ...]:
-    """Inverse frequencies for one RoPE parameter dict (default, linear, llama3 and yarn types)."""
+def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any], context: int = 0) -> tuple[float, ...]:
+    """Inverse frequencies for one RoPE parameter dict (default, linear, llama3, yarn and longrope types).
+
+    LongRoPE (Phi-3.5, Phi-4-mini) divides each frequency by a factor from one of two lists: transformers takes the
+    long list while a sequence is longer than the pretrained context and the short one otherwise, recomputing every
+    position when a sequence crosses it, which a KV cache cannot do. The list is picked once here, as llama.cpp
+    picks it by its context: the short one when the served context (`--max-model-len`) fits the pretrained one,
+    else the long one (so the default, the model's whole context, turns by the long list)."""
     kind = p.get("rope_type", p.get("type", "default"))
     base = float(p["rope_theta"])
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -295,6 +340,10 @@ def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any]) -> tuple[floa
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     elif kind == "yarn":
         inv = _yarn_inv_freq(p, head_dim, d, base)
+    elif kind == "longrope":
+        fits = 0 < context <= _original_context(p, d)
+        factors = np.asarray(p["short_factor" if fits else "long_factor"], np.float32)
+        inv = (np.float32(1.0) / (factors * np.float32(base) ** exps)).astype(np.float32)
     else:
         raise NotImplementedError(f"RoPE type {kind!r} is not supported yet")
     return tuple(float(x) for x in inv)

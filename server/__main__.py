@@ -261,7 +261,8 @@ def load(args: argparse.Namespace):
     """The model the flags name, in their dtype, attention backend and layer form."""
     model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
                        scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
-                       expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype)
+                       expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype,
+                       max_model_len=args.max_model_len)
     if args.served_name:
         model.name = args.served_name
     if args.enable_lora:

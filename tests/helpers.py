@@ -1,5 +1,6 @@
 """Test helpers: run our model's full-sequence logits, prompts no other test shares, HF reference pieces, tiny
-random models with the default model's tokenizer, and a chat stream read through the openai client."""
+random models with the default model's tokenizer, GGUF files written as llama.cpp writes them, and a chat stream read
+through the openai client."""
 
 import contextlib
 import functools
@@ -188,3 +189,16 @@ def stream_chat(client, **body) -> tuple[str, str, list[dict], str | None]:
                 entry["arguments"] += d.function.arguments or ""
             finish = c.finish_reason or finish
     return reasoning, content, list(calls.values()), finish
+
+
+def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation for a `llama`-style GGUF (rotate_half halves to interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def close_gguf(w) -> None:
+    """Write a `GGUFWriter`'s file: header, metadata, tensors."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

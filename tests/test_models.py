@@ -1,5 +1,7 @@
 """Every family against transformers on the same random weights; the packaged SmolLM2 token for token."""
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import torch
 import transformers
 
 from conftest import device_flags
-from helpers import our_logits
+from helpers import close_gguf, decoded_logits, llama_permute, our_logits
 from models import STATS, load_model
 
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
@@ -36,11 +38,36 @@ def _small(kind: str):
         return transformers.Gemma3TextConfig(**c, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if kind == "gemma":
+        return transformers.GemmaConfig(**common, head_dim=16)
+    if kind == "gemma2":
+        c = dict(common, num_hidden_layers=3)
+        return transformers.Gemma2Config(**c, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                         final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if kind == "phi3":  # half the head turns (Phi-4-mini's partial rotary factor is 0.75); a window on every layer
+        return transformers.Phi3Config(**common, sliding_window=4, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5), pad_token_id=0)
+    if kind == "phi3-longrope":  # Phi-4-mini's shape: LongRoPE over a partial rotary factor
+        return transformers.Phi3Config(**dict(common, max_position_embeddings=64), original_max_position_embeddings=16,
+                                       pad_token_id=0, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, short_factor=[1.0, 1.25, 1.5, 2.0],
+            long_factor=[1.5, 3.0, 6.0, 12.0], original_max_position_embeddings=16))
+    if kind == "granite":
+        return transformers.GraniteConfig(**common, embedding_multiplier=3.0, residual_multiplier=0.375,
+                                          attention_multiplier=0.125, logits_scaling=2.5)  # float32-exact: GGUF
+    if kind == "olmo2":
+        return transformers.Olmo2Config(**common, pad_token_id=0)
+    if kind == "olmo3":  # three sliding layers to each full one
+        return transformers.Olmo3Config(**dict(common, num_hidden_layers=4), sliding_window=4, pad_token_id=0)
+    if kind == "smollm3":  # every fourth layer turns nothing (no_rope_layers [1, 1, 1, 0])
+        return transformers.SmolLM3Config(**dict(common, num_hidden_layers=4), pad_token_id=0, tie_word_embeddings=True)
     raise KeyError(kind)
 
 
-def _hf_model(kind: str, folder: str):
+def _hf_model(kind: str, folder: str, **changes):
     cfg = _small(kind)
+    for name, value in changes.items():
+        setattr(cfg, name, value)
     cfg._attn_implementation = "eager"  # SDPA skips Gemma's attention-logit soft-capping
     cls = transformers.Gemma3ForCausalLM if kind == "gemma3" else transformers.AutoModelForCausalLM
     model = cls(cfg) if kind == "gemma3" else cls.from_config(cfg)
@@ -54,7 +81,8 @@ def _hf_model(kind: str, folder: str):
 
 
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
-@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+                                  "phi3", "granite", "smollm3", "olmo2", "olmo3"])
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
@@ -62,11 +90,123 @@ def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     assert STATS["direct"] == before + 1 and not (tmp_path / "cache" / "params").exists()  # no cache written
     got = our_logits(ours.module, ours.params, ROWS)
-    for row, g in zip(ROWS, got):
+    starts = [5, 2, 3]  # and decoding, a token a step over the pages, from these positions on
+    decoded = decoded_logits(ours.module, ours.params, ROWS, starts)
+    for row, g, start, d in zip(ROWS, got, starts, decoded):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         scale = np.abs(want).max()
         assert np.abs(g - want).max() <= 1e-4 * scale, (kind, np.abs(g - want).max(), scale)
+        assert np.abs(d - want[start - 1:-1]).max() <= 1e-4 * scale, (kind, "decoded")
+
+
+# llama.cpp's names for the layers' tensors (its `tensor_mapping.py`), by transformers' module names.
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+_SANDWICH = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm"}
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def _write_gguf(ref, kind: str, path: str) -> None:
+    """The model as llama.cpp's `convert_hf_to_gguf.py` writes it: Gemma's norms as `1 + w`, q and k permuted for
+    Granite and SmolLM3 (GGML's normal RoPE), Phi-3's fused tensors as they are, each family's metadata."""
+    import gguf
+
+    cfg = ref.config
+    w = gguf.GGUFWriter(path, "olmo2" if kind == "olmo3" else kind.split("-")[0])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # OLMo 3's are per layer type
+    for add, value in ((w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_vocab_size, cfg.vocab_size),
+                       (w.add_rope_freq_base, rope["rope_theta"])):
+        add(value)
+    if kind.startswith("gemma"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if kind == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        w.add_sliding_window(cfg.sliding_window)
+    if kind.startswith("phi3"):
+        w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
+        w.add_sliding_window(cfg.sliding_window or 0)
+    if kind == "phi3-longrope":  # the factor lists as tensors, the attention factor as llama.cpp's converter has it
+        p = cfg.rope_parameters
+        w.add_rope_scaling_orig_ctx_len(p["original_max_position_embeddings"])
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(cfg.max_position_embeddings / 16) / math.log(16)))
+        for k in ("long", "short"):
+            w.add_tensor(f"rope_factors_{k}.weight", np.asarray(p[f"{k}_factor"], np.float32))
+    if kind == "olmo3":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    if kind == "granite":
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = dict(_GGUF_NAMES, **(_SANDWICH if kind == "gemma2" else {"post_attention_layernorm": "ffn_norm"}))
+    if kind.startswith("olmo"):  # norms after the blocks only
+        names = dict(_GGUF_NAMES, **_SANDWICH, **_QK_NORMS)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"] + (1 if kind.startswith("gemma") else 0))
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in names.items():
+            t = sd.get(f"model.layers.{i}.{hf}.weight")
+            if t is None:
+                continue
+            if kind.startswith("gemma") and hf.endswith("norm"):
+                t = t + 1
+            if kind in ("granite", "smollm3") and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = llama_permute(t, cfg.num_attention_heads if "q_" in hf else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t)
+    close_gguf(w)
+
+
+@pytest.mark.quick_compile
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3"])
+def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
+    """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
+    conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model(kind, str(tmp_path / "hf"), **({"query_pre_attn_scalar": 16} if kind == "gemma2" else {}))
+    path = str(tmp_path / f"tiny-{kind}.gguf")
+    _write_gguf(ref, kind, path)
+    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    ours = load_model(path, with_tokenizer=False)
+    # GGUF keeps the epsilon and LongRoPE's attention factor in float32
+    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps, rope_scale=hf.cfg.rope_scale) == hf.cfg
+    assert ours.cfg.rope_scale == pytest.approx(hf.cfg.rope_scale, rel=1e-6)
+    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.quick_compile
+def test_longrope_turns_by_the_list_the_served_context_picks(tmp_path, monkeypatch):
+    """LongRoPE (Phi-3.5, Phi-4-mini): served within its pretrained context (16 here), the short factors turn, as
+    transformers' do for a sequence that fits it; served longer (the default), the long ones, as transformers' do for
+    a sequence past it. The two differ, so each check holds only with its own list."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model("phi3-longrope", str(tmp_path / "hf"))
+    long_row = [(7 * i + 3) % 256 for i in range(40)]
+    for context, rows in ((16, ROWS), (0, [long_row]), (32, [long_row[:30]])):
+        ours = load_model(str(tmp_path / "hf"), with_tokenizer=False, max_model_len=context)
+        for row, got in zip(rows, our_logits(ours.module, ours.params, rows)):
+            with torch.no_grad():
+                want = ref(torch.tensor([row])).logits[0].numpy()
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (context, len(row))
+    short = load_model(str(tmp_path / "hf"), with_tokenizer=False, max_model_len=16)
+    a, b = (our_logits(m.module, m.params, [long_row])[0] for m in (short, ours))
+    assert np.abs(a - b).max() > 10 * 1e-4 * np.abs(b).max()  # ten times the tolerance the checks above hold
 
 
 def test_safetensors_are_read_as_the_library_reads_them(tmp_path):

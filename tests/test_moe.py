@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import device_flags
-from helpers import our_logits, run_all
+from helpers import close_gguf, llama_permute, our_logits, run_all
 
 from engine.engine import Engine
 from engine.params import SamplingParams
@@ -261,7 +261,7 @@ def test_gpt_oss_mxfp4_folder_and_gguf_load_as_transformers_dequantizes_them(tmp
         down = np.ascontiguousarray(sd[f"{pre}mlp.experts.down_proj"].swapaxes(-1, -2))
         w.add_tensor(f"blk.{i}.ffn_down_exps.weight", gguf.quants.quantize(down, mxfp4), raw_dtype=mxfp4)
         w.add_tensor(f"blk.{i}.ffn_down_exps.bias", sd[f"{pre}mlp.experts.down_proj_bias"])
-    _close(w)
+    close_gguf(w)
     from_gguf = load_model(path, with_tokenizer=False)
     assert dataclasses.replace(from_gguf.cfg, rms_eps=ours.cfg.rms_eps) == ours.cfg
     for a, b in zip(our_logits(ours.module, ours.params, ROWS), our_logits(from_gguf.module, from_gguf.params, ROWS)):
@@ -361,11 +361,6 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
     assert sum(r.accepted for r in spec) > 6 * 16 and sum(r.drafted - r.accepted for r in spec) > 0
 
 
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation for a `llama` GGUF (rotate_half halves to interleaved pairs)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _write_experts(w, sd: dict, i: int, inter: int) -> None:
     """Layer `i`'s routed experts stacked as llama.cpp writes them, from transformers' fused `gate_up_proj`
     (`[E, 2I, H]` in memory) and `down_proj`."""
@@ -373,14 +368,6 @@ def _write_experts(w, sd: dict, i: int, inter: int) -> None:
     w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
     w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
     w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
-
-
-def _close(w) -> None:
-    """Write a `GGUFWriter`'s file: header, metadata, tensors."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
@@ -422,7 +409,7 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     if mixtral:  # llama.cpp permutes a llama GGUF's q and k rows for its RoPE
         for i in range(cfg.num_hidden_layers):
             q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
-            sd[q], sd[k] = _permute(sd[q], cfg.num_attention_heads), _permute(sd[k], cfg.num_key_value_heads)
+            sd[q], sd[k] = llama_permute(sd[q], cfg.num_attention_heads), llama_permute(sd[k], cfg.num_key_value_heads)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
@@ -431,7 +418,7 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
         _write_experts(w, sd, i, inter)
-    _close(w)
+    close_gguf(w)
     hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     ours = load_model(path, with_tokenizer=False)
     assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
@@ -513,7 +500,7 @@ def _write_deepseek2_gguf(ref, path: str, split_kv_b: bool) -> None:
             w.add_tensor(f"blk.{i}.exp_probs_b.bias", sd[f"{pre}mlp.gate.e_score_correction_bias"])
         if f"{pre}mlp.experts.gate_up_proj" in sd:
             _write_experts(w, sd, i, inter)
-    _close(w)
+    close_gguf(w)
 
 
 @pytest.mark.parametrize("kind,split", [("deepseek-v3-gguf", True), ("deepseek-v2", False)])

@@ -1,5 +1,6 @@
-"""Gemma 3 text family: sandwich norms with `1 + w` scales, scaled embeddings, GELU-tanh MLP, q/k norms, and
-alternating sliding-window (local RoPE) and global (global RoPE) attention layers."""
+"""Gemma 2 and Gemma 3 text: sandwich norms with `1 + w` scales, scaled embeddings, GELU-tanh MLP, and sliding-window
+and global attention layers (alternating in Gemma 2; five local-RoPE sliding layers to a global one in Gemma 3, which
+adds q/k norms; Gemma 2 soft-caps its attention logits)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from models.layers.attention import Attention
 from models.layers.linear import RMSNorm
 from models.layers.mlp import MLP
 
-ARCHITECTURES = ("Gemma3ForCausalLM",)
-GGUF_ARCHS = ("gemma3",)
+ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+GGUF_ARCHS = ("gemma2", "gemma3")
 
 
 class DecoderLayer(nn.Module):

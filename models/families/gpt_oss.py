@@ -37,12 +37,12 @@ def _transposed(w: np.ndarray) -> np.ndarray:
 
 # Our `module/leaf` -> (the checkpoint's fused tensor under `model.layers.{i}.`, what of it is ours).
 HF_FUSED = {
-    "mlp/experts/gate_proj/weight": ("mlp.experts.gate_up_proj", lambda w: _transposed(w[..., ::2])),
-    "mlp/experts/up_proj/weight": ("mlp.experts.gate_up_proj", lambda w: _transposed(w[..., 1::2])),
-    "mlp/experts/down_proj/weight": ("mlp.experts.down_proj", _transposed),
-    "mlp/experts/gate_proj_bias": ("mlp.experts.gate_up_proj_bias", lambda b: np.ascontiguousarray(b[:, ::2])),
-    "mlp/experts/up_proj_bias": ("mlp.experts.gate_up_proj_bias", lambda b: np.ascontiguousarray(b[:, 1::2])),
-    "mlp/experts/down_proj_bias": ("mlp.experts.down_proj_bias", lambda b: b),
+    "mlp/experts/gate_proj/weight": ("mlp.experts.gate_up_proj", lambda cfg, w: _transposed(w[..., ::2])),
+    "mlp/experts/up_proj/weight": ("mlp.experts.gate_up_proj", lambda cfg, w: _transposed(w[..., 1::2])),
+    "mlp/experts/down_proj/weight": ("mlp.experts.down_proj", lambda cfg, w: _transposed(w)),
+    "mlp/experts/gate_proj_bias": ("mlp.experts.gate_up_proj_bias", lambda cfg, b: np.ascontiguousarray(b[:, ::2])),
+    "mlp/experts/up_proj_bias": ("mlp.experts.gate_up_proj_bias", lambda cfg, b: np.ascontiguousarray(b[:, 1::2])),
+    "mlp/experts/down_proj_bias": ("mlp.experts.down_proj_bias", lambda cfg, b: b),
 }
 
 

@@ -1,8 +1,10 @@
-"""Llama family (Llama 2/3, SmolLM2, Mistral-style configs): pre-norm decoder layers with a gated SiLU MLP."""
+"""Llama family (Llama 2/3, SmolLM2, Mistral-style configs): pre-norm decoder layers with a gated SiLU MLP. The
+layer is config-driven, so Gemma 1, Phi-3, Granite and SmolLM3 are this layer too (their modules map their tensors)."""
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
@@ -31,15 +33,21 @@ class DecoderLayer(nn.Module):
         them (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
-        h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="input_layernorm")(x)
+        h = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="input_layernorm")(x)
         attention = MLAttention if cfg.kv_lora_rank else Attention
         h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"],
                                                                              self.first, adapters)
-        x = x + h
-        h = RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(x)
+        x = x + scaled(h, cfg.residual_scale)
+        h = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="post_attention_layernorm")(x)
         mlp = feed_forward(cfg, self.first)  # a group's layers are all of one kind
-        return (x + mlp(h, layer, stacks and stacks["mlp"], adapters), k_cache, v_cache), None
+        h = scaled(mlp(h, layer, stacks and stacks["mlp"], adapters), cfg.residual_scale)
+        return (x + h, k_cache, v_cache), None
+
+
+def scaled(h, scale: float):
+    """A block's output times the config's residual scale (Granite's `residual_multiplier`; 1 elsewhere)."""
+    return h if scale == 1.0 else h * jnp.asarray(scale, h.dtype)
 
 
 # Per-layer tensors: our module path -> GGUF tensor name (HF names follow our paths mechanically).

@@ -17,8 +17,13 @@ from models.layers.linear import RMSNorm, projection
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale: float = 1.0) -> jax.Array:
     """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`; `scale` multiplies cos and
-    sin (YaRN's attention factor)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # inv_freq may be traced
+    sin (YaRN's attention factor). Only the first `2 * len(inv_freq)` dims turn (a partial rotary factor: Phi-4-mini,
+    StableLM); the rest pass through."""
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)  # may be traced
+    rot = 2 * inv_freq.shape[0]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([rope(x[..., :rot], positions, inv_freq, scale), x[..., rot:]], axis=-1)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = (jnp.cos(emb) * scale).astype(x.dtype), (jnp.sin(emb) * scale).astype(x.dtype)
     half = x.shape[-1] // 2
@@ -46,7 +51,10 @@ class Attention(nn.Module):
         q = proj("q_proj", h * d, ("heads", "embed"), x, cfg.attention_bias).reshape(b, s, h, d)
         k = proj("k_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
         v = proj("v_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
-        if cfg.qk_norm:
+        if cfg.qk_norm_whole:  # one norm over all heads' values (OLMo 2)
+            q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q.reshape(b, s, h * d)).reshape(q.shape)
+            k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k.reshape(b, s, kvh * d)).reshape(k.shape)
+        elif cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
         window, inv_freq = 0, cfg.rope_global
@@ -54,7 +62,12 @@ class Attention(nn.Module):
             sliding = jnp.asarray(cfg.layer_sliding)[at]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
-        q, k = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
+        turned = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
+        if all(cfg.layer_rope):
+            q, k = turned
+        else:  # some layers attend without positions (SmolLM3's every fourth: `layer_rope`)
+            turns = jnp.asarray(cfg.layer_rope)[at]
+            q, k = jnp.where(turns, turned[0], q), jnp.where(turns, turned[1], k)
 
         sinks = None
         if cfg.attn_sinks:  # gpt-oss: one logit per head joins the softmax

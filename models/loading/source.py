@@ -279,9 +279,13 @@ def _open_gguf(path: str) -> Source:
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM",
-              "gpt-oss": "GptOssForCausalLM"}
+              "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+              "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
+# llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
+# width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -323,13 +327,35 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                              "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
     elif scaling not in (None, "none"):
         raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported")
-    if arch == "gemma3":
-        window = g("attention.sliding_window")
-        d.update(query_pre_attn_scalar=head_dim, sliding_window=window, rope_local_base_freq=10000.0,
-                 hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=g("final_logit_softcapping"),
+    if arch.startswith("gemma"):
+        d["hidden_activation"] = "gelu_pytorch_tanh"
+    if arch in ("gemma2", "gemma3"):  # sliding layers: every other, first (2); five of six, then a full one (3)
+        scalar = hidden // heads if d["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch] else head_dim
+        d.update(query_pre_attn_scalar=scalar, sliding_window=g("attention.sliding_window") or 4096,
+                 final_logit_softcapping=g("final_logit_softcapping"),
                  attn_logit_softcapping=g("attn_logit_softcapping"))
-        d["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+        period = 2 if arch == "gemma2" else 6
+        d["layer_types"] = ["sliding_attention" if (i + 1) % period else "full_attention"
                             for i in range(d["num_hidden_layers"])]
+    if arch == "gemma3":
+        d["rope_local_base_freq"] = 10000.0
+    if arch == "phi3":  # a partial rotary factor as the rotated dims; a window where the file names one
+        d.update(partial_rotary_factor=(g("rope.dimension_count") or head_dim) / head_dim,
+                 sliding_window=g("attention.sliding_window") or None)
+        if "rope_factors_long.weight" in tensors:  # LongRoPE: its two factor lists are tensors of the file
+            lists = {f"{k}_factor": np.asarray(tensors[f"rope_factors_{k}.weight"].data, np.float32).tolist()
+                     for k in ("long", "short")}
+            d["rope_scaling"] = {"rope_type": "longrope", "attention_factor": g("rope.scaling.attn_factor"),
+                                 "original_max_position_embeddings": g("rope.scaling.original_context_length"), **lists}
+    if arch == "granite":  # the multipliers as the checkpoint's config names them (the logits are divided)
+        d.update(embedding_multiplier=g("embedding_scale", 1.0), residual_multiplier=g("residual_scale", 1.0),
+                 attention_multiplier=g("attention.scale", 0.0), logits_scaling=g("logit_scale", 1.0))
+    if arch == "olmo2" and g("attention.sliding_window"):  # OLMo 3: a window on the layers its pattern marks
+        d.update(architectures=["Olmo3ForCausalLM"], sliding_window=g("attention.sliding_window"),
+                 layer_types=["sliding_attention" if s else "full_attention"
+                              for s in g("attention.sliding_window_pattern")])
+    if arch == "smollm3":  # llama.cpp's rule, which its files do not record: every fourth layer turns nothing
+        d["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(d["num_hidden_layers"])]
     if arch == "mistral" and g("attention.sliding_window"):
         d["sliding_window"] = g("attention.sliding_window")
     if g("expert_count"):  # llama.cpp's MoE metadata; Mixtral is a `llama` GGUF with experts
@@ -383,16 +409,18 @@ class Entry:
     path: tuple[str, ...]
     hf: str | tuple[str, ...]
     gguf: str
-    take: Callable[[np.ndarray], np.ndarray] | None = None  # our part of a fused HF tensor (gpt-oss's experts)
+    take: Callable[[ModelConfig, np.ndarray], np.ndarray] | None = None  # our part of a fused HF tensor
+    gguf_take: Callable[[ModelConfig, np.ndarray], np.ndarray] | None = None  # our part of a fused GGUF tensor
 
 
 def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]],
-                 hf_name: Callable[[str], str] = str, hf_fused: dict[str, tuple[str, Callable]] | None = None
-                 ) -> list[Entry]:
+                 hf_name: Callable[[str], str] = str, hf_fused: dict[str, tuple[str, Callable]] | None = None,
+                 gguf_fused: dict[str, Callable] | None = None) -> list[Entry]:
     """The explicit map for every parameter path of our model (paths come from the model's own init); HF names
     follow our paths, and `hf_name` renames them where a family's checkpoints differ (Mixtral's); `hf_fused` maps a
-    layer's `module/leaf` to the checkpoint's tensor that holds it fused with others and the function that takes
-    our part (gpt-oss's experts)."""
+    layer's `module/leaf` to the checkpoint's tensor that holds it fused with others and the function `(cfg, w)`
+    that takes our part (gpt-oss's experts, Phi-3's q/k/v); `gguf_fused` maps it to that function where the GGUF
+    tensor `layer_gguf` names is fused too (Phi-3's `attn_qkv`)."""
     out = []
     for path in paths:
         if path == ("embed",):
@@ -413,14 +441,15 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
             fused = (hf_fused or {}).get(f"{module}/{leaf}")
             if fused:
                 hf = f"model.layers.{i}.{fused[0]}"
-            out.append(Entry(path, hf, f"blk.{i}.{gguf}", fused and fused[1]))
+            out.append(Entry(path, hf, f"blk.{i}.{gguf}", fused and fused[1],
+                             (gguf_fused or {}).get(f"{module}/{leaf}")))
         else:
             raise KeyError(f"parameter {'/'.join(path)} has no entry in the weight table")
     return out
 
 
 # Source tensors that carry no parameters and may be skipped.
-_IGNORABLE = ("rotary_emb.inv_freq", "rope_freqs.weight")
+_IGNORABLE = ("rotary_emb.inv_freq", "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[tuple, tuple],
@@ -449,8 +478,8 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             if name not in names:
                 raise KeyError(f"{source.path}: tensor {name!r} (for {'/'.join(e.path)}) is missing")
         plan.append((e, parts, join))
-    # Entries that take parts of one tensor (gpt-oss's fused experts) are one job: it is read (dequantized) once, and
-    # let go when the job ends.
+    # Entries that take parts of one tensor (gpt-oss's fused experts, Phi-3's q/k/v) are one job: it is read
+    # (dequantized) once, and let go when the job ends.
     jobs: dict[tuple[str, ...], list] = {}
     for item in plan:
         jobs.setdefault(item[1], []).append(item)
@@ -468,8 +497,9 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
         name = e.gguf if join is not None else parts[0]
         if source.kind == "gguf":
             w = gguf_fix(cfg, name, w)
-        elif e.take is not None:
-            w = e.take(w)
+        take = e.gguf_take if source.kind == "gguf" else e.take
+        if take is not None:
+            w = take(cfg, w)
         if w.shape != shapes[e.path]:
             raise ValueError(f"{name}: shape {w.shape} != expected {shapes[e.path]} for {'/'.join(e.path)}")
         return np.asarray(w, dtype)  # a memory map's view when it is already the dtype: stacking copies it once

@@ -1,0 +1,57 @@
+"""OLMo 2 and OLMo 3 (AI2's open models): norms after each block rather than before (`x + norm(attn(x))`, then
+`x + norm(mlp(x))`), and q/k norms over all heads' values together (`ModelConfig.qk_norm_whole`); OLMo 3 adds
+sliding-window layers (three to each full one, by its `layer_types`). llama.cpp writes both as an `olmo2` GGUF with
+q and k as they are."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from models.config import ModelConfig
+from models.layers.attention import Attention
+from models.layers.linear import RMSNorm
+from models.layers.mlp import MLP
+
+ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+GGUF_ARCHS = ("olmo2",)
+
+
+class DecoderLayer(nn.Module):
+    """`x + norm(attn(x))`, then `x + norm(mlp(x))`."""
+
+    cfg: ModelConfig
+    backend: str = "xla"
+    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); as `families.llama.DecoderLayer`."""
+        x, k_cache, v_cache = carry
+        cfg = self.cfg
+        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(x, positions, table, k_cache, v_cache,
+                                                                             layer, stacks and stacks["self_attn"],
+                                                                             self.first, adapters)
+        x = x + RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_attention_layernorm")(h)
+        h = MLP(cfg, name="mlp")(x, layer, stacks and stacks["mlp"], adapters)
+        return (x + RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_feedforward_layernorm")(h), k_cache, v_cache), None
+
+
+LAYER_GGUF = {
+    "self_attn/q_proj": "attn_q",
+    "self_attn/k_proj": "attn_k",
+    "self_attn/v_proj": "attn_v",
+    "self_attn/o_proj": "attn_output",
+    "self_attn/q_norm": "attn_q_norm",
+    "self_attn/k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp/gate_proj": "ffn_gate",
+    "mlp/up_proj": "ffn_up",
+    "mlp/down_proj": "ffn_down",
+}
+
+
+def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """OLMo 2 GGUF tensors are read as they are (GGML's NeoX RoPE turns halves, as the checkpoints do)."""
+    return w
