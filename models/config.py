@@ -68,7 +68,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    rope_interleave: bool = False  # MLA: the rotary dims come in interleaved pairs
+    rope_interleave: bool = False  # the rotary dims come in interleaved pairs (MLA's, GLM-4's: `attention.rope`)
     dtype: str = "float32"
     quantization: str = "none"  # "int8": int8 weights, a float32 scale per 32 inputs; "int4": Q4_1 (models.quant)
     matmul: str = "xla"  # quantized products: "xla" widens the weights, "cpu" the C++ kernel (backends.cpu_matmul)
@@ -112,8 +112,8 @@ class ModelConfig:
     @staticmethod
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
-        OLMo 2/3, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss). `context` is the served context per sequence (0: the
-        model's whole), which picks LongRoPE's factors (`_inv_freq`)."""
+        OLMo 2/3, GLM-4, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss). `context` is the served context
+        per sequence (0: the model's whole), which picks LongRoPE's factors (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]
         if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
             d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
@@ -161,6 +161,7 @@ class ModelConfig:
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        glm = arch in ("Glm4ForCausalLM", "Glm4MoeForCausalLM")
         bias = bool(d.get("qkv_bias", True)) if qwen2 else bool(d.get("attention_bias", False))
         return ModelConfig(
             arch=arch,
@@ -175,9 +176,9 @@ class ModelConfig:
             rms_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=d.get("tie_word_embeddings", gemmas),
             attention_bias=bias,
-            o_bias=bias and not qwen2,
+            o_bias=bias and not (qwen2 or glm),
             attn_sinks=gpt_oss,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma or olmo,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma or olmo or bool(d.get("use_qk_norm")),
             qk_norm_whole=olmo,
             norm_offset=1.0 if gemmas else 0.0,
             sandwich_norms=sandwich,
@@ -196,6 +197,9 @@ class ModelConfig:
             layer_sliding=sliding,
             rope_global=rope_global,
             rope_local=rope_local,
+            # the rotary dims in interleaved pairs: GLM-4's; MLA's by the config (V2 rotates them as complex numbers)
+            rope_interleave=(bool(d.get("rope_interleave", True)) or arch == "DeepseekV2ForCausalLM") if mla
+            else arch == "Glm4ForCausalLM",
             layer_rope=tuple(bool(r) for r in d["no_rope_layers"]) if d.get("no_rope_layers") else (),
             dtype=dtype,
             rope_scale=(_yarn_attention_factor(full, d) if kind == "yarn" else _longrope_attention_factor(full, d)
@@ -203,9 +207,7 @@ class ModelConfig:
             **_moe(d, arch, layers),
             **(dict(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-                    v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True))
-                    or arch == "DeepseekV2ForCausalLM")  # V2 rotates interleaved pairs as complex numbers
-               if mla else {}),
+                    v_head_dim=d["v_head_dim"]) if mla else {}),
         )
 
 
@@ -272,10 +274,11 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                                 for i in range(layers)))
     if arch == "GptOssForCausalLM":  # top-k of the logits, softmaxed: Mixtral's weights; biases everywhere
         out.update(router_bias=True, expert_bias=True)
-    if arch.startswith("Deepseek"):  # scaled weights, ungated shared experts
+    if arch.startswith("Deepseek") or arch == "Glm4MoeForCausalLM":  # scaled weights, ungated shared experts
         out.update(routed_scale=float(d.get("routed_scaling_factor") or 1.0), shared_expert_gate=False,
                    shared_expert_size=inter * (d.get("n_shared_experts") or 0))
-    if arch == "DeepseekV3ForCausalLM":  # sigmoid scores with a selection bias, groups ranked by their top-2 sum
+    if arch in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"):  # sigmoid scores with a selection bias, groups
+        # ranked by their top-2 sum
         out.update(scoring="sigmoid", expert_groups=d.get("n_group") or 1, top_groups=d.get("topk_group") or 1)
     if arch == "DeepseekV2ForCausalLM":  # softmax scores, greedy or by groups ranked by their best, not renormalized
         grouped = d.get("topk_method") == "group_limited_greedy"

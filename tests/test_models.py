@@ -55,6 +55,8 @@ def _small(kind: str):
     if kind == "granite":
         return transformers.GraniteConfig(**common, embedding_multiplier=3.0, residual_multiplier=0.375,
                                           attention_multiplier=0.125, logits_scaling=2.5)  # float32-exact: GGUF
+    if kind == "glm4":  # the sandwich layer, q/k/v biases, half the head turning by repeated frequencies
+        return transformers.Glm4Config(**common, head_dim=16, attention_bias=True, pad_token_id=0, eos_token_id=1)
     if kind == "olmo2":
         return transformers.Olmo2Config(**common, pad_token_id=0)
     if kind == "olmo3":  # three sliding layers to each full one
@@ -82,7 +84,7 @@ def _hf_model(kind: str, folder: str, **changes):
 
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-                                  "phi3", "granite", "smollm3", "olmo2", "olmo3"])
+                                  "phi3", "granite", "smollm3", "olmo2", "olmo3", "glm4"])
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
@@ -108,6 +110,8 @@ _GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "se
 _SANDWICH = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
              "post_feedforward_layernorm": "post_ffw_norm"}
 _QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_GLM4 = {"post_self_attn_layernorm": "post_attention_norm", "post_attention_layernorm": "ffn_norm",
+         "post_mlp_layernorm": "post_ffw_norm"}
 
 
 def _write_gguf(ref, kind: str, path: str) -> None:
@@ -132,8 +136,9 @@ def _write_gguf(ref, kind: str, path: str) -> None:
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         w.add_sliding_window(cfg.sliding_window)
-    if kind.startswith("phi3"):
+    if kind.startswith(("phi3", "glm4")):
         w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
+    if kind.startswith("phi3"):
         w.add_sliding_window(cfg.sliding_window or 0)
     if kind == "phi3-longrope":  # the factor lists as tensors, the attention factor as llama.cpp's converter has it
         p = cfg.rope_parameters
@@ -155,6 +160,8 @@ def _write_gguf(ref, kind: str, path: str) -> None:
     names = dict(_GGUF_NAMES, **(_SANDWICH if kind == "gemma2" else {"post_attention_layernorm": "ffn_norm"}))
     if kind.startswith("olmo"):  # norms after the blocks only
         names = dict(_GGUF_NAMES, **_SANDWICH, **_QK_NORMS)
+    if kind == "glm4":
+        names = dict(_GGUF_NAMES, **_GLM4)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"] + (1 if kind.startswith("gemma") else 0))
     if not cfg.tie_word_embeddings:
@@ -169,11 +176,14 @@ def _write_gguf(ref, kind: str, path: str) -> None:
             if kind in ("granite", "smollm3") and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                 t = llama_permute(t, cfg.num_attention_heads if "q_" in hf else cfg.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{name}.weight", t)
+            if f"model.layers.{i}.{hf}.bias" in sd:
+                w.add_tensor(f"blk.{i}.{name}.bias", sd[f"model.layers.{i}.{hf}.bias"])
     close_gguf(w)
 
 
 @pytest.mark.quick_compile
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
+                                  "glm4"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""

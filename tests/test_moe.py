@@ -55,6 +55,12 @@ def _config(kind: str, vocab: int = 256):
                                              n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
                                              n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                              norm_topk_prob=kind != "deepseek-v3-plain", **mla)
+    if kind == "glm4-moe":  # GLM-4.5: DeepSeek-V3's routing and shared experts over grouped-query attention with
+        # q/k/v biases, q/k norms and half of each head turning
+        return transformers.Glm4MoeConfig(**common, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32,
+                                          n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                          n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                          norm_topk_prob=True, use_qk_norm=True, attention_bias=True)
     if kind == "deepseek-v2":  # MLA without a q LoRA (V2-Lite's), complex RoPE with YaRN, softmax routing limited
         # to the 2 of 4 groups with the best expert, weights not renormalized but scaled, shared experts
         common.update(num_key_value_heads=4)
@@ -170,13 +176,13 @@ def test_deepseek_router_matches_transformers(version):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
-                                  "deepseek-v3-plain", "gpt-oss"])
+                                  "deepseek-v3-plain", "glm4-moe", "gpt-oss"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     groups = {"qwen2-moe": ["layers_0", "layers_1", "layers_2"], "deepseek-v2": ["layers_0", "layers_1-2"]}
-    groups |= {"deepseek-v3": groups["deepseek-v2"], "deepseek-v3-plain": groups["deepseek-v2"]}
+    groups |= {k: groups["deepseek-v2"] for k in ("deepseek-v3", "deepseek-v3-plain", "glm4-moe")}
     assert [g[2] for g in layer_groups(ours.cfg, ours.module.scan)] == groups.get(kind, ["layers"])
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
@@ -418,6 +424,64 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
         _write_experts(w, sd, i, inter)
+    close_gguf(w)
+    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    ours = load_model(path, with_tokenizer=False)
+    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
+    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gguf_glm4_moe_equals_the_hf_folder(tmp_path, monkeypatch):
+    """GLM-4.5 as llama.cpp's `glm4moe` GGUF: a dense first layer, stacked experts, shared experts (`*_shexp`), the
+    router's selection bias (`exp_probs_b`), q/k/v biases and norms, the norm before the MLP as `post_attention_norm`,
+    and a multi-token-prediction block counted in `block_count` (skipped) give the HF folder's config and logits."""
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model("glm4-moe", str(tmp_path / "hf"))
+    cfg, path = ref.config, str(tmp_path / "tiny-glm4moe.gguf")
+    layers = cfg.num_hidden_layers
+    w = gguf.GGUFWriter(path, "glm4moe")
+    for add, value in ((w.add_block_count, layers + 1), (w.add_nextn_predict_layers, 1),
+                       (w.add_context_length, cfg.max_position_embeddings), (w.add_embedding_length, cfg.hidden_size),
+                       (w.add_feed_forward_length, cfg.intermediate_size), (w.add_head_count, cfg.num_attention_heads),
+                       (w.add_head_count_kv, cfg.num_key_value_heads), (w.add_key_length, cfg.head_dim),
+                       (w.add_value_length, cfg.head_dim), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_rope_freq_base, cfg.rope_parameters["rope_theta"]),
+                       (w.add_rope_dimension_count, cfg.head_dim // 2), (w.add_expert_count, cfg.n_routed_experts),
+                       (w.add_expert_used_count, cfg.num_experts_per_tok),
+                       (w.add_expert_shared_count, cfg.n_shared_experts),
+                       (w.add_expert_feed_forward_length, cfg.moe_intermediate_size),
+                       (w.add_leading_dense_block_count, cfg.first_k_dense_replace),
+                       (w.add_expert_weights_scale, cfg.routed_scaling_factor),
+                       (w.add_expert_weights_norm, cfg.norm_topk_prob), (w.add_expert_group_count, cfg.n_group),
+                       (w.add_expert_group_used_count, cfg.topk_group),
+                       (w.add_expert_gating_func, gguf.ExpertGatingFuncType.SIGMOID),
+                       (w.add_vocab_size, cfg.vocab_size)):
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "post_attention_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+             "mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
+    for proj, name in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")):
+        names |= {f"self_attn.{proj}_proj.{leaf}": f"attn_{name}.{leaf}" for leaf in ("weight", "bias")}
+    names |= {f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in ("q", "k")}
+    for p in ("gate", "up", "down"):
+        names |= {f"mlp.{p}_proj.weight": f"ffn_{p}.weight",
+                  f"mlp.shared_experts.{p}_proj.weight": f"ffn_{p}_shexp.weight"}
+    for i in range(layers):
+        for hf, name in names.items():
+            if f"model.layers.{i}.{hf}" in sd:
+                w.add_tensor(f"blk.{i}.{name}", sd[f"model.layers.{i}.{hf}"])
+        if i >= cfg.first_k_dense_replace:
+            _write_experts(w, sd, i, cfg.moe_intermediate_size)
+    for name in ("attn_norm.weight", "nextn.eh_proj.weight"):  # the prediction block: read by nothing
+        w.add_tensor(f"blk.{layers}.{name}", np.ones((4, cfg.hidden_size), np.float32))
     close_gguf(w)
     hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     ours = load_model(path, with_tokenizer=False)

@@ -452,6 +452,40 @@ def test_pictures_by_link_as_the_policy_allows(served):
         images.pixels(f"{site}/cat.png", served.model.vision)
 
 
+def test_any_host_means_any_public_address(served):
+    """`--allowed-media-domains '*'` reaches no private address: a loopback server named by its address or by a name
+    that resolves to it is refused before any request reaches it, redirects too; named in the flag, it is fetched."""
+    import http.server
+    import threading
+
+    raw = base64.b64decode(_png(43).split(",", 1)[1])
+    fetched = []
+
+    class Pictures(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetched.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    try:
+        for link in (f"http://127.0.0.1:{host.server_port}/cat.png", f"http://localhost:{host.server_port}/cat.png"):
+            with pytest.raises(ValueError, match="public addresses only"):
+                images.pixels(link, served.model.vision, Media(("*",)))
+        assert fetched == []
+        named = images.pixels(f"http://127.0.0.1:{host.server_port}/cat.png", served.model.vision,
+                              Media(("*", "127.0.0.1")))
+        assert fetched == ["/cat.png"] and named.shape == (3, served.model.vision.image_size,
+                                                          served.model.vision.image_size)
+    finally:
+        host.shutdown()
+
+
 def test_the_offline_api_takes_vllms_multi_modal_data(llava):
     """`LLM.generate` with vLLM's prompt dicts (`multi_modal_data: {"image": PIL image}`, one `<image>` in the
     text) answers as transformers does on the same ids and pixels, three pictures on two slots (the third waits for

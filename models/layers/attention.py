@@ -15,14 +15,19 @@ from models.config import ModelConfig
 from models.layers.linear import RMSNorm, projection
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale: float = 1.0) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scale: float = 1.0,
+         interleaved: bool = False) -> jax.Array:
     """Rotary embedding, `rotate_half` convention: x `[B, S, H, D]`, positions `[B, S]`; `scale` multiplies cos and
     sin (YaRN's attention factor). Only the first `2 * len(inv_freq)` dims turn (a partial rotary factor: Phi-4-mini,
-    StableLM); the rest pass through."""
+    GLM); the rest pass through. `interleaved`: the turned dims come in pairs `(x0, x1), (x2, x3), ...` (DeepSeek's,
+    GLM-4's), turned here in `rotate_half` order (evens, then odds): the dims come out in that order, which changes
+    no product of a query and a key turned alike."""
     inv_freq = jnp.asarray(inv_freq, jnp.float32)  # may be traced
     rot = 2 * inv_freq.shape[0]
     if rot < x.shape[-1]:
-        return jnp.concatenate([rope(x[..., :rot], positions, inv_freq, scale), x[..., rot:]], axis=-1)
+        return jnp.concatenate([rope(x[..., :rot], positions, inv_freq, scale, interleaved), x[..., rot:]], axis=-1)
+    if interleaved:
+        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = (jnp.cos(emb) * scale).astype(x.dtype), (jnp.sin(emb) * scale).astype(x.dtype)
@@ -62,7 +67,8 @@ class Attention(nn.Module):
             sliding = jnp.asarray(cfg.layer_sliding)[at]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
-        turned = rope(q, positions, inv_freq, cfg.rope_scale), rope(k, positions, inv_freq, cfg.rope_scale)
+        turned = (rope(q, positions, inv_freq, cfg.rope_scale, cfg.rope_interleave),
+                  rope(k, positions, inv_freq, cfg.rope_scale, cfg.rope_interleave))
         if all(cfg.layer_rope):
             q, k = turned
         else:  # some layers attend without positions (SmolLM3's every fourth: `layer_rope`)

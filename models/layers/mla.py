@@ -17,7 +17,6 @@ import dataclasses
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from models import backends
@@ -25,12 +24,6 @@ from models.backends import paged
 from models.config import ModelConfig
 from models.layers.attention import rope
 from models.layers.linear import RMSNorm, Weight, projection
-
-
-def deinterleave(x: jax.Array) -> jax.Array:
-    """Rotary dims stored as interleaved pairs `(x0, x1), (x2, x3), ...` in `rotate_half` order (evens, then
-    odds), as transformers rotates them."""
-    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
 class MLAttention(nn.Module):
@@ -62,10 +55,8 @@ class MLAttention(nn.Module):
         kv = proj("kv_a_proj_with_mqa", r + rd, (None, "embed"), x, cfg.attention_bias)
         latent = RMSNorm(cfg.rms_eps, 0.0, dt, name="kv_a_layernorm")(kv[..., :r])
         k_rope = kv[..., r:][:, :, None, :]
-        if cfg.rope_interleave:
-            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
-        q_rope = rope(q_rope, positions, cfg.rope_global, cfg.rope_scale)
-        k_rope = rope(k_rope, positions, cfg.rope_global, cfg.rope_scale)
+        q_rope = rope(q_rope, positions, cfg.rope_global, cfg.rope_scale, cfg.rope_interleave)
+        k_rope = rope(k_rope, positions, cfg.rope_global, cfg.rope_scale, cfg.rope_interleave)
 
         up = Weight((h * (nope + vd), r), ("heads", None), dt, name="kv_b_proj")().reshape(h, nope + vd, r)
         query = jnp.concatenate([jnp.einsum("bshn,hnr->bshr", q_nope, up[:, :nope]), q_rope], axis=-1)

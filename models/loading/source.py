@@ -281,7 +281,8 @@ def _open_gguf(path: str) -> Source:
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
               "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-              "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+              "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "glm4": "Glm4ForCausalLM",
+              "glm4moe": "Glm4MoeForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
@@ -354,6 +355,17 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d.update(architectures=["Olmo3ForCausalLM"], sliding_window=g("attention.sliding_window"),
                  layer_types=["sliding_attention" if s else "full_attention"
                               for s in g("attention.sliding_window_pattern")])
+    if arch in ("glm4", "glm4moe"):
+        if g("rope.dimension_sections"):  # GLM-4V's multimodal RoPE
+            raise NotImplementedError(f"GGUF {arch!r} with multimodal RoPE sections (GLM-4V) is not supported")
+        d.update(partial_rotary_factor=(g("rope.dimension_count") or head_dim) / head_dim,
+                 attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
+    if arch == "glm4moe":  # DeepSeek-V3's routing; `block_count` counts the multi-token-prediction layers too
+        d.update(num_hidden_layers=d["num_hidden_layers"] - g("nextn_predict_layers", 0),
+                 n_routed_experts=g("expert_count"), n_shared_experts=g("expert_shared_count", 0),
+                 first_k_dense_replace=g("leading_dense_block_count", 0),
+                 routed_scaling_factor=g("expert_weights_scale", 1.0), norm_topk_prob=g("expert_weights_norm", False),
+                 n_group=g("expert_group_count") or 1, topk_group=g("expert_group_used_count") or 1)
     if arch == "smollm3":  # llama.cpp's rule, which its files do not record: every fourth layer turns nothing
         d["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(d["num_hidden_layers"])]
     if arch == "mistral" and g("attention.sliding_window"):
@@ -527,9 +539,14 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
 
 
 def _prediction_layer(cfg: ModelConfig, name: str) -> bool:
-    """A tensor of DeepSeek's multi-token-prediction layers, stored after the decoder's (not used to decode)."""
+    """A tensor of DeepSeek's or GLM-4.5's multi-token-prediction layers, stored after the decoder's (not used to
+    decode)."""
     parts = name.split(".")
-    return bool(cfg.kv_lora_rank) and name.startswith("model.layers.") and int(parts[2]) >= cfg.num_layers
+    at = parts[2] if name.startswith("model.layers.") else parts[1] if name.startswith("blk.") else ""
+    return cfg.arch in _PREDICTING and at.isdigit() and int(at) >= cfg.num_layers
+
+
+_PREDICTING = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 
 
 def _np_dtype(name: str):
