@@ -3,10 +3,13 @@
 tower takes (`models.vision.preprocess`).
 
 A picture comes inline as a `data:` URL; by a link only as the server's `Media` policy allows, vLLM's flags:
-`--allowed-media-domains` (http and https, each redirect checked too; `*`: any) and `--allowed-local-media-path`
-(`file://` under that folder). With neither, links are refused with a 400 that says how to send the picture: a
-server must not fetch whatever a client names (its own network, a cloud's metadata address), and its hosts often
-reach nothing outside."""
+`--allowed-media-domains` (http and https, each redirect checked too; `*`: any public address) and
+`--allowed-local-media-path` (`file://` under that folder). With neither, links are refused with a 400 that says how
+to send the picture: a server must not fetch whatever a client names (its own network, a cloud's metadata address),
+and its hosts often reach nothing outside. For the same reason `*` reaches only global addresses: each connection's
+peer is checked once connected (so a name that resolves, or is rebound, to a private, loopback, link-local or
+reserved address is refused, redirects included), proxies from the environment are not used, and a private host is
+fetched from only where the flag names it."""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import base64
 import binascii
 import dataclasses
 import http.client
+import ipaddress
 import os
+import socket
+import ssl
 import stat
 import time
 import urllib.error
@@ -123,8 +129,51 @@ class _Checked(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _public_peer(sock: socket.socket) -> socket.socket:
+    """The connected socket, or (closed) a `ValueError` where its peer is no global address."""
+    ip = ipaddress.ip_address(sock.getpeername()[0].split("%")[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    if not ip.is_global:
+        sock.close()
+        raise ValueError("this server fetches pictures from public addresses only (--allowed-media-domains '*'); "
+                         "a private host must be named in the flag")
+    return sock
+
+
+def _checked_connection(base: type, media: Media) -> type:
+    """`base` (http.client's HTTP or HTTPS connection) whose sockets reach only global addresses, unless the host is
+    one the policy names."""
+
+    class Connection(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.host.lower().strip("[]") not in media.domains:
+                self._create_connection = lambda *a, **k: _public_peer(socket.create_connection(*a, **k))
+
+    return Connection
+
+
+def _opener(media: Media) -> urllib.request.OpenerDirector:
+    """An opener that follows redirects only to allowed hosts; for `*`, one that connects directly (no proxy) and
+    only to global addresses (`_public_peer`)."""
+    if "*" not in media.domains:
+        return urllib.request.build_opener(_Checked(media))
+    http_conn, https_conn = (_checked_connection(c, media) for c in (http.client.HTTPConnection,
+                                                                      http.client.HTTPSConnection))
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_conn, req)
+
+    class Secure(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_conn, req, context=ssl.create_default_context())
+
+    return urllib.request.build_opener(_Checked(media), urllib.request.ProxyHandler({}), Plain(), Secure())
+
+
 def _fetch(url: str, media: Media) -> bytes:
-    opener = urllib.request.build_opener(_Checked(media))
+    opener = _opener(media)
     deadline = time.monotonic() + media.timeout  # for the whole body: a server trickling bytes is cut off
     try:
         with opener.open(urllib.request.Request(url, headers={"User-Agent": "sparkler"}),
