@@ -109,8 +109,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "sooner, then arrival), less urgent work preempted for more urgent (vLLM's flag)")
     ap.add_argument("--allowed-media-domains", type=origins, default=(),
                     help="a model that reads images: hosts whose http(s) picture links the server fetches (each "
-                         "redirect checked too; '*': any public address), comma-separated or a JSON list (vLLM's flag). Default: "
-                         "none, pictures come inline as data: URLs")
+                         "redirect checked too; '*': any public address), comma-separated or a JSON list (vLLM's "
+                         "flag). Default: none, pictures come inline as data: URLs")
     ap.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                     help="a model that reads images: file:// picture links under DIR are read (vLLM's flag)")
     ap.add_argument("--max-images", type=int, default=RunnerConfig.max_images,
