@@ -114,13 +114,14 @@ _GLM4 = {"post_self_attn_layernorm": "post_attention_norm", "post_attention_laye
          "post_mlp_layernorm": "post_ffw_norm"}
 
 
-def _write_gguf(ref, kind: str, path: str) -> None:
+def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
     """The model as llama.cpp's `convert_hf_to_gguf.py` writes it: Gemma's norms as `1 + w`, q and k permuted for
-    Granite and SmolLM3 (GGML's normal RoPE), Phi-3's fused tensors as they are, each family's metadata."""
+    Granite and SmolLM3 (GGML's normal RoPE), Phi-3's fused tensors as they are, each family's metadata; in parts of
+    `split` tensors each where that is set (`gguf-split`'s files)."""
     import gguf
 
     cfg = ref.config
-    w = gguf.GGUFWriter(path, "olmo2" if kind == "olmo3" else kind.split("-")[0])
+    w = gguf.GGUFWriter(path, "olmo2" if kind == "olmo3" else kind.split("-")[0], split_max_tensors=split)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # OLMo 3's are per layer type
     for add, value in ((w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
@@ -198,6 +199,32 @@ def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     assert ours.cfg.rope_scale == pytest.approx(hf.cfg.rope_scale, rel=1e-6)
     for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.quick_compile
+def test_a_split_gguf_loads_from_any_part_as_the_whole_file(tmp_path, monkeypatch):
+    """llama.cpp's `gguf-split` parts (the metadata in the first, the tensors spread over all) load as the one file
+    of the same model does, named by any part; a missing part is named in the error."""
+    import glob
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model("granite", str(tmp_path / "hf"))
+    for folder in ("whole", "split"):
+        os.makedirs(tmp_path / folder)
+    _write_gguf(ref, "granite", str(tmp_path / "whole" / "tiny.gguf"))
+    _write_gguf(ref, "granite", str(tmp_path / "split" / "tiny.gguf"), split=8)
+    parts = sorted(glob.glob(str(tmp_path / "split" / "*.gguf")))
+    assert len(parts) == 3 and parts[0].endswith("tiny-00001-of-00003.gguf")
+    whole = load_model(str(tmp_path / "whole" / "tiny.gguf"), with_tokenizer=False)
+    want = our_logits(whole.module, whole.params, ROWS)
+    for named in (parts[0], parts[2]):
+        ours = load_model(named, with_tokenizer=False)
+        assert ours.cfg == whole.cfg
+        for a, b in zip(want, our_logits(ours.module, ours.params, ROWS)):
+            np.testing.assert_array_equal(a, b)
+    os.remove(parts[1])
+    with pytest.raises(FileNotFoundError, match="tiny-00002-of-00003.gguf"):
+        load_model(parts[0], with_tokenizer=False)
 
 
 @pytest.mark.quick_compile

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from typing import Any, Callable, Iterator
 
@@ -87,7 +88,7 @@ def json_file(path: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
 
 
 def open_source(path: str) -> Source:
-    """Open an HF folder or a `.gguf` file."""
+    """Open an HF folder or a `.gguf` file (any part of a split one)."""
     if os.path.isdir(path):
         return _open_hf(path)
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -236,7 +237,24 @@ def gguf_metadata(reader) -> dict[str, Any]:
 _GGUF_LOCK = threading.Lock()  # conversion reads on a thread pool: a file is parsed once
 
 
-@functools.lru_cache(maxsize=2)
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's `gguf-split` parts
+
+
+def gguf_parts(path: str) -> tuple[str, ...]:
+    """The files of the GGUF at `path`: itself, or every part of the `gguf-split` set it names
+    (`NAME-00001-of-00003.gguf`, ...; any part may be named), in order; a missing part is a `FileNotFoundError`."""
+    m = _SPLIT_NAME.match(path)
+    if not m or int(m.group(3)) < 2:
+        return (path,)
+    n = int(m.group(3))
+    parts = tuple(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1))
+    missing = [p for p in parts if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{path} is one of {n} parts; missing: {', '.join(missing[:3])}")
+    return parts
+
+
+@functools.lru_cache(maxsize=16)
 def _gguf_reader(path: str, stamp: tuple[int, int]):
     """A GGUF file parsed, kept for the process's next load of it (a load of each precision converts it again);
     `stamp` (its size and modification time) parses a changed file anew."""
@@ -246,18 +264,24 @@ def _gguf_reader(path: str, stamp: tuple[int, int]):
 
 
 def _open_gguf(path: str) -> Source:
-    """A GGUF file. Parsing its metadata takes seconds (the vocabulary is ~100k small fields), so the config,
-    generation config and tensor names are remembered and the file is read again only to convert it or to build its
-    tokenizer, once a process (`_gguf_reader`)."""
+    """A GGUF file, or the parts of a split one (`gguf_parts`: llama.cpp's first part holds the metadata, each part
+    some of the tensors; the big mixtures of experts are published so). Parsing its metadata takes seconds (the
+    vocabulary is ~100k small fields), so the config, generation config and tensor names are remembered and the
+    files are read again only to convert them or to build the tokenizer, once a process (`_gguf_reader`)."""
     import gguf
 
-    def reader():
-        st = os.stat(path)
+    parts = gguf_parts(path)
+
+    def reader(part: str = parts[0]):
+        st = os.stat(part)
         with _GGUF_LOCK:
-            return _gguf_reader(path, (st.st_size, st.st_mtime_ns))
+            return _gguf_reader(part, (st.st_size, st.st_mtime_ns))
 
     def metadata() -> dict[str, Any]:
-        return gguf_metadata(reader())
+        meta = gguf_metadata(reader())
+        if meta.get("split.count", 1) != len(parts):
+            raise ValueError(f"{parts[0]} says it is one of {meta.get('split.count', 1)} parts, not {len(parts)}")
+        return meta
 
     def summary() -> dict[str, Any]:
         meta = metadata()
@@ -267,14 +291,14 @@ def _open_gguf(path: str) -> Source:
 
     @functools.cache
     def tensors() -> dict[str, Any]:
-        return {t.name: t for t in reader().tensors}
+        return {t.name: t for part in parts for t in reader(part).tensors}
 
     def read(name: str) -> np.ndarray:
         t = tensors()[name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
-    known = remembered("gguf", (path,), summary)
-    return Source("gguf", path, (path,), known["config"], known["gen"], tuple(known["names"]), read, metadata,
+    known = remembered("gguf", parts, summary)
+    return Source("gguf", parts[0], parts, known["config"], known["gen"], tuple(known["names"]), read, metadata,
                   quantized=True)
 
 
