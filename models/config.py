@@ -27,13 +27,19 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections have biases
     o_bias: bool = False  # so does o_proj (HF's `attention_bias` except Qwen2's; gpt-oss)
     attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (its weight is dropped)
+    layer_norm: bool = False  # LayerNorm (mean-centered: Cohere, StarCoder2, Phi) rather than RMSNorm; eps `rms_eps`
+    norm_bias: bool = False  # the LayerNorms have biases (StarCoder2, Phi)
+    mlp_gated: bool = True  # the MLP is `down(act(gate) * up)`; else `down(act(up))` (StarCoder2's, Phi's)
+    mlp_bias: bool = False  # the MLP's projections have biases
+    parallel_block: bool = False  # `x + attn(norm(x)) + mlp(norm(x))` with one norm (Cohere, Phi: `families.cohere`)
+    lm_head_bias: bool = False  # Phi
     qk_norm: bool = False
     qk_norm_whole: bool = False  # OLMo 2: the q/k norms span all heads' values together (else each head's)
     norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1: scale is (offset + w)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
     embed_scale: float = 1.0  # the embeddings are scaled by it (Gemma's sqrt(hidden), Granite's multiplier)
     residual_scale: float = 1.0  # Granite: each block's output is scaled by it before the residual sum
-    logits_scaling: float = 1.0  # Granite: the logits are divided by it
+    logits_scaling: float = 1.0  # the logits are divided by it (Granite's; Cohere's `logit_scale` multiplier as 1 / it)
     activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.mlp.glu`)
     swiglu_alpha: float = 1.702  # clamped_swiglu: `(clip(up) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit)
     swiglu_limit: float = 7.0
@@ -112,8 +118,9 @@ class ModelConfig:
     @staticmethod
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
-        OLMo 2/3, GLM-4, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss). `context` is the served context
-        per sequence (0: the model's whole), which picks LongRoPE's factors (`_inv_freq`)."""
+        OLMo 2/3, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
+        (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]
         if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
             d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
@@ -141,7 +148,8 @@ class ModelConfig:
             types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
             sliding = tuple(t == "sliding_attention" for t in types)
         elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
-                                                      "Olmo3ForCausalLM") and window):
+                                                      "Olmo3ForCausalLM", "Cohere2ForCausalLM",
+                                                      "Starcoder2ForCausalLM") and window):
             types = d.get("layer_types")
             sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
         else:
@@ -157,12 +165,18 @@ class ModelConfig:
         gpt_oss = arch == "GptOssForCausalLM"
         if gpt_oss:
             act = "clamped_swiglu"
-        if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh", "clamped_swiglu"):
+        act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act, act)
+        if act not in ("silu", "gelu", "gelu_tanh", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
         glm = arch in ("Glm4ForCausalLM", "Glm4MoeForCausalLM")
-        bias = bool(d.get("qkv_bias", True)) if qwen2 else bool(d.get("attention_bias", False))
+        cohere = arch in ("CohereForCausalLM", "Cohere2ForCausalLM")
+        starcoder, phi = arch == "Starcoder2ForCausalLM", arch == "PhiForCausalLM"
+        if (cohere and d.get("use_qk_norm")) or (phi and d.get("qk_layernorm")):
+            raise NotImplementedError(f"{arch} with q/k LayerNorms is not supported yet")
+        bias = (bool(d.get("qkv_bias", True)) if qwen2 else phi or bool(starcoder and d.get("use_bias", True))
+                or bool(d.get("attention_bias", False)))
         return ModelConfig(
             arch=arch,
             vocab_size=d["vocab_size"],
@@ -173,8 +187,14 @@ class ModelConfig:
             num_kv_heads=heads if mla else d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             max_position=d.get("max_position_embeddings", 2048),
-            rms_eps=d.get("rms_norm_eps", 1e-6),
-            tie_embeddings=d.get("tie_word_embeddings", gemmas),
+            rms_eps=d.get("rms_norm_eps") or d.get("layer_norm_eps") or d.get("norm_epsilon") or 1e-6,
+            layer_norm=cohere or starcoder or phi,
+            norm_bias=starcoder or phi,
+            mlp_gated=not (starcoder or phi),
+            mlp_bias=phi or bool(d.get("mlp_bias") or (starcoder and d.get("use_bias", True))),
+            parallel_block=cohere or phi,
+            lm_head_bias=phi,
+            tie_embeddings=d.get("tie_word_embeddings", gemmas or cohere or starcoder),
             attention_bias=bias,
             o_bias=bias and not (qwen2 or glm),
             attn_sinks=gpt_oss,
@@ -184,8 +204,8 @@ class ModelConfig:
             sandwich_norms=sandwich,
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemmas else d.get("embedding_multiplier", 1.0),
             residual_scale=d.get("residual_multiplier", 1.0),
-            logits_scaling=d.get("logits_scaling", 1.0),
-            activation="gelu_tanh" if act.startswith("gelu") else act,
+            logits_scaling=d.get("logits_scaling") or 1 / d.get("logit_scale", 1.0),
+            activation=act,
             swiglu_alpha=d.get("swiglu_alpha", 1.702),
             swiglu_limit=d.get("swiglu_limit", 7.0),
             query_scale=(d["query_pre_attn_scalar"] ** -0.5 if sandwich else _mla_scale(full, head_dim) if mla
@@ -199,8 +219,10 @@ class ModelConfig:
             rope_local=rope_local,
             # the rotary dims in interleaved pairs: GLM-4's; MLA's by the config (V2 rotates them as complex numbers)
             rope_interleave=(bool(d.get("rope_interleave", True)) or arch == "DeepseekV2ForCausalLM") if mla
-            else arch == "Glm4ForCausalLM",
-            layer_rope=tuple(bool(r) for r in d["no_rope_layers"]) if d.get("no_rope_layers") else (),
+            else arch == "Glm4ForCausalLM" or cohere,
+            # SmolLM3's every fourth layer turns nothing, nor do Cohere 2's full-attention layers
+            layer_rope=(tuple(bool(r) for r in d["no_rope_layers"]) if d.get("no_rope_layers") else
+                        sliding if arch == "Cohere2ForCausalLM" else ()),
             dtype=dtype,
             rope_scale=(_yarn_attention_factor(full, d) if kind == "yarn" else _longrope_attention_factor(full, d)
                         if kind == "longrope" else 1.0),

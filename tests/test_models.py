@@ -57,6 +57,16 @@ def _small(kind: str):
                                           attention_multiplier=0.125, logits_scaling=2.5)  # float32-exact: GGUF
     if kind == "glm4":  # the sandwich layer, q/k/v biases, half the head turning by repeated frequencies
         return transformers.Glm4Config(**common, head_dim=16, attention_bias=True, pad_token_id=0, eos_token_id=1)
+    if kind == "cohere":  # LayerNorm, attention and MLP side by side, interleaved rotary pairs, scaled logits
+        return transformers.CohereConfig(**common, logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "cohere2":  # and windows on three layers of four, whose full layers turn nothing
+        return transformers.Cohere2Config(**dict(common, num_hidden_layers=4), head_dim=16, sliding_window=4,
+                                          logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "starcoder2":  # LayerNorms and projections with biases, a plain GELU MLP, a window
+        return transformers.Starcoder2Config(**common, sliding_window=4, bos_token_id=1, eos_token_id=2)
+    if kind == "phi":  # the parallel layer with biases everywhere, a plain GELU MLP, 40% of each head turning
+        return transformers.PhiConfig(**common, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                     partial_rotary_factor=0.4))
     if kind == "olmo2":
         return transformers.Olmo2Config(**common, pad_token_id=0)
     if kind == "olmo3":  # three sliding layers to each full one
@@ -84,7 +94,8 @@ def _hf_model(kind: str, folder: str, **changes):
 
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-                                  "phi3", "granite", "smollm3", "olmo2", "olmo3", "glm4"])
+                                  "phi3", "granite", "smollm3", "olmo2", "olmo3", "glm4", "cohere", "cohere2",
+                                  "starcoder2", "phi"])
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
@@ -112,6 +123,9 @@ _SANDWICH = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward
 _QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 _GLM4 = {"post_self_attn_layernorm": "post_attention_norm", "post_attention_layernorm": "ffn_norm",
          "post_mlp_layernorm": "post_ffw_norm"}
+_PLAIN_MLP = {"mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+              "self_attn.dense": "attn_output"}  # StarCoder2's and Phi's
+_GGUF_ARCH = {"olmo3": "olmo2", "cohere": "command-r", "phi": "phi2"}  # llama.cpp's names where they differ
 
 
 def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
@@ -121,13 +135,17 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
     import gguf
 
     cfg = ref.config
-    w = gguf.GGUFWriter(path, "olmo2" if kind == "olmo3" else kind.split("-")[0], split_max_tensors=split)
+    w = gguf.GGUFWriter(path, _GGUF_ARCH.get(kind, kind.split("-")[0]), split_max_tensors=split)
+    layer_norm = kind in ("starcoder2", "cohere", "cohere2", "phi")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # OLMo 3's are per layer type
     for add, value in ((w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                        (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
-                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_vocab_size, cfg.vocab_size),
+                       (w.add_layer_norm_eps if layer_norm else w.add_layer_norm_rms_eps,
+                        cfg.layer_norm_eps if kind in ("cohere", "cohere2", "phi") else
+                        cfg.norm_epsilon if kind == "starcoder2" else cfg.rms_norm_eps),
+                       (w.add_vocab_size, cfg.vocab_size),
                        (w.add_rope_freq_base, rope["rope_theta"])):
         add(value)
     if kind.startswith("gemma"):
@@ -137,7 +155,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         w.add_sliding_window(cfg.sliding_window)
-    if kind.startswith(("phi3", "glm4")):
+    if kind.startswith(("phi3", "glm4", "phi")):
         w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
     if kind.startswith("phi3"):
         w.add_sliding_window(cfg.sliding_window or 0)
@@ -147,8 +165,11 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(cfg.max_position_embeddings / 16) / math.log(16)))
         for k in ("long", "short"):
             w.add_tensor(f"rope_factors_{k}.weight", np.asarray(p[f"{k}_factor"], np.float32))
-    if kind == "olmo3":
+    if kind.startswith("cohere"):  # the logits' multiplier as it is
+        w.add_logit_scale(cfg.logit_scale)
+    if kind in ("olmo3", "cohere2"):
         w.add_sliding_window(cfg.sliding_window)
+    if kind == "olmo3":
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if kind == "granite":
         w.add_embedding_scale(cfg.embedding_multiplier)
@@ -163,10 +184,14 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
         names = dict(_GGUF_NAMES, **_SANDWICH, **_QK_NORMS)
     if kind == "glm4":
         names = dict(_GGUF_NAMES, **_GLM4)
+    names.update(_PLAIN_MLP)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"] + (1 if kind.startswith("gemma") else 0))
-    if not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+    final = "model.final_layernorm" if kind == "phi" else "model.norm"
+    w.add_tensor("output_norm.weight", sd[f"{final}.weight"] + (1 if kind.startswith("gemma") else 0))
+    for name, hf in (("output_norm.bias", f"{final}.bias"), ("output.weight", "lm_head.weight"),
+                     ("output.bias", "lm_head.bias")):
+        if hf in sd and not (cfg.tie_word_embeddings and hf.startswith("lm_head")):
+            w.add_tensor(name, sd[hf])
     for i in range(cfg.num_hidden_layers):
         for hf, name in names.items():
             t = sd.get(f"model.layers.{i}.{hf}.weight")
@@ -184,12 +209,14 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
 
 @pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
-                                  "glm4"])
+                                  "glm4", "starcoder2", "cohere", "cohere2", "phi"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
-    ref = _hf_model(kind, str(tmp_path / "hf"), **({"query_pre_attn_scalar": 16} if kind == "gemma2" else {}))
+    # Gemma 2's files keep no query scale, StarCoder2's no window (llama.cpp takes the head's width, and no window)
+    changes = {"gemma2": {"query_pre_attn_scalar": 16}, "starcoder2": {"sliding_window": None}}.get(kind, {})
+    ref = _hf_model(kind, str(tmp_path / "hf"), **changes)
     path = str(tmp_path / f"tiny-{kind}.gguf")
     _write_gguf(ref, kind, path)
     hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)

@@ -1,5 +1,6 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral-style configs): pre-norm decoder layers with a gated SiLU MLP. The
-layer is config-driven, so Gemma 1, Phi-3, Granite and SmolLM3 are this layer too (their modules map their tensors)."""
+layer is config-driven, so Gemma 1, Phi-3, Granite, SmolLM3 and StarCoder2 are this layer too (their modules map
+their tensors)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.layers.attention import Attention
-from models.layers.linear import RMSNorm
+from models.layers.linear import norm
 from models.layers.mla import MLAttention
 from models.layers.moe import feed_forward
 
@@ -33,13 +34,13 @@ class DecoderLayer(nn.Module):
         them (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
-        h = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="input_layernorm")(x)
+        h = norm(cfg, "input_layernorm")(x)
         attention = MLAttention if cfg.kv_lora_rank else Attention
         h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"],
                                                                              self.first, adapters)
         x = x + scaled(h, cfg.residual_scale)
-        h = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="post_attention_layernorm")(x)
+        h = norm(cfg, "post_attention_layernorm")(x)
         mlp = feed_forward(cfg, self.first)  # a group's layers are all of one kind
         h = scaled(mlp(h, layer, stacks and stacks["mlp"], adapters), cfg.residual_scale)
         return (x + h, k_cache, v_cache), None

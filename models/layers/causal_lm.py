@@ -12,7 +12,7 @@ from models import quant
 from models.backends import cpu_matmul
 from models.backends.paged import Flat, KVCache
 from models.config import ModelConfig
-from models.layers.linear import Linear, RMSNorm, dtype_of, int8_init, packed_params, scale_init
+from models.layers.linear import Linear, dtype_of, int8_init, norm, packed_params, scale_init
 
 
 def layer_groups(cfg: ModelConfig, scan: bool) -> list[tuple[int, int, str]]:
@@ -91,7 +91,7 @@ class CausalLM(nn.Module):
             carry, _ = stack(cfg, self.backend, first=start, name=name)(carry, jnp.arange(stop - start), positions,
                                                                         table, stacks, adapters)
         x, k_cache, v_cache = carry
-        x = RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name="norm")(x)
+        x = norm(cfg, "norm")(x)
         if features:
             return x, KVCache(k_cache, v_cache)
         if isinstance(table, Flat):  # a flat batch: logits at each sequence's last token (`last_index [R]`)
@@ -106,8 +106,8 @@ class CausalLM(nn.Module):
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), False, cfg.dtype, True, cfg.quantization, pk,
-                            name="lm_head")(x)
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), cfg.lm_head_bias, cfg.dtype, True, cfg.quantization,
+                            pk, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.logits_scaling != 1.0:  # Granite
             logits = logits / cfg.logits_scaling

@@ -144,6 +144,34 @@ class Weight(nn.Module):
         return self.param("weight", init, self.shape, jnp.dtype(self.dtype))
 
 
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The config's norm of a block's input or output: LayerNorm (Cohere's, StarCoder2's, Phi's; a bias where
+    `norm_bias`) where `layer_norm`, else RMSNorm with the config's offset."""
+    if cfg.layer_norm:
+        return LayerNorm(cfg.rms_eps, cfg.norm_bias, cfg.dtype, name=name)
+    return RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32: `(x - mean) / std * w (+ b)`."""
+
+    eps: float
+    bias: bool = False
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape, dt = (x.shape[-1],), jnp.dtype(self.dtype)
+        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, (None,)), shape, dt)
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        out = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps) * w.astype(jnp.float32)
+        if self.bias:
+            out = out + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), shape,
+                                   dt).astype(jnp.float32)
+        return out.astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32; the scale is `offset + w` (offset 1 for Gemma)."""
 

@@ -23,12 +23,20 @@ def glu(cfg: ModelConfig):
             return (jnp.clip(up, -limit, limit) + 1) * (g * jax.nn.sigmoid(g * alpha))
 
         return clamped
-    act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+    act = activation(cfg)
     return lambda gate, up: act(gate) * up
 
 
+def activation(cfg: ModelConfig):
+    """The config's activation: SiLU, GELU (exact) or GELU's tanh approximation."""
+    if cfg.activation == "silu":
+        return jax.nn.silu
+    return functools.partial(jax.nn.gelu, approximate=cfg.activation == "gelu_tanh")
+
+
 class MLP(nn.Module):
-    """Gated MLP: `down(glu(gate(x), up(x)))`, `size` wide (0: the config's `intermediate_size`)."""
+    """Gated MLP: `down(glu(gate(x), up(x)))`, `size` wide (0: the config's `intermediate_size`); where the config's
+    is not gated (StarCoder2, Phi), `down(act(up(x)))`; biases where `mlp_bias`."""
 
     cfg: ModelConfig
     size: int = 0
@@ -40,6 +48,9 @@ class MLP(nn.Module):
         `adapters`: each token's LoRA slot (`models.lora`), or None."""
         cfg = self.cfg
         proj = functools.partial(projection, cfg, layer=layer, stacks=stacks, adapters=adapters, lora=self.lora)
-        gate = proj("gate_proj", self.size or cfg.intermediate_size, ("mlp", "embed"), x)
-        up = proj("up_proj", self.size or cfg.intermediate_size, ("mlp", "embed"), x)
-        return proj("down_proj", cfg.hidden_size, ("embed", "mlp"), glu(cfg)(gate, up))
+        width, bias = self.size or cfg.intermediate_size, cfg.mlp_bias
+        up = proj("up_proj", width, ("mlp", "embed"), x, bias)
+        if not cfg.mlp_gated:
+            return proj("down_proj", cfg.hidden_size, ("embed", "mlp"), activation(cfg)(up), bias)
+        gate = proj("gate_proj", width, ("mlp", "embed"), x, bias)
+        return proj("down_proj", cfg.hidden_size, ("embed", "mlp"), glu(cfg)(gate, up), bias)

@@ -306,7 +306,8 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
               "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
               "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "glm4": "Glm4ForCausalLM",
-              "glm4moe": "Glm4MoeForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+              "glm4moe": "Glm4MoeForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "command-r": "CohereForCausalLM",
+              "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
@@ -337,6 +338,7 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         "head_dim": head_dim,
         "max_position_embeddings": g("context_length"),
         "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
+        "layer_norm_eps": g("attention.layer_norm_epsilon"),  # LayerNorm families' (StarCoder2, Cohere, Phi-2)
         "rope_theta": g("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
@@ -390,6 +392,25 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                  first_k_dense_replace=g("leading_dense_block_count", 0),
                  routed_scaling_factor=g("expert_weights_scale", 1.0), norm_topk_prob=g("expert_weights_norm", False),
                  n_group=g("expert_group_count") or 1, topk_group=g("expert_group_used_count") or 1)
+    if arch in ("starcoder2", "phi2"):  # GELU's tanh form, which llama.cpp's graph for them hardcodes
+        d["hidden_act"] = "gelu_pytorch_tanh"
+    if arch == "starcoder2":  # biases where the file has them; llama.cpp's files keep no window (nor does it use one)
+        d["use_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is; Cohere 2: a window on three layers of four,
+        d["logit_scale"] = g("logit_scale", 1.0)  # its period kept where the file names one
+        if arch == "cohere2":
+            period = g("attention.sliding_window_pattern") or 4
+            d.update(sliding_window=g("attention.sliding_window"), rope_parameters={
+                "rope_type": "default", "rope_theta": d["rope_theta"],
+                "partial_rotary_factor": (g("rope.dimension_count") or head_dim) / head_dim})
+            d["layer_types"] = (["sliding_attention" if s else "full_attention" for s in period]
+                                if isinstance(period, list) else
+                                ["sliding_attention" if (i + 1) % period else "full_attention"
+                                 for i in range(d["num_hidden_layers"])])
+        if "blk.0.attn_q_norm.weight" in tensors:
+            d["use_qk_norm"] = True
+    if arch == "phi2":  # a partial rotary factor as the rotated dims
+        d["partial_rotary_factor"] = (g("rope.dimension_count") or head_dim) / head_dim
     if arch == "smollm3":  # llama.cpp's rule, which its files do not record: every fourth layer turns nothing
         d["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(d["num_hidden_layers"])]
     if arch == "mistral" and g("attention.sliding_window"):
@@ -460,11 +481,11 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
     out = []
     for path in paths:
         if path == ("embed",):
-            out.append(Entry(path, "model.embed_tokens.weight", "token_embd.weight"))
-        elif path == ("norm", "weight"):
-            out.append(Entry(path, "model.norm.weight", "output_norm.weight"))
-        elif path == ("lm_head", "weight"):
-            out.append(Entry(path, "lm_head.weight", "output.weight"))
+            out.append(Entry(path, hf_name("model.embed_tokens.weight"), "token_embd.weight"))
+        elif path[0] in ("norm", "lm_head") and len(path) == 2:  # the final norm's and the LM head's weight, bias
+            hf = "model.norm" if path[0] == "norm" else "lm_head"
+            out.append(Entry(path, hf_name(f"{hf}.{path[1]}"), f"{'output_norm' if path[0] == 'norm' else 'output'}"
+                                                                  f".{path[1]}"))
         elif path[0].startswith("layers_"):
             i = int(path[0].split("_")[1])
             module, leaf = "/".join(path[1:-1]), path[-1]

@@ -1,0 +1,43 @@
+"""Cohere's Command R, R7B, A and Aya Expanse (`CohereForCausalLM`, `Cohere2ForCausalLM`): one LayerNorm (no bias)
+feeding attention and the MLP side by side, `x + attn(norm(x)) + mlp(norm(x))`, rotary dims in interleaved pairs,
+logits scaled by `logit_scale`, tied embeddings; Cohere 2 adds sliding windows on three layers of four, and its full
+layers turn no positions (`ModelConfig.layer_rope`)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from models.config import ModelConfig
+from models.families.llama import LAYER_GGUF  # noqa: F401  (the same tensor names)
+from models.layers.attention import Attention
+from models.layers.linear import norm
+from models.layers.mlp import MLP
+
+ARCHITECTURES = ("CohereForCausalLM", "Cohere2ForCausalLM")
+GGUF_ARCHS = ("command-r", "cohere2")
+
+
+class DecoderLayer(nn.Module):
+    """`x + attn(norm(x)) + mlp(norm(x))`: attention and the MLP read the same normalized input (Cohere's, Phi's)."""
+
+    cfg: ModelConfig
+    backend: str = "xla"
+    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
+        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); as `families.llama.DecoderLayer`."""
+        x, k_cache, v_cache = carry
+        cfg = self.cfg
+        h = norm(cfg, "input_layernorm")(x)
+        a, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
+                                                                             layer, stacks and stacks["self_attn"],
+                                                                             self.first, adapters)
+        m = MLP(cfg, name="mlp")(h, layer, stacks and stacks["mlp"], adapters)
+        return (x + a + m, k_cache, v_cache), None
+
+
+def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """Read as they are: llama.cpp writes them as the checkpoints hold them (its RoPE turns the same pairs)."""
+    return w
