@@ -202,3 +202,18 @@ def close_gguf(w) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def assert_gguf_loads_as_the_folder(folder: str, path: str, rows: list[list[int]]) -> None:
+    """The GGUF at `path` loads to the HF `folder`'s config (but for what GGUF keeps in float32: the epsilon and
+    LongRoPE's attention factor, each to float32's precision) and logits on `rows`."""
+    import dataclasses
+
+    from models import load_model
+
+    hf, ours = load_model(folder, with_tokenizer=False), load_model(path, with_tokenizer=False)
+    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps, rope_scale=hf.cfg.rope_scale) == hf.cfg
+    for a, b in ((ours.cfg.rms_eps, hf.cfg.rms_eps), (ours.cfg.rope_scale, hf.cfg.rope_scale)):
+        assert abs(a - b) <= 1e-6 * abs(b), (a, b)
+    for a, b in zip(our_logits(hf.module, hf.params, rows), our_logits(ours.module, ours.params, rows)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,6 +1,5 @@
 """Every family against transformers on the same random weights; the packaged SmolLM2 token for token."""
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -12,7 +11,7 @@ import torch
 import transformers
 
 from conftest import device_flags
-from helpers import close_gguf, decoded_logits, llama_permute, our_logits
+from helpers import assert_gguf_loads_as_the_folder, close_gguf, decoded_logits, llama_permute, our_logits
 from models import STATS, load_model
 
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
@@ -219,13 +218,7 @@ def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     ref = _hf_model(kind, str(tmp_path / "hf"), **changes)
     path = str(tmp_path / f"tiny-{kind}.gguf")
     _write_gguf(ref, kind, path)
-    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    ours = load_model(path, with_tokenizer=False)
-    # GGUF keeps the epsilon and LongRoPE's attention factor in float32
-    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps, rope_scale=hf.cfg.rope_scale) == hf.cfg
-    assert ours.cfg.rope_scale == pytest.approx(hf.cfg.rope_scale, rel=1e-6)
-    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 
 
 @pytest.mark.quick_compile

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import device_flags
-from helpers import close_gguf, llama_permute, our_logits, run_all
+from helpers import assert_gguf_loads_as_the_folder, close_gguf, llama_permute, our_logits, run_all
 
 from engine.engine import Engine
 from engine.params import SamplingParams
@@ -425,11 +425,7 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
         _write_experts(w, sd, i, inter)
     close_gguf(w)
-    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    ours = load_model(path, with_tokenizer=False)
-    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
-    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 
 
 def test_gguf_glm4_moe_equals_the_hf_folder(tmp_path, monkeypatch):
@@ -483,11 +479,7 @@ def test_gguf_glm4_moe_equals_the_hf_folder(tmp_path, monkeypatch):
     for name in ("attn_norm.weight", "nextn.eh_proj.weight"):  # the prediction block: read by nothing
         w.add_tensor(f"blk.{layers}.{name}", np.ones((4, cfg.hidden_size), np.float32))
     close_gguf(w)
-    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    ours = load_model(path, with_tokenizer=False)
-    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
-    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 
 
 def _write_deepseek2_gguf(ref, path: str, split_kv_b: bool) -> None:
@@ -577,11 +569,7 @@ def test_gguf_deepseek_equals_the_hf_folder(kind, split, tmp_path, monkeypatch):
     ref = _hf_model(kind, str(tmp_path / "hf"))
     path = str(tmp_path / f"tiny-{kind}.gguf")
     _write_deepseek2_gguf(ref, path, split)
-    hf = load_model(str(tmp_path / "hf"), with_tokenizer=False)
-    ours = load_model(path, with_tokenizer=False)
-    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps) == hf.cfg  # GGUF keeps the epsilon in float32
-    for a, b in zip(our_logits(hf.module, hf.params, ROWS), our_logits(ours.module, ours.params, ROWS)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 
 
 @pytest.fixture(scope="module")

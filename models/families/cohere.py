@@ -11,6 +11,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.families.llama import LAYER_GGUF  # noqa: F401  (the same tensor names)
 from models.layers.attention import Attention
+from models.layers.causal_lm import Block
 from models.layers.linear import norm
 from models.layers.mlp import MLP
 
@@ -18,16 +19,12 @@ ARCHITECTURES = ("CohereForCausalLM", "Cohere2ForCausalLM")
 GGUF_ARCHS = ("command-r", "cohere2")
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     """`x + attn(norm(x)) + mlp(norm(x))`: attention and the MLP read the same normalized input (Cohere's, Phi's)."""
-
-    cfg: ModelConfig
-    backend: str = "xla"
-    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); as `families.llama.DecoderLayer`."""
+        """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = norm(cfg, "input_layernorm")(x)

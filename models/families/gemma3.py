@@ -9,6 +9,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.layers.attention import Attention
+from models.layers.causal_lm import Block
 from models.layers.linear import RMSNorm
 from models.layers.mlp import MLP
 
@@ -16,18 +17,12 @@ ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 GGUF_ARCHS = ("gemma2", "gemma3")
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     """`x + post_norm(attn(pre_norm(x)))`, then `x + post_norm(mlp(pre_norm(x)))`."""
-
-    cfg: ModelConfig
-    backend: str = "xla"
-    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
-        group (traced when scanned), `stacks` the group's parameter stacks where packed projections read them
-        (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
+        """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
 

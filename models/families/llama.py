@@ -10,6 +10,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.layers.attention import Attention
+from models.layers.causal_lm import Block
 from models.layers.linear import norm
 from models.layers.mla import MLAttention
 from models.layers.moe import feed_forward
@@ -18,20 +19,14 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_ARCHS = ("llama", "mistral")
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     """`x + attn(norm(x))`, then `x + mlp(norm(x))`; the MLP is a mixture of experts where the config routes
     them (`layers.moe.feed_forward`: Mixtral, Qwen2-MoE and Qwen3-MoE are this layer) and latent attention where
     it has a KV latent (`layers.mla`: DeepSeek-V3)."""
 
-    cfg: ModelConfig
-    backend: str = "xla"
-    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
-
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); `layer` is this layer's index in its
-        group (traced when scanned), `stacks` the group's parameter stacks where packed projections and experts read
-        them (`layers.Linear`), `adapters` each token's LoRA slot (`models.lora`) or None."""
+        """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = norm(cfg, "input_layernorm")(x)

@@ -9,7 +9,9 @@ import flax.linen as nn
 import numpy as np
 
 from models.config import ModelConfig
+from models.families.llama import LAYER_GGUF as _LLAMA
 from models.layers.attention import Attention
+from models.layers.causal_lm import Block
 from models.layers.linear import RMSNorm
 from models.layers.mlp import MLP
 
@@ -17,16 +19,12 @@ ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 GGUF_ARCHS = ("olmo2",)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     """`x + norm(attn(x))`, then `x + norm(mlp(x))`."""
-
-    cfg: ModelConfig
-    backend: str = "xla"
-    first: int = 0  # the model's index of its group's first layer (`layers.causal_lm.layer_groups`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, table, stacks=None, adapters=None):
-        """`carry = (x, k_cache, v_cache)` in and out (the `lax.scan` shape); as `families.llama.DecoderLayer`."""
+        """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(x, positions, table, k_cache, v_cache,
@@ -37,19 +35,8 @@ class DecoderLayer(nn.Module):
         return (x + RMSNorm(cfg.rms_eps, 0.0, cfg.dtype, name="post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 
-LAYER_GGUF = {
-    "self_attn/q_proj": "attn_q",
-    "self_attn/k_proj": "attn_k",
-    "self_attn/v_proj": "attn_v",
-    "self_attn/o_proj": "attn_output",
-    "self_attn/q_norm": "attn_q_norm",
-    "self_attn/k_norm": "attn_k_norm",
-    "post_attention_layernorm": "post_attention_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "mlp/gate_proj": "ffn_gate",
-    "mlp/up_proj": "ffn_up",
-    "mlp/down_proj": "ffn_down",
-}
+LAYER_GGUF = {**_LLAMA, "post_attention_layernorm": "post_attention_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"}
 
 
 def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:

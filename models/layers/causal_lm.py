@@ -15,6 +15,18 @@ from models.config import ModelConfig
 from models.layers.linear import Linear, dtype_of, int8_init, norm, packed_params, scale_init
 
 
+class Block(nn.Module):
+    """A family's decoder layer as `CausalLM` calls it: `(carry, layer, positions, table, stacks, adapters) ->
+    (carry, None)`, `carry = (x, k_cache, v_cache)` (the `lax.scan` shape). `layer` is its index in its group of
+    layers (traced when scanned), `first` the group's first layer's index in the model (`layer_groups`), `stacks`
+    the group's parameter stacks where packed projections and experts read them (`Linear`), `adapters` each token's
+    LoRA slot (`models.lora`) or None."""
+
+    cfg: ModelConfig
+    backend: str = "xla"
+    first: int = 0
+
+
 def layer_groups(cfg: ModelConfig, scan: bool) -> list[tuple[int, int, str]]:
     """The decoder layers as groups `(start, stop, name)`. Scanned, each run of consecutive layers of one kind (dense
     or mixture of experts) is one stack under `lax.scan`: `layers` where the run is every layer, `layers_{start}-{last}`
