@@ -242,7 +242,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
         shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
         table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
                              getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
-        tree = convert(source, cfg, table, shapes, fam.gguf_fix, getattr(fam, "GGUF_SPLITS", None))
+        tree = convert(source, cfg, table, shapes, getattr(fam, "gguf_fix", None), getattr(fam, "GGUF_SPLITS", None))
         if quantization != "none":
             tree = quantize_tree(tree, quantization)
         if packed:

@@ -25,13 +25,12 @@ class ModelConfig:
     rms_eps: float = 1e-6
     tie_embeddings: bool = True
     attention_bias: bool = False  # q/k/v projections have biases
-    o_bias: bool = False  # so does o_proj (HF's `attention_bias` except Qwen2's; gpt-oss)
+    o_bias: bool = False  # so does o_proj (HF's `attention_bias` but for Qwen2's and GLM's; Seed-OSS says apart)
     attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (its weight is dropped)
     layer_norm: bool = False  # LayerNorm (mean-centered: Cohere, StarCoder2, Phi) rather than RMSNorm; eps `rms_eps`
     norm_bias: bool = False  # the LayerNorms have biases (StarCoder2, Phi)
     mlp_gated: bool = True  # the MLP is `down(act(gate) * up)`; else `down(act(up))` (StarCoder2's, Phi's)
     mlp_bias: bool = False  # the MLP's projections have biases
-    parallel_block: bool = False  # `x + attn(norm(x)) + mlp(norm(x))` with one norm (Cohere, Phi: `families.cohere`)
     lm_head_bias: bool = False  # Phi
     qk_norm: bool = False
     qk_norm_whole: bool = False  # OLMo 2: the q/k norms span all heads' values together (else each head's)
@@ -40,7 +39,8 @@ class ModelConfig:
     embed_scale: float = 1.0  # the embeddings are scaled by it (Gemma's sqrt(hidden), Granite's multiplier)
     residual_scale: float = 1.0  # Granite: each block's output is scaled by it before the residual sum
     logits_scaling: float = 1.0  # the logits are divided by it (Granite's; Cohere's `logit_scale` multiplier as 1 / it)
-    activation: str = "silu"  # or "gelu_tanh", or gpt-oss's experts' "clamped_swiglu" (`layers.mlp.glu`)
+    activation: str = "silu"  # or "gelu" (exact), "gelu_tanh", "relu2" (ReLU squared), or gpt-oss's experts'
+    # "clamped_swiglu" (`layers.mlp.activation`, `layers.mlp.glu`)
     swiglu_alpha: float = 1.702  # clamped_swiglu: `(clip(up) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit)
     swiglu_limit: float = 7.0
     query_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
@@ -50,7 +50,8 @@ class ModelConfig:
     layer_sliding: tuple[bool, ...] = ()  # per layer: attends over a sliding window
     rope_global: tuple[float, ...] = ()  # inverse frequencies of full-attention layers
     rope_local: tuple[float, ...] = ()  # inverse frequencies of sliding layers
-    rope_scale: float = 1.0  # YaRN's attention factor: cos and sin are scaled by it
+    rope_scale: float = 1.0  # YaRN's or LongRoPE's attention factor: cos and sin are scaled by it
+    rope_local_scale: float = 1.0  # the sliding layers' (OLMo 3 scales its full layers' RoPE only)
     layer_rope: tuple[bool, ...] = ()  # per layer: turns queries and keys by position (SmolLM3 skips every 4th); ()
     # all do. A partial rotary factor shows as `rope_global` shorter than half the head (`layers.attention.rope`).
     num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense)
@@ -118,7 +119,8 @@ class ModelConfig:
     @staticmethod
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
-        OLMo 2/3, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        OLMo 2/3, EXAONE 4, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Arcee, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2/3-MoE,
+        DeepSeek-V2/V3, GLM-4.5, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]
@@ -135,38 +137,28 @@ class ModelConfig:
         gemmas = arch.startswith("Gemma")  # 1, 2 and 3: `1 + w` norms, scaled embeddings
         sandwich = gemma or arch.startswith("Gemma2")  # 2 and 3: sandwich norms, a query scale, sliding layers
         window = d.get("sliding_window") or 0
-        if gemma:
-            types = d.get("layer_types") or [
-                "full_attention" if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
-                for i in range(layers)
-            ]
-            sliding = tuple(t == "sliding_attention" for t in types)
-        elif sandwich:  # Gemma 2: sliding and full layers alternate, sliding first
-            types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
-            sliding = tuple(t == "sliding_attention" for t in types)
-        elif arch == "GptOssForCausalLM":  # sliding and full layers alternate
-            types = d.get("layer_types") or ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
-            sliding = tuple(t == "sliding_attention" for t in types)
+        if window and arch in _SLIDING_PERIODS:  # sliding and full layers in a pattern
+            types = d.get("layer_types") or _pattern(d.get("sliding_window_pattern") or _SLIDING_PERIODS[arch], layers)
         elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
-                                                      "Olmo3ForCausalLM", "Cohere2ForCausalLM",
                                                       "Starcoder2ForCausalLM") and window):
-            types = d.get("layer_types")
-            sliding = tuple(t == "sliding_attention" for t in types) if types else (True,) * layers
+            types = d.get("layer_types") or ["sliding_attention"] * layers
         else:
-            sliding = (False,) * layers
+            types = ["full_attention"] * layers
+        sliding = tuple(t == "sliding_attention" for t in types)
         if not any(sliding):
             window = 0
-        full = _rope_params(d, gemma)[0]
+        full, local = _rope_params(d, arch)
         partial = full.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
-        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else int(head_dim * partial), gemma,
+        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else int(head_dim * partial), arch,
                                                context)
-        kind = full.get("rope_type", full.get("type"))
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
         gpt_oss = arch == "GptOssForCausalLM"
         if gpt_oss:
             act = "clamped_swiglu"
         act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act, act)
-        if act not in ("silu", "gelu", "gelu_tanh", "clamped_swiglu"):
+        if arch == "GemmaForCausalLM" and act == "gelu":  # Gemma's older configs: transformers reads the tanh form
+            act = "gelu_tanh"
+        if act not in ("silu", "gelu", "gelu_tanh", "relu2", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -175,8 +167,12 @@ class ModelConfig:
         starcoder, phi = arch == "Starcoder2ForCausalLM", arch == "PhiForCausalLM"
         if (cohere and d.get("use_qk_norm")) or (phi and d.get("qk_layernorm")):
             raise NotImplementedError(f"{arch} with q/k LayerNorms is not supported yet")
-        bias = (bool(d.get("qkv_bias", True)) if qwen2 else phi or bool(starcoder and d.get("use_bias", True))
-                or bool(d.get("attention_bias", False)))
+        # `use_bias`: StarCoder2's (default on) and ERNIE 4.5's (default off) biases on every projection
+        use_bias = bool(d.get("use_bias", starcoder)) and arch in ("Starcoder2ForCausalLM", "Ernie4_5ForCausalLM")
+        bias = (bool(d.get("qkv_bias", True)) if qwen2 else phi or use_bias or bool(d.get("attention_bias", False)))
+        # the output projection's: Seed-OSS says apart; HF's `attention_bias` covers it but for Qwen2's and GLM's
+        o_bias = d["attention_out_bias"] if "attention_out_bias" in d else bias and not (qwen2 or glm)
+        hybrid = arch in ("Cohere2ForCausalLM", "Exaone4ForCausalLM") and any(sliding)  # full layers: no RoPE
         return ModelConfig(
             arch=arch,
             vocab_size=d["vocab_size"],
@@ -190,15 +186,15 @@ class ModelConfig:
             rms_eps=d.get("rms_norm_eps") or d.get("layer_norm_eps") or d.get("norm_epsilon") or 1e-6,
             layer_norm=cohere or starcoder or phi,
             norm_bias=starcoder or phi,
-            mlp_gated=not (starcoder or phi),
-            mlp_bias=phi or bool(d.get("mlp_bias") or (starcoder and d.get("use_bias", True))),
-            parallel_block=cohere or phi,
+            mlp_gated=not (starcoder or phi or act == "relu2"),
+            mlp_bias=phi or use_bias or bool(d.get("mlp_bias")),
             lm_head_bias=phi,
-            tie_embeddings=d.get("tie_word_embeddings", gemmas or cohere or starcoder),
+            tie_embeddings=d.get("tie_word_embeddings", gemmas or cohere or starcoder or arch == "SmolLM3ForCausalLM"),
             attention_bias=bias,
-            o_bias=bias and not (qwen2 or glm),
+            o_bias=bool(o_bias),
             attn_sinks=gpt_oss,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma or olmo or bool(d.get("use_qk_norm")),
+            qk_norm=(arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Exaone4ForCausalLM") or gemma or olmo
+                     or bool(d.get("use_qk_norm"))),
             qk_norm_whole=olmo,
             norm_offset=1.0 if gemmas else 0.0,
             sandwich_norms=sandwich,
@@ -219,18 +215,46 @@ class ModelConfig:
             rope_local=rope_local,
             # the rotary dims in interleaved pairs: GLM-4's; MLA's by the config (V2 rotates them as complex numbers)
             rope_interleave=(bool(d.get("rope_interleave", True)) or arch == "DeepseekV2ForCausalLM") if mla
-            else arch == "Glm4ForCausalLM" or cohere,
-            # SmolLM3's every fourth layer turns nothing, nor do Cohere 2's full-attention layers
-            layer_rope=(tuple(bool(r) for r in d["no_rope_layers"]) if d.get("no_rope_layers") else
-                        sliding if arch == "Cohere2ForCausalLM" else ()),
+            else arch in ("Glm4ForCausalLM", "Ernie4_5ForCausalLM") or cohere,
+            # SmolLM3's every fourth layer turns nothing, nor do Cohere 2's and EXAONE 4's full-attention layers
+            layer_rope=(_no_rope(d, layers) if arch == "SmolLM3ForCausalLM" else sliding if hybrid else ()),
             dtype=dtype,
-            rope_scale=(_yarn_attention_factor(full, d) if kind == "yarn" else _longrope_attention_factor(full, d)
-                        if kind == "longrope" else 1.0),
+            rope_scale=_attention_factor(full, d),
+            rope_local_scale=_attention_factor(local, d),
             **_moe(d, arch, layers),
             **(dict(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
                     v_head_dim=d["v_head_dim"]) if mla else {}),
         )
+
+
+# Architectures whose sliding and full layers come in a pattern: the period (a full layer ends each), where the
+# config names neither `layer_types` nor `sliding_window_pattern`.
+_SLIDING_PERIODS = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6, "GptOssForCausalLM": 2, "Cohere2ForCausalLM": 4,
+                    "Exaone4ForCausalLM": 4, "Olmo3ForCausalLM": 4}
+
+
+def _pattern(pattern: int | str, layers: int) -> list[str]:
+    """Layer types from a pattern: a period whose last layer is full (`sliding_window_pattern` 4: three sliding, one
+    full), or EXAONE's letters (`"LLLG"`: L sliding, G global), repeated."""
+    if isinstance(pattern, str):
+        return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(layers)]
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _no_rope(d: dict[str, Any], layers: int) -> tuple[bool, ...]:
+    """SmolLM3's layers that turn positions: `no_rope_layers` (1: turns), else all but every
+    `no_rope_layer_interval`-th (4), as transformers derives them."""
+    flags = d.get("no_rope_layers") or [int((i + 1) % (d.get("no_rope_layer_interval") or 4) != 0)
+                                        for i in range(layers)]
+    return tuple(bool(f) for f in flags)
+
+
+def _attention_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
+    """The factor RoPE's cos and sin are scaled by: YaRN's or LongRoPE's, else 1."""
+    kind = p.get("rope_type", p.get("type"))
+    return _yarn_attention_factor(p, d) if kind == "yarn" else _longrope_attention_factor(p, d) \
+        if kind == "longrope" else 1.0
 
 
 def _mscale(factor: float, mscale: float = 1.0) -> float:
@@ -274,13 +298,14 @@ def _longrope_attention_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
 
 def _yarn_factor(p: dict[str, Any], d: dict[str, Any]) -> float:
     """YaRN's context factor (from the max positions when the config leaves it out)."""
-    return p.get("factor") or d["max_position_embeddings"] / p["original_max_position_embeddings"]
+    return p.get("factor") or d["max_position_embeddings"] / _original_context(p, d)
 
 
 def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     """The mixture-of-experts fields: Mixtral's `num_local_experts` (every layer routed, top-k renormalized), or
     Qwen-MoE's `num_experts` with `decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob` and Qwen2-MoE's
-    shared expert."""
+    shared expert, or DeepSeek's and GLM-4.5's `n_routed_experts` after `first_k_dense_replace` dense layers, with
+    shared experts and their routing (below)."""
     experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
     if not experts:
         return {}
@@ -309,18 +334,20 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     return out
 
 
-def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
+def _rope_params(d: dict[str, Any], arch: str) -> tuple[dict, dict]:
     """(full-attention, sliding) RoPE parameter dicts from either config format, or per layer type (Gemma 3's,
-    OLMo 3's)."""
+    OLMo 3's: an older config's `rope_scaling` scales the full layers only; Gemma 3's sliding layers turn by
+    `rope_local_base_freq`, OLMo 3's by `rope_theta`)."""
     params = d.get("rope_parameters")
-    if gemma or "full_attention" in (params or {}):
+    gemma = arch == "Gemma3ForCausalLM"
+    if gemma or arch == "Olmo3ForCausalLM" or "full_attention" in (params or {}):
         params = dict(params or {})
         full = dict(params.get("full_attention") or {"rope_type": "default"})
         local = dict(params.get("sliding_attention") or {"rope_type": "default"})
         if d.get("rope_scaling"):
             full.update(d["rope_scaling"])
         full.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
-        local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+        local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0 if gemma else d.get("rope_theta")))
         return full, local
     if params is None:
         params = dict(d.get("rope_scaling") or {"rope_type": "default"})
@@ -330,10 +357,10 @@ def _rope_params(d: dict[str, Any], gemma: bool) -> tuple[dict, dict]:
     return params, params
 
 
-def _rope_tables(d: dict[str, Any], head_dim: int, gemma: bool, context: int = 0
+def _rope_tables(d: dict[str, Any], head_dim: int, arch: str, context: int = 0
                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Inverse RoPE frequencies (float32, as transformers computes them) for global and local layers."""
-    full, local = _rope_params(d, gemma)
+    full, local = _rope_params(d, arch)
     return _inv_freq(full, head_dim, d, context), _inv_freq(local, head_dim, d, context)
 
 
@@ -343,8 +370,9 @@ def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any], context: int 
     LongRoPE (Phi-3.5, Phi-4-mini) divides each frequency by a factor from one of two lists: transformers takes the
     long list while a sequence is longer than the pretrained context and the short one otherwise, recomputing every
     position when a sequence crosses it, which a KV cache cannot do. The list is picked once here, as llama.cpp
-    picks it by its context: the short one when the served context (`--max-model-len`) fits the pretrained one,
-    else the long one (so the default, the model's whole context, turns by the long list)."""
+    picks it by its context: the short one when `context` (`--max-model-len`) is given and fits the pretrained
+    one, else the long one: for the default (0, the model's whole context, even where the KV pool then holds less)
+    and for any caller that names no context."""
     kind = p.get("rope_type", p.get("type", "default"))
     base = float(p["rope_theta"])
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)

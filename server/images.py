@@ -6,10 +6,11 @@ A picture comes inline as a `data:` URL; by a link only as the server's `Media` 
 `--allowed-media-domains` (http and https, each redirect checked too; `*`: any public address) and
 `--allowed-local-media-path` (`file://` under that folder). With neither, links are refused with a 400 that says how
 to send the picture: a server must not fetch whatever a client names (its own network, a cloud's metadata address),
-and its hosts often reach nothing outside. For the same reason `*` reaches only global addresses: each connection's
-peer is checked once connected (so a name that resolves, or is rebound, to a private, loopback, link-local or
-reserved address is refused, redirects included), proxies from the environment are not used, and a private host is
-fetched from only where the flag names it."""
+and its hosts often reach nothing outside. For the same reason `*` reaches only global addresses: each connection
+resolves its host itself and connects only to an address that is global (so a name that resolves, or is rebound, to
+a private, loopback, link-local, reserved or NAT64-mapped private address is refused before any packet reaches it,
+redirects included), proxies from the environment are not used, and a private host is fetched from only where the
+flag names it. A redirect goes only to http or https."""
 
 from __future__ import annotations
 
@@ -123,39 +124,57 @@ class _Checked(urllib.request.HTTPRedirectHandler):
         self.media = media
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        """The redirected request, or a `ValueError` where it leaves the allowed hosts."""
+        """The redirected request, or a `ValueError` where it leaves the allowed hosts (or http and https)."""
+        if urllib.parse.urlparse(newurl).scheme not in ("http", "https"):
+            raise ValueError("the picture's link redirects to a scheme other than http or https")
         if not self.media.allows(urllib.parse.urlparse(newurl).hostname):
             raise ValueError("the picture's link redirects to a host this server does not fetch from")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _public_peer(sock: socket.socket) -> socket.socket:
-    """The connected socket, or (closed) a `ValueError` where its peer is no global address."""
-    ip = ipaddress.ip_address(sock.getpeername()[0].split("%")[0])
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    if not ip.is_global:
-        sock.close()
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses reached through a NAT64 gateway
+
+
+def _global(address: str) -> bool:
+    """Whether an IP address is global, the IPv4 one inside an IPv6 form (mapped, NAT64, 6to4, Teredo) too."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6:
+        inner = (ip.ipv4_mapped or ip.sixtofour or (ip.teredo or (None, None))[1]
+                 or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None))
+        if inner is not None and not inner.is_global:
+            return False
+    return ip.is_global
+
+
+def _connect_global(address: tuple[str, int], timeout: float | None = None, source_address=None, *args,
+                    **kwargs) -> socket.socket:
+    """`socket.create_connection`, to the host's first global address (the name resolved here, so the address
+    checked is the one connected to); a `ValueError` where it has none."""
+    host, port = address
+    found = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    public = [a for a in found if _global(a)]
+    if not public:
         raise ValueError("this server fetches pictures from public addresses only (--allowed-media-domains '*'); "
                          "a private host must be named in the flag")
-    return sock
+    return socket.create_connection((public[0], port), timeout, source_address, *args, **kwargs)
 
 
 def _checked_connection(base: type, media: Media) -> type:
-    """`base` (http.client's HTTP or HTTPS connection) whose sockets reach only global addresses, unless the host is
-    one the policy names."""
+    """`base` (http.client's HTTP or HTTPS connection) that connects only to global addresses (`_connect_global`;
+    TLS still checks the host's name), unless the host is one the policy names."""
 
     class Connection(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.host.lower().strip("[]") not in media.domains:
-                self._create_connection = lambda *a, **k: _public_peer(socket.create_connection(*a, **k))
+                self._create_connection = _connect_global
 
     return Connection
 
 
 def _opener(media: Media) -> urllib.request.OpenerDirector:
     """An opener that follows redirects only to allowed hosts; for `*`, one that connects directly (no proxy) and
-    only to global addresses (`_public_peer`)."""
+    only to global addresses (`_connect_global`)."""
     if "*" not in media.domains:
         return urllib.request.build_opener(_Checked(media))
     http_conn, https_conn = (_checked_connection(c, media) for c in (http.client.HTTPConnection,

@@ -206,14 +206,15 @@ def close_gguf(w) -> None:
 
 def assert_gguf_loads_as_the_folder(folder: str, path: str, rows: list[list[int]]) -> None:
     """The GGUF at `path` loads to the HF `folder`'s config (but for what GGUF keeps in float32: the epsilon and
-    LongRoPE's attention factor, each to float32's precision) and logits on `rows`."""
+    LongRoPE's attention factors, each to float32's precision) and logits on `rows`."""
     import dataclasses
 
     from models import load_model
 
     hf, ours = load_model(folder, with_tokenizer=False), load_model(path, with_tokenizer=False)
-    assert dataclasses.replace(ours.cfg, rms_eps=hf.cfg.rms_eps, rope_scale=hf.cfg.rope_scale) == hf.cfg
-    for a, b in ((ours.cfg.rms_eps, hf.cfg.rms_eps), (ours.cfg.rope_scale, hf.cfg.rope_scale)):
-        assert abs(a - b) <= 1e-6 * abs(b), (a, b)
+    kept = ("rms_eps", "rope_scale", "rope_local_scale")  # in float32 in a GGUF
+    assert dataclasses.replace(ours.cfg, **{k: getattr(hf.cfg, k) for k in kept}) == hf.cfg
+    for k in kept:
+        assert abs(getattr(ours.cfg, k) - getattr(hf.cfg, k)) <= 1e-6 * abs(getattr(hf.cfg, k)), k
     for a, b in zip(our_logits(hf.module, hf.params, rows), our_logits(ours.module, ours.params, rows)):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -66,10 +66,25 @@ def _small(kind: str):
     if kind == "phi":  # the parallel layer with biases everywhere, a plain GELU MLP, 40% of each head turning
         return transformers.PhiConfig(**common, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                      partial_rotary_factor=0.4))
+    if kind == "exaone4":  # OLMo's post-norm layer with per-head q/k norms, windows on three layers of four
+        return transformers.Exaone4Config(**dict(common, num_hidden_layers=4), sliding_window=4, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2)
+    if kind == "arcee":  # a plain ReLU-squared MLP
+        return transformers.ArceeConfig(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "seed-oss":  # biased q/k/v, an unbiased output
+        return transformers.SeedOssConfig(**common, attention_bias=True, attention_out_bias=False, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2)
+    if kind == "ernie4.5":  # biases everywhere, interleaved rotary pairs
+        return transformers.Ernie4_5Config(**common, use_bias=True, head_dim=16, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2)
     if kind == "olmo2":
         return transformers.Olmo2Config(**common, pad_token_id=0)
     if kind == "olmo3":  # three sliding layers to each full one
         return transformers.Olmo3Config(**dict(common, num_hidden_layers=4), sliding_window=4, pad_token_id=0)
+    if kind == "olmo3-yarn":  # YaRN on the full layers only (its sliding ones turn plainly, unscaled)
+        return transformers.Olmo3Config(**dict(common, num_hidden_layers=4), sliding_window=4, pad_token_id=0,
+                                        rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                          original_max_position_embeddings=32))
     if kind == "smollm3":  # every fourth layer turns nothing (no_rope_layers [1, 1, 1, 0])
         return transformers.SmolLM3Config(**dict(common, num_hidden_layers=4), pad_token_id=0, tie_word_embeddings=True)
     raise KeyError(kind)
@@ -94,7 +109,7 @@ def _hf_model(kind: str, folder: str, **changes):
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
                                   "phi3", "granite", "smollm3", "olmo2", "olmo3", "glm4", "cohere", "cohere2",
-                                  "starcoder2", "phi"])
+                                  "starcoder2", "phi", "exaone4", "arcee", "seed-oss", "ernie4.5", "olmo3-yarn"])
 def test_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
@@ -110,6 +125,35 @@ def test_family_matches_transformers(kind, tmp_path, monkeypatch):
         scale = np.abs(want).max()
         assert np.abs(g - want).max() <= 1e-4 * scale, (kind, np.abs(g - want).max(), scale)
         assert np.abs(d - want[start - 1:-1]).max() <= 1e-4 * scale, (kind, "decoded")
+
+
+def test_configs_that_leave_things_out_read_as_transformers_fills_them():
+    """A config.json without `layer_types` (older Cohere 2, EXAONE 4, OLMo 3, Gemma and gpt-oss files) slides the
+    layers transformers' defaults slide; SmolLM3's without `no_rope_layers` skips RoPE where transformers does; an
+    OLMo 3 with an older `rope_scaling` scales its full layers only; Gemma's legacy `gelu` is the tanh form."""
+    from models import ModelConfig
+
+    for kind in ("cohere2", "exaone4", "olmo3", "gemma2", "gemma3"):
+        small = _small(kind)
+        d = {k: v for k, v in small.to_dict().items() if k != "layer_types"}
+        filled = type(small)(**{**d, "num_hidden_layers": 8})  # transformers' own default pattern
+        want = tuple(t == "sliding_attention" for t in filled.layer_types)
+        assert len(set(want)) == 2, kind  # both kinds of layer in eight
+        ours = ModelConfig.from_hf({**d, "num_hidden_layers": 8, "architectures": [type(
+            transformers.AutoModelForCausalLM.from_config(small)).__name__]})
+        assert ours.layer_sliding == want, kind
+        if kind in ("cohere2", "exaone4"):  # their full layers turn nothing
+            assert ours.layer_rope == want, kind
+    smol = {**_small("smollm3").to_dict(), "architectures": ["SmolLM3ForCausalLM"]}
+    want = tuple(bool(r) for r in smol.pop("no_rope_layers"))
+    assert ModelConfig.from_hf(smol).layer_rope == want == (True, True, True, False)
+    yarn = {**_small("olmo3-yarn").to_dict(), "architectures": ["Olmo3ForCausalLM"]}
+    older = {**yarn, "rope_parameters": None, "rope_theta": yarn["rope_parameters"]["full_attention"]["rope_theta"],
+             "rope_scaling": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)}
+    new, old = ModelConfig.from_hf(yarn), ModelConfig.from_hf(older)
+    assert new == old and new.rope_local_scale == 1.0 < new.rope_scale and new.rope_local != new.rope_global
+    gemma = {**_small("gemma").to_dict(), "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"}
+    assert ModelConfig.from_hf(gemma).activation == "gelu_tanh"
 
 
 # llama.cpp's names for the layers' tensors (its `tensor_mapping.py`), by transformers' module names.

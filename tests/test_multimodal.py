@@ -454,7 +454,8 @@ def test_pictures_by_link_as_the_policy_allows(served):
 
 def test_any_host_means_any_public_address(served):
     """`--allowed-media-domains '*'` reaches no private address: a loopback server named by its address or by a name
-    that resolves to it is refused before any request reaches it, redirects too; named in the flag, it is fetched."""
+    that resolves to it is refused before any request reaches it; named in the flag, it is fetched; a redirect to
+    another scheme (ftp, which urllib would follow unchecked) is refused."""
     import http.server
     import threading
 
@@ -464,6 +465,11 @@ def test_any_host_means_any_public_address(served):
     class Pictures(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             fetched.append(self.path)
+            if self.path == "/ftp":
+                self.send_response(302)
+                self.send_header("Location", f"ftp://127.0.0.1:{self.server.server_port}/cat.png")
+                self.end_headers()
+                return
             self.send_response(200)
             self.end_headers()
             self.wfile.write(raw)
@@ -482,6 +488,8 @@ def test_any_host_means_any_public_address(served):
                               Media(("*", "127.0.0.1")))
         assert fetched == ["/cat.png"] and named.shape == (3, served.model.vision.image_size,
                                                           served.model.vision.image_size)
+        with pytest.raises(ValueError, match="other than http"):
+            images.pixels(f"http://127.0.0.1:{host.server_port}/ftp", served.model.vision, Media(("*", "127.0.0.1")))
     finally:
         host.shutdown()
 

@@ -6,9 +6,7 @@ layers turn no positions (`ModelConfig.layer_rope`)."""
 from __future__ import annotations
 
 import flax.linen as nn
-import numpy as np
 
-from models.config import ModelConfig
 from models.families.llama import LAYER_GGUF  # noqa: F401  (the same tensor names)
 from models.layers.attention import Attention
 from models.layers.causal_lm import Block
@@ -33,8 +31,3 @@ class DecoderLayer(Block):
                                                                              self.first, adapters)
         m = MLP(cfg, name="mlp")(h, layer, stacks and stacks["mlp"], adapters)
         return (x + a + m, k_cache, v_cache), None
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """Read as they are: llama.cpp writes them as the checkpoints hold them (its RoPE turns the same pairs)."""
-    return w

@@ -40,8 +40,3 @@ def join_kv_b(cfg: ModelConfig, k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
 
 # llama.cpp's files since its MLA support (2025) store `attn_kv_b` as these two; older ones hold it whole.
 GGUF_SPLITS = {"attn_kv_b": (("attn_k_b", "attn_v_b"), join_kv_b)}
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """DeepSeek GGUF tensors are read as they are (GGML's RoPE turns interleaved pairs, as the checkpoints do)."""
-    return w

@@ -10,7 +10,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.layers.attention import Attention
 from models.layers.causal_lm import Block
-from models.layers.linear import RMSNorm
+from models.layers.linear import norm
 from models.layers.mlp import MLP
 
 ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -25,17 +25,13 @@ class DecoderLayer(Block):
         """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
-
-        def norm(name):
-            return RMSNorm(cfg.rms_eps, cfg.norm_offset, cfg.dtype, name=name)
-
-        h = norm("input_layernorm")(x)
+        h = norm(cfg, "input_layernorm")(x)
         h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
                                                                              layer, stacks and stacks["self_attn"],
                                                                              self.first, adapters)
-        x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"], adapters)
-        return (x + norm("post_feedforward_layernorm")(h), k_cache, v_cache), None
+        x = x + norm(cfg, "post_attention_layernorm")(h)
+        h = MLP(cfg, name="mlp")(norm(cfg, "pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"], adapters)
+        return (x + norm(cfg, "post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 
 LAYER_GGUF = {

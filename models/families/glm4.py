@@ -7,9 +7,6 @@ as they are (GGML's normal RoPE turns interleaved pairs)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from models.config import ModelConfig
 from models.families.gemma3 import LAYER_GGUF, DecoderLayer  # noqa: F401  (the sandwich layer, config-driven)
 from models.families.phi3 import HF_FUSED as _PHI3
 
@@ -31,8 +28,3 @@ def hf_name(name: str) -> str:
     if len(parts) > 3 and parts[3] in _NORMS:  # model.layers.{i}.{norm}.weight
         parts[3] = _NORMS[parts[3]]
     return ".".join(parts)
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """GLM-4 GGUF tensors are read as they are."""
-    return w

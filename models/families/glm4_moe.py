@@ -7,9 +7,6 @@ NeoX RoPE) and names the norm before the MLP `post_attention_norm`."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from models.config import ModelConfig
 from models.families.deepseek import LAYER_GGUF as _DEEPSEEK
 from models.families.deepseek import hf_name  # noqa: F401  (DeepSeek's names, the router's bias too)
 from models.families.llama import DecoderLayer  # noqa: F401  (the same layer, config-driven)
@@ -18,8 +15,3 @@ ARCHITECTURES = ("Glm4MoeForCausalLM",)
 GGUF_ARCHS = ("glm4moe",)
 
 LAYER_GGUF = {**_DEEPSEEK, "post_attention_layernorm": "post_attention_norm"}
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """GLM-4.5 GGUF tensors are read as they are."""
-    return w

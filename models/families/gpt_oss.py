@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.config import ModelConfig
 from models.families.llama import LAYER_GGUF as _LLAMA
 from models.families.llama import DecoderLayer  # noqa: F401  (the same layer, config-driven)
 
@@ -44,8 +43,3 @@ HF_FUSED = {
     "mlp/experts/up_proj_bias": ("mlp.experts.gate_up_proj_bias", lambda cfg, b: np.ascontiguousarray(b[:, 1::2])),
     "mlp/experts/down_proj_bias": ("mlp.experts.down_proj_bias", lambda cfg, b: b),
 }
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """gpt-oss GGUF tensors are read as they are (GGML's NeoX RoPE turns halves, as the checkpoints do)."""
-    return w

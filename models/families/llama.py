@@ -1,6 +1,6 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral-style configs): pre-norm decoder layers with a gated SiLU MLP. The
-layer is config-driven, so Gemma 1, Phi-3, Granite, SmolLM3 and StarCoder2 are this layer too (their modules map
-their tensors)."""
+layer is config-driven, so Gemma 1, Phi-3, Granite, SmolLM3, StarCoder2, GLM-4.5 and the mixtures of experts are
+this layer too (their modules map their tensors)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from models.layers.linear import norm
 from models.layers.mla import MLAttention
 from models.layers.moe import feed_forward
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Arcee's AFM (a plain ReLU-squared MLP), Seed-OSS (biased q/k/v) and ERNIE 4.5 (interleaved rotary pairs) are this
+# layer and these names, their differences config fields.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "ArceeForCausalLM", "SeedOssForCausalLM",
+                 "Ernie4_5ForCausalLM")
 GGUF_ARCHS = ("llama", "mistral")
 
 

@@ -4,9 +4,6 @@ rotary factor, a final `final_layernorm` and an LM head with a bias."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from models.config import ModelConfig
 from models.families.cohere import DecoderLayer  # noqa: F401  (the parallel layer, config-driven)
 from models.families.llama import LAYER_GGUF  # noqa: F401  (the same tensor names)
 
@@ -22,8 +19,3 @@ def hf_name(name: str) -> str:
     for ours, theirs in _NAMES.items():
         name = name.replace(ours, theirs)
     return name
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """Read as they are: llama.cpp writes them as the checkpoints hold them (its RoPE turns the same pairs)."""
-    return w

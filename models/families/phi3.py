@@ -38,8 +38,3 @@ HF_FUSED = {f"{module}/weight": (fused, _rows(part)) for module, fused, part in 
     ("self_attn/v_proj", "self_attn.qkv_proj.weight", "v"), ("mlp/gate_proj", "mlp.gate_up_proj.weight", "gate"),
     ("mlp/up_proj", "mlp.gate_up_proj.weight", "up"))}
 GGUF_FUSED = {name: take for name, (_, take) in HF_FUSED.items()}
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """Phi-3 GGUF tensors are read as they are (GGML's NeoX RoPE turns halves, as the checkpoints do)."""
-    return w

@@ -3,9 +3,6 @@ plain GELU MLP (`c_fc`, `c_proj`) and a sliding window over every layer where th
 
 from __future__ import annotations
 
-import numpy as np
-
-from models.config import ModelConfig
 from models.families.llama import LAYER_GGUF, DecoderLayer  # noqa: F401  (the same layer and names)
 
 ARCHITECTURES = ("Starcoder2ForCausalLM",)
@@ -15,8 +12,3 @@ GGUF_ARCHS = ("starcoder2",)
 def hf_name(name: str) -> str:
     """Our mechanical HF name -> StarCoder2's (`mlp.up_proj` -> `mlp.c_fc`, `mlp.down_proj` -> `mlp.c_proj`)."""
     return name.replace(".mlp.up_proj.", ".mlp.c_fc.").replace(".mlp.down_proj.", ".mlp.c_proj.")
-
-
-def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """Read as they are: llama.cpp writes them as the checkpoints hold them (its RoPE turns the same pairs)."""
-    return w

@@ -62,13 +62,15 @@ class Attention(nn.Module):
         elif cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
-        window, inv_freq = 0, cfg.rope_global
+        window, inv_freq, scale = 0, cfg.rope_global, cfg.rope_scale
         if cfg.sliding_window:  # this layer's kind is looked up by its index (data, when layers are scanned)
             sliding = jnp.asarray(cfg.layer_sliding)[at]
             window = jnp.where(sliding, cfg.sliding_window, 0)
             inv_freq = jnp.where(sliding, jnp.asarray(cfg.rope_local), jnp.asarray(cfg.rope_global))
-        turned = (rope(q, positions, inv_freq, cfg.rope_scale, cfg.rope_interleave),
-                  rope(k, positions, inv_freq, cfg.rope_scale, cfg.rope_interleave))
+            if cfg.rope_local_scale != cfg.rope_scale:
+                scale = jnp.where(sliding, cfg.rope_local_scale, cfg.rope_scale)
+        turned = (rope(q, positions, inv_freq, scale, cfg.rope_interleave),
+                  rope(k, positions, inv_freq, scale, cfg.rope_interleave))
         if all(cfg.layer_rope):
             q, k = turned
         else:  # some layers attend without positions (SmolLM3's every fourth: `layer_rope`)

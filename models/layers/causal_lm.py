@@ -121,7 +121,7 @@ class CausalLM(nn.Module):
             logits = Linear(cfg.vocab_size, ("vocab", "embed"), cfg.lm_head_bias, cfg.dtype, True, cfg.quantization,
                             pk, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
-        if cfg.logits_scaling != 1.0:  # Granite
+        if cfg.logits_scaling != 1.0:  # Granite, Cohere
             logits = logits / cfg.logits_scaling
         if cfg.final_softcap:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap

@@ -28,9 +28,11 @@ def glu(cfg: ModelConfig):
 
 
 def activation(cfg: ModelConfig):
-    """The config's activation: SiLU, GELU (exact) or GELU's tanh approximation."""
+    """The config's activation: SiLU, GELU (exact), GELU's tanh approximation, or ReLU squared (Arcee's)."""
     if cfg.activation == "silu":
         return jax.nn.silu
+    if cfg.activation == "relu2":
+        return lambda x: jnp.square(jax.nn.relu(x))
     return functools.partial(jax.nn.gelu, approximate=cfg.activation == "gelu_tanh")
 
 

@@ -247,6 +247,8 @@ def gguf_parts(path: str) -> tuple[str, ...]:
     if not m or int(m.group(3)) < 2:
         return (path,)
     n = int(m.group(3))
+    if not 1 <= int(m.group(2)) <= n:
+        raise ValueError(f"{path}: part {int(m.group(2))} of {n} is no part of a split GGUF")
     parts = tuple(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1))
     missing = [p for p in parts if not os.path.isfile(p)]
     if missing:
@@ -254,7 +256,7 @@ def gguf_parts(path: str) -> tuple[str, ...]:
     return parts
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # every part of a split file, kept
 def _gguf_reader(path: str, stamp: tuple[int, int]):
     """A GGUF file parsed, kept for the process's next load of it (a load of each precision converts it again);
     `stamp` (its size and modification time) parses a changed file anew."""
@@ -342,6 +344,16 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         "rope_theta": g("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    rot = g("rope.dimension_count")
+    if rot and rot < head_dim and arch != "deepseek2":  # a partial rotary factor (MLA's RoPE width is its own)
+        d["partial_rotary_factor"] = rot / head_dim
+    window, pattern = g("attention.sliding_window"), g("attention.sliding_window_pattern")
+    if window:  # the families whose configs read it (`ModelConfig.from_hf`) slide by it
+        d["sliding_window"] = window
+    if isinstance(pattern, list):  # which layers slide
+        d["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+    elif pattern:  # a period (`from_hf`'s defaults where there is none)
+        d["sliding_window_pattern"] = pattern
     if g("pooling_type") is not None:  # how an embedding model's vectors are pooled (`models.pooling`)
         d["pooling_type"] = int(g("pooling_type"))
     scaling = g("rope.scaling.type")
@@ -358,34 +370,25 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d["hidden_activation"] = "gelu_pytorch_tanh"
     if arch in ("gemma2", "gemma3"):  # sliding layers: every other, first (2); five of six, then a full one (3)
         scalar = hidden // heads if d["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch] else head_dim
-        d.update(query_pre_attn_scalar=scalar, sliding_window=g("attention.sliding_window") or 4096,
+        d.update(query_pre_attn_scalar=scalar, sliding_window=window or 4096,
                  final_logit_softcapping=g("final_logit_softcapping"),
                  attn_logit_softcapping=g("attn_logit_softcapping"))
-        period = 2 if arch == "gemma2" else 6
-        d["layer_types"] = ["sliding_attention" if (i + 1) % period else "full_attention"
-                            for i in range(d["num_hidden_layers"])]
     if arch == "gemma3":
         d["rope_local_base_freq"] = 10000.0
-    if arch == "phi3":  # a partial rotary factor as the rotated dims; a window where the file names one
-        d.update(partial_rotary_factor=(g("rope.dimension_count") or head_dim) / head_dim,
-                 sliding_window=g("attention.sliding_window") or None)
-        if "rope_factors_long.weight" in tensors:  # LongRoPE: its two factor lists are tensors of the file
-            lists = {f"{k}_factor": np.asarray(tensors[f"rope_factors_{k}.weight"].data, np.float32).tolist()
-                     for k in ("long", "short")}
-            d["rope_scaling"] = {"rope_type": "longrope", "attention_factor": g("rope.scaling.attn_factor"),
-                                 "original_max_position_embeddings": g("rope.scaling.original_context_length"), **lists}
+    if arch == "phi3" and "rope_factors_long.weight" in tensors:  # LongRoPE: its factor lists are tensors of the file
+        lists = {f"{k}_factor": np.asarray(tensors[f"rope_factors_{k}.weight"].data, np.float32).tolist()
+                 for k in ("long", "short")}
+        d["rope_scaling"] = {"rope_type": "longrope", "attention_factor": g("rope.scaling.attn_factor"),
+                             "original_max_position_embeddings": g("rope.scaling.original_context_length"), **lists}
     if arch == "granite":  # the multipliers as the checkpoint's config names them (the logits are divided)
         d.update(embedding_multiplier=g("embedding_scale", 1.0), residual_multiplier=g("residual_scale", 1.0),
                  attention_multiplier=g("attention.scale", 0.0), logits_scaling=g("logit_scale", 1.0))
-    if arch == "olmo2" and g("attention.sliding_window"):  # OLMo 3: a window on the layers its pattern marks
-        d.update(architectures=["Olmo3ForCausalLM"], sliding_window=g("attention.sliding_window"),
-                 layer_types=["sliding_attention" if s else "full_attention"
-                              for s in g("attention.sliding_window_pattern")])
+    if arch == "olmo2" and window:  # OLMo 3: a window on the layers its pattern marks
+        d["architectures"] = ["Olmo3ForCausalLM"]
     if arch in ("glm4", "glm4moe"):
         if g("rope.dimension_sections"):  # GLM-4V's multimodal RoPE
             raise NotImplementedError(f"GGUF {arch!r} with multimodal RoPE sections (GLM-4V) is not supported")
-        d.update(partial_rotary_factor=(g("rope.dimension_count") or head_dim) / head_dim,
-                 attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
+        d.update(attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
     if arch == "glm4moe":  # DeepSeek-V3's routing; `block_count` counts the multi-token-prediction layers too
         d.update(num_hidden_layers=d["num_hidden_layers"] - g("nextn_predict_layers", 0),
                  n_routed_experts=g("expert_count"), n_shared_experts=g("expert_shared_count", 0),
@@ -396,25 +399,10 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d["hidden_act"] = "gelu_pytorch_tanh"
     if arch == "starcoder2":  # biases where the file has them; llama.cpp's files keep no window (nor does it use one)
         d["use_bias"] = "blk.0.attn_q.bias" in tensors
-    if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is; Cohere 2: a window on three layers of four,
-        d["logit_scale"] = g("logit_scale", 1.0)  # its period kept where the file names one
-        if arch == "cohere2":
-            period = g("attention.sliding_window_pattern") or 4
-            d.update(sliding_window=g("attention.sliding_window"), rope_parameters={
-                "rope_type": "default", "rope_theta": d["rope_theta"],
-                "partial_rotary_factor": (g("rope.dimension_count") or head_dim) / head_dim})
-            d["layer_types"] = (["sliding_attention" if s else "full_attention" for s in period]
-                                if isinstance(period, list) else
-                                ["sliding_attention" if (i + 1) % period else "full_attention"
-                                 for i in range(d["num_hidden_layers"])])
-        if "blk.0.attn_q_norm.weight" in tensors:
-            d["use_qk_norm"] = True
-    if arch == "phi2":  # a partial rotary factor as the rotated dims
-        d["partial_rotary_factor"] = (g("rope.dimension_count") or head_dim) / head_dim
+    if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is (q/k norms: refused by `from_hf`)
+        d.update(logit_scale=g("logit_scale", 1.0), use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
     if arch == "smollm3":  # llama.cpp's rule, which its files do not record: every fourth layer turns nothing
         d["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(d["num_hidden_layers"])]
-    if arch == "mistral" and g("attention.sliding_window"):
-        d["sliding_window"] = g("attention.sliding_window")
     if g("expert_count"):  # llama.cpp's MoE metadata; Mixtral is a `llama` GGUF with experts
         if arch == "llama":
             d["architectures"] = ["MixtralForCausalLM"]
@@ -426,8 +414,7 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
     if arch == "deepseek2":
         d.update(_deepseek2_config(g, d))
     if arch == "gpt-oss":  # biased attention, sliding layers first; its checkpoints' YaRN does not truncate
-        d.update(sliding_window=g("attention.sliding_window"), attention_bias=True,
-                 intermediate_size=d["moe_intermediate_size"])
+        d.update(attention_bias=True, intermediate_size=d["moe_intermediate_size"])
         if "rope_scaling" in d:
             d["rope_scaling"]["truncate"] = False
     return d
@@ -510,7 +497,8 @@ _IGNORABLE = ("rotary_emb.inv_freq", "rope_freqs.weight", "rope_factors_long.wei
 
 
 def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[tuple, tuple],
-            gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray], gguf_splits: dict | None = None) -> dict:
+            gguf_fix: Callable[[ModelConfig, str, np.ndarray], np.ndarray] | None = None,
+            gguf_splits: dict | None = None) -> dict:
     """Map every source tensor through `table` into a nested numpy tree; asserts shapes, and no tensor left over.
     `gguf_splits`: GGUF tensors a file may hold in parts instead, `{name: ((part names), join(cfg, *parts))}`
     (llama.cpp's DeepSeek files split `attn_kv_b` into `attn_k_b` and `attn_v_b`). Tensors convert on a thread
@@ -553,7 +541,7 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
             w = read(parts[0]) if len(parts) == 1 else np.stack([read(n) for n in parts])
         name = e.gguf if join is not None else parts[0]
         if source.kind == "gguf":
-            w = gguf_fix(cfg, name, w)
+            w = gguf_fix(cfg, name, w) if gguf_fix else w
         take = e.gguf_take if source.kind == "gguf" else e.take
         if take is not None:
             w = take(cfg, w)
