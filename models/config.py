@@ -198,14 +198,14 @@ class ModelConfig:
             qk_norm_whole=olmo,
             norm_offset=1.0 if gemmas else 0.0,
             sandwich_norms=sandwich,
-            embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemmas else d.get("embedding_multiplier", 1.0),
-            residual_scale=d.get("residual_multiplier", 1.0),
-            logits_scaling=d.get("logits_scaling") or 1 / d.get("logit_scale", 1.0),
+            embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemmas else d.get("embedding_multiplier") or 1.0,
+            residual_scale=d.get("residual_multiplier") or 1.0,
+            logits_scaling=d.get("logits_scaling") or 1 / (d.get("logit_scale") or 1.0),
             activation=act,
             swiglu_alpha=d.get("swiglu_alpha", 1.702),
             swiglu_limit=d.get("swiglu_limit", 7.0),
             query_scale=(d["query_pre_attn_scalar"] ** -0.5 if sandwich else _mla_scale(full, head_dim) if mla
-                         else d.get("attention_multiplier", 0.0)),
+                         else d.get("attention_multiplier") or 0.0),
             # transformers' Gemma 3 stores but never applies attn_logit_softcapping (its checkpoints set it null).
             attn_softcap=0.0 if gemma else (d.get("attn_logit_softcapping") or 0.0),
             final_softcap=d.get("final_logit_softcapping") or 0.0,
