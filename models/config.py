@@ -149,8 +149,8 @@ class ModelConfig:
             window = 0
         full, local = _rope_params(d, arch)
         partial = full.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
-        rope_global, rope_local = _rope_tables(d, d["qk_rope_head_dim"] if mla else int(head_dim * partial), arch,
-                                               context)
+        rotary = d["qk_rope_head_dim"] if mla else int(head_dim * partial)
+        rope_global, rope_local = (_inv_freq(p, rotary, d, context) for p in (full, local))
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
         gpt_oss = arch == "GptOssForCausalLM"
         if gpt_oss:
@@ -244,7 +244,7 @@ def _pattern(pattern: int | str, layers: int) -> list[str]:
 
 def _no_rope(d: dict[str, Any], layers: int) -> tuple[bool, ...]:
     """SmolLM3's layers that turn positions: `no_rope_layers` (1: turns), else all but every
-    `no_rope_layer_interval`-th (4), as transformers derives them."""
+    `no_rope_layer_interval`-th (4), as transformers derives them (and llama.cpp, whose GGUFs record neither)."""
     flags = d.get("no_rope_layers") or [int((i + 1) % (d.get("no_rope_layer_interval") or 4) != 0)
                                         for i in range(layers)]
     return tuple(bool(f) for f in flags)
@@ -357,15 +357,9 @@ def _rope_params(d: dict[str, Any], arch: str) -> tuple[dict, dict]:
     return params, params
 
 
-def _rope_tables(d: dict[str, Any], head_dim: int, arch: str, context: int = 0
-                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Inverse RoPE frequencies (float32, as transformers computes them) for global and local layers."""
-    full, local = _rope_params(d, arch)
-    return _inv_freq(full, head_dim, d, context), _inv_freq(local, head_dim, d, context)
-
-
 def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any], context: int = 0) -> tuple[float, ...]:
-    """Inverse frequencies for one RoPE parameter dict (default, linear, llama3, yarn and longrope types).
+    """Inverse frequencies (float32, as transformers computes them) for one RoPE parameter dict (default, linear,
+    llama3, yarn and longrope types).
 
     LongRoPE (Phi-3.5, Phi-4-mini) divides each frequency by a factor from one of two lists: transformers takes the
     long list while a sequence is longer than the pretrained context and the short one otherwise, recomputing every

@@ -37,9 +37,9 @@ IMAGE_PARTS = ("image_url",)
 
 @dataclasses.dataclass(frozen=True)
 class Media:
-    """Where pictures may be fetched from: hosts for http(s) links (`*`: any; none: no links), a folder for
-    `file://` links (None: none), the seconds and bytes one fetch may take in all, and the pictures one request may
-    hold (the server's `--max-images`: more are refused before any is read)."""
+    """Where pictures may be fetched from: hosts for http(s) links (`*`: any public address; none: no links), a
+    folder for `file://` links (None: none), the seconds and bytes one fetch may take in all, and the pictures one
+    request may hold (the server's `--max-images`: more are refused before any is read)."""
 
     domains: tuple[str, ...] = ()
     local: str | None = None

@@ -144,6 +144,10 @@ def test_configs_that_leave_things_out_read_as_transformers_fills_them():
         assert ours.layer_sliding == want, kind
         if kind in ("cohere2", "exaone4"):  # their full layers turn nothing
             assert ours.layer_rope == want, kind
+        if kind == "exaone4":  # EXAONE's configs may spell the pattern in letters: L sliding, G global
+            spelled = ModelConfig.from_hf({**d, "num_hidden_layers": 8, "sliding_window_pattern": "LLLG",
+                                           "architectures": ["Exaone4ForCausalLM"]})
+            assert spelled.layer_sliding == want
     smol = {**_small("smollm3").to_dict(), "architectures": ["SmolLM3ForCausalLM"]}
     want = tuple(bool(r) for r in smol.pop("no_rope_layers"))
     assert ModelConfig.from_hf(smol).layer_rope == want == (True, True, True, False)

@@ -56,12 +56,12 @@ class Attention(nn.Module):
         q = proj("q_proj", h * d, ("heads", "embed"), x, cfg.attention_bias).reshape(b, s, h, d)
         k = proj("k_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
         v = proj("v_proj", kvh * d, ("kv_heads", "embed"), x, cfg.attention_bias).reshape(b, s, kvh, d)
-        if cfg.qk_norm_whole:  # one norm over all heads' values (OLMo 2)
-            q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q.reshape(b, s, h * d)).reshape(q.shape)
-            k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k.reshape(b, s, kvh * d)).reshape(k.shape)
-        elif cfg.qk_norm:
-            q = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name="k_norm")(k)
+        if cfg.qk_norm:  # each head's values, or all heads' at once (OLMo 2: `qk_norm_whole`)
+            def normed(name: str, t: jax.Array) -> jax.Array:
+                spans = t.reshape(b, s, -1) if cfg.qk_norm_whole else t
+                return RMSNorm(cfg.rms_eps, cfg.norm_offset, dt, name=name)(spans).reshape(t.shape)
+
+            q, k = normed("q_norm", q), normed("k_norm", k)
         window, inv_freq, scale = 0, cfg.rope_global, cfg.rope_scale
         if cfg.sliding_window:  # this layer's kind is looked up by its index (data, when layers are scanned)
             sliding = jnp.asarray(cfg.layer_sliding)[at]

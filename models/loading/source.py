@@ -373,8 +373,6 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d.update(query_pre_attn_scalar=scalar, sliding_window=window or 4096,
                  final_logit_softcapping=g("final_logit_softcapping"),
                  attn_logit_softcapping=g("attn_logit_softcapping"))
-    if arch == "gemma3":
-        d["rope_local_base_freq"] = 10000.0
     if arch == "phi3" and "rope_factors_long.weight" in tensors:  # LongRoPE: its factor lists are tensors of the file
         lists = {f"{k}_factor": np.asarray(tensors[f"rope_factors_{k}.weight"].data, np.float32).tolist()
                  for k in ("long", "short")}
@@ -401,8 +399,6 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is (q/k norms: refused by `from_hf`)
         d.update(logit_scale=g("logit_scale", 1.0), use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
-    if arch == "smollm3":  # llama.cpp's rule, which its files do not record: every fourth layer turns nothing
-        d["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(d["num_hidden_layers"])]
     if g("expert_count"):  # llama.cpp's MoE metadata; Mixtral is a `llama` GGUF with experts
         if arch == "llama":
             d["architectures"] = ["MixtralForCausalLM"]
@@ -457,6 +453,9 @@ class Entry:
     gguf_take: Callable[[ModelConfig, np.ndarray], np.ndarray] | None = None  # our part of a fused GGUF tensor
 
 
+_FINAL = {"norm": ("model.norm", "output_norm"), "lm_head": ("lm_head", "output")}  # HF's and GGUF's names
+
+
 def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple[str, ...]],
                  hf_name: Callable[[str], str] = str, hf_fused: dict[str, tuple[str, Callable]] | None = None,
                  gguf_fused: dict[str, Callable] | None = None) -> list[Entry]:
@@ -469,10 +468,9 @@ def weight_table(cfg: ModelConfig, layer_gguf: dict[str, str], paths: list[tuple
     for path in paths:
         if path == ("embed",):
             out.append(Entry(path, hf_name("model.embed_tokens.weight"), "token_embd.weight"))
-        elif path[0] in ("norm", "lm_head") and len(path) == 2:  # the final norm's and the LM head's weight, bias
-            hf = "model.norm" if path[0] == "norm" else "lm_head"
-            out.append(Entry(path, hf_name(f"{hf}.{path[1]}"), f"{'output_norm' if path[0] == 'norm' else 'output'}"
-                                                                  f".{path[1]}"))
+        elif path[0] in _FINAL and len(path) == 2:  # the final norm's and the LM head's weight and bias
+            hf, gguf = _FINAL[path[0]]
+            out.append(Entry(path, hf_name(f"{hf}.{path[1]}"), f"{gguf}.{path[1]}"))
         elif path[0].startswith("layers_"):
             i = int(path[0].split("_")[1])
             module, leaf = "/".join(path[1:-1]), path[-1]
