@@ -5,15 +5,17 @@ one run, at 1, 8 and 32 concurrent streams (greedy chat completions, streamed).
   file is the request's `prediction`. A wrong prediction (another file) is measured too.
 - extraction: quote the lines of a long prompt that mention one word; with speculation the server drafts by n-gram
   lookup (`--speculative-ngram K`).
-- chat: stories with nothing to copy, with n-gram drafting on.
+- chat: stories with nothing to copy, with n-gram drafting on; and with a draft model (`--speculative-model`;
+  `--draft`, by default the model itself, the only real weights a package ships here: it shows what a draft
+  model's drafting costs and how many of its drafts the verify keeps, not the speed-up of a smaller draft).
 - json editing: a JSON record and the request to change one field, under `response_format` json_object; with
   speculation the original record is the prediction (drafts cut to what the grammar accepts, each drafted position
   verified under its own mask).
 
-Two servers run one after the other: one as started by default (no n-gram drafts; a prediction still drafts) and one
-with `--speculative-ngram K`. Output tokens per second are counted from each request's first token to its last (the
-prompt's prefill is the same either way) and summed over the streams of a level; the table gives the ratios and the
-share of drafted tokens kept. `make bench-spec`. Not a test: read the ratios.
+The servers run one after the other: one as started by default (no n-gram drafts; a prediction still drafts), one with
+`--speculative-ngram K` and one with a draft model. Output tokens per second are counted from each request's first token
+to its last (the prompt's prefill is the same either way) and summed over the streams of a level; the table gives the
+ratios and the share of drafted tokens kept. `make bench-spec`. Not a test: read the ratios.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def main() -> None:
     ap.add_argument("--ngram", type=int, default=8, help="K of the n-gram server")
     ap.add_argument("--tokens", type=int, default=256, help="max_tokens of every request")
     ap.add_argument("--smoke", action="store_true", help="one level of 1, 32 tokens: check that it runs")
-    ap.add_argument("--only", default="editing,json,extraction,chat", help="the workloads to run")
+    ap.add_argument("--only", default="editing,json,extraction,chat,draft", help="the workloads to run")
+    ap.add_argument("--draft", default=MODEL, help="the draft model of the draft-model server")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="K of the draft-model server")
     args = ap.parse_args()
     levels = (1,) if args.smoke else tuple(int(x) for x in args.levels.split(","))
     tokens = 32 if args.smoke else args.tokens
@@ -158,7 +162,7 @@ def main() -> None:
             rows[(name, n)] = (off, on)
             print(name, n, off, on, flush=True)
 
-    plain, ngram = start(common, 8193, "/tmp/bench-spec-plain.log"), None
+    plain, ngram, drafting = start(common, 8193, "/tmp/bench-spec-plain.log"), None, None
     try:
         url, only = "http://127.0.0.1:8193", args.only.split(",")
         if "editing" in only:
@@ -172,10 +176,16 @@ def main() -> None:
             run(url, "extraction, n-gram drafts", extract_messages, on_url="http://127.0.0.1:8194")
         if "chat" in only:
             run(url, "chat, n-gram drafts", chat_messages, on_url="http://127.0.0.1:8194")
+        stop(ngram)
+        ngram = None
+        if "draft" in only:
+            drafting = start([*common, "--speculative-model", args.draft, "--num-speculative-tokens",
+                              str(args.draft_tokens)], 8195, "/tmp/bench-spec-draft.log")
+            run(url, f"chat, drafts of {args.draft}", chat_messages, on_url="http://127.0.0.1:8195")
     finally:
-        stop(plain)
-        if ngram is not None:
-            stop(ngram)
+        for proc in (plain, ngram, drafting):
+            if proc is not None:
+                stop(proc)
     print(f"\nSpeculative decoding, {MODEL}, greedy, {tokens} tokens max, n-gram K = {args.ngram}; output tok/s per "
           f"stream (first to last token) summed over the streams\n")
     print("| workload | streams | tok/s without | tok/s with | ratio | drafts kept |")

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
+from engine.draft_model import DraftModel
 from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.detok import Detok
@@ -38,7 +39,7 @@ from engine.images import ImageRows
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
-from engine.runner import EMBED_TOKENS, Dispatched, Runner, RunnerConfig, join_pieces
+from engine.runner import EMBED_TOKENS, Dispatched, Runner, RunnerConfig, join_pieces, kv_bytes_per_token
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
 from models import Model, lora, pooling
 
@@ -80,12 +81,17 @@ class Loaded:
 class Engine:
     """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pools (one per data shard)."""
 
-    def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig()):
+    def __init__(self, model: Model, rc: RunnerConfig = RunnerConfig(), draft: Model | None = None):
+        """`draft`: a smaller model of the same tokenizer that drafts every request's next `rc.draft_tokens` tokens
+        (speculative decoding with a draft model; its KV pool is paged as the target's: `engine.draft_model`)."""
         self.model, self.tok = model, model.tokenizer
         # before the programs are made; one process only (another host's devices would not see the rows written)
         self.images = ImageRows(model, rc.max_images) if model.vision is not None and jax.process_count() == 1 \
             else None
+        if draft is not None:
+            rc = dataclasses.replace(rc, extra_kv_bytes=kv_bytes_per_token(draft))
         self.runner = Runner(model, rc)
+        self.draft = DraftModel(draft, self.runner, rc.draft_tokens) if draft is not None else None
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
         self.sched = Scheduler(self.runner, self.runner.save_row, rc.scheduling_policy)
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -104,6 +110,7 @@ class Engine:
         # (kind, batch rows, steps, a row on a LoRA adapter) -> seconds per dispatch (moving average)
         self.timing: dict[tuple, float] = {}
         self.verifies = 0  # verify steps run so far (speculative decoding)
+        self.drafted = self.accepted = 0  # drafted tokens verified so far, and those kept
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
         self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
         self.overlap = True  # dispatch a step's work before reading back the step before it, when nothing needs it
@@ -323,7 +330,10 @@ class Engine:
                     embedded_inputs=self.embedded, embedded_tokens=self.embedded_tokens,
                     image_slots=self.images.capacity if self.images else 0,
                     images_held=len(self.images.held) if self.images else 0,
-                    images_encoded=self.images.encoded if self.images else 0)
+                    images_encoded=self.images.encoded if self.images else 0,
+                    spec_decode_verifies=self.verifies, spec_decode_draft_tokens=self.drafted,
+                    spec_decode_accepted_tokens=self.accepted,
+                    spec_decode_draft_calls=self.draft.calls if self.draft else 0)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
@@ -402,7 +412,8 @@ class Engine:
         decode too when the model has a tokenizer, for structured output); nothing is run. `background`: only
         `Runner.first_jobs` now, the rest on a thread while the engine serves (`self.background`; a step that needs
         a shape still compiling waits for it)."""
-        jobs = self.runner.warm_jobs(full, constrained=self.tok is not None)
+        jobs = self.runner.warm_jobs(full, constrained=self.tok is not None, drafts=self.draft is not None)
+        jobs += self.draft.warm_jobs(self.runner.warm_lengths(full)) if self.draft is not None else []
         if self.images is not None:
             self.images.warm()
         if not background:
@@ -677,6 +688,8 @@ class Engine:
             return None
         if req.prediction:
             return Drafter(np.asarray(req.prediction, np.int64), 1, expect=self.runner.rc.draft_tokens / 2)
+        if self.draft is not None:
+            return Drafter(None, 0, expect=self.runner.rc.draft_tokens / 2, model=True)
         return Drafter(None, MIN_NGRAM) if self.runner.rc.ngram else None
 
     def _drafts(self, steps: int) -> dict[int, list[int]]:
@@ -684,17 +697,26 @@ class Engine:
         tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size); else {}."""
         drafts, k, running = {}, self.runner.rc.draft_tokens, self.sched.running
         left = {slot: self._left(req, choice) for slot, (req, choice) in running.items()}
-        for slot, (req, choice) in running.items():
-            if choice.drafter is not None:  # none under a thinking budget
-                room = left[slot] - 1
-                if choice.matcher is not None:  # no draft into the closing window (its masks depend on the draw)
-                    room = min(room, left[slot] - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
-                draft = (choice.drafter.propose(req.client_ids, choice.token_ids, min(k, room))
-                         if room > 0 else [])
-                if choice.matcher is not None:
-                    draft = choice.matcher.accepted(draft)
-                if draft:
-                    drafts[slot] = draft
+        rooms = {slot: self._room(req, choice, left[slot]) for slot, (req, choice) in running.items()
+                 if choice.drafter is not None}  # none under a thinking budget
+        modelled = {slot: (id(running[slot][1]), running[slot][1].order,
+                           running[slot][0].prompt_ids + running[slot][1].token_ids)
+                    for slot, room in rooms.items() if room > 0 and running[slot][1].drafter.model}
+        by_model = {}
+        if modelled:
+            by_model = self._timed_call(("draft", self.runner.rows_for(list(modelled))), self.draft.propose,
+                                        {slot: ((a, b), seq) for slot, (a, b, seq) in modelled.items()},
+                                        self.sched.tables)
+        for slot, room in rooms.items():
+            req, choice = running[slot]
+            if slot in by_model:
+                draft = by_model[slot][:room]
+            else:
+                draft = choice.drafter.propose(req.client_ids, choice.token_ids, min(k, room)) if room > 0 else []
+            if choice.matcher is not None:
+                draft = choice.matcher.accepted(draft)
+            if draft:
+                drafts[slot] = draft
         if not drafts:
             return {}
         nb = self.runner.rows_for(list(running))
@@ -709,6 +731,13 @@ class Engine:
             running[slot][1].drafter.unverified = draft
         return {}
 
+    def _room(self, req: Request, choice: Choice, left: int) -> int:
+        """The most tokens a running choice may draft: one less than it may draw, and none into a constrained
+        choice's closing window (its masks depend on the draw)."""
+        if choice.matcher is not None:
+            return min(left - 1, left - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
+        return left - 1
+
     def _on_lora(self, slots) -> bool:
         """Whether a running choice in `slots` uses a LoRA adapter: its steps run the programs with the LoRA terms
         (`Runner._adapters`), timed apart from the others."""
@@ -717,9 +746,10 @@ class Engine:
 
     def _timed_call(self, key: tuple, fn, *args):
         """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""
-        start, programs = time.perf_counter(), self.runner.programs()
+        count = lambda: self.runner.programs() + (self.draft.programs() if self.draft else 0)  # noqa: E731
+        start, programs = time.perf_counter(), count()
         out = fn(*args)
-        if self.runner.programs() == programs:
+        if count() == programs:
             self._time(key, time.perf_counter() - start)
         return out
 
@@ -737,6 +767,10 @@ class Engine:
         masked = any(self._masked(c, steps) for _, c in running.values())
         if masked:
             steps = 1  # the host gives each constrained token its mask
+        if self.draft is not None:  # the draft model writes its drafts' K/V in their pages
+            k = self.runner.rc.draft_tokens
+            self._reserve(1, changed, done, {slot: k for slot, (_, c) in running.items()
+                                             if c.drafter is not None and c.drafter.model})
         drafts = self._drafts(steps)
         if drafts:
             self._reserve(1, changed, done, {slot: len(d) for slot, d in drafts.items()})
@@ -770,7 +804,10 @@ class Engine:
                                       batch.positions, ndraft, batch.active, sched.tables, masks)
         self.verifies += 1
         for slot, d in drafts.items():
-            running[slot][1].drafter.record(len(d), int(kept[:, slot].sum()) - 1)
+            accepted = int(kept[:, slot].sum()) - 1
+            running[slot][1].drafter.record(len(d), accepted)
+            self.drafted += len(d)
+            self.accepted += accepted
         self.steps_run += 1
         self._take(outs, kept, [(slot, running[slot][1]) for slot in going], changed, done)
 

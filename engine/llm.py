@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from engine.draft_model import from_config
 from engine.engine import Engine
 from engine.grammar_sandbox import SERVING_STACK, Busy
 from engine.requests import Delta, Request
@@ -78,13 +79,19 @@ class LLM:
     them (`lora=`)."""
 
     def __init__(self, model: str | Model = "smollm2-135m-instruct", enable_lora: bool = False, max_loras: int = 4,
-                 max_lora_rank: int = 16, **runner: Any):
+                 max_lora_rank: int = 16, speculative_config: dict | None = None, **runner: Any):
+        """`speculative_config`: vLLM's, `{"model": a draft model (name, folder, file or `Model`),
+        "num_speculative_tokens": K}` or `{"method": "ngram", ...}` (`engine.draft_model.from_config`)."""
+        draft, spec = from_config(speculative_config) if speculative_config else (None, {})
+        runner = {**spec, **runner}
         if not isinstance(model, Model):  # the context picks LongRoPE's factors (`config._inv_freq`)
             model = load_model(model, max_model_len=runner.get("max_model_len", 0))
+        if draft is not None and not isinstance(draft, Model):
+            draft = load_model(draft, max_model_len=runner.get("max_model_len", 0))
         self.model = model
         if enable_lora:
             self.model = lora.attach(self.model, max_loras, max_lora_rank)
-        self.engine = Engine(self.model, RunnerConfig(**runner))
+        self.engine = Engine(self.model, RunnerConfig(**runner), draft=draft)
 
     def load_lora(self, name: str, path: str) -> None:
         """Load the PEFT LoRA adapter in folder `path` as `name`."""

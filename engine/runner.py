@@ -93,6 +93,9 @@ class RunnerConfig:
     # "priority", each request's `priority` (lower sooner) then arrival, less urgent work preempted for more urgent.
     scheduling_policy: str = "fcfs"
     max_images: int = 32  # a model that reads images: images whose features stay on the devices (`engine.images`)
+    # bytes a token takes in another pool paged as this one (a draft model's, `engine.draft_model`): both pools'
+    # pages come out of `kv_cache_gb`
+    extra_kv_bytes: int = 0
 
 
 def platform_defaults(platform: str) -> dict:
@@ -110,8 +113,9 @@ def kv_bytes_per_token(model: Model) -> int:
 
 
 def plan_pages(model: Model, rc: RunnerConfig) -> int:
-    """Pages in the pool (page 0, the scratch page, included): the KV budget over the bytes of one page."""
-    return int(rc.kv_cache_gb * (1 << 30)) // (rc.page_size * kv_bytes_per_token(model))
+    """Pages in the pool (page 0, the scratch page, included): the KV budget over the bytes of one page (and of
+    the same page in a draft model's pool)."""
+    return int(rc.kv_cache_gb * (1 << 30)) // (rc.page_size * (kv_bytes_per_token(model) + rc.extra_kv_bytes))
 
 
 def plan_max_len(model: Model, rc: RunnerConfig, num_pages: int) -> int:
@@ -609,7 +613,7 @@ class Runner:
         zeroing = self._zeroing
         return zeroing.exception() if zeroing is not None and zeroing.done() else None
 
-    def warm_jobs(self, full: bool = False, constrained: bool = False) -> list[Job]:
+    def warm_jobs(self, full: bool = False, constrained: bool = False, drafts: bool = False) -> list[Job]:
         """The shapes to compile before serving, those of `first_jobs` first: prefill of short prompts (several per
         call) and of a first chunk, fresh or after a cached prefix within the shortest attended length, the first
         draw, sampler-row and page copies, and decode at every batch bucket for the shortest attended length (on an
@@ -617,7 +621,8 @@ class Runner:
         stream for seconds). `full`: every attended length for decode and prefill too (minutes the first time, seconds
         once the caches hold them). `constrained`: decode of one step too (decoding while long prompts are
         prefilled runs one step per dispatch), and the forward pass of one (`decode_logits`: structured output). Then
-        prompt-logprob (echo) prefills (`_echo_jobs`), and with n-gram drafting verify at decode's widths."""
+        prompt-logprob (echo) prefills (`_echo_jobs`), and with n-gram drafting or `drafts` (a draft model) verify at
+        decode's widths."""
         jobs = self.first_jobs()
         for size in self.prefill_buckets if not self.flat else ():
             budget = max(self.rc.max_prefill_tokens, size)
@@ -632,14 +637,14 @@ class Runner:
         accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
         one = constrained or accelerator or self.flat  # a prompt waiting for pages between flat steps: one step
         steps = sorted({self.rc.decode_steps, 1} if one else {self.rc.decode_steps})
-        needs = self.attend if full or accelerator else self.attend[:1]
+        needs = self.warm_lengths(full)
         for b in self.batch_buckets:
             widths = sorted({self.attended(b, a) for a in needs})
             jobs += [self._decode_job(self.dp * b, attend, k, v) for attend in widths for k in steps
                      for v in self.variants]
             jobs += [self._logits_job(self.dp * b, attend) for attend in widths if constrained]
         jobs += self._echo_jobs()  # scoring prompts (lm-eval's loglikelihood requests), a compile each otherwise
-        if self.rc.ngram:  # every request may draft, at decode's widths (a prediction's compile on first use)
+        if self.rc.ngram or drafts:  # every request may draft, at decode's widths (a prediction's: on first use)
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, attend, v) for b in self.batch_buckets
                      for attend in sorted({self.attended(b, a, w) for a in needs}) for v in self.variants]
@@ -651,6 +656,12 @@ class Runner:
                 seen.add(key)
                 unique.append(job)
         return unique
+
+    def warm_lengths(self, full: bool) -> tuple[int, ...]:
+        """The attended lengths the warm-up compiles decode and verify at: every one on an accelerator or when
+        `full` (a program compiled mid-serve stalls every stream there), else the shortest."""
+        accelerator = self.model.mesh.devices.flat[0].platform != "cpu"
+        return self.attend if full or accelerator else self.attend[:1]
 
     def first_jobs(self) -> list[Job]:
         """The programs a first short request needs (one prompt of up to BATCHED_PREFILL tokens, its first draw,

@@ -27,7 +27,8 @@ class Drafter:
     `source`: the prediction's tokens (the draft continues the prediction after the output's last tokens), or None
     for n-gram drafts from the choice's prompt and output. `at`: the index in the searched tokens just after the
     last match used, so a lookup prefers the next occurrence over an earlier one (a prediction is followed in
-    order, and a quoted prompt is read forwards). `expect`: accepted tokens per verify (moving average), learnt from
+    order, and a quoted prompt is read forwards). `model`: the engine's draft model drafts instead (`source` None).
+    `expect`: accepted tokens per verify (moving average), learnt from
     verify steps and, while the engine decodes instead, from how its unverified drafts compare with the tokens
     decoded (`shadow`), so a prediction that falls back in step is taken up again at once."""
 
@@ -38,6 +39,7 @@ class Drafter:
     drafted: int = 0
     accepted: int = 0
     unverified: list[int] | None = None  # the draft of a dispatch that decoded instead
+    model: bool = False  # drafts come from the engine's draft model (`engine.draft_model`), not `propose`
 
     def propose(self, prompt: list[int], output: list[int], k: int) -> list[int]:
         """Up to `k` tokens to follow `output` (empty when nothing matches)."""

@@ -17,7 +17,7 @@ import time
 import jax
 from aiohttp import web
 
-from engine import multihost
+from engine import draft_model, multihost
 from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
@@ -132,9 +132,18 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "in each request's prompt and output, and verify them in one pass (the tokens are the "
                          "same; the engine stops drafting when verifying costs more than it saves). 0 (the "
                          "default): off. A request's 'prediction' or 'speculation' drafts regardless")
-    ap.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+    ap.add_argument("--num-speculative-tokens", "--draft-max", type=int, default=0, metavar="K",
                     help="the most drafted tokens a verify step scores per sequence (0: --speculative-ngram's K, "
-                         "else 16)")
+                         "5 with a draft model, else 16)")
+    ap.add_argument("--speculative-model", "--model-draft", "-md", default=None, metavar="MODEL",
+                    help="speculative decoding with a draft model: a smaller model of the same tokenizer (catalog "
+                         "name, HF folder or GGUF file) drafts each sequence's next K tokens greedily, and the model "
+                         "verifies them in one pass (the tokens are the same as without it). Loaded as the model is "
+                         "(dtype, quantization, attention, mesh); its KV pool is paged as the model's and comes out "
+                         "of the same --kv-cache-gb")
+    ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                    help="vLLM's form of the above: {\"model\": MODEL, \"num_speculative_tokens\": K}, or "
+                         "{\"method\": \"ngram\", \"num_speculative_tokens\": K}")
     ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
     ap.add_argument("--enable-expert-parallel", action="store_true",
@@ -217,6 +226,20 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
         ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
         ap.error("--speculative-ngram and --num-speculative-tokens must be >= 0")
+    if args.speculative_config is not None:
+        if args.speculative_model or args.speculative_ngram:
+            ap.error("--speculative-config or --speculative-model / --speculative-ngram, not both")
+        try:
+            model, spec = draft_model.from_config(args.speculative_config)
+        except (ValueError, TypeError) as e:
+            ap.error(str(e))
+        args.speculative_model = model
+        args.speculative_ngram = 0 if model else spec["draft_tokens"]
+        args.num_speculative_tokens = args.num_speculative_tokens or spec["draft_tokens"]
+    if args.speculative_model and args.speculative_ngram:
+        ap.error("--speculative-model or --speculative-ngram, not both")
+    if args.speculative_model and args.num_processes > 1:
+        ap.error("a draft model is not served across processes yet")
     return args
 
 
@@ -272,6 +295,15 @@ def load(args: argparse.Namespace):
     return model
 
 
+def load_draft(args: argparse.Namespace):
+    """The draft model `--speculative-model` names (None: none), loaded as the model is."""
+    if not args.speculative_model:
+        return None
+    return load_model(args.speculative_model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
+                      scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
+                      kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len)
+
+
 def runner_config(args: argparse.Namespace) -> RunnerConfig:
     """The engine's settings from the flags (0: the platform's default)."""
     tuned = platform_defaults(jax.devices()[0].platform)
@@ -280,7 +312,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         page_size=args.page_size,
                         decode_steps=args.decode_steps or tuned["decode_steps"],
                         max_prefill_tokens=args.max_prefill_tokens or tuned["max_prefill_tokens"],
-                        draft_tokens=args.num_speculative_tokens or args.speculative_ngram or RunnerConfig.draft_tokens,
+                        draft_tokens=args.num_speculative_tokens or args.speculative_ngram or (
+                            draft_model.DEFAULT_TOKENS if args.speculative_model else RunnerConfig.draft_tokens),
                         ngram=args.speculative_ngram > 0, decode_batch_sizes=args.decode_batch_sizes,
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
@@ -363,7 +396,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
     use_caches(cache_root())
     t0 = time.monotonic()
     try:
-        model = load(args)
+        model, draft = load(args), load_draft(args)
     except ValueError as e:  # a mesh that does not fit, an unknown quantization, ...
         raise SystemExit(f"sparkler: {e}") from None
     if template is not None:
@@ -372,7 +405,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
         model.tokenizer.use_template(template)
     t1 = time.monotonic()
     try:
-        engine = Engine(model, runner_config(args))
+        engine = Engine(model, runner_config(args), draft=draft)
     except ValueError as e:  # a pool that does not fit, a context it cannot hold, ...
         raise SystemExit(f"sparkler: {e}") from None
     for name, path in args.lora_modules:

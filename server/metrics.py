@@ -48,6 +48,10 @@ ENGINE_COUNTERS = {
     "embedded_inputs": "inputs embedded (/v1/embeddings)",
     "embedded_tokens": "tokens of the inputs embedded",
     "images_encoded": "pictures run through the vision tower (a picture held already is not run again)",
+    "spec_decode_verifies": "verify steps run (speculative decoding)",
+    "spec_decode_draft_tokens": "drafted tokens verified",
+    "spec_decode_accepted_tokens": "drafted tokens kept",
+    "spec_decode_draft_calls": "device calls of the draft model (--speculative-model)",
 }
 
 

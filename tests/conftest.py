@@ -132,7 +132,8 @@ SERVED_DEFAULTS = {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
 
 
 def live_server(model, rc, **server_kw):
-    """Serve `model` on a free loopback port from a thread; yields a namespace (url, server, engine, model)."""
+    """Serve `model` on a free loopback port from a thread; yields a namespace (url, server, engine, model).
+    `draft`: a draft model for the engine."""
     import asyncio
     import threading
     from types import SimpleNamespace
@@ -143,7 +144,7 @@ def live_server(model, rc, **server_kw):
     from engine.llm import AsyncEngine
     from server.app import Server
 
-    engine = Engine(model, rc)
+    engine = Engine(model, rc, draft=server_kw.pop("draft", None))
     aengine = AsyncEngine(engine, **({"max_buffer": server_kw.pop("max_buffer")} if "max_buffer" in server_kw else {}))
     srv = Server(model, aengine, **server_kw)
     loop = asyncio.new_event_loop()

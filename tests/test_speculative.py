@@ -3,7 +3,9 @@ tokens (greedy or seeded sampling, under every sampler setting), and leave pages
 set of compiled programs as they were."""
 
 import contextlib
+import dataclasses
 import math
+import urllib.request
 
 import numpy as np
 import pytest
@@ -379,3 +381,104 @@ def test_prediction_and_speculation_over_http_with_the_official_client(api, clie
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body=bad)
         assert e.value.body["param"] == param
+
+
+@pytest.fixture(scope="module")
+def self_draft(smollm):
+    """The `llm` fixture's engine with the model itself as its draft model (vLLM's `speculative_config`): greedy
+    drafts that the greedy requests keep nearly always."""
+    from engine import LLM
+
+    return LLM(smollm, **ENGINE, speculative_config={"model": smollm, "num_speculative_tokens": 4})
+
+
+@pytest.fixture(scope="module")
+def random_draft(smollm, tmp_path_factory):
+    """A 2-layer random Llama of SmolLM2's tokenizer: a draft model whose drafts nearly always lose."""
+    from helpers import tiny_llama
+    from models import load_model
+
+    folder = str(tmp_path_factory.mktemp("draft"))
+    tiny_llama(folder, smollm.tokenizer.folder, [])
+    return load_model(folder)
+
+
+def test_a_draft_model_drafts_and_the_tokens_are_the_same(llm, self_draft):
+    plain = llm.chat([ASK] * len(SETTINGS), SETTINGS)
+    eng = self_draft.engine
+    with verifying_always(eng):
+        spec = self_draft.chat([ASK] * len(SETTINGS), SETTINGS)
+    assert_same(spec, plain, SETTINGS)
+    greedy = spec[0]
+    n = len(greedy.outputs[0].token_ids)
+    assert greedy.drafted >= n - 10 and greedy.accepted >= 0.8 * n - 10  # it drafts for itself: nearly all kept
+    for a, b in zip(spec[-1].outputs[0].logprobs, plain[-1].outputs[0].logprobs):
+        assert a[0] == b[0]
+    # a drafting call writes each row's tokens since the last (a prompt in one call, then one or two a verify): the
+    # calls are about the verify steps, not the tokens
+    assert eng.draft.calls <= 2 * eng.verifies + len(SETTINGS) + 4
+    assert eng.runner.rc.extra_kv_bytes > 0  # the draft pool's pages came out of the same budget
+    compiles = eng.runner.compiles + eng.draft.compiles
+    again = [SamplingParams(temperature=t, max_tokens=24, seed=i) for i, t in enumerate((0, 0.7, 1.0))]
+    with verifying_always(eng):
+        self_draft.chat([ASK] * 3, again)
+        self_draft.chat([ASK] * 3, again)  # every shape seen: nothing compiles
+        before = eng.runner.compiles + eng.draft.compiles
+        self_draft.chat([ASK] * 3, [dataclasses.replace(p, seed=(p.seed or 0) + 7) for p in again])
+    assert eng.runner.compiles + eng.draft.compiles == before >= compiles
+
+
+def test_drafts_that_lose_change_nothing_and_a_vocabulary_must_match(llm, random_draft, smollm, tmp_path):
+    from engine import LLM
+    from helpers import tiny_llama
+    from models import load_model
+
+    drafting = LLM(smollm, **ENGINE, speculative_config={"model": random_draft})
+    p = [SamplingParams(temperature=0, max_tokens=30), SamplingParams(temperature=0.8, max_tokens=30, seed=5)]
+    plain = llm.chat([ASK, ASK], p)
+    with verifying_always(drafting.engine):
+        spec = drafting.chat([ASK, ASK], p)
+    assert_same(spec, plain, p)
+    assert spec[0].drafted > 0 and spec[0].accepted < spec[0].drafted  # it drafted, and lost
+    tiny_llama(str(tmp_path), smollm.tokenizer.folder, ["<|extra|>"])  # one token more than SmolLM2's
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLM(smollm, **ENGINE, speculative_config={"model": load_model(str(tmp_path))})
+    for bad in ({"method": "eagle", "model": "x"}, {"model": "x", "k": 3}, {"num_speculative_tokens": 2},
+                {"model": "x", "num_speculative_tokens": 0}, {"method": "ngram", "model": "x"}):
+        with pytest.raises(ValueError, match="speculative_config"):
+            LLM(smollm, **ENGINE, speculative_config=bad)
+
+
+def test_a_draft_model_over_http_with_the_official_client(smollm, self_draft):
+    """`--speculative-model` and vLLM's `--speculative-config` parse to the engine's settings; a live server with a
+    draft model streams the tokens the engine gives without one, and counts its drafts in usage."""
+    import openai
+
+    from conftest import live_server
+    from engine.runner import RunnerConfig
+    from server.__main__ import parse_args, runner_config
+
+    args = parse_args(["--speculative-config", '{"model": "m", "num_speculative_tokens": 3}'])
+    assert args.speculative_model == "m" and runner_config(args).draft_tokens == 3
+    assert runner_config(parse_args(["-md", "m"])).draft_tokens == 5 and not runner_config(parse_args([])).ngram
+    ngram = runner_config(parse_args(["--speculative-config", '{"method": "ngram", "prompt_lookup_max": 6}']))
+    assert ngram.ngram and ngram.draft_tokens == 6
+    for bad in (["--speculative-config", '{"method": "mtp"}'], ["--speculative-config", "{"],
+                ["-md", "m", "--speculative-ngram", "3"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    with verifying_always(self_draft.engine):
+        want = self_draft.generate(["def add(a, b):\n"], SamplingParams(temperature=0, max_tokens=24))[0]
+    for api in live_server(smollm, RunnerConfig(**ENGINE), draft=smollm):
+        api.engine.verify_always = True
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key="x")
+        chunks = list(client.completions.create(model=MODEL, prompt="def add(a, b):\n", max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
+        details = chunks[-1].usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 10 and api.engine.draft.calls > 0
+        metrics = urllib.request.urlopen(api.url + "/metrics").read().decode()
+        stats = api.engine.stats()
+        assert stats["spec_decode_accepted_tokens"] == details.accepted_prediction_tokens
+        for name in ("verifies", "draft_tokens", "accepted_tokens", "draft_calls"):
+            assert f"sparkler_spec_decode_{name}_total {float(stats['spec_decode_' + name])}" in metrics
