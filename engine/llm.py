@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from engine import beam
 from engine.draft_model import from_config
 from engine.engine import Engine
 from engine.grammar_sandbox import SERVING_STACK, Busy
@@ -34,6 +35,7 @@ class CompletionOutput:
     token_ids: list[int]
     logprobs: list[tuple]
     finish_reason: str | None
+    cumulative_logprob: float | None = None  # beam search: the tokens' summed log-probability
 
 
 @dataclasses.dataclass
@@ -143,6 +145,32 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         return self._run([encode_chat(self.model, c) for c in conversations], params, predictions, lora, cache)
+
+    def beam_search(self, prompts, beam_width: int = 4, max_tokens: int = 16, length_penalty: float = 1.0,
+                    ignore_eos: bool = False) -> list[RequestOutput]:
+        """Beam search per prompt (text or token ids; vLLM's `LLM.beam_search`, transformers' `num_beams`
+        algorithm: `engine.beam`): each output's `beam_width` hypotheses, best first by summed log-probability over
+        length ** `length_penalty`, with their `cumulative_logprob`. Every step runs each running beam as a
+        one-token request; the prefix cache serves what the beams share."""
+        ids = [encode_prompt(self.model, p) for p in ([prompts] if isinstance(prompts, str) or
+                                                       (prompts and isinstance(prompts[0], int)) else prompts)]
+        eos = self.model.eos_ids
+        beam.check_width(beam_width, eos, ignore_eos)
+        room = [self.engine.max_len - len(p) for p in ids]  # each beam's prompt and tokens within the context
+        if min(room, default=1) < 1:
+            raise ValueError(f"a prompt fills the context ({self.engine.max_len} tokens)")
+        searches = [beam.BeamSearch(beam_width, min(max_tokens, r), eos, length_penalty, ignore_eos) for r in room]
+        while live := [(s, p) for s, p in zip(searches, ids) if not s.done]:
+            seqs = [p + b.tokens for s, p in live for b in s.running]
+            outs = iter(self.generate(seqs, [beam.step_params(s) for s, _ in live for _ in s.running]))
+            for s, _ in live:
+                s.advance([beam.tops(next(outs).outputs[0].logprobs) for _ in s.running])
+        tok = self.model.tokenizer
+        return [RequestOutput(f"beam-{i}", p, None, [
+            CompletionOutput(j, tok.decode(b.tokens[:-1] if b.ended else b.tokens, skip_special_tokens=True)
+                             if tok else "",
+                             list(b.tokens), [], "stop" if b.ended else "length", b.logprob)
+            for j, b in enumerate(s.finished)]) for i, (s, p) in enumerate(zip(searches, ids))]
 
     def embed(self, prompts, pooling: str | None = None, normalize: bool | None = None,
               lora: str | None = None) -> np.ndarray:

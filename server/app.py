@@ -29,6 +29,7 @@ import aiohttp_cors
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from engine import beam
 from engine.requests import Delta, Request
 from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
@@ -435,6 +436,8 @@ class Server:
         """Chat or completions: parse, admit, answer in one object or a stream."""
         async def answer(body, call: Call) -> web.StreamResponse:
             job = await self.parse(body, kind)
+            if job.beam_search:
+                return await self._beam_search(job, call, "chatcmpl-" if kind == "chat" else "cmpl-")
             parts, events = self.admit(job, call, "chatcmpl-" if kind == "chat" else "cmpl-")
             if job.stream:
                 return await self._stream(request, job, parts, call, events)
@@ -507,6 +510,64 @@ class Server:
         call.reqs = [r for _, r in parts]
         self.admitted.append(call.reqs)
         return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
+
+    async def _beam_search(self, job: Job, call: "Call", prefix: str) -> web.Response:
+        """vLLM's `use_beam_search`: `n` beams per prompt (`engine.beam`), each step's running beams as one-token
+        requests through the engine (429 when the queue is full, as any call), then one response whose choices are
+        each prompt's beams, best first."""
+        self._stage(call, None)
+        if not self.aengine.alive:
+            raise self.engine_stopped()
+        call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
+        width, eos = job.params.n, self.engine.eos
+        try:
+            beam.check_width(width, eos, job.params.ignore_eos)
+        except ValueError as e:
+            raise bad(str(e), "n") from None
+        parts = self._requests(dataclasses.replace(job, params=dataclasses.replace(job.params, n=1)), call.rid,
+                               call.adapter)  # the prompts as the engine takes them (truncated, max_tokens set)
+        call.reqs = [r for _, r in parts]
+        searches = [beam.BeamSearch(width, r.max_tokens, eos, job.length_penalty, job.params.ignore_eos)
+                    for _, r in parts]
+        step = 0
+        while live := [(s, r) for s, (_, r) in zip(searches, parts) if not s.done]:
+            runs = [(s, r, b) for s, r in live for b in s.running]
+            queued = self.backlog(len(runs))
+            if queued is not None and queued >= self.max_queued:
+                raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
+            try:
+                reqs = [self.engine.make_request(r.prompt_ids + b.tokens, beam.step_params(s),
+                                                 f"{call.rid}-beam{step}-{i}", adapter=call.adapter)
+                        for i, (s, r, b) in enumerate(runs)]
+            except InvalidRequest as e:
+                raise bad(str(e), e.param) from None
+            self.admitted.append(reqs)
+            step += 1
+            try:
+                async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
+                    async with asyncio.timeout_at(DEADLINE.get()):
+                        async for _ in events:
+                            pass
+            except TimeoutError:
+                raise self.timed_out() from None
+            if any(c.finish_reason == "error" for r in reqs for c in r.choices):
+                raise self.failed(reqs)
+            by = iter(reqs)
+            for s, _ in live:
+                s.advance([beam.tops(next(by).choices[0].logprobs) for _ in s.running])
+        final = []
+        for (pi, r), s in zip(parts, searches):
+            req = self.engine.make_request(r.prompt_ids, dataclasses.replace(job.params, n=width), r.id,
+                                           adapter=call.adapter)
+            for choice, b in zip(req.choices, s.finished):
+                choice.token_ids = list(b.tokens)
+                choice.text = self.vocab.tok.decode(b.tokens[:-1] if b.ended else b.tokens,
+                                                    skip_special_tokens=job.params.skip_special_tokens)
+                choice.finish_reason = "stop" if b.ended else "length"
+            req.cached_tokens = r.cached_tokens
+            final.append((pi, req))
+        call.reqs = [r for _, r in final]
+        return self._respond(job, final, call)
 
     def backlog(self, seats: int) -> int | None:
         """None if a call needing `seats` slots would find them free, else the sequences (choices) of the calls

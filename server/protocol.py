@@ -125,6 +125,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "xtc_threshold": (float, 0.0, 1.0),
     "dynatemp_range": (float, 0.0, None),
     "dynatemp_exponent": (float, 0.0, None),
+    "length_penalty": (float, None, None),
 }
 HOT = {"temperature": (float, 0.0, None)}  # llama.cpp's and SGLang's range (any temperature), for `parse`'s bounds
 LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
@@ -132,7 +133,7 @@ LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_la
              "dynatemp_exponent")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
-FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids")
+FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids", "use_beam_search")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 4
@@ -168,6 +169,9 @@ class Job:
     # chat with a model that reads images: the prompt's images in order, as preprocessed pixels; then, encoded on the
     # parse thread (`server.app`), as `(digest, pixels, features)` (`engine.images`)
     images: list = dataclasses.field(default_factory=list)
+    # vLLM's `use_beam_search`: n beams per prompt (`engine.beam`), scored over length ** `length_penalty`
+    beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 def _number(body: dict, name: str, bounds: dict | None = None) -> Any:
@@ -365,7 +369,29 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
         job.prompt_logprobs is not None
     params.logprobs = job.logprobs is not None
     params.top_logprobs = job.logprobs or 0
+    _beam_search(body, job)
     return job
+
+
+def _beam_search(body: dict, job: Job) -> None:
+    """vLLM's `use_beam_search` (with `length_penalty`): whole responses of free text, `n` beams a prompt; what
+    beam search does not give is a 400, not dropped."""
+    job.beam_search = _flag(body, "use_beam_search")
+    job.length_penalty = _number(body, "length_penalty")
+    if not job.beam_search:
+        if job.length_penalty is not None:
+            raise bad("'length_penalty' is for beam search ('use_beam_search': true)", "length_penalty")
+        job.length_penalty = 1.0
+        return
+    job.length_penalty = 1.0 if job.length_penalty is None else job.length_penalty
+    refused = (("stream", job.stream), ("logprobs", job.logprobs is not None),
+               ("echo", job.echo or job.echo_last is not None), ("prompt_logprobs", job.prompt_logprobs is not None),
+               (job.grammar_param, job.grammar is not None), ("prediction", job.prediction is not None),
+               ("stop", bool(job.params.stop)), ("tools", job.tools is not None and bool(job.tools.functions)),
+               ("images", bool(job.images)))
+    for name, given in refused:
+        if given:
+            raise bad(f"beam search ('use_beam_search') does not serve '{name}'", name)
 
 
 # Other servers' fields for structured output, each a way to build a grammar: vLLM's `structured_outputs` (keyed

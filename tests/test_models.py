@@ -516,3 +516,37 @@ def test_optional_models_greedy(name):
         ref, gaps = hf_greedy(model, tok, ids, 32)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32))[0]
         assert_greedy_match(out.outputs[0].token_ids, ref, gaps)
+
+
+BEAMS = [("The capital of France is", 4, 12, 1.0), ("def fib(n):", 3, 16, 1.0), ("Once upon a time", 5, 10, 0.0),
+         ("The best way to learn", 4, 12, 2.0)]
+
+
+def test_beam_search_matches_transformers(llm_f32, hf_smollm):
+    """`LLM.beam_search` against transformers' `generate(num_beams=...)` on the same weights: the same hypotheses in
+    the same order, and the same scores (summed log-probability over length ** length_penalty), for widths 3-5,
+    length penalties 0-2, prompts that run to max_tokens and chat prompts whose beams end at EOS (padded with EOS
+    by transformers)."""
+    import torch
+
+    tok, ref = hf_smollm
+    asks = ("Say hi.", "What is 2 + 2? Answer with the number only.")
+    chats = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False).input_ids for q in asks]
+    cases = [(tok(p).input_ids, w, n, lp) for p, w, n, lp in BEAMS] + [(ids, 4, 24, 1.0) for ids in chats]
+    ended = 0
+    for ids, width, n, lp in cases:
+        out = llm_f32.beam_search([ids], beam_width=width, max_tokens=n, length_penalty=lp)[0]
+        g = ref.generate(torch.tensor([ids]), num_beams=width, num_return_sequences=width, max_new_tokens=n,
+                         do_sample=False, length_penalty=lp, early_stopping=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        want = [s[len(ids):].tolist() for s in g.sequences]
+        assert len(out.outputs) == width
+        for o, w, score in zip(out.outputs, want, g.sequences_scores.tolist()):
+            assert o.token_ids == w[:len(o.token_ids)] and set(w[len(o.token_ids):]) <= {tok.eos_token_id}
+            assert o.cumulative_logprob / len(o.token_ids) ** lp == pytest.approx(score, abs=2e-4)
+            assert o.finish_reason == ("stop" if o.token_ids[-1] == tok.eos_token_id else "length")
+            ended += o.finish_reason == "stop"
+    assert ended >= 2  # the chat prompts' beams ended at EOS, not only at max_tokens
+    with pytest.raises(ValueError, match="beam width"):
+        llm_f32.beam_search(["Hi"], beam_width=11)
