@@ -15,7 +15,7 @@ unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := test$(if $(filter cuda tpu,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-startup bench-flat bench-lora bench-embed bench-images bench-gpu bench-gpu-serve soak
+.PHONY: setup serve test test-optional bench bench-paging bench-serve bench-spec bench-beam bench-startup bench-flat bench-lora bench-embed bench-images bench-gpu bench-gpu-serve soak
 
 # uv installs the packages: a fresh venv's in ~12 s where pip took ~45 (it downloads in parallel and links files
 # from its cache: ~3 s the second time). Neither writes bytecode for the ~20k files up front; Python writes it for
@@ -60,6 +60,10 @@ bench-serve: setup
 # Speculative decoding: each workload with and without drafts (a prediction, n-gram lookup), over HTTP.
 bench-spec: setup
 	$(BIN)/python bench/speculative.py $(ARGS)
+
+# Beam search beside transformers' generate(num_beams=...) on the same weights.
+bench-beam: setup
+	$(BIN)/python bench/beam.py $(ARGS)
 
 # Ready times (cold: an empty cache; warm) and rates of the default path beside --quantization none, over HTTP.
 bench-startup: setup
