@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.compile import AOT
 from engine.runner import PREFILL_ROWS, Runner, bucket
-from models import KVCache, Model
+from models import KVCache, Model, backends
 from models.sharding import cache_sharding
 
 CATCH_UP = (2, 8, 32)  # tokens a row writes in a drafting call: after a verify, after a decode dispatch
@@ -32,27 +32,31 @@ PROMPT_SIZES = (128,)  # ... and a new sequence's prompt (longer ones: in chunks
 DEFAULT_TOKENS = 5  # drafted tokens per row and step without --num-speculative-tokens (vLLM's examples use 5)
 
 
-def from_config(config: dict) -> tuple[str | None, dict]:
-    """vLLM's `speculative_config` as the draft model to load (None: none) and the `RunnerConfig` fields it sets:
-    `model` (a draft model; `method` "draft_model" or left out), or `method` "ngram" (`prompt_lookup_max`: its K),
-    and `num_speculative_tokens` (a draft model's default: `DEFAULT_TOKENS`). Raises `ValueError` for what is not
-    served (EAGLE, MTP, Medusa; unknown keys)."""
+def from_config(config: dict) -> tuple[object, dict]:
+    """vLLM's `speculative_config` as the draft model to load (a name, folder, file or `Model`; None: none) and the
+    `RunnerConfig` fields it sets: `model` (a draft model; `method` "draft_model" or left out), or `method` "ngram",
+    and `num_speculative_tokens` (default `DEFAULT_TOKENS`). vLLM's n-gram bounds (`prompt_lookup_max`, `_min`) are
+    taken and left to the engine's own (suffixes of 4 tokens down to 2). Raises `ValueError` for what is not served
+    (EAGLE, MTP, Medusa; unknown keys)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"speculative_config: a JSON object, not {type(config).__name__}")
     config = dict(config)
-    model, method = config.pop("model", None), config.pop("method", None)
-    k, lookup = config.pop("num_speculative_tokens", None), config.pop("prompt_lookup_max", None)
-    config.pop("prompt_lookup_min", None)  # n-gram drafts take the longest match from 4 tokens down to 2
+    model, method, k = config.pop("model", None), config.pop("method", None), config.pop("num_speculative_tokens", None)
+    config.pop("prompt_lookup_max", None)
+    config.pop("prompt_lookup_min", None)
     if config:
         raise ValueError(f"speculative_config: unknown keys {sorted(config)} (served: model, method, "
                          "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)")
     if method not in (None, "draft_model", "ngram"):
         raise ValueError(f"speculative_config: method {method!r} is not served (served: draft_model, ngram)")
+    if model is not None and not (isinstance(model, Model) or isinstance(model, str) and model):
+        raise ValueError(f"speculative_config: 'model' names a model (a catalog name, folder or file), not {model!r}")
     if (method == "ngram") == (model is not None) or (model is None and method is None):
         raise ValueError("speculative_config: name a draft 'model', or method 'ngram' without one")
-    for name, value in (("num_speculative_tokens", k), ("prompt_lookup_max", lookup)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"speculative_config: {name} must be a positive integer, not {value!r}")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"speculative_config: num_speculative_tokens must be a positive integer, not {k!r}")
     if method == "ngram":
-        return None, dict(ngram=True, draft_tokens=k or lookup or DEFAULT_TOKENS)
+        return None, dict(ngram=True, draft_tokens=k or DEFAULT_TOKENS)
     return model, dict(draft_tokens=k or DEFAULT_TOKENS)
 
 
@@ -69,12 +73,29 @@ def check_pair(target: Model, draft: Model) -> None:
                          f"({target.cfg.vocab_size}): a draft model must share the target's tokenizer")
 
 
+def piece(seq: tuple[list[int], list[int]], a: int, b: int) -> list[int]:
+    """Tokens `a:b` of a prompt and output taken as one sequence (without joining them whole)."""
+    prompt, output = seq
+    if b <= len(prompt):
+        return prompt[a:b]
+    if a >= len(prompt):
+        return output[a - len(prompt):b - len(prompt)]
+    return prompt[a:] + output[:b - len(prompt)]
+
+
+def _parts(items: list, most: int) -> list[list]:
+    """`items` in runs of at most `most`."""
+    return [items[i:i + most] for i in range(0, len(items), max(most, 1))]
+
+
 class DraftModel:
     """A draft model's parameters, its KV pool (paged as `runner`'s) and the program that drafts `k` tokens a row."""
 
     def __init__(self, model: Model, runner: Runner, k: int):
         if runner.dp > 1:
             raise ValueError("a draft model runs on one data shard (-dp 1)")
+        if k < 1:
+            raise ValueError(f"a draft model drafts at least one token a step, not {k}")
         check_pair(runner.model, model)
         self.model, self.runner, self.k = model, runner, k
         slots, ps = runner.slots, runner.page_size
@@ -90,6 +111,7 @@ class DraftModel:
         self.compiles = 0
         self.calls = 0  # drafting calls (chunks of a long gap included)
         module = model.module
+        vocab = min(model.cfg.vocab_size, runner.model.cfg.vocab_size)  # ids both models have (tables may be padded)
 
         @functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(1,))
         def draft(params, cache, tokens, start, n, table, k):
@@ -97,13 +119,14 @@ class DraftModel:
             # overwritten before they are read); then k greedy draws, the first from the last token's logits
             self.compiles += 1
             positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+            tokens = jnp.where(tokens < vocab, tokens, 0)  # a picture's rows in a prompt: not the draft's tokens
             logits, cache = module.apply(params, tokens, positions, table, cache, n - 1, False, None)
-            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            first = jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)
 
             def one(carry, _):
                 cache, token, pos = carry
                 logits, cache = module.apply(params, token[:, None], pos[:, None], table, cache, None, False, None)
-                nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                nxt = jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)
                 return (cache, nxt, pos + 1), nxt
 
             (cache, _, _), rest = jax.lax.scan(one, (cache, first, start + n), None, length=k - 1)
@@ -116,40 +139,44 @@ class DraftModel:
         """Programs compiled (or loaded) so far."""
         return len(self._draft.exes)
 
-    def _held(self, slot: int, key, table: np.ndarray, tokens: list[int]) -> int:
-        """Positions of `tokens` (the sequence now in `slot`, `key` naming its seating) the pool holds."""
+    def _held(self, slot: int, key, table: np.ndarray, seq: tuple[list[int], list[int]]) -> int:
+        """Positions of `seq` (the prompt and output now in `slot`, `key` naming its seating) the pool holds."""
         if self.seated[slot] != key:
             self.seated[slot], self.length[slot], self.drafted[slot] = key, 0, []
-        n, drafted = int(self.length[slot]), self.drafted[slot]
-        later = tokens[n:n + len(drafted)]
+        n, drafted, total = int(self.length[slot]), self.drafted[slot], len(seq[0]) + len(seq[1])
+        later = piece(seq, n, n + len(drafted))
         n += next((i for i, (a, b) in enumerate(zip(drafted, later)) if a != b), min(len(drafted), len(later)))
         ps = self.runner.page_size
         same = np.flatnonzero(self.tables[slot, :-(-n // ps)] != table[:-(-n // ps)])
-        return min(n, int(same[0]) * ps if same.size else n, len(tokens) - 1)  # the last token is always written
+        return min(n, int(same[0]) * ps if same.size else n, total - 1)  # the last token is always written
 
-    def propose(self, rows: dict[int, tuple[object, list[int]]], tables: np.ndarray) -> dict[int, list[int]]:
-        """Each row's `k` drafted tokens: `rows` maps a slot to `(key, tokens)`, the sequence seated there (its
-        prompt and output; `key` changes when another sequence is seated, or the same one again) whose pages are in
-        `tables[slot]` for `k` tokens past its end. Rows go in one call per catch-up size (`sizes`): the one or two
-        tokens of most rows are not padded to a new prompt's hundreds."""
-        slots = sorted(rows)
-        have = {s: self._held(s, rows[s][0], tables[s], rows[s][1]) for s in slots}
+    def propose(self, rows: dict[int, tuple[object, list[int], list[int]]], tables: np.ndarray) -> dict[int, list[int]]:
+        """Each row's `k` drafted tokens: `rows` maps a slot to `(key, prompt, output)`, the sequence seated there
+        (`key` changes when another sequence is seated, or the same one again), whose pages are in `tables[slot]`.
+        Rows go in one call per catch-up size (`sizes`; calls of a prompt's sizes hold up to `PREFILL_ROWS` rows):
+        the one or two tokens of most rows are not padded to a new prompt's hundreds. A row further behind than
+        the largest size writes one chunk a step and drafts once caught up, so a long prompt does not hold up the
+        other streams' steps."""
+        seqs = {s: (rows[s][1], rows[s][2]) for s in rows}
+        total = {s: len(p) + len(o) for s, (p, o) in seqs.items()}
+        have = {s: self._held(s, rows[s][0], tables[s], seqs[s]) for s in sorted(rows)}
         most = self.sizes[-1]
-        while True:  # gaps longer than the largest size: chunks of it first
-            long = [s for s in slots if len(rows[s][1]) - have[s] > most]
-            if not long:
-                break
-            self._call(long, {s: rows[s][1][have[s]:have[s] + most] for s in long}, have, tables, 1)
-            for s in long:
-                have[s] += most
+        behind = [s for s in have if total[s] - have[s] > most]
+        for part in _parts(behind, PREFILL_ROWS):  # one chunk each
+            self._call(part, {s: piece(seqs[s], have[s], have[s] + most) for s in part}, have, tables, 1)
+            for s in part:
+                self.length[s], self.tables[s], self.drafted[s] = have[s] + most, tables[s], []
         groups: dict[int, list[int]] = {}
-        for s in slots:
-            groups.setdefault(bucket(len(rows[s][1]) - have[s], self.sizes), []).append(s)
+        for s in have:
+            if total[s] - have[s] <= most:
+                groups.setdefault(bucket(total[s] - have[s], self.sizes), []).append(s)
         out = {}
-        for group in groups.values():
-            out.update(self._call(group, {s: rows[s][1][have[s]:] for s in group}, have, tables, self.k))
-        for s in slots:
-            self.length[s], self.tables[s] = len(rows[s][1]), tables[s]
+        for size, group in groups.items():
+            for part in _parts(group, PREFILL_ROWS if size > CATCH_UP[-1] else len(group)):
+                out.update(self._call(part, {s: piece(seqs[s], have[s], total[s]) for s in part}, have, tables,
+                                      self.k))
+        for s in out:
+            self.length[s], self.tables[s] = total[s], tables[s]
             self.drafted[s] = out[s][:-1]  # written at their positions; the last one is not
         return out
 
@@ -171,8 +198,12 @@ class DraftModel:
 
     def width(self, nb: int, need: int, size: int, k: int) -> int:
         """The table width (positions) of a call of `nb` rows writing `size` tokens a row and drafting `k`, whose
-        latest start is `need - 1`: the earlier positions' attended length, then room for its own."""
-        return size + k + self.runner.attended(nb, need, size)
+        latest start is `need - 1`: the earlier positions' attended length (the whole context where the draft
+        model's attention reads each row's keys by its length), then room for its own."""
+        runner, module = self.runner, self.model.module
+        if backends.reads_by_length(module.backend, nb, size, self.model.cfg.matmul):
+            return size + k + runner.max_len
+        return size + k + bucket(min(need, runner.max_len), runner.attend)
 
     def warm_jobs(self, needs: tuple[int, ...]) -> list:
         """The drafting calls' shapes to compile before serving, at the attended lengths `needs`: each catch-up

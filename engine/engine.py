@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.draft_model import DraftModel
-from engine.speculative import MIN_NGRAM, Drafter, worth_verifying
+from engine.speculative import MIN_NGRAM, PROBE, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.detok import Detok
 from engine import output
@@ -111,6 +111,7 @@ class Engine:
         self.timing: dict[tuple, float] = {}
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.drafted = self.accepted = 0  # drafted tokens verified so far, and those kept
+        self.declined = 0  # steps in a row that decoded rather than verify drafts
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
         self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
         self.overlap = True  # dispatch a step's work before reading back the step before it, when nothing needs it
@@ -694,42 +695,62 @@ class Engine:
 
     def _drafts(self, steps: int) -> dict[int, list[int]]:
         """Each running choice's draft (slots without one left out), when a verify step is expected to give more
-        tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size); else {}."""
+        tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size, a draft
+        model's call counted with the verify); else {}. A draft model drafts only once that is decided (and, while
+        decoding wins, every `PROBE`-th step, so its unverified drafts keep the expectations current)."""
         drafts, k, running = {}, self.runner.rc.draft_tokens, self.sched.running
         left = {slot: self._left(req, choice) for slot, (req, choice) in running.items()}
-        rooms = {slot: self._room(req, choice, left[slot]) for slot, (req, choice) in running.items()
-                 if choice.drafter is not None}  # none under a thinking budget
-        modelled = {slot: (id(running[slot][1]), running[slot][1].order,
-                           running[slot][0].prompt_ids + running[slot][1].token_ids)
-                    for slot, room in rooms.items() if room > 0 and running[slot][1].drafter.model}
-        by_model = {}
-        if modelled:
-            by_model = self._timed_call(("draft", self.runner.rows_for(list(modelled))), self.draft.propose,
-                                        {slot: ((a, b), seq) for slot, (a, b, seq) in modelled.items()},
-                                        self.sched.tables)
+        rooms = {slot: room for slot, (req, choice) in running.items()  # none under a thinking budget
+                 if choice.drafter is not None and (room := self._room(req, choice, left[slot])) > 0}
+        modelled = [slot for slot in rooms if running[slot][1].drafter.model]
         for slot, room in rooms.items():
             req, choice = running[slot]
-            if slot in by_model:
-                draft = by_model[slot][:room]
-            else:
-                draft = choice.drafter.propose(req.client_ids, choice.token_ids, min(k, room)) if room > 0 else []
-            if choice.matcher is not None:
-                draft = choice.matcher.accepted(draft)
-            if draft:
-                drafts[slot] = draft
-        if not drafts:
+            if not choice.drafter.model:
+                draft = choice.drafter.propose(req.client_ids, choice.token_ids, min(k, room))
+                if choice.matcher is not None:
+                    draft = choice.matcher.accepted(draft)
+                if draft:
+                    drafts[slot] = draft
+        if not drafts and not modelled:
             return {}
         nb = self.runner.rows_for(list(running))
         # per running choice: (tokens it may still draw, expected accepted drafts)
-        rows = [(left[slot], min(len(drafts[slot]), choice.drafter.expect) if slot in drafts else 0.0)
+        sizes = {**{slot: len(d) for slot, d in drafts.items()}, **{slot: min(k, rooms[slot]) for slot in modelled}}
+        rows = [(left[slot], min(sizes[slot], choice.drafter.expect) if slot in sizes else 0.0)
                 for slot, (_, choice) in running.items()]
         lora = self._on_lora(list(running))
-        timed = self.timing.get(("verify", nb, 1, lora)), self.timing.get(("decode", nb, steps, lora))
-        if self.verify_always or worth_verifying(rows, steps, *timed):
+        verify_s, decode_s = self.timing.get(("verify", nb, 1, lora)), self.timing.get(("decode", nb, steps, lora))
+        if modelled and verify_s is not None:
+            draft_s = self.timing.get(("draft", self.runner.rows_for(modelled)))
+            verify_s = None if draft_s is None else verify_s + draft_s  # untimed: tried first
+        verifying = self.verify_always or worth_verifying(rows, steps, verify_s, decode_s)
+        self.declined = 0 if verifying else self.declined + 1
+        if modelled and (verifying or self.declined % PROBE == 0):
+            drafts.update(self._model_drafts(modelled, rooms))
+        if verifying:
             return drafts
         for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done
             running[slot][1].drafter.unverified = draft
         return {}
+
+    def _model_drafts(self, slots: list[int], rooms: dict[int, int]) -> dict[int, list[int]]:
+        """The draft model's drafts for running `slots` (each cut to its room and, constrained, to what its grammar
+        accepts), their positions' pages reserved first where the pool has them (elsewhere the draft's K/V go to
+        the scratch page and only its acceptance suffers)."""
+        k, running = self.runner.rc.draft_tokens, self.sched.running
+        self.sched.reserve(1, {slot: min(k, rooms[slot]) - 1 for slot in slots}, preempt=False)
+        got = self._timed_call(("draft", self.runner.rows_for(slots)), self.draft.propose,
+                               {slot: ((id(running[slot][1]), running[slot][1].order),
+                                       running[slot][0].prompt_ids, running[slot][1].token_ids) for slot in slots},
+                               self.sched.tables)
+        out = {}
+        for slot, draft in got.items():
+            draft = draft[:rooms[slot]]
+            if (matcher := running[slot][1].matcher) is not None:
+                draft = matcher.accepted(draft)
+            if draft:
+                out[slot] = draft
+        return out
 
     def _room(self, req: Request, choice: Choice, left: int) -> int:
         """The most tokens a running choice may draft: one less than it may draw, and none into a constrained
@@ -767,10 +788,6 @@ class Engine:
         masked = any(self._masked(c, steps) for _, c in running.values())
         if masked:
             steps = 1  # the host gives each constrained token its mask
-        if self.draft is not None:  # the draft model writes its drafts' K/V in their pages
-            k = self.runner.rc.draft_tokens
-            self._reserve(1, changed, done, {slot: k for slot, (_, c) in running.items()
-                                             if c.drafter is not None and c.drafter.model})
         drafts = self._drafts(steps)
         if drafts:
             self._reserve(1, changed, done, {slot: len(d) for slot, d in drafts.items()})

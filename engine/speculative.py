@@ -18,6 +18,7 @@ import numpy as np
 MAX_NGRAM = 4  # the longest suffix looked up
 MIN_NGRAM = 2  # n-gram drafts from the request's own tokens need at least this much context to match
 EMA = 0.5  # weight of the last outcome in a choice's expected accepted tokens
+PROBE = 8  # while decoding wins, a draft model drafts every this many steps (unverified: `Drafter.shadow`)
 
 
 @dataclasses.dataclass

@@ -234,12 +234,14 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
         except (ValueError, TypeError) as e:
             ap.error(str(e))
         args.speculative_model = model
-        args.speculative_ngram = 0 if model else spec["draft_tokens"]
+        args.speculative_ngram = 0 if model is not None else spec["draft_tokens"]
         args.num_speculative_tokens = args.num_speculative_tokens or spec["draft_tokens"]
     if args.speculative_model and args.speculative_ngram:
         ap.error("--speculative-model or --speculative-ngram, not both")
     if args.speculative_model and args.num_processes > 1:
         ap.error("a draft model is not served across processes yet")
+    if args.speculative_model and args.dp > 1:
+        ap.error("a draft model runs on one data shard (-dp 1)")
     return args
 
 

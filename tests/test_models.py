@@ -519,12 +519,12 @@ def test_optional_models_greedy(name):
 
 
 BEAMS = [("The capital of France is", 4, 12, 1.0), ("def fib(n):", 3, 16, 1.0), ("Once upon a time", 5, 10, 0.0),
-         ("The best way to learn", 4, 12, 2.0)]
+         ("The best way to learn", 4, 12, 2.0), ("Once upon a time", 10, 12, 1.0)]
 
 
 def test_beam_search_matches_transformers(llm_f32, hf_smollm):
     """`LLM.beam_search` against transformers' `generate(num_beams=...)` on the same weights: the same hypotheses in
-    the same order, and the same scores (summed log-probability over length ** length_penalty), for widths 3-5,
+    the same order, and the same scores (summed log-probability over length ** length_penalty), for widths 3-10,
     length penalties 0-2, prompts that run to max_tokens and chat prompts whose beams end at EOS (padded with EOS
     by transformers)."""
     import torch

@@ -444,7 +444,7 @@ def test_drafts_that_lose_change_nothing_and_a_vocabulary_must_match(llm, random
     with pytest.raises(ValueError, match="tokenizer"):
         LLM(smollm, **ENGINE, speculative_config={"model": load_model(str(tmp_path))})
     for bad in ({"method": "eagle", "model": "x"}, {"model": "x", "k": 3}, {"num_speculative_tokens": 2},
-                {"model": "x", "num_speculative_tokens": 0}, {"method": "ngram", "model": "x"}):
+                {"model": "x", "num_speculative_tokens": 0}, {"method": "ngram", "model": "x"}, {"model": 5}):
         with pytest.raises(ValueError, match="speculative_config"):
             LLM(smollm, **ENGINE, speculative_config=bad)
 
@@ -461,10 +461,12 @@ def test_a_draft_model_over_http_with_the_official_client(smollm, self_draft):
     args = parse_args(["--speculative-config", '{"model": "m", "num_speculative_tokens": 3}'])
     assert args.speculative_model == "m" and runner_config(args).draft_tokens == 3
     assert runner_config(parse_args(["-md", "m"])).draft_tokens == 5 and not runner_config(parse_args([])).ngram
-    ngram = runner_config(parse_args(["--speculative-config", '{"method": "ngram", "prompt_lookup_max": 6}']))
+    ngram = runner_config(parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 6, '
+                                                              '"prompt_lookup_max": 4}']))
     assert ngram.ngram and ngram.draft_tokens == 6
     for bad in (["--speculative-config", '{"method": "mtp"}'], ["--speculative-config", "{"],
-                ["-md", "m", "--speculative-ngram", "3"]):
+                ["--speculative-config", '{"model": ""}'], ["--speculative-config", "[1]"],
+                ["-md", "m", "--speculative-ngram", "3"], ["-md", "m", "-dp", "2"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     with verifying_always(self_draft.engine):
