@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.draft_model import DraftModel
-from engine.speculative import MIN_NGRAM, PROBE, Drafter, worth_verifying
+from engine.speculative import MIN_NGRAM, PROBE, PROBE_MAX, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.detok import Detok
 from engine import output
@@ -111,7 +111,9 @@ class Engine:
         self.timing: dict[tuple, float] = {}
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.drafted = self.accepted = 0  # drafted tokens verified so far, and those kept
-        self.declined = 0  # steps in a row that decoded rather than verify drafts
+        # steps in a row that decoded rather than verify drafts, the one at which the draft model next drafts anyway
+        # (a probe), and the steps to the one after it
+        self.declined, self.next_probe, self.probe_gap = 0, PROBE, PROBE
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
         self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
         self.overlap = True  # dispatch a step's work before reading back the step before it, when nothing needs it
@@ -469,8 +471,11 @@ class Engine:
         choice drafts (a draft depends on its last token; a mask does too, but is filled while the step's forward
         pass runs: `_masked_step`). A choice ending in those draws (an EOS, a stop string) then runs one more step,
         whose tokens are dropped: its writes land past its tokens, in pages it held at the dispatch, and any later
-        use of a freed page is dispatched after it."""
-        return self.overlap and all(c.drafter is None for _, c in self.sched.running.values())
+        use of a freed page is dispatched after it. A draft model's rows do not hold it back while decoding wins
+        and the next step is no probe (`_drafts` reads back first where it drafts after all)."""
+        idle = self.declined > 0 and self.declined + 1 < self.next_probe  # the draft model will not draft
+        return self.overlap and all(c.drafter is None or (c.drafter.model and idle)
+                                    for _, c in self.sched.running.values())
 
     @staticmethod
     def _masked(choice: Choice, steps: int) -> bool:
@@ -693,11 +698,12 @@ class Engine:
             return Drafter(None, 0, expect=self.runner.rc.draft_tokens / 2, model=True)
         return Drafter(None, MIN_NGRAM) if self.runner.rc.ngram else None
 
-    def _drafts(self, steps: int) -> dict[int, list[int]]:
+    def _drafts(self, steps: int, changed, done) -> dict[int, list[int]]:
         """Each running choice's draft (slots without one left out), when a verify step is expected to give more
         tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size, a draft
-        model's call counted with the verify); else {}. A draft model drafts only once that is decided (and, while
-        decoding wins, every `PROBE`-th step, so its unverified drafts keep the expectations current)."""
+        model's call counted with the verify); else {}. A draft model drafts only once that is decided, and while
+        decoding wins, at probes (after `PROBE` steps, then twice as many each time, up to `PROBE_MAX`), whose
+        unverified drafts keep the expectations current; it reads the draws in flight back first."""
         drafts, k, running = {}, self.runner.rc.draft_tokens, self.sched.running
         left = {slot: self._left(req, choice) for slot, (req, choice) in running.items()}
         rooms = {slot: room for slot, (req, choice) in running.items()  # none under a thinking budget
@@ -724,25 +730,35 @@ class Engine:
             draft_s = self.timing.get(("draft", self.runner.rows_for(modelled)))
             verify_s = None if draft_s is None else verify_s + draft_s  # untimed: tried first
         verifying = self.verify_always or worth_verifying(rows, steps, verify_s, decode_s)
-        self.declined = 0 if verifying else self.declined + 1
-        if modelled and (verifying or self.declined % PROBE == 0):
-            drafts.update(self._model_drafts(modelled, rooms))
+        probe = not verifying and self.declined + 1 >= self.next_probe
+        if modelled and (verifying or probe) and self.pending:  # the draft model needs the last tokens
+            self._sync(changed, done)
+            return self._drafts(steps, changed, done)
+        if verifying:
+            self.declined, self.probe_gap, self.next_probe = 0, PROBE, PROBE
+        else:
+            self.declined += 1
+            if probe:
+                self.next_probe, self.probe_gap = self.declined + self.probe_gap, min(2 * self.probe_gap, PROBE_MAX)
+        if modelled and (verifying or probe):
+            drafts.update(self._model_drafts(modelled, rooms, timed=verifying))
         if verifying:
             return drafts
         for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done
             running[slot][1].drafter.unverified = draft
         return {}
 
-    def _model_drafts(self, slots: list[int], rooms: dict[int, int]) -> dict[int, list[int]]:
+    def _model_drafts(self, slots: list[int], rooms: dict[int, int], timed: bool) -> dict[int, list[int]]:
         """The draft model's drafts for running `slots` (each cut to its room and, constrained, to what its grammar
         accepts), their positions' pages reserved first where the pool has them (elsewhere the draft's K/V go to
-        the scratch page and only its acceptance suffers)."""
+        the scratch page and only its acceptance suffers). `timed`: the call's time is what a verify step adds
+        (a probe's catches up on the tokens decoded since the last: not timed)."""
         k, running = self.runner.rc.draft_tokens, self.sched.running
         self.sched.reserve(1, {slot: min(k, rooms[slot]) - 1 for slot in slots}, preempt=False)
-        got = self._timed_call(("draft", self.runner.rows_for(slots)), self.draft.propose,
-                               {slot: ((id(running[slot][1]), running[slot][1].order),
-                                       running[slot][0].prompt_ids, running[slot][1].token_ids) for slot in slots},
-                               self.sched.tables)
+        args = ({slot: ((id(running[slot][1]), running[slot][1].order), running[slot][0].prompt_ids,
+                        running[slot][1].token_ids) for slot in slots}, self.sched.tables)
+        got = (self._timed_call(("draft", self.runner.rows_for(slots)), self.draft.propose, *args) if timed
+               else self.draft.propose(*args))
         out = {}
         for slot, draft in got.items():
             draft = draft[:rooms[slot]]
@@ -788,7 +804,7 @@ class Engine:
         masked = any(self._masked(c, steps) for _, c in running.values())
         if masked:
             steps = 1  # the host gives each constrained token its mask
-        drafts = self._drafts(steps)
+        drafts = self._drafts(steps, changed, done)
         if drafts:
             self._reserve(1, changed, done, {slot: len(d) for slot, d in drafts.items()})
         else:

@@ -156,15 +156,21 @@ class LLM:
                                                        (prompts and isinstance(prompts[0], int)) else prompts)]
         eos = self.model.eos_ids
         beam.check_width(beam_width, eos, ignore_eos)
+        if max_tokens < 1 or not -10 <= length_penalty <= 10:
+            raise ValueError(f"beam search needs max_tokens >= 1 and length_penalty in [-10, 10], got {max_tokens} "
+                             f"and {length_penalty}")
         room = [self.engine.max_len - len(p) for p in ids]  # each beam's prompt and tokens within the context
         if min(room, default=1) < 1:
             raise ValueError(f"a prompt fills the context ({self.engine.max_len} tokens)")
         searches = [beam.BeamSearch(beam_width, min(max_tokens, r), eos, length_penalty, ignore_eos) for r in room]
         while live := [(s, p) for s, p in zip(searches, ids) if not s.done]:
             seqs = [p + b.tokens for s, p in live for b in s.running]
-            outs = iter(self.generate(seqs, [beam.step_params(s) for s, _ in live for _ in s.running]))
+            outs = self.generate(seqs, [beam.step_params(s) for s, _ in live for _ in s.running])
+            if bad := next((o for o in outs if o.outputs[0].finish_reason not in ("stop", "length")), None):
+                raise RuntimeError(f"a beam's step ended with finish_reason {bad.outputs[0].finish_reason!r}")
+            by = iter(outs)
             for s, _ in live:
-                s.advance([beam.tops(next(outs).outputs[0].logprobs) for _ in s.running])
+                s.advance([beam.tops(next(by).outputs[0].logprobs) for _ in s.running])
         tok = self.model.tokenizer
         return [RequestOutput(f"beam-{i}", p, None, [
             CompletionOutput(j, tok.decode(b.tokens[:-1] if b.ended else b.tokens, skip_special_tokens=True)

@@ -30,7 +30,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from engine import beam
-from engine.requests import Delta, Request
+from engine.detok import Detok
+from engine.requests import Choice, Delta, Request
 from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
@@ -513,8 +514,8 @@ class Server:
 
     async def _beam_search(self, job: Job, call: "Call", prefix: str) -> web.Response:
         """vLLM's `use_beam_search`: `n` beams per prompt (`engine.beam`), each step's running beams as one-token
-        requests through the engine (429 when the queue is full, as any call), then one response whose choices are
-        each prompt's beams, best first."""
+        requests through the engine (429 when the queue is full at the start, as any call), then one response whose
+        choices are each prompt's beams, best first."""
         self._stage(call, None)
         if not self.aengine.alive:
             raise self.engine_stopped()
@@ -527,22 +528,27 @@ class Server:
         parts = self._requests(dataclasses.replace(job, params=dataclasses.replace(job.params, n=1)), call.rid,
                                call.adapter)  # the prompts as the engine takes them (truncated, max_tokens set)
         call.reqs = [r for _, r in parts]
+        queued = self.backlog(len(parts))
+        if queued is not None and queued >= self.max_queued:
+            raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
         searches = [beam.BeamSearch(width, r.max_tokens, eos, job.length_penalty, job.params.ignore_eos)
                     for _, r in parts]
+        cached = [0] * len(parts)
         step = 0
-        while live := [(s, r) for s, (_, r) in zip(searches, parts) if not s.done]:
-            runs = [(s, r, b) for s, r in live for b in s.running]
-            queued = self.backlog(len(runs))
-            if queued is not None and queued >= self.max_queued:
-                raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
+        while live := [(i, s, r) for i, (s, (_, r)) in enumerate(zip(searches, parts)) if not s.done]:
+            if not self.aengine.alive:
+                raise self.engine_stopped()
+            runs = [(i, s, r, b) for i, s, r in live for b in s.running]
             try:
-                reqs = [self.engine.make_request(r.prompt_ids + b.tokens, beam.step_params(s),
-                                                 f"{call.rid}-beam{step}-{i}", adapter=call.adapter)
-                        for i, (s, r, b) in enumerate(runs)]
+                reqs = [self.engine.make_request(
+                    r.prompt_ids + b.tokens, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
+                    prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
+                    priority=job.priority) for j, (_, s, r, b) in enumerate(runs)]
             except InvalidRequest as e:
+                if e.param == "model":  # its LoRA adapter was unloaded since the call named it
+                    raise ApiError(404, str(e), "model", code="model_not_found") from None
                 raise bad(str(e), e.param) from None
             self.admitted.append(reqs)
-            step += 1
             try:
                 async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
                     async with asyncio.timeout_at(DEADLINE.get()):
@@ -550,21 +556,24 @@ class Server:
                             pass
             except TimeoutError:
                 raise self.timed_out() from None
-            if any(c.finish_reason == "error" for r in reqs for c in r.choices):
-                raise self.failed(reqs)
+            ends = {c.finish_reason for r in reqs for c in r.choices}
+            if not ends <= {"stop", "length"}:  # an engine error, an abort (SGLang's /abort_request), a drain
+                raise self.failed(reqs) if "error" in ends or self.draining else ApiError(
+                    503, "the beam search's requests were aborted", type_="server_error", code="aborted")
+            if step == 0:
+                cached = [r.cached_tokens for r in reqs]  # each prompt's first beam: its prompt alone
             by = iter(reqs)
-            for s, _ in live:
+            for _, s, _ in live:
                 s.advance([beam.tops(next(by).choices[0].logprobs) for _ in s.running])
+            step += 1
         final = []
-        for (pi, r), s in zip(parts, searches):
-            req = self.engine.make_request(r.prompt_ids, dataclasses.replace(job.params, n=width), r.id,
-                                           adapter=call.adapter)
+        for (pi, r), s, hit in zip(parts, searches, cached):
+            req = dataclasses.replace(r, choices=[Choice(j) for j in range(width)], cached_tokens=hit)
             for choice, b in zip(req.choices, s.finished):
                 choice.token_ids = list(b.tokens)
-                choice.text = self.vocab.tok.decode(b.tokens[:-1] if b.ended else b.tokens,
-                                                    skip_special_tokens=job.params.skip_special_tokens)
+                choice.text = Detok(self.engine.tok, job.params.skip_special_tokens).add(
+                    b.tokens[:-1] if b.ended else b.tokens)
                 choice.finish_reason = "stop" if b.ended else "length"
-            req.cached_tokens = r.cached_tokens
             final.append((pi, req))
         call.reqs = [r for _, r in final]
         return self._respond(job, final, call)

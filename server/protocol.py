@@ -125,7 +125,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "xtc_threshold": (float, 0.0, 1.0),
     "dynatemp_range": (float, 0.0, None),
     "dynatemp_exponent": (float, 0.0, None),
-    "length_penalty": (float, None, None),
+    "length_penalty": (float, -10.0, 10.0),
 }
 HOT = {"temperature": (float, 0.0, None)}  # llama.cpp's and SGLang's range (any temperature), for `parse`'s bounds
 LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
@@ -384,7 +384,18 @@ def _beam_search(body: dict, job: Job) -> None:
         job.length_penalty = 1.0
         return
     job.length_penalty = 1.0 if job.length_penalty is None else job.length_penalty
-    refused = (("stream", job.stream), ("logprobs", job.logprobs is not None),
+    p = job.params
+    if p.max_tokens is not None and p.max_tokens < 1:
+        raise bad("beam search ('use_beam_search') needs max_tokens >= 1", "max_tokens")
+    # what would change the scores a beam is ranked by (the sampler reports the raw logits' log-probabilities); the
+    # draw's own settings (temperature, top_p, top_k, min_p, seed, ...) do not apply to a search
+    scored = (("suffix", body.get("suffix") is not None), ("logit_bias", bool(p.logit_bias)),
+              ("min_tokens", p.min_tokens > 0), ("bad_words", bool(p.bad_words)),
+              ("allowed_token_ids", p.allowed_token_ids is not None), ("stop_token_ids", bool(p.stop_token_ids)),
+              ("presence_penalty", p.presence_penalty != 0), ("frequency_penalty", p.frequency_penalty != 0),
+              ("repetition_penalty", p.repetition_penalty not in (None, 1.0)), ("dry_multiplier", p.dry_multiplier > 0),
+              ("reasoning_effort", job.thinking is not None and job.thinking.budget is not None))
+    refused = (*scored, ("stream", job.stream), ("logprobs", job.logprobs is not None),
                ("echo", job.echo or job.echo_last is not None), ("prompt_logprobs", job.prompt_logprobs is not None),
                (job.grammar_param, job.grammar is not None), ("prediction", job.prediction is not None),
                ("stop", bool(job.params.stop)), ("tools", job.tools is not None and bool(job.tools.functions)),

@@ -55,9 +55,48 @@ def test_use_beam_search_over_http_with_the_official_client(api, client, llm):
     for extra, param in (({"use_beam_search": True, "stream": True}, "stream"),
                          ({"use_beam_search": True, "logprobs": 2}, "logprobs"),
                          ({"use_beam_search": True, "n": 11}, "n"), ({"length_penalty": 1.0}, "length_penalty"),
+                         ({"use_beam_search": True, "length_penalty": 1e30}, "length_penalty"),
+                         ({"use_beam_search": True, "max_tokens": 0}, "max_tokens"),
+                         ({"use_beam_search": True, "presence_penalty": 0.5}, "presence_penalty"),
+                         ({"use_beam_search": True, "logit_bias": {"5": 2}}, "logit_bias"),
+                         ({"use_beam_search": True, "suffix": "x"}, "suffix"),
                          ({"use_beam_search": "yes"}, "use_beam_search"),
                          ({"use_beam_search": True, "response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body=extra)
+            client.completions.create(model=MODEL, prompt=prompt, extra_body={"max_tokens": 4, **extra})
         assert e.value.body["param"] == param, (extra, e.value.body)
     assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=4).choices[0].text  # still serving
+
+
+def test_a_search_cut_short_is_an_error_and_the_engine_serves_on(api, client):
+    """SGLang's /abort_request over a running search: its step requests end "abort", and the call is a 503 in the
+    API's error shape (not an index error), while the server keeps serving."""
+    import threading
+    import urllib.request
+
+    import openai
+
+    errors = []
+
+    def search():
+        try:
+            client.completions.create(model=MODEL, prompt="A long story:", n=4, max_tokens=200,
+                                      extra_body={"use_beam_search": True, "ignore_eos": True})
+        except openai.APIStatusError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=search)
+    t.start()
+    while t.is_alive() and not any(r.id.startswith("cmpl-") for reqs in api.server.admitted for r in reqs
+                                   if "-beam" in r.id):
+        t.join(0.05)
+    abort = urllib.request.Request(api.url + "/abort_request", data=b'{"abort_all": true}', method="POST",
+                                   headers={"Content-Type": "application/json"})
+    for _ in range(300):  # again until the call ends: one sent between two of its steps would find nothing to abort
+        urllib.request.urlopen(abort).read()
+        t.join(0.2)
+        if not t.is_alive():
+            break
+    assert not t.is_alive() and len(errors) == 1 and errors[0].status_code == 503
+    assert errors[0].body["code"] == "aborted"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
