@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.draft_model import DraftModel
-from engine.speculative import MIN_NGRAM, PROBE, PROBE_MAX, Drafter, worth_verifying
+from engine.speculative import MIN_NGRAM, PROBE, PROBE_SHARE, Drafter, worth_verifying
 from engine.compile import Background, compile_all
 from engine.detok import Detok
 from engine import output
@@ -111,9 +111,9 @@ class Engine:
         self.timing: dict[tuple, float] = {}
         self.verifies = 0  # verify steps run so far (speculative decoding)
         self.drafted = self.accepted = 0  # drafted tokens verified so far, and those kept
-        # steps in a row that decoded rather than verify drafts, the one at which the draft model next drafts anyway
-        # (a probe), and the steps to the one after it
-        self.declined, self.next_probe, self.probe_gap = 0, PROBE, PROBE
+        # steps in a row that decoded rather than verify drafts; the seconds of their decode dispatches since the
+        # draft model last drafted anyway (a probe: `_probe_due`), and what that probe took
+        self.declined, self.since_probe, self.probe_s = 0, 0.0, None
         self.verify_always = False  # verify whenever a choice has a draft, whatever the timings say (tests)
         self.pending: list[Inflight] = []  # draws dispatched and not yet read back, in order
         self.overlap = True  # dispatch a step's work before reading back the step before it, when nothing needs it
@@ -473,9 +473,20 @@ class Engine:
         whose tokens are dropped: its writes land past its tokens, in pages it held at the dispatch, and any later
         use of a freed page is dispatched after it. A draft model's rows do not hold it back while decoding wins
         and the next step is no probe (`_drafts` reads back first where it drafts after all)."""
-        idle = self.declined > 0 and self.declined + 1 < self.next_probe  # the draft model will not draft
-        return self.overlap and all(c.drafter is None or (c.drafter.model and idle)
+        return self.overlap and all(c.drafter is None or (c.drafter.model and self._idle_drafts())
                                     for _, c in self.sched.running.values())
+
+    def _idle_drafts(self) -> bool:
+        """Whether the draft model will not draft next step: decoding has won and no probe is due (`_drafts`)."""
+        return self.declined > 0 and not self._probe_due()
+
+    def _probe_due(self) -> bool:
+        """Whether a draft model that decoding keeps beating drafts anyway this step: after `PROBE` steps at first,
+        then once the decode dispatches since the last probe took `1 / PROBE_SHARE` times what it did (a probe
+        writes the tokens decoded since into the draft pool: its cost grows with the wait, its share does not)."""
+        if self.probe_s is None:
+            return self.declined + 1 >= PROBE
+        return self.since_probe >= self.probe_s / PROBE_SHARE
 
     @staticmethod
     def _masked(choice: Choice, steps: int) -> bool:
@@ -550,8 +561,8 @@ class Engine:
         rider's token not read back yet is taken on the devices). Returns the work now prefilled, to install."""
         sched, tables, flat = self.sched, self.sched.tables, self.runner.flat
         self.riders = []
-        riding = flat and sched.running and all(c.drafter is None and not self._masked(c, 1)
-                                                for _, c in sched.running.values())
+        riding = flat and sched.running and all((c.drafter is None or (c.drafter.model and self._idle_drafts()))
+                                                and not self._masked(c, 1) for _, c in sched.running.values())
         if riding:  # the running choices' next positions first, before seating more (it may preempt the newest)
             self._reserve(1, changed, done)
         preempt = sched.outranked()  # more urgent work waits behind less urgent seats (the priority policy)
@@ -702,8 +713,8 @@ class Engine:
         """Each running choice's draft (slots without one left out), when a verify step is expected to give more
         tokens per second than a decode dispatch of `steps` (by the timings measured at this batch size, a draft
         model's call counted with the verify); else {}. A draft model drafts only once that is decided, and while
-        decoding wins, at probes (after `PROBE` steps, then twice as many each time, up to `PROBE_MAX`), whose
-        unverified drafts keep the expectations current; it reads the draws in flight back first."""
+        decoding wins, at probes (`_probe_due`), whose unverified drafts keep the expectations current; it reads the
+        draws in flight back first."""
         drafts, k, running = {}, self.runner.rc.draft_tokens, self.sched.running
         left = {slot: self._left(req, choice) for slot, (req, choice) in running.items()}
         rooms = {slot: room for slot, (req, choice) in running.items()  # none under a thinking budget
@@ -730,18 +741,20 @@ class Engine:
             draft_s = self.timing.get(("draft", self.runner.rows_for(modelled)))
             verify_s = None if draft_s is None else verify_s + draft_s  # untimed: tried first
         verifying = self.verify_always or worth_verifying(rows, steps, verify_s, decode_s)
-        probe = not verifying and self.declined + 1 >= self.next_probe
+        probe = not verifying and self._probe_due()
         if modelled and (verifying or probe) and self.pending:  # the draft model needs the last tokens
             self._sync(changed, done)
             return self._drafts(steps, changed, done)
         if verifying:
-            self.declined, self.probe_gap, self.next_probe = 0, PROBE, PROBE
+            self.declined, self.since_probe = 0, 0.0
         else:
             self.declined += 1
-            if probe:
-                self.next_probe, self.probe_gap = self.declined + self.probe_gap, min(2 * self.probe_gap, PROBE_MAX)
+            self.since_probe += decode_s or 0.0
         if modelled and (verifying or probe):
+            start = time.perf_counter()
             drafts.update(self._model_drafts(modelled, rooms, timed=verifying))
+            if probe:
+                self.probe_s, self.since_probe = time.perf_counter() - start, 0.0
         if verifying:
             return drafts
         for slot, draft in drafts.items():  # decoded instead: the tokens will tell how the draft would have done

@@ -18,8 +18,8 @@ import numpy as np
 MAX_NGRAM = 4  # the longest suffix looked up
 MIN_NGRAM = 2  # n-gram drafts from the request's own tokens need at least this much context to match
 EMA = 0.5  # weight of the last outcome in a choice's expected accepted tokens
-PROBE = 8  # while decoding wins, a draft model drafts after this many steps (unverified: `Drafter.shadow`) ...
-PROBE_MAX = 64  # ... then after twice as many each time, up to this many
+PROBE = 8  # while decoding wins, a draft model drafts anyway after this many steps (unverified: `Drafter.shadow`),
+PROBE_SHARE = 0.1  # ... then when that costs at most this share of the decoding since (`Engine._probe_due`)
 
 
 @dataclasses.dataclass
