@@ -73,15 +73,17 @@ def test_a_flat_batch_gives_the_logits_and_pages_of_separate_calls(kind, attenti
                                    rtol=1e-5)
 
 
-def _tiny(flat: bool) -> Engine:
+def _tiny(flat: bool, draft: bool = False) -> Engine:
     cfg = _cfg("llama", max_position_embeddings=1024)
     module = build(cfg)
     model = Model("tiny", cfg, module, init_params(module, 0), make_mesh(1), None, {}, (), "random")
     # 5 slots over 896 tokens in pages of 4 (a rider often starts a page): room for a 700-token and a 100-token
-    # prompt beside three short streams, not for the streams' growth (preemption)
-    rc = RunnerConfig(max_num_seqs=5, max_model_len=768, kv_cache_gb=896 * kv_bytes_per_token(model) / (1 << 30),
-                      page_size=PS, decode_steps=4, decode_batch_sizes=(5,), flat_step=flat)
-    return Engine(model, rc)
+    # prompt beside three short streams, not for the streams' growth (preemption); with `draft`, the model drafts for
+    # itself (its pool's pages out of the same budget)
+    per_token = kv_bytes_per_token(model) * (2 if draft else 1)
+    rc = RunnerConfig(max_num_seqs=5, max_model_len=768, kv_cache_gb=896 * per_token / (1 << 30),
+                      page_size=PS, decode_steps=4, decode_batch_sizes=(5,), flat_step=flat, draft_tokens=4)
+    return Engine(model, rc, draft=model if draft else None)
 
 
 def test_the_engine_gives_the_same_tokens_with_a_flat_step_and_its_streams_advance_every_step():
@@ -182,3 +184,32 @@ def test_with_ngram_drafting_the_warm_up_names_verify_at_decode_widths(full):
     verify = {(job[1][4].shape[0], job[1][8].shape[1]) for job in jobs if job[0] is runner._verify}
     assert verify == {(rows, -(-(w + attend) // ps)) for rows, attend in decode}
     assert len({attend for _, attend in decode}) == (len(runner.attend) if full else 1)
+
+
+def test_a_draft_model_keeps_the_tokens_and_its_streams_ride_the_flat_step_while_decoding_wins():
+    """The tiny model drafting for itself, with the flat step, its drafting call timed as costly: the engine verifies
+    first (untimed), then decodes and probes now and then, and between probes the streams ride the prompts' flat
+    steps as without a draft model. Every request's tokens equal those without it."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(1, 256, n).tolist() for n in (20, 9, 300)]
+    params = [SamplingParams(temperature=0, max_tokens=120, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=120, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    outs = {}
+    for draft in (False, True):
+        eng = _tiny(True, draft)
+        if draft:
+            eng.timing[("draft", 5)] = 10.0  # seconds: a verify round costs more than it can give
+        reqs = [eng.make_request(p, sp) for p, sp in zip(prompts, params)]
+        for r in reqs[:2]:
+            eng.add(r)
+        for _ in range(30):
+            eng.step()
+        eng.add(reqs[2])  # a prompt while the streams decode: they ride its flat steps
+        while eng.has_work():
+            eng.step()
+        outs[draft] = [[c.token_ids for c in r.choices] for r in reqs]
+        if draft:
+            assert eng.verifies >= 1 and eng.draft.calls >= 2 and eng.declined > 0  # verified, then probes
+            assert eng.rode > 0 and eng.ahead > 0
+    assert outs[True] == outs[False]
