@@ -2,10 +2,11 @@
 `--model-draft`): each drafting row's next tokens, drawn greedily by the draft model in one device call.
 
 The draft model keeps a KV pool of its own, paged as the target's: the same page ids, tables and page size in arrays
-of its own shape, so every page the scheduler hands a sequence holds its K/V in both pools, and nothing is allocated,
-freed or copied for the draft. `length[slot]` counts the positions of the sequence seated in a slot that the draft
-pool holds. A call first writes the tokens since then (a new sequence's whole prompt, in chunks; the one or two
-tokens a verify added; a decode dispatch's), draws its first token from the last one's logits, and decodes k - 1 more
+of its own shape, so every page the scheduler hands a sequence holds its K/V in both pools, and nothing is freed,
+shared or copied for the draft (the engine only reserves the drafted positions' pages a step before the verify
+that needs them). `length[slot]` counts the positions of the sequence seated in a slot that the draft pool holds. A
+call first writes the tokens since then (the one or two tokens a verify added; a decode dispatch's; a new
+sequence's prompt, a chunk a step), draws its first token from the last one's logits, and decodes k - 1 more
 greedily. A drafted token the verify keeps was written at its position by that decode, so it counts as held.
 
 What the draft pool holds shapes only the drafts: the verify keeps a drafted token only where the target's own
