@@ -177,8 +177,8 @@ _GGUF_ARCH = {"olmo3": "olmo2", "cohere": "command-r", "phi": "phi2"}  # llama.c
 
 def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
     """The model as llama.cpp's `convert_hf_to_gguf.py` writes it: Gemma's norms as `1 + w`, q and k permuted for
-    Granite and SmolLM3 (GGML's normal RoPE), Phi-3's fused tensors as they are, each family's metadata; in parts of
-    `split` tensors each where that is set (`gguf-split`'s files)."""
+    Granite, SmolLM3 and Arcee (GGML's normal RoPE), Phi-3's fused tensors as they are, each family's metadata; in
+    parts of `split` tensors each where that is set (`gguf-split`'s files)."""
     import gguf
 
     cfg = ref.config
@@ -246,7 +246,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
                 continue
             if kind.startswith("gemma") and hf.endswith("norm"):
                 t = t + 1
-            if kind in ("granite", "smollm3") and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+            if kind in ("granite", "smollm3", "arcee") and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                 t = llama_permute(t, cfg.num_attention_heads if "q_" in hf else cfg.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{name}.weight", t)
             if f"model.layers.{i}.{hf}.bias" in sd:
@@ -256,7 +256,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
 
 @pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
-                                  "glm4", "starcoder2", "cohere", "cohere2", "phi"])
+                                  "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""

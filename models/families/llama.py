@@ -19,7 +19,7 @@ from models.layers.moe import feed_forward
 # layer and these names, their differences config fields.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "ArceeForCausalLM", "SeedOssForCausalLM",
                  "Ernie4_5ForCausalLM")
-GGUF_ARCHS = ("llama", "mistral")
+GGUF_ARCHS = ("llama", "mistral", "arcee")  # llama.cpp writes Arcee as Llama (q/k permuted), its MLP ungated
 
 
 class DecoderLayer(Block):

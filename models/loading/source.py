@@ -310,7 +310,8 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "glm4": "Glm4ForCausalLM",
               "glm4moe": "Glm4MoeForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "command-r": "CohereForCausalLM",
               "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
+              "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
+              "arcee": "ArceeForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -395,6 +396,8 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                  n_group=g("expert_group_count") or 1, topk_group=g("expert_group_used_count") or 1)
     if arch in ("starcoder2", "phi2"):  # GELU's tanh form, which llama.cpp's graph for them hardcodes
         d["hidden_act"] = "gelu_pytorch_tanh"
+    if arch == "arcee":  # ReLU squared, which llama.cpp's graph for it hardcodes
+        d["hidden_act"] = "relu2"
     if arch == "starcoder2":  # biases where the file has them; llama.cpp's files keep no window (nor does it use one)
         d["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is (q/k norms: refused by `from_hf`)
