@@ -172,7 +172,8 @@ _GLM4 = {"post_self_attn_layernorm": "post_attention_norm", "post_attention_laye
          "post_mlp_layernorm": "post_ffw_norm"}
 _PLAIN_MLP = {"mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
               "self_attn.dense": "attn_output"}  # StarCoder2's and Phi's
-_GGUF_ARCH = {"olmo3": "olmo2", "cohere": "command-r", "phi": "phi2"}  # llama.cpp's names where they differ
+_GGUF_ARCH = {"olmo3": "olmo2", "cohere": "command-r", "phi": "phi2", "seed-oss": "seed_oss",
+              "ernie4.5": "ernie4_5"}  # llama.cpp's names where they differ
 
 
 def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
@@ -195,7 +196,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
                        (w.add_vocab_size, cfg.vocab_size),
                        (w.add_rope_freq_base, rope["rope_theta"])):
         add(value)
-    if kind.startswith("gemma"):
+    if kind.startswith("gemma") or getattr(cfg, "head_dim", None):  # llama.cpp's converter writes a config's
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if kind == "gemma2":
@@ -256,7 +257,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
 
 @pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
-                                  "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee"])
+                                  "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee", "seed-oss", "ernie4.5"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""

@@ -19,7 +19,10 @@ from models.layers.moe import feed_forward
 # layer and these names, their differences config fields.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "ArceeForCausalLM", "SeedOssForCausalLM",
                  "Ernie4_5ForCausalLM")
-GGUF_ARCHS = ("llama", "mistral", "arcee")  # llama.cpp writes Arcee as Llama (q/k permuted), its MLP ungated
+# llama.cpp writes Arcee as Llama (q and k permuted for GGML's RoPE, the MLP ungated); Seed-OSS and ERNIE 4.5 as
+# the checkpoint has them (its RoPE, NeoX's or ERNIE's interleaved pairs, is the one their graphs run)
+GGUF_ARCHS = ("llama", "mistral", "arcee", "seed_oss", "ernie4_5")
+UNPERMUTED = ("SeedOssForCausalLM", "Ernie4_5ForCausalLM")
 
 
 class DecoderLayer(Block):
@@ -80,7 +83,9 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_fix(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
-    """Llama GGUF files store q and k permuted for GGML's RoPE; undo it."""
+    """Llama GGUF files store q and k permuted for GGML's RoPE; undo it (not in `UNPERMUTED`'s files)."""
+    if cfg.arch in UNPERMUTED:
+        return w
     if ".attn_q." in gguf_name:
         return _unpermute(w, cfg.num_heads)
     if ".attn_k." in gguf_name:

@@ -311,7 +311,7 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "glm4moe": "Glm4MoeForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "command-r": "CohereForCausalLM",
               "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
-              "arcee": "ArceeForCausalLM"}
+              "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -398,6 +398,11 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         d["hidden_act"] = "gelu_pytorch_tanh"
     if arch == "arcee":  # ReLU squared, which llama.cpp's graph for it hardcodes
         d["hidden_act"] = "relu2"
+    if arch == "seed_oss":  # biased q/k/v; the output's bias apart
+        d.update(attention_bias="blk.0.attn_q.bias" in tensors,
+                 attention_out_bias="blk.0.attn_output.bias" in tensors)
+    if arch == "ernie4_5":  # biases on every projection, or none
+        d["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch == "starcoder2":  # biases where the file has them; llama.cpp's files keep no window (nor does it use one)
         d["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch in ("command-r", "cohere2"):  # the logits' multiplier as it is (q/k norms: refused by `from_hf`)
