@@ -359,7 +359,7 @@ def _rope_params(d: dict[str, Any], arch: str) -> tuple[dict, dict]:
 
 def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any], context: int = 0) -> tuple[float, ...]:
     """Inverse frequencies (float32, as transformers computes them) for one RoPE parameter dict (default, linear,
-    llama3, yarn and longrope types).
+    llama3, yarn and longrope types, and a GGUF's own frequency factors).
 
     LongRoPE (Phi-3.5, Phi-4-mini) divides each frequency by a factor from one of two lists: transformers takes the
     long list while a sequence is longer than the pretrained context and the short one otherwise, recomputing every
@@ -391,6 +391,8 @@ def _inv_freq(p: dict[str, Any], head_dim: int, d: dict[str, Any], context: int 
         fits = 0 < context <= _original_context(p, d)
         factors = np.asarray(p["short_factor" if fits else "long_factor"], np.float32)
         inv = (np.float32(1.0) / (factors * np.float32(base) ** exps)).astype(np.float32)
+    elif kind == "freq_factors":  # llama.cpp's per-pair divisors (a GGUF's `rope_freqs` tensor: Llama 3's scaling)
+        inv = (np.float32(1.0) / (np.asarray(p["factors"], np.float32) * np.float32(base) ** exps)).astype(np.float32)
     else:
         raise NotImplementedError(f"RoPE type {kind!r} is not supported yet")
     return tuple(float(x) for x in inv)

@@ -173,7 +173,28 @@ _GLM4 = {"post_self_attn_layernorm": "post_attention_norm", "post_attention_laye
 _PLAIN_MLP = {"mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
               "self_attn.dense": "attn_output"}  # StarCoder2's and Phi's
 _GGUF_ARCH = {"olmo3": "olmo2", "cohere": "command-r", "phi": "phi2", "seed-oss": "seed_oss",
-              "ernie4.5": "ernie4_5"}  # llama.cpp's names where they differ
+              "ernie4.5": "ernie4_5", "llama3-rope": "llama"}  # llama.cpp's names where they differ
+
+
+PERMUTED = ("granite", "smollm3", "arcee", "llama3-rope")  # kinds whose q and k llama.cpp permutes (Llama's way)
+
+
+def _llama3_freq_factors(p: dict, dim: int) -> np.ndarray:
+    """Llama 3's RoPE scaling as the divisor of each frequency, written out as llama.cpp's converter computes it."""
+    freqs = 1.0 / (p["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
 
 
 def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
@@ -213,6 +234,8 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(cfg.max_position_embeddings / 16) / math.log(16)))
         for k in ("long", "short"):
             w.add_tensor(f"rope_factors_{k}.weight", np.asarray(p[f"{k}_factor"], np.float32))
+    if kind == "llama3-rope":  # Llama 3's scaling as each frequency's divisor, a tensor (no scaling metadata)
+        w.add_tensor("rope_freqs.weight", _llama3_freq_factors(rope, head_dim))
     if kind.startswith("cohere"):  # the logits' multiplier as it is
         w.add_logit_scale(cfg.logit_scale)
     if kind in ("olmo3", "cohere2"):
@@ -247,7 +270,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
                 continue
             if kind.startswith("gemma") and hf.endswith("norm"):
                 t = t + 1
-            if kind in ("granite", "smollm3", "arcee") and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+            if kind in PERMUTED and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                 t = llama_permute(t, cfg.num_attention_heads if "q_" in hf else cfg.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{name}.weight", t)
             if f"model.layers.{i}.{hf}.bias" in sd:
@@ -257,7 +280,8 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
 
 @pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
-                                  "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee", "seed-oss", "ernie4.5"])
+                                  "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee", "seed-oss", "ernie4.5",
+                                  "llama3-rope"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""

@@ -367,6 +367,11 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                              "beta_slow": g("rope.scaling.yarn_beta_slow", 1.0)}
     elif scaling not in (None, "none"):
         raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported")
+    if "rope_freqs.weight" in tensors:  # each frequency's divisor: how llama.cpp's converter writes Llama 3's scaling
+        if "rope_scaling" in d:
+            raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} beside frequency factors is not supported")
+        factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
+        d["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
     if arch.startswith("gemma"):
         d["hidden_activation"] = "gelu_pytorch_tanh"
     if arch in ("gemma2", "gemma3"):  # sliding layers: every other, first (2); five of six, then a full one (3)
