@@ -238,9 +238,9 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
         w.add_tensor("rope_freqs.weight", _llama3_freq_factors(rope, head_dim))
     if kind.startswith("cohere"):  # the logits' multiplier as it is
         w.add_logit_scale(cfg.logit_scale)
-    if kind in ("olmo3", "cohere2"):
+    if kind in ("olmo3", "cohere2", "exaone4"):
         w.add_sliding_window(cfg.sliding_window)
-    if kind == "olmo3":
+    if kind in ("olmo3", "exaone4"):
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if kind == "granite":
         w.add_embedding_scale(cfg.embedding_multiplier)
@@ -251,7 +251,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     names = dict(_GGUF_NAMES, **(_SANDWICH if kind == "gemma2" else {"post_attention_layernorm": "ffn_norm"}))
-    if kind.startswith("olmo"):  # norms after the blocks only
+    if kind.startswith(("olmo", "exaone")):  # norms after the blocks only
         names = dict(_GGUF_NAMES, **_SANDWICH, **_QK_NORMS)
     if kind == "glm4":
         names = dict(_GGUF_NAMES, **_GLM4)
@@ -281,7 +281,7 @@ def _write_gguf(ref, kind: str, path: str, split: int = 0) -> None:
 @pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi3", "phi3-longrope", "granite", "smollm3", "olmo2", "olmo3",
                                   "glm4", "starcoder2", "cohere", "cohere2", "phi", "arcee", "seed-oss", "ernie4.5",
-                                  "llama3-rope"])
+                                  "llama3-rope", "exaone4"])
 def test_gguf_family_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     """Each family written as llama.cpp's GGUF loads to the HF folder's config and logits (its metadata and tensor
     conventions above; Gemma 2's files keep no query scale, which llama.cpp takes from the head's width)."""

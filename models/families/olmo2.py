@@ -15,7 +15,7 @@ from models.layers.linear import norm
 from models.layers.mlp import MLP
 
 ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM")
-GGUF_ARCHS = ("olmo2",)
+GGUF_ARCHS = ("olmo2", "exaone4")
 
 
 class DecoderLayer(Block):

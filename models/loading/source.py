@@ -311,7 +311,8 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "glm4moe": "Glm4MoeForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "command-r": "CohereForCausalLM",
               "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
-              "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM"}
+              "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
+              "exaone4": "Exaone4ForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
