@@ -8,10 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 
 from models.families.llama import LAYER_GGUF  # noqa: F401  (the same tensor names)
-from models.layers.attention import Attention
 from models.layers.causal_lm import Block
 from models.layers.linear import norm
-from models.layers.mlp import MLP
 
 ARCHITECTURES = ("CohereForCausalLM", "Cohere2ForCausalLM")
 GGUF_ARCHS = ("command-r", "cohere2")
@@ -26,8 +24,5 @@ class DecoderLayer(Block):
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = norm(cfg, "input_layernorm")(x)
-        a, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"],
-                                                                             self.first, adapters)
-        m = MLP(cfg, name="mlp")(h, layer, stacks and stacks["mlp"], adapters)
-        return (x + a + m, k_cache, v_cache), None
+        a, k_cache, v_cache = self.attend(h, positions, table, k_cache, v_cache, layer, stacks, adapters)
+        return (x + a + self.feed_forward(h, layer, stacks, adapters), k_cache, v_cache), None

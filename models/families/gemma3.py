@@ -8,10 +8,8 @@ import flax.linen as nn
 import numpy as np
 
 from models.config import ModelConfig
-from models.layers.attention import Attention
 from models.layers.causal_lm import Block
 from models.layers.linear import norm
-from models.layers.mlp import MLP
 
 ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 GGUF_ARCHS = ("gemma2", "gemma3")
@@ -26,11 +24,9 @@ class DecoderLayer(Block):
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = norm(cfg, "input_layernorm")(x)
-        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"],
-                                                                             self.first, adapters)
+        h, k_cache, v_cache = self.attend(h, positions, table, k_cache, v_cache, layer, stacks, adapters)
         x = x + norm(cfg, "post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(norm(cfg, "pre_feedforward_layernorm")(x), layer, stacks and stacks["mlp"], adapters)
+        h = self.feed_forward(norm(cfg, "pre_feedforward_layernorm")(x), layer, stacks, adapters)
         return (x + norm(cfg, "post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 

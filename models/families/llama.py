@@ -9,11 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
-from models.layers.attention import Attention
 from models.layers.causal_lm import Block
 from models.layers.linear import norm
-from models.layers.mla import MLAttention
-from models.layers.moe import feed_forward
 
 # Arcee's AFM (a plain ReLU-squared MLP), Seed-OSS (biased q/k/v) and ERNIE 4.5 (interleaved rotary pairs) are this
 # layer and these names, their differences config fields.
@@ -36,14 +33,10 @@ class DecoderLayer(Block):
         x, k_cache, v_cache = carry
         cfg = self.cfg
         h = norm(cfg, "input_layernorm")(x)
-        attention = MLAttention if cfg.kv_lora_rank else Attention
-        h, k_cache, v_cache = attention(cfg, self.backend, name="self_attn")(h, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"],
-                                                                             self.first, adapters)
+        h, k_cache, v_cache = self.attend(h, positions, table, k_cache, v_cache, layer, stacks, adapters)
         x = x + scaled(h, cfg.residual_scale)
         h = norm(cfg, "post_attention_layernorm")(x)
-        mlp = feed_forward(cfg, self.first)  # a group's layers are all of one kind
-        h = scaled(mlp(h, layer, stacks and stacks["mlp"], adapters), cfg.residual_scale)
+        h = scaled(self.feed_forward(h, layer, stacks, adapters), cfg.residual_scale)
         return (x + h, k_cache, v_cache), None
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import flax.linen as nn
 
 from models.families.llama import LAYER_GGUF as _LLAMA
-from models.layers.attention import Attention
 from models.layers.causal_lm import Block
 from models.layers.linear import norm
-from models.layers.mlp import MLP
 
 ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM")
 GGUF_ARCHS = ("olmo2", "exaone4")
@@ -26,11 +24,9 @@ class DecoderLayer(Block):
         """One layer over `carry` (`Block`'s call)."""
         x, k_cache, v_cache = carry
         cfg = self.cfg
-        h, k_cache, v_cache = Attention(cfg, self.backend, name="self_attn")(x, positions, table, k_cache, v_cache,
-                                                                             layer, stacks and stacks["self_attn"],
-                                                                             self.first, adapters)
+        h, k_cache, v_cache = self.attend(x, positions, table, k_cache, v_cache, layer, stacks, adapters)
         x = x + norm(cfg, "post_attention_layernorm")(h)
-        h = MLP(cfg, name="mlp")(x, layer, stacks and stacks["mlp"], adapters)
+        h = self.feed_forward(x, layer, stacks, adapters)
         return (x + norm(cfg, "post_feedforward_layernorm")(h), k_cache, v_cache), None
 
 

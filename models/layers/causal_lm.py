@@ -12,7 +12,10 @@ from models import quant
 from models.backends import cpu_matmul
 from models.backends.paged import Flat, KVCache
 from models.config import ModelConfig
+from models.layers.attention import Attention
 from models.layers.linear import Linear, dtype_of, int8_init, norm, packed_params, scale_init
+from models.layers.mla import MLAttention
+from models.layers.moe import feed_forward
 
 
 class Block(nn.Module):
@@ -25,6 +28,17 @@ class Block(nn.Module):
     cfg: ModelConfig
     backend: str = "xla"
     first: int = 0
+
+    def attend(self, x, positions, table, k_cache, v_cache, layer, stacks, adapters):
+        """The layer's attention (`self_attn`: latent attention where the config has a KV latent) over `x`, inside
+        its call: `(out, k_cache, v_cache)`."""
+        kind = MLAttention if self.cfg.kv_lora_rank else Attention
+        return kind(self.cfg, self.backend, name="self_attn")(x, positions, table, k_cache, v_cache, layer,
+                                                              stacks and stacks["self_attn"], self.first, adapters)
+
+    def feed_forward(self, x, layer, stacks, adapters):
+        """The layer's feed-forward block (`mlp`: a mixture of experts where the config routes them) over `x`."""
+        return feed_forward(self.cfg, self.first)(x, layer, stacks and stacks["mlp"], adapters)
 
 
 def layer_groups(cfg: ModelConfig, scan: bool) -> list[tuple[int, int, str]]:
