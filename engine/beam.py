@@ -11,14 +11,15 @@ candidate ends, or (transformers' `early_stopping=False` heuristic) once the bes
 length, could no longer beat the worst of a full set of finished ones. The result: the finished beams, best first.
 
 Where the log-probabilities come from is the caller's: the engine runs each running beam as a one-token request
-over its prompt and tokens (`LLM.beam_search`, the server's `use_beam_search`), and the prefix cache serves the
-pages the beams share (vLLM's beam search works so).
+over its prompt and tokens (`runs`, `advance`: `LLM.beam_search`, the server's `use_beam_search`), and the prefix
+cache serves the pages the beams share (vLLM's beam search works so).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from engine.detok import Detok
 from engine.params import SamplingParams
 from engine.sampler import TOP_LOGPROBS
 
@@ -83,6 +84,20 @@ def step_params(search: BeamSearch) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=search.keep)
 
 
-def tops(logprobs: list[tuple]) -> list[tuple[int, float]]:
-    """A one-token choice's alternatives `(id, log-probability)`, best first, from its logprobs entries."""
-    return [(int(t), float(lp)) for t, lp in logprobs[0][2]]
+def runs(searches: list[BeamSearch], prompts: list[list[int]]) -> list[tuple[BeamSearch, list[int]]]:
+    """Every running beam of the searches not done, in order: `(its search, its prompt and tokens)`, each to run as
+    a one-token request (`step_params`)."""
+    return [(s, p + b.tokens) for s, p in zip(searches, prompts) if not s.done for b in s.running]
+
+
+def advance(ran: list[tuple[BeamSearch, list[int]]], logprobs: list[list[tuple]]) -> None:
+    """One step of each search in `ran` (`runs`' list), from its beams' one-token requests' logprobs entries, in
+    the same order."""
+    by = iter(logprobs)
+    for s in dict.fromkeys(s for s, _ in ran):
+        s.advance([[(int(t), float(lp)) for t, lp in next(by)[0][2]] for _ in s.running])
+
+
+def text(tokenizer, beam: Beam, skip_special_tokens: bool = True) -> str:
+    """A finished beam's text (its EOS left out), decoded as a stream's is (`engine.detok`)."""
+    return Detok(tokenizer, skip_special_tokens).add(beam.tokens[:-1] if beam.ended else beam.tokens)

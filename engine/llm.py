@@ -163,19 +163,15 @@ class LLM:
         if min(room, default=1) < 1:
             raise ValueError(f"a prompt fills the context ({self.engine.max_len} tokens)")
         searches = [beam.BeamSearch(beam_width, min(max_tokens, r), eos, length_penalty, ignore_eos) for r in room]
-        while live := [(s, p) for s, p in zip(searches, ids) if not s.done]:
-            seqs = [p + b.tokens for s, p in live for b in s.running]
-            outs = self.generate(seqs, [beam.step_params(s) for s, _ in live for _ in s.running])
+        while ran := beam.runs(searches, ids):
+            outs = self.generate([seq for _, seq in ran], [beam.step_params(s) for s, _ in ran])
             if bad := next((o for o in outs if o.outputs[0].finish_reason not in ("stop", "length")), None):
                 raise RuntimeError(f"a beam's step ended with finish_reason {bad.outputs[0].finish_reason!r}")
-            by = iter(outs)
-            for s, _ in live:
-                s.advance([beam.tops(next(by).outputs[0].logprobs) for _ in s.running])
+            beam.advance(ran, [o.outputs[0].logprobs for o in outs])
         tok = self.model.tokenizer
         return [RequestOutput(f"beam-{i}", p, None, [
-            CompletionOutput(j, tok.decode(b.tokens[:-1] if b.ended else b.tokens, skip_special_tokens=True)
-                             if tok else "",
-                             list(b.tokens), [], "stop" if b.ended else "length", b.logprob)
+            CompletionOutput(j, beam.text(tok, b) if tok else "", list(b.tokens), [],
+                             "stop" if b.ended else "length", b.logprob)
             for j, b in enumerate(s.finished)]) for i, (s, p) in enumerate(zip(searches, ids))]
 
     def embed(self, prompts, pooling: str | None = None, normalize: bool | None = None,

@@ -30,7 +30,6 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from engine import beam
-from engine.detok import Detok
 from engine.requests import Choice, Delta, Request
 from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
@@ -290,10 +289,7 @@ class Server:
                 except Busy as e:
                     raise busy(str(e)) from None
                 except InvalidRequest as e:
-                    if e.param == "model":  # its LoRA adapter was unloaded since the call named it
-                        raise ApiError(404, str(e), "model", code="model_not_found") from None
-                    param = "messages" if job.kind == "chat" and e.param == "prompt" else e.param
-                    raise bad(str(e), param) from None
+                    raise invalid(job, e) from None
         return out
 
     def _keep_last(self, job: Job) -> None:
@@ -499,55 +495,49 @@ class Server:
         """The job's engine requests under an id of `prefix` (its separator included), submitted (429 when the queue
         is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
+        parts = self._seat(job, call, prefix)
+        call.reqs = [r for _, r in parts]
+        self.admitted.append(call.reqs)
+        return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
+
+    def _seat(self, job: Job, call: "Call", prefix: str) -> list[tuple[int, Request]]:
+        """The job's engine requests under an id of `prefix` (`_requests`), not submitted yet: 503 when the engine
+        is gone, 429 when the queue is full (counted in choices: n x prompts of each waiting call)."""
         self._stage(call, None)
         if not self.aengine.alive:  # its thread died: nothing would ever answer
             raise self.engine_stopped()
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         parts = self._requests(job, call.rid, call.adapter)
-        seats = sum(len(r.choices) for _, r in parts)
-        queued = self.backlog(seats)
-        if queued is not None and queued >= self.max_queued:  # counted in choices: n x prompts of each waiting call
+        queued = self.backlog(sum(len(r.choices) for _, r in parts))
+        if queued is not None and queued >= self.max_queued:
             raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
-        call.reqs = [r for _, r in parts]
-        self.admitted.append(call.reqs)
-        return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
+        return parts
 
     async def _beam_search(self, job: Job, call: "Call", prefix: str) -> web.Response:
         """vLLM's `use_beam_search`: `n` beams per prompt (`engine.beam`), each step's running beams as one-token
         requests through the engine (429 when the queue is full at the start, as any call), then one response whose
         choices are each prompt's beams, best first."""
-        self._stage(call, None)
-        if not self.aengine.alive:
-            raise self.engine_stopped()
-        call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
         width, eos = job.params.n, self.engine.eos
         try:
             beam.check_width(width, eos, job.params.ignore_eos)
         except ValueError as e:
             raise bad(str(e), "n") from None
-        parts = self._requests(dataclasses.replace(job, params=dataclasses.replace(job.params, n=1)), call.rid,
-                               call.adapter)  # the prompts as the engine takes them (truncated, max_tokens set)
+        # the prompts as the engine takes them (truncated, max_tokens set), one seat each
+        parts = self._seat(dataclasses.replace(job, params=dataclasses.replace(job.params, n=1)), call, prefix)
         call.reqs = [r for _, r in parts]
-        queued = self.backlog(len(parts))
-        if queued is not None and queued >= self.max_queued:
-            raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
         searches = [beam.BeamSearch(width, r.max_tokens, eos, job.length_penalty, job.params.ignore_eos)
                     for _, r in parts]
-        cached = [0] * len(parts)
-        step = 0
-        while live := [(i, s, r) for i, (s, (_, r)) in enumerate(zip(searches, parts)) if not s.done]:
+        cached, step = [0] * len(parts), 0
+        while ran := beam.runs(searches, [r.prompt_ids for _, r in parts]):
             if not self.aengine.alive:
                 raise self.engine_stopped()
-            runs = [(i, s, r, b) for i, s, r in live for b in s.running]
             try:
                 reqs = [self.engine.make_request(
-                    r.prompt_ids + b.tokens, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
+                    seq, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
                     prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
-                    priority=job.priority) for j, (_, s, r, b) in enumerate(runs)]
+                    priority=job.priority) for j, (s, seq) in enumerate(ran)]
             except InvalidRequest as e:
-                if e.param == "model":  # its LoRA adapter was unloaded since the call named it
-                    raise ApiError(404, str(e), "model", code="model_not_found") from None
-                raise bad(str(e), e.param) from None
+                raise invalid(job, e) from None
             self.admitted.append(reqs)
             try:
                 async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
@@ -562,17 +552,14 @@ class Server:
                     503, "the beam search's requests were aborted", type_="server_error", code="aborted")
             if step == 0:
                 cached = [r.cached_tokens for r in reqs]  # each prompt's first beam: its prompt alone
-            by = iter(reqs)
-            for _, s, _ in live:
-                s.advance([beam.tops(next(by).choices[0].logprobs) for _ in s.running])
+            beam.advance(ran, [r.choices[0].logprobs for r in reqs])
             step += 1
         final = []
         for (pi, r), s, hit in zip(parts, searches, cached):
             req = dataclasses.replace(r, choices=[Choice(j) for j in range(width)], cached_tokens=hit)
             for choice, b in zip(req.choices, s.finished):
                 choice.token_ids = list(b.tokens)
-                choice.text = Detok(self.engine.tok, job.params.skip_special_tokens).add(
-                    b.tokens[:-1] if b.ended else b.tokens)
+                choice.text = beam.text(self.engine.tok, b, job.params.skip_special_tokens)
                 choice.finish_reason = "stop" if b.ended else "length"
             final.append((pi, req))
         call.reqs = [r for _, r in final]
@@ -896,6 +883,14 @@ class Server:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+
+
+def invalid(job: Job, e: InvalidRequest) -> ApiError:
+    """The API error of a request the engine refused: 404 where its LoRA adapter was unloaded since the call named
+    it, else a 400 naming the field (a chat's prompt: its messages)."""
+    if e.param == "model":
+        return ApiError(404, str(e), "model", code="model_not_found")
+    return bad(str(e), "messages" if job.kind == "chat" and e.param == "prompt" else e.param)
 
 
 def perf_metrics(used: dict, took: "Took", job: Job) -> dict:
