@@ -74,12 +74,15 @@ def test_the_default_pool_from_the_devices_memory(caplog):
     assert "--max-model-len" in caplog.text
 
 
-def test_a_cpu_pool_is_four_gib_unless_sized():
-    """`kv_cache_gb` 0 on a CPU: the fixed pool (host memory is everyone's), no fit; a size given is taken."""
+def test_a_cpu_pool_is_four_gib_unless_sized(monkeypatch):
+    """`kv_cache_gb` 0 on a CPU: the fixed pool (host memory is everyone's), no fit; a size given is taken. The
+    fixed size is patched small here: a 4 GiB pool, zero-filled, would stay in the test process's memory."""
+    assert memory.CPU_GB == 4.0
+    monkeypatch.setattr(memory, "CPU_GB", 0.02)
     model = _model(_LLAMA, "xla")
     runner = Runner(model, RunnerConfig(max_num_seqs=4, max_model_len=256))
-    assert runner.fit is None and runner.rc.kv_cache_gb == memory.CPU_GB
-    assert runner.num_pages == plan_pages(model, dataclasses.replace(runner.rc, kv_cache_gb=4.0))
+    assert runner.fit is None and runner.rc.kv_cache_gb == 0.02
+    assert runner.num_pages == plan_pages(model, dataclasses.replace(runner.rc, kv_cache_gb=0.02))
     assert Runner(model, RunnerConfig(max_num_seqs=4, max_model_len=256, kv_cache_gb=0.01)).rc.kv_cache_gb == 0.01
 
 
