@@ -1,5 +1,6 @@
 """Shared fixtures. torch is imported first: it is the test-only reference for transformers' models."""
 
+import ctypes
 import os
 
 # XLA's CPU backend compiles with its older fusion emitters in ~25% less time (a toy engine's step programs, one
@@ -48,6 +49,10 @@ FILE_SECONDS = {"test_moe": 203, "test_paging": 170, "test_speculative": 141, "t
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+try:
+    LIBC = ctypes.CDLL("libc.so.6")  # glibc (Linux), for `malloc_trim`
+except OSError:
+    LIBC = None
 
 
 @pytest.hookimpl(wrapper=True)
@@ -58,7 +63,8 @@ def pytest_runtest_protocol(item, nextitem):
     for these tests costs far less. Programs of the packaged model are compiled as users get them. After a file's
     last test (its fixtures torn down), a full garbage collection: engines sit in reference cycles, and their KV
     pools and programs would otherwise stay in the worker's memory until the collector's rare oldest pass (two
-    workers reached 23 of this machine's 24 GiB, and the suite stalled)."""
+    workers reached 23 of this machine's 24 GiB, and the suite stalled); then glibc hands its freed heap back to the
+    system (`malloc_trim`: ~1 GB a heavy file)."""
     import gc
 
     import jax
@@ -74,6 +80,8 @@ def pytest_runtest_protocol(item, nextitem):
         jax.config.update("jax_disable_most_optimizations", False)
         if nextitem is None or nextitem.path != item.path:
             gc.collect()
+            if LIBC is not None:
+                LIBC.malloc_trim(0)
 
 
 def pytest_collection_modifyitems(items):
