@@ -81,7 +81,8 @@ class Server:
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
-        self.active = 0  # completion requests being answered
+        self.active = 0  # completion requests being answered (background responses' tasks among them)
+        self.detached: set[asyncio.Task] = set()  # tasks running past their calls (`detach`)
         self.stages = {"reading": 0, "parsing": 0}  # of those, the ones not admitted yet: bodies arriving, parsing
         self.stall_timeout = STALL_TIMEOUT
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
@@ -137,6 +138,7 @@ class Server:
             for route in list(app.router.routes()):
                 cors.add(route)
         app.on_startup.append(self._started)
+        app.on_shutdown.append(self.stop_detached)
         if not loopback:
             app.on_startup.append(self.batches.load)
             app.on_shutdown.append(self.batches.stop)
@@ -152,6 +154,28 @@ class Server:
 
     async def _started(self, app: web.Application) -> None:
         self.loop_thread = threading.get_ident()
+
+    def detach(self, coro) -> asyncio.Task:
+        """Run `coro` as a task past the call that started it (a background response): without the call's deadline,
+        counted in `active` so a drain waits for it, and cancelled at shutdown (`stop_detached`)."""
+        context = contextvars.copy_context()
+        context.run(DEADLINE.set, None)
+        task = asyncio.get_running_loop().create_task(coro, context=context)
+        self.active += 1
+        self.detached.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.active -= 1
+            self.detached.discard(t)
+        task.add_done_callback(done)
+        return task
+
+    async def stop_detached(self, app: web.Application | None = None) -> None:
+        """Cancel the detached tasks still running and wait for them to end (shutdown, after the drain)."""
+        running = list(self.detached)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
@@ -475,7 +499,8 @@ class Server:
             self.active -= 1
             self._stage(call, None)
             DEADLINE.reset(deadline)
-            self._account(request.path, status, call.rid, call.reqs, call.took)
+            if not call.detached:  # else its task accounts for it when it ends
+                self.account(request.path, status, call.rid, call.reqs, call.took)
 
     def _stage(self, call: "Call", stage: str | None) -> None:
         """Move a call to `stage` ("reading" its body, "parsing" it, or None: admitted or ended), counted in
@@ -729,7 +754,7 @@ class Server:
             body["perf_metrics"] = perf
         return web.json_response(body, headers=headers)
 
-    def _account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took") -> None:
+    def account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took") -> None:
         """Count the request, observe its latencies, and log one line for it."""
         reasons = {c.finish_reason for r in reqs for c in r.choices}
         reason = "none" if not reasons or None in reasons else (reasons.pop() if len(reasons) == 1 else "mixed")
@@ -917,6 +942,7 @@ class Call:
     stage: str | None = None  # counted in `Server.stages` while "reading" or "parsing"
     cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
     adapter: str | None = None  # the LoRA adapter its `model` names (None: the served model)
+    detached: bool = False  # its reply goes on in a task of its own (`Server.detach`), which accounts for it
 
 
 class Took:

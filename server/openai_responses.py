@@ -5,11 +5,14 @@ function `tools`, `text.format` and sampling fields become a chat-completions bo
 like any other, so tools, structured output, reasoning, metrics, back-pressure and timeouts are shared. The reply is
 read through a `Turn` and written as output items (reasoning, message, function calls), whole or as the official
 event stream. Stored responses (`store`, default true) keep their conversation in SQLite (`server.store`), which
-`previous_response_id` continues.
+`previous_response_id` continues. A background response (`background: true`) runs apart from its call
+(`server.background`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from server import protocol
+from server.background import Background, stored_status
 from server.protocol import ApiError, bad, text_of
 from server.shapes import sse_event
 from server.turn import Piece, Turn
@@ -40,6 +44,7 @@ def routes(app: web.Application, server) -> None:
     app.router.add_get("/v1/responses/{id}", api.retrieve)
     app.router.add_delete("/v1/responses/{id}", api.delete)
     app.router.add_get("/v1/responses/{id}/input_items", api.input_items)
+    app.router.add_post("/v1/responses/{id}/cancel", api.cancel)
 
 
 def _new(prefix: str) -> str:
@@ -184,7 +189,8 @@ def _format(body: dict) -> dict | None:
 
 def _echoed(body: dict) -> None:
     """OpenAI's checks of the fields a response only echoes back (and stores): `metadata` (at most 16 string
-    values, keys to 64 characters, values to 512), `user`, `truncation`, `include`; `background` is not served."""
+    values, keys to 64 characters, values to 512), `user`, `truncation`, `include`, `background` (a boolean, only
+    with `store`)."""
     meta = body.get("metadata")
     if meta is not None and not (isinstance(meta, dict) and len(meta) <= 16 and all(
             isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in meta.items())):
@@ -197,9 +203,11 @@ def _echoed(body: dict) -> None:
     include = body.get("include")
     if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
         raise bad("'include' must be a list of strings", "include")
-    if body.get("background"):
-        raise bad("background responses are not served here: send the request without 'background' (it answers "
-                  "when done, or streams)", "background")
+    background = body.get("background", False)
+    if background is not None and not isinstance(background, bool):
+        raise bad("'background' must be a boolean", "background")
+    if background and body.get("store", True) is False:
+        raise bad("background responses are stored: 'background' needs 'store' true", "background")
 
 
 def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
@@ -358,6 +366,7 @@ class Responses:
 
     def __init__(self, server):
         self.server = server
+        self.running: dict[str, Background] = {}  # background responses not ended yet, by id
 
     def _history(self, body: dict) -> tuple[list[dict], str | None]:
         prev = body.get("previous_response_id")
@@ -389,7 +398,7 @@ class Responses:
                 "text": body.get("text") or {"format": {"type": "text"}},
                 "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
                 "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
-                "metadata": body.get("metadata") or {}}
+                "metadata": body.get("metadata") or {}, "background": bool(body.get("background"))}
 
     def finished(self, shell: dict, out: Output, job, req) -> dict:
         """The response once the reply has ended."""
@@ -421,6 +430,8 @@ class Responses:
             turn = Turn(job)
             shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call))
             face = Stream(self, shell, job, call, items if store else None)
+            if shell["background"]:
+                return await self._background(request, face, job.stream, events, turn)
             if job.stream:
                 return await self.server.sse(request, call, events, turn, face)
             await self.server.collect(events, call)
@@ -430,15 +441,128 @@ class Responses:
             return web.json_response(face.result)
         return await self.server.serve(request, answer)
 
+    async def _background(self, request: web.Request, face: Stream, stream: bool, events, turn: Turn):
+        """Start a background response (stored `queued` now): its queued response, or its event stream followed."""
+        bg = Background(face, stream)
+        face.call.detached = True
+        self.running[face.shell["id"]] = bg
+        bg.publish([{"type": "response.created", "response": bg.response()}])
+        self.server.store.put(bg.response(), face.items)
+        bg.task = self.server.detach(self._run(bg, events, turn))
+        if stream:
+            return await self._follow(request, bg.follow(-1))
+        return web.json_response(bg.response())
+
+    async def _run(self, bg: Background, events, turn: Turn) -> None:
+        """A background response's reply, its events kept in `bg`; it ends stored (and accounted) as completed,
+        incomplete, failed (an engine error, a grammar's failure, a drain) or cancelled."""
+        face, call, status = bg.face, bg.face.call, 200
+        try:
+            async with contextlib.aclosing(events) as events:
+                async for batch in events:
+                    out = []
+                    if bg.status == "queued":  # its first tokens: it holds a slot
+                        bg.status = "in_progress"
+                        out.append({"type": "response.in_progress", "response": bg.response()})
+                    for i, deltas in batch:
+                        call.took.saw(i, deltas, self.server.prom)
+                        for d in deltas:
+                            if d.finish_reason == "error":
+                                bg.publish(out)
+                                raise self.server.failed(call.reqs)
+                            out += face.add(turn.feed(d.text, d.finish_reason, d.token_ids))
+                    bg.publish(out)
+            bg.publish(face.closing())  # stored as it ends
+            bg.end(face.result)
+        except ApiError as e:
+            status = e.status
+            self._ended(bg, face.failed(e))
+        except asyncio.CancelledError:  # cancelled by `cancel`, or cut by a shutdown
+            status = 499 if bg.cancelled else 503
+            error = None if bg.cancelled else {"code": "server_error", "message": "the server shut down before "
+                                                                                   "this background response ended"}
+            result = {**bg.response(), "status": "cancelled" if bg.cancelled else "failed", "error": error}
+            self._ended(bg, [{"type": "response.failed", "response": result}] if error else [], result)
+        except Exception:  # noqa: BLE001  (logged; the response ends failed rather than stay in progress)
+            log.exception("unexpected error in background response %s", call.rid)
+            status = 500
+            self._ended(bg, face.failed(ApiError(500, "internal server error", type_="server_error",
+                                                 code="internal_error")))
+        finally:
+            del self.running[face.shell["id"]]
+            if bg.stream:
+                self.server.store.put_events(face.shell["id"], bg.events)
+            self.server.account("/v1/responses", status, call.rid, call.reqs, call.took)
+
+    def _ended(self, bg: Background, events: list[dict], result: dict | None = None) -> None:
+        """End `bg` with `events` (the last one's response, or `result`), stored with the output so far."""
+        bg.publish(events)
+        result = result or events[-1]["response"]
+        self.server.store.put(result, bg.face.items + bg.face.out.items)
+        bg.end(result)
+
+    async def _follow(self, request: web.Request, events) -> web.StreamResponse:
+        """Stream framed events to the client (a background response's, as they come): its going away, or
+        falling behind, ends only this stream."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            async for data in events:
+                await self.server.write(resp, data)
+        except Exception as e:  # noqa: BLE001  (a reset, a stalled reader: the response goes on)
+            log.info("a stream of a background response ended early (%s)", type(e).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+        return resp
+
     def _stored(self, request: web.Request) -> tuple[dict, list[dict]]:
         found = self.server.store.get(request.match_info["id"])
         if found is None:
             raise ApiError(404, f"no stored response with id {request.match_info['id']!r}", code="not_found")
         return found
 
-    async def retrieve(self, request: web.Request) -> web.Response:
-        """GET /v1/responses/{id}: a stored response."""
-        return web.json_response(self._stored(request)[0])
+    def _current(self, request: web.Request) -> dict:
+        """A response as it stands: a background one running, or as stored."""
+        bg = self.running.get(request.match_info["id"])
+        return bg.response() if bg is not None else stored_status(self._stored(request)[0])
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/responses/{id}: a stored response, or a background one as it stands; with `stream=true`, a
+        streamed background response's events after `starting_after` (a sequence number), to its end."""
+        if request.query.get("stream", "false").lower() not in ("true", "1"):
+            return web.json_response(self._current(request))
+        after = request.query.get("starting_after", "-1")
+        if not after.lstrip("-").isdigit():
+            raise bad("'starting_after' must be an integer (an event's sequence number)", "starting_after")
+        rid, after = request.match_info["id"], int(after)
+        if (bg := self.running.get(rid)) is not None:
+            if not bg.stream:
+                raise bad(f"response {rid!r} was not created with 'stream': true; poll it without 'stream'", "stream")
+            return await self._follow(request, bg.follow(after))
+        self._stored(request)
+        kept = self.server.store.events(rid)
+        if kept is None:
+            raise bad(f"response {rid!r} has no stream to join: only a background response created with 'stream': "
+                      "true has one", "stream")
+
+        async def replay():
+            for data in kept[after + 1:]:
+                yield data
+        return await self._follow(request, replay())
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """POST /v1/responses/{id}/cancel: end a background response as `cancelled` (what it wrote so far kept);
+        one that has ended is returned as it is (cancelling is idempotent); a synchronous one is a 400."""
+        bg = self.running.get(request.match_info["id"])
+        if bg is None:
+            response = self._current(request)
+            if not response.get("background"):
+                raise bad("Cannot cancel a synchronous response: only a background response can be cancelled")
+            return web.json_response(response)
+        bg.cancelled = True
+        bg.task.cancel()
+        await asyncio.wait([bg.task])
+        return web.json_response(bg.response())
 
     async def input_items(self, request: web.Request) -> web.Response:
         """GET /v1/responses/{id}/input_items: the conversation items that led to a stored response."""
@@ -450,8 +574,12 @@ class Responses:
                                   "last_id": data[-1]["id"] if data else None})
 
     async def delete(self, request: web.Request) -> web.Response:
-        """DELETE /v1/responses/{id}."""
+        """DELETE /v1/responses/{id} (a background response still running is cancelled first)."""
         rid = request.match_info["id"]
+        if (bg := self.running.get(rid)) is not None:
+            bg.cancelled = True
+            bg.task.cancel()
+            await asyncio.wait([bg.task])
         if not self.server.store.delete(rid):
             raise ApiError(404, f"no stored response with id {rid!r}", code="not_found")
         return web.json_response({"id": rid, "object": "response", "deleted": True})

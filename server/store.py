@@ -16,10 +16,13 @@ import time
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
+# a streamed background response's events (SSE-framed), so its stream can be joined again once it has ended
+EVENTS = "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, events TEXT NOT NULL)"
 
 
 class ResponseStore:
-    """Responses by id: `put`, `get`, `delete` (thread-safe; the file is made on first use)."""
+    """Responses by id: `put`, `get`, `delete`, and a streamed background response's events (thread-safe; the file
+    is made on first use)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -31,6 +34,7 @@ class ResponseStore:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute(SCHEMA)
+            self._db.execute(EVENTS)
             self._db.commit()
         return self._db
 
@@ -41,6 +45,19 @@ class ResponseStore:
             db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
                        (response["id"], time.time(), json.dumps(response), json.dumps(items)))
             db.commit()
+
+    def put_events(self, rid: str, events: list[bytes]) -> None:
+        """Keep a streamed background response's events."""
+        with self.lock:
+            db = self._conn()
+            db.execute("INSERT OR REPLACE INTO events VALUES (?, ?)", (rid, json.dumps([e.decode() for e in events])))
+            db.commit()
+
+    def events(self, rid: str) -> list[bytes] | None:
+        """A streamed background response's events, or None when none are kept."""
+        with self.lock:
+            row = self._conn().execute("SELECT events FROM events WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else [e.encode() for e in json.loads(row[0])]
 
     def size(self, rid: str) -> int | None:
         """Characters of a stored response's conversation items as JSON (None when no such response is stored)."""
@@ -59,6 +76,7 @@ class ResponseStore:
         with self.lock:
             db = self._conn()
             gone = db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
+            db.execute("DELETE FROM events WHERE id = ?", (rid,))
             db.commit()
         return gone > 0
 

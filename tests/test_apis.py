@@ -117,7 +117,7 @@ def test_responses_structured_output_instructions_and_storage(api, client):
         client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
     assert e.value.body["param"] == "input"
     for bad in ({"metadata": {"k": 5}}, {"metadata": {f"k{i}": "v" for i in range(17)}}, {"user": 5},
-                {"truncation": "bogus"}, {"include": "x"}, {"background": True}):
+                {"truncation": "bogus"}, {"include": "x"}, {"background": "yes"}, {"background": True, "store": False}):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model=MODEL, input="hi", max_output_tokens=2, **bad)
         assert e.value.body["param"] == next(iter(bad))
@@ -127,6 +127,70 @@ def test_responses_structured_output_instructions_and_storage(api, client):
     with pytest.raises(openai.BadRequestError) as e:  # OpenAI requires the schema; it used to mean any object
         client.responses.create(model=MODEL, input="hi", text={"format": {"type": "json_schema", "name": "x"}})
     assert e.value.body["param"] == "text.format"
+
+
+def test_background_responses_poll_resume_their_stream_and_cancel(api, client):
+    """OpenAI's background mode through the official client: a response created with `background` answers at once
+    (queued) and polls to what the same request gives in the foreground; a streamed one, its connection dropped, is
+    joined again after the last event seen, and after it ended from any event (the store keeps them); cancel ends a
+    running one `cancelled` and frees its slot, and is idempotent; a synchronous one cannot be cancelled."""
+    import time
+
+    ask = dict(model=MODEL, input=QUESTION, max_output_tokens=24, temperature=0)
+    want = client.responses.create(**ask)
+    r = client.responses.create(**ask, background=True)
+    assert r.background and r.status in ("queued", "in_progress") and not want.background
+    while (r := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        time.sleep(0.05)
+    assert (r.status, r.output_text, r.usage.output_tokens) == (want.status, want.output_text, want.usage.output_tokens)
+    assert [(i.role, i.content) for i in client.responses.input_items.list(r.id).data] == [("user", QUESTION)]
+
+    stream = client.responses.create(**dict(ask, max_output_tokens=48), background=True, stream=True,
+                                     extra_body={"ignore_eos": True})
+    head = []
+    for ev in stream:
+        head.append(ev)
+        if len(head) == 5:
+            break
+    stream.close()  # the client goes away: the response goes on
+    rid = head[0].response.id
+    assert head[0].type == "response.created" and head[0].response.status == "queued"
+    assert head[1].type == "response.in_progress"
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=head[-1].sequence_number))
+    events = head + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = rest[-1].response
+    assert rest[-1].type == "response.incomplete" and final.usage.output_tokens == 48 and final.background
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    assert client.responses.retrieve(rid).output_text == final.output_text
+    replay = list(client.responses.retrieve(rid, stream=True, starting_after=2))  # ended: from the store
+    assert [e.sequence_number for e in replay] == list(range(3, len(events))) and replay[-1].response.id == rid
+    with pytest.raises(openai.BadRequestError) as e:
+        list(client.responses.retrieve(r.id, stream=True))  # created without stream: nothing to join
+    assert e.value.body["param"] == "stream"
+
+    long = client.responses.create(**dict(ask, max_output_tokens=900), background=True,
+                                   extra_body={"ignore_eos": True})
+    while not (now := client.responses.retrieve(long.id)).output_text:
+        assert now.status in ("queued", "in_progress")
+        time.sleep(0.05)
+    gone = client.responses.cancel(long.id)
+    assert gone.status == "cancelled" and gone.output_text.startswith(now.output_text)
+    assert client.responses.retrieve(long.id).status == "cancelled" == client.responses.cancel(long.id).status
+    for _ in range(100):  # the engine drops the aborted sequence at its next step
+        if api.engine.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert api.engine.stats()["running"] == 0
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(want.id)  # a synchronous response
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_none")
+    # stored while running, and the server stopped before it ended: it reads as failed
+    api.server.store.put({**want.model_dump(), "id": "resp_cut", "status": "in_progress", "background": True}, [])
+    cut = client.responses.retrieve("resp_cut")
+    assert cut.status == "failed" and cut.error.code == "server_error"
+    client.responses.delete("resp_cut")
 
 
 def test_a_responses_chain_cannot_grow_past_what_one_request_may_carry(api, client):
