@@ -353,8 +353,8 @@ class AsyncEngine:
     def stream(self, *reqs: Request) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
         """Submit requests now and return an async iterator of batches of `(request index, deltas)`: each batch is
         every event handed over since the consumer last took one (one engine step's, or several if it fell behind),
-        so a consumer writes each batch at once. Leaving it early aborts what is unfinished. A consumer more than
-        `max_buffer` events behind gets `StreamOverflow`."""
+        so a consumer writes each batch at once. Leaving it early, or closing it before it has started, aborts what
+        is unfinished. A consumer more than `max_buffer` events behind gets `StreamOverflow`."""
         s = _Stream(asyncio.get_running_loop())
         left = {}
 
@@ -369,9 +369,16 @@ class AsyncEngine:
         for req in reqs:
             self.engine.add(req)
         self._wake.set()
-        return self._events(reqs, s, left)
 
-    async def _events(self, reqs, s: "_Stream", left: dict) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
+        def finish() -> None:  # abort what is unfinished (once)
+            for i, n in left.items():
+                if n:
+                    self.engine.abort(reqs[i].id)
+                    left[i] = 0
+            self._wake.set()
+        return _Events(self._events(s, left, finish), finish)
+
+    async def _events(self, s: "_Stream", left: dict, finish) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
         try:
             while any(left.values()):
                 await s.woken.wait()
@@ -383,10 +390,27 @@ class AsyncEngine:
                     left[i] -= sum(1 for d in deltas if d.finish_reason)
                 yield batch
         finally:
-            for i, n in left.items():
-                if n:
-                    self.engine.abort(reqs[i].id)
-            self._wake.set()
+            finish()
+
+
+class _Events:
+    """`AsyncEngine.stream`'s iterator: closing it aborts what is unfinished, also before its first step (an async
+    generator closed before it started skips its `finally`: a call cut while its response was being prepared held
+    its slots until `max_tokens`)."""
+
+    def __init__(self, gen, finish):
+        self.gen, self.finish = gen, finish
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.gen.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the events, aborting what is unfinished."""
+        await self.gen.aclose()
+        self.finish()
 
 
 class _Stream:

@@ -138,8 +138,8 @@ class Server:
             for route in list(app.router.routes()):
                 cors.add(route)
         app.on_startup.append(self._started)
-        app.on_shutdown.append(self.stop_detached)
         if not loopback:
+            app.on_shutdown.append(self.stop_detached)
             app.on_startup.append(self.batches.load)
             app.on_shutdown.append(self.batches.stop)
         return app
@@ -639,17 +639,10 @@ class Server:
                 try:
                     async with asyncio.timeout_at(DEADLINE.get()):
                         async for batch in events:  # one write for the events of a batch
-                            out = []
-                            for i, deltas in batch:
-                                call.took.saw(i, deltas, self.prom)
-                                for d in deltas:
-                                    if d.finish_reason == "error":
-                                        await send(out)
-                                        raise self.failed(call.reqs)
-                                    piece = turn.feed(d.text, d.finish_reason, d.token_ids)
-                                    piece.source = (i, d.index)
-                                    out += face.add(piece)
+                            out, error = self.pieces(batch, call, turn, face)
                             await send(out)
+                            if error is not None:
+                                raise error
                 except TimeoutError:
                     raise self.timed_out() from None
                 await send(face.closing())
@@ -662,6 +655,20 @@ class Server:
                 await send(face.failed(ApiError(500, "internal server error", type_="server_error",
                                                 code="internal_error")))
         return resp
+
+    def pieces(self, batch, call: "Call", turn: Turn, face) -> tuple[list[dict], ApiError | None]:
+        """A batch of a call's engine events read through `turn` into `face`'s events (timed for the metrics), and
+        `failed`'s error if a choice ended with finish_reason "error" (the events before it are kept)."""
+        out = []
+        for i, deltas in batch:
+            call.took.saw(i, deltas, self.prom)
+            for d in deltas:
+                if d.finish_reason == "error":
+                    return out, self.failed(call.reqs)
+                piece = turn.feed(d.text, d.finish_reason, d.token_ids)
+                piece.source = (i, d.index)
+                out += face.add(piece)
+        return out, None
 
     async def write(self, resp: web.StreamResponse, data: bytes) -> None:
         """Write to a started stream: `Stalled` if the client has not taken it within `stall_timeout` seconds

@@ -38,7 +38,10 @@ class Background:
         return {**self.face.shell, "status": self.status, "output": json.loads(json.dumps(self.face.out.items))}
 
     def publish(self, events: list[dict]) -> None:
-        """Number and frame `events` (each its `sequence_number`), keep them, and wake the streams that follow."""
+        """Number and frame `events` (each its `sequence_number`), keep them, and wake the streams that follow
+        (a response created without `stream` keeps none: it has no stream to join)."""
+        if not self.stream:
+            return
         for ev in events:
             self.events.append(sse_event({**ev, "sequence_number": len(self.events)}))
         if events:
@@ -58,10 +61,10 @@ class Background:
         seen = after + 1
         while True:
             tick = self._tick
-            while seen < len(self.events):
-                seen += 1
-                yield self.events[seen - 1]
-            if self.result is not None:
+            if seen < len(self.events):  # all that came since, in one write
+                data, seen = b"".join(self.events[seen:]), len(self.events)
+                yield data
+            if self.result is not None and seen >= len(self.events):
                 return
             await tick.wait()
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -374,6 +375,9 @@ class Responses:
             return [], None
         if not isinstance(prev, str):
             raise bad("'previous_response_id' must be a string", "previous_response_id")
+        if prev in self.running:
+            raise bad(f"background response {prev!r} has not ended yet: continue it once it has",
+                      "previous_response_id")
         size = self.server.store.size(prev)
         if size is not None and size > self.server.max_body:  # what one request may carry: chains cannot grow on
             raise bad(f"the conversation stored under {prev!r} holds {size} characters of items, past the "
@@ -442,36 +446,35 @@ class Responses:
         return await self.server.serve(request, answer)
 
     async def _background(self, request: web.Request, face: Stream, stream: bool, events, turn: Turn):
-        """Start a background response (stored `queued` now): its queued response, or its event stream followed."""
+        """Start a background response: its queued response, or its event stream followed."""
         bg = Background(face, stream)
+        bg.publish([{"type": "response.created", "response": bg.response()},
+                    {"type": "response.queued", "response": bg.response()}])
         face.call.detached = True
         self.running[face.shell["id"]] = bg
-        bg.publish([{"type": "response.created", "response": bg.response()}])
-        self.server.store.put(bg.response(), face.items)
         bg.task = self.server.detach(self._run(bg, events, turn))
+        await asyncio.sleep(0)  # the task holds the events now: cancelling it from here on aborts them
         if stream:
-            return await self._follow(request, bg.follow(-1))
+            return await self._follow(request, face.shell["id"], bg.follow(-1))
         return web.json_response(bg.response())
 
     async def _run(self, bg: Background, events, turn: Turn) -> None:
-        """A background response's reply, its events kept in `bg`; it ends stored (and accounted) as completed,
-        incomplete, failed (an engine error, a grammar's failure, a drain) or cancelled."""
+        """A background response's reply, its events kept in `bg`; stored `queued` first (so a restart finds it),
+        it ends stored and accounted as completed, incomplete, failed (an engine error, a grammar's failure, a
+        drain) or cancelled."""
         face, call, status = bg.face, bg.face.call, 200
         try:
             async with contextlib.aclosing(events) as events:
+                self.server.store.put(bg.response(), face.items)
                 async for batch in events:
                     out = []
                     if bg.status == "queued":  # its first tokens: it holds a slot
                         bg.status = "in_progress"
                         out.append({"type": "response.in_progress", "response": bg.response()})
-                    for i, deltas in batch:
-                        call.took.saw(i, deltas, self.server.prom)
-                        for d in deltas:
-                            if d.finish_reason == "error":
-                                bg.publish(out)
-                                raise self.server.failed(call.reqs)
-                            out += face.add(turn.feed(d.text, d.finish_reason, d.token_ids))
-                    bg.publish(out)
+                    more, error = self.server.pieces(batch, call, turn, face)
+                    bg.publish(out + more)
+                    if error is not None:
+                        raise error
             bg.publish(face.closing())  # stored as it ends
             bg.end(face.result)
         except ApiError as e:
@@ -490,29 +493,36 @@ class Responses:
                                                  code="internal_error")))
         finally:
             del self.running[face.shell["id"]]
-            if bg.stream:
-                self.server.store.put_events(face.shell["id"], bg.events)
             self.server.account("/v1/responses", status, call.rid, call.reqs, call.took)
+            if bg.stream:
+                self._keep(self.server.store.put_events, face.shell["id"], bg.events)
 
     def _ended(self, bg: Background, events: list[dict], result: dict | None = None) -> None:
         """End `bg` with `events` (the last one's response, or `result`), stored with the output so far."""
         bg.publish(events)
         result = result or events[-1]["response"]
-        self.server.store.put(result, bg.face.items + bg.face.out.items)
         bg.end(result)
+        self._keep(self.server.store.put, result, bg.face.items + bg.face.out.items)
 
-    async def _follow(self, request: web.Request, events) -> web.StreamResponse:
-        """Stream framed events to the client (a background response's, as they come): its going away, or
-        falling behind, ends only this stream."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+    @staticmethod
+    def _keep(put, *args) -> None:
+        """A store write at a background response's end: one that fails is logged (the response has ended)."""
         try:
+            put(*args)
+        except Exception:  # noqa: BLE001  (a full disk, a locked file)
+            log.exception("could not store background response %s", args[0] if isinstance(args[0], str)
+                          else args[0]["id"])
+
+    async def _follow(self, request: web.Request, rid: str, events) -> web.StreamResponse:
+        """Stream framed events (background response `rid`'s, as they come) to the client; its going away, or not
+        reading, ends this stream only (`Server.streaming`)."""
+        from server.app import Call  # (server.app imports this module)
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        async with self.server.streaming(request, resp, Call(rid=rid), None):
+            await resp.prepare(request)
             async for data in events:
                 await self.server.write(resp, data)
-        except Exception as e:  # noqa: BLE001  (a reset, a stalled reader: the response goes on)
-            log.info("a stream of a background response ended early (%s)", type(e).__name__)
-            if request.transport is not None:
-                request.transport.abort()
         return resp
 
     def _stored(self, request: web.Request) -> tuple[dict, list[dict]]:
@@ -532,13 +542,13 @@ class Responses:
         if request.query.get("stream", "false").lower() not in ("true", "1"):
             return web.json_response(self._current(request))
         after = request.query.get("starting_after", "-1")
-        if not after.lstrip("-").isdigit():
-            raise bad("'starting_after' must be an integer (an event's sequence number)", "starting_after")
+        if not re.fullmatch(r"-1|\d{1,9}", after):
+            raise bad("'starting_after' must be an event's sequence number (an integer from 0)", "starting_after")
         rid, after = request.match_info["id"], int(after)
         if (bg := self.running.get(rid)) is not None:
             if not bg.stream:
                 raise bad(f"response {rid!r} was not created with 'stream': true; poll it without 'stream'", "stream")
-            return await self._follow(request, bg.follow(after))
+            return await self._follow(request, rid, bg.follow(after))
         self._stored(request)
         kept = self.server.store.events(rid)
         if kept is None:
@@ -546,9 +556,8 @@ class Responses:
                       "true has one", "stream")
 
         async def replay():
-            for data in kept[after + 1:]:
-                yield data
-        return await self._follow(request, replay())
+            yield b"".join(kept[after + 1:])
+        return await self._follow(request, rid, replay())
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /v1/responses/{id}/cancel: end a background response as `cancelled` (what it wrote so far kept);
@@ -559,10 +568,15 @@ class Responses:
             if not response.get("background"):
                 raise bad("Cannot cancel a synchronous response: only a background response can be cancelled")
             return web.json_response(response)
+        await self._stop(bg)
+        return web.json_response(bg.response())
+
+    @staticmethod
+    async def _stop(bg: Background) -> None:
+        """Cancel a running background response and wait for it to end (stored `cancelled`)."""
         bg.cancelled = True
         bg.task.cancel()
         await asyncio.wait([bg.task])
-        return web.json_response(bg.response())
 
     async def input_items(self, request: web.Request) -> web.Response:
         """GET /v1/responses/{id}/input_items: the conversation items that led to a stored response."""
@@ -577,9 +591,7 @@ class Responses:
         """DELETE /v1/responses/{id} (a background response still running is cancelled first)."""
         rid = request.match_info["id"]
         if (bg := self.running.get(rid)) is not None:
-            bg.cancelled = True
-            bg.task.cancel()
-            await asyncio.wait([bg.task])
+            await self._stop(bg)
         if not self.server.store.delete(rid):
             raise ApiError(404, f"no stored response with id {rid!r}", code="not_found")
         return web.json_response({"id": rid, "object": "response", "deleted": True})

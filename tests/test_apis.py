@@ -155,7 +155,7 @@ def test_background_responses_poll_resume_their_stream_and_cancel(api, client):
     stream.close()  # the client goes away: the response goes on
     rid = head[0].response.id
     assert head[0].type == "response.created" and head[0].response.status == "queued"
-    assert head[1].type == "response.in_progress"
+    assert [e.type for e in head[1:3]] == ["response.queued", "response.in_progress"]
     rest = list(client.responses.retrieve(rid, stream=True, starting_after=head[-1].sequence_number))
     events = head + rest
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -168,12 +168,19 @@ def test_background_responses_poll_resume_their_stream_and_cancel(api, client):
     with pytest.raises(openai.BadRequestError) as e:
         list(client.responses.retrieve(r.id, stream=True))  # created without stream: nothing to join
     assert e.value.body["param"] == "stream"
+    for bad in ("-5", "--5", "x"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.retrieve(rid, stream=True, extra_query={"starting_after": bad})
+        assert e.value.body["param"] == "starting_after"
 
     long = client.responses.create(**dict(ask, max_output_tokens=900), background=True,
                                    extra_body={"ignore_eos": True})
     while not (now := client.responses.retrieve(long.id)).output_text:
         assert now.status in ("queued", "in_progress")
         time.sleep(0.05)
+    with pytest.raises(openai.BadRequestError) as e:  # its answer is not there yet
+        client.responses.create(model=MODEL, input="and?", previous_response_id=long.id, max_output_tokens=2)
+    assert e.value.body["param"] == "previous_response_id"
     gone = client.responses.cancel(long.id)
     assert gone.status == "cancelled" and gone.output_text.startswith(now.output_text)
     assert client.responses.retrieve(long.id).status == "cancelled" == client.responses.cancel(long.id).status

@@ -340,6 +340,26 @@ def test_a_stream_whose_consumer_falls_behind_is_cut_and_its_request_aborted(sma
     assert 8 <= len(req.choices[0].token_ids) < 480 and req.choices[0].finish_reason == "abort"
 
 
+def test_a_stream_closed_before_its_first_step_aborts_its_request(small_api):
+    """A call cut while its response was still being prepared closes its events before they started: the request
+    is aborted then too (an async generator closed unstarted skips its `finally`; it held its slot to the end)."""
+    import asyncio
+
+    from engine import SamplingParams
+
+    aengine, eng = small_api.server.aengine, small_api.engine
+    aborted = eng.aborted
+
+    async def cut():
+        req = eng.make_request([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=480, ignore_eos=True))
+        await aengine.stream(req).aclose()
+        return req
+
+    req = asyncio.run(cut())
+    assert wait_idle(small_api)["free_slots"] == 2 and eng.aborted == aborted + 1
+    assert len(req.choices[0].token_ids) < 480 and req.choices[0].finish_reason == "abort"
+
+
 def children(pid: int) -> list[int]:
     """The live (not zombie) processes whose parent is `pid`."""
     out = []
@@ -363,11 +383,16 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_drains_streams_in_flight_and_exits_0():
-    """Streams in flight at SIGTERM finish, a new request gets a 503, the process exits 0, and the grammar sandbox's
-    child process (started by a structured-output request) is gone with it."""
+def test_sigterm_drains_streams_in_flight_and_exits_0(tmp_path):
+    """Streams in flight at SIGTERM finish, and so does a background response waiting for a slot (stored as it
+    ended); a new request gets a 503, the process exits 0, and the grammar sandbox's child process (started by a
+    structured-output request) is gone with it."""
+    from server.store import ResponseStore
+
+    db = str(tmp_path / "responses.sqlite")
     child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "none", "--drain-timeout", "120", timeout=240)  # small_api's: programs from the store
+                  "--warmup", "none", "--drain-timeout", "120", "--responses-db", db,
+                  timeout=240)  # small_api's: programs from the store
     proc, lines = child.proc, child.lines
     try:
         client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)
@@ -390,6 +415,9 @@ def test_sigterm_drains_streams_in_flight_and_exits_0():
         for t in threads:
             t.start()
         assert all(e.wait(120) for e in started)
+        later = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8, background=True,
+                                        extra_body={"ignore_eos": True})
+        assert later.status == "queued"  # both slots are taken
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         try:
@@ -402,17 +430,23 @@ def test_sigterm_drains_streams_in_flight_and_exits_0():
         assert got == [48, 48]
         assert proc.wait(120) == 0, "".join(lines)
         assert not alive(sandbox[0])
+        stored = ResponseStore(db).get(later.id)[0]
+        assert stored["status"] == "incomplete" and stored["usage"]["output_tokens"] == 8
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-def test_the_drain_timeout_ends_what_is_left_as_a_shutdown_and_a_stalled_upload_does_not_hold_the_exit():
+def test_the_drain_timeout_ends_what_is_left_as_a_shutdown_and_a_stalled_upload_does_not_hold_the_exit(tmp_path):
     """Past --drain-timeout, requests still running get the 503 `shutting_down` that new ones get (they used to get
-    a 500 "engine failed"), whole or as a stream's error event; a client that sent half a body and stalled does not
-    hold the exit (it used to add 70-90 s); and the server raised its open-files limit at start."""
+    a 500 "engine failed"), whole or as a stream's error event, and a background response is stored failed with
+    it; a client that sent half a body and stalled does not hold the exit (it used to add 70-90 s); and the server
+    raised its open-files limit at start."""
+    from server.store import ResponseStore
+
+    db = str(tmp_path / "responses.sqlite")
     child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "none", "--drain-timeout", "2", timeout=240)
+                  "--warmup", "none", "--drain-timeout", "2", "--responses-db", db, timeout=240)
     proc = child.proc
     try:
         with open(f"/proc/{proc.pid}/limits") as f:
@@ -440,6 +474,8 @@ def test_the_drain_timeout_ends_what_is_left_as_a_shutdown_and_a_stalled_upload_
         for t in threads:
             t.start()
         assert started.wait(120)
+        behind = client.responses.create(model=MODEL, input="Hi", max_output_tokens=480, background=True,
+                                         extra_body={"ignore_eos": True})
         upload = socket.create_connection(("127.0.0.1", int(child.url.rsplit(":", 1)[1])))
         upload.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
         time.sleep(0.5)
@@ -450,6 +486,8 @@ def test_the_drain_timeout_ends_what_is_left_as_a_shutdown_and_a_stalled_upload_
         assert got == {"whole": (503, "shutting_down"), "stream": "shutting_down"}
         assert proc.wait(60) == 0 and time.time() - t0 < 2 + 10 + 8  # drain, error events, the grace, slack
         upload.close()
+        stored = ResponseStore(db).get(behind.id)[0]
+        assert stored["status"] == "failed" and stored["error"]["code"] == "shutting_down"
     finally:
         if proc.poll() is None:
             proc.kill()
