@@ -796,8 +796,8 @@ class Server:
         if job.logprobs is None:
             return None
         if job.kind == "chat":
-            return chat_logprobs(self.vocab, entries, job.logprobs)
-        return completion_logprobs(self.vocab, entries, job.logprobs, offset)
+            return chat_logprobs(self.vocab, entries, job.logprobs, job.tokens_as_ids)
+        return completion_logprobs(self.vocab, entries, job.logprobs, offset, job.tokens_as_ids)
 
     def _extras(self, job: Job, req: Request, choice, out: dict) -> dict:
         if job.prompt_logprobs is not None and job.kind != "chat":  # vLLM: on each choice (chat: the response's)

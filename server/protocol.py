@@ -136,7 +136,7 @@ TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids", "use_beam_search")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MAX_STOPS = 4
+MAX_STOPS = 64  # vLLM takes any number, OpenAI 4: lm-eval's code tasks send 8 or more (a bound, as llama.cpp's route)
 
 
 @dataclasses.dataclass
@@ -154,6 +154,7 @@ class Job:
     raw_output: bool = False
     return_token_ids: bool = False
     logprobs: int | None = None  # number of alternatives; None: no logprobs
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens `token_id:N`
     truncate: bool = True
     cache_max_len: int | None = None  # prompt_cache_max_len: reuse at most this many cached prompt tokens
     cache_key: str | None = None  # prompt_cache_isolation_key: share cached pages only under the same key
@@ -308,6 +309,7 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
         raise bad("'truncate_prompt_tokens' must be -1 (keep what fits the context) or a number of tokens >= 1",
                   "truncate_prompt_tokens")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
+    job.tokens_as_ids = _flag(body, "return_tokens_as_token_ids")
     job.cache_key = body.get("prompt_cache_isolation_key")
     job.priority = _number(body, "priority") or 0
     try:
@@ -546,8 +548,8 @@ def _completion_logprobs(body: dict) -> int | None:
         return None
     if isinstance(lp, bool):  # Fireworks accepts true/false too
         return 1 if lp else None
-    if not isinstance(lp, int) or not 0 <= lp <= 5:
-        raise bad(f"'logprobs' must be an integer in [0, 5] in completions, got {lp!r}", "logprobs")
+    if not isinstance(lp, int) or not 0 <= lp <= 20:  # OpenAI's bound is 5, vLLM's (and chat's) 20
+        raise bad(f"'logprobs' must be an integer in [0, 20] in completions, got {lp!r}", "logprobs")
     return lp
 
 

@@ -98,23 +98,31 @@ def vllm_prompt_logprobs(vocab: Vocab, req: Request, k: int) -> list[dict | None
     return out
 
 
-def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int = 0) -> dict:
+def token_text(vocab: Vocab, tid: int, as_ids: bool) -> str:
+    """A token as the logprobs objects name it: its text, or vLLM's `token_id:N` (`return_tokens_as_token_ids`:
+    exact where a token's text is not, a byte of a character or a special token)."""
+    return f"token_id:{tid}" if as_ids else vocab.text(tid)
+
+
+def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int = 0, as_ids: bool = False) -> dict:
     """The completions-API logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
     tokens, lps, tops, offsets = [], [], [], []
     for tid, lp, top in entries:
-        text = vocab.text(tid)
+        text = token_text(vocab, tid, as_ids)
         tokens.append(text)
         lps.append(lp)
-        tops.append(None if top is None else {vocab.text(t): v for t, v in top[:k]})
+        tops.append(None if top is None else {token_text(vocab, t, as_ids): v for t, v in top[:k]})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(vocab: Vocab, entries: list[tuple], k: int) -> dict:
+def chat_logprobs(vocab: Vocab, entries: list[tuple], k: int, as_ids: bool = False) -> dict:
     """The chat-API logprobs object: `content[]` with token, token_id, logprob, bytes and top_logprobs."""
     def item(tid, lp):
-        return {"token": vocab.text(tid), "token_id": tid, "logprob": lp, "bytes": list(vocab.bytes(tid))}
+        text = token_text(vocab, tid, as_ids)  # with `as_ids`, the bytes of what `token` says, as vLLM gives them
+        return {"token": text, "token_id": tid, "logprob": lp,
+                "bytes": list(text.encode() if as_ids else vocab.bytes(tid))}
 
     return {"content": [{**item(tid, lp), "top_logprobs": [item(t, v) for t, v in (top or [])[:k]]}
                         for tid, lp, top in entries], "refusal": None}

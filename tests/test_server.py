@@ -160,6 +160,33 @@ def test_completion_echo_logprobs_match_the_model(api, client):
     assert g.logprobs.token_logprobs[len(ids):] == [max(d.values()) for d in g.logprobs.top_logprobs[len(ids):]]
 
 
+def test_vllms_return_tokens_as_token_ids_and_twenty_alternatives(api, client):
+    """vLLM's `return_tokens_as_token_ids` names every logprob token, echoed, generated and alternative, as
+    `token_id:N` (chat's `bytes` are that text's), with the same logprobs; completions take up to 20 alternatives
+    (vLLM's bound; OpenAI's is 5)."""
+    text = "The quick brown fox"
+    ids = api.model.tokenizer.encode(text)
+    kw = dict(model=MODEL, prompt=text, max_tokens=4, echo=True, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(logprobs=20, **kw).choices[0]
+    named = client.completions.create(logprobs=20, **{**kw, "extra_body": {
+        "ignore_eos": True, "return_tokens_as_token_ids": True, "return_token_ids": True}}).choices[0]
+    assert [int(t.removeprefix("token_id:")) for t in named.logprobs.tokens] == ids + named.model_extra["token_ids"]
+    assert named.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    assert all(len(t) == 20 for t in plain.logprobs.top_logprobs[1:])
+    for a, b in zip(plain.logprobs.top_logprobs[1:], named.logprobs.top_logprobs[1:]):
+        assert sorted(a.values()) == sorted(b.values()) and all(k.startswith("token_id:") for k in b)
+    assert named.logprobs.text_offset == list(np.cumsum([0] + [len(t) for t in named.logprobs.tokens[:-1]]))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(logprobs=21, **kw)
+    chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=3, extra_body={"return_tokens_as_token_ids": True})
+    for item in chat.choices[0].logprobs.content:
+        assert item.token == f"token_id:{item.model_extra['token_id']}" and bytes(item.bytes).decode() == item.token
+        assert all(t.token.startswith("token_id:") for t in item.top_logprobs)
+    ids = [int(i.token.removeprefix("token_id:")) for i in chat.choices[0].logprobs.content]
+    assert api.model.tokenizer.decode(ids, skip_special_tokens=True) == chat.choices[0].message.content
+
+
 def test_n_beyond_the_decode_slots(api, client):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=1.0, seed=21,
               extra_body={"ignore_eos": True})
@@ -243,6 +270,10 @@ def test_stop_length_ignore_eos_and_seeds(api, client):
     s = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0, stop=[stop])
     assert s.choices[0].finish_reason == "stop" and stop not in s.choices[0].text
     assert text.startswith(s.choices[0].text)
+    # more than OpenAI's 4 (vLLM takes any number; lm-eval's code tasks send 8 or more): the earliest match ends it
+    many = ["@@", "##", "$$", "%%", "^^", "&&", "**", stop, "~~", "[["]
+    m = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0, stop=many)
+    assert (m.choices[0].text, m.choices[0].finish_reason) == (s.choices[0].text, "stop")
     short = client.chat.completions.create(model=MODEL, messages=HELLO, max_completion_tokens=3, temperature=0)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
     long = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
@@ -549,7 +580,7 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": HELLO, "logprobs": 3}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
@@ -565,7 +596,7 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/completions", {}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], "x", 3.5]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "echo_last": -2}, 400, "echo_last"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
