@@ -322,6 +322,12 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
         raise bad(str(e), e.param) from None
     if job.cache_key is not None and not isinstance(job.cache_key, str):
         raise bad("'prompt_cache_isolation_key' must be a string", "prompt_cache_isolation_key")
+    if (salt := body.get("cache_salt")) is not None:  # vLLM's name for it
+        if not isinstance(salt, str) or not 0 < len(salt) <= 1024:
+            raise bad("'cache_salt' must be a non-empty string of at most 1024 characters", "cache_salt")
+        if job.cache_key not in (None, salt):
+            raise bad("'cache_salt' and 'prompt_cache_isolation_key' name the same thing; give one", "cache_salt")
+        job.cache_key = salt
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):

@@ -607,6 +607,9 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": -1}, 400, "prompt_cache_max_len"),
     ("/v1/completions", {"prompt": "x", "prompt_cache_max_len": "all"}, 400, "prompt_cache_max_len"),
     ("/v1/chat/completions", {"messages": HELLO, "prompt_cache_isolation_key": 5}, 400, "prompt_cache_isolation_key"),
+    ("/v1/chat/completions", {"messages": HELLO, "cache_salt": ""}, 400, "cache_salt"),
+    ("/v1/chat/completions", {"messages": HELLO, "cache_salt": "a", "prompt_cache_isolation_key": "b"}, 400,
+     "cache_salt"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', 400, "messages"),
     ("/v1/completions", b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": "x", "prediction": {"content": "\\ud800"}}', 400, "prediction"),
@@ -849,6 +852,10 @@ def test_prompt_cache_through_the_api(api, client):
     assert second.choices[0].message.content == first.choices[0].message.content
     other = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t2"})
     assert other.usage.prompt_tokens_details.cached_tokens == 0
+    salted = client.chat.completions.create(**kw, extra_body={"cache_salt": "t1"})  # vLLM's name for the same key
+    assert salted.usage.prompt_tokens_details.cached_tokens == cached
+    fresh = client.responses.create(model=MODEL, input=chat, max_output_tokens=2, extra_body={"cache_salt": "t3"})
+    assert fresh.usage.input_tokens_details.cached_tokens == 0
     off = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t1",
                                                            "prompt_cache_max_len": 0})
     assert off.usage.prompt_tokens_details.cached_tokens == 0
