@@ -521,17 +521,32 @@ def bounded(model: Model, text: str, param: str) -> str:
 
 
 def _template_kwargs(body: dict) -> tuple[dict, int | None]:
-    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs`, `reasoning_effort` and
-    `continue_final_message` (the request's own template arguments win)."""
+    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs`, `reasoning_effort`, and vLLM's
+    `continue_final_message`, `add_generation_prompt` and `documents` (the request's own template arguments win)."""
     extra = body.get("chat_template_kwargs")
     if extra is not None and not isinstance(extra, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     for key in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
         if extra and key in extra:
             raise bad(f"'chat_template_kwargs' must not set {key!r}", "chat_template_kwargs")
+    if body.get("chat_template") is not None:  # vLLM too refuses one unless started to trust them
+        raise bad("a request's own 'chat_template' is not rendered here (templates run code on the server): the "
+                  "model's template is used; pass its variables in 'chat_template_kwargs'", "chat_template")
     kwargs, budget = reasoning.effort(body.get("reasoning_effort"), bad)
+    if body.get("add_generation_prompt") is not None and not _flag(body, "add_generation_prompt"):
+        kwargs["add_generation_prompt"] = False  # vLLM's: the prompt ends after the last message, no reply opened
     if _flag(body, "continue_final_message"):  # vLLM's: the reply continues the last (assistant) message
+        if body.get("add_generation_prompt"):
+            raise bad("'continue_final_message' continues the last message: 'add_generation_prompt' must be false",
+                      "add_generation_prompt")
         kwargs.update(continue_final_message=True, add_generation_prompt=False)
+    docs = body.get("documents")
+    if docs is not None:  # retrieval documents, as the template reads them (transformers' `documents`)
+        if not isinstance(docs, list) or not all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values())
+                                                 for d in docs):
+            raise bad("'documents' must be a list of objects of strings, such as {'title': ..., 'text': ...}",
+                      "documents")
+        kwargs["documents"] = docs
     return {**kwargs, **(extra or {})}, budget
 
 
