@@ -533,6 +533,12 @@ def _template_kwargs(body: dict) -> tuple[dict, int | None]:
         raise bad("a request's own 'chat_template' is not rendered here (templates run code on the server): the "
                   "model's template is used; pass its variables in 'chat_template_kwargs'", "chat_template")
     kwargs, budget = reasoning.effort(body.get("reasoning_effort"), bad)
+    limit = body.get("thinking_token_budget")  # vLLM's: a budget of thinking tokens that leaves the template as it is
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+            raise bad("'thinking_token_budget' must be an integer >= 0 (-1: no budget)", "thinking_token_budget")
+        if limit >= 0:
+            budget = limit if budget is None else min(budget, limit)
     if body.get("add_generation_prompt") is not None and not _flag(body, "add_generation_prompt"):
         kwargs["add_generation_prompt"] = False  # vLLM's: the prompt ends after the last message, no reply opened
     if _flag(body, "continue_final_message"):  # vLLM's: the reply continues the last (assistant) message

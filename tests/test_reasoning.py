@@ -150,6 +150,10 @@ def test_the_engine_closes_the_block_at_an_integer_budget(thinker, budget):
     assert "".join(getattr(k.choices[0].delta, "reasoning_content", None) or "" for k in chunks) == (
         c.message.reasoning_content or "")
     assert "".join(k.choices[0].delta.content or "" for k in chunks) == c.message.content
+    # vLLM's thinking_token_budget: the same budget, the template left as asked
+    _, v = _ask(thinker, max_tokens=16, extra={"thinking_token_budget": budget, "reasoning_effort": "high"})
+    got = v.choices[0].model_extra["token_ids"]
+    assert got[budget] == close and close not in got[:budget] and (got == ids or budget == 0)  # 0: thinking on here
 
 
 def test_structured_output_and_forced_tool_calls_apply_to_the_answer_after_the_block(thinker):
