@@ -839,10 +839,14 @@ class Server:
         base = {"id": rid, "object": obj, "created": created, "model": self.served(call)}
         head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
         tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
+        prompt, sent = usage([r for _, r in parts])["prompt_tokens"], 0  # ... and the tokens streamed so far
 
         def chunk(choices: list[dict], **extra) -> bytes:  # json.dumps of the chunk, its fixed part encoded once
             if extra:  # the closing chunk (usage, when asked for, is in it)
                 return b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n"
+            if job.continuous_usage:  # vLLM's continuous_usage_stats: the usage so far on every chunk
+                so_far = {"prompt_tokens": prompt, "completion_tokens": sent, "total_tokens": prompt + sent}
+                return head + json.dumps(choices).encode() + b', "usage": ' + json.dumps(so_far).encode() + b"}\n\n"
             return head + json.dumps(choices).encode() + tail
 
         async def send(choices: list[dict], **extra) -> None:
@@ -870,6 +874,7 @@ class Server:
                             if any(d.finish_reason == "error" for d in deltas):
                                 failed = True
                                 break
+                            sent += sum(len(d.token_ids) for d in deltas)
                             out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
                         await self.write(resp, b"".join(out))
                         if failed:

@@ -149,6 +149,7 @@ class Job:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: every chunk carries the usage so far
     echo: bool = False
     echo_last: int | None = None
     raw_output: bool = False
@@ -330,11 +331,14 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
         job.cache_key = salt
     opts = body.get("stream_options")
     if opts is not None:
-        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-            raise bad("'stream_options' must be an object like {'include_usage': true}", "stream_options")
+        if not isinstance(opts, dict) or not all(isinstance(opts.get(k, False), bool)
+                                                 for k in ("include_usage", "continuous_usage_stats")):
+            raise bad("'stream_options' must be an object like {'include_usage': true, 'continuous_usage_stats': "
+                      "false}", "stream_options")
         if not job.stream:
             raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         job.include_usage = bool(opts.get("include_usage"))
+        job.continuous_usage = job.include_usage and bool(opts.get("continuous_usage_stats"))
     behaviour = body.get("context_length_exceeded_behavior", "truncate")
     if behaviour not in ("truncate", "error", None):
         raise bad("'context_length_exceeded_behavior' must be 'truncate' or 'error'",

@@ -187,6 +187,22 @@ def test_vllms_return_tokens_as_token_ids_and_twenty_alternatives(api, client):
     assert api.model.tokenizer.decode(ids, skip_special_tokens=True) == chat.choices[0].message.content
 
 
+def test_vllms_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=12, temperature=0, stream=True, n=2,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 24
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert all(c.usage.prompt_tokens == final.prompt_tokens for c in chunks) and counts == sorted(counts)
+    assert counts[0] == 0 and counts[-1] == 24 and all(c.usage.total_tokens == final.prompt_tokens +
+                                                       c.usage.completion_tokens for c in chunks)
+    plain = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, stream=True,
+                                                stream_options={"include_usage": True,
+                                                                "continuous_usage_stats": False}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens <= 4
+
+
 def test_n_beyond_the_decode_slots(api, client):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=1.0, seed=21,
               extra_body={"ignore_eos": True})
