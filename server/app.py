@@ -666,7 +666,7 @@ class Server:
                 if d.finish_reason == "error":
                     return out, self.failed(call.reqs)
                 piece = turn.feed(d.text, d.finish_reason, d.token_ids)
-                piece.source = (i, d.index)
+                piece.source, piece.entries = (i, d.index), d.logprobs
                 out += face.add(piece)
         return out, None
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from server import protocol
 from server.background import Background, stored_status
 from server.protocol import ApiError, bad, text_of
-from server.shapes import sse_event
+from server.shapes import chat_logprobs, sse_event
 from server.turn import Piece, Turn
 
 log = logging.getLogger("sparkler.server")
@@ -236,6 +236,8 @@ def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
             raise bad("'reasoning' must be an object like {'effort': 'low' | 'medium' | 'high' | 'none'}", "reasoning")
         if level is not None and "reasoning_effort" not in out:
             out["reasoning_effort"] = EFFORT[level]
+    if "message.output_text.logprobs" in (body.get("include") or []):  # and `top_logprobs` alternatives each
+        out.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
     out["stream"] = protocol._flag(body, "stream")
     return out, items
 
@@ -247,18 +249,26 @@ class Output:
         self.items: list[dict] = []
         self.open: dict | None = None  # the item being written
         self.calls: dict[int, dict] = {}  # tool-call index -> its item
+        self.pending: list[dict] = []  # logprobs of tokens whose text is held back (a tag's possible start)
 
-    def add(self, piece: Piece) -> list[dict]:
-        """Events for one piece: items opened and closed, text, reasoning and argument deltas."""
+    def add(self, piece: Piece, logprobs: list[dict] = ()) -> list[dict]:
+        """Events for one piece: items opened and closed, text, reasoning and argument deltas; `logprobs`, its
+        tokens' (when asked for), go with the answer's text (with those held back before it; a piece of thinking
+        or tool calls alone drops them)."""
         ev = []
+        self.pending += logprobs
         if piece.reasoning:
             ev += self._start("reasoning")
             self.open["content"][0]["text"] += piece.reasoning
             ev.append(self._at("response.reasoning_text.delta", content_index=0, delta=piece.reasoning))
         if piece.text:
             ev += self._start("message")
-            self.open["content"][0]["text"] += piece.text
-            ev.append(self._at("response.output_text.delta", content_index=0, delta=piece.text, logprobs=[]))
+            part, lps, self.pending = self.open["content"][0], self.pending, []
+            part["text"] += piece.text
+            part["logprobs"] = part["logprobs"] + lps
+            ev.append(self._at("response.output_text.delta", content_index=0, delta=piece.text, logprobs=lps))
+        elif piece.reasoning or piece.calls:
+            self.pending = []
         for d in piece.calls:
             if "id" in d:
                 ev += self.close()
@@ -346,7 +356,9 @@ class Stream:
 
     def add(self, piece: Piece) -> list[dict]:
         """The events of one piece."""
-        return self.out.add(piece)
+        k = self.job.logprobs
+        lps = [] if k is None else chat_logprobs(self.api.server.vocab, piece.entries, k)["content"]
+        return self.out.add(piece, lps)
 
     def closing(self) -> list[dict]:
         """The last item's end and the finished response (stored now)."""
@@ -404,7 +416,7 @@ class Responses:
                 "store": body.get("store", True) is not False, "temperature": body.get("temperature"),
                 "text": body.get("text") or {"format": {"type": "text"}},
                 "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-                "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"), "truncation": "disabled", "usage": None, "user": body.get("user"),
                 "metadata": body.get("metadata") or {}, "background": bool(body.get("background"))}
 
     def finished(self, shell: dict, out: Output, job, req) -> dict:
@@ -443,7 +455,9 @@ class Responses:
                 return await self.server.sse(request, call, events, turn, face)
             await self.server.collect(events, call)
             choice = call.reqs[0].choices[0]
-            face.add(turn.feed(choice.text, choice.finish_reason))
+            piece = turn.feed(choice.text, choice.finish_reason)
+            piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice):]  # the answer's (and calls')
+            face.add(piece)
             face.closing()
             return web.json_response(face.result)
         return await self.server.serve(request, answer)

@@ -23,6 +23,7 @@ class Piece:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     source: tuple[int, int] | None = None  # (the call's request, the choice) it is of, where a stream has several
     finish: str | None = None  # the finish reason of the engine's text it was fed with (its last piece only)
+    entries: list[tuple] = dataclasses.field(default_factory=list)  # its tokens' logprob entries, when asked for
 
 
 class Turn:

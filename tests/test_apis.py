@@ -56,6 +56,26 @@ def test_responses_text_and_stream_equal_chat(client):
     assert final.status == cut.status == "completed" and "Paris" not in cut.output_text
 
 
+def test_responses_logprobs_are_the_chat_apis(client):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: the answer's tokens with their alternatives,
+    as chat gives them for the same request, whole and on the stream's text deltas."""
+    want = _chat(client, max_tokens=12, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    kw = dict(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0, top_logprobs=3,
+              include=["message.output_text.logprobs"])
+    part = client.responses.create(**kw).output[0].content[0]
+    # the same tokens and alternatives; the numbers as close as two batches' (a cached prefix is read, not recomputed)
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in part.logprobs] == \
+        [(t.token, [a.token for a in t.top_logprobs]) for t in want]
+    np.testing.assert_allclose([t.logprob for t in part.logprobs], [t.logprob for t in want], atol=5e-3)
+    assert "".join(t.token for t in part.logprobs).startswith(part.text)
+    with client.responses.stream(**kw) as s:
+        deltas = [e for e in s if e.type == "response.output_text.delta"]
+        final = s.get_final_response().output[0].content[0]
+    assert [t.logprob for e in deltas for t in e.logprobs] == [t.logprob for t in final.logprobs]
+    assert [t.token for t in final.logprobs] == [t.token for t in want]
+    assert client.responses.create(**{**kw, "include": []}).output[0].content[0].logprobs == []
+
+
 def test_responses_forced_tool_call_then_its_result(api, client):
     for choice in ("required", {"type": "function", "name": "get_weather"}):
         r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=R_TOOLS,
