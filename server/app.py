@@ -338,9 +338,10 @@ class Server:
         if t is None or (t.budget is None and job.grammar is None):
             return None
         if self.think_ids is None:
-            if t.budget:
+            if t.budget or (t.budget == 0 and t.budget_param == "thinking_token_budget"):  # (0 by reasoning_effort:
+                # thinking off in the template)
                 raise bad("this model's thinking cannot be cut at a token budget (its tags are not single tokens, or "
-                          "it thinks on harmony's analysis channel)", "reasoning_effort")
+                          "it thinks on harmony's analysis channel)", t.budget_param)
             return None  # thinking off goes through the template alone; a grammar applies from the first token
         return Budget(t.budget, *self.think_ids, opened=t.opened)
 

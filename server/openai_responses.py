@@ -265,9 +265,12 @@ class Output:
             ev += self._start("message")
             part, lps, self.pending = self.open["content"][0], self.pending, []
             part["text"] += piece.text
-            part["logprobs"] = part["logprobs"] + lps
+            part["logprobs"].extend(lps)
             ev.append(self._at("response.output_text.delta", content_index=0, delta=piece.text, logprobs=lps))
         elif piece.reasoning or piece.calls:
+            self.pending = []
+        if piece.finish is not None and self.pending and self.open is not None and self.open["type"] == "message":
+            self.open["content"][0]["logprobs"].extend(self.pending)  # the last tokens (an end of turn) have no text
             self.pending = []
         for d in piece.calls:
             if "id" in d:
@@ -308,7 +311,7 @@ class Output:
         else:
             head = {"id": _new("msg"), "type": "message", "role": "assistant"}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        self.open = {**head, "status": "in_progress", "content": [dict(part)]}
+        self.open = {**head, "status": "in_progress", "content": [json.loads(json.dumps(part))]}  # its own lists
         ev += self._added()
         ev[-1]["item"]["content"] = []
         ev.append(self._at("response.content_part.added", content_index=0, part=part))
@@ -327,7 +330,7 @@ class Output:
         else:
             part = item["content"][0]
             done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
-            extra = {} if item["type"] == "reasoning" else {"logprobs": []}
+            extra = {} if item["type"] == "reasoning" else {"logprobs": part["logprobs"]}
             ev.append(self._at(done, content_index=0, text=part["text"], **extra))
             ev.append(self._at("response.content_part.done", content_index=0, part=part))
         ev.append({"type": "response.output_item.done", "output_index": len(self.items) - 1,
@@ -343,6 +346,7 @@ class Stream:
     def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None):
         self.api, self.shell, self.job, self.call, self.items = api, shell, job, call, items
         self.out, self.seq, self.result = Output(), 0, None
+        self.thinking: bool | None = None  # with logprobs: in the thinking block still (None: no token seen yet)
 
     def encode(self, ev: dict) -> bytes:
         """An event framed for SSE, numbered."""
@@ -355,10 +359,23 @@ class Stream:
                 {"type": "response.in_progress", "response": self.shell}]
 
     def add(self, piece: Piece) -> list[dict]:
-        """The events of one piece."""
-        k = self.job.logprobs
-        lps = [] if k is None else chat_logprobs(self.api.server.vocab, piece.entries, k)["content"]
-        return self.out.add(piece, lps)
+        """The events of one piece (with logprobs, those of the answer's tokens: after the thinking block's close,
+        as `Responses.create` takes them from a whole reply)."""
+        k, entries = self.job.logprobs, piece.entries
+        if k is None:
+            return self.out.add(piece)
+        close = self.api.server.think_ids[1] if self.api.server.think_ids else None
+        if self.thinking is None:  # the first piece: does the reply open with a block?
+            t = self.job.thinking
+            self.thinking = t is not None and not t.harmony and close is not None and (
+                t.opened or bool(entries) and entries[0][0] == self.api.server.think_ids[0])
+        if self.thinking:
+            ids = [e[0] for e in entries]
+            if close in ids:
+                entries, self.thinking = entries[ids.index(close) + 1:], False
+            else:
+                entries = []
+        return self.out.add(piece, chat_logprobs(self.api.server.vocab, entries, k)["content"])
 
     def closing(self) -> list[dict]:
         """The last item's end and the finished response (stored now)."""
@@ -416,7 +433,8 @@ class Responses:
                 "store": body.get("store", True) is not False, "temperature": body.get("temperature"),
                 "text": body.get("text") or {"format": {"type": "text"}},
                 "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+                "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"),
+                "truncation": "disabled", "usage": None, "user": body.get("user"),
                 "metadata": body.get("metadata") or {}, "background": bool(body.get("background"))}
 
     def finished(self, shell: dict, out: Output, job, req) -> dict:
@@ -456,7 +474,8 @@ class Responses:
             await self.server.collect(events, call)
             choice = call.reqs[0].choices[0]
             piece = turn.feed(choice.text, choice.finish_reason)
-            piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice):]  # the answer's (and calls')
+            harmony = job.thinking is not None and job.thinking.harmony  # (else `Stream.add` finds the block's end)
+            piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice) if harmony else 0:]
             face.add(piece)
             face.closing()
             return web.json_response(face.result)

@@ -354,12 +354,13 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                 raise bad(f"a tool_choice that forces a call cannot be combined with a {job.grammar_param}",
                           "tool_choice")
             job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
-        kwargs, budget = _template_kwargs(body)
+        kwargs, budget, budget_param = _template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
                                          job.tools, kwargs, media)
         job.prompts, job.prompt_texts = [ids], [text]
         if thinks:
-            job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony")
+            job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony",
+                                    budget_param=budget_param)
         if thinks == "harmony":  # its channels are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
             if job.tools is not None and job.tools.forced:
@@ -406,7 +407,8 @@ def _beam_search(body: dict, job: Job) -> None:
               ("allowed_token_ids", p.allowed_token_ids is not None), ("stop_token_ids", bool(p.stop_token_ids)),
               ("presence_penalty", p.presence_penalty != 0), ("frequency_penalty", p.frequency_penalty != 0),
               ("repetition_penalty", p.repetition_penalty not in (None, 1.0)), ("dry_multiplier", p.dry_multiplier > 0),
-              ("reasoning_effort", job.thinking is not None and job.thinking.budget is not None))
+              (job.thinking.budget_param if job.thinking else "reasoning_effort",
+               job.thinking is not None and job.thinking.budget is not None))
     refused = (*scored, ("stream", job.stream), ("logprobs", job.logprobs is not None),
                ("echo", job.echo or job.echo_last is not None), ("prompt_logprobs", job.prompt_logprobs is not None),
                (job.grammar_param, job.grammar is not None), ("prediction", job.prediction is not None),
@@ -524,9 +526,10 @@ def bounded(model: Model, text: str, param: str) -> str:
     return text
 
 
-def _template_kwargs(body: dict) -> tuple[dict, int | None]:
-    """`(chat-template arguments, thinking budget)` from `chat_template_kwargs`, `reasoning_effort`, and vLLM's
-    `continue_final_message`, `add_generation_prompt` and `documents` (the request's own template arguments win)."""
+def _template_kwargs(body: dict) -> tuple[dict, int | None, str]:
+    """`(chat-template arguments, thinking budget, the field that set it)` from `chat_template_kwargs`,
+    `reasoning_effort`, and vLLM's `thinking_token_budget`, `continue_final_message`, `add_generation_prompt` and
+    `documents` (the request's own template arguments win, but for `documents`)."""
     extra = body.get("chat_template_kwargs")
     if extra is not None and not isinstance(extra, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -537,12 +540,13 @@ def _template_kwargs(body: dict) -> tuple[dict, int | None]:
         raise bad("a request's own 'chat_template' is not rendered here (templates run code on the server): the "
                   "model's template is used; pass its variables in 'chat_template_kwargs'", "chat_template")
     kwargs, budget = reasoning.effort(body.get("reasoning_effort"), bad)
+    param = "reasoning_effort"
     limit = body.get("thinking_token_budget")  # vLLM's: a budget of thinking tokens that leaves the template as it is
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
             raise bad("'thinking_token_budget' must be an integer >= 0 (-1: no budget)", "thinking_token_budget")
-        if limit >= 0:
-            budget = limit if budget is None else min(budget, limit)
+        if limit >= 0 and (budget is None or limit < budget):
+            budget, param = limit, "thinking_token_budget"
     if body.get("add_generation_prompt") is not None and not _flag(body, "add_generation_prompt"):
         kwargs["add_generation_prompt"] = False  # vLLM's: the prompt ends after the last message, no reply opened
     if _flag(body, "continue_final_message"):  # vLLM's: the reply continues the last (assistant) message
@@ -556,8 +560,10 @@ def _template_kwargs(body: dict) -> tuple[dict, int | None]:
                                                  for d in docs):
             raise bad("'documents' must be a list of objects of strings, such as {'title': ..., 'text': ...}",
                       "documents")
+    kwargs = {**kwargs, **(extra or {})}
+    if docs is not None:
         kwargs["documents"] = docs
-    return {**kwargs, **(extra or {})}, budget
+    return kwargs, budget, param
 
 
 def _chat_logprobs(body: dict) -> int | None:

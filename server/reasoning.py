@@ -27,6 +27,7 @@ class Thinking:
     opened: bool = False
     budget: int | None = None
     harmony: bool = False
+    budget_param: str = "reasoning_effort"  # the field that set the budget (vLLM's `thinking_token_budget` too)
 
 
 def opens(prompt_text: str) -> bool:

@@ -198,6 +198,15 @@ def test_responses_give_a_reasoning_item_and_messages_a_thinking_block(thinker):
                                  extra_body={"seed": 3, "ignore_eos": True, "reasoning_effort": 5}) as s:
         events = list(s)
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == r.output[0].content[0].text
+    # logprobs: the answer's tokens (those after the block's close), the same whole and streamed
+    kw = dict(model=NAME, input="Think.", max_output_tokens=16, temperature=1.0, top_logprobs=2,
+              include=["message.output_text.logprobs"], extra_body={"seed": 3, "ignore_eos": True,
+                                                                     "reasoning_effort": 5})
+    whole = client.responses.create(**kw).output[1].content[0].logprobs
+    assert len(whole) == 16 - 6 and all(len(t.top_logprobs) == 2 for t in whole)
+    last = list(client.responses.create(stream=True, **kw))[-1]  # response.incomplete: max_output_tokens
+    streamed = last.response.output[1].content[0].logprobs
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in whole]
     claude = anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0, timeout=120)
     m = claude.messages.create(model=NAME, max_tokens=16, messages=[{"role": "user", "content": "Think."}],
                                thinking={"type": "enabled", "budget_tokens": 5},
