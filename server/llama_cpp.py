@@ -36,7 +36,6 @@ SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "presence_penalty
 RENAMED = {"repeat_penalty": "repetition_penalty"}
 NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "n_predict", "mirostat_target": "mirostat_tau",
          "mirostat_lr": "mirostat_eta", "return_token_ids": "return_tokens"}  # ours -> llama.cpp's, in errors
-MAX_STOPS = 64  # llama.cpp takes any number; clients such as SillyTavern send a dozen
 STOP_TYPES = {"stop": "eos", "length": "limit"}  # and "word" where a stop string ended it
 
 
@@ -77,8 +76,9 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], tok)
     stops = body.get("stop", [])
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
-        raise bad(f"'stop' must be a list of at most {MAX_STOPS} non-empty strings", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or \
+            len(stops) > protocol.MAX_STOPS:
+        raise bad(f"'stop' must be a list of at most {protocol.MAX_STOPS} non-empty strings", "stop")
     probs = body.get("n_probs", 0)
     if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
         raise bad("'n_probs' must be an integer in [0, 20]", "n_probs")

@@ -49,7 +49,6 @@ from server.turn import Piece, Turn
 OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
            "typical_p": "typical_p", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
-MAX_STOPS = 64  # Ollama takes any number; the OpenAI API's bound of 4 is not Ollama's
 NAMES = {ours: f"options.{theirs}" for theirs, ours in OPTIONS.items()} | {
     "max_tokens": "options.num_predict", "mirostat_target": "options.mirostat_tau",
     "mirostat_lr": "options.mirostat_eta", "response_format": "format", "reasoning_effort": "think"}
@@ -105,8 +104,9 @@ def options(body: dict, max_len: int) -> dict:
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]
     stops = out.get("stop", [])
-    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > MAX_STOPS:
-        raise bad(f"'options.stop' must be a list of at most {MAX_STOPS} non-empty strings", "options.stop")
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or \
+            len(stops) > protocol.MAX_STOPS:
+        raise bad(f"'options.stop' must be a list of at most {protocol.MAX_STOPS} non-empty strings", "options.stop")
     return out
 
 
@@ -336,7 +336,7 @@ class Ollama:
     async def _answer(self, request, plain: dict, kind: str, call, context: list[int] = (),
                       chat: bool | None = None) -> web.StreamResponse:
         """Parse a translated body, run it, and answer whole or streamed; `context`: ids before the prompt."""
-        stops = plain.pop("stop", [])  # past the OpenAI API's bound of 4: set after parsing, as llama.cpp's
+        stops = plain.pop("stop", [])  # checked above under Ollama's name: set after parsing, as llama.cpp's
         try:
             job = await self.server.parse(plain, kind, protocol.HOT)  # any temperature, as Ollama's
             job.params.stop = stops

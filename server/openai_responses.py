@@ -33,7 +33,7 @@ PASSED = ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_pena
           "repetition_penalty", "mirostat_target", "mirostat_lr", "seed", "logit_bias", "ignore_eos", "stop",
           "prompt_cache_max_len", "prompt_cache_isolation_key", "context_length_exceeded_behavior",
           "prompt_truncate_len", "chat_template_kwargs", "reasoning_effort", "parallel_tool_calls", "priority",
-          # vLLM's sampling extras, which its Responses API takes too
+          # vLLM's sampling extras (some of which its own Responses API takes), taken here as on chat
           "cache_salt", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids", "skip_special_tokens",
           "include_stop_str_in_output", "structured_outputs", "truncate_prompt_tokens")
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}

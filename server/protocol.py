@@ -136,7 +136,8 @@ TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids", "use_beam_search")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MAX_STOPS = 64  # vLLM takes any number, OpenAI 4: lm-eval's code tasks send 8 or more (a bound, as llama.cpp's route)
+MAX_STOPS = 64  # every route's bound: vLLM, llama.cpp and Ollama take any number (lm-eval's code tasks send 8 or
+#                more, SillyTavern a dozen); OpenAI's is 4
 
 
 @dataclasses.dataclass

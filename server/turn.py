@@ -14,8 +14,8 @@ from server.protocol import Job
 @dataclasses.dataclass
 class Piece:
     """What one stretch of text added: thinking, answer text, and OpenAI tool-call deltas (`tool_calls.CallStream`'s);
-    and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's), and whose they are
-    (`source`, for an API that streams several choices at once: SGLang's)."""
+    and the tokens that made it (`token_ids`, for an API that streams them: llama.cpp's; `entries`, their logprobs,
+    for Responses'), and whose they are (`source`, for an API that streams several choices at once: SGLang's)."""
 
     reasoning: str = ""
     text: str = ""
