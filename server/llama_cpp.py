@@ -75,10 +75,7 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     out.update(mirostat(body))
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], tok)
-    stops = body.get("stop", [])
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or \
-            len(stops) > protocol.MAX_STOPS:
-        raise bad(f"'stop' must be a list of at most {protocol.MAX_STOPS} non-empty strings", "stop")
+    stops = protocol.stop_strings(body.get("stop"))
     probs = body.get("n_probs", 0)
     if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
         raise bad("'n_probs' must be an integer in [0, 20]", "n_probs")

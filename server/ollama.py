@@ -101,12 +101,8 @@ def options(body: dict, max_len: int) -> dict:
         for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             out.pop(k, None)
     out.update(llama_cpp.mirostat(opts, "options."))
-    if isinstance(out.get("stop"), str):
-        out["stop"] = [out["stop"]]
-    stops = out.get("stop", [])
-    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or \
-            len(stops) > protocol.MAX_STOPS:
-        raise bad(f"'options.stop' must be a list of at most {protocol.MAX_STOPS} non-empty strings", "options.stop")
+    if "stop" in out:
+        out["stop"] = protocol.stop_strings(out["stop"], "options.stop")
     return out
 
 

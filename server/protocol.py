@@ -138,6 +138,7 @@ STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "miro
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 64  # every route's bound: vLLM, llama.cpp and Ollama take any number (lm-eval's code tasks send 8 or
 #                more, SillyTavern a dozen); OpenAI's is 4
+MAX_STOP_CHARS = 4096  # a stop string's length at most: each is looked for in the text each step
 
 
 @dataclasses.dataclass
@@ -203,16 +204,18 @@ def _flag(body: dict, name: str) -> bool:
     return v
 
 
-def _stops(v: Any) -> list[str]:
+def stop_strings(v: Any, param: str = "stop") -> list[str]:
+    """An API's stop strings (a string or a list: at most `MAX_STOPS`, each non-empty and at most `MAX_STOP_CHARS`
+    characters), or a 400 naming `param`."""
     if v is None:
         return []
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("'stop' must be a string or a list of strings", "stop")
+        raise bad(f"'{param}' must be a string or a list of strings", param)
     if len(stops) > MAX_STOPS:
-        raise bad(f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
-    if any(s == "" for s in stops):
-        raise bad("'stop' strings must not be empty", "stop")
+        raise bad(f"'{param}' takes at most {MAX_STOPS} strings, got {len(stops)}", param)
+    if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise bad(f"'{param}' strings must not be empty nor longer than {MAX_STOP_CHARS} characters", param)
     return stops
 
 
@@ -244,7 +247,7 @@ def sampling(body: dict, bounds: dict | None = None) -> SamplingParams:
         frequency_penalty=num["frequency_penalty"] or 0.0, presence_penalty=num["presence_penalty"] or 0.0,
         logit_bias=_logit_bias(body.get("logit_bias")), ignore_eos=_flag(body, "ignore_eos"),
         mirostat_target=num["mirostat_target"], mirostat_lr=num["mirostat_lr"] or 0.1, seed=num["seed"],
-        n=num["n"] or 1, stop=_stops(body.get("stop")), min_tokens=num["min_tokens"] or 0,
+        n=num["n"] or 1, stop=stop_strings(body.get("stop")), min_tokens=num["min_tokens"] or 0,
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
         skip_special_tokens=body.get("skip_special_tokens") is None or _flag(body, "skip_special_tokens"),

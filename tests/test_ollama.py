@@ -151,6 +151,9 @@ def test_nulls_defaults_and_long_options(api, client):
     stops = {"model": MODEL, "messages": HELLO, "stream": False,
              "options": {"temperature": 3, "num_predict": 4, "stop": ["a", "b", "c", "d", "e"]}}
     assert http(api, "POST", "/api/chat", stops)[0] == 200
+    stops["options"]["stop"] = ["a" * 4097]  # past a stop string's bound: a 400 under Ollama's name for it
+    status, r, _ = http(api, "POST", "/api/chat", stops)
+    assert status == 400 and "options.stop" in json.dumps(r)
     status, r, _ = http(api, "POST", "/api/generate", {"model": MODEL, "prompt": None, "keep_alive": 0})
     assert status == 200 and r["done_reason"] == "unload"
     assert http(api, "POST", "/api/embed", {"model": MODEL, "input": []})[1]["embeddings"] == []

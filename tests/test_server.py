@@ -619,6 +619,8 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a" * 4097]}, 400, "stop"),
+    ("/completion", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
