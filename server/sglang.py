@@ -3,7 +3,7 @@
 SGLang's own benchmarks and clients).
 
 A `/generate` body (`text` or `input_ids`, one prompt or a batch of them, `sampling_params` with SGLang's names:
-`max_new_tokens`, `min_new_tokens`, `stop` as a string or any number of strings, `no_stop_trim`, `sampling_seed`,
+`max_new_tokens`, `min_new_tokens`, `stop` as a string or up to 64 strings, `no_stop_trim`, `sampling_seed`,
 `top_k` -1 for the whole vocabulary, `json_schema` / `regex` / `ebnf`, ...) becomes a completions body that
 `protocol.parse` validates like any other. The reply is SGLang's: `{"text", "output_ids", "meta_info"}` for one
 prompt of one sample, else a list of them, prompt by prompt (`n` samples each); `meta_info` holds the id, the
@@ -64,7 +64,7 @@ def routes(app: web.Application, server) -> None:
 
 
 def generate_body(body: Any) -> tuple[dict, list[str], bool]:
-    """A completions body for a `/generate` body, its stop strings (any number; checked here), and whether the
+    """A completions body for a `/generate` body, its stop strings (checked here, under SGLang's name), and whether the
     prompt was one (not a batch)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
@@ -110,11 +110,7 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
         if not -(2**31) <= priority < 2**31:
             raise bad(f"'priority' must be a 32-bit integer, got {priority}", "priority")
         out["priority"] = min(-priority, 2**31 - 1)  # SGLang's lowest, -2**31, is ours the least urgent too
-    stops = params.get("stop", [])
-    stops = [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise bad("'stop' must be a string or a list of non-empty strings", "sampling_params.stop")
-    return out, stops, single
+    return out, protocol.stop_strings(params.get("stop"), "sampling_params.stop"), single
 
 
 def _prompt(body: dict) -> tuple[Any, bool]:
