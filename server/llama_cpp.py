@@ -75,6 +75,8 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     out.update(mirostat(body))
     if body.get("logit_bias") is not None:
         out["logit_bias"] = _logit_bias(body["logit_bias"], tok)
+    if not isinstance(body.get("stop", []), list):  # llama.cpp's is an array
+        raise bad("'stop' must be a list of strings", "stop")
     stops = protocol.stop_strings(body.get("stop"))
     probs = body.get("n_probs", 0)
     if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
