@@ -840,7 +840,8 @@ class Server:
         base = {"id": rid, "object": obj, "created": created, "model": self.served(call)}
         head = b"data: " + json.dumps(base)[:-1].encode() + b', "choices": '  # what every chunk starts with
         tail = b', "usage": null}\n\n' if job.include_usage else b"}\n\n"
-        prompt, sent = usage([r for _, r in parts])["prompt_tokens"], 0  # ... and the tokens streamed so far
+        reqs = [r for _, r in parts]
+        prompt, sent = usage(reqs)["prompt_tokens"], 0  # ... and the tokens streamed so far
 
         def chunk(choices: list[dict], **extra) -> bytes:  # json.dumps of the chunk, its fixed part encoded once
             if extra:  # the closing chunk (usage, when asked for, is in it)
@@ -858,7 +859,6 @@ class Server:
 
         async with contextlib.aclosing(events) as events, self.streaming(request, resp, call, fail):
             await resp.prepare(request)
-            reqs = [r for _, r in parts]
             for pi, req in parts:  # opening chunks: the role (chat) and the echoed prompt
                 for c in req.choices:
                     text, entries = self._echo(job, pi, req)

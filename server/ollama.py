@@ -332,10 +332,8 @@ class Ollama:
     async def _answer(self, request, plain: dict, kind: str, call, context: list[int] = (),
                       chat: bool | None = None) -> web.StreamResponse:
         """Parse a translated body, run it, and answer whole or streamed; `context`: ids before the prompt."""
-        stops = plain.pop("stop", [])  # checked above under Ollama's name: set after parsing, as llama.cpp's
         try:
             job = await self.server.parse(plain, kind, protocol.HOT)  # any temperature, as Ollama's
-            job.params.stop = stops
             if context:
                 job.prompts[0] = protocol.in_vocab(self.server.model, list(context), "'context'", "context") + \
                     job.prompts[0]
