@@ -40,7 +40,8 @@ def error_body(e: ApiError) -> dict:
 
 def _message(m: Any, i: int, last: bool) -> list[dict]:
     """One Anthropic message as chat messages: tool results become tool turns (before the user's text), tool_use
-    blocks the assistant's tool calls; thinking blocks are dropped (a model's earlier thinking is not sent back)."""
+    blocks the assistant's tool calls, its thinking blocks its reasoning (which templates that interleave thinking with
+    tool calls read back; redacted ones are dropped)."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
         raise bad(f"{where} must be an object with role 'user' or 'assistant'", "messages")
@@ -51,7 +52,7 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise bad(f"{where}.content must be a string or a list of content blocks", "messages")
-    text, calls, results = [], [], []
+    text, calls, results, thought = [], [], [], []
     for k, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
@@ -81,15 +82,21 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
             out = text_of(b.get("content", ""), f"{where}.content[{k}].content", "messages")
             results.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": ("Error: " + out) if b.get("is_error") else out})
-        elif kind not in ("thinking", "redacted_thinking"):
+        elif kind == "thinking" and role == "assistant":
+            if not isinstance(b.get("thinking"), str):
+                raise bad(f"{where}.content[{k}]: a thinking block needs a string 'thinking'", "messages")
+            thought.append(b["thinking"])
+        elif kind != "redacted_thinking":
             raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, image and "
-                      "tool_result in user turns, tool_use in assistant turns)", "messages")
+                      "tool_result in user turns, text, tool_use and thinking in assistant turns)", "messages")
     out = results
-    if text or calls or not results:
+    if text or calls or thought or not results:
         pictures = any(p["type"] == "image_url" for p in text)
         one = {"role": role, "content": text if pictures else "".join(p["text"] for p in text)}
         if calls:
             one["tool_calls"] = calls
+        if thought:
+            one["reasoning_content"] = "".join(thought)
         out = out + [one]
     return out
 

@@ -818,7 +818,7 @@ class Server:
             turn.feed(c.text, c.finish_reason)
             msg = {"role": "assistant", "content": echo_text + turn.text}
             if job.thinking is not None:
-                msg["reasoning_content"] = turn.reasoning or None
+                msg["reasoning"] = msg["reasoning_content"] = turn.reasoning or None  # vLLM's name, DeepSeek's
             if turn.calls:
                 msg.update(content=(echo_text + turn.text) or None, tool_calls=turn.openai_calls())
             out = {"index": index, "message": msg, "logprobs": lps, "finish_reason": turn.finish}
@@ -905,7 +905,7 @@ class Server:
             piece = turn.feed(d.text, d.finish_reason)
             out = self._chunk_choice(job, index, piece.text, d.logprobs, turn.finish, offsets)
             if piece.reasoning:
-                out["delta"]["reasoning_content"] = piece.reasoning
+                out["delta"]["reasoning"] = out["delta"]["reasoning_content"] = piece.reasoning
             if piece.calls:
                 out["delta"]["tool_calls"] = piece.calls
         if d.finish_reason:

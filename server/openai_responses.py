@@ -56,8 +56,8 @@ def _new(prefix: str) -> str:
 
 
 def items_of(value: Any) -> list[dict]:
-    """`input` as normalized items: messages with text content, function calls and their outputs (reasoning items
-    are dropped: a model's earlier thinking is not sent back to it)."""
+    """`input` as normalized items: messages with text content, function calls and their outputs, and reasoning
+    items (a model's earlier thinking, which templates that interleave it with tool calls read back)."""
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -83,9 +83,24 @@ def items_of(value: Any) -> list[dict]:
                 raise bad(f"{where}: a function_call_output needs a string call_id", "input")
             out.append({"type": "function_call_output", "call_id": it["call_id"],
                         "output": text_of(it.get("output"), f"{where}.output", "input", TEXT_PARTS)})
-        elif kind != "reasoning":
+        elif kind == "reasoning":
+            out.append(_reasoning(it, where))
+        else:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
-                      "function_call_output)", "input")
+                      "function_call_output, reasoning)", "input")
+    return out
+
+
+def _reasoning(item: dict, where: str) -> dict:
+    """A reasoning item sent back, checked: its `content` (`reasoning_text` parts) and `summary` (`summary_text`
+    parts); an `encrypted_content` is another server's and is not read."""
+    out = {"type": "reasoning", **({"id": item["id"]} if isinstance(item.get("id"), str) else {})}
+    for key, part in (("summary", "summary_text"), ("content", "reasoning_text")):
+        parts = item.get(key) or []
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                  for p in parts):
+            raise bad(f"{where}.{key} must be a list of {{'type': '{part}', 'text': str}}", "input")
+        out[key] = [{"type": part, "text": p["text"]} for p in parts]
     return out
 
 
@@ -119,23 +134,36 @@ def _chat_parts(content: str | list[dict]) -> str | list[dict]:
 def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
     """Chat messages for a conversation's items: `instructions` and every system or developer message in one
     system message first (most templates take no other), and consecutive calls in the assistant turn before
-    them."""
+    them; a reasoning item's text (its content, else its summary) is the reasoning of the assistant turn after
+    it."""
     system = [instructions] if instructions else []
-    msgs = []
+    msgs, thought = [], []
+
+    def said(msg: dict) -> dict:
+        if thought:
+            msg["reasoning_content"] = msg.get("reasoning_content", "") + "".join(thought)
+            thought.clear()
+        return msg
+
     for it in items:
         if it["type"] == "message" and it["role"] in ("system", "developer"):
             system.append(it["content"])
+        elif it["type"] == "reasoning":
+            thought.extend(p["text"] for p in it["content"] or it["summary"])
         elif it["type"] == "message":
-            msgs.append({"role": it["role"], "content": _chat_parts(it["content"])})
+            msg = {"role": it["role"], "content": _chat_parts(it["content"])}
+            msgs.append(said(msg) if it["role"] == "assistant" else msg)
+            thought.clear()  # thinking that no assistant turn followed is of no turn
         elif it["type"] == "function_call":
             call = {"id": it["call_id"], "type": "function",
                     "function": {"name": it["name"], "arguments": it["arguments"]}}
-            if msgs and msgs[-1]["role"] == "assistant":
+            if msgs and msgs[-1]["role"] == "assistant" and not thought:
                 msgs[-1].setdefault("tool_calls", []).append(call)
             else:
-                msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                msgs.append(said({"role": "assistant", "content": "", "tool_calls": [call]}))
         else:
             msgs.append({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]})
+            thought.clear()
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + msgs
 
 

@@ -17,6 +17,7 @@ from server import harmony, images, infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model, vision
+from models.loading.tokenizer import REASONING
 
 
 class ApiError(Exception):
@@ -669,6 +670,10 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
                "content": _content(m, i, found, fetch, media.max_images)}
         if role == "assistant" and m.get("tool_calls") is not None:
             one["tool_calls"] = m["tool_calls"]
+        if role == "assistant" and (said := _reasoning_of(m, i)) is not None:
+            one["reasoning_content"] = said  # the template reads it under any of its names (`Tokenizer`)
+        if isinstance(m.get("name"), str):
+            one["name"] = m["name"]
         if role == "tool":
             one["tool_call_id"] = str(m.get("tool_call_id", ""))
         clean.append(one)
@@ -686,6 +691,18 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         except Exception:
             pass
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
+
+
+def _reasoning_of(message: dict, i: int) -> str | None:
+    """An assistant message's earlier thinking, sent back as vLLM's `reasoning`, DeepSeek's `reasoning_content` or
+    gpt-oss's `thinking` (the first given): templates that interleave thinking with tool calls read it back."""
+    for name in REASONING:
+        said = message.get(name)
+        if said is not None:
+            if not isinstance(said, str):
+                raise bad(f"messages[{i}].{name} must be a string", "messages")
+            return said
+    return None
 
 
 def _tool_history(messages: list) -> None:

@@ -19,6 +19,7 @@ from engine.params import InvalidRequest
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
 MAX_TOOLS = 128  # OpenAI's limit
+KEPT = ("reasoning_content", "name")  # message fields a template may read besides role, content and calls
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
             "To call functions, reply with only a JSON array of calls, each "
             '{{"name": <function name>, "arguments": <object>}}; otherwise reply normally.')
@@ -157,14 +158,20 @@ def _calls_of(m: dict) -> list[dict]:
     return calls
 
 
+def _kept(m: dict) -> dict:
+    """What a message carries beside its role, content and calls: its earlier thinking, its author's name."""
+    return {k: m[k] for k in KEPT if k in m}
+
+
 def _plain(m: dict) -> dict:
     """A message as plain role + content (tool calls as their JSON, tool results as a user turn)."""
     if m["role"] == "tool":
         return {"role": "user", "content": f"Result of tool call {m.get('tool_call_id', '')}: {m['content']}"}
     calls = _calls_of(m)
     if calls:
-        return {"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + json.dumps(calls)}
-    return {"role": m["role"], "content": m["content"]}
+        return {"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + json.dumps(calls),
+                **_kept(m)}
+    return {"role": m["role"], "content": m["content"], **_kept(m)}
 
 
 def string_arguments(messages: list[dict]) -> list[dict] | None:
@@ -180,7 +187,7 @@ def string_arguments(messages: list[dict]) -> list[dict] | None:
 
 def _native(m: dict) -> dict:
     """A message for a template that knows tools (arguments as objects, as such templates expect)."""
-    out = {"role": m["role"], "content": m["content"]}
+    out = {"role": m["role"], "content": m["content"], **_kept(m)}
     calls = _calls_of(m)
     if calls:
         out["tool_calls"] = [{"type": "function", "function": c} for c in calls]

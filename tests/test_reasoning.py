@@ -1,6 +1,6 @@
 """Reasoning output: the `<think>` splitter on streams cut anywhere (hypothesis), and a small random Qwen3 whose chat
 template opens a thinking block, served live: reasoning_content in chat, a reasoning item in Responses, a thinking
-block in Messages, and the token budget the engine enforces."""
+block in Messages, the token budget the engine enforces, and earlier thinking sent back to the template."""
 
 import dataclasses
 
@@ -16,7 +16,8 @@ from server import reasoning
 from server.reasoning import CLOSE, OPEN, Splitter
 
 NAME = "tiny-thinker"
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>\n"
+            "{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content or '' }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
             "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
 
@@ -233,3 +234,54 @@ def test_thinking_off_renders_a_closed_block_and_template_kwargs_pass_through(th
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
                                        extra_body={"reasoning_effort": "extreme"})
     assert e.value.body["param"] == "reasoning_effort"
+
+
+def test_earlier_thinking_sent_back_reaches_the_template_through_every_api(thinker):
+    import json
+
+    client = openai.OpenAI(base_url=thinker.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    tok = thinker.model.tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    tools = [{"type": "function", "function": {"name": "pick", "description": "Pick.", "parameters": schema}}]
+    user = {"role": "user", "content": "Think."}
+    _, r = _ask(thinker, max_tokens=40, tools=tools, tool_choice="required",
+                extra={"reasoning_effort": 3, "ignore_eos": False})
+    msg = r.choices[0].message
+    thought, call = msg.reasoning_content, msg.tool_calls[0]
+    assert thought and msg.model_extra["reasoning"] == thought  # vLLM's name beside DeepSeek's
+
+    def prompt(assistant: dict) -> list[int]:
+        turn = {"role": "assistant", "content": None, "tool_calls": [call.model_dump()], **assistant}
+        done = client.chat.completions.create(
+            model=NAME, messages=[user, turn, {"role": "tool", "tool_call_id": call.id, "content": "7"}],
+            tools=tools, max_tokens=1, extra_body={"return_token_ids": True})
+        return done.model_extra["prompt_token_ids"]
+
+    sent = prompt({"reasoning": thought})
+    assert f"<think>\n{thought}\n</think>" in tok.decode(sent)
+    assert prompt({"reasoning_content": thought}) == sent and prompt({"thinking": thought}) == sent
+    assert len(prompt({})) < len(sent) and thought not in tok.decode(prompt({}))
+    with pytest.raises(openai.BadRequestError) as e:
+        prompt({"reasoning": 5})
+    assert e.value.body["param"] == "messages" and "reasoning" in e.value.body["message"]
+    # Anthropic's thinking block before the tool_use it led to (arguments as JSON of its input)
+    args = json.loads(call.function.arguments)
+    call = call.model_copy(update={"function": call.function.model_copy(update={"arguments": json.dumps(args)})})
+    claude = anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0, timeout=120)
+    spec = {"name": "pick", "description": "Pick.", "input_schema": schema}
+    m = claude.messages.create(model=NAME, max_tokens=1, tools=[spec], messages=[
+        user, {"role": "assistant", "content": [{"type": "thinking", "thinking": thought, "signature": ""},
+                                                {"type": "tool_use", "id": call.id, "name": "pick", "input": args}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "7"}]}])
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(prompt({"reasoning": thought}))
+    # Responses: the stored reasoning item goes back with previous_response_id
+    kw = dict(model=NAME, tools=[{"type": "function", "name": "pick", "description": "Pick.", "parameters": schema}])
+    first = client.responses.create(input="Think.", tool_choice="required", max_output_tokens=40, temperature=1.0,
+                                    extra_body={"seed": 3, "reasoning_effort": 3}, **kw)
+    said, fc = first.output[0], first.output[-1]
+    assert [o.type for o in first.output] == ["reasoning", "function_call"]
+    after = client.responses.create(previous_response_id=first.id, max_output_tokens=1, input=[
+        {"type": "function_call_output", "call_id": fc.call_id, "output": "7"}], **kw)
+    call = call.model_copy(update={"id": fc.call_id, "function": call.function.model_copy(
+        update={"name": fc.name, "arguments": fc.arguments})})
+    assert after.usage.input_tokens == len(prompt({"reasoning": said.content[0].text}))
