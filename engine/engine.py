@@ -139,6 +139,13 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
+    @property
+    def default_max_tokens(self) -> int:
+        """A request's max_tokens when it sets none: the generation config's `max_new_tokens` (the model's, or
+        `--override-generation-config`'s), else `DEFAULT_MAX_TOKENS`; lowered to what the context leaves."""
+        n = self.model.generation_config.get("max_new_tokens")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else DEFAULT_MAX_TOKENS
+
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      on_delta=None, truncate: bool = True, first_choice: int = 0,
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
@@ -199,7 +206,7 @@ class Engine:
         if not truncate and p.max_tokens is not None and p.max_tokens > room:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds "
                                  f"this model's context of {self.max_len} tokens", "max_tokens")
-        max_tokens = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
+        max_tokens = min(p.max_tokens if p.max_tokens is not None else self.default_max_tokens, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]
         if p.dry_multiplier > 0:  # off the engine's thread (the server's parse threads made them already)

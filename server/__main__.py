@@ -21,6 +21,7 @@ from engine import draft_model, multihost
 from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
+from engine.params import DEFAULT_MAX_TOKENS
 from engine.runner import RunnerConfig, platform_defaults
 from models import KV_DTYPES, load_model, lora
 from models.backends import BACKENDS
@@ -28,10 +29,33 @@ from models.backends.cpu_matmul import MATMULS
 from models.loading.source import cache_root
 from models.loading.tokenizer import read_template
 from server import reasoning
+from server.protocol import TEMPLATE_OWN
 from server.app import Server
 from server.images import Media
 
 log = logging.getLogger("sparkler.server")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# what --override-generation-config may set (vLLM's generation-config defaults; max_new_tokens: the default max_tokens)
+GENERATION = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens")
+ALWAYS_CACHED = "the prefix cache is always on"
+IGNORED = (  # (flag names, values it takes, why it changes nothing here): `_ignored`
+    (("--enable-auto-tool-choice",), 0, "tool calls are always read, in the form the chat template writes"),
+    (("--tool-call-parser",), 1, "the tool-call form is read from the chat template"),
+    (("--trust-remote-code",), 0, "no code from a model folder is run: the model families are built in"),
+    (("--enable-prefix-caching",), 0, ALWAYS_CACHED),
+    (("--no-enable-prefix-caching", "--disable-radix-cache"), 0, ALWAYS_CACHED),
+    (("--enforce-eager",), 0, "every step is a compiled XLA program; there are no CUDA graphs to turn off"),
+    (("--disable-log-requests", "--enable-log-requests"), 0, "request bodies are never logged"),
+    (("--disable-log-stats",), 0, "the engine's figures are at /metrics, not in the log"),
+    (("--enable-metrics", "--metrics"), 0, "/metrics is always served"),
+    (("--uvicorn-log-level",), 1, "the server is aiohttp"),
+    (("--swap-space",), 1, "a preempted sequence is recomputed from its tokens, not swapped out"),
+    (("--jinja",), 0, "chat templates are always rendered with Jinja"),
+    (("--n-gpu-layers", "-ngl", "--gpu-layers"), 1, "the whole model goes on the accelerator"),
+    (("--flash-attn", "-fa"), 1, "the attention kernel is chosen per platform (--attention-backend)"),
+    (("--cont-batching", "-cb"), 0, "continuous batching is always on"),
+    (("--threads", "-t"), 1, "XLA and the C++ kernels size their threads to the cores"),
+)
 KEEPALIVE = 75.0  # seconds an idle connection stays open (nginx's keepalive_timeout)
 SHUTDOWN_GRACE = 3.0  # seconds a handler still running after the drain gets before it is cancelled
 OPEN_FILES = 65536  # the soft limit on open files raised towards this (each connection is one)
@@ -51,17 +75,33 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
         more(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, HF folder or GGUF file")
-    ap.add_argument("--served-name", "--served-model-name", default=None,
-                    help="the model id clients send (default: --model; vLLM's name is accepted too)")
-    ap.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (batch rows)")
-    ap.add_argument("--max-model-len", type=int, default=0,
+    ap.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                    help="the model, as `vllm serve MODEL` takes it (the same as --model)")
+    ap.add_argument("--model", "-m", "--model-path", default=None,
+                    help="catalog name, HF folder or GGUF file (default: smollm2-135m-instruct)")
+    ap.add_argument("--served-name", "--served-model-name", "--alias", nargs="+", default=None, metavar="NAME",
+                    help="the model id clients send (default: --model); more names are aliases a request may use "
+                         "too (vLLM's flag; llama.cpp's --alias)")
+    ap.add_argument("--max-num-seqs", "--parallel", "-np", "--max-running-requests", type=int, default=32,
+                    help="sequences decoded together (batch rows)")
+    ap.add_argument("--max-model-len", "--ctx-size", "-c", "--context-length", type=int, default=0,
                     help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")
+    ap.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                    help="default sampling settings: the model's generation_config.json (auto), none of them "
+                         "(vllm: OpenAI's defaults), or those of FOLDER/generation_config.json (vLLM's flag)")
+    ap.add_argument("--override-generation-config", type=_generation, default={}, metavar="JSON",
+                    help="default sampling settings over those, for requests that set none: "
+                         f"{', '.join(GENERATION)} (vLLM's flag; max_new_tokens is the default max_tokens, "
+                         f"{DEFAULT_MAX_TOKENS} otherwise)")
+    ap.add_argument("--default-chat-template-kwargs", "--chat-template-kwargs", type=_object, default={},
+                    metavar="JSON", help="variables every chat template render gets unless a request's "
+                    "chat_template_kwargs set them, as '{\"enable_thinking\": false}' (vLLM's flag; llama.cpp's "
+                    "name too)")
     ap.add_argument("--kv-cache-gb", type=float, default=0.0,
                     help="size of the KV page pool, GiB a data shard (0: 4 on a CPU; on a GPU or TPU what the devices "
                          "hold after the weights within --gpu-memory-utilization, less a reserve for the programs' "
                          "working memory)")
-    ap.add_argument("--gpu-memory-utilization", type=_share, default=0.9,
+    ap.add_argument("--gpu-memory-utilization", "--mem-fraction-static", type=_share, default=0.9,
                     help="the share of each GPU's or TPU's memory to use in all: weights, KV pool and working memory "
                          "(vLLM's flag; sets XLA_PYTHON_CLIENT_MEM_FRACTION unless it is set)")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
@@ -97,7 +137,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="run the layers under lax.scan: one layer is compiled, whatever the depth (one per "
                          "run of dense or MoE layers where a model mixes them)")
-    ap.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", dest="max_prefill_tokens", type=int,
+    ap.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", "--chunked-prefill-size",
+                    dest="max_prefill_tokens", type=int,
                     default=0, help="long-prompt tokens prefilled per engine step, SGLang's --max-prefill-tokens "
                     "(vLLM's name is accepted too; 0: 512 on CPU, 16384 on GPU/TPU)")
     ap.add_argument("--decode-batch-sizes", type=_sizes, default=(), metavar="N,N,...",
@@ -144,12 +185,12 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                     help="vLLM's form of the above: {\"model\": MODEL, \"num_speculative_tokens\": K}, or "
                          "{\"method\": \"ngram\", \"num_speculative_tokens\": K}")
-    ap.add_argument("--tensor-parallel-size", "-tp", "--tp", dest="tp", type=int, default=1,
+    ap.add_argument("--tensor-parallel-size", "-tp", "--tp", "--tp-size", dest="tp", type=int, default=1,
                     help="devices each layer is split over: heads, KV heads, MLP width (vLLM's flag)")
     ap.add_argument("--enable-expert-parallel", action="store_true",
                     help="mixtures of experts: split the experts over the tensor-parallel devices, each expert whole "
                          "on one, instead of splitting every expert's width (vLLM's flag)")
-    ap.add_argument("--data-parallel-size", "-dp", dest="dp", type=int, default=1,
+    ap.add_argument("--data-parallel-size", "-dp", "--dp-size", dest="dp", type=int, default=1,
                     help="shards the decode batch and the KV pages are split over, each with its own copy of the "
                          "weights (--max-num-seqs in all, --kv-cache-gb each); the mesh is dp x tp devices")
     ap.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -210,7 +251,16 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="how /v1/embeddings pools the final hidden states: as the model folder asks "
                          "(sentence-transformers' modules, a GGUF's pooling type; else last: auto), the last "
                          "token's, their mean or the first's")
+    _ignored(ap)
     args = ap.parse_args(argv)
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        ap.error(f"the model is named twice: {args.model_tag} and --model {args.model}")
+    args.model = args.model_tag or args.model or DEFAULT_MODEL
+    if set(args.default_chat_template_kwargs) & set(TEMPLATE_OWN):
+        ap.error(f"--default-chat-template-kwargs must not set {', '.join(TEMPLATE_OWN)}")
+    if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
+            os.path.join(args.generation_config, "generation_config.json")):
+        ap.error(f"--generation-config {args.generation_config}: no generation_config.json there")
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
@@ -243,6 +293,60 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.speculative_model and args.dp > 1:
         ap.error("a draft model runs on one data shard (-dp 1)")
     return args
+
+
+def _ignored(ap: argparse.ArgumentParser) -> None:
+    """Flags of vLLM, SGLang and llama.cpp's server that launch commands copied from them carry and that change
+    nothing here, each with why: accepted and logged, so those commands start."""
+    group = ap.add_argument_group("accepted from other servers, with nothing to change here")
+    for names, takes, why in IGNORED:
+        takes = dict(action="store_const", const=True) if not takes else dict(nargs=takes, metavar="X")
+        group.add_argument(*names, dest="ignored_" + names[0].lstrip("-").replace("-", "_"), default=None,
+                           help=why, **takes)
+
+
+def ignored(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`(flag, why)` for each accepted flag that does nothing here and was given."""
+    return [(names[0], why) for names, _, why in IGNORED
+            if getattr(args, "ignored_" + names[0].lstrip("-").replace("-", "_")) is not None]
+
+
+def _object(text: str) -> dict:
+    """A JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _generation(text: str) -> dict:
+    """`--override-generation-config`: a JSON object of numbers under `GENERATION`'s names."""
+    value = _object(text)
+    unknown = sorted(set(value) - set(GENERATION))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown settings {unknown}; these are: {', '.join(GENERATION)}")
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in ("top_k", "max_new_tokens")
+                                                                       and not isinstance(v, int)):
+            raise argparse.ArgumentTypeError(f"{k} must be a number (top_k and max_new_tokens integers), got {v!r}")
+    return value
+
+
+def generation_config(args: argparse.Namespace, model_config: dict) -> dict:
+    """The default sampling settings the flags ask for over a model's `generation_config` (`--generation-config`,
+    then `--override-generation-config`); its other keys (EOS ids) are kept."""
+    kept = {k: v for k, v in model_config.items() if k not in GENERATION}
+    if args.generation_config == "auto":
+        base = model_config
+    elif args.generation_config == "vllm":
+        base = kept
+    else:
+        with open(os.path.join(args.generation_config, "generation_config.json")) as f:
+            base = {**kept, **{k: v for k, v in json.load(f).items() if k in GENERATION}}
+    return {**base, **args.override_generation_config}
 
 
 def _share(text: str) -> float:
@@ -289,7 +393,10 @@ def load(args: argparse.Namespace):
                        expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype,
                        max_model_len=args.max_model_len)
     if args.served_name:
-        model.name = args.served_name
+        model.name = args.served_name[0]
+    model.generation_config = generation_config(args, model.generation_config)
+    if args.default_chat_template_kwargs and model.tokenizer is not None:
+        model.tokenizer.template_defaults = dict(args.default_chat_template_kwargs)
     if args.enable_lora:
         if args.num_processes > 1:
             raise ValueError("LoRA adapters are not served across processes yet")
@@ -395,6 +502,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
         if args.dp * args.tp != jax.device_count():  # every process must hold a part of the mesh
             raise SystemExit(f"sparkler: across processes the mesh must cover every device: data-parallel size "
                              f"{args.dp} x tensor-parallel size {args.tp} != the group's {jax.device_count()} devices")
+    for flag, why in ignored(args):
+        log.info("sparkler: %s has nothing to change here: %s", flag, why)
     use_caches(cache_root())
     t0 = time.monotonic()
     try:
@@ -453,6 +562,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                         "for it: lower --gpu-memory-utilization or pass --kv-cache-gb", PROGRAMS["working"] / (1 << 30),
                         fit.reserve / (1 << 30))
     server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
+                    aliases=tuple(args.served_name[1:]) if args.served_name else (),
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,

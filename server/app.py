@@ -34,7 +34,7 @@ from engine.requests import Choice, Delta, Request
 from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
 from engine.llm import AsyncEngine, StreamOverflow
-from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, default_settings
+from engine.params import InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
 from server import (adapters, anthropic_messages, batches, embeddings, harmony, images, llama_cpp, message_batches,
@@ -76,8 +76,9 @@ class Server:
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
                  max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None,
-                 media: images.Media = images.NO_MEDIA):
+                 media: images.Media = images.NO_MEDIA, aliases: tuple[str, ...] = ()):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
+        self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
@@ -94,7 +95,7 @@ class Server:
         self.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="sparkler-parse")
         self.vocab = Vocab(model)
         self.created = int(time.time())
-        defaults = {**default_settings(model.generation_config), "max_tokens": DEFAULT_MAX_TOKENS,
+        defaults = {**default_settings(model.generation_config), "max_tokens": self.engine.default_max_tokens,
                     "frequency_penalty": 0.0, "presence_penalty": 0.0, "mirostat_lr": 0.1}
         self.options_header = {"fireworks-sampling-options": json.dumps(defaults, sort_keys=True)}
         self.thinks, self.think_ids = reasoning.resolve(reasoning_parser, model.tokenizer)
@@ -288,11 +289,11 @@ class Server:
             return name
         short = name.rsplit("/models/", 1)[-1] if name.startswith(MODEL_PREFIX) else name
         short = short.removesuffix(":latest")  # Ollama's name for a model without a tag
-        if short == self.name:
+        if short == self.name or short in self.aliases:
             return None
         if short in self.engine.adapters:
             return short
-        names = ", ".join(repr(n) for n in [self.name, *self.engine.adapters])
+        names = ", ".join(repr(n) for n in [self.name, *self.aliases, *self.engine.adapters])
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {names}", "model",
                        code="model_not_found")
 
@@ -372,13 +373,15 @@ class Server:
     # ---- routes -----------------------------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        """GET /v1/models: the served model and its LoRA adapters."""
-        cards = [self._card()] + [self._card(name) for name in list(self.engine.adapters)]
+        """GET /v1/models: the served model (once under each of its names) and its LoRA adapters."""
+        cards = [self._card(), *(self._card(alias=a) for a in self.aliases),
+                 *(self._card(name) for name in list(self.engine.adapters))]
         return web.json_response({"object": "list", "data": cards})
 
-    def _card(self, adapter: str | None = None) -> dict:
-        """The served model's card, or a LoRA adapter's (vLLM's: `root` its folder, `parent` the model)."""
-        card = {"id": adapter or self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
+    def _card(self, adapter: str | None = None, alias: str | None = None) -> dict:
+        """The served model's card (under `alias`, one of its other names), or a LoRA adapter's (vLLM's: `root` its
+        folder, `parent` the model)."""
+        card = {"id": adapter or alias or self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
                 "max_model_len": self.engine.max_len, "dtype": self.model.cfg.dtype,
                 "quantization": {"method": self.model.cfg.quantization, "products": self.model.cfg.matmul,
                                  "why": self.model.quantization_why},
@@ -390,7 +393,9 @@ class Server:
 
     async def model_card(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: the served model or a LoRA adapter, or 404."""
-        return web.json_response(self._card(self._check_model({"model": request.match_info["name"]})))
+        name = request.match_info["name"]
+        adapter = self._check_model({"model": name})
+        return web.json_response(self._card(adapter, alias=name if name in self.aliases else None))
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """POST /tokenize: token ids of `prompt` (vLLM's; `add_special_tokens`, default true) or `content`

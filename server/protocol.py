@@ -134,6 +134,7 @@ LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_la
              "dynatemp_exponent")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
+TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "tokenize", "conversation")  # no kwargs may set these
 FLAGS = ("stream", "echo", "raw_output", "ignore_eos", "return_token_ids", "use_beam_search")
 STRICTLY_POSITIVE = ("typical_p", "repetition_penalty", "mirostat_target", "mirostat_lr")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -538,7 +539,7 @@ def _template_kwargs(body: dict) -> tuple[dict, int | None, str]:
     extra = body.get("chat_template_kwargs")
     if extra is not None and not isinstance(extra, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-    for key in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
+    for key in TEMPLATE_OWN:
         if extra and key in extra:
             raise bad(f"'chat_template_kwargs' must not set {key!r}", "chat_template_kwargs")
     if body.get("chat_template") is not None:  # vLLM too refuses one unless started to trust them

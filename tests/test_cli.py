@@ -48,11 +48,14 @@ def served(tmp_path_factory, smollm):
     for part in ("params", "tokenizers", "remembered", "native"):
         os.makedirs(os.path.join(cache_root(), part), exist_ok=True)
         os.symlink(os.path.join(cache_root(), part), cache / part)
-    template = cache / "chat.jinja"  # the model's own, with another default system message (`--chat-template`)
-    template.write_text(smollm.tokenizer.chat_template.replace(SMOL_SYSTEM, OUR_SYSTEM))
+    template = cache / "chat.jinja"  # the model's own, its default system message a variable (`--chat-template`)
+    template.write_text(smollm.tokenizer.chat_template.replace(SMOL_SYSTEM, "' + persona + '"))
     child = spawn("--max-num-seqs", "2", "--max-model-len", "64", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
                   "--warmup", "full", "--api-key", KEY, "--max-queued-requests", "16", "--chat-template", str(template),
-                  command=[SPARKLER, "serve"],
+                  "--default-chat-template-kwargs", json.dumps({"persona": OUR_SYSTEM}),
+                  "--served-model-name", "smollm2-135m-instruct", "smol", "--override-generation-config",
+                  '{"max_new_tokens": 5, "temperature": 0}', "--enable-auto-tool-choice", "--tool-call-parser",
+                  "hermes", "-ngl", "99", command=[SPARKLER, "serve"],
                   env={"SPARKLER_CACHE": str(cache)}, timeout=600)
     yield child
     child.proc.terminate()
@@ -71,6 +74,12 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
     with urllib.request.urlopen(asked, timeout=30) as r:
         rendered = smollm.tokenizer.decode(json.load(r)["tokens"], skip_special_tokens=False)
     assert SMOL_SYSTEM in smollm.tokenizer.chat_template and f"system\n{OUR_SYSTEM}<|im_end|>" in rendered
+    # the other name, and the defaults of --override-generation-config: 5 tokens, greedy
+    short = client.chat.completions.create(model="smol", messages=[{"role": "user",
+                                                                    "content": "What is the capital of France?"}])
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 5
+    assert first.choices[0].message.content.startswith(short.choices[0].message.content)
+    assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct", "smol"]
     during = health(served.url)
     assert during["warmup_shapes_ready"] < during["warmup_shapes_total"]  # answered with shapes still to come
     log = "".join(served.lines)
@@ -78,6 +87,8 @@ def test_serve_answers_before_its_background_compilation_is_done_and_chat_stream
     assert started and int(started[2]) >= 5 and int(started[1]) == 0  # the first shapes, compiled before serving
     assert re.search(r"warm-up: (\d+) more shapes compiling behind serving", log)
     assert f"quantization {smollm.cfg.quantization} (auto: " in log  # the default, as the `smollm` fixture loads it
+    for flag in ("--enable-auto-tool-choice", "--tool-call-parser", "--n-gpu-layers"):  # taken from other servers
+        assert f"{flag} has nothing to change here" in log
 
     questions = "What is the capital of France?\n/reset\nName a color.\n/exit\nnever sent\n"
     out = run("chat", "--url", served.url, "--api-key", KEY, "--temperature", "0", "--max-tokens", "8",
@@ -196,18 +207,52 @@ def test_every_command_has_help(capsys):
     assert end.value.code == 2 and "a share in (0, 1], got '1.5'" in capsys.readouterr().err
 
 
-def test_the_prefill_budget_takes_sglangs_and_vllms_names():
+def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     import jax
 
     from engine.runner import platform_defaults
-    from server.__main__ import parse_args, runner_config
+    from server.__main__ import generation_config, ignored, parse_args, runner_config
 
-    for flag in ("--max-prefill-tokens", "--max-num-batched-tokens"):
+    for flag in ("--max-prefill-tokens", "--max-num-batched-tokens", "--chunked-prefill-size"):
         assert runner_config(parse_args([flag, "2048"])).max_prefill_tokens == 2048
     tuned = platform_defaults(jax.devices()[0].platform)["max_prefill_tokens"]  # 512 on a CPU
     assert runner_config(parse_args([])).max_prefill_tokens == tuned
-    for flag in ("--served-name", "--served-model-name"):  # vLLM's name for it too
-        assert parse_args([flag, "m"]).served_name == "m"
+    for flag in ("--served-name", "--served-model-name", "--alias"):  # vLLM's and llama.cpp's names for it too
+        assert parse_args([flag, "m"]).served_name == ["m"]
+    # a launch line as vLLM's recipes write it, and one as llama.cpp's
+    vllm = parse_args(["some/folder", "--served-model-name", "a", "b", "--enable-auto-tool-choice",
+                       "--tool-call-parser", "hermes", "--trust-remote-code", "--max-model-len", "4096", "-tp", "1"])
+    assert (vllm.model, vllm.served_name, vllm.max_model_len) == ("some/folder", ["a", "b"], 4096)
+    assert [f for f, _ in ignored(vllm)] == ["--enable-auto-tool-choice", "--tool-call-parser", "--trust-remote-code"]
+    llama = parse_args(["-m", "x.gguf", "-c", "2048", "-np", "4", "--jinja", "-ngl", "99", "-fa", "on", "--port", "1"])
+    assert (llama.model, llama.max_model_len, llama.max_num_seqs, llama.port) == ("x.gguf", 2048, 4, 1)
+    assert [f for f, _ in ignored(llama)] == ["--jinja", "--n-gpu-layers", "--flash-attn"]
+    sglang = parse_args(["--model-path", "y", "--context-length", "512", "--max-running-requests", "8",
+                         "--mem-fraction-static", "0.8", "--tp-size", "1", "--disable-radix-cache"])
+    assert (sglang.model, sglang.max_model_len, sglang.max_num_seqs) == ("y", 512, 8)
+    assert sglang.gpu_memory_utilization == 0.8 and [f for f, _ in ignored(sglang)] == ["--no-enable-prefix-caching"]
+    assert parse_args([]).model == "smollm2-135m-instruct" and ignored(parse_args([])) == []
+    with pytest.raises(SystemExit):
+        parse_args(["a", "--model", "b"])  # named twice
+    # default sampling settings: the model's, none of them (vllm), a folder's, then the overrides over them
+    model = {"temperature": 0.6, "top_p": 0.9, "eos_token_id": [1, 2]}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 20, "do_sample": True}))
+    over = ["--override-generation-config", '{"temperature": 0.3, "max_new_tokens": 64}']
+    assert generation_config(parse_args([]), model) == model
+    assert generation_config(parse_args(["--generation-config", "vllm"]), model) == {"eos_token_id": [1, 2]}
+    assert generation_config(parse_args(["--generation-config", str(tmp_path)]), model) == {"eos_token_id": [1, 2],
+                                                                                             "top_k": 20}
+    assert generation_config(parse_args(over), model) == {**model, "temperature": 0.3, "max_new_tokens": 64}
+    for wrong in ('{"temprature": 1}', '{"top_k": 1.5}', '{"temperature": "hot"}', "[1]"):
+        with pytest.raises(SystemExit):
+            parse_args(["--override-generation-config", wrong])
+        assert "--override-generation-config" in capsys.readouterr().err
+    for wrong in (["--generation-config", str(tmp_path / "none")], ["--default-chat-template-kwargs", "[]"],
+                  ["--default-chat-template-kwargs", '{"messages": []}']):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)
+    assert parse_args(["--chat-template-kwargs", '{"enable_thinking": false}']).default_chat_template_kwargs == {
+        "enable_thinking": False}
     rc = runner_config(parse_args([]))  # the pool: sized where it runs (4 GiB on a CPU), 0.9 of an accelerator
     assert rc.kv_cache_gb == 0 and rc.gpu_memory_utilization == 0.9
     assert runner_config(parse_args(["--gpu-memory-utilization", "0.5"])).gpu_memory_utilization == 0.5

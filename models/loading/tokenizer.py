@@ -79,6 +79,7 @@ class Tokenizer:
         self.clean_up = bool(config.get("clean_up_tokenization_spaces")) and \
             type(self.backend.model).__name__ != "BPE"  # transformers skips the clean-up for BPE models
         self.chat_template = _chat_template(folder, config)
+        self.template_defaults: dict = {}  # variables every render gets unless its kwargs set them (the server's)
         self._template = None
 
     def use_template(self, template: str) -> None:
@@ -190,7 +191,7 @@ class Tokenizer:
             chat[-1]["content"] = final + CONTINUE_TAG
         text = self._template.render(messages=chat, tools=tools, documents=documents,
                                      add_generation_prompt=add_generation_prompt,
-                                     **{**self.special_tokens_map, **kwargs})
+                                     **{**self.special_tokens_map, **self.template_defaults, **kwargs})
         if final is not None:  # cut after the final message's text, dropping the template's end of turn
             if final.strip() not in text or CONTINUE_TAG.strip() not in text:
                 raise ValueError("continue_final_message: the template does not render the final message whole")
