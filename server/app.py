@@ -787,6 +787,17 @@ class Server:
 
     # ---- response pieces --------------------------------------------------------------------------------------
 
+    def _stop_reason(self, req: Request, choice) -> str | int | None:
+        """vLLM's `stop_reason`: the stop string, or the stop token id (one of `stop_token_ids`), that ended a
+        choice; None where an end of sequence, the length or anything else did."""
+        if choice.finish_reason != "stop":
+            return None
+        if choice.stop_hit is not None:
+            return choice.stop_hit
+        last = choice.token_ids[-1] if choice.token_ids else None
+        ended = last in req.params.stop_token_ids and not (last in self.model.eos_ids and not req.params.ignore_eos)
+        return last if ended else None
+
     def _echo(self, job: Job, pi: int, req: Request) -> tuple[str, list[tuple]]:
         """The echoed prompt text and, with logprobs, its token entries."""
         if job.echo_last is not None:
@@ -806,6 +817,8 @@ class Server:
         return completion_logprobs(self.vocab, entries, job.logprobs, offset, job.tokens_as_ids)
 
     def _extras(self, job: Job, req: Request, choice, out: dict) -> dict:
+        if choice.finish_reason is not None:
+            out["stop_reason"] = self._stop_reason(req, choice)
         if job.prompt_logprobs is not None and job.kind != "chat":  # vLLM: on each choice (chat: the response's)
             out["prompt_logprobs"] = vllm_prompt_logprobs(self.vocab, req, job.prompt_logprobs)
         if job.raw_output:

@@ -337,6 +337,7 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     free = ask()
     text, n = free.choices[0].message.content, free.usage.completion_tokens
     assert free.choices[0].finish_reason == "stop" and n < 40
+    assert free.choices[0].model_extra["stop_reason"] is None  # vLLM's: an end of sequence names nothing
     held = ask(min_tokens=n + 8)
     assert held.usage.completion_tokens >= n + 8 and held.choices[0].message.content.startswith(text)
     chunks = list(client.chat.completions.create(model=MODEL, messages=france, temperature=0.7, seed=2, n=2,
@@ -348,11 +349,17 @@ def test_vllms_min_tokens_stop_token_ids_and_include_stop_str_in_output(api, cli
     assert ask(stop_token_ids=list(range(1000, 1040))).choices[0].finish_reason  # many: fine without min_tokens
     cut = ask(stop_token_ids=[ids[at]])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].model_extra["token_ids"] == ids[:at + 1]
+    assert cut.choices[0].model_extra["stop_reason"] == ids[at]  # the stop token's id
     assert cut.choices[0].message.content == api.model.tokenizer.decode(ids[:at + 1], skip_special_tokens=True)
     word = text.split()[2]
     kept = ask(stop=[word], include_stop_str_in_output=True).choices[0]
     assert kept.finish_reason == "stop" and kept.message.content == text[:text.index(word) + len(word)]
     assert ask(stop=[word]).choices[0].message.content == text[:text.index(word)]
+    assert kept.model_extra["stop_reason"] == word  # the stop string, whole and in the stream's last chunk
+    last = list(client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, stream=True,
+                                          max_tokens=16, stop=[" "]))[-1].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == " "
+    assert ask(max_tokens=2).choices[0].model_extra["stop_reason"] is None  # the length
     allowed = ask(allowed_token_ids=ids[:2], max_tokens=6)  # vLLM's allowed_token_ids: nothing else is drawn
     assert set(allowed.choices[0].model_extra["token_ids"]) <= set(ids[:2])
     assert allowed.usage.completion_tokens == 6  # no end of sequence among them
