@@ -88,7 +88,8 @@ class Server:
         self.stall_timeout = STALL_TIMEOUT
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
-        self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread})
+        self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread},
+                            model.name)
         self.name, self.api_key = model.name, api_key
         self.allowed_origins = allowed_origins  # CORS: web pages of these origins may call the API ('*': any)
         self.max_body = int(max_body_mb * (1 << 20))
@@ -778,7 +779,9 @@ class Server:
             if r.admitted is not None:
                 self.prom.queue.observe(r.admitted - r.arrival)
         firsts = prompt_requests(reqs)
-        fields = dict(id=rid, route=route, status=status, prompt_tokens=sum(len(r.prompt_ids) for r in firsts),
+        prompt = sum(len(r.prompt_ids) for r in firsts)
+        self.prom.prompt_tokens.inc(prompt)
+        fields = dict(id=rid, route=route, status=status, prompt_tokens=prompt,
                       completion_tokens=sum(len(c.token_ids) for r in reqs for c in r.choices),
                       cached_tokens=sum(r.cached_tokens for r in firsts),
                       ttft_ms=None if took.first is None else round((took.first - took.start) * 1000, 1),

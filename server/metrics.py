@@ -3,7 +3,9 @@ label handling done right, and a text parser the tests read it back with).
 
 Handlers observe request counts and latencies; the engine's gauges and counters are read from `Engine.stats()` at
 scrape time by a custom collector, so the engine thread never touches the metrics. Every name is in the `sparkler_`
-namespace; the README lists them.
+namespace; the README lists them. The figures dashboards, autoscalers and inference gateways read from vLLM are
+exposed under vLLM's names too (`VllmNames`: `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...), each
+read from the same counters at scrape time, with vLLM's `model_name` label.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import bisect
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -55,6 +57,20 @@ ENGINE_COUNTERS = {
 }
 
 
+VLLM_GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
+VLLM_COUNTERS = {"preemptions": "vllm:num_preemptions", "generated_tokens": "vllm:generation_tokens",
+                 "prefix_cache_queried_tokens": "vllm:prefix_cache_queries",
+                 "prefix_cache_hit_tokens": "vllm:prefix_cache_hits",
+                 "spec_decode_verifies": "vllm:spec_decode_num_drafts",
+                 "spec_decode_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+                 "spec_decode_accepted_tokens": "vllm:spec_decode_num_accepted_tokens"}
+VLLM_RENAMED = {"sparkler_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+                "sparkler_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+                "sparkler_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+                "sparkler_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+                "sparkler_prompt_tokens": "vllm:prompt_tokens"}
+
+
 def thread_cpu_seconds(ident: int | None) -> float:
     """CPU seconds a live thread of this process has used (its `threading` ident; 0 if none or gone)."""
     try:
@@ -89,6 +105,38 @@ class EngineCollector:
         yield cpu
 
 
+class VllmNames:
+    """The engine's and the server's figures under vLLM's metric names, with its `model_name` label: the engine's
+    from `stats()`, the server's histograms and counters (`sources`) renamed as they are collected, so each value is
+    counted once."""
+
+    def __init__(self, stats, sources, model_name: str):
+        self.stats, self.sources, self.labels = stats, sources, {"model_name": model_name}
+
+    def collect(self):
+        """Yield the vLLM-named families."""
+        stats, names = self.stats(), list(self.labels)
+        for ours, theirs in VLLM_GAUGES.items():
+            yield self._one(GaugeMetricFamily(theirs, ENGINE_GAUGES[ours], labels=names), stats[ours])
+        used = 1 - stats["kv_pages_free"] / stats["kv_pages_total"] if stats["kv_pages_total"] else 0.0
+        yield self._one(GaugeMetricFamily("vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)",
+                                          labels=names), used)
+        for ours, theirs in VLLM_COUNTERS.items():
+            yield self._one(CounterMetricFamily(theirs, ENGINE_COUNTERS[ours], labels=names), stats[ours])
+        for source in self.sources:
+            for fam in source.collect():
+                theirs = VLLM_RENAMED[fam.name]
+                out = Metric(theirs, fam.documentation, fam.type)
+                for sample in fam.samples:
+                    out.add_sample(theirs + sample.name[len(fam.name):], {**sample.labels, **self.labels},
+                                   sample.value)
+                yield out
+
+    def _one(self, family, value: float):
+        family.add_metric(list(self.labels.values()), value)
+        return family
+
+
 class TokenLatency:
     """A histogram of time per token that observes a chunk's `n` tokens at once (`observe(seconds, n)`): each of
     them took `seconds / n`. A stream's chunk carries a dispatch's tokens, and `prometheus_client`'s `Histogram`
@@ -118,7 +166,7 @@ class TokenLatency:
 class Metrics:
     """One registry per server: request counters and latency histograms, plus the engine collector."""
 
-    def __init__(self, stats, threads):
+    def __init__(self, stats, threads, model_name: str = ""):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sparkler_requests", "HTTP completion requests by route, status and finish reason",
                                 ["route", "status", "finish_reason"], registry=r)
@@ -131,7 +179,10 @@ class Metrics:
                              buckets=LATENCY, registry=r)
         self.queue = Histogram("sparkler_request_queue_time_seconds", "arrival to admission into a decode slot",
                                buckets=LATENCY, registry=r)
+        self.prompt_tokens = Counter("sparkler_prompt_tokens", "prompt tokens of the completion requests answered",
+                                     registry=r)
         r.register(EngineCollector(stats, threads))
+        r.register(VllmNames(stats, (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens), model_name))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

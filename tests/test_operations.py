@@ -14,6 +14,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import live_server
 from engine.engine import PHASES
@@ -35,6 +36,7 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     phases = {p: metric(api, step, step + "_total", phase=p) for p in PHASES}
     cpu = "sparkler_thread_cpu_seconds"
     threads = {t: metric(api, cpu, cpu + "_total", thread=t) for t in ("engine", "event_loop")}
+    prompts = metric(api, "vllm:prompt_tokens", "vllm:prompt_tokens_total", model_name=MODEL)
     for _ in range(3):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, extra_body={"ignore_eos": True})
     list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, stream=True,
@@ -56,6 +58,25 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert metric(api, "sparkler_device_call_seconds", "sparkler_device_call_seconds_total") > device  # launches
     assert all(metric(api, step, step + "_total", phase=p) > t for p, t in phases.items())  # every part of a step ran
     assert all(metric(api, cpu, cpu + "_total", thread=t) > s for t, s in threads.items())  # both threads worked
+    # vLLM's names for the figures dashboards and autoscalers read: the same values (one scrape), with the model
+    _, text, _ = http(api, "GET", "/metrics")
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    one = lambda name, sample, **labels: next(s.value for s in fams[name].samples  # noqa: E731
+                                              if s.name == sample and labels.items() <= s.labels.items())
+    for h in hist:
+        theirs = h.replace("sparkler_", "vllm:")
+        assert one(theirs, theirs + "_count", model_name=MODEL) == one(h, h + "_count") > 0
+    asked = api.model.tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)
+    assert one("vllm:prompt_tokens", "vllm:prompt_tokens_total", model_name=MODEL) >= prompts + 4 * len(asked)
+    pairs = (("vllm:generation_tokens", "sparkler_generated_tokens"), ("vllm:num_preemptions", "sparkler_preemptions"),
+             ("vllm:prefix_cache_queries", "sparkler_prefix_cache_queried_tokens"),
+             ("vllm:num_requests_running", "sparkler_running"))
+    for theirs, ours in pairs:
+        suffix = "_total" if fams[ours].type == "counter" else ""
+        assert one(theirs, theirs + suffix, model_name=MODEL) == one(ours, ours + suffix)
+    used = one("vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", model_name=MODEL)
+    assert used == pytest.approx(1 - one("sparkler_kv_pages_free", "sparkler_kv_pages_free")
+                                 / api.engine.sched.pools[0].capacity)
 
 
 @pytest.fixture(scope="module")
