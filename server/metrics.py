@@ -61,7 +61,6 @@ VLLM_GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requ
 VLLM_COUNTERS = {"preemptions": "vllm:num_preemptions", "generated_tokens": "vllm:generation_tokens",
                  "prefix_cache_queried_tokens": "vllm:prefix_cache_queries",
                  "prefix_cache_hit_tokens": "vllm:prefix_cache_hits",
-                 "spec_decode_verifies": "vllm:spec_decode_num_drafts",
                  "spec_decode_draft_tokens": "vllm:spec_decode_num_draft_tokens",
                  "spec_decode_accepted_tokens": "vllm:spec_decode_num_accepted_tokens"}
 VLLM_RENAMED = {"sparkler_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
