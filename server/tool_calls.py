@@ -5,12 +5,15 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
   template that renders `tools` this way);
 - Qwen3-Coder's XML inside those blocks: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
   </tool_call>`, each value a string, or JSON where the function's schema types the parameter otherwise;
+- GLM-4.5's and later GLM's keys and values inside them: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>value
+  </arg_value>...</tool_call>` (newlines between the parts or not), a value a string where the schema types the
+  parameter so, else read as JSON or a Python literal, else a string (as vLLM's `glm45` reads them);
 - DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
   <｜tool▁calls▁end｜>` (V3.1 and later), and V3's and R1's `function<｜tool▁sep｜>NAME` then the arguments in a
   ```json fence;
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
-  Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text) and Mistral's
-  `[TOOL_CALLS]` array (the same);
+  Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text), Mistral's
+  `[TOOL_CALLS]` array (the same) and Phi-4-mini's, after its `functools` (text);
 - a Python list of keyword calls as the whole text, `[get_weather(city="Paris")]` (the pythonic format of Llama 3.2's
   and Llama 4's tool templates), read when the whole reply is one (a stream sends such calls at its end).
 
@@ -33,6 +36,8 @@ DS_OPEN, DS_CALL = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"
 DS_SEP, DS_END = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 FENCE = "```"
 XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
+GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 MARKERS = (OPEN, DS_OPEN)
 _DECODER = json.JSONDecoder()
 
@@ -159,6 +164,48 @@ def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
     return p
 
 
+def _glm_value(raw: str, schema) -> object:
+    """A GLM parameter's value: its text where the schema types it a string, else JSON or a Python literal if it
+    reads as one, else its text."""
+    if "string" in _types(schema):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        value = ast.literal_eval(raw.strip())
+        json.dumps(value)  # a literal JSON can carry (not a set, bytes or a complex number)
+        return value
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return raw
+
+
+def _glm_call(block: str, i: int, tools: Tools | None) -> Partial:
+    """GLM's `NAME<arg_key>...</arg_value>...` call starting at `block[i]` (after `<tool_call>`); its arguments appear
+    once the block closes."""
+    p = Partial()
+    ends = [k for k in (block.find(GLM_KEY, i), block.find(CLOSE, i)) if k >= 0]
+    if not ends:  # the name is still arriving
+        return p
+    p.name = block[i:min(ends)].strip()
+    params = next((f["parameters"] for f in tools.functions if f["name"] == p.name), {}) if tools else {}
+    props = params.get("properties", {}) if isinstance(params, dict) else {}
+    args, j = {}, min(ends)
+    while block.startswith(GLM_KEY, j):
+        key_end = block.find(GLM_KEY_END, j)
+        v = _skip(block, key_end + len(GLM_KEY_END)) if key_end >= 0 else -1
+        value_end = block.find(GLM_VALUE_END, v) if v >= 0 and block.startswith(GLM_VALUE, v) else -1
+        if value_end < 0:
+            return p
+        key = block[j + len(GLM_KEY):key_end].strip()
+        args[key] = _glm_value(block[v + len(GLM_VALUE):value_end], props.get(key))
+        j = _skip(block, value_end + len(GLM_VALUE_END))
+    if block.startswith(CLOSE, j):
+        p.arguments, p.done = json.dumps(args, ensure_ascii=False), True
+    return p
+
+
 def _json_then(s: str, marker: str) -> tuple[str, str | None]:
     """The JSON arguments at the start of `s` (as far as written), and the text after `marker` where only
     whitespace lies between them and it (None: not closed yet); a marker's text inside a JSON string is the
@@ -215,12 +262,16 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     p, end = _json_call(block, i)
                     p.done = end is not None and block[end:].lstrip().startswith(CLOSE)
                     calls.append(p)
+                elif i < len(block) and (block[i].isalpha() or block[i] == "_"):
+                    calls.append(_glm_call(block, i, tools))
                 else:  # nothing a call starts with: no call, unless the block is still empty
                     calls += [Partial()] if block.strip() else []
         else:
             calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
         return first, calls
     i = start = _skip(text, 0)
+    if text.startswith(PHI, i) and text[_skip(text, i + len(PHI)):][:1] == "[":
+        i = _skip(text, i + len(PHI))
     if i >= len(text) or text[i] not in "[{":
         return None, []
     calls = []
@@ -238,6 +289,12 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
         if i < len(text) and text[i] != "]":  # an element that is no call object: no calls
             calls.append(Partial())
     return start, calls
+
+
+def _unprefixed(text: str) -> str:
+    """The text without Phi-4-mini's `functools` before its array."""
+    head = text.lstrip()
+    return head[len(PHI):] if head.startswith(PHI) else text
 
 
 def _marked(text: str) -> bool:
@@ -274,7 +331,7 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         return text, []
     if not _marked(text) and start is not None:  # the whole text must be the JSON
         try:
-            json.loads(text)
+            json.loads(_unprefixed(text))
         except ValueError:
             return text, []
     calls = []
@@ -321,7 +378,10 @@ class CallStream:
             return self._content(len(content or "")), out, True
         start, parts = scan(text, self.tools)
         if start is None:
-            if not self.whole and text.lstrip()[:1] not in ("[", "{"):  # plain text: send all but a possible tag
+            head = text.lstrip()
+            if head[:len(PHI)] == PHI[:len(head)] and not head[len(PHI):].strip():  # may be Phi-4-mini's word
+                return "", [], False
+            if not self.whole and head[:1] not in ("[", "{"):  # plain text: send all but a possible tag
                 end = len(text.rstrip())
                 hold = held(text[:end], *MARKERS)
                 return self._content(len(text[:end - hold].rstrip())), [], False

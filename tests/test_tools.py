@@ -78,7 +78,8 @@ def test_parser_reads_tagged_and_json_calls_and_leaves_text():
 DS_CALLS, DS_CALL, DS_SEP, DS_END, DS_DONE = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
                                               "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
 # Each family's format as its chat template and peers write it: DeepSeek V3.1 (name, then the arguments), DeepSeek V3
-# and R1 (`function`, then the name and a ```json fence), Qwen3-Coder's XML, Llama 3.x's `parameters`.
+# and R1 (`function`, then the name and a ```json fence), Qwen3-Coder's XML, Llama 3.x's `parameters`, GLM's keys and
+# values, Phi-4-mini's `functools` array.
 DS31 = (f'I will look.{DS_CALLS}{DS_CALL}get_weather{DS_SEP}{{"city": "Oslo", "unit": "celsius"}}{DS_END}'
         f'{DS_CALL}get_time{DS_SEP}{{"timezone": "UTC"}}{DS_END}{DS_DONE}')
 DS3 = (f'{DS_CALLS}{DS_CALL}function{DS_SEP}get_time\n```json\n{{"timezone": "CET"}}\n```{DS_END}'
@@ -86,6 +87,10 @@ DS3 = (f'{DS_CALLS}{DS_CALL}function{DS_SEP}get_time\n```json\n{{"timezone": "CE
 XML = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
        "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
 LLAMA = '{"name": "get_time", "parameters": {"timezone": "UTC"}}'
+GLM = ("Looking.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>New York</arg_value>\n<arg_key>unit"
+       "</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call><tool_call>get_time<arg_key>timezone</arg_key>"
+       "<arg_value>UTC</arg_value></tool_call>")  # GLM-4.5's form with newlines, then GLM-4.7's without
+PHI = 'functools[{"name": "get_time", "arguments": {"timezone": "UTC"}}]'  # Phi-4-mini's
 PYTHONIC = '[get_weather(city="Oslo", unit="celsius"), get_time(timezone="UTC")]'  # Llama 3.2's and 4's other format
 
 
@@ -104,6 +109,14 @@ def test_each_familys_call_format_is_read():
                                 ("get_weather", {"city": "Rome", "unit": "fahrenheit"})])
     assert read(XML) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"})])
     assert read(LLAMA) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(GLM) == ("Looking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                      ("get_time", {"timezone": "UTC"})])
+    glm = ("<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<arg_key>tags</arg_key>\n<arg_value>"
+           "['x', 'y']</arg_value>\n<arg_key>note</arg_key>\n<arg_value>007</arg_value>\n<arg_key>b</arg_key>\n"
+           "<arg_value>None</arg_value>\n</tool_call>")  # typed by the schema; Python literals read too
+    assert read(glm)[1] == [("add", {"a": 2, "tags": ["x", "y"], "note": "007", "b": None})]
+    assert read("<tool_call>get_time</tool_call>")[1] == [("get_time", {})]
+    assert read(PHI) == (None, [("get_time", {"timezone": "UTC"})])
     assert read(PYTHONIC) == (None, [("get_weather", {"city": "Oslo", "unit": "celsius"}),
                                      ("get_time", {"timezone": "UTC"})])
     assert read("[add(a=2, b=None, tags=['x'], note=\"a'b\")]")[1] == [("add", {"a": 2, "b": None, "tags": ["x"],
@@ -126,6 +139,8 @@ def test_each_familys_call_format_is_read():
                 DS31.replace("get_time", "launch_rockets"),  # an unknown function
                 DS31[:-len(DS_END + DS_DONE) - 3],  # cut off inside the last call
                 XML.replace("</function>", ""), DS3.replace("```json", "```yaml"),
+                GLM.replace("get_time", "launch_rockets"), GLM.replace("</arg_value></tool_call>", "</tool_call>"),
+                GLM[:-len("</tool_call>")], "functools is a Python module.", PHI[:-1],
                 f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
                 "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]"):
         assert read(bad) == (bad, [])
@@ -163,7 +178,7 @@ def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC,
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI,
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -196,8 +211,18 @@ def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(tex
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (w["function"]["name"], w["function"]["arguments"]) for w in want]
     assert all(c["id"].startswith("call_") for c in calls.values())
-    if want and len(pieces) > 3 and not text.startswith(('{"arguments"', "[get_")):  # pythonic: read at the end
+    if want and len(pieces) > 3 and not text.startswith(('{"arguments"', "[get_", "functools")):  # read at the end
         assert early > 0  # names and arguments went out before the end
+
+
+def test_phis_word_is_held_until_it_is_a_call_or_text():
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    for text, calls in ((PHI, 1), ("functools is a Python module.", 0)):
+        stream, content, deltas = tool_calls.CallStream(spec), "", []
+        for k, ch in enumerate(text):
+            c, d, _ = stream.feed(ch, "stop" if k == len(text) - 1 else None)
+            content, deltas = content + c, deltas + d
+        assert content == ("" if calls else text) and len([d for d in deltas if "id" in d]) == calls
 
 
 def test_a_stream_never_takes_back_a_call_it_sent():
