@@ -5,7 +5,7 @@ the square of a rule chain, holding the GIL. So each new grammar is converted an
 grammar past `TIMEOUT` becomes an error message for a 400, and the serving process compiles only grammars that
 passed, on threads whose stacks are at least twice the child's (`SERVING_STACK`).
 
-This file is also the child's program: it imports nothing but the standard library and llguidance (not the
+This file is also the child's program: it imports nothing but the standard library, numpy and llguidance (not the
 `engine` package, which would import JAX), and talks JSON lines over stdin/stdout. It runs with `-P` (its folder
 not on the path, so `engine/requests.py` and the like shadow nothing) but with `PYTHONPATH`, where a GPU host's
 carried wheels put llguidance.
@@ -24,6 +24,7 @@ import threading
 CHILD_STACK = 4 << 20  # the child compiles on a thread with this stack
 SERVING_STACK = 64 << 20  # what the engine thread, which compiles matchers, gets (the main thread has 8 MiB)
 TIMEOUT = 5.0  # seconds a grammar may take to convert and check
+WALK = 4  # tokens a check draws along each new grammar (`_walk`)
 STARTUP = 60.0  # seconds the child may take to import llguidance and load the tokenizer
 
 
@@ -97,11 +98,26 @@ def _serve() -> None:
     """The child: a hello line (tokenizer JSON, eos ids), then one reply line per request line."""
     import llguidance
     import llguidance.numpy
+    import numpy as np
 
-    def _empty(grammar: str) -> str | None:  # a grammar whose language is empty (`root ::= root`) errs at once
+    def _walk(grammar: str) -> str | None:
+        """An error a matcher meets at its start (a grammar no text matches, `root ::= root`), or along its first
+        `WALK` tokens, each the first its mask allows: llguidance builds its lexer and parser rows as tokens come,
+        and some grammars pass validation only to pass its limits there (`a{1000000}`, a choice of 5,000)."""
         m = llguidance.LLMatcher(tok, grammar)
-        llguidance.numpy.fill_next_token_bitmask(m, llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size), 0)
-        return f"no text matches it ({m.get_error().splitlines()[0]})" if m.is_error() else None
+        mask = llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size)
+        for step in range(WALK + 1):
+            llguidance.numpy.fill_next_token_bitmask(m, mask, 0)
+            if m.is_error():
+                why = m.get_error().splitlines()[0]
+                return f"no text matches it ({why})" if step == 0 else f"it fails once text is drawn ({why})"
+            allowed = np.flatnonzero(np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:tok.vocab_size])
+            if step == WALK or not len(allowed) or m.is_stopped():
+                return None
+            m.consume_token(int(allowed[0]))
+            if m.is_error():
+                return f"it fails once text is drawn ({m.get_error().splitlines()[0]})"
+        return None
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; the child ends with its stdin
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")  # replies only: native code writing to fd 1 goes to stderr
@@ -120,7 +136,7 @@ def _serve() -> None:
                 if "gbnf" in req:
                     out["grammar"] = llguidance.grammar_from("gbnf", req["gbnf"])
                 else:
-                    out["error"] = llguidance.LLMatcher.validate_grammar(req["grammar"], tok) or _empty(req["grammar"])
+                    out["error"] = llguidance.LLMatcher.validate_grammar(req["grammar"], tok) or _walk(req["grammar"])
             except BaseException as e:  # pyo3's PanicException too: an answer, never a silent pass
                 out["error"] = str(e) if isinstance(e, ValueError) else f"llguidance failed: {type(e).__name__}: {e}"
 

@@ -528,7 +528,7 @@ class Server:
         is full): `(parts, events)` where parts are
         `(prompt index, request)` and events `AsyncEngine.stream`'s iterator."""
         parts = self._seat(job, call, prefix)
-        call.reqs = [r for _, r in parts]
+        call.reqs, call.grammar_param = [r for _, r in parts], job.grammar_param
         self.admitted.append(call.reqs)
         return parts, self.aengine.stream(*call.reqs)  # submitted now: the queue check above and this are one step
 
@@ -624,7 +624,7 @@ class Server:
         except TimeoutError:
             raise self.timed_out() from None
         if any(c.finish_reason == "error" for r in call.reqs for c in r.choices):
-            raise self.failed(call.reqs)
+            raise self.failed(call.reqs, call.grammar_param)
 
     async def sse(self, request: web.Request, call: "Call", events, turn: Turn, face) -> web.StreamResponse:
         """Stream a call's choices as Server-Sent Events in an API's own events (one, unless the face tells them
@@ -671,7 +671,7 @@ class Server:
             call.took.saw(i, deltas, self.prom)
             for d in deltas:
                 if d.finish_reason == "error":
-                    return out, self.failed(call.reqs)
+                    return out, self.failed(call.reqs, call.grammar_param)
                 piece = turn.feed(d.text, d.finish_reason, d.token_ids)
                 piece.source, piece.entries = (i, d.index), d.logprobs
                 out += face.add(piece)
@@ -722,12 +722,12 @@ class Server:
         except ConnectionError:
             log.info("client went away during %s; its requests were aborted", call.rid)
 
-    def failed(self, reqs: list[Request]) -> ApiError:
+    def failed(self, reqs: list[Request], param: str | None = None) -> ApiError:
         """The error of a request a choice of which ended with finish_reason "error": a 400 saying how its grammar
-        failed; else, while draining, the 503 of a request the drain timeout ended; else the 500 of an engine step
-        that raised."""
+        (asked for by `param`) failed; else, while draining, the 503 of a request the drain timeout ended; else the
+        500 of an engine step that raised."""
         if why := next((c.error for r in reqs for c in r.choices if c.error), None):
-            return ApiError(400, why, code="grammar_failed")
+            return ApiError(400, why, param, code="grammar_failed")
         if self.draining:
             return self.shutting_down()
         return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
@@ -900,7 +900,7 @@ class Server:
                             out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
                         await self.write(resp, b"".join(out))
                         if failed:
-                            await fail(self.failed(reqs))
+                            await fail(self.failed(reqs, job.grammar_param))
                             break
                     else:
                         used, extra = self._usage(job, reqs), {}
@@ -977,6 +977,7 @@ class Call:
     cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
     adapter: str | None = None  # the LoRA adapter its `model` names (None: the served model)
     detached: bool = False  # its reply goes on in a task of its own (`Server.detach`), which accounts for it
+    grammar_param: str | None = None  # the field that asked for its grammar, named if the grammar fails
 
 
 class Took:

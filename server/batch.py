@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None, prog: str = "sparkler run-batch") -> int
 
 
 def _read(path: str) -> list[str]:
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8", errors="surrogateescape").read()
     return lines_of(text)
 
 
@@ -75,10 +75,14 @@ def lines_of(text: str) -> list[str]:
 
 def check(line: str) -> tuple[dict | None, str | None]:
     """`(the request, None)` for a valid input line, else `(None, why not)`."""
+    if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes that were no UTF-8, as the file was read
+        return None, "the line is not UTF-8 text"
     try:
         req = json.loads(line)
     except ValueError as e:
         return None, f"the line is not JSON: {e}"
+    except RecursionError:
+        return None, "the line is not JSON this server reads: it nests too deeply"
     if not isinstance(req, dict) or not isinstance(req.get("body"), dict):
         return None, "each line must be an object with 'custom_id', 'method', 'url' and a 'body' object"
     if req.get("method", "POST") != "POST":
@@ -93,9 +97,13 @@ def check(line: str) -> tuple[dict | None, str | None]:
 
 
 def custom_id(line: str):
+    """A line's `custom_id` as far as it reads (None where it does not, or is no UTF-8)."""
     try:
-        return json.loads(line).get("custom_id")
-    except (ValueError, AttributeError):
+        cid = json.loads(line).get("custom_id")
+        if isinstance(cid, str):
+            cid.encode()  # no bytes that were no UTF-8 (`check`)
+        return cid
+    except (ValueError, AttributeError, RecursionError):  # UnicodeEncodeError is a ValueError
         return None
 
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from server.batch import InOrder, Loopback, URLS, check, custom_id, failed, lines_of, send
 from server.protocol import ApiError, bad
@@ -156,7 +156,8 @@ def validate(lines: list[str], endpoint: str) -> tuple[list[dict], list[dict]]:
                 why, code = f"the custom_id {cid!r} is used by an earlier line", "duplicate_custom_id"
             elif req["url"] != endpoint:
                 why, code = f"the line's url {req['url']!r} is not the batch's endpoint {endpoint!r}", "mismatched_url"
-            seen.add(cid)
+            if isinstance(cid, str):
+                seen.add(cid)
         if why is not None:
             errors.append({"code": code, "message": why, "param": None, "line": n})
         reqs.append(req)
@@ -311,6 +312,9 @@ class Batches:
         try:
             reader = await request.multipart()
             async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    raise bad("a part of the form is itself multipart: send 'file' and 'purpose' as plain fields",
+                              "file")
                 if part.name == "purpose":
                     purpose = (await part.text()).strip()
                 elif part.name == "file":
@@ -326,7 +330,7 @@ class Batches:
                 raise bad("the form has no 'file' field", "file")
             if purpose != "batch":
                 raise bad(f"'purpose' must be 'batch' (this server runs batches), not {purpose!r}", "purpose")
-        except ValueError as e:  # a malformed multipart body
+        except (ValueError, LookupError) as e:  # a malformed multipart body, a part in an unknown charset
             if os.path.exists(path):
                 os.remove(path)
             raise bad(f"the multipart body could not be read: {e}", "file") from None
@@ -385,7 +389,8 @@ class Batches:
         if meta is not None and (not isinstance(meta, dict) or len(meta) > 16 or
                                  not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
             raise bad("'metadata' must be an object of at most 16 string values", "metadata")
-        text = await self.server.off_loop(lambda: open(self.files[fid].path, encoding="utf-8", errors="replace").read())
+        text = await self.server.off_loop(lambda: open(self.files[fid].path, encoding="utf-8",
+                                                                  errors="surrogateescape").read())
         lines = lines_of(text)
         batch = Batch(f"batch_{uuid.uuid4().hex}", body["endpoint"], fid, meta)
         self.batches[batch.id] = batch

@@ -665,7 +665,7 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", "messages")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}", "messages")
         one = {"role": "system" if role == "developer" else role,
                "content": _content(m, i, found, fetch, media.max_images)}

@@ -2,6 +2,8 @@
 
 import json
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -79,12 +81,17 @@ def test_a_batch_with_bad_lines_fails_naming_each_and_bad_calls_get_400s(client)
     (OpenAI's `errors`, numbered from 1); a missing file is a 404; a wrong endpoint, window or purpose a 400."""
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     lines = [line("a", chat), "not json", json.dumps({"method": "POST", "url": CHAT, "body": chat}), line("a", chat),
-             line("b", {"model": MODEL, "prompt": "x"}, "/v1/completions")]
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+             line("b", {"model": MODEL, "prompt": "x"}, "/v1/completions"), line(["c"], chat),
+             "[" * 100_000 + "]" * 100_000, line("d", chat)[:-1] + ', "x": "\udcff"}']  # nests past Python's stack
+    data = ("\n".join(lines) + "\n").encode(errors="surrogateescape")  # the last line's byte 0xff: no UTF-8
+    batch = client.batches.create(input_file_id=client.files.create(file=("in.jsonl", data), purpose="batch").id,
+                                  endpoint=CHAT, completion_window="24h")
     batch = wait(client, batch.id)
     assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
     assert [(e.line, e.code) for e in batch.errors.data] == [
-        (2, "invalid_request"), (3, "missing_custom_id"), (4, "duplicate_custom_id"), (5, "mismatched_url")]
+        (2, "invalid_request"), (3, "missing_custom_id"), (4, "duplicate_custom_id"), (5, "mismatched_url"),
+        (6, "missing_custom_id"), (7, "invalid_request"), (8, "invalid_request")]
+    assert "UTF-8" in batch.errors.data[-1].message
     good = upload(client, [line("a", chat)]).id
     with pytest.raises(openai.NotFoundError):
         client.batches.create(input_file_id="file-none", endpoint=CHAT, completion_window="24h")
@@ -95,6 +102,16 @@ def test_a_batch_with_bad_lines_fails_naming_each_and_bad_calls_get_400s(client)
     with pytest.raises(openai.BadRequestError) as e:
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
     assert e.value.body["param"] == "purpose"
+    nested = (b'--xx\r\nContent-Type: multipart/mixed; boundary=yy\r\nContent-Disposition: form-data; name="file"'
+              b'\r\n\r\n--yy\r\nContent-Disposition: attachment; filename="a"\r\n\r\nabc\r\n--yy--\r\n--xx--\r\n')
+    charset = (b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\nContent-Type: text/plain; charset=bogus'
+               b'\r\n\r\nbatch\r\n--xx--\r\n')
+    for form in (nested, charset):  # a part that is itself multipart, a field in a charset no one knows: 400s
+        asked = urllib.request.Request(str(client.base_url) + "files", data=form,
+                                       headers={"Content-Type": "multipart/form-data; boundary=xx"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(asked, timeout=30)
+        assert e.value.code == 400 and json.load(e.value)["error"]["param"] == "file"
 
 
 def test_uploads_stream_past_the_body_limit_up_to_the_file_limit(client, api, monkeypatch):

@@ -592,6 +592,7 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {}, 400, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "x"}]}, 400, "messages"),  # unhashable
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages"),

@@ -287,16 +287,24 @@ def test_other_servers_fields_for_structured_output_refuse_bad_or_conflicting_in
 
 def test_a_grammar_that_fails_while_generating_is_a_400_or_an_error_event_not_a_stop(api, client):
     """A grammar can pass the check and still trip one of llguidance's limits at a token (`"a"{1000000}`: "Too many
-    items" once one `a` is drawn). The choice used to end with finish_reason "stop" and text the grammar does not
+    items" once one `a` is drawn). The check draws a few tokens along the grammar, so such a grammar alone is a 400
+    before anything runs; one whose first path is fine (`"!"`) fails only when the model takes the other (`a`, made
+    likely here by a logit bias). The choice used to end with finish_reason "stop" and text the grammar does not
     match; now the call says how the grammar failed: a 400 whole, an error event streaming (after the text so far). The
     slots come back and the server goes on."""
-    fmt = {"type": "grammar", "grammar": 'root ::= "a"{1000000}'}
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, response_format=fmt)
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, response_format={
+            "type": "grammar", "grammar": 'root ::= "a"{1000000}'})
+    assert e.value.body["param"] == "response_format" and "once text is drawn" in e.value.body["message"]
+    fmt = {"type": "grammar", "grammar": 'root ::= "!" | "a"{1000000}'}
+    bias = {str(t): 100 for t in api.model.tokenizer.convert_tokens_to_ids(["a", "aa", "aaaa"])}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, response_format=fmt, logit_bias=bias)
     assert e.value.body["code"] == "grammar_failed" and "Too many items" in e.value.body["message"]
+    assert e.value.body["param"] == "response_format"
     got = []
     with pytest.raises(openai.APIError, match="Too many items"):
-        for chunk in client.completions.create(model=MODEL, prompt="a", max_tokens=8, stream=True,
+        for chunk in client.completions.create(model=MODEL, prompt="a", max_tokens=8, stream=True, logit_bias=bias,
                                                extra_body={"response_format": fmt}):
             got += [c.text for c in chunk.choices]
     assert "".join(got).strip("a") == ""  # the text so far came first
