@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import time
+import types
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from server import protocol
 from server.background import Background, stored_status
+from server.batches import page
 from server.protocol import ApiError, bad, text_of
 from server.shapes import chat_logprobs, sse_event
 from server.turn import Piece, Turn
@@ -643,13 +645,16 @@ class Responses:
         await asyncio.wait([bg.task])
 
     async def input_items(self, request: web.Request) -> web.Response:
-        """GET /v1/responses/{id}/input_items: the conversation items that led to a stored response."""
+        """GET /v1/responses/{id}/input_items: the conversation items that led to a stored response, `limit` (1 to
+        100, 20) at a time after the id `after` names, newest first unless `order` is "asc" (OpenAI's paging)."""
         response, items = self._stored(request)
         inputs = items[:len(items) - len(response["output"])]
         data = [{"id": it.get("id") or f"item_{k}", **it} for k, it in enumerate(inputs)]
-        return web.json_response({"object": "list", "data": data, "has_more": False,
-                                  "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None})
+        order = request.query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise bad("'order' must be 'asc' or 'desc'", "order")
+        listed = [types.SimpleNamespace(id=d["id"], item=d) for d in (data[::-1] if order == "desc" else data)]
+        return web.json_response({"object": "list", **page(listed, request, 20, 100, lambda x: x.item)})
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /v1/responses/{id} (a background response still running is cancelled first)."""

@@ -91,9 +91,16 @@ def test_responses_forced_tool_call_then_its_result(api, client):
                                                          "output": "18 degrees and sunny"}])
     assert nxt.status in ("completed", "incomplete") and nxt.previous_response_id == r.id
     assert nxt.usage.input_tokens > r.usage.input_tokens
-    status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items")
+    status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?order=asc")
     kinds = [it["type"] for it in items["data"]]
     assert status == 200 and kinds == ["message", "function_call", "function_call_output"]
+    _, newest, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?limit=2")  # OpenAI's paging: newest first
+    assert [it["type"] for it in newest["data"]] == kinds[:0:-1] and newest["has_more"]
+    _, rest, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?limit=2&after={newest['last_id']}")
+    assert [it["type"] for it in rest["data"]] == kinds[:1] and not rest["has_more"]
+    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("order=up", "order")):
+        status, wrong, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?{query}")
+        assert status == 400 and wrong["error"]["param"] == param
     # streamed: the call's arguments arrive as deltas and assemble to valid arguments
     with client.responses.stream(model=MODEL, input="Weather in Oslo?", tools=R_TOOLS, tool_choice="required",
                                  max_output_tokens=120, temperature=0) as s:

@@ -284,7 +284,7 @@ def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
     assert r.output_text == want
     follow = client.responses.create(model="llava", max_output_tokens=2, previous_response_id=r.id, input="Sure?")
     assert follow.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens  # the picture's turn again
-    items = client.responses.input_items.list(follow.id).data
+    items = client.responses.input_items.list(follow.id, order="asc").data
     assert items[0].content[1].type == "input_image" and items[0].content[1].image_url == url
     olla = ollama.Client(host=served.url)
     got = olla.chat(model="llava", messages=[{"role": "user", "content": "What is it?", "images": [data]}],
