@@ -401,14 +401,17 @@ class Server:
     async def tokenize(self, request: web.Request) -> web.Response:
         """POST /tokenize: token ids of `prompt` (vLLM's; `add_special_tokens`, default true) or `content`
         (llama.cpp's; `add_special`, default false; `with_pieces` pairs each id with its text), or of chat
-        `messages` as templated."""
+        `messages` as templated (with `tools`, `chat_template_kwargs`, `add_generation_prompt`,
+        `continue_final_message`, as chat completions take them); `return_token_strs`: each token's text too."""
         body = await self._body(request)
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         self._check_model(body)
         llama = "content" in body and "prompt" not in body
-        if "messages" in body:
-            ids, _, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"], None, None, None,
+        if "messages" in body:  # templated as chat templates them: tools and the template's arguments too
+            with_tools = tools.parse(body, bad)
+            kwargs = protocol.template_kwargs(body)[0]
+            ids, _, _ = await self.off_loop(protocol.chat_ids, self.model, body["messages"], None, with_tools, kwargs,
                                             self.media)
         else:
             text = body.get("content") if llama else body.get("prompt")
@@ -419,12 +422,16 @@ class Server:
                 raise bad("'add_special' / 'add_special_tokens' must be a boolean", "add_special_tokens")
             ids = await self.off_loop(self.vocab.tok.encode, text, special)
         tokens = ([{"id": t, "piece": self.vocab.text(t)} for t in ids] if body.get("with_pieces") is True else ids)
-        return web.json_response({"tokens": tokens, "count": len(ids), "max_model_len": self.engine.max_len})
+        out = {"tokens": tokens, "count": len(ids), "max_model_len": self.engine.max_len}
+        if body.get("return_token_strs") is True:  # vLLM's: each token's text
+            out["token_strs"] = [self.vocab.text(t) for t in ids]
+        return web.json_response(out)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """POST /detokenize: the text of `tokens` (special tokens kept), as vLLM's `prompt` and llama.cpp's
         `content`."""
         body = await self._body(request)
+        self._check_model(body)
         ids = body.get("tokens") if isinstance(body, dict) else None
         vocab = self.model.cfg.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab

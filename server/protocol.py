@@ -109,7 +109,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "max_completion_tokens": (int, 0, None),
     "mirostat_target": (float, 0.0, None),
     "mirostat_lr": (float, 0.0, None),
-    "seed": (int, None, None),
+    "seed": (int, -(2**63), 2**63 - 1),  # vLLM's: a 64-bit integer
     "echo_last": (int, 0, None),
     "prompt_truncate_len": (int, 1, None),
     "prompt_cache_max_len": (int, 0, None),
@@ -317,6 +317,9 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                   "truncate_prompt_tokens")
     job.cache_max_len = _number(body, "prompt_cache_max_len")
     job.tokens_as_ids = _flag(body, "return_tokens_as_token_ids")
+    _flag(body, "parallel_tool_calls")  # a boolean with tools or without
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("'user' must be a string", "user")
     job.cache_key = body.get("prompt_cache_isolation_key")
     job.priority = _number(body, "priority") or 0
     try:
@@ -360,7 +363,7 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                 raise bad(f"a tool_choice that forces a call cannot be combined with a {job.grammar_param}",
                           "tool_choice")
             job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
-        kwargs, budget, budget_param = _template_kwargs(body)
+        kwargs, budget, budget_param = template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
                                          job.tools, kwargs, media)
         job.prompts, job.prompt_texts = [ids], [text]
@@ -532,7 +535,7 @@ def bounded(model: Model, text: str, param: str) -> str:
     return text
 
 
-def _template_kwargs(body: dict) -> tuple[dict, int | None, str]:
+def template_kwargs(body: dict) -> tuple[dict, int | None, str]:
     """`(chat-template arguments, thinking budget, the field that set it)` from `chat_template_kwargs`,
     `reasoning_effort`, and vLLM's `thinking_token_budget`, `continue_final_message`, `add_generation_prompt` and
     `documents` (the request's own template arguments win, but for `documents`)."""

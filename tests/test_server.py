@@ -63,6 +63,15 @@ def test_models_health_metrics_and_tokenize(api, client):
     assert back["prompt"] == tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
     status, err, _ = http(api, "POST", "/detokenize", {"tokens": [-1]})
     assert status == 400 and err["error"]["param"] == "tokens"
+    assert http(api, "POST", "/detokenize", {"model": "nope", "tokens": [1]})[0] == 404
+    # vLLM's chat form: the tools and template arguments a chat request would render, and each token's text
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    status, told, _ = http(api, "POST", "/tokenize", {"messages": HELLO, "tools": tools, "return_token_strs": True})
+    assert status == 200 and told["count"] > body["count"]  # the tools' system prompt
+    assert told["token_strs"] == [tok.decode([t]) for t in told["tokens"]]
+    status, bare, _ = http(api, "POST", "/tokenize", {"messages": HELLO, "add_generation_prompt": False})
+    assert tok.decode(bare["tokens"]) == tok.apply_chat_template(HELLO, tokenize=False)
+    assert http(api, "POST", "/tokenize", {"messages": HELLO, "tools": "x"})[1]["error"]["param"] == "tools"
     ids = tok.encode("Hello world", add_special_tokens=False)  # llama.cpp's shapes: `content`, pieces, no specials
     status, body, _ = http(api, "POST", "/tokenize", {"content": "Hello world", "with_pieces": True})
     assert body["tokens"] == [{"id": t, "piece": tok.decode([t])} for t in ids]
@@ -635,6 +644,9 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": HELLO, "mirostat_target": -1}, 400, "mirostat_target"),
     ("/v1/chat/completions", {"messages": HELLO, "mirostat_lr": 0}, 400, "mirostat_lr"),
     ("/v1/chat/completions", {"messages": HELLO, "seed": "x"}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": HELLO, "seed": 2**64}, 400, "seed"),  # vLLM's: 64 bits
+    ("/v1/chat/completions", {"messages": HELLO, "user": {}}, 400, "user"),
+    ("/v1/chat/completions", {"messages": HELLO, "parallel_tool_calls": "x"}, 400, "parallel_tool_calls"),
     ("/v1/chat/completions", {"messages": HELLO, "ignore_eos": 1}, 400, "ignore_eos"),
     ("/v1/chat/completions", {"messages": HELLO, "context_length_exceeded_behavior": "drop"}, 400,
      "context_length_exceeded_behavior"),
