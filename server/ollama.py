@@ -3,8 +3,9 @@ local Ollama (Open WebUI, LangChain's and LlamaIndex's Ollama classes, the `olla
 
 - `POST /api/chat`: `messages` (with `thinking`, `tool_calls` whose arguments are objects, and `tool` results, each
   matched to the earlier call of its `tool_name`, or the oldest one unanswered), `tools`, `format` ("json" or a JSON
-  schema), `think`, `options` and `stream` (default true) become a chat-completions body; the reply's `message` has
-  `content`, `thinking` and `tool_calls` (arguments as objects).
+  schema), `think`, `options`, `logprobs` / `top_logprobs` and `stream` (default true) become a chat-completions
+  body; the reply's `message` has `content`, `thinking` and `tool_calls` (arguments as objects), and `logprobs` its
+  tokens' entries when asked.
 - `POST /api/generate`: `prompt` with `system` through the chat template, or as it is with `raw`; with `suffix`,
   fill in the middle (`server.infill`); `context` (the ids an earlier reply returned) goes before the prompt, and
   the reply returns the conversation's ids again as `context`.
@@ -44,6 +45,7 @@ from aiohttp import web
 from models import pooling
 from server import llama_cpp, protocol
 from server.protocol import ApiError, bad
+from server.shapes import chat_logprobs
 from server.turn import Piece, Turn
 
 OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
@@ -52,7 +54,7 @@ OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "mi
 NAMES = {ours: f"options.{theirs}" for theirs, ours in OPTIONS.items()} | {
     "max_tokens": "options.num_predict", "mirostat_target": "options.mirostat_tau",
     "mirostat_lr": "options.mirostat_eta", "response_format": "format", "reasoning_effort": "think"}
-VERSION = "0.12.0"  # the Ollama API version whose shapes these are (what `/api/version` tells clients)
+VERSION = "0.12.11"  # the Ollama API version whose shapes these are (what `/api/version` tells clients)
 
 
 def routes(app: web.Application, server, embeddings) -> None:
@@ -118,8 +120,24 @@ def common(body: dict, max_len: int) -> dict:
     elif fmt not in (None, ""):
         raise bad("'format' must be \"json\" or a JSON schema (an object)", "format")
     if body.get("think") is not None:
+        if not isinstance(body["think"], (bool, str)):
+            raise bad("'think' must be a boolean or 'low', 'medium' or 'high'", "think")
         out["reasoning_effort"] = body["think"]
     return out
+
+
+def logprobs(body: dict, chat: bool) -> dict:
+    """Ollama's `logprobs` (a boolean) and `top_logprobs` (0 to 20 alternatives) as the chat or completions fields."""
+    asked, top = body.get("logprobs"), body.get("top_logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise bad("'logprobs' must be a boolean", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise bad("'top_logprobs' must be an integer in [0, 20]", "top_logprobs")
+    if not asked:
+        if top:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return {}
+    return {"logprobs": True, "top_logprobs": top or 0} if chat else {"logprobs": top or 0}
 
 
 def _text(v: Any, where: str) -> str:
@@ -199,6 +217,14 @@ def ollama_calls(turn: Turn) -> list[dict]:
     return out
 
 
+def _without_id(entry: dict) -> dict:
+    """A logprob entry in Ollama's shape: OpenAI's without `token_id`."""
+    out = {k: v for k, v in entry.items() if k != "token_id"}
+    if "top_logprobs" in out:
+        out["top_logprobs"] = [_without_id(t) for t in out["top_logprobs"]]
+    return out
+
+
 class Reply:
     """One reply of chat (`message`) or generate (`response`), whole or as its stream (`Server.sse`'s face)."""
 
@@ -208,6 +234,7 @@ class Reply:
         self.server, self.call, self.job, self.turn, self.chat = server, call, job, turn, chat
         self.req = call.reqs[0]
         self.choice = self.req.choices[0]
+        self.pending: list[tuple] = []  # logprob entries of pieces whose text is held, for the next object
 
     @staticmethod
     def encode(ev: dict) -> bytes:
@@ -219,7 +246,9 @@ class Reply:
         return []
 
     def add(self, piece: Piece) -> list[dict]:
-        """A piece's text and thinking (tool calls come whole, before the end)."""
+        """A piece's text and thinking (tool calls come whole, before the end), with its tokens' logprobs if
+        asked (those of a piece whose text is held go with the next object)."""
+        self.pending += piece.entries if self.job.logprobs is not None else []
         if not piece.text and not piece.reasoning:
             return []
         return [self.chunk(piece.text, piece.reasoning)]
@@ -235,6 +264,10 @@ class Reply:
         else:
             out["response"] = text
             out.update({"thinking": thinking} if thinking else {})
+        if self.pending:  # OpenAI's entries less the token id: token, logprob, bytes and top_logprobs
+            out["logprobs"] = [_without_id(e) for e in chat_logprobs(self.server.vocab, self.pending,
+                                                                     self.job.logprobs)["content"]]
+            self.pending = []
         out["done"] = done
         return out
 
@@ -245,6 +278,7 @@ class Reply:
 
     def whole(self) -> dict:
         """The reply as one object."""
+        self.pending = list(self.choice.logprobs) if self.job.logprobs is not None else []
         return self.final(self.turn.text, self.turn.reasoning, ollama_calls(self.turn))
 
     def final(self, text: str, thinking: str, calls: list[dict] | None = None) -> dict:
@@ -284,7 +318,8 @@ class Ollama:
                 raise bad("the request body must be a JSON object")
             if body.get("messages") in (None, []):
                 return self.loaded(body, {"message": {"role": "assistant", "content": ""}})
-            plain = {**common(body, self.server.engine.max_len), "messages": messages(body["messages"])}
+            plain = {**common(body, self.server.engine.max_len), **logprobs(body, True),
+                     "messages": messages(body["messages"])}
             if body.get("tools"):  # the ollama client sends an empty list for none
                 plain["tools"] = body["tools"]
             return await self._answer(request, plain, "chat", call)
@@ -307,6 +342,8 @@ class Ollama:
             if not prompt and not suffix and not context:
                 return self.loaded(body, {"response": ""})
             plain = common(body, self.server.engine.max_len)
+            if suffix or body.get("raw"):
+                plain.update(logprobs(body, False))
             if suffix:
                 plain.update(prompt=prompt, suffix=suffix)
                 return await self._answer(request, plain, "completion", call)
@@ -317,6 +354,7 @@ class Ollama:
                     prompt = [*context, *await self.server.off_loop(self._ids, prompt)]
                 return await self._answer(request, {**plain, "prompt": prompt}, "completion", call)
             system = body.get("system")
+            plain.update(logprobs(body, True))
             plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
                 [{"role": "user", "content": _pictured(prompt, body.get("images"), "images", "images")}]
             return await self._answer(request, plain, "chat", call, context or [], chat=False)

@@ -61,6 +61,26 @@ def test_chat_history_format_and_options(client, olla):
     assert seeded[0] == seeded[1]
 
 
+def test_logprobs_whole_and_streamed_are_the_openai_ones(client, olla):
+    """Ollama's `logprobs` and `top_logprobs` (ollama 0.12.11): each generated token's text, logprob, bytes and
+    alternatives, the chat route's entries for the same greedy reply, whole and spread over a stream's objects."""
+    ref = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=3).choices[0].logprobs.content
+    want = [(e.token, round(e.logprob, 4), [(t.token, round(t.logprob, 4)) for t in e.top_logprobs]) for e in ref]
+    got = lambda entries: [(e.token, round(e.logprob, 4), [(t.token, round(t.logprob, 4))  # noqa: E731
+                                                           for t in e.top_logprobs]) for e in entries]
+    r = olla.chat(model=MODEL, messages=HELLO, options=GREEDY, logprobs=True, top_logprobs=3)
+    assert got(r.logprobs) == want
+    parts = list(olla.chat(model=MODEL, messages=HELLO, options=GREEDY, logprobs=True, top_logprobs=3, stream=True))
+    assert got([e for p in parts for e in p.logprobs or []]) == want
+    raw = olla.generate(model=MODEL, prompt="The capital of France is", raw=True, options=GREEDY, logprobs=True)
+    assert len(raw.logprobs) == raw.eval_count and all(e.top_logprobs == [] for e in raw.logprobs)
+    assert olla.chat(model=MODEL, messages=HELLO, options=GREEDY).logprobs is None  # not asked: none
+    with pytest.raises(ollama.ResponseError) as e:
+        olla.chat(model=MODEL, messages=HELLO, options=GREEDY, logprobs=True, top_logprobs=21)
+    assert e.value.status_code == 400 and "top_logprobs" in e.value.error
+
+
 def test_generate_templated_raw_and_with_context(api, client, olla):
     """`/api/generate`: the prompt with `system` goes through the chat template (the chat reply), `raw` is a plain
     completion of the text, and the returned `context` (prompt and reply ids) continues in the next call as token
