@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import signal
+import ssl
 import time
 
 import jax
@@ -200,7 +201,15 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="multi-host: this process (0 serves HTTP and schedules; the others run its steps)")
     ap.add_argument("--heartbeat-timeout", type=int, default=10,
                     help="multi-host: seconds without a heartbeat before jax.distributed declares a process dead")
-    ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"), metavar="KEY[,KEY...]",
+                    help="require 'Authorization: Bearer KEY' (or x-api-key) with one of these keys, comma-separated "
+                         "(llama.cpp's form)")
+    ap.add_argument("--api-key-file", default=None, metavar="FILE",
+                    help="more keys, one a line (llama.cpp's flag)")
+    ap.add_argument("--ssl-certfile", "--ssl-cert-file", default=None, metavar="PEM",
+                    help="serve HTTPS with this certificate (chain), with --ssl-keyfile (vLLM's and SGLang's flags; "
+                         "llama.cpp's names too)")
+    ap.add_argument("--ssl-keyfile", "--ssl-key-file", default=None, metavar="PEM", help="the certificate's key")
     ap.add_argument("--max-body-mb", type=float, default=8.0)
     ap.add_argument("--allowed-origins", type=origins, default=("*",),
                     help="origins whose web pages may call the API from a browser (CORS): '*' (the default), a "
@@ -256,6 +265,15 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         ap.error(f"the model is named twice: {args.model_tag} and --model {args.model}")
     args.model = args.model_tag or args.model or DEFAULT_MODEL
+    args.api_keys = tuple(k.strip() for k in (args.api_key or "").split(",") if k.strip())
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file) as f:
+                args.api_keys += tuple(k.strip() for k in f if k.strip())
+        except OSError as e:
+            ap.error(f"--api-key-file: {e}")
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        ap.error("--ssl-certfile and --ssl-keyfile go together")
     if set(args.default_chat_template_kwargs) & set(TEMPLATE_OWN):
         ap.error(f"--default-chat-template-kwargs must not set {', '.join(TEMPLATE_OWN)}")
     if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
@@ -464,12 +482,13 @@ def raise_open_files() -> None:
 def main(argv=None, prog: str = "python -m server") -> None:
     """Load, warm up, serve until interrupted."""
     args = parse_args(argv, prog)
+    context = tls(args)  # a bad certificate stops the start before the model loads
     built = build(args)
     if built is None:  # a process of a group that follows process 0
         return
     server, what = built
     try:
-        asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout))
+        asyncio.run(serve(server, args.host, args.port, what, args.drain_timeout, context))
     finally:
         engine = server.aengine.engine
         if engine.background is not None:
@@ -561,7 +580,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
             log.warning("sparkler: a compiled program needs %.1f GiB of working memory, more than the %.1f GiB kept "
                         "for it: lower --gpu-memory-utilization or pass --kv-cache-gb", PROGRAMS["working"] / (1 << 30),
                         fit.reserve / (1 << 30))
-    server = Server(model, AsyncEngine(engine), api_key=args.api_key, max_body_mb=args.max_body_mb,
+    server = Server(model, AsyncEngine(engine), api_key=args.api_keys, max_body_mb=args.max_body_mb,
                     aliases=tuple(args.served_name[1:]) if args.served_name else (),
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
@@ -578,18 +597,33 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
     return server, what
 
 
-async def serve(server: Server, host: str, port: int, what: str = "", drain_timeout: float = 30.0) -> None:
-    """Listen on host:port (0 picks a free port), log one ready line with the bound address, and serve until SIGTERM
-    or SIGINT; then drain: refuse new requests (503), let those in flight finish for up to `drain_timeout` seconds,
-    end the rest with finish_reason "error", and return. A second signal exits at once."""
+def tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context `--ssl-certfile` and `--ssl-keyfile` ask for (None: plain HTTP); a file that is not a
+    certificate and its key stops the start with the reason."""
+    if args.ssl_certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise SystemExit(f"sparkler: --ssl-certfile / --ssl-keyfile: {e}") from None
+    return context
+
+
+async def serve(server: Server, host: str, port: int, what: str = "", drain_timeout: float = 30.0,
+                ssl_context: ssl.SSLContext | None = None) -> None:
+    """Listen on host:port (0 picks a free port; HTTPS with `ssl_context`), log one ready line with the bound
+    address, and serve until SIGTERM or SIGINT; then drain: refuse new requests (503), let those in flight finish for
+    up to `drain_timeout` seconds, end the rest with finish_reason "error", and return. A second signal exits at
+    once."""
     # Idle connections close after 75 s (nginx's keep-alive), a silent new one too; a handler still running once the
     # drain is over (a body that stopped arriving) is cancelled after SHUTDOWN_GRACE seconds.
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE,
                            shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     bound = runner.addresses[0]
-    log.info("sparkler: ready on http://%s:%d (%s)", bound[0], bound[1], what)
+    log.info("sparkler: ready on %s://%s:%d (%s)", "https" if ssl_context else "http", bound[0], bound[1], what)
     stop = asyncio.Event()
 
     def on_signal(sig: signal.Signals) -> None:

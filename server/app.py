@@ -71,7 +71,8 @@ UNVERSIONED = {"/chat/completions": "chat", "/completions": "completions", "/mod
 class Server:
     """One served model behind the OpenAI-compatible routes."""
 
-    def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | None = None, max_body_mb: float = 8.0,
+    def __init__(self, model: Model, aengine: AsyncEngine, api_key: str | tuple[str, ...] | None = None,
+                 max_body_mb: float = 8.0,
                  max_queued: int | None = None, request_timeout: float | None = None,
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
@@ -90,7 +91,8 @@ class Server:
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread},
                             model.name)
-        self.name, self.api_key = model.name, api_key
+        self.api_keys = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())  # any of them opens
+        self.name, self.api_key = model.name, (self.api_keys or (None,))[0]  # the one the server's own calls send
         self.allowed_origins = allowed_origins  # CORS: web pages of these origins may call the API ('*': any)
         self.max_body = int(max_body_mb * (1 << 20))
         self.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="sparkler-parse")
@@ -188,9 +190,10 @@ class Server:
         try:
             guarded = (request.path.startswith(("/v1", "/v2", "/api/")) or request.path in UNVERSIONED) and \
                 request.method != "OPTIONS"  # not preflights
-            if self.api_key and guarded:
-                keys = (request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
-                if f"Bearer {self.api_key}" != keys[0] and self.api_key != keys[1]:
+            if self.api_keys and guarded:
+                bearer = request.headers.get("Authorization", "")
+                sent = (bearer[7:] if bearer.startswith("Bearer ") else None, request.headers.get("x-api-key"))
+                if not any(key in self.api_keys for key in sent):
                     raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or "
                                         "'x-api-key: <key>')", type_="authentication_error", code="invalid_api_key")
             return await handler(request)

@@ -10,7 +10,7 @@ import sys
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READY = "ready on http://"
+READY = "ready on "  # then its base URL, http:// or https://
 
 
 @dataclasses.dataclass
@@ -44,4 +44,4 @@ def spawn(*flags: str, timeout: float = 600, command: list[str] | None = None, e
         proc.kill()
         raise RuntimeError("the server did not start:\n" + "".join(lines[-50:]))
     line = next(x for x in lines if READY in x)
-    return Child(proc, "http://" + line.split(READY)[1].split()[0].rstrip('",'), lines)
+    return Child(proc, line.split(READY)[1].split()[0].rstrip('",'), lines)

@@ -253,6 +253,15 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
             parse_args(wrong)
     assert parse_args(["--chat-template-kwargs", '{"enable_thinking": false}']).default_chat_template_kwargs == {
         "enable_thinking": False}
+    # TLS: the two files go together, and files that are no certificate and key stop the start with the reason
+    from server.__main__ import tls
+
+    with pytest.raises(SystemExit):
+        parse_args(["--ssl-certfile", "cert.pem"])
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(SystemExit) as e:
+        tls(parse_args(["--ssl-certfile", str(tmp_path / "cert.pem"), "--ssl-key-file", str(tmp_path / "cert.pem")]))
+    assert "--ssl-certfile" in str(e.value) and tls(parse_args([])) is None
     rc = runner_config(parse_args([]))  # the pool: sized where it runs (4 GiB on a CPU), 0.9 of an accelerator
     assert rc.kv_cache_gb == 0 and rc.gpu_memory_utilization == 0.9
     assert runner_config(parse_args(["--gpu-memory-utilization", "0.5"])).gpu_memory_utilization == 0.5

@@ -407,16 +407,32 @@ def alive(pid: int) -> bool:
 def test_sigterm_drains_streams_in_flight_and_exits_0(tmp_path):
     """Streams in flight at SIGTERM finish, and so does a background response waiting for a slot (stored as it
     ended); a new request gets a 503, the process exits 0, and the grammar sandbox's child process (started by a
-    structured-output request) is gone with it."""
+    structured-output request) is gone with it. The server runs HTTPS here (`--ssl-certfile`, a certificate from
+    trustme's throwaway CA, which the client trusts)."""
+    import ssl
+
+    import httpx
+    import trustme
+
     from server.store import ResponseStore
 
-    db = str(tmp_path / "responses.sqlite")
+    db, ca = str(tmp_path / "responses.sqlite"), trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     child = spawn("--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--decode-batch-sizes", "2",
-                  "--warmup", "none", "--drain-timeout", "120", "--responses-db", db,
+                  "--warmup", "none", "--drain-timeout", "120", "--responses-db", db, "--ssl-certfile",
+                  str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem"),
                   timeout=240)  # small_api's: programs from the store
     proc, lines = child.proc, child.lines
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
     try:
-        client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        assert child.url.startswith("https://127.0.0.1:")
+        with pytest.raises(openai.APIConnectionError):  # a client that does not trust the certificate
+            openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=child.url + "/v1", api_key="x", max_retries=0, timeout=300,
+                               http_client=httpx.Client(verify=trusted, timeout=300))
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
                                        response_format={"type": "json_object"})
         sandbox = children(proc.pid)

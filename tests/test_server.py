@@ -765,13 +765,15 @@ def test_a_client_that_disconnects_frees_its_slot(api, client):
 
 
 def test_python_m_server_with_an_api_key_and_stored_responses_and_batches_across_a_restart(tmp_path):
-    """A server started as `python -m server`: a wrong key is a 401 (both APIs' shapes); a stored response, an
-    uploaded file and the batches a shutdown stopped (OpenAI's and Anthropic's, a few requests done) are there after
-    a restart over the same `--responses-db` and `--files-dir`, and the batches go on where they stopped: every
-    request answered exactly once, as the route answers it."""
+    """A server started as `python -m server`: a wrong key is a 401 (both APIs' shapes), each of its keys opens it; a
+    stored response, an uploaded file and the batches a shutdown stopped (OpenAI's and Anthropic's, a few requests
+    done) are there after a restart over the same `--responses-db` and `--files-dir`, and the batches go on where
+    they stopped: every request answered exactly once, as the route answers it."""
     import anthropic
 
-    flags = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1",
+    (tmp_path / "keys").write_text("third\n\n")  # more keys, one a line (llama.cpp's --api-key-file)
+    flags = ("--api-key", "sekret,second", "--api-key-file", str(tmp_path / "keys"), "--max-num-seqs", "2",
+             "--max-model-len", "512", "--kv-cache-gb", "0.1",
              "--decode-batch-sizes", "2", "--responses-db", str(tmp_path / "responses.sqlite"),
              "--files-dir", str(tmp_path / "files"), "--warmup", "none")
     body = {"model": MODEL, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
@@ -797,6 +799,8 @@ def test_python_m_server_with_an_api_key_and_stored_responses_and_batches_across
             assert json.loads(h.read())["slots"] == 2
         claude = anthropic.Anthropic(base_url=url, api_key="sekret", max_retries=0)  # sent as x-api-key
         assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
+        for other in ("second", "third"):  # every key given opens it
+            assert openai.OpenAI(base_url=url + "/v1", api_key=other, max_retries=0).models.list().data
         first = good.responses.create(model=MODEL, input=HELLO[0]["content"], max_output_tokens=12, temperature=0)
         source = good.files.create(file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
         batch = good.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h")
