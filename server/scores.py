@@ -44,7 +44,7 @@ def routes(app: web.Application, embeddings: Embeddings) -> None:
     api = Scores(embeddings)
     for path in ("/v1/score", "/score"):
         app.router.add_post(path, api.score)
-    for path in ("/v1/rerank", "/rerank"):
+    for path in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking"):  # the last two: llama.cpp's names
         app.router.add_post(path, api.rerank)
     app.router.add_post("/v2/rerank", api.cohere_rerank)
     app.router.add_post("/classify", api.classify)

@@ -61,6 +61,7 @@ def routes(app: web.Application, server) -> None:
     app.router.add_get("/health_generate", api.health_generate)
     app.router.add_route("GET", "/flush_cache", api.flush_cache)
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
+    app.router.add_post("/reset_prefix_cache", api.flush_cache)  # vLLM's name for it
 
 
 def generate_body(body: Any) -> tuple[dict, list[str], bool]:

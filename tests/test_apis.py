@@ -608,6 +608,8 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     status, said, _ = http(api, "POST", "/flush_cache")
     assert status == 200 and said.startswith("Cache flushed") and api.engine.stats()["kv_pages_cached"] == 0
     assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] == 0
+    assert http(api, "POST", "/reset_prefix_cache")[0] == 200  # vLLM's name for it
+    assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] == 0
     for bad, param in (({"text": text, "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
                        ({"text": text, "sampling_params": {"best": 1}}, "sampling_params.best"),
                        ({"sampling_params": {}}, "text"), ({"text": text, "input_ids": [1]}, "text"),

@@ -273,6 +273,8 @@ def test_score_and_rerank_through_the_cohere_client(served):
     status, r = post("/v1/rerank", {"model": "base", "query": query, "documents": [{"text": d} for d in docs],
                                     "return_documents": False})
     assert status == 200 and [x["index"] for x in r["results"]] == order and "document" not in r["results"][0]
+    status, same = post("/reranking", {"model": "base", "query": query, "documents": docs, "top_n": 2})  # llama.cpp's
+    assert status == 200 and [x["index"] for x in same["results"]] == order[:2]
     assert r["usage"]["total_tokens"] == sum(len(tok(t).input_ids) for t in [query] + docs)
     status, r = post("/v1/score", {"model": "base", "text_1": query, "text_2": docs})  # one against each
     assert status == 200 and r["object"] == "list" and [d["index"] for d in r["data"]] == [0, 1, 2, 3]
