@@ -172,8 +172,10 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
             raise bad("'stop_sequences' must be a list of strings", "stop_sequences")
         out["stop"] = stops
     meta = body.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        raise bad("'metadata' must be an object", "metadata")
+    if meta is not None and (not isinstance(meta, dict) or not isinstance(meta.get("user_id", ""), (str, type(None)))):
+        raise bad("'metadata' must be an object, its user_id a string", "metadata")
+    if body.get("service_tier") not in (None, "auto", "standard_only"):
+        raise bad("'service_tier' must be 'auto' or 'standard_only'", "service_tier")
     thinking = body.get("thinking")
     if thinking is not None:
         kind = thinking.get("type") if isinstance(thinking, dict) else None

@@ -38,6 +38,9 @@ PASSED = ("temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_pena
           # vLLM's sampling extras (some of which its own Responses API takes), taken here as on chat
           "cache_salt", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids", "skip_special_tokens",
           "include_stop_str_in_output", "structured_outputs", "truncate_prompt_tokens")
+INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content", "message.input_image.image_url",
+            "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+            "computer_call_output.output.image_url", "code_interpreter_call.outputs")  # OpenAI's `include` values
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 TEXT_PARTS = ("input_text", "output_text", "text")
 EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "none": "none"}
@@ -235,8 +238,12 @@ def _echoed(body: dict) -> None:
     if body.get("truncation") not in (None, "auto", "disabled"):
         raise bad("'truncation' must be 'auto' or 'disabled'", "truncation")
     include = body.get("include")
-    if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
-        raise bad("'include' must be a list of strings", "include")
+    if include is not None and not (isinstance(include, list) and all(i in INCLUDES for i in include)):
+        raise bad(f"'include' must be a list of these: {', '.join(INCLUDES)} (only the logprobs change anything "
+                  "here: no tool runs on this server)", "include")
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise bad("'top_logprobs' must be an integer in [0, 20]", "top_logprobs")
     background = body.get("background", False)
     if background is not None and not isinstance(background, bool):
         raise bad("'background' must be a boolean", "background")

@@ -144,7 +144,8 @@ def test_responses_structured_output_instructions_and_storage(api, client):
         client.responses.create(model=MODEL, input=[{"type": "message", "role": "user", "content": 3}])
     assert e.value.body["param"] == "input"
     for bad in ({"metadata": {"k": 5}}, {"metadata": {f"k{i}": "v" for i in range(17)}}, {"user": 5},
-                {"truncation": "bogus"}, {"include": "x"}, {"background": "yes"}, {"background": True, "store": False}):
+                {"truncation": "bogus"}, {"include": "x"}, {"include": ["bogus"]}, {"top_logprobs": 21},
+                {"background": "yes"}, {"background": True, "store": False}):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model=MODEL, input="hi", max_output_tokens=2, **bad)
         assert e.value.body["param"] == next(iter(bad))
@@ -338,6 +339,7 @@ def test_messages_errors_take_anthropics_shape(api, claude):
             "type": "enabled", "budget_tokens": 100}}, "thinking"), ({"messages": [*HELLO, call]}, "tools"),
             ({"messages": [{"role": "user", "content": []}]}, "messages"),
             ({"output_config": {"format": {"type": "json_schema"}}}, "output_config"),
+            ({"metadata": {"user_id": 5}}, "metadata"), ({"service_tier": "bogus"}, "service_tier"),
             ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {
                 "type": "auto", "disable_parallel_tool_use": "yes"}}, "tool_choice")):
         status, out, _ = http(api, "POST", "/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": HELLO, **bad})

@@ -646,6 +646,7 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": HELLO, "seed": "x"}, 400, "seed"),
     ("/v1/chat/completions", {"messages": HELLO, "seed": 2**64}, 400, "seed"),  # vLLM's: 64 bits
     ("/v1/chat/completions", {"messages": HELLO, "user": {}}, 400, "user"),
+    ("/v1/completions", {"prompt": [[1], "a"]}, 400, "prompt"),  # strings or id lists, not both
     ("/v1/chat/completions", {"messages": HELLO, "parallel_tool_calls": "x"}, 400, "parallel_tool_calls"),
     ("/v1/chat/completions", {"messages": HELLO, "ignore_eos": 1}, 400, "ignore_eos"),
     ("/v1/chat/completions", {"messages": HELLO, "context_length_exceeded_behavior": "drop"}, 400,
