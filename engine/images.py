@@ -1,6 +1,6 @@
-"""The images a model that reads them (LLaVA) is given. Each image's features, from the vision tower and projector
-(`models.vision`), sit in rows of one table on the devices: the "soft" collection beside the parameters, which the
-embedding lookup reads for token ids past the vocabulary (`layers.causal_lm`). A prompt holds an image as
+"""The images a model that reads them (LLaVA, Gemma 3) is given. Each image's features, from the vision tower and
+projector (`models.vision`), sit in rows of one table on the devices: the "soft" collection beside the parameters,
+which the embedding lookup reads for token ids past the vocabulary (`layers.causal_lm`). A prompt holds an image as
 `tokens_per_image` copies of the image token (as transformers' processor writes it); `place` rewrites the k-th
 image's copies to the ids `vocab + row` of its rows, so every prefill path (flat, rows, chunks) and the prefix cache
 work on token ids as before. The prefix cache keys a picture's positions by its digest instead (`Request.cache_ids`:

@@ -53,6 +53,11 @@ class Scheduler:
         self.shard_of, self.save_row = runner.shard_of, save_row
         self.page_size, self.max_len, self.slots = runner.page_size, runner.max_len, runner.slots
         self.chunk, self.max_prefill_tokens = runner.chunk, runner.rc.max_prefill_tokens
+        cfg = runner.model.cfg  # Gemma 3: a picture's positions attend both ways, so a chunk holds it whole
+        self.vocab, self.image_block = cfg.vocab_size, cfg.image_block
+        if self.image_block > self.chunk:
+            raise ValueError(f"a picture takes {self.image_block} positions, more than a prefill chunk ({self.chunk}) "
+                             "at this context: raise --max-model-len")
         # One page pool per data shard (one without data parallelism); a slot's pages come from its shard's pool.
         self.pools = [PagePool(runner.num_pages, self.page_size) for _ in range(runner.dp)]
         self.tables = np.zeros((runner.slots, runner.max_pages), np.int32)  # a row per slot; 0 = scratch
@@ -148,12 +153,12 @@ class Scheduler:
     def chunks(self) -> list[tuple[Prefill, int]]:
         """The next chunk (prompt, tokens) of the prompts being prefilled, oldest first: the first one's alone when
         it wants prompt logprobs, else one of each in line up to `max_prefill_tokens` tokens in all (at least
-        one chunk)."""
+        one chunk). A chunk ends before a picture it would cut (`_whole`)."""
         budget, work = self.max_prefill_tokens, []
         for pf in self.prefilling:
             if pf.echo and work:
                 break
-            n = min(self.chunk, len(pf.tokens) - pf.start)
+            n = self._whole(pf, min(self.chunk, len(pf.tokens) - pf.start))
             if work and n > budget:
                 break
             work.append((pf, n))
@@ -161,6 +166,16 @@ class Scheduler:
             if pf.echo:
                 break
         return work
+
+    def _whole(self, pf: Prefill, n: int) -> int:
+        """`n` tokens of `pf` from its start, or fewer so that the chunk ends before a picture it would cut, where a
+        picture's positions attend to each other both ways (`image_block`: its rows are `vocab + slot * block + j`,
+        in order; one that begins at the chunk's start fits, as a chunk holds a picture)."""
+        end = pf.start + n
+        if not self.image_block or end >= len(pf.tokens) or pf.tokens[end] < self.vocab:
+            return n
+        row = (pf.tokens[end] - self.vocab) % self.image_block
+        return n - row if n > row else n
 
     def advance(self, work: list[tuple[Prefill, int]]) -> list[Prefill]:
         """Mark `chunks`' work computed; returns the prompts that are now complete."""

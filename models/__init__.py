@@ -197,7 +197,7 @@ class Model:
     eos_ids: tuple[int, ...]
     source: str
     quantization_why: str = "asked for"  # how `--quantization` was chosen (`resolve_quantization`)
-    vision: Any = None  # a model that reads images (LLaVA): its `models.vision.VisionConfig`
+    vision: Any = None  # a model that reads images (LLaVA, Gemma 3): its `models.vision.VisionConfig`
     vision_params: Any = None  # and its vision tower's and projector's parameters, replicated on the mesh
 
 
@@ -222,6 +222,9 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype, max_model_len), quantization=quantization,
                               kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype))
     cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
+    seeing = _vision_config(source)
+    if seeing is not None and seeing.bidirectional:  # Gemma 3: a picture's positions see each other both ways
+        cfg = dataclasses.replace(cfg, image_block=seeing.tokens_per_image)
     fam = family(cfg)
     module = build(cfg, attention, scan, tp, matmul)
     cfg, packed = module.cfg, module.cfg.matmul == "cpu"
@@ -268,24 +271,32 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids = eos_ids + (tok.eos_token_id,)
     name = name_or_path if not os.path.exists(name_or_path) else os.path.basename(name_or_path.rstrip("/"))
-    vision = _vision(source, dtype, mesh) if "llava" in source.config else (None, None)
-    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why, *vision)
+    seen = None if seeing is None else _vision_params(source, dtype, mesh)
+    return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why, seeing, seen)
 
 
-def _vision(source, dtype: str, mesh) -> tuple:
-    """A LLaVA folder's vision side: its config (with the folder's `preprocessor_config.json`) and its tower's and
-    projector's parameters, read straight from the folder (they are not quantized) and replicated on the mesh."""
+def _vision_config(source):
+    """A LLaVA or Gemma 3 folder's vision config (with the folder's `preprocessor_config.json`); None for a model
+    that reads text only."""
     from models import vision
 
+    if "multimodal" not in source.config:
+        return None
     pre = os.path.join(source.path, "preprocessor_config.json")
     processing = None
     if os.path.exists(pre):
         with open(pre) as f:
             processing = json.load(f)
-    cfg = vision.vision_config(source.config["llava"], processing)
-    tensors = {n: source.read(n) for n in source.config["llava_tensors"]}
-    params = jax.device_put(vision.vision_params(tensors, dtype), NamedSharding(mesh, P()))
-    return cfg, params
+    return vision.vision_config(source.config["multimodal"], processing)
+
+
+def _vision_params(source, dtype: str, mesh):
+    """Its tower's and projector's parameters, read straight from the folder (they are not quantized) and replicated
+    on the mesh."""
+    from models import vision
+
+    tensors = {n: source.read(n) for n in source.config["multimodal_tensors"]}
+    return jax.device_put(vision.vision_params(tensors, dtype), NamedSharding(mesh, P()))
 
 
 def load_tokenizer(source: Source, key: str):

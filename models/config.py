@@ -82,6 +82,7 @@ class ModelConfig:
     kv_dtype: str = ""  # the KV pool's ("": `dtype`); float8_e4m3fn or float8_e5m2: a byte a value (--kv-cache-dtype)
     lora_slots: int = 0  # LoRA adapters held at once (`models.lora`; 0: none): each dense layer's projections carry
     lora_rank: int = 0  # `lora_a [slots, rank, in]` and `lora_b [slots, out, rank]` in the "lora" collection
+    image_block: int = 0  # Gemma 3's pictures: the positions of one, which attend to each other both ways (0: none)
 
     @property
     def scale(self) -> float:
@@ -97,7 +98,7 @@ class ModelConfig:
     def plain_attention(self) -> bool:
         """No soft-capping, window or sinks: what the `cpu`, `pallas-gpu` and `pallas-tpu` kernels compute (others
         attend through `paged.reference`)."""
-        return not (self.attn_softcap or self.sliding_window or self.attn_sinks)
+        return not (self.attn_softcap or self.sliding_window or self.attn_sinks or self.image_block)
 
     @property
     def cache_heads(self) -> int:

@@ -649,7 +649,7 @@ def _as_template_reads(model: Model, messages: list[dict]) -> list[dict]:
     if model.tokenizer.content_parts:
         return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
                 else m for m in messages]
-    mark = model.tokenizer.decode([model.vision.image_token_id], skip_special_tokens=False)
+    mark = model.tokenizer.decode([model.vision.marks], skip_special_tokens=False)
     return [{**m, "content": "".join(p.get("text", mark) for p in m["content"])}
             if isinstance(m.get("content"), list) else m for m in messages]
 
@@ -754,6 +754,10 @@ def chat_ids(model: Model, messages: Any, truncate_len: int | None = None, with_
         text = chat_text(model, kept, with_tools, kwargs, found, fetch, media)
         if shortest:  # no fewer turns can follow: too long now is too long
             bounded(model, text, "messages")
+        written = vision.sequence(model.vision, lambda t: model.tokenizer.decode([t], skip_special_tokens=False)) \
+            if found is not None else None
+        if written is not None:  # Gemma 3's processor writes each picture out in the text
+            text = text.replace(*written)
         ids = model.tokenizer.encode(text, add_special_tokens=False)
         if found is not None:
             try:

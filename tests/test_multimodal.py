@@ -362,7 +362,7 @@ def test_llava_folders_of_either_transformers_read_as_their_language_model():
         names = (f"{lm}norm.weight", f"{head}weight", f"{tower}pre_layrnorm.weight", "multi_modal_projector.x")
         text, ours, read = _as_llava(config, names, lambda n: n)
         assert ours == ("model.norm.weight", "lm_head.weight") and text["architectures"] == ["MistralForCausalLM"]
-        assert text["llava_tensors"] == list(names[2:]) and read("lm_head.weight") == f"{head}weight"
+        assert text["multimodal_tensors"] == list(names[2:]) and read("lm_head.weight") == f"{head}weight"
 
 
 def test_a_preempted_pictured_request_resumes_with_its_rows(llava):

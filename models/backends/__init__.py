@@ -85,14 +85,14 @@ def resolve_backend(name: str, cfg: ModelConfig | None = None, platform: str | N
 
 def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     table: jax.Array, positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
-                    sinks: jax.Array | None = None) -> jax.Array:
+                    sinks: jax.Array | None = None, horizons: jax.Array | None = None) -> jax.Array:
     """Attention through `backend`, after this call's keys and values `k`/`v [B, S, kvh, d]` were written: a chunk
     (S > 1) runs `pallas_gpu.ragged` on `pallas-gpu`, the `cpu` kernel for its short chunks (a verify pass) and the
     earlier positions of its long ones (`paged.prefill` for the rest), else `paged.prefill`; decode (one query per
-    row) runs the kernels, or `paged.reference` for the `xla` backend, a window, soft-capping or sinks. Other
-    arguments as `paged.reference`."""
+    row) runs the kernels, or `paged.reference` for the `xla` backend, a window, soft-capping, sinks or `horizons`
+    (a picture's tokens seeing each other both ways). Other arguments as `paged.reference`."""
     b, s, h, d = q.shape
-    plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    plain = not softcap and sinks is None and isinstance(window, int) and window == 0 and horizons is None
     if s > CPU_CHUNK and backend == "cpu" and plain:
         return _cpu_prefill(q, k, v, k_cache, v_cache, table, positions, scale)
     if s > 1 and backend == "pallas-gpu" and plain:  # each row a sequence of `s` queries in one flat batch
@@ -100,9 +100,10 @@ def paged_attention(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, k_ca
                       jnp.full((b,), s, jnp.int32), scale)
         return out.reshape(b, s, h * d)
     if s > 1 and not (backend == "cpu" and plain and s <= CPU_CHUNK):
-        return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
+        return paged.prefill(q, k, v, k_cache, v_cache, table, positions, scale, softcap, window, sinks,
+                             horizons=horizons)
     if backend == "xla" or not plain:
-        return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window, sinks)
+        return paged.reference(q, k_cache, v_cache, table, positions, scale, softcap, window, sinks, horizons)
     lengths = positions.astype(jnp.int32) + 1
     qs = q * jnp.asarray(scale, q.dtype)
     if backend == "cpu":  # a row past its table (padding: its keys went to the scratch page) reads one key, not all
@@ -134,15 +135,15 @@ def _cpu_prefill(q, k, v, k_cache, v_cache, table, positions, scale: float) -> j
 
 def flat_attention(backend: str, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, flat: paged.Flat,
                    positions: jax.Array, scale: float, softcap: float = 0.0, window=0,
-                   sinks: jax.Array | None = None) -> jax.Array:
+                   sinks: jax.Array | None = None, horizons: jax.Array | None = None) -> jax.Array:
     """Attention of a flat batch (`paged.Flat`, its tables with the layer offset applied; queries `q [T, h, d]` at
     `positions [T]`, after their keys and values were written): `pallas_gpu.ragged` on `pallas-gpu`, else
     `paged.flat_reference`. Returns `[T, h * d]`."""
     t, h, d = q.shape
-    plain = not softcap and sinks is None and isinstance(window, int) and window == 0
+    plain = not softcap and sinks is None and isinstance(window, int) and window == 0 and horizons is None
     if backend == "pallas-gpu" and plain:
         return _ragged(q, k_cache, v_cache, flat.tables, flat.starts, flat.lengths, scale).reshape(t, h * d)
-    return paged.flat_reference(q, k_cache, v_cache, flat, positions, scale, softcap, window, sinks)
+    return paged.flat_reference(q, k_cache, v_cache, flat, positions, scale, softcap, window, sinks, horizons)
 
 
 def _ragged(q, k_cache, v_cache, tables, starts, lengths, scale: float) -> jax.Array:

@@ -128,11 +128,14 @@ def gather(cache: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array, positions: jax.Array,
-              scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None) -> jax.Array:
+              scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
+              horizons: jax.Array | None = None) -> jax.Array:
     """Causal attention of queries `q [B, S, h, d]` at `positions [B, S]` over the pages in `table [B, n]` (pool
     pages, layer offset applied; keys at positions `0 .. n * page_size - 1`); returns `[B, S, h * d]`. `window` > 0
     (may be traced) limits each query to that many most recent keys; `softcap` > 0 caps the scores with tanh;
-    `sinks [h]` (gpt-oss) are logits that join each head's softmax with no value (they only take weight away)."""
+    `sinks [h]` (gpt-oss) are logits that join each head's softmax with no value (they only take weight away).
+    `horizons [B, S]`: each query's last visible key position, where it sees past its own (a picture's tokens, which
+    see each other both ways: Gemma 3); the window still counts back from its position."""
     b, s, h, d = q.shape
     kvh = k_cache.shape[0]
     keys, values = gather(k_cache, table), gather(v_cache, table)  # [kvh, B, t, d]: each sequence's, in order
@@ -155,7 +158,7 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
         scores = jnp.tanh(scores / softcap) * softcap
     key_pos = jnp.arange(t)[None, None, :]
     q_pos = positions[:, :, None]
-    mask = key_pos <= q_pos
+    mask = key_pos <= (q_pos if horizons is None else horizons[:, :, None])
     if not (isinstance(window, int) and window == 0):
         mask &= (key_pos > q_pos - window) | (window <= 0)
     scores = jnp.where(mask[None, :, None], scores, NEG_INF)
@@ -173,22 +176,25 @@ def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.A
 
 
 def flat_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, flat: Flat, positions: jax.Array,
-                   scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None) -> jax.Array:
+                   scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
+                   horizons: jax.Array | None = None) -> jax.Array:
     """`reference` for a flat batch (`flat`'s tables with the layer offset applied): each token `q [T, h, d]` at
     `positions [T]` attends as a row of its own over its sequence's pages; returns `[T, h * d]`. It gathers every
     token's pages, so it suits small batches and the tests; accelerators run a kernel (`pallas_gpu.ragged`)."""
     rows = flat.tables[flat.owner]
-    return reference(q[:, None], k_cache, v_cache, rows, positions[:, None], scale, softcap, window, sinks)[:, 0]
+    return reference(q[:, None], k_cache, v_cache, rows, positions[:, None], scale, softcap, window, sinks,
+                     None if horizons is None else horizons[:, None])[:, 0]
 
 
-def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window):
-    """Softmax statistics of query rows `q [kvh, B, r, d]` (at `q_pos [B, r]`) over `keys`/`values [kvh, B, t, d]`
-    (at `k_pos [B, t]`, usable where `valid [B, t]`): the row maximum, the sum of exponentials and the unnormalised
-    output (float32), for merging with other parts of the keys."""
+def _part(q, keys, values, q_pos, k_pos, valid, scale, softcap, window, q_end=None):
+    """Softmax statistics of query rows `q [kvh, B, r, d]` (at `q_pos [B, r]`; seeing keys up to `q_end [B, r]`,
+    default their positions) over `keys`/`values [kvh, B, t, d]` (at `k_pos [B, t]`, usable where `valid [B, t]`):
+    the row maximum, the sum of exponentials and the unnormalised output (float32), for merging with other parts of
+    the keys."""
     scores = jnp.einsum("kbrd,kbtd->kbrt", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]
+    mask = (k_pos[:, None, :] <= (q_pos if q_end is None else q_end)[:, :, None]) & valid[:, None, :]
     if not (isinstance(window, int) and window == 0):
         mask &= (k_pos[:, None, :] > q_pos[:, :, None] - window) | (window <= 0)
     scores = jnp.where(mask[None], scores, NEG_INF)
@@ -207,7 +213,7 @@ def _merge(x, y):
 
 def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, table: jax.Array,
             positions: jax.Array, scale: float, softcap: float = 0.0, window=0, sinks: jax.Array | None = None,
-            block: int = 128, prior=None) -> jax.Array:
+            block: int = 128, prior=None, horizons: jax.Array | None = None) -> jax.Array:
     """`reference` for a chunk of consecutive positions per row (a prefill), in two parts merged by their softmax
     statistics: the chunk's queries over its own keys `k`/`v [B, S, kvh, d]`, taken as computed, in causal blocks
     of `block` queries that skip the keys after the block; and over the row's earlier positions, read from the pages
@@ -216,7 +222,8 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
     `sinks` join the merged statistics last. Arguments and result as `reference`. `prior`, when given, computes the
     part over the earlier positions elsewhere, whatever the table's width: a function returning each query's output
     `[B, S, h, d]` and log-normaliser `[B, S, h]` (`NEG_INF` where there are none), as the `cpu` kernel reads them
-    by length; it runs only when a row has earlier positions."""
+    by length; it runs only when a row has earlier positions. With `horizons` (see `reference`) the chunk's keys are
+    one block: a query may see keys after its own."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -231,7 +238,8 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
         k_pos = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         cached = _part(qg, gather(k_cache, table[:, :before]), gather(v_cache, table[:, :before]), q_pos, k_pos,
                        k_pos < positions[:, :1], scale, softcap, window)
-    block = block if s % block == 0 else s
+    block = block if s % block == 0 and horizons is None else s
+    q_end = None if horizons is None else jnp.repeat(horizons, g, axis=1)
     kc, vc, ones = rows(k), rows(v), jnp.ones((b, s), bool)
     if sinks is not None:  # one more part per row: a key of the head's sink logit with a zero value
         sink = jnp.tile(sinks.astype(jnp.float32).reshape(kvh, 1, g), (1, block, 1)).reshape(kvh, 1, block * g)
@@ -240,7 +248,7 @@ def prefill(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cach
     for i in range(s // block):
         lo, hi, end = i * block * g, (i + 1) * block * g, (i + 1) * block
         part = _part(qg[:, :, lo:hi], kc[:, :, :end], vc[:, :, :end], q_pos[:, lo:hi], positions[:, :end],
-                     ones[:, :end], scale, softcap, window)
+                     ones[:, :end], scale, softcap, window, None if q_end is None else q_end[:, lo:hi])
         if cached is not None:  # cached part first: XLA fuses `a * x + c * y` into an FMA: the order sets the rounding
             part = _merge(tuple(x[:, :, lo:hi] for x in cached), part)
         if sinks is not None:

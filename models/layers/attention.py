@@ -47,8 +47,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0, adapters=None):
         """`stacks`: the scanned group's parameter stacks (every layer's), where packed projections read theirs
-        at `layer` (see `Linear`), or None; `adapters`: each token's LoRA slot (`models.lora`), or None."""
+        at `layer` (see `Linear`), or None; `adapters`: each token's LoRA slot (`models.lora`), or None;
+        `positions`: `(positions, horizons)` where a picture's tokens see each other both ways (`CausalLM`)."""
         cfg, dt = self.cfg, self.cfg.dtype
+        positions, horizons = positions if isinstance(positions, tuple) else (positions, None)
         at = first + layer  # the layer's pages in the pool, and its kind
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -86,7 +88,8 @@ class Attention(nn.Module):
             k_cache, v_cache = (paged.write_flat(c, x.reshape(b * s, kvh, d), positions.reshape(-1), table, at,
                                                  cfg.num_layers) for c, x in ((k_cache, k), (v_cache, v)))
             out = backends.flat_attention(self.backend, q.reshape(b * s, h, d), k_cache, v_cache, flat,
-                                          positions.reshape(-1), cfg.scale, cfg.attn_softcap, window, sinks)
+                                          positions.reshape(-1), cfg.scale, cfg.attn_softcap, window, sinks,
+                                          None if horizons is None else horizons.reshape(-1))
             out = out.reshape(b, s, h * d)
         else:
             pages = paged.layer_pages(table, at, k_cache, cfg.num_layers)
@@ -94,6 +97,6 @@ class Attention(nn.Module):
             v_cache = paged.write(v_cache, v, positions, pages)
             backend = backends.call_backend(self.backend, b, cfg.matmul, s)
             out = backends.paged_attention(backend, q, k, v, k_cache, v_cache, pages, positions, cfg.scale,
-                                            cfg.attn_softcap, window, sinks)
+                                            cfg.attn_softcap, window, sinks, horizons)
         out = proj("o_proj", cfg.hidden_size, ("embed", "heads"), out, cfg.o_bias)
         return out, k_cache, v_cache

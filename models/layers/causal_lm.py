@@ -68,7 +68,9 @@ class CausalLM(nn.Module):
     `tokens` or broadcast to it; -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
     `features` returns the final norm's hidden states `[B, S, H]` in place of logits (embeddings: `models.pooling`).
     With a "soft" collection (`{"rows": [N, H]}`, a model that reads images: `engine.images`), a token id `vocab + i`
-    embeds as row `i` of it.
+    embeds as row `i` of it; with `cfg.image_block` (Gemma 3) a picture's rows, `image_block` of them in order, also
+    attend to each other both ways: the layers get `(positions, horizons)`, each token's last visible key position
+    (`horizons`), the end of its picture for its rows (the call holds the whole picture: `Scheduler.chunks`).
     """
 
     cfg: ModelConfig
@@ -103,6 +105,9 @@ class CausalLM(nn.Module):
             picked = soft[jnp.clip(tokens - cfg.vocab_size, 0, soft.shape[0] - 1)].astype(x.dtype)
             x = jnp.where((tokens >= cfg.vocab_size)[..., None], picked, x)
         carry = (x, cache.k, cache.v)
+        if soft is not None and cfg.image_block:
+            row = (tokens - cfg.vocab_size) % cfg.image_block
+            positions = (positions, positions + jnp.where(tokens >= cfg.vocab_size, cfg.image_block - 1 - row, 0))
         for start, stop, name in layer_groups(cfg, self.scan):
             if name == f"layers_{start}":  # one layer, unrolled
                 carry, _ = self.layer_cls(cfg, self.backend, first=start, name=name)(carry, 0, positions, table, None,

@@ -160,28 +160,33 @@ def _open_hf(folder: str) -> Source:
         return tensor(name)
 
     names = tuple(k for k in where if not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
-    config, names, read = _as_causal_lm(*_as_llava(config, names, read))
+    config, names, read = _as_causal_lm(*_as_multimodal(config, names, read))
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
     return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read, quantized=bool(mxfp4))
 
 
-# LLaVA's language models: its `text_config.model_type` -> the causal LM's architecture.
-LLAVA_TEXT = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# The models that read pictures: their language models' `text_config.model_type` -> the causal LM's architecture.
+MULTIMODAL_TEXT = {
+    "LlavaForConditionalGeneration": {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                      "qwen2": "Qwen2ForCausalLM"},
+    "Gemma3ForConditionalGeneration": {"gemma3_text": "Gemma3ForCausalLM"},
+}
 
 
-def _as_llava(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
-    """A LLaVA folder (`LlavaForConditionalGeneration`) read as its language model's, the whole config under `llava`
-    and the other tensors' names (the vision tower's and projector's: `models.vision`) under `llava_tensors`, read by
-    those names. Its language model's tensors are `language_model.model.*` and `language_model.lm_head.*`
-    (transformers 4) or `model.language_model.*` and `lm_head.*` (5 in memory); they read as the causal LM's `model.*`
-    and `lm_head.*`."""
-    if (config.get("architectures") or [""])[0] != "LlavaForConditionalGeneration":
+def _as_multimodal(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
+    """A LLaVA or Gemma 3 folder (`...ForConditionalGeneration`) read as its language model's, the whole config under
+    `multimodal` and the other tensors' names (the vision tower's and projector's: `models.vision`) under
+    `multimodal_tensors`, read by those names. Its language model's tensors are `language_model.model.*` and
+    `language_model.lm_head.*` (transformers 4) or `model.language_model.*` and `lm_head.*` (5); they read as the
+    causal LM's `model.*` and `lm_head.*`."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch not in MULTIMODAL_TEXT:
         return config, names, read
     text = dict(config.get("text_config") or {})
     kind = text.get("model_type", "llama")
-    if kind not in LLAVA_TEXT:
-        raise NotImplementedError(f"a LLaVA language model of type {kind!r} is not supported; known: "
-                                  f"{sorted(LLAVA_TEXT)}")
+    if kind not in MULTIMODAL_TEXT[arch]:
+        raise NotImplementedError(f"a {arch} language model of type {kind!r} is not supported; known: "
+                                  f"{sorted(MULTIMODAL_TEXT[arch])}")
     text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
     ours, tower = {}, []
     for n in names:
@@ -192,7 +197,7 @@ def _as_llava(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dic
                 break
         else:
             tower.append(n)
-    text.update(architectures=[LLAVA_TEXT[kind]], llava=config, llava_tensors=tower)
+    text.update(architectures=[MULTIMODAL_TEXT[arch][kind]], multimodal=config, multimodal_tensors=tower)
     return text, tuple(ours), lambda name: read(ours.get(name, name))
 
 
