@@ -290,5 +290,5 @@ class LlamaCpp:
             "total_slots": s.engine.runner.slots, "model_path": s.model.source, "model_alias": s.name,
             "chat_template": (tok.chat_template or "") if tok is not None else "",
             "bos_token": special.get("bos_token", ""), "eos_token": special.get("eos_token", ""),
-            "modalities": {"vision": False, "audio": False},
+            "modalities": {"vision": s.engine.images is not None, "audio": False},
             "build_info": f"sparkler {importlib.metadata.version('sparkler')}"})

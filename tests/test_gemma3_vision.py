@@ -158,8 +158,14 @@ def test_the_model_reads_pictures_as_transformers_does(served, gemma):
 
 
 def test_a_prompt_whose_pictures_do_not_match_its_marks_is_a_400(served):
+    """A mark typed in the text counts as a picture's (a 400 that says so); the model's descriptions say it sees."""
+    import urllib.request
+
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
-    typed = _ask(_png(4), f"What is {BOI} here?")  # a mark typed in the text counts as a picture's
+    assert client.models.retrieve("gemma3").model_extra["input_modalities"] == ["text", "image"]
+    with urllib.request.urlopen(served.url + "/props", timeout=30) as r:  # llama.cpp's
+        assert json.load(r)["modalities"]["vision"] is True
+    typed = _ask(_png(4), f"What is {BOI} here?")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="gemma3", messages=typed, max_tokens=2)
     assert e.value.body["param"] == "messages" and "image tokens" in e.value.body["message"]
