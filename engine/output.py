@@ -1,9 +1,12 @@
 """A choice's drawn tokens into its output, on the host after a step's draws are read back (the next step already
 on the devices): token ids and logprobs, the detokenized text, why it ends (an end of sequence, a stop string, a
-complete grammar, the length limit, a grammar that failed), and the deltas streamed from them. Plain Python over
-one choice at a time; the engine retires a choice that ends (`Engine._finish`)."""
+complete grammar, the length limit, llama.cpp's code-completion limits, a grammar that failed), and the deltas
+streamed from them. Plain Python over one choice at a time; the engine retires a choice that ends
+(`Engine._finish`)."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -16,7 +19,7 @@ def extend(choice: Choice, p: SamplingParams, outs, steps: np.ndarray, slot: int
     """Append a choice's tokens of several `steps` of `outs` (`[steps, slots]` arrays), at most `limit` in all:
     together (an end of sequence or the limit cuts them, one detokenization for all), or one by one where a grammar
     (or a thinking budget) or stop strings read each. Returns why the choice ends, or None."""
-    if choice.matcher is not None or p.stop:
+    if choice.matcher is not None or p.stop or p.n_indent or p.t_max_predict_ms > 0:
         for i in steps.tolist():
             if reason := append(choice, p, outs, (i, slot), limit, eos_ids):
                 return reason
@@ -56,6 +59,7 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
     `limit` tokens at most. Returns why the choice ends, or None."""
     tok = int(out.token[at])
     choice.token_ids.append(tok)
+    choice.started = choice.started or time.monotonic()
     if p.logprobs or p.top_logprobs:
         k = p.top_logprobs
         tops = list(zip(out.top_ids[at][:k].tolist(), out.top_logprobs[at][:k].tolist()))
@@ -71,6 +75,11 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
         return "stop"
     if p.stop and len(choice.token_ids) > p.min_tokens and _stopped(choice, p, before):
         return "stop"
+    if p.n_indent and _outdented(choice, p.n_indent, before):
+        return "length"  # llama.cpp's "limit"
+    late = p.t_max_predict_ms > 0 and (time.monotonic() - choice.started) * 1000 > p.t_max_predict_ms
+    if late and "\n" in choice.text:
+        return "length"
     if choice.matcher is not None and choice.matcher.done:  # the grammar is complete, or it failed
         if why := choice.matcher.error:  # a limit of llguidance's tripped: the text so far does not match it
             choice.error = f"the grammar failed after {len(choice.token_ids)} tokens: {why}"
@@ -88,6 +97,24 @@ def _stopped(choice: Choice, p: SamplingParams, before: int) -> bool:
         at, choice.stop_hit = min(hits)
         choice.text = choice.text[:at + len(choice.stop_hit) * p.include_stop_str_in_output]
         return True
+    return False
+
+
+def _outdented(choice: Choice, n: int, before: int) -> bool:
+    """llama.cpp's `n_indent`: whether a line after a new line, among those the text from `before` on reaches, starts
+    (its first character other than a space or tab, a new line included) after fewer than `n` of them; if so the text
+    ends before that character, as llama.cpp cuts it."""
+    text = choice.text
+    i = text.rfind("\n", 0, before)
+    i = i if i >= 0 else text.find("\n", before)
+    while i >= 0:
+        j = i + 1
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and j - i - 1 < n:
+            choice.text = text[:j]
+            return True
+        i = text.find("\n", i + 1)
     return False
 
 

@@ -71,6 +71,8 @@ class SamplingParams:
     xtc_threshold: float = 0.1
     dynatemp_range: float = 0.0  # llama.cpp's dynamic temperature (0: off): temperature +- this, by the entropy
     dynatemp_exponent: float = 1.0
+    n_indent: int = 0  # llama.cpp's (code completion): a new line indented by fewer blanks ends the reply (0: off)
+    t_max_predict_ms: int = 0  # llama.cpp's: past this many ms since the first token, a new line ends it (<= 0: off)
 
     def resolved(self, defaults: dict) -> "SamplingParams":
         """A copy with unset values filled from `defaults` (generation_config) or the OpenAI defaults."""

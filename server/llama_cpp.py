@@ -7,7 +7,8 @@ eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the 
 is written in llama.cpp's shape (`content`, `stop`, `stop_type`, `tokens_predicted`, `timings`, ...), whole or as
 its stream of `data:` lines (no `[DONE]`). Its bookkeeping fields are accepted and have nothing to do here:
 `cache_prompt` (the prefix cache is always on), `id_slot`, `samplers` (the sampler's order is fixed:
-docs/ARCHITECTURE.md), `n_keep`, `t_max_predict_ms`. `repeat_last_n` 0 turns the penalties off, as llama.cpp's;
+docs/ARCHITECTURE.md), `n_keep`. `n_indent` and `t_max_predict_ms` (code completion's limits: `engine.output`) pass
+through. `repeat_last_n` 0 turns the penalties off, as llama.cpp's;
 another window is the whole prompt and reply, as this server's penalties always are. A null field, or an empty
 `grammar` or `json_schema`, is one not given. Absent fields take the model's defaults, as in the other APIs here
 (llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05). Errors keep the OpenAI shape the rest of the server
@@ -32,7 +33,7 @@ from server.turn import Piece, Turn
 SAME = ("temperature", "top_k", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty", "ignore_eos",
         "grammar", "json_schema", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
         "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "top_n_sigma", "dynatemp_range",
-        "dynatemp_exponent", "stream")
+        "dynatemp_exponent", "n_indent", "t_max_predict_ms", "stream")
 RENAMED = {"repeat_penalty": "repetition_penalty"}
 NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "n_predict", "mirostat_target": "mirostat_tau",
          "mirostat_lr": "mirostat_eta", "return_token_ids": "return_tokens"}  # ours -> llama.cpp's, in errors

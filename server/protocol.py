@@ -127,11 +127,13 @@ NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "dynatemp_range": (float, 0.0, None),
     "dynatemp_exponent": (float, 0.0, None),
     "length_penalty": (float, -10.0, 10.0),
+    "n_indent": (int, 0, 4096),
+    "t_max_predict_ms": (int, -1, None),  # -1 or 0: no limit, as llama.cpp's default -1
 }
 HOT = {"temperature": (float, 0.0, None)}  # llama.cpp's and SGLang's range (any temperature), for `parse`'s bounds
 LLAMA_CPP = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "top_n_sigma",
-             "xtc_probability", "xtc_threshold", "dynatemp_range",
-             "dynatemp_exponent")  # llama.cpp's samplers: `SamplingParams`' defaults where not given
+             "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "n_indent",
+             "t_max_predict_ms")  # llama.cpp's samplers and limits: `SamplingParams`' defaults where not given
 FLOAT32_MAX = 3.4e38
 TOKEN_ID = re.compile(r"(0|[1-9][0-9]*)", re.ASCII)  # a logit_bias key: "1" and "01" must not name one token twice
 TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "tokenize", "conversation")  # no kwargs may set these

@@ -378,6 +378,31 @@ def _stream_lines(api, path, body):
     return [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: ")]
 
 
+def test_llama_cpp_code_completion_limits_n_indent_and_t_max_predict_ms(api):
+    """llama.cpp's limits for editors' completions (llama.vim, llama.vscode send them): `n_indent` ends the reply at
+    the first line after a new line indented by fewer blanks (cut before its first other character, as llama.cpp
+    cuts it), `t_max_predict_ms` at a new line once that long has passed since the first token; both end as
+    "limit"."""
+    body = {"prompt": "def fibonacci(n):\n", "n_predict": 48, "temperature": 0}
+    status, free, _ = http(api, "POST", "/completion", body)
+    text = free["content"]
+    lines = text.split("\n")
+    assert status == 200 and len(lines) > 2, text  # the greedy reply runs over lines (the test's premise)
+    first = len(lines[1]) - len(lines[1].lstrip(" \t"))  # the indent of the line after the first new line
+    status, cut, _ = http(api, "POST", "/completion", {**body, "n_indent": first + 1})
+    assert status == 200 and cut["content"] == lines[0] + "\n" + lines[1][:first] and cut["stop_type"] == "limit"
+    status, kept, _ = http(api, "POST", "/completion", {**body, "n_indent": first})
+    assert kept["content"].startswith(lines[0] + "\n" + lines[1]) and len(kept["content"]) > len(cut["content"])
+    status, timed, _ = http(api, "POST", "/completion", {**body, "t_max_predict_ms": 1})
+    assert status == 200 and timed["stop_type"] == "limit" and "\n" in timed["content"]
+    assert text.startswith(timed["content"]) and len(timed["content"]) < len(text)
+    status, out, _ = http(api, "POST", "/v1/completions", {**body, "max_tokens": 48, "n_indent": first + 1})
+    assert out["choices"][0]["text"] == cut["content"] and out["choices"][0]["finish_reason"] == "length"
+    for wrong in ({"n_indent": -1}, {"t_max_predict_ms": -2}, {"n_indent": "2"}):
+        status, out, _ = http(api, "POST", "/completion", {**body, **wrong})
+        assert status == 400 and out["error"]["param"] == next(iter(wrong))
+
+
 def test_llama_cpp_completion_whole_and_streamed(api, client):
     """llama.cpp's `/completion` over a socket: the greedy reply is the completions API's for the same settings, in
     llama.cpp's shape (content, tokens, stop_type, counts, timings, settings, completion_probabilities); the stream's
