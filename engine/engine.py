@@ -360,6 +360,20 @@ class Engine:
         log.info("prefix cache flushed: %d pages", flushed)
         return True
 
+    def swap_weights(self, new: Model) -> bool:
+        """Serve `new`'s weights (a model of the same config and shapes, as `Server.update_weights` checks) from the
+        next step on, when nothing is queued or running: True, with the prefix cache and held pictures forgotten
+        (computed with the old weights); else nothing changes: False. Call it on the engine's thread."""
+        if self.has_work():
+            return False
+        self.model.params = {**self.model.params, "params": new.params["params"]}
+        if self.images is not None:
+            self.model.vision_params = new.vision_params
+            self.images.forget()
+        flushed = sum(pool.flush() for pool in self.sched.pools)
+        log.info("weights swapped; prefix cache flushed: %d pages", flushed)
+        return True
+
     def load_adapter(self, name: str, adapter: lora.Adapter) -> Loaded:
         """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other adapter holds
         and no request made with an adapter and not finished uses (an adapter unloaded stays with the requests using

@@ -99,6 +99,12 @@ class ImageRows:
             for j, i in enumerate(at[k * self.size:(k + 1) * self.size]):
                 req.prompt_ids[i], req.cache_ids[i] = vocab + slot * self.size + j, named[j]
 
+    def forget(self) -> None:
+        """Drop every held picture's rows (new weights: their features are stale); called with nothing running."""
+        with self.lock:
+            self.held.clear()
+            self.users.clear()
+
     def _free(self, taken: list[int]) -> int:
         """A slot for one more image: one never used, else the least recently used that no live request reads."""
         used = set(self.held.values())

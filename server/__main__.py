@@ -404,9 +404,10 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def load(args: argparse.Namespace):
-    """The model the flags name, in their dtype, attention backend and layer form."""
-    model = load_model(args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
+def load(args: argparse.Namespace, path: str | None = None):
+    """The model the flags name (or the one at `path`, loaded as they say: new weights to serve), in their dtype,
+    attention backend and layer form."""
+    model = load_model(path or args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
                        scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
                        expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype,
                        max_model_len=args.max_model_len)
@@ -582,6 +583,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                         fit.reserve / (1 << 30))
     server = Server(model, AsyncEngine(engine), api_key=args.api_keys, max_body_mb=args.max_body_mb,
                     aliases=tuple(args.served_name[1:]) if args.served_name else (),
+                    loader=None if group else lambda path: load(args, path),  # other hosts would keep theirs
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,

@@ -23,9 +23,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp_cors
+import jax
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -77,8 +78,13 @@ class Server:
                  reasoning_parser: str = "auto", responses_db: str | None = None,
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
                  max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None,
-                 media: images.Media = images.NO_MEDIA, aliases: tuple[str, ...] = ()):
+                 media: images.Media = images.NO_MEDIA, aliases: tuple[str, ...] = (),
+                 loader: Callable[[str], Model] | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
+        self.loader = loader  # a folder's model loaded as this one was (`update_weights`; None: not offered)
+        self.weight_version = "default"  # SGLang's name for the weights served (`update_weights` sets it)
+        self.paused: asyncio.Future | None = None  # while weights are swapped, calls wait on it before admission
+        self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
@@ -503,6 +509,8 @@ class Server:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
             call.adapter = self._check_model(body)
+            while self.paused is not None:  # weights are being swapped: admitted after
+                await asyncio.shield(self.paused)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp
@@ -518,6 +526,37 @@ class Server:
             DEADLINE.reset(deadline)
             if not call.detached:  # else its task accounts for it when it ends
                 self.account(request.path, status, call.rid, call.reqs, call.took)
+
+    async def update_weights(self, path: str, abort: bool = False) -> int:
+        """Serve the weights of the folder or file at `path` (SGLang's `/update_weights_from_disk`): loaded beside the
+        ones served (`loader`, as this model was loaded), checked to be the same model's (config, shapes, dtypes),
+        then swapped in once nothing is running, new calls waiting meanwhile (with `abort`, those in flight are
+        aborted first; else they finish on the old weights); the prefix cache is flushed. Returns the calls
+        aborted; a 400 saying why where the weights cannot be served (none are swapped)."""
+        if self.loader is None:
+            raise bad("this server cannot load other weights (it was not started by `python -m server`)",
+                      "model_path")
+        async with self.updating:
+            try:
+                new = await self.off_loop(self.loader, path)
+            except (OSError, ValueError, NotImplementedError, KeyError) as e:
+                raise bad(f"could not load {path!r}: {e}", "model_path") from None
+            shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), m.params["params"])  # noqa: E731
+            if new.cfg != self.model.cfg or shapes(new) != shapes(self.model):
+                raise bad(f"{path!r} is not this model's kind: its config or its weights' shapes differ",
+                          "model_path")
+            self.paused = asyncio.get_running_loop().create_future()
+            try:
+                aborted = [r.id for reqs in self.admitted for r in reqs] if abort else []
+                for rid in aborted:
+                    self.engine.abort(rid)
+                while not await self.aengine.call(lambda engine: engine.swap_weights(new)):
+                    await asyncio.sleep(0.02)  # the calls in flight finish first
+            finally:
+                self.paused.set_result(None)
+                self.paused = None
+        log.info("weights of %s served", path)
+        return len(aborted)
 
     def _stage(self, call: "Call", stage: str | None) -> None:
         """Move a call to `stage` ("reading" its body, "parsing" it, or None: admitted or ended), counted in

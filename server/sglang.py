@@ -62,6 +62,7 @@ def routes(app: web.Application, server) -> None:
     app.router.add_route("GET", "/flush_cache", api.flush_cache)
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
     app.router.add_post("/reset_prefix_cache", api.flush_cache)  # vLLM's name for it
+    app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
 
 
 def generate_body(body: Any) -> tuple[dict, list[str], bool]:
@@ -195,7 +196,7 @@ class Sample:
         c, req = self.choice, self.req
         meta = {"id": self.rid, "finish_reason": self.finish() if final else None,
                 "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids),
-                "cached_tokens": req.cached_tokens, "weight_version": "default"}
+                "cached_tokens": req.cached_tokens, "weight_version": self.server.weight_version}
         if final:
             meta["e2e_latency"] = time.monotonic() - self.call.took.start
         if self.want:
@@ -321,12 +322,37 @@ class SGLang:
         log.info("/abort_request: %d requests aborted (%s)", len(ids), "all" if every else repr(rid))
         return web.Response(status=200)
 
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        """POST /update_weights_from_disk: serve the weights at `model_path` (a folder or file of this model's kind;
+        `Server.update_weights`), as RL trainers call SGLang between rollouts; `abort_all_requests` aborts the
+        calls in flight first, `weight_version` names the new weights (reported by `/model_info` and each
+        `/generate` reply). `{"success", "message", "num_paused_requests"}`: 200, or 400 with success false."""
+        body = await self.server._body(request)
+        body = body if isinstance(body, dict) else {}
+        path, abort, version = body.get("model_path"), body.get("abort_all_requests", False), body.get("weight_version")
+        try:
+            if not isinstance(path, str) or not path:
+                raise bad("'model_path' must be a folder or file of weights", "model_path")
+            if not isinstance(abort, bool) or (version is not None and not isinstance(version, str)):
+                raise bad("'abort_all_requests' must be a boolean and 'weight_version' a string", "weight_version")
+            if body.get("load_format") not in (None, "auto", "safetensors", "gguf"):
+                raise bad("'load_format' must be auto, safetensors or gguf (as the path says)", "load_format")
+            aborted = await self.server.update_weights(path, abort)
+        except ApiError as e:
+            return web.json_response({"success": False, "message": e.message, "num_paused_requests": 0},
+                                     status=e.status)
+        if version is not None:
+            self.server.weight_version = version
+        return web.json_response({"success": True, "message": "Succeeded to update model weights.",
+                                  "num_paused_requests": aborted})
+
     async def model_info(self, request: web.Request) -> web.Response:
         """GET /model_info: what SGLang's clients read of the model."""
         s = self.server
         return web.json_response({"model_path": s.model.source, "tokenizer_path": s.model.source,
                                   "is_generation": True, "preferred_sampling_params": None,
-                                  "weight_version": "default", "has_image_understanding": s.model.vision is not None,
+                                  "weight_version": s.weight_version,
+                                  "has_image_understanding": s.model.vision is not None,
                                   "has_audio_understanding": False, "architectures": [s.model.cfg.arch]})
 
     async def server_info(self, request: web.Request) -> web.Response:

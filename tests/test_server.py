@@ -271,7 +271,7 @@ def test_vllms_template_controls_add_generation_prompt_documents_and_a_requests_
     """vLLM's chat fields for the template: `add_generation_prompt` false ends the prompt after the last message (the
     default's ids without the assistant header), `documents` reach the template as transformers passes them, and a
     request's own `chat_template` is refused, not silently ignored."""
-    from server.protocol import _template_kwargs
+    from server.protocol import template_kwargs
 
     kw = dict(model=MODEL, messages=HELLO, max_tokens=1, temperature=0, extra_body={"return_token_ids": True})
     opened = client.chat.completions.create(**kw).model_extra["prompt_token_ids"]
@@ -280,7 +280,7 @@ def test_vllms_template_controls_add_generation_prompt_documents_and_a_requests_
     header = api.model.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     assert closed.model_extra["prompt_token_ids"] + header == opened
     docs = [{"title": "Paris", "text": "Paris is the capital of France."}]
-    assert _template_kwargs({"documents": docs})[0]["documents"] == docs
+    assert template_kwargs({"documents": docs})[0]["documents"] == docs
     for extra, param in (({"chat_template": "{{ messages }}"}, "chat_template"), ({"documents": ["x"]}, "documents"),
                          ({"add_generation_prompt": "no"}, "add_generation_prompt"),
                          ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt")):
