@@ -90,7 +90,10 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
         return json_grammar(schema, param)
     if kind == "grammar":
         return gbnf_grammar(fmt.get("grammar"), param, f"{param}.grammar")
-    raise InvalidRequest(f"unknown response_format type {kind!r}; use text, json_object, json_schema or grammar", param)
+    if kind == "structural_tag":
+        return structural_tag_grammar(fmt, param)
+    raise InvalidRequest(f"unknown response_format type {kind!r}; use text, json_object, json_schema, grammar or "
+                         "structural_tag", param)
 
 
 def json_grammar(schema: Any, param: str) -> str:
@@ -114,6 +117,40 @@ def gbnf_grammar(text: Any, param: str, field: str | None = None) -> str:
     if err:
         raise InvalidRequest(f"invalid grammar: {err}", param)
     return grammar
+
+
+def structural_tag_grammar(spec: Any, param: str) -> str:
+    """The grammar of free text in which each of `spec`'s structures, once one of its `triggers` is written, is its
+    `begin`, JSON valid under its `schema`, then its `end` (xgrammar's structural tag, as vLLM and SGLang take it:
+    `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`, or that as JSON text); llguidance's
+    `StructTag` writes the Lark grammar (lazily matched triggers)."""
+    import llguidance
+
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise InvalidRequest(f"'{param}' is not valid JSON: {e}", param) from None
+    structures, triggers = (spec.get("structures"), spec.get("triggers")) if isinstance(spec, dict) else (0, 0)
+    if not (isinstance(structures, list) and structures and isinstance(triggers, list) and triggers
+            and all(isinstance(t, str) and t for t in triggers)):
+        raise InvalidRequest(f"'{param}' must hold 'structures' (a non-empty list of {{'begin', 'schema', 'end'}}) "
+                             "and 'triggers' (a non-empty list of strings)", param)
+    tags = []
+    for i, s in enumerate(structures):
+        if not (isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end", ""), str)
+                and isinstance(s.get("schema"), dict)):
+            raise InvalidRequest(f"'{param}' structures[{i}] must be {{'begin': str, 'schema': object, 'end': str}}",
+                                 param)
+        trigger = max((t for t in triggers if s["begin"].startswith(t)), key=len, default=None)
+        if trigger is None:
+            raise InvalidRequest(f"'{param}' structures[{i}]: its begin {s['begin']!r} starts with no trigger", param)
+        tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"], grammar=bounded(s["schema"]),
+                                         end=s.get("end", "")))
+    try:
+        return llguidance.grammar_from("lark", llguidance.StructTag.to_grammar(tags, assume_special=False))
+    except (ValueError, TypeError, AssertionError) as e:
+        raise InvalidRequest(f"invalid structural tag: {e}", param) from None
 
 
 def regex_grammar(pattern: Any, param: str) -> str:

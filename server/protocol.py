@@ -11,7 +11,8 @@ import json
 import re
 from typing import Any, Callable
 
-from engine.grammar import choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar
+from engine.grammar import (choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar,
+                            structural_tag_grammar)
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
 from server import harmony, images, infill, reasoning, tools
 from server.reasoning import Thinking
@@ -433,7 +434,8 @@ def _beam_search(body: dict, job: Job) -> None:
 # Other servers' fields for structured output, each a way to build a grammar: vLLM's `structured_outputs` (keyed
 # below) and its older `guided_*`, SGLang's `regex` / `json_schema` (a JSON string) / `ebnf`, llama.cpp's `grammar`
 # (GBNF) / `json_schema` (an object).
-GRAMMAR_BUILDERS = {"json": json_grammar, "regex": regex_grammar, "choice": choice_grammar, "grammar": gbnf_grammar}
+GRAMMAR_BUILDERS = {"json": json_grammar, "regex": regex_grammar, "choice": choice_grammar, "grammar": gbnf_grammar,
+                    "structural_tag": structural_tag_grammar}
 GRAMMAR_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                   "guided_grammar": "grammar", "json_schema": "json", "regex": "regex", "ebnf": "grammar",
                   "grammar": "grammar"}
@@ -448,8 +450,6 @@ def other_grammar(body: dict) -> tuple[str, str] | None:
         if not isinstance(outputs, dict):
             raise bad("'structured_outputs' must be an object such as {'json': <schema>}, {'regex': ...}, "
                       "{'choice': [...]} or {'grammar': ...}", "structured_outputs")
-        if outputs.get("structural_tag") is not None:
-            raise bad("'structured_outputs.structural_tag' is not supported by this server", "structured_outputs")
         asked += [(f"structured_outputs.{kind}", kind, outputs[kind]) for kind in GRAMMAR_BUILDERS
                   if outputs.get(kind) is not None]
         if outputs.get("json_object") is True:

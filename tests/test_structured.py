@@ -272,7 +272,7 @@ def test_other_servers_fields_for_structured_output_constrain_the_reply(client, 
     ({"regex": PHONE, "guided_choice": ["a"]}, "regex"),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex"),
     ({"guided_choice": []}, "guided_choice"),
-    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": "json"}, "structured_outputs"),
     ({"json_schema": "{not json"}, "json_schema"),
     ({"grammar": "root ::= ("}, "grammar"),
@@ -283,6 +283,32 @@ def test_other_servers_fields_for_structured_output_refuse_bad_or_conflicting_in
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_a_structural_tag_constrains_what_follows_its_trigger(client):
+    """xgrammar's structural tag (vLLM's `structured_outputs.structural_tag`, SGLang's `response_format` of type
+    `structural_tag`): text is free until a trigger is written; then the structure's begin, JSON its schema accepts
+    and its end follow. The greedy answer starts "The capital of France is Paris."; with a tag triggered by "The" it
+    is "The answer: " and a JSON object the schema validates instead."""
+    import jsonschema
+
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    free = client.chat.completions.create(model=MODEL, messages=france, max_tokens=16, temperature=0)
+    assert free.choices[0].message.content.startswith("The capital")  # the premise: the answer starts with the trigger
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+            "additionalProperties": False}
+    tag = {"structures": [{"begin": "The answer: ", "schema": city, "end": " Done."}], "triggers": ["The"]}
+    for kw in ({"response_format": {"type": "structural_tag", **tag}},
+               {"extra_body": {"structured_outputs": {"structural_tag": json.dumps(tag)}}}):
+        text = client.chat.completions.create(model=MODEL, messages=france, max_tokens=48, temperature=0,
+                                              **kw).choices[0].message.content
+        assert text.startswith("The answer: ") and " Done." in text, text
+        jsonschema.validate(json.loads(text[len("The answer: "):text.index(" Done.")]), city)
+    bad = {"structures": [{"begin": "Answer: ", "schema": city, "end": ""}], "triggers": ["The"]}  # no trigger
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=france, max_tokens=4,
+                                       response_format={"type": "structural_tag", **bad})
+    assert e.value.body["param"] == "response_format" and "trigger" in e.value.body["message"]
 
 
 def test_a_grammar_that_fails_while_generating_is_a_400_or_an_error_event_not_a_stop(api, client):
