@@ -208,6 +208,7 @@ class Runner:
         if not rc.kv_cache_gb:
             rc = dataclasses.replace(rc, kv_cache_gb=self.fit.pool / (1 << 30) if self.fit else memory.CPU_GB)
         self.model, self.rc = model, rc
+        self.vocab, self.image_block = model.cfg.vocab_size, model.cfg.image_block  # the scheduler's (`_whole`)
         self.slots, self.page_size = self.dp * self.per_shard, rc.page_size
         self.num_pages = plan_pages(model, rc)  # per data shard
         self.max_len = plan_max_len(model, rc, self.num_pages)

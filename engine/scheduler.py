@@ -53,8 +53,8 @@ class Scheduler:
         self.shard_of, self.save_row = runner.shard_of, save_row
         self.page_size, self.max_len, self.slots = runner.page_size, runner.max_len, runner.slots
         self.chunk, self.max_prefill_tokens = runner.chunk, runner.rc.max_prefill_tokens
-        cfg = runner.model.cfg  # Gemma 3: a picture's positions attend both ways, so a chunk holds it whole
-        self.vocab, self.image_block = cfg.vocab_size, cfg.image_block
+        # Gemma 3: a picture's positions attend both ways, so a chunk holds it whole (`_whole`)
+        self.vocab, self.image_block = runner.vocab, runner.image_block
         if self.image_block > self.chunk:
             raise ValueError(f"a picture takes {self.image_block} positions, more than a prefill chunk ({self.chunk}) "
                              "at this context: raise --max-model-len")

@@ -809,8 +809,6 @@ def completion_prompts(model: Model, prompt: Any, special: bool = True) -> list[
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
         if len(prompt) > 128:
             raise bad("at most 128 prompts per request", "prompt")
-        if len({isinstance(p, str) for p in prompt}) > 1:  # OpenAI's: strings, or lists of token ids, not both
-            raise bad("'prompt' must be a list of strings or a list of token-id lists, not both", "prompt")
         return [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     if isinstance(prompt, list) and not prompt:
         raise bad("'prompt' must not be empty", "prompt")

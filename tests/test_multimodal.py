@@ -354,13 +354,13 @@ def test_templates_that_read_text_get_the_image_token_where_the_picture_was(serv
 def test_llava_folders_of_either_transformers_read_as_their_language_model():
     """transformers 4's names (`language_model.model.*`, `language_model.lm_head.*`) and 5's in memory
     (`model.language_model.*`, `lm_head.*`) read as the causal LM's; the tower's and projector's stay by name."""
-    from models.loading.source import _as_llava
+    from models.loading.source import _as_multimodal
 
     config = {"architectures": ["LlavaForConditionalGeneration"], "text_config": {"model_type": "mistral"}}
     for lm, head, tower in (("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model."),
                             ("model.language_model.", "lm_head.", "model.vision_tower.")):
         names = (f"{lm}norm.weight", f"{head}weight", f"{tower}pre_layrnorm.weight", "multi_modal_projector.x")
-        text, ours, read = _as_llava(config, names, lambda n: n)
+        text, ours, read = _as_multimodal(config, names, lambda n: n)
         assert ours == ("model.norm.weight", "lm_head.weight") and text["architectures"] == ["MistralForCausalLM"]
         assert text["multimodal_tensors"] == list(names[2:]) and read("lm_head.weight") == f"{head}weight"
 

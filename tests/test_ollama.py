@@ -182,12 +182,12 @@ def test_nulls_defaults_and_long_options(api, client):
     assert status == 200 and r["prompt_eval_count"] == api.engine.runner.embed_sizes[-1]
     status, r, _ = http(api, "POST", "/api/embed", {"model": MODEL, "input": "word " * 5000, "truncate": False})
     assert status == 400
-    api.server.api_key = "k"
+    api.server.api_keys = ("k",)
     try:
         assert http(api, "GET", "/api/tags")[0] == 401 and http(api, "POST", "/api/chat", body)[0] == 401
         assert http(api, "POST", "/api/chat", body, headers={"Authorization": "Bearer k"})[0] == 200
     finally:
-        api.server.api_key = None
+        api.server.api_keys = ()
 
 
 def _ndjson(api, path, body):

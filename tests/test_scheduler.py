@@ -19,7 +19,7 @@ def scheduler(pages: int = 16, slots: int = 4, budget: int = 512, chunk: int = 1
     `slots / dp` of the slots; `save_row` records the slots whose sampler row a preemption took."""
     geometry = SimpleNamespace(shard_of=lambda slot: slot // (slots // dp), page_size=PAGE, max_len=512, slots=slots,
                                chunk=chunk, rc=SimpleNamespace(max_prefill_tokens=budget), num_pages=pages, dp=dp,
-                               max_pages=512 // PAGE)
+                               max_pages=512 // PAGE, vocab=1 << 20, image_block=0)
     return Scheduler(geometry, save_row=lambda slot: ("row", slot), policy=policy)
 
 
