@@ -106,6 +106,8 @@ def json_grammar(schema: Any, param: str) -> str:
         return schema_grammar(schema)
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"invalid JSON schema: {e}", param) from None
+    except RecursionError:  # JSON text inside a body is not bounded as the body is
+        raise InvalidRequest("the JSON schema nests too deeply", param) from None
 
 
 def gbnf_grammar(text: Any, param: str, field: str | None = None) -> str:
@@ -129,8 +131,8 @@ def structural_tag_grammar(spec: Any, param: str) -> str:
     if isinstance(spec, str):
         try:
             spec = json.loads(spec)
-        except ValueError as e:
-            raise InvalidRequest(f"'{param}' is not valid JSON: {e}", param) from None
+        except (ValueError, RecursionError) as e:
+            raise InvalidRequest(f"'{param}' is not JSON this server reads: {e}", param) from None
     structures, triggers = (spec.get("structures"), spec.get("triggers")) if isinstance(spec, dict) else (0, 0)
     if not (isinstance(structures, list) and structures and isinstance(triggers, list) and triggers
             and all(isinstance(t, str) and t for t in triggers)):
@@ -145,11 +147,14 @@ def structural_tag_grammar(spec: Any, param: str) -> str:
         trigger = max((t for t in triggers if s["begin"].startswith(t)), key=len, default=None)
         if trigger is None:
             raise InvalidRequest(f"'{param}' structures[{i}]: its begin {s['begin']!r} starts with no trigger", param)
-        tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"], grammar=bounded(s["schema"]),
-                                         end=s.get("end", "")))
+        try:
+            tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"], grammar=bounded(s["schema"]),
+                                             end=s.get("end", "")))
+        except RecursionError:
+            raise InvalidRequest(f"'{param}' structures[{i}]: its schema nests too deeply", param) from None
     try:
         return llguidance.grammar_from("lark", llguidance.StructTag.to_grammar(tags, assume_special=False))
-    except (ValueError, TypeError, AssertionError) as e:
+    except (ValueError, TypeError, AssertionError, RecursionError) as e:
         raise InvalidRequest(f"invalid structural tag: {e}", param) from None
 
 

@@ -102,8 +102,9 @@ def _serve() -> None:
 
     def _walk(grammar: str) -> str | None:
         """An error a matcher meets at its start (a grammar no text matches, `root ::= root`), or along its first
-        `WALK` tokens, each the first its mask allows: llguidance builds its lexer and parser rows as tokens come,
-        and some grammars pass validation only to pass its limits there (`a{1000000}`, a choice of 5,000)."""
+        `WALK` tokens, each the first its mask allows but an end of sequence: llguidance builds its lexer and
+        parser rows as tokens come, and some grammars pass validation only to pass its limits there (`a{1000000}`,
+        a choice of 5,000)."""
         m = llguidance.LLMatcher(tok, grammar)
         mask = llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size)
         for step in range(WALK + 1):
@@ -112,6 +113,7 @@ def _serve() -> None:
                 why = m.get_error().splitlines()[0]
                 return f"no text matches it ({why})" if step == 0 else f"it fails once text is drawn ({why})"
             allowed = np.flatnonzero(np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:tok.vocab_size])
+            allowed = allowed[~np.isin(allowed, ends)]  # the walk goes on past the end of sequence
             if step == WALK or not len(allowed) or m.is_stopped():
                 return None
             m.consume_token(int(allowed[0]))
@@ -125,6 +127,7 @@ def _serve() -> None:
     hello = json.loads(sys.stdin.readline())
     tok = None if hello["tokenizer"] is None else llguidance.LLTokenizer(hello["tokenizer"],
                                                                            eos_token=hello["eos"] or None)
+    ends = np.asarray(hello["eos"] or [], np.int64)
     threading.stack_size(CHILD_STACK)
     replies.write("ready\n")
     replies.flush()

@@ -75,16 +75,16 @@ def append(choice: Choice, p: SamplingParams, out, at: tuple, limit: int, eos_id
         return "stop"
     if p.stop and len(choice.token_ids) > p.min_tokens and _stopped(choice, p, before):
         return "stop"
-    if p.n_indent and _outdented(choice, p.n_indent, before):
-        return "length"  # llama.cpp's "limit"
-    late = p.t_max_predict_ms > 0 and (time.monotonic() - choice.started) * 1000 > p.t_max_predict_ms
-    if late and "\n" in choice.text:
-        return "length"
     if choice.matcher is not None and choice.matcher.done:  # the grammar is complete, or it failed
         if why := choice.matcher.error:  # a limit of llguidance's tripped: the text so far does not match it
             choice.error = f"the grammar failed after {len(choice.token_ids)} tokens: {why}"
             return "error"
         return "length" if choice.matcher.closed else "stop"
+    if p.n_indent and _outdented(choice, p.n_indent, before):
+        return "length"  # llama.cpp's "limit"
+    late = p.t_max_predict_ms > 0 and (time.monotonic() - choice.started) * 1000 > p.t_max_predict_ms
+    if late and "\n" in choice.text:
+        return "length"
     return "length" if len(choice.token_ids) >= limit else None
 
 

@@ -22,7 +22,7 @@ from engine import draft_model, multihost
 from engine.compile import PERSISTENT, PROGRAMS, use_caches
 from engine.engine import Engine
 from engine.llm import AsyncEngine
-from engine.params import DEFAULT_MAX_TOKENS
+from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.runner import RunnerConfig, platform_defaults
 from models import KV_DTYPES, load_model, lora
 from models.backends import BACKENDS
@@ -53,9 +53,9 @@ IGNORED = (  # (flag names, values it takes, why it changes nothing here): `_ign
     (("--swap-space",), 1, "a preempted sequence is recomputed from its tokens, not swapped out"),
     (("--jinja",), 0, "chat templates are always rendered with Jinja"),
     (("--n-gpu-layers", "-ngl", "--gpu-layers"), 1, "the whole model goes on the accelerator"),
-    (("--flash-attn", "-fa"), 1, "the attention kernel is chosen per platform (--attention-backend)"),
+    (("--flash-attn", "-fa"), "?", "the attention kernel is chosen per platform (--attention-backend)"),
     (("--cont-batching", "-cb"), 0, "continuous batching is always on"),
-    (("--threads", "-t"), 1, "XLA and the C++ kernels size their threads to the cores"),
+    (("--threads",), 1, "XLA and the C++ kernels size their threads to the cores"),
 )
 KEEPALIVE = 75.0  # seconds an idle connection stays open (nginx's keepalive_timeout)
 SHUTDOWN_GRACE = 3.0  # seconds a handler still running after the drain gets before it is cancelled
@@ -80,9 +80,10 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="the model, as `vllm serve MODEL` takes it (the same as --model)")
     ap.add_argument("--model", "-m", "--model-path", default=None,
                     help="catalog name, HF folder or GGUF file (default: smollm2-135m-instruct)")
-    ap.add_argument("--served-name", "--served-model-name", "--alias", nargs="+", default=None, metavar="NAME",
+    ap.add_argument("--served-name", "--served-model-name", nargs="+", default=None, metavar="NAME",
                     help="the model id clients send (default: --model); more names are aliases a request may use "
-                         "too (vLLM's flag; llama.cpp's --alias)")
+                         "too (vLLM's flag)")
+    ap.add_argument("--alias", default=None, metavar="NAME", help="llama.cpp's name for one served name")
     ap.add_argument("--max-num-seqs", "--parallel", "-np", "--max-running-requests", type=int, default=32,
                     help="sequences decoded together (batch rows)")
     ap.add_argument("--max-model-len", "--ctx-size", "-c", "--context-length", type=int, default=0,
@@ -262,6 +263,10 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "token's, their mean or the first's")
     _ignored(ap)
     args = ap.parse_args(argv)
+    if args.ignored_flash_attn not in (None, True, "on", "off", "auto"):  # llama.cpp's older bare -fa, then the model
+        args.model_tag, args.ignored_flash_attn = args.model_tag or args.ignored_flash_attn, True
+    if args.alias is not None:
+        args.served_name = [args.alias, *(args.served_name or [])]
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         ap.error(f"the model is named twice: {args.model_tag} and --model {args.model}")
     args.model = args.model_tag or args.model or DEFAULT_MODEL
@@ -318,7 +323,8 @@ def _ignored(ap: argparse.ArgumentParser) -> None:
     nothing here, each with why: accepted and logged, so those commands start."""
     group = ap.add_argument_group("accepted from other servers, with nothing to change here")
     for names, takes, why in IGNORED:
-        takes = dict(action="store_const", const=True) if not takes else dict(nargs=takes, metavar="X")
+        takes = dict(action="store_const", const=True) if not takes else dict(
+            nargs=takes, metavar="X", **({"const": True} if takes == "?" else {}))
         group.add_argument(*names, dest="ignored_" + names[0].lstrip("-").replace("-", "_"), default=None,
                            help=why, **takes)
 
@@ -350,6 +356,15 @@ def _generation(text: str) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in ("top_k", "max_new_tokens")
                                                                        and not isinstance(v, int)):
             raise argparse.ArgumentTypeError(f"{k} must be a number (top_k and max_new_tokens integers), got {v!r}")
+    if value.get("top_k") == -1:  # vLLM's "no top-k"
+        value["top_k"] = 0
+    settings = {("max_tokens" if k == "max_new_tokens" else k): v for k, v in value.items()}
+    try:  # the ranges a request's own values must keep, so that the defaults never make a request a 400
+        SamplingParams(**settings).validate()
+        if settings.get("max_tokens") == 0:
+            raise InvalidRequest("max_new_tokens must be >= 1", "max_new_tokens")
+    except InvalidRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -404,13 +419,14 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def load(args: argparse.Namespace, path: str | None = None):
-    """The model the flags name (or the one at `path`, loaded as they say: new weights to serve), in their dtype,
-    attention backend and layer form."""
-    model = load_model(path or args.model, dtype=args.dtype, tp=args.tp, attention=args.attention_backend,
-                       scan=args.scan_layers, quantization=args.quantization, dp=args.dp, matmul=args.matmul_backend,
-                       expert_parallel=args.enable_expert_parallel, kv_cache_dtype=args.kv_cache_dtype,
-                       max_model_len=args.max_model_len)
+def load(args: argparse.Namespace, path: str | None = None, like=None):
+    """The model the flags name, in their dtype, attention backend and layer form; or the one at `path`, loaded as
+    `like` was (its dtype and quantization as resolved: new weights to serve)."""
+    model = load_model(path or args.model, dtype=like.cfg.dtype if like else args.dtype, tp=args.tp,
+                       attention=args.attention_backend, scan=args.scan_layers,
+                       quantization=like.cfg.quantization if like else args.quantization, dp=args.dp,
+                       matmul=args.matmul_backend, expert_parallel=args.enable_expert_parallel,
+                       kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len)
     if args.served_name:
         model.name = args.served_name[0]
     model.generation_config = generation_config(args, model.generation_config)
@@ -583,7 +599,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                         fit.reserve / (1 << 30))
     server = Server(model, AsyncEngine(engine), api_key=args.api_keys, max_body_mb=args.max_body_mb,
                     aliases=tuple(args.served_name[1:]) if args.served_name else (),
-                    loader=None if group else lambda path: load(args, path),  # other hosts would keep theirs
+                    loader=None if group else lambda path: load(args, path, model),  # other hosts keep theirs
                     allowed_origins=args.allowed_origins,
                     max_queued=args.max_queued_requests, request_timeout=args.request_timeout,
                     reasoning_parser=args.reasoning_parser, responses_db=args.responses_db,

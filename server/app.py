@@ -66,6 +66,8 @@ class Stalled(Exception):
     """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
+SWAP_WAIT = 600.0  # seconds `update_weights` waits for the calls in flight to finish
+OPEN = ("/", "/metrics", "/version")  # with /health* and /static/: what an API key leaves open (SGLang's rule)
 UNVERSIONED = {"/chat/completions": "chat", "/completions": "completions", "/models": "models"}  # /v1's, unprefixed
 
 
@@ -194,8 +196,8 @@ class Server:
         shape = anthropic_messages.error_body if request.path.startswith("/v1/messages") else \
             ollama.error_body if request.path.startswith("/api/") else ApiError.body
         try:
-            guarded = (request.path.startswith(("/v1", "/v2", "/api/")) or request.path in UNVERSIONED) and \
-                request.method != "OPTIONS"  # not preflights
+            guarded = request.method != "OPTIONS" and not (  # not preflights, nor what probes and the page read
+                request.path in OPEN or request.path.startswith(("/health", "/static/")))
             if self.api_keys and guarded:
                 bearer = request.headers.get("Authorization", "")
                 sent = (bearer[7:] if bearer.startswith("Bearer ") else None, request.headers.get("x-api-key"))
@@ -505,12 +507,11 @@ class Server:
                 raise self.shutting_down()
             self._stage(call, "reading")
             body = await self._body(request)
+            await self._unpaused()
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
             call.adapter = self._check_model(body)
-            while self.paused is not None:  # weights are being swapped: admitted after
-                await asyncio.shield(self.paused)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp
@@ -527,35 +528,58 @@ class Server:
             if not call.detached:  # else its task accounts for it when it ends
                 self.account(request.path, status, call.rid, call.reqs, call.took)
 
-    async def update_weights(self, path: str, abort: bool = False) -> int:
-        """Serve the weights of the folder or file at `path` (SGLang's `/update_weights_from_disk`): loaded beside the
-        ones served (`loader`, as this model was loaded), checked to be the same model's (config, shapes, dtypes),
-        then swapped in once nothing is running, new calls waiting meanwhile (with `abort`, those in flight are
-        aborted first; else they finish on the old weights); the prefix cache is flushed. Returns the calls
-        aborted; a 400 saying why where the weights cannot be served (none are swapped)."""
+    async def _unpaused(self) -> None:
+        """Wait while weights are swapped (`update_weights`), by the call's deadline; before parsing, so that nothing
+        is prepared with the old weights (a picture's features) and admitted after."""
+        while self.paused is not None:
+            deadline = DEADLINE.get()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(self.paused)
+            except TimeoutError:
+                raise self.timed_out() from None
+
+    async def update_weights(self, path: str, abort: bool = False, version: str | None = None) -> int:
+        """Serve the weights of the folder or file at `path` (SGLang's `/update_weights_from_disk`), named `version`:
+        loaded beside the ones served (`loader`, as this model was loaded), checked to be the same model's (config,
+        shapes, dtypes), then swapped in once no call is being parsed or run, new calls waiting meanwhile (with
+        `abort`, those in flight are aborted first; else they finish on the old weights, for up to `SWAP_WAIT`
+        seconds); the prefix cache is flushed. Returns the calls aborted; a 400 (409 past the wait) saying why where
+        the weights cannot be served (none are swapped). It runs to its end if its caller goes away."""
         if self.loader is None:
-            raise bad("this server cannot load other weights (it was not started by `python -m server`)",
-                      "model_path")
+            raise bad("this server cannot load other weights (it runs over several processes, or was not started by "
+                      "`python -m server`)", "model_path")
+        return await asyncio.shield(asyncio.get_running_loop().create_task(self._update(path, abort, version)))
+
+    async def _update(self, path: str, abort: bool, version: str | None) -> int:
         async with self.updating:
             try:
                 new = await self.off_loop(self.loader, path)
             except (OSError, ValueError, NotImplementedError, KeyError) as e:
                 raise bad(f"could not load {path!r}: {e}", "model_path") from None
+            differ = [f.name for f in dataclasses.fields(new.cfg) if getattr(new.cfg, f.name) != getattr(
+                self.model.cfg, f.name)]
             shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), m.params["params"])  # noqa: E731
-            if new.cfg != self.model.cfg or shapes(new) != shapes(self.model):
-                raise bad(f"{path!r} is not this model's kind: its config or its weights' shapes differ",
+            if differ or shapes(new) != shapes(self.model):
+                raise bad(f"{path!r} is not this model's kind: {', '.join(differ) or 'its weights shapes'} differ",
                           "model_path")
-            self.paused = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
             try:
                 aborted = [r.id for reqs in self.admitted for r in reqs] if abort else []
                 for rid in aborted:
                     self.engine.abort(rid)
-                while not await self.aengine.call(lambda engine: engine.swap_weights(new)):
-                    await asyncio.sleep(0.02)  # the calls in flight finish first
+                while self.stages["parsing"] or not await self.aengine.call(lambda e: e.swap_weights(new)):
+                    if loop.time() > end:
+                        raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; the "
+                                       "weights are unchanged (abort_all_requests ends them first)", "model_path")
+                    await asyncio.sleep(0.02)  # the calls being parsed or run finish first
             finally:
                 self.paused.set_result(None)
                 self.paused = None
-        log.info("weights of %s served", path)
+            self.model.source = new.source
+            self.weight_version = version or self.weight_version
+        log.info("weights of %s served (%s)", path, self.weight_version)
         return len(aborted)
 
     def _stage(self, call: "Call", stage: str | None) -> None:

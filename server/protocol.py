@@ -462,8 +462,8 @@ def other_grammar(body: dict) -> tuple[str, str] | None:
     if kind == "json" and isinstance(value, str):  # SGLang's json_schema, vLLM's guided_json: JSON text
         try:
             value = json.loads(value)
-        except ValueError as e:
-            raise bad(f"'{field}' is not valid JSON: {e}", field) from None
+        except (ValueError, RecursionError) as e:
+            raise bad(f"'{field}' is not JSON this server reads: {e}", field) from None
     return GRAMMAR_BUILDERS[kind](value, field), field
 
 
@@ -689,14 +689,25 @@ def chat_text(model: Model, messages: Any, with_tools: Tools | None = None, kwar
     options = {"add_generation_prompt": True, **extra}
     try:
         return model.tokenizer.apply_chat_template(clean, tokenize=False, **options)
-    except Exception as e:  # a template may reject an order of roles, or want tool arguments as text
-        as_text = tools.string_arguments(clean)
-        try:
-            if as_text is not None:
-                return model.tokenizer.apply_chat_template(as_text, tokenize=False, **options)
-        except Exception:
-            pass
+    except Exception as e:  # a template may reject an order of roles, want tool arguments as text, or refuse
+        as_text = tools.string_arguments(clean)  # earlier thinking beside content and calls (gpt-oss's)
+        for retry in (as_text, _unthought(clean), _unthought(as_text)):
+            try:
+                if retry is not None:
+                    return model.tokenizer.apply_chat_template(retry, tokenize=False, **options)
+            except Exception:
+                pass
         raise bad(f"the chat template rejected these messages: {e}", "messages") from None
+
+
+def _unthought(messages: list[dict] | None) -> list[dict] | None:
+    """The messages without the earlier thinking of those that also hold content and tool calls (gpt-oss's template
+    refuses all three in one message); None if none does."""
+    if messages is None or not any(m.get("reasoning_content") and m.get("content") and m.get("tool_calls")
+                                   for m in messages):
+        return None
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} if m.get("content") and m.get("tool_calls")
+            else m for m in messages]
 
 
 def _reasoning_of(message: dict, i: int) -> str | None:

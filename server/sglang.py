@@ -327,22 +327,21 @@ class SGLang:
         `Server.update_weights`), as RL trainers call SGLang between rollouts; `abort_all_requests` aborts the
         calls in flight first, `weight_version` names the new weights (reported by `/model_info` and each
         `/generate` reply). `{"success", "message", "num_paused_requests"}`: 200, or 400 with success false."""
-        body = await self.server._body(request)
-        body = body if isinstance(body, dict) else {}
-        path, abort, version = body.get("model_path"), body.get("abort_all_requests", False), body.get("weight_version")
         try:
+            body = await self.server._body(request)
+            body = body if isinstance(body, dict) else {}
+            path, abort, version = (body.get("model_path"), body.get("abort_all_requests", False),
+                                    body.get("weight_version"))
             if not isinstance(path, str) or not path:
                 raise bad("'model_path' must be a folder or file of weights", "model_path")
             if not isinstance(abort, bool) or (version is not None and not isinstance(version, str)):
                 raise bad("'abort_all_requests' must be a boolean and 'weight_version' a string", "weight_version")
             if body.get("load_format") not in (None, "auto", "safetensors", "gguf"):
                 raise bad("'load_format' must be auto, safetensors or gguf (as the path says)", "load_format")
-            aborted = await self.server.update_weights(path, abort)
+            aborted = await self.server.update_weights(path, abort, version)
         except ApiError as e:
             return web.json_response({"success": False, "message": e.message, "num_paused_requests": 0},
                                      status=e.status)
-        if version is not None:
-            self.server.weight_version = version
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": aborted})
 

@@ -227,6 +227,10 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     llama = parse_args(["-m", "x.gguf", "-c", "2048", "-np", "4", "--jinja", "-ngl", "99", "-fa", "on", "--port", "1"])
     assert (llama.model, llama.max_model_len, llama.max_num_seqs, llama.port) == ("x.gguf", 2048, 4, 1)
     assert [f for f, _ in ignored(llama)] == ["--jinja", "--n-gpu-layers", "--flash-attn"]
+    older = parse_args(["-fa", "y.gguf", "--alias", "a", "-c", "512"])  # a bare -fa (older llama.cpp), the model after
+    assert (older.model, older.served_name, older.ignored_flash_attn) == ("y.gguf", ["a"], True)
+    with pytest.raises(SystemExit):
+        parse_args(["-tp2"])  # not -t p2: no -t here (llama.cpp's --threads is taken whole)
     sglang = parse_args(["--model-path", "y", "--context-length", "512", "--max-running-requests", "8",
                          "--mem-fraction-static", "0.8", "--tp-size", "1", "--disable-radix-cache"])
     assert (sglang.model, sglang.max_model_len, sglang.max_num_seqs) == ("y", 512, 8)
@@ -243,7 +247,9 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert generation_config(parse_args(["--generation-config", str(tmp_path)]), model) == {"eos_token_id": [1, 2],
                                                                                              "top_k": 20}
     assert generation_config(parse_args(over), model) == {**model, "temperature": 0.3, "max_new_tokens": 64}
-    for wrong in ('{"temprature": 1}', '{"top_k": 1.5}', '{"temperature": "hot"}', "[1]"):
+    assert generation_config(parse_args(["--override-generation-config", '{"top_k": -1}']), {})["top_k"] == 0
+    for wrong in ('{"temprature": 1}', '{"top_k": 1.5}', '{"temperature": "hot"}', "[1]", '{"top_p": 1.5}',
+                  '{"top_k": -2}', '{"max_new_tokens": 0}'):
         with pytest.raises(SystemExit):
             parse_args(["--override-generation-config", wrong])
         assert "--override-generation-config" in capsys.readouterr().err

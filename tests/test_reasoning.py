@@ -285,3 +285,31 @@ def test_earlier_thinking_sent_back_reaches_the_template_through_every_api(think
     call = call.model_copy(update={"id": fc.call_id, "function": call.function.model_copy(
         update={"name": fc.name, "arguments": fc.arguments})})
     assert after.usage.input_tokens == len(prompt({"reasoning": said.content[0].text}))
+
+
+def test_a_template_that_refuses_thinking_beside_content_and_calls_renders_without_that_thinking(smollm):
+    """gpt-oss's template raises on an assistant message with content, thinking and tool calls together (what an SDK
+    loop sends back by appending the reply): that message's thinking is dropped, not the request; others keep
+    theirs."""
+    import copy
+    import types
+
+    from server import tools as tool_mod
+    from server.protocol import chat_text
+
+    tok = copy.copy(smollm.tokenizer)
+    tok.chat_template, tok._template = (
+        "{% for m in messages %}{% if m.role == 'assistant' and m.content and m.thinking and m.tool_calls %}"
+        "{{ raise_exception('Cannot pass both content and thinking in an assistant message with tool calls!') }}"
+        "{% endif %}<{{ m.role }}>{% if m.thinking %}[{{ m.thinking }}]{% endif %}{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}({{ c.function.name }}){% endfor %}{% endfor %}{% if tools %}T{% endif %}",
+        None)
+    spec = tool_mod.Tools([{"name": "f", "description": "", "parameters": {"type": "object"}}], "auto")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Go."},
+               {"role": "assistant", "content": "", "reasoning": "first", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+               {"role": "assistant", "content": "Looking.", "reasoning": "second", "tool_calls": [
+                   {**call, "id": "c2"}]}, {"role": "tool", "tool_call_id": "c2", "content": "ok"}]
+    text = chat_text(types.SimpleNamespace(tokenizer=tok, vision=None), history, spec)
+    assert "<assistant>[first](f)" in text and "<assistant>Looking.(f)" in text and "second" not in text

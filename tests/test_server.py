@@ -83,7 +83,7 @@ def test_models_health_metrics_and_tokenize(api, client):
 
 def test_routes_without_v1_as_llama_cpp_serves_them(api, client):
     """A client given the server's URL without /v1 reaches chat, completions and models there (llama.cpp's server
-    answers both); the API key guards them as it guards /v1."""
+    answers both); the API key guards them as it guards /v1, and every route but the probes' and the page's."""
     bare = openai.OpenAI(base_url=api.url, api_key="x")
     want = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
     got = bare.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
@@ -94,6 +94,10 @@ def test_routes_without_v1_as_llama_cpp_serves_them(api, client):
     try:
         assert http(api, "POST", "/chat/completions", {"model": MODEL, "messages": HELLO})[0] == 401
         assert http(api, "GET", "/models")[0] == 401
+        for path in ("/update_weights_from_disk", "/generate", "/completion", "/tokenize", "/flush_cache"):
+            assert http(api, "POST", path, {})[0] == 401, path  # every other server's route too (SGLang's rule)
+        for path in ("/health", "/metrics", "/version", "/"):  # what probes, scrapers and the page read
+            assert http(api, "GET", path)[0] == 200, path
     finally:
         api.server.api_keys = ()
 

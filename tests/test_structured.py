@@ -273,6 +273,8 @@ def test_other_servers_fields_for_structured_output_constrain_the_reply(client, 
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex"),
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"structural_tag": "[" * 100_000}}, "structured_outputs.structural_tag"),  # too deep
+    ({"json_schema": '{"a":' * 100_000}, "json_schema"),  # SGLang's JSON text, nested past Python's stack
     ({"structured_outputs": "json"}, "structured_outputs"),
     ({"json_schema": "{not json"}, "json_schema"),
     ({"grammar": "root ::= ("}, "grammar"),

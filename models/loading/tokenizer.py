@@ -292,11 +292,12 @@ def _chat_template(folder: str, config: dict) -> str | None:
 
 
 def _with_reasoning(message: dict) -> dict:
-    """A message whose reasoning (under any name) is readable as `reasoning_content` and `thinking` too."""
+    """A message whose reasoning (under any name) is readable as `reasoning_content`, `reasoning` and `thinking`."""
     if not isinstance(message, dict):
         raise TypeError("chat messages must be objects")
     reasoning = next((message[k] for k in REASONING if message.get(k) is not None), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message if reasoning is None else {"thinking": reasoning, "reasoning": reasoning, **message,
+                                              "reasoning_content": reasoning}
 
 
 def _clean_up(text: str) -> str:
