@@ -603,8 +603,9 @@ class Engine:
         if work and work[0][0].echo:
             pf = work[0][0]
             slot = pf.choices[0].slot
-            pf.pieces.append(self.runner.prefill_chunk(slot, tables[slot], pf.tokens[:pf.start + work[0][1]], pf.start,
-                                                       True))
+            # the whole prompt: the chunk's last logprob reads the token after it (echo is refused with pictures, so
+            # `_whole` never cuts an echo chunk)
+            pf.pieces.append(self.runner.prefill_chunk(slot, tables[slot], pf.tokens, pf.start, True))
         elif work:
             chunks = [(pf.choices[0].slot, tables[pf.choices[0].slot], pf.tokens[:pf.start + n], pf.start)
                       for pf, n in work]

@@ -1,6 +1,6 @@
 """Test helpers: run our model's full-sequence logits, prompts no other test shares, HF reference pieces, tiny
 random models with the default model's tokenizer, GGUF files written as llama.cpp writes them, and a chat stream read
-through the openai client."""
+through the openai client, and pictures as data URLs."""
 
 import contextlib
 import functools
@@ -12,6 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import KVCache
+
+
+def png_url(seed: int, shape=(40, 31)) -> str:
+    """A random RGB picture as a PNG data URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def unique_prefix(seed: int, n: int) -> list[int]:

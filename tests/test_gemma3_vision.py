@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from engine.runner import RunnerConfig  # noqa: E402
+from helpers import png_url  # noqa: E402
 from models import load_model, vision  # noqa: E402
 from server import protocol  # noqa: E402
 
@@ -28,13 +29,6 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if 
             "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
             "{% endif %}")
 SIZE, PATCH, TOKENS = 32, 4, 16  # an 8 x 8 patch grid pooled 2 x 2: 16 positions a picture
-
-
-def _png(seed: int, shape=(37, 29)) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def _ask(url: str, text: str = "What is in this picture?") -> list[dict]:
@@ -91,7 +85,7 @@ def test_the_tower_projector_and_preprocessing_match_transformers(gemma):
     want = (out.pooler_output if hasattr(out, "pooler_output") else out).numpy()
     np.testing.assert_allclose(np.asarray(vision.image_features(params, pixels, cfg)), want, atol=1e-4)
     for seed in (1, 2):
-        picture = Image.open(io.BytesIO(base64.b64decode(_png(seed).split(",", 1)[1])))
+        picture = Image.open(io.BytesIO(base64.b64decode(png_url(seed).split(",", 1)[1])))
         np.testing.assert_allclose(vision.preprocess(picture, cfg),
                                    processor(images=[picture], return_tensors="np")["pixel_values"][0], atol=1e-6)
 
@@ -138,9 +132,9 @@ def test_the_model_reads_pictures_as_transformers_does(served, gemma):
 
     straddling = next(words for words in range(100, 300) if (lambda ids: ids.index(soft) < chunk - TOKENS // 4 <
                                                              chunk < ids.index(soft) + TOKENS)(
-        asked(_png(3), "Read this first. " * words)[1]))
+        asked(png_url(3), "Read this first. " * words)[1]))
     for seed, before in ((1, ""), (2, ""), (3, "Read this first. " * straddling)):
-        url = _png(seed)
+        url = png_url(seed)
         messages, ids, text, pixels = asked(url, before)
         at = ids.index(soft)
         assert len(pixels) == 1 and ids[at:at + TOKENS] == [soft] * TOKENS and ids.count(soft) == TOKENS
@@ -165,8 +159,8 @@ def test_a_prompt_whose_pictures_do_not_match_its_marks_is_a_400(served):
     assert client.models.retrieve("gemma3").model_extra["input_modalities"] == ["text", "image"]
     with urllib.request.urlopen(served.url + "/props", timeout=30) as r:  # llama.cpp's
         assert json.load(r)["modalities"]["vision"] is True
-    typed = _ask(_png(4), f"What is {BOI} here?")
+    typed = _ask(png_url(4), f"What is {BOI} here?")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="gemma3", messages=typed, max_tokens=2)
     assert e.value.body["param"] == "messages" and "image tokens" in e.value.body["message"]
-    assert client.chat.completions.create(model="gemma3", messages=_ask(_png(4)), max_tokens=2).choices
+    assert client.chat.completions.create(model="gemma3", messages=_ask(png_url(4)), max_tokens=2).choices

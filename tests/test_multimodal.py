@@ -10,7 +10,6 @@ import json
 import os
 import urllib.request
 
-import numpy as np
 import openai
 import pytest
 
@@ -26,6 +25,7 @@ from models import load_model  # noqa: E402
 from server import protocol  # noqa: E402
 from server import images  # noqa: E402
 from server.images import Media  # noqa: E402
+from helpers import png_url  # noqa: E402
 from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: E402, F401  (the page's fixture)
 
 IMAGE = "<image>"
@@ -38,14 +38,6 @@ TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{
             "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 SIZE = 28  # the tower's input: 4 x 4 patches of 7, so 16 image tokens an image
-
-
-def _png(seed: int, shape=(40, 31)) -> str:
-    """A random RGB picture as a PNG data URL."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def _ask(url: str, text: str = "What is in this picture?") -> list[dict]:
@@ -99,7 +91,7 @@ def _greedy(eng: Engine, seeds, n: int) -> list[list[int]]:
     """Greedy `n` tokens for a question about each seed's picture, all run together in `eng`."""
     reqs = []
     for seed in seeds:
-        ids, _, (pixels,) = protocol.chat_ids(eng.model, _ask(_png(seed)))
+        ids, _, (pixels,) = protocol.chat_ids(eng.model, _ask(png_url(seed)))
         reqs.append(eng.make_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
                                      images=[eng.images.encode(pixels)]))
         eng.add(reqs[-1])
@@ -127,7 +119,7 @@ def test_the_model_reads_pictures_as_transformers_does(served, llava):
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     answers = []
     for seed in (1, 2):
-        url = _png(seed)
+        url = png_url(seed)
         ids, _, pixels = protocol.chat_ids(served.model, _ask(url))
         assert len(pixels) == 1 and ids.count(served.model.vision.image_token_id) == 16
         want, lp = _reference(llava, ids, [url], 8)
@@ -145,7 +137,7 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
     """The same picture asked twice is encoded once and its pages come from the prefix cache; two pictures in one
     message answer as transformers does with both."""
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
-    url = _png(7, (50, 17))
+    url = png_url(7, (50, 17))
     before = served.engine.images.encoded
     ask = dict(model="llava", max_tokens=4, temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
     first = client.chat.completions.create(messages=_ask(url, "Describe it at length, please. " * 3), **ask)
@@ -158,11 +150,11 @@ def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava
     assert f"sparkler_images_encoded_total {before + 1}.0" in metrics
     assert again.usage.prompt_tokens_details.cached_tokens > 16
     assert again.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
-    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png(3)}},
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(3)}},
                                         {"type": "text", "text": "and"},
-                                        {"type": "image_url", "image_url": _png(4)}]}]
+                                        {"type": "image_url", "image_url": png_url(4)}]}]
     ids, _, _ = protocol.chat_ids(served.model, two)
-    want, _ = _reference(llava, ids, [_png(3), _png(4)], 4)
+    want, _ = _reference(llava, ids, [png_url(3), png_url(4)], 4)
     r = client.chat.completions.create(messages=two, **ask)
     assert r.choices[0].model_extra["token_ids"] == want
 
@@ -174,12 +166,12 @@ def test_the_prefix_cache_shares_text_before_a_picture_and_finds_a_picture_in_ot
     system = {"role": "system", "content": "You describe pictures for people who cannot see them. " * 6}
     ask = dict(model="llava", max_tokens=3, temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
     text = client.chat.completions.create(messages=[system, {"role": "user", "content": "hi"}], **ask)
-    url = _png(61)
+    url = png_url(61)
     first = client.chat.completions.create(messages=[system, *_ask(url)], **ask)
     shared = first.usage.prompt_tokens_details.cached_tokens
     assert shared >= 48 and shared < text.usage.prompt_tokens
     for seed in (62, 63):
-        client.chat.completions.create(messages=_ask(_png(seed)), **ask)
+        client.chat.completions.create(messages=_ask(png_url(seed)), **ask)
     assert images_digest(served, url) not in served.engine.images.held  # its rows went to the other two
     encoded = served.engine.images.encoded
     again = client.chat.completions.create(messages=[system, *_ask(url)], **ask)
@@ -205,15 +197,15 @@ def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
              "base64": _ask("data:image/png;base64,@@@"),
              "could not decode": _ask("data:image/png;base64," + base64.b64encode(b"not a picture").decode()),
              "user messages": [{"role": "user", "content": "hi"},
-                               {"role": "assistant", "content": [{"type": "image_url", "image_url": _png(1)}]}],
-             "at most 2": [{"role": "user", "content": [{"type": "image_url", "image_url": _png(s)}
+                               {"role": "assistant", "content": [{"type": "image_url", "image_url": png_url(1)}]}],
+             "at most 2": [{"role": "user", "content": [{"type": "image_url", "image_url": png_url(s)}
                                                         for s in (1, 2, 3)]}]}
     for words, messages in cases.items():
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="llava", messages=messages, max_tokens=2)
         assert words in e.value.message and e.value.body["param"] == "messages", words
     with pytest.raises(openai.BadRequestError) as e:  # a cut into the picture's positions
-        client.chat.completions.create(model="llava", messages=_ask(_png(1)), max_tokens=2,
+        client.chat.completions.create(model="llava", messages=_ask(png_url(1)), max_tokens=2,
                                        extra_body={"truncate_prompt_tokens": 10})
     assert "cut into a picture" in e.value.message and e.value.body["param"] == "truncate_prompt_tokens"
     with pytest.raises(openai.BadRequestError) as e:  # image tokens with no picture to fill them
@@ -221,9 +213,9 @@ def test_bad_pictures_are_400s_and_the_server_keeps_serving(served, api):
     assert "1 image tokens for 0 images" in e.value.message and e.value.body["param"] == "prompt"
     text_only = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        text_only.chat.completions.create(model=api.model.name, messages=_ask(_png(1)), max_tokens=2)
+        text_only.chat.completions.create(model=api.model.name, messages=_ask(png_url(1)), max_tokens=2)
     assert "text" in e.value.message
-    r = client.chat.completions.create(model="llava", messages=_ask(_png(1)), max_tokens=2)
+    r = client.chat.completions.create(model="llava", messages=_ask(png_url(1)), max_tokens=2)
     assert r.choices[0].finish_reason == "length"
 
 
@@ -234,7 +226,7 @@ def test_image_slots_held_by_live_requests_are_busy_then_reused(served):
     vocab, image = served.model.cfg.vocab_size, served.model.vision.image_token_id
     asks = []
     for seed in (11, 12, 13):
-        ids, _, (pixels,) = protocol.chat_ids(served.model, _ask(_png(seed)))
+        ids, _, (pixels,) = protocol.chat_ids(served.model, _ask(png_url(seed)))
         asks.append((ids, [eng.images.encode(pixels)]))
 
     def make(k):
@@ -262,7 +254,7 @@ def test_pictures_through_the_anthropic_responses_and_ollama_clients(served):
     import anthropic
     import ollama
 
-    url = _png(21)
+    url = png_url(21)
     data = url.split(",", 1)[1]
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
 
@@ -340,14 +332,14 @@ def test_templates_that_read_text_get_the_image_token_where_the_picture_was(serv
     model.tokenizer.use_template(chatml)
     try:
         assert not model.tokenizer.content_parts
-        ids, text, pixels = protocol.chat_ids(model, _ask(_png(1), "Look:"))
+        ids, text, pixels = protocol.chat_ids(model, _ask(png_url(1), "Look:"))
         assert text == f"<|im_start|>user\nLook:{IMAGE}<|im_end|>\n" and len(pixels) == 1
         at = ids.index(image)
         assert ids[at:at + 16] == [image] * 16 and image not in ids[at + 16:]
     finally:
         model.tokenizer.use_template(TEMPLATE)
     with pytest.raises(protocol.ApiError) as e:
-        protocol.chat_ids(model, _ask(_png(1), f"What is {IMAGE} here?"))
+        protocol.chat_ids(model, _ask(png_url(1), f"What is {IMAGE} here?"))
     assert e.value.status == 400 and "2 image tokens for 1 pictures" in e.value.message
 
 
@@ -388,7 +380,7 @@ def test_pictures_by_link_as_the_policy_allows(served):
     import http.server
     import threading
 
-    url = _png(41)
+    url = png_url(41)
     raw = base64.b64decode(url.split(",", 1)[1])
 
     fetched = []
@@ -447,7 +439,7 @@ def test_pictures_by_link_as_the_policy_allows(served):
         host.shutdown()
     with pytest.raises(protocol.ApiError, match="more than 2 pictures"):
         protocol.chat_ids(served.model, [{"role": "user", "content": [
-            {"type": "image_url", "image_url": _png(s)} for s in (1, 2, 3)]}], media=Media(max_images=2))
+            {"type": "image_url", "image_url": png_url(s)} for s in (1, 2, 3)]}], media=Media(max_images=2))
     with pytest.raises(ValueError, match="--allowed-media-domains"):
         images.pixels(f"{site}/cat.png", served.model.vision)
 
@@ -459,7 +451,7 @@ def test_any_host_means_any_public_address(served):
     import http.server
     import threading
 
-    raw = base64.b64decode(_png(43).split(",", 1)[1])
+    raw = base64.b64decode(png_url(43).split(",", 1)[1])
     fetched = []
 
     class Pictures(http.server.BaseHTTPRequestHandler):
@@ -501,7 +493,7 @@ def test_the_offline_api_takes_vllms_multi_modal_data(llava):
     from engine import LLM
 
     llm = LLM(load_model(llava[0]), max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, max_images=2)
-    urls = [_png(seed) for seed in (51, 52, 53)]
+    urls = [png_url(seed) for seed in (51, 52, 53)]
     pictures = [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) for url in urls]
     prompt = f"USER: {IMAGE}\nWhat is this? ASSISTANT:"
     outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": p}} for p in pictures],
@@ -521,7 +513,7 @@ def test_the_chat_page_attaches_a_picture(served, browser, tmp_path):  # noqa: F
     reply about a picture chosen there equals the API's for the same picture, and the picture shows in the chat."""
     from selenium.webdriver.common.by import By
 
-    url = _png(71)
+    url = png_url(71)
     path = tmp_path / "cat.png"
     path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
     browser.get(served.url + "/")
