@@ -143,14 +143,19 @@ def _types(schema) -> set:
     return out
 
 
+def _properties(tools: Tools | None, name: str) -> dict:
+    """The schemas of the parameters of the offered function `name` (none where it is not offered)."""
+    params = next((f["parameters"] for f in tools.functions if f["name"] == name), {}) if tools else {}
+    return params.get("properties", {}) if isinstance(params, dict) else {}
+
+
 def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
     """Qwen3-Coder's `<function=NAME>` call starting at `block[i]`; its arguments appear once the function closes."""
     p, name_end = Partial(), block.find(">", i)
     if name_end < 0:
         return p
     p.name = block[i + len(XML_FN):name_end].strip()
-    params = next((f["parameters"] for f in tools.functions if f["name"] == p.name), {}) if tools else {}
-    props = params.get("properties", {}) if isinstance(params, dict) else {}
+    props = _properties(tools, p.name)
     args, j = {}, _skip(block, name_end + 1)
     while block.startswith(XML_PARAM, j):
         key_end, close = block.find(">", j), block.find(XML_PARAM_END, j)
@@ -189,8 +194,7 @@ def _glm_call(block: str, i: int, tools: Tools | None) -> Partial:
     if not ends:  # the name is still arriving
         return p
     p.name = block[i:min(ends)].strip()
-    params = next((f["parameters"] for f in tools.functions if f["name"] == p.name), {}) if tools else {}
-    props = params.get("properties", {}) if isinstance(params, dict) else {}
+    props = _properties(tools, p.name)
     args, j = {}, min(ends)
     while block.startswith(GLM_KEY, j):
         key_end = block.find(GLM_KEY_END, j)

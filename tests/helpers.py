@@ -163,6 +163,38 @@ def dry_reference(tokens, mult, base, allowed, last_n, breakers, vocab):
     return out
 
 
+def tiny_tokenizer(folder: str, tokenizer_folder: str, specials: list[str] = (), chat_template: str | None = None):
+    """The tokenizer of `tokenizer_folder` plus `specials` (and `chat_template`), saved in `folder`."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    return tok
+
+
+def randomized(ref, scale: float):
+    """A transformers model with every weight drawn N(0, scale²) in place (larger than the init's, so that the input
+    moves the answer); returns it."""
+    import torch
+
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return ref
+
+
+def saved_reference(ref, folder: str, scale: float):
+    """`randomized(ref, scale)` saved in `folder`, its generation set to run past any end of sequence (as
+    `ignore_eos` runs); returns it."""
+    randomized(ref, scale).save_pretrained(folder)
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
+    return ref
+
+
 def tiny_llama(folder: str, tokenizer_folder: str, specials: list[str], chat_template: str | None = None,
                scale: float | None = None):
     """A 2-layer random Llama saved in `folder` with the tokenizer of `tokenizer_folder` plus `specials` (and
@@ -170,20 +202,14 @@ def tiny_llama(folder: str, tokenizer_folder: str, specials: list[str], chat_tem
     import torch
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    tok.save_pretrained(folder)
+    tok = tiny_tokenizer(folder, tokenizer_folder, specials, chat_template)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(cfg).float().eval()
     if scale is not None:
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.copy_(torch.randn_like(p) * scale)
+        randomized(ref, scale)
     ref.save_pretrained(folder, safe_serialization=True)
     return tok, ref
 

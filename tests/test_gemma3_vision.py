@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from engine.runner import RunnerConfig  # noqa: E402
-from helpers import png_url  # noqa: E402
+from helpers import png_url, saved_reference, tiny_tokenizer  # noqa: E402
 from models import load_model, vision  # noqa: E402
 from server import protocol  # noqa: E402
 
@@ -41,10 +41,7 @@ def gemma(smollm, tmp_path_factory):
     """The tiny Gemma 3 folder: `(folder, transformers model, image processor)`; one sliding layer (a window of 32,
     shorter than the prompts) and one global."""
     folder = str(tmp_path_factory.mktemp("gemma3"))
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.add_special_tokens({"additional_special_tokens": [BOI, EOI, SOFT]})
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
+    tok = tiny_tokenizer(folder, smollm.tokenizer.folder, [BOI, EOI, SOFT], TEMPLATE)
     ids = tok.convert_tokens_to_ids([BOI, EOI, SOFT])
     text = transformers.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -56,12 +53,7 @@ def gemma(smollm, tmp_path_factory):
     cfg = transformers.Gemma3Config(text_config=text, vision_config=tower, mm_tokens_per_image=TOKENS,
                                     boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2])
     torch.manual_seed(0)
-    ref = transformers.Gemma3ForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():  # larger weights than the init's, so that the picture moves the answer
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    ref.save_pretrained(folder)
-    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
+    ref = saved_reference(transformers.Gemma3ForConditionalGeneration(cfg).float().eval(), folder, 0.2)
     processor = transformers.Gemma3ImageProcessorPil(size={"height": SIZE, "width": SIZE})
     processor.save_pretrained(folder)
     return folder, ref, processor

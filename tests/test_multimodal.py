@@ -25,7 +25,7 @@ from models import load_model  # noqa: E402
 from server import protocol  # noqa: E402
 from server import images  # noqa: E402
 from server.images import Media  # noqa: E402
-from helpers import png_url  # noqa: E402
+from helpers import png_url, saved_reference, tiny_tokenizer  # noqa: E402
 from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: E402, F401  (the page's fixture)
 
 IMAGE = "<image>"
@@ -49,10 +49,7 @@ def _ask(url: str, text: str = "What is in this picture?") -> list[dict]:
 def llava(smollm, tmp_path_factory):
     """The tiny LLaVA folder: `(folder, transformers model, processor's image half)`."""
     folder = str(tmp_path_factory.mktemp("llava"))
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
+    tok = tiny_tokenizer(folder, smollm.tokenizer.folder, [IMAGE], TEMPLATE)
     text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                     tie_word_embeddings=False)
@@ -61,12 +58,7 @@ def llava(smollm, tmp_path_factory):
     cfg = transformers.LlavaConfig(vision_config=tower, text_config=text,
                                    image_token_id=tok.convert_tokens_to_ids(IMAGE))
     torch.manual_seed(0)
-    ref = transformers.LlavaForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():  # larger weights than the init's, so that the picture moves the answer
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    ref.save_pretrained(folder)
-    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0  # the reference runs on
+    ref = saved_reference(transformers.LlavaForConditionalGeneration(cfg).float().eval(), folder, 0.2)
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE,
                                                                                              "width": SIZE})
     processor.save_pretrained(folder)

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from engine.runner import RunnerConfig  # noqa: E402
+from helpers import saved_reference, tiny_tokenizer  # noqa: E402
 from models import load_model  # noqa: E402
 
 NAME = "tiny-qwen3"
@@ -24,19 +25,12 @@ NAME = "tiny-qwen3"
 def _folder(root, smollm, seed: int, hidden: int = 64) -> tuple[str, object]:
     """A tiny random Qwen3 with SmolLM2's tokenizer; `(folder, transformers model)`."""
     folder = str(root / f"qwen3-{seed}-{hidden}")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
-    tok.save_pretrained(folder)
+    tok = tiny_tokenizer(folder, smollm.tokenizer.folder)
     cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    max_position_embeddings=512, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    ref.save_pretrained(folder)
-    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
-    return folder, ref
+    return folder, saved_reference(transformers.AutoModelForCausalLM.from_config(cfg).float().eval(), folder, 0.1)
 
 
 @pytest.fixture(scope="module")
