@@ -528,6 +528,10 @@ class Server:
             if not call.detached:  # else its task accounts for it when it ends
                 self.account(request.path, status, call.rid, call.reqs, call.took)
 
+    def in_flight(self) -> list[str]:
+        """The ids of the engine requests of every admitted call."""
+        return [r.id for reqs in self.admitted for r in reqs]
+
     async def _unpaused(self) -> None:
         """Wait while weights are swapped (`update_weights`), by the call's deadline; before parsing, so that nothing
         is prepared with the old weights (a picture's features) and admitted after."""
@@ -566,7 +570,7 @@ class Server:
             loop = asyncio.get_running_loop()
             self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
             try:
-                aborted = [r.id for reqs in self.admitted for r in reqs] if abort else []
+                aborted = self.in_flight() if abort else []
                 for rid in aborted:
                     self.engine.abort(rid)
                 while self.stages["parsing"] or not await self.aengine.call(lambda e: e.swap_weights(new)):

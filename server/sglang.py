@@ -315,8 +315,7 @@ class SGLang:
         rid, every = body.get("rid", ""), body.get("abort_all", False)
         if not isinstance(rid, str) or not isinstance(every, bool):
             raise bad("'rid' must be a string and 'abort_all' a boolean", "rid")
-        ids = ([r.id for reqs in self.server.admitted for r in reqs] if every
-               else [i for known in self.calls.values() for i in known.get(rid, [])])
+        ids = self.server.in_flight() if every else [i for known in self.calls.values() for i in known.get(rid, [])]
         for i in ids:
             self.server.engine.abort(i)
         log.info("/abort_request: %d requests aborted (%s)", len(ids), "all" if every else repr(rid))
