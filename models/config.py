@@ -124,10 +124,7 @@ class ModelConfig:
         DeepSeek-V2/V3, GLM-4.5, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
-        arch = (d.get("architectures") or [""])[0]
-        if arch in ("Gemma3ForConditionalGeneration",) and "text_config" in d:
-            d = {**d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
-            arch = "Gemma3ForCausalLM"
+        arch = (d.get("architectures") or [""])[0]  # (a multimodal folder's text model: `source._as_multimodal`)
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         mla = bool(d.get("kv_lora_rank"))
