@@ -38,8 +38,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, batches, embeddings, harmony, images, llama_cpp, message_batches,
-                    ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
+from server import (adapters, anthropic_messages, batches, conversations, embeddings, harmony, images, llama_cpp,
+                    message_batches, ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -124,6 +124,7 @@ class Server:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         openai_responses.routes(app, self)
+        conversations.routes(app, self)
         anthropic_messages.routes(app, self)
         message_batches.routes(app, self)
         llama_cpp.routes(app, self)

@@ -56,8 +56,28 @@ def routes(app: web.Application, server) -> None:
     app.router.add_post("/v1/responses/{id}/cancel", api.cancel)
 
 
-def _new(prefix: str) -> str:
+def new_id(prefix: str) -> str:
+    """A new object id: `prefix`, an underscore and 24 hex digits."""
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def stored(items: list[dict]) -> list[dict]:
+    """Normalized input items (`items_of`) as a conversation keeps and lists them: each with a new id and a status,
+    a message's content as parts (`input_text`, `input_image`; an assistant's `output_text`)."""
+    out = []
+    for it in items:
+        if it["type"] == "message":
+            said = it["role"] == "assistant"
+            parts = [{"type": "input_text", "text": it["content"]}] if isinstance(it["content"], str) else [
+                {**p, "detail": "auto"} if p["type"] == "input_image" else p for p in it["content"]]
+            if said:
+                parts = [{"type": "output_text", "text": p["text"], "annotations": [], "logprobs": []} for p in parts]
+            out.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": it["role"],
+                        "content": parts})
+        else:
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}[it["type"]]
+            out.append({**it, "id": new_id(prefix), "status": "completed"})
+    return out
 
 
 def items_of(value: Any) -> list[dict]:
@@ -94,6 +114,16 @@ def items_of(value: Any) -> list[dict]:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output, reasoning)", "input")
     return out
+
+
+def _conversation_id(body: dict) -> str | None:
+    """The request's `conversation`: an id, or `{"id": ...}` (None when there is none)."""
+    conv = body.get("conversation")
+    if isinstance(conv, dict):
+        conv = conv.get("id", 0)
+    if conv is not None and not isinstance(conv, str):
+        raise bad("'conversation' must be a conversation id or {'id': ...}", "conversation")
+    return conv
 
 
 def _reasoning(item: dict, where: str) -> dict:
@@ -224,15 +254,21 @@ def _format(body: dict) -> dict | None:
     return fmt
 
 
-def _echoed(body: dict) -> None:
-    """OpenAI's checks of the fields a response only echoes back (and stores): `metadata` (at most 16 string
-    values, keys to 64 characters, values to 512), `user`, `truncation`, `include`, `background` (a boolean, only
-    with `store`)."""
-    meta = body.get("metadata")
+def metadata(meta: Any) -> dict:
+    """`metadata` as OpenAI checks it: at most 16 string values, keys to 64 characters, values to 512 ({} for
+    none)."""
     if meta is not None and not (isinstance(meta, dict) and len(meta) <= 16 and all(
             isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in meta.items())):
         raise bad("'metadata' must be an object of at most 16 string values (keys up to 64 characters, values up "
                   "to 512)", "metadata")
+    return meta or {}
+
+
+def _echoed(body: dict) -> None:
+    """OpenAI's checks of the fields a response only echoes back (and stores): `metadata` (at most 16 string
+    values, keys to 64 characters, values to 512), `user`, `truncation`, `include`, `background` (a boolean, only
+    with `store`)."""
+    metadata(body.get("metadata"))
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("'user' must be a string", "user")
     if body.get("truncation") not in (None, "auto", "disabled"):
@@ -312,7 +348,7 @@ class Output:
         for d in piece.calls:
             if "id" in d:
                 ev += self.close()
-                self.open = {"id": _new("fc"), "type": "function_call", "call_id": d["id"],
+                self.open = {"id": new_id("fc"), "type": "function_call", "call_id": d["id"],
                              "name": d["function"]["name"], "arguments": "", "status": "in_progress"}
                 self.calls[d["index"]] = self.open
                 ev += self._added()
@@ -344,9 +380,10 @@ class Output:
             return []
         ev = self.close()
         if kind == "reasoning":
-            head, part = {"id": _new("rs"), "type": "reasoning", "summary": []}, {"type": "reasoning_text", "text": ""}
+            head = {"id": new_id("rs"), "type": "reasoning", "summary": []}
+            part = {"type": "reasoning_text", "text": ""}
         else:
-            head = {"id": _new("msg"), "type": "message", "role": "assistant"}
+            head = {"id": new_id("msg"), "type": "message", "role": "assistant"}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self.open = {**head, "status": "in_progress", "content": [json.loads(json.dumps(part))]}  # its own lists
         ev += self._added()
@@ -378,10 +415,12 @@ class Output:
 
 class Stream:
     """One reply as a response object and its event stream (`Server.sse`'s face); the result is stored at the end
-    when `items` (the conversation before it) are given."""
+    when `items` (the conversation before it) are given, and its input and output items added to conversation
+    `conv[0]` when `conv` (that id and this input's items) is."""
 
-    def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None):
-        self.api, self.shell, self.job, self.call, self.items = api, shell, job, call, items
+    def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None,
+                 conv: tuple[str, list[dict]] | None = None):
+        self.api, self.shell, self.job, self.call, self.items, self.conv = api, shell, job, call, items, conv
         self.out, self.seq, self.result = Output(), 0, None
         self.thinking: bool | None = None  # with logprobs: in the thinking block still (None: no token seen yet)
 
@@ -420,6 +459,8 @@ class Stream:
         self.result = self.api.finished(self.shell, self.out, self.job, self.call.reqs[0])
         if self.items is not None:
             self.api.server.store.put(self.result, self.items + self.out.items)
+        if self.conv is not None:  # (a conversation deleted meanwhile takes nothing)
+            self.api.server.store.add_items(self.conv[0], stored(self.conv[1]) + self.out.items)
         kind = "response.incomplete" if self.result["status"] == "incomplete" else "response.completed"
         return ev + [{"type": kind, "response": self.result}]
 
@@ -438,29 +479,44 @@ class Responses:
         self.server = server
         self.running: dict[str, Background] = {}  # background responses not ended yet, by id
 
-    def _history(self, body: dict) -> tuple[list[dict], str | None]:
-        prev = body.get("previous_response_id")
+    def _history(self, body: dict) -> tuple[list[dict], str | None, str | None]:
+        """`(the items before this input, previous_response_id, conversation id)`: a stored response's
+        conversation, or a conversation's items (404 where neither is stored; 400 where both are named, or where
+        they are more than one request may carry)."""
+        prev, conv = body.get("previous_response_id"), _conversation_id(body)
+        if conv is not None:
+            if prev is not None:
+                raise bad("'previous_response_id' and 'conversation' cannot both be given", "conversation")
+            if self.server.store.conversation(conv) is None:
+                raise ApiError(404, f"no conversation with id {conv!r}", "conversation", code="not_found")
+            self._carried(self.server.store.items_size(conv), f"conversation {conv!r}", "conversation")
+            found = self.server.store.items(conv)
+            return (items_of(found) if found else []), None, conv
         if prev is None:
-            return [], None
+            return [], None, None
         if not isinstance(prev, str):
             raise bad("'previous_response_id' must be a string", "previous_response_id")
         if prev in self.running:
             raise bad(f"background response {prev!r} has not ended yet: continue it once it has",
                       "previous_response_id")
         size = self.server.store.size(prev)
-        if size is not None and size > self.server.max_body:  # what one request may carry: chains cannot grow on
-            raise bad(f"the conversation stored under {prev!r} holds {size} characters of items, past the "
-                      f"{self.server.max_body} bytes a request may carry (--max-body-mb); start a new conversation "
-                      "with the items it needs", "previous_response_id")
+        if size is not None:
+            self._carried(size, f"the conversation stored under {prev!r}", "previous_response_id")
         found = None if size is None else self.server.store.get(prev)
         if found is None:  # never stored, or deleted since size() looked
             raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
                            code="previous_response_not_found")
-        return (items_of(found[1]) if found[1] else []), prev
+        return (items_of(found[1]) if found[1] else []), prev, None
 
-    def _shell(self, body: dict, rid: str, created: float, prev: str | None, model: str) -> dict:
+    def _carried(self, size: int, what: str, param: str) -> None:
+        """A 400 where stored items are more than one request may carry (a chain cannot grow on past it)."""
+        if size > self.server.max_body:
+            raise bad(f"{what} holds {size} characters of items, past the {self.server.max_body} bytes a request "
+                      "may carry (--max-body-mb); start a new conversation with the items it needs", param)
+
+    def _shell(self, body: dict, rid: str, created: float, prev: str | None, model: str, conv: str | None) -> dict:
         """The response object before its output: the settings it echoes back (`model`: the served model's name, or
-        the LoRA adapter's)."""
+        the LoRA adapter's; `conv`: the conversation it adds to)."""
         effort = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
         return {"id": rid, "object": "response", "created_at": created, "status": "in_progress", "error": None,
                 "incomplete_details": None, "instructions": body.get("instructions"),
@@ -472,7 +528,8 @@ class Responses:
                 "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
                 "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs"),
                 "truncation": "disabled", "usage": None, "user": body.get("user"),
-                "metadata": body.get("metadata") or {}, "background": bool(body.get("background"))}
+                "metadata": body.get("metadata") or {}, "background": bool(body.get("background")),
+                **({"conversation": {"id": conv}} if conv is not None else {})}
 
     def finished(self, shell: dict, out: Output, job, req) -> dict:
         """The response once the reply has ended."""
@@ -491,7 +548,7 @@ class Responses:
         async def answer(body, call) -> web.StreamResponse:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            history, prev = await self.server.off_loop(self._history, body)  # reads and parses up to --max-body-mb
+            history, prev, conv = await self.server.off_loop(self._history, body)  # reads up to --max-body-mb
             store = body.get("store", True)
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
@@ -502,8 +559,9 @@ class Responses:
                 raise e.renamed(PARAMS) from None
             parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
-            shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call))
-            face = Stream(self, shell, job, call, items if store else None)
+            shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
+            face = Stream(self, shell, job, call, items if store else None,
+                          None if conv is None else (conv, items[len(history):]))
             if shell["background"]:
                 return await self._background(request, face, job.stream, events, turn)
             if job.stream:

@@ -1,5 +1,5 @@
-"""Stored responses of `/v1/responses` (`store: true`), in SQLite, so a conversation continued by
-`previous_response_id` survives a server restart.
+"""Stored responses of `/v1/responses` (`store: true`) and conversations of `/v1/conversations`, in SQLite, so a
+conversation continued by `previous_response_id` or `conversation` survives a server restart.
 
 Why SQLite (Python's `sqlite3`): one file, transactions, no server to run, and a write per response is
 microseconds; each row holds the response object and the conversation up to it (input items, then output items),
@@ -18,11 +18,17 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
 # a streamed background response's events (SSE-framed), so its stream can be joined again once it has ended
 EVENTS = "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, events TEXT NOT NULL)"
+# a conversation (its metadata) and its items in the order they were added (`seq`)
+CONVERSATIONS = ("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, created INTEGER NOT NULL, "
+                 "metadata TEXT NOT NULL)",
+                 "CREATE TABLE IF NOT EXISTS conversation_items (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                 "conversation TEXT NOT NULL, id TEXT NOT NULL, item TEXT NOT NULL)",
+                 "CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items (conversation, seq)")
 
 
 class ResponseStore:
-    """Responses by id: `put`, `get`, `delete`, and a streamed background response's events (thread-safe; the file
-    is made on first use)."""
+    """Responses by id: `put`, `get`, `delete`, a streamed background response's events, and conversations with
+    their items (thread-safe; the file is made on first use)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -35,6 +41,8 @@ class ResponseStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute(SCHEMA)
             self._db.execute(EVENTS)
+            for statement in CONVERSATIONS:
+                self._db.execute(statement)
             self._db.commit()
         return self._db
 
@@ -77,6 +85,66 @@ class ResponseStore:
             db = self._conn()
             gone = db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
             db.execute("DELETE FROM events WHERE id = ?", (rid,))
+            db.commit()
+        return gone > 0
+
+    def put_conversation(self, conversation: dict, items: list[dict] = ()) -> None:
+        """Keep a conversation (`id`, `created_at`, `metadata`), and with a new one its first items."""
+        with self.lock:
+            db = self._conn()
+            db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?)",
+                       (conversation["id"], conversation["created_at"], json.dumps(conversation["metadata"])))
+            db.executemany("INSERT INTO conversation_items (conversation, id, item) VALUES (?, ?, ?)",
+                           [(conversation["id"], it["id"], json.dumps(it)) for it in items])
+            db.commit()
+
+    def conversation(self, cid: str) -> dict | None:
+        """A conversation object, or None when there is none by that id."""
+        with self.lock:
+            row = self._conn().execute("SELECT created, metadata FROM conversations WHERE id = ?", (cid,)).fetchone()
+        return None if row is None else {"id": cid, "object": "conversation", "created_at": row[0],
+                                         "metadata": json.loads(row[1])}
+
+    def add_items(self, cid: str, items: list[dict]) -> bool:
+        """Append items to a conversation; False (nothing added) when there is no such conversation."""
+        with self.lock:
+            db = self._conn()
+            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
+                return False
+            db.executemany("INSERT INTO conversation_items (conversation, id, item) VALUES (?, ?, ?)",
+                           [(cid, it["id"], json.dumps(it)) for it in items])
+            db.commit()
+        return True
+
+    def items(self, cid: str) -> list[dict]:
+        """A conversation's items, oldest first."""
+        with self.lock:
+            rows = self._conn().execute("SELECT item FROM conversation_items WHERE conversation = ? ORDER BY seq",
+                                        (cid,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def items_size(self, cid: str) -> int:
+        """Characters of a conversation's items as JSON."""
+        with self.lock:
+            row = self._conn().execute("SELECT sum(length(item)) FROM conversation_items WHERE conversation = ?",
+                                       (cid,)).fetchone()
+        return row[0] or 0
+
+    def delete_item(self, cid: str, item_id: str) -> bool:
+        """Remove one item of a conversation; False when it holds none by that id."""
+        with self.lock:
+            db = self._conn()
+            gone = db.execute("DELETE FROM conversation_items WHERE conversation = ? AND id = ?",
+                              (cid, item_id)).rowcount
+            db.commit()
+        return gone > 0
+
+    def delete_conversation(self, cid: str) -> bool:
+        """Forget a conversation and its items; False when there was none."""
+        with self.lock:
+            db = self._conn()
+            gone = db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount
+            db.execute("DELETE FROM conversation_items WHERE conversation = ?", (cid,))
             db.commit()
         return gone > 0
 

@@ -255,6 +255,60 @@ def test_responses_merge_instructions_and_developer_messages_into_one_system_mes
     assert r.usage.input_tokens == tokens["count"]
 
 
+def test_conversations_hold_items_that_responses_read_and_add_to(api, client):
+    """OpenAI's Conversations API through its client: a response named by `conversation` reads the conversation's
+    items before its input (the same reply as those items sent as input) and adds its input and output to it."""
+    said = {"type": "message", "role": "user", "content": "Hi, I am Ada."}
+    conv = client.conversations.create(items=[said], metadata={"topic": "intro"})
+    assert conv.object == "conversation" and conv.metadata == {"topic": "intro"} and conv.id.startswith("conv_")
+    ask = dict(model=MODEL, max_output_tokens=8, temperature=0)
+    r = client.responses.create(**ask, conversation=conv.id, input=QUESTION)
+    alone = client.responses.create(**ask, input=[said, {"role": "user", "content": QUESTION}], store=False)
+    assert r.conversation.id == conv.id and r.output_text == alone.output_text
+    assert r.usage.input_tokens == alone.usage.input_tokens
+    items = list(client.conversations.items.list(conv.id, order="asc"))
+    assert [(i.type, i.role) for i in items] == [("message", "user")] * 2 + [("message", "assistant")]
+    assert items[0].content[0].type == "input_text" and items[0].content[0].text == said["content"]
+    assert items[2].content[0].text == r.output_text and items[2].id == r.output[0].id
+    # streamed, by {"id": ...}: the next turn reads all three, and adds two
+    events = list(client.responses.create(**ask, conversation={"id": conv.id}, input="And?", stream=True))
+    done = events[-1].response
+    assert done.conversation.id == conv.id and done.usage.input_tokens > r.usage.input_tokens
+    newest = client.conversations.items.list(conv.id, limit=2)  # newest first, paged
+    assert [i.role for i in newest.data] == ["assistant", "user"] and newest.has_more
+    assert newest.data[1].content[0].text == "And?"
+    # items added, read, deleted; metadata replaced
+    added = client.conversations.items.create(conv.id, items=[{"role": "user", "content": "Bye."},
+                                                               {"type": "function_call_output", "call_id": "c1",
+                                                                "output": "42"}])
+    assert [i.type for i in added.data] == ["message", "function_call_output"] and not added.has_more
+    first = added.data[0].id
+    assert client.conversations.items.retrieve(first, conversation_id=conv.id).content[0].text == "Bye."
+    assert client.conversations.items.delete(first, conversation_id=conv.id).id == conv.id
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(first, conversation_id=conv.id)
+    assert len(list(client.conversations.items.list(conv.id))) == 6
+    assert client.conversations.update(conv.id, metadata={"topic": "bye"}).metadata == {"topic": "bye"}
+    assert client.conversations.retrieve(conv.id).metadata == {"topic": "bye"}
+    # bad input: the API's errors
+    for kw, param in ((dict(conversation=conv.id, previous_response_id=r.id), "conversation"),
+                      (dict(conversation=7), "conversation")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**ask, input="hi", **kw)
+        assert e.value.body["param"] == param
+    for items in ([said] * 21, [{"role": "robot", "content": "x"}], []):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.conversations.items.create(conv.id, items=items)
+        assert e.value.body["param"] == "items"
+    with pytest.raises(openai.BadRequestError):
+        client.conversations.create(metadata={"k": 3})
+    assert client.conversations.delete(conv.id).deleted
+    for call in (lambda: client.conversations.retrieve(conv.id),
+                 lambda: client.responses.create(**ask, conversation=conv.id, input="hi")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
 # ---- /v1/messages ----------------------------------------------------------------------------------------------
 
 def test_messages_text_stream_and_stop_sequence(api, client, claude):
