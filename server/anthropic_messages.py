@@ -69,6 +69,8 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
                 raise bad(f"{where}.content[{k}]: an image block needs a source {{'type': 'base64', 'media_type', "
                           "'data'}} or {'type': 'url', 'url'}", "messages")
             text.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "document" and role == "user":
+            text.append({"type": "text", "text": _document(b, f"{where}.content[{k}]")})
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or \
                     not isinstance(b.get("input", {}), dict):
@@ -87,8 +89,9 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
                 raise bad(f"{where}.content[{k}]: a thinking block needs a string 'thinking'", "messages")
             thought.append(b["thinking"])
         elif kind != "redacted_thinking":
-            raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, image and "
-                      "tool_result in user turns, text, tool_use and thinking in assistant turns)", "messages")
+            raise bad(f"{where}.content[{k}]: blocks of type {kind!r} are not supported here (text, image, "
+                      "document and tool_result in user turns, text, tool_use and thinking in assistant turns)",
+                      "messages")
     out = results
     if text or calls or thought or not results:
         pictures = any(p["type"] == "image_url" for p in text)
@@ -99,6 +102,23 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
             one["reasoning_content"] = "".join(thought)
         out = out + [one]
     return out
+
+
+def _document(block: dict, where: str) -> str:
+    """A text document block as the text the model reads: its `title` and `context` lines, then its text (a
+    `text` source's `data`, or a `content` source's text blocks); a PDF or file source is a 400 (this server reads
+    no PDFs)."""
+    src = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if src.get("type") == "text" and isinstance(src.get("data"), str):
+        body = src["data"]
+    elif src.get("type") == "content":
+        body = text_of(src.get("content"), f"{where}.source.content", "messages")
+    else:
+        raise bad(f"{where}: a document block needs a text source ({{'type': 'text', 'media_type': 'text/plain', "
+                  "'data'}} or {'type': 'content', 'content': [...]}); PDF and file sources are not read here",
+                  "messages")
+    head = [block[k] for k in ("title", "context") if isinstance(block.get(k), str) and block[k]]
+    return "\n".join([*head, body])
 
 
 def _tools(body: dict) -> dict:
@@ -191,6 +211,11 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
             raise bad("'thinking' must be {'type': 'enabled', 'budget_tokens': N >= 0}, {'type': 'adaptive'} or "
                       "{'type': 'disabled'}", "thinking")
     config = body.get("output_config")
+    if body.get("output_format") is not None:  # the structured-outputs beta's name for output_config.format
+        if isinstance(config, dict) and config.get("format") is not None:
+            raise bad("'output_format' is the beta's name for 'output_config.format': give one", "output_format")
+        if config is None or isinstance(config, dict):
+            config = {**(config or {}), "format": body["output_format"]}
     if config is not None:
         fmt = config.get("format") if isinstance(config, dict) else None
         if not isinstance(config, dict) or config.get("effort") not in (None, *EFFORTS) or (

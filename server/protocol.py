@@ -362,8 +362,11 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
         job.logprobs = _chat_logprobs(body)
         job.tools = tools.parse(body, bad)
         if job.tools is not None and job.tools.forced:
-            if job.grammar is not None:
-                raise bad(f"a tool_choice that forces a call cannot be combined with a {job.grammar_param}",
+            # a forced turn is a call, with no text for `response_format` to shape: the call's grammar wins, as with
+            # OpenAI (instructor's and the Agents SDK's forced tools send both); vLLM's own fields ask for the call's
+            # text to be shaped otherwise, which cannot be
+            if job.grammar is not None and job.grammar_param != "response_format":
+                raise bad(f"a tool_choice that forces a call cannot be combined with '{job.grammar_param}'",
                           "tool_choice")
             job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
         kwargs, budget, budget_param = template_kwargs(body)

@@ -372,6 +372,32 @@ def test_messages_prefill_continues_the_last_assistant_turn(api, client, claude)
     assert m.content[0].text == want.choices[0].text and m.usage.output_tokens == want.usage.completion_tokens
 
 
+def test_messages_read_text_documents_and_the_betas_output_format(api, claude):
+    """A text `document` block is read as its title and text (a PDF is a 400); the structured-outputs beta's
+    top-level `output_format` (what litellm sends for Claude-named models) constrains as `output_config.format`."""
+    doc = {"type": "document", "title": "Memo", "source": {"type": "text", "media_type": "text/plain",
+                                                            "data": "The launch moved to May."}}
+    ask = {"type": "text", "text": "When is the launch?"}
+    read = claude.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": [doc, ask]}])
+    same = claude.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Memo\nThe launch moved to May."}, ask]}])
+    seen = [m.usage.input_tokens + m.usage.cache_read_input_tokens for m in (read, same)]  # the same prompt
+    assert seen[0] == seen[1] and same.usage.cache_read_input_tokens > 0
+    pdf = {**doc, "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [{"role": "user",
+                                                                                        "content": [pdf, ask]}]})
+    assert status == 400 and "PDF" in out["error"]["message"]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    r = claude.messages.create(model=MODEL, max_tokens=40, messages=HELLO, extra_body={
+        "output_format": {"type": "json_schema", "schema": schema}, "temperature": 0})
+    jsonschema.validate(json.loads(r.content[0].text), schema)
+    fmt = {"type": "json_schema", "schema": schema}
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": HELLO, "output_format": fmt,
+                                                        "output_config": {"format": fmt}})
+    assert status == 400 and "output_format" in out["error"]["message"]
+
+
 def test_messages_errors_take_anthropics_shape(api, claude):
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=MODEL, max_tokens=0, messages=HELLO)

@@ -54,6 +54,20 @@ def test_named_function_and_its_legacy_form(client):
     _check_calls(legacy.choices[0].message, {"get_weather"})
 
 
+def test_a_forced_call_wins_over_response_format(client):
+    """instructor's and the Agents SDK's forced tools send a response_format too: the forced turn is a call (it has
+    no text to shape), as with OpenAI; vLLM's own grammar fields with a forced call stay a 400."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, response_format=fmt, max_tokens=80,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message, {"get_time"})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=8,
+                                       extra_body={"guided_json": {"type": "object"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_none_and_auto_leave_plain_text_alone(client):
     for choice in ("none", "auto"):
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
