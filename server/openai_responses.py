@@ -225,10 +225,15 @@ def _tools(body: dict) -> dict:
             raise bad("'tool_choice' needs function tools", "tool_choice")
         return out
     out["tools"] = funcs
-    if isinstance(choice, dict):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":  # Responses' flat shape, as chat's
+        picks = choice.get("tools")
+        picks = [{"type": "function", "function": {"name": p.get("name")}} if isinstance(p, dict) else p
+                 for p in picks] if isinstance(picks, list) else picks
+        choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": picks}}
+    elif isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-            raise bad("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
-                      "tool_choice")
+            raise bad("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', 'name': ...} or "
+                      "{'type': 'allowed_tools', 'mode', 'tools'}", "tool_choice")
         choice = {"type": "function", "function": {"name": choice["name"]}}
     if choice is not None:
         out["tool_choice"] = choice

@@ -85,7 +85,7 @@ def parse(body: dict, bad) -> Tools | None:
         params = f.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
-        desc = f.get("description", "")
+        desc = f.get("description") or ""  # (null: none, as OpenAI takes it)
         if not isinstance(desc, str):
             raise bad(f"tools[{i}].function.description must be a string", "tools")
         functions.append({"name": f["name"], "description": desc, "parameters": params})
@@ -96,19 +96,41 @@ def parse(body: dict, bad) -> Tools | None:
         choice = "auto"
     elif choice == "any":
         choice = "required"
-    elif isinstance(choice, dict):
-        fn = choice.get("function") if choice.get("type", "function") == "function" else None
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        functions, choice = _allowed(choice.get("allowed_tools"), functions, bad)
+    elif isinstance(choice, dict) and choice.get("type", "function") == "function":
+        fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise bad(f"tool_choice names a function that is not among the tools: {name!r}", "tool_choice")
         choice = name
     elif choice not in ("none", "auto", "required"):
-        raise bad("'tool_choice' must be 'none', 'auto', 'required', or {'type': 'function', 'function': "
-                  "{'name': ...}}", "tool_choice")
+        raise bad("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', 'function': "
+                  "{'name': ...}} or {'type': 'allowed_tools', 'allowed_tools': {'mode', 'tools'}}", "tool_choice")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     return Tools(functions, choice, parallel)
+
+
+def _allowed(allowed, functions: list[dict], bad) -> tuple[list[dict], str]:
+    """OpenAI's `allowed_tools` choice: `(the functions it names, its mode)`; `mode` "auto" lets the model call one
+    of them or answer, "required" makes it call one. The others are left out of the prompt as well."""
+    mode = allowed.get("mode") if isinstance(allowed, dict) else None
+    picks = allowed.get("tools") if isinstance(allowed, dict) else None
+    if mode not in ("auto", "required") or not isinstance(picks, list) or not picks:
+        raise bad("'tool_choice' of type allowed_tools must be {'type': 'allowed_tools', 'allowed_tools': {'mode': "
+                  "'auto' | 'required', 'tools': [{'type': 'function', 'function': {'name': ...}}, ...]}}",
+                  "tool_choice")
+    wanted = set()
+    for p in picks:
+        fn = p.get("function") if isinstance(p, dict) and p.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in [f["name"] for f in functions]:
+            raise bad(f"tool_choice.allowed_tools names a function that is not among the tools: {name!r}",
+                      "tool_choice")
+        wanted.add(name)
+    return [f for f in functions if f["name"] in wanted], mode
 
 
 def check(tools: Tools, grammars, bad) -> None:

@@ -68,6 +68,32 @@ def test_a_forced_call_wins_over_response_format(client):
     assert e.value.body["param"] == "tool_choice"
 
 
+def test_allowed_tools_limit_the_calls_to_a_subset(api, client):
+    """OpenAI's `allowed_tools` choice, on chat and (flat) on Responses: "required" calls one of the named tools
+    only; a null description is no description."""
+    only = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}
+    tools = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "description": None}}]
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, tool_choice=only, temperature=0,
+                                       max_tokens=120)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message, {"get_time"})
+    flat = [{"type": "function", **t["function"]} for t in TOOLS]
+    r = client.responses.create(model=MODEL, input=ASK[0]["content"], tools=flat, max_output_tokens=120,
+                                temperature=0,
+                                tool_choice={"type": "allowed_tools", "mode": "required",
+                                             "tools": [{"type": "function", "name": "get_weather"}]})
+    assert [o.name for o in r.output if o.type == "function_call"][:1] == ["get_weather"]
+    auto = dict(only, allowed_tools={**only["allowed_tools"], "mode": "auto"})
+    assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=auto, max_tokens=4)
+    for wrong in ({"type": "allowed_tools", "allowed_tools": {"mode": "any", "tools": []}},
+                  {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+                      {"type": "function", "function": {"name": "nope"}}]}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=wrong, max_tokens=4)
+        assert e.value.body["param"] == "tool_choice"
+
+
 def test_none_and_auto_leave_plain_text_alone(client):
     for choice in ("none", "auto"):
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
