@@ -365,11 +365,13 @@ class Output:
                     ev.append(self._at("response.function_call_arguments.delta", delta=args))
         return ev
 
-    def finish(self) -> list[dict]:
-        """Close the last item (an empty message when the reply had nothing)."""
-        ev = self.close()
+    def finish(self, incomplete: bool = False) -> list[dict]:
+        """Close the last item (an empty message when the reply had nothing), `incomplete` where the token budget
+        cut it."""
+        status = "incomplete" if incomplete else "completed"
+        ev = self.close(status)
         if not self.items:
-            ev += self._start("message") + self.close()
+            ev += self._start("message") + self.close(status)
         return ev
 
     def _at(self, kind: str, **fields) -> dict:
@@ -396,12 +398,12 @@ class Output:
         ev.append(self._at("response.content_part.added", content_index=0, part=part))
         return ev
 
-    def close(self) -> list[dict]:
-        """Events that finish the open item."""
+    def close(self, status: str = "completed") -> list[dict]:
+        """Events that finish the open item, with `status`."""
         item = self.open
         if item is None:
             return []
-        item["status"] = "completed"
+        item["status"] = status
         ev = []
         if item["type"] == "function_call":
             ev.append(self._at("response.function_call_arguments.done", arguments=item["arguments"],
@@ -460,7 +462,7 @@ class Stream:
 
     def closing(self) -> list[dict]:
         """The last item's end and the finished response (stored now)."""
-        ev = self.out.finish()
+        ev = self.out.finish(self.call.reqs[0].choices[0].finish_reason == "length")
         self.result = self.api.finished(self.shell, self.out, self.job, self.call.reqs[0])
         if self.items is not None:
             self.api.server.store.put(self.result, self.items + self.out.items)

@@ -38,6 +38,8 @@ def test_responses_text_and_stream_equal_chat(client):
     assert r.usage.input_tokens == want.usage.prompt_tokens
     assert r.usage.output_tokens == want.usage.completion_tokens
     assert r.status == ("incomplete" if want.choices[0].finish_reason == "length" else "completed")
+    short = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=3, temperature=0)
+    assert short.status == "incomplete" == short.output[-1].status  # the item the budget cut, as OpenAI marks it
     # streamed, ended by a stop sequence (a Fireworks extra): the official event sequence, and the same text
     stop = {"stop": ["Paris"]}
     cut = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0, extra_body=stop)
