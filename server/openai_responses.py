@@ -50,6 +50,7 @@ def routes(app: web.Application, server) -> None:
     """Add the Responses routes to `app`."""
     api = Responses(server)
     app.router.add_post("/v1/responses", api.create)
+    app.router.add_post("/v1/responses/input_tokens", api.input_tokens)
     app.router.add_get("/v1/responses/{id}", api.retrieve)
     app.router.add_delete("/v1/responses/{id}", api.delete)
     app.router.add_get("/v1/responses/{id}/input_items", api.input_items)
@@ -550,20 +551,33 @@ class Responses:
                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
                 "output": out.items, "usage": used, "completed_at": time.time()}
 
+    async def _job(self, body: Any) -> tuple[protocol.Job, list[dict], list[dict], str | None, str | None]:
+        """A Responses body parsed as chat: `(job, the items before its input, all its items,
+        previous_response_id, conversation id)`."""
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        history, prev, conv = await self.server.off_loop(self._history, body)  # reads up to --max-body-mb
+        chat, items = chat_body(body, history)
+        try:
+            return await self.server.parse(chat, "chat"), history, items, prev, conv
+        except ApiError as e:
+            raise e.renamed(PARAMS) from None
+
+    async def input_tokens(self, request: web.Request) -> web.Response:
+        """POST /v1/responses/input_tokens: the prompt's length in tokens that a response with this body would
+        read (its history, instructions and tools as the template renders them)."""
+        async def answer(body, call) -> web.Response:
+            job = (await self._job(body))[0]
+            return web.json_response({"object": "response.input_tokens", "input_tokens": len(job.prompts[0])})
+        return await self.server.serve(request, answer)
+
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/responses."""
         async def answer(body, call) -> web.StreamResponse:
-            if not isinstance(body, dict):
-                raise bad("the request body must be a JSON object")
-            history, prev, conv = await self.server.off_loop(self._history, body)  # reads up to --max-body-mb
-            store = body.get("store", True)
+            store = body.get("store", True) if isinstance(body, dict) else True
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
-            chat, items = chat_body(body, history)
-            try:
-                job = await self.server.parse(chat, "chat")
-            except ApiError as e:
-                raise e.renamed(PARAMS) from None
+            job, history, items, prev, conv = await self._job(body)
             parts, events = self.server.admit(job, call, "resp_")
             turn = Turn(job)
             shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)

@@ -255,6 +255,11 @@ def test_responses_merge_instructions_and_developer_messages_into_one_system_mes
     _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [
         {"role": "system", "content": "Be brief.\n\nUse French."}, *HELLO]})
     assert r.usage.input_tokens == tokens["count"]
+    counted = client.responses.input_tokens.count(model=MODEL, instructions="Be brief.", previous_response_id=r.id,
+                                                  input="And?")  # what the next turn would read
+    nxt = client.responses.create(model=MODEL, instructions="Be brief.", previous_response_id=r.id, input="And?",
+                                  max_output_tokens=1)
+    assert counted.object == "response.input_tokens" and counted.input_tokens == nxt.usage.input_tokens
 
 
 def test_conversations_hold_items_that_responses_read_and_add_to(api, client):
