@@ -38,8 +38,8 @@ from engine.llm import AsyncEngine, StreamOverflow
 from engine.params import InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
-from server import (adapters, anthropic_messages, batches, conversations, embeddings, harmony, images, llama_cpp,
-                    message_batches, ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
+from server import (adapters, anthropic_messages, batches, compaction, conversations, embeddings, harmony, images,
+                    llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -123,7 +123,7 @@ class Server:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._middleware])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
-        openai_responses.routes(app, self)
+        compaction.routes(app, openai_responses.routes(app, self))
         conversations.routes(app, self)
         anthropic_messages.routes(app, self)
         message_batches.routes(app, self)

@@ -12,6 +12,8 @@ event stream. Stored responses (`store`, default true) keep their conversation i
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -43,11 +45,13 @@ INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content", "mess
             "computer_call_output.output.image_url", "code_interpreter_call.outputs")  # OpenAI's `include` values
 PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 TEXT_PARTS = ("input_text", "output_text", "text")
+COMPACTED = "sparkler-compaction-v1:"  # a compaction item's encrypted_content: this, then its summary in base64
+SUMMARY_HEAD = "A summary of the conversation so far:\n\n"  # how the model reads a compaction item
 EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "none": "none"}
 
 
-def routes(app: web.Application, server) -> None:
-    """Add the Responses routes to `app`."""
+def routes(app: web.Application, server) -> "Responses":
+    """Add the Responses routes to `app`; their `Responses`."""
     api = Responses(server)
     app.router.add_post("/v1/responses", api.create)
     app.router.add_post("/v1/responses/input_tokens", api.input_tokens)
@@ -55,6 +59,7 @@ def routes(app: web.Application, server) -> None:
     app.router.add_delete("/v1/responses/{id}", api.delete)
     app.router.add_get("/v1/responses/{id}/input_items", api.input_items)
     app.router.add_post("/v1/responses/{id}/cancel", api.cancel)
+    return api
 
 
 def new_id(prefix: str) -> str:
@@ -76,7 +81,8 @@ def stored(items: list[dict]) -> list[dict]:
             out.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": it["role"],
                         "content": parts})
         else:
-            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}[it["type"]]
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+                      "compaction": "cmp"}[it["type"]]
             out.append({**it, "id": new_id(prefix), "status": "completed"})
     return out
 
@@ -111,10 +117,32 @@ def items_of(value: Any) -> list[dict]:
                         "output": text_of(it.get("output"), f"{where}.output", "input", TEXT_PARTS)})
         elif kind == "reasoning":
             out.append(_reasoning(it, where))
+        elif kind == "compaction":
+            summary_of(it, where)
+            out.append({"type": "compaction", "encrypted_content": it["encrypted_content"]})
         else:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
-                      "function_call_output, reasoning)", "input")
+                      "function_call_output, reasoning, compaction)", "input")
     return out
+
+
+def compaction(summary: str) -> dict:
+    """A compaction item holding `summary` (`/v1/responses/compact`); its `encrypted_content` is this server's
+    own encoding, not a secret."""
+    return {"id": new_id("cmp"), "type": "compaction",
+            "encrypted_content": COMPACTED + base64.b64encode(summary.encode()).decode()}
+
+
+def summary_of(item: dict, where: str = "input") -> str:
+    """The summary a compaction item of this server holds; a 400 for another's (OpenAI's is encrypted)."""
+    content = item.get("encrypted_content")
+    if isinstance(content, str) and content.startswith(COMPACTED):
+        try:
+            return base64.b64decode(content[len(COMPACTED):], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    raise bad(f"{where}: a compaction item must be one this server made (/v1/responses/compact); another "
+              "server's encrypted_content cannot be read here", "input")
 
 
 def _conversation_id(body: dict) -> str | None:
@@ -186,6 +214,9 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
             system.append(it["content"])
         elif it["type"] == "reasoning":
             thought.extend(p["text"] for p in it["content"] or it["summary"])
+        elif it["type"] == "compaction":  # the earlier turns it replaces, as the model reads them
+            msgs.append({"role": "user", "content": SUMMARY_HEAD + summary_of(it)})
+            thought.clear()
         elif it["type"] == "message":
             msg = {"role": it["role"], "content": _chat_parts(it["content"])}
             msgs.append(said(msg) if it["role"] == "assistant" else msg)

@@ -262,6 +262,44 @@ def test_responses_merge_instructions_and_developer_messages_into_one_system_mes
     assert counted.object == "response.input_tokens" and counted.input_tokens == nxt.usage.input_tokens
 
 
+def test_responses_compact_keeps_the_user_messages_and_the_models_summary(api, client):
+    """`/v1/responses/compact` (the Agents SDK's compaction session): the user messages, then a compaction item
+    whose summary is the served model's greedy reply to the conversation and `compaction.ASK`; a later input reads
+    the item as a user turn holding the summary."""
+    from server.compaction import ASK
+    from server.openai_responses import SUMMARY_HEAD, summary_of
+
+    ask = dict(model=MODEL, max_output_tokens=8, temperature=0)
+    r1 = client.responses.create(**ask, input="My name is Ada. What is 2+2?")
+    r2 = client.responses.create(**ask, input="And 3+3?", previous_response_id=r1.id)
+    c = client.responses.compact(model=MODEL, previous_response_id=r2.id,
+                                 extra_body={"max_output_tokens": 24, "temperature": 0})
+    assert c.object == "response.compaction" and [o.type for o in c.output] == ["message", "message", "compaction"]
+    assert [o.content[0].text for o in c.output[:2]] == ["My name is Ada. What is 2+2?", "And 3+3?"]
+    summary = summary_of(c.output[2].model_dump())
+    talk = [{"role": "user", "content": "My name is Ada. What is 2+2?"},
+            {"role": "assistant", "content": r1.output_text},
+            {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": r2.output_text}]
+    want = client.chat.completions.create(model=MODEL, messages=[*talk, {"role": "user", "content": ASK}],
+                                          max_tokens=24, temperature=0)
+    assert summary and summary == want.choices[0].message.content.strip()
+    assert c.usage.output_tokens == want.usage.completion_tokens
+    again = client.responses.compact(model=MODEL, input=[{"role": m["role"], "content": m["content"]} for m in talk],
+                                     extra_body={"max_output_tokens": 24, "temperature": 0})  # the same, as input
+    assert summary_of(again.output[-1].model_dump()) == summary
+    kept = [o.model_dump(exclude_none=True, warnings=False) for o in c.output]  # user messages: input_text, as OpenAI
+    nxt = client.responses.create(**ask, input=[*kept, {"role": "user", "content": "Go on."}])
+    _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [talk[0], talk[2], {
+        "role": "user", "content": SUMMARY_HEAD + summary}, {"role": "user", "content": "Go on."}]})
+    assert nxt.usage.input_tokens == tokens["count"]
+    foreign = {"type": "compaction", "encrypted_content": "gAAAAABo-not-ours"}
+    for call in (lambda: client.responses.compact(model=MODEL),
+                 lambda: client.responses.create(**ask, input=[foreign, {"role": "user", "content": "hi"}])):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["param"] == "input"
+
+
 def test_conversations_hold_items_that_responses_read_and_add_to(api, client):
     """OpenAI's Conversations API through its client: a response named by `conversation` reads the conversation's
     items before its input (the same reply as those items sent as input) and adds its input and output to it."""
