@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import importlib.metadata
 import json
 import logging
@@ -389,12 +390,18 @@ class Server:
         """GET /v1/models: the served model (once under each of its names) and its LoRA adapters."""
         cards = [self._card(), *(self._card(alias=a) for a in self.aliases),
                  *(self._card(name) for name in list(self.engine.adapters))]
-        return web.json_response({"object": "list", "data": cards})
+        return web.json_response({"object": "list", "data": cards,  # Anthropic's list fields too: one page
+                                  "has_more": False, "first_id": cards[0]["id"], "last_id": cards[-1]["id"]})
 
     def _card(self, adapter: str | None = None, alias: str | None = None) -> dict:
         """The served model's card (under `alias`, one of its other names), or a LoRA adapter's (vLLM's: `root` its
-        folder, `parent` the model)."""
-        card = {"id": adapter or alias or self.name, "object": "model", "created": self.created, "owned_by": "sparkler",
+        folder, `parent` the model); OpenAI's fields and Anthropic's (`type`, `display_name`, `created_at`,
+        `max_input_tokens`, `lifecycle`), which the `anthropic` client's `models` reads."""
+        name = adapter or alias or self.name
+        created = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc).isoformat()
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "sparkler",
+                "type": "model", "display_name": name, "created_at": created, "max_input_tokens": self.engine.max_len,
+                "lifecycle": "active",
                 "max_model_len": self.engine.max_len, "dtype": self.model.cfg.dtype,
                 "quantization": {"method": self.model.cfg.quantization, "products": self.model.cfg.matmul,
                                  "why": self.model.quantization_why},

@@ -441,6 +441,10 @@ def test_messages_read_text_documents_and_the_betas_output_format(api, claude):
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": HELLO, "output_format": fmt,
                                                         "output_config": {"format": fmt}})
     assert status == 400 and "output_format" in out["error"]["message"]
+    listed = claude.models.list()  # Anthropic's model list and card fields, beside OpenAI's
+    assert [m.id for m in listed.data][:1] == [MODEL] and listed.data[0].type == "model" and not listed.has_more
+    card = claude.models.retrieve(MODEL)
+    assert card.display_name == MODEL and card.created_at.year >= 2026 and card.max_input_tokens > 0
 
 
 def test_messages_errors_take_anthropics_shape(api, claude):
