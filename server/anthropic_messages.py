@@ -104,6 +104,16 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
     return out
 
 
+def _led(texts: list[str], content: Any) -> Any:
+    """A user message's content with `texts` (system messages before it) first; a tool result's turn keeps its
+    results first (`_message` puts them before the user's text)."""
+    if isinstance(content, str):
+        return "\n\n".join([*texts, content])
+    if isinstance(content, list):
+        return [*({"type": "text", "text": t} for t in texts), *content]
+    return content  # (a 400 in `_message`)
+
+
 def _document(block: dict, where: str) -> str:
     """A text document block as the text the model reads: its `title` and `context` lines, then its text (a
     `text` source's `data`, or a `content` source's text blocks); a PDF or file source is a 400 (this server reads
@@ -164,11 +174,22 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list", "messages")
     out: dict = {"messages": [], "stream": protocol._flag(body, "stream")}
-    system = body.get("system")
-    if system is not None:
-        out["messages"].append({"role": "system", "content": text_of(system, "'system'", "system")})
+    system = [] if body.get("system") is None else [text_of(body["system"], "'system'", "system")]
+    pending = []  # system messages within the conversation (Claude Code's mid-conversation-system beta)
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and m.get("role") == "system":
+            text = text_of(m.get("content"), f"messages[{i}].content", "messages")
+            (pending if out["messages"] else system).append(text)
+            continue
+        if pending and isinstance(m, dict) and m.get("role") == "user":  # read as the next user turn's first text
+            m, pending = {**m, "content": _led(pending, m.get("content"))}, []
         out["messages"] += _message(m, i, i == len(msgs) - 1)
+    if not out["messages"]:
+        raise bad("'messages' must hold a user or assistant message, not system messages alone", "messages")
+    if pending:
+        out["messages"].append({"role": "user", "content": "\n\n".join(pending)})
+    if system:
+        out["messages"].insert(0, {"role": "system", "content": "\n\n".join(system)})
     last = out["messages"][-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):  # a prefill: the reply continues it
         out["continue_final_message"] = True

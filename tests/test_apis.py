@@ -417,6 +417,22 @@ def test_messages_prefill_continues_the_last_assistant_turn(api, client, claude)
     assert m.content[0].text == want.choices[0].text and m.usage.output_tokens == want.usage.completion_tokens
 
 
+def test_messages_take_system_messages_within_the_conversation(api, claude):
+    """Claude Code's mid-conversation-system beta: `role: system` in `messages` (every request it sends): a leading
+    one joins the system prompt, a later one leads the next user turn's text; system messages alone are a 400."""
+    msgs = [{"role": "system", "content": "Agents: none."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "system", "content": "Answer in French."}, *HELLO]
+    counted = claude.messages.count_tokens(model=MODEL, system="Be brief.", messages=msgs)
+    _, want, _ = http(api, "POST", "/tokenize", {"messages": [
+        {"role": "system", "content": "Be brief.\n\nAgents: none."}, msgs[1], msgs[2],
+        {"role": "user", "content": "Answer in French.\n\n" + QUESTION}]})
+    assert counted.input_tokens == want["count"]
+    m = claude.messages.create(model=MODEL, max_tokens=2, system="Be brief.", messages=msgs)
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == want["count"]
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 2, "messages": [msgs[0]]})
+    assert status == 400 and out["error"]["type"] == "invalid_request_error"
+
+
 def test_messages_read_text_documents_and_the_betas_output_format(api, claude):
     """A text `document` block is read as its title and text (a PDF is a 400); the structured-outputs beta's
     top-level `output_format` (what litellm sends for Claude-named models) constrains as `output_config.format`."""
