@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
+from engine.params import CONTEXT, DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.draft_model import DraftModel
 from engine.speculative import MIN_NGRAM, PROBE, PROBE_SHARE, Drafter, worth_verifying
 from engine.compile import Background, compile_all
@@ -189,8 +189,9 @@ class Engine:
             raise InvalidRequest(f"n={params.n} exceeds the {self.runner.per_shard} decode slots{where}", "n")
         room = self.max_len - len(prompt_ids)
         if room < 1:
-            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_len}",
-                                 "prompt")
+            raise InvalidRequest(f"This model's maximum context length is {self.max_len} tokens. However, your "
+                                 f"prompt has {len(prompt_ids)} tokens. Please reduce the length of the prompt.",
+                                 "prompt", CONTEXT)
         if self.sched.pages_to_admit(len(prompt_ids), params.n) > self.sched.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
                                  f"the pool holds ({self.sched.pools[0].capacity} of {self.page_size} tokens)", "n")
@@ -204,8 +205,10 @@ class Engine:
                                  "priority")
         p = params.resolved(self.model.generation_config)
         if not truncate and p.max_tokens is not None and p.max_tokens > room:
-            raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds "
-                                 f"this model's context of {self.max_len} tokens", "max_tokens")
+            raise InvalidRequest(f"This model's maximum context length is {self.max_len} tokens. However, you "
+                                 f"requested {len(prompt_ids) + p.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                                 f"{p.max_tokens} in max_tokens). Please reduce the length of the prompt or "
+                                 "max_tokens.", "max_tokens", CONTEXT)
         max_tokens = min(p.max_tokens if p.max_tokens is not None else self.default_max_tokens, room)
         rid = request_id or f"req-{next(self._ids)}"
         choices = [Choice(first_choice + i) for i in range(p.n)]

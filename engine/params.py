@@ -24,12 +24,16 @@ def default_settings(generation_config: dict) -> dict:
     return out
 
 
-class InvalidRequest(ValueError):
-    """A request setting out of range; `param` names the field."""
+CONTEXT = "context_length_exceeded"  # the code of a prompt past the context (OpenAI's; clients compact on it)
 
-    def __init__(self, message: str, param: str | None = None):
+
+class InvalidRequest(ValueError):
+    """A request setting out of range; `param` names the field, `code` the kind where clients read it
+    (`context_length_exceeded`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.params import CONTEXT
 from server import protocol
 from server.protocol import ApiError, bad, text_of
 from server.shapes import sse_event
@@ -403,7 +404,13 @@ class Messages:
         """POST /v1/messages."""
         async def answer(body, call) -> web.StreamResponse:
             job = await self._job(request, body)
-            parts, events = self.server.admit(job, call, "msg_")
+            try:
+                parts, events = self.server.admit(job, call, "msg_")
+            except ApiError as e:
+                if e.code == CONTEXT and e.param == "messages":  # Anthropic's words, which Claude Code compacts on
+                    e.message = (f"prompt is too long: {len(job.prompts[0])} tokens > {self.server.engine.max_len} "
+                                 "maximum")
+                raise e.renamed(PARAMS) from None
             turn = Turn(job)
             face = Stream(self, call, turn)
             if job.stream:

@@ -1034,7 +1034,7 @@ def invalid(job: Job, e: InvalidRequest) -> ApiError:
     it, else a 400 naming the field (a chat's prompt: its messages)."""
     if e.param == "model":
         return ApiError(404, str(e), "model", code="model_not_found")
-    return bad(str(e), "messages" if job.kind == "chat" and e.param == "prompt" else e.param)
+    return ApiError(400, str(e), "messages" if job.kind == "chat" and e.param == "prompt" else e.param, code=e.code)
 
 
 def perf_metrics(used: dict, took: "Took", job: Job) -> dict:

@@ -609,7 +609,10 @@ class Responses:
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
             job, history, items, prev, conv = await self._job(body)
-            parts, events = self.server.admit(job, call, "resp_")
+            try:
+                parts, events = self.server.admit(job, call, "resp_")
+            except ApiError as e:  # (a prompt past the context: 'input')
+                raise e.renamed(PARAMS) from None
             turn = Turn(job)
             shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
             face = Stream(self, shell, job, call, items if store else None,

@@ -2,6 +2,7 @@
 packaged SmolLM2 (the same live server as the chat tests)."""
 
 import json
+import re
 import urllib.request
 
 import anthropic
@@ -417,7 +418,7 @@ def test_messages_prefill_continues_the_last_assistant_turn(api, client, claude)
     assert m.content[0].text == want.choices[0].text and m.usage.output_tokens == want.usage.completion_tokens
 
 
-def test_messages_take_system_messages_within_the_conversation(api, claude):
+def test_messages_take_system_messages_within_the_conversation(api, client, claude):
     """Claude Code's mid-conversation-system beta: `role: system` in `messages` (every request it sends): a leading
     one joins the system prompt, a later one leads the next user turn's text; system messages alone are a 400."""
     msgs = [{"role": "system", "content": "Agents: none."}, {"role": "user", "content": "Hi"},
@@ -431,6 +432,13 @@ def test_messages_take_system_messages_within_the_conversation(api, claude):
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == want["count"]
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 2, "messages": [msgs[0]]})
     assert status == 400 and out["error"]["type"] == "invalid_request_error"
+    long = [{"role": "user", "content": "word " * api.engine.max_len}]  # Anthropic's words, which Claude Code reads
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL, max_tokens=2, messages=long)
+    assert re.search(rf"prompt is too long: \d+ tokens > {api.engine.max_len} maximum", e.value.message)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input=long)
+    assert e.value.body["param"] == "input" and e.value.body["code"] == "context_length_exceeded"
 
 
 def test_messages_read_text_documents_and_the_betas_output_format(api, claude):

@@ -507,8 +507,10 @@ def test_vllms_truncate_prompt_tokens(api, client):
                                        extra_body={"truncate_prompt_tokens": 4})
     assert [c.text for c in echoed.choices] == [tok.decode(ids[-4:]), "one two"]
     long = list(range(100, 100 + api.engine.max_len + 50))
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as e:
         ask(long)
+    assert e.value.body["code"] == "context_length_exceeded"  # OpenAI's code and words, which clients compact on
+    assert f"maximum context length is {api.engine.max_len} tokens" in e.value.message
     fit = ask(long, truncate_prompt_tokens=-1)
     assert fit.usage.prompt_tokens == api.engine.max_len - 1 and fit.usage.completion_tokens == 1
     for bad_value in (0, "5", -2):
@@ -594,7 +596,7 @@ def test_context_length_behaviour(api, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=long, max_tokens=100,
                                   extra_body={"context_length_exceeded_behavior": "error"})
-    assert e.value.body["param"] == "max_tokens"
+    assert e.value.body["param"] == "max_tokens" and e.value.body["code"] == "context_length_exceeded"
 
 
 BAD = [  # (path, body (dict) or raw bytes, status, param)
