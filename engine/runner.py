@@ -123,7 +123,10 @@ def plan_max_len(model: Model, rc: RunnerConfig, num_pages: int) -> int:
     pool = (num_pages - 1) * rc.page_size
     want = rc.max_model_len or min(model.cfg.max_position, pool)
     if want > model.cfg.max_position:
-        raise ValueError(f"max_model_len {want} exceeds the model's limit of {model.cfg.max_position}")
+        raise ValueError(f"max_model_len {want} exceeds the model's limit of {model.cfg.max_position}; to serve a "
+                         f"longer context than it was trained for, say so: --hf-overrides "
+                         f"'{{\"max_position_embeddings\": {want}}}', with a \"rope_scaling\" (yarn, linear, ...) to "
+                         "stretch its positions")
     if want > pool:
         raise ValueError(f"max_model_len {want} exceeds the {pool} tokens the KV pool holds "
                          f"({rc.kv_cache_gb} GiB); raise --kv-cache-gb")

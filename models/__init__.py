@@ -204,7 +204,7 @@ class Model:
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
                quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False,
-               kv_cache_dtype: str = "auto", max_model_len: int = 0) -> Model:
+               kv_cache_dtype: str = "auto", max_model_len: int = 0, hf_overrides: dict | None = None) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
     `quantization` is `none`, `int8`, `int4` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
@@ -212,14 +212,17 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     parameters go on a `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's
     experts over `tp`, each whole on one device (`layers.moe.expert_parallel`), where there is more than one and they
     divide evenly; `kv_cache_dtype` keeps the KV pool in another dtype (`KV_DTYPES`); `max_model_len`, the context to
-    be served (0: the model's whole), picks LongRoPE's factors (`config._inv_freq`)."""
+    be served (0: the model's whole), picks LongRoPE's factors (`config._inv_freq`); `hf_overrides` (vLLM's) replaces
+    keys of the model's config before it is read, such as `max_position_embeddings` and `rope_scaling` to serve a
+    longer context than the model was trained for."""
     from models.loading import packaged
 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul)
     source = open_source(path)
-    cfg = dataclasses.replace(ModelConfig.from_hf(source.config, dtype, max_model_len), quantization=quantization,
+    config = {**source.config, **(hf_overrides or {})}
+    cfg = dataclasses.replace(ModelConfig.from_hf(config, dtype, max_model_len), quantization=quantization,
                               kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype))
     cfg = with_expert_parallel(cfg, dp, tp) if expert_parallel else cfg
     seeing = _vision_config(source)

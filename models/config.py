@@ -350,6 +350,10 @@ def _rope_params(d: dict[str, Any], arch: str) -> tuple[dict, dict]:
     if params is None:
         params = dict(d.get("rope_scaling") or {"rope_type": "default"})
         params.setdefault("rope_theta", d.get("rope_theta", 10_000.0))
+    elif d.get("rope_scaling"):  # beside rope_parameters (an --hf-overrides of a newer config): it wins, as there
+        scaling = d["rope_scaling"]
+        kind = scaling.get("rope_type", scaling.get("type", params.get("rope_type")))
+        params = {**params, **scaling, "rope_type": kind}
     params = dict(params)
     params.setdefault("rope_theta", d.get("rope_theta", 10_000.0))
     return params, params

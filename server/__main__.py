@@ -88,6 +88,11 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="sequences decoded together (batch rows)")
     ap.add_argument("--max-model-len", "--ctx-size", "-c", "--context-length", type=int, default=0,
                     help="context cap per sequence (0: the model's limit, or what the KV pool holds if less)")
+    ap.add_argument("--hf-overrides", type=_object, default={}, metavar="JSON",
+                    help="keys of the model's config.json replaced before it is read (vLLM's flag), as "
+                         "'{\"max_position_embeddings\": 32768, \"rope_scaling\": {\"rope_type\": \"yarn\", "
+                         "\"factor\": 4.0, \"original_max_position_embeddings\": 8192}}' to serve past the trained "
+                         "context")
     ap.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                     help="default sampling settings: the model's generation_config.json (auto), none of them "
                          "(vllm: OpenAI's defaults), or those of FOLDER/generation_config.json (vLLM's flag)")
@@ -426,7 +431,8 @@ def load(args: argparse.Namespace, path: str | None = None, like=None):
                        attention=args.attention_backend, scan=args.scan_layers,
                        quantization=like.cfg.quantization if like else args.quantization, dp=args.dp,
                        matmul=args.matmul_backend, expert_parallel=args.enable_expert_parallel,
-                       kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len)
+                       kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+                       hf_overrides=args.hf_overrides)
     if args.served_name:
         model.name = args.served_name[0]
     model.generation_config = generation_config(args, model.generation_config)

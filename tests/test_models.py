@@ -339,6 +339,40 @@ def test_longrope_turns_by_the_list_the_served_context_picks(tmp_path, monkeypat
     assert np.abs(a - b).max() > 10 * 1e-4 * np.abs(b).max()  # ten times the tolerance the checks above hold
 
 
+@pytest.mark.quick_compile
+def test_hf_overrides_stretch_the_context_as_transformers_reads_that_config(tmp_path, monkeypatch):
+    """vLLM's `--hf-overrides`: the config's keys replaced before it is read. A longer context with linear RoPE
+    scaling gives transformers' logits for the same weights under the same overridden config.json, and the runner
+    then serves past the trained context (which it refuses without them, naming the flag)."""
+    import json
+    import shutil
+
+    from engine.runner import RunnerConfig, plan_max_len
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _hf_model("llama", str(tmp_path / "hf"))
+    overrides = {"max_position_embeddings": 512, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+    shutil.copytree(tmp_path / "hf", tmp_path / "stretched")
+    with open(tmp_path / "stretched" / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "stretched" / "config.json", "w") as f:
+        json.dump({**config, **overrides}, f)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "stretched")).float().eval()
+    plain = load_model(str(tmp_path / "hf"), with_tokenizer=False)
+    ours = load_model(str(tmp_path / "hf"), with_tokenizer=False, hf_overrides=overrides)
+    assert (plain.cfg.max_position, ours.cfg.max_position) == (128, 512)
+    row = [(7 * i + 3) % 256 for i in range(200)]
+    got, before = (our_logits(m.module, m.params, [row])[0] for m in (ours, plain))
+    with torch.no_grad():
+        want = ref(torch.tensor([row])).logits[0].numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale and np.abs(before - want).max() > 10 * 1e-4 * scale
+    rc = RunnerConfig(max_model_len=256, page_size=16)
+    assert plan_max_len(ours, rc, 64) == 256
+    with pytest.raises(ValueError, match="--hf-overrides"):
+        plan_max_len(plain, rc, 64)
+
+
 def test_safetensors_are_read_as_the_library_reads_them(tmp_path):
     """The memory-mapped reader against the tensors the safetensors library wrote: every dtype a checkpoint holds
     (bfloat16 too), a scalar, an empty tensor, and tensors spread over two files of an index."""
