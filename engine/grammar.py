@@ -48,13 +48,16 @@ def any_object() -> dict:
 
 def bounded(schema: Any) -> Any:
     """`schema` with free strings capped at `STRING_MAX` characters and free integers at `INTEGER_MAX`, so a
-    sampled value cannot run on until max_tokens cuts the JSON short."""
+    sampled value cannot run on until max_tokens cuts the JSON short; a `propertyNames` that says only that keys are
+    strings (zod's records, common in MCP tools; llguidance has no `propertyNames`) is dropped: JSON's keys are."""
     if isinstance(schema, list):
         return [bounded(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
+        if k == "propertyNames" and v == {"type": "string"}:
+            continue
         if k in _VALUES:
             out[k] = v
         elif k in _MAPS and isinstance(v, dict):  # name -> schema: the names are not keywords

@@ -391,6 +391,7 @@ class Messages:
         try:
             return await self.server.parse(chat, "chat")
         except ApiError as e:
+            e.message = e.message.replace(".function.parameters", ".input_schema")  # a tool's schema, by its name here
             raise e.renamed(PARAMS) from None
 
     async def count_tokens(self, request: web.Request) -> web.Response:

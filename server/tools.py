@@ -135,11 +135,13 @@ def _allowed(allowed, functions: list[dict], bad) -> tuple[list[dict], str]:
 
 def check(tools: Tools, grammars, bad) -> None:
     """400 naming the first function whose `parameters` is not a JSON schema (llguidance's check against the
-    tokenizer, in its sandbox). Under `auto` or `none` leniently: keywords a forced call's grammar could not enforce
-    (`uniqueItems`, `not`, ...; common in MCP tools) are fine while nothing constrains the call."""
+    tokenizer, in its sandbox). Leniently where nothing constrains the function's calls (`auto`, `none`, or another
+    function named): keywords a forced call's grammar could not enforce (`uniqueItems`, `not`, ...; common in MCP
+    tools) are fine there."""
+    forced = [f["name"] for f in tools.called()] if tools.forced else []
     for i, f in enumerate(tools.functions):
         try:
-            grammars.check(schema_grammar(f["parameters"], not tools.forced), f"tools[{i}].function.parameters")
+            grammars.check(schema_grammar(f["parameters"], f["name"] not in forced), f"tools[{i}].function.parameters")
         except InvalidRequest as e:
             raise bad(str(e), "tools") from None
 

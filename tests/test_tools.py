@@ -360,8 +360,8 @@ def test_bad_tools_are_400_then_service_goes_on(client, body, param):
 
 
 def test_schema_keywords_a_forced_call_cannot_enforce_are_fine_under_auto(client):
-    """`uniqueItems` (common in MCP tools) is a valid schema keyword llguidance cannot enforce: under `auto` the tool
-    is served; forcing a call to it is a 400 naming the tools."""
+    """`uniqueItems` (common in MCP tools) is a valid schema keyword llguidance cannot enforce: under `auto`, or with
+    another tool forced, the tool is served; forcing a call to it is a 400 naming the tools."""
     tags = [{"type": "function", "function": {"name": "tag", "parameters": {"type": "object", "properties": {
         "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}]
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=tags)
@@ -369,6 +369,20 @@ def test_schema_keywords_a_forced_call_cannot_enforce_are_fine_under_auto(client
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=tags, tool_choice="required")
     assert e.value.body["param"] == "tools" and "uniqueItems" in e.value.message
+    # another function named: this one's calls are not constrained, so it is lenient there (Claude Code's tool list
+    # forced to Bash); a record's `propertyNames: {type: string}` (zod's) says nothing JSON's keys do not
+    record = {"type": "object", "properties": {"meta": {"type": "object", "propertyNames": {"type": "string"},
+                                                         "additionalProperties": {"type": "integer"}}}}
+    both = [*tags, {"type": "function", "function": {"name": "note", "parameters": record}}]
+    for name in ("note", "tag"):
+        ask = dict(model=MODEL, messages=ASK, max_tokens=60, tools=both, temperature=0,
+                   tool_choice={"type": "function", "function": {"name": name}})
+        if name == "tag":
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(**ask)
+            continue
+        call = client.chat.completions.create(**ask).choices[0].message.tool_calls[0]
+        assert call.function.name == "note" and isinstance(json.loads(call.function.arguments), dict)
 
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
