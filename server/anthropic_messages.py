@@ -336,6 +336,7 @@ class Stream:
         self.choice = self.req.choices[0]
 
     encode = staticmethod(sse_event)
+    ping = sse_event({"type": "ping"})  # Anthropic's keep-alive, sent while the reply is quiet (`Server.sse`)
 
     def stop(self) -> tuple[str, str | None]:
         """`(stop_reason, stop_sequence)` of the finished reply."""

@@ -51,6 +51,7 @@ from server.shapes import (Vocab, chat_logprobs, completion_logprobs, prompt_ent
 log = logging.getLogger("sparkler.server")
 MODEL_PREFIX = "accounts/"
 STALL_TIMEOUT = 30.0  # seconds a write to a stream may wait for its client before the stream is cut
+PING_EVERY = 15.0  # seconds a streamed Messages or Responses reply may go quiet before a keep-alive (a long prefill)
 BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive (less under --request-timeout)
 PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the tokenizer, which lets go of the GIL, or
 #                     on the grammar sandbox's child)
@@ -96,6 +97,7 @@ class Server:
         self.detached: set[asyncio.Task] = set()  # tasks running past their calls (`detach`)
         self.stages = {"reading": 0, "parsing": 0}  # of those, the ones not admitted yet: bodies arriving, parsing
         self.stall_timeout = STALL_TIMEOUT
+        self.ping_every = PING_EVERY  # seconds a stream of a face with a `ping` may go quiet before one is sent
         self.admitted: list[list[Request]] = []  # each admitted call's engine requests, oldest first
         self.loop_thread: int | None = None  # the event loop's thread (set when the app starts)
         self.prom = Metrics(self.engine.stats, lambda: {"engine": aengine.thread_ident, "event_loop": self.loop_thread},
@@ -728,10 +730,15 @@ class Server:
             try:
                 await resp.prepare(request)
                 await send(face.opening())
+                ping = getattr(face, "ping", None)
                 try:
-                    async with asyncio.timeout_at(DEADLINE.get()):
-                        async for batch in events:  # one write for the events of a batch
-                            out, error = self.pieces(batch, call, turn, face)
+                    async with (asyncio.timeout_at(DEADLINE.get()),
+                                contextlib.aclosing(pinged(events, self.ping_every if ping else None)) as batches):
+                        async for batch in batches:
+                            if batch is None:  # quiet for ping_every seconds (a long prefill, a long queue)
+                                await self.write(resp, ping)
+                                continue
+                            out, error = self.pieces(batch, call, turn, face)  # one write for a batch's events
                             await send(out)
                             if error is not None:
                                 raise error
@@ -1027,6 +1034,34 @@ class Server:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+
+
+async def pinged(events, every: float | None):
+    """`events` as they come, with a None wherever `every` seconds passed without one (None: never); the stream
+    is only read ahead one item, and what is pending when the caller stops is cancelled and waited for, so
+    `events` can then be closed."""
+    if every is None:
+        async for item in events:
+            yield item
+        return
+    nxt = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait([nxt], timeout=every)
+            if not done:
+                yield None
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            nxt = asyncio.ensure_future(anext(events))
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
 
 
 def invalid(job: Job, e: InvalidRequest) -> ApiError:

@@ -457,6 +457,8 @@ class Stream:
     when `items` (the conversation before it) are given, and its input and output items added to conversation
     `conv[0]` when `conv` (that id and this input's items) is."""
 
+    ping = b": keep-alive\n\n"  # an SSE comment while the reply is quiet (`Server.sse`): clients skip it
+
     def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None,
                  conv: tuple[str, list[dict]] | None = None):
         self.api, self.shell, self.job, self.call, self.items, self.conv = api, shell, job, call, items, conv

@@ -441,6 +441,34 @@ def test_messages_take_system_messages_within_the_conversation(api, client, clau
     assert e.value.body["param"] == "input" and e.value.body["code"] == "context_length_exceeded"
 
 
+def _raw(api, path, body) -> str:
+    req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode()
+
+
+def test_quiet_agent_streams_are_kept_alive(api, client, claude, monkeypatch):
+    """While a streamed reply is quiet (here a long prompt's prefill; `ping_every` shortened), Messages sends
+    Anthropic's `ping` events and Responses SSE comments, which the official clients skip (the same text as
+    unstreamed); chat completions stay as vLLM streams them."""
+    monkeypatch.setattr(api.server, "ping_every", 0.01)
+    long = " ".join(f"item {i}" for i in range(api.engine.max_len // 6)) + ". " + QUESTION  # ~5/6 of the context
+    ask = {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": long}]}
+    raw = _raw(api, "/v1/messages", {**ask, **GREEDY, "stream": True})
+    assert "event: ping\ndata: {\"type\": \"ping\"}" in raw
+    with claude.messages.stream(**ask, extra_body=GREEDY) as s:
+        streamed = s.get_final_text()
+    assert streamed == claude.messages.create(**ask, extra_body=GREEDY).content[0].text
+    body = {"model": MODEL, "input": long, "max_output_tokens": 6, "temperature": 0}
+    assert ": keep-alive\n\n" in _raw(api, "/v1/responses", {**body, "stream": True})
+    events = list(client.responses.create(**body, stream=True))
+    assert events[-1].response.output_text == client.responses.create(**body).output_text
+    chat = _raw(api, "/v1/chat/completions", {"model": MODEL, "max_tokens": 6, "stream": True,
+                                              "messages": ask["messages"]})
+    assert "keep-alive" not in chat and "ping" not in chat
+
+
 def test_messages_read_text_documents_and_the_betas_output_format(api, claude):
     """A text `document` block is read as its title and text (a PDF is a 400); the structured-outputs beta's
     top-level `output_format` (what litellm sends for Claude-named models) constrains as `output_config.format`."""
