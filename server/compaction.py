@@ -47,6 +47,7 @@ class Compaction:
             history, _, _ = await self.server.off_loop(self.responses._history, body)
             asked = {**{k: body[k] for k in ("instructions", "temperature", "top_p", "seed") if k in body},
                      "input": ASK, "max_output_tokens": body.get("max_output_tokens") or MAX_SUMMARY}
+            body = await self.server.off_loop(self.responses.referenced, body)
             own = items_of(body["input"]) if body.get("input") is not None else []
             chat, _ = chat_body(asked, history + own)
             try:

@@ -549,6 +549,25 @@ class Responses:
                            code="previous_response_not_found")
         return (items_of(found[1]) if found[1] else []), prev, None
 
+    def referenced(self, body: dict) -> dict:
+        """`body` with each `item_reference` of its `input` replaced by the stored item it names (a stored
+        response's output item, or a conversation's item: what the Vercel AI SDK sends for earlier turns); 404 for
+        an id none holds."""
+        value = body.get("input")
+        if not isinstance(value, list) or not any(isinstance(it, dict) and it.get("type") == "item_reference"
+                                                  for it in value):
+            return body
+        out = []
+        for i, it in enumerate(value):
+            if isinstance(it, dict) and it.get("type") == "item_reference":
+                found = self.server.store.item(it["id"]) if isinstance(it.get("id"), str) else None
+                if found is None:
+                    raise ApiError(404, f"input[{i}]: no stored item with id {it.get('id')!r}", "input",
+                                   code="not_found")
+                it = found
+            out.append(it)
+        return {**body, "input": out}
+
     def _carried(self, size: int, what: str, param: str) -> None:
         """A 400 where stored items are more than one request may carry (a chain cannot grow on past it)."""
         if size > self.server.max_body:
@@ -563,7 +582,7 @@ class Responses:
                 "incomplete_details": None, "instructions": body.get("instructions"),
                 "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
                 "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": prev,
-                "reasoning": {"effort": effort.get("effort"), "summary": None},
+                "reasoning": {"effort": effort.get("effort"), "summary": effort.get("summary")},
                 "store": body.get("store", True) is not False, "temperature": body.get("temperature"),
                 "text": body.get("text") or {"format": {"type": "text"}},
                 "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
@@ -590,7 +609,7 @@ class Responses:
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         history, prev, conv = await self.server.off_loop(self._history, body)  # reads up to --max-body-mb
-        chat, items = chat_body(body, history)
+        chat, items = chat_body(await self.server.off_loop(self.referenced, body), history)
         try:
             return await self.server.parse(chat, "chat"), history, items, prev, conv
         except ApiError as e:

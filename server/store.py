@@ -18,6 +18,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
 # a streamed background response's events (SSE-framed), so its stream can be joined again once it has ended
 EVENTS = "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, events TEXT NOT NULL)"
+# each stored response's output items by id, which a later input may name (`item_reference`)
+OUTPUTS = ("CREATE TABLE IF NOT EXISTS output_items (id TEXT PRIMARY KEY, response TEXT NOT NULL, "
+           "item TEXT NOT NULL)")
 # a conversation (its metadata) and its items in the order they were added (`seq`)
 CONVERSATIONS = ("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, created INTEGER NOT NULL, "
                  "metadata TEXT NOT NULL)",
@@ -41,6 +44,7 @@ class ResponseStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute(SCHEMA)
             self._db.execute(EVENTS)
+            self._db.execute(OUTPUTS)
             for statement in CONVERSATIONS:
                 self._db.execute(statement)
             self._db.commit()
@@ -52,6 +56,9 @@ class ResponseStore:
             db = self._conn()
             db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
                        (response["id"], time.time(), json.dumps(response), json.dumps(items)))
+            db.executemany("INSERT OR REPLACE INTO output_items VALUES (?, ?, ?)",
+                           [(it["id"], response["id"], json.dumps(it)) for it in response.get("output") or []
+                            if isinstance(it.get("id"), str)])
             db.commit()
 
     def put_events(self, rid: str, events: list[bytes]) -> None:
@@ -85,8 +92,17 @@ class ResponseStore:
             db = self._conn()
             gone = db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
             db.execute("DELETE FROM events WHERE id = ?", (rid,))
+            db.execute("DELETE FROM output_items WHERE response = ?", (rid,))
             db.commit()
         return gone > 0
+
+    def item(self, iid: str) -> dict | None:
+        """A stored response's output item, or a conversation's item, by its id (None: neither holds it)."""
+        with self.lock:
+            db = self._conn()
+            row = db.execute("SELECT item FROM output_items WHERE id = ?", (iid,)).fetchone() or db.execute(
+                "SELECT item FROM conversation_items WHERE id = ?", (iid,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def put_conversation(self, conversation: dict, items: list[dict] = ()) -> None:
         """Keep a conversation (`id`, `created_at`, `metadata`), and with a new one its first items."""

@@ -301,6 +301,23 @@ def test_responses_compact_keeps_the_user_messages_and_the_models_summary(api, c
         assert e.value.body["param"] == "input"
 
 
+def test_responses_item_references_read_the_stored_items(client):
+    """An `item_reference` (what the Vercel AI SDK sends for earlier assistant turns while `store` is on) reads the
+    stored output item it names; an unknown id is a 404. `reasoning.summary` is echoed back."""
+    ask = dict(model=MODEL, max_output_tokens=8, temperature=0)
+    r = client.responses.create(**ask, input=QUESTION, reasoning={"summary": "auto"})
+    assert r.reasoning.summary == "auto"
+    said = {"role": "user", "content": QUESTION}
+    named = client.responses.create(**ask, input=[said, {"type": "item_reference", "id": r.output[0].id},
+                                                  {"role": "user", "content": "And Spain?"}])
+    spelled = client.responses.create(**ask, input=[said, {"role": "assistant", "content": r.output_text},
+                                                    {"role": "user", "content": "And Spain?"}])
+    assert named.usage.input_tokens == spelled.usage.input_tokens and named.output_text == spelled.output_text
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(**ask, input=[said, {"type": "item_reference", "id": "msg_nope"}])
+    assert e.value.body["param"] == "input"
+
+
 def test_conversations_hold_items_that_responses_read_and_add_to(api, client):
     """OpenAI's Conversations API through its client: a response named by `conversation` reads the conversation's
     items before its input (the same reply as those items sent as input) and adds its input and output to it."""
