@@ -989,7 +989,10 @@ class Server:
                                 failed = True
                                 break
                             sent += sum(len(d.token_ids) for d in deltas)
-                            out.append(chunk([self._delta_choice(job, pi, req, d, offsets, turns) for d in deltas]))
+                            said = [c for d in deltas if not _empty(c := self._delta_choice(job, pi, req, d, offsets,
+                                                                                              turns))]
+                            if said:  # (text held back, a call's name not yet known: no chunk, as vLLM)
+                                out.append(chunk(said))
                         await self.write(resp, b"".join(out))
                         if failed:
                             await fail(self.failed(reqs, job.grammar_param))
@@ -1034,6 +1037,12 @@ class Server:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+
+
+def _empty(choice: dict) -> bool:
+    """A chat chunk's choice that says nothing: no delta, no logprobs, no finish."""
+    return choice.get("delta") == {} and choice["logprobs"] is None and choice["finish_reason"] is None and \
+        len(choice) == 4
 
 
 async def pinged(events, every: float | None):
