@@ -44,7 +44,7 @@ class Compaction:
                 raise bad("the request body must be a JSON object")
             if body.get("input") is None and body.get("previous_response_id") is None:
                 raise bad("'input' or 'previous_response_id' is required: the conversation to compact", "input")
-            history, _, _ = await self.server.off_loop(self.responses._history, body)
+            history, _, _ = await self.server.off_loop(self.responses.history, body)
             asked = {**{k: body[k] for k in ("instructions", "temperature", "top_p", "seed") if k in body},
                      "input": ASK, "max_output_tokens": body.get("max_output_tokens") or MAX_SUMMARY}
             body = await self.server.off_loop(self.responses.referenced, body)

@@ -520,7 +520,7 @@ class Responses:
         self.server = server
         self.running: dict[str, Background] = {}  # background responses not ended yet, by id
 
-    def _history(self, body: dict) -> tuple[list[dict], str | None, str | None]:
+    def history(self, body: dict) -> tuple[list[dict], str | None, str | None]:
         """`(the items before this input, previous_response_id, conversation id)`: a stored response's
         conversation, or a conversation's items (404 where neither is stored; 400 where both are named, or where
         they are more than one request may carry)."""
@@ -608,7 +608,7 @@ class Responses:
         previous_response_id, conversation id)`."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        history, prev, conv = await self.server.off_loop(self._history, body)  # reads up to --max-body-mb
+        history, prev, conv = await self.server.off_loop(self.history, body)  # reads up to --max-body-mb
         chat, items = chat_body(await self.server.off_loop(self.referenced, body), history)
         try:
             return await self.server.parse(chat, "chat"), history, items, prev, conv
