@@ -247,11 +247,14 @@ def _tools(body: dict) -> dict:
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise bad(f"tools[{i}] must be a tool object with a 'type'", "tools")
-        if t["type"] != "function":  # hosted tools (web_search, ...) are the provider's: this server has none
-            log.info("tools[%d] of type %r ignored: only function tools are served here", i, t["type"])
-            continue
-        funcs.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
-                                                        if t.get(k) is not None}})
+        inner = t.get("tools") if t["type"] == "namespace" and isinstance(t.get("tools"), list) else [t]
+        for f in inner:  # a namespace's function tools are served as functions (`namespaces` marks their calls)
+            kind = f.get("type") if isinstance(f, dict) else None
+            if kind != "function":  # hosted tools (web_search, ...) are the provider's: this server has none
+                log.info("tools[%d] of type %r ignored: only function tools are served here", i, kind)
+                continue
+            funcs.append({"type": "function", "function": {k: f[k] for k in ("name", "description", "parameters")
+                                                            if f.get(k) is not None}})
     if not funcs:
         if choice not in (None, "none", "auto"):
             raise bad("'tool_choice' needs function tools", "tool_choice")
@@ -269,6 +272,16 @@ def _tools(body: dict) -> dict:
         choice = {"type": "function", "function": {"name": choice["name"]}}
     if choice is not None:
         out["tool_choice"] = choice
+    return out
+
+
+def namespaces(body: dict) -> dict[str, str]:
+    """Each function of a `namespace` tool (Codex's sub-agent tools) -> that namespace, which its calls carry."""
+    out, tools = {}, body.get("tools")
+    for t in tools if isinstance(tools, list) else []:
+        if isinstance(t, dict) and t.get("type") == "namespace" and isinstance(t.get("tools"), list):
+            out.update({f["name"]: t.get("name") for f in t["tools"] if isinstance(f, dict)
+                        and isinstance(f.get("name"), str)})
     return out
 
 
@@ -355,7 +368,8 @@ def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
 class Output:
     """A response's output items as the reply's pieces arrive, and the stream events that announce them."""
 
-    def __init__(self):
+    def __init__(self, spaces: dict[str, str] | None = None):
+        self.spaces = spaces or {}  # a namespaced function -> its namespace (`namespaces`)
         self.items: list[dict] = []
         self.open: dict | None = None  # the item being written
         self.calls: dict[int, dict] = {}  # tool-call index -> its item
@@ -385,8 +399,10 @@ class Output:
         for d in piece.calls:
             if "id" in d:
                 ev += self.close()
-                self.open = {"id": new_id("fc"), "type": "function_call", "call_id": d["id"],
-                             "name": d["function"]["name"], "arguments": "", "status": "in_progress"}
+                name = d["function"]["name"]
+                self.open = {"id": new_id("fc"), "type": "function_call", "call_id": d["id"], "name": name,
+                             **({"namespace": self.spaces[name]} if name in self.spaces else {}),
+                             "arguments": "", "status": "in_progress"}
                 self.calls[d["index"]] = self.open
                 ev += self._added()
             args = d["function"].get("arguments", "")
@@ -462,7 +478,7 @@ class Stream:
     def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None,
                  conv: tuple[str, list[dict]] | None = None):
         self.api, self.shell, self.job, self.call, self.items, self.conv = api, shell, job, call, items, conv
-        self.out, self.seq, self.result = Output(), 0, None
+        self.out, self.seq, self.result = Output(namespaces(shell)), 0, None
         self.thinking: bool | None = None  # with logprobs: in the thinking block still (None: no token seen yet)
 
     def encode(self, ev: dict) -> bytes:

@@ -73,9 +73,10 @@ def test_a_forced_call_wins_over_response_format(client):
     assert all(c.delta.content or c.delta.tool_calls or c.delta.role or c.finish_reason for c in said)
 
 
-def test_allowed_tools_limit_the_calls_to_a_subset(api, client):
+def test_allowed_tools_limit_the_calls_to_a_subset_and_namespaces_serve_theirs(api, client):
     """OpenAI's `allowed_tools` choice, on chat and (flat) on Responses: "required" calls one of the named tools
-    only; a null description is no description."""
+    only; a null description is no description. A Responses `namespace` tool's functions are served, their calls
+    carrying the namespace."""
     only = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
         {"type": "function", "function": {"name": "get_time"}}]}}
     tools = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "description": None}}]
@@ -89,6 +90,21 @@ def test_allowed_tools_limit_the_calls_to_a_subset(api, client):
                                 tool_choice={"type": "allowed_tools", "mode": "required",
                                              "tools": [{"type": "function", "name": "get_weather"}]})
     assert [o.name for o in r.output if o.type == "function_call"][:1] == ["get_weather"]
+    # a namespace's functions (Codex's sub-agent tools): served, and their calls name the namespace
+    spaced = [{"type": "namespace", "name": "clock", "description": "Time tools.", "tools": [flat[1]]}, flat[0],
+              {"type": "web_search"}]
+    for stream in (False, True):
+        ask = dict(model=MODEL, input=ASK[0]["content"], tools=spaced, max_output_tokens=120, temperature=0,
+                   tool_choice={"type": "function", "name": "get_time"})
+        if stream:
+            with client.responses.stream(**ask) as s:
+                added = [e.item for e in s if e.type == "response.output_item.added"]
+                r = s.get_final_response()
+            assert added[0].namespace == "clock"
+        else:
+            r = client.responses.create(**ask)
+        call = next(o for o in r.output if o.type == "function_call")
+        assert (call.name, call.namespace) == ("get_time", "clock")
     auto = dict(only, allowed_tools={**only["allowed_tools"], "mode": "auto"})
     assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=auto, max_tokens=4)
     for wrong in ({"type": "allowed_tools", "allowed_tools": {"mode": "any", "tools": []}},
