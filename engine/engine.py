@@ -190,8 +190,8 @@ class Engine:
         room = self.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"This model's maximum context length is {self.max_len} tokens. However, your "
-                                 f"prompt has {len(prompt_ids)} tokens. Please reduce the length of the prompt.",
-                                 "prompt", CONTEXT)
+                                 f"prompt has {len(prompt_ids)} tokens, which leaves no room for a reply. Please "
+                                 "reduce the length of the prompt.", "prompt", CONTEXT)
         if self.sched.pages_to_admit(len(prompt_ids), params.n) > self.sched.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
                                  f"the pool holds ({self.sched.pools[0].capacity} of {self.page_size} tokens)", "n")

@@ -336,7 +336,11 @@ class Stream:
         self.choice = self.req.choices[0]
 
     encode = staticmethod(sse_event)
-    ping = sse_event({"type": "ping"})  # Anthropic's keep-alive, sent while the reply is quiet (`Server.sse`)
+
+    @staticmethod
+    def ping() -> bytes:
+        """Anthropic's keep-alive, sent while the reply is quiet (`Server.sse`)."""
+        return sse_event({"type": "ping"})
 
     def stop(self) -> tuple[str, str | None]:
         """`(stop_reason, stop_sequence)` of the finished reply."""
@@ -410,8 +414,8 @@ class Messages:
                 parts, events = self.server.admit(job, call, "msg_")
             except ApiError as e:
                 if e.code == CONTEXT and e.param == "messages":  # Anthropic's words, which Claude Code compacts on
-                    e.message = (f"prompt is too long: {len(job.prompts[0])} tokens > {self.server.engine.max_len} "
-                                 "maximum")
+                    most = self.server.engine.max_len - 1  # the longest prompt: the context holds a reply's token too
+                    e.message = f"prompt is too long: {len(job.prompts[0])} tokens > {most} maximum"
                 raise e.renamed(PARAMS) from None
             turn = Turn(job)
             face = Stream(self, call, turn)

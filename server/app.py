@@ -736,7 +736,7 @@ class Server:
                                 contextlib.aclosing(pinged(events, self.ping_every if ping else None)) as batches):
                         async for batch in batches:
                             if batch is None:  # quiet for ping_every seconds (a long prefill, a long queue)
-                                await self.write(resp, ping)
+                                await self.write(resp, ping())
                                 continue
                             out, error = self.pieces(batch, call, turn, face)  # one write for a batch's events
                             await send(out)

@@ -473,8 +473,6 @@ class Stream:
     when `items` (the conversation before it) are given, and its input and output items added to conversation
     `conv[0]` when `conv` (that id and this input's items) is."""
 
-    ping = b": keep-alive\n\n"  # an SSE comment while the reply is quiet (`Server.sse`): clients skip it
-
     def __init__(self, api: "Responses", shell: dict, job, call, items: list[dict] | None,
                  conv: tuple[str, list[dict]] | None = None):
         self.api, self.shell, self.job, self.call, self.items, self.conv = api, shell, job, call, items, conv
@@ -490,6 +488,11 @@ class Stream:
         """The events before the first piece."""
         return [{"type": "response.created", "response": self.shell},
                 {"type": "response.in_progress", "response": self.shell}]
+
+    def ping(self) -> bytes:
+        """A keep-alive while the reply is quiet (`Server.sse`): `response.in_progress` again, an event, since
+        Codex's idle timer, like other clients', does not count SSE comments."""
+        return self.encode({"type": "response.in_progress", "response": self.shell})
 
     def add(self, piece: Piece) -> list[dict]:
         """The events of one piece (with logprobs, those of the answer's tokens: after the thinking block's close,

@@ -452,7 +452,7 @@ def test_messages_take_system_messages_within_the_conversation(api, client, clau
     long = [{"role": "user", "content": "word " * api.engine.max_len}]  # Anthropic's words, which Claude Code reads
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=MODEL, max_tokens=2, messages=long)
-    assert re.search(rf"prompt is too long: \d+ tokens > {api.engine.max_len} maximum", e.value.message)
+    assert re.search(rf"prompt is too long: \d+ tokens > {api.engine.max_len - 1} maximum", e.value.message)
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input=long)
     assert e.value.body["param"] == "input" and e.value.body["code"] == "context_length_exceeded"
@@ -467,8 +467,9 @@ def _raw(api, path, body) -> str:
 
 def test_quiet_agent_streams_are_kept_alive(api, client, claude, monkeypatch):
     """While a streamed reply is quiet (here a long prompt's prefill; `ping_every` shortened), Messages sends
-    Anthropic's `ping` events and Responses SSE comments, which the official clients skip (the same text as
-    unstreamed); chat completions stay as vLLM streams them."""
+    Anthropic's `ping` events and Responses `response.in_progress` again (an event: Codex's idle timer skips SSE
+    comments), which the official clients take in stride (the same text as unstreamed); chat completions stay as
+    vLLM streams them."""
     monkeypatch.setattr(api.server, "ping_every", 0.01)
     long = " ".join(f"item {i}" for i in range(api.engine.max_len // 6)) + ". " + QUESTION  # ~5/6 of the context
     ask = {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": long}]}
@@ -478,9 +479,10 @@ def test_quiet_agent_streams_are_kept_alive(api, client, claude, monkeypatch):
         streamed = s.get_final_text()
     assert streamed == claude.messages.create(**ask, extra_body=GREEDY).content[0].text
     body = {"model": MODEL, "input": long, "max_output_tokens": 6, "temperature": 0}
-    assert ": keep-alive\n\n" in _raw(api, "/v1/responses", {**body, "stream": True})
+    assert _raw(api, "/v1/responses", {**body, "stream": True}).count("event: response.in_progress") > 1
     events = list(client.responses.create(**body, stream=True))
     assert events[-1].response.output_text == client.responses.create(**body).output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
     chat = _raw(api, "/v1/chat/completions", {"model": MODEL, "max_tokens": 6, "stream": True,
                                               "messages": ask["messages"]})
     assert "keep-alive" not in chat and "ping" not in chat
