@@ -1069,8 +1069,9 @@ async def pinged(events, every: float | None):
     finally:
         if not nxt.done():
             nxt.cancel()
-            with contextlib.suppress(BaseException):
-                await nxt
+            await asyncio.wait([nxt])  # (its own end, without raising it; a cancel of this task still comes through)
+        if not nxt.cancelled():
+            nxt.exception()  # retrieved, so an error it ended with is not reported as never retrieved
 
 
 def invalid(job: Job, e: InvalidRequest) -> ApiError:

@@ -3,7 +3,9 @@ packaged SmolLM2 (the same live server as the chat tests)."""
 
 import json
 import re
+import time
 import urllib.request
+from http.client import HTTPConnection
 
 import anthropic
 import jsonschema
@@ -486,6 +488,22 @@ def test_quiet_agent_streams_are_kept_alive(api, client, claude, monkeypatch):
     chat = _raw(api, "/v1/chat/completions", {"model": MODEL, "max_tokens": 6, "stream": True,
                                               "messages": ask["messages"]})
     assert "keep-alive" not in chat and "ping" not in chat
+    # a client that leaves after a ping: its request is aborted and its slot freed, as on any stream
+    before = api.engine.stats()["aborted"]
+    conn = HTTPConnection(api.url.split("//")[1], timeout=120)
+    conn.request("POST", "/v1/messages", json.dumps({**ask, "max_tokens": 900, "stream": True, "ignore_eos": True}),
+                 {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    seen = b""
+    while b"event: ping" not in seen:
+        seen += reply.read1(4096)
+    conn.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and not (api.engine.stats()["aborted"] > before and
+                                          api.engine.stats()["free_slots"] == api.engine.runner.rc.max_num_seqs):
+        time.sleep(0.1)
+    assert api.engine.stats()["aborted"] == before + 1
+    assert api.engine.stats()["free_slots"] == api.engine.runner.rc.max_num_seqs
 
 
 def test_messages_read_text_documents_and_the_betas_output_format(api, claude):
