@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -201,6 +202,13 @@ class Model:
     vision_params: Any = None  # and its vision tower's and projector's parameters, replicated on the mesh
 
 
+def _overridden(overrides: dict | None) -> str:
+    """What `--hf-overrides` adds to a converted model's cache key (they may change its shapes): "" for none."""
+    if not overrides:
+        return ""
+    return "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: bool = True,
                with_tokenizer: bool = True, attention: str = "auto", scan: bool = True,
                quantization: str = "none", dp: int = 1, matmul: str = "auto", expert_parallel: bool = False,
@@ -235,7 +243,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     boxed = abstract_params(module)
     shardings = _unboxed(param_shardings(boxed, mesh, bool(cfg.expert_mesh)))
     direct = source.kind == "hf" and not source.quantized and quantization == "none"  # see the module doc
-    key = None if direct else source.content_hash()
+    key = None if direct else source.content_hash() + _overridden(hf_overrides)
     form = ("-scan" if module.scan else "") + ("" if quantization == "none" else f"-{quantization}")
     form += f"-{PACKED}" if packed else ""
     ckpt_dir = os.path.join(cache_root(), "params", f"{key}-{dtype}{form}")

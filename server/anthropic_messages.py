@@ -177,17 +177,20 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
     out: dict = {"messages": [], "stream": protocol._flag(body, "stream")}
     system = [] if body.get("system") is None else [text_of(body["system"], "'system'", "system")]
     pending = []  # system messages within the conversation (Claude Code's mid-conversation-system beta)
+    said = [i for i, m in enumerate(msgs) if not (isinstance(m, dict) and m.get("role") == "system")]
     for i, m in enumerate(msgs):
         if isinstance(m, dict) and m.get("role") == "system":
             text = text_of(m.get("content"), f"messages[{i}].content", "messages")
             (pending if out["messages"] else system).append(text)
             continue
-        if pending and isinstance(m, dict) and m.get("role") == "user":  # read as the next user turn's first text
-            m, pending = {**m, "content": _led(pending, m.get("content"))}, []
-        out["messages"] += _message(m, i, i == len(msgs) - 1)
+        if pending and isinstance(m, dict) and m.get("role") == "user" and m.get("content") not in ("", [], None):
+            m, pending = {**m, "content": _led(pending, m.get("content"))}, []  # its first text (an empty one: 400)
+        out["messages"] += _message(m, i, i == said[-1] if said else False)
     if not out["messages"]:
         raise bad("'messages' must hold a user or assistant message, not system messages alone", "messages")
-    if pending:
+    if pending and out["messages"][-1]["role"] == "assistant" and not out["messages"][-1].get("tool_calls"):
+        system += pending  # after a prefill, which the reply continues: read with the system prompt
+    elif pending:
         out["messages"].append({"role": "user", "content": "\n\n".join(pending)})
     if system:
         out["messages"].insert(0, {"role": "system", "content": "\n\n".join(system)})

@@ -1067,11 +1067,17 @@ async def pinged(events, every: float | None):
             yield item
             nxt = asyncio.ensure_future(anext(events))
     finally:
-        if not nxt.done():
-            nxt.cancel()
-            await asyncio.wait([nxt])  # (its own end, without raising it; a cancel of this task still comes through)
+        nxt.cancel()
+        cancelled = False
+        while not nxt.done():  # its end, so `events` can be closed (not "already running"), even if this task is
+            try:               # cancelled again meanwhile (that cancel is raised after)
+                await asyncio.wait([nxt])
+            except asyncio.CancelledError:
+                cancelled = True
         if not nxt.cancelled():
             nxt.exception()  # retrieved, so an error it ended with is not reported as never retrieved
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 def invalid(job: Job, e: InvalidRequest) -> ApiError:

@@ -54,11 +54,17 @@ class Compaction:
                 job = await self.server.parse(chat, "chat")
             except ApiError as e:
                 raise e.renamed(PARAMS) from None
-            _, events = self.server.admit(job, call, "resp_")
+            try:
+                _, events = self.server.admit(job, call, "resp_")
+            except ApiError as e:  # (a conversation past the context: 'input')
+                raise e.renamed(PARAMS) from None
             await self.server.collect(events, call)
             req = call.reqs[0]
             choice = req.choices[0]
             summary = Turn(job).feed(choice.text, choice.finish_reason).text.strip()
+            if not summary:  # (a thinking model that thought to the end of its budget, say): nothing to replace with
+                raise bad(f"the model wrote no summary within {chat['max_tokens']} tokens; raise max_output_tokens",
+                          "max_output_tokens")
             users = [it for it in history + own if it["type"] == "message" and it["role"] == "user"]
             output = stored(users) + [compaction(summary)]
             prompt, made = len(req.prompt_ids), len(choice.token_ids)

@@ -48,6 +48,10 @@ def _items(body: dict, required: bool) -> list[dict]:
         raise bad(e.message.replace("input[", "items["), "items") from None
 
 
+def _missing(cid: str) -> ApiError:
+    return ApiError(404, f"no conversation with id {cid!r}", code="not_found")
+
+
 class Conversations:
     """The Conversations routes of one `Server`."""
 
@@ -61,12 +65,13 @@ class Conversations:
             raise bad("the request body must be a JSON object")
         return body
 
-    def _found(self, request: web.Request) -> dict:
-        """The conversation the route's `{id}` names, or a 404."""
+    async def _found(self, request: web.Request) -> dict:
+        """The conversation the route's `{id}` names, or a 404 (the store is read off the event loop, as every
+        route here reads it)."""
         cid = request.match_info["id"]
-        conv = self.store.conversation(cid)
+        conv = await self.server.off_loop(self.store.conversation, cid)
         if conv is None:
-            raise ApiError(404, f"no conversation with id {cid!r}", code="not_found")
+            raise _missing(cid)
         return conv
 
     async def create(self, request: web.Request) -> web.Response:
@@ -74,62 +79,63 @@ class Conversations:
         body = await self._body(request)
         conv = {"id": new_id("conv"), "object": "conversation", "created_at": int(time.time()),
                 "metadata": metadata(body.get("metadata"))}
-        self.store.put_conversation(conv, _items(body, required=False))
+        await self.server.off_loop(self.store.put_conversation, conv, _items(body, required=False))
         return web.json_response(conv)
 
     async def retrieve(self, request: web.Request) -> web.Response:
         """GET /v1/conversations/{id}."""
-        return web.json_response(self._found(request))
+        return web.json_response(await self._found(request))
 
     async def update(self, request: web.Request) -> web.Response:
         """POST /v1/conversations/{id}: replace its `metadata`."""
-        conv, body = self._found(request), await self._body(request)
+        body = await self._body(request)
         if "metadata" not in body:
             raise bad("'metadata' is required", "metadata")
-        conv["metadata"] = metadata(body["metadata"])
-        self.store.put_conversation(conv)
+        conv = {**await self._found(request), "metadata": metadata(body["metadata"])}
+        if not await self.server.off_loop(self.store.set_metadata, conv["id"], conv["metadata"]):
+            raise _missing(conv["id"])  # deleted meanwhile: not brought back
         return web.json_response(conv)
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /v1/conversations/{id}: forget it and its items (responses that used it stay stored)."""
         cid = request.match_info["id"]
-        if not self.store.delete_conversation(cid):
-            raise ApiError(404, f"no conversation with id {cid!r}", code="not_found")
+        if not await self.server.off_loop(self.store.delete_conversation, cid):
+            raise _missing(cid)
         return web.json_response({"id": cid, "object": "conversation.deleted", "deleted": True})
 
     async def add(self, request: web.Request) -> web.Response:
         """POST /v1/conversations/{id}/items: append up to 20 `items`; the list of those added."""
-        conv, body = self._found(request), await self._body(request)
+        conv, body = await self._found(request), await self._body(request)
         items = _items(body, required=True)
-        if not self.store.add_items(conv["id"], items):  # deleted since `_found` looked
-            raise ApiError(404, f"no conversation with id {conv['id']!r}", code="not_found")
+        if not await self.server.off_loop(self.store.add_items, conv["id"], items):  # deleted since `_found`
+            raise _missing(conv["id"])
         return web.json_response({"object": "list", "data": items, "first_id": items[0]["id"],
                                   "last_id": items[-1]["id"], "has_more": False})
 
     async def list_items(self, request: web.Request) -> web.Response:
         """GET /v1/conversations/{id}/items: `limit` (1 to 100, 20) items after the id `after` names, newest first
         unless `order` is "asc" (OpenAI's paging)."""
-        conv = self._found(request)
+        conv = await self._found(request)
         order = request.query.get("order", "desc")
         if order not in ("asc", "desc"):
             raise bad("'order' must be 'asc' or 'desc'", "order")
-        items = self.store.items(conv["id"])
+        items = await self.server.off_loop(self.store.items, conv["id"])
         listed = [types.SimpleNamespace(id=it["id"], item=it) for it in (items[::-1] if order == "desc" else items)]
         return web.json_response({"object": "list", **page(listed, request, 20, 100, lambda x: x.item)})
 
-    def _item(self, request: web.Request) -> tuple[dict, dict]:
-        conv, want = self._found(request), request.match_info["item"]
-        for it in self.store.items(conv["id"]):
-            if it["id"] == want:
-                return conv, it
-        raise ApiError(404, f"conversation {conv['id']!r} holds no item with id {want!r}", code="not_found")
+    async def _item(self, request: web.Request) -> tuple[dict, dict]:
+        conv, want = await self._found(request), request.match_info["item"]
+        it = await self.server.off_loop(self.store.conversation_item, conv["id"], want)
+        if it is None:
+            raise ApiError(404, f"conversation {conv['id']!r} holds no item with id {want!r}", code="not_found")
+        return conv, it
 
     async def item(self, request: web.Request) -> web.Response:
         """GET /v1/conversations/{id}/items/{item}."""
-        return web.json_response(self._item(request)[1])
+        return web.json_response((await self._item(request))[1])
 
     async def delete_item(self, request: web.Request) -> web.Response:
         """DELETE /v1/conversations/{id}/items/{item}: remove it; the conversation."""
-        conv, it = self._item(request)
-        self.store.delete_item(conv["id"], it["id"])
+        conv, it = await self._item(request)
+        await self.server.off_loop(self.store.delete_item, conv["id"], it["id"])
         return web.json_response(conv)

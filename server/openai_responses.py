@@ -145,6 +145,12 @@ def summary_of(item: dict, where: str = "input") -> str:
               "server's encrypted_content cannot be read here", "input")
 
 
+def _reference(item: Any) -> bool:
+    """Whether an input item is an `item_reference` (its `type` may be left out: an item with only an `id`)."""
+    return isinstance(item, dict) and (item.get("type") == "item_reference" or item.keys() == {"id"} or (
+        item.keys() == {"id", "type"} and item["type"] is None))
+
+
 def _conversation_id(body: dict) -> str | None:
     """The request's `conversation`: an id, or `{"id": ...}` (None when there is none)."""
     conv = body.get("conversation")
@@ -262,8 +268,8 @@ def _tools(body: dict) -> dict:
     out["tools"] = funcs
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":  # Responses' flat shape, as chat's
         picks = choice.get("tools")
-        picks = [{"type": "function", "function": {"name": p.get("name")}} if isinstance(p, dict) else p
-                 for p in picks] if isinstance(picks, list) else picks
+        picks = [{"type": "function", "function": {"name": p.get("name")}} for p in picks  # hosted tools: none here
+                 if not isinstance(p, dict) or p.get("type") == "function"] if isinstance(picks, list) else picks
         choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": picks}}
     elif isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
@@ -573,16 +579,17 @@ class Responses:
         response's output item, or a conversation's item: what the Vercel AI SDK sends for earlier turns); 404 for
         an id none holds."""
         value = body.get("input")
-        if not isinstance(value, list) or not any(isinstance(it, dict) and it.get("type") == "item_reference"
-                                                  for it in value):
+        if not isinstance(value, list) or not any(map(_reference, value)):
             return body
-        out = []
+        out, size = [], 0
         for i, it in enumerate(value):
-            if isinstance(it, dict) and it.get("type") == "item_reference":
+            if _reference(it):
                 found = self.server.store.item(it["id"]) if isinstance(it.get("id"), str) else None
                 if found is None:
                     raise ApiError(404, f"input[{i}]: no stored item with id {it.get('id')!r}", "input",
                                    code="not_found")
+                size += len(json.dumps(found))
+                self._carried(size, "the items 'input' references", "input")  # each may be large, and named often
                 it = found
             out.append(it)
         return {**body, "input": out}

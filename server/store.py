@@ -26,7 +26,8 @@ CONVERSATIONS = ("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY,
                  "metadata TEXT NOT NULL)",
                  "CREATE TABLE IF NOT EXISTS conversation_items (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                  "conversation TEXT NOT NULL, id TEXT NOT NULL, item TEXT NOT NULL)",
-                 "CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items (conversation, seq)")
+                 "CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items (conversation, seq)",
+                 "CREATE INDEX IF NOT EXISTS conversation_item_ids ON conversation_items (id)")
 
 
 class ResponseStore:
@@ -113,6 +114,22 @@ class ResponseStore:
             db.executemany("INSERT INTO conversation_items (conversation, id, item) VALUES (?, ?, ?)",
                            [(conversation["id"], it["id"], json.dumps(it)) for it in items])
             db.commit()
+
+    def set_metadata(self, cid: str, metadata: dict) -> bool:
+        """Replace a conversation's metadata; False when there is no such conversation (deleted meanwhile too)."""
+        with self.lock:
+            db = self._conn()
+            done = db.execute("UPDATE conversations SET metadata = ? WHERE id = ?",
+                              (json.dumps(metadata), cid)).rowcount
+            db.commit()
+        return done > 0
+
+    def conversation_item(self, cid: str, iid: str) -> dict | None:
+        """One item of a conversation (None: it holds none by that id)."""
+        with self.lock:
+            row = self._conn().execute("SELECT item FROM conversation_items WHERE conversation = ? AND id = ?",
+                                       (cid, iid)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def conversation(self, cid: str) -> dict | None:
         """A conversation object, or None when there is none by that id."""

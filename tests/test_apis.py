@@ -295,6 +295,9 @@ def test_responses_compact_keeps_the_user_messages_and_the_models_summary(api, c
     _, tokens, _ = http(api, "POST", "/tokenize", {"messages": [talk[0], talk[2], {
         "role": "user", "content": SUMMARY_HEAD + summary}, {"role": "user", "content": "Go on."}]})
     assert nxt.usage.input_tokens == tokens["count"]
+    with pytest.raises(openai.BadRequestError) as e:  # past the context: the code clients compact on, as 'input'
+        client.responses.compact(model=MODEL, input="word " * api.engine.max_len)
+    assert (e.value.body["param"], e.value.body["code"]) == ("input", "context_length_exceeded")
     foreign = {"type": "compaction", "encrypted_content": "gAAAAABo-not-ours"}
     for call in (lambda: client.responses.compact(model=MODEL),
                  lambda: client.responses.create(**ask, input=[foreign, {"role": "user", "content": "hi"}])):
@@ -315,6 +318,9 @@ def test_responses_item_references_read_the_stored_items(client):
     spelled = client.responses.create(**ask, input=[said, {"role": "assistant", "content": r.output_text},
                                                     {"role": "user", "content": "And Spain?"}])
     assert named.usage.input_tokens == spelled.usage.input_tokens and named.output_text == spelled.output_text
+    bare = client.responses.create(**ask, input=[said, {"id": r.output[0].id},  # `type` may be left out
+                                                 {"role": "user", "content": "And Spain?"}])
+    assert bare.usage.input_tokens == spelled.usage.input_tokens
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(**ask, input=[said, {"type": "item_reference", "id": "msg_nope"}])
     assert e.value.body["param"] == "input"
@@ -449,6 +455,12 @@ def test_messages_take_system_messages_within_the_conversation(api, client, clau
     assert counted.input_tokens == want["count"]
     m = claude.messages.create(model=MODEL, max_tokens=2, system="Be brief.", messages=msgs)
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == want["count"]
+    prefill = [*HELLO, {"role": "assistant", "content": "The capital"}, {"role": "system", "content": "Be brief."}]
+    counted = claude.messages.count_tokens(model=MODEL, messages=prefill)  # after a prefill: with the system prompt
+    _, want, _ = http(api, "POST", "/tokenize", {"messages": [{"role": "system", "content": "Be brief."},
+                                                              *prefill[:2]], "continue_final_message": True,
+                                                 "add_generation_prompt": False})
+    assert counted.input_tokens == want["count"]
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 2, "messages": [msgs[0]]})
     assert status == 400 and out["error"]["type"] == "invalid_request_error"
     long = [{"role": "user", "content": "word " * api.engine.max_len}]  # Anthropic's words, which Claude Code reads

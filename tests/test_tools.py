@@ -86,10 +86,10 @@ def test_allowed_tools_limit_the_calls_to_a_subset_and_namespaces_serve_theirs(a
     _check_calls(r.choices[0].message, {"get_time"})
     flat = [{"type": "function", **t["function"]} for t in TOOLS]
     r = client.responses.create(model=MODEL, input=ASK[0]["content"], tools=flat, max_output_tokens=120,
-                                temperature=0,
-                                tool_choice={"type": "allowed_tools", "mode": "required",
-                                             "tools": [{"type": "function", "name": "get_weather"}]})
-    assert [o.name for o in r.output if o.type == "function_call"][:1] == ["get_weather"]
+                                temperature=0,  # (a weather question: only the restriction makes it get_time)
+                                tool_choice={"type": "allowed_tools", "mode": "required", "tools": [
+                                    {"type": "function", "name": "get_time"}, {"type": "web_search"}]})
+    assert {o.name for o in r.output if o.type == "function_call"} == {"get_time"}
     # a namespace's functions (Codex's sub-agent tools): served, and their calls name the namespace
     spaced = [{"type": "namespace", "name": "clock", "description": "Time tools.", "tools": [flat[1]]}, flat[0],
               {"type": "web_search"}]
@@ -106,7 +106,9 @@ def test_allowed_tools_limit_the_calls_to_a_subset_and_namespaces_serve_theirs(a
         call = next(o for o in r.output if o.type == "function_call")
         assert (call.name, call.namespace) == ("get_time", "clock")
     auto = dict(only, allowed_tools={**only["allowed_tools"], "mode": "auto"})
-    assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=auto, max_tokens=4)
+    narrowed = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=auto, max_tokens=1)
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=1)
+    assert narrowed.usage.prompt_tokens < whole.usage.prompt_tokens  # the others left out of the prompt
     for wrong in ({"type": "allowed_tools", "allowed_tools": {"mode": "any", "tools": []}},
                   {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
                       {"type": "function", "function": {"name": "nope"}}]}}):
