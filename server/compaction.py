@@ -15,8 +15,8 @@ import time
 
 from aiohttp import web
 
-from server.openai_responses import PARAMS, chat_body, compaction, items_of, new_id, stored
-from server.protocol import ApiError, bad
+from server.openai_responses import chat_body, compaction, items_of, new_id, stored
+from server.protocol import bad
 from server.turn import Turn
 
 ASK = ("Write a summary of the conversation so far, for whoever continues it without seeing it: the goal, what "
@@ -50,29 +50,16 @@ class Compaction:
             body = await self.server.off_loop(self.responses.referenced, body)
             own = items_of(body["input"]) if body.get("input") is not None else []
             chat, _ = chat_body(asked, history + own)
-            try:
-                job = await self.server.parse(chat, "chat")
-            except ApiError as e:
-                raise e.renamed(PARAMS) from None
-            try:
-                _, events = self.server.admit(job, call, "resp_")
-            except ApiError as e:  # (a conversation past the context: 'input')
-                raise e.renamed(PARAMS) from None
-            await self.server.collect(events, call)
-            req = call.reqs[0]
-            choice = req.choices[0]
+            job = await self.responses.parse(chat)
+            await self.server.collect(self.responses.admit(job, call), call)  # (past the context: 'input')
+            choice = call.reqs[0].choices[0]
             summary = Turn(job).feed(choice.text, choice.finish_reason).text.strip()
             if not summary:  # (a thinking model that thought to the end of its budget, say): nothing to replace with
                 raise bad(f"the model wrote no summary within {chat['max_tokens']} tokens; raise max_output_tokens",
                           "max_output_tokens")
             users = [it for it in history + own if it["type"] == "message" and it["role"] == "user"]
             output = stored(users) + [compaction(summary)]
-            prompt, made = len(req.prompt_ids), len(choice.token_ids)
-            return web.json_response({
-                "id": new_id("resp"), "object": "response.compaction", "created_at": int(time.time()),
-                "output": output,
-                "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": req.cached_tokens},
-                          "output_tokens": made,
-                          "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(job, choice)},
-                          "total_tokens": prompt + made}})
+            return web.json_response({"id": new_id("resp"), "object": "response.compaction",
+                                      "created_at": int(time.time()), "output": output,
+                                      "usage": self.responses.usage(job, call.reqs[0])})
         return await self.server.serve(request, answer)

@@ -617,17 +617,36 @@ class Responses:
                 "metadata": body.get("metadata") or {}, "background": bool(body.get("background")),
                 **({"conversation": {"id": conv}} if conv is not None else {})}
 
+    def usage(self, job, req) -> dict:
+        """A finished reply's usage in the Responses API's shape (its one choice's tokens)."""
+        choice = req.choices[0]
+        prompt, made = len(req.prompt_ids), len(choice.token_ids)
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": req.cached_tokens},
+                "output_tokens": made,
+                "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(job, choice)},
+                "total_tokens": prompt + made}
+
     def finished(self, shell: dict, out: Output, job, req) -> dict:
         """The response once the reply has ended."""
-        choice = req.choices[0]
-        incomplete = choice.finish_reason == "length"
-        used = {"input_tokens": len(req.prompt_ids), "input_tokens_details": {"cached_tokens": req.cached_tokens},
-                "output_tokens": len(choice.token_ids),
-                "output_tokens_details": {"reasoning_tokens": self.server.reasoning_tokens(job, choice)},
-                "total_tokens": len(req.prompt_ids) + len(choice.token_ids)}
+        incomplete = req.choices[0].finish_reason == "length"
         return {**shell, "status": "incomplete" if incomplete else "completed",
                 "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-                "output": out.items, "usage": used, "completed_at": time.time()}
+                "output": out.items, "usage": self.usage(job, req), "completed_at": time.time()}
+
+    async def parse(self, chat: dict) -> protocol.Job:
+        """`Server.parse` of a chat body made from a Responses body, its errors in the Responses API's names."""
+        try:
+            return await self.server.parse(chat, "chat")
+        except ApiError as e:
+            raise e.renamed(PARAMS) from None
+
+    def admit(self, job: protocol.Job, call) -> Any:
+        """`Server.admit`'s events for a parsed Responses job, its errors (a prompt past the context) in the
+        Responses API's names ('input')."""
+        try:
+            return self.server.admit(job, call, "resp_")[1]
+        except ApiError as e:
+            raise e.renamed(PARAMS) from None
 
     async def _job(self, body: Any) -> tuple[protocol.Job, list[dict], list[dict], str | None, str | None]:
         """A Responses body parsed as chat: `(job, the items before its input, all its items,
@@ -636,10 +655,7 @@ class Responses:
             raise bad("the request body must be a JSON object")
         history, prev, conv = await self.server.off_loop(self.history, body)  # reads up to --max-body-mb
         chat, items = chat_body(await self.server.off_loop(self.referenced, body), history)
-        try:
-            return await self.server.parse(chat, "chat"), history, items, prev, conv
-        except ApiError as e:
-            raise e.renamed(PARAMS) from None
+        return await self.parse(chat), history, items, prev, conv
 
     async def input_tokens(self, request: web.Request) -> web.Response:
         """POST /v1/responses/input_tokens: the prompt's length in tokens that a response with this body would
@@ -656,10 +672,7 @@ class Responses:
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
             job, history, items, prev, conv = await self._job(body)
-            try:
-                parts, events = self.server.admit(job, call, "resp_")
-            except ApiError as e:  # (a prompt past the context: 'input')
-                raise e.renamed(PARAMS) from None
+            events = self.admit(job, call)
             turn = Turn(job)
             shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
             face = Stream(self, shell, job, call, items if store else None,
