@@ -18,6 +18,8 @@ def device_flags(devices: int) -> str:
 
 import torch  # noqa: F401  (before transformers, so its models are available to the tests)
 import pytest
+from worker_crashes import (pytest_handlecrashitem, pytest_report_teststatus,  # noqa: F401  (a worker's crash: rerun
+                            pytest_terminal_summary, pytest_xdist_make_scheduler)  # once, without hanging the run)
 
 # One thread: the suite's two workers keep both cores busy, and torch's threads wait for each other by spinning, so
 # two of them beside the other worker's work ran transformers' greedy reference 2.6x slower than one (a 135M model, 3
