@@ -1,12 +1,12 @@
 """OpenAI's Responses API (`/v1/responses`), translated onto the chat path.
 
-A request's `input` (a string, or items: messages, `function_call`, `function_call_output`), its `instructions`,
-function `tools`, `text.format` and sampling fields become a chat-completions body that `protocol.parse` validates
-like any other, so tools, structured output, reasoning, metrics, back-pressure and timeouts are shared. The reply is
-read through a `Turn` and written as output items (reasoning, message, function calls), whole or as the official
-event stream. Stored responses (`store`, default true) keep their conversation in SQLite (`server.store`), which
-`previous_response_id` continues. A background response (`background: true`) runs apart from its call
-(`server.background`).
+A request's `input` (a string, or items: messages, `function_call`, `function_call_output`, their `custom_tool_call`
+twins), its `instructions`, function and custom `tools`, `text.format` and sampling fields become a chat-completions
+body that `protocol.parse` validates like any other, so tools, structured output, reasoning, metrics, back-pressure
+and timeouts are shared. The reply is read through a `Turn` and written as output items (reasoning, message, function
+and custom tool calls), whole or as the official event stream. Stored responses (`store`, default true) keep their
+conversation in SQLite (`server.store`), which `previous_response_id` continues. A background response
+(`background: true`) runs apart from its call (`server.background`).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def stored(items: list[dict]) -> list[dict]:
             out.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": it["role"],
                         "content": parts})
         else:
-            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
-                      "compaction": "cmp"}[it["type"]]
+            prefix = {"function_call": "fc", "function_call_output": "fco", "custom_tool_call": "ctc",
+                      "custom_tool_call_output": "ctco", "reasoning": "rs", "compaction": "cmp"}[it["type"]]
             out.append({**it, "id": new_id(prefix), "status": "completed"})
     return out
 
@@ -110,10 +110,15 @@ def items_of(value: Any) -> list[dict]:
                 raise bad(f"{where}: a function_call needs string call_id, name and arguments", "input")
             out.append({"type": "function_call", "call_id": it["call_id"], "name": it["name"],
                         "arguments": it["arguments"]})
-        elif kind == "function_call_output":
+        elif kind == "custom_tool_call":
+            if not all(isinstance(it.get(k), str) for k in ("call_id", "name", "input")):
+                raise bad(f"{where}: a custom_tool_call needs string call_id, name and input", "input")
+            out.append({"type": "custom_tool_call", "call_id": it["call_id"], "name": it["name"],
+                        "input": it["input"]})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if not isinstance(it.get("call_id"), str):
-                raise bad(f"{where}: a function_call_output needs a string call_id", "input")
-            out.append({"type": "function_call_output", "call_id": it["call_id"],
+                raise bad(f"{where}: a {kind} needs a string call_id", "input")
+            out.append({"type": kind, "call_id": it["call_id"],
                         "output": text_of(it.get("output"), f"{where}.output", "input", TEXT_PARTS)})
         elif kind == "reasoning":
             out.append(_reasoning(it, where))
@@ -122,7 +127,8 @@ def items_of(value: Any) -> list[dict]:
             out.append({"type": "compaction", "encrypted_content": it["encrypted_content"]})
         else:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
-                      "function_call_output, reasoning, compaction)", "input")
+                      "function_call_output, custom_tool_call, custom_tool_call_output, reasoning, compaction)",
+                      "input")
     return out
 
 
@@ -227,9 +233,11 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
             msg = {"role": it["role"], "content": _chat_parts(it["content"])}
             msgs.append(said(msg) if it["role"] == "assistant" else msg)
             thought.clear()  # thinking that no assistant turn followed is of no turn
-        elif it["type"] == "function_call":
-            call = {"id": it["call_id"], "type": "function",
-                    "function": {"name": it["name"], "arguments": it["arguments"]}}
+        elif it["type"] in ("function_call", "custom_tool_call"):
+            call = {"id": it["call_id"], "type": "function", "function": {"name": it["name"],
+                                                                         "arguments": it["arguments"]}} \
+                if it["type"] == "function_call" else \
+                {"id": it["call_id"], "type": "custom", "custom": {"name": it["name"], "input": it["input"]}}
             if msgs and msgs[-1]["role"] == "assistant" and not thought:
                 msgs[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -241,7 +249,7 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
 
 
 def _tools(body: dict) -> dict:
-    """Function tools and tool_choice in chat's shape."""
+    """Function and custom tools, and tool_choice, in chat's shape."""
     tools, choice, out = body.get("tools"), body.get("tool_choice"), {}
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
@@ -256,11 +264,11 @@ def _tools(body: dict) -> dict:
         inner = t.get("tools") if t["type"] == "namespace" and isinstance(t.get("tools"), list) else [t]
         for f in inner:  # a namespace's function tools are served as functions (`namespaces` marks their calls)
             kind = f.get("type") if isinstance(f, dict) else None
-            if kind != "function":  # hosted tools (web_search, ...) are the provider's: this server has none
-                log.info("tools[%d] of type %r ignored: only function tools are served here", i, kind)
+            if kind not in ("function", "custom"):  # hosted tools (web_search, ...) are the provider's: none here
+                log.info("tools[%d] of type %r ignored: only function and custom tools are served here", i, kind)
                 continue
-            funcs.append({"type": "function", "function": {k: f[k] for k in ("name", "description", "parameters")
-                                                            if f.get(k) is not None}})
+            keys = ("name", "description", "parameters") if kind == "function" else ("name", "description", "format")
+            funcs.append({"type": kind, kind: {k: f[k] for k in keys if f.get(k) is not None}})
     if not funcs:
         if choice not in (None, "none", "auto"):
             raise bad("'tool_choice' needs function tools", "tool_choice")
@@ -268,14 +276,15 @@ def _tools(body: dict) -> dict:
     out["tools"] = funcs
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":  # Responses' flat shape, as chat's
         picks = choice.get("tools")
-        picks = [{"type": "function", "function": {"name": p.get("name")}} for p in picks  # hosted tools: none here
-                 if not isinstance(p, dict) or p.get("type") == "function"] if isinstance(picks, list) else picks
+        picks = [{"type": p["type"], p["type"]: {"name": p.get("name")}} for p in picks  # hosted tools: none here
+                 if isinstance(p, dict) and p.get("type") in ("function", "custom")] if isinstance(picks, list) \
+            else picks
         choice = {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": picks}}
     elif isinstance(choice, dict):
-        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-            raise bad("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', 'name': ...} or "
-                      "{'type': 'allowed_tools', 'mode', 'tools'}", "tool_choice")
-        choice = {"type": "function", "function": {"name": choice["name"]}}
+        if choice.get("type") not in ("function", "custom") or not isinstance(choice.get("name"), str):
+            raise bad("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function' | 'custom', 'name': "
+                      "...} or {'type': 'allowed_tools', 'mode', 'tools'}", "tool_choice")
+        choice = {"type": choice["type"], choice["type"]: {"name": choice["name"]}}
     if choice is not None:
         out["tool_choice"] = choice
     return out
@@ -403,6 +412,17 @@ class Output:
             self.open["content"][0]["logprobs"].extend(self.pending)  # the last tokens (an end of turn) have no text
             self.pending = []
         for d in piece.calls:
+            if d.get("type") == "custom":  # whole: a custom tool's call
+                ev += self.close()
+                name = d["custom"]["name"]
+                self.open = {"id": new_id("ctc"), "type": "custom_tool_call", "call_id": d["id"], "name": name,
+                             **({"namespace": self.spaces[name]} if name in self.spaces else {}),
+                             "input": d["custom"]["input"], "status": "in_progress"}
+                self.calls[d["index"]] = self.open
+                ev += self._added()
+                ev[-1]["item"]["input"] = ""
+                ev.append(self._at("response.custom_tool_call_input.delta", delta=d["custom"]["input"]))
+                continue
             if "id" in d:
                 ev += self.close()
                 name = d["function"]["name"]
@@ -462,6 +482,8 @@ class Output:
         if item["type"] == "function_call":
             ev.append(self._at("response.function_call_arguments.done", arguments=item["arguments"],
                                name=item["name"]))
+        elif item["type"] == "custom_tool_call":
+            ev.append(self._at("response.custom_tool_call_input.done", input=item["input"]))
         else:
             part = item["content"][0]
             done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
@@ -544,6 +566,7 @@ class Responses:
     def __init__(self, server):
         self.server = server
         self.running: dict[str, Background] = {}  # background responses not ended yet, by id
+        self.writing: set[str] = set()  # conversations a response is adding to now (one at a time, as OpenAI's)
 
     def history(self, body: dict) -> tuple[list[dict], str | None, str | None]:
         """`(the items before this input, previous_response_id, conversation id)`: a stored response's
@@ -672,24 +695,37 @@ class Responses:
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
             job, history, items, prev, conv = await self._job(body)
+            if conv is not None and conv in self.writing:
+                raise ApiError(400, "Another process is currently operating on this conversation. Please retry in "
+                               "a few seconds.", "conversation", code="conversation_locked")
             events = self.admit(job, call)
             turn = Turn(job)
             shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
             face = Stream(self, shell, job, call, items if store else None,
                           None if conv is None else (conv, items[len(history):]))
+            if conv is not None:
+                self.writing.add(conv)
             if shell["background"]:
                 return await self._background(request, face, job.stream, events, turn)
-            if job.stream:
-                return await self.server.sse(request, call, events, turn, face)
-            await self.server.collect(events, call)
-            choice = call.reqs[0].choices[0]
-            piece = turn.feed(choice.text, choice.finish_reason)
-            harmony = job.thinking is not None and job.thinking.harmony  # (else `Stream.add` finds the block's end)
-            piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice) if harmony else 0:]
-            face.add(piece)
-            face.closing()
-            return web.json_response(face.result)
+            try:
+                return await self._reply(face, request, events, turn)
+            finally:
+                self.writing.discard(conv)
         return await self.server.serve(request, answer)
+
+    async def _reply(self, face: Stream, request: web.Request, events, turn: Turn) -> web.StreamResponse:
+        """A response's reply, streamed or whole."""
+        job, call = face.job, face.call
+        if job.stream:
+            return await self.server.sse(request, call, events, turn, face)
+        await self.server.collect(events, call)
+        choice = call.reqs[0].choices[0]
+        piece = turn.feed(choice.text, choice.finish_reason)
+        harmony = job.thinking is not None and job.thinking.harmony  # (else `Stream.add` finds the block's end)
+        piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice) if harmony else 0:]
+        face.add(piece)
+        face.closing()
+        return web.json_response(face.result)
 
     async def _background(self, request: web.Request, face: Stream, stream: bool, events, turn: Turn):
         """Start a background response: its queued response, or its event stream followed."""
@@ -739,6 +775,7 @@ class Responses:
                                                  code="internal_error")))
         finally:
             del self.running[face.shell["id"]]
+            self.writing.discard(face.conv[0] if face.conv else None)
             self.server.account("/v1/responses", status, call.rid, call.reqs, call.took)
             if bg.stream:
                 self._keep(self.server.store.put_events, face.shell["id"], bg.events)

@@ -368,7 +368,10 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             if job.grammar is not None and job.grammar_param != "response_format":
                 raise bad(f"a tool_choice that forces a call cannot be combined with '{job.grammar_param}'",
                           "tool_choice")
-            job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
+            try:
+                job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
+            except InvalidRequest as e:  # a named custom tool's grammar
+                raise bad(str(e), e.param) from None
         kwargs, budget, budget_param = template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
                                          job.tools, kwargs, media)
@@ -737,11 +740,13 @@ def _tool_history(messages: list) -> None:
             if not isinstance(calls, list):
                 raise bad(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
             for k, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
+                custom = isinstance(c, dict) and c.get("type") == "custom"
+                fn = c.get("custom" if custom else "function") if isinstance(c, dict) else None
                 if not (isinstance(fn, dict) and isinstance(c.get("id"), str) and isinstance(fn.get("name"), str)
-                        and isinstance(fn.get("arguments"), str)):
+                        and isinstance(fn.get("input" if custom else "arguments"), str)):
                     raise bad(f"messages[{i}].tool_calls[{k}] must be {{'id': str, 'type': 'function', 'function': "
-                              "{'name': str, 'arguments': str}}", "messages")
+                              "{'name': str, 'arguments': str}} or {'id': str, 'type': 'custom', 'custom': {'name': "
+                              "str, 'input': str}}", "messages")
                 called.add(c["id"])
         elif m.get("role") == "tool":
             answers = m.get("tool_call_id")

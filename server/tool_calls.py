@@ -348,9 +348,26 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
             return text, []
         raw = args if isinstance(args, str) else raw
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        calls.append({"id": new_call_id(), "type": "function",
                       "function": {"name": p.name, "arguments": raw}})
     return (text[:start].rstrip() or None) if _marked(text) and start is not None else None, calls
+
+
+def new_call_id() -> str:
+    """A new tool call's id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def custom_input(arguments: str) -> str:
+    """A custom tool's input from the arguments of the function the template showed for it: its `input` string
+    (the arguments as written where they hold something else)."""
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(args, dict) and isinstance(args.get("input"), str) and len(args) == 1:
+        return args["input"]
+    return args if isinstance(args, str) else arguments
 
 
 class CallStream:
@@ -412,7 +429,7 @@ class CallStream:
     def _call(self, k: int, name: str, args: str) -> list[dict]:
         out = []
         if k >= len(self.ids):
-            self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+            self.ids.append(new_call_id())
             self.args.append(0)
             out.append({"index": k, "id": self.ids[k], "type": "function", "function": {"name": name, "arguments": ""}})
         if len(args) > self.args[k]:

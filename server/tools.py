@@ -5,6 +5,11 @@ A chat template that knows tools (Qwen's, DeepSeek V3.1's, Llama 3.1's) gets the
 in its own format; otherwise a system-prompt fallback asks for a JSON array of `{"name", "arguments"}` objects
 (`FALLBACK`). Under `required` or a named function the output is constrained to that JSON (an array of calls when
 parallel calls are allowed), so the arguments always validate against the function's parameters.
+
+OpenAI's custom tools (`{"type": "custom", "custom": {"name", "description", "format"}}`: free text, or text in a
+Lark or regex grammar) reach the template as functions of one string parameter, `input` (`custom_function`), whose
+description holds the grammar; their calls come back as custom calls. A named custom tool's turn is its input alone,
+shaped by its grammar through llguidance (the same Lark and regex engine as structured output): `Tools.raw`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import dataclasses
 import json
 import re
 
-from engine.grammar import schema_grammar
+from engine.grammar import gbnf_grammar, regex_grammar, schema_grammar
 from engine.params import InvalidRequest
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -38,6 +43,15 @@ class Tools:
         """Whether a call is forced (`required` or a named function), so a grammar constrains the output."""
         return self.choice not in ("none", "auto")
 
+    @property
+    def raw(self) -> dict | None:
+        """The custom tool `tool_choice` names, if it does: the whole output is that tool's input."""
+        return next((f for f in self.functions if f["name"] == self.choice and f.get("custom")), None)
+
+    def custom(self) -> dict[str, dict]:
+        """Each custom tool's name -> its input format."""
+        return {f["name"]: f["custom"] for f in self.functions if f.get("custom")}
+
     def called(self) -> list[dict]:
         """The functions a forced call may call: the named one, or all under `required`."""
         return [f for f in self.functions if f["name"] == self.choice] or self.functions
@@ -46,11 +60,42 @@ class Tools:
         """The grammar `required` or a named function imposes (None: free output)."""
         if not self.forced:
             return None
+        if self.raw is not None:
+            return input_grammar(self.raw["custom"])
         named = [f for f in self.functions if f["name"] == self.choice]
         one = _call_schema(named[0]) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
         if named or not self.parallel:
             return schema_grammar(one)
         return schema_grammar({"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL, "items": one})
+
+
+def input_grammar(fmt: dict) -> str | None:
+    """The grammar of a custom tool's input (None: free text)."""
+    if fmt["type"] == "text":
+        return None
+    return (regex_grammar if fmt["syntax"] == "regex" else gbnf_grammar)(fmt["definition"], "tools")
+
+
+def custom_function(tool: dict, where: str, bad) -> dict:
+    """A custom tool as the function the template shows (one string parameter, `input`), validated; its `custom`
+    entry keeps the input's format (`{"type": "text"}`, or `{"type": "grammar", "syntax", "definition"}`)."""
+    fmt = tool.get("format") or {"type": "text"}
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar" and isinstance(fmt.get("grammar"), dict):
+        fmt = {"type": "grammar", **fmt["grammar"]}  # chat's shape; Responses' is flat
+    if not (isinstance(fmt, dict) and (fmt.get("type") == "text" or fmt.get("type") == "grammar" and fmt.get(
+            "syntax") in ("lark", "regex") and isinstance(fmt.get("definition"), str) and fmt["definition"].strip())):
+        raise bad(f"{where}.format must be {{'type': 'text'}} or {{'type': 'grammar', 'grammar': {{'syntax': 'lark' | "
+                  "'regex', 'definition': str}}}}", "tools")
+    fmt = {"type": "text"} if fmt["type"] == "text" else {k: fmt[k] for k in ("type", "syntax", "definition")}
+    desc = tool.get("description") or ""
+    if fmt["type"] == "grammar":
+        desc = (desc + "\n\n" if desc else "") + f"The input follows this {fmt['syntax']} grammar:\n{fmt['definition']}"
+    string = {"type": "string", "description": "the tool's input, as free text" if fmt["type"] == "text" else
+              f"text in the {fmt['syntax']} grammar above"}
+    if fmt["type"] == "grammar" and fmt["syntax"] == "regex":  # (under `required`, the call's JSON holds it)
+        string["pattern"] = fmt["definition"]
+    return {"name": tool["name"], "description": desc, "custom": fmt,
+            "parameters": {"type": "object", "properties": {"input": string}, "required": ["input"]}}
 
 
 def _call_schema(f: dict) -> dict:
@@ -78,10 +123,14 @@ def parse(body: dict, bad) -> Tools | None:
         raise bad(f"'tools' takes at most {MAX_TOOLS} functions, got {len(tools)}", "tools")
     functions = []
     for i, t in enumerate(tools):
-        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        kind = t.get("type") if isinstance(t, dict) else None
+        f = t.get(kind) if kind in ("function", "custom") else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not NAME.match(f["name"]):
             raise bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': <1-64 letters, digits, _ or "
-                      f"->, ...}}}}", "tools")
+                      f"->, ...}}}} or {{'type': 'custom', 'custom': {{'name': ..., 'format': ...}}}}", "tools")
+        if kind == "custom":
+            functions.append(custom_function(f, f"tools[{i}].custom", bad))
+            continue
         params = f.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
@@ -98,8 +147,8 @@ def parse(body: dict, bad) -> Tools | None:
         choice = "required"
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         functions, choice = _allowed(choice.get("allowed_tools"), functions, bad)
-    elif isinstance(choice, dict) and choice.get("type", "function") == "function":
-        fn = choice.get("function")
+    elif isinstance(choice, dict) and choice.get("type", "function") in ("function", "custom"):
+        fn = choice.get(choice.get("type", "function"))
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise bad(f"tool_choice names a function that is not among the tools: {name!r}", "tool_choice")
@@ -124,7 +173,7 @@ def _allowed(allowed, functions: list[dict], bad) -> tuple[list[dict], str]:
                   "tool_choice")
     wanted = set()
     for p in picks:
-        fn = p.get("function") if isinstance(p, dict) and p.get("type") == "function" else None
+        fn = p.get(p["type"]) if isinstance(p, dict) and p.get("type") in ("function", "custom") else None
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in [f["name"] for f in functions]:
             raise bad(f"tool_choice.allowed_tools names a function that is not among the tools: {name!r}",
@@ -141,7 +190,12 @@ def check(tools: Tools, grammars, bad) -> None:
     forced = [f["name"] for f in tools.called()] if tools.forced else []
     for i, f in enumerate(tools.functions):
         try:
-            grammars.check(schema_grammar(f["parameters"], f["name"] not in forced), f"tools[{i}].function.parameters")
+            if f.get("custom"):  # (a named one's grammar is the request's, checked with it)
+                if f["custom"]["type"] == "grammar" and f is not tools.raw:
+                    grammars.check(input_grammar(f["custom"]), f"tools[{i}].custom.format")
+            else:
+                grammars.check(schema_grammar(f["parameters"], f["name"] not in forced),
+                               f"tools[{i}].function.parameters")
         except InvalidRequest as e:
             raise bad(str(e), "tools") from None
 
@@ -157,10 +211,11 @@ def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[d
     them."""
     if tools is None or tools.choice == "none":
         return [_plain(m) for m in messages], {}
+    shown = [{k: v for k, v in f.items() if k != "custom"} for f in tools.functions]
     if template_knows_tools(tokenizer):
-        specs = [{"type": "function", "function": f} for f in tools.functions]
+        specs = [{"type": "function", "function": f} for f in shown]
         return [_native(m) for m in messages], {"tools": specs}
-    note = FALLBACK.format(tools=json.dumps(tools.functions, indent=1))
+    note = FALLBACK.format(tools=json.dumps(shown, indent=1))
     out = [_plain(m) for m in messages]
     if out and out[0]["role"] == "system":
         out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
@@ -172,6 +227,9 @@ def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[d
 def _calls_of(m: dict) -> list[dict]:
     calls = []
     for c in m.get("tool_calls") or []:
+        if isinstance(c, dict) and c.get("type") == "custom":  # as the template saw the custom tool: `input`
+            calls.append({"name": c["custom"]["name"], "arguments": {"input": c["custom"]["input"]}})
+            continue
         fn = c.get("function", {}) if isinstance(c, dict) else {}
         args = fn.get("arguments", "{}")
         try:

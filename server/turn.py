@@ -33,9 +33,12 @@ class Turn:
         offered = job.tools is not None and job.tools.choice != "none"
         self.split = None if job.thinking is None else (
             harmony.Reader(offered) if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
-        self.stream = tool_calls.CallStream(job.tools) if offered else None
-        self.reasoning, self.text = "", ""
-        self.calls: list[dict] = []  # {"id", "name", "arguments"} in order
+        harmonic = job.thinking is not None and job.thinking.harmony  # (gpt-oss writes calls in its own channel)
+        self.raw = job.tools.raw if offered and not harmonic else None  # a named custom tool: the answer is its input
+        self.custom = job.tools.custom() if offered else {}
+        self.stream = tool_calls.CallStream(job.tools) if offered and self.raw is None else None
+        self.reasoning, self.text, self.raw_text = "", "", ""
+        self.calls: list[dict] = []  # {"id", "name", "arguments"} in order ("input" too: a custom tool's)
         self.finish: str | None = None
 
     def feed(self, text: str, finish: str | None = None, token_ids: list[int] = ()) -> Piece:
@@ -44,7 +47,12 @@ class Turn:
         final = finish is not None
         thought, answer = self.split.feed(text, final) if self.split is not None else ("", text)
         piece = Piece(reasoning=thought, token_ids=list(token_ids), finish=finish)
-        if self.stream is not None:
+        if self.raw is not None:  # the whole answer is the call's input, sent at the end
+            self.raw_text += answer
+            if final:
+                piece.calls = [{"index": 0, "id": tool_calls.new_call_id(), "function": {"name": self.raw["name"],
+                                                                                           "arguments": self.raw_text}}]
+        elif self.stream is not None:
             piece.text, piece.calls, _ = self.stream.feed(answer, finish)
         else:
             piece.text = answer
@@ -54,11 +62,27 @@ class Turn:
             if "id" in d:
                 self.calls.append({"id": d["id"], "name": d["function"]["name"], "arguments": ""})
             self.calls[d["index"]]["arguments"] += d["function"].get("arguments", "")
+        if self.custom:
+            piece.calls = self._custom(piece.calls, final)
         if final:
             self.finish = "tool_calls" if self.calls and finish == "stop" else finish
         return piece
 
+    def _custom(self, deltas: list[dict], final: bool) -> list[dict]:
+        """`deltas` less those of calls to custom tools, which are sent at the end, one delta each: `{"index", "id",
+        "type": "custom", "custom": {"name", "input"}}` (the input is a JSON string's value until then)."""
+        custom = {k for k, c in enumerate(self.calls) if c["name"] in self.custom}
+        out = [d for d in deltas if d["index"] not in custom]
+        if final:
+            for k in sorted(custom):
+                c = self.calls[k]
+                c["input"] = c["arguments"] if self.raw is not None else tool_calls.custom_input(c["arguments"])
+                out.append({"index": k, "id": c["id"], "type": "custom", "custom": {"name": c["name"],
+                                                                                    "input": c["input"]}})
+        return out
+
     def openai_calls(self) -> list[dict]:
         """The tool calls in chat completions' shape."""
-        return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        return [{"id": c["id"], "type": "custom", "custom": {"name": c["name"], "input": c["input"]}} if "input" in c
+                else {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                 for c in self.calls]

@@ -341,8 +341,14 @@ def test_conversations_hold_items_that_responses_read_and_add_to(api, client):
     assert [(i.type, i.role) for i in items] == [("message", "user")] * 2 + [("message", "assistant")]
     assert items[0].content[0].type == "input_text" and items[0].content[0].text == said["content"]
     assert items[2].content[0].text == r.output_text and items[2].id == r.output[0].id
-    # streamed, by {"id": ...}: the next turn reads all three, and adds two
-    events = list(client.responses.create(**ask, conversation={"id": conv.id}, input="And?", stream=True))
+    # streamed, by {"id": ...}: the next turn reads all three, and adds two; while it runs, the conversation is
+    # locked to others (OpenAI's `conversation_locked`)
+    stream = client.responses.create(**ask, conversation={"id": conv.id}, input="And?", stream=True)
+    events = [next(stream)]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**ask, conversation=conv.id, input="Meanwhile?")
+    assert e.value.body["code"] == "conversation_locked" and e.value.body["param"] == "conversation"
+    events += list(stream)
     done = events[-1].response
     assert done.conversation.id == conv.id and done.usage.input_tokens > r.usage.input_tokens
     newest = client.conversations.items.list(conv.id, limit=2)  # newest first, paged

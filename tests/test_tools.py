@@ -451,3 +451,99 @@ def test_qwen_template_tools_auto_call_and_plain_answer():
         r = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
                                            temperature=1.0, seed=1, max_tokens=80)
         _check_calls(r.choices[0].message)
+
+
+SQL = 'start: "SELECT " COL " FROM " TABLE ";"\nCOL: "name" | "age" | "*"\nTABLE: "users" | "orders"\n'
+SQL_TEXT = r"SELECT (name|age|\*) FROM (users|orders);"
+APPLY_PATCH = r"""start: begin_patch hunk+ end_patch
+begin_patch: "*** Begin Patch" LF
+end_patch: "*** End Patch" LF?
+hunk: add_hunk | delete_hunk | update_hunk
+add_hunk: "*** Add File: " filename LF add_line+
+delete_hunk: "*** Delete File: " filename LF
+update_hunk: "*** Update File: " filename LF change_move? change?
+filename: /(.+)/
+add_line: "+" /(.*)/ LF -> line
+change_move: "*** Move to: " filename LF
+change: (change_context | change_line)+ eof_line?
+change_context: ("@@" | "@@ " /(.+)/) LF
+change_line: ("+" | "-" | " ") /(.*)/ LF
+eof_line: "*** End of File" LF
+%import common.LF
+"""
+LARK = {"type": "grammar", "grammar": {"syntax": "lark", "definition": SQL}}
+CUSTOM = [{"type": "custom", "custom": {"name": "sql", "description": "Runs one SQL query.", "format": LARK}},
+          {"type": "custom", "custom": {"name": "phone", "format": {"type": "grammar", "grammar": {
+              "syntax": "regex", "definition": r"\d{3}-\d{4}"}}}},
+          {"type": "custom", "custom": {"name": "note"}}, TOOLS[1]]
+
+
+def test_custom_tools_take_their_input_in_their_grammar(api, client):
+    """OpenAI's custom tools: a named one's whole turn is its input, in its Lark or regex grammar (or free text),
+    returned as a `custom` call, whole or streamed, on chat and on Responses (`custom_tool_call` items and their input
+    events); under `auto` the model's call to the function the template shows for it comes back as a custom call; a
+    call and its result are read back into the prompt; a grammar llguidance refuses is a 400."""
+    import re
+
+    for name, pattern in (("sql", SQL_TEXT), ("phone", r"\d{3}-\d{4}"), ("note", r"(?s).+")):
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Who are our users?"}], tools=CUSTOM,
+                   tool_choice={"type": "custom", "custom": {"name": name}}, temperature=1.0, seed=1, max_tokens=24)
+        r = client.chat.completions.create(**ask)
+        msg = r.choices[0].message
+        call = msg.tool_calls[0]
+        assert (call.type, call.custom.name, msg.content) == ("custom", name, None) and call.id.startswith("call_")
+        assert re.fullmatch(pattern, call.custom.input), call.custom.input
+        assert r.choices[0].finish_reason in (("tool_calls",) if name != "note" else ("tool_calls", "length"))
+        deltas = [d for chunk in client.chat.completions.create(**ask, stream=True) for c in chunk.choices
+                  for d in c.delta.tool_calls or []]
+        assert [(d.type, d.model_extra["custom"]) for d in deltas] == [("custom", call.custom.model_dump())]
+    # Responses: flat tools, custom_tool_call items and events
+    flat = [{"type": "custom", "name": "sql", "description": "Runs one SQL query.",
+             "format": {"type": "grammar", "syntax": "lark", "definition": SQL}}, {"type": "function",
+                                                                                   **TOOLS[1]["function"]}]
+    ask = dict(model=MODEL, input="Who are our users?", tools=flat, tool_choice={"type": "custom", "name": "sql"},
+               temperature=0, max_output_tokens=24)
+    r = client.responses.create(**ask)
+    call = r.output[0]
+    assert (call.type, call.name, call.status) == ("custom_tool_call", "sql", "completed")
+    assert re.fullmatch(SQL_TEXT, call.input) and call.id.startswith("ctc_") and call.call_id.startswith("call_")
+    with client.responses.stream(**ask) as s:
+        kinds = [(e.type, getattr(e, "delta", None) or getattr(e, "input", None)) for e in s]
+    assert ("response.custom_tool_call_input.delta", call.input) in kinds
+    assert ("response.custom_tool_call_input.done", call.input) in kinds
+    follow = [{"role": "user", "content": "Who are our users?"}, call.model_dump(exclude_none=True),
+              {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Ada, Grace"}]
+    r2 = client.responses.create(model=MODEL, input=follow, tools=flat, max_output_tokens=4)
+    assert r2.usage.input_tokens > r.usage.input_tokens
+    # chat: the call and its result are read back into the prompt
+    history = [*ask_messages("Who are our users?"), msg.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Ada, Grace"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=CUSTOM, max_tokens=2,
+                                       extra_body={"return_token_ids": True})
+    prompt = api.model.tokenizer.decode(r.model_extra["prompt_token_ids"])
+    assert "Ada, Grace" in prompt and msg.tool_calls[0].custom.input in prompt and "lark grammar" in prompt
+    # auto: the fallback's JSON call to `sql`, written by the model (a regex makes it), is a custom call
+    written = r'\[\{"name": "sql", "arguments": \{"input": "SELECT \* FROM users;"\}\}\]'
+    r = client.chat.completions.create(model=MODEL, messages=ask_messages("Users?"), tools=CUSTOM, max_tokens=60,
+                                       extra_body={"structured_outputs": {"regex": written}})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [(c.type, c.custom.name, c.custom.input) for c in r.choices[0].message.tool_calls] == [
+        ("custom", "sql", "SELECT * FROM users;")]
+    patch = {"type": "grammar", "grammar": {"syntax": "lark", "definition": APPLY_PATCH}}  # Codex's, with %import
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, tools=[
+        {"type": "custom", "custom": {"name": "apply_patch", "format": patch}}], tool_choice={
+        "type": "custom", "custom": {"name": "apply_patch"}})
+    assert r.choices[0].message.tool_calls[0].custom.input.startswith("*** Begin Patch\n")
+    for fmt in ({"type": "grammar", "grammar": {"syntax": "lark", "definition": "start: ("}},
+                {"type": "grammar", "grammar": {"syntax": "regex", "definition": "("}},
+                {"type": "grammar", "grammar": {"syntax": "ebnf", "definition": "x"}}, {"type": "bogus"}):
+        for choice in ("auto", {"type": "custom", "custom": {"name": "bad"}}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tool_choice=choice, tools=[
+                    {"type": "custom", "custom": {"name": "bad", "format": fmt}}])
+            assert e.value.body["param"] in ("tools", "tool_choice"), e.value.body
+
+
+def ask_messages(text: str) -> list[dict]:
+    """One user message."""
+    return [{"role": "user", "content": text}]
