@@ -116,9 +116,11 @@ def items_of(value: Any) -> list[dict]:
             out.append({"type": "custom_tool_call", "call_id": it["call_id"], "name": it["name"],
                         "input": it["input"]})
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            if not isinstance(it.get("call_id"), str):
+            # (Codex sends its goal's objective as an output with a `name` and no call_id)
+            named = it.get("call_id") is None and isinstance(it.get("name"), str)
+            if not isinstance(it.get("call_id"), str) and not named:
                 raise bad(f"{where}: a {kind} needs a string call_id", "input")
-            out.append({"type": kind, "call_id": it["call_id"],
+            out.append({"type": kind, **({"name": it["name"]} if named else {"call_id": it["call_id"]}),
                         "output": text_of(it.get("output"), f"{where}.output", "input", TEXT_PARTS)})
         elif kind == "reasoning":
             out.append(_reasoning(it, where))
@@ -242,8 +244,9 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
                 msgs[-1].setdefault("tool_calls", []).append(call)
             else:
                 msgs.append(said({"role": "assistant", "content": "", "tool_calls": [call]}))
-        else:
-            msgs.append({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]})
+        else:  # a call's output: by its call's id, or (Codex's goal) by a name
+            answers = {"tool_call_id": it["call_id"]} if "call_id" in it else {"name": it["name"]}
+            msgs.append({"role": "tool", **answers, "content": it["output"]})
             thought.clear()
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + msgs
 

@@ -248,7 +248,8 @@ def _kept(m: dict) -> dict:
 def _plain(m: dict) -> dict:
     """A message as plain role + content (tool calls as their JSON, tool results as a user turn)."""
     if m["role"] == "tool":
-        return {"role": "user", "content": f"Result of tool call {m.get('tool_call_id', '')}: {m['content']}"}
+        return {"role": "user", "content": f"Result of tool call {m.get('tool_call_id') or m.get('name', '')}: "
+                                           f"{m['content']}"}
     calls = _calls_of(m)
     if calls:
         return {"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + json.dumps(calls),

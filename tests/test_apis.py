@@ -96,6 +96,13 @@ def test_responses_forced_tool_call_then_its_result(api, client):
                                                          "output": "18 degrees and sunny"}])
     assert nxt.status in ("completed", "incomplete") and nxt.previous_response_id == r.id
     assert nxt.usage.input_tokens > r.usage.input_tokens
+    # Codex's goal objective: an output with a name and a namespace and no call_id, read as that tool's result
+    goal = {"type": "function_call_output", "name": "goal_objective", "namespace": "agent", "output": "Stay dry."}
+    _, counted, _ = http(api, "POST", "/v1/responses/input_tokens", {
+        "previous_response_id": r.id, "tools": R_TOOLS, "input": [goal]})
+    assert counted["input_tokens"] > r.usage.input_tokens
+    status, out, _ = http(api, "POST", "/v1/responses", {"input": [{**goal, "name": 7}], "max_output_tokens": 2})
+    assert status == 400 and "call_id" in out["error"]["message"]
     status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?order=asc")
     kinds = [it["type"] for it in items["data"]]
     assert status == 200 and kinds == ["message", "function_call", "function_call_output"]
