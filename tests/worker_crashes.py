@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 from xdist.scheduler import LoadFileScheduling
 
 
@@ -57,11 +58,13 @@ class Files(LoadFileScheduling):
             self._assign_work_unit(node)
 
 
+@pytest.hookimpl(optionalhook=True)  # (xdist's hooks: unknown where it is not loaded)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` gets `Files`; other modes keep xdist's own."""
     return Files(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
     """A worker's first crash on a test is a rerun (the test runs again on the new worker), not a failure."""
     if isinstance(sched, Files) and sched.crashes[crashitem] == 1:
