@@ -697,23 +697,27 @@ class Responses:
             store = body.get("store", True) if isinstance(body, dict) else True
             if not isinstance(store, bool):
                 raise bad("'store' must be a boolean", "store")
-            job, history, items, prev, conv = await self._job(body)
-            if conv is not None and conv in self.writing:
+            conv = _conversation_id(body) if isinstance(body, dict) else None
+            if conv is not None and conv in self.writing:  # (held from before its items are read)
                 raise ApiError(400, "Another process is currently operating on this conversation. Please retry in "
                                "a few seconds.", "conversation", code="conversation_locked")
-            events = self.admit(job, call)
-            turn = Turn(job)
-            shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
-            face = Stream(self, shell, job, call, items if store else None,
-                          None if conv is None else (conv, items[len(history):]))
             if conv is not None:
                 self.writing.add(conv)
-            if shell["background"]:
-                return await self._background(request, face, job.stream, events, turn)
+            handed = False  # to a background response, which lets go of the conversation as it ends
             try:
+                job, history, items, prev, conv = await self._job(body)
+                events = self.admit(job, call)
+                turn = Turn(job)
+                shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)
+                face = Stream(self, shell, job, call, items if store else None,
+                              None if conv is None else (conv, items[len(history):]))
+                if shell["background"]:
+                    handed = True
+                    return await self._background(request, face, job.stream, events, turn)
                 return await self._reply(face, request, events, turn)
             finally:
-                self.writing.discard(conv)
+                if not handed:
+                    self.writing.discard(conv)
         return await self.server.serve(request, answer)
 
     async def _reply(self, face: Stream, request: web.Request, events, turn: Turn) -> web.StreamResponse:

@@ -752,6 +752,8 @@ def _tool_history(messages: list) -> None:
             answers = m.get("tool_call_id")
             if answers is not None and not isinstance(answers, str):
                 raise bad(f"messages[{i}].tool_call_id must be a string", "messages")
+            if answers is None and isinstance(m.get("name"), str):  # a named tool's output (Codex's goal)
+                continue
             if not called or (answers is not None and answers not in called):
                 raise bad(f"messages[{i}] has role 'tool' but answers no earlier assistant tool call"
                           + (f" with id {answers!r}" if answers is not None else ""), "messages")

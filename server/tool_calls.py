@@ -376,7 +376,7 @@ class CallStream:
 
     def __init__(self, tools: Tools):
         self.tools, self.names = tools, {f["name"] for f in tools.functions}
-        self.whole = tools.choice != "auto"  # required / named: the text is nothing but calls
+        self.whole = tools.forced  # required / named: the text is nothing but calls
         self.text, self.sent = "", 0  # text so far, characters of content sent
         self.ids: list[str] = []  # per call whose header went out
         self.args: list[int] = []  # characters of its arguments sent

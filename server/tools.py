@@ -35,18 +35,24 @@ class Tools:
     """A request's functions and what it asks of them."""
 
     functions: list[dict]  # {"name", "description", "parameters"}
-    choice: str  # "none", "auto", "required", or a function's name
+    choice: str  # "none", "auto", "required", or a function's name (`named`)
     parallel: bool = True
+    named: bool = False  # `choice` is a function's name (one may be called "auto")
+
+    @property
+    def offered(self) -> bool:
+        """Whether the model may call the tools (`tool_choice` is not "none")."""
+        return self.named or self.choice != "none"
 
     @property
     def forced(self) -> bool:
         """Whether a call is forced (`required` or a named function), so a grammar constrains the output."""
-        return self.choice not in ("none", "auto")
+        return self.named or self.choice == "required"
 
     @property
     def raw(self) -> dict | None:
         """The custom tool `tool_choice` names, if it does: the whole output is that tool's input."""
-        return next((f for f in self.functions if f["name"] == self.choice and f.get("custom")), None)
+        return next((f for f in self.functions if self.named and f["name"] == self.choice and f.get("custom")), None)
 
     def custom(self) -> dict[str, dict]:
         """Each custom tool's name -> its input format."""
@@ -54,7 +60,7 @@ class Tools:
 
     def called(self) -> list[dict]:
         """The functions a forced call may call: the named one, or all under `required`."""
-        return [f for f in self.functions if f["name"] == self.choice] or self.functions
+        return [f for f in self.functions if self.named and f["name"] == self.choice] or self.functions
 
     def grammar(self) -> str | None:
         """The grammar `required` or a named function imposes (None: free output)."""
@@ -62,7 +68,7 @@ class Tools:
             return None
         if self.raw is not None:
             return input_grammar(self.raw["custom"])
-        named = [f for f in self.functions if f["name"] == self.choice]
+        named = [f for f in self.functions if self.named and f["name"] == self.choice]
         one = _call_schema(named[0]) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
         if named or not self.parallel:
             return schema_grammar(one)
@@ -85,9 +91,11 @@ def custom_function(tool: dict, where: str, bad) -> dict:
     if not (isinstance(fmt, dict) and (fmt.get("type") == "text" or fmt.get("type") == "grammar" and fmt.get(
             "syntax") in ("lark", "regex") and isinstance(fmt.get("definition"), str) and fmt["definition"].strip())):
         raise bad(f"{where}.format must be {{'type': 'text'}} or {{'type': 'grammar', 'grammar': {{'syntax': 'lark' | "
-                  "'regex', 'definition': str}}}}", "tools")
+                  "'regex', 'definition': str}}} (Responses: {'type': 'grammar', 'syntax', 'definition'})", "tools")
     fmt = {"type": "text"} if fmt["type"] == "text" else {k: fmt[k] for k in ("type", "syntax", "definition")}
     desc = tool.get("description") or ""
+    if not isinstance(desc, str):
+        raise bad(f"{where}.description must be a string", "tools")
     if fmt["type"] == "grammar":
         desc = (desc + "\n\n" if desc else "") + f"The input follows this {fmt['syntax']} grammar:\n{fmt['definition']}"
     string = {"type": "string", "description": "the tool's input, as free text" if fmt["type"] == "text" else
@@ -148,18 +156,25 @@ def parse(body: dict, bad) -> Tools | None:
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         functions, choice = _allowed(choice.get("allowed_tools"), functions, bad)
     elif isinstance(choice, dict) and choice.get("type", "function") in ("function", "custom"):
-        fn = choice.get(choice.get("type", "function"))
+        kind = choice.get("type", "function")
+        fn = choice.get(kind)
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise bad(f"tool_choice names a function that is not among the tools: {name!r}", "tool_choice")
-        choice = name
+        if bool(functions[names.index(name)].get("custom")) != (kind == "custom"):
+            raise bad(f"tool_choice names {name!r} as a {kind} tool, which it is not", "tool_choice")
+        return Tools(functions, name, _parallel(body, bad), named=True)
     elif choice not in ("none", "auto", "required"):
         raise bad("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', 'function': "
                   "{'name': ...}} or {'type': 'allowed_tools', 'allowed_tools': {'mode', 'tools'}}", "tool_choice")
+    return Tools(functions, choice, _parallel(body, bad))
+
+
+def _parallel(body: dict, bad) -> bool:
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
-    return Tools(functions, choice, parallel)
+    return parallel
 
 
 def _allowed(allowed, functions: list[dict], bad) -> tuple[list[dict], str]:
@@ -209,7 +224,7 @@ def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[d
     """Messages and extra template arguments for a request with tools: the template's own tool support, or the
     system-prompt fallback; assistant tool calls and tool results become text where the template has no place for
     them."""
-    if tools is None or tools.choice == "none":
+    if tools is None or not tools.offered:
         return [_plain(m) for m in messages], {}
     shown = [{k: v for k, v in f.items() if k != "custom"} for f in tools.functions]
     if template_knows_tools(tokenizer):

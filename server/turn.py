@@ -30,7 +30,7 @@ class Turn:
     """A choice's reasoning, answer and tool calls so far (`feed` the engine's text pieces in order)."""
 
     def __init__(self, job: Job):
-        offered = job.tools is not None and job.tools.choice != "none"
+        offered = job.tools is not None and job.tools.offered
         self.split = None if job.thinking is None else (
             harmony.Reader(offered) if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
         harmonic = job.thinking is not None and job.thinking.harmony  # (gpt-oss writes calls in its own channel)
@@ -69,16 +69,21 @@ class Turn:
         return piece
 
     def _custom(self, deltas: list[dict], final: bool) -> list[dict]:
-        """`deltas` less those of calls to custom tools, which are sent at the end, one delta each: `{"index", "id",
-        "type": "custom", "custom": {"name", "input"}}` (the input is a JSON string's value until then)."""
-        custom = {k for k, c in enumerate(self.calls) if c["name"] in self.custom}
-        out = [d for d in deltas if d["index"] not in custom]
-        if final:
-            for k in sorted(custom):
-                c = self.calls[k]
+        """`deltas` up to the first call to a custom tool; that call and every later one are sent at the end, one
+        delta each, in order: `{"index", "id", "type": "custom", "custom": {"name", "input"}}` (the input is a JSON
+        string's value until then), or a function call whole."""
+        first = next((k for k, c in enumerate(self.calls) if c["name"] in self.custom), None)
+        if first is None:
+            return deltas
+        out = [d for d in deltas if d["index"] < first]
+        for k, c in enumerate(self.calls[first:] if final else (), first):
+            if c["name"] in self.custom:
                 c["input"] = c["arguments"] if self.raw is not None else tool_calls.custom_input(c["arguments"])
                 out.append({"index": k, "id": c["id"], "type": "custom", "custom": {"name": c["name"],
                                                                                     "input": c["input"]}})
+            else:
+                out.append({"index": k, "id": c["id"], "type": "function",
+                            "function": {"name": c["name"], "arguments": c["arguments"]}})
         return out
 
     def openai_calls(self) -> list[dict]:

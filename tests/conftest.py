@@ -20,7 +20,8 @@ import torch  # noqa: F401  (before transformers, so its models are available to
 import pytest
 try:  # a worker's crash: its test runs once more, without hanging the run
     from worker_crashes import (pytest_handlecrashitem, pytest_report_teststatus,  # noqa: F401
-                                pytest_terminal_summary, pytest_xdist_make_scheduler)
+                                pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary,
+                                pytest_xdist_make_scheduler)
 except ImportError:  # no pytest-xdist (a GPU host's own packages): one process, nothing to mend
     pass
 

@@ -547,3 +547,46 @@ def test_custom_tools_take_their_input_in_their_grammar(api, client):
 def ask_messages(text: str) -> list[dict]:
     """One user message."""
     return [{"role": "user", "content": text}]
+
+
+def test_custom_and_function_calls_stream_in_order_and_a_tool_called_auto_is_not_a_choice():
+    """A reply that calls a custom tool, then a function, sends their deltas in index order (the openai client's
+    stream accumulator needs it), the same calls as the whole reply; a custom tool named "auto" or "required" is
+    only a tool, and `tool_choice` must name a tool as what it is."""
+    from types import SimpleNamespace
+
+    from openai.lib.streaming._deltas import accumulate_delta
+
+    from server.turn import Turn
+
+    def parse(body):
+        return tool_mod.parse(body, lambda message, param: ValueError(param))
+
+    spec = parse({"tools": CUSTOM})
+    text = ('[{"name": "note", "arguments": {"input": "hi"}}, {"name": "get_time", "arguments": {"timezone": '
+            '"UTC"}}]')
+    for cuts in ([], list(range(0, len(text), 7))):
+        turn, seen, acc = Turn(SimpleNamespace(tools=spec, thinking=None)), [], {}
+        bounds = [0, *cuts[1:], len(text)]
+        for piece, finish in [(text[a:b], None) for a, b in zip(bounds, bounds[1:])] + [("", "stop")]:
+            for d in turn.feed(piece, finish).calls:
+                seen.append(d["index"])
+                acc = accumulate_delta(acc, {"tool_calls": [d]})
+        assert seen == sorted(seen) and turn.finish == "tool_calls"
+        calls = acc["tool_calls"]
+        assert [(c["type"], c.get("custom"), c.get("function")) for c in calls] == [
+            ("custom", {"name": "note", "input": "hi"}, None),
+            ("function", None, {"name": "get_time", "arguments": '{"timezone": "UTC"}'})]
+        assert turn.openai_calls() == [{k: c[k] for k in ("id", "type", c["type"])} for c in calls]
+    named_auto = [{"type": "custom", "custom": {"name": "auto"}}, {"type": "custom", "custom": {"name": "required"}}]
+    for choice in ("auto", "required"):
+        t = parse({"tools": named_auto, "tool_choice": choice})
+        assert t.raw is None and t.forced == (choice == "required") and t.called() == t.functions
+    assert parse({"tools": named_auto, "tool_choice": {"type": "custom", "custom": {"name": "auto"}}}).raw["name"] \
+        == "auto"
+    for choice, param in (({"type": "function", "function": {"name": "note"}}, "tool_choice"),
+                          ({"type": "custom", "custom": {"name": "get_time"}}, "tool_choice")):
+        with pytest.raises(ValueError, match=param):
+            parse({"tools": CUSTOM, "tool_choice": choice})
+    with pytest.raises(ValueError, match="tools"):
+        parse({"tools": [{"type": "custom", "custom": {"name": "n", "description": 5}}]})

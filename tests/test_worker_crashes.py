@@ -24,17 +24,18 @@ def test_after():
 """
 
 
-def _run(tmp_path, always: bool) -> subprocess.CompletedProcess:
+def _run(tmp_path, always: bool, *extra: str) -> subprocess.CompletedProcess:
     """Run pytest on two workers over six light files and one that crashes a worker, as `make test` runs."""
     for name in "abcdef":
         (tmp_path / f"test_{name}.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
     (tmp_path / "test_g.py").write_text(textwrap.dedent(CRASH.format(always=always)))
     (tmp_path / "conftest.py").write_text(
         "from worker_crashes import pytest_handlecrashitem, pytest_report_teststatus, pytest_terminal_summary, "
-        "pytest_xdist_make_scheduler  # noqa: F401\n")
+        "pytest_xdist_make_scheduler, pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile",
-                           "--no-loadscope-reorder", "-p", "no:cacheprovider", "-p", "no:randomly", str(tmp_path)],
+                           "--no-loadscope-reorder", "-p", "no:cacheprovider", "-p", "no:randomly", *extra,
+                           str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -51,3 +52,10 @@ def test_a_crashed_worker_is_replaced_and_its_test_run_once_more(tmp_path, alway
     else:
         assert out.returncode == 0 and "15 passed, 1 rerun" in tail, out.stdout[-3000:]
         assert out.stdout.count("node down") == 1
+
+
+def test_a_crash_with_no_worker_left_to_rerun_it_fails_the_run(tmp_path):
+    """Where xdist replaces no more workers (`--max-worker-restart`), the crashed test is never run again: the run
+    fails and says so, rather than pass on a rerun that never happened."""
+    out = _run(tmp_path, False, "--max-worker-restart", "0")
+    assert out.returncode == 1 and "(never run again: xdist replaced no more workers)" in out.stdout, out.stdout[-3000:]

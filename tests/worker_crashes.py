@@ -49,7 +49,9 @@ class Files(LoadFileScheduling):
 
     def _reschedule(self, node) -> None:
         """Give `node` files until at least two tests wait for it, or shut it down once the queue is empty (a
-        worker holding one test waits for the next before running it)."""
+        worker holding one test waits for the next before running it); a replacement still collecting waits."""
+        if node not in self.registered_collections:
+            return
         super()._reschedule(node)
         while not node.shutting_down and self._pending_of(self.assigned_work.get(node, {})) < 2:
             if not self.workqueue:
@@ -64,11 +66,27 @@ def pytest_xdist_make_scheduler(config, log):
     return Files(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
+AWAITED: set[str] = set()  # tests reported as reruns whose second run has not reported yet
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
     """A worker's first crash on a test is a rerun (the test runs again on the new worker), not a failure."""
     if isinstance(sched, Files) and sched.crashes[crashitem] == 1:
         report.outcome = "rerun"
+        AWAITED.add(crashitem)
+
+
+def pytest_runtest_logreport(report):
+    """A rerun test's own report has come."""
+    if report.outcome != "rerun":
+        AWAITED.discard(report.nodeid)
+
+
+def pytest_sessionfinish(session):
+    """A rerun that never ran (xdist stopped replacing crashed workers: `--max-worker-restart`) fails the run."""
+    if AWAITED and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_report_teststatus(report):
@@ -84,4 +102,5 @@ def pytest_terminal_summary(terminalreporter):
     if reruns:
         terminalreporter.write_sep("=", "test workers that crashed (each test was run again on a new worker)")
         for report in reruns:
-            terminalreporter.write_line(f"{report.nodeid}: {report.longrepr}")
+            never = " (never run again: xdist replaced no more workers)" if report.nodeid in AWAITED else ""
+            terminalreporter.write_line(f"{report.nodeid}: {report.longrepr}{never}")
