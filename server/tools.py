@@ -91,7 +91,7 @@ def custom_function(tool: dict, where: str, bad) -> dict:
     if not (isinstance(fmt, dict) and (fmt.get("type") == "text" or fmt.get("type") == "grammar" and fmt.get(
             "syntax") in ("lark", "regex") and isinstance(fmt.get("definition"), str) and fmt["definition"].strip())):
         raise bad(f"{where}.format must be {{'type': 'text'}} or {{'type': 'grammar', 'grammar': {{'syntax': 'lark' | "
-                  "'regex', 'definition': str}}} (Responses: {'type': 'grammar', 'syntax', 'definition'})", "tools")
+                  "'regex', 'definition': str}} (Responses: {'type': 'grammar', 'syntax', 'definition'})", "tools")
     fmt = {"type": "text"} if fmt["type"] == "text" else {k: fmt[k] for k in ("type", "syntax", "definition")}
     desc = tool.get("description") or ""
     if not isinstance(desc, str):
