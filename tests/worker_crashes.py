@@ -1,7 +1,8 @@
 """`--dist loadfile` that survives a test worker's crash (pytest-xdist 3.8.0, its latest release, does not).
 
-A worker process that dies (a segmentation fault in a native library: XLA's CPU compiler did it once in a CI run,
-compiling on two threads; or a test stuck for `faulthandler_timeout`, whose worker then exits) is replaced, and
+A worker process that dies (a segmentation fault in a native library: XLA on the CPU has done it in cold runs, in
+compiling and in serializing a program; or a test stuck for `faulthandler_timeout`, whose worker then exits) is
+replaced, and
 xdist hands its unfinished file to the new worker. Two faults of xdist's file scheduler then hang the run until CI's
 time runs out (xdist issues #1323, #1327 and #1378; the fixes are merged upstream but unreleased):
 - it puts back every file the dead worker had finished too, and a worker handed a file with nothing left to run never
