@@ -2,9 +2,8 @@
 
 A worker process that dies (a segmentation fault in a native library: XLA on the CPU has done it in cold runs, in
 compiling and in serializing a program; or a test stuck for `faulthandler_timeout`, whose worker then exits) is
-replaced, and
-xdist hands its unfinished file to the new worker. Two faults of xdist's file scheduler then hang the run until CI's
-time runs out (xdist issues #1323, #1327 and #1378; the fixes are merged upstream but unreleased):
+replaced, and xdist hands its unfinished file to the new worker. Two faults of xdist's file scheduler then hang the
+run until CI's time runs out (xdist issues #1323, #1327 and #1378; the fixes are merged upstream but unreleased):
 - it puts back every file the dead worker had finished too, and a worker handed a file with nothing left to run never
   reports back;
 - a worker handed a single test waits for a second one (it needs the next test to tear fixtures down) that never
