@@ -236,10 +236,8 @@ def messages_of(items: list[dict], instructions: str | None) -> list[dict]:
             msgs.append(said(msg) if it["role"] == "assistant" else msg)
             thought.clear()  # thinking that no assistant turn followed is of no turn
         elif it["type"] in ("function_call", "custom_tool_call"):
-            call = {"id": it["call_id"], "type": "function", "function": {"name": it["name"],
-                                                                         "arguments": it["arguments"]}} \
-                if it["type"] == "function_call" else \
-                {"id": it["call_id"], "type": "custom", "custom": {"name": it["name"], "input": it["input"]}}
+            kind, body = ("function", "arguments") if it["type"] == "function_call" else ("custom", "input")
+            call = {"id": it["call_id"], "type": kind, kind: {"name": it["name"], body: it[body]}}
             if msgs and msgs[-1]["role"] == "assistant" and not thought:
                 msgs[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -415,25 +413,13 @@ class Output:
             self.open["content"][0]["logprobs"].extend(self.pending)  # the last tokens (an end of turn) have no text
             self.pending = []
         for d in piece.calls:
-            if d.get("type") == "custom":  # whole: a custom tool's call
-                ev += self.close()
-                name = d["custom"]["name"]
-                self.open = {"id": new_id("ctc"), "type": "custom_tool_call", "call_id": d["id"], "name": name,
-                             **({"namespace": self.spaces[name]} if name in self.spaces else {}),
-                             "input": d["custom"]["input"], "status": "in_progress"}
-                self.calls[d["index"]] = self.open
-                ev += self._added()
-                ev[-1]["item"]["input"] = ""
+            custom = d.get("type") == "custom"  # (sent whole: its input at once)
+            if "id" in d:
+                ev += self._open_call(d, custom)
+            if custom:
+                self.open["input"] = d["custom"]["input"]
                 ev.append(self._at("response.custom_tool_call_input.delta", delta=d["custom"]["input"]))
                 continue
-            if "id" in d:
-                ev += self.close()
-                name = d["function"]["name"]
-                self.open = {"id": new_id("fc"), "type": "function_call", "call_id": d["id"], "name": name,
-                             **({"namespace": self.spaces[name]} if name in self.spaces else {}),
-                             "arguments": "", "status": "in_progress"}
-                self.calls[d["index"]] = self.open
-                ev += self._added()
             args = d["function"].get("arguments", "")
             item = self.calls[d["index"]]
             if args:
@@ -441,6 +427,17 @@ class Output:
                 if item is self.open:
                     ev.append(self._at("response.function_call_arguments.delta", delta=args))
         return ev
+
+    def _open_call(self, d: dict, custom: bool) -> list[dict]:
+        """Events that close the open item and open the item of the call whose first delta is `d`."""
+        ev = self.close()
+        kind, prefix, body = ("custom_tool_call", "ctc", "input") if custom else ("function_call", "fc", "arguments")
+        name = d["custom" if custom else "function"]["name"]
+        self.open = {"id": new_id(prefix), "type": kind, "call_id": d["id"], "name": name,
+                     **({"namespace": self.spaces[name]} if name in self.spaces else {}), body: "",
+                     "status": "in_progress"}
+        self.calls[d["index"]] = self.open
+        return ev + self._added()
 
     def finish(self, incomplete: bool = False) -> list[dict]:
         """Close the last item (an empty message when the reply had nothing), `incomplete` where the token budget

@@ -50,9 +50,14 @@ class Tools:
         return self.named or self.choice == "required"
 
     @property
+    def target(self) -> dict | None:
+        """The tool `tool_choice` names, if it names one."""
+        return next((f for f in self.functions if f["name"] == self.choice), None) if self.named else None
+
+    @property
     def raw(self) -> dict | None:
         """The custom tool `tool_choice` names, if it does: the whole output is that tool's input."""
-        return next((f for f in self.functions if self.named and f["name"] == self.choice and f.get("custom")), None)
+        return self.target if self.target is not None and self.target.get("custom") else None
 
     def custom(self) -> dict[str, dict]:
         """Each custom tool's name -> its input format."""
@@ -60,7 +65,7 @@ class Tools:
 
     def called(self) -> list[dict]:
         """The functions a forced call may call: the named one, or all under `required`."""
-        return [f for f in self.functions if self.named and f["name"] == self.choice] or self.functions
+        return [self.target] if self.target is not None else self.functions
 
     def grammar(self) -> str | None:
         """The grammar `required` or a named function imposes (None: free output)."""
@@ -68,8 +73,8 @@ class Tools:
             return None
         if self.raw is not None:
             return input_grammar(self.raw["custom"])
-        named = [f for f in self.functions if self.named and f["name"] == self.choice]
-        one = _call_schema(named[0]) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
+        named = self.target
+        one = _call_schema(named) if named else {"anyOf": [_call_schema(f) for f in self.functions]}
         if named or not self.parallel:
             return schema_grammar(one)
         return schema_grammar({"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL, "items": one})
