@@ -1,5 +1,5 @@
-"""llama.cpp's own completion API (`/completion`, `/infill`, `/apply-template` and `/props`), translated onto the
-completions path.
+"""llama.cpp's own API (`/completion`, `/infill`, `/apply-template`, `/props`, `/slots` and `/embedding`), translated
+onto the completions and embeddings paths.
 
 A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and
 eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones, `stop`, `grammar`,
@@ -14,6 +14,16 @@ another window is the whole prompt and reply, as this server's penalties always 
 (llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05). Errors keep the OpenAI shape the rest of the server
 uses. `/infill` is `/completion` over the prompt `server.infill` arranges (and 501 for a model that cannot infill,
 as llama.cpp answers).
+
+`/slots` shows each of the engine's slots as llama.cpp's monitoring route does (a snapshot taken on the engine's
+thread between steps): whether it is processing, the admission number (`id_task`) and id of the request holding it,
+its settings and how far it has got; `?fail_on_no_slot=1` answers 503 when none is free. Saving and restoring a
+slot's KV cache (`POST /slots/{id}?action=...`) is not served: 501, as llama.cpp answers without `--slot-save-path`.
+`/embedding` (and `/embeddings`) is llama.cpp's own embeddings shape, not OpenAI's: `content` (or `input`) as a
+prompt is given to `/completion` (text tokenized with its special tokens, ids, both mixed, or several of these), and
+a list of `{"index", "embedding": [vector]}`. The vector is pooled as `/v1/embeddings` pools it (`--pooling`; the
+per-token vectors of llama.cpp's pooling `none` are not served), then normalized by `embd_normalize` (llama.cpp's:
+-1 none, 0 by the largest magnitude into int16's range, 1 taxicab, 2 Euclidean, the default, p > 2 the p-norm).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
@@ -40,13 +51,17 @@ NAMES = {"repetition_penalty": "repeat_penalty", "max_tokens": "n_predict", "mir
 STOP_TYPES = {"stop": "eos", "length": "limit"}  # and "word" where a stop string ended it
 
 
-def routes(app: web.Application, server) -> None:
-    """Add llama.cpp's routes to `app`."""
-    api = LlamaCpp(server)
+def routes(app: web.Application, server, embeddings) -> None:
+    """Add llama.cpp's routes to `app` (its embeddings through `embeddings`, `server.embeddings.Embeddings`)."""
+    api = LlamaCpp(server, embeddings)
     app.router.add_post("/completion", api.completion)
     app.router.add_post("/infill", api.infill)
     app.router.add_post("/apply-template", api.apply_template)
     app.router.add_get("/props", api.props)
+    app.router.add_get("/slots", api.slots)
+    app.router.add_post("/slots/{id}", api.slot_action)
+    for path in ("/embedding", "/embeddings"):
+        app.router.add_post(path, api.embedding)
 
 
 def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
@@ -143,6 +158,57 @@ def _logit_bias(v: Any, tok) -> dict[str, float]:
     return out
 
 
+def settings(req, stops: list[str], n_probs: int) -> dict:
+    """A request's resolved sampling settings under llama.cpp's names (a reply's `generation_settings`, a busy
+    slot's `params`)."""
+    p = req.params  # resolved: the model's defaults where the request set nothing
+    return {"n_predict": req.max_tokens, "seed": p.seed, "temperature": p.temperature, "top_k": p.top_k,
+            "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p, "repeat_penalty": p.repetition_penalty,
+            "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, "stop": stops,
+            "n_probs": n_probs, "ignore_eos": p.ignore_eos, "dry_multiplier": p.dry_multiplier,
+            "xtc_probability": p.xtc_probability, "top_n_sigma": p.top_n_sigma, "dynatemp_range": p.dynatemp_range,
+            "dynatemp_exponent": p.dynatemp_exponent}
+
+
+def slots(engine) -> list[dict]:
+    """Every slot of `engine` as llama.cpp's `/slots` shows it (run on the engine's thread: a consistent snapshot).
+    An idle slot's `params` are left to the caller (the served defaults)."""
+    sched = engine.sched
+    held = {slot: (req, choice) for slot, (req, choice) in sched.running.items()}
+    for pf in (*sched.admitting, *sched.prefilling):  # holding slots, their prompts being written
+        held.update((c.slot, (pf.req, c)) for c in pf.choices if c.slot >= 0)
+    out = []
+    for slot in range(engine.runner.slots):
+        if slot not in held:
+            out.append({"id": slot, "id_task": -1, "n_ctx": engine.max_len, "speculative": False,
+                        "is_processing": False, "next_token": {"has_next_token": False, "has_new_line": False,
+                                                               "n_remain": -1, "n_decoded": 0, "stopping_word": ""}})
+            continue
+        req, c = held[slot]
+        out.append({"id": slot, "id_task": c.order, "request_id": req.id, "n_ctx": engine.max_len,
+                    "speculative": c.drafter is not None, "is_processing": True,
+                    "n_prompt_tokens": len(req.client_ids), "n_prompt_tokens_cached": req.cached_tokens,
+                    "params": settings(req, list(req.params.stop), req.params.top_logprobs),
+                    "next_token": {"has_next_token": c.finish_reason is None, "has_new_line": "\n" in c.text,
+                                   "n_remain": req.max_tokens - len(c.token_ids), "n_decoded": len(c.token_ids),
+                                   "stopping_word": c.stop_hit or ""}})
+    return out
+
+
+def normalized(vectors: np.ndarray, norm: int) -> np.ndarray:
+    """Pooled `vectors [N, H]` scaled as llama.cpp's `embd_normalize` asks: -1 not at all, 0 so the largest magnitude
+    is 32760 (int16's range), 2 to unit length, any other p > 0 to unit p-norm (1: taxicab); a zero vector stays
+    zero."""
+    v = vectors.astype(np.float64)
+    if norm == -1:
+        size = np.ones((len(v), 1))
+    elif norm == 0:
+        size = np.abs(v).max(axis=1, keepdims=True) / 32760.0
+    else:
+        size = (np.abs(v) ** norm).sum(axis=1, keepdims=True) ** (1.0 / norm)
+    return (v * np.where(size > 0, 1.0 / np.where(size > 0, size, 1.0), 0.0)).astype(np.float32)
+
+
 class Reply:
     """One completion in llama.cpp's shape, whole or as its stream (`Server.sse`'s face)."""
 
@@ -190,7 +256,6 @@ class Reply:
     def result(self, content: str, tokens: list[int], probabilities: bool = True) -> dict:
         """The completion object (llama.cpp's `/completion` reply)."""
         c, req = self.choice, self.req
-        p = req.params  # resolved: the model's defaults where the request set nothing
         took, now = self.call.took, time.monotonic()
         first = took.first if took.first is not None else now
         prompt_ms = (first - took.start) * 1000
@@ -200,14 +265,7 @@ class Reply:
         stop_type = "word" if c.stop_hit is not None else STOP_TYPES.get(c.finish_reason, "none")
         out = {"index": self.index, "content": content, "tokens": tokens, "id_slot": -1, "stop": True,
                "model": self.server.served(self.call), "tokens_predicted": n_out, "tokens_evaluated": n_in,
-               "generation_settings": {"n_predict": req.max_tokens, "seed": p.seed, "temperature": p.temperature,
-                                       "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p,
-                                       "repeat_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
-                                       "frequency_penalty": p.frequency_penalty, "stop": self.stops,
-                                       "n_probs": self.job.logprobs or 0, "ignore_eos": p.ignore_eos,
-                                       "dry_multiplier": p.dry_multiplier, "xtc_probability": p.xtc_probability,
-                                       "top_n_sigma": p.top_n_sigma, "dynatemp_range": p.dynatemp_range,
-                                       "dynatemp_exponent": p.dynatemp_exponent},
+               "generation_settings": settings(req, self.stops, self.job.logprobs or 0),
                "prompt": self.job.prompt_texts[self.index], "has_new_line": "\n" in c.text, "truncated": False,
                "stop_type": stop_type, "stopping_word": c.stop_hit or "", "tokens_cached": n_in + n_out - 1,
                "timings": {"cache_n": req.cached_tokens, "prompt_n": fresh, "prompt_ms": prompt_ms,
@@ -222,10 +280,55 @@ class Reply:
 
 
 class LlamaCpp:
-    """llama.cpp's routes of one `Server`."""
+    """llama.cpp's routes of one `Server` (`embeddings`: its `/v1/embeddings`, whose path `/embedding` takes)."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, server, embeddings):
+        self.server, self.embeddings = server, embeddings
+
+    async def slots(self, request: web.Request) -> web.Response:
+        """GET /slots: each slot's state (`slots`); 503 with `?fail_on_no_slot=1` when every slot is busy."""
+        s = self.server
+        if not s.aengine.alive:
+            raise s.engine_stopped()
+        out = await s.aengine.call(slots)
+        defaults = json.loads(s.options_header["fireworks-sampling-options"])
+        for slot in out:
+            slot.setdefault("params", defaults)
+        if request.query.get("fail_on_no_slot") not in (None, "", "0", "false") and all(
+                slot["is_processing"] for slot in out):
+            raise ApiError(503, "no slot available", type_="unavailable_error")
+        return web.json_response(out)
+
+    async def slot_action(self, request: web.Request) -> web.Response:
+        """POST /slots/{id}?action=save|restore|erase: not served (501, as llama.cpp without `--slot-save-path`)."""
+        raise ApiError(501, "This server does not save, restore or erase slots: the prefix cache keeps prompts "
+                       "already seen (send them again)", type_="not_supported_error")
+
+    async def embedding(self, request: web.Request) -> web.Response:
+        """POST /embedding and /embeddings: llama.cpp's own embeddings (see the module doc)."""
+        async def answer(body, call) -> web.Response:
+            inputs, norm = await self.server.off_loop(self._embedding_body, body)
+            vectors = normalized(await self.embeddings.vectors(call, inputs, "embd"), norm)
+            return web.json_response([{"index": i, "embedding": [v.tolist()]} for i, v in enumerate(vectors)])
+        return await self.server.serve(request, answer)
+
+    def _embedding_body(self, body: Any) -> tuple[list[list[int]], int]:
+        """A `/embedding` body's prompts as token ids, and its `embd_normalize`."""
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        param = "content" if "content" in body else "input"
+        if body.get(param) is None:
+            raise bad('"input" or "content" must be provided', "content")
+        norm = body.get("embd_normalize", 2)
+        if isinstance(norm, bool) or not isinstance(norm, int) or norm < -1:
+            raise bad("'embd_normalize' must be an integer >= -1", "embd_normalize")
+        tok = self.server.engine.tok
+        try:
+            prompts = _prompt(body[param], tok)
+        except ApiError as e:
+            raise e.renamed({"prompt": param}) from None
+        prompts = prompts if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else [prompts]
+        return self.embeddings.tokens(prompts, {}, param), norm
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         """POST /completion."""

@@ -723,6 +723,38 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         assert status == 400 and out["error"]["param"] == param, (bad, out)
 
 
+def test_llama_cpp_slots_show_what_each_slot_runs(api, client):
+    """`/slots`: every slot, idle or holding a request (its id, settings and tokens so far, as llama.cpp's monitoring
+    route shows them); with `?fail_on_no_slot=1` a 503 while every slot is busy, and 200 once they are free again;
+    saving a slot's cache is a 501."""
+    status, before, _ = http(api, "GET", "/slots")
+    assert status == 200 and [s["id"] for s in before] == list(range(api.engine.runner.slots))
+    assert all(s["n_ctx"] == api.engine.max_len and "temperature" in s["params"] for s in before)
+    streams = [client.completions.create(model=MODEL, prompt=f"Count to {i}:", max_tokens=900, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True}) for i in range(32)]
+    try:
+        for s in streams:
+            next(iter(s))
+        status, busy, _ = http(api, "GET", "/slots")
+        assert status == 200 and all(s["is_processing"] for s in busy)
+        assert len({s["request_id"] for s in busy}) == len({s["id_task"] for s in busy}) == 32
+        assert all(s["params"]["n_predict"] == 900 and s["params"]["temperature"] == 0 for s in busy)
+        assert all(s["next_token"]["n_decoded"] >= 1 and s["next_token"]["has_next_token"] for s in busy)
+        assert all(s["next_token"]["n_remain"] == 900 - s["next_token"]["n_decoded"] for s in busy)
+        status, out, _ = http(api, "GET", "/slots?fail_on_no_slot=1")
+        assert status == 503 and out["error"]["message"] == "no slot available"
+    finally:
+        for s in streams:
+            s.close()
+    deadline = time.monotonic() + 60
+    while any(s["is_processing"] for s in http(api, "GET", "/slots")[1]):  # the aborts land at the next step
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert http(api, "GET", "/slots?fail_on_no_slot=1")[0] == 200
+    status, out, _ = http(api, "POST", "/slots/0?action=save", {"filename": "a.bin"})
+    assert status == 501 and out["error"]["type"] == "not_supported_error"
+
+
 def test_llama_cpp_apply_template_renders_without_generating(api):
     """`/apply-template`: the chat template's text for a chat body (with the generation prompt, template arguments
     and tools as chat renders them), and a 400 for a body chat would refuse."""

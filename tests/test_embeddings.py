@@ -241,6 +241,52 @@ def test_embeddings_api_through_the_openai_client(served):
     assert sum(1 for _ in stream) > 0
 
 
+def test_llama_cpp_embedding_route(served):
+    """llama.cpp's own `/embedding` (and `/embeddings`): `content` or `input` as a prompt is given to `/completion`
+    (text, ids, both mixed, or several), a list of `{"index", "embedding": [vector]}` of transformers' pooled vector
+    normalized by `embd_normalize` (llama.cpp's: none, int16's range, taxicab, Euclidean by default, a p-norm); bad
+    bodies are 400s."""
+    api, folder, tok, tuned = served
+    base = tuned.get_base_model().model
+    texts = ["The capital of France is", "hi"]
+    ids = [tok(t).input_ids for t in texts]
+    with tuned.disable_adapter(), torch.no_grad():
+        raw = [base(torch.tensor([i])).last_hidden_state[0].numpy().mean(0).astype(np.float64) for i in ids]
+    scaled = {-1: lambda v: v, 0: lambda v: v * 32760.0 / np.abs(v).max(), 1: lambda v: v / np.abs(v).sum(),
+              2: lambda v: v / np.sqrt((v * v).sum()), 3: lambda v: v / (np.abs(v) ** 3).sum() ** (1 / 3)}
+
+    def post(path, body):
+        req = urllib.request.Request(api.url + path, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, out = post("/embedding", {"content": texts[0]})
+    assert status == 200 and [x["index"] for x in out] == [0] and len(out[0]["embedding"]) == 1
+    assert np.abs(np.asarray(out[0]["embedding"][0]) - scaled[2](raw[0])).max() < 1e-5
+    for norm, f in scaled.items():
+        status, out = post("/embedding", {"content": texts[1], "embd_normalize": norm})
+        got, want = np.asarray(out[0]["embedding"][0]), f(raw[1])
+        assert status == 200 and np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), norm
+    cut = next(i for i in range(1, len(ids[0])) if tok.decode(ids[0][i:]) == texts[0][len(tok.decode(ids[0][:i])):])
+    mixed = ids[0][:cut] + [tok.decode(ids[0][cut:])]  # ids, then the rest as text (tokenized without specials)
+    assert tok(texts[0]).input_ids == ids[0][:cut] + tok(tok.decode(ids[0][cut:]), add_special_tokens=False).input_ids
+    for path, body in (("/embedding", {"content": texts}), ("/embeddings", {"input": [ids[0], texts[1]]}),
+                       ("/embedding", {"content": [mixed, ids[1]]})):
+        status, out = post(path, body)
+        assert status == 200 and [x["index"] for x in out] == [0, 1], body
+        for x, r in zip(out, raw):
+            assert np.abs(np.asarray(x["embedding"][0]) - scaled[2](r)).max() < 1e-5, body
+    for body, param in (({}, "content"), ({"content": None}, "content"), ({"content": []}, "content"),
+                        ({"input": 5}, "input"), ({"content": "a", "embd_normalize": -2}, "embd_normalize"),
+                        ({"content": "a", "embd_normalize": "2"}, "embd_normalize"),
+                        ({"content": [1, len(tok) + 5]}, "content")):
+        status, out = post("/embedding", body)
+        assert status == 400 and out["error"]["param"] == param, body
+
+
 def test_score_and_rerank_through_the_cohere_client(served):
     """`/v2/rerank` as the official `cohere` client calls it, `/v1/rerank` and vLLM's `/v1/score`: each pair's score
     is the cosine of transformers' pooled vectors of its two texts, the results ordered and cut to `top_n`; bad
