@@ -40,7 +40,8 @@ from engine.params import InvalidRequest, default_settings
 from models import Model
 from models.loading.source import cache_root
 from server import (adapters, anthropic_messages, batches, compaction, conversations, embeddings, harmony, images,
-                    llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, scores, sglang, tools)
+                    llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, sagemaker, scores,
+                    sglang, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -69,7 +70,8 @@ class Stalled(Exception):
 
 
 SWAP_WAIT = 600.0  # seconds `update_weights` waits for the calls in flight to finish
-OPEN = ("/", "/metrics", "/version")  # with /health* and /static/: what an API key leaves open (SGLang's rule)
+OPEN = ("/", "/metrics", "/version", "/ping")  # with /health* and /static/: what an API key leaves open (SGLang's
+# rule; SageMaker's health check, /ping, sends no key)
 UNVERSIONED = {"/chat/completions": "chat", "/completions": "completions", "/models": "models"}  # /v1's, unprefixed
 
 
@@ -135,7 +137,7 @@ class Server:
         batches.routes(app, self)
         emb = embeddings.routes(app, self)
         llama_cpp.routes(app, self, emb)
-        scores.routes(app, emb)
+        sagemaker.routes(app, self, emb, scores.routes(app, emb))
         ollama.routes(app, self, emb)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name:.+}", self.model_card)
@@ -490,6 +492,10 @@ class Server:
 
     async def _complete(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Chat or completions: parse, admit, answer in one object or a stream."""
+        return await self.serve(request, self.completer(request, kind))
+
+    def completer(self, request: web.Request, kind: str) -> Callable:
+        """The answer (`serve`'s `answer(body, call)`) of a chat or completions request."""
         async def answer(body, call: Call) -> web.StreamResponse:
             job = await self.parse(body, kind)
             if job.beam_search:
@@ -499,7 +505,7 @@ class Server:
                 return await self._stream(request, job, parts, call, events)
             await self.collect(events, call)
             return self._respond(job, parts, call)
-        return await self.serve(request, answer)
+        return answer
 
     async def serve(self, request: web.Request, answer) -> web.StreamResponse:
         """One API call with its accounting: 503 while draining; the JSON body read, then 429 when more calls wait

@@ -39,8 +39,8 @@ from server.embeddings import MAX_INPUTS, Embeddings, _is_int
 from server.protocol import bad, bounded
 
 
-def routes(app: web.Application, embeddings: Embeddings) -> None:
-    """Add the score, rerank and classify routes, embedding through `embeddings`."""
+def routes(app: web.Application, embeddings: Embeddings) -> Scores:
+    """Add the score, rerank and classify routes, embedding through `embeddings`; their `Scores`."""
     api = Scores(embeddings)
     for path in ("/v1/score", "/score"):
         app.router.add_post(path, api.score)
@@ -48,6 +48,7 @@ def routes(app: web.Application, embeddings: Embeddings) -> None:
         app.router.add_post(path, api.rerank)
     app.router.add_post("/v2/rerank", api.cohere_rerank)
     app.router.add_post("/classify", api.classify)
+    return api
 
 
 class Scores:

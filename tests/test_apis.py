@@ -755,6 +755,44 @@ def test_llama_cpp_slots_show_what_each_slot_runs(api, client):
     assert status == 501 and out["error"]["type"] == "not_supported_error"
 
 
+def test_sagemaker_invocations_answer_as_the_route_the_body_names(api, client):
+    """SageMaker's `/invocations` (as vLLM serves it): a chat body answers as `/v1/chat/completions` (streamed too),
+    a completions body as `/v1/completions`, `input` as `/v1/embeddings`, `query` and `documents` as `/v1/rerank`,
+    `text_1` and `text_2` as `/v1/score`; a body naming none is a 400; `/ping` is `/health`'s answer."""
+    chat = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "temperature": 0}
+    status, r, _ = http(api, "POST", "/invocations", chat)
+    want = client.chat.completions.create(**chat)
+    assert status == 200 and r["object"] == "chat.completion"
+    assert r["choices"][0]["message"]["content"] == want.choices[0].message.content
+    req = urllib.request.Request(api.url + "/invocations", data=json.dumps({**chat, "stream": True}).encode(),
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        lines = [x[6:] for x in resp.read().decode().split("\n\n") if x.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in map(json.loads, lines[:-1]) if c["choices"]) == \
+        want.choices[0].message.content
+    done = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+    status, r, _ = http(api, "POST", "/invocations", done)
+    assert status == 200 and r["choices"][0]["text"] == client.completions.create(**done).choices[0].text
+    status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, "input": ["hi", "there"],
+                                                      "encoding_format": "float"})
+    vectors = client.embeddings.create(model=MODEL, input=["hi", "there"], encoding_format="float").data
+    assert status == 200 and [d["embedding"] for d in r["data"]] == [d.embedding for d in vectors]
+    docs = ["Paris is in France.", "Bananas are yellow."]
+    status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, "query": "Where is Paris?", "documents": docs})
+    assert status == 200 and r == {**http(api, "POST", "/v1/rerank", {"model": MODEL, "query": "Where is Paris?",
+                                                                      "documents": docs})[1], "id": r["id"]}
+    status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, "text_1": "a", "text_2": ["a", "b"]})
+    assert status == 200 and [d["index"] for d in r["data"]] == [0, 1] and r["data"][0]["score"] > 0.99
+    for body in ({"model": MODEL}, {"query": "a"}, [1]):
+        status, r, _ = http(api, "POST", "/invocations", body)
+        assert status == 400 and r["error"]["type"] == "invalid_request_error", body
+    assert "'messages' (chat)" in http(api, "POST", "/invocations", {})[1]["error"]["message"]
+    for method in ("GET", "POST"):
+        status, r, _ = http(api, method, "/ping")
+        assert status == 200 and r["status"] == "ok" and r["slots"] == api.engine.runner.slots
+
+
 def test_llama_cpp_apply_template_renders_without_generating(api):
     """`/apply-template`: the chat template's text for a chat body (with the generation prompt, template arguments
     and tools as chat renders them), and a 400 for a body chat would refuse."""

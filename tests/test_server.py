@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import openai
@@ -803,6 +804,9 @@ def test_python_m_server_with_an_api_key_and_stored_responses_and_batches_across
         assert r.usage.completion_tokens >= 1
         with urllib.request.urlopen(url + "/health", timeout=10) as h:
             assert json.loads(h.read())["slots"] == 2
+        with urllib.request.urlopen(url + "/ping", timeout=10) as h:  # SageMaker's health check sends no key
+            assert h.status == 200
+        assert http(SimpleNamespace(url=url), "POST", "/invocations", {"prompt": "a"})[0] == 401
         claude = anthropic.Anthropic(base_url=url, api_key="sekret", max_retries=0)  # sent as x-api-key
         assert claude.messages.create(model=MODEL, max_tokens=2, messages=HELLO).usage.output_tokens >= 1
         for other in ("second", "third"):  # every key given opens it

@@ -1,0 +1,53 @@
+"""Amazon SageMaker's serving contract, as vLLM serves it: `GET` / `POST /ping` (the container's health check, the
+same answer as `/health`, open without an API key as SageMaker probes without one) and `POST /invocations`, which
+answers each body through the route its fields name:
+
+- `messages`: chat completions; `prompt`: completions;
+- `input`: classification on a classifier's folder (vLLM's `/classify`), else embeddings;
+- `query` and `documents`: rerank; `text_1` and `text_2`: score.
+
+A body that names none of them is a 400 that lists them. Streaming, errors, 429 and 503 are the named route's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from aiohttp import web
+
+from server.protocol import bad
+
+ROUTES = "'messages' (chat), 'prompt' (completions), 'input' (embeddings, or classification), 'query' and " \
+    "'documents' (rerank), or 'text_1' and 'text_2' (score)"
+
+
+def routes(app: web.Application, server, embeddings, scores) -> None:
+    """Add `/ping` and `/invocations` to `app`, answering through `server`'s routes."""
+    app.router.add_get("/ping", server.health)
+    app.router.add_post("/ping", server.health)
+    app.router.add_post("/invocations", functools.partial(invocations, server, embeddings, scores))
+
+
+def answer_for(body, request: web.Request, server, embeddings, scores) -> Callable:
+    """The answer (`Server.serve`'s `answer(body, call)`) of the route `body`'s fields name (see the module doc)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    if "messages" in body:
+        return server.completer(request, "chat")
+    if "prompt" in body:
+        return server.completer(request, "completion")
+    if "input" in body:
+        return scores._classify if scores.head is not None else embeddings._answer
+    if "query" in body and "documents" in body:
+        return functools.partial(scores._rerank, show_documents=True)
+    if "text_1" in body and "text_2" in body:
+        return scores._score
+    raise bad(f"/invocations: the body must have {ROUTES}")
+
+
+async def invocations(server, embeddings, scores, request: web.Request) -> web.StreamResponse:
+    """POST /invocations: the body answered by the route its fields name."""
+    async def answer(body, call) -> web.StreamResponse:
+        return await answer_for(body, request, server, embeddings, scores)(body, call)
+    return await server.serve(request, answer)
