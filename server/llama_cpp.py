@@ -113,9 +113,8 @@ def mirostat(fields: dict, where: str = "") -> dict:
 def _prompt(p: Any, tok) -> Any:
     """llama.cpp's prompt as the completions API's: text, token ids, or text and ids mixed (the text tokenized in
     place, without special tokens); or several of these (a list of strings, or of lists), a completion each."""
-    if isinstance(p, list) and (any(isinstance(x, list) for x in p) or (
-            len(p) > 1 and all(isinstance(x, str) for x in p))):  # llama.cpp's: ids beside ids are one prompt
-        return [_one(x, tok) for x in p]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):  # llama.cpp's: a list with no id
+        return [_one(x, tok) for x in p]  # is a list of prompts (ids beside ids or text are one prompt)
     return _one(p, tok)
 
 
@@ -128,6 +127,8 @@ def _one(p: Any, tok) -> str | list[int]:
             return p
         if tok is None:
             raise bad("a prompt with text needs the model's tokenizer", "prompt")
+        if isinstance(p[0], str):  # llama.cpp's: text first takes the special tokens (a BOS), later text none
+            return tok.encode(p[0]) + infill.text_ids(p[1:], tok, "prompt")
         return infill.text_ids(p, tok, "prompt")
     raise bad("'prompt' must be a string, a list of token ids, a list of strings and token ids, or a list of "
               "such prompts", "prompt")
@@ -171,28 +172,30 @@ def settings(req, stops: list[str], n_probs: int) -> dict:
 
 
 def slots(engine) -> list[dict]:
-    """Every slot of `engine` as llama.cpp's `/slots` shows it (run on the engine's thread: a consistent snapshot).
-    An idle slot's `params` are left to the caller (the served defaults)."""
+    """Every slot of `engine` as llama.cpp's `/slots` shows it (run on the engine's thread: a consistent snapshot)."""
     sched = engine.sched
     held = {slot: (req, choice) for slot, (req, choice) in sched.running.items()}
     for pf in (*sched.admitting, *sched.prefilling):  # holding slots, their prompts being written
         held.update((c.slot, (pf.req, c)) for c in pf.choices if c.slot >= 0)
     out = []
     for slot in range(engine.runner.slots):
-        if slot not in held:
-            out.append({"id": slot, "id_task": -1, "n_ctx": engine.max_len, "speculative": False,
-                        "is_processing": False, "next_token": {"has_next_token": False, "has_new_line": False,
-                                                               "n_remain": -1, "n_decoded": 0, "stopping_word": ""}})
-            continue
-        req, c = held[slot]
-        out.append({"id": slot, "id_task": c.order, "request_id": req.id, "n_ctx": engine.max_len,
-                    "speculative": c.drafter is not None, "is_processing": True,
-                    "n_prompt_tokens": len(req.client_ids), "n_prompt_tokens_cached": req.cached_tokens,
-                    "params": settings(req, list(req.params.stop), req.params.top_logprobs),
-                    "next_token": {"has_next_token": c.finish_reason is None, "has_new_line": "\n" in c.text,
-                                   "n_remain": req.max_tokens - len(c.token_ids), "n_decoded": len(c.token_ids),
-                                   "stopping_word": c.stop_hit or ""}})
+        entry = {"id": slot, "n_ctx": engine.max_len, "speculative": False, "is_processing": slot in held}
+        if slot in held:  # (an idle slot shows only these, as llama.cpp's slot that has run nothing yet)
+            req, c = held[slot]
+            prompt = len(req.client_ids)
+            entry.update(
+                id_task=c.order, request_id=req.id, speculative=c.drafter is not None, n_prompt_tokens=prompt,
+                n_prompt_tokens_processed=prompt - req.cached_tokens, n_prompt_tokens_cache=req.cached_tokens,
+                params={**settings(req, list(req.params.stop), req.params.top_logprobs), "max_tokens": req.max_tokens},
+                next_token=[{"has_next_token": c.finish_reason is None, "has_new_line": "\n" in c.text,
+                             "n_remain": req.max_tokens - len(c.token_ids), "n_decoded": len(c.token_ids)}])
+        out.append(entry)
     return out
+
+
+def named(defaults: dict) -> dict:
+    """The served default settings (OpenAI's names) under llama.cpp's names too (`/props`' `params`)."""
+    return {**defaults, **{NAMES[k]: v for k, v in defaults.items() if k in NAMES}}
 
 
 def normalized(vectors: np.ndarray, norm: int) -> np.ndarray:
@@ -291,12 +294,8 @@ class LlamaCpp:
         if not s.aengine.alive:
             raise s.engine_stopped()
         out = await s.aengine.call(slots)
-        defaults = json.loads(s.options_header["fireworks-sampling-options"])
-        for slot in out:
-            slot.setdefault("params", defaults)
-        if request.query.get("fail_on_no_slot") not in (None, "", "0", "false") and all(
-                slot["is_processing"] for slot in out):
-            raise ApiError(503, "no slot available", type_="unavailable_error")
+        if request.query.get("fail_on_no_slot") and all(slot["is_processing"] for slot in out):  # (any value:
+            raise ApiError(503, "no slot available", type_="unavailable_error")  # llama.cpp's)
         return web.json_response(out)
 
     async def slot_action(self, request: web.Request) -> web.Response:
@@ -316,7 +315,7 @@ class LlamaCpp:
         """A `/embedding` body's prompts as token ids, and its `embd_normalize`."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        param = "content" if "content" in body else "input"
+        param = "input" if "input" in body else "content"  # (llama.cpp's order)
         if body.get(param) is None:
             raise bad('"input" or "content" must be provided', "content")
         norm = body.get("embd_normalize", 2)
@@ -389,8 +388,8 @@ class LlamaCpp:
         tok = s.engine.tok
         special = tok.special_tokens_map if tok is not None else {}
         return web.json_response({
-            "default_generation_settings": {"n_ctx": s.engine.max_len, "params": json.loads(
-                s.options_header["fireworks-sampling-options"])},
+            "default_generation_settings": {"n_ctx": s.engine.max_len, "params": named(json.loads(
+                s.options_header["fireworks-sampling-options"]))},
             "total_slots": s.engine.runner.slots, "model_path": s.model.source, "model_alias": s.name,
             "chat_template": (tok.chat_template or "") if tok is not None else "",
             "bos_token": special.get("bos_token", ""), "eos_token": special.get("eos_token", ""),
