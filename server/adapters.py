@@ -1,6 +1,6 @@
 """vLLM's routes for LoRA adapters at run time: `POST /v1/load_lora_adapter` (`{"lora_name", "lora_path"}`) and
 `POST /v1/unload_lora_adapter` (`{"lora_name"}`), answered with vLLM's plain-text lines. A loaded adapter is served
-under its name as a `model` of every API (`Server._check_model`); `/v1/models` lists it."""
+under its name as a `model` of every API (`Server.check_model`); `/v1/models` lists it."""
 
 from __future__ import annotations
 

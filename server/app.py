@@ -296,7 +296,7 @@ class Server:
         """The model a call's reply names: its LoRA adapter's name, or the served model's."""
         return call.adapter or self.name
 
-    def _check_model(self, body) -> str | None:
+    def check_model(self, body) -> str | None:
         """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""
         name = body.get("model") if isinstance(body, dict) else None
         if name is None:
@@ -418,7 +418,7 @@ class Server:
     async def model_card(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: the served model or a LoRA adapter, or 404."""
         name = request.match_info["name"]
-        adapter = self._check_model({"model": name})
+        adapter = self.check_model({"model": name})
         return web.json_response(self._card(adapter, alias=name if name in self.aliases else None))
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -429,7 +429,7 @@ class Server:
         body = await self._body(request)
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        self._check_model(body)
+        self.check_model(body)
         llama = "content" in body and "prompt" not in body
         if "messages" in body:  # templated as chat templates them: tools and the template's arguments too
             with_tools = tools.parse(body, bad)
@@ -454,7 +454,7 @@ class Server:
         """POST /detokenize: the text of `tokens` (special tokens kept), as vLLM's `prompt` and llama.cpp's
         `content`."""
         body = await self._body(request)
-        self._check_model(body)
+        self.check_model(body)
         ids = body.get("tokens") if isinstance(body, dict) else None
         vocab = self.model.cfg.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
@@ -527,7 +527,7 @@ class Server:
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
-            call.adapter = self._check_model(body)
+            call.adapter = self.check_model(body)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp

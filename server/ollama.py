@@ -465,7 +465,7 @@ class Ollama:
     async def show(self, request: web.Request) -> web.Response:
         """POST /api/show: the served model's template, details, configuration and capabilities."""
         body = await self.server._body(request)
-        self.server._check_model({"model": body.get("model") or body.get("name")} if isinstance(body, dict) else {})
+        self.server.check_model({"model": body.get("model") or body.get("name")} if isinstance(body, dict) else {})
         s, tok = self.server, self.server.engine.tok
         entry, template = self.entry(), (tok.chat_template or "") if tok is not None else ""
         caps = ["completion"] + (["tools"] if "tools" in template else []) + \

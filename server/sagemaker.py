@@ -6,7 +6,9 @@ answers each body through the route its fields name:
 - `input`: classification on a classifier's folder (vLLM's `/classify`), else embeddings;
 - `query` and `documents`: rerank; `text_1` and `text_2`: score.
 
-A body that names none of them is a 400 that lists them. Streaming, errors, 429 and 503 are the named route's.
+A body that names none of them is a 400 that lists them. Streaming, errors, 429 and 503 are the named route's. The
+`X-Amzn-SageMaker-Adapter-Identifier` header (SageMaker's inference components) names the LoRA adapter to answer
+with, as the body's `model` would.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from server.protocol import bad
 
+ADAPTER = "X-Amzn-SageMaker-Adapter-Identifier"
 ROUTES = "'messages' (chat), 'prompt' (completions), 'input' (embeddings, or classification), 'query' and " \
     "'documents' (rerank), or 'text_1' and 'text_2' (score)"
 
@@ -49,5 +52,9 @@ def answer_for(body, request: web.Request, server, embeddings, scores) -> Callab
 async def invocations(server, embeddings, scores, request: web.Request) -> web.StreamResponse:
     """POST /invocations: the body answered by the route its fields name."""
     async def answer(body, call) -> web.StreamResponse:
-        return await answer_for(body, request, server, embeddings, scores)(body, call)
+        respond = answer_for(body, request, server, embeddings, scores)
+        if (adapter := request.headers.get(ADAPTER)) is not None:
+            body = {**body, "model": adapter}
+            call.adapter = server.check_model(body)
+        return await respond(body, call)
     return await server.serve(request, answer)

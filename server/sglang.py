@@ -271,7 +271,7 @@ class SGLang:
         async def answer(body, call) -> web.StreamResponse:
             plain, stops, single = generate_body(body)
             try:  # errors name SGLang's fields
-                call.adapter = self.server._check_model(plain)
+                call.adapter = self.server.check_model(plain)
                 job = await self.server.parse(plain, "completion", protocol.HOT)
                 job.params.stop = stops
                 logprobs = _logprob_options(body, job.prompts)

@@ -234,7 +234,8 @@ def served(smollm, tmp_path_factory):
 
 def test_server_serves_adapters_by_model_name(served):
     """vLLM's routes load and unload adapters; a request's model names one (also as Fireworks'
-    `accounts/x/models/<name>`, and SGLang's `lora_path`); `/v1/models` lists them; errors are 400s and 404s."""
+    `accounts/x/models/<name>`, SGLang's `lora_path` and SageMaker's adapter header); `/v1/models` lists them;
+    errors are 400s and 404s."""
     api, folder, prompt, want = served
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
 
@@ -295,6 +296,12 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and "no LoRA adapter" in r["error"]["message"]
     assert post("/v1/unload_lora_adapter", {})[0] == 400
     assert complete("tuned") == ("tuned", want["tuned"])  # the server goes on serving
+    req = urllib.request.Request(api.url + "/invocations", method="POST", data=json.dumps(  # SageMaker's header
+        {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}).encode(),
+        headers={"X-Amzn-SageMaker-Adapter-Identifier": "tuned"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out = json.loads(r.read())
+    assert out["model"] == "tuned" and out["choices"][0]["token_ids"] == want["tuned"]
     assert load("accounts/me/models/sql", folder / "other")[0] == 200  # a name like Fireworks' path is its own
     assert complete("accounts/me/models/sql") == ("accounts/me/models/sql", want["other"])
     chat = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
