@@ -19,9 +19,9 @@ as llama.cpp answers).
 thread between steps): whether it is processing, the admission number (`id_task`) and id of the request holding it,
 its settings and how far it has got; `?fail_on_no_slot=1` answers 503 when none is free. Saving and restoring a
 slot's KV cache (`POST /slots/{id}?action=...`) is not served: 501, as llama.cpp answers without `--slot-save-path`.
-`/embedding` (and `/embeddings`) is llama.cpp's own embeddings shape, not OpenAI's: `content` (or `input`) as a
-prompt is given to `/completion` (text tokenized with its special tokens, ids, both mixed, or several of these), and
-a list of `{"index", "embedding": [vector]}`. The vector is pooled as `/v1/embeddings` pools it (`--pooling`; the
+`/embedding` (and `/embeddings`) is llama.cpp's own embeddings shape, not OpenAI's: `input` (or `content`) as a
+prompt is given to `/completion` (text, ids, both mixed, or several of these), and a list of `{"index", "embedding":
+[vector]}`. The vector is pooled as `/v1/embeddings` pools it (`--pooling`; the
 per-token vectors of llama.cpp's pooling `none` are not served), then normalized by `embd_normalize` (llama.cpp's:
 -1 none, 0 by the largest magnitude into int16's range, 1 taxicab, 2 Euclidean, the default, p > 2 the p-norm).
 """
@@ -112,7 +112,8 @@ def mirostat(fields: dict, where: str = "") -> dict:
 
 def _prompt(p: Any, tok) -> Any:
     """llama.cpp's prompt as the completions API's: text, token ids, or text and ids mixed (the text tokenized in
-    place, without special tokens); or several of these (a list of strings, or of lists), a completion each."""
+    place, the special tokens only before text that comes first); or several of these (a list of strings, or of
+    lists), a completion each."""
     if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):  # llama.cpp's: a list with no id
         return [_one(x, tok) for x in p]  # is a list of prompts (ids beside ids or text are one prompt)
     return _one(p, tok)
