@@ -57,9 +57,10 @@ class Embeddings:
 
     async def create(self, request: web.Request) -> web.Response:
         """POST /v1/embeddings."""
-        return await self.server.serve(request, self._answer)
+        return await self.server.serve(request, self.embedded)
 
-    async def _answer(self, body, call) -> web.Response:
+    async def embedded(self, body, call) -> web.Response:
+        """An embeddings body's reply (`Server.serve`'s answer)."""
         srv = self.server
         ask = await srv.off_loop(self.parse, body)
         vectors = await self.vectors(call, ask.inputs, "embd")

@@ -41,11 +41,11 @@ def answer_for(body, request: web.Request, server, embeddings, scores) -> Callab
     if "prompt" in body:
         return server.completer(request, "completion")
     if "input" in body:
-        return scores._classify if scores.head is not None else embeddings._answer
+        return scores.classified if scores.head is not None else embeddings.embedded
     if "query" in body and "documents" in body:
-        return functools.partial(scores._rerank, show_documents=True)
+        return functools.partial(scores.reranked, show_documents=True)
     if "text_1" in body and "text_2" in body:
-        return scores._score
+        return scores.scored
     raise bad(f"/invocations: the body must have {ROUTES}")
 
 

@@ -63,21 +63,22 @@ class Scores:
 
     async def score(self, request: web.Request) -> web.Response:
         """POST /v1/score (vLLM's score API)."""
-        return await self.server.serve(request, self._score)
+        return await self.server.serve(request, self.scored)
 
     async def rerank(self, request: web.Request) -> web.Response:
         """POST /v1/rerank and /rerank (Jina's and vLLM's: each result carries its document unless told not to)."""
-        return await self.server.serve(request, functools.partial(self._rerank, show_documents=True))
+        return await self.server.serve(request, functools.partial(self.reranked, show_documents=True))
 
     async def cohere_rerank(self, request: web.Request) -> web.Response:
         """POST /v2/rerank (Cohere's: results carry no documents unless asked)."""
-        return await self.server.serve(request, functools.partial(self._rerank, show_documents=False))
+        return await self.server.serve(request, functools.partial(self.reranked, show_documents=False))
 
     async def classify(self, request: web.Request) -> web.Response:
         """POST /classify (vLLM's classification API)."""
-        return await self.server.serve(request, self._classify)
+        return await self.server.serve(request, self.classified)
 
-    async def _score(self, body, call) -> web.Response:
+    async def scored(self, body, call) -> web.Response:
+        """A score body's reply (`Server.serve`'s answer)."""
         srv = self.server
         plan = await srv.off_loop(self._parse_score, body)
         scores, tokens = await self._pairs(call, "score", *plan)
@@ -86,7 +87,8 @@ class Scores:
                                   "model": srv.served(call), "data": data,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
-    async def _rerank(self, body, call, show_documents: bool) -> web.Response:
+    async def reranked(self, body, call, show_documents: bool) -> web.Response:
+        """A rerank body's reply, its results carrying their documents by default if `show_documents`."""
         srv = self.server
         docs, top_n, show, plan = await srv.off_loop(self._parse_rerank, body, show_documents)
         scores, tokens = await self._pairs(call, "rerank", *plan)
@@ -98,7 +100,8 @@ class Scores:
         return web.json_response({"id": call.rid, "model": srv.served(call), "results": results,
                                   "usage": {"total_tokens": tokens}})
 
-    async def _classify(self, body, call) -> web.Response:
+    async def classified(self, body, call) -> web.Response:
+        """A classify body's reply (a 400 unless the served folder is a classifier)."""
         srv = self.server
         if self.head is None:
             raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
