@@ -390,6 +390,8 @@ def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypa
             probs = [float(torch.sigmoid(ref(**tok(t, return_tensors="pt")).logits[0, 0])) for t in (docs[0], "hi")]
         assert status == 200 and [d["num_classes"] for d in r["data"]] == [1, 1]
         assert np.allclose([d["probs"][0] for d in r["data"]], probs, atol=1e-5) and r["data"][0]["label"] == "LABEL_0"
+        status, same = _post(api.url, "/invocations", {"model": "rr", "input": ["Paris is in France.", "hi"]})
+        assert status == 200 and same["data"] == r["data"]  # SageMaker's route: `input` on a classifier classifies
         assert _post(api.url, "/classify", {"model": "rr", "input": []})[0] == 400
         status, r = _post(api.url, "/v1/score", {"model": "rr", "text_1": "a", "text_2": "b",
                                                  "truncate_prompt_tokens": 4})
