@@ -70,8 +70,9 @@ class Stalled(Exception):
 
 
 SWAP_WAIT = 600.0  # seconds `update_weights` waits for the calls in flight to finish
-OPEN = ("/", "/metrics", "/version", "/ping")  # with /health* and /static/: what an API key leaves open (SGLang's
-# rule; SageMaker's health check, /ping, sends no key)
+# With /health* and /static/, what an API key leaves open (SGLang's rule; the probes of SageMaker, /ping, and of load
+# balancers, /load, send no key)
+OPEN = ("/", "/metrics", "/version", "/ping", "/load")
 UNVERSIONED = {"/chat/completions": "chat", "/completions": "completions", "/models": "models"}  # /v1's, unprefixed
 
 
@@ -147,6 +148,7 @@ class Server:
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
+        app.router.add_get("/load", self.load)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/", self.page)
         app.router.add_static("/static", STATIC, show_index=False)
@@ -156,6 +158,7 @@ class Server:
             for route in list(app.router.routes()):
                 cors.add(route)
         app.on_startup.append(self._started)
+        app.on_response_prepare.append(self._request_id)
         if not loopback:
             app.on_shutdown.append(self.stop_detached)
             app.on_startup.append(self.batches.load)
@@ -172,6 +175,15 @@ class Server:
 
     async def _started(self, app: web.Application) -> None:
         self.loop_thread = threading.get_ident()
+
+    @staticmethod
+    async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer names its call in `X-Request-Id` (as OpenAI's API, and vLLM's `--enable-request-id-headers`):
+        the client's own header, else the call's id (the body's `id`), else a fresh one."""
+        if "X-Request-Id" not in response.headers:
+            call = request.get("call")
+            response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or (
+                call.rid if call is not None and call.rid != "-" else uuid.uuid4().hex)
 
     def detach(self, coro) -> asyncio.Task:
         """Run `coro` as a task past the call that started it (a background response): without the call's deadline,
@@ -471,6 +483,10 @@ class Server:
         """GET /: the chat page (`server/static/`: plain HTML, CSS and JavaScript against this API)."""
         return web.FileResponse(os.path.join(STATIC, "index.html"))
 
+    async def load(self, request: web.Request) -> web.Response:
+        """GET /load: the calls being answered (vLLM's `--enable-server-load-tracking` route, for balancers)."""
+        return web.json_response({"server_load": self.active})
+
     async def version(self, request: web.Request) -> web.Response:
         """GET /version: the installed sparkler's version (vLLM's route)."""
         return web.json_response({"version": importlib.metadata.version("sparkler")})
@@ -513,7 +529,7 @@ class Server:
         must not lock others out; they end at the body timeout); the model checked, then `answer(body, call)`
         parses, `admit`s and writes the reply (each API's own shapes), all by the call's deadline
         (`--request-timeout` from now)."""
-        call = Call()
+        call = request["call"] = Call()  # (its id names the answer: `_request_id`)
         status = 500
         self.active += 1
         deadline = DEADLINE.set(None if self.request_timeout is None
@@ -542,7 +558,7 @@ class Server:
             self._stage(call, None)
             DEADLINE.reset(deadline)
             if not call.detached:  # else its task accounts for it when it ends
-                self.account(request.path, status, call.rid, call.reqs, call.took)
+                self.account(request.path, status, call.rid, call.reqs, call.took, request.headers.get("X-Request-Id"))
 
     def in_flight(self) -> list[str]:
         """The ids of the engine requests of every admitted call."""
@@ -866,8 +882,10 @@ class Server:
             body["perf_metrics"] = perf
         return web.json_response(body, headers=headers)
 
-    def account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took") -> None:
-        """Count the request, observe its latencies, and log one line for it."""
+    def account(self, route: str, status: int, rid: str, reqs: list[Request], took: "Took",
+                trace: str | None = None) -> None:
+        """Count the request, observe its latencies, and log one line for it (with the client's `X-Request-Id`,
+        `trace`, if it sent one)."""
         reasons = {c.finish_reason for r in reqs for c in r.choices}
         reason = "none" if not reasons or None in reasons else (reasons.pop() if len(reasons) == 1 else "mixed")
         total = time.monotonic() - took.start
@@ -879,7 +897,7 @@ class Server:
         firsts = prompt_requests(reqs)
         prompt = sum(len(r.prompt_ids) for r in firsts)
         self.prom.prompt_tokens.inc(prompt)
-        fields = dict(id=rid, route=route, status=status, prompt_tokens=prompt,
+        fields = dict(id=rid, **({"trace": trace} if trace else {}), route=route, status=status, prompt_tokens=prompt,
                       completion_tokens=sum(len(c.token_ids) for r in reqs for c in r.choices),
                       cached_tokens=sum(r.cached_tokens for r in firsts),
                       ttft_ms=None if took.first is None else round((took.first - took.start) * 1000, 1),

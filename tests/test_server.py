@@ -38,6 +38,48 @@ def http(api, method, path, body=None, headers=None, raw: bytes | None = None):
         return status, text, hdrs
 
 
+def test_every_answer_names_its_call_and_load_counts_the_calls(api, client, caplog):
+    """`X-Request-Id` on every answer (as OpenAI's API, which the `openai` client reads as `_request_id`, and vLLM's
+    `--enable-request-id-headers`): the client's own (also in the call's log line), else the call's id (the body's
+    `id`), else a fresh one; streams and errors too. `/load` (vLLM's, for balancers) counts the calls being
+    answered."""
+    r = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=2)
+    out = r.parse()
+    assert r.headers["x-request-id"] == out.id and out._request_id == out.id and out.id.startswith("chatcmpl-")
+    caplog.set_level("INFO", logger="sparkler.server")
+    r = client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                                    extra_headers={"X-Request-Id": "trace-7"})
+    assert r.headers["x-request-id"] == "trace-7" and r.parse().id != "trace-7"
+    deadline = time.monotonic() + 30
+    while not [x for x in caplog.records if getattr(x, "fields", {}).get("trace") == "trace-7"]:  # logged after
+        assert time.monotonic() < deadline  # the reply went
+        time.sleep(0.02)
+    line = next(x for x in caplog.records if getattr(x, "fields", {}).get("trace") == "trace-7")
+    assert line.fields["id"] == r.parse().id and f"id={r.parse().id} trace=trace-7 " in line.getMessage()
+    with client.chat.completions.with_streaming_response.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                                                stream=True) as s:
+        assert s.headers["x-request-id"].startswith("chatcmpl-") and "[DONE]" in s.read().decode()
+    status, _, headers = http(api, "POST", "/v1/chat/completions", {"model": MODEL, "messages": "x"})
+    assert status == 400 and len(headers["X-Request-Id"]) == 32
+    assert len(http(api, "GET", "/health")[2]["X-Request-Id"]) == 32
+
+    def load() -> int:
+        status, out, _ = http(api, "GET", "/load")
+        assert status == 200
+        return out["server_load"]
+
+    before = load()
+    stream = client.completions.create(model=MODEL, prompt="Count:", max_tokens=900, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert load() >= 1
+    stream.close()
+    deadline = time.monotonic() + 60
+    while load() > before:  # the stream's call ends once the server sees the client gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_models_health_metrics_and_tokenize(api, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     card = client.models.retrieve(MODEL)
