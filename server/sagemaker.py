@@ -4,7 +4,7 @@ answers each body through the route its fields name:
 
 - `messages`: chat completions; `prompt`: completions;
 - `input`: classification on a classifier's folder (vLLM's `/classify`), else embeddings;
-- `query` and `documents`: rerank; `text_1` and `text_2`: score.
+- `query` and `documents`: rerank; `text_1` and `text_2` (or `queries` and `documents`, ...): score.
 
 A body that names none of them is a 400 that lists them. Streaming, errors, 429 and 503 are the named route's. The
 `X-Amzn-SageMaker-Adapter-Identifier` header (SageMaker's inference components) names the LoRA adapter to answer
@@ -19,6 +19,7 @@ from typing import Callable
 from aiohttp import web
 
 from server.protocol import bad
+from server.scores import SCORE_FIELDS
 
 ADAPTER = "X-Amzn-SageMaker-Adapter-Identifier"
 ROUTES = "'messages' (chat), 'prompt' (completions), 'input' (embeddings, or classification), 'query' and " \
@@ -44,7 +45,7 @@ def answer_for(body, request: web.Request, server, embeddings, scores) -> Callab
         return scores.classified if scores.head is not None else embeddings.embedded
     if "query" in body and "documents" in body:
         return functools.partial(scores.reranked, show_documents=True)
-    if "text_1" in body and "text_2" in body:
+    if any(one in body and two in body for one, two in SCORE_FIELDS):
         return scores.scored
     raise bad(f"/invocations: the body must have {ROUTES}")
 

@@ -11,7 +11,8 @@ A pair's score is, as vLLM gives it:
 The inputs run through `/v1/embeddings`' path (`Embeddings.vectors`: the engine's thread between its steps, the
 same 429 and deadline).
 
-- score: `text_1` and `text_2`, each a string or a list of strings; one `text_1` is scored against every `text_2`,
+- score: `text_1` and `text_2` (or vLLM's other names for them: `queries` and `documents` or `items`, `data_1` and
+  `data_2`), each a string or a list of strings; one `text_1` is scored against every `text_2`,
   else the two lists pair up item by item (the same length). The reply is a list of `{"index", "object": "score",
   "score"}` in `text_2`'s order.
 - rerank: `query` and `documents` (strings, or Cohere v1's `{"text": ...}` objects); `top_n` (0 or absent: all),
@@ -37,6 +38,10 @@ from models import pooling
 from models.pooling import cosines
 from server.embeddings import MAX_INPUTS, Embeddings, _is_int
 from server.protocol import bad, bounded
+
+
+# A score request's two sides, under each of vLLM's names for them (`text_1` and `text_2` its first)
+SCORE_FIELDS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
 def routes(app: web.Application, embeddings: Embeddings) -> Scores:
@@ -143,11 +148,12 @@ class Scores:
         """A score request's plan (`_plan`): `text_1` against each `text_2`, or item by item."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        one, two = (_strings(body.get(k), k) for k in ("text_1", "text_2"))
+        names = next((pair for pair in SCORE_FIELDS if pair[0] in body and pair[1] in body), SCORE_FIELDS[-1])
+        one, two = (_strings(body.get(k), k) for k in names)
         if len(one) > 1 and len(one) != len(two):
-            raise bad(f"'text_1' has {len(one)} items and 'text_2' {len(two)}: give one 'text_1', or as many as "
-                      "'text_2'", "text_1")
-        return self._plan(body, one, two, ("text_1", "text_2"))
+            raise bad(f"'{names[0]}' has {len(one)} items and '{names[1]}' {len(two)}: give one '{names[0]}', or as "
+                      f"many as '{names[1]}'", names[0])
+        return self._plan(body, one, two, names)
 
     def _parse_rerank(self, body, show_documents: bool):
         """A rerank request's documents' texts, `top_n`, `return_documents` (default `show_documents`), and its plan

@@ -788,8 +788,9 @@ def test_sagemaker_invocations_answer_as_the_route_the_body_names(api, client):
     status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, "query": "Where is Paris?", "documents": docs})
     assert status == 200 and r == {**http(api, "POST", "/v1/rerank", {"model": MODEL, "query": "Where is Paris?",
                                                                       "documents": docs})[1], "id": r["id"]}
-    status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, "text_1": "a", "text_2": ["a", "b"]})
-    assert status == 200 and [d["index"] for d in r["data"]] == [0, 1] and r["data"][0]["score"] > 0.99
+    for one, two in (("text_1", "text_2"), ("queries", "documents")):
+        status, r, _ = http(api, "POST", "/invocations", {"model": MODEL, one: "a", two: ["a", "b"]})
+        assert status == 200 and [d["index"] for d in r["data"]] == [0, 1] and r["data"][0]["score"] > 0.99
     for body in ({"model": MODEL}, {"query": "a"}, [1]):
         status, r, _ = http(api, "POST", "/invocations", body)
         assert status == 400 and r["error"]["type"] == "invalid_request_error", body

@@ -329,6 +329,11 @@ def test_score_and_rerank_through_the_cohere_client(served):
     status, r = post("/score", {"model": "base", "text_1": docs[:2], "text_2": docs[2:]})  # item by item
     assert status == 200 and np.allclose([d["score"] for d in r["data"]],
                                          [vec[docs[0]] @ vec[docs[2]], vec[docs[1]] @ vec[docs[3]]], atol=1e-5)
+    for one, two in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2")):  # vLLM's newer names
+        status, r = post("/v1/score", {"model": "base", one: query, two: docs})
+        assert status == 200 and np.allclose([d["score"] for d in r["data"]], want, atol=1e-5), one
+    status, r = post("/v1/score", {"queries": docs[:2], "documents": docs[:3]})
+    assert status == 400 and r["error"]["param"] == "queries" and "'documents' 3" in r["error"]["message"]
     for path, body, param in [("/v1/score", {"text_1": docs[:2], "text_2": docs[:3]}, "text_1"),
                               ("/v1/score", {"text_1": "a", "text_2": [3]}, "text_2"),
                               ("/v1/score", {"text_1": "a", "text_2": ""}, "text_2"),
