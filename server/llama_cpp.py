@@ -292,9 +292,12 @@ class LlamaCpp:
     async def slots(self, request: web.Request) -> web.Response:
         """GET /slots: each slot's state (`slots`); 503 with `?fail_on_no_slot=1` when every slot is busy."""
         s = self.server
-        if not s.aengine.alive:
-            raise s.engine_stopped()
-        out = await s.aengine.call(slots)
+        try:
+            out = await s.aengine.call(slots)
+        except RuntimeError:  # the engine stopped (before the call, or with it queued)
+            if s.aengine.alive:
+                raise
+            raise s.engine_stopped() from None
         if request.query.get("fail_on_no_slot") and all(slot["is_processing"] for slot in out):  # (any value:
             raise ApiError(503, "no slot available", type_="unavailable_error")  # llama.cpp's)
         return web.json_response(out)
