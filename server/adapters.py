@@ -40,13 +40,11 @@ class Adapters:
         """`fn(engine)` on the engine thread: its InvalidRequest a 400, a stopped engine a 503 (another error, such
         as the devices' out of memory, stays a 500)."""
         try:
-            await self.server.aengine.call(fn)
+            await self.server.on_engine(fn)
         except InvalidRequest as e:
             raise bad(str(e), e.param) from None
-        except RuntimeError as e:
-            if self.server.aengine.alive:  # the devices' own error (out of memory, say): a 500 that says so
-                raise ApiError(500, f"the adapter could not be installed: {e}", type_="server_error") from None
-            raise self.server.engine_stopped() from None
+        except RuntimeError as e:  # the devices' own error (out of memory, say): a 500 that says so
+            raise ApiError(500, f"the adapter could not be installed: {e}", type_="server_error") from None
 
     async def load(self, request: web.Request) -> web.Response:
         """POST /v1/load_lora_adapter: read the PEFT adapter folder `lora_path` (on a parse thread) and hold it as

@@ -846,6 +846,16 @@ class Server:
             return self.shutting_down()
         return ApiError(500, "the engine failed while generating", type_="server_error", code="engine_error")
 
+    async def on_engine(self, fn) -> Any:
+        """`fn(engine)` run on the engine thread between steps (`AsyncEngine.call`), awaited: a 503 `engine_stopped`
+        when the engine has stopped (before the call, or with it queued); its other errors are raised as they are."""
+        try:
+            return await self.aengine.call(fn)
+        except RuntimeError:
+            if self.aengine.alive:
+                raise
+            raise self.engine_stopped() from None
+
     @staticmethod
     def engine_stopped() -> ApiError:
         """The 503 of a request the engine thread cannot answer: it has stopped or died."""

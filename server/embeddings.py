@@ -109,15 +109,11 @@ class Embeddings:
             batch = [inputs[i] for i in part]
             await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
             try:
-                out[part] = await srv.aengine.call(lambda engine: engine.embed(batch, mode, adapter, budget))
+                out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
             except InvalidRequest as e:
                 if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                     raise ApiError(404, str(e), "model", code="model_not_found") from None
                 raise bad(str(e), e.param) from None
-            except RuntimeError:
-                if srv.aengine.alive:
-                    raise
-                raise srv.engine_stopped() from None
         return out
 
     def tokens(self, items: list, body: dict, param: str, pair_param: str = "") -> list[list[int]]:

@@ -175,7 +175,7 @@ def settings(req, stops: list[str], n_probs: int) -> dict:
 def slots(engine) -> list[dict]:
     """Every slot of `engine` as llama.cpp's `/slots` shows it (run on the engine's thread: a consistent snapshot)."""
     sched = engine.sched
-    held = {slot: (req, choice) for slot, (req, choice) in sched.running.items()}
+    held = dict(sched.running)  # slot -> (request, choice)
     for pf in (*sched.admitting, *sched.prefilling):  # holding slots, their prompts being written
         held.update((c.slot, (pf.req, c)) for c in pf.choices if c.slot >= 0)
     out = []
@@ -291,13 +291,7 @@ class LlamaCpp:
 
     async def slots(self, request: web.Request) -> web.Response:
         """GET /slots: each slot's state (`slots`); 503 with `?fail_on_no_slot=1` when every slot is busy."""
-        s = self.server
-        try:
-            out = await s.aengine.call(slots)
-        except RuntimeError:  # the engine stopped (before the call, or with it queued)
-            if s.aengine.alive:
-                raise
-            raise s.engine_stopped() from None
+        out = await self.server.on_engine(slots)
         if request.query.get("fail_on_no_slot") and all(slot["is_processing"] for slot in out):  # (any value:
             raise ApiError(503, "no slot available", type_="unavailable_error")  # llama.cpp's)
         return web.json_response(out)
