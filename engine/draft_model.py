@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine import sleep as sleeping
 from engine.compile import AOT
 from engine.runner import PREFILL_ROWS, Runner, bucket
 from models import KVCache, Model, backends
@@ -102,7 +103,7 @@ class DraftModel:
         slots, ps = runner.slots, runner.page_size
         pool = cache_sharding(model.cfg.cache_heads, model.mesh)  # as the target's: heads over tp
         zeros = jax.jit(lambda: KVCache.zeros(model.cfg, runner.num_pages, ps), out_shardings=KVCache(pool, pool))
-        self.cache = zeros()
+        self.cache, self._zeros = zeros(), zeros
         self.length = np.zeros(slots, np.int64)  # positions the pool holds of each slot's sequence
         self.seated: list[object] = [None] * slots  # whose sequence they are (`propose`'s keys)
         self.tables = np.zeros((slots, runner.max_pages), np.int32)  # the table each slot's positions were written by
@@ -135,6 +136,16 @@ class DraftModel:
 
         self._draft = AOT(draft, "draft", repr((model.cfg, module.layer_cls.__qualname__, module.backend,
                                                  module.scan, dict(model.mesh.shape))))
+
+    def release_pool(self) -> int:
+        """Delete the draft's KV pool on the devices (`Engine.sleep`); the bytes given back. What it held is
+        forgotten: every sequence is written again."""
+        self.seated = [None] * len(self.seated)
+        return sleeping.offload(self.cache, keep=False).nbytes
+
+    def restore_pool(self) -> None:
+        """A zeroed KV pool again, after `release_pool`."""
+        self.cache = self._zeros()
 
     def programs(self) -> int:
         """Programs compiled (or loaded) so far."""

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -34,6 +34,7 @@ from engine.speculative import MIN_NGRAM, PROBE, PROBE_SHARE, Drafter, worth_ver
 from engine.compile import Background, compile_all
 from engine.detok import Detok
 from engine import output
+from engine import sleep as sleeping
 from engine.grammar import Grammars
 from engine.images import ImageRows
 from engine.requests import Choice, Delta, Prefill, Request
@@ -136,6 +137,8 @@ class Engine:
         self._on_adapters: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
         self._on_adapters_lock = threading.Lock()  # the server's threads make requests; the engine's thread loads
         self.embedded = self.embedded_tokens = 0  # inputs and their tokens embedded (`embed`)
+        # what `sleep` gave back, by tag: the KV pools' bytes; the weights' `engine.sleep.Offloaded` (own, rest)
+        self.asleep: dict[str, Any] = {}
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -164,7 +167,9 @@ class Engine:
         the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
         from them (speculative decoding), which changes the speed, never the tokens. `adapter`: the name of a LoRA
         adapter held (`load_adapter`) the request runs with (None: the base model). `priority`: its place in line
-        under the priority scheduling policy (lower sooner; any other than 0 is an error under `fcfs`)."""
+        under the priority scheduling policy (lower sooner; any other than 0 is an error under `fcfs`). Raises
+        `engine.sleep.Asleep` while the engine sleeps."""
+        self.awake()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -340,6 +345,7 @@ class Engine:
                     warmup_shapes_ready=self.background.ready if self.background else 0,
                     warmup_shapes_total=self.background.total if self.background else 0,
                     lora_slots=self.model.cfg.lora_slots, lora_adapters=len(self.adapters),
+                    sleep_level=self.sleep_level,
                     embedded_inputs=self.embedded, embedded_tokens=self.embedded_tokens,
                     image_slots=self.images.capacity if self.images else 0,
                     images_held=len(self.images.held) if self.images else 0,
@@ -366,16 +372,87 @@ class Engine:
     def swap_weights(self, new: Model) -> bool:
         """Serve `new`'s weights (a model of the same config and shapes, as `Server.update_weights` checks) from the
         next step on, when nothing is queued or running: True, with the prefix cache and held pictures forgotten
-        (computed with the old weights); else nothing changes: False. Call it on the engine's thread."""
+        (computed with the old weights); else nothing changes: False. Weights asleep wake up as `new`'s (the KV
+        pool sleeps on). Call it on the engine's thread."""
         if self.has_work():
             return False
-        self.model.params = {**self.model.params, "params": new.params["params"]}
-        if self.images is not None:
+        if "weights" in self.asleep:
+            self._wake_weights(new)
+        else:
+            self.model.params = {**self.model.params, "params": new.params["params"]}
             self.model.vision_params = new.vision_params
+        if self.images is not None:
             self.images.forget()
         flushed = sum(pool.flush() for pool in self.sched.pools)
         log.info("weights swapped; prefix cache flushed: %d pages", flushed)
         return True
+
+    def sleep(self, tags: tuple[str, ...] = sleeping.TAGS, keep_weights: bool = True) -> bool:
+        """Give back the devices' memory of `tags` (`engine.sleep`: "weights", "kv_cache") when nothing is queued or
+        running and no warm-up shape is compiling: True; else nothing changes: False. The KV pools are deleted
+        (the prefix cache flushed); the weights copied to the host first, or with `keep_weights` False (vLLM's
+        level 2) the model's own weights and vision tower's discarded (`wake_up` then takes new ones), the rest
+        (LoRA slots, a draft model) kept. Until every tag wakes up no request may be made. Engine thread."""
+        if self.has_work() or (self.background is not None and not self.background.done()):
+            return False
+        if "kv_cache" in tags and "kv_cache" not in self.asleep:
+            flushed = sum(pool.flush() for pool in self.sched.pools)
+            pools = [self.runner] + ([self.draft] if self.draft is not None else [])
+            self.asleep["kv_cache"] = sum(p.release_pool() for p in pools)
+            log.info("asleep: the KV pool given back (%.2f GB; %d cached pages forgotten)",
+                     self.asleep["kv_cache"] / 1e9, flushed)
+        if "weights" in tags and "weights" not in self.asleep:
+            own = {"params": self.model.params["params"], "vision": self.model.vision_params}
+            rest = {"model": {k: v for k, v in self.model.params.items() if k != "params"},
+                    "draft": self.draft.model.params if self._own_draft() else None}
+            self.asleep["weights"] = sleeping.offload(own, keep_weights), sleeping.offload(rest)
+            log.info("asleep: the weights given back (%.2f GB, %s)", sum(o.nbytes for o in self.asleep["weights"])
+                     / 1e9, "kept on the host" if keep_weights else "the model's own discarded")
+        return True
+
+    def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS, new: Model | None = None) -> None:
+        """Take back the devices' memory `sleep` gave back for `tags`: the weights as they were, or `new`'s where
+        they were discarded (required then; a model of the same config and shapes), and the KV pools zeroed.
+        Engine thread."""
+        if "weights" in tags and "weights" in self.asleep:
+            self._wake_weights(new)
+        if "kv_cache" in tags and self.asleep.pop("kv_cache", None) is not None:
+            for pool in [self.runner] + ([self.draft] if self.draft is not None else []):
+                pool.restore_pool()
+            log.info("awake: the KV pool zeroed")
+
+    @property
+    def sleep_level(self) -> int:
+        """What `sleep` has given back: 0 nothing, 1 the KV pool or the weights kept on the host, 2 the model's
+        weights discarded (vLLM's levels)."""
+        weights = self.asleep.get("weights")
+        return 2 if weights is not None and weights[0].host is None else int(bool(self.asleep))
+
+    def awake(self) -> None:
+        """Raise `engine.sleep.Asleep` unless every tag is awake."""
+        if self.asleep:
+            raise sleeping.Asleep(f"the model is asleep ({' and '.join(sorted(self.asleep))} given back): wake it "
+                                  "up first (POST /wake_up)")
+
+    def _wake_weights(self, new: Model | None) -> None:
+        """The weights back on the devices: `new`'s where given (or where they were discarded), else the host
+        copy's; the LoRA slots and a draft model's as they were."""
+        own, rest = self.asleep["weights"]
+        if new is None and own.host is None:
+            raise ValueError("the weights were discarded (level 2): wake them with new ones")
+        own = {"params": new.params["params"], "vision": new.vision_params} if new is not None else \
+            sleeping.restore(own)
+        rest = sleeping.restore(rest)
+        del self.asleep["weights"]
+        self.model.params = {"params": own["params"], **rest["model"]}
+        self.model.vision_params = own["vision"]
+        if self._own_draft():
+            self.draft.model.params = rest["draft"]
+        log.info("awake: the weights on the devices again")
+
+    def _own_draft(self) -> bool:
+        """A draft model other than the model itself (whose weights sleep and wake with the model's)."""
+        return self.draft is not None and self.draft.model is not self.model
 
     def load_adapter(self, name: str, adapter: lora.Adapter) -> Loaded:
         """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other adapter holds
@@ -413,7 +490,8 @@ class Engine:
         calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
-        loaded."""
+        loaded; `engine.sleep.Asleep` while the engine sleeps."""
+        self.awake()
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
         for i, ids in enumerate(inputs):

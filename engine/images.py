@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from engine import sleep as sleeping
 from engine.grammar_sandbox import Busy
 from engine.params import InvalidRequest
 from models import Model, vision
@@ -68,6 +69,8 @@ class ImageRows:
         return key, pixels, None if key in self.held else self._features(pixels)
 
     def _features(self, pixels: np.ndarray) -> jax.Array:
+        if jax.tree.leaves(self.model.vision_params)[0].is_deleted():  # (`Engine.sleep`)
+            raise sleeping.Asleep("the model is asleep: its vision tower's weights are given back")
         self.encoded = next(self._encodes)  # parse threads encode at once: one count each
         return self._encode(self.model.vision_params, np.asarray(pixels, np.float32)[None])
 

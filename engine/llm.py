@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from engine import beam
+from engine import sleep as sleeping
 from engine.draft_model import from_config
 from engine.engine import Engine
 from engine.grammar_sandbox import SERVING_STACK, Busy
@@ -86,8 +87,11 @@ class LLM:
         "num_speculative_tokens": K}` or `{"method": "ngram", ...}` (`engine.draft_model.from_config`)."""
         draft, spec = from_config(speculative_config) if speculative_config else (None, {})
         runner = {**spec, **runner}
-        if not isinstance(model, Model):  # the context picks LongRoPE's factors (`config._inv_freq`)
-            model = load_model(model, max_model_len=runner.get("max_model_len", 0))
+        # what loads the model's weights again after a sleep of level 2 (None: a `Model` was given)
+        self._reload = None if isinstance(model, Model) else functools.partial(
+            load_model, model, max_model_len=runner.get("max_model_len", 0))  # (the context picks LongRoPE's
+        if not isinstance(model, Model):  # factors: `config._inv_freq`)
+            model = self._reload()
         if draft is not None and not isinstance(draft, Model):
             draft = load_model(draft, max_model_len=runner.get("max_model_len", 0))
         self.model = model
@@ -98,6 +102,25 @@ class LLM:
     def load_lora(self, name: str, path: str) -> None:
         """Load the PEFT LoRA adapter in folder `path` as `name`."""
         self.engine.load_adapter(name, lora.read(path, self.model))
+
+    def sleep(self, level: int = 1) -> None:
+        """Give back the devices' memory (vLLM's `LLM.sleep`): level 1 keeps the weights on the host, level 2
+        discards them (`wake_up` then loads them again); the KV pool is dropped. Generating meanwhile raises
+        `engine.sleep.Asleep`."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level: 1 or 2, not {level!r}")
+        if level == 2 and self._reload is None:
+            raise ValueError("sleep level 2 discards the weights: it needs an LLM that loaded its model by name")
+        self.engine.sleep(keep_weights=level == 1)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory back (vLLM's `LLM.wake_up`), for `tags` ("weights", "kv_cache"; all by default)."""
+        tags = tuple(tags or sleeping.TAGS)
+        if unknown := set(tags) - set(sleeping.TAGS):
+            raise ValueError(f"wake_up tags: {sorted(unknown)} are not among {list(sleeping.TAGS)}")
+        weights = self.engine.asleep.get("weights")
+        discarded = "weights" in tags and weights is not None and weights[0].host is None
+        self.engine.wake_up(tags, self._reload() if discarded else None)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
                  lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:

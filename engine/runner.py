@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine import memory, multihost, sampler as smp
+from engine import memory, multihost, sampler as smp, sleep as sleeping
 from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
 from models import backends, pooling
@@ -257,6 +257,7 @@ class Runner:
         # Zeroing gigabytes takes seconds (page faults): it runs on a thread, behind loading the first programs
         # (which need only its shape); the first step that uses the pool waits for it.
         self._zeroing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pool").submit(zeros)
+        self._zeros = zeros  # (again after a sleep: `restore_pool`)
         self.by_row = NamedSharding(mesh, P("data"))  # sampler rows: each shard holds its slots'
         self.state = jax.device_put(smp.init_state(self.slots, vocab), self.by_row)
         self.params = jax.device_put(smp.SamplerParams(**smp.neutral_params(self.slots, vocab)), self.by_row)
@@ -611,6 +612,14 @@ class Runner:
     @cache.setter
     def cache(self, value: KVCache) -> None:
         self._cache, self._zeroing = value, None
+
+    def release_pool(self) -> int:
+        """Delete the KV pool on the devices (sleep mode: `Engine.sleep`); the bytes given back."""
+        return sleeping.offload(self.cache, keep=False).nbytes
+
+    def restore_pool(self) -> None:
+        """A zeroed KV pool again, after `release_pool`."""
+        self.cache = self._zeros()
 
     def pool_error(self) -> BaseException | None:
         """Why zeroing the KV pool failed, if it has (without waiting for it)."""

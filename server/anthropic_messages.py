@@ -406,7 +406,7 @@ class Messages:
         """POST /v1/messages/count_tokens: the prompt's length in tokens, as the template renders it."""
         async def answer(body, call) -> web.Response:
             return web.json_response({"input_tokens": len((await self._job(request, body, counting=True)).prompts[0])})
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)
 
 
     async def create(self, request: web.Request) -> web.StreamResponse:

@@ -32,6 +32,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from engine import beam
+from engine import sleep as sleeping
 from engine.requests import Choice, Delta, Request
 from engine.grammar_sandbox import Busy
 from engine.thinking import Budget
@@ -41,7 +42,7 @@ from models import Model
 from models.loading.source import cache_root
 from server import (adapters, anthropic_messages, batches, compaction, conversations, embeddings, harmony, images,
                     llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, sagemaker, scores,
-                    sglang, tools)
+                    sglang, sleep_mode, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -134,6 +135,7 @@ class Server:
         anthropic_messages.routes(app, self)
         message_batches.routes(app, self)
         sglang.routes(app, self)
+        sleep_mode.routes(app, self)
         adapters.routes(app, self)
         batches.routes(app, self)
         emb = embeddings.routes(app, self)
@@ -523,8 +525,9 @@ class Server:
             return self._respond(job, parts, call)
         return answer
 
-    async def serve(self, request: web.Request, answer) -> web.StreamResponse:
-        """One API call with its accounting: 503 while draining; the JSON body read, then 429 when more calls wait
+    async def serve(self, request: web.Request, answer, model: bool = True) -> web.StreamResponse:
+        """One API call with its accounting: 503 while draining; the JSON body read, then 503 while the model sleeps
+        (`sleep`; unless the call does not run the `model`: a count of tokens), 429 when more calls wait
         to be parsed than could be seated or queued (bodies still arriving do not count: a crowd of stalled uploads
         must not lock others out; they end at the body timeout); the model checked, then `answer(body, call)`
         parses, `admit`s and writes the reply (each API's own shapes), all by the call's deadline
@@ -540,6 +543,8 @@ class Server:
             self._stage(call, "reading")
             body = await self._body(request)
             await self._unpaused()
+            if model and self.engine.asleep:
+                raise self.asleep_error()
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
@@ -550,6 +555,9 @@ class Server:
         except ApiError as e:
             status = e.status
             raise
+        except sleeping.Asleep:  # a count of tokens that encodes a picture
+            status = 503
+            raise self.asleep_error() from None
         except asyncio.CancelledError:  # the client went away (nginx's 499), or shutdown cut the call short
             status = 503 if self.draining else 499
             raise
@@ -599,24 +607,69 @@ class Server:
             if differ or shapes(new) != shapes(self.model):
                 raise bad(f"{path!r} is not this model's kind: {', '.join(differ) or 'its weights shapes'} differ",
                           "model_path")
-            loop = asyncio.get_running_loop()
-            self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
-            try:
-                aborted = self.in_flight() if abort else []
-                for rid in aborted:
-                    self.engine.abort(rid)
-                while self.stages["parsing"] or not await self.aengine.call(lambda e: e.swap_weights(new)):
-                    if loop.time() > end:
-                        raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; the "
-                                       "weights are unchanged (abort_all_requests ends them first)", "model_path")
-                    await asyncio.sleep(0.02)  # the calls being parsed or run finish first
-            finally:
-                self.paused.set_result(None)
-                self.paused = None
+            aborted = await self._quiet(lambda e: e.swap_weights(new), "the weights are unchanged "
+                                        "(abort_all_requests ends them first)", "model_path", abort)
             self.model.source = new.source
             self.weight_version = version or self.weight_version
         log.info("weights of %s served (%s)", path, self.weight_version)
+        return aborted
+
+    async def _quiet(self, fn: Callable[[Any], bool], unchanged: str, param: str | None = None,
+                     abort: bool = False) -> int:
+        """`fn(engine)` on the engine thread once no call is being parsed or run (`fn` answers False while the
+        engine has work), new calls waiting meanwhile (`paused`); with `abort`, those in flight are aborted first,
+        else they finish, for up to `SWAP_WAIT` seconds (then a 409 that ends with `unchanged`). Returns the calls
+        aborted."""
+        loop = asyncio.get_running_loop()
+        self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
+        try:
+            aborted = self.in_flight() if abort else []
+            for rid in aborted:
+                self.engine.abort(rid)
+            while self.stages["parsing"] or not await self.on_engine(fn):
+                if loop.time() > end:
+                    raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; {unchanged}",
+                                   param)
+                await asyncio.sleep(0.02)  # the calls being parsed or run finish first
+        finally:
+            self.paused.set_result(None)
+            self.paused = None
         return len(aborted)
+
+    async def sleep(self, tags: tuple[str, ...] = sleeping.TAGS, keep_weights: bool = True) -> None:
+        """Give back the devices' memory of `tags` (`Engine.sleep`: vLLM's `/sleep`, SGLang's
+        `/release_memory_occupation`) once the calls in flight have finished, new ones waiting meanwhile; then
+        every call that needs the model is a 503 until `wake_up`. `keep_weights` False (vLLM's level 2) discards the
+        model's weights: waking reads them again from where they were loaded (or `update_weights` serves new
+        ones). A 400 where that cannot be done; a 409 when the calls in flight outlast `SWAP_WAIT`."""
+        if not keep_weights and self.loader is None:
+            raise bad("this server cannot load its weights again (it runs over several processes, or was not "
+                      "started by `python -m server`): sleep at level 1", "level")
+        if jax.process_count() > 1:
+            raise bad("sleep mode is not offered across processes", "level")
+        await asyncio.shield(asyncio.get_running_loop().create_task(self._sleep(tags, keep_weights)))
+
+    async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
+        async with self.updating:
+            await self._quiet(lambda e: e.sleep(tags, keep_weights), "nothing was given back")
+
+    async def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS) -> None:
+        """Take back what `sleep` gave back for `tags` (vLLM's `/wake_up`, SGLang's `/resume_memory_occupation`);
+        weights discarded are loaded again from the model's source first. Nothing asleep: nothing to do."""
+        await asyncio.shield(asyncio.get_running_loop().create_task(self._wake_up(tags)))
+
+    async def _wake_up(self, tags: tuple[str, ...]) -> None:
+        async with self.updating:
+            own = self.engine.asleep.get("weights", (None,))[0]
+            new = None
+            if "weights" in tags and own is not None and own.host is None:
+                new = await self.off_loop(self.loader, self.model.source)
+            await self.on_engine(lambda e: e.wake_up(tags, new))
+
+    def asleep_error(self) -> ApiError:
+        """The 503 of a call that needs the model while it sleeps."""
+        return ApiError(503, f"the model is sleeping ({' and '.join(sorted(self.engine.asleep))} given back); wake "
+                        "it up first (POST /wake_up)", type_="service_unavailable", code="sleeping")
 
     def _stage(self, call: "Call", stage: str | None) -> None:
         """Move a call to `stage` ("reading" its body, "parsing" it, or None: admitted or ended), counted in

@@ -33,6 +33,8 @@ ENGINE_GAUGES = {
     "max_model_len": "context cap per sequence",
     "lora_slots": "LoRA adapters the devices hold at once (--max-loras; 0: LoRA off)",
     "lora_adapters": "LoRA adapters loaded",
+    "sleep_level": "device memory given back by sleep mode: 0 none, 1 the KV pool or the weights kept on the host, "
+                   "2 the weights discarded",
     "image_slots": "pictures whose features the devices hold at once (--max-images; 0: the model reads text only)",
     "images_held": "pictures whose features the devices keep, found again by their digest (a slot is reused when "
                    "every slot keeps one)",

@@ -686,7 +686,7 @@ class Responses:
         async def answer(body, call) -> web.Response:
             job = (await self._job(body))[0]
             return web.json_response({"object": "response.input_tokens", "input_tokens": len(job.prompts[0])})
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/responses."""

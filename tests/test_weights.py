@@ -97,3 +97,114 @@ def test_new_weights_are_served_as_transformers_runs_them(swapped):
     assert api.engine.runner.compiles == compiles
     with urllib.request.urlopen(api.url + "/model_info", timeout=30) as r:
         assert json.load(r)["weight_version"] == "step-2"
+
+
+def _call(api, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    asked = urllib.request.Request(api.url + path, method=method, data=None if body is None else json.dumps(
+        body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(asked, timeout=300) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _device_bytes() -> int:
+    import jax
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+def test_sleep_gives_the_devices_memory_back_and_wakes_as_it_was(swapped):
+    """vLLM's `/sleep` (levels 1 and 2), `/wake_up` (by tags) and `/is_sleeping`, and SGLang's
+    `/release_memory_occupation` and `/resume_memory_occupation`: asleep, the weights' and the KV pool's device
+    arrays are gone (counted), every call that runs the model is a 503 while the others answer, a reply running
+    when sleep is asked finishes first, and awake the replies are as before with nothing compiled anew; weights
+    discarded at level 2 are read again, or replaced by `/update_weights_from_disk`."""
+    import jax
+    api, (first, _, _) = swapped, swapped.folders
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    ask = dict(model=NAME, prompt="The capital of France is", max_tokens=8, temperature=0,
+               extra_body={"return_token_ids": True, "ignore_eos": True})
+    tokens = lambda reply: reply.choices[0].model_extra["token_ids"]  # noqa: E731
+    before = tokens(client.completions.create(**ask))
+    held = sum(x.nbytes for x in jax.tree.leaves((api.model.params, api.engine.runner.cache)))
+    compiles, used = api.engine.runner.compiles, _device_bytes()
+    long, results = {**ask, "max_tokens": 64}, []
+    running = threading.Thread(target=lambda: results.append(client.completions.create(**long)))
+    running.start()
+    while not api.engine.stats()["running"]:
+        time.sleep(0.005)
+    assert _call(api, "POST", "/sleep?level=1") == (200, None)
+    running.join()
+    assert len(tokens(results[0])) == 64 and tokens(results[0])[:8] == before  # finished before the sleep
+    assert used - _device_bytes() >= held  # the weights and the KV pool: gone from the devices
+    assert _call(api, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**ask)
+    assert e.value.status_code == 503 and e.value.body["code"] == "sleeping", e.value.body
+    assert _call(api, "POST", "/tokenize", {"model": NAME, "prompt": "hello"})[0] == 200  # needs no weights
+    with urllib.request.urlopen(api.url + "/metrics", timeout=30) as r:
+        assert "sparkler_sleep_level 1.0" in r.read().decode()
+    for path in ("/sleep?level=3", "/wake_up?tags=everything"):
+        status, out = _call(api, "POST", path)
+        assert status == 400 and out["error"]["param"] in ("level", "tags"), out
+    assert _call(api, "POST", "/wake_up?tags=weights") == (200, None)  # the KV pool still sleeps
+    assert _call(api, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    assert _call(api, "POST", "/wake_up?tags=kv_cache") == (200, None)
+    assert _call(api, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    again = client.completions.create(**ask)
+    assert tokens(again) == before and again.usage.prompt_tokens_details.cached_tokens == 0  # the pool forgotten
+    assert api.engine.runner.compiles == compiles
+
+    assert _call(api, "POST", "/sleep?level=2") == (200, None)  # the weights discarded: read again on waking
+    assert api.engine.stats()["sleep_level"] == 2
+    assert _call(api, "POST", "/wake_up") == (200, None)
+    assert tokens(client.completions.create(**ask)) == before
+
+    assert _call(api, "POST", "/sleep?level=2") == (200, None)  # ... or replaced by new weights
+    status, out = _post(api, "/update_weights_from_disk", {"model_path": first[0]})
+    assert status == 200 and out["success"], out
+    assert _call(api, "GET", "/is_sleeping") == (200, {"is_sleeping": True})  # the KV pool sleeps on
+    assert _call(api, "POST", "/wake_up", {}) == (200, None)
+    ids = client.completions.create(**ask).model_extra["prompt_token_ids"]
+    assert tokens(client.completions.create(**ask)) == _greedy(first[1], ids, 8)
+
+    # SGLang's names: by tags in the body ("cuda_graph" has nothing to give back)
+    assert _call(api, "POST", "/release_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}) == (200, None)
+    assert api.engine.stats()["sleep_level"] == 1 and "weights" not in api.engine.asleep
+    status, out = _call(api, "POST", "/release_memory_occupation", {"tags": ["gpu"]})
+    assert status == 400 and out["error"]["param"] == "tags", out
+    assert _call(api, "POST", "/resume_memory_occupation", {"tags": None}) == (200, None)
+    assert tokens(client.completions.create(**ask)) == _greedy(first[1], ids, 8)
+    assert api.engine.runner.compiles == compiles
+
+
+def test_offline_llm_sleeps_and_wakes_up(swapped):
+    """`LLM.sleep(level)` and `LLM.wake_up(tags)` (vLLM's offline API), with a draft model: generating while
+    asleep is an error, and awake (level 1: the host copy; level 2: loaded again) the greedy tokens are
+    transformers' and the draft model drafts again."""
+    from engine.llm import LLM
+    from engine.params import SamplingParams
+    from engine.sleep import Asleep
+
+    first, second = swapped.folders[:2]  # the second drafts for the first (its weights and pool sleep too)
+    llm = LLM(first[0], max_num_seqs=2, max_model_len=128, kv_cache_gb=0.005, decode_batch_sizes=(2,),
+              speculative_config={"model": second[0], "num_speculative_tokens": 2})
+    llm.engine.verify_always = True
+    ids = llm.model.tokenizer.encode("The capital of France is")
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = _greedy(first[1], ids, 6)
+    assert llm.generate([ids], sp)[0].outputs[0].token_ids == want
+    for level in (1, 2):
+        llm.sleep(level)
+        with pytest.raises(Asleep):
+            llm.generate([ids], sp)
+        llm.wake_up(["kv_cache"])
+        with pytest.raises(Asleep):
+            llm.generate([ids], sp)
+        llm.wake_up()
+        out = llm.generate([ids], sp)[0]
+        assert out.outputs[0].token_ids == want and out.drafted > 0
+    with pytest.raises(ValueError, match="level"):
+        llm.sleep(3)
