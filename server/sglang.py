@@ -365,9 +365,10 @@ class SGLang:
 
     async def health_generate(self, request: web.Request) -> web.Response:
         """GET /health_generate: 200 once the engine has drawn a token (one greedy token after a one-token prompt)
-        within `HEALTH_TIMEOUT` seconds; 503 while draining or when it has not (SGLang's, which balancers poll)."""
+        within `HEALTH_TIMEOUT` seconds; 503 while draining or asleep, or when it has not (SGLang's, which balancers
+        poll)."""
         s = self.server
-        if s.draining:
+        if s.draining or s.engine.asleep:
             return web.Response(status=503)
         req = s.engine.make_request([0], SamplingParams(max_tokens=1, temperature=0.0), f"health-{uuid.uuid4().hex}")
         try:

@@ -144,6 +144,9 @@ def test_sleep_gives_the_devices_memory_back_and_wakes_as_it_was(swapped):
         client.completions.create(**ask)
     assert e.value.status_code == 503 and e.value.body["code"] == "sleeping", e.value.body
     assert _call(api, "POST", "/tokenize", {"model": NAME, "prompt": "hello"})[0] == 200  # needs no weights
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(api.url + "/health_generate", timeout=30)
+    assert e.value.code == 503
     with urllib.request.urlopen(api.url + "/metrics", timeout=30) as r:
         assert "sparkler_sleep_level 1.0" in r.read().decode()
     for path in ("/sleep?level=3", "/wake_up?tags=everything"):
