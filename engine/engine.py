@@ -139,6 +139,7 @@ class Engine:
         self.embedded = self.embedded_tokens = 0  # inputs and their tokens embedded (`embed`)
         # what `sleep` gave back, by tag: the KV pools' bytes; the weights' `engine.sleep.Offloaded` (own, rest)
         self.asleep: dict[str, Any] = {}
+        self.held: str | None = None  # generation paused (`hold`): "in_place" or "retract"; None: running
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -360,10 +361,35 @@ class Engine:
         return bool(sched.queued() or sched.running or sched.prefilling or not self.incoming.empty()
                     or not self.aborts.empty() or self.pending)
 
+    def runnable(self) -> bool:
+        """Whether `step` has anything to do: any work, or while held (`hold`) or asleep (`sleep`) only what is in
+        flight to read back, aborts to take, requests to queue, or running work to retract."""
+        if self.held is None and not self.asleep:
+            return self.has_work()
+        return bool(self.pending or not self.aborts.empty() or not self.incoming.empty()
+                    or self.held == "retract" and (self.sched.running or self.sched.prefilling))
+
+    def hold(self, mode: str = "in_place") -> None:
+        """Pause generating (SGLang's `/pause_generation`) from the next step on: what is in flight is read back
+        and nothing more is dispatched until `release`; "in_place" keeps the running work seated with its KV
+        pages, "retract" preempts it back to the queue (recomputed from its tokens when released). Engine
+        thread."""
+        if mode not in ("in_place", "retract"):
+            raise ValueError(f"hold mode: in_place or retract, not {mode!r}")
+        self.held = mode
+
+    def release(self) -> None:
+        """Generate again after `hold` (SGLang's `/continue_generation`)."""
+        self.held = None
+
+    def parked(self) -> bool:
+        """Idle but for work held in the queue (`hold` after a retraction): nothing seated, nothing in flight."""
+        return not self.runnable() and not self.sched.running and not self.sched.prefilling
+
     def flush_cache(self) -> bool:
-        """Forget every cached prompt prefix (SGLang's `/flush_cache`), when nothing is queued or running: True;
-        else nothing is flushed (a running request may be reading them): False. Call it on the engine's thread."""
-        if self.has_work():
+        """Forget every cached prompt prefix (SGLang's `/flush_cache`), when nothing is seated or in flight (`parked`):
+        True; else nothing is flushed (a running request may be reading them): False. Engine thread."""
+        if not self.parked():
             return False
         flushed = sum(pool.flush() for pool in self.sched.pools)
         log.info("prefix cache flushed: %d pages", flushed)
@@ -373,8 +399,9 @@ class Engine:
         """Serve `new`'s weights (a model of the same config and shapes, as `Server.update_weights` checks) from the
         next step on, when nothing is queued or running: True, with the prefix cache and held pictures forgotten
         (computed with the old weights); else nothing changes: False. Weights asleep wake up as `new`'s (the KV
-        pool sleeps on). Call it on the engine's thread."""
-        if self.has_work():
+        pool sleeps on). Held (`hold`), the work held goes on with the new weights when released (in place: over
+        the pages the old ones wrote). Call it on the engine's thread."""
+        if self.runnable():
             return False
         if "weights" in self.asleep:
             self._wake_weights(new)
@@ -388,12 +415,12 @@ class Engine:
         return True
 
     def sleep(self, tags: tuple[str, ...] = sleeping.TAGS, keep_weights: bool = True) -> bool:
-        """Give back the devices' memory of `tags` (`engine.sleep`: "weights", "kv_cache") when nothing is queued or
-        running and no warm-up shape is compiling: True; else nothing changes: False. The KV pools are deleted
-        (the prefix cache flushed); the weights copied to the host first, or with `keep_weights` False (vLLM's
-        level 2) the model's own weights and vision tower's discarded (`wake_up` then takes new ones), the rest
+        """Give back the devices' memory of `tags` (`engine.sleep`: "weights", "kv_cache") when nothing is seated or
+        in flight (`parked`) and no warm-up shape is compiling: True; else nothing changes: False. The KV pools
+        are deleted (the prefix cache flushed); the weights copied to the host first, or with `keep_weights` False
+        (vLLM's level 2) the model's own weights and vision tower's discarded (`wake_up` then takes new ones), the rest
         (LoRA slots, a draft model) kept. Until every tag wakes up no request may be made. Engine thread."""
-        if self.has_work() or (self.background is not None and not self.background.done()):
+        if not self.parked() or (self.background is not None and not self.background.done()):
             return False
         if "kv_cache" in tags and "kv_cache" not in self.asleep:
             flushed = sum(pool.flush() for pool in self.sched.pools)
@@ -527,7 +554,7 @@ class Engine:
         compile_all(self.runner.first_jobs(), desc="first shapes")
         # a compile takes one core: a quarter of the cores compile at once (one here, four on a 16-core GPU host,
         # where the accelerators' warm-up compiles every attended length), the rest serve
-        self.background = Background(jobs, workers=max(1, (os.cpu_count() or 1) // 4), yield_to=self.has_work)
+        self.background = Background(jobs, workers=max(1, (os.cpu_count() or 1) // 4), yield_to=self.runnable)
 
     # ---- the loop body ----------------------------------------------------------------------------------------
 
@@ -546,6 +573,12 @@ class Engine:
         changed: dict[str, Request] = {}
         t = time.perf_counter()
         self._take_aborts()  # before anything in flight is read back: an aborted choice takes none of it
+        if self.held is not None or self.asleep:  # paused: what is in flight read back, nothing more dispatched
+            self._sync(changed, done)
+            if self.held == "retract":
+                self.sched.retract()
+            self._emit(changed, done)
+            return done
         older = list(self.pending)  # the last step's draws: read back once this step's work is dispatched
         if older and not self._ahead():
             self._sync(changed, done)

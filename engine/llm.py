@@ -293,7 +293,7 @@ class AsyncEngine:
             if self._fail_requested:
                 self._fail_requested = False
                 self._fail_all()
-            if not self.engine.has_work():
+            if not self.engine.runnable():
                 self.engine.idle()
                 self._wake.wait(0.05)
                 self._wake.clear()

@@ -356,6 +356,12 @@ class Scheduler:
         running choice or prefilling request) and return its choice."""
         return self._preempt(self._victim(lambda r: True, shard))
 
+    def retract(self) -> None:
+        """Preempt every running choice and prefilling prompt back to the queue (SGLang's retraction, a paused
+        engine's `hold`), to be recomputed from its tokens later."""
+        while (work := self._victim(lambda r: True)) is not None:
+            self._preempt(work)
+
     def _preempt(self, work) -> Choice:
         """Free a running choice's or a prefilling prompt's slots and pages and queue it first among its urgency, to
         be recomputed from its tokens later (a running choice's sampler row goes with it); returns its (first)

@@ -664,6 +664,8 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
     try:
         await stop.wait()
         await server.batches.stop()  # batches send no more: they go on at the next start (or end cancelled)
+        if server.holding is not None:  # generation paused: the calls held finish (or fail at the deadline)
+            await server.continue_generation()
         deadline = time.monotonic() + drain_timeout
         while (server.active or server.engine.has_work()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

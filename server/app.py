@@ -92,6 +92,7 @@ class Server:
         self.loader = loader  # a folder's model loaded as this one was (`update_weights`; None: not offered)
         self.weight_version = "default"  # SGLang's name for the weights served (`update_weights` sets it)
         self.paused: asyncio.Future | None = None  # while weights are swapped, calls wait on it before admission
+        self.holding: asyncio.Future | None = None  # ... and while generation is paused (`pause_generation`)
         self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
@@ -575,11 +576,11 @@ class Server:
     async def _unpaused(self) -> None:
         """Wait while weights are swapped (`update_weights`), by the call's deadline; before parsing, so that nothing
         is prepared with the old weights (a picture's features) and admitted after."""
-        while self.paused is not None:
+        while (gate := self.paused or self.holding) is not None:
             deadline = DEADLINE.get()
             try:
                 async with asyncio.timeout_at(deadline):
-                    await asyncio.shield(self.paused)
+                    await asyncio.shield(gate)
             except TimeoutError:
                 raise self.timed_out() from None
 
@@ -635,6 +636,30 @@ class Server:
             self.paused.set_result(None)
             self.paused = None
         return len(aborted)
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Pause generating (SGLang's `/pause_generation`, as RL trainers call it around a weight update): new calls
+        wait before parsing until `continue_generation` (by their deadlines); "abort" aborts the calls in flight
+        (each answers what it drew, finish reason "abort"), "in_place" holds them seated with their KV pages,
+        "retract" holds them back in the queue, to be recomputed (`Engine.hold`). Returns once nothing runs;
+        weights updated meanwhile serve the calls held when they go on."""
+        if mode not in ("abort", "in_place", "retract"):
+            raise bad(f"mode: abort, in_place or retract, not {mode!r}", "mode")
+        if self.holding is None:
+            self.holding = asyncio.get_running_loop().create_future()
+        if mode == "abort":
+            for rid in self.in_flight():
+                self.engine.abort(rid)
+        await self.on_engine(lambda e: e.hold("retract" if mode == "abort" else mode))
+        while await self.on_engine(lambda e: e.runnable()):  # what was in flight read back, the retraction done
+            await asyncio.sleep(0.01)
+
+    async def continue_generation(self) -> None:
+        """Generate again after `pause_generation`: the calls held go on, those waiting are parsed."""
+        await self.on_engine(lambda e: e.release())
+        if self.holding is not None:
+            self.holding.set_result(None)
+            self.holding = None
 
     async def sleep(self, tags: tuple[str, ...] = sleeping.TAGS, keep_weights: bool = True) -> None:
         """Give back the devices' memory of `tags` (`Engine.sleep`: vLLM's `/sleep`, SGLang's

@@ -63,6 +63,8 @@ def routes(app: web.Application, server) -> None:
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
     app.router.add_post("/reset_prefix_cache", api.flush_cache)  # vLLM's name for it
     app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
+    app.router.add_post("/pause_generation", api.pause_generation)
+    app.router.add_post("/continue_generation", api.continue_generation)
 
 
 def generate_body(body: Any) -> tuple[dict, list[str], bool]:
@@ -343,6 +345,20 @@ class SGLang:
                                      status=e.status)
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": aborted})
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        """POST /pause_generation `{"mode": "abort" | "in_place" | "retract"}` (default abort;
+        `Server.pause_generation`)."""
+        body = await self.server._body(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        await self.server.pause_generation(body.get("mode", "abort"))
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        """POST /continue_generation: the paused generation goes on (`Server.continue_generation`)."""
+        await self.server.continue_generation()
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def model_info(self, request: web.Request) -> web.Response:
         """GET /model_info: what SGLang's clients read of the model."""

@@ -211,3 +211,64 @@ def test_offline_llm_sleeps_and_wakes_up(swapped):
         assert out.outputs[0].token_ids == want and out.drafted > 0
     with pytest.raises(ValueError, match="level"):
         llm.sleep(3)
+
+
+def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
+    """SGLang's `/pause_generation` and `/continue_generation`: "in_place" holds a running reply seated (no token
+    drawn meanwhile) and a new call waits, both then finishing as unpaused; "retract" puts the running reply back
+    in the queue, new weights are served meanwhile (`/update_weights_from_disk`; the memory may sleep too) and the
+    reply goes on with them from where it was (transformers' greedy tokens on each side of the pause); "abort" ends
+    it with what it drew."""
+    api, (first, second, _) = swapped, swapped.folders
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    ask = dict(model=NAME, prompt="The capital of France is", max_tokens=160, temperature=0,
+               extra_body={"return_token_ids": True, "ignore_eos": True})
+    tokens = lambda reply: reply.choices[0].model_extra["token_ids"]  # noqa: E731
+    assert _post(api, "/update_weights_from_disk", {"model_path": first[0]})[0] == 200
+    ids = client.completions.create(**{**ask, "max_tokens": 1}).model_extra["prompt_token_ids"]
+    old = _greedy(first[1], ids, 160)
+
+    def running() -> tuple[threading.Thread, list]:
+        results: list = []
+        thread = threading.Thread(target=lambda: results.append(client.completions.create(**ask)))
+        thread.start()
+        while not api.engine.stats()["running"] or not api.server.admitted[-1][0].choices[0].token_ids:
+            time.sleep(0.002)
+        return thread, results
+
+    thread, results = running()
+    assert _post(api, "/pause_generation", {"mode": "in_place"}) == (
+        200, {"message": "Generation paused successfully.", "status": "ok"})
+    choice = api.server.admitted[-1][0].choices[0]
+    drawn = len(choice.token_ids)
+    later: list = []
+    waiting = threading.Thread(target=lambda: later.append(client.completions.create(**{**ask, "max_tokens": 4})))
+    waiting.start()
+    time.sleep(0.3)
+    assert len(choice.token_ids) == drawn < 160 and api.engine.stats()["running"] == 1 and not later
+    assert _post(api, "/continue_generation", {})[0] == 200
+    thread.join(), waiting.join()
+    assert tokens(results[0]) == old and tokens(later[0]) == old[:4]
+
+    thread, results = running()
+    assert _post(api, "/pause_generation", {"mode": "retract"})[0] == 200
+    stats = api.engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 1
+    drawn = len(api.server.admitted[-1][0].choices[0].token_ids)
+    assert _post(api, "/update_weights_from_disk", {"model_path": second[0]})[0] == 200  # while it is held
+    assert _call(api, "POST", "/release_memory_occupation", {}) == (200, None)  # nothing seated: it may sleep
+    assert _call(api, "POST", "/resume_memory_occupation", {}) == (200, None)
+    assert _post(api, "/continue_generation", {})[0] == 200
+    thread.join()
+    out = tokens(results[0])
+    assert 0 < drawn < 160 and out[:drawn] == old[:drawn]
+    assert out[drawn:] == _greedy(second[1], ids + out[:drawn], 160 - drawn)  # recomputed on the new weights
+
+    thread, results = running()
+    assert _post(api, "/pause_generation", {})[0] == 200  # abort, the default
+    thread.join()
+    assert results[0].choices[0].finish_reason == "abort" and 0 < len(tokens(results[0])) < 160
+    status, out = _post(api, "/pause_generation", {"mode": "later"})
+    assert status == 400 and out["error"]["param"] == "mode", out
+    assert _post(api, "/continue_generation", {})[0] == 200
+    assert tokens(client.completions.create(**{**ask, "max_tokens": 4})) == _greedy(second[1], ids, 4)
