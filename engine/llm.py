@@ -6,11 +6,13 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
 from typing import Any, AsyncIterator
 
+import jax
 import numpy as np
 
 from engine import beam
@@ -278,6 +280,7 @@ class AsyncEngine:
         self._fail_requested = False
         self._calls: queue.SimpleQueue = queue.SimpleQueue()  # (fn, future): run on the engine thread between steps
         self.error: BaseException | None = None
+        self._steps = itertools.count()  # engine steps run (marked in a profile: `server.profile`)
         self._held: list = []  # the streams that took deltas during this engine step, to hand them over after it
         engine.handed = self._hand_over  # and first tokens as soon as they are read back
         stack = threading.stack_size(SERVING_STACK)  # it compiles grammars' matchers: room past the sandbox's check
@@ -299,7 +302,8 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                self.engine.step()
+                with jax.profiler.StepTraceAnnotation("engine_step", step_num=next(self._steps)):  # (a profile's)
+                    self.engine.step()
             except BaseException as e:  # keep serving: fail the requests in flight, not the process
                 log.exception("engine step failed")
                 self.error = e

@@ -246,6 +246,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="where /v1/files, /v1/batches and /v1/messages/batches keep their files and records, so they "
                          "survive a restart and a batch a shutdown stopped goes on at the next start (default: "
                          "$SPARKLER_CACHE/files; '': a temporary folder, removed at shutdown)")
+    ap.add_argument("--profiler-dir", default=None, metavar="DIR",
+                    help="where POST /start_profile writes a jax.profiler trace unless its body names an output_dir "
+                         "(vLLM's VLLM_TORCH_PROFILER_DIR, SGLang's SGLANG_TORCH_PROFILER_DIR)")
     ap.add_argument("--warmup", choices=("basic", "full", "none"), default="basic",
                     help="compile at start: the common shapes (basic), every decode and prefill shape (full: minutes "
                          "the first time, seconds once the caches hold them), or nothing. The server answers once a "
@@ -613,6 +616,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     batch_concurrency=args.batch_concurrency, max_file_mb=args.max_file_mb,
                     batch_priority=args.batch_priority,
                     files_dir=os.path.join(cache_root(), "files") if args.files_dir is None else args.files_dir,
+                    profiler_dir=args.profiler_dir,
                     media=Media(args.allowed_media_domains, args.allowed_local_media_path,
                                 max_images=args.max_images))
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "

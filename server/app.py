@@ -42,7 +42,7 @@ from models import Model
 from models.loading.source import cache_root
 from server import (adapters, anthropic_messages, batches, compaction, conversations, embeddings, harmony, images,
                     llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, sagemaker, scores,
-                    sglang, sleep_mode, tools)
+                    profile, sglang, sleep_mode, tools)
 from server.protocol import ApiError, Job, bad, busy
 from server.metrics import Metrics
 from server.store import ResponseStore
@@ -87,9 +87,10 @@ class Server:
                  allowed_origins: tuple[str, ...] = (), pooling: str | None = None, batch_concurrency: int = 0,
                  max_file_mb: float = 200.0, batch_priority: int = 1, files_dir: str | None = None,
                  media: images.Media = images.NO_MEDIA, aliases: tuple[str, ...] = (),
-                 loader: Callable[[str], Model] | None = None):
+                 loader: Callable[[str], Model] | None = None, profiler_dir: str | None = None):
         self.model, self.aengine, self.engine = model, aengine, aengine.engine
         self.loader = loader  # a folder's model loaded as this one was (`update_weights`; None: not offered)
+        self.profiler_dir = profiler_dir  # where /start_profile writes unless told (`server.profile`)
         self.weight_version = "default"  # SGLang's name for the weights served (`update_weights` sets it)
         self.paused: asyncio.Future | None = None  # while weights are swapped, calls wait on it before admission
         self.holding: asyncio.Future | None = None  # ... and while generation is paused (`pause_generation`)
@@ -137,6 +138,7 @@ class Server:
         message_batches.routes(app, self)
         sglang.routes(app, self)
         sleep_mode.routes(app, self)
+        profile.routes(app, self, self.profiler_dir)
         adapters.routes(app, self)
         batches.routes(app, self)
         emb = embeddings.routes(app, self)

@@ -1,9 +1,11 @@
 """The HTTP server through the official `openai` client over a real loopback socket, on the packaged SmolLM2."""
 
 import asyncio
+import glob
 import gzip
 import importlib.metadata
 import json
+import os
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -1105,3 +1107,40 @@ def test_a_priority_other_than_0_needs_priority_scheduling(client):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
                                            extra_body={"priority": value})
         assert e.value.body["param"] == "priority" and why in e.value.body["message"]
+
+
+def _profiles(folder) -> list[str]:
+    """The profiles written under `folder` (`jax.profiler`'s layout), oldest first."""
+    return sorted(glob.glob(os.path.join(folder, "plugins", "profile", "*", "*.xplane.pb")), key=os.path.getmtime)
+
+
+def _profiled(folder) -> list[str]:
+    """The names of the trace events in the newest profile under `folder`."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(_profiles(folder)[-1])
+    return [e.name for plane in data.planes for line in plane.lines for e in line.events]
+
+
+def test_a_profile_taken_on_demand_marks_the_engine_steps(api, client, tmp_path):
+    """vLLM's and SGLang's `/start_profile` and `/stop_profile` over `jax.profiler`: the trace is written where the
+    call says and marks each engine step; SGLang's `num_steps` stops it by itself; a second start, a stop with
+    none taken, no folder and a bad step count are 400s."""
+    assert http(api, "POST", "/stop_profile")[0] == 400
+    status, out, _ = http(api, "POST", "/start_profile")
+    assert status == 400 and out["error"]["param"] == "output_dir", out  # no --profiler-dir here
+    assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path), "num_steps": 0})[0] == 400
+    assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path)})[:2] == (200, "Start profiling.\n")
+    assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path)})[0] == 400  # one at a time
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
+    assert http(api, "POST", "/stop_profile")[:2] == (200, "Stop profiling. This will take some time.\n")
+    assert "engine_step" in _profiled(tmp_path)
+    later = tmp_path / "later"
+    assert http(api, "POST", "/start_profile", {"output_dir": str(later), "num_steps": 2,
+                                                "activities": ["CPU", "GPU"]})[0] == 200
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0)
+    deadline = time.monotonic() + 60
+    while not _profiles(later) and time.monotonic() < deadline:  # it stopped by itself
+        time.sleep(0.05)
+    assert "engine_step" in _profiled(later)
+    assert http(api, "POST", "/stop_profile")[0] == 400
