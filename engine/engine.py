@@ -429,13 +429,18 @@ class Engine:
             log.info("asleep: the KV pool given back (%.2f GB; %d cached pages forgotten)",
                      self.asleep["kv_cache"] / 1e9, flushed)
         if "weights" in tags and "weights" not in self.asleep:
+            self._offload_weights(keep_weights)
+        return True
+
+    def _offload_weights(self, keep: bool) -> None:
+        """`sleep`'s weights: the model's own and vision tower's kept (`keep`) or discarded, the rest kept."""
+        with self.images.lock if self.images is not None else contextlib.nullcontext():  # it writes the params too
             own = {"params": self.model.params["params"], "vision": self.model.vision_params}
             rest = {"model": {k: v for k, v in self.model.params.items() if k != "params"},
                     "draft": self.draft.model.params if self._own_draft() else None}
-            self.asleep["weights"] = sleeping.offload(own, keep_weights), sleeping.offload(rest)
-            log.info("asleep: the weights given back (%.2f GB, %s)", sum(o.nbytes for o in self.asleep["weights"])
-                     / 1e9, "kept on the host" if keep_weights else "the model's own discarded")
-        return True
+            self.asleep["weights"] = sleeping.offload(own, keep), sleeping.offload(rest)
+        log.info("asleep: the weights given back (%.2f GB, %s)", sum(o.nbytes for o in self.asleep["weights"]) / 1e9,
+                 "kept on the host" if keep else "the model's own discarded")
 
     def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS, new: Model | None = None) -> None:
         """Take back the devices' memory `sleep` gave back for `tags`: the weights as they were, or `new`'s where
@@ -471,8 +476,9 @@ class Engine:
             sleeping.restore(own)
         rest = sleeping.restore(rest)
         del self.asleep["weights"]
-        self.model.params = {"params": own["params"], **rest["model"]}
-        self.model.vision_params = own["vision"]
+        with self.images.lock if self.images is not None else contextlib.nullcontext():
+            self.model.params = {"params": own["params"], **rest["model"]}
+            self.model.vision_params = own["vision"]
         if self._own_draft():
             self.draft.model.params = rest["draft"]
         log.info("awake: the weights on the devices again")

@@ -125,6 +125,33 @@ def test_the_model_reads_pictures_as_transformers_does(served, llava):
     assert answers[0] != answers[1]
 
 
+def test_a_sleeping_server_refuses_pictures_and_wakes_up_reading_them(served, llava):
+    """Sleep mode on a model with a vision tower: asleep, a picture is a 503 (a chat, and a token count, which
+    encodes it), never a 500; level 2 needs weights it could load again (a 400 here); awake, a new picture's reply
+    is transformers'."""
+    from test_server import http
+
+    url = png_url(31)
+    count = {"model": "llava", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": url.split(",", 1)[1]}},
+        {"type": "text", "text": "What is it?"}]}]}
+    assert http(served, "POST", "/v1/messages/count_tokens", count)[0] == 200
+    assert http(served, "POST", "/sleep?level=2")[0] == 400  # no loader: the weights could not come back
+    assert http(served, "POST", "/sleep?level=1")[0] == 200
+    try:
+        status, out, _ = http(served, "POST", "/v1/chat/completions", {"model": "llava", "messages": _ask(url)})
+        assert status == 503 and out["error"]["code"] == "sleeping", out
+        status, out, _ = http(served, "POST", "/v1/messages/count_tokens", count)
+        assert status == 503 and "sleeping" in out["error"]["message"], out  # (Anthropic's shape)
+    finally:
+        assert http(served, "POST", "/wake_up")[0] == 200
+    ids = protocol.chat_ids(served.model, _ask(url))[0]
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="llava", messages=_ask(url), max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert r.choices[0].model_extra["token_ids"] == _reference(llava, ids, [url], 8)[0]
+
+
 def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava):
     """The same picture asked twice is encoded once and its pages come from the prefix cache; two pictures in one
     message answer as transformers does with both."""
