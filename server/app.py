@@ -707,6 +707,11 @@ class Server:
             self.stages[stage] += 1
         call.stage = stage
 
+    def admitted_nothing(self, call: "Call") -> None:
+        """A call that runs nothing on the engine (Ollama's load and unload) is past parsing: a sleep it asks for
+        does not wait for it (`_quiet`)."""
+        self._stage(call, None)
+
     @property
     def unadmitted(self) -> int:
         """Calls still reading or parsing their bodies."""

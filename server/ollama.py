@@ -14,8 +14,10 @@ local Ollama (Open WebUI, LangChain's and LlamaIndex's Ollama classes, the `olla
   random), `stop` (up to 64), `mirostat` 2 with `mirostat_tau` and `mirostat_eta`; `repeat_last_n` 0 turns the
   penalties off (another window is the whole prompt and reply); the runner's options (`num_ctx`, `num_gpu`,
   `num_thread`, ...) are accepted and change nothing: the server was started with its context and devices.
-  `keep_alive` likewise (the model stays loaded). A null field is one not given; absent fields take the model's
-  defaults, as the other APIs here do.
+  `keep_alive` likewise (the model stays loaded), but for an empty prompt with `keep_alive` 0 (`ollama stop`):
+  that unloads the model from the devices (sleep mode, `Server.sleep`: the weights kept on the host), and the next
+  Ollama request loads it again (the other APIs answer 503 meanwhile, as a sleeping server does). A null field is
+  one not given; absent fields take the model's defaults, as the other APIs here do.
 - Replies carry Ollama's figures: `done_reason`, `prompt_eval_count` (every prompt token, the cached ones too),
   `eval_count`, and the durations in nanoseconds. A stream is newline-delimited JSON, one object a piece, the last
   with `done: true` and the figures. An empty `messages` or `prompt` is Ollama's "load" reply.
@@ -317,13 +319,14 @@ class Ollama:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
             if body.get("messages") in (None, []):
-                return self.loaded(body, {"message": {"role": "assistant", "content": ""}})
+                return await self.loaded(body, {"message": {"role": "assistant", "content": ""}}, call)
+            await self.awake()
             plain = {**common(body, self.server.engine.max_len), **logprobs(body, True),
                      "messages": messages(body["messages"])}
             if body.get("tools"):  # the ollama client sends an empty list for none
                 plain["tools"] = body["tools"]
             return await self._answer(request, plain, "chat", call)
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)  # (`awake`)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /api/generate."""
@@ -340,7 +343,8 @@ class Ollama:
             if context is not None and not protocol.is_ids(context):
                 raise bad("'context' must be a list of token ids", "context")
             if not prompt and not suffix and not context:
-                return self.loaded(body, {"response": ""})
+                return await self.loaded(body, {"response": ""}, call)
+            await self.awake()
             plain = common(body, self.server.engine.max_len)
             if suffix or body.get("raw"):
                 plain.update(logprobs(body, False))
@@ -358,7 +362,7 @@ class Ollama:
             plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
                 [{"role": "user", "content": _pictured(prompt, body.get("images"), "images", "images")}]
             return await self._answer(request, plain, "chat", call, context or [], chat=False)
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)  # (`awake`)
 
     def _ids(self, text: str) -> list[int]:
         """A raw prompt's ids after a `context` (on a parse thread)."""
@@ -386,12 +390,20 @@ class Ollama:
         turn.feed(face.choice.text, face.choice.finish_reason)
         return web.json_response(face.whole())
 
-    def loaded(self, body: dict, empty: dict) -> web.Response:
-        """Ollama's reply to a request with nothing to generate: the model is loaded (it always is here), or
-        "unloaded" for `keep_alive` 0 (it stays)."""
+    async def loaded(self, body: dict, empty: dict, call) -> web.Response:
+        """Ollama's reply to a request with nothing to generate: the model loaded (woken up where it sleeps), or
+        with `keep_alive` 0 (`ollama stop`) unloaded: the server's sleep mode at level 1 (`Server.sleep`), its
+        weights kept on the host, until an Ollama request loads it again."""
         reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
+        self.server.admitted_nothing(call)  # a sleep does not wait for this call
+        await (self.server.sleep() if reason == "unload" else self.awake())
         return web.json_response({"model": body.get("model") or self.server.name, "created_at": now(), **empty,
                                   "done_reason": reason, "done": True})
+
+    async def awake(self) -> None:
+        """The model on the devices: loaded again where it sleeps, as Ollama loads a model on demand."""
+        if self.server.engine.asleep:
+            await self.server.wake_up()
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
         """POST /api/embed: normalized vectors of `input` (a string or a list)."""
@@ -404,13 +416,14 @@ class Ollama:
             start, model = time.monotonic(), self.server.served(call)
             if body.get("input") in ("", []):  # Ollama's answer to nothing to embed
                 return web.json_response({"model": model, "embeddings": []})
+            await self.awake()
             ask = await self.server.off_loop(self._embed_ask, body, truncate)
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), True, ask.dimensions)
             took = int((time.monotonic() - start) * 1e9)
             out = {"model": model, "embeddings": vectors.tolist(), "total_duration": took, "load_duration": 0,
                    "prompt_eval_count": sum(map(len, ask.inputs))}
             return web.Response(body=await self.server.off_loop(json.dumps, out), content_type="application/json")
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)  # (`awake`)
 
     def _embed_ask(self, body: dict, truncate: bool):
         """An `/api/embed` body as the embeddings path's parsed request; with `truncate`, each input's first tokens
@@ -430,10 +443,11 @@ class Ollama:
                 raise bad("'prompt' must be a string", "prompt")
             if not body.get("prompt"):  # Ollama's answer to nothing to embed
                 return web.json_response({"embedding": []})
+            await self.awake()
             ask = await self.server.off_loop(self.emb.parse, {"input": body["prompt"]})
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), ask.normalize, None)
             return web.json_response({"embedding": vectors[0].tolist()})
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)  # (`awake`)
 
     def entry(self) -> dict:
         """The served model as `/api/tags` and `/api/ps` list it."""
@@ -457,10 +471,10 @@ class Ollama:
         return web.json_response({"models": [self.entry()]})
 
     async def ps(self, request: web.Request) -> web.Response:
-        """GET /api/ps: the served model, loaded on the devices until the server stops."""
+        """GET /api/ps: the served model, loaded on the devices until the server stops; none while it sleeps."""
         entry = self.entry()
-        return web.json_response({"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z",
-                                              "size_vram": entry["size"]}]})
+        return web.json_response({"models": [] if self.server.engine.asleep else [
+            {**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": entry["size"]}]})
 
     async def show(self, request: web.Request) -> web.Response:
         """POST /api/show: the served model's template, details, configuration and capabilities."""

@@ -174,8 +174,8 @@ def test_nulls_defaults_and_long_options(api, client):
     stops["options"]["stop"] = ["a" * 4097]  # past a stop string's bound: a 400 under Ollama's name for it
     status, r, _ = http(api, "POST", "/api/chat", stops)
     assert status == 400 and "options.stop" in json.dumps(r)
-    status, r, _ = http(api, "POST", "/api/generate", {"model": MODEL, "prompt": None, "keep_alive": 0})
-    assert status == 200 and r["done_reason"] == "unload"
+    status, r, _ = http(api, "POST", "/api/generate", {"model": MODEL, "prompt": None, "keep_alive": -1})
+    assert status == 200 and r["done_reason"] == "load"  # (keep_alive 0 unloads: test_weights, on its own model)
     assert http(api, "POST", "/api/embed", {"model": MODEL, "input": []})[1]["embeddings"] == []
     assert http(api, "POST", "/api/embeddings", {"model": MODEL, "prompt": ""})[1]["embedding"] == []
     status, r, _ = http(api, "POST", "/api/embed", {"model": MODEL, "input": "word " * 5000, "truncate": None})

@@ -173,6 +173,18 @@ def test_sleep_gives_the_devices_memory_back_and_wakes_as_it_was(swapped):
     ids = client.completions.create(**ask).model_extra["prompt_token_ids"]
     assert tokens(client.completions.create(**ask)) == _greedy(first[1], ids, 8)
 
+    # Ollama's unload (`ollama stop`: an empty prompt with keep_alive 0) sleeps; its next request loads it again
+    import ollama
+    olla = ollama.Client(host=api.url)
+    assert olla.generate(model=NAME, prompt="", keep_alive=0).done_reason == "unload"
+    assert api.engine.asleep and olla.ps().models == []
+    reply = olla.generate(model=NAME, prompt="The capital of France is", raw=True,
+                          options={"temperature": 0, "num_predict": 8})
+    assert not api.engine.asleep and len(olla.ps().models) == 1
+    assert reply.response == client.completions.create(**ask).choices[0].text
+    assert olla.chat(model=NAME, messages=[], keep_alive=0).done_reason == "unload"
+    assert olla.chat(model=NAME, messages=[]).done_reason == "load" and not api.engine.asleep
+
     # SGLang's names: by tags in the body ("cuda_graph" has nothing to give back)
     assert _call(api, "POST", "/release_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}) == (200, None)
     assert api.engine.stats()["sleep_level"] == 1 and "weights" not in api.engine.asleep
