@@ -399,9 +399,9 @@ class Engine:
         """Serve `new`'s weights (a model of the same config and shapes, as `Server.update_weights` checks) from the
         next step on, when nothing is queued or running: True, with the prefix cache and held pictures forgotten
         (computed with the old weights); else nothing changes: False. Weights asleep wake up as `new`'s (the KV
-        pool sleeps on). Held (`hold`), the work held goes on with the new weights when released (in place: over
-        the pages the old ones wrote). Call it on the engine's thread."""
-        if self.runnable():
+        pool sleeps on). Held after a retraction (`hold`), the work queued is recomputed with the new weights when
+        released. Call it on the engine's thread."""
+        if not self.parked():
             return False
         if "weights" in self.asleep:
             self._wake_weights(new)
@@ -419,8 +419,10 @@ class Engine:
         in flight (`parked`) and no warm-up shape is compiling: True; else nothing changes: False. The KV pools
         are deleted (the prefix cache flushed); the weights copied to the host first, or with `keep_weights` False
         (vLLM's level 2) the model's own weights and vision tower's discarded (`wake_up` then takes new ones), the rest
-        (LoRA slots, a draft model) kept. Until every tag wakes up no request may be made. Engine thread."""
-        if not self.parked() or (self.background is not None and not self.background.done()):
+        (LoRA slots, a draft model) kept; weights asleep on the host are discarded then. Warm-up shapes compiling
+        meanwhile go on (they read the arrays' shapes only). Until every tag wakes up no request may be made. Engine
+        thread."""
+        if not self.parked():
             return False
         if "kv_cache" in tags and "kv_cache" not in self.asleep:
             flushed = sum(pool.flush() for pool in self.sched.pools)
@@ -430,6 +432,8 @@ class Engine:
                      self.asleep["kv_cache"] / 1e9, flushed)
         if "weights" in tags and "weights" not in self.asleep:
             self._offload_weights(keep_weights)
+        elif "weights" in tags and not keep_weights:  # level 2 after level 1: the host copy goes too
+            self.asleep["weights"][0].host = None
         return True
 
     def _offload_weights(self, keep: bool) -> None:
@@ -448,9 +452,10 @@ class Engine:
         Engine thread."""
         if "weights" in tags and "weights" in self.asleep:
             self._wake_weights(new)
-        if "kv_cache" in tags and self.asleep.pop("kv_cache", None) is not None:
+        if "kv_cache" in tags and "kv_cache" in self.asleep:
             for pool in [self.runner] + ([self.draft] if self.draft is not None else []):
                 pool.restore_pool()
+            del self.asleep["kv_cache"]  # (only now: a pool that failed to come back leaves the engine asleep)
             log.info("awake: the KV pool zeroed")
 
     @property
@@ -475,12 +480,12 @@ class Engine:
         own = {"params": new.params["params"], "vision": new.vision_params} if new is not None else \
             sleeping.restore(own)
         rest = sleeping.restore(rest)
-        del self.asleep["weights"]
         with self.images.lock if self.images is not None else contextlib.nullcontext():
             self.model.params = {"params": own["params"], **rest["model"]}
             self.model.vision_params = own["vision"]
         if self._own_draft():
             self.draft.model.params = rest["draft"]
+        del self.asleep["weights"]  # (only now: weights that failed to come back leave the engine asleep)
         log.info("awake: the weights on the devices again")
 
     def _own_draft(self) -> bool:
@@ -491,10 +496,11 @@ class Engine:
         """Hold `adapter` (`models.lora.read` for this model) under `name`, in a LoRA slot no other adapter holds
         and no request made with an adapter and not finished uses (an adapter unloaded stays with the requests using
         it until they end). Raises InvalidRequest where the model has no slots, the name is taken or no slot is
-        free. Call on the engine's thread."""
+        free; `engine.sleep.Asleep` while asleep. Call on the engine's thread."""
         slots = self.model.cfg.lora_slots
         if not slots:
             raise InvalidRequest("this server holds no LoRA adapters (start it with --enable-lora)", "lora_name")
+        self.awake()  # (its slots' arrays are given back while asleep)
         if name in self.adapters:
             raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
         with self._on_adapters_lock:

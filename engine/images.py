@@ -103,10 +103,13 @@ class ImageRows:
                 req.prompt_ids[i], req.cache_ids[i] = vocab + slot * self.size + j, named[j]
 
     def forget(self) -> None:
-        """Drop every held picture's rows (new weights: their features are stale); called with nothing running."""
+        """Forget every held picture (new weights: their features are stale), so none is found again by its digest;
+        the rows a live request still reads (one queued by a paused engine) are kept until it ends."""
         with self.lock:
-            self.held.clear()
-            self.users.clear()
+            live = {slot: readers for slot, readers in self.users.items()
+                    if any(not r.finished for r in list(readers.values()))}
+            self.held = collections.OrderedDict((f"stale {slot}", slot) for slot in live)  # no digest matches
+            self.users = live
 
     def _free(self, taken: list[int]) -> int:
         """A slot for one more image: one never used, else the least recently used that no live request reads."""

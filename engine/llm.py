@@ -113,7 +113,8 @@ class LLM:
             raise ValueError(f"sleep level: 1 or 2, not {level!r}")
         if level == 2 and self._reload is None:
             raise ValueError("sleep level 2 discards the weights: it needs an LLM that loaded its model by name")
-        self.engine.sleep(keep_weights=level == 1)
+        if not self.engine.sleep(keep_weights=level == 1):
+            raise RuntimeError("the engine has work in flight: it cannot sleep now")
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take the memory back (vLLM's `LLM.wake_up`), for `tags` ("weights", "kv_cache"; all by default)."""

@@ -668,7 +668,7 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
     try:
         await stop.wait()
         await server.batches.stop()  # batches send no more: they go on at the next start (or end cancelled)
-        if server.holding is not None:  # generation paused: the calls held finish (or fail at the deadline)
+        if server.holding is not None or server.engine.held:  # paused: the calls held finish (or fail at the end)
             await server.continue_generation()
         deadline = time.monotonic() + drain_timeout
         while (server.active or server.engine.has_work()) and time.monotonic() < deadline:

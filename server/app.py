@@ -94,6 +94,8 @@ class Server:
         self.weight_version = "default"  # SGLang's name for the weights served (`update_weights` sets it)
         self.paused: asyncio.Future | None = None  # while weights are swapped, calls wait on it before admission
         self.holding: asyncio.Future | None = None  # ... and while generation is paused (`pause_generation`)
+        self.pausing = asyncio.Lock()  # one pause or continue at a time
+        self.engine_calls = 0  # calls running work on the engine outside its requests (embeddings, beam rounds)
         self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
@@ -600,6 +602,10 @@ class Server:
 
     async def _update(self, path: str, abort: bool, version: str | None) -> int:
         async with self.updating:
+            if self.engine.held == "in_place":
+                raise bad("generation is paused in place: its seated requests hold KV pages the old weights wrote, "
+                          "which the new ones would go on from; pause with mode retract (or abort) to update the "
+                          "weights", "model_path")
             try:
                 new = await self.off_loop(self.loader, path)
             except (OSError, ValueError, NotImplementedError, KeyError) as e:
@@ -620,7 +626,8 @@ class Server:
     async def _quiet(self, fn: Callable[[Any], bool], unchanged: str, param: str | None = None,
                      abort: bool = False) -> int:
         """`fn(engine)` on the engine thread once no call is being parsed or run (`fn` answers False while the
-        engine has work), new calls waiting meanwhile (`paused`); with `abort`, those in flight are aborted first,
+        engine has work; embeddings and beam searches, which run in parts, count in `engine_calls`), new calls
+        waiting meanwhile (`paused`); with `abort`, those in flight are aborted first,
         else they finish, for up to `SWAP_WAIT` seconds (then a 409 that ends with `unchanged`). Returns the calls
         aborted."""
         loop = asyncio.get_running_loop()
@@ -629,7 +636,7 @@ class Server:
             aborted = self.in_flight() if abort else []
             for rid in aborted:
                 self.engine.abort(rid)
-            while self.stages["parsing"] or not await self.on_engine(fn):
+            while self.stages["parsing"] or self.engine_calls or not await self.on_engine(fn):
                 if loop.time() > end:
                     raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; {unchanged}",
                                    param)
@@ -647,18 +654,30 @@ class Server:
         weights updated meanwhile serve the calls held when they go on."""
         if mode not in ("abort", "in_place", "retract"):
             raise bad(f"mode: abort, in_place or retract, not {mode!r}", "mode")
-        if self.holding is None:
-            self.holding = asyncio.get_running_loop().create_future()
-        if mode == "abort":
-            for rid in self.in_flight():
-                self.engine.abort(rid)
-        await self.on_engine(lambda e: e.hold("retract" if mode == "abort" else mode))
-        while await self.on_engine(lambda e: e.runnable()):  # what was in flight read back, the retraction done
-            await asyncio.sleep(0.01)
+        async with self.pausing:
+            opened = self.holding is None
+            if opened:
+                self.holding = asyncio.get_running_loop().create_future()
+            try:
+                if mode == "abort":
+                    for rid in self.in_flight():
+                        self.engine.abort(rid)
+                await self.on_engine(lambda e: e.hold("retract" if mode == "abort" else mode))
+            except BaseException:
+                if opened:
+                    self._open_gate()
+                raise
+            while await self.on_engine(lambda e: e.runnable()):  # what was in flight read back, retracted
+                await asyncio.sleep(0.01)
 
     async def continue_generation(self) -> None:
         """Generate again after `pause_generation`: the calls held go on, those waiting are parsed."""
-        await self.on_engine(lambda e: e.release())
+        async with self.pausing:
+            await self.on_engine(lambda e: e.release())
+            self._open_gate()
+
+    def _open_gate(self) -> None:
+        """Let the calls waiting on a pause in."""
         if self.holding is not None:
             self.holding.set_result(None)
             self.holding = None
@@ -674,7 +693,17 @@ class Server:
                       "started by `python -m server`): sleep at level 1", "level")
         if jax.process_count() > 1:
             raise bad("sleep mode is not offered across processes", "level")
-        await asyncio.shield(asyncio.get_running_loop().create_task(self._sleep(tags, keep_weights)))
+        if self.engine.held == "in_place":
+            raise bad("generation is paused in place: its seated requests hold the KV pool; pause with mode retract "
+                      "(or abort) to sleep", "tags")
+        await asyncio.shield(self._untimed(self._sleep(tags, keep_weights)))
+
+    @staticmethod
+    def _untimed(coro) -> asyncio.Task:
+        """`coro` as a task without the calling request's deadline (a weight load must not be cut by it)."""
+        context = contextvars.copy_context()
+        context.run(DEADLINE.set, None)
+        return asyncio.get_running_loop().create_task(coro, context=context)
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:
@@ -683,7 +712,18 @@ class Server:
     async def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS) -> None:
         """Take back what `sleep` gave back for `tags` (vLLM's `/wake_up`, SGLang's `/resume_memory_occupation`);
         weights discarded are loaded again from the model's source first. Nothing asleep: nothing to do."""
-        await asyncio.shield(asyncio.get_running_loop().create_task(self._wake_up(tags)))
+        await asyncio.shield(self._untimed(self._wake_up(tags)))
+
+    async def wake_for(self, call: "Call") -> None:
+        """Wake the model up for a call being parsed (Ollama's, which loads a model on demand): the call waits out of
+        the parsing stage, so a sleep or weight swap under way is not held up by it."""
+        if not self.engine.asleep:
+            return
+        self._stage(call, None)
+        try:
+            await self.wake_up()
+        finally:
+            self._stage(call, "parsing")
 
     async def _wake_up(self, tags: tuple[str, ...]) -> None:
         async with self.updating:
@@ -754,32 +794,36 @@ class Server:
         searches = [beam.BeamSearch(width, r.max_tokens, eos, job.length_penalty, job.params.ignore_eos)
                     for _, r in parts]
         cached, step = [0] * len(parts), 0
-        while ran := beam.runs(searches, [r.prompt_ids for _, r in parts]):
-            if not self.aengine.alive:
-                raise self.engine_stopped()
-            try:
-                reqs = [self.engine.make_request(
-                    seq, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
-                    prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
-                    priority=job.priority) for j, (s, seq) in enumerate(ran)]
-            except InvalidRequest as e:
-                raise invalid(job, e) from None
-            self.admitted.append(reqs)
-            try:
-                async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
-                    async with asyncio.timeout_at(DEADLINE.get()):
-                        async for _ in events:
-                            pass
-            except TimeoutError:
-                raise self.timed_out() from None
-            ends = {c.finish_reason for r in reqs for c in r.choices}
-            if not ends <= {"stop", "length"}:  # an engine error, an abort (SGLang's /abort_request), a drain
-                raise self.failed(reqs) if "error" in ends or self.draining else ApiError(
-                    503, "the beam search's requests were aborted", type_="server_error", code="aborted")
-            if step == 0:
-                cached = [r.cached_tokens for r in reqs]  # each prompt's first beam: its prompt alone
-            beam.advance(ran, [r.choices[0].logprobs for r in reqs])
-            step += 1
+        self.engine_calls += 1  # a sleep or weight swap waits for the search's every round
+        try:
+            while ran := beam.runs(searches, [r.prompt_ids for _, r in parts]):
+                if not self.aengine.alive:
+                    raise self.engine_stopped()
+                try:
+                    reqs = [self.engine.make_request(
+                        seq, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
+                        prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
+                        priority=job.priority) for j, (s, seq) in enumerate(ran)]
+                except InvalidRequest as e:
+                    raise invalid(job, e) from None
+                self.admitted.append(reqs)
+                try:
+                    async with contextlib.aclosing(self.aengine.stream(*reqs)) as events:
+                        async with asyncio.timeout_at(DEADLINE.get()):
+                            async for _ in events:
+                                pass
+                except TimeoutError:
+                    raise self.timed_out() from None
+                ends = {c.finish_reason for r in reqs for c in r.choices}
+                if not ends <= {"stop", "length"}:  # an engine error, an abort (SGLang's /abort_request), a drain
+                    raise self.failed(reqs) if "error" in ends or self.draining else ApiError(
+                        503, "the beam search's requests were aborted", type_="server_error", code="aborted")
+                if step == 0:
+                    cached = [r.cached_tokens for r in reqs]  # each prompt's first beam: its prompt alone
+                beam.advance(ran, [r.choices[0].logprobs for r in reqs])
+                step += 1
+        finally:
+            self.engine_calls -= 1
         final = []
         for (pi, r), s, hit in zip(parts, searches, cached):
             req = dataclasses.replace(r, choices=[Choice(j) for j in range(width)], cached_tokens=hit)
@@ -933,9 +977,12 @@ class Server:
 
     async def on_engine(self, fn) -> Any:
         """`fn(engine)` run on the engine thread between steps (`AsyncEngine.call`), awaited: a 503 `engine_stopped`
-        when the engine has stopped (before the call, or with it queued); its other errors are raised as they are."""
+        when the engine has stopped (before the call, or with it queued), `sleeping` when it raises
+        `engine.sleep.Asleep`; its other errors are raised as they are."""
         try:
             return await self.aengine.call(fn)
+        except sleeping.Asleep:
+            raise self.asleep_error() from None
         except RuntimeError:
             if self.aengine.alive:
                 raise

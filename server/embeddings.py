@@ -105,15 +105,19 @@ class Embeddings:
         srv, runner = self.server, self.server.engine.runner
         budget = max(runner.rc.max_prefill_tokens, runner.chunk)
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
-        for _, _, part in runner.embed_calls([len(x) for x in inputs], budget):
-            batch = [inputs[i] for i in part]
-            await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
-            try:
-                out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
-            except InvalidRequest as e:
-                if e.param == "model":  # its LoRA adapter was unloaded since the call named it
-                    raise ApiError(404, str(e), "model", code="model_not_found") from None
-                raise bad(str(e), e.param) from None
+        srv.engine_calls += 1  # a sleep or weight swap waits for the call's every part
+        try:
+            for _, _, part in runner.embed_calls([len(x) for x in inputs], budget):
+                batch = [inputs[i] for i in part]
+                await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
+                try:
+                    out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
+                except InvalidRequest as e:
+                    if e.param == "model":  # its LoRA adapter was unloaded since the call named it
+                        raise ApiError(404, str(e), "model", code="model_not_found") from None
+                    raise bad(str(e), e.param) from None
+        finally:
+            srv.engine_calls -= 1
         return out
 
     def tokens(self, items: list, body: dict, param: str, pair_param: str = "") -> list[list[int]]:

@@ -353,7 +353,7 @@ class LlamaCpp:
         arguments), generating nothing."""
         async def answer(body, call) -> web.Response:
             return web.json_response({"prompt": (await self.server.parse(body, "chat")).prompt_texts[0]})
-        return await self.server.serve(request, answer)
+        return await self.server.serve(request, answer, model=False)  # (it runs no model: answered while asleep)
 
     async def _answer(self, request: web.Request, body: Any, call, ends: list[int] = ()) -> web.StreamResponse:
         """A `/completion` body's reply, whole or streamed; `ends`: more tokens that end it (an infill's)."""

@@ -320,13 +320,13 @@ class Ollama:
                 raise bad("the request body must be a JSON object")
             if body.get("messages") in (None, []):
                 return await self.loaded(body, {"message": {"role": "assistant", "content": ""}}, call)
-            await self.awake()
+            await self.server.wake_for(call)  # loaded on demand, as Ollama does
             plain = {**common(body, self.server.engine.max_len), **logprobs(body, True),
                      "messages": messages(body["messages"])}
             if body.get("tools"):  # the ollama client sends an empty list for none
                 plain["tools"] = body["tools"]
             return await self._answer(request, plain, "chat", call)
-        return await self.server.serve(request, answer, model=False)  # (`awake`)
+        return await self.server.serve(request, answer, model=False)  # (`wake_for`)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """POST /api/generate."""
@@ -344,7 +344,7 @@ class Ollama:
                 raise bad("'context' must be a list of token ids", "context")
             if not prompt and not suffix and not context:
                 return await self.loaded(body, {"response": ""}, call)
-            await self.awake()
+            await self.server.wake_for(call)  # loaded on demand, as Ollama does
             plain = common(body, self.server.engine.max_len)
             if suffix or body.get("raw"):
                 plain.update(logprobs(body, False))
@@ -362,7 +362,7 @@ class Ollama:
             plain["messages"] = ([{"role": "system", "content": _text(system, "system")}] if system else []) + \
                 [{"role": "user", "content": _pictured(prompt, body.get("images"), "images", "images")}]
             return await self._answer(request, plain, "chat", call, context or [], chat=False)
-        return await self.server.serve(request, answer, model=False)  # (`awake`)
+        return await self.server.serve(request, answer, model=False)  # (`wake_for`)
 
     def _ids(self, text: str) -> list[int]:
         """A raw prompt's ids after a `context` (on a parse thread)."""
@@ -396,14 +396,9 @@ class Ollama:
         weights kept on the host, until an Ollama request loads it again."""
         reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
         self.server.admitted_nothing(call)  # a sleep does not wait for this call
-        await (self.server.sleep() if reason == "unload" else self.awake())
+        await (self.server.sleep() if reason == "unload" else self.server.wake_up())
         return web.json_response({"model": body.get("model") or self.server.name, "created_at": now(), **empty,
                                   "done_reason": reason, "done": True})
-
-    async def awake(self) -> None:
-        """The model on the devices: loaded again where it sleeps, as Ollama loads a model on demand."""
-        if self.server.engine.asleep:
-            await self.server.wake_up()
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
         """POST /api/embed: normalized vectors of `input` (a string or a list)."""
@@ -416,14 +411,14 @@ class Ollama:
             start, model = time.monotonic(), self.server.served(call)
             if body.get("input") in ("", []):  # Ollama's answer to nothing to embed
                 return web.json_response({"model": model, "embeddings": []})
-            await self.awake()
+            await self.server.wake_for(call)  # loaded on demand, as Ollama does
             ask = await self.server.off_loop(self._embed_ask, body, truncate)
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), True, ask.dimensions)
             took = int((time.monotonic() - start) * 1e9)
             out = {"model": model, "embeddings": vectors.tolist(), "total_duration": took, "load_duration": 0,
                    "prompt_eval_count": sum(map(len, ask.inputs))}
             return web.Response(body=await self.server.off_loop(json.dumps, out), content_type="application/json")
-        return await self.server.serve(request, answer, model=False)  # (`awake`)
+        return await self.server.serve(request, answer, model=False)  # (`wake_for`)
 
     def _embed_ask(self, body: dict, truncate: bool):
         """An `/api/embed` body as the embeddings path's parsed request; with `truncate`, each input's first tokens
@@ -443,11 +438,11 @@ class Ollama:
                 raise bad("'prompt' must be a string", "prompt")
             if not body.get("prompt"):  # Ollama's answer to nothing to embed
                 return web.json_response({"embedding": []})
-            await self.awake()
+            await self.server.wake_for(call)  # loaded on demand, as Ollama does
             ask = await self.server.off_loop(self.emb.parse, {"input": body["prompt"]})
             vectors = pooling.finish(await self.emb.vectors(call, ask.inputs, "embd"), ask.normalize, None)
             return web.json_response({"embedding": vectors[0].tolist()})
-        return await self.server.serve(request, answer, model=False)  # (`awake`)
+        return await self.server.serve(request, answer, model=False)  # (`wake_for`)
 
     def entry(self) -> dict:
         """The served model as `/api/tags` and `/api/ps` list it."""

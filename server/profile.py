@@ -5,8 +5,9 @@ TensorBoard's profile plugin, XProf and Perfetto open), for finding where a serv
 
 The folder is the body's `output_dir` (SGLang's) or `--profiler-dir`; the trace lands in
 `<folder>/plugins/profile/<time>/` (`*.xplane.pb`, `*.trace.json.gz`). SGLang's `num_steps` stops it by itself after
-that many engine steps, and `with_stack` traces Python calls too (off by default: it slows the host loop it
-measures). Each engine step is marked (`engine_step`, its number) so the device's work lines up with the steps.
+that many decode steps (a multi-step dispatch counts each), and `with_stack` traces Python calls too (off by default:
+it slows the host loop it measures). Each engine step is marked (`engine_step`, its number) so the device's work
+lines up with the steps.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class Profiler:
 
     def __init__(self, server, folder: str | None):
         self.server, self.folder = server, folder
-        self.taking: str | None = None  # the folder of the trace being taken
+        self.taking: str | None = None  # the folder of the trace being taken (until it is written)
+        self.stopping = False  # being written
         self.until: asyncio.Task | None = None  # stops it after `num_steps`
 
     async def start(self, request: web.Request) -> web.Response:
-        """POST /start_profile (`{"output_dir", "num_steps", "with_stack", "activities"}`, all optional)."""
+        """POST /start_profile (`{"output_dir", "num_steps", "with_stack", "activities"}`, all optional; a 400 while
+        one is being taken or written)."""
         body = await self.server._body(request) if request.can_read_body else {}
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
@@ -50,8 +53,9 @@ class Profiler:
                       "output_dir")
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise bad("'num_steps' must be a positive integer", "num_steps")
-        if not set(body.get("activities") or ()) <= set(ACTIVITIES):
-            raise bad(f"'activities' are among {list(ACTIVITIES)}", "activities")
+        activities = body.get("activities") or []
+        if not isinstance(activities, list) or not set(map(str, activities)) <= set(ACTIVITIES):
+            raise bad(f"'activities' is a list of names among {list(ACTIVITIES)}", "activities")
         if self.taking is not None:
             raise bad(f"a profile is being taken already (into {self.taking}): POST /stop_profile first")
         options = jax.profiler.ProfileOptions()
@@ -69,7 +73,7 @@ class Profiler:
 
     async def stop(self, request: web.Request) -> web.Response:
         """POST /stop_profile: the trace written (it takes a while), then answered."""
-        if self.taking is None:
+        if self.taking is None or self.stopping:
             raise bad("no profile is being taken (POST /start_profile first)")
         if self.until is not None:
             self.until.cancel()
@@ -83,6 +87,9 @@ class Profiler:
         await self._stop()
 
     async def _stop(self) -> None:
-        folder, self.taking = self.taking, None
-        await self.server.off_loop(jax.profiler.stop_trace)
+        self.stopping = True
+        try:
+            await self.server.off_loop(jax.profiler.stop_trace)
+        finally:
+            folder, self.taking, self.stopping = self.taking, None, False
         log.info("profile written under %s", os.path.join(folder, "plugins", "profile"))

@@ -160,6 +160,7 @@ def test_sleep_gives_the_devices_memory_back_and_wakes_as_it_was(swapped):
     assert tokens(again) == before and again.usage.prompt_tokens_details.cached_tokens == 0  # the pool forgotten
     assert api.engine.runner.compiles == compiles
 
+    assert _call(api, "POST", "/sleep?level=1") == (200, None)
     assert _call(api, "POST", "/sleep?level=2") == (200, None)  # the weights discarded: read again on waking
     assert api.engine.stats()["sleep_level"] == 2
     assert _call(api, "POST", "/wake_up") == (200, None)
@@ -258,6 +259,9 @@ def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
     waiting.start()
     time.sleep(0.3)
     assert len(choice.token_ids) == drawn < 160 and api.engine.stats()["running"] == 1 and not later
+    status, out = _post(api, "/update_weights_from_disk", {"model_path": second[0]})  # seated: its KV is the old's
+    assert status == 400 and out["success"] is False and "in place" in out["message"], out
+    assert _call(api, "POST", "/release_memory_occupation", {})[0] == 400
     assert _post(api, "/continue_generation", {})[0] == 200
     thread.join(), waiting.join()
     assert tokens(results[0]) == old and tokens(later[0]) == old[:4]
