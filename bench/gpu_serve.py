@@ -40,6 +40,7 @@ from device_idle import summary, traced  # noqa: E402
 from serve import ROOT, stop, wait_ready, wait_warm  # noqa: E402
 
 sys.path.insert(0, ROOT)
+from server import bench_serve  # noqa: E402  (the load's requests, as `sparkler bench serve` sends them)
 
 VOCAB = 49152  # SmolLM2's tokenizer: text round-trips through the random model
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=4096,
@@ -124,30 +125,16 @@ def write_folder(path: str, cfg: dict, tokenizer: str, shard_gb: float = 2.0) ->
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     """`n` token-id prompts of `length` tokens, each its own from its first token (no shared prefix)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [rng.integers(100, VOCAB - 100, length).tolist() for _ in range(n)]
+    return bench_serve.prompts(n, length, seed, 100, VOCAB - 100)
 
 
 async def one(session, url: str, prompt: list[int], tokens: int) -> tuple[float, float, int]:
-    """One streamed completion: (seconds to first token, seconds to the end, completion tokens)."""
-    body = {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first, usage = None, None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if first is None and chunk.get("choices"):
-                first = time.perf_counter()
-    done = time.perf_counter()
-    return (first or done) - t0, done - t0, (usage or {}).get("completion_tokens", 0)
+    """One streamed completion (`sparkler bench serve`'s request): (seconds to first token, seconds to the end,
+    completion tokens)."""
+    r = await bench_serve.request(session, url, "completions", bench_serve.body("completions", NAME, prompt, tokens))
+    if r.error is not None:
+        raise RuntimeError(f"a request failed: {r.error}")
+    return r.ttft, r.latency, r.output_tokens
 
 
 async def counters(session, url: str) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The `sparkler` command: `serve` (the server, as `python -m server`), `run-batch` (a file of requests in OpenAI's
-batch format, answered offline: `server.batch`), `chat` (a terminal chat against a running server, streamed) and
-`models` (the catalog, and what is installed)."""
+batch format, answered offline: `server.batch`), `chat` (a terminal chat against a running server, streamed),
+`bench serve` (a serving load against a running server: `server.bench_serve`) and `models` (the catalog, and what
+is installed)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
+    sub.add_parser("bench", add_help=False, help="bench serve: a serving load against a running server, measured "
+                   "as vLLM's `vllm bench serve` measures it (sparkler bench serve --help)")
     models = sub.add_parser("models", help="list the model catalog and what is installed",
                             description="The packaged models `--model NAME` accepts (configs/models.toml), whether "
                             "each is installed, and where. Any HF folder or .gguf path works too.")
@@ -43,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(argv[1:], prog="sparkler serve")
         return 0
+    if argv[:1] == ["bench"]:
+        if argv[1:2] != ["serve"]:
+            ap.error("bench: the one benchmark is `sparkler bench serve` (see --help there)")
+        from server.bench_serve import main as bench_serve
+
+        return bench_serve(argv[2:])
     if argv[:1] == ["run-batch"]:
         from server.batch import main as run_batch
 

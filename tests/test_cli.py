@@ -190,7 +190,7 @@ def test_every_command_has_help(capsys):
     from server.cli import main
 
     top = run("--help")
-    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "run-batch", "chat", "models"))
+    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "run-batch", "chat", "bench", "models"))
     chat = run("chat", "--help")
     assert chat.returncode == 0 and "--url" in chat.stdout and "/reset" in chat.stdout
     assert run("frobnicate").returncode == 2
@@ -273,3 +273,33 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert runner_config(parse_args(["--gpu-memory-utilization", "0.5"])).gpu_memory_utilization == 0.5
     assert rc.scheduling_policy == "fcfs"  # vLLM's flag and default
     assert runner_config(parse_args(["--scheduling-policy", "priority"])).scheduling_policy == "priority"
+
+
+def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
+    """`sparkler bench serve` against the live server: every request of a capped concurrency and of a Poisson rate
+    completes with exactly the asked tokens (completions and chat), the figures hang together (TTFT within the
+    end-to-end latency, throughput = tokens / duration) and are saved as JSON; a model the server does not serve
+    makes every request fail, the error shown and the exit status 1."""
+    from server.cli import main
+
+    saved = tmp_path / "result.json"
+    assert main(["bench", "serve", "--url", api.url + "/v1", "--num-prompts", "6", "--max-concurrency", "3",
+                 "--input-len", "20", "--output-len", "5", "--save-result", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "| Successful requests | 6 |" in out and "Time to first token, median (ms)" in out
+    got = json.loads(saved.read_text())
+    assert got["completed"] == 6 and got["failed"] == 0 and got["total_output_tokens"] == 30
+    assert got["total_input_tokens"] >= 6 * 20 and got["model"] == api.model.name
+    assert 0 < got["median_ttft_ms"] <= got["median_e2el_ms"] and got["max_concurrency"] == 3
+    assert abs(got["output_throughput"] - 30 / got["duration_s"]) < 1e-6
+    assert main(["bench", "serve", "--url", api.url, "--endpoint", "chat", "--num-prompts", "4", "--request-rate",
+                 "50", "--input-len", "8", "--output-len", "3", "--save-result", str(saved)]) == 0
+    got = json.loads(saved.read_text())
+    assert got["completed"] == 4 and got["total_output_tokens"] == 12 and got["request_rate"] == 50
+    assert main(["bench", "serve", "--url", api.url, "--model", "no-such-model", "--num-prompts", "2",
+                 "--output-len", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "| Failed requests | 2 |" in captured.out and "HTTP 404" in captured.err
+    with pytest.raises(SystemExit) as end:
+        main(["bench", "latency"])
+    assert end.value.code == 2

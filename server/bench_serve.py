@@ -1,0 +1,206 @@
+"""`sparkler bench serve`: a serving load against any OpenAI-compatible server (this one, vLLM, SGLang, llama.cpp's),
+measured from the client as `vllm bench serve` measures it: random prompts of a fixed length in tokens, streamed
+completions or chat completions of a fixed length (`ignore_eos`), sent all at once, at a Poisson request rate, or
+capped at a concurrency; then request and token throughput, time to first token (TTFT), time per output token after
+the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99.
+
+A prompt is a list of token ids (the completions API takes them; no tokenizer is needed, and its length is exact),
+drawn from `--token-range` so it is valid in any common vocabulary; chat sends the same ids' count of words. A
+token count comes from the stream's `usage` (`stream_options.include_usage`), else one per chunk. Failed requests
+are counted and the first error shown; the exit status is 1 if any failed. `bench/gpu_serve.py` drives its load
+through `request` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+WORDS = ("river mountain lantern copper violet harbor meadow signal orchard marble canyon ember falcon glacier "
+         "thistle quartz willow beacon").split()
+
+
+@dataclasses.dataclass
+class Result:
+    """One request as the client saw it: seconds to the first token and to the end, the chunks' arrival times,
+    the tokens in and out, and the error if it failed."""
+
+    ttft: float = 0.0
+    latency: float = 0.0
+    arrivals: list[float] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def prompts(n: int, length: int, seed: int, low: int = 1000, high: int = 20000) -> list[list[int]]:
+    """`n` prompts of `length` token ids in `[low, high)`, each its own from its first token (no shared prefix)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(low, high, length).tolist() for _ in range(n)]
+
+
+def body(endpoint: str, model: str, prompt: list[int], tokens: int, ignore_eos: bool = True) -> dict:
+    """The streamed request of one prompt: its ids (completions), or as many words in a user message (chat)."""
+    out = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True,
+           "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        out["ignore_eos"] = True
+    if endpoint == "chat":
+        return {**out, "messages": [{"role": "user", "content": " ".join(WORDS[t % len(WORDS)] for t in prompt)}]}
+    return {**out, "prompt": prompt}
+
+
+async def request(session, url: str, endpoint: str, payload: dict, headers: dict | None = None) -> Result:
+    """Send one streamed request and time it (`aiohttp` session; `url` the server's root)."""
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    res, usage, chunks = Result(), None, 0
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url + path, json=payload, headers=headers or {}) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return res
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):
+                    res.error = json.dumps(chunk["error"])[:300]
+                usage = chunk.get("usage") or usage
+                choices = chunk.get("choices") or []
+                if any((c.get("text") or (c.get("delta") or {}).get("content") or c.get("token_ids")) for c in choices):
+                    res.arrivals.append(time.perf_counter() - t0)
+                    chunks += 1
+    except (OSError, asyncio.TimeoutError, ValueError) as e:  # aiohttp's errors are OSErrors
+        res.error = f"{type(e).__name__}: {e}"
+    res.latency = time.perf_counter() - t0
+    res.ttft = res.arrivals[0] if res.arrivals else res.latency
+    res.prompt_tokens = (usage or {}).get("prompt_tokens", 0)
+    res.output_tokens = (usage or {}).get("completion_tokens", chunks)
+    if res.error is None and not res.arrivals:
+        res.error = "the stream carried no tokens"
+    return res
+
+
+async def run(url: str, endpoint: str, model: str, ids: list[list[int]], tokens: int, concurrency: int | None = None,
+              rate: float = math.inf, seed: int = 0, api_key: str | None = None,
+              ignore_eos: bool = True) -> tuple[list[Result], float]:
+    """Send every prompt (at most `concurrency` in flight; Poisson arrivals at `rate` requests/s, all at once where
+    infinite); the results, in prompt order, and the wall time from the first send to the last answer."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    gate = asyncio.Semaphore(concurrency or len(ids))
+    gaps = np.random.default_rng(seed).exponential(1 / rate, len(ids)) if math.isfinite(rate) else np.zeros(len(ids))
+    starts = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])  # the first at once
+
+    async def one(session, i: int, prompt: list[int]) -> Result:
+        await asyncio.sleep(float(starts[i]))
+        async with gate:
+            return await request(session, url, endpoint, body(endpoint, model, prompt, tokens, ignore_eos), headers)
+
+    timeout = aiohttp.ClientTimeout(total=6 * 3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        t = time.perf_counter()
+        results = await asyncio.gather(*(one(session, i, p) for i, p in enumerate(ids)))
+        return list(results), time.perf_counter() - t
+
+
+def summary(results: list[Result], wall: float) -> dict:
+    """vLLM's figures of a run: counts, throughputs, and TTFT / TPOT / ITL / E2E in ms (mean, median, p99)."""
+    ok = [r for r in results if r.error is None]
+    out = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": wall,
+           "total_input_tokens": sum(r.prompt_tokens for r in ok),
+           "total_output_tokens": sum(r.output_tokens for r in ok),
+           "request_throughput": len(ok) / wall if wall else 0.0}
+    out["output_throughput"] = out["total_output_tokens"] / wall if wall else 0.0
+    out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / wall if wall else 0.0
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [b - a for r in ok for a, b in zip(r.arrivals, r.arrivals[1:])]
+    for name, xs in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl), ("e2el", [r.latency for r in ok])):
+        ms = [x * 1000 for x in xs] or [0.0]
+        out.update({f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms),
+                    f"p99_{name}_ms": float(np.percentile(ms, 99))})
+    out["first_error"] = next((r.error for r in results if r.error is not None), None)
+    return out
+
+
+def table(s: dict) -> str:
+    """`summary` as a markdown table."""
+    rows = [("Successful requests", f"{s['completed']}"), ("Failed requests", f"{s['failed']}"),
+            ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
+            ("Total input tokens", f"{s['total_input_tokens']}"),
+            ("Total generated tokens", f"{s['total_output_tokens']}"),
+            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s)", f"{s['output_throughput']:.1f}"),
+            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.1f}")]
+    for name, what in (("ttft", "Time to first token"), ("tpot", "Time per output token (after the first)"),
+                       ("itl", "Inter-token latency"), ("e2el", "End-to-end latency")):
+        rows += [(f"{what}, {k} (ms)", f"{s[f'{k}_{name}_ms']:.2f}") for k in ("mean", "median", "p99")]
+    return "\n".join(["| measurement | value |", "| --- | ---: |", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    """The server's first model id (`/v1/models`)."""
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def main(argv: list[str]) -> int:
+    """`sparkler bench serve ...`: run the load, print the table (and save the figures as JSON where asked)."""
+    ap = argparse.ArgumentParser(prog="sparkler bench serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default=os.environ.get("SPARKLER_URL", "http://127.0.0.1:8000"),
+                    help="the server's root (default: $SPARKLER_URL or http://127.0.0.1:8000)")
+    ap.add_argument("--api-key", default=os.environ.get("SPARKLER_API_KEY"))
+    ap.add_argument("--model", default=None, help="model id (default: the server's first)")
+    ap.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    ap.add_argument("--num-prompts", type=int, default=100)
+    ap.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
+    ap.add_argument("--request-rate", type=float, default=math.inf,
+                    help="requests per second, Poisson arrivals (default: inf, all at once)")
+    ap.add_argument("--input-len", "--random-input-len", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--output-len", "--random-output-len", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--token-range", type=int, nargs=2, default=(1000, 20000), metavar=("LOW", "HIGH"),
+                    help="the prompts' token ids are drawn from [LOW, HIGH)")
+    ap.add_argument("--no-ignore-eos", action="store_true", help="let replies end at an end of sequence")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-result", default=None, metavar="FILE", help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or (args.max_concurrency or 1) < 1:
+        ap.error("--num-prompts, --input-len, --output-len and --max-concurrency must be positive")
+    url = args.url.rstrip("/").removesuffix("/v1")
+    try:
+        model = args.model or _served_model(url, args.api_key)
+    except OSError as e:
+        print(f"sparkler bench serve: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    ids = prompts(args.num_prompts, args.input_len, args.seed, *args.token_range)
+    print(f"{args.num_prompts} requests of {args.input_len} tokens in, {args.output_len} out, to {model} at {url} "
+          f"({args.endpoint}; concurrency {args.max_concurrency or 'unbounded'}, rate {args.request_rate})",
+          file=sys.stderr)
+    results, wall = asyncio.run(run(url, args.endpoint, model, ids, args.output_len, args.max_concurrency,
+                                    args.request_rate, args.seed, args.api_key, not args.no_ignore_eos))
+    figures = summary(results, wall)
+    print(table(figures))
+    if figures["first_error"]:
+        print(f"first error: {figures['first_error']}", file=sys.stderr)
+    if args.save_result:
+        with open(args.save_result, "w") as f:
+            json.dump({**figures, "model": model, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
+                       "input_len": args.input_len, "output_len": args.output_len,
+                       "max_concurrency": args.max_concurrency,
+                       "request_rate": args.request_rate if math.isfinite(args.request_rate) else None}, f, indent=1)
+    return 1 if figures["failed"] else 0
