@@ -672,6 +672,8 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
             await server.continue_generation()
         deadline = time.monotonic() + drain_timeout
         while (server.active or server.engine.has_work()) and time.monotonic() < deadline:
+            if server.engine.asleep:  # what is queued cannot run until a wake-up that will not come: end it now
+                break
             await asyncio.sleep(0.05)
         if server.active or server.engine.has_work():
             log.warning("sparkler: drain timeout; ending %d requests with an error", server.active)
