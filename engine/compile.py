@@ -347,10 +347,6 @@ class Background:
                  "%d saved; JAX's cache: %d hits, %d misses)", self.ready, time.monotonic() - self.started,
                  self.failed, PROGRAMS["loaded"], PROGRAMS["saved"], PERSISTENT["hits"], PERSISTENT["misses"])
 
-    def done(self) -> bool:
-        """Every job has ended (compiled, failed or dropped)."""
-        return all(f.done() for f in self.futures)
-
     def cancel(self) -> None:
         """Drop the jobs not started (at shutdown: the process then waits for one compilation at most)."""
         self.stopped = True

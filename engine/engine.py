@@ -397,10 +397,10 @@ class Engine:
 
     def swap_weights(self, new: Model) -> bool:
         """Serve `new`'s weights (a model of the same config and shapes, as `Server.update_weights` checks) from the
-        next step on, when nothing is queued or running: True, with the prefix cache and held pictures forgotten
-        (computed with the old weights); else nothing changes: False. Weights asleep wake up as `new`'s (the KV
-        pool sleeps on). Held after a retraction (`hold`), the work queued is recomputed with the new weights when
-        released. Call it on the engine's thread."""
+        next step on, when nothing is seated or in flight (`parked`): True, with the prefix cache and held pictures
+        forgotten (computed with the old weights); else nothing changes: False. Weights asleep wake up as `new`'s
+        (the KV pool sleeps on). Held after a retraction (`hold`), the work queued is recomputed with the new
+        weights when released. Call it on the engine's thread."""
         if not self.parked():
             return False
         if "weights" in self.asleep:
@@ -416,7 +416,7 @@ class Engine:
 
     def sleep(self, tags: tuple[str, ...] = sleeping.TAGS, keep_weights: bool = True) -> bool:
         """Give back the devices' memory of `tags` (`engine.sleep`: "weights", "kv_cache") when nothing is seated or
-        in flight (`parked`) and no warm-up shape is compiling: True; else nothing changes: False. The KV pools
+        in flight (`parked`): True; else nothing changes: False. The KV pools
         are deleted (the prefix cache flushed); the weights copied to the host first, or with `keep_weights` False
         (vLLM's level 2) the model's own weights and vision tower's discarded (`wake_up` then takes new ones), the rest
         (LoRA slots, a draft model) kept; weights asleep on the host are discarded then. Warm-up shapes compiling
