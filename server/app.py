@@ -70,6 +70,7 @@ class Stalled(Exception):
     """A streaming client did not take a write within `Server.stall_timeout` seconds."""
 
 
+PAUSE_MODES = ("abort", "wait", "in_place", "retract")  # `pause_generation`'s (vLLM's "keep" is "in_place")
 SWAP_WAIT = 600.0  # seconds `update_weights` waits for the calls in flight to finish
 # With /health* and /static/, what an API key leaves open (SGLang's rule; the probes of SageMaker, /ping, and of load
 # balancers, /load, send no key)
@@ -646,14 +647,19 @@ class Server:
             self.paused = None
         return len(aborted)
 
-    async def pause_generation(self, mode: str = "abort") -> None:
-        """Pause generating (SGLang's `/pause_generation`, as RL trainers call it around a weight update): new calls
-        wait before parsing until `continue_generation` (by their deadlines); "abort" aborts the calls in flight
-        (each answers what it drew, finish reason "abort"), "in_place" holds them seated with their KV pages,
-        "retract" holds them back in the queue, to be recomputed (`Engine.hold`). Returns once nothing runs;
-        weights updated meanwhile serve the calls held when they go on."""
-        if mode not in ("abort", "in_place", "retract"):
-            raise bad(f"mode: abort, in_place or retract, not {mode!r}", "mode")
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
+        """Pause generating (SGLang's `/pause_generation`, vLLM's `/pause`, as RL trainers call them around a weight
+        update): new calls wait before parsing until `continue_generation` (by their deadlines); "abort" aborts the
+        calls in flight (each answers what it drew, finish reason "abort"), "wait" lets them finish, "in_place"
+        holds them seated with their KV pages, "retract" holds them back in the queue, to be recomputed
+        (`Engine.hold`). Returns once nothing runs, the prefix cache flushed with `clear_cache` (after an abort or
+        a wait); weights updated meanwhile serve the calls held when they go on. It runs to its end if its caller
+        goes away."""
+        if mode not in PAUSE_MODES:
+            raise bad(f"mode: one of {', '.join(PAUSE_MODES)}, not {mode!r}", "mode")
+        await asyncio.shield(self._untimed(self._pause(mode, clear_cache)))
+
+    async def _pause(self, mode: str, clear_cache: bool) -> None:
         async with self.pausing:
             opened = self.holding is None
             if opened:
@@ -662,13 +668,23 @@ class Server:
                 if mode == "abort":
                     for rid in self.in_flight():
                         self.engine.abort(rid)
-                await self.on_engine(lambda e: e.hold("retract" if mode == "abort" else mode))
+                while mode == "wait" and (self.stages["parsing"] or self.engine_calls
+                                          or await self.on_engine(lambda e: e.has_work())):
+                    await asyncio.sleep(0.02)  # the calls in flight finish
+                await self.on_engine(lambda e: e.hold("in_place" if mode == "in_place" else "retract"))
             except BaseException:
                 if opened:
                     self._open_gate()
                 raise
             while await self.on_engine(lambda e: e.runnable()):  # what was in flight read back, retracted
                 await asyncio.sleep(0.01)
+            if clear_cache and mode in ("abort", "wait"):
+                await self.on_engine(lambda e: e.flush_cache())
+
+    @property
+    def paused_generation(self) -> bool:
+        """Whether generation is paused (`pause_generation`)."""
+        return self.holding is not None or self.engine.held is not None
 
     async def continue_generation(self) -> None:
         """Generate again after `pause_generation`: the calls held go on, those waiting are parsed."""

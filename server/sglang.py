@@ -352,7 +352,10 @@ class SGLang:
         body = await self.server._body(request) if request.can_read_body else {}
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        await self.server.pause_generation(body.get("mode", "abort"))
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "in_place", "retract"):  # (SGLang's modes; vLLM's "wait" is /pause's)
+            raise bad(f"mode: abort, in_place or retract, not {mode!r}", "mode")
+        await self.server.pause_generation(mode)
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_generation(self, request: web.Request) -> web.Response:

@@ -10,6 +10,11 @@ trainer between rollouts, another model on the card) and takes it again (`engine
 
 While anything sleeps, every call that runs the model is a 503 (`sleeping`); the others (`/tokenize`, `/v1/models`,
 `/health`, counts of tokens) answer as ever. Sleeping waits for the calls in flight (new ones wait meanwhile).
+
+vLLM's pause routes, which RL trainers call around a weight update, are here too (SGLang's are in `server.sglang`):
+`POST /pause?mode=abort|wait|keep&clear_cache=true` (`Server.pause_generation`: abort the calls in flight, let them
+finish, or keep them seated; the prefix cache flushed after an abort or a wait unless `clear_cache=false`),
+`POST /resume`, `GET /is_paused`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ SGLANG_TAGS = (*sleeping.TAGS, "cuda_graph")  # SGLang's; XLA's programs stay co
 
 
 def routes(app: web.Application, server) -> None:
-    """Add vLLM's and SGLang's sleep-mode routes to `app`, answered by `server` (`Server.sleep`, `wake_up`)."""
+    """Add vLLM's and SGLang's sleep-mode routes and vLLM's pause routes to `app`, answered by `server`
+    (`Server.sleep`, `wake_up`, `pause_generation`, `continue_generation`)."""
     api = Sleep(server)
     app.router.add_post("/sleep", api.sleep)
     app.router.add_post("/wake_up", api.wake_up)
@@ -31,6 +37,9 @@ def routes(app: web.Application, server) -> None:
     for method in ("GET", "POST"):
         app.router.add_route(method, "/release_memory_occupation", api.release)
         app.router.add_route(method, "/resume_memory_occupation", api.resume)
+    app.router.add_post("/pause", api.pause)
+    app.router.add_post("/resume", api.go_on)
+    app.router.add_get("/is_paused", api.is_paused)
 
 
 def tags_of(given, names: tuple[str, ...], param: str) -> tuple[str, ...]:
@@ -76,6 +85,26 @@ class Sleep:
         """/resume_memory_occupation (SGLang's): `null` once the tags' memory is taken back."""
         await self.server.wake_up(await self._tags(request))
         return web.json_response(None)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        """POST /pause?mode=abort|wait|keep&clear_cache=true|false (vLLM's): `{"status": "paused"}` once nothing
+        runs."""
+        mode, clear = request.query.get("mode", "abort"), request.query.get("clear_cache", "true").lower()
+        if mode not in ("abort", "wait", "keep"):
+            raise bad(f"mode: abort, wait or keep, not {mode!r}", "mode")
+        if clear not in ("true", "false", "1", "0"):
+            raise bad(f"clear_cache: true or false, not {clear!r}", "clear_cache")
+        await self.server.pause_generation("in_place" if mode == "keep" else mode, clear in ("true", "1"))
+        return web.json_response({"status": "paused"})
+
+    async def go_on(self, request: web.Request) -> web.Response:
+        """POST /resume (vLLM's): `{"status": "resumed"}`."""
+        await self.server.continue_generation()
+        return web.json_response({"status": "resumed"})
+
+    async def is_paused(self, request: web.Request) -> web.Response:
+        """GET /is_paused (vLLM's)."""
+        return web.json_response({"is_paused": self.server.paused_generation})
 
     async def _tags(self, request: web.Request) -> tuple[str, ...]:
         body = await self.server._body(request) if request.can_read_body else {}

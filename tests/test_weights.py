@@ -231,7 +231,7 @@ def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
     drawn meanwhile) and a new call waits, both then finishing as unpaused; "retract" puts the running reply back
     in the queue, new weights are served meanwhile (`/update_weights_from_disk`; the memory may sleep too) and the
     reply goes on with them from where it was (transformers' greedy tokens on each side of the pause); "abort" ends
-    it with what it drew."""
+    it with what it drew. vLLM's `/pause` (its "wait": the running reply finishes whole), `/is_paused`, `/resume`."""
     api, (first, second, _) = swapped, swapped.folders
     client = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=300)
     ask = dict(model=NAME, prompt="The capital of France is", max_tokens=160, temperature=0,
@@ -288,3 +288,20 @@ def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
     assert status == 400 and out["error"]["param"] == "mode", out
     assert _post(api, "/continue_generation", {})[0] == 200
     assert tokens(client.completions.create(**{**ask, "max_tokens": 4})) == _greedy(second[1], ids, 4)
+
+    # vLLM's names: "wait" lets the running reply finish whole; a call sent meanwhile waits for /resume
+    thread, results = running()
+    assert _call(api, "POST", "/pause?mode=wait") == (200, {"status": "paused"})
+    assert not api.engine.has_work()  # it has finished
+    thread.join()
+    assert results[0].choices[0].finish_reason == "length" and len(tokens(results[0])) == 160
+    assert _call(api, "GET", "/is_paused") == (200, {"is_paused": True})
+    later.clear()
+    waiting = threading.Thread(target=lambda: later.append(client.completions.create(**{**ask, "max_tokens": 4})))
+    waiting.start()
+    time.sleep(0.3)
+    assert not later and _call(api, "POST", "/pause?mode=sometime")[0] == 400
+    assert _call(api, "POST", "/resume") == (200, {"status": "resumed"})
+    waiting.join()
+    assert tokens(later[0]) == _greedy(second[1], ids, 4)
+    assert _call(api, "GET", "/is_paused") == (200, {"is_paused": False})
