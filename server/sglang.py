@@ -62,6 +62,8 @@ def routes(app: web.Application, server) -> None:
     app.router.add_route("GET", "/flush_cache", api.flush_cache)
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
     app.router.add_post("/reset_prefix_cache", api.flush_cache)  # vLLM's name for it
+    for path in ("/reset_mm_cache", "/reset_encoder_cache"):  # vLLM's: the pictures' features held for reuse
+        app.router.add_post(path, api.forget_pictures)
     app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
     app.router.add_post("/pause_generation", api.pause_generation)
     app.router.add_post("/continue_generation", api.continue_generation)
@@ -345,6 +347,13 @@ class SGLang:
                                      status=e.status)
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": aborted})
+
+    async def forget_pictures(self, request: web.Request) -> web.Response:
+        """POST /reset_mm_cache or /reset_encoder_cache (vLLM's): forget the pictures whose features are held for
+        reuse (`ImageRows.forget`; the rows running requests read stay theirs); an empty 200."""
+        if self.server.engine.images is not None:
+            self.server.engine.images.forget()
+        return web.Response()
 
     async def pause_generation(self, request: web.Request) -> web.Response:
         """POST /pause_generation `{"mode": "abort" | "in_place" | "retract"}` (default abort;

@@ -128,7 +128,7 @@ def test_the_model_reads_pictures_as_transformers_does(served, llava):
 def test_a_sleeping_server_refuses_pictures_and_wakes_up_reading_them(served, llava):
     """Sleep mode on a model with a vision tower: asleep, a picture is a 503 (a chat, and a token count, which
     encodes it), never a 500; level 2 needs weights it could load again (a 400 here); awake, a new picture's reply
-    is transformers'."""
+    is transformers'; after vLLM's `/reset_mm_cache` it is encoded again."""
     from test_server import http
 
     url = png_url(31)
@@ -147,9 +147,17 @@ def test_a_sleeping_server_refuses_pictures_and_wakes_up_reading_them(served, ll
         assert http(served, "POST", "/wake_up")[0] == 200
     ids = protocol.chat_ids(served.model, _ask(url))[0]
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
-    r = client.chat.completions.create(model="llava", messages=_ask(url), max_tokens=8, temperature=0,
-                                       extra_body={"return_token_ids": True, "ignore_eos": True})
+    ask = dict(model="llava", messages=_ask(url), max_tokens=8, temperature=0,
+               extra_body={"return_token_ids": True, "ignore_eos": True})
+    r = client.chat.completions.create(**ask)
     assert r.choices[0].model_extra["token_ids"] == _reference(llava, ids, [url], 8)[0]
+    # vLLM's /reset_mm_cache: the picture's features are not found again, so it is encoded anew, the same reply
+    encoded = served.engine.images.encoded
+    assert images_digest(served, url) in served.engine.images.held
+    assert http(served, "POST", "/reset_mm_cache")[0] == 200 and not served.engine.images.held
+    assert client.chat.completions.create(**ask).choices[0].model_extra["token_ids"] == \
+        r.choices[0].model_extra["token_ids"]
+    assert served.engine.images.encoded == encoded + 1
 
 
 def test_a_picture_seen_again_reuses_its_rows_and_its_cached_pages(served, llava):
