@@ -671,9 +671,11 @@ async def serve(server: Server, host: str, port: int, what: str = "", drain_time
         if server.holding is not None or server.engine.held:  # paused: the calls held finish (or fail at the end)
             await server.continue_generation()
         deadline = time.monotonic() + drain_timeout
+        ended = False
         while (server.active or server.engine.has_work()) and time.monotonic() < deadline:
-            if server.engine.asleep:  # what is queued cannot run until a wake-up that will not come: end it now
-                break
+            if server.engine.asleep and server.engine.has_work() and not server.updating.locked() and not ended:
+                server.aengine.fail_everything()  # queued while asleep: it cannot run until a wake-up now
+                ended = True  # (the calls that need no engine go on draining)
             await asyncio.sleep(0.05)
         if server.active or server.engine.has_work():
             log.warning("sparkler: drain timeout; ending %d requests with an error", server.active)

@@ -653,8 +653,9 @@ class Server:
         calls in flight (each answers what it drew, finish reason "abort"), "wait" lets them finish, "in_place"
         holds them seated with their KV pages, "retract" holds them back in the queue, to be recomputed
         (`Engine.hold`). Returns once nothing runs, the prefix cache flushed with `clear_cache` (after an abort or
-        a wait); weights updated meanwhile serve the calls held when they go on. It runs to its end if its caller
-        goes away."""
+        a wait; vLLM's `/pause` asks for it by default, SGLang's never); weights updated meanwhile serve the calls
+        held when they go on. A wait that outlasts `SWAP_WAIT` is a 409 and pauses nothing; a wait while paused
+        already changes nothing. It runs to its end if its caller goes away."""
         if mode not in PAUSE_MODES:
             raise bad(f"mode: one of {', '.join(PAUSE_MODES)}, not {mode!r}", "mode")
         await asyncio.shield(self._untimed(self._pause(mode, clear_cache)))
@@ -668,8 +669,14 @@ class Server:
                 if mode == "abort":
                     for rid in self.in_flight():
                         self.engine.abort(rid)
-                while mode == "wait" and (self.stages["parsing"] or self.engine_calls
-                                          or await self.on_engine(lambda e: e.has_work())):
+                if mode == "wait" and self.engine.held is not None:
+                    return  # paused already: as it was (vLLM's pause again is nothing)
+                end = asyncio.get_running_loop().time() + SWAP_WAIT
+                while mode == "wait" and not self.draining and (self.stages["parsing"] or self.engine_calls
+                                                                or await self.on_engine(lambda e: e.has_work())):
+                    if asyncio.get_running_loop().time() > end:
+                        raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; "
+                                       "generation is not paused", "mode")
                     await asyncio.sleep(0.02)  # the calls in flight finish
                 await self.on_engine(lambda e: e.hold("in_place" if mode == "in_place" else "retract"))
             except BaseException:
@@ -678,8 +685,8 @@ class Server:
                 raise
             while await self.on_engine(lambda e: e.runnable()):  # what was in flight read back, retracted
                 await asyncio.sleep(0.01)
-            if clear_cache and mode in ("abort", "wait"):
-                await self.on_engine(lambda e: e.flush_cache())
+            if clear_cache and mode in ("abort", "wait") and not await self.on_engine(lambda e: e.flush_cache()):
+                log.warning("paused; the prefix cache was not flushed (work is still seated)")
 
     @property
     def paused_generation(self) -> bool:
@@ -719,7 +726,9 @@ class Server:
         """`coro` as a task without the calling request's deadline (a weight load must not be cut by it)."""
         context = contextvars.copy_context()
         context.run(DEADLINE.set, None)
-        return asyncio.get_running_loop().create_task(coro, context=context)
+        task = asyncio.get_running_loop().create_task(coro, context=context)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (read, if its caller went away)
+        return task
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:

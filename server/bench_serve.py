@@ -5,10 +5,12 @@ capped at a concurrency; then request and token throughput, time to first token 
 the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99.
 
 A prompt is a list of token ids (the completions API takes them; no tokenizer is needed, and its length is exact),
-drawn from `--token-range` so it is valid in any common vocabulary; chat sends the same ids' count of words. A
+drawn from `--token-range` so it is valid in any common vocabulary; chat sends the same ids' count of words (a
+different count of tokens once templated). A chunk counts when it carries generated text, reasoning or tool calls. A
 token count comes from the stream's `usage` (`stream_options.include_usage`), else one per chunk. Failed requests
-are counted and the first error shown; the exit status is 1 if any failed. `bench/gpu_serve.py` drives its load
-through `request` too.
+are counted and the first error shown; the exit status is 1 if any failed. Each request opens its own connection
+(a loopback connect: well under a millisecond; no server's keep-alive limit can drop a request). `bench/gpu_serve.py`
+drives its load through `request` too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 
 import numpy as np
 
+GENERATED = ("content", "reasoning_content", "reasoning", "tool_calls")  # a chat delta's generated parts
 WORDS = ("river mountain lantern copper violet harbor meadow signal orchard marble canyon ember falcon glacier "
          "thistle quartz willow beacon").split()
 
@@ -78,7 +81,8 @@ async def request(session, url: str, endpoint: str, payload: dict, headers: dict
                     res.error = json.dumps(chunk["error"])[:300]
                 usage = chunk.get("usage") or usage
                 choices = chunk.get("choices") or []
-                if any((c.get("text") or (c.get("delta") or {}).get("content") or c.get("token_ids")) for c in choices):
+                if any(c.get("text") or c.get("token_ids") or any((c.get("delta") or {}).get(k) for k in GENERATED)
+                       for c in choices):
                     res.arrivals.append(time.perf_counter() - t0)
                     chunks += 1
     except Exception as e:  # noqa: BLE001  (a dropped connection, a bad chunk: this request failed, the run goes on)
@@ -183,11 +187,18 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or (args.max_concurrency or 1) < 1:
         ap.error("--num-prompts, --input-len, --output-len and --max-concurrency must be positive")
+    if not args.request_rate > 0:
+        ap.error("--request-rate must be positive (inf: all at once)")
+    if not 0 <= args.token_range[0] < args.token_range[1]:
+        ap.error("--token-range: 0 <= LOW < HIGH")
     url = args.url.rstrip("/").removesuffix("/v1")
     try:
         model = args.model or _served_model(url, args.api_key)
     except OSError as e:
         print(f"sparkler bench serve: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, IndexError, TypeError):
+        print(f"sparkler bench serve: {url}/v1/models names no model: pass --model", file=sys.stderr)
         return 1
     ids = prompts(args.num_prompts, args.input_len, args.seed, *args.token_range)
     print(f"{args.num_prompts} requests of {args.input_len} tokens in, {args.output_len} out, to {model} at {url} "

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["bench"]:
         if argv[1:2] != ["serve"]:
+            if argv[1:2] in (["-h"], ["--help"]):
+                print("usage: sparkler bench serve [flags]: a serving load against a running server, measured as "
+                      "`vllm bench serve` measures it (sparkler bench serve --help)")
+                return 0
             ap.error("bench: the one benchmark is `sparkler bench serve` (see --help there)")
         from server.bench_serve import main as bench_serve
 
