@@ -300,6 +300,8 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
                  "--output-len", "2"]) == 1
     captured = capsys.readouterr()
     assert "| Failed requests | 2 |" in captured.out and "HTTP 404" in captured.err
-    with pytest.raises(SystemExit) as end:
-        main(["bench", "latency"])
-    assert end.value.code == 2
+    for bad in (["latency"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"]):
+        with pytest.raises(SystemExit) as end:
+            main(["bench", *bad])
+        assert end.value.code == 2
+    assert main(["bench", "--help"]) == 0
