@@ -5,7 +5,8 @@ Handlers observe request counts and latencies; the engine's gauges and counters 
 scrape time by a custom collector, so the engine thread never touches the metrics. Every name is in the `sparkler_`
 namespace; the README lists them. The figures dashboards, autoscalers and inference gateways read from vLLM are
 exposed under vLLM's names too (`VllmNames`: `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...), each
-read from the same counters at scrape time, with vLLM's `model_name` label.
+read from the same counters at scrape time, with vLLM's `model_name` label; and llama.cpp's server's under its names
+(`LlamaCppNames`: `llamacpp:tokens_predicted_total`, `llamacpp:kv_cache_usage_ratio`, ...).
 """
 
 from __future__ import annotations
@@ -106,6 +107,44 @@ class EngineCollector:
         yield cpu
 
 
+class LlamaCppNames:
+    """The engine's figures under llama.cpp's server's metric names (`llamacpp:`, what its `--metrics` exposes), for
+    the dashboards written against it: prompt tokens computed (not served from the prefix cache) and generated, the
+    decode steps, the engine loop's seconds in prefill and in decoding (dispatch and read-back) and the rates they
+    give, the KV pool's use, and the requests running and waiting."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        """Yield the llama.cpp-named families."""
+        s = self.stats()
+        prompt = s["prefix_cache_queried_tokens"] - s["prefix_cache_hit_tokens"]
+        prompt_s = s["step_seconds"]["prefill"]
+        decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
+        used = s["kv_pages_total"] - s["kv_pages_free"]
+        for name, doc, value in (
+                ("prompt_tokens", "Number of prompt tokens processed.", prompt),
+                ("prompt_seconds", "Prompt process time", prompt_s),
+                ("tokens_predicted", "Number of generation tokens processed.", s["generated_tokens"]),
+                ("tokens_predicted_seconds", "Predict process time", decode_s),
+                ("n_decode", "Total number of llama_decode() calls", s["steps"])):
+            yield CounterMetricFamily(f"llamacpp:{name}", doc, value=value)
+        for name, doc, value in (
+                ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
+                 s["generated_tokens"] / s["steps"] if s["steps"] else 0.0),
+                ("prompt_tokens_seconds", "Average prompt throughput in tokens/s.",
+                 prompt / prompt_s if prompt_s else 0.0),
+                ("predicted_tokens_seconds", "Average generation throughput in tokens/s.",
+                 s["generated_tokens"] / decode_s if decode_s else 0.0),
+                ("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.",
+                 used / s["kv_pages_total"] if s["kv_pages_total"] else 0.0),
+                ("kv_cache_tokens", "KV-cache tokens.", used * s["kv_page_size"]),
+                ("requests_processing", "Number of requests processing.", s["running"]),
+                ("requests_deferred", "Number of requests deferred.", s["waiting"])):
+            yield GaugeMetricFamily(f"llamacpp:{name}", doc, value=value)
+
+
 class VllmNames:
     """The engine's and the server's figures under vLLM's metric names, with its `model_name` label: the engine's
     from `stats()`, the server's histograms and counters (`sources`) renamed as they are collected, so each value is
@@ -184,6 +223,7 @@ class Metrics:
                                      registry=r)
         r.register(EngineCollector(stats, threads))
         r.register(VllmNames(stats, (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens), model_name))
+        r.register(LlamaCppNames(stats))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

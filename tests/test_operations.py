@@ -77,6 +77,18 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     used = one("vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", model_name=MODEL)
     assert used == pytest.approx(1 - one("sparkler_kv_pages_free", "sparkler_kv_pages_free")
                                  / api.engine.sched.pools[0].capacity)
+    # ... and llama.cpp's server's names (its --metrics), from the same scrape
+    pairs = (("llamacpp:tokens_predicted", "sparkler_generated_tokens"), ("llamacpp:n_decode", "sparkler_steps"),
+             ("llamacpp:requests_processing", "sparkler_running"), ("llamacpp:requests_deferred", "sparkler_waiting"))
+    for theirs, ours in pairs:
+        suffix = "_total" if fams[ours].type == "counter" else ""
+        assert one(theirs, theirs + suffix) == one(ours, ours + suffix)
+    computed = one("sparkler_prefix_cache_queried_tokens", "sparkler_prefix_cache_queried_tokens_total") - one(
+        "sparkler_prefix_cache_hit_tokens", "sparkler_prefix_cache_hit_tokens_total")
+    assert one("llamacpp:prompt_tokens", "llamacpp:prompt_tokens_total") == computed > 0
+    assert one("llamacpp:kv_cache_usage_ratio", "llamacpp:kv_cache_usage_ratio") == pytest.approx(used)
+    assert one("llamacpp:predicted_tokens_seconds", "llamacpp:predicted_tokens_seconds") > 0
+    assert one("llamacpp:prompt_tokens_seconds", "llamacpp:prompt_tokens_seconds") > 0
 
 
 @pytest.fixture(scope="module")
