@@ -426,8 +426,7 @@ class Engine:
             return False
         if "kv_cache" in tags and "kv_cache" not in self.asleep:
             flushed = sum(pool.flush() for pool in self.sched.pools)
-            pools = [self.runner] + ([self.draft] if self.draft is not None else [])
-            self.asleep["kv_cache"] = sum(p.release_pool() for p in pools)
+            self.asleep["kv_cache"] = sum(p.release_pool() for p in self._pools())
             log.info("asleep: the KV pool given back (%.2f GB; %d cached pages forgotten)",
                      self.asleep["kv_cache"] / 1e9, flushed)
         if "weights" in tags and "weights" not in self.asleep:
@@ -438,7 +437,7 @@ class Engine:
 
     def _offload_weights(self, keep: bool) -> None:
         """`sleep`'s weights: the model's own and vision tower's kept (`keep`) or discarded, the rest kept."""
-        with self.images.lock if self.images is not None else contextlib.nullcontext():  # it writes the params too
+        with self._params_lock():
             own = {"params": self.model.params["params"], "vision": self.model.vision_params}
             rest = {"model": {k: v for k, v in self.model.params.items() if k != "params"},
                     "draft": self.draft.model.params if self._own_draft() else None}
@@ -453,17 +452,22 @@ class Engine:
         if "weights" in tags and "weights" in self.asleep:
             self._wake_weights(new)
         if "kv_cache" in tags and "kv_cache" in self.asleep:
-            for pool in [self.runner] + ([self.draft] if self.draft is not None else []):
+            for pool in self._pools():
                 pool.restore_pool()
             del self.asleep["kv_cache"]  # (only now: a pool that failed to come back leaves the engine asleep)
             log.info("awake: the KV pool zeroed")
 
     @property
+    def weights_discarded(self) -> bool:
+        """Whether `sleep` discarded the model's own weights (level 2): waking them takes new ones."""
+        weights = self.asleep.get("weights")
+        return weights is not None and weights[0].host is None
+
+    @property
     def sleep_level(self) -> int:
         """What `sleep` has given back: 0 nothing, 1 the KV pool or the weights kept on the host, 2 the model's
         weights discarded (vLLM's levels)."""
-        weights = self.asleep.get("weights")
-        return 2 if weights is not None and weights[0].host is None else int(bool(self.asleep))
+        return 2 if self.weights_discarded else int(bool(self.asleep))
 
     def awake(self) -> None:
         """Raise `engine.sleep.Asleep` unless every tag is awake."""
@@ -480,13 +484,21 @@ class Engine:
         own = {"params": new.params["params"], "vision": new.vision_params} if new is not None else \
             sleeping.restore(own)
         rest = sleeping.restore(rest)
-        with self.images.lock if self.images is not None else contextlib.nullcontext():
+        with self._params_lock():
             self.model.params = {"params": own["params"], **rest["model"]}
             self.model.vision_params = own["vision"]
         if self._own_draft():
             self.draft.model.params = rest["draft"]
         del self.asleep["weights"]  # (only now: weights that failed to come back leave the engine asleep)
         log.info("awake: the weights on the devices again")
+
+    def _pools(self) -> list:
+        """What holds a KV pool: the runner, and a draft model."""
+        return [self.runner] + ([self.draft] if self.draft is not None else [])
+
+    def _params_lock(self):
+        """The lock under which `model.params` is replaced (the pictures' rows are written into it too), or none."""
+        return self.images.lock if self.images is not None else contextlib.nullcontext()
 
     def _own_draft(self) -> bool:
         """A draft model other than the model itself (whose weights sleep and wake with the model's)."""
@@ -510,7 +522,7 @@ class Engine:
         if not free:
             raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "
                                  "requests; unload one first", "lora_name")
-        with self.images.lock if self.images is not None else contextlib.nullcontext():  # both replace the params
+        with self._params_lock():
             self.model.params = lora.install(self.model.params, free[0], adapter)
         self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], f"{name}#{next(self._loads)}")
         log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, adapter.rank, adapter.path, free[0])

@@ -121,8 +121,7 @@ class LLM:
         tags = tuple(tags or sleeping.TAGS)
         if unknown := set(tags) - set(sleeping.TAGS):
             raise ValueError(f"wake_up tags: {sorted(unknown)} are not among {list(sleeping.TAGS)}")
-        weights = self.engine.asleep.get("weights")
-        discarded = "weights" in tags and weights is not None and weights[0].host is None
+        discarded = "weights" in tags and self.engine.weights_discarded
         self.engine.wake_up(tags, self._reload() if discarded else None)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,

@@ -196,9 +196,7 @@ class Server:
     def detach(self, coro) -> asyncio.Task:
         """Run `coro` as a task past the call that started it (a background response): without the call's deadline,
         counted in `active` so a drain waits for it, and cancelled at shutdown (`stop_detached`)."""
-        context = contextvars.copy_context()
-        context.run(DEADLINE.set, None)
-        task = asyncio.get_running_loop().create_task(coro, context=context)
+        task = self._untimed(coro)
         self.active += 1
         self.detached.add(task)
 
@@ -242,6 +240,13 @@ class Server:
             log.exception("unexpected error in %s", request.path)
             err = ApiError(500, "internal server error", type_="server_error", code="internal_error")
             return web.json_response(shape(err), status=500)
+
+    async def body_object(self, request: web.Request) -> dict:
+        """An admin route's optional JSON object body (`_body`; no body: `{}`), a 400 for anything else."""
+        body = await self._body(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        return body
 
     async def _body(self, request: web.Request):
         now = asyncio.get_running_loop().time()
@@ -578,6 +583,13 @@ class Server:
         """The ids of the engine requests of every admitted call."""
         return [r.id for reqs in self.admitted for r in reqs]
 
+    def abort_in_flight(self) -> int:
+        """Abort the engine requests of every admitted call (each answers what it drew); how many."""
+        ids = self.in_flight()
+        for rid in ids:
+            self.engine.abort(rid)
+        return len(ids)
+
     async def _unpaused(self) -> None:
         """Wait while weights are swapped (`update_weights`), by the call's deadline; before parsing, so that nothing
         is prepared with the old weights (a picture's features) and admitted after."""
@@ -634,9 +646,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
         try:
-            aborted = self.in_flight() if abort else []
-            for rid in aborted:
-                self.engine.abort(rid)
+            aborted = self.abort_in_flight() if abort else 0
             while self.stages["parsing"] or self.engine_calls or not await self.on_engine(fn):
                 if loop.time() > end:
                     raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; {unchanged}",
@@ -645,7 +655,7 @@ class Server:
         finally:
             self.paused.set_result(None)
             self.paused = None
-        return len(aborted)
+        return aborted
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
         """Pause generating (SGLang's `/pause_generation`, vLLM's `/pause`, as RL trainers call them around a weight
@@ -658,7 +668,7 @@ class Server:
         already changes nothing. It runs to its end if its caller goes away."""
         if mode not in PAUSE_MODES:
             raise bad(f"mode: one of {', '.join(PAUSE_MODES)}, not {mode!r}", "mode")
-        await asyncio.shield(self._untimed(self._pause(mode, clear_cache)))
+        await self._shielded(self._pause(mode, clear_cache))
 
     async def _pause(self, mode: str, clear_cache: bool) -> None:
         async with self.pausing:
@@ -667,8 +677,7 @@ class Server:
                 self.holding = asyncio.get_running_loop().create_future()
             try:
                 if mode == "abort":
-                    for rid in self.in_flight():
-                        self.engine.abort(rid)
+                    self.abort_in_flight()
                 if mode == "wait" and self.engine.held is not None:
                     return  # paused already: as it was (vLLM's pause again is nothing)
                 end = asyncio.get_running_loop().time() + SWAP_WAIT
@@ -719,16 +728,21 @@ class Server:
         if self.engine.held == "in_place":
             raise bad("generation is paused in place: its seated requests hold the KV pool; pause with mode retract "
                       "(or abort) to sleep", "tags")
-        await asyncio.shield(self._untimed(self._sleep(tags, keep_weights)))
+        await self._shielded(self._sleep(tags, keep_weights))
 
     @staticmethod
     def _untimed(coro) -> asyncio.Task:
         """`coro` as a task without the calling request's deadline (a weight load must not be cut by it)."""
         context = contextvars.copy_context()
         context.run(DEADLINE.set, None)
-        task = asyncio.get_running_loop().create_task(coro, context=context)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (read, if its caller went away)
-        return task
+        return asyncio.get_running_loop().create_task(coro, context=context)
+
+    @classmethod
+    async def _shielded(cls, coro):
+        """`coro` run to its end whether or not its caller waits for it (`_untimed`; its error read either way)."""
+        task = cls._untimed(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:
@@ -737,7 +751,7 @@ class Server:
     async def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS) -> None:
         """Take back what `sleep` gave back for `tags` (vLLM's `/wake_up`, SGLang's `/resume_memory_occupation`);
         weights discarded are loaded again from the model's source first. Nothing asleep: nothing to do."""
-        await asyncio.shield(self._untimed(self._wake_up(tags)))
+        await self._shielded(self._wake_up(tags))
 
     async def wake_for(self, call: "Call") -> None:
         """Wake the model up for a call being parsed (Ollama's, which loads a model on demand): the call waits out of
@@ -752,9 +766,8 @@ class Server:
 
     async def _wake_up(self, tags: tuple[str, ...]) -> None:
         async with self.updating:
-            own = self.engine.asleep.get("weights", (None,))[0]
             new = None
-            if "weights" in tags and own is not None and own.host is None:
+            if "weights" in tags and self.engine.weights_discarded:
                 new = await self.off_loop(self.loader, self.model.source)
             await self.on_engine(lambda e: e.wake_up(tags, new))
 

@@ -107,6 +107,11 @@ class EngineCollector:
         yield cpu
 
 
+def kv_usage(stats: dict) -> float:
+    """The share of the KV pool's pages in use (`Engine.stats`; 1: all)."""
+    return 1 - stats["kv_pages_free"] / stats["kv_pages_total"] if stats["kv_pages_total"] else 0.0
+
+
 class LlamaCppNames:
     """The engine's figures under llama.cpp's server's metric names (`llamacpp:`, what its `--metrics` exposes), for
     the dashboards written against it: prompt tokens computed (not served from the prefix cache) and generated, the
@@ -122,7 +127,6 @@ class LlamaCppNames:
         prompt = s["prefix_cache_queried_tokens"] - s["prefix_cache_hit_tokens"]
         prompt_s = s["step_seconds"]["prefill"]
         decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
-        used = s["kv_pages_total"] - s["kv_pages_free"]
         for name, doc, value in (
                 ("prompt_tokens", "Number of prompt tokens processed.", prompt),
                 ("prompt_seconds", "Prompt process time", prompt_s),
@@ -137,9 +141,8 @@ class LlamaCppNames:
                  prompt / prompt_s if prompt_s else 0.0),
                 ("predicted_tokens_seconds", "Average generation throughput in tokens/s.",
                  s["generated_tokens"] / decode_s if decode_s else 0.0),
-                ("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.",
-                 used / s["kv_pages_total"] if s["kv_pages_total"] else 0.0),
-                ("kv_cache_tokens", "KV-cache tokens.", used * s["kv_page_size"]),
+                ("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.", kv_usage(s)),
+                ("kv_cache_tokens", "KV-cache tokens.", (s["kv_pages_total"] - s["kv_pages_free"]) * s["kv_page_size"]),
                 ("requests_processing", "Number of requests processing.", s["running"]),
                 ("requests_deferred", "Number of requests deferred.", s["waiting"])):
             yield GaugeMetricFamily(f"llamacpp:{name}", doc, value=value)
@@ -158,9 +161,8 @@ class VllmNames:
         stats, names = self.stats(), list(self.labels)
         for ours, theirs in VLLM_GAUGES.items():
             yield self._one(GaugeMetricFamily(theirs, ENGINE_GAUGES[ours], labels=names), stats[ours])
-        used = 1 - stats["kv_pages_free"] / stats["kv_pages_total"] if stats["kv_pages_total"] else 0.0
         yield self._one(GaugeMetricFamily("vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)",
-                                          labels=names), used)
+                                          labels=names), kv_usage(stats))
         for ours, theirs in VLLM_COUNTERS.items():
             yield self._one(CounterMetricFamily(theirs, ENGINE_COUNTERS[ours], labels=names), stats[ours])
         for source in self.sources:

@@ -44,9 +44,7 @@ class Profiler:
     async def start(self, request: web.Request) -> web.Response:
         """POST /start_profile (`{"output_dir", "num_steps", "with_stack", "activities"}`, all optional; a 400 while
         one is being taken or written)."""
-        body = await self.server._body(request) if request.can_read_body else {}
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
+        body = await self.server.body_object(request)
         folder, steps = body.get("output_dir") or self.folder, body.get("num_steps")
         if not isinstance(folder, str) or not folder:
             raise bad("no folder for the profile: start the server with --profiler-dir, or name an 'output_dir'",

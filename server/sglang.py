@@ -358,10 +358,7 @@ class SGLang:
     async def pause_generation(self, request: web.Request) -> web.Response:
         """POST /pause_generation `{"mode": "abort" | "in_place" | "retract"}` (default abort;
         `Server.pause_generation`)."""
-        body = await self.server._body(request) if request.can_read_body else {}
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        mode = body.get("mode", "abort")
+        mode = (await self.server.body_object(request)).get("mode", "abort")
         if mode not in ("abort", "in_place", "retract"):  # (SGLang's modes; vLLM's "wait" is /pause's)
             raise bad(f"mode: abort, in_place or retract, not {mode!r}", "mode")
         await self.server.pause_generation(mode)

@@ -107,7 +107,4 @@ class Sleep:
         return web.json_response({"is_paused": self.server.paused_generation})
 
     async def _tags(self, request: web.Request) -> tuple[str, ...]:
-        body = await self.server._body(request) if request.can_read_body else {}
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        return tags_of(body.get("tags"), SGLANG_TAGS, "tags")
+        return tags_of((await self.server.body_object(request)).get("tags"), SGLANG_TAGS, "tags")
