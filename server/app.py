@@ -615,10 +615,8 @@ class Server:
 
     async def _update(self, path: str, abort: bool, version: str | None) -> int:
         async with self.updating:
-            if self.engine.held == "in_place":
-                raise bad("generation is paused in place: its seated requests hold KV pages the old weights wrote, "
-                          "which the new ones would go on from; pause with mode retract (or abort) to update the "
-                          "weights", "model_path")
+            self._not_in_place("its seated requests hold KV pages the old weights wrote, which the new ones would "
+                               "go on from; pause with mode retract (or abort) to update the weights", "model_path")
             try:
                 new = await self.off_loop(self.loader, path)
             except (OSError, ValueError, NotImplementedError, KeyError) as e:
@@ -630,24 +628,27 @@ class Server:
                 raise bad(f"{path!r} is not this model's kind: {', '.join(differ) or 'its weights shapes'} differ",
                           "model_path")
             aborted = await self._quiet(lambda e: e.swap_weights(new), "the weights are unchanged "
-                                        "(abort_all_requests ends them first)", "model_path", abort)
+                                        "(abort_all_requests ends them first)", "model_path", abort,
+                                        instead="pause with mode retract (or abort) to update the weights")
             self.model.source = new.source
             self.weight_version = version or self.weight_version
         log.info("weights of %s served (%s)", path, self.weight_version)
         return aborted
 
     async def _quiet(self, fn: Callable[[Any], bool], unchanged: str, param: str | None = None,
-                     abort: bool = False) -> int:
+                     abort: bool = False, *, instead: str) -> int:
         """`fn(engine)` on the engine thread once no call is being parsed or run (`fn` answers False while the
         engine has work; embeddings and beam searches, which run in parts, count in `engine_calls`), new calls
         waiting meanwhile (`paused`); with `abort`, those in flight are aborted first,
-        else they finish, for up to `SWAP_WAIT` seconds (then a 409 that ends with `unchanged`). Returns the calls
-        aborted."""
+        else they finish, for up to `SWAP_WAIT` seconds (then a 409 that ends with `unchanged`). Generation paused
+        in place, before or while it waits, is a 400 that ends with `instead` (what it holds seated would never
+        finish). Returns the calls aborted."""
         loop = asyncio.get_running_loop()
         self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
         try:
             aborted = self.abort_in_flight() if abort else 0
             while self.stages["parsing"] or self.engine_calls or not await self.on_engine(fn):
+                self._not_in_place(f"the requests it holds seated would never finish; {instead}", param)
                 if loop.time() > end:
                     raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; {unchanged}",
                                    param)
@@ -656,6 +657,11 @@ class Server:
             self.paused.set_result(None)
             self.paused = None
         return aborted
+
+    def _not_in_place(self, why: str, param: str | None) -> None:
+        """A 400 saying `why` while generation is paused in place (`pause_generation`)."""
+        if self.engine.held == "in_place":
+            raise bad(f"generation is paused in place: {why}", param)
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
         """Pause generating (SGLang's `/pause_generation`, vLLM's `/pause`, as RL trainers call them around a weight
@@ -725,9 +731,6 @@ class Server:
                       "started by `python -m server`): sleep at level 1", "level")
         if jax.process_count() > 1:
             raise bad("sleep mode is not offered across processes", "level")
-        if self.engine.held == "in_place":
-            raise bad("generation is paused in place: its seated requests hold the KV pool; pause with mode retract "
-                      "(or abort) to sleep", "tags")
         await self._shielded(self._sleep(tags, keep_weights))
 
     @staticmethod
@@ -746,7 +749,8 @@ class Server:
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:
-            await self._quiet(lambda e: e.sleep(tags, keep_weights), "nothing was given back")
+            await self._quiet(lambda e: e.sleep(tags, keep_weights), "nothing was given back", "tags",
+                              instead="pause with mode retract (or abort) to sleep")
 
     async def wake_up(self, tags: tuple[str, ...] = sleeping.TAGS) -> None:
         """Take back what `sleep` gave back for `tags` (vLLM's `/wake_up`, SGLang's `/resume_memory_occupation`);

@@ -250,8 +250,15 @@ def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
         return thread, results
 
     thread, results = running()
+    slept: list = []  # a sleep asked meanwhile waits for the running reply, until the pause seats it for good
+    sleeper = threading.Thread(target=lambda: slept.append(_call(api, "POST", "/release_memory_occupation", {})))
+    sleeper.start()
+    while api.server.paused is None:
+        time.sleep(0.002)
     assert _post(api, "/pause_generation", {"mode": "in_place"}) == (
         200, {"message": "Generation paused successfully.", "status": "ok"})
+    sleeper.join(timeout=60)
+    assert slept and slept[0][0] == 400 and "paused in place" in json.dumps(slept[0][1]), slept
     choice = api.server.admitted[-1][0].choices[0]
     drawn = len(choice.token_ids)
     later: list = []
