@@ -2,11 +2,17 @@
 states, pooled (`models.pooling`), for one input or a batch, as floats or base64.
 
 The body is OpenAI's: `input` (a string, a list of strings, a list of token ids or a list of such lists; at most
-MAX_INPUTS), `encoding_format` (`float`, or `base64`: each vector's float32 bytes, little-endian, which the `openai`
-client asks for by default), `dimensions` (the first that many components, normalized again: Matryoshka embeddings)
-and `user`; with vLLM's `add_special_tokens` (default true: a tokenizer that ends every input with EOS, as
-Qwen3-Embedding's, needs it), `truncate_prompt_tokens` (each input's last tokens, as for completions) and `normalize`
-(default: what the model folder asks for, `--pooling` picks the pooling). The inputs run on the engine's thread
+MAX_INPUTS), `encoding_format` (`float`, or `base64`: each vector's float32 bytes, which the `openai` client asks for
+by default), `dimensions` (the first that many components, normalized again: Matryoshka embeddings) and `user`; with
+vLLM's `add_special_tokens` (default true: a tokenizer that ends every input with EOS, as Qwen3-Embedding's, needs
+it), `truncate_prompt_tokens` (each input's last tokens, as for completions; `truncation_side` "right": its first),
+`normalize` or `use_activation` (default: what the model folder asks for, `--pooling` picks the pooling), and vLLM's
+chat form: `messages` in place of `input`, one input templated as chat completions template it (but no reply opened
+unless `add_generation_prompt`; `continue_final_message`, `chat_template_kwargs`; `add_special_tokens` default false:
+the template writes them). vLLM's encodings: `embed_dtype` (`float32`, `float16`, `bfloat16`, `fp8_e4m3`,
+`fp8_e5m2`) and `endianness` (`native`, `little`, `big`) shape the bytes of `base64`, and of `bytes` (the vectors'
+bytes as the body, one after another, with vLLM's `metadata` header saying where each lies) and `bytes_only` (no
+header). The inputs run on the engine's thread
 between its steps (`Engine.embed`), a slice of at most a step's prompt budget at a time (`_embed`), each slice's
 programs compiled first on a parse thread, so streams keep their pace.
 """
@@ -17,16 +23,24 @@ import asyncio
 import base64
 import dataclasses
 import json
+import sys
+import time
 import uuid
 
+import jax.numpy as jnp
 import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
 from models import pooling
+from server import protocol
 from server.protocol import ApiError, bad, bounded, busy
 
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
+ENCODINGS = ("float", "base64", "bytes", "bytes_only")  # OpenAI's two and vLLM's binary bodies
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16, "fp8_e4m3": jnp.float8_e4m3fn,
+          "fp8_e5m2": jnp.float8_e5m2}  # vLLM's `embed_dtype`: the bytes of a base64 or binary vector
+ENDIANNESS = ("native", "little", "big")
 
 
 def routes(app: web.Application, server) -> Embeddings:
@@ -41,9 +55,18 @@ class Ask:
     """A parsed embeddings request."""
 
     inputs: list[list[int]]
-    base64: bool
+    encoding: str  # one of ENCODINGS
     dimensions: int | None
     normalize: bool
+    dtype: str = "float32"  # a key of DTYPES
+    endianness: str = "native"
+
+    def binary(self, vector: np.ndarray) -> bytes:
+        """A vector's bytes in the asked dtype and byte order."""
+        out = vector.astype(DTYPES[self.dtype])
+        if self.endianness not in ("native", sys.byteorder):
+            out = out.byteswap()
+        return out.tobytes()
 
 
 class Embeddings:
@@ -64,8 +87,7 @@ class Embeddings:
         srv = self.server
         ask = await srv.off_loop(self.parse, body)
         vectors = await self.vectors(call, ask.inputs, "embd")
-        body = await srv.off_loop(self._reply, ask, vectors, srv.served(call))  # megabytes of JSON: off the loop
-        return web.Response(body=body, content_type="application/json")
+        return await srv.off_loop(self._reply, ask, vectors, srv.served(call), call.rid)  # megabytes: off the loop
 
     async def vectors(self, call, inputs: list[list[int]], kind: str, mode: str | None = None) -> np.ndarray:
         """The parsed call's inputs' vectors pooled by `mode` (None: the server's pooling), not normalized, by its
@@ -88,15 +110,25 @@ class Embeddings:
             self.waiting -= 1
 
     @staticmethod
-    def _reply(ask: Ask, vectors: np.ndarray, model: str) -> bytes:
-        """The response body: OpenAI's list of embedding objects, and the usage."""
+    def _reply(ask: Ask, vectors: np.ndarray, model: str, rid: str) -> web.Response:
+        """The response: OpenAI's list of embedding objects and the usage, or vLLM's binary body (`bytes`: the
+        rest in its `metadata` header)."""
         vectors = pooling.finish(vectors, ask.normalize, ask.dimensions)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if ask.base64 else v.tolist()}
-                for i, v in enumerate(vectors)]
         tokens = sum(map(len, ask.inputs))
-        return json.dumps({"object": "list", "data": data, "model": model,
-                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+        head = {"id": rid, "object": "list", "created": int(time.time()), "model": model}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        if ask.encoding in ("bytes", "bytes_only"):
+            parts = [ask.binary(v) for v in vectors]
+            ends = np.cumsum([len(p) for p in parts]).tolist()
+            items = [{"index": i, "embed_dtype": ask.dtype, "endianness": ask.endianness, "start": end - len(p),
+                      "end": end, "shape": list(v.shape)} for i, (p, v, end) in enumerate(zip(parts, vectors, ends))]
+            headers = {} if ask.encoding == "bytes_only" else {
+                "metadata": json.dumps({**head, "data": items, "usage": usage})}
+            return web.Response(body=b"".join(parts), content_type="application/octet-stream", headers=headers)
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(ask.binary(v)).decode()
+                 if ask.encoding == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+        return web.Response(body=json.dumps({**head, "data": data, "usage": usage}).encode(),
+                            content_type="application/json")
 
     async def _embed(self, inputs: list[list[int]], adapter: str | None, mode: str) -> np.ndarray:
         """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
@@ -148,15 +180,19 @@ class Embeddings:
             if not ids:
                 raise bad(f"{param} {len(inputs)} is empty", param)
             inputs.append(ids)
-        keep = body.get("truncate_prompt_tokens")
+        keep, side = body.get("truncate_prompt_tokens"), body.get("truncation_side") or "left"
         most = srv.engine.runner.embed_sizes[-1]
+        if side not in ("left", "right"):
+            raise bad("'truncation_side' must be 'left' (keep the last tokens) or 'right' (the first)",
+                      "truncation_side")
         if keep is not None:
             if pair_param:
                 raise bad("'truncate_prompt_tokens' would cut a cross-encoder's first text; send "
                           "max_tokens_per_doc (rerank) or shorter texts", "truncate_prompt_tokens")
             if not _is_int(keep) or not (keep == -1 or keep >= 1):
                 raise bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
-            inputs = [ids[-(most if keep == -1 else keep):] for ids in inputs]
+            keep = most if keep == -1 else keep
+            inputs = [ids[-keep:] if side == "left" else ids[:keep] for ids in inputs]
         for i, ids in enumerate(inputs):
             if len(ids) > most:
                 raise bad(f"{param} {i} has {len(ids)} tokens; this server embeds at most {most} (send "
@@ -168,6 +204,10 @@ class Embeddings:
         not a JSON object or an `input` of another shape."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
+        if "messages" in body:
+            if "input" in body:
+                raise bad("send 'input' or 'messages', not both", "messages")
+            return self.tokens([self.chat(body)], body, "messages")
         raw = body.get("input")
         if isinstance(raw, str) or (isinstance(raw, list) and raw and _is_ids(raw)):
             raw = [raw]
@@ -178,22 +218,44 @@ class Embeddings:
             raise bad(f"'input' has {len(raw)} items; at most {MAX_INPUTS}", "input")
         return self.tokens(raw, body, "input")
 
+    def chat(self, body: dict) -> list[int]:
+        """vLLM's chat-form input: the token ids of `messages` through the chat template, ending after the last
+        message unless `add_generation_prompt` (its other template fields as chat completions take them), with the
+        tokenizer's special tokens on top where `add_special_tokens` (default false)."""
+        srv = self.server
+        if srv.model.tokenizer is None:
+            raise bad("'messages' needs the model's tokenizer and chat template; give 'input' as token ids", "messages")
+        special = body.get("add_special_tokens", False)
+        if not isinstance(special, bool):
+            raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+        kwargs = protocol.template_kwargs({**body, "add_generation_prompt": body.get("add_generation_prompt") or False})
+        ids, text, found = protocol.chat_ids(srv.model, body["messages"], None, None, kwargs[0], srv.media)
+        if found:
+            raise bad("pictures are not embedded here: send the messages' text", "messages")
+        return srv.vocab.tok.encode(text, add_special_tokens=True) if special else ids
+
     def parse(self, body) -> Ask:
         """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
         srv = self.server
         inputs = self.inputs(body)
-        fmt = body.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        fmt, dtype, order = body.get("encoding_format") or "float", body.get("embed_dtype") or "float32", \
+            body.get("endianness") or "native"
+        for value, allowed, param in ((fmt, ENCODINGS, "encoding_format"), (dtype, DTYPES, "embed_dtype"),
+                                      (order, ENDIANNESS, "endianness")):
+            if value not in allowed:
+                raise bad(f"'{param}' must be one of {', '.join(allowed)}", param)
         dims, hidden = body.get("dimensions"), srv.model.cfg.hidden_size
         if dims is not None and (not _is_int(dims) or not 1 <= dims <= hidden):
             raise bad(f"'dimensions' must be an integer in [1, {hidden}]", "dimensions")
-        normalize = self.normalize if body.get("normalize") is None else body["normalize"]
+        given = {k: body[k] for k in ("normalize", "use_activation") if body.get(k) is not None}  # vLLM's names
+        if len(set(map(repr, given.values()))) > 1:
+            raise bad("'normalize' and 'use_activation' say the same: send one", "use_activation")
+        normalize = next(iter(given.values()), self.normalize)
         if not isinstance(normalize, bool):
-            raise bad("'normalize' must be a boolean", "normalize")
+            raise bad(f"'{next(iter(given))}' must be a boolean", next(iter(given)))
         if body.get("user") is not None and not isinstance(body["user"], str):
             raise bad("'user' must be a string", "user")
-        return Ask(inputs, fmt == "base64", dims, normalize)
+        return Ask(inputs, fmt, dims, normalize, dtype, order)
 
 
 def _is_int(x) -> bool:

@@ -2,6 +2,7 @@
 sentence-transformers pools them), beside generation in one engine, and `/v1/embeddings` through the official
 `openai` client over a real socket."""
 
+import base64
 import dataclasses
 import functools
 import json
@@ -239,6 +240,77 @@ def test_embeddings_api_through_the_openai_client(served):
             model="base", input=[[5 + k + i % 50] * 12 for i in range(128)]), range(2)))
     assert [len(r.data) for r in both] == [128, 128] and api.engine.steps_run - steps >= 3
     assert sum(1 for _ in stream) > 0
+
+
+def test_chat_embeddings_and_vllm_encodings(served):
+    """vLLM's chat-form embeddings: `messages` templated as transformers' `apply_chat_template` writes them (no reply
+    opened unless `add_generation_prompt`) give transformers' vector of those ids; `embed_dtype` and `endianness`
+    shape base64's bytes and the binary bodies (`bytes`: the vectors' bytes with a `metadata` header placing each,
+    `bytes_only`: none), each the float vector cast to that dtype; `truncation_side`, `use_activation`; the reply's
+    `id` and `created`; bad fields are 400s."""
+    import ml_dtypes
+    import openai
+
+    api, folder, tok, tuned = served
+    base = tuned.get_base_model().model
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is an embedding?"}]
+    for opened in (False, True):
+        ids = list(tok.apply_chat_template(messages, add_generation_prompt=opened, tokenize=True, return_dict=False))
+        with tuned.disable_adapter():
+            want = _reference(base, ids)
+        extra = {"messages": messages, **({"add_generation_prompt": True} if opened else {})}
+        status, out = _post(api.url, "/v1/embeddings", {"model": "base", **extra})
+        assert status == 200 and out["usage"]["prompt_tokens"] == len(ids), out
+        assert np.abs(np.asarray(out["data"][0]["embedding"]) - want).max() < 1e-5
+        assert out["id"].startswith("embd-") and isinstance(out["created"], int)
+    floats = np.asarray(out["data"][0]["embedding"], np.float32)
+
+    for dtype, kind in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16), ("fp8_e4m3",
+                        ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2), ("float32", np.float32)):
+        for order in ("little", "big"):
+            status, out = _post(api.url, "/v1/embeddings", {**extra, "encoding_format": "base64",
+                                                            "embed_dtype": dtype, "endianness": order})
+            raw = np.frombuffer(base64.b64decode(out["data"][0]["embedding"]), np.dtype(kind).newbyteorder(
+                "<" if order == "little" else ">") if np.dtype(kind).itemsize > 1 else kind)
+            assert status == 200 and raw.tobytes() == floats.astype(kind).astype(raw.dtype).tobytes(), (dtype, order)
+    body = {"model": "base", "input": ["hi", "The capital of France is"], "encoding_format": "bytes",
+            "embed_dtype": "float16"}
+    req = urllib.request.Request(api.url + "/v1/embeddings", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        blob, meta = resp.read(), json.loads(resp.headers["metadata"])
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+    floats = [np.asarray(d.embedding, np.float32) for d in client.embeddings.create(
+        model="base", input=body["input"], encoding_format="float").data]
+    assert [(m["index"], m["shape"], m["embed_dtype"]) for m in meta["data"]] == [(0, [64], "float16"),
+                                                                                   (1, [64], "float16")]
+    for m, f in zip(meta["data"], floats):
+        assert np.array_equal(np.frombuffer(blob[m["start"]:m["end"]], np.float16), f.astype(np.float16))
+    assert meta["usage"]["prompt_tokens"] == sum(len(tok(t).input_ids) for t in body["input"])
+    with urllib.request.urlopen(urllib.request.Request(api.url + "/v1/embeddings", data=json.dumps(
+            {**body, "encoding_format": "bytes_only"}).encode(), method="POST"), timeout=120) as resp:
+        assert resp.read() == blob and "metadata" not in resp.headers
+
+    long = tok("The capital of France is Paris, and the capital of Spain is Madrid.").input_ids
+    for side, kept in (("left", long[-5:]), ("right", long[:5])):
+        r = client.embeddings.create(model="base", input=long, encoding_format="float", extra_body={
+            "truncate_prompt_tokens": 5, "truncation_side": side})
+        with tuned.disable_adapter():
+            assert np.abs(np.asarray(r.data[0].embedding) - _reference(base, kept)).max() < 1e-5, side
+    r = client.embeddings.create(model="base", input="hi", encoding_format="float",
+                                 extra_body={"use_activation": False})
+    assert np.linalg.norm(r.data[0].embedding) != pytest.approx(1.0)
+    for bad, param in (({"input": "a", "messages": messages}, "messages"), ({"messages": "hi"}, "messages"),
+                       ({"messages": messages, "add_special_tokens": "no"}, "add_special_tokens"),
+                       ({"input": "a", "embed_dtype": "int8"}, "embed_dtype"),
+                       ({"input": "a", "endianness": "middle"}, "endianness"),
+                       ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+                       ({"input": "a", "truncation_side": "up"}, "truncation_side"),
+                       ({"input": "a", "normalize": True, "use_activation": False}, "use_activation"),
+                       ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                           "url": "data:image/png;base64,AAAA"}}]}]}, "messages")):
+        status, out = _post(api.url, "/v1/embeddings", {"model": "base", **bad})
+        assert status == 400 and out["error"]["param"] == param, (bad, out)
 
 
 def test_llama_cpp_embedding_route(served):
