@@ -1,4 +1,4 @@
-"""SGLang's native API (`/generate`, `/abort_request`, `/model_info`, `/server_info`, `/flush_cache`,
+"""SGLang's native API (`/generate`, `/encode`, `/abort_request`, `/model_info`, `/server_info`, `/flush_cache`,
 `/health_generate`), translated onto the completions path, for the tools written against it (RL rollout frameworks,
 SGLang's own benchmarks and clients).
 
@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.params import SamplingParams
+from models import pooling
 from server import protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
@@ -49,10 +50,12 @@ DONE = "[DONE]"
 log = logging.getLogger("sparkler.server")
 
 
-def routes(app: web.Application, server) -> None:
-    """Add SGLang's routes to `app`."""
-    api = SGLang(server)
+def routes(app: web.Application, server, embeddings) -> None:
+    """Add SGLang's routes to `app` (`/encode` through `embeddings`, `server.embeddings.Embeddings`)."""
+    api = SGLang(server, embeddings)
     app.router.add_post("/generate", api.generate)
+    app.router.add_route("POST", "/encode", api.encode)
+    app.router.add_route("PUT", "/encode", api.encode)
     app.router.add_post("/abort_request", api.abort_request)
     for path in ("/model_info", "/get_model_info"):  # the second is SGLang's older name
         app.router.add_get(path, api.model_info)
@@ -266,8 +269,8 @@ class Sample:
 class SGLang:
     """SGLang's routes of one `Server`."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, server, embeddings):
+        self.server, self.embeddings = server, embeddings
         self.calls: dict[str, dict[str, list[str]]] = {}  # per call in flight: a caller's rid -> engine requests
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -307,6 +310,45 @@ class SGLang:
                 del self.calls[call.rid]
             out = [s.result(s.choice.text, s.choice.token_ids) for s in samples]
             return web.json_response(out[0] if single and n == 1 else out)
+        return await self.server.serve(request, answer)
+
+    async def encode(self, request: web.Request) -> web.Response:
+        """POST /encode: SGLang's embeddings, `text` or `input_ids` (one or a batch, as `/generate` takes them; with
+        `rid` and `lora_path`, and `dimensions`), pooled and normalized as `/v1/embeddings` by default; the reply is
+        `{"embedding", "meta_info"}` (its `id`, `prompt_tokens`, `finish_reason` and `e2e_latency`) for one input,
+        else a list of them."""
+        async def answer(body, call) -> web.Response:
+            t0 = time.perf_counter()
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object")
+            for name in ("image_data", "audio_data", "video_data"):
+                if body.get(name) not in (None, [], {}):
+                    raise bad(f"'{name}' is not supported by this server", name)
+            prompt, single = _prompt(body)
+            adapter = body.get("lora_path")
+            if adapter is not None and not isinstance(adapter, str):
+                raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
+            param = "text" if body.get("text") is not None else "input_ids"
+            try:
+                call.adapter = self.server.check_model({"model": adapter} if adapter else {})
+            except ApiError as e:
+                raise e.renamed({"model": "lora_path"}) from None
+            items = [prompt] if single else prompt
+            try:  # errors name SGLang's fields
+                ask = await self.server.off_loop(self.embeddings.parse, {"input": items, **{
+                    k: body[k] for k in ("dimensions",) if body.get(k) is not None}})
+            except ApiError as e:
+                raise e.renamed({"input": param}) from None
+            names = _names(body["rid"], len(items)) if body.get("rid") is not None else None
+            vectors = await self.embeddings.vectors(call, ask.inputs, "embd")
+            names = names or _names(call.rid, len(items))
+            vectors = pooling.finish(vectors, ask.normalize, ask.dimensions)
+            took = time.perf_counter() - t0
+            out = [{"embedding": v.tolist(), "meta_info": {
+                "id": name, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(ids),
+                "completion_tokens": 0, "cached_tokens": 0, "e2e_latency": took}}
+                for name, ids, v in zip(names, ask.inputs, vectors)]
+            return web.json_response(out[0] if single else out)
         return await self.server.serve(request, answer)
 
     async def abort_request(self, request: web.Request) -> web.Response:

@@ -313,6 +313,34 @@ def test_chat_embeddings_and_vllm_encodings(served):
         assert status == 400 and out["error"]["param"] == param, (bad, out)
 
 
+def test_sglang_encode_route(served):
+    """SGLang's `/encode`: `text` or `input_ids`, one or a batch, each `{"embedding", "meta_info"}` of transformers'
+    pooled vector (`rid` names them, `dimensions` cuts); bad bodies are 400s naming SGLang's fields, an unknown
+    `lora_path` a 404."""
+    api, folder, tok, tuned = served
+    base = tuned.get_base_model().model
+    texts = ["The capital of France is", "hi"]
+    ids = [tok(t).input_ids for t in texts]
+    with tuned.disable_adapter():
+        want = [_reference(base, i) for i in ids]
+        cut = _reference(base, ids[1], 16)
+    status, out = _post(api.url, "/encode", {"text": texts[0], "rid": "one"})
+    assert status == 200 and out["meta_info"]["id"] == "one" and out["meta_info"]["prompt_tokens"] == len(ids[0])
+    assert np.abs(np.asarray(out["embedding"]) - want[0]).max() < 1e-5
+    status, out = _post(api.url, "/encode", {"input_ids": ids, "rid": ["a", "b"]})
+    assert status == 200 and [o["meta_info"]["id"] for o in out] == ["a", "b"]
+    assert all(np.abs(np.asarray(o["embedding"]) - w).max() < 1e-5 for o, w in zip(out, want))
+    status, out = _post(api.url, "/encode", {"text": [texts[1]], "dimensions": 16})
+    assert status == 200 and len(out) == 1 and np.abs(np.asarray(out[0]["embedding"]) - cut).max() < 1e-5
+    for body, code, param in (({"text": "a", "input_ids": [1]}, 400, "text"), ({}, 400, "text"),
+                              ({"text": []}, 400, "text"), ({"input_ids": [1, len(tok) + 5]}, 400, "input_ids"),
+                              ({"text": "a", "image_data": "x.png"}, 400, "image_data"),
+                              ({"text": "a", "rid": ["x", "y"]}, 400, "rid"),
+                              ({"text": "a", "lora_path": "nowhere"}, 404, "lora_path")):
+        status, out = _post(api.url, "/encode", body)
+        assert status == code and out["error"]["param"] == param, (body, out)
+
+
 def test_llama_cpp_embedding_route(served):
     """llama.cpp's own `/embedding` (and `/embeddings`): `content` or `input` as a prompt is given to `/completion`
     (text, ids, both mixed, or several), a list of `{"index", "embedding": [vector]}` of transformers' pooled vector
