@@ -5,8 +5,10 @@ capped at a concurrency; then request and token throughput, time to first token 
 the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99.
 
 A prompt is a list of token ids (the completions API takes them; no tokenizer is needed, and its length is exact),
-drawn from `--token-range` so it is valid in any common vocabulary; chat sends the same ids' count of words (a
-different count of tokens once templated). A chunk counts when it carries generated text, reasoning or tool calls. A
+drawn from `--token-range` so it is valid in any common vocabulary; chat sends those ids' text as the user message,
+read from the server's `/detokenize` (vLLM's, llama.cpp's and this server's; as vLLM's random dataset decodes its
+ids), else as many words (a server without it); either way a count of tokens that differs by what the template and
+tokenizer's merges make of it. A chunk counts when it carries generated text, reasoning or tool calls. A
 token count comes from the stream's `usage` (`stream_options.include_usage`), else one per chunk. Failed requests
 are counted and the first error shown; the exit status is 1 if any failed. Each request opens its own connection
 (a loopback connect: well under a millisecond; no server's keep-alive limit can drop a request). `bench/gpu_serve.py`
@@ -51,15 +53,40 @@ def prompts(n: int, length: int, seed: int, low: int = 1000, high: int = 20000) 
     return [rng.integers(low, high, length).tolist() for _ in range(n)]
 
 
-def body(endpoint: str, model: str, prompt: list[int], tokens: int, ignore_eos: bool = True) -> dict:
-    """The streamed request of one prompt: its ids (completions), or as many words in a user message (chat)."""
+def body(endpoint: str, model: str, prompt: list[int] | str, tokens: int, ignore_eos: bool = True) -> dict:
+    """The streamed request of one prompt: its ids (completions), or a user message (chat) of its text (`texts`)
+    or, given ids, as many words."""
     out = {"model": model, "max_tokens": tokens, "temperature": 0, "stream": True,
            "stream_options": {"include_usage": True}}
     if ignore_eos:
         out["ignore_eos"] = True
     if endpoint == "chat":
-        return {**out, "messages": [{"role": "user", "content": " ".join(WORDS[t % len(WORDS)] for t in prompt)}]}
+        text = prompt if isinstance(prompt, str) else " ".join(WORDS[t % len(WORDS)] for t in prompt)
+        return {**out, "messages": [{"role": "user", "content": text}]}
     return {**out, "prompt": prompt}
+
+
+def texts(url: str, ids: list[list[int]], api_key: str | None = None) -> list[str] | None:
+    """Each prompt's text from the server's `POST /detokenize` (vLLM's answer `prompt`, llama.cpp's `content`);
+    None where the server has no such route or answers otherwise."""
+    import urllib.error
+    import urllib.request
+
+    out = []
+    for prompt in ids:
+        req = urllib.request.Request(url + "/detokenize", data=json.dumps({"tokens": prompt}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                reply = json.load(r)
+        except (OSError, ValueError):  # (urllib's HTTPError is an OSError)
+            return None
+        text = reply.get("prompt", reply.get("content")) if isinstance(reply, dict) else None
+        if not isinstance(text, str) or not text:
+            return None
+        out.append(text)
+    return out
 
 
 async def request(session, url: str, endpoint: str, payload: dict, headers: dict | None = None) -> Result:
@@ -96,7 +123,7 @@ async def request(session, url: str, endpoint: str, payload: dict, headers: dict
     return res
 
 
-async def run(url: str, endpoint: str, model: str, ids: list[list[int]], tokens: int, concurrency: int | None = None,
+async def run(url: str, endpoint: str, model: str, ids: list, tokens: int, concurrency: int | None = None,
               rate: float = math.inf, seed: int = 0, api_key: str | None = None,
               ignore_eos: bool = True) -> tuple[list[Result], float]:
     """Send every prompt (at most `concurrency` in flight; Poisson arrivals at `rate` requests/s, all at once where
@@ -201,8 +228,14 @@ def main(argv: list[str]) -> int:
         print(f"sparkler bench serve: {url}/v1/models names no model: pass --model", file=sys.stderr)
         return 1
     ids = prompts(args.num_prompts, args.input_len, args.seed, *args.token_range)
+    chat_prompts = None
+    if args.endpoint == "chat":
+        written = texts(url, ids, args.api_key)
+        chat_prompts = "words" if written is None else "detokenized"
+        ids = written or ids
     print(f"{args.num_prompts} requests of {args.input_len} tokens in, {args.output_len} out, to {model} at {url} "
-          f"({args.endpoint}; concurrency {args.max_concurrency or 'unbounded'}, rate {args.request_rate})",
+          f"({args.endpoint}{f', {chat_prompts} prompts' if chat_prompts else ''}; concurrency "
+          f"{args.max_concurrency or 'unbounded'}, rate {args.request_rate})",
           file=sys.stderr)
     results, wall = asyncio.run(run(url, args.endpoint, model, ids, args.output_len, args.max_concurrency,
                                     args.request_rate, args.seed, args.api_key, not args.no_ignore_eos))
@@ -212,7 +245,8 @@ def main(argv: list[str]) -> int:
         print(f"first error: {figures['first_error']}", file=sys.stderr)
     if args.save_result:
         with open(args.save_result, "w") as f:
-            json.dump({**figures, "model": model, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
+            json.dump({**figures, "model": model, "endpoint": args.endpoint, "chat_prompts": chat_prompts,
+                       "num_prompts": args.num_prompts,
                        "input_len": args.input_len, "output_len": args.output_len,
                        "max_concurrency": args.max_concurrency,
                        "request_rate": args.request_rate if math.isfinite(args.request_rate) else None}, f, indent=1)

@@ -280,6 +280,7 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
     completes with exactly the asked tokens (completions and chat), the figures hang together (TTFT within the
     end-to-end latency, throughput = tokens / duration) and are saved as JSON; a model the server does not serve
     makes every request fail, the error shown and the exit status 1."""
+    from server import bench_serve
     from server.cli import main
 
     saved = tmp_path / "result.json"
@@ -296,6 +297,10 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
                  "50", "--input-len", "8", "--output-len", "3", "--save-result", str(saved)]) == 0
     got = json.loads(saved.read_text())
     assert got["completed"] == 4 and got["total_output_tokens"] == 12 and got["request_rate"] == 50
+    written = bench_serve.texts(api.url, bench_serve.prompts(4, 8, 0))  # the prompts' text, as the server templates it
+    counts = [json.load(urllib.request.urlopen(urllib.request.Request(api.url + "/tokenize", data=json.dumps(
+        {"messages": [{"role": "user", "content": t}]}).encode()), timeout=60))["count"] for t in written]
+    assert got["chat_prompts"] == "detokenized" and got["total_input_tokens"] == sum(counts)
     assert main(["bench", "serve", "--url", api.url, "--model", "no-such-model", "--num-prompts", "2",
                  "--output-len", "2"]) == 1
     captured = capsys.readouterr()
