@@ -1,7 +1,7 @@
 """The `sparkler` command: `serve` (the server, as `python -m server`), `run-batch` (a file of requests in OpenAI's
 batch format, answered offline: `server.batch`), `chat` (a terminal chat against a running server, streamed),
-`bench serve` (a serving load against a running server: `server.bench_serve`) and `models` (the catalog, and what
-is installed)."""
+`bench serve` (a serving load against a running server: `server.bench_serve`), `bench throughput` and `bench latency`
+(the engine alone, offline: `server.bench_offline`) and `models` (the catalog, and what is installed)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
-    sub.add_parser("bench", add_help=False, help="bench serve: a serving load against a running server, measured "
-                   "as vLLM's `vllm bench serve` measures it (sparkler bench serve --help)")
+    sub.add_parser("bench", add_help=False, help="bench serve|throughput|latency: a serving load against a running "
+                   "server, or the engine alone offline, measured as vLLM's `vllm bench` measures them")
     models = sub.add_parser("models", help="list the model catalog and what is installed",
                             description="The packaged models `--model NAME` accepts (configs/models.toml), whether "
                             "each is installed, and where. Any HF folder or .gguf path works too.")
@@ -47,15 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         serve(argv[1:], prog="sparkler serve")
         return 0
     if argv[:1] == ["bench"]:
-        if argv[1:2] != ["serve"]:
-            if argv[1:2] in (["-h"], ["--help"]):
-                print("usage: sparkler bench serve [flags]: a serving load against a running server, measured as "
-                      "`vllm bench serve` measures it (sparkler bench serve --help)")
-                return 0
-            ap.error("bench: the one benchmark is `sparkler bench serve` (see --help there)")
-        from server.bench_serve import main as bench_serve
+        what = argv[1:2]
+        if what in (["-h"], ["--help"]):
+            print("usage: sparkler bench serve|throughput|latency [flags]\n  serve: a serving load against a "
+                  "running server, as `vllm bench serve` measures it\n  throughput: the engine alone, one offline "
+                  "batch (serve's flags and vLLM's)\n  latency: the engine alone, one batch end to end, repeated\n"
+                  "(sparkler bench COMMAND --help for each one's flags)")
+            return 0
+        if what == ["serve"]:
+            from server.bench_serve import main as bench_serve
 
-        return bench_serve(argv[2:])
+            return bench_serve(argv[2:])
+        if what in (["throughput"], ["latency"]):
+            from server import bench_offline
+
+            return getattr(bench_offline, what[0])(argv[2:])
+        ap.error("bench: serve, throughput or latency (sparkler bench --help)")
     if argv[:1] == ["run-batch"]:
         from server.batch import main as run_batch
 

@@ -275,6 +275,39 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert runner_config(parse_args(["--scheduling-policy", "priority"])).scheduling_policy == "priority"
 
 
+def test_bench_throughput_and_latency_run_the_engine_alone(smollm, tmp_path, capsys):
+    """`sparkler bench throughput` and `bench latency` (vLLM's offline benchmarks) on the default model with serve's
+    flags (the suite's engine settings): every request makes exactly its tokens, the figures are consistent (rates
+    = counts / elapsed time, the percentiles ordered around the mean's range) and saved as JSON; bad counts stop
+    with a message."""
+    from server.cli import main
+
+    engine = ["--max-num-seqs", "32", "--max-model-len", "1024", "--kv-cache-gb", "0.5", "--decode-steps", "4",
+              "--warmup", "none"]
+    saved = tmp_path / "throughput.json"
+    assert main(["bench", "throughput", *engine, "--num-prompts", "6", "--n", "2", "--input-len", "20",
+                 "--output-len", "5", "--output-json", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Throughput: [\d.]+ requests/s, [\d.]+ total tokens/s, [\d.]+ output tokens/s", out), out
+    got = json.loads(saved.read_text())
+    assert (got["num_requests"], got["total_input_tokens"], got["total_output_tokens"]) == (6, 120, 60)
+    assert got["output_tokens_per_second"] == pytest.approx(60 / got["elapsed_time"])
+    assert got["tokens_per_second"] == pytest.approx(180 / got["elapsed_time"])
+    saved = tmp_path / "latency.json"
+    assert main(["bench", "latency", *engine, "--batch-size", "2", "--input-len", "8", "--output-len", "4",
+                 "--num-iters-warmup", "1", "--num-iters", "3", "--output-json", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "Avg latency: " in out and "99% percentile latency: " in out
+    got = json.loads(saved.read_text())
+    assert len(got["latencies"]) == 3 and got["avg_latency"] == pytest.approx(np.mean(got["latencies"]))
+    cuts = [got["percentiles"][p] for p in ("10", "25", "50", "75", "90", "99")]
+    assert cuts == sorted(cuts) and min(got["latencies"]) <= cuts[0] and cuts[-1] <= max(got["latencies"])
+    for bad in (["throughput", "--num-prompts", "0"], ["latency", "--num-iters", "0"]):
+        with pytest.raises(SystemExit) as end:
+            main(["bench", *bad])
+        assert "must be positive" in str(end.value)
+
+
 def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
     """`sparkler bench serve` against the live server: every request of a capped concurrency and of a Poisson rate
     completes with exactly the asked tokens (completions and chat), the figures hang together (TTFT within the
@@ -305,7 +338,7 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
                  "--output-len", "2"]) == 1
     captured = capsys.readouterr()
     assert "| Failed requests | 2 |" in captured.out and "HTTP 404" in captured.err
-    for bad in (["latency"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"]):
+    for bad in (["profile"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"]):
         with pytest.raises(SystemExit) as end:
             main(["bench", *bad])
         assert end.value.code == 2
