@@ -615,8 +615,9 @@ class Server:
 
     async def _update(self, path: str, abort: bool, version: str | None) -> int:
         async with self.updating:
-            self._not_in_place("its seated requests hold KV pages the old weights wrote, which the new ones would "
-                               "go on from; pause with mode retract (or abort) to update the weights", "model_path")
+            await self._not_in_place("its seated requests hold KV pages the old weights wrote, which the new ones "
+                                     "would go on from; pause with mode retract (or abort) to update the weights",
+                                     "model_path")
             try:
                 new = await self.off_loop(self.loader, path)
             except (OSError, ValueError, NotImplementedError, KeyError) as e:
@@ -641,14 +642,14 @@ class Server:
         engine has work; embeddings and beam searches, which run in parts, count in `engine_calls`), new calls
         waiting meanwhile (`paused`); with `abort`, those in flight are aborted first,
         else they finish, for up to `SWAP_WAIT` seconds (then a 409 that ends with `unchanged`). Generation paused
-        in place, before or while it waits, is a 400 that ends with `instead` (what it holds seated would never
+        in place with requests seated, while it waits, is a 400 that ends with `instead` (they would never
         finish). Returns the calls aborted."""
         loop = asyncio.get_running_loop()
         self.paused, end = loop.create_future(), loop.time() + SWAP_WAIT
         try:
             aborted = self.abort_in_flight() if abort else 0
             while self.stages["parsing"] or self.engine_calls or not await self.on_engine(fn):
-                self._not_in_place(f"the requests it holds seated would never finish; {instead}", param)
+                await self._not_in_place(f"the requests it holds seated would never finish; {instead}", param)
                 if loop.time() > end:
                     raise ApiError(409, f"the calls in flight did not finish within {SWAP_WAIT:.0f} s; {unchanged}",
                                    param)
@@ -658,9 +659,9 @@ class Server:
             self.paused = None
         return aborted
 
-    def _not_in_place(self, why: str, param: str | None) -> None:
-        """A 400 saying `why` while generation is paused in place (`pause_generation`)."""
-        if self.engine.held == "in_place":
+    async def _not_in_place(self, why: str, param: str | None) -> None:
+        """A 400 saying `why` while generation is paused in place (`pause_generation`) with requests seated."""
+        if await self.on_engine(lambda e: e.held == "in_place" and bool(e.sched.running or e.sched.prefilling)):
             raise bad(f"generation is paused in place: {why}", param)
 
     async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
@@ -749,6 +750,8 @@ class Server:
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:
+            await self._not_in_place("its seated requests hold the KV pool; pause with mode retract (or abort) to "
+                                     "sleep", "tags")
             await self._quiet(lambda e: e.sleep(tags, keep_weights), "nothing was given back", "tags",
                               instead="pause with mode retract (or abort) to sleep")
 

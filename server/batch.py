@@ -91,6 +91,8 @@ def check(line: str) -> tuple[dict | None, str | None]:
         return None, f"'url' must be one of {', '.join(URLS)}, got {req.get('url')!r}"
     if req["body"].get("stream"):
         return None, "a batch request cannot stream ('stream': true)"
+    if req["body"].get("encoding_format") in ("bytes", "bytes_only"):
+        return None, "a batch request's result is JSON: 'encoding_format' must be 'float' or 'base64'"
     if req["body"].get("background"):
         return None, "a batch request is answered when done: it cannot run in the background ('background': true)"
     return req, None

@@ -6,8 +6,10 @@ any common vocabulary, none sharing a prefix) to `--output-len` tokens each (`ig
 as vLLM's) in one offline batch (`engine.LLM.generate`: the scheduler seats as many as fit and admits the rest as
 others finish), and prints requests, total tokens and output tokens per second. `latency` times one batch of
 `--batch-size` such prompts end to end, `--num-iters` times after `--num-iters-warmup` untimed ones, and prints the
-mean and the 10th to 99th percentiles. The warm-up of `serve` (`--warmup`) compiles the common shapes first, so a
-figure counts running, not compiling; `--output-json` keeps the figures.
+mean and the 10th to 99th percentiles. The warm-up of `serve` (`--warmup`) compiles the common shapes first, and
+`throughput` runs a batch of slots' worth of other prompts of the same length to two tokens each, untimed (the
+prompt chunks' shapes the warm-up leaves to first use), so a figure counts running, not compiling; `--output-json`
+keeps the figures.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def _latency_flags(ap) -> None:
 
 
 def _engine(args):
-    """`engine.LLM` on the model of `serve`'s flags, warmed up as `serve` warms up (its caches in use)."""
+    """`engine.LLM` on the model (and draft model) of `serve`'s flags, warmed up as `serve` warms up (its caches in
+    use)."""
     from engine import LLM
     from engine.compile import use_caches
     from models.loading.source import cache_root
@@ -54,10 +57,10 @@ def _engine(args):
     if args.num_processes > 1:
         raise SystemExit("sparkler: bench throughput and latency run in one process (--num-processes 1)")
     use_caches(cache_root())
-    try:
-        if load_draft(args) is not None:
-            raise SystemExit("sparkler: bench throughput and latency measure the model alone (no draft model)")
-        llm = LLM(load(args), **dataclasses.asdict(runner_config(args)))
+    try:  # a draft model (--speculative-model) drafts as it would in `serve`
+        draft = load_draft(args)
+        llm = LLM(load(args), speculative_config=None if draft is None else {"model": draft},
+                  **dataclasses.asdict(runner_config(args)))
     except ValueError as e:  # a mesh that does not fit, a pool too small, ...
         raise SystemExit(f"sparkler: {e}") from None
     if args.warmup != "none":
@@ -83,6 +86,9 @@ def throughput(argv: list[str]) -> int:
     llm = _engine(args)
     vocab = llm.model.cfg.vocab_size
     ids = prompts(args.num_prompts, args.input_len, args.seed, min(1000, vocab // 4), min(20000, vocab))
+    first = prompts(min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1,
+                    min(1000, vocab // 4), min(20000, vocab))
+    llm.generate(first, dataclasses.replace(_params(args), max_tokens=2))  # the prompts' shapes the warm-up left
     t = time.perf_counter()
     outs = llm.generate(ids, _params(args))
     wall = time.perf_counter() - t

@@ -123,7 +123,8 @@ async def request(session, url: str, endpoint: str, payload: dict, headers: dict
     return res
 
 
-async def run(url: str, endpoint: str, model: str, ids: list, tokens: int, concurrency: int | None = None,
+async def run(url: str, endpoint: str, model: str, ids: list[list[int]] | list[str], tokens: int,
+              concurrency: int | None = None,
               rate: float = math.inf, seed: int = 0, api_key: str | None = None,
               ignore_eos: bool = True) -> tuple[list[Result], float]:
     """Send every prompt (at most `concurrency` in flight; Poisson arrivals at `rate` requests/s, all at once where
@@ -135,7 +136,7 @@ async def run(url: str, endpoint: str, model: str, ids: list, tokens: int, concu
     gaps = np.random.default_rng(seed).exponential(1 / rate, len(ids)) if math.isfinite(rate) else np.zeros(len(ids))
     starts = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])  # the first at once
 
-    async def one(session, i: int, prompt: list[int]) -> Result:
+    async def one(session, i: int, prompt: list[int] | str) -> Result:
         await asyncio.sleep(float(starts[i]))
         async with gate:
             return await request(session, url, endpoint, body(endpoint, model, prompt, tokens, ignore_eos), headers)

@@ -1,5 +1,5 @@
 """OpenAI's embeddings API, `POST /v1/embeddings`: vectors of the served model's (or a LoRA adapter's) final hidden
-states, pooled (`models.pooling`), for one input or a batch, as floats or base64.
+states, pooled (`models.pooling`), for one input or a batch, as floats, base64 or vLLM's binary body.
 
 The body is OpenAI's: `input` (a string, a list of strings, a list of token ids or a list of such lists; at most
 MAX_INPUTS), `encoding_format` (`float`, or `base64`: each vector's float32 bytes, which the `openai` client asks for
@@ -33,7 +33,7 @@ from aiohttp import web
 
 from engine.params import InvalidRequest
 from models import pooling
-from server import protocol
+from server import images, protocol
 from server.protocol import ApiError, bad, bounded, busy
 
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
@@ -200,12 +200,12 @@ class Embeddings:
         return inputs
 
     def inputs(self, body) -> list[list[int]]:
-        """A body's `input` (OpenAI's forms, at most MAX_INPUTS) as token ids (`tokens`); 400 for a body that is
-        not a JSON object or an `input` of another shape."""
+        """A body's `input` (OpenAI's forms, at most MAX_INPUTS), or vLLM's `messages` (`chat`: one input), as token
+        ids (`tokens`); 400 for a body that is not a JSON object or an `input` of another shape."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
-        if "messages" in body:
-            if "input" in body:
+        if body.get("messages") is not None:
+            if body.get("input") is not None:
                 raise bad("send 'input' or 'messages', not both", "messages")
             return self.tokens([self.chat(body)], body, "messages")
         raw = body.get("input")
@@ -228,28 +228,30 @@ class Embeddings:
         special = body.get("add_special_tokens", False)
         if not isinstance(special, bool):
             raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+        messages = body["messages"]
+        if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+                isinstance(p, dict) and p.get("type") in images.IMAGE_PARTS for p in m["content"]) for m in messages):
+            raise bad("pictures are not embedded here: send the messages' text", "messages")  # (before fetching any)
         kwargs = protocol.template_kwargs({**body, "add_generation_prompt": body.get("add_generation_prompt") or False})
-        ids, text, found = protocol.chat_ids(srv.model, body["messages"], None, None, kwargs[0], srv.media)
-        if found:
-            raise bad("pictures are not embedded here: send the messages' text", "messages")
+        ids, text, _ = protocol.chat_ids(srv.model, messages, None, None, kwargs[0], srv.media)
         return srv.vocab.tok.encode(text, add_special_tokens=True) if special else ids
 
     def parse(self, body) -> Ask:
         """The request's inputs as token ids, and its options (400s for what is not OpenAI's or vLLM's shape)."""
         srv = self.server
         inputs = self.inputs(body)
-        fmt, dtype, order = body.get("encoding_format") or "float", body.get("embed_dtype") or "float32", \
-            body.get("endianness") or "native"
-        for value, allowed, param in ((fmt, ENCODINGS, "encoding_format"), (dtype, DTYPES, "embed_dtype"),
+        fmt, dtype, order = (d if body.get(k) is None else body[k] for k, d in (
+            ("encoding_format", "float"), ("embed_dtype", "float32"), ("endianness", "native")))  # null: the default
+        for value, allowed, param in ((fmt, ENCODINGS, "encoding_format"), (dtype, tuple(DTYPES), "embed_dtype"),
                                       (order, ENDIANNESS, "endianness")):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise bad(f"'{param}' must be one of {', '.join(allowed)}", param)
         dims, hidden = body.get("dimensions"), srv.model.cfg.hidden_size
         if dims is not None and (not _is_int(dims) or not 1 <= dims <= hidden):
             raise bad(f"'dimensions' must be an integer in [1, {hidden}]", "dimensions")
         given = {k: body[k] for k in ("normalize", "use_activation") if body.get(k) is not None}  # vLLM's names
         if len(set(map(repr, given.values()))) > 1:
-            raise bad("'normalize' and 'use_activation' say the same: send one", "use_activation")
+            raise bad("'normalize' and 'use_activation' disagree: send one", "use_activation")
         normalize = next(iter(given.values()), self.normalize)
         if not isinstance(normalize, bool):
             raise bad(f"'{next(iter(given))}' must be a boolean", next(iter(given)))

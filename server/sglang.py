@@ -102,15 +102,8 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
         out["top_k"] = 0
     out["prompt"] = prompt
     out["stream"] = body.get("stream", False)
-    adapter = body.get("lora_path")  # a LoRA adapter's name: the completions body's model
-    if isinstance(adapter, list):  # one per prompt: served when they agree
-        if not adapter or any(a != adapter[0] for a in adapter):
-            raise bad("'lora_path' as a list must name the same adapter for every prompt (send prompts for other "
-                      "adapters in separate calls)", "lora_path")
-        adapter = adapter[0]
+    adapter = _lora_path(body)  # a LoRA adapter's name: the completions body's model
     if adapter is not None:
-        if not isinstance(adapter, str):
-            raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
         out["model"] = adapter
     priority = body.get("priority")  # SGLang's: higher values sooner (its default order); ours: lower sooner
     if priority is not None:
@@ -120,6 +113,20 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
             raise bad(f"'priority' must be a 32-bit integer, got {priority}", "priority")
         out["priority"] = min(-priority, 2**31 - 1)  # SGLang's lowest, -2**31, is ours the least urgent too
     return out, protocol.stop_strings(params.get("stop"), "sampling_params.stop"), single
+
+
+def _lora_path(body: dict) -> str | None:
+    """The LoRA adapter `lora_path` names (None: the base model); a list of one per prompt is served when they
+    agree."""
+    adapter = body.get("lora_path")
+    if isinstance(adapter, list):
+        if not adapter or any(a != adapter[0] for a in adapter):
+            raise bad("'lora_path' as a list must name the same adapter for every prompt (send prompts for other "
+                      "adapters in separate calls)", "lora_path")
+        adapter = adapter[0]
+    if adapter is not None and not isinstance(adapter, str):
+        raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
+    return adapter
 
 
 def _prompt(body: dict) -> tuple[Any, bool]:
@@ -325,12 +332,9 @@ class SGLang:
                 if body.get(name) not in (None, [], {}):
                     raise bad(f"'{name}' is not supported by this server", name)
             prompt, single = _prompt(body)
-            adapter = body.get("lora_path")
-            if adapter is not None and not isinstance(adapter, str):
-                raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
-            param = "text" if body.get("text") is not None else "input_ids"
+            param, adapter = "text" if body.get("text") is not None else "input_ids", _lora_path(body)
             try:
-                call.adapter = self.server.check_model({"model": adapter} if adapter else {})
+                call.adapter = self.server.check_model({"model": adapter})
             except ApiError as e:
                 raise e.renamed({"model": "lora_path"}) from None
             items = [prompt] if single else prompt
@@ -342,13 +346,15 @@ class SGLang:
             names = _names(body["rid"], len(items)) if body.get("rid") is not None else None
             vectors = await self.embeddings.vectors(call, ask.inputs, "embd")
             names = names or _names(call.rid, len(items))
-            vectors = pooling.finish(vectors, ask.normalize, ask.dimensions)
             took = time.perf_counter() - t0
-            out = [{"embedding": v.tolist(), "meta_info": {
-                "id": name, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(ids),
-                "completion_tokens": 0, "cached_tokens": 0, "e2e_latency": took}}
-                for name, ids, v in zip(names, ask.inputs, vectors)]
-            return web.json_response(out[0] if single else out)
+
+            def reply() -> bytes:  # thousands of vectors' JSON: off the loop
+                out = [{"embedding": v.tolist(), "meta_info": {
+                    "id": name, "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(ids),
+                    "completion_tokens": 0, "cached_tokens": 0, "e2e_latency": took}}
+                    for name, ids, v in zip(names, ask.inputs, pooling.finish(vectors, ask.normalize, ask.dimensions))]
+                return json.dumps(out[0] if single else out).encode()
+            return web.Response(body=await self.server.off_loop(reply), content_type="application/json")
         return await self.server.serve(request, answer)
 
     async def abort_request(self, request: web.Request) -> web.Response:

@@ -160,6 +160,7 @@ def test_run_batch_answers_a_file_of_requests_as_the_server_does(tmp_path, clien
              {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": embed},
              {"custom_id": "empty", "method": "POST", "url": "/v1/chat/completions", "body": {**chat, "messages": []}},
              {"custom_id": "stream", "url": "/v1/completions", "body": {**completion, "stream": True}},
+             {"custom_id": "bytes", "url": "/v1/embeddings", "body": {**embed, "encoding_format": "bytes"}},
              {"custom_id": "models", "method": "GET", "url": "/v1/models", "body": {}}]
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
@@ -181,9 +182,9 @@ def test_run_batch_answers_a_file_of_requests_as_the_server_does(tmp_path, clien
     empty = results[3]
     assert empty["error"] is None and empty["response"]["status_code"] == 400
     assert empty["response"]["body"]["error"]["param"] == "messages"
-    for r, why in zip(results[4:], ("cannot stream", "'method' must be POST", "not JSON")):
+    for r, why in zip(results[4:], ("cannot stream", "result is JSON", "'method' must be POST", "not JSON")):
         assert r["response"] is None and why in r["error"]["message"]
-    assert "7 requests answered" in out.stderr and "4 of them with an error" in out.stderr
+    assert "8 requests answered" in out.stderr and "5 of them with an error" in out.stderr
 
 
 def test_every_command_has_help(capsys):

@@ -298,11 +298,13 @@ def test_chat_embeddings_and_vllm_encodings(served):
         with tuned.disable_adapter():
             assert np.abs(np.asarray(r.data[0].embedding) - _reference(base, kept)).max() < 1e-5, side
     r = client.embeddings.create(model="base", input="hi", encoding_format="float",
-                                 extra_body={"use_activation": False})
+                                 extra_body={"use_activation": False, "messages": None})  # (null: not given)
     assert np.linalg.norm(r.data[0].embedding) != pytest.approx(1.0)
     for bad, param in (({"input": "a", "messages": messages}, "messages"), ({"messages": "hi"}, "messages"),
                        ({"messages": messages, "add_special_tokens": "no"}, "add_special_tokens"),
                        ({"input": "a", "embed_dtype": "int8"}, "embed_dtype"),
+                       ({"input": "a", "embed_dtype": ["float16"]}, "embed_dtype"),
+                       ({"input": "a", "encoding_format": 0}, "encoding_format"),
                        ({"input": "a", "endianness": "middle"}, "endianness"),
                        ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
                        ({"input": "a", "truncation_side": "up"}, "truncation_side"),

@@ -253,7 +253,8 @@ def test_paused_generation_holds_calls_and_goes_on_with_new_weights(swapped):
     slept: list = []  # a sleep asked meanwhile waits for the running reply, until the pause seats it for good
     sleeper = threading.Thread(target=lambda: slept.append(_call(api, "POST", "/release_memory_occupation", {})))
     sleeper.start()
-    while api.server.paused is None:
+    deadline = time.monotonic() + 60
+    while api.server.paused is None and time.monotonic() < deadline:
         time.sleep(0.002)
     assert _post(api, "/pause_generation", {"mode": "in_place"}) == (
         200, {"message": "Generation paused successfully.", "status": "ok"})
