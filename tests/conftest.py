@@ -43,15 +43,17 @@ def pytest_configure(config):
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Seconds each file took in a cold run on the 2-core CPU (summed test durations, `--durations=0`; `make test` in a
-# fresh clone with an empty cache, 2026-12-02, session 42). The files run heaviest first, so the two workers (each
-# file stays on one) finish near together; a file not listed counts as light. `make test` passes
-# `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
-FILE_SECONDS = {"test_moe": 203, "test_paging": 170, "test_speculative": 141, "test_accel": 129, "test_server": 125,
-                "test_mesh": 96, "test_operations": 63, "test_engine": 60, "test_models": 60, "test_cpu_matmul": 60,
-                "test_quant": 57, "test_flat": 56, "test_cli": 47, "test_reasoning": 27, "test_batches": 25,
-                "test_structured": 24, "test_infill": 20, "test_harmony": 20, "test_apis": 18, "test_ollama": 18,
-                "test_tools": 18, "test_sampler": 17, "test_tokenizer": 12, "test_page": 10, "test_pages": 5}
+# Seconds each file took in a cold run on the 2-core CPU (its tests' times summed from a junit XML; `make test` in a
+# fresh clone with an empty cache, 2026-12-06, session 74; files under 5 s left out). The files run heaviest first,
+# so the two workers (each file stays on one) finish near together; a file not listed counts as light. `make test`
+# passes `--no-loadscope-reorder`, else xdist orders the files by their count of tests.
+FILE_SECONDS = {"test_moe": 236, "test_speculative": 200, "test_models": 196, "test_paging": 193, "test_accel": 184,
+                "test_lora": 123, "test_server": 118, "test_mesh": 105, "test_multimodal": 99, "test_engine": 96,
+                "test_quant": 83, "test_structured": 75, "test_memory": 66, "test_cli": 64, "test_operations": 64,
+                "test_flat": 63, "test_apis": 42, "test_embeddings": 42, "test_sampler": 39, "test_weights": 36,
+                "test_cpu_matmul": 32, "test_tools": 27, "test_gemma3_vision": 23, "test_reasoning": 22,
+                "test_harmony": 17, "test_infill": 15, "test_ollama": 13, "test_page": 12, "test_vision": 10,
+                "test_worker_crashes": 9, "test_batches": 8, "test_tokenizer": 8}
 
 
 QUICK = "JAX_DISABLE_MOST_OPTIMIZATIONS"
