@@ -4,9 +4,10 @@ label handling done right, and a text parser the tests read it back with).
 Handlers observe request counts and latencies; the engine's gauges and counters are read from `Engine.stats()` at
 scrape time by a custom collector, so the engine thread never touches the metrics. Every name is in the `sparkler_`
 namespace; the README lists them. The figures dashboards, autoscalers and inference gateways read from vLLM are
-exposed under vLLM's names too (`VllmNames`: `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...), each
-read from the same counters at scrape time, with vLLM's `model_name` label; and llama.cpp's server's under its names
-(`LlamaCppNames`: `llamacpp:tokens_predicted_total`, `llamacpp:kv_cache_usage_ratio`, ...).
+exposed under vLLM's names too (`PeerNames`: `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...), each
+read from the same counters at scrape time, with vLLM's `model_name` label; SGLang's under its names, with the same
+label (`sglang:num_queue_reqs`, `sglang:token_usage`, ...); and llama.cpp's server's under
+its names (`LlamaCppNames`: `llamacpp:tokens_predicted_total`, `llamacpp:kv_cache_usage_ratio`, ...).
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ VLLM_RENAMED = {"sparkler_time_to_first_token_seconds": "vllm:time_to_first_toke
                 "sparkler_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
                 "sparkler_request_queue_time_seconds": "vllm:request_queue_time_seconds",
                 "sparkler_prompt_tokens": "vllm:prompt_tokens"}
+SGLANG_GAUGES = {"running": "sglang:num_running_reqs", "waiting": "sglang:num_queue_reqs",
+                 "prefix_cache_hit_rate": "sglang:cache_hit_rate"}
+SGLANG_COUNTERS = {"prefix_cache_queried_tokens": "sglang:prompt_tokens",
+                   "prefix_cache_hit_tokens": "sglang:cached_tokens", "generated_tokens": "sglang:generation_tokens",
+                   "finished": "sglang:num_requests", "aborted": "sglang:num_aborted_requests"}
+SGLANG_RENAMED = {"sparkler_time_to_first_token_seconds": "sglang:time_to_first_token_seconds",
+                  "sparkler_inter_token_latency_seconds": "sglang:inter_token_latency_seconds",
+                  "sparkler_e2e_request_latency_seconds": "sglang:e2e_request_latency_seconds",
+                  "sparkler_request_queue_time_seconds": "sglang:queue_time_seconds"}
 
 
 def thread_cpu_seconds(ident: int | None) -> float:
@@ -148,26 +158,52 @@ class LlamaCppNames:
             yield GaugeMetricFamily(f"llamacpp:{name}", doc, value=value)
 
 
-class VllmNames:
-    """The engine's and the server's figures under vLLM's metric names, with its `model_name` label: the engine's
-    from `stats()`, the server's histograms and counters (`sources`) renamed as they are collected, so each value is
-    counted once."""
+def vllm_gauges(s: dict) -> list[tuple[str, str, float]]:
+    """vLLM's gauges computed from `Engine.stats`: `(name, doc, value)`."""
+    return [("vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)", kv_usage(s))]
 
-    def __init__(self, stats, sources, model_name: str):
+
+def sglang_gauges(s: dict) -> list[tuple[str, str, float]]:
+    """SGLang's gauges computed from `Engine.stats`: the KV pool's tokens (SGLang's "token usage"), the decoding rate
+    over the engine loop's decode time, and speculative decoding's accept length (tokens a verify step keeps, its own
+    included) and rate."""
+    decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
+    verifies, drafted, kept = (s[f"spec_decode_{k}"] for k in ("verifies", "draft_tokens", "accepted_tokens"))
+    return [("sglang:num_used_tokens", "KV pool tokens in use", (s["kv_pages_total"] - s["kv_pages_free"])
+             * s["kv_page_size"]),
+            ("sglang:token_usage", "share of the KV pool's tokens in use (1: all)", kv_usage(s)),
+            ("sglang:max_total_num_tokens", "tokens the KV pool holds", s["kv_pages_total"] * s["kv_page_size"]),
+            ("sglang:gen_throughput", "tokens generated per second of the engine's decoding",
+             s["generated_tokens"] / decode_s if decode_s else 0.0),
+            ("sglang:spec_accept_length", "tokens a verify step keeps, on average (drafted and its own)",
+             1 + kept / verifies if verifies else 0.0),
+            ("sglang:spec_accept_rate", "share of drafted tokens kept", kept / drafted if drafted else 0.0)]
+
+
+class PeerNames:
+    """The engine's and the server's figures under another server's metric names (vLLM's, SGLang's), with its
+    `model_name` label: the engine's from `stats()` (`gauges` and `counters`: ours -> theirs; `computed(stats)`:
+    gauges of their own), the server's histograms and counters (`sources`) renamed as they are collected (`renamed`;
+    a source it does not name is left out), so each value is counted once."""
+
+    def __init__(self, stats, sources, model_name: str, gauges: dict, counters: dict, renamed: dict, computed):
         self.stats, self.sources, self.labels = stats, sources, {"model_name": model_name}
+        self.gauges, self.counters, self.renamed, self.computed = gauges, counters, renamed, computed
 
     def collect(self):
-        """Yield the vLLM-named families."""
+        """Yield the families under their names."""
         stats, names = self.stats(), list(self.labels)
-        for ours, theirs in VLLM_GAUGES.items():
+        for ours, theirs in self.gauges.items():
             yield self._one(GaugeMetricFamily(theirs, ENGINE_GAUGES[ours], labels=names), stats[ours])
-        yield self._one(GaugeMetricFamily("vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)",
-                                          labels=names), kv_usage(stats))
-        for ours, theirs in VLLM_COUNTERS.items():
+        for theirs, doc, value in self.computed(stats):
+            yield self._one(GaugeMetricFamily(theirs, doc, labels=names), value)
+        for ours, theirs in self.counters.items():
             yield self._one(CounterMetricFamily(theirs, ENGINE_COUNTERS[ours], labels=names), stats[ours])
         for source in self.sources:
             for fam in source.collect():
-                theirs = VLLM_RENAMED[fam.name]
+                theirs = self.renamed.get(fam.name)
+                if theirs is None:
+                    continue
                 out = Metric(theirs, fam.documentation, fam.type)
                 for sample in fam.samples:
                     out.add_sample(theirs + sample.name[len(fam.name):], {**sample.labels, **self.labels},
@@ -224,7 +260,10 @@ class Metrics:
         self.prompt_tokens = Counter("sparkler_prompt_tokens", "prompt tokens of the completion requests answered",
                                      registry=r)
         r.register(EngineCollector(stats, threads))
-        r.register(VllmNames(stats, (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens), model_name))
+        sources = (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens)
+        r.register(PeerNames(stats, sources, model_name, VLLM_GAUGES, VLLM_COUNTERS, VLLM_RENAMED, vllm_gauges))
+        r.register(PeerNames(stats, sources, model_name, SGLANG_GAUGES, SGLANG_COUNTERS, SGLANG_RENAMED,
+                             sglang_gauges))
         r.register(LlamaCppNames(stats))
 
     def render(self) -> bytes:

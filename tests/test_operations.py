@@ -89,6 +89,22 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
     assert one("llamacpp:kv_cache_usage_ratio", "llamacpp:kv_cache_usage_ratio") == pytest.approx(used)
     assert one("llamacpp:predicted_tokens_seconds", "llamacpp:predicted_tokens_seconds") > 0
     assert one("llamacpp:prompt_tokens_seconds", "llamacpp:prompt_tokens_seconds") > 0
+    # ... and SGLang's (its --enable-metrics), with its model_name label
+    for h, theirs in (("sparkler_time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
+                      ("sparkler_request_queue_time_seconds", "sglang:queue_time_seconds")):
+        assert one(theirs, theirs + "_count", model_name=MODEL) == one(h, h + "_count") > 0
+    pairs = (("sglang:generation_tokens", "sparkler_generated_tokens"), ("sglang:num_queue_reqs", "sparkler_waiting"),
+             ("sglang:prompt_tokens", "sparkler_prefix_cache_queried_tokens"), ("sglang:num_requests",
+             "sparkler_finished"), ("sglang:cached_tokens", "sparkler_prefix_cache_hit_tokens"),
+             ("sglang:num_running_reqs", "sparkler_running"), ("sglang:num_aborted_requests", "sparkler_aborted"))
+    for theirs, ours in pairs:
+        suffix = "_total" if fams[ours].type == "counter" else ""
+        assert one(theirs, theirs + suffix, model_name=MODEL) == one(ours, ours + suffix)
+    assert one("sglang:token_usage", "sglang:token_usage", model_name=MODEL) == pytest.approx(used)
+    held = one("sglang:max_total_num_tokens", "sglang:max_total_num_tokens", model_name=MODEL)
+    assert held == api.engine.sched.pools[0].capacity * api.engine.page_size
+    assert one("sglang:num_used_tokens", "sglang:num_used_tokens", model_name=MODEL) == pytest.approx(used * held)
+    assert one("sglang:gen_throughput", "sglang:gen_throughput", model_name=MODEL) > 0
 
 
 @pytest.fixture(scope="module")
