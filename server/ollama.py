@@ -70,6 +70,7 @@ def routes(app: web.Application, server, embeddings) -> None:
     app.router.add_post("/api/show", api.show)
     app.router.add_get("/api/ps", api.ps)
     app.router.add_get("/api/version", api.version)
+    app.router.add_post("/api/pull", api.pull)
 
 
 def error_body(e: ApiError) -> dict:
@@ -488,6 +489,26 @@ class Ollama:
         return web.json_response({"modelfile": f"FROM {s.model.source}\n", "parameters": "", "template": template,
                                   "details": entry["details"], "model_info": info, "capabilities": caps,
                                   "modified_at": self.modified})
+
+    async def pull(self, request: web.Request) -> web.Response:
+        """POST /api/pull (the `ollama` client's `pull`, which scripts call before using a model): the served model
+        (or an alias, or a loaded LoRA adapter) is here already, so the answer is Ollama's last progress line,
+        `{"status": "success"}` (streamed as one NDJSON line unless `stream` is false); nothing is downloaded, and
+        another model is a 404."""
+        body = await self.server._body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str):
+            raise bad("'model' must name a model", "model")
+        try:
+            self.server.check_model({"model": name})
+        except ApiError as e:
+            e.message += " (this server does not download models: it serves the one it was started with)"
+            raise
+        if body.get("stream") is False:
+            return web.json_response({"status": "success"})
+        return web.Response(body=json.dumps({"status": "success"}) + "\n", content_type="application/x-ndjson")
 
     async def version(self, request: web.Request) -> web.Response:
         """GET /api/version: the Ollama API version served, and this server's."""

@@ -128,6 +128,11 @@ def test_embed_and_the_model_routes(api, client, olla):
     assert [m.model for m in olla.ps().models] == [MODEL]
     status, v, _ = http(api, "GET", "/api/version")
     assert status == 200 and v["version"]
+    assert olla.pull(MODEL).status == "success"  # here already: nothing to download
+    assert [p.status for p in olla.pull(f"{MODEL}:latest", stream=True)] == ["success"]
+    with pytest.raises(ollama.ResponseError) as e:
+        olla.pull("llama3")
+    assert e.value.status_code == 404 and "does not download" in e.value.error
 
 
 def test_errors_take_ollamas_shape(api, olla):
