@@ -110,7 +110,7 @@ class Engine:
         self._grammars_made = threading.Lock()  # the server's parse threads, its loop and this engine's thread ask
         # (kind, batch rows, steps, a row on a LoRA adapter) -> seconds per dispatch (moving average)
         self.timing: dict[tuple, float] = {}
-        self.verifies = 0  # verify steps run so far (speculative decoding)
+        self.verifies = self.drafts = 0  # verify steps run so far (speculative decoding), and the rows' drafts in them
         self.drafted = self.accepted = 0  # drafted tokens verified so far, and those kept
         # steps in a row that decoded rather than verify drafts; the seconds of their decode dispatches since the
         # draft model last drafted anyway (a probe: `_probe_due`), and what that probe took
@@ -351,7 +351,8 @@ class Engine:
                     image_slots=self.images.capacity if self.images else 0,
                     images_held=len(self.images.held) if self.images else 0,
                     images_encoded=self.images.encoded if self.images else 0,
-                    spec_decode_verifies=self.verifies, spec_decode_draft_tokens=self.drafted,
+                    spec_decode_verifies=self.verifies, spec_decode_drafts=self.drafts,
+                    spec_decode_draft_tokens=self.drafted,
                     spec_decode_accepted_tokens=self.accepted,
                     spec_decode_draft_calls=self.draft.calls if self.draft else 0)
 
@@ -1010,6 +1011,7 @@ class Engine:
         outs, kept = self._timed_call(("verify", nb, 1, self._on_lora(going)), self.runner.verify, wide,
                                       batch.positions, ndraft, batch.active, sched.tables, masks)
         self.verifies += 1
+        self.drafts += len(drafts)
         for slot, d in drafts.items():
             accepted = int(kept[:, slot].sum()) - 1
             running[slot][1].drafter.record(len(d), accepted)

@@ -6,10 +6,12 @@ any common vocabulary, none sharing a prefix) to `--output-len` tokens each (`ig
 as vLLM's) in one offline batch (`engine.LLM.generate`: the scheduler seats as many as fit and admits the rest as
 others finish), and prints requests, total tokens and output tokens per second. `latency` times one batch of
 `--batch-size` such prompts end to end, `--num-iters` times after `--num-iters-warmup` untimed ones, and prints the
-mean and the 10th to 99th percentiles. The warm-up of `serve` (`--warmup`) compiles the common shapes first, and
-`throughput` runs a batch of slots' worth of other prompts of the same length to two tokens each, untimed (the
-prompt chunks' shapes the warm-up leaves to first use), so a figure counts running, not compiling; `--output-json`
-keeps the figures.
+mean and the 10th to 99th percentiles (the same prompts each time: after the first, the prefix cache serves their
+full pages, as vLLM's own prefix caching does). The warm-up of `serve` (`--warmup`) compiles the common shapes
+first, and `throughput` runs a batch of slots' worth of other prompts of the same length to two tokens each,
+untimed (the prompt chunks' shapes the warm-up leaves to first use), so a figure counts running, not compiling
+(`latency`: given warm-up iterations); `--output-json` keeps the figures. A prompt and its tokens past the context,
+or `--n` past a data shard's slots, stop the run with a message.
 """
 
 from __future__ import annotations
@@ -69,10 +71,21 @@ def _engine(args):
 
 
 def _params(args):
+    """vLLM's benchmark sampling: temperature 1 over the whole vocabulary, every other setting neutral (not the
+    model's generation_config defaults), to `--output-len` tokens."""
     from engine import SamplingParams
+    from engine.params import OPENAI_DEFAULTS
 
-    return SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True,
-                          seed=args.seed)
+    return SamplingParams(n=args.n, max_tokens=args.output_len, ignore_eos=True, seed=args.seed, **OPENAI_DEFAULTS)
+
+
+def _fits(llm, args) -> None:
+    """Stop with a message where a prompt and its tokens pass the context, or `--n` a data shard's slots."""
+    if args.input_len + args.output_len > llm.engine.max_len:
+        raise SystemExit(f"sparkler: --input-len + --output-len ({args.input_len + args.output_len}) is past the "
+                         f"context ({llm.engine.max_len} tokens; --max-model-len)")
+    if args.n > llm.engine.runner.per_shard:
+        raise SystemExit(f"sparkler: --n {args.n} is more than a data shard's {llm.engine.runner.per_shard} slots")
 
 
 def throughput(argv: list[str]) -> int:
@@ -84,11 +97,13 @@ def throughput(argv: list[str]) -> int:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.n < 1:
         raise SystemExit("sparkler: --num-prompts, --input-len, --output-len and --n must be positive")
     llm = _engine(args)
+    _fits(llm, args)
     vocab = llm.model.cfg.vocab_size
     ids = prompts(args.num_prompts, args.input_len, args.seed, min(1000, vocab // 4), min(20000, vocab))
     first = prompts(min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1,
                     min(1000, vocab // 4), min(20000, vocab))
-    llm.generate(first, dataclasses.replace(_params(args), max_tokens=2))  # the prompts' shapes the warm-up left
+    llm.generate(first, dataclasses.replace(_params(args), max_tokens=min(2, args.output_len)))  # the prompts'
+    # shapes the warm-up left to first use, untimed
     t = time.perf_counter()
     outs = llm.generate(ids, _params(args))
     wall = time.perf_counter() - t
@@ -117,6 +132,7 @@ def latency(argv: list[str]) -> int:
         raise SystemExit("sparkler: --batch-size, --input-len, --output-len, --n and --num-iters must be positive "
                          "(--num-iters-warmup >= 0)")
     llm = _engine(args)
+    _fits(llm, args)
     vocab = llm.model.cfg.vocab_size
     ids = prompts(args.batch_size, args.input_len, args.seed, min(1000, vocab // 4), min(20000, vocab))
     params = _params(args)
@@ -126,9 +142,8 @@ def latency(argv: list[str]) -> int:
         outs = llm.generate(ids, params)
         took = time.perf_counter() - t
         made = [len(c.token_ids) for o in outs for c in o.outputs]
-        if made != [args.output_len] * (args.batch_size * args.n):  # (`ignore_eos`: only the context stops one)
-            raise SystemExit(f"sparkler: a batch made {made} tokens, not {args.output_len} each: the context "
-                             f"({llm.engine.max_len} tokens) is too short for --input-len + --output-len")
+        if made != [args.output_len] * (args.batch_size * args.n):  # (`ignore_eos`, and `_fits`: none is cut)
+            raise SystemExit(f"sparkler: a batch made {made} tokens, not {args.output_len} each")
         return took
 
     for _ in range(args.num_iters_warmup):

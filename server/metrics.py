@@ -55,6 +55,7 @@ ENGINE_COUNTERS = {
     "embedded_tokens": "tokens of the inputs embedded",
     "images_encoded": "pictures run through the vision tower (a picture held already is not run again)",
     "spec_decode_verifies": "verify steps run (speculative decoding)",
+    "spec_decode_drafts": "drafts verified (one per row with drafted tokens in a verify step)",
     "spec_decode_draft_tokens": "drafted tokens verified",
     "spec_decode_accepted_tokens": "drafted tokens kept",
     "spec_decode_draft_calls": "device calls of the draft model (--speculative-model)",
@@ -65,6 +66,7 @@ VLLM_GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requ
 VLLM_COUNTERS = {"preemptions": "vllm:num_preemptions", "generated_tokens": "vllm:generation_tokens",
                  "prefix_cache_queried_tokens": "vllm:prefix_cache_queries",
                  "prefix_cache_hit_tokens": "vllm:prefix_cache_hits",
+                 "spec_decode_drafts": "vllm:spec_decode_num_drafts",
                  "spec_decode_draft_tokens": "vllm:spec_decode_num_draft_tokens",
                  "spec_decode_accepted_tokens": "vllm:spec_decode_num_accepted_tokens"}
 VLLM_RENAMED = {"sparkler_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
@@ -76,7 +78,7 @@ SGLANG_GAUGES = {"running": "sglang:num_running_reqs", "waiting": "sglang:num_qu
                  "prefix_cache_hit_rate": "sglang:cache_hit_rate"}
 SGLANG_COUNTERS = {"prefix_cache_queried_tokens": "sglang:prompt_tokens",
                    "prefix_cache_hit_tokens": "sglang:cached_tokens", "generated_tokens": "sglang:generation_tokens",
-                   "finished": "sglang:num_requests", "aborted": "sglang:num_aborted_requests"}
+                   "aborted": "sglang:num_aborted_requests"}
 SGLANG_RENAMED = {"sparkler_time_to_first_token_seconds": "sglang:time_to_first_token_seconds",
                   "sparkler_inter_token_latency_seconds": "sglang:inter_token_latency_seconds",
                   "sparkler_e2e_request_latency_seconds": "sglang:e2e_request_latency_seconds",
@@ -158,32 +160,37 @@ class LlamaCppNames:
             yield GaugeMetricFamily(f"llamacpp:{name}", doc, value=value)
 
 
-def vllm_gauges(s: dict) -> list[tuple[str, str, float]]:
-    """vLLM's gauges computed from `Engine.stats`: `(name, doc, value)`."""
-    return [("vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)", kv_usage(s))]
+def vllm_computed(s: dict) -> list[tuple[type, str, str, float]]:
+    """vLLM's figures computed from `Engine.stats`: `(family kind, name, doc, value)`."""
+    return [(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "share of the KV pool's pages in use (1: all)",
+             kv_usage(s))]
 
 
-def sglang_gauges(s: dict) -> list[tuple[str, str, float]]:
-    """SGLang's gauges computed from `Engine.stats`: the KV pool's tokens (SGLang's "token usage"), the decoding rate
-    over the engine loop's decode time, and speculative decoding's accept length (tokens a verify step keeps, its own
-    included) and rate."""
+def sglang_computed(s: dict) -> list[tuple[type, str, str, float]]:
+    """SGLang's figures computed from `Engine.stats`: the requests ended (finished or aborted, as SGLang counts
+    them), the KV pool's tokens (SGLang's "token usage"), the decoding rate since the start over the engine loop's
+    decode time (SGLang's is over its last logging interval), and speculative decoding's accept length (tokens a
+    row's verify keeps, its own included) and rate."""
     decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
-    verifies, drafted, kept = (s[f"spec_decode_{k}"] for k in ("verifies", "draft_tokens", "accepted_tokens"))
-    return [("sglang:num_used_tokens", "KV pool tokens in use", (s["kv_pages_total"] - s["kv_pages_free"])
+    drafts, drafted, kept = (s[f"spec_decode_{k}"] for k in ("drafts", "draft_tokens", "accepted_tokens"))
+    g = GaugeMetricFamily
+    return [(CounterMetricFamily, "sglang:num_requests", "engine requests ended (finished or aborted)",
+             s["finished"] + s["aborted"]),
+            (g, "sglang:num_used_tokens", "KV pool tokens in use", (s["kv_pages_total"] - s["kv_pages_free"])
              * s["kv_page_size"]),
-            ("sglang:token_usage", "share of the KV pool's tokens in use (1: all)", kv_usage(s)),
-            ("sglang:max_total_num_tokens", "tokens the KV pool holds", s["kv_pages_total"] * s["kv_page_size"]),
-            ("sglang:gen_throughput", "tokens generated per second of the engine's decoding",
+            (g, "sglang:token_usage", "share of the KV pool's tokens in use (1: all)", kv_usage(s)),
+            (g, "sglang:max_total_num_tokens", "tokens the KV pool holds", s["kv_pages_total"] * s["kv_page_size"]),
+            (g, "sglang:gen_throughput", "tokens generated per second of the engine's decoding, since the start",
              s["generated_tokens"] / decode_s if decode_s else 0.0),
-            ("sglang:spec_accept_length", "tokens a verify step keeps, on average (drafted and its own)",
-             1 + kept / verifies if verifies else 0.0),
-            ("sglang:spec_accept_rate", "share of drafted tokens kept", kept / drafted if drafted else 0.0)]
+            (g, "sglang:spec_accept_length", "tokens a row's verify keeps, on average (drafted and its own)",
+             1 + kept / drafts if drafts else 0.0),
+            (g, "sglang:spec_accept_rate", "share of drafted tokens kept", kept / drafted if drafted else 0.0)]
 
 
 class PeerNames:
     """The engine's and the server's figures under another server's metric names (vLLM's, SGLang's), with its
     `model_name` label: the engine's from `stats()` (`gauges` and `counters`: ours -> theirs; `computed(stats)`:
-    gauges of their own), the server's histograms and counters (`sources`) renamed as they are collected (`renamed`;
+    figures of their own), the server's histograms and counters (`sources`) renamed as they are collected (`renamed`;
     a source it does not name is left out), so each value is counted once."""
 
     def __init__(self, stats, sources, model_name: str, gauges: dict, counters: dict, renamed: dict, computed):
@@ -195,8 +202,8 @@ class PeerNames:
         stats, names = self.stats(), list(self.labels)
         for ours, theirs in self.gauges.items():
             yield self._one(GaugeMetricFamily(theirs, ENGINE_GAUGES[ours], labels=names), stats[ours])
-        for theirs, doc, value in self.computed(stats):
-            yield self._one(GaugeMetricFamily(theirs, doc, labels=names), value)
+        for kind, theirs, doc, value in self.computed(stats):
+            yield self._one(kind(theirs, doc, labels=names), value)
         for ours, theirs in self.counters.items():
             yield self._one(CounterMetricFamily(theirs, ENGINE_COUNTERS[ours], labels=names), stats[ours])
         for source in self.sources:
@@ -261,9 +268,9 @@ class Metrics:
                                      registry=r)
         r.register(EngineCollector(stats, threads))
         sources = (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens)
-        r.register(PeerNames(stats, sources, model_name, VLLM_GAUGES, VLLM_COUNTERS, VLLM_RENAMED, vllm_gauges))
+        r.register(PeerNames(stats, sources, model_name, VLLM_GAUGES, VLLM_COUNTERS, VLLM_RENAMED, vllm_computed))
         r.register(PeerNames(stats, sources, model_name, SGLANG_GAUGES, SGLANG_COUNTERS, SGLANG_RENAMED,
-                             sglang_gauges))
+                             sglang_computed))
         r.register(LlamaCppNames(stats))
 
     def render(self) -> bytes:

@@ -116,8 +116,8 @@ def generate_body(body: Any) -> tuple[dict, list[str], bool]:
 
 
 def _lora_path(body: dict) -> str | None:
-    """The LoRA adapter `lora_path` names (None: the base model); a list of one per prompt is served when they
-    agree."""
+    """The LoRA adapter `lora_path` names (None, or empty: the base model); a list of one per prompt is served when
+    they agree."""
     adapter = body.get("lora_path")
     if isinstance(adapter, list):
         if not adapter or any(a != adapter[0] for a in adapter):
@@ -126,7 +126,7 @@ def _lora_path(body: dict) -> str | None:
         adapter = adapter[0]
     if adapter is not None and not isinstance(adapter, str):
         raise bad("'lora_path' must be the name of a loaded LoRA adapter", "lora_path")
-    return adapter
+    return adapter or None  # (an empty name: the base model, as none)
 
 
 def _prompt(body: dict) -> tuple[Any, bool]:

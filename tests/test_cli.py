@@ -307,6 +307,9 @@ def test_bench_throughput_and_latency_run_the_engine_alone(smollm, tmp_path, cap
         with pytest.raises(SystemExit) as end:
             main(["bench", *bad])
         assert "must be positive" in str(end.value)
+    with pytest.raises(SystemExit) as end:  # every token asked for, or a message (not a figure of cut replies)
+        main(["bench", "throughput", *engine, "--num-prompts", "2", "--input-len", "1000", "--output-len", "100"])
+    assert "past the context (1024 tokens" in str(end.value)
 
 
 def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):

@@ -94,12 +94,14 @@ def test_metrics_parse_and_count_the_requests_just_made(api, client):
                       ("sparkler_request_queue_time_seconds", "sglang:queue_time_seconds")):
         assert one(theirs, theirs + "_count", model_name=MODEL) == one(h, h + "_count") > 0
     pairs = (("sglang:generation_tokens", "sparkler_generated_tokens"), ("sglang:num_queue_reqs", "sparkler_waiting"),
-             ("sglang:prompt_tokens", "sparkler_prefix_cache_queried_tokens"), ("sglang:num_requests",
-             "sparkler_finished"), ("sglang:cached_tokens", "sparkler_prefix_cache_hit_tokens"),
+             ("sglang:prompt_tokens", "sparkler_prefix_cache_queried_tokens"),
+             ("sglang:cached_tokens", "sparkler_prefix_cache_hit_tokens"),
              ("sglang:num_running_reqs", "sparkler_running"), ("sglang:num_aborted_requests", "sparkler_aborted"))
     for theirs, ours in pairs:
         suffix = "_total" if fams[ours].type == "counter" else ""
         assert one(theirs, theirs + suffix, model_name=MODEL) == one(ours, ours + suffix)
+    assert one("sglang:num_requests", "sglang:num_requests_total", model_name=MODEL) == one(
+        "sparkler_finished", "sparkler_finished_total") + one("sparkler_aborted", "sparkler_aborted_total") > 0
     assert one("sglang:token_usage", "sglang:token_usage", model_name=MODEL) == pytest.approx(used)
     held = one("sglang:max_total_num_tokens", "sglang:max_total_num_tokens", model_name=MODEL)
     assert held == api.engine.sched.pools[0].capacity * api.engine.page_size

@@ -5,6 +5,7 @@ set of compiled programs as they were."""
 import contextlib
 import dataclasses
 import math
+import re
 import urllib.request
 
 import numpy as np
@@ -482,5 +483,11 @@ def test_a_draft_model_over_http_with_the_official_client(smollm, self_draft):
         metrics = urllib.request.urlopen(api.url + "/metrics").read().decode()
         stats = api.engine.stats()
         assert stats["spec_decode_accepted_tokens"] == details.accepted_prediction_tokens
-        for name in ("verifies", "draft_tokens", "accepted_tokens", "draft_calls"):
+        for name in ("verifies", "drafts", "draft_tokens", "accepted_tokens", "draft_calls"):
             assert f"sparkler_spec_decode_{name}_total {float(stats['spec_decode_' + name])}" in metrics
+        kept, drafts = stats["spec_decode_accepted_tokens"], stats["spec_decode_drafts"]  # vLLM's and SGLang's names
+        assert f'vllm:spec_decode_num_drafts_total{{model_name="{MODEL}"}} {float(drafts)}' in metrics
+        length = float(re.search(r'sglang:spec_accept_length\{model_name="[^"]*"\} (\S+)', metrics).group(1))
+        rate = float(re.search(r'sglang:spec_accept_rate\{model_name="[^"]*"\} (\S+)', metrics).group(1))
+        assert length == pytest.approx(1 + kept / drafts) and rate == pytest.approx(
+            kept / stats["spec_decode_draft_tokens"]) and 0 < rate <= 1
