@@ -2,7 +2,10 @@
 measured from the client as `vllm bench serve` measures it: random prompts of a fixed length in tokens, streamed
 completions or chat completions of a fixed length (`ignore_eos`), sent all at once, at a Poisson request rate, or
 capped at a concurrency; then request and token throughput, time to first token (TTFT), time per output token after
-the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99.
+the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99 (or the
+`--metric-percentiles` asked), and with `--goodput` the requests per second that met its SLOs. vLLM's random
+dataset's options shape the load: a prefix every prompt shares (`--random-prefix-len`), lengths drawn from a range
+(`--random-range-ratio`), and gamma-distributed arrivals (`--burstiness`).
 
 A prompt is a list of token ids (the completions API takes them; no tokenizer is needed, and its length is exact),
 drawn from `--token-range` so it is valid in any common vocabulary; chat sends those ids' text as the user message,
@@ -47,10 +50,30 @@ class Result:
     error: str | None = None
 
 
-def prompts(n: int, length: int, seed: int, low: int = 1000, high: int = 20000) -> list[list[int]]:
-    """`n` prompts of `length` token ids in `[low, high)`, each its own from its first token (no shared prefix)."""
+def prompts(n: int, length: int, seed: int, low: int = 1000, high: int = 20000, prefix: int = 0,
+            ratio: float = 0.0) -> list[list[int]]:
+    """`n` prompts of token ids in `[low, high)`: `prefix` ids shared by all (vLLM's `--random-prefix-len`), then
+    `length` ids each (a length drawn from `lengths` where `ratio` > 0), each its own from there."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(low, high, length).tolist() for _ in range(n)]
+    shared = rng.integers(low, high, prefix).tolist() if prefix else []
+    return [shared + rng.integers(low, high, k).tolist() for k in lengths(n, length, ratio, rng)]
+
+
+def lengths(n: int, length: int, ratio: float, rng: np.random.Generator) -> list[int]:
+    """`n` lengths uniform over `[length * (1 - ratio), length * (1 + ratio)]`, at least 1 (vLLM's
+    `--random-range-ratio`); all `length` at ratio 0."""
+    if ratio == 0:
+        return [length] * n
+    return rng.integers(max(1, math.floor(length * (1 - ratio))), math.ceil(length * (1 + ratio)) + 1, n).tolist()
+
+
+def arrivals(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
+    """Each request's send time from the first (at 0): gaps drawn from a gamma distribution of shape `burstiness` and
+    mean 1 / `rate` (vLLM's: 1 is a Poisson process, less is burstier, more steadier); all at 0 at an infinite rate."""
+    if not math.isfinite(rate):
+        return np.zeros(n)
+    gaps = np.random.default_rng(seed).gamma(burstiness, 1 / (rate * burstiness), n)
+    return np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
 
 
 def body(endpoint: str, model: str, prompt: list[int] | str, tokens: int, ignore_eos: bool = True) -> dict:
@@ -123,23 +146,24 @@ async def request(session, url: str, endpoint: str, payload: dict, headers: dict
     return res
 
 
-async def run(url: str, endpoint: str, model: str, ids: list[list[int]] | list[str], tokens: int,
+async def run(url: str, endpoint: str, model: str, ids: list[list[int]] | list[str], tokens: int | list[int],
               concurrency: int | None = None,
               rate: float = math.inf, seed: int = 0, api_key: str | None = None,
-              ignore_eos: bool = True) -> tuple[list[Result], float]:
-    """Send every prompt (at most `concurrency` in flight; Poisson arrivals at `rate` requests/s, all at once where
-    infinite); the results, in prompt order, and the wall time from the first send to the last answer."""
+              ignore_eos: bool = True, burstiness: float = 1.0) -> tuple[list[Result], float]:
+    """Send every prompt for `tokens` each (or its own count of a list), at most `concurrency` in flight, at `rate`
+    requests/s (`arrivals`: Poisson at `burstiness` 1; all at once where infinite); the results, in prompt order, and
+    the wall time from the first send to the last answer."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency or len(ids))
-    gaps = np.random.default_rng(seed).exponential(1 / rate, len(ids)) if math.isfinite(rate) else np.zeros(len(ids))
-    starts = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])  # the first at once
+    starts = arrivals(len(ids), rate, burstiness, seed)
+    asked = tokens if isinstance(tokens, list) else [tokens] * len(ids)
 
     async def one(session, i: int, prompt: list[int] | str) -> Result:
         await asyncio.sleep(float(starts[i]))
         async with gate:
-            return await request(session, url, endpoint, body(endpoint, model, prompt, tokens, ignore_eos), headers)
+            return await request(session, url, endpoint, body(endpoint, model, prompt, asked[i], ignore_eos), headers)
 
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
     # a connection per request: no server's keep-alive limit (llama.cpp's closes after a few) can drop one
@@ -150,8 +174,16 @@ async def run(url: str, endpoint: str, model: str, ids: list[list[int]] | list[s
         return list(results), time.perf_counter() - t
 
 
-def summary(results: list[Result], wall: float) -> dict:
-    """vLLM's figures of a run: counts, throughputs, and TTFT / TPOT / ITL / E2E in ms (mean, median, p99)."""
+def _tpot(r: Result) -> float | None:
+    """A request's seconds per output token after the first (None for one token)."""
+    return (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
+
+
+def summary(results: list[Result], wall: float, percentiles: tuple[float, ...] = (99,),
+            goodput: dict[str, float] | None = None) -> dict:
+    """vLLM's figures of a run: counts, throughputs, TTFT / TPOT / ITL / E2E in ms (mean, median and each of
+    `percentiles`), and with `goodput` (SLOs in ms of "ttft", "tpot", "e2el") the requests per second that met
+    every one."""
     ok = [r for r in results if r.error is None]
     out = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": wall,
            "total_input_tokens": sum(r.prompt_tokens for r in ok),
@@ -159,29 +191,56 @@ def summary(results: list[Result], wall: float) -> dict:
            "request_throughput": len(ok) / wall if wall else 0.0}
     out["output_throughput"] = out["total_output_tokens"] / wall if wall else 0.0
     out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / wall if wall else 0.0
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    tpot = [t for t in map(_tpot, ok) if t is not None]
     itl = [b - a for r in ok for a, b in zip(r.arrivals, r.arrivals[1:])]
     for name, xs in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl), ("e2el", [r.latency for r in ok])):
         ms = [x * 1000 for x in xs] or [0.0]
-        out.update({f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms),
-                    f"p99_{name}_ms": float(np.percentile(ms, 99))})
+        out.update({f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms)})
+        out.update({f"p{p:g}_{name}_ms": float(np.percentile(ms, p)) for p in percentiles})
+    if goodput:
+        def met(r: Result) -> bool:
+            figures = {"ttft": r.ttft, "tpot": _tpot(r) or 0.0, "e2el": r.latency}
+            return all(figures[k] * 1000 <= slo for k, slo in goodput.items())
+        out["request_goodput"] = sum(map(met, ok)) / wall if wall else 0.0
     out["first_error"] = next((r.error for r in results if r.error is not None), None)
     return out
 
 
-def table(s: dict) -> str:
+def table(s: dict, percentiles: tuple[float, ...] = (99,)) -> str:
     """`summary` as a markdown table."""
     rows = [("Successful requests", f"{s['completed']}"), ("Failed requests", f"{s['failed']}"),
             ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
             ("Total input tokens", f"{s['total_input_tokens']}"),
             ("Total generated tokens", f"{s['total_output_tokens']}"),
-            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
-            ("Output token throughput (tok/s)", f"{s['output_throughput']:.1f}"),
-            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.1f}")]
+            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}")]
+    if "request_goodput" in s:
+        rows.append(("Request goodput (req/s)", f"{s['request_goodput']:.2f}"))
+    rows += [("Output token throughput (tok/s)", f"{s['output_throughput']:.1f}"),
+             ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.1f}")]
     for name, what in (("ttft", "Time to first token"), ("tpot", "Time per output token (after the first)"),
                        ("itl", "Inter-token latency"), ("e2el", "End-to-end latency")):
-        rows += [(f"{what}, {k} (ms)", f"{s[f'{k}_{name}_ms']:.2f}") for k in ("mean", "median", "p99")]
+        rows += [(f"{what}, {k} (ms)", f"{s[f'{k}_{name}_ms']:.2f}") for k in
+                 ("mean", "median", *(f"p{p:g}" for p in percentiles))]
     return "\n".join(["| measurement | value |", "| --- | ---: |", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    """`--metric-percentiles`' comma-separated values, each in (0, 100]."""
+    out = tuple(float(x) for x in text.split(","))
+    if not all(0 < p <= 100 for p in out):
+        raise ValueError(text)
+    return out
+
+
+def _goodput(items: list[str]) -> dict[str, float]:
+    """`--goodput`'s `KEY:MS` pairs (KEY: ttft, tpot or e2el; MS > 0)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not float(value) > 0:
+            raise ValueError(item)
+        out[key] = float(value)
+    return out
 
 
 def _served_model(url: str, api_key: str | None) -> str:
@@ -205,8 +264,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
     ap.add_argument("--request-rate", type=float, default=math.inf,
                     help="requests per second, Poisson arrivals (default: inf, all at once)")
+    ap.add_argument("--burstiness", type=float, default=1.0,
+                    help="the arrivals' gamma shape: 1 Poisson, less burstier, more steadier (vLLM's)")
     ap.add_argument("--input-len", "--random-input-len", type=int, default=512, help="prompt tokens")
     ap.add_argument("--output-len", "--random-output-len", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--random-prefix-len", type=int, default=0,
+                    help="tokens of a prefix every prompt shares, before its own --input-len (the prefix cache's)")
+    ap.add_argument("--random-range-ratio", type=float, default=0.0,
+                    help="input and output lengths drawn from [len * (1 - r), len * (1 + r)] (0 <= r < 1)")
+    ap.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles to report (vLLM's)")
+    ap.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                    help="SLOs (ttft, tpot, e2el in ms) a request must meet to count in the goodput")
     ap.add_argument("--token-range", type=int, nargs=2, default=(1000, 20000), metavar=("LOW", "HIGH"),
                     help="the prompts' token ids are drawn from [LOW, HIGH)")
     ap.add_argument("--no-ignore-eos", action="store_true", help="let replies end at an end of sequence")
@@ -219,6 +287,13 @@ def main(argv: list[str]) -> int:
         ap.error("--request-rate must be positive (inf: all at once)")
     if not 0 <= args.token_range[0] < args.token_range[1]:
         ap.error("--token-range: 0 <= LOW < HIGH")
+    if args.random_prefix_len < 0 or not 0 <= args.random_range_ratio < 1 or not args.burstiness > 0:
+        ap.error("--random-prefix-len >= 0, 0 <= --random-range-ratio < 1 and --burstiness > 0")
+    try:
+        percentiles = _percentiles(args.metric_percentiles)
+        goodput = _goodput(args.goodput or [])
+    except ValueError as e:
+        ap.error(f"--metric-percentiles: numbers in (0, 100]; --goodput: ttft|tpot|e2el:MS (got {e})")
     url = args.url.rstrip("/").removesuffix("/v1")
     try:
         model = args.model or _served_model(url, args.api_key)
@@ -228,7 +303,9 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, IndexError, TypeError):
         print(f"sparkler bench serve: {url}/v1/models names no model: pass --model", file=sys.stderr)
         return 1
-    ids = prompts(args.num_prompts, args.input_len, args.seed, *args.token_range)
+    ids = prompts(args.num_prompts, args.input_len, args.seed, *args.token_range, args.random_prefix_len,
+                  args.random_range_ratio)
+    asked = lengths(args.num_prompts, args.output_len, args.random_range_ratio, np.random.default_rng(args.seed + 1))
     chat_prompts = None
     if args.endpoint == "chat":
         written = texts(url, ids, args.api_key)
@@ -238,10 +315,11 @@ def main(argv: list[str]) -> int:
           f"({args.endpoint}{f', {chat_prompts} prompts' if chat_prompts else ''}; concurrency "
           f"{args.max_concurrency or 'unbounded'}, rate {args.request_rate})",
           file=sys.stderr)
-    results, wall = asyncio.run(run(url, args.endpoint, model, ids, args.output_len, args.max_concurrency,
-                                    args.request_rate, args.seed, args.api_key, not args.no_ignore_eos))
-    figures = summary(results, wall)
-    print(table(figures))
+    results, wall = asyncio.run(run(url, args.endpoint, model, ids, asked, args.max_concurrency,
+                                    args.request_rate, args.seed, args.api_key, not args.no_ignore_eos,
+                                    args.burstiness))
+    figures = summary(results, wall, percentiles, goodput)
+    print(table(figures, percentiles))
     if figures["first_error"]:
         print(f"first error: {figures['first_error']}", file=sys.stderr)
     if args.save_result:
@@ -249,6 +327,8 @@ def main(argv: list[str]) -> int:
             json.dump({**figures, "model": model, "endpoint": args.endpoint, "chat_prompts": chat_prompts,
                        "num_prompts": args.num_prompts,
                        "input_len": args.input_len, "output_len": args.output_len,
-                       "max_concurrency": args.max_concurrency,
+                       "random_prefix_len": args.random_prefix_len,
+                       "random_range_ratio": args.random_range_ratio, "burstiness": args.burstiness,
+                       "goodput": goodput or None, "max_concurrency": args.max_concurrency,
                        "request_rate": args.request_rate if math.isfinite(args.request_rate) else None}, f, indent=1)
     return 1 if figures["failed"] else 0

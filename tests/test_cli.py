@@ -338,11 +338,28 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
     counts = [json.load(urllib.request.urlopen(urllib.request.Request(api.url + "/tokenize", data=json.dumps(
         {"messages": [{"role": "user", "content": t}]}).encode()), timeout=60))["count"] for t in written]
     assert got["chat_prompts"] == "detokenized" and got["total_input_tokens"] == sum(counts)
+    # vLLM's random-dataset shapes: a shared prefix (the prefix cache serves it), lengths in a range, percentiles
+    hits = api.engine.stats()["prefix_cache_hit_tokens"]
+    assert main(["bench", "serve", "--url", api.url, "--num-prompts", "6", "--max-concurrency", "2",
+                 "--random-prefix-len", "32", "--input-len", "8", "--output-len", "4", "--random-range-ratio", "0.5",
+                 "--metric-percentiles", "50,90", "--goodput", "e2el:600000", "--burstiness", "0.5",
+                 "--save-result", str(saved)]) == 0
+    got = json.loads(saved.read_text())
+    sent = bench_serve.prompts(6, 8, 0, 1000, 20000, 32, 0.5)
+    assert {tuple(p[:32]) for p in sent} == {tuple(sent[0][:32])} and {len(p) for p in sent} <= set(range(36, 45))
+    assert got["total_input_tokens"] == sum(map(len, sent)) and len({len(p) for p in sent}) > 1
+    assert got["total_output_tokens"] == sum(bench_serve.lengths(6, 4, 0.5, np.random.default_rng(1)))
+    assert got["p50_ttft_ms"] <= got["p90_ttft_ms"] and "p99_ttft_ms" not in got
+    assert got["request_goodput"] == pytest.approx(got["request_throughput"])  # every request within the SLO
+    assert api.engine.stats()["prefix_cache_hit_tokens"] - hits >= 32
+    assert "| Time to first token, p90 (ms) |" in capsys.readouterr().out
     assert main(["bench", "serve", "--url", api.url, "--model", "no-such-model", "--num-prompts", "2",
                  "--output-len", "2"]) == 1
     captured = capsys.readouterr()
     assert "| Failed requests | 2 |" in captured.out and "HTTP 404" in captured.err
-    for bad in (["profile"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"]):
+    for bad in (["profile"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"],
+                ["serve", "--random-range-ratio", "1"], ["serve", "--goodput", "ttft"],
+                ["serve", "--metric-percentiles", "0,50"]):
         with pytest.raises(SystemExit) as end:
             main(["bench", *bad])
         assert end.value.code == 2
