@@ -5,7 +5,8 @@ capped at a concurrency; then request and token throughput, time to first token 
 the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency, mean / median / p99 (or the
 `--metric-percentiles` asked), and with `--goodput` the requests per second that met its SLOs. vLLM's random
 dataset's options shape the load: a prefix every prompt shares (`--random-prefix-len`), lengths drawn from a range
-(`--random-range-ratio`), and gamma-distributed arrivals (`--burstiness`).
+(`--random-range-ratio`), and gamma-distributed arrivals (`--burstiness`); or `--dataset-name sharegpt` sends a
+ShareGPT file's conversations (`sharegpt`), as vLLM's standard benchmark does.
 
 A prompt is a list of token ids (the completions API takes them; no tokenizer is needed, and its length is exact),
 drawn from `--token-range` so it is valid in any common vocabulary; chat sends those ids' text as the user message,
@@ -89,27 +90,69 @@ def body(endpoint: str, model: str, prompt: list[int] | str, tokens: int, ignore
     return {**out, "prompt": prompt}
 
 
+def _post(url: str, path: str, body: dict, api_key: str | None) -> dict | None:
+    """The server's JSON answer to a POST, None where it has no such route or answers otherwise."""
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={
+        "Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            reply = json.load(r)
+    except (OSError, ValueError):  # (urllib's HTTPError is an OSError)
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
 def texts(url: str, ids: list[list[int]], api_key: str | None = None) -> list[str] | None:
     """Each prompt's text from the server's `POST /detokenize` (vLLM's answer `prompt`, llama.cpp's `content`);
     None where the server has no such route or answers otherwise."""
-    import urllib.error
-    import urllib.request
-
     out = []
     for prompt in ids:
-        req = urllib.request.Request(url + "/detokenize", data=json.dumps({"tokens": prompt}).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                reply = json.load(r)
-        except (OSError, ValueError):  # (urllib's HTTPError is an OSError)
-            return None
-        text = reply.get("prompt", reply.get("content")) if isinstance(reply, dict) else None
+        reply = _post(url, "/detokenize", {"tokens": prompt}, api_key) or {}
+        text = reply.get("prompt", reply.get("content"))
         if not isinstance(text, str) or not text:
             return None
         out.append(text)
     return out
+
+
+def count(url: str, text: str, api_key: str | None = None) -> int | None:
+    """`text`'s tokens by the server's `POST /tokenize` (vLLM's `prompt`, llama.cpp's `content`), None without it."""
+    reply = _post(url, "/tokenize", {"prompt": text, "content": text}, api_key) or {}
+    return len(reply["tokens"]) if isinstance(reply.get("tokens"), list) else None
+
+
+def sharegpt(path: str, n: int, seed: int, url: str, api_key: str | None = None,
+             output_len: int | None = None) -> tuple[list[str], list[int]]:
+    """`n` prompts of a ShareGPT file (vLLM's `--dataset-name sharegpt`: a JSON list of `{"conversations": [{"from",
+    "value"}, ...]}`), shuffled by `seed`: each conversation's first turn as the prompt, and the second's length in
+    the server's tokens as the reply's (or `output_len`); as vLLM's sampler, pairs of fewer than 4 tokens either
+    side, a prompt past 1,024 tokens or a pair past 2,048 are skipped. `(prompts, output lengths)`; ValueError where
+    the file holds too few, or the server counts no tokens (`/tokenize`)."""
+    import random
+
+    with open(path) as f:
+        data = json.load(f)
+    pairs = [(c[0]["value"], c[1]["value"]) for c in (d.get("conversations") for d in data if isinstance(d, dict))
+             if isinstance(c, list) and len(c) >= 2 and all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                            for t in c[:2])]
+    random.Random(seed).shuffle(pairs)
+    prompts_, lens = [], []
+    for prompt, reply in pairs:
+        if len(prompts_) == n:
+            break
+        given = count(url, prompt, api_key)
+        made = output_len or count(url, reply, api_key)
+        if given is None or made is None:
+            raise ValueError(f"{url} counts no tokens (POST /tokenize): pass --sharegpt-output-len")
+        if given < 4 or made < 4 or given > 1024 or given + made > 2048:
+            continue
+        prompts_.append(prompt)
+        lens.append(made)
+    if len(prompts_) < n:
+        raise ValueError(f"{path} holds {len(prompts_)} usable conversations, fewer than --num-prompts {n}")
+    return prompts_, lens
 
 
 async def request(session, url: str, endpoint: str, payload: dict, headers: dict | None = None) -> Result:
@@ -268,6 +311,11 @@ def main(argv: list[str]) -> int:
                     help="the arrivals' gamma shape: 1 Poisson, less burstier, more steadier (vLLM's)")
     ap.add_argument("--input-len", "--random-input-len", type=int, default=512, help="prompt tokens")
     ap.add_argument("--output-len", "--random-output-len", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--dataset-name", choices=("random", "sharegpt"), default="random",
+                    help="random token ids, or a ShareGPT file's conversations (vLLM's)")
+    ap.add_argument("--dataset-path", default=None, help="the ShareGPT JSON file")
+    ap.add_argument("--sharegpt-output-len", type=int, default=None,
+                    help="tokens to generate for every ShareGPT prompt (default: its reply's length)")
     ap.add_argument("--random-prefix-len", type=int, default=0,
                     help="tokens of a prefix every prompt shares, before its own --input-len (the prefix cache's)")
     ap.add_argument("--random-range-ratio", type=float, default=0.0,
@@ -289,6 +337,10 @@ def main(argv: list[str]) -> int:
         ap.error("--token-range: 0 <= LOW < HIGH")
     if args.random_prefix_len < 0 or not 0 <= args.random_range_ratio < 1 or not args.burstiness > 0:
         ap.error("--random-prefix-len >= 0, 0 <= --random-range-ratio < 1 and --burstiness > 0")
+    if (args.dataset_name == "sharegpt") != (args.dataset_path is not None):
+        ap.error("--dataset-path names the ShareGPT file of --dataset-name sharegpt (and only that)")
+    if args.sharegpt_output_len is not None and args.sharegpt_output_len < 1:
+        ap.error("--sharegpt-output-len must be positive")
     try:
         percentiles = _percentiles(args.metric_percentiles)
         goodput = _goodput(args.goodput or [])
@@ -307,11 +359,19 @@ def main(argv: list[str]) -> int:
                   args.random_range_ratio)
     asked = lengths(args.num_prompts, args.output_len, args.random_range_ratio, np.random.default_rng(args.seed + 1))
     chat_prompts = None
-    if args.endpoint == "chat":
+    if args.dataset_name == "sharegpt":
+        try:
+            ids, asked = sharegpt(args.dataset_path, args.num_prompts, args.seed, url, args.api_key,
+                                  args.sharegpt_output_len)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"sparkler bench serve: --dataset-path {args.dataset_path}: {e}", file=sys.stderr)
+            return 1
+    elif args.endpoint == "chat":
         written = texts(url, ids, args.api_key)
         chat_prompts = "words" if written is None else "detokenized"
         ids = written or ids
-    print(f"{args.num_prompts} requests of {args.input_len} tokens in, {args.output_len} out, to {model} at {url} "
+    shape = "ShareGPT's" if args.dataset_name == "sharegpt" else f"{args.input_len} tokens in, {args.output_len} out,"
+    print(f"{args.num_prompts} requests of {shape} to {model} at {url} "
           f"({args.endpoint}{f', {chat_prompts} prompts' if chat_prompts else ''}; concurrency "
           f"{args.max_concurrency or 'unbounded'}, rate {args.request_rate})",
           file=sys.stderr)
@@ -325,6 +385,7 @@ def main(argv: list[str]) -> int:
     if args.save_result:
         with open(args.save_result, "w") as f:
             json.dump({**figures, "model": model, "endpoint": args.endpoint, "chat_prompts": chat_prompts,
+                       "dataset_name": args.dataset_name,
                        "num_prompts": args.num_prompts,
                        "input_len": args.input_len, "output_len": args.output_len,
                        "random_prefix_len": args.random_prefix_len,

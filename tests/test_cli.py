@@ -276,6 +276,14 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert runner_config(parse_args(["--scheduling-policy", "priority"])).scheduling_policy == "priority"
 
 
+def http_post(url: str, path: str, body: dict) -> dict:
+    """POST a JSON body; the JSON reply."""
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)
+
+
 def test_bench_throughput_and_latency_run_the_engine_alone(smollm, tmp_path, capsys):
     """`sparkler bench throughput` and `bench latency` (vLLM's offline benchmarks) on the default model with serve's
     flags (the suite's engine settings): every request makes exactly its tokens, the figures are consistent (rates
@@ -335,8 +343,7 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
     got = json.loads(saved.read_text())
     assert got["completed"] == 4 and got["total_output_tokens"] == 12 and got["request_rate"] == 50
     written = bench_serve.texts(api.url, bench_serve.prompts(4, 8, 0))  # the prompts' text, as the server templates it
-    counts = [json.load(urllib.request.urlopen(urllib.request.Request(api.url + "/tokenize", data=json.dumps(
-        {"messages": [{"role": "user", "content": t}]}).encode()), timeout=60))["count"] for t in written]
+    counts = [http_post(api.url, "/tokenize", {"messages": [{"role": "user", "content": t}]})["count"] for t in written]
     assert got["chat_prompts"] == "detokenized" and got["total_input_tokens"] == sum(counts)
     # vLLM's random-dataset shapes: a shared prefix (the prefix cache serves it), lengths in a range, percentiles
     hits = api.engine.stats()["prefix_cache_hit_tokens"]
@@ -353,13 +360,30 @@ def test_bench_serve_measures_a_load_as_vllms_does(api, tmp_path, capsys):
     assert got["request_goodput"] == pytest.approx(got["request_throughput"])  # every request within the SLO
     assert api.engine.stats()["prefix_cache_hit_tokens"] - hits >= 32
     assert "| Time to first token, p90 (ms) |" in capsys.readouterr().out
+    # vLLM's ShareGPT dataset: each conversation's first turn sent as text, its second's length asked for; pairs too
+    # short are skipped
+    talk = lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}  # noqa: E731
+    data = [talk(f"Tell me about the river number {i} and its bridges, please.", "It has three old bridges" +
+                 " and a ferry" * i) for i in range(4)] + [talk("Hi", "Hello there, how are you?"),
+                                                          talk("What is two and two?", "Four."), {"id": "x"}]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(data))
+    assert main(["bench", "serve", "--url", api.url, "--dataset-name", "sharegpt", "--dataset-path",
+                 str(tmp_path / "sharegpt.json"), "--num-prompts", "4", "--save-result", str(saved)]) == 0
+    got = json.loads(saved.read_text())
+    count = lambda text: http_post(api.url, "/tokenize", {"prompt": text})["count"]  # noqa: E731
+    assert got["completed"] == 4 and got["dataset_name"] == "sharegpt"
+    assert got["total_input_tokens"] == sum(count(d["conversations"][0]["value"]) for d in data[:4])
+    assert got["total_output_tokens"] == sum(count(d["conversations"][1]["value"]) for d in data[:4])
+    assert main(["bench", "serve", "--url", api.url, "--dataset-name", "sharegpt", "--dataset-path",
+                 str(tmp_path / "sharegpt.json"), "--num-prompts", "5"]) == 1  # the two short pairs skipped
+    assert "4 usable conversations" in capsys.readouterr().err
     assert main(["bench", "serve", "--url", api.url, "--model", "no-such-model", "--num-prompts", "2",
                  "--output-len", "2"]) == 1
     captured = capsys.readouterr()
     assert "| Failed requests | 2 |" in captured.out and "HTTP 404" in captured.err
     for bad in (["profile"], ["serve", "--request-rate", "0"], ["serve", "--token-range", "9", "9"],
                 ["serve", "--random-range-ratio", "1"], ["serve", "--goodput", "ttft"],
-                ["serve", "--metric-percentiles", "0,50"]):
+                ["serve", "--metric-percentiles", "0,50"], ["serve", "--dataset-name", "sharegpt"]):
         with pytest.raises(SystemExit) as end:
             main(["bench", *bad])
         assert end.value.code == 2
