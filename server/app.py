@@ -615,9 +615,9 @@ class Server:
 
     async def _update(self, path: str, abort: bool, version: str | None) -> int:
         async with self.updating:
+            instead = "pause with mode retract (or abort) to update the weights"
             await self._not_in_place("its seated requests hold KV pages the old weights wrote, which the new ones "
-                                     "would go on from; pause with mode retract (or abort) to update the weights",
-                                     "model_path")
+                                     f"would go on from; {instead}", "model_path")  # (before loading them)
             try:
                 new = await self.off_loop(self.loader, path)
             except (OSError, ValueError, NotImplementedError, KeyError) as e:
@@ -630,7 +630,7 @@ class Server:
                           "model_path")
             aborted = await self._quiet(lambda e: e.swap_weights(new), "the weights are unchanged "
                                         "(abort_all_requests ends them first)", "model_path", abort,
-                                        instead="pause with mode retract (or abort) to update the weights")
+                                        instead=instead)
             self.model.source = new.source
             self.weight_version = version or self.weight_version
         log.info("weights of %s served (%s)", path, self.weight_version)
@@ -750,8 +750,6 @@ class Server:
 
     async def _sleep(self, tags: tuple[str, ...], keep_weights: bool) -> None:
         async with self.updating:
-            await self._not_in_place("its seated requests hold the KV pool; pause with mode retract (or abort) to "
-                                     "sleep", "tags")
             await self._quiet(lambda e: e.sleep(tags, keep_weights), "nothing was given back", "tags",
                               instead="pause with mode retract (or abort) to sleep")
 

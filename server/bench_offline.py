@@ -79,6 +79,14 @@ def _params(args):
     return SamplingParams(n=args.n, max_tokens=args.output_len, ignore_eos=True, seed=args.seed, **OPENAI_DEFAULTS)
 
 
+def _prompts(llm, n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` random prompts of `length` ids (`server.bench_serve.prompts`) in a range the model's vocabulary holds."""
+    from server.bench_serve import prompts
+
+    vocab = llm.model.cfg.vocab_size
+    return prompts(n, length, seed, min(1000, vocab // 4), min(20000, vocab))
+
+
 def _fits(llm, args) -> None:
     """Stop with a message where a prompt and its tokens pass the context, or `--n` a data shard's slots."""
     if args.input_len + args.output_len > llm.engine.max_len:
@@ -91,17 +99,14 @@ def _fits(llm, args) -> None:
 def throughput(argv: list[str]) -> int:
     """`sparkler bench throughput [serve's flags] ...`: one offline batch, timed; prints vLLM's line."""
     from server.__main__ import parse_args
-    from server.bench_serve import prompts
 
     args = parse_args(argv, "sparkler bench throughput", more=_throughput_flags, description=__doc__)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.n < 1:
         raise SystemExit("sparkler: --num-prompts, --input-len, --output-len and --n must be positive")
     llm = _engine(args)
     _fits(llm, args)
-    vocab = llm.model.cfg.vocab_size
-    ids = prompts(args.num_prompts, args.input_len, args.seed, min(1000, vocab // 4), min(20000, vocab))
-    first = prompts(min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1,
-                    min(1000, vocab // 4), min(20000, vocab))
+    ids = _prompts(llm, args.num_prompts, args.input_len, args.seed)
+    first = _prompts(llm, min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1)
     llm.generate(first, dataclasses.replace(_params(args), max_tokens=min(2, args.output_len)))  # the prompts'
     # shapes the warm-up left to first use, untimed
     t = time.perf_counter()
@@ -125,7 +130,6 @@ def latency(argv: list[str]) -> int:
     """`sparkler bench latency [serve's flags] ...`: one batch end to end, timed again and again; prints vLLM's
     lines."""
     from server.__main__ import parse_args
-    from server.bench_serve import prompts
 
     args = parse_args(argv, "sparkler bench latency", more=_latency_flags, description=__doc__)
     if min(args.batch_size, args.input_len, args.output_len, args.n, args.num_iters) < 1 or args.num_iters_warmup < 0:
@@ -133,8 +137,7 @@ def latency(argv: list[str]) -> int:
                          "(--num-iters-warmup >= 0)")
     llm = _engine(args)
     _fits(llm, args)
-    vocab = llm.model.cfg.vocab_size
-    ids = prompts(args.batch_size, args.input_len, args.seed, min(1000, vocab // 4), min(20000, vocab))
+    ids = _prompts(llm, args.batch_size, args.input_len, args.seed)
     params = _params(args)
 
     def once() -> float:

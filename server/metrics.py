@@ -124,6 +124,16 @@ def kv_usage(stats: dict) -> float:
     return 1 - stats["kv_pages_free"] / stats["kv_pages_total"] if stats["kv_pages_total"] else 0.0
 
 
+def kv_tokens(stats: dict) -> int:
+    """The tokens the KV pool's pages in use hold room for (`Engine.stats`)."""
+    return (stats["kv_pages_total"] - stats["kv_pages_free"]) * stats["kv_page_size"]
+
+
+def decode_seconds(stats: dict) -> float:
+    """The engine loop's seconds decoding: dispatching decodes and reading them back (`Engine.stats`)."""
+    return stats["step_seconds"]["decode"] + stats["step_seconds"]["collect"]
+
+
 class LlamaCppNames:
     """The engine's figures under llama.cpp's server's metric names (`llamacpp:`, what its `--metrics` exposes), for
     the dashboards written against it: prompt tokens computed (not served from the prefix cache) and generated, the
@@ -138,7 +148,7 @@ class LlamaCppNames:
         s = self.stats()
         prompt = s["prefix_cache_queried_tokens"] - s["prefix_cache_hit_tokens"]
         prompt_s = s["step_seconds"]["prefill"]
-        decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
+        decode_s = decode_seconds(s)
         for name, doc, value in (
                 ("prompt_tokens", "Number of prompt tokens processed.", prompt),
                 ("prompt_seconds", "Prompt process time", prompt_s),
@@ -154,7 +164,7 @@ class LlamaCppNames:
                 ("predicted_tokens_seconds", "Average generation throughput in tokens/s.",
                  s["generated_tokens"] / decode_s if decode_s else 0.0),
                 ("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.", kv_usage(s)),
-                ("kv_cache_tokens", "KV-cache tokens.", (s["kv_pages_total"] - s["kv_pages_free"]) * s["kv_page_size"]),
+                ("kv_cache_tokens", "KV-cache tokens.", kv_tokens(s)),
                 ("requests_processing", "Number of requests processing.", s["running"]),
                 ("requests_deferred", "Number of requests deferred.", s["waiting"])):
             yield GaugeMetricFamily(f"llamacpp:{name}", doc, value=value)
@@ -171,13 +181,12 @@ def sglang_computed(s: dict) -> list[tuple[type, str, str, float]]:
     them), the KV pool's tokens (SGLang's "token usage"), the decoding rate since the start over the engine loop's
     decode time (SGLang's is over its last logging interval), and speculative decoding's accept length (tokens a
     row's verify keeps, its own included) and rate."""
-    decode_s = s["step_seconds"]["decode"] + s["step_seconds"]["collect"]
+    decode_s = decode_seconds(s)
     drafts, drafted, kept = (s[f"spec_decode_{k}"] for k in ("drafts", "draft_tokens", "accepted_tokens"))
     g = GaugeMetricFamily
     return [(CounterMetricFamily, "sglang:num_requests", "engine requests ended (finished or aborted)",
              s["finished"] + s["aborted"]),
-            (g, "sglang:num_used_tokens", "KV pool tokens in use", (s["kv_pages_total"] - s["kv_pages_free"])
-             * s["kv_page_size"]),
+            (g, "sglang:num_used_tokens", "KV pool tokens in use", kv_tokens(s)),
             (g, "sglang:token_usage", "share of the KV pool's tokens in use (1: all)", kv_usage(s)),
             (g, "sglang:max_total_num_tokens", "tokens the KV pool holds", s["kv_pages_total"] * s["kv_page_size"]),
             (g, "sglang:gen_throughput", "tokens generated per second of the engine's decoding, since the start",

@@ -495,9 +495,7 @@ class Ollama:
         (or an alias, or a loaded LoRA adapter) is here already, so the answer is Ollama's last progress line,
         `{"status": "success"}` (streamed as one NDJSON line unless `stream` is false); nothing is downloaded, and
         another model is a 404."""
-        body = await self.server._body(request)
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
+        body = await self.server.body_object(request)
         name = body.get("model") or body.get("name")
         if not isinstance(name, str):
             raise bad("'model' must name a model", "model")
