@@ -114,6 +114,7 @@ class Prefill:
     start: int = 0
     resume: bool = False
     pieces: list = dataclasses.field(default_factory=list)
+    computes: list[bytes] = dataclasses.field(default_factory=list)  # hashes of the full pages it computes
 
     @property
     def echo(self) -> bool:

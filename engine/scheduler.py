@@ -27,6 +27,11 @@ from engine.pages import PagePool, page_hashes, root_hash
 from engine.requests import Choice, Prefill, Request, cache_tokens, seq_tokens
 
 BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
+# Queued work whose next prompt pages (this many tokens or more) a seated prompt is computing waits for them, and
+# work behind it goes first (at most `LOOKAHEAD` such in a row): SGLang's in-batch prefix caching. A burst sharing an
+# uncached system prompt computes it once, the rest a step later from the cache, as prompts' pages are offered to it
+# chunk by chunk (`advance`).
+SHARE_MIN, LOOKAHEAD = 32, 8
 POLICIES = ("fcfs", "priority")  # who is served first: arrival order, or each request's priority then arrival
 
 
@@ -99,15 +104,24 @@ class Scheduler:
             i += 1
         queue.insert(i, item)
 
+    def _line(self):
+        """Queued work in the order it is served, each as `(resume, request, choices, tokens to compute)`: a
+        preempted choice goes before a request as urgent."""
+        r = w = 0
+        while r < len(self.resumes) or w < len(self.waiting):
+            if r < len(self.resumes) and (w == len(self.waiting)
+                                          or self._urgency(self.resumes[r][0]) <= self._urgency(self.waiting[w])):
+                req, choice = self.resumes[r]
+                r += 1
+                yield True, req, [choice], seq_tokens(req, choice)
+            else:
+                req = self.waiting[w]
+                w += 1
+                yield False, req, req.choices, req.prompt_ids
+
     def _next(self) -> tuple[bool, Request, list[Choice], list[int]] | None:
-        """The work next in line: whether it is a preempted choice (one goes before a request as urgent), its
-        request, its choices and the tokens to compute; None when nothing waits."""
-        if self.resumes and (not self.waiting or self._urgency(self.resumes[0][0]) <= self._urgency(self.waiting[0])):
-            req, choice = self.resumes[0]
-            return True, req, [choice], seq_tokens(req, choice)
-        if self.waiting:
-            return False, self.waiting[0], self.waiting[0].choices, self.waiting[0].prompt_ids
-        return None
+        """The work next in line (`_line`'s first); None when nothing waits."""
+        return next(self._line(), None)
 
     def _less_urgent(self) -> Callable[[Request], bool] | None:
         """Under the priority policy, which requests are less urgent than the work next in line (None: no work
@@ -137,8 +151,8 @@ class Scheduler:
         urgent running or prefilling work, the least urgent and newest first."""
         batch = []
         while True:
-            pf = self._seat_next()
-            if pf is None and preempt and (less := self._less_urgent()) is not None:
+            pf, waits = self._seat_next(batch)
+            if pf is None and preempt and not waits and (less := self._less_urgent()) is not None:
                 shard = self._room_behind(less)
                 if shard is not None and (victim := self._victim(less, shard)) is not None:
                     self._preempt(victim)
@@ -178,40 +192,59 @@ class Scheduler:
         return n - row if n > row else n
 
     def advance(self, work: list[tuple[Prefill, int]]) -> list[Prefill]:
-        """Mark `chunks`' work computed; returns the prompts that are now complete."""
+        """Mark `chunks`' work computed (its full pages join the prefix cache at once: work sharing them need not
+        wait for the whole prompt); returns the prompts that are now complete."""
         ready = []
         for pf, n in work:
             pf.start += n
+            self._offer(pf.req, pf.choices[0], pf.tokens[:pf.start])
             if pf.start >= len(pf.tokens):
                 self.prefilling.remove(pf)
                 ready.append(pf)
         return ready
 
-    def _seat_next(self) -> Prefill | None:
-        """Give the next queued work (a preempted choice first, else the oldest request) its slots and pages, with
-        the prefix cache's pages mapped in; None when the head of the queue does not fit now."""
-        nxt = self._next()
-        if nxt is None:
-            return None
-        resume, req, choices, tokens = nxt
-        if len(self.free) < len(choices):  # cheap test first: no shard can seat it
-            return None
-        ps, keyed = self.page_size, cache_tokens(req, tokens)
-        hashes = page_hashes(keyed, ps, req.cache_key)
-        reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
-        if req.cache_max_len is not None:
-            reuse = min(reuse, req.cache_max_len)
-        if req.params.echo and not resume:  # echo needs every logit
-            reuse = 0
-        placed = self._place(len(tokens), len(choices), hashes[:reuse // ps])
-        if placed is None:
-            return None
-        shard, hit = placed
+    def _seat_next(self, batch: list[Prefill]) -> tuple[Prefill | None, bool]:
+        """Give the next queued work its slots and pages, with the prefix cache's pages mapped in: the first in line
+        (`_line`) whose next prompt pages no seated prompt (`prefilling`, or this admission's `batch`) is computing;
+        returns it, or None when the first such does not fit now (or `LOOKAHEAD` work in a row waits), and whether
+        any work waits so."""
+        computing = {h for pf in [*self.prefilling, *batch] for h in pf.computes}
+        waits = 0
+        for resume, req, choices, tokens in self._line():
+            if len(self.free) < len(choices):  # cheap test first: no shard can seat it
+                return None, waits > 0
+            ps, keyed = self.page_size, cache_tokens(req, tokens)
+            hashes = page_hashes(keyed, ps, req.cache_key)
+            reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
+            if req.cache_max_len is not None:
+                reuse = min(reuse, req.cache_max_len)
+            if req.params.echo and not resume:  # echo needs every logit
+                reuse = 0
+            placed = self._place(len(tokens), len(choices), hashes[:reuse // ps])
+            if placed is None:
+                return None, waits > 0
+            shared = itertools.takewhile(computing.__contains__, hashes[len(placed[1]):reuse // ps])
+            if sum(1 for _ in shared) * ps >= SHARE_MIN:
+                waits += 1
+                if waits == LOOKAHEAD:
+                    return None, True
+                continue
+            return self._seat(resume, req, choices, tokens, keyed, hashes, reuse, *placed), waits > 0
+        return None, waits > 0
+
+    def _seat(self, resume: bool, req: Request, choices: list[Choice], tokens: list[int], keyed: list[int],
+              hashes: list[bytes], reuse: int, shard: int, hit: list[int]) -> Prefill:
+        """Seat queued work on `shard` (`_seat_next`'s choice): take it off its queue, share its cached pages
+        (`hit`), allocate the rest, copy a cached page it goes on from, and give its choices slots."""
+        ps = self.page_size
+        if resume:
+            del self.resumes[next(i for i, (_, c) in enumerate(self.resumes) if c is choices[0])]
+        else:
+            del self.waiting[next(i for i, r in enumerate(self.waiting) if r is req)]
         pool = self.pools[shard]
         pool.share(hit)
         extra = len(choices) - 1 if len(tokens) % ps else 0  # partial last pages of the other choices
         fresh = pool.allocate(self.pages_to_admit(len(tokens), len(choices)) - len(hit))
-        (self.resumes if resume else self.waiting).popleft()
         first = choices[0]
         first.pages, first.hashes = hit + fresh[:len(fresh) - extra], hashes[:len(hit)]
         start = len(hit) * ps
@@ -234,7 +267,7 @@ class Scheduler:
             req.cached_tokens = start + reused
             pool.queried += len(tokens)
             pool.hit += req.cached_tokens
-        return Prefill(req, choices, tokens, start + reused, resume)
+        return Prefill(req, choices, tokens, start + reused, resume, computes=hashes[len(hit):])
 
     def copied(self) -> None:
         """The page copies of this admission (`copies`: `(shard, src, dst)`) are dispatched: let go of their sources."""
@@ -281,18 +314,26 @@ class Scheduler:
         """Offer a choice's newly full pages (of `seq_tokens`, whose K/V are written) to the prefix cache; `leaving`
         (it lets go of its pages): its partial last page too."""
         written = len(req.prompt_ids) + max(len(choice.token_ids) - 1, 0)
+        tokens = seq_tokens(req, choice)[:written]
+        self._offer(req, choice, tokens)
+        ps, full = self.page_size, len(choice.hashes)
+        if leaving and written % ps and full < len(choice.pages) and full == written // ps:
+            self.pools[self.shard_of(choice.slot)].keep(
+                choice.pages[full], choice.hashes[-1] if full else root_hash(req.cache_key),
+                cache_tokens(req, tokens)[full * ps:])
+
+    def _offer(self, req: Request, choice: Choice, tokens: list[int]) -> None:
+        """Offer the full pages of `tokens` (the first of the choice's, K/V written) not offered yet to the prefix
+        cache."""
         ps, pool = self.page_size, self.pools[self.shard_of(choice.slot)]
-        full, done = min(written // ps, len(choice.pages)), len(choice.hashes)
-        if full <= done and not leaving:
+        full, done = min(len(tokens) // ps, len(choice.pages)), len(choice.hashes)
+        if full <= done:
             return
-        tokens = cache_tokens(req, seq_tokens(req, choice)[:written])
-        if full > done:
-            choice.hashes = page_hashes(tokens[:full * ps], ps, req.cache_key, choice.hashes)
-            for i in range(done, full):
-                parent = choice.hashes[i - 1] if i else root_hash(req.cache_key)
-                pool.register(choice.pages[i], choice.hashes[i], parent, tokens[i * ps:(i + 1) * ps])
-        if leaving and written % ps and full < len(choice.pages) and full == len(choice.hashes):
-            pool.keep(choice.pages[full], choice.hashes[-1] if full else root_hash(req.cache_key), tokens[full * ps:])
+        keyed = cache_tokens(req, tokens[:full * ps])
+        choice.hashes = page_hashes(keyed, ps, req.cache_key, choice.hashes)
+        for i in range(done, full):
+            parent = choice.hashes[i - 1] if i else root_hash(req.cache_key)
+            pool.register(choice.pages[i], choice.hashes[i], parent, keyed[i * ps:(i + 1) * ps])
 
     # ---- running: pages ahead, preemption ---------------------------------------------------------------------
 
@@ -451,7 +492,8 @@ class Scheduler:
         return aborted
 
     def clear(self) -> list[Request]:
-        """Drop all work (after a step raised), freeing every slot and page it held; returns its requests."""
+        """Drop all work (after a step raised), freeing every slot and page it held, and forget the prefix cache;
+        returns its requests."""
         held = [c for pf in [*self.admitting, *self.prefilling] for c in pf.choices]
         held += [c for _, c in self.running.values()]
         reqs = {id(r): r for r in [*self.waiting, *(pf.req for pf in [*self.admitting, *self.prefilling]),
@@ -464,4 +506,6 @@ class Scheduler:
         self.copied()
         for choice in {id(c): c for c in held}.values():
             self.unseat(choice)
+        for pool in self.pools:  # what the failed step was writing may be in cached pages (chunks offered early)
+            pool.flush()
         return list(reqs.values())

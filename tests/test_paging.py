@@ -111,6 +111,24 @@ def test_chat_with_a_shared_system_prompt_reuses_it(llm_f32, params):
     assert ids(got) == ids(want)
 
 
+def test_a_burst_sharing_an_uncached_prefix_computes_it_once(llm_f32):
+    """Requests arriving together with the same uncached system prompt: the first computes it (in chunks, each
+    offered to the cache as it is written), the rest wait for its pages and compute only their own tokens, and each
+    gives the tokens of its prompt computed whole."""
+    ps, pools = llm_f32.engine.page_size, llm_f32.engine.sched.pools
+    system = unique_prefix(700, 12 * ps)  # past the batched prefill's 128 tokens: prefilled a chunk per step
+    prompts = [system + unique_prefix(701 + i, 9) for i in range(4)]
+    before = sum(p.queried - p.hit for p in pools)
+    got = llm_f32.generate(prompts, GREEDY)
+    computed = sum(p.queried - p.hit for p in pools) - before
+    assert [o.cached_tokens for o in got] == [0, 12 * ps, 12 * ps, 12 * ps]
+    assert computed == len(system) + 4 * 9
+    want = llm_f32.generate(prompts, GREEDY, prompt_cache_max_len=0)
+    assert ids(got) == ids(want)
+    for pool in pools:
+        pool.check()
+
+
 def test_isolation_keys_never_share(llm_f32):
     base = unique_prefix(3, 5 * llm_f32.engine.page_size)
     a = llm_f32.generate([base], GREEDY, prompt_cache_isolation_key="tenant-a")

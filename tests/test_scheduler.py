@@ -58,7 +58,7 @@ def test_requests_are_seated_in_order_and_a_shared_prefix_comes_from_the_cache()
 
 def test_long_prompts_take_chunks_under_the_token_budget_and_echo_goes_alone():
     sched = scheduler(pages=64, budget=256)
-    long = [request(f"l{i}", list(range(10, 310))) for i in range(3)]  # 300 tokens: 3 chunks of up to 128
+    long = [request(f"l{i}", list(range(1000 * i, 1000 * i + 300))) for i in range(3)]  # 3 chunks of up to 128
     sched.waiting.extend(long)
     assert [pf.short for pf in sched.admit()] == [False] * 3 and len(sched.prefilling) == 3
     work = sched.chunks()
@@ -77,6 +77,43 @@ def test_long_prompts_take_chunks_under_the_token_budget_and_echo_goes_alone():
     behind.waiting.extend([request("x", list(range(10, 300))), request("e", list(range(10, 300)), echo=True)])
     behind.admit()
     assert [pf.req.id for pf, _ in behind.chunks()] == ["x"]  # and never shares a step's chunks with others
+
+
+def test_work_sharing_a_prefix_being_computed_waits_for_its_pages_and_work_behind_goes_first():
+    sched = scheduler(pages=64, slots=8, budget=128)
+    system = list(range(100, 164))  # 4 pages
+    a, b, c = (request(x, system + [i] * 20) for i, x in enumerate("abc"))
+    other = request("other", list(range(500, 540)))
+    brief = request("brief", system[:16] + [7] * 30)  # one page (16 tokens) shared: not worth a step's wait
+    sched.waiting.extend([a, b, c, other, brief])
+    assert [pf.req.id for pf in sched.admit()] == ["a", "other", "brief"]  # b and c wait for a's 4 pages
+    assert [r.id for r in sched.waiting] == ["b", "c"] and brief.cached_tokens == 0
+    sched.register(a, a.choices[0])  # a's prompt is written (the engine registers it as it installs it)
+    assert [pf.req.id for pf in sched.admit()] == ["b", "c"] and b.cached_tokens == c.cached_tokens == 64
+    assert b.choices[0].pages[:4] == c.choices[0].pages[:4] == a.choices[0].pages[:4]
+
+    chunked = scheduler(pages=64, budget=128)
+    doc = list(range(1000, 1300))  # a long prompt: 128-token chunks, one a step
+    long, follow = request("long", doc), request("follow", doc[:200] + [1, 2])
+    chunked.waiting.extend([long, follow])
+    assert [pf.req.id for pf in chunked.admit()] == ["long"]
+    chunked.advance(chunked.chunks())  # 128 tokens written: their 8 pages are cached at once
+    assert chunked.admit() == [] and chunked.pools[0].num_cached == 8  # follow's pages 8..11 are still coming
+    chunked.advance(chunked.chunks())
+    (pf,) = chunked.admit()
+    # its 12 full shared pages, and the 8 tokens it shares of the next copied (`PagePool.continuation`)
+    assert pf.req is follow and follow.cached_tokens == pf.start == 200 and len(chunked.copies) == 1
+    chunked.copied()
+    assert follow.choices[0].pages[:12] == long.choices[0].pages[:12]
+    chunked.cancel({"long"})  # a prompt cut off keeps the pages it wrote in the cache
+    assert chunked.pools[0].num_cached == 16
+    for s in (sched, chunked):
+        s.pools[0].check()
+
+    crowd = scheduler(pages=200, slots=16)
+    same = [request(f"s{i}", system + [i]) for i in range(10)]
+    crowd.waiting.extend([*same, other])
+    assert [pf.req.id for pf in crowd.admit()] == ["s0"]  # 8 waiting in a row: nothing behind them is looked at
 
 
 def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
