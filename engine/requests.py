@@ -80,6 +80,7 @@ class Request:
     # with pictures: the prompt as the prefix cache hashes it, each picture's positions named by its digest, so its
     # pages are found again whatever rows it sits in next time, and never for another picture (`cache_tokens`)
     cache_ids: list[int] | None = None
+    page_keys: list[bytes] | None = None  # the chained hashes of its prompt's full pages (`Scheduler._keys`)
 
     @property
     def client_ids(self) -> list[int]:
@@ -114,7 +115,7 @@ class Prefill:
     start: int = 0
     resume: bool = False
     pieces: list = dataclasses.field(default_factory=list)
-    computes: list[bytes] = dataclasses.field(default_factory=list)  # hashes of the full pages it computes
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # the chained hashes of its tokens' full pages
 
     @property
     def echo(self) -> bool:

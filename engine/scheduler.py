@@ -28,10 +28,10 @@ from engine.requests import Choice, Prefill, Request, cache_tokens, seq_tokens
 
 BALANCE = 2  # a data shard may run this many more sequences than the least loaded and still win on its prefix cache
 # Queued work whose next prompt pages (this many tokens or more) a seated prompt is computing waits for them, and
-# work behind it goes first (at most `LOOKAHEAD` such in a row): SGLang's in-batch prefix caching. A burst sharing an
-# uncached system prompt computes it once, the rest a step later from the cache, as prompts' pages are offered to it
-# chunk by chunk (`advance`).
-SHARE_MIN, LOOKAHEAD = 32, 8
+# work behind it goes first (at most `LOOKAHEAD` such are passed over): SGLang's in-batch prefix caching. A burst
+# sharing an uncached system prompt computes it once, the rest a step later from the cache, as prompts' pages are
+# offered to it chunk by chunk (`advance`).
+SHARE_MIN, LOOKAHEAD = 32, 64
 POLICIES = ("fcfs", "priority")  # who is served first: arrival order, or each request's priority then arrival
 
 
@@ -73,6 +73,7 @@ class Scheduler:
         self.admitting: list[Prefill] = []  # given slots and pages this step, not yet running
         self.copies: list[tuple[int, int, int]] = []  # cached pages admission copies into a prompt's (`copied`)
         self.prefilling: collections.deque[Prefill] = collections.deque()
+        self._busy: list[set[bytes]] | None = None  # `_computing`, kept while `admit` runs
         self._order = itertools.count(1)
         self.preemptions = 0  # choices preempted so far (a dry pool, or for more urgent work)
 
@@ -120,8 +121,61 @@ class Scheduler:
                 yield False, req, req.choices, req.prompt_ids
 
     def _next(self) -> tuple[bool, Request, list[Choice], list[int]] | None:
-        """The work next in line (`_line`'s first); None when nothing waits."""
-        return next(self._line(), None)
+        """The work next in line: the first of `_line` that does not wait for pages a seated prompt is computing
+        (`_waits`; at most `LOOKAHEAD` are passed over); None when there is none."""
+        computing, passed = self._computing(), 0
+        for item in self._line():
+            if not self._waits(item, computing):
+                return item
+            passed += 1
+            if passed == LOOKAHEAD:
+                return None
+        return None
+
+    def _keys(self, resume: bool, req: Request, tokens: list[int]) -> tuple[list[int], list[bytes], int]:
+        """Work's tokens as the prefix cache keys them, the hashes of their full pages (a request's, computed once:
+        its prompt does not change while it is queued) and how many of its tokens may come from the cache."""
+        keyed = cache_tokens(req, tokens)
+        if resume:
+            hashes = page_hashes(keyed, self.page_size, req.cache_key)
+        else:
+            if req.page_keys is None:
+                req.page_keys = page_hashes(keyed, self.page_size, req.cache_key)
+            hashes = req.page_keys
+        reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
+        if req.cache_max_len is not None:
+            reuse = min(reuse, req.cache_max_len)
+        if req.params.echo and not resume:  # echo needs every logit
+            reuse = 0
+        return keyed, hashes, reuse
+
+    def _computing(self) -> list[set[bytes]]:
+        """Per data shard, the hashes of the full pages that seated prompts have yet to write (`_unwritten`; while
+        `admit` runs, as it keeps them: `_busy`)."""
+        return self._busy if self._busy is not None else self._unwritten()
+
+    def _unwritten(self) -> list[set[bytes]]:
+        """Per data shard, the hashes of the full pages that seated prompts (`prefilling`, and `admitting`) have yet
+        to write."""
+        out = [set() for _ in self.pools]
+        for pf in [*self.prefilling, *self.admitting]:
+            out[self.shard_of(pf.choices[0].slot)].update(pf.keys[pf.start // self.page_size:])
+        return out
+
+    def _waits(self, item, computing: list[set[bytes]]) -> bool:
+        """Whether queued work waits: on some shard, the pages after its cached prefix there, `SHARE_MIN` tokens of
+        them or more, are ones a seated prompt is computing (they are then offered to the cache as written)."""
+        resume, req, _, tokens = item
+        if not any(computing):
+            return False
+        _, hashes, reuse = self._keys(resume, req, tokens)
+        hashes = hashes[:reuse // self.page_size]
+        for pool, busy in zip(self.pools, computing):
+            hit = len(pool.lookup(hashes)) if busy else len(hashes)
+            shared = sum(1 for _ in itertools.takewhile(busy.__contains__, hashes[hit:]))
+            if shared * self.page_size >= SHARE_MIN:
+                return True
+        return False
 
     def _less_urgent(self) -> Callable[[Request], bool] | None:
         """Under the priority policy, which requests are less urgent than the work next in line (None: no work
@@ -149,18 +203,21 @@ class Scheduler:
         prompts among it join `prefilling`, to be computed a chunk per step (`chunks`); the rest are prefilled now.
         `preempt` (the priority policy; the host holds every token): work that does not fit takes the seats of less
         urgent running or prefilling work, the least urgent and newest first."""
-        batch = []
+        batch = self.admitting = []
+        self._busy = self._unwritten()
         while True:
-            pf, waits = self._seat_next(batch)
-            if pf is None and preempt and not waits and (less := self._less_urgent()) is not None:
+            pf = self._seat_next()
+            if pf is None and preempt and (less := self._less_urgent()) is not None:
                 shard = self._room_behind(less)
                 if shard is not None and (victim := self._victim(less, shard)) is not None:
                     self._preempt(victim)
+                    self._busy = self._unwritten()  # a preempted prompt writes no more
                     continue
             if pf is None:
                 break
             batch.append(pf)
-        self.admitting = batch
+            self._busy[self.shard_of(pf.choices[0].slot)].update(pf.keys[pf.start // self.page_size:])
+        self._busy = None
         self.prefilling.extend(pf for pf in batch if not pf.short)
         return batch
 
@@ -203,34 +260,20 @@ class Scheduler:
                 ready.append(pf)
         return ready
 
-    def _seat_next(self, batch: list[Prefill]) -> tuple[Prefill | None, bool]:
-        """Give the next queued work its slots and pages, with the prefix cache's pages mapped in: the first in line
-        (`_line`) whose next prompt pages no seated prompt (`prefilling`, or this admission's `batch`) is computing;
-        returns it, or None when the first such does not fit now (or `LOOKAHEAD` work in a row waits), and whether
-        any work waits so."""
-        computing = {h for pf in [*self.prefilling, *batch] for h in pf.computes}
-        waits = 0
-        for resume, req, choices, tokens in self._line():
-            if len(self.free) < len(choices):  # cheap test first: no shard can seat it
-                return None, waits > 0
-            ps, keyed = self.page_size, cache_tokens(req, tokens)
-            hashes = page_hashes(keyed, ps, req.cache_key)
-            reuse = len(tokens) - 1  # the last token is always computed (its logits are needed)
-            if req.cache_max_len is not None:
-                reuse = min(reuse, req.cache_max_len)
-            if req.params.echo and not resume:  # echo needs every logit
-                reuse = 0
-            placed = self._place(len(tokens), len(choices), hashes[:reuse // ps])
-            if placed is None:
-                return None, waits > 0
-            shared = itertools.takewhile(computing.__contains__, hashes[len(placed[1]):reuse // ps])
-            if sum(1 for _ in shared) * ps >= SHARE_MIN:
-                waits += 1
-                if waits == LOOKAHEAD:
-                    return None, True
-                continue
-            return self._seat(resume, req, choices, tokens, keyed, hashes, reuse, *placed), waits > 0
-        return None, waits > 0
+    def _seat_next(self) -> Prefill | None:
+        """Give the work next in line (`_next`: work waiting for pages being computed is passed over) its slots and
+        pages, with the prefix cache's pages mapped in; None when it does not fit now."""
+        nxt = self._next()
+        if nxt is None:
+            return None
+        resume, req, choices, tokens = nxt
+        if len(self.free) < len(choices):  # cheap test first: no shard can seat it
+            return None
+        keyed, hashes, reuse = self._keys(resume, req, tokens)
+        placed = self._place(len(tokens), len(choices), hashes[:reuse // self.page_size])
+        if placed is None:
+            return None
+        return self._seat(resume, req, choices, tokens, keyed, hashes, reuse, *placed)
 
     def _seat(self, resume: bool, req: Request, choices: list[Choice], tokens: list[int], keyed: list[int],
               hashes: list[bytes], reuse: int, shard: int, hit: list[int]) -> Prefill:
@@ -267,7 +310,7 @@ class Scheduler:
             req.cached_tokens = start + reused
             pool.queried += len(tokens)
             pool.hit += req.cached_tokens
-        return Prefill(req, choices, tokens, start + reused, resume, computes=hashes[len(hit):])
+        return Prefill(req, choices, tokens, start + reused, resume, keys=hashes)
 
     def copied(self) -> None:
         """The page copies of this admission (`copies`: `(shard, src, dst)`) are dispatched: let go of their sources."""

@@ -2,9 +2,10 @@
 loaded with `serve`'s flags, measured as vLLM's `vllm bench throughput` and `vllm bench latency` measure theirs.
 
 `throughput` runs `--num-prompts` random prompts of `--input-len` token ids (`server.bench_serve.prompts`: valid in
-any common vocabulary, none sharing a prefix) to `--output-len` tokens each (`ignore_eos`, temperature 1 and top-p 1,
-as vLLM's) in one offline batch (`engine.LLM.generate`: the scheduler seats as many as fit and admits the rest as
-others finish), and prints requests, total tokens and output tokens per second. `latency` times one batch of
+any common vocabulary; after `--random-prefix-len` ids they all share, else none sharing a prefix) to `--output-len`
+tokens each (`ignore_eos`, temperature 1 and top-p 1, as vLLM's) in one offline batch (`engine.LLM.generate`: the
+scheduler seats as many as fit and admits the rest as others finish), and prints requests, total tokens and output
+tokens per second. `latency` times one batch of
 `--batch-size` such prompts end to end, `--num-iters` times after `--num-iters-warmup` untimed ones, and prints the
 mean and the 10th to 99th percentiles (the same prompts each time: after the first, the prefix cache serves their
 full pages, as vLLM's own prefix caching does). The warm-up of `serve` (`--warmup`) compiles the common shapes
@@ -29,6 +30,8 @@ PERCENTILES = (10, 25, 50, 75, 90, 99)  # vLLM's latency report
 def _throughput_flags(ap) -> None:
     ap.add_argument("--input-len", "--random-input-len", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--output-len", "--random-output-len", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--random-prefix-len", "--prefix-len", type=int, default=0,
+                    help="token ids every prompt starts with, before its own --input-len")
     ap.add_argument("--num-prompts", type=int, default=100)
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,19 +82,21 @@ def _params(args):
     return SamplingParams(n=args.n, max_tokens=args.output_len, ignore_eos=True, seed=args.seed, **OPENAI_DEFAULTS)
 
 
-def _prompts(llm, n: int, length: int, seed: int) -> list[list[int]]:
-    """`n` random prompts of `length` ids (`server.bench_serve.prompts`) in a range the model's vocabulary holds."""
+def _prompts(llm, n: int, length: int, seed: int, prefix: int = 0) -> list[list[int]]:
+    """`n` random prompts of `length` ids after `prefix` ids they share (`server.bench_serve.prompts`), in a range the
+    model's vocabulary holds."""
     from server.bench_serve import prompts
 
     vocab = llm.model.cfg.vocab_size
-    return prompts(n, length, seed, min(1000, vocab // 4), min(20000, vocab))
+    return prompts(n, length, seed, min(1000, vocab // 4), min(20000, vocab), prefix)
 
 
 def _fits(llm, args) -> None:
     """Stop with a message where a prompt and its tokens pass the context, or `--n` a data shard's slots."""
-    if args.input_len + args.output_len > llm.engine.max_len:
-        raise SystemExit(f"sparkler: --input-len + --output-len ({args.input_len + args.output_len}) is past the "
-                         f"context ({llm.engine.max_len} tokens; --max-model-len)")
+    total = args.input_len + args.output_len + getattr(args, "random_prefix_len", 0)
+    if total > llm.engine.max_len:
+        raise SystemExit(f"sparkler: the prompt and --output-len ({total} tokens) are past the context "
+                         f"({llm.engine.max_len} tokens; --max-model-len)")
     if args.n > llm.engine.runner.per_shard:
         raise SystemExit(f"sparkler: --n {args.n} is more than a data shard's {llm.engine.runner.per_shard} slots")
 
@@ -101,12 +106,14 @@ def throughput(argv: list[str]) -> int:
     from server.__main__ import parse_args
 
     args = parse_args(argv, "sparkler bench throughput", more=_throughput_flags, description=__doc__)
-    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.n < 1:
-        raise SystemExit("sparkler: --num-prompts, --input-len, --output-len and --n must be positive")
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.n < 1 or args.random_prefix_len < 0:
+        raise SystemExit("sparkler: --num-prompts, --input-len, --output-len and --n must be positive "
+                         "(--random-prefix-len >= 0)")
     llm = _engine(args)
     _fits(llm, args)
-    ids = _prompts(llm, args.num_prompts, args.input_len, args.seed)
-    first = _prompts(llm, min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1)
+    ids = _prompts(llm, args.num_prompts, args.input_len, args.seed, args.random_prefix_len)
+    first = _prompts(llm, min(args.num_prompts, llm.engine.runner.slots), args.input_len, args.seed + 1,
+                     args.random_prefix_len)  # another prefix: the timed batch's is not cached
     llm.generate(first, dataclasses.replace(_params(args), max_tokens=min(2, args.output_len)))  # the prompts'
     # shapes the warm-up left to first use, untimed
     t = time.perf_counter()

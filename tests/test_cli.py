@@ -295,13 +295,13 @@ def test_bench_throughput_and_latency_run_the_engine_alone(smollm, tmp_path, cap
               "--warmup", "none"]
     saved = tmp_path / "throughput.json"
     assert main(["bench", "throughput", *engine, "--num-prompts", "6", "--n", "2", "--input-len", "20",
-                 "--output-len", "5", "--output-json", str(saved)]) == 0
+                 "--random-prefix-len", "40", "--output-len", "5", "--output-json", str(saved)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"Throughput: [\d.]+ requests/s, [\d.]+ total tokens/s, [\d.]+ output tokens/s", out), out
     got = json.loads(saved.read_text())
-    assert (got["num_requests"], got["total_input_tokens"], got["total_output_tokens"]) == (6, 120, 60)
+    assert (got["num_requests"], got["total_input_tokens"], got["total_output_tokens"]) == (6, 360, 60)
     assert got["output_tokens_per_second"] == pytest.approx(60 / got["elapsed_time"])
-    assert got["tokens_per_second"] == pytest.approx(180 / got["elapsed_time"])
+    assert got["tokens_per_second"] == pytest.approx(420 / got["elapsed_time"])
     saved = tmp_path / "latency.json"
     assert main(["bench", "latency", *engine, "--batch-size", "2", "--input-len", "8", "--output-len", "4",
                  "--num-iters-warmup", "1", "--num-iters", "3", "--output-json", str(saved)]) == 0

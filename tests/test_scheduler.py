@@ -8,7 +8,7 @@ import pytest
 
 from engine.params import SamplingParams
 from engine.requests import Choice, Request
-from engine.scheduler import Scheduler
+from engine.scheduler import LOOKAHEAD, Scheduler
 
 PAGE = 16
 
@@ -110,10 +110,35 @@ def test_work_sharing_a_prefix_being_computed_waits_for_its_pages_and_work_behin
     for s in (sched, chunked):
         s.pools[0].check()
 
-    crowd = scheduler(pages=200, slots=16)
-    same = [request(f"s{i}", system + [i]) for i in range(10)]
-    crowd.waiting.extend([*same, other])
-    assert [pf.req.id for pf in crowd.admit()] == ["s0"]  # 8 waiting in a row: nothing behind them is looked at
+    crowd = scheduler(pages=400, slots=16)
+    same = [request(f"s{i}", system + [i]) for i in range(LOOKAHEAD + 2)]
+    crowd.waiting.extend([*same, request("other", list(range(500, 540)))])
+    assert [pf.req.id for pf in crowd.admit()] == ["s0"]  # so many wait that nothing behind them is looked at
+
+
+def test_urgent_work_waiting_for_a_prefix_being_computed_preempts_nothing():
+    sched = scheduler(pages=40, slots=3, policy="priority")
+    low = [request(f"low{i}", list(range(10 * i, 10 * i + 30)), priority=9) for i in range(3)]
+    for r in low:
+        sched.enqueue(r)
+    sched.admit()
+    for r in low:
+        run(sched, r, [5])
+    system = list(range(100, 244))  # 9 pages: prompts past 128 tokens, prefilled a chunk per step
+    a, b = request("a", system + [1] * 8, priority=0), request("b", system + [2] * 8, priority=0)
+    sched.enqueue(a)
+    sched.enqueue(b)
+    assert sched.outranked()
+    assert [pf.req.id for pf in sched.admit(preempt=True)] == ["a"] and sched.preemptions == 1
+    # b waits for a's pages: it is not next in line, so nothing more is preempted for it
+    assert not sched.outranked() and sched.admit(preempt=True) == [] and sched.preemptions == 1
+    sched.advance(sched.chunks())
+    assert sched.advance(sched.chunks())[0].req is a
+    run(sched, a, [5])
+    assert sched.outranked()  # now it is next in line
+    (pf,) = sched.admit(preempt=True)
+    assert pf.req is b and b.cached_tokens == 144 and sched.preemptions == 2
+    sched.pools[0].check()
 
 
 def test_a_dry_pool_preempts_the_newest_work_which_comes_back_first():
@@ -180,8 +205,11 @@ def test_clear_frees_everything_and_returns_every_request_once():
     sched.waiting.extend(reqs)
     sched.admit()  # "run" and "long" seated, "queued" waits for slots
     run(sched, reqs[0], [1])
+    sched.register(reqs[0], reqs[0].choices[0])
+    assert sched.pools[0].num_cached == 1
     assert sorted(r.id for r in sched.clear()) == ["long", "queued", "run"]
     assert sched.free == [0, 1, 2, 3] and not sched.tables.any() and not sched.queued()
+    assert sched.pools[0].num_cached == 0  # what a failed step wrote is not trusted
     sched.pools[0].check()
     assert sched.pools[0].num_free == sched.pools[0].capacity
 
