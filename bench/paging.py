@@ -3,7 +3,10 @@
 - aggregate decode tokens/s at 32 and 96 concurrent requests, this tree beside an older revision (a git worktree,
   default: the last commit with the contiguous cache), each in its own process, one after the other;
 - time to first token through the HTTP server for a chat whose ~1,500-token system prompt was seen before, vs cold;
-- how many 512-token conversations the default 4 GiB pool holds at once (was 32: one per slot).
+- how many 512-token conversations the default 4 GiB pool holds at once (was 32: one per slot);
+- a burst of 64 prompts sharing an uncached 512-token prefix, offline: requests/s and prompt tokens computed, this tree
+  beside the last revision before queued work waited for a prefix being computed (`--burst-before`); `--burst` runs
+  these rows alone.
 
 Prints a markdown table; `make bench-paging`. Not a test: numbers are noisy, read the ratios.
 """
@@ -19,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE = "d79e86f"  # the last revision with the contiguous per-slot cache
+BURST_BEFORE = "db5fc0c"  # the last revision where prompts sharing an uncached prefix each computed it
 
 
 def aggregate(n: int, new_tokens: int, max_len: int) -> float:
@@ -46,10 +50,40 @@ def aggregate(n: int, new_tokens: int, max_len: int) -> float:
     return n * new_tokens / run(new_tokens)
 
 
-def in_tree(tree: str, n: int, new_tokens: int, max_len: int) -> float:
-    """`aggregate` run by a fresh interpreter on the sources of `tree`."""
+def burst(n: int = 64, prefix: int = 512, own: int = 64, new_tokens: int = 32) -> dict:
+    """`n` greedy requests added at once, each `prefix` token ids they share (not cached before) then `own` of its
+    own, to `new_tokens` tokens, in one engine (32 slots): requests/s, and prompt tokens computed (not from the
+    cache). A first burst of another prefix compiles the shapes."""
+    import numpy as np
+
+    from engine import Engine, RunnerConfig, SamplingParams
+    from models import load_model
+
+    eng = Engine(load_model("smollm2-135m-instruct"), RunnerConfig(max_num_seqs=32, max_model_len=1024))
+    rng = np.random.default_rng(0)
+
+    def run() -> tuple[float, int]:
+        shared = rng.integers(1000, 20000, prefix).tolist()
+        reqs = [eng.make_request(shared + rng.integers(1000, 20000, own).tolist(),
+                                 SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+                for _ in range(n)]
+        t = time.perf_counter()
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+        return time.perf_counter() - t, sum(len(r.prompt_ids) - r.cached_tokens for r in reqs)
+
+    run()
+    took, computed = run()
+    return {"rps": n / took, "computed": computed}
+
+
+def in_tree(tree: str, call: str):
+    """`call` (of this file's functions, as `paging.…`) run by a fresh interpreter on the sources of `tree`; its
+    result, through JSON."""
     code = (f"import sys, json; sys.path.insert(0, {tree!r}); sys.path.insert(1, {os.path.join(ROOT, 'bench')!r}); "
-            f"import paging; print(json.dumps(paging.aggregate({n}, {new_tokens}, {max_len})))")
+            f"import paging; print(json.dumps({call}))")
     env = dict(os.environ, PYTHONPATH=tree)
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,17 +155,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", default=BEFORE, help="the revision to compare with")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--burst-before", default=BURST_BEFORE, help="the revision the burst rows compare with")
+    ap.add_argument("--burst", action="store_true", help="the burst rows alone")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from engine import memory
     from engine.runner import RunnerConfig, kv_bytes_per_token, plan_pages
     from models import load_model
 
-    old = worktree(args.before)
     rows = []
+    before, after = in_tree(worktree(args.burst_before), "paging.burst()"), in_tree(ROOT, "paging.burst()")
+    rows.append(("64 prompts sharing an uncached 512-token prefix, offline (requests/s)", f"{after['rps']:.2f}",
+                 f"{before['rps']:.2f} ({args.burst_before})", f"{after['rps'] / before['rps']:.2f}x", ""))
+    rows.append(("their prompt tokens computed", f"{after['computed']}", f"{before['computed']}",
+                 f"{after['computed'] / before['computed']:.2f}x", ""))
+    if args.burst:
+        return _table(rows)
+    old = worktree(args.before)
     for n in (32, 96):
-        before = in_tree(old, n, args.tokens, 512)
-        after = in_tree(ROOT, n, args.tokens, 512)
+        before, after = (in_tree(tree, f"paging.aggregate({n}, {args.tokens}, 512)") for tree in (old, ROOT))
         rows.append((f"aggregate, {n} concurrent (tok/s)", f"{after:.1f}", f"{before:.1f}", f"{after / before:.2f}x",
                      ">= 0.95x" if n == 32 else ""))
     t = ttft_through_http()
@@ -143,9 +185,14 @@ def main() -> None:
     per = 512 // rc.page_size
     rows.append(("512-token conversations held at once, 4 GiB pool", f"{pages // per}", "32 (one per slot)",
                  f"{pages // per / 32:.1f}x", ">= 128"))
-    lines = ["| metric | paged | contiguous / cold | ratio | target |", "| --- | --- | --- | --- | --- |"]
-    print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
+    _table(rows)
     print(f"\n(pool: {pages} pages of {rc.page_size} tokens, {kv_bytes_per_token(model)} bytes of K/V per token)")
+
+
+def _table(rows: list[tuple]) -> None:
+    """Print the rows as the markdown table."""
+    lines = ["| metric | paged | contiguous / cold / before | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
 
 
 if __name__ == "__main__":
