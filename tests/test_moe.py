@@ -190,6 +190,92 @@ def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
         assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
 
 
+def _fp8_folder(src, dst, form: str, block: tuple[int, int] = (32, 32)) -> None:
+    """A copy of the float folder `src` in `dst` whose linear weights (attention's and the MLPs' and experts'
+    projections; routers, norms, the embedding and the LM head stay float, as in the published checkpoints) are FP8
+    (e4m3) beside their scales: `form` "block" as DeepSeek-V3's and Qwen3's `-FP8` checkpoints store them
+    (`weight_scale_inv` per `block`, the last cut short where a weight's rows or columns are no multiple of it) or
+    "channel" as compressed-tensors' FP8 does (`weight_scale` per output row, an `input_scale` beside). `src`'s
+    weights are replaced by the ones the FP8 weights stand for: the reference folder."""
+    import json
+    import shutil
+
+    import safetensors.torch
+
+    shutil.copytree(src, dst)
+    tensors = safetensors.torch.load_file(str(src / "model.safetensors"))
+    stored = {}
+    for name, w in tensors.items():
+        if not name.endswith("proj.weight"):
+            stored[name] = w
+            continue
+        if form == "block":
+            (rows, cols), (n, k) = block, w.shape
+            grid = (-(-n // rows), -(-k // cols))
+            padded = torch.nn.functional.pad(w.abs(), (0, grid[1] * cols - k, 0, grid[0] * rows - n))
+            scale = padded.reshape(grid[0], rows, grid[1], cols).amax(dim=(1, 3)) / 448
+            scale = torch.where(scale == 0, 1.0, scale)
+            full = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
+            stored[f"{name}_scale_inv"] = scale
+        else:
+            full = scale = torch.where(w.abs().amax(-1, keepdim=True) == 0, 1.0, w.abs().amax(-1, keepdim=True) / 448)
+            stored[f"{name}_scale"], stored[name.replace(".weight", ".input_scale")] = scale, torch.ones(1)
+        stored[name] = (w / full).to(torch.float8_e4m3fn)
+        tensors[name] = stored[name].float() * full
+    safetensors.torch.save_file(stored, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.torch.save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+        if form == "block" else
+        {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"], "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor"}}}})
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_scaled_weights_dequantize_per_tensor_row_and_block():
+    """`scaled_dequantize`: one scale, one per output row (either shape), a grid of blocks (given, or the smallest
+    power of two that makes the grid, the last block cut short), int8 too; scales that cover no such grid raise."""
+    from models.loading.source import scaled_dequantize
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 40, 70)).astype(np.float32)  # two experts' weights
+    rows = rng.uniform(0.5, 2, (2, 40, 1)).astype(np.float32)
+    grid = rng.uniform(0.5, 2, (2, 3, 3)).astype(np.float32)  # blocks of 16 x 32: 40 rows in 3, 70 columns in 3
+    full = np.repeat(np.repeat(grid, 16, axis=1), 32, axis=2)[:, :40, :70]
+    np.testing.assert_array_equal(scaled_dequantize(w, np.float32([3.0])), w * 3)
+    np.testing.assert_array_equal(scaled_dequantize(w, rows), w * rows)
+    np.testing.assert_array_equal(scaled_dequantize(w, rows[..., 0]), w * rows)
+    np.testing.assert_array_equal(scaled_dequantize(w, grid, (16, 32)), w * full)
+    np.testing.assert_array_equal(scaled_dequantize(w, grid), w * full)  # 16 and 32 found from the grid
+    q = rng.integers(-127, 128, (40, 70)).astype(np.int8)
+    np.testing.assert_array_equal(scaled_dequantize(q, grid[0], (16, 32)), q.astype(np.float32) * full[0])
+    with pytest.raises(ValueError, match="do not cover"):
+        scaled_dequantize(w, grid, (32, 32))  # 40 rows in blocks of 32 make 2, not 3
+
+
+@pytest.mark.parametrize("kind, form", [("deepseek-v3", "block"), ("qwen3-moe", "block"), ("qwen3-moe", "channel")])
+def test_fp8_checkpoints_load_as_the_weights_they_stand_for(tmp_path, monkeypatch, kind, form):
+    """FP8 checkpoints (DeepSeek-V3's own format, 128 x 128 blocks there and 32 x 32 here, its latent attention's
+    projections cut short; compressed-tensors' per output row) load to the logits transformers gives on the float
+    weights they stand for; Qwen3's block FP8 also to those of transformers' own FP8 loader, which dequantizes it."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _hf_model(kind, str(tmp_path / "hf"))
+    _fp8_folder(tmp_path / "hf", tmp_path / "fp8", form)
+    refs = [transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()]
+    if kind == "qwen3-moe" and form == "block":
+        refs.append(transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "fp8"), quantization_config=transformers.FineGrainedFP8Config(dequantize=True),
+            dtype=torch.float32).eval())
+    ours = load_model(str(tmp_path / "fp8"), with_tokenizer=False)
+    for row, got in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
+        for ref in refs:
+            with torch.no_grad():
+                want = ref(torch.tensor([row])).logits[0].numpy()
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+
+
 def test_gpt_oss_mxfp4_folder_and_gguf_load_as_transformers_dequantizes_them(tmp_path, monkeypatch):
     """gpt-oss's checkpoints keep the experts in MXFP4 (`*_blocks`: two FP4 codes a byte, `*_scales`: a power of two
     per 32): random codes and scales load to transformers' own dequantized model's logits. llama.cpp's `gpt-oss`

@@ -103,6 +103,9 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
                       "F8_E8M0": "float8_e8m0fnu"}
 
 
+SCALED_DTYPES = ("F8_E4M3", "F8_E5M2", "I8")  # weights stored so beside their scales (`scaled_dequantize`)
+
+
 def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """Each tensor of a safetensors file: `(safetensors dtype, shape, first byte, end byte)` in the file, from its
     header (a little-endian u64 length, then that many bytes of JSON; offsets count from the header's end)."""
@@ -153,16 +156,28 @@ def _open_hf(folder: str) -> Source:
 
     # MXFP4 tensors (gpt-oss's experts) are stored as `X_blocks` and `X_scales`; they read as `X`, dequantized.
     mxfp4 = {k[:-len("_blocks")] for k in where if k.endswith("_blocks") and k[:-len("_blocks")] + "_scales" in where}
+    # FP8 (or int8) weights with their scales: `X.weight` and `X.weight_scale_inv` (DeepSeek's and Qwen's `-FP8`
+    # checkpoints) or `X.weight_scale` (compressed-tensors'); they read as `X.weight`, dequantized, and the scales of
+    # the activations (`X.input_scale`, for FP8 products) go unused.
+    scaled = {k.removesuffix("_inv").removesuffix("_scale"): k for k in where
+              if k.endswith((".weight_scale_inv", ".weight_scale"))
+              and where.get(k.removesuffix("_inv").removesuffix("_scale"), ("", ("",)))[1][0] in SCALED_DTYPES}
+    block = fp8_block(config.get("quantization_config") or {})
 
     def read(name: str) -> np.ndarray:
         if name in mxfp4:
             return mxfp4_dequantize(tensor(f"{name}_blocks"), tensor(f"{name}_scales"))
+        if name in scaled:
+            return scaled_dequantize(tensor(name), tensor(scaled[name]), block)
         return tensor(name)
 
-    names = tuple(k for k in where if not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
+    unused = set(scaled.values()) | {k.rsplit(".", 1)[0] + ".input_scale" for k in scaled}
+    names = tuple(k for k in where if (not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
+                  and k not in unused)
     config, names, read = _as_causal_lm(*_as_multimodal(config, names, read))
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
-    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read, quantized=bool(mxfp4))
+    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read,
+                  quantized=bool(mxfp4 or scaled))
 
 
 # The models that read pictures: their language models' `text_config.model_type` -> the causal LM's architecture.
@@ -232,6 +247,36 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
     w = np.ldexp(FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
     return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
+
+
+def fp8_block(quantization: dict) -> tuple[int, int] | None:
+    """The block of a weight that one scale covers, from a checkpoint's `quantization_config`: `weight_block_size`
+    (DeepSeek's and Qwen's FP8, 128 x 128) or a compressed-tensors group's `block_structure`; None where it names
+    none (a scale per tensor or per output row, told apart by the scales' shape)."""
+    size = quantization.get("weight_block_size")
+    for group in (quantization.get("config_groups") or {}).values():
+        size = size or ((group or {}).get("weights") or {}).get("block_structure")
+    return tuple(size) if size else None
+
+
+def scaled_dequantize(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None = None) -> np.ndarray:
+    """A weight `w [..., out, in]` stored as FP8 (or int8) with its scales, as float32 `w * scale`: one scale for all
+    (`[]` or `[1]`), one per output row (`[..., out, 1]`), or one per `block` of rows and columns (`[..., ceil(out /
+    rows), ceil(in / cols)]`, the last block of each axis possibly cut short: DeepSeek-V3's `kv_a_proj_with_mqa` has
+    576 rows in blocks of 128). Without a `block`, a grid's block is the smallest power of two that gives it."""
+    w32, s = np.asarray(w, np.float32), np.asarray(scale, np.float32)
+    if s.size == 1:
+        return w32 * s.reshape(())
+    if s.shape in (w.shape[:-1] + (1,), w.shape[:-1]):
+        return w32 * s.reshape(*w.shape[:-1], 1)
+    grid = s.shape[-2:]
+    sizes = block or tuple(next((1 << b for b in range(31) if -(-n // (1 << b)) == g), 0)
+                           for n, g in zip(w.shape[-2:], grid))
+    if s.ndim != w.ndim or any(not b or -(-n // b) != g for n, g, b in zip(w.shape[-2:], grid, sizes)):
+        raise ValueError(f"scales of shape {s.shape} do not cover a weight of shape {w.shape} "
+                         f"in blocks of {block or 'any size'}")
+    s = np.repeat(np.repeat(s, sizes[0], axis=-2), sizes[1], axis=-1)
+    return w32 * s[..., :w.shape[-2], :w.shape[-1]]
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
