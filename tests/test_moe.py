@@ -409,14 +409,15 @@ def _greedy_reference(ref, prompt: list[int], n: int) -> tuple[list[int], list[f
 
 
 def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_caching(decoded):
-    """32 greedy steps per prompt through a pool too small for all of them at once (preemption), prompts sharing a
-    prefix (prefix cache hits): the tokens equal transformers' and so do their log-probabilities; the same load
-    again compiles nothing new; with speculative decoding (each reply as its prediction, one token wrong) the tokens
-    are the same."""
+    """32 greedy steps per prompt through a pool too small for all of them at once (preemption), every other prompt
+    sharing a prefix (prefix cache hits; those after the first wait for its pages while the others are seated): the
+    tokens equal transformers' and so do their log-probabilities; the same load again compiles nothing new; with
+    speculative decoding (each reply as its prediction, one token wrong) the tokens are the same."""
     model, ref = decoded
     rng = np.random.default_rng(3)
     shared = rng.integers(10, 49000, 40).tolist()
-    prompts = [shared + rng.integers(10, 49000, 5 + 3 * i).tolist() for i in range(6)]
+    heads = [shared if i % 2 == 0 else rng.integers(10, 49000, 40).tolist() for i in range(6)]
+    prompts = [head + rng.integers(10, 49000, 5 + 3 * i).tolist() for i, head in enumerate(heads)]
     per_page = 16 * kv_bytes_per_token(model)
     if model.cfg.kv_lora_rank:  # one latent vector per token and layer: kv_lora_rank + qk_rope_head_dim floats
         assert per_page == 16 * model.cfg.num_layers * (32 + 8) * 4
@@ -434,6 +435,7 @@ def test_engine_decodes_like_transformers_with_paging_preemption_and_prefix_cach
         assert r.choices[0].token_ids == want
         np.testing.assert_allclose([lp[1] for lp in r.choices[0].logprobs], logps, atol=2e-4)
     again = run()  # the prompts' pages are cached now: other prefill shapes than the first time
+    run()  # and what the small pool keeps of them settles (a prompt's own pages evicted in one run, kept the next)
     compiled = eng.runner.compiles
     assert [r.choices[0].token_ids for r in run()] == [r.choices[0].token_ids for r in again]
     assert [r.choices[0].token_ids for r in again] == [r.choices[0].token_ids for r in reqs]
