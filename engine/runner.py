@@ -96,6 +96,10 @@ class RunnerConfig:
     # bytes a token takes in another pool paged as this one (a draft model's, `engine.draft_model`): both pools'
     # pages come out of `kv_cache_gb`
     extra_kv_bytes: int = 0
+    # What the logprobs of drawn tokens report (`sampler.LOGPROBS_MODES`, vLLM's --logprobs-mode): the model's
+    # distribution (`raw_logprobs`), its logits, or those of the distribution drawn from, after every sampler
+    # transform (`processed_logprobs`, `processed_logits`: what reinforcement learning's importance ratios want)
+    logprobs_mode: str = "raw_logprobs"
 
 
 def platform_defaults(platform: str) -> dict:
@@ -245,6 +249,9 @@ class Runner:
         self.branches = rc.sampler_branches or ("plain" if platform in ("gpu", "cuda", "rocm") else "cond")
         if self.branches not in smp.BRANCHES:
             raise ValueError(f"sampler_branches: one of {smp.BRANCHES}, not {self.branches!r}")
+        if rc.logprobs_mode not in smp.LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode: one of {smp.LOGPROBS_MODES}, not {rc.logprobs_mode!r}")
+        sample = functools.partial(smp.sample, logprobs=rc.logprobs_mode)
         self.plain_rows = np.ones(self.slots, bool)  # each slot's settings are `sampler.is_plain` (set at install)
         self.lean_rows = np.ones(self.slots, bool)  # ... and `sampler.is_lean`
         self.dry_rows = np.zeros(self.slots, bool)  # ... uses DRY
@@ -349,7 +356,7 @@ class Runner:
                 # and widening once per dispatch is cheaper (docs/PERFORMANCE.md, "int8 weights").
                 p, tokens = jax.lax.optimization_barrier((params, tokens)) if tokens.shape[0] == 1 else (params, tokens)
                 logits, cache = forward(p, cache, tokens[:, None], positions[:, None], table, None, False, adapters)
-                out, state = smp.sample(logits, sparams, state, active, None, branches)
+                out, state = sample(logits, sparams, state, active, None, branches)
                 return (cache, state, out.token, positions + 1), out
 
             nb = tokens.shape[0]  # a batch bucket: slots 0..nb-1
@@ -401,7 +408,7 @@ class Runner:
                                     adapters_of(lora, jnp.arange(nb)[:, None]))
             part = jax.tree.map(lambda x: x[:nb], state)
             sparams = jax.tree.map(lambda x: x[:nb], sparams)
-            draw = lambda j, part, live: smp.sample(jnp.take(logits, j, axis=1), sparams, part, live,  # noqa: E731
+            draw = lambda j, part, live: sample(jnp.take(logits, j, axis=1), sparams, part, live,  # noqa: E731
                                                     jnp.take(allowed, j, axis=1), branches)
             shapes = jax.eval_shape(draw, 0, part, active)[0]
 
@@ -441,7 +448,7 @@ class Runner:
             # `last`: the sampler runs on those rows alone, whichever slots they are; their tokens go to `drawn`
             per = state.step.shape[0]
             pick = lambda tree: jax.tree.map(lambda x: x[jnp.minimum(rows, per - 1)], tree)  # noqa: E731
-            out, new = smp.sample(last[source], pick(sparams), pick(state), rows < per, allowed, branches)
+            out, new = sample(last[source], pick(sparams), pick(state), rows < per, allowed, branches)
             state = jax.tree.map(lambda full, x: full.at[rows].set(x, mode="drop"), state, new)
             return state, out, drawn.at[rows].set(out.token, mode="drop")
 
@@ -497,11 +504,12 @@ class Runner:
         ns = repr((model.cfg, module.layer_cls.__qualname__, module.backend, module.scan, dict(mesh.shape),
                    sorted(self.ragged_plan.items())))
         tuned = ns + repr(sorted(self.decode_plan.items()))  # the programs that run `pallas_gpu.decode`
-        self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", tuned)
+        drawing = repr(rc.logprobs_mode)  # and what the programs that draw report as logprobs
+        self._prefill, self._decode = AOT(prefill, "prefill", ns), AOT(decode, "decode", tuned + drawing)
         sampler_ns = repr(dict(mesh.shape))
-        self._first = AOT(first_tokens, "first", sampler_ns)
+        self._first = AOT(first_tokens, "first", sampler_ns + drawing)
         self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
-        self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns)
+        self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns + drawing)
         self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", tuned)
         self._embed = AOT(embed, "embed", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,

@@ -5,7 +5,8 @@ are neutral values (top_k = 0 meaning the whole vocabulary, top_p = 1, penalties
 
 Order of transforms (docs/ARCHITECTURE.md repeats it):
   0. logprobs for the response: log-softmax of the raw logits (before anything below), chosen token and, when some
-     slot asks for alternatives, the top 20;
+     slot asks for alternatives, the top 20 (or, by `logprobs`, the raw logits, or the processed distribution's
+     logprobs or logits, after step 5);
   1. logit_bias (ignore_eos is a -inf bias on the EOS ids), and while a slot has drawn fewer than its min_tokens,
      -inf on its ending tokens (EOS and stop_token_ids); -inf on the last token of a bad word whose other tokens
      end the output;
@@ -54,6 +55,10 @@ BAD_TOKENS = 8  # the most tokens in one of them
 MAX_ENDS = 16  # ending tokens a slot's min_tokens holds back: the model's EOS ids and a request's stop_token_ids
 TOP_LOGPROBS = 20
 NEG_INF = -jnp.inf
+# What the logprobs report (vLLM's --logprobs-mode): the model's distribution or the one drawn from (`processed`:
+# after every transform, a token it cannot draw at `LOGPROB_FLOOR`, vLLM's -9999), as logprobs or as logits.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+LOGPROB_FLOOR = -9999.0
 
 
 @jax.tree_util.register_dataclass
@@ -588,7 +593,7 @@ BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` 
 
 
 def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Array, allowed: jax.Array | None = None,
-           branches: str = "cond"):
+           branches: str = "cond", logprobs: str = "raw_logprobs"):
     """One draw per slot. Returns `(SampleOut, new_state)`; rows with `active == False` keep their state. `allowed`
     (`[B, W]` packed bitmasks, all ones for an unconstrained row) removes the tokens a row's grammar forbids before any
     other transform; the reported logprobs stay the model's own. `branches` (static) says how the program skips the
@@ -598,20 +603,29 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     DRY, for calls where some row uses it; `lean`, as `select` for rows that are all `is_lean`, so alternatives,
     mirostat, top-nσ, XTC, the dynamic temperature and the exact path's top_k and typical_p bisections are left out
     too. The last four hold no conditional, which XLA's GPU runtime decides on the host after waiting for the device
-    (docs/ARCHITECTURE.md, "One step ahead")."""
+    (docs/ARCHITECTURE.md, "One step ahead"). `logprobs` (static, `LOGPROBS_MODES`) says what the reported
+    logprobs are."""
     plain, lean = branches == "plain", branches == "lean"
     select = branches in ("select", "lean", "dry")
     logits = logits.astype(jnp.float32)
-    _, lse = log_normaliser(logits)
-
-    def alternatives():
-        top_z, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
-        return top_ids.astype(jnp.int32), top_z - lse[:, None]
-
     b = logits.shape[0]
-    none = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
-    top_ids, top_lp = none if plain or lean else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: none,
-                                                        select)
+    nothing = (np.zeros((b, TOP_LOGPROBS), np.int32), np.zeros((b, TOP_LOGPROBS), np.float32))  # constants: no kernels
+
+    def reported(src: jax.Array):
+        """The log-normaliser of what the logprobs report (`src`: the raw logits or the processed ones; 0 for
+        logits) and its top alternatives, where some row wants them."""
+        norm = log_normaliser(src)[1] if logprobs.endswith("logprobs") else np.zeros(b, np.float32)
+
+        def alternatives():
+            top_z, top_ids = jax.lax.top_k(src, TOP_LOGPROBS)
+            return top_ids.astype(jnp.int32), jnp.maximum(top_z - norm[:, None], LOGPROB_FLOOR)
+
+        wanted = nothing if plain or lean else branch(jnp.any(p.top_logprobs > 0), alternatives, lambda: nothing,
+                                                      select)
+        return norm, wanted
+
+    if logprobs.startswith("raw"):
+        norm, (top_ids, top_lp) = reported(logits)
     vocab = logits.shape[1]
     z = penalize(logits, p, s)
     if branches in ("cond", "dry"):  # DRY's 32 passes would cost every `select` batch: it has its own program
@@ -656,5 +670,9 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     counts = s.counts.at[rows, token].add(active.astype(jnp.int32))
     history = jnp.where(active[:, None], jnp.concatenate([s.history[:, 1:], token[:, None]], axis=1), s.history)
     new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32), history)
-    chosen_lp = jnp.take_along_axis(logits, token[:, None], axis=1)[:, 0] - lse
+    source = logits
+    if logprobs.startswith("processed"):  # the distribution drawn from: a greedy row's at temperature 1
+        source = z
+        norm, (top_ids, top_lp) = reported(z)
+    chosen_lp = jnp.maximum(jnp.take_along_axis(source, token[:, None], axis=1)[:, 0] - norm, LOGPROB_FLOOR)
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

@@ -24,6 +24,7 @@ from engine.engine import Engine
 from engine.llm import AsyncEngine
 from engine.params import DEFAULT_MAX_TOKENS, InvalidRequest, SamplingParams
 from engine.runner import RunnerConfig, platform_defaults
+from engine.sampler import LOGPROBS_MODES
 from models import KV_DTYPES, load_model, lora
 from models.backends import BACKENDS
 from models.backends.cpu_matmul import MATMULS
@@ -175,6 +176,10 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "temperature-only requests), select (those, and programs computing every transform for the "
                          "rest). A GPU decides a conditional on the host after waiting for the device (auto: plain "
                          "on a GPU, else cond)")
+    ap.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default="raw_logprobs",
+                    help="what a drawn token's logprobs report (vLLM's): the model's distribution (raw_logprobs) or "
+                         "its logits, or those of the distribution drawn from, after temperature, penalties, "
+                         "truncation and the rest (processed_logprobs, processed_logits)")
     ap.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                     help="speculative decoding without a prediction: draft up to K tokens per step by n-gram lookup "
                          "in each request's prompt and output, and verify them in one pass (the tokens are the "
@@ -471,7 +476,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
                         tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy,
-                        max_images=args.max_images)
+                        max_images=args.max_images, logprobs_mode=args.logprobs_mode)
 
 
 class Throttled(logging.Filter):

@@ -277,6 +277,93 @@ def test_greedy_and_logprobs_are_raw():
     np.testing.assert_array_equal(np.asarray(out.top_ids[1]), np.argsort(-raw)[:smp.TOP_LOGPROBS])
 
 
+def _processed(logits, s):
+    """transformers' processors for a row's settings (`s`), in the sampler's order: the repetition penalty over the
+    row's `seen` tokens, then (sampled rows) temperature, top_k and top_p; the processed logits."""
+    x = torch.tensor(logits[None])
+    seen = torch.tensor([s.get("seen", [0])])
+    procs = [RepetitionPenaltyLogitsProcessor(s["repetition_penalty"])] if s.get("repetition_penalty", 1) != 1 else []
+    if s["temperature"] > 0:
+        procs += [TemperatureLogitsWarper(s["temperature"])]
+        procs += [TopKLogitsWarper(s["top_k"])] if s.get("top_k") else []
+        procs += [TopPLogitsWarper(s["top_p"])] if s.get("top_p", 1) < 1 else []
+    for proc in procs:
+        x = proc(seen, x)
+    return x[0].numpy()
+
+
+@pytest.mark.parametrize("branches", ["cond", "select"])
+def test_logprobs_modes_report_the_raw_or_the_processed_distribution(branches):
+    """vLLM's logprobs modes: the model's logprobs or logits, or those of the distribution drawn from (transformers'
+    processors: a penalty, the temperature, top_k and top_p; a greedy row's at temperature 1), a token outside it at
+    -9999; the draws are the same in every mode."""
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal((3, V)) * 3).astype(np.float32)
+    settings = [dict(temperature=0.7, top_k=12, top_p=0.9), dict(temperature=0.0, repetition_penalty=1.5, seen=[3, 9]),
+                dict(temperature=1.3, top_k=0, top_p=0.5)]
+    rows = {k: [st.get(k, d) for st in settings] for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0),
+                                                               ("repetition_penalty", 1.0))}
+    p = params(3, top_logprobs=[20] * 3, **rows)
+    state = smp.init_state(3, V)
+    state = dataclasses.replace(state, prompt_mask=state.prompt_mask.at[1, jnp.asarray([3, 9])].set(True),
+                                key=jnp.asarray(np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(i)))
+                                                          for i in range(3)])))
+    tokens = None
+    for mode in smp.LOGPROBS_MODES:
+        out, _ = jax.jit(smp.sample, static_argnames=("branches", "logprobs"))(
+            jnp.asarray(logits), p, state, jnp.ones(3, bool), branches=branches, logprobs=mode)
+        tokens = np.asarray(out.token) if tokens is None else tokens
+        np.testing.assert_array_equal(np.asarray(out.token), tokens)  # the mode changes what is reported only
+        for i, st in enumerate(settings):
+            src = logits[i] if mode.startswith("raw") else _processed(logits[i], st)
+            if mode.endswith("logprobs"):
+                src = src - torch.logsumexp(torch.tensor(src), 0).item()
+            want = np.maximum(src, smp.LOGPROB_FLOOR)
+            assert math.isclose(float(out.logprob[i]), float(want[tokens[i]]), abs_tol=1e-4), (mode, i)
+            np.testing.assert_allclose(np.asarray(out.top_logprobs[i]), np.sort(want)[::-1][:smp.TOP_LOGPROBS],
+                                       atol=1e-4)
+            finite = want[np.asarray(out.top_ids[i])] > smp.LOGPROB_FLOOR
+            np.testing.assert_allclose(want[np.asarray(out.top_ids[i])], np.asarray(out.top_logprobs[i]), atol=1e-4)
+            if mode.startswith("processed") and st["temperature"] > 0:
+                assert not finite.all()  # the cut leaves fewer than 20: the rest report the floor
+    assert tokens[1] == int(np.argmax(_processed(logits[1], settings[1])))
+
+
+def test_the_engine_reports_processed_logprobs_as_transformers_processes_its_logits(smollm, tmp_path):
+    """`logprobs_mode="processed_logprobs"` through the engine on a 2-layer random Llama: each drawn token's logprob
+    and its 5 alternatives are those of transformers' processors (temperature and top_k for a seeded row; the
+    repetition penalty, at temperature 1, for a greedy one) over transformers' logits of the same tokens; and the same
+    through verify steps, each reply its own prediction (speculative decoding)."""
+    from engine import LLM, SamplingParams
+    from helpers import tiny_llama
+    from models import load_model
+
+    _, ref = tiny_llama(str(tmp_path), smollm.tokenizer.folder, [], scale=0.1)
+    llm = LLM(load_model(str(tmp_path)), max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01, decode_batch_sizes=(2,),
+              logprobs_mode="processed_logprobs")
+    prompts = [[5, 17, 42, 99, 3, 250], [200, 100, 50, 25]]
+    settings = [dict(temperature=0.7, top_k=8, seed=3), dict(temperature=0.0, repetition_penalty=1.5)]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, logprobs=True, top_logprobs=5, **st) for st in settings]
+    outs = llm.generate(prompts, params)
+    for prompt, st, out in zip(prompts, settings, outs):
+        got = out.outputs[0]
+        for j, (token, lp, tops) in enumerate(got.logprobs):
+            seq = prompt + got.token_ids[:j]
+            with torch.no_grad():
+                logits = ref(torch.tensor([seq])).logits[0, -1].numpy()
+            want = _processed(logits, {**st, "seen": seq})
+            want = np.maximum(want - torch.logsumexp(torch.tensor(want), 0).item(), smp.LOGPROB_FLOOR)
+            assert token == got.token_ids[j] and math.isclose(lp, float(want[token]), abs_tol=2e-4), (j, lp)
+            np.testing.assert_allclose([v for _, v in tops], np.sort(want)[::-1][:5], atol=2e-4)
+            np.testing.assert_allclose([want[i] for i, _ in tops], [v for _, v in tops], atol=2e-4)
+    again = llm.generate(prompts, params, predictions=[out.outputs[0].token_ids for out in outs])
+    assert sum(out.accepted for out in again) > 0
+    for a, b in zip(again, outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        np.testing.assert_allclose([lp for _, lp, _ in a.outputs[0].logprobs],
+                                   [lp for _, lp, _ in b.outputs[0].logprobs], atol=2e-4)
+
+
 def test_inverse_cdf_draw_never_lands_on_an_excluded_token():
     rng = np.random.default_rng(7)
     v = 1000  # not a multiple of the 128-token block: the last block is padded
