@@ -260,6 +260,7 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
         except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
+            request.content.feed_eof()  # given up: aiohttp would read the rest after the reply, and raise it again
             raise bad(f"the request body could not be read: {str(e).strip()}") from None
         return await self.off_loop(protocol.decode_json, raw)  # up to --max-body-mb parsed and walked
 

@@ -34,6 +34,7 @@ import time
 import uuid
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.batch import InOrder, Loopback, URLS, check, custom_id, failed, lines_of, send
 from server.protocol import ApiError, bad
@@ -330,7 +331,9 @@ class Batches:
                 raise bad("the form has no 'file' field", "file")
             if purpose != "batch":
                 raise bad(f"'purpose' must be 'batch' (this server runs batches), not {purpose!r}", "purpose")
-        except (ValueError, LookupError) as e:  # a malformed multipart body, a part in an unknown charset
+        # a malformed multipart body or part header, a part in an unknown charset or transfer encoding (aiohttp's
+        # RuntimeError)
+        except (ValueError, LookupError, HttpProcessingError, RuntimeError) as e:
             if os.path.exists(path):
                 os.remove(path)
             raise bad(f"the multipart body could not be read: {e}", "file") from None

@@ -106,7 +106,12 @@ def test_a_batch_with_bad_lines_fails_naming_each_and_bad_calls_get_400s(client)
               b'\r\n\r\n--yy\r\nContent-Disposition: attachment; filename="a"\r\n\r\nabc\r\n--yy--\r\n--xx--\r\n')
     charset = (b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\nContent-Type: text/plain; charset=bogus'
                b'\r\n\r\nbatch\r\n--xx--\r\n')
-    for form in (nested, charset):  # a part that is itself multipart, a field in a charset no one knows: 400s
+    header = b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\nBad Header Line\r\n\r\nbatch\r\n--xx--\r\n'
+    encoding = (b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\nContent-Transfer-Encoding: bogus'
+                b'\r\n\r\nbatch\r\n--xx--\r\n')
+    # a part that is itself multipart, a field in a charset or a transfer encoding no one knows, a broken part
+    # header: 400s
+    for form in (nested, charset, header, encoding):
         asked = urllib.request.Request(str(client.base_url) + "files", data=form,
                                        headers={"Content-Type": "multipart/form-data; boundary=xx"})
         with pytest.raises(urllib.error.HTTPError) as e:
