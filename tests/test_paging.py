@@ -112,16 +112,16 @@ def test_chat_with_a_shared_system_prompt_reuses_it(llm_f32, params):
 
 
 def test_a_burst_sharing_an_uncached_prefix_computes_it_once(llm_f32):
-    """Requests arriving together with the same uncached system prompt: the first computes it (in chunks, each
-    offered to the cache as it is written), the rest wait for its pages and compute only their own tokens, and each
-    gives the tokens of its prompt computed whole."""
+    """Requests arriving together with the same uncached system prompt: the first computes it, the rest wait for its
+    pages and compute only their own tokens, and each gives the tokens of its prompt computed whole (a long prompt's
+    chunks, each offered to the cache as it is written: tests/test_scheduler.py)."""
     ps, pools = llm_f32.engine.page_size, llm_f32.engine.sched.pools
-    system = unique_prefix(700, 12 * ps)  # past the batched prefill's 128 tokens: prefilled a chunk per step
+    system = unique_prefix(700, 6 * ps)
     prompts = [system + unique_prefix(701 + i, 9) for i in range(4)]
     before = sum(p.queried - p.hit for p in pools)
     got = llm_f32.generate(prompts, GREEDY)
     computed = sum(p.queried - p.hit for p in pools) - before
-    assert [o.cached_tokens for o in got] == [0, 12 * ps, 12 * ps, 12 * ps]
+    assert [o.cached_tokens for o in got] == [0, 6 * ps, 6 * ps, 6 * ps]
     assert computed == len(system) + 4 * 9
     want = llm_f32.generate(prompts, GREEDY, prompt_cache_max_len=0)
     assert ids(got) == ids(want)
