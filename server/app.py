@@ -230,7 +230,10 @@ class Server:
                                         "'x-api-key: <key>')", type_="authentication_error", code="invalid_api_key")
             return await handler(request)
         except ApiError as e:
-            return web.json_response(shape(e), status=e.status, headers=e.headers)
+            resp = web.json_response(shape(e), status=e.status, headers=e.headers)
+            if e.headers.get("Connection") == "close":  # and no more is read from it (`_body`)
+                resp.force_close()
+            return resp
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -260,8 +263,11 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
         except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
-            request.content.feed_eof()  # given up: aiohttp would read the rest after the reply, and raise it again
-            raise bad(f"the request body could not be read: {str(e).strip()}") from None
+            # Given up, and the connection closed after the reply: its parser has lost its place in the stream
+            # (aiohttp would otherwise read the rest of the body after the reply, and log the error again).
+            request.content.feed_eof()
+            raise ApiError(400, f"the request body could not be read: {str(e).strip()}",
+                           headers={"Connection": "close"}) from None
         return await self.off_loop(protocol.decode_json, raw)  # up to --max-body-mb parsed and walked
 
     async def parse(self, body: Any, kind: str, bounds: dict | None = None) -> Job:

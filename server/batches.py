@@ -35,6 +35,7 @@ import uuid
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from server.batch import InOrder, Loopback, URLS, check, custom_id, failed, lines_of, send
 from server.protocol import ApiError, bad
@@ -332,11 +333,15 @@ class Batches:
             if purpose != "batch":
                 raise bad(f"'purpose' must be 'batch' (this server runs batches), not {purpose!r}", "purpose")
         # a malformed multipart body or part header, a part in an unknown charset or transfer encoding (aiohttp's
-        # RuntimeError)
-        except (ValueError, LookupError, HttpProcessingError, RuntimeError) as e:
+        # RuntimeError: nothing else in the block raises one), a body that fails to decompress
+        except (ValueError, LookupError, HttpProcessingError, RuntimeError, RequestPayloadError) as e:
             if os.path.exists(path):
                 os.remove(path)
-            raise bad(f"the multipart body could not be read: {e}", "file") from None
+            lost = isinstance(e, RequestPayloadError)  # the stream itself: given up, the connection closed (`_body`)
+            if lost:
+                request.content.feed_eof()
+            raise ApiError(400, f"the multipart body could not be read: {e}", "file",
+                           headers={"Connection": "close"} if lost else None) from None
         except BaseException:
             if os.path.exists(path):
                 os.remove(path)

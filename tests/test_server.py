@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -756,6 +757,14 @@ def test_oversized_body_and_wrong_method(api, caplog):
     assert status == 400 and "content-encoding" in err["error"]["message"].lower()  # one that is not: 400, not 500
     time.sleep(0.5)  # aiohttp would read the rest of that body after the reply, raise its error again and log it
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") and r.levelno >= logging.ERROR]
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # HTTP/1.1: kept alive unless closed
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while chunk := sock.recv(1 << 16):  # until the server closes it: its parser lost its place in that stream
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 400") and b"could not be read" in got
 
 
 def test_32_concurrent_mixed_requests(api):
