@@ -69,9 +69,12 @@ class BeamSearch:
         self.done = not self.improvable or all(hits) or not self.running
 
 
-def check_width(width: int, eos_ids, ignore_eos: bool = False) -> None:
+def check_width(width: int, eos_ids, ignore_eos: bool = False, logprobs_mode: str = "raw_logprobs") -> None:
     """Raise `ValueError` unless `width` beams fit: each step reads `keep` alternatives a beam from the sampler's
-    top `TOP_LOGPROBS`."""
+    top `TOP_LOGPROBS`, which must be logprobs (`logprobs_mode`: a greedy row's processed ones are its raw ones)."""
+    if not logprobs_mode.endswith("logprobs"):
+        raise ValueError(f"beam search ranks beams by their summed log-probabilities; this engine reports logits "
+                         f"(--logprobs-mode {logprobs_mode})")
     factor = max(2, 1 + (0 if ignore_eos else len(set(eos_ids))))
     if not 1 <= width <= TOP_LOGPROBS // factor:
         raise ValueError(f"the beam width must be in [1, {TOP_LOGPROBS // factor}] ({factor} x the width alternatives "

@@ -180,7 +180,7 @@ class LLM:
         ids = [encode_prompt(self.model, p) for p in ([prompts] if isinstance(prompts, str) or
                                                        (prompts and isinstance(prompts[0], int)) else prompts)]
         eos = self.model.eos_ids
-        beam.check_width(beam_width, eos, ignore_eos)
+        beam.check_width(beam_width, eos, ignore_eos, self.engine.runner.rc.logprobs_mode)
         if max_tokens < 1 or not -10 <= length_penalty <= 10:
             raise ValueError(f"beam search needs max_tokens >= 1 and length_penalty in [-10, 10], got {max_tokens} "
                              f"and {length_penalty}")

@@ -637,7 +637,7 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     if allowed is not None and not plain:
         z = branch(jnp.any(allowed != -1), lambda: jnp.where(unpack_mask(allowed, vocab), z, NEG_INF), lambda: z,
                    select)
-    greedy = jnp.argmax(z, axis=-1)
+    greedy, penalized = jnp.argmax(z, axis=-1), z
     scale = jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     z = z / scale
     u, coin = uniforms(s.key, s.step)
@@ -671,8 +671,9 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     history = jnp.where(active[:, None], jnp.concatenate([s.history[:, 1:], token[:, None]], axis=1), s.history)
     new = SamplerState(counts, s.prompt_mask, mu, s.key, s.step + active.astype(jnp.int32), history)
     source = logits
-    if logprobs.startswith("processed"):  # the distribution drawn from: a greedy row's at temperature 1
-        source = z
-        norm, (top_ids, top_lp) = reported(z)
+    if logprobs.startswith("processed"):  # the distribution drawn from; a greedy row's as vLLM's: the penalized
+        # logits, at temperature 1 and untruncated (what it has of top_k, top_p, ... does not touch its argmax)
+        source = jnp.where(p.temperature[:, None] > 0, z, penalized)
+        norm, (top_ids, top_lp) = reported(source)
     chosen_lp = jnp.maximum(jnp.take_along_axis(source, token[:, None], axis=1)[:, 0] - norm, LOGPROB_FLOOR)
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

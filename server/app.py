@@ -835,7 +835,7 @@ class Server:
         choices are each prompt's beams, best first."""
         width, eos = job.params.n, self.engine.eos
         try:
-            beam.check_width(width, eos, job.params.ignore_eos)
+            beam.check_width(width, eos, job.params.ignore_eos, self.engine.runner.rc.logprobs_mode)
         except ValueError as e:
             raise bad(str(e), "n") from None
         # the prompts as the engine takes them (truncated, max_tokens set), one seat each

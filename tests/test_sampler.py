@@ -295,11 +295,12 @@ def _processed(logits, s):
 @pytest.mark.parametrize("branches", ["cond", "select"])
 def test_logprobs_modes_report_the_raw_or_the_processed_distribution(branches):
     """vLLM's logprobs modes: the model's logprobs or logits, or those of the distribution drawn from (transformers'
-    processors: a penalty, the temperature, top_k and top_p; a greedy row's at temperature 1), a token outside it at
-    -9999; the draws are the same in every mode."""
+    processors: a penalty, the temperature, top_k and top_p; a greedy row's penalized logits at temperature 1,
+    untruncated), a token outside it at -9999; the draws are the same in every mode."""
     rng = np.random.default_rng(8)
     logits = (rng.standard_normal((3, V)) * 3).astype(np.float32)
-    settings = [dict(temperature=0.7, top_k=12, top_p=0.9), dict(temperature=0.0, repetition_penalty=1.5, seen=[3, 9]),
+    settings = [dict(temperature=0.7, top_k=12, top_p=0.9),  # a greedy row's top_k changes nothing: untruncated
+                dict(temperature=0.0, repetition_penalty=1.5, seen=[3, 9], top_k=5),
                 dict(temperature=1.3, top_k=0, top_p=0.5)]
     rows = {k: [st.get(k, d) for st in settings] for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0),
                                                                ("repetition_penalty", 1.0))}
@@ -327,6 +328,11 @@ def test_logprobs_modes_report_the_raw_or_the_processed_distribution(branches):
             if mode.startswith("processed") and st["temperature"] > 0:
                 assert not finite.all()  # the cut leaves fewer than 20: the rest report the floor
     assert tokens[1] == int(np.argmax(_processed(logits[1], settings[1])))
+    from engine import beam
+
+    beam.check_width(2, [0], False, "processed_logprobs")  # a greedy row's processed logprobs are its raw ones
+    with pytest.raises(ValueError, match="summed log-probabilities"):  # beams are not ranked by summed logits
+        beam.check_width(2, [0], False, "raw_logits")
 
 
 def test_the_engine_reports_processed_logprobs_as_transformers_processes_its_logits(smollm, tmp_path):
