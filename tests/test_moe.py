@@ -274,6 +274,24 @@ def test_fp8_checkpoints_load_as_the_weights_they_stand_for(tmp_path, monkeypatc
             with torch.no_grad():
                 want = ref(torch.tensor([row])).logits[0].numpy()
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+    if form == "block" and kind == "qwen3-moe":  # what is not read is refused up front, saying what it is
+        import json
+
+        import safetensors.torch
+
+        from models.loading.source import open_source
+
+        config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+        (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": {
+            "quant_method": "awq", "bits": 4}}))
+        with pytest.raises(NotImplementedError, match="quantized by awq"):
+            open_source(str(tmp_path / "fp8"))
+        (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+        tensors = safetensors.torch.load_file(str(tmp_path / "fp8" / "model.safetensors"))
+        safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.endswith("_scale_inv")},
+                                    str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(NotImplementedError, match="F8_E4M3 with no scale"):
+            open_source(str(tmp_path / "fp8"))
 
 
 def test_gpt_oss_mxfp4_folder_and_gguf_load_as_transformers_dequantizes_them(tmp_path, monkeypatch):

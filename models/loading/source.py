@@ -162,7 +162,9 @@ def _open_hf(folder: str) -> Source:
     scaled = {k.removesuffix("_inv").removesuffix("_scale"): k for k in where
               if k.endswith((".weight_scale_inv", ".weight_scale"))
               and where.get(k.removesuffix("_inv").removesuffix("_scale"), ("", ("",)))[1][0] in SCALED_DTYPES}
-    block = fp8_block(config.get("quantization_config") or {})
+    quantization = config.get("quantization_config") or {}
+    block = fp8_block(quantization)
+    _check_quantized(folder, quantization, {k: v[1][0] for k, v in where.items()}, set(scaled))
 
     def read(name: str) -> np.ndarray:
         if name in mxfp4:
@@ -171,7 +173,8 @@ def _open_hf(folder: str) -> Source:
             return scaled_dequantize(tensor(name), tensor(scaled[name]), block)
         return tensor(name)
 
-    unused = set(scaled.values()) | {k.rsplit(".", 1)[0] + ".input_scale" for k in scaled}
+    # the activations' scales, and those of a KV cache in FP8 (this server keeps its own `--kv-cache-dtype`)
+    unused = set(scaled.values()) | {k for k in where if k.endswith(ACTIVATION_SCALES)}
     names = tuple(k for k in where if (not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
                   and k not in unused)
     config, names, read = _as_causal_lm(*_as_multimodal(config, names, read))
@@ -247,6 +250,31 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
     w = np.ldexp(FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
     return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
+
+
+ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
+# The quantized checkpoints read here (dequantized): MXFP4 experts, FP8 (or int8) weights beside their scales
+# (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8); None: any format.
+READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None,
+                  "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized")}
+
+
+def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], scaled: set[str]) -> None:
+    """Refuse, before any tensor is read, a checkpoint quantized in a way this reader does not dequantize (GPTQ,
+    AWQ, bitsandbytes, packed int4, zero points) and a float8 or int8 weight with no scale beside it, naming what
+    it is and what to serve instead."""
+    method, form = quantization.get("quant_method"), quantization.get("format")
+    known = method is None or method in READ_QUANTIZED and (READ_QUANTIZED[method] is None or form is None
+                                                             or form in READ_QUANTIZED[method])
+    bare = sorted(k for k, dtype in dtypes.items() if dtype in SCALED_DTYPES and k not in scaled)
+    parts = sorted(k for k in dtypes if k.endswith(("_zero_point", "_packed", "_g_idx", "_scale_2", ".qweight")))
+    if not known or bare or parts:
+        what = (f"quantized by {method}" + (f" ({form})" if form else "") if not known else
+                f"quantized with tensors such as {parts[0]}" if parts else
+                f"stored as {dtypes[bare[0]]} with no scale beside them (e.g. {bare[0]})")
+        raise NotImplementedError(f"{folder}: its weights are {what}, which this server does not read; serve the "
+                                  "unquantized checkpoint, an FP8 one, or a GGUF file (--quantization int8 or int4 "
+                                  "then quantizes here)")
 
 
 def fp8_block(quantization: dict) -> tuple[int, int] | None:
