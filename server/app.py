@@ -43,7 +43,7 @@ from models.loading.source import cache_root
 from server import (adapters, anthropic_messages, batches, compaction, conversations, embeddings, harmony, images,
                     llama_cpp, message_batches, ollama, openai_responses, protocol, reasoning, sagemaker, scores,
                     profile, sglang, sleep_mode, tools)
-from server.protocol import ApiError, Job, bad, busy
+from server.protocol import ApiError, Job, bad, busy, unreadable
 from server.metrics import Metrics
 from server.store import ResponseStore
 from server.turn import Turn
@@ -231,7 +231,7 @@ class Server:
             return await handler(request)
         except ApiError as e:
             resp = web.json_response(shape(e), status=e.status, headers=e.headers)
-            if e.headers.get("Connection") == "close":  # and no more is read from it (`_body`)
+            if e.headers.get("Connection") == "close":  # and no more is read from it (`protocol.unreadable`)
                 resp.force_close()
             return resp
         except web.HTTPException as e:
@@ -263,11 +263,7 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {self.max_body} bytes", code="request_too_large") from None
         except RequestPayloadError as e:  # a Content-Encoding the body does not match, a cut chunked body
-            # Given up, and the connection closed after the reply: its parser has lost its place in the stream
-            # (aiohttp would otherwise read the rest of the body after the reply, and log the error again).
-            request.content.feed_eof()
-            raise ApiError(400, f"the request body could not be read: {str(e).strip()}",
-                           headers={"Connection": "close"}) from None
+            raise unreadable(request, f"the request body could not be read: {str(e).strip()}") from None
         return await self.off_loop(protocol.decode_json, raw)  # up to --max-body-mb parsed and walked
 
     async def parse(self, body: Any, kind: str, bounds: dict | None = None) -> Job:

@@ -38,7 +38,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from server.batch import InOrder, Loopback, URLS, check, custom_id, failed, lines_of, send
-from server.protocol import ApiError, bad
+from server.protocol import ApiError, bad, unreadable
 
 log = logging.getLogger("sparkler")
 
@@ -337,11 +337,10 @@ class Batches:
         except (ValueError, LookupError, HttpProcessingError, RuntimeError, RequestPayloadError) as e:
             if os.path.exists(path):
                 os.remove(path)
-            lost = isinstance(e, RequestPayloadError)  # the stream itself: given up, the connection closed (`_body`)
-            if lost:
-                request.content.feed_eof()
-            raise ApiError(400, f"the multipart body could not be read: {e}", "file",
-                           headers={"Connection": "close"} if lost else None) from None
+            why = f"the multipart body could not be read: {e}"
+            if isinstance(e, RequestPayloadError):  # the stream itself
+                raise unreadable(request, why, "file") from None
+            raise bad(why, "file") from None
         except BaseException:
             if os.path.exists(path):
                 os.remove(path)

@@ -47,6 +47,15 @@ def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+def unreadable(request, message: str, param: str | None = None) -> ApiError:
+    """The 400 of a body that could not be read off its connection (a Content-Encoding it does not match, a cut
+    chunked body). The body is given up, so aiohttp does not read the rest after the reply and raise its error
+    again; the connection closes after the reply (`Connection: close`, which `Server`'s middleware honours), as its
+    parser has lost its place in the stream."""
+    request.content.feed_eof()
+    return ApiError(400, message, param, headers={"Connection": "close"})
+
+
 def busy(why: str) -> ApiError:
     """The 429 of a server too busy for one more call, saying why (the queue, the parse bound, the grammar
     sandbox)."""
