@@ -51,28 +51,24 @@ def aggregate(n: int, new_tokens: int, max_len: int) -> float:
 
 
 def burst(n: int = 64, prefix: int = 512, own: int = 64, new_tokens: int = 32) -> dict:
-    """`n` greedy requests added at once, each `prefix` token ids they share (not cached before) then `own` of its
-    own, to `new_tokens` tokens, in one engine (32 slots): requests/s, and prompt tokens computed (not from the
-    cache). A first burst of another prefix compiles the shapes."""
+    """`n` greedy requests in one offline batch (`engine.LLM.generate`, 32 slots), each `prefix` token ids they share
+    (not cached before) then `own` of its own, to `new_tokens` tokens: requests/s, and prompt tokens computed (not
+    from the cache). A first burst of another prefix compiles the shapes."""
     import numpy as np
 
-    from engine import Engine, RunnerConfig, SamplingParams
+    from engine import LLM, SamplingParams
     from models import load_model
 
-    eng = Engine(load_model("smollm2-135m-instruct"), RunnerConfig(max_num_seqs=32, max_model_len=1024))
+    llm = LLM(load_model("smollm2-135m-instruct"), max_num_seqs=32, max_model_len=1024)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     rng = np.random.default_rng(0)
 
     def run() -> tuple[float, int]:
         shared = rng.integers(1000, 20000, prefix).tolist()
-        reqs = [eng.make_request(shared + rng.integers(1000, 20000, own).tolist(),
-                                 SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-                for _ in range(n)]
+        prompts = [shared + rng.integers(1000, 20000, own).tolist() for _ in range(n)]
         t = time.perf_counter()
-        for r in reqs:
-            eng.add(r)
-        while eng.has_work():
-            eng.step()
-        return time.perf_counter() - t, sum(len(r.prompt_ids) - r.cached_tokens for r in reqs)
+        outs = llm.generate(prompts, params)
+        return time.perf_counter() - t, sum(len(o.prompt_token_ids) - o.cached_tokens for o in outs)
 
     run()
     took, computed = run()
