@@ -378,6 +378,12 @@ def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
     if "message.output_text.logprobs" in (body.get("include") or []):  # and `top_logprobs` alternatives each
         out.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
     out["stream"] = protocol._flag(body, "stream")
+    opts = body.get("stream_options")  # OpenAI's one option, `include_obfuscation`, pads events: none here
+    if opts is not None:
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_obfuscation", False), bool):
+            raise bad("'stream_options' must be an object like {'include_obfuscation': false}", "stream_options")
+        if not out["stream"]:
+            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     return out, items
 
 

@@ -47,7 +47,7 @@ def test_responses_text_and_stream_equal_chat(client):
     stop = {"stop": ["Paris"]}
     cut = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0, extra_body=stop)
     with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0,
-                                 extra_body=stop) as s:
+                                 extra_body={**stop, "stream_options": {"include_obfuscation": False}}) as s:
         events = list(s)
         final = s.get_final_response()
     kinds = [e.type for e in events]
@@ -59,6 +59,10 @@ def test_responses_text_and_stream_equal_chat(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final.output_text == cut.output_text == "".join(e.delta for e in events if hasattr(e, "delta"))
     assert final.status == cut.status == "completed" and "Paris" not in cut.output_text
+    for opts, stream in (({"include_obfuscation": "no"}, True), ([], True), ({}, False)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input=QUESTION, stream=stream, extra_body={"stream_options": opts})
+        assert e.value.body["param"] == "stream_options"
 
 
 def test_responses_logprobs_are_the_chat_apis(client):
