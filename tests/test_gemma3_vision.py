@@ -21,6 +21,8 @@ from helpers import png_url, saved_reference, tiny_tokenizer  # noqa: E402
 from models import load_model, vision  # noqa: E402
 from server import protocol  # noqa: E402
 
+pytestmark = pytest.mark.quick_compile  # a tiny random Gemma 3: XLA optimizations off (conftest)
+
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 # Gemma 3's chat template in short: turns, and `<start_of_image>` where a message's parts hold a picture
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "

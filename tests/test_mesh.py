@@ -30,6 +30,7 @@ import pytest
 
 from conftest import device_flags
 
+pytestmark = pytest.mark.quick_compile  # a tiny random model, served by processes: XLA optimizations off (conftest)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 slots: every mesh seats the 12 choices at once; one batch size per shard: fewer programs to compile. Every mesh
 # runs these flags as `python -m server` reads them (`server.__main__.runner_config`).

@@ -28,6 +28,7 @@ from server.images import Media  # noqa: E402
 from helpers import png_url, saved_reference, tiny_tokenizer  # noqa: E402
 from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: E402, F401  (the page's fixture)
 
+pytestmark = pytest.mark.quick_compile  # a tiny random LLaVA: XLA optimizations off (conftest)
 IMAGE = "<image>"
 # llava-hf/llava-1.5-7b-hf's chat template: it loops over each message's typed parts, pictures first
 TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"

@@ -19,6 +19,8 @@ from engine.runner import RunnerConfig  # noqa: E402
 from helpers import saved_reference, tiny_tokenizer  # noqa: E402
 from models import load_model  # noqa: E402
 
+pytestmark = pytest.mark.quick_compile  # tiny random Qwen3s: XLA optimizations off (conftest)
+
 NAME = "tiny-qwen3"
 
 
