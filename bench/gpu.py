@@ -138,8 +138,10 @@ def diagnose(args) -> None:
     from engine.runner import Runner
 
     top, steps = max(args.concurrency), args.decode_steps
-    for scan in (True,) if args.scan_only else (True, False):
-        model = random_model(args.hf_config, "bfloat16", args.attention_backend, scan)
+    kinds = ("none", args.quantization) if args.quantization != "none" else ("none",)  # the baseline beside it
+    for scan, kind in [(scan, kind) for scan in ((True,) if args.scan_only else (True, False)) for kind in kinds]:
+        model = random_model(args.hf_config, "bfloat16", args.attention_backend, scan, kind)
+        print(f"  {kind} weights: {param_bytes(model.params, model.cfg) / 1e9:.3f} GB read a step", flush=True)
         runner = Runner(model, RunnerConfig(max_num_seqs=top, max_model_len=1024, kv_cache_gb=args.kv_gb / 2,
                                             decode_steps=steps))
         per = 40
@@ -160,7 +162,8 @@ def diagnose(args) -> None:
                 logits, runner.cache = fwd(model.params, runner.cache, jnp.zeros((nb, 1), jnp.int32), pos, tab)
                 jax.block_until_ready(logits)
                 best = min(best, time.perf_counter() - t)
-            print(f"  scan={scan} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)", flush=True)
+            print(f"  scan={scan} {kind} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)",
+                  flush=True)
             if scan:
                 active = np.ones(nb, bool)
                 run = lambda: runner.decode(  # noqa: E731, F821  (the del below)
@@ -172,7 +175,7 @@ def diagnose(args) -> None:
                 for _ in range(3):
                     run()
                 per_step = (time.perf_counter() - t) / 3 / steps
-                print(f"  scan={scan} batch {nb}: runner.decode {per_step * 1000:.2f} ms per step "
+                print(f"  scan={scan} {kind} batch {nb}: runner.decode {per_step * 1000:.2f} ms per step "
                       f"(first call {first:.1f} s)", flush=True)
                 vocab = model.cfg.vocab_size
                 sp = smp.SamplerParams(**{k: jnp.asarray(v) for k, v in smp.neutral_params(nb, vocab).items()})
@@ -180,6 +183,18 @@ def diagnose(args) -> None:
                 lg = jax.random.normal(jax.random.key(0), (nb, vocab))
                 f = jax.jit(smp.sample)
                 print(f"  batch {nb}: sampler {timed(f, lg, sp, st, jnp.ones(nb, bool)) * 1000:.2f} ms", flush=True)
+        if scan:  # a prefill's forward pass: 8 prompts (fewer when the top is smaller) of the load's length
+            n, plen = min(8, top), min(args.prompt, 64 * runner.page_size)
+            pos = np.broadcast_to(np.arange(plen, dtype=np.int32), (n, plen))
+            tab = jnp.asarray(tables[:n, :64])
+            best = 1e9
+            for _ in range(4):
+                t = time.perf_counter()
+                logits, runner.cache = fwd(model.params, runner.cache, jnp.zeros((n, plen), jnp.int32), pos, tab)
+                jax.block_until_ready(logits)
+                best = min(best, time.perf_counter() - t)
+            print(f"  scan={scan} {kind} prefill {n} x {plen}: forward {best * 1000:.2f} ms "
+                  f"({n * plen / best:.0f} tok/s)", flush=True)
         del runner, model, fwd
 
 
@@ -367,8 +382,9 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-prefill-tokens", type=int, default=16384)
-    ap.add_argument("--quantization", default="none", choices=("none", "int8"),
-                    help="int8: int8 weights with 32-input group scales (no transformers side)")
+    ap.add_argument("--quantization", default="none", choices=("none", "int8", "fp8"),
+                    help="int8: int8 weights with 32-input group scales; fp8: float8 weights and products (no "
+                         "transformers side; --diagnose measures bfloat16 weights beside them)")
     ap.add_argument("--shape", default="llama-3.1-8b", choices=tuple(SHAPES), help="the model shape measured")
     ap.add_argument("--layers", type=int, default=0, help="fewer layers than the shape's (to fit the card)")
     ap.add_argument("--kv-cache-gb", type=float, default=0.0, help="the KV pool (0: 30 GB for the 8B, 8 for MoE)")
@@ -415,7 +431,7 @@ def main() -> None:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     layers = f", {args.layers} layers" if args.layers else ""
     print(f"\n{'smoke config of the ' if args.smoke else ''}{args.shape} shape{layers}, bfloat16"
-          f"{', int8 weights' if args.quantization == 'int8' else ''}, random weights; "
+          f"{f', {args.quantization} weights' if args.quantization != 'none' else ''}, random weights; "
           f"weights read per step {weights / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"{e['compiles']} compiles; decode steps per dispatch {args.decode_steps}, page size {args.page_size}\n")
     print("\n".join(lines), flush=True)

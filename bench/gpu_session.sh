@@ -2,8 +2,8 @@
 # One GPU session's measurements for issue 21 in one command, within ~9.5 minutes (the device's per-command limit is
 # 10): the environment, `bench/gpu_launch.py` (do program launches wait for the devices? the attention kernels'
 # settings) and `bench/gpu_serve.py` (serving through HTTP and the engine alone, then the engine once more under the
-# profiler: how long the device sat idle between programs). Results land in OUT as they come (a timeout still leaves
-# them). On the GPU host:
+# profiler: how long the device sat idle between programs), then `bench/gpu.py --diagnose --quantization fp8` (float8
+# weights and products beside bfloat16). Results land in OUT as they come (a timeout still leaves them). On the GPU host:
 #   pip install --no-deps --target /tmp/wh .gpu_wheels/*.whl; PYTHONPATH=.:/tmp/wh bench/gpu_session.sh $OUT
 # where .gpu_wheels holds, for CPython 3.12 on manylinux x86-64, what the host lacks: llguidance, gguf and aiohttp-cors
 # at pyproject.toml's versions (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`).
@@ -27,4 +27,6 @@ fi
 timeout "${SERVE_LIMIT:-330}" $PY bench/gpu_serve.py --tokenizer .gpu_tok --out /tmp/gpu_serve --results "$OUT" \
   --server-args="$EXTRA" $SMOKE 2>&1 | tee -a "$OUT/log"
 pkill -f "m server --model" 2>/dev/null
+# --quantization fp8 beside bfloat16 (decode at 1 and 256 rows, a prefill's forward pass), in what time is left
+timeout "${FP8_LIMIT:-150}" $PY bench/gpu.py --diagnose --scan-only --quantization fp8 $SMOKE 2>&1 | tee "$OUT/fp8.log"
 echo "--- done at $SECONDS s" | tee -a "$OUT/log"

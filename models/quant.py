@@ -14,6 +14,13 @@ of each group of 32, both float16: 0.625 bytes a weight against int8's 1.125, fo
 weight from memory (the unpacked form too: XLA's products widen it in the step). A GGUF whose weights are Q4_1 (the
 packaged SmolLM2's) comes back to its own values: each block holds its minimum and maximum at q = 0 and 15, so both
 are found again. The embedding table stays int8 (Q8_0 in such files).
+
+`fp8` is vLLM's and SGLang's `--quantization fp8` on Hopper and Ada cards: each weight row in float8 e4m3 with one
+float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 on the way in with a scale of its
+own (dynamic, per token), so the product itself takes two float8 operands (`dot_fp8`) and the card's FP8 tensor
+cores can run it: half of bfloat16's weight bytes for the decode step, twice its matmul rate for prefill. Where no
+FP8 unit exists (this CPU) XLA widens both operands, with the same values. It keeps the int8 layout (a scale per
+row, one group), and the embedding table stays int8.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")
 GROUP = 32  # inputs sharing one scale
 LANES = 16  # outputs side by side in the packed layout
 PACKED = "packed16x4"  # the packed layout in checkpoint keys: change it with `pack`
@@ -55,6 +62,30 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Arr
     """`x @ dequantize(w, scale).T` for int8 `w [out, in]`; `out_dtype` defaults to x's."""
     y = jnp.dot(x, dequantize(w, scale, x.dtype).T, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`w [..., out, in]` as float8 e4m3 (nearest) and its float32 scales `[..., out, 1]`, one a row."""
+    w = np.asarray(w, np.float32)
+    top = np.abs(w).max(axis=-1, keepdims=True)
+    scale = np.where(top > TINY, top / FP8_MAX, 1.0).astype(np.float32)  # a row below TINY: zeros (see `activations`)
+    return np.clip(np.where(top > TINY, w, 0) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+def dot_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Array:
+    """`x @ (w * scale).T` for float8 `w [out, in]` and its row scales `[out, 1]`, with each token's `x [..., in]`
+    rounded to float8 by a scale of its own (its `max|x| / 448`): one product of two float8 operands accumulated in
+    float32, then both scales; `out_dtype` defaults to x's."""
+    wide = x.astype(jnp.float32)
+    top = jnp.abs(wide).max(axis=-1, keepdims=True)
+    top = jnp.where(top > TINY, top / FP8_MAX, 1.0)
+    xq = (wide / top).astype(FP8)
+    y = jax.lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * top * scale[:, 0]).astype(out_dtype or x.dtype)
 
 
 def quantize4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,13 +207,15 @@ FLOAT_MODULES = ("gate", "kv_b_proj")
 
 def quantize_tree(tree: dict, kind: str = "int8") -> dict:
     """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
-    `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8) or 4-bit
-    `weight` + `scale` + `minimum` (int4, where its inputs divide into groups), `embed` -> int8 `embed` +
-    `embed_rows`."""
+    `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8), 4-bit
+    `weight` + `scale` + `minimum` (int4, where its inputs divide into groups) or float8 `weight` + a `scale` a row
+    (fp8), `embed` -> int8 `embed` + `embed_rows`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
             out[k] = v if k in FLOAT_MODULES else quantize_tree(v, kind)
+        elif k == "weight" and np.ndim(v) == 2 and kind == "fp8":
+            out["weight"], out["scale"] = quantize_fp8(v)
         elif k == "weight" and np.ndim(v) == 2 and kind == "int4" and np.shape(v)[1] % GROUP == 0:
             out["weight"], out["scale"], out["minimum"] = quantize4(v)
         elif k == "weight" and np.ndim(v) == 2:

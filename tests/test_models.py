@@ -420,26 +420,29 @@ def test_unused_tensor_is_an_error(tmp_path, monkeypatch):
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
 def test_tensor_parallel_matches_single_device():
     code = r"""
-import numpy as np, jax
+import dataclasses, numpy as np, jax
 from models import ModelConfig, build, init_params
 from models.sharding import make_mesh
 from helpers import our_logits
 cfg = ModelConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
     intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
     max_position_embeddings=64, tie_word_embeddings=False))
-m = build(cfg)
-one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
-tp = init_params(m, 0, make_mesh(4))
-assert len(tp["params"]["layers"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
-rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
-a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
-print(max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
+for kind in ("none", "fp8"):  # fp8: activations' scales span a split hidden axis (o_proj, down_proj)
+    m = build(dataclasses.replace(cfg, quantization=kind))
+    one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
+    tp = init_params(m, 0, make_mesh(4))
+    assert len(tp["params"]["layers"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
+    assert min(float(np.abs(x).max()) for x in a) > 1e-3  # logits, not zeros
+    print(kind, max(float(np.abs(x - y).max()) for x, y in zip(a, b)))
 """
     env = dict(os.environ, XLA_FLAGS=device_flags(4),
                PYTHONPATH=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
+    errors = dict(line.split() for line in out.stdout.strip().splitlines()[-2:])
+    assert float(errors["none"]) <= 1e-5 and float(errors["fp8"]) <= 1e-5, errors
 
 
 @pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)

@@ -42,7 +42,7 @@ def resolve_matmul(name: str, cfg, platform: str | None = None, tp: int = 1) -> 
         raise ValueError(f"unknown matmul backend {name!r}; choose from auto, {', '.join(MATMULS)}")
     if name == "xla":
         return name
-    why = ("it multiplies int8 and int4 weights only (--quantization)" if cfg.quantization == "none" else
+    why = ("it multiplies int8 and int4 weights only (--quantization)" if cfg.quantization in ("none", "fp8") else
            "it runs float32 models only" if cfg.dtype != "float32" else
            "it does not split over tp" if tp > 1 else
            "it runs on a CPU only" if (platform or jax.default_backend()) != "cpu" else

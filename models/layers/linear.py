@@ -1,4 +1,4 @@
-"""Linear layers in the `[out, in]` layout (float, int8 or int4, or packed for the `cpu` kernel) and RMSNorm.
+"""Linear layers in the `[out, in]` layout (float, int8, int4 or float8, or packed for the `cpu` kernel) and RMSNorm.
 
 Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `expert`) that `models.sharding`
 maps onto a device mesh.
@@ -25,6 +25,10 @@ def int8_init(key, shape, dtype=jnp.int8):
 
 def scale_init(key, shape, dtype=jnp.float32):
     return jnp.full(shape, 0.02 / 73, dtype)  # random int8 weights then have a std of ~0.02
+
+
+def fp8_init(key, shape, dtype=quant.FP8):
+    return (jax.random.normal(key, shape) * 73).astype(dtype)  # with `scale_init`: a std of ~0.02
 
 
 def uint8_init(key, shape, dtype=jnp.uint8):
@@ -58,7 +62,8 @@ def packed_params(module: nn.Module, names: tuple[str, ...], shape: tuple[int, i
 class Linear(nn.Module):
     """`y = x @ w.T (+ b)` with `w` stored `[out, in]`: the layout XLA's CPU matvec reads fastest. `quantization`
     int8: `w` is int8 with a float32 `scale` per output row and group of 32 inputs; int4: `w` is 4-bit with a float16
-    `scale` and `minimum` per group (`models.quant`; int8 where the inputs do not divide into groups); `packed` (the
+    `scale` and `minimum` per group (`models.quant`; int8 where the inputs do not divide into groups); fp8: `w` is
+    float8 e4m3 with a float32 `scale` per output row, multiplied in float8 (`quant.dot_fp8`); `packed` (the
     `cpu` matmul backend) keeps them in the kernel's layout and multiplies with it (`models.backends.cpu_matmul`)."""
 
     features: int
@@ -78,7 +83,12 @@ class Linear(nn.Module):
         shape = (self.features, x.shape[-1])
         four = self.quantization == "int4" and shape[1] % quant.GROUP == 0
         out_dtype = jnp.float32 if self.float32_out else None
-        if self.quantization != "none" and self.packed and quant.packable(*shape):
+        if self.quantization == "fp8":
+            w = self.param("weight", nn.with_logical_partitioning(fp8_init, self.axes), shape, quant.FP8)
+            scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axes[0], None)), (shape[0], 1),
+                               jnp.float32)
+            y = quant.dot_fp8(x, w, scale, out_dtype)
+        elif self.quantization != "none" and self.packed and quant.packable(*shape):
             names = ("weight", "scale", "minimum") if four else ("weight", "scale")
             w, scale, *minimum = packed_params(self, names, shape, self.axes)
             if stack is not None:  # XLA copies a slice of the stack for a custom call; the kernel indexes it instead

@@ -273,8 +273,8 @@ def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], sc
                 f"quantized with tensors such as {parts[0]}" if parts else
                 f"stored as {dtypes[bare[0]]} with no scale beside them (e.g. {bare[0]})")
         raise NotImplementedError(f"{folder}: its weights are {what}, which this server does not read; serve the "
-                                  "unquantized checkpoint, an FP8 one, or a GGUF file (--quantization int8 or int4 "
-                                  "then quantizes here)")
+                                  "unquantized checkpoint, an FP8 one, or a GGUF file (--quantization int8, int4 or "
+                                  "fp8 then quantizes here)")
 
 
 def fp8_block(quantization: dict) -> tuple[int, int] | None:
