@@ -128,12 +128,13 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="time the GPU attention kernels' settings on the card at the first start and run the "
                          "fastest: decode's per batch size, flat steps' over the largest (kept beside the compiled "
                          "programs; default: on a GPU)")
-    ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "fp8"), default="auto",
+    ap.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "fp8", "w8a8_fp8"), default="auto",
                     help="int8: int8 weights with a float32 scale per 32 inputs (28%% of float32's bytes); int4: "
                          "4-bit weights with a float16 scale and minimum per 32 inputs (llama.cpp's Q4_1, 16%% of "
                          "float32's bytes; a GGUF's Q4_1 weights keep their own values); fp8: vLLM's on Hopper and "
                          "Ada cards, float8 e4m3 weights with a scale per row, multiplied in float8 with each "
-                         "token's activations rounded to float8 (half of bfloat16's bytes); the embedding int8; none: "
+                         "token's activations rounded to float8 (half of bfloat16's bytes; SGLang's w8a8_fp8); the "
+                         "embedding int8; none: "
                          "full precision; auto: what configs/models.toml says passes the model's quality guard "
                          "(int4 for the default model) where the C++ kernel runs (a CPU with AVX2), else none. "
                          "docs/PERFORMANCE.md has what each does to speed. The startup line and /v1/models say what "
@@ -285,6 +286,7 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         ap.error(f"the model is named twice: {args.model_tag} and --model {args.model}")
     args.model = args.model_tag or args.model or DEFAULT_MODEL
+    args.quantization = "fp8" if args.quantization == "w8a8_fp8" else args.quantization  # SGLang's name for it
     args.api_keys = tuple(k.strip() for k in (args.api_key or "").split(",") if k.strip())
     if args.api_key_file is not None:
         try:

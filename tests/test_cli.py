@@ -236,6 +236,7 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
                          "--mem-fraction-static", "0.8", "--tp-size", "1", "--disable-radix-cache"])
     assert (sglang.model, sglang.max_model_len, sglang.max_num_seqs) == ("y", 512, 8)
     assert sglang.gpu_memory_utilization == 0.8 and [f for f, _ in ignored(sglang)] == ["--no-enable-prefix-caching"]
+    assert parse_args(["--quantization", "w8a8_fp8"]).quantization == "fp8"  # SGLang's name for vLLM's fp8
     assert parse_args([]).model == "smollm2-135m-instruct" and ignored(parse_args([])) == []
     with pytest.raises(SystemExit):
         parse_args(["a", "--model", "b"])  # named twice
