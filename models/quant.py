@@ -20,7 +20,8 @@ float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 
 own (dynamic, per token), so the product itself takes two float8 operands (`dot_fp8`) and the card's FP8 tensor
 cores can run it: half of bfloat16's weight bytes for the decode step, twice its matmul rate for prefill. Where no
 FP8 unit exists (this CPU) XLA widens both operands, with the same values. It keeps the int8 layout (a scale per
-row, one group), and the embedding table stays int8.
+row, one group); the embedding table stays int8, and an untied LM head keeps the model's dtype (vLLM's and SGLang's
+fp8 leave it so: the logits are what sampling reads).
 """
 
 from __future__ import annotations
@@ -209,11 +210,11 @@ def quantize_tree(tree: dict, kind: str = "int8") -> dict:
     """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
     `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8), 4-bit
     `weight` + `scale` + `minimum` (int4, where its inputs divide into groups) or float8 `weight` + a `scale` a row
-    (fp8), `embed` -> int8 `embed` + `embed_rows`."""
+    (fp8, which leaves an untied `lm_head` float as vLLM does), `embed` -> int8 `embed` + `embed_rows`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out[k] = v if k in FLOAT_MODULES else quantize_tree(v, kind)
+            out[k] = v if k in FLOAT_MODULES or (kind, k) == ("fp8", "lm_head") else quantize_tree(v, kind)
         elif k == "weight" and np.ndim(v) == 2 and kind == "fp8":
             out["weight"], out["scale"] = quantize_fp8(v)
         elif k == "weight" and np.ndim(v) == 2 and kind == "int4" and np.shape(v)[1] % GROUP == 0:

@@ -432,6 +432,7 @@ for kind in ("none", "fp8"):  # fp8: activations' scales span a split hidden axi
     one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
     tp = init_params(m, 0, make_mesh(4))
     assert len(tp["params"]["layers"]["self_attn"]["q_proj"]["weight"].sharding.device_set) == 4
+    assert tp["params"]["lm_head"]["weight"].dtype == "float32"  # fp8 too leaves the untied head float
     rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     a, b = our_logits(m, one, rows), our_logits(m, tp, rows)
     assert min(float(np.abs(x).max()) for x in a) > 1e-3  # logits, not zeros

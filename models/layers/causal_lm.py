@@ -137,8 +137,9 @@ class CausalLM(nn.Module):
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            logits = Linear(cfg.vocab_size, ("vocab", "embed"), cfg.lm_head_bias, cfg.dtype, True, cfg.quantization,
-                            pk, name="lm_head")(x)
+            head = "none" if cfg.quantization == "fp8" else cfg.quantization  # fp8 leaves the head as vLLM does
+            logits = Linear(cfg.vocab_size, ("vocab", "embed"), cfg.lm_head_bias, cfg.dtype, True, head, pk,
+                            name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.logits_scaling != 1.0:  # Granite, Cohere
             logits = logits / cfg.logits_scaling
