@@ -138,7 +138,7 @@ def diagnose(args) -> None:
     from engine.runner import Runner
 
     top, steps = max(args.concurrency), args.decode_steps
-    kinds = ("none", args.quantization) if args.quantization != "none" else ("none",)  # the baseline beside it
+    kinds = (args.quantization, "none") if args.quantization != "none" else ("none",)  # the baseline after it
     for scan, kind in [(scan, kind) for scan in ((True,) if args.scan_only else (True, False)) for kind in kinds]:
         model = random_model(args.hf_config, "bfloat16", args.attention_backend, scan, kind)
         print(f"  {kind} weights: {param_bytes(model.params, model.cfg) / 1e9:.3f} GB read a step", flush=True)
@@ -164,6 +164,12 @@ def diagnose(args) -> None:
                 best = min(best, time.perf_counter() - t)
             print(f"  scan={scan} {kind} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)",
                   flush=True)
+            if kind == "fp8" and nb == top:  # did the card's compiler keep the float8 products, or widen them?
+                lowered = fwd.lower(model.params, runner.cache, jnp.zeros((nb, 1), jnp.int32), pos, tab)
+                text = lowered.compile().as_text()
+                found = sorted({m for m in ("cublas$lt$matmul$f8", "__cublas$lt$matmul", "triton_gemm", "f8e4m3fn")
+                                if m in text})
+                print(f"  fp8 program: {', '.join(found) or 'no float8 left'}", flush=True)
             if scan:
                 active = np.ones(nb, bool)
                 run = lambda: runner.decode(  # noqa: E731, F821  (the del below)

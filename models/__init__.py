@@ -86,7 +86,7 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
     """`--quantization` and why: `auto` is the catalog's `quantization` for the model (the one that passes the
     quality guard, `tests/test_quant.py`: int4 for the default model, whose GGUF weights are Q4_1) where the C++
     kernel runs (a CPU with AVX2, float32, tp = 1, `--matmul-backend` auto or cpu), else the weights at full
-    precision; `none`, `int8` and `int4` are taken as asked."""
+    precision; `none`, `int8`, `int4` and `fp8` are taken as asked."""
     from models.backends import cpu_matmul
     from models.loading import packaged
 
@@ -215,7 +215,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
                kv_cache_dtype: str = "auto", max_model_len: int = 0, hf_overrides: dict | None = None) -> Model:
     """Load a catalog name, HF folder or GGUF file; the converted parameters are cached (see module doc).
     `dtype` may be `auto` (see `resolve_dtype`); `attention` names the backend (`auto`: by platform);
-    `quantization` is `none`, `int8`, `int4` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
+    `quantization` is `none`, `int8`, `int4`, `fp8` (`models.quant`) or `auto` (`resolve_quantization`), `matmul` how
     quantized products run (`auto`: the C++ kernel on a CPU that has it; its weights are kept packed); the
     parameters go on a `(data=dp, tp=tp)` mesh (replicated over `data`); `expert_parallel` splits a mixture's
     experts over `tp`, each whole on one device (`layers.moe.expert_parallel`), where there is more than one and they

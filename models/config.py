@@ -77,7 +77,7 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False  # the rotary dims come in interleaved pairs (MLA's, GLM-4's: `attention.rope`)
     dtype: str = "float32"
-    quantization: str = "none"  # "int8": int8 weights, a float32 scale per 32 inputs; "int4": Q4_1 (models.quant)
+    quantization: str = "none"  # "int8": int8 weights, a scale per 32 inputs; "int4": Q4_1; "fp8" (models.quant)
     matmul: str = "xla"  # quantized products: "xla" widens the weights, "cpu" the C++ kernel (backends.cpu_matmul)
     kv_dtype: str = ""  # the KV pool's ("": `dtype`); float8_e4m3fn or float8_e5m2: a byte a value (--kv-cache-dtype)
     lora_slots: int = 0  # LoRA adapters held at once (`models.lora`; 0: none): each dense layer's projections carry

