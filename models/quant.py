@@ -19,7 +19,7 @@ are found again. The embedding table stays int8 (Q8_0 in such files).
 float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 on the way in with a scale of its
 own (dynamic, per token), so the product itself takes two float8 operands (`dot_fp8`) and the card's FP8 tensor
 cores can run it: half of bfloat16's weight bytes for the decode step, twice its matmul rate for prefill (a mixture's
-routed experts stay in the model's dtype, as under int8, so its savings are the attention's and shared MLPs'). Where no
+routed experts too: each expert's rows in float8 with their own scales, multiplied in `layers.moe`). Where no
 FP8 unit exists (this CPU) XLA widens both operands, with the same values. It keeps the int8 layout (a scale per
 row, one group); the embedding table stays int8, and an untied LM head keeps the model's dtype (vLLM's and SGLang's
 fp8 leave it so: the logits are what sampling reads). An FP8 checkpoint served so is read to float32 and rounded again
@@ -81,16 +81,22 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.where(top > TINY, w, 0) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
+def fp8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x [..., in]` rounded to float8 e4m3 at each row's own scale (its `max|x| / 448`): `(float8 x, scales
+    [..., 1])`, `x ~ float8 x * scale`."""
+    wide = x.astype(jnp.float32)
+    top = jnp.abs(wide).max(axis=-1, keepdims=True)
+    top = jnp.where(top > TINY, top / FP8_MAX, 1.0)
+    return (wide / top).astype(FP8), top
+
+
 def dot_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype=None) -> jax.Array:
     """`x @ (w * scale).T` for float8 `w [out, in]` and its row scales `[out, 1]`, with each token's `x [..., in]`
     rounded to float8 by a scale of its own (its `max|x| / 448`): one product of two float8 operands accumulated in
     float32, then both scales; `out_dtype` defaults to x's. Under tensor parallelism a row-parallel weight's
     tokens are split over their hidden axis, and the token's scale (a max over all of it) costs a small all-reduce
     of one value a token (vLLM scales each rank's shard apart instead)."""
-    wide = x.astype(jnp.float32)
-    top = jnp.abs(wide).max(axis=-1, keepdims=True)
-    top = jnp.where(top > TINY, top / FP8_MAX, 1.0)
-    xq = (wide / top).astype(FP8)
+    xq, top = fp8_rows(x)
     y = jax.lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (y * top * scale.reshape(w.shape[0])).astype(out_dtype or x.dtype)
 
@@ -212,16 +218,18 @@ def pack_tree(tree: dict, tied: bool) -> dict:
 FLOAT_MODULES = ("gate", "kv_b_proj")
 
 
-def quantize_tree(tree: dict, kind: str = "int8") -> dict:
+def quantize_tree(tree: dict, kind: str = "int8", experts: bool = False) -> dict:
     """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
     `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8), 4-bit
     `weight` + `scale` + `minimum` (int4, where its inputs divide into groups) or float8 `weight` + a `scale` a row
-    (fp8, which leaves an untied `lm_head` float as vLLM does), `embed` -> int8 `embed` + `embed_rows`."""
+    (fp8, which leaves an untied `lm_head` float as vLLM does, and also takes a mixture's expert stacks `[E, out,
+    in]`, inside `experts`, with a scale per expert and row), `embed` -> int8 `embed` + `embed_rows`."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out[k] = v if k in FLOAT_MODULES or (kind, k) == ("fp8", "lm_head") else quantize_tree(v, kind)
-        elif k == "weight" and np.ndim(v) == 2 and kind == "fp8":
+            out[k] = v if k in FLOAT_MODULES or (kind, k) == ("fp8", "lm_head") else \
+                quantize_tree(v, kind, experts or k == "experts")
+        elif k == "weight" and (np.ndim(v) == 2 or experts and np.ndim(v) == 3) and kind == "fp8":
             out["weight"], out["scale"] = quantize_fp8(v)
         elif k == "weight" and np.ndim(v) == 2 and kind == "int4" and np.shape(v)[1] % GROUP == 0:
             out["weight"], out["scale"], out["minimum"] = quantize4(v)

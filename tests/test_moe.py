@@ -19,7 +19,7 @@ from helpers import assert_gguf_loads_as_the_folder, close_gguf, llama_permute, 
 from engine.engine import Engine
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig, kv_bytes_per_token
-from models import ModelConfig, load_model
+from models import ModelConfig, load_model, quant
 from models.layers import mlp, moe
 from models.layers.causal_lm import layer_groups
 
@@ -108,7 +108,8 @@ def _hf_model(kind: str, folder: str, vocab: int = 256, tokenizer=None):
 @pytest.mark.parametrize("tile", [0, 1, 4, 64])
 def test_grouped_matmul_equals_the_dense_reference_for_any_routing(tile):
     """Every form of the grouped product, with routings that leave experts empty and pile pairs on one; plain SiLU
-    experts, and gpt-oss's with biases and the clamped SwiGLU."""
+    experts, and gpt-oss's with biases and the clamped SwiGLU; and fp8's experts (`(weight, scale)` pairs), whose
+    every form gives the einsum over the weights they stand for, each pair's row rounded to float8 as theirs is."""
     e, k, h, i = 6, 2, 32, 24
     keys = jax.random.split(jax.random.key(0), 7)
     gate, up = (jax.random.normal(kk, (e, i, h)) * 0.1 for kk in keys[:2])
@@ -128,6 +129,12 @@ def test_grouped_matmul_equals_the_dense_reference_for_any_routing(tile):
             got = jax.jit(moe.experts, static_argnums=(6, 7))(x, w, jnp.asarray(ids), gate, up, down, glu, tile,
                                                               None, b)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+        rounded = lambda v: jnp.multiply(*(a.astype(jnp.float32) for a in quant.fp8_rows(v)))  # noqa: E731
+        pairs = [tuple(map(jnp.asarray, quant.quantize_fp8(np.asarray(m)))) for m in (gate, up, down)]
+        stand = [q.astype(jnp.float32) * s for q, s in pairs]  # the float weights the pairs stand for
+        want = moe.dense_reference(rounded(x), w, jnp.asarray(ids), *stand, lambda a, c: rounded(silu(a, c)))
+        got = jax.jit(moe.experts, static_argnums=(6, 7))(x, w, jnp.asarray(ids), *pairs, silu, tile)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
 def test_routing_matches_transformers_top_k():
@@ -274,6 +281,18 @@ def test_fp8_checkpoints_load_as_the_weights_they_stand_for(tmp_path, monkeypatc
             with torch.no_grad():
                 want = ref(torch.tensor([row])).logits[0].numpy()
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+    if form == "channel":  # served as fp8, a per-row checkpoint keeps its float8 weights, experts' too
+        kept = load_model(str(tmp_path / "fp8"), with_tokenizer=False, quantization="fp8")
+        layer = kept.params["params"]["layers"]
+        for name, (w, scale) in [("experts", (layer["mlp"]["experts"]["up_proj"]["weight"],
+                                              layer["mlp"]["experts"]["up_proj"]["scale"])),
+                                 ("q_proj", (layer["self_attn"]["q_proj"]["weight"],
+                                             layer["self_attn"]["q_proj"]["scale"]))]:
+            assert w.dtype == quant.FP8, name
+            want = (ours.params["params"]["layers"]["mlp"]["experts"]["up_proj"]["weight"] if name == "experts" else
+                    ours.params["params"]["layers"]["self_attn"]["q_proj"]["weight"])
+            np.testing.assert_allclose(np.asarray(w.astype(jnp.float32) * scale), np.asarray(want), rtol=1e-6,
+                                       err_msg=name)
     if form == "block" and kind == "qwen3-moe":  # what is not read is refused up front, saying what it is
         import json
 
@@ -730,9 +749,10 @@ def test_moe_model_serves_the_api_through_the_official_client(moe_server, served
 
 def test_tensor_and_expert_parallel_moe_and_latent_attention_match_one_device():
     """Experts split by width and MLA's heads split over 4 virtual devices give the one-device logits; so do the
-    experts split whole over the 4 (expert parallelism: each device holds 2 of the 8); and greedy tokens through the
-    engine on a data 2 x tensor 2 mesh with experts split are the one-device model's (each the argmax of one device's
-    logits over the prompt and the tokens before it: teacher-forced, where a second engine cost ~30 s of compiling)."""
+    experts split whole over the 4 (expert parallelism: each device holds 2 of the 8), float or fp8 (relative to the
+    logits' largest); and greedy tokens through the engine on a data 2 x tensor 2 mesh with experts split are the
+    one-device model's (each the argmax of one device's logits over the prompt and the tokens before it:
+    teacher-forced, where a second engine cost ~30 s of compiling)."""
     import json
     import os
     import subprocess
@@ -758,15 +778,17 @@ shapes = [dict(common, architectures=["Qwen3MoeForCausalLM"], num_key_value_head
                n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=16, qk_nope_head_dim=8,
                qk_rope_head_dim=8, v_head_dim=8)]
 rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
-out = {"tp": 0.0, "ep": 0.0}
-for shape in shapes:
-    cfg = ModelConfig.from_hf(shape)
+out = {"tp": 0.0, "ep": 0.0, "fp8": 0.0}
+for shape, q in [(shapes[0], "none"), (shapes[1], "none"), (shapes[0], "fp8")]:  # fp8: experts as float8 pairs
+    cfg = dataclasses.replace(ModelConfig.from_hf(shape), quantization=q)
     m, ep = build(cfg), build(with_expert_parallel(cfg, 1, 4))
     one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
     for kind, module in (("tp", m), ("ep", ep)):
         four = init_params(module, 0, make_mesh(4))
         pairs = zip(our_logits(m, one, rows), our_logits(module, four, rows))
-        out[kind] = max(out[kind], *(float(np.abs(a - b).max()) for a, b in pairs))
+        key = kind if q == "none" else "fp8"
+        out[key] = max(out[key], *(float(np.abs(a - b).max() / (np.abs(a).max() if q == "fp8" else 1))
+                                   for a, b in pairs))
     layers = four["params"].get("layers") or four["params"]["layers_1"]
     w = layers["mlp"]["experts"]["gate_proj"]["weight"]
     out["experts_per_device"] = w.sharding.shard_shape(w.shape)[-3]
@@ -793,6 +815,6 @@ print(json.dumps(out))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["tp"] <= 1e-5 and got["ep"] <= 1e-5, got
+    assert got["tp"] <= 1e-5 and got["ep"] <= 1e-5 and got["fp8"] <= 1e-5, got
     assert got["experts_per_device"] == 2
     assert got["tokens_ep"] == got["tokens_one"] and all(len(t) == 8 for t in got["tokens_one"])

@@ -142,14 +142,20 @@ def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str]
 
 class Weight(nn.Module):
     """A bare `weight` parameter for products a `Linear` does not express: experts' stacks `[experts, out, in]`
-    (the HF checkpoint's per-expert `[out, in]`), MLA's absorbed `kv_b_proj`."""
+    (the HF checkpoint's per-expert `[out, in]`), MLA's absorbed `kv_b_proj`. `fp8`: float8 e4m3 with a float32
+    `scale` per row `[..., out, 1]`, returned as `(weight, scale)` (`quant.quantize_fp8`)."""
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     dtype: str = "float32"
+    fp8: bool = False
 
     @nn.compact
-    def __call__(self) -> jax.Array:
+    def __call__(self) -> jax.Array | tuple[jax.Array, jax.Array]:
+        if self.fp8:
+            w = self.param("weight", nn.with_logical_partitioning(fp8_init, self.axes), self.shape, quant.FP8)
+            return w, self.param("scale", nn.with_logical_partitioning(scale_init, (*self.axes[:-1], None)),
+                                 (*self.shape[:-1], 1), jnp.float32)
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
         return self.param("weight", init, self.shape, jnp.dtype(self.dtype))
 

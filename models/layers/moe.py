@@ -6,6 +6,11 @@ The grouped product has two forms: `jax.lax.ragged_dot_general` over the pairs s
 GPU and TPU lower it to grouped kernels), and on a CPU, where XLA turns `ragged_dot` into a dense product per
 expert, a loop over tiles of one expert's pairs, as many as they fill (`expert_loop`). `tile_for` picks by the
 number of pairs. `dense_reference` is the einsum over all experts the tests compare with.
+
+Under `--quantization fp8` an expert's weights are a pair, float8 rows and a float32 scale each `[E, out, 1]`
+(`quant.quantize_fp8`), and each pair's row is rounded to float8 at its own scale (`quant.fp8_rows`): `ragged_dot`
+multiplies the two float8 operands, and the CPU's loop widens a tile's expert and multiplies the rounded rows, the
+same values.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from models import quant
 from models.config import ModelConfig
 from models.layers.linear import Weight, projection
 from models.layers.mlp import MLP, glu
@@ -54,12 +60,26 @@ def tile_for(pairs: int, experts: int, platform: str | None = None) -> int:
     return 1 if pairs <= 4 * experts else 8 if pairs <= 16 * experts else 64
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+def grouped_matmul(x: jax.Array, w, sizes: jax.Array, group: jax.Array | None = None) -> jax.Array:
     """`x [P, in]`, rows sorted by group with `sizes [E]` rows per group, times each group's `w [E, out, in]`
-    transposed: `[P, out]`, by `ragged_dot`."""
+    transposed: `[P, out]`, by `ragged_dot`. `w` may be fp8's `(weight, scale)`: the rows are rounded to float8
+    (`quant.fp8_rows`), multiplied as float8, and scaled back by theirs and by each row's `group`'s."""
     dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-    return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=x.dtype)
+    if not isinstance(w, tuple):
+        return jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=x.dtype)
+    (w, scale), (xq, top) = w, quant.fp8_rows(x)
+    y = jax.lax.ragged_dot_general(xq, w, sizes, dims, preferred_element_type=jnp.float32)
+    return (y * top * scale[group, :, 0]).astype(x.dtype)
+
+
+def _widened(w, at, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One expert's weights `w[at]` as `x`'s dtype, and `x` as the product sees it: fp8's `(weight, scale)` widened
+    with its scales, the rows rounded to float8 at theirs (`quant.fp8_rows`); float weights as they are."""
+    if not isinstance(w, tuple):
+        return w[at], x
+    xq, top = quant.fp8_rows(x)
+    return (w[0][at].astype(jnp.float32) * w[1][at]).astype(x.dtype), (xq.astype(jnp.float32) * top).astype(x.dtype)
 
 
 def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, glu,
@@ -69,7 +89,7 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
     weights once and runs the whole gated MLP. On a CPU this beat `ragged_dot` (a dense product per expert) and a
     dense einsum at every batch measured. With `layer` (scanned layers) the weights are every layer's stacks and a
     tile reads its expert of that layer: taking the layer's slice first made XLA copy all its experts every step."""
-    p, e = x.shape[0], gate.shape[-3]
+    p, e = x.shape[0], jax.tree.leaves(gate)[0].shape[-3]
     per = (sizes + tile - 1) // tile  # tiles of each expert
     ends = jnp.cumsum(per)
     items = jnp.arange(-(-p // tile) + min(e, p))  # enough for any sizes: each expert wastes less than a tile
@@ -83,10 +103,12 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
         k, r = owner[i], first[i]
         at = k if layer is None else (layer, k)
         xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
-        g, u = xt @ gate[at].T, xt @ up[at].T
+        (wg, xg), (wu, xu) = _widened(gate, at, xt), _widened(up, at, xt)
+        g, u = xg @ wg.T, xu @ wu.T
         if biases:
             g, u = g + biases[0][at], u + biases[1][at]
-        y = glu(g, u) @ down[at].T
+        wd, h = _widened(down, at, glu(g, u))
+        y = h @ wd.T
         if biases:
             y = y + biases[2][at]
         keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
@@ -99,7 +121,8 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
             glu, tile: int = 0, layer=None, biases=()) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
-    `down [E, H, I]` -> `[T, H]`, the weighted sum of each token's experts. `glu(gate, up)` is the gated unit
+    `down [E, H, I]` (each fp8's `(weight, scale)` or float) -> `[T, H]`, the weighted sum of each token's experts.
+    `glu(gate, up)` is the gated unit
     (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I], [E, H])`, or none. `tile` as
     `tile_for`; `layer`: the weights (and biases) are every layer's `[L, E, ...]` and this is the layer's index (the
     loop form only)."""
@@ -107,16 +130,16 @@ def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, u
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k
-    sizes = jnp.bincount(flat, length=gate.shape[-3]).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=jax.tree.leaves(gate)[0].shape[-3]).astype(jnp.int32)
     xs = x[token]
     if tile:
         y = expert_loop(xs, sizes, gate, up, down, glu, tile, layer, biases)
     else:
-        g, u = grouped_matmul(xs, gate, sizes), grouped_matmul(xs, up, sizes)
-        expert = flat[order]  # each row's expert, for its biases
+        expert = flat[order]  # each row's expert, for its biases (and fp8's scales)
+        g, u = grouped_matmul(xs, gate, sizes, expert), grouped_matmul(xs, up, sizes, expert)
         if biases:
             g, u = g + biases[0][expert], u + biases[1][expert]
-        y = grouped_matmul(glu(g, u), down, sizes)
+        y = grouped_matmul(glu(g, u), down, sizes, expert)
         if biases:
             y = y + biases[2][expert]
     y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
@@ -150,9 +173,10 @@ class Experts(nn.Module):
         cfg = self.cfg
         e, inter, hidden = cfg.num_experts, cfg.moe_intermediate_size, rows.shape[-1]
         names = ("gate_proj", "up_proj", "down_proj")
-        gate = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, name="gate_proj")
-        up = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, name="up_proj")
-        down = Weight((e, hidden, inter), ("expert", "embed", "expert_mlp"), cfg.dtype, name="down_proj")
+        fp8 = cfg.quantization == "fp8"
+        gate = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, fp8, name="gate_proj")
+        up = Weight((e, inter, hidden), ("expert", "expert_mlp", "embed"), cfg.dtype, fp8, name="up_proj")
+        down = Weight((e, hidden, inter), ("expert", "embed", "expert_mlp"), cfg.dtype, fp8, name="down_proj")
         biases = ()
         if cfg.expert_bias:
             init = nn.initializers.zeros
@@ -162,7 +186,8 @@ class Experts(nn.Module):
                                                      (inter, inter, hidden)))
         tile, ws, at = tile_for(ids.size, e), (gate(), up(), down()), None
         if tile and stacks is not None:  # the loop reads this layer's experts from the whole stacks
-            ws, at = tuple(stacks[n]["weight"] for n in names), layer
+            ws, at = tuple((stacks[n]["weight"], stacks[n]["scale"]) if fp8 else stacks[n]["weight"]
+                           for n in names), layer
             biases = biases and tuple(stacks[f"{n}_bias"] for n in names)
         if cfg.expert_mesh:
             return expert_parallel(rows, weights, ids, ws, biases, glu(cfg), tile, at, cfg.expert_mesh)
@@ -180,7 +205,7 @@ def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape
     at = None if layer is None else jnp.asarray(layer)  # traced outside: an argument, not closed over
 
     def local(rows, weights, ids, ws, biases, at):
-        n = ws[0].shape[-3]  # this shard's experts
+        n = jax.tree.leaves(ws[0])[0].shape[-3]  # this shard's experts
         mine = ids - jax.lax.axis_index("tp") * n
         ours = (mine >= 0) & (mine < n)
         y = experts(rows, jnp.where(ours, weights, 0), jnp.where(ours, mine, n), *ws, glu, tile, at, biases)
@@ -188,7 +213,8 @@ def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape
 
     context = jax.sharding.get_abstract_mesh()  # set inside the runner's shard_map over `data`
     mesh = context if not context.empty else jax.sharding.AbstractMesh(tuple(mesh_shape), ("data", "tp"))
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (split,) * 3, (split,) * len(biases), P()),
+    specs = jax.tree.map(lambda _: split, tuple(ws))  # fp8's scales split with their weights
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), specs, (split,) * len(biases), P()),
                          out_specs=P(), axis_names={"tp"}, check_vma=False)(rows, weights, ids, tuple(ws), biases, at)
 
 
