@@ -21,6 +21,8 @@ from models import load_model, pooling
 from models.loading.source import gguf_config
 from test_models import ROWS, _hf_model
 
+pytestmark = pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
+
 LONG = [int(t) for t in np.random.default_rng(3).integers(1, 250, 100)]  # past the first length buckets
 
 
@@ -34,7 +36,6 @@ def _pooled(ref, rows, mode: str) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
 def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
     """Every pooling of inputs of several lengths, batched and padded together (and alone), equals transformers'
@@ -59,7 +60,6 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
     assert eng.stats()["embedded_inputs"] == 3 * (2 * len(rows) + 2)
 
 
-@pytest.mark.quick_compile
 @pytest.mark.parametrize("kind,tied", [("qwen3", False), ("qwen3", True), ("mistral", False)])
 def test_a_bare_decoder_folder_embeds(kind, tied, tmp_path, monkeypatch):
     """A folder of the decoder alone, as sentence-transformers saves an embedding model (`Qwen3Model`,

@@ -25,6 +25,8 @@ from models.backends.paged import KVCache
 from test_models import ROWS, _hf_model
 from test_page import CHROMIUM, DRIVER, ask, browser, set_field, until  # noqa: F401  (browser: the page's fixture)
 
+pytestmark = pytest.mark.quick_compile  # tiny random models: XLA optimizations off (conftest)
+
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,7 +58,6 @@ def _logits(model, params, rows, adapters):
     return [out[i, :len(r)] for i, r in enumerate(rows)]
 
 
-@pytest.mark.quick_compile
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
 def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
     """Rows with an adapter match PEFT's model with it, rows without match the base model, in one batch; an adapter
@@ -314,7 +315,6 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and "the served model's name" in r["error"]["message"]
 
 
-@pytest.mark.quick_compile
 def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, monkeypatch):
     """DeepSeek-V3: latent attention and the experts take no adapter; its dense layers' MLP does (a scanned tree of
     some layers only); an adapter on an expert is refused by name."""

@@ -13,6 +13,8 @@ from PIL import Image  # noqa: E402
 
 from models import vision  # noqa: E402
 
+pytestmark = pytest.mark.quick_compile  # a tiny random tower: XLA optimizations off (conftest)
+
 SIZE = 28
 
 
