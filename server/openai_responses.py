@@ -87,6 +87,12 @@ def stored(items: list[dict]) -> list[dict]:
     return out
 
 
+def identified(items: list[dict]) -> list[dict]:
+    """Normalized items as a stored response and a conversation keep them (`stored`'s form): each keeps its id or
+    gets one, so the ids `input_items` lists are ones a later input may reference."""
+    return [{**stored([it])[0], **({"id": it["id"]} if it.get("id") else {})} for it in items]
+
+
 def items_of(value: Any) -> list[dict]:
     """`input` as normalized items: messages with text content, function calls and their outputs, and reasoning
     items (a model's earlier thinking, which templates that interleave it with tool calls read back)."""
@@ -131,6 +137,8 @@ def items_of(value: Any) -> list[dict]:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output, custom_tool_call, custom_tool_call_output, reasoning, compaction)",
                       "input")
+        if isinstance(it.get("id"), str):  # a stored item read back (history, a reference) keeps its id
+            out[-1]["id"] = it["id"]
     return out
 
 
@@ -554,7 +562,7 @@ class Stream:
         if self.items is not None:
             self.api.server.store.put(self.result, self.items + self.out.items)
         if self.conv is not None:  # (a conversation deleted meanwhile takes nothing)
-            self.api.server.store.add_items(self.conv[0], stored(self.conv[1]) + self.out.items)
+            self.api.server.store.add_items(self.conv[0], self.conv[1] + self.out.items)
         kind = "response.incomplete" if self.result["status"] == "incomplete" else "response.completed"
         return ev + [{"type": kind, "response": self.result}]
 
@@ -709,6 +717,7 @@ class Responses:
             handed = False  # to a background response, which lets go of the conversation as it ends
             try:
                 job, history, items, prev, conv = await self._job(body)
+                items = identified(items) if store or conv is not None else items
                 events = self.admit(job, call)
                 turn = Turn(job)
                 shell = self._shell(body, call.rid, time.time(), prev, self.server.served(call), conv)

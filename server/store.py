@@ -18,7 +18,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
 # a streamed background response's events (SSE-framed), so its stream can be joined again once it has ended
 EVENTS = "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, events TEXT NOT NULL)"
-# each stored response's output items by id, which a later input may name (`item_reference`)
+# each stored response's items by id (its output's, and its input's), which a later input may name (`item_reference`)
 OUTPUTS = ("CREATE TABLE IF NOT EXISTS output_items (id TEXT PRIMARY KEY, response TEXT NOT NULL, "
            "item TEXT NOT NULL)")
 # a conversation (its metadata) and its items in the order they were added (`seq`)
@@ -60,6 +60,9 @@ class ResponseStore:
             db.executemany("INSERT OR REPLACE INTO output_items VALUES (?, ?, ?)",
                            [(it["id"], response["id"], json.dumps(it)) for it in response.get("output") or []
                             if isinstance(it.get("id"), str)])
+            db.executemany("INSERT OR IGNORE INTO output_items VALUES (?, ?, ?)",  # input items: their first owner
+                           [(it["id"], response["id"], json.dumps(it)) for it in items
+                            if isinstance(it.get("id"), str)])
             db.commit()
 
     def put_events(self, rid: str, events: list[bytes]) -> None:
@@ -98,7 +101,8 @@ class ResponseStore:
         return gone > 0
 
     def item(self, iid: str) -> dict | None:
-        """A stored response's output item, or a conversation's item, by its id (None: neither holds it)."""
+        """A stored response's item (output, or input as `input_items` lists it), or a conversation's item, by its id
+        (None: neither holds it)."""
         with self.lock:
             db = self._conn()
             row = db.execute("SELECT item FROM output_items WHERE id = ?", (iid,)).fetchone() or db.execute(

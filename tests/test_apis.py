@@ -187,7 +187,8 @@ def test_background_responses_poll_resume_their_stream_and_cancel(api, client):
     while (r := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
         time.sleep(0.05)
     assert (r.status, r.output_text, r.usage.output_tokens) == (want.status, want.output_text, want.usage.output_tokens)
-    assert [(i.role, i.content) for i in client.responses.input_items.list(r.id).data] == [("user", QUESTION)]
+    assert [(i.role, [(c.type, c.text) for c in i.content]) for i in client.responses.input_items.list(r.id).data] \
+        == [("user", [("input_text", QUESTION)])]  # OpenAI's shape: content as parts
 
     stream = client.responses.create(**dict(ask, max_output_tokens=48), background=True, stream=True,
                                      extra_body={"ignore_eos": True})
@@ -319,7 +320,8 @@ def test_responses_compact_keeps_the_user_messages_and_the_models_summary(api, c
 
 def test_responses_item_references_read_the_stored_items(client):
     """An `item_reference` (what the Vercel AI SDK sends for earlier assistant turns while `store` is on) reads the
-    stored output item it names; an unknown id is a 404. `reasoning.summary` is echoed back."""
+    stored output item it names, or an input item by the id `input_items` lists; an unknown id is a 404.
+    `reasoning.summary` is echoed back."""
     ask = dict(model=MODEL, max_output_tokens=8, temperature=0)
     r = client.responses.create(**ask, input=QUESTION, reasoning={"summary": "auto"})
     assert r.reasoning.summary == "auto"
@@ -332,6 +334,14 @@ def test_responses_item_references_read_the_stored_items(client):
     bare = client.responses.create(**ask, input=[said, {"id": r.output[0].id},  # `type` may be left out
                                                  {"role": "user", "content": "And Spain?"}])
     assert bare.usage.input_tokens == spelled.usage.input_tokens
+    asked = client.responses.input_items.list(r.id).data
+    assert len(asked) == 1 and asked[0].id.startswith("msg_") and asked[0].role == "user"
+    again = client.responses.create(**ask, input=[{"type": "item_reference", "id": asked[0].id},
+                                                  {"type": "item_reference", "id": r.output[0].id},
+                                                  {"role": "user", "content": "And Spain?"}])
+    assert again.usage.input_tokens == spelled.usage.input_tokens
+    assert [i.id for i in client.responses.input_items.list(again.id, order="asc").data][:2] == [asked[0].id,
+                                                                                                 r.output[0].id]
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(**ask, input=[said, {"type": "item_reference", "id": "msg_nope"}])
     assert e.value.body["param"] == "input"
