@@ -93,9 +93,14 @@ def identified(items: list[dict]) -> list[dict]:
     return [{**stored([it])[0], **({"id": it["id"]} if it.get("id") else {})} for it in items]
 
 
-def items_of(value: Any) -> list[dict]:
+STORED = "_stored"  # marks an input item `referenced` read from the store: it keeps its id (`items_of`)
+
+
+def items_of(value: Any, kept: bool = False) -> list[dict]:
     """`input` as normalized items: messages with text content, function calls and their outputs, and reasoning
-    items (a model's earlier thinking, which templates that interleave it with tool calls read back)."""
+    items (a model's earlier thinking, which templates that interleave it with tool calls read back). An item keeps
+    its `id` only where it was read from the store (`kept`: all of them, a stored history; else those `referenced`
+    marked): a client's own ids are never indexed, so none can name, or take, another's item."""
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -137,7 +142,7 @@ def items_of(value: Any) -> list[dict]:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output, custom_tool_call, custom_tool_call_output, reasoning, compaction)",
                       "input")
-        if isinstance(it.get("id"), str):  # a stored item read back (history, a reference) keeps its id
+        if isinstance(it.get("id"), str) and (kept or it.get(STORED) is True):
             out[-1]["id"] = it["id"]
     return out
 
@@ -594,7 +599,7 @@ class Responses:
                 raise ApiError(404, f"no conversation with id {conv!r}", "conversation", code="not_found")
             self._carried(self.server.store.items_size(conv), f"conversation {conv!r}", "conversation")
             found = self.server.store.items(conv)
-            return (items_of(found) if found else []), None, conv
+            return (items_of(found, kept=True) if found else []), None, conv
         if prev is None:
             return [], None, None
         if not isinstance(prev, str):
@@ -609,7 +614,7 @@ class Responses:
         if found is None:  # never stored, or deleted since size() looked
             raise ApiError(404, f"no stored response with id {prev!r}", "previous_response_id",
                            code="previous_response_not_found")
-        return (items_of(found[1]) if found[1] else []), prev, None
+        return (items_of(found[1], kept=True) if found[1] else []), prev, None
 
     def referenced(self, body: dict) -> dict:
         """`body` with each `item_reference` of its `input` replaced by the stored item it names (a stored
@@ -627,7 +632,7 @@ class Responses:
                                    code="not_found")
                 size += len(json.dumps(found))
                 self._carried(size, "the items 'input' references", "input")  # each may be large, and named often
-                it = found
+                it = {**found, STORED: True}
             out.append(it)
         return {**body, "input": out}
 

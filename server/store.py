@@ -18,9 +18,12 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, created REAL NOT NULL, response TEXT NOT NULL, items TEXT NOT NULL)"""
 # a streamed background response's events (SSE-framed), so its stream can be joined again once it has ended
 EVENTS = "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, events TEXT NOT NULL)"
-# each stored response's items by id (its output's, and its input's), which a later input may name (`item_reference`)
+# each stored response's output items by id, which a later input may name (`item_reference`)
 OUTPUTS = ("CREATE TABLE IF NOT EXISTS output_items (id TEXT PRIMARY KEY, response TEXT NOT NULL, "
            "item TEXT NOT NULL)")
+# ... and its input items by id, as `input_items` lists them: an item a chain carries is held by each response of it
+INPUTS = ("CREATE TABLE IF NOT EXISTS input_items (id TEXT NOT NULL, response TEXT NOT NULL, item TEXT NOT NULL, "
+          "PRIMARY KEY (id, response))")
 # a conversation (its metadata) and its items in the order they were added (`seq`)
 CONVERSATIONS = ("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, created INTEGER NOT NULL, "
                  "metadata TEXT NOT NULL)",
@@ -46,6 +49,7 @@ class ResponseStore:
             self._db.execute(SCHEMA)
             self._db.execute(EVENTS)
             self._db.execute(OUTPUTS)
+            self._db.execute(INPUTS)
             for statement in CONVERSATIONS:
                 self._db.execute(statement)
             self._db.commit()
@@ -60,9 +64,10 @@ class ResponseStore:
             db.executemany("INSERT OR REPLACE INTO output_items VALUES (?, ?, ?)",
                            [(it["id"], response["id"], json.dumps(it)) for it in response.get("output") or []
                             if isinstance(it.get("id"), str)])
-            db.executemany("INSERT OR IGNORE INTO output_items VALUES (?, ?, ?)",  # input items: their first owner
+            outputs = {it.get("id") for it in response.get("output") or []}
+            db.executemany("INSERT OR REPLACE INTO input_items VALUES (?, ?, ?)",
                            [(it["id"], response["id"], json.dumps(it)) for it in items
-                            if isinstance(it.get("id"), str)])
+                            if isinstance(it.get("id"), str) and it["id"] not in outputs])
             db.commit()
 
     def put_events(self, rid: str, events: list[bytes]) -> None:
@@ -97,6 +102,7 @@ class ResponseStore:
             gone = db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
             db.execute("DELETE FROM events WHERE id = ?", (rid,))
             db.execute("DELETE FROM output_items WHERE response = ?", (rid,))
+            db.execute("DELETE FROM input_items WHERE response = ?", (rid,))
             db.commit()
         return gone > 0
 
@@ -105,8 +111,9 @@ class ResponseStore:
         (None: neither holds it)."""
         with self.lock:
             db = self._conn()
-            row = db.execute("SELECT item FROM output_items WHERE id = ?", (iid,)).fetchone() or db.execute(
-                "SELECT item FROM conversation_items WHERE id = ?", (iid,)).fetchone()
+            row = (db.execute("SELECT item FROM output_items WHERE id = ?", (iid,)).fetchone()
+                   or db.execute("SELECT item FROM input_items WHERE id = ? LIMIT 1", (iid,)).fetchone()
+                   or db.execute("SELECT item FROM conversation_items WHERE id = ?", (iid,)).fetchone())
         return None if row is None else json.loads(row[0])
 
     def put_conversation(self, conversation: dict, items: list[dict] = ()) -> None:

@@ -342,8 +342,16 @@ def test_responses_item_references_read_the_stored_items(client):
     assert again.usage.input_tokens == spelled.usage.input_tokens
     assert [i.id for i in client.responses.input_items.list(again.id, order="asc").data][:2] == [asked[0].id,
                                                                                                  r.output[0].id]
-    with pytest.raises(openai.NotFoundError) as e:
-        client.responses.create(**ask, input=[said, {"type": "item_reference", "id": "msg_nope"}])
+    mine = client.responses.create(**ask, input=[{**said, "type": "message", "id": "msg_mine"}])  # a client's id
+    assert client.responses.input_items.list(mine.id).data[0].id not in ("msg_mine", asked[0].id)
+    chained = client.responses.create(**ask, previous_response_id=r.id, input="And Spain?")
+    client.responses.delete(r.id)  # the chain still holds r's items: they are still found by id
+    held = client.responses.create(**ask, input=[{"type": "item_reference", "id": asked[0].id}])
+    assert held.usage.input_tokens == client.responses.create(**ask, input=QUESTION).usage.input_tokens
+    assert asked[0].id in [i.id for i in client.responses.input_items.list(chained.id).data]
+    for nope in ("msg_nope", "msg_mine"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.responses.create(**ask, input=[said, {"type": "item_reference", "id": nope}])
     assert e.value.body["param"] == "input"
 
 
