@@ -3,7 +3,8 @@
 # 10): the environment, `bench/gpu_launch.py` (do program launches wait for the devices? the attention kernels'
 # settings) and `bench/gpu_serve.py` (serving through HTTP and the engine alone, then the engine once more under the
 # profiler: how long the device sat idle between programs), then `bench/gpu.py --diagnose --quantization fp8` (float8
-# weights and products beside bfloat16). Results land in OUT as they come (a timeout still leaves them). On the GPU host:
+# weights and products beside bfloat16). Results land in OUT as they come (a timeout still leaves them). On the GPU
+# host:
 #   pip install --no-deps --target /tmp/wh .gpu_wheels/*.whl; PYTHONPATH=.:/tmp/wh bench/gpu_session.sh $OUT
 # where .gpu_wheels holds, for CPython 3.12 on manylinux x86-64, what the host lacks: llguidance, gguf and aiohttp-cors
 # at pyproject.toml's versions (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`).

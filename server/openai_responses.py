@@ -93,7 +93,7 @@ def identified(items: list[dict]) -> list[dict]:
     return [{**stored([it])[0], **({"id": it["id"]} if it.get("id") else {})} for it in items]
 
 
-STORED = "_stored"  # marks an input item `referenced` read from the store: it keeps its id (`items_of`)
+STORED = object()  # a key marking an input item `referenced` read from the store (no JSON body can hold it)
 
 
 def items_of(value: Any, kept: bool = False) -> list[dict]:
@@ -142,7 +142,7 @@ def items_of(value: Any, kept: bool = False) -> list[dict]:
             raise bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                       "function_call_output, custom_tool_call, custom_tool_call_output, reasoning, compaction)",
                       "input")
-        if isinstance(it.get("id"), str) and (kept or it.get(STORED) is True):
+        if isinstance(it.get("id"), str) and (kept or STORED in it):
             out[-1]["id"] = it["id"]
     return out
 

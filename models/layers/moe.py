@@ -121,11 +121,10 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
             glu, tile: int = 0, layer=None, biases=()) -> jax.Array:
     """Gated-MLP experts: token rows `x [T, H]`, routing `weights`/`ids [T, k]`, stacked `gate`/`up [E, I, H]` and
-    `down [E, H, I]` (each fp8's `(weight, scale)` or float) -> `[T, H]`, the weighted sum of each token's experts.
-    `glu(gate, up)` is the gated unit
-    (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I], [E, H])`, or none. `tile` as
-    `tile_for`; `layer`: the weights (and biases) are every layer's `[L, E, ...]` and this is the layer's index (the
-    loop form only)."""
+    `down [E, H, I]` (each float, or fp8's `(weight, scale)`) -> `[T, H]`, the weighted sum of each token's experts.
+    `glu(gate, up)` is the gated unit (`layers.mlp.glu`); `biases` (gpt-oss) the projections' `([E, I], [E, I],
+    [E, H])`, or none. `tile` as `tile_for`; `layer`: the weights (and biases) are every layer's `[L, E, ...]` and
+    this is the layer's index (the loop form only)."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
