@@ -342,7 +342,7 @@ def test_responses_item_references_read_the_stored_items(client):
     assert again.usage.input_tokens == spelled.usage.input_tokens
     assert [i.id for i in client.responses.input_items.list(again.id, order="asc").data][:2] == [asked[0].id,
                                                                                                  r.output[0].id]
-    mine = client.responses.create(**ask, input=[{**said, "type": "message", "id": "msg_mine"}])  # a client's id
+    mine = client.responses.create(**ask, input=[{**said, "type": "message", "id": "msg_mine", "_stored": True}])
     assert client.responses.input_items.list(mine.id).data[0].id not in ("msg_mine", asked[0].id)
     chained = client.responses.create(**ask, previous_response_id=r.id, input="And Spain?")
     client.responses.delete(r.id)  # the chain still holds r's items: they are still found by id
