@@ -779,7 +779,7 @@ shapes = [dict(common, architectures=["Qwen3MoeForCausalLM"], num_key_value_head
                qk_rope_head_dim=8, v_head_dim=8)]
 rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
 out = {"tp": 0.0, "ep": 0.0, "fp8": 0.0}
-for shape, q in [(shapes[0], "none"), (shapes[1], "none"), (shapes[0], "fp8")]:  # fp8: experts as float8 pairs
+for shape, q in [(s, q) for q in ("none", "fp8") for s in shapes]:  # fp8: experts as float8 pairs
     cfg = dataclasses.replace(ModelConfig.from_hf(shape), quantization=q)
     m, ep = build(cfg), build(with_expert_parallel(cfg, 1, 4))
     one = init_params(m, 0, make_mesh(1, jax.devices()[:1]))
