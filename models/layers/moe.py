@@ -73,13 +73,18 @@ def grouped_matmul(x: jax.Array, w, sizes: jax.Array, group: jax.Array | None = 
     return (y * top * scale[group, :, 0]).astype(x.dtype)
 
 
-def _widened(w, at, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One expert's weights `w[at]` as `x`'s dtype, and `x` as the product sees it: fp8's `(weight, scale)` widened
-    with its scales, the rows rounded to float8 at theirs (`quant.fp8_rows`); float weights as they are."""
+def _expert(w, at, dtype) -> jax.Array:
+    """One expert's weights `w[at]`: fp8's `(weight, scale)` widened with its scales to `dtype`, float as they are."""
+    return quant.dequantize(w[0][at], w[1][at], dtype) if isinstance(w, tuple) else w[at]
+
+
+def _seen(w, x: jax.Array) -> jax.Array:
+    """Rows `x` as a product with `w` sees them: rounded to float8 at their own scales for fp8's `(weight, scale)`
+    (`quant.fp8_rows`, widened back), as they are for float weights."""
     if not isinstance(w, tuple):
-        return w[at], x
+        return x
     xq, top = quant.fp8_rows(x)
-    return (w[0][at].astype(jnp.float32) * w[1][at]).astype(x.dtype), (xq.astype(jnp.float32) * top).astype(x.dtype)
+    return (xq.astype(jnp.float32) * top).astype(x.dtype)
 
 
 def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, glu,
@@ -103,12 +108,12 @@ def expert_loop(x: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, 
         k, r = owner[i], first[i]
         at = k if layer is None else (layer, k)
         xt = jax.lax.dynamic_slice_in_dim(xp, r, tile)
-        (wg, xg), (wu, xu) = _widened(gate, at, xt), _widened(up, at, xt)
-        g, u = xg @ wg.T, xu @ wu.T
+        xt = _seen(gate, xt)  # (gate and up are the same kind)
+        g, u = xt @ _expert(gate, at, xt.dtype).T, xt @ _expert(up, at, xt.dtype).T
         if biases:
             g, u = g + biases[0][at], u + biases[1][at]
-        wd, h = _widened(down, at, glu(g, u))
-        y = h @ wd.T
+        h = _seen(down, glu(g, u))
+        y = h @ _expert(down, at, h.dtype).T
         if biases:
             y = y + biases[2][at]
         keep = (r + jnp.arange(tile) < last[i])[:, None]  # rows past the expert's belong to the next tile
