@@ -39,10 +39,11 @@ def error_body(e: ApiError) -> dict:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
 
 
-def _message(m: Any, i: int, last: bool) -> list[dict]:
+def _message(m: Any, i: int, last: bool, called: set[str]) -> list[dict]:
     """One Anthropic message as chat messages: tool results become tool turns (before the user's text), tool_use
-    blocks the assistant's tool calls, its thinking blocks its reasoning (which templates that interleave thinking with
-    tool calls read back; redacted ones are dropped)."""
+    blocks the assistant's tool calls (their ids added to `called`, which a later tool_result must name), its
+    thinking blocks its reasoning (which templates that interleave thinking with tool calls read back; redacted ones
+    are dropped)."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
         raise bad(f"{where} must be an object with role 'user' or 'assistant'", "messages")
@@ -77,11 +78,15 @@ def _message(m: Any, i: int, last: bool) -> list[dict]:
                     not isinstance(b.get("input", {}), dict):
                 raise bad(f"{where}.content[{k}]: a tool_use block needs a string id and name and an object input",
                           "messages")
+            called.add(b["id"])
             calls.append({"id": b["id"], "type": "function",
                           "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
         elif kind == "tool_result" and role == "user":
             if not isinstance(b.get("tool_use_id"), str):
                 raise bad(f"{where}.content[{k}]: a tool_result block needs a string tool_use_id", "messages")
+            if b["tool_use_id"] not in called:
+                raise bad(f"{where}.content[{k}]: the tool_result's tool_use_id {b['tool_use_id']!r} names no "
+                          "tool_use block of an earlier message", "messages")
             out = text_of(b.get("content", ""), f"{where}.content[{k}].content", "messages")
             results.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": ("Error: " + out) if b.get("is_error") else out})
@@ -177,6 +182,7 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
     out: dict = {"messages": [], "stream": protocol._flag(body, "stream")}
     system = [] if body.get("system") is None else [text_of(body["system"], "'system'", "system")]
     pending = []  # system messages within the conversation (Claude Code's mid-conversation-system beta)
+    called: set[str] = set()  # the tool_use ids of the messages so far
     said = [i for i, m in enumerate(msgs) if not (isinstance(m, dict) and m.get("role") == "system")]
     for i, m in enumerate(msgs):
         if isinstance(m, dict) and m.get("role") == "system":
@@ -185,7 +191,7 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
             continue
         if pending and isinstance(m, dict) and m.get("role") == "user" and m.get("content") not in ("", [], None):
             m, pending = {**m, "content": _led(pending, m.get("content"))}, []  # its first text (an empty one: 400)
-        out["messages"] += _message(m, i, i == said[-1] if said else False)
+        out["messages"] += _message(m, i, i == said[-1] if said else False, called)
     if not out["messages"]:
         raise bad("'messages' must hold a user or assistant message, not system messages alone", "messages")
     if pending and out["messages"][-1]["role"] == "assistant" and not out["messages"][-1].get("tool_calls"):

@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from server.openai_responses import chat_body, compaction, items_of, new_id, stored
+from server.openai_responses import answered, chat_body, compaction, items_of, new_id, stored
 from server.protocol import bad
 from server.turn import Turn
 
@@ -42,6 +42,8 @@ class Compaction:
         async def answer(body, call) -> web.Response:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
+            if body.get("stream"):
+                raise bad("/v1/responses/compact does not stream: its answer is one object", "stream")
             if body.get("input") is None and body.get("previous_response_id") is None:
                 raise bad("'input' or 'previous_response_id' is required: the conversation to compact", "input")
             history, _, _ = await self.server.off_loop(self.responses.history, body)
@@ -49,6 +51,7 @@ class Compaction:
                      "input": ASK, "max_output_tokens": body.get("max_output_tokens") or MAX_SUMMARY}
             body = await self.server.off_loop(self.responses.referenced, body)
             own = items_of(body["input"]) if body.get("input") is not None else []
+            answered(history, own)
             chat, _ = chat_body(asked, history + own)
             job = await self.responses.parse(chat)
             await self.server.collect(self.responses.admit(job, call), call)  # (past the context: 'input')

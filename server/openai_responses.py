@@ -147,6 +147,17 @@ def items_of(value: Any, kept: bool = False) -> list[dict]:
     return out
 
 
+def answered(history: list[dict], own: list[dict]) -> None:
+    """OpenAI's check of tool outputs: each output item of `own` (this `input`, by its index) answers a call with its
+    `call_id` made before it, in `history` or in `own` (an output by `name` alone, Codex's goal, answers none)."""
+    called = {it["call_id"] for it in history if it["type"] in ("function_call", "custom_tool_call")}
+    for i, it in enumerate(own):
+        if it["type"] in ("function_call", "custom_tool_call"):
+            called.add(it["call_id"])
+        elif it["type"].endswith("_output") and "call_id" in it and it["call_id"] not in called:
+            raise bad(f"input[{i}]: no tool call found for the {it['type']} with call_id {it['call_id']!r}", "input")
+
+
 def compaction(summary: str) -> dict:
     """A compaction item holding `summary` (`/v1/responses/compact`); its `encrypted_content` is this server's
     own encoding, not a secret."""
@@ -368,7 +379,9 @@ def _echoed(body: dict) -> None:
 
 def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
     """`(chat-completions body, the conversation's items: history then this input)` for a Responses body."""
-    items = history + items_of(body.get("input"))
+    own = items_of(body.get("input"))
+    answered(history, own)
+    items = history + own
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("'instructions' must be a string", "instructions")
@@ -380,7 +393,10 @@ def chat_body(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
     if fmt is not None:
         out["response_format"] = fmt
     if body.get("max_output_tokens") is not None:
-        out["max_tokens"] = body["max_output_tokens"]
+        n = body["max_output_tokens"]
+        if isinstance(n, int) and not isinstance(n, bool) and n < 1:  # (chat's 0 scores a prompt: no echo here)
+            raise bad(f"'max_output_tokens' must be at least 1, not {n}", "max_output_tokens")
+        out["max_tokens"] = n
     effort = body.get("reasoning")
     if effort is not None:
         level = effort.get("effort") if isinstance(effort, dict) else "?"

@@ -107,6 +107,20 @@ def test_responses_forced_tool_call_then_its_result(api, client):
     assert counted["input_tokens"] > r.usage.input_tokens
     status, out, _ = http(api, "POST", "/v1/responses", {"input": [{**goal, "name": 7}], "max_output_tokens": 2})
     assert status == 400 and "call_id" in out["error"]["message"]
+    # an output that answers no call is named by its own index in `input`, as OpenAI's 400 does
+    lost = {"type": "function_call_output", "call_id": "call_nowhere", "output": "x"}
+    for body in ({"input": ["hi", lost]}, {"previous_response_id": r.id, "input": [lost]}):
+        body["input"] = [{"role": "user", "content": t} if isinstance(t, str) else t for t in body["input"]]
+        status, out, _ = http(api, "POST", "/v1/responses", {**body, "max_output_tokens": 2})
+        where = f"input[{len(body['input']) - 1}]"
+        assert status == 400 and out["error"]["message"].startswith(where), out
+        assert "call_nowhere" in out["error"]["message"] and "messages" not in out["error"]["message"]
+    status, out, _ = http(api, "POST", "/v1/responses/compact", {"input": [lost]})
+    assert status == 400 and out["error"]["message"].startswith("input[0]"), out
+    for bad, param in (({"max_output_tokens": 0}, "max_output_tokens"), ({"stream": True}, "stream")):
+        path = "/v1/responses/compact" if param == "stream" else "/v1/responses"
+        status, out, _ = http(api, "POST", path, {"input": "hi", **bad})
+        assert status == 400 and out["error"]["param"] == param, out
     status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?order=asc")
     kinds = [it["type"] for it in items["data"]]
     assert status == 200 and kinds == ["message", "function_call", "function_call_output"]
@@ -624,6 +638,12 @@ def test_messages_errors_take_anthropics_shape(api, claude):
         for path in ("/v1/messages", "/v1/messages/count_tokens"):
             status, out, _ = http(api, "POST", path, raw=raw)
             assert status == 400 and out["type"] == "error" and out["error"]["type"] == "invalid_request_error"
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "x"}]}
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "tools": tools, "system": "Be brief.",
+                                                        "messages": [*HELLO, call, result]})
+    assert status == 400 and out["error"]["message"].startswith("messages[2].content[0]"), out  # its own index
+    assert "'t2'" in out["error"]["message"] and "role 'tool'" not in out["error"]["message"]
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {}}]}]})
     assert status == 400 and "image" in out["error"]["message"]
