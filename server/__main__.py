@@ -17,6 +17,7 @@ import time
 
 import jax
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from engine import draft_model, multihost
 from engine.compile import PERSISTENT, PROGRAMS, use_caches
@@ -505,6 +506,30 @@ class Throttled(logging.Filter):
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message (selector_events)
 
 
+class Malformed(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad header, chunk size or method) with its 400 and logs it as an
+    ERROR with a traceback: the client's fault, so one WARNING line instead, at most once per `every` seconds."""
+
+    def __init__(self, every: float = 10.0):
+        super().__init__()
+        self.every, self.last = every, -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to log the record (rewritten where it is a parse error)."""
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, BadHttpMessage):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        said = str(error.message).strip().splitlines()
+        record.msg, record.args = "%s: a malformed request, answered 400 (%s)", (record.getMessage(), said[0] if said
+                                                                                 else error.code)
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+        return True
+
+
 def raise_open_files() -> None:
     """Raise the soft limit on open files to the hard one (at most `OPEN_FILES`), as vLLM does: a connection is a
     file, and at systemd's default of 1,024 a thousand idle clients would lock everyone else out."""
@@ -542,6 +567,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
     logging.getLogger("sparkler").setLevel(logging.INFO)
     raise_open_files()
     logging.getLogger("asyncio").addFilter(Throttled(ACCEPT_FAILED))
+    logging.getLogger("aiohttp.server").addFilter(Malformed())
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))  # before JAX's GPU
     try:  # before a group forms; the processes that follow process 0 serve no chats
         template = None if args.chat_template is None or args.process_id else read_template(args.chat_template)

@@ -582,6 +582,32 @@ def test_asyncios_failed_accepts_are_logged_once_in_ten_seconds(caplog):
         loop.close()
 
 
+def test_a_request_aiohttp_cannot_parse_is_one_warning_line_and_the_server_serves_on(api, caplog):
+    """A bad chunk size, header or method gets aiohttp's 400; `sparkler serve` logs it as one WARNING line, at most
+    one per 10 s, where aiohttp logs an ERROR with a traceback."""
+    import logging
+
+    from server.__main__ import Malformed
+
+    logger, quiet = logging.getLogger("aiohttp.server"), Malformed()
+    logger.addFilter(quiet)
+    try:
+        with caplog.at_level(logging.WARNING, logger="aiohttp.server"):
+            for raw in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+                        b"GET /v1/models HTTP/1.1\r\nHo st: x\r\n\r\n", b"GARBAGE\r\n\r\n"):
+                with socket.create_connection(("127.0.0.1", int(api.url.rsplit(":", 1)[1])), timeout=30) as s:
+                    s.sendall(raw)
+                    assert s.recv(100).startswith(b"HTTP/1.0 400")
+            time.sleep(0.5)  # (logged after the answer)
+        records = [r for r in caplog.records if r.name == "aiohttp.server"]
+        assert [(r.levelname, r.exc_info) for r in records] == [("WARNING", None)], records
+        assert "Invalid character in chunk size" in records[0].getMessage()
+    finally:
+        logger.removeFilter(quiet)
+    status, out, _ = http(api, "GET", "/v1/models")
+    assert status == 200 and out["data"]
+
+
 # ---- fuzzing ---------------------------------------------------------------------------------------------------
 
 FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty",
