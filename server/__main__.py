@@ -31,7 +31,7 @@ from models.backends import BACKENDS
 from models.backends.cpu_matmul import MATMULS
 from models.loading.source import cache_root
 from models.loading.tokenizer import read_template
-from server import reasoning
+from server import cohere, reasoning
 from server.protocol import TEMPLATE_OWN
 from server.app import Server
 from server.images import Media
@@ -240,9 +240,11 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--chat-template", "--chat-template-file", default=None, metavar="FILE_OR_TEMPLATE",
                     help="render chats with this Jinja template instead of the model's: a file (.jinja, or JSON with "
                          "a chat_template field) or the template itself (vLLM's flag; llama.cpp's name too)")
-    ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.HARMONY),
-                    default="auto", help="split <think>...</think> (or gpt-oss's analysis channel: openai_gptoss) "
-                    "into reasoning_content (auto: by what the chat template writes)")
+    ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.HARMONY,
+                                                   *cohere.NAMES),
+                    default="auto", help="split <think>...</think> (or gpt-oss's analysis channel: openai_gptoss; "
+                    "Command R7B's and Command A's blocks: cohere_command3, cohere_command4) into reasoning_content "
+                    "(auto: by what the chat template writes)")
     ap.add_argument("--responses-db", default=None, metavar="PATH",
                     help="SQLite file of stored /v1/responses (default: $SPARKLER_CACHE/responses.sqlite)")
     ap.add_argument("--batch-concurrency", type=int, default=0,

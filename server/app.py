@@ -394,7 +394,7 @@ class Server:
 
     def reasoning_tokens(self, job: Job, choice) -> int:
         """Tokens a choice spent thinking: up to and including its block's close (all of them if it never closed)."""
-        if job.thinking is not None and job.thinking.harmony:
+        if job.thinking is not None and job.thinking.form == "harmony":
             return harmony.reasoning_tokens(choice.token_ids, self.vocab.tok.token_texts.__getitem__)
         if job.thinking is None or self.think_ids is None:
             return 0

@@ -566,7 +566,7 @@ class Stream:
         close = self.api.server.think_ids[1] if self.api.server.think_ids else None
         if self.thinking is None:  # the first piece: does the reply open with a block?
             t = self.job.thinking
-            self.thinking = t is not None and not t.harmony and close is not None and (
+            self.thinking = t is not None and t.form != "harmony" and close is not None and (
                 t.opened or bool(entries) and entries[0][0] == self.api.server.think_ids[0])
         if self.thinking:
             ids = [e[0] for e in entries]
@@ -761,7 +761,7 @@ class Responses:
         await self.server.collect(events, call)
         choice = call.reqs[0].choices[0]
         piece = turn.feed(choice.text, choice.finish_reason)
-        harmony = job.thinking is not None and job.thinking.harmony  # (else `Stream.add` finds the block's end)
+        harmony = job.thinking is not None and job.thinking.form == "harmony"  # (else `Stream.add` finds the close)
         piece.entries = choice.logprobs[self.server.reasoning_tokens(job, choice) if harmony else 0:]
         face.add(piece)
         face.closing()

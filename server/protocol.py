@@ -14,7 +14,7 @@ from typing import Any, Callable
 from engine.grammar import (choice_grammar, gbnf_grammar, grammar_text, json_grammar, regex_grammar,
                             structural_tag_grammar)
 from engine.params import DRY_BREAKERS, MAX_BREAKERS, InvalidRequest, SamplingParams
-from server import harmony, images, infill, reasoning, tools
+from server import cohere, harmony, images, infill, reasoning, tools
 from server.reasoning import Thinking
 from server.tools import Tools
 from models import Model, vision
@@ -386,14 +386,16 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                                          job.tools, kwargs, media)
         job.prompts, job.prompt_texts = [ids], [text]
         if thinks:
-            job.thinking = Thinking(reasoning.opens(text), budget, harmony=thinks == "harmony",
-                                    budget_param=budget_param)
-        if thinks == "harmony":  # its channels are special tokens: the reply is read with them, then split
+            opened = reasoning.opens(text, cohere.THINKING[0] if thinks == "cohere" else reasoning.OPEN)
+            job.thinking = Thinking(opened, budget, form=thinks, budget_param=budget_param)
+        if thinks in ("harmony", "cohere"):  # its marks are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
-            if job.tools is not None and job.tools.forced:
-                job.grammar = harmony.call_grammar(job.tools.called())
-            elif job.grammar is not None:
-                job.grammar = harmony.answer_grammar(job.grammar)
+            if job.tools is not None and job.tools.forced and job.tools.raw is None:
+                job.grammar = harmony.call_grammar(job.tools.called()) if thinks == "harmony" else \
+                    cohere.call_grammar(job.tools.called(), job.tools.parallel)
+            elif job.grammar is not None and (thinks == "harmony" or job.tools is None or not job.tools.forced):
+                job.grammar = harmony.answer_grammar(job.grammar) if thinks == "harmony" else \
+                    cohere.answer_grammar(job.grammar, model.tokenizer.chat_template)
     else:
         if body.get("tools") is not None or body.get("functions") is not None:
             raise bad("tools are for chat completions", "tools")

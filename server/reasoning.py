@@ -21,18 +21,19 @@ EFFORTS = ("none", "low", "medium", "high")
 @dataclasses.dataclass(frozen=True)
 class Thinking:
     """What one request asks of a reasoning model: whether its prompt opened a thinking block, and a budget of
-    thinking tokens after which the engine closes the block (None: bounded by max_tokens alone); `harmony`: the
-    model thinks on gpt-oss's analysis channel instead (`server.harmony`)."""
+    thinking tokens after which the engine closes the block (None: bounded by max_tokens alone); `form`: how the
+    reply is read, "think" (`Splitter`), "harmony" (gpt-oss's channels, `server.harmony`) or "cohere" (Command
+    R7B's and Command A's blocks, `server.cohere`)."""
 
     opened: bool = False
     budget: int | None = None
-    harmony: bool = False
+    form: str = "think"
     budget_param: str = "reasoning_effort"  # the field that set the budget (vLLM's `thinking_token_budget` too)
 
 
-def opens(prompt_text: str) -> bool:
-    """Whether a rendered prompt ends by opening a thinking block (the template wrote `<think>` for the model)."""
-    return prompt_text.rstrip().endswith(OPEN)
+def opens(prompt_text: str, tag: str = OPEN) -> bool:
+    """Whether a rendered prompt ends by opening a thinking block (the template wrote `tag` for the model)."""
+    return prompt_text.rstrip().endswith(tag)
 
 
 def template_thinks(chat_template: Any) -> bool:
@@ -120,16 +121,22 @@ def split(text: str, opened: bool = False) -> tuple[str, str]:
 
 def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]:
     """`(how thinking is split out, (open id, close id))` for `--reasoning-parser`: "think" for `<think>` blocks,
-    "harmony" for gpt-oss's channels, None for not at all (auto: by what the chat template writes); the ids are
-    None where a tag is not one token of the vocabulary (no budget then), and for harmony."""
-    if parser not in ("auto", "none", HARMONY, *PARSERS):
-        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {HARMONY}")
-    from server import harmony  # it reads text with `held`
+    "harmony" for gpt-oss's channels, "cohere" for Command R7B's and Command A's blocks, None for not at all (auto:
+    by what the chat template writes); the ids (of the tags that open and close the thinking) are None where a tag
+    is not one token of the vocabulary (no budget then), and for harmony."""
+    from server import cohere, harmony  # they read text with `held`
 
+    if parser not in ("auto", "none", HARMONY, *PARSERS, *cohere.NAMES):
+        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {HARMONY}, "
+                         f"{', '.join(cohere.NAMES)}")
     template = getattr(tokenizer, "chat_template", None)
     if parser == HARMONY or (parser == "auto" and harmony.template_is_harmony(template)):
         return "harmony", None
-    if not (parser in PARSERS or (parser == "auto" and template_thinks(template))):
+    if parser in cohere.NAMES or (parser == "auto" and cohere.template_is_cohere(template)):
+        form, tags = "cohere", cohere.THINKING
+    elif parser in PARSERS or (parser == "auto" and template_thinks(template)):
+        form, tags = "think", (OPEN, CLOSE)
+    else:
         return None, None
-    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (OPEN, CLOSE)]
-    return "think", (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in tags]
+    return form, (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None

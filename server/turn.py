@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from server import harmony, reasoning, tool_calls
+from server import cohere, harmony, reasoning, tool_calls
 from server.protocol import Job
 
 
@@ -31,9 +31,10 @@ class Turn:
 
     def __init__(self, job: Job):
         offered = job.tools is not None and job.tools.offered
-        self.split = None if job.thinking is None else (
-            harmony.Reader(offered) if job.thinking.harmony else reasoning.Splitter(job.thinking.opened))
-        harmonic = job.thinking is not None and job.thinking.harmony  # (gpt-oss writes calls in its own channel)
+        t = job.thinking
+        self.split = None if t is None else harmony.Reader(offered) if t.form == "harmony" else \
+            cohere.Reader(offered, t.opened) if t.form == "cohere" else reasoning.Splitter(t.opened)
+        harmonic = job.thinking is not None and job.thinking.form == "harmony"  # (gpt-oss writes calls in its channel)
         self.raw = job.tools.raw if offered and not harmonic else None  # a named custom tool: the answer is its input
         self.custom = job.tools.custom() if offered else {}
         self.stream = tool_calls.CallStream(job.tools) if offered and self.raw is None else None
