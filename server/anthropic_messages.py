@@ -39,11 +39,11 @@ def error_body(e: ApiError) -> dict:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
 
 
-def _message(m: Any, i: int, last: bool, called: set[str]) -> list[dict]:
+def _message(m: Any, i: int, last: bool, called: set[str], lead: int = 0) -> list[dict]:
     """One Anthropic message as chat messages: tool results become tool turns (before the user's text), tool_use
     blocks the assistant's tool calls (their ids added to `called`, which a later tool_result must name), its
     thinking blocks its reasoning (which templates that interleave thinking with tool calls read back; redacted ones
-    are dropped)."""
+    are dropped). `lead`: text blocks put before the message's own (`_led`), left out of the indices errors name."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
         raise bad(f"{where} must be an object with role 'user' or 'assistant'", "messages")
@@ -55,7 +55,7 @@ def _message(m: Any, i: int, last: bool, called: set[str]) -> list[dict]:
     if not isinstance(content, list):
         raise bad(f"{where}.content must be a string or a list of content blocks", "messages")
     text, calls, results, thought = [], [], [], []
-    for k, b in enumerate(content):
+    for k, b in enumerate(content, start=-lead):  # (the led blocks' indices below 0: they are text)
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
             if not isinstance(b.get("text"), str):
@@ -189,9 +189,11 @@ def chat_body(body: Any, counting: bool = False, interleaved: bool = False) -> d
             text = text_of(m.get("content"), f"messages[{i}].content", "messages")
             (pending if out["messages"] else system).append(text)
             continue
+        lead = 0
         if pending and isinstance(m, dict) and m.get("role") == "user" and m.get("content") not in ("", [], None):
+            lead = len(pending) if isinstance(m.get("content"), list) else 0
             m, pending = {**m, "content": _led(pending, m.get("content"))}, []  # its first text (an empty one: 400)
-        out["messages"] += _message(m, i, i == said[-1] if said else False, called)
+        out["messages"] += _message(m, i, i == said[-1] if said else False, called, lead)
     if not out["messages"]:
         raise bad("'messages' must hold a user or assistant message, not system messages alone", "messages")
     if pending and out["messages"][-1]["role"] == "assistant" and not out["messages"][-1].get("tool_calls"):

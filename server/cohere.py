@@ -27,7 +27,7 @@ ACTION = ("<|START_ACTION|>", "<|END_ACTION|>")
 RESPONSE, TEXT = ("<|START_RESPONSE|>", "<|END_RESPONSE|>"), ("<|START_TEXT|>", "<|END_TEXT|>")
 BLOCKS = {THINKING[0]: ("reasoning", THINKING[1]), ACTION[0]: ("action", ACTION[1]),
           RESPONSE[0]: ("answer", RESPONSE[1]), TEXT[0]: ("answer", TEXT[1])}
-CITED = re.compile(r"<co>|</co:[^>]*>")  # a grounded span's marks (the text between them stays)
+CITED = re.compile(r"<co>|</co:[^<>]*>")  # a grounded span's marks (the text between them stays)
 NAMES = ("cohere_command3", "cohere_command4")  # vLLM's parser names; both are read alike here
 
 
@@ -47,6 +47,7 @@ def _cite_tail(text: str) -> int:
     k = text.rfind("<")
     tail = text[k:] if k >= 0 else ""
     if tail and ("<co>".startswith(tail) or "</co:".startswith(tail) or tail.startswith("</co:") and ">" not in tail):
+        # (a mark holds no `<`: an earlier one left open is text)
         return len(tail)
     return 0
 
@@ -110,7 +111,7 @@ class Reader:
         tools were offered)."""
         try:
             calls = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a model stuck writing `[`)
             return text.strip()
         if not self.calls or not isinstance(calls, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("tool_name"), str) for c in calls):

@@ -390,9 +390,9 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             job.thinking = Thinking(opened, budget, form=thinks, budget_param=budget_param)
         if thinks in ("harmony", "cohere"):  # its marks are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
-            if job.tools is not None and job.tools.forced and job.tools.raw is None:
+            if job.tools is not None and job.tools.forced and (thinks == "harmony" or job.tools.raw is None):
                 job.grammar = harmony.call_grammar(job.tools.called()) if thinks == "harmony" else \
-                    cohere.call_grammar(job.tools.called(), job.tools.parallel)
+                    cohere.call_grammar(job.tools.called(), job.tools.parallel and job.tools.target is None)
             elif job.grammar is not None and (thinks == "harmony" or job.tools is None or not job.tools.forced):
                 job.grammar = harmony.answer_grammar(job.grammar) if thinks == "harmony" else \
                     cohere.answer_grammar(job.grammar, model.tokenizer.chat_template)

@@ -644,6 +644,10 @@ def test_messages_errors_take_anthropics_shape(api, claude):
                                                         "messages": [*HELLO, call, result]})
     assert status == 400 and out["error"]["message"].startswith("messages[2].content[0]"), out  # its own index
     assert "'t2'" in out["error"]["message"] and "role 'tool'" not in out["error"]["message"]
+    note = {"role": "system", "content": "Be brief."}  # a mid-conversation system message, led into the result's turn
+    status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "tools": tools,
+                                                        "messages": [*HELLO, call, note, result]})
+    assert status == 400 and out["error"]["message"].startswith("messages[3].content[0]"), out
     status, out, _ = http(api, "POST", "/v1/messages", {"max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {}}]}]})
     assert status == 400 and "image" in out["error"]["message"]

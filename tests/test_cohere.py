@@ -60,6 +60,8 @@ REPLIES = {  # text -> (reasoning, answer): vLLM's expectations for its examples
     f"{THINK}Cut off by max_tok": ("Cut off by max_tok", ""),
     f"{THINK}a{THOUGHT}{ACT}[{{\"tool_name\": \"foo\", \"param": ("a", '[{"tool_name": "foo", "param'),  # cut off
     f"{SAY}a < b, and </co x{SAID}": ("", "a < b, and </co x"),
+    f"{SAY}a </co: <co> b{SAID}": ("", "a </co:  b"),  # a mark holds no `<`: the one left open is text
+    "foo</co: 0:[1] and <co>bar</co: 0:[2]>": ("", "foo</co: 0:[1] and bar"),
     "": ("", ""),
 }
 
@@ -81,6 +83,7 @@ def test_a_command_reply_is_read_into_reasoning_answer_and_calls():
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"query": "query1"}, {"x": 42}]
     assert _read([ONE], calls=False)[1] == ONE[ONE.index(ACT) + len(ACT):ONE.index(ACTED)].strip()  # no tools
     assert cohere.Reader(opened=True).feed(f"mid-thought{THOUGHT}{SAY}Hi{SAID}", True) == ("mid-thought", "Hi")
+    assert cohere.Reader().feed(ACT + "[" * 5000 + ACTED, True) == ("", "[" * 5000)  # too deep for json: text
 
 
 @settings(max_examples=80, deadline=None)
@@ -143,12 +146,13 @@ def test_structured_output_after_a_budgeted_thought_through_the_openai_client(co
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_a_forced_call_is_an_action_block(command, choice):
-    """`tool_choice` `required` or a named function: one action block whose call names an offered function (the
-    named one) with arguments its parameters accept, returned as a tool call, whole and streamed; the call then
-    goes back into the next prompt as the template writes it."""
+    """`tool_choice` `required` (without parallel calls) or a named function (with them: a named function is called
+    once): one action block whose call names an offered function (the named one) with arguments its parameters
+    accept, returned as a tool call, whole and streamed; the call then goes back into the next prompt as the
+    template writes it."""
     client = openai.OpenAI(base_url=command.url + "/v1", api_key="x", max_retries=0)
     body = dict(model="command", messages=ASK, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=6,
-                max_tokens=80, parallel_tool_calls=False, extra_body={"return_token_ids": True})
+                max_tokens=80, parallel_tool_calls=isinstance(choice, dict), extra_body={"return_token_ids": True})
     r = client.chat.completions.create(**body)
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content is None, msg

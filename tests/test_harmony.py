@@ -142,6 +142,18 @@ def test_gpt_oss_channels_through_the_openai_client(oss):
     assert raw.choices[0].text == f"{CHANNEL}analysis{MESSAGE}ab"  # completions: the grammar as given, no channels read
 
 
+def test_a_forced_custom_tool_is_a_message_to_it(oss):
+    """A named custom tool under `tool_choice`: after the analysis, one commentary message to it, returned as a custom
+    tool call with its input."""
+    client = openai.OpenAI(base_url=oss.url + "/v1", api_key="x", max_retries=0)
+    shell = {"type": "custom", "custom": {"name": "shell"}}
+    r = client.chat.completions.create(model="oss", messages=ASK, tools=[shell], tool_choice=shell, temperature=1.0,
+                                       seed=6, max_tokens=80, logit_bias=_end_soon(oss))
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.type == "custom" and call.custom.name == "shell"
+    assert isinstance(call.custom.input, str)
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_a_forced_call_is_a_message_to_the_function(oss, choice):
     """`tool_choice` `required` or a named function: after the analysis, one commentary message to
