@@ -121,7 +121,7 @@ class ModelConfig:
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
         OLMo 2/3, EXAONE 4, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Arcee, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2/3-MoE,
-        DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        OLMoE, Granite MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]  # (a multimodal folder's text model: `source._as_multimodal`)
@@ -159,7 +159,9 @@ class ModelConfig:
         if act not in ("silu", "gelu", "gelu_tanh", "relu2", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
-        olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM")  # q/k norms over all heads
+        if d.get("clip_qkv") is not None:
+            raise NotImplementedError(f"{arch} with clip_qkv is not supported yet")
         glm = arch in ("Glm4ForCausalLM", "Glm4MoeForCausalLM")
         cohere = arch in ("CohereForCausalLM", "Cohere2ForCausalLM")
         starcoder, phi = arch == "Starcoder2ForCausalLM", arch == "PhiForCausalLM"
@@ -307,7 +309,8 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
     if not experts:
         return {}
-    mixtral = arch in ("MixtralForCausalLM", "GptOssForCausalLM")  # every layer routed, top-k renormalized
+    mixtral = arch in ("MixtralForCausalLM", "GptOssForCausalLM", "GraniteMoeForCausalLM",
+                       "GraniteMoeSharedForCausalLM")  # every layer routed, top-k renormalized
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
     first = d.get("first_k_dense_replace") or 0
     inter = d.get("moe_intermediate_size") or d["intermediate_size"]
@@ -317,6 +320,8 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                shared_expert_gate=bool(d.get("shared_expert_intermediate_size")),
                moe_layers=tuple(i >= first and i not in dense and (mixtral or (i + 1) % step == 0)
                                 for i in range(layers)))
+    if arch == "GraniteMoeSharedForCausalLM":  # an ungated shared expert
+        out.update(shared_expert_size=d.get("shared_intermediate_size") or 0, shared_expert_gate=False)
     if arch == "GptOssForCausalLM":  # top-k of the logits, softmaxed: Mixtral's weights; biases everywhere
         out.update(router_bias=True, expert_bias=True)
     if arch.startswith("Deepseek") or arch == "Glm4MoeForCausalLM":  # scaled weights, ungated shared experts

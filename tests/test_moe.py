@@ -70,6 +70,18 @@ def _config(kind: str, vocab: int = 256):
             routed_scaling_factor=1.5, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=12, rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
                                                 mscale=0.707, mscale_all_dim=0.707, rope_theta=10000.0))
+    if kind == "olmoe":  # q/k norms over all heads, top-3 of 8 softmax scores not renormalized
+        return transformers.OlmoeConfig(**common, num_hidden_layers=2, num_experts=8, num_experts_per_tok=3,
+                                        norm_topk_prob=False)
+    if kind == "granite-moe":  # Granite's multipliers, top-2 of 4 logits softmaxed, the experts fused
+        return transformers.GraniteMoeConfig(**common, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                             embedding_multiplier=3.0, residual_multiplier=0.5,
+                                             attention_multiplier=0.25, logits_scaling=2.5)
+    if kind == "granite-moe-shared":  # ... and an ungated shared expert beside them
+        return transformers.GraniteMoeSharedConfig(**common, num_hidden_layers=2, num_local_experts=4,
+                                                   num_experts_per_tok=2, shared_intermediate_size=48,
+                                                   embedding_multiplier=3.0, residual_multiplier=0.5,
+                                                   attention_multiplier=0.25, logits_scaling=2.5)
     if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
         # without truncation, top-2 of 4 experts softmaxed
         return transformers.GptOssConfig(**common, num_hidden_layers=2, head_dim=16, num_local_experts=4,
@@ -183,7 +195,8 @@ def test_deepseek_router_matches_transformers(version):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
-                                  "deepseek-v3-plain", "glm4-moe", "gpt-oss"])
+                                  "deepseek-v3-plain", "glm4-moe", "gpt-oss", "olmoe", "granite-moe",
+                                  "granite-moe-shared"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
@@ -501,33 +514,43 @@ def _write_experts(w, sd: dict, i: int, inter: int) -> None:
     w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
 
 
-@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "olmoe", "granite-moe", "granite-moe-shared"])
 def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
-    """A Qwen3-MoE (`qwen3moe`) or a Mixtral (a `llama` GGUF with experts, q/k rows permuted) written as llama.cpp's
-    GGUF (`ffn_*_exps`, `ffn_gate_inp`, expert metadata) gives the HF folder's config and logits."""
+    """A Qwen3-MoE (`qwen3moe`), a Mixtral (a `llama` GGUF with experts, q/k rows permuted), an OLMoE (`olmoe`) or
+    a Granite MoE with and without a shared expert (`granitemoe`, q/k rows permuted, the multipliers as metadata)
+    written as llama.cpp's GGUF (`ffn_*_exps`, `ffn_gate_inp`, `ffn_*_shexp`, expert metadata) gives the HF folder's
+    config and logits."""
     gguf = pytest.importorskip("gguf")
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     cfg = ref.config
-    mixtral = kind == "mixtral"
+    granite = kind.startswith("granite")
+    mixtral = kind == "mixtral" or granite  # experts as wide as the dense MLP, q and k permuted
     path = str(tmp_path / f"tiny-{kind}.gguf")
-    w = gguf.GGUFWriter(path, "llama" if mixtral else "qwen3moe")
+    w = gguf.GGUFWriter(path, {"mixtral": "llama", "qwen3-moe": "qwen3moe", "olmoe": "olmoe"}.get(kind, "granitemoe"))
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_expert_count(cfg.num_local_experts if mixtral else cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    inter = cfg.intermediate_size if mixtral else cfg.moe_intermediate_size
+    inter = cfg.intermediate_size if mixtral or kind == "olmoe" else cfg.moe_intermediate_size
     if not mixtral:
         w.add_expert_feed_forward_length(inter)
+    if granite:
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
+    if kind == "granite-moe-shared":
+        w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
@@ -537,6 +560,11 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
              "mlp.gate": "ffn_gate_inp"}
     if not mixtral:
         names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    if granite:  # transformers' own module names (its checkpoints': `block_sparse_moe.router.layer`, ...)
+        names["block_sparse_moe.router"] = names.pop("mlp.gate")
+        for i in range(cfg.num_hidden_layers):
+            for part in ("gate_up_proj", "down_proj"):
+                sd[f"model.layers.{i}.mlp.experts.{part}"] = sd[f"model.layers.{i}.block_sparse_moe.experts.{part}"]
     if mixtral:  # llama.cpp permutes a llama GGUF's q and k rows for its RoPE
         for i in range(cfg.num_hidden_layers):
             q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
@@ -549,6 +577,11 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
         for hf, gg in names.items():
             w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{pre}{hf}.weight"])
         _write_experts(w, sd, i, inter)
+        if kind == "granite-moe-shared":
+            gate, up = np.split(sd[f"{pre}shared_mlp.input_linear.weight"], 2)
+            w.add_tensor(f"blk.{i}.ffn_gate_shexp.weight", gate)
+            w.add_tensor(f"blk.{i}.ffn_up_shexp.weight", up)
+            w.add_tensor(f"blk.{i}.ffn_down_shexp.weight", sd[f"{pre}shared_mlp.output_linear.weight"])
     close_gguf(w)
     assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 

@@ -390,7 +390,7 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
               "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
-              "exaone4": "Exaone4ForCausalLM"}
+              "exaone4": "Exaone4ForCausalLM", "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -463,7 +463,8 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                  for k in ("long", "short")}
         d["rope_scaling"] = {"rope_type": "longrope", "attention_factor": g("rope.scaling.attn_factor"),
                              "original_max_position_embeddings": g("rope.scaling.original_context_length"), **lists}
-    if arch == "granite":  # the multipliers as the checkpoint's config names them (the logits are divided)
+    if arch in ("granite", "granitemoe"):  # the multipliers as the checkpoint's config names them (the logits are
+        # divided)
         d.update(embedding_multiplier=g("embedding_scale", 1.0), residual_multiplier=g("residual_scale", 1.0),
                  attention_multiplier=g("attention.scale", 0.0), logits_scaling=g("logit_scale", 1.0))
     if arch == "olmo2" and window:  # OLMo 3: a window on the layers its pattern marks
@@ -499,6 +500,9 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                  shared_expert_intermediate_size=g("expert_shared_feed_forward_length") or 0,
                  norm_topk_prob=g("expert_weights_norm", arch == "qwen3moe"))
         d["intermediate_size"] = d["intermediate_size"] or d["moe_intermediate_size"]
+        if arch == "granitemoe" and d["shared_expert_intermediate_size"]:  # Granite 4.0's shared expert
+            d.update(architectures=["GraniteMoeSharedForCausalLM"],
+                     shared_intermediate_size=d.pop("shared_expert_intermediate_size"))
     if arch == "deepseek2":
         d.update(_deepseek2_config(g, d))
     if arch == "gpt-oss":  # biased attention, sliding layers first; its checkpoints' YaRN does not truncate
