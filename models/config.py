@@ -58,7 +58,8 @@ class ModelConfig:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalize the top-k routing weights
-    scoring: str = "softmax"  # router scores: softmax, or sigmoid (DeepSeek-V3, with a selection bias)
+    scoring: str = "softmax"  # router scores: softmax, or sigmoid (DeepSeek-V3)
+    selection_bias: bool = False  # the choice ranks the scores plus a learned bias (DeepSeek-V3's, ERNIE 4.5's)
     expert_groups: int = 1  # DeepSeek: experts in groups; tokens pick `top_groups` groups first, ranked by
     top_groups: int = 1
     group_score: str = "top2"  # the sum of their two best scores (V3) or their best (V2's group_limited_greedy)
@@ -121,7 +122,7 @@ class ModelConfig:
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
         OLMo 2/3, EXAONE 4, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Arcee, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2/3-MoE,
-        OLMoE, Granite MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        OLMoE, Granite MoE, ERNIE 4.5 MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]  # (a multimodal folder's text model: `source._as_multimodal`)
@@ -168,7 +169,10 @@ class ModelConfig:
         if (cohere and d.get("use_qk_norm")) or (phi and d.get("qk_layernorm")):
             raise NotImplementedError(f"{arch} with q/k LayerNorms is not supported yet")
         # `use_bias`: StarCoder2's (default on) and ERNIE 4.5's (default off) biases on every projection
-        use_bias = bool(d.get("use_bias", starcoder)) and arch in ("Starcoder2ForCausalLM", "Ernie4_5ForCausalLM")
+        ernie = arch in ("Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM")
+        use_bias = bool(d.get("use_bias", starcoder)) and (starcoder or ernie)
+        if ernie and use_bias:
+            raise NotImplementedError(f"{arch} with use_bias is not supported yet (its LM head is biased too)")
         bias = (bool(d.get("qkv_bias", True)) if qwen2 else phi or use_bias or bool(d.get("attention_bias", False)))
         # the output projection's: Seed-OSS says apart; HF's `attention_bias` covers it but for Qwen2's and GLM's
         o_bias = d["attention_out_bias"] if "attention_out_bias" in d else bias and not (qwen2 or glm)
@@ -215,7 +219,7 @@ class ModelConfig:
             rope_local=rope_local,
             # the rotary dims in interleaved pairs: GLM-4's; MLA's by the config (V2 rotates them as complex numbers)
             rope_interleave=(bool(d.get("rope_interleave", True)) or arch == "DeepseekV2ForCausalLM") if mla
-            else arch in ("Glm4ForCausalLM", "Ernie4_5ForCausalLM") or cohere,
+            else arch == "Glm4ForCausalLM" or ernie or cohere,
             # SmolLM3's every fourth layer turns nothing, nor do Cohere 2's and EXAONE 4's full-attention layers
             layer_rope=(_no_rope(d, layers) if arch == "SmolLM3ForCausalLM" else sliding if hybrid else ()),
             dtype=dtype,
@@ -306,9 +310,16 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     Qwen-MoE's `num_experts` with `decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob` and Qwen2-MoE's
     shared expert, or DeepSeek's and GLM-4.5's `n_routed_experts` after `first_k_dense_replace` dense layers, with
     shared experts and their routing (below)."""
-    experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0
+    experts = (d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts")
+               or d.get("moe_num_experts") or 0)
     if not experts:
         return {}
+    if arch == "Ernie4_5_MoeForCausalLM":  # MoE layers every `moe_layer_interval` from its start to its end index
+        end = d.get("moe_layer_end_index", -1)
+        d = {**d, "first_k_dense_replace": d.get("moe_layer_start_index", 1),
+             "decoder_sparse_step": d.get("moe_layer_interval") or 1,
+             "num_experts_per_tok": d.get("moe_k") or d.get("num_experts_per_tok"),
+             "mlp_only_layers": range((layers - 1 if end == -1 else end) + 1, layers)}
     mixtral = arch in ("MixtralForCausalLM", "GptOssForCausalLM", "GraniteMoeForCausalLM",
                        "GraniteMoeSharedForCausalLM")  # every layer routed, top-k renormalized
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
@@ -329,7 +340,12 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                    shared_expert_size=inter * (d.get("n_shared_experts") or 0))
     if arch in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"):  # sigmoid scores with a selection bias, groups
         # ranked by their top-2 sum
-        out.update(scoring="sigmoid", expert_groups=d.get("n_group") or 1, top_groups=d.get("topk_group") or 1)
+        out.update(scoring="sigmoid", selection_bias=True, expert_groups=d.get("n_group") or 1,
+                   top_groups=d.get("topk_group") or 1)
+    if arch == "Ernie4_5_MoeForCausalLM":  # softmax scores with a selection bias, renormalized; ungated shared experts
+        out.update(selection_bias=True, norm_topk_prob=True, shared_expert_gate=False,
+                   shared_expert_size=inter * (d.get("moe_num_shared_experts") or 0)
+                   or d.get("shared_expert_intermediate_size") or 0)  # (a GGUF's: their width together)
     if arch == "DeepseekV2ForCausalLM":  # softmax scores, greedy or by groups ranked by their best, not renormalized
         grouped = d.get("topk_method") == "group_limited_greedy"
         out.update(norm_topk_prob=False, group_score="max", expert_groups=(d.get("n_group") or 1) if grouped else 1,

@@ -82,6 +82,12 @@ def _config(kind: str, vocab: int = 256):
                                                    num_experts_per_tok=2, shared_intermediate_size=48,
                                                    embedding_multiplier=3.0, residual_multiplier=0.5,
                                                    attention_multiplier=0.25, logits_scaling=2.5)
+    if kind.startswith("ernie4.5-moe"):  # MoE layers every other from 1 to 3 (layer 5 would be one but for the end
+        # index, which a GGUF cannot say): softmax scores, the choice biased, renormalized; shared experts; RoPE in
+        # interleaved pairs
+        end = dict(num_hidden_layers=4) if kind.endswith("gguf") else dict(num_hidden_layers=6, moe_layer_end_index=3)
+        return transformers.Ernie4_5_MoeConfig(**common, **end, moe_intermediate_size=32, moe_num_experts=8, moe_k=3,
+                                               moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=2)
     if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
         # without truncation, top-2 of 4 experts softmaxed
         return transformers.GptOssConfig(**common, num_hidden_layers=2, head_dim=16, num_local_experts=4,
@@ -196,13 +202,14 @@ def test_deepseek_router_matches_transformers(version):
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
                                   "deepseek-v3-plain", "glm4-moe", "gpt-oss", "olmoe", "granite-moe",
-                                  "granite-moe-shared"])
+                                  "granite-moe-shared", "ernie4.5-moe"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     groups = {"qwen2-moe": ["layers_0", "layers_1", "layers_2"], "deepseek-v2": ["layers_0", "layers_1-2"]}
     groups |= {k: groups["deepseek-v2"] for k in ("deepseek-v3", "deepseek-v3-plain", "glm4-moe")}
+    groups["ernie4.5-moe"] = ["layers_0", "layers_1", "layers_2", "layers_3", "layers_4-5"]  # MoE at 1 and 3
     assert [g[2] for g in layer_groups(ours.cfg, ours.module.scan)] == groups.get(kind, ["layers"])
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
@@ -582,6 +589,56 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
             w.add_tensor(f"blk.{i}.ffn_gate_shexp.weight", gate)
             w.add_tensor(f"blk.{i}.ffn_up_shexp.weight", up)
             w.add_tensor(f"blk.{i}.ffn_down_shexp.weight", sd[f"{pre}shared_mlp.output_linear.weight"])
+    close_gguf(w)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
+
+
+def test_gguf_ernie_moe_equals_the_hf_folder(tmp_path, monkeypatch):
+    """ERNIE 4.5 MoE as llama.cpp's `ernie4_5-moe` GGUF: MoE layers from `leading_dense_block_count` every
+    `interleave_moe_layer_step`, the router's selection bias (`exp_probs_b`, as a vector), shared experts as one
+    `*_shexp` MLP of their width together, q and k as the checkpoint has them, give the HF folder's config and
+    logits."""
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model("ernie4.5-moe-gguf", str(tmp_path / "hf"))
+    cfg, path = ref.config, str(tmp_path / "tiny-ernie.gguf")
+    w = gguf.GGUFWriter(path, "ernie4_5-moe")
+    head = cfg.hidden_size // cfg.num_attention_heads
+    inter = cfg.moe_intermediate_size
+    for add, value in ((w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+                       (w.add_key_length, head), (w.add_value_length, head),
+                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_rope_freq_base, cfg.rope_parameters["rope_theta"]),
+                       (w.add_expert_count, cfg.moe_num_experts), (w.add_expert_used_count, cfg.moe_k),
+                       (w.add_expert_feed_forward_length, inter),
+                       (w.add_expert_shared_feed_forward_length, inter * cfg.moe_num_shared_experts),
+                       (w.add_interleave_moe_layer_step, cfg.moe_layer_interval),
+                       (w.add_leading_dense_block_count, cfg.moe_layer_start_index),
+                       (w.add_vocab_size, cfg.vocab_size)):
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "mlp.gate.weight": "ffn_gate_inp.weight",
+             "mlp.gate.moe_statics.e_score_correction_bias": "exp_probs_b.bias"}
+    names |= {f"self_attn.{p}_proj.weight": f"attn_{n}.weight" for p, n in (("q", "q"), ("k", "k"), ("v", "v"),
+                                                                            ("o", "output"))}
+    for p in ("gate", "up", "down"):
+        names |= {f"mlp.{p}_proj.weight": f"ffn_{p}.weight",
+                  f"mlp.shared_experts.{p}_proj.weight": f"ffn_{p}_shexp.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in names.items():
+            if f"model.layers.{i}.{hf}" in sd:
+                w.add_tensor(f"blk.{i}.{name}", sd[f"model.layers.{i}.{hf}"].reshape(
+                    -1 if "bias" in name else sd[f"model.layers.{i}.{hf}"].shape))
+        if f"model.layers.{i}.mlp.experts.down_proj" in sd:
+            _write_experts(w, sd, i, cfg.moe_intermediate_size)
     close_gguf(w)
     assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 

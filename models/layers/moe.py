@@ -224,8 +224,9 @@ def expert_parallel(rows, weights, ids, ws, biases, glu, tile, layer, mesh_shape
 
 class Router(nn.Module):
     """The router `gate`: a float `weight [experts, hidden]` applied in float32 (never quantized: it is small and
-    decides everything), gpt-oss's `bias` on its logits, and DeepSeek-V3's selection bias where the scores are
-    sigmoids. gpt-oss softmaxes the top-k logits: the same weights as Mixtral's renormalized top-k softmax."""
+    decides everything), gpt-oss's `bias` on its logits, and the selection bias of DeepSeek-V3 (sigmoid scores) and
+    ERNIE 4.5 (softmax scores). gpt-oss softmaxes the top-k logits: the same weights as Mixtral's renormalized
+    top-k softmax."""
 
     cfg: ModelConfig
 
@@ -241,7 +242,7 @@ class Router(nn.Module):
         if cfg.router_bias:  # gpt-oss: a bias on the logits themselves
             logit_bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("router",)),
                                     (cfg.num_experts,), jnp.dtype(cfg.dtype)).astype(jnp.float32)
-        if cfg.scoring == "sigmoid":
+        if cfg.selection_bias:
             bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                       ("router",)),
                               (cfg.num_experts,), jnp.float32)

@@ -390,7 +390,8 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "cohere2": "Cohere2ForCausalLM", "phi2": "PhiForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
               "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
-              "exaone4": "Exaone4ForCausalLM", "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
+              "exaone4": "Exaone4ForCausalLM", "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+              "ernie4_5-moe": "Ernie4_5_MoeForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -486,6 +487,9 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
     if arch == "seed_oss":  # biased q/k/v; the output's bias apart
         d.update(attention_bias="blk.0.attn_q.bias" in tensors,
                  attention_out_bias="blk.0.attn_output.bias" in tensors)
+    if arch == "ernie4_5-moe":  # MoE layers from the leading dense ones, every `step`; its shared experts as one
+        d.update(moe_layer_start_index=g("leading_dense_block_count", 0),
+                 moe_layer_interval=g("interleave_moe_layer_step", 1))
     if arch == "ernie4_5":  # biases on every projection, or none
         d["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch == "starcoder2":  # biases where the file has them; llama.cpp's files keep no window (nor does it use one)
