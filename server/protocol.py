@@ -108,7 +108,7 @@ def decode_json(raw: bytes) -> Any:
 NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "temperature": (float, 0.0, 2.0),
     "top_p": (float, 0.0, 1.0),
-    "top_k": (int, 0, None),
+    "top_k": (int, -1, None),  # 0 and vLLM's -1: the whole vocabulary
     "min_p": (float, 0.0, 1.0),
     "typical_p": (float, 0.0, 1.0),
     "frequency_penalty": (float, -2.0, 2.0),
@@ -256,7 +256,8 @@ def sampling(body: dict, bounds: dict | None = None) -> SamplingParams:
     num = {name: _number(body, name, bounds) for name in NUMBERS}
     max_tokens = num["max_completion_tokens"] if num["max_completion_tokens"] is not None else num["max_tokens"]
     return SamplingParams(
-        max_tokens=max_tokens, temperature=num["temperature"], top_p=num["top_p"], top_k=num["top_k"],
+        max_tokens=max_tokens, temperature=num["temperature"], top_p=num["top_p"],
+        top_k=None if num["top_k"] is None else max(num["top_k"], 0),
         min_p=num["min_p"], typical_p=num["typical_p"], repetition_penalty=num["repetition_penalty"],
         frequency_penalty=num["frequency_penalty"] or 0.0, presence_penalty=num["presence_penalty"] or 0.0,
         logit_bias=_logit_bias(body.get("logit_bias")), ignore_eos=_flag(body, "ignore_eos"),

@@ -566,6 +566,20 @@ def test_vllms_truncate_prompt_tokens(api, client):
         assert e.value.body["param"] == "truncate_prompt_tokens"
 
 
+def test_vllms_top_k_of_minus_one_is_the_whole_vocabulary(client):
+    """vLLM's `top_k: -1` (as its clients send for "no top-k") is 0's setting, over the served default's 40, and the
+    seeded draws follow it (the prompt is cached before the ones compared: a cached prompt's logits may differ in the
+    last bits)."""
+    from server.protocol import sampling
+
+    assert sampling({"top_k": -1}).top_k == sampling({"top_k": 0}).top_k == 0
+    draw = lambda k: client.completions.create(  # noqa: E731
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=1.0, seed=11,
+        extra_body={"top_k": k}).choices[0].text
+    draw(0)
+    assert draw(-1) == draw(0) != draw(1)
+
+
 def test_vllms_bad_words(api, client):
     """vLLM's bad_words through the `openai` client: the greedy reply never holds a word's tokens as vLLM tokenizes
     it (the text, and after a space), and leaves where the free reply said them; bad values are 400s."""
@@ -663,7 +677,7 @@ BAD = [  # (path, body (dict) or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": HELLO, "top_p": 1.5}, 400, "top_p"),
-    ("/v1/chat/completions", {"messages": HELLO, "top_k": -1}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_k": -2}, 400, "top_k"),  # (-1 is vLLM's whole vocabulary)
     ("/v1/chat/completions", {"messages": HELLO, "top_k": 2.5}, 400, "top_k"),
     ("/v1/chat/completions", {"messages": HELLO, "min_p": 1.1}, 400, "min_p"),
     ("/v1/chat/completions", {"messages": HELLO, "typical_p": 0}, 400, "typical_p"),
