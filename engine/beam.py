@@ -103,4 +103,5 @@ def advance(ran: list[tuple[BeamSearch, list[int]]], logprobs: list[list[tuple]]
 
 def text(tokenizer, beam: Beam, skip_special_tokens: bool = True) -> str:
     """A finished beam's text (its EOS left out), decoded as a stream's is (`engine.detok`)."""
-    return Detok(tokenizer, skip_special_tokens).add(beam.tokens[:-1] if beam.ended else beam.tokens)
+    detok = Detok(tokenizer, skip_special_tokens)
+    return detok.add(beam.tokens[:-1] if beam.ended else beam.tokens) + detok.flush()

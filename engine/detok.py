@@ -26,6 +26,17 @@ class Detok:
             text = "".join(self._window([t], keep=True) or "" for t in tokens)
         return text
 
+    def flush(self) -> str:
+        """The text of the tokens still held at the end of the stream (an unfinished UTF-8 character that now never
+        finishes: its replacement characters, as llama.cpp's server sends them); nothing is held after it."""
+        if self.read == len(self.ids):
+            return ""
+        decode = self.tok.decode
+        before = decode(self.ids[:self.read], skip_special_tokens=self.skip)
+        after = decode(self.ids, skip_special_tokens=self.skip)
+        self.ids, self.read = [], 0
+        return after[len(before):]
+
     def _window(self, tokens: list[int], keep: bool = False, whole: bool = False) -> str | None:
         """Take `tokens` and return the text they add, or None while it would end in an unfinished character
         (taking them only when `keep`). `whole`: None also when the window's text holds a replacement character

@@ -298,8 +298,8 @@ class SGLang:
                 rid = body.get("rid")
                 names = _names(rid, len(job.prompts)) if rid is not None else None  # checked before admitting
                 parts, events = self.server.admit(job, call, "")
-            except ApiError as e:
-                raise e.renamed(NAMES) from None
+            except ApiError as e:  # (the prompt is `input_ids` where the body gave token ids)
+                raise e.renamed({**NAMES, "prompt": "text" if "input_ids" not in body else "input_ids"}) from None
             names = names or _names(call.rid, len(job.prompts))
             n = job.params.n
             samples = [Sample(self.server, call, part, req, c, names[i] if n == 1 else f"{names[i]}_{c.index}",

@@ -1006,7 +1006,7 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     for bad, param in (({"text": text, "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
                        ({"text": text, "sampling_params": {"best": 1}}, "sampling_params.best"),
                        ({"sampling_params": {}}, "text"), ({"text": text, "input_ids": [1]}, "text"),
-                       ({"input_ids": []}, "input_ids"), ({"text": 5}, "text"),
+                       ({"input_ids": []}, "input_ids"), ({"input_ids": [10 ** 6]}, "input_ids"), ({"text": 5}, "text"),
                        ({"text": [text, "Hi"], "sampling_params": [{"n": 1}, {"n": 2}]}, "sampling_params"),
                        ({"text": [text, "Hi"], "rid": ["a"]}, "rid"),
                        ({"text": text, "top_logprobs_num": 50}, "top_logprobs_num"),

@@ -566,6 +566,21 @@ def test_vllms_truncate_prompt_tokens(api, client):
         assert e.value.body["param"] == "truncate_prompt_tokens"
 
 
+def test_tokens_of_a_character_that_never_finishes_come_out_as_replacement_characters(api, client):
+    """Tokens that are lone UTF-8 continuation bytes (forced by a logit bias) are held while a character may still
+    finish, and at the end come out as the tokenizer decodes them, U+FFFD each, whole and streamed (they were
+    dropped: an empty text beside six tokens)."""
+    tok = api.model.tokenizer
+    stray = [i for i in range(256, 0, -1) if tok.decode([i]) == "\ufffd"][:2]
+    body = dict(model=MODEL, prompt="hi", max_tokens=6, temperature=0, logit_bias={str(i): 100 for i in stray},
+                extra_body={"return_token_ids": True})
+    r = client.completions.create(**body)
+    ids = r.choices[0].model_extra["token_ids"]
+    assert set(ids) <= set(stray) and r.choices[0].text == tok.decode(ids) == "\ufffd" * 6
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
 def test_vllms_top_k_of_minus_one_is_the_whole_vocabulary(client):
     """vLLM's `top_k: -1` (as its clients send for "no top-k") is 0's setting, over the served default's 40, and the
     seeded draws follow it (the prompt is cached before the ones compared: a cached prompt's logits may differ in the
