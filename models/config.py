@@ -122,7 +122,7 @@ class ModelConfig:
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
         OLMo 2/3, EXAONE 4, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Arcee, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2/3-MoE,
-        OLMoE, Granite MoE, ERNIE 4.5 MoE, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        OLMoE, Granite MoE, ERNIE 4.5 MoE, MiniMax-M2, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]  # (a multimodal folder's text model: `source._as_multimodal`)
@@ -147,7 +147,8 @@ class ModelConfig:
         if not any(sliding):
             window = 0
         full, local = _rope_params(d, arch)
-        partial = full.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
+        partial = (full.get("partial_rotary_factor") or d.get("partial_rotary_factor")
+                   or (d["rotary_dim"] / head_dim if d.get("rotary_dim") else 1.0))  # (MiniMax-M2's `rotary_dim`)
         rotary = d["qk_rope_head_dim"] if mla else int(head_dim * partial)
         rope_global, rope_local = (_inv_freq(p, rotary, d, context) for p in (full, local))
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
@@ -160,7 +161,8 @@ class ModelConfig:
         if act not in ("silu", "gelu", "gelu_tanh", "relu2", "clamped_swiglu"):
             raise NotImplementedError(f"activation {act!r} is not supported")
         qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
-        olmo = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM")  # q/k norms over all heads
+        # q/k norms over all heads' values together
+        whole_qk = arch in ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "MiniMaxM2ForCausalLM")
         if d.get("clip_qkv") is not None:
             raise NotImplementedError(f"{arch} with clip_qkv is not supported yet")
         glm = arch in ("Glm4ForCausalLM", "Glm4MoeForCausalLM")
@@ -197,9 +199,9 @@ class ModelConfig:
             attention_bias=bias,
             o_bias=bool(o_bias),
             attn_sinks=gpt_oss,
-            qk_norm=(arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Exaone4ForCausalLM") or gemma or olmo
+            qk_norm=(arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Exaone4ForCausalLM") or gemma or whole_qk
                      or bool(d.get("use_qk_norm"))),
-            qk_norm_whole=olmo,
+            qk_norm_whole=whole_qk,
             norm_offset=1.0 if gemmas else 0.0,
             sandwich_norms=sandwich,
             embed_scale=float(np.float32(d["hidden_size"] ** 0.5)) if gemmas else d.get("embedding_multiplier") or 1.0,
@@ -321,7 +323,7 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
              "num_experts_per_tok": d.get("moe_k") or d.get("num_experts_per_tok"),
              "mlp_only_layers": range((layers - 1 if end == -1 else end) + 1, layers)}
     mixtral = arch in ("MixtralForCausalLM", "GptOssForCausalLM", "GraniteMoeForCausalLM",
-                       "GraniteMoeSharedForCausalLM")  # every layer routed, top-k renormalized
+                       "GraniteMoeSharedForCausalLM", "MiniMaxM2ForCausalLM")  # every layer routed, renormalized
     step, dense = d.get("decoder_sparse_step") or 1, set(d.get("mlp_only_layers") or ())
     first = d.get("first_k_dense_replace") or 0
     inter = d.get("moe_intermediate_size") or d["intermediate_size"]
@@ -331,6 +333,8 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
                shared_expert_gate=bool(d.get("shared_expert_intermediate_size")),
                moe_layers=tuple(i >= first and i not in dense and (mixtral or (i + 1) % step == 0)
                                 for i in range(layers)))
+    if arch == "MiniMaxM2ForCausalLM":  # sigmoid scores with a selection bias, no groups
+        out.update(scoring="sigmoid", selection_bias=True)
     if arch == "GraniteMoeSharedForCausalLM":  # an ungated shared expert
         out.update(shared_expert_size=d.get("shared_intermediate_size") or 0, shared_expert_gate=False)
     if arch == "GptOssForCausalLM":  # top-k of the logits, softmaxed: Mixtral's weights; biases everywhere

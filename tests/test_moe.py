@@ -88,6 +88,10 @@ def _config(kind: str, vocab: int = 256):
         end = dict(num_hidden_layers=4) if kind.endswith("gguf") else dict(num_hidden_layers=6, moe_layer_end_index=3)
         return transformers.Ernie4_5_MoeConfig(**common, **end, moe_intermediate_size=32, moe_num_experts=8, moe_k=3,
                                                moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=2)
+    if kind == "minimax-m2":  # q/k norms over all heads, a quarter of each head turning, sigmoid routing with a
+        # selection bias, renormalized
+        return transformers.MiniMaxM2Config(**common, num_hidden_layers=2, head_dim=32, num_local_experts=8,
+                                            num_experts_per_tok=3, rotary_dim=8)
     if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
         # without truncation, top-2 of 4 experts softmaxed
         return transformers.GptOssConfig(**common, num_hidden_layers=2, head_dim=16, num_local_experts=4,
@@ -202,7 +206,7 @@ def test_deepseek_router_matches_transformers(version):
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
                                   "deepseek-v3-plain", "glm4-moe", "gpt-oss", "olmoe", "granite-moe",
-                                  "granite-moe-shared", "ernie4.5-moe"])
+                                  "granite-moe-shared", "ernie4.5-moe", "minimax-m2"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
