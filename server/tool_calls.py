@@ -8,6 +8,8 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 - GLM-4.5's and later GLM's keys and values inside them: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>value
   </arg_value>...</tool_call>` (newlines between the parts or not), a value a string where the schema types the
   parameter so, else read as JSON or a Python literal, else a string (as vLLM's `glm45` reads them);
+- MiniMax-M2's `<minimax:tool_call><invoke name="NAME"><parameter name="KEY">value</parameter>...</invoke>...
+  </minimax:tool_call>` blocks, each value typed as Qwen3-Coder's are;
 - DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
   <｜tool▁calls▁end｜>` (V3.1 and later), and V3's and R1's `function<｜tool▁sep｜>NAME` then the arguments in a
   ```json fence;
@@ -37,8 +39,9 @@ DS_SEP, DS_END = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 FENCE = "```"
 XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+MM_OPEN, MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<minimax:tool_call>", "<invoke name=", "</invoke>", "<parameter name="
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
-MARKERS = (OPEN, DS_OPEN)
+MARKERS = (OPEN, DS_OPEN, MM_OPEN)
 _DECODER = json.JSONDecoder()
 
 
@@ -169,6 +172,28 @@ def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
     return p
 
 
+def _invoke(block: str, i: int, tools: Tools | None) -> tuple[Partial, int | None]:
+    """MiniMax-M2's `<invoke name="NAME">` call starting at `block[i]` and where it ends (None: not yet); its
+    arguments appear once it closes."""
+    p, name_end = Partial(), block.find(">", i)
+    if name_end < 0:
+        return p, None
+    p.name = block[i + len(MM_INVOKE):name_end].strip().strip("\"'")
+    props = _properties(tools, p.name)
+    args, j = {}, _skip(block, name_end + 1)
+    while block.startswith(MM_PARAM, j):
+        key_end, close = block.find(">", j), block.find(XML_PARAM_END, j)
+        if key_end < 0 or close < 0 or close < key_end:
+            return p, None
+        key = block[j + len(MM_PARAM):key_end].strip().strip("\"'")
+        args[key] = _xml_value(block[key_end + 1:close], props.get(key))
+        j = _skip(block, close + len(XML_PARAM_END))
+    if not block.startswith(MM_INVOKE_END, j):
+        return p, None
+    p.arguments, p.done = json.dumps(args, ensure_ascii=False), True
+    return p, j + len(MM_INVOKE_END)
+
+
 def _glm_value(raw: str, schema) -> object:
     """A GLM parameter's value: its text where the schema types it a string, else JSON or a Python literal if it
     reads as one, else its text."""
@@ -270,6 +295,17 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     calls.append(_glm_call(block, i, tools))
                 else:  # nothing a call starts with: no call, unless the block is still empty
                     calls += [Partial()] if block.strip() else []
+        elif marker == MM_OPEN:
+            for block in text[first:].split(MM_OPEN)[1:]:
+                i = _skip(block, 0)
+                while block.startswith(MM_INVOKE, i):
+                    p, end = _invoke(block, i, tools)
+                    calls.append(p)
+                    if end is None:
+                        break
+                    i = _skip(block, end)
+                if not calls and block.strip() and not MM_INVOKE.startswith(block.strip()):
+                    calls.append(Partial())  # nothing a call starts with
         else:
             calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
         return first, calls

@@ -155,6 +155,9 @@ GLM = ("Looking.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>New 
        "</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call><tool_call>get_time<arg_key>timezone</arg_key>"
        "<arg_value>UTC</arg_value></tool_call>")  # GLM-4.5's form with newlines, then GLM-4.7's without
 PHI = 'functools[{"name": "get_time", "arguments": {"timezone": "UTC"}}]'  # Phi-4-mini's
+MINIMAX = ('<think>Need both.</think>\nChecking.\n<minimax:tool_call>\n<invoke name="get_weather">\n'
+           '<parameter name="city">New York</parameter>\n<parameter name="unit">celsius</parameter>\n</invoke>\n'
+           '<invoke name="get_time">\n<parameter name="timezone">UTC</parameter>\n</invoke>\n</minimax:tool_call>')
 PYTHONIC = '[get_weather(city="Oslo", unit="celsius"), get_time(timezone="UTC")]'  # Llama 3.2's and 4's other format
 
 
@@ -175,6 +178,11 @@ def test_each_familys_call_format_is_read():
     assert read(LLAMA) == (None, [("get_time", {"timezone": "UTC"})])
     assert read(GLM) == ("Looking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                       ("get_time", {"timezone": "UTC"})])
+    assert read(MINIMAX) == ("<think>Need both.</think>\nChecking.", [  # (the thinking: split out before this)
+        ("get_weather", {"city": "New York", "unit": "celsius"}), ("get_time", {"timezone": "UTC"})])
+    minimax = ('<minimax:tool_call><invoke name="add"><parameter name="a">2</parameter><parameter name="tags">'
+               '["x"]</parameter><parameter name="note">007</parameter></invoke></minimax:tool_call>')
+    assert read(minimax)[1] == [("add", {"a": 2, "tags": ["x"], "note": "007"})]  # typed by the schema
     glm = ("<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n<arg_key>tags</arg_key>\n<arg_value>"
            "['x', 'y']</arg_value>\n<arg_key>note</arg_key>\n<arg_value>007</arg_value>\n<arg_key>b</arg_key>\n"
            "<arg_value>None</arg_value>\n</tool_call>")  # typed by the schema; Python literals read too
@@ -205,6 +213,8 @@ def test_each_familys_call_format_is_read():
                 XML.replace("</function>", ""), DS3.replace("```json", "```yaml"),
                 GLM.replace("get_time", "launch_rockets"), GLM.replace("</arg_value></tool_call>", "</tool_call>"),
                 GLM[:-len("</tool_call>")], "functools is a Python module.", PHI[:-1],
+                MINIMAX.replace("</invoke>\n</minimax", "\n</minimax"), MINIMAX.replace("get_time", "launch"),
+                "<minimax:tool_call>get_time()</minimax:tool_call>",
                 f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
                 "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]"):
         assert read(bad) == (bad, [])
@@ -242,7 +252,7 @@ def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI,
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX,
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -345,6 +355,8 @@ WRITTEN = {
                       f"\"unit\": \"(celsius|fahrenheit)\"\\}}{DS_END}{DS_DONE}"),
     "qwen3_coder": ("<tool_call>\n<function=get_time>\n<parameter=timezone>\n(UTC|CET|[A-Z][a-z]{3,8})\n</parameter>\n"
                     "</function>\n</tool_call>"),
+    "minimax_m2": ('<minimax:tool_call>\n<invoke name="get_time">\n<parameter name="timezone">(UTC|CET|[A-Z][a-z]{3,8})'
+                   "</parameter>\n</invoke>\n</minimax:tool_call>"),
 }
 
 
