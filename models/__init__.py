@@ -26,7 +26,7 @@ from models.backends import resolve_backend
 from models.backends.cpu_matmul import resolve_matmul
 from models.backends.paged import KVCache
 from models.config import ModelConfig
-from models.families import (cohere, deepseek, ernie4_5_moe, gemma, gemma3, glm4, glm4_moe, gpt_oss, granite,
+from models.families import (cohere, deepseek, dots1, ernie4_5_moe, gemma, gemma3, glm4, glm4_moe, gpt_oss, granite,
                              granite_moe, llama, minimax_m2, mixtral, olmo2, olmoe, phi, phi3, qwen2, qwen3, qwen_moe,
                              smollm3, starcoder2)
 from models.layers.causal_lm import CausalLM, layer_groups
@@ -46,7 +46,7 @@ DTYPES = ("float32", "bfloat16")
 FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, gemma, gemma3, phi3, granite, smollm3,
                                                                       olmo2, glm4, cohere, starcoder2, phi, mixtral,
                                                                       qwen_moe, deepseek, glm4_moe, gpt_oss, olmoe,
-                                                                      granite_moe, ernie4_5_moe, minimax_m2)
+                                                                      granite_moe, ernie4_5_moe, minimax_m2, dots1)
                                    for arch in fam.ARCHITECTURES}
 
 __all__ = ["ModelConfig", "KVCache", "KV_DTYPES", "Model", "build", "load_model", "resolve_dtype",

@@ -122,7 +122,7 @@ class ModelConfig:
     def from_hf(d: dict[str, Any], dtype: str = "float32", context: int = 0) -> "ModelConfig":
         """Build from a `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 text, Phi-3, Granite, SmolLM3,
         OLMo 2/3, EXAONE 4, GLM-4, Cohere 1/2, StarCoder2, Phi-2, Arcee, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2/3-MoE,
-        OLMoE, Granite MoE, ERNIE 4.5 MoE, MiniMax-M2, DeepSeek-V2/V3, GLM-4.5, gpt-oss).
+        OLMoE, Granite MoE, ERNIE 4.5 MoE, MiniMax-M2, DeepSeek-V2/V3, GLM-4.5, dots.llm1, gpt-oss).
         `context` is the served context per sequence (0: the model's whole), which picks LongRoPE's factors
         (`_inv_freq`)."""
         arch = (d.get("architectures") or [""])[0]  # (a multimodal folder's text model: `source._as_multimodal`)
@@ -141,6 +141,9 @@ class ModelConfig:
         elif d.get("use_sliding_window") or (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
                                                       "Starcoder2ForCausalLM") and window):
             types = d.get("layer_types") or ["sliding_attention"] * layers
+        elif arch == "Dots1ForCausalLM" and window:  # sliding from `max_window_layers` on (none in the release)
+            types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", layers)
+                                             else "full_attention" for i in range(layers)]
         else:
             types = ["full_attention"] * layers
         sliding = tuple(t == "sliding_attention" for t in types)
@@ -173,7 +176,7 @@ class ModelConfig:
         # `use_bias`: StarCoder2's (default on) and ERNIE 4.5's (default off) biases on every projection
         ernie = arch in ("Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM")
         use_bias = bool(d.get("use_bias", starcoder)) and (starcoder or ernie)
-        if ernie and use_bias:
+        if arch == "Ernie4_5_MoeForCausalLM" and use_bias:
             raise NotImplementedError(f"{arch} with use_bias is not supported yet (its LM head is biased too)")
         bias = (bool(d.get("qkv_bias", True)) if qwen2 else phi or use_bias or bool(d.get("attention_bias", False)))
         # the output projection's: Seed-OSS says apart; HF's `attention_bias` covers it but for Qwen2's and GLM's
@@ -199,7 +202,8 @@ class ModelConfig:
             attention_bias=bias,
             o_bias=bool(o_bias),
             attn_sinks=gpt_oss,
-            qk_norm=(arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Exaone4ForCausalLM") or gemma or whole_qk
+            qk_norm=(arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Exaone4ForCausalLM", "Dots1ForCausalLM")
+                     or gemma or whole_qk
                      or bool(d.get("use_qk_norm"))),
             qk_norm_whole=whole_qk,
             norm_offset=1.0 if gemmas else 0.0,
@@ -339,10 +343,11 @@ def _moe(d: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
         out.update(shared_expert_size=d.get("shared_intermediate_size") or 0, shared_expert_gate=False)
     if arch == "GptOssForCausalLM":  # top-k of the logits, softmaxed: Mixtral's weights; biases everywhere
         out.update(router_bias=True, expert_bias=True)
-    if arch.startswith("Deepseek") or arch == "Glm4MoeForCausalLM":  # scaled weights, ungated shared experts
+    deepseek_v3 = arch in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Dots1ForCausalLM")  # (V3's routing)
+    if arch.startswith("Deepseek") or deepseek_v3:  # scaled weights, ungated shared experts
         out.update(routed_scale=float(d.get("routed_scaling_factor") or 1.0), shared_expert_gate=False,
                    shared_expert_size=inter * (d.get("n_shared_experts") or 0))
-    if arch in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"):  # sigmoid scores with a selection bias, groups
+    if deepseek_v3:  # sigmoid scores with a selection bias, groups
         # ranked by their top-2 sum
         out.update(scoring="sigmoid", selection_bias=True, expert_groups=d.get("n_group") or 1,
                    top_groups=d.get("topk_group") or 1)

@@ -92,6 +92,12 @@ def _config(kind: str, vocab: int = 256):
         # selection bias, renormalized
         return transformers.MiniMaxM2Config(**common, num_hidden_layers=2, head_dim=32, num_local_experts=8,
                                             num_experts_per_tok=3, rotary_dim=8)
+    if kind == "dots1":  # q/k norms per head, a dense first layer, DeepSeek-V3's routing over 4 groups of 2 (top
+        # 2 groups), shared experts, scaled weights
+        return transformers.Dots1Config(**common, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32,
+                                        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                        n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                        norm_topk_prob=True)
     if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
         # without truncation, top-2 of 4 experts softmaxed
         return transformers.GptOssConfig(**common, num_hidden_layers=2, head_dim=16, num_local_experts=4,
@@ -206,13 +212,13 @@ def test_deepseek_router_matches_transformers(version):
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3",
                                   "deepseek-v3-plain", "glm4-moe", "gpt-oss", "olmoe", "granite-moe",
-                                  "granite-moe-shared", "ernie4.5-moe", "minimax-m2"])
+                                  "granite-moe-shared", "ernie4.5-moe", "minimax-m2", "dots1"])
 def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model(kind, str(tmp_path / "hf"))
     ours = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     groups = {"qwen2-moe": ["layers_0", "layers_1", "layers_2"], "deepseek-v2": ["layers_0", "layers_1-2"]}
-    groups |= {k: groups["deepseek-v2"] for k in ("deepseek-v3", "deepseek-v3-plain", "glm4-moe")}
+    groups |= {k: groups["deepseek-v2"] for k in ("deepseek-v3", "deepseek-v3-plain", "glm4-moe", "dots1")}
     groups["ernie4.5-moe"] = ["layers_0", "layers_1", "layers_2", "layers_3", "layers_4-5"]  # MoE at 1 and 3
     assert [g[2] for g in layer_groups(ours.cfg, ours.module.scan)] == groups.get(kind, ["layers"])
     for row, g in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
