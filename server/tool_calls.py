@@ -39,7 +39,8 @@ DS_SEP, DS_END = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 FENCE = "```"
 XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
-MM_OPEN, MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<minimax:tool_call>", "<invoke name=", "</invoke>", "<parameter name="
+MM_OPEN, MM_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
+MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 MARKERS = (OPEN, DS_OPEN, MM_OPEN)
 _DECODER = json.JSONDecoder()
@@ -297,15 +298,14 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     calls += [Partial()] if block.strip() else []
         elif marker == MM_OPEN:
             for block in text[first:].split(MM_OPEN)[1:]:
-                i = _skip(block, 0)
-                while block.startswith(MM_INVOKE, i):
+                i, end = _skip(block, 0), 0
+                while end is not None and block.startswith(MM_INVOKE, i):
                     p, end = _invoke(block, i, tools)
                     calls.append(p)
-                    if end is None:
-                        break
-                    i = _skip(block, end)
-                if not calls and block.strip() and not MM_INVOKE.startswith(block.strip()):
-                    calls.append(Partial())  # nothing a call starts with
+                    i = _skip(block, end) if end is not None else i
+                rest = block[i:].strip() if end is not None else ""
+                if rest and not (rest.startswith(MM_CLOSE) or MM_CLOSE.startswith(rest) or MM_INVOKE.startswith(rest)):
+                    calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
         else:
             calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
         return first, calls

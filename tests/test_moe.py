@@ -605,12 +605,19 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
 
 def test_gguf_ernie_moe_equals_the_hf_folder(tmp_path, monkeypatch):
     """ERNIE 4.5 MoE as llama.cpp's `ernie4_5-moe` GGUF: MoE layers from `leading_dense_block_count` every
-    `interleave_moe_layer_step`, the router's selection bias (`exp_probs_b`, as a vector), shared experts as one
+    `interleave_moe_layer_step`, the router's selection bias (`exp_probs_b`, `[1, experts]`), shared experts as one
     `*_shexp` MLP of their width together, q and k as the checkpoint has them, give the HF folder's config and
-    logits."""
+    logits; the HF folder's multi-token-prediction block (`model.mtp_*`, as the release ships it) is left unread."""
     gguf = pytest.importorskip("gguf")
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     ref = _hf_model("ernie4.5-moe-gguf", str(tmp_path / "hf"))
+    import safetensors.torch
+
+    file = str(tmp_path / "hf" / "model.safetensors")
+    tensors = safetensors.torch.load_file(file)
+    tensors |= {"model.mtp_emb_norm.0.weight": torch.ones(64),  # the release's prediction block: not read
+                "model.mtp_block.0.mlp.up_proj.weight": torch.ones(8, 64)}
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
     cfg, path = ref.config, str(tmp_path / "tiny-ernie.gguf")
     w = gguf.GGUFWriter(path, "ernie4_5-moe")
     head = cfg.hidden_size // cfg.num_attention_heads
@@ -644,9 +651,8 @@ def test_gguf_ernie_moe_equals_the_hf_folder(tmp_path, monkeypatch):
                   f"mlp.shared_experts.{p}_proj.weight": f"ffn_{p}_shexp.weight"}
     for i in range(cfg.num_hidden_layers):
         for hf, name in names.items():
-            if f"model.layers.{i}.{hf}" in sd:
-                w.add_tensor(f"blk.{i}.{name}", sd[f"model.layers.{i}.{hf}"].reshape(
-                    -1 if "bias" in name else sd[f"model.layers.{i}.{hf}"].shape))
+            if f"model.layers.{i}.{hf}" in sd:  # (the bias `[1, experts]`, as llama.cpp's converter leaves it)
+                w.add_tensor(f"blk.{i}.{name}", sd[f"model.layers.{i}.{hf}"])
         if f"model.layers.{i}.mlp.experts.down_proj" in sd:
             _write_experts(w, sd, i, cfg.moe_intermediate_size)
     close_gguf(w)

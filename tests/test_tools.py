@@ -215,6 +215,8 @@ def test_each_familys_call_format_is_read():
                 GLM[:-len("</tool_call>")], "functools is a Python module.", PHI[:-1],
                 MINIMAX.replace("</invoke>\n</minimax", "\n</minimax"), MINIMAX.replace("get_time", "launch"),
                 "<minimax:tool_call>get_time()</minimax:tool_call>",
+                MINIMAX.replace("\n<invoke name=\"get_time", " then \n<invoke name=\"get_time"),  # prose between
+                MINIMAX + "<minimax:tool_call>no call</minimax:tool_call>",
                 f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
                 "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]"):
         assert read(bad) == (bad, [])

@@ -670,14 +670,17 @@ def convert(source: Source, cfg: ModelConfig, table: list[Entry], shapes: dict[t
 
 
 def _prediction_layer(cfg: ModelConfig, name: str) -> bool:
-    """A tensor of DeepSeek's or GLM-4.5's multi-token-prediction layers, stored after the decoder's (not used to
-    decode)."""
+    """A tensor of a model's multi-token-prediction layers (not used to decode): DeepSeek's, GLM-4.5's, dots.llm1's
+    and MiniMax-M2's stored after the decoder's layers, ERNIE 4.5 MoE's as `model.mtp_*`."""
+    if cfg.arch == "Ernie4_5_MoeForCausalLM" and name.startswith("model.mtp_"):
+        return True
     parts = name.split(".")
     at = parts[2] if name.startswith("model.layers.") else parts[1] if name.startswith("blk.") else ""
     return cfg.arch in _PREDICTING and at.isdigit() and int(at) >= cfg.num_layers
 
 
-_PREDICTING = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
+_PREDICTING = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Dots1ForCausalLM",
+               "MiniMaxM2ForCausalLM")
 
 
 def _np_dtype(name: str):
