@@ -214,6 +214,32 @@ def tiny_llama(folder: str, tokenizer_folder: str, specials: list[str], chat_tem
     return tok, ref
 
 
+def pieces(text: str, cuts: list[int]) -> list[str]:
+    """`text` cut at those of `cuts` inside it, then an empty last piece (a stream's end)."""
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])] + [""]
+
+
+def read_pieces(reader, parts: list[str]) -> tuple[str, str]:
+    """`(reasoning, answer)` of a reply reader (`harmony.Reader`, `cohere.Reader`) fed `parts` in order, the last
+    as the end."""
+    reasoning, answer = "", ""
+    for i, part in enumerate(parts):
+        r, a = reader.feed(part, final=i == len(parts) - 1)
+        reasoning, answer = reasoning + r, answer + a
+    return reasoning, answer
+
+
+def prompt_after_call(client, model, ask: list[dict], call, tools: list[dict]) -> str:
+    """The prompt text (special tokens kept) the server renders for `ask`, then the assistant's tool `call` (an
+    `openai` tool call object) and its result: how the template writes the call back. `model`: the served `Model`."""
+    history = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    r = client.chat.completions.create(model=model.name, messages=history, tools=tools, max_tokens=2,
+                                       extra_body={"return_token_ids": True})
+    return model.tokenizer.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
+
+
 def stream_chat(client, **body) -> tuple[str, str, list[dict], str | None]:
     """A streamed chat completion's `(reasoning, content, tool calls as {"name", "arguments"}, finish reason)`, its
     deltas joined."""

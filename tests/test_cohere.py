@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.runner import RunnerConfig
-from helpers import stream_chat, tiny_llama
+from helpers import pieces, prompt_after_call, read_pieces, stream_chat, tiny_llama
 from models import load_model
 from server import cohere, reasoning, tool_calls
 from server.tools import Tools
@@ -66,12 +66,8 @@ REPLIES = {  # text -> (reasoning, answer): vLLM's expectations for its examples
 }
 
 
-def _read(pieces, calls=True):
-    reader, thought, answer = cohere.Reader(calls), "", ""
-    for i, piece in enumerate(pieces):
-        r, a = reader.feed(piece, final=i == len(pieces) - 1)
-        thought, answer = thought + r, answer + a
-    return thought, answer
+def _read(parts, calls=True):
+    return read_pieces(cohere.Reader(calls), parts)
 
 
 def test_a_command_reply_is_read_into_reasoning_answer_and_calls():
@@ -89,8 +85,7 @@ def test_a_command_reply_is_read_into_reasoning_answer_and_calls():
 @settings(max_examples=80, deadline=None)
 @given(text=st.sampled_from(sorted(REPLIES)), cuts=st.lists(st.integers(0, 200), max_size=14))
 def test_any_pieces_read_as_the_whole(text, cuts):
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    assert _read([text[a:b] for a, b in zip(bounds, bounds[1:])] + [""]) == REPLIES[text]
+    assert _read(pieces(text, cuts)) == REPLIES[text]
 
 
 # A chat template in Command R7B's layout (turns between START_OF_TURN and END_OF_TURN; the assistant's calls in an
@@ -168,9 +163,5 @@ def test_a_forced_call_is_an_action_block(command, choice):
     assert (reasoning_text, content, finish) == ("", "", "tool_calls")
     assert calls == [{"name": call.function.name, "arguments": call.function.arguments}]
 
-    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-               {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
-    r = client.chat.completions.create(model="command", messages=history, tools=TOOLS, max_tokens=2,
-                                       extra_body={"return_token_ids": True})
-    prompt = command.model.tokenizer.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
+    prompt = prompt_after_call(client, command.model, ASK, call, TOOLS)
     assert f'{ACT}[{{"tool_call_id": "0", "tool_name": "{call.function.name}", "parameters": ' in prompt

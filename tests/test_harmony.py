@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.runner import RunnerConfig
-from helpers import stream_chat, tiny_llama
+from helpers import pieces, prompt_after_call, read_pieces, stream_chat, tiny_llama
 from models import load_model
 from server import harmony, tool_calls
 from server.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
@@ -51,12 +51,8 @@ REPLIES = {  # text -> (reasoning, answer)
 }
 
 
-def _read(pieces):
-    reader, reasoning, answer = harmony.Reader(), "", ""
-    for i, piece in enumerate(pieces):
-        r, a = reader.feed(piece, final=i == len(pieces) - 1)
-        reasoning, answer = reasoning + r, answer + a
-    return reasoning, answer
+def _read(parts):
+    return read_pieces(harmony.Reader(), parts)
 
 
 def test_a_reply_in_harmony_is_read_into_reasoning_answer_and_calls():
@@ -76,8 +72,7 @@ def test_a_reply_in_harmony_is_read_into_reasoning_answer_and_calls():
 @settings(max_examples=80, deadline=None)
 @given(text=st.sampled_from(sorted(REPLIES)), cuts=st.lists(st.integers(0, 200), max_size=14))
 def test_any_pieces_read_as_the_whole(text, cuts):
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    assert _read([text[a:b] for a, b in zip(bounds, bounds[1:])] + [""]) == REPLIES[text]
+    assert _read(pieces(text, cuts)) == REPLIES[text]
 
 
 # A chat template in harmony's layout (a system message with the reasoning level, the tools as a TypeScript
@@ -175,9 +170,5 @@ def test_a_forced_call_is_a_message_to_the_function(oss, choice):
     assert (reasoning, content, finish) == (msg.model_extra["reasoning_content"] or "", "", "tool_calls")
     assert calls == [{"name": call.function.name, "arguments": call.function.arguments}]
 
-    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-               {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
-    r = client.chat.completions.create(model="oss", messages=history, tools=TOOLS, max_tokens=2,
-                                       extra_body={"return_token_ids": True})
-    prompt = oss.model.tokenizer.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
+    prompt = prompt_after_call(client, oss.model, ASK, call, TOOLS)
     assert f"to=functions.{call.function.name} {CONSTRAIN}json{MESSAGE}{json.dumps(args)}{CALL}" in prompt

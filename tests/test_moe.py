@@ -603,6 +603,18 @@ def test_gguf_moe_equals_the_hf_folder(kind, tmp_path, monkeypatch):
     assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 
 
+def _gguf_ends(w, ref) -> dict:
+    """Write a GGUF's tokenizer (placeholder tokens), embedding, final norm and LM head from the transformers model
+    `ref`; its state dict as numpy."""
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(ref.config.vocab_size)])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    return sd
+
+
 def test_gguf_ernie_moe_equals_the_hf_folder(tmp_path, monkeypatch):
     """ERNIE 4.5 MoE as llama.cpp's `ernie4_5-moe` GGUF: MoE layers from `leading_dense_block_count` every
     `interleave_moe_layer_step`, the router's selection bias (`exp_probs_b`, `[1, experts]`), shared experts as one
@@ -635,12 +647,7 @@ def test_gguf_ernie_moe_equals_the_hf_folder(tmp_path, monkeypatch):
                        (w.add_leading_dense_block_count, cfg.moe_layer_start_index),
                        (w.add_vocab_size, cfg.vocab_size)):
         add(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
+    sd = _gguf_ends(w, ref)
     names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
              "mlp.gate.weight": "ffn_gate_inp.weight",
              "mlp.gate.moe_statics.e_score_correction_bias": "exp_probs_b.bias"}
@@ -686,12 +693,7 @@ def test_gguf_glm4_moe_equals_the_hf_folder(tmp_path, monkeypatch):
                        (w.add_expert_gating_func, gguf.ExpertGatingFuncType.SIGMOID),
                        (w.add_vocab_size, cfg.vocab_size)):
         add(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
+    sd = _gguf_ends(w, ref)
     names = {"input_layernorm.weight": "attn_norm.weight",
              "post_attention_layernorm.weight": "post_attention_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
              "mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
