@@ -92,10 +92,11 @@ def _config(kind: str, vocab: int = 256):
         # selection bias, renormalized
         return transformers.MiniMaxM2Config(**common, num_hidden_layers=2, head_dim=32, num_local_experts=8,
                                             num_experts_per_tok=3, rotary_dim=8)
-    if kind == "dots1":  # q/k norms per head, a dense first layer, DeepSeek-V3's routing over 4 groups of 2 (top
-        # 2 groups), shared experts, scaled weights
+    if kind.startswith("dots1"):  # q/k norms per head, a dense first layer, DeepSeek-V3's routing over 4 groups of 2
+        # (top 2 groups; the release's one group as a GGUF, which has none), shared experts, scaled weights
+        groups = dict(n_group=1, topk_group=1) if kind.endswith("gguf") else dict(n_group=4, topk_group=2)
         return transformers.Dots1Config(**common, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32,
-                                        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                        n_routed_experts=8, num_experts_per_tok=3, **groups,
                                         n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                         norm_topk_prob=True)
     if kind == "gpt-oss":  # sinks, sliding (a window of 4) and full layers, biases everywhere, clamped SwiGLU, YaRN
@@ -711,6 +712,56 @@ def test_gguf_glm4_moe_equals_the_hf_folder(tmp_path, monkeypatch):
             _write_experts(w, sd, i, cfg.moe_intermediate_size)
     for name in ("attn_norm.weight", "nextn.eh_proj.weight"):  # the prediction block: read by nothing
         w.add_tensor(f"blk.{layers}.{name}", np.ones((4, cfg.hidden_size), np.float32))
+    close_gguf(w)
+    assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
+
+
+@pytest.mark.parametrize("kind", ["dots1-gguf", "minimax-m2"])
+def test_gguf_dots1_and_minimax_m2_equal_the_hf_folder(kind, tmp_path, monkeypatch):
+    """dots.llm1 (`dots1`: a dense first layer, shared experts, scaled weights, per-head q/k norms) and MiniMax-M2
+    (`minimax-m2`: whole q/k norms, a partial RoPE width as `rope.dimension_count`) as llama.cpp's converter writes
+    them, q and k unpermuted, the selection bias as `exp_probs_b`, sigmoid gating in the metadata, give the HF
+    folder's config and logits."""
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    ref = _hf_model(kind, str(tmp_path / "hf"))
+    cfg, path = ref.config, str(tmp_path / f"tiny-{kind}.gguf")
+    dots = kind.startswith("dots1")
+    inter = cfg.moe_intermediate_size if dots else cfg.intermediate_size
+    w = gguf.GGUFWriter(path, "dots1" if dots else "minimax-m2")
+    meta = [(w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, cfg.max_position_embeddings),
+            (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+            (w.add_head_count, cfg.num_attention_heads), (w.add_head_count_kv, cfg.num_key_value_heads),
+            (w.add_key_length, cfg.head_dim), (w.add_value_length, cfg.head_dim),
+            (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_rope_freq_base, cfg.rope_parameters["rope_theta"]),
+            (w.add_expert_count, cfg.n_routed_experts if dots else cfg.num_local_experts),
+            (w.add_expert_used_count, cfg.num_experts_per_tok), (w.add_expert_feed_forward_length, inter),
+            (w.add_expert_gating_func, gguf.ExpertGatingFuncType.SIGMOID), (w.add_vocab_size, cfg.vocab_size)]
+    if dots:
+        meta += [(w.add_leading_dense_block_count, cfg.first_k_dense_replace),
+                 (w.add_expert_shared_count, cfg.n_shared_experts),
+                 (w.add_expert_weights_scale, cfg.routed_scaling_factor),
+                 (w.add_expert_weights_norm, cfg.norm_topk_prob)]
+    else:
+        meta.append((w.add_rope_dimension_count, cfg.rotary_dim))
+    for add, value in meta:
+        add(value)
+    sd = _gguf_ends(w, ref)
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+             "mlp.e_score_correction_bias": "exp_probs_b.bias"}
+    names |= {f"self_attn.{p}_proj.weight": f"attn_{n}.weight" for p, n in (("q", "q"), ("k", "k"), ("v", "v"),
+                                                                            ("o", "output"))}
+    names |= {f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in ("q", "k")}
+    for p in ("gate", "up", "down"):
+        names |= {f"mlp.{p}_proj.weight": f"ffn_{p}.weight",
+                  f"mlp.shared_experts.{p}_proj.weight": f"ffn_{p}_shexp.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in names.items():
+            if f"model.layers.{i}.{hf}" in sd:
+                w.add_tensor(f"blk.{i}.{name}", sd[f"model.layers.{i}.{hf}"])
+        if f"model.layers.{i}.mlp.experts.down_proj" in sd:
+            _write_experts(w, sd, i, inter)
     close_gguf(w)
     assert_gguf_loads_as_the_folder(str(tmp_path / "hf"), path, ROWS)
 

@@ -391,7 +391,7 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
               "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
               "exaone4": "Exaone4ForCausalLM", "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-              "ernie4_5-moe": "Ernie4_5_MoeForCausalLM"}
+              "ernie4_5-moe": "Ernie4_5_MoeForCausalLM", "dots1": "Dots1ForCausalLM", "minimax-m2": "MiniMaxM2ForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -474,7 +474,7 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
         if g("rope.dimension_sections"):  # GLM-4V's multimodal RoPE
             raise NotImplementedError(f"GGUF {arch!r} with multimodal RoPE sections (GLM-4V) is not supported")
         d.update(attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
-    if arch == "glm4moe":  # DeepSeek-V3's routing; `block_count` counts the multi-token-prediction layers too
+    if arch in ("glm4moe", "dots1"):  # DeepSeek-V3's routing; `block_count` counts GLM's prediction layers too
         d.update(num_hidden_layers=d["num_hidden_layers"] - g("nextn_predict_layers", 0),
                  n_routed_experts=g("expert_count"), n_shared_experts=g("expert_shared_count", 0),
                  first_k_dense_replace=g("leading_dense_block_count", 0),
@@ -509,6 +509,8 @@ def gguf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]
                      shared_intermediate_size=d.pop("shared_expert_intermediate_size"))
     if arch == "deepseek2":
         d.update(_deepseek2_config(g, d))
+    if arch == "minimax-m2" and g("expert_gating_func") == 1:  # the converter's softmax: no release, nor transformers
+        raise NotImplementedError("GGUF 'minimax-m2' routed by softmax is not supported (MiniMax-M2 routes by sigmoid)")
     if arch == "gpt-oss":  # biased attention, sliding layers first; its checkpoints' YaRN does not truncate
         d.update(attention_bias=True, intermediate_size=d["moe_intermediate_size"])
         if "rope_scaling" in d:
