@@ -13,9 +13,13 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 - DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
   <｜tool▁calls▁end｜>` (V3.1 and later), and V3's and R1's `function<｜tool▁sep｜>NAME` then the arguments in a
   ```json fence;
+- Mistral's `[TOOL_CALLS]` (a special token, kept in the text where the chat template writes it:
+  `server.protocol`): a JSON array of call objects after it (v0.3 to Small 3.1), or, from its v11 tokenizer on
+  (Small 3.2, Devstral, Magistral), `NAME[ARGS]{...}` after each (`[ARGS]` left out where special tokens are
+  skipped, as vLLM's Mistral tokenizer skips it; a `[CALL_ID]ID` before it, as v13 writes);
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
   Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text), Mistral's
-  `[TOOL_CALLS]` array (the same) and Phi-4-mini's, after its `functools` (text);
+  array where its `[TOOL_CALLS]` was skipped, and Phi-4-mini's, after its `functools` (text);
 - a Python list of keyword calls as the whole text, `[get_weather(city="Paris")]` (the pythonic format of Llama 3.2's
   and Llama 4's tool templates), read when the whole reply is one (a stream sends such calls at its end).
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import uuid
 
 from server.reasoning import held
@@ -41,8 +46,10 @@ XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<pa
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MM_OPEN, MM_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
+MS_CALLS = "[TOOL_CALLS]"  # Mistral's
+MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
-MARKERS = (OPEN, DS_OPEN, MM_OPEN)
+MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS)
 _DECODER = json.JSONDecoder()
 
 
@@ -276,6 +283,42 @@ def _deepseek_call(block: str) -> Partial:
     return p
 
 
+def _mistral_calls(s: str) -> list[Partial]:
+    """v11 Mistral calls after the first `[TOOL_CALLS]`, each `NAME[ARGS]{...}`, the next after a `[TOOL_CALLS]`
+    of its own: a name once its arguments' `{` follows, then the arguments (a call is done when its object closes
+    with the next mark or the end after it; other text after it: not done, so no calls)."""
+    calls, i = [], 0
+    while (head := MS_HEAD.match(s, i)) is not None:
+        j = head.end()
+        end = _value_end(s, j)
+        if end is None:
+            return calls + [Partial(head.group(1), s[j:])]
+        k = _skip(s, end)
+        calls.append(Partial(head.group(1), s[j:end], k == len(s) or s.startswith(MS_CALLS, k)))
+        if not s.startswith(MS_CALLS, k):
+            return calls
+        i = k + len(MS_CALLS)
+    return calls + [Partial()]  # no name yet, or text that is none
+
+
+def _json_calls(text: str, i: int) -> list[Partial]:
+    """The call object or array of call objects at `text[i]` (an array's element that is no call object: an
+    unnamed call, so no calls)."""
+    if text[i] == "{":
+        return [_json_call(text, i)[0]]
+    calls, i = [], _skip(text, i + 1)
+    while i < len(text) and text[i] == "{":
+        p, end = _json_call(text, i)
+        calls.append(p)
+        if end is None:
+            break
+        i = _skip(text, end)
+        i = _skip(text, i + 1) if i < len(text) and text[i] == "," else i
+    if i < len(text) and text[i] != "]":  # an element that is no call object: no calls
+        calls.append(Partial())
+    return calls
+
+
 def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partial]]:
     """Where tool calls start in `text` and the calls so far, in whichever format's marker comes first, else as a
     JSON call object or array of them from the first character. `(None, [])`: no calls (yet)."""
@@ -306,6 +349,10 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                 rest = block[i:].strip() if end is not None else ""
                 if rest and not (rest.startswith(MM_CLOSE) or MM_CLOSE.startswith(rest) or MM_INVOKE.startswith(rest)):
                     calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
+        elif marker == MS_CALLS:
+            after = text[first + len(MS_CALLS):]
+            i = _skip(after, 0)
+            calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else _mistral_calls(after)
         else:
             calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
         return first, calls
@@ -314,21 +361,7 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
         i = _skip(text, i + len(PHI))
     if i >= len(text) or text[i] not in "[{":
         return None, []
-    calls = []
-    if text[i] == "{":
-        calls.append(_json_call(text, i)[0])
-    else:
-        i = _skip(text, i + 1)
-        while i < len(text) and text[i] == "{":
-            p, end = _json_call(text, i)
-            calls.append(p)
-            if end is None:
-                break
-            i = _skip(text, end)
-            i = _skip(text, i + 1) if i < len(text) and text[i] == "," else i
-        if i < len(text) and text[i] != "]":  # an element that is no call object: no calls
-            calls.append(Partial())
-    return start, calls
+    return start, _json_calls(text, i)
 
 
 def _unprefixed(text: str) -> str:

@@ -24,6 +24,8 @@ from engine.params import InvalidRequest
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
 MAX_TOOLS = 128  # OpenAI's limit
+MISTRAL_CALLS = "[TOOL_CALLS]"
+MISTRAL_ID = 9  # the call id length Mistral's templates require (a longer id is cut to its end, as vLLM cuts it)
 KEPT = ("reasoning_content", "name")  # message fields a template may read besides role, content and calls
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
             "To call functions, reply with only a JSON array of calls, each "
@@ -225,6 +227,12 @@ def template_knows_tools(tokenizer) -> bool:
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
+def mistral_template(tokenizer) -> bool:
+    """Whether the chat template writes Mistral's `[TOOL_CALLS]` (a special token its replies' calls start with;
+    its templates take call ids of 9 characters)."""
+    return MISTRAL_CALLS in (getattr(tokenizer, "chat_template", None) or "")
+
+
 def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[dict], dict]:
     """Messages and extra template arguments for a request with tools: the template's own tool support, or the
     system-prompt fallback; assistant tool calls and tool results become text where the template has no place for
@@ -234,7 +242,8 @@ def render(messages: list[dict], tools: Tools | None, tokenizer) -> tuple[list[d
     shown = [{k: v for k, v in f.items() if k != "custom"} for f in tools.functions]
     if template_knows_tools(tokenizer):
         specs = [{"type": "function", "function": f} for f in shown]
-        return [_native(m) for m in messages], {"tools": specs}
+        cut = MISTRAL_ID if mistral_template(tokenizer) else None
+        return [_native(m, cut) for m in messages], {"tools": specs}
     note = FALLBACK.format(tools=json.dumps(shown, indent=1))
     out = [_plain(m) for m in messages]
     if out and out[0]["role"] == "system":
@@ -288,12 +297,19 @@ def string_arguments(messages: list[dict]) -> list[dict] | None:
             for m in messages]
 
 
-def _native(m: dict) -> dict:
-    """A message for a template that knows tools (arguments as objects, as such templates expect)."""
+def _native(m: dict, cut: int | None = None) -> dict:
+    """A message for a template that knows tools (arguments as objects, as such templates expect; each call's id,
+    and a tool result's, the last `cut` characters of it where given)."""
     out = {"role": m["role"], "content": m["content"], **_kept(m)}
     calls = _calls_of(m)
     if calls:
-        out["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+        ids = [c.get("id") if isinstance(c, dict) else None for c in m["tool_calls"]]
+        out["tool_calls"] = [{"id": _cut(i, cut), "type": "function", "function": f} for i, f in zip(ids, calls)]
     if m["role"] == "tool" and m.get("tool_call_id"):
-        out["tool_call_id"] = m["tool_call_id"]
+        out["tool_call_id"] = _cut(m["tool_call_id"], cut)
     return out
+
+
+def _cut(call_id, cut: int | None):
+    """`call_id`'s last `cut` characters (all of it where `cut` is None)."""
+    return call_id[-cut:] if cut and isinstance(call_id, str) else call_id

@@ -159,6 +159,11 @@ MINIMAX = ('<think>Need both.</think>\nChecking.\n<minimax:tool_call>\n<invoke n
            '<parameter name="city">New York</parameter>\n<parameter name="unit">celsius</parameter>\n</invoke>\n'
            '<invoke name="get_time">\n<parameter name="timezone">UTC</parameter>\n</invoke>\n</minimax:tool_call>')
 PYTHONIC = '[get_weather(city="Oslo", unit="celsius"), get_time(timezone="UTC")]'  # Llama 3.2's and 4's other format
+# Mistral's v11 form with its marks kept (Small 3.2, Devstral), v13's call id, [ARGS] skipped (vLLM's Mistral
+# tokenizer), and v0.3's array after a kept [TOOL_CALLS]
+MISTRAL = ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "New York", "unit": "celsius"}'
+           '[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{"timezone": "UTC"}[TOOL_CALLS]get_time{"timezone": "CET"}')
+MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"timezone": "UTC"}}]'
 
 
 def test_each_familys_call_format_is_read():
@@ -189,6 +194,11 @@ def test_each_familys_call_format_is_read():
     assert read(glm)[1] == [("add", {"a": 2, "tags": ["x", "y"], "note": "007", "b": None})]
     assert read("<tool_call>get_time</tool_call>")[1] == [("get_time", {})]
     assert read(PHI) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                           ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
+    assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read('[TOOL_CALLS]add[ARGS]{"a": 1, "note": "[TOOL_CALLS]x{}"}')[1] == [("add", {"a": 1,
+                                                                                         "note": "[TOOL_CALLS]x{}"})]
     assert read(PYTHONIC) == (None, [("get_weather", {"city": "Oslo", "unit": "celsius"}),
                                      ("get_time", {"timezone": "UTC"})])
     assert read("[add(a=2, b=None, tags=['x'], note=\"a'b\")]")[1] == [("add", {"a": 2, "b": None, "tags": ["x"],
@@ -218,7 +228,10 @@ def test_each_familys_call_format_is_read():
                 MINIMAX.replace("\n<invoke name=\"get_time", " then \n<invoke name=\"get_time"),  # prose between
                 MINIMAX + "<minimax:tool_call>no call</minimax:tool_call>",
                 f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
-                "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]"):
+                "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]",
+                MISTRAL + " and then some", MISTRAL.replace("get_time", "launch"), "[TOOL_CALLS]get_time[ARGS]",
+                '[TOOL_CALLS]get_time[ARGS]"UTC"', MISTRAL[:-1], "[TOOL_CALLS]no call here",
+                MISTRAL_V3.replace("}}]", "}}, 7]")):
         assert read(bad) == (bad, [])
 
 
@@ -253,8 +266,43 @@ def test_a_template_that_joins_arguments_as_text_gets_them_as_text(api):
     assert tool_calls.extract(text[text.index(DS_CALLS):text.index(DS_DONE) + len(DS_DONE)], spec)[1]
 
 
+# Mistral's templates take call ids of 9 characters (v0.3's and Small 3.1's refuse others) and write its v11 calls
+MISTRAL_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}{% for m in messages %}"
+    "{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]{% elif m.role == 'assistant' %}{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}{% if c.id is not defined or c.id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}"
+    "[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments | tojson }}{% endfor %}</s>"
+    "{% elif m.role == 'tool' %}{% if m.tool_call_id | length != 9 %}{{ raise_exception('bad id') }}{% endif %}"
+    "[TOOL_RESULTS]{{ m.tool_call_id }}[TOOL_CONTENT]{{ m.content }}[/TOOL_RESULTS]{% endif %}{% endfor %}")
+
+
+def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api):
+    """OpenAI's call ids (ours, `call_` and 24 more) reach a Mistral template as their last 9 characters, as vLLM
+    cuts them; a request with tools keeps special tokens in the reply, where [TOOL_CALLS] and [ARGS] are."""
+    import copy
+
+    from server.protocol import chat_text, parse
+
+    model = copy.copy(api.model)
+    model.tokenizer = copy.copy(api.model.tokenizer)
+    model.tokenizer.chat_template, model.tokenizer._template = MISTRAL_TEMPLATE, None
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    call = tool_calls.new_call_id()
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call, "type": "function", "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}]},
+               {"role": "tool", "tool_call_id": call, "content": "12:00"}]
+    text = chat_text(model, history, spec)
+    assert '[TOOL_CALLS]get_time[ARGS]{"timezone": "UTC"}</s>' in text
+    assert text.endswith(f"[TOOL_RESULTS]{call[-9:]}[TOOL_CONTENT]12:00[/TOOL_RESULTS]")
+    body = {"model": MODEL, "messages": history, "tools": TOOLS}
+    assert parse(body, "chat", model).params.skip_special_tokens is False
+    assert parse({**body, "tool_choice": "none"}, "chat", model).params.skip_special_tokens is True
+    assert parse(body, "chat", api.model).params.skip_special_tokens is True  # another template: as asked
+
+
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX,
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, "See [1] and [TOOL",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -357,6 +405,7 @@ WRITTEN = {
                       f"\"unit\": \"(celsius|fahrenheit)\"\\}}{DS_END}{DS_DONE}"),
     "qwen3_coder": ("<tool_call>\n<function=get_time>\n<parameter=timezone>\n(UTC|CET|[A-Z][a-z]{3,8})\n</parameter>\n"
                     "</function>\n</tool_call>"),
+    "mistral": '\\[TOOL_CALLS\\]get_time\\[ARGS\\]\\{"timezone": "(UTC|CET|[A-Z][a-z]{3,8})"\\}',
     "minimax_m2": ('<minimax:tool_call>\n<invoke name="get_time">\n<parameter name="timezone">(UTC|CET|[A-Z][a-z]{3,8})'
                    "</parameter>\n</invoke>\n</minimax:tool_call>"),
 }
