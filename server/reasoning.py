@@ -1,5 +1,6 @@
-"""Reasoning output: a model's thinking, written between `<think>` and `</think>` (Qwen3, DeepSeek-R1 and V3.1), is
-split from its answer as the text streams, and `reasoning_effort` becomes chat-template arguments and a token budget.
+"""Reasoning output: a model's thinking, written between `<think>` and `</think>` (Qwen3, DeepSeek-R1 and V3.1), or
+`<seed:think>` and `</seed:think>` (Seed-OSS), is split from its answer as the text streams, and `reasoning_effort`
+becomes chat-template arguments and a token budget.
 
 `Splitter` works on text pieces as they arrive and never splits a tag across pieces: text that may still become a
 tag is held back until the next piece decides it. Feeding a text in any pieces gives the same reasoning and answer as
@@ -13,7 +14,10 @@ import dataclasses
 from typing import Any
 
 OPEN, CLOSE = "<think>", "</think>"
+SEED = ("<seed:think>", "</seed:think>")  # Seed-OSS's (its budget reflections inside are thinking too)
+TAGS = {"think": (OPEN, CLOSE), "seed": SEED}  # the tags of each form `Splitter` reads
 PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
+SEED_PARSER = "seed_oss"  # vLLM's name for Seed-OSS's
 HARMONY = "openai_gptoss"  # vLLM's name for gpt-oss's channels (`server.harmony`)
 EFFORTS = ("none", "low", "medium", "high")
 
@@ -22,8 +26,8 @@ EFFORTS = ("none", "low", "medium", "high")
 class Thinking:
     """What one request asks of a reasoning model: whether its prompt opened a thinking block, and a budget of
     thinking tokens after which the engine closes the block (None: bounded by max_tokens alone); `form`: how the
-    reply is read, "think" (`Splitter`), "harmony" (gpt-oss's channels, `server.harmony`) or "cohere" (Command
-    R7B's and Command A's blocks, `server.cohere`)."""
+    reply is read, "think" or "seed" (`Splitter` over that form's `TAGS`), "harmony" (gpt-oss's channels,
+    `server.harmony`) or "cohere" (Command R7B's and Command A's blocks, `server.cohere`)."""
 
     opened: bool = False
     budget: int | None = None
@@ -36,9 +40,10 @@ def opens(prompt_text: str, tag: str = OPEN) -> bool:
     return prompt_text.rstrip().endswith(tag)
 
 
-def template_thinks(chat_template: Any) -> bool:
-    """Whether a chat template writes thinking blocks (`--reasoning-parser auto` turns the parser on for it)."""
-    return isinstance(chat_template, str) and OPEN in chat_template and CLOSE in chat_template
+def template_thinks(chat_template: Any, tags: tuple[str, str] = (OPEN, CLOSE)) -> bool:
+    """Whether a chat template writes thinking blocks between `tags` (`--reasoning-parser auto` turns the parser
+    on for it)."""
+    return isinstance(chat_template, str) and tags[0] in chat_template and tags[1] in chat_template
 
 
 def effort(value: Any, bad) -> tuple[dict, int | None]:
@@ -68,7 +73,8 @@ def held(text: str, *marks: str) -> int:
 class Splitter:
     """One choice's generated text, split into `(reasoning, answer)` pieces as it arrives."""
 
-    def __init__(self, opened: bool = False):
+    def __init__(self, opened: bool = False, tags: tuple[str, str] = (OPEN, CLOSE)):
+        self.open, self.close = tags
         self.state = "think" if opened else "start"  # start: a block may still open; think; gap: before the answer
         self.buf = ""
         self.lead = True  # no reasoning sent yet (leading whitespace is dropped)
@@ -81,22 +87,22 @@ class Splitter:
         while True:
             if self.state == "start":
                 head = self.buf.lstrip()
-                if head.startswith(OPEN):
-                    self.buf, self.state = head[len(OPEN):], "think"
+                if head.startswith(self.open):
+                    self.buf, self.state = head[len(self.open):], "think"
                     continue
-                if OPEN.startswith(head) and not final:
+                if self.open.startswith(head) and not final:
                     return reasoning, answer  # may still open a block
                 self.state = "answer"
                 continue
             if self.state == "think":
                 if self.lead:
                     self.buf = self.buf.lstrip()
-                i = self.buf.find(CLOSE)
+                i = self.buf.find(self.close)
                 if i >= 0:
                     reasoning += self.buf[:i].rstrip()
-                    self.buf, self.state = self.buf[i + len(CLOSE):], "gap"
+                    self.buf, self.state = self.buf[i + len(self.close):], "gap"
                     continue
-                keep = len(self.buf) if final else len(self.buf) - held(self.buf, CLOSE)
+                keep = len(self.buf) if final else len(self.buf) - held(self.buf, self.close)
                 out = self.buf[:keep] if final else self.buf[:keep].rstrip()
                 self.buf = self.buf[len(out):]
                 if final:
@@ -114,26 +120,29 @@ class Splitter:
             return reasoning, answer
 
 
-def split(text: str, opened: bool = False) -> tuple[str, str]:
+def split(text: str, opened: bool = False, tags: tuple[str, str] = (OPEN, CLOSE)) -> tuple[str, str]:
     """`(reasoning, answer)` of a whole text."""
-    return Splitter(opened).feed(text, final=True)
+    return Splitter(opened, tags).feed(text, final=True)
 
 
 def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]:
     """`(how thinking is split out, (open id, close id))` for `--reasoning-parser`: "think" for `<think>` blocks,
-    "harmony" for gpt-oss's channels, "cohere" for Command R7B's and Command A's blocks, None for not at all (auto:
-    by what the chat template writes); the ids (of the tags that open and close the thinking) are None where a tag
-    is not one token of the vocabulary (no budget then), and for harmony."""
+    "seed" for Seed-OSS's `<seed:think>` ones, "harmony" for gpt-oss's channels, "cohere" for Command R7B's and
+    Command A's blocks, None for not at all (auto: by what the chat template writes); the ids (of the tags that open
+    and close the thinking) are None where a tag is not one token of the vocabulary (no budget then), and for
+    harmony."""
     from server import cohere, harmony  # they read text with `held`
 
-    if parser not in ("auto", "none", HARMONY, *PARSERS, *cohere.NAMES):
-        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {HARMONY}, "
-                         f"{', '.join(cohere.NAMES)}")
+    if parser not in ("auto", "none", HARMONY, SEED_PARSER, *PARSERS, *cohere.NAMES):
+        raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {SEED_PARSER}, "
+                         f"{HARMONY}, {', '.join(cohere.NAMES)}")
     template = getattr(tokenizer, "chat_template", None)
     if parser == HARMONY or (parser == "auto" and harmony.template_is_harmony(template)):
         return "harmony", None
     if parser in cohere.NAMES or (parser == "auto" and cohere.template_is_cohere(template)):
         form, tags = "cohere", cohere.THINKING
+    elif parser == SEED_PARSER or (parser == "auto" and template_thinks(template, SEED)):
+        form, tags = "seed", SEED
     elif parser in PARSERS or (parser == "auto" and template_thinks(template)):
         form, tags = "think", (OPEN, CLOSE)
     else:

@@ -8,6 +8,7 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 - GLM-4.5's and later GLM's keys and values inside them: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>value
   </arg_value>...</tool_call>` (newlines between the parts or not), a value a string where the schema types the
   parameter so, else read as JSON or a Python literal, else a string (as vLLM's `glm45` reads them);
+- Seed-OSS's `<seed:tool_call>` blocks, each holding Qwen3-Coder's XML;
 - MiniMax-M2's `<minimax:tool_call><invoke name="NAME"><parameter name="KEY">value</parameter>...</invoke>...
   </minimax:tool_call>` blocks, each value typed as Qwen3-Coder's are;
 - DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
@@ -45,11 +46,12 @@ FENCE = "```"
 XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MM_OPEN, MM_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
+SEED_OPEN, SEED_CLOSE = "<seed:tool_call>", "</seed:tool_call>"
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
 MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
-MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS)
+MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN)
 _DECODER = json.JSONDecoder()
 
 
@@ -326,11 +328,13 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
     if found:
         first, marker = min(found)
         calls = []
-        if marker == OPEN:
-            for block in text[first:].split(OPEN)[1:]:
+        if marker in (OPEN, SEED_OPEN):  # Seed-OSS's blocks: Qwen3-Coder's XML
+            for block in text[first:].split(marker)[1:]:
                 i = _skip(block, 0)
                 if block.startswith(XML_FN, i):
                     calls.append(_xml_call(block, i, tools))
+                elif marker == SEED_OPEN:
+                    calls += [Partial()] if block.strip() else []
                 elif i < len(block) and block[i] == "{":
                     p, end = _json_call(block, i)
                     p.done = end is not None and block[end:].lstrip().startswith(CLOSE)

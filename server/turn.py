@@ -33,7 +33,8 @@ class Turn:
         offered = job.tools is not None and job.tools.offered
         t = job.thinking
         self.split = None if t is None else harmony.Reader(offered) if t.form == "harmony" else \
-            cohere.Reader(offered, t.opened) if t.form == "cohere" else reasoning.Splitter(t.opened)
+            cohere.Reader(offered, t.opened) if t.form == "cohere" else \
+            reasoning.Splitter(t.opened, reasoning.TAGS[t.form])
         harmonic = job.thinking is not None and job.thinking.form == "harmony"  # (gpt-oss writes calls in its channel)
         self.raw = job.tools.raw if offered and not harmonic else None  # a named custom tool: the answer is its input
         self.custom = job.tools.custom() if offered else {}

@@ -24,9 +24,10 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_
 
 # ---- the splitter ----------------------------------------------------------------------------------------------
 
-def reference(text: str, opened: bool) -> tuple[str, str]:
+def reference(text: str, opened: bool, tags: tuple[str, str] = (OPEN, CLOSE)) -> tuple[str, str]:
     """The split written out plainly: the block (opened by the prompt, or by the text's first non-blank
     characters) up to its close is the reasoning, the rest the answer; blanks around both are dropped."""
+    OPEN, CLOSE = tags  # noqa: N806
     if not opened:
         head = text.lstrip()
         if not head.startswith(OPEN):
@@ -38,22 +39,57 @@ def reference(text: str, opened: bool) -> tuple[str, str]:
     return thought.strip(), answer.lstrip()
 
 
-PIECES = st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</thi", "think>", ">", " ", "\n", "a", "b c", "é", "x\n"])
+PIECES = st.sampled_from([OPEN, CLOSE, *reasoning.SEED, "<", "</", "<th", "</thi", "think>", "<seed:", "</seed:t", ">",
+                          " ", "\n", "a", "b c", "é", "x\n"])
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
-@given(parts=st.lists(PIECES, max_size=14), cuts=st.lists(st.integers(0, 80), max_size=8), opened=st.booleans())
-def test_a_stream_cut_anywhere_splits_like_the_whole_text(parts, cuts, opened):
-    text = "".join(parts)
-    whole = reasoning.split(text, opened)
-    assert whole == reference(text, opened)
-    sp, got, last = Splitter(opened), ["", ""], 0
+@given(parts=st.lists(PIECES, max_size=14), cuts=st.lists(st.integers(0, 80), max_size=8), opened=st.booleans(),
+       form=st.sampled_from(sorted(reasoning.TAGS)))
+def test_a_stream_cut_anywhere_splits_like_the_whole_text(parts, cuts, opened, form):
+    """`<think>` blocks, and Seed-OSS's `<seed:think>` ones (each form's tags, the other's as text)."""
+    text, tags = "".join(parts), reasoning.TAGS[form]
+    whole = reasoning.split(text, opened, tags)
+    assert whole == reference(text, opened, tags)
+    sp, got, last = Splitter(opened, tags), ["", ""], 0
     for cut in sorted({min(c, len(text)) for c in cuts}) + [len(text)]:
         r, a = sp.feed(text[last:cut], final=cut == len(text))
         got[0] += r
         got[1] += a
         last = cut
     assert tuple(got) == whole
+
+
+def test_seed_oss_is_read_by_its_template_or_name_and_its_turn_splits_thinking_answer_and_calls(smollm):
+    """A template that writes `<seed:think>` turns the Seed-OSS reader on (vLLM's `seed_oss` names it), with the tags'
+    ids where they are single tokens; a reply's thinking, answer and `<seed:tool_call>` come apart."""
+    from types import SimpleNamespace
+
+    from server import tool_calls, tools
+    from server.turn import Turn
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm.tokenizer.folder)
+    tok.add_tokens(list(reasoning.SEED))
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}<seed:think>...</seed:think>"
+    form, ids = reasoning.resolve("auto", tok)
+    assert form == "seed" and ids == tuple(tok.convert_tokens_to_ids(list(reasoning.SEED)))
+    assert reasoning.resolve("seed_oss", smollm.tokenizer)[0] == "seed"
+    assert reasoning.resolve("auto", smollm.tokenizer)[0] is None  # SmolLM2's template writes neither
+    spec = tools.Tools([{"name": "get_time", "description": "", "parameters": {
+        "type": "object", "properties": {"timezone": {"type": "string"}}}}], "auto")
+    text = ("<seed:think>The user wants the time.<seed:cot_budget_reflect>8 tokens used</seed:cot_budget_reflect>"
+            "</seed:think>Checking.<seed:tool_call>\n<function=get_time>\n<parameter=timezone>UTC</parameter>\n"
+            "</function>\n</seed:tool_call>")
+    thought = "The user wants the time.<seed:cot_budget_reflect>8 tokens used</seed:cot_budget_reflect>"
+    for size in (1, 5, len(text)):
+        turn = Turn(SimpleNamespace(tools=spec, thinking=reasoning.Thinking(form="seed")))
+        for k in range(0, len(text), size):
+            turn.feed(text[k:k + size])
+        turn.feed("", "stop")
+        assert turn.reasoning == thought
+        assert (turn.text, turn.finish) == ("Checking.", "tool_calls")
+        assert [(c["name"], c["arguments"]) for c in turn.calls] == [("get_time", '{"timezone": "UTC"}')]
+    assert tool_calls.extract("<seed:tool_call>get_time()</seed:tool_call>", spec)[1] == []  # no XML: no call
 
 
 def test_reasoning_effort_values():

@@ -163,6 +163,9 @@ PYTHONIC = '[get_weather(city="Oslo", unit="celsius"), get_time(timezone="UTC")]
 # tokenizer), and v0.3's array after a kept [TOOL_CALLS]
 MISTRAL = ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "New York", "unit": "celsius"}'
            '[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{"timezone": "UTC"}[TOOL_CALLS]get_time{"timezone": "CET"}')
+SEED = ("Checking.<seed:tool_call>\n<function=get_weather>\n<parameter=city>New York</parameter>\n<parameter=unit>"
+        "celsius</parameter>\n</function>\n</seed:tool_call><seed:tool_call>\n<function=get_time>\n<parameter=timezone>"
+        "UTC</parameter>\n</function>\n</seed:tool_call>")  # Seed-OSS's
 MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"timezone": "UTC"}}]'
 
 
@@ -197,6 +200,8 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(SEED) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                        ("get_time", {"timezone": "UTC"})])
     assert read('[TOOL_CALLS]add[ARGS]{"a": 1, "note": "[TOOL_CALLS]x{}"}')[1] == [("add", {"a": 1,
                                                                                          "note": "[TOOL_CALLS]x{}"})]
     assert read(PYTHONIC) == (None, [("get_weather", {"city": "Oslo", "unit": "celsius"}),
@@ -231,7 +236,8 @@ def test_each_familys_call_format_is_read():
                 "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]",
                 MISTRAL + " and then some", MISTRAL.replace("get_time", "launch"), "[TOOL_CALLS]get_time[ARGS]",
                 '[TOOL_CALLS]get_time[ARGS]"UTC"', MISTRAL[:-1], "[TOOL_CALLS]no call here",
-                MISTRAL_V3.replace("}}]", "}}, 7]")):
+                MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
+                SEED.replace("<function=get_time>", '{"name": "get_time"}')):
         assert read(bad) == (bad, [])
 
 
@@ -302,7 +308,7 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, "See [1] and [TOOL",
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, "See [1] and [TOOL",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -406,6 +412,8 @@ WRITTEN = {
     "qwen3_coder": ("<tool_call>\n<function=get_time>\n<parameter=timezone>\n(UTC|CET|[A-Z][a-z]{3,8})\n</parameter>\n"
                     "</function>\n</tool_call>"),
     "mistral": '\\[TOOL_CALLS\\]get_time\\[ARGS\\]\\{"timezone": "(UTC|CET|[A-Z][a-z]{3,8})"\\}',
+    "seed_oss": ("<seed:tool_call>\n<function=get_time>\n<parameter=timezone>(UTC|CET|[A-Z][a-z]{3,8})</parameter>\n"
+                 "</function>\n</seed:tool_call>"),
     "minimax_m2": ('<minimax:tool_call>\n<invoke name="get_time">\n<parameter name="timezone">(UTC|CET|[A-Z][a-z]{3,8})'
                    "</parameter>\n</invoke>\n</minimax:tool_call>"),
 }
