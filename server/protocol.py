@@ -382,7 +382,7 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                 job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
             except InvalidRequest as e:  # a named custom tool's grammar
                 raise bad(str(e), e.param) from None
-        if job.tools is not None and job.tools.offered and tools.mistral_template(model.tokenizer):
+        if job.tools is not None and job.tools.offered and tools.writes_special_marks(model.tokenizer):
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)  # its calls' marks are special
         kwargs, budget, budget_param = template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),

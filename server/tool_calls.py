@@ -9,6 +9,9 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
   </arg_value>...</tool_call>` (newlines between the parts or not), a value a string where the schema types the
   parameter so, else read as JSON or a Python literal, else a string (as vLLM's `glm45` reads them);
 - Seed-OSS's `<seed:tool_call>` blocks, each holding Qwen3-Coder's XML;
+- Kimi K2's `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}
+  <|tool_call_end|>...<|tool_calls_section_end|>` (the call's id is the model's own, `functions.NAME:IDX`, as vLLM
+  returns it: Kimi's template writes ids back as they are, and the model goes on counting them);
 - MiniMax-M2's `<minimax:tool_call><invoke name="NAME"><parameter name="KEY">value</parameter>...</invoke>...
   </minimax:tool_call>` blocks, each value typed as Qwen3-Coder's are;
 - DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
@@ -47,11 +50,14 @@ XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<pa
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MM_OPEN, MM_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 SEED_OPEN, SEED_CLOSE = "<seed:tool_call>", "</seed:tool_call>"
+KIMI_OPEN, KIMI_ONE = "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"  # (some K2 checkpoints write one)
+KIMI_CALL, KIMI_ARGS, KIMI_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.NAME:IDX
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
 MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
-MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN)
+MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE)
 _DECODER = json.JSONDecoder()
 
 
@@ -62,6 +68,7 @@ class Partial:
     name: str | None = None
     arguments: str | None = None  # raw JSON text of the value, possibly incomplete
     done: bool = False  # the call is closed as its format closes it
+    id: str | None = None  # the call's id where the format writes one that the model reads back (Kimi's)
 
 
 def _skip(s: str, i: int) -> int:
@@ -285,6 +292,16 @@ def _deepseek_call(block: str) -> Partial:
     return p
 
 
+def _kimi_call(block: str) -> Partial:
+    """One Kimi K2 call after its `<|tool_call_begin|>`: `functions.NAME:IDX`, then its arguments, then its end."""
+    k = block.find(KIMI_ARGS)
+    head = KIMI_ID.fullmatch(block[:k].strip()) if k >= 0 else None
+    if head is None:
+        return Partial()
+    args, rest = _json_then(block[k + len(KIMI_ARGS):], KIMI_END)
+    return Partial(head.group(1), args, rest is not None, block[:k].strip())
+
+
 def _mistral_calls(s: str) -> list[Partial]:
     """v11 Mistral calls after the first `[TOOL_CALLS]`, each `NAME[ARGS]{...}`, the next after a `[TOOL_CALLS]`
     of its own: a name once its arguments' `{` follows, then the arguments (a call is done when its object closes
@@ -353,6 +370,8 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                 rest = block[i:].strip() if end is not None else ""
                 if rest and not (rest.startswith(MM_CLOSE) or MM_CLOSE.startswith(rest) or MM_INVOKE.startswith(rest)):
                     calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
+        elif marker in (KIMI_OPEN, KIMI_ONE):
+            calls = [_kimi_call(b) for b in text[first:].split(KIMI_CALL)[1:]]
         elif marker == MS_CALLS:
             after = text[first + len(MS_CALLS):]
             i = _skip(after, 0)
@@ -421,7 +440,7 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
             return text, []
         raw = args if isinstance(args, str) else raw
-        calls.append({"id": new_call_id(), "type": "function",
+        calls.append({"id": p.id or new_call_id(), "type": "function",
                       "function": {"name": p.name, "arguments": raw}})
     return (text[:start].rstrip() or None) if _marked(text) and start is not None else None, calls
 
@@ -468,7 +487,7 @@ class CallStream:
                 return self._content(len(text)), [], False
             out = []
             for k, c in enumerate(calls):
-                out += self._call(k, c["function"]["name"], c["function"]["arguments"])
+                out += self._call(k, c["function"]["name"], c["function"]["arguments"], c["id"])
             return self._content(len(content or "")), out, True
         start, parts = scan(text, self.tools)
         if start is None:
@@ -491,7 +510,7 @@ class CallStream:
             if not (isinstance(p.name, str) and p.name in self.names) or (final and k >= len(self.ids)):
                 break
             raw = p.arguments if p.arguments is not None and p.arguments[:1] == "{" else ""
-            out += self._call(k, p.name, raw)
+            out += self._call(k, p.name, raw, p.id)
         return out
 
     def _content(self, upto: int) -> str:
@@ -499,10 +518,10 @@ class CallStream:
         self.sent = max(self.sent, upto)
         return piece
 
-    def _call(self, k: int, name: str, args: str) -> list[dict]:
+    def _call(self, k: int, name: str, args: str, call_id: str | None = None) -> list[dict]:
         out = []
         if k >= len(self.ids):
-            self.ids.append(new_call_id())
+            self.ids.append(call_id or new_call_id())
             self.args.append(0)
             out.append({"index": k, "id": self.ids[k], "type": "function", "function": {"name": name, "arguments": ""}})
         if len(args) > self.args[k]:

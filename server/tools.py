@@ -25,6 +25,7 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
 MAX_TOOLS = 128  # OpenAI's limit
 MISTRAL_CALLS = "[TOOL_CALLS]"
+SPECIAL_MARKS = (MISTRAL_CALLS, "<|tool_calls_section_begin|>")  # (Kimi K2's)
 MISTRAL_ID = 9  # the call id length Mistral's templates require (a longer id is cut to its end, as vLLM cuts it)
 KEPT = ("reasoning_content", "name")  # message fields a template may read besides role, content and calls
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
@@ -225,6 +226,14 @@ def check(tools: Tools, grammars, bad) -> None:
 def template_knows_tools(tokenizer) -> bool:
     """Whether the chat template renders a `tools` argument."""
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def writes_special_marks(tokenizer) -> bool:
+    """Whether the chat template writes call marks that are special tokens (Mistral's `[TOOL_CALLS]`, Kimi K2's
+    `<|tool_calls_section_begin|>`): a reply to a request with tools is then detokenized with its special tokens,
+    as vLLM's parsers for them ask."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return any(mark in template for mark in SPECIAL_MARKS)
 
 
 def mistral_template(tokenizer) -> bool:

@@ -28,7 +28,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def _check_calls(message, names=None):
     assert message.tool_calls, message
     for call in message.tool_calls:
-        assert call.type == "function" and call.id.startswith("call_")
+        assert call.type == "function" and call.id.startswith(("call_", f"functions.{call.function.name}:"))
         assert names is None or call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
 
@@ -166,6 +166,9 @@ MISTRAL = ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "New York", "unit": "
 SEED = ("Checking.<seed:tool_call>\n<function=get_weather>\n<parameter=city>New York</parameter>\n<parameter=unit>"
         "celsius</parameter>\n</function>\n</seed:tool_call><seed:tool_call>\n<function=get_time>\n<parameter=timezone>"
         "UTC</parameter>\n</function>\n</seed:tool_call>")  # Seed-OSS's
+KIMI = ("Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "New York", "unit": "celsius"}<|tool_call_end|><|tool_call_begin|> functions.get_time:1 '
+        '<|tool_call_argument_begin|>{"timezone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')  # Kimi K2's
 MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"timezone": "UTC"}}]'
 
 
@@ -200,6 +203,10 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(KIMI) == ("Let me look.", [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                           ("get_time", {"timezone": "UTC"})])
+    assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
+    assert read(KIMI.replace("tool_calls_section", "tool_call_section"))[1] == read(KIMI)[1]  # the singular marks
     assert read(SEED) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                         ("get_time", {"timezone": "UTC"})])
     assert read('[TOOL_CALLS]add[ARGS]{"a": 1, "note": "[TOOL_CALLS]x{}"}')[1] == [("add", {"a": 1,
@@ -237,7 +244,9 @@ def test_each_familys_call_format_is_read():
                 MISTRAL + " and then some", MISTRAL.replace("get_time", "launch"), "[TOOL_CALLS]get_time[ARGS]",
                 '[TOOL_CALLS]get_time[ARGS]"UTC"', MISTRAL[:-1], "[TOOL_CALLS]no call here",
                 MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
-                SEED.replace("<function=get_time>", '{"name": "get_time"}')):
+                SEED.replace("<function=get_time>", '{"name": "get_time"}'), KIMI.replace("get_time", "launch"),
+                KIMI.replace("functions.get_time:1", "call_123"), KIMI.replace('"UTC"}', '"UTC"'),
+                KIMI[:KIMI.rindex("<|tool_call_end|>")]):
         assert read(bad) == (bad, [])
 
 
@@ -283,9 +292,17 @@ MISTRAL_TEMPLATE = (
     "[TOOL_RESULTS]{{ m.tool_call_id }}[TOOL_CONTENT]{{ m.content }}[/TOOL_RESULTS]{% endif %}{% endfor %}")
 
 
+KIMI_TEMPLATE = (
+    "{% for m in messages %}<|im_{{ m.role }}|>{{ m.content or '' }}{% if m.tool_calls %}<|tool_calls_section_begin|>"
+    "{% for c in m.tool_calls %}<|tool_call_begin|>{{ c.id }}<|tool_call_argument_begin|>{{ c.function.arguments | "
+    "tojson }}<|tool_call_end|>{% endfor %}<|tool_calls_section_end|>{% endif %}<|im_end|>{% endfor %}"
+    "{% if tools %}{{ tools | tojson }}{% endif %}")
+
+
 def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api):
     """OpenAI's call ids (ours, `call_` and 24 more) reach a Mistral template as their last 9 characters, as vLLM
-    cuts them; a request with tools keeps special tokens in the reply, where [TOOL_CALLS] and [ARGS] are."""
+    cuts them; a request with tools keeps special tokens in the reply, where [TOOL_CALLS] and [ARGS] are (and Kimi
+    K2's marks, its template getting the model's own ids whole)."""
     import copy
 
     from server.protocol import chat_text, parse
@@ -305,10 +322,14 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
     assert parse(body, "chat", model).params.skip_special_tokens is False
     assert parse({**body, "tool_choice": "none"}, "chat", model).params.skip_special_tokens is True
     assert parse(body, "chat", api.model).params.skip_special_tokens is True  # another template: as asked
+    model.tokenizer.chat_template, model.tokenizer._template = KIMI_TEMPLATE, None  # Kimi K2's: ids as they are
+    history[1]["tool_calls"][0]["id"] = history[2]["tool_call_id"] = "functions.get_time:0"
+    assert "<|tool_call_begin|>functions.get_time:0<|tool_call_argument_begin|>" in chat_text(model, history, spec)
+    assert parse(body, "chat", model).params.skip_special_tokens is False
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, "See [1] and [TOOL",
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, "See [1] and [TOOL",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -340,7 +361,8 @@ def test_streamed_calls_assemble_to_the_parsed_ones_wherever_the_text_is_cut(tex
     assert content == (want_content or "")
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (w["function"]["name"], w["function"]["arguments"]) for w in want]
-    assert all(c["id"].startswith("call_") for c in calls.values())
+    for c, w in zip(calls.values(), want):  # ours, or the model's own (Kimi's)
+        assert c["id"] == w["id"] if w["id"].startswith("functions.") else c["id"].startswith("call_")
     if want and len(pieces) > 3 and not text.startswith(('{"arguments"', "[get_", "functools")):  # read at the end
         assert early > 0  # names and arguments went out before the end
 
@@ -412,6 +434,9 @@ WRITTEN = {
     "qwen3_coder": ("<tool_call>\n<function=get_time>\n<parameter=timezone>\n(UTC|CET|[A-Z][a-z]{3,8})\n</parameter>\n"
                     "</function>\n</tool_call>"),
     "mistral": '\\[TOOL_CALLS\\]get_time\\[ARGS\\]\\{"timezone": "(UTC|CET|[A-Z][a-z]{3,8})"\\}',
+    "kimi_k2": ("<\\|tool_calls_section_begin\\|><\\|tool_call_begin\\|>functions\\.get_time:0"
+                "<\\|tool_call_argument_begin\\|>\\{\"timezone\": \"(UTC|CET|[A-Z][a-z]{3,8})\"\\}<\\|tool_call_end\\|>"
+                "<\\|tool_calls_section_end\\|>"),
     "seed_oss": ("<seed:tool_call>\n<function=get_time>\n<parameter=timezone>(UTC|CET|[A-Z][a-z]{3,8})</parameter>\n"
                  "</function>\n</seed:tool_call>"),
     "minimax_m2": ('<minimax:tool_call>\n<invoke name="get_time">\n<parameter name="timezone">(UTC|CET|[A-Z][a-z]{3,8})'
