@@ -40,6 +40,10 @@ _EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/
 _lock = threading.Lock()
 _store: dict[str, str | None] = {"dir": None}
 _thread = threading.local()  # this thread's persistent-cache hits (events arrive on the compiling thread)
+# Tracing runs one program at a time: Flax's module classes are not safe to trace from several threads at once
+# (`nn.scan` makes a subclass of the layer while another thread reads the layer's dataclass fields: "dictionary
+# changed size during iteration"), and tracing holds the GIL anyway; XLA's compile, which releases it, overlaps.
+_tracing = threading.Lock()
 
 
 def _on_event(event: str, **_) -> None:
@@ -269,7 +273,9 @@ class AOT:
                 exe = _load(path)  # compiled by another process while this one waited for it
                 if exe is None:
                     hits = getattr(_thread, "hits", 0)
-                    exe = self.fn.lower(*abstract, **statics).compile(compiler_options=_fresh(path) if path else None)
+                    with _tracing:
+                        lowered = self.fn.lower(*abstract, **statics)
+                    exe = lowered.compile(compiler_options=_fresh(path) if path else None)
                     if getattr(_thread, "hits", 0) == hits:  # compiled here, not read back from JAX's cache
                         _save(path, exe)
         working = _working(exe)

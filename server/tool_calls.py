@@ -24,6 +24,8 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
   Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text), Mistral's
   array where its `[TOOL_CALLS]` was skipped, and Phi-4-mini's, after its `functools` (text);
+- OLMo 3's `<function_calls>` block of Python keyword calls, one a line (JSON's `null`, `true` and `false` read as
+  Python's), read once the block closes;
 - a Python list of keyword calls as the whole text, `[get_weather(city="Paris")]` (the pythonic format of Llama 3.2's
   and Llama 4's tool templates), read when the whole reply is one (a stream sends such calls at its end).
 
@@ -50,6 +52,7 @@ XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<pa
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MM_OPEN, MM_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 SEED_OPEN, SEED_CLOSE = "<seed:tool_call>", "</seed:tool_call>"
+OLMO_OPEN, OLMO_CLOSE = "<function_calls>", "</function_calls>"
 KIMI_OPEN, KIMI_ONE = "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"  # (some K2 checkpoints write one)
 KIMI_CALL, KIMI_ARGS, KIMI_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.NAME:IDX
@@ -57,7 +60,8 @@ MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter n
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
 MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
-MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE)
+JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
+MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN)
 _DECODER = json.JSONDecoder()
 
 
@@ -370,6 +374,10 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                 rest = block[i:].strip() if end is not None else ""
                 if rest and not (rest.startswith(MM_CLOSE) or MM_CLOSE.startswith(rest) or MM_INVOKE.startswith(rest)):
                     calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
+        elif marker == OLMO_OPEN:  # the calls once the block closes (an unnamed call until then, or if unread)
+            body, closed, _ = text[first + len(OLMO_OPEN):].partition(OLMO_CLOSE)
+            lines = [line.strip() for line in body.splitlines() if line.strip()]
+            calls = (pythonic(f"[{', '.join(lines)}]") if closed else None) or [Partial()]
         elif marker in (KIMI_OPEN, KIMI_ONE):
             calls = [_kimi_call(b) for b in text[first:].split(KIMI_CALL)[1:]]
         elif marker == MS_CALLS:
@@ -397,9 +405,23 @@ def _marked(text: str) -> bool:
     return any(m in text for m in MARKERS)
 
 
+def _literal(node: ast.expr) -> object:
+    """A call argument's value: a Python literal, JSON's `null` / `true` / `false` in it read as Python's."""
+    if isinstance(node, ast.Name) and node.id in JSON_WORDS:
+        return JSON_WORDS[node.id]
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):  # a `**` spread
+            raise ValueError("not a literal")
+        return {ast.literal_eval(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
 def pythonic(text: str) -> list[Partial] | None:
     """The calls of a reply that is a Python list of keyword calls, `[get_weather(city="Paris"), ...]` (Llama 3.2's
-    and Llama 4's pythonic format; read with `ast`, values as Python literals), else None."""
+    and Llama 4's pythonic format; read with `ast`, values as Python literals or JSON's `null`, `true` and `false`),
+    else None."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
         if not isinstance(node, ast.List) or not node.elts:
@@ -409,7 +431,7 @@ def pythonic(text: str) -> list[Partial] | None:
             if not (isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args
                     and all(k.arg is not None for k in c.keywords)):
                 return None
-            args = {k.arg: ast.literal_eval(k.value) for k in c.keywords}
+            args = {k.arg: _literal(k.value) for k in c.keywords}
             calls.append(Partial(c.func.id, json.dumps(args, ensure_ascii=False), True))
         return calls
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):  # not Python, or not literals

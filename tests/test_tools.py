@@ -169,6 +169,8 @@ SEED = ("Checking.<seed:tool_call>\n<function=get_weather>\n<parameter=city>New 
 KIMI = ("Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
         '{"city": "New York", "unit": "celsius"}<|tool_call_end|><|tool_call_begin|> functions.get_time:1 '
         '<|tool_call_argument_begin|>{"timezone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')  # Kimi K2's
+OLMO = ('Checking.\n<function_calls>\nget_weather(city="New York", unit="celsius")\nget_time(timezone="UTC")\n'
+        "</function_calls>")  # OLMo 3's
 MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"timezone": "UTC"}}]'
 
 
@@ -207,6 +209,10 @@ def test_each_familys_call_format_is_read():
                                            ("get_time", {"timezone": "UTC"})])
     assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
     assert read(KIMI.replace("tool_calls_section", "tool_call_section"))[1] == read(KIMI)[1]  # the singular marks
+    assert read(OLMO) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                        ("get_time", {"timezone": "UTC"})])
+    assert read("<function_calls>add(a=1, b=null, tags=['x', true], note={'k': false})</function_calls>")[1] == [
+        ("add", {"a": 1, "b": None, "tags": ["x", True], "note": {"k": False}})]  # JSON's words as OLMo 3 writes
     assert read(SEED) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                         ("get_time", {"timezone": "UTC"})])
     assert read('[TOOL_CALLS]add[ARGS]{"a": 1, "note": "[TOOL_CALLS]x{}"}')[1] == [("add", {"a": 1,
@@ -246,7 +252,9 @@ def test_each_familys_call_format_is_read():
                 MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
                 SEED.replace("<function=get_time>", '{"name": "get_time"}'), KIMI.replace("get_time", "launch"),
                 KIMI.replace("functions.get_time:1", "call_123"), KIMI.replace('"UTC"}', '"UTC"'),
-                KIMI[:KIMI.rindex("<|tool_call_end|>")]):
+                KIMI[:KIMI.rindex("<|tool_call_end|>")], OLMO[:-1], OLMO.replace("get_time", "launch"),
+                "<function_calls>get_time(**tz)</function_calls>", "<function_calls>get_time(x=now())</function_calls>",
+                OLMO.replace("\nget_time", "\nthen get_time")):
         assert read(bad) == (bad, [])
 
 
@@ -329,7 +337,7 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, "See [1] and [TOOL",
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, "See [1] and [TOOL",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -437,6 +445,7 @@ WRITTEN = {
     "kimi_k2": ("<\\|tool_calls_section_begin\\|><\\|tool_call_begin\\|>functions\\.get_time:0"
                 "<\\|tool_call_argument_begin\\|>\\{\"timezone\": \"(UTC|CET|[A-Z][a-z]{3,8})\"\\}<\\|tool_call_end\\|>"
                 "<\\|tool_calls_section_end\\|>"),
+    "olmo3": '<function_calls>\nget_time\\(timezone="(UTC|CET|[A-Z][a-z]{3,8})"\\)\n</function_calls>',
     "seed_oss": ("<seed:tool_call>\n<function=get_time>\n<parameter=timezone>(UTC|CET|[A-Z][a-z]{3,8})</parameter>\n"
                  "</function>\n</seed:tool_call>"),
     "minimax_m2": ('<minimax:tool_call>\n<invoke name="get_time">\n<parameter name="timezone">(UTC|CET|[A-Z][a-z]{3,8})'
