@@ -49,17 +49,18 @@ def template_thinks(chat_template: Any, tags: tuple[str, str] = (OPEN, CLOSE)) -
 def effort(value: Any, bad) -> tuple[dict, int | None]:
     """`(chat-template arguments, thinking budget)` for Fireworks' `reasoning_effort`: "none" or false turn thinking
     off (a template that opens the block anyway gets it closed at once: budget 0); true, "low", "medium" and "high"
-    turn it on (the level goes to templates that take one); an integer is a budget of thinking tokens."""
+    turn it on (the level goes to templates that take one); an integer is a budget of thinking tokens (which
+    Seed-OSS's template takes as `thinking_budget`, to tell the model; 0 there: no thinking)."""
     if value is None:
         return {}, None
     if value is False or value == "none" or value == 0:
-        return {"enable_thinking": False, "thinking": False}, 0
+        return {"enable_thinking": False, "thinking": False, "thinking_budget": 0}, 0
     if value is True:
         return {"enable_thinking": True, "thinking": True}, None
     if isinstance(value, str) and value in EFFORTS:
         return {"enable_thinking": True, "thinking": True, "reasoning_effort": value}, None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return {"enable_thinking": True, "thinking": True}, value
+        return {"enable_thinking": True, "thinking": True, "thinking_budget": value}, value
     raise bad("'reasoning_effort' must be 'none', 'low', 'medium', 'high', a boolean, or a token budget (an integer "
               f">= 0), got {value!r}", "reasoning_effort")
 

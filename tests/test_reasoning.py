@@ -100,6 +100,7 @@ def test_reasoning_effort_values():
     assert reasoning.effort("high", bad) == ({"enable_thinking": True, "thinking": True, "reasoning_effort": "high"},
                                              None)
     assert reasoning.effort(True, bad)[1] is None and reasoning.effort(64, bad)[1] == 64
+    assert reasoning.effort(64, bad)[0]["thinking_budget"] == 64 and reasoning.effort(0, bad)[0]["thinking_budget"] == 0
     for wrong in ("huge", -1, 1.5, [1]):
         with pytest.raises(ValueError):
             reasoning.effort(wrong, bad)
