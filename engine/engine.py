@@ -1117,11 +1117,10 @@ class Engine:
         reason = add(choice, req.params, *args, self._limit(req), self.model.eos_ids)
         self.generated += len(choice.token_ids) - n
         if reason:
-            self._finish(choice, reason, req.params)
+            self._finish(choice, reason)
 
-    def _finish(self, choice: Choice, reason: str, p: SamplingParams) -> None:
-        uncut = choice.stop_hit is None and not (reason == "length" and p.n_indent)  # (a cut text ends before them)
-        if choice.detok is not None and reason in ("stop", "length") and uncut:
+    def _finish(self, choice: Choice, reason: str) -> None:
+        if choice.detok is not None and reason in ("stop", "length") and not choice.cut:
             choice.text += choice.detok.flush()  # tokens of a character that never finished
         choice.finish_reason = reason
         self.sched.retire(choice)

@@ -95,6 +95,7 @@ def _stopped(choice: Choice, p: SamplingParams, before: int) -> bool:
     hits = [(i, s) for s in p.stop if (i := choice.text.find(s, start)) >= 0]
     if hits:
         at, choice.stop_hit = min(hits)
+        choice.cut = True
         choice.text = choice.text[:at + len(choice.stop_hit) * p.include_stop_str_in_output]
         return True
     return False
@@ -112,7 +113,7 @@ def _outdented(choice: Choice, n: int, before: int) -> bool:
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and j - i - 1 < n:
-            choice.text = text[:j]
+            choice.text, choice.cut = text[:j], True
             return True
         i = text.find("\n", i + 1)
     return False

@@ -47,6 +47,7 @@ class Choice:
     _final_sent: bool = False
     stops: list[str] = dataclasses.field(default_factory=list)
     stop_hit: str | None = None  # the stop string that ended it, if one did
+    cut: bool = False  # its text was cut short (at a stop string, or llama.cpp's n_indent): nothing held is added
     started: float | None = None  # when its first token was read back (llama.cpp's `t_max_predict_ms` counts from it)
     drafter: Drafter | None = None  # where its drafts come from (speculative decoding), if it drafts
 

@@ -241,8 +241,9 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="render chats with this Jinja template instead of the model's: a file (.jinja, or JSON with "
                          "a chat_template field) or the template itself (vLLM's flag; llama.cpp's name too)")
     ap.add_argument("--reasoning-parser", choices=("auto", "none", *reasoning.PARSERS, reasoning.SEED_PARSER,
-                                                   reasoning.HARMONY, *cohere.NAMES),
+                                                   reasoning.MISTRAL_PARSER, reasoning.HARMONY, *cohere.NAMES),
                     default="auto", help="split <think>...</think> (Seed-OSS's <seed:think> blocks: seed_oss; "
+                    "Magistral's [THINK] blocks: mistral; "
                     "gpt-oss's analysis channel: openai_gptoss; "
                     "Command R7B's and Command A's blocks: cohere_command3, cohere_command4) into reasoning_content "
                     "(auto: by what the chat template writes)")

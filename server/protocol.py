@@ -309,9 +309,9 @@ def _unsupported(body: dict) -> None:
 def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds: dict | None = None,
           media: images.Media = images.NO_MEDIA) -> Job:
     """Validate a chat or completions body against `model` and turn it into a `Job`; `thinks`: how the server splits
-    the model's thinking from its answer ("think", "seed", "harmony" or "cohere": `reasoning.resolve`); `bounds`:
-    another API's ranges for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound, OpenAI's
-    is 2); `media`: where pictures may be fetched from."""
+    the model's thinking from its answer ("think", "seed", "mistral", "harmony" or "cohere": `reasoning.resolve`);
+    `bounds`: another API's ranges for some numeric fields (llama.cpp's and SGLang's temperature has no upper bound,
+    OpenAI's is 2); `media`: where pictures may be fetched from."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _unsupported(body)
@@ -392,6 +392,8 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             tags = cohere.THINKING if thinks == "cohere" else reasoning.TAGS.get(thinks, reasoning.TAGS["think"])
             opened = reasoning.opens(text, tags[0])
             job.thinking = Thinking(opened, budget, form=thinks, budget_param=budget_param)
+        if thinks == "mistral":  # Magistral's [THINK] marks are special tokens: the reply is read with them
+            job.params = dataclasses.replace(job.params, skip_special_tokens=False)
         if thinks in ("harmony", "cohere"):  # its marks are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
             if job.tools is not None and job.tools.forced and (thinks == "harmony" or job.tools.raw is None):

@@ -1,6 +1,6 @@
-"""Reasoning output: a model's thinking, written between `<think>` and `</think>` (Qwen3, DeepSeek-R1 and V3.1), or
-`<seed:think>` and `</seed:think>` (Seed-OSS), is split from its answer as the text streams, and `reasoning_effort`
-becomes chat-template arguments and a token budget.
+"""Reasoning output: a model's thinking, written between `<think>` and `</think>` (Qwen3, DeepSeek-R1 and V3.1),
+`<seed:think>` and `</seed:think>` (Seed-OSS) or `[THINK]` and `[/THINK]` (Magistral), is split from its answer as
+the text streams, and `reasoning_effort` becomes chat-template arguments and a token budget.
 
 `Splitter` works on text pieces as they arrive and never splits a tag across pieces: text that may still become a
 tag is held back until the next piece decides it. Feeding a text in any pieces gives the same reasoning and answer as
@@ -15,9 +15,10 @@ from typing import Any
 
 OPEN, CLOSE = "<think>", "</think>"
 SEED = ("<seed:think>", "</seed:think>")  # Seed-OSS's (its budget reflections inside are thinking too)
-TAGS = {"think": (OPEN, CLOSE), "seed": SEED}  # the tags of each form `Splitter` reads
+MISTRAL = ("[THINK]", "[/THINK]")  # Magistral's (2509 on; special tokens, so its replies keep them: `protocol`)
+TAGS = {"think": (OPEN, CLOSE), "seed": SEED, "mistral": MISTRAL}  # the tags of each form `Splitter` reads
 PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
-SEED_PARSER = "seed_oss"  # vLLM's name for Seed-OSS's
+SEED_PARSER, MISTRAL_PARSER = "seed_oss", "mistral"  # vLLM's names for Seed-OSS's and Magistral's
 HARMONY = "openai_gptoss"  # vLLM's name for gpt-oss's channels (`server.harmony`)
 EFFORTS = ("none", "low", "medium", "high")
 
@@ -26,7 +27,7 @@ EFFORTS = ("none", "low", "medium", "high")
 class Thinking:
     """What one request asks of a reasoning model: whether its prompt opened a thinking block, and a budget of
     thinking tokens after which the engine closes the block (None: bounded by max_tokens alone); `form`: how the
-    reply is read, "think" or "seed" (`Splitter` over that form's `TAGS`), "harmony" (gpt-oss's channels,
+    reply is read, "think", "seed" or "mistral" (`Splitter` over that form's `TAGS`), "harmony" (gpt-oss's channels,
     `server.harmony`) or "cohere" (Command R7B's and Command A's blocks, `server.cohere`)."""
 
     opened: bool = False
@@ -128,15 +129,16 @@ def split(text: str, opened: bool = False, tags: tuple[str, str] = (OPEN, CLOSE)
 
 def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]:
     """`(how thinking is split out, (open id, close id))` for `--reasoning-parser`: "think" for `<think>` blocks,
-    "seed" for Seed-OSS's `<seed:think>` ones, "harmony" for gpt-oss's channels, "cohere" for Command R7B's and
+    "seed" for Seed-OSS's `<seed:think>` ones, "mistral" for Magistral's `[THINK]` ones, "harmony" for gpt-oss's
+    channels, "cohere" for Command R7B's and
     Command A's blocks, None for not at all (auto: by what the chat template writes); the ids (of the tags that open
     and close the thinking) are None where a tag is not one token of the vocabulary (no budget then), and for
     harmony."""
     from server import cohere, harmony  # they read text with `held`
 
-    if parser not in ("auto", "none", HARMONY, SEED_PARSER, *PARSERS, *cohere.NAMES):
+    if parser not in ("auto", "none", HARMONY, SEED_PARSER, MISTRAL_PARSER, *PARSERS, *cohere.NAMES):
         raise ValueError(f"unknown reasoning parser {parser!r}; use auto, none, {', '.join(PARSERS)}, {SEED_PARSER}, "
-                         f"{HARMONY}, {', '.join(cohere.NAMES)}")
+                         f"{MISTRAL_PARSER}, {HARMONY}, {', '.join(cohere.NAMES)}")
     template = getattr(tokenizer, "chat_template", None)
     if parser == HARMONY or (parser == "auto" and harmony.template_is_harmony(template)):
         return "harmony", None
@@ -144,6 +146,8 @@ def resolve(parser: str, tokenizer) -> tuple[str | None, tuple[int, int] | None]
         form, tags = "cohere", cohere.THINKING
     elif parser == SEED_PARSER or (parser == "auto" and template_thinks(template, SEED)):
         form, tags = "seed", SEED
+    elif parser == MISTRAL_PARSER or (parser == "auto" and template_thinks(template, MISTRAL)):
+        form, tags = "mistral", MISTRAL
     elif parser in PARSERS or (parser == "auto" and template_thinks(template)):
         form, tags = "think", (OPEN, CLOSE)
     else:

@@ -39,8 +39,8 @@ def reference(text: str, opened: bool, tags: tuple[str, str] = (OPEN, CLOSE)) ->
     return thought.strip(), answer.lstrip()
 
 
-PIECES = st.sampled_from([OPEN, CLOSE, *reasoning.SEED, "<", "</", "<th", "</thi", "think>", "<seed:", "</seed:t", ">",
-                          " ", "\n", "a", "b c", "é", "x\n"])
+PIECES = st.sampled_from([OPEN, CLOSE, *reasoning.SEED, *reasoning.MISTRAL, "<", "</", "<th", "</thi", "think>",
+                          "<seed:", "</seed:t", "[", "[/TH", ">", " ", "\n", "a", "b c", "é", "x\n"])
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
@@ -62,7 +62,8 @@ def test_a_stream_cut_anywhere_splits_like_the_whole_text(parts, cuts, opened, f
 
 def test_seed_oss_is_read_by_its_template_or_name_and_its_turn_splits_thinking_answer_and_calls(smollm):
     """A template that writes `<seed:think>` turns the Seed-OSS reader on (vLLM's `seed_oss` names it), with the tags'
-    ids where they are single tokens; a reply's thinking, answer and `<seed:tool_call>` come apart."""
+    ids where they are single tokens; a reply's thinking, answer and `<seed:tool_call>` come apart. Magistral's
+    `[THINK]` blocks likewise (vLLM's `mistral`), read with special tokens kept."""
     from types import SimpleNamespace
 
     from server import tool_calls, tools
@@ -75,6 +76,14 @@ def test_seed_oss_is_read_by_its_template_or_name_and_its_turn_splits_thinking_a
     assert form == "seed" and ids == tuple(tok.convert_tokens_to_ids(list(reasoning.SEED)))
     assert reasoning.resolve("seed_oss", smollm.tokenizer)[0] == "seed"
     assert reasoning.resolve("auto", smollm.tokenizer)[0] is None  # SmolLM2's template writes neither
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}[THINK]...[/THINK]"  # Magistral's
+    assert reasoning.resolve("auto", tok)[0] == reasoning.resolve("mistral", smollm.tokenizer)[0] == "mistral"
+    from server.protocol import parse
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    assert parse(body, "chat", smollm, "mistral").params.skip_special_tokens is False  # its marks are special
+    assert parse(body, "chat", smollm, "seed").params.skip_special_tokens is True
+    split = reasoning.split("[THINK]Sum it.[/THINK]42", False, reasoning.MISTRAL)
+    assert split == ("Sum it.", "42")
     spec = tools.Tools([{"name": "get_time", "description": "", "parameters": {
         "type": "object", "properties": {"timezone": {"type": "string"}}}}], "auto")
     text = ("<seed:think>The user wants the time.<seed:cot_budget_reflect>8 tokens used</seed:cot_budget_reflect>"

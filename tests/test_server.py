@@ -579,6 +579,8 @@ def test_tokens_of_a_character_that_never_finishes_come_out_as_replacement_chara
     assert set(ids) <= set(stray) and r.choices[0].text == tok.decode(ids) == "\ufffd" * 6
     streamed = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True) if c.choices)
     assert streamed == r.choices[0].text
+    body["extra_body"]["n_indent"] = 2  # llama.cpp's indent limit set, not reached: the length end is as without it
+    assert client.completions.create(**body).choices[0].text == "\ufffd" * 6
 
 
 def test_vllms_top_k_of_minus_one_is_the_whole_vocabulary(client):
