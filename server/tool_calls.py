@@ -3,6 +3,8 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 
 - Hermes' `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, and the prompt of any
   template that renders `tools` this way);
+- IBM Granite's JSON array of call objects after `<tool_call>` (3.1 on) or `<|tool_call|>` (3.0), with no closing
+  mark;
 - Qwen3-Coder's XML inside those blocks: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
   </tool_call>`, each value a string, or JSON where the function's schema types the parameter otherwise;
 - GLM-4.5's and later GLM's keys and values inside them: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>value
@@ -58,10 +60,11 @@ KIMI_CALL, KIMI_ARGS, KIMI_END = "<|tool_call_begin|>", "<|tool_call_argument_be
 KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.NAME:IDX
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
+GRANITE = "<|tool_call|>"  # Granite 3.0's, before a JSON array (3.1 on write `<tool_call>` before it)
 MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
-MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN)
+MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN, GRANITE)
 _DECODER = json.JSONDecoder()
 
 
@@ -360,6 +363,8 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     p, end = _json_call(block, i)
                     p.done = end is not None and block[end:].lstrip().startswith(CLOSE)
                     calls.append(p)
+                elif i < len(block) and block[i] == "[":  # Granite 3.1's array after the mark, not closed
+                    calls += _json_calls(block, i)
                 elif i < len(block) and (block[i].isalpha() or block[i] == "_"):
                     calls.append(_glm_call(block, i, tools))
                 else:  # nothing a call starts with: no call, unless the block is still empty
@@ -380,10 +385,11 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
             calls = (pythonic(f"[{', '.join(lines)}]") if closed else None) or [Partial()]
         elif marker in (KIMI_OPEN, KIMI_ONE):
             calls = [_kimi_call(b) for b in text[first:].split(KIMI_CALL)[1:]]
-        elif marker == MS_CALLS:
-            after = text[first + len(MS_CALLS):]
+        elif marker in (MS_CALLS, GRANITE):
+            after = text[first + len(marker):]
             i = _skip(after, 0)
-            calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else _mistral_calls(after)
+            calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else \
+                _mistral_calls(after) if marker == MS_CALLS else [Partial()] if after.strip() else []
         else:
             calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
         return first, calls

@@ -171,6 +171,8 @@ KIMI = ("Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.ge
         '<|tool_call_argument_begin|>{"timezone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')  # Kimi K2's
 OLMO = ('Checking.\n<function_calls>\nget_weather(city="New York", unit="celsius")\nget_time(timezone="UTC")\n'
         "</function_calls>")  # OLMo 3's
+GRANITE = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "New York", "unit": "celsius"}}, '
+           '{"name": "get_time", "arguments": {"timezone": "UTC"}}]')  # Granite 3.1 on (3.0: <|tool_call|>)
 MISTRAL_V3 = '[TOOL_CALLS] [{"name": "get_time", "arguments": {"timezone": "UTC"}}]'
 
 
@@ -209,6 +211,9 @@ def test_each_familys_call_format_is_read():
                                            ("get_time", {"timezone": "UTC"})])
     assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
     assert read(KIMI.replace("tool_calls_section", "tool_call_section"))[1] == read(KIMI)[1]  # the singular marks
+    assert read(GRANITE) == (None, [("get_weather", {"city": "New York", "unit": "celsius"}),
+                                    ("get_time", {"timezone": "UTC"})])
+    assert read("Sure.\n" + GRANITE.replace("<tool_call>", "<|tool_call|>")) == ("Sure.", read(GRANITE)[1])
     assert read(OLMO) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                         ("get_time", {"timezone": "UTC"})])
     assert read("<function_calls>add(a=1, b=null, tags=['x', true], note={'k': false})</function_calls>")[1] == [
@@ -254,7 +259,8 @@ def test_each_familys_call_format_is_read():
                 KIMI.replace("functions.get_time:1", "call_123"), KIMI.replace('"UTC"}', '"UTC"'),
                 KIMI[:KIMI.rindex("<|tool_call_end|>")], OLMO[:-1], OLMO.replace("get_time", "launch"),
                 "<function_calls>get_time(**tz)</function_calls>", "<function_calls>get_time(x=now())</function_calls>",
-                OLMO.replace("\nget_time", "\nthen get_time")):
+                OLMO.replace("\nget_time", "\nthen get_time"), "<tool_call>[1, 2]", "<|tool_call|> no calls",
+                GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"')):
         assert read(bad) == (bad, [])
 
 
@@ -337,7 +343,8 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, "See [1] and [TOOL",
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE,
+    "See [1] and [TOOL",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
