@@ -1,5 +1,6 @@
 """Scores of text pairs: vLLM's score API (`POST /v1/score`, `/score`), the rerank API (`POST /v1/rerank`, `/rerank`:
-Jina's and vLLM's shape; `/v2/rerank`: Cohere's, which its `cohere` client posts) and vLLM's `POST /classify`.
+Jina's and vLLM's shape; `/v2/rerank`: Cohere's, which its `cohere` client posts), and vLLM's `POST /classify` and
+`POST /pooling`.
 
 A pair's score is, as vLLM gives it:
 - for a cross-encoder (a folder of `...ForSequenceClassification` with one label, as decoder rerankers such as
@@ -21,6 +22,10 @@ same 429 and deadline).
   the most relevant down.
 - classify (a classifier's folder only): `input`, a string, token ids or a list of such; each input's label, the
   probabilities of every label (a sigmoid for one label, else a softmax) and their count.
+- pooling (vLLM's `POST /pooling`): the pooled output itself, `{"index", "object": "pooling", "data"}` per input:
+  `task` "embed" (the default, but on a classifier) is `/v1/embeddings`' vector under its options (`input` or
+  `messages`, `dimensions`, `normalize`, `encoding_format` float or base64), "classify" a classifier's
+  probabilities; the per-token tasks (`token_embed`, `token_classify`) are not served.
 
 All take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens` (not for a cross-encoder's pairs:
 keeping a joined pair's last tokens would cut its query). Usage counts the tokens embedded (vLLM counts a query
@@ -29,6 +34,7 @@ once per pair).
 
 from __future__ import annotations
 
+import base64
 import functools
 import time
 
@@ -40,6 +46,7 @@ from server.embeddings import MAX_INPUTS, Embeddings, _is_int
 from server.protocol import bad, bounded
 
 
+POOLING_TASKS = ("embed", "classify")  # vLLM's /pooling tasks served
 # A score request's two sides, under each of vLLM's names for them (`text_1` and `text_2` its first)
 SCORE_FIELDS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
@@ -53,6 +60,7 @@ def routes(app: web.Application, embeddings: Embeddings) -> Scores:
         app.router.add_post(path, api.rerank)
     app.router.add_post("/v2/rerank", api.cohere_rerank)
     app.router.add_post("/classify", api.classify)
+    app.router.add_post("/pooling", api.pool)
     return api
 
 
@@ -81,6 +89,36 @@ class Scores:
     async def classify(self, request: web.Request) -> web.Response:
         """POST /classify (vLLM's classification API)."""
         return await self.server.serve(request, self.classified)
+
+    async def pool(self, request: web.Request) -> web.Response:
+        """POST /pooling (vLLM's pooling API)."""
+        return await self.server.serve(request, self.pooled)
+
+    async def pooled(self, body, call) -> web.Response:
+        """A pooling body's reply: each input's embedding (`task` "embed") or a classifier's probabilities
+        ("classify"); the default is what the served model gives."""
+        srv = self.server
+        task = body.get("task") if isinstance(body, dict) else None
+        task = ("classify" if self.head is not None else "embed") if task is None else task
+        if task not in POOLING_TASKS:
+            raise bad(f"'task' must be one of {', '.join(POOLING_TASKS)} (per-token tasks are not served)", "task")
+        ask = await srv.off_loop(self.embeddings.parse, body)
+        if ask.encoding not in ("float", "base64"):
+            raise bad("'encoding_format' must be float or base64 here", "encoding_format")
+        if task == "classify":
+            if self.head is None:
+                raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "task")
+            out = pooling.probabilities(self.head.logits(await self.embeddings.vectors(call, ask.inputs, "pool",
+                                                                                         "last")))
+        else:
+            out = pooling.finish(await self.embeddings.vectors(call, ask.inputs, "pool"), ask.normalize,
+                                 ask.dimensions)
+        data = [{"index": i, "object": "pooling", "data": base64.b64encode(ask.binary(v)).decode()
+                 if ask.encoding == "base64" else v.tolist()} for i, v in enumerate(out)]
+        tokens = sum(map(len, ask.inputs))
+        return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
+                                  "model": srv.served(call), "data": data,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
     async def scored(self, body, call) -> web.Response:
         """A score body's reply (`Server.serve`'s answer)."""

@@ -315,6 +315,31 @@ def test_chat_embeddings_and_vllm_encodings(served):
         assert status == 400 and out["error"]["param"] == param, (bad, out)
 
 
+def test_vllms_pooling_route(served):
+    """vLLM's `/pooling`: each input's pooled vector as `/v1/embeddings` gives it (transformers' mean, normalized;
+    `messages` too; base64 of its float32 bytes), as `{"index", "object": "pooling", "data"}`; `classify` on a model
+    that is no classifier, per-token tasks and binary encodings are 400s naming the field."""
+    api, folder, tok, tuned = served
+    base = tuned.get_base_model().model
+    texts = ["The capital of France is", "hi"]
+    with tuned.disable_adapter():
+        want = [_reference(base, tok(t).input_ids) for t in texts]
+    status, out = _post(api.url, "/pooling", {"model": "base", "input": texts})
+    assert status == 200 and out["id"].startswith("pool-") and out["usage"]["prompt_tokens"] == sum(
+        len(tok(t).input_ids) for t in texts)
+    assert [(d["index"], d["object"]) for d in out["data"]] == [(0, "pooling"), (1, "pooling")]
+    assert all(np.abs(np.asarray(d["data"]) - w).max() < 1e-5 for d, w in zip(out["data"], want))
+    status, packed = _post(api.url, "/pooling", {"input": texts[1], "encoding_format": "base64", "task": "embed"})
+    vector = np.frombuffer(base64.b64decode(packed["data"][0]["data"]), np.float32)
+    assert status == 200 and np.abs(vector - want[1]).max() < 1e-5
+    status, chat = _post(api.url, "/pooling", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and len(chat["data"][0]["data"]) == 64
+    for body, param in (({"input": "a", "task": "classify"}, "task"), ({"input": "a", "task": "token_embed"}, "task"),
+                        ({"input": "a", "encoding_format": "bytes"}, "encoding_format"), ({}, "input")):
+        status, err = _post(api.url, "/pooling", body)
+        assert status == 400 and err["error"]["param"] == param, (body, err)
+
+
 def test_sglang_encode_route(served):
     """SGLang's `/encode`: `text` or `input_ids`, one or a batch, each `{"embedding", "meta_info"}` of transformers'
     pooled vector (`rid` names them, `dimensions` cuts); bad bodies are 400s naming SGLang's fields, an unknown
@@ -499,6 +524,8 @@ def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypa
         assert np.allclose([d["probs"][0] for d in r["data"]], probs, atol=1e-5) and r["data"][0]["label"] == "LABEL_0"
         status, same = _post(api.url, "/invocations", {"model": "rr", "input": ["Paris is in France.", "hi"]})
         assert status == 200 and same["data"] == r["data"]  # SageMaker's route: `input` on a classifier classifies
+        status, pooled = _post(api.url, "/pooling", {"model": "rr", "input": ["Paris is in France.", "hi"]})
+        assert status == 200 and [d["data"] for d in pooled["data"]] == [d["probs"] for d in r["data"]]  # vLLM's
         assert _post(api.url, "/classify", {"model": "rr", "input": []})[0] == 400
         status, r = _post(api.url, "/v1/score", {"model": "rr", "text_1": "a", "text_2": "b",
                                                  "truncate_prompt_tokens": 4})
