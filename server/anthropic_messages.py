@@ -291,7 +291,8 @@ class Blocks:
             k = d["index"]
             if "id" in d:
                 ev += self.close()
-                tid = "toolu_" + d["id"].removeprefix("call_")
+                own = d["id"].startswith("call_")  # else the model's own (Kimi's), which its template reads back
+                tid = "toolu_" + d["id"].removeprefix("call_") if own else d["id"]
                 ev += self._start(f"tool{k}", {"type": "tool_use", "id": tid, "name": d["function"]["name"],
                                                "input": {}})
                 self.calls[k], self.args[k] = len(self.blocks) - 1, ""

@@ -392,7 +392,8 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             tags = cohere.THINKING if thinks == "cohere" else reasoning.TAGS.get(thinks, reasoning.TAGS["think"])
             opened = reasoning.opens(text, tags[0])
             job.thinking = Thinking(opened, budget, form=thinks, budget_param=budget_param)
-        if thinks == "mistral":  # Magistral's [THINK] marks are special tokens: the reply is read with them
+        if thinks in ("mistral", "seed"):  # Magistral's [THINK] marks are special tokens (and Seed-OSS's may be):
+            # the reply is read with them
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)
         if thinks in ("harmony", "cohere"):  # its marks are special tokens: the reply is read with them, then split
             job.params = dataclasses.replace(job.params, skip_special_tokens=False)

@@ -345,12 +345,28 @@ def _json_calls(text: str, i: int) -> list[Partial]:
     return calls
 
 
+def _first_mark(text: str) -> tuple[int, str] | None:
+    """Where the first format's marker is in `text`, and which (None: none, or only inside the JSON or Python value
+    the text starts with: a forced call's argument may hold any of them)."""
+    found = [(text.index(m), m) for m in MARKERS if m in text]
+    if not found:
+        return None
+    first, marker = min(found)
+    i = _skip(text, 0)
+    i = _skip(text, i + len(PHI)) if text.startswith(PHI, i) else i
+    if i < first and text[i:i + 1] in ("[", "{"):
+        end = _value_end(text, i)
+        if end is None or end > first:
+            return None
+    return first, marker
+
+
 def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partial]]:
     """Where tool calls start in `text` and the calls so far, in whichever format's marker comes first, else as a
     JSON call object or array of them from the first character. `(None, [])`: no calls (yet)."""
-    found = [(text.index(m), m) for m in MARKERS if m in text]
+    found = _first_mark(text)
     if found:
-        first, marker = min(found)
+        first, marker = found
         calls = []
         if marker in (OPEN, SEED_OPEN):  # Seed-OSS's blocks: Qwen3-Coder's XML
             for block in text[first:].split(marker)[1:]:
@@ -381,8 +397,7 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
         elif marker == OLMO_OPEN:  # the calls once the block closes (an unnamed call until then, or if unread)
             body, closed, _ = text[first + len(OLMO_OPEN):].partition(OLMO_CLOSE)
-            lines = [line.strip() for line in body.splitlines() if line.strip()]
-            calls = (pythonic(f"[{', '.join(lines)}]") if closed else None) or [Partial()]
+            calls = (_statements(body) if closed else None) or [Partial()]
         elif marker in (KIMI_OPEN, KIMI_ONE):
             calls = [_kimi_call(b) for b in text[first:].split(KIMI_CALL)[1:]]
         elif marker in (MS_CALLS, GRANITE):
@@ -408,7 +423,7 @@ def _unprefixed(text: str) -> str:
 
 
 def _marked(text: str) -> bool:
-    return any(m in text for m in MARKERS)
+    return _first_mark(text) is not None
 
 
 def _literal(node: ast.expr) -> object:
@@ -430,18 +445,37 @@ def pythonic(text: str) -> list[Partial] | None:
     else None."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
-        if not isinstance(node, ast.List) or not node.elts:
-            return None
-        calls = []
-        for c in node.elts:
-            if not (isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args
-                    and all(k.arg is not None for k in c.keywords)):
-                return None
-            args = {k.arg: _literal(k.value) for k in c.keywords}
-            calls.append(Partial(c.func.id, json.dumps(args, ensure_ascii=False), True))
-        return calls
-    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):  # not Python, or not literals
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
+    return _keyword_calls(node.elts) if isinstance(node, ast.List) else None
+
+
+def _statements(body: str) -> list[Partial] | None:
+    """OLMo 3's block: Python statements, each a keyword call (a string may span lines); else its lines joined as
+    a list, as vLLM's `olmo3` reads them (None: neither reads)."""
+    try:
+        nodes = ast.parse(body.strip(), mode="exec").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        lines = [line.strip() for line in body.splitlines() if line.strip()]
+        return pythonic(f"[{', '.join(lines)}]")
+    return _keyword_calls([n.value if isinstance(n, ast.Expr) else n for n in nodes])
+
+
+def _keyword_calls(nodes: list) -> list[Partial] | None:
+    """Each node a call of a plain name with keyword arguments of literal values, as calls (None: one is not)."""
+    if not nodes:
+        return None
+    calls = []
+    for c in nodes:
+        if not (isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args
+                and all(k.arg is not None for k in c.keywords)):
+            return None
+        try:
+            args = {k.arg: _literal(k.value) for k in c.keywords}
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # not literals
+            return None
+        calls.append(Partial(c.func.id, json.dumps(args, ensure_ascii=False), True))
+    return calls
 
 
 def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:

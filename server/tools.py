@@ -15,6 +15,7 @@ shaped by its grammar through llguidance (the same Lark and regex engine as stru
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 
@@ -26,7 +27,7 @@ MAX_PARALLEL = 8
 MAX_TOOLS = 128  # OpenAI's limit
 MISTRAL_CALLS = "[TOOL_CALLS]"
 SPECIAL_MARKS = (MISTRAL_CALLS, "<|tool_calls_section_begin|>")  # (Kimi K2's)
-MISTRAL_ID = 9  # the call id length Mistral's templates require (a longer id is cut to its end, as vLLM cuts it)
+MISTRAL_ID = 9  # the call id length Mistral's templates require (another id is renamed: `_cut`)
 KEPT = ("reasoning_content", "name")  # message fields a template may read besides role, content and calls
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
             "To call functions, reply with only a JSON array of calls, each "
@@ -308,7 +309,7 @@ def string_arguments(messages: list[dict]) -> list[dict] | None:
 
 def _native(m: dict, cut: int | None = None) -> dict:
     """A message for a template that knows tools (arguments as objects, as such templates expect; each call's id,
-    and a tool result's, the last `cut` characters of it where given)."""
+    and a tool result's, renamed to `cut` letters and digits where given)."""
     out = {"role": m["role"], "content": m["content"], **_kept(m)}
     calls = _calls_of(m)
     if calls:
@@ -320,5 +321,9 @@ def _native(m: dict, cut: int | None = None) -> dict:
 
 
 def _cut(call_id, cut: int | None):
-    """`call_id`'s last `cut` characters (all of it where `cut` is None)."""
-    return call_id[-cut:] if cut and isinstance(call_id, str) else call_id
+    """`call_id` as `cut` letters and digits (None: as it is): itself where it is so already, else the first `cut`
+    hex digits of its SHA-1, so a call and the result answering it keep one name (vLLM keeps a longer id's last 9
+    characters, which are not always letters and digits, and leaves a shorter one for the template to refuse)."""
+    if not cut or not isinstance(call_id, str) or (len(call_id) == cut and call_id.isascii() and call_id.isalnum()):
+        return call_id
+    return hashlib.sha1(call_id.encode()).hexdigest()[:cut]

@@ -214,6 +214,12 @@ def test_each_familys_call_format_is_read():
     assert read(GRANITE) == (None, [("get_weather", {"city": "New York", "unit": "celsius"}),
                                     ("get_time", {"timezone": "UTC"})])
     assert read("Sure.\n" + GRANITE.replace("<tool_call>", "<|tool_call|>")) == ("Sure.", read(GRANITE)[1])
+    marked = '[{"name": "get_time", "arguments": {"timezone": "Write <function_calls>, [TOOL_CALLS], <|tool_call|>"}}]'
+    assert read(marked) == (None, [("get_time", {"timezone": "Write <function_calls>, [TOOL_CALLS], <|tool_call|>"})])
+    assert read('[get_time(timezone="<|tool_calls_section_begin|>")]')[1] == [  # a forced call's argument holds a mark
+        ("get_time", {"timezone": "<|tool_calls_section_begin|>"})]
+    assert read('<function_calls>\nadd(note="""two\nlines""",\n    a=1)\n</function_calls>')[1] == [
+        ("add", {"note": "two\nlines", "a": 1})]  # a string, and a call, over lines
     assert read(OLMO) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                         ("get_time", {"timezone": "UTC"})])
     assert read("<function_calls>add(a=1, b=null, tags=['x', true], note={'k': false})</function_calls>")[1] == [
@@ -314,10 +320,11 @@ KIMI_TEMPLATE = (
 
 
 def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api):
-    """OpenAI's call ids (ours, `call_` and 24 more) reach a Mistral template as their last 9 characters, as vLLM
-    cuts them; a request with tools keeps special tokens in the reply, where [TOOL_CALLS] and [ARGS] are (and Kimi
-    K2's marks, its template getting the model's own ids whole)."""
+    """OpenAI's call ids (ours, `call_` and 24 more; Ollama's shorter ones) reach a Mistral template as 9 letters and
+    digits, the same for a call and its result; a request with tools keeps special tokens in the reply, where
+    [TOOL_CALLS] and [ARGS] are (and Kimi K2's marks, its template getting the model's own ids whole)."""
     import copy
+    import hashlib
 
     from server.protocol import chat_text, parse
 
@@ -331,7 +338,11 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
                {"role": "tool", "tool_call_id": call, "content": "12:00"}]
     text = chat_text(model, history, spec)
     assert '[TOOL_CALLS]get_time[ARGS]{"timezone": "UTC"}</s>' in text
-    assert text.endswith(f"[TOOL_RESULTS]{call[-9:]}[TOOL_CONTENT]12:00[/TOOL_RESULTS]")
+    named = hashlib.sha1(call.encode()).hexdigest()[:9]  # one name for the call and its result
+    assert text.endswith(f"[TOOL_RESULTS]{named}[TOOL_CONTENT]12:00[/TOOL_RESULTS]")
+    for sent, seen in (("call_1_0", hashlib.sha1(b"call_1_0").hexdigest()[:9]), ("a1B2c3D4e", "a1B2c3D4e")):
+        history[1]["tool_calls"][0]["id"] = history[2]["tool_call_id"] = sent  # short (Ollama's), or Mistral's own
+        assert chat_text(model, history, spec).endswith(f"[TOOL_RESULTS]{seen}[TOOL_CONTENT]12:00[/TOOL_RESULTS]")
     body = {"model": MODEL, "messages": history, "tools": TOOLS}
     assert parse(body, "chat", model).params.skip_special_tokens is False
     assert parse({**body, "tool_choice": "none"}, "chat", model).params.skip_special_tokens is True
@@ -344,7 +355,7 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 STREAMED = [
     DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE,
-    "See [1] and [TOOL",
+    "See [1] and [TOOL", '[{"name": "get_time", "arguments": {"timezone": "a <function_calls> or [TOOL_CALLS]"}}]',
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
@@ -660,6 +671,27 @@ def test_custom_tools_take_their_input_in_their_grammar(api, client):
 def ask_messages(text: str) -> list[dict]:
     """One user message."""
     return [{"role": "user", "content": text}]
+
+
+def test_messages_blocks_keep_the_models_own_call_ids():
+    """Anthropic's `tool_use` blocks: our call ids as `toolu_...`, Kimi's own `functions.NAME:IDX` as it is (its
+    template writes it back, and the model goes on counting)."""
+    from types import SimpleNamespace
+
+    from server.anthropic_messages import Blocks
+    from server.turn import Turn
+
+    spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
+    for text, kimi in ((KIMI, True), (GRANITE, False)):
+        turn, blocks = Turn(SimpleNamespace(tools=spec, thinking=None)), Blocks()
+        for k in range(0, len(text), 9):
+            blocks.add(turn.feed(text[k:k + 9]))
+        blocks.add(turn.feed("", "stop"))
+        blocks.finish()
+        ids = [b["id"] for b in blocks.blocks if b["type"] == "tool_use"]
+        assert len(ids) == 2 and all(i.startswith("functions." if kimi else "toolu_") for i in ids)
+        if kimi:
+            assert ids == ["functions.get_weather:0", "functions.get_time:1"]
 
 
 def test_custom_and_function_calls_stream_in_order_and_a_tool_called_auto_is_not_a_choice():
