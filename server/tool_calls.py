@@ -57,6 +57,7 @@ SEED_OPEN, SEED_CLOSE = "<seed:tool_call>", "</seed:tool_call>"
 OLMO_OPEN, OLMO_CLOSE = "<function_calls>", "</function_calls>"
 KIMI_OPEN, KIMI_ONE = "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"  # (some K2 checkpoints write one)
 KIMI_CALL, KIMI_ARGS, KIMI_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+KIMI_ENDS = ("<|tool_calls_section_end|>", "<|tool_call_section_end|>")
 KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.NAME:IDX
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
@@ -299,14 +300,26 @@ def _deepseek_call(block: str) -> Partial:
     return p
 
 
-def _kimi_call(block: str) -> Partial:
-    """One Kimi K2 call after its `<|tool_call_begin|>`: `functions.NAME:IDX`, then its arguments, then its end."""
-    k = block.find(KIMI_ARGS)
-    head = KIMI_ID.fullmatch(block[:k].strip()) if k >= 0 else None
-    if head is None:
-        return Partial()
-    args, rest = _json_then(block[k + len(KIMI_ARGS):], KIMI_END)
-    return Partial(head.group(1), args, rest is not None, block[:k].strip())
+def _kimi_calls(s: str) -> list[Partial]:
+    """Kimi K2's calls after its section mark, read in order (a mark inside a call's arguments is theirs): each
+    `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>`; other text between
+    them, or before the section's end, is no call (so no calls)."""
+    calls, i = [], _skip(s, 0)
+    while s.startswith(KIMI_CALL, i):
+        j = i + len(KIMI_CALL)
+        k = s.find(KIMI_ARGS, j)
+        head = KIMI_ID.fullmatch(s[j:k].strip()) if k >= 0 else None
+        if head is None:
+            return calls + [Partial()]
+        args, rest = _json_then(s[k + len(KIMI_ARGS):], KIMI_END)
+        calls.append(Partial(head.group(1), args, rest is not None, s[j:k].strip()))
+        if rest is None:
+            return calls
+        i = _skip(s, len(s) - len(rest))
+    tail = s[i:]
+    if tail and not tail.startswith(KIMI_ENDS) and not any(m.startswith(tail) for m in (KIMI_CALL, *KIMI_ENDS)):
+        calls.append(Partial())
+    return calls
 
 
 def _mistral_calls(s: str) -> list[Partial]:
@@ -399,7 +412,7 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
             body, closed, _ = text[first + len(OLMO_OPEN):].partition(OLMO_CLOSE)
             calls = (_statements(body) if closed else None) or [Partial()]
         elif marker in (KIMI_OPEN, KIMI_ONE):
-            calls = [_kimi_call(b) for b in text[first:].split(KIMI_CALL)[1:]]
+            calls = _kimi_calls(text[first + len(marker):])
         elif marker in (MS_CALLS, GRANITE):
             after = text[first + len(marker):]
             i = _skip(after, 0)

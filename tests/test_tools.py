@@ -211,6 +211,8 @@ def test_each_familys_call_format_is_read():
                                            ("get_time", {"timezone": "UTC"})])
     assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
     assert read(KIMI.replace("tool_calls_section", "tool_call_section"))[1] == read(KIMI)[1]  # the singular marks
+    marked = KIMI.replace('"UTC"', '"<|tool_call_begin|>"')  # a mark inside the arguments is theirs
+    assert read(marked)[1][1] == ("get_time", {"timezone": "<|tool_call_begin|>"})
     assert read(GRANITE) == (None, [("get_weather", {"city": "New York", "unit": "celsius"}),
                                     ("get_time", {"timezone": "UTC"})])
     assert read("Sure.\n" + GRANITE.replace("<tool_call>", "<|tool_call|>")) == ("Sure.", read(GRANITE)[1])
@@ -263,7 +265,9 @@ def test_each_familys_call_format_is_read():
                 MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
                 SEED.replace("<function=get_time>", '{"name": "get_time"}'), KIMI.replace("get_time", "launch"),
                 KIMI.replace("functions.get_time:1", "call_123"), KIMI.replace('"UTC"}', '"UTC"'),
-                KIMI[:KIMI.rindex("<|tool_call_end|>")], OLMO[:-1], OLMO.replace("get_time", "launch"),
+                KIMI[:KIMI.rindex("<|tool_call_end|>")], KIMI.replace("<|tool_call_end|><|tool_call_begin|>",
+                                                                     "<|tool_call_end|>and<|tool_call_begin|>"),
+                OLMO[:-1], OLMO.replace("get_time", "launch"),
                 "<function_calls>get_time(**tz)</function_calls>", "<function_calls>get_time(x=now())</function_calls>",
                 OLMO.replace("\nget_time", "\nthen get_time"), "<tool_call>[1, 2]", "<|tool_call|> no calls",
                 GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"')):
@@ -356,6 +360,7 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 STREAMED = [
     DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE,
     "See [1] and [TOOL", '[{"name": "get_time", "arguments": {"timezone": "a <function_calls> or [TOOL_CALLS]"}}]',
+    KIMI.replace('"UTC"', '"<|tool_call_begin|>"'),
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
