@@ -48,7 +48,7 @@ from server.tools import Tools
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 DS_OPEN, DS_CALL = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"
-DS_SEP, DS_END = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+DS_SEP, DS_END, DS_CLOSE = "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"
 FENCE = "```"
 XML_FN, XML_FN_END, XML_PARAM, XML_PARAM_END = "<function=", "</function>", "<parameter=", "</parameter>"
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
@@ -277,27 +277,44 @@ def _json_then(s: str, marker: str) -> tuple[str, str | None]:
     return s[i:end], after[len(marker):] if after.startswith(marker) else None
 
 
-def _deepseek_call(block: str) -> Partial:
+def _deepseek_calls(s: str) -> list[Partial]:
+    """DeepSeek's calls after `<｜tool▁calls▁begin｜>`, read in order (a mark inside a call's arguments is theirs);
+    other text between them, or before the block's end, is no call (so no calls)."""
+    calls, i = [], _skip(s, 0)
+    while s.startswith(DS_CALL, i):
+        p, rest = _deepseek_call(s[i + len(DS_CALL):])
+        calls.append(p)
+        if rest is None:
+            return calls
+        i = _skip(s, len(s) - len(rest))
+    tail = s[i:]
+    if tail and not tail.startswith(DS_CLOSE) and not any(m.startswith(tail) for m in (DS_CALL, DS_CLOSE)):
+        calls.append(Partial())
+    return calls
+
+
+def _deepseek_call(s: str) -> tuple[Partial, str | None]:
     """One DeepSeek call after its `<｜tool▁call▁begin｜>`: V3.1's `NAME<sep>{...}<end>` or V3's
-    `function<sep>NAME\n```json\n{...}\n```<end>`."""
-    p, sep = Partial(), block.find(DS_SEP)
+    `function<sep>NAME\n```json\n{...}\n```<end>`; and the text after its end (None: not there yet)."""
+    p, sep = Partial(), s.find(DS_SEP)
     if sep < 0:
-        return p
-    head, after = block[:sep].strip(), block[sep + len(DS_SEP):]
+        return p, None
+    head, after = s[:sep].strip(), s[sep + len(DS_SEP):]
     if head != "function" or after.lstrip()[:1] == "{":
         p.name = head
         p.arguments, rest = _json_then(after, DS_END)
         p.done = rest is not None
-        return p
+        return p, rest
     line = after.find("\n")
     if line < 0:
-        return p
+        return p, None
     p.name, rest = after[:line].strip(), after[line + 1:].lstrip()
     if not rest.startswith(FENCE + "json"):
-        return p
+        return p, None
     p.arguments, tail = _json_then(rest[len(FENCE) + 4:], FENCE)
-    p.done = tail is not None and tail.lstrip().startswith(DS_END)
-    return p
+    tail = tail.lstrip() if tail is not None else ""
+    p.done = tail.startswith(DS_END)
+    return p, tail[len(DS_END):] if p.done else None
 
 
 def _kimi_calls(s: str) -> list[Partial]:
@@ -419,7 +436,7 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
             calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else \
                 _mistral_calls(after) if marker == MS_CALLS else [Partial()] if after.strip() else []
         else:
-            calls = [_deepseek_call(b) for b in text[first:].split(DS_CALL)[1:]]
+            calls = _deepseek_calls(text[first + len(DS_OPEN):])
         return first, calls
     i = start = _skip(text, 0)
     if text.startswith(PHI, i) and text[_skip(text, i + len(PHI)):][:1] == "[":

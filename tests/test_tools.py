@@ -243,6 +243,7 @@ def test_each_familys_call_format_is_read():
     fenced = DS3.replace('{"timezone": "CET"}', json.dumps(fence)).replace("get_time", "add")
     assert read(fenced)[1][0] == ("add", fence)
     assert read(DS31.replace('"UTC"', f'"{DS_END}"'))[1][1] == ("get_time", {"timezone": DS_END})
+    assert read(DS31.replace('"UTC"', f'"{DS_CALL}"'))[1][1] == ("get_time", {"timezone": DS_CALL})  # theirs
     untyped = tool_mod.Tools([{"name": "f", "description": "", "parameters": {"type": "object", "properties": {
         "id": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"description": "no type"}}}}], "auto")
     content, calls = tool_calls.extract("<tool_call>\n<function=f>\n<parameter=id>\n123\n</parameter>\n<parameter=n>"
@@ -265,6 +266,7 @@ def test_each_familys_call_format_is_read():
                 MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
                 SEED.replace("<function=get_time>", '{"name": "get_time"}'), KIMI.replace("get_time", "launch"),
                 KIMI.replace("functions.get_time:1", "call_123"), KIMI.replace('"UTC"}', '"UTC"'),
+                DS31.replace(f"{DS_END}{DS_CALL}", f"{DS_END} and {DS_CALL}"),  # text between calls
                 KIMI[:KIMI.rindex("<|tool_call_end|>")], KIMI.replace("<|tool_call_end|><|tool_call_begin|>",
                                                                      "<|tool_call_end|>and<|tool_call_begin|>"),
                 OLMO[:-1], OLMO.replace("get_time", "launch"),
@@ -360,7 +362,7 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 STREAMED = [
     DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE,
     "See [1] and [TOOL", '[{"name": "get_time", "arguments": {"timezone": "a <function_calls> or [TOOL_CALLS]"}}]',
-    KIMI.replace('"UTC"', '"<|tool_call_begin|>"'),
+    KIMI.replace('"UTC"', '"<|tool_call_begin|>"'), DS31.replace('"UTC"', f'"{DS_CALL}"'),
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
     '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
     '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, {"name": "get_time", "arguments": '
