@@ -501,10 +501,10 @@ def _keyword_calls(nodes: list) -> list[Partial] | None:
                 and all(k.arg is not None for k in c.keywords)):
             return None
         try:
-            args = {k.arg: _literal(k.value) for k in c.keywords}
-        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # not literals
+            raw = json.dumps({k.arg: _literal(k.value) for k in c.keywords}, ensure_ascii=False)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # not literals, or not JSON's
             return None
-        calls.append(Partial(c.func.id, json.dumps(args, ensure_ascii=False), True))
+        calls.append(Partial(c.func.id, raw, True))
     return calls
 
 

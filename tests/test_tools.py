@@ -261,6 +261,7 @@ def test_each_familys_call_format_is_read():
                 MINIMAX + "<minimax:tool_call>no call</minimax:tool_call>",
                 f"[{LLAMA}, 5]", f'[{LLAMA}, "x", {LLAMA}]',  # an array element that is no call
                 "[1] A citation.", '[get_time("UTC")]', "[get_time(timezone=now())]", "[get_time(**z)]",
+                "[get_time(timezone={1, 2})]", "<function_calls>get_time(timezone=b'x')</function_calls>",
                 MISTRAL + " and then some", MISTRAL.replace("get_time", "launch"), "[TOOL_CALLS]get_time[ARGS]",
                 '[TOOL_CALLS]get_time[ARGS]"UTC"', MISTRAL[:-1], "[TOOL_CALLS]no call here",
                 MISTRAL_V3.replace("}}]", "}}, 7]"), SEED.replace("get_time", "launch"), SEED[:-20],
