@@ -3,7 +3,6 @@ tokens (greedy or seeded sampling, under every sampler setting), and leave pages
 set of compiled programs as they were."""
 
 import contextlib
-import dataclasses
 import math
 import re
 import urllib.request

@@ -391,7 +391,8 @@ _GGUF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM",
               "arcee": "ArceeForCausalLM", "seed_oss": "SeedOssForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
               "exaone4": "Exaone4ForCausalLM", "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-              "ernie4_5-moe": "Ernie4_5_MoeForCausalLM", "dots1": "Dots1ForCausalLM", "minimax-m2": "MiniMaxM2ForCausalLM"}
+              "ernie4_5-moe": "Ernie4_5_MoeForCausalLM", "dots1": "Dots1ForCausalLM",
+              "minimax-m2": "MiniMaxM2ForCausalLM"}
 # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(hidden / heads) at 27B (46 and 62 layers), else by the head's
 # width (`llama-model.cpp`); their files keep no `query_pre_attn_scalar`.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
