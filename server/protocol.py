@@ -382,8 +382,6 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
                 job.grammar, job.grammar_param = job.tools.grammar(), "tool_choice"
             except InvalidRequest as e:  # a named custom tool's grammar
                 raise bad(str(e), e.param) from None
-        if job.tools is not None and job.tools.offered and tools.writes_special_marks(model.tokenizer):
-            job.params = dataclasses.replace(job.params, skip_special_tokens=False)  # its calls' marks are special
         kwargs, budget, budget_param = template_kwargs(body)
         ids, text, job.images = chat_ids(model, body.get("messages"), _number(body, "prompt_truncate_len"),
                                          job.tools, kwargs, media)
@@ -392,11 +390,10 @@ def parse(body: Any, kind: str, model: Model, thinks: str | None = None, bounds:
             tags = cohere.THINKING if thinks == "cohere" else reasoning.TAGS.get(thinks, reasoning.TAGS["think"])
             opened = reasoning.opens(text, tags[0])
             job.thinking = Thinking(opened, budget, form=thinks, budget_param=budget_param)
-        if thinks in ("mistral", "seed"):  # Magistral's [THINK] marks are special tokens (and Seed-OSS's may be):
-            # the reply is read with them
-            job.params = dataclasses.replace(job.params, skip_special_tokens=False)
-        if thinks in ("harmony", "cohere"):  # its marks are special tokens: the reply is read with them, then split
-            job.params = dataclasses.replace(job.params, skip_special_tokens=False)
+        if thinks in reasoning.SPECIAL or (job.tools is not None and job.tools.offered
+                                           and tools.writes_special_marks(model.tokenizer)):
+            job.params = dataclasses.replace(job.params, skip_special_tokens=False)  # read with them, then split
+        if thinks in ("harmony", "cohere"):
             if job.tools is not None and job.tools.forced and (thinks == "harmony" or job.tools.raw is None):
                 job.grammar = harmony.call_grammar(job.tools.called()) if thinks == "harmony" else \
                     cohere.call_grammar(job.tools.called(), job.tools.parallel and job.tools.target is None)

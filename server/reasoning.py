@@ -19,6 +19,8 @@ MISTRAL = ("[THINK]", "[/THINK]")  # Magistral's (2509 on; special tokens, so it
 TAGS = {"think": (OPEN, CLOSE), "seed": SEED, "mistral": MISTRAL}  # the tags of each form `Splitter` reads
 PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names; both write <think>…</think> (R1's template opens it in the prompt)
 SEED_PARSER, MISTRAL_PARSER = "seed_oss", "mistral"  # vLLM's names for Seed-OSS's and Magistral's
+# The forms whose marks are special tokens (Seed-OSS's may be): their replies are detokenized with special tokens
+SPECIAL = ("seed", "mistral", "harmony", "cohere")
 HARMONY = "openai_gptoss"  # vLLM's name for gpt-oss's channels (`server.harmony`)
 EFFORTS = ("none", "low", "medium", "high")
 

@@ -277,18 +277,19 @@ def _json_then(s: str, marker: str) -> tuple[str, str | None]:
     return s[i:end], after[len(marker):] if after.startswith(marker) else None
 
 
-def _deepseek_calls(s: str) -> list[Partial]:
-    """DeepSeek's calls after `<｜tool▁calls▁begin｜>`, read in order (a mark inside a call's arguments is theirs);
-    other text between them, or before the block's end, is no call (so no calls)."""
+def _in_order(s: str, mark: str, ends: tuple[str, ...], one) -> list[Partial]:
+    """The calls in `s`, each after its `mark`, read one after another by `one` (a call and the text after its end,
+    None while that is not there), so a mark inside a call's arguments is theirs (DeepSeek's, Kimi's); other text
+    between them, or before one of `ends`, is no call (so no calls)."""
     calls, i = [], _skip(s, 0)
-    while s.startswith(DS_CALL, i):
-        p, rest = _deepseek_call(s[i + len(DS_CALL):])
+    while s.startswith(mark, i):
+        p, rest = one(s[i + len(mark):])
         calls.append(p)
         if rest is None:
             return calls
         i = _skip(s, len(s) - len(rest))
     tail = s[i:]
-    if tail and not tail.startswith(DS_CLOSE) and not any(m.startswith(tail) for m in (DS_CALL, DS_CLOSE)):
+    if tail and not tail.startswith(ends) and not any(m.startswith(tail) for m in (mark, *ends)):
         calls.append(Partial())
     return calls
 
@@ -317,26 +318,15 @@ def _deepseek_call(s: str) -> tuple[Partial, str | None]:
     return p, tail[len(DS_END):] if p.done else None
 
 
-def _kimi_calls(s: str) -> list[Partial]:
-    """Kimi K2's calls after its section mark, read in order (a mark inside a call's arguments is theirs): each
-    `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>`; other text between
-    them, or before the section's end, is no call (so no calls)."""
-    calls, i = [], _skip(s, 0)
-    while s.startswith(KIMI_CALL, i):
-        j = i + len(KIMI_CALL)
-        k = s.find(KIMI_ARGS, j)
-        head = KIMI_ID.fullmatch(s[j:k].strip()) if k >= 0 else None
-        if head is None:
-            return calls + [Partial()]
-        args, rest = _json_then(s[k + len(KIMI_ARGS):], KIMI_END)
-        calls.append(Partial(head.group(1), args, rest is not None, s[j:k].strip()))
-        if rest is None:
-            return calls
-        i = _skip(s, len(s) - len(rest))
-    tail = s[i:]
-    if tail and not tail.startswith(KIMI_ENDS) and not any(m.startswith(tail) for m in (KIMI_CALL, *KIMI_ENDS)):
-        calls.append(Partial())
-    return calls
+def _kimi_call(s: str) -> tuple[Partial, str | None]:
+    """One Kimi K2 call after its `<|tool_call_begin|>`: `functions.NAME:IDX<|tool_call_argument_begin|>{...}
+    <|tool_call_end|>`; and the text after its end (None: not there yet, or no call)."""
+    k = s.find(KIMI_ARGS)
+    head = KIMI_ID.fullmatch(s[:k].strip()) if k >= 0 else None
+    if head is None:
+        return Partial(), None
+    args, rest = _json_then(s[k + len(KIMI_ARGS):], KIMI_END)
+    return Partial(head.group(1), args, rest is not None, s[:k].strip()), rest
 
 
 def _mistral_calls(s: str) -> list[Partial]:
@@ -429,14 +419,14 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
             body, closed, _ = text[first + len(OLMO_OPEN):].partition(OLMO_CLOSE)
             calls = (_statements(body) if closed else None) or [Partial()]
         elif marker in (KIMI_OPEN, KIMI_ONE):
-            calls = _kimi_calls(text[first + len(marker):])
+            calls = _in_order(text[first + len(marker):], KIMI_CALL, KIMI_ENDS, _kimi_call)
         elif marker in (MS_CALLS, GRANITE):
             after = text[first + len(marker):]
             i = _skip(after, 0)
             calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else \
                 _mistral_calls(after) if marker == MS_CALLS else [Partial()] if after.strip() else []
         else:
-            calls = _deepseek_calls(text[first + len(DS_OPEN):])
+            calls = _in_order(text[first + len(DS_OPEN):], DS_CALL, (DS_CLOSE,), _deepseek_call)
         return first, calls
     i = start = _skip(text, 0)
     if text.startswith(PHI, i) and text[_skip(text, i + len(PHI)):][:1] == "[":
