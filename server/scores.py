@@ -108,16 +108,23 @@ class Scores:
         if task == "classify":
             if self.head is None:
                 raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "task")
-            out = pooling.probabilities(self.head.logits(await self.embeddings.vectors(call, ask.inputs, "pool",
-                                                                                         "last")))
+            out = await self._probabilities(call, ask.inputs, "pool")
         else:
             out = pooling.finish(await self.embeddings.vectors(call, ask.inputs, "pool"), ask.normalize,
                                  ask.dimensions)
         data = [{"index": i, "object": "pooling", "data": base64.b64encode(ask.binary(v)).decode()
                  if ask.encoding == "base64" else v.tolist()} for i, v in enumerate(out)]
         tokens = sum(map(len, ask.inputs))
+        return self._listed(call, data, tokens)
+
+    async def _probabilities(self, call, inputs: list[list[int]], kind: str):
+        """The served classifier's label probabilities for each input (its head over the last token's state)."""
+        return pooling.probabilities(self.head.logits(await self.embeddings.vectors(call, inputs, kind, "last")))
+
+    def _listed(self, call, data: list[dict], tokens: int) -> web.Response:
+        """vLLM's list reply: `data`, and the usage of `tokens` prompt tokens."""
         return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
-                                  "model": srv.served(call), "data": data,
+                                  "model": self.server.served(call), "data": data,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
     async def scored(self, body, call) -> web.Response:
@@ -126,9 +133,7 @@ class Scores:
         plan = await srv.off_loop(self._parse_score, body)
         scores, tokens = await self._pairs(call, "score", *plan)
         data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
-        return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
-                                  "model": srv.served(call), "data": data,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+        return self._listed(call, data, tokens)
 
     async def reranked(self, body, call, show_documents: bool) -> web.Response:
         """A rerank body's reply, its results carrying their documents by default if `show_documents`."""
@@ -149,14 +154,11 @@ class Scores:
         if self.head is None:
             raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
         texts = await srv.off_loop(self.embeddings.inputs, body)
-        vectors = await self.embeddings.vectors(call, texts, "classify", "last")
-        probs = pooling.probabilities(self.head.logits(vectors))
+        probs = await self._probabilities(call, texts, "classify")
         data = [{"index": i, "label": self.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p)}
                 for i, p in enumerate(probs)]
         tokens = sum(map(len, texts))
-        return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
-                                  "model": srv.served(call), "data": data,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+        return self._listed(call, data, tokens)
 
     async def _pairs(self, call, kind: str, texts: list[list[int]], left: list[int] | None, right: list[int] | None):
         """The score of each pair, and the tokens embedded: a cross-encoder's relevance of each text (a pair joined,
