@@ -97,13 +97,16 @@ def test_the_flat_step_by_default_only_where_the_ragged_kernel_attends():
     assert Runner(gemma, dataclasses.replace(rc, flat_step=True)).flat
 
 
+@pytest.mark.quick_compile
 @pytest.mark.parametrize("flat", [False, True])
 def test_the_working_memory_bound_holds_for_the_compiled_programs(flat):
     """XLA's own figure for every program the full warm-up compiles (`memory_analysis`, the most in
     `PROGRAMS["working"]`) stays under `memory.working_bytes` for the runner's steps, with attention through the
     reference (the `xla` backend; separate calls, or the flat step's per-token gathers). On this CPU's compiler: a
     proxy for an accelerator's, whose server warns where a program passes the bound. Without the reference's
-    scores and gathers the bound falls under the prefills' figure (checked)."""
+    scores and gathers the bound falls under the prefills' figure (checked). Compiled with XLA's optimizations mostly
+    off (`quick_compile`): the HLO passes that decide the buffers still run, and the figure was the same byte for
+    byte as with them (15,480,536), in a third of the time."""
     model = _model(_LLAMA, "xla")
     rc = RunnerConfig(max_num_seqs=8, max_model_len=128, kv_cache_gb=0.01, flat_step=flat, decode_batch_sizes=(8,),
                       max_prefill_tokens=128)
