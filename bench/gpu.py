@@ -152,16 +152,16 @@ def diagnose(args) -> None:
         for nb in (1, top):
             pos = np.full((nb, 1), 600, np.int32)
             tab = jnp.asarray(tables[:nb, :64])
-            args = (jnp.zeros((nb, 1), jnp.int32), pos, tab)
+            inputs = (jnp.zeros((nb, 1), jnp.int32), pos, tab)
             t = time.perf_counter()
-            step = fwd.lower(model.params, runner.cache, *args).compile()  # compiled once: its text is read below
-            logits, runner.cache = step(model.params, runner.cache, *args)
+            step = fwd.lower(model.params, runner.cache, *inputs).compile()  # compiled once: its text is read below
+            logits, runner.cache = step(model.params, runner.cache, *inputs)
             jax.block_until_ready(logits)
             first = time.perf_counter() - t
             best = 1e9
             for _ in range(5):
                 t = time.perf_counter()
-                logits, runner.cache = step(model.params, runner.cache, *args)
+                logits, runner.cache = step(model.params, runner.cache, *inputs)
                 jax.block_until_ready(logits)
                 best = min(best, time.perf_counter() - t)
             print(f"  scan={scan} {kind} batch {nb}: forward {best * 1000:.2f} ms (first call {first:.1f} s)",
