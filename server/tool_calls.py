@@ -67,6 +67,7 @@ PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
 MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN, GRANITE)
 _DECODER = json.JSONDecoder()
+BAD_JSON = (ValueError, RecursionError)  # what reading a model's JSON raises (the latter: nested past the limit)
 
 
 @dataclasses.dataclass
@@ -92,24 +93,31 @@ def _value_end(s: str, i: int) -> int | None:
     if s[i] == '"':
         try:
             return _DECODER.raw_decode(s, i)[1]
-        except ValueError:
+        except BAD_JSON:
             return None
     if s[i] not in "{[":  # a number or literal ends at a delimiter
         return next((j for j in range(i, len(s)) if s[j] in ",}] \t\r\n"), None)
-    depth, in_str, esc = 0, False, False
-    for j in range(i, len(s)):
+    return _bracketed(s, i)[0]
+
+
+def _bracketed(s: str, i: int, stop: int | None = None) -> tuple[int | None, bool]:
+    """The JSON or Python value in brackets starting at `s[i]`, read up to `stop` (default: the end): the index just
+    past it (None where it does not close before), and whether `s[stop]` lies inside one of its strings (JSON's
+    "...", or Python's '...' too)."""
+    depth, quote, esc = 0, "", False
+    for j in range(i, len(s) if stop is None else stop):
         c = s[j]
-        if in_str:
-            esc, in_str = (False, True) if esc else (c == "\\", c != '"')
-        elif c == '"':
-            in_str = True
+        if quote:
+            esc, quote = (False, quote) if esc else (c == "\\", "" if c == quote else quote)
+        elif c in "\"'":
+            quote = c
         elif c in "{[":
             depth += 1
         elif c in "}]":
             depth -= 1
             if depth == 0:
-                return j + 1
-    return None
+                return j + 1, False
+    return None, bool(quote)
 
 
 def _json_call(s: str, i: int) -> tuple[Partial, int | None]:
@@ -125,7 +133,7 @@ def _json_call(s: str, i: int) -> tuple[Partial, int | None]:
             continue
         try:
             key, j = _DECODER.raw_decode(s, i)
-        except ValueError:
+        except BAD_JSON:
             return p, None
         j = _skip(s, j)
         if j >= len(s) or s[j] != ":":
@@ -137,7 +145,7 @@ def _json_call(s: str, i: int) -> tuple[Partial, int | None]:
         elif key == "name" and end is not None:
             try:
                 p.name = json.loads(s[j:end])
-            except ValueError:
+            except BAD_JSON:
                 return p, None
         if end is None or not isinstance(key, str):
             return p, None
@@ -155,7 +163,7 @@ def _xml_value(raw: str, schema) -> object:
         return None if raw == "null" and "null" in kinds else raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except BAD_JSON:
         return raw
 
 
@@ -177,24 +185,26 @@ def _properties(tools: Tools | None, name: str) -> dict:
     return params.get("properties", {}) if isinstance(params, dict) else {}
 
 
-def _xml_call(block: str, i: int, tools: Tools | None) -> Partial:
-    """Qwen3-Coder's `<function=NAME>` call starting at `block[i]`; its arguments appear once the function closes."""
+def _xml_call(block: str, i: int, tools: Tools | None) -> tuple[Partial, int | None]:
+    """Qwen3-Coder's `<function=NAME>` call starting at `block[i]` and where it ends (None: not yet); its arguments
+    appear once the function closes."""
     p, name_end = Partial(), block.find(">", i)
     if name_end < 0:
-        return p
+        return p, None
     p.name = block[i + len(XML_FN):name_end].strip()
     props = _properties(tools, p.name)
     args, j = {}, _skip(block, name_end + 1)
     while block.startswith(XML_PARAM, j):
         key_end, close = block.find(">", j), block.find(XML_PARAM_END, j)
         if key_end < 0 or close < 0 or close < key_end:
-            return p
+            return p, None
         key = block[j + len(XML_PARAM):key_end].strip()
         args[key] = _xml_value(block[key_end + 1:close], props.get(key))
         j = _skip(block, close + len(XML_PARAM_END))
-    if block.startswith(XML_FN_END, j):
-        p.arguments, p.done = json.dumps(args, ensure_ascii=False), True
-    return p
+    if not block.startswith(XML_FN_END, j):
+        return p, None
+    p.arguments, p.done = json.dumps(args, ensure_ascii=False), True
+    return p, j + len(XML_FN_END)
 
 
 def _invoke(block: str, i: int, tools: Tools | None) -> tuple[Partial, int | None]:
@@ -226,7 +236,7 @@ def _glm_value(raw: str, schema) -> object:
         return raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except BAD_JSON:
         pass
     try:
         value = ast.literal_eval(raw.strip())
@@ -366,18 +376,16 @@ def _json_calls(text: str, i: int) -> list[Partial]:
 
 
 def _first_mark(text: str) -> tuple[int, str] | None:
-    """Where the first format's marker is in `text`, and which (None: none, or only inside the JSON or Python value
-    the text starts with: a forced call's argument may hold any of them)."""
+    """Where the first format's marker is in `text`, and which (None: none, or only inside a string of the JSON or
+    Python value the text starts with: a forced call's argument may hold any of them)."""
     found = [(text.index(m), m) for m in MARKERS if m in text]
     if not found:
         return None
     first, marker = min(found)
     i = _skip(text, 0)
     i = _skip(text, i + len(PHI)) if text.startswith(PHI, i) else i
-    if i < first and text[i:i + 1] in ("[", "{"):
-        end = _value_end(text, i)
-        if end is None or end > first:
-            return None
+    if i < first and text[i:i + 1] in ("[", "{") and _bracketed(text, i, first)[1]:
+        return None
     return first, marker
 
 
@@ -391,8 +399,12 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
         if marker in (OPEN, SEED_OPEN):  # Seed-OSS's blocks: Qwen3-Coder's XML
             for block in text[first:].split(marker)[1:]:
                 i = _skip(block, 0)
-                if block.startswith(XML_FN, i):
-                    calls.append(_xml_call(block, i, tools))
+                if block.startswith(XML_FN, i):  # one function or more (vLLM's qwen3_coder and seed_oss read all)
+                    end = i
+                    while end is not None and block.startswith(XML_FN, i):
+                        p, end = _xml_call(block, i, tools)
+                        calls.append(p)
+                        i = _skip(block, end) if end is not None else i
                 elif marker == SEED_OPEN:
                     calls += [Partial()] if block.strip() else []
                 elif i < len(block) and block[i] == "{":
@@ -510,14 +522,14 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
     if not _marked(text) and start is not None:  # the whole text must be the JSON
         try:
             json.loads(_unprefixed(text))
-        except ValueError:
+        except BAD_JSON:
             return text, []
     calls = []
     for p in parts:
         raw = (p.arguments or "").strip() or "{}"  # a call without arguments takes none
         try:
             args = json.loads(raw) if p.done else None
-        except ValueError:
+        except BAD_JSON:
             return text, []
         if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
             return text, []
@@ -537,7 +549,7 @@ def custom_input(arguments: str) -> str:
     (the arguments as written where they hold something else)."""
     try:
         args = json.loads(arguments)
-    except ValueError:
+    except BAD_JSON:
         return arguments
     if isinstance(args, dict) and isinstance(args.get("input"), str) and len(args) == 1:
         return args["input"]

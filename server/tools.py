@@ -273,7 +273,7 @@ def _calls_of(m: dict) -> list[dict]:
         args = fn.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit: the template gets the text
             pass
         calls.append({"name": fn.get("name"), "arguments": args})
     return calls

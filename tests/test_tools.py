@@ -166,6 +166,10 @@ MISTRAL = ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "New York", "unit": "
 SEED = ("Checking.<seed:tool_call>\n<function=get_weather>\n<parameter=city>New York</parameter>\n<parameter=unit>"
         "celsius</parameter>\n</function>\n</seed:tool_call><seed:tool_call>\n<function=get_time>\n<parameter=timezone>"
         "UTC</parameter>\n</function>\n</seed:tool_call>")  # Seed-OSS's
+SEED_TWO = ("Checking.<seed:tool_call>\n<function=get_weather>\n<parameter=city>New York</parameter>\n<parameter=unit>"
+            "celsius</parameter>\n</function>\n<function=get_time>\n<parameter=timezone>UTC</parameter>\n</function>\n"
+            "</seed:tool_call>")  # both in one block
+UNCLOSED = '[draft <tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_call>'
 KIMI = ("Let me look.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
         '{"city": "New York", "unit": "celsius"}<|tool_call_end|><|tool_call_begin|> functions.get_time:1 '
         '<|tool_call_argument_begin|>{"timezone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')  # Kimi K2's
@@ -228,6 +232,16 @@ def test_each_familys_call_format_is_read():
         ("add", {"a": 1, "b": None, "tags": ["x", True], "note": {"k": False}})]  # JSON's words as OLMo 3 writes
     assert read(SEED) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                         ("get_time", {"timezone": "UTC"})])
+    assert read(SEED_TWO) == read(SEED)  # two functions in one block (vLLM's seed_oss and qwen3_coder read both)
+    assert read(SEED_TWO.replace("seed:tool_call", "tool_call"))[1] == read(SEED)[1]
+    assert read(UNCLOSED) == ("[draft", [("get_time", {"timezone": "UTC"})])  # a bracket opened before the mark
+    assert read("{ " + MINIMAX[MINIMAX.index("<minimax"):])[1] == read(MINIMAX)[1]
+    for quoted in ("[get_time(timezone='a]b <tool_call> c')]", "[get_time(timezone='a}b [TOOL_CALLS] c')]"):
+        assert read(quoted) == (None, [("get_time", {"timezone": quoted[20:-3]})])  # a mark in Python's quotes
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"  # nested past Python's limit: no call, no exception
+    for bad in (f"[TOOL_CALLS]get_time[ARGS]{deep}", f'<tool_call>{{"name": "get_time", "arguments": {deep}}}'
+                                                     "</tool_call>"):
+        assert read(bad) == (bad, [])
     assert read('[TOOL_CALLS]add[ARGS]{"a": 1, "note": "[TOOL_CALLS]x{}"}')[1] == [("add", {"a": 1,
                                                                                          "note": "[TOOL_CALLS]x{}"})]
     assert read(PYTHONIC) == (None, [("get_weather", {"city": "Oslo", "unit": "celsius"}),
@@ -361,7 +375,8 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 
 STREAMED = [
-    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE,
+    DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE, SEED_TWO,
+    UNCLOSED, "[get_time(timezone='a]b <tool_call> c')]",
     "See [1] and [TOOL", '[{"name": "get_time", "arguments": {"timezone": "a <function_calls> or [TOOL_CALLS]"}}]',
     KIMI.replace('"UTC"', '"<|tool_call_begin|>"'), DS31.replace('"UTC"', f'"{DS_CALL}"'),
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
