@@ -21,7 +21,8 @@ same 429 and deadline).
   `/v2/rerank`), Cohere's `max_tokens_per_doc` (a document's first tokens, cut in its text); the results run from
   the most relevant down.
 - classify (a classifier's folder only): `input`, a string, token ids or a list of such; each input's label, the
-  probabilities of every label (a sigmoid for one label, else a softmax) and their count.
+  probabilities of every label (a sigmoid for one label, else a softmax; the logits under vLLM's `use_activation`
+  false) and their count.
 - pooling (vLLM's `POST /pooling`): the pooled output itself, `{"index", "object": "pooling", "data"}` per input:
   `task` "embed" (the default, but on a classifier) is `/v1/embeddings`' vector under its options (`input` or
   `messages`, `dimensions`, `normalize`, `encoding_format` float or base64), "classify" a classifier's
@@ -108,7 +109,7 @@ class Scores:
         if task == "classify":
             if self.head is None:
                 raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "task")
-            out = await self._probabilities(call, ask.inputs, "pool")
+            out = await self._probabilities(call, ask.inputs, "pool", _activated(body))
         else:
             out = pooling.finish(await self.embeddings.vectors(call, ask.inputs, "pool"), ask.normalize,
                                  ask.dimensions)
@@ -117,9 +118,11 @@ class Scores:
         tokens = sum(map(len, ask.inputs))
         return self._listed(call, data, tokens)
 
-    async def _probabilities(self, call, inputs: list[list[int]], kind: str):
-        """The served classifier's label probabilities for each input (its head over the last token's state)."""
-        return pooling.probabilities(self.head.logits(await self.embeddings.vectors(call, inputs, kind, "last")))
+    async def _probabilities(self, call, inputs: list[list[int]], kind: str, activated: bool = True):
+        """The served classifier's label probabilities for each input (its head over the last token's state), or its
+        logits where not `activated`."""
+        logits = self.head.logits(await self.embeddings.vectors(call, inputs, kind, "last"))
+        return pooling.probabilities(logits) if activated else logits
 
     def _listed(self, call, data: list[dict], tokens: int) -> web.Response:
         """vLLM's list reply: `data`, and the usage of `tokens` prompt tokens."""
@@ -154,7 +157,7 @@ class Scores:
         if self.head is None:
             raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "model")
         texts = await srv.off_loop(self.embeddings.inputs, body)
-        probs = await self._probabilities(call, texts, "classify")
+        probs = await self._probabilities(call, texts, "classify", _activated(body))
         data = [{"index": i, "label": self.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p)}
                 for i, p in enumerate(probs)]
         tokens = sum(map(len, texts))
@@ -232,3 +235,15 @@ def _strings(x, param: str) -> list[str]:
     if len(x) > MAX_INPUTS:
         raise bad(f"'{param}' has {len(x)} items; at most {MAX_INPUTS}", param)
     return x
+
+
+def _activated(body: dict) -> bool:
+    """vLLM's `use_activation` (its older name: `activation`): false gives a classifier's logits, not the sigmoid or
+    softmax of them (default true)."""
+    name = "use_activation" if "use_activation" in body else "activation"
+    value = body.get(name, True)
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be a boolean", name)
+    return value

@@ -526,6 +526,14 @@ def test_a_cross_encoder_scores_pairs_as_transformers(smollm, tmp_path, monkeypa
         assert status == 200 and same["data"] == r["data"]  # SageMaker's route: `input` on a classifier classifies
         status, pooled = _post(api.url, "/pooling", {"model": "rr", "input": ["Paris is in France.", "hi"]})
         assert status == 200 and [d["data"] for d in pooled["data"]] == [d["probs"] for d in r["data"]]  # vLLM's
+        with torch.no_grad():
+            logits = [float(ref(**tok(t, return_tensors="pt")).logits[0, 0]) for t in (docs[0], "hi")]
+        for route, off in (("/classify", {"use_activation": False}), ("/pooling", {"activation": False})):
+            status, raw = _post(api.url, route, {"model": "rr", "input": ["Paris is in France.", "hi"], **off})
+            got = [(d.get("probs") or d.get("data"))[0] for d in raw["data"]]  # vLLM's: the head's logits
+            assert status == 200 and np.allclose(got, logits, atol=1e-4)
+        status, err = _post(api.url, "/classify", {"model": "rr", "input": "hi", "use_activation": "no"})
+        assert status == 400 and err["error"]["param"] == "use_activation"
         assert _post(api.url, "/classify", {"model": "rr", "input": []})[0] == 400
         status, r = _post(api.url, "/v1/score", {"model": "rr", "text_1": "a", "text_2": "b",
                                                  "truncate_prompt_tokens": 4})
