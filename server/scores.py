@@ -118,7 +118,7 @@ class Scores:
         tokens = sum(map(len, ask.inputs))
         return self._listed(call, data, tokens)
 
-    async def _probabilities(self, call, inputs: list[list[int]], kind: str, activated: bool = True):
+    async def _probabilities(self, call, inputs: list[list[int]], kind: str, activated: bool):
         """The served classifier's label probabilities for each input (its head over the last token's state), or its
         logits where not `activated`."""
         logits = self.head.logits(await self.embeddings.vectors(call, inputs, kind, "last"))

@@ -44,7 +44,7 @@ import re
 import uuid
 
 from server.reasoning import held
-from server.tools import Tools
+from server.tools import BAD_JSON, Tools
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 DS_OPEN, DS_CALL = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>"
@@ -67,7 +67,6 @@ PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
 MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN, GRANITE)
 _DECODER = json.JSONDecoder()
-BAD_JSON = (ValueError, RecursionError)  # what reading a model's JSON raises (the latter: nested past the limit)
 
 
 @dataclasses.dataclass

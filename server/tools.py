@@ -28,6 +28,7 @@ MAX_TOOLS = 128  # OpenAI's limit
 MISTRAL_CALLS = "[TOOL_CALLS]"
 SPECIAL_MARKS = (MISTRAL_CALLS, "<|tool_calls_section_begin|>")  # (Kimi K2's)
 MISTRAL_ID = 9  # the call id length Mistral's templates require (another id is renamed: `_cut`)
+BAD_JSON = (ValueError, RecursionError)  # what reading JSON of a model or a client raises (the latter: nested too deep)
 KEPT = ("reasoning_content", "name")  # message fields a template may read besides role, content and calls
 FALLBACK = ("You can call these functions (JSON schemas of their parameters):\n{tools}\n"
             "To call functions, reply with only a JSON array of calls, each "
@@ -273,7 +274,7 @@ def _calls_of(m: dict) -> list[dict]:
         args = fn.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit: the template gets the text
+        except BAD_JSON:  # not JSON, or nested past Python's limit: the template gets the text
             pass
         calls.append({"name": fn.get("name"), "arguments": args})
     return calls
