@@ -357,10 +357,12 @@ def _mistral_calls(s: str) -> list[Partial]:
 
 
 def _json_calls(text: str, i: int) -> list[Partial]:
-    """The call object or array of call objects at `text[i]` (an array's element that is no call object: an
-    unnamed call, so no calls)."""
+    """The call object or array of call objects at `text[i]`. An array's element that is no call object, an array
+    the text ends inside (cut off by `max_tokens`), or text after an object: an unnamed call, so no calls (as vLLM
+    reads them: the text stays whole as content, where reading the first object would drop a second)."""
     if text[i] == "{":
-        return [_json_call(text, i)[0]]
+        p, end = _json_call(text, i)
+        return [p] if end is None or not text[end:].strip() else [p, Partial()]
     calls, i = [], _skip(text, i + 1)
     while i < len(text) and text[i] == "{":
         p, end = _json_call(text, i)
@@ -369,7 +371,7 @@ def _json_calls(text: str, i: int) -> list[Partial]:
             break
         i = _skip(text, end)
         i = _skip(text, i + 1) if i < len(text) and text[i] == "," else i
-    if i < len(text) and text[i] != "]":  # an element that is no call object: no calls
+    if i >= len(text) or text[i] != "]":  # not closed (yet), or an element that is no call object: no calls
         calls.append(Partial())
     return calls
 

@@ -211,6 +211,7 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    assert read(MISTRAL_V3 + " Done.") == read(MISTRAL_V3)  # text after the closed array (vLLM's reading too)
     assert read(KIMI) == ("Let me look.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"})])
     assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
@@ -287,7 +288,9 @@ def test_each_familys_call_format_is_read():
                 OLMO[:-1], OLMO.replace("get_time", "launch"),
                 "<function_calls>get_time(**tz)</function_calls>", "<function_calls>get_time(x=now())</function_calls>",
                 OLMO.replace("\nget_time", "\nthen get_time"), "<tool_call>[1, 2]", "<|tool_call|> no calls",
-                GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"')):
+                GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"'),
+                MISTRAL_V3[:-1], GRANITE[:-1], "<|tool_call|>" + GRANITE[11:-1],  # arrays cut off by max_tokens
+                "[TOOL_CALLS]" + LLAMA + LLAMA, "[TOOL_CALLS]" + LLAMA + " and more"):  # more after an object
         assert read(bad) == (bad, [])
 
 
@@ -431,7 +434,8 @@ def test_a_stream_never_takes_back_a_call_it_sent():
     with the calls it sent and does not repeat their text as content; nothing raises."""
     spec = tool_mod.Tools([t["function"] for t in TOOLS], "auto")
     for text in ['Checking. <tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}}</tool_call>',
-                 '{"name": ["get_time"], "arguments": {}}']:
+                 '{"name": ["get_time"], "arguments": {}}', "Checking. " + GRANITE[:-1],  # the array never closed
+                 "Checking. [TOOL_CALLS]" + LLAMA + LLAMA]:
         stream, content, calls = tool_calls.CallStream(spec), "", []
         for i in range(0, len(text), 5):
             c, deltas, _ = stream.feed(text[i:i + 5], None)
