@@ -62,7 +62,7 @@ KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
 GRANITE = "<|tool_call|>"  # Granite 3.0's, before a JSON array (3.1 on write `<tool_call>` before it)
-MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?(?:\[ARGS\])?\s*(?=\{)")  # a v11 call's name
+MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\s*\[CALL_ID\]\s*[A-Za-z0-9]*)?(?:\s*\[ARGS\])?\s*(?=\{)")  # v11's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
 MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN, GRANITE)

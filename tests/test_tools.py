@@ -211,6 +211,8 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    spaced = MISTRAL.replace("[ARGS]", " [ARGS] ").replace("[CALL_ID]", " [CALL_ID] ")  # special tokens spaced apart
+    assert read(spaced) == read(MISTRAL)
     assert read(MISTRAL_V3 + " Done.") == read(MISTRAL_V3)  # text after the closed array (vLLM's reading too)
     assert read(KIMI) == ("Let me look.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"})])
