@@ -376,6 +376,17 @@ def _json_calls(text: str, i: int) -> list[Partial]:
     return calls
 
 
+def _each(block: str, i: int, mark: str, read, tools: Tools | None) -> tuple[list[Partial], int | None]:
+    """The calls one after another from `block[i]`, each starting with `mark` and read by `read` (a call and the
+    index past it, None while incomplete), and the index past the last (None: it is incomplete)."""
+    calls, end = [], i
+    while end is not None and block.startswith(mark, i):
+        p, end = read(block, i, tools)
+        calls.append(p)
+        i = _skip(block, end) if end is not None else i
+    return calls, i if end is not None else None
+
+
 def _first_mark(text: str) -> tuple[int, str] | None:
     """Where the first format's marker is in `text`, and which (None: none, or only inside a string of the JSON or
     Python value the text starts with: a forced call's argument may hold any of them)."""
@@ -401,11 +412,7 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
             for block in text[first:].split(marker)[1:]:
                 i = _skip(block, 0)
                 if block.startswith(XML_FN, i):  # one function or more (vLLM's qwen3_coder and seed_oss read all)
-                    end = i
-                    while end is not None and block.startswith(XML_FN, i):
-                        p, end = _xml_call(block, i, tools)
-                        calls.append(p)
-                        i = _skip(block, end) if end is not None else i
+                    calls += _each(block, i, XML_FN, _xml_call, tools)[0]
                 elif marker == SEED_OPEN:
                     calls += [Partial()] if block.strip() else []
                 elif i < len(block) and block[i] == "{":
@@ -420,12 +427,9 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
                     calls += [Partial()] if block.strip() else []
         elif marker == MM_OPEN:
             for block in text[first:].split(MM_OPEN)[1:]:
-                i, end = _skip(block, 0), 0
-                while end is not None and block.startswith(MM_INVOKE, i):
-                    p, end = _invoke(block, i, tools)
-                    calls.append(p)
-                    i = _skip(block, end) if end is not None else i
-                rest = block[i:].strip() if end is not None else ""
+                found, end = _each(block, _skip(block, 0), MM_INVOKE, _invoke, tools)
+                calls += found
+                rest = block[end:].strip() if end is not None else ""
                 if rest and not (rest.startswith(MM_CLOSE) or MM_CLOSE.startswith(rest) or MM_INVOKE.startswith(rest)):
                     calls.append(Partial())  # text in a block that is no call: no calls (after its end: as others)
         elif marker == OLMO_OPEN:  # the calls once the block closes (an unnamed call until then, or if unread)
