@@ -239,7 +239,9 @@ class Server:
                 raise
             err = ApiError(e.status, e.reason or "error", code=e.reason.lower().replace(" ", "_"))
             return web.json_response(shape(err), status=e.status)
-        except Exception:
+        except Exception as e:
+            if isinstance(e, OSError) and request.path.startswith("/static/"):  # a name the file system refuses
+                return web.json_response(shape(ApiError(404, "Not Found", code="not_found")), status=404)
             log.exception("unexpected error in %s", request.path)
             err = ApiError(500, "internal server error", type_="server_error", code="internal_error")
             return web.json_response(shape(err), status=500)

@@ -61,7 +61,7 @@ class Profiler:
         try:
             os.makedirs(folder, exist_ok=True)
             jax.profiler.start_trace(folder, profiler_options=options)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:  # ValueError: a NUL in the path
             raise bad(f"the profiler could not start: {e}", "output_dir") from None
         self.taking = folder
         log.info("profiling into %s%s", folder, f" for {steps} engine steps" if steps else "")

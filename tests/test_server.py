@@ -781,6 +781,8 @@ def test_oversized_body_and_wrong_method(api, caplog):
     assert status == 413 and err["error"]["code"] == "request_too_large"
     status, err, _ = http(api, "GET", "/v1/chat/completions")
     assert status == 405 and "error" in err
+    status, err, _ = http(api, "GET", "/static/" + "x" * 300)  # a name too long for the file system: not a 500
+    assert status == 404 and err["error"]["code"] == "not_found"
     body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
     status, out, _ = http(api, "POST", "/v1/completions", raw=gzip.compress(body), headers={"Content-Encoding": "gzip"})
     assert status == 200 and out["usage"]["completion_tokens"] == 1  # a compressed body is read
@@ -1173,6 +1175,8 @@ def test_a_profile_taken_on_demand_marks_the_engine_steps(api, client, tmp_path)
     status, out, _ = http(api, "POST", "/start_profile")
     assert status == 400 and out["error"]["param"] == "output_dir", out  # no --profiler-dir here
     assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path), "num_steps": 0})[0] == 400
+    status, out, _ = http(api, "POST", "/start_profile", {"output_dir": str(tmp_path / "a\u0000b")})
+    assert status == 400 and out["error"]["param"] == "output_dir", out  # a path the OS refuses: not a 500
     assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path)})[:2] == (200, "Start profiling.\n")
     assert http(api, "POST", "/start_profile", {"output_dir": str(tmp_path)})[0] == 400  # one at a time
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
