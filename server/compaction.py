@@ -42,13 +42,14 @@ class Compaction:
         async def answer(body, call) -> web.Response:
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object")
-            if body.get("stream"):
+            if body.get("stream") is not None and body["stream"] is not False:  # `0` or `""` too: not taken as false
                 raise bad("/v1/responses/compact does not stream: its answer is one object", "stream")
             if body.get("input") is None and body.get("previous_response_id") is None:
                 raise bad("'input' or 'previous_response_id' is required: the conversation to compact", "input")
             history, _, _ = await self.server.off_loop(self.responses.history, body)
+            most = body.get("max_output_tokens")
             asked = {**{k: body[k] for k in ("instructions", "temperature", "top_p", "seed") if k in body},
-                     "input": ASK, "max_output_tokens": body.get("max_output_tokens") or MAX_SUMMARY}
+                     "input": ASK, "max_output_tokens": MAX_SUMMARY if most is None else most}
             body = await self.server.off_loop(self.responses.referenced, body)
             own = items_of(body["input"]) if body.get("input") is not None else []
             answered(history, own)

@@ -118,9 +118,12 @@ def test_responses_forced_tool_call_then_its_result(api, client):
     status, out, _ = http(api, "POST", "/v1/responses/compact", {"input": [lost]})
     assert status == 400 and out["error"]["message"].startswith("input[0]"), out
     for bad, param in (({"max_output_tokens": 0}, "max_output_tokens"), ({"stream": True}, "stream")):
-        path = "/v1/responses/compact" if param == "stream" else "/v1/responses"
-        status, out, _ = http(api, "POST", path, {"input": "hi", **bad})
-        assert status == 400 and out["error"]["param"] == param, out
+        for path in ("/v1/responses/compact", "/v1/responses")[:1 if param == "stream" else 2]:
+            status, out, _ = http(api, "POST", path, {"input": "hi", **bad})
+            assert status == 400 and out["error"]["param"] == param, out
+    for bad in ({"stream": 0}, {"max_output_tokens": ""}):  # falsy, not taken as their defaults
+        status, out, _ = http(api, "POST", "/v1/responses/compact", {"input": "hi", **bad})
+        assert status == 400 and out["error"]["param"] == next(iter(bad)), out
     status, items, _ = http(api, "GET", f"/v1/responses/{nxt.id}/input_items?order=asc")
     kinds = [it["type"] for it in items["data"]]
     assert status == 200 and kinds == ["message", "function_call", "function_call_output"]
