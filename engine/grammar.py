@@ -167,6 +167,8 @@ def regex_grammar(pattern: Any, param: str) -> str:
 
     if not isinstance(pattern, str) or not pattern:
         raise InvalidRequest(f"'{param}' must be a non-empty regular expression string", param)
+    if (len(pattern) - len(pattern.rstrip("\\"))) % 2:  # llguidance would drop it and match the rest
+        raise InvalidRequest(f"'{param}' ends in a lone backslash: not a regular expression", param)
     return llguidance.LLMatcher.grammar_from_regex(pattern)
 
 

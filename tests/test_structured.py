@@ -271,6 +271,7 @@ def test_other_servers_fields_for_structured_output_constrain_the_reply(client, 
     ({"guided_json": PERSON, "response_format": {"type": "json_object"}}, "guided_json"),
     ({"regex": PHONE, "guided_choice": ["a"]}, "regex"),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex"),
+    ({"guided_regex": "[0-9]+\\"}, "guided_regex"),  # a lone backslash at the end: llguidance would drop it
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": {"structural_tag": "[" * 100_000}}, "structured_outputs.structural_tag"),  # too deep
