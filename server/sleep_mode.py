@@ -77,7 +77,10 @@ class Sleep:
         return web.json_response({"is_sleeping": bool(self.server.engine.asleep)})
 
     async def release(self, request: web.Request) -> web.Response:
-        """/release_memory_occupation (SGLang's): `null` once the tags' memory is given back."""
+        """/release_memory_occupation (SGLang's): `null` once the tags' memory is given back. The body is required,
+        as SGLang's (`{}`: every tag), so a bare GET (a crawler's, a probe's) does not put the server to sleep."""
+        if not request.can_read_body:
+            raise bad("a JSON object body is required: {\"tags\": [...]}, or {} for every tag", "tags")
         await self.server.sleep(await self._tags(request))
         return web.json_response(None)
 

@@ -193,6 +193,8 @@ def test_sleep_gives_the_devices_memory_back_and_wakes_as_it_was(swapped):
     assert api.engine.stats()["sleep_level"] == 1 and "weights" not in api.engine.asleep
     status, out = _call(api, "POST", "/release_memory_occupation", {"tags": ["gpu"]})
     assert status == 400 and out["error"]["param"] == "tags", out
+    status, out = _call(api, "GET", "/release_memory_occupation")  # no body (a crawler's GET): no sleep
+    assert status == 400 and out["error"]["param"] == "tags" and "weights" not in api.engine.asleep, out
     assert _call(api, "POST", "/resume_memory_occupation", {"tags": None}) == (200, None)
     assert tokens(client.completions.create(**ask)) == _greedy(first[1], ids, 8)
     assert api.engine.runner.compiles == compiles
