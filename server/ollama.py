@@ -96,11 +96,11 @@ def options(body: dict, max_len: int) -> dict:
     out = {ours: opts[theirs] for theirs, ours in OPTIONS.items() if theirs in opts}
     if out.get("seed") == -1:  # Ollama's and llama.cpp's "a random seed"
         del out["seed"]
-    if isinstance(out.get("top_k"), int) and out["top_k"] <= 0:
+    if isinstance(out.get("top_k"), int) and not isinstance(out["top_k"], bool) and out["top_k"] <= 0:
         out["top_k"] = 0  # the whole vocabulary
     n = opts.get("num_predict", -1)
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise bad("'options.num_predict' must be an integer (-1, -2 or 0: until the end)", "options.num_predict")
+    if isinstance(n, bool) or not isinstance(n, int) or not -2**63 <= n < 2**63:  # (Ollama's Go reads an int64)
+        raise bad("'options.num_predict' must be an integer (0 or less: until the end)", "options.num_predict")
     out["max_tokens"] = n if n > 0 else max_len  # lowered to the room the prompt leaves
     if opts.get("repeat_last_n") == 0:  # no penalty window, no penalties (llama.cpp's, and so Ollama's)
         for k in ("repetition_penalty", "presence_penalty", "frequency_penalty"):

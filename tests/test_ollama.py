@@ -141,9 +141,10 @@ def test_errors_take_ollamas_shape(api, olla):
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model="llama3", messages=HELLO)
     assert e.value.status_code == 404 and "llama3" in e.value.error
-    with pytest.raises(ollama.ResponseError) as e:
-        olla.chat(model=MODEL, messages=HELLO, options={"num_predict": "many"})
-    assert e.value.status_code == 400 and "options.num_predict" in e.value.error
+    for opts in ({"num_predict": "many"}, {"num_predict": -10**30}, {"top_k": False, "num_predict": 1}):
+        with pytest.raises(ollama.ResponseError) as e:
+            olla.chat(model=MODEL, messages=HELLO, options=opts)
+        assert e.value.status_code == 400 and f"options.{next(iter(opts))}" in e.value.error, e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model=MODEL, messages=HELLO, options={"temperature": "hot"})
     assert e.value.status_code == 400 and "options.temperature" in e.value.error
