@@ -89,6 +89,8 @@ def grammar_text(fmt: Any, param: str = "response_format") -> str | None:
         if schema is None and kind == "json_schema":
             if not isinstance(js, dict):
                 raise InvalidRequest("response_format.json_schema must be an object", param)
+            if not isinstance(js.get("name", ""), str) or not isinstance(js.get("strict", False), (bool, type(None))):
+                raise InvalidRequest("response_format.json_schema: 'name' must be a string, 'strict' a boolean", param)
             schema = js.get("schema", js if "name" not in js else None)
         return json_grammar(schema, param)
     if kind == "grammar":

@@ -217,6 +217,8 @@ def test_constrained_streams_do_not_ride_the_flat_step_and_keep_their_grammar(sm
         "a": {"$ref": "#/$defs/a"}}}}}, "no text matches it"),
     ({"type": "xml"}, "unknown response_format type"),
     ("json", "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": 5, "schema": {}}}, "'name' must be a string"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": 1}}, "'strict' a boolean"),
 ])
 def test_bad_formats_are_400_then_service_goes_on(client, fmt, needle):
     with pytest.raises(openai.BadRequestError) as e:
