@@ -40,7 +40,7 @@ from engine.images import ImageRows
 from engine.requests import Choice, Delta, Prefill, Request
 from engine.scheduler import Scheduler
 from engine.thinking import Budget, Gate
-from engine.runner import EMBED_TOKENS, Dispatched, Runner, RunnerConfig, join_pieces, kv_bytes_per_token
+from engine.runner import EMBED_TOKENS, Dispatched, Pieces, Runner, RunnerConfig, join_pieces, kv_bytes_per_token
 from engine.sampler import BAD_TOKENS, MAX_BAD, MAX_ENDS, seed_keys
 from models import Model, lora, pooling
 
@@ -559,6 +559,21 @@ class Engine:
         self.embedded += len(inputs)
         self.embedded_tokens += sum(map(len, inputs))
         return out
+
+    def embed_next(self, pieces: Pieces, adapter: str | None = None) -> None:
+        """The next piece of a long input `embed` would run whole (`Runner.embed_next`), so a server steps between
+        pieces (call on the engine's thread). Raises as `embed` does."""
+        self.awake()
+        if not 0 < len(pieces.ids) <= self.runner.embed_sizes[-1] or pieces.mode not in pooling.POOLINGS:
+            raise InvalidRequest(f"an input of 1 to {self.runner.embed_sizes[-1]} tokens, pooled by one of "
+                                 f"{pooling.POOLINGS}, is embedded", "input")
+        loaded = self.adapters.get(adapter) if adapter is not None else None
+        if adapter is not None and loaded is None:
+            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        self.runner.embed_next(pieces, -1 if loaded is None else loaded.slot)
+        if pieces.done:
+            self.embedded += 1
+            self.embedded_tokens += len(pieces.ids)
 
     def idle(self) -> None:
         """Called by a serving loop while there is no work (see `Runner.idle`)."""

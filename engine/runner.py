@@ -29,7 +29,7 @@ from engine.compile import AOT, Job, kept as kept_result, shape_key
 from models import KVCache, Model
 from models import backends, pooling
 from models.backends import paged
-from models.sharding import cache_sharding
+from models.sharding import cache_sharding, spec_for
 
 log = logging.getLogger("sparkler.engine")
 
@@ -178,6 +178,24 @@ class Dispatched:
             self._host = self._runner.read_back(self._outs, self._rows, axis=self._axis)
             self._outs = None
         return self._host
+
+
+@dataclasses.dataclass
+class Pieces:
+    """A long input embedded a chunk at a time (`Runner.embed_next`, one call between engine steps): how far it is,
+    the pool holding its keys so far, and what its pieces pooled (`mean`: their sum)."""
+
+    ids: list[int]
+    mode: str
+    size: int  # tokens a piece (`Runner.piece_size`)
+    start: int = 0
+    pool: KVCache | None = None
+    pooled: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether every piece is pooled (`pooled` is then the input's vector)."""
+        return self.start >= len(self.ids)
 
 
 class Runner:
@@ -496,6 +514,24 @@ class Runner:
                                   None, False, adapters, True)
             return pooling.pool(x, lengths, mode)
 
+        # An input longer than a call's budget goes in pieces of a chunk instead (`embed_next`), each attending to the
+        # earlier pieces' keys through the model's own backend, as a prompt's chunks do, in a pool of its own whose
+        # pages hold the input's positions in order: the engine steps between pieces, and the pool serving
+        # requests is still not touched.
+        own = NamedSharding(mesh, spec_for(("kv_heads", None, None, None), (model.cfg.cache_heads, 0, 0, 0), mesh))
+        self._piece_pool = KVCache(own, own)
+        self._embed_pool = jax.jit(lambda pages: KVCache.zeros(model.cfg, pages, self.page_size), static_argnums=0,
+                                   out_shardings=self._piece_pool)
+
+        @functools.partial(jax.jit, static_argnames=("mode",), donate_argnums=(1,),
+                           out_shardings=(gathered, self._piece_pool))
+        def embed_piece(params, pool, tokens, start, length, table, adapters, mode):
+            # (`table`, the pool's pages in order, is an argument so its width keys the program: a pool is a pytree)
+            self.compiles += 1
+            positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+            x, pool = module.apply(params, tokens, positions, table, pool, None, False, adapters, True)
+            return pooling.pool(x, length, mode), pool
+
         # What shapes a program's trace beyond its arguments: the model, the mesh and the card's `ragged` settings,
         # and for the decode programs the card's decode kernel plan (`_tune_attention`). The runner's settings only
         # shape the arguments (slots, pool pages, page size, table widths, decode steps), which key the program store
@@ -511,7 +547,7 @@ class Runner:
         self._set_rows = AOT(set_rows, "set_rows", sampler_ns)
         self._copy, self._verify = AOT(copy_pages, "copy", ns), AOT(verify, "verify", ns + drawing)
         self._flat, self._logits = AOT(flat_step, "flat", ns), AOT(decode_logits, "logits", tuned)
-        self._embed = AOT(embed, "embed", ns)
+        self._embed, self._embed_piece = AOT(embed, "embed", ns), AOT(embed_piece, "embed_piece", ns)
         self._step_programs = (self._prefill, self._decode, self._first, self._set_rows, self._copy, self._verify,
                                self._flat, self._logits)
 
@@ -957,7 +993,16 @@ class Runner:
     def embed_compile(self, lengths: list[int], mode: str, lora: bool, budget: int = EMBED_TOKENS) -> None:
         """Compile (or load) the programs `embed` runs for inputs of `lengths` (on an adapter: `lora`), so a thread
         other than the engine's can pay for a new shape."""
-        for nb, size, _ in self.embed_calls(lengths, budget):
+        for nb, size, part in self.embed_calls(lengths, budget):
+            if nb == 1 and lengths[part[0]] > budget:  # a long input: its pieces' program
+                size = self.piece_size(budget)
+                pages = self._pool_pages(lengths[part[0]], size)
+                pool = jax.eval_shape(lambda: KVCache.zeros(self.model.cfg, pages, self.page_size))
+                pool = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pool,
+                                    self._piece_pool)
+                self._embed_piece.compile(self.model.params, pool, _i32(1, size), np.int32(0), _i32(1),
+                                          _i32(1, pages), _i32(1, 1) if lora else None, mode=mode)
+                continue
             self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _i32(nb, 1) if lora else None,
                                 mode=mode)
 
@@ -966,12 +1011,52 @@ class Runner:
         on LoRA slot `adapter` (-1: the base model), in the calls `embed_calls` plans; the KV pool is not touched."""
         out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
         for nb, size, part in self.embed_calls([len(x) for x in inputs], budget):
+            if nb == 1 and len(inputs[part[0]]) > budget:  # a long input, in pieces
+                pieces = Pieces(inputs[part[0]], mode, self.piece_size(budget))
+                while not pieces.done:
+                    self.embed_next(pieces, adapter)
+                out[part] = pieces.pooled
+                continue
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
             lora = None if adapter < 0 else np.full((nb, 1), adapter, np.int32)
             out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
         return out
+
+    def piece_size(self, budget: int) -> int:
+        """Tokens a piece of a long input (`Pieces`) for a call budget of `budget` tokens: a chunk, or fewer pages."""
+        return max(self.page_size, min(self.chunk, budget // self.page_size * self.page_size))
+
+    def _pool_pages(self, length: int, size: int) -> int:
+        """Pages of a long input's own pool (`embed_next`): its pieces' tokens, doubled up from a piece."""
+        tokens = size
+        while tokens < length:
+            tokens *= 2
+        return tokens // self.page_size
+
+    def embed_next(self, pieces: Pieces, adapter: int = -1) -> None:
+        """Embed the next chunk of `pieces` (on LoRA slot `adapter`), attending to its earlier chunks' keys, and pool
+        it: `last` keeps the last piece's, `cls` the first's, `mean` sums each piece's mean times its tokens and
+        divides by all of them at the end."""
+        if pieces.pool is None:
+            pieces.pool = self._embed_pool(self._pool_pages(len(pieces.ids), pieces.size))
+        part = pieces.ids[pieces.start:pieces.start + pieces.size]
+        toks = np.zeros((1, pieces.size), np.int32)
+        toks[0, :len(part)] = part
+        lora = None if adapter < 0 else np.full((1, 1), adapter, np.int32)
+        table = np.arange(pieces.pool.k.shape[1] // self.model.cfg.num_layers, dtype=np.int32)[None]
+        pooled, pieces.pool = self._embed_piece(self.model.params, pieces.pool, toks, np.int32(pieces.start),
+                                                np.array([len(part)], np.int32), table, lora, mode=pieces.mode)
+        vector = np.asarray(pooled)[0]
+        if pieces.mode == "mean":
+            vector = vector * len(part) + (0 if pieces.pooled is None else pieces.pooled)
+        pieces.pooled = pieces.pooled if pieces.mode == "cls" and pieces.pooled is not None else vector
+        pieces.start += len(part)
+        if pieces.done:
+            pieces.pool = None  # its memory back at once
+            if pieces.mode == "mean":
+                pieces.pooled = pieces.pooled / len(pieces.ids)
 
     def copy_pages(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy pages `(shard, src, dst)` within their shard's pool (each choice of n > 1 gets its own copy of the

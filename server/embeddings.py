@@ -32,6 +32,7 @@ import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
+from engine.runner import Pieces
 from models import pooling
 from server import images, protocol
 from server.protocol import ApiError, bad, bounded, busy
@@ -132,8 +133,8 @@ class Embeddings:
 
     async def _embed(self, inputs: list[list[int]], adapter: str | None, mode: str) -> np.ndarray:
         """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
-        of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone) at a time, its program compiled on
-        a parse thread and the call run on the engine's thread between its steps."""
+        of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone, a chunk a call: `Pieces`) at a
+        time, its program compiled on a parse thread and the call run on the engine's thread between its steps."""
         srv, runner = self.server, self.server.engine.runner
         budget = max(runner.rc.max_prefill_tokens, runner.chunk)
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
@@ -143,7 +144,13 @@ class Embeddings:
                 batch = [inputs[i] for i in part]
                 await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
                 try:
-                    out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
+                    if len(batch) == 1 and len(batch[0]) > budget:  # other requests are served between its pieces
+                        pieces = Pieces(batch[0], mode, runner.piece_size(budget))
+                        while not pieces.done:
+                            await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
+                        out[part] = pieces.pooled
+                    else:
+                        out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None

@@ -46,7 +46,7 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
     ref = _hf_model(kind, str(tmp_path / "hf"))
     model = load_model(str(tmp_path / "hf"), with_tokenizer=False)
     eng = Engine(model, RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01))
-    rows = ROWS + [LONG, ROWS[0] * 2]
+    rows = ROWS + [LONG, ROWS[0] * 2, LONG[:40]]
     for mode in pooling.POOLINGS:
         want = _pooled(ref, rows, mode)
         got = eng.embed(rows, mode)
@@ -57,7 +57,11 @@ def test_embeddings_match_transformers(kind, tmp_path, monkeypatch):
         assert np.abs(alone - want[:2]).max() <= 1e-4 * scale
         eng.embed(rows, mode)
         assert len(eng.runner._embed.exes) == programs + 1  # `alone`'s one new shape (a row of 16), no other
-    assert eng.stats()["embedded_inputs"] == 3 * (2 * len(rows) + 2)
+        pieced = eng.embed(rows, mode, budget=32)  # past 32 tokens, in pieces of 32 that attend to the earlier ones
+        assert np.abs(pieced - want).max() <= 1e-4 * scale, (kind, mode)
+        done = pooling.POOLINGS.index(mode) + 1  # 4 pieces of LONG (a pool of 128 tokens) and 2 of its first 40
+        assert (eng.runner._embed_piece.calls, len(eng.runner._embed_piece.exes)) == (6 * done, 2 * done)  # (64)
+    assert eng.stats()["embedded_inputs"] == 3 * (3 * len(rows) + 2)
 
 
 @pytest.mark.parametrize("kind,tied", [("qwen3", False), ("qwen3", True), ("mistral", False)])
