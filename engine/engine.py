@@ -561,8 +561,11 @@ class Engine:
         return out
 
     def embed_next(self, pieces: Pieces, adapter: str | None = None) -> None:
-        """The next piece of a long input `embed` would run whole (`Runner.embed_next`), so a server steps between
-        pieces (call on the engine's thread). Raises as `embed` does."""
+        """The next piece of a long input `embed` would run in one call (`Runner.embed_next`), so a server steps
+        between pieces (call on the engine's thread; one process only: a piece's pool is this process's, so a
+        multi-host group embeds through the mirrored `embed`). Raises as `embed` does."""
+        if jax.process_count() > 1:
+            raise RuntimeError("a process group embeds a long input through `embed`, not piece by piece")
         self.awake()
         if not 0 < len(pieces.ids) <= self.runner.embed_sizes[-1] or pieces.mode not in pooling.POOLINGS:
             raise InvalidRequest(f"an input of 1 to {self.runner.embed_sizes[-1]} tokens, pooled by one of "

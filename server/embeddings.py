@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from aiohttp import web
@@ -144,7 +145,8 @@ class Embeddings:
                 batch = [inputs[i] for i in part]
                 await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
                 try:
-                    if len(batch) == 1 and len(batch[0]) > budget:  # other requests are served between its pieces
+                    if len(batch) == 1 and len(batch[0]) > budget and jax.process_count() == 1:  # pieces, and
+                        # other requests' steps between them (a group runs them in one mirrored call)
                         pieces = Pieces(batch[0], mode, runner.piece_size(budget))
                         while not pieces.done:
                             await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
