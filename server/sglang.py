@@ -64,7 +64,7 @@ def routes(app: web.Application, server, embeddings) -> None:
     app.router.add_get("/health_generate", api.health_generate)
     app.router.add_route("GET", "/flush_cache", api.flush_cache)
     app.router.add_route("POST", "/flush_cache", api.flush_cache)
-    app.router.add_post("/reset_prefix_cache", api.flush_cache)  # vLLM's name for it
+    app.router.add_post("/reset_prefix_cache", api.reset_prefix_cache)  # vLLM's name for it
     for path in ("/reset_mm_cache", "/reset_encoder_cache"):  # vLLM's: the pictures' features held for reuse
         app.router.add_post(path, api.forget_pictures)
     app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
@@ -462,6 +462,13 @@ class SGLang:
         return web.Response(status=200 if done else 400,
                             text="Cache flushed.\n" if done else "Cache not flushed: requests are queued or running; "
                                                                  "retry when they have finished.\n")
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """POST /reset_prefix_cache (vLLM's `/flush_cache`): an empty 200 once forgotten, as vLLM's; while requests
+        are queued or running, nothing is flushed and the 400 is JSON in the OpenAI shape (vLLM answers in JSON)."""
+        if not await self.server.on_engine(lambda engine: engine.flush_cache()):
+            raise bad("the prefix cache was not reset: requests are queued or running; retry when they have finished")
+        return web.Response(status=200)
 
 
 class Stream:

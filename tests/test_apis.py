@@ -1004,7 +1004,13 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     status, said, _ = http(api, "POST", "/flush_cache")
     assert status == 200 and said.startswith("Cache flushed") and api.engine.stats()["kv_pages_cached"] == 0
     assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] == 0
-    assert http(api, "POST", "/reset_prefix_cache")[0] == 200  # vLLM's name for it
+    assert http(api, "POST", "/reset_prefix_cache")[:2] == (200, "")  # vLLM's name for it (and its empty 200)
+    stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))  # a request running: nothing is flushed, and vLLM's route says so in JSON
+    status, out, _ = http(api, "POST", "/reset_prefix_cache")
+    assert status == 400 and "running" in out["error"]["message"], out
+    stream.close()
     assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] == 0
     for bad, param in (({"text": text, "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
                        ({"text": text, "sampling_params": {"best": 1}}, "sampling_params.best"),
