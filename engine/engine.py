@@ -567,12 +567,16 @@ class Engine:
         if jax.process_count() > 1:
             raise RuntimeError("a process group embeds a long input through `embed`, not piece by piece")
         self.awake()
-        if not 0 < len(pieces.ids) <= self.runner.embed_sizes[-1] or pieces.mode not in pooling.POOLINGS:
-            raise InvalidRequest(f"an input of 1 to {self.runner.embed_sizes[-1]} tokens, pooled by one of "
-                                 f"{pooling.POOLINGS}, is embedded", "input")
+        if pieces.mode not in pooling.POOLINGS:
+            raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {pieces.mode!r}", "pooling")
+        if not 0 < len(pieces.ids) <= self.runner.embed_sizes[-1]:
+            raise InvalidRequest(f"an input of 1 to {self.runner.embed_sizes[-1]} tokens is embedded", "input")
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        if pieces.start and loaded is not pieces.adapter:  # unloaded or loaded anew since the first piece: not a
+            raise InvalidRequest(f"the LoRA adapter {adapter!r} changed while the input was embedded", "model")
+        pieces.adapter = loaded  # vector mixing two adapters' keys
         self.runner.embed_next(pieces, -1 if loaded is None else loaded.slot)
         if pieces.done:
             self.embedded += 1

@@ -188,6 +188,7 @@ class Pieces:
     ids: list[int]
     mode: str
     size: int  # tokens a piece (`Runner.piece_size`)
+    adapter: object = None  # the LoRA adapter its first piece ran on (`Engine.embed_next`: every piece runs on it)
     start: int = 0
     pool: KVCache | None = None
     pooled: np.ndarray | None = None
@@ -1026,7 +1027,8 @@ class Runner:
 
     def piece_size(self, budget: int) -> int:
         """Tokens a piece of a long input (`Pieces`) for a call budget of `budget` tokens: a chunk, or fewer pages."""
-        return max(self.page_size, min(self.chunk, budget // self.page_size * self.page_size))
+        ps = self.page_size  # (a page multiple: the pool's pages hold its pieces exactly)
+        return max(ps, min(self.chunk // ps * ps, budget // ps * ps))
 
     def _pool_pages(self, length: int, size: int) -> int:
         """Pages of a long input's own pool (`embed_next`): its pieces' tokens, doubled up from a piece."""

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import errno
 import importlib.metadata
 import json
 import logging
@@ -240,7 +241,7 @@ class Server:
             err = ApiError(e.status, e.reason or "error", code=e.reason.lower().replace(" ", "_"))
             return web.json_response(shape(err), status=e.status)
         except Exception as e:
-            if isinstance(e, OSError) and request.path.startswith("/static/"):  # a name the file system refuses
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG and request.path.startswith("/static/"):
                 return web.json_response(shape(ApiError(404, "Not Found", code="not_found")), status=404)
             log.exception("unexpected error in %s", request.path)
             err = ApiError(500, "internal server error", type_="server_error", code="internal_error")
