@@ -107,6 +107,34 @@ def adapters(tmp_path_factory):
     return folder, want
 
 
+def test_a_long_input_embeds_in_pieces_on_its_one_adapter(adapters, monkeypatch, tmp_path):
+    """An input past a call's budget embeds in pieces on its adapter as it does whole; an adapter loaded anew between
+    two pieces is an InvalidRequest (the server's 404), never a vector of both loads' keys."""
+    from engine.engine import Engine
+    from engine.runner import Pieces
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    folder, _ = adapters
+    model = lora.attach(load_model(str(folder / "hf"), with_tokenizer=False), 2, 8)
+    eng = Engine(model, RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01))
+    tuned = lora.read(str(folder / "a"), model)
+    eng.load_adapter("a", tuned)
+    ids = list(range(5, 105))
+    whole = eng.embed([ids], "mean", adapter="a")[0]
+    pieces = Pieces(ids, "mean", eng.runner.piece_size(32))
+    while not pieces.done:
+        eng.embed_next(pieces, "a")
+    scale = np.abs(whole).max()
+    assert eng.runner._embed_piece.calls == 4 and np.abs(pieces.pooled - whole).max() <= 1e-4 * scale
+    assert np.abs(eng.embed([ids], "mean")[0] - whole).max() > 1e-2 * scale  # the adapter matters
+    pieces = Pieces(ids, "mean", eng.runner.piece_size(32))
+    eng.embed_next(pieces, "a")
+    eng.unload_adapter("a")
+    eng.load_adapter("a", tuned)
+    with pytest.raises(InvalidRequest, match="changed while the input was embedded"):
+        eng.embed_next(pieces, "a")
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch, tmp_path):
     """Greedy tokens equal PEFT's for each adapter and the base model's without, all in one batch; a prompt cached
