@@ -543,6 +543,15 @@ class Engine:
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
         loaded; `engine.sleep.Asleep` while the engine sleeps."""
+        loaded = self._embedding(inputs, mode, adapter)
+        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget)
+        self.embedded += len(inputs)
+        self.embedded_tokens += sum(map(len, inputs))
+        return out
+
+    def _embedding(self, inputs: list[list[int]], mode: str, adapter: str | None) -> Loaded | None:
+        """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapter loaded), and
+        the adapter loaded under `adapter` (None: the base model)."""
         self.awake()
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
@@ -555,10 +564,7 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget)
-        self.embedded += len(inputs)
-        self.embedded_tokens += sum(map(len, inputs))
-        return out
+        return loaded
 
     def embed_next(self, pieces: Pieces, adapter: str | None = None) -> None:
         """The next piece of a long input `embed` would run in one call (`Runner.embed_next`), so a server steps
@@ -566,14 +572,7 @@ class Engine:
         multi-host group embeds through the mirrored `embed`). Raises as `embed` does."""
         if jax.process_count() > 1:
             raise RuntimeError("a process group embeds a long input through `embed`, not piece by piece")
-        self.awake()
-        if pieces.mode not in pooling.POOLINGS:
-            raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {pieces.mode!r}", "pooling")
-        if not 0 < len(pieces.ids) <= self.runner.embed_sizes[-1]:
-            raise InvalidRequest(f"an input of 1 to {self.runner.embed_sizes[-1]} tokens is embedded", "input")
-        loaded = self.adapters.get(adapter) if adapter is not None else None
-        if adapter is not None and loaded is None:
-            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        loaded = self._embedding([pieces.ids], pieces.mode, adapter)
         if pieces.start and loaded is not pieces.adapter:  # unloaded or loaded anew since the first piece: not a
             raise InvalidRequest(f"the LoRA adapter {adapter!r} changed while the input was embedded", "model")
         pieces.adapter = loaded  # vector mixing two adapters' keys
