@@ -1052,8 +1052,9 @@ class Runner:
                                                 np.array([len(part)], np.int32), table, lora, mode=pieces.mode)
         vector = np.asarray(pooled)[0]
         if pieces.mode == "mean":
-            vector = vector * len(part) + (0 if pieces.pooled is None else pieces.pooled)
-        pieces.pooled = pieces.pooled if pieces.mode == "cls" and pieces.pooled is not None else vector
+            pieces.pooled = vector * len(part) + (0 if pieces.pooled is None else pieces.pooled)
+        elif pieces.mode == "last" or pieces.pooled is None:  # (`cls`: the first piece's)
+            pieces.pooled = vector
         pieces.start += len(part)
         if pieces.done:
             pieces.pool = None  # its memory back at once
