@@ -20,9 +20,9 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
   <｜tool▁calls▁end｜>` (V3.1 and later), and V3's and R1's `function<｜tool▁sep｜>NAME` then the arguments in a
   ```json fence;
 - Mistral's `[TOOL_CALLS]` (a special token, kept in the text where the chat template writes it:
-  `server.protocol`): a JSON array of call objects after it (v0.3 to Small 3.1), or, from its v11 tokenizer on
-  (Small 3.2, Devstral, Magistral), `NAME[ARGS]{...}` after each (`[ARGS]` left out where special tokens are
-  skipped, as vLLM's Mistral tokenizer skips it; a `[CALL_ID]ID` before it, as v13 writes);
+  `server.protocol`): a JSON array of call objects after it (v0.3 to Small 3.1; another after each further mark), or,
+  from its v11 tokenizer on (Small 3.2, Devstral, Magistral), `NAME[ARGS]{...}` after each (`[ARGS]` left out where
+  special tokens are skipped, as vLLM's Mistral tokenizer skips it; a `[CALL_ID]ID` before it, as v13 writes);
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
   Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text), Mistral's
   array where its `[TOOL_CALLS]` was skipped, and Phi-4-mini's, after its `functools` (text);
@@ -356,6 +356,18 @@ def _mistral_calls(s: str) -> list[Partial]:
     return calls + [Partial()]  # no name yet, or text that is none
 
 
+def _mistral_arrays(s: str, i: int) -> list[Partial]:
+    """v0.3's calls: a JSON array (or object) of them at `s[i]`, and another after each `[TOOL_CALLS]` the model
+    writes again after one (then any other text after the last: no calls, as after one object)."""
+    calls = []
+    while (end := _value_end(s, i)) is not None and s.startswith(MS_CALLS, k := _skip(s, end)):
+        calls += _json_calls(s[:end], i)
+        i = _skip(s, k + len(MS_CALLS))
+        if s[i:i + 1] not in ("[", "{"):  # the next one not started yet, or text that is no call
+            return calls + ([Partial()] if s[i:].strip() else [])
+    return calls + _json_calls(s, i)
+
+
 def _json_calls(text: str, i: int) -> list[Partial]:
     """The call object or array of call objects at `text[i]`. An array's element that is no call object, an array
     the text ends inside (cut off by `max_tokens`), or text after an object: an unnamed call, so no calls (as vLLM
@@ -440,8 +452,12 @@ def scan(text: str, tools: Tools | None = None) -> tuple[int | None, list[Partia
         elif marker in (MS_CALLS, GRANITE):
             after = text[first + len(marker):]
             i = _skip(after, 0)
-            calls = _json_calls(after, i) if after[i:i + 1] in ("[", "{") else \
-                _mistral_calls(after) if marker == MS_CALLS else [Partial()] if after.strip() else []
+            if after[i:i + 1] not in ("[", "{"):
+                calls = _mistral_calls(after) if marker == MS_CALLS else [Partial()] if after.strip() else []
+            elif marker == GRANITE:
+                calls = _json_calls(after, i)
+            else:
+                calls = _mistral_arrays(after, i)
         else:
             calls = _in_order(text[first + len(DS_OPEN):], DS_CALL, (DS_CLOSE,), _deepseek_call)
         return first, calls

@@ -211,6 +211,8 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL) == ("Checking.", [("get_weather", {"city": "New York", "unit": "celsius"}),
                                            ("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "CET"})])
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
+    again = MISTRAL_V3 + MISTRAL_V3.replace("UTC", "[TOOL_CALLS] CET")  # the mark again, and inside a string
+    assert read(again) == (None, [("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "[TOOL_CALLS] CET"})])
     spaced = MISTRAL.replace("[ARGS]", " [ARGS] ").replace("[CALL_ID]", " [CALL_ID] ")  # special tokens spaced apart
     assert read(spaced) == read(MISTRAL)
     assert read(MISTRAL_V3 + " Done.") == read(MISTRAL_V3)  # text after the closed array (vLLM's reading too)
@@ -292,7 +294,8 @@ def test_each_familys_call_format_is_read():
                 OLMO.replace("\nget_time", "\nthen get_time"), "<tool_call>[1, 2]", "<|tool_call|> no calls",
                 GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"'),
                 MISTRAL_V3[:-1], GRANITE[:-1], "<|tool_call|>" + GRANITE[11:-1],  # arrays cut off by max_tokens
-                "[TOOL_CALLS]" + LLAMA + LLAMA, "[TOOL_CALLS]" + LLAMA + " and more"):  # more after an object
+                "[TOOL_CALLS]" + LLAMA + LLAMA, "[TOOL_CALLS]" + LLAMA + " and more",  # more after an object
+                MISTRAL_V3 + "[TOOL_CALLS] and more", MISTRAL_V3 + MISTRAL_V3[:-1]):
         assert read(bad) == (bad, [])
 
 
