@@ -720,6 +720,31 @@ def test_model_decode_through_a_kernel_matches_xla(kernel):
     np.testing.assert_allclose(np.asarray(chunk), np.asarray(want_chunk), atol=1e-4, rtol=1e-4)
 
 
+def test_a_long_embedding_in_pieces_through_the_gpu_kernel_matches_xla_whole(tmp_path, monkeypatch):
+    """An embedding input past the call's budget runs in pieces (`Runner.embed_next`), each attending to the earlier
+    pieces' keys in its pool through `pallas_gpu.ragged` (interpreted) on `pallas-gpu`: every pooling equals the
+    input embedded whole through `xla`."""
+    from engine.engine import Engine
+    from engine.runner import RunnerConfig
+    from models.backends import pallas_gpu
+    from test_embeddings import LONG
+    from test_models import _hf_model
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _hf_model("llama", str(tmp_path / "hf"))
+    traced, ragged = [], pallas_gpu.ragged
+    monkeypatch.setattr(pallas_gpu, "ragged", lambda *a, **k: traced.append(1) or ragged(*a, **k))
+    engines = {att: Engine(load_model(str(tmp_path / "hf"), with_tokenizer=False, attention=att),
+                           RunnerConfig(max_num_seqs=2, max_model_len=128, kv_cache_gb=0.01))
+               for att in ("xla", "pallas-gpu")}
+    rows = [LONG, LONG[:40]]
+    for mode in ("last", "mean", "cls"):
+        want = engines["xla"].embed(rows, mode)
+        got = engines["pallas-gpu"].embed(rows, mode, budget=32)  # 4 pieces of LONG and 2 of its first 40
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), err_msg=mode)
+    assert engines["pallas-gpu"].runner._embed_piece.calls == 3 * 6 and traced
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_bfloat16_logits_match_float32(kind, tmp_path, monkeypatch):
     from test_models import _hf_model
