@@ -49,7 +49,7 @@ FAMILIES: dict[str, ModuleType] = {arch: fam for fam in (llama, qwen2, qwen3, ge
                                                                       granite_moe, ernie4_5_moe, minimax_m2, dots1)
                                    for arch in fam.ARCHITECTURES}
 
-__all__ = ["ModelConfig", "KVCache", "KV_DTYPES", "Model", "build", "load_model", "resolve_dtype",
+__all__ = ["ModelConfig", "KVCache", "KV_DTYPES", "Model", "build", "hf_weight", "load_model", "resolve_dtype",
            "resolve_kv_dtype", "resolve_quantization", "with_expert_parallel", "FAMILIES", "STATS"]
 
 
@@ -253,11 +253,7 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     tok = _on_thread(load_tokenizer, source, key) if with_tokenizer else None
     params = None if direct else _restore(ckpt_dir, boxed, shardings)
     if params is None:  # convert by the float, unrolled form's names and shapes; then quantize and stack
-        flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none",
-                                                                                 matmul="xla")))
-        shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
-        table = weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
-                             getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
+        shapes, table = _names(module)
         tree = convert(source, cfg, table, shapes, getattr(fam, "gguf_fix", None), getattr(fam, "GGUF_SPLITS", None))
         if quantization != "none":
             tree = quantize_tree(tree, quantization)
@@ -286,6 +282,48 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     name = name_or_path if not os.path.exists(name_or_path) else os.path.basename(name_or_path.rstrip("/"))
     seen = None if seeing is None else _vision_params(source, dtype, mesh)
     return Model(name, cfg, module, params, mesh, tok, gen, eos_ids, path, why, seeing, seen)
+
+
+def _names(module: CausalLM) -> tuple[dict[tuple[str, ...], tuple[int, ...]], list]:
+    """The float, unrolled form of `module`'s parameters, by which checkpoints are read: each path's shape, and the
+    weight table (`weight_table`) that names them."""
+    cfg, fam = module.cfg, family(module.cfg)
+    flat = abstract_params(module.clone(scan=False, cfg=dataclasses.replace(cfg, quantization="none", matmul="xla")))
+    shapes = {p: tuple(leaf.shape) for p, leaf in iter_paths(_unboxed(flat)["params"])}
+    return shapes, weight_table(cfg, fam.LAYER_GGUF, list(shapes), getattr(fam, "hf_name", str),
+                                getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
+
+
+def hf_weight(model: Model, name: str):
+    """The parameter that the model's HF checkpoint names `name` (`model.layers.3.self_attn.q_proj.weight`; a tied
+    `lm_head.weight` is the embedding), as served now, in float32 on the host: SGLang's `get_weights_by_name`.
+    Raises KeyError for a name the model has no parameter of, ValueError for weights held quantized or fused."""
+    import numpy as np
+
+    cfg = model.cfg
+    if cfg.quantization != "none":
+        raise ValueError(f"the weights are held quantized ({cfg.quantization}), not as the checkpoint has them")
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        name = "model.embed_tokens.weight"
+    shapes, table = _names(model.module)
+    found = [(e, e.hf.index(name) if isinstance(e.hf, tuple) else None) for e in table
+             if name == e.hf or isinstance(e.hf, tuple) and name in e.hf]
+    if not found:
+        raise KeyError(f"{cfg.arch} has no parameter named {name!r} (its checkpoint's names, as "
+                       f"{table[min(1, len(table) - 1)].hf!r})")
+    entry, expert = found[0]
+    if len(found) > 1 or entry.take is not None:
+        raise ValueError(f"{name!r} is held split into several parameters (a tensor the checkpoint fuses)")
+    path, index = entry.path, ()
+    if path[0].startswith("layers_") and model.module.scan:  # its run of layers is stacked (`stack_layers`)
+        i = int(path[0].split("_")[1])
+        start, stop, group = next(g for g in layer_groups(cfg, scan=True) if g[0] <= i < g[1])
+        path, index = (group,) + path[1:], () if stop - start == 1 else (i - start,)
+    leaf = model.params["params"]
+    for p in path:
+        leaf = leaf[p]
+    index += () if expert is None else (expert,)
+    return np.asarray(leaf[index] if index else leaf, np.float32)
 
 
 def _vision_config(source):

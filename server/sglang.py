@@ -1,6 +1,6 @@
 """SGLang's native API (`/generate`, `/encode`, `/abort_request`, `/model_info`, `/server_info`, `/flush_cache`,
-`/health_generate`), translated onto the completions path, for the tools written against it (RL rollout frameworks,
-SGLang's own benchmarks and clients).
+`/health_generate`, `/update_weights_from_disk`, `/get_weights_by_name`), translated onto the completions path and
+the engine, for the tools written against it (RL rollout frameworks, SGLang's own benchmarks and clients).
 
 A `/generate` body (`text` or `input_ids`, one prompt or a batch of them, `sampling_params` with SGLang's names:
 `max_new_tokens`, `min_new_tokens`, `stop` as a string or up to 64 strings, `no_stop_trim`, `sampling_seed`,
@@ -26,10 +26,11 @@ import time
 import uuid
 from typing import Any
 
+import jax
 from aiohttp import web
 
 from engine.params import SamplingParams
-from models import pooling
+from models import hf_weight, pooling
 from server import protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
@@ -68,6 +69,8 @@ def routes(app: web.Application, server, embeddings) -> None:
     for path in ("/reset_mm_cache", "/reset_encoder_cache"):  # vLLM's: the pictures' features held for reuse
         app.router.add_post(path, api.forget_pictures)
     app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
+    for method in ("GET", "POST"):
+        app.router.add_route(method, "/get_weights_by_name", api.get_weights_by_name)
     app.router.add_post("/pause_generation", api.pause_generation)
     app.router.add_post("/continue_generation", api.continue_generation)
 
@@ -395,6 +398,27 @@ class SGLang:
                                      status=e.status)
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": aborted})
+
+    async def get_weights_by_name(self, request: web.Request) -> web.Response:
+        """GET or POST /get_weights_by_name (`{"name", "truncate_size"}`, 100 by default): the served parameter the
+        checkpoint names `name` (`models.hf_weight`), its first `truncate_size` rows as float32 lists, as RL trainers
+        read it back after `/update_weights_from_disk`; a 400 saying why for a name the model has not, weights held
+        quantized or asleep, or a server over several processes."""
+        body = await self.server._body(request)
+        name, size = (body.get("name"), body.get("truncate_size", 100)) if isinstance(body, dict) else (None, None)
+        if not isinstance(name, str) or not name:
+            raise bad("'name' must name a parameter as the checkpoint does (model.layers.0.mlp.up_proj.weight)",
+                      "name")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"'truncate_size' must be a non-negative integer, not {size!r}", "truncate_size")
+        if jax.process_count() > 1 or "weights" in self.server.engine.asleep:
+            raise bad("the weights cannot be read here: " + ("they are asleep (/wake_up first)" if jax.process_count()
+                                                             == 1 else "they are spread over several processes"))
+        try:
+            weight = await self.server.off_loop(hf_weight, self.server.engine.model, name)
+        except (KeyError, ValueError) as e:
+            raise bad(e.args[0], "name") from None
+        return web.json_response(weight[:size].tolist())
 
     async def forget_pictures(self, request: web.Request) -> web.Response:
         """POST /reset_mm_cache or /reset_encoder_cache (vLLM's): forget the pictures whose features are held for

@@ -19,7 +19,7 @@ from helpers import assert_gguf_loads_as_the_folder, close_gguf, llama_permute, 
 from engine.engine import Engine
 from engine.params import SamplingParams
 from engine.runner import RunnerConfig, kv_bytes_per_token
-from models import ModelConfig, load_model, quant
+from models import ModelConfig, hf_weight, load_model, quant
 from models.layers import mlp, moe
 from models.layers.causal_lm import layer_groups
 
@@ -226,6 +226,20 @@ def test_moe_family_matches_transformers(kind, tmp_path, monkeypatch):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         assert np.abs(g - want).max() <= 1e-4 * np.abs(want).max(), (kind, np.abs(g - want).max())
+    # SGLang's /get_weights_by_name reads a parameter back by the checkpoint's name: an expert's inside a scanned
+    # stack, the router's, attention's and the head's, as the folder holds them (a tensor it fuses: refused)
+    from safetensors.numpy import load_file
+
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    experts = [n for n in state if ".experts." in n]
+    for name in [*experts[:1], *experts[-1:], *[n for n in state if n.endswith("gate.weight")][-1:], *list(state)[:3],
+                 "lm_head.weight"]:
+        if kind == "gpt-oss" and name in experts or name.endswith("input_linear.weight"):  # gate and up fused
+            with pytest.raises(ValueError, match="split"):
+                hf_weight(ours, name)
+        elif name in state or ours.cfg.tie_embeddings:
+            want = state.get(name, state["model.embed_tokens.weight"])
+            np.testing.assert_array_equal(hf_weight(ours, name), want.astype(np.float32), err_msg=name)
 
 
 def _fp8_folder(src, dst, form: str, block: tuple[int, int] = (32, 32)) -> None:

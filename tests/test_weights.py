@@ -101,6 +101,31 @@ def test_new_weights_are_served_as_transformers_runs_them(swapped):
         assert json.load(r)["weight_version"] == "step-2"
 
 
+def test_get_weights_by_name_reads_the_served_parameters_by_the_checkpoints_names(swapped):
+    """SGLang's `/get_weights_by_name`: each parameter as the served folder's transformers model holds it (a layer
+    inside the scanned stack, a norm, the tied head), its first `truncate_size` rows; after
+    `/update_weights_from_disk`, the new folder's. A name the model has not, or a bad `truncate_size`, is a 400."""
+    import numpy as np
+
+    api, (first, second, _) = swapped, swapped.folders
+    names = ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_norm.weight", "model.norm.weight",
+             "lm_head.weight")
+    for folder, ref in (second, first):
+        assert _post(api, "/update_weights_from_disk", {"model_path": folder})[0] == 200
+        want = ref.state_dict()
+        for name in names:
+            status, got = _post(api, "/get_weights_by_name", {"name": name, "truncate_size": 3})
+            assert status == 200 and np.array_equal(np.asarray(got, np.float32), want[name][:3].numpy()), name
+    status, got = _call(api, "GET", "/get_weights_by_name", {"name": "model.norm.weight"})  # 100 rows by default
+    assert status == 200 and np.array_equal(np.asarray(got, np.float32), want["model.norm.weight"].numpy())
+    norm = "model.norm.weight"
+    for body in ({"name": "model.layers.2.mlp.up_proj.weight"}, {"name": "model.norm"}, {},
+                 {"name": norm, "truncate_size": -1}, {"name": norm, "truncate_size": 2.5}):
+        status, out = _post(api, "/get_weights_by_name", body)
+        assert status == 400 and out["error"]["message"], (body, out)
+
+
 def _call(api, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
     asked = urllib.request.Request(api.url + path, method=method, data=None if body is None else json.dumps(
         body).encode(), headers={"Content-Type": "application/json"})
