@@ -79,6 +79,7 @@ class Embeddings:
         mode, self.normalize = pooling.default(server.model.source)
         self.mode = server.pooling or mode
         self.waiting = 0  # calls admitted and not answered
+        self.long = asyncio.Lock()  # held by the input in pieces: one pool of its keys at a time (`Pieces`)
 
     async def create(self, request: web.Request) -> web.Response:
         """POST /v1/embeddings."""
@@ -146,10 +147,13 @@ class Embeddings:
                 await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
                 try:
                     if len(batch) == 1 and len(batch[0]) > budget and jax.process_count() == 1:  # pieces, and
-                        # other requests' steps between them (a group runs them in one mirrored call)
-                        pieces = Pieces(batch[0], mode, runner.piece_size(budget))
-                        while not pieces.done:
-                            await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
+                        # other requests' steps between them (a group runs them in one mirrored call); one input at
+                        # a time, so concurrent long inputs do not each hold a pool (up to twice its length, every
+                        # layer's keys and values, outside the memory plan)
+                        async with self.long:
+                            pieces = Pieces(batch[0], mode, runner.piece_size(budget))
+                            while not pieces.done:
+                                await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
                         out[part] = pieces.pooled
                     else:
                         out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))

@@ -137,6 +137,35 @@ def test_embedding_beside_generation_leaves_the_pool_alone(tmp_path, monkeypatch
     assert run(True) == run(False)
 
 
+def test_long_inputs_sent_at_once_take_turns_in_pieces(smollm, tmp_path, monkeypatch):
+    """Inputs past a call's budget (512 tokens here) run in pieces between other requests' steps, each piece's pool
+    holding the input's keys so far; two such calls at once take turns, one input's pieces after the other's, so
+    one pool is held at a time; each vector equals the input's sent alone."""
+    from conftest import live_server
+    from test_lora import tiny_llama
+
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    tiny_llama(str(tmp_path / "hf"), smollm)
+    model = load_model(str(tmp_path / "hf"), hf_overrides={"max_position_embeddings": 1024})
+    rc = RunnerConfig(max_num_seqs=2, max_model_len=1024, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(2,))
+    rng = np.random.default_rng(5)
+    inputs = [rng.integers(1, 1000, n).tolist() for n in (700, 600)]
+    for api in live_server(model, rc):
+        def embed(ids: list[int]) -> list[float]:
+            asked = urllib.request.Request(api.url + "/v1/embeddings", data=json.dumps(
+                {"model": model.name, "input": ids, "encoding_format": "float"}).encode())
+            with urllib.request.urlopen(asked, timeout=300) as r:
+                return json.load(r)["data"][0]["embedding"]
+
+        seen, step = [], api.engine.embed_next
+        monkeypatch.setattr(api.engine, "embed_next", lambda pieces, adapter: seen.append(id(pieces)) or step(
+            pieces, adapter))
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(embed, inputs))
+        assert len(seen) == 4 and seen[0] == seen[1] != seen[2] == seen[3], seen  # 2 pieces each, in turn
+        assert np.abs(np.asarray(together) - np.asarray([embed(ids) for ids in inputs])).max() < 1e-6
+
+
 @pytest.fixture(scope="module")
 def served(smollm, tmp_path_factory):
     """A live server over a 2-layer random Llama with SmolLM2's tokenizer whose folder asks sentence-transformers'
