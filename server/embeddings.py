@@ -71,6 +71,18 @@ class Ask:
         return out.tobytes()
 
 
+def binary(ask: Ask, vectors: np.ndarray, head: dict) -> web.Response:
+    """vLLM's binary body (`encoding_format` `bytes` or `bytes_only`): the vectors' bytes one after another, in the
+    call's dtype and byte order; for `bytes`, the reply's other fields (`head`) and each vector's place in the body
+    (`start`, `end`, `shape`) in its `metadata` header."""
+    parts = [ask.binary(v) for v in vectors]
+    ends = np.cumsum([len(p) for p in parts]).tolist()
+    items = [{"index": i, "embed_dtype": ask.dtype, "endianness": ask.endianness, "start": end - len(p), "end": end,
+              "shape": list(v.shape)} for i, (p, v, end) in enumerate(zip(parts, vectors, ends))]
+    headers = {} if ask.encoding == "bytes_only" else {"metadata": json.dumps({**head, "data": items})}
+    return web.Response(body=b"".join(parts), content_type="application/octet-stream", headers=headers)
+
+
 class Embeddings:
     """The embeddings route of one `Server`; `mode` and `normalize` are the served model's pooling."""
 
@@ -121,13 +133,7 @@ class Embeddings:
         head = {"id": rid, "object": "list", "created": int(time.time()), "model": model}
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         if ask.encoding in ("bytes", "bytes_only"):
-            parts = [ask.binary(v) for v in vectors]
-            ends = np.cumsum([len(p) for p in parts]).tolist()
-            items = [{"index": i, "embed_dtype": ask.dtype, "endianness": ask.endianness, "start": end - len(p),
-                      "end": end, "shape": list(v.shape)} for i, (p, v, end) in enumerate(zip(parts, vectors, ends))]
-            headers = {} if ask.encoding == "bytes_only" else {
-                "metadata": json.dumps({**head, "data": items, "usage": usage})}
-            return web.Response(body=b"".join(parts), content_type="application/octet-stream", headers=headers)
+            return binary(ask, vectors, {**head, "usage": usage})
         data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(ask.binary(v)).decode()
                  if ask.encoding == "base64" else v.tolist()} for i, v in enumerate(vectors)]
         return web.Response(body=json.dumps({**head, "data": data, "usage": usage}).encode(),

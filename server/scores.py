@@ -25,8 +25,8 @@ same 429 and deadline).
   false) and their count.
 - pooling (vLLM's `POST /pooling`): the pooled output itself, `{"index", "object": "pooling", "data"}` per input:
   `task` "embed" (the default, but on a classifier) is `/v1/embeddings`' vector under its options (`input` or
-  `messages`, `dimensions`, `normalize`, `encoding_format` float or base64), "classify" a classifier's
-  probabilities; the per-token tasks (`token_embed`, `token_classify`) are not served.
+  `messages`, `dimensions`, `normalize`, `encoding_format` float, base64, or bytes and bytes_only: vLLM's binary
+  body), "classify" a classifier's probabilities; the per-token tasks (`token_embed`, `token_classify`) are not served.
 
 All take `/v1/embeddings`' `add_special_tokens` and `truncate_prompt_tokens` (not for a cross-encoder's pairs:
 keeping a joined pair's last tokens would cut its query). Usage counts the tokens embedded (vLLM counts a query
@@ -39,11 +39,12 @@ import base64
 import functools
 import time
 
+import numpy as np
 from aiohttp import web
 
 from models import pooling
 from models.pooling import cosines
-from server.embeddings import MAX_INPUTS, Embeddings, _is_int
+from server.embeddings import MAX_INPUTS, Embeddings, _is_int, binary
 from server.protocol import bad, bounded
 
 
@@ -104,8 +105,6 @@ class Scores:
         if task not in POOLING_TASKS:
             raise bad(f"'task' must be one of {', '.join(POOLING_TASKS)} (per-token tasks are not served)", "task")
         ask = await srv.off_loop(self.embeddings.parse, body)
-        if ask.encoding not in ("float", "base64"):
-            raise bad("'encoding_format' must be float or base64 here", "encoding_format")
         if task == "classify":
             if self.head is None:
                 raise bad("the served model is not a classifier (a ...ForSequenceClassification folder)", "task")
@@ -113,9 +112,11 @@ class Scores:
         else:
             out = pooling.finish(await self.embeddings.vectors(call, ask.inputs, "pool"), ask.normalize,
                                  ask.dimensions)
+        tokens = sum(map(len, ask.inputs))
+        if ask.encoding in ("bytes", "bytes_only"):
+            return binary(ask, np.asarray(out, np.float32), self._head(call, tokens))
         data = [{"index": i, "object": "pooling", "data": base64.b64encode(ask.binary(v)).decode()
                  if ask.encoding == "base64" else v.tolist()} for i, v in enumerate(out)]
-        tokens = sum(map(len, ask.inputs))
         return self._listed(call, data, tokens)
 
     async def _probabilities(self, call, inputs: list[list[int]], kind: str, activated: bool):
@@ -124,11 +125,14 @@ class Scores:
         logits = self.head.logits(await self.embeddings.vectors(call, inputs, kind, "last"))
         return pooling.probabilities(logits) if activated else logits
 
+    def _head(self, call, tokens: int) -> dict:
+        """vLLM's list reply's fields but its `data`: the usage of `tokens` prompt tokens."""
+        return {"id": call.rid, "object": "list", "created": int(time.time()), "model": self.server.served(call),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
     def _listed(self, call, data: list[dict], tokens: int) -> web.Response:
         """vLLM's list reply: `data`, and the usage of `tokens` prompt tokens."""
-        return web.json_response({"id": call.rid, "object": "list", "created": int(time.time()),
-                                  "model": self.server.served(call), "data": data,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+        return web.json_response({**self._head(call, tokens), "data": data})
 
     async def scored(self, body, call) -> web.Response:
         """A score body's reply (`Server.serve`'s answer)."""

@@ -367,8 +367,15 @@ def test_vllms_pooling_route(served):
     assert status == 200 and np.abs(vector - want[1]).max() < 1e-5
     status, chat = _post(api.url, "/pooling", {"messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and len(chat["data"][0]["data"]) == 64
+    with urllib.request.urlopen(urllib.request.Request(api.url + "/pooling", data=json.dumps(
+            {"input": texts, "encoding_format": "bytes", "embed_dtype": "float16"}).encode()), timeout=120) as resp:
+        blob, meta = resp.read(), json.loads(resp.headers["metadata"])  # vLLM's binary body, as for embeddings
+    assert meta["id"].startswith("pool-") and meta["usage"] == out["usage"]
+    for m, d in zip(meta["data"], out["data"]):
+        assert np.array_equal(np.frombuffer(blob[m["start"]:m["end"]], np.float16),
+                              np.asarray(d["data"], np.float32).astype(np.float16))
     for body, param in (({"input": "a", "task": "classify"}, "task"), ({"input": "a", "task": "token_embed"}, "task"),
-                        ({"input": "a", "encoding_format": "bytes"}, "encoding_format"), ({}, "input")):
+                        ({"input": "a", "encoding_format": "hex"}, "encoding_format"), ({}, "input")):
         status, err = _post(api.url, "/pooling", body)
         assert status == 400 and err["error"]["param"] == param, (body, err)
 
