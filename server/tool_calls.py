@@ -22,7 +22,8 @@ known by its marker, so no flag names a parser (vLLM's `--tool-call-parser` pick
 - Mistral's `[TOOL_CALLS]` (a special token, kept in the text where the chat template writes it:
   `server.protocol`): a JSON array of call objects after it (v0.3 to Small 3.1; another after each further mark), or,
   from its v11 tokenizer on (Small 3.2, Devstral, Magistral), `NAME[ARGS]{...}` after each (`[ARGS]` left out where
-  special tokens are skipped, as vLLM's Mistral tokenizer skips it; a `[CALL_ID]ID` before it, as v13 writes);
+  special tokens are skipped, as vLLM's Mistral tokenizer skips it; a `[CALL_ID]ID` before it, as v13 writes: the
+  call's id);
 - a JSON call object or array of them as the whole text: the system-prompt fallback's, a forced call's grammar,
   Llama 3.x's `{"name": ..., "parameters": {...}}` (its `<|python_tag|>` is a special token, not text), Mistral's
   array where its `[TOOL_CALLS]` was skipped, and Phi-4-mini's, after its `functools` (text);
@@ -62,7 +63,7 @@ KIMI_ID = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([A-Za-z0-9_-]+):\d+")  # functions.
 MM_INVOKE, MM_INVOKE_END, MM_PARAM = "<invoke name=", "</invoke>", "<parameter name="
 MS_CALLS = "[TOOL_CALLS]"  # Mistral's
 GRANITE = "<|tool_call|>"  # Granite 3.0's, before a JSON array (3.1 on write `<tool_call>` before it)
-MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\s*\[CALL_ID\]\s*[A-Za-z0-9]*)?(?:\s*\[ARGS\])?\s*(?=\{)")  # v11's name
+MS_HEAD = re.compile(r"\s*([A-Za-z0-9_-]+)(?:\s*\[CALL_ID\]\s*([A-Za-z0-9]*))?(?:\s*\[ARGS\])?\s*(?=\{)")  # v11's name
 PHI = "functools"  # Phi-4-mini's word before its JSON array of calls
 JSON_WORDS = {"null": None, "true": True, "false": False}  # as OLMo 3 writes values
 MARKERS = (OPEN, DS_OPEN, MM_OPEN, MS_CALLS, SEED_OPEN, KIMI_OPEN, KIMI_ONE, OLMO_OPEN, GRANITE)
@@ -76,7 +77,7 @@ class Partial:
     name: str | None = None
     arguments: str | None = None  # raw JSON text of the value, possibly incomplete
     done: bool = False  # the call is closed as its format closes it
-    id: str | None = None  # the call's id where the format writes one that the model reads back (Kimi's)
+    id: str | None = None  # the call's id where the format writes one that the model reads back (Kimi's, Mistral v13's)
 
 
 def _skip(s: str, i: int) -> int:
@@ -347,9 +348,9 @@ def _mistral_calls(s: str) -> list[Partial]:
         j = head.end()
         end = _value_end(s, j)
         if end is None:
-            return calls + [Partial(head.group(1), s[j:])]
+            return calls + [Partial(head.group(1), s[j:], id=head.group(2) or None)]
         k = _skip(s, end)
-        calls.append(Partial(head.group(1), s[j:end], k == len(s) or s.startswith(MS_CALLS, k)))
+        calls.append(Partial(head.group(1), s[j:end], k == len(s) or s.startswith(MS_CALLS, k), head.group(2) or None))
         if not s.startswith(MS_CALLS, k):
             return calls
         i = k + len(MS_CALLS)
