@@ -356,6 +356,11 @@ class Engine:
                     spec_decode_accepted_tokens=self.accepted,
                     spec_decode_draft_calls=self.draft.calls if self.draft else 0)
 
+    def loads(self) -> list[dict]:
+        """SGLang's load report (`/get_load`; `Scheduler.loads`), requests not yet queued counted as waiting; read
+        from other threads (a snapshot)."""
+        return self.sched.loads(self.incoming.qsize())
+
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""
         sched = self.sched

@@ -83,6 +83,26 @@ class Scheduler:
         full, part = divmod(length, self.page_size)
         return full + (part > 0) * n
 
+    def loads(self, arriving: int = 0) -> list[dict]:
+        """SGLang's load report, one entry a data shard: `num_reqs` the sequences seated on it and those waiting
+        (`arriving` more, not queued yet), `num_pending_tokens` the waiting ones' prompt tokens, `num_tokens` those and
+        the KV tokens its seated sequences' pages hold (not the prefix cache's free pages). The queue is the shards'
+        together, so its sequences and tokens are spread over them evenly (the first shards take what does not
+        divide). Safe to read from another thread (copies of the queues first)."""
+        dp = len(self.pools)
+        free = [self.shard_of(s) for s in list(self.free)]
+        queued = [(len(r.choices), len(r.prompt_ids)) for r in list(self.waiting)]
+        queued += [(1, len(r.prompt_ids)) for r, _ in list(self.resumes)]
+        seqs, tokens = sum(n for n, _ in queued) + arriving, sum(t for _, t in queued)
+        share = lambda n, d: n // dp + (d < n % dp)  # noqa: E731  (shard d's part of n)
+        out = []
+        for d, pool in enumerate(self.pools):
+            waiting, pending = share(seqs, d), share(tokens, d)
+            held = (pool.capacity - pool.num_free) * self.page_size
+            out.append({"dp_rank": d, "num_reqs": self.slots // dp - free.count(d) + waiting,
+                        "num_waiting_reqs": waiting, "num_tokens": held + pending, "num_pending_tokens": pending})
+        return out
+
     def queued(self) -> int:
         """Requests and preempted choices waiting for slots."""
         return len(self.waiting) + len(self.resumes)

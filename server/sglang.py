@@ -1,6 +1,7 @@
 """SGLang's native API (`/generate`, `/encode`, `/abort_request`, `/model_info`, `/server_info`, `/flush_cache`,
-`/health_generate`, `/update_weights_from_disk`, `/get_weights_by_name`), translated onto the completions path and
-the engine, for the tools written against it (RL rollout frameworks, SGLang's own benchmarks and clients).
+`/health_generate`, `/update_weights_from_disk`, `/get_weights_by_name`, `/get_load`), translated onto the
+completions path and the engine, for the tools written against it (RL rollout frameworks, SGLang's router, its own
+benchmarks and clients).
 
 A `/generate` body (`text` or `input_ids`, one prompt or a batch of them, `sampling_params` with SGLang's names:
 `max_new_tokens`, `min_new_tokens`, `stop` as a string or up to 64 strings, `no_stop_trim`, `sampling_seed`,
@@ -71,6 +72,7 @@ def routes(app: web.Application, server, embeddings) -> None:
     app.router.add_post("/update_weights_from_disk", api.update_weights_from_disk)
     for method in ("GET", "POST"):
         app.router.add_route(method, "/get_weights_by_name", api.get_weights_by_name)
+    app.router.add_get("/get_load", api.get_load)
     app.router.add_post("/pause_generation", api.pause_generation)
     app.router.add_post("/continue_generation", api.continue_generation)
 
@@ -398,6 +400,12 @@ class SGLang:
                                      status=e.status)
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": aborted})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """GET /get_load, which SGLang's router polls to send each request where the load is least: a list of one
+        entry per data shard (`Engine.loads`), with `ts_tic` the time it was read."""
+        now = time.time()
+        return web.json_response([{**load, "ts_tic": now} for load in self.server.engine.loads()])
 
     async def get_weights_by_name(self, request: web.Request) -> web.Response:
         """GET or POST /get_weights_by_name (`{"name", "truncate_size"}`, 100 by default): the served parameter the

@@ -880,7 +880,8 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     `logprob_start_len` equal vLLM's prompt_logprobs); `input_ids`; a batch with `n` and ids from `rid`, prompt by
     prompt; EOS, stop strings and stop tokens (trimmed unless `no_stop_trim`), a regex and a JSON schema; a stream of
     the text so far ending in `[DONE]`, and one of a batch's samples under their indices; `/model_info`,
-    `/server_info`, `/flush_cache` (the next identical prompt finds nothing cached); bad fields are 400s naming
+    `/server_info`, `/get_load`, `/flush_cache` (the next identical prompt finds nothing cached); bad fields are 400s
+    naming
     SGLang's."""
     tok = api.model.tokenizer
     text = "The capital of France is"
@@ -998,6 +999,9 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     status, info, _ = http(api, "GET", "/server_info")
     assert info["internal_states"][0]["avg_spec_accept_length"] is None
     assert info["context_length"] == api.engine.max_len and info["max_running_requests"] == api.engine.runner.slots
+    status, (load,), _ = http(api, "GET", "/get_load")  # idle: nothing seated or waiting (Scheduler.loads)
+    assert status == 200 and load.pop("ts_tic") > 0 and load == {
+        "dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0, "num_pending_tokens": 0}
     long = {"text": "Lorem ipsum dolor sit amet, " * 8, "sampling_params": {"max_new_tokens": 1}}
     http(api, "POST", "/generate", long)
     assert http(api, "POST", "/generate", long)[1]["meta_info"]["cached_tokens"] >= 16

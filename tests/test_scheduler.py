@@ -354,3 +354,24 @@ def test_urgent_work_preempts_only_on_a_shard_where_it_would_then_fit():
     assert sched.preemptions == 2 and [r.id for r, _ in sched.resumes] == ["a"]
     for pool in sched.pools:
         pool.check()
+
+
+def test_the_load_report_counts_each_shards_seated_work_and_spreads_the_queue_over_them():
+    """SGLang's `/get_load` (`Scheduler.loads`): per data shard, the sequences seated on it and the KV tokens their
+    pages hold; the queue's sequences (a request of n choices: n) and prompt tokens (a request's once), and those
+    arriving, spread over the shards evenly."""
+    sched = scheduler(slots=4, dp=2)
+    assert sched.loads() == [{"dp_rank": d, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0,
+                              "num_pending_tokens": 0} for d in (0, 1)]
+    a = request("a", list(range(40)))  # 3 pages
+    sched.waiting.append(a)
+    sched.admit()
+    run(sched, a, [7])
+    b, c = request("b", list(range(50, 70)), n=2), request("c", list(range(5)))
+    sched.waiting.extend([b, c])
+    loads, shard = sched.loads(arriving=1), sched.shard_of(a.choices[0].slot)
+    assert [x["num_waiting_reqs"] for x in loads] == [2, 2]  # b's 2, c's 1 and 1 arriving
+    assert [x["num_pending_tokens"] for x in loads] == [13, 12]  # 20 + 5 prompt tokens
+    assert [x["num_reqs"] for x in loads] == [2 + (d == shard) for d in (0, 1)]
+    held = [3 * PAGE * (d == shard) for d in (0, 1)]
+    assert len(a.choices[0].pages) == 3 and [x["num_tokens"] for x in loads] == [held[0] + 13, held[1] + 12]
