@@ -881,8 +881,7 @@ def test_sglang_generate_whole_batched_and_streamed(api, client):
     prompt; EOS, stop strings and stop tokens (trimmed unless `no_stop_trim`), a regex and a JSON schema; a stream of
     the text so far ending in `[DONE]`, and one of a batch's samples under their indices; `/model_info`,
     `/server_info`, `/get_load`, `/flush_cache` (the next identical prompt finds nothing cached); bad fields are 400s
-    naming
-    SGLang's."""
+    naming SGLang's."""
     tok = api.model.tokenizer
     text = "The capital of France is"
     ref = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0, logprobs=2,
