@@ -972,30 +972,34 @@ class Runner:
                                                   owner, tables, starts, lengths, pages, dest, self.drawn, from_drawn,
                                                   self._adapters([seq[0] for seq in seqs]))
 
-    def embed_calls(self, lengths: list[int], budget: int = EMBED_TOKENS) -> list[tuple[int, int, list[int]]]:
+    def embed_calls(self, lengths: list[int], budget: int = EMBED_TOKENS) -> list[tuple[int, int, list[int], bool]]:
         """The calls `embed` makes for inputs of `lengths` (each at most `embed_sizes[-1]`): `(rows, size, input
-        indices)`, shortest inputs first, each call a rectangle of `rows` (a power of two, at most EMBED_ROWS) by
-        `size` (its longest input's bucket in `embed_sizes`) of at most `budget` padded tokens (a longer input: a call
-        of its own). So the shapes are bounded by the budget, whatever the inputs."""
-        calls: list[tuple[int, int, list[int]]] = []
+        indices, pieced)`, shortest inputs first, each call a rectangle of `rows` (a power of two, at most EMBED_ROWS)
+        by `size` (its longest input's bucket in `embed_sizes`) of at most `budget` padded tokens; an input longer
+        than the budget is `pieced`: alone, in pieces (`Pieces`). So the shapes are bounded by the budget, whatever
+        the inputs."""
+        calls: list[tuple[int, int, list[int], bool]] = []
         part: list[int] = []
         for i in sorted(range(len(lengths)), key=lengths.__getitem__):
             rows, size = bucket(len(part) + 1, doubling(1, 1 << 30)), bucket(lengths[i], self.embed_sizes)
             if part and (rows > EMBED_ROWS or rows * size > budget):
-                calls.append((bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes),
-                              part))
+                calls.append(self._embed_call(part, lengths, budget))
                 part = []
             part.append(i)
         if part:
-            calls.append((bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes),
-                          part))
+            calls.append(self._embed_call(part, lengths, budget))
         return calls
+
+    def _embed_call(self, part: list[int], lengths: list[int], budget: int) -> tuple[int, int, list[int], bool]:
+        """`embed_calls`' call of the inputs `part` (shortest first)."""
+        rows, size = bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes)
+        return rows, size, part, len(part) == 1 and lengths[part[0]] > budget
 
     def embed_compile(self, lengths: list[int], mode: str, lora: bool, budget: int = EMBED_TOKENS) -> None:
         """Compile (or load) the programs `embed` runs for inputs of `lengths` (on an adapter: `lora`), so a thread
         other than the engine's can pay for a new shape."""
-        for nb, size, part in self.embed_calls(lengths, budget):
-            if nb == 1 and lengths[part[0]] > budget:  # a long input: its pieces' program
+        for nb, size, part, pieced in self.embed_calls(lengths, budget):
+            if pieced:  # its pieces' program
                 size = self.piece_size(budget)
                 pages = self._pool_pages(lengths[part[0]], size)
                 pool = jax.eval_shape(lambda: KVCache.zeros(self.model.cfg, pages, self.page_size))
@@ -1011,8 +1015,8 @@ class Runner:
         """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
         on LoRA slot `adapter` (-1: the base model), in the calls `embed_calls` plans; the KV pool is not touched."""
         out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
-        for nb, size, part in self.embed_calls([len(x) for x in inputs], budget):
-            if nb == 1 and len(inputs[part[0]]) > budget:  # a long input, in pieces
+        for nb, size, part, pieced in self.embed_calls([len(x) for x in inputs], budget):
+            if pieced:
                 pieces = Pieces(inputs[part[0]], mode, self.piece_size(budget))
                 while not pieces.done:
                     self.embed_next(pieces, adapter)

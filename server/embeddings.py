@@ -148,11 +148,11 @@ class Embeddings:
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
         srv.engine_calls += 1  # a sleep or weight swap waits for the call's every part
         try:
-            for _, _, part in runner.embed_calls([len(x) for x in inputs], budget):
+            for _, _, part, pieced in runner.embed_calls([len(x) for x in inputs], budget):
                 batch = [inputs[i] for i in part]
                 await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
                 try:
-                    if len(batch) == 1 and len(batch[0]) > budget and jax.process_count() == 1:  # pieces, and
+                    if pieced and jax.process_count() == 1:  # pieces, and
                         # other requests' steps between them (a group runs them in one mirrored call); one input at
                         # a time, so concurrent long inputs do not each hold a pool (up to twice its length, every
                         # layer's keys and values, outside the memory plan)
