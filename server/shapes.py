@@ -135,8 +135,18 @@ def raw_output(vocab: Vocab, req: Request, choice: Choice, k: int | None) -> dic
         "prompt_fragments": vocab.fragments(req.client_ids),
         "completion": vocab.tok.decode(choice.token_ids, skip_special_tokens=False),
         "completion_token_ids": list(choice.token_ids),
-        "completion_logprobs": None if k is None else completion_logprobs(vocab, choice.logprobs, k),
+        "completion_logprobs": None if k is None else new_logprobs(vocab, choice.logprobs, k),
     }
+
+
+def new_logprobs(vocab: Vocab, entries: list[tuple], k: int) -> dict:
+    """Fireworks' NewLogProbs (raw_output's `completion_logprobs`): the chat API's `content` entries (token, token_id,
+    logprob, bytes, top_logprobs), each with its `text_offset` in the completion."""
+    content, offset = chat_logprobs(vocab, entries, k)["content"], 0
+    for entry in content:
+        entry["text_offset"] = offset
+        offset += len(entry["token"])
+    return {"content": content}
 
 
 def prompt_requests(reqs: list[Request]) -> list[Request]:

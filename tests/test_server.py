@@ -343,7 +343,8 @@ def test_vllms_template_controls_add_generation_prompt_documents_and_a_requests_
 def test_echo_raw_output_and_token_ids_in_chat(api, client):
     tok = api.model.tokenizer
     prompt = tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
-    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=64, temperature=0,
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=64, temperature=0, logprobs=True,
+                                       top_logprobs=2,
                                        extra_body={"echo": True, "raw_output": True, "return_token_ids": True})
     c = r.choices[0]
     assert c.message.content.startswith(prompt)
@@ -356,6 +357,16 @@ def test_echo_raw_output_and_token_ids_in_chat(api, client):
     assert raw["completion_token_ids"] == c.model_extra["token_ids"]
     assert c.finish_reason == "stop" and raw["completion"].endswith("<|im_end|>")
     assert raw["completion"][:-len("<|im_end|>")] == c.message.content[len(prompt):]
+    # Fireworks' NewLogProbs: the chat entries (as its SDK's model reads them), each with its offset in the completion
+    content = raw["completion_logprobs"]["content"]
+    assert [e["token_id"] for e in content] == raw["completion_token_ids"]
+    assert [e["logprob"] for e in content] == [e.logprob for e in c.logprobs.content[-len(content):]]  # (echo: the
+    # choice's begin with the prompt's)
+    assert [e["text_offset"] for e in content] == [sum(len(e["token"]) for e in content[:i])
+                                                   for i in range(len(content))]
+    for e in content:
+        assert set(e) == {"token", "token_id", "logprob", "bytes", "top_logprobs", "text_offset"}
+        assert len(e["top_logprobs"]) == 2 and set(e["top_logprobs"][0]) == {"token", "token_id", "logprob", "bytes"}
     last = client.completions.create(model=MODEL, prompt="one two three four", max_tokens=1, temperature=0,
                                      extra_body={"echo_last": 2})
     assert last.choices[0].text.startswith(" three four")
