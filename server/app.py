@@ -56,6 +56,7 @@ MODEL_PREFIX = "accounts/"
 STALL_TIMEOUT = 30.0  # seconds a write to a stream may wait for its client before the stream is cut
 PING_EVERY = 15.0  # seconds a streamed Messages or Responses reply may go quiet before a keep-alive (a long prefill)
 BODY_TIMEOUT = 60.0  # seconds a request body may take to arrive (less under --request-timeout)
+ISOLATION_HEADER = "x-prompt-cache-isolation-key"  # Fireworks' header for the body's prompt_cache_isolation_key
 PARSE_THREADS = 32  # requests parsed at once (threads mostly wait: on the tokenizer, which lets go of the GIL, or
 #                     on the grammar sandbox's child)
 
@@ -558,7 +559,7 @@ class Server:
             if self.draining:
                 raise self.shutting_down()
             self._stage(call, "reading")
-            body = await self._body(request)
+            body = isolated(await self._body(request), request.headers.get(ISOLATION_HEADER))
             await self._unpaused()
             if model and self.engine.asleep:
                 raise self.asleep_error()
@@ -1301,6 +1302,17 @@ def invalid(job: Job, e: InvalidRequest) -> ApiError:
     if e.param == "model":
         return ApiError(404, str(e), "model", code="model_not_found")
     return ApiError(400, str(e), "messages" if job.kind == "chat" and e.param == "prompt" else e.param, code=e.code)
+
+
+def isolated(body: Any, key: str | None) -> Any:
+    """`body` with Fireworks' `x-prompt-cache-isolation-key` header's `key` as its `prompt_cache_isolation_key` (a
+    400 where the body names another)."""
+    if key is None or not isinstance(body, dict):
+        return body
+    if body.get("prompt_cache_isolation_key") not in (None, key):
+        raise bad(f"the {ISOLATION_HEADER} header and 'prompt_cache_isolation_key' name different keys; give one",
+                  "prompt_cache_isolation_key")
+    return {**body, "prompt_cache_isolation_key": key}
 
 
 def perf_metrics(used: dict, took: "Took", job: Job) -> dict:

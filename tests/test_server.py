@@ -1028,6 +1028,13 @@ def test_prompt_cache_through_the_api(api, client):
     assert other.usage.prompt_tokens_details.cached_tokens == 0
     salted = client.chat.completions.create(**kw, extra_body={"cache_salt": "t1"})  # vLLM's name for the same key
     assert salted.usage.prompt_tokens_details.cached_tokens == cached
+    headed = client.chat.completions.create(**kw, extra_headers={"x-prompt-cache-isolation-key": "t1"})  # Fireworks'
+    assert headed.usage.prompt_tokens_details.cached_tokens == cached
+    apart = client.chat.completions.create(**kw, extra_headers={"x-prompt-cache-isolation-key": "t4"})
+    assert apart.usage.prompt_tokens_details.cached_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="different keys"):
+        client.chat.completions.create(**kw, extra_headers={"x-prompt-cache-isolation-key": "t4"},
+                                       extra_body={"prompt_cache_isolation_key": "t1"})
     fresh = client.responses.create(model=MODEL, input=chat, max_output_tokens=2, extra_body={"cache_salt": "t3"})
     assert fresh.usage.input_tokens_details.cached_tokens == 0
     off = client.chat.completions.create(**kw, extra_body={"prompt_cache_isolation_key": "t1",
