@@ -101,6 +101,7 @@ class Server:
         self.engine_calls = 0  # calls running work on the engine outside its requests (embeddings, beam rounds)
         self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
+        self.lora_default: str | None = None  # the adapter of requests that name none (llama.cpp's /lora-adapters)
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
@@ -327,6 +328,22 @@ class Server:
     def served(self, call: "Call") -> str:
         """The model a call's reply names: its LoRA adapter's name, or the served model's."""
         return call.adapter or self.name
+
+    def adapter_of(self, body) -> str | None:
+        """The LoRA adapter a call runs on: the one its `model` names (`check_model`), or its llama.cpp `lora` list
+        picks (`adapters.picked`; a 400 where the two differ), else the default of llama.cpp's `/lora-adapters`."""
+        named = self.check_model(body)
+        if isinstance(body, dict) and body.get("lora") is not None:
+            chosen = adapters.picked(list(self.engine.adapters), body["lora"])
+            if named is not None and chosen != named:
+                raise bad(f"'model' names the adapter {named!r} and 'lora' picks {chosen or 'none'!r}; give one",
+                          "lora")
+            return chosen
+        return named if named is not None else self.default_adapter()
+
+    def default_adapter(self) -> str | None:
+        """The adapter requests naming none run on (llama.cpp's `POST /lora-adapters`), while it is loaded."""
+        return self.lora_default if self.lora_default in self.engine.adapters else None
 
     def check_model(self, body) -> str | None:
         """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""
@@ -566,7 +583,7 @@ class Server:
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
-            call.adapter = self.check_model(body)
+            call.adapter = self.adapter_of(body)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp

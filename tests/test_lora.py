@@ -343,6 +343,59 @@ def test_server_serves_adapters_by_model_name(served):
     assert status == 400 and "the served model's name" in r["error"]["message"]
 
 
+def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served):
+    """llama.cpp's `/lora-adapters` lists the adapters in load order; `POST` sets the one requests naming none run
+    on, and a request's own `lora` list picks its own (PEFT's greedy tokens each time); mixes of adapters and other
+    scales, unknown ids and a `model` naming another adapter are 400s."""
+    api, folder, prompt, want = served
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
+
+    def call(method, path, body=None) -> tuple[int, object]:
+        req = urllib.request.Request(api.url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def plain(path, body) -> int:
+        req = urllib.request.Request(api.url + path, method="POST", data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status
+
+    for name in list(api.engine.adapters):  # a known state: "tuned", then "other"
+        assert plain("/v1/unload_lora_adapter", {"lora_name": name}) == 200
+    for name in ("tuned", "other"):
+        assert plain("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder / name)}) == 200
+    assert call("GET", "/lora-adapters") == (200, [{"id": 0, "path": str(folder / "tuned"), "scale": 0.0},
+                                                   {"id": 1, "path": str(folder / "other"), "scale": 0.0}])
+
+    def tokens(**extra):
+        out = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0.0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        return out.model, out.choices[0].token_ids
+
+    assert tokens(lora=[{"id": 1, "scale": 1.0}, {"id": 0, "scale": 0}]) == ("other", want["other"])
+    status, done = call("POST", "/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0, "ignore_eos": True,
+                                                "return_tokens": True, "lora": [{"id": 0, "scale": 1}]})
+    assert status == 200 and done["tokens"] == want["tuned"]
+    assert call("POST", "/lora-adapters", [{"id": 0, "scale": 1.0}]) == (200, {"success": True})
+    assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [1.0, 0.0]
+    assert tokens() == ("tuned", want["tuned"])  # naming none: the default
+    assert tokens(lora=[]) == ("base", want[None])  # its own list: none
+    for mix in ([{"id": 0, "scale": 0.5}], [{"id": 0, "scale": 1}, {"id": 1, "scale": 1}], [{"id": 7, "scale": 1}],
+                "tuned", [{"scale": 1}]):
+        with pytest.raises(openai.BadRequestError, match="lora"):
+            tokens(lora=mix)
+    with pytest.raises(openai.BadRequestError, match="give one"):
+        client.completions.create(model="other", prompt=prompt, max_tokens=1, extra_body={"lora": [{"id": 0,
+                                                                                                     "scale": 1}]})
+    assert call("POST", "/lora-adapters", [{"id": 0, "scale": 2}])[0] == 400
+    assert call("POST", "/lora-adapters", [])[1] == {"success": True}  # back to the served model
+    assert tokens() == ("base", want[None])
+
+
 def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, monkeypatch):
     """DeepSeek-V3: latent attention and the experts take no adapter; its dense layers' MLP does (a scanned tree of
     some layers only); an adapter on an expert is refused by name."""
