@@ -359,13 +359,13 @@ def _mistral_calls(s: str) -> list[Partial]:
 
 def _mistral_arrays(s: str, i: int) -> list[Partial]:
     """v0.3's calls: a JSON array (or object) of them at `s[i]`, and another after each `[TOOL_CALLS]` the model
-    writes again after one (then any other text after the last: no calls, as after one object)."""
+    writes again after one; other text after a repeated mark is left out, as text after an array is."""
     calls = []
     while (end := _value_end(s, i)) is not None and s.startswith(MS_CALLS, k := _skip(s, end)):
         calls += _json_calls(s[:end], i)
         i = _skip(s, k + len(MS_CALLS))
         if s[i:i + 1] not in ("[", "{"):  # the next one not started yet, or text that is no call
-            return calls + ([Partial()] if s[i:].strip() else [])
+            return calls
     return calls + _json_calls(s, i)
 
 
@@ -556,8 +556,8 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
             return text, []
         raw = args if isinstance(args, str) else raw
-        calls.append({"id": p.id or new_call_id(), "type": "function",
-                      "function": {"name": p.name, "arguments": raw}})
+        calls.append({"id": p.id if p.id and p.id not in {c["id"] for c in calls} else new_call_id(),
+                      "type": "function", "function": {"name": p.name, "arguments": raw}})  # (an id again: ours)
     return (text[:start].rstrip() or None) if _marked(text) and start is not None else None, calls
 
 
@@ -637,7 +637,7 @@ class CallStream:
     def _call(self, k: int, name: str, args: str, call_id: str | None = None) -> list[dict]:
         out = []
         if k >= len(self.ids):
-            self.ids.append(call_id or new_call_id())
+            self.ids.append(call_id if call_id and call_id not in self.ids else new_call_id())
             self.args.append(0)
             out.append({"index": k, "id": self.ids[k], "type": "function", "function": {"name": name, "arguments": ""}})
         if len(args) > self.args[k]:

@@ -213,6 +213,7 @@ def test_each_familys_call_format_is_read():
     assert read(MISTRAL_V3) == (None, [("get_time", {"timezone": "UTC"})])
     again = MISTRAL_V3 + MISTRAL_V3.replace("UTC", "[TOOL_CALLS] CET")  # the mark again, and inside a string
     assert read(again) == (None, [("get_time", {"timezone": "UTC"}), ("get_time", {"timezone": "[TOOL_CALLS] CET"})])
+    assert read(MISTRAL_V3 + " [TOOL_CALLS] and more") == read(MISTRAL_V3)  # as text after an array: left out
     spaced = MISTRAL.replace("[ARGS]", " [ARGS] ").replace("[CALL_ID]", " [CALL_ID] ")  # special tokens spaced apart
     assert read(spaced) == read(MISTRAL)
     assert read(MISTRAL_V3 + " Done.") == read(MISTRAL_V3)  # text after the closed array (vLLM's reading too)
@@ -221,6 +222,8 @@ def test_each_familys_call_format_is_read():
     assert [c["id"] for c in tool_calls.extract(KIMI, spec)[1]] == ["functions.get_weather:0", "functions.get_time:1"]
     ids = [c["id"] for c in tool_calls.extract(MISTRAL, spec)[1]]  # v13's [CALL_ID] kept, ours where none is written
     assert ids[1] == "a1B2c3D4e" and ids[0].startswith("call_") and ids[2].startswith("call_")
+    twice = MISTRAL.replace("get_time{", "get_time[CALL_ID]a1B2c3D4e[ARGS]{")  # the model wrote an id again: ours
+    assert [c["id"] == "a1B2c3D4e" for c in tool_calls.extract(twice, spec)[1]] == [False, True, False]
     assert read(KIMI.replace("tool_calls_section", "tool_call_section"))[1] == read(KIMI)[1]  # the singular marks
     marked = KIMI.replace('"UTC"', '"<|tool_call_begin|>"')  # a mark inside the arguments is theirs
     assert read(marked)[1][1] == ("get_time", {"timezone": "<|tool_call_begin|>"})
@@ -297,7 +300,7 @@ def test_each_familys_call_format_is_read():
                 GRANITE.replace("get_time", "launch"), GRANITE.replace('"UTC"}}]', '"UTC"'),
                 MISTRAL_V3[:-1], GRANITE[:-1], "<|tool_call|>" + GRANITE[11:-1],  # arrays cut off by max_tokens
                 "[TOOL_CALLS]" + LLAMA + LLAMA, "[TOOL_CALLS]" + LLAMA + " and more",  # more after an object
-                MISTRAL_V3 + "[TOOL_CALLS] and more", MISTRAL_V3 + MISTRAL_V3[:-1]):
+                MISTRAL_V3 + MISTRAL_V3[:-1]):  # a second array cut off, as one array cut off
         assert read(bad) == (bad, [])
 
 
@@ -386,7 +389,8 @@ def test_a_mistral_template_gets_nine_character_call_ids_and_its_marks_kept(api)
 
 STREAMED = [
     DS31, DS3, XML, LLAMA, PYTHONIC, GLM, PHI, MINIMAX, MISTRAL, MISTRAL_V3, SEED, KIMI, OLMO, GRANITE, SEED_TWO,
-    UNCLOSED, "[get_time(timezone='a]b <tool_call> c')]",
+    UNCLOSED, "[get_time(timezone='a]b <tool_call> c')]", MISTRAL_V3 + MISTRAL_V3.replace("UTC", "CET"),
+    MISTRAL_V3 + " [TOOL_CALLS] and more",
     "See [1] and [TOOL", '[{"name": "get_time", "arguments": {"timezone": "a <function_calls> or [TOOL_CALLS]"}}]',
     KIMI.replace('"UTC"', '"<|tool_call_begin|>"'), DS31.replace('"UTC"', f'"{DS_CALL}"'),
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"slo}", "unit": "celsius"}}\n'
