@@ -294,10 +294,14 @@ def _names(module: CausalLM) -> tuple[dict[tuple[str, ...], tuple[int, ...]], li
                                 getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
 
 
-def hf_weight(model: Model, name: str):
+_TABLES: dict[ModelConfig, list] = {}  # `hf_weight`'s weight tables, by model config
+
+
+def hf_weight(model: Model, name: str, rows: int | None = None):
     """The parameter that the model's HF checkpoint names `name` (`model.layers.3.self_attn.q_proj.weight`; a tied
-    `lm_head.weight` is the embedding), as served now, in float32 on the host: SGLang's `get_weights_by_name`.
-    Raises KeyError for a name the model has no parameter of, ValueError for weights held quantized or fused."""
+    `lm_head.weight` is the embedding), as served now, its first `rows` rows (None: all; cut on the devices) in
+    float32 on the host: SGLang's `get_weights_by_name`. Raises KeyError for a name the model has no parameter of,
+    ValueError for weights held quantized or in another layout (fused with others, or transposed)."""
     import numpy as np
 
     cfg = model.cfg
@@ -305,7 +309,9 @@ def hf_weight(model: Model, name: str):
         raise ValueError(f"the weights are held quantized ({cfg.quantization}), not as the checkpoint has them")
     if name == "lm_head.weight" and cfg.tie_embeddings:
         name = "model.embed_tokens.weight"
-    shapes, table = _names(model.module)
+    if cfg not in _TABLES:
+        _TABLES[cfg] = _names(model.module)[1]
+    table = _TABLES[cfg]
     found = [(e, e.hf.index(name) if isinstance(e.hf, tuple) else None) for e in table
              if name == e.hf or isinstance(e.hf, tuple) and name in e.hf]
     if not found:
@@ -313,7 +319,8 @@ def hf_weight(model: Model, name: str):
                        f"{table[min(1, len(table) - 1)].hf!r})")
     entry, expert = found[0]
     if len(found) > 1 or entry.take is not None:
-        raise ValueError(f"{name!r} is held split into several parameters (a tensor the checkpoint fuses)")
+        raise ValueError(f"{name!r} is held in another layout than the checkpoint's (split from a tensor it fuses, "
+                         "or transposed)")
     path, index = entry.path, ()
     if path[0].startswith("layers_") and model.module.scan:  # its run of layers is stacked (`stack_layers`)
         i = int(path[0].split("_")[1])
@@ -323,7 +330,8 @@ def hf_weight(model: Model, name: str):
     for p in path:
         leaf = leaf[p]
     index += () if expert is None else (expert,)
-    return np.asarray(leaf[index] if index else leaf, np.float32)
+    leaf = leaf[index] if index else leaf
+    return np.asarray(leaf if rows is None else leaf[:rows], np.float32)
 
 
 def _vision_config(source):

@@ -419,14 +419,23 @@ class SGLang:
                       "name")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad(f"'truncate_size' must be a non-negative integer, not {size!r}", "truncate_size")
-        if jax.process_count() > 1 or "weights" in self.server.engine.asleep:
-            raise bad("the weights cannot be read here: " + ("they are asleep (/wake_up first)" if jax.process_count()
-                                                             == 1 else "they are spread over several processes"))
+        srv = self.server
+        if jax.process_count() > 1:
+            raise bad("the weights cannot be read here: they are spread over several processes")
+        srv.engine_calls += 1  # a sleep waits for the read (it would delete the arrays under it)
         try:
-            weight = await self.server.off_loop(hf_weight, self.server.engine.model, name)
+            if "weights" in srv.engine.asleep:
+                raise bad("the weights cannot be read here: they are asleep (/wake_up first)")
+            weight = await srv.off_loop(hf_weight, srv.engine.model, name, size)
         except (KeyError, ValueError) as e:
             raise bad(e.args[0], "name") from None
-        return web.json_response(weight[:size].tolist())
+        except RuntimeError:  # a sleep that had begun deleted the arrays under the read
+            if "weights" not in srv.engine.asleep:
+                raise
+            raise srv.asleep_error() from None
+        finally:
+            srv.engine_calls -= 1
+        return web.json_response(weight.tolist())
 
     async def forget_pictures(self, request: web.Request) -> web.Response:
         """POST /reset_mm_cache or /reset_encoder_cache (vLLM's): forget the pictures whose features are held for
