@@ -105,7 +105,8 @@ def token_text(vocab: Vocab, tid: int, as_ids: bool) -> str:
 
 
 def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int = 0, as_ids: bool = False) -> dict:
-    """The completions-API logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    """The completions-API logprobs object (tokens, token_logprobs, top_logprobs, text_offset), and Fireworks'
+    `token_ids`."""
     tokens, lps, tops, offsets = [], [], [], []
     for tid, lp, top in entries:
         text = token_text(vocab, tid, as_ids)
@@ -114,7 +115,8 @@ def completion_logprobs(vocab: Vocab, entries: list[tuple], k: int, offset: int 
         tops.append(None if top is None else {token_text(vocab, t, as_ids): v for t, v in top[:k]})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets,
+            "token_ids": [tid for tid, _, _ in entries]}
 
 
 def chat_logprobs(vocab: Vocab, entries: list[tuple], k: int, as_ids: bool = False) -> dict:

@@ -231,6 +231,7 @@ def test_vllms_return_tokens_as_token_ids_and_twenty_alternatives(api, client):
     named = client.completions.create(logprobs=20, **{**kw, "extra_body": {
         "ignore_eos": True, "return_tokens_as_token_ids": True, "return_token_ids": True}}).choices[0]
     assert [int(t.removeprefix("token_id:")) for t in named.logprobs.tokens] == ids + named.model_extra["token_ids"]
+    assert plain.logprobs.model_extra["token_ids"] == ids + named.model_extra["token_ids"]  # Fireworks' ids beside
     assert named.logprobs.token_logprobs == plain.logprobs.token_logprobs
     assert all(len(t) == 20 for t in plain.logprobs.top_logprobs[1:])
     for a, b in zip(plain.logprobs.top_logprobs[1:], named.logprobs.top_logprobs[1:]):
