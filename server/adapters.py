@@ -31,7 +31,7 @@ def picked(adapters: list[str], scales: object, param: str = "lora") -> str | No
     served model), or a 400: an id that is none of them, or scales that would mix adapters or scale one."""
     if not isinstance(scales, list) or not all(isinstance(x, dict) for x in scales):
         raise bad(f"'{param}' must be a list of {{\"id\", \"scale\"}} objects", param)
-    chosen: dict[int, float] = {}
+    chosen: dict[int, int | float] = {}
     for x in scales:
         i, scale = x.get("id"), x.get("scale", 0.0)
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(adapters):
@@ -39,9 +39,9 @@ def picked(adapters: list[str], scales: object, param: str = "lora") -> str | No
                       "them)", param)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise bad(f"'{param}': the scale of adapter {i} must be a number, not {scale!r}", param)
-        chosen[i] = float(scale)
-    on = [i for i, scale in chosen.items() if scale != 0.0]
-    if len(on) > 1 or any(chosen[i] != 1.0 for i in on):
+        chosen[i] = scale  # (compared as given: float() of a huge integer overflows)
+    on = [i for i, scale in chosen.items() if scale != 0]
+    if len(on) > 1 or any(chosen[i] != 1 for i in on):
         raise bad(f"'{param}': each request runs on one adapter at the scale it was trained with; give one adapter "
                   "the scale 1 and the others 0 (mixes of adapters and other scales are not served)", param)
     return adapters[on[0]] if on else None
