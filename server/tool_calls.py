@@ -556,14 +556,20 @@ def extract(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
         if not (isinstance(p.name, str) and p.name in names and isinstance(args, (dict, str))):
             return text, []
         raw = args if isinstance(args, str) else raw
-        calls.append({"id": p.id if p.id and p.id not in {c["id"] for c in calls} else new_call_id(),
-                      "type": "function", "function": {"name": p.name, "arguments": raw}})  # (an id again: ours)
+        calls.append({"id": own_id(p.id, [c["id"] for c in calls]), "type": "function",
+                      "function": {"name": p.name, "arguments": raw}})
     return (text[:start].rstrip() or None) if _marked(text) and start is not None else None, calls
 
 
 def new_call_id() -> str:
     """A new tool call's id."""
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def own_id(given: str | None, taken: list[str]) -> str:
+    """A call's id: the one the model wrote (`given`), unless it wrote none or one of the earlier calls' (`taken`);
+    then a new one of ours."""
+    return given if given and given not in taken else new_call_id()
 
 
 def custom_input(arguments: str) -> str:
@@ -637,7 +643,7 @@ class CallStream:
     def _call(self, k: int, name: str, args: str, call_id: str | None = None) -> list[dict]:
         out = []
         if k >= len(self.ids):
-            self.ids.append(call_id if call_id and call_id not in self.ids else new_call_id())
+            self.ids.append(own_id(call_id, self.ids))
             self.args.append(0)
             out.append({"index": k, "id": self.ids[k], "type": "function", "function": {"name": name, "arguments": ""}})
         if len(args) > self.args[k]:
