@@ -5,8 +5,10 @@ A model with LoRA slots (`attach`) holds, beside each projection of its dense la
 slots' padded with zeros) in a "lora" collection next to "params". A forward pass takes each token's slot (-1: the
 base model) and adds `b[slot] @ a[slot] @ x` to the projection (`delta`), so one compiled step serves any mix of
 adapters. Adapters are PEFT folders (`adapter_config.json` and `adapter_model.safetensors`, what `peft`'s
-`save_pretrained` writes and what vLLM, SGLang and Fireworks load); `read` maps their tensors onto the slots'
-layout with the model's own HF weight names, and `install` writes one into a slot on the devices.
+`save_pretrained` writes and what vLLM, SGLang and Fireworks load) or GGUF adapter files (what llama.cpp's
+`convert_lora_to_gguf.py` writes and `llama-server --lora` loads); `read` maps their tensors onto the slots' layout
+with the model's own weight names (HF's, or GGUF's through the weight table), and `install` writes one into a slot on
+the devices.
 """
 
 from __future__ import annotations
@@ -89,12 +91,24 @@ def modules(model) -> dict[str, tuple[tuple[str, ...], tuple, tuple]]:
 
 
 def read(path: str, model) -> Adapter:
-    """The PEFT LoRA adapter in folder `path`, checked against `model` (which has LoRA slots) and laid out for a
-    slot: each tensor's module must be one of the projections LoRA applies to, its shapes the module's, its rank at
-    most the slots'. Raises ValueError saying what does not fit."""
-    from models import stack_layers
+    """The LoRA adapter at `path`, checked against `model` (which has LoRA slots) and laid out for a slot: a PEFT
+    folder, or a GGUF adapter file (`_read_gguf`, llama.cpp's). Each tensor's module must be one of the projections
+    LoRA applies to, its shapes the module's, its rank at most the slots'. Raises ValueError saying what does not
+    fit."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is neither a PEFT adapter folder nor a GGUF adapter file")
+        r, scale, weights = _read_gguf(path, model)
+    else:
+        r, scale, weights = _read_peft(path, model)
+    return _laid_out(path, model, r, scale, weights)
 
-    cfg = model.cfg
+
+def _read_peft(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
+    """A PEFT folder's rank, scale and each module's `{"A": (tensor name, [r, in]), "B": (name, [out, r])}` (by
+    PEFT's module names)."""
     try:
         with open(os.path.join(path, "adapter_config.json")) as f:
             conf = json.load(f)
@@ -108,8 +122,6 @@ def read(path: str, model) -> Adapter:
     r, alpha = conf.get("r"), conf.get("lora_alpha")
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         raise ValueError(f"{path}: adapter_config.json needs an integer r >= 1 and a lora_alpha")
-    if r > cfg.lora_rank:
-        raise ValueError(f"{path}: rank {r} exceeds --max-lora-rank {cfg.lora_rank}")
     scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
     file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(file):
@@ -120,27 +132,105 @@ def read(path: str, model) -> Adapter:
         tensors = load_file(file)
     except Exception as e:  # noqa: BLE001  (a torn or foreign file)
         raise ValueError(f"{path}: adapter_model.safetensors does not read: {e}") from None
-    known = modules(model)
-    tree: dict = {}
+    weights: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     for key, w in tensors.items():
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
-        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in known:
-            kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in known}))
-            raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
-                             f"(this model's {kinds} of its dense layers and grouped-query attention)")
+        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight"):
+            _unknown(path, model, key)
+        weights.setdefault(module, {})[part[0]] = (key, w)
+    return r, scale, weights
+
+
+# What llama.cpp's GGUF adapter may carry that is more than `W + scale · B A` (`convert_lora_to_gguf.py` writes the
+# first for aLoRA adapters; mergekit's extracted adapters carry norm weights, which are refused as tensors).
+GGUF_REFUSED = ("adapter.alora.invocation_tokens",)
+
+
+def _read_gguf(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
+    """A GGUF adapter file's rank, scale and each module's `{"A", "B"}`, as llama.cpp's `convert_lora_to_gguf.py`
+    writes them and `llama-server --lora` reads them: `general.type` "adapter", `adapter.type` "lora",
+    `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]` and `.lora_b` `[out, r]`. The
+    names are mapped through the model's weight table, and `lora_b` gets the fix-up its base tensor gets (Llama
+    files' q/k row permutation). The scale is llama.cpp's: alpha / r, or 1 where alpha is 0 (rsLoRA's is not kept)."""
+    import gguf
+
+    from models import FAMILIES, _names, family
+    from models.loading.source import _GGUF_ARCH, gguf_metadata
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001  (a torn or foreign file)
+        raise ValueError(f"{path}: the GGUF file does not read: {e}") from None
+    meta = gguf_metadata(reader)
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise ValueError(f"{path}: not a GGUF LoRA adapter (general.type {meta.get('general.type')!r}, "
+                         f"adapter.type {meta.get('adapter.type')!r})")
+    for key in GGUF_REFUSED:
+        if key in meta:
+            raise ValueError(f"{path}: {key} is not served (an activated LoRA)")
+    arch = meta.get("general.architecture")
+    theirs = FAMILIES.get(_GGUF_ARCH.get(arch))
+    if theirs is not None and theirs is not family(model.cfg):
+        raise ValueError(f"{path}: an adapter of a {arch} model, not of this {model.cfg.arch}")
+    alpha = meta.get("adapter.lora.alpha", 0.0)
+    if not isinstance(alpha, (int, float)):
+        raise ValueError(f"{path}: adapter.lora.alpha must be a number")
+    cfg = model.cfg
+    table = {e.gguf: e for e in _names(model.module)[1]}
+    fix = getattr(family(cfg), "gguf_fix", None)
+    known = modules(model)
+    weights: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+    for t in reader.tensors:
+        base, _, part = t.name.rpartition(".lora_")
+        e = table.get(base)
+        if part not in ("a", "b") or e is None or not isinstance(e.hf, str) or e.hf[:-len(".weight")] not in known:
+            _unknown(path, model, t.name)
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        if part == "b" and fix is not None:
+            w = fix(cfg, base, w)
+        weights.setdefault(e.hf.removesuffix(".weight"), {})[part.upper()] = (t.name, w)
+    ranks = {w["B"][1].shape[-1] for w in weights.values() if "B" in w and w["B"][1].ndim == 2}
+    if not ranks:
+        raise ValueError(f"{path}: the adapter holds no LoRA weights")
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: the adapter's lora_b tensors must share one rank (found {sorted(ranks)})")
+    r = ranks.pop()
+    return r, (alpha / r if alpha else 1.0), weights
+
+
+def _unknown(path: str, model, key: str):
+    """Raise: tensor `key` of the adapter at `path` is no LoRA weight of a projection `model` applies LoRA to."""
+    kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in modules(model)}))
+    raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
+                     f"(this model's {kinds} of its dense layers and grouped-query attention)")
+
+
+def _laid_out(path: str, model, r: int, scale: float, weights: dict[str, dict[str, tuple[str, np.ndarray]]]) -> Adapter:
+    """The adapter whose modules hold `weights` (`_read_peft`'s form), laid out
+    for a slot of `model`: padded to the slots' rank, `scale` folded into B, zeros for the modules left alone."""
+    from models import stack_layers
+
+    cfg = model.cfg
+    if r > cfg.lora_rank:
+        raise ValueError(f"{path}: rank {r} exceeds --max-lora-rank {cfg.lora_rank}")
+    known = modules(model)
+    tree: dict = {}
+    for module, parts in weights.items():
+        if module not in known:
+            _unknown(path, model, next(iter(parts.values()))[0])
         where, a_shape, b_shape = known[module]
-        want = (r, a_shape[1]) if part == "A.weight" else (b_shape[0], r)
-        if w.shape != want:
-            raise ValueError(f"{path}: {key} has shape {list(w.shape)}, not {list(want)}")
-        w = w.astype(np.float32)
-        padded = np.zeros(a_shape if part == "A.weight" else b_shape, np.float32)
-        if part == "A.weight":
-            padded[:r] = w
-        else:
-            padded[:, :r] = w * scale
-        _node(tree, where)["lora_a" if part == "A.weight" else "lora_b"] = padded
+        for part, (key, w) in parts.items():
+            want = (r, a_shape[1]) if part == "A" else (b_shape[0], r)
+            if w.shape != want:
+                raise ValueError(f"{path}: {key} has shape {list(w.shape)}, not {list(want)}")
+            padded = np.zeros(a_shape if part == "A" else b_shape, np.float32)
+            if part == "A":
+                padded[:r] = w
+            else:
+                padded[:, :r] = w.astype(np.float32) * scale
+            _node(tree, where)["lora_a" if part == "A" else "lora_b"] = padded
     if not tree:
-        raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
+        raise ValueError(f"{path}: the adapter holds no LoRA weights")
     for where, a_shape, b_shape in known.values():  # modules the adapter leaves alone: zeros
         node = _node(tree, where)
         if len(node) == 1:  # a module's A without its B, or B without A: a torn file

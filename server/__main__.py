@@ -273,6 +273,13 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--lora-modules", nargs="+", type=_module, default=[], metavar="NAME=PATH",
                     help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora); vLLM's "
                          "JSON form '{\"name\": ..., \"path\": ...}' too")
+    ap.add_argument("--lora", action="append", default=[], metavar="FNAME",
+                    help="llama.cpp's: a LoRA adapter (a GGUF adapter file, as convert_lora_to_gguf.py writes, or a "
+                         "PEFT folder) served under its file's name (implies --enable-lora; may be repeated); "
+                         "requests that name no adapter run on it, unless --lora-init-without-apply")
+    ap.add_argument("--lora-init-without-apply", action="store_true",
+                    help="llama.cpp's: --lora adapters are loaded, and requests that name none run on the model "
+                         "until POST /lora-adapters picks one")
     ap.add_argument("--max-loras", type=int, default=None,
                     help="with --enable-lora: LoRA adapters held at once, each in one batch with the others "
                          "(default: 4, or as many as --lora-modules names)")
@@ -306,6 +313,13 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
             os.path.join(args.generation_config, "generation_config.json")):
         ap.error(f"--generation-config {args.generation_config}: no generation_config.json there")
+    args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path in args.lora]
+    if len(args.lora) > 1 and not args.lora_init_without_apply:
+        ap.error("several --lora adapters would each apply to every request (llama.cpp's default), a mix not served "
+                 "here: add --lora-init-without-apply, and pick one per request (its `lora` field, or its model's "
+                 "name) or for all (POST /lora-adapters)")
+    # llama.cpp applies its --lora adapter to every request that names none
+    args.lora_default = args.lora_modules[-1][0] if args.lora and not args.lora_init_without_apply else None
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
@@ -609,7 +623,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                 raise ValueError("that is the served model's name")
             engine.load_adapter(name, lora.read(path, model))
         except ValueError as e:  # not an adapter of this model, a rank over --max-lora-rank, a name given twice
-            raise SystemExit(f"sparkler: --lora-modules {name}: {e}") from None
+            raise SystemExit(f"sparkler: {'--lora' if path in args.lora else '--lora-modules'} {name}: {e}") from None
     t2 = time.monotonic()
     if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
         engine.warmup(full=args.warmup == "full", background=not group)
@@ -658,6 +672,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     profiler_dir=args.profiler_dir,
                     media=Media(args.allowed_media_domains, args.allowed_local_media_path,
                                 max_images=args.max_images))
+    server.lora_default = args.lora_default
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -261,6 +261,37 @@ def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0, kv_heads: int = 0) -> None:
+    """The PEFT LoRA adapter in `folder` written to `path` as llama.cpp's `convert_lora_to_gguf.py` writes it for a
+    base model of GGUF architecture `arch`: `general.type` "adapter", `adapter.type` "lora", `adapter.lora.alpha`,
+    each module's A and B under its base tensor's GGUF name (gguf's own name map) `+ ".lora_a"` / `".lora_b"`, and for
+    `llama` files B of q and k permuted as their base weights are (`heads`, `kv_heads`)."""
+    import json
+    import os
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        alpha = json.load(f)["lora_alpha"]
+    kind = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(kind, layers)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for key, t in sorted(load_file(os.path.join(folder, "adapter_model.safetensors")).items()):
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        base = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        t = t.astype(np.float32)
+        if arch == "llama" and part == "B.weight" and ".attn_q." in base:
+            t = llama_permute(t, heads)
+        if arch == "llama" and part == "B.weight" and ".attn_k." in base:
+            t = llama_permute(t, kv_heads)
+        w.add_tensor(base + (".lora_a" if part == "A.weight" else ".lora_b"), t)
+    close_gguf(w)
+
+
 def close_gguf(w) -> None:
     """Write a `GGUFWriter`'s file: header, metadata, tensors."""
     w.write_header_to_file()

@@ -237,6 +237,12 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert (sglang.model, sglang.max_model_len, sglang.max_num_seqs) == ("y", 512, 8)
     assert sglang.gpu_memory_utilization == 0.8 and [f for f, _ in ignored(sglang)] == ["--no-enable-prefix-caching"]
     assert parse_args(["--quantization", "w8a8_fp8"]).quantization == "fp8"  # SGLang's name for vLLM's fp8
+    one = parse_args(["--lora", "/x/my-adapter.gguf"])  # llama.cpp's: named after its file, applied to every request
+    assert one.enable_lora and one.lora_modules == [("my-adapter", "/x/my-adapter.gguf")]
+    assert one.lora_default == "my-adapter"
+    quiet = parse_args(["--lora", "a.gguf", "--lora", "peft/b/", "--lora-init-without-apply"])
+    assert quiet.lora_modules == [("a", "a.gguf"), ("b", "peft/b/")] and quiet.lora_default is None
+    assert parse_args([]).lora_default is None and not parse_args([]).enable_lora
     assert parse_args([]).model == "smollm2-135m-instruct" and ignored(parse_args([])) == []
     with pytest.raises(SystemExit):
         parse_args(["a", "--model", "b"])  # named twice
@@ -256,7 +262,7 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
             parse_args(["--override-generation-config", wrong])
         assert "--override-generation-config" in capsys.readouterr().err
     for wrong in (["--generation-config", str(tmp_path / "none")], ["--default-chat-template-kwargs", "[]"],
-                  ["--default-chat-template-kwargs", '{"messages": []}']):
+                  ["--default-chat-template-kwargs", '{"messages": []}'], ["--lora", "a.gguf", "--lora", "b.gguf"]):
         with pytest.raises(SystemExit):
             parse_args(wrong)
     assert parse_args(["--chat-template-kwargs", '{"enable_thinking": false}']).default_chat_template_kwargs == {

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from engine.params import InvalidRequest, SamplingParams
 from engine.runner import RunnerConfig
-from helpers import run_all
+from helpers import gguf_adapter, run_all
 from models import load_model, lora
 from models.backends.paged import KVCache
 from test_models import ROWS, _hf_model
@@ -74,7 +74,18 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
         with torch.no_grad():
             wants.append([pm(torch.tensor([row])).logits[0].numpy() for row in ROWS])
         base = pm.unload()  # the base model again, for the next adapter
-        params = lora.install(params, slot, lora.read(str(tmp_path / f"a{slot}"), model))
+        peft = lora.read(str(tmp_path / f"a{slot}"), model)
+        params = lora.install(params, slot, peft)
+        # the same adapter as llama.cpp converts it (a GGUF file) reads to the same slot, at llama.cpp's scale
+        # (alpha / r: rsLoRA's alpha / sqrt(r) is not kept in the file)
+        cfg = base.config
+        gguf_adapter(str(tmp_path / f"a{slot}"), str(tmp_path / f"a{slot}.gguf"), kind, cfg.num_hidden_layers,
+                     cfg.num_attention_heads, cfg.num_key_value_heads)
+        converted = lora.read(str(tmp_path / f"a{slot}.gguf"), model)
+        assert converted.rank == peft.rank == r and converted.scale == 2.0  # lora_alpha = 2r
+        ratio = converted.scale / peft.scale
+        for (where, g), p in zip(jax.tree_util.tree_leaves_with_path(converted.tree), jax.tree.leaves(peft.tree)):
+            np.testing.assert_allclose(g, p * (ratio if "lora_b" in str(where) else 1.0), rtol=1e-6, atol=1e-7)
     for adapters in ([0, 1, -1], [1, -1, 0]):
         got = _logits(model, params, ROWS, adapters)
         for i, (g, a) in enumerate(zip(got, adapters)):
@@ -168,8 +179,8 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
 
 
 def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
-    """What an adapter folder may not be, and the slots: a name is loaded once, a full set of slots refuses another,
-    an unloaded adapter stays with the requests using it until they end."""
+    """What an adapter folder or GGUF file may not be, and the slots: a name is loaded once, a full set of slots
+    refuses another, an unloaded adapter stays with the requests using it until they end."""
     from engine.engine import Engine
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -197,6 +208,27 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
               str(tmp_path / "head" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.lora_A.weight is not a LoRA weight"):
         lora.read(str(tmp_path / "head"), model)
+    # GGUF files: llama.cpp's checks (the adapter's architecture, its type), and a tensor of no projection here
+    import gguf
+
+    from helpers import close_gguf
+
+    (tmp_path / "text.gguf").write_text("not a GGUF file")
+    with pytest.raises(ValueError, match="neither a PEFT adapter folder nor a GGUF adapter file"):
+        lora.read(str(tmp_path / "text.gguf"), model)
+    for name, arch, kv, tensor, message in [
+            ("model", "llama", {}, "blk.0.attn_q.weight", "not a GGUF LoRA adapter"),
+            ("other", "qwen3", {"adapter.type": "lora"}, "blk.0.attn_q.weight.lora_a", "an adapter of a qwen3 model"),
+            ("head", "llama", {"adapter.type": "lora"}, "output.weight.lora_a", "output.weight.lora_a is not a LoRA")]:
+        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch)
+        w.add_type(gguf.GGUFType.ADAPTER if kv else gguf.GGUFType.MODEL)
+        for k, v in kv.items():
+            w.add_string(k, v)
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+        w.add_tensor(tensor, np.zeros((4, 64), np.float32))
+        close_gguf(w)
+        with pytest.raises(ValueError, match=message):
+            lora.read(str(tmp_path / f"{name}.gguf"), model)
 
     eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.01))
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -255,6 +287,9 @@ def served(smollm, tmp_path_factory):
         pm = _adapter(base, str(folder / name), r, seed=r)
         want[name] = _greedy(pm, prompt, 8)
         base = pm.unload()
+    cfg = base.config  # "other" as llama.cpp's converter writes it too (`test_llama_cpp_lora_...` loads that)
+    gguf_adapter(str(folder / "other"), str(folder / "other.gguf"), "llama", cfg.num_hidden_layers,
+                 cfg.num_attention_heads, cfg.num_key_value_heads)
     model = dataclasses.replace(lora.attach(load_model(str(folder / "hf")), 2, 8), name="base")
     rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(4,))
     for api in live_server(model, rc):
@@ -345,8 +380,9 @@ def test_server_serves_adapters_by_model_name(served):
 
 def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served):
     """llama.cpp's `/lora-adapters` lists the adapters in load order; `POST` sets the one requests naming none run
-    on, and a request's own `lora` list picks its own (PEFT's greedy tokens each time); mixes of adapters and other
-    scales, unknown ids and a `model` naming another adapter are 400s."""
+    on, and a request's own `lora` list picks its own (PEFT's greedy tokens each time, the second adapter read from
+    the GGUF file llama.cpp's converter writes); mixes of adapters and other scales, unknown ids and a `model` naming
+    another adapter are 400s."""
     api, folder, prompt, want = served
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
 
@@ -366,10 +402,10 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
 
     for name in list(api.engine.adapters):  # a known state: "tuned", then "other"
         assert plain("/v1/unload_lora_adapter", {"lora_name": name}) == 200
-    for name in ("tuned", "other"):
-        assert plain("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder / name)}) == 200
+    for name, path in (("tuned", folder / "tuned"), ("other", folder / "other.gguf")):  # a PEFT folder, a GGUF file
+        assert plain("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}) == 200
     assert call("GET", "/lora-adapters") == (200, [{"id": 0, "path": str(folder / "tuned"), "scale": 0.0},
-                                                   {"id": 1, "path": str(folder / "other"), "scale": 0.0}])
+                                                   {"id": 1, "path": str(folder / "other.gguf"), "scale": 0.0}])
 
     def tokens(**extra):
         out = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0.0,
