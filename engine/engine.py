@@ -69,14 +69,20 @@ class Inflight:
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """A LoRA adapter the engine holds: its name, folder, rank, slot, and the salt of its cached pages (one per
-    load: pages of an adapter loaded again under the name are not reused)."""
+    """A LoRA adapter the engine holds: its name, folder, rank, slot, the number of its load (0, 1, ... over the
+    engine's life, never reused: llama.cpp's adapter id), and the salt of its cached pages (one per load: pages of an
+    adapter loaded again under the name are not reused)."""
 
     name: str
     path: str
     rank: int
     slot: int
-    salt: str
+    id: int
+
+    @property
+    def salt(self) -> str:
+        """The prefix-cache salt of this load's pages."""
+        return f"{self.name}#{self.id}"
 
 
 class Engine:
@@ -530,7 +536,7 @@ class Engine:
                                  "requests; unload one first", "lora_name")
         with self._params_lock():
             self.model.params = lora.install(self.model.params, free[0], adapter)
-        self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], f"{name}#{next(self._loads)}")
+        self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], next(self._loads))
         log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, adapter.rank, adapter.path, free[0])
         return self.adapters[name]
 

@@ -2,9 +2,10 @@
 `POST /v1/unload_lora_adapter` (`{"lora_name"}`), answered with vLLM's plain-text lines. A loaded adapter is served
 under its name as a `model` of every API (`Server.check_model`); `/v1/models` lists it.
 
-llama.cpp's: `GET /lora-adapters` lists the adapters loaded, in load order, as `{"id", "path", "scale"}`;
-`POST /lora-adapters` (`[{"id", "scale"}, ...]`, ids left out at 0) sets the adapter that requests naming none run
-on, and a request's own `lora` field (the same list) picks its adapter. Each request runs on one adapter at the scale
+llama.cpp's: `GET /lora-adapters` lists the adapters loaded, in load order, as `{"id", "path", "scale"}` (an id is
+the adapter's load number, never reused: `ids`); `POST /lora-adapters` (`[{"id", "scale"}, ...]`, ids left out at 0)
+sets the adapter that requests naming none run on, and a request's own `lora` field (the same list) picks its
+adapter. Each request runs on one adapter at the scale
 it was trained with (PEFT's alpha / r, folded into its weights), so a list may give one adapter the scale 1 and the
 others 0; llama.cpp's mixes of adapters and other scales are 400s that say so (`picked`)."""
 
@@ -26,17 +27,17 @@ def routes(app: web.Application, server) -> None:
     app.router.add_post("/lora-adapters", api.scaled)
 
 
-def picked(adapters: list[str], scales: object, param: str = "lora") -> str | None:
-    """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (by id: their load order; None: the
-    served model), or a 400: an id that is none of them, or scales that would mix adapters or scale one."""
+def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> str | None:
+    """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (id -> name; None: the served model),
+    or a 400: an id that is none of them, or scales that would mix adapters or scale one."""
     if not isinstance(scales, list) or not all(isinstance(x, dict) for x in scales):
         raise bad(f"'{param}' must be a list of {{\"id\", \"scale\"}} objects", param)
     chosen: dict[int, int | float] = {}
     for x in scales:
         i, scale = x.get("id"), x.get("scale", 0.0)
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(adapters):
-            raise bad(f"'{param}': no LoRA adapter has the id {i!r} (loaded: {len(adapters)}; /lora-adapters lists "
-                      "them)", param)
+        if not isinstance(i, int) or isinstance(i, bool) or i not in adapters:
+            raise bad(f"'{param}': no LoRA adapter has the id {i!r} (loaded: {sorted(adapters) or 'none'}; "
+                      "/lora-adapters lists them)", param)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise bad(f"'{param}': the scale of adapter {i} must be a number, not {scale!r}", param)
         chosen[i] = scale  # (compared as given: float() of a huge integer overflows)
@@ -45,6 +46,12 @@ def picked(adapters: list[str], scales: object, param: str = "lora") -> str | No
         raise bad(f"'{param}': each request runs on one adapter at the scale it was trained with; give one adapter "
                   "the scale 1 and the others 0 (mixes of adapters and other scales are not served)", param)
     return adapters[on[0]] if on else None
+
+
+def ids(engine) -> dict[int, str]:
+    """llama.cpp's adapter ids of the adapters `engine` holds: each one's load number (`Loaded.id`; an id is never
+    reused, so a client's id cannot come to mean another adapter after an unload) -> its name."""
+    return {a.id: name for name, a in engine.adapters.items()}
 
 
 class Adapters:
@@ -95,14 +102,14 @@ class Adapters:
         """GET /lora-adapters (llama.cpp's): each adapter loaded, in load order, with its scale for requests that
         name none (1 for the one `POST /lora-adapters` chose, else 0)."""
         default = self.server.default_adapter()
-        return web.json_response([{"id": i, "path": a.path, "scale": 1.0 if name == default else 0.0}
-                                  for i, (name, a) in enumerate(self.server.engine.adapters.items())])
+        return web.json_response([{"id": a.id, "path": a.path, "scale": 1.0 if name == default else 0.0}
+                                  for name, a in self.server.engine.adapters.items()])
 
     async def scaled(self, request: web.Request) -> web.Response:
         """POST /lora-adapters (llama.cpp's): the adapter that requests naming none run on (`picked`; none given the
         scale 1: the served model)."""
         body = await self.server._body(request)
-        self.server.lora_default = picked(list(self.server.engine.adapters), body, "body")
+        self.server.lora_default = picked(ids(self.server.engine), body, "body")
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:

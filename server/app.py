@@ -334,7 +334,7 @@ class Server:
         picks (`adapters.picked`; a 400 where the two differ), else the default of llama.cpp's `/lora-adapters`."""
         named = self.check_model(body)
         if isinstance(body, dict) and body.get("lora") is not None:
-            chosen = adapters.picked(list(self.engine.adapters), body["lora"])
+            chosen = adapters.picked(adapters.ids(self.engine), body["lora"])
             if named is not None and chosen != named:
                 raise bad(f"'model' names the adapter {named!r} and 'lora' picks {chosen or 'none'!r}; give one",
                           "lora")

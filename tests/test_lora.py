@@ -379,10 +379,10 @@ def test_server_serves_adapters_by_model_name(served):
 
 
 def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served):
-    """llama.cpp's `/lora-adapters` lists the adapters in load order; `POST` sets the one requests naming none run
-    on, and a request's own `lora` list picks its own (PEFT's greedy tokens each time, the second adapter read from
-    the GGUF file llama.cpp's converter writes); mixes of adapters and other scales, unknown ids and a `model` naming
-    another adapter are 400s."""
+    """llama.cpp's `/lora-adapters` lists the adapters in load order (ids: load numbers, never reused); `POST` sets
+    the one requests naming none run on, and a request's own `lora` list picks its own (PEFT's greedy tokens each
+    time, the second adapter read from the GGUF file llama.cpp's converter writes); mixes of adapters and other
+    scales, unknown ids and a `model` naming another adapter are 400s."""
     api, folder, prompt, want = served
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
 
@@ -404,32 +404,41 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
         assert plain("/v1/unload_lora_adapter", {"lora_name": name}) == 200
     for name, path in (("tuned", folder / "tuned"), ("other", folder / "other.gguf")):  # a PEFT folder, a GGUF file
         assert plain("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}) == 200
-    assert call("GET", "/lora-adapters") == (200, [{"id": 0, "path": str(folder / "tuned"), "scale": 0.0},
-                                                   {"id": 1, "path": str(folder / "other.gguf"), "scale": 0.0}])
+    status, listed = call("GET", "/lora-adapters")
+    t, o = [a["id"] for a in listed]  # load numbers: the later load's is higher
+    assert status == 200 and o > t and listed == [{"id": t, "path": str(folder / "tuned"), "scale": 0.0},
+                                                  {"id": o, "path": str(folder / "other.gguf"), "scale": 0.0}]
 
     def tokens(**extra):
         out = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0.0,
                                         extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
         return out.model, out.choices[0].token_ids
 
-    assert tokens(lora=[{"id": 1, "scale": 1.0}, {"id": 0, "scale": 0}]) == ("other", want["other"])
+    assert tokens(lora=[{"id": o, "scale": 1.0}, {"id": t, "scale": 0}]) == ("other", want["other"])
     status, done = call("POST", "/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0, "ignore_eos": True,
-                                                "return_tokens": True, "lora": [{"id": 0, "scale": 1}]})
+                                                "return_tokens": True, "lora": [{"id": t, "scale": 1}]})
     assert status == 200 and done["tokens"] == want["tuned"]
-    assert call("POST", "/lora-adapters", [{"id": 0, "scale": 1.0}]) == (200, {"success": True})
+    assert call("POST", "/lora-adapters", [{"id": t, "scale": 1.0}]) == (200, {"success": True})
     assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [1.0, 0.0]
     assert tokens() == ("tuned", want["tuned"])  # naming none: the default
     assert tokens(lora=[]) == ("base", want[None])  # its own list: none
-    for mix in ([{"id": 0, "scale": 0.5}], [{"id": 0, "scale": 1}, {"id": 1, "scale": 1}], [{"id": 7, "scale": 1}],
+    for mix in ([{"id": t, "scale": 0.5}], [{"id": t, "scale": 1}, {"id": o, "scale": 1}], [{"id": o + 1, "scale": 1}],
                 "tuned", [{"scale": 1}]):
         with pytest.raises(openai.BadRequestError, match="lora"):
             tokens(lora=mix)
     with pytest.raises(openai.BadRequestError, match="give one"):
-        client.completions.create(model="other", prompt=prompt, max_tokens=1, extra_body={"lora": [{"id": 0,
+        client.completions.create(model="other", prompt=prompt, max_tokens=1, extra_body={"lora": [{"id": t,
                                                                                                      "scale": 1}]})
-    assert call("POST", "/lora-adapters", [{"id": 0, "scale": 2}])[0] == 400
+    assert call("POST", "/lora-adapters", [{"id": t, "scale": 2}])[0] == 400
     assert call("POST", "/lora-adapters", [])[1] == {"success": True}  # back to the served model
     assert tokens() == ("base", want[None])
+    # an id is never reused: after an unload and a load, the one a client holds still means its adapter or none
+    assert plain("/v1/unload_lora_adapter", {"lora_name": "tuned"}) == 200
+    assert plain("/v1/load_lora_adapter", {"lora_name": "tuned", "lora_path": str(folder / "tuned")}) == 200
+    assert [a["id"] for a in call("GET", "/lora-adapters")[1]] == [o, o + 1]
+    assert tokens(lora=[{"id": o, "scale": 1}]) == ("other", want["other"])
+    status, r = call("POST", "/completion", {"prompt": prompt, "n_predict": 1, "lora": [{"id": t, "scale": 1}]})
+    assert status == 400 and f"no LoRA adapter has the id {t}" in r["error"]["message"]
 
 
 def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, monkeypatch):
