@@ -102,7 +102,7 @@ class LLM:
         self.engine = Engine(self.model, RunnerConfig(**runner), draft=draft)
 
     def load_lora(self, name: str, path: str) -> None:
-        """Load the PEFT LoRA adapter in folder `path` as `name`."""
+        """Load the LoRA adapter at `path` (a PEFT folder or a GGUF file) as `name`."""
         self.engine.load_adapter(name, lora.read(path, self.model))
 
     def sleep(self, level: int = 1) -> None:

@@ -48,8 +48,8 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: jax.Array) -> jax.
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """A PEFT LoRA adapter read for one model: its rank and scale, and one slot's arrays (`tree`: the "lora"
-    collection's layout without the slot axis)."""
+    """A LoRA adapter (a PEFT folder or a GGUF file) read for one model: its rank and scale, and one slot's arrays
+    (`tree`: the "lora" collection's layout without the slot axis)."""
 
     path: str
     rank: int
@@ -96,14 +96,18 @@ def read(path: str, model) -> Adapter:
     LoRA applies to, its shapes the module's, its rank at most the slots'. Raises ValueError saying what does not
     fit."""
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ValueError(f"{path} does not read: {e}") from None
         if magic != b"GGUF":
             raise ValueError(f"{path} is neither a PEFT adapter folder nor a GGUF adapter file")
-        r, scale, weights = _read_gguf(path, model)
+        r, scale, weights = _read_gguf(path, model, known := modules(model))
     else:
         r, scale, weights = _read_peft(path, model)
-    return _laid_out(path, model, r, scale, weights)
+        known = modules(model)
+    return _laid_out(path, model, r, scale, weights, known)
 
 
 def _read_peft(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
@@ -146,7 +150,7 @@ def _read_peft(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[
 GGUF_REFUSED = ("adapter.alora.invocation_tokens",)
 
 
-def _read_gguf(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
+def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
     """A GGUF adapter file's rank, scale and each module's `{"A", "B"}`, as llama.cpp's `convert_lora_to_gguf.py`
     writes them and `llama-server --lora` reads them: `general.type` "adapter", `adapter.type` "lora",
     `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]` and `.lora_b` `[out, r]`. The
@@ -169,26 +173,30 @@ def _read_gguf(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[
         if key in meta:
             raise ValueError(f"{path}: {key} is not served (an activated LoRA)")
     arch = meta.get("general.architecture")
-    theirs = FAMILIES.get(_GGUF_ARCH.get(arch))
-    if theirs is not None and theirs is not family(model.cfg):
+    if FAMILIES.get(_GGUF_ARCH.get(arch)) is not family(model.cfg):  # llama.cpp refuses another architecture too
         raise ValueError(f"{path}: an adapter of a {arch} model, not of this {model.cfg.arch}")
     alpha = meta.get("adapter.lora.alpha", 0.0)
     if not isinstance(alpha, (int, float)):
         raise ValueError(f"{path}: adapter.lora.alpha must be a number")
     cfg = model.cfg
+    # (a GGUF tensor that several of our parameters come from, Phi-3's attn_qkv, keeps one entry here: its HF name is
+    # the fused tensor's, no module LoRA applies to, so its adapter tensors are refused below)
     table = {e.gguf: e for e in _names(model.module)[1]}
     fix = getattr(family(cfg), "gguf_fix", None)
-    known = modules(model)
     weights: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     for t in reader.tensors:
         base, _, part = t.name.rpartition(".lora_")
         e = table.get(base)
-        if part not in ("a", "b") or e is None or not isinstance(e.hf, str) or e.hf[:-len(".weight")] not in known:
+        module = e.hf.removesuffix(".weight") if e is not None and isinstance(e.hf, str) else None
+        if part not in ("a", "b") or module not in known:
             _unknown(path, model, t.name)
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        if part == "b" and fix is not None:
-            w = fix(cfg, base, w)
-        weights.setdefault(e.hf.removesuffix(".weight"), {})[part.upper()] = (t.name, w)
+        try:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except (NotImplementedError, ValueError, AssertionError) as err:
+            raise ValueError(f"{path}: {t.name} ({t.tensor_type.name}) does not read: {err}") from None
+        if part == "b" and fix is not None and w.ndim == 2 and w.shape[0] == known[module][2][0]:
+            w = fix(cfg, base, w)  # (another shape is refused with its shape by `_laid_out`)
+        weights.setdefault(module, {})[part.upper()] = (t.name, w)
     ranks = {w["B"][1].shape[-1] for w in weights.values() if "B" in w and w["B"][1].ndim == 2}
     if not ranks:
         raise ValueError(f"{path}: the adapter holds no LoRA weights")
@@ -205,15 +213,15 @@ def _unknown(path: str, model, key: str):
                      f"(this model's {kinds} of its dense layers and grouped-query attention)")
 
 
-def _laid_out(path: str, model, r: int, scale: float, weights: dict[str, dict[str, tuple[str, np.ndarray]]]) -> Adapter:
-    """The adapter whose modules hold `weights` (`_read_peft`'s form), laid out
-    for a slot of `model`: padded to the slots' rank, `scale` folded into B, zeros for the modules left alone."""
+def _laid_out(path: str, model, r: int, scale: float, weights: dict[str, dict[str, tuple[str, np.ndarray]]],
+              known: dict) -> Adapter:
+    """The adapter whose modules hold `weights` (`_read_peft`'s form), laid out for a slot of `model` (`known`: its
+    `modules`): padded to the slots' rank, `scale` folded into B, zeros for the modules left alone."""
     from models import stack_layers
 
     cfg = model.cfg
     if r > cfg.lora_rank:
         raise ValueError(f"{path}: rank {r} exceeds --max-lora-rank {cfg.lora_rank}")
-    known = modules(model)
     tree: dict = {}
     for module, parts in weights.items():
         if module not in known:

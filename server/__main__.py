@@ -271,8 +271,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                     help="hold LoRA adapters beside the model (--lora-modules, and /v1/load_lora_adapter at run time); "
                          "a request names one as its model")
     ap.add_argument("--lora-modules", nargs="+", type=_module, default=[], metavar="NAME=PATH",
-                    help="PEFT LoRA adapter folders to serve under those names (implies --enable-lora); vLLM's "
-                         "JSON form '{\"name\": ..., \"path\": ...}' too")
+                    help="LoRA adapters (PEFT folders, or GGUF adapter files) to serve under those names (implies "
+                         "--enable-lora); vLLM's JSON form '{\"name\": ..., \"path\": ...}' too")
     ap.add_argument("--lora", action="append", default=[], metavar="FNAME",
                     help="llama.cpp's: a LoRA adapter (a GGUF adapter file, as convert_lora_to_gguf.py writes, or a "
                          "PEFT folder) served under its file's name (implies --enable-lora; may be repeated); "
@@ -282,7 +282,7 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "until POST /lora-adapters picks one")
     ap.add_argument("--max-loras", type=int, default=None,
                     help="with --enable-lora: LoRA adapters held at once, each in one batch with the others "
-                         "(default: 4, or as many as --lora-modules names)")
+                         "(default: 4, or as many as --lora-modules and --lora name)")
     ap.add_argument("--max-lora-rank", type=int, default=None,
                     help="with --enable-lora: the largest LoRA rank an adapter may have (default 16)")
     ap.add_argument("--pooling", choices=("auto", "last", "mean", "cls"), default="auto",
@@ -332,7 +332,7 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
     if len(args.lora_modules) > args.max_loras:
-        ap.error(f"--lora-modules names {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
+        ap.error(f"--lora-modules and --lora name {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
         ap.error("--speculative-ngram and --num-speculative-tokens must be >= 0")
     if args.speculative_config is not None:
@@ -672,7 +672,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     profiler_dir=args.profiler_dir,
                     media=Media(args.allowed_media_domains, args.allowed_local_media_path,
                                 max_images=args.max_images))
-    server.lora_default = args.lora_default
+    server.lora_default = None if args.lora_default is None else engine.adapters[args.lora_default].id
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

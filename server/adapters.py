@@ -3,11 +3,11 @@
 under its name as a `model` of every API (`Server.check_model`); `/v1/models` lists it.
 
 llama.cpp's: `GET /lora-adapters` lists the adapters loaded, in load order, as `{"id", "path", "scale"}` (an id is
-the adapter's load number, never reused: `ids`); `POST /lora-adapters` (`[{"id", "scale"}, ...]`, ids left out at 0)
-sets the adapter that requests naming none run on, and a request's own `lora` field (the same list) picks its
-adapter. Each request runs on one adapter at the scale
-it was trained with (PEFT's alpha / r, folded into its weights), so a list may give one adapter the scale 1 and the
-others 0; llama.cpp's mixes of adapters and other scales are 400s that say so (`picked`)."""
+the adapter's load number, never reused: `ids`); `POST /lora-adapters` (`[{"id", "scale"}, ...]`, adapters left out
+at scale 0) sets the adapter that requests naming none run on, and a request's own `lora` field (the same list)
+picks its adapter. Each request runs on one adapter at the scale it was trained with (alpha / r, folded into its
+weights), so a list may give one adapter the scale 1 and the others 0; llama.cpp's mixes of adapters and other
+scales are 400s that say so (`picked`)."""
 
 from __future__ import annotations
 
@@ -83,9 +83,9 @@ class Adapters:
             raise ApiError(500, f"the adapter could not be installed: {e}", type_="server_error") from None
 
     async def load(self, request: web.Request) -> web.Response:
-        """POST /v1/load_lora_adapter: read the PEFT adapter folder `lora_path` (on a parse thread) and hold it as
-        `lora_name` in a free LoRA slot; 400 where the name is taken, the folder is not a LoRA adapter of this
-        model, or every slot is held."""
+        """POST /v1/load_lora_adapter: read the adapter at `lora_path` (a PEFT folder or a GGUF file, on a parse
+        thread) and hold it as `lora_name` in a free LoRA slot; 400 where the name is taken, the path is not a LoRA
+        adapter of this model, or every slot is held."""
         name, path = await self._fields(request, "lora_name", "lora_path")
         if name == self.server.name:
             raise bad(f"{name!r} is the served model's name", "lora_name")
@@ -109,7 +109,9 @@ class Adapters:
         """POST /lora-adapters (llama.cpp's): the adapter that requests naming none run on (`picked`; none given the
         scale 1: the served model)."""
         body = await self.server._body(request)
-        self.server.lora_default = picked(ids(self.server.engine), body, "body")
+        table = ids(self.server.engine)  # (one copy: the engine's thread may load or unload meanwhile)
+        name = picked(table, body, "body")
+        self.server.lora_default = next((i for i, n in table.items() if n == name), None)
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:

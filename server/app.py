@@ -101,7 +101,8 @@ class Server:
         self.engine_calls = 0  # calls running work on the engine outside its requests (embeddings, beam rounds)
         self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
-        self.lora_default: str | None = None  # the adapter of requests that name none (llama.cpp's /lora-adapters)
+        self.lora_default: int | None = None  # the adapter (its load's id) of requests that name none (llama.cpp's
+        # /lora-adapters): by id, so another adapter loaded later under its name is not it
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
@@ -343,7 +344,7 @@ class Server:
 
     def default_adapter(self) -> str | None:
         """The adapter requests naming none run on (llama.cpp's `POST /lora-adapters`), while it is loaded."""
-        return self.lora_default if self.lora_default in self.engine.adapters else None
+        return adapters.ids(self.engine).get(self.lora_default)
 
     def check_model(self, body) -> str | None:
         """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""

@@ -261,11 +261,13 @@ def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0, kv_heads: int = 0) -> None:
+def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0, kv_heads: int = 0,
+                 alpha: float | None = None) -> None:
     """The PEFT LoRA adapter in `folder` written to `path` as llama.cpp's `convert_lora_to_gguf.py` writes it for a
     base model of GGUF architecture `arch`: `general.type` "adapter", `adapter.type` "lora", `adapter.lora.alpha`,
     each module's A and B under its base tensor's GGUF name (gguf's own name map) `+ ".lora_a"` / `".lora_b"`, and for
-    `llama` files B of q and k permuted as their base weights are (`heads`, `kv_heads`)."""
+    `llama` files B of q and k permuted as their base weights are (`heads`, `kv_heads`). `alpha`: another than the
+    folder's."""
     import json
     import os
 
@@ -273,7 +275,7 @@ def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0,
     from safetensors.numpy import load_file
 
     with open(os.path.join(folder, "adapter_config.json")) as f:
-        alpha = json.load(f)["lora_alpha"]
+        alpha = json.load(f)["lora_alpha"] if alpha is None else alpha
     kind = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(kind, layers)
     w = gguf.GGUFWriter(path, arch)

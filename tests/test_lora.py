@@ -216,19 +216,28 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
     (tmp_path / "text.gguf").write_text("not a GGUF file")
     with pytest.raises(ValueError, match="neither a PEFT adapter folder nor a GGUF adapter file"):
         lora.read(str(tmp_path / "text.gguf"), model)
+    lora_kv, a = {"adapter.type": "lora"}, np.zeros((4, 64), np.float32)
     for name, arch, kv, tensor, message in [
-            ("model", "llama", {}, "blk.0.attn_q.weight", "not a GGUF LoRA adapter"),
-            ("other", "qwen3", {"adapter.type": "lora"}, "blk.0.attn_q.weight.lora_a", "an adapter of a qwen3 model"),
-            ("head", "llama", {"adapter.type": "lora"}, "output.weight.lora_a", "output.weight.lora_a is not a LoRA")]:
+            ("model", "llama", {}, ("blk.0.attn_q.weight", a), "not a GGUF LoRA adapter"),
+            ("other", "qwen3", lora_kv, ("blk.0.attn_q.weight.lora_a", a), "an adapter of a qwen3 model"),
+            ("alien", "alien", lora_kv, ("blk.0.attn_q.weight.lora_a", a), "an adapter of a alien model"),
+            ("alora", "llama", {**lora_kv, "adapter.alora.invocation_tokens": "1"}, ("blk.0.attn_q.weight.lora_a", a),
+             "an activated LoRA"),
+            ("head", "llama", lora_kv, ("output.weight.lora_a", a), "output.weight.lora_a is not a LoRA"),
+            ("ints", "llama", lora_kv, ("blk.0.attn_q.weight.lora_a", a.astype(np.int32)), "I32.*does not read")]:
         w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch)
         w.add_type(gguf.GGUFType.ADAPTER if kv else gguf.GGUFType.MODEL)
         for k, v in kv.items():
             w.add_string(k, v)
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
-        w.add_tensor(tensor, np.zeros((4, 64), np.float32))
+        w.add_tensor(*tensor)
         close_gguf(w)
         with pytest.raises(ValueError, match=message):
             lora.read(str(tmp_path / f"{name}.gguf"), model)
+    cfg = model.cfg  # an alpha of 0 is llama.cpp's scale 1
+    gguf_adapter(str(folder / "a"), str(tmp_path / "a.gguf"), "llama", cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                 alpha=0.0)
+    assert lora.read(str(tmp_path / "a.gguf"), model).scale == 1.0
 
     eng = Engine(model, RunnerConfig(max_num_seqs=4, max_model_len=128, decode_steps=4, kv_cache_gb=0.01))
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -432,10 +441,13 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
     assert call("POST", "/lora-adapters", [{"id": t, "scale": 2}])[0] == 400
     assert call("POST", "/lora-adapters", [])[1] == {"success": True}  # back to the served model
     assert tokens() == ("base", want[None])
-    # an id is never reused: after an unload and a load, the one a client holds still means its adapter or none
+    # an id is never reused: after an unload and a load, the one a client holds still means its adapter or none, and
+    # the default set by id is that load's, not a later one's under the name
+    assert call("POST", "/lora-adapters", [{"id": t, "scale": 1}])[1] == {"success": True}
     assert plain("/v1/unload_lora_adapter", {"lora_name": "tuned"}) == 200
     assert plain("/v1/load_lora_adapter", {"lora_name": "tuned", "lora_path": str(folder / "tuned")}) == 200
-    assert [a["id"] for a in call("GET", "/lora-adapters")[1]] == [o, o + 1]
+    assert [(a["id"], a["scale"]) for a in call("GET", "/lora-adapters")[1]] == [(o, 0.0), (o + 1, 0.0)]
+    assert tokens() == ("base", want[None])
     assert tokens(lora=[{"id": o, "scale": 1}]) == ("other", want["other"])
     status, r = call("POST", "/completion", {"prompt": prompt, "n_predict": 1, "lora": [{"id": t, "scale": 1}]})
     assert status == 400 and f"no LoRA adapter has the id {t}" in r["error"]["message"]
