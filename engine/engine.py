@@ -102,7 +102,7 @@ class Engine:
         self.max_len, self.page_size = self.runner.max_len, self.runner.page_size
         self.sched = Scheduler(self.runner, self.runner.save_row, rc.scheduling_policy)
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self.incoming: queue.Queue[Request] = queue.Queue()  # (not SimpleQueue: `loads` reads what it holds)
         self._ids = itertools.count()
         self.eos = np.asarray(model.eos_ids, np.int64)
         self.steps_run = 0
@@ -365,7 +365,9 @@ class Engine:
     def loads(self) -> list[dict]:
         """SGLang's load report (`/get_load`; `Scheduler.loads`), requests not yet queued counted as waiting; read
         from other threads (a snapshot)."""
-        return self.sched.loads(self.incoming.qsize())
+        with self.incoming.mutex:  # (`queue.Queue`'s own lock: a copy of what it holds)
+            arriving = tuple(self.incoming.queue)
+        return self.sched.loads(arriving)
 
     def has_work(self) -> bool:
         """Anything waiting, running or queued."""

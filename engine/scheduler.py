@@ -83,17 +83,18 @@ class Scheduler:
         full, part = divmod(length, self.page_size)
         return full + (part > 0) * n
 
-    def loads(self, arriving: int = 0) -> list[dict]:
+    def loads(self, arriving: tuple[Request, ...] = ()) -> list[dict]:
         """SGLang's load report, one entry a data shard: `num_reqs` the sequences seated on it and those waiting
-        (`arriving` more, not queued yet), `num_pending_tokens` the waiting ones' prompt tokens, `num_tokens` those and
-        the KV tokens its seated sequences' pages hold (not the prefix cache's free pages). The queue is the shards'
-        together, so its sequences and tokens are spread over them evenly (the first shards take what does not
-        divide). Safe to read from another thread (copies of the queues first)."""
+        (the `arriving` requests', not queued yet, among them: n each, as the queue's), `num_pending_tokens` the
+        waiting ones' prompt tokens, `num_tokens` those and the KV tokens its seated sequences' pages hold (not the
+        prefix cache's free pages). The queue is the shards' together, so its sequences and tokens are spread over
+        them evenly (the first shards take what does not divide). Safe to read from another thread (copies of the
+        queues first)."""
         dp = len(self.pools)
         free = [self.shard_of(s) for s in list(self.free)]
-        queued = [(len(r.choices), len(r.prompt_ids)) for r in list(self.waiting)]
+        queued = [(len(r.choices), len(r.prompt_ids)) for r in [*self.waiting, *arriving]]
         queued += [(1, len(r.prompt_ids)) for r, _ in list(self.resumes)]
-        seqs, tokens = sum(n for n, _ in queued) + arriving, sum(t for _, t in queued)
+        seqs, tokens = sum(n for n, _ in queued), sum(t for _, t in queued)
         share = lambda n, d: n // dp + (d < n % dp)  # noqa: E731  (shard d's part of n)
         out = []
         for d, pool in enumerate(self.pools):

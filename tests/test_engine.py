@@ -363,3 +363,18 @@ def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(llm, smollm
     while eng.has_work():
         eng.step()
     assert short.choices[0].token_ids == want_short and long.choices[0].token_ids == want_long
+
+
+def test_the_load_report_counts_requests_not_queued_yet_as_their_choices_and_prompt_tokens(llm):
+    """`Engine.loads` (SGLang's `/get_load`): a request added but not yet taken into the queue counts its n choices
+    as waiting sequences and its prompt's tokens once, as a queued one does."""
+    eng = llm.engine
+    ids = list(range(1000, 1037))
+    eng.add(eng.make_request(ids, SamplingParams(n=3, max_tokens=1, temperature=0.8, seed=1)))
+    try:
+        loads = eng.loads()
+        assert sum(x["num_waiting_reqs"] for x in loads) == 3 and sum(x["num_pending_tokens"] for x in loads) == 37
+    finally:
+        while eng.has_work():
+            eng.step()
+    assert sum(x["num_waiting_reqs"] for x in eng.loads()) == 0

@@ -369,9 +369,9 @@ def test_the_load_report_counts_each_shards_seated_work_and_spreads_the_queue_ov
     run(sched, a, [7])
     b, c = request("b", list(range(50, 70)), n=2), request("c", list(range(5)))
     sched.waiting.extend([b, c])
-    loads, shard = sched.loads(arriving=1), sched.shard_of(a.choices[0].slot)
-    assert [x["num_waiting_reqs"] for x in loads] == [2, 2]  # b's 2, c's 1 and 1 arriving
-    assert [x["num_pending_tokens"] for x in loads] == [13, 12]  # 20 + 5 prompt tokens
-    assert [x["num_reqs"] for x in loads] == [2 + (d == shard) for d in (0, 1)]
+    loads, shard = sched.loads(arriving=(request("d", [1, 2, 3], n=2),)), sched.shard_of(a.choices[0].slot)
+    assert [x["num_waiting_reqs"] for x in loads] == [3, 2]  # b's 2, c's 1 and d's 2, arriving
+    assert [x["num_pending_tokens"] for x in loads] == [14, 14]  # 20 + 5 + 3 prompt tokens
+    assert [x["num_reqs"] for x in loads] == [w + (d == shard) for d, w in zip((0, 1), (3, 2))]
     held = [3 * PAGE * (d == shard) for d in (0, 1)]
-    assert len(a.choices[0].pages) == 3 and [x["num_tokens"] for x in loads] == [held[0] + 13, held[1] + 12]
+    assert len(a.choices[0].pages) == 3 and [x["num_tokens"] for x in loads] == [held[0] + 14, held[1] + 14]
