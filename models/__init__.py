@@ -299,12 +299,17 @@ _TABLES: dict[ModelConfig, list] = {}  # `hf_weight`'s weight tables, by model c
 
 def hf_weight(model: Model, name: str, rows: int | None = None):
     """The parameter that the model's HF checkpoint names `name` (`model.layers.3.self_attn.q_proj.weight`; a tied
-    `lm_head.weight` is the embedding), as served now, its first `rows` rows (None: all; cut on the devices) in
-    float32 on the host: SGLang's `get_weights_by_name`. Raises KeyError for a name the model has no parameter of,
-    ValueError for weights held quantized or in another layout (fused with others, or transposed)."""
+    `lm_head.weight` is the embedding; a multimodal checkpoint's language model by its own names too,
+    `model.language_model.*` or `language_model.model.*`), as served now, its first `rows` rows (None: all; cut on
+    the devices) in float32 on the host: SGLang's `get_weights_by_name`. Raises KeyError for a name the model has no
+    parameter of, ValueError for weights held quantized or in another layout (fused with others, or transposed)."""
     import numpy as np
 
+    from models.loading.source import text_name
+
     cfg = model.cfg
+    if model.vision is not None:
+        name = text_name(name) or name
     if cfg.quantization != "none":
         raise ValueError(f"the weights are held quantized ({cfg.quantization}), not as the checkpoint has them")
     if name == "lm_head.weight" and cfg.tie_embeddings:

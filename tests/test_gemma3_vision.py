@@ -158,3 +158,23 @@ def test_a_prompt_whose_pictures_do_not_match_its_marks_is_a_400(served):
         client.chat.completions.create(model="gemma3", messages=typed, max_tokens=2)
     assert e.value.body["param"] == "messages" and "image tokens" in e.value.body["message"]
     assert client.chat.completions.create(model="gemma3", messages=_ask(png_url(4)), max_tokens=2).choices
+
+
+def test_get_weights_by_name_takes_the_checkpoints_own_names(served, gemma):
+    """SGLang's `/get_weights_by_name` on a multimodal checkpoint: its language model's tensors by the names its
+    files give them (`model.language_model.*` or `language_model.model.*`), as served, and the causal LM's names too."""
+    import urllib.request
+
+    from safetensors.numpy import load_file
+
+    tensors = load_file(f"{gemma[0]}/model.safetensors")
+    names = [k for k in tensors if k.endswith(("layers.1.mlp.up_proj.weight", "layers.0.self_attn.q_proj.weight"))
+             and "language_model." in k]
+    assert len(names) == 2
+    for name in names + ["model.layers.1.mlp.up_proj.weight"]:
+        req = urllib.request.Request(served.url + "/get_weights_by_name", method="POST",
+                                     data=json.dumps({"name": name, "truncate_size": 3}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            got = np.asarray(json.load(r), np.float32)
+        want = tensors[name if name in tensors else next(k for k in names if "up_proj" in k)][:3]
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)

@@ -191,6 +191,20 @@ MULTIMODAL_TEXT = {
 }
 
 
+# A multimodal checkpoint's language-model tensors (transformers 4's names, then 5's) -> the causal LM's names.
+TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def text_name(name: str) -> str | None:
+    """The causal LM's name of a multimodal checkpoint's language-model tensor `name` (`TEXT_PREFIXES`), else None
+    (a tower's or projector's tensor)."""
+    for old, new in TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
 def _as_multimodal(config: dict, names: tuple[str, ...], read: Callable) -> tuple[dict, tuple[str, ...], Callable]:
     """A LLaVA or Gemma 3 folder (`...ForConditionalGeneration`) read as its language model's, the whole config under
     `multimodal` and the other tensors' names (the vision tower's and projector's: `models.vision`) under
@@ -208,11 +222,8 @@ def _as_multimodal(config: dict, names: tuple[str, ...], read: Callable) -> tupl
     text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
     ours, tower = {}, []
     for n in names:
-        for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                         ("model.language_model.", "model."), ("lm_head.", "lm_head.")):
-            if n.startswith(old):
-                ours[new + n[len(old):]] = n
-                break
+        if (lm := text_name(n)) is not None:
+            ours[lm] = n
         else:
             tower.append(n)
     text.update(architectures=[MULTIMODAL_TEXT[arch][kind]], multimodal=config, multimodal_tensors=tower)
