@@ -294,7 +294,15 @@ def _names(module: CausalLM) -> tuple[dict[tuple[str, ...], tuple[int, ...]], li
                                 getattr(fam, "HF_FUSED", None), getattr(fam, "GGUF_FUSED", None))
 
 
-_TABLES: dict[ModelConfig, list] = {}  # `hf_weight`'s weight tables, by model config
+_TABLES: dict[ModelConfig, list] = {}  # `_weight_table`'s, by model config
+
+
+def _weight_table(model: Model) -> list:
+    """The weight table of `model`'s parameters (`_names`: each one's path, HF name and GGUF name), made once per
+    config (it traces the model's init abstractly)."""
+    if model.cfg not in _TABLES:
+        _TABLES[model.cfg] = _names(model.module)[1]
+    return _TABLES[model.cfg]
 
 
 def hf_weight(model: Model, name: str, rows: int | None = None):
@@ -314,9 +322,7 @@ def hf_weight(model: Model, name: str, rows: int | None = None):
         raise ValueError(f"the weights are held quantized ({cfg.quantization}), not as the checkpoint has them")
     if name == "lm_head.weight" and cfg.tie_embeddings:
         name = "model.embed_tokens.weight"
-    if cfg not in _TABLES:
-        _TABLES[cfg] = _names(model.module)[1]
-    table = _TABLES[cfg]
+    table = _weight_table(model)
     found = [(e, e.hf.index(name) if isinstance(e.hf, tuple) else None) for e in table
              if name == e.hf or isinstance(e.hf, tuple) and name in e.hf]
     if not found:

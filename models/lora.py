@@ -95,6 +95,7 @@ def read(path: str, model) -> Adapter:
     folder, or a GGUF adapter file (`_read_gguf`, llama.cpp's). Each tensor's module must be one of the projections
     LoRA applies to, its shapes the module's, its rank at most the slots'. Raises ValueError saying what does not
     fit."""
+    known = modules(model)
     if os.path.isfile(path):
         try:
             with open(path, "rb") as f:
@@ -103,16 +104,15 @@ def read(path: str, model) -> Adapter:
             raise ValueError(f"{path} does not read: {e}") from None
         if magic != b"GGUF":
             raise ValueError(f"{path} is neither a PEFT adapter folder nor a GGUF adapter file")
-        r, scale, weights = _read_gguf(path, model, known := modules(model))
+        r, scale, weights = _read_gguf(path, model, known)
     else:
-        r, scale, weights = _read_peft(path, model)
-        known = modules(model)
+        r, scale, weights = _read_peft(path, known)
     return _laid_out(path, model, r, scale, weights, known)
 
 
-def _read_peft(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
+def _read_peft(path: str, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
     """A PEFT folder's rank, scale and each module's `{"A": (tensor name, [r, in]), "B": (name, [out, r])}` (by
-    PEFT's module names)."""
+    PEFT's module names; `known`, the model's `modules`, names them in errors)."""
     try:
         with open(os.path.join(path, "adapter_config.json")) as f:
             conf = json.load(f)
@@ -140,7 +140,7 @@ def _read_peft(path: str, model) -> tuple[int, float, dict[str, dict[str, tuple[
     for key, w in tensors.items():
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
         if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight"):
-            _unknown(path, model, key)
+            _unknown(path, known, key)
         weights.setdefault(module, {})[part[0]] = (key, w)
     return r, scale, weights
 
@@ -155,10 +155,11 @@ def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dic
     writes them and `llama-server --lora` reads them: `general.type` "adapter", `adapter.type` "lora",
     `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]` and `.lora_b` `[out, r]`. The
     names are mapped through the model's weight table, and `lora_b` gets the fix-up its base tensor gets (Llama
-    files' q/k row permutation). The scale is llama.cpp's: alpha / r, or 1 where alpha is 0 (rsLoRA's is not kept)."""
+    files' q/k row permutation); each must be one of `known`'s (the model's `modules`). The scale is llama.cpp's:
+    alpha / r, or 1 where alpha is 0 (rsLoRA's is not kept)."""
     import gguf
 
-    from models import FAMILIES, _names, family
+    from models import FAMILIES, _weight_table, family
     from models.loading.source import _GGUF_ARCH, gguf_metadata
 
     try:
@@ -181,7 +182,7 @@ def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dic
     cfg = model.cfg
     # (a GGUF tensor that several of our parameters come from, Phi-3's attn_qkv, keeps one entry here: its HF name is
     # the fused tensor's, no module LoRA applies to, so its adapter tensors are refused below)
-    table = {e.gguf: e for e in _names(model.module)[1]}
+    table = {e.gguf: e for e in _weight_table(model)}
     fix = getattr(family(cfg), "gguf_fix", None)
     weights: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     for t in reader.tensors:
@@ -189,7 +190,7 @@ def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dic
         e = table.get(base)
         module = e.hf.removesuffix(".weight") if e is not None and isinstance(e.hf, str) else None
         if part not in ("a", "b") or module not in known:
-            _unknown(path, model, t.name)
+            _unknown(path, known, t.name)
         try:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         except (NotImplementedError, ValueError, AssertionError) as err:
@@ -206,9 +207,10 @@ def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dic
     return r, (alpha / r if alpha else 1.0), weights
 
 
-def _unknown(path: str, model, key: str):
-    """Raise: tensor `key` of the adapter at `path` is no LoRA weight of a projection `model` applies LoRA to."""
-    kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in modules(model)}))
+def _unknown(path: str, known: dict, key: str):
+    """Raise: tensor `key` of the adapter at `path` is no LoRA weight of a projection LoRA applies to (`known`: the
+    model's `modules`)."""
+    kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in known}))
     raise ValueError(f"{path}: tensor {key} is not a LoRA weight of a projection LoRA applies to here "
                      f"(this model's {kinds} of its dense layers and grouped-query attention)")
 
@@ -225,7 +227,7 @@ def _laid_out(path: str, model, r: int, scale: float, weights: dict[str, dict[st
     tree: dict = {}
     for module, parts in weights.items():
         if module not in known:
-            _unknown(path, model, next(iter(parts.values()))[0])
+            _unknown(path, known, next(iter(parts.values()))[0])
         where, a_shape, b_shape = known[module]
         for part, (key, w) in parts.items():
             want = (r, a_shape[1]) if part == "A" else (b_shape[0], r)
