@@ -205,9 +205,15 @@ def _claim(path: str | None, patience: float = 600.0):
 
 
 def shape_key(args: tuple, statics: dict) -> tuple:
-    """The shapes of a call's array arguments (pytrees such as parameters and caches are fixed per runner)."""
-    return tuple((a.shape, str(a.dtype), bool(getattr(a, "weak_type", False))) if hasattr(a, "shape") else None
-                 for a in args), tuple(sorted(statics.items()))
+    """The shapes of a call's array arguments, within tuples too (such as a LoRA slot and scale; other pytrees, such
+    as parameters, are fixed per runner)."""
+    return _shapes(args), tuple(sorted(statics.items()))
+
+
+def _shapes(a) -> tuple | None:
+    if hasattr(a, "shape"):
+        return a.shape, str(a.dtype), bool(getattr(a, "weak_type", False))
+    return tuple(_shapes(x) for x in a) if isinstance(a, tuple) else None
 
 
 def _abstract(x):

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -161,7 +162,8 @@ class Engine:
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
                      prediction: list[int] | None = None, grammar_checked: bool = False,
-                     adapter: str | None = None, priority: int = 0, images: list | None = None) -> Request:
+                     adapter: str | None = None, adapter_scale: float = 1.0, priority: int = 0,
+                     images: list | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
         max_tokens defaults to 2048 and is lowered to fit the context; with `truncate=False` an explicit max_tokens
@@ -173,9 +175,10 @@ class Engine:
         its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
         the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
         from them (speculative decoding), which changes the speed, never the tokens. `adapter`: the name of a LoRA
-        adapter held (`load_adapter`) the request runs with (None: the base model). `priority`: its place in line
-        under the priority scheduling policy (lower sooner; any other than 0 is an error under `fcfs`). Raises
-        `engine.sleep.Asleep` while the engine sleeps."""
+        adapter held (`load_adapter`) the request runs with (None: the base model), at `adapter_scale` times the
+        scale it was trained with (llama.cpp's per-request scale; pages cached at one scale serve that scale only).
+        `priority`: its place in line under the priority scheduling policy (lower sooner; any other than 0 is an
+        error under `fcfs`). Raises `engine.sleep.Asleep` while the engine sleeps."""
         self.awake()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -210,6 +213,8 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        if not math.isfinite(adapter_scale):
+            raise InvalidRequest(f"a LoRA adapter's scale must be a finite number, not {adapter_scale!r}", "lora")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         if priority and self.sched.policy != "priority":
@@ -231,13 +236,15 @@ class Engine:
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
-        key = prompt_cache_isolation_key if loaded is None else (loaded.salt, prompt_cache_isolation_key)
+        salt = None if loaded is None else loaded.salt if adapter_scale == 1 else f"{loaded.salt}*{adapter_scale!r}"
+        key = prompt_cache_isolation_key if loaded is None else (salt, prompt_cache_isolation_key)
         if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
             self._check_images(prompt_ids, images or [], p)
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                      adapter=loaded.slot if loaded else -1, priority=int(priority))
+                      adapter=loaded.slot if loaded else -1, adapter_scale=float(adapter_scale),
+                      priority=int(priority))
         if images:
             self.images.place(req, images)
         if loaded is not None:
@@ -549,22 +556,23 @@ class Engine:
             raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
 
     def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None,
-              budget: int = EMBED_TOKENS) -> np.ndarray:
+              budget: int = EMBED_TOKENS, adapter_scale: float = 1.0) -> np.ndarray:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
-        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model), not normalized, in
+        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model; at `adapter_scale`
+        times its own scale), not normalized, in
         calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
         loaded; `engine.sleep.Asleep` while the engine sleeps."""
-        loaded = self._embedding(inputs, mode, adapter)
-        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget)
+        loaded = self._embedding(inputs, mode, adapter, adapter_scale)
+        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget, adapter_scale)
         self.embedded += len(inputs)
         self.embedded_tokens += sum(map(len, inputs))
         return out
 
-    def _embedding(self, inputs: list[list[int]], mode: str, adapter: str | None) -> Loaded | None:
-        """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapter loaded), and
-        the adapter loaded under `adapter` (None: the base model)."""
+    def _embedding(self, inputs: list[list[int]], mode: str, adapter: str | None, scale: float) -> Loaded | None:
+        """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapter loaded at a
+        finite scale), and the adapter loaded under `adapter` (None: the base model)."""
         self.awake()
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
@@ -577,19 +585,24 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+        if not math.isfinite(scale):
+            raise InvalidRequest(f"a LoRA adapter's scale must be a finite number, not {scale!r}", "lora")
         return loaded
 
-    def embed_next(self, pieces: Pieces, adapter: str | None = None) -> None:
+    def embed_next(self, pieces: Pieces, adapter: str | None = None, adapter_scale: float = 1.0) -> None:
         """The next piece of a long input `embed` would run in one call (`Runner.embed_next`), so a server steps
-        between pieces (call on the engine's thread; one process only: a piece's pool is this process's, so a
-        multi-host group embeds through the mirrored `embed`). Raises as `embed` does."""
+        between pieces, every piece with the same adapter and scale (call on the engine's thread; one process only:
+        a piece's pool is this process's, so a multi-host group embeds through the mirrored `embed`). Raises as
+        `embed` does."""
         if jax.process_count() > 1:
             raise RuntimeError("a process group embeds a long input through `embed`, not piece by piece")
-        loaded = self._embedding([pieces.ids], pieces.mode, adapter)
-        if pieces.start and loaded is not pieces.adapter:  # unloaded or loaded anew since the first piece: not a
-            raise InvalidRequest(f"the LoRA adapter {adapter!r} changed while the input was embedded", "model")
-        pieces.adapter = loaded  # vector mixing two adapters' keys
-        self.runner.embed_next(pieces, -1 if loaded is None else loaded.slot)
+        loaded = self._embedding([pieces.ids], pieces.mode, adapter, adapter_scale)
+        # unloaded or loaded anew since the first piece, or another scale: not a vector mixing two adapters' keys
+        if pieces.start and (loaded is not pieces.adapter or adapter_scale != pieces.adapter_scale):
+            raise InvalidRequest(f"the LoRA adapter {adapter!r} (or its scale) changed while the input was embedded",
+                                 "model")
+        pieces.adapter, pieces.adapter_scale = loaded, adapter_scale
+        self.runner.embed_next(pieces, -1 if loaded is None else loaded.slot, adapter_scale)
         if pieces.done:
             self.embedded += 1
             self.embedded_tokens += len(pieces.ids)
@@ -764,7 +777,8 @@ class Engine:
             self._sync(changed, done)
         admitted = sched.admit(preempt)
         if self.runner.adapter_of is not None and admitted:
-            self.runner.seat_adapters({c.slot: pf.req.adapter for pf in admitted for c in pf.choices})
+            self.runner.seat_adapters({c.slot: (pf.req.adapter, pf.req.adapter_scale) for pf in admitted
+                                       for c in pf.choices})
         if sched.copies:  # cached pages that admitted prompts go on from, copied before anything writes them
             self.runner.copy_pages(sched.copies)
             sched.copied()

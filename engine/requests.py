@@ -68,6 +68,7 @@ class Request:
     cache_key: str | tuple | None = None  # isolation key (with a LoRA adapter's: `(adapter, key)`): only requests
     # with the same key share pages
     adapter: int = -1  # the LoRA slot it runs with (`models.lora`; -1: the base model)
+    adapter_scale: float = 1.0  # ... at this multiple of the scale it was trained with (llama.cpp's `lora` scale)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)

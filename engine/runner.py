@@ -153,6 +153,11 @@ def _i32(*shape: int) -> np.ndarray:
     return np.zeros(shape, np.int32)
 
 
+def _lora(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A LoRA slot and scale for each of `rows` rows, standing for the argument of a warm-up job (`models.lora`)."""
+    return _i32(rows, 1), np.ones((rows, 1), np.float32)
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """Smallest bucket >= n."""
     for b in buckets:
@@ -189,6 +194,7 @@ class Pieces:
     mode: str
     size: int  # tokens a piece (`Runner.piece_size`)
     adapter: object = None  # the LoRA adapter its first piece ran on (`Engine.embed_next`: every piece runs on it)
+    adapter_scale: float = 1.0  # ... at this scale
     start: int = 0
     pool: KVCache | None = None
     pooled: np.ndarray | None = None
@@ -296,9 +302,10 @@ class Runner:
         # decode or flat step for the rows the host has not read back yet (`fresh`, `from_drawn`), so the engine can
         # dispatch a step before reading back the one before it
         self.drawn = jax.device_put(jnp.zeros(self.slots, jnp.int32), self.by_row)
-        # each slot's LoRA slot (`models.lora`; -1: the base model), set as work is seated (`seat_adapters`) and
-        # sent with every step: None where the model has no LoRA slots
+        # each slot's LoRA slot (`models.lora`; -1: the base model) and scale, set as work is seated
+        # (`seat_adapters`) and sent with every step: None where the model has no LoRA slots
         self.adapter_of = np.full(self.slots, -1, np.int32) if model.cfg.lora_slots else None
+        self.adapter_scale = np.ones(self.slots, np.float32)
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
@@ -318,8 +325,11 @@ class Runner:
         def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False, adapters=None):
             return module.apply(params, tokens, positions, table, cache, last_index, all_logits, adapters)
 
-        def adapters_of(lora, rows):  # the LoRA slot of each row's sequence (rows past the slots: none), or None
-            return None if lora is None else jnp.take(lora, rows, mode="fill", fill_value=-1)
+        def adapters_of(lora, rows):  # the LoRA slot and scale of each row's sequence (rows past the slots: none)
+            if lora is None:
+                return None
+            return jnp.take(lora[0], rows, mode="fill", fill_value=-1), jnp.take(lora[1], rows, mode="fill",
+                                                                                 fill_value=0)
 
         # The prefills write each prompt's last logits into the shard's `last` rows named by `dest` (the slot within
         # the shard; padding rows name one past the shard's slots, and are dropped).
@@ -737,12 +747,12 @@ class Runner:
 
     def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
         """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter: the
-        adapters, their last argument, an array instead of None)."""
+        adapters, their last argument, arrays instead of None)."""
         if self.adapter_of is None:
             return []
         steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
-        return [(fn, (*args[:-1], np.full(self.slots, -1, np.int32)), kw) for fn, args, kw in jobs
-                if fn in steps and args[-1] is None]
+        none = np.full(self.slots, -1, np.int32), np.ones(self.slots, np.float32)
+        return [(fn, (*args[:-1], none), kw) for fn, args, kw in jobs if fn in steps and args[-1] is None]
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -1006,26 +1016,28 @@ class Runner:
                 pool = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pool,
                                     self._piece_pool)
                 self._embed_piece.compile(self.model.params, pool, _i32(1, size), np.int32(0), _i32(1),
-                                          _i32(1, pages), _i32(1, 1) if lora else None, mode=mode)
+                                          _i32(1, pages), _lora(1) if lora else None, mode=mode)
                 continue
-            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _i32(nb, 1) if lora else None,
+            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _lora(nb) if lora else None,
                                 mode=mode)
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1, budget: int = EMBED_TOKENS) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1, budget: int = EMBED_TOKENS,
+              scale: float = 1.0) -> np.ndarray:
         """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
-        on LoRA slot `adapter` (-1: the base model), in the calls `embed_calls` plans; the KV pool is not touched."""
+        on LoRA slot `adapter` (-1: the base model) at `scale`, in the calls `embed_calls` plans; the KV pool is not
+        touched."""
         out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
         for nb, size, part, pieced in self.embed_calls([len(x) for x in inputs], budget):
             if pieced:
                 pieces = Pieces(inputs[part[0]], mode, self.piece_size(budget))
                 while not pieces.done:
-                    self.embed_next(pieces, adapter)
+                    self.embed_next(pieces, adapter, scale)
                 out[part] = pieces.pooled
                 continue
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
-            lora = None if adapter < 0 else np.full((nb, 1), adapter, np.int32)
+            lora = None if adapter < 0 else (np.full((nb, 1), adapter, np.int32), np.full((nb, 1), scale, np.float32))
             out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
         return out
 
@@ -1041,16 +1053,16 @@ class Runner:
             tokens *= 2
         return tokens // self.page_size
 
-    def embed_next(self, pieces: Pieces, adapter: int = -1) -> None:
-        """Embed the next chunk of `pieces` (on LoRA slot `adapter`), attending to its earlier chunks' keys, and pool
-        it: `last` keeps the last piece's, `cls` the first's, `mean` sums each piece's mean times its tokens and
-        divides by all of them at the end."""
+    def embed_next(self, pieces: Pieces, adapter: int = -1, scale: float = 1.0) -> None:
+        """Embed the next chunk of `pieces` (on LoRA slot `adapter` at `scale`), attending to its earlier chunks'
+        keys, and pool it: `last` keeps the last piece's, `cls` the first's, `mean` sums each piece's mean times its
+        tokens and divides by all of them at the end."""
         if pieces.pool is None:
             pieces.pool = self._embed_pool(self._pool_pages(len(pieces.ids), pieces.size))
         part = pieces.ids[pieces.start:pieces.start + pieces.size]
         toks = np.zeros((1, pieces.size), np.int32)
         toks[0, :len(part)] = part
-        lora = None if adapter < 0 else np.full((1, 1), adapter, np.int32)
+        lora = None if adapter < 0 else (np.full((1, 1), adapter, np.int32), np.full((1, 1), scale, np.float32))
         table = np.arange(pieces.pool.k.shape[1] // self.model.cfg.num_layers, dtype=np.int32)[None]
         pooled, pieces.pool = self._embed_piece(self.model.params, pieces.pool, toks, np.int32(pieces.start),
                                                 np.array([len(part)], np.int32), table, lora, mode=pieces.mode)
@@ -1081,18 +1093,18 @@ class Runner:
             per = [pairs[k:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
 
-    def seat_adapters(self, adapters: dict[int, int]) -> None:
-        """`{slot: LoRA slot}` (-1: the base model) for the sequences just seated in those slots."""
-        for slot, adapter in adapters.items():
-            self.adapter_of[slot] = adapter
+    def seat_adapters(self, adapters: dict[int, tuple[int, float]]) -> None:
+        """`{slot: (LoRA slot, scale)}` (-1: the base model) for the sequences just seated in those slots."""
+        for slot, (adapter, scale) in adapters.items():
+            self.adapter_of[slot], self.adapter_scale[slot] = adapter, scale
 
-    def _adapters(self, slots) -> np.ndarray | None:
-        """Each slot's LoRA slot as the argument of a step over `slots` (a copy: the host's array changes while
-        steps are queued), or None where none of them uses an adapter: that step's program leaves the LoRA terms
+    def _adapters(self, slots) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each slot's LoRA slot and scale as the argument of a step over `slots` (copies: the host's arrays change
+        while steps are queued), or None where none of them uses an adapter: that step's program leaves the LoRA terms
         out, so requests on the base model run as fast as without slots (a second program per shape)."""
         if self.adapter_of is None or not (self.adapter_of[np.asarray(slots, np.int64)] >= 0).any():
             return None
-        return self.adapter_of.copy()
+        return self.adapter_of.copy(), self.adapter_scale.copy()
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice

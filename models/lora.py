@@ -3,12 +3,12 @@
 A model with LoRA slots (`attach`) holds, beside each projection of its dense layers' attention and MLP, every slot's
 `lora_a [slots, rank, in]` and `lora_b [slots, out, rank]` (the adapter's scale folded into `b`; ranks below the
 slots' padded with zeros) in a "lora" collection next to "params". A forward pass takes each token's slot (-1: the
-base model) and adds `b[slot] @ a[slot] @ x` to the projection (`delta`), so one compiled step serves any mix of
-adapters. Adapters are PEFT folders (`adapter_config.json` and `adapter_model.safetensors`, what `peft`'s
-`save_pretrained` writes and what vLLM, SGLang and Fireworks load) or GGUF adapter files (what llama.cpp's
-`convert_lora_to_gguf.py` writes and `llama-server --lora` loads); `read` maps their tensors onto the slots' layout
-with the model's own weight names (HF's, or GGUF's through the weight table), and `install` writes one into a slot on
-the devices.
+base model) and scale (1: the adapter's own) and adds `scale · b[slot] @ a[slot] @ x` to the projection (`delta`),
+so one compiled step serves any mix of adapters and scales. Adapters are PEFT folders (`adapter_config.json` and
+`adapter_model.safetensors`, what `peft`'s `save_pretrained` writes and what vLLM, SGLang and Fireworks load) or
+GGUF adapter files (what llama.cpp's `convert_lora_to_gguf.py` writes and `llama-server --lora` loads); `read` maps
+their tensors onto the slots' layout with the model's own weight names (HF's, or GGUF's through the weight table),
+and `install` writes one into a slot on the devices.
 """
 
 from __future__ import annotations
@@ -29,20 +29,24 @@ PLAIN = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out"
 PREFIX = "base_model.model."  # PEFT's names: the base model's own, under this
 
 
-def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: jax.Array) -> jax.Array:
-    """Each token's LoRA term `b[slot] @ a[slot] @ x`: `x [..., in]`, `a [slots, rank, in]`, `b [slots, out, rank]`,
-    `adapters` each token's slot (-1: none), broadcast against `x`'s leading axes. Every slot's `a @ x` is computed
-    (slots × rank columns beside the projection's thousands) and the token's own kept: each slot's weights are read
-    once whatever the tokens. A call of fewer tokens than slots gathers each token's own slot instead (fewer bytes).
-    Which form is fixed by the shapes, at trace time."""
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Each token's LoRA term `scale · b[slot] @ a[slot] @ x`: `x [..., in]`, `a [slots, rank, in]`,
+    `b [slots, out, rank]`, `adapters` each token's `(slot, scale)` (slot -1: none; the scale multiplies the one the
+    adapter was trained with, folded into `b`: llama.cpp's per-request scale), both broadcast against `x`'s leading
+    axes. Every slot's `a @ x` is computed (slots × rank columns beside the projection's thousands) and the token's
+    own kept: each slot's weights are read once whatever the tokens. A call of fewer tokens than slots gathers each
+    token's own slot instead (fewer bytes). Which form is fixed by the shapes, at trace time."""
+    slots, scales = adapters
+    ids = jnp.broadcast_to(slots, x.shape[:-1])
+    weight = jnp.where(ids >= 0, jnp.broadcast_to(scales, x.shape[:-1]), 0.0)  # none: 0
     if math.prod(x.shape[:-1]) < a.shape[0]:  # fewer tokens than slots (a decode of few rows): each token's own
-        ids = jnp.broadcast_to(adapters, x.shape[:-1])  # slot's weights, gathered, are fewer bytes to read
+        # slot's weights, gathered, are fewer bytes to read
         h = jnp.einsum("...i,...ri->...r", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
-        h = jnp.where((ids >= 0)[..., None], h, 0.0).astype(b.dtype)
+        h = (h * weight[..., None]).astype(b.dtype)
         return jnp.einsum("...r,...or->...o", h, b[jnp.maximum(ids, 0)])
     h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
-    keep = adapters[..., None] == jnp.arange(a.shape[0])
-    h = jnp.where(keep[..., None], h, 0.0).astype(b.dtype)
+    keep = jnp.where(ids[..., None] == jnp.arange(a.shape[0]), weight[..., None], 0.0)
+    h = (h * keep[..., None]).astype(b.dtype)
     return jnp.einsum("...nr,nor->...o", h, b)
 
 

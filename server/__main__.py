@@ -273,10 +273,13 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--lora-modules", nargs="+", type=_module, default=[], metavar="NAME=PATH",
                     help="LoRA adapters (PEFT folders, or GGUF adapter files) to serve under those names (implies "
                          "--enable-lora); vLLM's JSON form '{\"name\": ..., \"path\": ...}' too")
-    ap.add_argument("--lora", action="append", default=[], metavar="FNAME",
-                    help="llama.cpp's: a LoRA adapter (a GGUF adapter file, as convert_lora_to_gguf.py writes, or a "
-                         "PEFT folder) served under its file's name (implies --enable-lora; may be repeated); "
+    ap.add_argument("--lora", action="append", type=_paths, default=[], metavar="FNAME[,FNAME...]",
+                    help="llama.cpp's: LoRA adapters (GGUF adapter files, as convert_lora_to_gguf.py writes, or "
+                         "PEFT folders) served under their files' names (implies --enable-lora; may be repeated); "
                          "requests that name no adapter run on it, unless --lora-init-without-apply")
+    ap.add_argument("--lora-scaled", action="append", type=_scaled, default=[], metavar="FNAME:SCALE[,...]",
+                    help="llama.cpp's: as --lora, each adapter at SCALE times the scale it was trained with (for "
+                         "requests naming none, until POST /lora-adapters changes it)")
     ap.add_argument("--lora-init-without-apply", action="store_true",
                     help="llama.cpp's: --lora adapters are loaded, and requests that name none run on the model "
                          "until POST /lora-adapters picks one")
@@ -313,13 +316,15 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
             os.path.join(args.generation_config, "generation_config.json")):
         ap.error(f"--generation-config {args.generation_config}: no generation_config.json there")
-    args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path in args.lora]
-    if len(args.lora) > 1 and not args.lora_init_without_apply:
+    files = [(path, 1.0) for paths in args.lora for path in paths] + [x for xs in args.lora_scaled for x in xs]
+    args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path, _ in files]
+    if len(files) > 1 and not args.lora_init_without_apply:
         ap.error("several --lora adapters would each apply to every request (llama.cpp's default), a mix not served "
                  "here: add --lora-init-without-apply, and pick one per request (its `lora` field, or its model's "
                  "name) or for all (POST /lora-adapters)")
-    # llama.cpp applies its --lora adapter to every request that names none
-    args.lora_default = args.lora_modules[-1][0] if args.lora and not args.lora_init_without_apply else None
+    # llama.cpp applies its --lora adapter to every request that names none, at its scale
+    args.lora_default = (args.lora_modules[-1][0], files[0][1]) if files and not args.lora_init_without_apply \
+        else None
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
@@ -442,6 +447,28 @@ def _module(text: str) -> tuple[str, str]:
     if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH or {{\"name\": ..., \"path\": ...}}, got {text!r}")
     return name, path
+
+
+def _paths(text: str) -> list[str]:
+    """llama.cpp's `FNAME[,FNAME...]`."""
+    paths = text.split(",")
+    if not all(paths):
+        raise argparse.ArgumentTypeError(f"expected FNAME[,FNAME...], got {text!r}")
+    return paths
+
+
+def _scaled(text: str) -> list[tuple[str, float]]:
+    """llama.cpp's `FNAME:SCALE[,FNAME:SCALE...]` (a finite number after each file's last colon)."""
+    out = []
+    for item in text.split(","):
+        path, _, scale = item.rpartition(":")
+        try:
+            if not path or not math.isfinite(value := float(scale)):
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected FNAME:SCALE[,FNAME:SCALE...], got {text!r}") from None
+        out.append((path, value))
+    return out
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -672,7 +699,9 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     profiler_dir=args.profiler_dir,
                     media=Media(args.allowed_media_domains, args.allowed_local_media_path,
                                 max_images=args.max_images))
-    server.lora_default = None if args.lora_default is None else engine.adapters[args.lora_default].id
+    if args.lora_default is not None:
+        name, scale = args.lora_default
+        server.lora_default = engine.adapters[name].id, scale
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -5,11 +5,13 @@ under its name as a `model` of every API (`Server.check_model`); `/v1/models` li
 llama.cpp's: `GET /lora-adapters` lists the adapters loaded, in load order, as `{"id", "path", "scale"}` (an id is
 the adapter's load number, never reused: `ids`); `POST /lora-adapters` (`[{"id", "scale"}, ...]`, adapters left out
 at scale 0) sets the adapter that requests naming none run on, and a request's own `lora` field (the same list)
-picks its adapter. Each request runs on one adapter at the scale it was trained with (alpha / r, folded into its
-weights), so a list may give one adapter the scale 1 and the others 0; llama.cpp's mixes of adapters and other
-scales are 400s that say so (`picked`)."""
+picks its adapter. A scale multiplies the one the adapter was trained with (alpha / r, folded into its weights;
+each token's scale is an input of the step, `models.lora.delta`), so any scale is served; each request runs on one
+adapter, so llama.cpp's mixes of several adapters are 400s that say so (`picked`)."""
 
 from __future__ import annotations
+
+import math
 
 from aiohttp import web
 
@@ -27,25 +29,30 @@ def routes(app: web.Application, server) -> None:
     app.router.add_post("/lora-adapters", api.scaled)
 
 
-def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> str | None:
-    """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (id -> name; None: the served model),
-    or a 400: an id that is none of them, or scales that would mix adapters or scale one."""
+def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> tuple[str | None, float]:
+    """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (id -> name; None: the served model)
+    and its scale (a multiple of the one it was trained with), or a 400: an id that is none of them, a scale that is
+    not a finite number, or scales that would mix adapters."""
     if not isinstance(scales, list) or not all(isinstance(x, dict) for x in scales):
         raise bad(f"'{param}' must be a list of {{\"id\", \"scale\"}} objects", param)
-    chosen: dict[int, int | float] = {}
+    chosen: dict[int, float] = {}
     for x in scales:
         i, scale = x.get("id"), x.get("scale", 0.0)
         if not isinstance(i, int) or isinstance(i, bool) or i not in adapters:
             raise bad(f"'{param}': no LoRA adapter has the id {i!r} (loaded: {sorted(adapters) or 'none'}; "
                       "/lora-adapters lists them)", param)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise bad(f"'{param}': the scale of adapter {i} must be a number, not {scale!r}", param)
-        chosen[i] = scale  # (compared as given: float() of a huge integer overflows)
+        try:
+            if isinstance(scale, bool) or not math.isfinite(scale := float(scale)):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise bad(f"'{param}': the scale of adapter {i} must be a finite number, not {x.get('scale')!r}",
+                      param) from None
+        chosen[i] = scale
     on = [i for i, scale in chosen.items() if scale != 0]
-    if len(on) > 1 or any(chosen[i] != 1 for i in on):
-        raise bad(f"'{param}': each request runs on one adapter at the scale it was trained with; give one adapter "
-                  "the scale 1 and the others 0 (mixes of adapters and other scales are not served)", param)
-    return adapters[on[0]] if on else None
+    if len(on) > 1:
+        raise bad(f"'{param}': each request runs on one adapter (at any scale); give one adapter a scale and the "
+                  "others 0 (mixes of adapters are not served)", param)
+    return (adapters[on[0]], chosen[on[0]]) if on else (None, 1.0)
 
 
 def ids(engine) -> dict[int, str]:
@@ -100,18 +107,18 @@ class Adapters:
 
     async def listed(self, request: web.Request) -> web.Response:
         """GET /lora-adapters (llama.cpp's): each adapter loaded, in load order, with its scale for requests that
-        name none (1 for the one `POST /lora-adapters` chose, else 0)."""
-        default = self.server.default_adapter()
-        return web.json_response([{"id": a.id, "path": a.path, "scale": 1.0 if name == default else 0.0}
+        name none (the one `POST /lora-adapters` or `--lora-scaled` gave it; 0 for the others)."""
+        default, scale = self.server.default_adapter()
+        return web.json_response([{"id": a.id, "path": a.path, "scale": scale if name == default else 0.0}
                                   for name, a in self.server.engine.adapters.items()])
 
     async def scaled(self, request: web.Request) -> web.Response:
-        """POST /lora-adapters (llama.cpp's): the adapter that requests naming none run on (`picked`; none given the
-        scale 1: the served model)."""
+        """POST /lora-adapters (llama.cpp's): the adapter that requests naming none run on, and its scale (`picked`;
+        every scale 0: the served model)."""
         body = await self.server._body(request)
         table = ids(self.server.engine)  # (one copy: the engine's thread may load or unload meanwhile)
-        name = picked(table, body, "body")
-        self.server.lora_default = next((i for i, n in table.items() if n == name), None)
+        name, scale = picked(table, body, "body")
+        self.server.lora_default = next(((i, scale) for i, n in table.items() if n == name), None)
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:

@@ -118,7 +118,7 @@ class Embeddings:
         self.waiting += 1
         try:
             async with asyncio.timeout_at(srv.deadline()):
-                return await self._embed(inputs, call.adapter, mode or self.mode)
+                return await self._embed(inputs, call.adapter, call.adapter_scale, mode or self.mode)
         except TimeoutError:
             raise srv.timed_out() from None
         finally:
@@ -139,7 +139,7 @@ class Embeddings:
         return web.Response(body=json.dumps({**head, "data": data, "usage": usage}).encode(),
                             content_type="application/json")
 
-    async def _embed(self, inputs: list[list[int]], adapter: str | None, mode: str) -> np.ndarray:
+    async def _embed(self, inputs: list[list[int]], adapter: str | None, scale: float, mode: str) -> np.ndarray:
         """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
         of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone, a chunk a call: `Pieces`) at a
         time, its program compiled on a parse thread and the call run on the engine's thread between its steps."""
@@ -159,10 +159,11 @@ class Embeddings:
                         async with self.long:
                             pieces = Pieces(batch[0], mode, runner.piece_size(budget))
                             while not pieces.done:
-                                await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
+                                await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter, scale))
                         out[part] = pieces.pooled
                     else:
-                        out[part] = await srv.on_engine(lambda engine: engine.embed(batch, mode, adapter, budget))
+                        out[part] = await srv.on_engine(
+                            lambda engine: engine.embed(batch, mode, adapter, budget, scale))
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None

@@ -239,9 +239,17 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert parse_args(["--quantization", "w8a8_fp8"]).quantization == "fp8"  # SGLang's name for vLLM's fp8
     one = parse_args(["--lora", "/x/my-adapter.gguf"])  # llama.cpp's: named after its file, applied to every request
     assert one.enable_lora and one.lora_modules == [("my-adapter", "/x/my-adapter.gguf")]
-    assert one.lora_default == "my-adapter"
+    assert one.lora_default == ("my-adapter", 1.0)
     quiet = parse_args(["--lora", "a.gguf", "--lora", "peft/b/", "--lora-init-without-apply"])
     assert quiet.lora_modules == [("a", "a.gguf"), ("b", "peft/b/")] and quiet.lora_default is None
+    scaled = parse_args(["--lora-scaled", "/x/c:1.gguf:0.5"])  # the scale after the last colon
+    assert scaled.lora_modules == [("c:1", "/x/c:1.gguf")] and scaled.lora_default == ("c:1", 0.5)
+    listed = parse_args(["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:2,d.gguf:-1", "--lora-init-without-apply"])
+    assert [n for n, _ in listed.lora_modules] == ["a", "b", "c", "d"] and listed.lora_default is None
+    for bad in (["--lora-scaled", "c.gguf"], ["--lora-scaled", "c.gguf:half"], ["--lora-scaled", "c.gguf:inf"],
+                ["--lora", "a.gguf,"], ["--lora", "a.gguf", "--lora-scaled", "c.gguf:2"]):  # (the last: a mix)
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     assert parse_args([]).lora_default is None and not parse_args([]).enable_lora
     assert parse_args([]).model == "smollm2-135m-instruct" and ignored(parse_args([])) == []
     with pytest.raises(SystemExit):

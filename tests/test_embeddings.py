@@ -158,8 +158,8 @@ def test_long_inputs_sent_at_once_take_turns_in_pieces(smollm, tmp_path, monkeyp
                 return json.load(r)["data"][0]["embedding"]
 
         seen, step = [], api.engine.embed_next
-        monkeypatch.setattr(api.engine, "embed_next", lambda pieces, adapter: seen.append(len(pieces.ids)) or step(
-            pieces, adapter))
+        monkeypatch.setattr(api.engine, "embed_next", lambda pieces, *rest: seen.append(len(pieces.ids)) or step(
+            pieces, *rest))
         with ThreadPoolExecutor(2) as pool:
             together = list(pool.map(embed, inputs))
         assert seen in ([700, 700, 600, 600], [600, 600, 700, 700]), seen  # 2 pieces each, in turn
@@ -235,6 +235,20 @@ def test_embeddings_api_through_the_openai_client(served):
     x = x.mean(0)
     assert r.model == "tuned" and np.abs(np.asarray(r.data[0].embedding) - x / np.linalg.norm(x)).max() < 1e-5
     assert np.abs(x / np.linalg.norm(x) - want[0]).max() > 1e-2  # the adapter changes the vector
+    with urllib.request.urlopen(api.url + "/lora-adapters", timeout=120) as resp:  # llama.cpp's pick, at a scale
+        ident = json.load(resp)[0]["id"]
+    r = client.embeddings.create(model="base", input=texts[0], extra_body={"lora": [{"id": ident, "scale": 0.5}]})
+    from test_lora import _set_scale
+
+    _set_scale(tuned, 0.5)
+    try:
+        with torch.no_grad():
+            half = tuned.base_model.model.model(torch.tensor([tok(texts[0]).input_ids])).last_hidden_state[0]
+    finally:
+        _set_scale(tuned, 1.0)
+    half = half.numpy().mean(0)
+    assert r.model == "tuned" and np.abs(np.asarray(r.data[0].embedding) - half / np.linalg.norm(half)).max() < 1e-5
+    assert np.abs(half / np.linalg.norm(half) - x / np.linalg.norm(x)).max() > 1e-3
 
     r = client.embeddings.create(model="base", input=[7] * 600, extra_body={"truncate_prompt_tokens": -1,
                                                                              "normalize": False})
@@ -251,7 +265,7 @@ def test_embeddings_api_through_the_openai_client(served):
         client.embeddings.create(model="other", input="a")
     with urllib.request.urlopen(api.url + "/metrics", timeout=60) as resp:
         metrics = resp.read().decode()
-    assert "sparkler_embedded_inputs_total 9.0" in metrics
+    assert "sparkler_embedded_inputs_total 10.0" in metrics
 
     # Many inputs beside a stream, from two calls at once: embedded a slice (a step's prompt budget, 512 padded
     # tokens) at a time, the slices queued when the engine's turn begins, then a decode step of the stream

@@ -43,8 +43,18 @@ def _adapter(base, folder, r: int, targets=ALL, seed: int = 1, **config) -> torc
     return pm.eval()
 
 
-def _logits(model, params, rows, adapters):
-    """Logits of each row (one right-padded batch, `helpers.our_logits`' layout) with each row's LoRA slot."""
+def _set_scale(pm, scale: float) -> None:
+    """Every LoRA layer of PEFT model `pm` at `scale` times its adapter's own scale (llama.cpp's scale)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for m in pm.modules():
+        if isinstance(m, LoraLayer):
+            m.set_scale("default", scale)
+
+
+def _logits(model, params, rows, adapters, scales):
+    """Logits of each row (one right-padded batch, `helpers.our_logits`' layout) with each row's LoRA slot and
+    scale."""
     b, s = len(rows), max(map(len, rows))
     toks = np.zeros((b, s), np.int32)
     for i, r in enumerate(rows):
@@ -54,14 +64,15 @@ def _logits(model, params, rows, adapters):
     table = 1 + np.arange(b * n, dtype=np.int32).reshape(b, n)
     fn = jax.jit(lambda p, a: model.module.apply(p, toks, pos, table, KVCache.zeros(model.cfg, 1 + b * n, 16), None,
                                                  True, a)[0])
-    out = np.asarray(fn(params, np.asarray(adapters, np.int32)[:, None]))
+    out = np.asarray(fn(params, (np.asarray(adapters, np.int32)[:, None], np.asarray(scales, np.float32)[:, None])))
     return [out[i, :len(r)] for i, r in enumerate(rows)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
 def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
     """Rows with an adapter match PEFT's model with it, rows without match the base model, in one batch; an adapter
-    of lower rank than the slots' (padded) and one over some projections only (rsLoRA's scale) too."""
+    of lower rank than the slots' (padded) and one over some projections only (rsLoRA's scale) too, and a row at
+    another scale (llama.cpp's) matches PEFT's model at it (`set_scale`)."""
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     base = _hf_model(kind, str(tmp_path / "hf"))
     with torch.no_grad():
@@ -73,6 +84,9 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
         pm = _adapter(base, str(tmp_path / f"a{slot}"), r, targets, seed=slot, **extra)
         with torch.no_grad():
             wants.append([pm(torch.tensor([row])).logits[0].numpy() for row in ROWS])
+            if slot == 0:
+                _set_scale(pm, -0.5)
+                halved = pm(torch.tensor([ROWS[0]])).logits[0].numpy()
         base = pm.unload()  # the base model again, for the next adapter
         peft = lora.read(str(tmp_path / f"a{slot}"), model)
         params = lora.install(params, slot, peft)
@@ -86,10 +100,10 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
         ratio = converted.scale / peft.scale
         for (where, g), p in zip(jax.tree_util.tree_leaves_with_path(converted.tree), jax.tree.leaves(peft.tree)):
             np.testing.assert_allclose(g, p * (ratio if "lora_b" in str(where) else 1.0), rtol=1e-6, atol=1e-7)
-    for adapters in ([0, 1, -1], [1, -1, 0]):
-        got = _logits(model, params, ROWS, adapters)
-        for i, (g, a) in enumerate(zip(got, adapters)):
-            want = plain[i] if a < 0 else wants[a][i]
+    for adapters, scales in (([0, 1, -1], [-0.5, 1, 1]), ([1, -1, 0], [1, 1, 1])):
+        got = _logits(model, params, ROWS, adapters, scales)
+        for i, (g, a, x) in enumerate(zip(got, adapters, scales)):
+            want = plain[i] if a < 0 else halved if x != 1 else wants[a][i]
             scale = np.abs(want).max()
             assert np.abs(g - want).max() <= 1e-4 * scale, (kind, adapters, i)
             if a >= 0:  # the adapter changes the logits (a test that would pass without it would prove nothing)
@@ -114,6 +128,9 @@ def adapters(tmp_path_factory):
     for name, r in (("a", 4), ("b", 8)):
         pm = _adapter(base, str(folder / name), r, seed=r)
         want[name] = [_greedy(pm, p, 10) for p in PROMPTS]
+        if name == "a":  # at half its scale (llama.cpp's per-request scale)
+            _set_scale(pm, 0.5)
+            want["a", 0.5] = [_greedy(pm, p, 10) for p in PROMPTS]
         base = pm.unload()
     return folder, want
 
@@ -148,9 +165,9 @@ def test_a_long_input_embeds_in_pieces_on_its_one_adapter(adapters, monkeypatch,
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch, tmp_path):
-    """Greedy tokens equal PEFT's for each adapter and the base model's without, all in one batch; a prompt cached
-    under one adapter is not reused under another (its K/V differ), and is under the same one; loading another
-    adapter compiles nothing."""
+    """Greedy tokens equal PEFT's for each adapter (at its own scale and at half of it) and the base model's
+    without, all in one batch; a prompt cached under one adapter or scale is not reused under another (its K/V
+    differ), and is under the same one; loading another adapter compiles nothing."""
     from engine.engine import Engine
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -160,14 +177,16 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
                                      flat_step=flat))
     eng.load_adapter("a", lora.read(str(folder / "a"), model))
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    names = ["a", None, "a", None, "a", None]
-    reqs = [eng.make_request(p, sp, adapter=n) for p, n in zip(PROMPTS * 2, names)]
+    names = ["a", None, ("a", 0.5), None, "a", ("a", 0.5)]
+    reqs = [eng.make_request(p, sp, adapter=n[0] if isinstance(n, tuple) else n,
+                             adapter_scale=n[1] if isinstance(n, tuple) else 1.0) for p, n in zip(PROMPTS * 2, names)]
     for r in reqs:
         eng.add(r)
     while eng.has_work():
         eng.step()
     for r, n, i in zip(reqs, names, [0, 1, 2, 0, 1, 2]):
         assert r.choices[0].token_ids == want[n][i], (n, i)
+    assert want["a", 0.5] != want["a"]
     run_all(eng, [list(range(60, 99))], [sp], adapter="a")  # a new prompt alone: its shapes compiled
     compiles = eng.runner.compiles
     eng.load_adapter("b", lora.read(str(folder / "b"), model))
@@ -176,6 +195,11 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
     again = run_all(eng, [PROMPTS[0]], [sp], adapter="b") + run_all(eng, [PROMPTS[0]], [sp], adapter="a")
     assert [r.choices[0].token_ids for r in again] == [want["b"][0], want["a"][0]]
     assert again[0].cached_tokens == 0 and again[1].cached_tokens >= 32  # b's first sight; a's pages again
+    halved = [run_all(eng, [PROMPTS[0]], [sp], adapter="a", adapter_scale=0.5)[0] for _ in range(2)]
+    assert [r.choices[0].token_ids for r in halved] == [want["a", 0.5][0]] * 2
+    assert halved[0].cached_tokens == 0 and halved[1].cached_tokens >= 32  # not a's pages at 1; its own again
+    with pytest.raises(InvalidRequest, match="finite"):
+        eng.make_request(PROMPTS[0], sp, adapter="a", adapter_scale=float("nan"))
 
 
 def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
@@ -295,6 +319,10 @@ def served(smollm, tmp_path_factory):
     for name, r in (("tuned", 4), ("other", 8)):
         pm = _adapter(base, str(folder / name), r, seed=r)
         want[name] = _greedy(pm, prompt, 8)
+        if name == "tuned":  # at other scales (llama.cpp's `lora` field)
+            for scale in (0.5, 2.0):
+                _set_scale(pm, scale)
+                want[name, scale] = _greedy(pm, prompt, 8)
         base = pm.unload()
     cfg = base.config  # "other" as llama.cpp's converter writes it too (`test_llama_cpp_lora_...` loads that)
     gguf_adapter(str(folder / "other"), str(folder / "other.gguf"), "llama", cfg.num_hidden_layers,
@@ -389,9 +417,10 @@ def test_server_serves_adapters_by_model_name(served):
 
 def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served):
     """llama.cpp's `/lora-adapters` lists the adapters in load order (ids: load numbers, never reused); `POST` sets
-    the one requests naming none run on, and a request's own `lora` list picks its own (PEFT's greedy tokens each
-    time, the second adapter read from the GGUF file llama.cpp's converter writes); mixes of adapters and other
-    scales, unknown ids and a `model` naming another adapter are 400s."""
+    the one requests naming none run on and its scale, and a request's own `lora` list picks its own (PEFT's greedy
+    tokens each time, at PEFT's `set_scale` for other scales; the second adapter read from the GGUF file llama.cpp's
+    converter writes); mixes of adapters, scales that are not numbers, unknown ids and a `model` naming another
+    adapter are 400s."""
     api, folder, prompt, want = served
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
 
@@ -431,14 +460,19 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
     assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [1.0, 0.0]
     assert tokens() == ("tuned", want["tuned"])  # naming none: the default
     assert tokens(lora=[]) == ("base", want[None])  # its own list: none
-    for mix in ([{"id": t, "scale": 0.5}], [{"id": t, "scale": 1}, {"id": o, "scale": 1}], [{"id": o + 1, "scale": 1}],
-                "tuned", [{"scale": 1}]):
+    assert tokens(lora=[{"id": t, "scale": 0.5}, {"id": o, "scale": 0}]) == ("tuned", want["tuned", 0.5])
+    assert want["tuned", 0.5] != want["tuned"] != want["tuned", 2.0]  # (the scales matter)
+    for mix in ([{"id": t, "scale": 1}, {"id": o, "scale": 0.5}], [{"id": o + 1, "scale": 1}], "tuned", [{"scale": 1}],
+                [{"id": t, "scale": "half"}], [{"id": t, "scale": True}], [{"id": t, "scale": 10 ** 400}]):
         with pytest.raises(openai.BadRequestError, match="lora"):
             tokens(lora=mix)
     with pytest.raises(openai.BadRequestError, match="give one"):
         client.completions.create(model="other", prompt=prompt, max_tokens=1, extra_body={"lora": [{"id": t,
                                                                                                      "scale": 1}]})
-    assert call("POST", "/lora-adapters", [{"id": t, "scale": 2}])[0] == 400
+    assert call("POST", "/lora-adapters", [{"id": t, "scale": 2}]) == (200, {"success": True})
+    assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [2.0, 0.0]
+    assert tokens() == ("tuned", want["tuned", 2.0])  # naming none: the default at its scale
+    assert call("POST", "/lora-adapters", [{"id": t, "scale": 1}, {"id": o, "scale": 1}])[0] == 400
     assert call("POST", "/lora-adapters", [])[1] == {"success": True}  # back to the served model
     assert tokens() == ("base", want[None])
     # an id is never reused: after an unload and a load, the one a client holds still means its adapter or none, and
@@ -481,18 +515,20 @@ def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, 
 
 def test_delta_gathers_for_few_tokens_and_masks_for_many():
     """`lora.delta`'s two forms (each token's slot gathered, below the slots' count; every slot masked, from it)
-    against `b[s] @ a[s] @ x` token by token, with tokens on no adapter."""
+    against `scale · b[s] @ a[s] @ x` token by token, with tokens on no adapter and at other scales (0, negative)."""
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4, 3, 8)).astype(np.float32), rng.normal(size=(4, 5, 3)).astype(np.float32)
-    for shape, ids in [((1, 1, 8), [[2]]), ((3, 1, 8), [[0], [-1], [3]]), ((2, 3, 8), [[1, 1, 1], [-1, -1, -1]]),
-                       ((1, 6, 8), [[0, 1, 2, 3, -1, 0]])]:
+    for shape, ids, scales in [((1, 1, 8), [[2]], [[0.5]]), ((3, 1, 8), [[0], [-1], [3]], [[1], [1], [-2]]),
+                               ((2, 3, 8), [[1, 1, 1], [-1, -1, -1]], [[1.5], [1]]),
+                               ((1, 6, 8), [[0, 1, 2, 3, -1, 0]], [[1, 0, 2, 1, 1, 0.25]])]:
         x = rng.normal(size=shape).astype(np.float32)
         ids = np.broadcast_to(np.asarray(ids, np.int32), shape[:-1])
+        scales = np.asarray(scales, np.float32)  # (broadcast by `delta` itself)
         want = np.zeros(shape[:-1] + (5,), np.float32)
         for i in np.ndindex(*shape[:-1]):
             if ids[i] >= 0:
-                want[i] = b[ids[i]] @ (a[ids[i]] @ x[i])
-        got = jax.jit(lora.delta)(x, a, b, ids)
+                want[i] = np.broadcast_to(scales, shape[:-1])[i] * (b[ids[i]] @ (a[ids[i]] @ x[i]))
+        got = jax.jit(lora.delta)(x, a, b, (ids, scales))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 

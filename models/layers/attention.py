@@ -47,7 +47,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, table, k_cache, v_cache, layer, stacks=None, first: int = 0, adapters=None):
         """`stacks`: the scanned group's parameter stacks (every layer's), where packed projections read theirs
-        at `layer` (see `Linear`), or None; `adapters`: each token's LoRA slot (`models.lora`), or None;
+        at `layer` (see `Linear`), or None; `adapters`: each token's LoRA slot and scale (`models.lora`), or None;
         `positions`: `(positions, horizons)` where a picture's tokens see each other both ways (`CausalLM`)."""
         cfg, dt = self.cfg, self.cfg.dtype
         positions, horizons = positions if isinstance(positions, tuple) else (positions, None)

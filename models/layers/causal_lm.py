@@ -23,7 +23,7 @@ class Block(nn.Module):
     (carry, None)`, `carry = (x, k_cache, v_cache)` (the `lax.scan` shape). `layer` is its index in its group of
     layers (traced when scanned), `first` the group's first layer's index in the model (`layer_groups`), `stacks`
     the group's parameter stacks where packed projections and experts read them (`Linear`), `adapters` each token's
-    LoRA slot (`models.lora`) or None."""
+    LoRA slot and scale (`models.lora`) or None."""
 
     cfg: ModelConfig
     backend: str = "xla"
@@ -64,8 +64,8 @@ class CausalLM(nn.Module):
     (`table` a `paged.Flat`, tokens `[1, T]`) gives `[R, V]`, at each sequence's last token (`last_index`). With `scan`
     each run of layers of one kind has its weights stacked (leading axis = layer; `params["layers"]` where every layer
     is alike, see `layer_groups`) and one layer body traced and run under `lax.scan`, so compile time does not grow
-    with depth; without, layers are unrolled (`layers_0`, ...). `adapters` (each token's LoRA slot, shaped like
-    `tokens` or broadcast to it; -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
+    with depth; without, layers are unrolled (`layers_0`, ...). `adapters` (each token's LoRA `(slot, scale)`, shaped
+    like `tokens` or broadcast to it; slot -1: none) picks the LoRA terms of a config with `lora_slots` (`models.lora`).
     `features` returns the final norm's hidden states `[B, S, H]` in place of logits (embeddings: `models.pooling`).
     With a "soft" collection (`{"rows": [N, H]}`, a model that reads images: `engine.images`), a token id `vocab + i`
     embeds as row `i` of it; with `cfg.image_block` (Gemma 3) a picture's rows, `image_block` of them in order, also

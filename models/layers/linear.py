@@ -79,7 +79,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, layer=None, stack: dict | None = None, adapters=None) -> jax.Array:
         """`stack` (packed, scanned layers): this weight's whole stack, read at `layer` by the kernel in place;
-        `adapters` each token's LoRA slot (-1: none; broadcast against `x`'s leading axes), or None."""
+        `adapters` each token's LoRA `(slot, scale)` (slot -1: none; broadcast against `x`'s leading axes), or None."""
         shape = (self.features, x.shape[-1])
         four = self.quantization == "int4" and shape[1] % quant.GROUP == 0
         out_dtype = jnp.float32 if self.float32_out else None
@@ -133,7 +133,7 @@ def projection(cfg: ModelConfig, name: str, features: int, axes: tuple[str, str]
                 layer=None, stacks: dict | None = None, adapters=None, lora: bool = False) -> jax.Array:
     """The calling module's projection `name` of `x`, a `Linear` quantized and packed as `cfg` says; `stacks` (packed
     weights of scanned layers) holds its whole stack, which the kernel reads at `layer`. With `lora` it holds the
-    config's LoRA slots, applied by `adapters` (each token's slot)."""
+    config's LoRA slots, applied by `adapters` (each token's slot and scale)."""
     slots = cfg.lora_slots if lora else 0
     mod = Linear(features, axes, bias, cfg.dtype, quantization=cfg.quantization, packed=cfg.matmul == "cpu",
                  lora_slots=slots, lora_rank=cfg.lora_rank if slots else 0, name=name)

@@ -47,7 +47,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, layer=None, stacks=None, adapters=None):
         """`layer` and `stacks`: the scanned layers' index and parameter stacks for packed projections (`Linear`);
-        `adapters`: each token's LoRA slot (`models.lora`), or None."""
+        `adapters`: each token's LoRA slot and scale (`models.lora`), or None."""
         cfg = self.cfg
         proj = functools.partial(projection, cfg, layer=layer, stacks=stacks, adapters=adapters, lora=self.lora)
         width, bias = self.size or cfg.intermediate_size, cfg.mlp_bias
