@@ -205,8 +205,7 @@ def _claim(path: str | None, patience: float = 600.0):
 
 
 def shape_key(args: tuple, statics: dict) -> tuple:
-    """The shapes of a call's array arguments, within tuples too (such as a LoRA slot and scale; other pytrees, such
-    as parameters, are fixed per runner)."""
+    """The shapes of a call's array arguments, inside tuples too (pytrees such as parameters are fixed per runner)."""
     return _shapes(args), tuple(sorted(statics.items()))
 
 

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import queue
 import threading
@@ -213,8 +212,9 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        if not math.isfinite(adapter_scale):
-            raise InvalidRequest(f"a LoRA adapter's scale must be a finite number, not {adapter_scale!r}", "lora")
+        if not lora.scale_ok(adapter_scale):
+            raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not "
+                                 f"{adapter_scale!r}", "lora")
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         if priority and self.sched.policy != "priority":
@@ -236,14 +236,15 @@ class Engine:
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
-        salt = None if loaded is None else loaded.salt if adapter_scale == 1 else f"{loaded.salt}*{adapter_scale!r}"
+        scale = float(adapter_scale)
+        salt = None if loaded is None else loaded.salt if scale == 1 else f"{loaded.salt}*{scale!r}"
         key = prompt_cache_isolation_key if loaded is None else (salt, prompt_cache_isolation_key)
         if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
             self._check_images(prompt_ids, images or [], p)
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                      adapter=loaded.slot if loaded else -1, adapter_scale=float(adapter_scale),
+                      adapter=loaded.slot if loaded else -1, adapter_scale=scale,
                       priority=int(priority))
         if images:
             self.images.place(req, images)
@@ -559,11 +560,10 @@ class Engine:
               budget: int = EMBED_TOKENS, adapter_scale: float = 1.0) -> np.ndarray:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
         `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model; at `adapter_scale`
-        times its own scale), not normalized, in
-        calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
+        times its own scale), not normalized, in calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
         at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
-        Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, or an adapter not
-        loaded; `engine.sleep.Asleep` while the engine sleeps."""
+        Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, an adapter not loaded or
+        a scale `lora.scale_ok` refuses; `engine.sleep.Asleep` while the engine sleeps."""
         loaded = self._embedding(inputs, mode, adapter, adapter_scale)
         out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget, adapter_scale)
         self.embedded += len(inputs)
@@ -572,7 +572,7 @@ class Engine:
 
     def _embedding(self, inputs: list[list[int]], mode: str, adapter: str | None, scale: float) -> Loaded | None:
         """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapter loaded at a
-        finite scale), and the adapter loaded under `adapter` (None: the base model)."""
+        scale `lora.scale_ok` takes), and the adapter loaded under `adapter` (None: the base model)."""
         self.awake()
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
@@ -585,8 +585,9 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        if not math.isfinite(scale):
-            raise InvalidRequest(f"a LoRA adapter's scale must be a finite number, not {scale!r}", "lora")
+        if not lora.scale_ok(scale):
+            raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not {scale!r}",
+                                 "lora")
         return loaded
 
     def embed_next(self, pieces: Pieces, adapter: str | None = None, adapter_scale: float = 1.0) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 
 import jax
@@ -27,6 +28,13 @@ PLAIN = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out"
          "target_parameters": None, "alora_invocation_tokens": None, "layer_replication": None,
          "trainable_token_indices": None, "rank_pattern": {}, "alpha_pattern": {}}
 PREFIX = "base_model.model."  # PEFT's names: the base model's own, under this
+MAX_SCALE = 1000.0  # the largest multiple of its own scale a request may run an adapter at (either sign): far past
+# any useful one, and a float32 product of it stays finite
+
+
+def scale_ok(x: object) -> bool:
+    """Whether `x` is a scale a request may run an adapter at: a real number (not a bool) within ±`MAX_SCALE`."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and -MAX_SCALE <= x <= MAX_SCALE
 
 
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -37,16 +45,15 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, j
     own kept: each slot's weights are read once whatever the tokens. A call of fewer tokens than slots gathers each
     token's own slot instead (fewer bytes). Which form is fixed by the shapes, at trace time."""
     slots, scales = adapters
-    ids = jnp.broadcast_to(slots, x.shape[:-1])
-    weight = jnp.where(ids >= 0, jnp.broadcast_to(scales, x.shape[:-1]), 0.0)  # none: 0
+    ids, scale = jnp.broadcast_to(slots, x.shape[:-1]), jnp.broadcast_to(scales, x.shape[:-1])
     if math.prod(x.shape[:-1]) < a.shape[0]:  # fewer tokens than slots (a decode of few rows): each token's own
         # slot's weights, gathered, are fewer bytes to read
         h = jnp.einsum("...i,...ri->...r", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
-        h = (h * weight[..., None]).astype(b.dtype)
-        return jnp.einsum("...r,...or->...o", h, b[jnp.maximum(ids, 0)])
+        h = jnp.where((ids >= 0)[..., None], h * scale[..., None], 0.0).astype(b.dtype)  # (selected: another
+        return jnp.einsum("...r,...or->...o", h, b[jnp.maximum(ids, 0)])  # slot's non-finite values stay out)
     h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
-    keep = jnp.where(ids[..., None] == jnp.arange(a.shape[0]), weight[..., None], 0.0)
-    h = (h * keep[..., None]).astype(b.dtype)
+    keep = ids[..., None] == jnp.arange(a.shape[0])
+    h = jnp.where(keep[..., None], h * scale[..., None, None], 0.0).astype(b.dtype)
     return jnp.einsum("...nr,nor->...o", h, b)
 
 
@@ -242,6 +249,8 @@ def _laid_out(path: str, model, r: int, scale: float, weights: dict[str, dict[st
                 padded[:r] = w
             else:
                 padded[:, :r] = w.astype(np.float32) * scale
+            if not np.isfinite(padded).all():  # (a slot's NaN would reach every row of a step with adapters)
+                raise ValueError(f"{path}: {key} holds values that are not finite numbers")
             _node(tree, where)["lora_a" if part == "A" else "lora_b"] = padded
     if not tree:
         raise ValueError(f"{path}: the adapter holds no LoRA weights")

@@ -276,16 +276,16 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--lora", action="append", type=_paths, default=[], metavar="FNAME[,FNAME...]",
                     help="llama.cpp's: LoRA adapters (GGUF adapter files, as convert_lora_to_gguf.py writes, or "
                          "PEFT folders) served under their files' names (implies --enable-lora; may be repeated); "
-                         "requests that name no adapter run on it, unless --lora-init-without-apply")
-    ap.add_argument("--lora-scaled", action="append", type=_scaled, default=[], metavar="FNAME:SCALE[,...]",
+                         "requests that name no adapter run on the one given, unless --lora-init-without-apply")
+    ap.add_argument("--lora-scaled", dest="lora", action="append", type=_scaled, metavar="FNAME:SCALE[,...]",
                     help="llama.cpp's: as --lora, each adapter at SCALE times the scale it was trained with (for "
                          "requests naming none, until POST /lora-adapters changes it)")
     ap.add_argument("--lora-init-without-apply", action="store_true",
-                    help="llama.cpp's: --lora adapters are loaded, and requests that name none run on the model "
-                         "until POST /lora-adapters picks one")
+                    help="llama.cpp's: --lora and --lora-scaled adapters are loaded, and requests that name none run "
+                         "on the model until POST /lora-adapters picks one")
     ap.add_argument("--max-loras", type=int, default=None,
                     help="with --enable-lora: LoRA adapters held at once, each in one batch with the others "
-                         "(default: 4, or as many as --lora-modules and --lora name)")
+                         "(default: 4, or as many as --lora-modules, --lora and --lora-scaled name)")
     ap.add_argument("--max-lora-rank", type=int, default=None,
                     help="with --enable-lora: the largest LoRA rank an adapter may have (default 16)")
     ap.add_argument("--pooling", choices=("auto", "last", "mean", "cls"), default="auto",
@@ -316,15 +316,15 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
             os.path.join(args.generation_config, "generation_config.json")):
         ap.error(f"--generation-config {args.generation_config}: no generation_config.json there")
-    files = [(path, 1.0) for paths in args.lora for path in paths] + [x for xs in args.lora_scaled for x in xs]
-    args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path, _ in files]
-    if len(files) > 1 and not args.lora_init_without_apply:
+    args.lora = [x for xs in args.lora for x in xs]  # (path, scale), in the order given: llama.cpp's ids
+    args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path, _ in args.lora]
+    if len(args.lora) > 1 and not args.lora_init_without_apply:
         ap.error("several --lora adapters would each apply to every request (llama.cpp's default), a mix not served "
                  "here: add --lora-init-without-apply, and pick one per request (its `lora` field, or its model's "
                  "name) or for all (POST /lora-adapters)")
-    # llama.cpp applies its --lora adapter to every request that names none, at its scale
-    args.lora_default = (args.lora_modules[-1][0], files[0][1]) if files and not args.lora_init_without_apply \
-        else None
+    # llama.cpp applies its --lora adapter to every request that names none, at its scale (0: none)
+    applied = args.lora and not args.lora_init_without_apply and args.lora[0][1] != 0
+    args.lora_default = (args.lora_modules[-1][0], args.lora[0][1]) if applied else None
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
@@ -337,7 +337,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
     if len(args.lora_modules) > args.max_loras:
-        ap.error(f"--lora-modules and --lora name {len(args.lora_modules)} adapters; --max-loras is {args.max_loras}")
+        ap.error(f"--lora-modules, --lora and --lora-scaled name {len(args.lora_modules)} adapters; --max-loras is "
+                 f"{args.max_loras}")
     if args.speculative_ngram < 0 or args.num_speculative_tokens < 0:
         ap.error("--speculative-ngram and --num-speculative-tokens must be >= 0")
     if args.speculative_config is not None:
@@ -449,24 +450,25 @@ def _module(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _paths(text: str) -> list[str]:
-    """llama.cpp's `FNAME[,FNAME...]`."""
+def _paths(text: str) -> list[tuple[str, float]]:
+    """llama.cpp's `--lora FNAME[,FNAME...]`: each file at scale 1."""
     paths = text.split(",")
     if not all(paths):
         raise argparse.ArgumentTypeError(f"expected FNAME[,FNAME...], got {text!r}")
-    return paths
+    return [(path, 1.0) for path in paths]
 
 
 def _scaled(text: str) -> list[tuple[str, float]]:
-    """llama.cpp's `FNAME:SCALE[,FNAME:SCALE...]` (a finite number after each file's last colon)."""
+    """llama.cpp's `--lora-scaled FNAME:SCALE[,FNAME:SCALE...]` (a number after each file's last colon)."""
     out = []
     for item in text.split(","):
         path, _, scale = item.rpartition(":")
         try:
-            if not path or not math.isfinite(value := float(scale)):
+            if not path or not lora.scale_ok(value := float(scale)):
                 raise ValueError
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected FNAME:SCALE[,FNAME:SCALE...], got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected FNAME:SCALE[,FNAME:SCALE...] (a scale within "
+                                             f"±{lora.MAX_SCALE:g}), got {text!r}") from None
         out.append((path, value))
     return out
 
@@ -650,7 +652,8 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                 raise ValueError("that is the served model's name")
             engine.load_adapter(name, lora.read(path, model))
         except ValueError as e:  # not an adapter of this model, a rank over --max-lora-rank, a name given twice
-            raise SystemExit(f"sparkler: {'--lora' if path in args.lora else '--lora-modules'} {name}: {e}") from None
+            flag = "--lora" if path in [p for p, _ in args.lora] else "--lora-modules"
+            raise SystemExit(f"sparkler: {flag} {name}: {e}") from None
     t2 = time.monotonic()
     if args.warmup != "none":  # alone, serve once a first request's shapes are ready and compile the rest behind
         engine.warmup(full=args.warmup == "full", background=not group)

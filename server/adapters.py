@@ -11,8 +11,6 @@ adapter, so llama.cpp's mixes of several adapters are 400s that say so (`picked`
 
 from __future__ import annotations
 
-import math
-
 from aiohttp import web
 
 from engine.params import InvalidRequest
@@ -31,8 +29,8 @@ def routes(app: web.Application, server) -> None:
 
 def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> tuple[str | None, float]:
     """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (id -> name; None: the served model)
-    and its scale (a multiple of the one it was trained with), or a 400: an id that is none of them, a scale that is
-    not a finite number, or scales that would mix adapters."""
+    and its scale (a multiple of the one it was trained with), or a 400: an id that is none of them, a scale
+    `lora.scale_ok` refuses, or scales that would mix adapters."""
     if not isinstance(scales, list) or not all(isinstance(x, dict) for x in scales):
         raise bad(f"'{param}' must be a list of {{\"id\", \"scale\"}} objects", param)
     chosen: dict[int, float] = {}
@@ -41,13 +39,10 @@ def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> tup
         if not isinstance(i, int) or isinstance(i, bool) or i not in adapters:
             raise bad(f"'{param}': no LoRA adapter has the id {i!r} (loaded: {sorted(adapters) or 'none'}; "
                       "/lora-adapters lists them)", param)
-        try:
-            if isinstance(scale, bool) or not math.isfinite(scale := float(scale)):
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            raise bad(f"'{param}': the scale of adapter {i} must be a finite number, not {x.get('scale')!r}",
-                      param) from None
-        chosen[i] = scale
+        if not lora.scale_ok(scale):
+            raise bad(f"'{param}': the scale of adapter {i} must be a number within ±{lora.MAX_SCALE:g}, not "
+                      f"{scale!r}", param)
+        chosen[i] = float(scale)
     on = [i for i, scale in chosen.items() if scale != 0]
     if len(on) > 1:
         raise bad(f"'{param}': each request runs on one adapter (at any scale); give one adapter a scale and the "

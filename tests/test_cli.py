@@ -244,10 +244,12 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert quiet.lora_modules == [("a", "a.gguf"), ("b", "peft/b/")] and quiet.lora_default is None
     scaled = parse_args(["--lora-scaled", "/x/c:1.gguf:0.5"])  # the scale after the last colon
     assert scaled.lora_modules == [("c:1", "/x/c:1.gguf")] and scaled.lora_default == ("c:1", 0.5)
-    listed = parse_args(["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:2,d.gguf:-1", "--lora-init-without-apply"])
-    assert [n for n, _ in listed.lora_modules] == ["a", "b", "c", "d"] and listed.lora_default is None
+    listed = parse_args(["--lora-scaled", "c.gguf:2,d.gguf:-1", "--lora", "a.gguf,b.gguf", "--lora-init-without-apply"])
+    assert [n for n, _ in listed.lora_modules] == ["c", "d", "a", "b"] and listed.lora_default is None  # (llama.cpp's
+    assert parse_args(["--lora-scaled", "c.gguf:0"]).lora_default is None  # ids: the order given); scale 0: none
     for bad in (["--lora-scaled", "c.gguf"], ["--lora-scaled", "c.gguf:half"], ["--lora-scaled", "c.gguf:inf"],
-                ["--lora", "a.gguf,"], ["--lora", "a.gguf", "--lora-scaled", "c.gguf:2"]):  # (the last: a mix)
+                ["--lora-scaled", "c.gguf:1e9"], ["--lora", "a.gguf,"],
+                ["--lora", "a.gguf", "--lora-scaled", "c.gguf:2"]):  # (the last: a mix)
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert parse_args([]).lora_default is None and not parse_args([]).enable_lora

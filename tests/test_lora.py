@@ -86,7 +86,7 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
             wants.append([pm(torch.tensor([row])).logits[0].numpy() for row in ROWS])
             if slot == 0:
                 _set_scale(pm, -0.5)
-                halved = pm(torch.tensor([ROWS[0]])).logits[0].numpy()
+                rescaled = pm(torch.tensor([ROWS[0]])).logits[0].numpy()
         base = pm.unload()  # the base model again, for the next adapter
         peft = lora.read(str(tmp_path / f"a{slot}"), model)
         params = lora.install(params, slot, peft)
@@ -103,7 +103,7 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
     for adapters, scales in (([0, 1, -1], [-0.5, 1, 1]), ([1, -1, 0], [1, 1, 1])):
         got = _logits(model, params, ROWS, adapters, scales)
         for i, (g, a, x) in enumerate(zip(got, adapters, scales)):
-            want = plain[i] if a < 0 else halved if x != 1 else wants[a][i]
+            want = plain[i] if a < 0 else rescaled if x != 1 else wants[a][i]
             scale = np.abs(want).max()
             assert np.abs(g - want).max() <= 1e-4 * scale, (kind, adapters, i)
             if a >= 0:  # the adapter changes the logits (a test that would pass without it would prove nothing)
@@ -198,8 +198,9 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
     halved = [run_all(eng, [PROMPTS[0]], [sp], adapter="a", adapter_scale=0.5)[0] for _ in range(2)]
     assert [r.choices[0].token_ids for r in halved] == [want["a", 0.5][0]] * 2
     assert halved[0].cached_tokens == 0 and halved[1].cached_tokens >= 32  # not a's pages at 1; its own again
-    with pytest.raises(InvalidRequest, match="finite"):
-        eng.make_request(PROMPTS[0], sp, adapter="a", adapter_scale=float("nan"))
+    for bad in (float("nan"), 1e300, 10 ** 400, "2"):
+        with pytest.raises(InvalidRequest, match="within"):
+            eng.make_request(PROMPTS[0], sp, adapter="a", adapter_scale=bad)
 
 
 def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
@@ -231,6 +232,11 @@ def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
     save_file({**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((4, 64), np.float32)},
               str(tmp_path / "head" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.lora_A.weight is not a LoRA weight"):
+        lora.read(str(tmp_path / "head"), model)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))  # a NaN would reach every row of a LoRA step
+    save_file({**tensors, key: np.full_like(tensors[key], np.nan)},
+              str(tmp_path / "head" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="not finite"):
         lora.read(str(tmp_path / "head"), model)
     # GGUF files: llama.cpp's checks (the adapter's architecture, its type), and a tensor of no projection here
     import gguf
@@ -463,7 +469,8 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
     assert tokens(lora=[{"id": t, "scale": 0.5}, {"id": o, "scale": 0}]) == ("tuned", want["tuned", 0.5])
     assert want["tuned", 0.5] != want["tuned"] != want["tuned", 2.0]  # (the scales matter)
     for mix in ([{"id": t, "scale": 1}, {"id": o, "scale": 0.5}], [{"id": o + 1, "scale": 1}], "tuned", [{"scale": 1}],
-                [{"id": t, "scale": "half"}], [{"id": t, "scale": True}], [{"id": t, "scale": 10 ** 400}]):
+                [{"id": t, "scale": "0.5"}], [{"id": t, "scale": True}], [{"id": t, "scale": 10 ** 400}],
+                [{"id": t, "scale": 1e300}]):
         with pytest.raises(openai.BadRequestError, match="lora"):
             tokens(lora=mix)
     with pytest.raises(openai.BadRequestError, match="give one"):
