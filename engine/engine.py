@@ -70,14 +70,17 @@ class Inflight:
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     """A LoRA adapter the engine holds: its name, folder, rank, slot, the number of its load (0, 1, ... over the
-    engine's life, never reused: llama.cpp's adapter id), and the salt of its cached pages (one per load: pages of an
-    adapter loaded again under the name are not reused)."""
+    engine's life, never reused: llama.cpp's adapter id), its file's task name and prompt prefix (`lora.Adapter`),
+    and the salt of its cached pages (one per load: pages of an adapter loaded again under the name are not
+    reused)."""
 
     name: str
     path: str
     rank: int
     slot: int
     id: int
+    task_name: str = ""
+    prompt_prefix: str = ""
 
     @property
     def salt(self) -> str:
@@ -546,7 +549,8 @@ class Engine:
                                  "requests; unload one first", "lora_name")
         with self._params_lock():
             self.model.params = lora.install(self.model.params, free[0], adapter)
-        self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], next(self._loads))
+        self.adapters[name] = Loaded(name, adapter.path, adapter.rank, free[0], next(self._loads), adapter.task_name,
+                                     adapter.prompt_prefix)
         log.info("LoRA adapter %s (rank %d) from %s in slot %d", name, adapter.rank, adapter.path, free[0])
         return self.adapters[name]
 

@@ -60,12 +60,15 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, j
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter (a PEFT folder or a GGUF file) read for one model: its rank and scale, and one slot's arrays
-    (`tree`: the "lora" collection's layout without the slot axis)."""
+    (`tree`: the "lora" collection's layout without the slot axis); a GGUF file's task name and prompt prefix
+    (`adapter.lora.task_name`, `.prompt_prefix`: what llama.cpp's `/lora-adapters` lists for clients to use)."""
 
     path: str
     rank: int
     scale: float
     tree: dict
+    task_name: str = ""
+    prompt_prefix: str = ""
 
 
 def attach(model, slots: int, rank: int):
@@ -115,10 +118,10 @@ def read(path: str, model) -> Adapter:
             raise ValueError(f"{path} does not read: {e}") from None
         if magic != b"GGUF":
             raise ValueError(f"{path} is neither a PEFT adapter folder nor a GGUF adapter file")
-        r, scale, weights = _read_gguf(path, model, known)
+        r, scale, weights, info = _read_gguf(path, model, known)
     else:
-        r, scale, weights = _read_peft(path, known)
-    return _laid_out(path, model, r, scale, weights, known)
+        (r, scale, weights), info = _read_peft(path, known), {}
+    return dataclasses.replace(_laid_out(path, model, r, scale, weights, known), **info)
 
 
 def _read_peft(path: str, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
@@ -161,8 +164,9 @@ def _read_peft(path: str, known: dict) -> tuple[int, float, dict[str, dict[str, 
 GGUF_REFUSED = ("adapter.alora.invocation_tokens",)
 
 
-def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]]]:
-    """A GGUF adapter file's rank, scale and each module's `{"A", "B"}`, as llama.cpp's `convert_lora_to_gguf.py`
+def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]], dict]:
+    """A GGUF adapter file's rank, scale, each module's `{"A", "B"}` and its `Adapter` strings (task name, prompt
+    prefix), as llama.cpp's `convert_lora_to_gguf.py`
     writes them and `llama-server --lora` reads them: `general.type` "adapter", `adapter.type` "lora",
     `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]` and `.lora_b` `[out, r]`. The
     names are mapped through the model's weight table, and `lora_b` gets the fix-up its base tensor gets (Llama
@@ -215,7 +219,9 @@ def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dic
     if len(ranks) != 1:
         raise ValueError(f"{path}: the adapter's lora_b tensors must share one rank (found {sorted(ranks)})")
     r = ranks.pop()
-    return r, (alpha / r if alpha else 1.0), weights
+    info = {field: value for field in ("task_name", "prompt_prefix")
+            if isinstance(value := meta.get(f"adapter.lora.{field}"), str)}
+    return r, (alpha / r if alpha else 1.0), weights, info
 
 
 def _unknown(path: str, known: dict, key: str):

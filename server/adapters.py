@@ -102,9 +102,11 @@ class Adapters:
 
     async def listed(self, request: web.Request) -> web.Response:
         """GET /lora-adapters (llama.cpp's): each adapter loaded, in load order, with its scale for requests that
-        name none (the one `POST /lora-adapters` or `--lora-scaled` gave it; 0 for the others)."""
+        name none (the one `POST /lora-adapters` or `--lora-scaled` gave it; 0 for the others) and its GGUF file's
+        task name and prompt prefix (empty where none)."""
         default, scale = self.server.default_adapter()
-        return web.json_response([{"id": a.id, "path": a.path, "scale": scale if name == default else 0.0}
+        return web.json_response([{"id": a.id, "path": a.path, "scale": scale if name == default else 0.0,
+                                   "task_name": a.task_name, "prompt_prefix": a.prompt_prefix}
                                   for name, a in self.server.engine.adapters.items()])
 
     async def scaled(self, request: web.Request) -> web.Response:

@@ -262,12 +262,12 @@ def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0, kv_heads: int = 0,
-                 alpha: float | None = None) -> None:
+                 alpha: float | None = None, **strings: str) -> None:
     """The PEFT LoRA adapter in `folder` written to `path` as llama.cpp's `convert_lora_to_gguf.py` writes it for a
     base model of GGUF architecture `arch`: `general.type` "adapter", `adapter.type` "lora", `adapter.lora.alpha`,
     each module's A and B under its base tensor's GGUF name (gguf's own name map) `+ ".lora_a"` / `".lora_b"`, and for
     `llama` files B of q and k permuted as their base weights are (`heads`, `kv_heads`). `alpha`: another than the
-    folder's."""
+    folder's; `strings`: `adapter.lora.<key>` strings (`task_name`, `prompt_prefix`)."""
     import json
     import os
 
@@ -282,6 +282,8 @@ def gguf_adapter(folder: str, path: str, arch: str, layers: int, heads: int = 0,
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for key, value in strings.items():
+        w.add_string(f"adapter.lora.{key}", value)
     for key, t in sorted(load_file(os.path.join(folder, "adapter_model.safetensors")).items()):
         module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
         base = names.get_name(module + ".weight", try_suffixes=(".weight",))

@@ -332,7 +332,7 @@ def served(smollm, tmp_path_factory):
         base = pm.unload()
     cfg = base.config  # "other" as llama.cpp's converter writes it too (`test_llama_cpp_lora_...` loads that)
     gguf_adapter(str(folder / "other"), str(folder / "other.gguf"), "llama", cfg.num_hidden_layers,
-                 cfg.num_attention_heads, cfg.num_key_value_heads)
+                 cfg.num_attention_heads, cfg.num_key_value_heads, task_name="other-task", prompt_prefix="Q: ")
     model = dataclasses.replace(lora.attach(load_model(str(folder / "hf")), 2, 8), name="base")
     rc = RunnerConfig(max_num_seqs=4, max_model_len=512, decode_steps=4, kv_cache_gb=0.05, decode_batch_sizes=(4,))
     for api in live_server(model, rc):
@@ -450,8 +450,9 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
         assert plain("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}) == 200
     status, listed = call("GET", "/lora-adapters")
     t, o = [a["id"] for a in listed]  # load numbers: the later load's is higher
-    assert status == 200 and o > t and listed == [{"id": t, "path": str(folder / "tuned"), "scale": 0.0},
-                                                  {"id": o, "path": str(folder / "other.gguf"), "scale": 0.0}]
+    assert status == 200 and o > t and listed == [  # (a GGUF file's task name and prompt prefix: llama.cpp's fields)
+        {"id": t, "path": str(folder / "tuned"), "scale": 0.0, "task_name": "", "prompt_prefix": ""},
+        {"id": o, "path": str(folder / "other.gguf"), "scale": 0.0, "task_name": "other-task", "prompt_prefix": "Q: "}]
 
     def tokens(**extra):
         out = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0.0,
