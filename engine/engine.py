@@ -67,6 +67,14 @@ class Inflight:
     compiled: bool = True
 
 
+def _adapter_scale(scale) -> float:
+    """A request's LoRA scale as a float (InvalidRequest where `lora.scale_ok` refuses it)."""
+    if not lora.scale_ok(scale):
+        raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not {scale!r}",
+                             "lora")
+    return float(scale)
+
+
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     """A LoRA adapter the engine holds: its name, folder, rank, slot, the number of its load (0, 1, ... over the
@@ -215,9 +223,7 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        if not lora.scale_ok(adapter_scale):
-            raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not "
-                                 f"{adapter_scale!r}", "lora")
+        scale = _adapter_scale(adapter_scale)
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         if priority and self.sched.policy != "priority":
@@ -239,7 +245,6 @@ class Engine:
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
-        scale = float(adapter_scale)
         salt = None if loaded is None else loaded.salt if scale == 1 else f"{loaded.salt}*{scale!r}"
         key = prompt_cache_isolation_key if loaded is None else (salt, prompt_cache_isolation_key)
         if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
@@ -589,9 +594,7 @@ class Engine:
         loaded = self.adapters.get(adapter) if adapter is not None else None
         if adapter is not None and loaded is None:
             raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        if not lora.scale_ok(scale):
-            raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not {scale!r}",
-                                 "lora")
+        _adapter_scale(scale)
         return loaded
 
     def embed_next(self, pieces: Pieces, adapter: str | None = None, adapter_scale: float = 1.0) -> None:

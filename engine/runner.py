@@ -153,9 +153,10 @@ def _i32(*shape: int) -> np.ndarray:
     return np.zeros(shape, np.int32)
 
 
-def _lora(rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """A LoRA slot and scale for each of `rows` rows, standing for the argument of a warm-up job (`models.lora`)."""
-    return _i32(rows, 1), np.ones((rows, 1), np.float32)
+def _lora(rows: int, slot: int = 0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA slot `slot` at `scale` for each of `rows` rows (`models.lora`), as `[rows, 1]` arrays: an embedding
+    call's, or a warm-up job's stand-in."""
+    return np.full((rows, 1), slot, np.int32), np.full((rows, 1), scale, np.float32)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -1037,7 +1038,7 @@ class Runner:
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
-            lora = None if adapter < 0 else (np.full((nb, 1), adapter, np.int32), np.full((nb, 1), scale, np.float32))
+            lora = None if adapter < 0 else _lora(nb, adapter, scale)
             out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
         return out
 
@@ -1062,7 +1063,7 @@ class Runner:
         part = pieces.ids[pieces.start:pieces.start + pieces.size]
         toks = np.zeros((1, pieces.size), np.int32)
         toks[0, :len(part)] = part
-        lora = None if adapter < 0 else (np.full((1, 1), adapter, np.int32), np.full((1, 1), scale, np.float32))
+        lora = None if adapter < 0 else _lora(1, adapter, scale)
         table = np.arange(pieces.pool.k.shape[1] // self.model.cfg.num_layers, dtype=np.int32)[None]
         pooled, pieces.pool = self._embed_piece(self.model.params, pieces.pool, toks, np.int32(pieces.start),
                                                 np.array([len(part)], np.int32), table, lora, mode=pieces.mode)

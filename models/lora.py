@@ -166,12 +166,11 @@ GGUF_REFUSED = ("adapter.alora.invocation_tokens",)
 
 def _read_gguf(path: str, model, known: dict) -> tuple[int, float, dict[str, dict[str, tuple[str, np.ndarray]]], dict]:
     """A GGUF adapter file's rank, scale, each module's `{"A", "B"}` and its `Adapter` strings (task name, prompt
-    prefix), as llama.cpp's `convert_lora_to_gguf.py`
-    writes them and `llama-server --lora` reads them: `general.type` "adapter", `adapter.type` "lora",
-    `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]` and `.lora_b` `[out, r]`. The
-    names are mapped through the model's weight table, and `lora_b` gets the fix-up its base tensor gets (Llama
-    files' q/k row permutation); each must be one of `known`'s (the model's `modules`). The scale is llama.cpp's:
-    alpha / r, or 1 where alpha is 0 (rsLoRA's is not kept)."""
+    prefix), as llama.cpp's `convert_lora_to_gguf.py` writes them and `llama-server --lora` reads them: `general.type`
+    "adapter", `adapter.type` "lora", `adapter.lora.alpha`, and each projection's `<its GGUF name>.lora_a` `[r, in]`
+    and `.lora_b` `[out, r]`. The names are mapped through the model's weight table, and `lora_b` gets the fix-up its
+    base tensor gets (Llama files' q/k row permutation); each must be one of `known`'s (the model's `modules`). The
+    scale is llama.cpp's: alpha / r, or 1 where alpha is 0 (rsLoRA's is not kept)."""
     import gguf
 
     from models import FAMILIES, _weight_table, family
