@@ -1,6 +1,7 @@
 """What LoRA slots cost: the engine alone on the default model, greedy decoding at 1, 8 and 32 concurrent, in one run:
-the model without slots, with `--max-loras` slots whose requests use none, and with every request on one of them
-(random PEFT adapters of `--max-lora-rank`, all seven projections, requests spread over them). Prints one markdown
+the model without slots, with `--max-loras` slots whose requests use none, with every request on one of them
+(random PEFT adapters of `--max-lora-rank`, all seven projections, requests spread over them), and with every request
+on a mix of two of them (llama.cpp's mixes: each adapter's term added, at scales 1 and 0.5). Prints one markdown
 table: output tokens per second (after a warm-up that compiles every shape) and the ratio to the model without
 slots. `make bench-lora`. Not a test: read the ratios.
 """
@@ -41,7 +42,7 @@ def random_adapter(model, folder: str, rank: int, seed: int) -> str:
     return folder
 
 
-def run(eng: Engine, n: int, tokens: int, adapters: list[str | None]) -> float:
+def run(eng: Engine, n: int, tokens: int, adapters: list[str | dict | None]) -> float:
     """Output tokens per second of `n` greedy requests at once, each `tokens` long."""
     sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     rng = np.random.default_rng(n)
@@ -78,6 +79,8 @@ def main() -> None:
                                              slotted))
         engines[f"{args.max_loras} slots, requests on the base model"] = (eng, [None])
         engines[f"{args.max_loras} slots of rank {args.max_lora_rank}, every request on one"] = (eng, names)
+        mixes = [{a: 1.0, b: 0.5} for a, b in zip(names, names[1:] + names[:1])]  # llama.cpp's mixes
+        engines[f"{args.max_loras} slots of rank {args.max_lora_rank}, every request on a mix of two"] = (eng, mixes)
         for label, (e, adapters) in engines.items():
             for n in levels:
                 run(e, n, 8, adapters)  # compile this level's shapes

@@ -67,14 +67,6 @@ class Inflight:
     compiled: bool = True
 
 
-def _adapter_scale(scale) -> float:
-    """A request's LoRA scale as a float (InvalidRequest where `lora.scale_ok` refuses it)."""
-    if not lora.scale_ok(scale):
-        raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not {scale!r}",
-                             "lora")
-    return float(scale)
-
-
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     """A LoRA adapter the engine holds: its name, folder, rank, slot, the number of its load (0, 1, ... over the
@@ -172,7 +164,7 @@ class Engine:
                      prompt_cache_max_len: int | None = None, prompt_cache_isolation_key: str | None = None,
                      grammar: str | None = None, thinking: Budget | None = None,
                      prediction: list[int] | None = None, grammar_checked: bool = False,
-                     adapter: str | None = None, adapter_scale: float = 1.0, priority: int = 0,
+                     adapter: str | dict[str, float] | None = None, priority: int = 0,
                      images: list | None = None) -> Request:
         """Validate and resolve a request (raises `InvalidRequest`); it is queued by `add`.
 
@@ -185,8 +177,9 @@ class Engine:
         its budget of tokens in a thinking block the engine draws the block's close itself; the grammar applies to
         the answer after the block. `prediction`: token ids the output is expected to resemble; the engine drafts
         from them (speculative decoding), which changes the speed, never the tokens. `adapter`: the name of a LoRA
-        adapter held (`load_adapter`) the request runs with (None: the base model), at `adapter_scale` times the
-        scale it was trained with (llama.cpp's per-request scale; pages cached at one scale serve that scale only).
+        adapter held (`load_adapter`) the request runs with (None: the base model), or `{name: scale}` of those it
+        runs with, each at `scale` times the scale it was trained with (llama.cpp's `lora` mixes and scales; pages
+        cached under one mix serve that mix only).
         `priority`: its place in line under the priority scheduling policy (lower sooner; any other than 0 is an
         error under `fcfs`). Raises `engine.sleep.Asleep` while the engine sleeps."""
         self.awake()
@@ -220,10 +213,7 @@ class Engine:
         if self.sched.pages_to_admit(len(prompt_ids), params.n) > self.sched.pools[0].capacity:
             raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) with n={params.n} needs more KV pages than "
                                  f"the pool holds ({self.sched.pools[0].capacity} of {self.page_size} tokens)", "n")
-        loaded = self.adapters.get(adapter) if adapter is not None else None
-        if adapter is not None and loaded is None:
-            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        scale = _adapter_scale(adapter_scale)
+        mix = self._mix(adapter)
         if prompt_cache_max_len is not None and prompt_cache_max_len < 0:
             raise InvalidRequest("prompt_cache_max_len must be >= 0", "prompt_cache_max_len")
         if priority and self.sched.policy != "priority":
@@ -245,23 +235,40 @@ class Engine:
             self.grammars().check(grammar)
         if thinking is not None and ((thinking.budget or 0) < 0 or not 0 <= thinking.close_id < vocab):
             raise InvalidRequest("the thinking budget must be >= 0 and its close a token id", "reasoning_effort")
-        salt = None if loaded is None else loaded.salt if scale == 1 else f"{loaded.salt}*{scale!r}"
-        key = prompt_cache_isolation_key if loaded is None else (salt, prompt_cache_isolation_key)
+        salt = mix[0][0].salt if len(mix) == 1 and mix[0][1] == 1 else "+".join(f"{a.salt}*{x!r}" for a, x in mix)
+        key = (salt, prompt_cache_isolation_key) if mix else prompt_cache_isolation_key
         if images or (self.images is not None and self.model.vision.image_token_id in prompt_ids):
             self._check_images(prompt_ids, images or [], p)
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                      adapter=loaded.slot if loaded else -1, adapter_scale=scale,
-                      priority=int(priority))
+                      adapters=tuple((a.slot, x) for a, x in mix), priority=int(priority))
         if images:
             self.images.place(req, images)
-        if loaded is not None:
+        if mix:
             with self._on_adapters_lock:
                 self._on_adapters[id(req)] = req
-            if self.adapters.get(adapter) is not loaded:  # unloaded meanwhile: its slot may be another's already
-                raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
+            for a, _ in mix:
+                if self.adapters.get(a.name) is not a:  # unloaded meanwhile: its slot may be another's already
+                    raise InvalidRequest(f"no LoRA adapter {a.name!r} is loaded", "model")
         return req
+
+    def _mix(self, adapter: str | dict[str, float] | None) -> tuple[tuple[Loaded, float], ...]:
+        """The LoRA adapters `adapter` names (as `make_request` takes it) and their scales, those at scale 0 left
+        out, in slot order. Raises InvalidRequest for an adapter not loaded or a scale `lora.scale_ok` refuses."""
+        named = {} if adapter is None else {adapter: 1.0} if isinstance(adapter, str) else adapter
+        if not isinstance(named, dict):
+            raise InvalidRequest(f"a request's LoRA adapters: a name or {{name: scale}}, not {adapter!r}", "lora")
+        mix = []
+        for name, scale in named.items():
+            if (loaded := self.adapters.get(name)) is None:
+                raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "model")
+            if not lora.scale_ok(scale):
+                raise InvalidRequest(f"a LoRA adapter's scale must be a number within ±{lora.MAX_SCALE:g}, not "
+                                     f"{scale!r}", "lora")
+            if scale != 0:
+                mix.append((loaded, float(scale)))
+        return tuple(sorted(mix, key=lambda pair: pair[0].slot))
 
     def _check_images(self, prompt_ids: list[int], images: list, p: SamplingParams) -> None:
         """A request's images fit its prompt: the model reads images, the prompt holds `tokens_per_image` image
@@ -547,7 +554,7 @@ class Engine:
             raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded", "lora_name")
         with self._on_adapters_lock:
             using = [r for ref in self._on_adapters.valuerefs() if (r := ref()) is not None and not r.finished]
-        busy = {a.slot for a in self.adapters.values()} | {r.adapter for r in using}
+        busy = {a.slot for a in self.adapters.values()} | {slot for r in using for slot, _ in r.adapters}
         free = [s for s in range(slots) if s not in busy]
         if not free:
             raise InvalidRequest(f"each of the {slots} LoRA slots (--max-loras) holds an adapter or serves "
@@ -565,23 +572,23 @@ class Engine:
         if self.adapters.pop(name, None) is None:
             raise InvalidRequest(f"no LoRA adapter {name!r} is loaded", "lora_name")
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: str | None = None,
-              budget: int = EMBED_TOKENS, adapter_scale: float = 1.0) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], mode: str, adapter: str | dict[str, float] | None = None,
+              budget: int = EMBED_TOKENS) -> np.ndarray:
         """Embeddings of token lists: each one's final hidden states pooled by `mode` (`models.pooling`), float32
-        `[len(inputs), hidden]`, with the LoRA adapter named `adapter` (None: the base model; at `adapter_scale`
-        times its own scale), not normalized, in calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs
-        at once, between steps (call on the engine's thread); the KV pool and its prefix cache are not touched.
+        `[len(inputs), hidden]`, with the LoRA adapters `adapter` names (as `make_request` takes it), not
+        normalized, in calls of at most `budget` padded tokens (`Runner.embed_calls`). Runs at once, between steps
+        (call on the engine's thread); the KV pool and its prefix cache are not touched.
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, an adapter not loaded or
         a scale `lora.scale_ok` refuses; `engine.sleep.Asleep` while the engine sleeps."""
-        loaded = self._embedding(inputs, mode, adapter, adapter_scale)
-        out = self.runner.embed(inputs, mode, -1 if loaded is None else loaded.slot, budget, adapter_scale)
+        mix = self._embedding(inputs, mode, adapter)
+        out = self.runner.embed(inputs, mode, tuple((a.slot, x) for a, x in mix), budget)
         self.embedded += len(inputs)
         self.embedded_tokens += sum(map(len, inputs))
         return out
 
-    def _embedding(self, inputs: list[list[int]], mode: str, adapter: str | None, scale: float) -> Loaded | None:
-        """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapter loaded at a
-        scale `lora.scale_ok` takes), and the adapter loaded under `adapter` (None: the base model)."""
+    def _embedding(self, inputs: list[list[int]], mode: str, adapter) -> tuple[tuple[Loaded, float], ...]:
+        """What `embed` and `embed_next` check (awake, the pooling, each input's length, the adapters loaded at
+        scales `lora.scale_ok` takes), and the adapters `adapter` names with their scales (`_mix`)."""
         self.awake()
         if mode not in pooling.POOLINGS:
             raise InvalidRequest(f"pooling: one of {pooling.POOLINGS}, not {mode!r}", "pooling")
@@ -591,26 +598,22 @@ class Engine:
             if len(ids) > self.runner.embed_sizes[-1]:
                 raise InvalidRequest(f"input {i} has {len(ids)} tokens; at most {self.runner.embed_sizes[-1]} are "
                                      "embedded (this model's context, up to runner.EMBED_MAX_LEN)", "input")
-        loaded = self.adapters.get(adapter) if adapter is not None else None
-        if adapter is not None and loaded is None:
-            raise InvalidRequest(f"no LoRA adapter {adapter!r} is loaded", "model")
-        _adapter_scale(scale)
-        return loaded
+        return self._mix(adapter)
 
-    def embed_next(self, pieces: Pieces, adapter: str | None = None, adapter_scale: float = 1.0) -> None:
+    def embed_next(self, pieces: Pieces, adapter: str | dict[str, float] | None = None) -> None:
         """The next piece of a long input `embed` would run in one call (`Runner.embed_next`), so a server steps
-        between pieces, every piece with the same adapter and scale (call on the engine's thread; one process only:
+        between pieces, every piece with the same adapters and scales (call on the engine's thread; one process only:
         a piece's pool is this process's, so a multi-host group embeds through the mirrored `embed`). Raises as
         `embed` does."""
         if jax.process_count() > 1:
             raise RuntimeError("a process group embeds a long input through `embed`, not piece by piece")
-        loaded = self._embedding([pieces.ids], pieces.mode, adapter, adapter_scale)
+        mix = self._embedding([pieces.ids], pieces.mode, adapter)
         # unloaded or loaded anew since the first piece, or another scale: not a vector mixing two adapters' keys
-        if pieces.start and (loaded is not pieces.adapter or adapter_scale != pieces.adapter_scale):
-            raise InvalidRequest(f"the LoRA adapter {adapter!r} (or its scale) changed while the input was embedded",
-                                 "model")
-        pieces.adapter, pieces.adapter_scale = loaded, adapter_scale
-        self.runner.embed_next(pieces, -1 if loaded is None else loaded.slot, adapter_scale)
+        if pieces.start and mix != pieces.adapters:
+            raise InvalidRequest(f"the LoRA adapters {adapter!r} (or their scales) changed while the input was "
+                                 "embedded", "model")
+        pieces.adapters = mix
+        self.runner.embed_next(pieces, tuple((a.slot, x) for a, x in mix))
         if pieces.done:
             self.embedded += 1
             self.embedded_tokens += len(pieces.ids)
@@ -784,9 +787,8 @@ class Engine:
         if preempt and self.pending:  # a preempted choice is recomputed from its tokens: the host must hold them
             self._sync(changed, done)
         admitted = sched.admit(preempt)
-        if self.runner.adapter_of is not None and admitted:
-            self.runner.seat_adapters({c.slot: (pf.req.adapter, pf.req.adapter_scale) for pf in admitted
-                                       for c in pf.choices})
+        if self.runner.lora_weights is not None and admitted:
+            self.runner.seat_adapters({c.slot: pf.req.adapters for pf in admitted for c in pf.choices})
         if sched.copies:  # cached pages that admitted prompts go on from, copied before anything writes them
             self.runner.copy_pages(sched.copies)
             sched.copied()
@@ -1010,7 +1012,7 @@ class Engine:
         """Whether a running choice in `slots` uses a LoRA adapter: its steps run the programs with the LoRA terms
         (`Runner._adapters`), timed apart from the others."""
         running = self.sched.running
-        return any(running[s][0].adapter >= 0 for s in slots if s in running)
+        return any(running[s][0].adapters for s in slots if s in running)
 
     def _timed_call(self, key: tuple, fn, *args):
         """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""

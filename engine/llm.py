@@ -125,12 +125,13 @@ class LLM:
         self.engine.wake_up(tags, self._reload() if discarded else None)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
-                 lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
+                 lora: str | dict | list[str | dict | None] | None = None, **cache: Any) -> list[RequestOutput]:
         """Run prompts (text or token ids) to completion; outputs in prompt order. A model that reads images takes
         vLLM's prompt dicts too, `{"prompt": text (or "prompt_token_ids": ids), "multi_modal_data": {"image": a PIL
         image or a list}}`, one image token in the prompt for each picture. `predictions`: the expected output of
         each prompt (text or token ids, None for none; speculative decoding drafts from it). `lora`: the LoRA
-        adapter of every prompt, or of each (None: the base model). `cache` takes `prompt_cache_max_len` and
+        adapter of every prompt, or of each (None: the base model; `{name: scale}`: several, each at a multiple of
+        its own scale, llama.cpp's mixes). `cache` takes `prompt_cache_max_len` and
         `prompt_cache_isolation_key` (see `Engine.make_request`)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)) \
             else prompts
@@ -200,7 +201,7 @@ class LLM:
             for j, b in enumerate(s.finished)]) for i, (s, p) in enumerate(zip(searches, ids))]
 
     def embed(self, prompts, pooling: str | None = None, normalize: bool | None = None,
-              lora: str | None = None) -> np.ndarray:
+              lora: str | dict | None = None) -> np.ndarray:
         """Embeddings of prompts (text or token ids; vLLM's `LLM.embed`): float32 `[len(prompts), hidden]`, the
         final hidden states pooled (`models.pooling`: as the model folder asks, or by `pooling`) and normalized
         (as it asks, or as `normalize` says), with LoRA adapter `lora` (None: the base model)."""

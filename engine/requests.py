@@ -67,8 +67,9 @@ class Request:
     cache_max_len: int | None = None  # reuse at most this many cached prompt tokens (0: none)
     cache_key: str | tuple | None = None  # isolation key (with a LoRA adapter's: `(adapter, key)`): only requests
     # with the same key share pages
-    adapter: int = -1  # the LoRA slot it runs with (`models.lora`; -1: the base model)
-    adapter_scale: float = 1.0  # ... at this multiple of the scale it was trained with (llama.cpp's `lora` scale)
+    # the LoRA slots it runs with (`models.lora`; (): the base model), each at a multiple of the scale the adapter
+    # was trained with (llama.cpp's `lora` scales; several: its mixes)
+    adapters: tuple[tuple[int, float], ...] = ()
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None  # when it first got slots (queue time: admitted - arrival)

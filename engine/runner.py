@@ -100,6 +100,9 @@ class RunnerConfig:
     # distribution (`raw_logprobs`), its logits, or those of the distribution drawn from, after every sampler
     # transform (`processed_logprobs`, `processed_logits`: what reinforcement learning's importance ratios want)
     logprobs_mode: str = "raw_logprobs"
+    # Whether the warm-up compiles the programs for steps where a row mixes several LoRA adapters (llama.cpp's
+    # default with several `--lora`; `Runner._adapters`); else the first such step compiles them
+    lora_mixes: bool = False
 
 
 def platform_defaults(platform: str) -> dict:
@@ -153,10 +156,15 @@ def _i32(*shape: int) -> np.ndarray:
     return np.zeros(shape, np.int32)
 
 
-def _lora(rows: int, slot: int = 0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """LoRA slot `slot` at `scale` for each of `rows` rows (`models.lora`), as `[rows, 1]` arrays: an embedding
-    call's, or a warm-up job's stand-in."""
-    return np.full((rows, 1), slot, np.int32), np.full((rows, 1), scale, np.float32)
+Mix = tuple[tuple[int, float], ...]  # a request's LoRA adapters: (LoRA slot, scale) pairs (); the base model)
+
+
+def _lora(rows: int, mix: Mix = ((0, 1.0),)) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA adapters `mix` for each of `rows` rows (`models.lora.delta`), as `[rows, 1, len(mix)]` arrays: an
+    embedding call's, or a warm-up job's stand-in."""
+    slots, scales = zip(*mix)
+    return (np.broadcast_to(np.asarray(slots, np.int32), (rows, 1, len(mix))).copy(),
+            np.broadcast_to(np.asarray(scales, np.float32), (rows, 1, len(mix))).copy())
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -194,8 +202,8 @@ class Pieces:
     ids: list[int]
     mode: str
     size: int  # tokens a piece (`Runner.piece_size`)
-    adapter: object = None  # the LoRA adapter its first piece ran on (`Engine.embed_next`: every piece runs on it)
-    adapter_scale: float = 1.0  # ... at this scale
+    adapters: tuple = ()  # the LoRA adapters (and scales) its first piece ran on (`Engine.embed_next`: every
+    # piece runs on them)
     start: int = 0
     pool: KVCache | None = None
     pooled: np.ndarray | None = None
@@ -303,10 +311,9 @@ class Runner:
         # decode or flat step for the rows the host has not read back yet (`fresh`, `from_drawn`), so the engine can
         # dispatch a step before reading back the one before it
         self.drawn = jax.device_put(jnp.zeros(self.slots, jnp.int32), self.by_row)
-        # each slot's LoRA slot (`models.lora`; -1: the base model) and scale, set as work is seated
-        # (`seat_adapters`) and sent with every step: None where the model has no LoRA slots
-        self.adapter_of = np.full(self.slots, -1, np.int32) if model.cfg.lora_slots else None
-        self.adapter_scale = np.ones(self.slots, np.float32)
+        # each slot's scale of each LoRA slot (`models.lora`; 0: not applied; a row of zeros: the base model), set
+        # as work is seated (`seat_adapters`) and sent with every step (`_adapters`): None without LoRA slots
+        self.lora_weights = np.zeros((self.slots, model.cfg.lora_slots), np.float32) if model.cfg.lora_slots else None
         self.compiles = 0
         self.read_seconds = 0.0  # spent reading outputs back (`device_seconds`)
         gpu = platform in ("gpu", "cuda")
@@ -326,11 +333,11 @@ class Runner:
         def forward(params, cache, tokens, positions, table, last_index=None, all_logits=False, adapters=None):
             return module.apply(params, tokens, positions, table, cache, last_index, all_logits, adapters)
 
-        def adapters_of(lora, rows):  # the LoRA slot and scale of each row's sequence (rows past the slots: none)
+        def adapters_of(lora, rows):  # the LoRA slots and scales of each row's sequence (rows past the slots: none)
             if lora is None:
                 return None
-            return jnp.take(lora[0], rows, mode="fill", fill_value=-1), jnp.take(lora[1], rows, mode="fill",
-                                                                                 fill_value=0)
+            return (jnp.take(lora[0], rows, axis=0, mode="fill", fill_value=-1),
+                    jnp.take(lora[1], rows, axis=0, mode="fill", fill_value=0))
 
         # The prefills write each prompt's last logits into the shard's `last` rows named by `dest` (the slot within
         # the shard; padding rows name one past the shard's slots, and are dropped).
@@ -748,12 +755,15 @@ class Runner:
 
     def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
         """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter: the
-        adapters, their last argument, arrays instead of None)."""
-        if self.adapter_of is None:
+        adapters, their last argument, arrays instead of None; with `mixes`, for steps where a row mixes several
+        too: `_adapters`)."""
+        if self.lora_weights is None:
             return []
         steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
-        none = np.full(self.slots, -1, np.int32), np.ones(self.slots, np.float32)
-        return [(fn, (*args[:-1], none), kw) for fn, args, kw in jobs if fn in steps and args[-1] is None]
+        widths = sorted({1, self.lora_weights.shape[1] if self.rc.lora_mixes else 1})
+        forms = [(np.full((self.slots, m), -1, np.int32), np.ones((self.slots, m), np.float32)) for m in widths]
+        return [(fn, (*args[:-1], form), kw) for form in forms for fn, args, kw in jobs
+                if fn in steps and args[-1] is None]
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -1006,9 +1016,10 @@ class Runner:
         rows, size = bucket(len(part), doubling(1, EMBED_ROWS)), bucket(lengths[part[-1]], self.embed_sizes)
         return rows, size, part, len(part) == 1 and lengths[part[0]] > budget
 
-    def embed_compile(self, lengths: list[int], mode: str, lora: bool, budget: int = EMBED_TOKENS) -> None:
-        """Compile (or load) the programs `embed` runs for inputs of `lengths` (on an adapter: `lora`), so a thread
-        other than the engine's can pay for a new shape."""
+    def embed_compile(self, lengths: list[int], mode: str, adapters: int, budget: int = EMBED_TOKENS) -> None:
+        """Compile (or load) the programs `embed` runs for inputs of `lengths` on a mix of `adapters` LoRA adapters
+        (0: the base model), so a thread other than the engine's can pay for a new shape."""
+        mix = ((0, 1.0),) * adapters
         for nb, size, part, pieced in self.embed_calls(lengths, budget):
             if pieced:  # its pieces' program
                 size = self.piece_size(budget)
@@ -1017,28 +1028,27 @@ class Runner:
                 pool = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pool,
                                     self._piece_pool)
                 self._embed_piece.compile(self.model.params, pool, _i32(1, size), np.int32(0), _i32(1),
-                                          _i32(1, pages), _lora(1) if lora else None, mode=mode)
+                                          _i32(1, pages), _lora(1, mix) if mix else None, mode=mode)
                 continue
-            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _lora(nb) if lora else None,
+            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _lora(nb, mix) if mix else None,
                                 mode=mode)
 
-    def embed(self, inputs: list[list[int]], mode: str, adapter: int = -1, budget: int = EMBED_TOKENS,
-              scale: float = 1.0) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], mode: str, mix: Mix = (), budget: int = EMBED_TOKENS) -> np.ndarray:
         """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
-        on LoRA slot `adapter` (-1: the base model) at `scale`, in the calls `embed_calls` plans; the KV pool is not
+        on LoRA adapters `mix` (`Mix`; (): the base model), in the calls `embed_calls` plans; the KV pool is not
         touched."""
         out = np.zeros((len(inputs), self.model.cfg.hidden_size), np.float32)
         for nb, size, part, pieced in self.embed_calls([len(x) for x in inputs], budget):
             if pieced:
                 pieces = Pieces(inputs[part[0]], mode, self.piece_size(budget))
                 while not pieces.done:
-                    self.embed_next(pieces, adapter, scale)
+                    self.embed_next(pieces, mix)
                 out[part] = pieces.pooled
                 continue
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
-            lora = None if adapter < 0 else _lora(nb, adapter, scale)
+            lora = _lora(nb, mix) if mix else None
             out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
         return out
 
@@ -1054,8 +1064,8 @@ class Runner:
             tokens *= 2
         return tokens // self.page_size
 
-    def embed_next(self, pieces: Pieces, adapter: int = -1, scale: float = 1.0) -> None:
-        """Embed the next chunk of `pieces` (on LoRA slot `adapter` at `scale`), attending to its earlier chunks'
+    def embed_next(self, pieces: Pieces, mix: Mix = ()) -> None:
+        """Embed the next chunk of `pieces` (on LoRA adapters `mix`), attending to its earlier chunks'
         keys, and pool it: `last` keeps the last piece's, `cls` the first's, `mean` sums each piece's mean times its
         tokens and divides by all of them at the end."""
         if pieces.pool is None:
@@ -1063,7 +1073,7 @@ class Runner:
         part = pieces.ids[pieces.start:pieces.start + pieces.size]
         toks = np.zeros((1, pieces.size), np.int32)
         toks[0, :len(part)] = part
-        lora = None if adapter < 0 else _lora(1, adapter, scale)
+        lora = _lora(1, mix) if mix else None
         table = np.arange(pieces.pool.k.shape[1] // self.model.cfg.num_layers, dtype=np.int32)[None]
         pooled, pieces.pool = self._embed_piece(self.model.params, pieces.pool, toks, np.int32(pieces.start),
                                                 np.array([len(part)], np.int32), table, lora, mode=pieces.mode)
@@ -1094,18 +1104,27 @@ class Runner:
             per = [pairs[k:] for pairs in per]
             self.cache = self._copy(self.cache, src.reshape(-1), dst.reshape(-1))
 
-    def seat_adapters(self, adapters: dict[int, tuple[int, float]]) -> None:
-        """`{slot: (LoRA slot, scale)}` (-1: the base model) for the sequences just seated in those slots."""
-        for slot, (adapter, scale) in adapters.items():
-            self.adapter_of[slot], self.adapter_scale[slot] = adapter, scale
+    def seat_adapters(self, adapters: dict[int, Mix]) -> None:
+        """`{slot: its LoRA adapters}` (`Mix`; (): the base model) for the sequences just seated in those slots."""
+        for slot, mix in adapters.items():
+            self.lora_weights[slot] = 0.0
+            for adapter, scale in mix:
+                self.lora_weights[slot, adapter] = scale
 
     def _adapters(self, slots) -> tuple[np.ndarray, np.ndarray] | None:
-        """Each slot's LoRA slot and scale as the argument of a step over `slots` (copies: the host's arrays change
-        while steps are queued), or None where none of them uses an adapter: that step's program leaves the LoRA terms
-        out, so requests on the base model run as fast as without slots (a second program per shape)."""
-        if self.adapter_of is None or not (self.adapter_of[np.asarray(slots, np.int64)] >= 0).any():
+        """Each slot's LoRA slots and scales (`models.lora.delta`'s `[slots, M]`) as the argument of a step over
+        `slots` (new arrays: the host's change while steps are queued), or None where none of them uses an adapter:
+        that step's program leaves the LoRA terms out, so requests on the base model run as fast as without slots (a
+        second program per shape). M is 1 where each of `slots` runs on one adapter at most, else every LoRA slot
+        (a third program per shape, for llama.cpp's mixes)."""
+        w = self.lora_weights
+        on = None if w is None else w != 0
+        if on is None or not on[np.asarray(slots, np.int64)].any():
             return None
-        return self.adapter_of.copy(), self.adapter_scale.copy()
+        if on[np.asarray(slots, np.int64)].sum(1).max() == 1:  # one adapter a row: its slot and scale
+            ids = np.where(on.any(1), on.argmax(1), -1)
+            return ids[:, None].astype(np.int32), w[np.arange(len(w)), np.maximum(ids, 0)][:, None]
+        return np.where(on, np.arange(w.shape[1], dtype=np.int32), -1).astype(np.int32), w.copy()
 
     def fresh_row(self, settings: dict, prompt: list[int], seed_key: np.ndarray) -> smp.SamplerState:
         """A request's fresh sampler state (no tokens counted, its prompt's tokens marked, mirostat's mu at twice

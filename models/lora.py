@@ -2,13 +2,13 @@
 
 A model with LoRA slots (`attach`) holds, beside each projection of its dense layers' attention and MLP, every slot's
 `lora_a [slots, rank, in]` and `lora_b [slots, out, rank]` (the adapter's scale folded into `b`; ranks below the
-slots' padded with zeros) in a "lora" collection next to "params". A forward pass takes each token's slot (-1: the
-base model) and scale (1: the adapter's own) and adds `scale · b[slot] @ a[slot] @ x` to the projection (`delta`),
-so one compiled step serves any mix of adapters and scales. Adapters are PEFT folders (`adapter_config.json` and
-`adapter_model.safetensors`, what `peft`'s `save_pretrained` writes and what vLLM, SGLang and Fireworks load) or
-GGUF adapter files (what llama.cpp's `convert_lora_to_gguf.py` writes and `llama-server --lora` loads); `read` maps
-their tensors onto the slots' layout with the model's own weight names (HF's, or GGUF's through the weight table),
-and `install` writes one into a slot on the devices.
+slots' padded with zeros) in a "lora" collection next to "params". A forward pass takes each token's slots (-1: the
+base model) and scales (1: an adapter's own) and adds `scale · b[slot] @ a[slot] @ x` of each to the projection
+(`delta`), so one compiled step serves any mix of adapters and scales. Adapters are PEFT folders
+(`adapter_config.json` and `adapter_model.safetensors`, what `peft`'s `save_pretrained` writes and what vLLM,
+SGLang and Fireworks load) or GGUF adapter files (what llama.cpp's `convert_lora_to_gguf.py` writes and
+`llama-server --lora` loads); `read` maps their tensors onto the slots' layout with the model's own weight names
+(HF's, or GGUF's through the weight table), and `install` writes one into a slot on the devices.
 """
 
 from __future__ import annotations
@@ -38,22 +38,25 @@ def scale_ok(x: object) -> bool:
 
 
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Each token's LoRA term `scale · b[slot] @ a[slot] @ x`: `x [..., in]`, `a [slots, rank, in]`,
-    `b [slots, out, rank]`, `adapters` each token's `(slot, scale)` (slot -1: none; the scale multiplies the one the
-    adapter was trained with, folded into `b`: llama.cpp's per-request scale), both broadcast against `x`'s leading
-    axes. Every slot's `a @ x` is computed (slots × rank columns beside the projection's thousands) and the token's
-    own kept: each slot's weights are read once whatever the tokens. A call of fewer tokens than slots gathers each
-    token's own slot instead (fewer bytes). Which form is fixed by the shapes, at trace time."""
+    """Each token's LoRA term `sum_m scale_m · b[slot_m] @ a[slot_m] @ x`: `x [..., in]`, `a [slots, rank, in]`,
+    `b [slots, out, rank]`, `adapters` each token's `(slots [..., M], scales [..., M])` (slot -1: none; a scale
+    multiplies the one the adapter was trained with, folded into `b`: llama.cpp's per-request scale; M > 1 where a
+    token mixes several adapters, llama.cpp's mixes), both broadcast against `x`'s leading axes plus M. Every
+    slot's `a @ x` is computed (slots × rank columns beside the projection's thousands) and each token's own kept at
+    their scales: each slot's weights are read once whatever the tokens. A call of fewer (token, adapter) pairs than
+    slots gathers each token's own slots instead (fewer bytes). Which form is fixed by the shapes, at trace time."""
     slots, scales = adapters
-    ids, scale = jnp.broadcast_to(slots, x.shape[:-1]), jnp.broadcast_to(scales, x.shape[:-1])
-    if math.prod(x.shape[:-1]) < a.shape[0]:  # fewer tokens than slots (a decode of few rows): each token's own
-        # slot's weights, gathered, are fewer bytes to read
-        h = jnp.einsum("...i,...ri->...r", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
+    lead = (*x.shape[:-1], slots.shape[-1])
+    ids, scale = jnp.broadcast_to(slots, lead), jnp.broadcast_to(scales, lead)
+    if math.prod(lead) < a.shape[0]:  # fewer pairs than slots (a decode of few rows): each token's own slots'
+        # weights, gathered, are fewer bytes to read
+        h = jnp.einsum("...i,...mri->...mr", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
         h = jnp.where((ids >= 0)[..., None], h * scale[..., None], 0.0).astype(b.dtype)  # (selected: another
-        return jnp.einsum("...r,...or->...o", h, b[jnp.maximum(ids, 0)])  # slot's non-finite values stay out)
+        return jnp.einsum("...mr,...mor->...o", h, b[jnp.maximum(ids, 0)])  # slot's non-finite values stay out)
     h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
-    keep = ids[..., None] == jnp.arange(a.shape[0])
-    h = jnp.where(keep[..., None], h * scale[..., None, None], 0.0).astype(b.dtype)
+    mine = ids[..., None] == jnp.arange(a.shape[0])  # [..., M, slots]
+    weight = jnp.where(mine, scale[..., None], 0.0).sum(-2)  # each slot's scale for the token (0: not its own)
+    h = jnp.where(mine.any(-2)[..., None], h * weight[..., None], 0.0).astype(b.dtype)
     return jnp.einsum("...nr,nor->...o", h, b)
 
 

@@ -276,7 +276,8 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
     ap.add_argument("--lora", action="append", type=_paths, default=[], metavar="FNAME[,FNAME...]",
                     help="llama.cpp's: LoRA adapters (GGUF adapter files, as convert_lora_to_gguf.py writes, or "
                          "PEFT folders) served under their files' names (implies --enable-lora; may be repeated); "
-                         "requests that name no adapter run on the one given, unless --lora-init-without-apply")
+                         "requests that name no adapter run on every one given at once, unless "
+                         "--lora-init-without-apply")
     ap.add_argument("--lora-scaled", dest="lora", action="append", type=_scaled, metavar="FNAME:SCALE[,...]",
                     help="llama.cpp's: as --lora, each adapter at SCALE times the scale it was trained with (for "
                          "requests naming none, until POST /lora-adapters changes it)")
@@ -318,13 +319,11 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
         ap.error(f"--generation-config {args.generation_config}: no generation_config.json there")
     args.lora = [x for xs in args.lora for x in xs]  # (path, scale), in the order given: llama.cpp's ids
     args.lora_modules += [(os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for path, _ in args.lora]
-    if len(args.lora) > 1 and not args.lora_init_without_apply:
-        ap.error("several --lora adapters would each apply to every request (llama.cpp's default), a mix not served "
-                 "here: add --lora-init-without-apply, and pick one per request (its `lora` field, or its model's "
-                 "name) or for all (POST /lora-adapters)")
-    # llama.cpp applies its --lora adapter to every request that names none, at its scale (0: none)
-    applied = args.lora and not args.lora_init_without_apply and args.lora[0][1] != 0
-    args.lora_default = (args.lora_modules[-1][0], args.lora[0][1]) if applied else None
+    # llama.cpp applies its --lora adapters to every request that names none, each at its scale (0: none)
+    named = args.lora_modules[len(args.lora_modules) - len(args.lora):]
+    applied = {} if args.lora_init_without_apply else {
+        name: scale for (name, _), (_, scale) in zip(named, args.lora) if scale != 0}
+    args.lora_default = applied or None
     args.enable_lora |= bool(args.lora_modules)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         ap.error("--max-loras and --max-lora-rank need --enable-lora (or --lora-modules)")
@@ -528,7 +527,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
                         tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy,
-                        max_images=args.max_images, logprobs_mode=args.logprobs_mode)
+                        max_images=args.max_images, logprobs_mode=args.logprobs_mode,
+                        lora_mixes=len(args.lora_default or ()) > 1)
 
 
 class Throttled(logging.Filter):
@@ -703,8 +703,7 @@ def build(args: argparse.Namespace) -> tuple[Server, str] | None:
                     media=Media(args.allowed_media_domains, args.allowed_local_media_path,
                                 max_images=args.max_images))
     if args.lora_default is not None:
-        name, scale = args.lora_default
-        server.lora_default = engine.adapters[name].id, scale
+        server.lora_default = {engine.adapters[name].id: scale for name, scale in args.lora_default.items()}
     what = (f"{engine.runner.slots} slots, context {engine.max_len}, {engine.runner.dp} x "
             f"{engine.sched.pools[0].capacity} KV pages of {engine.page_size}, "
             f"mesh data {engine.runner.dp} x tp {args.tp}")

@@ -4,10 +4,10 @@ under its name as a `model` of every API (`Server.check_model`); `/v1/models` li
 
 llama.cpp's: `GET /lora-adapters` lists the adapters loaded, in load order, as `{"id", "path", "scale"}` (an id is
 the adapter's load number, never reused: `ids`); `POST /lora-adapters` (`[{"id", "scale"}, ...]`, adapters left out
-at scale 0) sets the adapter that requests naming none run on, and a request's own `lora` field (the same list)
-picks its adapter. A scale multiplies the one the adapter was trained with (alpha / r, folded into its weights;
-each token's scale is an input of the step, `models.lora.delta`), so any scale is served; each request runs on one
-adapter, so llama.cpp's mixes of several adapters are 400s that say so (`picked`)."""
+at scale 0) sets the adapters that requests naming none run on, and a request's own `lora` field (the same list)
+picks its own. A scale multiplies the one the adapter was trained with (alpha / r, folded into its weights; each
+token's adapters and scales are inputs of the step, `models.lora.delta`), so any scale and any mix of several
+adapters (llama.cpp's default with several `--lora`) is served."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def routes(app: web.Application, server) -> None:
     app.router.add_post("/lora-adapters", api.scaled)
 
 
-def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> tuple[str | None, float]:
-    """The adapter a llama.cpp list of `{"id", "scale"}` picks from `adapters` (id -> name; None: the served model)
-    and its scale (a multiple of the one it was trained with), or a 400: an id that is none of them, a scale
-    `lora.scale_ok` refuses, or scales that would mix adapters."""
+def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> dict[str, float] | None:
+    """The adapters a llama.cpp list of `{"id", "scale"}` gives a scale other than 0, from `adapters` (id -> name),
+    by name with their scales (multiples of the ones they were trained with; None: the served model), or a 400: an
+    id that is none of them, or a scale `lora.scale_ok` refuses."""
     if not isinstance(scales, list) or not all(isinstance(x, dict) for x in scales):
         raise bad(f"'{param}' must be a list of {{\"id\", \"scale\"}} objects", param)
     chosen: dict[int, float] = {}
@@ -43,11 +43,7 @@ def picked(adapters: dict[int, str], scales: object, param: str = "lora") -> tup
             raise bad(f"'{param}': the scale of adapter {i} must be a number within ±{lora.MAX_SCALE:g}, not "
                       f"{scale!r}", param)
         chosen[i] = float(scale)
-    on = [i for i, scale in chosen.items() if scale != 0]
-    if len(on) > 1:
-        raise bad(f"'{param}': each request runs on one adapter (at any scale); give one adapter a scale and the "
-                  "others 0 (mixes of adapters are not served)", param)
-    return (adapters[on[0]], chosen[on[0]]) if on else (None, 1.0)
+    return {adapters[i]: scale for i, scale in chosen.items() if scale != 0} or None
 
 
 def ids(engine) -> dict[int, str]:
@@ -102,20 +98,20 @@ class Adapters:
 
     async def listed(self, request: web.Request) -> web.Response:
         """GET /lora-adapters (llama.cpp's): each adapter loaded, in load order, with its scale for requests that
-        name none (the one `POST /lora-adapters` or `--lora-scaled` gave it; 0 for the others) and its GGUF file's
-        task name and prompt prefix (empty where none)."""
-        default, scale = self.server.default_adapter()
-        return web.json_response([{"id": a.id, "path": a.path, "scale": scale if name == default else 0.0,
+        name none (the one `POST /lora-adapters`, `--lora` or `--lora-scaled` gave it; 0 for the others) and its
+        GGUF file's task name and prompt prefix (empty where none)."""
+        default = self.server.default_adapter() or {}
+        return web.json_response([{"id": a.id, "path": a.path, "scale": default.get(name, 0.0),
                                    "task_name": a.task_name, "prompt_prefix": a.prompt_prefix}
                                   for name, a in self.server.engine.adapters.items()])
 
     async def scaled(self, request: web.Request) -> web.Response:
-        """POST /lora-adapters (llama.cpp's): the adapter that requests naming none run on, and its scale (`picked`;
-        every scale 0: the served model)."""
+        """POST /lora-adapters (llama.cpp's): the adapters that requests naming none run on, and their scales
+        (`picked`; every scale 0: the served model)."""
         body = await self.server._body(request)
         table = ids(self.server.engine)  # (one copy: the engine's thread may load or unload meanwhile)
-        name, scale = picked(table, body, "body")
-        self.server.lora_default = next(((i, scale) for i, n in table.items() if n == name), None)
+        chosen = picked(table, body, "body") or {}
+        self.server.lora_default = {i: chosen[n] for i, n in table.items() if n in chosen} or None
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:

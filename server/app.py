@@ -103,7 +103,7 @@ class Server:
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
         # the adapter (its load's id) and scale of requests that name none (llama.cpp's /lora-adapters): by id, so
         # another adapter loaded later under its name is not it
-        self.lora_default: tuple[int, float] | None = None
+        self.lora_default: dict[int, float] | None = None
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout
         self.draining = False  # set on SIGTERM/SIGINT: new requests get 503, /health turns 503
@@ -328,28 +328,28 @@ class Server:
         return DEADLINE.get()
 
     def served(self, call: "Call") -> str:
-        """The model a call's reply names: its LoRA adapter's name, or the served model's."""
-        return call.adapter or self.name
+        """The model a call's reply names: its LoRA adapter's name where it runs on one, else the served model's."""
+        one = [call.adapter] if isinstance(call.adapter, str) else list(call.adapter or ())
+        return one[0] if len(one) == 1 else self.name
 
-    def adapter_of(self, body) -> tuple[str | None, float]:
-        """The LoRA adapter a call runs on and its scale: the one its `model` names (`check_model`; its own scale),
-        or its llama.cpp `lora` list picks (`adapters.picked`; a 400 where the two differ), else the default of
-        llama.cpp's `/lora-adapters`."""
+    def adapter_of(self, body) -> str | dict[str, float] | None:
+        """The LoRA adapters a call runs on, as `Engine.make_request` takes them: the one its `model` names
+        (`check_model`; at its own scale), or those its llama.cpp `lora` list gives scales (`adapters.picked`; a 400
+        where the two differ), else the default of llama.cpp's `/lora-adapters` (None: the served model)."""
         named = self.check_model(body)
         if isinstance(body, dict) and body.get("lora") is not None:
-            chosen, scale = adapters.picked(adapters.ids(self.engine), body["lora"])
-            if named is not None and chosen != named:
-                raise bad(f"'model' names the adapter {named!r} and 'lora' picks {chosen or 'none'!r}; give one",
-                          "lora")
-            return chosen, scale
-        return (named, 1.0) if named is not None else self.default_adapter()
+            chosen = adapters.picked(adapters.ids(self.engine), body["lora"])
+            if named is not None and set(chosen or ()) != {named}:
+                raise bad(f"'model' names the adapter {named!r} and 'lora' picks {sorted(chosen or ()) or 'none'}; "
+                          "give one", "lora")
+            return chosen
+        return named if named is not None else self.default_adapter()
 
-    def default_adapter(self) -> tuple[str | None, float]:
-        """The adapter requests naming none run on and its scale (llama.cpp's `POST /lora-adapters`, or
-        `--lora`), while it is loaded; else `(None, 1.0)`: the served model."""
-        if self.lora_default is None or (name := adapters.ids(self.engine).get(self.lora_default[0])) is None:
-            return None, 1.0
-        return name, self.lora_default[1]
+    def default_adapter(self) -> dict[str, float] | None:
+        """The adapters requests naming none run on and their scales (llama.cpp's `POST /lora-adapters`, or
+        `--lora`), those still loaded; None: the served model."""
+        table = adapters.ids(self.engine)
+        return {table[i]: scale for i, scale in (self.lora_default or {}).items() if i in table} or None
 
     def check_model(self, body) -> str | None:
         """The LoRA adapter a body's `model` names (None: the served model, or no `model`); 404 for another."""
@@ -370,9 +370,9 @@ class Server:
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {names}", "model",
                        code="model_not_found")
 
-    def _requests(self, job: Job, rid: str, adapter: str | None, scale: float) -> list[tuple[int, Request]]:
-        """`(prompt index, engine request)` pairs, on LoRA `adapter` (None: the served model) at `scale`; n beyond
-        one data shard's decode slots is split over several requests."""
+    def _requests(self, job: Job, rid: str, adapter: str | dict[str, float] | None) -> list[tuple[int, Request]]:
+        """`(prompt index, engine request)` pairs, on the LoRA adapters `adapter` names (`adapter_of`; None: the
+        served model); n beyond one data shard's decode slots is split over several requests."""
         out, n, slots = [], job.params.n, self.engine.runner.per_shard
         for i, ids in enumerate(job.prompts):
             for first in range(0, n, slots):
@@ -382,7 +382,7 @@ class Server:
                         ids, params, f"{rid}-{i}-{first}", truncate=job.truncate, first_choice=first,
                         prompt_cache_max_len=job.cache_max_len, prompt_cache_isolation_key=job.cache_key,
                         grammar=job.grammar, thinking=self._budget(job), prediction=job.prediction,
-                        grammar_checked=self.engine.tok is not None, adapter=adapter, adapter_scale=scale,
+                        grammar_checked=self.engine.tok is not None, adapter=adapter,
                         priority=job.priority, images=job.images)))
                 except Busy as e:
                     raise busy(str(e)) from None
@@ -589,7 +589,7 @@ class Server:
             if (parsing := self.stages["parsing"]) >= self.max_queued + self.engine.runner.slots:
                 raise busy(f"the server is busy ({parsing} requests being parsed)")
             self._stage(call, "parsing")
-            call.adapter, call.adapter_scale = self.adapter_of(body)
+            call.adapter = self.adapter_of(body)
             resp = await answer(body, call)
             status = 408 if call.cut else resp.status
             return resp
@@ -846,7 +846,7 @@ class Server:
         if not self.aengine.alive:  # its thread died: nothing would ever answer
             raise self.engine_stopped()
         call.rid = f"{prefix}{uuid.uuid4().hex[:24]}"
-        parts = self._requests(job, call.rid, call.adapter, call.adapter_scale)
+        parts = self._requests(job, call.rid, call.adapter)
         queued = self.backlog(sum(len(r.choices) for _, r in parts))
         if queued is not None and queued >= self.max_queued:
             raise busy(f"the server is busy ({queued} sequences waiting for a slot)")
@@ -875,7 +875,7 @@ class Server:
                 try:
                     reqs = [self.engine.make_request(
                         seq, beam.step_params(s), f"{call.rid}-beam{step}-{j}", adapter=call.adapter,
-                        adapter_scale=call.adapter_scale, prompt_cache_max_len=job.cache_max_len,
+                        prompt_cache_max_len=job.cache_max_len,
                         prompt_cache_isolation_key=job.cache_key, priority=job.priority)
                         for j, (s, seq) in enumerate(ran)]
                 except InvalidRequest as e:
@@ -1362,8 +1362,8 @@ class Call:
     took: "Took" = dataclasses.field(default_factory=lambda: Took())
     stage: str | None = None  # counted in `Server.stages` while "reading" or "parsing"
     cut: bool = False  # its stream was cut: the client fell behind or stopped reading (accounted as 408)
-    adapter: str | None = None  # the LoRA adapter its `model` names (None: the served model)
-    adapter_scale: float = 1.0  # ... at this multiple of its own scale (llama.cpp's `lora` field)
+    # the LoRA adapters it runs on (`Server.adapter_of`: a name, or {name: scale}; None: the served model)
+    adapter: str | dict[str, float] | None = None
     detached: bool = False  # its reply goes on in a task of its own (`Server.detach`), which accounts for it
     grammar_param: str | None = None  # the field that asked for its grammar, named if the grammar fails
 

@@ -118,7 +118,7 @@ class Embeddings:
         self.waiting += 1
         try:
             async with asyncio.timeout_at(srv.deadline()):
-                return await self._embed(inputs, call.adapter, call.adapter_scale, mode or self.mode)
+                return await self._embed(inputs, call.adapter, mode or self.mode)
         except TimeoutError:
             raise srv.timed_out() from None
         finally:
@@ -139,18 +139,19 @@ class Embeddings:
         return web.Response(body=json.dumps({**head, "data": data, "usage": usage}).encode(),
                             content_type="application/json")
 
-    async def _embed(self, inputs: list[list[int]], adapter: str | None, scale: float, mode: str) -> np.ndarray:
+    async def _embed(self, inputs: list[list[int]], adapter: str | dict[str, float] | None, mode: str) -> np.ndarray:
         """The inputs' pooled vectors: shortest first, a call (`Runner.embed_calls`) of at most a step's prompt budget
         of padded tokens (`--max-prefill-tokens`, or a chunk; a longer input alone, a chunk a call: `Pieces`) at a
         time, its program compiled on a parse thread and the call run on the engine's thread between its steps."""
         srv, runner = self.server, self.server.engine.runner
         budget = max(runner.rc.max_prefill_tokens, runner.chunk)
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
+        width = len(adapter) if isinstance(adapter, dict) else int(adapter is not None)  # (`adapter_of`: no 0s)
         srv.engine_calls += 1  # a sleep or weight swap waits for the call's every part
         try:
             for _, _, part, pieced in runner.embed_calls([len(x) for x in inputs], budget):
                 batch = [inputs[i] for i in part]
-                await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, adapter is not None, budget)
+                await srv.off_loop(runner.embed_compile, [len(x) for x in batch], mode, width, budget)
                 try:
                     if pieced and jax.process_count() == 1:  # pieces, and
                         # other requests' steps between them (a group runs them in one mirrored call); one input at
@@ -159,11 +160,11 @@ class Embeddings:
                         async with self.long:
                             pieces = Pieces(batch[0], mode, runner.piece_size(budget))
                             while not pieces.done:
-                                await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter, scale))
+                                await srv.on_engine(lambda engine: engine.embed_next(pieces, adapter))
                         out[part] = pieces.pooled
                     else:
                         out[part] = await srv.on_engine(
-                            lambda engine: engine.embed(batch, mode, adapter, budget, scale))
+                            lambda engine: engine.embed(batch, mode, adapter, budget))
                 except InvalidRequest as e:
                     if e.param == "model":  # its LoRA adapter was unloaded since the call named it
                         raise ApiError(404, str(e), "model", code="model_not_found") from None

@@ -56,6 +56,6 @@ async def invocations(server, embeddings, scores, request: web.Request) -> web.S
         respond = answer_for(body, request, server, embeddings, scores)
         if (adapter := request.headers.get(ADAPTER)) is not None:
             body = {**body, "model": adapter}
-            call.adapter, call.adapter_scale = server.adapter_of(body)
+            call.adapter = server.adapter_of(body)
         return await respond(body, call)
     return await server.serve(request, answer)

@@ -290,7 +290,7 @@ class SGLang:
         async def answer(body, call) -> web.StreamResponse:
             plain, stops, single = generate_body(body)
             try:  # errors name SGLang's fields
-                call.adapter, call.adapter_scale = self.server.adapter_of(plain)
+                call.adapter = self.server.adapter_of(plain)
                 job = await self.server.parse(plain, "completion", protocol.HOT)
                 job.params.stop = stops
                 logprobs = _logprob_options(body, job.prompts)
@@ -339,7 +339,7 @@ class SGLang:
             prompt, single = _prompt(body)
             param, adapter = "text" if body.get("text") is not None else "input_ids", _lora_path(body)
             try:
-                call.adapter, call.adapter_scale = self.server.adapter_of({"model": adapter})
+                call.adapter = self.server.adapter_of({"model": adapter})
             except ApiError as e:
                 raise e.renamed({"model": "lora_path"}) from None
             items = [prompt] if single else prompt

@@ -239,17 +239,19 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
     assert parse_args(["--quantization", "w8a8_fp8"]).quantization == "fp8"  # SGLang's name for vLLM's fp8
     one = parse_args(["--lora", "/x/my-adapter.gguf"])  # llama.cpp's: named after its file, applied to every request
     assert one.enable_lora and one.lora_modules == [("my-adapter", "/x/my-adapter.gguf")]
-    assert one.lora_default == ("my-adapter", 1.0)
+    assert one.lora_default == {"my-adapter": 1.0}
     quiet = parse_args(["--lora", "a.gguf", "--lora", "peft/b/", "--lora-init-without-apply"])
     assert quiet.lora_modules == [("a", "a.gguf"), ("b", "peft/b/")] and quiet.lora_default is None
     scaled = parse_args(["--lora-scaled", "/x/c:1.gguf:0.5"])  # the scale after the last colon
-    assert scaled.lora_modules == [("c:1", "/x/c:1.gguf")] and scaled.lora_default == ("c:1", 0.5)
+    assert scaled.lora_modules == [("c:1", "/x/c:1.gguf")] and scaled.lora_default == {"c:1": 0.5}
     listed = parse_args(["--lora-scaled", "c.gguf:2,d.gguf:-1", "--lora", "a.gguf,b.gguf", "--lora-init-without-apply"])
     assert [n for n, _ in listed.lora_modules] == ["c", "d", "a", "b"] and listed.lora_default is None  # (llama.cpp's
     assert parse_args(["--lora-scaled", "c.gguf:0"]).lora_default is None  # ids: the order given); scale 0: none
+    mixed = parse_args(["--lora", "a.gguf", "--lora-modules", "m=/m", "--lora-scaled", "c.gguf:2,d.gguf:0"])
+    assert mixed.lora_default == {"a": 1.0, "c": 2.0}  # llama.cpp's default: every one, each at its scale
+    assert runner_config(mixed).lora_mixes and not runner_config(one).lora_mixes  # (the warm-up: its programs)
     for bad in (["--lora-scaled", "c.gguf"], ["--lora-scaled", "c.gguf:half"], ["--lora-scaled", "c.gguf:inf"],
-                ["--lora-scaled", "c.gguf:1e9"], ["--lora", "a.gguf,"],
-                ["--lora", "a.gguf", "--lora-scaled", "c.gguf:2"]):  # (the last: a mix)
+                ["--lora-scaled", "c.gguf:1e9"], ["--lora", "a.gguf,"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert parse_args([]).lora_default is None and not parse_args([]).enable_lora
@@ -272,7 +274,7 @@ def test_the_flags_take_vllms_sglangs_and_llama_cpps_names(tmp_path, capsys):
             parse_args(["--override-generation-config", wrong])
         assert "--override-generation-config" in capsys.readouterr().err
     for wrong in (["--generation-config", str(tmp_path / "none")], ["--default-chat-template-kwargs", "[]"],
-                  ["--default-chat-template-kwargs", '{"messages": []}'], ["--lora", "a.gguf", "--lora", "b.gguf"]):
+                  ["--default-chat-template-kwargs", '{"messages": []}']):
         with pytest.raises(SystemExit):
             parse_args(wrong)
     assert parse_args(["--chat-template-kwargs", '{"enable_thinking": false}']).default_chat_template_kwargs == {

@@ -52,9 +52,30 @@ def _set_scale(pm, scale: float) -> None:
             m.set_scale("default", scale)
 
 
+def _mixed(base, mix: dict[str, float]) -> torch.nn.Module:
+    """PEFT's model of `base` with several adapters active at once (`{folder: scale}`, each scale a multiple of the
+    adapter's own, `set_scale`): the reference of llama.cpp's mixes. `unload()` gives `base` back."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import LoraLayer
+
+    names = [f"m{i}" for i in range(len(mix))]
+    pm = None
+    for name, folder in zip(names, mix):
+        if pm is None:
+            pm = PeftModel.from_pretrained(base, folder, adapter_name=name)
+        else:
+            pm.load_adapter(folder, adapter_name=name)
+    pm.base_model.set_adapter(names)
+    for m in pm.modules():
+        if isinstance(m, LoraLayer):
+            for name, scale in zip(names, mix.values()):
+                m.set_scale(name, scale)
+    return pm.eval()
+
+
 def _logits(model, params, rows, adapters, scales):
-    """Logits of each row (one right-padded batch, `helpers.our_logits`' layout) with each row's LoRA slot and
-    scale."""
+    """Logits of each row (one right-padded batch, `helpers.our_logits`' layout) with each row's LoRA slots and
+    scales (`[rows, M]`)."""
     b, s = len(rows), max(map(len, rows))
     toks = np.zeros((b, s), np.int32)
     for i, r in enumerate(rows):
@@ -65,14 +86,16 @@ def _logits(model, params, rows, adapters, scales):
     fn = jax.jit(lambda p, a: model.module.apply(p, toks, pos, table, KVCache.zeros(model.cfg, 1 + b * n, 16), None,
                                                  True, a)[0])
     out = np.asarray(fn(params, (np.asarray(adapters, np.int32)[:, None], np.asarray(scales, np.float32)[:, None])))
+    # (each row's `[1, M]`: broadcast over its tokens)
     return [out[i, :len(r)] for i, r in enumerate(rows)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
 def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
     """Rows with an adapter match PEFT's model with it, rows without match the base model, in one batch; an adapter
-    of lower rank than the slots' (padded) and one over some projections only (rsLoRA's scale) too, and a row at
-    another scale (llama.cpp's) matches PEFT's model at it (`set_scale`)."""
+    of lower rank than the slots' (padded) and one over some projections only (rsLoRA's scale) too, a row at
+    another scale (llama.cpp's) matches PEFT's model at it (`set_scale`), and a row mixing both adapters (llama.cpp's
+    mixes) PEFT's model with both active."""
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
     base = _hf_model(kind, str(tmp_path / "hf"))
     with torch.no_grad():
@@ -100,14 +123,20 @@ def test_adapter_logits_match_peft(kind, tmp_path, monkeypatch):
         ratio = converted.scale / peft.scale
         for (where, g), p in zip(jax.tree_util.tree_leaves_with_path(converted.tree), jax.tree.leaves(peft.tree)):
             np.testing.assert_allclose(g, p * (ratio if "lora_b" in str(where) else 1.0), rtol=1e-6, atol=1e-7)
-    for adapters, scales in (([0, 1, -1], [-0.5, 1, 1]), ([1, -1, 0], [1, 1, 1])):
+    both = _mixed(base, {str(tmp_path / "a0"): -0.5, str(tmp_path / "a1"): 1.0})
+    with torch.no_grad():
+        mixed = both(torch.tensor([ROWS[0]])).logits[0].numpy()
+    for adapters, scales, wanted in [([[0], [1], [-1]], [[-0.5], [1], [1]], [rescaled, wants[1][1], plain[2]]),
+                                     ([[1], [-1], [0]], [[1], [1], [1]], [wants[1][0], plain[1], wants[0][2]]),
+                                     ([[0, 1], [-1, -1], [1, -1]], [[-0.5, 1], [1, 1], [1, 1]],
+                                      [mixed, plain[1], wants[1][2]])]:
         got = _logits(model, params, ROWS, adapters, scales)
-        for i, (g, a, x) in enumerate(zip(got, adapters, scales)):
-            want = plain[i] if a < 0 else rescaled if x != 1 else wants[a][i]
+        for i, (g, want) in enumerate(zip(got, wanted)):
             scale = np.abs(want).max()
             assert np.abs(g - want).max() <= 1e-4 * scale, (kind, adapters, i)
-            if a >= 0:  # the adapter changes the logits (a test that would pass without it would prove nothing)
-                assert np.abs(want - plain[i]).max() > 1e-2 * scale
+            if adapters[i][0] >= 0:  # the adapter changes the logits (a test that would pass without it would
+                assert np.abs(want - plain[i]).max() > 1e-2 * scale  # prove nothing)
+    assert np.abs(mixed - rescaled).max() > 1e-2 * np.abs(mixed).max()  # (the second adapter matters in the mix)
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
@@ -132,6 +161,9 @@ def adapters(tmp_path_factory):
             _set_scale(pm, 0.5)
             want["a", 0.5] = [_greedy(pm, p, 10) for p in PROMPTS]
         base = pm.unload()
+    both = _mixed(base, {str(folder / "a"): 1.0, str(folder / "b"): -0.5})  # llama.cpp's mixes
+    want["mix"] = [_greedy(both, p, 10) for p in PROMPTS]
+    both.unload()
     return folder, want
 
 
@@ -166,8 +198,9 @@ def test_a_long_input_embeds_in_pieces_on_its_one_adapter(adapters, monkeypatch,
 @pytest.mark.parametrize("flat", [False, True])
 def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch, tmp_path):
     """Greedy tokens equal PEFT's for each adapter (at its own scale and at half of it) and the base model's
-    without, all in one batch; a prompt cached under one adapter or scale is not reused under another (its K/V
-    differ), and is under the same one; loading another adapter compiles nothing."""
+    without, all in one batch, and for a mix of both adapters (PEFT's with both active) in a batch beside one and
+    none; a prompt cached under one adapter, scale or mix is not reused under another (its K/V differ), and is under
+    the same one; loading another adapter compiles nothing; bad scales are InvalidRequests."""
     from engine.engine import Engine
 
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -178,8 +211,8 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
     eng.load_adapter("a", lora.read(str(folder / "a"), model))
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     names = ["a", None, ("a", 0.5), None, "a", ("a", 0.5)]
-    reqs = [eng.make_request(p, sp, adapter=n[0] if isinstance(n, tuple) else n,
-                             adapter_scale=n[1] if isinstance(n, tuple) else 1.0) for p, n in zip(PROMPTS * 2, names)]
+    reqs = [eng.make_request(p, sp, adapter={n[0]: n[1]} if isinstance(n, tuple) else n)
+            for p, n in zip(PROMPTS * 2, names)]
     for r in reqs:
         eng.add(r)
     while eng.has_work():
@@ -195,12 +228,30 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
     again = run_all(eng, [PROMPTS[0]], [sp], adapter="b") + run_all(eng, [PROMPTS[0]], [sp], adapter="a")
     assert [r.choices[0].token_ids for r in again] == [want["b"][0], want["a"][0]]
     assert again[0].cached_tokens == 0 and again[1].cached_tokens >= 32  # b's first sight; a's pages again
-    halved = [run_all(eng, [PROMPTS[0]], [sp], adapter="a", adapter_scale=0.5)[0] for _ in range(2)]
+    halved = [run_all(eng, [PROMPTS[0]], [sp], adapter={"a": 0.5, "b": 0})[0] for _ in range(2)]  # (b at 0: not on)
     assert [r.choices[0].token_ids for r in halved] == [want["a", 0.5][0]] * 2
     assert halved[0].cached_tokens == 0 and halved[1].cached_tokens >= 32  # not a's pages at 1; its own again
+    mix = {"b": -0.5, "a": 1.0}  # both adapters on each token of a row, beside a row on one and one on none
+    for turn in range(2):
+        reqs = [eng.make_request(p, sp, adapter=n) for p, n in zip(PROMPTS, [mix, "b", None])]
+        for r in reqs:
+            eng.add(r)
+        while eng.has_work():
+            eng.step()
+        assert [r.choices[0].token_ids for r in reqs] == [want["mix"][0], want["b"][1], want[None][2]]
+        assert (reqs[0].cached_tokens >= 32) == (turn == 1)  # not a's pages, nor b's; its own the second time
+    widths = {key[0][-1][0][0][-1] for key in eng.runner._decode.exes if key[0][-1] is not None}
+    assert widths == {1, 2}  # (the adapters' `[slots, M]`: one a row, and every slot where a row mixes)
+    warmed = lambda: {args[-1][0].shape[-1] for fn, args, _ in eng.runner.warm_jobs()  # noqa: E731
+                      if fn is eng.runner._decode and args[-1] is not None}
+    assert warmed() == {1}
+    eng.runner.rc = dataclasses.replace(eng.runner.rc, lora_mixes=True)  # (`--lora` several: the default mixes)
+    assert warmed() == {1, 2}
     for bad in (float("nan"), 1e300, 10 ** 400, "2"):
         with pytest.raises(InvalidRequest, match="within"):
-            eng.make_request(PROMPTS[0], sp, adapter="a", adapter_scale=bad)
+            eng.make_request(PROMPTS[0], sp, adapter={"a": bad})
+    with pytest.raises(InvalidRequest, match="no LoRA adapter 'c'"):
+        eng.make_request(PROMPTS[0], sp, adapter={"a": 1.0, "c": 1.0})
 
 
 def test_adapter_lifecycle_and_errors(adapters, monkeypatch, tmp_path):
@@ -330,6 +381,9 @@ def served(smollm, tmp_path_factory):
                 _set_scale(pm, scale)
                 want[name, scale] = _greedy(pm, prompt, 8)
         base = pm.unload()
+    both = _mixed(base, {str(folder / "tuned"): 1.0, str(folder / "other"): 0.5})  # llama.cpp's mixes
+    want["mix"] = _greedy(both, prompt, 8)
+    base = both.unload()
     cfg = base.config  # "other" as llama.cpp's converter writes it too (`test_llama_cpp_lora_...` loads that)
     gguf_adapter(str(folder / "other"), str(folder / "other.gguf"), "llama", cfg.num_hidden_layers,
                  cfg.num_attention_heads, cfg.num_key_value_heads, task_name="other-task", prompt_prefix="Q: ")
@@ -423,10 +477,10 @@ def test_server_serves_adapters_by_model_name(served):
 
 def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served):
     """llama.cpp's `/lora-adapters` lists the adapters in load order (ids: load numbers, never reused); `POST` sets
-    the one requests naming none run on and its scale, and a request's own `lora` list picks its own (PEFT's greedy
-    tokens each time, at PEFT's `set_scale` for other scales; the second adapter read from the GGUF file llama.cpp's
-    converter writes); mixes of adapters, scales that are not numbers, unknown ids and a `model` naming another
-    adapter are 400s."""
+    those requests naming none run on and their scales, and a request's own `lora` list picks its own (PEFT's greedy
+    tokens each time, at PEFT's `set_scale` for other scales, with both adapters active for a mix; the second adapter
+    read from the GGUF file llama.cpp's converter writes); scales that are not numbers, unknown ids and a `model`
+    naming another adapter are 400s."""
     api, folder, prompt, want = served
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x")
 
@@ -469,7 +523,9 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
     assert tokens(lora=[]) == ("base", want[None])  # its own list: none
     assert tokens(lora=[{"id": t, "scale": 0.5}, {"id": o, "scale": 0}]) == ("tuned", want["tuned", 0.5])
     assert want["tuned", 0.5] != want["tuned"] != want["tuned", 2.0]  # (the scales matter)
-    for mix in ([{"id": t, "scale": 1}, {"id": o, "scale": 0.5}], [{"id": o + 1, "scale": 1}], "tuned", [{"scale": 1}],
+    mix = [{"id": t, "scale": 1}, {"id": o, "scale": 0.5}]  # llama.cpp's mixes: the reply names the served model
+    assert tokens(lora=mix) == ("base", want["mix"]) and want["mix"] not in (want["tuned"], want["other"])
+    for mix in ([{"id": o + 1, "scale": 1}], "tuned", [{"scale": 1}],
                 [{"id": t, "scale": "0.5"}], [{"id": t, "scale": True}], [{"id": t, "scale": 10 ** 400}],
                 [{"id": t, "scale": 1e300}]):
         with pytest.raises(openai.BadRequestError, match="lora"):
@@ -480,7 +536,9 @@ def test_llama_cpp_lora_adapters_route_and_field_pick_a_requests_adapter(served)
     assert call("POST", "/lora-adapters", [{"id": t, "scale": 2}]) == (200, {"success": True})
     assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [2.0, 0.0]
     assert tokens() == ("tuned", want["tuned", 2.0])  # naming none: the default at its scale
-    assert call("POST", "/lora-adapters", [{"id": t, "scale": 1}, {"id": o, "scale": 1}])[0] == 400
+    assert call("POST", "/lora-adapters", [{"id": o, "scale": 0.5}, {"id": t, "scale": 1}])[1] == {"success": True}
+    assert [a["scale"] for a in call("GET", "/lora-adapters")[1]] == [1.0, 0.5]
+    assert tokens() == ("base", want["mix"])  # naming none: the default mix
     assert call("POST", "/lora-adapters", [])[1] == {"success": True}  # back to the served model
     assert tokens() == ("base", want[None])
     # an id is never reused: after an unload and a load, the one a client holds still means its adapter or none, and
@@ -522,20 +580,28 @@ def test_mixtures_and_latent_attention_take_adapters_where_they_apply(tmp_path, 
 
 
 def test_delta_gathers_for_few_tokens_and_masks_for_many():
-    """`lora.delta`'s two forms (each token's slot gathered, below the slots' count; every slot masked, from it)
-    against `scale · b[s] @ a[s] @ x` token by token, with tokens on no adapter and at other scales (0, negative)."""
+    """`lora.delta`'s two forms (each token's slots gathered, below the slots' count of (token, adapter) pairs; every
+    slot masked, from it) against the sum of `scale · b[s] @ a[s] @ x` over each token's adapters, token by token,
+    with tokens on no adapter, at other scales (0, negative) and on mixes of several (M = 2, 3; a slot twice adds
+    twice)."""
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4, 3, 8)).astype(np.float32), rng.normal(size=(4, 5, 3)).astype(np.float32)
-    for shape, ids, scales in [((1, 1, 8), [[2]], [[0.5]]), ((3, 1, 8), [[0], [-1], [3]], [[1], [1], [-2]]),
-                               ((2, 3, 8), [[1, 1, 1], [-1, -1, -1]], [[1.5], [1]]),
-                               ((1, 6, 8), [[0, 1, 2, 3, -1, 0]], [[1, 0, 2, 1, 1, 0.25]])]:
+    for shape, ids, scales in [((1, 1, 8), [[[2]]], [[[0.5]]]),
+                               ((3, 1, 8), [[[0]], [[-1]], [[3]]], [[[1]], [[1]], [[-2]]]),
+                               ((2, 3, 8), [[[1], [1], [1]], [[-1], [-1], [-1]]], [[[1.5]], [[1]]]),
+                               ((1, 6, 8), [[[0], [1], [2], [3], [-1], [0]]], [[[1], [0], [2], [1], [1], [0.25]]]),
+                               ((1, 1, 8), [[[1, 3]]], [[[0.5, -2]]]),  # a mix, gathered (2 pairs < 4 slots)
+                               ((3, 1, 8), [[[0, 2]], [[-1, -1]], [[3, -1]]], [[[1, 1]], [[1, 1]], [[-1, 0.5]]]),
+                               ((1, 2, 8), [[[0, 1, 2], [3, 3, -1]]], [[[1, 0.5, -1], [1, 2, 1]]])]:
         x = rng.normal(size=shape).astype(np.float32)
-        ids = np.broadcast_to(np.asarray(ids, np.int32), shape[:-1])
+        ids = np.broadcast_to(np.asarray(ids, np.int32), shape[:-1] + (np.shape(ids)[-1],))
         scales = np.asarray(scales, np.float32)  # (broadcast by `delta` itself)
+        every = np.broadcast_to(scales, ids.shape)
         want = np.zeros(shape[:-1] + (5,), np.float32)
         for i in np.ndindex(*shape[:-1]):
-            if ids[i] >= 0:
-                want[i] = np.broadcast_to(scales, shape[:-1])[i] * (b[ids[i]] @ (a[ids[i]] @ x[i]))
+            for s, x_s in zip(ids[i], every[i]):
+                if s >= 0:
+                    want[i] += x_s * (b[s] @ (a[s] @ x[i]))
         got = jax.jit(lora.delta)(x, a, b, (ids, scales))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
