@@ -79,8 +79,10 @@ def main() -> None:
                                              slotted))
         engines[f"{args.max_loras} slots, requests on the base model"] = (eng, [None])
         engines[f"{args.max_loras} slots of rank {args.max_lora_rank}, every request on one"] = (eng, names)
-        mixes = [{a: 1.0, b: 0.5} for a, b in zip(names, names[1:] + names[:1])]  # llama.cpp's mixes
-        engines[f"{args.max_loras} slots of rank {args.max_lora_rank}, every request on a mix of two"] = (eng, mixes)
+        if len(names) > 1:  # llama.cpp's mixes
+            mixes = [{a: 1.0, b: 0.5} for a, b in zip(names, names[1:] + names[:1])]
+            engines[f"{args.max_loras} slots of rank {args.max_lora_rank}, every request on a mix of two"] = (eng,
+                                                                                                            mixes)
         for label, (e, adapters) in engines.items():
             for n in levels:
                 run(e, n, 8, adapters)  # compile this level's shapes

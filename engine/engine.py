@@ -1008,11 +1008,11 @@ class Engine:
             return min(left - 1, left - min(CLOSE_MARGIN, req.max_tokens // 3) - 1)
         return left - 1
 
-    def _on_lora(self, slots) -> bool:
-        """Whether a running choice in `slots` uses a LoRA adapter: its steps run the programs with the LoRA terms
-        (`Runner._adapters`), timed apart from the others."""
+    def _on_lora(self, slots) -> int:
+        """Which programs the running choices in `slots` run, timed apart (`Runner._adapters`): 0, those without the
+        LoRA terms; 1, with them, each row on one adapter at most; 2, some row mixes several."""
         running = self.sched.running
-        return any(running[s][0].adapters for s in slots if s in running)
+        return min(2, max((len(running[s][0].adapters) for s in slots if s in running), default=0))
 
     def _timed_call(self, key: tuple, fn, *args):
         """Run a device call and fold its wall time into `timing[key]` (unless it compiled a program)."""

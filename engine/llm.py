@@ -166,7 +166,7 @@ class LLM:
         return ids, [self.engine.images.encode(vision.preprocess(p, self.model.vision)) for p in pictures]
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None, predictions=None,
-             lora: str | list[str | None] | None = None, **cache: Any) -> list[RequestOutput]:
+             lora: str | dict | list[str | dict | None] | None = None, **cache: Any) -> list[RequestOutput]:
         """Run one conversation (a list of messages) or several through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -204,13 +204,14 @@ class LLM:
               lora: str | dict | None = None) -> np.ndarray:
         """Embeddings of prompts (text or token ids; vLLM's `LLM.embed`): float32 `[len(prompts), hidden]`, the
         final hidden states pooled (`models.pooling`: as the model folder asks, or by `pooling`) and normalized
-        (as it asks, or as `normalize` says), with LoRA adapter `lora` (None: the base model)."""
+        (as it asks, or as `normalize` says), with LoRA adapter `lora` (None: the base model; `{name: scale}`: as
+        `generate` takes it)."""
         prompts = _prompts(prompts)
         mode, norm = pooling_of.default(self.model.source)
         vectors = self.engine.embed([encode_prompt(self.model, p) for p in prompts], pooling or mode, lora)
         return pooling_of.finish(vectors, norm if normalize is None else normalize)
 
-    def score(self, text_1, text_2, pooling: str | None = None, lora: str | None = None) -> np.ndarray:
+    def score(self, text_1, text_2, pooling: str | None = None, lora: str | dict | None = None) -> np.ndarray:
         """Scores of text pairs (as vLLM's `LLM.score`, as an array), one `text_1` against every `text_2` or the two
         lists item by item; float32 `[len(text_2)]`: a cross-encoder's relevance of each pair of strings joined by
         the tokenizer (a folder of `...ForSequenceClassification` with one label; `pooling` does not apply), else

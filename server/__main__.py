@@ -283,7 +283,7 @@ def parse_args(argv=None, prog: str = "python -m server", more=None, description
                          "requests naming none, until POST /lora-adapters changes it)")
     ap.add_argument("--lora-init-without-apply", action="store_true",
                     help="llama.cpp's: --lora and --lora-scaled adapters are loaded, and requests that name none run "
-                         "on the model until POST /lora-adapters picks one")
+                         "on the model until POST /lora-adapters picks some")
     ap.add_argument("--max-loras", type=int, default=None,
                     help="with --enable-lora: LoRA adapters held at once, each in one batch with the others "
                          "(default: 4, or as many as --lora-modules, --lora and --lora-scaled name)")

@@ -101,8 +101,8 @@ class Server:
         self.engine_calls = 0  # calls running work on the engine outside its requests (embeddings, beam rounds)
         self.updating = asyncio.Lock()
         self.aliases = aliases  # more names the served model answers to (`--served-model-name A B ...`)
-        # the adapter (its load's id) and scale of requests that name none (llama.cpp's /lora-adapters): by id, so
-        # another adapter loaded later under its name is not it
+        # the adapters (their loads' ids) and scales of requests that name none (llama.cpp's /lora-adapters): by
+        # id, so another adapter loaded later under its name is not one
         self.lora_default: dict[int, float] | None = None
         self.max_queued = max_queued if max_queued is not None else 4 * self.engine.runner.slots
         self.request_timeout = request_timeout

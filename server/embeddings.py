@@ -146,7 +146,7 @@ class Embeddings:
         srv, runner = self.server, self.server.engine.runner
         budget = max(runner.rc.max_prefill_tokens, runner.chunk)
         out = np.zeros((len(inputs), srv.model.cfg.hidden_size), np.float32)
-        width = len(adapter) if isinstance(adapter, dict) else int(adapter is not None)  # (`adapter_of`: no 0s)
+        width = sum(x != 0 for x in adapter.values()) if isinstance(adapter, dict) else int(adapter is not None)
         srv.engine_calls += 1  # a sleep or weight swap waits for the call's every part
         try:
             for _, _, part, pieced in runner.embed_calls([len(x) for x in inputs], budget):
