@@ -48,11 +48,14 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, adapters: tuple[jax.Array, j
     slots, scales = adapters
     lead = (*x.shape[:-1], slots.shape[-1])
     ids, scale = jnp.broadcast_to(slots, lead), jnp.broadcast_to(scales, lead)
-    if math.prod(lead) < a.shape[0]:  # fewer pairs than slots (a decode of few rows): each token's own slots'
-        # weights, gathered, are fewer bytes to read
-        h = jnp.einsum("...i,...mri->...mr", x, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
-        h = jnp.where((ids >= 0)[..., None], h * scale[..., None], 0.0).astype(b.dtype)  # (selected: another
-        return jnp.einsum("...mr,...mor->...o", h, b[jnp.maximum(ids, 0)])  # slot's non-finite values stay out)
+    if math.prod(lead) < a.shape[0]:  # fewer pairs than slots (a decode of few rows): each pair's slot's weights,
+        # gathered, are fewer bytes to read (the pairs flattened: one batched product each, not a broadcast one)
+        ids, scale = ids.reshape(-1), scale.reshape(-1)
+        xs = jnp.broadcast_to(x[..., None, :], (*lead, x.shape[-1])).reshape(-1, x.shape[-1])
+        h = jnp.einsum("pi,pri->pr", xs, a[jnp.maximum(ids, 0)], preferred_element_type=jnp.float32)
+        h = jnp.where((ids >= 0)[:, None], h * scale[:, None], 0.0).astype(b.dtype)  # (selected: another slot's
+        out = jnp.einsum("pr,por->po", h, b[jnp.maximum(ids, 0)])  # non-finite values stay out)
+        return out.reshape(*lead, -1).sum(-2)
     h = jnp.einsum("...i,nri->...nr", x, a, preferred_element_type=jnp.float32)
     mine = ids[..., None] == jnp.arange(a.shape[0])  # [..., M, slots]
     weight = jnp.where(mine, scale[..., None], 0.0).sum(-2)  # each slot's scale for the token (0: not its own)
