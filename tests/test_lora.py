@@ -168,8 +168,9 @@ def adapters(tmp_path_factory):
 
 
 def test_a_long_input_embeds_in_pieces_on_its_one_adapter(adapters, monkeypatch, tmp_path):
-    """An input past a call's budget embeds in pieces on its adapter as it does whole; an adapter loaded anew between
-    two pieces is an InvalidRequest (the server's 404), never a vector of both loads' keys."""
+    """An input past a call's budget embeds in pieces on its adapter as it does whole, and on a mix of two adapters
+    (PEFT's hidden states with both active) too; an adapter loaded anew between two pieces is an InvalidRequest (the
+    server's 404), never a vector of both loads' keys."""
     from engine.engine import Engine
     from engine.runner import Pieces
 
@@ -187,6 +188,18 @@ def test_a_long_input_embeds_in_pieces_on_its_one_adapter(adapters, monkeypatch,
     scale = np.abs(whole).max()
     assert eng.runner._embed_piece.calls == 4 and np.abs(pieces.pooled - whole).max() <= 1e-4 * scale
     assert np.abs(eng.embed([ids], "mean")[0] - whole).max() > 1e-2 * scale  # the adapter matters
+    eng.load_adapter("b", lora.read(str(folder / "b"), model))
+    mix = {"a": 1.0, "b": -0.5}
+    both = _mixed(transformers.AutoModelForCausalLM.from_pretrained(str(folder / "hf")).float().eval(),
+                  {str(folder / "a"): 1.0, str(folder / "b"): -0.5})
+    with torch.no_grad():
+        want = both.base_model.model.model(torch.tensor([ids])).last_hidden_state[0].numpy().mean(0)
+    pieces = Pieces(ids, "mean", eng.runner.piece_size(32))
+    while not pieces.done:
+        eng.embed_next(pieces, mix)
+    for got in (eng.embed([ids], "mean", adapter=mix)[0], pieces.pooled):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(want - whole).max() > 1e-2 * scale  # (b's term matters)
     pieces = Pieces(ids, "mean", eng.runner.piece_size(32))
     eng.embed_next(pieces, "a")
     eng.unload_adapter("a")
