@@ -156,7 +156,7 @@ def _i32(*shape: int) -> np.ndarray:
     return np.zeros(shape, np.int32)
 
 
-Mix = tuple[tuple[int, float], ...]  # a request's LoRA adapters: (LoRA slot, scale) pairs (); the base model)
+Mix = tuple[tuple[int, float], ...]  # a request's LoRA adapters: (LoRA slot, scale) pairs ((): the base model)
 
 
 def _lora(rows: int, mix: Mix = ((0, 1.0),)) -> tuple[np.ndarray, np.ndarray]:
@@ -755,8 +755,8 @@ class Runner:
 
     def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
         """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter: the
-        adapters, their last argument, arrays instead of None; with `mixes`, for steps where a row mixes several
-        too: `_adapters`)."""
+        adapters, their last argument, arrays instead of None; with `RunnerConfig.lora_mixes`, for steps where a row
+        mixes several too: `_adapters`)."""
         if self.lora_weights is None:
             return []
         steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
@@ -1118,10 +1118,13 @@ class Runner:
         second program per shape). M is 1 where each of `slots` runs on one adapter at most, else every LoRA slot
         (a third program per shape, for llama.cpp's mixes)."""
         w = self.lora_weights
-        on = None if w is None else w != 0
-        if on is None or not on[np.asarray(slots, np.int64)].any():
+        if w is None:
             return None
-        if on[np.asarray(slots, np.int64)].sum(1).max() == 1:  # one adapter a row: its slot and scale
+        on = w != 0
+        widest = on[np.asarray(slots, np.int64)].sum(1).max(initial=0)
+        if widest == 0:
+            return None
+        if widest == 1:  # one adapter a row: its slot and scale
             ids = np.where(on.any(1), on.argmax(1), -1)
             return ids[:, None].astype(np.int32), w[np.arange(len(w)), np.maximum(ids, 0)][:, None]
         return np.where(on, np.arange(w.shape[1], dtype=np.int32), -1).astype(np.int32), w.copy()
