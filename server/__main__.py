@@ -528,7 +528,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
                         tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy,
                         max_images=args.max_images, logprobs_mode=args.logprobs_mode,
-                        lora_mixes=len(args.lora_default or ()) > 1)
+                        lora_mixes=len(args.lora) > 1)  # (llama.cpp's way: several adapters to mix)
 
 
 class Throttled(logging.Filter):
