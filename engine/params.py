@@ -58,6 +58,8 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    # the logprobs report the distribution drawn from, after every transform (llama.cpp's `post_sampling_probs`)
+    post_sampling_probs: bool = False
     echo: bool = False  # also return the prompt's logprobs
     skip_special_tokens: bool = True  # special tokens' text (EOS aside) left out of the reply
     min_tokens: int = 0  # tokens drawn before EOS or a stop token may be (stop strings wait as long)
@@ -146,4 +148,4 @@ class SamplingParams:
             dry_last_n=min(self.dry_penalty_last_n, INT32_MAX),
             top_n_sigma=-1.0 if miro else self.top_n_sigma, xtc_probability=0.0 if miro else self.xtc_probability,
             xtc_threshold=self.xtc_threshold, dynatemp_range=0.0 if miro else self.dynatemp_range,
-            dynatemp_exponent=self.dynatemp_exponent)
+            dynatemp_exponent=self.dynatemp_exponent, post_sampling=self.post_sampling_probs)

@@ -93,6 +93,8 @@ class SamplerParams:
     xtc_threshold: jax.Array
     dynatemp_range: jax.Array  # 0: off; else the temperature moves within this of `temperature` by the entropy
     dynatemp_exponent: jax.Array
+    post_sampling: jax.Array  # bool: the logprobs report the distribution drawn from (llama.cpp's
+    # `post_sampling_probs`: the candidates left after every transform, at the temperature; a greedy row's choice, 1)
 
 
 @jax.tree_util.register_dataclass
@@ -135,7 +137,8 @@ def neutral_params(batch: int, vocab: int) -> dict:
         dry_allowed_length=np.full(batch, 2, np.int32), dry_last_n=np.full(batch, DRY_WINDOW, np.int32),
         breakers=np.zeros((batch, vocab), bool), top_n_sigma=np.zeros(batch, np.float32),
         xtc_probability=np.zeros(batch, np.float32), xtc_threshold=np.full(batch, 0.1, np.float32),
-        dynatemp_range=np.zeros(batch, np.float32), dynatemp_exponent=np.ones(batch, np.float32))
+        dynatemp_range=np.zeros(batch, np.float32), dynatemp_exponent=np.ones(batch, np.float32),
+        post_sampling=np.zeros(batch, bool))
 
 
 def init_state(batch: int, vocab: int) -> SamplerState:
@@ -604,7 +607,8 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     mirostat, top-nσ, XTC, the dynamic temperature and the exact path's top_k and typical_p bisections are left out
     too. The last four hold no conditional, which XLA's GPU runtime decides on the host after waiting for the device
     (docs/ARCHITECTURE.md, "One step ahead"). `logprobs` (static, `LOGPROBS_MODES`) says what the reported
-    logprobs are."""
+    logprobs are, except in rows with `post_sampling` (llama.cpp's per-request choice), whose are always the
+    logprobs of the distribution drawn from."""
     plain, lean = branches == "plain", branches == "lean"
     select = branches in ("select", "lean", "dry")
     logits = logits.astype(jnp.float32)
@@ -613,8 +617,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
 
     def reported(src: jax.Array):
         """The log-normaliser of what the logprobs report (`src`: the raw logits or the processed ones; 0 for
-        logits) and its top alternatives, where some row wants them."""
-        norm = log_normaliser(src)[1] if logprobs.endswith("logprobs") else np.zeros(b, np.float32)
+        logits, but in `post_sampling` rows) and its top alternatives, where some row wants them."""
+        norm = log_normaliser(src)[1]
+        if not logprobs.endswith("logprobs"):
+            norm = jnp.where(p.post_sampling, norm, 0.0)
 
         def alternatives():
             top_z, top_ids = jax.lax.top_k(src, TOP_LOGPROBS)
@@ -624,8 +630,6 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
                                                       select)
         return norm, wanted
 
-    if logprobs.startswith("raw"):
-        norm, (top_ids, top_lp) = reported(logits)
     vocab = logits.shape[1]
     z = penalize(logits, p, s)
     if branches in ("cond", "dry"):  # DRY's 32 passes would cost every `select` batch: it has its own program
@@ -674,6 +678,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     if logprobs.startswith("processed"):  # the distribution drawn from; a greedy row's as vLLM's: the penalized
         # logits, at temperature 1 and untruncated (what it has of top_k, top_p, ... does not touch its argmax)
         source = jnp.where(p.temperature[:, None] > 0, z, penalized)
-        norm, (top_ids, top_lp) = reported(source)
+    # llama.cpp's post-sampling distribution: the candidates drawn from; a greedy row's choice alone (its chain's
+    # temperature 0 leaves one candidate)
+    drawn_from = jnp.where(p.temperature[:, None] > 0, z, jnp.where(jnp.arange(vocab) == token[:, None], 0.0, NEG_INF))
+    source = jnp.where(p.post_sampling[:, None], drawn_from, source)
+    norm, (top_ids, top_lp) = reported(source)
     chosen_lp = jnp.maximum(jnp.take_along_axis(source, token[:, None], axis=1)[:, 0] - norm, LOGPROB_FLOOR)
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

@@ -1,19 +1,18 @@
 """llama.cpp's own API (`/completion`, `/infill`, `/apply-template`, `/props`, `/slots` and `/embedding`), translated
 onto the completions and embeddings paths.
 
-A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and
-eta, `n_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones, `stop`, `grammar`,
-`json_schema`, DRY, XTC, ...) becomes a completions body that `protocol.parse` validates like any other; the reply
-is written in llama.cpp's shape (`content`, `stop`, `stop_type`, `tokens_predicted`, `timings`, ...), whole or as
-its stream of `data:` lines (no `[DONE]`). Its bookkeeping fields are accepted and have nothing to do here:
+A llama.cpp body (`prompt` as text, token ids or both, `n_predict`, `repeat_penalty`, `mirostat` 2 with its tau and eta,
+`n_probs` and `post_sampling_probs`, `logit_bias` as pairs, and the fields both APIs name alike: the sampling ones,
+`stop`, `grammar`, `json_schema`, DRY, XTC, ...) becomes a completions body that `protocol.parse` validates like any
+other; the reply is written in llama.cpp's shape (`content`, `stop`, `stop_type`, `tokens_predicted`, `timings`, ...),
+whole or as its stream of `data:` lines (no `[DONE]`). Its bookkeeping fields are accepted and have nothing to do here:
 `cache_prompt` (the prefix cache is always on), `id_slot`, `samplers` (the sampler's order is fixed:
 docs/ARCHITECTURE.md), `n_keep`. `n_indent` and `t_max_predict_ms` (code completion's limits: `engine.output`) pass
-through. `repeat_last_n` 0 turns the penalties off, as llama.cpp's;
-another window is the whole prompt and reply, as this server's penalties always are. A null field, or an empty
-`grammar` or `json_schema`, is one not given. Absent fields take the model's defaults, as in the other APIs here
-(llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05). Errors keep the OpenAI shape the rest of the server
-uses. `/infill` is `/completion` over the prompt `server.infill` arranges (and 501 for a model that cannot infill,
-as llama.cpp answers).
+through. `repeat_last_n` 0 turns the penalties off, as llama.cpp's; another window is the whole prompt and reply, as
+this server's penalties always are. A null field, or an empty `grammar` or `json_schema`, is one not given. Absent
+fields take the model's defaults, as in the other APIs here (llama.cpp's own are 0.8, top_k 40, top_p 0.95, min_p 0.05).
+Errors keep the OpenAI shape the rest of the server uses. `/infill` is `/completion` over the prompt `server.infill`
+arranges (and 501 for a model that cannot infill, as llama.cpp answers).
 
 `/slots` shows each of the engine's slots as llama.cpp's monitoring route does (a snapshot taken on the engine's
 thread between steps): whether it is processing, the admission number (`id_task`) and id of the request holding it,
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import time
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 from aiohttp import web
 
 from engine.params import InvalidRequest
+from engine.sampler import LOGPROB_FLOOR
 from server import infill, protocol
 from server.protocol import ApiError, bad
 from server.turn import Piece, Turn
@@ -64,9 +65,9 @@ def routes(app: web.Application, server, embeddings) -> None:
         app.router.add_post(path, api.embedding)
 
 
-def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
-    """A completions body for a llama.cpp `/completion` body, with its stop strings and `n_probs` (both checked
-    here: llama.cpp allows more of each than the OpenAI API's bounds)."""
+def completion_body(body: Any, tok) -> tuple[dict, list[str], int, bool]:
+    """A completions body for a llama.cpp `/completion` body, with its stop strings, `n_probs` (both checked here:
+    llama.cpp allows more of each than the OpenAI API's bounds) and `post_sampling_probs`."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     # llama.cpp's clients send null, and an empty grammar or schema (SillyTavern's default), for "none"
@@ -97,7 +98,10 @@ def completion_body(body: Any, tok) -> tuple[dict, list[str], int]:
     probs = body.get("n_probs", 0)
     if isinstance(probs, bool) or not isinstance(probs, int) or not 0 <= probs <= 20:
         raise bad("'n_probs' must be an integer in [0, 20]", "n_probs")
-    return out, stops, probs
+    post = body.get("post_sampling_probs", False)
+    if not isinstance(post, bool):
+        raise bad("'post_sampling_probs' must be a boolean", "post_sampling_probs")
+    return out, stops, probs, post
 
 
 def mirostat(fields: dict, where: str = "") -> dict:
@@ -169,7 +173,7 @@ def settings(req, stops: list[str], n_probs: int) -> dict:
             "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, "stop": stops,
             "n_probs": n_probs, "ignore_eos": p.ignore_eos, "dry_multiplier": p.dry_multiplier,
             "xtc_probability": p.xtc_probability, "top_n_sigma": p.top_n_sigma, "dynatemp_range": p.dynatemp_range,
-            "dynatemp_exponent": p.dynatemp_exponent}
+            "dynatemp_exponent": p.dynatemp_exponent, "post_sampling_probs": p.post_sampling_probs}
 
 
 def slots(engine) -> list[dict]:
@@ -247,10 +251,19 @@ class Reply:
         return [self.result(content="", tokens=[], probabilities=False)]
 
     def probabilities(self, entries: list[tuple]) -> list[dict]:
-        """llama.cpp's `completion_probabilities` of logprob entries `(id, logprob, top pairs)`."""
+        """llama.cpp's `completion_probabilities` of logprob entries `(id, logprob, top pairs)`: logprobs, or with
+        `post_sampling_probs` probabilities (`prob`, `top_probs`) of the candidates drawn from (those a transform
+        removed, at probability 0, left out, as llama.cpp lists its candidates only)."""
         vocab, k = self.server.vocab, self.job.logprobs
-        entry = lambda t, lp: {"id": t, "token": vocab.text(t), "bytes": list(vocab.bytes(t)), "logprob": lp}  # noqa: E731
-        return [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in (top or [])[:k]]} for t, lp, top in entries]
+        post = self.job.params.post_sampling_probs
+        value, top_name = ("prob", "top_probs") if post else ("logprob", "top_logprobs")
+
+        def entry(t, lp):
+            return {"id": t, "token": vocab.text(t), "bytes": list(vocab.bytes(t)),
+                    value: math.exp(lp) if post else lp}
+
+        return [{**entry(t, lp), top_name: [entry(a, v) for a, v in (top or [])[:k]
+                                            if not post or v > LOGPROB_FLOOR]} for t, lp, top in entries]
 
     @staticmethod
     def failed(e) -> list[dict]:
@@ -358,13 +371,14 @@ class LlamaCpp:
     async def _answer(self, request: web.Request, body: Any, call, ends: list[int] = ()) -> web.StreamResponse:
         """A `/completion` body's reply, whole or streamed; `ends`: more tokens that end it (an infill's)."""
         tok = self.server.engine.tok
-        plain, stops, probs = completion_body(body, tok)
+        plain, stops, probs, post = completion_body(body, tok)
         try:  # errors name llama.cpp's fields
             job = await self.server.parse(plain, "completion", protocol.HOT)
             job.params.stop = stops
             job.params.stop_token_ids = [*job.params.stop_token_ids, *ends]
             if probs:
                 job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
+                job.params.post_sampling_probs = post
             if job.stream and len(job.prompts) > 1:
                 raise bad("a stream is of one prompt (several are for whole replies)", "prompt")
             parts, events = self.server.admit(job, call, "cmpl-")

@@ -699,7 +699,9 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     """llama.cpp's `/completion` over a socket: the greedy reply is the completions API's for the same settings, in
     llama.cpp's shape (content, tokens, stop_type, counts, timings, settings, completion_probabilities); the stream's
     data lines carry each piece's text and tokens and end with the whole reply's figures; prompts as text, token ids
-    or both; logit_bias pairs; stop strings past the OpenAI API's four; `/props`; bad fields are 400s."""
+    or both; logit_bias pairs; stop strings past the OpenAI API's four; `post_sampling_probs` (the probabilities of
+    llama.cpp's candidates after its chain: top_k's, at the temperature; a greedy choice's 1); `/props`; bad fields
+    are 400s."""
     tok = api.model.tokenizer
     text = "The capital of France is"
     ref = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
@@ -755,6 +757,20 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
     status, r, _ = http(api, "POST", "/completion", {**warm, "dynatemp_range": 0.5, "dynatemp_exponent": 0})
     assert status == 200 and r["generation_settings"]["dynatemp_range"] == 0.5
     assert r["content"] == http(api, "POST", "/completion", {**warm, "temperature": 1.0})[1]["content"]
+    seeded = {**warm, "temperature": 0.7, "top_k": 3, "n_probs": 5, "repeat_penalty": 1.0, "typical_p": 1.0}
+    raw = http(api, "POST", "/completion", seeded)[1]
+    status, post, _ = http(api, "POST", "/completion", {**seeded, "post_sampling_probs": True})
+    assert status == 200 and post["tokens"] == raw["tokens"] and post["generation_settings"]["post_sampling_probs"]
+    for before, after in zip(raw["completion_probabilities"], post["completion_probabilities"]):
+        top = before["top_logprobs"][:3]  # llama.cpp's chain here: top_k 3, then the temperature over those
+        z = np.array([t["logprob"] for t in top]) / 0.7
+        want = dict(zip([t["id"] for t in top], np.exp(z - z.max()) / np.exp(z - z.max()).sum()))
+        assert [t["id"] for t in after["top_probs"]] == list(want) and "top_logprobs" not in after
+        np.testing.assert_allclose([t["prob"] for t in after["top_probs"]], list(want.values()), atol=1e-4)
+        assert after["prob"] == pytest.approx(want[after["id"]], abs=1e-4) and "logprob" not in after
+    greedy = http(api, "POST", "/completion", {**body, "post_sampling_probs": True})[1]["completion_probabilities"]
+    assert [(p["prob"], [(t["id"], t["prob"]) for t in p["top_probs"]]) for p in greedy] == [
+        (1.0, [(i, 1.0)]) for i in want_ids]  # a greedy draw's one candidate
     status, props, _ = http(api, "GET", "/props")
     status, r, _ = http(api, "POST", "/completion", {"prompt": text, "n_predict": 1})
     in_force = props["default_generation_settings"]["params"]  # the model's defaults where a request sets nothing
@@ -766,7 +782,7 @@ def test_llama_cpp_completion_whole_and_streamed(api, client):
         api.engine.max_len and props["eos_token"] == "<|im_end|>" and "im_start" in props["chat_template"]
     for bad, param in (({"prompt": 5}, "prompt"), ({"prompt": [["a", 1.5]]}, "prompt"),
                        ({"n_predict": "x"}, "n_predict"), ({"mirostat": 1}, "mirostat"), ({"n_probs": 30}, "n_probs"),
-                       ({"stop": "."}, "stop"),
+                       ({"stop": "."}, "stop"), ({"post_sampling_probs": "yes"}, "post_sampling_probs"),
                        ({"logit_bias": [[1]]}, "logit_bias"), ({"temperature": -1}, "temperature"),
                        ({"repeat_penalty": 3}, "repeat_penalty"),
                        ({"mirostat": 2, "mirostat_tau": -1}, "mirostat_tau")):

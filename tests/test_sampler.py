@@ -296,7 +296,9 @@ def _processed(logits, s):
 def test_logprobs_modes_report_the_raw_or_the_processed_distribution(branches):
     """vLLM's logprobs modes: the model's logprobs or logits, or those of the distribution drawn from (transformers'
     processors: a penalty, the temperature, top_k and top_p; a greedy row's penalized logits at temperature 1,
-    untruncated), a token outside it at -9999; the draws are the same in every mode."""
+    untruncated), a token outside it at -9999; the draws are the same in every mode. A row with llama.cpp's
+    `post_sampling_probs` reports the logprobs of the distribution drawn from in every mode (a greedy row's: its
+    choice alone, at 0), beside rows that follow the mode."""
     rng = np.random.default_rng(8)
     logits = (rng.standard_normal((3, V)) * 3).astype(np.float32)
     settings = [dict(temperature=0.7, top_k=12, top_p=0.9),  # a greedy row's top_k changes nothing: untruncated
@@ -328,6 +330,23 @@ def test_logprobs_modes_report_the_raw_or_the_processed_distribution(branches):
             if mode.startswith("processed") and st["temperature"] > 0:
                 assert not finite.all()  # the cut leaves fewer than 20: the rest report the floor
     assert tokens[1] == int(np.argmax(_processed(logits[1], settings[1])))
+    post = params(3, top_logprobs=[20] * 3, post_sampling=[True, True, False], **rows)
+    for mode in smp.LOGPROBS_MODES:
+        out, _ = jax.jit(smp.sample, static_argnames=("branches", "logprobs"))(
+            jnp.asarray(logits), post, state, jnp.ones(3, bool), branches=branches, logprobs=mode)
+        np.testing.assert_array_equal(np.asarray(out.token), tokens)
+        drawn = _processed(logits[0], settings[0])
+        drawn = np.maximum(drawn - torch.logsumexp(torch.tensor(drawn), 0).item(), smp.LOGPROB_FLOOR)
+        chosen = np.full(V, smp.LOGPROB_FLOOR, np.float32)  # the greedy row: its choice, at probability 1
+        chosen[tokens[1]] = 0.0
+        other = logits[2] if mode.startswith("raw") else _processed(logits[2], settings[2])  # the mode's
+        if mode.endswith("logprobs"):
+            other = other - torch.logsumexp(torch.tensor(other), 0).item()
+        for i, want in enumerate([drawn, chosen, np.maximum(other, smp.LOGPROB_FLOOR)]):
+            assert math.isclose(float(out.logprob[i]), float(want[tokens[i]]), abs_tol=1e-4), (mode, i)
+            np.testing.assert_allclose(np.asarray(out.top_logprobs[i]), np.sort(want)[::-1][:smp.TOP_LOGPROBS],
+                                       atol=1e-4)
+        assert int(out.top_ids[1][0]) == tokens[1]
     from engine import beam
 
     beam.check_width(2, [0], False, "processed_logprobs")  # a greedy row's processed logprobs are its raw ones
