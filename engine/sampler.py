@@ -588,8 +588,8 @@ def _served_without(row: dict, draw_needs: bool) -> bool:
     the slot's draw needs (`draw_needs`) serves the slot: the truncations matter only where it draws (a greedy slot's
     token and logprobs do not depend on them); DRY, a penalty, changes a greedy choice too."""
     draw_needs = draw_needs or row["top_n_sigma"] > 0 or row["xtc_probability"] > 0 or row["dynatemp_range"] > 0
-    return (row["top_logprobs"] == 0 and not row["mirostat"] and row["dry_multiplier"] == 0
-            and (row["temperature"] <= 0 or not draw_needs))
+    return (row["top_logprobs"] == 0 and not row["post_sampling"] and not row["mirostat"]
+            and row["dry_multiplier"] == 0 and (row["temperature"] <= 0 or not draw_needs))
 
 
 BRANCHES = ("cond", "plain", "select")  # RunnerConfig.sampler_branches; `lean` and `dry` are select's programs too
@@ -678,10 +678,10 @@ def sample(logits: jax.Array, p: SamplerParams, s: SamplerState, active: jax.Arr
     if logprobs.startswith("processed"):  # the distribution drawn from; a greedy row's as vLLM's: the penalized
         # logits, at temperature 1 and untruncated (what it has of top_k, top_p, ... does not touch its argmax)
         source = jnp.where(p.temperature[:, None] > 0, z, penalized)
-    # llama.cpp's post-sampling distribution: the candidates drawn from; a greedy row's choice alone (its chain's
-    # temperature 0 leaves one candidate)
-    drawn_from = jnp.where(p.temperature[:, None] > 0, z, jnp.where(jnp.arange(vocab) == token[:, None], 0.0, NEG_INF))
-    source = jnp.where(p.post_sampling[:, None], drawn_from, source)
+    if not (plain or lean):  # llama.cpp's post-sampling distribution: the candidates drawn from; a greedy row's
+        # choice alone (its chain's temperature 0 leaves one candidate); no row of those programs asks for it
+        one = jnp.where(jnp.arange(vocab) == token[:, None], 0.0, NEG_INF)
+        source = jnp.where(p.post_sampling[:, None], jnp.where(p.temperature[:, None] > 0, z, one), source)
     norm, (top_ids, top_lp) = reported(source)
     chosen_lp = jnp.maximum(jnp.take_along_axis(source, token[:, None], axis=1)[:, 0] - norm, LOGPROB_FLOOR)
     return SampleOut(token, chosen_lp, top_ids, top_lp), new

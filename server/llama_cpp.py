@@ -378,7 +378,7 @@ class LlamaCpp:
             job.params.stop_token_ids = [*job.params.stop_token_ids, *ends]
             if probs:
                 job.logprobs, job.params.logprobs, job.params.top_logprobs = probs, True, probs
-                job.params.post_sampling_probs = post
+            job.params.post_sampling_probs = post  # (its reply's settings say so, with n_probs or without)
             if job.stream and len(job.prompts) > 1:
                 raise bad("a stream is of one prompt (several are for whole replies)", "prompt")
             parts, events = self.server.admit(job, call, "cmpl-")

@@ -481,7 +481,7 @@ def test_plain_rows_draw_the_same_without_the_conditionals():
         hp[k] = np.asarray(v, hp[k].dtype)
     assert all(smp.is_plain({k: v[i] for k, v in hp.items()}) for i in range(b))
     for name, value in [("top_p", 0.9), ("top_k", 40), ("min_p", 0.05), ("typical_p", 0.5), ("mirostat", True),
-                        ("top_logprobs", 1)]:
+                        ("top_logprobs", 1), ("post_sampling", True)]:
         assert not smp.is_plain({**{k: v[1] for k, v in hp.items()}, name: value}), name
     bias = np.zeros((b, V), np.float32)
     bias[5, 11] = 4.0
@@ -535,7 +535,8 @@ def test_lean_select_leaves_out_what_no_row_wants_and_draws_what_the_conditional
     for k, v in rows.items():
         hp[k] = np.asarray(v, hp[k].dtype)
     assert all(smp.is_lean({k: v[i] for k, v in hp.items()}) for i in range(b))
-    for change in (dict(top_k=65), dict(typical_p=0.5), dict(mirostat=True), dict(top_logprobs=1)):
+    for change in (dict(top_k=65), dict(typical_p=0.5), dict(mirostat=True), dict(top_logprobs=1),
+                   dict(post_sampling=True)):
         assert not smp.is_lean({**{k: v[0] for k, v in hp.items()}, **change}), change
     logits = (rng.standard_normal((6, b, V)) * np.array([0.3, 3, 0.3, 3, 0.3, 3])[:, None]).astype(np.float32)
     allowed = np.full((b, (V + 31) // 32), -1, np.int32)
