@@ -100,9 +100,6 @@ class RunnerConfig:
     # distribution (`raw_logprobs`), its logits, or those of the distribution drawn from, after every sampler
     # transform (`processed_logprobs`, `processed_logits`: what reinforcement learning's importance ratios want)
     logprobs_mode: str = "raw_logprobs"
-    # Whether the warm-up compiles the programs for steps where a row mixes several LoRA adapters (llama.cpp's
-    # default with several `--lora`; `Runner._adapters`); else the first such step compiles them
-    lora_mixes: bool = False
 
 
 def platform_defaults(platform: str) -> dict:
@@ -724,7 +721,7 @@ class Runner:
             w = self.rc.draft_tokens + 1
             jobs += [self._verify_job(self.dp * b, attend, v) for b in self.batch_buckets
                      for attend in sorted({self.attended(b, a, w) for a in needs}) for v in self.variants]
-        jobs += self._lora_jobs(jobs)
+        jobs += self._lora_jobs(jobs, mixes=True)  # (a request may mix adapters: llama.cpp's `lora` lists)
         seen, unique = set(), []
         for job in jobs:  # the first jobs come again in the loops above
             key = (id(job[0]), shape_key(job[1], job[2]))
@@ -753,14 +750,14 @@ class Runner:
                 [self._decode_job(nb, attend, self.rc.decode_steps, v) for v in variants])
         return jobs + self._lora_jobs(jobs)
 
-    def _lora_jobs(self, jobs: list[Job]) -> list[Job]:
+    def _lora_jobs(self, jobs: list[Job], mixes: bool = False) -> list[Job]:
         """With LoRA slots, the LoRA variants of `jobs`' step programs (for steps with a row on an adapter: the
-        adapters, their last argument, arrays instead of None; with `RunnerConfig.lora_mixes`, for steps where a row
-        mixes several too: `_adapters`)."""
+        adapters, their last argument, arrays instead of None; with `mixes`, for steps where a row mixes several
+        too: `_adapters`)."""
         if self.lora_weights is None:
             return []
         steps = (self._prefill, self._flat, self._decode, self._logits, self._verify)
-        widths = sorted({1, self.lora_weights.shape[1] if self.rc.lora_mixes else 1})
+        widths = sorted({1, self.lora_weights.shape[1] if mixes else 1})
         forms = [(np.full((self.slots, m), -1, np.int32), np.ones((self.slots, m), np.float32)) for m in widths]
         return [(fn, (*args[:-1], form), kw) for form in forms for fn, args, kw in jobs
                 if fn in steps and args[-1] is None]

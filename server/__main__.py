@@ -527,8 +527,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
                         flat_step={"auto": None, "on": True, "off": False}[args.flat_step],
                         sampler_branches=None if args.sampler_branches == "auto" else args.sampler_branches,
                         tune_kernels=args.tune_kernels, scheduling_policy=args.scheduling_policy,
-                        max_images=args.max_images, logprobs_mode=args.logprobs_mode,
-                        lora_mixes=len(args.lora) > 1)  # (llama.cpp's way: several adapters to mix)
+                        max_images=args.max_images, logprobs_mode=args.logprobs_mode)
 
 
 class Throttled(logging.Filter):

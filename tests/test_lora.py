@@ -255,11 +255,9 @@ def test_engine_mixes_adapters_and_base_in_one_batch(adapters, flat, monkeypatch
         assert (reqs[0].cached_tokens >= 32) == (turn == 1)  # not a's pages, nor b's; its own the second time
     widths = {key[0][-1][0][0][-1] for key in eng.runner._decode.exes if key[0][-1] is not None}
     assert widths == {1, 2}  # (the adapters' `[slots, M]`: one a row, and every slot where a row mixes)
-    warmed = lambda: {args[-1][0].shape[-1] for fn, args, _ in eng.runner.warm_jobs()  # noqa: E731
-                      if fn is eng.runner._decode and args[-1] is not None}
-    assert warmed() == {1}
-    eng.runner.rc = dataclasses.replace(eng.runner.rc, lora_mixes=True)  # (`--lora` several: the default mixes)
-    assert warmed() == {1, 2}
+    warmed = lambda jobs: {args[-1][0].shape[-1] for fn, args, _ in jobs  # noqa: E731
+                           if fn is eng.runner._decode and args[-1] is not None}
+    assert warmed(eng.runner.first_jobs()) == {1} and warmed(eng.runner.warm_jobs()) == {1, 2}  # (mixes: behind)
     for bad in (float("nan"), 1e300, 10 ** 400, "2"):
         with pytest.raises(InvalidRequest, match="within"):
             eng.make_request(PROMPTS[0], sp, adapter={"a": bad})
