@@ -88,6 +88,11 @@ class Loaded:
         return f"{self.name}#{self.id}"
 
 
+def _slots(mix: tuple[tuple[Loaded, float], ...]) -> tuple[tuple[int, float], ...]:
+    """A mix of held adapters (`Engine._mix`) as the runner takes it: each adapter's LoRA slot and scale."""
+    return tuple((a.slot, x) for a, x in mix)
+
+
 class Engine:
     """Continuous batching of up to `max_num_seqs` sequences over one model's KV page pools (one per data shard)."""
 
@@ -242,7 +247,7 @@ class Engine:
         req = Request(rid, list(prompt_ids), p, max_tokens, choices, on_delta=on_delta,
                       cache_max_len=prompt_cache_max_len, cache_key=key, grammar=grammar,
                       thinking=thinking, prediction=list(prediction) if prediction else None,
-                      adapters=tuple((a.slot, x) for a, x in mix), priority=int(priority))
+                      adapters=_slots(mix), priority=int(priority))
         if images:
             self.images.place(req, images)
         if mix:
@@ -581,7 +586,7 @@ class Engine:
         Raises InvalidRequest for an empty input, one longer than `runner.embed_sizes[-1]`, an adapter not loaded or
         a scale `lora.scale_ok` refuses; `engine.sleep.Asleep` while the engine sleeps."""
         mix = self._embedding(inputs, mode, adapter)
-        out = self.runner.embed(inputs, mode, tuple((a.slot, x) for a, x in mix), budget)
+        out = self.runner.embed(inputs, mode, _slots(mix), budget)
         self.embedded += len(inputs)
         self.embedded_tokens += sum(map(len, inputs))
         return out
@@ -613,7 +618,7 @@ class Engine:
             raise InvalidRequest(f"the LoRA adapters {adapter!r} (or their scales) changed while the input was "
                                  "embedded", "model")
         pieces.adapters = mix
-        self.runner.embed_next(pieces, tuple((a.slot, x) for a, x in mix))
+        self.runner.embed_next(pieces, _slots(mix))
         if pieces.done:
             self.embedded += 1
             self.embedded_tokens += len(pieces.ids)

@@ -156,9 +156,11 @@ def _i32(*shape: int) -> np.ndarray:
 Mix = tuple[tuple[int, float], ...]  # a request's LoRA adapters: (LoRA slot, scale) pairs ((): the base model)
 
 
-def _lora(rows: int, mix: Mix = ((0, 1.0),)) -> tuple[np.ndarray, np.ndarray]:
-    """LoRA adapters `mix` for each of `rows` rows (`models.lora.delta`), as `[rows, 1, len(mix)]` arrays: an
-    embedding call's, or a warm-up job's stand-in."""
+def _lora(rows: int, mix: Mix) -> tuple[np.ndarray, np.ndarray] | None:
+    """LoRA adapters `mix` for each of `rows` rows (`models.lora.delta`), as `[rows, 1, len(mix)]` arrays, an
+    embedding call's argument (None for the base model: the program without the LoRA terms)."""
+    if not mix:
+        return None
     slots, scales = zip(*mix)
     return (np.broadcast_to(np.asarray(slots, np.int32), (rows, 1, len(mix))).copy(),
             np.broadcast_to(np.asarray(scales, np.float32), (rows, 1, len(mix))).copy())
@@ -1025,10 +1027,9 @@ class Runner:
                 pool = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pool,
                                     self._piece_pool)
                 self._embed_piece.compile(self.model.params, pool, _i32(1, size), np.int32(0), _i32(1),
-                                          _i32(1, pages), _lora(1, mix) if mix else None, mode=mode)
+                                          _i32(1, pages), _lora(1, mix), mode=mode)
                 continue
-            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _lora(nb, mix) if mix else None,
-                                mode=mode)
+            self._embed.compile(self.model.params, _i32(nb, size), _i32(nb), _lora(nb, mix), mode=mode)
 
     def embed(self, inputs: list[list[int]], mode: str, mix: Mix = (), budget: int = EMBED_TOKENS) -> np.ndarray:
         """Each input's final hidden states pooled by `mode` (`models.pooling`), float32 `[len(inputs), hidden]`,
@@ -1045,8 +1046,7 @@ class Runner:
             toks, lengths = np.zeros((nb, size), np.int32), np.ones(nb, np.int32)
             for r, i in enumerate(part):
                 toks[r, :len(inputs[i])], lengths[r] = inputs[i], len(inputs[i])
-            lora = _lora(nb, mix) if mix else None
-            out[part] = np.asarray(self._embed(self.model.params, toks, lengths, lora, mode=mode))[:len(part)]
+            out[part] = np.asarray(self._embed(self.model.params, toks, lengths, _lora(nb, mix), mode=mode))[:len(part)]
         return out
 
     def piece_size(self, budget: int) -> int:
@@ -1070,10 +1070,10 @@ class Runner:
         part = pieces.ids[pieces.start:pieces.start + pieces.size]
         toks = np.zeros((1, pieces.size), np.int32)
         toks[0, :len(part)] = part
-        lora = _lora(1, mix) if mix else None
         table = np.arange(pieces.pool.k.shape[1] // self.model.cfg.num_layers, dtype=np.int32)[None]
         pooled, pieces.pool = self._embed_piece(self.model.params, pieces.pool, toks, np.int32(pieces.start),
-                                                np.array([len(part)], np.int32), table, lora, mode=pieces.mode)
+                                                np.array([len(part)], np.int32), table, _lora(1, mix),
+                                                mode=pieces.mode)
         vector = np.asarray(pooled)[0]
         if pieces.mode == "mean":
             pieces.pooled = vector * len(part) + (0 if pieces.pooled is None else pieces.pooled)

@@ -43,20 +43,19 @@ def _adapter(base, folder, r: int, targets=ALL, seed: int = 1, **config) -> torc
     return pm.eval()
 
 
-def _set_scale(pm, scale: float) -> None:
-    """Every LoRA layer of PEFT model `pm` at `scale` times its adapter's own scale (llama.cpp's scale)."""
+def _set_scale(pm, scale: float, adapter: str = "default") -> None:
+    """Every LoRA layer of PEFT model `pm` at `scale` times `adapter`'s own scale (llama.cpp's scale)."""
     from peft.tuners.lora.layer import LoraLayer
 
     for m in pm.modules():
         if isinstance(m, LoraLayer):
-            m.set_scale("default", scale)
+            m.set_scale(adapter, scale)
 
 
 def _mixed(base, mix: dict[str, float]) -> torch.nn.Module:
     """PEFT's model of `base` with several adapters active at once (`{folder: scale}`, each scale a multiple of the
     adapter's own, `set_scale`): the reference of llama.cpp's mixes. `unload()` gives `base` back."""
     from peft import PeftModel
-    from peft.tuners.lora.layer import LoraLayer
 
     names = [f"m{i}" for i in range(len(mix))]
     pm = None
@@ -66,10 +65,8 @@ def _mixed(base, mix: dict[str, float]) -> torch.nn.Module:
         else:
             pm.load_adapter(folder, adapter_name=name)
     pm.base_model.set_adapter(names)
-    for m in pm.modules():
-        if isinstance(m, LoraLayer):
-            for name, scale in zip(names, mix.values()):
-                m.set_scale(name, scale)
+    for name, scale in zip(names, mix.values()):
+        _set_scale(pm, scale, name)
     return pm.eval()
 
 
