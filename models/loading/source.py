@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from models.config import ModelConfig
+from models.loading import packed
 
 log = logging.getLogger("sparkler.models")
 
@@ -164,23 +165,30 @@ def _open_hf(folder: str) -> Source:
               and where.get(k.removesuffix("_inv").removesuffix("_scale"), ("", ("",)))[1][0] in SCALED_DTYPES}
     quantization = config.get("quantization_config") or {}
     block = fp8_block(quantization)
-    _check_quantized(folder, quantization, {k: v[1][0] for k, v in where.items()}, set(scaled))
+    # integer weights packed into int32 words (GPTQ, AWQ, compressed-tensors' pack-quantized): each reads as
+    # `X.weight`, dequantized from its parts (`models.loading.packed`)
+    pack = packed.packing(quantization)
+    ints = packed.packed_weights(pack, set(where)) if pack else {}
+    parts = {full for p in ints.values() for full in p.values()}
+    _check_quantized(folder, quantization, {k: v[1][0] for k, v in where.items() if k not in parts}, set(scaled))
 
     def read(name: str) -> np.ndarray:
         if name in mxfp4:
             return mxfp4_dequantize(tensor(f"{name}_blocks"), tensor(f"{name}_scales"))
         if name in scaled:
             return scaled_dequantize(tensor(name), tensor(scaled[name]), block)
+        if name in ints:
+            return packed.dequantize(pack, name, ints[name], tensor)
         return tensor(name)
 
     # the activations' scales, and those of a KV cache in FP8 (this server keeps its own `--kv-cache-dtype`)
-    unused = set(scaled.values()) | {k for k in where if k.endswith(ACTIVATION_SCALES)}
+    unused = set(scaled.values()) | {k for k in where if k.endswith(ACTIVATION_SCALES)} | parts
     names = tuple(k for k in where if (not k.endswith(("_blocks", "_scales")) or k.rsplit("_", 1)[0] not in mxfp4)
                   and k not in unused)
     config, names, read = _as_causal_lm(*_as_multimodal(config, names, read))
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
-    return Source("hf", folder, files_all, config, gen, names + tuple(sorted(mxfp4)), read,
-                  quantized=bool(mxfp4 or scaled))
+    return Source("hf", folder, files_all, config, gen, names + tuple(sorted({*mxfp4, *ints})), read,
+                  quantized=bool(mxfp4 or scaled or ints))
 
 
 # The models that read pictures: their language models' `text_config.model_type` -> the causal LM's architecture.
@@ -266,14 +274,14 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
 # The quantized checkpoints read here (dequantized): MXFP4 experts, FP8 (or int8) weights beside their scales
 # (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8); None: any format.
-READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None,
-                  "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized")}
+READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None, "gptq": None, "awq": None,
+                  "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized")}
 
 
 def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], scaled: set[str]) -> None:
-    """Refuse, before any tensor is read, a checkpoint quantized in a way this reader does not dequantize (GPTQ,
-    AWQ, bitsandbytes, packed int4, zero points) and a float8 or int8 weight with no scale beside it, naming what
-    it is and what to serve instead."""
+    """Refuse, before any tensor is read, a checkpoint quantized in a way this reader does not dequantize
+    (bitsandbytes, NVFP4, packed parts outside the layouts of `models.loading.packed`) and a float8 or int8 weight
+    with no scale beside it, naming what it is and what to serve instead."""
     method, form = quantization.get("quant_method"), quantization.get("format")
     known = method is None or method in READ_QUANTIZED and (READ_QUANTIZED[method] is None or form is None
                                                              or form in READ_QUANTIZED[method])
@@ -284,8 +292,8 @@ def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], sc
                 f"quantized with tensors such as {parts[0]}" if parts else
                 f"stored as {dtypes[bare[0]]} with no scale beside them (e.g. {bare[0]})")
         raise NotImplementedError(f"{folder}: its weights are {what}, which this server does not read; serve the "
-                                  "unquantized checkpoint, an FP8 one, or a GGUF file (--quantization int8, int4 or "
-                                  "fp8 then quantizes here)")
+                                  "unquantized checkpoint, an FP8, GPTQ or AWQ one, or a GGUF file (--quantization "
+                                  "int8, int4 or fp8 then quantizes here)")
 
 
 def fp8_block(quantization: dict) -> tuple[int, int] | None:

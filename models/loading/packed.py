@@ -1,0 +1,141 @@
+"""Integer weights packed into int32 words, read as the float weights they stand for.
+
+Three layouts, as the published quantizers write them (and vLLM, SGLang and llama.cpp's converter read them):
+- **GPTQ** (`quant_method: gptq`; AutoGPTQ, GPTQModel): `X.qweight [in * bits / 32, out]` packs the inputs of each
+  output column, `X.qzeros [groups, out * bits / 32]` the zero points along the outputs, `X.scales [groups, out]`,
+  and `X.g_idx [in]` each input's group (`desc_act` checkpoints permute them). AutoGPTQ's format (`checkpoint_format`
+  `gptq`, the default) stores each zero point minus one; GPTQModel's `gptq_v2` stores it as it is.
+- **AWQ** (`quant_method: awq`, `version: gemm`; AutoAWQ, llm-compressor's AWQ export): `X.qweight [in, out * bits /
+  32]` packs the outputs, eight 4-bit columns to a word in AutoAWQ's interleaved order (`AWQ_ORDER`), and so does
+  `X.qzeros [in / group, out * bits / 32]`; `X.scales [in / group, out]`.
+- **compressed-tensors' `pack-quantized`** (llm-compressor's W4A16 and W8A16): `X.weight_packed [out, in * bits /
+  32]` packs the inputs as signed values offset by `2^(bits-1)`, `X.weight_scale [out, groups]` (one column per
+  channel), `X.weight_zero_point [out * bits / 32, groups]` for asymmetric schemes, `X.weight_shape` and, with
+  activation ordering, `X.weight_g_idx`.
+
+Every layout packs its values densely from each word's lowest bit, so one reader (`unpack`) serves 2, 3, 4 and 8 bits
+alike. Each weight reads as `X.weight [out, in]` in float32, `(q - zero) * scale` by the group of its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column (of a word's eight) that each 4-bit field of an AWQ word holds
+# each layout's tensors beside a weight, the first naming a packed weight
+PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
+         "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How a checkpoint's integer weights are packed: its `layout` (a `PARTS` key), `bits` a value, `group_size`
+    inputs a scale (0: all of a row's), whether zero points are stored minus one (AutoGPTQ's), and whether there
+    are none (compressed-tensors' symmetric schemes: zero at 0)."""
+
+    layout: str
+    bits: int
+    group_size: int
+    zero_minus_one: bool = False
+    symmetric: bool = False
+
+
+def packing(quantization: dict) -> Packing | None:
+    """The packing a checkpoint's `quantization_config` names; None where it names none of these layouts. Raises
+    `NotImplementedError` for a variant not read (AWQ's GEMV layout, GPTQ's Marlin format, compressed-tensors groups
+    packed in different ways)."""
+    method = quantization.get("quant_method")
+    if method == "gptq":
+        form = quantization.get("checkpoint_format") or quantization.get("format") or "gptq"
+        if form not in ("gptq", "gptq_v2"):
+            raise NotImplementedError(f"GPTQ's {form!r} checkpoint format is not read (read: gptq, gptq_v2)")
+        return Packing("gptq", int(quantization.get("bits", 4)), max(int(quantization.get("group_size", 128)), 0),
+                       zero_minus_one=form == "gptq")
+    if method == "awq":
+        version = str(quantization.get("version", "gemm")).lower()
+        bits = int(quantization.get("bits", quantization.get("w_bit", 4)))
+        if version != "gemm" or bits != 4 or quantization.get("zero_point") is False:
+            raise NotImplementedError(f"AWQ's {version!r} layout at {bits} bits"
+                                      + (" without zero points" if quantization.get("zero_point") is False else "")
+                                      + " is not read (read: gemm, 4 bits, with zero points)")
+        return Packing("awq", 4, int(quantization.get("group_size", quantization.get("q_group_size", 128))))
+    if method != "compressed-tensors" or quantization.get("format") != "pack-quantized":
+        return None
+    schemes = {(w.get("num_bits"), w.get("group_size") or 0, bool(w.get("symmetric", True)), w.get("type", "int"))
+               for g in (quantization.get("config_groups") or {}).values() if (w := (g or {}).get("weights"))}
+    if len(schemes) != 1 or next(iter(schemes))[3] != "int":
+        raise NotImplementedError(f"compressed-tensors' pack-quantized groups of weights {sorted(map(str, schemes))}"
+                                  " are not read (read: one integer scheme for every packed weight)")
+    bits, group, symmetric, _ = schemes.pop()
+    return Packing("compressed-tensors", int(bits), int(group), symmetric=symmetric)
+
+
+def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
+    """Each packed weight's name (`X.weight`) -> its parts' names in the checkpoint, by part (`PARTS`), among
+    `names`."""
+    first, *rest = PARTS[p.layout]
+    out = {}
+    for name in names:
+        if name.endswith("." + first):
+            prefix = name[:-len(first)]
+            out[prefix + "weight"] = {part: prefix + part for part in (first, *rest) if prefix + part in names}
+    return out
+
+
+def unpack(words: np.ndarray, bits: int, n: int, axis: int) -> np.ndarray:
+    """The first `n` unsigned `bits`-bit values packed along `axis` of int32 `words`, densely from each word's
+    lowest bit (a value may straddle two words), as int32 with that axis last."""
+    w = np.moveaxis(np.asarray(words), axis, -1).astype("<i4")
+    if 32 % bits == 0:
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        values = (w.view(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+        return values.reshape(*w.shape[:-1], -1)[..., :n].astype(np.int32)
+    stream = np.unpackbits(np.ascontiguousarray(w).view(np.uint8), axis=-1, bitorder="little")
+    fields = stream[..., :n * bits].reshape(*w.shape[:-1], n, bits).astype(np.int32)
+    return (fields << np.arange(bits, dtype=np.int32)).sum(-1, dtype=np.int32)
+
+
+def _groups(g_idx: np.ndarray | None, n_in: int, group_size: int, groups: int, name: str) -> np.ndarray:
+    """Each input's group: `g_idx` where the checkpoint stores it, else consecutive runs of `group_size`."""
+    g = (np.asarray(g_idx, np.int64) if g_idx is not None else
+         np.arange(n_in) // (group_size or n_in) if groups > 1 else np.zeros(n_in, np.int64))
+    if g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
+        raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs"
+                         + (f" in groups of {group_size}" if g_idx is None else " by its g_idx"))
+    return g
+
+
+def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The packed weight `name` as float32 `[out, in]`, from its `parts` (`packed_weights`) read by `read`."""
+    get = {part: read(full) for part, full in parts.items()}
+    mask = (1 << p.bits) - 1
+    if p.layout == "compressed-tensors":
+        shape = tuple(int(x) for x in get["weight_shape"])
+        if len(shape) != 2:
+            raise NotImplementedError(f"{name}: a pack-quantized weight of shape {shape} (read: two axes)")
+        scale = np.asarray(get["weight_scale"], np.float32)
+        scale = np.full((shape[0], 1), scale.item(), np.float32) if scale.size == 1 else scale.reshape(shape[0], -1)
+        q = unpack(get["weight_packed"], p.bits, shape[-1], axis=-1).reshape(shape) - (1 << (p.bits - 1))
+        g = _groups(get.get("weight_g_idx"), shape[-1], p.group_size, scale.shape[-1], name)
+        w = q.astype(np.float32)
+        if "weight_zero_point" in get:
+            w -= unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T[:, g] - (1 << (p.bits - 1))
+        return w * scale[:, g]
+    scales = np.asarray(get["scales"], np.float32)  # [groups, out]
+    if "qzeros" not in get:
+        raise ValueError(f"{name}: a {p.layout} weight without its qzeros")
+    if p.layout == "gptq":
+        q = unpack(get["qweight"], p.bits, get["qweight"].shape[0] * 32 // p.bits, axis=0)  # [out, in]
+        zeros = unpack(get["qzeros"], p.bits, scales.shape[1], axis=1)  # [groups, out]
+        zeros = (zeros + 1) & mask if p.zero_minus_one else zeros
+        g = _groups(get.get("g_idx"), q.shape[1], p.group_size, scales.shape[0], name)
+        return (q - zeros[g].T).astype(np.float32) * scales[g].T
+    n_out = scales.shape[1]
+    order = (np.arange(n_out).reshape(-1, 8)[:, np.argsort(AWQ_ORDER)]).ravel()  # a word's fields -> columns
+    q = unpack(get["qweight"], p.bits, n_out, axis=1)[:, order]  # [in, out]
+    zeros = unpack(get["qzeros"], p.bits, n_out, axis=1)[:, order]
+    g = _groups(None, q.shape[0], p.group_size, scales.shape[0], name)
+    return np.ascontiguousarray(((q - zeros[g]).astype(np.float32) * scales[g]).T)
