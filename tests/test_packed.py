@@ -15,6 +15,7 @@ from compressed_tensors.compressors import pack_to_int32
 from helpers import our_logits
 
 from models import hf_weight, load_model
+from models.backends import cpu_matmul
 from models.loading import packed
 from models.loading.source import open_source
 
@@ -117,10 +118,15 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
     ours = load_model(str(tmp_path / "q"), with_tokenizer=False)
     for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"):
         np.testing.assert_allclose(hf_weight(ours, name), tensors[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    wants = []
     for row, got in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
-            want = ref(torch.tensor([row])).logits[0].numpy()
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+            wants.append(ref(torch.tensor([row])).logits[0].numpy())
+        assert np.abs(got - wants[-1]).max() <= 1e-4 * np.abs(wants[-1]).max(), np.abs(got - wants[-1]).max()
+    if cpu_matmul.available():  # `auto` keeps a checkpoint stored as integers in the kernel's ints of that width
+        kept = load_model(str(tmp_path / "q"), with_tokenizer=False, quantization="auto")
+        width = "int4" if bits <= 4 else "int8"
+        assert kept.cfg.quantization == width and f"stores its weights as {width}" in kept.quantization_why
 
 
 # compressed-tensors' schemes as llm-compressor names them: W4A16 (symmetric, groups of 32 here, 128 there), its

@@ -213,6 +213,10 @@ def test_auto_quantization_picks_the_guarded_kind_only_where_the_kernel_runs():
         assert chosen == "none" and "quality guard" in why
         chosen, _ = resolve_quantization("auto", "smollm2-135m-instruct", "float32", platform="cpu", matmul="xla")
         assert chosen == "none"
+        # a checkpoint stored as integers (GPTQ, AWQ, ...) keeps their width where the kernel runs
+        chosen, why = resolve_quantization("auto", "/models/awq", "float32", platform="cpu", stored="int4")
+        assert chosen == "int4" and "stores its weights as int4" in why
+    assert resolve_quantization("auto", "/models/awq", "bfloat16", platform="gpu", stored="int4")[0] == "none"
     assert resolve_quantization("int8", "/models/other.gguf", "float32", platform="gpu") == ("int8", "asked for")
     assert resolve_quantization("int4", "/models/other.gguf", "float32", platform="cpu") == ("int4", "asked for")
     assert resolve_quantization("none", "smollm2-135m-instruct", "float32") == ("none", "asked for")

@@ -73,6 +73,13 @@ def packing(quantization: dict) -> Packing | None:
     return Packing("compressed-tensors", int(bits), int(group), symmetric=symmetric)
 
 
+def width(quantization: dict) -> str | None:
+    """The integer width (`int4` or `int8`, as `--quantization` names them) that holds the weights a checkpoint's
+    `quantization_config` packs (`packing`; 2 and 3 bits in int4), else None."""
+    p = packing(quantization)
+    return None if p is None else "int4" if p.bits <= 4 else "int8"
+
+
 def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
     """Each packed weight's name (`X.weight`) -> its parts' names in the checkpoint, by part (`PARTS`), among
     `names`."""
@@ -86,56 +93,61 @@ def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
 
 
 def unpack(words: np.ndarray, bits: int, n: int, axis: int) -> np.ndarray:
-    """The first `n` unsigned `bits`-bit values packed along `axis` of int32 `words`, densely from each word's
-    lowest bit (a value may straddle two words), as int32 with that axis last."""
-    w = np.moveaxis(np.asarray(words), axis, -1).astype("<i4")
-    if 32 % bits == 0:
-        shifts = np.arange(0, 32, bits, dtype=np.uint32)
-        values = (w.view(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-        return values.reshape(*w.shape[:-1], -1)[..., :n].astype(np.int32)
-    stream = np.unpackbits(np.ascontiguousarray(w).view(np.uint8), axis=-1, bitorder="little")
-    fields = stream[..., :n * bits].reshape(*w.shape[:-1], n, bits).astype(np.int32)
-    return (fields << np.arange(bits, dtype=np.int32)).sum(-1, dtype=np.int32)
+    """The first `n` unsigned `bits`-bit values (up to 8) packed along `axis` of int32 `words`, densely from each
+    word's lowest bit (a value may straddle two words), as uint8 with that axis last."""
+    w = np.ascontiguousarray(np.moveaxis(np.asarray(words), axis, -1)).astype("<i4", copy=False).view(np.uint8)
+    if 8 % bits == 0:  # whole fields in each byte: 1, 2, 4 or 8 bits
+        if bits == 8:
+            return w[..., :n]
+        fields = (w[..., None] >> np.arange(0, 8, bits, dtype=np.uint8)) & np.uint8((1 << bits) - 1)
+        return fields.reshape(*w.shape[:-1], -1)[..., :n]
+    stream = np.unpackbits(w, axis=-1, bitorder="little")[..., :n * bits].reshape(*w.shape[:-1], n, bits)
+    return np.packbits(stream, axis=-1, bitorder="little")[..., 0]
 
 
-def _groups(g_idx: np.ndarray | None, n_in: int, group_size: int, groups: int, name: str) -> np.ndarray:
-    """Each input's group: `g_idx` where the checkpoint stores it, else consecutive runs of `group_size`."""
-    g = (np.asarray(g_idx, np.int64) if g_idx is not None else
-         np.arange(n_in) // (group_size or n_in) if groups > 1 else np.zeros(n_in, np.int64))
-    if g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
-        raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs"
-                         + (f" in groups of {group_size}" if g_idx is None else " by its g_idx"))
-    return g
+def _weights(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, g_idx: np.ndarray | None, group_size: int,
+             name: str) -> np.ndarray:
+    """`(q - zero) * scale` as float32 `[out, in]`, from the values `q [out, in]` and each output row's zero points
+    and scales by group `[out, groups]`, a group being an input's `g_idx` (else runs of `group_size` inputs)."""
+    (n_out, n_in), groups = q.shape, scale.shape[1]
+    size = group_size or n_in if groups > 1 else n_in
+    runs = np.arange(n_in) // size
+    if g_idx is not None and not np.array_equal(g_idx, runs):  # `desc_act`: groups in another order
+        g = np.asarray(g_idx, np.int64)
+        if g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
+            raise ValueError(f"{name}: its g_idx does not map its {n_in} inputs to its {groups} groups of scales")
+        return (q - zero[:, g]) * scale[:, g]
+    if groups * size != n_in:
+        raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs in groups of {size}")
+    w = q.reshape(n_out, groups, size).astype(np.float32)
+    w -= zero[..., None]
+    w *= scale[..., None]
+    return w.reshape(n_out, n_in)
 
 
 def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str], np.ndarray]) -> np.ndarray:
     """The packed weight `name` as float32 `[out, in]`, from its `parts` (`packed_weights`) read by `read`."""
     get = {part: read(full) for part, full in parts.items()}
-    mask = (1 << p.bits) - 1
-    if p.layout == "compressed-tensors":
+    if p.layout == "compressed-tensors":  # signed values stored offset by 2^(bits-1), their zero points too
         shape = tuple(int(x) for x in get["weight_shape"])
         if len(shape) != 2:
             raise NotImplementedError(f"{name}: a pack-quantized weight of shape {shape} (read: two axes)")
         scale = np.asarray(get["weight_scale"], np.float32)
         scale = np.full((shape[0], 1), scale.item(), np.float32) if scale.size == 1 else scale.reshape(shape[0], -1)
-        q = unpack(get["weight_packed"], p.bits, shape[-1], axis=-1).reshape(shape) - (1 << (p.bits - 1))
-        g = _groups(get.get("weight_g_idx"), shape[-1], p.group_size, scale.shape[-1], name)
-        w = q.astype(np.float32)
-        if "weight_zero_point" in get:
-            w -= unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T[:, g] - (1 << (p.bits - 1))
-        return w * scale[:, g]
-    scales = np.asarray(get["scales"], np.float32)  # [groups, out]
+        q = unpack(get["weight_packed"], p.bits, shape[1], axis=-1)
+        zero = (unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T.astype(np.float32)
+                if "weight_zero_point" in get else np.full(scale.shape, 1 << (p.bits - 1), np.float32))
+        return _weights(q, zero, scale, get.get("weight_g_idx"), p.group_size, name)
     if "qzeros" not in get:
         raise ValueError(f"{name}: a {p.layout} weight without its qzeros")
-    if p.layout == "gptq":
+    scale = np.asarray(get["scales"], np.float32).T  # [out, groups]
+    n_out = scale.shape[0]
+    if p.layout == "gptq":  # the inputs packed down each output's column
         q = unpack(get["qweight"], p.bits, get["qweight"].shape[0] * 32 // p.bits, axis=0)  # [out, in]
-        zeros = unpack(get["qzeros"], p.bits, scales.shape[1], axis=1)  # [groups, out]
-        zeros = (zeros + 1) & mask if p.zero_minus_one else zeros
-        g = _groups(get.get("g_idx"), q.shape[1], p.group_size, scales.shape[0], name)
-        return (q - zeros[g].T).astype(np.float32) * scales[g].T
-    n_out = scales.shape[1]
+        zero = unpack(get["qzeros"], p.bits, n_out, axis=1).T  # [out, groups]
+        zero = (zero + 1) & ((1 << p.bits) - 1) if p.zero_minus_one else zero
+        return _weights(q, zero.astype(np.float32), scale, get.get("g_idx"), p.group_size, name)
     order = (np.arange(n_out).reshape(-1, 8)[:, np.argsort(AWQ_ORDER)]).ravel()  # a word's fields -> columns
-    q = unpack(get["qweight"], p.bits, n_out, axis=1)[:, order]  # [in, out]
-    zeros = unpack(get["qzeros"], p.bits, n_out, axis=1)[:, order]
-    g = _groups(None, q.shape[0], p.group_size, scales.shape[0], name)
-    return np.ascontiguousarray(((q - zeros[g]).astype(np.float32) * scales[g]).T)
+    q = np.ascontiguousarray(unpack(get["qweight"], p.bits, n_out, axis=1)[:, order].T)  # [out, in]
+    zero = unpack(get["qzeros"], p.bits, n_out, axis=1)[:, order].T.astype(np.float32)
+    return _weights(q, zero, scale, None, p.group_size, name)
