@@ -347,8 +347,8 @@ def test_fp8_checkpoints_load_as_the_weights_they_stand_for(tmp_path, monkeypatc
 
         config = json.loads((tmp_path / "fp8" / "config.json").read_text())
         (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": {
-            "quant_method": "bitsandbytes", "load_in_4bit": True}}))
-        with pytest.raises(NotImplementedError, match="quantized by bitsandbytes"):
+            "quant_method": "hqq", "nbits": 4}}))
+        with pytest.raises(NotImplementedError, match="quantized by hqq"):
             open_source(str(tmp_path / "fp8"))
         (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
         tensors = safetensors.torch.load_file(str(tmp_path / "fp8" / "model.safetensors"))

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.quick_compile  # tiny random models: XLA optimizations 
 ROWS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3]]
 
 
-def _llama(folder) -> transformers.PreTrainedModel:
-    """A 2-layer random Llama (inputs of 64 and 96: groups of 32 fit) saved in `folder`."""
+def _llama(folder, inter: int = 96) -> transformers.PreTrainedModel:
+    """A 2-layer random Llama (inputs of 64 and `inter`: groups of 32 fit) saved in `folder`."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=inter, num_attention_heads=4,
                                    num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=128)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -179,9 +179,34 @@ def test_compressed_tensors_pack_quantized_loads_as_transformers_dequantizes_it(
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
 
 
+# bitsandbytes as transformers saves it: NF4 with double quantization (unsloth's `-bnb-4bit` folders), FP4, LLM.int8()
+BNB = {"nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+       "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "int8": dict(load_in_8bit=True)}
+
+
+@pytest.mark.parametrize("kind", BNB)
+def test_bitsandbytes_folders_load_as_transformers_dequantizes_them(tmp_path, monkeypatch, kind):
+    """A folder transformers saved from a model it quantized with bitsandbytes loads to the weights and logits of
+    transformers' own `dequantize()` of that model."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _llama(tmp_path / "hf", inter=128)  # rows of whole blocks of 64: bitsandbytes' CPU kernel indexes blocks by row
+    config = transformers.BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **BNB[kind])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), quantization_config=config,
+                                                              device_map="cpu", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "q")
+    ref = model.dequantize(dtype=torch.float32).eval()
+    ours = load_model(str(tmp_path / "q"), with_tokenizer=False)
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_allclose(hf_weight(ours, name), ref.state_dict()[name].numpy(), rtol=1e-6, atol=1e-7)
+    for row, got in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
+        with torch.no_grad():
+            want = ref(torch.tensor([row])).logits[0].numpy()
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+
+
 def test_packed_variants_not_read_are_refused_up_front(tmp_path):
-    """AWQ's GEMV layout, GPTQ's Marlin format, compressed-tensors' groups of several schemes and bitsandbytes are
-    refused before any tensor is read, each naming what it is."""
+    """AWQ's GEMV layout, GPTQ's Marlin format, compressed-tensors' groups of several schemes and HQQ are refused
+    before any tensor is read, each naming what it is."""
     _llama(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
@@ -191,7 +216,7 @@ def test_packed_variants_not_read_are_refused_up_front(tmp_path):
                                 ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
                                  "GPTQ's 'marlin' checkpoint format"),
                                 (ct, "pack-quantized groups of weights"),
-                                ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized by bitsandbytes")]:
+                                ({"quant_method": "hqq", "nbits": 4}, "quantized by hqq")]:
         (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
         with pytest.raises(NotImplementedError, match=match):
             open_source(str(tmp_path))

@@ -13,13 +13,22 @@ Three layouts, as the published quantizers write them (and vLLM, SGLang and llam
   channel), `X.weight_zero_point [out * bits / 32, groups]` for asymmetric schemes, `X.weight_shape` and, with
   activation ordering, `X.weight_g_idx`.
 
-Every layout packs its values densely from each word's lowest bit, so one reader (`unpack`) serves 2, 3, 4 and 8 bits
-alike. Each weight reads as `X.weight [out, in]` in float32, `(q - zero) * scale` by the group of its input.
+- **bitsandbytes** (`quant_method: bitsandbytes`, as transformers saves `load_in_4bit` and `load_in_8bit` models;
+  unsloth's `-bnb-4bit` folders): 4-bit `X.weight` holds two codes a byte (the first in the high nibble) of the
+  flattened weight, each an index into `X.weight.quant_map` (NF4's or FP4's 16 values) times its block's
+  `X.weight.absmax`, itself 8-bit codes into `X.weight.nested_quant_map` times `X.weight.nested_absmax` plus an
+  offset under double quantization; `X.weight.quant_state.bitsandbytes__nf4` (or `__fp4`) is JSON bytes giving the
+  shape, block sizes and offset. LLM.int8()'s `X.weight` is int8 rows beside `X.SCB`, each row's absolute maximum.
+
+The other layouts pack their values densely from each word's lowest bit, so one reader (`unpack`) serves 2, 3, 4
+and 8 bits alike. Each weight reads as `X.weight [out, in]` in float32: `(q - zero) * scale` by the group of its
+input, or a code's value times its block's maximum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable
 
 import numpy as np
@@ -27,7 +36,11 @@ import numpy as np
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column (of a word's eight) that each 4-bit field of an AWQ word holds
 # each layout's tensors beside a weight, the first naming a packed weight
 PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
-         "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")}
+         "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+         "bitsandbytes": ("weight.absmax", "SCB", "weight", "weight.quant_map", "weight.nested_absmax",
+                          "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+                          "weight.quant_state.bitsandbytes__fp4", "weight_format")}
+MARKS = {"bitsandbytes": 2}  # how many of a layout's first parts name a packed weight (else one): 4 and 8 bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +61,8 @@ def packing(quantization: dict) -> Packing | None:
     `NotImplementedError` for a variant not read (AWQ's GEMV layout, GPTQ's Marlin format, compressed-tensors groups
     packed in different ways)."""
     method = quantization.get("quant_method")
+    if method == "bitsandbytes":
+        return Packing("bitsandbytes", 8 if quantization.get("load_in_8bit") else 4, 0)
     if method == "gptq":
         form = quantization.get("checkpoint_format") or quantization.get("format") or "gptq"
         if form not in ("gptq", "gptq_v2"):
@@ -83,12 +98,12 @@ def width(quantization: dict) -> str | None:
 def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
     """Each packed weight's name (`X.weight`) -> its parts' names in the checkpoint, by part (`PARTS`), among
     `names`."""
-    first, *rest = PARTS[p.layout]
     out = {}
     for name in names:
-        if name.endswith("." + first):
-            prefix = name[:-len(first)]
-            out[prefix + "weight"] = {part: prefix + part for part in (first, *rest) if prefix + part in names}
+        for mark in PARTS[p.layout][:MARKS.get(p.layout, 1)]:
+            if name.endswith("." + mark):
+                prefix = name[:-len(mark)]
+                out[prefix + "weight"] = {part: prefix + part for part in PARTS[p.layout] if prefix + part in names}
     return out
 
 
@@ -128,6 +143,8 @@ def _weights(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, g_idx: np.ndarr
 def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str], np.ndarray]) -> np.ndarray:
     """The packed weight `name` as float32 `[out, in]`, from its `parts` (`packed_weights`) read by `read`."""
     get = {part: read(full) for part, full in parts.items()}
+    if p.layout == "bitsandbytes":
+        return _bitsandbytes(get)
     if p.layout == "compressed-tensors":  # signed values stored offset by 2^(bits-1), their zero points too
         shape = tuple(int(x) for x in get["weight_shape"])
         if len(shape) != 2:
@@ -151,3 +168,22 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
     q = np.ascontiguousarray(unpack(get["qweight"], p.bits, n_out, axis=1)[:, order].T)  # [out, in]
     zero = unpack(get["qzeros"], p.bits, n_out, axis=1)[:, order].T.astype(np.float32)
     return _weights(q, zero, scale, None, p.group_size, name)
+
+
+def _bitsandbytes(get: dict[str, np.ndarray]) -> np.ndarray:
+    """A bitsandbytes weight as float32, from its parts by name (the module doc)."""
+    if "SCB" in get:  # LLM.int8(): int8 rows scaled by each row's absolute maximum over 127
+        return np.asarray(get["weight"], np.float32) * (np.asarray(get["SCB"], np.float32)[:, None] / 127)
+    state = json.loads(bytes(next(v for k, v in get.items() if k.startswith("weight.quant_state."))))
+    shape, block = tuple(state["shape"]), int(state["blocksize"])
+    absmax = np.asarray(get["weight.absmax"])
+    if "weight.nested_absmax" in get:  # double quantization: the blocks' maxima are themselves 8-bit codes
+        nested = np.repeat(np.asarray(get["weight.nested_absmax"], np.float32), int(state["nested_blocksize"]))
+        absmax = np.asarray(get["weight.nested_quant_map"], np.float32)[absmax] * nested[:absmax.size]
+        absmax += np.float32(state["nested_offset"])
+    n = int(np.prod(shape))
+    codes = np.ascontiguousarray(get["weight"]).view(np.uint8).reshape(-1)  # any storage dtype: its bytes
+    codes = np.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)[:n]
+    w = np.asarray(get["weight.quant_map"], np.float32)[codes]
+    w *= np.repeat(np.asarray(absmax, np.float32), block)[:n]
+    return w.reshape(shape)

@@ -275,12 +275,13 @@ ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".
 # The quantized checkpoints read here (dequantized): MXFP4 experts, FP8 (or int8) weights beside their scales
 # (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8); None: any format.
 READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None, "gptq": None, "awq": None,
+                  "bitsandbytes": None,
                   "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized")}
 
 
 def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], scaled: set[str]) -> None:
     """Refuse, before any tensor is read, a checkpoint quantized in a way this reader does not dequantize
-    (bitsandbytes, NVFP4, packed parts outside the layouts of `models.loading.packed`) and a float8 or int8 weight
+    (HQQ, NVFP4, packed parts outside the layouts of `models.loading.packed`) and a float8 or int8 weight
     with no scale beside it, naming what it is and what to serve instead."""
     method, form = quantization.get("quant_method"), quantization.get("format")
     known = method is None or method in READ_QUANTIZED and (READ_QUANTIZED[method] is None or form is None
@@ -292,8 +293,8 @@ def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], sc
                 f"quantized with tensors such as {parts[0]}" if parts else
                 f"stored as {dtypes[bare[0]]} with no scale beside them (e.g. {bare[0]})")
         raise NotImplementedError(f"{folder}: its weights are {what}, which this server does not read; serve the "
-                                  "unquantized checkpoint, an FP8, GPTQ or AWQ one, or a GGUF file (--quantization "
-                                  "int8, int4 or fp8 then quantizes here)")
+                                  "unquantized checkpoint, an FP8, GPTQ, AWQ or bitsandbytes one, or a GGUF file "
+                                  "(--quantization int8, int4 or fp8 then quantizes here)")
 
 
 def fp8_block(quantization: dict) -> tuple[int, int] | None:
