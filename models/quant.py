@@ -11,9 +11,11 @@ row and group, which serves both the lookup and a tied LM head.
 
 `int4` is llama.cpp's Q4_1: `w = d q + m` with `q` in 0..15 (two a byte), and `m = min` and `d = (max - m) / 15`
 of each group of 32, both float16: 0.625 bytes a weight against int8's 1.125, for the decode step that reads every
-weight from memory (the unpacked form too: XLA's products widen it in the step). A GGUF whose weights are Q4_1 (the
-packaged SmolLM2's) comes back to its own values: each block holds its minimum and maximum at q = 0 and 15, so both
-are found again. The embedding table stays int8 (Q8_0 in such files).
+weight from memory (the unpacked form too: XLA's products widen it in the step). A group whose values already lie
+on an even grid of fewer levels, as a 4-bit checkpoint's do (GPTQ's or AWQ's groups of 128 seen 32 at a time, a
+Q4_K block), takes `d = (max - m) / k` for the most `k` < 15 that holds it (`_steps`), so its values come back as
+they were. A GGUF whose weights are Q4_1 (the packaged SmolLM2's) comes back to its own values too: each block holds
+its minimum and maximum at q = 0 and 15. The embedding table stays int8 (Q8_0 in such files).
 
 `fp8` is vLLM's and SGLang's `--quantization fp8` on Hopper and Ada cards: each weight row in float8 e4m3 with one
 float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 on the way in with a scale of its
@@ -112,10 +114,36 @@ def quantize4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError("int4 needs finite weights within float16's range")
     minimum = lo.astype(np.float16)
     m = minimum.astype(np.float32)
-    scale = ((hi - m) / 15).astype(np.float16)  # from the rounded minimum, so the top is not clipped
+    scale = ((hi - m) / _steps(blocks, lo, hi)).astype(np.float16)  # from the rounded minimum: the top not clipped
     step = np.where(scale == 0, 1, scale.astype(np.float32))[..., None]
     q = np.clip(np.round((blocks - m[..., None]) / step), 0, 15).astype(np.uint8).reshape(w.shape)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, minimum
+
+
+def _on_grid(blocks: np.ndarray, lo: np.ndarray, span: np.ndarray, k: int) -> np.ndarray:
+    """Whether each block `[n, GROUP]` lies (within 1e-3 of a step) on the grid of `k` even steps from `lo` to
+    `lo + span`."""
+    t = (blocks - lo[:, None]) * (k / span[:, None])
+    return (np.abs(t - np.round(t)) <= 1e-3).all(axis=-1)
+
+
+def _steps(blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Each block's steps from its minimum to its maximum (`blocks [..., GROUP]`): the most, up to 15, that put
+    all its values on an evenly spaced grid, where they lie on one of at most 16 levels (a 4-bit checkpoint's own:
+    GPTQ's, AWQ's, compressed-tensors', a GGUF's Q4_0, Q4_1 or Q4_K blocks), so that its values come back as they were;
+    15 elsewhere (float weights, whose blocks are looked for a grid only if a sample of them shows one)."""
+    flat, lo1, span = blocks.reshape(-1, GROUP), lo.reshape(-1), (hi - lo).reshape(-1)
+    steps = np.full(lo1.shape, 15, np.float32)
+    sample = np.arange(0, len(flat), max(1, len(flat) // 256))
+    for rows in (sample, np.arange(len(flat))):
+        left = rows[span[rows] > 0]
+        for k in range(15, 0, -1):
+            hit = _on_grid(flat[left], lo1[left], span[left], k)
+            steps[left[hit]] = k
+            left = left[~hit]
+        if (steps[sample] == 15).all():  # no block of the sample lies on a grid of fewer steps: none is looked for
+            break
+    return steps.reshape(lo.shape)
 
 
 def values4(w: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ log = logging.getLogger("sparkler.models")
 
 # Counts of how parameters were obtained in this process (tests read these).
 STATS = {"converted": 0, "cached": 0, "direct": 0}
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: int4 keeps the grid a block of 4-bit values lies on (quant._steps)
 with open(__file__, "rb") as _f:  # what `remembered` computes comes from this file: a change here recomputes it
     _SOURCE = hashlib.sha256(_f.read()).hexdigest()[:16]
 
