@@ -131,52 +131,85 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
 
 # compressed-tensors' schemes as llm-compressor names them: W4A16 (symmetric, groups of 32 here, 128 there), its
 # asymmetric variant, W8A16 (symmetric, per output channel)
-SCHEMES = {"w4a16": dict(num_bits=4, symmetric=True, strategy="group", group_size=32),
-           "w4a16-asym": dict(num_bits=4, symmetric=False, strategy="group", group_size=32),
-           "w8a16": dict(num_bits=8, symmetric=True, strategy="channel")}
+SCHEMES = {"w4a16": ("pack-quantized", dict(num_bits=4, symmetric=True, strategy="group", group_size=32)),
+           "w4a16-asym": ("pack-quantized", dict(num_bits=4, symmetric=False, strategy="group", group_size=32)),
+           "w8a16": ("pack-quantized", dict(num_bits=8, symmetric=True, strategy="channel")),
+           "nvfp4a16": ("nvfp4-pack-quantized", "NVFP4A16"), "mxfp4a16": ("mxfp4-pack-quantized", "MXFP4A16")}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_compressed_tensors_pack_quantized_loads_as_transformers_dequantizes_it(tmp_path, monkeypatch, scheme):
-    """A folder compressed by compressed-tensors (`pack-quantized`, as llm-compressor saves W4A16 and W8A16 models)
-    loads to the logits transformers gives when its loader dequantizes the same folder."""
+def _compressed(folder, scheme: str) -> None:
+    """The Llama in `folder / "hf"` quantized and compressed by compressed-tensors in `SCHEMES[scheme]`, each group's
+    scale (NVFP4's global scale, a zero point) from its range as a calibration sets them, saved in `folder / "q"`."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
+                                                 apply_quantization_config, preset_name_to_scheme)
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
-    model = _llama(tmp_path / "hf")
-    args = SCHEMES[scheme]
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(type="int", **args))}, ignore=["lm_head"],
-        format="pack-quantized")
-    apply_quantization_config(model, config)
-    for module in model.modules():  # each group's scale and zero point from its range, as a calibration sets them
+    model = _llama(folder / "hf")
+    form, args = SCHEMES[scheme]
+    quantized = (preset_name_to_scheme(args, ["Linear"]) if isinstance(args, str) else
+                 QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(type="int", **args)))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": quantized}, ignore=["lm_head"],
+                                                        format=form))
+    for module in model.modules():
         if hasattr(module, "weight_scale"):
-            w = module.weight.data
-            w = w.reshape(w.shape[0], -1, args["group_size"]) if "group_size" in args else w[:, None, :]
-            scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), module.quantization_scheme.weights)
+            w, weights = module.weight.data, module.quantization_scheme.weights
+            glob = None
+            if hasattr(module, "weight_global_scale"):
+                glob = generate_gparam(w.amin(), w.amax())
+                module.weight_global_scale.data.copy_(glob)
+            w = w.reshape(w.shape[0], -1, weights.group_size) if weights.group_size else w[:, None, :]
+            scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), weights, global_scale=glob)
             module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=form)
     compressor.compress_model(model)
-    model.save_pretrained(tmp_path / "q")
-    compressor.update_config(str(tmp_path / "q"))
-    assert any(k.endswith("weight_packed") for k in safetensors.torch.load_file(str(tmp_path / "q" /
-                                                                                    "model.safetensors")))
+    model.save_pretrained(folder / "q")
+    compressor.update_config(str(folder / "q"))
 
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compressed_tensors_folders_load_as_transformers_dequantizes_them(tmp_path, monkeypatch, scheme):
+    """A folder compressed by compressed-tensors (`pack-quantized`, as llm-compressor saves W4A16 and W8A16 models;
+    NVFP4 and MXFP4) loads to the logits transformers gives when its loader dequantizes the same folder, which
+    rounds FP4 weights to bfloat16 (compressed-tensors unpacks them so): there within that rounding. An NVFP4 folder
+    renamed as NVIDIA ModelOpt's NVFP4 (`weight`, `weight_scale`, `weight_scale_2` = 1 / the global scale) loads to
+    the same weights."""
+    monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
+    _compressed(tmp_path, scheme)
+    tensors = safetensors.torch.load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert any(k.endswith("weight_packed") for k in tensors)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path / "q"), quantization_config=transformers.CompressedTensorsConfig(dequantize=True),
         dtype=torch.float32).eval()
     ours = load_model(str(tmp_path / "q"), with_tokenizer=False)
+    fp4 = "fp4" in scheme
     name = "model.layers.0.mlp.up_proj.weight"
-    np.testing.assert_allclose(hf_weight(ours, name), ref.state_dict()[name].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(hf_weight(ours, name), ref.state_dict()[name].numpy(), rtol=2.0 ** -8 if fp4 else 1e-6,
+                               atol=1e-7)
     for row, got in zip(ROWS, our_logits(ours.module, ours.params, ROWS)):
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+        assert np.abs(got - want).max() <= (1e-2 if fp4 else 1e-4) * np.abs(want).max(), np.abs(got - want).max()
+    if scheme == "nvfp4a16":
+        shutil.copytree(tmp_path / "q", tmp_path / "modelopt")
+        renamed = {}
+        for k, v in tensors.items():
+            if k.endswith("weight_packed"):
+                renamed[k.replace("weight_packed", "weight")] = v
+            elif k.endswith("weight_global_scale"):
+                renamed[k.replace("weight_global_scale", "weight_scale_2")] = 1 / v
+            else:
+                renamed[k] = v
+        safetensors.torch.save_file(renamed, str(tmp_path / "modelopt" / "model.safetensors"),
+                                    metadata={"format": "pt"})
+        config = json.loads((tmp_path / "modelopt" / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                         "exclude_modules": ["lm_head"]}
+        (tmp_path / "modelopt" / "config.json").write_text(json.dumps(config))
+        modelopt = load_model(str(tmp_path / "modelopt"), with_tokenizer=False)
+        np.testing.assert_allclose(hf_weight(modelopt, name), hf_weight(ours, name), rtol=1e-6)
 
 
 # bitsandbytes as transformers saves it: NF4 with double quantization (unsloth's `-bnb-4bit` folders), FP4, LLM.int8()

@@ -1,6 +1,6 @@
-"""Integer weights packed into int32 words, read as the float weights they stand for.
+"""Quantized weights packed into words or bytes, read as the float weights they stand for.
 
-Three layouts, as the published quantizers write them (and vLLM, SGLang and llama.cpp's converter read them):
+The layouts, as the published quantizers write them (and vLLM, SGLang and llama.cpp's converter read them):
 - **GPTQ** (`quant_method: gptq`; AutoGPTQ, GPTQModel): `X.qweight [in * bits / 32, out]` packs the inputs of each
   output column, `X.qzeros [groups, out * bits / 32]` the zero points along the outputs, `X.scales [groups, out]`,
   and `X.g_idx [in]` each input's group (`desc_act` checkpoints permute them). AutoGPTQ's format (`checkpoint_format`
@@ -12,7 +12,10 @@ Three layouts, as the published quantizers write them (and vLLM, SGLang and llam
   32]` packs the inputs as signed values offset by `2^(bits-1)`, `X.weight_scale [out, groups]` (one column per
   channel), `X.weight_zero_point [out * bits / 32, groups]` for asymmetric schemes, `X.weight_shape` and, with
   activation ordering, `X.weight_g_idx`.
-
+- **FP4** (E2M1 codes, two a byte, the first in the low nibble): NVIDIA ModelOpt's NVFP4 (`quant_algo: NVFP4`:
+  `X.weight [out, in / 2]`, float8 `X.weight_scale` per 16 inputs, float32 `X.weight_scale_2` for the tensor) and
+  compressed-tensors' `nvfp4-pack-quantized` (`X.weight_packed`, `X.weight_scale` per 16, divided by
+  `X.weight_global_scale`) and `mxfp4-pack-quantized` (a power-of-two `X.weight_scale` per 32, biased by 127).
 - **bitsandbytes** (`quant_method: bitsandbytes`, as transformers saves `load_in_4bit` and `load_in_8bit` models;
   unsloth's `-bnb-4bit` folders): 4-bit `X.weight` holds two codes a byte (the first in the high nibble) of the
   flattened weight, each an index into `X.weight.quant_map` (NF4's or FP4's 16 values) times its block's
@@ -20,9 +23,9 @@ Three layouts, as the published quantizers write them (and vLLM, SGLang and llam
   offset under double quantization; `X.weight.quant_state.bitsandbytes__nf4` (or `__fp4`) is JSON bytes giving the
   shape, block sizes and offset. LLM.int8()'s `X.weight` is int8 rows beside `X.SCB`, each row's absolute maximum.
 
-The other layouts pack their values densely from each word's lowest bit, so one reader (`unpack`) serves 2, 3, 4
-and 8 bits alike. Each weight reads as `X.weight [out, in]` in float32: `(q - zero) * scale` by the group of its
-input, or a code's value times its block's maximum.
+GPTQ's, AWQ's and compressed-tensors' integers are packed densely from each word's lowest bit, so one reader
+(`unpack`) serves 2, 3, 4 and 8 bits alike. Each weight reads as `X.weight [out, in]` in float32: `(q - zero) *
+scale` by the group of its input, or a code's value times its block's scale.
 """
 
 from __future__ import annotations
@@ -33,10 +36,15 @@ from typing import Callable
 
 import numpy as np
 
+# The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column (of a word's eight) that each 4-bit field of an AWQ word holds
 # each layout's tensors beside a weight, the first naming a packed weight
 PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
          "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+         "fp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+         "modelopt-nvfp4": ("weight_scale_2", "weight", "weight_scale"),
          "bitsandbytes": ("weight.absmax", "SCB", "weight", "weight.quant_map", "weight.nested_absmax",
                           "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
                           "weight.quant_state.bitsandbytes__fp4", "weight_format")}
@@ -77,7 +85,13 @@ def packing(quantization: dict) -> Packing | None:
                                       + (" without zero points" if quantization.get("zero_point") is False else "")
                                       + " is not read (read: gemm, 4 bits, with zero points)")
         return Packing("awq", 4, int(quantization.get("group_size", quantization.get("q_group_size", 128))))
-    if method != "compressed-tensors" or quantization.get("format") != "pack-quantized":
+    algo = quantization.get("quant_algo") or (quantization.get("quantization") or {}).get("quant_algo")
+    if method == "modelopt" and str(algo).upper() == "NVFP4":
+        return Packing("modelopt-nvfp4", 4, int(quantization.get("group_size", 16)))
+    form = quantization.get("format")
+    if method == "compressed-tensors" and form in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        return Packing("fp4", 4, 16 if form.startswith("nv") else 32)
+    if method != "compressed-tensors" or form != "pack-quantized":
         return None
     schemes = {(w.get("num_bits"), w.get("group_size") or 0, bool(w.get("symmetric", True)), w.get("type", "int"))
                for g in (quantization.get("config_groups") or {}).values() if (w := (g or {}).get("weights"))}
@@ -145,6 +159,15 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
     get = {part: read(full) for part, full in parts.items()}
     if p.layout == "bitsandbytes":
         return _bitsandbytes(get)
+    if p.layout == "modelopt-nvfp4":  # float8 scales per 16 inputs, times one float32 scale for the tensor
+        scale = np.asarray(get["weight_scale"], np.float32) * np.float32(np.asarray(get["weight_scale_2"]).item())
+        return _fp4(get["weight"], scale, name)
+    if p.layout == "fp4":  # NVFP4: float8 scales over the tensor's global scale; MXFP4: powers of two (E8M0)
+        scale = get["weight_scale"]
+        if scale.dtype == np.uint8:
+            return _fp4(get["weight_packed"], np.ldexp(np.float32(1), scale.astype(np.int32) - 127), name)
+        glob = np.float32(np.asarray(get.get("weight_global_scale", 1.0)).item())
+        return _fp4(get["weight_packed"], np.asarray(scale, np.float32) / glob, name)
     if p.layout == "compressed-tensors":  # signed values stored offset by 2^(bits-1), their zero points too
         shape = tuple(int(x) for x in get["weight_shape"])
         if len(shape) != 2:
@@ -168,6 +191,17 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
     q = np.ascontiguousarray(unpack(get["qweight"], p.bits, n_out, axis=1)[:, order].T)  # [out, in]
     zero = unpack(get["qzeros"], p.bits, n_out, axis=1)[:, order].T.astype(np.float32)
     return _weights(q, zero, scale, None, p.group_size, name)
+
+
+def _fp4(codes: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """FP4 (E2M1) codes `[out, in / 2]`, two a byte (the first in the low nibble), times their group's `scale [out,
+    groups]`, as float32 `[out, in]`."""
+    codes = np.asarray(codes).view(np.uint8)
+    values = FP4_VALUES[np.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[0], -1)]
+    if scale.ndim != 2 or values.shape[1] % scale.shape[1]:
+        raise ValueError(f"{name}: scales of shape {scale.shape} do not cover FP4 weights of shape {values.shape}")
+    w = values.reshape(values.shape[0], scale.shape[1], -1) * scale[..., None]
+    return w.reshape(values.shape)
 
 
 def _bitsandbytes(get: dict[str, np.ndarray]) -> np.ndarray:

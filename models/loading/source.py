@@ -257,17 +257,12 @@ def _as_causal_lm(config: dict, names: tuple[str, ...], read: Callable) -> tuple
     return config, names, read
 
 
-# The 16 values of an FP4 (E2M1) code: sign bit, two exponent bits, one mantissa bit.
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                      np.float32)
-
-
 def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """An MXFP4 tensor as float32, in the layout of the same checkpoint unquantized: `blocks [E, out, G, 16]` bytes
     of two FP4 codes each (low nibble first) and `scales [E, out, G]`, a power-of-two exponent biased by 127 per
     block of 32 -> `[E, G * 32, out]` (the OCP MX format; gpt-oss stores its experts so, output rows first)."""
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
-    w = np.ldexp(FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
+    w = np.ldexp(packed.FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
     return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
 
 
@@ -276,12 +271,13 @@ ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".
 # (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8); None: any format.
 READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None, "gptq": None, "awq": None,
                   "bitsandbytes": None,
-                  "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized")}
+                  "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized",
+                                         "nvfp4-pack-quantized", "mxfp4-pack-quantized")}
 
 
 def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], scaled: set[str]) -> None:
     """Refuse, before any tensor is read, a checkpoint quantized in a way this reader does not dequantize
-    (HQQ, NVFP4, packed parts outside the layouts of `models.loading.packed`) and a float8 or int8 weight
+    (HQQ, packed parts outside the layouts of `models.loading.packed`) and a float8 or int8 weight
     with no scale beside it, naming what it is and what to serve instead."""
     method, form = quantization.get("quant_method"), quantization.get("format")
     known = method is None or method in READ_QUANTIZED and (READ_QUANTIZED[method] is None or form is None
