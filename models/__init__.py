@@ -30,7 +30,6 @@ from models.families import (cohere, deepseek, dots1, ernie4_5_moe, gemma, gemma
                              granite_moe, llama, minimax_m2, mixtral, olmo2, olmoe, phi, phi3, qwen2, qwen3, qwen_moe,
                              smollm3, starcoder2)
 from models.layers.causal_lm import CausalLM, layer_groups
-from models.loading.packed import width as packed_width
 from models.loading.source import STATS, Source, cache_root, convert, iter_paths, open_source, weight_table
 from models.quant import PACKED, QUANTIZATIONS, pack_tree, quantize_tree
 from models.sharding import make_mesh, param_shardings
@@ -87,10 +86,10 @@ def resolve_kv_dtype(name: str, dtype: str) -> str:
 def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platform: str | None = None,
                          matmul: str = "auto", stored: str | None = None) -> tuple[str, str]:
     """`--quantization` and why: `auto` is the catalog's `quantization` for the model (the one that passes the
-    quality guard, `tests/test_quant.py`: int4 for the default model, whose GGUF weights are Q4_1), or for a checkpoint
-    whose weights are stored as integers (`stored`: GPTQ, AWQ, compressed-tensors' packed ints; `packed.width`) that
-    width, where the C++ kernel runs (a CPU with AVX2, float32, tp = 1, `--matmul-backend` auto or cpu), else the
-    weights at full precision; `none`, `int8`, `int4` and `fp8` are taken as asked."""
+    quality guard, `tests/test_quant.py`: int4 for the default model, whose GGUF weights are Q4_1), or for a packed
+    checkpoint (GPTQ, AWQ, compressed-tensors, bitsandbytes, FP4) the width that holds it (`stored`: `packed.width`),
+    where the C++ kernel runs (a CPU with AVX2, float32, tp = 1, `--matmul-backend` auto or cpu), else the weights at
+    full precision; `none`, `int8`, `int4` and `fp8` are taken as asked."""
     from models.backends import cpu_matmul
     from models.loading import packaged
 
@@ -235,8 +234,8 @@ def load_model(name_or_path: str, dtype: str = "float32", tp: int = 1, install: 
     dtype = resolve_dtype(dtype)
     path = packaged.resolve(name_or_path, install=install)
     source = open_source(path)
-    stored = packed_width(source.config.get("quantization_config") or {})
-    quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul, stored=stored)
+    quantization, why = resolve_quantization(quantization, name_or_path, dtype, tp, matmul=matmul,
+                                             stored=source.stored)
     config = {**source.config, **(hf_overrides or {})}
     cfg = dataclasses.replace(ModelConfig.from_hf(config, dtype, max_model_len), quantization=quantization,
                               kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype))

@@ -69,10 +69,11 @@ def test_unpack_reads_what_compressed_tensors_packs():
 
 
 # GPTQ as AutoGPTQ writes it (zero points minus one), with `desc_act`'s permuted groups, per channel and at 3 and 8
-# bits; GPTQModel's `gptq_v2` (zero points as they are); AWQ's GEMM layout.
+# bits, in groups of 64 (the MLP's 96 inputs: the last group short); GPTQModel's `gptq_v2` (zero points as they
+# are) in int16 words (its `pack_dtype`); AWQ's GEMM layout, its settings in AutoAWQ's own quant_config.json.
 LAYOUTS = {"gptq": dict(bits=4, group=32), "gptq-desc-act": dict(bits=4, group=32, desc_act=True),
-           "gptq-3bit-channel": dict(bits=3, group=-1), "gptq-v2-8bit": dict(bits=8, group=32, v2=True),
-           "awq": dict(bits=4, group=32)}
+           "gptq-3bit-channel": dict(bits=3, group=-1), "gptq-short-group": dict(bits=4, group=64),
+           "gptq-v2-8bit-int16": dict(bits=8, group=32, v2=True), "awq": dict(bits=4, group=32)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -91,8 +92,9 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
             stored[name] = w
             continue
         n_in = w.shape[1]
-        n = n_in // group if group > 0 else 1
-        groups = rng.permutation(n_in) // group if o.get("desc_act") else np.arange(n_in) // (n_in // n)
+        n = -(-n_in // group) if group > 0 else 1
+        groups = (rng.permutation(n_in) // group if o.get("desc_act") else
+                  np.arange(n_in) // group if group > 0 else np.zeros(n_in, np.int64))
         q, zero, scale, tensors[name] = _quantize(w.numpy(), bits, groups, n, rng)
         tensors[name] = torch.tensor(tensors[name])
         prefix = name.removesuffix("weight")
@@ -102,16 +104,22 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
             stored[prefix + "qzeros"] = _pack(zero.T[:, order], bits, 1)
         else:  # the inputs packed along each output column; the zero points along the outputs
             stored[prefix + "qweight"] = _pack(q.T, bits, 0)
+            if o.get("v2"):  # GPTQModel's `pack_dtype` int16: the same little-endian bytes in words of two
+                words = stored[prefix + "qweight"].numpy().T.copy().view(np.int16).T
+                stored[prefix + "qweight"] = torch.tensor(np.ascontiguousarray(words))
             stored[prefix + "qzeros"] = _pack(zero.T - (0 if o.get("v2") else 1), bits, 1)
             stored[prefix + "g_idx"] = torch.tensor(groups, dtype=torch.int32)
         stored[prefix + "scales"] = torch.tensor(scale.T.copy())
     safetensors.torch.save_file(stored, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
     safetensors.torch.save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    config["quantization_config"] = (
-        {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True} if awq else
-        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": bool(o.get("desc_act")),
-         "sym": False, "checkpoint_format": "gptq_v2" if o.get("v2") else "gptq"})
+    if awq:  # as AutoAWQ writes it, beside config.json
+        (tmp_path / "q" / "quant_config.json").write_text(json.dumps(
+            {"zero_point": True, "q_group_size": group, "w_bit": 4, "version": "GEMM"}))
+    else:
+        config["quantization_config"] = {
+            "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": bool(o.get("desc_act")),
+            "sym": False, "checkpoint_format": "gptq_v2" if o.get("v2") else "gptq"}
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
@@ -123,9 +131,9 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
         with torch.no_grad():
             wants.append(ref(torch.tensor([row])).logits[0].numpy())
         assert np.abs(got - wants[-1]).max() <= 1e-4 * np.abs(wants[-1]).max(), np.abs(got - wants[-1]).max()
-    if cpu_matmul.available():  # `auto` keeps a checkpoint stored as integers in the kernel's ints of that width
+    if cpu_matmul.available():  # `auto` keeps a checkpoint stored as integers in the kernel's ints that hold it
         kept = load_model(str(tmp_path / "q"), with_tokenizer=False, quantization="auto")
-        width = "int4" if bits <= 4 else "int8"
+        width = "int4" if bits <= 4 and not o.get("desc_act") else "int8"  # groups that Q4_1's blocks keep
         assert kept.cfg.quantization == width and f"stores its weights as {width}" in kept.quantization_why
 
 
@@ -173,7 +181,8 @@ def _compressed(folder, scheme: str) -> None:
 def test_compressed_tensors_folders_load_as_transformers_dequantizes_them(tmp_path, monkeypatch, scheme):
     """A folder compressed by compressed-tensors (`pack-quantized`, as llm-compressor saves W4A16 and W8A16 models;
     NVFP4 and MXFP4) loads to the logits transformers gives when its loader dequantizes the same folder, which
-    rounds FP4 weights to bfloat16 (compressed-tensors unpacks them so): there within that rounding. An NVFP4 folder
+    rounds FP4 weights to bfloat16 (compressed-tensors unpacks them so): there within that rounding. Zero points
+    stored unpacked (int8, as before compressed-tensors packed them) read as the packed ones. An NVFP4 folder
     renamed as NVIDIA ModelOpt's NVFP4 (`weight`, `weight_scale`, `weight_scale_2` = 1 / the global scale) loads to
     the same weights."""
     monkeypatch.setenv("SPARKLER_CACHE", str(tmp_path / "cache"))
@@ -192,6 +201,16 @@ def test_compressed_tensors_folders_load_as_transformers_dequantizes_them(tmp_pa
         with torch.no_grad():
             want = ref(torch.tensor([row])).logits[0].numpy()
         assert np.abs(got - want).max() <= (1e-2 if fp4 else 1e-4) * np.abs(want).max(), np.abs(got - want).max()
+    if scheme == "w4a16-asym":  # zero points as compressed-tensors stored them before packing them: int8, signed
+        from compressed_tensors.compressors import unpack_from_int32
+
+        shutil.copytree(tmp_path / "q", tmp_path / "older")
+        older = {k: (unpack_from_int32(v, 4, torch.Size([tensors[k.replace("zero_point", "shape")][0],
+                                                          v.shape[1]]), packed_dim=0).to(torch.int8).contiguous()
+                     if k.endswith("weight_zero_point") else v) for k, v in tensors.items()}
+        safetensors.torch.save_file(older, str(tmp_path / "older" / "model.safetensors"), metadata={"format": "pt"})
+        np.testing.assert_array_equal(hf_weight(load_model(str(tmp_path / "older"), with_tokenizer=False), name),
+                                      hf_weight(ours, name))
     if scheme == "nvfp4a16":
         shutil.copytree(tmp_path / "q", tmp_path / "modelopt")
         renamed = {}

@@ -53,30 +53,36 @@ MARKS = {"bitsandbytes": 2}  # how many of a layout's first parts name a packed 
 
 @dataclasses.dataclass(frozen=True)
 class Packing:
-    """How a checkpoint's integer weights are packed: its `layout` (a `PARTS` key), `bits` a value, `group_size`
-    inputs a scale (0: all of a row's), whether zero points are stored minus one (AutoGPTQ's), and whether there
-    are none (compressed-tensors' symmetric schemes: zero at 0)."""
+    """How a checkpoint's weights are packed: its `layout` (a `PARTS` key), `bits` a value, `group_size` inputs a
+    scale (0: all of a row's, or a layout whose groups are fixed), whether zero points are stored minus one
+    (AutoGPTQ's) and whether inputs are grouped out of order (GPTQ's `desc_act`)."""
 
     layout: str
     bits: int
-    group_size: int
+    group_size: int = 0
     zero_minus_one: bool = False
-    symmetric: bool = False
+    reordered: bool = False
+
+
+def _group(size) -> int:
+    """A `group_size` as `Packing` keeps it: 0 for one group a row (-1 or absent)."""
+    return max(int(size or 0), 0)
 
 
 def packing(quantization: dict) -> Packing | None:
     """The packing a checkpoint's `quantization_config` names; None where it names none of these layouts. Raises
-    `NotImplementedError` for a variant not read (AWQ's GEMV layout, GPTQ's Marlin format, compressed-tensors groups
-    packed in different ways)."""
+    `NotImplementedError` for a variant not read (AWQ's GEMV layout, GPTQ's Marlin format or per-module `dynamic`
+    settings, compressed-tensors groups packed in different ways)."""
     method = quantization.get("quant_method")
     if method == "bitsandbytes":
-        return Packing("bitsandbytes", 8 if quantization.get("load_in_8bit") else 4, 0)
+        return Packing("bitsandbytes", 8 if quantization.get("load_in_8bit") else 4)
     if method == "gptq":
         form = quantization.get("checkpoint_format") or quantization.get("format") or "gptq"
-        if form not in ("gptq", "gptq_v2"):
-            raise NotImplementedError(f"GPTQ's {form!r} checkpoint format is not read (read: gptq, gptq_v2)")
-        return Packing("gptq", int(quantization.get("bits", 4)), max(int(quantization.get("group_size", 128)), 0),
-                       zero_minus_one=form == "gptq")
+        if form not in ("gptq", "gptq_v2") or quantization.get("dynamic"):
+            raise NotImplementedError(f"GPTQ's {form!r} checkpoint format" + (" with per-module `dynamic` settings"
+                                      if quantization.get("dynamic") else "") + " is not read (read: gptq, gptq_v2)")
+        return Packing("gptq", int(quantization.get("bits", 4)), _group(quantization.get("group_size", 128)),
+                       zero_minus_one=form == "gptq", reordered=bool(quantization.get("desc_act")))
     if method == "awq":
         version = str(quantization.get("version", "gemm")).lower()
         bits = int(quantization.get("bits", quantization.get("w_bit", 4)))
@@ -84,29 +90,36 @@ def packing(quantization: dict) -> Packing | None:
             raise NotImplementedError(f"AWQ's {version!r} layout at {bits} bits"
                                       + (" without zero points" if quantization.get("zero_point") is False else "")
                                       + " is not read (read: gemm, 4 bits, with zero points)")
-        return Packing("awq", 4, int(quantization.get("group_size", quantization.get("q_group_size", 128))))
+        return Packing("awq", 4, _group(quantization.get("group_size", quantization.get("q_group_size", 128))))
     algo = quantization.get("quant_algo") or (quantization.get("quantization") or {}).get("quant_algo")
     if method == "modelopt" and str(algo).upper() == "NVFP4":
-        return Packing("modelopt-nvfp4", 4, int(quantization.get("group_size", 16)))
+        return Packing("modelopt-nvfp4", 4, 16)
     form = quantization.get("format")
     if method == "compressed-tensors" and form in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         return Packing("fp4", 4, 16 if form.startswith("nv") else 32)
     if method != "compressed-tensors" or form != "pack-quantized":
         return None
-    schemes = {(w.get("num_bits"), w.get("group_size") or 0, bool(w.get("symmetric", True)), w.get("type", "int"))
-               for g in (quantization.get("config_groups") or {}).values() if (w := (g or {}).get("weights"))}
-    if len(schemes) != 1 or next(iter(schemes))[3] != "int":
+    schemes = {(w.get("num_bits"), _group(w.get("group_size")), w.get("type", "int"), w.get("strategy", "group"),
+                w.get("actorder") or "") for g in (quantization.get("config_groups") or {}).values()
+               if (w := (g or {}).get("weights"))}
+    bits, group, kind, strategy, order = next(iter(schemes)) if len(schemes) == 1 else (0, 0, "", "", "")
+    # 3, 5, 6 and 7 bits were packed with padding before compressed-tensors 0.12 and densely since, in one format
+    if kind != "int" or bits not in (2, 4, 8) or strategy not in ("tensor", "channel", "group"):
         raise NotImplementedError(f"compressed-tensors' pack-quantized groups of weights {sorted(map(str, schemes))}"
-                                  " are not read (read: one integer scheme for every packed weight)")
-    bits, group, symmetric, _ = schemes.pop()
-    return Packing("compressed-tensors", int(bits), int(group), symmetric=symmetric)
+                                  " are not read (read: one integer scheme of 2, 4 or 8 bits per tensor, channel "
+                                  "or group for every packed weight)")
+    return Packing("compressed-tensors", int(bits), group if strategy == "group" else 0, reordered=bool(order))
 
 
-def width(quantization: dict) -> str | None:
-    """The integer width (`int4` or `int8`, as `--quantization` names them) that holds the weights a checkpoint's
-    `quantization_config` packs (`packing`; 2 and 3 bits in int4), else None."""
-    p = packing(quantization)
-    return None if p is None else "int4" if p.bits <= 4 else "int8"
+def width(p: Packing | None) -> str | None:
+    """The width (`int4` or `int8`, as `--quantization` names them) that `--quantization auto` keeps a packed
+    checkpoint in where the CPU kernel runs: int4 for integers of up to 4 bits in groups of 32 inputs or a multiple
+    (per channel too), which Q4_1 holds as they are (`quant._steps`); int8 for wider ones, and for uneven levels
+    (NF4, FP4) or groups that Q4_1's blocks of 32 would cut across, which int4 would round again; None: not packed."""
+    if p is None:
+        return None
+    grid = p.layout in ("gptq", "awq", "compressed-tensors") and not p.reordered and p.group_size % 32 == 0
+    return "int4" if p.bits <= 4 and grid else "int8"
 
 
 def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
@@ -122,9 +135,13 @@ def packed_weights(p: Packing, names: set[str]) -> dict[str, dict[str, str]]:
 
 
 def unpack(words: np.ndarray, bits: int, n: int, axis: int) -> np.ndarray:
-    """The first `n` unsigned `bits`-bit values (up to 8) packed along `axis` of int32 `words`, densely from each
-    word's lowest bit (a value may straddle two words), as uint8 with that axis last."""
-    w = np.ascontiguousarray(np.moveaxis(np.asarray(words), axis, -1)).astype("<i4", copy=False).view(np.uint8)
+    """The first `n` unsigned `bits`-bit values (up to 8) packed along `axis` of integer `words` (int32, or GPTQModel's
+    other `pack_dtype`s), densely from each word's lowest bit (a value may straddle two words), as uint8 with that
+    axis last."""
+    w = np.ascontiguousarray(np.moveaxis(np.asarray(words), axis, -1))
+    w = w.astype(w.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+    if w.shape[-1] * 8 < n * bits:
+        raise ValueError(f"{w.shape[-1]} bytes do not hold {n} values of {bits} bits")
     if 8 % bits == 0:  # whole fields in each byte: 1, 2, 4 or 8 bits
         if bits == 8:
             return w[..., :n]
@@ -137,18 +154,19 @@ def unpack(words: np.ndarray, bits: int, n: int, axis: int) -> np.ndarray:
 def _weights(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, g_idx: np.ndarray | None, group_size: int,
              name: str) -> np.ndarray:
     """`(q - zero) * scale` as float32 `[out, in]`, from the values `q [out, in]` and each output row's zero points
-    and scales by group `[out, groups]`, a group being an input's `g_idx` (else runs of `group_size` inputs)."""
+    and scales by group `[out, groups]`, a group being an input's `g_idx`, else a run of `group_size` inputs (the
+    last one short where they do not divide the inputs, as AutoGPTQ and compressed-tensors count them)."""
     (n_out, n_in), groups = q.shape, scale.shape[1]
-    size = group_size or n_in if groups > 1 else n_in
-    runs = np.arange(n_in) // size
-    if g_idx is not None and not np.array_equal(g_idx, runs):  # `desc_act`: groups in another order
-        g = np.asarray(g_idx, np.int64)
-        if g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
-            raise ValueError(f"{name}: its g_idx does not map its {n_in} inputs to its {groups} groups of scales")
+    size = (group_size if group_size and -(-n_in // group_size) == groups else
+            n_in // groups if n_in % groups == 0 else 0)
+    runs = np.arange(n_in) // size if size else None
+    g = runs if g_idx is None else np.asarray(g_idx, np.int64)
+    if g is None or g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
+        raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs"
+                         + (f" in groups of {group_size}" if g_idx is None else " by its g_idx"))
+    if runs is None or groups * size != n_in or not np.array_equal(g, runs):  # `desc_act`, or a short last group
         return (q - zero[:, g]) * scale[:, g]
-    if groups * size != n_in:
-        raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs in groups of {size}")
-    w = q.reshape(n_out, groups, size).astype(np.float32)
+    w = q.reshape(n_out, groups, size).astype(np.float32)  # consecutive runs: no gather
     w -= zero[..., None]
     w *= scale[..., None]
     return w.reshape(n_out, n_in)
@@ -175,15 +193,23 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
         scale = np.asarray(get["weight_scale"], np.float32)
         scale = np.full((shape[0], 1), scale.item(), np.float32) if scale.size == 1 else scale.reshape(shape[0], -1)
         q = unpack(get["weight_packed"], p.bits, shape[1], axis=-1)
-        zero = (unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T.astype(np.float32)
-                if "weight_zero_point" in get else np.full(scale.shape, 1 << (p.bits - 1), np.float32))
+        zero = np.zeros(scale.shape, np.float32)
+        if "weight_zero_point" in get and get["weight_zero_point"].dtype == np.int32:  # packed along the outputs
+            zero = unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T.astype(np.float32) - zero
+        elif "weight_zero_point" in get:  # signed, unpacked (older checkpoints; the tensor strategy's still)
+            points = np.asarray(get["weight_zero_point"], np.float32)
+            zero += points.item() if points.size == 1 else points.reshape(scale.shape)
+            zero += 1 << (p.bits - 1)
+        else:  # symmetric: zero at 0, offset as the values are
+            zero += 1 << (p.bits - 1)
         return _weights(q, zero, scale, get.get("weight_g_idx"), p.group_size, name)
     if "qzeros" not in get:
         raise ValueError(f"{name}: a {p.layout} weight without its qzeros")
     scale = np.asarray(get["scales"], np.float32).T  # [out, groups]
     n_out = scale.shape[0]
     if p.layout == "gptq":  # the inputs packed down each output's column
-        q = unpack(get["qweight"], p.bits, get["qweight"].shape[0] * 32 // p.bits, axis=0)  # [out, in]
+        words = get["qweight"]
+        q = unpack(words, p.bits, words.shape[0] * words.dtype.itemsize * 8 // p.bits, axis=0)  # [out, in]
         zero = unpack(get["qzeros"], p.bits, n_out, axis=1).T  # [out, groups]
         zero = (zero + 1) & ((1 << p.bits) - 1) if p.zero_minus_one else zero
         return _weights(q, zero.astype(np.float32), scale, get.get("g_idx"), p.group_size, name)
@@ -193,11 +219,16 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
     return _weights(q, zero, scale, None, p.group_size, name)
 
 
-def _fp4(codes: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
-    """FP4 (E2M1) codes `[out, in / 2]`, two a byte (the first in the low nibble), times their group's `scale [out,
-    groups]`, as float32 `[out, in]`."""
+def fp4(codes: np.ndarray) -> np.ndarray:
+    """The float32 values of FP4 (E2M1) codes packed two a byte, the first in the low nibble: `[..., n]` bytes ->
+    `[..., 2n]` (OCP's MX formats, NVFP4)."""
     codes = np.asarray(codes).view(np.uint8)
-    values = FP4_VALUES[np.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[0], -1)]
+    return FP4_VALUES[np.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)]
+
+
+def _fp4(codes: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """FP4 codes `[out, in / 2]` (`fp4`) times their group's `scale [out, groups]`, as float32 `[out, in]`."""
+    values = fp4(codes)
     if scale.ndim != 2 or values.shape[1] % scale.shape[1]:
         raise ValueError(f"{name}: scales of shape {scale.shape} do not cover FP4 weights of shape {values.shape}")
     w = values.reshape(values.shape[0], scale.shape[1], -1) * scale[..., None]

@@ -39,7 +39,8 @@ class Source:
     names: tuple[str, ...]
     read: Callable[[str], np.ndarray]
     metadata: Callable[[], dict[str, Any]] = dict  # GGUF metadata, read when first needed
-    quantized: bool = False  # holds quantized tensors, dequantized as they are read (GGUF, MXFP4)
+    quantized: bool = False  # holds quantized tensors, dequantized as they are read (GGUF, MXFP4, FP8, packed)
+    stored: str | None = None  # the width `--quantization auto` keeps a packed checkpoint in (`packed.width`)
 
     @functools.cached_property
     def meta(self) -> dict[str, Any]:
@@ -163,10 +164,10 @@ def _open_hf(folder: str) -> Source:
     scaled = {k.removesuffix("_inv").removesuffix("_scale"): k for k in where
               if k.endswith((".weight_scale_inv", ".weight_scale"))
               and where.get(k.removesuffix("_inv").removesuffix("_scale"), ("", ("",)))[1][0] in SCALED_DTYPES}
-    quantization = config.get("quantization_config") or {}
+    quantization = _quantization(folder, config)
     block = fp8_block(quantization)
-    # integer weights packed into int32 words (GPTQ, AWQ, compressed-tensors' pack-quantized): each reads as
-    # `X.weight`, dequantized from its parts (`models.loading.packed`)
+    # weights packed into words or bytes (GPTQ, AWQ, compressed-tensors' packed ints and FP4, ModelOpt's NVFP4,
+    # bitsandbytes): each reads as `X.weight`, dequantized from its parts (`models.loading.packed`)
     pack = packed.packing(quantization)
     ints = packed.packed_weights(pack, set(where)) if pack else {}
     parts = {full for p in ints.values() for full in p.values()}
@@ -188,7 +189,24 @@ def _open_hf(folder: str) -> Source:
     config, names, read = _as_causal_lm(*_as_multimodal(config, names, read))
     files_all = tuple(files) + (os.path.join(folder, "config.json"),)
     return Source("hf", folder, files_all, config, gen, names + tuple(sorted({*mxfp4, *ints})), read,
-                  quantized=bool(mxfp4 or scaled or ints))
+                  quantized=bool(mxfp4 or scaled or ints), stored=packed.width(pack) if ints else None)
+
+
+# Quantizers that keep their settings beside config.json rather than in it: AutoGPTQ, AutoAWQ, NVIDIA ModelOpt.
+SIDE_CONFIGS = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"), ("hf_quant_config.json", "modelopt"))
+
+
+def _quantization(folder: str, config: dict) -> dict:
+    """A checkpoint's `quantization_config`: config.json's, else the file its quantizer wrote beside it
+    (`SIDE_CONFIGS`; ModelOpt's under `quantization`), its `quant_method` named where the file leaves it out."""
+    if config.get("quantization_config"):
+        return config["quantization_config"]
+    for file, method in SIDE_CONFIGS:
+        if os.path.exists(path := os.path.join(folder, file)):
+            with open(path) as f:
+                side = json.load(f)
+            return {"quant_method": method, **(side.get("quantization", side) if method == "modelopt" else side)}
+    return {}
 
 
 # The models that read pictures: their language models' `text_config.model_type` -> the causal LM's architecture.
@@ -261,14 +279,14 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """An MXFP4 tensor as float32, in the layout of the same checkpoint unquantized: `blocks [E, out, G, 16]` bytes
     of two FP4 codes each (low nibble first) and `scales [E, out, G]`, a power-of-two exponent biased by 127 per
     block of 32 -> `[E, G * 32, out]` (the OCP MX format; gpt-oss stores its experts so, output rows first)."""
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
-    w = np.ldexp(packed.FP4_VALUES[codes], (scales.astype(np.int32) - 127)[..., None])
+    w = np.ldexp(packed.fp4(blocks), (scales.astype(np.int32) - 127)[..., None])
     return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
 
 
 ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
 # The quantized checkpoints read here (dequantized): MXFP4 experts, FP8 (or int8) weights beside their scales
-# (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8); None: any format.
+# (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8), and the packed
+# layouts of `models.loading.packed`; None: any format.
 READ_QUANTIZED = {"mxfp4": None, "fp8": None, "fbgemm_fp8": None, "modelopt": None, "gptq": None, "awq": None,
                   "bitsandbytes": None,
                   "compressed-tensors": ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized",
@@ -283,14 +301,16 @@ def _check_quantized(folder: str, quantization: dict, dtypes: dict[str, str], sc
     known = method is None or method in READ_QUANTIZED and (READ_QUANTIZED[method] is None or form is None
                                                              or form in READ_QUANTIZED[method])
     bare = sorted(k for k, dtype in dtypes.items() if dtype in SCALED_DTYPES and k not in scaled)
-    parts = sorted(k for k in dtypes if k.endswith(("_zero_point", "_packed", "_g_idx", "_scale_2", ".qweight")))
+    parts = sorted(k for k in dtypes if k.endswith(("_zero_point", "_packed", "_g_idx", "_scale_2", ".qweight",
+                                                    ".absmax", ".SCB")))
     if not known or bare or parts:
         what = (f"quantized by {method}" + (f" ({form})" if form else "") if not known else
                 f"quantized with tensors such as {parts[0]}" if parts else
                 f"stored as {dtypes[bare[0]]} with no scale beside them (e.g. {bare[0]})")
         raise NotImplementedError(f"{folder}: its weights are {what}, which this server does not read; serve the "
-                                  "unquantized checkpoint, an FP8, GPTQ, AWQ or bitsandbytes one, or a GGUF file "
-                                  "(--quantization int8, int4 or fp8 then quantizes here)")
+                                  "unquantized checkpoint, an FP8, NVFP4, GPTQ, AWQ, compressed-tensors or "
+                                  "bitsandbytes one, or a GGUF file (--quantization int8, int4 or fp8 then "
+                                  "quantizes here)")
 
 
 def fp8_block(quantization: dict) -> tuple[int, int] | None:
