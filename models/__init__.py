@@ -112,7 +112,8 @@ def resolve_quantization(name: str, model: str, dtype: str, tp: int = 1, platfor
     if why:
         return "none", f"auto: {why}"
     if not guarded:
-        return stored, f"auto: the quantized kernel runs on this CPU and the checkpoint stores its weights as {stored}"
+        return stored, ("auto: the quantized kernel runs on this CPU and holds the checkpoint's packed weights in "
+                        + stored)
     return guarded, f"auto: the quantized kernel runs on this CPU and the model passes the {guarded} quality guard"
 
 

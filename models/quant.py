@@ -130,19 +130,25 @@ def _on_grid(blocks: np.ndarray, lo: np.ndarray, span: np.ndarray, k: int) -> np
 def _steps(blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Each block's steps from its minimum to its maximum (`blocks [..., GROUP]`): the most, up to 15, that put
     all its values on an evenly spaced grid, where they lie on one of at most 16 levels (a 4-bit checkpoint's own:
-    GPTQ's, AWQ's, compressed-tensors', a GGUF's Q4_0, Q4_1 or Q4_K blocks), so that its values come back as they were;
-    15 elsewhere (float weights, whose blocks are looked for a grid only if a sample of them shows one)."""
+    GPTQ's, AWQ's, compressed-tensors', a GGUF's Q4_0, Q4_1 or Q4_K blocks), so that its values come back as they
+    were; 15 elsewhere. A tensor is searched whole (in chunks) only where most of a sample of its blocks lies on
+    such a grid: float weights' blocks do not, and cost the sample alone."""
     flat, lo1, span = blocks.reshape(-1, GROUP), lo.reshape(-1), (hi - lo).reshape(-1)
     steps = np.full(lo1.shape, 15, np.float32)
-    sample = np.arange(0, len(flat), max(1, len(flat) // 256))
-    for rows in (sample, np.arange(len(flat))):
-        left = rows[span[rows] > 0]
+
+    def search(rows: np.ndarray) -> int:
+        """Set `steps` for the blocks `rows`; how many lie on a grid."""
+        left, found = rows[span[rows] > 0], 0
         for k in range(15, 0, -1):
             hit = _on_grid(flat[left], lo1[left], span[left], k)
-            steps[left[hit]] = k
-            left = left[~hit]
-        if (steps[sample] == 15).all():  # no block of the sample lies on a grid of fewer steps: none is looked for
-            break
+            steps[left[hit]], left, found = k, left[~hit], found + int(hit.sum())
+        return found
+
+    n = len(flat)
+    sample = np.random.default_rng(0).choice(n, min(n, 256), replace=False)
+    if search(sample) * 2 > len(sample):
+        for start in range(0, n, 1 << 16):
+            search(np.arange(start, min(n, start + (1 << 16))))
     return steps.reshape(lo.shape)
 
 

@@ -134,7 +134,7 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
     if cpu_matmul.available():  # `auto` keeps a checkpoint stored as integers in the kernel's ints that hold it
         kept = load_model(str(tmp_path / "q"), with_tokenizer=False, quantization="auto")
         width = "int4" if bits <= 4 and not o.get("desc_act") else "int8"  # groups that Q4_1's blocks keep
-        assert kept.cfg.quantization == width and f"stores its weights as {width}" in kept.quantization_why
+        assert kept.cfg.quantization == width and f"packed weights in {width}" in kept.quantization_why
 
 
 # compressed-tensors' schemes as llm-compressor names them: W4A16 (symmetric, groups of 32 here, 128 there), its
@@ -142,7 +142,8 @@ def test_gptq_and_awq_folders_load_as_the_weights_they_stand_for(tmp_path, monke
 SCHEMES = {"w4a16": ("pack-quantized", dict(num_bits=4, symmetric=True, strategy="group", group_size=32)),
            "w4a16-asym": ("pack-quantized", dict(num_bits=4, symmetric=False, strategy="group", group_size=32)),
            "w8a16": ("pack-quantized", dict(num_bits=8, symmetric=True, strategy="channel")),
-           "nvfp4a16": ("nvfp4-pack-quantized", "NVFP4A16"), "mxfp4a16": ("mxfp4-pack-quantized", "MXFP4A16")}
+           "nvfp4a16": ("nvfp4-pack-quantized", "NVFP4A16"), "nvfp4": ("nvfp4-pack-quantized", "NVFP4"),
+           "mxfp4a16": ("mxfp4-pack-quantized", "MXFP4A16")}
 
 
 def _compressed(folder, scheme: str) -> None:

@@ -237,7 +237,7 @@ def test_auto_quantization_picks_the_guarded_kind_only_where_the_kernel_runs():
         assert chosen == "none"
         # a checkpoint stored as integers (GPTQ, AWQ, ...) keeps their width where the kernel runs
         chosen, why = resolve_quantization("auto", "/models/awq", "float32", platform="cpu", stored="int4")
-        assert chosen == "int4" and "stores its weights as int4" in why
+        assert chosen == "int4" and "packed weights in int4" in why
     assert resolve_quantization("auto", "/models/awq", "bfloat16", platform="gpu", stored="int4")[0] == "none"
     assert resolve_quantization("int8", "/models/other.gguf", "float32", platform="gpu") == ("int8", "asked for")
     assert resolve_quantization("int4", "/models/other.gguf", "float32", platform="cpu") == ("int4", "asked for")

@@ -49,6 +49,8 @@ PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "q
                           "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
                           "weight.quant_state.bitsandbytes__fp4", "weight_format")}
 MARKS = {"bitsandbytes": 2}  # how many of a layout's first parts name a packed weight (else one): 4 and 8 bits
+# the names' endings that mark a packed weight, whatever the layout
+MARKED = tuple(sorted({"." + part for layout, parts in PARTS.items() for part in parts[:MARKS.get(layout, 1)]}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +83,16 @@ def packing(quantization: dict) -> Packing | None:
         if form not in ("gptq", "gptq_v2") or quantization.get("dynamic"):
             raise NotImplementedError(f"GPTQ's {form!r} checkpoint format" + (" with per-module `dynamic` settings"
                                       if quantization.get("dynamic") else "") + " is not read (read: gptq, gptq_v2)")
-        return Packing("gptq", int(quantization.get("bits", 4)), _group(quantization.get("group_size", 128)),
-                       zero_minus_one=form == "gptq", reordered=bool(quantization.get("desc_act")))
+        group = _group(quantization.get("group_size", 128))
+        return Packing("gptq", int(quantization.get("bits", 4)), group, zero_minus_one=form == "gptq",
+                       reordered=bool(quantization.get("desc_act")) and group > 0)
     if method == "awq":
         version = str(quantization.get("version", "gemm")).lower()
         bits = int(quantization.get("bits", quantization.get("w_bit", 4)))
-        if version != "gemm" or bits != 4 or quantization.get("zero_point") is False:
+        if version != "gemm" or bits != 4 or quantization.get("zero_point") is False or quantization.get("dynamic"):
             raise NotImplementedError(f"AWQ's {version!r} layout at {bits} bits"
                                       + (" without zero points" if quantization.get("zero_point") is False else "")
+                                      + (" with per-module `dynamic` settings" if quantization.get("dynamic") else "")
                                       + " is not read (read: gemm, 4 bits, with zero points)")
         return Packing("awq", 4, _group(quantization.get("group_size", quantization.get("q_group_size", 128))))
     algo = quantization.get("quant_algo") or (quantization.get("quantization") or {}).get("quant_algo")
@@ -99,16 +103,18 @@ def packing(quantization: dict) -> Packing | None:
         return Packing("fp4", 4, 16 if form.startswith("nv") else 32)
     if method != "compressed-tensors" or form != "pack-quantized":
         return None
+    # activation order "group" (or "dynamic", or true) saves each input's group in `weight_g_idx`; "weight" and
+    # "static" reorder only while quantizing, their groups stay runs of inputs
     schemes = {(w.get("num_bits"), _group(w.get("group_size")), w.get("type", "int"), w.get("strategy", "group"),
-                w.get("actorder") or "") for g in (quantization.get("config_groups") or {}).values()
-               if (w := (g or {}).get("weights"))}
-    bits, group, kind, strategy, order = next(iter(schemes)) if len(schemes) == 1 else (0, 0, "", "", "")
+                w.get("actorder") is True or str(w.get("actorder")).lower() in ("group", "dynamic"))
+               for g in (quantization.get("config_groups") or {}).values() if (w := (g or {}).get("weights"))}
+    bits, group, kind, strategy, order = next(iter(schemes)) if len(schemes) == 1 else (0, 0, "", "", False)
     # 3, 5, 6 and 7 bits were packed with padding before compressed-tensors 0.12 and densely since, in one format
     if kind != "int" or bits not in (2, 4, 8) or strategy not in ("tensor", "channel", "group"):
         raise NotImplementedError(f"compressed-tensors' pack-quantized groups of weights {sorted(map(str, schemes))}"
                                   " are not read (read: one integer scheme of 2, 4 or 8 bits per tensor, channel "
                                   "or group for every packed weight)")
-    return Packing("compressed-tensors", int(bits), group if strategy == "group" else 0, reordered=bool(order))
+    return Packing("compressed-tensors", int(bits), group if strategy == "group" else 0, reordered=order)
 
 
 def width(p: Packing | None) -> str | None:
@@ -157,13 +163,18 @@ def _weights(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, g_idx: np.ndarr
     and scales by group `[out, groups]`, a group being an input's `g_idx`, else a run of `group_size` inputs (the
     last one short where they do not divide the inputs, as AutoGPTQ and compressed-tensors count them)."""
     (n_out, n_in), groups = q.shape, scale.shape[1]
-    size = (group_size if group_size and -(-n_in // group_size) == groups else
-            n_in // groups if n_in % groups == 0 else 0)
+    if groups == 1:
+        size = n_in
+    elif group_size:  # the config's, the last group maybe short; one that disagrees with the scales is no size
+        size = group_size if -(-n_in // group_size) == groups else 0
+    else:
+        size = n_in // groups if n_in % groups == 0 else 0
     runs = np.arange(n_in) // size if size else None
     g = runs if g_idx is None else np.asarray(g_idx, np.int64)
     if g is None or g.shape != (n_in,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
         raise ValueError(f"{name}: {groups} groups of scales do not cover its {n_in} inputs"
-                         + (f" in groups of {group_size}" if g_idx is None else " by its g_idx"))
+                         + (" by its g_idx" if g_idx is not None else f" in groups of {group_size}" if group_size
+                            else ""))
     if runs is None or groups * size != n_in or not np.array_equal(g, runs):  # `desc_act`, or a short last group
         return (q - zero[:, g]) * scale[:, g]
     w = q.reshape(n_out, groups, size).astype(np.float32)  # consecutive runs: no gather
@@ -193,11 +204,11 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
         scale = np.asarray(get["weight_scale"], np.float32)
         scale = np.full((shape[0], 1), scale.item(), np.float32) if scale.size == 1 else scale.reshape(shape[0], -1)
         q = unpack(get["weight_packed"], p.bits, shape[1], axis=-1)
-        zero = np.zeros(scale.shape, np.float32)
-        if "weight_zero_point" in get and get["weight_zero_point"].dtype == np.int32:  # packed along the outputs
-            zero = unpack(get["weight_zero_point"], p.bits, shape[0], axis=0).T.astype(np.float32) - zero
-        elif "weight_zero_point" in get:  # signed, unpacked (older checkpoints; the tensor strategy's still)
-            points = np.asarray(get["weight_zero_point"], np.float32)
+        zero, points = np.zeros(scale.shape, np.float32), get.get("weight_zero_point")
+        if points is not None and points.shape[0] == -(-shape[0] * p.bits // 32) != shape[0]:  # packed by output
+            zero = unpack(points, p.bits, shape[0], axis=0).T.astype(np.float32)
+        elif points is not None:  # signed, unpacked (older checkpoints; the tensor strategy's still)
+            points = np.asarray(points, np.float32)
             zero += points.item() if points.size == 1 else points.reshape(scale.shape)
             zero += 1 << (p.bits - 1)
         else:  # symmetric: zero at 0, offset as the values are
@@ -209,7 +220,8 @@ def dequantize(p: Packing, name: str, parts: dict[str, str], read: Callable[[str
     n_out = scale.shape[0]
     if p.layout == "gptq":  # the inputs packed down each output's column
         words = get["qweight"]
-        q = unpack(words, p.bits, words.shape[0] * words.dtype.itemsize * 8 // p.bits, axis=0)  # [out, in]
+        n_in = len(get["g_idx"]) if "g_idx" in get else words.shape[0] * words.dtype.itemsize * 8 // p.bits
+        q = unpack(words, p.bits, n_in, axis=0)  # [out, in]
         zero = unpack(get["qzeros"], p.bits, n_out, axis=1).T  # [out, groups]
         zero = (zero + 1) & ((1 << p.bits) - 1) if p.zero_minus_one else zero
         return _weights(q, zero.astype(np.float32), scale, get.get("g_idx"), p.group_size, name)

@@ -164,7 +164,7 @@ def _open_hf(folder: str) -> Source:
     scaled = {k.removesuffix("_inv").removesuffix("_scale"): k for k in where
               if k.endswith((".weight_scale_inv", ".weight_scale"))
               and where.get(k.removesuffix("_inv").removesuffix("_scale"), ("", ("",)))[1][0] in SCALED_DTYPES}
-    quantization = _quantization(folder, config)
+    quantization = _quantization(folder, config, any(k.endswith(packed.MARKED) for k in where))
     block = fp8_block(quantization)
     # weights packed into words or bytes (GPTQ, AWQ, compressed-tensors' packed ints and FP4, ModelOpt's NVFP4,
     # bitsandbytes): each reads as `X.weight`, dequantized from its parts (`models.loading.packed`)
@@ -196,16 +196,21 @@ def _open_hf(folder: str) -> Source:
 SIDE_CONFIGS = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"), ("hf_quant_config.json", "modelopt"))
 
 
-def _quantization(folder: str, config: dict) -> dict:
-    """A checkpoint's `quantization_config`: config.json's, else the file its quantizer wrote beside it
-    (`SIDE_CONFIGS`; ModelOpt's under `quantization`), its `quant_method` named where the file leaves it out."""
-    if config.get("quantization_config"):
-        return config["quantization_config"]
+def _quantization(folder: str, config: dict, packed_parts: bool) -> dict:
+    """A checkpoint's `quantization_config`: config.json's, else, where its tensors hold packed weights
+    (`packed_parts`), the file its quantizer wrote beside it (`SIDE_CONFIGS`; ModelOpt's under `quantization`), its
+    `quant_method` named where the file leaves it out. A side file that is no JSON object is passed over."""
+    if config.get("quantization_config") or not packed_parts:
+        return config.get("quantization_config") or {}
     for file, method in SIDE_CONFIGS:
-        if os.path.exists(path := os.path.join(folder, file)):
-            with open(path) as f:
+        try:
+            with open(os.path.join(folder, file)) as f:
                 side = json.load(f)
-            return {"quant_method": method, **(side.get("quantization", side) if method == "modelopt" else side)}
+        except (OSError, ValueError):
+            continue
+        side = side.get("quantization", side) if method == "modelopt" and isinstance(side, dict) else side
+        if isinstance(side, dict):
+            return {"quant_method": method, **side}
     return {}
 
 
@@ -283,7 +288,7 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(*w.shape[:-2], -1).swapaxes(-1, -2))
 
 
-ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
+ACTIVATION_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale", ".input_global_scale")
 # The quantized checkpoints read here (dequantized): MXFP4 experts, FP8 (or int8) weights beside their scales
 # (DeepSeek's and Qwen's `fp8`, compressed-tensors', Meta's `fbgemm_fp8`, NVIDIA ModelOpt's FP8), and the packed
 # layouts of `models.loading.packed`; None: any format.
