@@ -15,7 +15,8 @@ weight from memory (the unpacked form too: XLA's products widen it in the step).
 on an even grid of fewer levels, as a 4-bit checkpoint's do (GPTQ's or AWQ's groups of 128 seen 32 at a time, a
 Q4_K block), takes `d = (max - m) / k` for the most `k` < 15 that holds it (`_steps`), so its values come back as
 they were. A GGUF whose weights are Q4_1 (the packaged SmolLM2's) comes back to its own values too: each block holds
-its minimum and maximum at q = 0 and 15. The embedding table stays int8 (Q8_0 in such files).
+its minimum and maximum at q = 0 and 15. The embedding table stays int8 (Q8_0 in such files), and so does an untied
+LM head (`HEADS`).
 
 `fp8` is vLLM's and SGLang's `--quantization fp8` on Hopper and Ada cards: each weight row in float8 e4m3 with one
 float32 scale (`max|w[o]| / 448`), and each token's activations rounded to e4m3 on the way in with a scale of its
@@ -252,17 +253,23 @@ def pack_tree(tree: dict, tied: bool) -> dict:
 FLOAT_MODULES = ("gate", "kv_b_proj")
 
 
+# An untied LM head's own kind under `--quantization` (else the same): int4 keeps it in int8, as llama.cpp's Q4_K_M
+# keeps its output layer at 6 bits (the logits are what sampling reads), at +0.5 bytes a weight of one matrix.
+HEADS = {"fp8": "none", "int4": "int8"}
+
+
 def quantize_tree(tree: dict, kind: str = "int8", experts: bool = False) -> dict:
     """A converted (unstacked) parameter tree with every linear weight (`weight` of two dimensions, outside
     `FLOAT_MODULES`) and the embedding table quantized: `weight` -> int8 `weight` + `scale` (`kind` int8), 4-bit
     `weight` + `scale` + `minimum` (int4, where its inputs divide into groups) or float8 `weight` + a `scale` a row
-    (fp8, which leaves an untied `lm_head` float as vLLM does, and also takes a mixture's expert stacks `[E, out,
-    in]`, inside `experts`, with a scale per expert and row), `embed` -> int8 `embed` + `embed_rows`."""
+    (fp8, which also takes a mixture's expert stacks `[E, out, in]`, inside `experts`, with a scale per expert and
+    row), `embed` -> int8 `embed` + `embed_rows`; an untied `lm_head` by `HEADS` (fp8 leaves it float as vLLM does,
+    int4 makes it int8)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out[k] = v if k in FLOAT_MODULES or (kind, k) == ("fp8", "lm_head") else \
-                quantize_tree(v, kind, experts or k == "experts")
+            inner = HEADS.get(kind, kind) if k == "lm_head" else kind
+            out[k] = v if k in FLOAT_MODULES or inner == "none" else quantize_tree(v, inner, experts or k == "experts")
         elif k == "weight" and (np.ndim(v) == 2 or experts and np.ndim(v) == 3) and kind == "fp8":
             out["weight"], out["scale"] = quantize_fp8(v)
         elif k == "weight" and np.ndim(v) == 2 and kind == "int4" and np.shape(v)[1] % GROUP == 0:

@@ -187,6 +187,17 @@ def test_int4_weights_take_a_sixth_and_give_back_the_gguf_q4_1_values(smollm_f32
     assert 0.125 < ratio < 0.125 + 1 / 32 + 0.01, ratio  # 4 bits plus a float16 scale and minimum per 32 weights
 
 
+def test_an_untied_lm_head_is_int8_under_int4_and_float_under_fp8():
+    """`quant.HEADS`: int4 keeps an untied LM head in int8 (the logits are what sampling reads), fp8 leaves it float;
+    the layers' projections take the kind asked for."""
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    tree = {"lm_head": {"weight": w}, "layers_0": {"mlp": {"up_proj": {"weight": w}}}}
+    four, eight = quant.quantize_tree(tree, "int4"), quant.quantize_tree(tree, "fp8")
+    assert set(four["lm_head"]) == {"weight", "scale"} and four["lm_head"]["weight"].dtype == np.int8
+    assert set(four["layers_0"]["mlp"]["up_proj"]) == {"weight", "scale", "minimum"}
+    assert eight["lm_head"]["weight"] is w and eight["layers_0"]["mlp"]["up_proj"]["weight"].dtype == quant.FP8
+
+
 def test_int4_keeps_the_grid_that_4_bit_values_lie_on():
     """Blocks whose values lie on an even grid of k <= 15 steps (a GPTQ or AWQ checkpoint's groups of 128 seen 32 at a
     time, a Q4_K block) come back as they were, to float16's rounding of the scale and minimum, where re-gridding

@@ -137,7 +137,7 @@ class CausalLM(nn.Module):
         elif cfg.tie_embeddings:
             logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
         else:
-            head = "none" if cfg.quantization == "fp8" else cfg.quantization  # fp8 leaves the head as vLLM does
+            head = quant.HEADS.get(cfg.quantization, cfg.quantization)  # fp8: float, as vLLM's; int4: int8
             logits = Linear(cfg.vocab_size, ("vocab", "embed"), cfg.lm_head_bias, cfg.dtype, True, head, pk,
                             name="lm_head")(x)
         logits = logits.astype(jnp.float32)
