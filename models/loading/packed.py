@@ -176,7 +176,10 @@ def _weights(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, g_idx: np.ndarr
                          + (" by its g_idx" if g_idx is not None else f" in groups of {group_size}" if group_size
                             else ""))
     if runs is None or groups * size != n_in or not np.array_equal(g, runs):  # `desc_act`, or a short last group
-        return (q - zero[:, g]) * scale[:, g]
+        w = np.empty((n_out, n_in), np.float32)
+        for r in range(0, n_out, 1024):  # each input's zero point and scale gathered for 1,024 rows at a time
+            w[r:r + 1024] = (q[r:r + 1024] - zero[r:r + 1024, g]) * scale[r:r + 1024, g]
+        return w
     w = q.reshape(n_out, groups, size).astype(np.float32)  # consecutive runs: no gather
     w -= zero[..., None]
     w *= scale[..., None]
