@@ -56,7 +56,8 @@ MARKED = tuple(sorted({"." + part for layout, parts in PARTS.items() for part in
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """How a checkpoint's weights are packed: its `layout` (a `PARTS` key), `bits` a value, `group_size` inputs a
-    scale (0: all of a row's, or a layout whose groups are fixed), whether zero points are stored minus one
+    scale of GPTQ's, AWQ's and compressed-tensors' integers (0: all of a row's; FP4 and bitsandbytes take theirs
+    from the scales' shapes and their own state), whether zero points are stored minus one
     (AutoGPTQ's) and whether inputs are grouped out of order (GPTQ's `desc_act`)."""
 
     layout: str
@@ -97,10 +98,10 @@ def packing(quantization: dict) -> Packing | None:
         return Packing("awq", 4, _group(quantization.get("group_size", quantization.get("q_group_size", 128))))
     algo = quantization.get("quant_algo") or (quantization.get("quantization") or {}).get("quant_algo")
     if method == "modelopt" and str(algo).upper() == "NVFP4":
-        return Packing("modelopt-nvfp4", 4, 16)
+        return Packing("modelopt-nvfp4", 4)
     form = quantization.get("format")
     if method == "compressed-tensors" and form in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
-        return Packing("fp4", 4, 16 if form.startswith("nv") else 32)
+        return Packing("fp4", 4)
     if method != "compressed-tensors" or form != "pack-quantized":
         return None
     # activation order "group" (or "dynamic", or true) saves each input's group in `weight_g_idx`; "weight" and
